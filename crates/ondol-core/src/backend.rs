@@ -1,0 +1,325 @@
+//! The backend contract: every op a model needs, forward and backward, over buffers the
+//! backend owns.
+//!
+//! Conventions shared by every op (and by every backend, so the CPU reference and the GPU
+//! kernels are interchangeable):
+//! - Activations are row-major `[rows, cols]` with one row per token (`rows = batch * seq`).
+//! - Weights are stored as Hugging Face stores them (`nn.Linear`: `[out, in]`; GPT-2's Conv1D:
+//!   `[in, out]`); the GEMM's transpose flags absorb the difference, no copy is made.
+//! - Forward ops write (`=`) their outputs. Backward ops *accumulate* (`+=`) into parameter
+//!   gradients, so gradient accumulation over micro-batches is free, and into the gradient of
+//!   an input that also flows along the residual stream (norm inputs); other input gradients are
+//!   written (`=`). Each op's doc says which.
+//! - Attention reads q, k and v straight out of the fused projection `[rows, (H + 2*Hkv) * D]`
+//!   (q heads, then k heads, then v heads), so the three projections are one GEMM.
+//! - SwiGLU reads gate and up from one `[rows, 2 * F]` buffer (gate first), likewise one GEMM.
+//!
+//! Views are generic associated types: on the CPU they are plain `&[f32]` / `&mut [f32]`;
+//! a GPU backend uses its own device views. Disjoint mutable views of one buffer (two parameter
+//! gradients in the flat gradient buffer) come from [`Backend::views_mut`].
+
+use std::ops::Range;
+
+/// Dimensions of one attention call. q has `n_heads` heads, k and v `n_kv_heads` heads
+/// (grouped-query attention: query head `h` uses kv head `h / (n_heads / n_kv_heads)`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttnShape {
+    pub batch: usize,
+    pub seq: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl AttnShape {
+    pub fn rows(&self) -> usize {
+        self.batch * self.seq
+    }
+    /// Width of the fused qkv row.
+    pub fn qkv_width(&self) -> usize {
+        (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
+    }
+    pub fn q_width(&self) -> usize {
+        self.n_heads * self.head_dim
+    }
+}
+
+/// `C = alpha * op(A) @ op(B) + beta * C`, row-major, repeated `batch` times at the given
+/// element strides. `op(A)` is `[m, k]`, `op(B)` is `[k, n]`, C is `[m, n]`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Gemm {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub trans_a: bool,
+    pub trans_b: bool,
+    pub alpha: f32,
+    pub beta: f32,
+    pub batch: usize,
+    pub stride_a: usize,
+    pub stride_b: usize,
+    pub stride_c: usize,
+}
+
+impl Gemm {
+    /// A single (unbatched) `C = op(A) op(B)` with alpha 1, beta 0.
+    pub fn new(m: usize, n: usize, k: usize, trans_a: bool, trans_b: bool) -> Self {
+        Self {
+            m,
+            n,
+            k,
+            trans_a,
+            trans_b,
+            alpha: 1.0,
+            beta: 0.0,
+            batch: 1,
+            stride_a: m * k,
+            stride_b: k * n,
+            stride_c: m * n,
+        }
+    }
+    /// Accumulate into C instead of overwriting it.
+    pub fn accumulate(mut self) -> Self {
+        self.beta = 1.0;
+        self
+    }
+    pub fn flops(&self) -> u64 {
+        2 * (self.m * self.n * self.k * self.batch) as u64
+    }
+}
+
+/// Hyper-parameters of one AdamW update (decoupled weight decay, bias-corrected moments).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamWParams {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    /// 1-based step number, for the bias corrections.
+    pub step: u64,
+    /// Multiplies every gradient before use (gradient clipping folds in here).
+    pub grad_scale: f32,
+}
+
+/// A compute backend: owns memory, runs ops. See the module docs for the conventions.
+pub trait Backend: Send + Sync {
+    /// An owned allocation of the backend's compute type.
+    type Buf: Send + Sync;
+    /// Token ids (or targets) resident where the ops run.
+    type Ids: Send + Sync;
+    type Ref<'a>: Copy
+    where
+        Self: 'a;
+    type Mut<'a>
+    where
+        Self: 'a;
+
+    fn name(&self) -> String;
+
+    // ---- memory -------------------------------------------------------------------------
+    /// A zero-filled buffer of `len` elements.
+    fn zeros(&self, len: usize) -> Self::Buf;
+    fn upload(&self, data: &[f32]) -> Self::Buf;
+    fn download(&self, buf: &Self::Buf) -> Vec<f32>;
+    fn upload_ids(&self, ids: &[u32]) -> Self::Ids;
+    /// Replace the contents of `ids` (same length) without reallocating.
+    fn write_ids(&self, ids: &mut Self::Ids, data: &[u32]);
+    fn len(&self, buf: &Self::Buf) -> usize;
+    fn view<'a>(&self, buf: &'a Self::Buf, range: Range<usize>) -> Self::Ref<'a>;
+    fn view_mut<'a>(&self, buf: &'a mut Self::Buf, range: Range<usize>) -> Self::Mut<'a>;
+    /// Several disjoint mutable views of one buffer; panics if two ranges overlap (a bug).
+    fn views_mut<'a, const N: usize>(
+        &self,
+        buf: &'a mut Self::Buf,
+        ranges: [Range<usize>; N],
+    ) -> [Self::Mut<'a>; N];
+    /// The whole buffer as a view.
+    fn all<'a>(&self, buf: &'a Self::Buf) -> Self::Ref<'a> {
+        self.view(buf, 0..self.len(buf))
+    }
+    fn all_mut<'a>(&self, buf: &'a mut Self::Buf) -> Self::Mut<'a> {
+        let len = self.len(buf);
+        self.view_mut(buf, 0..len)
+    }
+    fn fill(&self, x: Self::Mut<'_>, value: f32);
+    /// `dst += src`.
+    fn add_assign(&self, dst: Self::Mut<'_>, src: Self::Ref<'_>);
+    /// `x *= factor`.
+    fn scale(&self, x: Self::Mut<'_>, factor: f32);
+    /// Sum of squares, accumulated in f64 (for the global gradient norm).
+    fn sum_squares(&self, x: Self::Ref<'_>) -> f64;
+    /// Sum, accumulated in f64 (for losses).
+    fn sum(&self, x: Self::Ref<'_>) -> f64;
+
+    // ---- dense ----------------------------------------------------------------------------
+    fn gemm(&self, g: Gemm, a: Self::Ref<'_>, b: Self::Ref<'_>, c: Self::Mut<'_>);
+    /// `y[r, :] += bias` for every row.
+    fn add_bias(&self, y: Self::Mut<'_>, bias: Self::Ref<'_>, cols: usize);
+    /// `dbias += sum over rows of dy` (accumulates).
+    fn bias_backward(&self, dy: Self::Ref<'_>, dbias: Self::Mut<'_>, cols: usize);
+
+    // ---- embeddings -------------------------------------------------------------------------
+    /// `out[r, :] = table[ids[r], :]`; if `positions` is given (learned absolute positions,
+    /// GPT-2), also adds `positions[r % seq, :]`.
+    fn embedding_forward(
+        &self,
+        ids: &Self::Ids,
+        table: Self::Ref<'_>,
+        positions: Option<(Self::Ref<'_>, usize)>,
+        out: Self::Mut<'_>,
+        dim: usize,
+    );
+    /// `dtable[ids[r], :] += dout[r, :]` (accumulates).
+    fn embedding_backward(
+        &self,
+        ids: &Self::Ids,
+        dout: Self::Ref<'_>,
+        dtable: Self::Mut<'_>,
+        dim: usize,
+    );
+    /// `dpos[r % seq, :] += dout[r, :]` (accumulates).
+    fn position_embedding_backward(
+        &self,
+        dout: Self::Ref<'_>,
+        dpos: Self::Mut<'_>,
+        seq: usize,
+        dim: usize,
+    );
+
+    // ---- norms ----------------------------------------------------------------------------
+    /// `out = x / rms(x) * weight`; saves `rstd[r] = 1 / sqrt(mean(x^2) + eps)`.
+    fn rmsnorm_forward(
+        &self,
+        x: Self::Ref<'_>,
+        weight: Self::Ref<'_>,
+        out: Self::Mut<'_>,
+        rstd: Self::Mut<'_>,
+        dim: usize,
+        eps: f32,
+    );
+    /// Accumulates into `dx` (the residual stream's gradient) and `dweight`.
+    #[allow(clippy::too_many_arguments)]
+    fn rmsnorm_backward(
+        &self,
+        dout: Self::Ref<'_>,
+        x: Self::Ref<'_>,
+        weight: Self::Ref<'_>,
+        rstd: Self::Ref<'_>,
+        dx: Self::Mut<'_>,
+        dweight: Self::Mut<'_>,
+        dim: usize,
+    );
+    /// `out = (x - mean) * rstd * weight + bias`; saves mean and rstd per row.
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_forward(
+        &self,
+        x: Self::Ref<'_>,
+        weight: Self::Ref<'_>,
+        bias: Self::Ref<'_>,
+        out: Self::Mut<'_>,
+        mean: Self::Mut<'_>,
+        rstd: Self::Mut<'_>,
+        dim: usize,
+        eps: f32,
+    );
+    /// Accumulates into `dx`, `dweight` and `dbias`.
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_backward(
+        &self,
+        dout: Self::Ref<'_>,
+        x: Self::Ref<'_>,
+        weight: Self::Ref<'_>,
+        mean: Self::Ref<'_>,
+        rstd: Self::Ref<'_>,
+        dx: Self::Mut<'_>,
+        dweight: Self::Mut<'_>,
+        dbias: Self::Mut<'_>,
+        dim: usize,
+    );
+
+    // ---- attention ---------------------------------------------------------------------------
+    /// Rotary embedding in place on the q and k heads of a fused qkv buffer, Hugging Face's
+    /// "rotate half" pairing (element i with i + D/2). `inverse` applies the transpose rotation,
+    /// which is the backward. `cos_sin` is `[seq, D/2, 2]` from [`rope_table`].
+    fn rope(&self, qkv: Self::Mut<'_>, cos_sin: Self::Ref<'_>, shape: AttnShape, inverse: bool);
+    /// Causal softmax attention. Reads q, k, v from `qkv` (`[rows, qkv_width]`), writes
+    /// `out` (`[rows, H*D]`) and `lse` (`[batch, H, seq]`, log-sum-exp of the scaled scores),
+    /// which is all backward needs besides the inputs.
+    fn attention_forward(
+        &self,
+        qkv: Self::Ref<'_>,
+        out: Self::Mut<'_>,
+        lse: Self::Mut<'_>,
+        shape: AttnShape,
+    );
+    /// Writes (`=`) `dqkv`, the gradient of the whole fused qkv buffer.
+    fn attention_backward(
+        &self,
+        dout: Self::Ref<'_>,
+        qkv: Self::Ref<'_>,
+        out: Self::Ref<'_>,
+        lse: Self::Ref<'_>,
+        dqkv: Self::Mut<'_>,
+        shape: AttnShape,
+    );
+
+    // ---- activations -------------------------------------------------------------------------
+    /// `out = silu(gate) * up` with gate and up the two halves of each `[2 * width]` row.
+    fn swiglu_forward(&self, gate_up: Self::Ref<'_>, out: Self::Mut<'_>, width: usize);
+    /// Writes `dgate_up`.
+    fn swiglu_backward(
+        &self,
+        dout: Self::Ref<'_>,
+        gate_up: Self::Ref<'_>,
+        dgate_up: Self::Mut<'_>,
+        width: usize,
+    );
+    /// GELU, tanh approximation (GPT-2's `gelu_new`).
+    fn gelu_forward(&self, x: Self::Ref<'_>, out: Self::Mut<'_>);
+    /// Writes `dx`.
+    fn gelu_backward(&self, dout: Self::Ref<'_>, x: Self::Ref<'_>, dx: Self::Mut<'_>);
+
+    // ---- loss ----------------------------------------------------------------------------------
+    /// Softmax cross-entropy per row: writes `losses[r] = logsumexp(logits[r]) - logits[r, t_r]`.
+    /// If `grad_scale` is given, overwrites `logits` in place with
+    /// `grad_scale * (softmax(logits) - onehot(t))`, so the (rows x vocab) matrix exists once.
+    fn cross_entropy(
+        &self,
+        logits: Self::Mut<'_>,
+        targets: &Self::Ids,
+        losses: Self::Mut<'_>,
+        vocab: usize,
+        grad_scale: Option<f32>,
+    );
+
+    // ---- optimizer -----------------------------------------------------------------------------
+    /// One AdamW step over a flat range: params, grads and the two moments have equal length.
+    fn adamw(
+        &self,
+        params: Self::Mut<'_>,
+        grads: Self::Ref<'_>,
+        m: Self::Mut<'_>,
+        v: Self::Mut<'_>,
+        hp: AdamWParams,
+    );
+}
+
+/// The rotary table `[seq, head_dim / 2, 2]` of (cos, sin) for positions `0..seq`, with
+/// inverse frequencies `theta^(-2i / head_dim)` as in Hugging Face Llama (no scaling).
+/// Computed in f64, so every backend starts from the same numbers.
+pub fn rope_table(seq: usize, head_dim: usize, theta: f64) -> Vec<f32> {
+    let half = head_dim / 2;
+    let mut table = Vec::with_capacity(seq * half * 2);
+    for pos in 0..seq {
+        for i in 0..half {
+            let inv_freq = theta.powf(-((2 * i) as f64) / head_dim as f64);
+            // Hugging Face computes inv_freq in f32 and the angle as f32 pos * inv_freq;
+            // matching that keeps parity with transformers at long positions.
+            let angle = (pos as f32) * (inv_freq as f32);
+            table.push(angle.cos());
+            table.push(angle.sin());
+        }
+    }
+    table
+}

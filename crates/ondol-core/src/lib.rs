@@ -1,0 +1,12 @@
+//! ondol-core: the vocabulary every other crate speaks: errors, the seeded RNG,
+//! the [`Backend`] contract (every op the models need, forward and backward), and
+//! FLOP counting conventions.
+
+pub mod backend;
+pub mod error;
+pub mod gradcheck;
+pub mod rng;
+
+pub use backend::{AdamWParams, AttnShape, Backend};
+pub use error::{Error, Result};
+pub use rng::Rng;

@@ -1,0 +1,52 @@
+//! Pointwise activations: SwiGLU (`silu(gate) * up`, gate and up the halves of one
+//! `[rows, 2F]` buffer) and GELU (tanh approximation). Memory-bound: forward reads 2F and
+//! writes F floats per row; backward reads dout and the saved input and writes dinput.
+
+use crate::math::{gelu, gelu_grad, sigmoid};
+use rayon::prelude::*;
+
+/// Elements per parallel task for flat pointwise loops.
+const FLAT_CHUNK: usize = 1 << 14;
+
+pub fn swiglu_forward(gate_up: &[f32], out: &mut [f32], width: usize) {
+    assert_eq!(gate_up.len(), 2 * out.len());
+    out.par_chunks_mut(width).zip(gate_up.par_chunks(2 * width)).for_each(|(o, gu)| {
+        let (g, u) = gu.split_at(width);
+        for ((o, g), u) in o.iter_mut().zip(g).zip(u) {
+            *o = g * sigmoid(*g) * u;
+        }
+    });
+}
+
+/// With s = sigmoid(g): d/dg [g s u] = u s (1 + g (1 - s)), d/du = g s.
+pub fn swiglu_backward(dout: &[f32], gate_up: &[f32], dgate_up: &mut [f32], width: usize) {
+    assert!(gate_up.len() == 2 * dout.len() && dgate_up.len() == gate_up.len());
+    dgate_up
+        .par_chunks_mut(2 * width)
+        .zip(gate_up.par_chunks(2 * width).zip(dout.par_chunks(width)))
+        .for_each(|(dgu, (gu, dy))| {
+            let (dg, du) = dgu.split_at_mut(width);
+            let (g, u) = gu.split_at(width);
+            for ((((dg, du), g), u), dy) in dg.iter_mut().zip(du).zip(g).zip(u).zip(dy) {
+                let s = sigmoid(*g);
+                *dg = dy * u * s * (1.0 + g * (1.0 - s));
+                *du = dy * g * s;
+            }
+        });
+}
+
+pub fn gelu_forward(x: &[f32], out: &mut [f32]) {
+    assert_eq!(x.len(), out.len());
+    out.par_chunks_mut(FLAT_CHUNK).zip(x.par_chunks(FLAT_CHUNK)).for_each(|(o, x)| {
+        o.iter_mut().zip(x).for_each(|(o, x)| *o = gelu(*x));
+    });
+}
+
+pub fn gelu_backward(dout: &[f32], x: &[f32], dx: &mut [f32]) {
+    assert!(x.len() == dout.len() && dx.len() == x.len());
+    dx.par_chunks_mut(FLAT_CHUNK)
+        .zip(x.par_chunks(FLAT_CHUNK).zip(dout.par_chunks(FLAT_CHUNK)))
+        .for_each(|(dx, (x, dy))| {
+            dx.iter_mut().zip(x).zip(dy).for_each(|((dx, x), dy)| *dx = dy * gelu_grad(*x));
+        });
+}

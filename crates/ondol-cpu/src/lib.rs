@@ -1,0 +1,239 @@
+//! ondol-cpu: the CPU backend, f32 throughout. It is the reference every other backend is
+//! tested against, and fast enough to train small models: GEMMs through the `gemm` crate,
+//! everything else in rayon-parallel loops written to vectorise, every reduction in a fixed
+//! order so a seed always gives the same bits.
+
+mod activation;
+mod adamw;
+mod attention;
+mod dense;
+mod embedding;
+mod loss;
+pub mod math;
+mod norm;
+mod reduce;
+
+use ondol_core::backend::{AttnShape, Backend, Gemm};
+use ondol_core::AdamWParams;
+use rayon::prelude::*;
+use std::ops::Range;
+
+/// A raw pointer into a buffer that parallel tasks share because each writes a disjoint
+/// region of it (every use says which). Accessed through `get` so closures capture the
+/// wrapper, not the bare pointer.
+#[derive(Clone, Copy)]
+pub(crate) struct SharedMut(*mut f32);
+// SAFETY: only used where concurrent tasks write disjoint elements.
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}
+
+impl SharedMut {
+    pub(crate) fn new(buf: &mut [f32]) -> Self {
+        Self(buf.as_mut_ptr())
+    }
+    pub(crate) fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// The CPU backend. Threads come from rayon's global pool (`RAYON_NUM_THREADS`).
+#[derive(Clone, Debug, Default)]
+pub struct CpuBackend;
+
+impl CpuBackend {
+    pub fn new() -> Self {
+        Self
+    }
+}
+
+impl Backend for CpuBackend {
+    type Buf = Vec<f32>;
+    type Ids = Vec<u32>;
+    type Ref<'a> = &'a [f32];
+    type Mut<'a> = &'a mut [f32];
+
+    fn name(&self) -> String {
+        format!("cpu ({} threads)", rayon::current_num_threads())
+    }
+
+    fn zeros(&self, len: usize) -> Vec<f32> {
+        vec![0.0; len]
+    }
+    fn upload(&self, data: &[f32]) -> Vec<f32> {
+        data.to_vec()
+    }
+    fn download(&self, buf: &Vec<f32>) -> Vec<f32> {
+        buf.clone()
+    }
+    fn upload_ids(&self, ids: &[u32]) -> Vec<u32> {
+        ids.to_vec()
+    }
+    fn write_ids(&self, ids: &mut Vec<u32>, data: &[u32]) {
+        ids.copy_from_slice(data);
+    }
+    fn len(&self, buf: &Vec<f32>) -> usize {
+        buf.len()
+    }
+    fn view<'a>(&self, buf: &'a Vec<f32>, range: Range<usize>) -> &'a [f32] {
+        &buf[range]
+    }
+    fn view_mut<'a>(&self, buf: &'a mut Vec<f32>, range: Range<usize>) -> &'a mut [f32] {
+        &mut buf[range]
+    }
+    fn views_mut<'a, const N: usize>(
+        &self,
+        buf: &'a mut Vec<f32>,
+        ranges: [Range<usize>; N],
+    ) -> [&'a mut [f32]; N] {
+        for (i, a) in ranges.iter().enumerate() {
+            assert!(a.start <= a.end && a.end <= buf.len(), "view {a:?} out of bounds");
+            for b in &ranges[i + 1..] {
+                assert!(a.end <= b.start || b.end <= a.start, "views {a:?} and {b:?} overlap");
+            }
+        }
+        let base = buf.as_mut_ptr();
+        // SAFETY: the ranges are in bounds and pairwise disjoint (checked above), and all
+        // borrow `buf` mutably for 'a, so nothing else can touch it meanwhile.
+        ranges.map(|r| unsafe { std::slice::from_raw_parts_mut(base.add(r.start), r.len()) })
+    }
+    fn fill(&self, x: &mut [f32], value: f32) {
+        x.par_chunks_mut(1 << 16).for_each(|c| c.fill(value));
+    }
+    fn add_assign(&self, dst: &mut [f32], src: &[f32]) {
+        assert_eq!(dst.len(), src.len());
+        dst.par_chunks_mut(1 << 14).zip(src.par_chunks(1 << 14)).for_each(|(d, s)| {
+            d.iter_mut().zip(s).for_each(|(d, s)| *d += s);
+        });
+    }
+    fn scale(&self, x: &mut [f32], factor: f32) {
+        x.par_chunks_mut(1 << 14).for_each(|c| c.iter_mut().for_each(|v| *v *= factor));
+    }
+    fn sum_squares(&self, x: &[f32]) -> f64 {
+        reduce::sum_f64(x, |v| (v as f64) * (v as f64))
+    }
+    fn sum(&self, x: &[f32]) -> f64 {
+        reduce::sum_f64(x, |v| v as f64)
+    }
+
+    fn gemm(&self, g: Gemm, a: &[f32], b: &[f32], c: &mut [f32]) {
+        dense::gemm(g, a, b, c, false);
+    }
+    fn add_bias(&self, y: &mut [f32], bias: &[f32], cols: usize) {
+        assert_eq!(bias.len(), cols);
+        y.par_chunks_mut(cols).for_each(|row| row.iter_mut().zip(bias).for_each(|(y, b)| *y += b));
+    }
+    fn bias_backward(&self, dy: &[f32], dbias: &mut [f32], cols: usize) {
+        assert_eq!(dbias.len(), cols);
+        reduce::column_sums(dy.len() / cols, dbias, |rows, part| {
+            for row in dy[rows.start * cols..rows.end * cols].chunks_exact(cols) {
+                part.iter_mut().zip(row).for_each(|(p, d)| *p += d);
+            }
+        });
+    }
+
+    fn embedding_forward(
+        &self,
+        ids: &Vec<u32>,
+        table: &[f32],
+        positions: Option<(&[f32], usize)>,
+        out: &mut [f32],
+        dim: usize,
+    ) {
+        embedding::embedding_forward(ids, table, positions, out, dim);
+    }
+    fn embedding_backward(&self, ids: &Vec<u32>, dout: &[f32], dtable: &mut [f32], dim: usize) {
+        embedding::embedding_backward(ids, dout, dtable, dim);
+    }
+    fn position_embedding_backward(&self, dout: &[f32], dpos: &mut [f32], seq: usize, dim: usize) {
+        embedding::position_embedding_backward(dout, dpos, seq, dim);
+    }
+
+    fn rmsnorm_forward(&self, x: &[f32], w: &[f32], out: &mut [f32], rstd: &mut [f32], dim: usize, eps: f32) {
+        norm::rmsnorm_forward(x, w, out, rstd, dim, eps);
+    }
+    fn rmsnorm_backward(
+        &self,
+        dout: &[f32],
+        x: &[f32],
+        w: &[f32],
+        rstd: &[f32],
+        dx: &mut [f32],
+        dw: &mut [f32],
+        dim: usize,
+    ) {
+        norm::rmsnorm_backward(dout, x, w, rstd, dx, dw, dim);
+    }
+    fn layernorm_forward(
+        &self,
+        x: &[f32],
+        w: &[f32],
+        b: &[f32],
+        out: &mut [f32],
+        mean: &mut [f32],
+        rstd: &mut [f32],
+        dim: usize,
+        eps: f32,
+    ) {
+        norm::layernorm_forward(x, w, b, out, mean, rstd, dim, eps);
+    }
+    fn layernorm_backward(
+        &self,
+        dout: &[f32],
+        x: &[f32],
+        w: &[f32],
+        mean: &[f32],
+        rstd: &[f32],
+        dx: &mut [f32],
+        dw: &mut [f32],
+        db: &mut [f32],
+        dim: usize,
+    ) {
+        norm::layernorm_backward(dout, x, w, mean, rstd, dx, dw, db, dim);
+    }
+
+    fn rope(&self, qkv: &mut [f32], cos_sin: &[f32], shape: AttnShape, inverse: bool) {
+        attention::rope(qkv, cos_sin, shape, inverse);
+    }
+    fn attention_forward(&self, qkv: &[f32], out: &mut [f32], lse: &mut [f32], shape: AttnShape) {
+        attention::attention_forward(qkv, out, lse, shape);
+    }
+    fn attention_backward(
+        &self,
+        dout: &[f32],
+        qkv: &[f32],
+        out: &[f32],
+        lse: &[f32],
+        dqkv: &mut [f32],
+        shape: AttnShape,
+    ) {
+        attention::attention_backward(dout, qkv, out, lse, dqkv, shape);
+    }
+
+    fn swiglu_forward(&self, gate_up: &[f32], out: &mut [f32], width: usize) {
+        activation::swiglu_forward(gate_up, out, width);
+    }
+    fn swiglu_backward(&self, dout: &[f32], gate_up: &[f32], dgate_up: &mut [f32], width: usize) {
+        activation::swiglu_backward(dout, gate_up, dgate_up, width);
+    }
+    fn gelu_forward(&self, x: &[f32], out: &mut [f32]) {
+        activation::gelu_forward(x, out);
+    }
+    fn gelu_backward(&self, dout: &[f32], x: &[f32], dx: &mut [f32]) {
+        activation::gelu_backward(dout, x, dx);
+    }
+
+    fn cross_entropy(
+        &self,
+        logits: &mut [f32],
+        targets: &Vec<u32>,
+        losses: &mut [f32],
+        vocab: usize,
+        grad_scale: Option<f32>,
+    ) {
+        loss::cross_entropy(logits, targets, losses, vocab, grad_scale);
+    }
+
+    fn adamw(&self, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], hp: AdamWParams) {
+        adamw::adamw(p, g, m, v, hp);
+    }
+}

@@ -1,0 +1,138 @@
+//! RMSNorm and LayerNorm, one row per token.
+//!
+//! Forward saves per-row statistics (rstd, and mean for LayerNorm) so backward never
+//! recomputes a reduction. Backward accumulates into `dx` because a norm's input is the
+//! residual stream, whose gradient already holds the skip path's contribution; weight and
+//! bias gradients accumulate as every parameter gradient does. Per row: forward reads x once
+//! and writes out once (2 * dim * 4 bytes); backward reads dout and x and updates dx.
+
+use crate::reduce::column_sums;
+use rayon::prelude::*;
+
+pub fn rmsnorm_forward(x: &[f32], w: &[f32], out: &mut [f32], rstd: &mut [f32], dim: usize, eps: f32) {
+    assert_eq!(w.len(), dim);
+    assert!(x.len() == out.len() && x.len() == rstd.len() * dim);
+    out.par_chunks_mut(dim)
+        .zip(x.par_chunks(dim))
+        .zip(rstd.par_iter_mut())
+        .for_each(|((o, x), r)| {
+            let ms = x.iter().map(|v| v * v).sum::<f32>() / dim as f32;
+            *r = 1.0 / (ms + eps).sqrt();
+            for ((o, x), w) in o.iter_mut().zip(x).zip(w) {
+                *o = x * *r * w;
+            }
+        });
+}
+
+/// y = x * r * w with r = (mean(x^2) + eps)^(-1/2):
+/// dx = r * (w dy) - r^3 / dim * x * sum(w dy x);  dw += dy * x * r.
+#[allow(clippy::too_many_arguments)]
+pub fn rmsnorm_backward(
+    dout: &[f32],
+    x: &[f32],
+    w: &[f32],
+    rstd: &[f32],
+    dx: &mut [f32],
+    dw: &mut [f32],
+    dim: usize,
+) {
+    assert!(dout.len() == x.len() && dx.len() == x.len() && x.len() == rstd.len() * dim);
+    dx.par_chunks_mut(dim)
+        .zip(dout.par_chunks(dim).zip(x.par_chunks(dim)))
+        .zip(rstd.par_iter())
+        .for_each(|((dx, (dy, x)), &r)| {
+            let dot: f32 = dy.iter().zip(w).zip(x).map(|((dy, w), x)| dy * w * x).sum();
+            let c = r * r * r * dot / dim as f32;
+            for (((dx, dy), w), x) in dx.iter_mut().zip(dy).zip(w).zip(x) {
+                *dx += r * w * dy - c * x;
+            }
+        });
+    column_sums(rstd.len(), dw, |rows, part| {
+        for row in rows {
+            let r = rstd[row];
+            let (dy, x) = (&dout[row * dim..][..dim], &x[row * dim..][..dim]);
+            for ((p, dy), x) in part.iter_mut().zip(dy).zip(x) {
+                *p += dy * x * r;
+            }
+        }
+    });
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn layernorm_forward(
+    x: &[f32],
+    w: &[f32],
+    b: &[f32],
+    out: &mut [f32],
+    mean: &mut [f32],
+    rstd: &mut [f32],
+    dim: usize,
+    eps: f32,
+) {
+    assert!(w.len() == dim && b.len() == dim);
+    assert!(x.len() == out.len() && x.len() == rstd.len() * dim && mean.len() == rstd.len());
+    out.par_chunks_mut(dim)
+        .zip(x.par_chunks(dim))
+        .zip(mean.par_iter_mut().zip(rstd.par_iter_mut()))
+        .for_each(|((o, x), (m, r))| {
+            let mu = x.iter().sum::<f32>() / dim as f32;
+            let var = x.iter().map(|v| (v - mu) * (v - mu)).sum::<f32>() / dim as f32;
+            *m = mu;
+            *r = 1.0 / (var + eps).sqrt();
+            for (((o, x), w), b) in o.iter_mut().zip(x).zip(w).zip(b) {
+                *o = (x - mu) * *r * w + b;
+            }
+        });
+}
+
+/// With xhat = (x - mean) * r and g = w dy:
+/// dx = r * (g - mean(g) - xhat * mean(g xhat));  dw += dy xhat;  db += dy.
+#[allow(clippy::too_many_arguments)]
+pub fn layernorm_backward(
+    dout: &[f32],
+    x: &[f32],
+    w: &[f32],
+    mean: &[f32],
+    rstd: &[f32],
+    dx: &mut [f32],
+    dw: &mut [f32],
+    db: &mut [f32],
+    dim: usize,
+) {
+    assert!(dout.len() == x.len() && dx.len() == x.len() && x.len() == rstd.len() * dim);
+    dx.par_chunks_mut(dim)
+        .zip(dout.par_chunks(dim).zip(x.par_chunks(dim)))
+        .zip(mean.par_iter().zip(rstd.par_iter()))
+        .for_each(|((dx, (dy, x)), (&mu, &r))| {
+            let (mut g_mean, mut gx_mean) = (0.0f32, 0.0f32);
+            for ((dy, w), x) in dy.iter().zip(w).zip(x) {
+                let g = dy * w;
+                g_mean += g;
+                gx_mean += g * (x - mu) * r;
+            }
+            g_mean /= dim as f32;
+            gx_mean /= dim as f32;
+            for (((dx, dy), w), x) in dx.iter_mut().zip(dy).zip(w).zip(x) {
+                *dx += r * (dy * w - g_mean - (x - mu) * r * gx_mean);
+            }
+        });
+    // dw and db in one pass over the rows: partials hold [dw | db].
+    let mut both = vec![0.0f32; 2 * dim];
+    column_sums(rstd.len(), &mut both, |rows, part| {
+        let (pw, pb) = part.split_at_mut(dim);
+        for row in rows {
+            let (mu, r) = (mean[row], rstd[row]);
+            let (dy, x) = (&dout[row * dim..][..dim], &x[row * dim..][..dim]);
+            for (((pw, pb), dy), x) in pw.iter_mut().zip(pb.iter_mut()).zip(dy).zip(x) {
+                *pw += dy * (x - mu) * r;
+                *pb += dy;
+            }
+        }
+    });
+    for (d, s) in dw.iter_mut().zip(&both[..dim]) {
+        *d += s;
+    }
+    for (d, s) in db.iter_mut().zip(&both[dim..]) {
+        *d += s;
+    }
+}
