@@ -24,22 +24,39 @@ pub struct GradCheck {
 pub fn check(
     x: &mut [f32],
     analytic: &[f32],
-    mut loss: impl FnMut(&[f32]) -> f64,
+    loss: impl FnMut(&[f32]) -> f64,
     h: f32,
     rtol: f64,
     atol: f64,
     samples: usize,
     seed: u64,
 ) -> GradCheck {
+    let indices = sample_indices(0..x.len(), samples, seed);
+    check_indices(x, analytic, loss, h, rtol, atol, &indices)
+}
+
+/// `n` indices drawn uniformly from `range` with `seed`, or all of them if `n >= range.len()`.
+pub fn sample_indices(range: std::ops::Range<usize>, n: usize, seed: u64) -> Vec<usize> {
+    if n >= range.len() {
+        return range.collect();
+    }
+    let mut rng = Rng::new(seed);
+    (0..n).map(|_| range.start + rng.below(range.len() as u64) as usize).collect()
+}
+
+/// [`check`] at the given indices.
+pub fn check_indices(
+    x: &mut [f32],
+    analytic: &[f32],
+    mut loss: impl FnMut(&[f32]) -> f64,
+    h: f32,
+    rtol: f64,
+    atol: f64,
+    indices: &[usize],
+) -> GradCheck {
     assert_eq!(x.len(), analytic.len());
-    let indices: Vec<usize> = if samples >= x.len() {
-        (0..x.len()).collect()
-    } else {
-        let mut rng = Rng::new(seed);
-        (0..samples).map(|_| rng.below(x.len() as u64) as usize).collect()
-    };
     let mut out = GradCheck { checked: 0, worst_index: 0, worst_error: 0.0, analytic: 0.0, numeric: 0.0 };
-    for i in indices {
+    for &i in indices {
         let orig = x[i];
         x[i] = orig + h;
         let plus = loss(x);
