@@ -129,11 +129,7 @@ pub trait Backend: Send + Sync {
     fn view<'a>(&self, buf: &'a Self::Buf, range: Range<usize>) -> Self::Ref<'a>;
     fn view_mut<'a>(&self, buf: &'a mut Self::Buf, range: Range<usize>) -> Self::Mut<'a>;
     /// Several disjoint mutable views of one buffer; panics if two ranges overlap (a bug).
-    fn views_mut<'a, const N: usize>(
-        &self,
-        buf: &'a mut Self::Buf,
-        ranges: [Range<usize>; N],
-    ) -> [Self::Mut<'a>; N];
+    fn views_mut<'a, const N: usize>(&self, buf: &'a mut Self::Buf, ranges: [Range<usize>; N]) -> [Self::Mut<'a>; N];
     /// The whole buffer as a view.
     fn all<'a>(&self, buf: &'a Self::Buf) -> Self::Ref<'a> {
         self.view(buf, 0..self.len(buf))
@@ -171,21 +167,9 @@ pub trait Backend: Send + Sync {
         dim: usize,
     );
     /// `dtable[ids[r], :] += dout[r, :]` (accumulates).
-    fn embedding_backward(
-        &self,
-        ids: &Self::Ids,
-        dout: Self::Ref<'_>,
-        dtable: Self::Mut<'_>,
-        dim: usize,
-    );
+    fn embedding_backward(&self, ids: &Self::Ids, dout: Self::Ref<'_>, dtable: Self::Mut<'_>, dim: usize);
     /// `dpos[r % seq, :] += dout[r, :]` (accumulates).
-    fn position_embedding_backward(
-        &self,
-        dout: Self::Ref<'_>,
-        dpos: Self::Mut<'_>,
-        seq: usize,
-        dim: usize,
-    );
+    fn position_embedding_backward(&self, dout: Self::Ref<'_>, dpos: Self::Mut<'_>, seq: usize, dim: usize);
 
     // ---- norms ----------------------------------------------------------------------------
     /// `out = x / rms(x) * weight`; saves `rstd[r] = 1 / sqrt(mean(x^2) + eps)`.
@@ -246,13 +230,7 @@ pub trait Backend: Send + Sync {
     /// Causal softmax attention. Reads q, k, v from `qkv` (`[rows, qkv_width]`), writes
     /// `out` (`[rows, H*D]`) and `lse` (`[batch, H, seq]`, log-sum-exp of the scaled scores),
     /// which is all backward needs besides the inputs.
-    fn attention_forward(
-        &self,
-        qkv: Self::Ref<'_>,
-        out: Self::Mut<'_>,
-        lse: Self::Mut<'_>,
-        shape: AttnShape,
-    );
+    fn attention_forward(&self, qkv: Self::Ref<'_>, out: Self::Mut<'_>, lse: Self::Mut<'_>, shape: AttnShape);
     /// Writes (`=`) `dqkv`, the gradient of the whole fused qkv buffer.
     fn attention_backward(
         &self,
@@ -268,13 +246,7 @@ pub trait Backend: Send + Sync {
     /// `out = silu(gate) * up` with gate and up the two halves of each `[2 * width]` row.
     fn swiglu_forward(&self, gate_up: Self::Ref<'_>, out: Self::Mut<'_>, width: usize);
     /// Writes `dgate_up`.
-    fn swiglu_backward(
-        &self,
-        dout: Self::Ref<'_>,
-        gate_up: Self::Ref<'_>,
-        dgate_up: Self::Mut<'_>,
-        width: usize,
-    );
+    fn swiglu_backward(&self, dout: Self::Ref<'_>, gate_up: Self::Ref<'_>, dgate_up: Self::Mut<'_>, width: usize);
     /// GELU, tanh approximation (GPT-2's `gelu_new`).
     fn gelu_forward(&self, x: Self::Ref<'_>, out: Self::Mut<'_>);
     /// Writes `dx`.
@@ -295,14 +267,7 @@ pub trait Backend: Send + Sync {
 
     // ---- optimizer -----------------------------------------------------------------------------
     /// One AdamW step over a flat range: params, grads and the two moments have equal length.
-    fn adamw(
-        &self,
-        params: Self::Mut<'_>,
-        grads: Self::Ref<'_>,
-        m: Self::Mut<'_>,
-        v: Self::Mut<'_>,
-        hp: AdamWParams,
-    );
+    fn adamw(&self, params: Self::Mut<'_>, grads: Self::Ref<'_>, m: Self::Mut<'_>, v: Self::Mut<'_>, hp: AdamWParams);
 }
 
 /// The rotary table `[seq, head_dim / 2, 2]` of (cos, sin) for positions `0..seq`, with

@@ -21,10 +21,8 @@ pub fn swiglu_forward(gate_up: &[f32], out: &mut [f32], width: usize) {
 /// With s = sigmoid(g): d/dg [g s u] = u s (1 + g (1 - s)), d/du = g s.
 pub fn swiglu_backward(dout: &[f32], gate_up: &[f32], dgate_up: &mut [f32], width: usize) {
     assert!(gate_up.len() == 2 * dout.len() && dgate_up.len() == gate_up.len());
-    dgate_up
-        .par_chunks_mut(2 * width)
-        .zip(gate_up.par_chunks(2 * width).zip(dout.par_chunks(width)))
-        .for_each(|(dgu, (gu, dy))| {
+    dgate_up.par_chunks_mut(2 * width).zip(gate_up.par_chunks(2 * width).zip(dout.par_chunks(width))).for_each(
+        |(dgu, (gu, dy))| {
             let (dg, du) = dgu.split_at_mut(width);
             let (g, u) = gu.split_at(width);
             for ((((dg, du), g), u), dy) in dg.iter_mut().zip(du).zip(g).zip(u).zip(dy) {
@@ -32,7 +30,8 @@ pub fn swiglu_backward(dout: &[f32], gate_up: &[f32], dgate_up: &mut [f32], widt
                 *dg = dy * u * s * (1.0 + g * (1.0 - s));
                 *du = dy * g * s;
             }
-        });
+        },
+    );
 }
 
 pub fn gelu_forward(x: &[f32], out: &mut [f32]) {
@@ -44,9 +43,9 @@ pub fn gelu_forward(x: &[f32], out: &mut [f32]) {
 
 pub fn gelu_backward(dout: &[f32], x: &[f32], dx: &mut [f32]) {
     assert!(x.len() == dout.len() && dx.len() == x.len());
-    dx.par_chunks_mut(FLAT_CHUNK)
-        .zip(x.par_chunks(FLAT_CHUNK).zip(dout.par_chunks(FLAT_CHUNK)))
-        .for_each(|(dx, (x, dy))| {
+    dx.par_chunks_mut(FLAT_CHUNK).zip(x.par_chunks(FLAT_CHUNK).zip(dout.par_chunks(FLAT_CHUNK))).for_each(
+        |(dx, (x, dy))| {
             dx.iter_mut().zip(x).zip(dy).for_each(|((dx, x), dy)| *dx = dy * gelu_grad(*x));
-        });
+        },
+    );
 }

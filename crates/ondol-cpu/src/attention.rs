@@ -15,8 +15,8 @@
 //!   dK += scale dS^T Q.
 //! FLOPs: forward 4 T^2 D per head (half skipped by causality, up to one block), backward 2.5x.
 
-use crate::dense::raw_gemm;
 use crate::SharedMut;
+use crate::dense::raw_gemm;
 use crate::math::exp;
 use gemm::Parallelism;
 use ondol_core::backend::{AttnShape, Gemm};
@@ -108,14 +108,7 @@ pub fn attention_forward(qkv: &[f32], out: &mut [f32], lse: &mut [f32], s: AttnS
     });
 }
 
-pub fn attention_backward(
-    dout: &[f32],
-    qkv: &[f32],
-    out: &[f32],
-    lse: &[f32],
-    dqkv: &mut [f32],
-    s: AttnShape,
-) {
+pub fn attention_backward(dout: &[f32], qkv: &[f32], out: &[f32], lse: &[f32], dqkv: &mut [f32], s: AttnShape) {
     let (t, d, width, owidth) = (s.seq, s.head_dim, s.qkv_width(), s.q_width());
     let group = s.n_heads / s.n_kv_heads;
     assert_eq!(dqkv.len(), qkv.len());
@@ -175,7 +168,16 @@ pub fn attention_backward(
                     // dQ[q0..] = dS K
                     let gq = Gemm::new(nq, d, nk, false, false);
                     let k = base[kc..].as_ptr();
-                    raw_gemm(gq, dbase.add(q0 * width + qc), w, dp.as_ptr(), (nk as isize, 1), k, (w, 1), Parallelism::None);
+                    raw_gemm(
+                        gq,
+                        dbase.add(q0 * width + qc),
+                        w,
+                        dp.as_ptr(),
+                        (nk as isize, 1),
+                        k,
+                        (w, 1),
+                        Parallelism::None,
+                    );
                     // dK[0..nk] += dS^T Q
                     let gk = Gemm::new(nk, d, nq, true, false).accumulate();
                     let q = base[q0 * width + qc..].as_ptr();

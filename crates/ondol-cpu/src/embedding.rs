@@ -5,13 +5,7 @@
 use crate::SharedMut;
 use rayon::prelude::*;
 
-pub fn embedding_forward(
-    ids: &[u32],
-    table: &[f32],
-    positions: Option<(&[f32], usize)>,
-    out: &mut [f32],
-    dim: usize,
-) {
+pub fn embedding_forward(ids: &[u32], table: &[f32], positions: Option<(&[f32], usize)>, out: &mut [f32], dim: usize) {
     assert_eq!(out.len(), ids.len() * dim);
     let vocab = table.len() / dim;
     out.par_chunks_mut(dim).zip(ids.par_iter()).enumerate().for_each(|(r, (o, &id))| {

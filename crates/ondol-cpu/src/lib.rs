@@ -13,8 +13,8 @@ pub mod math;
 mod norm;
 mod reduce;
 
-use ondol_core::backend::{AttnShape, Backend, Gemm};
 use ondol_core::AdamWParams;
+use ondol_core::backend::{AttnShape, Backend, Gemm};
 use rayon::prelude::*;
 use std::ops::Range;
 
@@ -80,11 +80,7 @@ impl Backend for CpuBackend {
     fn view_mut<'a>(&self, buf: &'a mut Vec<f32>, range: Range<usize>) -> &'a mut [f32] {
         &mut buf[range]
     }
-    fn views_mut<'a, const N: usize>(
-        &self,
-        buf: &'a mut Vec<f32>,
-        ranges: [Range<usize>; N],
-    ) -> [&'a mut [f32]; N] {
+    fn views_mut<'a, const N: usize>(&self, buf: &'a mut Vec<f32>, ranges: [Range<usize>; N]) -> [&'a mut [f32]; N] {
         for (i, a) in ranges.iter().enumerate() {
             assert!(a.start <= a.end && a.end <= buf.len(), "view {a:?} out of bounds");
             for b in &ranges[i + 1..] {
@@ -236,4 +232,20 @@ impl Backend for CpuBackend {
     fn adamw(&self, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], hp: AdamWParams) {
         adamw::adamw(p, g, m, v, hp);
     }
+}
+
+/// The machine's f32 GEMM throughput in FLOP/s: the best of a few 1024^3 products on every
+/// rayon thread. The denominator of CPU MFU (DESIGN.md section 7); takes ~0.1 s.
+pub fn measure_gemm_peak() -> f64 {
+    let n = 1024;
+    let a = vec![1.0f32; n * n];
+    let mut c = vec![0.0f32; n * n];
+    let g = Gemm::new(n, n, n, false, false);
+    let mut best = f64::INFINITY;
+    for _ in 0..4 {
+        let t = std::time::Instant::now();
+        dense::gemm(g, &a, &a, &mut c, false);
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    g.flops() as f64 / best
 }

@@ -12,41 +12,29 @@ use rayon::prelude::*;
 pub fn rmsnorm_forward(x: &[f32], w: &[f32], out: &mut [f32], rstd: &mut [f32], dim: usize, eps: f32) {
     assert_eq!(w.len(), dim);
     assert!(x.len() == out.len() && x.len() == rstd.len() * dim);
-    out.par_chunks_mut(dim)
-        .zip(x.par_chunks(dim))
-        .zip(rstd.par_iter_mut())
-        .for_each(|((o, x), r)| {
-            let ms = x.iter().map(|v| v * v).sum::<f32>() / dim as f32;
-            *r = 1.0 / (ms + eps).sqrt();
-            for ((o, x), w) in o.iter_mut().zip(x).zip(w) {
-                *o = x * *r * w;
-            }
-        });
+    out.par_chunks_mut(dim).zip(x.par_chunks(dim)).zip(rstd.par_iter_mut()).for_each(|((o, x), r)| {
+        let ms = x.iter().map(|v| v * v).sum::<f32>() / dim as f32;
+        *r = 1.0 / (ms + eps).sqrt();
+        for ((o, x), w) in o.iter_mut().zip(x).zip(w) {
+            *o = x * *r * w;
+        }
+    });
 }
 
 /// y = x * r * w with r = (mean(x^2) + eps)^(-1/2):
 /// dx = r * (w dy) - r^3 / dim * x * sum(w dy x);  dw += dy * x * r.
 #[allow(clippy::too_many_arguments)]
-pub fn rmsnorm_backward(
-    dout: &[f32],
-    x: &[f32],
-    w: &[f32],
-    rstd: &[f32],
-    dx: &mut [f32],
-    dw: &mut [f32],
-    dim: usize,
-) {
+pub fn rmsnorm_backward(dout: &[f32], x: &[f32], w: &[f32], rstd: &[f32], dx: &mut [f32], dw: &mut [f32], dim: usize) {
     assert!(dout.len() == x.len() && dx.len() == x.len() && x.len() == rstd.len() * dim);
-    dx.par_chunks_mut(dim)
-        .zip(dout.par_chunks(dim).zip(x.par_chunks(dim)))
-        .zip(rstd.par_iter())
-        .for_each(|((dx, (dy, x)), &r)| {
+    dx.par_chunks_mut(dim).zip(dout.par_chunks(dim).zip(x.par_chunks(dim))).zip(rstd.par_iter()).for_each(
+        |((dx, (dy, x)), &r)| {
             let dot: f32 = dy.iter().zip(w).zip(x).map(|((dy, w), x)| dy * w * x).sum();
             let c = r * r * r * dot / dim as f32;
             for (((dx, dy), w), x) in dx.iter_mut().zip(dy).zip(w).zip(x) {
                 *dx += r * w * dy - c * x;
             }
-        });
+        },
+    );
     column_sums(rstd.len(), dw, |rows, part| {
         for row in rows {
             let r = rstd[row];
@@ -71,10 +59,8 @@ pub fn layernorm_forward(
 ) {
     assert!(w.len() == dim && b.len() == dim);
     assert!(x.len() == out.len() && x.len() == rstd.len() * dim && mean.len() == rstd.len());
-    out.par_chunks_mut(dim)
-        .zip(x.par_chunks(dim))
-        .zip(mean.par_iter_mut().zip(rstd.par_iter_mut()))
-        .for_each(|((o, x), (m, r))| {
+    out.par_chunks_mut(dim).zip(x.par_chunks(dim)).zip(mean.par_iter_mut().zip(rstd.par_iter_mut())).for_each(
+        |((o, x), (m, r))| {
             let mu = x.iter().sum::<f32>() / dim as f32;
             let var = x.iter().map(|v| (v - mu) * (v - mu)).sum::<f32>() / dim as f32;
             *m = mu;
@@ -82,7 +68,8 @@ pub fn layernorm_forward(
             for (((o, x), w), b) in o.iter_mut().zip(x).zip(w).zip(b) {
                 *o = (x - mu) * *r * w + b;
             }
-        });
+        },
+    );
 }
 
 /// With xhat = (x - mean) * r and g = w dy:

@@ -2,9 +2,9 @@
 //! (backward). Shapes are deliberately awkward: odd widths, sequences longer than the
 //! attention block and not a multiple of it, grouped-query heads.
 
-use ondol_core::backend::{rope_table, AttnShape, Backend, Gemm};
-use ondol_core::gradcheck::{check, dot, randn};
 use ondol_core::AdamWParams;
+use ondol_core::backend::{AttnShape, Backend, Gemm, rope_table};
+use ondol_core::gradcheck::{check, dot, randn};
 use ondol_cpu::CpuBackend;
 
 const BE: CpuBackend = CpuBackend;
@@ -20,8 +20,10 @@ fn naive_gemm(g: Gemm, a: &[f32], b: &[f32], c: &mut [f32]) {
             for j in 0..g.n {
                 let mut acc = 0.0f64;
                 for p in 0..g.k {
-                    let av = if g.trans_a { a[bi * g.stride_a + p * g.m + i] } else { a[bi * g.stride_a + i * g.k + p] };
-                    let bv = if g.trans_b { b[bi * g.stride_b + j * g.k + p] } else { b[bi * g.stride_b + p * g.n + j] };
+                    let av =
+                        if g.trans_a { a[bi * g.stride_a + p * g.m + i] } else { a[bi * g.stride_a + i * g.k + p] };
+                    let bv =
+                        if g.trans_b { b[bi * g.stride_b + j * g.k + p] } else { b[bi * g.stride_b + p * g.n + j] };
                     acc += av as f64 * bv as f64;
                 }
                 let c = &mut c[bi * g.stride_c + i * g.n + j];
@@ -77,16 +79,34 @@ fn embedding_backward_matches_finite_differences() {
     BE.embedding_backward(&ids, &w, &mut dtable, dim);
     BE.position_embedding_backward(&w, &mut dpos, seq, dim);
     let p = pos.clone();
-    check(&mut table, &dtable, |t| {
-        BE.embedding_forward(&ids, t, Some((&p, seq)), &mut out, dim);
-        dot(&w, &out)
-    }, H, RTOL, ATOL, usize::MAX, 0)
+    check(
+        &mut table,
+        &dtable,
+        |t| {
+            BE.embedding_forward(&ids, t, Some((&p, seq)), &mut out, dim);
+            dot(&w, &out)
+        },
+        H,
+        RTOL,
+        ATOL,
+        usize::MAX,
+        0,
+    )
     .assert_ok("embedding table");
     let t = table.clone();
-    check(&mut pos, &dpos, |p| {
-        BE.embedding_forward(&ids, &t, Some((p, seq)), &mut out, dim);
-        dot(&w, &out)
-    }, H, RTOL, ATOL, usize::MAX, 0)
+    check(
+        &mut pos,
+        &dpos,
+        |p| {
+            BE.embedding_forward(&ids, &t, Some((p, seq)), &mut out, dim);
+            dot(&w, &out)
+        },
+        H,
+        RTOL,
+        ATOL,
+        usize::MAX,
+        0,
+    )
     .assert_ok("position table");
 }
 
@@ -105,16 +125,34 @@ fn rmsnorm_backward_matches_finite_differences_and_accumulates() {
     let dx: Vec<f32> = dx.iter().zip(&dx0).map(|(a, b)| a - b).collect();
     let dw: Vec<f32> = dw.iter().zip(&dw0).map(|(a, b)| a - b).collect();
     let w0 = w.clone();
-    check(&mut x, &dx, |x| {
-        BE.rmsnorm_forward(x, &w0, &mut out, &mut rstd, dim, 1e-5);
-        dot(&dout, &out)
-    }, H, RTOL, ATOL, usize::MAX, 0)
+    check(
+        &mut x,
+        &dx,
+        |x| {
+            BE.rmsnorm_forward(x, &w0, &mut out, &mut rstd, dim, 1e-5);
+            dot(&dout, &out)
+        },
+        H,
+        RTOL,
+        ATOL,
+        usize::MAX,
+        0,
+    )
     .assert_ok("rmsnorm dx");
     let x0 = x.clone();
-    check(&mut w, &dw, |w| {
-        BE.rmsnorm_forward(&x0, w, &mut out, &mut rstd, dim, 1e-5);
-        dot(&dout, &out)
-    }, H, RTOL, ATOL, usize::MAX, 0)
+    check(
+        &mut w,
+        &dw,
+        |w| {
+            BE.rmsnorm_forward(&x0, w, &mut out, &mut rstd, dim, 1e-5);
+            dot(&dout, &out)
+        },
+        H,
+        RTOL,
+        ATOL,
+        usize::MAX,
+        0,
+    )
     .assert_ok("rmsnorm dw");
 }
 
@@ -130,21 +168,48 @@ fn layernorm_backward_matches_finite_differences() {
     let (mut dx, mut dw, mut db) = (vec![0.0; x.len()], vec![0.0; dim], vec![0.0; dim]);
     BE.layernorm_backward(&dout, &x, &w, &mean, &rstd, &mut dx, &mut dw, &mut db, dim);
     let (w0, b0) = (w.clone(), b.clone());
-    check(&mut x, &dx, |x| {
-        BE.layernorm_forward(x, &w0, &b0, &mut out, &mut mean, &mut rstd, dim, 1e-5);
-        dot(&dout, &out)
-    }, H, RTOL, ATOL, 200, 1)
+    check(
+        &mut x,
+        &dx,
+        |x| {
+            BE.layernorm_forward(x, &w0, &b0, &mut out, &mut mean, &mut rstd, dim, 1e-5);
+            dot(&dout, &out)
+        },
+        H,
+        RTOL,
+        ATOL,
+        200,
+        1,
+    )
     .assert_ok("layernorm dx");
     let x0 = x.clone();
-    check(&mut w, &dw, |w| {
-        BE.layernorm_forward(&x0, w, &b0, &mut out, &mut mean, &mut rstd, dim, 1e-5);
-        dot(&dout, &out)
-    }, H, RTOL, ATOL, usize::MAX, 0)
+    check(
+        &mut w,
+        &dw,
+        |w| {
+            BE.layernorm_forward(&x0, w, &b0, &mut out, &mut mean, &mut rstd, dim, 1e-5);
+            dot(&dout, &out)
+        },
+        H,
+        RTOL,
+        ATOL,
+        usize::MAX,
+        0,
+    )
     .assert_ok("layernorm dw");
-    check(&mut b, &db, |b| {
-        BE.layernorm_forward(&x0, &w0, b, &mut out, &mut mean, &mut rstd, dim, 1e-5);
-        dot(&dout, &out)
-    }, H, RTOL, ATOL, usize::MAX, 0)
+    check(
+        &mut b,
+        &db,
+        |b| {
+            BE.layernorm_forward(&x0, &w0, b, &mut out, &mut mean, &mut rstd, dim, 1e-5);
+            dot(&dout, &out)
+        },
+        H,
+        RTOL,
+        ATOL,
+        usize::MAX,
+        0,
+    )
     .assert_ok("layernorm db");
 }
 
@@ -160,11 +225,20 @@ fn rope_backward_is_the_inverse_rotation() {
     let w = randn(x.len(), 1.0, 18);
     let mut grad = w.clone();
     BE.rope(&mut grad, &table, s, true);
-    check(&mut x, &grad, |x| {
-        let mut y = x.to_vec();
-        BE.rope(&mut y, &table, s, false);
-        dot(&w, &y)
-    }, H, RTOL, ATOL, usize::MAX, 0)
+    check(
+        &mut x,
+        &grad,
+        |x| {
+            let mut y = x.to_vec();
+            BE.rope(&mut y, &table, s, false);
+            dot(&w, &y)
+        },
+        H,
+        RTOL,
+        ATOL,
+        usize::MAX,
+        0,
+    )
     .assert_ok("rope");
     // v heads pass through untouched.
     let mut y = x.clone();
@@ -195,7 +269,8 @@ fn naive_attention(qkv: &[f32], s: AttnShape) -> Vec<f32> {
                 let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                 let z: f64 = scores.iter().map(|s| (s - max).exp()).sum();
                 for e in 0..d {
-                    let o: f64 = (0..=i).map(|j| (scores[j] - max).exp() / z * qkv[(b * t + j) * w + vc + e] as f64).sum();
+                    let o: f64 =
+                        (0..=i).map(|j| (scores[j] - max).exp() / z * qkv[(b * t + j) * w + vc + e] as f64).sum();
                     out[(b * t + i) * s.q_width() + h * d + e] = o as f32;
                 }
             }
@@ -219,10 +294,19 @@ fn attention_forward_matches_naive_and_backward_matches_finite_differences() {
     let dout = randn(out.len(), 1.0, 20);
     let mut dqkv = vec![f32::NAN; qkv.len()]; // backward must overwrite every element
     BE.attention_backward(&dout, &qkv, &out, &lse, &mut dqkv, s);
-    check(&mut qkv, &dqkv, |x| {
-        BE.attention_forward(x, &mut out, &mut lse, s);
-        dot(&dout, &out)
-    }, H, RTOL, ATOL, 600, 2)
+    check(
+        &mut qkv,
+        &dqkv,
+        |x| {
+            BE.attention_forward(x, &mut out, &mut lse, s);
+            dot(&dout, &out)
+        },
+        H,
+        RTOL,
+        ATOL,
+        600,
+        2,
+    )
     .assert_ok("attention dqkv");
 }
 
@@ -235,10 +319,19 @@ fn multi_query_attention_backward_matches_finite_differences() {
     let dout = randn(out.len(), 1.0, 22);
     let mut dqkv = vec![0.0; qkv.len()];
     BE.attention_backward(&dout, &qkv, &out, &lse, &mut dqkv, s);
-    check(&mut qkv, &dqkv, |x| {
-        BE.attention_forward(x, &mut out, &mut lse, s);
-        dot(&dout, &out)
-    }, H, RTOL, ATOL, usize::MAX, 0)
+    check(
+        &mut qkv,
+        &dqkv,
+        |x| {
+            BE.attention_forward(x, &mut out, &mut lse, s);
+            dot(&dout, &out)
+        },
+        H,
+        RTOL,
+        ATOL,
+        usize::MAX,
+        0,
+    )
     .assert_ok("mqa dqkv");
 }
 
@@ -250,19 +343,37 @@ fn swiglu_and_gelu_backward_match_finite_differences() {
     let mut out = vec![0.0; rows * width];
     let mut dgu = vec![0.0; gu.len()];
     BE.swiglu_backward(&dout, &gu, &mut dgu, width);
-    check(&mut gu, &dgu, |x| {
-        BE.swiglu_forward(x, &mut out, width);
-        dot(&dout, &out)
-    }, H, RTOL, ATOL, usize::MAX, 0)
+    check(
+        &mut gu,
+        &dgu,
+        |x| {
+            BE.swiglu_forward(x, &mut out, width);
+            dot(&dout, &out)
+        },
+        H,
+        RTOL,
+        ATOL,
+        usize::MAX,
+        0,
+    )
     .assert_ok("swiglu");
 
     let mut x = randn(rows * width, 2.0, 25);
     let mut dx = vec![0.0; x.len()];
     BE.gelu_backward(&dout, &x, &mut dx);
-    check(&mut x, &dx, |x| {
-        BE.gelu_forward(x, &mut out);
-        dot(&dout, &out)
-    }, H, RTOL, ATOL, usize::MAX, 0)
+    check(
+        &mut x,
+        &dx,
+        |x| {
+            BE.gelu_forward(x, &mut out);
+            dot(&dout, &out)
+        },
+        H,
+        RTOL,
+        ATOL,
+        usize::MAX,
+        0,
+    )
     .assert_ok("gelu");
 }
 
@@ -283,11 +394,20 @@ fn cross_entropy_loss_and_gradient() {
     }
     let mut grad = logits.clone();
     BE.cross_entropy(&mut grad, &targets, &mut losses, vocab, Some(0.5));
-    check(&mut logits, &grad, |x| {
-        let mut l = x.to_vec();
-        BE.cross_entropy(&mut l, &targets, &mut losses, vocab, None);
-        0.5 * losses.iter().map(|v| *v as f64).sum::<f64>()
-    }, H, RTOL, ATOL, usize::MAX, 0)
+    check(
+        &mut logits,
+        &grad,
+        |x| {
+            let mut l = x.to_vec();
+            BE.cross_entropy(&mut l, &targets, &mut losses, vocab, None);
+            0.5 * losses.iter().map(|v| *v as f64).sum::<f64>()
+        },
+        H,
+        RTOL,
+        ATOL,
+        usize::MAX,
+        0,
+    )
     .assert_ok("cross-entropy");
 }
 

@@ -127,11 +127,17 @@ impl ModelConfig {
                 if kv != self.n_heads {
                     return Err(Error::config(
                         "model.n_kv_heads",
-                        format!("gpt2 has no grouped-query attention: leave it unset or equal to n_heads = {}", self.n_heads),
+                        format!(
+                            "gpt2 has no grouped-query attention: leave it unset or equal to n_heads = {}",
+                            self.n_heads
+                        ),
                     ));
                 }
                 if self.tie_embeddings == Some(false) {
-                    return Err(Error::config("model.tie_embeddings", "gpt2 always ties its head to the embedding: leave it unset or true"));
+                    return Err(Error::config(
+                        "model.tie_embeddings",
+                        "gpt2 always ties its head to the embedding: leave it unset or true",
+                    ));
                 }
             }
         }

@@ -17,8 +17,8 @@
 
 use crate::config::{Arch, ModelConfig};
 use crate::params::{Init, ParamLayout, Path};
-use ondol_core::backend::{AttnShape, Backend, Gemm, rope_table};
 use ondol_core::Result;
+use ondol_core::backend::{AttnShape, Backend, Gemm, rope_table};
 use std::ops::Range;
 
 /// How a dense layer's weight is stored.
@@ -211,7 +211,8 @@ impl Transformer {
                 let gate = lay.add(mlp.at("gate_proj").at("weight"), &[f, d], std, true);
                 let up = lay.add(mlp.at("up_proj").at("weight"), &[f, d], std, true);
                 let down = lay.add(mlp.at("down_proj").at("weight"), &[d, f], resid_std, true);
-                let dense = |w: Range<usize>, d_in, d_out| Linear { w, b: None, d_in, d_out, layout: WeightLayout::OutIn };
+                let dense =
+                    |w: Range<usize>, d_in, d_out| Linear { w, b: None, d_in, d_out, layout: WeightLayout::OutIn };
                 Layer {
                     norm1,
                     qkv: dense(q.start..vr.end, d, hd + 2 * kvd),
@@ -252,7 +253,8 @@ impl Transformer {
                 b: Some(lay.add(root.at("ln_f").at("bias"), &[d], zeros, false)),
             }
         };
-        let head_w = if cfg.tied() { embed.clone() } else { lay.add(Path::new("lm_head").at("weight"), &[v, d], std, true) };
+        let head_w =
+            if cfg.tied() { embed.clone() } else { lay.add(Path::new("lm_head").at("weight"), &[v, d], std, true) };
         let head = Linear { w: head_w, b: None, d_in: d, d_out: v, layout: WeightLayout::OutIn };
         Ok(Self { cfg, layout: lay, embed, positions, layers, norm_f, head })
     }
@@ -349,7 +351,14 @@ impl Transformer {
 
     /// Backpropagates the logit gradients left in `ws.logits` by [`Transformer::loss`],
     /// accumulating into `grads` (same layout as `params`).
-    pub fn backward<B: Backend>(&self, be: &B, params: &B::Buf, grads: &mut B::Buf, ws: &mut Workspace<B>, ids: &B::Ids) {
+    pub fn backward<B: Backend>(
+        &self,
+        be: &B,
+        params: &B::Buf,
+        grads: &mut B::Buf,
+        ws: &mut Workspace<B>,
+        ids: &B::Ids,
+    ) {
         let (d, rows) = (self.cfg.d_model, ws.rows);
         let shape = self.attn_shape(ws.batch, ws.seq);
         let s = &mut ws.scratch;
@@ -368,7 +377,15 @@ impl Transformer {
                 }
                 Arch::Gpt2 => be.gelu_backward(be.all(&s.dact), be.all(&a.mlp_in), be.all_mut(&mut s.dmlp_in)),
             }
-            layer.mlp_in.backward(be, params, grads, be.all(&a.norm2.out), be.all(&s.dmlp_in), Some(&mut s.dnorm), rows);
+            layer.mlp_in.backward(
+                be,
+                params,
+                grads,
+                be.all(&a.norm2.out),
+                be.all(&s.dmlp_in),
+                Some(&mut s.dnorm),
+                rows,
+            );
             layer.norm2.backward(be, params, grads, be.all(&s.dnorm), be.all(&a.mid), &a.norm2, &mut s.dres, d);
 
             // dres now holds dL/d(mid) = dL/d(x) (skip path) + the attention branch below.

@@ -43,7 +43,11 @@ fn default_grad_clip() -> f32 {
 impl OptimizerConfig {
     pub fn validate(&self) -> Result<()> {
         let finite_nonneg = |key: &str, v: f32| {
-            if v.is_finite() && v >= 0.0 { Ok(()) } else { Err(Error::config(format!("optimizer.{key}"), "must be a finite number >= 0")) }
+            if v.is_finite() && v >= 0.0 {
+                Ok(())
+            } else {
+                Err(Error::config(format!("optimizer.{key}"), "must be a finite number >= 0"))
+            }
         };
         if !(self.lr.is_finite() && self.lr > 0.0) {
             return Err(Error::config("optimizer.lr", format!("{} must be a finite number > 0", self.lr)));

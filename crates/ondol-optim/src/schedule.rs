@@ -39,7 +39,12 @@ fn default_wsd_fraction() -> f32 {
 
 impl Default for SchedulerConfig {
     fn default() -> Self {
-        Self { warmup_steps: 0, decay: default_decay(), min_lr_ratio: default_min_lr_ratio(), wsd_decay_fraction: default_wsd_fraction() }
+        Self {
+            warmup_steps: 0,
+            decay: default_decay(),
+            min_lr_ratio: default_min_lr_ratio(),
+            wsd_decay_fraction: default_wsd_fraction(),
+        }
     }
 }
 
@@ -111,7 +116,11 @@ mod tests {
     use super::*;
 
     fn sched(decay: Decay) -> LrSchedule {
-        LrSchedule::new(SchedulerConfig { warmup_steps: 10, decay, min_lr_ratio: 0.1, wsd_decay_fraction: 0.2 }, 1.0, 110)
+        LrSchedule::new(
+            SchedulerConfig { warmup_steps: 10, decay, min_lr_ratio: 0.1, wsd_decay_fraction: 0.2 },
+            1.0,
+            110,
+        )
     }
 
     #[test]

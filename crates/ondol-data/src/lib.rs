@@ -1,0 +1,22 @@
+//! ondol-data: the data side of training.
+//!
+//! - [`shard`]: llm.c / modded-nanogpt token shards (memory-mapped reading, atomic writing).
+//! - [`bytes`]: the byte-level tokenizer, for raw text without a trained vocabulary.
+//! - [`stream`]: many shards or text files as one token sequence, with train/validation split
+//!   and data file patterns.
+//! - [`loader`]: seeded, rank-sharded batches of (inputs, targets) whose position is a
+//!   two-number cursor saved with every checkpoint.
+//!
+//! Every error a user can cause is a [`DataError`] that names the file and what was wrong.
+
+pub mod bytes;
+mod error;
+pub mod loader;
+pub mod shard;
+pub mod stream;
+
+pub use bytes::ByteTokenizer;
+pub use error::DataError;
+pub use loader::{Cursor, Loader, Order};
+pub use shard::{Shard, ShardVersion, write_shard};
+pub use stream::{SourceKind, TokenStream, expand_globs};

@@ -1,0 +1,326 @@
+//! [`Loader`]: batches of training sequences from a [`TokenStream`], sharded over data-parallel
+//! ranks, resumable from a two-number [`Cursor`].
+//!
+//! The stream is cut into non-overlapping windows of `seq_len + 1` tokens: window `w` covers
+//! tokens `[w * seq_len, w * seq_len + seq_len + 1)`, its first `seq_len` tokens are the inputs
+//! and its last `seq_len` the targets (consecutive windows share one boundary token, so no
+//! token is wasted as a target-only token). `W = (len - 1) / seq_len` windows make an epoch.
+//!
+//! Each epoch lists the windows in an order (identity, or a Fisher-Yates permutation drawn
+//! from `Rng::new(seed).fork(epoch)`), and that list is read `batch_size * world` windows at a
+//! time: one global batch, of which rank `r` takes windows `[r * batch_size, (r + 1) *
+//! batch_size)`. The last `W % (batch_size * world)` windows of the list are dropped, so every
+//! rank sees full batches and the ranks stay in step. Because the order of an epoch depends
+//! only on the seed and the epoch number, `(epoch, batch)` is the complete position: a run
+//! resumed from a saved cursor, at any world size that gives the same global batch, reads
+//! exactly the sequence it would have read.
+//!
+//! Memory: a shuffled loader keeps its epoch's permutation as `u32` window indices, 4 bytes per
+//! `seq_len` tokens of data (100 B tokens at seq_len 1024 = 400 MB per rank); nothing is
+//! allocated per batch.
+
+use std::sync::Arc;
+
+use ondol_core::Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::{DataError, TokenStream};
+
+/// The order of windows within an epoch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Order {
+    /// Windows in stream order, every epoch (evaluation, or data that is already shuffled).
+    Sequential,
+    /// A fresh permutation each epoch, reproducible from `seed`.
+    Shuffled { seed: u64 },
+}
+
+/// The position of a [`Loader`]: the next batch to read is batch `batch` of epoch `epoch`.
+/// Saved in the trainer state; `Cursor::default()` is the start of the data.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cursor {
+    pub epoch: u64,
+    pub batch: u64,
+}
+
+/// A resumable, rank-sharded batch loader; see the module docs.
+#[derive(Debug)]
+pub struct Loader {
+    stream: Arc<TokenStream>,
+    seq_len: usize,
+    batch_size: usize,
+    rank: usize,
+    world: usize,
+    order: Order,
+    windows: usize,
+    batches: u64,
+    cursor: Cursor,
+    /// `Shuffled` only: the window order of epoch `perm_epoch`, rebuilt when the epoch changes.
+    perm: Vec<u32>,
+    perm_epoch: Option<u64>,
+}
+
+impl Loader {
+    /// A loader for data-parallel rank `rank` of `world`, at the start of the data. Each call
+    /// to [`Loader::next_batch`] yields `batch_size` sequences of `seq_len` tokens.
+    pub fn new(
+        stream: Arc<TokenStream>,
+        seq_len: usize,
+        batch_size: usize,
+        order: Order,
+        rank: usize,
+        world: usize,
+    ) -> Result<Self, DataError> {
+        for (name, value) in [("seq_len", seq_len), ("batch_size", batch_size), ("world size", world)] {
+            if value == 0 {
+                return Err(DataError::Invalid(format!("loader: {name} is 0; it must be at least 1")));
+            }
+        }
+        if rank >= world {
+            return Err(DataError::Invalid(format!(
+                "loader: rank {rank} is out of range for world size {world} (valid ranks: 0..{world})"
+            )));
+        }
+        let windows = stream.len().saturating_sub(1) / seq_len;
+        let global = batch_size.saturating_mul(world);
+        if windows < global {
+            let needed = global.saturating_mul(seq_len).saturating_add(1);
+            return Err(DataError::Invalid(format!(
+                "not enough data: one global batch ({batch_size} sequences x {world} ranks of {seq_len} \
+                 tokens) needs at least {needed} tokens, but the stream has {}",
+                stream.len()
+            )));
+        }
+        if matches!(order, Order::Shuffled { .. }) && u32::try_from(windows).is_err() {
+            return Err(DataError::Invalid(format!(
+                "loader: {windows} windows per epoch; shuffling supports at most {} (use a longer seq_len)",
+                u32::MAX
+            )));
+        }
+        Ok(Self {
+            stream,
+            seq_len,
+            batch_size,
+            rank,
+            world,
+            order,
+            windows,
+            batches: (windows / global) as u64,
+            cursor: Cursor::default(),
+            perm: Vec::new(),
+            perm_epoch: None,
+        })
+    }
+
+    /// Windows of `seq_len + 1` tokens in the stream, W.
+    pub fn windows_per_epoch(&self) -> u64 {
+        self.windows as u64
+    }
+
+    /// Full global batches per epoch, `W / (batch_size * world)`.
+    pub fn batches_per_epoch(&self) -> u64 {
+        self.batches
+    }
+
+    /// The position of the next batch.
+    pub fn cursor(&self) -> Cursor {
+        self.cursor
+    }
+
+    /// Moves to `cursor` (from [`Loader::cursor`], e.g. of a saved run). A batch index past the
+    /// end of an epoch is refused: the cursor was saved with other data or batch geometry.
+    pub fn set_cursor(&mut self, cursor: Cursor) -> Result<(), DataError> {
+        if cursor.batch >= self.batches {
+            return Err(DataError::Invalid(format!(
+                "data cursor {cursor:?} is past the end of an epoch, which has {} batches (valid: 0..{}); \
+                 was it saved with other data, seq_len, batch size or world size?",
+                self.batches, self.batches
+            )));
+        }
+        self.cursor = cursor;
+        Ok(())
+    }
+
+    /// Fills `inputs` and `targets` (each `batch_size * seq_len` tokens, row-major
+    /// `[batch_size, seq_len]`) with this rank's share of the next global batch, and advances.
+    ///
+    /// # Panics
+    /// If a slice has the wrong length (a caller bug).
+    pub fn next_batch(&mut self, inputs: &mut [u32], targets: &mut [u32]) {
+        let n = self.batch_size * self.seq_len;
+        assert!(
+            inputs.len() == n && targets.len() == n,
+            "next_batch: inputs and targets must hold batch_size * seq_len = {n} tokens, got {} and {}",
+            inputs.len(),
+            targets.len()
+        );
+        let epoch = self.cursor.epoch;
+        if let Order::Shuffled { seed } = self.order
+            && self.perm_epoch != Some(epoch)
+        {
+            self.perm.clear();
+            self.perm.extend(0..self.windows as u32);
+            Rng::new(seed).fork(epoch).shuffle(&mut self.perm);
+            self.perm_epoch = Some(epoch);
+        }
+        let first = self.cursor.batch as usize * self.batch_size * self.world + self.rank * self.batch_size;
+        let rows = inputs.chunks_exact_mut(self.seq_len).zip(targets.chunks_exact_mut(self.seq_len));
+        for (i, (input, target)) in rows.enumerate() {
+            let window = match self.order {
+                Order::Sequential => first + i,
+                Order::Shuffled { .. } => self.perm[first + i] as usize,
+            };
+            let start = window * self.seq_len;
+            self.stream.read(start, input);
+            self.stream.read(start + 1, target);
+        }
+        self.cursor.batch += 1;
+        if self.cursor.batch == self.batches {
+            self.cursor = Cursor { epoch: epoch + 1, batch: 0 };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{SourceKind, write_shard};
+    use tempfile::TempDir;
+
+    /// A stream whose token at index i is i, over two shards, so a window shows its index.
+    fn counting_stream(len: u32) -> (TempDir, Arc<TokenStream>) {
+        let dir = tempfile::tempdir().unwrap();
+        let files = [dir.path().join("a.bin"), dir.path().join("b.bin")];
+        write_shard(&files[0], &(0..len / 3).collect::<Vec<_>>(), None).unwrap();
+        write_shard(&files[1], &(len / 3..len).collect::<Vec<_>>(), None).unwrap();
+        let stream = TokenStream::open(&files, SourceKind::Shards).unwrap();
+        (dir, Arc::new(stream))
+    }
+
+    /// The window index of each row of the next batch, after checking inputs and targets.
+    fn next_windows(loader: &mut Loader, seq_len: usize, batch_size: usize) -> Vec<u32> {
+        let mut inputs = vec![0; batch_size * seq_len];
+        let mut targets = vec![0; batch_size * seq_len];
+        loader.next_batch(&mut inputs, &mut targets);
+        let rows = inputs.chunks(seq_len).zip(targets.chunks(seq_len));
+        rows.map(|(input, target)| {
+            let w = input[0] / seq_len as u32;
+            let start = w * seq_len as u32;
+            assert_eq!(input, (start..start + seq_len as u32).collect::<Vec<_>>());
+            assert_eq!(target, (start + 1..start + seq_len as u32 + 1).collect::<Vec<_>>());
+            w
+        })
+        .collect()
+    }
+
+    fn loader(
+        stream: &Arc<TokenStream>,
+        seq_len: usize,
+        batch_size: usize,
+        order: Order,
+        rank: usize,
+        world: usize,
+    ) -> Loader {
+        Loader::new(stream.clone(), seq_len, batch_size, order, rank, world).unwrap()
+    }
+
+    #[test]
+    fn targets_are_inputs_shifted_by_one_across_shard_boundaries() {
+        let (_dir, stream) = counting_stream(100);
+        let mut l = loader(&stream, 7, 2, Order::Shuffled { seed: 3 }, 0, 1);
+        for _ in 0..20 {
+            next_windows(&mut l, 7, 2); // checks every row
+        }
+    }
+
+    #[test]
+    fn sequential_reads_windows_in_order_and_drops_the_remainder() {
+        // 43 tokens, seq_len 4: W = 42 / 4 = 10 windows; batches of 3 -> 3 per epoch, window 9 dropped.
+        let (_dir, stream) = counting_stream(43);
+        let mut l = loader(&stream, 4, 3, Order::Sequential, 0, 1);
+        assert_eq!((l.windows_per_epoch(), l.batches_per_epoch()), (10, 3));
+        let seen: Vec<Vec<u32>> = (0..4).map(|_| next_windows(&mut l, 4, 3)).collect();
+        assert_eq!(seen, [vec![0, 1, 2], vec![3, 4, 5], vec![6, 7, 8], vec![0, 1, 2]]);
+        assert_eq!(l.cursor(), Cursor { epoch: 1, batch: 1 });
+        // The last window ends on the last token: 41 tokens give exactly W = 10 as well.
+        let (_dir, exact) = counting_stream(41);
+        let mut l = loader(&exact, 4, 10, Order::Sequential, 0, 1);
+        assert_eq!(next_windows(&mut l, 4, 10), (0..10).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn shuffled_epochs_are_permutations_that_depend_on_seed_and_epoch() {
+        let (_dir, stream) = counting_stream(241); // W = 60, batches of 5 -> 12 per epoch
+        let epoch = |l: &mut Loader| (0..12).flat_map(|_| next_windows(l, 4, 5)).collect::<Vec<_>>();
+        let mut a = loader(&stream, 4, 5, Order::Shuffled { seed: 1 }, 0, 1);
+        let (a0, a1) = (epoch(&mut a), epoch(&mut a));
+        for order in [&a0, &a1] {
+            let mut sorted = order.clone();
+            sorted.sort();
+            assert_eq!(sorted, (0..60).collect::<Vec<_>>());
+        }
+        assert_ne!(a0, (0..60).collect::<Vec<_>>());
+        assert_ne!(a0, a1, "epochs must be reshuffled");
+        let mut same = loader(&stream, 4, 5, Order::Shuffled { seed: 1 }, 0, 1);
+        assert_eq!(epoch(&mut same), a0);
+        let mut other = loader(&stream, 4, 5, Order::Shuffled { seed: 2 }, 0, 1);
+        assert_ne!(epoch(&mut other), a0);
+    }
+
+    #[test]
+    fn rank_slices_are_disjoint_and_make_up_the_single_rank_batch() {
+        let (_dir, stream) = counting_stream(500);
+        for order in [Order::Sequential, Order::Shuffled { seed: 9 }] {
+            let mut whole = loader(&stream, 5, 6, order, 0, 1); // 6 = 2 per rank x 3 ranks
+            let mut ranks: Vec<Loader> = (0..3).map(|r| loader(&stream, 5, 2, order, r, 3)).collect();
+            assert_eq!(whole.batches_per_epoch(), ranks[0].batches_per_epoch());
+            for _ in 0..40 {
+                let joined: Vec<u32> = ranks.iter_mut().flat_map(|l| next_windows(l, 5, 2)).collect();
+                let mut distinct = joined.clone();
+                distinct.sort();
+                distinct.dedup();
+                assert_eq!(distinct.len(), 6, "{joined:?}");
+                assert_eq!(joined, next_windows(&mut whole, 5, 6));
+            }
+        }
+    }
+
+    #[test]
+    fn a_restored_cursor_continues_the_identical_sequence() {
+        let (_dir, stream) = counting_stream(241); // W = 60, batches of 4 -> 15 per epoch
+        let order = Order::Shuffled { seed: 42 };
+        let mut original = loader(&stream, 4, 4, order, 0, 1);
+        // Save mid-epoch (after 6), at the epoch boundary (after 15) and across it (after 13).
+        for save_after in [6, 15, 13] {
+            original.set_cursor(Cursor::default()).unwrap();
+            (0..save_after).for_each(|_| drop(next_windows(&mut original, 4, 4)));
+            let saved: Cursor = serde_json::from_str(&serde_json::to_string(&original.cursor()).unwrap()).unwrap();
+            assert_eq!(saved, original.cursor());
+            let expected: Vec<_> = (0..20).map(|_| next_windows(&mut original, 4, 4)).collect();
+
+            let mut resumed = loader(&stream, 4, 4, order, 0, 1);
+            resumed.set_cursor(saved).unwrap();
+            let got: Vec<_> = (0..20).map(|_| next_windows(&mut resumed, 4, 4)).collect();
+            assert_eq!(got, expected, "resumed after {save_after} batches");
+        }
+        assert_eq!(original.cursor(), Cursor { epoch: 2, batch: 3 });
+    }
+
+    #[test]
+    fn bad_geometry_and_cursors_are_clear_errors() {
+        let (_dir, stream) = counting_stream(100);
+        let err = |r: Result<Loader, DataError>| r.unwrap_err().to_string();
+        // 8 ranks x 2 sequences x 8 tokens + 1 = 129 tokens needed; 100 available.
+        let msg = err(Loader::new(stream.clone(), 8, 2, Order::Sequential, 0, 8));
+        assert!(msg.contains("at least 129 tokens") && msg.contains("has 100"), "{msg}");
+        let msg = err(Loader::new(stream.clone(), 8, 2, Order::Sequential, 2, 2));
+        assert!(msg.contains("rank 2") && msg.contains("world size 2"), "{msg}");
+        let msg = err(Loader::new(stream.clone(), 0, 2, Order::Sequential, 0, 1));
+        assert!(msg.contains("seq_len is 0"), "{msg}");
+
+        let mut l = loader(&stream, 8, 2, Order::Sequential, 0, 1); // 12 windows -> 6 batches
+        let msg = l.set_cursor(Cursor { epoch: 0, batch: 6 }).unwrap_err().to_string();
+        assert!(msg.contains("6 batches"), "{msg}");
+        assert_eq!(l.cursor(), Cursor::default());
+    }
+}

@@ -1,0 +1,294 @@
+//! The run config: TOML with sections in torchtitan's spirit, `--set section.key=value`
+//! overrides, unknown keys rejected, and every invalid value reported with its dotted key,
+//! the file, and what would be valid. The resolved config is written into the run directory.
+
+use ondol_core::Error;
+use ondol_model::ModelConfig;
+use ondol_optim::{OptimizerConfig, SchedulerConfig};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    pub model: ModelConfig,
+    pub training: TrainingConfig,
+    pub data: DataConfig,
+    pub optimizer: OptimizerConfig,
+    #[serde(default)]
+    pub lr_scheduler: SchedulerConfig,
+    #[serde(default)]
+    pub parallelism: ParallelismConfig,
+    #[serde(default)]
+    pub checkpoint: CheckpointConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Device {
+    Cpu,
+    Cuda,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainingConfig {
+    /// Optimizer updates to run.
+    pub steps: u64,
+    /// Sequences per micro-batch (per data-parallel rank).
+    pub batch_size: usize,
+    /// Micro-batches whose gradients are summed before each update.
+    #[serde(default = "one")]
+    pub grad_accum: usize,
+    pub seq_len: usize,
+    #[serde(default)]
+    pub seed: u64,
+    #[serde(default = "default_device")]
+    pub device: Device,
+    /// Evaluate every N steps (0: only at the end).
+    #[serde(default)]
+    pub eval_every: u64,
+    /// Validation batches per evaluation.
+    #[serde(default = "default_eval_batches")]
+    pub eval_batches: usize,
+    /// Draw training sequences in a seeded random order (false: in file order).
+    #[serde(default = "yes")]
+    pub shuffle: bool,
+    /// Worker threads (default: every core).
+    #[serde(default)]
+    pub threads: Option<usize>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DataFormat {
+    /// llm.c token shards (`.bin`).
+    Shards,
+    /// Raw UTF-8 text, each file one document, tokenized as bytes.
+    Text,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// Paths or globs, relative to the working directory.
+    pub train: Vec<String>,
+    /// Validation paths or globs; when empty, `val_fraction` of each training file is held out.
+    #[serde(default)]
+    pub val: Vec<String>,
+    #[serde(default = "default_val_fraction")]
+    pub val_fraction: f64,
+    #[serde(default = "default_format")]
+    pub format: DataFormat,
+    /// "bytes" (256 byte values + end-of-text) or a tokenizer.json; optional for shards.
+    #[serde(default)]
+    pub tokenizer: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParallelismConfig {
+    #[serde(default = "one")]
+    pub tp: usize,
+    #[serde(default = "one")]
+    pub pp: usize,
+    #[serde(default = "one")]
+    pub dp: usize,
+}
+
+impl Default for ParallelismConfig {
+    fn default() -> Self {
+        Self { tp: 1, pp: 1, dp: 1 }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointConfig {
+    /// Save every N steps (0: never).
+    #[serde(default)]
+    pub every: u64,
+    #[serde(default)]
+    pub keep_last: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    #[serde(default = "default_log_every")]
+    pub log_every: u64,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self { log_every: default_log_every() }
+    }
+}
+
+fn one() -> usize {
+    1
+}
+fn yes() -> bool {
+    true
+}
+fn default_device() -> Device {
+    Device::Cpu
+}
+fn default_eval_batches() -> usize {
+    10
+}
+fn default_val_fraction() -> f64 {
+    0.0
+}
+fn default_format() -> DataFormat {
+    DataFormat::Shards
+}
+fn default_log_every() -> u64 {
+    10
+}
+
+/// The byte-level tokenizer's vocabulary: 256 byte values and end-of-text.
+pub const BYTE_VOCAB: usize = 257;
+
+impl RunConfig {
+    /// Reads `path`, applies `--set` overrides in order, and validates the result.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Self, Error> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(format!("cannot read config {file}"), e))?;
+        let mut table: toml::Table =
+            toml::from_str(&text).map_err(|e| Error::config(&file, format!("not valid TOML: {e}")))?;
+        for o in overrides {
+            apply_override(&mut table, o)?;
+        }
+        let cfg: RunConfig = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+            let key = e.path().to_string();
+            Error::config(format!("{key}` in `{file}"), e.into_inner().message().to_string())
+        })?;
+        cfg.validate().map_err(|e| match e {
+            Error::Config { key, message } => Error::config(format!("{key}` in `{file}"), message),
+            other => other,
+        })?;
+        Ok(cfg)
+    }
+
+    /// Every constraint between fields that serde's types do not already enforce.
+    pub fn validate(&self) -> Result<(), Error> {
+        self.model.validate()?;
+        self.optimizer.validate()?;
+        let t = &self.training;
+        self.lr_scheduler.validate(t.steps)?;
+        let at_least_one = [("steps", t.steps as usize), ("batch_size", t.batch_size), ("grad_accum", t.grad_accum)];
+        for (key, v) in at_least_one {
+            if v == 0 {
+                return Err(Error::config(format!("training.{key}"), "must be at least 1"));
+            }
+        }
+        if t.seq_len == 0 || t.seq_len > self.model.max_seq_len {
+            return Err(Error::config(
+                "training.seq_len",
+                format!("{} must be between 1 and model.max_seq_len = {}", t.seq_len, self.model.max_seq_len),
+            ));
+        }
+        if t.threads == Some(0) {
+            return Err(Error::config("training.threads", "must be at least 1 (or left out to use every core)"));
+        }
+        let d = &self.data;
+        if d.train.is_empty() {
+            return Err(Error::config("data.train", "needs at least one path or glob"));
+        }
+        if !(0.0..1.0).contains(&d.val_fraction) {
+            return Err(Error::config("data.val_fraction", format!("{} must be in [0, 1)", d.val_fraction)));
+        }
+        if t.eval_batches > 0 && d.val.is_empty() && d.val_fraction == 0.0 && t.eval_every > 0 {
+            return Err(Error::config(
+                "training.eval_every",
+                "evaluation needs data: set data.val or a data.val_fraction > 0 (or eval_every = 0)",
+            ));
+        }
+        match (d.format, d.tokenizer.as_deref()) {
+            (DataFormat::Text, Some("bytes")) | (DataFormat::Shards, None | Some("bytes")) => {}
+            (DataFormat::Text, other) => {
+                return Err(Error::config(
+                    "data.tokenizer",
+                    format!("{other:?}: text data is tokenized on the fly only with tokenizer = \"bytes\""),
+                ));
+            }
+            (DataFormat::Shards, Some(other)) => {
+                return Err(Error::config(
+                    "data.tokenizer",
+                    format!("\"{other}\": only \"bytes\" is supported (or leave it out for pre-tokenized shards)"),
+                ));
+            }
+        }
+        if d.tokenizer.as_deref() == Some("bytes") && self.model.vocab_size < BYTE_VOCAB {
+            return Err(Error::config(
+                "model.vocab_size",
+                format!(
+                    "{} is too small for tokenizer = \"bytes\", which needs at least {BYTE_VOCAB}",
+                    self.model.vocab_size
+                ),
+            ));
+        }
+        let p = &self.parallelism;
+        if (p.tp, p.pp, p.dp) != (1, 1, 1) {
+            return Err(Error::config(
+                "parallelism",
+                format!(
+                    "tp = {}, pp = {}, dp = {}: this build trains on one rank only (tp = pp = dp = 1)",
+                    p.tp, p.pp, p.dp
+                ),
+            ));
+        }
+        if self.checkpoint.every > 0 {
+            return Err(Error::config("checkpoint.every", "this build does not write checkpoints yet: use 0"));
+        }
+        if self.metrics.log_every == 0 {
+            return Err(Error::config("metrics.log_every", "must be at least 1"));
+        }
+        Ok(())
+    }
+}
+
+/// Applies one `section.key=value` override. The value is read as a TOML value
+/// (`3`, `1e-4`, `true`, `["a", "b"]`), or else taken as a plain string.
+fn apply_override(table: &mut toml::Table, spec: &str) -> Result<(), Error> {
+    let bad = |why: &str| Error::config(format!("--set {spec}"), why.to_string());
+    let (path, raw) = spec.split_once('=').ok_or_else(|| bad("expected section.key=value"))?;
+    let keys: Vec<&str> = path.trim().split('.').collect();
+    if keys.len() < 2 || keys.iter().any(|k| k.is_empty()) {
+        return Err(bad("the key must be a dotted path like training.steps"));
+    }
+    let value = match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
+        Ok(mut t) => t.remove("v").expect("parsed table has v"),
+        Err(_) => toml::Value::String(raw.to_string()),
+    };
+    let mut node = table;
+    for key in &keys[..keys.len() - 1] {
+        let entry = node.entry(key.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        node = entry.as_table_mut().ok_or_else(|| bad(&format!("`{key}` is not a section")))?;
+    }
+    node.insert(keys[keys.len() - 1].to_string(), value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overrides_parse_toml_values_and_create_sections() {
+        let mut t: toml::Table = toml::from_str("[training]\nsteps = 5").unwrap();
+        apply_override(&mut t, "training.steps=7").unwrap();
+        apply_override(&mut t, "optimizer.lr=3e-4").unwrap();
+        apply_override(&mut t, "data.tokenizer=bytes").unwrap();
+        apply_override(&mut t, "data.train=[\"a\", \"b\"]").unwrap();
+        assert_eq!(t["training"]["steps"].as_integer(), Some(7));
+        assert_eq!(t["optimizer"]["lr"].as_float(), Some(3e-4));
+        assert_eq!(t["data"]["tokenizer"].as_str(), Some("bytes"));
+        assert_eq!(t["data"]["train"].as_array().map(|a| a.len()), Some(2));
+        assert!(apply_override(&mut t, "steps").is_err());
+        assert!(apply_override(&mut t, "training.steps.x=1").is_err());
+    }
+}

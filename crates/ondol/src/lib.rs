@@ -1,0 +1,6 @@
+//! The `ondol` binary's library: the run config, the trainer loop and its metrics. The
+//! binary itself (main.rs) only parses arguments, wires these together and reports.
+
+pub mod config;
+pub mod metrics;
+pub mod trainer;

@@ -1,0 +1,107 @@
+//! What a run reports: `metrics.jsonl` (one JSON object per logged step or evaluation),
+//! a progress bar on a terminal, plain log lines otherwise.
+
+use indicatif::{ProgressBar, ProgressStyle};
+use ondol_core::{Error, Result};
+use serde::Serialize;
+use std::fs::File;
+use std::io::{BufWriter, IsTerminal, Write};
+use std::path::Path;
+
+/// One training row of `metrics.jsonl`.
+#[derive(Clone, Debug, Serialize)]
+pub struct StepRow {
+    pub step: u64,
+    pub loss: f64,
+    pub lr: f32,
+    pub grad_norm: f64,
+    pub tokens: u64,
+    pub tokens_per_s: f64,
+    pub mfu: f64,
+    pub mem_bytes: u64,
+}
+
+#[derive(Serialize)]
+struct EvalRow {
+    step: u64,
+    val_loss: f64,
+}
+
+pub struct Metrics {
+    file: BufWriter<File>,
+    bar: Option<ProgressBar>,
+    /// The device's peak FLOP/s, the denominator of MFU.
+    pub peak_flops: f64,
+}
+
+impl Metrics {
+    /// Starts `<run_dir>/metrics.jsonl` afresh; shows a progress bar if stderr is a terminal.
+    pub fn create(run_dir: &Path, total_steps: u64, peak_flops: f64) -> Result<Self> {
+        let path = run_dir.join("metrics.jsonl");
+        let file = File::create(&path).map_err(|e| Error::io(format!("cannot create {}", path.display()), e))?;
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = ProgressBar::new(total_steps);
+            let style = ProgressStyle::with_template(
+                "{bar:30.cyan/blue} {pos}/{len} {msg} [{elapsed_precise} < {eta_precise}]",
+            )
+            .expect("valid template");
+            bar.set_style(style);
+            bar
+        });
+        Ok(Self { file: BufWriter::new(file), bar, peak_flops })
+    }
+
+    fn write(&mut self, row: &impl Serialize) -> Result<()> {
+        let line = serde_json::to_string(row).expect("rows serialize");
+        writeln!(self.file, "{line}")
+            .and_then(|_| self.file.flush())
+            .map_err(|e| Error::io("cannot write metrics.jsonl", e))
+    }
+
+    fn say(&self, line: String) {
+        match &self.bar {
+            Some(bar) => bar.println(line),
+            None => eprintln!("{line}"),
+        }
+    }
+
+    /// A logged training step: a metrics row, and a log line (or the bar's message).
+    pub fn step(&mut self, row: StepRow) -> Result<()> {
+        let text = format!(
+            "step {:>6} | loss {:.4} | lr {:.2e} | grad norm {:.3} | {:.0} tok/s | mfu {:.1}%",
+            row.step,
+            row.loss,
+            row.lr,
+            row.grad_norm,
+            row.tokens_per_s,
+            100.0 * row.mfu
+        );
+        match &self.bar {
+            Some(bar) => {
+                bar.set_position(row.step);
+                bar.set_message(format!("loss {:.4} lr {:.2e} {:.0} tok/s", row.loss, row.lr, row.tokens_per_s));
+            }
+            None => eprintln!("{text}"),
+        }
+        self.write(&row)
+    }
+
+    /// A step that is not logged: only the progress bar moves.
+    pub fn tick(&self, step: u64, loss: f64) {
+        if let Some(bar) = &self.bar {
+            bar.set_position(step);
+            bar.set_message(format!("loss {loss:.4}"));
+        }
+    }
+
+    pub fn eval(&mut self, step: u64, val_loss: f64) -> Result<()> {
+        self.say(format!("step {step:>6} | val loss {val_loss:.4} | val ppl {:.2}", val_loss.exp()));
+        self.write(&EvalRow { step, val_loss })
+    }
+
+    pub fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
