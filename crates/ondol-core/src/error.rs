@@ -6,9 +6,12 @@ pub enum Error {
     /// A configuration value that cannot work; `key` is the dotted config path.
     #[error("invalid value for `{key}`: {message}")]
     Config { key: String, message: String },
-    /// Shapes that do not fit together in an op: a bug in the caller, reported, not panicked.
-    #[error("shape mismatch in {op}: {message}")]
-    Shape { op: &'static str, message: String },
+    /// An input file or its contents cannot be used; the message names the file.
+    #[error("{0}")]
+    Input(String),
+    /// Training cannot go on (e.g. the loss diverged); the message says what to change.
+    #[error("{0}")]
+    Training(String),
     /// The requested device or backend is not available on this machine.
     #[error("{0}")]
     Unavailable(String),

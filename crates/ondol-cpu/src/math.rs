@@ -9,8 +9,11 @@ pub fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
+    // Round to nearest by adding and subtracting 1.5 * 2^23: plain float arithmetic that
+    // vectorises on any x86-64, where `f32::round` is a libm call without SSE4.1.
+    const ROUND: f32 = 12_582_912.0;
     let x = x.clamp(-87.336_55, 88.0);
-    let n = (x * LOG2E).round();
+    let n = (x * LOG2E + ROUND) - ROUND;
     let r = (x - n * LN2_HI) - n * LN2_LO;
     // exp(r) on |r| <= ln2/2, Taylor coefficients (minimax-close at this degree).
     let p = 1.0 / 720.0;

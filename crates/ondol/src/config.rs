@@ -158,7 +158,7 @@ impl RunConfig {
         let file = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(format!("cannot read config {file}"), e))?;
         let mut table: toml::Table =
-            toml::from_str(&text).map_err(|e| Error::config(&file, format!("not valid TOML: {e}")))?;
+            toml::from_str(&text).map_err(|e| Error::Input(format!("{file} is not valid TOML: {e}")))?;
         for o in overrides {
             apply_override(&mut table, o)?;
         }

@@ -43,7 +43,7 @@ impl Data {
 }
 
 fn data_error(e: ondol_data::DataError) -> Error {
-    Error::Unavailable(e.to_string())
+    Error::Input(e.to_string())
 }
 
 /// What one optimizer step produced.
@@ -154,7 +154,7 @@ impl<B: Backend> Trainer<B> {
         }
         let loss = loss_sum / tokens;
         if !loss.is_finite() {
-            return Err(Error::Unavailable(format!(
+            return Err(Error::Training(format!(
                 "the loss became {loss} at step {}: lower optimizer.lr or raise lr_scheduler.warmup_steps",
                 self.step + 1
             )));

@@ -1,0 +1,164 @@
+//! The `ondol` binary as a user meets it: bad configs and bad data are refused with one
+//! clear message naming the file, the key and what would be valid; never a panic.
+
+use std::path::Path;
+use std::process::Command;
+
+const BASE: &str = r#"
+[model]
+arch = "llama"
+vocab_size = 257
+d_model = 16
+n_layers = 1
+n_heads = 2
+max_seq_len = 16
+
+[training]
+steps = 2
+batch_size = 2
+seq_len = 8
+eval_batches = 1
+
+[data]
+train = ["corpus.txt"]
+val_fraction = 0.1
+format = "text"
+tokenizer = "bytes"
+
+[optimizer]
+lr = 1e-3
+"#;
+
+/// Runs `ondol ARGS` in `dir`; returns (success, stderr).
+fn ondol(dir: &Path, args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_ondol")).args(args).current_dir(dir).output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn setup(config: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("corpus.txt"), "온돌 warms the floor. ".repeat(200)).unwrap();
+    std::fs::write(dir.path().join("run.toml"), config).unwrap();
+    dir
+}
+
+#[test]
+fn a_valid_config_trains_and_writes_metrics_and_the_resolved_config() {
+    let dir = setup(BASE);
+    let (ok, err) = ondol(dir.path(), &["train", "run.toml", "--set", "training.steps=3", "--run-dir", "out"]);
+    assert!(ok, "{err}");
+    let metrics = std::fs::read_to_string(dir.path().join("out/metrics.jsonl")).unwrap();
+    let rows: Vec<serde_json::Value> = metrics.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let train_rows: Vec<_> = rows.iter().filter(|r| r.get("loss").is_some()).collect();
+    assert_eq!(train_rows.last().unwrap()["step"], 3);
+    for key in ["lr", "grad_norm", "tokens", "tokens_per_s", "mfu", "mem_bytes"] {
+        assert!(train_rows[0].get(key).is_some(), "metrics row lacks {key}: {}", train_rows[0]);
+    }
+    assert!(rows.iter().any(|r| r["step"] == 3 && r.get("val_loss").is_some()), "no final eval row");
+    let resolved = std::fs::read_to_string(dir.path().join("out/ondol.toml")).unwrap();
+    assert!(resolved.contains("steps = 3"), "{resolved}");
+    assert!(err.contains("done: 3 steps"), "{err}");
+}
+
+#[test]
+fn bad_values_are_refused_with_key_file_and_what_is_valid() {
+    let dir = setup(BASE);
+    // (overrides, substrings the message must contain)
+    let cases: &[(&[&str], &[&str])] = &[
+        (&["model.n_heads=3"], &["model.n_heads", "does not divide d_model = 16"]),
+        (&["model.n_kv_heads=3"], &["model.n_kv_heads", "divide n_heads = 2"]),
+        (&["model.n_kv_heads=0"], &["model.n_kv_heads"]),
+        (&["model.d_model=0"], &["model.d_model", "at least 1"]),
+        (&["model.vocab_size=100"], &["model.vocab_size", "at least 257"]),
+        (&["model.arch=\"mamba9\""], &["model.arch", "unknown variant", "llama"]),
+        (&["model.n_layers=-1"], &["model.n_layers"]),
+        (&["model.bogus=1"], &["model.bogus", "unknown field"]),
+        (&["training.seq_len=17"], &["training.seq_len", "max_seq_len = 16"]),
+        (&["training.steps=\"ten\""], &["training.steps", "invalid type"]),
+        (&["training.batch_size=0"], &["training.batch_size", "at least 1"]),
+        (&["training.device=\"tpu\""], &["training.device", "cpu"]),
+        (&["training.device=\"cuda\""], &["training.device", "no CUDA backend"]),
+        (&["optimizer.lr=-1"], &["optimizer.lr", "> 0"]),
+        (&["optimizer.beta2=1.5"], &["optimizer.beta2", "[0, 1)"]),
+        (&["lr_scheduler.warmup_steps=5"], &["lr_scheduler.warmup_steps", "training.steps = 2"]),
+        (&["lr_scheduler.decay=\"linear\""], &["lr_scheduler.decay", "cosine"]),
+        (&["data.val_fraction=1.0"], &["data.val_fraction", "[0, 1)"]),
+        (&["data.train=[\"missing/*.bin\"]"], &["missing/*.bin", "matches no file"]),
+        (&["data.tokenizer=\"gpt2.json\""], &["data.tokenizer", "bytes"]),
+        (&["parallelism.tp=2"], &["parallelism", "tp = 2"]),
+        (&["metrics.log_every=0"], &["metrics.log_every"]),
+        (&["unknown.key=1"], &["unknown", "unknown field"]),
+        (&["training.steps"], &["--set training.steps", "section.key=value"]),
+    ];
+    for (overrides, expected) in cases {
+        let mut args = vec!["train", "run.toml"];
+        for o in *overrides {
+            args.extend(["--set", o]);
+        }
+        let (ok, err) = ondol(dir.path(), &args);
+        assert!(!ok, "{overrides:?} was accepted");
+        assert!(!err.contains("panicked"), "{overrides:?} panicked: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{overrides:?}: expected one line, got {err}");
+        for e in *expected {
+            assert!(err.contains(e), "{overrides:?}: message lacks `{e}`: {err}");
+        }
+    }
+}
+
+#[test]
+fn bad_files_are_refused_with_their_path() {
+    let dir = setup(BASE);
+    let (ok, err) = ondol(dir.path(), &["train", "nope.toml"]);
+    assert!(!ok && err.contains("nope.toml") && !err.contains("panicked"), "{err}");
+
+    std::fs::write(dir.path().join("broken.toml"), "[model\narch = ").unwrap();
+    let (ok, err) = ondol(dir.path(), &["train", "broken.toml"]);
+    assert!(!ok && err.contains("broken.toml") && err.contains("is not valid TOML"), "{err}");
+
+    // A damaged shard: the message names the file and what is wrong.
+    std::fs::write(dir.path().join("bad.bin"), vec![0u8; 100]).unwrap();
+    let (ok, err) = ondol(
+        dir.path(),
+        &[
+            "train",
+            "run.toml",
+            "--set",
+            "data.format=\"shards\"",
+            "--set",
+            "data.train=[\"bad.bin\"]",
+            "--set",
+            "data.tokenizer=\"bytes\"",
+        ],
+    );
+    assert!(!ok && err.contains("bad.bin") && !err.contains("panicked"), "{err}");
+
+    // Tokens beyond the vocabulary are an error, not an out-of-bounds panic.
+    ondol_data::write_shard(dir.path().join("big.bin"), &vec![70_000u32; 400], None).unwrap();
+    let (ok, err) = ondol(
+        dir.path(),
+        &[
+            "train",
+            "run.toml",
+            "--set",
+            "data.format=\"shards\"",
+            "--set",
+            "data.train=[\"big.bin\"]",
+            "--set",
+            "data.tokenizer=\"bytes\"",
+        ],
+    );
+    assert!(!ok && err.contains("70000") && err.contains("vocab"), "{err}");
+}
+
+#[test]
+fn inspect_reports_parameters_and_flops() {
+    let dir = setup(BASE);
+    let out = Command::new(env!("CARGO_BIN_EXE_ondol"))
+        .args(["inspect", "run.toml"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert!(text.contains("parameters") && text.contains("FLOPs/token"), "{text}");
+}
