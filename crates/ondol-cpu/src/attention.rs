@@ -68,7 +68,7 @@ unsafe fn scores(q: *const f32, k: *const f32, width: usize, s: AttnShape, nq: u
 
 pub fn attention_forward(qkv: &[f32], out: &mut [f32], lse: &mut [f32], s: AttnShape) {
     let (t, d, width, owidth) = (s.seq, s.head_dim, s.qkv_width(), s.q_width());
-    assert!(s.n_heads % s.n_kv_heads == 0);
+    assert!(s.n_heads.is_multiple_of(s.n_kv_heads));
     assert_eq!(qkv.len(), s.rows() * width);
     assert_eq!(out.len(), s.rows() * owidth);
     assert_eq!(lse.len(), s.batch * s.n_heads * t);

@@ -89,14 +89,14 @@ impl ModelConfig {
         if self.vocab_size > u32::MAX as usize {
             return Err(Error::config("model.vocab_size", "must fit in 32 bits"));
         }
-        if self.d_model % self.n_heads != 0 {
+        if !self.d_model.is_multiple_of(self.n_heads) {
             return Err(Error::config(
                 "model.n_heads",
                 format!("{} does not divide d_model = {}", self.n_heads, self.d_model),
             ));
         }
         let kv = self.kv_heads();
-        if kv == 0 || self.n_heads % kv != 0 {
+        if kv == 0 || !self.n_heads.is_multiple_of(kv) {
             return Err(Error::config(
                 "model.n_kv_heads",
                 format!("{kv} must be at least 1 and divide n_heads = {}", self.n_heads),
@@ -113,7 +113,7 @@ impl ModelConfig {
         }
         match self.arch {
             Arch::Llama => {
-                if self.head_dim() % 2 != 0 {
+                if !self.head_dim().is_multiple_of(2) {
                     return Err(Error::config(
                         "model.n_heads",
                         format!("head dim d_model / n_heads = {} must be even for rotary embeddings", self.head_dim()),

@@ -69,19 +69,19 @@ fn train(args: TrainArgs) -> Result<()> {
             .build_global()
             .map_err(|e| Error::config("training.threads", e.to_string()))?;
     }
+    // Everything a user's input can break is checked before the run directory is touched.
+    let data = Data::open(&cfg, Path::new("."))?;
+    let (steps, seq) = (cfg.training.steps, cfg.training.seq_len);
+    let resolved = toml::to_string(&cfg).expect("config serializes");
+    let mut trainer = Trainer::new(CpuBackend::new(), cfg, data)?;
+
     let stem = args.config.config.file_stem().map_or("run".into(), |s| s.to_string_lossy().into_owned());
     let run_dir = args.run_dir.unwrap_or_else(|| Path::new("runs").join(stem));
     std::fs::create_dir_all(&run_dir).map_err(|e| Error::io(format!("cannot create {}", run_dir.display()), e))?;
-    let resolved = toml::to_string(&cfg).expect("config serializes");
     let resolved_path = run_dir.join("ondol.toml");
     std::fs::write(&resolved_path, resolved)
         .map_err(|e| Error::io(format!("cannot write {}", resolved_path.display()), e))?;
-
-    let data = Data::open(&cfg, Path::new("."))?;
-    let be = CpuBackend::new();
     let peak = ondol_cpu::measure_gemm_peak();
-    let (steps, seq) = (cfg.training.steps, cfg.training.seq_len);
-    let mut trainer = Trainer::new(be, cfg, data)?;
     let m = &trainer.model;
     eprintln!(
         "ondol {}: {:?} model, {:.2}M parameters, {:.1} MFLOP/token, {} tokens/step on {}; \

@@ -218,7 +218,7 @@ pub fn run<B: Backend>(trainer: &mut Trainer<B>, metrics: &mut Metrics) -> Resul
         }
         window_tokens += trainer.tokens_per_step();
         let step = trainer.step;
-        if step % log_every == 0 || step == total {
+        if step.is_multiple_of(log_every) || step == total {
             let secs = window_start.elapsed().as_secs_f64();
             let tokens_per_s = window_tokens as f64 / secs;
             metrics.step(StepRow {
@@ -235,7 +235,7 @@ pub fn run<B: Backend>(trainer: &mut Trainer<B>, metrics: &mut Metrics) -> Resul
         } else {
             metrics.tick(step, last.loss);
         }
-        if (eval_every > 0 && step % eval_every == 0) || step == total {
+        if (eval_every > 0 && step.is_multiple_of(eval_every)) || step == total {
             final_val_loss = trainer.evaluate()?;
             if let Some(v) = final_val_loss {
                 metrics.eval(step, v)?;

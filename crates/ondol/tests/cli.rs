@@ -131,6 +131,7 @@ fn bad_files_are_refused_with_their_path() {
         ],
     );
     assert!(!ok && err.contains("bad.bin") && !err.contains("panicked"), "{err}");
+    assert!(!dir.path().join("runs").exists(), "a refused run left a run directory behind");
 
     // Tokens beyond the vocabulary are an error, not an out-of-bounds panic.
     ondol_data::write_shard(dir.path().join("big.bin"), &vec![70_000u32; 400], None).unwrap();
