@@ -1,0 +1,263 @@
+//! Checkpoint directories: `<run>/checkpoints/step-XXXXXXXX/` is a Hugging Face model
+//! directory (config.json, generation_config.json, model.safetensors or shards,
+//! tokenizer.json) plus what resuming needs: `ondol.toml` (the run config),
+//! `optimizer/exp_avg.safetensors` and `optimizer/exp_avg_sq.safetensors` (AdamW moments by
+//! global name), and `trainer_state.json` (step, tokens, data position, layout, and the
+//! SHA-256 of every other file).
+//!
+//! The parameters are f32 on the CPU, so `model.safetensors` holds the master weights
+//! themselves; a backend that computes in lower precision also writes
+//! `optimizer/master.safetensors`.
+//!
+//! Crash safety: a checkpoint is written into `.step-XXXXXXXX.tmp`, every file and the
+//! directory are fsynced, and only then is it renamed into place; `checkpoints/latest` (a
+//! one-line file naming the newest complete checkpoint) is replaced by rename as well. A
+//! process killed at any moment leaves the previous checkpoint intact; its leftover temporary
+//! directory is removed on the next start. On load every checksum is verified.
+
+use crate::hf;
+use crate::tensors::{files_of, read_layout, write_json, write_layout};
+use ondol_core::{Error, Result};
+use ondol_model::{ModelConfig, ParamLayout};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+pub const FORMAT: &str = "ondol-checkpoint-1";
+
+/// The parallel layout that wrote a checkpoint (tensors are stored whole regardless).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Layout {
+    pub tp: usize,
+    pub pp: usize,
+    pub dp: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainerState {
+    pub format: String,
+    /// Optimizer updates completed.
+    pub step: u64,
+    pub tokens: u64,
+    /// The data loader's position, opaque here (owned by the trainer).
+    pub data: serde_json::Value,
+    pub layout: Layout,
+    /// SHA-256 (hex) of every file of the checkpoint but this one, by relative path.
+    pub files: BTreeMap<String, String>,
+}
+
+/// Everything a checkpoint stores, in host memory: what a background writer owns.
+pub struct Snapshot {
+    pub model: ModelConfig,
+    pub layout: ParamLayout,
+    pub params: Vec<f32>,
+    pub exp_avg: Vec<f32>,
+    pub exp_avg_sq: Vec<f32>,
+    pub step: u64,
+    pub tokens: u64,
+    pub data: serde_json::Value,
+    pub parallel: Layout,
+    /// The resolved run config (TOML) written as `ondol.toml`.
+    pub run_config: String,
+    /// A tokenizer.json to copy in, if the run has one.
+    pub tokenizer: Option<PathBuf>,
+    pub eos_token_id: Option<u32>,
+    /// Shard the model file above this size (bytes).
+    pub max_shard_bytes: u64,
+}
+
+pub fn checkpoints_dir(run_dir: &Path) -> PathBuf {
+    run_dir.join("checkpoints")
+}
+
+fn step_name(step: u64) -> String {
+    format!("step-{step:08}")
+}
+
+fn io(context: String) -> impl FnOnce(std::io::Error) -> Error {
+    move |e| Error::io(context, e)
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io(format!("cannot sync {}", dir.display())))
+}
+
+fn sha256_file(path: &Path) -> Result<String> {
+    let mut file = File::open(path).map_err(io(format!("cannot read {}", path.display())))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).map_err(io(format!("cannot read {}", path.display())))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Writes the checkpoint of `snap` into `<run_dir>/checkpoints/step-XXXXXXXX` atomically and
+/// points `latest` at it. Returns its path.
+pub fn save(run_dir: &Path, snap: &Snapshot) -> Result<PathBuf> {
+    let root = checkpoints_dir(run_dir);
+    fs::create_dir_all(&root).map_err(io(format!("cannot create {}", root.display())))?;
+    let name = step_name(snap.step);
+    let tmp = root.join(format!(".{name}.tmp"));
+    if tmp.exists() {
+        fs::remove_dir_all(&tmp).map_err(io(format!("cannot remove {}", tmp.display())))?;
+    }
+    fs::create_dir_all(tmp.join("optimizer")).map_err(io(format!("cannot create {}", tmp.display())))?;
+
+    let mut files = vec!["config.json".to_string(), "generation_config.json".to_string()];
+    write_json(&tmp.join("config.json"), &hf::to_hf_config(&snap.model, snap.eos_token_id))?;
+    write_json(&tmp.join("generation_config.json"), &hf::generation_config(snap.eos_token_id))?;
+    files.extend(write_layout(&tmp, "model", &snap.layout, &snap.params, snap.max_shard_bytes)?);
+    for (stem, data) in [("exp_avg", &snap.exp_avg), ("exp_avg_sq", &snap.exp_avg_sq)] {
+        let written = write_layout(&tmp.join("optimizer"), stem, &snap.layout, data, snap.max_shard_bytes)?;
+        files.extend(written.into_iter().map(|f| format!("optimizer/{f}")));
+    }
+    let toml_path = tmp.join("ondol.toml");
+    fs::write(&toml_path, &snap.run_config)
+        .and_then(|_| File::open(&toml_path)?.sync_all())
+        .map_err(io(format!("cannot write {}", toml_path.display())))?;
+    files.push("ondol.toml".into());
+    if let Some(tok) = &snap.tokenizer {
+        let dst = tmp.join("tokenizer.json");
+        fs::copy(tok, &dst)
+            .and_then(|_| File::open(&dst)?.sync_all())
+            .map_err(io(format!("cannot copy {} into the checkpoint", tok.display())))?;
+        files.push("tokenizer.json".into());
+    }
+
+    let mut checksums = BTreeMap::new();
+    for f in &files {
+        checksums.insert(f.clone(), sha256_file(&tmp.join(f))?);
+    }
+    let state = TrainerState {
+        format: FORMAT.into(),
+        step: snap.step,
+        tokens: snap.tokens,
+        data: snap.data.clone(),
+        layout: snap.parallel,
+        files: checksums,
+    };
+    write_json(&tmp.join("trainer_state.json"), &serde_json::to_value(&state).expect("state serializes"))?;
+    sync_dir(&tmp.join("optimizer"))?;
+    sync_dir(&tmp)?;
+
+    let dst = root.join(&name);
+    if dst.exists() {
+        fs::remove_dir_all(&dst).map_err(io(format!("cannot replace {}", dst.display())))?;
+    }
+    fs::rename(&tmp, &dst).map_err(io(format!("cannot move {} into place", tmp.display())))?;
+    let latest_tmp = root.join(".latest.tmp");
+    fs::write(&latest_tmp, format!("{name}\n"))
+        .and_then(|_| File::open(&latest_tmp)?.sync_all())
+        .and_then(|_| fs::rename(&latest_tmp, root.join("latest")))
+        .map_err(io(format!("cannot update {}", root.join("latest").display())))?;
+    sync_dir(&root)?;
+    Ok(dst)
+}
+
+/// Complete checkpoints of a run, newest first.
+pub fn list(run_dir: &Path) -> Vec<PathBuf> {
+    let root = checkpoints_dir(run_dir);
+    let mut steps: Vec<(u64, PathBuf)> = fs::read_dir(&root)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let step = name.strip_prefix("step-")?.parse().ok()?;
+            Some((step, e.path()))
+        })
+        .collect();
+    steps.sort_by(|a, b| b.0.cmp(&a.0));
+    steps.into_iter().map(|(_, p)| p).collect()
+}
+
+/// The checkpoint `latest` names, if any.
+pub fn latest(run_dir: &Path) -> Option<PathBuf> {
+    let root = checkpoints_dir(run_dir);
+    let name = fs::read_to_string(root.join("latest")).ok()?;
+    let dir = root.join(name.trim());
+    dir.is_dir().then_some(dir)
+}
+
+/// Removes temporary directories left by a writer that was killed.
+pub fn remove_stale(run_dir: &Path) -> Result<()> {
+    let root = checkpoints_dir(run_dir);
+    for entry in fs::read_dir(&root).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') && name.ends_with(".tmp") {
+            let path = entry.path();
+            let removed = if path.is_dir() { fs::remove_dir_all(&path) } else { fs::remove_file(&path) };
+            removed.map_err(io(format!("cannot remove stale {}", path.display())))?;
+        }
+    }
+    Ok(())
+}
+
+/// Deletes all but the newest `keep_last` checkpoints (0 keeps all).
+pub fn prune(run_dir: &Path, keep_last: usize) -> Result<()> {
+    if keep_last == 0 {
+        return Ok(());
+    }
+    for old in list(run_dir).into_iter().skip(keep_last) {
+        fs::remove_dir_all(&old).map_err(io(format!("cannot remove {}", old.display())))?;
+    }
+    Ok(())
+}
+
+/// A verified checkpoint read back into memory.
+pub struct Loaded {
+    pub dir: PathBuf,
+    pub state: TrainerState,
+    /// The run config the checkpoint was written with.
+    pub run_config: String,
+    pub params: Vec<f32>,
+    pub exp_avg: Vec<f32>,
+    pub exp_avg_sq: Vec<f32>,
+}
+
+/// Reads `trainer_state.json` and checks every listed file's SHA-256.
+pub fn verify(dir: &Path) -> Result<TrainerState> {
+    let state_path = dir.join("trainer_state.json");
+    let text = fs::read_to_string(&state_path).map_err(|_| {
+        Error::Input(format!("{}: not a complete ondol checkpoint (no trainer_state.json)", dir.display()))
+    })?;
+    let state: TrainerState =
+        serde_json::from_str(&text).map_err(|e| Error::Input(format!("{}: damaged: {e}", state_path.display())))?;
+    if state.format != FORMAT {
+        return Err(Error::Input(format!(
+            "{}: format {:?}, this ondol reads {FORMAT:?}",
+            state_path.display(),
+            state.format
+        )));
+    }
+    for (file, want) in &state.files {
+        let path = dir.join(file);
+        if !path.is_file() {
+            return Err(Error::Input(format!("{}: missing (the checkpoint is damaged)", path.display())));
+        }
+        if &sha256_file(&path)? != want {
+            return Err(Error::Input(format!("{}: checksum mismatch (the file is damaged)", path.display())));
+        }
+    }
+    Ok(state)
+}
+
+/// Loads a checkpoint written for a model of `layout`, verifying every file first.
+pub fn load(dir: &Path, layout: &ParamLayout) -> Result<Loaded> {
+    let state = verify(dir)?;
+    let run_config = fs::read_to_string(dir.join("ondol.toml"))
+        .map_err(io(format!("cannot read {}", dir.join("ondol.toml").display())))?;
+    let params = read_layout(&files_of(dir, "model")?, layout)?;
+    let opt = dir.join("optimizer");
+    let exp_avg = read_layout(&files_of(&opt, "exp_avg")?, layout)?;
+    let exp_avg_sq = read_layout(&files_of(&opt, "exp_avg_sq")?, layout)?;
+    Ok(Loaded { dir: dir.to_path_buf(), state, run_config, params, exp_avg, exp_avg_sq })
+}

@@ -1,0 +1,358 @@
+//! Hugging Face `config.json` for the architectures ondol implements, both ways.
+//!
+//! Export writes the fields transformers reads for `LlamaForCausalLM` and `GPT2LMHeadModel`.
+//! Import is strict: a field that would change the model's arithmetic and that ondol does not
+//! implement (rope scaling, attention biases, another activation, ...) is an error that names
+//! the field; fields that only matter for training regularisation (dropout) are accepted
+//! with a warning, since ondol trains without dropout.
+
+use ondol_core::{Error, Result};
+use ondol_model::{Arch, ModelConfig};
+use serde_json::{Map, Value, json};
+
+/// The `config.json` of `cfg` in the Hugging Face schema of its architecture.
+pub fn to_hf_config(cfg: &ModelConfig, eos_token_id: Option<u32>) -> Value {
+    let mut v = match cfg.arch {
+        Arch::Llama => json!({
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": cfg.vocab_size,
+            "hidden_size": cfg.d_model,
+            "intermediate_size": cfg.ffn(),
+            "num_hidden_layers": cfg.n_layers,
+            "num_attention_heads": cfg.n_heads,
+            "num_key_value_heads": cfg.kv_heads(),
+            "head_dim": cfg.head_dim(),
+            "max_position_embeddings": cfg.max_seq_len,
+            "rms_norm_eps": cfg.norm_eps,
+            "rope_theta": cfg.rope_theta,
+            "rope_parameters": { "rope_type": "default", "rope_theta": cfg.rope_theta },
+            "hidden_act": "silu",
+            "attention_bias": false,
+            "attention_dropout": 0.0,
+            "mlp_bias": false,
+            "pretraining_tp": 1,
+            "tie_word_embeddings": cfg.tied(),
+            "initializer_range": cfg.init_std,
+            "use_cache": true,
+            "torch_dtype": "float32",
+        }),
+        Arch::Gpt2 => json!({
+            "architectures": ["GPT2LMHeadModel"],
+            "model_type": "gpt2",
+            "vocab_size": cfg.vocab_size,
+            "n_positions": cfg.max_seq_len,
+            "n_embd": cfg.d_model,
+            "n_layer": cfg.n_layers,
+            "n_head": cfg.n_heads,
+            "n_inner": cfg.ffn(),
+            "activation_function": "gelu_new",
+            "layer_norm_epsilon": cfg.norm_eps,
+            "resid_pdrop": 0.0,
+            "embd_pdrop": 0.0,
+            "attn_pdrop": 0.0,
+            "scale_attn_weights": true,
+            "scale_attn_by_inverse_layer_idx": false,
+            "reorder_and_upcast_attn": false,
+            "tie_word_embeddings": true,
+            "initializer_range": cfg.init_std,
+            "use_cache": true,
+            "torch_dtype": "float32",
+        }),
+    };
+    if let Some(eos) = eos_token_id {
+        v["eos_token_id"] = json!(eos);
+        v["bos_token_id"] = json!(eos);
+    }
+    v
+}
+
+/// `generation_config.json`: sampling defaults that transformers' `generate` picks up.
+pub fn generation_config(eos_token_id: Option<u32>) -> Value {
+    let mut v = json!({ "do_sample": true, "temperature": 0.8, "top_p": 0.95 });
+    if let Some(eos) = eos_token_id {
+        v["eos_token_id"] = json!(eos);
+        v["bos_token_id"] = json!(eos);
+    }
+    v
+}
+
+/// Reads one field of a Hugging Face config with its expected type.
+struct Fields<'a> {
+    map: &'a Map<String, Value>,
+    file: &'a str,
+}
+
+impl Fields<'_> {
+    fn err(&self, key: &str, message: impl Into<String>) -> Error {
+        Error::config(format!("{key}` in `{}", self.file), message)
+    }
+    fn usize(&self, key: &str) -> Result<usize> {
+        let v = self.map.get(key).ok_or_else(|| self.err(key, "is missing"))?;
+        v.as_u64().map(|n| n as usize).ok_or_else(|| self.err(key, format!("{v} is not a non-negative integer")))
+    }
+    fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
+        match self.map.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(_) => self.usize(key).map(Some),
+        }
+    }
+    fn f64(&self, key: &str, default: f64) -> Result<f64> {
+        match self.map.get(key) {
+            None | Some(Value::Null) => Ok(default),
+            Some(v) => v.as_f64().ok_or_else(|| self.err(key, format!("{v} is not a number"))),
+        }
+    }
+    fn bool(&self, key: &str, default: bool) -> Result<bool> {
+        match self.map.get(key) {
+            None | Some(Value::Null) => Ok(default),
+            Some(v) => v.as_bool().ok_or_else(|| self.err(key, format!("{v} is not true or false"))),
+        }
+    }
+    /// Errors unless the field is absent or equal to `want` (a feature ondol lacks).
+    fn must_be(&self, key: &str, want: &Value, what: &str) -> Result<()> {
+        match self.map.get(key) {
+            None | Some(Value::Null) => Ok(()),
+            Some(v) if v == want => Ok(()),
+            Some(v) => Err(self.err(key, format!("{v} is not supported: ondol implements {what}"))),
+        }
+    }
+}
+
+/// Fields that do not change the model's arithmetic.
+const HARMLESS: &[&str] = &[
+    "architectures",
+    "model_type",
+    "torch_dtype",
+    "dtype",
+    "transformers_version",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "initializer_range",
+    "use_cache",
+    "_name_or_path",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
+    "task_specific_params",
+    "summary_type",
+    "summary_use_proj",
+    "summary_activation",
+    "summary_proj_to_labels",
+    "summary_first_dropout",
+];
+
+/// Dropout probabilities: accepted, since they do not change inference, but reported.
+const DROPOUT: &[&str] = &["attention_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"];
+
+/// The model config of a Hugging Face `config.json` (`file` names it in errors).
+/// Returns the config and warnings for the user.
+pub fn from_hf_config(json: &Value, file: &str) -> Result<(ModelConfig, Vec<String>)> {
+    let map = json.as_object().ok_or_else(|| Error::Input(format!("{file}: not a JSON object")))?;
+    let f = Fields { map, file };
+    let model_type = map.get("model_type").and_then(Value::as_str).unwrap_or("");
+    let (cfg, known): (ModelConfig, &[&str]) = match model_type {
+        "llama" => {
+            f.must_be("hidden_act", &json!("silu"), "SiLU (SwiGLU)")?;
+            f.must_be("attention_bias", &json!(false), "attention without biases")?;
+            f.must_be("mlp_bias", &json!(false), "an MLP without biases")?;
+            f.must_be("pretraining_tp", &json!(1), "pretraining_tp = 1")?;
+            if let Some(s) = map.get("rope_scaling").filter(|v| !v.is_null()) {
+                let kind = s.get("rope_type").or_else(|| s.get("type")).cloned().unwrap_or(Value::Null);
+                if kind != json!("default") {
+                    return Err(f.err(
+                        "rope_scaling",
+                        format!("rope type {kind} is not supported: only default rotary embeddings"),
+                    ));
+                }
+            }
+            let mut theta = f.f64("rope_theta", 10_000.0)?;
+            if let Some(p) = map.get("rope_parameters").filter(|v| !v.is_null()) {
+                let kind = p.get("rope_type").cloned().unwrap_or(json!("default"));
+                if kind != json!("default") {
+                    return Err(f.err(
+                        "rope_parameters",
+                        format!("rope type {kind} is not supported: only default rotary embeddings"),
+                    ));
+                }
+                theta = p.get("rope_theta").and_then(Value::as_f64).unwrap_or(theta);
+            }
+            let d_model = f.usize("hidden_size")?;
+            let n_heads = f.usize("num_attention_heads")?;
+            if let Some(hd) = f.opt_usize("head_dim")?
+                && hd * n_heads != d_model
+            {
+                return Err(f.err(
+                    "head_dim",
+                    format!(
+                        "{hd} x {n_heads} heads != hidden_size {d_model}: ondol needs head_dim = hidden_size / heads"
+                    ),
+                ));
+            }
+            let cfg = ModelConfig {
+                arch: Arch::Llama,
+                vocab_size: f.usize("vocab_size")?,
+                d_model,
+                n_layers: f.usize("num_hidden_layers")?,
+                n_heads,
+                n_kv_heads: f.opt_usize("num_key_value_heads")?,
+                ffn_hidden: Some(f.usize("intermediate_size")?),
+                max_seq_len: f.usize("max_position_embeddings")?,
+                tie_embeddings: Some(f.bool("tie_word_embeddings", false)?),
+                rope_theta: theta,
+                norm_eps: f.f64("rms_norm_eps", 1e-6)? as f32,
+                init_std: f.f64("initializer_range", 0.02)? as f32,
+                init_residual_scaling: true,
+            };
+            (
+                cfg,
+                &[
+                    "vocab_size",
+                    "hidden_size",
+                    "intermediate_size",
+                    "num_hidden_layers",
+                    "num_attention_heads",
+                    "num_key_value_heads",
+                    "head_dim",
+                    "max_position_embeddings",
+                    "rms_norm_eps",
+                    "rope_theta",
+                    "rope_parameters",
+                    "rope_scaling",
+                    "hidden_act",
+                    "attention_bias",
+                    "mlp_bias",
+                    "pretraining_tp",
+                    "tie_word_embeddings",
+                ],
+            )
+        }
+        "gpt2" => {
+            let act = map.get("activation_function").cloned().unwrap_or(json!("gelu_new"));
+            if act != json!("gelu_new") && act != json!("gelu_pytorch_tanh") {
+                return Err(
+                    f.err("activation_function", format!("{act} is not supported: ondol implements gelu_new (tanh)"))
+                );
+            }
+            f.must_be("scale_attn_weights", &json!(true), "attention scaled by 1/sqrt(head_dim)")?;
+            f.must_be("scale_attn_by_inverse_layer_idx", &json!(false), "no per-layer attention scaling")?;
+            f.must_be("reorder_and_upcast_attn", &json!(false), "plain attention order")?;
+            f.must_be("add_cross_attention", &json!(false), "a decoder without cross-attention")?;
+            f.must_be("tie_word_embeddings", &json!(true), "GPT-2 with its head tied to the embedding")?;
+            let cfg = ModelConfig {
+                arch: Arch::Gpt2,
+                vocab_size: f.usize("vocab_size")?,
+                d_model: f.usize("n_embd")?,
+                n_layers: f.usize("n_layer")?,
+                n_heads: f.usize("n_head")?,
+                n_kv_heads: None,
+                ffn_hidden: f.opt_usize("n_inner")?,
+                max_seq_len: f.usize("n_positions")?,
+                tie_embeddings: None,
+                rope_theta: 10_000.0,
+                norm_eps: f.f64("layer_norm_epsilon", 1e-5)? as f32,
+                init_std: f.f64("initializer_range", 0.02)? as f32,
+                init_residual_scaling: true,
+            };
+            (
+                cfg,
+                &[
+                    "vocab_size",
+                    "n_embd",
+                    "n_layer",
+                    "n_head",
+                    "n_inner",
+                    "n_positions",
+                    "n_ctx",
+                    "layer_norm_epsilon",
+                    "activation_function",
+                    "scale_attn_weights",
+                    "scale_attn_by_inverse_layer_idx",
+                    "reorder_and_upcast_attn",
+                    "add_cross_attention",
+                    "tie_word_embeddings",
+                ],
+            )
+        }
+        other => {
+            return Err(
+                f.err("model_type", format!("\"{other}\" is not supported: ondol imports \"llama\" and \"gpt2\""))
+            );
+        }
+    };
+    let mut warnings = Vec::new();
+    for (key, value) in map {
+        let key = key.as_str();
+        if known.contains(&key) || HARMLESS.contains(&key) {
+            continue;
+        }
+        if DROPOUT.contains(&key) {
+            if value.as_f64().unwrap_or(0.0) != 0.0 {
+                warnings.push(format!("{file}: {key} = {value} ignored: ondol trains without dropout"));
+            }
+            continue;
+        }
+        return Err(f.err(key, format!("{value}: ondol does not implement this field; remove it if it is inert")));
+    }
+    cfg.validate()?;
+    Ok((cfg, warnings))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn llama() -> ModelConfig {
+        ModelConfig {
+            arch: Arch::Llama,
+            vocab_size: 97,
+            d_model: 32,
+            n_layers: 2,
+            n_heads: 4,
+            n_kv_heads: Some(2),
+            ffn_hidden: Some(40),
+            max_seq_len: 64,
+            tie_embeddings: Some(false),
+            rope_theta: 500_000.0,
+            norm_eps: 1e-6,
+            init_std: 0.02,
+            init_residual_scaling: true,
+        }
+    }
+
+    #[test]
+    fn export_then_import_is_the_identity() {
+        for cfg in [llama(), ModelConfig { arch: Arch::Gpt2, n_kv_heads: None, tie_embeddings: None, ..llama() }] {
+            let json = to_hf_config(&cfg, Some(5));
+            let (back, warnings) = from_hf_config(&json, "config.json").unwrap();
+            assert!(warnings.is_empty());
+            assert_eq!(back.arch, cfg.arch);
+            assert_eq!((back.vocab_size, back.d_model, back.n_layers, back.n_heads), (97, 32, 2, 4));
+            assert_eq!(back.kv_heads(), cfg.kv_heads());
+            assert_eq!(back.ffn(), cfg.ffn());
+            assert_eq!(back.tied(), cfg.tied());
+            assert_eq!(back.norm_eps, cfg.norm_eps);
+            if cfg.arch == Arch::Llama {
+                assert_eq!(back.rope_theta, 500_000.0);
+            }
+        }
+    }
+
+    #[test]
+    fn unsupported_fields_are_named() {
+        let mut json = to_hf_config(&llama(), None);
+        json["rope_scaling"] = json!({"rope_type": "yarn", "factor": 4.0});
+        let e = from_hf_config(&json, "x/config.json").unwrap_err().to_string();
+        assert!(e.contains("rope_scaling") && e.contains("yarn") && e.contains("x/config.json"), "{e}");
+        let mut json = to_hf_config(&llama(), None);
+        json["attention_bias"] = json!(true);
+        assert!(from_hf_config(&json, "c").unwrap_err().to_string().contains("attention_bias"));
+        let mut json = to_hf_config(&llama(), None);
+        json["sliding_window"] = json!(4096);
+        assert!(from_hf_config(&json, "c").unwrap_err().to_string().contains("sliding_window"));
+        let mut json = to_hf_config(&llama(), None);
+        json["model_type"] = json!("mistral");
+        assert!(from_hf_config(&json, "c").unwrap_err().to_string().contains("mistral"));
+    }
+}

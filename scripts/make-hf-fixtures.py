@@ -1,0 +1,231 @@
+#!/usr/bin/env python3
+# Generates tiny random Hugging Face models (+ expected logits/loss) under crates/ondol-ckpt/tests/fixtures/ so Rust tests can check ondol's forward pass against transformers.
+"""
+Usage:
+  python scripts/make-hf-fixtures.py [OUT_DIR]
+      Write the fixtures (default OUT_DIR: crates/ondol-ckpt/tests/fixtures).
+      Each fixture directory holds config.json + model.safetensors (from
+      save_pretrained) and expected.safetensors with input_ids (int64 [2, 13]),
+      logits (float32 [2, 13, 97]) and loss (float32 [1], labels = input_ids).
+
+  python scripts/make-hf-fixtures.py check CKPT_DIR --tokens IDS_JSON --expected-loss X
+      Load CKPT_DIR with transformers (eager attention, fp32), run the token ids
+      (a JSON list of lists, or a path to a file containing one) with
+      labels = input_ids, print the loss and its relative difference to X, and
+      exit 1 if it exceeds --tol (default 1e-4).
+
+Requires torch, transformers and safetensors (CPU is enough).
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+VOCAB = 97
+BATCH = 2
+SEQ = 13
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_OUT = os.path.join(REPO_ROOT, "crates", "ondol-ckpt", "tests", "fixtures")
+
+
+def llama_config(**overrides):
+    from transformers import LlamaConfig
+
+    kw = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=40,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        attention_bias=False,
+        mlp_bias=False,
+        hidden_act="silu",
+        initializer_range=0.2,
+    )
+    kw.update(overrides)
+    return LlamaConfig(**kw)
+
+
+def gpt2_config():
+    from transformers import GPT2Config
+
+    return GPT2Config(
+        vocab_size=VOCAB,
+        n_positions=64,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_inner=None,
+        activation_function="gelu_new",
+        layer_norm_epsilon=1e-5,
+        initializer_range=0.2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        # GPT2Config defaults these to 50256, outside the 97-token vocab
+        # (transformers warns); use the last id, as real GPT-2 does.
+        bos_token_id=VOCAB - 1,
+        eos_token_id=VOCAB - 1,
+    )
+
+
+def perturb_llama(model, gen):
+    """RMSNorm weights := 1 + N(0, 0.1) (HF inits them to exactly 1)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith(".weight"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+
+
+def perturb_gpt2(model, gen):
+    """Every bias := N(0, 0.1); LayerNorm weights := 1 + N(0, 0.1)."""
+    ln_weights = {
+        f"{m}.weight" for m, mod in model.named_modules() if isinstance(mod, torch.nn.LayerNorm)
+    }
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+            elif name in ln_weights:
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+
+
+def build(name, config):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config._attn_implementation = "eager"
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
+    gen = torch.Generator().manual_seed(1)
+    if config.model_type == "llama":
+        perturb_llama(model, gen)
+    elif config.model_type == "gpt2":
+        perturb_gpt2(model, gen)
+    model.eval()
+    return model
+
+
+def fixed_input_ids():
+    gen = torch.Generator().manual_seed(1234)
+    return torch.randint(0, VOCAB, (BATCH, SEQ), generator=gen, dtype=torch.int64)
+
+
+def describe_safetensors(path):
+    from safetensors import safe_open
+
+    lines = []
+    with safe_open(path, framework="pt") as f:
+        for k in f.keys():
+            sl = f.get_slice(k)
+            lines.append(f"    {k:50s} {str(sl.get_shape()):16s} {sl.get_dtype()}")
+    return lines
+
+
+def make(out_dir):
+    from safetensors.torch import save_file
+
+    fixtures = [
+        ("tiny-llama-gqa", llama_config()),
+        (
+            "tiny-llama-tied",
+            llama_config(
+                num_key_value_heads=4,
+                tie_word_embeddings=True,
+                rope_theta=500000.0,
+                rms_norm_eps=1e-6,
+            ),
+        ),
+        ("tiny-gpt2", gpt2_config()),
+    ]
+    input_ids = fixed_input_ids()
+    os.makedirs(out_dir, exist_ok=True)
+    summary = []
+    for name, config in fixtures:
+        model = build(name, config)
+        d = os.path.join(out_dir, name)
+        os.makedirs(d, exist_ok=True)
+        model.save_pretrained(d, safe_serialization=True)
+        with torch.no_grad():
+            out = model(input_ids=input_ids, labels=input_ids)
+        logits = out.logits.detach().to(torch.float32).contiguous()
+        loss = out.loss.detach().to(torch.float32).reshape(1).contiguous()
+        assert logits.shape == (BATCH, SEQ, VOCAB), logits.shape
+        save_file(
+            {"input_ids": input_ids.contiguous(), "logits": logits, "loss": loss},
+            os.path.join(d, "expected.safetensors"),
+        )
+        # Reload round trip: the saved checkpoint must reproduce the logits.
+        from transformers import AutoModelForCausalLM
+
+        re = AutoModelForCausalLM.from_pretrained(d, attn_implementation="eager", dtype=torch.float32).eval()
+        with torch.no_grad():
+            re_logits = re(input_ids=input_ids).logits
+        max_diff = (re_logits - logits).abs().max().item()
+        assert max_diff == 0.0, f"{name}: reload mismatch {max_diff}"
+
+        files = sorted(os.listdir(d))
+        total = sum(os.path.getsize(os.path.join(d, f)) for f in files)
+        summary.append(f"== {name}  loss={loss.item():.8f}  total={total} bytes")
+        for f in files:
+            summary.append(f"  {f:24s} {os.path.getsize(os.path.join(d, f)):8d} bytes")
+        summary.append("  model.safetensors tensors:")
+        summary.extend(describe_safetensors(os.path.join(d, "model.safetensors")))
+    print("input_ids =", json.dumps(input_ids.tolist()))
+    print("\n".join(summary))
+
+
+def check(argv):
+    p = argparse.ArgumentParser(prog="make-hf-fixtures.py check")
+    p.add_argument("ckpt_dir")
+    p.add_argument("--tokens", required=True, help="JSON list of lists of token ids, or a file containing it")
+    p.add_argument("--expected-loss", required=True, type=float)
+    p.add_argument("--tol", type=float, default=1e-4)
+    a = p.parse_args(argv)
+
+    from transformers import AutoModelForCausalLM
+
+    tokens = a.tokens
+    if os.path.isfile(tokens):
+        with open(tokens) as f:
+            tokens = f.read()
+    ids = torch.tensor(json.loads(tokens), dtype=torch.int64)
+    if ids.dim() == 1:
+        ids = ids.unsqueeze(0)
+    model = AutoModelForCausalLM.from_pretrained(
+        a.ckpt_dir, attn_implementation="eager", dtype=torch.float32
+    ).eval()
+    with torch.no_grad():
+        loss = model(input_ids=ids, labels=ids).loss.item()
+    rel = abs(loss - a.expected_loss) / max(abs(a.expected_loss), 1e-12)
+    print(f"loss={loss:.8f} expected={a.expected_loss:.8f} rel_diff={rel:.3e} tol={a.tol:.1e}")
+    if rel > a.tol:
+        print("FAIL: relative loss difference exceeds tolerance")
+        return 1
+    print("OK")
+    return 0
+
+
+def main():
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except Exception:
+        pass
+    if len(sys.argv) > 1 and sys.argv[1] == "check":
+        sys.exit(check(sys.argv[2:]))
+    if len(sys.argv) > 2:
+        sys.exit(__doc__)
+    make(sys.argv[1] if len(sys.argv) == 2 else DEFAULT_OUT)
+
+
+if __name__ == "__main__":
+    main()
