@@ -250,9 +250,45 @@ pub fn verify(dir: &Path) -> Result<TrainerState> {
     Ok(state)
 }
 
-/// Loads a checkpoint written for a model of `layout`, verifying every file first.
-pub fn load(dir: &Path, layout: &ParamLayout) -> Result<Loaded> {
+/// The model config a checkpoint (or any Hugging Face directory) declares in config.json.
+pub fn model_config(dir: &Path) -> Result<ModelConfig> {
+    let path = dir.join("config.json");
+    let text = fs::read_to_string(&path).map_err(io(format!("cannot read {}", path.display())))?;
+    let json =
+        serde_json::from_str(&text).map_err(|e| Error::Input(format!("{}: not valid JSON: {e}", path.display())))?;
+    Ok(hf::from_hf_config(&json, &path.display().to_string())?.0)
+}
+
+/// Loads a checkpoint for a model configured as `model` (laid out as `layout`), verifying
+/// every file first and refusing one written for another architecture or size.
+pub fn load(dir: &Path, model: &ModelConfig, layout: &ParamLayout) -> Result<Loaded> {
     let state = verify(dir)?;
+    let theirs = model_config(dir)?;
+    let shape = |c: &ModelConfig| {
+        [("arch", format!("{:?}", c.arch).to_lowercase())]
+            .into_iter()
+            .chain(
+                [
+                    ("vocab_size", c.vocab_size),
+                    ("d_model", c.d_model),
+                    ("n_layers", c.n_layers),
+                    ("n_heads", c.n_heads),
+                    ("n_kv_heads", c.kv_heads()),
+                    ("ffn_hidden", c.ffn()),
+                ]
+                .map(|(k, v)| (k, v.to_string())),
+            )
+            .chain([("tie_embeddings", c.tied().to_string())])
+            .collect::<Vec<_>>()
+    };
+    for ((key, have), (_, want)) in shape(&theirs).into_iter().zip(shape(model)) {
+        if have != want {
+            return Err(Error::config(
+                format!("model.{key}"),
+                format!("the run has {want}, but the checkpoint {} holds a model with {have}", dir.display()),
+            ));
+        }
+    }
     let run_config = fs::read_to_string(dir.join("ondol.toml"))
         .map_err(io(format!("cannot read {}", dir.join("ondol.toml").display())))?;
     let params = read_layout(&files_of(dir, "model")?, layout)?;
@@ -260,4 +296,42 @@ pub fn load(dir: &Path, layout: &ParamLayout) -> Result<Loaded> {
     let exp_avg = read_layout(&files_of(&opt, "exp_avg")?, layout)?;
     let exp_avg_sq = read_layout(&files_of(&opt, "exp_avg_sq")?, layout)?;
     Ok(Loaded { dir: dir.to_path_buf(), state, run_config, params, exp_avg, exp_avg_sq })
+}
+
+/// Writes checkpoints on a background thread, so training goes on while the bytes go to
+/// disk; the step only pays for copying the state into the [`Snapshot`]. One write is in
+/// flight at a time: the next submission waits for it.
+pub struct Writer {
+    run_dir: PathBuf,
+    keep_last: usize,
+    pending: Option<std::thread::JoinHandle<Result<PathBuf>>>,
+}
+
+impl Writer {
+    /// A writer for `run_dir`; removes temporary directories a killed writer left behind.
+    pub fn new(run_dir: &Path, keep_last: usize) -> Result<Self> {
+        remove_stale(run_dir)?;
+        Ok(Self { run_dir: run_dir.to_path_buf(), keep_last, pending: None })
+    }
+
+    pub fn submit(&mut self, snap: Snapshot) -> Result<()> {
+        self.wait()?;
+        let (dir, keep) = (self.run_dir.clone(), self.keep_last);
+        self.pending = Some(std::thread::spawn(move || {
+            let path = save(&dir, &snap)?;
+            prune(&dir, keep)?;
+            Ok(path)
+        }));
+        Ok(())
+    }
+
+    /// Waits for the write in flight, if any; returns the checkpoint it completed.
+    pub fn wait(&mut self) -> Result<Option<PathBuf>> {
+        match self.pending.take() {
+            None => Ok(None),
+            Some(handle) => {
+                handle.join().map_err(|_| Error::Training("the checkpoint writer panicked".into()))?.map(Some)
+            }
+        }
+    }
 }

@@ -5,4 +5,4 @@ pub mod checkpoint;
 pub mod hf;
 pub mod tensors;
 
-pub use checkpoint::{Layout, Loaded, Snapshot, TrainerState};
+pub use checkpoint::{Layout, Loaded, Snapshot, TrainerState, Writer};

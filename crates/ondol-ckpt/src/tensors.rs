@@ -38,6 +38,14 @@ pub fn write_file(
         .collect();
     safetensors::serialize_to_file(views, metadata, path)
         .map_err(|e| Error::Input(format!("cannot write {}: {e}", path.display())))?;
+    // The safetensors crate creates files readable by their owner only; model files are
+    // meant to be shared like the JSON beside them.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644))
+            .map_err(|e| Error::io(format!("cannot set permissions of {}", path.display()), e))?;
+    }
     File::open(path).and_then(|f| f.sync_all()).map_err(|e| Error::io(format!("cannot sync {}", path.display()), e))
 }
 

@@ -104,14 +104,28 @@ impl Default for ParallelismConfig {
     }
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CheckpointConfig {
-    /// Save every N steps (0: never).
+    /// Save every N steps (0: only at the end). A checkpoint is always written at the end.
     #[serde(default)]
     pub every: u64,
+    /// Keep only the newest N checkpoints (0: keep all).
     #[serde(default)]
     pub keep_last: usize,
+    /// Split model files above this many bytes into shards with an index, as transformers does.
+    #[serde(default = "default_max_shard_bytes")]
+    pub max_shard_bytes: u64,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        Self { every: 0, keep_last: 0, max_shard_bytes: default_max_shard_bytes() }
+    }
+}
+
+fn default_max_shard_bytes() -> u64 {
+    5_000_000_000
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -151,14 +165,21 @@ fn default_log_every() -> u64 {
 
 /// The byte-level tokenizer's vocabulary: 256 byte values and end-of-text.
 pub const BYTE_VOCAB: usize = 257;
+/// The byte-level tokenizer's end-of-text id.
+pub const BYTE_EOT: u32 = 256;
 
 impl RunConfig {
     /// Reads `path`, applies `--set` overrides in order, and validates the result.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self, Error> {
         let file = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(format!("cannot read config {file}"), e))?;
+        Self::parse(&text, &file, overrides)
+    }
+
+    /// Parses config text; `file` names its origin in errors.
+    pub fn parse(text: &str, file: &str, overrides: &[String]) -> Result<Self, Error> {
         let mut table: toml::Table =
-            toml::from_str(&text).map_err(|e| Error::Input(format!("{file} is not valid TOML: {e}")))?;
+            toml::from_str(text).map_err(|e| Error::Input(format!("{file} is not valid TOML: {e}")))?;
         for o in overrides {
             apply_override(&mut table, o)?;
         }
@@ -241,8 +262,8 @@ impl RunConfig {
                 ),
             ));
         }
-        if self.checkpoint.every > 0 {
-            return Err(Error::config("checkpoint.every", "this build does not write checkpoints yet: use 0"));
+        if self.checkpoint.max_shard_bytes == 0 {
+            return Err(Error::config("checkpoint.max_shard_bytes", "must be at least 1"));
         }
         if self.metrics.log_every == 0 {
             return Err(Error::config("metrics.log_every", "must be at least 1"));

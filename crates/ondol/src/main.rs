@@ -4,6 +4,7 @@ use clap::{Args, Parser, Subcommand};
 use ondol::config::{Device, RunConfig};
 use ondol::metrics::Metrics;
 use ondol::trainer::{self, Data, Trainer};
+use ondol_ckpt::{Writer, checkpoint};
 use ondol_core::{Backend, Error, Result};
 use ondol_cpu::CpuBackend;
 use ondol_model::Transformer;
@@ -38,9 +39,13 @@ struct ConfigArgs {
 struct TrainArgs {
     #[command(flatten)]
     config: ConfigArgs,
-    /// Where metrics and the resolved config go (default: runs/<config name>).
+    /// Where metrics, checkpoints and the resolved config go (default: runs/<config name>).
     #[arg(long)]
     run_dir: Option<PathBuf>,
+    /// Continue from a checkpoint: `auto` (the newest intact one of the run, if any) or a
+    /// checkpoint directory.
+    #[arg(long, value_name = "auto|DIR")]
+    resume: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -77,6 +82,10 @@ fn train(args: TrainArgs) -> Result<()> {
 
     let stem = args.config.config.file_stem().map_or("run".into(), |s| s.to_string_lossy().into_owned());
     let run_dir = args.run_dir.unwrap_or_else(|| Path::new("runs").join(stem));
+    let resumed = match args.resume.as_deref() {
+        None => None,
+        Some(spec) => resume(&mut trainer, &run_dir, spec)?,
+    };
     std::fs::create_dir_all(&run_dir).map_err(|e| Error::io(format!("cannot create {}", run_dir.display()), e))?;
     let resolved_path = run_dir.join("ondol.toml");
     std::fs::write(&resolved_path, resolved)
@@ -95,8 +104,12 @@ fn train(args: TrainArgs) -> Result<()> {
         peak / 1e9,
         run_dir.display()
     );
-    let mut metrics = Metrics::create(&run_dir, steps, peak)?;
-    let summary = trainer::run(&mut trainer, &mut metrics)?;
+    let mut writer = Writer::new(&run_dir, trainer.cfg.checkpoint.keep_last)?;
+    let mut metrics = Metrics::create(&run_dir, steps, peak, resumed)?;
+    if let Some(step) = resumed {
+        metrics.note(format!("resumed at step {step}"));
+    }
+    let summary = trainer::run(&mut trainer, &mut metrics, &mut writer)?;
     metrics.finish();
     let val = |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{v:.4}"));
     eprintln!(
@@ -110,6 +123,36 @@ fn train(args: TrainArgs) -> Result<()> {
         val(summary.final_val_loss)
     );
     Ok(())
+}
+
+/// Restores `trainer` from the checkpoint `spec` names; returns the step it resumes at.
+/// `auto` takes the newest intact checkpoint of `run_dir`, warning about damaged ones it
+/// skips, and starts afresh when the run has none.
+fn resume(trainer: &mut Trainer<CpuBackend>, run_dir: &Path, spec: &str) -> Result<Option<u64>> {
+    if spec != "auto" {
+        let loaded = checkpoint::load(Path::new(spec), &trainer.model.cfg, &trainer.model.layout)?;
+        let step = loaded.state.step;
+        trainer.restore(loaded)?;
+        return Ok(Some(step));
+    }
+    let latest = checkpoint::latest(run_dir);
+    let mut candidates: Vec<PathBuf> = latest.iter().cloned().collect();
+    candidates.extend(checkpoint::list(run_dir).into_iter().filter(|d| Some(d) != latest.as_ref()));
+    if candidates.is_empty() {
+        eprintln!("no checkpoint in {}: starting from step 0", checkpoint::checkpoints_dir(run_dir).display());
+        return Ok(None);
+    }
+    for dir in &candidates {
+        match checkpoint::load(dir, &trainer.model.cfg, &trainer.model.layout) {
+            Ok(loaded) => {
+                let step = loaded.state.step;
+                trainer.restore(loaded)?;
+                return Ok(Some(step));
+            }
+            Err(e) => eprintln!("warning: skipping checkpoint {}: {e}", dir.display()),
+        }
+    }
+    Err(Error::Input(format!("no intact checkpoint in {}", checkpoint::checkpoints_dir(run_dir).display())))
 }
 
 fn inspect(args: ConfigArgs) -> Result<()> {

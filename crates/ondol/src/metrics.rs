@@ -35,10 +35,27 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// Starts `<run_dir>/metrics.jsonl` afresh; shows a progress bar if stderr is a terminal.
-    pub fn create(run_dir: &Path, total_steps: u64, peak_flops: f64) -> Result<Self> {
+    /// Starts `<run_dir>/metrics.jsonl`: afresh, or, when resuming from `resumed_step`,
+    /// keeping the rows up to that step so the file reads as one uninterrupted run. Shows a
+    /// progress bar if stderr is a terminal.
+    pub fn create(run_dir: &Path, total_steps: u64, peak_flops: f64, resumed_step: Option<u64>) -> Result<Self> {
         let path = run_dir.join("metrics.jsonl");
-        let file = File::create(&path).map_err(|e| Error::io(format!("cannot create {}", path.display()), e))?;
+        let kept: Vec<String> = match resumed_step {
+            None => Vec::new(),
+            Some(step) => std::fs::read_to_string(&path)
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| {
+                    let row: serde_json::Value = serde_json::from_str(l).unwrap_or_default();
+                    row.get("step").and_then(|s| s.as_u64()).is_some_and(|s| s <= step)
+                })
+                .map(str::to_string)
+                .collect(),
+        };
+        let mut file = File::create(&path).map_err(|e| Error::io(format!("cannot create {}", path.display()), e))?;
+        for line in kept {
+            writeln!(file, "{line}").map_err(|e| Error::io(format!("cannot write {}", path.display()), e))?;
+        }
         let bar = std::io::stderr().is_terminal().then(|| {
             let bar = ProgressBar::new(total_steps);
             let style = ProgressStyle::with_template(
@@ -92,6 +109,11 @@ impl Metrics {
             bar.set_position(step);
             bar.set_message(format!("loss {loss:.4}"));
         }
+    }
+
+    /// A line for the user (above the progress bar, if there is one).
+    pub fn note(&self, line: String) {
+        self.say(line);
     }
 
     pub fn eval(&mut self, step: u64, val_loss: f64) -> Result<()> {

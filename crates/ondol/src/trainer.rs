@@ -2,10 +2,11 @@
 //! for each micro-batch forward, loss, backward (gradients accumulate in the flat buffer);
 //! then the global gradient norm, clipping, the learning rate, and AdamW.
 
-use crate::config::{DataFormat, RunConfig};
+use crate::config::{BYTE_EOT, DataFormat, RunConfig};
 use crate::metrics::{Metrics, StepRow};
+use ondol_ckpt::{Loaded, Snapshot, Writer};
 use ondol_core::{Backend, Error, Result};
-use ondol_data::{Loader, Order, SourceKind, TokenStream, expand_globs};
+use ondol_data::{Cursor, Loader, Order, SourceKind, TokenStream, expand_globs};
 use ondol_model::{Transformer, Workspace};
 use ondol_optim::{AdamW, LrSchedule};
 use std::path::Path;
@@ -167,6 +168,77 @@ impl<B: Backend> Trainer<B> {
         Ok(StepStats { loss, grad_norm, lr })
     }
 
+    /// A copy of everything a checkpoint holds, for a background writer.
+    pub fn snapshot(&self) -> Snapshot {
+        let be = &self.be;
+        Snapshot {
+            model: self.cfg.model.clone(),
+            layout: self.model.layout.clone(),
+            params: be.download(&self.params),
+            exp_avg: be.download(&self.opt.m),
+            exp_avg_sq: be.download(&self.opt.v),
+            step: self.step,
+            tokens: self.step * self.tokens_per_step(),
+            data: serde_json::to_value(self.loader.cursor()).expect("cursor serializes"),
+            parallel: ondol_ckpt::Layout { tp: 1, pp: 1, dp: 1 },
+            run_config: toml::to_string(&self.cfg).expect("config serializes"),
+            tokenizer: None,
+            eos_token_id: (self.cfg.data.tokenizer.as_deref() == Some("bytes")).then_some(BYTE_EOT),
+            max_shard_bytes: self.cfg.checkpoint.max_shard_bytes,
+        }
+    }
+
+    /// Continues from a checkpoint: parameters, AdamW state, step and data position. The
+    /// checkpoint must come from the same model and the same data geometry (else the data
+    /// order could not continue exactly); anything else (steps, learning rate) may change.
+    pub fn restore(&mut self, ckpt: Loaded) -> Result<()> {
+        let origin = ckpt.dir.join("ondol.toml").display().to_string();
+        let saved = RunConfig::parse(&ckpt.run_config, &origin, &[])?;
+        let t = &self.cfg.training;
+        let pairs = [
+            ("model", to_json(&saved.model), to_json(&self.cfg.model)),
+            ("data", to_json(&saved.data), to_json(&self.cfg.data)),
+            (
+                "training",
+                to_json(&(
+                    saved.training.batch_size,
+                    saved.training.seq_len,
+                    saved.training.grad_accum,
+                    saved.training.seed,
+                    saved.training.shuffle,
+                )),
+                to_json(&(t.batch_size, t.seq_len, t.grad_accum, t.seed, t.shuffle)),
+            ),
+        ];
+        for (section, theirs, ours) in pairs {
+            if theirs != ours {
+                let key = if section == "training" {
+                    "training.{batch_size, seq_len, grad_accum, seed, shuffle}".to_string()
+                } else {
+                    first_difference(section, &theirs, &ours)
+                };
+                return Err(Error::config(
+                    key,
+                    format!(
+                        "differs from the checkpoint {} (it has {}); resume with the same value",
+                        ckpt.dir.display(),
+                        theirs
+                    ),
+                ));
+            }
+        }
+        let cursor: Cursor = serde_json::from_value(ckpt.state.data.clone()).map_err(|e| {
+            Error::Input(format!("{}: bad data position: {e}", ckpt.dir.join("trainer_state.json").display()))
+        })?;
+        self.loader.set_cursor(cursor).map_err(data_error)?;
+        self.params = self.be.upload(&ckpt.params);
+        self.opt.m = self.be.upload(&ckpt.exp_avg);
+        self.opt.v = self.be.upload(&ckpt.exp_avg_sq);
+        self.opt.step = ckpt.state.step;
+        self.step = ckpt.state.step;
+        Ok(())
+    }
+
     /// Mean loss per token over the first `eval_batches` validation batches (the same
     /// batches at every evaluation, so values are comparable along the run).
     pub fn evaluate(&mut self) -> Result<Option<f64>> {
@@ -198,22 +270,25 @@ pub struct Summary {
     pub seconds: f64,
 }
 
-/// Runs `cfg.training.steps` updates, evaluating and reporting along the way.
-pub fn run<B: Backend>(trainer: &mut Trainer<B>, metrics: &mut Metrics) -> Result<Summary> {
+/// Runs the remaining updates up to `cfg.training.steps`, evaluating, reporting and
+/// checkpointing (every `checkpoint.every` steps and at the end) along the way.
+pub fn run<B: Backend>(trainer: &mut Trainer<B>, metrics: &mut Metrics, ckpt: &mut Writer) -> Result<Summary> {
     let total = trainer.cfg.training.steps;
+    let every = trainer.cfg.checkpoint.every;
     let (eval_every, log_every) = (trainer.cfg.training.eval_every, trainer.cfg.metrics.log_every);
     let flops_per_token = trainer.model.flops_per_token(trainer.cfg.training.seq_len) as f64;
     let mem = trainer.memory_bytes();
     let first_val_loss = trainer.evaluate()?;
     if let Some(v) = first_val_loss {
-        metrics.eval(0, v)?;
+        metrics.eval(trainer.step, v)?;
     }
+    let start_step = trainer.step;
     let (start, mut window_start, mut window_tokens) = (Instant::now(), Instant::now(), 0u64);
     let (mut first_loss, mut last) = (f64::NAN, StepStats { loss: f64::NAN, grad_norm: 0.0, lr: 0.0 });
     let mut final_val_loss = first_val_loss;
     while trainer.step < total {
         last = trainer.step()?;
-        if trainer.step == 1 {
+        if trainer.step == start_step + 1 {
             first_loss = last.loss;
         }
         window_tokens += trainer.tokens_per_step();
@@ -243,6 +318,12 @@ pub fn run<B: Backend>(trainer: &mut Trainer<B>, metrics: &mut Metrics) -> Resul
             // Evaluation time is not training throughput.
             window_start = Instant::now();
         }
+        if every > 0 && step.is_multiple_of(every) || step == total {
+            ckpt.submit(trainer.snapshot())?;
+        }
+    }
+    if let Some(dir) = ckpt.wait()? {
+        metrics.note(format!("checkpoint {}", dir.display()));
     }
     let seconds = start.elapsed().as_secs_f64();
     Ok(Summary {
@@ -251,7 +332,23 @@ pub fn run<B: Backend>(trainer: &mut Trainer<B>, metrics: &mut Metrics) -> Resul
         final_loss: last.loss,
         first_val_loss,
         final_val_loss,
-        tokens_per_s: (trainer.step * trainer.tokens_per_step()) as f64 / seconds,
+        tokens_per_s: ((trainer.step - start_step) * trainer.tokens_per_step()) as f64 / seconds,
         seconds,
     })
+}
+
+fn to_json(v: &impl serde::Serialize) -> serde_json::Value {
+    serde_json::to_value(v).expect("configs serialize")
+}
+
+/// The dotted key of the first field where two serialized config sections differ.
+fn first_difference(section: &str, a: &serde_json::Value, b: &serde_json::Value) -> String {
+    match (a.as_object(), b.as_object()) {
+        (Some(a), Some(b)) => a
+            .keys()
+            .chain(b.keys())
+            .find(|k| a.get(*k) != b.get(*k))
+            .map_or(section.to_string(), |k| format!("{section}.{k}")),
+        _ => section.to_string(),
+    }
 }

@@ -1,0 +1,200 @@
+//! Checkpoints: exact resume, crash safety under kill -9, and damaged or mismatched
+//! checkpoints refused with a message that names the file or key.
+
+use ondol::config::RunConfig;
+use ondol::trainer::{Data, Trainer};
+use ondol_ckpt::checkpoint;
+use ondol_core::Rng;
+use ondol_cpu::CpuBackend;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+const CONFIG: &str = r#"
+[model]
+arch = "llama"
+vocab_size = 257
+d_model = 32
+n_layers = 2
+n_heads = 4
+n_kv_heads = 2
+ffn_hidden = 48
+max_seq_len = 32
+
+[training]
+steps = 12
+batch_size = 2
+grad_accum = 2
+seq_len = 16
+seed = 9
+eval_batches = 1
+
+[data]
+train = ["corpus.txt"]
+val_fraction = 0.1
+format = "text"
+tokenizer = "bytes"
+
+[optimizer]
+lr = 3e-3
+
+[lr_scheduler]
+warmup_steps = 3
+decay = "cosine"
+"#;
+
+fn setup() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = Rng::new(1);
+    let text: String = (0..40_000).map(|_| ['가', 'a', 'b', ' ', '\n', '한', 'z'][rng.below(7) as usize]).collect();
+    std::fs::write(dir.path().join("corpus.txt"), text).unwrap();
+    std::fs::write(dir.path().join("run.toml"), CONFIG).unwrap();
+    dir
+}
+
+fn trainer(dir: &Path) -> Trainer<CpuBackend> {
+    let cfg = RunConfig::load(&dir.join("run.toml"), &[]).unwrap();
+    let data = Data::open(&cfg, dir).unwrap();
+    Trainer::new(CpuBackend, cfg, data).unwrap()
+}
+
+fn bits(x: &[f32]) -> Vec<u32> {
+    x.iter().map(|v| v.to_bits()).collect()
+}
+
+#[test]
+fn a_resumed_run_is_bit_identical_to_an_uninterrupted_one() {
+    let dir = setup();
+    let mut straight = trainer(dir.path());
+    let want: Vec<u64> = (0..12).map(|_| straight.step().unwrap().loss.to_bits()).collect();
+
+    // Run 6 of the 12 steps, checkpoint, drop everything (as a killed process would), resume.
+    let mut first = trainer(dir.path());
+    let mut got: Vec<u64> = (0..6).map(|_| first.step().unwrap().loss.to_bits()).collect();
+    let run_dir = dir.path().join("run");
+    let saved = checkpoint::save(&run_dir, &first.snapshot()).unwrap();
+    drop(first);
+    let mut second = trainer(dir.path());
+    let loaded = checkpoint::load(&saved, &second.model.cfg, &second.model.layout).unwrap();
+    second.restore(loaded).unwrap();
+    assert_eq!(second.step, 6);
+    got.extend((0..6).map(|_| second.step().unwrap().loss.to_bits()));
+
+    assert_eq!(got, want, "loss curves differ after resuming");
+    assert!(bits(&second.params) == bits(&straight.params), "final weights differ after resuming");
+    assert!(bits(&second.opt.v) == bits(&straight.opt.v), "AdamW moments differ after resuming");
+}
+
+fn ondol(dir: &Path, args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_ondol")).args(args).current_dir(dir).output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn kill_9_at_random_moments_never_breaks_resume() {
+    let dir = setup();
+    let args = [
+        "train",
+        "run.toml",
+        "--run-dir",
+        "run",
+        "--resume",
+        "auto",
+        "--set",
+        "training.steps=400",
+        "--set",
+        "checkpoint.every=1",
+        "--set",
+        "checkpoint.keep_last=2",
+        "--set",
+        "training.eval_batches=0",
+        "--set",
+        "metrics.log_every=50",
+    ];
+    let mut rng = Rng::new(7);
+    let mut killed = 0;
+    for _ in 0..8 {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ondol"))
+            .args(args)
+            .current_dir(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(50 + rng.below(400)));
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap(); // SIGKILL
+            killed += 1;
+        }
+        child.wait().unwrap();
+        // Whatever moment the kill hit, the newest checkpoint is complete and verifies.
+        if let Some(latest) = checkpoint::latest(&dir.path().join("run")) {
+            checkpoint::verify(&latest).unwrap();
+        }
+    }
+    assert!(killed >= 4, "only {killed} runs were still going when killed");
+    let (ok, err) = ondol(dir.path(), &args);
+    assert!(ok, "{err}");
+    assert!(err.contains("resumed at step"), "{err}");
+    let latest = checkpoint::latest(&dir.path().join("run")).unwrap();
+    assert_eq!(checkpoint::verify(&latest).unwrap().step, 400);
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("run/checkpoints"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary directories left behind");
+}
+
+#[test]
+fn damaged_checkpoints_are_refused_and_auto_falls_back() {
+    let dir = setup();
+    let (ok, err) = ondol(dir.path(), &["train", "run.toml", "--run-dir", "run", "--set", "checkpoint.every=4"]);
+    assert!(ok, "{err}");
+    let ckpts = dir.path().join("run/checkpoints");
+    let newest = ckpts.join("step-00000012");
+    let model = newest.join("model.safetensors");
+    let pristine = std::fs::read(&model).unwrap();
+    let resume = |spec: &str| {
+        ondol(dir.path(), &["train", "run.toml", "--run-dir", "run", "--resume", spec, "--set", "training.steps=14"])
+    };
+
+    // A flipped byte.
+    let mut flipped = pristine.clone();
+    flipped[pristine.len() / 2] ^= 0x40;
+    std::fs::write(&model, &flipped).unwrap();
+    let (ok, err) = resume(newest.to_str().unwrap());
+    assert!(!ok && err.contains("model.safetensors") && err.contains("checksum mismatch"), "{err}");
+    // auto skips it with a warning and resumes from the previous checkpoint.
+    let (ok, err) = resume("auto");
+    assert!(ok, "{err}");
+    assert!(err.contains("warning: skipping checkpoint") && err.contains("resumed at step 8"), "{err}");
+
+    // A truncated file and a missing file (in the previous checkpoint, now the fallback).
+    let older = ckpts.join("step-00000008");
+    let opt = older.join("optimizer/exp_avg.safetensors");
+    let bytes = std::fs::read(&opt).unwrap();
+    std::fs::write(&opt, &bytes[..bytes.len() - 10]).unwrap();
+    let (ok, err) = resume(older.to_str().unwrap());
+    assert!(!ok && err.contains("exp_avg.safetensors") && !err.contains("panicked"), "{err}");
+    std::fs::remove_file(older.join("config.json")).unwrap();
+    let (ok, err) = resume(older.to_str().unwrap());
+    assert!(!ok && err.contains("config.json") && err.contains("missing"), "{err}");
+
+    // A checkpoint of another architecture.
+    let intact = checkpoint::latest(&dir.path().join("run")).unwrap();
+    let (ok, err) = ondol(
+        dir.path(),
+        &[
+            "train",
+            "run.toml",
+            "--resume",
+            intact.to_str().unwrap(),
+            "--set",
+            "model.arch=\"gpt2\"",
+            "--set",
+            "model.n_kv_heads=4",
+        ],
+    );
+    assert!(!ok && err.contains("model.arch") && err.contains("llama"), "{err}");
+}
