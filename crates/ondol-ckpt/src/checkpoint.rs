@@ -175,7 +175,7 @@ pub fn list(run_dir: &Path) -> Vec<PathBuf> {
             Some((step, e.path()))
         })
         .collect();
-    steps.sort_by(|a, b| b.0.cmp(&a.0));
+    steps.sort_by_key(|s| std::cmp::Reverse(s.0));
     steps.into_iter().map(|(_, p)| p).collect()
 }
 

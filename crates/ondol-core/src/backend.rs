@@ -242,6 +242,22 @@ pub trait Backend: Send + Sync {
         shape: AttnShape,
     );
 
+    /// Inference attention over a key/value cache. The new rows are `shape.seq` tokens per
+    /// sequence at positions `pos..pos + shape.seq`: their k and v are appended to the caches
+    /// (`[batch, max_seq, Hkv * D]`), and `out` (`[rows, H*D]`) gets each new query's causal
+    /// attention over positions `0..=` its own. Prefill and one-token decode are both this op.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_cached(
+        &self,
+        qkv: Self::Ref<'_>,
+        k_cache: Self::Mut<'_>,
+        v_cache: Self::Mut<'_>,
+        out: Self::Mut<'_>,
+        shape: AttnShape,
+        pos: usize,
+        max_seq: usize,
+    );
+
     // ---- activations -------------------------------------------------------------------------
     /// `out = silu(gate) * up` with gate and up the two halves of each `[2 * width]` row.
     fn swiglu_forward(&self, gate_up: Self::Ref<'_>, out: Self::Mut<'_>, width: usize);

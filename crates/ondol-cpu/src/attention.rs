@@ -187,3 +187,62 @@ pub fn attention_backward(dout: &[f32], qkv: &[f32], out: &[f32], lse: &[f32], d
         }
     });
 }
+
+/// Attention of new queries over a growing key/value cache (inference). Decoding reads
+/// the whole cache once per token and does O(pos * D) work per head, so a plain loop
+/// parallel over (batch, head) is as fast as anything here.
+pub fn attention_cached(
+    qkv: &[f32],
+    k_cache: &mut [f32],
+    v_cache: &mut [f32],
+    out: &mut [f32],
+    s: AttnShape,
+    pos: usize,
+    max_seq: usize,
+) {
+    let (n, d, width, kvw) = (s.seq, s.head_dim, s.qkv_width(), s.n_kv_heads * s.head_dim);
+    assert!(pos + n <= max_seq, "KV cache of {max_seq} positions cannot hold {} tokens", pos + n);
+    assert_eq!(k_cache.len(), s.batch * max_seq * kvw);
+    assert_eq!(out.len(), s.rows() * s.q_width());
+    let k0 = s.n_heads * d;
+    for b in 0..s.batch {
+        for i in 0..n {
+            let row = &qkv[(b * n + i) * width..][..width];
+            let at = (b * max_seq + pos + i) * kvw;
+            k_cache[at..at + kvw].copy_from_slice(&row[k0..k0 + kvw]);
+            v_cache[at..at + kvw].copy_from_slice(&row[k0 + kvw..k0 + 2 * kvw]);
+        }
+    }
+    let (k_cache, v_cache) = (&*k_cache, &*v_cache);
+    let scale = 1.0 / (d as f32).sqrt();
+    let group = s.n_heads / s.n_kv_heads;
+    let out_ptr = SharedMut::new(out);
+    (0..s.batch * s.n_heads).into_par_iter().for_each(|task| {
+        let (b, h) = (task / s.n_heads, task % s.n_heads);
+        let g = h / group;
+        let mut scores = vec![0.0f32; pos + n];
+        for i in 0..n {
+            let q = &qkv[(b * n + i) * width + h * d..][..d];
+            let keys = pos + i + 1;
+            for (j, sc) in scores[..keys].iter_mut().enumerate() {
+                let k = &k_cache[(b * max_seq + j) * kvw + g * d..][..d];
+                *sc = scale * q.iter().zip(k).map(|(a, b)| a * b).sum::<f32>();
+            }
+            let max = scores[..keys].iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+            let mut sum = 0.0;
+            for sc in &mut scores[..keys] {
+                *sc = exp(*sc - max);
+                sum += *sc;
+            }
+            // SAFETY: task (b, h) alone writes row b*n + i at columns h*d..h*d+d.
+            let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add((b * n + i) * s.q_width() + h * d), d) };
+            o.fill(0.0);
+            for (j, p) in scores[..keys].iter().enumerate() {
+                let v = &v_cache[(b * max_seq + j) * kvw + g * d..][..d];
+                for (o, v) in o.iter_mut().zip(v) {
+                    *o += p / sum * v;
+                }
+            }
+        }
+    });
+}

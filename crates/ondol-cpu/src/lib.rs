@@ -205,6 +205,19 @@ impl Backend for CpuBackend {
         attention::attention_backward(dout, qkv, out, lse, dqkv, shape);
     }
 
+    fn attention_cached(
+        &self,
+        qkv: &[f32],
+        k_cache: &mut [f32],
+        v_cache: &mut [f32],
+        out: &mut [f32],
+        shape: AttnShape,
+        pos: usize,
+        max_seq: usize,
+    ) {
+        attention::attention_cached(qkv, k_cache, v_cache, out, shape, pos, max_seq);
+    }
+
     fn swiglu_forward(&self, gate_up: &[f32], out: &mut [f32], width: usize) {
         activation::swiglu_forward(gate_up, out, width);
     }

@@ -9,4 +9,4 @@ pub mod transformer;
 
 pub use config::{Arch, ModelConfig};
 pub use params::{Init, ParamInfo, ParamLayout, Path};
-pub use transformer::{Transformer, Workspace};
+pub use transformer::{KvCache, Transformer, Workspace};

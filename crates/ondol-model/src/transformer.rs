@@ -308,9 +308,37 @@ impl Transformer {
     /// Computes the logits of `ids` (`[batch, seq]`, row-major) into `ws.logits`, saving
     /// what backward needs in `ws`.
     pub fn forward<B: Backend>(&self, be: &B, params: &B::Buf, ws: &mut Workspace<B>, ids: &B::Ids) {
+        self.forward_at(be, params, ws, ids, None);
+    }
+
+    /// Inference: the logits of `ws.seq` new tokens per sequence that follow the `cache.len`
+    /// tokens already in `cache`, appending their keys and values to it.
+    pub fn forward_cached<B: Backend>(
+        &self,
+        be: &B,
+        params: &B::Buf,
+        ws: &mut Workspace<B>,
+        ids: &B::Ids,
+        cache: &mut KvCache<B>,
+    ) {
+        assert!(cache.len + ws.seq <= cache.max_seq && cache.batch == ws.batch, "KV cache too small");
+        self.forward_at(be, params, ws, ids, Some(&mut *cache));
+        cache.len += ws.seq;
+    }
+
+    fn forward_at<B: Backend>(
+        &self,
+        be: &B,
+        params: &B::Buf,
+        ws: &mut Workspace<B>,
+        ids: &B::Ids,
+        mut cache: Option<&mut KvCache<B>>,
+    ) {
         let (d, rows, eps) = (self.cfg.d_model, ws.rows, self.cfg.norm_eps);
         let shape = self.attn_shape(ws.batch, ws.seq);
-        let positions = self.positions.as_ref().map(|r| (be.view(params, r.clone()), ws.seq));
+        // The new tokens start at position `pos`: positions and rotations are read from there.
+        let pos = cache.as_ref().map_or(0, |c| c.len);
+        let positions = self.positions.as_ref().map(|r| (be.view(params, r.start + pos * d..r.end), ws.seq));
         be.embedding_forward(ids, be.view(params, self.embed.clone()), positions, be.all_mut(&mut ws.res[0]), d);
 
         for (l, (layer, a)) in self.layers.iter().zip(ws.layers.iter_mut()).enumerate() {
@@ -319,9 +347,19 @@ impl Transformer {
             layer.norm1.forward(be, params, be.all(x), &mut a.norm1, d, eps);
             layer.qkv.forward(be, params, be.all(&a.norm1.out), &mut a.qkv, rows);
             if self.cfg.arch == Arch::Llama {
-                be.rope(be.all_mut(&mut a.qkv), be.all(&ws.rope), shape, false);
+                let table = match &cache {
+                    Some(c) => be.view(&c.rope, pos * self.cfg.head_dim()..be.len(&c.rope)),
+                    None => be.all(&ws.rope),
+                };
+                be.rope(be.all_mut(&mut a.qkv), table, shape, false);
             }
-            be.attention_forward(be.all(&a.qkv), be.all_mut(&mut a.attn), be.all_mut(&mut a.lse), shape);
+            match cache.as_deref_mut() {
+                None => be.attention_forward(be.all(&a.qkv), be.all_mut(&mut a.attn), be.all_mut(&mut a.lse), shape),
+                Some(c) => {
+                    let (k, v) = (be.all_mut(&mut c.k[l]), be.all_mut(&mut c.v[l]));
+                    be.attention_cached(be.all(&a.qkv), k, v, be.all_mut(&mut a.attn), shape, pos, c.max_seq);
+                }
+            }
             layer.out.forward(be, params, be.all(&a.attn), &mut a.mid, rows);
             be.add_assign(be.all_mut(&mut a.mid), be.all(x));
 
@@ -402,6 +440,37 @@ impl Transformer {
         be.embedding_backward(ids, be.all(&s.dres), be.view_mut(grads, self.embed.clone()), d);
         if let Some(pos) = &self.positions {
             be.position_embedding_backward(be.all(&s.dres), be.view_mut(grads, pos.clone()), ws.seq, d);
+        }
+    }
+}
+
+/// Every layer's keys and values of the tokens seen so far, for incremental decoding.
+pub struct KvCache<B: Backend> {
+    k: Vec<B::Buf>,
+    v: Vec<B::Buf>,
+    /// Rotary table for all `max_seq` positions (empty for learned positions).
+    rope: B::Buf,
+    pub batch: usize,
+    pub max_seq: usize,
+    /// Tokens already in the cache, per sequence.
+    pub len: usize,
+}
+
+impl<B: Backend> KvCache<B> {
+    pub fn new(be: &B, model: &Transformer, batch: usize, max_seq: usize) -> Self {
+        let cfg = &model.cfg;
+        let kvw = cfg.kv_heads() * cfg.head_dim();
+        let rope = match cfg.arch {
+            Arch::Llama => rope_table(max_seq, cfg.head_dim(), cfg.rope_theta),
+            Arch::Gpt2 => Vec::new(),
+        };
+        Self {
+            k: (0..cfg.n_layers).map(|_| be.zeros(batch * max_seq * kvw)).collect(),
+            v: (0..cfg.n_layers).map(|_| be.zeros(batch * max_seq * kvw)).collect(),
+            rope: be.upload(&rope),
+            batch,
+            max_seq,
+            len: 0,
         }
     }
 }

@@ -1,0 +1,74 @@
+//! Incremental decoding with a KV cache gives the logits of the full forward pass: prefill
+//! a prompt, then feed one token at a time, for Llama (GQA, rotary) and GPT-2 (learned
+//! positions), two sequences at once.
+
+use ondol_core::{Backend, Rng};
+use ondol_cpu::CpuBackend;
+use ondol_model::{Arch, KvCache, ModelConfig, Transformer, Workspace};
+
+fn model(arch: Arch) -> Transformer {
+    Transformer::new(ModelConfig {
+        arch,
+        vocab_size: 23,
+        d_model: 16,
+        n_layers: 2,
+        n_heads: 4,
+        n_kv_heads: if arch == Arch::Llama { Some(2) } else { None },
+        ffn_hidden: Some(24),
+        max_seq_len: 12,
+        tie_embeddings: None,
+        rope_theta: 10_000.0,
+        norm_eps: 1e-5,
+        init_std: 0.3,
+        init_residual_scaling: true,
+    })
+    .unwrap()
+}
+
+fn check(arch: Arch) {
+    let be = CpuBackend;
+    let m = model(arch);
+    let params = m.layout.init(4);
+    let (batch, seq, prompt) = (2, 9, 4);
+    let mut rng = Rng::new(2);
+    let ids: Vec<u32> = (0..batch * seq).map(|_| rng.below(23) as u32).collect();
+    let mut full = Workspace::new(&be, &m, batch, seq).unwrap();
+    m.forward(&be, &params, &mut full, &ids);
+    let want = be.download(&full.logits);
+    let v = m.cfg.vocab_size;
+
+    let mut cache = KvCache::new(&be, &m, batch, m.cfg.max_seq_len);
+    let mut pre = Workspace::new(&be, &m, batch, prompt).unwrap();
+    let prompt_ids: Vec<u32> = (0..batch).flat_map(|b| ids[b * seq..b * seq + prompt].to_vec()).collect();
+    m.forward_cached(&be, &params, &mut pre, &prompt_ids, &mut cache);
+    let mut got = vec![vec![0.0f32; seq * v]; batch];
+    let logits = be.download(&pre.logits);
+    for b in 0..batch {
+        got[b][..prompt * v].copy_from_slice(&logits[b * prompt * v..(b + 1) * prompt * v]);
+    }
+    let mut step = Workspace::new(&be, &m, batch, 1).unwrap();
+    for t in prompt..seq {
+        let next: Vec<u32> = (0..batch).map(|b| ids[b * seq + t]).collect();
+        m.forward_cached(&be, &params, &mut step, &next, &mut cache);
+        let logits = be.download(&step.logits);
+        for b in 0..batch {
+            got[b][t * v..(t + 1) * v].copy_from_slice(&logits[b * v..(b + 1) * v]);
+        }
+    }
+    assert_eq!(cache.len, seq);
+    for b in 0..batch {
+        for (i, (g, w)) in got[b].iter().zip(&want[b * seq * v..(b + 1) * seq * v]).enumerate() {
+            assert!((g - w).abs() < 1e-5 * (1.0 + w.abs()), "{arch:?} seq {b} position {}: {g} vs {w}", i / v);
+        }
+    }
+}
+
+#[test]
+fn llama_cached_decoding_matches_the_full_forward() {
+    check(Arch::Llama);
+}
+
+#[test]
+fn gpt2_cached_decoding_matches_the_full_forward() {
+    check(Arch::Gpt2);
+}
