@@ -62,8 +62,8 @@ pub struct Snapshot {
     pub parallel: Layout,
     /// The resolved run config (TOML) written as `ondol.toml`.
     pub run_config: String,
-    /// A tokenizer.json to copy in, if the run has one.
-    pub tokenizer: Option<PathBuf>,
+    /// Files copied in under their own names (tokenizer.json and its companions).
+    pub extra_files: Vec<PathBuf>,
     pub eos_token_id: Option<u32>,
     /// Shard the model file above this size (bytes).
     pub max_shard_bytes: u64,
@@ -103,8 +103,24 @@ fn sha256_file(path: &Path) -> Result<String> {
 /// points `latest` at it. Returns its path.
 pub fn save(run_dir: &Path, snap: &Snapshot) -> Result<PathBuf> {
     let root = checkpoints_dir(run_dir);
-    fs::create_dir_all(&root).map_err(io(format!("cannot create {}", root.display())))?;
     let name = step_name(snap.step);
+    let dst = root.join(&name);
+    save_to(&dst, snap)?;
+    let latest_tmp = root.join(".latest.tmp");
+    fs::write(&latest_tmp, format!("{name}\n"))
+        .and_then(|_| File::open(&latest_tmp)?.sync_all())
+        .and_then(|_| fs::rename(&latest_tmp, root.join("latest")))
+        .map_err(io(format!("cannot update {}", root.join("latest").display())))?;
+    sync_dir(&root)?;
+    Ok(dst)
+}
+
+/// Writes the checkpoint of `snap` as the directory `dst`, atomically: into a temporary
+/// sibling first, renamed into place once every byte is on disk.
+pub fn save_to(dst: &Path, snap: &Snapshot) -> Result<()> {
+    let root = dst.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    fs::create_dir_all(root).map_err(io(format!("cannot create {}", root.display())))?;
+    let name = dst.file_name().map_or("checkpoint".into(), |n| n.to_string_lossy().into_owned());
     let tmp = root.join(format!(".{name}.tmp"));
     if tmp.exists() {
         fs::remove_dir_all(&tmp).map_err(io(format!("cannot remove {}", tmp.display())))?;
@@ -124,12 +140,13 @@ pub fn save(run_dir: &Path, snap: &Snapshot) -> Result<PathBuf> {
         .and_then(|_| File::open(&toml_path)?.sync_all())
         .map_err(io(format!("cannot write {}", toml_path.display())))?;
     files.push("ondol.toml".into());
-    if let Some(tok) = &snap.tokenizer {
-        let dst = tmp.join("tokenizer.json");
-        fs::copy(tok, &dst)
-            .and_then(|_| File::open(&dst)?.sync_all())
-            .map_err(io(format!("cannot copy {} into the checkpoint", tok.display())))?;
-        files.push("tokenizer.json".into());
+    for extra in &snap.extra_files {
+        let name = extra.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let copy = tmp.join(&name);
+        fs::copy(extra, &copy)
+            .and_then(|_| File::open(&copy)?.sync_all())
+            .map_err(io(format!("cannot copy {} into the checkpoint", extra.display())))?;
+        files.push(name);
     }
 
     let mut checksums = BTreeMap::new();
@@ -148,18 +165,11 @@ pub fn save(run_dir: &Path, snap: &Snapshot) -> Result<PathBuf> {
     sync_dir(&tmp.join("optimizer"))?;
     sync_dir(&tmp)?;
 
-    let dst = root.join(&name);
     if dst.exists() {
-        fs::remove_dir_all(&dst).map_err(io(format!("cannot replace {}", dst.display())))?;
+        fs::remove_dir_all(dst).map_err(io(format!("cannot replace {}", dst.display())))?;
     }
-    fs::rename(&tmp, &dst).map_err(io(format!("cannot move {} into place", tmp.display())))?;
-    let latest_tmp = root.join(".latest.tmp");
-    fs::write(&latest_tmp, format!("{name}\n"))
-        .and_then(|_| File::open(&latest_tmp)?.sync_all())
-        .and_then(|_| fs::rename(&latest_tmp, root.join("latest")))
-        .map_err(io(format!("cannot update {}", root.join("latest").display())))?;
-    sync_dir(&root)?;
-    Ok(dst)
+    fs::rename(&tmp, dst).map_err(io(format!("cannot move {} into place", tmp.display())))?;
+    sync_dir(root)
 }
 
 /// Complete checkpoints of a run, newest first.
@@ -259,36 +269,43 @@ pub fn model_config(dir: &Path) -> Result<ModelConfig> {
     Ok(hf::from_hf_config(&json, &path.display().to_string())?.0)
 }
 
+/// Errors unless the model in `dir` (declared as `theirs`) is the model a run configures
+/// (`ours`): same architecture, sizes and numerics, each difference named by its key.
+pub fn check_compatible(dir: &Path, theirs: &ModelConfig, ours: &ModelConfig) -> Result<()> {
+    let describe = |c: &ModelConfig| -> Vec<(&'static str, String)> {
+        let mut v = vec![
+            ("arch", format!("{:?}", c.arch).to_lowercase()),
+            ("vocab_size", c.vocab_size.to_string()),
+            ("d_model", c.d_model.to_string()),
+            ("n_layers", c.n_layers.to_string()),
+            ("n_heads", c.n_heads.to_string()),
+            ("n_kv_heads", c.kv_heads().to_string()),
+            ("ffn_hidden", c.ffn().to_string()),
+            ("tie_embeddings", c.tied().to_string()),
+            ("max_seq_len", c.max_seq_len.to_string()),
+            ("norm_eps", c.norm_eps.to_string()),
+        ];
+        if c.arch == ondol_model::Arch::Llama {
+            v.push(("rope_theta", c.rope_theta.to_string()));
+        }
+        v
+    };
+    for ((key, have), (_, want)) in describe(theirs).into_iter().zip(describe(ours)) {
+        if have != want {
+            return Err(Error::config(
+                format!("model.{key}"),
+                format!("the run has {want}, but {} holds a model with {have}", dir.display()),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Loads a checkpoint for a model configured as `model` (laid out as `layout`), verifying
 /// every file first and refusing one written for another architecture or size.
 pub fn load(dir: &Path, model: &ModelConfig, layout: &ParamLayout) -> Result<Loaded> {
     let state = verify(dir)?;
-    let theirs = model_config(dir)?;
-    let shape = |c: &ModelConfig| {
-        [("arch", format!("{:?}", c.arch).to_lowercase())]
-            .into_iter()
-            .chain(
-                [
-                    ("vocab_size", c.vocab_size),
-                    ("d_model", c.d_model),
-                    ("n_layers", c.n_layers),
-                    ("n_heads", c.n_heads),
-                    ("n_kv_heads", c.kv_heads()),
-                    ("ffn_hidden", c.ffn()),
-                ]
-                .map(|(k, v)| (k, v.to_string())),
-            )
-            .chain([("tie_embeddings", c.tied().to_string())])
-            .collect::<Vec<_>>()
-    };
-    for ((key, have), (_, want)) in shape(&theirs).into_iter().zip(shape(model)) {
-        if have != want {
-            return Err(Error::config(
-                format!("model.{key}"),
-                format!("the run has {want}, but the checkpoint {} holds a model with {have}", dir.display()),
-            ));
-        }
-    }
+    check_compatible(dir, &model_config(dir)?, model)?;
     let run_config = fs::read_to_string(dir.join("ondol.toml"))
         .map_err(io(format!("cannot read {}", dir.join("ondol.toml").display())))?;
     let params = read_layout(&files_of(dir, "model")?, layout)?;

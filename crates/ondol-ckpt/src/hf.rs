@@ -204,6 +204,7 @@ pub fn from_hf_config(json: &Value, file: &str) -> Result<(ModelConfig, Vec<Stri
                 norm_eps: f.f64("rms_norm_eps", 1e-6)? as f32,
                 init_std: f.f64("initializer_range", 0.02)? as f32,
                 init_residual_scaling: true,
+                init_from: None,
             };
             (
                 cfg,
@@ -254,6 +255,7 @@ pub fn from_hf_config(json: &Value, file: &str) -> Result<(ModelConfig, Vec<Stri
                 norm_eps: f.f64("layer_norm_epsilon", 1e-5)? as f32,
                 init_std: f.f64("initializer_range", 0.02)? as f32,
                 init_residual_scaling: true,
+                init_from: None,
             };
             (
                 cfg,
@@ -318,6 +320,7 @@ mod tests {
             norm_eps: 1e-6,
             init_std: 0.02,
             init_residual_scaling: true,
+            init_from: None,
         }
     }
 

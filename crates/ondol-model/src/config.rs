@@ -40,6 +40,10 @@ pub struct ModelConfig {
     /// Scale the init of the projections into the residual stream by 1/sqrt(2 n_layers).
     #[serde(default = "default_true")]
     pub init_residual_scaling: bool,
+    /// Start from the weights of this checkpoint or Hugging Face directory (fine-tuning);
+    /// its config.json must describe the same model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_from: Option<String>,
 }
 
 fn default_rope_theta() -> f64 {

@@ -23,6 +23,7 @@ fn tiny(arch: Arch, tie: Option<bool>) -> ModelConfig {
         // Larger than a real init so that every gradient is well above f32 noise.
         init_std: 0.3,
         init_residual_scaling: true,
+        init_from: None,
     }
 }
 

@@ -21,6 +21,7 @@ fn model(arch: Arch) -> Transformer {
         norm_eps: 1e-5,
         init_std: 0.3,
         init_residual_scaling: true,
+        init_from: None,
     })
     .unwrap()
 }

@@ -1,15 +1,18 @@
 //! `ondol`: train and inspect models. See `ondol --help`.
 
 use clap::{Args, Parser, Subcommand};
-use ondol::config::{Device, RunConfig};
+use ondol::config::{BYTE_EOT, Device, RunConfig};
 use ondol::metrics::Metrics;
+use ondol::pretrained::{self, Pretrained, Sampling};
 use ondol::trainer::{self, Data, Trainer};
 use ondol_ckpt::{Writer, checkpoint};
 use ondol_core::{Backend, Error, Result};
 use ondol_cpu::CpuBackend;
-use ondol_model::Transformer;
+use ondol_data::{Loader, Order, SourceKind, TokenStream};
+use ondol_model::{Transformer, Workspace};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 #[derive(Parser)]
 #[command(name = "ondol", version, about = "LLM pretraining from the floor up")]
@@ -24,6 +27,67 @@ enum Command {
     Train(TrainArgs),
     /// Print parameter count, FLOPs per token and memory of a config.
     Inspect(ConfigArgs),
+    /// Loss and perplexity of a checkpoint or Hugging Face model on token data.
+    Eval(EvalArgs),
+    /// Sample text from a checkpoint or Hugging Face model.
+    Generate(GenerateArgs),
+    /// Turn another framework's model into an ondol checkpoint.
+    #[command(subcommand)]
+    Import(ImportCommand),
+}
+
+#[derive(Subcommand)]
+enum ImportCommand {
+    /// A Hugging Face Llama or GPT-2 directory (config.json + safetensors).
+    Hf {
+        /// The Hugging Face model directory.
+        src: PathBuf,
+        /// The checkpoint directory to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// A checkpoint or Hugging Face model directory.
+    dir: PathBuf,
+    /// Token shards (.bin) or, for byte-level models, text files; paths or globs.
+    #[arg(long, num_args = 1.., required = true)]
+    data: Vec<String>,
+    /// Batches to evaluate (default: the whole data, once).
+    #[arg(long)]
+    batches: Option<usize>,
+    /// Sequences per batch (default: the checkpoint's training.batch_size, else 8).
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Tokens per sequence (default: the checkpoint's training.seq_len, else up to 1024).
+    #[arg(long)]
+    seq_len: Option<usize>,
+    /// Print one JSON object: {"loss", "perplexity", "tokens", "batches"}.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// A checkpoint or Hugging Face model directory.
+    dir: PathBuf,
+    #[arg(long)]
+    prompt: String,
+    #[arg(long, default_value_t = 50)]
+    max_new_tokens: usize,
+    /// 0 always takes the most likely token.
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f32,
+    /// Sample among the k most likely tokens (0: all).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Sample among the most likely tokens whose probabilities add up to p.
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
 }
 
 #[derive(Args)]
@@ -53,6 +117,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Train(args) => train(args),
         Command::Inspect(args) => inspect(args),
+        Command::Eval(args) => eval(args),
+        Command::Generate(args) => generate(args),
+        Command::Import(ImportCommand::Hf { src, out }) => import_hf(&src, &out),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -174,6 +241,72 @@ fn inspect(args: ConfigArgs) -> Result<()> {
         gib(acts),
         t.batch_size,
         t.seq_len
+    );
+    Ok(())
+}
+
+fn eval(args: EvalArgs) -> Result<()> {
+    let p = Pretrained::load(&args.dir)?;
+    let training = p.run_config.as_ref().map(|c| &c.training);
+    let seq = args.seq_len.or(training.map(|t| t.seq_len)).unwrap_or(p.model.cfg.max_seq_len.min(1024));
+    let batch = args.batch_size.or(training.map(|t| t.batch_size)).unwrap_or(8);
+    if seq == 0 || seq > p.model.cfg.max_seq_len || batch == 0 {
+        return Err(Error::config(
+            "--seq-len/--batch-size",
+            format!("need 1 <= seq_len <= {} and batch_size >= 1", p.model.cfg.max_seq_len),
+        ));
+    }
+    let files = ondol_data::expand_globs(&args.data, Path::new(".")).map_err(|e| Error::Input(e.to_string()))?;
+    let shards = files.iter().all(|f| f.extension().is_some_and(|e| e == "bin"));
+    let kind = if shards { SourceKind::Shards } else { SourceKind::ByteText };
+    if !shards {
+        p.byte_tokenizer()?;
+    }
+    let stream = TokenStream::open(&files, kind).map_err(|e| Error::Input(e.to_string()))?;
+    let mut loader =
+        Loader::new(Arc::new(stream), seq, batch, Order::Sequential, 0, 1).map_err(|e| Error::Input(e.to_string()))?;
+    let batches = args.batches.unwrap_or(usize::MAX).min(loader.batches_per_epoch() as usize);
+    let be = CpuBackend::new();
+    let mut ws = Workspace::new(&be, &p.model, batch, seq)?;
+    let (loss, tokens) = trainer::evaluate(&be, &p.model, &p.params, &mut ws, &mut loader, batches)?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({ "loss": loss, "perplexity": loss.exp(), "tokens": tokens, "batches": batches })
+        );
+    } else {
+        println!(
+            "loss {loss:.4}  perplexity {:.3}  over {tokens} tokens ({batches} batches of {batch} x {seq})",
+            loss.exp()
+        );
+    }
+    Ok(())
+}
+
+fn generate(args: GenerateArgs) -> Result<()> {
+    let p = Pretrained::load(&args.dir)?;
+    let tok = p.byte_tokenizer()?;
+    if !(args.temperature >= 0.0 && args.top_p > 0.0 && args.top_p <= 1.0) {
+        return Err(Error::config("--temperature/--top-p", "need temperature >= 0 and 0 < top_p <= 1"));
+    }
+    let sampling = Sampling { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p, seed: args.seed };
+    let be = CpuBackend::new();
+    let prompt = tok.encode(&args.prompt);
+    let eos = p.eos_token_id.or(Some(BYTE_EOT));
+    let out = pretrained::generate(&be, &p, &p.params, &prompt, args.max_new_tokens, eos, sampling)?;
+    println!("{}{}", args.prompt, tok.decode(&out));
+    Ok(())
+}
+
+fn import_hf(src: &Path, out: &Path) -> Result<()> {
+    for warning in pretrained::import_hf(src, out)? {
+        eprintln!("warning: {warning}");
+    }
+    eprintln!(
+        "wrote {}: a checkpoint (step 0) and a starter run config, {}/ondol.toml, whose [model] \
+         continues from it; fine-tune with `ondol train` on a copy of that file",
+        out.display(),
+        out.display()
     );
     Ok(())
 }

@@ -4,6 +4,7 @@
 
 use crate::config::{BYTE_EOT, DataFormat, RunConfig};
 use crate::metrics::{Metrics, StepRow};
+use crate::pretrained::Pretrained;
 use ondol_ckpt::{Loaded, Snapshot, Writer};
 use ondol_core::{Backend, Error, Result};
 use ondol_data::{Cursor, Loader, Order, SourceKind, TokenStream, expand_globs};
@@ -79,7 +80,11 @@ impl<B: Backend> Trainer<B> {
     pub fn new(be: B, cfg: RunConfig, data: Data) -> Result<Self> {
         let model = Transformer::new(cfg.model.clone())?;
         let t = &cfg.training;
-        let params = be.upload(&model.layout.init(t.seed));
+        let initial = match &cfg.model.init_from {
+            Some(dir) => Pretrained::weights_for(&cfg.model, Path::new(dir))?,
+            None => model.layout.init(t.seed),
+        };
+        let params = be.upload(&initial);
         let grads = be.zeros(model.num_params());
         let opt = AdamW::new(&be, cfg.optimizer.clone(), model.num_params(), model.layout.decay_runs());
         let sched = LrSchedule::new(cfg.lr_scheduler.clone(), cfg.optimizer.lr, t.steps);
@@ -120,18 +125,9 @@ impl<B: Backend> Trainer<B> {
     }
 
     /// Copies the next micro-batch to the device, refusing tokens outside the vocabulary.
-    fn load_batch(&mut self, from_val: Option<&mut Loader>) -> Result<()> {
-        let loader = from_val.unwrap_or(&mut self.loader);
-        loader.next_batch(&mut self.host_inputs, &mut self.host_targets);
-        let vocab = self.cfg.model.vocab_size as u32;
-        if let Some(bad) = self.host_targets.iter().chain(&self.host_inputs).find(|&&t| t >= vocab) {
-            return Err(Error::config(
-                "model.vocab_size",
-                format!(
-                    "the data holds token id {bad}, outside the vocabulary of {vocab}: raise vocab_size or check data.train"
-                ),
-            ));
-        }
+    fn load_batch(&mut self) -> Result<()> {
+        self.loader.next_batch(&mut self.host_inputs, &mut self.host_targets);
+        check_vocab(&self.host_inputs, &self.host_targets, self.cfg.model.vocab_size)?;
         self.be.write_ids(&mut self.inputs, &self.host_inputs);
         self.be.write_ids(&mut self.targets, &self.host_targets);
         Ok(())
@@ -147,7 +143,7 @@ impl<B: Backend> Trainer<B> {
         be.fill(be.all_mut(&mut self.grads), 0.0);
         let mut loss_sum = 0.0;
         for _ in 0..accum {
-            self.load_batch(None)?;
+            self.load_batch()?;
             let be = &self.be;
             self.model.forward(be, &self.params, &mut self.ws, &self.inputs);
             loss_sum += self.model.loss(be, &mut self.ws, &self.targets, Some(grad_scale));
@@ -182,7 +178,7 @@ impl<B: Backend> Trainer<B> {
             data: serde_json::to_value(self.loader.cursor()).expect("cursor serializes"),
             parallel: ondol_ckpt::Layout { tp: 1, pp: 1, dp: 1 },
             run_config: toml::to_string(&self.cfg).expect("config serializes"),
-            tokenizer: None,
+            extra_files: Vec::new(),
             eos_token_id: (self.cfg.data.tokenizer.as_deref() == Some("bytes")).then_some(BYTE_EOT),
             max_shard_bytes: self.cfg.checkpoint.max_shard_bytes,
         }
@@ -244,18 +240,49 @@ impl<B: Backend> Trainer<B> {
     pub fn evaluate(&mut self) -> Result<Option<f64>> {
         let Some(val) = self.val.clone() else { return Ok(None) };
         let t = &self.cfg.training;
-        let (seq, batch, batches) = (t.seq_len, t.batch_size, t.eval_batches);
-        let mut loader = Loader::new(val, seq, batch, Order::Sequential, 0, 1)
+        let mut loader = Loader::new(val, t.seq_len, t.batch_size, Order::Sequential, 0, 1)
             .map_err(|e| Error::config("data.val", format!("too little validation data for one batch: {e}")))?;
-        let batches = batches.min(loader.batches_per_epoch() as usize).max(1);
-        let mut sum = 0.0;
-        for _ in 0..batches {
-            self.load_batch(Some(&mut loader))?;
-            self.model.forward(&self.be, &self.params, &mut self.ws, &self.inputs);
-            sum += self.model.loss(&self.be, &mut self.ws, &self.targets, None);
-        }
-        Ok(Some(sum / (batches * batch * seq) as f64))
+        let batches = t.eval_batches;
+        Ok(Some(evaluate(&self.be, &self.model, &self.params, &mut self.ws, &mut loader, batches)?.0))
     }
+}
+
+/// Refuses token ids the model has no embedding for (a mismatched tokenizer or config).
+fn check_vocab(inputs: &[u32], targets: &[u32], vocab: usize) -> Result<()> {
+    match inputs.iter().chain(targets).find(|&&t| t as usize >= vocab) {
+        None => Ok(()),
+        Some(bad) => Err(Error::config(
+            "model.vocab_size",
+            format!("the data holds token id {bad}, outside the vocabulary of {vocab}: check the data and the model"),
+        )),
+    }
+}
+
+/// Mean loss per token of `model` over the next `batches` batches of `loader` (at most one
+/// epoch), and the number of tokens it covered.
+pub fn evaluate<B: Backend>(
+    be: &B,
+    model: &Transformer,
+    params: &B::Buf,
+    ws: &mut Workspace<B>,
+    loader: &mut Loader,
+    batches: usize,
+) -> Result<(f64, u64)> {
+    let rows = ws.batch * ws.seq;
+    let (mut inputs, mut targets) = (vec![0u32; rows], vec![0u32; rows]);
+    let (mut ids, mut tgt) = (be.upload_ids(&inputs), be.upload_ids(&targets));
+    let batches = batches.min(loader.batches_per_epoch() as usize).max(1);
+    let mut sum = 0.0;
+    for _ in 0..batches {
+        loader.next_batch(&mut inputs, &mut targets);
+        check_vocab(&inputs, &targets, model.cfg.vocab_size)?;
+        be.write_ids(&mut ids, &inputs);
+        be.write_ids(&mut tgt, &targets);
+        model.forward(be, params, ws, &ids);
+        sum += model.loss(be, ws, &tgt, None);
+    }
+    let tokens = (batches * rows) as u64;
+    Ok((sum / tokens as f64, tokens))
 }
 
 /// The result of a whole run.

@@ -1,0 +1,210 @@
+//! Models read from a directory (an ondol checkpoint or a Hugging Face model directory),
+//! and what is done with them: evaluation, sampling, import.
+
+use crate::config::{BYTE_VOCAB, RunConfig};
+use ondol_ckpt::{Snapshot, checkpoint, tensors};
+use ondol_core::{Backend, Error, Result, Rng};
+use ondol_data::ByteTokenizer;
+use ondol_model::{KvCache, ModelConfig, Transformer, Workspace};
+use std::path::{Path, PathBuf};
+
+/// A model and its weights from a directory.
+pub struct Pretrained {
+    pub dir: PathBuf,
+    pub model: Transformer,
+    pub params: Vec<f32>,
+    /// The run config, when the directory is an ondol checkpoint.
+    pub run_config: Option<RunConfig>,
+    /// The end-of-text id config.json declares, if any.
+    pub eos_token_id: Option<u32>,
+}
+
+impl Pretrained {
+    /// Reads `dir`, verifying checksums first when it is an ondol checkpoint.
+    pub fn load(dir: &Path) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(Error::Input(format!("{}: no such directory", dir.display())));
+        }
+        if dir.join("trainer_state.json").exists() {
+            checkpoint::verify(dir)?;
+        }
+        let cfg = checkpoint::model_config(dir)?;
+        let model = Transformer::new(cfg)?;
+        let params = tensors::read_layout(&tensors::files_of(dir, "model")?, &model.layout)?;
+        let toml = dir.join("ondol.toml");
+        let run_config = match std::fs::read_to_string(&toml) {
+            Ok(text) => Some(RunConfig::parse(&text, &toml.display().to_string(), &[])?),
+            Err(_) => None,
+        };
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap_or_default())
+                .unwrap_or_default();
+        let eos_token_id = config.get("eos_token_id").and_then(|v| v.as_u64()).map(|v| v as u32);
+        Ok(Self { dir: dir.to_path_buf(), model, params, run_config, eos_token_id })
+    }
+
+    /// Weights for a run whose `[model]` is `ours`, from `init_from`: the directory must hold
+    /// the same model.
+    pub fn weights_for(ours: &ModelConfig, dir: &Path) -> Result<Vec<f32>> {
+        let p = Self::load(dir)?;
+        checkpoint::check_compatible(dir, &p.model.cfg, ours)?;
+        Ok(p.params)
+    }
+
+    /// The tokenizer the model was trained with: byte-level when the directory has no
+    /// tokenizer.json and the vocabulary covers the 257 byte-level ids.
+    pub fn byte_tokenizer(&self) -> Result<ByteTokenizer> {
+        if self.dir.join("tokenizer.json").exists() {
+            return Err(Error::Input(format!(
+                "{}: has a tokenizer.json; this build generates only with byte-level models",
+                self.dir.display()
+            )));
+        }
+        if self.model.cfg.vocab_size < BYTE_VOCAB {
+            return Err(Error::Input(format!(
+                "{}: no tokenizer.json, and a vocabulary of {} is too small for bytes",
+                self.dir.display(),
+                self.model.cfg.vocab_size
+            )));
+        }
+        Ok(ByteTokenizer::new())
+    }
+}
+
+/// Sampling settings of `ondol generate`.
+#[derive(Clone, Copy, Debug)]
+pub struct Sampling {
+    /// 0 picks the most likely token.
+    pub temperature: f32,
+    /// Keep the k most likely tokens (0: all).
+    pub top_k: usize,
+    /// Keep the smallest set of tokens whose probability reaches p (1: all).
+    pub top_p: f32,
+    pub seed: u64,
+}
+
+/// Draws a token from one row of logits.
+pub fn sample(logits: &[f32], s: Sampling, rng: &mut Rng) -> u32 {
+    let argmax =
+        || logits.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0;
+    if s.temperature <= 0.0 {
+        return argmax() as u32;
+    }
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+    if s.top_k > 0 {
+        order.truncate(s.top_k);
+    }
+    let max = logits[order[0]];
+    let mut probs: Vec<f64> = order.iter().map(|&i| (((logits[i] - max) / s.temperature) as f64).exp()).collect();
+    let total: f64 = probs.iter().sum();
+    probs.iter_mut().for_each(|p| *p /= total);
+    if s.top_p < 1.0 {
+        let mut acc = 0.0;
+        let keep = probs.iter().position(|p| {
+            acc += p;
+            acc >= s.top_p as f64
+        });
+        let keep = keep.map_or(probs.len(), |k| k + 1);
+        probs.truncate(keep);
+        let total: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|p| *p /= total);
+    }
+    let u = rng.next_f64();
+    let mut acc = 0.0;
+    for (p, &i) in probs.iter().zip(&order) {
+        acc += p;
+        if u < acc {
+            return i as u32;
+        }
+    }
+    order[probs.len() - 1] as u32
+}
+
+/// Continues `prompt` by up to `max_new` tokens, stopping at `eos`, with a KV cache.
+pub fn generate<B: Backend>(
+    be: &B,
+    p: &Pretrained,
+    params: &B::Buf,
+    prompt: &[u32],
+    max_new: usize,
+    eos: Option<u32>,
+    s: Sampling,
+) -> Result<Vec<u32>> {
+    let model = &p.model;
+    let max_seq = model.cfg.max_seq_len;
+    if prompt.is_empty() || prompt.len() >= max_seq {
+        return Err(Error::Input(format!("the prompt has {} tokens: it needs 1 to {}", prompt.len(), max_seq - 1)));
+    }
+    let budget = max_new.min(max_seq - prompt.len());
+    let vocab = model.cfg.vocab_size;
+    let mut cache = KvCache::new(be, model, 1, max_seq);
+    let mut ws = Workspace::new(be, model, 1, prompt.len())?;
+    model.forward_cached(be, params, &mut ws, &be.upload_ids(prompt), &mut cache);
+    let logits = be.download(&ws.logits);
+    let mut rng = Rng::new(s.seed);
+    let mut next = sample(&logits[(prompt.len() - 1) * vocab..], s, &mut rng);
+    let mut out = Vec::with_capacity(budget);
+    let mut step = Workspace::new(be, model, 1, 1)?;
+    let mut ids = be.upload_ids(&[0]);
+    while out.len() < budget && Some(next) != eos {
+        out.push(next);
+        if out.len() == budget {
+            break;
+        }
+        be.write_ids(&mut ids, &[next]);
+        model.forward_cached(be, params, &mut step, &ids, &mut cache);
+        next = sample(&be.download(&step.logits), s, &mut rng);
+    }
+    Ok(out)
+}
+
+/// Writes the Hugging Face model in `src` as an ondol checkpoint directory `out` (step 0,
+/// zero AdamW moments, f32), with a starter run config whose `[model]` continues from it.
+/// Returns warnings about fields accepted but not applied.
+pub fn import_hf(src: &Path, out: &Path) -> Result<Vec<String>> {
+    let path = src.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(format!("cannot read {}", path.display()), e))?;
+    let json =
+        serde_json::from_str(&text).map_err(|e| Error::Input(format!("{}: not valid JSON: {e}", path.display())))?;
+    let (mut cfg, warnings) = ondol_ckpt::hf::from_hf_config(&json, &path.display().to_string())?;
+    let p = Pretrained::load(src)?;
+    // Absolute, so the starter config works from any working directory.
+    let out_abs = std::path::absolute(out).map_err(|e| Error::io(format!("cannot resolve {}", out.display()), e))?;
+    cfg.init_from = Some(out_abs.display().to_string());
+    let mut model_toml = toml::to_string(&cfg).expect("model config serializes");
+    model_toml = model_toml.trim_end().to_string();
+    let seq = cfg.max_seq_len.min(1024);
+    let run_config = format!(
+        "# Fine-tuning starter written by `ondol import hf {src}`: point [data] at your token\n\
+         # shards, adjust [training], then `ondol train` this file. The weights load from init_from.\n\n\
+         [model]\n{model_toml}\n\n[training]\nsteps = 1000\nbatch_size = 8\nseq_len = {seq}\n\n\
+         [data]\ntrain = [\"data/train_*.bin\"]\nval = [\"data/val_*.bin\"]\n\n\
+         [optimizer]\nlr = 1e-5\nweight_decay = 0.0\n\n[lr_scheduler]\nwarmup_steps = 50\n",
+        src = src.display()
+    );
+    RunConfig::parse(&run_config, "the generated ondol.toml", &[])?;
+    let extra_files = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+        .iter()
+        .map(|f| src.join(f))
+        .filter(|f| f.is_file())
+        .collect();
+    let n = p.params.len();
+    let snap = Snapshot {
+        model: cfg,
+        layout: p.model.layout.clone(),
+        params: p.params,
+        exp_avg: vec![0.0; n],
+        exp_avg_sq: vec![0.0; n],
+        step: 0,
+        tokens: 0,
+        data: serde_json::to_value(ondol_data::Cursor::default()).expect("cursor serializes"),
+        parallel: ondol_ckpt::Layout { tp: 1, pp: 1, dp: 1 },
+        run_config,
+        extra_files,
+        eos_token_id: p.eos_token_id,
+        max_shard_bytes: 5_000_000_000,
+    };
+    checkpoint::save_to(out, &snap)?;
+    Ok(warnings)
+}

@@ -1,0 +1,161 @@
+//! eval, generate, import and init_from: the ways a trained or downloaded model is used.
+
+use ondol::config::RunConfig;
+use ondol::pretrained::{self, Pretrained, Sampling, sample};
+use ondol::trainer::{Data, Trainer};
+use ondol_core::Rng;
+use ondol_cpu::CpuBackend;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../ondol-ckpt/tests/fixtures").join(name)
+}
+
+fn ondol(dir: &Path, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_ondol")).args(args).current_dir(dir).output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn sampling_follows_temperature_top_k_and_top_p() {
+    let logits = [1.0f32, 3.0, 2.0, 0.5];
+    let mut rng = Rng::new(1);
+    let greedy = Sampling { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0 };
+    assert_eq!(sample(&logits, greedy, &mut rng), 1);
+    let top1 = Sampling { temperature: 1.0, top_k: 1, top_p: 1.0, seed: 0 };
+    assert!((0..50).all(|_| sample(&logits, top1, &mut rng) == 1));
+    // top_p 0.8: the two most likely tokens hold 0.665 + 0.245 = 0.91 >= 0.8, so only they remain.
+    let nucleus = Sampling { temperature: 1.0, top_k: 0, top_p: 0.8, seed: 0 };
+    assert!((0..200).all(|_| matches!(sample(&logits, nucleus, &mut rng), 1 | 2)));
+    // Plain sampling matches the softmax within sampling error.
+    let plain = Sampling { temperature: 1.0, top_k: 0, top_p: 1.0, seed: 0 };
+    let mut counts = [0usize; 4];
+    let n = 40_000;
+    for _ in 0..n {
+        counts[sample(&logits, plain, &mut rng) as usize] += 1;
+    }
+    let z: f32 = logits.iter().map(|l| l.exp()).sum();
+    for (c, l) in counts.iter().zip(logits) {
+        let p = (l.exp() / z) as f64;
+        let freq = *c as f64 / n as f64;
+        assert!((freq - p).abs() < 4.0 * (p * (1.0 - p) / n as f64).sqrt() + 1e-3, "{counts:?}");
+    }
+}
+
+#[test]
+fn generation_is_reproducible_bounded_and_stops_at_end_of_text() {
+    let p = Pretrained::load(&fixture("tiny-llama-gqa")).unwrap();
+    let be = CpuBackend;
+    let s = Sampling { temperature: 1.0, top_k: 0, top_p: 1.0, seed: 3 };
+    let a = pretrained::generate(&be, &p, &p.params, &[5, 6, 7], 20, None, s).unwrap();
+    let b = pretrained::generate(&be, &p, &p.params, &[5, 6, 7], 20, None, s).unwrap();
+    assert_eq!(a, b);
+    assert_eq!(a.len(), 20);
+    // Stopping at the first sampled token that is end-of-text.
+    let stop = a[4];
+    let c = pretrained::generate(&be, &p, &p.params, &[5, 6, 7], 20, Some(stop), s).unwrap();
+    assert_eq!(c, a[..a.iter().position(|&t| t == stop).unwrap()]);
+    // The context never exceeds max_seq_len (64).
+    let long = pretrained::generate(&be, &p, &p.params, &[1; 60], 50, None, s).unwrap();
+    assert_eq!(long.len(), 4);
+    assert!(pretrained::generate(&be, &p, &p.params, &[], 5, None, s).is_err());
+}
+
+#[test]
+fn import_then_init_from_starts_from_the_hugging_face_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("imported");
+    let (ok, _, err) =
+        ondol(dir.path(), &["import", "hf", fixture("tiny-gpt2").to_str().unwrap(), "--out", "imported"]);
+    assert!(ok, "{err}");
+    let hf = Pretrained::load(&fixture("tiny-gpt2")).unwrap();
+    let imported = Pretrained::load(&out).unwrap();
+    assert!(hf.params.iter().zip(&imported.params).all(|(a, b)| a.to_bits() == b.to_bits()));
+
+    // The starter config continues from the imported weights once it has data.
+    ondol_data::write_shard(
+        dir.path().join("train.bin"),
+        &(0..5000).map(|i| (i * 7 % 97) as u32).collect::<Vec<_>>(),
+        None,
+    )
+    .unwrap();
+    let cfg = RunConfig::load(
+        &out.join("ondol.toml"),
+        &["data.train=[\"train.bin\"]".into(), "data.val=[]".into(), "training.seq_len=16".into()],
+    )
+    .unwrap();
+    let data = Data::open(&cfg, dir.path()).unwrap();
+    let trainer = Trainer::new(CpuBackend, cfg, data).unwrap();
+    assert!(trainer.params.iter().zip(&hf.params).all(|(a, b)| a.to_bits() == b.to_bits()));
+
+    // A run whose [model] differs from the directory is refused by key.
+    let bad = RunConfig::load(
+        &out.join("ondol.toml"),
+        &[
+            "data.train=[\"train.bin\"]".into(),
+            "data.val=[]".into(),
+            "training.seq_len=16".into(),
+            "model.norm_eps=1e-6".into(),
+        ],
+    )
+    .unwrap();
+    let data = Data::open(&bad, dir.path()).unwrap();
+    let e = Trainer::new(CpuBackend, bad, data).err().unwrap().to_string();
+    assert!(e.contains("model.norm_eps"), "{e}");
+
+    // Not a model directory, and an unsupported architecture: clear errors, no panic.
+    let (ok, _, err) = ondol(dir.path(), &["import", "hf", "nowhere", "--out", "x"]);
+    assert!(!ok && err.contains("nowhere") && !err.contains("panicked"), "{err}");
+    let (ok, _, err) = ondol(dir.path(), &["eval", "imported", "--data", "train.bin", "--json"]);
+    assert!(ok, "{err}");
+}
+
+#[test]
+fn eval_and_generate_on_a_trained_byte_level_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("corpus.txt"), "온돌은 바닥을 데운다. the floor is warm. ".repeat(300)).unwrap();
+    let config = r#"
+[model]
+arch = "llama"
+vocab_size = 257
+d_model = 32
+n_layers = 1
+n_heads = 2
+max_seq_len = 32
+[training]
+steps = 30
+batch_size = 4
+seq_len = 32
+eval_batches = 2
+[data]
+train = ["corpus.txt"]
+val_fraction = 0.1
+format = "text"
+tokenizer = "bytes"
+[optimizer]
+lr = 1e-2
+"#;
+    std::fs::write(dir.path().join("run.toml"), config).unwrap();
+    let (ok, _, err) = ondol(dir.path(), &["train", "run.toml", "--run-dir", "run"]);
+    assert!(ok, "{err}");
+    let ckpt = "run/checkpoints/step-00000030";
+    let (ok, out, err) = ondol(dir.path(), &["eval", ckpt, "--data", "corpus.txt", "--json", "--batches", "5"]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let loss = v["loss"].as_f64().unwrap();
+    assert!(loss < 3.0 && (v["perplexity"].as_f64().unwrap() - loss.exp()).abs() < 1e-9, "{out}");
+    assert_eq!(v["tokens"], 5 * 4 * 32);
+    let generate = |seed: &str| {
+        ondol(dir.path(), &["generate", ckpt, "--prompt", "온돌은", "--max-new-tokens", "20", "--seed", seed])
+    };
+    let (ok, a, err) = generate("1");
+    assert!(ok && a.starts_with("온돌은"), "{err}");
+    assert_eq!(a, generate("1").1, "same seed, different text");
+    let (ok, _, err) = ondol(dir.path(), &["eval", ckpt, "--data", "missing.bin"]);
+    assert!(!ok && err.contains("missing.bin"), "{err}");
+}
