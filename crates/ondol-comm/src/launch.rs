@@ -54,12 +54,30 @@ extern "C" fn on_signal(sig: libc::c_int) {
     PENDING_SIGNAL.store(sig, Ordering::SeqCst);
 }
 
-fn catch_termination_signals() {
-    let handler = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
-    for sig in [libc::SIGINT, libc::SIGTERM] {
+/// Routes SIGINT and SIGTERM to [`PENDING_SIGNAL`] while alive; restores the previous
+/// dispositions when dropped, so `launch` leaves the process as it found it.
+struct CatchTermination {
+    previous: [(libc::c_int, libc::sighandler_t); 2],
+}
+
+impl CatchTermination {
+    fn install() -> CatchTermination {
+        let handler = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
         // SAFETY: installing a handler that only stores to an atomic is sound at any time.
-        unsafe {
-            libc::signal(sig, handler);
+        let previous = [libc::SIGINT, libc::SIGTERM].map(|sig| (sig, unsafe { libc::signal(sig, handler) }));
+        CatchTermination { previous }
+    }
+}
+
+impl Drop for CatchTermination {
+    fn drop(&mut self) {
+        for (sig, previous) in self.previous {
+            if previous != libc::SIG_ERR {
+                // SAFETY: restores a disposition that `signal` returned for this signal.
+                unsafe {
+                    libc::signal(sig, previous);
+                }
+            }
         }
     }
 }
@@ -149,7 +167,7 @@ pub fn launch(opts: &LaunchOptions) -> Result<(), CommError> {
         p => p,
     };
 
-    catch_termination_signals();
+    let _signals = CatchTermination::install();
     let mut ranks: Vec<Rank> = Vec::with_capacity(n);
     let mut pumps = Vec::with_capacity(2 * n);
     for local in 0..n {
@@ -289,4 +307,35 @@ fn free_port() -> Result<u16, CommError> {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .map_err(|e| CommError::Launch(format!("cannot find a free port: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_read_as_exit_codes_or_signals() {
+        assert_eq!(describe_status(ExitStatus::from_raw(1 << 8)), "exited with status 1");
+        assert_eq!(describe_status(ExitStatus::from_raw(libc::SIGKILL)), "was killed by signal 9 (SIGKILL)");
+        assert_eq!(describe_status(ExitStatus::from_raw(libc::SIGSEGV)), "was killed by signal 11 (SIGSEGV)");
+    }
+
+    #[test]
+    fn impossible_options_are_refused_before_anything_starts() {
+        let opts = |nproc, nnodes, node_rank, master_port| LaunchOptions {
+            nproc_per_node: nproc,
+            nnodes,
+            node_rank,
+            master_addr: "127.0.0.1".into(),
+            master_port,
+            grace: Duration::from_secs(1),
+            program: "/nonexistent/ondol".into(),
+            args: Vec::new(),
+        };
+        let err = |o: LaunchOptions| launch(&o).unwrap_err().to_string();
+        assert!(err(opts(0, 1, 0, 1)).contains("at least 1"));
+        assert!(err(opts(1, 2, 2, 1)).contains("--node-rank 2 must be below --nnodes 2"));
+        assert!(err(opts(1, 2, 0, 0)).contains("--master-port 0"));
+        assert!(err(opts(2, 1, 0, 0)).contains("cannot start rank 0 (/nonexistent/ondol)"));
+    }
 }

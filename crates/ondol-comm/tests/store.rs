@@ -128,7 +128,8 @@ fn clients_wait_for_a_server_that_starts_later() {
 fn an_absent_server_is_a_clear_error_after_the_timeout() {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let start = Instant::now();
-    let e = StoreClient::connect(&format!("127.0.0.1:{port}"), 3, Duration::from_millis(300)).err().unwrap().to_string();
+    let e =
+        StoreClient::connect(&format!("127.0.0.1:{port}"), 3, Duration::from_millis(300)).err().unwrap().to_string();
     assert!(start.elapsed() < Duration::from_secs(5));
     assert!(e.contains(&format!("127.0.0.1:{port}")) && e.contains("is rank 0 running"), "{e}");
 }

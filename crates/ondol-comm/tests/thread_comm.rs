@@ -22,7 +22,7 @@ fn data(rank: usize, len: usize) -> Vec<f32> {
         .map(|i| {
             let v = ((rank * 7919 + i * 104_729) % 1000) as f32 + 0.123;
             let scale = 10f32.powi((i % 7) as i32 - 3 + rank as i32);
-            if (i + rank) % 3 == 0 { -v * scale } else { v * scale }
+            if (i + rank).is_multiple_of(3) { -v * scale } else { v * scale }
         })
         .collect()
 }
@@ -232,9 +232,15 @@ fn a_rank_that_never_arrives_times_out_the_others_naming_it_and_the_op() {
     assert!(start.elapsed() < Duration::from_secs(5), "took {:?}", start.elapsed());
     for e in &errors {
         let CommError::Timeout(info) = e else { panic!("not a timeout: {e}") };
-        assert_eq!((info.op, info.missing.as_slice(), info.group.as_slice()), ("all_reduce_sum", &[2][..], &[0, 1, 2][..]));
+        assert_eq!(
+            (info.op, info.missing.as_slice(), info.group.as_slice()),
+            ("all_reduce_sum", &[2][..], &[0, 1, 2][..])
+        );
         let msg = e.to_string();
-        assert!(msg.contains("all_reduce_sum") && msg.contains("rank 2 did not arrive") && msg.contains("[0, 1, 2]"), "{msg}");
+        assert!(
+            msg.contains("all_reduce_sum") && msg.contains("rank 2 did not arrive") && msg.contains("[0, 1, 2]"),
+            "{msg}"
+        );
     }
     // The group is broken: the late rank fails at once instead of waiting for the others.
     let start = Instant::now();
@@ -275,8 +281,13 @@ fn ranks_calling_different_collectives_are_told_so() {
         if c.rank() == 0 { c.barrier() } else { c.all_reduce_sum(&mut [1.0]) }
     });
     // Whichever rank arrives second is refused at once; the first then times out waiting for it.
-    let invalid: Vec<String> =
-        results.iter().filter_map(|r| match r { Err(e @ CommError::Invalid { .. }) => Some(e.to_string()), _ => None }).collect();
+    let invalid: Vec<String> = results
+        .iter()
+        .filter_map(|r| match r {
+            Err(e @ CommError::Invalid { .. }) => Some(e.to_string()),
+            _ => None,
+        })
+        .collect();
     assert_eq!(invalid.len(), 1, "{results:?}");
     assert!(invalid[0].contains("barrier") && invalid[0].contains("all_reduce_sum"), "{}", invalid[0]);
     assert!(results.iter().any(|r| matches!(r, Err(CommError::Timeout(_)))), "{results:?}");
