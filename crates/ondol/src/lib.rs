@@ -2,6 +2,7 @@
 //! binary itself (main.rs) only parses arguments, wires these together and reports.
 
 pub mod config;
+pub mod launch;
 pub mod metrics;
 pub mod pretrained;
 pub mod trainer;

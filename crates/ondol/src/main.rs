@@ -2,6 +2,7 @@
 
 use clap::{Args, Parser, Subcommand};
 use ondol::config::{BYTE_EOT, Device, RunConfig};
+use ondol::launch::{self, LaunchArgs, SelftestArgs};
 use ondol::metrics::Metrics;
 use ondol::pretrained::{self, Pretrained, Sampling};
 use ondol::trainer::{self, Data, Trainer};
@@ -34,6 +35,11 @@ enum Command {
     /// Turn another framework's model into an ondol checkpoint.
     #[command(subcommand)]
     Import(ImportCommand),
+    /// Start one process per rank with torchrun's environment: `launch --nproc-per-node 8 -- train CONFIG`.
+    Launch(LaunchArgs),
+    /// Check a launched job's rendezvous (store, barrier, exchange) without a model.
+    #[command(hide = true)]
+    CommSelftest(SelftestArgs),
 }
 
 #[derive(Subcommand)]
@@ -120,6 +126,8 @@ fn main() -> ExitCode {
         Command::Eval(args) => eval(args),
         Command::Generate(args) => generate(args),
         Command::Import(ImportCommand::Hf { src, out }) => import_hf(&src, &out),
+        Command::Launch(args) => launch::launch(args),
+        Command::CommSelftest(args) => launch::selftest(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

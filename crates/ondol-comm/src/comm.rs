@@ -1,0 +1,48 @@
+//! The [`Communicator`] contract: the collectives and point-to-point operations the parallel
+//! layers are written against.
+//!
+//! Buffers are host `f32` slices for now. The CUDA implementation will add the same operations
+//! on device buffers of a backend; keeping every operation "caller owns the buffers, the call
+//! fills them in place" (no allocation in the contract) is what lets that version follow with
+//! the same shape and lets callers keep one flat buffer per bucket.
+//!
+//! Semantics shared by every implementation:
+//! - `rank()` and `size()` are within this communicator's group (0-based, dense); roots and peers
+//!   are group ranks too.
+//! - Every rank of the group calls the same collectives in the same order with compatible
+//!   lengths. A rank that does not arrive within the communicator's timeout makes the others fail
+//!   with [`CommError::Timeout`] naming the operation, the group and the missing ranks; afterwards
+//!   the communicator is broken ([`CommError::Broken`]) and the run has to stop.
+//! - Sums are deterministic: every rank receives the same bits, and the same inputs give the same
+//!   bits run after run.
+
+use crate::CommError;
+
+pub trait Communicator: Send {
+    /// This rank's index within the group.
+    fn rank(&self) -> usize;
+    /// The number of ranks in the group.
+    fn size(&self) -> usize;
+    /// The group's members as world ranks, in group-rank order (used in messages).
+    fn world_ranks(&self) -> &[usize];
+
+    /// `buf` becomes the elementwise sum of every rank's `buf`.
+    fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<(), CommError>;
+    /// `output` becomes chunk `rank()` of the elementwise sum of every rank's `input`, where
+    /// `input.len() == size() * output.len()` and chunk `i` is `input[i * n..(i + 1) * n]`.
+    fn reduce_scatter_sum(&self, input: &[f32], output: &mut [f32]) -> Result<(), CommError>;
+    /// `output` becomes the concatenation of every rank's `input` in rank order;
+    /// `output.len() == size() * input.len()`.
+    fn all_gather(&self, input: &[f32], output: &mut [f32]) -> Result<(), CommError>;
+    /// Every rank's `buf` becomes the `root` rank's `buf`.
+    fn broadcast(&self, buf: &mut [f32], root: usize) -> Result<(), CommError>;
+    /// Sends `buf` to group rank `to`, which receives it with a matching [`Communicator::recv`].
+    /// Callers must not rely on `send` returning before the matching `recv` is posted (NCCL
+    /// does not buffer): pair sends and receives so that no cycle of ranks all sends first.
+    fn send(&self, buf: &[f32], to: usize) -> Result<(), CommError>;
+    /// Receives into `buf` the next message group rank `from` sent to this rank; the lengths
+    /// must agree.
+    fn recv(&self, buf: &mut [f32], from: usize) -> Result<(), CommError>;
+    /// Returns once every rank of the group has called `barrier`.
+    fn barrier(&self) -> Result<(), CommError>;
+}

@@ -1,0 +1,341 @@
+//! The launcher behind `ondol launch`: one child process per local rank, with the environment
+//! torchrun gives its workers, so cluster scripts written for torchrun work unchanged.
+//!
+//! What it guarantees:
+//! - Each child gets `RANK = node_rank * nproc_per_node + local_rank`, `WORLD_SIZE`,
+//!   `LOCAL_RANK`, `LOCAL_WORLD_SIZE`, `MASTER_ADDR` and `MASTER_PORT`.
+//! - Every line a child writes to stdout or stderr is written to the launcher's stdout or stderr
+//!   prefixed with `[rank K] `, one whole line at a time (lines never interleave mid-line).
+//! - SIGINT and SIGTERM received by the launcher are forwarded to every running child.
+//! - When a child exits non-zero or dies by a signal, the others are stopped (SIGTERM, then
+//!   SIGKILL after the grace period) and the launch fails with a message naming that rank and
+//!   its status. One crashed rank would otherwise leave the others blocked in a collective.
+//! - On Linux each child also gets SIGTERM if the launcher itself dies (`PR_SET_PDEATHSIG`), so
+//!   a killed launcher leaves no orphaned ranks holding GPUs. (The signal fires when the
+//!   spawning *thread* exits; `launch` runs on the caller's thread, which outlives the children.)
+//!
+//! Supervision is a poll loop (every 20 ms: pending signal? child exited?) rather than
+//! `waitpid` in a signal-driven loop: it needs no async-signal-safe machinery beyond one atomic
+//! store in the handler, and 20 ms is nothing next to process start-up.
+
+use crate::error::CommError;
+use std::ffi::OsString;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// How to launch the ranks of this node.
+#[derive(Clone, Debug)]
+pub struct LaunchOptions {
+    pub nproc_per_node: usize,
+    pub nnodes: usize,
+    pub node_rank: usize,
+    pub master_addr: String,
+    /// 0 picks a free port (single-node launches only).
+    pub master_port: u16,
+    /// How long stopped children get between SIGTERM and SIGKILL.
+    pub grace: Duration,
+    /// The program every rank runs and its arguments.
+    pub program: PathBuf,
+    pub args: Vec<OsString>,
+}
+
+const POLL: Duration = Duration::from_millis(20);
+
+/// The last SIGINT/SIGTERM received and not yet forwarded (0: none).
+static PENDING_SIGNAL: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn on_signal(sig: libc::c_int) {
+    // Only an atomic store: async-signal-safe.
+    PENDING_SIGNAL.store(sig, Ordering::SeqCst);
+}
+
+/// Routes SIGINT and SIGTERM to [`PENDING_SIGNAL`] while alive; restores the previous
+/// dispositions when dropped, so `launch` leaves the process as it found it.
+struct CatchTermination {
+    previous: [(libc::c_int, libc::sighandler_t); 2],
+}
+
+impl CatchTermination {
+    fn install() -> CatchTermination {
+        let handler = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+        // SAFETY: installing a handler that only stores to an atomic is sound at any time.
+        let previous = [libc::SIGINT, libc::SIGTERM].map(|sig| (sig, unsafe { libc::signal(sig, handler) }));
+        CatchTermination { previous }
+    }
+}
+
+impl Drop for CatchTermination {
+    fn drop(&mut self) {
+        for (sig, previous) in self.previous {
+            if previous != libc::SIG_ERR {
+                // SAFETY: restores a disposition that `signal` returned for this signal.
+                unsafe {
+                    libc::signal(sig, previous);
+                }
+            }
+        }
+    }
+}
+
+fn send_signal(child: &Child, sig: libc::c_int) {
+    // SAFETY: kill(2) has no memory-safety preconditions. The pid is a child we have not yet
+    // reaped (callers only signal children whose `try_wait` has not returned a status), so it
+    // cannot have been reused by another process.
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, sig);
+    }
+}
+
+/// A signal's conventional name, for messages.
+fn signal_name(sig: i32) -> String {
+    let name = match sig {
+        libc::SIGHUP => "SIGHUP",
+        libc::SIGINT => "SIGINT",
+        libc::SIGQUIT => "SIGQUIT",
+        libc::SIGILL => "SIGILL",
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGBUS => "SIGBUS",
+        libc::SIGFPE => "SIGFPE",
+        libc::SIGKILL => "SIGKILL",
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGPIPE => "SIGPIPE",
+        libc::SIGTERM => "SIGTERM",
+        _ => return format!("signal {sig}"),
+    };
+    format!("signal {sig} ({name})")
+}
+
+/// "exited with status 1" or "was killed by signal 9 (SIGKILL)".
+pub fn describe_status(status: ExitStatus) -> String {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exited with status {code}"),
+        (None, Some(sig)) => format!("was killed by {}", signal_name(sig)),
+        (None, None) => format!("ended with {status}"),
+    }
+}
+
+/// Copies `src` line by line to stdout or stderr, each line prefixed with `prefix`.
+fn pump(src: impl Read, prefix: String, to_stderr: bool) {
+    let mut reader = BufReader::new(src);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match reader.read_until(b'\n', &mut line) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        if !line.ends_with(b"\n") {
+            line.push(b'\n');
+        }
+        let mut out = Vec::with_capacity(prefix.len() + line.len());
+        out.extend_from_slice(prefix.as_bytes());
+        out.extend_from_slice(&line);
+        // One write per line under the lock, so ranks never interleave within a line. If our own
+        // output is gone, keep draining so the child never blocks on a full pipe.
+        let _ =
+            if to_stderr { std::io::stderr().lock().write_all(&out) } else { std::io::stdout().lock().write_all(&out) };
+    }
+}
+
+struct Rank {
+    rank: usize,
+    child: Child,
+    status: Option<ExitStatus>,
+}
+
+/// Runs the ranks of this node until all exit. Fails when a rank fails (naming it and its
+/// status), when the launcher was interrupted, or when the options cannot work.
+pub fn launch(opts: &LaunchOptions) -> Result<(), CommError> {
+    let LaunchOptions { nproc_per_node: n, nnodes, node_rank, .. } = *opts;
+    if n == 0 || nnodes == 0 {
+        return Err(CommError::Launch("--nproc-per-node and --nnodes must be at least 1".into()));
+    }
+    if node_rank >= nnodes {
+        return Err(CommError::Launch(format!("--node-rank {node_rank} must be below --nnodes {nnodes}")));
+    }
+    let world = n.checked_mul(nnodes).ok_or_else(|| CommError::Launch("too many ranks".into()))?;
+    let port = match opts.master_port {
+        0 if nnodes > 1 => {
+            return Err(CommError::Launch("--master-port 0 (pick a free port) works only with --nnodes 1".into()));
+        }
+        0 => free_port()?,
+        p => p,
+    };
+
+    let _signals = CatchTermination::install();
+    let mut ranks: Vec<Rank> = Vec::with_capacity(n);
+    let mut pumps = Vec::with_capacity(2 * n);
+    for local in 0..n {
+        let rank = node_rank * n + local;
+        let mut cmd = Command::new(&opts.program);
+        cmd.args(&opts.args)
+            .env("RANK", rank.to_string())
+            .env("WORLD_SIZE", world.to_string())
+            .env("LOCAL_RANK", local.to_string())
+            .env("LOCAL_WORLD_SIZE", n.to_string())
+            .env("MASTER_ADDR", &opts.master_addr)
+            .env("MASTER_PORT", port.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        #[cfg(target_os = "linux")]
+        // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
+        let mut child = match cmd.spawn() {
+            Ok(child) => child,
+            Err(e) => {
+                stop(&mut ranks, opts.grace);
+                return Err(CommError::Launch(format!("cannot start rank {rank} ({}): {e}", opts.program.display())));
+            }
+        };
+        let prefix = format!("[rank {rank}] ");
+        if let Some(out) = child.stdout.take() {
+            let p = prefix.clone();
+            pumps.push(thread::spawn(move || pump(out, p, false)));
+        }
+        if let Some(err) = child.stderr.take() {
+            pumps.push(thread::spawn(move || pump(err, prefix, true)));
+        }
+        ranks.push(Rank { rank, child, status: None });
+    }
+
+    let outcome = supervise(&mut ranks, opts.grace);
+    for p in pumps {
+        let _ = p.join();
+    }
+    outcome
+}
+
+/// Waits for every rank; see the module docs for the policy.
+fn supervise(ranks: &mut [Rank], grace: Duration) -> Result<(), CommError> {
+    let mut failures: Vec<(usize, ExitStatus)> = Vec::new();
+    let mut interrupted: Option<i32> = None;
+    let mut stopping_since: Option<Instant> = None;
+    let mut killed = false;
+    loop {
+        let sig = PENDING_SIGNAL.swap(0, Ordering::SeqCst);
+        if sig != 0 {
+            for r in ranks.iter().filter(|r| r.status.is_none()) {
+                send_signal(&r.child, sig);
+            }
+            interrupted = Some(sig);
+            stopping_since.get_or_insert_with(Instant::now);
+        }
+        for r in ranks.iter_mut().filter(|r| r.status.is_none()) {
+            // An error here means the child is gone in a way we cannot observe; treat it as a
+            // failure rather than waiting forever.
+            let status = match r.child.try_wait() {
+                Ok(s) => s,
+                Err(_) => Some(ExitStatus::from_raw(libc::SIGKILL)),
+            };
+            if let Some(status) = status {
+                r.status = Some(status);
+                if !status.success() && stopping_since.is_none() {
+                    failures.push((r.rank, status));
+                }
+            }
+        }
+        if ranks.iter().all(|r| r.status.is_some()) {
+            break;
+        }
+        if !failures.is_empty() && stopping_since.is_none() {
+            for r in ranks.iter().filter(|r| r.status.is_none()) {
+                send_signal(&r.child, libc::SIGTERM);
+            }
+            stopping_since = Some(Instant::now());
+        }
+        if let Some(since) = stopping_since
+            && !killed
+            && since.elapsed() >= grace
+        {
+            for r in ranks.iter().filter(|r| r.status.is_none()) {
+                send_signal(&r.child, libc::SIGKILL);
+            }
+            killed = true;
+        }
+        thread::sleep(POLL);
+    }
+
+    if let Some(&(rank, status)) = failures.first() {
+        let mut message = format!("rank {rank} {}", describe_status(status));
+        for &(other, status) in &failures[1..] {
+            message += &format!("; rank {other} {}", describe_status(status));
+        }
+        let stopped = ranks.len() - failures.len();
+        if stopped > 0 {
+            message += &format!("; stopped the other {stopped} rank(s) of this node");
+        }
+        return Err(CommError::Launch(message));
+    }
+    if let Some(sig) = interrupted {
+        return Err(CommError::Launch(format!("interrupted by {}; forwarded it to every rank", signal_name(sig))));
+    }
+    Ok(())
+}
+
+/// Stops already-started ranks after a failed start: SIGTERM, then SIGKILL after `grace`.
+fn stop(ranks: &mut [Rank], grace: Duration) {
+    for r in ranks.iter() {
+        send_signal(&r.child, libc::SIGTERM);
+    }
+    let deadline = Instant::now() + grace;
+    for r in ranks.iter_mut() {
+        while matches!(r.child.try_wait(), Ok(None)) {
+            if Instant::now() >= deadline {
+                send_signal(&r.child, libc::SIGKILL);
+                let _ = r.child.wait();
+                break;
+            }
+            thread::sleep(POLL);
+        }
+    }
+}
+
+/// A port that was free a moment ago on the loopback interface.
+fn free_port() -> Result<u16, CommError> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| CommError::Launch(format!("cannot find a free port: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_read_as_exit_codes_or_signals() {
+        assert_eq!(describe_status(ExitStatus::from_raw(1 << 8)), "exited with status 1");
+        assert_eq!(describe_status(ExitStatus::from_raw(libc::SIGKILL)), "was killed by signal 9 (SIGKILL)");
+        assert_eq!(describe_status(ExitStatus::from_raw(libc::SIGSEGV)), "was killed by signal 11 (SIGSEGV)");
+    }
+
+    #[test]
+    fn impossible_options_are_refused_before_anything_starts() {
+        let opts = |nproc, nnodes, node_rank, master_port| LaunchOptions {
+            nproc_per_node: nproc,
+            nnodes,
+            node_rank,
+            master_addr: "127.0.0.1".into(),
+            master_port,
+            grace: Duration::from_secs(1),
+            program: "/nonexistent/ondol".into(),
+            args: Vec::new(),
+        };
+        let err = |o: LaunchOptions| launch(&o).unwrap_err().to_string();
+        assert!(err(opts(0, 1, 0, 1)).contains("at least 1"));
+        assert!(err(opts(1, 2, 2, 1)).contains("--node-rank 2 must be below --nnodes 2"));
+        assert!(err(opts(1, 2, 0, 0)).contains("--master-port 0"));
+        assert!(err(opts(2, 1, 0, 0)).contains("cannot start rank 0 (/nonexistent/ondol)"));
+    }
+}
