@@ -553,3 +553,177 @@ fn progress_bar(cfg: &PrepareConfig) -> Option<indicatif::ProgressBar> {
     bar.set_style(style);
     Some(bar)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::input::DocSplit;
+    use crate::{Loader, Order, Shard, SourceKind, TokenStream};
+    use std::collections::HashSet;
+
+    /// Paragraphs of the shipped English sample, long enough to pass the cleaning rules.
+    fn paragraphs() -> Vec<String> {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/sample");
+        let text = std::fs::read_to_string(root.join("en-alice-in-wonderland.txt")).unwrap();
+        let mut seen = HashSet::new();
+        text.split("\n\n")
+            .map(|p| p.split_whitespace().collect::<Vec<_>>().join(" "))
+            .filter(|p| p.chars().count() >= 300 && seen.insert(p.clone()))
+            .take(120)
+            .collect()
+    }
+
+    fn jsonl(docs: &[String]) -> String {
+        docs.iter().map(|d| serde_json::json!({ "text": d }).to_string() + "\n").collect()
+    }
+
+    /// The documents of a split, decoded from its shards (documents start with end-of-text).
+    fn split_docs(dir: &Path, tok: &TextTokenizer, split: &str) -> Vec<String> {
+        let mut tokens = Vec::new();
+        for i in 0.. {
+            let path = dir.join(format!("{split}_{i:06}.bin"));
+            if !path.exists() {
+                break;
+            }
+            let shard = Shard::open(&path).unwrap();
+            assert_eq!(shard.version(), ShardVersion::V1);
+            let mut out = vec![0; shard.len()];
+            shard.read(0, &mut out);
+            tokens.extend(out);
+        }
+        assert!(tokens.is_empty() || tokens[0] == tok.eot_id());
+        tokens.split(|&t| t == tok.eot_id()).skip(1).map(|d| tok.decode(d).unwrap()).collect()
+    }
+
+    #[test]
+    fn counts_add_up_shards_load_and_validation_is_split_by_document() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = |n: &str| dir.path().join(n);
+        let tok = crate::tokenizer::tests::sample_tokenizer(dir.path());
+        let paras = paragraphs();
+        assert!(paras.len() >= 100);
+        let mut docs = paras.clone();
+        docs.push(paras[3].clone()); // exact duplicate
+        docs.push(format!("  {}\n", paras[4])); // exact after trimming
+        let mut edited: Vec<&str> = paras[5].split(' ').collect();
+        edited[10] = "changed";
+        docs.push(edited.join(" ")); // near duplicate
+        docs.push("too short".into());
+        docs.push("Click here to subscribe to the newsletter\n".repeat(6));
+        docs.push((0..40).map(|i| format!("{} ", i * 7919 % 10007)).collect::<String>() + "abc");
+        let mut lines = jsonl(&docs);
+        let middle = lines[lines.len() / 2..].find('\n').unwrap() + lines.len() / 2 + 1;
+        lines.insert_str(middle, "{\"text\": broken\n");
+        std::fs::write(p("a.jsonl"), lines).unwrap();
+        std::fs::write(p("bad.txt"), b"caf\xE9 au lait is what this file would say in Latin-1 encoding").unwrap();
+        std::fs::write(p("empty.txt"), "").unwrap();
+        let inputs = vec![p("a.jsonl"), p("bad.txt"), p("empty.txt"), p("missing.txt")];
+        let mut cfg = PrepareConfig::new(inputs, p("tokenizer.json"), p("out"));
+        cfg.val_fraction = 0.2;
+        cfg.shard_tokens = 3000;
+        cfg.progress = false;
+        let m = prepare(&cfg, vec!["ondol".into(), "data".into(), "prepare".into()], "test").unwrap();
+
+        let d = &m.documents;
+        let removed: u64 = d.removed.values().sum();
+        assert_eq!(d.read, d.kept + removed, "{d:?}");
+        assert_eq!(d.read, docs.len() as u64 + 2); // + the broken line + bad.txt
+        assert_eq!(d.kept, d.train + d.val);
+        let r = |k: &str| d.removed[k];
+        assert_eq!(
+            [r("exact_duplicate"), r("near_duplicate"), r("too_short"), r("repeated_lines"), r("non_letter")],
+            [2, 1, 1, 1, 1],
+            "{d:?}"
+        );
+        assert_eq!((r("malformed_json"), r("invalid_utf8")), (1, 1));
+        assert_eq!(m.file_problems, BTreeMap::from([("empty_file", 1), ("unreadable", 1)]));
+        let located: Vec<String> = m.problems.iter().map(|p| p.to_string()).collect();
+        assert!(located.iter().any(|l| l.contains("a.jsonl:") && l.contains("malformed JSON")), "{located:?}");
+        assert!(located.iter().any(|l| l.contains("bad.txt:1: invalid UTF-8")), "{located:?}");
+        assert!(located.iter().any(|l| l.contains("missing.txt:0: cannot open")), "{located:?}");
+        assert_eq!(m.inputs[0].sha256.len(), 64);
+
+        // Shards: the documents come back whole, each in exactly one split.
+        let train = split_docs(&cfg.out, &tok, "train");
+        let val = split_docs(&cfg.out, &tok, "val");
+        assert_eq!((train.len() as u64, val.len() as u64), (d.train, d.val));
+        assert!(d.val >= 10 && d.train >= 60, "{d:?}");
+        let all: HashSet<&String> = train.iter().chain(&val).collect();
+        assert_eq!(all.len() as u64, d.kept);
+        assert!(paras.iter().all(|p| all.contains(p)), "a clean paragraph went missing");
+        assert!(m.shards.len() > 2 && m.shards.iter().all(|s| s.tokens <= 3000));
+        let tokens: u64 = m.shards.iter().map(|s| s.tokens).sum();
+        assert_eq!(tokens, m.tokens["train"] + m.tokens["val"]);
+        let files: Vec<PathBuf> =
+            m.shards.iter().filter(|s| s.split == "train").map(|s| cfg.out.join(&s.file)).collect();
+        let stream = std::sync::Arc::new(TokenStream::open(&files, SourceKind::Shards).unwrap());
+        assert_eq!(stream.len() as u64, m.tokens["train"]);
+        Loader::new(stream, 64, 4, Order::Shuffled { seed: 1 }, 0, 1).unwrap();
+        let manifest: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(cfg.out.join("manifest.json")).unwrap()).unwrap();
+        assert_eq!(manifest["documents"]["kept"], d.kept);
+        assert_eq!(std::fs::read(cfg.out.join("tokenizer.json")).unwrap(), std::fs::read(&cfg.tokenizer).unwrap());
+
+        // The same seed gives the same split; a second run into the directory is refused.
+        let err = prepare(&cfg, vec![], "test").unwrap_err().to_string();
+        assert!(err.contains("--overwrite") && err.contains("manifest.json"), "{err}");
+        let again = prepare(&PrepareConfig { overwrite: true, ..cfg.clone() }, vec![], "test").unwrap();
+        assert_eq!((again.documents.train, again.documents.val), (d.train, d.val));
+        assert_eq!(split_docs(&cfg.out, &tok, "val"), val);
+    }
+
+    #[test]
+    fn strict_mode_fails_with_one_message_and_leaves_no_shard() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = |n: &str| dir.path().join(n);
+        crate::tokenizer::tests::sample_tokenizer(dir.path());
+        std::fs::write(p("a.jsonl"), jsonl(&paragraphs())).unwrap();
+        std::fs::write(p("b.jsonl"), "{\"text\": \"fine\"}\n{\"txt\": \"wrong field\"}\n").unwrap();
+        let mut cfg = PrepareConfig::new(vec![p("a.jsonl"), p("b.jsonl")], p("tokenizer.json"), p("out"));
+        (cfg.strict, cfg.progress, cfg.shard_tokens, cfg.batch_docs) = (true, false, 500, 8);
+        let err = prepare(&cfg, vec![], "test").unwrap_err().to_string();
+        assert!(err.contains("b.jsonl:2") && err.contains("no field `text`") && err.contains("--strict"), "{err}");
+        let left: Vec<_> = std::fs::read_dir(&cfg.out).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert!(left.is_empty(), "a failed run left {left:?}");
+
+        cfg.tokenizer = p("nope.json");
+        let err = prepare(&cfg, vec![], "test").unwrap_err().to_string();
+        assert!(err.contains("nope.json") && err.contains("ondol tokenizer train"), "{err}");
+    }
+
+    #[test]
+    fn memory_stays_bounded_on_a_corpus_many_times_the_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = |n: &str| dir.path().join(n);
+        crate::tokenizer::tests::sample_tokenizer(dir.path());
+        // 4000 distinct documents in blank-line separated text, 32 documents per batch.
+        let mut rng = ondol_core::Rng::new(11);
+        let words = ["온돌", "floor", "warm", "바닥", "house", "stone", "불", "smoke", "room", "winter"];
+        let text: String = (0..4000)
+            .map(|_| {
+                let doc: Vec<&str> = (0..30).map(|_| words[rng.below(10) as usize]).collect();
+                doc.join(" ") + "\n\n"
+            })
+            .collect();
+        std::fs::write(p("big.txt"), &text).unwrap();
+        let mut cfg = PrepareConfig::new(vec![p("big.txt")], p("tokenizer.json"), p("out"));
+        cfg.input.doc_split = DocSplit::BlankLine;
+        (cfg.batch_docs, cfg.batch_bytes, cfg.shard_tokens, cfg.progress) = (32, 1 << 20, 2000, false);
+        cfg.near_dedup = None;
+        cfg.clean.max_repeated_ngram_fraction = 1.0;
+        let m = prepare(&cfg, vec![], "test").unwrap();
+        assert_eq!(m.documents.read, 4000);
+        assert!(m.documents.kept > 3900, "{:?}", m.documents);
+        assert!(m.memory.peak_batch_docs <= 32, "{:?}", m.memory);
+        assert!(m.memory.peak_batch_bytes <= 32 * 400, "{:?}", m.memory);
+        // A shard buffer holds at most shard_tokens + one document (+ its end-of-text).
+        assert!(m.memory.peak_buffered_tokens < 2000 + 200, "{:?}", m.memory);
+        assert!(m.shards.len() >= 10);
+
+        // A smaller byte budget cuts batches by bytes.
+        cfg.batch_bytes = 1000;
+        cfg.overwrite = true;
+        let m = prepare(&cfg, vec![], "test").unwrap();
+        assert!(m.memory.peak_batch_docs < 32 && m.memory.peak_batch_bytes < 1000 + 400, "{:?}", m.memory);
+    }
+}

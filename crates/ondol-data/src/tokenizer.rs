@@ -306,7 +306,7 @@ impl TextTokenizer {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use unicode_normalization::UnicodeNormalization;
 
