@@ -229,6 +229,16 @@ fn dominant_script(text: &str) -> &'static str {
     ["Hangul", "Latin", "Han", "Kana", "other"][best]
 }
 
+/// The vocabulary size (special tokens included) of the `tokenizer.json` at `path`.
+pub fn vocab_size_of_file(path: &Path) -> Result<usize, DataError> {
+    if !path.is_file() {
+        return Err(DataError::format(path, "no such tokenizer file (train one with `ondol tokenizer train`)"));
+    }
+    let tokenizer = Tokenizer::from_file(path)
+        .map_err(|e| DataError::format(path, format!("not a valid Hugging Face tokenizer.json: {e}")))?;
+    Ok(tokenizer.get_vocab_size(true))
+}
+
 /// A loaded `tokenizer.json` with its end-of-text id: what data preparation encodes with.
 pub struct TextTokenizer {
     inner: Tokenizer,

@@ -3,6 +3,7 @@
 use clap::{Args, Parser, Subcommand};
 use ondol::config::{Device, RunConfig};
 use ondol::metrics::Metrics;
+use ondol::prepare_cli;
 use ondol::trainer::{self, Data, Trainer};
 use ondol_core::{Backend, Error, Result};
 use ondol_cpu::CpuBackend;
@@ -23,6 +24,12 @@ enum Command {
     Train(TrainArgs),
     /// Print parameter count, FLOPs per token and memory of a config.
     Inspect(ConfigArgs),
+    /// Tokenizer training.
+    #[command(subcommand)]
+    Tokenizer(prepare_cli::TokenizerCommand),
+    /// Data preparation: raw text to token shards.
+    #[command(subcommand)]
+    Data(prepare_cli::DataCommand),
 }
 
 #[derive(Args)]
@@ -48,6 +55,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Train(args) => train(args),
         Command::Inspect(args) => inspect(args),
+        Command::Tokenizer(cmd) => prepare_cli::tokenizer(cmd),
+        Command::Data(cmd) => prepare_cli::data(cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
