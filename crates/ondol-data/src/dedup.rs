@@ -109,8 +109,7 @@ impl MinHasher {
                 // Most rows per band that still catch >= 95% of pairs at the threshold.
                 (1..=cfg.num_perm)
                     .map(|r| (cfg.num_perm / r, r))
-                    .filter(|&(b, r)| candidate_probability(cfg.threshold, b, r) >= 0.95)
-                    .last()
+                    .rfind(|&(b, r)| candidate_probability(cfg.threshold, b, r) >= 0.95)
                     .unwrap_or((cfg.num_perm, 1))
             }
         };

@@ -270,7 +270,10 @@ pub fn prepare(cfg: &PrepareConfig, command: Vec<String>, version: &str) -> Resu
     }
     cfg.clean.validate().map_err(DataError::Invalid)?;
     let hasher = cfg.near_dedup.as_ref().map(MinHasher::new).transpose().map_err(DataError::Invalid)?;
-    let tokenizer = TextTokenizer::from_file(&cfg.tokenizer, &cfg.eot_token)?;
+    let mut tokenizer = TextTokenizer::from_file(&cfg.tokenizer, &cfg.eot_token)?;
+    if cfg.clean.nfc {
+        tokenizer.skip_nfc_normalizer(); // the cleaned text is NFC already
+    }
     let tokenizer_bytes = std::fs::read(&cfg.tokenizer).map_err(|e| DataError::io("read", &cfg.tokenizer, e))?;
     let shard_version = if tokenizer.vocab_size() <= 1 << 16 { ShardVersion::V1 } else { ShardVersion::V2 };
 

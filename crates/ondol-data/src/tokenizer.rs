@@ -273,6 +273,17 @@ impl TextTokenizer {
         Self::new(inner, eot_token).map_err(|e| DataError::Format { path: path.into(), message: e.to_string() })
     }
 
+    /// For text that is already NFC: drops the tokenizer's normaliser when it is exactly NFC,
+    /// which changes no token (NFC is idempotent) and saves 5-10% of encoding time. Returns
+    /// whether it did. Data preparation calls it when its cleaning normalises to NFC.
+    pub fn skip_nfc_normalizer(&mut self) -> bool {
+        let nfc = matches!(self.inner.get_normalizer(), Some(tokenizers::NormalizerWrapper::NFC(_)));
+        if nfc {
+            self.inner.with_normalizer(None::<tokenizers::NormalizerWrapper>);
+        }
+        nfc
+    }
+
     /// Vocabulary size including special (added) tokens.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
@@ -386,6 +397,14 @@ pub(crate) mod tests {
         assert_eq!(tok.encode(&decomposed).unwrap(), tok.encode(composed).unwrap());
         // A forged end-of-text in the text is text, not the special token.
         assert!(!tok.encode("a <|endoftext|> b").unwrap().contains(&tok.eot_id()));
+
+        // Without the normaliser, NFC text encodes the same (prepare's cleaning does NFC).
+        let mut skip = TextTokenizer::from_file(&dir.path().join("tokenizer.json"), EOT_TOKEN).unwrap();
+        assert!(skip.skip_nfc_normalizer());
+        for text in &samples {
+            let nfc: String = text.nfc().collect();
+            assert_eq!(skip.encode(&nfc).unwrap(), tok.encode(text).unwrap(), "{text:?}");
+        }
 
         // The saved file loads again and encodes the same.
         let again = TextTokenizer::from_file(&dir.path().join("tokenizer.json"), EOT_TOKEN).unwrap();
