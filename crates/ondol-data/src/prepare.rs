@@ -180,6 +180,9 @@ impl Manifest {
         if self.problems_total > 10 {
             s += &format!("  ... {} problems in all, listed in manifest.json\n", self.problems_total);
         }
+        if self.settings.val_fraction > 0.0 && d.val == 0 {
+            s += "  warning: no document went to validation; raise --val-fraction or use more documents\n";
+        }
         let shards = |split| self.shards.iter().filter(|s| s.split == split).count();
         s += &format!(
             "tokens: {} train in {} shard(s), {} val in {} shard(s) (v{} shards, vocabulary {})",
@@ -543,10 +546,15 @@ fn run(
 }
 
 fn progress_bar(cfg: &PrepareConfig) -> Option<indicatif::ProgressBar> {
-    if !cfg.progress || !std::io::stderr().is_terminal() {
+    progress_bar_for(&cfg.inputs, cfg.progress)
+}
+
+/// A bar over the stored bytes of `inputs`, shown only when `show` and stderr is a terminal.
+pub(crate) fn progress_bar_for(inputs: &[PathBuf], show: bool) -> Option<indicatif::ProgressBar> {
+    if !show || !std::io::stderr().is_terminal() {
         return None;
     }
-    let total: u64 = cfg.inputs.iter().filter_map(|p| std::fs::metadata(p).ok()).map(|m| m.len()).sum();
+    let total: u64 = inputs.iter().filter_map(|p| std::fs::metadata(p).ok()).map(|m| m.len()).sum();
     let bar = indicatif::ProgressBar::new(total);
     let style = indicatif::ProgressStyle::with_template(
         "{elapsed_precise} [{wide_bar}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} {msg}",

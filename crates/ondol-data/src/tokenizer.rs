@@ -44,6 +44,8 @@ pub struct TrainConfig {
     pub heldout_chars: usize,
     /// Fail on the first malformed input instead of skipping it.
     pub strict: bool,
+    /// Show a progress bar (bytes, documents per second) when stderr is a terminal.
+    pub progress: bool,
 }
 
 impl Default for TrainConfig {
@@ -55,6 +57,7 @@ impl Default for TrainConfig {
             heldout_fraction: 0.05,
             heldout_chars: 100_000,
             strict: false,
+            progress: true,
         }
     }
 }
@@ -137,6 +140,9 @@ pub fn train(
         .into();
 
     let reader = DocReader::new(inputs.clone(), options.clone());
+    let bar = crate::prepare::progress_bar_for(&inputs, cfg.progress);
+    let bytes_read = reader.bytes_read.clone();
+    let start = std::time::Instant::now();
     let mut heldout: Vec<String> = vec![String::new(); inputs.len()];
     let mut problems = Vec::new();
     let mut documents = 0u64;
@@ -149,6 +155,11 @@ pub fn train(
                 match raw.into_text(&inputs, &text_field) {
                     Ok(mut text) => {
                         documents += 1;
+                        if let Some(bar) = bar.as_ref().filter(|_| documents % 256 == 0) {
+                            bar.set_position(bytes_read.load(std::sync::atomic::Ordering::Relaxed));
+                            let rate = documents as f64 / start.elapsed().as_secs_f64().max(1e-9);
+                            bar.set_message(format!("{documents} docs ({rate:.0}/s) counted"));
+                        }
                         let held = &mut heldout[input];
                         if held.len() < cfg.heldout_chars && cfg.heldout_fraction > 0.0 {
                             let cut = tail_start(&text, cfg.heldout_fraction);
@@ -171,6 +182,9 @@ pub fn train(
         Some(String::new())
     });
     tokenizer.train(&mut trainer, docs).map_err(|e| DataError::Invalid(format!("tokenizer training failed: {e}")))?;
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
     if let Some(p) = failed {
         return Err(DataError::Invalid(format!("{p} (--strict stops at the first malformed input)")));
     }

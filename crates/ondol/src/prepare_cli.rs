@@ -206,6 +206,7 @@ pub fn tokenizer(cmd: TokenizerCommand) -> Result<()> {
         heldout_fraction: args.heldout_fraction,
         heldout_chars: args.heldout_chars,
         strict: args.input.strict,
+        progress: true,
     };
     train_tokenizer(inputs, &options, &cfg, &args.out)
 }
