@@ -155,7 +155,7 @@ pub fn train(
                 match raw.into_text(&inputs, &text_field) {
                     Ok(mut text) => {
                         documents += 1;
-                        if let Some(bar) = bar.as_ref().filter(|_| documents % 256 == 0) {
+                        if let Some(bar) = bar.as_ref().filter(|_| documents.is_multiple_of(256)) {
                             bar.set_position(bytes_read.load(std::sync::atomic::Ordering::Relaxed));
                             let rate = documents as f64 / start.elapsed().as_secs_f64().max(1e-9);
                             bar.set_message(format!("{documents} docs ({rate:.0}/s) counted"));
