@@ -4,19 +4,28 @@
 //! - [`bytes`]: the byte-level tokenizer, for raw text without a trained vocabulary.
 //! - [`stream`]: many shards or text files as one token sequence, with train/validation split
 //!   and data file patterns.
+//! - [`tokenizer`]: byte-level BPE training (Hugging Face `tokenizers`) and loading.
+//! - [`input`], [`clean`], [`dedup`], [`prepare`]: raw corpora (text, JSON Lines, gzip, zstd)
+//!   to cleaned, deduplicated token shards with a manifest (`ondol data prepare`).
 //! - [`loader`]: seeded, rank-sharded batches of (inputs, targets) whose position is a
 //!   two-number cursor saved with every checkpoint.
 //!
 //! Every error a user can cause is a [`DataError`] that names the file and what was wrong.
 
 pub mod bytes;
+pub mod clean;
+pub mod dedup;
 mod error;
+pub mod input;
 pub mod loader;
+pub mod prepare;
 pub mod shard;
 pub mod stream;
+pub mod tokenizer;
 
 pub use bytes::ByteTokenizer;
 pub use error::DataError;
 pub use loader::{Cursor, Loader, Order};
 pub use shard::{Shard, ShardVersion, write_shard};
 pub use stream::{SourceKind, TokenStream, expand_globs};
+pub use tokenizer::TextTokenizer;

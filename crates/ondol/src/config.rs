@@ -3,6 +3,7 @@
 //! the file, and what would be valid. The resolved config is written into the run directory.
 
 use ondol_core::Error;
+use ondol_data::input::DocSplit;
 use ondol_model::ModelConfig;
 use ondol_optim::{OptimizerConfig, SchedulerConfig};
 use serde::{Deserialize, Serialize};
@@ -82,9 +83,38 @@ pub struct DataConfig {
     pub val_fraction: f64,
     #[serde(default = "default_format")]
     pub format: DataFormat,
-    /// "bytes" (256 byte values + end-of-text) or a tokenizer.json; optional for shards.
+    /// "bytes" (256 byte values + end-of-text) or a tokenizer.json (shards only; its vocabulary
+    /// must fit model.vocab_size); optional for shards.
     #[serde(default)]
     pub tokenizer: Option<String>,
+    /// Prepare the data on the first run: train a tokenizer and write shards (see [`PrepareTable`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prepare: Option<PrepareTable>,
+}
+
+/// `[data] prepare = { input = [...], vocab_size = N, out = "DIR" }`: when `DIR/manifest.json`
+/// does not exist yet, train a byte-level BPE tokenizer of `vocab_size` on `input` into
+/// `DIR/tokenizer.json` and run `data prepare` into `DIR` with default cleaning and dedup.
+/// `data.train`, `data.val` and `data.tokenizer` then name files in `DIR`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrepareTable {
+    /// Input files or globs (text, JSON Lines, .gz, .zst), relative to the working directory.
+    pub input: Vec<String>,
+    pub vocab_size: usize,
+    pub out: String,
+    /// "file" or "blank-line".
+    #[serde(default)]
+    pub doc_split: DocSplit,
+    /// Fraction of documents held out for validation.
+    #[serde(default = "default_prepare_val_fraction")]
+    pub val_fraction: f64,
+    #[serde(default)]
+    pub seed: u64,
+}
+
+fn default_prepare_val_fraction() -> f64 {
+    0.05
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -236,10 +266,27 @@ impl RunConfig {
                     format!("{other:?}: text data is tokenized on the fly only with tokenizer = \"bytes\""),
                 ));
             }
-            (DataFormat::Shards, Some(other)) => {
+            // A tokenizer.json: that it exists and fits model.vocab_size is checked when the data
+            // is opened (`prepare_cli::prepare_for_run`), after `data.prepare` may have made it.
+            (DataFormat::Shards, Some(_)) => {}
+        }
+        if let Some(p) = &d.prepare {
+            if d.format != DataFormat::Shards {
+                return Err(Error::config("data.prepare", "prepares token shards: it needs data.format = \"shards\""));
+            }
+            if p.input.is_empty() {
+                return Err(Error::config("data.prepare.input", "needs at least one path or glob"));
+            }
+            if p.vocab_size > self.model.vocab_size {
                 return Err(Error::config(
-                    "data.tokenizer",
-                    format!("\"{other}\": only \"bytes\" is supported (or leave it out for pre-tokenized shards)"),
+                    "data.prepare.vocab_size",
+                    format!("{} is larger than model.vocab_size = {}", p.vocab_size, self.model.vocab_size),
+                ));
+            }
+            if !(0.0..1.0).contains(&p.val_fraction) {
+                return Err(Error::config(
+                    "data.prepare.val_fraction",
+                    format!("{} must be in [0, 1)", p.val_fraction),
                 ));
             }
         }

@@ -1,8 +1,10 @@
-//! The `ondol` binary's library: the run config, the trainer loop and its metrics. The
+//! The `ondol` binary's library: the run config, the trainer loop and its metrics, and the
+//! data-preparation commands (`prepare_cli`). The
 //! binary itself (main.rs) only parses arguments, wires these together and reports.
 
 pub mod config;
 pub mod launch;
 pub mod metrics;
+pub mod prepare_cli;
 pub mod pretrained;
 pub mod trainer;

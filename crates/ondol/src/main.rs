@@ -4,6 +4,7 @@ use clap::{Args, Parser, Subcommand};
 use ondol::config::{BYTE_EOT, Device, RunConfig};
 use ondol::launch::{self, LaunchArgs, SelftestArgs};
 use ondol::metrics::Metrics;
+use ondol::prepare_cli;
 use ondol::pretrained::{self, Pretrained, Sampling};
 use ondol::trainer::{self, Data, Trainer};
 use ondol_ckpt::{Writer, checkpoint};
@@ -40,6 +41,12 @@ enum Command {
     /// Check a launched job's rendezvous (store, barrier, exchange) without a model.
     #[command(hide = true)]
     CommSelftest(SelftestArgs),
+    /// Tokenizer training.
+    #[command(subcommand)]
+    Tokenizer(prepare_cli::TokenizerCommand),
+    /// Data preparation: raw text to token shards.
+    #[command(subcommand)]
+    Data(prepare_cli::DataCommand),
 }
 
 #[derive(Subcommand)]
@@ -128,6 +135,8 @@ fn main() -> ExitCode {
         Command::Import(ImportCommand::Hf { src, out }) => import_hf(&src, &out),
         Command::Launch(args) => launch::launch(args),
         Command::CommSelftest(args) => launch::selftest(args),
+        Command::Tokenizer(cmd) => prepare_cli::tokenizer(cmd),
+        Command::Data(cmd) => prepare_cli::data(cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -22,6 +22,7 @@ pub struct Data {
 
 impl Data {
     pub fn open(cfg: &RunConfig, base: &Path) -> Result<Self> {
+        crate::prepare_cli::prepare_for_run(cfg, base)?;
         let d = &cfg.data;
         let kind = match d.format {
             DataFormat::Shards => SourceKind::Shards,

@@ -1,0 +1,291 @@
+//! Deduplication across all inputs: exact (a 128-bit hash of the cleaned text) and near
+//! (MinHash signatures with locality-sensitive hashing in bands, Broder 1997 / Leskovec et
+//! al., *Mining of Massive Datasets* ch. 3). The first document of a group is kept; later
+//! ones are removed, so the result depends only on input order.
+//!
+//! Near-duplicates: a document's shingles are its overlapping `shingle`-character windows
+//! after lower-casing and collapsing whitespace (characters, not words, so Korean, Chinese
+//! and English are treated alike). `num_perm` hash functions `h_p(x) = (a_p x + b_p) >> 32`
+//! (multiply-add-shift, with random odd `a_p`) each keep their minimum over the shingles; the
+//! probability that two documents agree on one minimum is their Jaccard similarity J. The
+//! signature is cut into `bands` bands of `rows` minima; two documents are candidates when
+//! all rows of any one band agree, which happens with probability `1 - (1 - J^rows)^bands`.
+//! A candidate is removed as a near-duplicate (no second check against the earlier text:
+//! keeping every document's text would make memory grow with the corpus).
+//!
+//! By default the bands are chosen from the threshold: the most rows per band (the steepest
+//! S-curve, so fewest false positives below the threshold) that still catch at least 95% of
+//! pairs at exactly the threshold. For the defaults (threshold 0.8, 128 permutations) that is
+//! 18 bands of 7 rows: a pair at J = 0.8 is caught with probability 0.986, J = 0.5 with 0.13,
+//! J = 0.3 with 0.004.
+//!
+//! Memory: the only state that grows with the corpus. Per kept document the exact index holds
+//! one 16-byte hash and the near index one 8-byte key per band, each in a hash set at a load
+//! factor of at most 7/8 with one control byte per slot: about (16 + 1) * 8/7 = 19 bytes (exact)
+//! plus bands * (8 + 1) * 8/7 = 185 bytes at 18 bands (near), ~205 bytes per kept document in
+//! the worst case just after a rehash doubles the table (about twice that while it rehashes).
+//! A billion documents need ~200 GB: shard the corpus and deduplicate within shards there.
+
+use std::collections::HashSet;
+
+use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed, xxh3_128};
+
+use ondol_core::Rng;
+
+/// Exact duplicates: a set of 128-bit hashes of the (trimmed) text.
+#[derive(Debug, Default)]
+pub struct ExactIndex {
+    seen: HashSet<u128>,
+}
+
+impl ExactIndex {
+    /// The key of `text`: its 128-bit XXH3 after trimming surrounding whitespace.
+    pub fn key(text: &str) -> u128 {
+        xxh3_128(text.trim().as_bytes())
+    }
+
+    /// Records `key`; true when it was already there (a duplicate).
+    pub fn check_and_insert(&mut self, key: u128) -> bool {
+        !self.seen.insert(key)
+    }
+
+    pub fn len(&self) -> usize {
+        self.seen.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.seen.is_empty()
+    }
+}
+
+/// Near-duplicate settings; each has a `data prepare` flag of the same name.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct NearDedupConfig {
+    /// Characters per shingle.
+    pub shingle: usize,
+    /// Hash functions (permutations) in a signature.
+    pub num_perm: usize,
+    /// Bands (None: chosen from the threshold, see the module docs).
+    pub bands: Option<usize>,
+    /// Jaccard similarity at and above which documents count as near-duplicates.
+    pub threshold: f64,
+    pub seed: u64,
+}
+
+impl Default for NearDedupConfig {
+    fn default() -> Self {
+        Self { shingle: 5, num_perm: 128, bands: None, threshold: 0.8, seed: 0x6f6e646f6c }
+    }
+}
+
+/// Signatures and band keys for one configuration; shared by all threads.
+#[derive(Clone, Debug)]
+pub struct MinHasher {
+    shingle: usize,
+    bands: usize,
+    rows: usize,
+    /// (a_p, b_p) per permutation, a_p odd.
+    perms: Vec<(u64, u64)>,
+}
+
+impl MinHasher {
+    /// Validates `cfg` (an `Err` names the flag) and draws the hash functions from its seed.
+    pub fn new(cfg: &NearDedupConfig) -> Result<Self, String> {
+        if cfg.shingle == 0 {
+            return Err("--shingle 0: a shingle needs at least 1 character".into());
+        }
+        if !(cfg.threshold > 0.0 && cfg.threshold <= 1.0) {
+            return Err(format!("--near-threshold {} is out of range: it must be in (0, 1]", cfg.threshold));
+        }
+        let (bands, rows) = match cfg.bands {
+            Some(b) if b == 0 || b > cfg.num_perm => {
+                return Err(format!("--bands {b} must be between 1 and --num-perm ({})", cfg.num_perm));
+            }
+            Some(b) => (b, cfg.num_perm / b),
+            None => {
+                if cfg.num_perm == 0 {
+                    return Err("--num-perm 0: MinHash needs at least 1 permutation".into());
+                }
+                // Most rows per band that still catch >= 95% of pairs at the threshold.
+                (1..=cfg.num_perm)
+                    .map(|r| (cfg.num_perm / r, r))
+                    .rfind(|&(b, r)| candidate_probability(cfg.threshold, b, r) >= 0.95)
+                    .unwrap_or((cfg.num_perm, 1))
+            }
+        };
+        let mut rng = Rng::new(cfg.seed);
+        let perms = (0..bands * rows).map(|_| (rng.next_u64() | 1, rng.next_u64())).collect();
+        Ok(Self { shingle: cfg.shingle, bands, rows, perms })
+    }
+
+    pub fn bands(&self) -> usize {
+        self.bands
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// The 64-bit hashes of the distinct shingles of `text` (see the module docs).
+    pub fn shingles(&self, text: &str) -> Vec<u64> {
+        let mut norm = String::with_capacity(text.len());
+        for word in text.split_whitespace() {
+            if !norm.is_empty() {
+                norm.push(' ');
+            }
+            norm.extend(word.chars().flat_map(char::to_lowercase));
+        }
+        let mut bounds: Vec<usize> = norm.char_indices().map(|(i, _)| i).collect();
+        bounds.push(norm.len());
+        let k = self.shingle.min(bounds.len() - 1).max(1);
+        let mut hashes: Vec<u64> = bounds.windows(k + 1).map(|w| xxh3_64(&norm.as_bytes()[w[0]..w[k]])).collect();
+        if hashes.is_empty() {
+            hashes.push(xxh3_64(norm.as_bytes()));
+        }
+        hashes.sort_unstable();
+        hashes.dedup();
+        hashes
+    }
+
+    /// The MinHash signature of `text`: per permutation, the minimum over its shingles.
+    pub fn signature(&self, text: &str) -> Vec<u32> {
+        let mut mins = vec![u32::MAX; self.perms.len()];
+        for x in self.shingles(text) {
+            for (m, &(a, b)) in mins.iter_mut().zip(&self.perms) {
+                *m = (*m).min((a.wrapping_mul(x).wrapping_add(b) >> 32) as u32);
+            }
+        }
+        mins
+    }
+
+    /// One key per band: a hash of the band's rows and its index.
+    pub fn band_keys(&self, text: &str) -> Vec<u64> {
+        let sig = self.signature(text);
+        sig.chunks_exact(self.rows)
+            .enumerate()
+            .map(|(band, rows)| {
+                let bytes: Vec<u8> = rows.iter().flat_map(|r| r.to_le_bytes()).collect();
+                xxh3_64_with_seed(&bytes, band as u64)
+            })
+            .collect()
+    }
+}
+
+/// The probability that a pair at Jaccard similarity `j` shares a band.
+pub fn candidate_probability(j: f64, bands: usize, rows: usize) -> f64 {
+    1.0 - (1.0 - j.powi(rows as i32)).powi(bands as i32)
+}
+
+/// Band keys of every kept document, in one set (the band index is part of each key).
+#[derive(Debug, Default)]
+pub struct NearIndex {
+    keys: HashSet<u64>,
+}
+
+impl NearIndex {
+    /// True when a band of `keys` was seen before (a near-duplicate; nothing is inserted);
+    /// otherwise records all of them.
+    pub fn check_and_insert(&mut self, keys: &[u64]) -> bool {
+        if keys.iter().any(|k| self.keys.contains(k)) {
+            return true;
+        }
+        self.keys.extend(keys.iter().copied());
+        false
+    }
+
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+}
+
+/// The exact Jaccard similarity of the shingle sets of two texts (for tests and reports).
+pub fn jaccard(hasher: &MinHasher, a: &str, b: &str) -> f64 {
+    let (a, b) = (hasher.shingles(a), hasher.shingles(b));
+    let b_set: HashSet<u64> = b.iter().copied().collect();
+    let both = a.iter().filter(|x| b_set.contains(x)).count();
+    both as f64 / (a.len() + b.len() - both) as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A document of `n` words drawn from a Zipf-like vocabulary of 3000 pseudo-words, so
+    /// distinct documents share common words as natural text does.
+    fn words(rng: &mut Rng, n: usize) -> Vec<String> {
+        (0..n)
+            .map(|_| {
+                let r = rng.next_u64() % 3000;
+                let rank = (r * r) / 3000; // skewed towards frequent words
+                let mut w = Rng::new(rank);
+                let len = 2 + (w.next_u64() % 7) as usize;
+                (0..len).map(|_| (b'a' + (w.next_u64() % 26) as u8) as char).collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn planted_near_duplicates_are_caught_and_distinct_documents_kept() {
+        let cfg = NearDedupConfig::default();
+        let hasher = MinHasher::new(&cfg).unwrap();
+        assert_eq!((hasher.bands(), hasher.rows()), (18, 7));
+        let mut rng = Rng::new(7);
+        let originals: Vec<Vec<String>> = (0..600).map(|_| words(&mut rng, 120)).collect();
+
+        let mut index = NearIndex::default();
+        let mut false_positives = 0;
+        for doc in &originals {
+            false_positives += usize::from(index.check_and_insert(&hasher.band_keys(&doc.join(" "))));
+        }
+        assert!(false_positives <= originals.len() / 100, "{false_positives} distinct documents flagged");
+
+        // Edited copies: replace words until the true Jaccard falls into [threshold, +0.08).
+        let (mut planted, mut caught) = (0, 0);
+        for doc in originals.iter().take(300) {
+            let original = doc.join(" ");
+            let mut copy = doc.clone();
+            let mut j = 1.0;
+            while j >= cfg.threshold + 0.08 {
+                let i = (rng.next_u64() % copy.len() as u64) as usize;
+                copy[i] = words(&mut rng, 1).remove(0);
+                j = jaccard(&hasher, &original, &copy.join(" "));
+            }
+            if j < cfg.threshold {
+                continue;
+            }
+            planted += 1;
+            let mut probe = NearIndex { keys: index.keys.clone() };
+            caught += usize::from(probe.check_and_insert(&hasher.band_keys(&copy.join(" "))));
+        }
+        assert!(planted >= 250, "only {planted} copies landed in the similarity range");
+        let recall = caught as f64 / planted as f64;
+        assert!(recall >= 0.95, "recall {recall:.3} ({caught} of {planted}) at J in [0.8, 0.88)");
+    }
+
+    #[test]
+    fn exact_keys_ignore_surrounding_whitespace_and_bands_follow_the_flags() {
+        let mut exact = ExactIndex::default();
+        assert!(!exact.check_and_insert(ExactIndex::key("같은 문서\n")));
+        assert!(exact.check_and_insert(ExactIndex::key("  같은 문서")));
+        assert!(!exact.check_and_insert(ExactIndex::key("다른 문서")));
+
+        let h = MinHasher::new(&NearDedupConfig { bands: Some(16), ..Default::default() }).unwrap();
+        assert_eq!((h.bands(), h.rows()), (16, 8));
+        let h = MinHasher::new(&NearDedupConfig { threshold: 0.5, ..Default::default() }).unwrap();
+        assert!(candidate_probability(0.5, h.bands(), h.rows()) >= 0.95);
+        assert!(candidate_probability(0.5, 128 / (h.rows() + 1), h.rows() + 1) < 0.95);
+        for bad in [
+            NearDedupConfig { shingle: 0, ..Default::default() },
+            NearDedupConfig { bands: Some(200), ..Default::default() },
+            NearDedupConfig { threshold: 1.5, ..Default::default() },
+        ] {
+            assert!(MinHasher::new(&bad).unwrap_err().starts_with("--"));
+        }
+        // A text shorter than a shingle still has a signature, and identical texts agree.
+        assert_eq!(h.band_keys("ab"), h.band_keys("AB"));
+    }
+}

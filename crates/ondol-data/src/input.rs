@@ -1,0 +1,461 @@
+//! Reading raw corpora as documents: plain text (one document per file, or blank-line separated)
+//! and JSON Lines (one document per line, text under a configurable field), each optionally
+//! compressed with gzip (`.gz`) or zstd (`.zst`).
+//!
+//! Reading is streaming and sequential: [`DocReader`] yields [`RawDoc`]s (bytes not yet checked
+//! as UTF-8 or parsed as JSON, so that the expensive checks run in parallel downstream with
+//! [`RawDoc::into_text`]) and [`Problem`]s (an input that cannot be opened or read, an empty
+//! file), each naming the file and line. Memory: one document at a time (a whole file in
+//! `file` mode, one line or paragraph otherwise) plus a 256 KiB read buffer.
+//!
+//! While reading, every input's raw (still compressed) bytes are counted and hashed (SHA-256),
+//! so the manifest can name exactly what went in without a second pass over the files.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use sha2::{Digest, Sha256};
+
+use crate::DataError;
+
+/// How a plain-text file is cut into documents.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DocSplit {
+    /// The whole file is one document.
+    #[default]
+    File,
+    /// Documents are separated by one or more blank lines.
+    BlankLine,
+}
+
+impl std::str::FromStr for DocSplit {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "file" => Ok(Self::File),
+            "blank-line" => Ok(Self::BlankLine),
+            other => Err(format!("`{other}` is not a document split; valid: file, blank-line")),
+        }
+    }
+}
+
+/// How inputs are read; the format of each file follows its name (see [`InputFormat::of`]).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct InputOptions {
+    pub doc_split: DocSplit,
+    /// The JSON Lines field that holds a document's text.
+    pub text_field: String,
+}
+
+impl Default for InputOptions {
+    fn default() -> Self {
+        Self { doc_split: DocSplit::File, text_field: "text".into() }
+    }
+}
+
+/// What an input file holds, from its name: `*.jsonl`, `*.ndjson`, `*.json` (each optionally
+/// followed by `.gz` or `.zst`) are JSON Lines, everything else plain text.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InputFormat {
+    Text,
+    JsonLines,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Compression {
+    None,
+    Gzip,
+    Zstd,
+}
+
+impl InputFormat {
+    pub fn of(path: &Path) -> Self {
+        let name = path.file_name().map(|n| n.to_string_lossy().to_lowercase()).unwrap_or_default();
+        let name = name.strip_suffix(".gz").or_else(|| name.strip_suffix(".zst")).unwrap_or(&name);
+        if [".jsonl", ".ndjson", ".json"].iter().any(|ext| name.ends_with(ext)) { Self::JsonLines } else { Self::Text }
+    }
+}
+
+fn compression_of(path: &Path) -> Compression {
+    match path.extension().and_then(|e| e.to_str()) {
+        Some("gz") => Compression::Gzip,
+        Some("zst") => Compression::Zstd,
+        _ => Compression::None,
+    }
+}
+
+/// Something wrong with one input, located by file and line (line 0: the file as a whole).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Problem {
+    pub path: PathBuf,
+    pub line: u64,
+    /// A key that counts problems of one kind in the report: `unreadable`, `empty_file`,
+    /// `invalid_utf8`, `malformed_json`.
+    pub kind: &'static str,
+    pub message: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}: {}", self.path.display(), self.line, self.message)
+    }
+}
+
+/// One document as read: its bytes, where it came from, and how to turn it into text.
+#[derive(Debug)]
+pub struct RawDoc {
+    /// Index of the input file in the list given to [`DocReader::new`].
+    pub input: usize,
+    /// 1-based line where the document starts.
+    pub line: u64,
+    pub bytes: Vec<u8>,
+    json: bool,
+}
+
+impl RawDoc {
+    /// The document's text: the bytes as UTF-8 (plain text) or the text field of the JSON
+    /// object (JSON Lines). `Err` says which rule the document broke and where; `inputs` is the
+    /// list the reader was made from, for naming the file.
+    pub fn into_text(self, inputs: &[PathBuf], text_field: &str) -> Result<String, Problem> {
+        let problem =
+            |line: u64, kind, message: String| Problem { path: inputs[self.input].clone(), line, kind, message };
+        if self.json {
+            let value: serde_json::Value = serde_json::from_slice(&self.bytes)
+                .map_err(|e| problem(self.line, "malformed_json", format!("malformed JSON line: {e}")))?;
+            return match value.get(text_field) {
+                Some(serde_json::Value::String(s)) => Ok(s.clone()),
+                Some(other) => Err(problem(
+                    self.line,
+                    "malformed_json",
+                    format!("field `{text_field}` is not a string but {}", json_kind(other)),
+                )),
+                None => Err(problem(
+                    self.line,
+                    "malformed_json",
+                    format!("no field `{text_field}` (set --text-field to the field that holds the text)"),
+                )),
+            };
+        }
+        String::from_utf8(self.bytes).map_err(|e| {
+            let bytes = e.as_bytes();
+            let at = e.utf8_error().valid_up_to();
+            let line = self.line + bytes[..at].iter().filter(|&&b| b == b'\n').count() as u64;
+            problem(line, "invalid_utf8", format!("invalid UTF-8 (byte 0x{:02X}); the document is skipped", bytes[at]))
+        })
+    }
+}
+
+fn json_kind(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
+/// One item of a [`DocReader`].
+#[derive(Debug)]
+pub enum Item {
+    Doc(RawDoc),
+    Problem(Problem),
+}
+
+/// What was read from one input: raw bytes (as stored, before decompression) and their SHA-256.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct InputStats {
+    pub path: PathBuf,
+    pub bytes: u64,
+    pub sha256: String,
+    pub documents: u64,
+}
+
+/// Counts and hashes the raw bytes that pass through it, into state shared with the reader.
+struct Hashing<R> {
+    inner: R,
+    state: Arc<Mutex<(Sha256, u64)>>,
+    progress: Arc<AtomicU64>,
+}
+
+impl<R: Read> Read for Hashing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        let mut state = self.state.lock().expect("hash state lock");
+        state.0.update(&buf[..n]);
+        state.1 += n as u64;
+        self.progress.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
+/// The file currently being read.
+struct Open {
+    reader: Box<dyn BufRead + Send>,
+    /// Shared with the boxed reader's innermost layer: the hash and count of raw bytes read.
+    hashed: Arc<Mutex<(Sha256, u64)>>,
+    format: InputFormat,
+    line: u64,
+    documents: u64,
+}
+
+/// Streams the documents of `inputs` in order; see the module docs.
+pub struct DocReader {
+    inputs: Vec<PathBuf>,
+    options: InputOptions,
+    next_input: usize,
+    current: Option<Open>,
+    stats: Vec<InputStats>,
+    /// Raw bytes read so far over all inputs (for progress bars).
+    pub bytes_read: Arc<AtomicU64>,
+    line_buf: Vec<u8>,
+}
+
+impl DocReader {
+    pub fn new(inputs: Vec<PathBuf>, options: InputOptions) -> Self {
+        let stats = inputs.iter().map(|p| InputStats { path: p.clone(), ..Default::default() }).collect();
+        Self { inputs, options, next_input: 0, current: None, stats, bytes_read: Arc::default(), line_buf: Vec::new() }
+    }
+
+    pub fn inputs(&self) -> &[PathBuf] {
+        &self.inputs
+    }
+
+    /// Per-input byte counts, hashes and document counts (complete once the reader is exhausted).
+    pub fn stats(&self) -> &[InputStats] {
+        &self.stats
+    }
+
+    fn open(&mut self, index: usize) -> Result<Open, Problem> {
+        let path = &self.inputs[index];
+        let unreadable = |e: std::io::Error| Problem {
+            path: path.clone(),
+            line: 0,
+            kind: "unreadable",
+            message: format!("cannot open: {e}"),
+        };
+        let file = File::open(path).map_err(unreadable)?;
+        if file.metadata().map_err(unreadable)?.is_dir() {
+            return Err(unreadable(std::io::Error::other("is a directory")));
+        }
+        let hashed = Arc::new(Mutex::new((Sha256::new(), 0)));
+        let raw = Hashing { inner: file, state: Arc::clone(&hashed), progress: self.bytes_read.clone() };
+        const BUF: usize = 256 << 10;
+        let reader: Box<dyn BufRead + Send> = match compression_of(path) {
+            Compression::None => Box::new(BufReader::with_capacity(BUF, raw)),
+            Compression::Gzip => {
+                Box::new(BufReader::with_capacity(BUF, flate2::read::MultiGzDecoder::new(BufReader::new(raw))))
+            }
+            Compression::Zstd => {
+                let decoder = zstd::stream::read::Decoder::new(raw).map_err(unreadable)?;
+                Box::new(BufReader::with_capacity(BUF, decoder))
+            }
+        };
+        Ok(Open { reader, hashed, format: InputFormat::of(path), line: 0, documents: 0 })
+    }
+
+    /// Reads the next document of the open file; `Ok(None)` at its end.
+    fn read_doc(&mut self, input: usize) -> std::io::Result<Option<RawDoc>> {
+        let split = self.options.doc_split;
+        let open = self.current.as_mut().expect("a file is open");
+        match (open.format, split) {
+            (InputFormat::Text, DocSplit::File) => {
+                if open.line > 0 {
+                    return Ok(None);
+                }
+                let mut bytes = Vec::new();
+                open.reader.read_to_end(&mut bytes)?;
+                open.line = 1;
+                Ok((!bytes.is_empty()).then_some(RawDoc { input, line: 1, bytes, json: false }))
+            }
+            (InputFormat::JsonLines, _) => loop {
+                self.line_buf.clear();
+                if open.reader.read_until(b'\n', &mut self.line_buf)? == 0 {
+                    return Ok(None);
+                }
+                open.line += 1;
+                if self.line_buf.iter().all(|b| b.is_ascii_whitespace()) {
+                    continue; // blank lines between records are not records
+                }
+                return Ok(Some(RawDoc { input, line: open.line, bytes: self.line_buf.clone(), json: true }));
+            },
+            (InputFormat::Text, DocSplit::BlankLine) => {
+                let mut bytes = Vec::new();
+                let mut start = 0;
+                loop {
+                    self.line_buf.clear();
+                    if open.reader.read_until(b'\n', &mut self.line_buf)? == 0 {
+                        break;
+                    }
+                    open.line += 1;
+                    let blank = self.line_buf.iter().all(|b| b.is_ascii_whitespace());
+                    if blank && !bytes.is_empty() {
+                        break;
+                    }
+                    if !blank {
+                        if bytes.is_empty() {
+                            start = open.line;
+                        }
+                        bytes.extend_from_slice(&self.line_buf);
+                    }
+                }
+                if bytes.last() == Some(&b'\n') {
+                    bytes.pop();
+                }
+                Ok((!bytes.is_empty()).then_some(RawDoc { input, line: start, bytes, json: false }))
+            }
+        }
+    }
+
+    fn close(&mut self, index: usize) {
+        if let Some(open) = self.current.take() {
+            let stats = &mut self.stats[index];
+            stats.documents = open.documents;
+            drop(open.reader);
+            let (hasher, bytes) = std::mem::take(&mut *open.hashed.lock().expect("hash state lock"));
+            stats.bytes = bytes;
+            stats.sha256 = hex(&hasher.finalize());
+        }
+    }
+}
+
+impl Iterator for DocReader {
+    type Item = Item;
+
+    fn next(&mut self) -> Option<Item> {
+        loop {
+            let index = self.next_input.checked_sub(1);
+            if let (Some(index), true) = (index, self.current.is_some()) {
+                match self.read_doc(index) {
+                    Ok(Some(doc)) => {
+                        self.current.as_mut().expect("open").documents += 1;
+                        return Some(Item::Doc(doc));
+                    }
+                    Ok(None) => {
+                        let empty = self.current.as_ref().is_some_and(|o| o.documents == 0);
+                        self.close(index);
+                        if empty {
+                            let path = self.inputs[index].clone();
+                            let message = "the file holds no document (it is empty or blank)".to_string();
+                            return Some(Item::Problem(Problem { path, line: 0, kind: "empty_file", message }));
+                        }
+                    }
+                    Err(e) => {
+                        let line = self.current.as_ref().map_or(0, |o| o.line + 1);
+                        self.close(index);
+                        let path = self.inputs[index].clone();
+                        let message = format!("read error, the rest of the file is skipped: {e}");
+                        return Some(Item::Problem(Problem { path, line, kind: "unreadable", message }));
+                    }
+                }
+            }
+            let index = self.next_input;
+            if index >= self.inputs.len() {
+                return None;
+            }
+            self.next_input += 1;
+            match self.open(index) {
+                Ok(open) => self.current = Some(open),
+                Err(problem) => return Some(Item::Problem(problem)),
+            }
+        }
+    }
+}
+
+/// Lower-case hexadecimal of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Expands input patterns: like [`crate::expand_globs`] (sorted matches, duplicates dropped, a
+/// pattern that matches nothing is an error), except that a plain path (no `*?[`) is kept even
+/// when it cannot be opened, so that the reader reports it as a problem with its name.
+pub fn expand_inputs(patterns: &[String]) -> Result<Vec<PathBuf>, DataError> {
+    let mut files = Vec::new();
+    for pattern in patterns {
+        if pattern.contains(['*', '?', '[']) {
+            files.extend(crate::expand_globs(std::slice::from_ref(pattern), Path::new("."))?);
+        } else {
+            files.push(PathBuf::from(pattern));
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    files.retain(|f| seen.insert(f.clone()));
+    if files.is_empty() {
+        return Err(DataError::Invalid("no input given: pass --input FILE or GLOB at least once".into()));
+    }
+    Ok(files)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn texts(reader: DocReader, field: &str) -> (Vec<String>, Vec<Problem>) {
+        let inputs = reader.inputs().to_vec();
+        let (mut docs, mut problems) = (Vec::new(), Vec::new());
+        for item in reader {
+            match item {
+                Item::Doc(d) => match d.into_text(&inputs, field) {
+                    Ok(t) => docs.push(t),
+                    Err(p) => problems.push(p),
+                },
+                Item::Problem(p) => problems.push(p),
+            }
+        }
+        (docs, problems)
+    }
+
+    #[test]
+    fn reads_text_jsonl_gzip_and_zstd_and_reports_bad_input_by_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = |n: &str| dir.path().join(n);
+        std::fs::write(p("a.txt"), "첫 문단\n둘째 줄\n\n\n second paragraph\n").unwrap();
+        let jsonl = "{\"text\": \"문서 하나\"}\n\n{\"text\": 3}\n{broken\n{\"body\": \"x\"}\n{\"text\": \"two\"}\n";
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(jsonl.as_bytes()).unwrap();
+        std::fs::write(p("b.jsonl.gz"), gz.finish().unwrap()).unwrap();
+        std::fs::write(p("c.txt.zst"), zstd::encode_all("zstd text".as_bytes(), 1).unwrap()).unwrap();
+        std::fs::write(p("empty.txt"), "").unwrap();
+        std::fs::write(p("bad.txt"), b"ok\nstill ok\nbad \xFF here\n").unwrap();
+        std::fs::write(p("corrupt.txt.gz"), b"not gzip at all").unwrap();
+        let names = ["a.txt", "b.jsonl.gz", "c.txt.zst", "empty.txt", "bad.txt", "missing.txt", "corrupt.txt.gz"];
+        let inputs: Vec<PathBuf> = names.iter().map(|n| p(n)).collect();
+        let options = InputOptions { doc_split: DocSplit::BlankLine, text_field: "text".into() };
+        let reader = DocReader::new(inputs.clone(), options);
+        let (docs, problems) = texts(reader, "text");
+        assert_eq!(docs, ["첫 문단\n둘째 줄", " second paragraph", "문서 하나", "two", "zstd text"]);
+        let found: Vec<(String, u64, &str)> = problems
+            .iter()
+            .map(|p| (p.path.file_name().unwrap().to_string_lossy().into_owned(), p.line, p.kind))
+            .collect();
+        let expect = |n: &str, l, k| (n.to_string(), l, k);
+        assert_eq!(
+            found,
+            [
+                expect("b.jsonl.gz", 3, "malformed_json"),
+                expect("b.jsonl.gz", 4, "malformed_json"),
+                expect("b.jsonl.gz", 5, "malformed_json"),
+                expect("empty.txt", 0, "empty_file"),
+                expect("bad.txt", 3, "invalid_utf8"),
+                expect("missing.txt", 0, "unreadable"),
+                expect("corrupt.txt.gz", 1, "unreadable"),
+            ]
+        );
+        assert!(problems[2].message.contains("--text-field"), "{}", problems[2]);
+
+        // Stats: raw bytes and SHA-256 of what was stored on disk.
+        let mut reader = DocReader::new(inputs[..1].to_vec(), InputOptions::default());
+        assert_eq!(reader.by_ref().count(), 1);
+        let raw = std::fs::read(&inputs[0]).unwrap();
+        assert_eq!(reader.stats()[0].bytes, raw.len() as u64);
+        let sha: String = Sha256::digest(&raw).iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(reader.stats()[0].sha256, sha);
+    }
+}

@@ -1,0 +1,740 @@
+//! `ondol data prepare`: raw corpora in, token shards and a manifest out.
+//!
+//! ```text
+//! read (sequential: decompress, split documents)           -> batch of <= batch_docs documents
+//!   -> parse + clean + hash + MinHash      (rayon, per document)
+//!   -> exact and near dedup decisions      (sequential, in input order: the first copy wins)
+//!   -> train/validation split by document  (a seeded hash of the text: stable under reordering)
+//!   -> tokenize the kept documents         (rayon)
+//!   -> append "<|endoftext|> document" to the train or val buffer; every shard_tokens tokens,
+//!      write a shard (atomically) and drop them
+//! ```
+//!
+//! Memory bound: at most `batch_docs` documents and `batch_bytes` bytes of text are in flight
+//! (a single document larger than `batch_bytes` forms a batch on its own, and `file`-mode text
+//! inputs are read whole), plus two shard buffers of at most `shard_tokens + one document`
+//! tokens, plus the dedup indexes (see [`crate::dedup`] for their bytes per document): the only
+//! state that grows with the corpus. The manifest records the peaks actually reached.
+//!
+//! Output: `train_000000.bin ...`, `val_000000.bin ...` (llm.c format, v1 when the vocabulary
+//! fits u16 else v2), `tokenizer.json` (a byte-for-byte copy), and `manifest.json`, written last:
+//! a directory with a manifest is complete. A run that fails removes the shards it wrote.
+
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use rayon::prelude::*;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use xxhash_rust::xxh3::xxh3_64_with_seed;
+
+use crate::clean::{CleanConfig, Rule};
+use crate::dedup::{ExactIndex, MinHasher, NearDedupConfig, NearIndex};
+use crate::input::{DocReader, InputOptions, InputStats, Item, Problem, hex};
+use crate::tokenizer::{EOT_TOKEN, TextTokenizer};
+use crate::{DataError, ShardVersion, write_shard};
+
+/// Everything `data prepare` needs; each field has a flag of the same name.
+#[derive(Clone, Debug, Serialize)]
+pub struct PrepareConfig {
+    pub inputs: Vec<PathBuf>,
+    pub input: InputOptions,
+    pub tokenizer: PathBuf,
+    pub eot_token: String,
+    pub out: PathBuf,
+    pub clean: CleanConfig,
+    pub exact_dedup: bool,
+    /// None: no near-duplicate removal (`--no-near-dedup`).
+    pub near_dedup: Option<NearDedupConfig>,
+    pub val_fraction: f64,
+    pub seed: u64,
+    pub shard_tokens: usize,
+    pub batch_docs: usize,
+    pub batch_bytes: usize,
+    pub strict: bool,
+    pub overwrite: bool,
+    #[serde(skip)]
+    pub progress: bool,
+}
+
+impl PrepareConfig {
+    pub fn new(inputs: Vec<PathBuf>, tokenizer: PathBuf, out: PathBuf) -> Self {
+        Self {
+            inputs,
+            input: InputOptions::default(),
+            tokenizer,
+            eot_token: EOT_TOKEN.into(),
+            out,
+            clean: CleanConfig::default(),
+            exact_dedup: true,
+            near_dedup: Some(NearDedupConfig::default()),
+            val_fraction: 0.005,
+            seed: 0,
+            shard_tokens: 100_000_000,
+            batch_docs: 4096,
+            batch_bytes: 64 << 20,
+            strict: false,
+            overwrite: false,
+            progress: true,
+        }
+    }
+}
+
+/// Documents in and out; `read = kept + sum(removed)`.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct DocCounts {
+    pub read: u64,
+    pub kept: u64,
+    pub train: u64,
+    pub val: u64,
+    /// Removed documents per rule: invalid_utf8, malformed_json, the cleaning rules,
+    /// exact_duplicate, near_duplicate.
+    pub removed: BTreeMap<&'static str, u64>,
+    /// Kept documents that a repair changed: nfc, control_chars.
+    pub modified: BTreeMap<&'static str, u64>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ShardInfo {
+    pub file: String,
+    pub split: &'static str,
+    pub tokens: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct MemoryReport {
+    pub batch_docs: usize,
+    pub batch_bytes: usize,
+    pub peak_batch_docs: usize,
+    pub peak_batch_bytes: usize,
+    pub peak_buffered_tokens: usize,
+    pub exact_index_entries: usize,
+    pub near_index_entries: usize,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct TokenizerInfo {
+    pub source: PathBuf,
+    pub file: &'static str,
+    pub sha256: String,
+    pub vocab_size: usize,
+    pub eot_token: String,
+    pub eot_id: u32,
+}
+
+/// `manifest.json`: what went in, what came out, what was removed and why.
+#[derive(Clone, Debug, Serialize)]
+pub struct Manifest {
+    pub ondol_version: String,
+    pub command: Vec<String>,
+    pub inputs: Vec<InputStats>,
+    pub tokenizer: TokenizerInfo,
+    pub settings: PrepareConfig,
+    /// Near-dedup bands x rows actually used.
+    pub near_dedup_bands: Option<(usize, usize)>,
+    pub documents: DocCounts,
+    /// Whole files that could not be used (unreadable, empty), counted by kind.
+    pub file_problems: BTreeMap<&'static str, u64>,
+    /// Every problem with file and line (the first 1000).
+    pub problems: Vec<Problem>,
+    pub problems_total: u64,
+    pub bytes_in: u64,
+    pub bytes_kept: u64,
+    pub shard_version: u8,
+    pub tokens: BTreeMap<&'static str, u64>,
+    pub shards: Vec<ShardInfo>,
+    pub memory: MemoryReport,
+    pub seconds: f64,
+}
+
+impl Manifest {
+    /// A short human report: documents kept and removed per rule, problems, tokens, shards.
+    pub fn summary(&self) -> String {
+        let d = &self.documents;
+        let mut s = format!(
+            "read {} documents ({:.1} MB) from {} input(s) in {:.1} s: kept {} ({} train, {} val, {:.1} MB)\n",
+            d.read,
+            self.bytes_in as f64 / 1e6,
+            self.inputs.len(),
+            self.seconds,
+            d.kept,
+            d.train,
+            d.val,
+            self.bytes_kept as f64 / 1e6
+        );
+        for (rule, n) in d.removed.iter().filter(|(_, n)| **n > 0) {
+            s += &format!("  removed {n:>9}  {rule}\n");
+        }
+        for (what, n) in d.modified.iter().filter(|(_, n)| **n > 0) {
+            s += &format!("  repaired {n:>8}  {what}\n");
+        }
+        for (kind, n) in &self.file_problems {
+            s += &format!("  skipped {n:>9}  files: {kind}\n");
+        }
+        for p in self.problems.iter().take(10) {
+            s += &format!("  problem: {p}\n");
+        }
+        if self.problems_total > 10 {
+            s += &format!("  ... {} problems in all, listed in manifest.json\n", self.problems_total);
+        }
+        if self.settings.val_fraction > 0.0 && d.val == 0 {
+            s += "  warning: no document went to validation; raise --val-fraction or use more documents\n";
+        }
+        let shards = |split| self.shards.iter().filter(|s| s.split == split).count();
+        s += &format!(
+            "tokens: {} train in {} shard(s), {} val in {} shard(s) (v{} shards, vocabulary {})",
+            self.tokens["train"],
+            shards("train"),
+            self.tokens["val"],
+            shards("val"),
+            self.shard_version,
+            self.tokenizer.vocab_size
+        );
+        s
+    }
+}
+
+const MAX_LISTED_PROBLEMS: usize = 1000;
+
+/// Writes `bytes` to `path` through a sibling temporary file, fsync and rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), DataError> {
+    use std::io::Write;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let result = std::fs::File::create(&tmp)
+        .and_then(|mut f| f.write_all(bytes).and_then(|()| f.sync_all()))
+        .and_then(|()| std::fs::rename(&tmp, path));
+    result.map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        DataError::io("write", path, e)
+    })
+}
+
+/// Accumulates one split's tokens and writes a shard every `shard_tokens`.
+struct ShardWriter {
+    dir: PathBuf,
+    split: &'static str,
+    version: ShardVersion,
+    shard_tokens: usize,
+    buf: Vec<u32>,
+    shards: Vec<ShardInfo>,
+    peak: usize,
+}
+
+impl ShardWriter {
+    fn push(&mut self, eot: u32, doc: &[u32]) -> Result<(), DataError> {
+        self.buf.push(eot);
+        self.buf.extend_from_slice(doc);
+        self.peak = self.peak.max(self.buf.len());
+        while self.buf.len() >= self.shard_tokens {
+            self.flush(self.shard_tokens)?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self, n: usize) -> Result<(), DataError> {
+        let file = format!("{}_{:06}.bin", self.split, self.shards.len());
+        write_shard(self.dir.join(&file), &self.buf[..n], Some(self.version))?;
+        self.shards.push(ShardInfo { file, split: self.split, tokens: n as u64 });
+        self.buf.drain(..n);
+        Ok(())
+    }
+
+    fn finish(&mut self) -> Result<(), DataError> {
+        if !self.buf.is_empty() {
+            self.flush(self.buf.len())?;
+        }
+        Ok(())
+    }
+}
+
+/// What the parallel stage found for one document.
+enum Checked {
+    Problem(Problem),
+    Removed(Rule),
+    Clean { text: String, exact: u128, near: Vec<u64>, nfc: bool, control: bool, bytes: usize },
+}
+
+/// Runs the pipeline of the module docs. On error, the shards this run wrote are removed.
+pub fn prepare(cfg: &PrepareConfig, command: Vec<String>, version: &str) -> Result<Manifest, DataError> {
+    let invalid = |m: String| Err(DataError::Invalid(m));
+    if !(0.0..1.0).contains(&cfg.val_fraction) {
+        return invalid(format!("--val-fraction {} is out of range: it must be in [0, 1)", cfg.val_fraction));
+    }
+    if cfg.shard_tokens == 0 || cfg.shard_tokens > i32::MAX as usize {
+        return invalid(format!("--shard-tokens {} must be between 1 and {}", cfg.shard_tokens, i32::MAX));
+    }
+    if cfg.batch_docs == 0 || cfg.batch_bytes == 0 {
+        return invalid("--batch-docs and --batch-bytes must be at least 1".into());
+    }
+    cfg.clean.validate().map_err(DataError::Invalid)?;
+    let hasher = cfg.near_dedup.as_ref().map(MinHasher::new).transpose().map_err(DataError::Invalid)?;
+    let mut tokenizer = TextTokenizer::from_file(&cfg.tokenizer, &cfg.eot_token)?;
+    if cfg.clean.nfc {
+        tokenizer.skip_nfc_normalizer(); // the cleaned text is NFC already
+    }
+    let tokenizer_bytes = std::fs::read(&cfg.tokenizer).map_err(|e| DataError::io("read", &cfg.tokenizer, e))?;
+    let shard_version = if tokenizer.vocab_size() <= 1 << 16 { ShardVersion::V1 } else { ShardVersion::V2 };
+
+    std::fs::create_dir_all(&cfg.out).map_err(|e| DataError::io("create directory", &cfg.out, e))?;
+    let existing = previous_output(&cfg.out)?;
+    if !existing.is_empty() {
+        if !cfg.overwrite {
+            return invalid(format!(
+                "--out {} already holds prepared data ({}{}); pass --overwrite to replace it, or choose another directory",
+                cfg.out.display(),
+                existing[..existing.len().min(3)].join(", "),
+                if existing.len() > 3 { ", ..." } else { "" }
+            ));
+        }
+        // The manifest first: a directory without one is never mistaken for a complete run.
+        let mut existing = existing;
+        existing.sort_by_key(|f| f != "manifest.json");
+        for f in existing {
+            let path = cfg.out.join(f);
+            std::fs::remove_file(&path).map_err(|e| DataError::io("remove", &path, e))?;
+        }
+    }
+    let writer = |split| ShardWriter {
+        dir: cfg.out.clone(),
+        split,
+        version: shard_version,
+        shard_tokens: cfg.shard_tokens,
+        buf: Vec::new(),
+        shards: Vec::new(),
+        peak: 0,
+    };
+    let mut writers = [writer("train"), writer("val")];
+    let result = run(cfg, &tokenizer, hasher.as_ref(), &mut writers);
+    let (counts, problems, problems_total, file_problems, inputs, bytes, memory, seconds) = match result {
+        Ok(r) => r,
+        Err(e) => {
+            for w in &writers {
+                for s in &w.shards {
+                    let _ = std::fs::remove_file(cfg.out.join(&s.file));
+                }
+            }
+            return Err(e);
+        }
+    };
+    let same_file =
+        std::fs::canonicalize(&cfg.tokenizer).ok() == std::fs::canonicalize(cfg.out.join("tokenizer.json")).ok();
+    if !same_file {
+        write_atomic(&cfg.out.join("tokenizer.json"), &tokenizer_bytes)?;
+    }
+    let [train, val] = writers;
+    let tokens = BTreeMap::from([
+        ("train", train.shards.iter().map(|s| s.tokens).sum()),
+        ("val", val.shards.iter().map(|s| s.tokens).sum()),
+    ]);
+    let manifest = Manifest {
+        ondol_version: version.into(),
+        command,
+        inputs,
+        tokenizer: TokenizerInfo {
+            source: cfg.tokenizer.clone(),
+            file: "tokenizer.json",
+            sha256: hex(&Sha256::digest(&tokenizer_bytes)),
+            vocab_size: tokenizer.vocab_size(),
+            eot_token: cfg.eot_token.clone(),
+            eot_id: tokenizer.eot_id(),
+        },
+        settings: cfg.clone(),
+        near_dedup_bands: hasher.map(|h| (h.bands(), h.rows())),
+        documents: counts,
+        file_problems,
+        problems,
+        problems_total,
+        bytes_in: bytes.0,
+        bytes_kept: bytes.1,
+        shard_version: if shard_version == ShardVersion::V1 { 1 } else { 2 },
+        tokens,
+        shards: train.shards.into_iter().chain(val.shards).collect(),
+        memory: MemoryReport { peak_buffered_tokens: train.peak.max(val.peak), ..memory },
+        seconds,
+    };
+    let json = serde_json::to_string_pretty(&manifest).expect("the manifest serializes");
+    write_atomic(&cfg.out.join("manifest.json"), json.as_bytes())?;
+    Ok(manifest)
+}
+
+/// Names of files in `dir` that a previous run wrote.
+fn previous_output(dir: &Path) -> Result<Vec<String>, DataError> {
+    let entries = std::fs::read_dir(dir).map_err(|e| DataError::io("read directory", dir, e))?;
+    let mut names: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| {
+            n == "manifest.json"
+                || ((n.starts_with("train_") || n.starts_with("val_"))
+                    && (n.ends_with(".bin") || n.ends_with(".bin.tmp")))
+        })
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
+type RunResult =
+    (DocCounts, Vec<Problem>, u64, BTreeMap<&'static str, u64>, Vec<InputStats>, (u64, u64), MemoryReport, f64);
+
+fn run(
+    cfg: &PrepareConfig,
+    tokenizer: &TextTokenizer,
+    hasher: Option<&MinHasher>,
+    writers: &mut [ShardWriter; 2],
+) -> Result<RunResult, DataError> {
+    let start = Instant::now();
+    let mut reader = DocReader::new(cfg.inputs.clone(), cfg.input.clone());
+    let progress = progress_bar(cfg);
+    let bytes_read = reader.bytes_read.clone();
+    let mut counts = DocCounts::default();
+    let mut problems = Vec::new();
+    let mut problems_total = 0u64;
+    let mut file_problems = BTreeMap::new();
+    let mut exact = ExactIndex::default();
+    let mut near = NearIndex::default();
+    let mut memory = MemoryReport { batch_docs: cfg.batch_docs, batch_bytes: cfg.batch_bytes, ..Default::default() };
+    let (mut bytes_in, mut bytes_kept) = (0u64, 0u64);
+    let val_cut = (cfg.val_fraction * 2f64.powi(64)) as u64;
+    let eot = tokenizer.eot_id();
+    let mut record = |p: Problem, strict: bool| -> Result<(), DataError> {
+        if strict {
+            return Err(DataError::Invalid(format!("{p} (--strict stops at the first malformed input)")));
+        }
+        problems_total += 1;
+        if problems.len() < MAX_LISTED_PROBLEMS {
+            problems.push(p);
+        }
+        Ok(())
+    };
+
+    let mut batch = Vec::with_capacity(cfg.batch_docs);
+    loop {
+        // 1. Read a batch (bounded by documents and bytes).
+        batch.clear();
+        let mut batch_bytes = 0usize;
+        for item in reader.by_ref() {
+            match item {
+                Item::Doc(doc) => {
+                    batch_bytes += doc.bytes.len();
+                    batch.push(doc);
+                    if batch.len() >= cfg.batch_docs || batch_bytes >= cfg.batch_bytes {
+                        break;
+                    }
+                }
+                Item::Problem(p) => {
+                    *file_problems.entry(p.kind).or_insert(0) += 1;
+                    record(p, cfg.strict)?;
+                }
+            }
+        }
+        if batch.is_empty() {
+            break;
+        }
+        memory.peak_batch_docs = memory.peak_batch_docs.max(batch.len());
+        memory.peak_batch_bytes = memory.peak_batch_bytes.max(batch_bytes);
+        counts.read += batch.len() as u64;
+        bytes_in += batch_bytes as u64;
+
+        // 2. Parse, clean and hash in parallel.
+        let checked: Vec<Checked> = batch
+            .par_drain(..)
+            .map(|doc| {
+                let text = match doc.into_text(&cfg.inputs, &cfg.input.text_field) {
+                    Ok(t) => t,
+                    Err(p) => return Checked::Problem(p),
+                };
+                match cfg.clean.clean(text) {
+                    Err(rule) => Checked::Removed(rule),
+                    Ok(c) => Checked::Clean {
+                        exact: ExactIndex::key(&c.text),
+                        near: hasher.map(|h| h.band_keys(&c.text)).unwrap_or_default(),
+                        bytes: c.text.len(),
+                        text: c.text,
+                        nfc: c.nfc_changed,
+                        control: c.control_removed,
+                    },
+                }
+            })
+            .collect();
+
+        // 3. Dedup decisions and the split, in input order.
+        let mut kept: Vec<(String, bool)> = Vec::new();
+        for c in checked {
+            match c {
+                Checked::Problem(p) => {
+                    *counts.removed.entry(p.kind).or_insert(0) += 1;
+                    record(p, cfg.strict)?;
+                }
+                Checked::Removed(rule) => *counts.removed.entry(rule.name()).or_insert(0) += 1,
+                Checked::Clean { text, exact: key, near: keys, nfc, control, bytes } => {
+                    if cfg.exact_dedup && exact.check_and_insert(key) {
+                        *counts.removed.entry("exact_duplicate").or_insert(0) += 1;
+                    } else if hasher.is_some() && near.check_and_insert(&keys) {
+                        *counts.removed.entry("near_duplicate").or_insert(0) += 1;
+                    } else {
+                        counts.kept += 1;
+                        bytes_kept += bytes as u64;
+                        *counts.modified.entry("nfc").or_insert(0) += u64::from(nfc);
+                        *counts.modified.entry("control_chars").or_insert(0) += u64::from(control);
+                        let key_bytes = key.to_le_bytes();
+                        let val = xxh3_64_with_seed(&key_bytes, cfg.seed) < val_cut;
+                        kept.push((text, val));
+                    }
+                }
+            }
+        }
+
+        // 4. Tokenize in parallel; append in order.
+        let tokens: Vec<Vec<u32>> =
+            kept.par_iter().map(|(text, _)| tokenizer.encode(text)).collect::<Result<_, _>>()?;
+        for ((_, val), doc) in kept.iter().zip(&tokens) {
+            let split = usize::from(*val);
+            if *val {
+                counts.val += 1
+            } else {
+                counts.train += 1
+            }
+            writers[split].push(eot, doc)?;
+        }
+        if let Some(bar) = &progress {
+            bar.set_position(bytes_read.load(Ordering::Relaxed));
+            let secs = start.elapsed().as_secs_f64().max(1e-9);
+            bar.set_message(format!("{} docs ({:.0}/s), {} kept", counts.read, counts.read as f64 / secs, counts.kept));
+        }
+    }
+    for w in writers.iter_mut() {
+        w.finish()?;
+    }
+    if let Some(bar) = progress {
+        bar.finish_and_clear();
+    }
+    if counts.kept == 0 {
+        return Err(DataError::Invalid(format!(
+            "no document is left after reading and cleaning {} document(s) from {} input(s) (removed: {:?}); \
+             check --input, --text-field and the cleaning flags",
+            counts.read,
+            cfg.inputs.len(),
+            counts.removed
+        )));
+    }
+    memory.exact_index_entries = exact.len();
+    memory.near_index_entries = near.len();
+    for rule in Rule::ALL.map(Rule::name).into_iter().chain([
+        "invalid_utf8",
+        "malformed_json",
+        "exact_duplicate",
+        "near_duplicate",
+    ]) {
+        counts.removed.entry(rule).or_insert(0);
+    }
+    let inputs = reader.stats().to_vec();
+    Ok((
+        counts,
+        problems,
+        problems_total,
+        file_problems,
+        inputs,
+        (bytes_in, bytes_kept),
+        memory,
+        start.elapsed().as_secs_f64(),
+    ))
+}
+
+fn progress_bar(cfg: &PrepareConfig) -> Option<indicatif::ProgressBar> {
+    progress_bar_for(&cfg.inputs, cfg.progress)
+}
+
+/// A bar over the stored bytes of `inputs`, shown only when `show` and stderr is a terminal.
+pub(crate) fn progress_bar_for(inputs: &[PathBuf], show: bool) -> Option<indicatif::ProgressBar> {
+    if !show || !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let total: u64 = inputs.iter().filter_map(|p| std::fs::metadata(p).ok()).map(|m| m.len()).sum();
+    let bar = indicatif::ProgressBar::new(total);
+    let style = indicatif::ProgressStyle::with_template(
+        "{elapsed_precise} [{wide_bar}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} {msg}",
+    )
+    .expect("valid template")
+    .progress_chars("=> ");
+    bar.set_style(style);
+    Some(bar)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::input::DocSplit;
+    use crate::{Loader, Order, Shard, SourceKind, TokenStream};
+    use std::collections::HashSet;
+
+    /// Paragraphs of the shipped English sample, long enough to pass the cleaning rules.
+    fn paragraphs() -> Vec<String> {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/sample");
+        let text = std::fs::read_to_string(root.join("en-alice-in-wonderland.txt")).unwrap();
+        let mut seen = HashSet::new();
+        text.split("\n\n")
+            .map(|p| p.split_whitespace().collect::<Vec<_>>().join(" "))
+            .filter(|p| p.chars().count() >= 300 && seen.insert(p.clone()))
+            .take(120)
+            .collect()
+    }
+
+    fn jsonl(docs: &[String]) -> String {
+        docs.iter().map(|d| serde_json::json!({ "text": d }).to_string() + "\n").collect()
+    }
+
+    /// The documents of a split, decoded from its shards (documents start with end-of-text).
+    fn split_docs(dir: &Path, tok: &TextTokenizer, split: &str) -> Vec<String> {
+        let mut tokens = Vec::new();
+        for i in 0.. {
+            let path = dir.join(format!("{split}_{i:06}.bin"));
+            if !path.exists() {
+                break;
+            }
+            let shard = Shard::open(&path).unwrap();
+            assert_eq!(shard.version(), ShardVersion::V1);
+            let mut out = vec![0; shard.len()];
+            shard.read(0, &mut out);
+            tokens.extend(out);
+        }
+        assert!(tokens.is_empty() || tokens[0] == tok.eot_id());
+        tokens.split(|&t| t == tok.eot_id()).skip(1).map(|d| tok.decode(d).unwrap()).collect()
+    }
+
+    #[test]
+    fn counts_add_up_shards_load_and_validation_is_split_by_document() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = |n: &str| dir.path().join(n);
+        let tok = crate::tokenizer::tests::sample_tokenizer(dir.path());
+        let paras = paragraphs();
+        assert!(paras.len() >= 100);
+        let mut docs = paras.clone();
+        docs.push(paras[3].clone()); // exact duplicate
+        docs.push(format!("  {}\n", paras[4])); // exact after trimming
+        let mut edited: Vec<&str> = paras[5].split(' ').collect();
+        edited[10] = "changed";
+        docs.push(edited.join(" ")); // near duplicate
+        docs.push("too short".into());
+        docs.push("Click here to subscribe to the newsletter\n".repeat(6));
+        docs.push((0..40).map(|i| format!("{} ", i * 7919 % 10007)).collect::<String>() + "abc");
+        let mut lines = jsonl(&docs);
+        let middle = lines[lines.len() / 2..].find('\n').unwrap() + lines.len() / 2 + 1;
+        lines.insert_str(middle, "{\"text\": broken\n");
+        std::fs::write(p("a.jsonl"), lines).unwrap();
+        std::fs::write(p("bad.txt"), b"caf\xE9 au lait is what this file would say in Latin-1 encoding").unwrap();
+        std::fs::write(p("empty.txt"), "").unwrap();
+        let inputs = vec![p("a.jsonl"), p("bad.txt"), p("empty.txt"), p("missing.txt")];
+        let mut cfg = PrepareConfig::new(inputs, p("tokenizer.json"), p("out"));
+        cfg.val_fraction = 0.2;
+        cfg.shard_tokens = 3000;
+        cfg.progress = false;
+        let m = prepare(&cfg, vec!["ondol".into(), "data".into(), "prepare".into()], "test").unwrap();
+
+        let d = &m.documents;
+        let removed: u64 = d.removed.values().sum();
+        assert_eq!(d.read, d.kept + removed, "{d:?}");
+        assert_eq!(d.read, docs.len() as u64 + 2); // + the broken line + bad.txt
+        assert_eq!(d.kept, d.train + d.val);
+        let r = |k: &str| d.removed[k];
+        assert_eq!(
+            [r("exact_duplicate"), r("near_duplicate"), r("too_short"), r("repeated_lines"), r("non_letter")],
+            [2, 1, 1, 1, 1],
+            "{d:?}"
+        );
+        assert_eq!((r("malformed_json"), r("invalid_utf8")), (1, 1));
+        assert_eq!(m.file_problems, BTreeMap::from([("empty_file", 1), ("unreadable", 1)]));
+        let located: Vec<String> = m.problems.iter().map(|p| p.to_string()).collect();
+        assert!(located.iter().any(|l| l.contains("a.jsonl:") && l.contains("malformed JSON")), "{located:?}");
+        assert!(located.iter().any(|l| l.contains("bad.txt:1: invalid UTF-8")), "{located:?}");
+        assert!(located.iter().any(|l| l.contains("missing.txt:0: cannot open")), "{located:?}");
+        assert_eq!(m.inputs[0].sha256.len(), 64);
+
+        // Shards: the documents come back whole, each in exactly one split.
+        let train = split_docs(&cfg.out, &tok, "train");
+        let val = split_docs(&cfg.out, &tok, "val");
+        assert_eq!((train.len() as u64, val.len() as u64), (d.train, d.val));
+        assert!(d.val >= 10 && d.train >= 60, "{d:?}");
+        let all: HashSet<&String> = train.iter().chain(&val).collect();
+        assert_eq!(all.len() as u64, d.kept);
+        assert!(paras.iter().all(|p| all.contains(p)), "a clean paragraph went missing");
+        assert!(m.shards.len() > 2 && m.shards.iter().all(|s| s.tokens <= 3000));
+        let tokens: u64 = m.shards.iter().map(|s| s.tokens).sum();
+        assert_eq!(tokens, m.tokens["train"] + m.tokens["val"]);
+        let files: Vec<PathBuf> =
+            m.shards.iter().filter(|s| s.split == "train").map(|s| cfg.out.join(&s.file)).collect();
+        let stream = std::sync::Arc::new(TokenStream::open(&files, SourceKind::Shards).unwrap());
+        assert_eq!(stream.len() as u64, m.tokens["train"]);
+        Loader::new(stream, 64, 4, Order::Shuffled { seed: 1 }, 0, 1).unwrap();
+        let manifest: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(cfg.out.join("manifest.json")).unwrap()).unwrap();
+        assert_eq!(manifest["documents"]["kept"], d.kept);
+        assert_eq!(std::fs::read(cfg.out.join("tokenizer.json")).unwrap(), std::fs::read(&cfg.tokenizer).unwrap());
+
+        // The same seed gives the same split; a second run into the directory is refused.
+        let err = prepare(&cfg, vec![], "test").unwrap_err().to_string();
+        assert!(err.contains("--overwrite") && err.contains("manifest.json"), "{err}");
+        let again = prepare(&PrepareConfig { overwrite: true, ..cfg.clone() }, vec![], "test").unwrap();
+        assert_eq!((again.documents.train, again.documents.val), (d.train, d.val));
+        assert_eq!(split_docs(&cfg.out, &tok, "val"), val);
+    }
+
+    #[test]
+    fn strict_mode_fails_with_one_message_and_leaves_no_shard() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = |n: &str| dir.path().join(n);
+        crate::tokenizer::tests::sample_tokenizer(dir.path());
+        std::fs::write(p("a.jsonl"), jsonl(&paragraphs())).unwrap();
+        std::fs::write(p("b.jsonl"), "{\"text\": \"fine\"}\n{\"txt\": \"wrong field\"}\n").unwrap();
+        let mut cfg = PrepareConfig::new(vec![p("a.jsonl"), p("b.jsonl")], p("tokenizer.json"), p("out"));
+        (cfg.strict, cfg.progress, cfg.shard_tokens, cfg.batch_docs) = (true, false, 500, 8);
+        let err = prepare(&cfg, vec![], "test").unwrap_err().to_string();
+        assert!(err.contains("b.jsonl:2") && err.contains("no field `text`") && err.contains("--strict"), "{err}");
+        let left: Vec<_> = std::fs::read_dir(&cfg.out).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert!(left.is_empty(), "a failed run left {left:?}");
+
+        cfg.tokenizer = p("nope.json");
+        let err = prepare(&cfg, vec![], "test").unwrap_err().to_string();
+        assert!(err.contains("nope.json") && err.contains("ondol tokenizer train"), "{err}");
+    }
+
+    #[test]
+    fn memory_stays_bounded_on_a_corpus_many_times_the_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = |n: &str| dir.path().join(n);
+        crate::tokenizer::tests::sample_tokenizer(dir.path());
+        // 4000 distinct documents in blank-line separated text, 32 documents per batch.
+        let mut rng = ondol_core::Rng::new(11);
+        let words = ["온돌", "floor", "warm", "바닥", "house", "stone", "불", "smoke", "room", "winter"];
+        let text: String = (0..4000)
+            .map(|_| {
+                let doc: Vec<&str> = (0..30).map(|_| words[rng.below(10) as usize]).collect();
+                doc.join(" ") + "\n\n"
+            })
+            .collect();
+        std::fs::write(p("big.txt"), &text).unwrap();
+        let mut cfg = PrepareConfig::new(vec![p("big.txt")], p("tokenizer.json"), p("out"));
+        cfg.input.doc_split = DocSplit::BlankLine;
+        (cfg.batch_docs, cfg.batch_bytes, cfg.shard_tokens, cfg.progress) = (32, 1 << 20, 2000, false);
+        cfg.near_dedup = None;
+        cfg.clean.max_repeated_ngram_fraction = 1.0;
+        let m = prepare(&cfg, vec![], "test").unwrap();
+        assert_eq!(m.documents.read, 4000);
+        assert!(m.documents.kept > 3900, "{:?}", m.documents);
+        assert!(m.memory.peak_batch_docs <= 32, "{:?}", m.memory);
+        assert!(m.memory.peak_batch_bytes <= 32 * 400, "{:?}", m.memory);
+        // A shard buffer holds at most shard_tokens + one document (+ its end-of-text).
+        assert!(m.memory.peak_buffered_tokens < 2000 + 200, "{:?}", m.memory);
+        assert!(m.shards.len() >= 10);
+
+        // A smaller byte budget cuts batches by bytes.
+        cfg.batch_bytes = 1000;
+        cfg.overwrite = true;
+        let m = prepare(&cfg, vec![], "test").unwrap();
+        assert!(m.memory.peak_batch_docs < 32 && m.memory.peak_batch_bytes < 1000 + 400, "{:?}", m.memory);
+    }
+}

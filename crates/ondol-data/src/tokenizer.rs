@@ -1,0 +1,440 @@
+//! Byte-level BPE tokenizers: training with the Hugging Face `tokenizers` crate, and
+//! [`TextTokenizer`], the loaded form that data preparation and the trainer use.
+//!
+//! A trained tokenizer is the GPT-2 / Llama 3 design: NFC normalisation (so Hangul typed as
+//! decomposed jamo encodes exactly like the composed syllables), the byte-level pre-tokenizer
+//! (its regex splits words, numbers and punctuation; every byte maps to one of 256 base
+//! symbols, so there is no unknown token and any UTF-8 text round-trips), BPE merges learnt on
+//! top, special tokens (`<|endoftext|>` by default) and the byte-level decoder. It is saved as
+//! a standard `tokenizer.json`, which `tokenizers.Tokenizer.from_file` and `transformers`'
+//! `PreTrainedTokenizerFast(tokenizer_file=...)` load as they are.
+//!
+//! Training streams the documents (the `tokenizers` trainer counts words in parallel; its word
+//! table is what grows with the corpus). A slice of every input is held out from training (the
+//! tail of each document, up to a budget per file) and used afterwards to report fertility:
+//! tokens per character and per whitespace-separated word, per input, so one sees at a glance
+//! how well the vocabulary serves each language.
+
+use std::path::{Path, PathBuf};
+
+use tokenizers::models::TrainerWrapper;
+use tokenizers::models::bpe::{BPE, BpeTrainer};
+use tokenizers::normalizers::unicode::NFC;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::{AddedToken, Tokenizer};
+
+use crate::DataError;
+use crate::input::{DocReader, InputOptions, Item, Problem};
+
+/// The default end-of-text token, GPT-2's spelling.
+pub const EOT_TOKEN: &str = "<|endoftext|>";
+
+/// Tokenizer training settings; each has a `tokenizer train` flag.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainConfig {
+    /// Total vocabulary: 256 byte symbols + merges + special tokens.
+    pub vocab_size: usize,
+    /// Special tokens, given ids 0.. in this order; the first is the end-of-text token.
+    pub special_tokens: Vec<String>,
+    /// A merge must occur at least this often.
+    pub min_frequency: u64,
+    /// Fraction of every document (its tail) held out for the fertility report.
+    pub heldout_fraction: f64,
+    /// At most this many held-out characters per input file.
+    pub heldout_chars: usize,
+    /// Fail on the first malformed input instead of skipping it.
+    pub strict: bool,
+    /// Show a progress bar (bytes, documents per second) when stderr is a terminal.
+    pub progress: bool,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            vocab_size: 32000,
+            special_tokens: vec![EOT_TOKEN.into()],
+            min_frequency: 2,
+            heldout_fraction: 0.05,
+            heldout_chars: 100_000,
+            strict: false,
+            progress: true,
+        }
+    }
+}
+
+/// Fertility of the trained vocabulary on one input's held-out text.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Fertility {
+    pub path: PathBuf,
+    /// The most frequent script among the letters: "Hangul", "Latin", "Han", "Kana" or "other".
+    pub script: &'static str,
+    pub chars: usize,
+    pub words: usize,
+    pub tokens: usize,
+}
+
+impl Fertility {
+    pub fn tokens_per_char(&self) -> f64 {
+        self.tokens as f64 / self.chars.max(1) as f64
+    }
+    pub fn tokens_per_word(&self) -> f64 {
+        self.tokens as f64 / self.words.max(1) as f64
+    }
+}
+
+/// What a training run did.
+#[derive(Debug)]
+pub struct TrainReport {
+    pub documents: u64,
+    pub problems: Vec<Problem>,
+    pub vocab_size: usize,
+    pub fertility: Vec<Fertility>,
+}
+
+/// The pipeline of a fresh byte-level BPE tokenizer (before training).
+fn untrained() -> Tokenizer {
+    let mut tokenizer = Tokenizer::new(BPE::default());
+    tokenizer
+        .with_normalizer(Some(NFC))
+        .with_pre_tokenizer(Some(ByteLevel::new(false, true, true)))
+        .with_post_processor(Some(ByteLevel::new(false, true, true)))
+        .with_decoder(Some(ByteLevel::new(false, true, true)));
+    tokenizer
+}
+
+/// Trains a tokenizer on the documents of `inputs` and measures its fertility (module docs).
+pub fn train(
+    inputs: Vec<PathBuf>,
+    options: &InputOptions,
+    cfg: &TrainConfig,
+) -> Result<(TextTokenizer, TrainReport), DataError> {
+    let minimum = 256 + cfg.special_tokens.len();
+    if cfg.vocab_size < minimum {
+        return Err(DataError::Invalid(format!(
+            "--vocab-size {}: a byte-level BPE vocabulary needs at least {minimum} \
+             (256 byte symbols + {} special tokens)",
+            cfg.vocab_size,
+            cfg.special_tokens.len()
+        )));
+    }
+    if cfg.special_tokens.is_empty() {
+        return Err(DataError::Invalid(format!(
+            "--special-tokens is empty: at least the end-of-text token (e.g. {EOT_TOKEN}) is needed"
+        )));
+    }
+    if !(0.0..1.0).contains(&cfg.heldout_fraction) {
+        return Err(DataError::Invalid(format!(
+            "--heldout-fraction {} is out of range: it must be in [0, 1)",
+            cfg.heldout_fraction
+        )));
+    }
+    let mut tokenizer = untrained();
+    let special: Vec<AddedToken> = cfg.special_tokens.iter().map(|t| AddedToken::from(t.clone(), true)).collect();
+    let mut trainer: TrainerWrapper = BpeTrainer::builder()
+        .vocab_size(cfg.vocab_size)
+        .min_frequency(cfg.min_frequency)
+        .special_tokens(special)
+        .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
+        .show_progress(false)
+        .build()
+        .into();
+
+    let reader = DocReader::new(inputs.clone(), options.clone());
+    let bar = crate::prepare::progress_bar_for(&inputs, cfg.progress);
+    let bytes_read = reader.bytes_read.clone();
+    let start = std::time::Instant::now();
+    let mut heldout: Vec<String> = vec![String::new(); inputs.len()];
+    let mut problems = Vec::new();
+    let mut documents = 0u64;
+    let mut failed: Option<Problem> = None;
+    let text_field = options.text_field.clone();
+    let docs = reader.map_while(|item| {
+        let problem = match item {
+            Item::Doc(raw) => {
+                let input = raw.input;
+                match raw.into_text(&inputs, &text_field) {
+                    Ok(mut text) => {
+                        documents += 1;
+                        if let Some(bar) = bar.as_ref().filter(|_| documents.is_multiple_of(256)) {
+                            bar.set_position(bytes_read.load(std::sync::atomic::Ordering::Relaxed));
+                            let rate = documents as f64 / start.elapsed().as_secs_f64().max(1e-9);
+                            bar.set_message(format!("{documents} docs ({rate:.0}/s) counted"));
+                        }
+                        let held = &mut heldout[input];
+                        if held.len() < cfg.heldout_chars && cfg.heldout_fraction > 0.0 {
+                            let cut = tail_start(&text, cfg.heldout_fraction);
+                            held.push_str(&text[cut..]);
+                            held.push('\n');
+                            text.truncate(cut);
+                        }
+                        return Some(text);
+                    }
+                    Err(p) => p,
+                }
+            }
+            Item::Problem(p) => p,
+        };
+        if cfg.strict {
+            failed = Some(problem);
+            return None;
+        }
+        problems.push(problem);
+        Some(String::new())
+    });
+    tokenizer.train(&mut trainer, docs).map_err(|e| DataError::Invalid(format!("tokenizer training failed: {e}")))?;
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    if let Some(p) = failed {
+        return Err(DataError::Invalid(format!("{p} (--strict stops at the first malformed input)")));
+    }
+    if documents == 0 {
+        return Err(DataError::Invalid(format!(
+            "no document could be read from the {} input file(s); nothing to train on",
+            inputs.len()
+        )));
+    }
+    let tokenizer = TextTokenizer::new(tokenizer, &cfg.special_tokens[0])?;
+    let fertility = inputs
+        .iter()
+        .zip(&heldout)
+        .filter(|(_, text)| !text.trim().is_empty())
+        .map(|(path, text)| {
+            let tokens = tokenizer.encode_batch(vec![text.as_str()])?.iter().map(Vec::len).sum();
+            Ok(Fertility {
+                path: path.clone(),
+                script: dominant_script(text),
+                chars: text.chars().filter(|c| *c != '\n').count(),
+                words: text.split_whitespace().count(),
+                tokens,
+            })
+        })
+        .collect::<Result<_, DataError>>()?;
+    let vocab_size = tokenizer.vocab_size();
+    Ok((tokenizer, TrainReport { documents, problems, vocab_size, fertility }))
+}
+
+/// The byte offset where the last `fraction` of `text` starts, moved forward to the next
+/// whitespace (when there is one within 200 bytes) so that no word is cut in two.
+fn tail_start(text: &str, fraction: f64) -> usize {
+    let mut cut = text.len() - (text.len() as f64 * fraction) as usize;
+    while !text.is_char_boundary(cut) {
+        cut += 1;
+    }
+    match text[cut..].char_indices().take(200).find(|(_, c)| c.is_whitespace()) {
+        Some((i, _)) => cut + i,
+        None => cut,
+    }
+}
+
+fn dominant_script(text: &str) -> &'static str {
+    let mut counts = [0usize; 5];
+    for c in text.chars().filter(|c| c.is_alphabetic()) {
+        let i = match c as u32 {
+            0xAC00..=0xD7A3 | 0x1100..=0x11FF | 0x3130..=0x318F => 0,
+            0x41..=0x5A | 0x61..=0x7A | 0xC0..=0x24F => 1,
+            0x4E00..=0x9FFF | 0x3400..=0x4DBF => 2,
+            0x3040..=0x30FF => 3,
+            _ => 4,
+        };
+        counts[i] += 1;
+    }
+    let best = (0..5).max_by_key(|&i| counts[i]).unwrap_or(4);
+    ["Hangul", "Latin", "Han", "Kana", "other"][best]
+}
+
+/// The vocabulary size (special tokens included) of the `tokenizer.json` at `path`.
+pub fn vocab_size_of_file(path: &Path) -> Result<usize, DataError> {
+    if !path.is_file() {
+        return Err(DataError::format(path, "no such tokenizer file (train one with `ondol tokenizer train`)"));
+    }
+    let tokenizer = Tokenizer::from_file(path)
+        .map_err(|e| DataError::format(path, format!("not a valid Hugging Face tokenizer.json: {e}")))?;
+    Ok(tokenizer.get_vocab_size(true))
+}
+
+/// A loaded `tokenizer.json` with its end-of-text id: what data preparation encodes with.
+pub struct TextTokenizer {
+    inner: Tokenizer,
+    eot: u32,
+}
+
+impl TextTokenizer {
+    fn new(mut inner: Tokenizer, eot_token: &str) -> Result<Self, DataError> {
+        let eot = inner.token_to_id(eot_token).ok_or_else(|| {
+            DataError::Invalid(format!(
+                "the tokenizer has no end-of-text token `{eot_token}` (name the one it has with --eot-token)"
+            ))
+        })?;
+        // Document text that happens to contain "<|endoftext|>" is encoded as plain text, never
+        // as the special token, so no document can forge a boundary.
+        inner.set_encode_special_tokens(true);
+        Ok(Self { inner, eot })
+    }
+
+    /// Loads `path` (any Hugging Face `tokenizer.json`); `eot_token` must be in its vocabulary.
+    pub fn from_file(path: &Path, eot_token: &str) -> Result<Self, DataError> {
+        if !path.is_file() {
+            return Err(DataError::Format {
+                path: path.into(),
+                message: "no such tokenizer file (train one with `ondol tokenizer train`)".into(),
+            });
+        }
+        let inner = Tokenizer::from_file(path).map_err(|e| DataError::Format {
+            path: path.into(),
+            message: format!("not a valid Hugging Face tokenizer.json: {e}"),
+        })?;
+        Self::new(inner, eot_token).map_err(|e| DataError::Format { path: path.into(), message: e.to_string() })
+    }
+
+    /// For text that is already NFC: drops the tokenizer's normaliser when it is exactly NFC,
+    /// which changes no token (NFC is idempotent) and saves 5-10% of encoding time. Returns
+    /// whether it did. Data preparation calls it when its cleaning normalises to NFC.
+    pub fn skip_nfc_normalizer(&mut self) -> bool {
+        let nfc = matches!(self.inner.get_normalizer(), Some(tokenizers::NormalizerWrapper::NFC(_)));
+        if nfc {
+            self.inner.with_normalizer(None::<tokenizers::NormalizerWrapper>);
+        }
+        nfc
+    }
+
+    /// Vocabulary size including special (added) tokens.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    pub fn eot_id(&self) -> u32 {
+        self.eot
+    }
+
+    /// The token ids of each text (no special tokens added), encoded in parallel.
+    pub fn encode_batch(&self, texts: Vec<&str>) -> Result<Vec<Vec<u32>>, DataError> {
+        let encodings = self
+            .inner
+            .encode_batch_fast(texts, false)
+            .map_err(|e| DataError::Invalid(format!("tokenizer failed to encode: {e}")))?;
+        Ok(encodings.into_iter().map(|e| e.get_ids().to_vec()).collect())
+    }
+
+    /// The token ids of one text (no special tokens added), on this thread.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, DataError> {
+        let encoding = self
+            .inner
+            .encode_fast(text, false)
+            .map_err(|e| DataError::Invalid(format!("tokenizer failed to encode: {e}")))?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    /// The text of `ids`, special tokens included.
+    pub fn decode(&self, ids: &[u32]) -> Result<String, DataError> {
+        self.inner.decode(ids, false).map_err(|e| DataError::Invalid(format!("tokenizer failed to decode: {e}")))
+    }
+
+    /// Writes the tokenizer as a `tokenizer.json` (atomically: a sibling temporary, then rename).
+    pub fn save(&self, path: &Path) -> Result<(), DataError> {
+        let mut inner = self.inner.clone();
+        inner.set_encode_special_tokens(false); // the saved file behaves like any other
+        let json =
+            inner.to_string(true).map_err(|e| DataError::Invalid(format!("cannot serialize the tokenizer: {e}")))?;
+        crate::prepare::write_atomic(path, json.as_bytes())
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use unicode_normalization::UnicodeNormalization;
+
+    /// A small tokenizer trained on the shipped sample text (Korean and English).
+    pub(crate) fn sample_tokenizer(dir: &Path) -> TextTokenizer {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/sample");
+        let inputs = vec![root.join("ko-constitution.txt"), root.join("en-alice-in-wonderland.txt")];
+        let cfg = TrainConfig { vocab_size: 600, ..Default::default() };
+        let (tok, report) = train(inputs, &InputOptions::default(), &cfg).unwrap();
+        assert_eq!(report.documents, 2);
+        assert_eq!(report.vocab_size, 600);
+        let scripts: Vec<_> = report.fertility.iter().map(|f| f.script).collect();
+        assert_eq!(scripts, ["Hangul", "Latin"]);
+        // Even a 600-entry vocabulary needs fewer tokens than UTF-8 bytes (3 per syllable).
+        let (ko, en) = (&report.fertility[0], &report.fertility[1]);
+        assert!(ko.tokens_per_char() < 2.0 && en.tokens_per_char() < 0.6, "{ko:?} {en:?}");
+        assert!(ko.tokens_per_word() > 1.0 && en.tokens_per_word() > 1.0, "{ko:?} {en:?}");
+        tok.save(&dir.join("tokenizer.json")).unwrap();
+        tok
+    }
+
+    #[test]
+    fn any_utf8_round_trips_through_nfc_and_jamo_encode_like_syllables() {
+        let dir = tempfile::tempdir().unwrap();
+        let tok = sample_tokenizer(dir.path());
+        assert_eq!(tok.eot_id(), 0);
+        let mut rng = ondol_core::Rng::new(3);
+        let mut samples: Vec<String> = [
+            "대한민국은 민주공화국이다.",
+            "All in the golden afternoon.",
+            "한국어와 English가 섞인 문장, 123개!",
+            "emoji 🌡️🔥👩‍👩‍👧 and 🇰🇷 flags",
+            "tabs\tand\nnewlines\r\n  spaces   ",
+            "Café, naïve, \u{65}\u{301}, Ω, ﬁ, 𝕏",
+            "",
+        ]
+        .map(String::from)
+        .to_vec();
+        for _ in 0..200 {
+            let len = rng.below(40) as usize;
+            samples.push(
+                (0..len)
+                    .map(|_| {
+                        loop {
+                            let c = match rng.below(4) {
+                                0 => rng.below(0x80) as u32,
+                                1 => 0xAC00 + rng.below(11172) as u32,
+                                2 => 0x1100 + rng.below(0x100) as u32,
+                                _ => rng.below(0x11_0000) as u32,
+                            };
+                            if let Some(c) = char::from_u32(c) {
+                                break c;
+                            }
+                        }
+                    })
+                    .collect(),
+            );
+        }
+        for text in &samples {
+            let ids = tok.encode(text).unwrap();
+            assert_eq!(tok.decode(&ids).unwrap(), text.nfc().collect::<String>(), "{text:?}");
+        }
+        // 한국어 typed as conjoining jamo: the same tokens as the composed syllables.
+        let composed = "한국어 자모";
+        let decomposed: String = composed.nfd().collect();
+        assert_ne!(composed, decomposed);
+        assert_eq!(tok.encode(&decomposed).unwrap(), tok.encode(composed).unwrap());
+        // A forged end-of-text in the text is text, not the special token.
+        assert!(!tok.encode("a <|endoftext|> b").unwrap().contains(&tok.eot_id()));
+
+        // Without the normaliser, NFC text encodes the same (prepare's cleaning does NFC).
+        let mut skip = TextTokenizer::from_file(&dir.path().join("tokenizer.json"), EOT_TOKEN).unwrap();
+        assert!(skip.skip_nfc_normalizer());
+        for text in &samples {
+            let nfc: String = text.nfc().collect();
+            assert_eq!(skip.encode(&nfc).unwrap(), tok.encode(text).unwrap(), "{text:?}");
+        }
+
+        // The saved file loads again and encodes the same.
+        let again = TextTokenizer::from_file(&dir.path().join("tokenizer.json"), EOT_TOKEN).unwrap();
+        assert_eq!(again.encode(composed).unwrap(), tok.encode(composed).unwrap());
+        let err = TextTokenizer::from_file(&dir.path().join("tokenizer.json"), "<eos>").err().unwrap().to_string();
+        assert!(err.contains("tokenizer.json") && err.contains("--eot-token"), "{err}");
+        std::fs::write(dir.path().join("bad.json"), "{").unwrap();
+        let err = TextTokenizer::from_file(&dir.path().join("bad.json"), EOT_TOKEN).err().unwrap().to_string();
+        assert!(err.contains("bad.json") && err.contains("not a valid"), "{err}");
+    }
+
+    #[test]
+    fn bad_settings_name_their_flag() {
+        let inputs = vec![PathBuf::from("x.txt")];
+        let cfg = TrainConfig { vocab_size: 100, ..Default::default() };
+        let err = train(inputs, &InputOptions::default(), &cfg).err().unwrap().to_string();
+        assert!(err.contains("--vocab-size 100") && err.contains("257"), "{err}");
+    }
+}

@@ -1,0 +1,336 @@
+//! `ondol tokenizer train` and `ondol data prepare`: flags, and the hand-off to ondol-data.
+//! Also the trainer's side of prepared data: `[data] prepare = {...}` (prepare on first run)
+//! and the check of `[data] tokenizer = "tokenizer.json"` against `model.vocab_size`.
+//!
+//! The flag defaults here are the library defaults (`TrainConfig::default`,
+//! `PrepareConfig::new`); a test keeps them equal.
+
+use std::path::{Path, PathBuf};
+
+use clap::{Args, Subcommand};
+use ondol_core::{Error, Result};
+use ondol_data::clean::CleanConfig;
+use ondol_data::dedup::NearDedupConfig;
+use ondol_data::input::{DocSplit, InputOptions, expand_inputs};
+use ondol_data::prepare::{PrepareConfig, prepare};
+use ondol_data::tokenizer::{self, TrainConfig};
+
+use crate::config::{DataFormat, PrepareTable, RunConfig};
+
+#[derive(Subcommand)]
+pub enum TokenizerCommand {
+    /// Train a byte-level BPE tokenizer (NFC, no unknown tokens) and write tokenizer.json.
+    Train(TokenizerTrainArgs),
+}
+
+#[derive(Subcommand)]
+pub enum DataCommand {
+    /// Clean, deduplicate, split and tokenize raw text into token shards with a manifest.
+    Prepare(Box<DataPrepareArgs>),
+}
+
+/// Where documents come from; shared by both commands.
+#[derive(Args, Debug)]
+pub struct InputArgs {
+    /// Input files or globs (quote globs): .txt, .jsonl/.ndjson/.json, each optionally .gz or .zst.
+    #[arg(long = "input", required = true, value_name = "FILE|GLOB")]
+    pub input: Vec<String>,
+    /// How plain-text files are cut into documents: file (one per file) or blank-line.
+    #[arg(long, default_value = "file", value_name = "file|blank-line")]
+    pub doc_split: DocSplit,
+    /// The JSON Lines field that holds the text.
+    #[arg(long, default_value = "text")]
+    pub text_field: String,
+    /// Stop with an error at the first unreadable file, invalid UTF-8 or malformed JSON line.
+    #[arg(long)]
+    pub strict: bool,
+}
+
+impl InputArgs {
+    fn resolve(&self) -> Result<(Vec<PathBuf>, InputOptions)> {
+        let files = expand_inputs(&self.input).map_err(input_error)?;
+        Ok((files, InputOptions { doc_split: self.doc_split, text_field: self.text_field.clone() }))
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct TokenizerTrainArgs {
+    #[command(flatten)]
+    pub input: InputArgs,
+    /// Vocabulary size: 256 byte symbols + merges + special tokens.
+    #[arg(long, default_value_t = 32000)]
+    pub vocab_size: usize,
+    /// Where to write tokenizer.json.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Special tokens, comma-separated; the first is the end-of-text token.
+    #[arg(long, value_delimiter = ',', default_value = tokenizer::EOT_TOKEN)]
+    pub special_tokens: Vec<String>,
+    /// Minimum count of a pair for it to be merged.
+    #[arg(long, default_value_t = 2)]
+    pub min_frequency: u64,
+    /// Fraction of each document (its tail) held out to measure fertility.
+    #[arg(long, default_value_t = 0.05)]
+    pub heldout_fraction: f64,
+    /// At most this many held-out characters per input file.
+    #[arg(long, default_value_t = 100_000)]
+    pub heldout_chars: usize,
+}
+
+#[derive(Args, Debug)]
+pub struct DataPrepareArgs {
+    #[command(flatten)]
+    pub input: InputArgs,
+    /// The tokenizer.json to encode with (copied to OUT/tokenizer.json).
+    #[arg(long)]
+    pub tokenizer: PathBuf,
+    /// The output directory: train_*.bin, val_*.bin, tokenizer.json, manifest.json.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// The end-of-text token written before every document.
+    #[arg(long, default_value = tokenizer::EOT_TOKEN)]
+    pub eot_token: String,
+    /// Fraction of documents that go to validation (by a seeded hash of each document).
+    #[arg(long, default_value_t = 0.005)]
+    pub val_fraction: f64,
+    /// Seed of the train/validation split.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Tokens per shard (the last shard of each split holds the rest).
+    #[arg(long, default_value_t = 100_000_000)]
+    pub shard_tokens: usize,
+    /// Replace prepared data already in --out.
+    #[arg(long)]
+    pub overwrite: bool,
+    /// Keep text as it is instead of normalising it to NFC.
+    #[arg(long)]
+    pub no_nfc: bool,
+    /// Keep control characters.
+    #[arg(long)]
+    pub no_strip_control: bool,
+    /// Remove documents shorter than this many characters.
+    #[arg(long, default_value_t = 50)]
+    pub min_chars: usize,
+    /// Remove documents with more of their characters in repeated lines (1: off).
+    #[arg(long, default_value_t = 0.3)]
+    pub max_repeated_line_fraction: f64,
+    /// Remove documents with more of their characters in repeated word n-grams (1: off).
+    #[arg(long, default_value_t = 0.3)]
+    pub max_repeated_ngram_fraction: f64,
+    /// Word n-gram length for --max-repeated-ngram-fraction.
+    #[arg(long, default_value_t = 5)]
+    pub ngram: usize,
+    /// Remove documents with more non-letter characters (of the non-whitespace ones; 1: off).
+    #[arg(long, default_value_t = 0.5)]
+    pub max_non_letter_fraction: f64,
+    /// Keep exact duplicates.
+    #[arg(long)]
+    pub no_exact_dedup: bool,
+    /// Keep near-duplicates (skip MinHash).
+    #[arg(long)]
+    pub no_near_dedup: bool,
+    /// Characters per MinHash shingle.
+    #[arg(long, default_value_t = 5)]
+    pub shingle: usize,
+    /// MinHash permutations.
+    #[arg(long, default_value_t = 128)]
+    pub num_perm: usize,
+    /// LSH bands (default: chosen to catch 95% of pairs at --near-threshold).
+    #[arg(long)]
+    pub bands: Option<usize>,
+    /// Jaccard similarity from which documents are near-duplicates.
+    #[arg(long, default_value_t = 0.8)]
+    pub near_threshold: f64,
+    /// Documents per processing batch (bounds memory).
+    #[arg(long, default_value_t = 4096)]
+    pub batch_docs: usize,
+    /// Bytes of text per processing batch (bounds memory).
+    #[arg(long, default_value_t = 64 << 20)]
+    pub batch_bytes: usize,
+}
+
+impl DataPrepareArgs {
+    fn config(&self) -> Result<PrepareConfig> {
+        let (inputs, input) = self.input.resolve()?;
+        Ok(PrepareConfig {
+            inputs,
+            input,
+            tokenizer: self.tokenizer.clone(),
+            eot_token: self.eot_token.clone(),
+            out: self.out.clone(),
+            clean: CleanConfig {
+                nfc: !self.no_nfc,
+                strip_control: !self.no_strip_control,
+                min_chars: self.min_chars,
+                max_repeated_line_fraction: self.max_repeated_line_fraction,
+                max_repeated_ngram_fraction: self.max_repeated_ngram_fraction,
+                ngram: self.ngram,
+                max_non_letter_fraction: self.max_non_letter_fraction,
+            },
+            exact_dedup: !self.no_exact_dedup,
+            near_dedup: (!self.no_near_dedup).then(|| NearDedupConfig {
+                shingle: self.shingle,
+                num_perm: self.num_perm,
+                bands: self.bands,
+                threshold: self.near_threshold,
+                ..NearDedupConfig::default()
+            }),
+            val_fraction: self.val_fraction,
+            seed: self.seed,
+            shard_tokens: self.shard_tokens,
+            batch_docs: self.batch_docs,
+            batch_bytes: self.batch_bytes,
+            strict: self.input.strict,
+            overwrite: self.overwrite,
+            progress: true,
+        })
+    }
+}
+
+fn input_error(e: ondol_data::DataError) -> Error {
+    Error::Input(e.to_string())
+}
+
+fn command_line() -> Vec<String> {
+    std::env::args().collect()
+}
+
+/// `ondol tokenizer ...`
+pub fn tokenizer(cmd: TokenizerCommand) -> Result<()> {
+    let TokenizerCommand::Train(args) = cmd;
+    let (inputs, options) = args.input.resolve()?;
+    let cfg = TrainConfig {
+        vocab_size: args.vocab_size,
+        special_tokens: args.special_tokens.clone(),
+        min_frequency: args.min_frequency,
+        heldout_fraction: args.heldout_fraction,
+        heldout_chars: args.heldout_chars,
+        strict: args.input.strict,
+        progress: true,
+    };
+    train_tokenizer(inputs, &options, &cfg, &args.out)
+}
+
+fn train_tokenizer(inputs: Vec<PathBuf>, options: &InputOptions, cfg: &TrainConfig, out: &Path) -> Result<()> {
+    let start = std::time::Instant::now();
+    let (tok, report) = tokenizer::train(inputs, options, cfg).map_err(input_error)?;
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
+    }
+    tok.save(out).map_err(input_error)?;
+    eprintln!(
+        "trained a {}-token byte-level BPE on {} documents in {:.1} s; wrote {}",
+        report.vocab_size,
+        report.documents,
+        start.elapsed().as_secs_f64(),
+        out.display()
+    );
+    for p in report.problems.iter().take(10) {
+        eprintln!("  skipped: {p}");
+    }
+    if report.problems.len() > 10 {
+        eprintln!("  ... {} inputs or documents skipped in all", report.problems.len());
+    }
+    eprintln!("fertility on held-out text ({:.0}% of each document):", cfg.heldout_fraction * 100.0);
+    eprintln!("  {:>10} {:>10} {:>8} {:>11} {:>11}  input", "chars", "tokens", "script", "tok/char", "tok/word");
+    for f in &report.fertility {
+        eprintln!(
+            "  {:>10} {:>10} {:>8} {:>11.3} {:>11.3}  {}",
+            f.chars,
+            f.tokens,
+            f.script,
+            f.tokens_per_char(),
+            f.tokens_per_word(),
+            f.path.display()
+        );
+    }
+    Ok(())
+}
+
+/// `ondol data ...`
+pub fn data(cmd: DataCommand) -> Result<()> {
+    let DataCommand::Prepare(args) = cmd;
+    let cfg = args.config()?;
+    run_prepare(&cfg)
+}
+
+fn run_prepare(cfg: &PrepareConfig) -> Result<()> {
+    let manifest = prepare(cfg, command_line(), env!("CARGO_PKG_VERSION")).map_err(input_error)?;
+    eprintln!("{}", manifest.summary());
+    eprintln!("wrote {} (report: manifest.json)", cfg.out.display());
+    Ok(())
+}
+
+/// Before training: runs `[data] prepare` when its output has no manifest yet, then checks
+/// `[data] tokenizer` (a tokenizer.json must exist and fit `model.vocab_size`).
+pub fn prepare_for_run(cfg: &RunConfig, base: &Path) -> Result<()> {
+    if let Some(p) = &cfg.data.prepare {
+        prepare_table(p, base)?;
+    }
+    let tokenizer = match cfg.data.tokenizer.as_deref() {
+        Some(t) if t != "bytes" && cfg.data.format == DataFormat::Shards => base.join(t),
+        _ => return Ok(()),
+    };
+    let vocab = tokenizer::vocab_size_of_file(&tokenizer).map_err(|e| {
+        Error::config("data.tokenizer", format!("{e}; it must name a tokenizer.json (or be \"bytes\")"))
+    })?;
+    if vocab > cfg.model.vocab_size {
+        return Err(Error::config(
+            "model.vocab_size",
+            format!(
+                "{} is smaller than the vocabulary of data.tokenizer = \"{}\" ({} tokens); set model.vocab_size >= {}",
+                cfg.model.vocab_size,
+                tokenizer.display(),
+                vocab,
+                vocab
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn prepare_table(p: &PrepareTable, base: &Path) -> Result<()> {
+    let out = base.join(&p.out);
+    if out.join("manifest.json").is_file() {
+        eprintln!("data.prepare: using the prepared data in {} (delete it to prepare again)", out.display());
+        return Ok(());
+    }
+    eprintln!(
+        "data.prepare: no {} yet; training a tokenizer and preparing shards",
+        out.join("manifest.json").display()
+    );
+    let patterns: Vec<String> = p.input.iter().map(|i| base.join(i).to_string_lossy().into_owned()).collect();
+    let inputs = expand_inputs(&patterns).map_err(|e| Error::config("data.prepare.input", e.to_string()))?;
+    let options = InputOptions { doc_split: p.doc_split, text_field: "text".into() };
+    let tokenizer = out.join("tokenizer.json");
+    let cfg = TrainConfig { vocab_size: p.vocab_size, ..TrainConfig::default() };
+    std::fs::create_dir_all(&out).map_err(|e| Error::io(format!("cannot create {}", out.display()), e))?;
+    train_tokenizer(inputs.clone(), &options, &cfg, &tokenizer)?;
+    let mut prep = PrepareConfig::new(inputs, tokenizer, out);
+    (prep.input, prep.val_fraction, prep.seed, prep.overwrite) = (options, p.val_fraction, p.seed, true);
+    run_prepare(&prep)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(subcommand)]
+        data: DataCommand,
+    }
+
+    #[test]
+    fn flag_defaults_are_the_library_defaults() {
+        let cli = Cli::parse_from(["x", "prepare", "--input", "a.txt", "--tokenizer", "t.json", "--out", "o"]);
+        let DataCommand::Prepare(args) = cli.data;
+        let mut ours = args.config().unwrap();
+        let lib = PrepareConfig::new(vec!["a.txt".into()], "t.json".into(), "o".into());
+        ours.progress = lib.progress;
+        assert_eq!(format!("{ours:?}"), format!("{lib:?}"));
+        let t = TrainConfig::default();
+        assert_eq!((t.vocab_size, t.min_frequency, t.heldout_fraction, t.heldout_chars), (32000, 2, 0.05, 100_000));
+    }
+}

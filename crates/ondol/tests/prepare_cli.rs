@@ -1,0 +1,123 @@
+//! `ondol tokenizer train` and `ondol data prepare` as a user runs them, then training on the
+//! result with `[data] tokenizer = "tokenizer.json"`.
+
+use std::io::Write;
+use std::path::Path;
+use std::process::Command;
+
+/// Runs `ondol ARGS` in `dir`; returns (success, stderr).
+fn ondol(dir: &Path, args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_ondol")).args(args).current_dir(dir).output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+const RUN: &str = r#"
+[model]
+arch = "llama"
+vocab_size = 400
+d_model = 16
+n_layers = 1
+n_heads = 2
+max_seq_len = 16
+
+[training]
+steps = 2
+batch_size = 2
+seq_len = 8
+eval_batches = 1
+
+[data]
+train = ["shards/train_*.bin"]
+val = ["shards/val_*.bin"]
+format = "shards"
+tokenizer = "shards/tokenizer.json"
+
+[optimizer]
+lr = 1e-3
+"#;
+
+#[test]
+fn tokenizer_train_then_data_prepare_then_train_on_the_shards() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/sample");
+    std::fs::create_dir(dir.path().join("corpus")).unwrap();
+    let mut jsonl = Vec::new();
+    for name in ["ko-constitution.txt", "en-web-mark.txt"] {
+        let text = std::fs::read_to_string(root.join(name)).unwrap();
+        std::fs::write(dir.path().join("corpus").join(name), &text).unwrap();
+        for para in text.split("\n\n") {
+            jsonl.push(serde_json::json!({ "text": para }).to_string());
+        }
+    }
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all((jsonl.join("\n") + "\n{not json}\n").as_bytes()).unwrap();
+    std::fs::write(dir.path().join("corpus/docs.jsonl.gz"), gz.finish().unwrap()).unwrap();
+
+    let (ok, err) = ondol(
+        dir.path(),
+        &["tokenizer", "train", "--input", "corpus/*.txt", "--vocab-size", "400", "--out", "tok.json"],
+    );
+    assert!(ok, "{err}");
+    assert!(err.contains("Hangul") && err.contains("Latin") && err.contains("tok/char"), "{err}");
+
+    let prepare = |extra: &[&str]| {
+        let mut args = vec!["data", "prepare", "--input", "corpus/*.jsonl.gz", "--tokenizer", "tok.json"];
+        args.extend(["--out", "shards", "--val-fraction", "0.1", "--shard-tokens", "20000"]);
+        args.extend(extra);
+        ondol(dir.path(), &args)
+    };
+    let (ok, err) = prepare(&[]);
+    assert!(ok, "{err}");
+    assert!(err.contains("docs.jsonl.gz:") && err.contains("malformed JSON"), "{err}");
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("shards/manifest.json")).unwrap()).unwrap();
+    let d = &manifest["documents"];
+    let removed: u64 = d["removed"].as_object().unwrap().values().map(|v| v.as_u64().unwrap()).sum();
+    assert_eq!(d["read"].as_u64().unwrap(), d["kept"].as_u64().unwrap() + removed, "{d}");
+    assert_eq!(manifest["command"][1], "data");
+    assert!(dir.path().join("shards/train_000000.bin").exists() && dir.path().join("shards/val_000000.bin").exists());
+
+    // Again into the same directory: refused; with --strict on a broken line: one clear error.
+    let (ok, err) = prepare(&[]);
+    assert!(!ok && err.contains("--overwrite") && err.trim().lines().count() == 1, "{err}");
+    let (ok, err) = prepare(&["--overwrite", "--strict"]);
+    assert!(!ok && err.contains("docs.jsonl.gz:") && err.contains("--strict"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    let (ok, err) = prepare(&["--overwrite", "--near-threshold", "2"]);
+    assert!(!ok && err.contains("--near-threshold 2") && err.contains("(0, 1]"), "{err}");
+    let (ok, err) = prepare(&["--overwrite"]);
+    assert!(ok, "{err}");
+
+    // Train on the shards with the tokenizer; a vocabulary that does not fit is refused.
+    std::fs::write(dir.path().join("run.toml"), RUN).unwrap();
+    let (ok, err) = ondol(dir.path(), &["train", "run.toml", "--run-dir", "out"]);
+    assert!(ok && err.contains("done: 2 steps"), "{err}");
+    let (ok, err) = ondol(dir.path(), &["train", "run.toml", "--set", "model.vocab_size=300"]);
+    assert!(!ok && err.contains("model.vocab_size") && err.contains("data.tokenizer") && err.contains("400"), "{err}");
+    let (ok, err) = ondol(dir.path(), &["train", "run.toml", "--set", "data.tokenizer=\"none.json\""]);
+    assert!(!ok && err.contains("data.tokenizer") && err.contains("none.json"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+}
+
+#[test]
+fn a_prepare_table_prepares_on_the_first_run_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/sample");
+    std::fs::create_dir(dir.path().join("corpus")).unwrap();
+    for name in ["ko-constitution.txt", "en-web-mark.txt"] {
+        std::fs::copy(root.join(name), dir.path().join("corpus").join(name)).unwrap();
+    }
+    let config = RUN.replace(
+        "tokenizer = \"shards/tokenizer.json\"",
+        "tokenizer = \"shards/tokenizer.json\"\nprepare = { input = [\"corpus/*.txt\"], vocab_size = 400, out = \"shards\", doc_split = \"blank-line\", val_fraction = 0.1 }",
+    );
+    std::fs::write(dir.path().join("run.toml"), config).unwrap();
+    let (ok, err) = ondol(dir.path(), &["train", "run.toml", "--run-dir", "out"]);
+    assert!(ok && err.contains("training a tokenizer") && err.contains("done: 2 steps"), "{err}");
+    let (ok, err) = ondol(dir.path(), &["train", "run.toml", "--run-dir", "out"]);
+    assert!(ok && err.contains("using the prepared data"), "{err}");
+    let (ok, err) = ondol(dir.path(), &["train", "run.toml", "--set", "data.prepare.vocab_size=500"]);
+    assert!(!ok && err.contains("data.prepare.vocab_size") && err.contains("model.vocab_size = 400"), "{err}");
+    let (ok, err) = ondol(dir.path(), &["train", "run.toml", "--set", "data.prepare.bogus=1"]);
+    assert!(!ok && err.contains("bogus") && err.contains("unknown field"), "{err}");
+}
