@@ -253,6 +253,19 @@ pub fn vocab_size_of_file(path: &Path) -> Result<usize, DataError> {
     Ok(tokenizer.get_vocab_size(true))
 }
 
+fn load(path: &Path) -> Result<Tokenizer, DataError> {
+    if !path.is_file() {
+        return Err(DataError::Format {
+            path: path.into(),
+            message: "no such tokenizer file (train one with `ondol tokenizer train`)".into(),
+        });
+    }
+    Tokenizer::from_file(path).map_err(|e| DataError::Format {
+        path: path.into(),
+        message: format!("not a valid Hugging Face tokenizer.json: {e}"),
+    })
+}
+
 /// A loaded `tokenizer.json` with its end-of-text id: what data preparation encodes with.
 pub struct TextTokenizer {
     inner: Tokenizer,
@@ -274,17 +287,24 @@ impl TextTokenizer {
 
     /// Loads `path` (any Hugging Face `tokenizer.json`); `eot_token` must be in its vocabulary.
     pub fn from_file(path: &Path, eot_token: &str) -> Result<Self, DataError> {
-        if !path.is_file() {
+        let inner = load(path)?;
+        Self::new(inner, eot_token).map_err(|e| DataError::Format { path: path.into(), message: e.to_string() })
+    }
+
+    /// Loads `path` with the end-of-text a model config names (`eos_token_id`), for
+    /// tokenizers whose end-of-text is not `<|endoftext|>` (Llama's `</s>`, say); without an
+    /// id, `<|endoftext|>`.
+    pub fn from_file_with_eot_id(path: &Path, eot_id: Option<u32>) -> Result<Self, DataError> {
+        let Some(id) = eot_id else { return Self::from_file(path, EOT_TOKEN) };
+        let mut inner = load(path)?;
+        if inner.id_to_token(id).is_none() {
             return Err(DataError::Format {
                 path: path.into(),
-                message: "no such tokenizer file (train one with `ondol tokenizer train`)".into(),
+                message: format!("end-of-text id {id} is not in the vocabulary"),
             });
         }
-        let inner = Tokenizer::from_file(path).map_err(|e| DataError::Format {
-            path: path.into(),
-            message: format!("not a valid Hugging Face tokenizer.json: {e}"),
-        })?;
-        Self::new(inner, eot_token).map_err(|e| DataError::Format { path: path.into(), message: e.to_string() })
+        inner.set_encode_special_tokens(true);
+        Ok(Self { inner, eot: id })
     }
 
     /// For text that is already NFC: drops the tokenizer's normaliser when it is exactly NFC,

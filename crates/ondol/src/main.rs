@@ -1,7 +1,7 @@
 //! `ondol`: train and inspect models. See `ondol --help`.
 
 use clap::{Args, Parser, Subcommand};
-use ondol::config::{BYTE_EOT, Device, RunConfig};
+use ondol::config::{Device, RunConfig};
 use ondol::launch::{self, LaunchArgs, SelftestArgs};
 use ondol::metrics::Metrics;
 use ondol::prepare_cli;
@@ -276,8 +276,11 @@ fn eval(args: EvalArgs) -> Result<()> {
     let files = ondol_data::expand_globs(&args.data, Path::new(".")).map_err(|e| Error::Input(e.to_string()))?;
     let shards = files.iter().all(|f| f.extension().is_some_and(|e| e == "bin"));
     let kind = if shards { SourceKind::Shards } else { SourceKind::ByteText };
-    if !shards {
-        p.byte_tokenizer()?;
+    if !shards && !matches!(p.tokenizer()?, pretrained::Tokenizer::Bytes(_)) {
+        return Err(Error::Input(format!(
+            "{} has a tokenizer.json: evaluate it on token shards (.bin), not text",
+            args.dir.display()
+        )));
     }
     let stream = TokenStream::open(&files, kind).map_err(|e| Error::Input(e.to_string()))?;
     let mut loader =
@@ -302,16 +305,15 @@ fn eval(args: EvalArgs) -> Result<()> {
 
 fn generate(args: GenerateArgs) -> Result<()> {
     let p = Pretrained::load(&args.dir)?;
-    let tok = p.byte_tokenizer()?;
+    let tok = p.tokenizer()?;
     if !(args.temperature >= 0.0 && args.top_p > 0.0 && args.top_p <= 1.0) {
         return Err(Error::config("--temperature/--top-p", "need temperature >= 0 and 0 < top_p <= 1"));
     }
     let sampling = Sampling { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p, seed: args.seed };
     let be = CpuBackend::new();
-    let prompt = tok.encode(&args.prompt);
-    let eos = p.eos_token_id.or(Some(BYTE_EOT));
-    let out = pretrained::generate(&be, &p, &p.params, &prompt, args.max_new_tokens, eos, sampling)?;
-    println!("{}{}", args.prompt, tok.decode(&out));
+    let prompt = tok.encode(&args.prompt)?;
+    let out = pretrained::generate(&be, &p, &p.params, &prompt, args.max_new_tokens, Some(tok.eot_id()), sampling)?;
+    println!("{}{}", args.prompt, tok.decode(&out)?);
     Ok(())
 }
 

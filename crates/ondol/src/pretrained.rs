@@ -1,10 +1,10 @@
 //! Models read from a directory (an ondol checkpoint or a Hugging Face model directory),
 //! and what is done with them: evaluation, sampling, import.
 
-use crate::config::{BYTE_VOCAB, RunConfig};
+use crate::config::{BYTE_EOT, BYTE_VOCAB, RunConfig};
 use ondol_ckpt::{Snapshot, checkpoint, tensors};
 use ondol_core::{Backend, Error, Result, Rng};
-use ondol_data::ByteTokenizer;
+use ondol_data::{ByteTokenizer, TextTokenizer};
 use ondol_model::{KvCache, ModelConfig, Transformer, Workspace};
 use std::path::{Path, PathBuf};
 
@@ -51,14 +51,14 @@ impl Pretrained {
         Ok(p.params)
     }
 
-    /// The tokenizer the model was trained with: byte-level when the directory has no
-    /// tokenizer.json and the vocabulary covers the 257 byte-level ids.
-    pub fn byte_tokenizer(&self) -> Result<ByteTokenizer> {
-        if self.dir.join("tokenizer.json").exists() {
-            return Err(Error::Input(format!(
-                "{}: has a tokenizer.json; this build generates only with byte-level models",
-                self.dir.display()
-            )));
+    /// The directory's tokenizer.json, or byte-level when it has none and the vocabulary
+    /// covers the 257 byte-level ids.
+    pub fn tokenizer(&self) -> Result<Tokenizer> {
+        let file = self.dir.join("tokenizer.json");
+        if file.exists() {
+            let t = TextTokenizer::from_file_with_eot_id(&file, self.eos_token_id)
+                .map_err(|e| Error::Input(e.to_string()))?;
+            return Ok(Tokenizer::Text(t));
         }
         if self.model.cfg.vocab_size < BYTE_VOCAB {
             return Err(Error::Input(format!(
@@ -67,7 +67,34 @@ impl Pretrained {
                 self.model.cfg.vocab_size
             )));
         }
-        Ok(ByteTokenizer::new())
+        Ok(Tokenizer::Bytes(ByteTokenizer::new()))
+    }
+}
+
+/// The tokenizer of a model directory.
+pub enum Tokenizer {
+    Bytes(ByteTokenizer),
+    Text(TextTokenizer),
+}
+
+impl Tokenizer {
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        match self {
+            Tokenizer::Bytes(t) => Ok(t.encode(text)),
+            Tokenizer::Text(t) => t.encode(text).map_err(|e| Error::Input(e.to_string())),
+        }
+    }
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        match self {
+            Tokenizer::Bytes(t) => Ok(t.decode(ids)),
+            Tokenizer::Text(t) => t.decode(ids).map_err(|e| Error::Input(e.to_string())),
+        }
+    }
+    pub fn eot_id(&self) -> u32 {
+        match self {
+            Tokenizer::Bytes(_) => BYTE_EOT,
+            Tokenizer::Text(t) => t.eot_id(),
+        }
     }
 }
 

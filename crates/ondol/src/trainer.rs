@@ -7,17 +7,20 @@ use crate::metrics::{Metrics, StepRow};
 use crate::pretrained::Pretrained;
 use ondol_ckpt::{Loaded, Snapshot, Writer};
 use ondol_core::{Backend, Error, Result};
-use ondol_data::{Cursor, Loader, Order, SourceKind, TokenStream, expand_globs};
+use ondol_data::tokenizer::EOT_TOKEN;
+use ondol_data::{Cursor, Loader, Order, SourceKind, TextTokenizer, TokenStream, expand_globs};
 use ondol_model::{Transformer, Workspace};
 use ondol_optim::{AdamW, LrSchedule};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-/// Training and validation token streams, opened and split as the config says.
+/// Training and validation token streams, opened and split as the config says, and the
+/// tokenizer.json they were made with, if any.
 pub struct Data {
     pub train: Arc<TokenStream>,
     pub val: Option<Arc<TokenStream>>,
+    pub tokenizer: Option<PathBuf>,
 }
 
 impl Data {
@@ -41,7 +44,8 @@ impl Data {
         } else {
             (train, None)
         };
-        Ok(Self { train: Arc::new(train), val: val.map(Arc::new) })
+        let tokenizer = d.tokenizer.as_deref().filter(|t| *t != "bytes").map(|t| base.join(t));
+        Ok(Self { train: Arc::new(train), val: val.map(Arc::new), tokenizer })
     }
 }
 
@@ -69,6 +73,9 @@ pub struct Trainer<B: Backend> {
     ws: Workspace<B>,
     loader: Loader,
     val: Option<Arc<TokenStream>>,
+    /// The run's tokenizer.json (copied into checkpoints) and end-of-text id, if known.
+    tokenizer: Option<PathBuf>,
+    eos_token_id: Option<u32>,
     /// Host staging for one micro-batch of inputs and targets, and their device copies.
     host_inputs: Vec<u32>,
     host_targets: Vec<u32>,
@@ -92,6 +99,11 @@ impl<B: Backend> Trainer<B> {
         let ws = Workspace::new(&be, &model, t.batch_size, t.seq_len)?;
         let order = if t.shuffle { Order::Shuffled { seed: t.seed } } else { Order::Sequential };
         let loader = Loader::new(data.train, t.seq_len, t.batch_size, order, 0, 1).map_err(data_error)?;
+        let eos_token_id = match (&data.tokenizer, cfg.data.tokenizer.as_deref()) {
+            (Some(file), _) => Some(TextTokenizer::from_file(file, EOT_TOKEN).map_err(data_error)?.eot_id()),
+            (None, Some("bytes")) => Some(BYTE_EOT),
+            (None, _) => None,
+        };
         let rows = t.batch_size * t.seq_len;
         let (inputs, targets) = (be.upload_ids(&vec![0; rows]), be.upload_ids(&vec![0; rows]));
         Ok(Self {
@@ -104,6 +116,8 @@ impl<B: Backend> Trainer<B> {
             ws,
             loader,
             val: data.val,
+            tokenizer: data.tokenizer,
+            eos_token_id,
             host_inputs: vec![0; rows],
             host_targets: vec![0; rows],
             inputs,
@@ -179,8 +193,8 @@ impl<B: Backend> Trainer<B> {
             data: serde_json::to_value(self.loader.cursor()).expect("cursor serializes"),
             parallel: ondol_ckpt::Layout { tp: 1, pp: 1, dp: 1 },
             run_config: toml::to_string(&self.cfg).expect("config serializes"),
-            extra_files: Vec::new(),
-            eos_token_id: (self.cfg.data.tokenizer.as_deref() == Some("bytes")).then_some(BYTE_EOT),
+            extra_files: self.tokenizer.iter().cloned().collect(),
+            eos_token_id: self.eos_token_id,
             max_shard_bytes: self.cfg.checkpoint.max_shard_bytes,
         }
     }

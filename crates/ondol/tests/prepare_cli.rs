@@ -92,6 +92,18 @@ fn tokenizer_train_then_data_prepare_then_train_on_the_shards() {
     std::fs::write(dir.path().join("run.toml"), RUN).unwrap();
     let (ok, err) = ondol(dir.path(), &["train", "run.toml", "--run-dir", "out"]);
     assert!(ok && err.contains("done: 2 steps"), "{err}");
+    // The checkpoint carries the tokenizer, names its end-of-text, and generates through it.
+    let ckpt = dir.path().join("out/checkpoints/step-00000002");
+    let copied = std::fs::read(ckpt.join("tokenizer.json")).unwrap();
+    assert_eq!(copied, std::fs::read(dir.path().join("shards/tokenizer.json")).unwrap());
+    let config: serde_json::Value = serde_json::from_slice(&std::fs::read(ckpt.join("config.json")).unwrap()).unwrap();
+    assert!(config["eos_token_id"].is_u64(), "{config}");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ondol"))
+        .args(["generate", ckpt.to_str().unwrap(), "--prompt", "온돌 floor", "--max-new-tokens", "5"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.starts_with("온돌 floor"), "{text} {}", String::from_utf8_lossy(&out.stderr));
     let (ok, err) = ondol(dir.path(), &["train", "run.toml", "--set", "model.vocab_size=300"]);
     assert!(!ok && err.contains("model.vocab_size") && err.contains("data.tokenizer") && err.contains("400"), "{err}");
     let (ok, err) = ondol(dir.path(), &["train", "run.toml", "--set", "data.tokenizer=\"none.json\""]);
