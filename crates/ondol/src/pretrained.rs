@@ -58,7 +58,7 @@ impl Pretrained {
         if file.exists() {
             let t = TextTokenizer::from_file_with_eot_id(&file, self.eos_token_id)
                 .map_err(|e| Error::Input(e.to_string()))?;
-            return Ok(Tokenizer::Text(t));
+            return Ok(Tokenizer::Text(Box::new(t)));
         }
         if self.model.cfg.vocab_size < BYTE_VOCAB {
             return Err(Error::Input(format!(
@@ -74,7 +74,7 @@ impl Pretrained {
 /// The tokenizer of a model directory.
 pub enum Tokenizer {
     Bytes(ByteTokenizer),
-    Text(TextTokenizer),
+    Text(Box<TextTokenizer>),
 }
 
 impl Tokenizer {
