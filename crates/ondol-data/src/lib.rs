@@ -8,7 +8,7 @@
 //! - [`input`], [`clean`], [`dedup`], [`prepare`]: raw corpora (text, JSON Lines, gzip, zstd)
 //!   to cleaned, deduplicated token shards with a manifest (`ondol data prepare`).
 //! - [`loader`]: seeded, rank-sharded batches of (inputs, targets) whose position is a
-//!   two-number cursor saved with every checkpoint.
+//!   two-number cursor saved with every checkpoint; [`mixture`]: several weighted sources.
 //!
 //! Every error a user can cause is a [`DataError`] that names the file and what was wrong.
 
@@ -18,6 +18,7 @@ pub mod dedup;
 mod error;
 pub mod input;
 pub mod loader;
+pub mod mixture;
 pub mod prepare;
 pub mod shard;
 pub mod stream;
@@ -26,6 +27,7 @@ pub mod tokenizer;
 pub use bytes::ByteTokenizer;
 pub use error::DataError;
 pub use loader::{Cursor, Loader, Order};
+pub use mixture::{Mixture, MixtureCursor};
 pub use shard::{Shard, ShardVersion, write_shard};
 pub use stream::{SourceKind, TokenStream, expand_globs};
 pub use tokenizer::TextTokenizer;

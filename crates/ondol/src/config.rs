@@ -75,7 +75,12 @@ pub enum DataFormat {
 #[serde(deny_unknown_fields)]
 pub struct DataConfig {
     /// Paths or globs, relative to the working directory.
+    #[serde(default)]
     pub train: Vec<String>,
+    /// Several weighted sources instead of `train`: `[[data.sources]]` tables, each with its
+    /// own `train` patterns and a `weight` (the share of sequences drawn from it).
+    #[serde(default)]
+    pub sources: Vec<SourceConfig>,
     /// Validation paths or globs; when empty, `val_fraction` of each training file is held out.
     #[serde(default)]
     pub val: Vec<String>,
@@ -115,6 +120,14 @@ pub struct PrepareTable {
 
 fn default_prepare_val_fraction() -> f64 {
     0.05
+}
+
+/// One `[[data.sources]]` table.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    pub train: Vec<String>,
+    pub weight: f64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -246,8 +259,25 @@ impl RunConfig {
             return Err(Error::config("training.threads", "must be at least 1 (or left out to use every core)"));
         }
         let d = &self.data;
-        if d.train.is_empty() {
-            return Err(Error::config("data.train", "needs at least one path or glob"));
+        match (d.train.is_empty(), d.sources.is_empty()) {
+            (true, true) => {
+                return Err(Error::config("data.train", "needs at least one path or glob (or give [[data.sources]])"));
+            }
+            (false, false) => {
+                return Err(Error::config("data.sources", "give either data.train or [[data.sources]], not both"));
+            }
+            _ => {}
+        }
+        for (i, src) in d.sources.iter().enumerate() {
+            if src.train.is_empty() {
+                return Err(Error::config(format!("data.sources[{i}].train"), "needs at least one path or glob"));
+            }
+            if !(src.weight.is_finite() && src.weight > 0.0) {
+                return Err(Error::config(
+                    format!("data.sources[{i}].weight"),
+                    format!("{} must be a number > 0", src.weight),
+                ));
+            }
         }
         if !(0.0..1.0).contains(&d.val_fraction) {
             return Err(Error::config("data.val_fraction", format!("{} must be in [0, 1)", d.val_fraction)));

@@ -8,7 +8,7 @@ use crate::pretrained::Pretrained;
 use ondol_ckpt::{Loaded, Snapshot, Writer};
 use ondol_core::{Backend, Error, Result};
 use ondol_data::tokenizer::EOT_TOKEN;
-use ondol_data::{Cursor, Loader, Order, SourceKind, TextTokenizer, TokenStream, expand_globs};
+use ondol_data::{Cursor, Loader, Mixture, MixtureCursor, Order, SourceKind, TextTokenizer, TokenStream, expand_globs};
 use ondol_model::{Transformer, Workspace};
 use ondol_optim::{AdamW, LrSchedule};
 use std::path::{Path, PathBuf};
@@ -18,7 +18,8 @@ use std::time::Instant;
 /// Training and validation token streams, opened and split as the config says, and the
 /// tokenizer.json they were made with, if any.
 pub struct Data {
-    pub train: Arc<TokenStream>,
+    /// One stream per source (`data.train` is one source; `[[data.sources]]` several).
+    pub train: Vec<Arc<TokenStream>>,
     pub val: Option<Arc<TokenStream>>,
     pub tokenizer: Option<PathBuf>,
 }
@@ -35,17 +36,24 @@ impl Data {
             let files = expand_globs(patterns, base).map_err(data_error)?;
             TokenStream::open(&files, kind).map_err(data_error)
         };
-        let train = open(&d.train)?;
-        let (train, val) = if !d.val.is_empty() {
-            (train, Some(open(&d.val)?))
+        let patterns: Vec<&[String]> =
+            if d.sources.is_empty() { vec![&d.train] } else { d.sources.iter().map(|s| s.train.as_slice()).collect() };
+        let mut train = patterns.iter().map(|p| open(p)).collect::<Result<Vec<_>>>()?;
+        let val = if !d.val.is_empty() {
+            Some(open(&d.val)?)
         } else if d.val_fraction > 0.0 {
-            let (t, v) = train.split_tail(d.val_fraction).map_err(data_error)?;
-            (t, Some(v))
+            // The tail of every file of every source, as one validation stream.
+            let all: Vec<String> = patterns.iter().flat_map(|p| p.iter().cloned()).collect();
+            train = train
+                .into_iter()
+                .map(|t| Ok(t.split_tail(d.val_fraction).map_err(data_error)?.0))
+                .collect::<Result<_>>()?;
+            Some(open(&all)?.split_tail(d.val_fraction).map_err(data_error)?.1)
         } else {
-            (train, None)
+            None
         };
         let tokenizer = d.tokenizer.as_deref().filter(|t| *t != "bytes").map(|t| base.join(t));
-        Ok(Self { train: Arc::new(train), val: val.map(Arc::new), tokenizer })
+        Ok(Self { train: train.into_iter().map(Arc::new).collect(), val: val.map(Arc::new), tokenizer })
     }
 }
 
@@ -71,7 +79,7 @@ pub struct Trainer<B: Backend> {
     pub opt: AdamW<B>,
     sched: LrSchedule,
     ws: Workspace<B>,
-    loader: Loader,
+    loader: Batches,
     val: Option<Arc<TokenStream>>,
     /// The run's tokenizer.json (copied into checkpoints) and end-of-text id, if known.
     tokenizer: Option<PathBuf>,
@@ -98,7 +106,14 @@ impl<B: Backend> Trainer<B> {
         let sched = LrSchedule::new(cfg.lr_scheduler.clone(), cfg.optimizer.lr, t.steps);
         let ws = Workspace::new(&be, &model, t.batch_size, t.seq_len)?;
         let order = if t.shuffle { Order::Shuffled { seed: t.seed } } else { Order::Sequential };
-        let loader = Loader::new(data.train, t.seq_len, t.batch_size, order, 0, 1).map_err(data_error)?;
+        let loader = if cfg.data.sources.is_empty() {
+            let stream = data.train.into_iter().next().expect("one training source");
+            Batches::One(Loader::new(stream, t.seq_len, t.batch_size, order, 0, 1).map_err(data_error)?)
+        } else {
+            let weights: Vec<f64> = cfg.data.sources.iter().map(|s| s.weight).collect();
+            let mix = Mixture::new(data.train, &weights, t.seq_len, t.batch_size, order, t.seed, 0, 1);
+            Batches::Mix(mix.map_err(data_error)?)
+        };
         let eos_token_id = match (&data.tokenizer, cfg.data.tokenizer.as_deref()) {
             (Some(file), _) => Some(TextTokenizer::from_file(file, EOT_TOKEN).map_err(data_error)?.eot_id()),
             (None, Some("bytes")) => Some(BYTE_EOT),
@@ -190,7 +205,7 @@ impl<B: Backend> Trainer<B> {
             exp_avg_sq: be.download(&self.opt.v),
             step: self.step,
             tokens: self.step * self.tokens_per_step(),
-            data: serde_json::to_value(self.loader.cursor()).expect("cursor serializes"),
+            data: self.loader.position(),
             parallel: ondol_ckpt::Layout { tp: 1, pp: 1, dp: 1 },
             run_config: toml::to_string(&self.cfg).expect("config serializes"),
             extra_files: self.tokenizer.iter().cloned().collect(),
@@ -238,10 +253,9 @@ impl<B: Backend> Trainer<B> {
                 ));
             }
         }
-        let cursor: Cursor = serde_json::from_value(ckpt.state.data.clone()).map_err(|e| {
+        self.loader.set_position(&ckpt.state.data).map_err(|e| {
             Error::Input(format!("{}: bad data position: {e}", ckpt.dir.join("trainer_state.json").display()))
         })?;
-        self.loader.set_cursor(cursor).map_err(data_error)?;
         self.params = self.be.upload(&ckpt.params);
         self.opt.m = self.be.upload(&ckpt.exp_avg);
         self.opt.v = self.be.upload(&ckpt.exp_avg_sq);
@@ -259,6 +273,43 @@ impl<B: Backend> Trainer<B> {
             .map_err(|e| Error::config("data.val", format!("too little validation data for one batch: {e}")))?;
         let batches = t.eval_batches;
         Ok(Some(evaluate(&self.be, &self.model, &self.params, &mut self.ws, &mut loader, batches)?.0))
+    }
+}
+
+/// Where training batches come from: one source, or a weighted mixture of several.
+enum Batches {
+    One(Loader),
+    Mix(Mixture),
+}
+
+impl Batches {
+    fn next_batch(&mut self, inputs: &mut [u32], targets: &mut [u32]) {
+        match self {
+            Batches::One(l) => l.next_batch(inputs, targets),
+            Batches::Mix(m) => m.next_batch(inputs, targets),
+        }
+    }
+
+    /// The position, as stored in trainer_state.json.
+    fn position(&self) -> serde_json::Value {
+        match self {
+            Batches::One(l) => serde_json::to_value(l.cursor()),
+            Batches::Mix(m) => serde_json::to_value(m.cursor()),
+        }
+        .expect("cursors serialize")
+    }
+
+    fn set_position(&mut self, value: &serde_json::Value) -> std::result::Result<(), String> {
+        match self {
+            Batches::One(l) => {
+                let c: Cursor = serde_json::from_value(value.clone()).map_err(|e| e.to_string())?;
+                l.set_cursor(c).map_err(|e| e.to_string())
+            }
+            Batches::Mix(m) => {
+                let c: MixtureCursor = serde_json::from_value(value.clone()).map_err(|e| e.to_string())?;
+                m.set_cursor(&c).map_err(|e| e.to_string())
+            }
+        }
     }
 }
 

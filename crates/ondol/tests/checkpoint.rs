@@ -43,13 +43,27 @@ warmup_steps = 3
 decay = "cosine"
 "#;
 
-fn setup() -> tempfile::TempDir {
+/// The same run drawing from two weighted sources.
+fn mixture_config() -> String {
+    CONFIG.replace(
+        "train = [\"corpus.txt\"]\n",
+        "[[data.sources]]\ntrain = [\"corpus.txt\"]\nweight = 3.0\n\n[[data.sources]]\ntrain = [\"other.txt\"]\nweight = 1.0\n\n[data]\n",
+    )
+    .replacen("[data]\n", "", 1)
+}
+
+fn setup_with(config: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let mut rng = Rng::new(1);
     let text: String = (0..40_000).map(|_| ['가', 'a', 'b', ' ', '\n', '한', 'z'][rng.below(7) as usize]).collect();
     std::fs::write(dir.path().join("corpus.txt"), text).unwrap();
-    std::fs::write(dir.path().join("run.toml"), CONFIG).unwrap();
+    std::fs::write(dir.path().join("other.txt"), "the other source. ".repeat(1500)).unwrap();
+    std::fs::write(dir.path().join("run.toml"), config).unwrap();
     dir
+}
+
+fn setup() -> tempfile::TempDir {
+    setup_with(CONFIG)
 }
 
 fn trainer(dir: &Path) -> Trainer<CpuBackend> {
@@ -64,7 +78,15 @@ fn bits(x: &[f32]) -> Vec<u32> {
 
 #[test]
 fn a_resumed_run_is_bit_identical_to_an_uninterrupted_one() {
-    let dir = setup();
+    resume_is_exact(setup());
+}
+
+#[test]
+fn a_resumed_mixture_run_is_bit_identical_too() {
+    resume_is_exact(setup_with(&mixture_config()));
+}
+
+fn resume_is_exact(dir: tempfile::TempDir) {
     let mut straight = trainer(dir.path());
     let want: Vec<u64> = (0..12).map(|_| straight.step().unwrap().loss.to_bits()).collect();
 

@@ -1,0 +1,214 @@
+//! [`Mixture`]: batches drawn from several token sources in proportion to their weights.
+//!
+//! Each source has its own single-window [`Loader`] (its own shuffled order, epochs and
+//! cursor), so a small source repeats while a large one is still in its first epoch. For every
+//! sequence slot of a global batch, the source is drawn from the normalised weights with an RNG
+//! forked from the seed and the batch number: the draw depends on nothing but (seed, batch), so
+//! every data-parallel rank computes the same assignment (each reads only its own slots but
+//! advances every source as the whole global batch does), and `(batch, source cursors)` is the
+//! complete position that a resumed run continues from.
+
+use std::sync::Arc;
+
+use ondol_core::Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::{Cursor, DataError, Loader, Order, TokenStream};
+
+/// The position of a [`Mixture`]: global batches drawn, and each source's own position.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MixtureCursor {
+    pub batch: u64,
+    pub sources: Vec<Cursor>,
+}
+
+#[derive(Debug)]
+pub struct Mixture {
+    sources: Vec<Loader>,
+    /// Normalised cumulative weights; the last is 1.
+    cumulative: Vec<f64>,
+    seed: u64,
+    seq_len: usize,
+    batch_size: usize,
+    rank: usize,
+    world: usize,
+    batch: u64,
+    /// Where the windows of other ranks' slots are read to (and dropped).
+    scratch: (Vec<u32>, Vec<u32>),
+}
+
+impl Mixture {
+    /// A mixture of `streams` with `weights` (positive, any scale) for rank `rank` of `world`.
+    /// `order` applies within each source (shuffled sources get seeds forked from its seed);
+    /// `seed` drives the choice of source per sequence.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        streams: Vec<Arc<TokenStream>>,
+        weights: &[f64],
+        seq_len: usize,
+        batch_size: usize,
+        order: Order,
+        seed: u64,
+        rank: usize,
+        world: usize,
+    ) -> Result<Self, DataError> {
+        if streams.is_empty() || streams.len() != weights.len() {
+            return Err(DataError::Invalid(format!(
+                "a mixture needs one weight per source ({} sources, {} weights)",
+                streams.len(),
+                weights.len()
+            )));
+        }
+        if let Some(w) = weights.iter().find(|w| !(w.is_finite() && **w > 0.0)) {
+            return Err(DataError::Invalid(format!("mixture weight {w}: weights must be positive numbers")));
+        }
+        if batch_size == 0 || world == 0 || rank >= world {
+            return Err(DataError::Invalid(format!(
+                "mixture: batch_size {batch_size}, rank {rank} of world {world} is not a valid geometry"
+            )));
+        }
+        let mut sources = Vec::with_capacity(streams.len());
+        for (i, stream) in streams.into_iter().enumerate() {
+            let order = match order {
+                Order::Sequential => Order::Sequential,
+                Order::Shuffled { seed } => Order::Shuffled { seed: Rng::new(seed).fork(i as u64).next_u64() },
+            };
+            let loader = Loader::new(stream, seq_len, 1, order, 0, 1)
+                .map_err(|e| DataError::Invalid(format!("mixture source {i}: {e}")))?;
+            sources.push(loader);
+        }
+        let total: f64 = weights.iter().sum();
+        let mut acc = 0.0;
+        let mut cumulative: Vec<f64> = weights
+            .iter()
+            .map(|w| {
+                acc += w / total;
+                acc
+            })
+            .collect();
+        *cumulative.last_mut().expect("at least one source") = 1.0;
+        let scratch = (vec![0; seq_len], vec![0; seq_len]);
+        Ok(Self { sources, cumulative, seed, seq_len, batch_size, rank, world, batch: 0, scratch })
+    }
+
+    /// The source of each slot of global batch `batch`.
+    fn assignment(&self, batch: u64) -> impl Iterator<Item = usize> + '_ {
+        let mut rng = Rng::new(self.seed ^ 0x6D69_7874_7572_6573).fork(batch);
+        (0..self.batch_size * self.world).map(move |_| {
+            let u = rng.next_f64();
+            self.cumulative.partition_point(|&c| c <= u).min(self.cumulative.len() - 1)
+        })
+    }
+
+    /// Fills `inputs` and `targets` (`batch_size * seq_len` each) with this rank's sequences.
+    pub fn next_batch(&mut self, inputs: &mut [u32], targets: &mut [u32]) {
+        let (t, b) = (self.seq_len, self.batch_size);
+        assert!(inputs.len() == b * t && targets.len() == b * t, "mixture: buffers must hold batch_size * seq_len");
+        let picks: Vec<usize> = self.assignment(self.batch).collect();
+        for (slot, s) in picks.into_iter().enumerate() {
+            if slot / b == self.rank {
+                let j = slot % b;
+                self.sources[s].next_batch(&mut inputs[j * t..(j + 1) * t], &mut targets[j * t..(j + 1) * t]);
+            } else {
+                let (i, g) = &mut self.scratch;
+                self.sources[s].next_batch(i, g);
+            }
+        }
+        self.batch += 1;
+    }
+
+    pub fn cursor(&self) -> MixtureCursor {
+        MixtureCursor { batch: self.batch, sources: self.sources.iter().map(Loader::cursor).collect() }
+    }
+
+    pub fn set_cursor(&mut self, cursor: &MixtureCursor) -> Result<(), DataError> {
+        if cursor.sources.len() != self.sources.len() {
+            return Err(DataError::Invalid(format!(
+                "the saved data position has {} sources, the run has {}",
+                cursor.sources.len(),
+                self.sources.len()
+            )));
+        }
+        for (loader, c) in self.sources.iter_mut().zip(&cursor.sources) {
+            loader.set_cursor(*c)?;
+        }
+        self.batch = cursor.batch;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::SourceKind;
+    use crate::write_shard;
+
+    /// Two sources whose tokens tell them apart: source 0 holds ids < 1000, source 1 ids >= 1000.
+    fn streams(dir: &std::path::Path) -> Vec<Arc<TokenStream>> {
+        (0..2u32)
+            .map(|s| {
+                let path = dir.join(format!("s{s}.bin"));
+                let tokens: Vec<u32> = (0..(3000 + 5000 * s)).map(|i| s * 1000 + i % 1000).collect();
+                write_shard(&path, &tokens, None).unwrap();
+                Arc::new(TokenStream::open(&[path], SourceKind::Shards).unwrap())
+            })
+            .collect()
+    }
+
+    fn mixture(dir: &std::path::Path, rank: usize, world: usize) -> Mixture {
+        Mixture::new(streams(dir), &[0.7, 0.3], 8, 4, Order::Shuffled { seed: 3 }, 11, rank, world).unwrap()
+    }
+
+    #[test]
+    fn each_source_gets_its_share_within_sampling_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut m = mixture(dir.path(), 0, 1);
+        let (mut x, mut y) = (vec![0; 32], vec![0; 32]);
+        let (mut first, mut total) = (0usize, 0usize);
+        for _ in 0..2000 {
+            m.next_batch(&mut x, &mut y);
+            for seq in x.chunks(8) {
+                assert!(seq.iter().all(|&t| t < 1000) || seq.iter().all(|&t| t >= 1000), "a sequence mixes sources");
+                first += (seq[0] < 1000) as usize;
+                total += 1;
+            }
+        }
+        let share = first as f64 / total as f64;
+        let sigma = (0.7 * 0.3 / total as f64).sqrt();
+        assert!((share - 0.7).abs() < 4.0 * sigma, "source 0 share {share:.4}, want 0.7 +- {:.4}", 4.0 * sigma);
+    }
+
+    #[test]
+    fn resumes_exactly_and_ranks_split_the_global_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut x, mut y) = (vec![0; 32], vec![0; 32]);
+        let mut a = mixture(dir.path(), 0, 1);
+        for _ in 0..37 {
+            a.next_batch(&mut x, &mut y);
+        }
+        let saved = serde_json::to_string(&a.cursor()).unwrap();
+        let mut b = mixture(dir.path(), 0, 1);
+        b.set_cursor(&serde_json::from_str(&saved).unwrap()).unwrap();
+        let (mut x2, mut y2) = (vec![0; 32], vec![0; 32]);
+        for _ in 0..50 {
+            a.next_batch(&mut x, &mut y);
+            b.next_batch(&mut x2, &mut y2);
+            assert_eq!((&x, &y), (&x2, &y2));
+        }
+        // Two ranks of batch 2 read exactly the world-1 batch of 4, in order.
+        let mut whole = mixture(dir.path(), 0, 1);
+        let mut r0 =
+            Mixture::new(streams(dir.path()), &[0.7, 0.3], 8, 2, Order::Shuffled { seed: 3 }, 11, 0, 2).unwrap();
+        let mut r1 =
+            Mixture::new(streams(dir.path()), &[0.7, 0.3], 8, 2, Order::Shuffled { seed: 3 }, 11, 1, 2).unwrap();
+        let (mut h0, mut t0, mut h1, mut t1) = (vec![0; 16], vec![0; 16], vec![0; 16], vec![0; 16]);
+        for _ in 0..20 {
+            whole.next_batch(&mut x, &mut y);
+            r0.next_batch(&mut h0, &mut t0);
+            r1.next_batch(&mut h1, &mut t1);
+            assert_eq!([h0.as_slice(), h1.as_slice()].concat(), x);
+        }
+        assert!(Mixture::new(streams(dir.path()), &[1.0, 0.0], 8, 2, Order::Sequential, 0, 0, 1).is_err());
+        assert!(b.set_cursor(&MixtureCursor { batch: 0, sources: vec![] }).is_err());
+    }
+}
