@@ -137,13 +137,18 @@ pub struct ParallelismConfig {
     pub tp: usize,
     #[serde(default = "one")]
     pub pp: usize,
+    /// Data-parallel ranks; on the CPU they are threads of this process.
     #[serde(default = "one")]
     pub dp: usize,
+    /// A collective that does not complete within this many seconds aborts the run, naming
+    /// the operation and the ranks that did not arrive.
+    #[serde(default = "default_timeout_s")]
+    pub timeout_s: u64,
 }
 
 impl Default for ParallelismConfig {
     fn default() -> Self {
-        Self { tp: 1, pp: 1, dp: 1 }
+        Self { tp: 1, pp: 1, dp: 1, timeout_s: default_timeout_s() }
     }
 }
 
@@ -201,6 +206,9 @@ fn default_val_fraction() -> f64 {
 }
 fn default_format() -> DataFormat {
     DataFormat::Shards
+}
+fn default_timeout_s() -> u64 {
+    300
 }
 fn default_log_every() -> u64 {
     10
@@ -330,14 +338,20 @@ impl RunConfig {
             ));
         }
         let p = &self.parallelism;
-        if (p.tp, p.pp, p.dp) != (1, 1, 1) {
+        if p.dp == 0 {
+            return Err(Error::config("parallelism.dp", "must be at least 1"));
+        }
+        if (p.tp, p.pp) != (1, 1) {
             return Err(Error::config(
                 "parallelism",
                 format!(
-                    "tp = {}, pp = {}, dp = {}: this build trains on one rank only (tp = pp = dp = 1)",
-                    p.tp, p.pp, p.dp
+                    "tp = {}, pp = {}: tensor and pipeline parallelism are not implemented yet (tp = pp = 1; dp may be > 1)",
+                    p.tp, p.pp
                 ),
             ));
+        }
+        if p.timeout_s == 0 {
+            return Err(Error::config("parallelism.timeout_s", "must be at least 1"));
         }
         if self.checkpoint.max_shard_bytes == 0 {
             return Err(Error::config("checkpoint.max_shard_bytes", "must be at least 1"));

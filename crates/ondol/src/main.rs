@@ -8,6 +8,7 @@ use ondol::prepare_cli;
 use ondol::pretrained::{self, Pretrained, Sampling};
 use ondol::trainer::{self, Data, Trainer};
 use ondol_ckpt::{Writer, checkpoint};
+use ondol_comm::ThreadComm;
 use ondol_core::{Backend, Error, Result};
 use ondol_cpu::CpuBackend;
 use ondol_data::{Loader, Order, SourceKind, TokenStream};
@@ -15,6 +16,7 @@ use ondol_model::{Transformer, Workspace};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 #[derive(Parser)]
 #[command(name = "ondol", version, about = "LLM pretraining from the floor up")]
@@ -158,18 +160,47 @@ fn train(args: TrainArgs) -> Result<()> {
             .build_global()
             .map_err(|e| Error::config("training.threads", e.to_string()))?;
     }
-    // Everything a user's input can break is checked before the run directory is touched.
     let data = Data::open(&cfg, Path::new("."))?;
+    let dp = cfg.parallelism.dp;
+    if dp == 1 {
+        return train_rank(&args, cfg, data, None);
+    }
+    // Data-parallel ranks as threads of this process, one communicator each.
+    let comms = ThreadComm::group(dp, Duration::from_secs(cfg.parallelism.timeout_s));
+    let results: Vec<Result<()>> = std::thread::scope(|scope| {
+        let ranks: Vec<_> = comms
+            .into_iter()
+            .map(|comm| {
+                let (args, cfg, data) = (&args, cfg.clone(), data.clone());
+                scope.spawn(move || train_rank(args, cfg, data, Some(comm)))
+            })
+            .collect();
+        ranks.into_iter().map(|r| r.join().unwrap_or_else(|_| Err(Error::Training("a rank panicked".into())))).collect()
+    });
+    results.into_iter().collect()
+}
+
+/// One rank's run (the only rank when `comm` is None). Rank 0 owns the run directory:
+/// the resolved config, metrics and checkpoints; the others train silently beside it.
+fn train_rank(args: &TrainArgs, cfg: RunConfig, data: Data, comm: Option<ThreadComm>) -> Result<()> {
+    // Everything a user's input can break is checked before the run directory is touched.
     let (steps, seq) = (cfg.training.steps, cfg.training.seq_len);
     let resolved = toml::to_string(&cfg).expect("config serializes");
-    let mut trainer = Trainer::new(CpuBackend::new(), cfg, data)?;
-
+    let keep_last = cfg.checkpoint.keep_last;
+    let mut trainer = match comm {
+        None => Trainer::new(CpuBackend::new(), cfg, data)?,
+        Some(c) => Trainer::data_parallel_rank(CpuBackend::new(), cfg, data, Box::new(c))?,
+    };
     let stem = args.config.config.file_stem().map_or("run".into(), |s| s.to_string_lossy().into_owned());
-    let run_dir = args.run_dir.unwrap_or_else(|| Path::new("runs").join(stem));
+    let run_dir = args.run_dir.clone().unwrap_or_else(|| Path::new("runs").join(stem));
     let resumed = match args.resume.as_deref() {
         None => None,
         Some(spec) => resume(&mut trainer, &run_dir, spec)?,
     };
+    if !trainer.is_leader() {
+        trainer::run(&mut trainer, &mut Metrics::silent(1.0), None)?;
+        return Ok(());
+    }
     std::fs::create_dir_all(&run_dir).map_err(|e| Error::io(format!("cannot create {}", run_dir.display()), e))?;
     let resolved_path = run_dir.join("ondol.toml");
     std::fs::write(&resolved_path, resolved)
@@ -177,7 +208,7 @@ fn train(args: TrainArgs) -> Result<()> {
     let peak = ondol_cpu::measure_gemm_peak();
     let m = &trainer.model;
     eprintln!(
-        "ondol {}: {:?} model, {:.2}M parameters, {:.1} MFLOP/token, {} tokens/step on {}; \
+        "ondol {}: {:?} model, {:.2}M parameters, {:.1} MFLOP/token, {} tokens/step on {} x {} data-parallel; \
          MFU against the measured sgemm peak {:.0} GFLOP/s; run dir {}",
         env!("CARGO_PKG_VERSION"),
         m.cfg.arch,
@@ -185,15 +216,16 @@ fn train(args: TrainArgs) -> Result<()> {
         m.flops_per_token(seq) as f64 / 1e6,
         trainer.tokens_per_step(),
         trainer.be.name(),
+        trainer.cfg.parallelism.dp,
         peak / 1e9,
         run_dir.display()
     );
-    let mut writer = Writer::new(&run_dir, trainer.cfg.checkpoint.keep_last)?;
+    let mut writer = Writer::new(&run_dir, keep_last)?;
     let mut metrics = Metrics::create(&run_dir, steps, peak, resumed)?;
     if let Some(step) = resumed {
         metrics.note(format!("resumed at step {step}"));
     }
-    let summary = trainer::run(&mut trainer, &mut metrics, &mut writer)?;
+    let summary = trainer::run(&mut trainer, &mut metrics, Some(&mut writer))?;
     metrics.finish();
     let val = |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{v:.4}"));
     eprintln!(

@@ -28,7 +28,8 @@ struct EvalRow {
 }
 
 pub struct Metrics {
-    file: BufWriter<File>,
+    /// None for a silent reporter (data-parallel ranks other than 0).
+    file: Option<BufWriter<File>>,
     bar: Option<ProgressBar>,
     /// The device's peak FLOP/s, the denominator of MFU.
     pub peak_flops: f64,
@@ -65,20 +66,25 @@ impl Metrics {
             bar.set_style(style);
             bar
         });
-        Ok(Self { file: BufWriter::new(file), bar, peak_flops })
+        Ok(Self { file: Some(BufWriter::new(file)), bar, peak_flops })
+    }
+
+    /// A reporter that writes and prints nothing.
+    pub fn silent(peak_flops: f64) -> Self {
+        Self { file: None, bar: None, peak_flops }
     }
 
     fn write(&mut self, row: &impl Serialize) -> Result<()> {
+        let Some(file) = &mut self.file else { return Ok(()) };
         let line = serde_json::to_string(row).expect("rows serialize");
-        writeln!(self.file, "{line}")
-            .and_then(|_| self.file.flush())
-            .map_err(|e| Error::io("cannot write metrics.jsonl", e))
+        writeln!(file, "{line}").and_then(|_| file.flush()).map_err(|e| Error::io("cannot write metrics.jsonl", e))
     }
 
     fn say(&self, line: String) {
-        match &self.bar {
-            Some(bar) => bar.println(line),
-            None => eprintln!("{line}"),
+        match (&self.bar, &self.file) {
+            (Some(bar), _) => bar.println(line),
+            (None, Some(_)) => eprintln!("{line}"),
+            (None, None) => {}
         }
     }
 
@@ -98,7 +104,7 @@ impl Metrics {
                 bar.set_position(row.step);
                 bar.set_message(format!("loss {:.4} lr {:.2e} {:.0} tok/s", row.loss, row.lr, row.tokens_per_s));
             }
-            None => eprintln!("{text}"),
+            None => self.say(text),
         }
         self.write(&row)
     }

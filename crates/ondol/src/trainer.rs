@@ -6,6 +6,7 @@ use crate::config::{BYTE_EOT, DataFormat, RunConfig};
 use crate::metrics::{Metrics, StepRow};
 use crate::pretrained::Pretrained;
 use ondol_ckpt::{Loaded, Snapshot, Writer};
+use ondol_comm::Communicator;
 use ondol_core::{Backend, Error, Result};
 use ondol_data::tokenizer::EOT_TOKEN;
 use ondol_data::{Cursor, Loader, Mixture, MixtureCursor, Order, SourceKind, TextTokenizer, TokenStream, expand_globs};
@@ -17,6 +18,7 @@ use std::time::Instant;
 
 /// Training and validation token streams, opened and split as the config says, and the
 /// tokenizer.json they were made with, if any.
+#[derive(Clone)]
 pub struct Data {
     /// One stream per source (`data.train` is one source; `[[data.sources]]` several).
     pub train: Vec<Arc<TokenStream>>,
@@ -84,6 +86,8 @@ pub struct Trainer<B: Backend> {
     /// The run's tokenizer.json (copied into checkpoints) and end-of-text id, if known.
     tokenizer: Option<PathBuf>,
     eos_token_id: Option<u32>,
+    /// The data-parallel group, when this trainer is one of several ranks.
+    dp: Option<Box<dyn Communicator>>,
     /// Host staging for one micro-batch of inputs and targets, and their device copies.
     host_inputs: Vec<u32>,
     host_targets: Vec<u32>,
@@ -93,7 +97,19 @@ pub struct Trainer<B: Backend> {
 }
 
 impl<B: Backend> Trainer<B> {
+    /// A single-rank trainer.
     pub fn new(be: B, cfg: RunConfig, data: Data) -> Result<Self> {
+        Self::build(be, cfg, data, None)
+    }
+
+    /// One data-parallel rank: it reads its share of every global batch, and its gradients
+    /// are summed with the other ranks' through `dp` before each update.
+    pub fn data_parallel_rank(be: B, cfg: RunConfig, data: Data, dp: Box<dyn Communicator>) -> Result<Self> {
+        Self::build(be, cfg, data, Some(dp))
+    }
+
+    fn build(be: B, cfg: RunConfig, data: Data, dp: Option<Box<dyn Communicator>>) -> Result<Self> {
+        let (rank, world) = dp.as_ref().map_or((0, 1), |c| (c.rank(), c.size()));
         let model = Transformer::new(cfg.model.clone())?;
         let t = &cfg.training;
         let initial = match &cfg.model.init_from {
@@ -108,10 +124,10 @@ impl<B: Backend> Trainer<B> {
         let order = if t.shuffle { Order::Shuffled { seed: t.seed } } else { Order::Sequential };
         let loader = if cfg.data.sources.is_empty() {
             let stream = data.train.into_iter().next().expect("one training source");
-            Batches::One(Loader::new(stream, t.seq_len, t.batch_size, order, 0, 1).map_err(data_error)?)
+            Batches::One(Loader::new(stream, t.seq_len, t.batch_size, order, rank, world).map_err(data_error)?)
         } else {
             let weights: Vec<f64> = cfg.data.sources.iter().map(|s| s.weight).collect();
-            let mix = Mixture::new(data.train, &weights, t.seq_len, t.batch_size, order, t.seed, 0, 1);
+            let mix = Mixture::new(data.train, &weights, t.seq_len, t.batch_size, order, t.seed, rank, world);
             Batches::Mix(mix.map_err(data_error)?)
         };
         let eos_token_id = match (&data.tokenizer, cfg.data.tokenizer.as_deref()) {
@@ -133,6 +149,7 @@ impl<B: Backend> Trainer<B> {
             val: data.val,
             tokenizer: data.tokenizer,
             eos_token_id,
+            dp,
             host_inputs: vec![0; rows],
             host_targets: vec![0; rows],
             inputs,
@@ -143,9 +160,20 @@ impl<B: Backend> Trainer<B> {
     }
 
     /// Tokens consumed by one optimizer step.
+    /// Tokens one optimizer step consumes across all data-parallel ranks.
     pub fn tokens_per_step(&self) -> u64 {
         let t = &self.cfg.training;
-        (t.batch_size * t.seq_len * t.grad_accum) as u64
+        (t.batch_size * t.seq_len * t.grad_accum * self.dp_size()) as u64
+    }
+
+    fn dp_size(&self) -> usize {
+        self.dp.as_ref().map_or(1, |c| c.size())
+    }
+
+    /// Rank 0 of the data-parallel group (or the only rank): the one that evaluates,
+    /// reports and writes checkpoints.
+    pub fn is_leader(&self) -> bool {
+        self.dp.as_ref().is_none_or(|c| c.rank() == 0)
     }
 
     /// Bytes held by parameters, gradients, AdamW moments and activations.
@@ -179,6 +207,17 @@ impl<B: Backend> Trainer<B> {
             loss_sum += self.model.loss(be, &mut self.ws, &self.targets, Some(grad_scale));
             self.model.backward(be, &self.params, &mut self.grads, &mut self.ws, &self.inputs);
         }
+        if let Some(dp) = &self.dp {
+            // Sum the ranks' gradients (each already scaled by 1 / global tokens) in rank order,
+            // so every rank applies the same update and the weights stay identical bit for bit.
+            // Host copies for now; device buffers go straight to NCCL with the CUDA backend.
+            let mut host = self.be.download(&self.grads);
+            dp.all_reduce_sum(&mut host)?;
+            self.grads = self.be.upload(&host);
+            let mut sum = [loss_sum as f32];
+            dp.all_reduce_sum(&mut sum)?;
+            loss_sum = sum[0] as f64;
+        }
         let loss = loss_sum / tokens;
         if !loss.is_finite() {
             return Err(Error::Training(format!(
@@ -206,7 +245,7 @@ impl<B: Backend> Trainer<B> {
             step: self.step,
             tokens: self.step * self.tokens_per_step(),
             data: self.loader.position(),
-            parallel: ondol_ckpt::Layout { tp: 1, pp: 1, dp: 1 },
+            parallel: ondol_ckpt::Layout { tp: 1, pp: 1, dp: self.dp_size() },
             run_config: toml::to_string(&self.cfg).expect("config serializes"),
             extra_files: self.tokenizer.iter().cloned().collect(),
             eos_token_id: self.eos_token_id,
@@ -232,14 +271,15 @@ impl<B: Backend> Trainer<B> {
                     saved.training.grad_accum,
                     saved.training.seed,
                     saved.training.shuffle,
+                    saved.parallelism.dp,
                 )),
-                to_json(&(t.batch_size, t.seq_len, t.grad_accum, t.seed, t.shuffle)),
+                to_json(&(t.batch_size, t.seq_len, t.grad_accum, t.seed, t.shuffle, self.cfg.parallelism.dp)),
             ),
         ];
         for (section, theirs, ours) in pairs {
             if theirs != ours {
                 let key = if section == "training" {
-                    "training.{batch_size, seq_len, grad_accum, seed, shuffle}".to_string()
+                    "training.{batch_size, seq_len, grad_accum, seed, shuffle} or parallelism.dp".to_string()
                 } else {
                     first_difference(section, &theirs, &ours)
                 };
@@ -267,7 +307,7 @@ impl<B: Backend> Trainer<B> {
     /// Mean loss per token over the first `eval_batches` validation batches (the same
     /// batches at every evaluation, so values are comparable along the run).
     pub fn evaluate(&mut self) -> Result<Option<f64>> {
-        let Some(val) = self.val.clone() else { return Ok(None) };
+        let Some(val) = self.val.clone().filter(|_| self.is_leader()) else { return Ok(None) };
         let t = &self.cfg.training;
         let mut loader = Loader::new(val, t.seq_len, t.batch_size, Order::Sequential, 0, 1)
             .map_err(|e| Error::config("data.val", format!("too little validation data for one batch: {e}")))?;
@@ -365,7 +405,12 @@ pub struct Summary {
 
 /// Runs the remaining updates up to `cfg.training.steps`, evaluating, reporting and
 /// checkpointing (every `checkpoint.every` steps and at the end) along the way.
-pub fn run<B: Backend>(trainer: &mut Trainer<B>, metrics: &mut Metrics, ckpt: &mut Writer) -> Result<Summary> {
+/// Ranks other than the leader pass no writer and a silent [`Metrics`].
+pub fn run<B: Backend>(
+    trainer: &mut Trainer<B>,
+    metrics: &mut Metrics,
+    mut ckpt: Option<&mut Writer>,
+) -> Result<Summary> {
     let total = trainer.cfg.training.steps;
     let every = trainer.cfg.checkpoint.every;
     let (eval_every, log_every) = (trainer.cfg.training.eval_every, trainer.cfg.metrics.log_every);
@@ -411,11 +456,13 @@ pub fn run<B: Backend>(trainer: &mut Trainer<B>, metrics: &mut Metrics, ckpt: &m
             // Evaluation time is not training throughput.
             window_start = Instant::now();
         }
-        if every > 0 && step.is_multiple_of(every) || step == total {
-            ckpt.submit(trainer.snapshot())?;
+        if let Some(writer) = ckpt.as_deref_mut()
+            && (every > 0 && step.is_multiple_of(every) || step == total)
+        {
+            writer.submit(trainer.snapshot())?;
         }
     }
-    if let Some(dir) = ckpt.wait()? {
+    if let Some(dir) = ckpt.map(|w| w.wait()).transpose()?.flatten() {
         metrics.note(format!("checkpoint {}", dir.display()));
     }
     let seconds = start.elapsed().as_secs_f64();

@@ -125,7 +125,7 @@ fn validation_loss_reaches_the_entropy_rate_of_a_markov_source() {
     let mut trainer = Trainer::new(CpuBackend, cfg, data).unwrap();
     let mut metrics = Metrics::create(dir.path(), 400, 1e11, None).unwrap();
     let mut writer = ondol_ckpt::Writer::new(dir.path(), 1).unwrap();
-    let summary = trainer::run(&mut trainer, &mut metrics, &mut writer).unwrap();
+    let summary = trainer::run(&mut trainer, &mut metrics, Some(&mut writer)).unwrap();
     let val = summary.final_val_loss.unwrap();
     let start = summary.first_val_loss.unwrap();
     assert!(start > rate + 1.0, "an untrained model should be far from the rate: {start} vs {rate}");

@@ -1,0 +1,123 @@
+//! Data parallelism against one rank, same global batch, fp32: ranks are threads joined by a
+//! deterministic communicator, so the only difference from one rank is the order in which
+//! the two halves of each gradient are summed.
+
+use ondol::config::RunConfig;
+use ondol::trainer::{Data, Trainer};
+use ondol_comm::ThreadComm;
+use ondol_cpu::CpuBackend;
+use std::path::Path;
+use std::time::Duration;
+
+const CONFIG: &str = r#"
+[model]
+arch = "llama"
+vocab_size = 257
+d_model = 32
+n_layers = 2
+n_heads = 4
+n_kv_heads = 2
+ffn_hidden = 48
+max_seq_len = 32
+
+[training]
+steps = 20
+batch_size = 8
+seq_len = 16
+seed = 4
+grad_accum = 2
+
+[data]
+train = ["corpus.txt"]
+format = "text"
+tokenizer = "bytes"
+
+[optimizer]
+lr = 3e-3
+
+[lr_scheduler]
+warmup_steps = 4
+"#;
+
+/// Losses of 20 steps and the final weights of rank 0, after checking that every rank
+/// ends with the same bits.
+fn train(dir: &Path, dp: usize) -> (Vec<f64>, Vec<f32>) {
+    let overrides = [format!("training.batch_size={}", 8 / dp), format!("parallelism.dp={dp}")];
+    let cfg = RunConfig::load(&dir.join("run.toml"), &overrides).unwrap();
+    let data = Data::open(&cfg, dir).unwrap();
+    let comms = ThreadComm::group(dp, Duration::from_secs(60));
+    let results: Vec<(Vec<f64>, Vec<f32>)> = std::thread::scope(|s| {
+        let ranks: Vec<_> = comms
+            .into_iter()
+            .map(|c| {
+                let (cfg, data) = (cfg.clone(), data.clone());
+                s.spawn(move || {
+                    let mut t = Trainer::data_parallel_rank(CpuBackend, cfg, data, Box::new(c)).unwrap();
+                    let losses = (0..20).map(|_| t.step().unwrap().loss).collect();
+                    (losses, t.params)
+                })
+            })
+            .collect();
+        ranks.into_iter().map(|r| r.join().unwrap()).collect()
+    });
+    for r in &results[1..] {
+        assert_eq!(r.0, results[0].0, "ranks report different losses");
+        assert!(r.1.iter().zip(&results[0].1).all(|(a, b)| a.to_bits() == b.to_bits()), "rank weights diverged");
+    }
+    results.into_iter().next().unwrap()
+}
+
+#[test]
+fn data_parallel_matches_one_rank() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("corpus.txt"), "온돌 warms the floor from below; ".repeat(2000)).unwrap();
+    std::fs::write(dir.path().join("run.toml"), CONFIG).unwrap();
+    let (one, w1) = train(dir.path(), 1);
+    for dp in [2, 4] {
+        let (many, w) = train(dir.path(), dp);
+        for (step, (a, b)) in one.iter().zip(&many).enumerate() {
+            assert!((a - b).abs() <= 1e-5 * a.abs(), "dp={dp} step {}: loss {a} vs {b}", step + 1);
+        }
+        let worst = w1.iter().zip(&w).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        assert!(worst <= 1e-5, "dp={dp}: final weights differ by up to {worst:e}");
+        eprintln!("dp={dp}: last loss {} vs {}, max weight difference {worst:e}", many[19], one[19]);
+    }
+}
+
+#[test]
+fn the_cli_runs_data_parallel_ranks_and_refuses_to_resume_at_another_size() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("corpus.txt"), "온돌 warms the floor from below; ".repeat(2000)).unwrap();
+    std::fs::write(dir.path().join("run.toml"), CONFIG).unwrap();
+    let ondol = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ondol"))
+            .args(args)
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (ok, err) = ondol(&[
+        "train",
+        "run.toml",
+        "--run-dir",
+        "run",
+        "--set",
+        "parallelism.dp=2",
+        "--set",
+        "training.batch_size=4",
+    ]);
+    assert!(ok && err.contains("x 2 data-parallel") && err.contains("done: 20 steps"), "{err}");
+    let metrics = std::fs::read_to_string(dir.path().join("run/metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().filter(|l| l.contains("\"loss\"")).count(), 2, "one writer only:\n{metrics}");
+    let state: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(dir.path().join("run/checkpoints/step-00000020/trainer_state.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(state["layout"]["dp"], 2);
+    let (ok, err) =
+        ondol(&["train", "run.toml", "--run-dir", "run", "--resume", "auto", "--set", "training.batch_size=4"]);
+    assert!(!ok && err.contains("parallelism.dp"), "{err}");
+    let (ok, err) = ondol(&["train", "run.toml", "--set", "parallelism.tp=2"]);
+    assert!(!ok && err.contains("tensor and pipeline parallelism are not implemented"), "{err}");
+}
