@@ -1,6 +1,9 @@
 //! Checkpoints: exact resume, crash safety under kill -9, and damaged or mismatched
 //! checkpoints refused with a message that names the file or key.
 
+mod common;
+use common::ondol_err;
+
 use ondol::config::RunConfig;
 use ondol::trainer::{Data, Trainer};
 use ondol_ckpt::checkpoint;
@@ -107,11 +110,6 @@ fn resume_is_exact(dir: tempfile::TempDir) {
     assert!(bits(&second.opt.v) == bits(&straight.opt.v), "AdamW moments differ after resuming");
 }
 
-fn ondol(dir: &Path, args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_ondol")).args(args).current_dir(dir).output().unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
-}
-
 #[test]
 fn kill_9_at_random_moments_never_breaks_resume() {
     let dir = setup();
@@ -155,7 +153,7 @@ fn kill_9_at_random_moments_never_breaks_resume() {
         }
     }
     assert!(killed >= 4, "only {killed} runs were still going when killed");
-    let (ok, err) = ondol(dir.path(), &args);
+    let (ok, err) = ondol_err(dir.path(), &args);
     assert!(ok, "{err}");
     assert!(err.contains("resumed at step"), "{err}");
     let latest = checkpoint::latest(&dir.path().join("run")).unwrap();
@@ -171,14 +169,17 @@ fn kill_9_at_random_moments_never_breaks_resume() {
 #[test]
 fn damaged_checkpoints_are_refused_and_auto_falls_back() {
     let dir = setup();
-    let (ok, err) = ondol(dir.path(), &["train", "run.toml", "--run-dir", "run", "--set", "checkpoint.every=4"]);
+    let (ok, err) = ondol_err(dir.path(), &["train", "run.toml", "--run-dir", "run", "--set", "checkpoint.every=4"]);
     assert!(ok, "{err}");
     let ckpts = dir.path().join("run/checkpoints");
     let newest = ckpts.join("step-00000012");
     let model = newest.join("model.safetensors");
     let pristine = std::fs::read(&model).unwrap();
     let resume = |spec: &str| {
-        ondol(dir.path(), &["train", "run.toml", "--run-dir", "run", "--resume", spec, "--set", "training.steps=14"])
+        ondol_err(
+            dir.path(),
+            &["train", "run.toml", "--run-dir", "run", "--resume", spec, "--set", "training.steps=14"],
+        )
     };
 
     // A flipped byte.
@@ -205,7 +206,7 @@ fn damaged_checkpoints_are_refused_and_auto_falls_back() {
 
     // A checkpoint of another architecture.
     let intact = checkpoint::latest(&dir.path().join("run")).unwrap();
-    let (ok, err) = ondol(
+    let (ok, err) = ondol_err(
         dir.path(),
         &[
             "train",

@@ -1,7 +1,9 @@
 //! The `ondol` binary as a user meets it: bad configs and bad data are refused with one
 //! clear message naming the file, the key and what would be valid; never a panic.
 
-use std::path::Path;
+mod common;
+use common::ondol_err;
+
 use std::process::Command;
 
 const BASE: &str = r#"
@@ -29,12 +31,6 @@ tokenizer = "bytes"
 lr = 1e-3
 "#;
 
-/// Runs `ondol ARGS` in `dir`; returns (success, stderr).
-fn ondol(dir: &Path, args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_ondol")).args(args).current_dir(dir).output().unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
-}
-
 fn setup(config: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("corpus.txt"), "온돌 warms the floor. ".repeat(200)).unwrap();
@@ -45,7 +41,7 @@ fn setup(config: &str) -> tempfile::TempDir {
 #[test]
 fn a_valid_config_trains_and_writes_metrics_and_the_resolved_config() {
     let dir = setup(BASE);
-    let (ok, err) = ondol(dir.path(), &["train", "run.toml", "--set", "training.steps=3", "--run-dir", "out"]);
+    let (ok, err) = ondol_err(dir.path(), &["train", "run.toml", "--set", "training.steps=3", "--run-dir", "out"]);
     assert!(ok, "{err}");
     let metrics = std::fs::read_to_string(dir.path().join("out/metrics.jsonl")).unwrap();
     let rows: Vec<serde_json::Value> = metrics.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
@@ -101,7 +97,7 @@ fn bad_values_are_refused_with_key_file_and_what_is_valid() {
         for o in *overrides {
             args.extend(["--set", o]);
         }
-        let (ok, err) = ondol(dir.path(), &args);
+        let (ok, err) = ondol_err(dir.path(), &args);
         assert!(!ok, "{overrides:?} was accepted");
         assert!(!err.contains("panicked"), "{overrides:?} panicked: {err}");
         assert_eq!(err.trim().lines().count(), 1, "{overrides:?}: expected one line, got {err}");
@@ -114,16 +110,16 @@ fn bad_values_are_refused_with_key_file_and_what_is_valid() {
 #[test]
 fn bad_files_are_refused_with_their_path() {
     let dir = setup(BASE);
-    let (ok, err) = ondol(dir.path(), &["train", "nope.toml"]);
+    let (ok, err) = ondol_err(dir.path(), &["train", "nope.toml"]);
     assert!(!ok && err.contains("nope.toml") && !err.contains("panicked"), "{err}");
 
     std::fs::write(dir.path().join("broken.toml"), "[model\narch = ").unwrap();
-    let (ok, err) = ondol(dir.path(), &["train", "broken.toml"]);
+    let (ok, err) = ondol_err(dir.path(), &["train", "broken.toml"]);
     assert!(!ok && err.contains("broken.toml") && err.contains("is not valid TOML"), "{err}");
 
     // A damaged shard: the message names the file and what is wrong.
     std::fs::write(dir.path().join("bad.bin"), vec![0u8; 100]).unwrap();
-    let (ok, err) = ondol(
+    let (ok, err) = ondol_err(
         dir.path(),
         &[
             "train",
@@ -141,7 +137,7 @@ fn bad_files_are_refused_with_their_path() {
 
     // Tokens beyond the vocabulary are an error, not an out-of-bounds panic.
     ondol_data::write_shard(dir.path().join("big.bin"), &vec![70_000u32; 400], None).unwrap();
-    let (ok, err) = ondol(
+    let (ok, err) = ondol_err(
         dir.path(),
         &[
             "train",

@@ -1,24 +1,17 @@
 //! eval, generate, import and init_from: the ways a trained or downloaded model is used.
 
+mod common;
+use common::{Run, ondol};
+
 use ondol::config::RunConfig;
 use ondol::pretrained::{self, Pretrained, Sampling, sample};
 use ondol::trainer::{Data, Trainer};
 use ondol_core::Rng;
 use ondol_cpu::CpuBackend;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../ondol-ckpt/tests/fixtures").join(name)
-}
-
-fn ondol(dir: &Path, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_ondol")).args(args).current_dir(dir).output().unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 #[test]
@@ -70,7 +63,7 @@ fn generation_is_reproducible_bounded_and_stops_at_end_of_text() {
 fn import_then_init_from_starts_from_the_hugging_face_weights() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("imported");
-    let (ok, _, err) =
+    let Run { ok, stderr: err, .. } =
         ondol(dir.path(), &["import", "hf", fixture("tiny-gpt2").to_str().unwrap(), "--out", "imported"]);
     assert!(ok, "{err}");
     let hf = Pretrained::load(&fixture("tiny-gpt2")).unwrap();
@@ -109,9 +102,9 @@ fn import_then_init_from_starts_from_the_hugging_face_weights() {
     assert!(e.contains("model.norm_eps"), "{e}");
 
     // Not a model directory, and an unsupported architecture: clear errors, no panic.
-    let (ok, _, err) = ondol(dir.path(), &["import", "hf", "nowhere", "--out", "x"]);
+    let Run { ok, stderr: err, .. } = ondol(dir.path(), &["import", "hf", "nowhere", "--out", "x"]);
     assert!(!ok && err.contains("nowhere") && !err.contains("panicked"), "{err}");
-    let (ok, _, err) = ondol(dir.path(), &["eval", "imported", "--data", "train.bin", "--json"]);
+    let Run { ok, stderr: err, .. } = ondol(dir.path(), &["eval", "imported", "--data", "train.bin", "--json"]);
     assert!(ok, "{err}");
 }
 
@@ -141,10 +134,11 @@ tokenizer = "bytes"
 lr = 1e-2
 "#;
     std::fs::write(dir.path().join("run.toml"), config).unwrap();
-    let (ok, _, err) = ondol(dir.path(), &["train", "run.toml", "--run-dir", "run"]);
+    let Run { ok, stderr: err, .. } = ondol(dir.path(), &["train", "run.toml", "--run-dir", "run"]);
     assert!(ok, "{err}");
     let ckpt = "run/checkpoints/step-00000030";
-    let (ok, out, err) = ondol(dir.path(), &["eval", ckpt, "--data", "corpus.txt", "--json", "--batches", "5"]);
+    let Run { ok, stdout: out, stderr: err } =
+        ondol(dir.path(), &["eval", ckpt, "--data", "corpus.txt", "--json", "--batches", "5"]);
     assert!(ok, "{err}");
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     let loss = v["loss"].as_f64().unwrap();
@@ -153,9 +147,9 @@ lr = 1e-2
     let generate = |seed: &str| {
         ondol(dir.path(), &["generate", ckpt, "--prompt", "온돌은", "--max-new-tokens", "20", "--seed", seed])
     };
-    let (ok, a, err) = generate("1");
-    assert!(ok && a.starts_with("온돌은"), "{err}");
-    assert_eq!(a, generate("1").1, "same seed, different text");
-    let (ok, _, err) = ondol(dir.path(), &["eval", ckpt, "--data", "missing.bin"]);
+    let first = generate("1");
+    assert!(first.ok && first.stdout.starts_with("온돌은"), "{}", first.stderr);
+    assert_eq!(first.stdout, generate("1").stdout, "same seed, different text");
+    let Run { ok, stderr: err, .. } = ondol(dir.path(), &["eval", ckpt, "--data", "missing.bin"]);
     assert!(!ok && err.contains("missing.bin"), "{err}");
 }

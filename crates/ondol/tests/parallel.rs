@@ -2,6 +2,9 @@
 //! deterministic communicator, so the only difference from one rank is the order in which
 //! the two halves of each gradient are summed.
 
+mod common;
+use common::ondol_err;
+
 use ondol::config::RunConfig;
 use ondol::trainer::{Data, Trainer};
 use ondol_comm::ThreadComm;
@@ -89,14 +92,7 @@ fn the_cli_runs_data_parallel_ranks_and_refuses_to_resume_at_another_size() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("corpus.txt"), "온돌 warms the floor from below; ".repeat(2000)).unwrap();
     std::fs::write(dir.path().join("run.toml"), CONFIG).unwrap();
-    let ondol = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ondol"))
-            .args(args)
-            .current_dir(dir.path())
-            .output()
-            .unwrap();
-        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
-    };
+    let ondol = |args: &[&str]| ondol_err(dir.path(), args);
     let (ok, err) = ondol(&[
         "train",
         "run.toml",

@@ -1,15 +1,11 @@
 //! `ondol tokenizer train` and `ondol data prepare` as a user runs them, then training on the
 //! result with `[data] tokenizer = "tokenizer.json"`.
 
+mod common;
+use common::ondol_err;
+
 use std::io::Write;
 use std::path::Path;
-use std::process::Command;
-
-/// Runs `ondol ARGS` in `dir`; returns (success, stderr).
-fn ondol(dir: &Path, args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_ondol")).args(args).current_dir(dir).output().unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
-}
 
 const RUN: &str = r#"
 [model]
@@ -53,7 +49,7 @@ fn tokenizer_train_then_data_prepare_then_train_on_the_shards() {
     gz.write_all((jsonl.join("\n") + "\n{not json}\n").as_bytes()).unwrap();
     std::fs::write(dir.path().join("corpus/docs.jsonl.gz"), gz.finish().unwrap()).unwrap();
 
-    let (ok, err) = ondol(
+    let (ok, err) = ondol_err(
         dir.path(),
         &["tokenizer", "train", "--input", "corpus/*.txt", "--vocab-size", "400", "--out", "tok.json"],
     );
@@ -64,7 +60,7 @@ fn tokenizer_train_then_data_prepare_then_train_on_the_shards() {
         let mut args = vec!["data", "prepare", "--input", "corpus/*.jsonl.gz", "--tokenizer", "tok.json"];
         args.extend(["--out", "shards", "--val-fraction", "0.1", "--shard-tokens", "20000"]);
         args.extend(extra);
-        ondol(dir.path(), &args)
+        ondol_err(dir.path(), &args)
     };
     let (ok, err) = prepare(&[]);
     assert!(ok, "{err}");
@@ -90,7 +86,7 @@ fn tokenizer_train_then_data_prepare_then_train_on_the_shards() {
 
     // Train on the shards with the tokenizer; a vocabulary that does not fit is refused.
     std::fs::write(dir.path().join("run.toml"), RUN).unwrap();
-    let (ok, err) = ondol(dir.path(), &["train", "run.toml", "--run-dir", "out"]);
+    let (ok, err) = ondol_err(dir.path(), &["train", "run.toml", "--run-dir", "out"]);
     assert!(ok && err.contains("done: 2 steps"), "{err}");
     // The checkpoint carries the tokenizer, names its end-of-text, and generates through it.
     let ckpt = dir.path().join("out/checkpoints/step-00000002");
@@ -104,9 +100,9 @@ fn tokenizer_train_then_data_prepare_then_train_on_the_shards() {
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && text.starts_with("온돌 floor"), "{text} {}", String::from_utf8_lossy(&out.stderr));
-    let (ok, err) = ondol(dir.path(), &["train", "run.toml", "--set", "model.vocab_size=300"]);
+    let (ok, err) = ondol_err(dir.path(), &["train", "run.toml", "--set", "model.vocab_size=300"]);
     assert!(!ok && err.contains("model.vocab_size") && err.contains("data.tokenizer") && err.contains("400"), "{err}");
-    let (ok, err) = ondol(dir.path(), &["train", "run.toml", "--set", "data.tokenizer=\"none.json\""]);
+    let (ok, err) = ondol_err(dir.path(), &["train", "run.toml", "--set", "data.tokenizer=\"none.json\""]);
     assert!(!ok && err.contains("data.tokenizer") && err.contains("none.json"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
 }
@@ -124,12 +120,12 @@ fn a_prepare_table_prepares_on_the_first_run_only() {
         "tokenizer = \"shards/tokenizer.json\"\nprepare = { input = [\"corpus/*.txt\"], vocab_size = 400, out = \"shards\", doc_split = \"blank-line\", val_fraction = 0.1 }",
     );
     std::fs::write(dir.path().join("run.toml"), config).unwrap();
-    let (ok, err) = ondol(dir.path(), &["train", "run.toml", "--run-dir", "out"]);
+    let (ok, err) = ondol_err(dir.path(), &["train", "run.toml", "--run-dir", "out"]);
     assert!(ok && err.contains("training a tokenizer") && err.contains("done: 2 steps"), "{err}");
-    let (ok, err) = ondol(dir.path(), &["train", "run.toml", "--run-dir", "out"]);
+    let (ok, err) = ondol_err(dir.path(), &["train", "run.toml", "--run-dir", "out"]);
     assert!(ok && err.contains("using the prepared data"), "{err}");
-    let (ok, err) = ondol(dir.path(), &["train", "run.toml", "--set", "data.prepare.vocab_size=500"]);
+    let (ok, err) = ondol_err(dir.path(), &["train", "run.toml", "--set", "data.prepare.vocab_size=500"]);
     assert!(!ok && err.contains("data.prepare.vocab_size") && err.contains("model.vocab_size = 400"), "{err}");
-    let (ok, err) = ondol(dir.path(), &["train", "run.toml", "--set", "data.prepare.bogus=1"]);
+    let (ok, err) = ondol_err(dir.path(), &["train", "run.toml", "--set", "data.prepare.bogus=1"]);
     assert!(!ok && err.contains("bogus") && err.contains("unknown field"), "{err}");
 }
