@@ -23,7 +23,7 @@ fn main() {
     let dir = tempfile::tempdir().unwrap();
 
     let t = Instant::now();
-    let snap = trainer.snapshot();
+    let snap = trainer.snapshot().unwrap().expect("a single rank leads");
     let snapshot_s = t.elapsed().as_secs_f64();
     let t = Instant::now();
     let saved = checkpoint::save(dir.path(), &snap).unwrap();

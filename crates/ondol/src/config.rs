@@ -140,6 +140,9 @@ pub struct ParallelismConfig {
     /// Data-parallel ranks; on the CPU they are threads of this process.
     #[serde(default = "one")]
     pub dp: usize,
+    /// 1: shard the AdamW state across the data-parallel ranks (ZeRO-1); 0: replicate it.
+    #[serde(default)]
+    pub zero: u8,
     /// A collective that does not complete within this many seconds aborts the run, naming
     /// the operation and the ranks that did not arrive.
     #[serde(default = "default_timeout_s")]
@@ -148,7 +151,7 @@ pub struct ParallelismConfig {
 
 impl Default for ParallelismConfig {
     fn default() -> Self {
-        Self { tp: 1, pp: 1, dp: 1, timeout_s: default_timeout_s() }
+        Self { tp: 1, pp: 1, dp: 1, zero: 0, timeout_s: default_timeout_s() }
     }
 }
 
@@ -349,6 +352,9 @@ impl RunConfig {
                     p.tp, p.pp
                 ),
             ));
+        }
+        if p.zero > 1 {
+            return Err(Error::config("parallelism.zero", format!("{} must be 0 (off) or 1 (ZeRO-1)", p.zero)));
         }
         if p.timeout_s == 0 {
             return Err(Error::config("parallelism.timeout_s", "must be at least 1"));

@@ -88,6 +88,8 @@ pub struct Trainer<B: Backend> {
     eos_token_id: Option<u32>,
     /// The data-parallel group, when this trainer is one of several ranks.
     dp: Option<Box<dyn Communicator>>,
+    /// ZeRO-1: the range of the flat buffer whose optimizer state this rank holds.
+    zero: Option<ZeroShard>,
     /// Host staging for one micro-batch of inputs and targets, and their device copies.
     host_inputs: Vec<u32>,
     host_targets: Vec<u32>,
@@ -118,7 +120,12 @@ impl<B: Backend> Trainer<B> {
         };
         let params = be.upload(&initial);
         let grads = be.zeros(model.num_params());
-        let opt = AdamW::new(&be, cfg.optimizer.clone(), model.num_params(), model.layout.decay_runs());
+        let n = model.num_params();
+        let zero = (cfg.parallelism.zero == 1).then(|| ZeroShard::new(n, rank, world));
+        let opt = match &zero {
+            None => AdamW::new(&be, cfg.optimizer.clone(), n, model.layout.decay_runs()),
+            Some(z) => AdamW::new(&be, cfg.optimizer.clone(), z.len, z.decay_runs(&model.layout.decay_runs())),
+        };
         let sched = LrSchedule::new(cfg.lr_scheduler.clone(), cfg.optimizer.lr, t.steps);
         let ws = Workspace::new(&be, &model, t.batch_size, t.seq_len)?;
         let order = if t.shuffle { Order::Shuffled { seed: t.seed } } else { Order::Sequential };
@@ -150,6 +157,7 @@ impl<B: Backend> Trainer<B> {
             tokenizer: data.tokenizer,
             eos_token_id,
             dp,
+            zero,
             host_inputs: vec![0; rows],
             host_targets: vec![0; rows],
             inputs,
@@ -179,7 +187,9 @@ impl<B: Backend> Trainer<B> {
     /// Bytes held by parameters, gradients, AdamW moments and activations.
     pub fn memory_bytes(&self) -> u64 {
         let t = &self.cfg.training;
-        4 * 4 * self.model.num_params() as u64 + self.model.activation_bytes(t.batch_size, t.seq_len)
+        let n = self.model.num_params() as u64;
+        let opt = self.be.len(&self.opt.m) as u64;
+        4 * (2 * n + 2 * opt) + self.model.activation_bytes(t.batch_size, t.seq_len)
     }
 
     /// Copies the next micro-batch to the device, refusing tokens outside the vocabulary.
@@ -208,15 +218,7 @@ impl<B: Backend> Trainer<B> {
             self.model.backward(be, &self.params, &mut self.grads, &mut self.ws, &self.inputs);
         }
         if let Some(dp) = &self.dp {
-            // Sum the ranks' gradients (each already scaled by 1 / global tokens) in rank order,
-            // so every rank applies the same update and the weights stay identical bit for bit.
-            // Host copies for now; device buffers go straight to NCCL with the CUDA backend.
-            let mut host = self.be.download(&self.grads);
-            dp.all_reduce_sum(&mut host)?;
-            self.grads = self.be.upload(&host);
-            let mut sum = [loss_sum as f32];
-            dp.all_reduce_sum(&mut sum)?;
-            loss_sum = sum[0] as f64;
+            loss_sum = all_reduce_f64(dp.as_ref(), loss_sum)?;
         }
         let loss = loss_sum / tokens;
         if !loss.is_finite() {
@@ -225,23 +227,67 @@ impl<B: Backend> Trainer<B> {
                 self.step + 1
             )));
         }
-        let grad_norm = AdamW::<B>::grad_norm(&self.be, &self.grads);
-        let clip = self.opt.clip_factor(grad_norm);
         let lr = self.sched.lr(self.step);
-        self.opt.update(&self.be, &mut self.params, &self.grads, lr, clip);
+        let grad_norm = match (&self.dp, &self.zero) {
+            (None, _) => {
+                let norm = AdamW::<B>::grad_norm(&self.be, &self.grads);
+                self.opt.update(&self.be, &mut self.params, &self.grads, lr, self.opt.clip_factor(norm));
+                norm
+            }
+            (Some(dp), None) => {
+                // Sum the ranks' gradients (each already scaled by 1 / global tokens) in rank
+                // order, so every rank applies the same update and the weights stay identical
+                // bit for bit. Host copies for now; device buffers go to NCCL with CUDA.
+                let mut host = self.be.download(&self.grads);
+                dp.all_reduce_sum(&mut host)?;
+                self.grads = self.be.upload(&host);
+                let norm = AdamW::<B>::grad_norm(&self.be, &self.grads);
+                self.opt.update(&self.be, &mut self.params, &self.grads, lr, self.opt.clip_factor(norm));
+                norm
+            }
+            (Some(dp), Some(z)) => {
+                // ZeRO-1: each rank receives the summed gradients of its own range only,
+                // updates that range with its share of the AdamW state, and the updated
+                // ranges are gathered back into everyone's full parameters.
+                let mut host = self.be.download(&self.grads);
+                host.resize(z.padded, 0.0);
+                let mut grad_shard = vec![0.0f32; z.len];
+                dp.reduce_scatter_sum(&host, &mut grad_shard)?;
+                let squares: f64 = grad_shard.iter().map(|g| (*g as f64) * (*g as f64)).sum();
+                let norm = all_reduce_f64(dp.as_ref(), squares)?.sqrt();
+                let mut params = self.be.download(&self.params);
+                params.resize(z.padded, 0.0);
+                let mut shard = self.be.upload(&params[z.start..z.start + z.len]);
+                let clip = self.opt.clip_factor(norm);
+                self.opt.update(&self.be, &mut shard, &self.be.upload(&grad_shard), lr, clip);
+                dp.all_gather(&self.be.download(&shard), &mut params)?;
+                params.truncate(self.model.num_params());
+                self.params = self.be.upload(&params);
+                norm
+            }
+        };
         self.step += 1;
         Ok(StepStats { loss, grad_norm, lr })
     }
 
-    /// A copy of everything a checkpoint holds, for a background writer.
-    pub fn snapshot(&self) -> Snapshot {
+    /// A copy of everything a checkpoint holds, for a background writer: on the leader
+    /// rank; the others return None. Under ZeRO-1 every rank must call it (the AdamW state
+    /// is gathered from all ranks, so checkpoints hold it whole, by global name).
+    pub fn snapshot(&self) -> Result<Option<Snapshot>> {
+        if self.zero.is_none() && !self.is_leader() {
+            return Ok(None);
+        }
+        let (exp_avg, exp_avg_sq) = self.full_moments()?;
+        if !self.is_leader() {
+            return Ok(None);
+        }
         let be = &self.be;
-        Snapshot {
+        Ok(Some(Snapshot {
             model: self.cfg.model.clone(),
             layout: self.model.layout.clone(),
             params: be.download(&self.params),
-            exp_avg: be.download(&self.opt.m),
-            exp_avg_sq: be.download(&self.opt.v),
+            exp_avg,
+            exp_avg_sq,
             step: self.step,
             tokens: self.step * self.tokens_per_step(),
             data: self.loader.position(),
@@ -250,6 +296,23 @@ impl<B: Backend> Trainer<B> {
             extra_files: self.tokenizer.iter().cloned().collect(),
             eos_token_id: self.eos_token_id,
             max_shard_bytes: self.cfg.checkpoint.max_shard_bytes,
+        }))
+    }
+
+    /// The AdamW moments of the whole flat buffer (gathered from the ranks under ZeRO-1).
+    fn full_moments(&self) -> Result<(Vec<f32>, Vec<f32>)> {
+        let (m, v) = (self.be.download(&self.opt.m), self.be.download(&self.opt.v));
+        match (&self.dp, &self.zero) {
+            (Some(dp), Some(z)) => {
+                let gather = |shard: Vec<f32>| -> Result<Vec<f32>> {
+                    let mut full = vec![0.0f32; z.padded];
+                    dp.all_gather(&shard, &mut full)?;
+                    full.truncate(self.model.num_params());
+                    Ok(full)
+                };
+                Ok((gather(m)?, gather(v)?))
+            }
+            _ => Ok((m, v)),
         }
     }
 
@@ -297,8 +360,12 @@ impl<B: Backend> Trainer<B> {
             Error::Input(format!("{}: bad data position: {e}", ckpt.dir.join("trainer_state.json").display()))
         })?;
         self.params = self.be.upload(&ckpt.params);
-        self.opt.m = self.be.upload(&ckpt.exp_avg);
-        self.opt.v = self.be.upload(&ckpt.exp_avg_sq);
+        let (m, v) = match &self.zero {
+            None => (ckpt.exp_avg, ckpt.exp_avg_sq),
+            Some(z) => (z.slice(&ckpt.exp_avg), z.slice(&ckpt.exp_avg_sq)),
+        };
+        self.opt.m = self.be.upload(&m);
+        self.opt.v = self.be.upload(&v);
         self.opt.step = ckpt.state.step;
         self.step = ckpt.state.step;
         Ok(())
@@ -314,6 +381,62 @@ impl<B: Backend> Trainer<B> {
         let batches = t.eval_batches;
         Ok(Some(evaluate(&self.be, &self.model, &self.params, &mut self.ws, &mut loader, batches)?.0))
     }
+}
+
+/// ZeRO-1's partition of the flat parameter buffer: padded to `padded = len * world`
+/// elements, rank r holds the AdamW state of `[start, start + len)` with `start = r * len`.
+#[derive(Clone, Copy, Debug)]
+struct ZeroShard {
+    start: usize,
+    len: usize,
+    padded: usize,
+}
+
+impl ZeroShard {
+    fn new(n: usize, rank: usize, world: usize) -> Self {
+        let len = n.div_ceil(world);
+        Self { start: rank * len, len, padded: len * world }
+    }
+
+    /// The buffer's decay runs clipped to this shard, shifted to start at 0; the padding
+    /// past the last parameter gets no decay.
+    fn decay_runs(&self, runs: &[(std::ops::Range<usize>, bool)]) -> Vec<(std::ops::Range<usize>, bool)> {
+        let end = self.start + self.len;
+        let mut out: Vec<_> = runs
+            .iter()
+            .filter_map(|(r, decay)| {
+                let (a, b) = (r.start.max(self.start), r.end.min(end));
+                (a < b).then(|| (a - self.start..b - self.start, *decay))
+            })
+            .collect();
+        let covered = out.last().map_or(0, |(r, _)| r.end);
+        if covered < self.len {
+            out.push((covered..self.len, false));
+        }
+        out
+    }
+
+    /// This shard of a whole-buffer tensor, zero-padded.
+    fn slice(&self, full: &[f32]) -> Vec<f32> {
+        let mut out = vec![0.0f32; self.len];
+        let end = (self.start + self.len).min(full.len());
+        if self.start < end {
+            out[..end - self.start].copy_from_slice(&full[self.start..end]);
+        }
+        out
+    }
+}
+
+/// Sums an f64 over the group without losing digits to the f32 collectives: each rank's value
+/// travels as a high and a low f32 part in slots of its own, so the transport is exact, and the
+/// parts are added in f64 in rank order.
+fn all_reduce_f64(dp: &dyn Communicator, x: f64) -> Result<f64> {
+    let mut parts = vec![0.0f32; 2 * dp.size()];
+    let hi = x as f32;
+    parts[2 * dp.rank()] = hi;
+    parts[2 * dp.rank() + 1] = (x - hi as f64) as f32;
+    dp.all_reduce_sum(&mut parts)?;
+    Ok(parts.chunks(2).map(|p| p[0] as f64 + p[1] as f64).sum())
 }
 
 /// Where training batches come from: one source, or a weighted mixture of several.
@@ -456,10 +579,11 @@ pub fn run<B: Backend>(
             // Evaluation time is not training throughput.
             window_start = Instant::now();
         }
-        if let Some(writer) = ckpt.as_deref_mut()
-            && (every > 0 && step.is_multiple_of(every) || step == total)
+        if (every > 0 && step.is_multiple_of(every) || step == total)
+            && let Some(snap) = trainer.snapshot()?
+            && let Some(writer) = ckpt.as_deref_mut()
         {
-            writer.submit(trainer.snapshot())?;
+            writer.submit(snap)?;
         }
     }
     if let Some(dir) = ckpt.map(|w| w.wait()).transpose()?.flatten() {

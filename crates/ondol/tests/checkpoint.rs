@@ -97,7 +97,7 @@ fn resume_is_exact(dir: tempfile::TempDir) {
     let mut first = trainer(dir.path());
     let mut got: Vec<u64> = (0..6).map(|_| first.step().unwrap().loss.to_bits()).collect();
     let run_dir = dir.path().join("run");
-    let saved = checkpoint::save(&run_dir, &first.snapshot()).unwrap();
+    let saved = checkpoint::save(&run_dir, &first.snapshot().unwrap().unwrap()).unwrap();
     drop(first);
     let mut second = trainer(dir.path());
     let loaded = checkpoint::load(&saved, &second.model.cfg, &second.model.layout).unwrap();

@@ -7,6 +7,7 @@ use common::ondol_err;
 
 use ondol::config::RunConfig;
 use ondol::trainer::{Data, Trainer};
+use ondol_ckpt::checkpoint;
 use ondol_comm::ThreadComm;
 use ondol_cpu::CpuBackend;
 use std::path::Path;
@@ -42,22 +43,38 @@ lr = 3e-3
 warmup_steps = 4
 "#;
 
-/// Losses of 20 steps and the final weights of rank 0, after checking that every rank
-/// ends with the same bits.
-fn train(dir: &Path, dp: usize) -> (Vec<f64>, Vec<f32>) {
-    let overrides = [format!("training.batch_size={}", 8 / dp), format!("parallelism.dp={dp}")];
+/// Runs `steps` steps on `dp` thread ranks (optionally resuming every rank from `resume`,
+/// and saving the leader's checkpoint into `save`); returns rank 0's losses, final weights
+/// and AdamW state length, after checking that every rank ends with the same weights.
+fn train_with(
+    dir: &Path,
+    dp: usize,
+    zero: u8,
+    steps: usize,
+    resume: Option<&Path>,
+    save: Option<&Path>,
+) -> (Vec<f64>, Vec<f32>, usize) {
+    let overrides =
+        [format!("training.batch_size={}", 8 / dp), format!("parallelism.dp={dp}"), format!("parallelism.zero={zero}")];
     let cfg = RunConfig::load(&dir.join("run.toml"), &overrides).unwrap();
     let data = Data::open(&cfg, dir).unwrap();
     let comms = ThreadComm::group(dp, Duration::from_secs(60));
-    let results: Vec<(Vec<f64>, Vec<f32>)> = std::thread::scope(|s| {
+    let results: Vec<(Vec<f64>, Vec<f32>, usize)> = std::thread::scope(|s| {
         let ranks: Vec<_> = comms
             .into_iter()
             .map(|c| {
                 let (cfg, data) = (cfg.clone(), data.clone());
                 s.spawn(move || {
                     let mut t = Trainer::data_parallel_rank(CpuBackend, cfg, data, Box::new(c)).unwrap();
-                    let losses = (0..20).map(|_| t.step().unwrap().loss).collect();
-                    (losses, t.params)
+                    if let Some(ckpt) = resume {
+                        t.restore(checkpoint::load(ckpt, &t.model.cfg, &t.model.layout).unwrap()).unwrap();
+                    }
+                    let losses = (0..steps).map(|_| t.step().unwrap().loss).collect();
+                    // Every rank takes part in the snapshot (ZeRO gathers the moments); the leader saves.
+                    if let (Some(run_dir), Some(snap)) = (save, t.snapshot().unwrap()) {
+                        checkpoint::save(run_dir, &snap).unwrap();
+                    }
+                    (losses, t.params.clone(), t.opt.m.len())
                 })
             })
             .collect();
@@ -70,11 +87,21 @@ fn train(dir: &Path, dp: usize) -> (Vec<f64>, Vec<f32>) {
     results.into_iter().next().unwrap()
 }
 
-#[test]
-fn data_parallel_matches_one_rank() {
+fn train(dir: &Path, dp: usize) -> (Vec<f64>, Vec<f32>) {
+    let (losses, weights, _) = train_with(dir, dp, 0, 20, None, None);
+    (losses, weights)
+}
+
+fn setup() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("corpus.txt"), "온돌 warms the floor from below; ".repeat(2000)).unwrap();
     std::fs::write(dir.path().join("run.toml"), CONFIG).unwrap();
+    dir
+}
+
+#[test]
+fn data_parallel_matches_one_rank() {
+    let dir = setup();
     let (one, w1) = train(dir.path(), 1);
     for dp in [2, 4] {
         let (many, w) = train(dir.path(), dp);
@@ -89,9 +116,7 @@ fn data_parallel_matches_one_rank() {
 
 #[test]
 fn the_cli_runs_data_parallel_ranks_and_refuses_to_resume_at_another_size() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("corpus.txt"), "온돌 warms the floor from below; ".repeat(2000)).unwrap();
-    std::fs::write(dir.path().join("run.toml"), CONFIG).unwrap();
+    let dir = setup();
     let ondol = |args: &[&str]| ondol_err(dir.path(), args);
     let (ok, err) = ondol(&[
         "train",
@@ -116,4 +141,33 @@ fn the_cli_runs_data_parallel_ranks_and_refuses_to_resume_at_another_size() {
     assert!(!ok && err.contains("parallelism.dp"), "{err}");
     let (ok, err) = ondol(&["train", "run.toml", "--set", "parallelism.tp=2"]);
     assert!(!ok && err.contains("tensor and pipeline parallelism are not implemented"), "{err}");
+}
+
+#[test]
+fn zero_1_equals_plain_data_parallel_with_a_fraction_of_the_optimizer_state() {
+    let dir = setup();
+    let (plain, w_plain, m_plain) = train_with(dir.path(), 4, 0, 20, None, None);
+    let (zero, w_zero, m_zero) = train_with(dir.path(), 4, 1, 20, None, None);
+    let n = w_plain.len();
+    assert_eq!(m_plain, n);
+    assert_eq!(m_zero, n.div_ceil(4), "ZeRO-1 AdamW state per rank must be 1/dp of the parameters");
+    for (a, b) in plain.iter().zip(&zero) {
+        assert!((a - b).abs() <= 1e-6 * a.abs(), "loss {a} vs {b}");
+    }
+    let worst = w_plain.iter().zip(&w_zero).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    assert!(worst <= 1e-6, "ZeRO-1 weights differ from plain DP by {worst:e}");
+    eprintln!("zero-1 vs plain dp=4: max weight difference {worst:e}; AdamW state {m_zero} of {n} per rank");
+}
+
+#[test]
+fn a_zero_1_run_resumes_exactly_from_its_whole_checkpoint() {
+    let dir = setup();
+    let (want, w_want, _) = train_with(dir.path(), 2, 1, 12, None, None);
+    let run = dir.path().join("run");
+    let (mut got, _, _) = train_with(dir.path(), 2, 1, 6, None, Some(&run));
+    let ckpt = checkpoint::latest(&run).unwrap();
+    let (rest, w_got, _) = train_with(dir.path(), 2, 1, 6, Some(&ckpt), None);
+    got.extend(rest);
+    assert_eq!(got, want, "loss curves differ after resuming");
+    assert!(w_got.iter().zip(&w_want).all(|(a, b)| a.to_bits() == b.to_bits()), "weights differ after resuming");
 }
