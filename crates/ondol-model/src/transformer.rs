@@ -288,7 +288,7 @@ impl Transformer {
     }
 
     /// Bytes of activation memory a [`Workspace`] for this micro-batch shape holds (f32).
-    pub fn activation_bytes(&self, batch: usize, seq: usize) -> u64 {
+    pub fn activation_bytes(&self, batch: usize, seq: usize, recompute_every: usize) -> u64 {
         let cfg = &self.cfg;
         let (rows, d, f) = ((batch * seq) as u64, cfg.d_model as u64, cfg.ffn() as u64);
         let shape = self.attn_shape(batch, seq);
@@ -297,7 +297,9 @@ impl Transformer {
         let norm = rows * d + 2 * rows;
         let lse = (batch * cfg.n_heads * seq) as u64;
         let per_layer = 2 * norm + rows * (qkv + q + d + mlp_in + f) + lse;
-        let floats = cfg.n_layers as u64 * per_layer
+        let saved =
+            (0..cfg.n_layers).filter(|&l| !recomputed(l, recompute_every)).count() + usize::from(recompute_every > 0);
+        let floats = saved as u64 * per_layer
             + (cfg.n_layers as u64 + 1) * rows * d
             + norm
             + rows * (cfg.vocab_size as u64 + 1)
@@ -332,50 +334,79 @@ impl Transformer {
         params: &B::Buf,
         ws: &mut Workspace<B>,
         ids: &B::Ids,
-        mut cache: Option<&mut KvCache<B>>,
+        cache: Option<&mut KvCache<B>>,
     ) {
         let (d, rows, eps) = (self.cfg.d_model, ws.rows, self.cfg.norm_eps);
-        let shape = self.attn_shape(ws.batch, ws.seq);
         // The new tokens start at position `pos`: positions and rotations are read from there.
         let pos = cache.as_ref().map_or(0, |c| c.len);
         let positions = self.positions.as_ref().map(|r| (be.view(params, r.start + pos * d..r.end), ws.seq));
         be.embedding_forward(ids, be.view(params, self.embed.clone()), positions, be.all_mut(&mut ws.res[0]), d);
 
-        for (l, (layer, a)) in self.layers.iter().zip(ws.layers.iter_mut()).enumerate() {
+        let (mut kv_cache, rope) = match cache {
+            Some(KvCache { k, v, rope, max_seq, .. }) => {
+                // GPT-2's table is empty (learned positions): an empty view, never read.
+                let len = be.len(rope);
+                let table = be.view(&*rope, (pos * self.cfg.head_dim()).min(len)..len);
+                (Some((k, v, *max_seq)), table)
+            }
+            None => (None, be.all(&ws.rope)),
+        };
+        for l in 0..self.layers.len() {
             let (done, next) = ws.res.split_at_mut(l + 1);
-            let (x, x_next) = (&done[l], &mut next[0]);
-            layer.norm1.forward(be, params, be.all(x), &mut a.norm1, d, eps);
-            layer.qkv.forward(be, params, be.all(&a.norm1.out), &mut a.qkv, rows);
-            if self.cfg.arch == Arch::Llama {
-                let table = match &cache {
-                    Some(c) => be.view(&c.rope, pos * self.cfg.head_dim()..be.len(&c.rope)),
-                    None => be.all(&ws.rope),
-                };
-                be.rope(be.all_mut(&mut a.qkv), table, shape, false);
-            }
-            match cache.as_deref_mut() {
-                None => be.attention_forward(be.all(&a.qkv), be.all_mut(&mut a.attn), be.all_mut(&mut a.lse), shape),
-                Some(c) => {
-                    let (k, v) = (be.all_mut(&mut c.k[l]), be.all_mut(&mut c.v[l]));
-                    be.attention_cached(be.all(&a.qkv), k, v, be.all_mut(&mut a.attn), shape, pos, c.max_seq);
-                }
-            }
-            layer.out.forward(be, params, be.all(&a.attn), &mut a.mid, rows);
-            be.add_assign(be.all_mut(&mut a.mid), be.all(x));
-
-            layer.norm2.forward(be, params, be.all(&a.mid), &mut a.norm2, d, eps);
-            layer.mlp_in.forward(be, params, be.all(&a.norm2.out), &mut a.mlp_in, rows);
-            match self.cfg.arch {
-                Arch::Llama => be.swiglu_forward(be.all(&a.mlp_in), be.all_mut(&mut a.act), self.cfg.ffn()),
-                Arch::Gpt2 => be.gelu_forward(be.all(&a.mlp_in), be.all_mut(&mut a.act)),
-            }
-            layer.mlp_out.forward(be, params, be.all(&a.act), x_next, rows);
-            be.add_assign(be.all_mut(x_next), be.all(&a.mid));
+            // A recomputed layer runs in the shared scratch; its input stays in `res`.
+            let a = match ws.layers[l].as_mut() {
+                Some(a) => a,
+                None => ws.shared.as_mut().expect("a scratch for recomputed layers"),
+            };
+            let kv = kv_cache.as_mut().map(|(k, v, max_seq)| (&mut k[l], &mut v[l], pos, *max_seq));
+            self.block_forward(be, params, l, &done[l], a, &mut next[0], rope, kv, rows);
         }
 
         let last = &ws.res[self.layers.len()];
         self.norm_f.forward(be, params, be.all(last), &mut ws.norm_f, d, eps);
         self.head.forward(be, params, be.all(&ws.norm_f.out), &mut ws.logits, rows);
+    }
+
+    /// Layer `l` on input `x`: saves what backward needs in `a` and writes its output to
+    /// `x_next`. With `kv`, attention appends to and reads from that layer's KV cache.
+    #[allow(clippy::too_many_arguments)]
+    fn block_forward<B: Backend>(
+        &self,
+        be: &B,
+        params: &B::Buf,
+        l: usize,
+        x: &B::Buf,
+        a: &mut LayerActs<B>,
+        x_next: &mut B::Buf,
+        rope: B::Ref<'_>,
+        kv: Option<(&mut B::Buf, &mut B::Buf, usize, usize)>,
+        rows: usize,
+    ) {
+        let (layer, d, eps) = (&self.layers[l], self.cfg.d_model, self.cfg.norm_eps);
+        let shape = self.attn_shape(rows / a.seq, a.seq);
+        layer.norm1.forward(be, params, be.all(x), &mut a.norm1, d, eps);
+        layer.qkv.forward(be, params, be.all(&a.norm1.out), &mut a.qkv, rows);
+        if self.cfg.arch == Arch::Llama {
+            be.rope(be.all_mut(&mut a.qkv), rope, shape, false);
+        }
+        match kv {
+            None => be.attention_forward(be.all(&a.qkv), be.all_mut(&mut a.attn), be.all_mut(&mut a.lse), shape),
+            Some((k, v, pos, max_seq)) => {
+                let (k, v) = (be.all_mut(k), be.all_mut(v));
+                be.attention_cached(be.all(&a.qkv), k, v, be.all_mut(&mut a.attn), shape, pos, max_seq);
+            }
+        }
+        layer.out.forward(be, params, be.all(&a.attn), &mut a.mid, rows);
+        be.add_assign(be.all_mut(&mut a.mid), be.all(x));
+
+        layer.norm2.forward(be, params, be.all(&a.mid), &mut a.norm2, d, eps);
+        layer.mlp_in.forward(be, params, be.all(&a.norm2.out), &mut a.mlp_in, rows);
+        match self.cfg.arch {
+            Arch::Llama => be.swiglu_forward(be.all(&a.mlp_in), be.all_mut(&mut a.act), self.cfg.ffn()),
+            Arch::Gpt2 => be.gelu_forward(be.all(&a.mlp_in), be.all_mut(&mut a.act)),
+        }
+        layer.mlp_out.forward(be, params, be.all(&a.act), x_next, rows);
+        be.add_assign(be.all_mut(x_next), be.all(&a.mid));
     }
 
     /// Cross-entropy of `ws.logits` against `targets`; returns the SUM of the per-token
@@ -406,7 +437,20 @@ impl Transformer {
         let last = &ws.res[self.layers.len()];
         self.norm_f.backward(be, params, grads, be.all(&s.dnorm), be.all(last), &ws.norm_f, &mut s.dres, d);
 
-        for (l, (layer, a)) in self.layers.iter().zip(ws.layers.iter()).enumerate().rev() {
+        let rope = be.all(&ws.rope);
+        for l in (0..self.layers.len()).rev() {
+            let layer = &self.layers[l];
+            let a: &LayerActs<B> = match &ws.layers[l] {
+                Some(a) => a,
+                None => {
+                    // Activation checkpointing: run the block again from its saved input. The
+                    // same ops on the same bits give the same activations; its output goes to
+                    // scratch (`dnorm` is free until this layer's MLP backward writes it).
+                    let shared = ws.shared.as_mut().expect("a scratch for recomputed layers");
+                    self.block_forward(be, params, l, &ws.res[l], shared, &mut s.dnorm, rope, None, rows);
+                    shared
+                }
+            };
             // dres holds dL/d(x_next) = dL/d(mid) (skip path) + the MLP branch below.
             layer.mlp_out.backward(be, params, grads, be.all(&a.act), be.all(&s.dres), Some(&mut s.dact), rows);
             match self.cfg.arch {
@@ -444,6 +488,11 @@ impl Transformer {
     }
 }
 
+/// Whether layer `l` is recomputed in backward when every `every`-th layer is (0: none).
+fn recomputed(l: usize, every: usize) -> bool {
+    every > 0 && l.is_multiple_of(every)
+}
+
 /// Every layer's keys and values of the tokens seen so far, for incremental decoding.
 pub struct KvCache<B: Backend> {
     k: Vec<B::Buf>,
@@ -477,6 +526,8 @@ impl<B: Backend> KvCache<B> {
 
 /// What one layer's forward saves for its backward.
 struct LayerActs<B: Backend> {
+    /// Tokens per sequence of the micro-batch these buffers are sized for.
+    seq: usize,
     norm1: NormActs<B>,
     qkv: B::Buf,
     attn: B::Buf,
@@ -504,7 +555,10 @@ pub struct Workspace<B: Backend> {
     rows: usize,
     /// The residual stream entering each layer, and leaving the last (`n_layers + 1`).
     res: Vec<B::Buf>,
-    layers: Vec<LayerActs<B>>,
+    /// Saved activations per layer; None for a layer recomputed in backward.
+    layers: Vec<Option<LayerActs<B>>>,
+    /// The one set of activation buffers that recomputed layers share.
+    shared: Option<LayerActs<B>>,
     norm_f: NormActs<B>,
     /// Logits after forward; logit gradients after [`Transformer::loss`] with a grad scale.
     pub logits: B::Buf,
@@ -515,6 +569,19 @@ pub struct Workspace<B: Backend> {
 
 impl<B: Backend> Workspace<B> {
     pub fn new(be: &B, model: &Transformer, batch: usize, seq: usize) -> Result<Self> {
+        Self::with_recompute(be, model, batch, seq, 0)
+    }
+
+    /// A workspace that keeps no activations for every `recompute_every`-th layer (0: none),
+    /// recomputing them in backward from the layer's input: less memory, one more forward of
+    /// those layers, identical results.
+    pub fn with_recompute(
+        be: &B,
+        model: &Transformer,
+        batch: usize,
+        seq: usize,
+        recompute_every: usize,
+    ) -> Result<Self> {
         let cfg = &model.cfg;
         if seq == 0 || seq > cfg.max_seq_len {
             return Err(ondol_core::Error::config(
@@ -531,6 +598,7 @@ impl<B: Backend> Workspace<B> {
             Arch::Gpt2 => f,
         };
         let layer = || LayerActs {
+            seq,
             norm1: NormActs::new(be, rows, d, layernorm),
             qkv: be.zeros(rows * shape.qkv_width()),
             attn: be.zeros(rows * shape.q_width()),
@@ -549,7 +617,8 @@ impl<B: Backend> Workspace<B> {
             seq,
             rows,
             res: (0..=cfg.n_layers).map(|_| be.zeros(rows * d)).collect(),
-            layers: (0..cfg.n_layers).map(|_| layer()).collect(),
+            layers: (0..cfg.n_layers).map(|l| (!recomputed(l, recompute_every)).then(layer)).collect(),
+            shared: (recompute_every > 0).then(layer),
             norm_f: NormActs::new(be, rows, d, layernorm),
             logits: be.zeros(rows * cfg.vocab_size),
             losses: be.zeros(rows),

@@ -57,6 +57,10 @@ pub struct TrainingConfig {
     /// Draw training sequences in a seeded random order (false: in file order).
     #[serde(default = "yes")]
     pub shuffle: bool,
+    /// Activation checkpointing: keep no activations of every k-th transformer block and
+    /// recompute them in backward (0: off; 1: every block). Same results, less memory.
+    #[serde(default)]
+    pub activation_checkpointing: usize,
     /// Worker threads (default: every core).
     #[serde(default)]
     pub threads: Option<usize>,

@@ -276,20 +276,28 @@ fn inspect(args: ConfigArgs) -> Result<()> {
     let model = Transformer::new(cfg.model.clone())?;
     let t = &cfg.training;
     let n = model.num_params() as u64;
-    let state = 16 * n; // f32 params, grads, two AdamW moments
-    let acts = model.activation_bytes(t.batch_size, t.seq_len);
+    let acts = |every| model.activation_bytes(t.batch_size, t.seq_len, every);
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
     println!("arch                 {:?}", cfg.model.arch);
     println!("parameters           {n} ({:.2}M)", n as f64 / 1e6);
     println!("  in matmuls (N)     {} (non-embedding + output head)", model.num_flop_params());
     println!("FLOPs/token          {} (6N + 12 L d T at T = {})", model.flops_per_token(t.seq_len), t.seq_len);
-    println!("tokens/step          {}", t.batch_size * t.seq_len * t.grad_accum);
+    println!("tokens/step          {}", t.batch_size * t.seq_len * t.grad_accum * cfg.parallelism.dp);
+    let p = &cfg.parallelism;
+    let opt_state = if p.zero == 1 { 8 * n.div_ceil(p.dp as u64) } else { 8 * n };
     println!(
-        "memory (f32)         {:.3} GiB weights+grads+AdamW, {:.3} GiB activations (micro-batch {} x {})",
-        gib(state),
-        gib(acts),
+        "memory per rank (f32) {:.3} GiB weights+grads, {:.3} GiB AdamW{}",
+        gib(8 * n),
+        gib(opt_state),
+        if p.zero == 1 { " (ZeRO-1)" } else { "" }
+    );
+    println!(
+        "activations          {:.3} GiB per micro-batch of {} x {}; {:.3} GiB recomputing every block, {:.3} GiB as configured",
+        gib(acts(0)),
         t.batch_size,
-        t.seq_len
+        t.seq_len,
+        gib(acts(1)),
+        gib(acts(t.activation_checkpointing))
     );
     Ok(())
 }

@@ -127,7 +127,7 @@ impl<B: Backend> Trainer<B> {
             Some(z) => AdamW::new(&be, cfg.optimizer.clone(), z.len, z.decay_runs(&model.layout.decay_runs())),
         };
         let sched = LrSchedule::new(cfg.lr_scheduler.clone(), cfg.optimizer.lr, t.steps);
-        let ws = Workspace::new(&be, &model, t.batch_size, t.seq_len)?;
+        let ws = Workspace::with_recompute(&be, &model, t.batch_size, t.seq_len, t.activation_checkpointing)?;
         let order = if t.shuffle { Order::Shuffled { seed: t.seed } } else { Order::Sequential };
         let loader = if cfg.data.sources.is_empty() {
             let stream = data.train.into_iter().next().expect("one training source");
@@ -189,7 +189,7 @@ impl<B: Backend> Trainer<B> {
         let t = &self.cfg.training;
         let n = self.model.num_params() as u64;
         let opt = self.be.len(&self.opt.m) as u64;
-        4 * (2 * n + 2 * opt) + self.model.activation_bytes(t.batch_size, t.seq_len)
+        4 * (2 * n + 2 * opt) + self.model.activation_bytes(t.batch_size, t.seq_len, t.activation_checkpointing)
     }
 
     /// Copies the next micro-batch to the device, refusing tokens outside the vocabulary.
