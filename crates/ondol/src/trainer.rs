@@ -328,21 +328,23 @@ impl<B: Backend> Trainer<B> {
             ("data", to_json(&saved.data), to_json(&self.cfg.data)),
             (
                 "training",
+                // The data position counts global batches, and tensors are stored whole, so any
+                // data-parallel size that keeps the global batch resumes exactly.
                 to_json(&(
-                    saved.training.batch_size,
+                    saved.training.batch_size * saved.parallelism.dp,
                     saved.training.seq_len,
                     saved.training.grad_accum,
                     saved.training.seed,
                     saved.training.shuffle,
-                    saved.parallelism.dp,
                 )),
-                to_json(&(t.batch_size, t.seq_len, t.grad_accum, t.seed, t.shuffle, self.cfg.parallelism.dp)),
+                to_json(&(t.batch_size * self.cfg.parallelism.dp, t.seq_len, t.grad_accum, t.seed, t.shuffle)),
             ),
         ];
         for (section, theirs, ours) in pairs {
             if theirs != ours {
                 let key = if section == "training" {
-                    "training.{batch_size, seq_len, grad_accum, seed, shuffle} or parallelism.dp".to_string()
+                    "training.{batch_size x parallelism.dp (the global batch), seq_len, grad_accum, seed, shuffle}"
+                        .to_string()
                 } else {
                     first_difference(section, &theirs, &ours)
                 };

@@ -136,9 +136,12 @@ fn the_cli_runs_data_parallel_ranks_and_refuses_to_resume_at_another_size() {
     )
     .unwrap();
     assert_eq!(state["layout"]["dp"], 2);
+    // Another data-parallel size must keep the global batch (here 8 sequences).
     let (ok, err) =
         ondol(&["train", "run.toml", "--run-dir", "run", "--resume", "auto", "--set", "training.batch_size=4"]);
-    assert!(!ok && err.contains("parallelism.dp"), "{err}");
+    assert!(!ok && err.contains("global batch"), "{err}");
+    let (ok, err) = ondol(&["train", "run.toml", "--run-dir", "run", "--resume", "auto", "--set", "training.steps=24"]);
+    assert!(ok && err.contains("resumed at step 20"), "{err}");
     let (ok, err) = ondol(&["train", "run.toml", "--set", "parallelism.tp=2"]);
     assert!(!ok && err.contains("tensor and pipeline parallelism are not implemented"), "{err}");
 }
@@ -170,4 +173,21 @@ fn a_zero_1_run_resumes_exactly_from_its_whole_checkpoint() {
     got.extend(rest);
     assert_eq!(got, want, "loss curves differ after resuming");
     assert!(w_got.iter().zip(&w_want).all(|(a, b)| a.to_bits() == b.to_bits()), "weights differ after resuming");
+}
+
+#[test]
+fn a_checkpoint_resumes_at_another_data_parallel_size() {
+    let dir = setup();
+    let (want, w_want, _) = train_with(dir.path(), 2, 1, 12, None, None);
+    let run = dir.path().join("run");
+    let (first, _, _) = train_with(dir.path(), 2, 1, 6, None, Some(&run));
+    let ckpt = checkpoint::latest(&run).unwrap();
+    for (dp, zero) in [(1, 0), (4, 1)] {
+        let (rest, w, _) = train_with(dir.path(), dp, zero, 6, Some(&ckpt), None);
+        for (step, (a, b)) in want.iter().zip(first.iter().chain(&rest)).enumerate() {
+            assert!((a - b).abs() <= 1e-5 * a.abs(), "dp={dp} step {}: loss {a} vs {b}", step + 1);
+        }
+        let worst = w_want.iter().zip(&w).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        assert!(worst <= 1e-5, "dp={dp}: weights differ by {worst:e} from the uninterrupted run");
+    }
 }
