@@ -8,7 +8,7 @@ use ondol::prepare_cli;
 use ondol::pretrained::{self, Pretrained, Sampling};
 use ondol::trainer::{self, Data, Trainer};
 use ondol_ckpt::{Writer, checkpoint};
-use ondol_comm::ThreadComm;
+use ondol_comm::{DistEnv, ThreadComm};
 use ondol_core::{Backend, Error, Result};
 use ondol_cpu::CpuBackend;
 use ondol_data::{Loader, Order, SourceKind, TokenStream};
@@ -159,6 +159,20 @@ fn train(args: TrainArgs) -> Result<()> {
             .num_threads(threads)
             .build_global()
             .map_err(|e| Error::config("training.threads", e.to_string()))?;
+    }
+    // Under `ondol launch` (or Slurm) every process would otherwise train alone and all of
+    // them would write the same run directory.
+    let env = DistEnv::from_env()?;
+    if env.world_size > 1 {
+        return Err(Error::config(
+            "parallelism",
+            format!(
+                "this process is rank {} of {} launched processes, but training across processes needs a \
+                 cross-process communicator (NCCL, with the CUDA backend), which this build lacks; on a CPU \
+                 run one process with parallelism.dp = {} instead",
+                env.rank, env.world_size, env.world_size
+            ),
+        ));
     }
     let data = Data::open(&cfg, Path::new("."))?;
     let dp = cfg.parallelism.dp;

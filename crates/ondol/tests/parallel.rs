@@ -191,3 +191,20 @@ fn a_checkpoint_resumes_at_another_data_parallel_size() {
         assert!(worst <= 1e-5, "dp={dp}: weights differ by {worst:e} from the uninterrupted run");
     }
 }
+
+#[test]
+fn train_refuses_to_run_as_one_of_several_launched_processes() {
+    let dir = setup();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ondol"))
+        .args(["train", "run.toml", "--run-dir", "run"])
+        .current_dir(dir.path())
+        .env("RANK", "1")
+        .env("WORLD_SIZE", "2")
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", "1")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("rank 1 of 2") && err.contains("parallelism.dp = 2"), "{err}");
+    assert!(!dir.path().join("run").exists(), "a refused run left a run directory behind");
+}
