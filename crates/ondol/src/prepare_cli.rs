@@ -33,7 +33,8 @@ pub enum DataCommand {
 #[derive(Args, Debug)]
 pub struct InputArgs {
     /// Input files or globs (quote globs): .txt, .jsonl/.ndjson/.json, each optionally .gz or .zst.
-    #[arg(long = "input", required = true, value_name = "FILE|GLOB")]
+    /// Several may follow one --input, and --input may repeat.
+    #[arg(long = "input", required = true, num_args = 1.., value_name = "FILE|GLOB")]
     pub input: Vec<String>,
     /// How plain-text files are cut into documents: file (one per file) or blank-line.
     #[arg(long, default_value = "file", value_name = "file|blank-line")]
