@@ -44,6 +44,25 @@ impl AttnShape {
     }
 }
 
+/// Dimensions of one selective scan (Mamba-1): `batch` sequences of `len` tokens, `channels`
+/// (d_inner) each with a state of `state` values; a state is saved every `chunk` tokens for
+/// backward, which recomputes the states in between.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ScanShape {
+    pub batch: usize,
+    pub len: usize,
+    pub channels: usize,
+    pub state: usize,
+    pub chunk: usize,
+}
+
+impl ScanShape {
+    /// Saved states per sequence: the initial zero state and one after every chunk.
+    pub fn saved(&self) -> usize {
+        self.len.div_ceil(self.chunk) + 1
+    }
+}
+
 /// `C = alpha * op(A) @ op(B) + beta * C`, row-major, repeated `batch` times at the given
 /// element strides. `op(A)` is `[m, k]`, `op(B)` is `[k, n]`, C is `[m, n]`.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -256,6 +275,70 @@ pub trait Backend: Send + Sync {
         shape: AttnShape,
         pos: usize,
         max_seq: usize,
+    );
+
+    // ---- Mamba ---------------------------------------------------------------------------------
+    /// Causal depthwise convolution over time: `y[b,t,d] = bias[d] + sum_k w[d,k] x[b,t-K+1+k,d]`
+    /// (zero before the sequence). `x` and `y` are `[batch, len, channels]`, `w` is `[channels, K]`.
+    #[allow(clippy::too_many_arguments)]
+    fn conv1d_forward(
+        &self,
+        x: Self::Ref<'_>,
+        w: Self::Ref<'_>,
+        bias: Self::Ref<'_>,
+        y: Self::Mut<'_>,
+        len: usize,
+        channels: usize,
+    );
+    /// Writes `dx`; accumulates `dw` and `dbias`.
+    #[allow(clippy::too_many_arguments)]
+    fn conv1d_backward(
+        &self,
+        dy: Self::Ref<'_>,
+        x: Self::Ref<'_>,
+        w: Self::Ref<'_>,
+        dx: Self::Mut<'_>,
+        dw: Self::Mut<'_>,
+        dbias: Self::Mut<'_>,
+        len: usize,
+        channels: usize,
+    );
+    /// Selective scan: `h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t`, `y_t = C_t . h_t + D u_t`
+    /// per channel. u, delta, y: `[batch, len, channels]`; B, C: `[batch, len, state]`; A:
+    /// `[channels, state]`; D: `[channels]`; `states` (`[batch, shape.saved(), channels, state]`)
+    /// receives the chunk-boundary states that backward recomputes from.
+    #[allow(clippy::too_many_arguments)]
+    fn selective_scan_forward(
+        &self,
+        u: Self::Ref<'_>,
+        delta: Self::Ref<'_>,
+        a: Self::Ref<'_>,
+        b: Self::Ref<'_>,
+        c: Self::Ref<'_>,
+        d: Self::Ref<'_>,
+        y: Self::Mut<'_>,
+        states: Self::Mut<'_>,
+        shape: ScanShape,
+    );
+    /// Writes `du`, `ddelta`, `db`, `dc`; accumulates `da` and `dd` (parameters).
+    #[allow(clippy::too_many_arguments)]
+    fn selective_scan_backward(
+        &self,
+        dy: Self::Ref<'_>,
+        u: Self::Ref<'_>,
+        delta: Self::Ref<'_>,
+        a: Self::Ref<'_>,
+        b: Self::Ref<'_>,
+        c: Self::Ref<'_>,
+        d: Self::Ref<'_>,
+        states: Self::Ref<'_>,
+        du: Self::Mut<'_>,
+        ddelta: Self::Mut<'_>,
+        da: Self::Mut<'_>,
+        db: Self::Mut<'_>,
+        dc: Self::Mut<'_>,
+        dd: Self::Mut<'_>,
+        shape: ScanShape,
     );
 
     // ---- activations -------------------------------------------------------------------------

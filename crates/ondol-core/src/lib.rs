@@ -7,6 +7,6 @@ pub mod error;
 pub mod gradcheck;
 pub mod rng;
 
-pub use backend::{AdamWParams, AttnShape, Backend};
+pub use backend::{AdamWParams, AttnShape, Backend, ScanShape};
 pub use error::{Error, Result};
 pub use rng::Rng;

@@ -12,9 +12,10 @@ mod loss;
 pub mod math;
 mod norm;
 mod reduce;
+mod scan;
 
 use ondol_core::AdamWParams;
-use ondol_core::backend::{AttnShape, Backend, Gemm};
+use ondol_core::backend::{AttnShape, Backend, Gemm, ScanShape};
 use rayon::prelude::*;
 use std::ops::Range;
 
@@ -216,6 +217,57 @@ impl Backend for CpuBackend {
         max_seq: usize,
     ) {
         attention::attention_cached(qkv, k_cache, v_cache, out, shape, pos, max_seq);
+    }
+
+    fn conv1d_forward(&self, x: &[f32], w: &[f32], bias: &[f32], y: &mut [f32], len: usize, channels: usize) {
+        scan::conv1d_forward(x, w, bias, y, len, channels);
+    }
+    fn conv1d_backward(
+        &self,
+        dy: &[f32],
+        x: &[f32],
+        w: &[f32],
+        dx: &mut [f32],
+        dw: &mut [f32],
+        dbias: &mut [f32],
+        len: usize,
+        channels: usize,
+    ) {
+        scan::conv1d_backward(dy, x, w, dx, dw, dbias, len, channels);
+    }
+    fn selective_scan_forward(
+        &self,
+        u: &[f32],
+        delta: &[f32],
+        a: &[f32],
+        b: &[f32],
+        c: &[f32],
+        d: &[f32],
+        y: &mut [f32],
+        states: &mut [f32],
+        shape: ScanShape,
+    ) {
+        scan::selective_scan_forward(u, delta, a, b, c, d, y, states, shape);
+    }
+    fn selective_scan_backward(
+        &self,
+        dy: &[f32],
+        u: &[f32],
+        delta: &[f32],
+        a: &[f32],
+        b: &[f32],
+        c: &[f32],
+        d: &[f32],
+        states: &[f32],
+        du: &mut [f32],
+        ddelta: &mut [f32],
+        da: &mut [f32],
+        db: &mut [f32],
+        dc: &mut [f32],
+        dd: &mut [f32],
+        shape: ScanShape,
+    ) {
+        scan::selective_scan_backward(dy, u, delta, a, b, c, d, states, du, ddelta, da, db, dc, dd, shape);
     }
 
     fn swiglu_forward(&self, gate_up: &[f32], out: &mut [f32], width: usize) {
