@@ -73,6 +73,20 @@ pub fn conv1d_backward(
     }
 }
 
+/// One step of the recurrence in place, for every channel of token `row`:
+/// `h = exp(delta A) * h + delta B u`. Forward and the backward recompute share it, so the two
+/// produce the same bits.
+#[allow(clippy::too_many_arguments)]
+fn advance(h: &mut [f32], row: usize, u: &[f32], delta: &[f32], a: &[f32], b: &[f32], ch: usize, n: usize) {
+    let bt = &b[row * n..(row + 1) * n];
+    for (d, hd) in h.chunks_exact_mut(n).enumerate() {
+        let (dt, ut) = (delta[row * ch + d], u[row * ch + d]);
+        for ((h, a), b) in hd.iter_mut().zip(&a[d * n..(d + 1) * n]).zip(bt) {
+            *h = (dt * a).exp() * *h + dt * b * ut;
+        }
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 pub fn selective_scan_forward(
     u: &[f32],
@@ -92,16 +106,11 @@ pub fn selective_scan_forward(
         saved[..ch * n].fill(0.0);
         for t in 0..l {
             let row = bi * l + t;
-            let (bt, ct) = (&b[row * n..(row + 1) * n], &c[row * n..(row + 1) * n]);
+            let ct = &c[row * n..(row + 1) * n];
+            advance(&mut h, row, u, delta, a, b, ch, n);
             for d in 0..ch {
-                let (dt, ut) = (delta[row * ch + d], u[row * ch + d]);
-                let hd = &mut h[d * n..(d + 1) * n];
-                let mut acc = 0.0;
-                for i in 0..n {
-                    hd[i] = (dt * a[d * n + i]).exp() * hd[i] + dt * bt[i] * ut;
-                    acc += ct[i] * hd[i];
-                }
-                y[t * ch + d] = acc + d_skip[d] * ut;
+                let acc: f32 = ct.iter().zip(&h[d * n..(d + 1) * n]).map(|(c, h)| c * h).sum();
+                y[t * ch + d] = acc + d_skip[d] * u[row * ch + d];
             }
             if (t + 1) % s.chunk == 0 || t + 1 == l {
                 let slot = (t + 1).div_ceil(s.chunk);
@@ -147,15 +156,9 @@ pub fn selective_scan_backward(
                 // Recompute h_{t0-1}..h_{t1-1} from the boundary state.
                 chunk_h[..ch * n].copy_from_slice(&saved[chunk * ch * n..(chunk + 1) * ch * n]);
                 for t in t0..t1 {
-                    let row = bi * l + t;
                     let (prev, next) = chunk_h.split_at_mut((t - t0 + 1) * ch * n);
-                    let (prev, next) = (&prev[(t - t0) * ch * n..], &mut next[..ch * n]);
-                    for d in 0..ch {
-                        let (dt, ut) = (delta[row * ch + d], u[row * ch + d]);
-                        for i in 0..n {
-                            next[d * n + i] = (dt * a[d * n + i]).exp() * prev[d * n + i] + dt * b[row * n + i] * ut;
-                        }
-                    }
+                    next[..ch * n].copy_from_slice(&prev[(t - t0) * ch * n..]);
+                    advance(&mut next[..ch * n], bi * l + t, u, delta, a, b, ch, n);
                 }
                 for t in (t0..t1).rev() {
                     let row = bi * l + t;

@@ -29,3 +29,11 @@ impl DataError {
         Self::Format { path: path.into(), message: message.into() }
     }
 }
+
+/// Data errors already name their file and offset; the rest of ondol reports them as
+/// input errors, so `?` converts them.
+impl From<DataError> for ondol_core::Error {
+    fn from(e: DataError) -> Self {
+        ondol_core::Error::Input(e.to_string())
+    }
+}

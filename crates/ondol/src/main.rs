@@ -327,7 +327,7 @@ fn eval(args: EvalArgs) -> Result<()> {
             format!("need 1 <= seq_len <= {} and batch_size >= 1", p.model.cfg.max_seq_len),
         ));
     }
-    let files = ondol_data::expand_globs(&args.data, Path::new(".")).map_err(|e| Error::Input(e.to_string()))?;
+    let files = ondol_data::expand_globs(&args.data, Path::new("."))?;
     let shards = files.iter().all(|f| f.extension().is_some_and(|e| e == "bin"));
     let kind = if shards { SourceKind::Shards } else { SourceKind::ByteText };
     if !shards && !matches!(p.tokenizer()?, pretrained::Tokenizer::Bytes(_)) {
@@ -336,9 +336,8 @@ fn eval(args: EvalArgs) -> Result<()> {
             args.dir.display()
         )));
     }
-    let stream = TokenStream::open(&files, kind).map_err(|e| Error::Input(e.to_string()))?;
-    let mut loader =
-        Loader::new(Arc::new(stream), seq, batch, Order::Sequential, 0, 1).map_err(|e| Error::Input(e.to_string()))?;
+    let stream = TokenStream::open(&files, kind)?;
+    let mut loader = Loader::new(Arc::new(stream), seq, batch, Order::Sequential, 0, 1)?;
     let batches = args.batches.unwrap_or(usize::MAX).min(loader.batches_per_epoch() as usize);
     let be = CpuBackend::new();
     let mut ws = Workspace::new(&be, &p.model, batch, seq)?;

@@ -49,7 +49,7 @@ pub struct InputArgs {
 
 impl InputArgs {
     fn resolve(&self) -> Result<(Vec<PathBuf>, InputOptions)> {
-        let files = expand_inputs(&self.input).map_err(input_error)?;
+        let files = expand_inputs(&self.input)?;
         Ok((files, InputOptions { doc_split: self.doc_split, text_field: self.text_field.clone() }))
     }
 }
@@ -188,10 +188,6 @@ impl DataPrepareArgs {
     }
 }
 
-fn input_error(e: ondol_data::DataError) -> Error {
-    Error::Input(e.to_string())
-}
-
 fn command_line() -> Vec<String> {
     std::env::args().collect()
 }
@@ -214,11 +210,11 @@ pub fn tokenizer(cmd: TokenizerCommand) -> Result<()> {
 
 fn train_tokenizer(inputs: Vec<PathBuf>, options: &InputOptions, cfg: &TrainConfig, out: &Path) -> Result<()> {
     let start = std::time::Instant::now();
-    let (tok, report) = tokenizer::train(inputs, options, cfg).map_err(input_error)?;
+    let (tok, report) = tokenizer::train(inputs, options, cfg)?;
     if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
     }
-    tok.save(out).map_err(input_error)?;
+    tok.save(out)?;
     eprintln!(
         "trained a {}-token byte-level BPE on {} documents in {:.1} s; wrote {}",
         report.vocab_size,
@@ -256,7 +252,7 @@ pub fn data(cmd: DataCommand) -> Result<()> {
 }
 
 fn run_prepare(cfg: &PrepareConfig) -> Result<()> {
-    let manifest = prepare(cfg, command_line(), env!("CARGO_PKG_VERSION")).map_err(input_error)?;
+    let manifest = prepare(cfg, command_line(), env!("CARGO_PKG_VERSION"))?;
     eprintln!("{}", manifest.summary());
     eprintln!("wrote {} (report: manifest.json)", cfg.out.display());
     Ok(())

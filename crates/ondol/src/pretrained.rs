@@ -56,8 +56,7 @@ impl Pretrained {
     pub fn tokenizer(&self) -> Result<Tokenizer> {
         let file = self.dir.join("tokenizer.json");
         if file.exists() {
-            let t = TextTokenizer::from_file_with_eot_id(&file, self.eos_token_id)
-                .map_err(|e| Error::Input(e.to_string()))?;
+            let t = TextTokenizer::from_file_with_eot_id(&file, self.eos_token_id)?;
             return Ok(Tokenizer::Text(Box::new(t)));
         }
         if self.model.cfg.vocab_size < BYTE_VOCAB {
@@ -81,13 +80,13 @@ impl Tokenizer {
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         match self {
             Tokenizer::Bytes(t) => Ok(t.encode(text)),
-            Tokenizer::Text(t) => t.encode(text).map_err(|e| Error::Input(e.to_string())),
+            Tokenizer::Text(t) => Ok(t.encode(text)?),
         }
     }
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         match self {
             Tokenizer::Bytes(t) => Ok(t.decode(ids)),
-            Tokenizer::Text(t) => t.decode(ids).map_err(|e| Error::Input(e.to_string())),
+            Tokenizer::Text(t) => Ok(t.decode(ids)?),
         }
     }
     pub fn eot_id(&self) -> u32 {

@@ -35,8 +35,8 @@ impl Data {
             DataFormat::Text => SourceKind::ByteText,
         };
         let open = |patterns: &[String]| -> Result<TokenStream> {
-            let files = expand_globs(patterns, base).map_err(data_error)?;
-            TokenStream::open(&files, kind).map_err(data_error)
+            let files = expand_globs(patterns, base)?;
+            Ok(TokenStream::open(&files, kind)?)
         };
         let patterns: Vec<&[String]> =
             if d.sources.is_empty() { vec![&d.train] } else { d.sources.iter().map(|s| s.train.as_slice()).collect() };
@@ -46,21 +46,14 @@ impl Data {
         } else if d.val_fraction > 0.0 {
             // The tail of every file of every source, as one validation stream.
             let all: Vec<String> = patterns.iter().flat_map(|p| p.iter().cloned()).collect();
-            train = train
-                .into_iter()
-                .map(|t| Ok(t.split_tail(d.val_fraction).map_err(data_error)?.0))
-                .collect::<Result<_>>()?;
-            Some(open(&all)?.split_tail(d.val_fraction).map_err(data_error)?.1)
+            train = train.into_iter().map(|t| Ok(t.split_tail(d.val_fraction)?.0)).collect::<Result<_>>()?;
+            Some(open(&all)?.split_tail(d.val_fraction)?.1)
         } else {
             None
         };
         let tokenizer = d.tokenizer.as_deref().filter(|t| *t != "bytes").map(|t| base.join(t));
         Ok(Self { train: train.into_iter().map(Arc::new).collect(), val: val.map(Arc::new), tokenizer })
     }
-}
-
-fn data_error(e: ondol_data::DataError) -> Error {
-    Error::Input(e.to_string())
 }
 
 /// What one optimizer step produced.
@@ -131,14 +124,14 @@ impl<B: Backend> Trainer<B> {
         let order = if t.shuffle { Order::Shuffled { seed: t.seed } } else { Order::Sequential };
         let loader = if cfg.data.sources.is_empty() {
             let stream = data.train.into_iter().next().expect("one training source");
-            Batches::One(Loader::new(stream, t.seq_len, t.batch_size, order, rank, world).map_err(data_error)?)
+            Batches::One(Loader::new(stream, t.seq_len, t.batch_size, order, rank, world)?)
         } else {
             let weights: Vec<f64> = cfg.data.sources.iter().map(|s| s.weight).collect();
             let mix = Mixture::new(data.train, &weights, t.seq_len, t.batch_size, order, t.seed, rank, world);
-            Batches::Mix(mix.map_err(data_error)?)
+            Batches::Mix(mix?)
         };
         let eos_token_id = match (&data.tokenizer, cfg.data.tokenizer.as_deref()) {
-            (Some(file), _) => Some(TextTokenizer::from_file(file, EOT_TOKEN).map_err(data_error)?.eot_id()),
+            (Some(file), _) => Some(TextTokenizer::from_file(file, EOT_TOKEN)?.eot_id()),
             (None, Some("bytes")) => Some(BYTE_EOT),
             (None, _) => None,
         };
