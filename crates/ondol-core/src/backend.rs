@@ -63,6 +63,108 @@ impl ScanShape {
     }
 }
 
+/// The inputs of a selective scan (Mamba-1), as views. Per channel d and state index n:
+/// `delta = softplus(delta_raw + delta_bias[d])`, `A[d, n] = -exp(a_log[d, n])`,
+/// `h_t = exp(delta A) h_{t-1} + delta B_t u_t`, `y_t = (C_t . h_t + D[d] u_t) * silu(z_t)`.
+/// u, delta, z: `[batch, len, channels]`; b, c: `[batch, len, state]`; a_log: `[channels,
+/// state]`; delta_bias, d: `[channels]`.
+#[derive(Clone, Copy, Debug)]
+pub struct ScanInputs<R> {
+    pub u: R,
+    pub delta: R,
+    pub delta_bias: R,
+    pub a_log: R,
+    pub b: R,
+    pub c: R,
+    pub d: R,
+    pub z: R,
+}
+
+/// Gradients of a selective scan: `du`, `ddelta`, `db`, `dc`, `dz` are written; the parameter
+/// gradients `ddelta_bias`, `da_log`, `dd` accumulate.
+#[derive(Debug)]
+pub struct ScanGrads<M> {
+    pub du: M,
+    pub ddelta: M,
+    pub ddelta_bias: M,
+    pub da_log: M,
+    pub db: M,
+    pub dc: M,
+    pub dd: M,
+    pub dz: M,
+}
+
+/// Dimensions of one SSD scan (Mamba-2): `heads` heads of `head_dim` channels share a scalar
+/// decay per head; B and C come in `groups` groups (head h uses group `h / (heads / groups)`)
+/// of `state` values. Chunks of `chunk` tokens are computed in their quadratic (matmul) form
+/// and pass a state `[head_dim, state]` per head from one chunk to the next; those boundary
+/// states are saved for backward.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SsdShape {
+    pub batch: usize,
+    pub len: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+    pub groups: usize,
+    pub state: usize,
+    pub chunk: usize,
+}
+
+impl SsdShape {
+    pub fn rows(&self) -> usize {
+        self.batch * self.len
+    }
+    /// Channels of x: `heads * head_dim` (Mamba-2's d_inner).
+    pub fn inner(&self) -> usize {
+        self.heads * self.head_dim
+    }
+    /// Width of the fused `[x | B | C]` row the scan reads.
+    pub fn xbc_width(&self) -> usize {
+        self.inner() + 2 * self.groups * self.state
+    }
+    /// Saved states per sequence: the initial zero state and one after every chunk.
+    pub fn saved(&self) -> usize {
+        self.len.div_ceil(self.chunk) + 1
+    }
+    /// Floats of the saved boundary states.
+    pub fn states_len(&self) -> usize {
+        self.batch * self.saved() * self.inner() * self.state
+    }
+}
+
+/// The inputs of an SSD scan (Mamba-2), as views. Per head h: `dt = softplus(dt_raw +
+/// dt_bias[h])`, `A = -exp(a_log[h])`, `H_t = exp(dt A) H_{t-1} + dt x_t B_t^T`,
+/// `y_t = H_t C_t + D[h] x_t`. xbc: `[rows, xbc_width]` (x heads, then B groups, then C groups,
+/// as Mamba-2's convolution leaves them); dt: `[rows, heads]`; dt_bias, a_log, d: `[heads]`.
+#[derive(Clone, Copy, Debug)]
+pub struct SsdInputs<R> {
+    pub xbc: R,
+    pub dt: R,
+    pub dt_bias: R,
+    pub a_log: R,
+    pub d: R,
+}
+
+/// Gradients of an SSD scan: `dxbc` and `ddt` are written; `ddt_bias`, `da_log`, `dd`
+/// accumulate.
+#[derive(Debug)]
+pub struct SsdGrads<M> {
+    pub dxbc: M,
+    pub ddt: M,
+    pub ddt_bias: M,
+    pub da_log: M,
+    pub dd: M,
+}
+
+/// A pointwise activation of an MLP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    /// GELU, tanh approximation (GPT-2's `gelu_new`).
+    Gelu,
+    /// Squared ReLU, `max(x, 0)^2` (Nemotron-H's `relu2`).
+    Relu2,
+}
+
 /// `C = alpha * op(A) @ op(B) + beta * C`, row-major, repeated `batch` times at the given
 /// element strides. `op(A)` is `[m, k]`, `op(B)` is `[k, n]`, C is `[m, n]`.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -278,8 +380,9 @@ pub trait Backend: Send + Sync {
     );
 
     // ---- Mamba ---------------------------------------------------------------------------------
-    /// Causal depthwise convolution over time: `y[b,t,d] = bias[d] + sum_k w[d,k] x[b,t-K+1+k,d]`
-    /// (zero before the sequence). `x` and `y` are `[batch, len, channels]`, `w` is `[channels, K]`.
+    /// Mamba's causal depthwise convolution followed by SiLU:
+    /// `y[b,t,d] = silu(bias[d] + sum_k w[d,k] x[b,t-K+1+k,d])` (zero before the sequence).
+    /// `x` and `y` are `[batch, len, channels]`, `w` is `[channels, K]`.
     #[allow(clippy::too_many_arguments)]
     fn conv1d_forward(
         &self,
@@ -290,55 +393,76 @@ pub trait Backend: Send + Sync {
         len: usize,
         channels: usize,
     );
-    /// Writes `dx`; accumulates `dw` and `dbias`.
+    /// Writes `dx`; accumulates `dw` and `dbias`. Recomputes the pre-activation from `x`.
     #[allow(clippy::too_many_arguments)]
     fn conv1d_backward(
         &self,
         dy: Self::Ref<'_>,
         x: Self::Ref<'_>,
         w: Self::Ref<'_>,
+        bias: Self::Ref<'_>,
         dx: Self::Mut<'_>,
         dw: Self::Mut<'_>,
         dbias: Self::Mut<'_>,
         len: usize,
         channels: usize,
     );
-    /// Selective scan: `h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t`, `y_t = C_t . h_t + D u_t`
-    /// per channel. u, delta, y: `[batch, len, channels]`; B, C: `[batch, len, state]`; A:
-    /// `[channels, state]`; D: `[channels]`; `states` (`[batch, shape.saved(), channels, state]`)
-    /// receives the chunk-boundary states that backward recomputes from.
-    #[allow(clippy::too_many_arguments)]
+    /// Selective scan (Mamba-1) with its input-dependent step, decay, skip and output gate
+    /// fused, see [`ScanInputs`]. Writes `y` (`[batch, len, channels]`) and the chunk-boundary
+    /// `states` (`[batch, shape.saved(), channels, state]`) that backward recomputes from.
     fn selective_scan_forward(
         &self,
-        u: Self::Ref<'_>,
-        delta: Self::Ref<'_>,
-        a: Self::Ref<'_>,
-        b: Self::Ref<'_>,
-        c: Self::Ref<'_>,
-        d: Self::Ref<'_>,
+        x: ScanInputs<Self::Ref<'_>>,
         y: Self::Mut<'_>,
         states: Self::Mut<'_>,
         shape: ScanShape,
     );
-    /// Writes `du`, `ddelta`, `db`, `dc`; accumulates `da` and `dd` (parameters).
-    #[allow(clippy::too_many_arguments)]
     fn selective_scan_backward(
         &self,
         dy: Self::Ref<'_>,
-        u: Self::Ref<'_>,
-        delta: Self::Ref<'_>,
-        a: Self::Ref<'_>,
-        b: Self::Ref<'_>,
-        c: Self::Ref<'_>,
-        d: Self::Ref<'_>,
+        x: ScanInputs<Self::Ref<'_>>,
         states: Self::Ref<'_>,
-        du: Self::Mut<'_>,
-        ddelta: Self::Mut<'_>,
-        da: Self::Mut<'_>,
-        db: Self::Mut<'_>,
-        dc: Self::Mut<'_>,
-        dd: Self::Mut<'_>,
+        grads: ScanGrads<Self::Mut<'_>>,
         shape: ScanShape,
+    );
+    /// SSD chunked scan (Mamba-2), see [`SsdInputs`]. Writes `y` (`[rows, heads * head_dim]`)
+    /// and the chunk-boundary `states` (`[batch, shape.saved(), heads, head_dim, state]`).
+    fn ssd_forward(&self, x: SsdInputs<Self::Ref<'_>>, y: Self::Mut<'_>, states: Self::Mut<'_>, shape: SsdShape);
+    fn ssd_backward(
+        &self,
+        dy: Self::Ref<'_>,
+        x: SsdInputs<Self::Ref<'_>>,
+        states: Self::Ref<'_>,
+        grads: SsdGrads<Self::Mut<'_>>,
+        shape: SsdShape,
+    );
+    /// Mamba-2's gated RMSNorm: `g = x * silu(z)`, then each group of `group` consecutive
+    /// values is scaled by its `rstd = 1 / sqrt(mean(g^2) + eps)` (saved, `[rows * width /
+    /// group]`) and by `weight` (`[width]`).
+    #[allow(clippy::too_many_arguments)]
+    fn gated_rmsnorm_forward(
+        &self,
+        x: Self::Ref<'_>,
+        z: Self::Ref<'_>,
+        weight: Self::Ref<'_>,
+        out: Self::Mut<'_>,
+        rstd: Self::Mut<'_>,
+        group: usize,
+        eps: f32,
+    );
+    /// Writes `dx` and `dz`; accumulates `dweight`.
+    #[allow(clippy::too_many_arguments)]
+    fn gated_rmsnorm_backward(
+        &self,
+        dout: Self::Ref<'_>,
+        x: Self::Ref<'_>,
+        z: Self::Ref<'_>,
+        weight: Self::Ref<'_>,
+        rstd: Self::Ref<'_>,
+        dx: Self::Mut<'_>,
+        dz: Self::Mut<'_>,
+        dweight: Self::Mut<'_>,
+        group: usize,
     );
 
     // ---- activations -------------------------------------------------------------------------
@@ -346,10 +470,10 @@ pub trait Backend: Send + Sync {
     fn swiglu_forward(&self, gate_up: Self::Ref<'_>, out: Self::Mut<'_>, width: usize);
     /// Writes `dgate_up`.
     fn swiglu_backward(&self, dout: Self::Ref<'_>, gate_up: Self::Ref<'_>, dgate_up: Self::Mut<'_>, width: usize);
-    /// GELU, tanh approximation (GPT-2's `gelu_new`).
-    fn gelu_forward(&self, x: Self::Ref<'_>, out: Self::Mut<'_>);
+    /// `out = act(x)` elementwise.
+    fn activation_forward(&self, act: Activation, x: Self::Ref<'_>, out: Self::Mut<'_>);
     /// Writes `dx`.
-    fn gelu_backward(&self, dout: Self::Ref<'_>, x: Self::Ref<'_>, dx: Self::Mut<'_>);
+    fn activation_backward(&self, act: Activation, dout: Self::Ref<'_>, x: Self::Ref<'_>, dx: Self::Mut<'_>);
 
     // ---- loss ----------------------------------------------------------------------------------
     /// Softmax cross-entropy per row: writes `losses[r] = logsumexp(logits[r]) - logits[r, t_r]`.

@@ -7,6 +7,8 @@ pub mod error;
 pub mod gradcheck;
 pub mod rng;
 
-pub use backend::{AdamWParams, AttnShape, Backend, ScanShape};
+pub use backend::{
+    Activation, AdamWParams, AttnShape, Backend, ScanGrads, ScanInputs, ScanShape, SsdGrads, SsdInputs, SsdShape,
+};
 pub use error::{Error, Result};
 pub use rng::Rng;

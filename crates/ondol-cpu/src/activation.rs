@@ -1,8 +1,9 @@
 //! Pointwise activations: SwiGLU (`silu(gate) * up`, gate and up the halves of one
-//! `[rows, 2F]` buffer) and GELU (tanh approximation). Memory-bound: forward reads 2F and
+//! `[rows, 2F]` buffer), GELU (tanh approximation) and squared ReLU. Memory-bound: forward reads 2F and
 //! writes F floats per row; backward reads dout and the saved input and writes dinput.
 
 use crate::math::{gelu, gelu_grad, sigmoid};
+use ondol_core::Activation;
 use rayon::prelude::*;
 
 /// Elements per parallel task for flat pointwise loops.
@@ -34,18 +35,32 @@ pub fn swiglu_backward(dout: &[f32], gate_up: &[f32], dgate_up: &mut [f32], widt
     );
 }
 
-pub fn gelu_forward(x: &[f32], out: &mut [f32]) {
+fn apply(act: Activation, x: f32) -> f32 {
+    match act {
+        Activation::Gelu => gelu(x),
+        Activation::Relu2 => x.max(0.0) * x.max(0.0),
+    }
+}
+
+fn derivative(act: Activation, x: f32) -> f32 {
+    match act {
+        Activation::Gelu => gelu_grad(x),
+        Activation::Relu2 => 2.0 * x.max(0.0),
+    }
+}
+
+pub fn activation_forward(act: Activation, x: &[f32], out: &mut [f32]) {
     assert_eq!(x.len(), out.len());
     out.par_chunks_mut(FLAT_CHUNK).zip(x.par_chunks(FLAT_CHUNK)).for_each(|(o, x)| {
-        o.iter_mut().zip(x).for_each(|(o, x)| *o = gelu(*x));
+        o.iter_mut().zip(x).for_each(|(o, x)| *o = apply(act, *x));
     });
 }
 
-pub fn gelu_backward(dout: &[f32], x: &[f32], dx: &mut [f32]) {
+pub fn activation_backward(act: Activation, dout: &[f32], x: &[f32], dx: &mut [f32]) {
     assert!(x.len() == dout.len() && dx.len() == x.len());
     dx.par_chunks_mut(FLAT_CHUNK).zip(x.par_chunks(FLAT_CHUNK).zip(dout.par_chunks(FLAT_CHUNK))).for_each(
         |(dx, (x, dy))| {
-            dx.iter_mut().zip(x).zip(dy).for_each(|((dx, x), dy)| *dx = dy * gelu_grad(*x));
+            dx.iter_mut().zip(x).zip(dy).for_each(|((dx, x), dy)| *dx = dy * derivative(act, *x));
         },
     );
 }

@@ -15,7 +15,9 @@ mod reduce;
 mod scan;
 
 use ondol_core::AdamWParams;
-use ondol_core::backend::{AttnShape, Backend, Gemm, ScanShape};
+use ondol_core::backend::{
+    Activation, AttnShape, Backend, Gemm, ScanGrads, ScanInputs, ScanShape, SsdGrads, SsdInputs, SsdShape,
+};
 use rayon::prelude::*;
 use std::ops::Range;
 
@@ -227,47 +229,66 @@ impl Backend for CpuBackend {
         dy: &[f32],
         x: &[f32],
         w: &[f32],
+        bias: &[f32],
         dx: &mut [f32],
         dw: &mut [f32],
         dbias: &mut [f32],
         len: usize,
         channels: usize,
     ) {
-        scan::conv1d_backward(dy, x, w, dx, dw, dbias, len, channels);
+        scan::conv1d_backward(dy, x, w, bias, dx, dw, dbias, len, channels);
     }
-    fn selective_scan_forward(
-        &self,
-        u: &[f32],
-        delta: &[f32],
-        a: &[f32],
-        b: &[f32],
-        c: &[f32],
-        d: &[f32],
-        y: &mut [f32],
-        states: &mut [f32],
-        shape: ScanShape,
-    ) {
-        scan::selective_scan_forward(u, delta, a, b, c, d, y, states, shape);
+    fn selective_scan_forward(&self, x: ScanInputs<&[f32]>, y: &mut [f32], states: &mut [f32], shape: ScanShape) {
+        scan::selective_scan_forward(x, y, states, shape);
     }
     fn selective_scan_backward(
         &self,
         dy: &[f32],
-        u: &[f32],
-        delta: &[f32],
-        a: &[f32],
-        b: &[f32],
-        c: &[f32],
-        d: &[f32],
+        x: ScanInputs<&[f32]>,
         states: &[f32],
-        du: &mut [f32],
-        ddelta: &mut [f32],
-        da: &mut [f32],
-        db: &mut [f32],
-        dc: &mut [f32],
-        dd: &mut [f32],
+        grads: ScanGrads<&mut [f32]>,
         shape: ScanShape,
     ) {
-        scan::selective_scan_backward(dy, u, delta, a, b, c, d, states, du, ddelta, da, db, dc, dd, shape);
+        scan::selective_scan_backward(dy, x, states, grads, shape);
+    }
+    fn ssd_forward(&self, x: SsdInputs<&[f32]>, y: &mut [f32], states: &mut [f32], shape: SsdShape) {
+        scan::ssd_forward(x, y, states, shape);
+    }
+    fn ssd_backward(
+        &self,
+        dy: &[f32],
+        x: SsdInputs<&[f32]>,
+        states: &[f32],
+        grads: SsdGrads<&mut [f32]>,
+        shape: SsdShape,
+    ) {
+        scan::ssd_backward(dy, x, states, grads, shape);
+    }
+    fn gated_rmsnorm_forward(
+        &self,
+        x: &[f32],
+        z: &[f32],
+        weight: &[f32],
+        out: &mut [f32],
+        rstd: &mut [f32],
+        group: usize,
+        eps: f32,
+    ) {
+        norm::gated_rmsnorm_forward(x, z, weight, out, rstd, group, eps);
+    }
+    fn gated_rmsnorm_backward(
+        &self,
+        dout: &[f32],
+        x: &[f32],
+        z: &[f32],
+        weight: &[f32],
+        rstd: &[f32],
+        dx: &mut [f32],
+        dz: &mut [f32],
+        dweight: &mut [f32],
+        group: usize,
+    ) {
+        norm::gated_rmsnorm_backward(dout, x, z, weight, rstd, dx, dz, dweight, group);
     }
 
     fn swiglu_forward(&self, gate_up: &[f32], out: &mut [f32], width: usize) {
@@ -276,11 +297,11 @@ impl Backend for CpuBackend {
     fn swiglu_backward(&self, dout: &[f32], gate_up: &[f32], dgate_up: &mut [f32], width: usize) {
         activation::swiglu_backward(dout, gate_up, dgate_up, width);
     }
-    fn gelu_forward(&self, x: &[f32], out: &mut [f32]) {
-        activation::gelu_forward(x, out);
+    fn activation_forward(&self, act: Activation, x: &[f32], out: &mut [f32]) {
+        activation::activation_forward(act, x, out);
     }
-    fn gelu_backward(&self, dout: &[f32], x: &[f32], dx: &mut [f32]) {
-        activation::gelu_backward(dout, x, dx);
+    fn activation_backward(&self, act: Activation, dout: &[f32], x: &[f32], dx: &mut [f32]) {
+        activation::activation_backward(act, dout, x, dx);
     }
 
     fn cross_entropy(

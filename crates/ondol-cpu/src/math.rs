@@ -33,6 +33,26 @@ pub fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + exp(-x))
 }
 
+/// x * sigmoid(x).
+#[inline(always)]
+pub fn silu(x: f32) -> f32 {
+    x * sigmoid(x)
+}
+
+/// d silu(x) / dx = s (1 + x (1 - s)) with s = sigmoid(x).
+#[inline(always)]
+pub fn silu_grad(x: f32) -> f32 {
+    let s = sigmoid(x);
+    s * (1.0 + x * (1.0 - s))
+}
+
+/// log(1 + e^x), linear above 20 as PyTorch's `F.softplus` (threshold 20) is; its derivative
+/// is `sigmoid(x)`.
+#[inline(always)]
+pub fn softplus(x: f32) -> f32 {
+    if x > 20.0 { x } else { exp(x).ln_1p() }
+}
+
 /// tanh through exp, stable for large |x|.
 #[inline(always)]
 pub fn tanh(x: f32) -> f32 {

@@ -6,6 +6,7 @@
 //! bias gradients accumulate as every parameter gradient does. Per row: forward reads x once
 //! and writes out once (2 * dim * 4 bytes); backward reads dout and x and updates dx.
 
+use crate::math::{silu, silu_grad};
 use crate::reduce::column_sums;
 use rayon::prelude::*;
 
@@ -122,4 +123,79 @@ pub fn layernorm_backward(
     for (d, s) in db.iter_mut().zip(&both[dim..]) {
         *d += s;
     }
+}
+
+/// Mamba-2's gated RMSNorm over groups of `group` values: g = x silu(z), out = g r w with
+/// r = (mean_group(g^2) + eps)^(-1/2) saved per group.
+#[allow(clippy::too_many_arguments)]
+pub fn gated_rmsnorm_forward(
+    x: &[f32],
+    z: &[f32],
+    w: &[f32],
+    out: &mut [f32],
+    rstd: &mut [f32],
+    group: usize,
+    eps: f32,
+) {
+    let width = w.len();
+    assert!(x.len() == out.len() && x.len() == z.len() && x.len() == rstd.len() * group && width.is_multiple_of(group));
+    out.par_chunks_mut(width)
+        .zip(x.par_chunks(width).zip(z.par_chunks(width)))
+        .zip(rstd.par_chunks_mut(width / group))
+        .for_each(|((o, (x, z)), r)| {
+            for (k, r) in r.iter_mut().enumerate() {
+                let cols = k * group..(k + 1) * group;
+                let gated = x[cols.clone()].iter().zip(&z[cols.clone()]).map(|(x, z)| x * silu(*z));
+                let ms = gated.clone().map(|g| g * g).sum::<f32>() / group as f32;
+                *r = 1.0 / (ms + eps).sqrt();
+                for ((o, g), w) in o[cols.clone()].iter_mut().zip(gated).zip(&w[cols]) {
+                    *o = g * *r * w;
+                }
+            }
+        });
+}
+
+/// Backward of [`gated_rmsnorm_forward`]: the RMSNorm backward at g (see
+/// [`rmsnorm_backward`]), then dx = dg silu(z), dz = dg x silu'(z). Writes dx and dz,
+/// accumulates dw.
+#[allow(clippy::too_many_arguments)]
+pub fn gated_rmsnorm_backward(
+    dout: &[f32],
+    x: &[f32],
+    z: &[f32],
+    w: &[f32],
+    rstd: &[f32],
+    dx: &mut [f32],
+    dz: &mut [f32],
+    dw: &mut [f32],
+    group: usize,
+) {
+    let width = w.len();
+    let per_row = width / group;
+    assert!(dout.len() == x.len() && dx.len() == x.len() && dz.len() == x.len() && x.len() == rstd.len() * group);
+    dx.par_chunks_mut(width)
+        .zip(dz.par_chunks_mut(width))
+        .zip(dout.par_chunks(width).zip(x.par_chunks(width).zip(z.par_chunks(width))))
+        .zip(rstd.par_chunks(per_row))
+        .for_each(|(((dx, dz), (dy, (x, z))), r)| {
+            for (k, &r) in r.iter().enumerate() {
+                let cols = k * group..(k + 1) * group;
+                let gated = |i: usize| x[i] * silu(z[i]);
+                let dot: f32 = cols.clone().map(|i| dy[i] * w[i] * gated(i)).sum();
+                let c = r * r * r * dot / group as f32;
+                for i in cols {
+                    let dg = r * w[i] * dy[i] - c * gated(i);
+                    dx[i] = dg * silu(z[i]);
+                    dz[i] = dg * x[i] * silu_grad(z[i]);
+                }
+            }
+        });
+    column_sums(rstd.len() / per_row, dw, |rows, part| {
+        for row in rows {
+            for (i, p) in part.iter_mut().enumerate() {
+                let at = row * width + i;
+                *p += dout[at] * x[at] * silu(z[at]) * rstd[row * per_row + i / group];
+            }
+        }
+    });
 }

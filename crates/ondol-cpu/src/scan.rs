@@ -1,34 +1,48 @@
-//! Mamba's sequence mixers on the CPU: the causal depthwise convolution and the selective
-//! scan (Mamba-1), forward and backward.
+//! Mamba's sequence mixers on the CPU: the causal depthwise convolution (with its SiLU), the
+//! selective scan (Mamba-1) and the SSD chunked scan (Mamba-2), forward and backward.
 //!
 //! Layouts: activations `[batch, len, channels]` (row per token, like every other op); the
-//! scan's B and C are `[batch, len, state]`, A is `[channels, state]`, D is `[channels]`.
+//! selective scan's B and C are `[batch, len, state]`, a_log is `[channels, state]`; the SSD
+//! reads x, B and C from one fused `[rows, heads * head_dim + 2 * groups * state]` row.
 //!
 //! Selective scan, per sequence and channel d, state h of `state` values:
-//!   h_t = exp(delta_t A_d) * h_{t-1} + delta_t B_t u_t,    y_t = C_t . h_t + D_d u_t.
+//!   h_t = exp(delta_t A_d) * h_{t-1} + delta_t B_t u_t,    y_t = (C_t . h_t + D_d u_t) silu(z_t).
 //! Forward keeps only the states at chunk boundaries (`states`, `[batch, len / chunk + 1,
 //! channels, state]`); backward recomputes each chunk's states from its boundary and runs the
 //! adjoint recurrence backwards through it, so memory is O(len / chunk) states, not O(len).
 //! FLOPs: about 9 per (token, channel, state) forward and 2x that backward.
+//!
+//! SSD: the same recurrence with one scalar decay per head and a state `[head_dim, state]`,
+//! computed a chunk of Q tokens at a time in its quadratic form,
+//!   y_i = sum_{j<=i} exp(L_i - L_j) dt_j (C_i . B_j) x_j + exp(L_i) H0 C_i + D x_i,
+//! with L the running sum of dt A inside the chunk and H0 the state entering it. FLOPs per
+//! (token, head): Q (N + P) for the intra-chunk part and 4 P N for the state, forward.
 
-use ondol_core::ScanShape;
+use crate::math::{silu, silu_grad, softplus};
+use ondol_core::{ScanGrads, ScanInputs, ScanShape, SsdGrads, SsdInputs, SsdShape};
 use rayon::prelude::*;
 
-/// `y[b, t, d] = bias[d] + sum_k w[d, k] x[b, t - (K-1) + k, d]`, zero before the sequence.
-pub fn conv1d_forward(x: &[f32], w: &[f32], bias: &[f32], y: &mut [f32], len: usize, channels: usize) {
+/// The convolution before its SiLU, for one sequence.
+fn conv1d_pre(x: &[f32], w: &[f32], bias: &[f32], pre: &mut [f32], len: usize, channels: usize) {
     let k = w.len() / channels;
-    y.par_chunks_mut(len * channels).zip(x.par_chunks(len * channels)).for_each(|(y, x)| {
-        for t in 0..len {
-            let row = &mut y[t * channels..(t + 1) * channels];
-            row.copy_from_slice(bias);
-            for j in 0..k {
-                let Some(src) = (t + j).checked_sub(k - 1) else { continue };
-                let xs = &x[src * channels..(src + 1) * channels];
-                for (d, (o, xv)) in row.iter_mut().zip(xs).enumerate() {
-                    *o += w[d * k + j] * xv;
-                }
+    for t in 0..len {
+        let row = &mut pre[t * channels..(t + 1) * channels];
+        row.copy_from_slice(bias);
+        for j in 0..k {
+            let Some(src) = (t + j).checked_sub(k - 1) else { continue };
+            let xs = &x[src * channels..(src + 1) * channels];
+            for (d, (o, xv)) in row.iter_mut().zip(xs).enumerate() {
+                *o += w[d * k + j] * xv;
             }
         }
+    }
+}
+
+/// `y[b, t, d] = silu(bias[d] + sum_k w[d, k] x[b, t - (K-1) + k, d])`, zero before the sequence.
+pub fn conv1d_forward(x: &[f32], w: &[f32], bias: &[f32], y: &mut [f32], len: usize, channels: usize) {
+    y.par_chunks_mut(len * channels).zip(x.par_chunks(len * channels)).for_each(|(y, x)| {
+        conv1d_pre(x, w, bias, y, len, channels);
+        y.iter_mut().for_each(|v| *v = silu(*v));
     });
 }
 
@@ -38,6 +52,7 @@ pub fn conv1d_backward(
     dy: &[f32],
     x: &[f32],
     w: &[f32],
+    bias: &[f32],
     dx: &mut [f32],
     dw: &mut [f32],
     dbias: &mut [f32],
@@ -46,7 +61,13 @@ pub fn conv1d_backward(
 ) {
     let k = w.len() / channels;
     let per_seq = len * channels;
-    dx.par_chunks_mut(per_seq).zip(dy.par_chunks(per_seq)).for_each(|(dx, dy)| {
+    // Gradient at the pre-activation, per sequence (the convolution is recomputed).
+    let mut dpre = vec![0.0f32; dy.len()];
+    dpre.par_chunks_mut(per_seq).zip(dy.par_chunks(per_seq).zip(x.par_chunks(per_seq))).for_each(|(dp, (dy, x))| {
+        conv1d_pre(x, w, bias, dp, len, channels);
+        dp.iter_mut().zip(dy).for_each(|(p, g)| *p = g * silu_grad(*p));
+    });
+    dx.par_chunks_mut(per_seq).zip(dpre.par_chunks(per_seq)).for_each(|(dx, dy)| {
         dx.fill(0.0);
         for t in 0..len {
             for j in 0..k {
@@ -58,7 +79,7 @@ pub fn conv1d_backward(
         }
     });
     // Parameter gradients sum over sequences in order (deterministic).
-    for (x, dy) in x.chunks(per_seq).zip(dy.chunks(per_seq)) {
+    for (x, dy) in x.chunks(per_seq).zip(dpre.chunks(per_seq)) {
         for t in 0..len {
             for d in 0..channels {
                 let g = dy[t * channels + d];
@@ -73,44 +94,49 @@ pub fn conv1d_backward(
     }
 }
 
+/// `A = -exp(a_log)`, computed once per call.
+fn decay_rates(a_log: &[f32]) -> Vec<f32> {
+    a_log.iter().map(|v| -v.exp()).collect()
+}
+
+/// The step size of one (token, channel) from its raw value: `softplus(raw + bias)`.
+fn step_size(raw: &[f32], bias: &[f32], row: usize, ch: usize) -> impl Iterator<Item = f32> {
+    raw[row * ch..(row + 1) * ch].iter().zip(bias).map(|(r, b)| softplus(r + b))
+}
+
 /// One step of the recurrence in place, for every channel of token `row`:
 /// `h = exp(delta A) * h + delta B u`. Forward and the backward recompute share it, so the two
 /// produce the same bits.
-#[allow(clippy::too_many_arguments)]
-fn advance(h: &mut [f32], row: usize, u: &[f32], delta: &[f32], a: &[f32], b: &[f32], ch: usize, n: usize) {
-    let bt = &b[row * n..(row + 1) * n];
-    for (d, hd) in h.chunks_exact_mut(n).enumerate() {
-        let (dt, ut) = (delta[row * ch + d], u[row * ch + d]);
+fn advance(h: &mut [f32], row: usize, x: &ScanInputs<&[f32]>, a: &[f32], ch: usize, n: usize) {
+    let bt = &x.b[row * n..(row + 1) * n];
+    let steps = step_size(x.delta, x.delta_bias, row, ch);
+    for (d, (hd, dt)) in h.chunks_exact_mut(n).zip(steps).enumerate() {
+        let ut = x.u[row * ch + d];
         for ((h, a), b) in hd.iter_mut().zip(&a[d * n..(d + 1) * n]).zip(bt) {
             *h = (dt * a).exp() * *h + dt * b * ut;
         }
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-pub fn selective_scan_forward(
-    u: &[f32],
-    delta: &[f32],
-    a: &[f32],
-    b: &[f32],
-    c: &[f32],
-    d_skip: &[f32],
-    y: &mut [f32],
-    states: &mut [f32],
-    s: ScanShape,
-) {
+/// `C_t . h_t + D u_t` for channel d (the scan's output before the gate).
+fn readout(h: &[f32], x: &ScanInputs<&[f32]>, row: usize, d: usize, ch: usize, n: usize) -> f32 {
+    let ct = &x.c[row * n..(row + 1) * n];
+    let acc: f32 = ct.iter().zip(&h[d * n..(d + 1) * n]).map(|(c, h)| c * h).sum();
+    acc + x.d[d] * x.u[row * ch + d]
+}
+
+pub fn selective_scan_forward(x: ScanInputs<&[f32]>, y: &mut [f32], states: &mut [f32], s: ScanShape) {
     let (l, ch, n) = (s.len, s.channels, s.state);
     assert_eq!(states.len(), s.batch * s.saved() * ch * n);
+    let a = decay_rates(x.a_log);
     y.par_chunks_mut(l * ch).zip(states.par_chunks_mut(s.saved() * ch * n)).enumerate().for_each(|(bi, (y, saved))| {
         let mut h = vec![0.0f32; ch * n];
         saved[..ch * n].fill(0.0);
         for t in 0..l {
             let row = bi * l + t;
-            let ct = &c[row * n..(row + 1) * n];
-            advance(&mut h, row, u, delta, a, b, ch, n);
+            advance(&mut h, row, &x, &a, ch, n);
             for d in 0..ch {
-                let acc: f32 = ct.iter().zip(&h[d * n..(d + 1) * n]).map(|(c, h)| c * h).sum();
-                y[t * ch + d] = acc + d_skip[d] * u[row * ch + d];
+                y[t * ch + d] = readout(&h, &x, row, d, ch, n) * silu(x.z[row * ch + d]);
             }
             if (t + 1) % s.chunk == 0 || t + 1 == l {
                 let slot = (t + 1).div_ceil(s.chunk);
@@ -120,33 +146,24 @@ pub fn selective_scan_forward(
     });
 }
 
-/// Writes `du`, `ddelta`, `db`, `dc`; accumulates `da` and `dd`.
-#[allow(clippy::too_many_arguments)]
+/// Writes `du`, `ddelta`, `db`, `dc`, `dz`; accumulates `ddelta_bias`, `da_log` and `dd`.
 pub fn selective_scan_backward(
     dy: &[f32],
-    u: &[f32],
-    delta: &[f32],
-    a: &[f32],
-    b: &[f32],
-    c: &[f32],
-    d_skip: &[f32],
+    x: ScanInputs<&[f32]>,
     states: &[f32],
-    du: &mut [f32],
-    ddelta: &mut [f32],
-    da: &mut [f32],
-    db: &mut [f32],
-    dc: &mut [f32],
-    dd: &mut [f32],
+    g: ScanGrads<&mut [f32]>,
     s: ScanShape,
 ) {
     let (l, ch, n) = (s.len, s.channels, s.state);
-    // Per sequence: (da, dd) partials, reduced in sequence order below.
+    let a = decay_rates(x.a_log);
+    let ScanGrads { du, ddelta, ddelta_bias, da_log, db, dc, dd, dz } = g;
+    // Per sequence: (dA, dD) partials, reduced in sequence order below.
     let partials: Vec<(Vec<f32>, Vec<f32>)> = du
         .par_chunks_mut(l * ch)
-        .zip(ddelta.par_chunks_mut(l * ch))
+        .zip(ddelta.par_chunks_mut(l * ch).zip(dz.par_chunks_mut(l * ch)))
         .zip(db.par_chunks_mut(l * n).zip(dc.par_chunks_mut(l * n)))
         .enumerate()
-        .map(|(bi, ((du, ddelta), (db, dc)))| {
+        .map(|(bi, ((du, (ddelta, dz)), (db, dc)))| {
             let (mut pa, mut pd) = (vec![0.0f32; ch * n], vec![0.0f32; ch]);
             let saved = &states[bi * s.saved() * ch * n..(bi + 1) * s.saved() * ch * n];
             let mut dh = vec![0.0f32; ch * n]; // dL/dh_t from later steps, carried backwards
@@ -158,20 +175,23 @@ pub fn selective_scan_backward(
                 for t in t0..t1 {
                     let (prev, next) = chunk_h.split_at_mut((t - t0 + 1) * ch * n);
                     next[..ch * n].copy_from_slice(&prev[(t - t0) * ch * n..]);
-                    advance(&mut next[..ch * n], bi * l + t, u, delta, a, b, ch, n);
+                    advance(&mut next[..ch * n], bi * l + t, &x, &a, ch, n);
                 }
                 for t in (t0..t1).rev() {
                     let row = bi * l + t;
                     let h_prev = &chunk_h[(t - t0) * ch * n..(t - t0 + 1) * ch * n];
                     let h_t = &chunk_h[(t - t0 + 1) * ch * n..(t - t0 + 2) * ch * n];
-                    let (bt, ct) = (&b[row * n..(row + 1) * n], &c[row * n..(row + 1) * n]);
+                    let (bt, ct) = (&x.b[row * n..(row + 1) * n], &x.c[row * n..(row + 1) * n]);
                     let (dbt, dct) = (&mut db[t * n..(t + 1) * n], &mut dc[t * n..(t + 1) * n]);
                     dbt.fill(0.0);
                     dct.fill(0.0);
-                    for d in 0..ch {
-                        let (dt, ut, g) = (delta[row * ch + d], u[row * ch + d], dy[row * ch + d]);
+                    for (d, dt) in step_size(x.delta, x.delta_bias, row, ch).enumerate() {
+                        let (ut, zt) = (x.u[row * ch + d], x.z[row * ch + d]);
+                        let out = dy[row * ch + d];
+                        dz[t * ch + d] = out * readout(h_t, &x, row, d, ch, n) * silu_grad(zt);
+                        let g = out * silu(zt); // dL/d(C.h + D u)
                         pd[d] += g * ut;
-                        let (mut du_acc, mut ddt_acc) = (g * d_skip[d], 0.0f32);
+                        let (mut du_acc, mut ddt_acc) = (g * x.d[d], 0.0f32);
                         for i in 0..n {
                             let k = d * n + i;
                             dct[i] += g * h_t[k];
@@ -184,15 +204,235 @@ pub fn selective_scan_backward(
                             dh[k] = adj * decay; // dL/dh_{t-1} through h_t
                         }
                         du[t * ch + d] = du_acc;
-                        ddelta[t * ch + d] = ddt_acc;
+                        // Through the softplus: d softplus(v) / dv = sigmoid(v) = 1 - exp(-dt).
+                        ddelta[t * ch + d] = ddt_acc * -(-dt).exp_m1();
                     }
                 }
             }
             (pa, pd)
         })
         .collect();
+    // dA_log = dA * A; the bias gradient is the column sum of ddelta.
     for (pa, pd) in partials {
-        da.iter_mut().zip(&pa).for_each(|(x, p)| *x += p);
+        da_log.iter_mut().zip(&pa).zip(&a).for_each(|((x, p), a)| *x += p * a);
         dd.iter_mut().zip(&pd).for_each(|(x, p)| *x += p);
+    }
+    for row in ddelta.chunks(ch) {
+        ddelta_bias.iter_mut().zip(row).for_each(|(b, g)| *b += g);
+    }
+}
+
+/// Where x, B and C of one head sit in the fused `[x | B | C]` rows of an SSD.
+#[derive(Clone, Copy)]
+struct SsdIndex {
+    width: usize,
+    inner: usize,
+    p: usize,
+    n: usize,
+    x: usize,
+    b: usize,
+    c: usize,
+}
+
+impl SsdIndex {
+    fn new(s: &SsdShape, head: usize) -> Self {
+        let (inner, n) = (s.inner(), s.state);
+        let group = head / (s.heads / s.groups);
+        let b = inner + group * n;
+        Self { width: s.xbc_width(), inner, p: s.head_dim, n, x: head * s.head_dim, b, c: b + s.groups * n }
+    }
+    fn x(&self, t: usize) -> std::ops::Range<usize> {
+        t * self.width + self.x..t * self.width + self.x + self.p
+    }
+    fn b(&self, t: usize) -> std::ops::Range<usize> {
+        t * self.width + self.b..t * self.width + self.b + self.n
+    }
+    fn c(&self, t: usize) -> std::ops::Range<usize> {
+        t * self.width + self.c..t * self.width + self.c + self.n
+    }
+    /// Head columns of a `[rows, inner]` row (y, dy).
+    fn y(&self, t: usize) -> std::ops::Range<usize> {
+        t * self.inner + self.x..t * self.inner + self.x + self.p
+    }
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(a, b)| a * b).sum()
+}
+
+/// Step sizes `softplus(raw + bias)` of one head over tokens `t0..t1` of a sequence (`dt` is
+/// that sequence's `[len, heads]`), and their running decay sums `L_i = sum_{k<=i} dt_k A`.
+fn chunk_steps(dt: &[f32], bias: f32, a: f32, head: usize, heads: usize, t0: usize, t1: usize) -> (Vec<f32>, Vec<f32>) {
+    let steps: Vec<f32> = (t0..t1).map(|t| softplus(dt[t * heads + head] + bias)).collect();
+    let decay = steps
+        .iter()
+        .scan(0.0f32, |acc, s| {
+            *acc += s * a;
+            Some(*acc)
+        })
+        .collect();
+    (steps, decay)
+}
+
+pub fn ssd_forward(x: SsdInputs<&[f32]>, y: &mut [f32], states: &mut [f32], s: SsdShape) {
+    let (l, heads, (p, n)) = (s.len, s.heads, (s.head_dim, s.state));
+    let (width, pn) = (s.xbc_width(), p * n);
+    assert!(y.len() == s.rows() * s.inner() && states.len() == s.states_len());
+    let seqs = y.par_chunks_mut(l * s.inner()).zip(states.par_chunks_mut(s.saved() * heads * pn));
+    seqs.enumerate().for_each(|(bi, (y, saved))| {
+        let xbc = &x.xbc[bi * l * width..(bi + 1) * l * width];
+        let dt = &x.dt[bi * l * heads..(bi + 1) * l * heads];
+        for h in 0..heads {
+            let at = SsdIndex::new(&s, h);
+            let a = -x.a_log[h].exp();
+            let mut state = vec![0.0f32; pn];
+            saved[h * pn..(h + 1) * pn].fill(0.0);
+            for chunk in 0..l.div_ceil(s.chunk) {
+                let (t0, t1) = (chunk * s.chunk, ((chunk + 1) * s.chunk).min(l));
+                let (steps, decay) = chunk_steps(dt, x.dt_bias[h], a, h, heads, t0, t1);
+                for i in 0..t1 - t0 {
+                    let ci = &xbc[at.c(t0 + i)];
+                    let yi = &mut y[at.y(t0 + i)];
+                    let carried = decay[i].exp();
+                    for ((yv, xv), hs) in yi.iter_mut().zip(&xbc[at.x(t0 + i)]).zip(state.chunks_exact(n)) {
+                        *yv = x.d[h] * xv + carried * dot(hs, ci);
+                    }
+                    for j in 0..=i {
+                        let w = (decay[i] - decay[j]).exp() * steps[j] * dot(ci, &xbc[at.b(t0 + j)]);
+                        yi.iter_mut().zip(&xbc[at.x(t0 + j)]).for_each(|(yv, xv)| *yv += w * xv);
+                    }
+                }
+                let last = t1 - t0 - 1;
+                let total = decay[last].exp();
+                state.iter_mut().for_each(|v| *v *= total);
+                for j in 0..=last {
+                    let w = (decay[last] - decay[j]).exp() * steps[j];
+                    let bj = &xbc[at.b(t0 + j)];
+                    for (hs, xv) in state.chunks_exact_mut(n).zip(&xbc[at.x(t0 + j)]) {
+                        hs.iter_mut().zip(bj).for_each(|(h, b)| *h += w * xv * b);
+                    }
+                }
+                let slot = chunk + 1;
+                saved[(slot * heads + h) * pn..(slot * heads + h + 1) * pn].copy_from_slice(&state);
+            }
+        }
+    });
+}
+
+/// Writes `dxbc` and `ddt`; accumulates `ddt_bias`, `da_log` and `dd`. Walks each head's
+/// chunks in reverse, carrying dL/dH (the state leaving the chunk) and reading the state
+/// entering each chunk from `states`; each term is the derivative of one term of the forward's
+/// quadratic form (`L` enters through exp(L_i - L_j), the carried state and the state update).
+pub fn ssd_backward(dy: &[f32], x: SsdInputs<&[f32]>, states: &[f32], g: SsdGrads<&mut [f32]>, s: SsdShape) {
+    let (l, heads, (p, n)) = (s.len, s.heads, (s.head_dim, s.state));
+    let (width, pn) = (s.xbc_width(), p * n);
+    let SsdGrads { dxbc, ddt, ddt_bias, da_log, dd } = g;
+    // Per sequence and head: d dt_bias, dA and dD, reduced in sequence order below.
+    let partials: Vec<[Vec<f32>; 3]> = dxbc
+        .par_chunks_mut(l * width)
+        .zip(ddt.par_chunks_mut(l * heads))
+        .enumerate()
+        .map(|(bi, (dxbc, ddt))| {
+            let xbc = &x.xbc[bi * l * width..(bi + 1) * l * width];
+            let dt = &x.dt[bi * l * heads..(bi + 1) * l * heads];
+            let dy = &dy[bi * l * s.inner()..(bi + 1) * l * s.inner()];
+            let saved = &states[bi * s.saved() * heads * pn..(bi + 1) * s.saved() * heads * pn];
+            let [mut dbias, mut da, mut dskip] = [vec![0.0f32; heads], vec![0.0f32; heads], vec![0.0f32; heads]];
+            dxbc.fill(0.0);
+            for h in 0..heads {
+                let at = SsdIndex::new(&s, h);
+                let a = -x.a_log[h].exp();
+                let mut dstate = vec![0.0f32; pn]; // dL/dH leaving the current chunk
+                for chunk in (0..l.div_ceil(s.chunk)).rev() {
+                    let (t0, t1) = (chunk * s.chunk, ((chunk + 1) * s.chunk).min(l));
+                    let (q, last) = (t1 - t0, t1 - t0 - 1);
+                    let h0 = &saved[(chunk * heads + h) * pn..(chunk * heads + h + 1) * pn];
+                    let (steps, decay) = chunk_steps(dt, x.dt_bias[h], a, h, heads, t0, t1);
+                    let (mut ddecay, mut dsteps) = (vec![0.0f32; q], vec![0.0f32; q]);
+                    // dL/dH0, from the carried-state readouts and from the state update.
+                    let total = decay[last].exp();
+                    let mut dh0: Vec<f32> = dstate.iter().map(|g| total * g).collect();
+                    ddecay[last] += total * dot(&dstate, h0);
+                    for i in 0..q {
+                        let ti = t0 + i;
+                        let dyi = &dy[at.y(ti)];
+                        // Skip term D x_i.
+                        dskip[h] += dot(dyi, &xbc[at.x(ti)]);
+                        dxbc[at.x(ti)].iter_mut().zip(dyi).for_each(|(d, g)| *d += x.d[h] * g);
+                        // Carried state exp(L_i) H0 C_i.
+                        let carried = decay[i].exp();
+                        for (pi, g) in dyi.iter().enumerate() {
+                            let (hs, dhs) = (&h0[pi * n..(pi + 1) * n], &mut dh0[pi * n..(pi + 1) * n]);
+                            let ci = &xbc[at.c(ti)];
+                            ddecay[i] += carried * g * dot(hs, ci);
+                            dhs.iter_mut().zip(ci).for_each(|(d, c)| *d += carried * g * c);
+                            let dci = &mut dxbc[at.c(ti)];
+                            dci.iter_mut().zip(hs).for_each(|(d, h)| *d += carried * g * h);
+                        }
+                        // Intra-chunk pairs j <= i: exp(L_i - L_j) dt_j (C_i . B_j) x_j.
+                        for j in 0..=i {
+                            let tj = t0 + j;
+                            let e = (decay[i] - decay[j]).exp();
+                            let cb = dot(&xbc[at.c(ti)], &xbc[at.b(tj)]);
+                            let gx = dot(dyi, &xbc[at.x(tj)]);
+                            let pair = e * steps[j] * cb * gx;
+                            ddecay[i] += pair;
+                            ddecay[j] -= pair;
+                            dsteps[j] += e * cb * gx;
+                            let to_x = e * steps[j] * cb;
+                            dxbc[at.x(tj)].iter_mut().zip(dyi).for_each(|(d, g)| *d += to_x * g);
+                            let to_bc = e * steps[j] * gx;
+                            for k in 0..n {
+                                let (b, c) = (xbc[at.b(tj).start + k], xbc[at.c(ti).start + k]);
+                                dxbc[at.b(tj).start + k] += to_bc * c;
+                                dxbc[at.c(ti).start + k] += to_bc * b;
+                            }
+                        }
+                    }
+                    // State update: H_end = exp(L_last) H0 + sum_j exp(L_last - L_j) dt_j x_j B_j^T.
+                    for j in 0..q {
+                        let tj = t0 + j;
+                        let w = (decay[last] - decay[j]).exp();
+                        let (xj, bj) = (&xbc[at.x(tj)], &xbc[at.b(tj)]);
+                        // v = dH B_j (over state), u = dH^T x_j (over head channels).
+                        let v: Vec<f32> = dstate.chunks_exact(n).map(|row| dot(row, bj)).collect();
+                        let mut u = vec![0.0f32; n];
+                        for (row, xv) in dstate.chunks_exact(n).zip(xj) {
+                            u.iter_mut().zip(row).for_each(|(u, d)| *u += d * xv);
+                        }
+                        let xv_dot = dot(xj, &v);
+                        dsteps[j] += w * xv_dot;
+                        ddecay[last] += w * steps[j] * xv_dot;
+                        ddecay[j] -= w * steps[j] * xv_dot;
+                        let scale = w * steps[j];
+                        dxbc[at.x(tj)].iter_mut().zip(&v).for_each(|(d, v)| *d += scale * v);
+                        dxbc[at.b(tj)].iter_mut().zip(&u).for_each(|(d, u)| *d += scale * u);
+                    }
+                    // L_i = sum_{k<=i} dt_k A: dL/d(dt_k A) is the suffix sum of dL/dL_i.
+                    let mut suffix = 0.0f32;
+                    for k in (0..q).rev() {
+                        suffix += ddecay[k];
+                        dsteps[k] += a * suffix;
+                        da[h] += steps[k] * suffix;
+                    }
+                    // Through the softplus: d softplus(v) / dv = sigmoid(v) = 1 - exp(-dt).
+                    for k in 0..q {
+                        let g = dsteps[k] * -(-steps[k]).exp_m1();
+                        ddt[(t0 + k) * heads + h] = g;
+                        dbias[h] += g;
+                    }
+                    dstate = dh0;
+                }
+            }
+            [dbias, da, dskip]
+        })
+        .collect();
+    for [dbias, da, dskip] in partials {
+        for h in 0..heads {
+            ddt_bias[h] += dbias[h];
+            // dA_log = dA * A.
+            da_log[h] += da[h] * -x.a_log[h].exp();
+            dd[h] += dskip[h];
+        }
     }
 }

@@ -3,7 +3,7 @@
 //! attention block and not a multiple of it, grouped-query heads.
 
 use ondol_core::AdamWParams;
-use ondol_core::backend::{AttnShape, Backend, Gemm, rope_table};
+use ondol_core::backend::{Activation, AttnShape, Backend, Gemm, rope_table};
 use ondol_core::gradcheck::{check, dot, randn};
 use ondol_cpu::CpuBackend;
 
@@ -336,7 +336,7 @@ fn multi_query_attention_backward_matches_finite_differences() {
 }
 
 #[test]
-fn swiglu_and_gelu_backward_match_finite_differences() {
+fn swiglu_gelu_and_relu2_backward_match_finite_differences() {
     let (rows, width) = (5, 9);
     let mut gu = randn(rows * 2 * width, 1.5, 23);
     let dout = randn(rows * width, 1.0, 24);
@@ -358,23 +358,25 @@ fn swiglu_and_gelu_backward_match_finite_differences() {
     )
     .assert_ok("swiglu");
 
-    let mut x = randn(rows * width, 2.0, 25);
-    let mut dx = vec![0.0; x.len()];
-    BE.gelu_backward(&dout, &x, &mut dx);
-    check(
-        &mut x,
-        &dx,
-        |x| {
-            BE.gelu_forward(x, &mut out);
-            dot(&dout, &out)
-        },
-        H,
-        RTOL,
-        ATOL,
-        usize::MAX,
-        0,
-    )
-    .assert_ok("gelu");
+    for act in [Activation::Gelu, Activation::Relu2] {
+        let mut x = randn(rows * width, 2.0, 25);
+        let mut dx = vec![0.0; x.len()];
+        BE.activation_backward(act, &dout, &x, &mut dx);
+        check(
+            &mut x,
+            &dx,
+            |x| {
+                BE.activation_forward(act, x, &mut out);
+                dot(&dout, &out)
+            },
+            H,
+            RTOL,
+            ATOL,
+            usize::MAX,
+            0,
+        )
+        .assert_ok(&format!("{act:?}"));
+    }
 }
 
 #[test]

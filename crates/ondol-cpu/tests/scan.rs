@@ -1,8 +1,9 @@
-//! Mamba's causal depthwise convolution and selective scan against central finite
-//! differences, for chunk sizes that do and do not divide the sequence length.
+//! Mamba's causal convolution, selective scan, SSD scan and gated RMSNorm against central
+//! finite differences, for chunk sizes that do and do not divide the sequence length; the SSD
+//! chunked form also against the plain sequential recurrence.
 
 use ondol_core::gradcheck::{check, dot, randn};
-use ondol_core::{Backend, ScanShape};
+use ondol_core::{Backend, ScanGrads, ScanInputs, ScanShape, SsdGrads, SsdInputs, SsdShape};
 use ondol_cpu::CpuBackend;
 
 const BE: CpuBackend = CpuBackend;
@@ -19,12 +20,13 @@ const ATOL: f64 = 1e-3;
 fn conv1d_backward_matches_finite_differences() {
     let (batch, len, ch, k) = (2, 7, 3, 4);
     let mut x = randn(batch * len * ch, 1.0, 1);
+    // (the pre-activations land on both sides of SiLU's bend)
     let mut w = randn(ch * k, 0.5, 2);
     let mut bias = randn(ch, 0.5, 3);
     let dy = randn(x.len(), 1.0, 4);
     let mut y = vec![0.0; x.len()];
     let (mut dx, mut dw, mut db) = (vec![f32::NAN; x.len()], vec![0.0; w.len()], vec![0.0; ch]);
-    BE.conv1d_backward(&dy, &x, &w, &mut dx, &mut dw, &mut db, len, ch);
+    BE.conv1d_backward(&dy, &x, &w, &bias, &mut dx, &mut dw, &mut db, len, ch);
     let (w0, b0) = (w.clone(), bias.clone());
     check(
         &mut x,
@@ -78,95 +80,210 @@ fn conv1d_backward_matches_finite_differences() {
     assert_eq!(&y[..(len - 1) * ch], &y2[..(len - 1) * ch]);
 }
 
+/// Field by field, the inputs of a selective scan, owned.
 struct Inputs {
-    u: Vec<f32>,
-    delta: Vec<f32>,
-    a: Vec<f32>,
-    b: Vec<f32>,
-    c: Vec<f32>,
-    d: Vec<f32>,
+    fields: [Vec<f32>; 8],
 }
 
-fn inputs(s: ScanShape) -> Inputs {
-    let (bl, ch, n) = (s.batch * s.len, s.channels, s.state);
-    Inputs {
-        u: randn(bl * ch, 1.0, 5),
-        // Positive step sizes, as softplus makes them.
-        delta: randn(bl * ch, 0.3, 6).iter().map(|v| 0.4 + v.abs()).collect(),
-        // Negative A, as -exp(A_log) makes it.
-        a: randn(ch * n, 0.5, 7).iter().map(|v| -(0.2 + v.abs())).collect(),
-        b: randn(bl * n, 1.0, 8),
-        c: randn(bl * n, 1.0, 9),
-        d: randn(ch, 1.0, 10),
+const SCAN_FIELDS: [&str; 8] = ["u", "delta", "delta_bias", "a_log", "b", "c", "d", "z"];
+
+impl Inputs {
+    fn new(s: ScanShape) -> Self {
+        let (bl, ch, n) = (s.batch * s.len, s.channels, s.state);
+        Self {
+            fields: [
+                randn(bl * ch, 1.0, 5),
+                randn(bl * ch, 1.0, 6),
+                randn(ch, 0.5, 7),
+                randn(ch * n, 0.5, 8),
+                randn(bl * n, 1.0, 9),
+                randn(bl * n, 1.0, 10),
+                randn(ch, 1.0, 11),
+                randn(bl * ch, 1.0, 12),
+            ],
+        }
+    }
+    fn views(&self) -> ScanInputs<&[f32]> {
+        let [u, delta, delta_bias, a_log, b, c, d, z] = self.fields.each_ref().map(|v| v.as_slice());
+        ScanInputs { u, delta, delta_bias, a_log, b, c, d, z }
     }
 }
 
-fn forward(x: &Inputs, s: ScanShape) -> Vec<f32> {
+fn scan_forward(x: &Inputs, s: ScanShape) -> (Vec<f32>, Vec<f32>) {
     let mut y = vec![0.0; s.batch * s.len * s.channels];
     let mut states = vec![0.0; s.batch * s.saved() * s.channels * s.state];
-    BE.selective_scan_forward(&x.u, &x.delta, &x.a, &x.b, &x.c, &x.d, &mut y, &mut states, s);
-    y
+    BE.selective_scan_forward(x.views(), &mut y, &mut states, s);
+    (y, states)
 }
 
 #[test]
 fn selective_scan_backward_matches_finite_differences_for_every_input() {
     for chunk in [1, 3, 4, 16] {
         let s = ScanShape { batch: 2, len: 10, channels: 3, state: 4, chunk };
-        let mut x = inputs(s);
-        let dy = randn(s.batch * s.len * s.channels, 1.0, 11);
-        let mut y = vec![0.0; dy.len()];
-        let mut states = vec![0.0; s.batch * s.saved() * s.channels * s.state];
-        BE.selective_scan_forward(&x.u, &x.delta, &x.a, &x.b, &x.c, &x.d, &mut y, &mut states, s);
+        let mut x = Inputs::new(s);
+        let dy = randn(s.batch * s.len * s.channels, 1.0, 13);
+        let (y, states) = scan_forward(&x, s);
         // The chunked forward's output does not depend on the chunk size.
-        let reference = forward(&x, ScanShape { chunk: 1, ..s });
-        assert_eq!(y, reference, "chunk {chunk} changed the output");
-        let (mut du, mut ddelta) = (vec![f32::NAN; dy.len()], vec![f32::NAN; dy.len()]);
-        let (mut db, mut dc) = (vec![f32::NAN; x.b.len()], vec![f32::NAN; x.c.len()]);
-        let (mut da, mut dd) = (vec![0.0; x.a.len()], vec![0.0; x.d.len()]);
-        BE.selective_scan_backward(
-            &dy,
-            &x.u,
-            &x.delta,
-            &x.a,
-            &x.b,
-            &x.c,
-            &x.d,
-            &states,
-            &mut du,
-            &mut ddelta,
-            &mut da,
-            &mut db,
-            &mut dc,
-            &mut dd,
-            s,
-        );
-        macro_rules! fd {
-            ($field:ident, $grad:expr, $name:expr) => {{
-                let mut values = x.$field.clone();
-                let grad = $grad.clone();
-                check(
-                    &mut values,
-                    &grad,
-                    |v| {
-                        let saved = std::mem::replace(&mut x.$field, v.to_vec());
-                        let y = forward(&x, s);
-                        x.$field = saved;
-                        dot(&dy, &y)
-                    },
-                    H,
-                    RTOL,
-                    ATOL,
-                    usize::MAX,
-                    0,
-                )
-                .assert_ok(&format!("{} (chunk {chunk})", $name));
-            }};
+        assert_eq!(y, scan_forward(&x, ScanShape { chunk: 1, ..s }).0, "chunk {chunk} changed the output");
+        let mut grads: [Vec<f32>; 8] = x.fields.each_ref().map(|f| vec![0.0; f.len()]);
+        {
+            let [u, delta, delta_bias, a_log, b, c, d, z] = grads.each_mut().map(|v| v.as_mut_slice());
+            let g =
+                ScanGrads { du: u, ddelta: delta, ddelta_bias: delta_bias, da_log: a_log, db: b, dc: c, dd: d, dz: z };
+            BE.selective_scan_backward(&dy, x.views(), &states, g, s);
         }
-        fd!(u, du, "du");
-        fd!(delta, ddelta, "ddelta");
-        fd!(a, da, "dA");
-        fd!(b, db, "dB");
-        fd!(c, dc, "dC");
-        fd!(d, dd, "dD");
+        for (k, name) in SCAN_FIELDS.iter().enumerate() {
+            let mut values = x.fields[k].clone();
+            check(
+                &mut values,
+                &grads[k],
+                |v| {
+                    let saved = std::mem::replace(&mut x.fields[k], v.to_vec());
+                    let y = scan_forward(&x, s).0;
+                    x.fields[k] = saved;
+                    dot(&dy, &y)
+                },
+                H,
+                RTOL,
+                ATOL,
+                usize::MAX,
+                0,
+            )
+            .assert_ok(&format!("d{name} (chunk {chunk})"));
+        }
+    }
+}
+
+/// The inputs of an SSD scan, owned: xbc, dt, dt_bias, a_log, d.
+struct SsdData {
+    fields: [Vec<f32>; 5],
+}
+
+const SSD_FIELDS: [&str; 5] = ["xbc", "dt", "dt_bias", "a_log", "d"];
+
+impl SsdData {
+    fn new(s: SsdShape, seed: u64) -> Self {
+        Self {
+            fields: [
+                randn(s.rows() * s.xbc_width(), 1.0, seed),
+                randn(s.rows() * s.heads, 1.0, seed + 1),
+                randn(s.heads, 0.5, seed + 2),
+                randn(s.heads, 0.5, seed + 3),
+                randn(s.heads, 1.0, seed + 4),
+            ],
+        }
+    }
+    fn views(&self) -> SsdInputs<&[f32]> {
+        let [xbc, dt, dt_bias, a_log, d] = self.fields.each_ref().map(|v| v.as_slice());
+        SsdInputs { xbc, dt, dt_bias, a_log, d }
+    }
+}
+
+fn ssd_forward(x: &SsdData, s: SsdShape) -> (Vec<f32>, Vec<f32>) {
+    let mut y = vec![0.0; s.rows() * s.inner()];
+    let mut states = vec![0.0; s.states_len()];
+    BE.ssd_forward(x.views(), &mut y, &mut states, s);
+    (y, states)
+}
+
+/// The recurrence one token at a time, in f64: H = exp(dt A) H + dt x B^T, y = H C + D x.
+fn ssd_sequential(x: &SsdData, s: SsdShape) -> Vec<f64> {
+    let [xbc, dt, dt_bias, a_log, d] = &x.fields;
+    let (w, inner, (p, n)) = (s.xbc_width(), s.inner(), (s.head_dim, s.state));
+    let mut y = vec![0.0f64; s.rows() * inner];
+    for bi in 0..s.batch {
+        for h in 0..s.heads {
+            let g = h / (s.heads / s.groups);
+            let a = -(a_log[h] as f64).exp();
+            let mut state = vec![0.0f64; p * n];
+            for t in 0..s.len {
+                let row = bi * s.len + t;
+                let v = (dt[row * s.heads + h] + dt_bias[h]) as f64;
+                let step = if v > 20.0 { v } else { v.exp().ln_1p() };
+                let xv = |i: usize| xbc[row * w + h * p + i] as f64;
+                let bv = |k: usize| xbc[row * w + inner + g * n + k] as f64;
+                let cv = |k: usize| xbc[row * w + inner + s.groups * n + g * n + k] as f64;
+                for i in 0..p {
+                    let mut acc = d[h] as f64 * xv(i);
+                    for k in 0..n {
+                        let hs = &mut state[i * n + k];
+                        *hs = (step * a).exp() * *hs + step * xv(i) * bv(k);
+                        acc += *hs * cv(k);
+                    }
+                    y[row * inner + h * p + i] = acc;
+                }
+            }
+        }
+    }
+    y
+}
+
+#[test]
+fn ssd_chunked_form_equals_the_sequential_recurrence() {
+    // Lengths that are and are not multiples of the chunk; one and several groups.
+    for (len, chunk, heads, groups) in [(12, 4, 2, 1), (13, 4, 4, 2), (9, 16, 2, 2), (7, 1, 2, 1), (20, 6, 4, 1)] {
+        let s = SsdShape { batch: 2, len, heads, head_dim: 3, groups, state: 5, chunk };
+        let x = SsdData::new(s, 40 + len as u64);
+        let (y, _) = ssd_forward(&x, s);
+        let want = ssd_sequential(&x, s);
+        let worst = y.iter().zip(&want).map(|(a, b)| (*a as f64 - b).abs() / (1.0 + b.abs())).fold(0.0, f64::max);
+        assert!(worst < 2e-5, "len {len} chunk {chunk} heads {heads} groups {groups}: worst error {worst:.2e}");
+    }
+}
+
+#[test]
+fn ssd_backward_matches_finite_differences_for_every_input() {
+    for (len, chunk, heads, groups) in [(9, 4, 2, 1), (8, 3, 4, 2), (6, 16, 2, 2)] {
+        let s = SsdShape { batch: 2, len, heads, head_dim: 3, groups, state: 4, chunk };
+        let mut x = SsdData::new(s, 60 + len as u64);
+        let dy = randn(s.rows() * s.inner(), 1.0, 70);
+        let (_, states) = ssd_forward(&x, s);
+        let mut grads: [Vec<f32>; 5] = x.fields.each_ref().map(|f| vec![0.0; f.len()]);
+        {
+            let [dxbc, ddt, ddt_bias, da_log, dd] = grads.each_mut().map(|v| v.as_mut_slice());
+            BE.ssd_backward(&dy, x.views(), &states, SsdGrads { dxbc, ddt, ddt_bias, da_log, dd }, s);
+        }
+        for (k, name) in SSD_FIELDS.iter().enumerate() {
+            let mut values = x.fields[k].clone();
+            check(
+                &mut values,
+                &grads[k],
+                |v| {
+                    let saved = std::mem::replace(&mut x.fields[k], v.to_vec());
+                    let y = ssd_forward(&x, s).0;
+                    x.fields[k] = saved;
+                    dot(&dy, &y)
+                },
+                H,
+                RTOL,
+                ATOL,
+                usize::MAX,
+                0,
+            )
+            .assert_ok(&format!("ssd d{name} (len {len}, chunk {chunk}, groups {groups})"));
+        }
+    }
+}
+
+#[test]
+fn gated_rmsnorm_backward_matches_finite_differences() {
+    for group in [12, 4] {
+        let (rows, width) = (5, 12);
+        let (mut x, mut z, mut w) = (randn(rows * width, 1.0, 80), randn(rows * width, 1.5, 81), randn(width, 1.0, 82));
+        let dout = randn(rows * width, 1.0, 83);
+        let mut out = vec![0.0; x.len()];
+        let mut rstd = vec![0.0; rows * width / group];
+        BE.gated_rmsnorm_forward(&x, &z, &w, &mut out, &mut rstd, group, 1e-5);
+        let (mut dx, mut dz, mut dw) = (vec![f32::NAN; x.len()], vec![f32::NAN; z.len()], vec![0.0; width]);
+        BE.gated_rmsnorm_backward(&dout, &x, &z, &w, &rstd, &mut dx, &mut dz, &mut dw, group);
+        let mut loss = |x: &[f32], z: &[f32], w: &[f32]| {
+            let mut r = vec![0.0; rows * width / group];
+            BE.gated_rmsnorm_forward(x, z, w, &mut out, &mut r, group, 1e-5);
+            dot(&dout, &out)
+        };
+        let (x0, z0, w0) = (x.clone(), z.clone(), w.clone());
+        check(&mut x, &dx, |v| loss(v, &z0, &w0), H, RTOL, ATOL, usize::MAX, 0).assert_ok("gated norm dx");
+        check(&mut z, &dz, |v| loss(&x0, v, &w0), H, RTOL, ATOL, usize::MAX, 0).assert_ok("gated norm dz");
+        check(&mut w, &dw, |v| loss(&x0, &z0, v), H, RTOL, ATOL, usize::MAX, 0).assert_ok("gated norm dw");
     }
 }

@@ -18,7 +18,7 @@
 use crate::config::{Arch, ModelConfig};
 use crate::params::{Init, ParamLayout, Path};
 use ondol_core::Result;
-use ondol_core::backend::{AttnShape, Backend, Gemm, rope_table};
+use ondol_core::backend::{Activation, AttnShape, Backend, Gemm, rope_table};
 use std::ops::Range;
 
 /// How a dense layer's weight is stored.
@@ -403,7 +403,7 @@ impl Transformer {
         layer.mlp_in.forward(be, params, be.all(&a.norm2.out), &mut a.mlp_in, rows);
         match self.cfg.arch {
             Arch::Llama => be.swiglu_forward(be.all(&a.mlp_in), be.all_mut(&mut a.act), self.cfg.ffn()),
-            Arch::Gpt2 => be.gelu_forward(be.all(&a.mlp_in), be.all_mut(&mut a.act)),
+            Arch::Gpt2 => be.activation_forward(Activation::Gelu, be.all(&a.mlp_in), be.all_mut(&mut a.act)),
         }
         layer.mlp_out.forward(be, params, be.all(&a.act), x_next, rows);
         be.add_assign(be.all_mut(x_next), be.all(&a.mid));
@@ -457,7 +457,12 @@ impl Transformer {
                 Arch::Llama => {
                     be.swiglu_backward(be.all(&s.dact), be.all(&a.mlp_in), be.all_mut(&mut s.dmlp_in), self.cfg.ffn())
                 }
-                Arch::Gpt2 => be.gelu_backward(be.all(&s.dact), be.all(&a.mlp_in), be.all_mut(&mut s.dmlp_in)),
+                Arch::Gpt2 => be.activation_backward(
+                    Activation::Gelu,
+                    be.all(&s.dact),
+                    be.all(&a.mlp_in),
+                    be.all_mut(&mut s.dmlp_in),
+                ),
             }
             layer.mlp_in.backward(
                 be,
