@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-# Generates tiny random Hugging Face models (+ expected logits/loss) under crates/ondol-ckpt/tests/fixtures/ so Rust tests can check ondol's forward pass against transformers.
+# Generates tiny random Hugging Face models (Llama, GPT-2, Mamba, Mamba-2, Nemotron-H; + expected logits/loss) under crates/ondol-ckpt/tests/fixtures/ so Rust tests can check ondol's forward pass against transformers.
 """
 Usage:
   python scripts/make-hf-fixtures.py [OUT_DIR]
@@ -77,6 +77,90 @@ def gpt2_config():
     )
 
 
+def mamba_config():
+    from transformers import MambaConfig
+
+    return MambaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        state_size=8,
+        num_hidden_layers=2,
+        expand=2,
+        conv_kernel=4,
+        layer_norm_epsilon=1e-5,
+        initializer_range=0.2,
+        pad_token_id=VOCAB - 1,
+        bos_token_id=VOCAB - 1,
+        eos_token_id=VOCAB - 1,
+    )
+
+
+def mamba2_config():
+    from transformers import Mamba2Config
+
+    # 8 heads x 8 = expand * hidden; chunks of 4 over 13 tokens exercise state passing and padding.
+    return Mamba2Config(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_heads=8,
+        head_dim=8,
+        state_size=8,
+        n_groups=2,
+        num_hidden_layers=2,
+        expand=2,
+        conv_kernel=4,
+        chunk_size=4,
+        layer_norm_epsilon=1e-5,
+        initializer_range=0.2,
+        tie_word_embeddings=False,
+        pad_token_id=VOCAB - 1,
+        bos_token_id=VOCAB - 1,
+        eos_token_id=VOCAB - 1,
+    )
+
+
+def nemotron_h_config():
+    from transformers import NemotronHConfig
+
+    return NemotronHConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        layers_block_type=["linear_attention", "full_attention", "mlp", "linear_attention"],
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=64,
+        intermediate_size=48,
+        ssm_state_size=8,
+        mamba_num_heads=8,
+        mamba_head_dim=8,
+        n_groups=2,
+        expand=2,
+        conv_kernel=4,
+        chunk_size=4,
+        layer_norm_epsilon=1e-5,
+        initializer_range=0.2,
+        use_mamba_kernels=False,
+        tie_word_embeddings=False,
+        pad_token_id=VOCAB - 1,
+        bos_token_id=VOCAB - 1,
+        eos_token_id=VOCAB - 1,
+    )
+
+
+def perturb_mamba(model, gen):
+    """Norm weights and D := 1 + N(0, 0.1); conv biases := N(0, 0.1); A_log += N(0, 0.1), so
+    that no parameter sits at a value that hides a wrong index."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ("norm" in name and name.endswith(".weight")) or name.endswith(".D"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+            elif name.endswith("conv1d.bias"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+            elif name.endswith("A_log"):
+                p.add_(0.1 * torch.randn(p.shape, generator=gen))
+
+
 def perturb_llama(model, gen):
     """RMSNorm weights := 1 + N(0, 0.1) (HF inits them to exactly 1)."""
     with torch.no_grad():
@@ -109,6 +193,8 @@ def build(name, config):
         perturb_llama(model, gen)
     elif config.model_type == "gpt2":
         perturb_gpt2(model, gen)
+    elif config.model_type in ("mamba", "mamba2", "nemotron_h"):
+        perturb_mamba(model, gen)
     model.eval()
     return model
 
@@ -144,6 +230,9 @@ def make(out_dir):
             ),
         ),
         ("tiny-gpt2", gpt2_config()),
+        ("tiny-mamba", mamba_config()),
+        ("tiny-mamba2", mamba2_config()),
+        ("tiny-nemotron-h", nemotron_h_config()),
     ]
     input_ids = fixed_input_ids()
     os.makedirs(out_dir, exist_ok=True)

@@ -264,9 +264,8 @@ pub fn verify(dir: &Path) -> Result<TrainerState> {
 pub fn model_config(dir: &Path) -> Result<ModelConfig> {
     let path = dir.join("config.json");
     let text = fs::read_to_string(&path).map_err(io(format!("cannot read {}", path.display())))?;
-    let json =
-        serde_json::from_str(&text).map_err(|e| Error::Input(format!("{}: not valid JSON: {e}", path.display())))?;
-    Ok(hf::from_hf_config(&json, &path.display().to_string())?.0)
+    let file = path.display().to_string();
+    Ok(hf::from_hf_config(&hf::parse_config(&text, &file)?, &file)?.0)
 }
 
 /// Errors unless the model in `dir` (declared as `theirs`) is the model a run configures
@@ -282,11 +281,28 @@ pub fn check_compatible(dir: &Path, theirs: &ModelConfig, ours: &ModelConfig) ->
             ("n_kv_heads", c.kv_heads().to_string()),
             ("ffn_hidden", c.ffn().to_string()),
             ("tie_embeddings", c.tied().to_string()),
-            ("max_seq_len", c.max_seq_len.to_string()),
             ("norm_eps", c.norm_eps.to_string()),
+            ("pattern", c.pattern.clone().unwrap_or_default()),
         ];
+        // A Mamba model's max_seq_len bounds nothing stored in its weights.
+        if c.has_attention() {
+            v.push(("max_seq_len", c.max_seq_len.to_string()));
+        }
         if c.arch == ondol_model::Arch::Llama {
             v.push(("rope_theta", c.rope_theta.to_string()));
+        }
+        if c.layer_kinds().contains(&ondol_model::LayerKind::Mamba) {
+            let s = &c.ssm;
+            v.extend([
+                ("ssm.state_size", c.ssm_state().to_string()),
+                ("ssm.conv_kernel", s.conv_kernel.to_string()),
+                ("ssm.expand", s.expand.to_string()),
+            ]);
+            if c.arch == ondol_model::Arch::Mamba {
+                v.push(("ssm.time_step_rank", c.ssm_rank().to_string()));
+            } else {
+                v.extend([("ssm.head_dim", s.head_dim.to_string()), ("ssm.n_groups", s.n_groups.to_string())]);
+            }
         }
         v
     };

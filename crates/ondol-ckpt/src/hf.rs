@@ -7,12 +7,67 @@
 //! with a warning, since ondol trains without dropout.
 
 use ondol_core::{Error, Result};
-use ondol_model::{Arch, ModelConfig};
+use ondol_model::{Arch, LayerKind, ModelConfig, SsmConfig};
 use serde_json::{Map, Value, json};
 
 /// The `config.json` of `cfg` in the Hugging Face schema of its architecture.
 pub fn to_hf_config(cfg: &ModelConfig, eos_token_id: Option<u32>) -> Value {
     let mut v = match cfg.arch {
+        Arch::Mamba => json!({
+            "architectures": ["MambaForCausalLM"],
+            "model_type": "mamba",
+            "vocab_size": cfg.vocab_size,
+            "hidden_size": cfg.d_model,
+            "intermediate_size": cfg.ssm_inner(),
+            "state_size": cfg.ssm_state(),
+            "num_hidden_layers": cfg.n_layers,
+            "layer_norm_epsilon": cfg.norm_eps,
+            "expand": cfg.ssm.expand,
+            "conv_kernel": cfg.ssm.conv_kernel,
+            "time_step_rank": cfg.ssm_rank(),
+            "time_step_scale": 1.0,
+            "time_step_min": cfg.ssm.time_step_min,
+            "time_step_max": cfg.ssm.time_step_max,
+            "time_step_floor": cfg.ssm.time_step_floor,
+            "time_step_init_scheme": "random",
+            "use_bias": false,
+            "use_conv_bias": true,
+            "hidden_act": "silu",
+            "residual_in_fp32": true,
+            "rescale_prenorm_residual": false,
+            "tie_word_embeddings": cfg.tied(),
+            "initializer_range": cfg.init_std,
+            "use_cache": true,
+            "torch_dtype": "float32",
+        }),
+        Arch::Mamba2 => json!({
+            "architectures": ["Mamba2ForCausalLM"],
+            "model_type": "mamba2",
+            "vocab_size": cfg.vocab_size,
+            "hidden_size": cfg.d_model,
+            "num_heads": cfg.ssm_heads(),
+            "head_dim": cfg.ssm.head_dim,
+            "state_size": cfg.ssm_state(),
+            "n_groups": cfg.ssm.n_groups,
+            "num_hidden_layers": cfg.n_layers,
+            "layer_norm_epsilon": cfg.norm_eps,
+            "expand": cfg.ssm.expand,
+            "conv_kernel": cfg.ssm.conv_kernel,
+            "chunk_size": cfg.ssm.chunk_size,
+            "time_step_min": cfg.ssm.time_step_min,
+            "time_step_max": cfg.ssm.time_step_max,
+            "time_step_floor": cfg.ssm.time_step_floor,
+            "use_bias": false,
+            "use_conv_bias": true,
+            "hidden_act": "silu",
+            "residual_in_fp32": true,
+            "rescale_prenorm_residual": false,
+            "tie_word_embeddings": cfg.tied(),
+            "initializer_range": cfg.init_std,
+            "use_cache": true,
+            "torch_dtype": "float32",
+        }),
+        Arch::Hybrid => nemotron_h_config(cfg),
         Arch::Llama => json!({
             "architectures": ["LlamaForCausalLM"],
             "model_type": "llama",
@@ -65,6 +120,58 @@ pub fn to_hf_config(cfg: &ModelConfig, eos_token_id: Option<u32>) -> Value {
         v["bos_token_id"] = json!(eos);
     }
     v
+}
+
+/// Nemotron-H's names for the layer kinds of a hybrid pattern.
+const NEMOTRON_LAYER_TYPES: [(LayerKind, &str); 3] =
+    [(LayerKind::Mamba, "linear_attention"), (LayerKind::Attention, "full_attention"), (LayerKind::Mlp, "mlp")];
+
+/// A hybrid as `NemotronHForCausalLM` (Mamba-2 mixers, attention without positional encoding,
+/// squared-ReLU MLPs, each behind an RMSNorm), which represents it exactly.
+fn nemotron_h_config(cfg: &ModelConfig) -> Value {
+    let types: Vec<&str> = cfg
+        .layer_kinds()
+        .iter()
+        .map(|k| NEMOTRON_LAYER_TYPES.iter().find(|(kind, _)| kind == k).expect("every kind has a name").1)
+        .collect();
+    json!({
+        "architectures": ["NemotronHForCausalLM"],
+        "model_type": "nemotron_h",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "layers_block_type": types,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.kv_heads(),
+        "head_dim": cfg.head_dim(),
+        "max_position_embeddings": cfg.max_seq_len,
+        "attention_bias": false,
+        "attention_dropout": 0.0,
+        "intermediate_size": cfg.ffn(),
+        "mlp_hidden_act": "relu2",
+        "mlp_bias": false,
+        "ssm_state_size": cfg.ssm_state(),
+        "mamba_num_heads": cfg.ssm_heads(),
+        "mamba_head_dim": cfg.ssm.head_dim,
+        "mamba_hidden_act": "silu",
+        "n_groups": cfg.ssm.n_groups,
+        "conv_kernel": cfg.ssm.conv_kernel,
+        "expand": cfg.ssm.expand,
+        "chunk_size": cfg.ssm.chunk_size,
+        "time_step_min": cfg.ssm.time_step_min,
+        "time_step_max": cfg.ssm.time_step_max,
+        "time_step_floor": cfg.ssm.time_step_floor,
+        "use_conv_bias": true,
+        "mamba_proj_bias": false,
+        "use_bias": false,
+        "layer_norm_epsilon": cfg.norm_eps,
+        "residual_in_fp32": true,
+        "num_nextn_predict_layers": 0,
+        "tie_word_embeddings": cfg.tied(),
+        "initializer_range": cfg.init_std,
+        "use_cache": true,
+        "torch_dtype": "float32",
+    })
 }
 
 /// `generation_config.json`: sampling defaults that transformers' `generate` picks up.
@@ -143,8 +250,278 @@ const HARMLESS: &[&str] = &[
     "summary_first_dropout",
 ];
 
+const MAMBA_FIELDS: &[&str] = &[
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "state_size",
+    "num_hidden_layers",
+    "layer_norm_epsilon",
+    "expand",
+    "conv_kernel",
+    "time_step_rank",
+    "time_step_scale",
+    "time_step_min",
+    "time_step_max",
+    "time_step_floor",
+    "time_step_init_scheme",
+    "use_bias",
+    "use_conv_bias",
+    "hidden_act",
+    "residual_in_fp32",
+    "rescale_prenorm_residual",
+    "tie_word_embeddings",
+    "use_mambapy",
+    "use_associative_scan",
+];
+
+const MAMBA2_FIELDS: &[&str] = &[
+    "vocab_size",
+    "hidden_size",
+    "num_heads",
+    "head_dim",
+    "state_size",
+    "n_groups",
+    "num_hidden_layers",
+    "layer_norm_epsilon",
+    "expand",
+    "conv_kernel",
+    "chunk_size",
+    "time_step_rank",
+    "time_step_min",
+    "time_step_max",
+    "time_step_floor",
+    "time_step_limit",
+    "use_bias",
+    "use_conv_bias",
+    "hidden_act",
+    "residual_in_fp32",
+    "rescale_prenorm_residual",
+    "tie_word_embeddings",
+];
+
+const NEMOTRON_FIELDS: &[&str] = &[
+    "vocab_size",
+    "hidden_size",
+    "layers_block_type",
+    "hybrid_override_pattern",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "max_position_embeddings",
+    "attention_bias",
+    "intermediate_size",
+    "mlp_hidden_act",
+    "mlp_bias",
+    "ssm_state_size",
+    "mamba_num_heads",
+    "mamba_head_dim",
+    "mamba_hidden_act",
+    "n_groups",
+    "conv_kernel",
+    "expand",
+    "chunk_size",
+    "time_step_min",
+    "time_step_max",
+    "time_step_floor",
+    "time_step_limit",
+    "use_conv_bias",
+    "mamba_proj_bias",
+    "use_bias",
+    "layer_norm_epsilon",
+    "residual_in_fp32",
+    "rescale_prenorm_residual",
+    "num_nextn_predict_layers",
+    "tie_word_embeddings",
+    "use_mamba_kernels",
+    "mamba_ssm_cache_dtype",
+    "num_logits_to_keep",
+    "sliding_window",
+    // Mixture-of-experts and multi-token-prediction sizes: inert without "moe" layers and
+    // with num_nextn_predict_layers = 0, both checked.
+    "moe_intermediate_size",
+    "moe_latent_size",
+    "moe_shared_expert_intermediate_size",
+    "moe_shared_expert_overlap",
+    "mtp_layers_block_type",
+    "n_group",
+    "n_routed_experts",
+    "n_shared_experts",
+    "norm_topk_prob",
+    "num_experts_per_tok",
+    "output_router_logits",
+    "routed_scaling_factor",
+    "topk_group",
+];
+
+/// A Mamba model has no position limit; imported models get this one, which only bounds
+/// `training.seq_len` and may be raised freely.
+const SSM_MAX_SEQ: usize = 1 << 16;
+
+/// The step-size init fields every Mamba config carries.
+fn ssm_steps(f: &Fields) -> Result<SsmConfig> {
+    let d = SsmConfig::default();
+    Ok(SsmConfig {
+        time_step_min: f.f64("time_step_min", d.time_step_min)?,
+        time_step_max: f.f64("time_step_max", d.time_step_max)?,
+        time_step_floor: f.f64("time_step_floor", d.time_step_floor)?,
+        ..d
+    })
+}
+
+/// ondol applies no clamp to the step size: `time_step_limit` must be (0, inf), the default.
+fn no_step_limit(f: &Fields) -> Result<()> {
+    match f.map.get("time_step_limit") {
+        None | Some(Value::Null) => Ok(()),
+        Some(v) if v.get(0).and_then(Value::as_f64) == Some(0.0) && v.get(1).is_some_and(is_infinite) => Ok(()),
+        Some(v) => Err(f.err("time_step_limit", format!("{v} is not supported: ondol implements no clamp, (0, inf)"))),
+    }
+}
+
+/// JSON has no infinity: transformers writes `{"__float__": "Infinity"}` (5.x) or Python's
+/// bare `Infinity` (older), which [`parse_config`] turns into a string.
+fn is_infinite(v: &Value) -> bool {
+    let text = v.get("__float__").unwrap_or(v);
+    text.as_str() == Some("Infinity") || v.as_f64().is_some_and(f64::is_infinite)
+}
+
+/// `heads` (a field of the config) must be expand * hidden_size / head_dim.
+fn check_heads(f: &Fields, key: &str, d_model: usize, ssm: &SsmConfig) -> Result<()> {
+    let heads = f.usize(key)?;
+    if heads * ssm.head_dim != ssm.expand * d_model {
+        return Err(f.err(
+            key,
+            format!(
+                "{heads} heads x head_dim {} != expand * hidden_size = {}: ondol needs all channels in heads",
+                ssm.head_dim,
+                ssm.expand * d_model
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn ssm_model(f: &Fields, arch: Arch, d_model: usize, ssm: SsmConfig, tied_default: bool) -> Result<ModelConfig> {
+    Ok(ModelConfig {
+        arch,
+        vocab_size: f.usize("vocab_size")?,
+        d_model,
+        n_layers: f.usize("num_hidden_layers")?,
+        n_heads: 0,
+        n_kv_heads: None,
+        ffn_hidden: None,
+        max_seq_len: SSM_MAX_SEQ,
+        tie_embeddings: Some(f.bool("tie_word_embeddings", tied_default)?),
+        rope_theta: 10_000.0,
+        norm_eps: f.f64("layer_norm_epsilon", 1e-5)? as f32,
+        init_std: f.f64("initializer_range", 0.1)? as f32,
+        init_residual_scaling: true,
+        pattern: None,
+        ssm,
+        init_from: None,
+    })
+}
+
+fn nemotron_h_from(f: &Fields) -> Result<ModelConfig> {
+    let map = f.map;
+    f.must_be("attention_bias", &json!(false), "attention without biases")?;
+    f.must_be("mlp_bias", &json!(false), "an MLP without biases")?;
+    f.must_be("mlp_hidden_act", &json!("relu2"), "relu2 MLPs")?;
+    f.must_be("mamba_hidden_act", &json!("silu"), "SiLU")?;
+    f.must_be("use_conv_bias", &json!(true), "a convolution with bias")?;
+    f.must_be("mamba_proj_bias", &json!(false), "Mamba projections without biases")?;
+    f.must_be("use_bias", &json!(false), "Mamba projections without biases")?;
+    f.must_be("num_nextn_predict_layers", &json!(0), "no multi-token prediction layers")?;
+    f.must_be("sliding_window", &Value::Null, "full attention")?;
+    no_step_limit(f)?;
+    let pattern: String = match (map.get("layers_block_type"), map.get("hybrid_override_pattern")) {
+        (Some(Value::Array(types)), _) => types
+            .iter()
+            .map(|t| match t.as_str() {
+                Some("linear_attention" | "mamba") => Ok('M'),
+                Some("full_attention" | "attention") => Ok('*'),
+                Some("mlp") => Ok('-'),
+                _ => Err(f.err(
+                    "layers_block_type",
+                    format!("{t} is not supported: ondol implements mamba, attention and mlp layers (no moe)"),
+                )),
+            })
+            .collect::<Result<_>>()?,
+        (_, Some(Value::String(p))) => {
+            if p.contains('E') {
+                return Err(f.err("hybrid_override_pattern", "E (mixture of experts) layers are not supported"));
+            }
+            p.clone()
+        }
+        _ => return Err(f.err("layers_block_type", "is missing (or hybrid_override_pattern)")),
+    };
+    let d_model = f.usize("hidden_size")?;
+    let n_heads = f.usize("num_attention_heads")?;
+    if let Some(hd) = f.opt_usize("head_dim")?
+        && hd * n_heads != d_model
+    {
+        return Err(f.err(
+            "head_dim",
+            format!("{hd} x {n_heads} heads != hidden_size {d_model}: ondol needs head_dim = hidden_size / heads"),
+        ));
+    }
+    let ssm = SsmConfig {
+        state_size: Some(f.usize("ssm_state_size")?),
+        conv_kernel: f.usize("conv_kernel")?,
+        expand: f.usize("expand")?,
+        head_dim: f.usize("mamba_head_dim")?,
+        n_groups: f.usize("n_groups")?,
+        chunk_size: f.usize("chunk_size")?,
+        ..ssm_steps(f)?
+    };
+    check_heads(f, "mamba_num_heads", d_model, &ssm)?;
+    Ok(ModelConfig {
+        arch: Arch::Hybrid,
+        vocab_size: f.usize("vocab_size")?,
+        d_model,
+        n_layers: pattern.chars().count(),
+        n_heads,
+        n_kv_heads: f.opt_usize("num_key_value_heads")?,
+        ffn_hidden: Some(f.usize("intermediate_size")?),
+        max_seq_len: f.usize("max_position_embeddings")?,
+        tie_embeddings: Some(f.bool("tie_word_embeddings", false)?),
+        rope_theta: 10_000.0,
+        norm_eps: f.f64("layer_norm_epsilon", 1e-5)? as f32,
+        init_std: f.f64("initializer_range", 0.02)? as f32,
+        init_residual_scaling: true,
+        pattern: Some(pattern),
+        ssm,
+        init_from: None,
+    })
+}
+
+/// Parses a `config.json`, accepting the bare `Infinity`, `-Infinity` and `NaN` Python's json
+/// module writes (Mamba-2's `time_step_limit`), which become strings.
+pub fn parse_config(text: &str, file: &str) -> Result<Value> {
+    let mut out = String::with_capacity(text.len());
+    let (mut in_string, mut escaped) = (false, false);
+    let mut rest = text;
+    while let Some(c) = rest.chars().next() {
+        if !in_string && let Some(word) = ["-Infinity", "Infinity", "NaN"].into_iter().find(|w| rest.starts_with(w)) {
+            out.push_str(&format!("\"{word}\""));
+            rest = &rest[word.len()..];
+            continue;
+        }
+        match (in_string, escaped, c) {
+            (true, true, _) => escaped = false,
+            (true, false, '\\') => escaped = true,
+            (_, false, '"') => in_string = !in_string,
+            _ => {}
+        }
+        out.push(c);
+        rest = &rest[c.len_utf8()..];
+    }
+    serde_json::from_str(&out).map_err(|e| Error::Input(format!("{file}: not valid JSON: {e}")))
+}
+
 /// Dropout probabilities: accepted, since they do not change inference, but reported.
-const DROPOUT: &[&str] = &["attention_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"];
+const DROPOUT: &[&str] = &["attention_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "hidden_dropout"];
 
 /// The model config of a Hugging Face `config.json` (`file` names it in errors).
 /// Returns the config and warnings for the user.
@@ -204,6 +581,8 @@ pub fn from_hf_config(json: &Value, file: &str) -> Result<(ModelConfig, Vec<Stri
                 norm_eps: f.f64("rms_norm_eps", 1e-6)? as f32,
                 init_std: f.f64("initializer_range", 0.02)? as f32,
                 init_residual_scaling: true,
+                pattern: None,
+                ssm: Default::default(),
                 init_from: None,
             };
             (
@@ -255,6 +634,8 @@ pub fn from_hf_config(json: &Value, file: &str) -> Result<(ModelConfig, Vec<Stri
                 norm_eps: f.f64("layer_norm_epsilon", 1e-5)? as f32,
                 init_std: f.f64("initializer_range", 0.02)? as f32,
                 init_residual_scaling: true,
+                pattern: None,
+                ssm: Default::default(),
                 init_from: None,
             };
             (
@@ -277,10 +658,60 @@ pub fn from_hf_config(json: &Value, file: &str) -> Result<(ModelConfig, Vec<Stri
                 ],
             )
         }
+        "mamba" => {
+            f.must_be("use_bias", &json!(false), "Mamba projections without biases")?;
+            f.must_be("use_conv_bias", &json!(true), "a convolution with bias")?;
+            f.must_be("hidden_act", &json!("silu"), "SiLU")?;
+            f.must_be("time_step_scale", &json!(1.0), "time_step_scale = 1")?;
+            let d_model = f.usize("hidden_size")?;
+            let expand = f.usize("expand")?;
+            if let Some(inner) = f.opt_usize("intermediate_size")?
+                && inner != expand * d_model
+            {
+                return Err(
+                    f.err("intermediate_size", format!("{inner} != expand * hidden_size = {}", expand * d_model))
+                );
+            }
+            let rank = match map.get("time_step_rank") {
+                None | Some(Value::Null) => None,
+                Some(v) if v == &json!("auto") => None,
+                Some(_) => Some(f.usize("time_step_rank")?),
+            };
+            let ssm = SsmConfig {
+                state_size: Some(f.usize("state_size")?),
+                conv_kernel: f.usize("conv_kernel")?,
+                expand,
+                time_step_rank: rank,
+                ..ssm_steps(&f)?
+            };
+            (ssm_model(&f, Arch::Mamba, d_model, ssm, true)?, MAMBA_FIELDS)
+        }
+        "mamba2" => {
+            f.must_be("use_bias", &json!(false), "Mamba projections without biases")?;
+            f.must_be("use_conv_bias", &json!(true), "a convolution with bias")?;
+            f.must_be("hidden_act", &json!("silu"), "SiLU")?;
+            no_step_limit(&f)?;
+            let d_model = f.usize("hidden_size")?;
+            let ssm = SsmConfig {
+                state_size: Some(f.usize("state_size")?),
+                conv_kernel: f.usize("conv_kernel")?,
+                expand: f.usize("expand")?,
+                head_dim: f.usize("head_dim")?,
+                n_groups: f.usize("n_groups")?,
+                chunk_size: f.usize("chunk_size")?,
+                ..ssm_steps(&f)?
+            };
+            check_heads(&f, "num_heads", d_model, &ssm)?;
+            (ssm_model(&f, Arch::Mamba2, d_model, ssm, false)?, MAMBA2_FIELDS)
+        }
+        "nemotron_h" => (nemotron_h_from(&f)?, NEMOTRON_FIELDS),
         other => {
-            return Err(
-                f.err("model_type", format!("\"{other}\" is not supported: ondol imports \"llama\" and \"gpt2\""))
-            );
+            return Err(f.err(
+                "model_type",
+                format!(
+                    "\"{other}\" is not supported: ondol imports \"llama\", \"gpt2\", \"mamba\", \"mamba2\" and \"nemotron_h\""
+                ),
+            ));
         }
     };
     let mut warnings = Vec::new();
@@ -320,6 +751,8 @@ mod tests {
             norm_eps: 1e-6,
             init_std: 0.02,
             init_residual_scaling: true,
+            pattern: None,
+            ssm: Default::default(),
             init_from: None,
         }
     }

@@ -1,12 +1,13 @@
 //! Golden parity with Hugging Face transformers: tiny random Llama (GQA; tied with a large
-//! rope theta) and GPT-2 models made by scripts/make-hf-fixtures.py, with transformers'
+//! rope theta), GPT-2, Mamba, Mamba-2 and Nemotron-H (hybrid) models made by
+//! scripts/make-hf-fixtures.py, with transformers'
 //! logits and loss on fixed tokens. ondol imports each directory as transformers wrote it
 //! and must reproduce the logits within 1e-4 (relative to the logits' scale) in f32.
 
 use ondol_ckpt::{hf, tensors};
 use ondol_core::Backend;
 use ondol_cpu::CpuBackend;
-use ondol_model::{Transformer, Workspace};
+use ondol_model::{Model, Workspace};
 use safetensors::SafeTensors;
 use std::path::{Path, PathBuf};
 
@@ -36,10 +37,10 @@ fn expected(dir: &Path) -> Expected {
 
 /// ondol's logits for the fixture's tokens, from the directory transformers saved.
 fn ondol_logits(dir: &Path, e: &Expected) -> (Vec<f32>, f64) {
-    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+    let json = hf::parse_config(&std::fs::read_to_string(dir.join("config.json")).unwrap(), "config.json").unwrap();
     let (cfg, warnings) = hf::from_hf_config(&json, "config.json").unwrap();
     assert!(warnings.is_empty(), "{warnings:?}");
-    let model = Transformer::new(cfg).unwrap();
+    let model = Model::new(cfg).unwrap();
     let params = tensors::read_layout(&tensors::files_of(dir, "model").unwrap(), &model.layout).unwrap();
     let be = CpuBackend;
     let mut ws = Workspace::new(&be, &model, e.batch, e.seq).unwrap();
@@ -60,6 +61,11 @@ fn ondol_logits(dir: &Path, e: &Expected) -> (Vec<f32>, f64) {
 }
 
 fn check(name: &str) {
+    check_within(name, 1e-4);
+}
+
+/// Max |ondol - transformers| within `rtol` of the logits' scale; loss within `rtol`.
+fn check_within(name: &str, rtol: f32) {
     let dir = fixture(name);
     let e = expected(&dir);
     let (logits, loss) = ondol_logits(&dir, &e);
@@ -67,8 +73,8 @@ fn check(name: &str) {
     let scale = e.logits.iter().fold(0.0f32, |m, x| m.max(x.abs()));
     let worst = logits.iter().zip(&e.logits).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
     eprintln!("{name}: max abs logit difference {worst:.2e} (logit scale {scale:.2}), loss {loss:.7} vs {:.7}", e.loss);
-    assert!(worst <= 1e-4 * scale, "{name}: max |ondol - transformers| = {worst:e} (logit scale {scale})");
-    assert!((loss - e.loss as f64).abs() <= 1e-4 * e.loss as f64, "{name}: loss {loss} vs {}", e.loss);
+    assert!(worst <= rtol * scale, "{name}: max |ondol - transformers| = {worst:e} (logit scale {scale})");
+    assert!((loss - e.loss as f64).abs() <= rtol as f64 * e.loss as f64, "{name}: loss {loss} vs {}", e.loss);
 }
 
 #[test]
@@ -84,4 +90,23 @@ fn tied_llama_with_large_rope_theta_matches_transformers() {
 #[test]
 fn gpt2_matches_transformers() {
     check("tiny-gpt2");
+}
+
+#[test]
+fn mamba_matches_transformers() {
+    check("tiny-mamba");
+}
+
+#[test]
+fn mamba2_with_groups_and_chunks_shorter_than_the_sequence_matches_transformers() {
+    check("tiny-mamba2");
+}
+
+/// Looser, and not because of ondol: transformers' own CPU path for Nemotron-H's Mamba-2 layers
+/// (`mamba2_chunk_scan`) differs from the exact recurrence (computed in f64) by 1.6e-4 on one
+/// layer of this fixture, where its Mamba2ForCausalLM path and ondol agree with it to 2e-7
+/// (measured 2026-11-22, transformers 5.23). The attention and MLP layers match to 4e-7.
+#[test]
+fn nemotron_h_hybrid_matches_transformers() {
+    check_within("tiny-nemotron-h", 3e-4);
 }

@@ -2,7 +2,7 @@
 //! writes them, and read back whole.
 
 use ondol_ckpt::tensors::{files_of, read_layout, write_layout};
-use ondol_model::{Arch, ModelConfig, Transformer};
+use ondol_model::{Arch, Model, ModelConfig};
 
 #[test]
 fn sharded_files_round_trip_through_their_index() {
@@ -20,9 +20,11 @@ fn sharded_files_round_trip_through_their_index() {
         norm_eps: 1e-5,
         init_std: 0.02,
         init_residual_scaling: true,
+        pattern: None,
+        ssm: Default::default(),
         init_from: None,
     };
-    let model = Transformer::new(cfg).unwrap();
+    let model = Model::new(cfg).unwrap();
     let flat = model.layout.init(3);
     let dir = tempfile::tempdir().unwrap();
     let written = write_layout(dir.path(), "model", &model.layout, &flat, 4096).unwrap();

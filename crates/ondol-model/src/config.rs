@@ -10,6 +10,73 @@ pub enum Arch {
     Llama,
     /// LayerNorm with bias, learned positions, GELU MLP, biases everywhere, tied head.
     Gpt2,
+    /// Mamba-1: every layer an RMSNorm and a selective-scan mixer; tied head.
+    Mamba,
+    /// Mamba-2: every layer an RMSNorm and an SSD mixer; tied head.
+    Mamba2,
+    /// Nemotron-H style: `pattern` gives each layer's mixer (Mamba-2, attention or MLP).
+    Hybrid,
+}
+
+/// The mixer of one layer of a hybrid model, from one character of `model.pattern`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LayerKind {
+    /// `M`: a Mamba-2 mixer.
+    Mamba,
+    /// `*`: causal self-attention (grouped-query, no positional encoding, as Nemotron-H).
+    Attention,
+    /// `-`: an MLP with squared-ReLU activation.
+    Mlp,
+}
+
+/// `[model.ssm]`: the state-space mixers' sizes; defaults are Hugging Face's.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SsmConfig {
+    /// States per channel (N); defaults to 16 (Mamba-1) or 128 (Mamba-2, hybrid).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state_size: Option<usize>,
+    /// Width of the causal depthwise convolution.
+    pub conv_kernel: usize,
+    /// Mixer channels E = expand * d_model.
+    pub expand: usize,
+    /// Mamba-1's dt projection rank; defaults to ceil(d_model / 16).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub time_step_rank: Option<usize>,
+    /// Mamba-2: channels per head (E / head_dim heads).
+    pub head_dim: usize,
+    /// Mamba-2: groups of B and C (heads per group share them); the gated norm's groups too.
+    pub n_groups: usize,
+    /// Tokens per chunk: the SSD's chunk, and how often a scan saves its state for backward.
+    pub chunk_size: usize,
+    /// Initial step sizes are drawn log-uniformly in [time_step_min, time_step_max], at
+    /// least time_step_floor.
+    pub time_step_min: f64,
+    pub time_step_max: f64,
+    pub time_step_floor: f64,
+}
+
+impl SsmConfig {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+impl Default for SsmConfig {
+    fn default() -> Self {
+        Self {
+            state_size: None,
+            conv_kernel: 4,
+            expand: 2,
+            time_step_rank: None,
+            head_dim: 64,
+            n_groups: 1,
+            chunk_size: 256,
+            time_step_min: 0.001,
+            time_step_max: 0.1,
+            time_step_floor: 1e-4,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -19,6 +86,8 @@ pub struct ModelConfig {
     pub vocab_size: usize,
     pub d_model: usize,
     pub n_layers: usize,
+    /// Attention heads; unset for pure Mamba models.
+    #[serde(default)]
     pub n_heads: usize,
     /// Key/value heads (grouped-query attention); defaults to `n_heads` (plain multi-head).
     #[serde(default)]
@@ -40,6 +109,12 @@ pub struct ModelConfig {
     /// Scale the init of the projections into the residual stream by 1/sqrt(2 n_layers).
     #[serde(default = "default_true")]
     pub init_residual_scaling: bool,
+    /// Hybrid layers, one character each: `M` Mamba-2, `*` attention, `-` MLP (Nemotron-H's
+    /// `hybrid_override_pattern`), e.g. "M-M-M*-M-M-M*-".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pattern: Option<String>,
+    #[serde(default, skip_serializing_if = "SsmConfig::is_default")]
+    pub ssm: SsmConfig,
     /// Start from the weights of this checkpoint or Hugging Face directory (fine-tuning);
     /// its config.json must describe the same model.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -64,16 +139,53 @@ impl ModelConfig {
         self.n_kv_heads.unwrap_or(self.n_heads)
     }
     pub fn head_dim(&self) -> usize {
-        self.d_model / self.n_heads
+        self.d_model / self.n_heads.max(1)
     }
     pub fn ffn(&self) -> usize {
         self.ffn_hidden.unwrap_or(match self.arch {
-            Arch::Gpt2 => 4 * self.d_model,
-            Arch::Llama => (8 * self.d_model / 3).div_ceil(64) * 64,
+            Arch::Gpt2 | Arch::Hybrid => 4 * self.d_model,
+            Arch::Llama | Arch::Mamba | Arch::Mamba2 => (8 * self.d_model / 3).div_ceil(64) * 64,
         })
     }
+    /// GPT-2 and the Mamba models tie their head to the embedding by default, as Hugging
+    /// Face's configs do.
     pub fn tied(&self) -> bool {
-        self.tie_embeddings.unwrap_or(self.arch == Arch::Gpt2)
+        self.tie_embeddings.unwrap_or(matches!(self.arch, Arch::Gpt2 | Arch::Mamba | Arch::Mamba2 | Arch::Hybrid))
+    }
+    /// The mixer of every layer: attention and MLP alternate in a transformer (two blocks per
+    /// layer); a Mamba model has one mixer per layer; a hybrid follows its pattern.
+    pub fn layer_kinds(&self) -> Vec<LayerKind> {
+        match self.arch {
+            Arch::Llama | Arch::Gpt2 => [LayerKind::Attention, LayerKind::Mlp].repeat(self.n_layers),
+            Arch::Mamba | Arch::Mamba2 => vec![LayerKind::Mamba; self.n_layers],
+            Arch::Hybrid => self
+                .pattern
+                .as_deref()
+                .unwrap_or_default()
+                .chars()
+                .map(|c| match c {
+                    'M' => LayerKind::Mamba,
+                    '*' => LayerKind::Attention,
+                    _ => LayerKind::Mlp,
+                })
+                .collect(),
+        }
+    }
+    pub fn has_attention(&self) -> bool {
+        self.layer_kinds().contains(&LayerKind::Attention)
+    }
+    /// Mamba channels E.
+    pub fn ssm_inner(&self) -> usize {
+        self.ssm.expand * self.d_model
+    }
+    pub fn ssm_state(&self) -> usize {
+        self.ssm.state_size.unwrap_or(if self.arch == Arch::Mamba { 16 } else { 128 })
+    }
+    pub fn ssm_rank(&self) -> usize {
+        self.ssm.time_step_rank.unwrap_or(self.d_model.div_ceil(16))
+    }
+    pub fn ssm_heads(&self) -> usize {
+        self.ssm_inner() / self.ssm.head_dim
     }
 
     /// Every constraint the model needs, each failure naming its key and what would be valid.
@@ -82,7 +194,6 @@ impl ModelConfig {
             ("vocab_size", self.vocab_size),
             ("d_model", self.d_model),
             ("n_layers", self.n_layers),
-            ("n_heads", self.n_heads),
             ("max_seq_len", self.max_seq_len),
         ];
         for (key, value) in positive {
@@ -90,8 +201,18 @@ impl ModelConfig {
                 return Err(Error::config(format!("model.{key}"), "must be at least 1"));
             }
         }
-        if self.vocab_size > u32::MAX as usize {
-            return Err(Error::config("model.vocab_size", "must fit in 32 bits"));
+        self.validate_pattern()?;
+        if matches!(self.arch, Arch::Mamba | Arch::Mamba2) && self.n_heads != 0 {
+            return Err(Error::config("model.n_heads", "a pure Mamba model has no attention: leave it unset"));
+        }
+        if self.has_attention() && self.n_heads == 0 {
+            return Err(Error::config("model.n_heads", "must be at least 1 for a model with attention"));
+        }
+        if self.layer_kinds().contains(&LayerKind::Mamba) {
+            self.validate_ssm()?;
+        }
+        if !self.has_attention() {
+            return self.validate_common();
         }
         if !self.d_model.is_multiple_of(self.n_heads) {
             return Err(Error::config(
@@ -106,15 +227,7 @@ impl ModelConfig {
                 format!("{kv} must be at least 1 and divide n_heads = {}", self.n_heads),
             ));
         }
-        if self.ffn() == 0 {
-            return Err(Error::config("model.ffn_hidden", "must be at least 1"));
-        }
-        if !(self.norm_eps > 0.0 && self.norm_eps.is_finite()) {
-            return Err(Error::config("model.norm_eps", "must be a positive number"));
-        }
-        if !(self.init_std > 0.0 && self.init_std.is_finite()) {
-            return Err(Error::config("model.init_std", "must be a positive number"));
-        }
+        self.validate_common()?;
         match self.arch {
             Arch::Llama => {
                 if !self.head_dim().is_multiple_of(2) {
@@ -144,6 +257,93 @@ impl ModelConfig {
                     ));
                 }
             }
+            Arch::Mamba | Arch::Mamba2 | Arch::Hybrid => {}
+        }
+        Ok(())
+    }
+
+    /// What every architecture checks.
+    fn validate_common(&self) -> Result<()> {
+        if self.vocab_size > u32::MAX as usize {
+            return Err(Error::config("model.vocab_size", "must fit in 32 bits"));
+        }
+        if self.ffn() == 0 {
+            return Err(Error::config("model.ffn_hidden", "must be at least 1"));
+        }
+        if !(self.norm_eps > 0.0 && self.norm_eps.is_finite()) {
+            return Err(Error::config("model.norm_eps", "must be a positive number"));
+        }
+        if !(self.init_std > 0.0 && self.init_std.is_finite()) {
+            return Err(Error::config("model.init_std", "must be a positive number"));
+        }
+        Ok(())
+    }
+
+    fn validate_pattern(&self) -> Result<()> {
+        match (&self.pattern, self.arch) {
+            (None, Arch::Hybrid) => Err(Error::config(
+                "model.pattern",
+                "a hybrid needs a pattern: one character per layer, M (Mamba-2), * (attention) or - (MLP)",
+            )),
+            (Some(_), arch) if arch != Arch::Hybrid => {
+                Err(Error::config("model.pattern", "only arch = \"hybrid\" takes a pattern"))
+            }
+            (Some(p), _) => {
+                if let Some(bad) = p.chars().find(|c| !matches!(c, 'M' | '*' | '-')) {
+                    return Err(Error::config(
+                        "model.pattern",
+                        format!("{bad:?} is not a layer: use M (Mamba-2), * (attention) or - (MLP)"),
+                    ));
+                }
+                if p.chars().count() != self.n_layers {
+                    return Err(Error::config(
+                        "model.pattern",
+                        format!("has {} layers but model.n_layers = {}", p.chars().count(), self.n_layers),
+                    ));
+                }
+                Ok(())
+            }
+            (None, _) => Ok(()),
+        }
+    }
+
+    fn validate_ssm(&self) -> Result<()> {
+        let s = &self.ssm;
+        let sizes = [
+            ("state_size", self.ssm_state()),
+            ("conv_kernel", s.conv_kernel),
+            ("expand", s.expand),
+            ("time_step_rank", self.ssm_rank()),
+            ("head_dim", s.head_dim),
+            ("n_groups", s.n_groups),
+            ("chunk_size", s.chunk_size),
+        ];
+        for (key, value) in sizes {
+            if value == 0 {
+                return Err(Error::config(format!("model.ssm.{key}"), "must be at least 1"));
+            }
+        }
+        if self.arch != Arch::Mamba {
+            let inner = self.ssm_inner();
+            if !inner.is_multiple_of(s.head_dim) {
+                return Err(Error::config(
+                    "model.ssm.head_dim",
+                    format!("{} does not divide expand * d_model = {inner}", s.head_dim),
+                ));
+            }
+            if !self.ssm_heads().is_multiple_of(s.n_groups) {
+                return Err(Error::config(
+                    "model.ssm.n_groups",
+                    format!("{} does not divide the {} Mamba-2 heads", s.n_groups, self.ssm_heads()),
+                ));
+            }
+        }
+        let dt = (s.time_step_min, s.time_step_max, s.time_step_floor);
+        if !(dt.0 > 0.0 && dt.0 <= dt.1 && dt.1.is_finite() && dt.2 > 0.0) {
+            return Err(Error::config(
+                "model.ssm.time_step_min",
+                "need 0 < time_step_min <= time_step_max (finite) and time_step_floor > 0",
+            ));
         }
         Ok(())
     }

@@ -3,10 +3,15 @@
 //! backward through any [`ondol_core::Backend`]. It is correct at world size 1 and knows
 //! nothing of parallelism: that is layered on top.
 
+mod attention;
 pub mod config;
+mod layers;
+mod mamba;
+mod mamba2;
+mod mlp;
+pub mod model;
 pub mod params;
-pub mod transformer;
 
-pub use config::{Arch, ModelConfig};
+pub use config::{Arch, LayerKind, ModelConfig, SsmConfig};
+pub use model::{KvCache, Model, Workspace};
 pub use params::{Init, ParamInfo, ParamLayout, Path};
-pub use transformer::{KvCache, Transformer, Workspace};

@@ -12,8 +12,26 @@ use std::ops::Range;
 /// How a parameter is initialised.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Init {
-    Normal { std: f32 },
+    Normal {
+        std: f32,
+    },
     Constant(f32),
+    /// Uniform in [-bound, bound] (PyTorch's default for convolutions and Mamba's dt_proj).
+    Uniform {
+        bound: f32,
+    },
+    /// Mamba's dt bias: the inverse softplus of a step drawn log-uniformly in [min, max],
+    /// floored at `floor`, so that softplus(bias) starts as that step.
+    StepBias {
+        min: f64,
+        max: f64,
+        floor: f64,
+    },
+    /// Element i holds log(1 + i % period): S4D-real's A = -(1..=N) per channel (Mamba-1,
+    /// period N) or per head (Mamba-2, period = heads).
+    LogIndex {
+        period: usize,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -92,9 +110,24 @@ impl ParamLayout {
             let out = &mut flat[p.range()];
             match p.init {
                 Init::Constant(c) => out.fill(c),
+                Init::LogIndex { period } => {
+                    out.iter_mut().enumerate().for_each(|(i, v)| *v = ((1 + i % period) as f32).ln());
+                }
                 Init::Normal { std } => {
                     let mut rng = root.fork(fnv1a(&p.name));
                     out.iter_mut().for_each(|v| *v = (rng.normal() * std as f64) as f32);
+                }
+                Init::Uniform { bound } => {
+                    let mut rng = root.fork(fnv1a(&p.name));
+                    out.iter_mut().for_each(|v| *v = ((2.0 * rng.next_f64() - 1.0) * bound as f64) as f32);
+                }
+                Init::StepBias { min, max, floor } => {
+                    let mut rng = root.fork(fnv1a(&p.name));
+                    out.iter_mut().for_each(|v| {
+                        let step = (rng.next_f64() * (max.ln() - min.ln()) + min.ln()).exp().max(floor);
+                        // softplus^-1(s) = s + log(1 - e^-s)
+                        *v = (step + (-(-step).exp_m1()).ln()) as f32;
+                    });
                 }
             }
         }

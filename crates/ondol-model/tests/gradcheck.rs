@@ -1,11 +1,13 @@
 //! Whole-model gradient checks: the analytic gradient of the summed cross-entropy with
 //! respect to every parameter tensor (a sample of elements of each) against central
-//! finite differences, for tiny Llama (grouped-query, tied and untied) and GPT-2 models.
+//! finite differences, for tiny Llama (grouped-query, tied and untied), GPT-2, Mamba-1,
+//! Mamba-2 and hybrid models (scan chunks shorter than the sequence, so state passing and the
+//! backward's recompute from boundary states are both exercised).
 
 use ondol_core::gradcheck::{check_indices, sample_indices};
 use ondol_core::{Backend, Rng};
 use ondol_cpu::CpuBackend;
-use ondol_model::{Arch, ModelConfig, Transformer, Workspace};
+use ondol_model::{Arch, Model, ModelConfig, SsmConfig, Workspace};
 
 fn tiny(arch: Arch, tie: Option<bool>) -> ModelConfig {
     ModelConfig {
@@ -23,13 +25,17 @@ fn tiny(arch: Arch, tie: Option<bool>) -> ModelConfig {
         // Larger than a real init so that every gradient is well above f32 noise.
         init_std: 0.3,
         init_residual_scaling: true,
+        pattern: None,
+        ssm: Default::default(),
         init_from: None,
     }
 }
 
-fn check_model(cfg: ModelConfig) {
+/// `h`: the finite-difference step; the gated norms and scans curve more sharply than a
+/// transformer does, so the state-space models take a smaller one.
+fn check_model(cfg: ModelConfig, h: f32) {
     let be = CpuBackend;
-    let model = Transformer::new(cfg).unwrap();
+    let model = Model::new(cfg).unwrap();
     let (batch, seq) = (2, 5);
     let mut rng = Rng::new(3);
     let ids: Vec<u32> = (0..batch * seq).map(|_| rng.below(11) as u32).collect();
@@ -49,28 +55,64 @@ fn check_model(cfg: ModelConfig) {
     };
     for (i, info) in model.layout.params().iter().enumerate() {
         let indices = sample_indices(info.range(), 12, i as u64);
-        check_indices(&mut params, &grads, &mut loss, 1e-2, 2e-2, 2e-3, &indices).assert_ok(&info.name);
+        check_indices(&mut params, &grads, &mut loss, h, 2e-2, 2e-3, &indices).assert_ok(&info.name);
     }
 }
 
 #[test]
 fn llama_with_grouped_query_attention_untied() {
-    check_model(tiny(Arch::Llama, Some(false)));
+    check_model(tiny(Arch::Llama, Some(false)), 1e-2);
 }
 
 #[test]
 fn llama_tied() {
-    check_model(tiny(Arch::Llama, Some(true)));
+    check_model(tiny(Arch::Llama, Some(true)), 1e-2);
 }
 
 #[test]
 fn gpt2() {
-    check_model(tiny(Arch::Gpt2, None));
+    check_model(tiny(Arch::Gpt2, None), 1e-2);
+}
+
+/// A tiny state-space model: E = 16 channels, 4 states, chunks of 2 tokens.
+fn tiny_ssm(arch: Arch, pattern: Option<&str>) -> ModelConfig {
+    let n_layers = pattern.map_or(2, |p| p.len());
+    ModelConfig {
+        n_heads: if pattern.is_some() { 2 } else { 0 },
+        n_kv_heads: pattern.map(|_| 1),
+        n_layers,
+        pattern: pattern.map(str::to_string),
+        ssm: SsmConfig {
+            state_size: Some(4),
+            conv_kernel: 3,
+            head_dim: 4,
+            n_groups: 2,
+            chunk_size: 2,
+            ..Default::default()
+        },
+        tie_embeddings: Some(false),
+        ..tiny(arch, None)
+    }
+}
+
+#[test]
+fn mamba() {
+    check_model(tiny_ssm(Arch::Mamba, None), 2e-3);
+}
+
+#[test]
+fn mamba2() {
+    check_model(tiny_ssm(Arch::Mamba2, None), 2e-3);
+}
+
+#[test]
+fn hybrid() {
+    check_model(tiny_ssm(Arch::Hybrid, Some("M*-M")), 2e-3);
 }
 
 #[test]
 fn hugging_face_names_and_fused_layouts() {
-    let llama = Transformer::new(tiny(Arch::Llama, Some(false))).unwrap();
+    let llama = Model::new(tiny(Arch::Llama, Some(false))).unwrap();
     let names: Vec<&str> = llama.layout.params().iter().map(|p| p.name.as_str()).collect();
     assert_eq!(
         &names[..10],
@@ -90,9 +132,33 @@ fn hugging_face_names_and_fused_layouts() {
     assert_eq!(names.last(), Some(&"lm_head.weight"));
     let k = llama.layout.get("model.layers.1.self_attn.k_proj.weight").unwrap();
     assert_eq!(k.shape, [4, 8]); // one kv head of dim 4
-    let gpt2 = Transformer::new(tiny(Arch::Gpt2, None)).unwrap();
+    let gpt2 = Model::new(tiny(Arch::Gpt2, None)).unwrap();
     let c_attn = gpt2.layout.get("transformer.h.0.attn.c_attn.weight").unwrap();
     assert_eq!(c_attn.shape, [8, 24]); // Conv1D: [in, out]
     assert!(gpt2.layout.get("lm_head.weight").is_none()); // tied
     assert!(gpt2.layout.get("transformer.wpe.weight").is_some());
+
+    let mamba = Model::new(tiny_ssm(Arch::Mamba, None)).unwrap();
+    let shapes: Vec<(&str, &[usize])> =
+        mamba.layout.params().iter().take(11).map(|p| (p.name.as_str(), p.shape.as_slice())).collect();
+    let want: [(&str, &[usize]); 11] = [
+        ("backbone.embeddings.weight", &[11, 8]),
+        ("backbone.layers.0.norm.weight", &[8]),
+        ("backbone.layers.0.mixer.in_proj.weight", &[32, 8]),
+        ("backbone.layers.0.mixer.conv1d.weight", &[16, 1, 3]),
+        ("backbone.layers.0.mixer.conv1d.bias", &[16]),
+        ("backbone.layers.0.mixer.x_proj.weight", &[1 + 2 * 4, 16]),
+        ("backbone.layers.0.mixer.dt_proj.weight", &[16, 1]),
+        ("backbone.layers.0.mixer.dt_proj.bias", &[16]),
+        ("backbone.layers.0.mixer.A_log", &[16, 4]),
+        ("backbone.layers.0.mixer.D", &[16]),
+        ("backbone.layers.0.mixer.out_proj.weight", &[8, 16]),
+    ];
+    assert_eq!(shapes, want);
+    let hybrid = Model::new(tiny_ssm(Arch::Hybrid, Some("M*-M"))).unwrap();
+    let in_proj = hybrid.layout.get("backbone.layers.0.mixer.in_proj.weight").unwrap();
+    assert_eq!(in_proj.shape, [16 + (16 + 2 * 2 * 4) + 4, 8]); // z, xBC, dt (4 heads)
+    assert!(hybrid.layout.get("backbone.layers.1.mixer.k_proj.weight").is_some());
+    assert!(hybrid.layout.get("backbone.layers.2.mixer.up_proj.weight").is_some());
+    assert!(hybrid.layout.get("backbone.norm_f.weight").is_some());
 }

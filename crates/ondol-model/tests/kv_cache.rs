@@ -4,10 +4,10 @@
 
 use ondol_core::{Backend, Rng};
 use ondol_cpu::CpuBackend;
-use ondol_model::{Arch, KvCache, ModelConfig, Transformer, Workspace};
+use ondol_model::{Arch, KvCache, Model, ModelConfig, Workspace};
 
-fn model(arch: Arch) -> Transformer {
-    Transformer::new(ModelConfig {
+fn model(arch: Arch) -> Model {
+    Model::new(ModelConfig {
         arch,
         vocab_size: 23,
         d_model: 16,
@@ -21,6 +21,8 @@ fn model(arch: Arch) -> Transformer {
         norm_eps: 1e-5,
         init_std: 0.3,
         init_residual_scaling: true,
+        pattern: None,
+        ssm: Default::default(),
         init_from: None,
     })
     .unwrap()

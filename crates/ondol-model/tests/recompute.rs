@@ -3,9 +3,9 @@
 
 use ondol_core::{Backend, Rng};
 use ondol_cpu::CpuBackend;
-use ondol_model::{Arch, ModelConfig, Transformer, Workspace};
+use ondol_model::{Arch, Model, ModelConfig, SsmConfig, Workspace};
 
-fn run(model: &Transformer, recompute_every: usize) -> (u64, Vec<u32>) {
+fn run(model: &Model, recompute_every: usize) -> (u64, Vec<u32>) {
     let be = CpuBackend;
     let (batch, seq) = (2, 11);
     let mut rng = Rng::new(5);
@@ -22,14 +22,15 @@ fn run(model: &Transformer, recompute_every: usize) -> (u64, Vec<u32>) {
 
 #[test]
 fn recomputed_blocks_give_identical_losses_and_gradients() {
-    for arch in [Arch::Llama, Arch::Gpt2] {
-        let model = Transformer::new(ModelConfig {
+    for arch in [Arch::Llama, Arch::Gpt2, Arch::Mamba, Arch::Mamba2, Arch::Hybrid] {
+        let ssm_only = matches!(arch, Arch::Mamba | Arch::Mamba2);
+        let model = Model::new(ModelConfig {
             arch,
             vocab_size: 31,
             d_model: 16,
             n_layers: 4,
-            n_heads: 4,
-            n_kv_heads: if arch == Arch::Llama { Some(2) } else { None },
+            n_heads: if ssm_only { 0 } else { 4 },
+            n_kv_heads: if matches!(arch, Arch::Llama | Arch::Hybrid) { Some(2) } else { None },
             ffn_hidden: Some(24),
             max_seq_len: 16,
             tie_embeddings: None,
@@ -37,6 +38,8 @@ fn recomputed_blocks_give_identical_losses_and_gradients() {
             norm_eps: 1e-5,
             init_std: 0.2,
             init_residual_scaling: true,
+            pattern: (arch == Arch::Hybrid).then(|| "M*-M".to_string()),
+            ssm: SsmConfig { state_size: Some(4), head_dim: 8, chunk_size: 4, ..Default::default() },
             init_from: None,
         })
         .unwrap();

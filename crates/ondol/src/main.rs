@@ -12,7 +12,7 @@ use ondol_comm::{DistEnv, ThreadComm};
 use ondol_core::{Backend, Error, Result};
 use ondol_cpu::CpuBackend;
 use ondol_data::{Loader, Order, SourceKind, TokenStream};
-use ondol_model::{Transformer, Workspace};
+use ondol_model::{Model, Workspace};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -287,7 +287,7 @@ fn resume(trainer: &mut Trainer<CpuBackend>, run_dir: &Path, spec: &str) -> Resu
 
 fn inspect(args: ConfigArgs) -> Result<()> {
     let cfg = RunConfig::load(&args.config, &args.set)?;
-    let model = Transformer::new(cfg.model.clone())?;
+    let model = Model::new(cfg.model.clone())?;
     let t = &cfg.training;
     let n = model.num_params() as u64;
     let acts = |every| model.activation_bytes(t.batch_size, t.seq_len, every);

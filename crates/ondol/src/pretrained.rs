@@ -5,13 +5,13 @@ use crate::config::{BYTE_EOT, BYTE_VOCAB, RunConfig};
 use ondol_ckpt::{Snapshot, checkpoint, tensors};
 use ondol_core::{Backend, Error, Result, Rng};
 use ondol_data::{ByteTokenizer, TextTokenizer};
-use ondol_model::{KvCache, ModelConfig, Transformer, Workspace};
+use ondol_model::{KvCache, Model, ModelConfig, Workspace};
 use std::path::{Path, PathBuf};
 
 /// A model and its weights from a directory.
 pub struct Pretrained {
     pub dir: PathBuf,
-    pub model: Transformer,
+    pub model: Model,
     pub params: Vec<f32>,
     /// The run config, when the directory is an ondol checkpoint.
     pub run_config: Option<RunConfig>,
@@ -29,16 +29,16 @@ impl Pretrained {
             checkpoint::verify(dir)?;
         }
         let cfg = checkpoint::model_config(dir)?;
-        let model = Transformer::new(cfg)?;
+        let model = Model::new(cfg)?;
         let params = tensors::read_layout(&tensors::files_of(dir, "model")?, &model.layout)?;
         let toml = dir.join("ondol.toml");
         let run_config = match std::fs::read_to_string(&toml) {
             Ok(text) => Some(RunConfig::parse(&text, &toml.display().to_string(), &[])?),
             Err(_) => None,
         };
-        let config: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap_or_default())
-                .unwrap_or_default();
+        let config_path = dir.join("config.json");
+        let text = std::fs::read_to_string(&config_path).unwrap_or_default();
+        let config = ondol_ckpt::hf::parse_config(&text, &config_path.display().to_string())?;
         let eos_token_id = config.get("eos_token_id").and_then(|v| v.as_u64()).map(|v| v as u32);
         Ok(Self { dir: dir.to_path_buf(), model, params, run_config, eos_token_id })
     }
@@ -147,6 +147,33 @@ pub fn sample(logits: &[f32], s: Sampling, rng: &mut Rng) -> u32 {
     order[probs.len() - 1] as u32
 }
 
+/// [`generate`] for models whose Mamba mixers keep no inference state yet: each new token
+/// runs the whole sequence again (quadratic in its length, fine for samples).
+fn generate_uncached<B: Backend>(
+    be: &B,
+    p: &Pretrained,
+    params: &B::Buf,
+    prompt: &[u32],
+    budget: usize,
+    eos: Option<u32>,
+    s: Sampling,
+) -> Result<Vec<u32>> {
+    let (model, vocab) = (&p.model, p.model.cfg.vocab_size);
+    let mut rng = Rng::new(s.seed);
+    let mut tokens = prompt.to_vec();
+    while tokens.len() - prompt.len() < budget {
+        let mut ws = Workspace::new(be, model, 1, tokens.len())?;
+        model.forward(be, params, &mut ws, &be.upload_ids(&tokens));
+        let logits = be.download(&ws.logits);
+        let next = sample(&logits[(tokens.len() - 1) * vocab..], s, &mut rng);
+        if Some(next) == eos {
+            break;
+        }
+        tokens.push(next);
+    }
+    Ok(tokens.split_off(prompt.len()))
+}
+
 /// Continues `prompt` by up to `max_new` tokens, stopping at `eos`, with a KV cache.
 pub fn generate<B: Backend>(
     be: &B,
@@ -163,6 +190,9 @@ pub fn generate<B: Backend>(
         return Err(Error::Input(format!("the prompt has {} tokens: it needs 1 to {}", prompt.len(), max_seq - 1)));
     }
     let budget = max_new.min(max_seq - prompt.len());
+    if !model.supports_kv_cache() {
+        return generate_uncached(be, p, params, prompt, budget, eos, s);
+    }
     let vocab = model.cfg.vocab_size;
     let mut cache = KvCache::new(be, model, 1, max_seq);
     let mut ws = Workspace::new(be, model, 1, prompt.len())?;
@@ -191,20 +221,24 @@ pub fn generate<B: Backend>(
 pub fn import_hf(src: &Path, out: &Path) -> Result<Vec<String>> {
     let path = src.join("config.json");
     let text = std::fs::read_to_string(&path).map_err(|e| Error::io(format!("cannot read {}", path.display()), e))?;
-    let json =
-        serde_json::from_str(&text).map_err(|e| Error::Input(format!("{}: not valid JSON: {e}", path.display())))?;
-    let (mut cfg, warnings) = ondol_ckpt::hf::from_hf_config(&json, &path.display().to_string())?;
+    let file = path.display().to_string();
+    let (mut cfg, warnings) = ondol_ckpt::hf::from_hf_config(&ondol_ckpt::hf::parse_config(&text, &file)?, &file)?;
     let p = Pretrained::load(src)?;
     // Absolute, so the starter config works from any working directory.
     let out_abs = std::path::absolute(out).map_err(|e| Error::io(format!("cannot resolve {}", out.display()), e))?;
     cfg.init_from = Some(out_abs.display().to_string());
-    let mut model_toml = toml::to_string(&cfg).expect("model config serializes");
-    model_toml = model_toml.trim_end().to_string();
+    // Serialized under a `model` key, so nested tables come out as [model.ssm].
+    #[derive(serde::Serialize)]
+    struct Section<'a> {
+        model: &'a ModelConfig,
+    }
+    let model_toml = toml::to_string(&Section { model: &cfg }).expect("model config serializes");
+    let model_toml = model_toml.trim_end();
     let seq = cfg.max_seq_len.min(1024);
     let run_config = format!(
         "# Fine-tuning starter written by `ondol import hf {src}`: point [data] at your token\n\
          # shards, adjust [training], then `ondol train` this file. The weights load from init_from.\n\n\
-         [model]\n{model_toml}\n\n[training]\nsteps = 1000\nbatch_size = 8\nseq_len = {seq}\n\n\
+         {model_toml}\n\n[training]\nsteps = 1000\nbatch_size = 8\nseq_len = {seq}\n\n\
          [data]\ntrain = [\"data/train_*.bin\"]\nval = [\"data/val_*.bin\"]\n\n\
          [optimizer]\nlr = 1e-5\nweight_decay = 0.0\n\n[lr_scheduler]\nwarmup_steps = 50\n",
         src = src.display()

@@ -10,7 +10,7 @@ use ondol_comm::Communicator;
 use ondol_core::{Backend, Error, Result};
 use ondol_data::tokenizer::EOT_TOKEN;
 use ondol_data::{Cursor, Loader, Mixture, MixtureCursor, Order, SourceKind, TextTokenizer, TokenStream, expand_globs};
-use ondol_model::{Transformer, Workspace};
+use ondol_model::{Model, Workspace};
 use ondol_optim::{AdamW, LrSchedule};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -68,7 +68,7 @@ pub struct StepStats {
 pub struct Trainer<B: Backend> {
     pub be: B,
     pub cfg: RunConfig,
-    pub model: Transformer,
+    pub model: Model,
     pub params: B::Buf,
     grads: B::Buf,
     pub opt: AdamW<B>,
@@ -105,7 +105,7 @@ impl<B: Backend> Trainer<B> {
 
     fn build(be: B, cfg: RunConfig, data: Data, dp: Option<Box<dyn Communicator>>) -> Result<Self> {
         let (rank, world) = dp.as_ref().map_or((0, 1), |c| (c.rank(), c.size()));
-        let model = Transformer::new(cfg.model.clone())?;
+        let model = Model::new(cfg.model.clone())?;
         let t = &cfg.training;
         let initial = match &cfg.model.init_from {
             Some(dir) => Pretrained::weights_for(&cfg.model, Path::new(dir))?,
@@ -486,7 +486,7 @@ fn check_vocab(inputs: &[u32], targets: &[u32], vocab: usize) -> Result<()> {
 /// epoch), and the number of tokens it covered.
 pub fn evaluate<B: Backend>(
     be: &B,
-    model: &Transformer,
+    model: &Model,
     params: &B::Buf,
     ws: &mut Workspace<B>,
     loader: &mut Loader,

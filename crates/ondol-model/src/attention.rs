@@ -1,0 +1,118 @@
+//! Causal self-attention as a block's mixer: fused qkv projection, optional rotary positions
+//! (Llama; GPT-2 has learned positions and Nemotron-H's attention none), grouped-query
+//! attention, output projection.
+
+use crate::layers::{Dx, Linear};
+use ondol_core::backend::{AttnShape, Backend};
+
+#[derive(Clone, Debug)]
+pub(crate) struct Attention {
+    /// q, k and v projections as one `[(H + 2 Hkv) D, d]` matrix.
+    pub qkv: Linear,
+    pub out: Linear,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub rope: bool,
+}
+
+/// What attention saves for backward: qkv after rotation, the output and its log-sum-exp.
+pub(crate) struct AttnActs<B: Backend> {
+    qkv: B::Buf,
+    attn: B::Buf,
+    lse: B::Buf,
+}
+
+/// Gradient scratch, shared by every attention block in turn.
+pub(crate) struct AttnGrads<B: Backend> {
+    dqkv: B::Buf,
+    dattn: B::Buf,
+}
+
+/// One layer's key/value cache and where the new tokens start.
+pub(crate) struct CacheSlot<'a, B: Backend> {
+    pub k: &'a mut B::Buf,
+    pub v: &'a mut B::Buf,
+    pub pos: usize,
+    pub max_seq: usize,
+}
+
+impl Attention {
+    pub fn shape(&self, batch: usize, seq: usize) -> AttnShape {
+        AttnShape { batch, seq, n_heads: self.n_heads, n_kv_heads: self.n_kv_heads, head_dim: self.head_dim }
+    }
+
+    pub fn acts<B: Backend>(&self, be: &B, batch: usize, seq: usize) -> AttnActs<B> {
+        let [qkv, attn, lse] = self.act_lens(batch, seq);
+        AttnActs { qkv: be.zeros(qkv), attn: be.zeros(attn), lse: be.zeros(lse) }
+    }
+
+    /// Floats of [`Attention::acts`].
+    pub fn act_floats(&self, batch: usize, seq: usize) -> u64 {
+        self.act_lens(batch, seq).iter().sum::<usize>() as u64
+    }
+
+    fn act_lens(&self, batch: usize, seq: usize) -> [usize; 3] {
+        let s = self.shape(batch, seq);
+        [s.rows() * s.qkv_width(), s.rows() * s.q_width(), batch * self.n_heads * seq]
+    }
+
+    pub fn grads<B: Backend>(&self, be: &B, batch: usize, seq: usize) -> AttnGrads<B> {
+        let s = self.shape(batch, seq);
+        AttnGrads { dqkv: be.zeros(s.rows() * s.qkv_width()), dattn: be.zeros(s.rows() * s.q_width()) }
+    }
+
+    /// `out = attention(x)`; with `cache`, appends the new keys and values to it and attends
+    /// over everything cached.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward<B: Backend>(
+        &self,
+        be: &B,
+        p: &B::Buf,
+        x: B::Ref<'_>,
+        a: &mut AttnActs<B>,
+        out: &mut B::Buf,
+        rope: B::Ref<'_>,
+        cache: Option<CacheSlot<'_, B>>,
+        (batch, seq): (usize, usize),
+    ) {
+        let (shape, rows) = (self.shape(batch, seq), batch * seq);
+        self.qkv.forward(be, p, x, &mut a.qkv, rows);
+        if self.rope {
+            be.rope(be.all_mut(&mut a.qkv), rope, shape, false);
+        }
+        match cache {
+            None => be.attention_forward(be.all(&a.qkv), be.all_mut(&mut a.attn), be.all_mut(&mut a.lse), shape),
+            Some(c) => {
+                let (k, v) = (be.all_mut(c.k), be.all_mut(c.v));
+                be.attention_cached(be.all(&a.qkv), k, v, be.all_mut(&mut a.attn), shape, c.pos, c.max_seq);
+            }
+        }
+        self.out.forward(be, p, be.all(&a.attn), out, rows);
+    }
+
+    /// Accumulates parameter gradients; writes `dx`, the gradient of the block's normed input.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward<B: Backend>(
+        &self,
+        be: &B,
+        p: &B::Buf,
+        grads: &mut B::Buf,
+        x: B::Ref<'_>,
+        a: &AttnActs<B>,
+        dout: B::Ref<'_>,
+        dx: &mut B::Buf,
+        g: &mut AttnGrads<B>,
+        rope: B::Ref<'_>,
+        (batch, seq): (usize, usize),
+    ) {
+        let (shape, rows) = (self.shape(batch, seq), batch * seq);
+        self.out.backward(be, p, grads, be.all(&a.attn), dout, Dx::Write(&mut g.dattn), rows);
+        let (qkv, attn, lse) = (be.all(&a.qkv), be.all(&a.attn), be.all(&a.lse));
+        be.attention_backward(be.all(&g.dattn), qkv, attn, lse, be.all_mut(&mut g.dqkv), shape);
+        if self.rope {
+            be.rope(be.all_mut(&mut g.dqkv), rope, shape, true);
+        }
+        self.qkv.backward(be, p, grads, x, be.all(&g.dqkv), Dx::Write(dx), rows);
+    }
+}

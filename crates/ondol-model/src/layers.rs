@@ -1,0 +1,162 @@
+//! The pieces every block is built from: a dense layer and a norm, each knowing where its
+//! parameters sit in the flat buffer.
+
+use ondol_core::backend::{Backend, Gemm};
+use std::ops::Range;
+
+/// How a dense layer's weight is stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum WeightLayout {
+    /// `nn.Linear`: `[out, in]`, y = x W^T.
+    OutIn,
+    /// GPT-2's `Conv1D`: `[in, out]`, y = x W.
+    InOut,
+}
+
+/// What a backward does with the gradient of a layer's input.
+pub(crate) enum Dx<'a, Buf> {
+    Write(&'a mut Buf),
+    /// Add to it: the input also feeds other layers (Mamba's projections read one input).
+    Add(&'a mut Buf),
+}
+
+/// A dense layer's place in the flat parameter buffer.
+#[derive(Clone, Debug)]
+pub(crate) struct Linear {
+    pub w: Range<usize>,
+    pub b: Option<Range<usize>>,
+    pub d_in: usize,
+    pub d_out: usize,
+    pub layout: WeightLayout,
+}
+
+impl Linear {
+    /// An `nn.Linear` without bias.
+    pub fn out_in(w: Range<usize>, d_in: usize, d_out: usize) -> Self {
+        Self { w, b: None, d_in, d_out, layout: WeightLayout::OutIn }
+    }
+
+    /// Output rows `rows` of an `[out, in]` weight without bias, as a layer of its own: one
+    /// GEMM per output slice of a fused projection (Mamba's in_proj and x_proj).
+    pub fn rows_of(&self, rows: Range<usize>) -> Self {
+        assert!(self.layout == WeightLayout::OutIn && self.b.is_none() && rows.end <= self.d_out);
+        let w = self.w.start + rows.start * self.d_in..self.w.start + rows.end * self.d_in;
+        Self::out_in(w, self.d_in, rows.len())
+    }
+
+    /// `y = x W (+ b)`, writing y.
+    pub fn forward<B: Backend>(&self, be: &B, p: &B::Buf, x: B::Ref<'_>, y: &mut B::Buf, rows: usize) {
+        let g = Gemm::new(rows, self.d_out, self.d_in, false, self.layout == WeightLayout::OutIn);
+        be.gemm(g, x, be.view(p, self.w.clone()), be.all_mut(y));
+        if let Some(b) = &self.b {
+            be.add_bias(be.all_mut(y), be.view(p, b.clone()), self.d_out);
+        }
+    }
+
+    /// Accumulates dW (and db); writes or adds dx as asked.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward<B: Backend>(
+        &self,
+        be: &B,
+        p: &B::Buf,
+        grads: &mut B::Buf,
+        x: B::Ref<'_>,
+        dy: B::Ref<'_>,
+        dx: Dx<'_, B::Buf>,
+        rows: usize,
+    ) {
+        let (i, o) = (self.d_in, self.d_out);
+        let g = Gemm::new(rows, i, o, false, self.layout == WeightLayout::InOut);
+        match dx {
+            Dx::Write(dx) => be.gemm(g, dy, be.view(p, self.w.clone()), be.all_mut(dx)),
+            Dx::Add(dx) => be.gemm(g.accumulate(), dy, be.view(p, self.w.clone()), be.all_mut(dx)),
+        }
+        let dw = be.view_mut(grads, self.w.clone());
+        match self.layout {
+            WeightLayout::OutIn => be.gemm(Gemm::new(o, i, rows, true, false).accumulate(), dy, x, dw),
+            WeightLayout::InOut => be.gemm(Gemm::new(i, o, rows, true, false).accumulate(), x, dy, dw),
+        }
+        if let Some(b) = &self.b {
+            be.bias_backward(dy, be.view_mut(grads, b.clone()), o);
+        }
+    }
+
+    pub fn params(&self) -> usize {
+        self.d_in * self.d_out + if self.b.is_some() { self.d_out } else { 0 }
+    }
+}
+
+/// A norm's parameters: RMSNorm has a weight, LayerNorm a weight and a bias.
+#[derive(Clone, Debug)]
+pub(crate) struct Norm {
+    pub w: Range<usize>,
+    pub b: Option<Range<usize>>,
+}
+
+/// What a norm saves for backward.
+pub(crate) struct NormActs<B: Backend> {
+    pub out: B::Buf,
+    mean: B::Buf,
+    rstd: B::Buf,
+}
+
+impl<B: Backend> NormActs<B> {
+    pub fn new(be: &B, rows: usize, dim: usize, layernorm: bool) -> Self {
+        Self { out: be.zeros(rows * dim), mean: be.zeros(if layernorm { rows } else { 0 }), rstd: be.zeros(rows) }
+    }
+}
+
+/// Floats [`NormActs::new`] allocates.
+pub(crate) fn norm_floats(rows: usize, dim: usize, layernorm: bool) -> u64 {
+    (rows * dim + rows + if layernorm { rows } else { 0 }) as u64
+}
+
+impl Norm {
+    pub fn forward<B: Backend>(&self, be: &B, p: &B::Buf, x: B::Ref<'_>, a: &mut NormActs<B>, dim: usize, eps: f32) {
+        let w = be.view(p, self.w.clone());
+        match &self.b {
+            None => be.rmsnorm_forward(x, w, be.all_mut(&mut a.out), be.all_mut(&mut a.rstd), dim, eps),
+            Some(b) => be.layernorm_forward(
+                x,
+                w,
+                be.view(p, b.clone()),
+                be.all_mut(&mut a.out),
+                be.all_mut(&mut a.mean),
+                be.all_mut(&mut a.rstd),
+                dim,
+                eps,
+            ),
+        }
+    }
+
+    /// Accumulates into `dx` and the norm's parameter gradients.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward<B: Backend>(
+        &self,
+        be: &B,
+        p: &B::Buf,
+        grads: &mut B::Buf,
+        dout: B::Ref<'_>,
+        x: B::Ref<'_>,
+        a: &NormActs<B>,
+        dx: &mut B::Buf,
+        dim: usize,
+    ) {
+        let w = be.view(p, self.w.clone());
+        match &self.b {
+            None => {
+                let dw = be.view_mut(grads, self.w.clone());
+                be.rmsnorm_backward(dout, x, w, be.all(&a.rstd), be.all_mut(dx), dw, dim);
+            }
+            Some(b) => {
+                let [dw, db] = be.views_mut(grads, [self.w.clone(), b.clone()]);
+                let (mean, rstd) = (be.all(&a.mean), be.all(&a.rstd));
+                be.layernorm_backward(dout, x, w, mean, rstd, be.all_mut(dx), dw, db, dim);
+            }
+        }
+    }
+
+    pub fn is_layernorm(&self) -> bool {
+        self.b.is_some()
+    }
+}

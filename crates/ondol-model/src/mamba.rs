@@ -1,0 +1,178 @@
+//! The Mamba-1 mixer (Gu & Dao 2023), as Hugging Face's `MambaMixer` computes it:
+//!
+//! ```text
+//! x, z   = in_proj(h)                  (two GEMMs over the row halves of one [2E, d] weight)
+//! u      = silu(causal_conv1d(x))      (depthwise, kernel K, with bias)
+//! dt, B, C = x_proj(u)                 (three GEMMs: R, N and N outputs)
+//! delta  = dt_proj.weight dt           (its bias and the softplus are fused into the scan)
+//! y      = selective_scan(u, delta, A = -exp(A_log), B, C, D) * silu(z)
+//! out    = out_proj(y)
+//! ```
+//! E = expand * d_model channels, N states per channel, R = time_step_rank.
+
+use crate::layers::{Dx, Linear};
+use ondol_core::backend::{Backend, ScanGrads, ScanInputs, ScanShape};
+use std::ops::Range;
+
+#[derive(Clone, Debug)]
+pub(crate) struct Mamba {
+    pub in_x: Linear,
+    pub in_z: Linear,
+    pub conv_w: Range<usize>,
+    pub conv_b: Range<usize>,
+    pub x_dt: Linear,
+    pub x_b: Linear,
+    pub x_c: Linear,
+    /// dt_proj's weight; its bias is `dt_bias`, applied inside the scan.
+    pub dt_proj: Linear,
+    pub dt_bias: Range<usize>,
+    pub a_log: Range<usize>,
+    pub d: Range<usize>,
+    pub out: Linear,
+    pub inner: usize,
+    pub state: usize,
+    pub rank: usize,
+    /// Tokens between the states the scan saves for backward.
+    pub chunk: usize,
+}
+
+pub(crate) struct MambaActs<B: Backend> {
+    x: B::Buf,
+    z: B::Buf,
+    u: B::Buf,
+    dt: B::Buf,
+    b: B::Buf,
+    c: B::Buf,
+    delta: B::Buf,
+    y: B::Buf,
+    states: B::Buf,
+}
+
+pub(crate) struct MambaGrads<B: Backend> {
+    dy: B::Buf,
+    du: B::Buf,
+    ddelta: B::Buf,
+    db: B::Buf,
+    dc: B::Buf,
+    dz: B::Buf,
+    ddt: B::Buf,
+    dx: B::Buf,
+}
+
+impl Mamba {
+    fn shape(&self, batch: usize, len: usize) -> ScanShape {
+        ScanShape { batch, len, channels: self.inner, state: self.state, chunk: self.chunk }
+    }
+
+    /// Lengths of x, z, u, dt, B, C, delta, y and the saved states.
+    fn act_lens(&self, batch: usize, seq: usize) -> [usize; 9] {
+        let (rows, e, n) = (batch * seq, self.inner, self.state);
+        let states = batch * self.shape(batch, seq).saved() * e * n;
+        [rows * e, rows * e, rows * e, rows * self.rank, rows * n, rows * n, rows * e, rows * e, states]
+    }
+
+    pub fn acts<B: Backend>(&self, be: &B, batch: usize, seq: usize) -> MambaActs<B> {
+        let [x, z, u, dt, b, c, delta, y, states] = self.act_lens(batch, seq).map(|n| be.zeros(n));
+        MambaActs { x, z, u, dt, b, c, delta, y, states }
+    }
+
+    pub fn act_floats(&self, batch: usize, seq: usize) -> u64 {
+        self.act_lens(batch, seq).iter().sum::<usize>() as u64
+    }
+
+    pub fn grads<B: Backend>(&self, be: &B, rows: usize) -> MambaGrads<B> {
+        let (e, n) = (rows * self.inner, rows * self.state);
+        let [dy, du, ddelta, dz, dx] = [e; 5].map(|len| be.zeros(len));
+        MambaGrads { dy, du, ddelta, db: be.zeros(n), dc: be.zeros(n), dz, ddt: be.zeros(rows * self.rank), dx }
+    }
+
+    /// The scan's inputs: activations `u`, `delta`, `b`, `c`, `z` and the parameters.
+    #[allow(clippy::too_many_arguments)]
+    fn scan_inputs<'a, B: Backend>(
+        &self,
+        be: &'a B,
+        p: &'a B::Buf,
+        [u, delta, b, c, z]: [&'a B::Buf; 5],
+    ) -> ScanInputs<B::Ref<'a>> {
+        ScanInputs {
+            u: be.all(u),
+            delta: be.all(delta),
+            delta_bias: be.view(p, self.dt_bias.clone()),
+            a_log: be.view(p, self.a_log.clone()),
+            b: be.all(b),
+            c: be.all(c),
+            d: be.view(p, self.d.clone()),
+            z: be.all(z),
+        }
+    }
+
+    pub fn forward<B: Backend>(
+        &self,
+        be: &B,
+        p: &B::Buf,
+        h: B::Ref<'_>,
+        a: &mut MambaActs<B>,
+        out: &mut B::Buf,
+        (batch, seq): (usize, usize),
+    ) {
+        let rows = batch * seq;
+        self.in_x.forward(be, p, h, &mut a.x, rows);
+        self.in_z.forward(be, p, h, &mut a.z, rows);
+        let (w, bias) = (be.view(p, self.conv_w.clone()), be.view(p, self.conv_b.clone()));
+        be.conv1d_forward(be.all(&a.x), w, bias, be.all_mut(&mut a.u), seq, self.inner);
+        self.x_dt.forward(be, p, be.all(&a.u), &mut a.dt, rows);
+        self.x_b.forward(be, p, be.all(&a.u), &mut a.b, rows);
+        self.x_c.forward(be, p, be.all(&a.u), &mut a.c, rows);
+        self.dt_proj.forward(be, p, be.all(&a.dt), &mut a.delta, rows);
+        let MambaActs { u, delta, b, c, z, y, states, .. } = a;
+        let inputs = self.scan_inputs(be, p, [u, delta, b, c, z]);
+        be.selective_scan_forward(inputs, be.all_mut(y), be.all_mut(states), self.shape(batch, seq));
+        self.out.forward(be, p, be.all(&a.y), out, rows);
+    }
+
+    /// Accumulates parameter gradients; writes `dh`, the gradient of the block's normed input.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward<B: Backend>(
+        &self,
+        be: &B,
+        p: &B::Buf,
+        grads: &mut B::Buf,
+        h: B::Ref<'_>,
+        a: &MambaActs<B>,
+        dout: B::Ref<'_>,
+        dh: &mut B::Buf,
+        g: &mut MambaGrads<B>,
+        (batch, seq): (usize, usize),
+    ) {
+        let rows = batch * seq;
+        self.out.backward(be, p, grads, be.all(&a.y), dout, Dx::Write(&mut g.dy), rows);
+        {
+            let [ddelta_bias, da_log, dd] =
+                be.views_mut(grads, [self.dt_bias.clone(), self.a_log.clone(), self.d.clone()]);
+            let sg = ScanGrads {
+                du: be.all_mut(&mut g.du),
+                ddelta: be.all_mut(&mut g.ddelta),
+                ddelta_bias,
+                da_log,
+                db: be.all_mut(&mut g.db),
+                dc: be.all_mut(&mut g.dc),
+                dd,
+                dz: be.all_mut(&mut g.dz),
+            };
+            let inputs = self.scan_inputs(be, p, [&a.u, &a.delta, &a.b, &a.c, &a.z]);
+            be.selective_scan_backward(be.all(&g.dy), inputs, be.all(&a.states), sg, self.shape(batch, seq));
+        }
+        self.dt_proj.backward(be, p, grads, be.all(&a.dt), be.all(&g.ddelta), Dx::Write(&mut g.ddt), rows);
+        let u = be.all(&a.u);
+        self.x_dt.backward(be, p, grads, u, be.all(&g.ddt), Dx::Add(&mut g.du), rows);
+        self.x_b.backward(be, p, grads, u, be.all(&g.db), Dx::Add(&mut g.du), rows);
+        self.x_c.backward(be, p, grads, u, be.all(&g.dc), Dx::Add(&mut g.du), rows);
+        {
+            let [dw, dbias] = be.views_mut(grads, [self.conv_w.clone(), self.conv_b.clone()]);
+            let (w, bias) = (be.view(p, self.conv_w.clone()), be.view(p, self.conv_b.clone()));
+            be.conv1d_backward(be.all(&g.du), be.all(&a.x), w, bias, be.all_mut(&mut g.dx), dw, dbias, seq, self.inner);
+        }
+        self.in_x.backward(be, p, grads, h, be.all(&g.dx), Dx::Write(dh), rows);
+        self.in_z.backward(be, p, grads, h, be.all(&g.dz), Dx::Add(dh), rows);
+    }
+}
