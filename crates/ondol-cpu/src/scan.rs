@@ -18,7 +18,7 @@
 //! with L the running sum of dt A inside the chunk and H0 the state entering it. FLOPs per
 //! (token, head): Q (N + P) for the intra-chunk part and 4 P N for the state, forward.
 
-use crate::math::{silu, silu_grad, softplus};
+use crate::math::{exp, silu, silu_grad, softplus};
 use ondol_core::{ScanGrads, ScanInputs, ScanShape, SsdGrads, SsdInputs, SsdShape};
 use rayon::prelude::*;
 
@@ -113,7 +113,7 @@ fn advance(h: &mut [f32], row: usize, x: &ScanInputs<&[f32]>, a: &[f32], ch: usi
     for (d, (hd, dt)) in h.chunks_exact_mut(n).zip(steps).enumerate() {
         let ut = x.u[row * ch + d];
         for ((h, a), b) in hd.iter_mut().zip(&a[d * n..(d + 1) * n]).zip(bt) {
-            *h = (dt * a).exp() * *h + dt * b * ut;
+            *h = exp(dt * a) * *h + dt * b * ut;
         }
     }
 }
@@ -196,7 +196,7 @@ pub fn selective_scan_backward(
                             let k = d * n + i;
                             dct[i] += g * h_t[k];
                             let adj = dh[k] + g * ct[i]; // dL/dh_t
-                            let decay = (dt * a[k]).exp();
+                            let decay = exp(dt * a[k]);
                             pa[k] += adj * dt * decay * h_prev[k];
                             ddt_acc += adj * (a[k] * decay * h_prev[k] + bt[i] * ut);
                             dbt[i] += adj * dt * ut;
@@ -293,20 +293,20 @@ pub fn ssd_forward(x: SsdInputs<&[f32]>, y: &mut [f32], states: &mut [f32], s: S
                 for i in 0..t1 - t0 {
                     let ci = &xbc[at.c(t0 + i)];
                     let yi = &mut y[at.y(t0 + i)];
-                    let carried = decay[i].exp();
+                    let carried = exp(decay[i]);
                     for ((yv, xv), hs) in yi.iter_mut().zip(&xbc[at.x(t0 + i)]).zip(state.chunks_exact(n)) {
                         *yv = x.d[h] * xv + carried * dot(hs, ci);
                     }
                     for j in 0..=i {
-                        let w = (decay[i] - decay[j]).exp() * steps[j] * dot(ci, &xbc[at.b(t0 + j)]);
+                        let w = exp(decay[i] - decay[j]) * steps[j] * dot(ci, &xbc[at.b(t0 + j)]);
                         yi.iter_mut().zip(&xbc[at.x(t0 + j)]).for_each(|(yv, xv)| *yv += w * xv);
                     }
                 }
                 let last = t1 - t0 - 1;
-                let total = decay[last].exp();
+                let total = exp(decay[last]);
                 state.iter_mut().for_each(|v| *v *= total);
                 for j in 0..=last {
-                    let w = (decay[last] - decay[j]).exp() * steps[j];
+                    let w = exp(decay[last] - decay[j]) * steps[j];
                     let bj = &xbc[at.b(t0 + j)];
                     for (hs, xv) in state.chunks_exact_mut(n).zip(&xbc[at.x(t0 + j)]) {
                         hs.iter_mut().zip(bj).for_each(|(h, b)| *h += w * xv * b);
@@ -350,7 +350,7 @@ pub fn ssd_backward(dy: &[f32], x: SsdInputs<&[f32]>, states: &[f32], g: SsdGrad
                     let (steps, decay) = chunk_steps(dt, x.dt_bias[h], a, h, heads, t0, t1);
                     let (mut ddecay, mut dsteps) = (vec![0.0f32; q], vec![0.0f32; q]);
                     // dL/dH0, from the carried-state readouts and from the state update.
-                    let total = decay[last].exp();
+                    let total = exp(decay[last]);
                     let mut dh0: Vec<f32> = dstate.iter().map(|g| total * g).collect();
                     ddecay[last] += total * dot(&dstate, h0);
                     for i in 0..q {
@@ -360,7 +360,7 @@ pub fn ssd_backward(dy: &[f32], x: SsdInputs<&[f32]>, states: &[f32], g: SsdGrad
                         dskip[h] += dot(dyi, &xbc[at.x(ti)]);
                         dxbc[at.x(ti)].iter_mut().zip(dyi).for_each(|(d, g)| *d += x.d[h] * g);
                         // Carried state exp(L_i) H0 C_i.
-                        let carried = decay[i].exp();
+                        let carried = exp(decay[i]);
                         for (pi, g) in dyi.iter().enumerate() {
                             let (hs, dhs) = (&h0[pi * n..(pi + 1) * n], &mut dh0[pi * n..(pi + 1) * n]);
                             let ci = &xbc[at.c(ti)];
@@ -372,7 +372,7 @@ pub fn ssd_backward(dy: &[f32], x: SsdInputs<&[f32]>, states: &[f32], g: SsdGrad
                         // Intra-chunk pairs j <= i: exp(L_i - L_j) dt_j (C_i . B_j) x_j.
                         for j in 0..=i {
                             let tj = t0 + j;
-                            let e = (decay[i] - decay[j]).exp();
+                            let e = exp(decay[i] - decay[j]);
                             let cb = dot(&xbc[at.c(ti)], &xbc[at.b(tj)]);
                             let gx = dot(dyi, &xbc[at.x(tj)]);
                             let pair = e * steps[j] * cb * gx;
@@ -392,7 +392,7 @@ pub fn ssd_backward(dy: &[f32], x: SsdInputs<&[f32]>, states: &[f32], g: SsdGrad
                     // State update: H_end = exp(L_last) H0 + sum_j exp(L_last - L_j) dt_j x_j B_j^T.
                     for j in 0..q {
                         let tj = t0 + j;
-                        let w = (decay[last] - decay[j]).exp();
+                        let w = exp(decay[last] - decay[j]);
                         let (xj, bj) = (&xbc[at.x(tj)], &xbc[at.b(tj)]);
                         // v = dH B_j (over state), u = dH^T x_j (over head channels).
                         let v: Vec<f32> = dstate.chunks_exact(n).map(|row| dot(row, bj)).collect();

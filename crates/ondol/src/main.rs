@@ -295,7 +295,12 @@ fn inspect(args: ConfigArgs) -> Result<()> {
     println!("arch                 {:?}", cfg.model.arch);
     println!("parameters           {n} ({:.2}M)", n as f64 / 1e6);
     println!("  in matmuls (N)     {} (non-embedding + output head)", model.num_flop_params());
-    println!("FLOPs/token          {} (6N + 12 L d T at T = {})", model.flops_per_token(t.seq_len), t.seq_len);
+    let (total, matmul) = (model.flops_per_token(t.seq_len), 6 * model.num_flop_params() as u64);
+    println!(
+        "FLOPs/token          {total} at T = {}: 6N = {matmul} in matmuls, {} in attention scores and scans",
+        t.seq_len,
+        total - matmul
+    );
     println!("tokens/step          {}", t.batch_size * t.seq_len * t.grad_accum * cfg.parallelism.dp);
     let p = &cfg.parallelism;
     let opt_state = if p.zero == 1 { 8 * n.div_ceil(p.dp as u64) } else { 8 * n };

@@ -64,19 +64,71 @@ fn sample(p: &[[f64; STATES]], n: usize, seed: u64) -> Vec<u32> {
         .collect()
 }
 
-fn config(dir: &Path, steps: u64) -> RunConfig {
-    let warmup = (steps / 20).min(20);
-    let text = format!(
-        r#"
+const LLAMA: &str = r#"
 [model]
 arch = "llama"
-vocab_size = {STATES}
+vocab_size = 12
 d_model = 32
 n_layers = 1
 n_heads = 2
 n_kv_heads = 1
 ffn_hidden = 64
 max_seq_len = 64
+"#;
+
+const MAMBA: &str = r#"
+[model]
+arch = "mamba"
+vocab_size = 12
+d_model = 32
+n_layers = 1
+max_seq_len = 64
+[model.ssm]
+state_size = 8
+chunk_size = 16
+"#;
+
+const MAMBA2: &str = r#"
+[model]
+arch = "mamba2"
+vocab_size = 12
+d_model = 32
+n_layers = 1
+max_seq_len = 64
+[model.ssm]
+state_size = 16
+head_dim = 16
+chunk_size = 16
+"#;
+
+const HYBRID: &str = r#"
+[model]
+arch = "hybrid"
+pattern = "M*-"
+vocab_size = 12
+d_model = 32
+n_layers = 3
+n_heads = 2
+n_kv_heads = 1
+ffn_hidden = 64
+max_seq_len = 64
+[model.ssm]
+state_size = 16
+head_dim = 16
+chunk_size = 16
+"#;
+
+fn config(dir: &Path, steps: u64) -> RunConfig {
+    config_for(LLAMA, dir, steps)
+}
+
+/// A run of `steps` on the Markov data in `dir` with the `[model]` section `model`.
+fn config_for(model: &str, dir: &Path, steps: u64) -> RunConfig {
+    assert!(model.contains(&format!("vocab_size = {STATES}")));
+    let warmup = (steps / 20).min(20);
+    let text = format!(
+        r#"
+{model}
 
 [training]
 steps = {steps}
@@ -118,9 +170,28 @@ fn write_data(dir: &Path) -> f64 {
 
 #[test]
 fn validation_loss_reaches_the_entropy_rate_of_a_markov_source() {
+    reaches_the_entropy_rate("llama", LLAMA);
+}
+
+#[test]
+fn mamba_reaches_the_entropy_rate() {
+    reaches_the_entropy_rate("mamba", MAMBA);
+}
+
+#[test]
+fn mamba2_reaches_the_entropy_rate() {
+    reaches_the_entropy_rate("mamba2", MAMBA2);
+}
+
+#[test]
+fn hybrid_reaches_the_entropy_rate() {
+    reaches_the_entropy_rate("hybrid", HYBRID);
+}
+
+fn reaches_the_entropy_rate(name: &str, model: &str) {
     let dir = tempfile::tempdir().unwrap();
     let rate = write_data(dir.path());
-    let cfg = config(dir.path(), 400);
+    let cfg = config_for(model, dir.path(), 400);
     let data = Data::open(&cfg, Path::new(".")).unwrap();
     let mut trainer = Trainer::new(CpuBackend, cfg, data).unwrap();
     let mut metrics = Metrics::create(dir.path(), 400, 1e11, None).unwrap();
@@ -129,8 +200,8 @@ fn validation_loss_reaches_the_entropy_rate_of_a_markov_source() {
     let val = summary.final_val_loss.unwrap();
     let start = summary.first_val_loss.unwrap();
     assert!(start > rate + 1.0, "an untrained model should be far from the rate: {start} vs {rate}");
-    eprintln!("markov: validation loss {start:.4} -> {val:.4} nats, entropy rate {rate:.4}");
-    assert!((val - rate).abs() < 0.05, "validation loss {val:.4} vs entropy rate {rate:.4} nats");
+    eprintln!("markov ({name}): validation loss {start:.4} -> {val:.4} nats, entropy rate {rate:.4}");
+    assert!((val - rate).abs() < 0.05, "{name}: validation loss {val:.4} vs entropy rate {rate:.4} nats");
 }
 
 #[test]
