@@ -148,9 +148,9 @@ impl ModelConfig {
         })
     }
     /// GPT-2 and the Mamba models tie their head to the embedding by default, as Hugging
-    /// Face's configs do.
+    /// Face's configs do; a hybrid never does (transformers' Nemotron-H always has its own head).
     pub fn tied(&self) -> bool {
-        self.tie_embeddings.unwrap_or(matches!(self.arch, Arch::Gpt2 | Arch::Mamba | Arch::Mamba2 | Arch::Hybrid))
+        self.tie_embeddings.unwrap_or(matches!(self.arch, Arch::Gpt2 | Arch::Mamba | Arch::Mamba2))
     }
     /// The mixer of every layer: attention and MLP alternate in a transformer (two blocks per
     /// layer); a Mamba model has one mixer per layer; a hybrid follows its pattern.
@@ -202,6 +202,12 @@ impl ModelConfig {
             }
         }
         self.validate_pattern()?;
+        if self.arch == Arch::Hybrid && self.tie_embeddings == Some(true) {
+            return Err(Error::config(
+                "model.tie_embeddings",
+                "a hybrid has its own head (Nemotron-H never ties it): leave it unset or false",
+            ));
+        }
         if matches!(self.arch, Arch::Mamba | Arch::Mamba2) && self.n_heads != 0 {
             return Err(Error::config("model.n_heads", "a pure Mamba model has no attention: leave it unset"));
         }
