@@ -386,6 +386,18 @@ fn is_infinite(v: &Value) -> bool {
     text.as_str() == Some("Infinity") || v.as_f64().is_some_and(f64::is_infinite)
 }
 
+/// ondol's attention heads are hidden_size / heads wide: `head_dim` (or, when the field is
+/// absent, `missing`, the architecture's default) must agree.
+fn check_head_dim(f: &Fields, d_model: usize, n_heads: usize, missing: Option<usize>) -> Result<()> {
+    match f.opt_usize("head_dim")?.or(missing) {
+        Some(hd) if hd * n_heads != d_model => Err(f.err(
+            "head_dim",
+            format!("{hd} x {n_heads} heads != hidden_size {d_model}: ondol needs head_dim = hidden_size / heads"),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// `heads` (a field of the config) must be expand * hidden_size / head_dim.
 fn check_heads(f: &Fields, key: &str, d_model: usize, ssm: &SsmConfig) -> Result<()> {
     let heads = f.usize(key)?;
@@ -458,24 +470,28 @@ fn nemotron_h_from(f: &Fields) -> Result<ModelConfig> {
     };
     let d_model = f.usize("hidden_size")?;
     let n_heads = f.usize("num_attention_heads")?;
-    if let Some(hd) = f.opt_usize("head_dim")?
-        && hd * n_heads != d_model
-    {
+    // transformers' Nemotron-H takes head_dim = 128 when the field is absent.
+    check_head_dim(f, d_model, n_heads, Some(128))?;
+    // Its Mamba width is heads x head_dim; `expand` is not read (and may be absent).
+    let (heads, head_dim) = (f.usize("mamba_num_heads")?, f.usize("mamba_head_dim")?);
+    if !(heads * head_dim).is_multiple_of(d_model) {
         return Err(f.err(
-            "head_dim",
-            format!("{hd} x {n_heads} heads != hidden_size {d_model}: ondol needs head_dim = hidden_size / heads"),
+            "mamba_num_heads",
+            format!(
+                "{heads} heads x mamba_head_dim {head_dim} is not a multiple of hidden_size {d_model}: ondol's Mamba \
+                 width is expand * hidden_size"
+            ),
         ));
     }
     let ssm = SsmConfig {
         state_size: Some(f.usize("ssm_state_size")?),
         conv_kernel: f.usize("conv_kernel")?,
-        expand: f.usize("expand")?,
-        head_dim: f.usize("mamba_head_dim")?,
+        expand: heads * head_dim / d_model,
+        head_dim,
         n_groups: f.usize("n_groups")?,
         chunk_size: f.usize("chunk_size")?,
         ..ssm_steps(f)?
     };
-    check_heads(f, "mamba_num_heads", d_model, &ssm)?;
     Ok(ModelConfig {
         arch: Arch::Hybrid,
         vocab_size: f.usize("vocab_size")?,
@@ -557,16 +573,7 @@ pub fn from_hf_config(json: &Value, file: &str) -> Result<(ModelConfig, Vec<Stri
             }
             let d_model = f.usize("hidden_size")?;
             let n_heads = f.usize("num_attention_heads")?;
-            if let Some(hd) = f.opt_usize("head_dim")?
-                && hd * n_heads != d_model
-            {
-                return Err(f.err(
-                    "head_dim",
-                    format!(
-                        "{hd} x {n_heads} heads != hidden_size {d_model}: ondol needs head_dim = hidden_size / heads"
-                    ),
-                ));
-            }
+            check_head_dim(&f, d_model, n_heads, None)?;
             let cfg = ModelConfig {
                 arch: Arch::Llama,
                 vocab_size: f.usize("vocab_size")?,
@@ -790,5 +797,69 @@ mod tests {
         let mut json = to_hf_config(&llama(), None);
         json["model_type"] = json!("mistral");
         assert!(from_hf_config(&json, "c").unwrap_err().to_string().contains("mistral"));
+    }
+
+    #[test]
+    fn state_space_models_export_then_import_as_themselves() {
+        let ssm = SsmConfig { state_size: Some(8), head_dim: 16, n_groups: 2, chunk_size: 8, ..Default::default() };
+        let base = ModelConfig { n_heads: 0, n_kv_heads: None, ffn_hidden: None, ssm, ..llama() };
+        let hybrid = ModelConfig {
+            arch: Arch::Hybrid,
+            n_layers: 3,
+            n_heads: 4,
+            n_kv_heads: Some(2),
+            ffn_hidden: Some(48),
+            pattern: Some("M*-".into()),
+            ..base.clone()
+        };
+        for cfg in
+            [ModelConfig { arch: Arch::Mamba, ..base.clone() }, ModelConfig { arch: Arch::Mamba2, ..base }, hybrid]
+        {
+            let (back, warnings) = from_hf_config(&to_hf_config(&cfg, None), "config.json").unwrap();
+            assert!(warnings.is_empty(), "{warnings:?}");
+            let sizes =
+                |c: &ModelConfig| (c.arch, c.d_model, c.ssm_inner(), c.ssm_state(), c.ssm.conv_kernel, c.tied());
+            assert_eq!(sizes(&back), sizes(&cfg));
+            assert_eq!(back.layer_kinds(), cfg.layer_kinds());
+            // Mamba-1's chunk is only how often backward saves a state: not part of HF's model.
+            if cfg.arch == Arch::Mamba {
+                assert_eq!(back.ssm_rank(), cfg.ssm_rank());
+            } else {
+                let groups = |c: &ModelConfig| (c.ssm_heads(), c.ssm.n_groups, c.ssm.chunk_size);
+                assert_eq!(groups(&back), groups(&cfg));
+            }
+            if cfg.arch == Arch::Hybrid {
+                assert_eq!((back.n_heads, back.kv_heads(), back.ffn()), (4, 2, 48));
+            }
+        }
+    }
+
+    #[test]
+    fn python_infinities_parse_and_strings_keep_theirs() {
+        let text = r#"{"time_step_limit": [0.0, Infinity], "note": "Infinity \" NaN", "x": -Infinity}"#;
+        let v = parse_config(text, "c").unwrap();
+        assert_eq!(v["time_step_limit"][1], json!("Infinity"));
+        assert_eq!(v["note"], json!("Infinity \" NaN"));
+        assert_eq!(v["x"], json!("-Infinity"));
+        assert!(is_infinite(&v["time_step_limit"][1]) && is_infinite(&json!({"__float__": "Infinity"})));
+        assert!(parse_config("{", "dir/config.json").unwrap_err().to_string().contains("dir/config.json"));
+    }
+
+    #[test]
+    fn nemotron_h_without_head_dim_means_128() {
+        let cfg = ModelConfig {
+            arch: Arch::Hybrid,
+            n_layers: 2,
+            pattern: Some("M*".into()),
+            ssm: SsmConfig { state_size: Some(8), head_dim: 16, ..Default::default() },
+            ..llama()
+        };
+        let mut json = to_hf_config(&cfg, None);
+        json.as_object_mut().unwrap().remove("head_dim");
+        let e = from_hf_config(&json, "c").unwrap_err().to_string();
+        assert!(e.contains("head_dim") && e.contains("128"), "{e}");
+        json.as_object_mut().unwrap().remove("expand");
+        json["head_dim"] = json!(8);
+        assert_eq!(from_hf_config(&json, "c").unwrap().0.ssm.expand, 2, "expand follows heads x head_dim");
     }
 }

@@ -99,7 +99,7 @@ pub struct ScanGrads<M> {
 /// of `state` values. Chunks of `chunk` tokens are computed in their quadratic (matmul) form
 /// and pass a state `[head_dim, state]` per head from one chunk to the next; those boundary
 /// states are saved for backward.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct SsdShape {
     pub batch: usize,
     pub len: usize,
@@ -108,6 +108,9 @@ pub struct SsdShape {
     pub groups: usize,
     pub state: usize,
     pub chunk: usize,
+    /// Floor of the step size after the softplus (Nemotron-H clamps it at its
+    /// time_step_min; Mamba-2 does not clamp: 0). Below it the step has no gradient.
+    pub dt_min: f32,
 }
 
 impl SsdShape {
@@ -132,8 +135,8 @@ impl SsdShape {
     }
 }
 
-/// The inputs of an SSD scan (Mamba-2), as views. Per head h: `dt = softplus(dt_raw +
-/// dt_bias[h])`, `A = -exp(a_log[h])`, `H_t = exp(dt A) H_{t-1} + dt x_t B_t^T`,
+/// The inputs of an SSD scan (Mamba-2), as views. Per head h: `dt = max(softplus(dt_raw +
+/// dt_bias[h]), dt_min)`, `A = -exp(a_log[h])`, `H_t = exp(dt A) H_{t-1} + dt x_t B_t^T`,
 /// `y_t = H_t C_t + D[h] x_t`. xbc: `[rows, xbc_width]` (x heads, then B groups, then C groups,
 /// as Mamba-2's convolution leaves them); dt: `[rows, heads]`; dt_bias, a_log, d: `[heads]`.
 #[derive(Clone, Copy, Debug)]

@@ -260,10 +260,11 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(a, b)| a * b).sum()
 }
 
-/// Step sizes `softplus(raw + bias)` of one head over tokens `t0..t1` of a sequence (`dt` is
-/// that sequence's `[len, heads]`), and their running decay sums `L_i = sum_{k<=i} dt_k A`.
-fn chunk_steps(dt: &[f32], bias: f32, a: f32, head: usize, heads: usize, t0: usize, t1: usize) -> (Vec<f32>, Vec<f32>) {
-    let steps: Vec<f32> = (t0..t1).map(|t| softplus(dt[t * heads + head] + bias)).collect();
+/// Step sizes `max(softplus(raw + bias), s.dt_min)` of head `head` over tokens `t0..t1` of a
+/// sequence (`dt` is that sequence's `[len, heads]`), and their running decay sums
+/// `L_i = sum_{k<=i} dt_k A`.
+fn chunk_steps(dt: &[f32], bias: f32, a: f32, head: usize, s: &SsdShape, t0: usize, t1: usize) -> (Vec<f32>, Vec<f32>) {
+    let steps: Vec<f32> = (t0..t1).map(|t| softplus(dt[t * s.heads + head] + bias).max(s.dt_min)).collect();
     let decay = steps
         .iter()
         .scan(0.0f32, |acc, s| {
@@ -289,7 +290,7 @@ pub fn ssd_forward(x: SsdInputs<&[f32]>, y: &mut [f32], states: &mut [f32], s: S
             saved[h * pn..(h + 1) * pn].fill(0.0);
             for chunk in 0..l.div_ceil(s.chunk) {
                 let (t0, t1) = (chunk * s.chunk, ((chunk + 1) * s.chunk).min(l));
-                let (steps, decay) = chunk_steps(dt, x.dt_bias[h], a, h, heads, t0, t1);
+                let (steps, decay) = chunk_steps(dt, x.dt_bias[h], a, h, &s, t0, t1);
                 for i in 0..t1 - t0 {
                     let ci = &xbc[at.c(t0 + i)];
                     let yi = &mut y[at.y(t0 + i)];
@@ -339,19 +340,21 @@ pub fn ssd_backward(dy: &[f32], x: SsdInputs<&[f32]>, states: &[f32], g: SsdGrad
             let saved = &states[bi * s.saved() * heads * pn..(bi + 1) * s.saved() * heads * pn];
             let [mut dbias, mut da, mut dskip] = [vec![0.0f32; heads], vec![0.0f32; heads], vec![0.0f32; heads]];
             dxbc.fill(0.0);
+            let (mut v, mut u) = (vec![0.0f32; p], vec![0.0f32; n]);
             for h in 0..heads {
                 let at = SsdIndex::new(&s, h);
                 let a = -x.a_log[h].exp();
-                let mut dstate = vec![0.0f32; pn]; // dL/dH leaving the current chunk
+                // dL/dH leaving the current chunk, and entering it (swapped after each chunk).
+                let (mut dstate, mut dh0) = (vec![0.0f32; pn], vec![0.0f32; pn]);
                 for chunk in (0..l.div_ceil(s.chunk)).rev() {
                     let (t0, t1) = (chunk * s.chunk, ((chunk + 1) * s.chunk).min(l));
                     let (q, last) = (t1 - t0, t1 - t0 - 1);
                     let h0 = &saved[(chunk * heads + h) * pn..(chunk * heads + h + 1) * pn];
-                    let (steps, decay) = chunk_steps(dt, x.dt_bias[h], a, h, heads, t0, t1);
+                    let (steps, decay) = chunk_steps(dt, x.dt_bias[h], a, h, &s, t0, t1);
                     let (mut ddecay, mut dsteps) = (vec![0.0f32; q], vec![0.0f32; q]);
                     // dL/dH0, from the carried-state readouts and from the state update.
                     let total = exp(decay[last]);
-                    let mut dh0: Vec<f32> = dstate.iter().map(|g| total * g).collect();
+                    dh0.iter_mut().zip(&dstate).for_each(|(d, g)| *d = total * g);
                     ddecay[last] += total * dot(&dstate, h0);
                     for i in 0..q {
                         let ti = t0 + i;
@@ -395,8 +398,8 @@ pub fn ssd_backward(dy: &[f32], x: SsdInputs<&[f32]>, states: &[f32], g: SsdGrad
                         let w = exp(decay[last] - decay[j]);
                         let (xj, bj) = (&xbc[at.x(tj)], &xbc[at.b(tj)]);
                         // v = dH B_j (over state), u = dH^T x_j (over head channels).
-                        let v: Vec<f32> = dstate.chunks_exact(n).map(|row| dot(row, bj)).collect();
-                        let mut u = vec![0.0f32; n];
+                        v.iter_mut().zip(dstate.chunks_exact(n)).for_each(|(v, row)| *v = dot(row, bj));
+                        u.fill(0.0);
                         for (row, xv) in dstate.chunks_exact(n).zip(xj) {
                             u.iter_mut().zip(row).for_each(|(u, d)| *u += d * xv);
                         }
@@ -415,13 +418,15 @@ pub fn ssd_backward(dy: &[f32], x: SsdInputs<&[f32]>, states: &[f32], g: SsdGrad
                         dsteps[k] += a * suffix;
                         da[h] += steps[k] * suffix;
                     }
-                    // Through the softplus: d softplus(v) / dv = sigmoid(v) = 1 - exp(-dt).
+                    // Through the softplus, d softplus(v) / dv = sigmoid(v) = 1 - exp(-dt), and
+                    // the floor, which passes no gradient where it holds.
                     for k in 0..q {
-                        let g = dsteps[k] * -(-steps[k]).exp_m1();
+                        let slope = if steps[k] > s.dt_min { -(-steps[k]).exp_m1() } else { 0.0 };
+                        let g = dsteps[k] * slope;
                         ddt[(t0 + k) * heads + h] = g;
                         dbias[h] += g;
                     }
-                    dstate = dh0;
+                    std::mem::swap(&mut dstate, &mut dh0);
                 }
             }
             [dbias, da, dskip]

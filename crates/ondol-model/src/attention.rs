@@ -57,9 +57,19 @@ impl Attention {
         [s.rows() * s.qkv_width(), s.rows() * s.q_width(), batch * self.n_heads * seq]
     }
 
-    pub fn grads<B: Backend>(&self, be: &B, batch: usize, seq: usize) -> AttnGrads<B> {
+    /// Lengths of dqkv and d(attention output).
+    fn grad_lens(&self, batch: usize, seq: usize) -> [usize; 2] {
         let s = self.shape(batch, seq);
-        AttnGrads { dqkv: be.zeros(s.rows() * s.qkv_width()), dattn: be.zeros(s.rows() * s.q_width()) }
+        [s.rows() * s.qkv_width(), s.rows() * s.q_width()]
+    }
+
+    pub fn grads<B: Backend>(&self, be: &B, batch: usize, seq: usize) -> AttnGrads<B> {
+        let [dqkv, dattn] = self.grad_lens(batch, seq).map(|n| be.zeros(n));
+        AttnGrads { dqkv, dattn }
+    }
+
+    pub fn grad_floats(&self, batch: usize, seq: usize) -> u64 {
+        self.grad_lens(batch, seq).iter().sum::<usize>() as u64
     }
 
     /// `out = attention(x)`; with `cache`, appends the new keys and values to it and attends

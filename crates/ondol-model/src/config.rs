@@ -216,6 +216,8 @@ impl ModelConfig {
         }
         if self.layer_kinds().contains(&LayerKind::Mamba) {
             self.validate_ssm()?;
+        } else if !self.ssm.is_default() {
+            return Err(Error::config("model.ssm", "only models with Mamba layers (mamba, mamba2, hybrid) take it"));
         }
         if !self.has_attention() {
             return self.validate_common();

@@ -86,6 +86,39 @@ impl Linear {
     }
 }
 
+/// Mamba's causal depthwise convolution over `channels`, with bias, followed by SiLU.
+#[derive(Clone, Debug)]
+pub(crate) struct CausalConv {
+    pub w: Range<usize>,
+    pub b: Range<usize>,
+    pub channels: usize,
+}
+
+impl CausalConv {
+    /// `y = silu(conv(x))` over sequences of `seq` tokens.
+    pub fn forward<B: Backend>(&self, be: &B, p: &B::Buf, x: B::Ref<'_>, y: &mut B::Buf, seq: usize) {
+        let (w, b) = (be.view(p, self.w.clone()), be.view(p, self.b.clone()));
+        be.conv1d_forward(x, w, b, be.all_mut(y), seq, self.channels);
+    }
+
+    /// Writes `dx`; accumulates the weight and bias gradients.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward<B: Backend>(
+        &self,
+        be: &B,
+        p: &B::Buf,
+        grads: &mut B::Buf,
+        x: B::Ref<'_>,
+        dy: B::Ref<'_>,
+        dx: &mut B::Buf,
+        seq: usize,
+    ) {
+        let [dw, db] = be.views_mut(grads, [self.w.clone(), self.b.clone()]);
+        let (w, b) = (be.view(p, self.w.clone()), be.view(p, self.b.clone()));
+        be.conv1d_backward(dy, x, w, b, be.all_mut(dx), dw, db, seq, self.channels);
+    }
+}
+
 /// A norm's parameters: RMSNorm has a weight, LayerNorm a weight and a bias.
 #[derive(Clone, Debug)]
 pub(crate) struct Norm {

@@ -10,7 +10,7 @@
 //! ```
 //! E = expand * d_model channels, N states per channel, R = time_step_rank.
 
-use crate::layers::{Dx, Linear};
+use crate::layers::{CausalConv, Dx, Linear};
 use ondol_core::backend::{Backend, ScanGrads, ScanInputs, ScanShape};
 use std::ops::Range;
 
@@ -18,8 +18,7 @@ use std::ops::Range;
 pub(crate) struct Mamba {
     pub in_x: Linear,
     pub in_z: Linear,
-    pub conv_w: Range<usize>,
-    pub conv_b: Range<usize>,
+    pub conv: CausalConv,
     pub x_dt: Linear,
     pub x_b: Linear,
     pub x_c: Linear,
@@ -80,10 +79,19 @@ impl Mamba {
         self.act_lens(batch, seq).iter().sum::<usize>() as u64
     }
 
-    pub fn grads<B: Backend>(&self, be: &B, rows: usize) -> MambaGrads<B> {
+    /// Lengths of dy, du, ddelta, dB, dC, dz, d(dt) and dx.
+    fn grad_lens(&self, rows: usize) -> [usize; 8] {
         let (e, n) = (rows * self.inner, rows * self.state);
-        let [dy, du, ddelta, dz, dx] = [e; 5].map(|len| be.zeros(len));
-        MambaGrads { dy, du, ddelta, db: be.zeros(n), dc: be.zeros(n), dz, ddt: be.zeros(rows * self.rank), dx }
+        [e, e, e, n, n, e, rows * self.rank, e]
+    }
+
+    pub fn grads<B: Backend>(&self, be: &B, rows: usize) -> MambaGrads<B> {
+        let [dy, du, ddelta, db, dc, dz, ddt, dx] = self.grad_lens(rows).map(|n| be.zeros(n));
+        MambaGrads { dy, du, ddelta, db, dc, dz, ddt, dx }
+    }
+
+    pub fn grad_floats(&self, rows: usize) -> u64 {
+        self.grad_lens(rows).iter().sum::<usize>() as u64
     }
 
     /// The scan's inputs: activations `u`, `delta`, `b`, `c`, `z` and the parameters.
@@ -118,8 +126,7 @@ impl Mamba {
         let rows = batch * seq;
         self.in_x.forward(be, p, h, &mut a.x, rows);
         self.in_z.forward(be, p, h, &mut a.z, rows);
-        let (w, bias) = (be.view(p, self.conv_w.clone()), be.view(p, self.conv_b.clone()));
-        be.conv1d_forward(be.all(&a.x), w, bias, be.all_mut(&mut a.u), seq, self.inner);
+        self.conv.forward(be, p, be.all(&a.x), &mut a.u, seq);
         self.x_dt.forward(be, p, be.all(&a.u), &mut a.dt, rows);
         self.x_b.forward(be, p, be.all(&a.u), &mut a.b, rows);
         self.x_c.forward(be, p, be.all(&a.u), &mut a.c, rows);
@@ -167,11 +174,7 @@ impl Mamba {
         self.x_dt.backward(be, p, grads, u, be.all(&g.ddt), Dx::Add(&mut g.du), rows);
         self.x_b.backward(be, p, grads, u, be.all(&g.db), Dx::Add(&mut g.du), rows);
         self.x_c.backward(be, p, grads, u, be.all(&g.dc), Dx::Add(&mut g.du), rows);
-        {
-            let [dw, dbias] = be.views_mut(grads, [self.conv_w.clone(), self.conv_b.clone()]);
-            let (w, bias) = (be.view(p, self.conv_w.clone()), be.view(p, self.conv_b.clone()));
-            be.conv1d_backward(be.all(&g.du), be.all(&a.x), w, bias, be.all_mut(&mut g.dx), dw, dbias, seq, self.inner);
-        }
+        self.conv.backward(be, p, grads, be.all(&a.x), be.all(&g.du), &mut g.dx, seq);
         self.in_x.backward(be, p, grads, h, be.all(&g.dx), Dx::Write(dh), rows);
         self.in_z.backward(be, p, grads, h, be.all(&g.dz), Dx::Add(dh), rows);
     }

@@ -9,7 +9,7 @@
 //! ```
 //! E = expand * d_model = heads * head_dim; B and C come in G groups of N states.
 
-use crate::layers::{Dx, Linear};
+use crate::layers::{CausalConv, Dx, Linear};
 use ondol_core::backend::{Backend, SsdGrads, SsdInputs, SsdShape};
 use std::ops::Range;
 
@@ -18,8 +18,7 @@ pub(crate) struct Mamba2 {
     pub in_z: Linear,
     pub in_xbc: Linear,
     pub in_dt: Linear,
-    pub conv_w: Range<usize>,
-    pub conv_b: Range<usize>,
+    pub conv: CausalConv,
     pub dt_bias: Range<usize>,
     pub a_log: Range<usize>,
     pub d: Range<usize>,
@@ -30,6 +29,8 @@ pub(crate) struct Mamba2 {
     pub groups: usize,
     pub state: usize,
     pub chunk: usize,
+    /// Floor of the step size (Nemotron-H's time_step_min; 0 in Mamba-2).
+    pub dt_min: f32,
     /// Values per gated-norm group (E / G in Mamba-2).
     pub norm_group: usize,
     pub eps: f32,
@@ -65,6 +66,7 @@ impl Mamba2 {
             groups: self.groups,
             state: self.state,
             chunk: self.chunk,
+            dt_min: self.dt_min,
         }
     }
 
@@ -94,11 +96,20 @@ impl Mamba2 {
         self.act_lens(batch, seq).iter().sum::<usize>() as u64
     }
 
-    pub fn grads<B: Backend>(&self, be: &B, rows: usize) -> Mamba2Grads<B> {
+    /// Lengths of d(normed), dy, dz, dxBC after and before the convolution, and d(dt).
+    fn grad_lens(&self, rows: usize) -> [usize; 6] {
         let s = self.shape(1, 1);
         let (e, w) = (rows * s.inner(), rows * s.xbc_width());
-        let [dnormed, dy, dz] = [e; 3].map(|n| be.zeros(n));
-        Mamba2Grads { dnormed, dy, dz, dxbc: be.zeros(w), dxbc_raw: be.zeros(w), ddt: be.zeros(rows * self.heads) }
+        [e, e, e, w, w, rows * self.heads]
+    }
+
+    pub fn grads<B: Backend>(&self, be: &B, rows: usize) -> Mamba2Grads<B> {
+        let [dnormed, dy, dz, dxbc, dxbc_raw, ddt] = self.grad_lens(rows).map(|n| be.zeros(n));
+        Mamba2Grads { dnormed, dy, dz, dxbc, dxbc_raw, ddt }
+    }
+
+    pub fn grad_floats(&self, rows: usize) -> u64 {
+        self.grad_lens(rows).iter().sum::<usize>() as u64
     }
 
     fn ssd_inputs<'a, B: Backend>(
@@ -130,8 +141,7 @@ impl Mamba2 {
         self.in_z.forward(be, p, h, &mut a.z, rows);
         self.in_xbc.forward(be, p, h, &mut a.xbc_raw, rows);
         self.in_dt.forward(be, p, h, &mut a.dt, rows);
-        let (w, bias) = (be.view(p, self.conv_w.clone()), be.view(p, self.conv_b.clone()));
-        be.conv1d_forward(be.all(&a.xbc_raw), w, bias, be.all_mut(&mut a.xbc), seq, shape.xbc_width());
+        self.conv.forward(be, p, be.all(&a.xbc_raw), &mut a.xbc, seq);
         let inputs = self.ssd_inputs(be, p, &a.xbc, &a.dt);
         be.ssd_forward(inputs, be.all_mut(&mut a.y), be.all_mut(&mut a.states), shape);
         let norm_w = be.view(p, self.norm_w.clone());
@@ -174,12 +184,7 @@ impl Mamba2 {
             let inputs = self.ssd_inputs(be, p, &a.xbc, &a.dt);
             be.ssd_backward(be.all(&g.dy), inputs, be.all(&a.states), sg, shape);
         }
-        {
-            let [dw, dbias] = be.views_mut(grads, [self.conv_w.clone(), self.conv_b.clone()]);
-            let (w, bias) = (be.view(p, self.conv_w.clone()), be.view(p, self.conv_b.clone()));
-            let (dxbc, xbc_raw, dxbc_raw) = (be.all(&g.dxbc), be.all(&a.xbc_raw), be.all_mut(&mut g.dxbc_raw));
-            be.conv1d_backward(dxbc, xbc_raw, w, bias, dxbc_raw, dw, dbias, seq, shape.xbc_width());
-        }
+        self.conv.backward(be, p, grads, be.all(&a.xbc_raw), be.all(&g.dxbc), &mut g.dxbc_raw, seq);
         self.in_z.backward(be, p, grads, h, be.all(&g.dz), Dx::Write(dh), rows);
         self.in_xbc.backward(be, p, grads, h, be.all(&g.dxbc_raw), Dx::Add(dh), rows);
         self.in_dt.backward(be, p, grads, h, be.all(&g.ddt), Dx::Add(dh), rows);

@@ -17,7 +17,7 @@
 
 use crate::attention::{Attention, AttnActs, AttnGrads, CacheSlot};
 use crate::config::{Arch, LayerKind, ModelConfig};
-use crate::layers::{Dx, Linear, Norm, NormActs, WeightLayout, norm_floats};
+use crate::layers::{CausalConv, Dx, Linear, Norm, NormActs, WeightLayout, norm_floats};
 use crate::mamba::{Mamba, MambaActs, MambaGrads};
 use crate::mamba2::{Mamba2, Mamba2Acts, Mamba2Grads};
 use crate::mlp::{Mlp, MlpActs, MlpGrads, MlpKind};
@@ -130,14 +130,20 @@ impl Builder<'_> {
         }
     }
 
+    /// `conv1d.weight` `[channels, 1, K]` and its bias, PyTorch's default init U(±1/sqrt(K)).
+    fn causal_conv(&mut self, p: &Path, channels: usize) -> CausalConv {
+        let k = self.cfg.ssm.conv_kernel;
+        let bound = Init::Uniform { bound: 1.0 / (k as f32).sqrt() };
+        let w = self.add(p.at("conv1d").at("weight"), &[channels, 1, k], bound, true);
+        CausalConv { w, b: self.add(p.at("conv1d").at("bias"), &[channels], bound, false), channels }
+    }
+
     fn mamba(&mut self, p: &Path) -> Mamba {
         let cfg = self.cfg;
-        let (d, e, n, r, k) = (cfg.d_model, cfg.ssm_inner(), cfg.ssm_state(), cfg.ssm_rank(), cfg.ssm.conv_kernel);
+        let (d, e, n, r) = (cfg.d_model, cfg.ssm_inner(), cfg.ssm_state(), cfg.ssm_rank());
         let std = self.std();
         let in_proj = self.dense(p.at("in_proj"), d, 2 * e, std);
-        let conv_bound = Init::Uniform { bound: 1.0 / (k as f32).sqrt() };
-        let conv_w = self.add(p.at("conv1d").at("weight"), &[e, 1, k], conv_bound, true);
-        let conv_b = self.add(p.at("conv1d").at("bias"), &[e], conv_bound, false);
+        let conv = self.causal_conv(p, e);
         let x_proj = self.dense(p.at("x_proj"), e, r + 2 * n, std);
         let dt_init = Init::Uniform { bound: 1.0 / (r as f32).sqrt() };
         let dt_proj = self.dense(p.at("dt_proj"), r, e, dt_init);
@@ -150,8 +156,7 @@ impl Builder<'_> {
         Mamba {
             in_x: in_proj.rows_of(0..e),
             in_z: in_proj.rows_of(e..2 * e),
-            conv_w,
-            conv_b,
+            conv,
             x_dt: x_proj.rows_of(0..r),
             x_b: x_proj.rows_of(r..r + n),
             x_c: x_proj.rows_of(r + n..r + 2 * n),
@@ -169,14 +174,12 @@ impl Builder<'_> {
 
     fn mamba2(&mut self, p: &Path) -> Mamba2 {
         let cfg = self.cfg;
-        let (d, e, n, k) = (cfg.d_model, cfg.ssm_inner(), cfg.ssm_state(), cfg.ssm.conv_kernel);
+        let (d, e, n) = (cfg.d_model, cfg.ssm_inner(), cfg.ssm_state());
         let (heads, groups) = (cfg.ssm_heads(), cfg.ssm.n_groups);
         let conv_dim = e + 2 * groups * n;
         let std = self.std();
         let in_proj = self.dense(p.at("in_proj"), d, e + conv_dim + heads, std);
-        let conv_bound = Init::Uniform { bound: 1.0 / (k as f32).sqrt() };
-        let conv_w = self.add(p.at("conv1d").at("weight"), &[conv_dim, 1, k], conv_bound, true);
-        let conv_b = self.add(p.at("conv1d").at("bias"), &[conv_dim], conv_bound, false);
+        let conv = self.causal_conv(p, conv_dim);
         let s = &cfg.ssm;
         let step = Init::StepBias { min: s.time_step_min, max: s.time_step_max, floor: s.time_step_floor };
         let dt_bias = self.add(p.at("dt_bias"), &[heads], step, false);
@@ -188,8 +191,7 @@ impl Builder<'_> {
             in_z: in_proj.rows_of(0..e),
             in_xbc: in_proj.rows_of(e..e + conv_dim),
             in_dt: in_proj.rows_of(e + conv_dim..e + conv_dim + heads),
-            conv_w,
-            conv_b,
+            conv,
             dt_bias,
             a_log,
             d: d_skip,
@@ -200,6 +202,8 @@ impl Builder<'_> {
             groups,
             state: n,
             chunk: s.chunk_size,
+            // transformers' Nemotron-H floors the step at time_step_min; its Mamba-2 does not.
+            dt_min: if cfg.arch == Arch::Hybrid { s.time_step_min as f32 } else { 0.0 },
             norm_group: e / groups,
             eps: cfg.norm_eps,
         }
@@ -556,18 +560,12 @@ impl Mixer {
 
     /// Floats of this kind's gradient scratch (see [`Scratch`]).
     fn grad_floats(&self, batch: usize, seq: usize) -> u64 {
-        let rows = (batch * seq) as u64;
         match self {
-            Mixer::Attention(m) => {
-                let s = m.shape(batch, seq);
-                rows * (s.qkv_width() + s.q_width()) as u64
-            }
+            Mixer::Attention(m) => m.grad_floats(batch, seq),
+            // The MLP's gradient scratch mirrors its saved activations.
             Mixer::Mlp(m) => m.act_floats(batch * seq),
-            Mixer::Mamba(m) => rows * (5 * m.inner + 2 * m.state + m.rank) as u64,
-            Mixer::Mamba2(m) => {
-                let e = m.heads * m.head_dim;
-                rows * (3 * e + 2 * (e + 2 * m.groups * m.state) + m.heads) as u64
-            }
+            Mixer::Mamba(m) => m.grad_floats(batch * seq),
+            Mixer::Mamba2(m) => m.grad_floats(batch * seq),
         }
     }
 }
@@ -668,8 +666,8 @@ impl<B: Backend> Workspace<B> {
         let blocks = &model.blocks;
         let recomputed_kind =
             |k: usize| (0..blocks.len()).any(|i| blocks[i].mixer.kind() == k && model.recomputed(i, recompute_every));
-        let first = |k: usize| blocks.iter().find(|b| b.mixer.kind() == k);
-        let shared = (0..KINDS).map(|k| first(k).filter(|_| recomputed_kind(k)).map(block_acts)).collect();
+        // Per kind present: gradient scratch, and the shared activations if any block recomputes.
+        let mut shared: Vec<Option<BlockActs<B>>> = (0..KINDS).map(|_| None).collect();
         let mut scratch = Scratch {
             dres: be.zeros(rows * d),
             dnorm: be.zeros(rows * d),
@@ -678,7 +676,11 @@ impl<B: Backend> Workspace<B> {
             mamba: None,
             mamba2: None,
         };
-        for block in (0..KINDS).filter_map(first) {
+        for block in model.first_of_each_kind() {
+            let kind = block.mixer.kind();
+            if recomputed_kind(kind) {
+                shared[kind] = Some(block_acts(block));
+            }
             match &block.mixer {
                 Mixer::Attention(m) => scratch.attn = Some(m.grads(be, batch, seq)),
                 Mixer::Mlp(m) => scratch.mlp = Some(m.grads(be, rows)),

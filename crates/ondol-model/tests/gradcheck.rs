@@ -155,6 +155,18 @@ fn hugging_face_names_and_fused_layouts() {
         ("backbone.layers.0.mixer.out_proj.weight", &[8, 16]),
     ];
     assert_eq!(shapes, want);
+    // Hugging Face's init: A = -(1..=N) per channel, D = 1, softplus(dt bias) log-uniform in
+    // [time_step_min, time_step_max].
+    let init = mamba.layout.init(7);
+    let tensor = |m: &Model, name: &str| init[m.layout.get(name).unwrap().range()].to_vec();
+    let a_log = tensor(&mamba, "backbone.layers.1.mixer.A_log");
+    assert!(a_log.chunks(4).all(|row| row.iter().enumerate().all(|(n, v)| (v - ((n + 1) as f32).ln()).abs() < 1e-6)));
+    assert!(tensor(&mamba, "backbone.layers.0.mixer.D").iter().all(|&v| v == 1.0));
+    let steps: Vec<f32> =
+        tensor(&mamba, "backbone.layers.0.mixer.dt_proj.bias").iter().map(|b| b.exp().ln_1p()).collect();
+    assert!(steps.iter().all(|s| (0.001 * 0.999..=0.1 * 1.001).contains(s)), "{steps:?}");
+    assert!(steps.iter().cloned().fold(0.0, f32::max) > 0.01, "log-uniform steps spread over two decades");
+
     let hybrid = Model::new(tiny_ssm(Arch::Hybrid, Some("M*-M"))).unwrap();
     let in_proj = hybrid.layout.get("backbone.layers.0.mixer.in_proj.weight").unwrap();
     assert_eq!(in_proj.shape, [16 + (16 + 2 * 2 * 4) + 4, 8]); // z, xBC, dt (4 heads)
