@@ -280,18 +280,28 @@ pub trait Backend: Send + Sync {
     fn bias_backward(&self, dy: Self::Ref<'_>, dbias: Self::Mut<'_>, cols: usize);
 
     // ---- embeddings -------------------------------------------------------------------------
-    /// `out[r, :] = table[ids[r], :]`; if `positions` is given (learned absolute positions,
+    /// `out[r, :] = table[ids[r] - first_id, :]`, or zeros where `ids[r]` is not in the table's
+    /// rows `first_id..` (a vocab-parallel shard holds a range of ids; the whole table has
+    /// `first_id = 0` and holds every id). If `positions` is given (learned absolute positions,
     /// GPT-2), also adds `positions[r % seq, :]`.
     fn embedding_forward(
         &self,
         ids: &Self::Ids,
         table: Self::Ref<'_>,
+        first_id: usize,
         positions: Option<(Self::Ref<'_>, usize)>,
         out: Self::Mut<'_>,
         dim: usize,
     );
-    /// `dtable[ids[r], :] += dout[r, :]` (accumulates).
-    fn embedding_backward(&self, ids: &Self::Ids, dout: Self::Ref<'_>, dtable: Self::Mut<'_>, dim: usize);
+    /// `dtable[ids[r] - first_id, :] += dout[r, :]` for the ids the table holds (accumulates).
+    fn embedding_backward(
+        &self,
+        ids: &Self::Ids,
+        dout: Self::Ref<'_>,
+        dtable: Self::Mut<'_>,
+        first_id: usize,
+        dim: usize,
+    );
     /// `dpos[r % seq, :] += dout[r, :]` (accumulates).
     fn position_embedding_backward(&self, dout: Self::Ref<'_>, dpos: Self::Mut<'_>, seq: usize, dim: usize);
 
@@ -490,10 +500,49 @@ pub trait Backend: Send + Sync {
         vocab: usize,
         grad_scale: Option<f32>,
     );
+    /// The first half of a vocab-parallel cross-entropy, on a shard of the logits: the columns
+    /// of ids `first_id..first_id + vocab`. Writes per row `stats[3r..3r + 3]` = (the row's max
+    /// m, sum of exp(logit - m), the target's logit if this shard holds the target, else 0).
+    /// Combining the shards' rows gives each row's log-sum-exp (see [`combine_ce_stats`]).
+    fn cross_entropy_stats(
+        &self,
+        logits: Self::Ref<'_>,
+        targets: &Self::Ids,
+        stats: Self::Mut<'_>,
+        first_id: usize,
+        vocab: usize,
+    );
+    /// The second half: overwrites the shard of logits with
+    /// `grad_scale * (exp(logit - lse[r]) - onehot(t))`, given every row's global log-sum-exp.
+    fn cross_entropy_grad(
+        &self,
+        logits: Self::Mut<'_>,
+        targets: &Self::Ids,
+        lse: Self::Ref<'_>,
+        first_id: usize,
+        vocab: usize,
+        grad_scale: f32,
+    );
 
     // ---- optimizer -----------------------------------------------------------------------------
     /// One AdamW step over a flat range: params, grads and the two moments have equal length.
     fn adamw(&self, params: Self::Mut<'_>, grads: Self::Ref<'_>, m: Self::Mut<'_>, v: Self::Mut<'_>, hp: AdamWParams);
+}
+
+/// Combines the rows of [`Backend::cross_entropy_stats`] from every vocab shard (`parts[s]`
+/// from shard `s`, shards in any fixed order) into each row's log-sum-exp (into `lse`) and
+/// returns the sum of the rows' losses, `lse - target logit`.
+pub fn combine_ce_stats(parts: &[&[f32]], lse: &mut [f32]) -> f64 {
+    let mut loss = 0.0;
+    for (r, out) in lse.iter_mut().enumerate() {
+        let max = parts.iter().map(|p| p[3 * r]).fold(f32::NEG_INFINITY, f32::max);
+        let sum: f64 = parts.iter().map(|p| p[3 * r + 1] as f64 * ((p[3 * r] - max) as f64).exp()).sum();
+        let target: f64 = parts.iter().map(|p| p[3 * r + 2] as f64).sum();
+        let row_lse = max as f64 + sum.ln();
+        *out = row_lse as f32;
+        loss += row_lse - target;
+    }
+    loss
 }
 
 /// The rotary table `[seq, head_dim / 2, 2]` of (cos, sin) for positions `0..seq`, with

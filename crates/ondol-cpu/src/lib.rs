@@ -134,14 +134,15 @@ impl Backend for CpuBackend {
         &self,
         ids: &Vec<u32>,
         table: &[f32],
+        first_id: usize,
         positions: Option<(&[f32], usize)>,
         out: &mut [f32],
         dim: usize,
     ) {
-        embedding::embedding_forward(ids, table, positions, out, dim);
+        embedding::embedding_forward(ids, table, first_id, positions, out, dim);
     }
-    fn embedding_backward(&self, ids: &Vec<u32>, dout: &[f32], dtable: &mut [f32], dim: usize) {
-        embedding::embedding_backward(ids, dout, dtable, dim);
+    fn embedding_backward(&self, ids: &Vec<u32>, dout: &[f32], dtable: &mut [f32], first_id: usize, dim: usize) {
+        embedding::embedding_backward(ids, dout, dtable, first_id, dim);
     }
     fn position_embedding_backward(&self, dout: &[f32], dpos: &mut [f32], seq: usize, dim: usize) {
         embedding::position_embedding_backward(dout, dpos, seq, dim);
@@ -313,6 +314,27 @@ impl Backend for CpuBackend {
         grad_scale: Option<f32>,
     ) {
         loss::cross_entropy(logits, targets, losses, vocab, grad_scale);
+    }
+    fn cross_entropy_stats(
+        &self,
+        logits: &[f32],
+        targets: &Vec<u32>,
+        stats: &mut [f32],
+        first_id: usize,
+        vocab: usize,
+    ) {
+        loss::cross_entropy_stats(logits, targets, stats, first_id, vocab);
+    }
+    fn cross_entropy_grad(
+        &self,
+        logits: &mut [f32],
+        targets: &Vec<u32>,
+        lse: &[f32],
+        first_id: usize,
+        vocab: usize,
+        grad_scale: f32,
+    ) {
+        loss::cross_entropy_grad(logits, targets, lse, first_id, vocab, grad_scale);
     }
 
     fn adamw(&self, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], hp: AdamWParams) {

@@ -3,6 +3,10 @@
 //! One pass finds the row max, one computes exp and its sum (the exponentials are kept in
 //! the logit buffer), and one turns them into the gradient in place, so the matrix is
 //! never copied: 3 reads and 2 writes of rows * vocab floats, one exp per element.
+//!
+//! The vocab-parallel version splits that in two around a collective: each shard's row
+//! statistics (max, sum of exp, target logit), then, given the combined log-sum-exp, the
+//! gradient: 2 reads and 1 write, two exps per element.
 
 use crate::math::exp;
 use rayon::prelude::*;
@@ -38,6 +42,39 @@ pub fn cross_entropy(logits: &mut [f32], targets: &[u32], losses: &mut [f32], vo
             let k = scale / sum;
             row.iter_mut().for_each(|v| *v *= k);
             row[t] -= scale;
+        }
+    });
+}
+
+/// The shard's column of `t`, if it holds `t`.
+fn column(t: u32, first_id: usize, vocab: usize) -> Option<usize> {
+    (t as usize).checked_sub(first_id).filter(|&c| c < vocab)
+}
+
+pub fn cross_entropy_stats(logits: &[f32], targets: &[u32], stats: &mut [f32], first_id: usize, vocab: usize) {
+    assert_eq!(logits.len(), targets.len() * vocab);
+    assert_eq!(stats.len(), 3 * targets.len());
+    logits.par_chunks(vocab).zip(targets.par_iter().zip(stats.par_chunks_mut(3))).for_each(|(row, (&t, out))| {
+        let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        let mut lanes = [0.0f32; 8];
+        let mut chunks = row.chunks_exact(8);
+        for c in &mut chunks {
+            lanes.iter_mut().zip(c).for_each(|(l, v)| *l += exp(v - max));
+        }
+        let sum = chunks.remainder().iter().map(|v| exp(v - max)).sum::<f32>() + lanes.iter().sum::<f32>();
+        out[0] = max;
+        out[1] = sum;
+        out[2] = column(t, first_id, vocab).map_or(0.0, |c| row[c]);
+    });
+}
+
+pub fn cross_entropy_grad(logits: &mut [f32], targets: &[u32], lse: &[f32], first_id: usize, vocab: usize, scale: f32) {
+    assert_eq!(logits.len(), targets.len() * vocab);
+    assert_eq!(lse.len(), targets.len());
+    logits.par_chunks_mut(vocab).zip(targets.par_iter().zip(lse.par_iter())).for_each(|(row, (&t, &lse))| {
+        row.iter_mut().for_each(|v| *v = scale * exp(*v - lse));
+        if let Some(c) = column(t, first_id, vocab) {
+            row[c] -= scale;
         }
     });
 }

@@ -76,14 +76,14 @@ fn embedding_backward_matches_finite_differences() {
     let mut pos = randn(seq * dim, 1.0, 7);
     let mut out = vec![0.0; ids.len() * dim];
     let (mut dtable, mut dpos) = (vec![0.0; table.len()], vec![0.0; pos.len()]);
-    BE.embedding_backward(&ids, &w, &mut dtable, dim);
+    BE.embedding_backward(&ids, &w, &mut dtable, 0, dim);
     BE.position_embedding_backward(&w, &mut dpos, seq, dim);
     let p = pos.clone();
     check(
         &mut table,
         &dtable,
         |t| {
-            BE.embedding_forward(&ids, t, Some((&p, seq)), &mut out, dim);
+            BE.embedding_forward(&ids, t, 0, Some((&p, seq)), &mut out, dim);
             dot(&w, &out)
         },
         H,
@@ -98,7 +98,7 @@ fn embedding_backward_matches_finite_differences() {
         &mut pos,
         &dpos,
         |p| {
-            BE.embedding_forward(&ids, &t, Some((p, seq)), &mut out, dim);
+            BE.embedding_forward(&ids, &t, 0, Some((p, seq)), &mut out, dim);
             dot(&w, &out)
         },
         H,
@@ -376,6 +376,68 @@ fn swiglu_gelu_and_relu2_backward_match_finite_differences() {
             0,
         )
         .assert_ok(&format!("{act:?}"));
+    }
+}
+
+/// Shards of the vocabulary (rows `first..end` of the table each) sum to the whole lookup, and
+/// their scatter-adds are the whole one's rows: the vocab-parallel embedding.
+#[test]
+fn vocab_shards_of_the_embedding_add_up_to_the_whole_table() {
+    let (vocab, dim) = (11, 5);
+    let ids: Vec<u32> = vec![3, 1, 3, 10, 0, 3, 7, 7, 2, 1, 5, 6];
+    let table = randn(vocab * dim, 1.0, 8);
+    let dout = randn(ids.len() * dim, 1.0, 9);
+    let mut whole = vec![0.0; ids.len() * dim];
+    BE.embedding_forward(&ids, &table, 0, None, &mut whole, dim);
+    let mut dwhole = vec![0.0; table.len()];
+    BE.embedding_backward(&ids, &dout, &mut dwhole, 0, dim);
+    let mut sum = vec![0.0; whole.len()];
+    for (first, end) in [(0, 4), (4, 8), (8, 11)] {
+        let shard = &table[first * dim..end * dim];
+        let mut out = vec![1.0; whole.len()];
+        BE.embedding_forward(&ids, shard, first, None, &mut out, dim);
+        sum.iter_mut().zip(&out).for_each(|(s, o)| *s += o);
+        let mut dshard = vec![0.0; shard.len()];
+        BE.embedding_backward(&ids, &dout, &mut dshard, first, dim);
+        assert_eq!(dshard, dwhole[first * dim..end * dim], "rows {first}..{end}");
+    }
+    assert_eq!(sum, whole);
+}
+
+/// Three uneven vocab shards' statistics, combined, give the fused loss, and their gradients
+/// are the fused gradient's columns.
+#[test]
+fn vocab_parallel_cross_entropy_equals_the_fused_one() {
+    let (rows, vocab) = (7, 37);
+    let targets: Vec<u32> = vec![0, 36, 5, 5, 17, 30, 12];
+    let logits = randn(rows * vocab, 3.0, 28);
+    let (mut fused, mut losses) = (logits.clone(), vec![0.0; rows]);
+    BE.cross_entropy(&mut fused, &targets, &mut losses, vocab, Some(0.25));
+    let shards = [(0, 13), (13, 26), (26, 37)];
+    let column_shard = |(a, b): (usize, usize)| -> Vec<f32> {
+        logits.chunks(vocab).flat_map(|row| row[a..b].iter().copied()).collect()
+    };
+    let stats: Vec<Vec<f32>> = shards
+        .iter()
+        .map(|&(a, b)| {
+            let mut st = vec![0.0; 3 * rows];
+            BE.cross_entropy_stats(&column_shard((a, b)), &targets, &mut st, a, b - a);
+            st
+        })
+        .collect();
+    let mut lse = vec![0.0; rows];
+    let loss = ondol_core::backend::combine_ce_stats(&stats.iter().map(Vec::as_slice).collect::<Vec<_>>(), &mut lse);
+    let want: f64 = losses.iter().map(|&l| l as f64).sum();
+    assert!((loss - want).abs() < 1e-5 * want, "loss {loss} vs fused {want}");
+    for &(a, b) in &shards {
+        let mut grad = column_shard((a, b));
+        BE.cross_entropy_grad(&mut grad, &targets, &lse, a, b - a, 0.25);
+        for (r, row) in grad.chunks(b - a).enumerate() {
+            for (c, g) in row.iter().enumerate() {
+                let want = fused[r * vocab + a + c];
+                assert!((g - want).abs() < 1e-6, "row {r} column {}: {g} vs {want}", a + c);
+            }
+        }
     }
 }
 

@@ -28,12 +28,15 @@ pub(crate) struct Linear {
     pub d_in: usize,
     pub d_out: usize,
     pub layout: WeightLayout,
+    /// Whether forward adds the bias. False on the tensor-parallel shards but the first of a
+    /// row-parallel layer: their outputs are partial sums, and the bias must be added once.
+    pub adds_bias: bool,
 }
 
 impl Linear {
     /// An `nn.Linear` without bias.
     pub fn out_in(w: Range<usize>, d_in: usize, d_out: usize) -> Self {
-        Self { w, b: None, d_in, d_out, layout: WeightLayout::OutIn }
+        Self { w, b: None, d_in, d_out, layout: WeightLayout::OutIn, adds_bias: true }
     }
 
     /// Output rows `rows` of an `[out, in]` weight without bias, as a layer of its own: one
@@ -48,7 +51,7 @@ impl Linear {
     pub fn forward<B: Backend>(&self, be: &B, p: &B::Buf, x: B::Ref<'_>, y: &mut B::Buf, rows: usize) {
         let g = Gemm::new(rows, self.d_out, self.d_in, false, self.layout == WeightLayout::OutIn);
         be.gemm(g, x, be.view(p, self.w.clone()), be.all_mut(y));
-        if let Some(b) = &self.b {
+        if let Some(b) = self.b.as_ref().filter(|_| self.adds_bias) {
             be.add_bias(be.all_mut(y), be.view(p, b.clone()), self.d_out);
         }
     }
@@ -187,9 +190,5 @@ impl Norm {
                 be.layernorm_backward(dout, x, w, mean, rstd, be.all_mut(dx), dw, db, dim);
             }
         }
-    }
-
-    pub fn is_layernorm(&self) -> bool {
-        self.b.is_some()
     }
 }

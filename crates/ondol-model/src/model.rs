@@ -21,9 +21,10 @@ use crate::layers::{CausalConv, Dx, Linear, Norm, NormActs, WeightLayout, norm_f
 use crate::mamba::{Mamba, MambaActs, MambaGrads};
 use crate::mamba2::{Mamba2, Mamba2Acts, Mamba2Grads};
 use crate::mlp::{Mlp, MlpActs, MlpGrads, MlpKind};
-use crate::params::{Init, ParamLayout, Path};
+use crate::params::{Init, ParamLayout, Path, Placement};
+use crate::part::{Alone, Part, TensorParallel};
 use ondol_core::Result;
-use ondol_core::backend::{Activation, Backend, rope_table};
+use ondol_core::backend::{Activation, Backend, combine_ce_stats, rope_table};
 use std::ops::Range;
 
 #[derive(Clone, Debug)]
@@ -54,25 +55,37 @@ struct Block {
     mixer: Mixer,
 }
 
-/// A language model: its config, its parameter layout, and where each block's tensors sit in
-/// the flat buffer.
+/// A language model, or the part of one that a rank holds: its config, its parameter layout,
+/// and where each block's tensors sit in the flat buffer.
 #[derive(Clone, Debug)]
 pub struct Model {
     pub cfg: ModelConfig,
     pub layout: ParamLayout,
-    embed: Range<usize>,
+    pub part: Part,
+    /// The token ids the embedding and head rows of this part hold.
+    vocab: Range<usize>,
+    /// The token embedding (first stage only).
+    embed: Option<Range<usize>>,
     positions: Option<Range<usize>>,
     blocks: Vec<Block>,
     /// The layer each block belongs to (activation checkpointing counts layers).
     block_layer: Vec<usize>,
-    norm_f: Norm,
-    head: Linear,
+    /// The final norm and the output layer (last stage only).
+    head: Option<Head>,
 }
 
-/// Registers parameters under one path and hands out their ranges.
+#[derive(Clone, Debug)]
+struct Head {
+    norm_f: Norm,
+    out: Linear,
+}
+
+/// Registers a part's parameters (shards or replicas of the global tensors) and hands out
+/// their ranges.
 struct Builder<'a> {
     lay: &'a mut ParamLayout,
     cfg: &'a ModelConfig,
+    part: &'a Part,
 }
 
 impl Builder<'_> {
@@ -85,11 +98,35 @@ impl Builder<'_> {
         let scale = if cfg.init_residual_scaling { (2.0 * cfg.n_layers as f32).sqrt() } else { 1.0 };
         Init::Normal { std: cfg.init_std / scale }
     }
+    /// A tensor every tensor-parallel shard holds whole (norms, learned positions, the biases
+    /// of row-parallel layers); the first shard's copy is the primary.
     fn add(&mut self, path: Path, shape: &[usize], init: Init, decay: bool) -> Range<usize> {
-        self.lay.add(path, shape, init, decay)
+        let place = Placement { primary: self.part.tp_rank == 0, ..Placement::whole(shape) };
+        self.lay.add_placed(path, place, init, decay)
     }
-    fn dense(&mut self, path: Path, d_in: usize, d_out: usize, init: Init) -> Linear {
-        Linear::out_in(self.add(path.at("weight"), &[d_out, d_in], init, true), d_in, d_out)
+    /// The `pieces` along `axis` of the global tensor of `shape`.
+    fn shard(
+        &mut self,
+        path: Path,
+        shape: &[usize],
+        (axis, pieces): (usize, Vec<Range<usize>>),
+        init: Init,
+        decay: bool,
+    ) -> Range<usize> {
+        let place = Placement { global_shape: shape.to_vec(), axis, pieces, primary: true, partial_grad: false };
+        self.lay.add_placed(path, place, init, decay)
+    }
+    /// An `nn.Linear` `[d_out, d_in]` whose output rows `rows` this shard holds (column-parallel;
+    /// all rows when not split).
+    fn column(&mut self, path: Path, d_in: usize, d_out: usize, rows: Vec<Range<usize>>, init: Init) -> Linear {
+        let w = self.shard(path.at("weight"), &[d_out, d_in], (0, rows), init, true);
+        let local = w.len() / d_in;
+        Linear::out_in(w, d_in, local)
+    }
+    /// An `nn.Linear` `[d_out, d_in]` whose input columns `cols` this shard holds (row-parallel).
+    fn row(&mut self, path: Path, d_in: usize, d_out: usize, cols: Range<usize>, init: Init) -> Linear {
+        let w = self.shard(path.at("weight"), &[d_out, d_in], (1, vec![cols.clone()]), init, true);
+        Linear::out_in(w, cols.len(), d_out)
     }
     fn rmsnorm(&mut self, path: Path, dim: usize) -> Norm {
         Norm { w: self.add(path.at("weight"), &[dim], Init::Constant(1.0), false), b: None }
@@ -100,53 +137,100 @@ impl Builder<'_> {
             b: Some(self.add(path.at("bias"), &[dim], Init::Constant(0.0), false)),
         }
     }
-    /// GPT-2's Conv1D: `[in, out]` weight and a bias.
-    fn conv1d_dense(&mut self, path: Path, d_in: usize, d_out: usize, init: Init) -> Linear {
-        Linear {
-            w: self.add(path.at("weight"), &[d_in, d_out], init, true),
-            b: Some(self.add(path.at("bias"), &[d_out], Init::Constant(0.0), false)),
-            d_in,
-            d_out,
-            layout: WeightLayout::InOut,
+    /// GPT-2's Conv1D (`[in, out]` weight and a bias) whose output columns `cols` this shard
+    /// holds (column-parallel).
+    fn conv1d_column(&mut self, path: Path, d_in: usize, d_out: usize, cols: Vec<Range<usize>>, init: Init) -> Linear {
+        let w = self.shard(path.at("weight"), &[d_in, d_out], (1, cols.clone()), init, true);
+        let b = self.shard(path.at("bias"), &[d_out], (0, cols), Init::Constant(0.0), false);
+        Linear { d_out: b.len(), w, b: Some(b), d_in, layout: WeightLayout::InOut, adds_bias: true }
+    }
+    /// GPT-2's Conv1D whose input rows `rows` this shard holds (row-parallel): the bias is
+    /// replicated and added by the first shard only.
+    fn conv1d_row(&mut self, path: Path, d_in: usize, d_out: usize, rows: Range<usize>, init: Init) -> Linear {
+        let w = self.shard(path.at("weight"), &[d_in, d_out], (0, vec![rows.clone()]), init, true);
+        let b = self.add(path.at("bias"), &[d_out], Init::Constant(0.0), false);
+        let adds_bias = self.part.tp_rank == 0;
+        Linear { w, b: Some(b), d_in: rows.len(), d_out, layout: WeightLayout::InOut, adds_bias }
+    }
+
+    /// This shard's query heads and key/value heads (as head ranges), and whether its kv heads
+    /// are shared with other shards (fewer kv heads than shards).
+    fn heads(&self) -> (Range<usize>, Range<usize>, bool) {
+        let (cfg, part) = (self.cfg, self.part);
+        let (q, kv) = (part.even(cfg.n_heads), cfg.kv_heads());
+        if kv.is_multiple_of(part.tp) {
+            (q, part.even(kv), false)
+        } else {
+            let head = part.tp_rank / (part.tp / kv);
+            (q, head..head + 1, true)
         }
     }
 
-    /// q, k and v back to back (one `[(H + 2 Hkv) D, d]` GEMM) and the output projection.
+    /// q, k and v back to back (one `[(H + 2 Hkv) D, d]` GEMM) and the output projection;
+    /// this shard's heads of each.
     fn attention(&mut self, p: &Path, names: [&str; 4], rope: bool) -> Attention {
         let cfg = self.cfg;
-        let (d, hd, kvd) = (cfg.d_model, cfg.n_heads * cfg.head_dim(), cfg.kv_heads() * cfg.head_dim());
+        let (d, dh) = (cfg.d_model, cfg.head_dim());
+        let (q_heads, kv_heads, shared) = self.heads();
+        let span = |r: &Range<usize>| r.start * dh..r.end * dh;
         let std = self.std();
-        let q = self.add(p.at(names[0]).at("weight"), &[hd, d], std, true);
-        self.add(p.at(names[1]).at("weight"), &[kvd, d], std, true);
-        let v = self.add(p.at(names[2]).at("weight"), &[kvd, d], std, true);
+        let q = self.shard(p.at(names[0]).at("weight"), &[cfg.n_heads * dh, d], (0, vec![span(&q_heads)]), std, true);
+        let kv_shape = [cfg.kv_heads() * dh, d];
+        let kv_place = Placement {
+            global_shape: kv_shape.to_vec(),
+            axis: 0,
+            pieces: vec![span(&kv_heads)],
+            // Shards sharing a kv head each hold part of its gradient; the first one counts.
+            primary: !shared || self.part.tp_rank.is_multiple_of(self.part.tp / cfg.kv_heads()),
+            partial_grad: shared,
+        };
+        self.lay.add_placed(p.at(names[1]).at("weight"), kv_place.clone(), std, true);
+        let v = self.lay.add_placed(p.at(names[2]).at("weight"), kv_place, std, true);
         let init = self.resid_std();
+        let (hd, kvd) = (q_heads.len() * dh, kv_heads.len() * dh);
         Attention {
             qkv: Linear::out_in(q.start..v.end, d, hd + 2 * kvd),
-            out: self.dense(p.at(names[3]), hd, d, init),
-            n_heads: cfg.n_heads,
-            n_kv_heads: cfg.kv_heads(),
-            head_dim: cfg.head_dim(),
+            out: self.row(p.at(names[3]), cfg.n_heads * dh, d, span(&q_heads), init),
+            n_heads: q_heads.len(),
+            n_kv_heads: kv_heads.len(),
+            head_dim: dh,
             rope,
         }
     }
 
-    /// `conv1d.weight` `[channels, 1, K]` and its bias, PyTorch's default init U(±1/sqrt(K)).
-    fn causal_conv(&mut self, p: &Path, channels: usize) -> CausalConv {
-        let k = self.cfg.ssm.conv_kernel;
-        let bound = Init::Uniform { bound: 1.0 / (k as f32).sqrt() };
-        let w = self.add(p.at("conv1d").at("weight"), &[channels, 1, k], bound, true);
-        CausalConv { w, b: self.add(p.at("conv1d").at("bias"), &[channels], bound, false), channels }
+    /// GPT-2's attention: one `[d, 3d]` c_attn (this shard's q, k and v columns) and c_proj.
+    fn gpt2_attention(&mut self, p: &Path) -> Attention {
+        let cfg = self.cfg;
+        let (d, dh) = (cfg.d_model, cfg.head_dim());
+        let heads = self.part.even(cfg.n_heads);
+        let cols = heads.start * dh..heads.end * dh;
+        let qkv_cols = (0..3).map(|i| i * d + cols.start..i * d + cols.end).collect();
+        let (std, init) = (self.std(), self.resid_std());
+        let qkv = self.conv1d_column(p.at("c_attn"), d, 3 * d, qkv_cols, std);
+        let out = self.conv1d_row(p.at("c_proj"), d, d, cols, init);
+        Attention { qkv, out, n_heads: heads.len(), n_kv_heads: heads.len(), head_dim: dh, rope: false }
     }
 
+    /// `conv1d.weight` `[channels, 1, K]` and its bias over this shard's `pieces` of the
+    /// channels, PyTorch's default init U(±1/sqrt(K)).
+    fn causal_conv(&mut self, p: &Path, channels: usize, pieces: Vec<Range<usize>>) -> CausalConv {
+        let k = self.cfg.ssm.conv_kernel;
+        let bound = Init::Uniform { bound: 1.0 / (k as f32).sqrt() };
+        let w = self.shard(p.at("conv1d").at("weight"), &[channels, 1, k], (0, pieces.clone()), bound, true);
+        let b = self.shard(p.at("conv1d").at("bias"), &[channels], (0, pieces), bound, false);
+        CausalConv { channels: b.len(), w, b }
+    }
+
+    /// Mamba-1 (never split: [`Part::check`] refuses tp > 1).
     fn mamba(&mut self, p: &Path) -> Mamba {
         let cfg = self.cfg;
         let (d, e, n, r) = (cfg.d_model, cfg.ssm_inner(), cfg.ssm_state(), cfg.ssm_rank());
         let std = self.std();
-        let in_proj = self.dense(p.at("in_proj"), d, 2 * e, std);
-        let conv = self.causal_conv(p, e);
-        let x_proj = self.dense(p.at("x_proj"), e, r + 2 * n, std);
+        let in_proj = self.column(p.at("in_proj"), d, 2 * e, vec![0..2 * e], std);
+        let conv = self.causal_conv(p, e, vec![0..e]);
+        let x_proj = self.column(p.at("x_proj"), e, r + 2 * n, vec![0..r + 2 * n], std);
         let dt_init = Init::Uniform { bound: 1.0 / (r as f32).sqrt() };
-        let dt_proj = self.dense(p.at("dt_proj"), r, e, dt_init);
+        let dt_proj = self.column(p.at("dt_proj"), r, e, vec![0..e], dt_init);
         let s = &cfg.ssm;
         let step = Init::StepBias { min: s.time_step_min, max: s.time_step_max, floor: s.time_step_floor };
         let dt_bias = self.add(p.at("dt_proj").at("bias"), &[e], step, false);
@@ -164,7 +248,7 @@ impl Builder<'_> {
             dt_bias,
             a_log,
             d: d_skip,
-            out: self.dense(p.at("out_proj"), e, d, init),
+            out: self.row(p.at("out_proj"), e, d, 0..e, init),
             inner: e,
             state: n,
             rank: r,
@@ -172,34 +256,49 @@ impl Builder<'_> {
         }
     }
 
+    /// Mamba-2, split by heads and B/C groups: this shard's z, x, B, C and dt rows of in_proj,
+    /// its channels of the convolution, its heads' parameters and out_proj's input columns.
     fn mamba2(&mut self, p: &Path) -> Mamba2 {
-        let cfg = self.cfg;
+        let (cfg, part) = (self.cfg, self.part);
         let (d, e, n) = (cfg.d_model, cfg.ssm_inner(), cfg.ssm_state());
         let (heads, groups) = (cfg.ssm_heads(), cfg.ssm.n_groups);
+        let s = &cfg.ssm;
+        let (my_heads, my_groups) = (part.even(heads), part.even(groups));
+        let inner = my_heads.start * s.head_dim..my_heads.end * s.head_dim;
+        let gn = my_groups.start * n..my_groups.end * n;
+        let shift = |r: &Range<usize>, by: usize| r.start + by..r.end + by;
         let conv_dim = e + 2 * groups * n;
         let std = self.std();
-        let in_proj = self.dense(p.at("in_proj"), d, e + conv_dim + heads, std);
-        let conv = self.causal_conv(p, conv_dim);
-        let s = &cfg.ssm;
+        let rows = vec![
+            inner.clone(),
+            shift(&inner, e),
+            shift(&gn, 2 * e),
+            shift(&gn, 2 * e + groups * n),
+            shift(&my_heads, e + conv_dim),
+        ];
+        let in_proj = self.column(p.at("in_proj"), d, e + conv_dim + heads, rows, std);
+        let conv = self.causal_conv(p, conv_dim, vec![inner.clone(), shift(&gn, e), shift(&gn, e + groups * n)]);
         let step = Init::StepBias { min: s.time_step_min, max: s.time_step_max, floor: s.time_step_floor };
-        let dt_bias = self.add(p.at("dt_bias"), &[heads], step, false);
-        let a_log = self.add(p.at("A_log"), &[heads], Init::LogIndex { period: heads }, false);
-        let d_skip = self.add(p.at("D"), &[heads], Init::Constant(1.0), false);
-        let norm_w = self.add(p.at("norm").at("weight"), &[e], Init::Constant(1.0), false);
+        let per_head = |r: &Range<usize>| (0, vec![r.clone()]);
+        let dt_bias = self.shard(p.at("dt_bias"), &[heads], per_head(&my_heads), step, false);
+        let a_log = self.shard(p.at("A_log"), &[heads], per_head(&my_heads), Init::LogIndex { period: heads }, false);
+        let d_skip = self.shard(p.at("D"), &[heads], per_head(&my_heads), Init::Constant(1.0), false);
+        let norm_w = self.shard(p.at("norm").at("weight"), &[e], (0, vec![inner.clone()]), Init::Constant(1.0), false);
         let init = self.resid_std();
+        let (el, conv_l, hl) = (inner.len(), conv.channels, my_heads.len());
         Mamba2 {
-            in_z: in_proj.rows_of(0..e),
-            in_xbc: in_proj.rows_of(e..e + conv_dim),
-            in_dt: in_proj.rows_of(e + conv_dim..e + conv_dim + heads),
+            in_z: in_proj.rows_of(0..el),
+            in_xbc: in_proj.rows_of(el..el + conv_l),
+            in_dt: in_proj.rows_of(el + conv_l..el + conv_l + hl),
             conv,
             dt_bias,
             a_log,
             d: d_skip,
             norm_w,
-            out: self.dense(p.at("out_proj"), e, d, init),
-            heads,
+            out: self.row(p.at("out_proj"), e, d, inner, init),
+            heads: hl,
             head_dim: s.head_dim,
-            groups,
+            groups: my_groups.len(),
             state: n,
             chunk: s.chunk_size,
             // transformers' Nemotron-H floors the step at time_step_min; its Mamba-2 does not.
@@ -208,92 +307,139 @@ impl Builder<'_> {
             eps: cfg.norm_eps,
         }
     }
+
+    /// This shard's hidden units of an MLP: Llama's gate and up (fused) and down, GPT-2's c_fc
+    /// and c_proj, Nemotron-H's up and down.
+    fn mlp(&mut self, p: &Path) -> Mlp {
+        let cfg = self.cfg;
+        let (d, f) = (cfg.d_model, cfg.ffn());
+        let units = self.part.even(f);
+        let (std, init) = (self.std(), self.resid_std());
+        let hidden = units.len();
+        match cfg.arch {
+            Arch::Llama => {
+                let gate = self.column(p.at("gate_proj"), d, f, vec![units.clone()], std);
+                let up = self.column(p.at("up_proj"), d, f, vec![units.clone()], std);
+                let down = self.row(p.at("down_proj"), f, d, units, init);
+                let up = Linear::out_in(gate.w.start..up.w.end, d, 2 * hidden);
+                Mlp { up, down, kind: MlpKind::SwiGlu, hidden }
+            }
+            Arch::Gpt2 => {
+                let up = self.conv1d_column(p.at("c_fc"), d, f, vec![units.clone()], std);
+                let down = self.conv1d_row(p.at("c_proj"), f, d, units, init);
+                Mlp { up, down, kind: MlpKind::Plain(Activation::Gelu), hidden }
+            }
+            _ => {
+                let up = self.column(p.at("up_proj"), d, f, vec![units.clone()], std);
+                let down = self.row(p.at("down_proj"), f, d, units, init);
+                Mlp { up, down, kind: MlpKind::Plain(Activation::Relu2), hidden }
+            }
+        }
+    }
+
+    /// The token embedding's rows of this shard's vocabulary.
+    fn embedding(&mut self, path: Path, vocab: &Range<usize>) -> Range<usize> {
+        let (v, d) = (self.cfg.vocab_size, self.cfg.d_model);
+        let std = self.std();
+        self.shard(path, &[v, d], (0, vec![vocab.clone()]), std, false)
+    }
 }
 
 impl Model {
+    /// The whole model, for one rank.
     pub fn new(cfg: ModelConfig) -> Result<Self> {
+        let part = Part::whole(&cfg);
+        Self::part(cfg, part)
+    }
+
+    /// The piece `part` of the model: its layers, its tensor-parallel shard of each, and the
+    /// embedding (first stage) or final norm and head (last stage). Tensors keep their global
+    /// names; each records where it sits in the global tensor.
+    pub fn part(cfg: ModelConfig, part: Part) -> Result<Self> {
         cfg.validate()?;
+        part.check(&cfg)?;
         let mut lay = ParamLayout::default();
-        let (d, v, f) = (cfg.d_model, cfg.vocab_size, cfg.ffn());
-        let mut b = Builder { lay: &mut lay, cfg: &cfg };
-        let std = b.std();
+        let d = cfg.d_model;
+        let vocab = part.vocab(cfg.vocab_size);
+        let mut b = Builder { lay: &mut lay, cfg: &cfg, part: &part };
         let mut blocks = Vec::new();
         let mut block_layer = Vec::new();
-        let (embed, positions, norm_f) = match cfg.arch {
-            Arch::Llama => {
-                let root = Path::new("model");
-                let embed = b.add(root.at("embed_tokens").at("weight"), &[v, d], std, false);
-                for l in 0..cfg.n_layers {
+        let (root, embed_name) = match cfg.arch {
+            Arch::Llama => ("model", Path::new("model").at("embed_tokens")),
+            Arch::Gpt2 => ("transformer", Path::new("transformer").at("wte")),
+            _ => ("backbone", Path::new("backbone").at("embeddings")),
+        };
+        let root = Path::new(root);
+        let embed = part.first.then(|| b.embedding(embed_name.at("weight"), &vocab));
+        let std = b.std();
+        let positions = (part.first && cfg.arch == Arch::Gpt2)
+            .then(|| b.add(root.at("wpe").at("weight"), &[cfg.max_seq_len, d], std, false));
+        let kinds = cfg.layer_kinds();
+        for l in part.layers.clone() {
+            match cfg.arch {
+                Arch::Llama => {
                     let p = root.at("layers").at(l);
                     let norm = b.rmsnorm(p.at("input_layernorm"), d);
                     let names = ["q_proj", "k_proj", "v_proj", "o_proj"];
                     let attn = b.attention(&p.at("self_attn"), names, true);
                     blocks.push(Block { norm, mixer: Mixer::Attention(attn) });
                     let norm = b.rmsnorm(p.at("post_attention_layernorm"), d);
-                    let mlp = p.at("mlp");
-                    let gate = b.dense(mlp.at("gate_proj"), d, f, std);
-                    let up = b.dense(mlp.at("up_proj"), d, f, std);
-                    let init = b.resid_std();
-                    let down = b.dense(mlp.at("down_proj"), f, d, init);
-                    let up = Linear::out_in(gate.w.start..up.w.end, d, 2 * f);
-                    let mlp = Mlp { up, down, kind: MlpKind::SwiGlu, hidden: f };
-                    blocks.push(Block { norm, mixer: Mixer::Mlp(mlp) });
+                    blocks.push(Block { norm, mixer: Mixer::Mlp(b.mlp(&p.at("mlp"))) });
                     block_layer.extend([l, l]);
                 }
-                (embed, None, b.rmsnorm(root.at("norm"), d))
-            }
-            Arch::Gpt2 => {
-                let root = Path::new("transformer");
-                let embed = b.add(root.at("wte").at("weight"), &[v, d], std, false);
-                let positions = b.add(root.at("wpe").at("weight"), &[cfg.max_seq_len, d], std, false);
-                for l in 0..cfg.n_layers {
+                Arch::Gpt2 => {
                     let p = root.at("h").at(l);
                     let norm = b.layernorm(p.at("ln_1"), d);
-                    let qkv = b.conv1d_dense(p.at("attn").at("c_attn"), d, 3 * d, std);
-                    let init = b.resid_std();
-                    let out = b.conv1d_dense(p.at("attn").at("c_proj"), d, d, init);
-                    let (n_heads, head_dim) = (cfg.n_heads, cfg.head_dim());
-                    let attn = Attention { qkv, out, n_heads, n_kv_heads: n_heads, head_dim, rope: false };
-                    blocks.push(Block { norm, mixer: Mixer::Attention(attn) });
+                    blocks.push(Block { norm, mixer: Mixer::Attention(b.gpt2_attention(&p.at("attn"))) });
                     let norm = b.layernorm(p.at("ln_2"), d);
-                    let up = b.conv1d_dense(p.at("mlp").at("c_fc"), d, f, std);
-                    let down = b.conv1d_dense(p.at("mlp").at("c_proj"), f, d, init);
-                    let mlp = Mlp { up, down, kind: MlpKind::Plain(Activation::Gelu), hidden: f };
-                    blocks.push(Block { norm, mixer: Mixer::Mlp(mlp) });
+                    blocks.push(Block { norm, mixer: Mixer::Mlp(b.mlp(&p.at("mlp"))) });
                     block_layer.extend([l, l]);
                 }
-                (embed, Some(positions), b.layernorm(root.at("ln_f"), d))
-            }
-            Arch::Mamba | Arch::Mamba2 | Arch::Hybrid => {
-                let root = Path::new("backbone");
-                let embed = b.add(root.at("embeddings").at("weight"), &[v, d], std, false);
-                for (l, kind) in cfg.layer_kinds().into_iter().enumerate() {
+                Arch::Mamba | Arch::Mamba2 | Arch::Hybrid => {
                     let p = root.at("layers").at(l);
                     let norm = b.rmsnorm(p.at("norm"), d);
                     let m = p.at("mixer");
-                    let mixer = match (kind, cfg.arch) {
+                    let mixer = match (kinds[l], cfg.arch) {
                         (LayerKind::Mamba, Arch::Mamba) => Mixer::Mamba(b.mamba(&m)),
                         (LayerKind::Mamba, _) => Mixer::Mamba2(b.mamba2(&m)),
                         (LayerKind::Attention, _) => {
                             Mixer::Attention(b.attention(&m, ["q_proj", "k_proj", "v_proj", "o_proj"], false))
                         }
-                        (LayerKind::Mlp, _) => {
-                            let up = b.dense(m.at("up_proj"), d, f, std);
-                            let init = b.resid_std();
-                            let down = b.dense(m.at("down_proj"), f, d, init);
-                            Mixer::Mlp(Mlp { up, down, kind: MlpKind::Plain(Activation::Relu2), hidden: f })
-                        }
+                        (LayerKind::Mlp, _) => Mixer::Mlp(b.mlp(&m)),
                     };
                     blocks.push(Block { norm, mixer });
                     block_layer.push(l);
                 }
-                (embed, None, b.rmsnorm(root.at("norm_f"), d))
             }
+        }
+        let head = if part.last {
+            let norm_f = match cfg.arch {
+                Arch::Llama => b.rmsnorm(root.at("norm"), d),
+                Arch::Gpt2 => b.layernorm(root.at("ln_f"), d),
+                _ => b.rmsnorm(root.at("norm_f"), d),
+            };
+            let w = match (&embed, cfg.tied()) {
+                (Some(e), true) => e.clone(),
+                (None, true) => {
+                    // The last stage keeps its own copy of the tied embedding for the head; the
+                    // first stage's is the primary, and the two gradients are summed.
+                    let place = Placement {
+                        global_shape: vec![cfg.vocab_size, d],
+                        axis: 0,
+                        pieces: vec![vocab.clone()],
+                        primary: false,
+                        partial_grad: false,
+                    };
+                    let std = b.std();
+                    b.lay.add_placed(embed_name.at("weight"), place, std, false)
+                }
+                (_, false) => b.embedding(Path::new("lm_head").at("weight"), &vocab),
+            };
+            Some(Head { norm_f, out: Linear::out_in(w, d, vocab.len()) })
+        } else {
+            None
         };
-        let head_w =
-            if cfg.tied() { embed.clone() } else { b.add(Path::new("lm_head").at("weight"), &[v, d], std, true) };
-        let head = Linear::out_in(head_w, d, v);
-        Ok(Self { cfg, layout: lay, embed, positions, blocks, block_layer, norm_f, head })
+        Ok(Self { cfg, layout: lay, part, vocab, embed, positions, blocks, block_layer, head })
     }
 
     /// All parameters, counted once (a tied head is the embedding).
@@ -304,8 +450,12 @@ impl Model {
     /// Parameters that take part in matrix multiplies for every token: all but the
     /// embedding tables, plus the output head (counted even when tied, since its GEMM runs).
     pub fn num_flop_params(&self) -> usize {
-        let embeddings = self.embed.len() + self.positions.as_ref().map_or(0, |r| r.len());
-        let tied_head = if self.cfg.tied() { self.head.params() } else { 0 };
+        let embeddings = self.embed.as_ref().map_or(0, |r| r.len()) + self.positions.as_ref().map_or(0, |r| r.len());
+        // A head tied to this part's embedding (the last stage's own copy already counts).
+        let tied_head = match (&self.head, &self.embed) {
+            (Some(h), Some(_)) if self.cfg.tied() => h.out.params(),
+            _ => 0,
+        };
         self.layout.total() - embeddings + tied_head
     }
 
@@ -333,8 +483,8 @@ impl Model {
 
     /// Bytes of activation memory a [`Workspace`] for this micro-batch shape holds (f32).
     pub fn activation_bytes(&self, batch: usize, seq: usize, recompute_every: usize) -> u64 {
-        let (rows, d, v) = ((batch * seq) as u64, self.cfg.d_model as u64, self.cfg.vocab_size as u64);
-        let layernorm = self.norm_f.is_layernorm();
+        let (rows, d, v) = ((batch * seq) as u64, self.cfg.d_model as u64, self.vocab.len() as u64);
+        let layernorm = self.layernorm();
         let block = |b: &Block| norm_floats(batch * seq, d as usize, layernorm) + b.mixer.act_floats(batch, seq);
         let saved: u64 = (0..self.blocks.len())
             .filter(|&i| !self.recomputed(i, recompute_every))
@@ -343,8 +493,28 @@ impl Model {
         let shared: u64 = if recompute_every > 0 { self.first_of_each_kind().map(block).sum() } else { 0 };
         let grads: u64 = self.first_of_each_kind().map(|b| b.mixer.grad_floats(batch, seq)).sum();
         let residual = (self.blocks.len() as u64 + 1) * rows * d;
-        let head = norm_floats(batch * seq, d as usize, layernorm) + rows * (v + 1);
-        4 * (saved + shared + grads + residual + head + 2 * rows * d)
+        let head =
+            if self.head.is_some() { norm_floats(batch * seq, d as usize, layernorm) + rows * (v + 1) } else { 0 };
+        let vocab_parallel = if self.part.tp > 1 { 4 * rows } else { 0 };
+        4 * (saved + shared + grads + residual + head + vocab_parallel + 2 * rows * d)
+    }
+
+    /// Whether the norms are LayerNorms (GPT-2) rather than RMSNorms.
+    fn layernorm(&self) -> bool {
+        self.cfg.arch == Arch::Gpt2
+    }
+
+    /// The flat range of a tied embedding that another pipeline stage also holds: the first
+    /// stage's embedding or the last stage's copy for its head. Their gradients are summed.
+    pub fn shared_embedding(&self) -> Option<Range<usize>> {
+        if !self.cfg.tied() || (self.part.first && self.part.last) {
+            return None;
+        }
+        match (&self.embed, &self.head) {
+            (Some(e), _) => Some(e.clone()),
+            (None, Some(h)) => Some(h.out.w.clone()),
+            (None, None) => None,
+        }
     }
 
     /// One block of each mixer kind present (blocks of a kind share their dimensions).
@@ -367,7 +537,21 @@ impl Model {
     /// Computes the logits of `ids` (`[batch, seq]`, row-major) into `ws.logits`, saving
     /// what backward needs in `ws`.
     pub fn forward<B: Backend>(&self, be: &B, params: &B::Buf, ws: &mut Workspace<B>, ids: &B::Ids) {
-        self.forward_at(be, params, ws, ids, None);
+        self.forward_stage(be, params, ws, ids, &mut Alone).expect("a whole model does not communicate");
+    }
+
+    /// Forward of this part. The first stage embeds `ids`; a later one reads its input from
+    /// [`Workspace::input_mut`]. The last stage leaves logits (its vocabulary shard's columns)
+    /// in `ws.logits`; an earlier one its output in [`Workspace::output`].
+    pub fn forward_stage<B: Backend>(
+        &self,
+        be: &B,
+        params: &B::Buf,
+        ws: &mut Workspace<B>,
+        ids: &B::Ids,
+        tp: &mut dyn TensorParallel<B>,
+    ) -> Result<()> {
+        self.forward_at(be, params, ws, ids, None, tp)
     }
 
     /// Inference: the logits of `ws.seq` new tokens per sequence that follow the `cache.len`
@@ -382,7 +566,8 @@ impl Model {
     ) {
         assert!(self.supports_kv_cache(), "forward_cached on a model with Mamba mixers");
         assert!(cache.len + ws.seq <= cache.max_seq && cache.batch == ws.batch, "KV cache too small");
-        self.forward_at(be, params, ws, ids, Some(&mut *cache));
+        self.forward_at(be, params, ws, ids, Some(&mut *cache), &mut Alone)
+            .expect("a whole model does not communicate");
         cache.len += ws.seq;
     }
 
@@ -393,12 +578,25 @@ impl Model {
         ws: &mut Workspace<B>,
         ids: &B::Ids,
         cache: Option<&mut KvCache<B>>,
-    ) {
+        tp: &mut dyn TensorParallel<B>,
+    ) -> Result<()> {
         let (d, rows, eps) = (self.cfg.d_model, ws.rows, self.cfg.norm_eps);
+        let split = self.part.tp > 1;
         // The new tokens start at position `pos`: positions and rotations are read from there.
         let pos = cache.as_ref().map_or(0, |c| c.len);
-        let positions = self.positions.as_ref().map(|r| (be.view(params, r.start + pos * d..r.end), ws.seq));
-        be.embedding_forward(ids, be.view(params, self.embed.clone()), positions, be.all_mut(&mut ws.res[0]), d);
+        if let Some(embed) = &self.embed {
+            // Positions are replicated: only the first shard adds them before the shards' sum.
+            let positions = self
+                .positions
+                .as_ref()
+                .filter(|_| self.part.tp_rank == 0)
+                .map(|r| (be.view(params, r.start + pos * d..r.end), ws.seq));
+            let (table, first_id) = (be.view(params, embed.clone()), self.vocab.start);
+            be.embedding_forward(ids, table, first_id, positions, be.all_mut(&mut ws.res[0]), d);
+            if split {
+                tp.all_reduce(be, &mut ws.res[0])?;
+            }
+        }
 
         let (mut kv_cache, rope) = match cache {
             Some(KvCache { k, v, rope, max_seq, .. }) => {
@@ -423,16 +621,21 @@ impl Model {
                 pos,
                 max_seq: *max_seq,
             });
-            self.block_forward(be, params, i, &done[i], a, &mut next[0], rope, slot, (ws.batch, ws.seq));
+            self.block_forward(be, params, i, &done[i], a, &mut next[0], rope, slot, (ws.batch, ws.seq), tp)?;
         }
 
-        let last = &ws.res[self.blocks.len()];
-        self.norm_f.forward(be, params, be.all(last), &mut ws.norm_f, d, eps);
-        self.head.forward(be, params, be.all(&ws.norm_f.out), &mut ws.logits, rows);
+        if let Some(head) = &self.head {
+            let last = &ws.res[self.blocks.len()];
+            let norm_f = ws.norm_f.as_mut().expect("the last stage's workspace has a final norm");
+            head.norm_f.forward(be, params, be.all(last), norm_f, d, eps);
+            head.out.forward(be, params, be.all(&norm_f.out), &mut ws.logits, rows);
+        }
+        Ok(())
     }
 
     /// Block `i` on input `x`: saves what backward needs in `a` and writes its output,
-    /// `x + mixer(norm(x))`, to `x_next`.
+    /// `x + mixer(norm(x))`, to `x_next`. Split across shards, each mixer's output is one
+    /// shard's partial sum, summed before the residual add.
     #[allow(clippy::too_many_arguments)]
     fn block_forward<B: Backend>(
         &self,
@@ -445,7 +648,8 @@ impl Model {
         rope: B::Ref<'_>,
         cache: Option<CacheSlot<'_, B>>,
         dims: (usize, usize),
-    ) {
+        tp: &mut dyn TensorParallel<B>,
+    ) -> Result<()> {
         let (block, d, eps) = (&self.blocks[i], self.cfg.d_model, self.cfg.norm_eps);
         block.norm.forward(be, params, be.all(x), &mut a.norm, d, eps);
         let h = be.all(&a.norm.out);
@@ -456,16 +660,47 @@ impl Model {
             (Mixer::Mamba2(m), MixerActs::Mamba2(a)) => m.forward(be, params, h, a, x_next, dims),
             _ => unreachable!("activations of another mixer kind"),
         }
+        if self.part.tp > 1 {
+            tp.all_reduce(be, x_next)?;
+        }
         be.add_assign(be.all_mut(x_next), be.all(x));
+        Ok(())
     }
 
     /// Cross-entropy of `ws.logits` against `targets`; returns the SUM of the per-token
     /// losses. With `grad_scale`, the logits are replaced by `grad_scale * dloss/dlogits`,
     /// ready for [`Model::backward`].
     pub fn loss<B: Backend>(&self, be: &B, ws: &mut Workspace<B>, targets: &B::Ids, grad_scale: Option<f32>) -> f64 {
-        let vocab = self.cfg.vocab_size;
-        be.cross_entropy(be.all_mut(&mut ws.logits), targets, be.all_mut(&mut ws.losses), vocab, grad_scale);
-        be.sum(be.all(&ws.losses))
+        self.loss_stage(be, ws, targets, grad_scale, &mut Alone).expect("a whole model does not communicate")
+    }
+
+    /// [`Model::loss`] on the last stage. Split across shards, each holds a vocabulary shard of
+    /// the logits (no rank ever holds them all): the shards exchange three numbers per row
+    /// (max, sum of exponentials, target logit), from which each finds the rows' log-sum-exp.
+    pub fn loss_stage<B: Backend>(
+        &self,
+        be: &B,
+        ws: &mut Workspace<B>,
+        targets: &B::Ids,
+        grad_scale: Option<f32>,
+        tp: &mut dyn TensorParallel<B>,
+    ) -> Result<f64> {
+        let vocab = self.vocab.len();
+        if self.part.tp == 1 {
+            be.cross_entropy(be.all_mut(&mut ws.logits), targets, be.all_mut(&mut ws.losses), vocab, grad_scale);
+            return Ok(be.sum(be.all(&ws.losses)));
+        }
+        let (stats, lse) = ws.vocab_parallel.as_mut().expect("a vocab-parallel workspace");
+        be.cross_entropy_stats(be.all(&ws.logits), targets, be.all_mut(stats), self.vocab.start, vocab);
+        let all = tp.all_gather(&be.download(stats))?;
+        let parts: Vec<&[f32]> = all.chunks(3 * ws.rows).collect();
+        let mut host_lse = vec![0.0f32; ws.rows];
+        let loss = combine_ce_stats(&parts, &mut host_lse);
+        if let Some(scale) = grad_scale {
+            *lse = be.upload(&host_lse);
+            be.cross_entropy_grad(be.all_mut(&mut ws.logits), targets, be.all(lse), self.vocab.start, vocab, scale);
+        }
+        Ok(loss)
     }
 
     /// Backpropagates the logit gradients left in `ws.logits` by [`Model::loss`],
@@ -478,14 +713,37 @@ impl Model {
         ws: &mut Workspace<B>,
         ids: &B::Ids,
     ) {
+        self.backward_stage(be, params, grads, ws, ids, &mut Alone).expect("a whole model does not communicate");
+    }
+
+    /// Backward of this part. The last stage starts from the logit gradients of
+    /// [`Model::loss_stage`]; an earlier one from the gradient of its output, written into
+    /// [`Workspace::output_grad_mut`]. A stage after the first leaves the gradient of its input
+    /// in [`Workspace::input_grad`].
+    pub fn backward_stage<B: Backend>(
+        &self,
+        be: &B,
+        params: &B::Buf,
+        grads: &mut B::Buf,
+        ws: &mut Workspace<B>,
+        ids: &B::Ids,
+        tp: &mut dyn TensorParallel<B>,
+    ) -> Result<()> {
         let (d, rows, dims) = (self.cfg.d_model, ws.rows, (ws.batch, ws.seq));
+        let split = self.part.tp > 1;
         let s = &mut ws.scratch;
 
-        let dnorm = Dx::Write(&mut s.dnorm);
-        self.head.backward(be, params, grads, be.all(&ws.norm_f.out), be.all(&ws.logits), dnorm, rows);
-        be.fill(be.all_mut(&mut s.dres), 0.0);
-        let last = &ws.res[self.blocks.len()];
-        self.norm_f.backward(be, params, grads, be.all(&s.dnorm), be.all(last), &ws.norm_f, &mut s.dres, d);
+        if let Some(head) = &self.head {
+            let norm_f = ws.norm_f.as_ref().expect("the last stage's workspace has a final norm");
+            let dnorm = Dx::Write(&mut s.dnorm);
+            head.out.backward(be, params, grads, be.all(&norm_f.out), be.all(&ws.logits), dnorm, rows);
+            if split {
+                tp.all_reduce(be, &mut s.dnorm)?;
+            }
+            be.fill(be.all_mut(&mut s.dres), 0.0);
+            let last = &ws.res[self.blocks.len()];
+            head.norm_f.backward(be, params, grads, be.all(&s.dnorm), be.all(last), norm_f, &mut s.dres, d);
+        }
 
         let rope = be.all(&ws.rope);
         for i in (0..self.blocks.len()).rev() {
@@ -497,7 +755,7 @@ impl Model {
                     // same ops on the same bits give the same activations; its output goes to
                     // scratch (`dnorm` is free until this block's mixer backward writes it).
                     let shared = ws.shared[block.mixer.kind()].as_mut().expect("a scratch for recomputed blocks");
-                    self.block_forward(be, params, i, &ws.res[i], shared, &mut s.dnorm, rope, None, dims);
+                    self.block_forward(be, params, i, &ws.res[i], shared, &mut s.dnorm, rope, None, dims, tp)?;
                     shared
                 }
             };
@@ -523,13 +781,19 @@ impl Model {
                 }
                 _ => unreachable!("activations of another mixer kind"),
             }
+            if split {
+                tp.all_reduce(be, &mut s.dnorm)?;
+            }
             block.norm.backward(be, params, grads, be.all(&s.dnorm), be.all(&ws.res[i]), &a.norm, &mut s.dres, d);
         }
 
-        be.embedding_backward(ids, be.all(&s.dres), be.view_mut(grads, self.embed.clone()), d);
+        if let Some(embed) = &self.embed {
+            be.embedding_backward(ids, be.all(&s.dres), be.view_mut(grads, embed.clone()), self.vocab.start, d);
+        }
         if let Some(pos) = &self.positions {
             be.position_embedding_backward(be.all(&s.dres), be.view_mut(grads, pos.clone()), ws.seq, d);
         }
+        Ok(())
     }
 
     /// The rotary table for `seq` positions, or an empty one if no block rotates.
@@ -635,15 +899,39 @@ pub struct Workspace<B: Backend> {
     acts: Vec<Option<BlockActs<B>>>,
     /// Per mixer kind, the one set of activation buffers that recomputed blocks share.
     shared: Vec<Option<BlockActs<B>>>,
-    norm_f: NormActs<B>,
-    /// Logits after forward; logit gradients after [`Model::loss`] with a grad scale.
+    /// The final norm's activations (last stage only).
+    norm_f: Option<NormActs<B>>,
+    /// Logits after forward; logit gradients after [`Model::loss`] with a grad scale (empty
+    /// before the last stage).
     pub logits: B::Buf,
     losses: B::Buf,
+    /// The vocab-parallel loss's row statistics and log-sum-exp (tp > 1 only).
+    vocab_parallel: Option<(B::Buf, B::Buf)>,
     rope: B::Buf,
     scratch: Scratch<B>,
 }
 
 impl<B: Backend> Workspace<B> {
+    /// Where a stage after the first receives its input activations.
+    pub fn input_mut(&mut self) -> &mut B::Buf {
+        &mut self.res[0]
+    }
+
+    /// A stage's output activations, to send to the next stage.
+    pub fn output(&self) -> &B::Buf {
+        self.res.last().expect("a residual stream")
+    }
+
+    /// Where a stage before the last receives the gradient of its output.
+    pub fn output_grad_mut(&mut self) -> &mut B::Buf {
+        &mut self.scratch.dres
+    }
+
+    /// After backward, the gradient of the stage's input, to send to the previous stage.
+    pub fn input_grad(&self) -> &B::Buf {
+        &self.scratch.dres
+    }
+
     pub fn new(be: &B, model: &Model, batch: usize, seq: usize) -> Result<Self> {
         Self::with_recompute(be, model, batch, seq, 0)
     }
@@ -660,7 +948,7 @@ impl<B: Backend> Workspace<B> {
             ));
         }
         let (rows, d) = (batch * seq, cfg.d_model);
-        let layernorm = model.norm_f.is_layernorm();
+        let layernorm = model.layernorm();
         let block_acts =
             |b: &Block| BlockActs { norm: NormActs::new(be, rows, d, layernorm), mixer: b.mixer.acts(be, batch, seq) };
         let blocks = &model.blocks;
@@ -697,9 +985,10 @@ impl<B: Backend> Workspace<B> {
                 .map(|i| (!model.recomputed(i, recompute_every)).then(|| block_acts(&blocks[i])))
                 .collect(),
             shared,
-            norm_f: NormActs::new(be, rows, d, layernorm),
-            logits: be.zeros(rows * cfg.vocab_size),
+            norm_f: model.head.is_some().then(|| NormActs::new(be, rows, d, layernorm)),
+            logits: be.zeros(if model.head.is_some() { rows * model.vocab.len() } else { 0 }),
             losses: be.zeros(rows),
+            vocab_parallel: (model.part.tp > 1).then(|| (be.zeros(3 * rows), be.zeros(rows))),
             rope: be.upload(&model.rope_table(seq)),
             scratch,
         })

@@ -37,11 +37,78 @@ pub enum Init {
 #[derive(Clone, Debug, PartialEq)]
 pub struct ParamInfo {
     pub name: String,
+    /// The shape of this rank's tensor (the global shape unless it is a shard).
     pub shape: Vec<usize>,
     pub offset: usize,
     pub init: Init,
     /// Whether AdamW applies weight decay (matrices yes; norms, biases, embeddings no).
     pub decay: bool,
+    /// Where the tensor sits in the global tensor of the same name.
+    pub place: Placement,
+}
+
+/// How a rank's tensor relates to the global tensor of the same name (the one a checkpoint
+/// stores): it is the concatenation, along `axis`, of `pieces` of the global tensor along that
+/// axis. A whole tensor is one piece covering the axis; a tensor-parallel shard is one piece;
+/// GPT-2's fused q|k|v shard is three.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Placement {
+    pub global_shape: Vec<usize>,
+    pub axis: usize,
+    pub pieces: Vec<Range<usize>>,
+    /// Whether this copy is the one that counts: in the gradient norm and in what a checkpoint
+    /// saves. False for every tensor-parallel replica but the first and for the copy of a tied
+    /// embedding that the last pipeline stage keeps for its head.
+    pub primary: bool,
+    /// The copies of this piece on several tensor-parallel ranks each hold part of its
+    /// gradient, which must be summed over them (key/value heads shared by several ranks).
+    pub partial_grad: bool,
+}
+
+impl Placement {
+    /// The whole tensor of `shape`.
+    pub fn whole(shape: &[usize]) -> Self {
+        Self { global_shape: shape.to_vec(), axis: 0, pieces: vec![0..shape[0]], primary: true, partial_grad: false }
+    }
+
+    /// The local shape: the global one with `axis` shortened to the pieces' total.
+    pub fn local_shape(&self) -> Vec<usize> {
+        let mut shape = self.global_shape.clone();
+        shape[self.axis] = self.pieces.iter().map(|p| p.len()).sum();
+        shape
+    }
+
+    pub fn is_whole(&self) -> bool {
+        self.pieces.len() == 1 && self.pieces[0] == (0..self.global_shape[self.axis])
+    }
+
+    /// Calls `f(global_range, local_range)` for every contiguous run the pieces copy.
+    fn runs(&self, mut f: impl FnMut(Range<usize>, Range<usize>)) {
+        let g = &self.global_shape;
+        let outer: usize = g[..self.axis].iter().product();
+        let inner: usize = g[self.axis + 1..].iter().product();
+        let mut local = 0;
+        for o in 0..outer {
+            for p in &self.pieces {
+                let start = (o * g[self.axis] + p.start) * inner;
+                let len = p.len() * inner;
+                f(start..start + len, local..local + len);
+                local += len;
+            }
+        }
+    }
+
+    /// This rank's tensor, cut from the global one.
+    pub fn extract(&self, global: &[f32]) -> Vec<f32> {
+        let mut out = vec![0.0; self.local_shape().iter().product()];
+        self.runs(|g, l| out[l].copy_from_slice(&global[g]));
+        out
+    }
+
+    /// Writes this rank's tensor into its place in the global one.
+    pub fn insert(&self, local: &[f32], global: &mut [f32]) {
+        self.runs(|g, l| global[g].copy_from_slice(&local[l]));
+    }
 }
 
 impl ParamInfo {
@@ -80,9 +147,14 @@ pub struct ParamLayout {
 }
 
 impl ParamLayout {
-    /// Append a tensor; returns its range in the flat buffer.
+    /// Append a whole tensor; returns its range in the flat buffer.
     pub fn add(&mut self, path: Path, shape: &[usize], init: Init, decay: bool) -> Range<usize> {
-        let info = ParamInfo { name: path.0, shape: shape.to_vec(), offset: self.total, init, decay };
+        self.add_placed(path, Placement::whole(shape), init, decay)
+    }
+
+    /// Append a tensor placed in a global one (a shard or a replica); returns its range.
+    pub fn add_placed(&mut self, path: Path, place: Placement, init: Init, decay: bool) -> Range<usize> {
+        let info = ParamInfo { name: path.0, shape: place.local_shape(), offset: self.total, init, decay, place };
         debug_assert!(self.params.iter().all(|p| p.name != info.name), "duplicate {}", info.name);
         self.total += info.len();
         let range = info.range();
@@ -102,33 +174,18 @@ impl ParamLayout {
 
     /// Fill a flat buffer with the initial values. Each tensor draws from its own stream,
     /// derived from the seed and its name, so a tensor's init does not depend on which other
-    /// tensors exist or on their order (what sharded and pipelined layouts need).
+    /// tensors exist or on their order; a shard is cut from its global tensor's values, so
+    /// every parallel layout starts from the same model.
     pub fn init(&self, seed: u64) -> Vec<f32> {
         let root = Rng::new(seed);
         let mut flat = vec![0.0f32; self.total];
         for p in &self.params {
-            let out = &mut flat[p.range()];
-            match p.init {
-                Init::Constant(c) => out.fill(c),
-                Init::LogIndex { period } => {
-                    out.iter_mut().enumerate().for_each(|(i, v)| *v = ((1 + i % period) as f32).ln());
-                }
-                Init::Normal { std } => {
-                    let mut rng = root.fork(fnv1a(&p.name));
-                    out.iter_mut().for_each(|v| *v = (rng.normal() * std as f64) as f32);
-                }
-                Init::Uniform { bound } => {
-                    let mut rng = root.fork(fnv1a(&p.name));
-                    out.iter_mut().for_each(|v| *v = ((2.0 * rng.next_f64() - 1.0) * bound as f64) as f32);
-                }
-                Init::StepBias { min, max, floor } => {
-                    let mut rng = root.fork(fnv1a(&p.name));
-                    out.iter_mut().for_each(|v| {
-                        let step = (rng.next_f64() * (max.ln() - min.ln()) + min.ln()).exp().max(floor);
-                        // softplus^-1(s) = s + log(1 - e^-s)
-                        *v = (step + (-(-step).exp_m1()).ln()) as f32;
-                    });
-                }
+            if p.place.is_whole() {
+                init_tensor(&root, p, &mut flat[p.range()]);
+            } else {
+                let mut global = vec![0.0f32; p.place.global_shape.iter().product()];
+                init_tensor(&root, p, &mut global);
+                flat[p.range()].copy_from_slice(&p.place.extract(&global));
             }
         }
         flat
@@ -145,6 +202,32 @@ impl ParamLayout {
             }
         }
         runs
+    }
+}
+
+/// Draws the initial values of the whole tensor `p` into `out`.
+fn init_tensor(root: &Rng, p: &ParamInfo, out: &mut [f32]) {
+    match p.init {
+        Init::Constant(c) => out.fill(c),
+        Init::LogIndex { period } => {
+            out.iter_mut().enumerate().for_each(|(i, v)| *v = ((1 + i % period) as f32).ln());
+        }
+        Init::Normal { std } => {
+            let mut rng = root.fork(fnv1a(&p.name));
+            out.iter_mut().for_each(|v| *v = (rng.normal() * std as f64) as f32);
+        }
+        Init::Uniform { bound } => {
+            let mut rng = root.fork(fnv1a(&p.name));
+            out.iter_mut().for_each(|v| *v = ((2.0 * rng.next_f64() - 1.0) * bound as f64) as f32);
+        }
+        Init::StepBias { min, max, floor } => {
+            let mut rng = root.fork(fnv1a(&p.name));
+            out.iter_mut().for_each(|v| {
+                let step = (rng.next_f64() * (max.ln() - min.ln()) + min.ln()).exp().max(floor);
+                // softplus^-1(s) = s + log(1 - e^-s)
+                *v = (step + (-(-step).exp_m1()).ln()) as f32;
+            });
+        }
     }
 }
 

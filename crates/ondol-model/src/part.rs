@@ -1,0 +1,122 @@
+//! Which piece of a model one rank holds, and the one interface through which tensor-parallel
+//! pieces meet.
+//!
+//! A [`Part`] is a contiguous range of layers (a pipeline stage), cut into `tp` tensor-parallel
+//! shards the way Megatron cuts them: attention heads, MLP hidden units, Mamba-2 heads and
+//! groups, and the vocabulary are divided among the shards; norms are replicated. The model
+//! built for a part computes that part's share and calls [`TensorParallel`] at the points
+//! where the shards' partial results must be summed; it never sees a communicator.
+
+use crate::config::{Arch, LayerKind, ModelConfig};
+use ondol_core::backend::Backend;
+use ondol_core::{Error, Result};
+use std::ops::Range;
+
+/// One rank's piece of a model.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Part {
+    /// This rank's tensor-parallel shard and how many there are.
+    pub tp_rank: usize,
+    pub tp: usize,
+    /// The layers it runs.
+    pub layers: Range<usize>,
+    /// Whether it holds the token embedding (the first pipeline stage) and the final norm,
+    /// head and loss (the last).
+    pub first: bool,
+    pub last: bool,
+}
+
+impl Part {
+    /// The whole model on one rank.
+    pub fn whole(cfg: &ModelConfig) -> Self {
+        Self { tp_rank: 0, tp: 1, layers: 0..cfg.n_layers, first: true, last: true }
+    }
+
+    /// Shard `tp_rank` of `tp` of the layers `layers`, the first and last of `n_layers`.
+    pub fn new(cfg: &ModelConfig, tp_rank: usize, tp: usize, layers: Range<usize>) -> Self {
+        let (first, last) = (layers.start == 0, layers.end == cfg.n_layers);
+        Self { tp_rank, tp, layers, first, last }
+    }
+
+    /// This shard's share of `n` units that `tp` divides.
+    pub fn even(&self, n: usize) -> Range<usize> {
+        let per = n / self.tp;
+        self.tp_rank * per..(self.tp_rank + 1) * per
+    }
+
+    /// The token ids this shard's embedding and head rows hold: the vocabulary split as evenly
+    /// as it goes, the first `vocab % tp` shards holding one more.
+    pub fn vocab(&self, vocab: usize) -> Range<usize> {
+        let (per, extra) = (vocab / self.tp, vocab % self.tp);
+        let start = self.tp_rank * per + self.tp_rank.min(extra);
+        start..start + per + usize::from(self.tp_rank < extra)
+    }
+
+    /// Refuses layouts the model cannot be cut into, naming the `parallelism` key to change.
+    pub fn check(&self, cfg: &ModelConfig) -> Result<()> {
+        let tp = self.tp;
+        if self.layers.is_empty() || self.layers.end > cfg.n_layers {
+            return Err(Error::config(
+                "parallelism.pp",
+                format!("a stage must hold at least one of the model's {} layers", cfg.n_layers),
+            ));
+        }
+        if tp == 1 {
+            return Ok(());
+        }
+        let divides = |what: &str, n: usize| -> Result<()> {
+            if n.is_multiple_of(tp) {
+                return Ok(());
+            }
+            Err(Error::config("parallelism.tp", format!("{tp} does not divide {what} = {n}; choose a tp that does")))
+        };
+        let kinds = cfg.layer_kinds();
+        if kinds.contains(&LayerKind::Attention) {
+            divides("model.n_heads", cfg.n_heads)?;
+            let kv = cfg.kv_heads();
+            if !kv.is_multiple_of(tp) && !tp.is_multiple_of(kv) {
+                return Err(Error::config(
+                    "parallelism.tp",
+                    format!(
+                        "{tp} and model.n_kv_heads = {kv}: one must divide the other (kv heads are split or shared)"
+                    ),
+                ));
+            }
+        }
+        if kinds.contains(&LayerKind::Mlp) {
+            divides("the MLP width (model.ffn_hidden)", cfg.ffn())?;
+        }
+        if kinds.contains(&LayerKind::Mamba) {
+            if cfg.arch == Arch::Mamba {
+                return Err(Error::config(
+                    "parallelism.tp",
+                    format!("{tp}: Mamba-1 layers are not tensor-parallel (x_proj mixes every channel); use tp = 1"),
+                ));
+            }
+            divides("the Mamba-2 heads (expand x d_model / ssm.head_dim)", cfg.ssm_heads())?;
+            divides("model.ssm.n_groups", cfg.ssm.n_groups)?;
+        }
+        Ok(())
+    }
+}
+
+/// Where tensor-parallel shards of a model meet: the model calls it only when `tp > 1`.
+pub trait TensorParallel<B: Backend> {
+    /// `buf` becomes the sum of every shard's `buf`: row-parallel outputs in forward (Megatron's
+    /// g), gradients of column-parallel inputs in backward (f).
+    fn all_reduce(&mut self, be: &B, buf: &mut B::Buf) -> Result<()>;
+    /// Every shard's `part` (equal lengths), concatenated in rank order.
+    fn all_gather(&mut self, part: &[f32]) -> Result<Vec<f32>>;
+}
+
+/// The only shard: nothing to meet.
+pub struct Alone;
+
+impl<B: Backend> TensorParallel<B> for Alone {
+    fn all_reduce(&mut self, _: &B, _: &mut B::Buf) -> Result<()> {
+        Ok(())
+    }
+    fn all_gather(&mut self, part: &[f32]) -> Result<Vec<f32>> {
+        Ok(part.to_vec())
+    }
+}
