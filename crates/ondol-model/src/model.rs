@@ -15,6 +15,8 @@
 //! and accumulates into the flat gradient buffer. The model knows nothing of parallelism or of
 //! which device it runs on.
 
+// A shard is a list of pieces of its global tensor, most often one.
+#![allow(clippy::single_range_in_vec_init)]
 use crate::attention::{Attention, AttnActs, AttnGrads, CacheSlot};
 use crate::config::{Arch, LayerKind, ModelConfig};
 use crate::layers::{CausalConv, Dx, Linear, Norm, NormActs, WeightLayout, norm_floats};

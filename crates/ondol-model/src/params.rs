@@ -67,6 +67,7 @@ pub struct Placement {
 
 impl Placement {
     /// The whole tensor of `shape`.
+    #[allow(clippy::single_range_in_vec_init)] // one piece: the whole axis
     pub fn whole(shape: &[usize]) -> Self {
         Self { global_shape: shape.to_vec(), axis: 0, pieces: vec![0..shape[0]], primary: true, partial_grad: false }
     }
