@@ -46,3 +46,37 @@ pub trait Communicator: Send {
     /// Returns once every rank of the group has called `barrier`.
     fn barrier(&self) -> Result<(), CommError>;
 }
+
+/// A boxed communicator is one: code can hold `Box<dyn Communicator>` without knowing which.
+impl<C: Communicator + ?Sized> Communicator for Box<C> {
+    fn rank(&self) -> usize {
+        (**self).rank()
+    }
+    fn size(&self) -> usize {
+        (**self).size()
+    }
+    fn world_ranks(&self) -> &[usize] {
+        (**self).world_ranks()
+    }
+    fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<(), CommError> {
+        (**self).all_reduce_sum(buf)
+    }
+    fn reduce_scatter_sum(&self, input: &[f32], output: &mut [f32]) -> Result<(), CommError> {
+        (**self).reduce_scatter_sum(input, output)
+    }
+    fn all_gather(&self, input: &[f32], output: &mut [f32]) -> Result<(), CommError> {
+        (**self).all_gather(input, output)
+    }
+    fn broadcast(&self, buf: &mut [f32], root: usize) -> Result<(), CommError> {
+        (**self).broadcast(buf, root)
+    }
+    fn send(&self, buf: &[f32], to: usize) -> Result<(), CommError> {
+        (**self).send(buf, to)
+    }
+    fn recv(&self, buf: &mut [f32], from: usize) -> Result<(), CommError> {
+        (**self).recv(buf, from)
+    }
+    fn barrier(&self) -> Result<(), CommError> {
+        (**self).barrier()
+    }
+}

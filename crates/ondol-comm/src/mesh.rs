@@ -119,7 +119,11 @@ pub struct RankComms<C: Communicator> {
     pub coords: Coords,
     pub world: C,
     pub tp: C,
+    /// The pipeline group, twice: activations flow forward on `pp` and gradients back on
+    /// `pp_back`, so the two streams between the same two ranks never interleave (point-to-point
+    /// messages between a pair arrive in the order they were sent).
     pub pp: C,
+    pub pp_back: C,
     pub dp: C,
 }
 
@@ -127,6 +131,22 @@ impl<C: Communicator> RankComms<C> {
     /// This rank's index in the world.
     pub fn rank(&self) -> usize {
         self.world.rank()
+    }
+}
+
+impl<C: Communicator + 'static> RankComms<C> {
+    /// The same communicators behind `dyn Communicator`, for code that does not care which
+    /// implementation carries them.
+    pub fn boxed(self) -> RankComms<Box<dyn Communicator>> {
+        RankComms {
+            mesh: self.mesh,
+            coords: self.coords,
+            world: Box::new(self.world),
+            tp: Box::new(self.tp),
+            pp: Box::new(self.pp),
+            pp_back: Box::new(self.pp_back),
+            dp: Box::new(self.dp),
+        }
     }
 }
 
@@ -138,15 +158,16 @@ impl RankComms<ThreadComm> {
         let world = ThreadComm::group(n, timeout);
         let tp = ThreadComm::partition(n, &mesh.tp_groups(), timeout)?;
         let pp = ThreadComm::partition(n, &mesh.pp_groups(), timeout)?;
+        let pp_back = ThreadComm::partition(n, &mesh.pp_groups(), timeout)?;
         let dp = ThreadComm::partition(n, &mesh.dp_groups(), timeout)?;
         world
             .into_iter()
             .zip(tp)
-            .zip(pp)
+            .zip(pp.into_iter().zip(pp_back))
             .zip(dp)
             .enumerate()
-            .map(|(rank, (((world, tp), pp), dp))| {
-                Ok(RankComms { mesh, coords: mesh.coords(rank)?, world, tp, pp, dp })
+            .map(|(rank, (((world, tp), (pp, pp_back)), dp))| {
+                Ok(RankComms { mesh, coords: mesh.coords(rank)?, world, tp, pp, pp_back, dp })
             })
             .collect()
     }

@@ -1,0 +1,669 @@
+//! [`Engine`]: everything one rank of a (dp, pp, tp) layout does in an optimizer step.
+
+use crate::schedule::{self, Action, ScheduleKind};
+use ondol_comm::{Communicator, Coords, Mesh, RankComms};
+use ondol_core::{Backend, Error, Result};
+use ondol_model::{Model, ModelConfig, Part, TensorParallel, Workspace};
+use ondol_optim::{AdamW, OptimizerConfig};
+use std::ops::Range;
+use std::time::Instant;
+
+/// How the run is laid out over ranks and micro-batches.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Layout {
+    pub mesh: Mesh,
+    pub schedule: ScheduleKind,
+    /// Model chunks per pipeline rank: more than 1 only for the interleaved schedule.
+    pub chunks: usize,
+    /// Layers of each virtual stage, in order (`pp x chunks` entries); empty: an even split.
+    pub stage_layers: Vec<usize>,
+    /// Micro-batches per optimizer step, of `batch` sequences of `seq` tokens each.
+    pub micro: usize,
+    pub batch: usize,
+    pub seq: usize,
+    /// Activation checkpointing: recompute every k-th layer (0: off).
+    pub recompute: usize,
+    /// ZeRO-1: shard the AdamW state over the data-parallel replicas.
+    pub zero: bool,
+}
+
+impl Layout {
+    /// The layer range of every virtual stage.
+    fn stage_ranges(&self, n_layers: usize) -> Result<Vec<Range<usize>>> {
+        let stages = self.mesh.pp * self.chunks;
+        let sizes = if self.stage_layers.is_empty() {
+            if stages > n_layers {
+                return Err(Error::config(
+                    "parallelism.pp",
+                    format!(
+                        "{} pipeline stages x {} chunks = {stages} stages for {n_layers} layers: every stage needs a layer",
+                        self.mesh.pp, self.chunks
+                    ),
+                ));
+            }
+            // As even as it goes; the first stages (which also embed) take one layer fewer
+            // than the last ones when it does not divide.
+            (0..stages).map(|i| n_layers / stages + usize::from(i >= stages - n_layers % stages)).collect()
+        } else {
+            self.stage_layers.clone()
+        };
+        if sizes.len() != stages || sizes.contains(&0) || sizes.iter().sum::<usize>() != n_layers {
+            return Err(Error::config(
+                "parallelism.stage_layers",
+                format!(
+                    "{sizes:?}: give {stages} positive layer counts (pp x virtual_stages) that sum to model.n_layers = {n_layers}"
+                ),
+            ));
+        }
+        let mut start = 0;
+        Ok(sizes
+            .iter()
+            .map(|n| {
+                start += n;
+                start - n..start
+            })
+            .collect())
+    }
+
+    /// The model parts of the rank at `c`: its chunks in order.
+    pub fn parts(&self, cfg: &ModelConfig, c: Coords) -> Result<Vec<Part>> {
+        let ranges = self.stage_ranges(cfg.n_layers)?;
+        Ok((0..self.chunks)
+            .map(|k| Part::new(cfg, c.tp, self.mesh.tp, ranges[k * self.mesh.pp + c.pp].clone()))
+            .collect())
+    }
+
+    /// Refuses layouts that cannot run, naming the key to change.
+    pub fn check(&self, cfg: &ModelConfig) -> Result<()> {
+        schedule::check(self.schedule, self.mesh.pp, self.chunks, self.micro).map_err(|(k, m)| Error::config(k, m))?;
+        for rank in 0..self.mesh.world() {
+            for part in self.parts(cfg, self.mesh.coords(rank)?)? {
+                part.check(cfg)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What one step produced on this rank.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepOutcome {
+    /// The sum of every token's loss over the whole global batch (the same on every rank).
+    pub loss_sum: f64,
+    /// The global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Seconds this rank spent waiting for activations or gradients from its pipeline
+    /// neighbours (the measured bubble, plus transfer time).
+    pub pipeline_wait_s: f64,
+}
+
+/// ZeRO-1's partition of a flat buffer: padded to `len * world` elements, replica r holds the
+/// AdamW state of `[start, start + len)` with `start = r * len`.
+#[derive(Clone, Copy, Debug)]
+struct ZeroShard {
+    start: usize,
+    len: usize,
+    padded: usize,
+}
+
+impl ZeroShard {
+    fn new(n: usize, rank: usize, world: usize) -> Self {
+        let len = n.div_ceil(world);
+        Self { start: rank * len, len, padded: len * world }
+    }
+
+    /// The buffer's decay runs clipped to this shard, shifted to start at 0; the padding past
+    /// the last parameter gets no decay.
+    fn decay_runs(&self, runs: &[(Range<usize>, bool)]) -> Vec<(Range<usize>, bool)> {
+        let mut out: Vec<_> = clip(runs.iter().cloned(), self.start..self.start + self.len)
+            .map(|(r, d)| (r.start - self.start..r.end - self.start, d))
+            .collect();
+        let covered = out.last().map_or(0, |(r, _)| r.end);
+        if covered < self.len {
+            out.push((covered..self.len, false));
+        }
+        out
+    }
+
+    /// This shard of a whole-buffer tensor, zero-padded.
+    fn slice(&self, full: &[f32]) -> Vec<f32> {
+        let mut out = vec![0.0f32; self.len];
+        let end = (self.start + self.len).min(full.len());
+        if self.start < end {
+            out[..end - self.start].copy_from_slice(&full[self.start..end]);
+        }
+        out
+    }
+}
+
+/// The parts of `(range, tag)` items that fall inside `window`.
+fn clip<T>(
+    items: impl Iterator<Item = (Range<usize>, T)>,
+    window: Range<usize>,
+) -> impl Iterator<Item = (Range<usize>, T)> {
+    items.filter_map(move |(r, t)| {
+        let (a, b) = (r.start.max(window.start), r.end.min(window.end));
+        (a < b).then_some((a..b, t))
+    })
+}
+
+/// One of the rank's model chunks with its parameters, gradients, optimizer state and the
+/// workspaces of its micro-batches in flight.
+struct Chunk<B: Backend> {
+    model: Model,
+    params: B::Buf,
+    grads: B::Buf,
+    opt: AdamW<B>,
+    zero: Option<ZeroShard>,
+    /// Flat ranges of the tensors whose gradients count in the global norm on this rank.
+    primary: Vec<Range<usize>>,
+    /// Workspaces; `busy[i]` names the micro-batch using workspace i.
+    pool: Vec<Workspace<B>>,
+    busy: Vec<Option<usize>>,
+    /// The virtual stage this chunk is (`chunk * pp + pp rank`).
+    stage: usize,
+}
+
+impl<B: Backend> Chunk<B> {
+    /// The workspace of micro-batch `micro`, taking a free one (or a new one) if it has none.
+    fn workspace(&mut self, be: &B, micro: usize, layout: &Layout) -> Result<usize> {
+        if let Some(i) = self.busy.iter().position(|b| *b == Some(micro)) {
+            return Ok(i);
+        }
+        let i = match self.busy.iter().position(Option::is_none) {
+            Some(i) => i,
+            None => {
+                self.pool.push(Workspace::with_recompute(be, &self.model, layout.batch, layout.seq, layout.recompute)?);
+                self.busy.push(None);
+                self.pool.len() - 1
+            }
+        };
+        self.busy[i] = Some(micro);
+        Ok(i)
+    }
+
+    fn release(&mut self, i: usize) {
+        self.busy[i] = None;
+    }
+}
+
+/// A communicator as the model's tensor-parallel hook (host copies; device buffers go to NCCL
+/// with the CUDA backend).
+struct TpHook<'a>(&'a dyn Communicator);
+
+impl<B: Backend> TensorParallel<B> for TpHook<'_> {
+    fn all_reduce(&mut self, be: &B, buf: &mut B::Buf) -> Result<()> {
+        let mut host = be.download(buf);
+        self.0.all_reduce_sum(&mut host)?;
+        *buf = be.upload(&host);
+        Ok(())
+    }
+    fn all_gather(&mut self, part: &[f32]) -> Result<Vec<f32>> {
+        let mut out = vec![0.0; part.len() * self.0.size()];
+        self.0.all_gather(part, &mut out)?;
+        Ok(out)
+    }
+}
+
+/// One rank of a parallel run.
+pub struct Engine<B: Backend> {
+    pub be: B,
+    pub comms: RankComms<Box<dyn Communicator>>,
+    pub layout: Layout,
+    /// The whole model: global names and shapes, for checkpoints and FLOP counts.
+    pub whole: Model,
+    chunks: Vec<Chunk<B>>,
+    plan: Vec<Action>,
+    /// Device copies of each micro-batch's inputs and targets.
+    ids: Vec<(B::Ids, B::Ids)>,
+}
+
+impl<B: Backend> Engine<B> {
+    /// This rank's chunks, initialised from `seed` (the same model in every layout).
+    pub fn new(
+        be: B,
+        cfg: ModelConfig,
+        layout: Layout,
+        optimizer: OptimizerConfig,
+        comms: RankComms<Box<dyn Communicator>>,
+        seed: u64,
+    ) -> Result<Self> {
+        layout.check(&cfg)?;
+        let whole = Model::new(cfg.clone())?;
+        let c = comms.coords;
+        let mut chunks = Vec::new();
+        for (k, part) in layout.parts(&cfg, c)?.into_iter().enumerate() {
+            let model = Model::part(cfg.clone(), part)?;
+            let n = model.num_params();
+            let zero = layout.zero.then(|| ZeroShard::new(n, c.dp, layout.mesh.dp));
+            let runs = model.layout.decay_runs();
+            let opt = match &zero {
+                None => AdamW::new(&be, optimizer.clone(), n, runs),
+                Some(z) => AdamW::new(&be, optimizer.clone(), z.len, z.decay_runs(&runs)),
+            };
+            let primary = model.layout.params().iter().filter(|p| p.place.primary).map(|p| p.range()).collect();
+            chunks.push(Chunk {
+                params: be.upload(&model.layout.init(seed)),
+                grads: be.zeros(n),
+                model,
+                opt,
+                zero,
+                primary,
+                pool: Vec::new(),
+                busy: Vec::new(),
+                stage: k * layout.mesh.pp + c.pp,
+            });
+        }
+        let plan = schedule::actions(layout.schedule, c.pp, layout.mesh.pp, layout.chunks, layout.micro);
+        let rows = layout.batch * layout.seq;
+        let ids = (0..layout.micro).map(|_| (be.upload_ids(&vec![0; rows]), be.upload_ids(&vec![0; rows]))).collect();
+        Ok(Self { be, comms, layout, whole, chunks, plan, ids })
+    }
+
+    fn stages(&self) -> usize {
+        self.layout.mesh.pp * self.layout.chunks
+    }
+
+    /// Whether this rank computes the loss that counts: the first tp shard of the last stage
+    /// of the first data-parallel replica (its tp peers compute the same number).
+    fn reports_loss(&self) -> bool {
+        let c = self.comms.coords;
+        c.tp == 0 && c.pp == self.layout.mesh.pp - 1
+    }
+
+    /// Bytes this rank holds: parameters, gradients, AdamW moments and the activations of the
+    /// micro-batches its schedule keeps in flight.
+    pub fn memory_bytes(&self) -> u64 {
+        let l = &self.layout;
+        self.chunks
+            .iter()
+            .map(|c| {
+                let n = c.model.num_params() as u64;
+                let opt = self.be.len(&c.opt.m) as u64;
+                let in_flight = c.pool.len().max(1) as u64;
+                4 * (2 * n + 2 * opt) + in_flight * c.model.activation_bytes(l.batch, l.seq, l.recompute)
+            })
+            .sum()
+    }
+
+    /// Floats of AdamW state this rank holds (falls as 1 / dp under ZeRO-1).
+    pub fn optimizer_floats(&self) -> usize {
+        self.chunks.iter().map(|c| 2 * self.be.len(&c.opt.m)).sum()
+    }
+
+    /// One optimizer update over `batches`, this replica's micro-batches (inputs, targets);
+    /// each token's loss enters with weight `grad_scale` (1 / tokens in the global batch).
+    pub fn step(&mut self, batches: &[(Vec<u32>, Vec<u32>)], grad_scale: f32, lr: f32) -> Result<StepOutcome> {
+        self.upload(batches);
+        for c in &mut self.chunks {
+            self.be.fill(self.be.all_mut(&mut c.grads), 0.0);
+        }
+        let plan = self.plan.clone();
+        let (mut loss, mut wait) = (0.0, 0.0);
+        for action in plan {
+            match action {
+                Action::Forward { chunk, micro } => {
+                    let (l, w) = self.forward(chunk, micro, Some(grad_scale))?;
+                    loss += l;
+                    wait += w;
+                }
+                Action::Backward { chunk, micro } => wait += self.backward(chunk, micro)?,
+            }
+        }
+        self.sum_tied_embedding()?;
+        self.sum_partial_grads()?;
+        let grad_norm = self.sync_and_update(lr)?;
+        let loss_sum = self.sum_over_world(if self.reports_loss() { loss } else { 0.0 })?;
+        Ok(StepOutcome { loss_sum, grad_norm, pipeline_wait_s: wait })
+    }
+
+    /// The summed loss of `batches` without gradients. Every rank of the world calls it with
+    /// the same batches; the result is the first replica's, on every rank.
+    pub fn evaluate(&mut self, batches: &[(Vec<u32>, Vec<u32>)]) -> Result<f64> {
+        self.upload(batches);
+        let mut loss = 0.0;
+        for chunk in 0..self.chunks.len() {
+            for micro in 0..batches.len() {
+                loss += self.forward(chunk, micro, None)?.0;
+                // Nothing is kept for backward: the workspace is free again at once.
+                let c = &mut self.chunks[chunk];
+                let i = c.workspace(&self.be, micro, &self.layout)?;
+                c.release(i);
+            }
+        }
+        let first_replica = self.comms.coords.dp == 0 && self.reports_loss();
+        self.sum_over_world(if first_replica { loss } else { 0.0 })
+    }
+
+    fn upload(&mut self, batches: &[(Vec<u32>, Vec<u32>)]) {
+        if self.ids.len() < batches.len() {
+            let rows = self.layout.batch * self.layout.seq;
+            self.ids.resize_with(batches.len(), || {
+                (self.be.upload_ids(&vec![0; rows]), self.be.upload_ids(&vec![0; rows]))
+            });
+        }
+        for ((inputs, targets), (i, t)) in batches.iter().zip(&mut self.ids) {
+            self.be.write_ids(i, inputs);
+            self.be.write_ids(t, targets);
+        }
+    }
+
+    /// The forward of `micro` through chunk `chunk`: receives its input unless it is the first
+    /// stage; sends its output, or computes the loss (with gradients if `grad_scale`) on the
+    /// last stage. Returns the loss (0 before the last stage) and the seconds spent waiting.
+    fn forward(&mut self, chunk: usize, micro: usize, grad_scale: Option<f32>) -> Result<(f64, f64)> {
+        let (be, layout, stages) = (&self.be, &self.layout, self.stages());
+        let mut tp = TpHook(self.comms.tp.as_ref());
+        let c = &mut self.chunks[chunk];
+        let slot = c.workspace(be, micro, layout)?;
+        let ws = &mut c.pool[slot];
+        let mut wait = 0.0;
+        if c.stage > 0 {
+            wait = recv_tagged(be, self.comms.pp.as_ref(), ws.input_mut(), prev(&self.comms), (c.stage, micro))?;
+        }
+        let (ids, targets) = &self.ids[micro];
+        c.model.forward_stage(be, &c.params, ws, ids, &mut tp)?;
+        if c.stage + 1 == stages {
+            return Ok((c.model.loss_stage(be, ws, targets, grad_scale, &mut tp)?, wait));
+        }
+        send_tagged(be, self.comms.pp.as_ref(), ws.output(), next(&self.comms), (c.stage + 1, micro))?;
+        Ok((0.0, wait))
+    }
+
+    /// The backward of `micro` through chunk `chunk`; returns the seconds spent waiting.
+    fn backward(&mut self, chunk: usize, micro: usize) -> Result<f64> {
+        let (be, layout, stages) = (&self.be, &self.layout, self.stages());
+        let mut tp = TpHook(self.comms.tp.as_ref());
+        let c = &mut self.chunks[chunk];
+        let slot = c.workspace(be, micro, layout)?;
+        let ws = &mut c.pool[slot];
+        let mut wait = 0.0;
+        if c.stage + 1 < stages {
+            let from = next(&self.comms);
+            wait = recv_tagged(be, self.comms.pp_back.as_ref(), ws.output_grad_mut(), from, (c.stage, micro))?;
+        }
+        let ids = &self.ids[micro].0;
+        c.model.backward_stage(be, &c.params, &mut c.grads, ws, ids, &mut tp)?;
+        if c.stage > 0 {
+            send_tagged(be, self.comms.pp_back.as_ref(), ws.input_grad(), prev(&self.comms), (c.stage - 1, micro))?;
+        }
+        c.release(slot);
+        Ok(wait)
+    }
+
+    /// A tied embedding lives on the first stage and, for the head, on the last: both copies
+    /// get the sum of their gradients (first + last, in that order on both), so they stay equal.
+    fn sum_tied_embedding(&mut self) -> Result<()> {
+        let be = &self.be;
+        let stages = self.stages();
+        for c in &mut self.chunks {
+            let Some(range) = c.model.shared_embedding() else { continue };
+            let mine = be.download(&c.grads)[range.clone()].to_vec();
+            let mut theirs = vec![0.0f32; mine.len()];
+            let first = c.stage == 0;
+            // The first stage sends on the forward channel and the last on the backward one.
+            let (pp, back) = (self.comms.pp.as_ref(), self.comms.pp_back.as_ref());
+            let last_rank = self.layout.mesh.pp - 1;
+            if first {
+                pp.send(&mine, last_rank)?;
+                back.recv(&mut theirs, last_rank)?;
+            } else {
+                debug_assert_eq!(c.stage + 1, stages);
+                back.send(&mine, 0)?;
+                pp.recv(&mut theirs, 0)?;
+            }
+            let (a, b) = if first { (&mine, &theirs) } else { (&theirs, &mine) };
+            let sum: Vec<f32> = a.iter().zip(b).map(|(x, y)| x + y).collect();
+            write_range(be, &mut c.grads, range.start, &sum);
+        }
+        Ok(())
+    }
+
+    /// Tensors shared by several tp shards with partial gradients (kv heads when there are
+    /// fewer than shards): each shard's part placed in a global-sized buffer and summed over
+    /// the tp group, so every sharer gets the sum for its piece.
+    fn sum_partial_grads(&mut self) -> Result<()> {
+        let be = &self.be;
+        for c in &mut self.chunks {
+            for p in c.model.layout.params().iter().filter(|p| p.place.partial_grad) {
+                let local = be.download(&c.grads)[p.range()].to_vec();
+                let mut global = vec![0.0f32; p.place.global_shape.iter().product()];
+                p.place.insert(&local, &mut global);
+                self.comms.tp.all_reduce_sum(&mut global)?;
+                write_range(be, &mut c.grads, p.offset, &p.place.extract(&global));
+            }
+        }
+        Ok(())
+    }
+
+    /// Sums gradients over the data-parallel replicas (all-reduce, or reduce-scatter under
+    /// ZeRO-1), finds the global norm over every rank, and applies AdamW.
+    fn sync_and_update(&mut self, lr: f32) -> Result<f64> {
+        let be = &self.be;
+        let dp: &dyn Communicator = self.comms.dp.as_ref();
+        let first_replica = self.comms.coords.dp == 0;
+        let mut squares = 0.0;
+        let mut shards = Vec::new();
+        for c in &mut self.chunks {
+            let mut host = be.download(&c.grads);
+            match &c.zero {
+                None => {
+                    if dp.size() > 1 {
+                        dp.all_reduce_sum(&mut host)?;
+                        c.grads = be.upload(&host);
+                    }
+                    // Replicas hold equal gradients: the first one counts them.
+                    if first_replica {
+                        squares += c.primary.iter().map(|r| sum_squares(&host[r.clone()])).sum::<f64>();
+                    }
+                    shards.push(None);
+                }
+                Some(z) => {
+                    host.resize(z.padded, 0.0);
+                    let mut shard = vec![0.0f32; z.len];
+                    dp.reduce_scatter_sum(&host, &mut shard)?;
+                    let window = z.start..z.start + z.len;
+                    squares += clip(c.primary.iter().map(|r| (r.clone(), ())), window)
+                        .map(|(r, _)| sum_squares(&shard[r.start - z.start..r.end - z.start]))
+                        .sum::<f64>();
+                    shards.push(Some(shard));
+                }
+            }
+        }
+        let norm = self.sum_over_world(squares)?.sqrt();
+        for (c, shard) in self.chunks.iter_mut().zip(shards) {
+            let clip = c.opt.clip_factor(norm);
+            match (&c.zero, shard) {
+                (Some(z), Some(grad_shard)) => {
+                    let mut params = be.download(&c.params);
+                    params.resize(z.padded, 0.0);
+                    let mut mine = be.upload(&params[z.start..z.start + z.len]);
+                    c.opt.update(be, &mut mine, &be.upload(&grad_shard), lr, clip);
+                    dp.all_gather(&be.download(&mine), &mut params)?;
+                    params.truncate(c.model.num_params());
+                    c.params = be.upload(&params);
+                }
+                _ => c.opt.update(be, &mut c.params, &c.grads, lr, clip),
+            }
+        }
+        Ok(norm)
+    }
+
+    /// The sum of `x` over every rank of the world (each rank's value travels exactly as a high
+    /// and a low f32 in slots of its own; the parts are added in f64 in rank order).
+    pub fn sum_over_world(&self, x: f64) -> Result<f64> {
+        sum_f64(self.comms.world.as_ref(), x)
+    }
+
+    /// The AdamW moments of chunk `c`'s whole flat buffer (gathered over dp under ZeRO-1).
+    fn moments(&self, c: &Chunk<B>) -> Result<(Vec<f32>, Vec<f32>)> {
+        let (m, v) = (self.be.download(&c.opt.m), self.be.download(&c.opt.v));
+        let Some(z) = &c.zero else { return Ok((m, v)) };
+        let gather = |shard: Vec<f32>| -> Result<Vec<f32>> {
+            let mut full = vec![0.0f32; z.padded];
+            self.comms.dp.all_gather(&shard, &mut full)?;
+            full.truncate(c.model.num_params());
+            Ok(full)
+        };
+        Ok((gather(m)?, gather(v)?))
+    }
+
+    /// Parameters and AdamW moments as whole tensors in the whole model's flat layout, on world
+    /// rank 0 (None elsewhere). Every rank must call it.
+    pub fn whole_state(&self) -> Result<Option<[Vec<f32>; 3]>> {
+        let mut mine = [Vec::new(), Vec::new(), Vec::new()];
+        for c in &self.chunks {
+            let (m, v) = self.moments(c)?;
+            let p = self.be.download(&c.params);
+            for info in c.model.layout.params().iter().filter(|i| i.place.primary) {
+                for (out, src) in mine.iter_mut().zip([&p, &m, &v]) {
+                    out.extend_from_slice(&src[info.range()]);
+                }
+            }
+        }
+        let world = self.comms.world.as_ref();
+        if self.comms.coords.dp != 0 {
+            return Ok(None);
+        }
+        if world.rank() != 0 {
+            world.send(&mine.concat(), 0)?;
+            return Ok(None);
+        }
+        let n = self.whole.num_params();
+        let mut whole = [vec![0.0f32; n], vec![0.0f32; n], vec![0.0f32; n]];
+        let mesh = self.layout.mesh;
+        for rank in 0..mesh.world() {
+            let coords = mesh.coords(rank)?;
+            if coords.dp != 0 {
+                continue;
+            }
+            let models: Vec<Model> = self
+                .layout
+                .parts(&self.whole.cfg, coords)?
+                .into_iter()
+                .map(|part| Model::part(self.whole.cfg.clone(), part))
+                .collect::<Result<_>>()?;
+            let primaries: Vec<_> =
+                models.iter().flat_map(|m| m.layout.params().iter().filter(|i| i.place.primary).cloned()).collect();
+            let len: usize = primaries.iter().map(|i| i.len()).sum();
+            let payload = if rank == 0 {
+                mine.concat()
+            } else {
+                let mut buf = vec![0.0f32; 3 * len];
+                world.recv(&mut buf, rank)?;
+                buf
+            };
+            let mut at = 0;
+            for (k, out) in whole.iter_mut().enumerate() {
+                let part = &payload[k * len..(k + 1) * len];
+                at = 0;
+                for info in &primaries {
+                    let target = self.whole.layout.get(&info.name).expect("a part's tensor is in the whole model");
+                    info.place.insert(&part[at..at + info.len()], &mut out[target.range()]);
+                    at += info.len();
+                }
+            }
+            debug_assert_eq!(at, len);
+        }
+        Ok(Some(whole))
+    }
+
+    /// Loads whole tensors (in the whole model's flat layout): parameters, and AdamW moments
+    /// with the step count if given. Each rank cuts out its pieces.
+    pub fn load_whole(&mut self, params: &[f32], moments: Option<(&[f32], &[f32], u64)>) {
+        let be = &self.be;
+        for c in &mut self.chunks {
+            let cut = |whole: &[f32]| -> Vec<f32> {
+                let mut local = vec![0.0f32; c.model.num_params()];
+                for info in c.model.layout.params() {
+                    let src = self.whole.layout.get(&info.name).expect("a part's tensor is in the whole model");
+                    local[info.range()].copy_from_slice(&info.place.extract(&whole[src.range()]));
+                }
+                local
+            };
+            c.params = be.upload(&cut(params));
+            if let Some((m, v, step)) = moments {
+                let (m, v) = (cut(m), cut(v));
+                let (m, v) = match &c.zero {
+                    None => (m, v),
+                    Some(z) => (z.slice(&m), z.slice(&v)),
+                };
+                c.opt.m = be.upload(&m);
+                c.opt.v = be.upload(&v);
+                c.opt.step = step;
+            }
+        }
+    }
+}
+
+/// Overwrites `buf[at..at + src.len()]` (through the host: only for the rare tensors that need it).
+fn write_range<B: Backend>(be: &B, buf: &mut B::Buf, at: usize, src: &[f32]) {
+    let mut host = be.download(buf);
+    host[at..at + src.len()].copy_from_slice(src);
+    *buf = be.upload(&host);
+}
+
+fn sum_squares(x: &[f32]) -> f64 {
+    x.iter().map(|&g| g as f64 * g as f64).sum()
+}
+
+/// The pipeline rank before and after this one (around the ring: interleaved chunks wrap).
+fn prev(comms: &RankComms<Box<dyn Communicator>>) -> usize {
+    let p = comms.mesh.pp;
+    (comms.coords.pp + p - 1) % p
+}
+
+fn next(comms: &RankComms<Box<dyn Communicator>>) -> usize {
+    (comms.coords.pp + 1) % comms.mesh.pp
+}
+
+/// Sends `buf` with a trailing (stage, micro-batch) tag, so that a receiver expecting another
+/// message fails loudly instead of computing on the wrong activations.
+fn send_tagged<B: Backend>(
+    be: &B,
+    comm: &dyn Communicator,
+    buf: &B::Buf,
+    to: usize,
+    tag: (usize, usize),
+) -> Result<()> {
+    let mut host = be.download(buf);
+    host.extend([tag.0 as f32, tag.1 as f32]);
+    Ok(comm.send(&host, to)?)
+}
+
+/// Receives into `buf` the message tagged `tag`; returns the seconds spent waiting.
+fn recv_tagged<B: Backend>(
+    be: &B,
+    comm: &dyn Communicator,
+    buf: &mut B::Buf,
+    from: usize,
+    tag: (usize, usize),
+) -> Result<f64> {
+    let start = Instant::now();
+    let mut host = vec![0.0f32; be.len(buf) + 2];
+    comm.recv(&mut host, from)?;
+    let got = (host[host.len() - 2] as usize, host[host.len() - 1] as usize);
+    if got != tag {
+        return Err(Error::Training(format!(
+            "pipeline messages out of order: stage {} expected micro-batch {} but received stage {} micro-batch {}",
+            tag.0, tag.1, got.0, got.1
+        )));
+    }
+    host.truncate(host.len() - 2);
+    *buf = be.upload(&host);
+    Ok(start.elapsed().as_secs_f64())
+}
+
+/// The sum of `x` over `comm`, exactly transported: each rank's value as a high and a low f32 in
+/// slots of its own, added in f64 in rank order.
+pub fn sum_f64(comm: &dyn Communicator, x: f64) -> Result<f64> {
+    if comm.size() == 1 {
+        return Ok(x);
+    }
+    let mut parts = vec![0.0f32; 2 * comm.size()];
+    let hi = x as f32;
+    parts[2 * comm.rank()] = hi;
+    parts[2 * comm.rank() + 1] = (x - hi as f64) as f32;
+    comm.all_reduce_sum(&mut parts)?;
+    Ok(parts.chunks(2).map(|p| p[0] as f64 + p[1] as f64).sum())
+}

@@ -1,0 +1,26 @@
+//! ondol-parallel: one rank of a (dp, pp, tp) layout. [`Engine`] holds the rank's model
+//! chunks (a tensor-parallel shard of one or more pipeline stages), runs a pipeline
+//! [`schedule`] over its micro-batches with activations and gradients passed between stages,
+//! sums tensor-parallel partial results through the model's [`ondol_model::TensorParallel`]
+//! hook, averages gradients over data-parallel replicas (or reduce-scatters them, ZeRO-1), and
+//! applies AdamW with the true global gradient norm. Checkpoints see whole tensors by global
+//! name whatever the layout ([`Engine::whole_state`], [`Engine::load_whole`]).
+//!
+//! # Communication per optimizer step
+//! For `P` parameters, micro-batches of `r = batch x seq` rows of width `d`, `m` micro-batches,
+//! `L` layers, `V` vocabulary, `v` chunks per pipeline rank (f32, 4 bytes each):
+//! - tp: two all-reduces of `r d` per transformer layer forward and two backward (one per
+//!   block each way), one each way for the embedding and head, and `3 r` floats gathered for
+//!   the vocab-parallel loss: `m (4 L + 2) r d` floats per rank at `2 (tp - 1) / tp` bus
+//!   factor each (ring all-reduce).
+//! - pp: each stage boundary carries `r d` forward and `r d` backward per micro-batch, `v` times
+//!   around the ring when interleaved: `2 m v r d` floats sent per rank (`2 m (v - 1) r d` on
+//!   the first and last when not wrapping).
+//! - dp: the rank's parameter shard `P / (tp pp)` all-reduced (or reduce-scattered and
+//!   all-gathered under ZeRO-1: the same bytes), `2 (dp - 1) / dp` of it per rank.
+
+mod engine;
+pub mod schedule;
+
+pub use engine::{Engine, Layout, StepOutcome};
+pub use schedule::ScheduleKind;

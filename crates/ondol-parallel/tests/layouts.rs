@@ -1,0 +1,214 @@
+//! Every parallel layout against one rank, same global batch, fp32: ranks are threads joined
+//! by deterministic communicators, so layouts differ from one rank only in the order in which
+//! partial sums are added. 20 steps; losses and final whole weights within 1e-5 (relative to
+//! the largest weight for the weights).
+
+use ondol_comm::{Mesh, RankComms};
+use ondol_core::Rng;
+use ondol_cpu::CpuBackend;
+use ondol_model::{Arch, ModelConfig, SsmConfig};
+use ondol_optim::OptimizerConfig;
+use ondol_parallel::{Engine, Layout, ScheduleKind};
+use std::time::Duration;
+
+const STEPS: usize = 20;
+const MICRO: usize = 4;
+const BATCH: usize = 4;
+const SEQ: usize = 8;
+
+fn llama(tie: bool) -> ModelConfig {
+    ModelConfig {
+        arch: Arch::Llama,
+        vocab_size: 67, // uneven vocabulary shards at tp = 2 and 4
+        d_model: 16,
+        n_layers: 8,
+        n_heads: 4,
+        n_kv_heads: Some(2),
+        ffn_hidden: Some(24),
+        max_seq_len: SEQ,
+        tie_embeddings: Some(tie),
+        rope_theta: 10_000.0,
+        norm_eps: 1e-5,
+        init_std: 0.1,
+        init_residual_scaling: true,
+        pattern: None,
+        ssm: Default::default(),
+        init_from: None,
+    }
+}
+
+fn gpt2() -> ModelConfig {
+    ModelConfig { arch: Arch::Gpt2, n_kv_heads: None, n_layers: 4, ..llama(true) }
+}
+
+fn hybrid() -> ModelConfig {
+    ModelConfig {
+        arch: Arch::Hybrid,
+        n_layers: 4,
+        pattern: Some("M*-M".into()),
+        tie_embeddings: Some(false),
+        ssm: SsmConfig {
+            state_size: Some(4),
+            conv_kernel: 3,
+            head_dim: 4,
+            n_groups: 2,
+            chunk_size: 4,
+            ..Default::default()
+        },
+        ..llama(false)
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Shape {
+    tp: usize,
+    pp: usize,
+    dp: usize,
+    schedule: ScheduleKind,
+    chunks: usize,
+    zero: bool,
+    recompute: usize,
+}
+
+fn shape(tp: usize, pp: usize, dp: usize) -> Shape {
+    Shape { tp, pp, dp, schedule: ScheduleKind::OneFOneB, chunks: 1, zero: false, recompute: 0 }
+}
+
+/// The global batch of step `s`: `MICRO` micro-batches of `BATCH` sequences from a Markov
+/// source (next = 3 x current + 1 mod V, or a random token one time in five), so that the
+/// gradients carry signal: on uniform noise, AdamW turns round-off into chaotic updates and
+/// no two summation orders stay within 1e-5 for 20 steps.
+fn global_batch(step: usize, vocab: usize) -> Vec<(Vec<u32>, Vec<u32>)> {
+    let mut rng = Rng::new(1000 + step as u64);
+    (0..MICRO)
+        .map(|_| {
+            let mut t = rng.below(vocab as u64) as u32;
+            let tokens: Vec<u32> = (0..BATCH * (SEQ + 1))
+                .map(|_| {
+                    t = if rng.below(5) == 0 { rng.below(vocab as u64) as u32 } else { (3 * t + 1) % vocab as u32 };
+                    t
+                })
+                .collect();
+            let rows: Vec<&[u32]> = tokens.chunks(SEQ + 1).collect();
+            let inputs = rows.iter().flat_map(|r| r[..SEQ].iter().copied()).collect();
+            let targets = rows.iter().flat_map(|r| r[1..].iter().copied()).collect();
+            (inputs, targets)
+        })
+        .collect()
+}
+
+/// Replica `d` of `dp`'s share of a micro-batch: its rows.
+fn share(batch: &[(Vec<u32>, Vec<u32>)], d: usize, dp: usize) -> Vec<(Vec<u32>, Vec<u32>)> {
+    let n = BATCH / dp * SEQ;
+    batch.iter().map(|(i, t)| (i[d * n..(d + 1) * n].to_vec(), t[d * n..(d + 1) * n].to_vec())).collect()
+}
+
+/// Trains `STEPS` steps; returns the losses and the final whole weights (from world rank 0),
+/// after checking that every rank saw the same loss.
+fn train(cfg: &ModelConfig, s: Shape) -> (Vec<f64>, Vec<f32>) {
+    let mesh = Mesh::new(s.tp, s.pp, s.dp).unwrap();
+    let layout = Layout {
+        mesh,
+        schedule: s.schedule,
+        chunks: s.chunks,
+        stage_layers: Vec::new(),
+        micro: MICRO,
+        batch: BATCH / s.dp,
+        seq: SEQ,
+        recompute: s.recompute,
+        zero: s.zero,
+    };
+    // eps 1e-6, not 1e-8: gradients that are zero in exact arithmetic (GPT-2's key bias, which
+    // softmax cancels) are round-off, and a tiny eps lets AdamW turn round-off into full steps
+    // that differ with the summation order.
+    let opt = OptimizerConfig { lr: 3e-3, weight_decay: 0.1, beta1: 0.9, beta2: 0.95, eps: 1e-6, grad_clip: 1.0 };
+    let comms = RankComms::threads(mesh, Duration::from_secs(60)).unwrap();
+    let scale = 1.0 / (MICRO * BATCH * SEQ) as f32;
+    let results: Vec<(Vec<f64>, Option<Vec<f32>>)> = std::thread::scope(|scope| {
+        let ranks: Vec<_> = comms
+            .into_iter()
+            .map(|c| {
+                let (cfg, layout, opt) = (cfg.clone(), layout.clone(), opt.clone());
+                scope.spawn(move || {
+                    let d = c.coords.dp;
+                    let mut e = Engine::new(CpuBackend, cfg.clone(), layout, opt, c.boxed(), 7).unwrap();
+                    let losses: Vec<f64> = (0..STEPS)
+                        .map(|step| {
+                            let batch = share(&global_batch(step, cfg.vocab_size), d, s.dp);
+                            e.step(&batch, scale, 3e-3).unwrap().loss_sum * scale as f64
+                        })
+                        .collect();
+                    (losses, e.whole_state().unwrap().map(|[p, _, _]| p))
+                })
+            })
+            .collect();
+        ranks.into_iter().map(|r| r.join().unwrap()).collect()
+    });
+    for (rank, (losses, _)) in results.iter().enumerate() {
+        assert_eq!(losses, &results[0].0, "rank {rank} reports other losses");
+    }
+    let mut results = results.into_iter();
+    let (losses, weights) = results.next().unwrap();
+    (losses, weights.expect("world rank 0 gathers the whole weights"))
+}
+
+fn assert_close(name: &str, (la, wa): &(Vec<f64>, Vec<f32>), (lb, wb): &(Vec<f64>, Vec<f32>)) {
+    for (step, (a, b)) in la.iter().zip(lb).enumerate() {
+        assert!((a - b).abs() <= 1e-5 * a.abs(), "{name}: step {step} loss {b} vs one rank {a}");
+    }
+    let scale = wa.iter().fold(0.0f32, |m, w| m.max(w.abs()));
+    let worst = wa.iter().zip(wb).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    assert!(worst <= 1e-5 * scale, "{name}: weights differ by {worst} (largest weight {scale})");
+    assert!(la[STEPS - 1] < la[0], "{name}: the loss did not fall");
+}
+
+#[test]
+fn every_layout_trains_like_one_rank() {
+    let cfg = llama(false);
+    let one = train(&cfg, shape(1, 1, 1));
+    let interleaved = Shape { schedule: ScheduleKind::Interleaved, chunks: 2, ..shape(1, 4, 1) };
+    for (name, s) in [
+        ("tp 2", shape(2, 1, 1)),
+        ("pp 2", shape(1, 2, 1)),
+        ("dp 2", shape(1, 1, 2)),
+        ("tp 2 pp 2 dp 2", shape(2, 2, 2)),
+        ("pp 4 interleaved", interleaved),
+        // Four shards of two kv heads: each kv head is shared by two shards.
+        ("tp 4 dp 2", shape(4, 1, 2)),
+    ] {
+        assert_close(name, &one, &train(&cfg, s));
+    }
+}
+
+#[test]
+fn zero_1_and_activation_checkpointing_change_nothing_but_memory() {
+    let cfg = llama(false);
+    let plain = train(&cfg, shape(2, 2, 2));
+    let zero = train(&cfg, Shape { zero: true, ..shape(2, 2, 2) });
+    assert_close("ZeRO-1", &plain, &zero);
+    let recompute = train(&cfg, Shape { recompute: 1, ..shape(2, 2, 2) });
+    assert_eq!(plain, recompute, "activation checkpointing must be bit-identical");
+}
+
+/// Gradients accumulate over micro-batches in the same order in every schedule, so the
+/// schedules agree bit for bit.
+#[test]
+fn pipeline_schedules_equal_each_other() {
+    let cfg = llama(false);
+    let one_f_one_b = train(&cfg, shape(1, 2, 1));
+    let gpipe = train(&cfg, Shape { schedule: ScheduleKind::Gpipe, ..shape(1, 2, 1) });
+    let interleaved = train(&cfg, Shape { schedule: ScheduleKind::Interleaved, chunks: 2, ..shape(1, 2, 1) });
+    assert_eq!(one_f_one_b, gpipe);
+    assert_eq!(one_f_one_b, interleaved);
+}
+
+/// GPT-2 (tied head kept on the last stage and summed with the first stage's embedding,
+/// replicated biases of row-parallel layers) and a Mamba-2/attention hybrid split by heads
+/// and groups.
+#[test]
+fn gpt2_and_hybrid_layouts_train_like_one_rank() {
+    for (name, cfg) in [("gpt2", gpt2()), ("hybrid", hybrid())] {
+        let one = train(&cfg, shape(1, 1, 1));
+        assert_close(&format!("{name} tp 2 pp 2"), &one, &train(&cfg, shape(2, 2, 1)));
+    }
+}
