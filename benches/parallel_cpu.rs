@@ -1,6 +1,7 @@
-//! Data-parallel layouts of configs/bench-cpu.toml on the CPU at one global batch (8 x 256):
-//! tokens/s, memory per rank (weights, gradients, AdamW state, activations), and the expected
-//! communication volume per step, against which GPU (NCCL) runs can be checked.
+//! Parallel layouts of configs/bench-cpu.toml on the CPU at one global batch (8 x 256 tokens,
+//! 4 micro-batches of 2): tokens/s, memory per rank (weights, gradients, AdamW state,
+//! activations), the measured pipeline wait against the ideal bubble, and the expected
+//! communication volume per rank and step, against which GPU (NCCL) runs can be checked.
 //!
 //!     cargo bench -p ondol --bench parallel_cpu
 //!
@@ -9,61 +10,99 @@
 
 use ondol::config::RunConfig;
 use ondol::trainer::{Data, Trainer};
-use ondol_comm::ThreadComm;
+use ondol_comm::{Mesh, RankComms};
 use ondol_cpu::CpuBackend;
+use ondol_parallel::schedule::ideal_bubble;
 use std::path::Path;
 use std::time::{Duration, Instant};
+
+/// What rank 0 measured.
+struct Report {
+    tokens_per_s: f64,
+    weights_grads: u64,
+    adamw: u64,
+    activations: u64,
+    wait_fraction: f64,
+}
 
 fn main() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     std::env::set_current_dir(&root).expect("workspace root");
-    let (warmup, steps) = (2, 5);
-    println!("layout         tokens/s   weights+grads   AdamW/rank   activations   comm/rank/step (ring)");
-    for (dp, zero) in [(1usize, 0u8), (2, 0), (2, 1)] {
+    let (warmup, steps, micro) = (1, 3, 4);
+    println!(
+        "layout (tp,pp,dp) zero   tokens/s  weights+grads  AdamW/rank  activations  wait/ideal bubble  comm/rank/step"
+    );
+    for ((tp, pp, dp), zero) in
+        [((1, 1, 1), 0u8), ((1, 1, 2), 0), ((1, 1, 2), 1), ((2, 1, 1), 0), ((1, 2, 1), 0), ((2, 2, 2), 1)]
+    {
         let overrides = [
+            format!("parallelism.tp={tp}"),
+            format!("parallelism.pp={pp}"),
             format!("parallelism.dp={dp}"),
             format!("parallelism.zero={zero}"),
-            format!("training.batch_size={}", 8 / dp),
+            format!("training.grad_accum={micro}"),
+            format!("training.batch_size={}", 8 / micro / dp),
         ];
         let cfg = RunConfig::load(Path::new("configs/bench-cpu.toml"), &overrides).unwrap_or_else(|e| panic!("{e}"));
         let data = Data::open(&cfg, Path::new(".")).unwrap_or_else(|e| panic!("{e}"));
-        let comms = ThreadComm::group(dp, Duration::from_secs(300));
-        let reports: Vec<(f64, u64, u64, u64, usize)> = std::thread::scope(|s| {
+        let mesh = Mesh::new(tp, pp, dp).unwrap();
+        let comms = RankComms::threads(mesh, Duration::from_secs(600)).unwrap();
+        let reports: Vec<Report> = std::thread::scope(|s| {
             let ranks: Vec<_> = comms
                 .into_iter()
                 .map(|c| {
                     let (cfg, data) = (cfg.clone(), data.clone());
                     s.spawn(move || {
-                        let mut t = Trainer::data_parallel_rank(CpuBackend, cfg, data, Box::new(c)).unwrap();
+                        let mut t = Trainer::rank(CpuBackend, cfg, data, c.boxed()).unwrap();
                         for _ in 0..warmup {
                             t.step().unwrap();
                         }
-                        let start = Instant::now();
+                        let (start, mut wait) = (Instant::now(), 0.0);
                         for _ in 0..steps {
-                            t.step().unwrap();
+                            wait += t.step().unwrap().pipeline_wait_s;
                         }
-                        let tokens_per_s = (steps * t.tokens_per_step()) as f64 / start.elapsed().as_secs_f64();
-                        let n = t.model.num_params() as u64;
-                        let opt = 8 * t.opt.m.len() as u64;
-                        let acts = t.memory_bytes() - 8 * n - opt;
-                        (tokens_per_s, 8 * n, opt, acts, t.model.num_params())
+                        let secs = start.elapsed().as_secs_f64();
+                        let n = t.engine.memory_bytes();
+                        let adamw = 4 * t.engine.optimizer_floats() as u64;
+                        let params = t.engine.param_floats() as u64;
+                        Report {
+                            tokens_per_s: (steps * t.tokens_per_step()) as f64 / secs,
+                            weights_grads: 8 * params,
+                            adamw,
+                            activations: n - 8 * params - adamw,
+                            wait_fraction: wait / secs,
+                        }
                     })
                 })
                 .collect();
             ranks.into_iter().map(|r| r.join().unwrap()).collect()
         });
-        let (tps, wg, opt, acts, n) = reports[0];
-        let p = dp as f64;
-        // Ring all-reduce moves 2 (p-1)/p of the buffer per rank; ZeRO-1's reduce-scatter plus
-        // all-gather move (p-1)/p each: the same total. f32 gradients: 4 bytes per parameter.
-        let comm = 2.0 * (p - 1.0) / p * 4.0 * n as f64;
-        let mib = |b: u64| b as f64 / (1 << 20) as f64;
+        let r = &reports[0];
+        let m = &cfg.model;
+        let (rows, d, layers) =
+            ((cfg.training.batch_size * cfg.training.seq_len) as f64, m.d_model as f64, m.n_layers as f64);
+        let params = ondol_model::Model::new(m.clone()).unwrap().num_params() as f64;
+        // Bytes per rank and step (f32), ring algorithms: tp all-reduces of activations,
+        // pp sends of activations and gradients, dp all-reduce (= ZeRO-1's reduce-scatter +
+        // all-gather) of this rank's parameter shard.
+        let mb = micro as f64;
+        let tp_bytes =
+            if tp > 1 { mb * (4.0 * layers + 2.0) * rows * d * 2.0 * (tp - 1) as f64 / tp as f64 * 4.0 } else { 0.0 };
+        let pp_bytes = if pp > 1 { 2.0 * mb * rows * d * 4.0 } else { 0.0 };
+        let dp_bytes = 2.0 * (dp - 1) as f64 / dp as f64 * 4.0 * params / (tp * pp) as f64;
+        let mib = |b: f64| b / (1 << 20) as f64;
         println!(
-            "dp={dp} zero={zero}  {tps:>9.0}   {:>10.1} MiB   {:>7.1} MiB   {:>8.1} MiB   {:>8.1} MiB",
-            mib(wg),
-            mib(opt),
-            mib(acts),
-            comm / (1 << 20) as f64
+            "({tp},{pp},{dp})           {zero}   {:>8.0}   {:>8.1} MiB  {:>6.1} MiB   {:>7.1} MiB      {:>5.2} / {:.2}      {:.1} MiB (tp {:.1} + pp {:.1} + dp {:.1})",
+            r.tokens_per_s,
+            mib(r.weights_grads as f64),
+            mib(r.adamw as f64),
+            mib(r.activations as f64),
+            r.wait_fraction,
+            if pp > 1 { ideal_bubble(pp, 1, micro) } else { 0.0 },
+            mib(tp_bytes + pp_bytes + dp_bytes),
+            mib(tp_bytes),
+            mib(pp_bytes),
+            mib(dp_bytes),
         );
     }
 }

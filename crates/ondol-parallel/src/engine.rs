@@ -286,6 +286,11 @@ impl<B: Backend> Engine<B> {
             .sum()
     }
 
+    /// Parameters this rank holds (its pieces of every chunk).
+    pub fn param_floats(&self) -> usize {
+        self.chunks.iter().map(|c| c.model.num_params()).sum()
+    }
+
     /// Floats of AdamW state this rank holds (falls as 1 / dp under ZeRO-1).
     pub fn optimizer_floats(&self) -> usize {
         self.chunks.iter().map(|c| 2 * self.be.len(&c.opt.m)).sum()

@@ -6,6 +6,7 @@ use ondol_core::Error;
 use ondol_data::input::DocSplit;
 use ondol_model::ModelConfig;
 use ondol_optim::{OptimizerConfig, SchedulerConfig};
+use ondol_parallel::{Layout, ScheduleKind};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -141,9 +142,18 @@ pub struct ParallelismConfig {
     pub tp: usize,
     #[serde(default = "one")]
     pub pp: usize,
-    /// Data-parallel ranks; on the CPU they are threads of this process.
+    /// Data-parallel ranks. On the CPU all tp x pp x dp ranks are threads of this process.
     #[serde(default = "one")]
     pub dp: usize,
+    /// The pipeline schedule; its micro-batches are `training.grad_accum`.
+    #[serde(default = "default_schedule")]
+    pub schedule: ScheduleKind,
+    /// Model chunks per pipeline rank (the interleaved schedule's virtual stages).
+    #[serde(default = "one")]
+    pub virtual_stages: usize,
+    /// Layers of each (virtual) stage in order; empty: as even a split as the layers allow.
+    #[serde(default)]
+    pub stage_layers: Vec<usize>,
     /// 1: shard the AdamW state across the data-parallel ranks (ZeRO-1); 0: replicate it.
     #[serde(default)]
     pub zero: u8,
@@ -153,9 +163,22 @@ pub struct ParallelismConfig {
     pub timeout_s: u64,
 }
 
+fn default_schedule() -> ScheduleKind {
+    ScheduleKind::OneFOneB
+}
+
 impl Default for ParallelismConfig {
     fn default() -> Self {
-        Self { tp: 1, pp: 1, dp: 1, zero: 0, timeout_s: default_timeout_s() }
+        Self {
+            tp: 1,
+            pp: 1,
+            dp: 1,
+            schedule: default_schedule(),
+            virtual_stages: 1,
+            stage_layers: Vec::new(),
+            zero: 0,
+            timeout_s: default_timeout_s(),
+        }
     }
 }
 
@@ -227,6 +250,22 @@ pub const BYTE_VOCAB: usize = 257;
 pub const BYTE_EOT: u32 = 256;
 
 impl RunConfig {
+    /// The parallel layout of this run on `mesh`.
+    pub fn layout(&self, mesh: ondol_comm::Mesh) -> Layout {
+        let (t, p) = (&self.training, &self.parallelism);
+        Layout {
+            mesh,
+            schedule: p.schedule,
+            chunks: p.virtual_stages,
+            stage_layers: p.stage_layers.clone(),
+            micro: t.grad_accum,
+            batch: t.batch_size,
+            seq: t.seq_len,
+            recompute: t.activation_checkpointing,
+            zero: p.zero == 1,
+        }
+    }
+
     /// Reads `path`, applies `--set` overrides in order, and validates the result.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self, Error> {
         let file = path.display().to_string();
@@ -345,18 +384,12 @@ impl RunConfig {
             ));
         }
         let p = &self.parallelism;
-        if p.dp == 0 {
-            return Err(Error::config("parallelism.dp", "must be at least 1"));
+        for (key, v) in [("tp", p.tp), ("pp", p.pp), ("dp", p.dp), ("virtual_stages", p.virtual_stages)] {
+            if v == 0 {
+                return Err(Error::config(format!("parallelism.{key}"), "must be at least 1"));
+            }
         }
-        if (p.tp, p.pp) != (1, 1) {
-            return Err(Error::config(
-                "parallelism",
-                format!(
-                    "tp = {}, pp = {}: tensor and pipeline parallelism are not implemented yet (tp = pp = 1; dp may be > 1)",
-                    p.tp, p.pp
-                ),
-            ));
-        }
+        self.layout(ondol_comm::Mesh::new(p.tp, p.pp, p.dp)?).check(&self.model)?;
         if p.zero > 1 {
             return Err(Error::config("parallelism.zero", format!("{} must be 0 (off) or 1 (ZeRO-1)", p.zero)));
         }

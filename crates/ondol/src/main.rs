@@ -8,7 +8,7 @@ use ondol::prepare_cli;
 use ondol::pretrained::{self, Pretrained, Sampling};
 use ondol::trainer::{self, Data, Trainer};
 use ondol_ckpt::{Writer, checkpoint};
-use ondol_comm::{DistEnv, ThreadComm};
+use ondol_comm::{DistEnv, Mesh, RankComms, ThreadComm};
 use ondol_core::{Backend, Error, Result};
 use ondol_cpu::CpuBackend;
 use ondol_data::{Loader, Order, SourceKind, TokenStream};
@@ -175,12 +175,13 @@ fn train(args: TrainArgs) -> Result<()> {
         ));
     }
     let data = Data::open(&cfg, Path::new("."))?;
-    let dp = cfg.parallelism.dp;
-    if dp == 1 {
+    let p = &cfg.parallelism;
+    let mesh = Mesh::new(p.tp, p.pp, p.dp)?;
+    if mesh.world() == 1 {
         return train_rank(&args, cfg, data, None);
     }
-    // Data-parallel ranks as threads of this process, one communicator each.
-    let comms = ThreadComm::group(dp, Duration::from_secs(cfg.parallelism.timeout_s));
+    // Every rank of the mesh as a thread of this process, with its communicators.
+    let comms = RankComms::threads(mesh, Duration::from_secs(p.timeout_s))?;
     let results: Vec<Result<()>> = std::thread::scope(|scope| {
         let ranks: Vec<_> = comms
             .into_iter()
@@ -196,14 +197,14 @@ fn train(args: TrainArgs) -> Result<()> {
 
 /// One rank's run (the only rank when `comm` is None). Rank 0 owns the run directory:
 /// the resolved config, metrics and checkpoints; the others train silently beside it.
-fn train_rank(args: &TrainArgs, cfg: RunConfig, data: Data, comm: Option<ThreadComm>) -> Result<()> {
+fn train_rank(args: &TrainArgs, cfg: RunConfig, data: Data, comms: Option<RankComms<ThreadComm>>) -> Result<()> {
     // Everything a user's input can break is checked before the run directory is touched.
     let (steps, seq) = (cfg.training.steps, cfg.training.seq_len);
     let resolved = toml::to_string(&cfg).expect("config serializes");
     let keep_last = cfg.checkpoint.keep_last;
-    let mut trainer = match comm {
+    let mut trainer = match comms {
         None => Trainer::new(CpuBackend::new(), cfg, data)?,
-        Some(c) => Trainer::data_parallel_rank(CpuBackend::new(), cfg, data, Box::new(c))?,
+        Some(c) => Trainer::rank(CpuBackend::new(), cfg, data, c.boxed())?,
     };
     let stem = args.config.config.file_stem().map_or("run".into(), |s| s.to_string_lossy().into_owned());
     let run_dir = args.run_dir.clone().unwrap_or_else(|| Path::new("runs").join(stem));
@@ -222,14 +223,16 @@ fn train_rank(args: &TrainArgs, cfg: RunConfig, data: Data, comm: Option<ThreadC
     let peak = ondol_cpu::measure_gemm_peak();
     let m = &trainer.model;
     eprintln!(
-        "ondol {}: {:?} model, {:.2}M parameters, {:.1} MFLOP/token, {} tokens/step on {} x {} data-parallel; \
+        "ondol {}: {:?} model, {:.2}M parameters, {:.1} MFLOP/token, {} tokens/step on {}, tp {} x pp {} x dp {}; \
          MFU against the measured sgemm peak {:.0} GFLOP/s; run dir {}",
         env!("CARGO_PKG_VERSION"),
         m.cfg.arch,
         m.num_params() as f64 / 1e6,
         m.flops_per_token(seq) as f64 / 1e6,
         trainer.tokens_per_step(),
-        trainer.be.name(),
+        trainer.engine.be.name(),
+        trainer.cfg.parallelism.tp,
+        trainer.cfg.parallelism.pp,
         trainer.cfg.parallelism.dp,
         peak / 1e9,
         run_dir.display()

@@ -1,20 +1,20 @@
-//! The training loop. [`Trainer::step`] is one optimizer update, readable top to bottom:
-//! for each micro-batch forward, loss, backward (gradients accumulate in the flat buffer);
-//! then the global gradient norm, clipping, the learning rate, and AdamW.
+//! The training loop. [`Trainer::step`] is one optimizer update: this replica's micro-batches,
+//! the learning rate, and the rank's [`Engine`] (pipeline schedule, gradient sync, AdamW).
 
 use crate::config::{BYTE_EOT, DataFormat, RunConfig};
 use crate::metrics::{Metrics, StepRow};
 use crate::pretrained::Pretrained;
 use ondol_ckpt::{Loaded, Snapshot, Writer};
-use ondol_comm::Communicator;
+use ondol_comm::{Communicator, Mesh, RankComms};
 use ondol_core::{Backend, Error, Result};
 use ondol_data::tokenizer::EOT_TOKEN;
 use ondol_data::{Cursor, Loader, Mixture, MixtureCursor, Order, SourceKind, TextTokenizer, TokenStream, expand_globs};
 use ondol_model::{Model, Workspace};
-use ondol_optim::{AdamW, LrSchedule};
+use ondol_optim::LrSchedule;
+use ondol_parallel::Engine;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Training and validation token streams, opened and split as the config says, and the
 /// tokenizer.json they were made with, if any.
@@ -62,72 +62,54 @@ pub struct StepStats {
     pub loss: f64,
     pub grad_norm: f64,
     pub lr: f32,
+    /// Seconds this rank waited for its pipeline neighbours.
+    pub pipeline_wait_s: f64,
 }
 
-/// Everything a single-rank training run holds: model, state, optimizer, data position.
+/// Everything one rank of a training run holds: its [`Engine`] (model chunks, state,
+/// optimizer, communicators), the schedule, and its data position.
 pub struct Trainer<B: Backend> {
-    pub be: B,
     pub cfg: RunConfig,
+    /// The whole model (names, sizes, FLOPs); the rank's pieces live in the engine.
     pub model: Model,
-    pub params: B::Buf,
-    grads: B::Buf,
-    pub opt: AdamW<B>,
+    pub engine: Engine<B>,
     sched: LrSchedule,
-    ws: Workspace<B>,
     loader: Batches,
     val: Option<Arc<TokenStream>>,
     /// The run's tokenizer.json (copied into checkpoints) and end-of-text id, if known.
     tokenizer: Option<PathBuf>,
     eos_token_id: Option<u32>,
-    /// The data-parallel group, when this trainer is one of several ranks.
-    dp: Option<Box<dyn Communicator>>,
-    /// ZeRO-1: the range of the flat buffer whose optimizer state this rank holds.
-    zero: Option<ZeroShard>,
-    /// Host staging for one micro-batch of inputs and targets, and their device copies.
-    host_inputs: Vec<u32>,
-    host_targets: Vec<u32>,
-    inputs: B::Ids,
-    targets: B::Ids,
     pub step: u64,
 }
 
 impl<B: Backend> Trainer<B> {
     /// A single-rank trainer.
     pub fn new(be: B, cfg: RunConfig, data: Data) -> Result<Self> {
-        Self::build(be, cfg, data, None)
+        let mesh = Mesh::new(1, 1, 1)?;
+        let comms = RankComms::threads(mesh, Duration::from_secs(cfg.parallelism.timeout_s))?;
+        let comms = comms.into_iter().next().expect("one rank").boxed();
+        Self::rank(be, cfg, data, comms)
     }
 
-    /// One data-parallel rank: it reads its share of every global batch, and its gradients
-    /// are summed with the other ranks' through `dp` before each update.
-    pub fn data_parallel_rank(be: B, cfg: RunConfig, data: Data, dp: Box<dyn Communicator>) -> Result<Self> {
-        Self::build(be, cfg, data, Some(dp))
-    }
-
-    fn build(be: B, cfg: RunConfig, data: Data, dp: Option<Box<dyn Communicator>>) -> Result<Self> {
-        let (rank, world) = dp.as_ref().map_or((0, 1), |c| (c.rank(), c.size()));
-        let model = Model::new(cfg.model.clone())?;
+    /// One rank of a parallel run: `comms` places it in the mesh. It reads its data-parallel
+    /// replica's share of every global batch.
+    pub fn rank(be: B, cfg: RunConfig, data: Data, comms: RankComms<Box<dyn Communicator>>) -> Result<Self> {
         let t = &cfg.training;
-        let initial = match &cfg.model.init_from {
-            Some(dir) => Pretrained::weights_for(&cfg.model, Path::new(dir))?,
-            None => model.layout.init(t.seed),
-        };
-        let params = be.upload(&initial);
-        let grads = be.zeros(model.num_params());
-        let n = model.num_params();
-        let zero = (cfg.parallelism.zero == 1).then(|| ZeroShard::new(n, rank, world));
-        let opt = match &zero {
-            None => AdamW::new(&be, cfg.optimizer.clone(), n, model.layout.decay_runs()),
-            Some(z) => AdamW::new(&be, cfg.optimizer.clone(), z.len, z.decay_runs(&model.layout.decay_runs())),
-        };
+        let layout = cfg.layout(comms.mesh);
+        let (replica, replicas) = (comms.coords.dp, comms.mesh.dp);
+        let mut engine = Engine::new(be, cfg.model.clone(), layout, cfg.optimizer.clone(), comms, t.seed)?;
+        if let Some(dir) = &cfg.model.init_from {
+            engine.load_whole(&Pretrained::weights_for(&cfg.model, Path::new(dir))?, None);
+        }
+        let model = engine.whole.clone();
         let sched = LrSchedule::new(cfg.lr_scheduler.clone(), cfg.optimizer.lr, t.steps);
-        let ws = Workspace::with_recompute(&be, &model, t.batch_size, t.seq_len, t.activation_checkpointing)?;
         let order = if t.shuffle { Order::Shuffled { seed: t.seed } } else { Order::Sequential };
         let loader = if cfg.data.sources.is_empty() {
             let stream = data.train.into_iter().next().expect("one training source");
-            Batches::One(Loader::new(stream, t.seq_len, t.batch_size, order, rank, world)?)
+            Batches::One(Loader::new(stream, t.seq_len, t.batch_size, order, replica, replicas)?)
         } else {
             let weights: Vec<f64> = cfg.data.sources.iter().map(|s| s.weight).collect();
-            let mix = Mixture::new(data.train, &weights, t.seq_len, t.batch_size, order, t.seed, rank, world);
+            let mix = Mixture::new(data.train, &weights, t.seq_len, t.batch_size, order, t.seed, replica, replicas);
             Batches::Mix(mix?)
         };
         let eos_token_id = match (&data.tokenizer, cfg.data.tokenizer.as_deref()) {
@@ -135,156 +117,80 @@ impl<B: Backend> Trainer<B> {
             (None, Some("bytes")) => Some(BYTE_EOT),
             (None, _) => None,
         };
-        let rows = t.batch_size * t.seq_len;
-        let (inputs, targets) = (be.upload_ids(&vec![0; rows]), be.upload_ids(&vec![0; rows]));
-        Ok(Self {
-            be,
-            model,
-            params,
-            grads,
-            opt,
-            sched,
-            ws,
-            loader,
-            val: data.val,
-            tokenizer: data.tokenizer,
-            eos_token_id,
-            dp,
-            zero,
-            host_inputs: vec![0; rows],
-            host_targets: vec![0; rows],
-            inputs,
-            targets,
-            step: 0,
-            cfg,
-        })
+        Ok(Self { model, engine, sched, loader, val: data.val, tokenizer: data.tokenizer, eos_token_id, step: 0, cfg })
     }
 
-    /// Tokens consumed by one optimizer step.
-    /// Tokens one optimizer step consumes across all data-parallel ranks.
+    /// Tokens one optimizer step consumes across all data-parallel replicas.
     pub fn tokens_per_step(&self) -> u64 {
         let t = &self.cfg.training;
-        (t.batch_size * t.seq_len * t.grad_accum * self.dp_size()) as u64
+        (t.batch_size * t.seq_len * t.grad_accum * self.engine.layout.mesh.dp) as u64
     }
 
-    fn dp_size(&self) -> usize {
-        self.dp.as_ref().map_or(1, |c| c.size())
-    }
-
-    /// Rank 0 of the data-parallel group (or the only rank): the one that evaluates,
-    /// reports and writes checkpoints.
+    /// World rank 0 (or the only rank): the one that reports and writes checkpoints.
     pub fn is_leader(&self) -> bool {
-        self.dp.as_ref().is_none_or(|c| c.rank() == 0)
+        self.engine.comms.rank() == 0
     }
 
-    /// Bytes held by parameters, gradients, AdamW moments and activations.
+    /// Bytes this rank holds: parameters, gradients, AdamW moments and activations.
     pub fn memory_bytes(&self) -> u64 {
+        self.engine.memory_bytes()
+    }
+
+    /// The whole model's parameters, gathered from every rank (all must call it; world rank 0
+    /// gets them, the others None).
+    pub fn whole_params(&self) -> Result<Option<Vec<f32>>> {
+        Ok(self.engine.whole_state()?.map(|[p, _, _]| p))
+    }
+
+    /// The next micro-batches of this replica, refusing tokens outside the vocabulary.
+    fn next_batches(&mut self) -> Result<Vec<(Vec<u32>, Vec<u32>)>> {
         let t = &self.cfg.training;
-        let n = self.model.num_params() as u64;
-        let opt = self.be.len(&self.opt.m) as u64;
-        4 * (2 * n + 2 * opt) + self.model.activation_bytes(t.batch_size, t.seq_len, t.activation_checkpointing)
+        let rows = t.batch_size * t.seq_len;
+        (0..t.grad_accum)
+            .map(|_| {
+                let (mut inputs, mut targets) = (vec![0u32; rows], vec![0u32; rows]);
+                self.loader.next_batch(&mut inputs, &mut targets);
+                check_vocab(&inputs, &targets, self.cfg.model.vocab_size)?;
+                Ok((inputs, targets))
+            })
+            .collect()
     }
 
-    /// Copies the next micro-batch to the device, refusing tokens outside the vocabulary.
-    fn load_batch(&mut self) -> Result<()> {
-        self.loader.next_batch(&mut self.host_inputs, &mut self.host_targets);
-        check_vocab(&self.host_inputs, &self.host_targets, self.cfg.model.vocab_size)?;
-        self.be.write_ids(&mut self.inputs, &self.host_inputs);
-        self.be.write_ids(&mut self.targets, &self.host_targets);
-        Ok(())
-    }
-
-    /// One optimizer update over `grad_accum` micro-batches; returns the mean loss per token.
+    /// One optimizer update over `grad_accum` micro-batches per replica; returns the mean
+    /// loss per token of the global batch.
     pub fn step(&mut self) -> Result<StepStats> {
-        let accum = self.cfg.training.grad_accum;
         let tokens = self.tokens_per_step() as f64;
+        let batches = self.next_batches()?;
+        let lr = self.sched.lr(self.step);
         // Each token's loss enters the mean with weight 1 / (tokens in the whole step).
-        let grad_scale = (1.0 / tokens) as f32;
-        let be = &self.be;
-        be.fill(be.all_mut(&mut self.grads), 0.0);
-        let mut loss_sum = 0.0;
-        for _ in 0..accum {
-            self.load_batch()?;
-            let be = &self.be;
-            self.model.forward(be, &self.params, &mut self.ws, &self.inputs);
-            loss_sum += self.model.loss(be, &mut self.ws, &self.targets, Some(grad_scale));
-            self.model.backward(be, &self.params, &mut self.grads, &mut self.ws, &self.inputs);
-        }
-        if let Some(dp) = &self.dp {
-            loss_sum = all_reduce_f64(dp.as_ref(), loss_sum)?;
-        }
-        let loss = loss_sum / tokens;
+        let out = self.engine.step(&batches, (1.0 / tokens) as f32, lr)?;
+        let loss = out.loss_sum / tokens;
         if !loss.is_finite() {
             return Err(Error::Training(format!(
                 "the loss became {loss} at step {}: lower optimizer.lr or raise lr_scheduler.warmup_steps",
                 self.step + 1
             )));
         }
-        let lr = self.sched.lr(self.step);
-        let grad_norm = match (&self.dp, &self.zero) {
-            (None, _) => {
-                let norm = AdamW::<B>::grad_norm(&self.be, &self.grads);
-                self.opt.update(&self.be, &mut self.params, &self.grads, lr, self.opt.clip_factor(norm));
-                norm
-            }
-            (Some(dp), None) => {
-                // Sum the ranks' gradients (each already scaled by 1 / global tokens) in rank
-                // order, so every rank applies the same update and the weights stay identical
-                // bit for bit. Host copies for now; device buffers go to NCCL with CUDA.
-                let mut host = self.be.download(&self.grads);
-                dp.all_reduce_sum(&mut host)?;
-                self.grads = self.be.upload(&host);
-                let norm = AdamW::<B>::grad_norm(&self.be, &self.grads);
-                self.opt.update(&self.be, &mut self.params, &self.grads, lr, self.opt.clip_factor(norm));
-                norm
-            }
-            (Some(dp), Some(z)) => {
-                // ZeRO-1: each rank receives the summed gradients of its own range only,
-                // updates that range with its share of the AdamW state, and the updated
-                // ranges are gathered back into everyone's full parameters.
-                let mut host = self.be.download(&self.grads);
-                host.resize(z.padded, 0.0);
-                let mut grad_shard = vec![0.0f32; z.len];
-                dp.reduce_scatter_sum(&host, &mut grad_shard)?;
-                let squares: f64 = grad_shard.iter().map(|g| (*g as f64) * (*g as f64)).sum();
-                let norm = all_reduce_f64(dp.as_ref(), squares)?.sqrt();
-                let mut params = self.be.download(&self.params);
-                params.resize(z.padded, 0.0);
-                let mut shard = self.be.upload(&params[z.start..z.start + z.len]);
-                let clip = self.opt.clip_factor(norm);
-                self.opt.update(&self.be, &mut shard, &self.be.upload(&grad_shard), lr, clip);
-                dp.all_gather(&self.be.download(&shard), &mut params)?;
-                params.truncate(self.model.num_params());
-                self.params = self.be.upload(&params);
-                norm
-            }
-        };
         self.step += 1;
-        Ok(StepStats { loss, grad_norm, lr })
+        Ok(StepStats { loss, grad_norm: out.grad_norm, lr, pipeline_wait_s: out.pipeline_wait_s })
     }
 
-    /// A copy of everything a checkpoint holds, for a background writer: on the leader
-    /// rank; the others return None. Under ZeRO-1 every rank must call it (the AdamW state
-    /// is gathered from all ranks, so checkpoints hold it whole, by global name).
+    /// A copy of everything a checkpoint holds, for a background writer, with every tensor
+    /// whole: on the leader; the others return None. Every rank must call it (the pieces are
+    /// gathered from all of them).
     pub fn snapshot(&self) -> Result<Option<Snapshot>> {
-        if self.zero.is_none() && !self.is_leader() {
-            return Ok(None);
-        }
-        let (exp_avg, exp_avg_sq) = self.full_moments()?;
-        if !self.is_leader() {
-            return Ok(None);
-        }
-        let be = &self.be;
+        let Some([params, exp_avg, exp_avg_sq]) = self.engine.whole_state()? else { return Ok(None) };
+        let mesh = self.engine.layout.mesh;
         Ok(Some(Snapshot {
             model: self.cfg.model.clone(),
             layout: self.model.layout.clone(),
-            params: be.download(&self.params),
+            params,
             exp_avg,
             exp_avg_sq,
             step: self.step,
             tokens: self.step * self.tokens_per_step(),
             data: self.loader.position(),
-            parallel: ondol_ckpt::Layout { tp: 1, pp: 1, dp: self.dp_size() },
+            parallel: ondol_ckpt::Layout { tp: mesh.tp, pp: mesh.pp, dp: mesh.dp },
             run_config: toml::to_string(&self.cfg).expect("config serializes"),
             extra_files: self.tokenizer.iter().cloned().collect(),
             eos_token_id: self.eos_token_id,
@@ -292,26 +198,10 @@ impl<B: Backend> Trainer<B> {
         }))
     }
 
-    /// The AdamW moments of the whole flat buffer (gathered from the ranks under ZeRO-1).
-    fn full_moments(&self) -> Result<(Vec<f32>, Vec<f32>)> {
-        let (m, v) = (self.be.download(&self.opt.m), self.be.download(&self.opt.v));
-        match (&self.dp, &self.zero) {
-            (Some(dp), Some(z)) => {
-                let gather = |shard: Vec<f32>| -> Result<Vec<f32>> {
-                    let mut full = vec![0.0f32; z.padded];
-                    dp.all_gather(&shard, &mut full)?;
-                    full.truncate(self.model.num_params());
-                    Ok(full)
-                };
-                Ok((gather(m)?, gather(v)?))
-            }
-            _ => Ok((m, v)),
-        }
-    }
-
-    /// Continues from a checkpoint: parameters, AdamW state, step and data position. The
-    /// checkpoint must come from the same model and the same data geometry (else the data
-    /// order could not continue exactly); anything else (steps, learning rate) may change.
+    /// Continues from a checkpoint: parameters, AdamW state, step and data position, cut into
+    /// this rank's pieces whatever layout wrote them. The checkpoint must come from the same
+    /// model and the same data geometry (else the data order could not continue exactly);
+    /// anything else (steps, learning rate, the parallel layout) may change.
     pub fn restore(&mut self, ckpt: Loaded) -> Result<()> {
         let origin = ckpt.dir.join("ondol.toml").display().to_string();
         let saved = RunConfig::parse(&ckpt.run_config, &origin, &[])?;
@@ -322,7 +212,7 @@ impl<B: Backend> Trainer<B> {
             (
                 "training",
                 // The data position counts global batches, and tensors are stored whole, so any
-                // data-parallel size that keeps the global batch resumes exactly.
+                // layout that keeps the global batch resumes exactly.
                 to_json(&(
                     saved.training.batch_size * saved.parallelism.dp,
                     saved.training.seq_len,
@@ -354,84 +244,32 @@ impl<B: Backend> Trainer<B> {
         self.loader.set_position(&ckpt.state.data).map_err(|e| {
             Error::Input(format!("{}: bad data position: {e}", ckpt.dir.join("trainer_state.json").display()))
         })?;
-        self.params = self.be.upload(&ckpt.params);
-        let (m, v) = match &self.zero {
-            None => (ckpt.exp_avg, ckpt.exp_avg_sq),
-            Some(z) => (z.slice(&ckpt.exp_avg), z.slice(&ckpt.exp_avg_sq)),
-        };
-        self.opt.m = self.be.upload(&m);
-        self.opt.v = self.be.upload(&v);
-        self.opt.step = ckpt.state.step;
-        self.step = ckpt.state.step;
+        let step = ckpt.state.step;
+        self.engine.load_whole(&ckpt.params, Some((&ckpt.exp_avg, &ckpt.exp_avg_sq, step)));
+        self.step = step;
         Ok(())
     }
 
     /// Mean loss per token over the first `eval_batches` validation batches (the same
-    /// batches at every evaluation, so values are comparable along the run).
+    /// batches at every evaluation, so values are comparable along the run). Every rank takes
+    /// part; the leader gets the value.
     pub fn evaluate(&mut self) -> Result<Option<f64>> {
-        let Some(val) = self.val.clone().filter(|_| self.is_leader()) else { return Ok(None) };
+        let Some(val) = self.val.clone() else { return Ok(None) };
         let t = &self.cfg.training;
         let mut loader = Loader::new(val, t.seq_len, t.batch_size, Order::Sequential, 0, 1)
             .map_err(|e| Error::config("data.val", format!("too little validation data for one batch: {e}")))?;
-        let batches = t.eval_batches;
-        Ok(Some(evaluate(&self.be, &self.model, &self.params, &mut self.ws, &mut loader, batches)?.0))
-    }
-}
-
-/// ZeRO-1's partition of the flat parameter buffer: padded to `padded = len * world`
-/// elements, rank r holds the AdamW state of `[start, start + len)` with `start = r * len`.
-#[derive(Clone, Copy, Debug)]
-struct ZeroShard {
-    start: usize,
-    len: usize,
-    padded: usize,
-}
-
-impl ZeroShard {
-    fn new(n: usize, rank: usize, world: usize) -> Self {
-        let len = n.div_ceil(world);
-        Self { start: rank * len, len, padded: len * world }
-    }
-
-    /// The buffer's decay runs clipped to this shard, shifted to start at 0; the padding
-    /// past the last parameter gets no decay.
-    fn decay_runs(&self, runs: &[(std::ops::Range<usize>, bool)]) -> Vec<(std::ops::Range<usize>, bool)> {
-        let end = self.start + self.len;
-        let mut out: Vec<_> = runs
-            .iter()
-            .filter_map(|(r, decay)| {
-                let (a, b) = (r.start.max(self.start), r.end.min(end));
-                (a < b).then(|| (a - self.start..b - self.start, *decay))
-            })
-            .collect();
-        let covered = out.last().map_or(0, |(r, _)| r.end);
-        if covered < self.len {
-            out.push((covered..self.len, false));
+        let rows = t.batch_size * t.seq_len;
+        let n = t.eval_batches.min(loader.batches_per_epoch() as usize).max(1);
+        let mut batches = Vec::with_capacity(n);
+        for _ in 0..n {
+            let (mut inputs, mut targets) = (vec![0u32; rows], vec![0u32; rows]);
+            loader.next_batch(&mut inputs, &mut targets);
+            check_vocab(&inputs, &targets, self.cfg.model.vocab_size)?;
+            batches.push((inputs, targets));
         }
-        out
+        let loss = self.engine.evaluate(&batches)? / (n * rows) as f64;
+        Ok(self.is_leader().then_some(loss))
     }
-
-    /// This shard of a whole-buffer tensor, zero-padded.
-    fn slice(&self, full: &[f32]) -> Vec<f32> {
-        let mut out = vec![0.0f32; self.len];
-        let end = (self.start + self.len).min(full.len());
-        if self.start < end {
-            out[..end - self.start].copy_from_slice(&full[self.start..end]);
-        }
-        out
-    }
-}
-
-/// Sums an f64 over the group without losing digits to the f32 collectives: each rank's value
-/// travels as a high and a low f32 part in slots of its own, so the transport is exact, and the
-/// parts are added in f64 in rank order.
-fn all_reduce_f64(dp: &dyn Communicator, x: f64) -> Result<f64> {
-    let mut parts = vec![0.0f32; 2 * dp.size()];
-    let hi = x as f32;
-    parts[2 * dp.rank()] = hi;
-    parts[2 * dp.rank() + 1] = (x - hi as f64) as f32;
-    dp.all_reduce_sum(&mut parts)?;
-    Ok(parts.chunks(2).map(|p| p[0] as f64 + p[1] as f64).sum())
 }
 
 /// Where training batches come from: one source, or a weighted mixture of several.
@@ -540,7 +378,8 @@ pub fn run<B: Backend>(
     }
     let start_step = trainer.step;
     let (start, mut window_start, mut window_tokens) = (Instant::now(), Instant::now(), 0u64);
-    let (mut first_loss, mut last) = (f64::NAN, StepStats { loss: f64::NAN, grad_norm: 0.0, lr: 0.0 });
+    let (mut first_loss, mut last) =
+        (f64::NAN, StepStats { loss: f64::NAN, grad_norm: 0.0, lr: 0.0, pipeline_wait_s: 0.0 });
     let mut final_val_loss = first_val_loss;
     while trainer.step < total {
         last = trainer.step()?;

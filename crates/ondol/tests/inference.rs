@@ -84,7 +84,7 @@ fn import_then_init_from_starts_from_the_hugging_face_weights() {
     .unwrap();
     let data = Data::open(&cfg, dir.path()).unwrap();
     let trainer = Trainer::new(CpuBackend, cfg, data).unwrap();
-    assert!(trainer.params.iter().zip(&hf.params).all(|(a, b)| a.to_bits() == b.to_bits()));
+    assert!(trainer.whole_params().unwrap().unwrap().iter().zip(&hf.params).all(|(a, b)| a.to_bits() == b.to_bits()));
 
     // A run whose [model] differs from the directory is refused by key.
     let bad = RunConfig::load(
