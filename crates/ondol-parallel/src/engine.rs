@@ -264,8 +264,8 @@ impl<B: Backend> Engine<B> {
         self.layout.mesh.pp * self.layout.chunks
     }
 
-    /// Whether this rank computes the loss that counts: the first tp shard of the last stage
-    /// of the first data-parallel replica (its tp peers compute the same number).
+    /// Whether this rank reports its replica's loss: the first tp shard of the last stage (its
+    /// tp peers compute the same number).
     fn reports_loss(&self) -> bool {
         let c = self.comms.coords;
         c.tp == 0 && c.pp == self.layout.mesh.pp - 1
@@ -322,8 +322,8 @@ impl<B: Backend> Engine<B> {
         Ok(StepOutcome { loss_sum, grad_norm, pipeline_wait_s: wait })
     }
 
-    /// The summed loss of `batches` without gradients. Every rank of the world calls it with
-    /// the same batches; the result is the first replica's, on every rank.
+    /// The summed loss of `batches`, this replica's share of an evaluation, without gradients;
+    /// returns the sum over every replica, on every rank.
     pub fn evaluate(&mut self, batches: &[(Vec<u32>, Vec<u32>)]) -> Result<f64> {
         self.upload(batches);
         let mut loss = 0.0;
@@ -336,8 +336,7 @@ impl<B: Backend> Engine<B> {
                 c.release(i);
             }
         }
-        let first_replica = self.comms.coords.dp == 0 && self.reports_loss();
-        self.sum_over_world(if first_replica { loss } else { 0.0 })
+        self.sum_over_world(if self.reports_loss() { loss } else { 0.0 })
     }
 
     fn upload(&mut self, batches: &[(Vec<u32>, Vec<u32>)]) {

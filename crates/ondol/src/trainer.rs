@@ -250,24 +250,29 @@ impl<B: Backend> Trainer<B> {
         Ok(())
     }
 
-    /// Mean loss per token over the first `eval_batches` validation batches (the same
-    /// batches at every evaluation, so values are comparable along the run). Every rank takes
+    /// Mean loss per token over the first `eval_batches` global validation batches (the same
+    /// batches at every evaluation, so values are comparable along the run, and the same
+    /// tokens in every layout: each replica takes every dp-th micro-batch). Every rank takes
     /// part; the leader gets the value.
     pub fn evaluate(&mut self) -> Result<Option<f64>> {
         let Some(val) = self.val.clone() else { return Ok(None) };
         let t = &self.cfg.training;
+        let (replica, replicas) = (self.engine.comms.coords.dp, self.engine.layout.mesh.dp);
         let mut loader = Loader::new(val, t.seq_len, t.batch_size, Order::Sequential, 0, 1)
             .map_err(|e| Error::config("data.val", format!("too little validation data for one batch: {e}")))?;
         let rows = t.batch_size * t.seq_len;
-        let n = t.eval_batches.min(loader.batches_per_epoch() as usize).max(1);
-        let mut batches = Vec::with_capacity(n);
-        for _ in 0..n {
+        let available = loader.batches_per_epoch() as usize / replicas;
+        let per_replica = t.eval_batches.min(available).max(1);
+        let mut batches = Vec::with_capacity(per_replica);
+        for i in 0..per_replica * replicas {
             let (mut inputs, mut targets) = (vec![0u32; rows], vec![0u32; rows]);
             loader.next_batch(&mut inputs, &mut targets);
             check_vocab(&inputs, &targets, self.cfg.model.vocab_size)?;
-            batches.push((inputs, targets));
+            if i % replicas == replica {
+                batches.push((inputs, targets));
+            }
         }
-        let loss = self.engine.evaluate(&batches)? / (n * rows) as f64;
+        let loss = self.engine.evaluate(&batches)? / (per_replica * replicas * rows) as f64;
         Ok(self.is_leader().then_some(loss))
     }
 }

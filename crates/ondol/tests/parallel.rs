@@ -167,8 +167,18 @@ fn the_cli_runs_data_parallel_ranks_and_refuses_to_resume_at_another_size() {
 #[test]
 fn the_cli_trains_eight_ranks_like_one() {
     let dir = setup();
+    // Training and validation losses, in the order metrics.jsonl logs them.
     let losses = |run: &str, sets: &[&str]| -> Vec<f64> {
-        let mut args = vec!["train", "run.toml", "--run-dir", run, "--set", "metrics.log_every=1"];
+        let mut args = vec![
+            "train",
+            "run.toml",
+            "--run-dir",
+            run,
+            "--set",
+            "metrics.log_every=1",
+            "--set",
+            "data.val_fraction=0.1",
+        ];
         for s in sets {
             args.extend(["--set", s]);
         }
@@ -177,12 +187,15 @@ fn the_cli_trains_eight_ranks_like_one() {
         std::fs::read_to_string(dir.path().join(run).join("metrics.jsonl"))
             .unwrap()
             .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["loss"].as_f64())
+            .filter_map(|l| {
+                let row = serde_json::from_str::<serde_json::Value>(l).ok()?;
+                row["loss"].as_f64().or(row["val_loss"].as_f64())
+            })
             .collect()
     };
     let one = losses("one", &[]);
     let eight = losses("eight", &["parallelism.tp=2", "parallelism.pp=2", "parallelism.dp=2", "training.batch_size=4"]);
-    assert_eq!(one.len(), 20);
+    assert_eq!(one.len(), 22, "20 training rows and 2 evaluations");
     assert_eq!(one.len(), eight.len());
     for (step, (a, b)) in one.iter().zip(&eight).enumerate() {
         assert!((a - b).abs() <= 1e-5 * a, "step {}: loss {b} at (2,2,2) vs {a} on one rank", step + 1);
