@@ -30,10 +30,10 @@ fn main() {
     let save_s = t.elapsed().as_secs_f64();
     let bytes: u64 = walk(&saved);
     let t = Instant::now();
-    checkpoint::load(&saved, &trainer.model.cfg, &trainer.model.layout).unwrap();
+    checkpoint::load(&saved, &trainer.model().cfg, &trainer.model().layout).unwrap();
     let load_s = t.elapsed().as_secs_f64();
     let mb = bytes as f64 / 1e6;
-    println!("checkpoint of {:.2}M parameters: {mb:.1} MB on disk", trainer.model.num_params() as f64 / 1e6);
+    println!("checkpoint of {:.2}M parameters: {mb:.1} MB on disk", trainer.model().num_params() as f64 / 1e6);
     println!("training stall (snapshot copy): {:.1} ms, vs {:.0} ms per step", snapshot_s * 1e3, step_s * 1e3);
     println!("background write (fsynced, with SHA-256): {:.0} ms = {:.0} MB/s", save_s * 1e3, mb / save_s);
     println!("verified load (SHA-256 + read): {:.0} ms = {:.0} MB/s", load_s * 1e3, mb / load_s);

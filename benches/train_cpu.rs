@@ -30,7 +30,7 @@ fn main() {
     let threads = rayon::current_num_threads();
     let data = Data::open(&cfg, Path::new(".")).unwrap_or_else(|e| panic!("{e}"));
     let mut trainer = Trainer::new(CpuBackend, cfg, data).unwrap_or_else(|e| panic!("{e}"));
-    let flops_per_token = trainer.model.flops_per_token(trainer.cfg.training.seq_len) as f64;
+    let flops_per_token = trainer.model().flops_per_token(trainer.cfg.training.seq_len) as f64;
     let tokens = trainer.tokens_per_step() as f64;
 
     for _ in 0..warmup {

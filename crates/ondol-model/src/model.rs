@@ -339,11 +339,12 @@ impl Builder<'_> {
         }
     }
 
-    /// The token embedding's rows of this shard's vocabulary.
-    fn embedding(&mut self, path: Path, vocab: &Range<usize>) -> Range<usize> {
+    /// A `[vocab, d]` table's rows of this shard's vocabulary: the token embedding (no weight
+    /// decay) or an untied output layer (decayed, like every matrix).
+    fn vocab_rows(&mut self, path: Path, vocab: &Range<usize>, decay: bool) -> Range<usize> {
         let (v, d) = (self.cfg.vocab_size, self.cfg.d_model);
         let std = self.std();
-        self.shard(path, &[v, d], (0, vec![vocab.clone()]), std, false)
+        self.shard(path, &[v, d], (0, vec![vocab.clone()]), std, decay)
     }
 }
 
@@ -372,7 +373,7 @@ impl Model {
             _ => ("backbone", Path::new("backbone").at("embeddings")),
         };
         let root = Path::new(root);
-        let embed = part.first.then(|| b.embedding(embed_name.at("weight"), &vocab));
+        let embed = part.first.then(|| b.vocab_rows(embed_name.at("weight"), &vocab, false));
         let std = b.std();
         let positions = (part.first && cfg.arch == Arch::Gpt2)
             .then(|| b.add(root.at("wpe").at("weight"), &[cfg.max_seq_len, d], std, false));
@@ -435,7 +436,7 @@ impl Model {
                     let std = b.std();
                     b.lay.add_placed(embed_name.at("weight"), place, std, false)
                 }
-                (_, false) => b.embedding(Path::new("lm_head").at("weight"), &vocab),
+                (_, false) => b.vocab_rows(Path::new("lm_head").at("weight"), &vocab, true),
             };
             Some(Head { norm_f, out: Linear::out_in(w, d, vocab.len()) })
         } else {

@@ -130,6 +130,10 @@ fn hugging_face_names_and_fused_layouts() {
         ]
     );
     assert_eq!(names.last(), Some(&"lm_head.weight"));
+    // Weight decay: matrices (an untied head included) yes; embeddings, norms and biases no.
+    let decays = |name: &str| llama.layout.get(name).unwrap().decay;
+    assert!(decays("lm_head.weight") && decays("model.layers.0.self_attn.o_proj.weight"));
+    assert!(!decays("model.embed_tokens.weight") && !decays("model.norm.weight"));
     let k = llama.layout.get("model.layers.1.self_attn.k_proj.weight").unwrap();
     assert_eq!(k.shape, [4, 8]); // one kv head of dim 4
     let gpt2 = Model::new(tiny(Arch::Gpt2, None)).unwrap();

@@ -3,7 +3,7 @@
 use crate::schedule::{self, Action, ScheduleKind};
 use ondol_comm::{Communicator, Coords, Mesh, RankComms};
 use ondol_core::{Backend, Error, Result};
-use ondol_model::{Model, ModelConfig, Part, TensorParallel, Workspace};
+use ondol_model::{Model, ModelConfig, ParamInfo, Part, TensorParallel, Workspace};
 use ondol_optim::{AdamW, OptimizerConfig};
 use std::ops::Range;
 use std::time::Instant;
@@ -75,7 +75,7 @@ impl Layout {
 
     /// Refuses layouts that cannot run, naming the key to change.
     pub fn check(&self, cfg: &ModelConfig) -> Result<()> {
-        schedule::check(self.schedule, self.mesh.pp, self.chunks, self.micro).map_err(|(k, m)| Error::config(k, m))?;
+        schedule::check(self.schedule, self.mesh.pp, self.chunks, self.micro)?;
         for rank in 0..self.mesh.world() {
             for part in self.parts(cfg, self.mesh.coords(rank)?)? {
                 part.check(cfg)?;
@@ -182,8 +182,9 @@ impl<B: Backend> Chunk<B> {
         Ok(i)
     }
 
-    fn release(&mut self, i: usize) {
-        self.busy[i] = None;
+    /// Frees the workspace of micro-batch `micro`.
+    fn release(&mut self, micro: usize) {
+        self.busy.iter_mut().filter(|b| **b == Some(micro)).for_each(|b| *b = None);
     }
 }
 
@@ -241,7 +242,7 @@ impl<B: Backend> Engine<B> {
                 None => AdamW::new(&be, optimizer.clone(), n, runs),
                 Some(z) => AdamW::new(&be, optimizer.clone(), z.len, z.decay_runs(&runs)),
             };
-            let primary = model.layout.params().iter().filter(|p| p.place.primary).map(|p| p.range()).collect();
+            let primary = merged(model.layout.params().iter().filter(|p| p.place.primary).map(|p| p.range()));
             chunks.push(Chunk {
                 params: be.upload(&model.layout.init(seed)),
                 grads: be.zeros(n),
@@ -315,8 +316,7 @@ impl<B: Backend> Engine<B> {
                 Action::Backward { chunk, micro } => wait += self.backward(chunk, micro)?,
             }
         }
-        self.sum_tied_embedding()?;
-        self.sum_partial_grads()?;
+        self.sum_shared_grads()?;
         let grad_norm = self.sync_and_update(lr)?;
         let loss_sum = self.sum_over_world(if self.reports_loss() { loss } else { 0.0 })?;
         Ok(StepOutcome { loss_sum, grad_norm, pipeline_wait_s: wait })
@@ -331,9 +331,7 @@ impl<B: Backend> Engine<B> {
             for micro in 0..batches.len() {
                 loss += self.forward(chunk, micro, None)?.0;
                 // Nothing is kept for backward: the workspace is free again at once.
-                let c = &mut self.chunks[chunk];
-                let i = c.workspace(&self.be, micro, &self.layout)?;
-                c.release(i);
+                self.chunks[chunk].release(micro);
             }
         }
         self.sum_over_world(if self.reports_loss() { loss } else { 0.0 })
@@ -391,51 +389,34 @@ impl<B: Backend> Engine<B> {
         if c.stage > 0 {
             send_tagged(be, self.comms.pp_back.as_ref(), ws.input_grad(), prev(&self.comms), (c.stage - 1, micro))?;
         }
-        c.release(slot);
+        c.release(micro);
         Ok(wait)
     }
 
-    /// A tied embedding lives on the first stage and, for the head, on the last: both copies
-    /// get the sum of their gradients (first + last, in that order on both), so they stay equal.
-    fn sum_tied_embedding(&mut self) -> Result<()> {
-        let be = &self.be;
-        let stages = self.stages();
-        for c in &mut self.chunks {
-            let Some(range) = c.model.shared_embedding() else { continue };
-            let mine = be.download(&c.grads)[range.clone()].to_vec();
-            let mut theirs = vec![0.0f32; mine.len()];
-            let first = c.stage == 0;
-            // The first stage sends on the forward channel and the last on the backward one.
-            let (pp, back) = (self.comms.pp.as_ref(), self.comms.pp_back.as_ref());
-            let last_rank = self.layout.mesh.pp - 1;
-            if first {
-                pp.send(&mine, last_rank)?;
-                back.recv(&mut theirs, last_rank)?;
-            } else {
-                debug_assert_eq!(c.stage + 1, stages);
-                back.send(&mine, 0)?;
-                pp.recv(&mut theirs, 0)?;
+    /// Sums the gradients that several model-parallel ranks each hold a part of: a tied
+    /// embedding (first stage) and its copy for the head (last stage), and key/value heads
+    /// shared by several tp shards. One host round trip per chunk that has any.
+    fn sum_shared_grads(&mut self) -> Result<()> {
+        let Self { be, comms, chunks, layout, .. } = self;
+        for c in chunks {
+            let tied = c.model.shared_embedding();
+            let partial: Vec<&ParamInfo> = c.model.layout.params().iter().filter(|p| p.place.partial_grad).collect();
+            if tied.is_none() && partial.is_empty() {
+                continue;
             }
-            let (a, b) = if first { (&mine, &theirs) } else { (&theirs, &mine) };
-            let sum: Vec<f32> = a.iter().zip(b).map(|(x, y)| x + y).collect();
-            write_range(be, &mut c.grads, range.start, &sum);
-        }
-        Ok(())
-    }
-
-    /// Tensors shared by several tp shards with partial gradients (kv heads when there are
-    /// fewer than shards): each shard's part placed in a global-sized buffer and summed over
-    /// the tp group, so every sharer gets the sum for its piece.
-    fn sum_partial_grads(&mut self) -> Result<()> {
-        let be = &self.be;
-        for c in &mut self.chunks {
-            for p in c.model.layout.params().iter().filter(|p| p.place.partial_grad) {
-                let local = be.download(&c.grads)[p.range()].to_vec();
+            let mut host = be.download(&c.grads);
+            if let Some(range) = tied {
+                sum_tied_copies(comms, c.stage == 0, layout.mesh.pp - 1, &mut host[range])?;
+            }
+            for p in partial {
+                // Each sharer places its part in a global-sized buffer; summed over the tp group,
+                // every sharer gets the sum for its piece.
                 let mut global = vec![0.0f32; p.place.global_shape.iter().product()];
-                p.place.insert(&local, &mut global);
-                self.comms.tp.all_reduce_sum(&mut global)?;
-                write_range(be, &mut c.grads, p.offset, &p.place.extract(&global));
+                p.place.insert(&host[p.range()], &mut global);
+                comms.tp.all_reduce_sum(&mut global)?;
+                host[p.range()].copy_from_slice(&p.place.extract(&global));
             }
+            c.grads = be.upload(&host);
         }
         Ok(())
     }
@@ -449,20 +430,21 @@ impl<B: Backend> Engine<B> {
         let mut squares = 0.0;
         let mut shards = Vec::new();
         for c in &mut self.chunks {
-            let mut host = be.download(&c.grads);
             match &c.zero {
                 None => {
                     if dp.size() > 1 {
+                        let mut host = be.download(&c.grads);
                         dp.all_reduce_sum(&mut host)?;
                         c.grads = be.upload(&host);
                     }
                     // Replicas hold equal gradients: the first one counts them.
                     if first_replica {
-                        squares += c.primary.iter().map(|r| sum_squares(&host[r.clone()])).sum::<f64>();
+                        squares += c.primary.iter().map(|r| be.sum_squares(be.view(&c.grads, r.clone()))).sum::<f64>();
                     }
                     shards.push(None);
                 }
                 Some(z) => {
+                    let mut host = be.download(&c.grads);
                     host.resize(z.padded, 0.0);
                     let mut shard = vec![0.0f32; z.len];
                     dp.reduce_scatter_sum(&host, &mut shard)?;
@@ -600,11 +582,38 @@ impl<B: Backend> Engine<B> {
     }
 }
 
-/// Overwrites `buf[at..at + src.len()]` (through the host: only for the rare tensors that need it).
-fn write_range<B: Backend>(be: &B, buf: &mut B::Buf, at: usize, src: &[f32]) {
-    let mut host = be.download(buf);
-    host[at..at + src.len()].copy_from_slice(src);
-    *buf = be.upload(&host);
+/// The first stage's tied embedding gradient and the last stage's copy both become their sum
+/// (the same bits on both: f32 addition commutes). The first stage sends on the forward
+/// channel, the last on the backward one.
+fn sum_tied_copies(
+    comms: &RankComms<Box<dyn Communicator>>,
+    first: bool,
+    last_rank: usize,
+    grad: &mut [f32],
+) -> Result<()> {
+    let mut theirs = vec![0.0f32; grad.len()];
+    let (pp, back) = (comms.pp.as_ref(), comms.pp_back.as_ref());
+    if first {
+        pp.send(grad, last_rank)?;
+        back.recv(&mut theirs, last_rank)?;
+    } else {
+        back.send(grad, 0)?;
+        pp.recv(&mut theirs, 0)?;
+    }
+    grad.iter_mut().zip(&theirs).for_each(|(g, t)| *g += t);
+    Ok(())
+}
+
+/// Adjacent ranges joined: one norm call per run of primary tensors, not per tensor.
+fn merged(ranges: impl Iterator<Item = Range<usize>>) -> Vec<Range<usize>> {
+    let mut out: Vec<Range<usize>> = Vec::new();
+    for r in ranges {
+        match out.last_mut() {
+            Some(last) if last.end == r.start => last.end = r.end,
+            _ => out.push(r),
+        }
+    }
+    out
 }
 
 fn sum_squares(x: &[f32]) -> f64 {

@@ -12,6 +12,7 @@
 //! - Interleaved 1F1B (Megatron): `v` chunks per rank cut the bubble by `v`, to
 //!   `(p - 1) / (v m + p - 1)`, for `v` times the point-to-point traffic; needs `m % p == 0`.
 
+use ondol_core::{Error, Result};
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -61,8 +62,8 @@ pub fn actions(kind: ScheduleKind, stage: usize, stages: usize, chunks: usize, m
 }
 
 /// Refuses schedule shapes that cannot run, naming the key to change.
-pub fn check(kind: ScheduleKind, stages: usize, chunks: usize, micro: usize) -> Result<(), (String, String)> {
-    let err = |key: &str, msg: String| Err((key.to_string(), msg));
+pub fn check(kind: ScheduleKind, stages: usize, chunks: usize, micro: usize) -> Result<()> {
+    let err = |key: &str, msg: String| Err(Error::config(key, msg));
     match kind {
         ScheduleKind::Interleaved if stages < 2 => {
             err("parallelism.schedule", "\"interleaved\" needs parallelism.pp of at least 2".into())

@@ -221,7 +221,7 @@ fn train_rank(args: &TrainArgs, cfg: RunConfig, data: Data, comms: Option<RankCo
     std::fs::write(&resolved_path, resolved)
         .map_err(|e| Error::io(format!("cannot write {}", resolved_path.display()), e))?;
     let peak = ondol_cpu::measure_gemm_peak();
-    let m = &trainer.model;
+    let m = trainer.model();
     eprintln!(
         "ondol {}: {:?} model, {:.2}M parameters, {:.1} MFLOP/token, {} tokens/step on {}, tp {} x pp {} x dp {}; \
          MFU against the measured sgemm peak {:.0} GFLOP/s; run dir {}",
@@ -263,7 +263,7 @@ fn train_rank(args: &TrainArgs, cfg: RunConfig, data: Data, comms: Option<RankCo
 /// skips, and starts afresh when the run has none.
 fn resume(trainer: &mut Trainer<CpuBackend>, run_dir: &Path, spec: &str) -> Result<Option<u64>> {
     if spec != "auto" {
-        let loaded = checkpoint::load(Path::new(spec), &trainer.model.cfg, &trainer.model.layout)?;
+        let loaded = checkpoint::load(Path::new(spec), &trainer.model().cfg, &trainer.model().layout)?;
         let step = loaded.state.step;
         trainer.restore(loaded)?;
         return Ok(Some(step));
@@ -276,7 +276,7 @@ fn resume(trainer: &mut Trainer<CpuBackend>, run_dir: &Path, spec: &str) -> Resu
         return Ok(None);
     }
     for dir in &candidates {
-        match checkpoint::load(dir, &trainer.model.cfg, &trainer.model.layout) {
+        match checkpoint::load(dir, &trainer.model().cfg, &trainer.model().layout) {
             Ok(loaded) => {
                 let step = loaded.state.step;
                 trainer.restore(loaded)?;

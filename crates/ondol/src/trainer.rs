@@ -70,8 +70,6 @@ pub struct StepStats {
 /// optimizer, communicators), the schedule, and its data position.
 pub struct Trainer<B: Backend> {
     pub cfg: RunConfig,
-    /// The whole model (names, sizes, FLOPs); the rank's pieces live in the engine.
-    pub model: Model,
     pub engine: Engine<B>,
     sched: LrSchedule,
     loader: Batches,
@@ -101,7 +99,6 @@ impl<B: Backend> Trainer<B> {
         if let Some(dir) = &cfg.model.init_from {
             engine.load_whole(&Pretrained::weights_for(&cfg.model, Path::new(dir))?, None);
         }
-        let model = engine.whole.clone();
         let sched = LrSchedule::new(cfg.lr_scheduler.clone(), cfg.optimizer.lr, t.steps);
         let order = if t.shuffle { Order::Shuffled { seed: t.seed } } else { Order::Sequential };
         let loader = if cfg.data.sources.is_empty() {
@@ -117,7 +114,12 @@ impl<B: Backend> Trainer<B> {
             (None, Some("bytes")) => Some(BYTE_EOT),
             (None, _) => None,
         };
-        Ok(Self { model, engine, sched, loader, val: data.val, tokenizer: data.tokenizer, eos_token_id, step: 0, cfg })
+        Ok(Self { engine, sched, loader, val: data.val, tokenizer: data.tokenizer, eos_token_id, step: 0, cfg })
+    }
+
+    /// The whole model (names, sizes, FLOPs); the rank's pieces live in the engine.
+    pub fn model(&self) -> &Model {
+        &self.engine.whole
     }
 
     /// Tokens one optimizer step consumes across all data-parallel replicas.
@@ -183,7 +185,7 @@ impl<B: Backend> Trainer<B> {
         let mesh = self.engine.layout.mesh;
         Ok(Some(Snapshot {
             model: self.cfg.model.clone(),
-            layout: self.model.layout.clone(),
+            layout: self.model().layout.clone(),
             params,
             exp_avg,
             exp_avg_sq,
@@ -375,7 +377,7 @@ pub fn run<B: Backend>(
     let total = trainer.cfg.training.steps;
     let every = trainer.cfg.checkpoint.every;
     let (eval_every, log_every) = (trainer.cfg.training.eval_every, trainer.cfg.metrics.log_every);
-    let flops_per_token = trainer.model.flops_per_token(trainer.cfg.training.seq_len) as f64;
+    let flops_per_token = trainer.model().flops_per_token(trainer.cfg.training.seq_len) as f64;
     let mem = trainer.memory_bytes();
     let first_val_loss = trainer.evaluate()?;
     if let Some(v) = first_val_loss {

@@ -100,7 +100,7 @@ fn resume_is_exact(dir: tempfile::TempDir) {
     let saved = checkpoint::save(&run_dir, &first.snapshot().unwrap().unwrap()).unwrap();
     drop(first);
     let mut second = trainer(dir.path());
-    let loaded = checkpoint::load(&saved, &second.model.cfg, &second.model.layout).unwrap();
+    let loaded = checkpoint::load(&saved, &second.model().cfg, &second.model().layout).unwrap();
     second.restore(loaded).unwrap();
     assert_eq!(second.step, 6);
     got.extend((0..6).map(|_| second.step().unwrap().loss.to_bits()));

@@ -75,7 +75,7 @@ fn train_with(
                 s.spawn(move || {
                     let mut t = Trainer::rank(CpuBackend, cfg, data, c.boxed()).unwrap();
                     if let Some(ckpt) = resume {
-                        t.restore(checkpoint::load(ckpt, &t.model.cfg, &t.model.layout).unwrap()).unwrap();
+                        t.restore(checkpoint::load(ckpt, &t.model().cfg, &t.model().layout).unwrap()).unwrap();
                     }
                     let losses = (0..steps).map(|_| t.step().unwrap().loss).collect();
                     // Every rank takes part in the snapshot (pieces are gathered); the leader saves.
