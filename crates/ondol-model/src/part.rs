@@ -70,6 +70,12 @@ impl Part {
             }
             Err(Error::config("parallelism.tp", format!("{tp} does not divide {what} = {n}; choose a tp that does")))
         };
+        if cfg.vocab_size < tp {
+            return Err(Error::config(
+                "parallelism.tp",
+                format!("{tp} is more than model.vocab_size = {}: every shard needs a vocabulary row", cfg.vocab_size),
+            ));
+        }
         let kinds = cfg.layer_kinds();
         if kinds.contains(&LayerKind::Attention) {
             divides("model.n_heads", cfg.n_heads)?;
