@@ -130,13 +130,23 @@ impl Builder<'_> {
         let w = self.shard(path.at("weight"), &[d_out, d_in], (1, vec![cols.clone()]), init, true);
         Linear::out_in(w, cols.len(), d_out)
     }
+    /// A norm's weight or bias: replicated, and under sequence parallelism each shard sees only
+    /// its slice of the tokens, so its gradient is partial (summed over the shards).
+    fn norm_param(&mut self, path: Path, dim: usize, init: Init) -> Range<usize> {
+        let place = Placement {
+            primary: self.part.tp_rank == 0,
+            partial_grad: self.part.sequence_parallel,
+            ..Placement::whole(&[dim])
+        };
+        self.lay.add_placed(path, place, init, false)
+    }
     fn rmsnorm(&mut self, path: Path, dim: usize) -> Norm {
-        Norm { w: self.add(path.at("weight"), &[dim], Init::Constant(1.0), false), b: None }
+        Norm { w: self.norm_param(path.at("weight"), dim, Init::Constant(1.0)), b: None }
     }
     fn layernorm(&mut self, path: Path, dim: usize) -> Norm {
         Norm {
-            w: self.add(path.at("weight"), &[dim], Init::Constant(1.0), false),
-            b: Some(self.add(path.at("bias"), &[dim], Init::Constant(0.0), false)),
+            w: self.norm_param(path.at("weight"), dim, Init::Constant(1.0)),
+            b: Some(self.norm_param(path.at("bias"), dim, Init::Constant(0.0))),
         }
     }
     /// GPT-2's Conv1D (`[in, out]` weight and a bias) whose output columns `cols` this shard
@@ -487,19 +497,22 @@ impl Model {
     /// Bytes of activation memory a [`Workspace`] for this micro-batch shape holds (f32).
     pub fn activation_bytes(&self, batch: usize, seq: usize, recompute_every: usize) -> u64 {
         let (rows, d, v) = ((batch * seq) as u64, self.cfg.d_model as u64, self.vocab.len() as u64);
+        // The residual stream and the norms hold `stream` rows (fewer under sequence parallelism).
+        let stream = self.part.stream_rows(batch * seq).len();
         let layernorm = self.layernorm();
-        let block = |b: &Block| norm_floats(batch * seq, d as usize, layernorm) + b.mixer.act_floats(batch, seq);
+        let block = |b: &Block| norm_floats(stream, d as usize, layernorm) + b.mixer.act_floats(batch, seq);
         let saved: u64 = (0..self.blocks.len())
             .filter(|&i| !self.recomputed(i, recompute_every))
             .map(|i| block(&self.blocks[i]))
             .sum();
         let shared: u64 = if recompute_every > 0 { self.first_of_each_kind().map(block).sum() } else { 0 };
         let grads: u64 = self.first_of_each_kind().map(|b| b.mixer.grad_floats(batch, seq)).sum();
-        let residual = (self.blocks.len() as u64 + 1) * rows * d;
-        let head =
-            if self.head.is_some() { norm_floats(batch * seq, d as usize, layernorm) + rows * (v + 1) } else { 0 };
+        let head = if self.head.is_some() { norm_floats(stream, d as usize, layernorm) + rows * (v + 1) } else { 0 };
+        let stream = stream as u64;
+        let residual = (self.blocks.len() as u64 + 1) * stream * d;
         let vocab_parallel = if self.part.tp > 1 { 4 * rows } else { 0 };
-        4 * (saved + shared + grads + residual + head + vocab_parallel + 2 * rows * d)
+        let gathered = if self.part.sequence_parallel { 3 * rows * d } else { 0 };
+        4 * (saved + shared + grads + residual + head + vocab_parallel + gathered + 2 * stream * d)
     }
 
     /// Whether the norms are LayerNorms (GPT-2) rather than RMSNorms.
@@ -595,9 +608,19 @@ impl Model {
                 .filter(|_| self.part.tp_rank == 0)
                 .map(|r| (be.view(params, r.start + pos * d..r.end), ws.seq));
             let (table, first_id) = (be.view(params, embed.clone()), self.vocab.start);
-            be.embedding_forward(ids, table, first_id, positions, be.all_mut(&mut ws.res[0]), d);
-            if split {
-                tp.all_reduce(be, &mut ws.res[0])?;
+            // Each shard looks up every token in its vocabulary rows: the shards' sum is the
+            // embedding.
+            match ws.gathered.as_mut() {
+                Some(g) => {
+                    be.embedding_forward(ids, table, first_id, positions, be.all_mut(&mut g.output), d);
+                    tp.reduce_scatter_rows(be, &g.output, &mut ws.res[0])?;
+                }
+                None => {
+                    be.embedding_forward(ids, table, first_id, positions, be.all_mut(&mut ws.res[0]), d);
+                    if split {
+                        tp.all_reduce(be, &mut ws.res[0])?;
+                    }
+                }
             }
         }
 
@@ -624,47 +647,58 @@ impl Model {
                 pos,
                 max_seq: *max_seq,
             });
-            self.block_forward(be, params, i, &done[i], a, &mut next[0], rope, slot, (ws.batch, ws.seq), tp)?;
+            let io = BlockIo { x: &done[i], x_next: &mut next[0], gathered: ws.gathered.as_mut() };
+            self.block_forward(be, params, i, io, a, rope, slot, (ws.batch, ws.seq), tp)?;
         }
 
         if let Some(head) = &self.head {
             let last = &ws.res[self.blocks.len()];
             let norm_f = ws.norm_f.as_mut().expect("the last stage's workspace has a final norm");
             head.norm_f.forward(be, params, be.all(last), norm_f, d, eps);
-            head.out.forward(be, params, be.all(&norm_f.out), &mut ws.logits, rows);
+            let h = match ws.gathered.as_mut() {
+                Some(g) => {
+                    tp.all_gather_rows(be, &norm_f.out, &mut g.input)?;
+                    &g.input
+                }
+                None => &norm_f.out,
+            };
+            head.out.forward(be, params, be.all(h), &mut ws.logits, rows);
         }
         Ok(())
     }
 
-    /// Block `i` on input `x`: saves what backward needs in `a` and writes its output,
-    /// `x + mixer(norm(x))`, to `x_next`. Split across shards, each mixer's output is one
-    /// shard's partial sum, summed before the residual add.
+    /// Block `i`: saves what backward needs in `a` and writes `x + mixer(norm(x))` to
+    /// `io.x_next`. Split across shards, each mixer's output is one shard's partial sum: summed
+    /// (all-reduce) before the residual add, or under sequence parallelism summed and scattered
+    /// by tokens (reduce-scatter), the mixer having run on the gathered tokens.
     #[allow(clippy::too_many_arguments)]
     fn block_forward<B: Backend>(
         &self,
         be: &B,
         params: &B::Buf,
         i: usize,
-        x: &B::Buf,
+        io: BlockIo<'_, B>,
         a: &mut BlockActs<B>,
-        x_next: &mut B::Buf,
         rope: B::Ref<'_>,
         cache: Option<CacheSlot<'_, B>>,
         dims: (usize, usize),
         tp: &mut dyn TensorParallel<B>,
     ) -> Result<()> {
         let (block, d, eps) = (&self.blocks[i], self.cfg.d_model, self.cfg.norm_eps);
+        let BlockIo { x, x_next, gathered } = io;
         block.norm.forward(be, params, be.all(x), &mut a.norm, d, eps);
-        let h = be.all(&a.norm.out);
-        match (&block.mixer, &mut a.mixer) {
-            (Mixer::Attention(m), MixerActs::Attention(a)) => m.forward(be, params, h, a, x_next, rope, cache, dims),
-            (Mixer::Mlp(m), MixerActs::Mlp(a)) => m.forward(be, params, h, a, x_next, dims.0 * dims.1),
-            (Mixer::Mamba(m), MixerActs::Mamba(a)) => m.forward(be, params, h, a, x_next, dims),
-            (Mixer::Mamba2(m), MixerActs::Mamba2(a)) => m.forward(be, params, h, a, x_next, dims),
-            _ => unreachable!("activations of another mixer kind"),
-        }
-        if self.part.tp > 1 {
-            tp.all_reduce(be, x_next)?;
+        match gathered {
+            Some(g) => {
+                tp.all_gather_rows(be, &a.norm.out, &mut g.input)?;
+                block.mixer.forward(be, params, be.all(&g.input), &mut a.mixer, &mut g.output, rope, cache, dims);
+                tp.reduce_scatter_rows(be, &g.output, x_next)?;
+            }
+            None => {
+                block.mixer.forward(be, params, be.all(&a.norm.out), &mut a.mixer, x_next, rope, cache, dims);
+                if self.part.tp > 1 {
+                    tp.all_reduce(be, x_next)?;
+                }
+            }
         }
         be.add_assign(be.all_mut(x_next), be.all(x));
         Ok(())
@@ -738,10 +772,19 @@ impl Model {
 
         if let Some(head) = &self.head {
             let norm_f = ws.norm_f.as_ref().expect("the last stage's workspace has a final norm");
-            let dnorm = Dx::Write(&mut s.dnorm);
-            head.out.backward(be, params, grads, be.all(&norm_f.out), be.all(&ws.logits), dnorm, rows);
-            if split {
-                tp.all_reduce(be, &mut s.dnorm)?;
+            let dlogits = be.all(&ws.logits);
+            match ws.gathered.as_mut() {
+                Some(g) => {
+                    tp.all_gather_rows(be, &norm_f.out, &mut g.input)?;
+                    head.out.backward(be, params, grads, be.all(&g.input), dlogits, Dx::Write(&mut g.dinput), rows);
+                    tp.reduce_scatter_rows(be, &g.dinput, &mut s.dnorm)?;
+                }
+                None => {
+                    head.out.backward(be, params, grads, be.all(&norm_f.out), dlogits, Dx::Write(&mut s.dnorm), rows);
+                    if split {
+                        tp.all_reduce(be, &mut s.dnorm)?;
+                    }
+                }
             }
             be.fill(be.all_mut(&mut s.dres), 0.0);
             let last = &ws.res[self.blocks.len()];
@@ -756,45 +799,60 @@ impl Model {
                 None => {
                     // Activation checkpointing: run the block again from its saved input. The
                     // same ops on the same bits give the same activations; its output goes to
-                    // scratch (`dnorm` is free until this block's mixer backward writes it).
+                    // scratch (`dnorm` is free until this block's norm backward reads it).
                     let shared = ws.shared[block.mixer.kind()].as_mut().expect("a scratch for recomputed blocks");
-                    self.block_forward(be, params, i, &ws.res[i], shared, &mut s.dnorm, rope, None, dims, tp)?;
+                    let io = BlockIo { x: &ws.res[i], x_next: &mut s.dnorm, gathered: ws.gathered.as_mut() };
+                    self.block_forward(be, params, i, io, shared, rope, None, dims, tp)?;
                     shared
                 }
             };
             // dres holds dL/d(x_next) = dL/dx along the skip path; the norm adds the mixer's branch.
-            let (h, dout) = (be.all(&a.norm.out), be.all(&s.dres));
-            let dh = &mut s.dnorm;
-            match (&block.mixer, &a.mixer) {
-                (Mixer::Attention(m), MixerActs::Attention(a)) => {
-                    let g = s.attn.as_mut().expect("attention scratch");
-                    m.backward(be, params, grads, h, a, dout, dh, g, rope, dims);
+            match ws.gathered.as_mut() {
+                Some(g) => {
+                    tp.all_gather_rows(be, &a.norm.out, &mut g.input)?;
+                    tp.all_gather_rows(be, &s.dres, &mut g.output)?;
+                    let (h, dout) = (be.all(&g.input), be.all(&g.output));
+                    block.mixer.backward(
+                        be,
+                        params,
+                        grads,
+                        h,
+                        &a.mixer,
+                        dout,
+                        &mut g.dinput,
+                        &mut s.mixers,
+                        rope,
+                        dims,
+                    );
+                    tp.reduce_scatter_rows(be, &g.dinput, &mut s.dnorm)?;
                 }
-                (Mixer::Mlp(m), MixerActs::Mlp(a)) => {
-                    let g = s.mlp.as_mut().expect("MLP scratch");
-                    m.backward(be, params, grads, h, a, dout, dh, g, rows);
+                None => {
+                    let (h, dout) = (be.all(&a.norm.out), be.all(&s.dres));
+                    block.mixer.backward(be, params, grads, h, &a.mixer, dout, &mut s.dnorm, &mut s.mixers, rope, dims);
+                    if split {
+                        tp.all_reduce(be, &mut s.dnorm)?;
+                    }
                 }
-                (Mixer::Mamba(m), MixerActs::Mamba(a)) => {
-                    let g = s.mamba.as_mut().expect("Mamba scratch");
-                    m.backward(be, params, grads, h, a, dout, dh, g, dims);
-                }
-                (Mixer::Mamba2(m), MixerActs::Mamba2(a)) => {
-                    let g = s.mamba2.as_mut().expect("Mamba-2 scratch");
-                    m.backward(be, params, grads, h, a, dout, dh, g, dims);
-                }
-                _ => unreachable!("activations of another mixer kind"),
-            }
-            if split {
-                tp.all_reduce(be, &mut s.dnorm)?;
             }
             block.norm.backward(be, params, grads, be.all(&s.dnorm), be.all(&ws.res[i]), &a.norm, &mut s.dres, d);
         }
 
+        if self.embed.is_none() {
+            return Ok(());
+        }
+        // Every shard's embedding needs the gradient of every token it looked up.
+        let dx = match ws.gathered.as_mut() {
+            Some(g) => {
+                tp.all_gather_rows(be, &s.dres, &mut g.output)?;
+                &g.output
+            }
+            None => &s.dres,
+        };
         if let Some(embed) = &self.embed {
-            be.embedding_backward(ids, be.all(&s.dres), be.view_mut(grads, embed.clone()), self.vocab.start, d);
+            be.embedding_backward(ids, be.all(dx), be.view_mut(grads, embed.clone()), self.vocab.start, d);
         }
         if let Some(pos) = &self.positions {
-            be.position_embedding_backward(be.all(&s.dres), be.view_mut(grads, pos.clone()), ws.seq, d);
+            be.position_embedding_backward(be.all(dx), be.view_mut(grads, pos.clone()), ws.seq, d);
         }
         Ok(())
     }
@@ -807,6 +865,65 @@ impl Model {
 }
 
 impl Mixer {
+    /// Forward on the normed input `h`, writing the mixer's output to `out`.
+    #[allow(clippy::too_many_arguments)]
+    fn forward<B: Backend>(
+        &self,
+        be: &B,
+        params: &B::Buf,
+        h: B::Ref<'_>,
+        a: &mut MixerActs<B>,
+        out: &mut B::Buf,
+        rope: B::Ref<'_>,
+        cache: Option<CacheSlot<'_, B>>,
+        dims: (usize, usize),
+    ) {
+        match (self, a) {
+            (Mixer::Attention(m), MixerActs::Attention(a)) => m.forward(be, params, h, a, out, rope, cache, dims),
+            (Mixer::Mlp(m), MixerActs::Mlp(a)) => m.forward(be, params, h, a, out, dims.0 * dims.1),
+            (Mixer::Mamba(m), MixerActs::Mamba(a)) => m.forward(be, params, h, a, out, dims),
+            (Mixer::Mamba2(m), MixerActs::Mamba2(a)) => m.forward(be, params, h, a, out, dims),
+            _ => unreachable!("activations of another mixer kind"),
+        }
+    }
+
+    /// Backward from `dout`, accumulating parameter gradients into `grads` and writing the
+    /// gradient of `h` to `dh`.
+    #[allow(clippy::too_many_arguments)]
+    fn backward<B: Backend>(
+        &self,
+        be: &B,
+        params: &B::Buf,
+        grads: &mut B::Buf,
+        h: B::Ref<'_>,
+        a: &MixerActs<B>,
+        dout: B::Ref<'_>,
+        dh: &mut B::Buf,
+        g: &mut MixerGrads<B>,
+        rope: B::Ref<'_>,
+        dims: (usize, usize),
+    ) {
+        match (self, a) {
+            (Mixer::Attention(m), MixerActs::Attention(a)) => {
+                let g = g.attn.as_mut().expect("attention scratch");
+                m.backward(be, params, grads, h, a, dout, dh, g, rope, dims);
+            }
+            (Mixer::Mlp(m), MixerActs::Mlp(a)) => {
+                let g = g.mlp.as_mut().expect("MLP scratch");
+                m.backward(be, params, grads, h, a, dout, dh, g, dims.0 * dims.1);
+            }
+            (Mixer::Mamba(m), MixerActs::Mamba(a)) => {
+                let g = g.mamba.as_mut().expect("Mamba scratch");
+                m.backward(be, params, grads, h, a, dout, dh, g, dims);
+            }
+            (Mixer::Mamba2(m), MixerActs::Mamba2(a)) => {
+                let g = g.mamba2.as_mut().expect("Mamba-2 scratch");
+                m.backward(be, params, grads, h, a, dout, dh, g, dims);
+            }
+            _ => unreachable!("activations of another mixer kind"),
+        }
+    }
+
     fn acts<B: Backend>(&self, be: &B, batch: usize, seq: usize) -> MixerActs<B> {
         match self {
             Mixer::Attention(m) => MixerActs::Attention(m.acts(be, batch, seq)),
@@ -881,22 +998,49 @@ struct BlockActs<B: Backend> {
     mixer: MixerActs<B>,
 }
 
-/// Gradients of activations, reused by every block in turn; one set per mixer kind present.
+/// Gradients of activations, reused by every block in turn.
 struct Scratch<B: Backend> {
+    /// The gradient of the residual stream.
     dres: B::Buf,
+    /// The gradient of a norm's output.
     dnorm: B::Buf,
+    mixers: MixerGrads<B>,
+}
+
+/// The mixers' gradient scratch: one set per mixer kind present.
+struct MixerGrads<B: Backend> {
     attn: Option<AttnGrads<B>>,
     mlp: Option<MlpGrads<B>>,
     mamba: Option<MambaGrads<B>>,
     mamba2: Option<Mamba2Grads<B>>,
 }
 
+/// Sequence parallelism's buffers of all the micro-batch's tokens, used within one forward or
+/// backward call (the residual stream and the norms hold only this shard's tokens).
+struct Gathered<B: Backend> {
+    /// A norm's output gathered from every shard: the input of a mixer or of the head.
+    input: B::Buf,
+    /// A mixer's output before the reduce-scatter; in backward, the gathered output gradient.
+    output: B::Buf,
+    /// The gradient of `input`, before the reduce-scatter.
+    dinput: B::Buf,
+}
+
+/// A block's input, where its output goes, and the sequence-parallel buffers if any.
+struct BlockIo<'a, B: Backend> {
+    x: &'a B::Buf,
+    x_next: &'a mut B::Buf,
+    gathered: Option<&'a mut Gathered<B>>,
+}
+
 /// Every activation buffer of one micro-batch shape, allocated once and reused each step.
 pub struct Workspace<B: Backend> {
     pub batch: usize,
     pub seq: usize,
+    /// Tokens of the micro-batch (`batch x seq`).
     rows: usize,
-    /// The residual stream entering each block, and leaving the last (`blocks + 1`).
+    /// The residual stream entering each block, and leaving the last (`blocks + 1`): this
+    /// shard's tokens of it under sequence parallelism, all of them otherwise.
     res: Vec<B::Buf>,
     /// Saved activations per block; None for a block recomputed in backward.
     acts: Vec<Option<BlockActs<B>>>,
@@ -912,6 +1056,8 @@ pub struct Workspace<B: Backend> {
     vocab_parallel: Option<(B::Buf, B::Buf)>,
     rope: B::Buf,
     scratch: Scratch<B>,
+    /// Sequence parallelism only.
+    gathered: Option<Gathered<B>>,
 }
 
 impl<B: Backend> Workspace<B> {
@@ -951,21 +1097,33 @@ impl<B: Backend> Workspace<B> {
             ));
         }
         let (rows, d) = (batch * seq, cfg.d_model);
+        let part = &model.part;
+        if part.sequence_parallel && !rows.is_multiple_of(part.tp) {
+            return Err(ondol_core::Error::config(
+                "parallelism.sequence_parallel",
+                format!(
+                    "tp = {} must divide the tokens of a micro-batch ({batch} sequences x {seq} = {rows}); \
+                     change the micro-batch size or seq_len, or turn sequence parallelism off",
+                    part.tp
+                ),
+            ));
+        }
+        // Rows of the residual stream and the norms on this shard.
+        let stream = part.stream_rows(rows).len();
         let layernorm = model.layernorm();
-        let block_acts =
-            |b: &Block| BlockActs { norm: NormActs::new(be, rows, d, layernorm), mixer: b.mixer.acts(be, batch, seq) };
+        let block_acts = |b: &Block| BlockActs {
+            norm: NormActs::new(be, stream, d, layernorm),
+            mixer: b.mixer.acts(be, batch, seq),
+        };
         let blocks = &model.blocks;
         let recomputed_kind =
             |k: usize| (0..blocks.len()).any(|i| blocks[i].mixer.kind() == k && model.recomputed(i, recompute_every));
         // Per kind present: gradient scratch, and the shared activations if any block recomputes.
         let mut shared: Vec<Option<BlockActs<B>>> = (0..KINDS).map(|_| None).collect();
         let mut scratch = Scratch {
-            dres: be.zeros(rows * d),
-            dnorm: be.zeros(rows * d),
-            attn: None,
-            mlp: None,
-            mamba: None,
-            mamba2: None,
+            dres: be.zeros(stream * d),
+            dnorm: be.zeros(stream * d),
+            mixers: MixerGrads { attn: None, mlp: None, mamba: None, mamba2: None },
         };
         for block in model.first_of_each_kind() {
             let kind = block.mixer.kind();
@@ -973,27 +1131,32 @@ impl<B: Backend> Workspace<B> {
                 shared[kind] = Some(block_acts(block));
             }
             match &block.mixer {
-                Mixer::Attention(m) => scratch.attn = Some(m.grads(be, batch, seq)),
-                Mixer::Mlp(m) => scratch.mlp = Some(m.grads(be, rows)),
-                Mixer::Mamba(m) => scratch.mamba = Some(m.grads(be, rows)),
-                Mixer::Mamba2(m) => scratch.mamba2 = Some(m.grads(be, rows)),
+                Mixer::Attention(m) => scratch.mixers.attn = Some(m.grads(be, batch, seq)),
+                Mixer::Mlp(m) => scratch.mixers.mlp = Some(m.grads(be, rows)),
+                Mixer::Mamba(m) => scratch.mixers.mamba = Some(m.grads(be, rows)),
+                Mixer::Mamba2(m) => scratch.mixers.mamba2 = Some(m.grads(be, rows)),
             }
         }
         Ok(Self {
             batch,
             seq,
             rows,
-            res: (0..=blocks.len()).map(|_| be.zeros(rows * d)).collect(),
+            res: (0..=blocks.len()).map(|_| be.zeros(stream * d)).collect(),
             acts: (0..blocks.len())
                 .map(|i| (!model.recomputed(i, recompute_every)).then(|| block_acts(&blocks[i])))
                 .collect(),
             shared,
-            norm_f: model.head.is_some().then(|| NormActs::new(be, rows, d, layernorm)),
+            norm_f: model.head.is_some().then(|| NormActs::new(be, stream, d, layernorm)),
             logits: be.zeros(if model.head.is_some() { rows * model.vocab.len() } else { 0 }),
             losses: be.zeros(rows),
             vocab_parallel: (model.part.tp > 1).then(|| (be.zeros(3 * rows), be.zeros(rows))),
             rope: be.upload(&model.rope_table(seq)),
             scratch,
+            gathered: part.sequence_parallel.then(|| Gathered {
+                input: be.zeros(rows * d),
+                output: be.zeros(rows * d),
+                dinput: be.zeros(rows * d),
+            }),
         })
     }
 }

@@ -24,18 +24,34 @@ pub struct Part {
     /// head and loss (the last).
     pub first: bool,
     pub last: bool,
+    /// Megatron's sequence parallelism (only with `tp > 1`): between the mixers, each shard
+    /// holds `1 / tp` of the micro-batch's tokens, so the residual stream and the norms'
+    /// activations are split too. The shards all-gather the tokens before each mixer and the
+    /// head, and reduce-scatter the mixers' outputs instead of all-reducing them.
+    pub sequence_parallel: bool,
 }
 
 impl Part {
     /// The whole model on one rank.
     pub fn whole(cfg: &ModelConfig) -> Self {
-        Self { tp_rank: 0, tp: 1, layers: 0..cfg.n_layers, first: true, last: true }
+        Self { tp_rank: 0, tp: 1, layers: 0..cfg.n_layers, first: true, last: true, sequence_parallel: false }
     }
 
     /// Shard `tp_rank` of `tp` of the layers `layers`, the first and last of `n_layers`.
     pub fn new(cfg: &ModelConfig, tp_rank: usize, tp: usize, layers: Range<usize>) -> Self {
         let (first, last) = (layers.start == 0, layers.end == cfg.n_layers);
-        Self { tp_rank, tp, layers, first, last }
+        Self { tp_rank, tp, layers, first, last, sequence_parallel: false }
+    }
+
+    /// The same part with the tokens split between the mixers too (a no-op without tp).
+    pub fn with_sequence_parallel(self, on: bool) -> Self {
+        Self { sequence_parallel: on && self.tp > 1, ..self }
+    }
+
+    /// The rows (tokens) of a micro-batch of `rows` that this shard's residual stream holds:
+    /// all of them, or its `1 / tp` slice under sequence parallelism.
+    pub fn stream_rows(&self, rows: usize) -> Range<usize> {
+        if self.sequence_parallel { self.even(rows) } else { 0..rows }
     }
 
     /// This shard's share of `n` units that `tp` divides.
@@ -113,6 +129,13 @@ pub trait TensorParallel<B: Backend> {
     fn all_reduce(&mut self, be: &B, buf: &mut B::Buf) -> Result<()>;
     /// Every shard's `part` (equal lengths), concatenated in rank order.
     fn all_gather(&mut self, part: &[f32]) -> Result<Vec<f32>>;
+    /// Sequence parallel: `whole` becomes every shard's `part` (its slice of the tokens),
+    /// concatenated in rank order; before a mixer in forward, and for gradients in backward.
+    fn all_gather_rows(&mut self, be: &B, part: &B::Buf, whole: &mut B::Buf) -> Result<()>;
+    /// Sequence parallel: `part` becomes this shard's slice of the sum of every shard's `whole`;
+    /// mixer outputs in forward (in place of the all-reduce), gradients of gathered inputs in
+    /// backward.
+    fn reduce_scatter_rows(&mut self, be: &B, whole: &B::Buf, part: &mut B::Buf) -> Result<()>;
 }
 
 /// The only shard: nothing to meet.
@@ -124,5 +147,13 @@ impl<B: Backend> TensorParallel<B> for Alone {
     }
     fn all_gather(&mut self, part: &[f32]) -> Result<Vec<f32>> {
         Ok(part.to_vec())
+    }
+    fn all_gather_rows(&mut self, be: &B, part: &B::Buf, whole: &mut B::Buf) -> Result<()> {
+        be.fill(be.all_mut(whole), 0.0);
+        be.add_assign(be.all_mut(whole), be.all(part));
+        Ok(())
+    }
+    fn reduce_scatter_rows(&mut self, be: &B, whole: &B::Buf, part: &mut B::Buf) -> Result<()> {
+        self.all_gather_rows(be, whole, part)
     }
 }

@@ -25,6 +25,8 @@ pub struct Layout {
     pub recompute: usize,
     /// ZeRO-1: shard the AdamW state over the data-parallel replicas.
     pub zero: bool,
+    /// Megatron's sequence parallelism within each tp group (see [`Part::sequence_parallel`]).
+    pub sequence_parallel: bool,
 }
 
 impl Layout {
@@ -69,13 +71,27 @@ impl Layout {
     pub fn parts(&self, cfg: &ModelConfig, c: Coords) -> Result<Vec<Part>> {
         let ranges = self.stage_ranges(cfg.n_layers)?;
         Ok((0..self.chunks)
-            .map(|k| Part::new(cfg, c.tp, self.mesh.tp, ranges[k * self.mesh.pp + c.pp].clone()))
+            .map(|k| {
+                Part::new(cfg, c.tp, self.mesh.tp, ranges[k * self.mesh.pp + c.pp].clone())
+                    .with_sequence_parallel(self.sequence_parallel)
+            })
             .collect())
     }
 
     /// Refuses layouts that cannot run, naming the key to change.
     pub fn check(&self, cfg: &ModelConfig) -> Result<()> {
         schedule::check(self.schedule, self.mesh.pp, self.chunks, self.micro)?;
+        let (tp, tokens) = (self.mesh.tp, self.batch * self.seq);
+        if self.sequence_parallel && !tokens.is_multiple_of(tp) {
+            return Err(Error::config(
+                "parallelism.sequence_parallel",
+                format!(
+                    "tp = {tp} must divide the tokens of a micro-batch ({} sequences x {} = {tokens}); \
+                     change the batch, grad_accum or seq_len, or turn sequence parallelism off",
+                    self.batch, self.seq
+                ),
+            ));
+        }
         for rank in 0..self.mesh.world() {
             for part in self.parts(cfg, self.mesh.coords(rank)?)? {
                 part.check(cfg)?;
@@ -203,6 +219,17 @@ impl<B: Backend> TensorParallel<B> for TpHook<'_> {
         let mut out = vec![0.0; part.len() * self.0.size()];
         self.0.all_gather(part, &mut out)?;
         Ok(out)
+    }
+    fn all_gather_rows(&mut self, be: &B, part: &B::Buf, whole: &mut B::Buf) -> Result<()> {
+        let gathered = TensorParallel::<B>::all_gather(self, &be.download(part))?;
+        *whole = be.upload(&gathered);
+        Ok(())
+    }
+    fn reduce_scatter_rows(&mut self, be: &B, whole: &B::Buf, part: &mut B::Buf) -> Result<()> {
+        let mut mine = vec![0.0; be.len(part)];
+        self.0.reduce_scatter_sum(&be.download(whole), &mut mine)?;
+        *part = be.upload(&mine);
+        Ok(())
     }
 }
 

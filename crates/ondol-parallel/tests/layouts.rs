@@ -6,7 +6,7 @@
 use ondol_comm::{Mesh, RankComms};
 use ondol_core::Rng;
 use ondol_cpu::CpuBackend;
-use ondol_model::{Arch, ModelConfig, SsmConfig};
+use ondol_model::{Arch, Model, ModelConfig, Part, SsmConfig, Workspace};
 use ondol_optim::OptimizerConfig;
 use ondol_parallel::{Engine, Layout, ScheduleKind};
 use std::time::Duration;
@@ -68,10 +68,24 @@ struct Shape {
     chunks: usize,
     zero: bool,
     recompute: usize,
+    sequence_parallel: bool,
 }
 
 fn shape(tp: usize, pp: usize, dp: usize) -> Shape {
-    Shape { tp, pp, dp, schedule: ScheduleKind::OneFOneB, chunks: 1, zero: false, recompute: 0 }
+    Shape {
+        tp,
+        pp,
+        dp,
+        schedule: ScheduleKind::OneFOneB,
+        chunks: 1,
+        zero: false,
+        recompute: 0,
+        sequence_parallel: false,
+    }
+}
+
+fn sequence_parallel(tp: usize, pp: usize, dp: usize) -> Shape {
+    Shape { sequence_parallel: true, ..shape(tp, pp, dp) }
 }
 
 /// The global batch of step `s`: `MICRO` micro-batches of `BATCH` sequences from a Markov
@@ -117,6 +131,7 @@ fn train(cfg: &ModelConfig, s: Shape) -> (Vec<f64>, Vec<f32>) {
         seq: SEQ,
         recompute: s.recompute,
         zero: s.zero,
+        sequence_parallel: s.sequence_parallel,
     };
     // eps 1e-6, not 1e-8: gradients that are zero in exact arithmetic (GPT-2's key bias, which
     // softmax cancels) are round-off, and a tiny eps lets AdamW turn round-off into full steps
@@ -175,6 +190,8 @@ fn every_layout_trains_like_one_rank() {
         ("pp 4 interleaved", interleaved),
         // Four shards of two kv heads: each kv head is shared by two shards.
         ("tp 4 dp 2", shape(4, 1, 2)),
+        ("tp 4 dp 2 sequence parallel", sequence_parallel(4, 1, 2)),
+        ("tp 2 pp 2 dp 2 sequence parallel", sequence_parallel(2, 2, 2)),
     ] {
         assert_close(name, &one, &train(&cfg, s));
     }
@@ -188,6 +205,9 @@ fn zero_1_and_activation_checkpointing_change_nothing_but_memory() {
     assert_close("ZeRO-1", &plain, &zero);
     let recompute = train(&cfg, Shape { recompute: 1, ..shape(2, 2, 2) });
     assert_eq!(plain, recompute, "activation checkpointing must be bit-identical");
+    let sp = train(&cfg, sequence_parallel(2, 2, 2));
+    let sp_recompute = train(&cfg, Shape { recompute: 1, ..sequence_parallel(2, 2, 2) });
+    assert_eq!(sp, sp_recompute, "activation checkpointing under sequence parallelism must be bit-identical");
 }
 
 /// Gradients accumulate over micro-batches in the same order in every schedule, so the
@@ -210,5 +230,22 @@ fn gpt2_and_hybrid_layouts_train_like_one_rank() {
     for (name, cfg) in [("gpt2", gpt2()), ("hybrid", hybrid())] {
         let one = train(&cfg, shape(1, 1, 1));
         assert_close(&format!("{name} tp 2 pp 2"), &one, &train(&cfg, shape(2, 2, 1)));
+        let sp = train(&cfg, sequence_parallel(2, 2, 1));
+        assert_close(&format!("{name} tp 2 pp 2 sequence parallel"), &one, &sp);
     }
+}
+
+/// Sequence parallelism keeps 1 / tp of the residual stream and of the norms' activations on
+/// each shard, and needs tp to divide the micro-batch's tokens.
+#[test]
+fn sequence_parallelism_splits_the_activations_between_the_mixers() {
+    let cfg = llama(false);
+    let part = Part::new(&cfg, 1, 4, 0..cfg.n_layers);
+    let plain = Model::part(cfg.clone(), part.clone()).unwrap();
+    let split = Model::part(cfg, part.with_sequence_parallel(true)).unwrap();
+    let (with, without) = (split.activation_bytes(BATCH, SEQ, 0), plain.activation_bytes(BATCH, SEQ, 0));
+    assert!(with < without, "sequence parallel activations {with} B, not fewer than {without} B");
+    assert!(Workspace::new(&CpuBackend, &split, BATCH, SEQ).is_ok());
+    let err = Workspace::new(&CpuBackend, &split, 1, SEQ - 1).err().expect("7 tokens cannot be split 4 ways");
+    assert!(err.to_string().contains("parallelism.sequence_parallel"), "{err}");
 }

@@ -157,6 +157,11 @@ pub struct ParallelismConfig {
     /// 1: shard the AdamW state across the data-parallel ranks (ZeRO-1); 0: replicate it.
     #[serde(default)]
     pub zero: u8,
+    /// Megatron's sequence parallelism: with tp > 1, split the tokens between the mixers
+    /// (residual stream, norms) across the tp ranks too; less activation memory, the same
+    /// communication volume.
+    #[serde(default)]
+    pub sequence_parallel: bool,
     /// A collective that does not complete within this many seconds aborts the run, naming
     /// the operation and the ranks that did not arrive.
     #[serde(default = "default_timeout_s")]
@@ -177,6 +182,7 @@ impl Default for ParallelismConfig {
             virtual_stages: 1,
             stage_layers: Vec::new(),
             zero: 0,
+            sequence_parallel: false,
             timeout_s: default_timeout_s(),
         }
     }
@@ -263,6 +269,7 @@ impl RunConfig {
             seq: t.seq_len,
             recompute: t.activation_checkpointing,
             zero: p.zero == 1,
+            sequence_parallel: p.sequence_parallel,
         }
     }
 
