@@ -30,16 +30,24 @@ fn main() {
     std::env::set_current_dir(&root).expect("workspace root");
     let (warmup, steps, micro) = (1, 3, 4);
     println!(
-        "layout (tp,pp,dp) zero   tokens/s  weights+grads  AdamW/rank  activations  wait/ideal bubble  comm/rank/step"
+        "layout (tp,pp,dp) zero sp  tokens/s  weights+grads  AdamW/rank  activations  wait/ideal bubble  comm/rank/step"
     );
-    for ((tp, pp, dp), zero) in
-        [((1, 1, 1), 0u8), ((1, 1, 2), 0), ((1, 1, 2), 1), ((2, 1, 1), 0), ((1, 2, 1), 0), ((2, 2, 2), 1)]
-    {
+    for ((tp, pp, dp), zero, sp) in [
+        ((1, 1, 1), 0u8, false),
+        ((1, 1, 2), 0, false),
+        ((1, 1, 2), 1, false),
+        ((2, 1, 1), 0, false),
+        ((2, 1, 1), 0, true),
+        ((1, 2, 1), 0, false),
+        ((2, 2, 2), 1, false),
+        ((2, 2, 2), 1, true),
+    ] {
         let overrides = [
             format!("parallelism.tp={tp}"),
             format!("parallelism.pp={pp}"),
             format!("parallelism.dp={dp}"),
             format!("parallelism.zero={zero}"),
+            format!("parallelism.sequence_parallel={sp}"),
             format!("training.grad_accum={micro}"),
             format!("training.batch_size={}", 8 / micro / dp),
         ];
@@ -82,17 +90,24 @@ fn main() {
         let (rows, d, layers) =
             ((cfg.training.batch_size * cfg.training.seq_len) as f64, m.d_model as f64, m.n_layers as f64);
         let params = ondol_model::Model::new(m.clone()).unwrap().num_params() as f64;
-        // Bytes per rank and step (f32), ring algorithms: tp all-reduces of activations,
-        // pp sends of activations and gradients, dp all-reduce (= ZeRO-1's reduce-scatter +
-        // all-gather) of this rank's parameter shard.
+        // Bytes per rank and step (f32), ring algorithms, in units of one all-gather or
+        // reduce-scatter of a micro-batch's activations, (tp - 1) / tp x rows x d (an
+        // all-reduce is two). tp without sp: per layer 2 all-reduces forward, 2 backward, and
+        // one each for the embedding and the head: 8L + 4 units. With sp, per block 2 units
+        // forward, 3 backward (the norm output is gathered again), 2 for the embedding and 3
+        // for the head: 10L + 5. pp: sends of activations and gradients, 1 / tp of them under
+        // sp. dp: all-reduce (= ZeRO-1's reduce-scatter + all-gather) of the rank's parameters.
         let mb = micro as f64;
-        let tp_bytes =
-            if tp > 1 { mb * (4.0 * layers + 2.0) * rows * d * 2.0 * (tp - 1) as f64 / tp as f64 * 4.0 } else { 0.0 };
-        let pp_bytes = if pp > 1 { 2.0 * mb * rows * d * 4.0 } else { 0.0 };
+        let unit = rows * d * (tp - 1) as f64 / tp as f64 * 4.0;
+        let tp_units = if sp { 10.0 * layers + 5.0 } else { 8.0 * layers + 4.0 };
+        let tp_bytes = mb * tp_units * unit;
+        let stream = if sp { rows / tp as f64 } else { rows };
+        let pp_bytes = if pp > 1 { 2.0 * mb * stream * d * 4.0 } else { 0.0 };
         let dp_bytes = 2.0 * (dp - 1) as f64 / dp as f64 * 4.0 * params / (tp * pp) as f64;
         let mib = |b: f64| b / (1 << 20) as f64;
         println!(
-            "({tp},{pp},{dp})           {zero}   {:>8.0}   {:>8.1} MiB  {:>6.1} MiB   {:>7.1} MiB      {:>5.2} / {:.2}      {:.1} MiB (tp {:.1} + pp {:.1} + dp {:.1})",
+            "({tp},{pp},{dp})           {zero}  {}  {:>8.0}   {:>8.1} MiB  {:>6.1} MiB   {:>7.1} MiB      {:>5.2} / {:.2}      {:.1} MiB (tp {:.1} + pp {:.1} + dp {:.1})",
+            if sp { "y" } else { "-" },
             r.tokens_per_s,
             mib(r.weights_grads as f64),
             mib(r.adamw as f64),

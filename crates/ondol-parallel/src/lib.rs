@@ -13,7 +13,13 @@
 //!   block each way), one each way for the embedding and head, and `3 r` floats gathered for
 //!   the vocab-parallel loss: `m (4 L + 2) r d` floats per rank at `2 (tp - 1) / tp` bus
 //!   factor each (ring all-reduce).
-//! - pp: each stage boundary carries `r d` forward and `r d` backward per micro-batch, `v` times
+//! - tp with sequence parallelism: an all-gather (`(tp - 1) / tp` of `r d` per rank) before
+//!   each mixer and the head, a reduce-scatter (the same) after each mixer and the embedding;
+//!   backward gathers the norm output again and the output gradient, and reduce-scatters the
+//!   input gradient: `m (10 L + 5) r d (tp - 1) / tp` floats, a quarter more than without,
+//!   for `1 / tp` of the residual stream and norm activations per rank.
+//! - pp: each stage boundary carries `r d` forward and `r d` backward per micro-batch (`r d /
+//!   tp` under sequence parallelism), `v` times
 //!   around the ring when interleaved: `2 m v r d` floats sent per rank (`2 m (v - 1) r d` on
 //!   the first and last when not wrapping).
 //! - dp: the rank's parameter shard `P / (tp pp)` all-reduced (or reduce-scattered and

@@ -294,7 +294,6 @@ fn inspect(args: ConfigArgs) -> Result<()> {
     let t = &cfg.training;
     let n = model.num_params() as u64;
     let acts = |every| model.activation_bytes(t.batch_size, t.seq_len, every);
-    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
     println!("arch                 {:?}", cfg.model.arch);
     println!("parameters           {n} ({:.2}M)", n as f64 / 1e6);
     println!("  in matmuls (N)     {} (non-embedding + output head)", model.num_flop_params());
@@ -306,22 +305,59 @@ fn inspect(args: ConfigArgs) -> Result<()> {
     );
     println!("tokens/step          {}", t.batch_size * t.seq_len * t.grad_accum * cfg.parallelism.dp);
     let p = &cfg.parallelism;
-    let opt_state = if p.zero == 1 { 8 * n.div_ceil(p.dp as u64) } else { 8 * n };
+    let layout = cfg.layout(Mesh::new(p.tp, p.pp, p.dp)?);
+    // The rank holding the most: every pipeline stage's first tp shard (shards differ by at
+    // most a vocabulary row), each with all its chunks.
+    let mut worst = (0, 0);
+    for pp in 0..p.pp {
+        let coords = layout.mesh.coords(pp * p.tp)?;
+        let parts: Vec<Model> = layout
+            .parts(&cfg.model, coords)?
+            .into_iter()
+            .map(|part| Model::part(cfg.model.clone(), part))
+            .collect::<Result<_>>()?;
+        let params: u64 = parts.iter().map(|m| m.num_params() as u64).sum();
+        let acts: u64 =
+            parts.iter().map(|m| m.activation_bytes(t.batch_size, t.seq_len, t.activation_checkpointing)).sum();
+        worst = worst.max((params, acts));
+    }
+    let (params, acts_per_micro) = worst;
+    let opt_state = if p.zero == 1 { 8 * params.div_ceil(p.dp as u64) } else { 8 * params };
     println!(
-        "memory per rank (f32) {:.3} GiB weights+grads, {:.3} GiB AdamW{}",
-        gib(8 * n),
-        gib(opt_state),
-        if p.zero == 1 { " (ZeRO-1)" } else { "" }
+        "memory per rank (f32) {} weights+grads, {} AdamW{} at (tp, pp, dp) = ({}, {}, {})",
+        bytes(8 * params),
+        bytes(opt_state),
+        if p.zero == 1 { " (ZeRO-1)" } else { "" },
+        p.tp,
+        p.pp,
+        p.dp
     );
     println!(
-        "activations          {:.3} GiB per micro-batch of {} x {}; {:.3} GiB recomputing every block, {:.3} GiB as configured",
-        gib(acts(0)),
+        "  activations        {} per micro-batch in flight{}",
+        bytes(acts_per_micro),
+        if p.sequence_parallel && p.tp > 1 { " (sequence parallel)" } else { "" }
+    );
+    println!(
+        "whole model          {} activations per micro-batch of {} x {}; {} recomputing every block, {} as configured",
+        bytes(acts(0)),
         t.batch_size,
         t.seq_len,
-        gib(acts(1)),
-        gib(acts(t.activation_checkpointing))
+        bytes(acts(1)),
+        bytes(acts(t.activation_checkpointing))
     );
     Ok(())
+}
+
+/// `n` bytes in the largest binary unit that keeps the number at least 1.
+fn bytes(n: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut x = n as f64;
+    let mut unit = 0;
+    while x >= 1024.0 && unit + 1 < units.len() {
+        x /= 1024.0;
+        unit += 1;
+    }
+    format!("{x:.3} {}", units[unit])
 }
 
 fn eval(args: EvalArgs) -> Result<()> {

@@ -176,14 +176,29 @@ fn bad_files_are_refused_with_their_path() {
 }
 
 #[test]
-fn inspect_reports_parameters_and_flops() {
+fn inspect_reports_parameters_flops_and_memory_per_rank() {
     let dir = setup(BASE);
-    let out = Command::new(env!("CARGO_BIN_EXE_ondol"))
-        .args(["inspect", "run.toml"])
-        .current_dir(dir.path())
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success());
-    assert!(text.contains("parameters") && text.contains("FLOPs/token"), "{text}");
+    let inspect = |sets: &[&str]| -> String {
+        let mut args = vec!["inspect", "run.toml"];
+        sets.iter().for_each(|s| args.extend(["--set", s]));
+        let out = Command::new(env!("CARGO_BIN_EXE_ondol")).args(&args).current_dir(dir.path()).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    // The first size after `label` on its line ("1.500 KiB"), in bytes.
+    let figure = |text: &str, label: &str| -> f64 {
+        let line = text.lines().find(|l| l.trim_start().starts_with(label)).unwrap_or_else(|| panic!("{text}"));
+        let mut words = line[line.find(label).unwrap() + label.len()..].split_whitespace();
+        let x: f64 = words.next().unwrap().parse().unwrap();
+        let unit = words.next().and_then(|w| ["B", "KiB", "MiB", "GiB"].iter().position(|u| *u == w)).expect("a unit");
+        x * 1024f64.powi(unit as i32)
+    };
+    let one = inspect(&[]);
+    assert!(one.contains("parameters") && one.contains("FLOPs/token"), "{one}");
+    let tp = inspect(&["parallelism.tp=2"]);
+    let sp = inspect(&["parallelism.tp=2", "parallelism.sequence_parallel=true"]);
+    let weights = |t: &str| figure(t, "memory per rank (f32)");
+    let acts = |t: &str| figure(t, "activations");
+    assert!(weights(&tp) < weights(&one), "tp = 2 must halve the weights per rank:\n{one}\n{tp}");
+    assert!(acts(&sp) < acts(&tp), "sequence parallelism must cut the activations per rank:\n{tp}\n{sp}");
 }
