@@ -1,0 +1,85 @@
+// Pointwise activations, forward and backward: SwiGLU, GELU (tanh approximation) and
+// squared ReLU.
+//
+// Computes (T = float or bf16 storage, fp32 arithmetic), with n the elements of `out`:
+//   swiglu:  out[r, j] = silu(g) * u, with g = gate_up[r, j] and u = gate_up[r, F + j]
+//            (gate and up are the two halves of one [rows, 2F] buffer: one GEMM makes both)
+//   gelu:    out = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+//   relu2:   out = max(x, 0)^2
+// Backward needs the saved input (gate_up, or x) and writes (not accumulates) its gradient:
+//   swiglu:  dg = dy u s (1 + g (1 - s)), du = dy g s, with s = sigmoid(g)
+// Launch: a grid-stride loop over elements, any grid. Memory-bound: swiglu forward reads
+// 2n and writes n values, backward reads 3n and writes 2n; ~10 FLOPs per element.
+#include "common.cuh"
+
+__device__ __forceinline__ float sigmoidf(float x) { return 1.0f / (1.0f + __expf(-x)); }
+
+__device__ __forceinline__ float gelu_tanh(float x, float* derivative) {
+    const float c = 0.7978845608f, k = 0.044715f;
+    const float t = tanhf(c * (x + k * x * x * x));
+    *derivative = 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * c * (1.0f + 3.0f * k * x * x);
+    return 0.5f * x * (1.0f + t);
+}
+
+template <typename T>
+__device__ void swiglu_forward(const T* gate_up, T* out, long long n, int width) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        const long long r = i / width, j = i % width;
+        const float g = to_float(gate_up[r * 2 * width + j]), u = to_float(gate_up[r * 2 * width + width + j]);
+        out[i] = from_float<T>(g * sigmoidf(g) * u);
+    }
+}
+
+template <typename T>
+__device__ void swiglu_backward(const T* dout, const T* gate_up, T* dgate_up, long long n, int width) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        const long long r = i / width, j = i % width;
+        const long long gi = r * 2 * width + j, ui = gi + width;
+        const float g = to_float(gate_up[gi]), u = to_float(gate_up[ui]), dy = to_float(dout[i]);
+        const float s = sigmoidf(g);
+        dgate_up[gi] = from_float<T>(dy * u * s * (1.0f + g * (1.0f - s)));
+        dgate_up[ui] = from_float<T>(dy * g * s);
+    }
+}
+
+// kind: 0 = GELU (tanh), 1 = squared ReLU, as ondol_core::Activation orders them.
+__device__ __forceinline__ float activate(int kind, float x, float* derivative) {
+    if (kind == 0) return gelu_tanh(x, derivative);
+    const float p = fmaxf(x, 0.0f);
+    *derivative = 2.0f * p;
+    return p * p;
+}
+
+template <typename T>
+__device__ void activation_forward(int kind, const T* x, T* out, long long n) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        float unused;
+        out[i] = from_float<T>(activate(kind, to_float(x[i]), &unused));
+    }
+}
+
+template <typename T>
+__device__ void activation_backward(int kind, const T* dout, const T* x, T* dx, long long n) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        float derivative;
+        activate(kind, to_float(x[i]), &derivative);
+        dx[i] = from_float<T>(to_float(dout[i]) * derivative);
+    }
+}
+
+#define ACTIVATION_KERNELS(T, S)                                                                                   \
+    extern "C" __global__ void swiglu_forward_##S(const T* gate_up, T* out, long long n, int width) {              \
+        swiglu_forward<T>(gate_up, out, n, width);                                                                 \
+    }                                                                                                              \
+    extern "C" __global__ void swiglu_backward_##S(const T* dout, const T* gate_up, T* dgate_up, long long n,      \
+                                                   int width) {                                                    \
+        swiglu_backward<T>(dout, gate_up, dgate_up, n, width);                                                     \
+    }                                                                                                              \
+    extern "C" __global__ void activation_forward_##S(int kind, const T* x, T* out, long long n) {                 \
+        activation_forward<T>(kind, x, out, n);                                                                    \
+    }                                                                                                              \
+    extern "C" __global__ void activation_backward_##S(int kind, const T* dout, const T* x, T* dx, long long n) {  \
+        activation_backward<T>(kind, dout, x, dx, n);                                                              \
+    }
+
+FOR_EACH_STORAGE(ACTIVATION_KERNELS)

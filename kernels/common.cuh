@@ -1,0 +1,63 @@
+// Shared by every kernel file: storage types and their conversions, and warp/block sums.
+//
+// Kernels are compiled at run time by NVRTC with no include path, so nothing here includes
+// a CUDA header: bf16 is its raw 16 bits, converted by hand (the same bits as
+// __float2bfloat16_rn for every non-NaN value). Every kernel computes in fp32 whatever its
+// storage type; each op family is instantiated for float (checked against the CPU reference
+// to fp32 round-off) and bf16 (mixed-precision training).
+#pragma once
+
+typedef unsigned short bf16;
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(bf16 x) { return __uint_as_float(((unsigned)x) << 16); }
+
+template <typename T> __device__ __forceinline__ T from_float(float x);
+template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
+// Round to nearest, ties to even; NaN stays a (quiet) NaN.
+template <> __device__ __forceinline__ bf16 from_float<bf16>(float x) {
+    unsigned u = __float_as_uint(x);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16)((u >> 16) | 0x40u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (bf16)(u >> 16);
+}
+
+#define NEG_INF (-__int_as_float(0x7f800000))
+
+__device__ __forceinline__ float warp_sum(float x) {
+    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+    return x;
+}
+
+__device__ __forceinline__ float warp_max(float x) {
+    for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+    return x;
+}
+
+// The sum of `x` over the block, returned to every thread. `scratch` holds 32 floats;
+// blockDim.x is a multiple of 32. Ends with a barrier, so scratch can be reused at once.
+__device__ __forceinline__ float block_sum(float x, float* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    x = warp_sum(x);
+    if (lane == 0) scratch[warp] = x;
+    __syncthreads();
+    x = lane < warps ? scratch[lane] : 0.0f;
+    x = warp_sum(x);
+    __syncthreads();
+    return x;
+}
+
+__device__ __forceinline__ float block_max(float x, float* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    x = warp_max(x);
+    if (lane == 0) scratch[warp] = x;
+    __syncthreads();
+    x = lane < warps ? scratch[lane] : NEG_INF;
+    x = warp_max(x);
+    __syncthreads();
+    return x;
+}
+
+// `FOR_EACH_STORAGE(M)` expands `M(float, f32) M(bf16, bf16)`: each file's macro M defines
+// the extern "C" kernels `name_f32` and `name_bf16` around its templated body.
+#define FOR_EACH_STORAGE(M) M(float, f32) M(bf16, bf16)

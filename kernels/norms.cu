@@ -1,0 +1,137 @@
+// RMSNorm and LayerNorm over rows of `dim` values, forward and backward.
+//
+// Computes, per row r (T = float or bf16 storage, fp32 arithmetic):
+//   rmsnorm:   out = x * rstd * w,               rstd[r] = 1 / sqrt(mean(x^2) + eps)
+//   layernorm: out = (x - mean) * rstd * w + b,  rstd[r] = 1 / sqrt(var(x) + eps)
+// Layouts: x, out, dout, dx are row-major [rows, dim]; w, b are [dim]; mean and rstd are fp32
+// [rows]. Backward needs x, w and the saved mean/rstd (never recomputes a reduction):
+//   rmsnorm:   dx += rstd * w * dy - rstd^3 / dim * x * sum(w dy x);  dw += dy * x * rstd
+//   layernorm: dx += rstd * (g - mean(g) - xhat * mean(g xhat)), g = w dy;  dw += dy xhat;  db += dy
+// dx accumulates (the norm's input is the residual stream, whose gradient already holds the
+// skip path); dw and db are fp32 and accumulate.
+// Launch: forward one block per row; backward a grid-stride loop over rows with the block's
+// dw (and db) partials in dynamic shared memory, 4 * dim (8 * dim) bytes, added to the
+// global gradients with one atomicAdd per column per block (so the summation order of dw
+// across blocks, and its last bits, vary from run to run). blockDim: a multiple of 32.
+// Cost: forward reads x and writes out, 2 * dim * sizeof(T) per row, ~4 FLOPs per value;
+// backward reads dy, x and dx and writes dx, 4 * dim * sizeof(T), ~8 FLOPs per value.
+#include "common.cuh"
+
+template <typename T>
+__device__ void rmsnorm_forward(const T* x, const T* w, T* out, float* rstd, int rows, int dim, float eps) {
+    __shared__ float scratch[32];
+    const int r = blockIdx.x;
+    if (r >= rows) return;
+    const T* xr = x + (size_t)r * dim;
+    float ss = 0.0f;
+    for (int c = threadIdx.x; c < dim; c += blockDim.x) {
+        const float v = to_float(xr[c]);
+        ss += v * v;
+    }
+    const float s = rsqrtf(block_sum(ss, scratch) / dim + eps);
+    if (threadIdx.x == 0) rstd[r] = s;
+    T* o = out + (size_t)r * dim;
+    for (int c = threadIdx.x; c < dim; c += blockDim.x) o[c] = from_float<T>(to_float(xr[c]) * s * to_float(w[c]));
+}
+
+template <typename T>
+__device__ void rmsnorm_backward(const T* dout, const T* x, const T* w, const float* rstd, T* dx, float* dw, int rows,
+                                 int dim) {
+    __shared__ float scratch[32];
+    extern __shared__ float dw_part[];
+    for (int c = threadIdx.x; c < dim; c += blockDim.x) dw_part[c] = 0.0f;
+    for (int r = blockIdx.x; r < rows; r += gridDim.x) {
+        const T* dy = dout + (size_t)r * dim;
+        const T* xr = x + (size_t)r * dim;
+        const float s = rstd[r];
+        float dot = 0.0f;
+        for (int c = threadIdx.x; c < dim; c += blockDim.x) dot += to_float(dy[c]) * to_float(w[c]) * to_float(xr[c]);
+        const float k = s * s * s * block_sum(dot, scratch) / dim;
+        T* d = dx + (size_t)r * dim;
+        for (int c = threadIdx.x; c < dim; c += blockDim.x) {
+            const float g = to_float(dy[c]), xv = to_float(xr[c]);
+            d[c] = from_float<T>(to_float(d[c]) + s * to_float(w[c]) * g - k * xv);
+            dw_part[c] += g * xv * s;
+        }
+    }
+    for (int c = threadIdx.x; c < dim; c += blockDim.x) atomicAdd(&dw[c], dw_part[c]);
+}
+
+template <typename T>
+__device__ void layernorm_forward(const T* x, const T* w, const T* b, T* out, float* mean, float* rstd, int rows,
+                                  int dim, float eps) {
+    __shared__ float scratch[32];
+    const int r = blockIdx.x;
+    if (r >= rows) return;
+    const T* xr = x + (size_t)r * dim;
+    float sum = 0.0f;
+    for (int c = threadIdx.x; c < dim; c += blockDim.x) sum += to_float(xr[c]);
+    const float mu = block_sum(sum, scratch) / dim;
+    // Two passes over the row (it is in L1/L2): the variance of x - mu, not E[x^2] - mu^2.
+    float var = 0.0f;
+    for (int c = threadIdx.x; c < dim; c += blockDim.x) {
+        const float v = to_float(xr[c]) - mu;
+        var += v * v;
+    }
+    const float s = rsqrtf(block_sum(var, scratch) / dim + eps);
+    if (threadIdx.x == 0) {
+        mean[r] = mu;
+        rstd[r] = s;
+    }
+    T* o = out + (size_t)r * dim;
+    for (int c = threadIdx.x; c < dim; c += blockDim.x)
+        o[c] = from_float<T>((to_float(xr[c]) - mu) * s * to_float(w[c]) + to_float(b[c]));
+}
+
+template <typename T>
+__device__ void layernorm_backward(const T* dout, const T* x, const T* w, const float* mean, const float* rstd, T* dx,
+                                   float* dw, float* db, int rows, int dim) {
+    __shared__ float scratch[32];
+    extern __shared__ float part[];  // [dw | db]
+    for (int c = threadIdx.x; c < 2 * dim; c += blockDim.x) part[c] = 0.0f;
+    for (int r = blockIdx.x; r < rows; r += gridDim.x) {
+        const T* dy = dout + (size_t)r * dim;
+        const T* xr = x + (size_t)r * dim;
+        const float mu = mean[r], s = rstd[r];
+        float g_sum = 0.0f, gx_sum = 0.0f;
+        for (int c = threadIdx.x; c < dim; c += blockDim.x) {
+            const float g = to_float(dy[c]) * to_float(w[c]);
+            g_sum += g;
+            gx_sum += g * (to_float(xr[c]) - mu) * s;
+        }
+        const float g_mean = block_sum(g_sum, scratch) / dim;
+        const float gx_mean = block_sum(gx_sum, scratch) / dim;
+        T* d = dx + (size_t)r * dim;
+        for (int c = threadIdx.x; c < dim; c += blockDim.x) {
+            const float g = to_float(dy[c]), xhat = (to_float(xr[c]) - mu) * s;
+            d[c] = from_float<T>(to_float(d[c]) + s * (g * to_float(w[c]) - g_mean - xhat * gx_mean));
+            part[c] += g * xhat;
+            part[dim + c] += g;
+        }
+    }
+    for (int c = threadIdx.x; c < dim; c += blockDim.x) {
+        atomicAdd(&dw[c], part[c]);
+        atomicAdd(&db[c], part[dim + c]);
+    }
+}
+
+#define NORM_KERNELS(T, S)                                                                                         \
+    extern "C" __global__ void rmsnorm_forward_##S(const T* x, const T* w, T* out, float* rstd, int rows, int dim,  \
+                                                   float eps) {                                                    \
+        rmsnorm_forward<T>(x, w, out, rstd, rows, dim, eps);                                                       \
+    }                                                                                                              \
+    extern "C" __global__ void rmsnorm_backward_##S(const T* dout, const T* x, const T* w, const float* rstd, T* dx, \
+                                                    float* dw, int rows, int dim) {                                \
+        rmsnorm_backward<T>(dout, x, w, rstd, dx, dw, rows, dim);                                                  \
+    }                                                                                                              \
+    extern "C" __global__ void layernorm_forward_##S(const T* x, const T* w, const T* b, T* out, float* mean,       \
+                                                     float* rstd, int rows, int dim, float eps) {                  \
+        layernorm_forward<T>(x, w, b, out, mean, rstd, rows, dim, eps);                                            \
+    }                                                                                                              \
+    extern "C" __global__ void layernorm_backward_##S(const T* dout, const T* x, const T* w, const float* mean,     \
+                                                      const float* rstd, T* dx, float* dw, float* db, int rows,    \
+                                                      int dim) {                                                   \
+        layernorm_backward<T>(dout, x, w, mean, rstd, dx, dw, db, rows, dim);                                      \
+    }
+
+FOR_EACH_STORAGE(NORM_KERNELS)
