@@ -152,7 +152,7 @@ fn main() -> ExitCode {
 fn train(args: TrainArgs) -> Result<()> {
     let cfg = RunConfig::load(&args.config.config, &args.config.set)?;
     if cfg.training.device == Device::Cuda {
-        return Err(Error::config("training.device", "\"cuda\": this build has no CUDA backend; use \"cpu\""));
+        return Err(Error::config("training.device", cuda_refusal()));
     }
     if let Some(threads) = cfg.training.threads {
         rayon::ThreadPoolBuilder::new()
@@ -286,6 +286,24 @@ fn resume(trainer: &mut Trainer<CpuBackend>, run_dir: &Path, spec: &str) -> Resu
         }
     }
     Err(Error::Input(format!("no intact checkpoint in {}", checkpoint::checkpoints_dir(run_dir).display())))
+}
+
+/// Why `training.device = "cuda"` cannot train in this build, naming what it found.
+#[cfg(feature = "cuda")]
+fn cuda_refusal() -> String {
+    match ondol_cuda::Gpu::open(0) {
+        Err(e) => format!("\"cuda\": {e}"),
+        Ok(gpu) => format!(
+            "\"cuda\": found {} (sm_{}) and built its kernels, but training on it is not built yet; use \"cpu\"",
+            gpu.ctx.name().unwrap_or_else(|_| "a GPU".into()),
+            gpu.arch
+        ),
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_refusal() -> String {
+    "\"cuda\": this build has no CUDA backend (build with --features cuda); use \"cpu\"".into()
 }
 
 fn inspect(args: ConfigArgs) -> Result<()> {

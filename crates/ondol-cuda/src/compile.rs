@@ -1,0 +1,123 @@
+//! Kernel sources, compiled by NVRTC into cubins for one architecture and cached on disk.
+//!
+//! NVRTC runs on the machine that launches the kernels and targets the device's exact
+//! architecture with a cubin, not PTX: PTX from a newer NVRTC than the driver cannot be
+//! JIT-compiled by it (DESIGN.md section 3).
+
+use crate::CudaError;
+use cudarc::nvrtc::{result, sys};
+use sha2::{Digest, Sha256};
+use std::ffi::CString;
+use std::path::PathBuf;
+
+/// One `kernels/*.cu` file.
+pub struct Family {
+    pub name: &'static str,
+    source: &'static str,
+}
+
+const COMMON: &str = include_str!("../../../kernels/common.cuh");
+
+/// Every kernel family, embedded in the binary so that it needs no source tree at run time.
+pub const FAMILIES: [Family; 5] = [
+    Family { name: "norms", source: include_str!("../../../kernels/norms.cu") },
+    Family { name: "activations", source: include_str!("../../../kernels/activations.cu") },
+    Family { name: "embedding", source: include_str!("../../../kernels/embedding.cu") },
+    Family { name: "cross_entropy", source: include_str!("../../../kernels/cross_entropy.cu") },
+    Family { name: "adamw", source: include_str!("../../../kernels/adamw.cu") },
+];
+
+impl Family {
+    /// The source NVRTC compiles: common.cuh pasted in place of its include (NVRTC is given
+    /// no include path), without its include guard.
+    pub fn source(&self) -> String {
+        let common = COMMON.replace("#pragma once", "");
+        self.source.replace("#include \"common.cuh\"", &common)
+    }
+}
+
+/// Whether libnvrtc can be loaded (from LD_LIBRARY_PATH or the system's library path).
+pub fn nvrtc_available() -> bool {
+    // SAFETY: only tries to dlopen the library.
+    unsafe { sys::is_culib_present() }
+}
+
+/// Compiles `family` into a cubin for `sm_{arch}` ("80", "90a", ...).
+pub fn compile_cubin(family: &Family, arch: &str) -> Result<Vec<u8>, CudaError> {
+    if !nvrtc_available() {
+        return Err(CudaError::NoCompiler(
+            "libnvrtc.so.13 not found; put the directory that holds it on LD_LIBRARY_PATH".into(),
+        ));
+    }
+    let failed = |log: String| CudaError::Compile { family: family.name.into(), arch: arch.into(), log };
+    let source = CString::new(family.source()).map_err(|e| failed(e.to_string()))?;
+    let name = CString::new(format!("{}.cu", family.name)).expect("no NUL in a family name");
+    let prog = result::create_program(&source, Some(&name)).map_err(|e| failed(e.to_string()))?;
+    let options = [format!("--gpu-architecture=sm_{arch}"), "-std=c++17".into(), "--use_fast_math".into()];
+    // SAFETY: `prog` was created above and is destroyed once, below.
+    let compiled = unsafe { result::compile_program(prog, &options) };
+    let cubin = match compiled {
+        Ok(()) => unsafe { cubin(prog) }.map_err(|e| failed(e.to_string())),
+        Err(e) => {
+            let log = unsafe { result::get_program_log(prog) }
+                .map(|l| l.iter().map(|&c| c as u8 as char).collect::<String>())
+                .unwrap_or_default();
+            Err(failed(format!("{e}\n{}", log.trim_end_matches('\0'))))
+        }
+    };
+    // SAFETY: created above, not yet destroyed.
+    unsafe { result::destroy_program(prog) }.map_err(|e| failed(e.to_string()))?;
+    cubin
+}
+
+/// The cubin of a compiled program.
+///
+/// # Safety
+/// `prog` must be a compiled, not yet destroyed program.
+unsafe fn cubin(prog: sys::nvrtcProgram) -> Result<Vec<u8>, result::NvrtcError> {
+    let mut size = 0usize;
+    unsafe { sys::nvrtcGetCUBINSize(prog, &mut size) }.result()?;
+    let mut out = vec![0u8; size];
+    unsafe { sys::nvrtcGetCUBIN(prog, out.as_mut_ptr().cast()) }.result()?;
+    Ok(out)
+}
+
+/// Where compiled kernels are kept: `$ONDOL_KERNEL_CACHE`, else `$XDG_CACHE_HOME/ondol/kernels`,
+/// else `~/.cache/ondol/kernels`.
+fn cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("ONDOL_KERNEL_CACHE") {
+        return dir.into();
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir);
+    base.join("ondol").join("kernels")
+}
+
+/// [`compile_cubin`] through the on-disk cache, keyed by the source, the architecture and
+/// the NVRTC version. A cache that cannot be written only costs a compile next time.
+pub fn cached_cubin(family: &Family, arch: &str) -> Result<Vec<u8>, CudaError> {
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: plain out-parameters; a failure leaves 0.0, which only weakens the key.
+    if nvrtc_available() {
+        let _ = unsafe { sys::nvrtcVersion(&mut major, &mut minor) };
+    }
+    let key = Sha256::digest(format!("{}\0{arch}\0{major}.{minor}", family.source()));
+    let hex: String = key[..8].iter().map(|b| format!("{b:02x}")).collect();
+    let path = cache_dir().join(format!("{}-{hex}.sm_{arch}.cubin", family.name));
+    if let Ok(cubin) = std::fs::read(&path) {
+        return Ok(cubin);
+    }
+    let cubin = compile_cubin(family, arch)?;
+    // Written whole under a temporary name, then renamed: a reader never sees half a cubin.
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    let stored = std::fs::create_dir_all(cache_dir())
+        .and_then(|()| std::fs::write(&tmp, &cubin))
+        .and_then(|()| std::fs::rename(&tmp, &path));
+    if let Err(e) = stored {
+        let _ = std::fs::remove_file(&tmp);
+        eprintln!("warning: {}", CudaError::Cache { path: path.display().to_string(), source: e });
+    }
+    Ok(cubin)
+}

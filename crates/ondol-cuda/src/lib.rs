@@ -1,0 +1,36 @@
+//! ondol-cuda: the CUDA side of ondol. It opens a device (and says plainly when there is
+//! none), compiles the kernels of `kernels/*.cu` with NVRTC into a cubin for the device's
+//! exact architecture (cached on disk by source hash and architecture), and launches them.
+//!
+//! Everything is loaded at run time (cudarc's dynamic loading): the crate builds, and a
+//! binary that contains it runs, on a machine with no CUDA at all. The backend that trains
+//! on these kernels (the `Backend` implementation, cuBLASLt GEMMs, mixed precision) is the
+//! next step; today the kernels are checked one by one against the CPU reference
+//! (`tests/kernels.rs`, which skips without a GPU).
+
+mod compile;
+mod device;
+
+pub use compile::{FAMILIES, Family, cached_cubin, compile_cubin, nvrtc_available};
+pub use device::Gpu;
+
+/// What can go wrong between the driver, NVRTC and a kernel.
+#[derive(Debug, thiserror::Error)]
+pub enum CudaError {
+    #[error("no CUDA device: {0}")]
+    NoDevice(String),
+    #[error("NVRTC is not available: {0}")]
+    NoCompiler(String),
+    #[error("kernels/{family}.cu does not compile for sm_{arch}:\n{log}")]
+    Compile { family: String, arch: String, log: String },
+    #[error("CUDA driver: {0}")]
+    Driver(String),
+    #[error("kernel cache {path}: {source}")]
+    Cache { path: String, source: std::io::Error },
+}
+
+impl From<cudarc::driver::DriverError> for CudaError {
+    fn from(e: cudarc::driver::DriverError) -> Self {
+        CudaError::Driver(e.to_string())
+    }
+}
