@@ -19,12 +19,14 @@ pub struct Family {
 const COMMON: &str = include_str!("../../../kernels/common.cuh");
 
 /// Every kernel family, embedded in the binary so that it needs no source tree at run time.
-pub const FAMILIES: [Family; 5] = [
+pub const FAMILIES: [Family; 7] = [
     Family { name: "norms", source: include_str!("../../../kernels/norms.cu") },
     Family { name: "activations", source: include_str!("../../../kernels/activations.cu") },
     Family { name: "embedding", source: include_str!("../../../kernels/embedding.cu") },
     Family { name: "cross_entropy", source: include_str!("../../../kernels/cross_entropy.cu") },
     Family { name: "adamw", source: include_str!("../../../kernels/adamw.cu") },
+    Family { name: "rope", source: include_str!("../../../kernels/rope.cu") },
+    Family { name: "attention", source: include_str!("../../../kernels/attention.cu") },
 ];
 
 impl Family {

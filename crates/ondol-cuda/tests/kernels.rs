@@ -5,6 +5,7 @@
 //! set, as the GPU bundle's run.sh (scripts/gpu-bundle.sh) sets it.
 
 use cudarc::driver::{CudaSlice, LaunchArgs, LaunchConfig, PushKernelArg};
+use ondol_core::backend::{AttnShape, rope_table};
 use ondol_core::{Activation, AdamWParams, Backend, Rng};
 use ondol_cpu::CpuBackend;
 use ondol_cuda::Gpu;
@@ -400,4 +401,69 @@ fn adamw_and_the_gradient_norm_match_the_cpu() {
     let (got, want) = (gpu.stream.clone_dtoh(&out).unwrap()[0], cpu.sum_squares(&g));
     eprintln!("sum of squares                           {got} vs {want}");
     assert!((got - want).abs() <= 1e-5 * want, "sum of squares {got} vs {want}");
+}
+
+#[test]
+fn rope_and_attention_match_the_cpu() {
+    let Some(gpu) = gpu() else { return };
+    let cpu = CpuBackend;
+    // Four query heads sharing two kv heads, a sequence that is not a multiple of any block.
+    let shape = AttnShape { batch: 2, seq: 37, n_heads: 4, n_kv_heads: 2, head_dim: 16 };
+    let (n, width) = (shape.rows(), shape.qkv_width());
+    let table = rope_table(shape.seq, shape.head_dim, 10_000.0);
+    let gtable = gpu.stream.clone_htod(&table).unwrap();
+    let (seq, h, hkv, d) = (shape.seq as i32, shape.n_heads as i32, shape.n_kv_heads as i32, shape.head_dim as i32);
+    let rows_i64 = n as i64;
+    for s in STORAGES {
+        let t = s.suffix();
+        let qkv = s.round(&random(n * width, 51, 1.0));
+        for inverse in [0i32, 1] {
+            let mut want = qkv.clone();
+            cpu.rope(&mut want, &table, shape, inverse == 1);
+            let g = up(&gpu, s, &qkv);
+            let f = gpu.function("rope", &format!("rope_{t}")).unwrap();
+            let mut l = gpu.stream.launch_builder(&f);
+            g.arg(&mut l);
+            l.arg(&gtable).arg(&rows_i64).arg(&seq).arg(&h).arg(&hkv).arg(&d).arg(&inverse);
+            unsafe { l.launch(flat(n * (shape.n_heads + shape.n_kv_heads) * shape.head_dim / 2)) }.unwrap();
+            assert_close(&format!("rope inverse={inverse} {t}"), &down(&gpu, &g), &s.round(&want), s.tolerance());
+        }
+
+        let (mut out, mut lse) = (vec![0.0; n * shape.q_width()], vec![0.0; shape.batch * shape.n_heads * shape.seq]);
+        cpu.attention_forward(&qkv, &mut out, &mut lse, shape);
+        let dout = s.round(&random(n * shape.q_width(), 52, 1.0));
+        // The CPU's backward from the same (rounded) forward output the GPU will see.
+        let out_seen = s.round(&out);
+        let mut dqkv = vec![0.0; n * width];
+        cpu.attention_backward(&dout, &qkv, &out_seen, &lse, &mut dqkv, shape);
+
+        let (gqkv, gout) = (up(&gpu, s, &qkv), up(&gpu, s, &vec![0.0; out.len()]));
+        let glse = gpu.stream.alloc_zeros::<f32>(lse.len()).unwrap();
+        let smem = ((shape.seq + shape.head_dim) * 4) as u32;
+        let grid = LaunchConfig {
+            grid_dim: (shape.seq as u32, shape.n_heads as u32, shape.batch as u32),
+            block_dim: (64, 1, 1),
+            shared_mem_bytes: smem,
+        };
+        let f = gpu.function("attention", &format!("attention_forward_{t}")).unwrap();
+        let mut l = gpu.stream.launch_builder(&f);
+        gqkv.arg(&mut l);
+        gout.arg(&mut l);
+        l.arg(&glse).arg(&seq).arg(&h).arg(&hkv).arg(&d);
+        unsafe { l.launch(grid) }.unwrap();
+        assert_close(&format!("attention forward {t}"), &down(&gpu, &gout), &out_seen, s.tolerance());
+        assert_close(&format!("attention lse {t}"), &gpu.stream.clone_dtoh(&glse).unwrap(), &lse, 1e-5);
+
+        let (gdout, gout_seen) = (up(&gpu, s, &dout), up(&gpu, s, &out_seen));
+        let gdqkv = gpu.stream.alloc_zeros::<f32>(n * width).unwrap();
+        let f = gpu.function("attention", &format!("attention_backward_{t}")).unwrap();
+        let mut l = gpu.stream.launch_builder(&f);
+        gdout.arg(&mut l);
+        gqkv.arg(&mut l);
+        gout_seen.arg(&mut l);
+        l.arg(&glse).arg(&gdqkv).arg(&seq).arg(&h).arg(&hkv).arg(&d);
+        unsafe { l.launch(grid) }.unwrap();
+        // dqkv is fp32 in both storages; bf16 inputs only add the rounding of the saved lse.
+        assert_close(&format!("attention backward dqkv {t}"), &gpu.stream.clone_dtoh(&gdqkv).unwrap(), &dqkv, 1e-4);
+    }
 }

@@ -1,0 +1,120 @@
+// Causal grouped-query softmax attention, forward and backward: the simple, correct
+// version (the flash-attention kernel replaces it on the hot path).
+//
+// Computes, for batch b, query head h (kv head g = h / (H / Hkv)) and query i, with
+// scale = 1 / sqrt(D) and keys j <= i:
+//   s_j = scale q_i . k_j;  lse = log sum_j exp(s_j);  p_j = exp(s_j - lse);  out_i = sum_j p_j v_j
+// Backward, from dO_i and the saved lse (P is recomputed, never stored):
+//   dP_j = dO_i . v_j;  delta = dO_i . out_i;  dS_j = p_j (dP_j - delta)
+//   dq_i = scale sum_j dS_j k_j;  dk_j += scale dS_j q_i;  dv_j += p_j dO_i
+// Layouts: qkv [B T, (H + 2 Hkv) D] (q heads, k heads, v heads; rows b T + t); out and dout
+// [B T, H D]; lse fp32 [B, H, T]; dqkv fp32 [B T, (H + 2 Hkv) D], which backward accumulates
+// into with atomics: the caller zeroes it first.
+// Launch: one block per (query i, head h, batch b) = grid (T, H, B); dynamic shared memory
+// (T + D) floats; blockDim a multiple of 32. Threads take keys for the scores and head
+// dimensions for the outputs. FLOPs: 4 T^2 D / 2 per head forward, 2.5x that backward; the
+// T x T matrix never leaves shared memory, but K and V are read once per query (T^2 D reads
+// per head), which is what flash attention's tiling removes.
+#include "common.cuh"
+
+struct Heads {
+    int seq, n_heads, n_kv_heads, head_dim;
+    __device__ long long width() const { return (long long)(n_heads + 2 * n_kv_heads) * head_dim; }
+    __device__ int kv_of(int h) const { return h / (n_heads / n_kv_heads); }
+};
+
+template <typename T>
+__device__ void attention_forward(const T* qkv, T* out, float* lse, Heads s) {
+    __shared__ float scratch[32];
+    extern __shared__ float smem[];  // p [seq] then q [head_dim]
+    const int i = blockIdx.x, h = blockIdx.y, b = blockIdx.z, d = s.head_dim, g = s.kv_of(h);
+    float* p = smem;
+    float* q = smem + s.seq;
+    const long long w = s.width(), base = (long long)b * s.seq * w;
+    const T* qi = qkv + base + i * w + (long long)h * d;
+    const T* k = qkv + base + (long long)(s.n_heads + g) * d;
+    const T* v = qkv + base + (long long)(s.n_heads + s.n_kv_heads + g) * d;
+    const float scale = rsqrtf((float)d);
+    for (int c = threadIdx.x; c < d; c += blockDim.x) q[c] = to_float(qi[c]);
+    __syncthreads();
+    float m = NEG_INF;
+    for (int j = threadIdx.x; j <= i; j += blockDim.x) {
+        float dot = 0.0f;
+        for (int c = 0; c < d; c++) dot += q[c] * to_float(k[j * w + c]);
+        p[j] = dot * scale;
+        m = fmaxf(m, p[j]);
+    }
+    m = block_max(m, scratch);
+    float sum = 0.0f;
+    for (int j = threadIdx.x; j <= i; j += blockDim.x) {
+        p[j] = __expf(p[j] - m);
+        sum += p[j];
+    }
+    sum = block_sum(sum, scratch);
+    const float inv = 1.0f / sum;
+    T* o = out + ((long long)b * s.seq + i) * s.n_heads * d + (long long)h * d;
+    for (int c = threadIdx.x; c < d; c += blockDim.x) {
+        float acc = 0.0f;
+        for (int j = 0; j <= i; j++) acc += p[j] * to_float(v[j * w + c]);
+        o[c] = from_float<T>(acc * inv);
+    }
+    if (threadIdx.x == 0) lse[((long long)b * s.n_heads + h) * s.seq + i] = m + __logf(sum);
+}
+
+template <typename T>
+__device__ void attention_backward(const T* dout, const T* qkv, const T* out, const float* lse, float* dqkv, Heads s) {
+    __shared__ float scratch[32];
+    extern __shared__ float smem[];  // dS [seq] then dO_i [head_dim]
+    const int i = blockIdx.x, h = blockIdx.y, b = blockIdx.z, d = s.head_dim, g = s.kv_of(h);
+    float* ds = smem;
+    float* dout_i = smem + s.seq;
+    const long long w = s.width(), base = (long long)b * s.seq * w;
+    const long long orow = ((long long)b * s.seq + i) * s.n_heads * d + (long long)h * d;
+    const T* qi = qkv + base + i * w + (long long)h * d;
+    const long long kc = (long long)(s.n_heads + g) * d, vc = (long long)(s.n_heads + s.n_kv_heads + g) * d;
+    const float scale = rsqrtf((float)d);
+    const float l = lse[((long long)b * s.n_heads + h) * s.seq + i];
+    float delta = 0.0f;
+    for (int c = threadIdx.x; c < d; c += blockDim.x) {
+        dout_i[c] = to_float(dout[orow + c]);
+        delta += dout_i[c] * to_float(out[orow + c]);
+    }
+    delta = block_sum(delta, scratch);  // also the barrier after dout_i is written
+    float* dq = dqkv + base + i * w + (long long)h * d;
+    for (int j = threadIdx.x; j <= i; j += blockDim.x) {
+        const T* kj = qkv + base + j * w + kc;
+        const T* vj = qkv + base + j * w + vc;
+        float qk = 0.0f, dp = 0.0f;
+        for (int c = 0; c < d; c++) {
+            qk += to_float(qi[c]) * to_float(kj[c]);
+            dp += dout_i[c] * to_float(vj[c]);
+        }
+        const float pj = __expf(qk * scale - l);
+        ds[j] = pj * (dp - delta);
+        float* dk = dqkv + base + j * w + kc;
+        float* dv = dqkv + base + j * w + vc;
+        for (int c = 0; c < d; c++) {
+            atomicAdd(&dk[c], scale * ds[j] * to_float(qi[c]));
+            atomicAdd(&dv[c], pj * dout_i[c]);
+        }
+    }
+    __syncthreads();
+    for (int c = threadIdx.x; c < d; c += blockDim.x) {
+        float acc = 0.0f;
+        for (int j = 0; j <= i; j++) acc += ds[j] * to_float(qkv[base + j * w + kc + c]);
+        dq[c] += scale * acc;
+    }
+}
+
+#define ATTENTION_KERNELS(T, S)                                                                                    \
+    extern "C" __global__ void attention_forward_##S(const T* qkv, T* out, float* lse, int seq, int n_heads,      \
+                                                     int n_kv_heads, int head_dim) {                               \
+        attention_forward<T>(qkv, out, lse, Heads{seq, n_heads, n_kv_heads, head_dim});                            \
+    }                                                                                                              \
+    extern "C" __global__ void attention_backward_##S(const T* dout, const T* qkv, const T* out, const float* lse, \
+                                                      float* dqkv, int seq, int n_heads, int n_kv_heads,           \
+                                                      int head_dim) {                                              \
+        attention_backward<T>(dout, qkv, out, lse, dqkv, Heads{seq, n_heads, n_kv_heads, head_dim});               \
+    }
+
+FOR_EACH_STORAGE(ATTENTION_KERNELS)
