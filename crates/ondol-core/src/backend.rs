@@ -14,6 +14,14 @@
 //!   (q heads, then k heads, then v heads), so the three projections are one GEMM.
 //! - SwiGLU reads gate and up from one `[rows, 2 * F]` buffer (gate first), likewise one GEMM.
 //!
+//! Precision: a backend computes in its *compute type* (f32 on the CPU; bf16 or f32 on a GPU).
+//! Activations, their gradients and the parameters the ops read are in the compute type
+//! ([`Backend::zeros`], [`Backend::upload`]). Parameter gradients, optimizer state, master
+//! weights and per-row statistics (norm rstd and mean, attention log-sum-exp, losses,
+//! cross-entropy stats, the rotary table, scan states) are always f32
+//! ([`Backend::zeros_f32`], [`Backend::upload_f32`]), so gradients accumulate over
+//! micro-batches without rounding and the optimizer updates fp32 master weights.
+//!
 //! Views are generic associated types: on the CPU they are plain `&[f32]` / `&mut [f32]`;
 //! a GPU backend uses its own device views. Disjoint mutable views of one buffer (two parameter
 //! gradients in the flat gradient buffer) come from [`Backend::views_mut`].
@@ -241,10 +249,28 @@ pub trait Backend: Send + Sync {
 
     fn name(&self) -> String;
 
+    /// Whether the compute type is narrower than f32 (bf16): then the optimizer keeps fp32
+    /// master weights of its own and writes the compute copy in its update.
+    fn mixed_precision(&self) -> bool {
+        false
+    }
+
     // ---- memory -------------------------------------------------------------------------
-    /// A zero-filled buffer of `len` elements.
+    /// A zero-filled buffer of `len` elements of the compute type.
     fn zeros(&self, len: usize) -> Self::Buf;
+    /// A zero-filled buffer of `len` f32 elements (see the module docs for which buffers).
+    fn zeros_f32(&self, len: usize) -> Self::Buf {
+        self.zeros(len)
+    }
+    /// `data` in a new buffer of the compute type (rounded if it is narrower).
     fn upload(&self, data: &[f32]) -> Self::Buf;
+    /// `data` in a new f32 buffer.
+    fn upload_f32(&self, data: &[f32]) -> Self::Buf {
+        self.upload(data)
+    }
+    /// Overwrites `buf` (of `data`'s length) with `data`, keeping the buffer's type.
+    fn write(&self, buf: &mut Self::Buf, data: &[f32]);
+    /// The contents of `buf` as f32, whatever its type.
     fn download(&self, buf: &Self::Buf) -> Vec<f32>;
     fn upload_ids(&self, ids: &[u32]) -> Self::Ids;
     /// Replace the contents of `ids` (same length) without reallocating.
@@ -525,8 +551,18 @@ pub trait Backend: Send + Sync {
     );
 
     // ---- optimizer -----------------------------------------------------------------------------
-    /// One AdamW step over a flat range: params, grads and the two moments have equal length.
-    fn adamw(&self, params: Self::Mut<'_>, grads: Self::Ref<'_>, m: Self::Mut<'_>, v: Self::Mut<'_>, hp: AdamWParams);
+    /// One AdamW step over a flat range of f32 buffers: params, grads and the two moments
+    /// have equal length. If `copy` is given (the compute-type parameters of a mixed-precision
+    /// run, `params` being the fp32 master), it receives the updated parameters too.
+    fn adamw(
+        &self,
+        params: Self::Mut<'_>,
+        grads: Self::Ref<'_>,
+        m: Self::Mut<'_>,
+        v: Self::Mut<'_>,
+        hp: AdamWParams,
+        copy: Option<Self::Mut<'_>>,
+    );
 }
 
 /// Combines the rows of [`Backend::cross_entropy_stats`] from every vocab shard (`parts[s]`

@@ -65,6 +65,9 @@ impl Backend for CpuBackend {
     fn upload(&self, data: &[f32]) -> Vec<f32> {
         data.to_vec()
     }
+    fn write(&self, buf: &mut Vec<f32>, data: &[f32]) {
+        buf.copy_from_slice(data);
+    }
     fn download(&self, buf: &Vec<f32>) -> Vec<f32> {
         buf.clone()
     }
@@ -337,8 +340,11 @@ impl Backend for CpuBackend {
         loss::cross_entropy_grad(logits, targets, lse, first_id, vocab, grad_scale);
     }
 
-    fn adamw(&self, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], hp: AdamWParams) {
+    fn adamw(&self, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], hp: AdamWParams, copy: Option<&mut [f32]>) {
         adamw::adamw(p, g, m, v, hp);
+        if let Some(copy) = copy {
+            copy.copy_from_slice(p);
+        }
     }
 }
 

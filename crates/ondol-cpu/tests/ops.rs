@@ -485,7 +485,7 @@ fn adamw_matches_a_scalar_reference() {
     for step in 1..=3u64 {
         let g = randn(n, 1.0, 100 + step);
         let hp = AdamWParams { lr: 1e-2, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, step, grad_scale: 0.5 };
-        BE.adamw(&mut p, &g, &mut m, &mut v, hp);
+        BE.adamw(&mut p, &g, &mut m, &mut v, hp, None);
         for i in 0..n {
             let gi = g[i] as f64 * 0.5;
             rm[i] = 0.9 * rm[i] + 0.1 * gi;

@@ -371,7 +371,7 @@ fn adamw_and_the_gradient_norm_match_the_cpu() {
     let (p0, g) = (random(n, 41, 1.0), random(n, 42, 1.0));
     let (m0, v0) = (random(n, 43, 0.1), random(n, 44, 0.1).iter().map(|v| v * v).collect::<Vec<_>>());
     let (mut p, mut m, mut v) = (p0.clone(), m0.clone(), v0.clone());
-    cpu.adamw(&mut p, &g, &mut m, &mut v, hp);
+    cpu.adamw(&mut p, &g, &mut m, &mut v, hp, None);
 
     let (gp, gg) = (gpu.stream.clone_htod(&p0).unwrap(), gpu.stream.clone_htod(&g).unwrap());
     let (gm, gv) = (gpu.stream.clone_htod(&m0).unwrap(), gpu.stream.clone_htod(&v0).unwrap());

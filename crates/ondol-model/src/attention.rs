@@ -44,7 +44,7 @@ impl Attention {
 
     pub fn acts<B: Backend>(&self, be: &B, batch: usize, seq: usize) -> AttnActs<B> {
         let [qkv, attn, lse] = self.act_lens(batch, seq);
-        AttnActs { qkv: be.zeros(qkv), attn: be.zeros(attn), lse: be.zeros(lse) }
+        AttnActs { qkv: be.zeros(qkv), attn: be.zeros(attn), lse: be.zeros_f32(lse) }
     }
 
     /// Floats of [`Attention::acts`].

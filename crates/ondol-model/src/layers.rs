@@ -138,7 +138,11 @@ pub(crate) struct NormActs<B: Backend> {
 
 impl<B: Backend> NormActs<B> {
     pub fn new(be: &B, rows: usize, dim: usize, layernorm: bool) -> Self {
-        Self { out: be.zeros(rows * dim), mean: be.zeros(if layernorm { rows } else { 0 }), rstd: be.zeros(rows) }
+        Self {
+            out: be.zeros(rows * dim),
+            mean: be.zeros_f32(if layernorm { rows } else { 0 }),
+            rstd: be.zeros_f32(rows),
+        }
     }
 }
 

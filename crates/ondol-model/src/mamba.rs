@@ -71,8 +71,9 @@ impl Mamba {
     }
 
     pub fn acts<B: Backend>(&self, be: &B, batch: usize, seq: usize) -> MambaActs<B> {
-        let [x, z, u, dt, b, c, delta, y, states] = self.act_lens(batch, seq).map(|n| be.zeros(n));
-        MambaActs { x, z, u, dt, b, c, delta, y, states }
+        let [x, z, u, dt, b, c, delta, y, states] = self.act_lens(batch, seq);
+        let [x, z, u, dt, b, c, delta, y] = [x, z, u, dt, b, c, delta, y].map(|n| be.zeros(n));
+        MambaActs { x, z, u, dt, b, c, delta, y, states: be.zeros_f32(states) }
     }
 
     pub fn act_floats(&self, batch: usize, seq: usize) -> u64 {

@@ -88,8 +88,9 @@ impl Mamba2 {
     }
 
     pub fn acts<B: Backend>(&self, be: &B, batch: usize, seq: usize) -> Mamba2Acts<B> {
-        let [z, xbc_raw, xbc, dt, y, states, normed, rstd] = self.act_lens(batch, seq).map(|n| be.zeros(n));
-        Mamba2Acts { z, xbc_raw, xbc, dt, y, states, normed, rstd }
+        let [z, xbc_raw, xbc, dt, y, states, normed, rstd] = self.act_lens(batch, seq);
+        let [z, xbc_raw, xbc, dt, y, normed] = [z, xbc_raw, xbc, dt, y, normed].map(|n| be.zeros(n));
+        Mamba2Acts { z, xbc_raw, xbc, dt, y, states: be.zeros_f32(states), normed, rstd: be.zeros_f32(rstd) }
     }
 
     pub fn act_floats(&self, batch: usize, seq: usize) -> u64 {

@@ -734,7 +734,7 @@ impl Model {
         let mut host_lse = vec![0.0f32; ws.rows];
         let loss = combine_ce_stats(&parts, &mut host_lse);
         if let Some(scale) = grad_scale {
-            *lse = be.upload(&host_lse);
+            be.write(lse, &host_lse);
             be.cross_entropy_grad(be.all_mut(&mut ws.logits), targets, be.all(lse), self.vocab.start, vocab, scale);
         }
         Ok(loss)
@@ -977,7 +977,7 @@ impl<B: Backend> KvCache<B> {
         Self {
             k: model.blocks.iter().map(|b| be.zeros(kv_len(b))).collect(),
             v: model.blocks.iter().map(|b| be.zeros(kv_len(b))).collect(),
-            rope: be.upload(&model.rope_table(max_seq)),
+            rope: be.upload_f32(&model.rope_table(max_seq)),
             batch,
             max_seq,
             len: 0,
@@ -1148,9 +1148,9 @@ impl<B: Backend> Workspace<B> {
             shared,
             norm_f: model.head.is_some().then(|| NormActs::new(be, stream, d, layernorm)),
             logits: be.zeros(if model.head.is_some() { rows * model.vocab.len() } else { 0 }),
-            losses: be.zeros(rows),
-            vocab_parallel: (model.part.tp > 1).then(|| (be.zeros(3 * rows), be.zeros(rows))),
-            rope: be.upload(&model.rope_table(seq)),
+            losses: be.zeros_f32(rows),
+            vocab_parallel: (model.part.tp > 1).then(|| (be.zeros_f32(3 * rows), be.zeros_f32(rows))),
+            rope: be.upload_f32(&model.rope_table(seq)),
             scratch,
             gathered: part.sequence_parallel.then(|| Gathered {
                 input: be.zeros(rows * d),

@@ -66,21 +66,32 @@ impl OptimizerConfig {
     }
 }
 
-/// AdamW state: the two moment buffers and the step count.
+/// AdamW state: the two moment buffers, the step count and, on a mixed-precision backend,
+/// the fp32 master weights (the model's own parameters are then their compute-type copy).
 pub struct AdamW<B: Backend> {
     pub cfg: OptimizerConfig,
     pub m: B::Buf,
     pub v: B::Buf,
+    pub master: Option<B::Buf>,
     /// Updates applied so far.
     pub step: u64,
     runs: Vec<(Range<usize>, bool)>,
 }
 
 impl<B: Backend> AdamW<B> {
-    /// State for `n` parameters whose decay flags come in `runs` (see `ParamLayout::decay_runs`).
-    pub fn new(be: &B, cfg: OptimizerConfig, n: usize, runs: Vec<(Range<usize>, bool)>) -> Self {
+    /// State for the parameters `params` (as f32) whose decay flags come in `runs` (see
+    /// `ParamLayout::decay_runs`).
+    pub fn new(be: &B, cfg: OptimizerConfig, params: &[f32], runs: Vec<(Range<usize>, bool)>) -> Self {
+        let n = params.len();
         assert_eq!(runs.last().map_or(0, |(r, _)| r.end), n, "decay runs must cover the buffer");
-        Self { cfg, m: be.zeros(n), v: be.zeros(n), step: 0, runs }
+        let master = be.mixed_precision().then(|| be.upload_f32(params));
+        Self { cfg, m: be.zeros_f32(n), v: be.zeros_f32(n), master, step: 0, runs }
+    }
+
+    /// The parameters as the optimizer holds them: the fp32 master weights if it keeps them,
+    /// else the model's `params` themselves.
+    pub fn master_params(&self, be: &B, params: &B::Buf) -> Vec<f32> {
+        be.download(self.master.as_ref().unwrap_or(params))
     }
 
     /// The global L2 norm of `grads`.
@@ -107,11 +118,16 @@ impl<B: Backend> AdamW<B> {
                 step: self.step,
                 grad_scale,
             };
-            let p = be.view_mut(params, range.clone());
             let g = be.view(grads, range.clone());
             let m = be.view_mut(&mut self.m, range.clone());
             let v = be.view_mut(&mut self.v, range.clone());
-            be.adamw(p, g, m, v, hp);
+            match &mut self.master {
+                None => be.adamw(be.view_mut(params, range.clone()), g, m, v, hp, None),
+                Some(master) => {
+                    let copy = be.view_mut(params, range.clone());
+                    be.adamw(be.view_mut(master, range.clone()), g, m, v, hp, Some(copy))
+                }
+            }
         }
     }
 }
@@ -128,7 +144,7 @@ mod tests {
     #[test]
     fn decay_applies_only_to_decayed_runs() {
         let be = CpuBackend;
-        let mut opt = AdamW::new(&be, cfg(), 4, vec![(0..2, true), (2..4, false)]);
+        let mut opt = AdamW::new(&be, cfg(), &[1.0; 4], vec![(0..2, true), (2..4, false)]);
         let mut p = vec![1.0f32; 4];
         opt.update(&be, &mut p, &vec![0.0; 4], 0.1, 1.0);
         // Zero gradient: only weight decay moves the parameters.
@@ -138,7 +154,7 @@ mod tests {
     #[test]
     fn clipping_scales_to_the_limit() {
         let be = CpuBackend;
-        let opt = AdamW::new(&be, cfg(), 2, vec![(0..2, true)]);
+        let opt = AdamW::new(&be, cfg(), &[0.0; 2], vec![(0..2, true)]);
         let norm = AdamW::<CpuBackend>::grad_norm(&be, &vec![3.0, 4.0]);
         assert_eq!(norm, 5.0);
         assert!((opt.clip_factor(norm) as f64 * 5.0 - 1.0).abs() < 1e-6);

@@ -212,7 +212,7 @@ impl<B: Backend> TensorParallel<B> for TpHook<'_> {
     fn all_reduce(&mut self, be: &B, buf: &mut B::Buf) -> Result<()> {
         let mut host = be.download(buf);
         self.0.all_reduce_sum(&mut host)?;
-        *buf = be.upload(&host);
+        be.write(buf, &host);
         Ok(())
     }
     fn all_gather(&mut self, part: &[f32]) -> Result<Vec<f32>> {
@@ -222,13 +222,13 @@ impl<B: Backend> TensorParallel<B> for TpHook<'_> {
     }
     fn all_gather_rows(&mut self, be: &B, part: &B::Buf, whole: &mut B::Buf) -> Result<()> {
         let gathered = TensorParallel::<B>::all_gather(self, &be.download(part))?;
-        *whole = be.upload(&gathered);
+        be.write(whole, &gathered);
         Ok(())
     }
     fn reduce_scatter_rows(&mut self, be: &B, whole: &B::Buf, part: &mut B::Buf) -> Result<()> {
         let mut mine = vec![0.0; be.len(part)];
         self.0.reduce_scatter_sum(&be.download(whole), &mut mine)?;
-        *part = be.upload(&mine);
+        be.write(part, &mine);
         Ok(())
     }
 }
@@ -265,14 +265,15 @@ impl<B: Backend> Engine<B> {
             let n = model.num_params();
             let zero = layout.zero.then(|| ZeroShard::new(n, c.dp, layout.mesh.dp));
             let runs = model.layout.decay_runs();
+            let init = model.layout.init(seed);
             let opt = match &zero {
-                None => AdamW::new(&be, optimizer.clone(), n, runs),
-                Some(z) => AdamW::new(&be, optimizer.clone(), z.len, z.decay_runs(&runs)),
+                None => AdamW::new(&be, optimizer.clone(), &init, runs),
+                Some(z) => AdamW::new(&be, optimizer.clone(), &z.slice(&init), z.decay_runs(&runs)),
             };
             let primary = merged(model.layout.params().iter().filter(|p| p.place.primary).map(|p| p.range()));
             chunks.push(Chunk {
-                params: be.upload(&model.layout.init(seed)),
-                grads: be.zeros(n),
+                params: be.upload(&init),
+                grads: be.zeros_f32(n),
                 model,
                 opt,
                 zero,
@@ -443,7 +444,7 @@ impl<B: Backend> Engine<B> {
                 comms.tp.all_reduce_sum(&mut global)?;
                 host[p.range()].copy_from_slice(&p.place.extract(&global));
             }
-            c.grads = be.upload(&host);
+            be.write(&mut c.grads, &host);
         }
         Ok(())
     }
@@ -462,7 +463,7 @@ impl<B: Backend> Engine<B> {
                     if dp.size() > 1 {
                         let mut host = be.download(&c.grads);
                         dp.all_reduce_sum(&mut host)?;
-                        c.grads = be.upload(&host);
+                        be.write(&mut c.grads, &host);
                     }
                     // Replicas hold equal gradients: the first one counts them.
                     if first_replica {
@@ -491,10 +492,10 @@ impl<B: Backend> Engine<B> {
                     let mut params = be.download(&c.params);
                     params.resize(z.padded, 0.0);
                     let mut mine = be.upload(&params[z.start..z.start + z.len]);
-                    c.opt.update(be, &mut mine, &be.upload(&grad_shard), lr, clip);
+                    c.opt.update(be, &mut mine, &be.upload_f32(&grad_shard), lr, clip);
                     dp.all_gather(&be.download(&mine), &mut params)?;
                     params.truncate(c.model.num_params());
-                    c.params = be.upload(&params);
+                    be.write(&mut c.params, &params);
                 }
                 _ => c.opt.update(be, &mut c.params, &c.grads, lr, clip),
             }
@@ -508,17 +509,25 @@ impl<B: Backend> Engine<B> {
         sum_f64(self.comms.world.as_ref(), x)
     }
 
-    /// The AdamW moments of chunk `c`'s whole flat buffer (gathered over dp under ZeRO-1).
-    fn moments(&self, c: &Chunk<B>) -> Result<(Vec<f32>, Vec<f32>)> {
-        let (m, v) = (self.be.download(&c.opt.m), self.be.download(&c.opt.v));
-        let Some(z) = &c.zero else { return Ok((m, v)) };
+    /// Chunk `c`'s parameters (the fp32 master weights where the optimizer keeps them) and
+    /// AdamW moments over its whole flat buffer (gathered over dp under ZeRO-1).
+    fn optimizer_state(&self, c: &Chunk<B>) -> Result<[Vec<f32>; 3]> {
+        let be = &self.be;
+        let (m, v) = (be.download(&c.opt.m), be.download(&c.opt.v));
+        let Some(z) = &c.zero else { return Ok([c.opt.master_params(be, &c.params), m, v]) };
         let gather = |shard: Vec<f32>| -> Result<Vec<f32>> {
             let mut full = vec![0.0f32; z.padded];
             self.comms.dp.all_gather(&shard, &mut full)?;
             full.truncate(c.model.num_params());
             Ok(full)
         };
-        Ok((gather(m)?, gather(v)?))
+        // The master weights are sharded like the moments; without them every rank holds
+        // the whole parameters.
+        let params = match &c.opt.master {
+            Some(master) => gather(be.download(master))?,
+            None => be.download(&c.params),
+        };
+        Ok([params, gather(m)?, gather(v)?])
     }
 
     /// Parameters and AdamW moments as whole tensors in the whole model's flat layout, on world
@@ -526,10 +535,9 @@ impl<B: Backend> Engine<B> {
     pub fn whole_state(&self) -> Result<Option<[Vec<f32>; 3]>> {
         let mut mine = [Vec::new(), Vec::new(), Vec::new()];
         for c in &self.chunks {
-            let (m, v) = self.moments(c)?;
-            let p = self.be.download(&c.params);
+            let state = self.optimizer_state(c)?;
             for info in c.model.layout.params().iter().filter(|i| i.place.primary) {
-                for (out, src) in mine.iter_mut().zip([&p, &m, &v]) {
+                for (out, src) in mine.iter_mut().zip(&state) {
                     out.extend_from_slice(&src[info.range()]);
                 }
             }
@@ -594,15 +602,18 @@ impl<B: Backend> Engine<B> {
                 }
                 local
             };
-            c.params = be.upload(&cut(params));
+            let local = cut(params);
+            be.write(&mut c.params, &local);
+            let shard = |x: Vec<f32>| match &c.zero {
+                None => x,
+                Some(z) => z.slice(&x),
+            };
+            if let Some(master) = &mut c.opt.master {
+                be.write(master, &shard(local));
+            }
             if let Some((m, v, step)) = moments {
-                let (m, v) = (cut(m), cut(v));
-                let (m, v) = match &c.zero {
-                    None => (m, v),
-                    Some(z) => (z.slice(&m), z.slice(&v)),
-                };
-                c.opt.m = be.upload(&m);
-                c.opt.v = be.upload(&v);
+                be.write(&mut c.opt.m, &shard(cut(m)));
+                be.write(&mut c.opt.v, &shard(cut(v)));
                 c.opt.step = step;
             }
         }
@@ -690,7 +701,7 @@ fn recv_tagged<B: Backend>(
         )));
     }
     host.truncate(host.len() - 2);
-    *buf = be.upload(&host);
+    be.write(buf, &host);
     Ok(start.elapsed().as_secs_f64())
 }
 
