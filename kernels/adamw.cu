@@ -1,5 +1,4 @@
-// AdamW over flat fp32 buffers (decoupled weight decay, bias-corrected moments), and the
-// sum of squares behind the global gradient norm.
+// AdamW over flat fp32 buffers (decoupled weight decay, bias-corrected moments).
 //
 // Computes, per element (all fp32; the caller folds the bias corrections into step_size =
 // lr / (1 - beta1^t) and inv_bc2_sqrt = 1 / sqrt(1 - beta2^t), as the CPU reference does):
@@ -8,8 +7,6 @@
 // and, if `copy` is not null, copy = bf16(p): the compute copy of the master weights, written
 // in the same pass. Nothing is saved. Launch: a grid-stride loop, any grid. Memory-bound: 16
 // bytes read and 12 written per element (+2 with the copy), ~15 FLOPs.
-//   sum_squares: *out += sum(x^2) over n fp32 values, accumulated per thread in fp32, per
-// block in fp32, across blocks in fp64 (one atomicAdd per block; the order varies by run).
 #include "common.cuh"
 
 extern "C" __global__ void adamw(float* p, const float* g, float* m, float* v, bf16* copy, long long n, float beta1,
@@ -25,13 +22,4 @@ extern "C" __global__ void adamw(float* p, const float* g, float* m, float* v, b
         p[i] = pi;
         if (copy) copy[i] = from_float<bf16>(pi);
     }
-}
-
-extern "C" __global__ void sum_squares(const float* x, long long n, double* out) {
-    __shared__ float scratch[32];
-    float s = 0.0f;
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
-        s += x[i] * x[i];
-    s = block_sum(s, scratch);
-    if (threadIdx.x == 0) atomicAdd(out, (double)s);
 }

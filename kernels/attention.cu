@@ -1,5 +1,6 @@
-// Causal grouped-query softmax attention, forward and backward: the simple, correct
-// version (the flash-attention kernel replaces it on the hot path).
+// Causal grouped-query softmax attention, forward and backward, and its inference form over
+// a key/value cache: the simple, correct version (the flash-attention kernel replaces it on
+// the hot path).
 //
 // Computes, for batch b, query head h (kv head g = h / (H / Hkv)) and query i, with
 // scale = 1 / sqrt(D) and keys j <= i:
@@ -15,6 +16,10 @@
 // dimensions for the outputs. FLOPs: 4 T^2 D / 2 per head forward, 2.5x that backward; the
 // T x T matrix never leaves shared memory, but K and V are read once per query (T^2 D reads
 // per head), which is what flash attention's tiling removes.
+// Cached inference: kv_append copies the k and v heads of `new_seq` new rows per sequence
+// (positions pos..pos + new_seq) into k_cache and v_cache [B, max_seq, Hkv D] (a grid-stride
+// loop); attention_cached is the forward for those queries over cache positions 0..=their
+// own, grid (new_seq, H, B), dynamic shared memory (pos + new_seq + D) floats.
 #include "common.cuh"
 
 struct Heads {
@@ -23,42 +28,77 @@ struct Heads {
     __device__ int kv_of(int h) const { return h / (n_heads / n_kv_heads); }
 };
 
+// One query's softmax attention over keys 0..n_keys-1 (rows of k and v `stride` values
+// apart), by one block: writes out[0..d) and returns the log-sum-exp of the scaled scores.
+// `p` holds n_keys floats and `q` d floats of shared memory.
 template <typename T>
-__device__ void attention_forward(const T* qkv, T* out, float* lse, Heads s) {
-    __shared__ float scratch[32];
-    extern __shared__ float smem[];  // p [seq] then q [head_dim]
-    const int i = blockIdx.x, h = blockIdx.y, b = blockIdx.z, d = s.head_dim, g = s.kv_of(h);
-    float* p = smem;
-    float* q = smem + s.seq;
-    const long long w = s.width(), base = (long long)b * s.seq * w;
-    const T* qi = qkv + base + i * w + (long long)h * d;
-    const T* k = qkv + base + (long long)(s.n_heads + g) * d;
-    const T* v = qkv + base + (long long)(s.n_heads + s.n_kv_heads + g) * d;
+__device__ float attend(const T* qi, const T* k, const T* v, long long stride, int n_keys, int d, T* o, float* p,
+                        float* q, float* scratch) {
     const float scale = rsqrtf((float)d);
     for (int c = threadIdx.x; c < d; c += blockDim.x) q[c] = to_float(qi[c]);
     __syncthreads();
     float m = NEG_INF;
-    for (int j = threadIdx.x; j <= i; j += blockDim.x) {
+    for (int j = threadIdx.x; j < n_keys; j += blockDim.x) {
         float dot = 0.0f;
-        for (int c = 0; c < d; c++) dot += q[c] * to_float(k[j * w + c]);
+        for (int c = 0; c < d; c++) dot += q[c] * to_float(k[j * stride + c]);
         p[j] = dot * scale;
         m = fmaxf(m, p[j]);
     }
     m = block_max(m, scratch);
     float sum = 0.0f;
-    for (int j = threadIdx.x; j <= i; j += blockDim.x) {
+    for (int j = threadIdx.x; j < n_keys; j += blockDim.x) {
         p[j] = __expf(p[j] - m);
         sum += p[j];
     }
-    sum = block_sum(sum, scratch);
+    sum = block_sum(sum, scratch);  // also the barrier before p is read by every thread
     const float inv = 1.0f / sum;
-    T* o = out + ((long long)b * s.seq + i) * s.n_heads * d + (long long)h * d;
     for (int c = threadIdx.x; c < d; c += blockDim.x) {
         float acc = 0.0f;
-        for (int j = 0; j <= i; j++) acc += p[j] * to_float(v[j * w + c]);
+        for (int j = 0; j < n_keys; j++) acc += p[j] * to_float(v[j * stride + c]);
         o[c] = from_float<T>(acc * inv);
     }
-    if (threadIdx.x == 0) lse[((long long)b * s.n_heads + h) * s.seq + i] = m + __logf(sum);
+    return m + __logf(sum);
+}
+
+template <typename T>
+__device__ void attention_forward(const T* qkv, T* out, float* lse, Heads s) {
+    __shared__ float scratch[32];
+    extern __shared__ float smem[];  // p [seq] then q [head_dim]
+    const int i = blockIdx.x, h = blockIdx.y, b = blockIdx.z, d = s.head_dim, g = s.kv_of(h);
+    const long long w = s.width(), base = (long long)b * s.seq * w;
+    const T* qi = qkv + base + i * w + (long long)h * d;
+    const T* k = qkv + base + (long long)(s.n_heads + g) * d;
+    const T* v = qkv + base + (long long)(s.n_heads + s.n_kv_heads + g) * d;
+    T* o = out + ((long long)b * s.seq + i) * s.n_heads * d + (long long)h * d;
+    const float l = attend(qi, k, v, w, i + 1, d, o, smem, smem + s.seq, scratch);
+    if (threadIdx.x == 0) lse[((long long)b * s.n_heads + h) * s.seq + i] = l;
+}
+
+template <typename T>
+__device__ void kv_append(const T* qkv, T* k_cache, T* v_cache, Heads s, int pos, int max_seq, long long rows) {
+    const long long kv = (long long)s.n_kv_heads * s.head_dim, n = rows * kv;
+    for (long long e = blockIdx.x * (long long)blockDim.x + threadIdx.x; e < n; e += (long long)gridDim.x * blockDim.x) {
+        const long long r = e / kv, c = e % kv;
+        const long long b = r / s.seq, t = r % s.seq;
+        const long long at = (b * max_seq + pos + t) * kv + c;
+        k_cache[at] = qkv[r * s.width() + (long long)s.n_heads * s.head_dim + c];
+        v_cache[at] = qkv[r * s.width() + (long long)(s.n_heads + s.n_kv_heads) * s.head_dim + c];
+    }
+}
+
+// `s.seq` is the number of new rows per sequence; query i sits at position pos + i.
+template <typename T>
+__device__ void attention_cached(const T* qkv, const T* k_cache, const T* v_cache, T* out, Heads s, int pos,
+                                 int max_seq) {
+    __shared__ float scratch[32];
+    extern __shared__ float smem[];  // p [pos + seq] then q [head_dim]
+    const int i = blockIdx.x, h = blockIdx.y, b = blockIdx.z, d = s.head_dim, g = s.kv_of(h);
+    const long long kv = (long long)s.n_kv_heads * d;
+    const T* qi = qkv + ((long long)b * s.seq + i) * s.width() + (long long)h * d;
+    const T* k = k_cache + (long long)b * max_seq * kv + (long long)g * d;
+    const T* v = v_cache + (long long)b * max_seq * kv + (long long)g * d;
+    T* o = out + ((long long)b * s.seq + i) * s.n_heads * d + (long long)h * d;
+    attend(qi, k, v, kv, pos + i + 1, d, o, smem, smem + pos + s.seq, scratch);
 }
 
 template <typename T>
@@ -115,6 +155,16 @@ __device__ void attention_backward(const T* dout, const T* qkv, const T* out, co
                                                       float* dqkv, int seq, int n_heads, int n_kv_heads,           \
                                                       int head_dim) {                                              \
         attention_backward<T>(dout, qkv, out, lse, dqkv, Heads{seq, n_heads, n_kv_heads, head_dim});               \
+    }                                                                                                              \
+    extern "C" __global__ void kv_append_##S(const T* qkv, T* k_cache, T* v_cache, int new_seq, int n_heads,       \
+                                             int n_kv_heads, int head_dim, int pos, int max_seq, long long rows) { \
+        kv_append<T>(qkv, k_cache, v_cache, Heads{new_seq, n_heads, n_kv_heads, head_dim}, pos, max_seq, rows);    \
+    }                                                                                                              \
+    extern "C" __global__ void attention_cached_##S(const T* qkv, const T* k_cache, const T* v_cache, T* out,      \
+                                                    int new_seq, int n_heads, int n_kv_heads, int head_dim,        \
+                                                    int pos, int max_seq) {                                        \
+        attention_cached<T>(qkv, k_cache, v_cache, out, Heads{new_seq, n_heads, n_kv_heads, head_dim}, pos,        \
+                            max_seq);                                                                              \
     }
 
 FOR_EACH_STORAGE(ATTENTION_KERNELS)

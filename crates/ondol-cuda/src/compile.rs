@@ -19,7 +19,7 @@ pub struct Family {
 const COMMON: &str = include_str!("../../../kernels/common.cuh");
 
 /// Every kernel family, embedded in the binary so that it needs no source tree at run time.
-pub const FAMILIES: [Family; 7] = [
+pub const FAMILIES: [Family; 8] = [
     Family { name: "norms", source: include_str!("../../../kernels/norms.cu") },
     Family { name: "activations", source: include_str!("../../../kernels/activations.cu") },
     Family { name: "embedding", source: include_str!("../../../kernels/embedding.cu") },
@@ -27,6 +27,7 @@ pub const FAMILIES: [Family; 7] = [
     Family { name: "adamw", source: include_str!("../../../kernels/adamw.cu") },
     Family { name: "rope", source: include_str!("../../../kernels/rope.cu") },
     Family { name: "attention", source: include_str!("../../../kernels/attention.cu") },
+    Family { name: "elementwise", source: include_str!("../../../kernels/elementwise.cu") },
 ];
 
 impl Family {

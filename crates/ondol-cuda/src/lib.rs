@@ -2,17 +2,23 @@
 //! none), compiles the kernels of `kernels/*.cu` with NVRTC into a cubin for the device's
 //! exact architecture (cached on disk by source hash and architecture), and launches them.
 //!
+//! [`CudaBackend`] implements the backend contract on them, with cuBLASLt GEMMs and bf16 mixed
+//! precision.
+//!
 //! Everything is loaded at run time (cudarc's dynamic loading): the crate builds, and a
-//! binary that contains it runs, on a machine with no CUDA at all. The backend that trains
-//! on these kernels (the `Backend` implementation, cuBLASLt GEMMs, mixed precision) is the
-//! next step; today the kernels are checked one by one against the CPU reference
-//! (`tests/kernels.rs`, which skips without a GPU).
+//! binary that contains it runs, on a machine with no CUDA at all. Every op is checked against
+//! the CPU reference by `tests/backend.rs`, which skips without a GPU.
 
+mod backend;
 mod compile;
 mod device;
+mod gemm;
+mod memory;
 
+pub use backend::CudaBackend;
 pub use compile::{FAMILIES, Family, cached_cubin, compile_cubin, nvrtc_available};
-pub use device::Gpu;
+pub use device::{Arg, Gpu};
+pub use memory::{DevMut, DevRef, DeviceBuf, DeviceIds, Dtype, from_bf16, to_bf16};
 
 /// What can go wrong between the driver, NVRTC and a kernel.
 #[derive(Debug, thiserror::Error)]

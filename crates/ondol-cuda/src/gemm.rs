@@ -1,0 +1,251 @@
+//! GEMMs through cuBLASLt: bf16 (or f32) inputs, fp32 accumulation, an f32 or bf16 output.
+//!
+//! ondol's matrices are row-major; cuBLASLt's are column-major. A row-major `[r, c]` buffer is
+//! the column-major `[c, r]` matrix, its transpose, so `C = op(A) op(B)` is computed as
+//! `C^T = op(B)^T op(A)^T`: cuBLASLt's first operand is our B, its second our A, and no
+//! data moves. One plan (descriptors, layouts and the heuristic's algorithm) is built per
+//! shape, type and pointer alignment, and reused for the rest of the run.
+
+use crate::memory::{DevMut, DevRef, Dtype};
+use cudarc::cublaslt::{result, sys};
+use cudarc::driver::{CudaSlice, CudaStream};
+use ondol_core::backend::Gemm;
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::sync::{Arc, Mutex};
+
+/// cuBLAS's recommended workspace for Hopper (32 MiB covers Ampere too).
+const WORKSPACE_BYTES: usize = 32 << 20;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct PlanKey {
+    m: usize,
+    n: usize,
+    k: usize,
+    trans_a: bool,
+    trans_b: bool,
+    batch: usize,
+    strides: [usize; 3],
+    inputs: Dtype,
+    output: Dtype,
+    /// Alignment in bytes (up to 256) of A, B and C: algorithms that need more are excluded.
+    align: [u32; 3],
+}
+
+/// The cuBLASLt objects of one shape.
+struct Plan {
+    desc: sys::cublasLtMatmulDesc_t,
+    /// Layouts of cuBLASLt's first operand (our B), second operand (our A) and C.
+    layouts: [sys::cublasLtMatrixLayout_t; 3],
+    algo: sys::cublasLtMatmulAlgo_t,
+}
+
+impl Drop for Plan {
+    fn drop(&mut self) {
+        // SAFETY: created in `Plan::new`, destroyed once here. Errors on teardown are ignored.
+        unsafe {
+            let _ = result::destroy_matmul_desc(self.desc);
+            for l in self.layouts {
+                let _ = result::destroy_matrix_layout(l);
+            }
+        }
+    }
+}
+
+pub(crate) struct Blas {
+    handle: sys::cublasLtHandle_t,
+    workspace: CudaSlice<u8>,
+    workspace_ptr: u64,
+    plans: Mutex<HashMap<PlanKey, Plan>>,
+}
+
+// SAFETY: a cuBLASLt handle may be used from any thread; the backend issues every call on
+// its one stream, and the plan cache is behind a mutex.
+unsafe impl Send for Blas {}
+unsafe impl Sync for Blas {}
+
+impl Drop for Blas {
+    fn drop(&mut self) {
+        self.plans.lock().expect("plan cache").clear();
+        // SAFETY: created in `Blas::new`, destroyed once.
+        let _ = unsafe { result::destroy_handle(self.handle) };
+    }
+}
+
+fn cuda_type(d: Dtype) -> sys::cudaDataType {
+    match d {
+        Dtype::F32 => sys::cudaDataType::CUDA_R_32F,
+        Dtype::Bf16 => sys::cudaDataType::CUDA_R_16BF,
+    }
+}
+
+/// The largest power of two (up to 256) that divides the address.
+fn alignment(ptr: u64) -> u32 {
+    1u32 << ptr.trailing_zeros().min(8)
+}
+
+impl Blas {
+    pub(crate) fn new(stream: &Arc<CudaStream>) -> Result<Self, String> {
+        let handle = result::create_handle().map_err(|e| format!("cuBLASLt: {e:?}"))?;
+        let workspace = stream.alloc_zeros::<u8>(WORKSPACE_BYTES).map_err(|e| e.to_string())?;
+        let workspace_ptr = cudarc::driver::DevicePtr::device_ptr(&workspace, stream).0;
+        Ok(Self { handle, workspace, workspace_ptr, plans: Mutex::new(HashMap::new()) })
+    }
+
+    /// `c = alpha op(a) op(b) + beta c` (see [`Gemm`]). Inputs f32 with an f32 output, or
+    /// bf16 with a bf16 or f32 output (weight gradients accumulate in f32).
+    pub(crate) fn gemm(&self, stream: &CudaStream, g: Gemm, a: DevRef, b: DevRef, c: DevMut) {
+        assert_eq!(a.dtype, b.dtype, "gemm: A and B differ in type");
+        assert!(
+            a.dtype == c.dtype || (a.dtype == Dtype::Bf16 && c.dtype == Dtype::F32),
+            "gemm: {:?} inputs cannot write a {:?} output",
+            a.dtype,
+            c.dtype
+        );
+        if g.m == 0 || g.n == 0 || g.batch == 0 {
+            return;
+        }
+        let last = |stride: usize, size: usize| (g.batch - 1) * stride + size;
+        assert!(a.len >= last(g.stride_a, g.m * g.k), "gemm: A holds {} values", a.len);
+        assert!(b.len >= last(g.stride_b, g.k * g.n), "gemm: B holds {} values", b.len);
+        assert!(c.len >= last(g.stride_c, g.m * g.n), "gemm: C holds {} values", c.len);
+        let key = PlanKey {
+            m: g.m,
+            n: g.n,
+            k: g.k,
+            trans_a: g.trans_a,
+            trans_b: g.trans_b,
+            batch: g.batch,
+            strides: [g.stride_a, g.stride_b, g.stride_c],
+            inputs: a.dtype,
+            output: c.dtype,
+            align: [alignment(a.ptr), alignment(b.ptr), alignment(c.ptr)],
+        };
+        let mut plans = self.plans.lock().expect("plan cache");
+        let plan = plans
+            .entry(key)
+            .or_insert_with(|| self.plan(key).unwrap_or_else(|e| panic!("cuBLASLt has no plan for {key:?}: {e}")));
+        // SAFETY: the plan matches these buffers' shapes and types (the key), the views are
+        // in bounds (checked above), and the workspace is ours for the call's duration on
+        // this stream.
+        unsafe {
+            result::matmul(
+                self.handle,
+                plan.desc,
+                (&g.alpha) as *const f32 as *const c_void,
+                (&g.beta) as *const f32 as *const c_void,
+                b.ptr as *const c_void,
+                plan.layouts[0],
+                a.ptr as *const c_void,
+                plan.layouts[1],
+                c.ptr as *const c_void,
+                plan.layouts[2],
+                c.ptr as *mut c_void,
+                plan.layouts[2],
+                &plan.algo,
+                self.workspace_ptr as *mut c_void,
+                WORKSPACE_BYTES,
+                stream.cu_stream() as sys::cudaStream_t,
+            )
+        }
+        .unwrap_or_else(|e| panic!("cuBLASLt matmul {key:?}: {e:?}"));
+    }
+
+    fn plan(&self, k: PlanKey) -> Result<Plan, String> {
+        let fail = |e: result::CublasError| format!("{e:?}");
+        let input = cuda_type(k.inputs);
+        // (rows, cols, leading dimension) of each column-major operand, and its batch stride.
+        let first = if k.trans_b { (k.k, k.n, k.k) } else { (k.n, k.k, k.n) };
+        let second = if k.trans_a { (k.m, k.k, k.m) } else { (k.k, k.m, k.k) };
+        let out = (k.n, k.m, k.n);
+        let specs =
+            [(first, input, k.strides[1]), (second, input, k.strides[0]), (out, cuda_type(k.output), k.strides[2])];
+        let mut layouts = [std::ptr::null_mut(); 3];
+        for (slot, ((rows, cols, ld), ty, stride)) in layouts.iter_mut().zip(specs) {
+            let layout = result::create_matrix_layout(ty, rows as u64, cols as u64, ld as i64).map_err(fail)?;
+            if k.batch > 1 {
+                let (count, offset) = (k.batch as i32, stride as i64);
+                // SAFETY: the attributes take an i32 and an i64, passed with their sizes.
+                unsafe {
+                    result::set_matrix_layout_attribute(
+                        layout,
+                        sys::cublasLtMatrixLayoutAttribute_t::CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT,
+                        (&count) as *const i32 as *const c_void,
+                        4,
+                    )
+                    .map_err(fail)?;
+                    result::set_matrix_layout_attribute(
+                        layout,
+                        sys::cublasLtMatrixLayoutAttribute_t::CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET,
+                        (&offset) as *const i64 as *const c_void,
+                        8,
+                    )
+                    .map_err(fail)?;
+                }
+            }
+            *slot = layout;
+        }
+        let desc =
+            result::create_matmul_desc(sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, sys::cudaDataType::CUDA_R_32F)
+                .map_err(fail)?;
+        let mut plan = Plan { desc, layouts, algo: unsafe { std::mem::zeroed() } };
+        let ops = [k.trans_b as i32, k.trans_a as i32];
+        let pref = result::create_matmul_pref().map_err(fail)?;
+        // SAFETY: every attribute gets a value of the type and size cuBLASLt documents; the
+        // descriptors and layouts were created above and live in `plan`.
+        let heuristic = unsafe {
+            for (attr, op) in [
+                sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA,
+                sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB,
+            ]
+            .into_iter()
+            .zip(&ops)
+            {
+                result::set_matmul_desc_attribute(desc, attr, op as *const i32 as *const c_void, 4).map_err(fail)?;
+            }
+            let workspace = WORKSPACE_BYTES as u64;
+            result::set_matmul_pref_attribute(
+                pref,
+                sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                (&workspace) as *const u64 as *const c_void,
+                8,
+            )
+            .map_err(fail)?;
+            // cuBLASLt's first operand is our B, its second our A; C and D are one buffer.
+            let [a, b, c] = k.align;
+            for (attr, bytes) in [
+                (sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, b),
+                (sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, a),
+                (sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, c),
+                (sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, c),
+            ] {
+                result::set_matmul_pref_attribute(pref, attr, (&bytes) as *const u32 as *const c_void, 4)
+                    .map_err(fail)?;
+            }
+            let found = result::get_matmul_algo_heuristic(
+                self.handle,
+                desc,
+                plan.layouts[0],
+                plan.layouts[1],
+                plan.layouts[2],
+                plan.layouts[2],
+                pref,
+            );
+            let _ = result::destroy_matmul_pref(pref);
+            found.map_err(fail)?
+        };
+        plan.algo = heuristic.algo;
+        Ok(plan)
+    }
+}
+
+impl std::fmt::Debug for Blas {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "cuBLASLt ({} plans, {} MiB workspace)",
+            self.plans.lock().map_or(0, |p| p.len()),
+            self.workspace.len() >> 20
+        )
+    }
+}

@@ -1,0 +1,416 @@
+//! Every op of the CUDA backend against the CPU reference, through the backend contract, on
+//! random inputs of awkward sizes (not multiples of a block or a tile), computing in f32
+//! (agreement to f32 round-off) and in bf16 (inputs rounded to bf16 on both sides; the
+//! tolerance covers bf16 outputs). Each check prints its worst error. Without a GPU every test
+//! says why and passes, unless ONDOL_REQUIRE_GPU is set, as the GPU bundle's run.sh sets it.
+
+use ondol_core::backend::{AttnShape, Gemm, rope_table};
+use ondol_core::{Activation, AdamWParams, Backend, Rng};
+use ondol_cpu::CpuBackend;
+use ondol_cuda::{CudaBackend, Dtype, from_bf16, to_bf16};
+
+/// The CUDA backend computing in f32, then in bf16; empty (with a message) without a GPU.
+fn backends() -> Vec<CudaBackend> {
+    let mut out = Vec::new();
+    for dtype in [Dtype::F32, Dtype::Bf16] {
+        match CudaBackend::open(0, dtype) {
+            Ok(be) => out.push(be),
+            Err(e) if std::env::var_os("ONDOL_REQUIRE_GPU").is_some() => panic!("ONDOL_REQUIRE_GPU is set: {e}"),
+            Err(e) => {
+                eprintln!("skipped: {e}");
+                return Vec::new();
+            }
+        }
+    }
+    out
+}
+
+const CPU: CpuBackend = CpuBackend;
+
+/// Worst error allowed, relative to the largest reference value.
+fn tolerance(be: &CudaBackend) -> f32 {
+    match be.compute_type() {
+        Dtype::F32 => 2e-5,
+        Dtype::Bf16 => 2e-2,
+    }
+}
+
+/// `x` as the backend's compute type holds it.
+fn round(be: &CudaBackend, x: &[f32]) -> Vec<f32> {
+    match be.compute_type() {
+        Dtype::F32 => x.to_vec(),
+        Dtype::Bf16 => x.iter().map(|&v| from_bf16(to_bf16(v))).collect(),
+    }
+}
+
+fn random(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let mut rng = Rng::new(seed);
+    (0..n).map(|_| scale * rng.normal() as f32).collect()
+}
+
+/// Asserts `got` matches `want` to `tol` relative to want's largest magnitude; prints the error.
+fn assert_close(what: &str, be: &CudaBackend, got: &[f32], want: &[f32], tol: f32) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let scale = want.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+    let worst = got.iter().zip(want).map(|(g, w)| (g - w).abs()).fold(0.0f32, f32::max);
+    let kind = format!("{what} ({:?})", be.compute_type());
+    eprintln!("{kind:<48} max abs error {worst:.3e}  relative {:.3e}  (tolerance {tol:.0e})", worst / scale);
+    assert!(worst <= tol * scale, "{kind}: max error {worst} against largest value {scale}");
+}
+
+#[test]
+fn gemm_matches_the_cpu_for_every_transpose_batch_and_offset() {
+    for be in backends() {
+        let (m, n, k, batch) = (37, 53, 71, 3);
+        for (trans_a, trans_b) in [(false, false), (true, false), (false, true), (true, true)] {
+            let g = Gemm {
+                alpha: 0.7,
+                beta: 0.3,
+                batch,
+                stride_a: m * k + 5,
+                stride_b: k * n + 3,
+                stride_c: m * n + 1,
+                ..Gemm::new(m, n, k, trans_a, trans_b)
+            };
+            // Odd offsets into larger buffers: views of a flat buffer are rarely aligned.
+            let a = round(&be, &random(batch * g.stride_a + 1, 1, 1.0));
+            let b = round(&be, &random(batch * g.stride_b + 3, 2, 1.0));
+            let c0 = round(&be, &random(batch * g.stride_c + 7, 3, 1.0));
+            let (ra, rb, rc) = (1..a.len(), 3..b.len(), 7..c0.len());
+            let mut want = c0.clone();
+            CPU.gemm(g, &a[ra.clone()], &b[rb.clone()], &mut want[rc.clone()]);
+            // The compute-type output, and (for bf16 inputs) the f32 output of weight gradients.
+            for f32_out in [false, true] {
+                let (da, db) = (be.upload(&a), be.upload(&b));
+                let mut dc = if f32_out { be.upload_f32(&c0) } else { be.upload(&c0) };
+                be.gemm(g, be.view(&da, ra.clone()), be.view(&db, rb.clone()), be.view_mut(&mut dc, rc.clone()));
+                let tol = if f32_out || be.compute_type() == Dtype::F32 { 2e-5 } else { tolerance(&be) };
+                let what = format!("gemm ta={trans_a} tb={trans_b} f32 output={f32_out}");
+                // Values outside the view are untouched, so the whole buffer compares.
+                assert_close(&what, &be, &be.download(&dc), &want, tol);
+            }
+        }
+    }
+}
+
+#[test]
+fn elementwise_ops_match_the_cpu() {
+    for be in backends() {
+        let tol = tolerance(&be);
+        let (rows, cols) = (29, 301);
+        let x = round(&be, &random(rows * cols, 1, 1.0));
+        let y = round(&be, &random(rows * cols, 2, 1.0));
+        let bias = round(&be, &random(cols, 3, 1.0));
+
+        let mut dx = be.upload(&x);
+        be.add_assign(be.all_mut(&mut dx), be.all(&be.upload(&y)));
+        be.scale(be.all_mut(&mut dx), -1.5);
+        be.add_bias(be.all_mut(&mut dx), be.all(&be.upload(&bias)), cols);
+        let mut want = x.clone();
+        CPU.add_assign(&mut want, &y);
+        CPU.scale(&mut want, -1.5);
+        CPU.add_bias(&mut want, &bias, cols);
+        assert_close("add_assign, scale, add_bias", &be, &be.download(&dx), &want, tol);
+
+        let dbias0 = random(cols, 4, 1.0);
+        let mut dbias = be.upload_f32(&dbias0);
+        be.bias_backward(be.all(&be.upload(&y)), be.all_mut(&mut dbias), cols);
+        let mut want = dbias0.clone();
+        CPU.bias_backward(&y, &mut want, cols);
+        assert_close("bias_backward", &be, &be.download(&dbias), &want, 2e-5);
+
+        let mut filled = be.upload(&x);
+        be.fill(be.view_mut(&mut filled, 5..rows * cols - 3), 0.25);
+        let mut want = x.clone();
+        CPU.fill(&mut want[5..rows * cols - 3], 0.25);
+        assert_close("fill", &be, &be.download(&filled), &want, 0.0);
+
+        let dy = be.upload(&y);
+        let (sum, squares) = (be.sum(be.all(&dy)), be.sum_squares(be.all(&dy)));
+        let (want_sum, want_squares) = (CPU.sum(&y), CPU.sum_squares(&y));
+        eprintln!("sum {sum} vs {want_sum}; sum of squares {squares} vs {want_squares}");
+        assert!((sum - want_sum).abs() <= 1e-4 * want_squares.sqrt(), "sum");
+        assert!((squares - want_squares).abs() <= 1e-5 * want_squares, "sum of squares");
+    }
+}
+
+#[test]
+fn embeddings_match_the_cpu() {
+    for be in backends() {
+        let tol = tolerance(&be);
+        let (vocab, dim, seq, rows, first_id) = (300usize, 77usize, 13usize, 39usize, 100usize);
+        let ids: Vec<u32> = (0..rows).map(|r| ((r * 7919) % 450) as u32).collect();
+        let table = round(&be, &random(vocab * dim, 1, 1.0));
+        let pos = round(&be, &random(seq * dim, 2, 1.0));
+        let dy = round(&be, &random(rows * dim, 3, 1.0));
+        let gpu_ids = be.upload_ids(&ids);
+        for with_pos in [false, true] {
+            let mut out = be.zeros(rows * dim);
+            let dpos_table = be.upload(&pos);
+            let positions = with_pos.then(|| (be.all(&dpos_table), seq));
+            be.embedding_forward(&gpu_ids, be.all(&be.upload(&table)), first_id, positions, be.all_mut(&mut out), dim);
+            let mut want = vec![0.0; rows * dim];
+            CPU.embedding_forward(&ids, &table, first_id, with_pos.then_some((&pos[..], seq)), &mut want, dim);
+            assert_close(&format!("embedding_forward positions={with_pos}"), &be, &be.download(&out), &want, tol);
+        }
+        let dtable0 = random(vocab * dim, 4, 0.1);
+        let mut dtable = be.upload_f32(&dtable0);
+        be.embedding_backward(&gpu_ids, be.all(&be.upload(&dy)), be.all_mut(&mut dtable), first_id, dim);
+        let mut want = dtable0.clone();
+        CPU.embedding_backward(&ids, &dy, &mut want, first_id, dim);
+        assert_close("embedding_backward", &be, &be.download(&dtable), &want, 2e-5);
+        let mut dpos = be.zeros_f32(seq * dim);
+        be.position_embedding_backward(be.all(&be.upload(&dy)), be.all_mut(&mut dpos), seq, dim);
+        let mut want = vec![0.0; seq * dim];
+        CPU.position_embedding_backward(&dy, &mut want, seq, dim);
+        assert_close("position_embedding_backward", &be, &be.download(&dpos), &want, 2e-5);
+    }
+}
+
+#[test]
+fn norms_match_the_cpu() {
+    for be in backends() {
+        let tol = tolerance(&be);
+        let (rows, dim, eps) = (37usize, 1000usize, 1e-5f32);
+        let x = round(&be, &random(rows * dim, 1, 1.0));
+        let w = round(&be, &random(dim, 2, 1.0));
+        let b = round(&be, &random(dim, 3, 0.5));
+        let dy = round(&be, &random(rows * dim, 4, 1.0));
+        let dx0 = round(&be, &random(rows * dim, 5, 0.1));
+        let dw0 = random(dim, 6, 0.1);
+        let (gx, gw, gb, gdy) = (be.upload(&x), be.upload(&w), be.upload(&b), be.upload(&dy));
+
+        let (mut out, mut rstd) = (be.zeros(rows * dim), be.zeros_f32(rows));
+        be.rmsnorm_forward(be.all(&gx), be.all(&gw), be.all_mut(&mut out), be.all_mut(&mut rstd), dim, eps);
+        let (mut want, mut want_rstd) = (vec![0.0; rows * dim], vec![0.0; rows]);
+        CPU.rmsnorm_forward(&x, &w, &mut want, &mut want_rstd, dim, eps);
+        assert_close("rmsnorm_forward", &be, &be.download(&out), &want, tol);
+        assert_close("rmsnorm_forward rstd", &be, &be.download(&rstd), &want_rstd, 1e-5);
+        let (mut dx, mut dw) = (be.upload(&dx0), be.upload_f32(&dw0));
+        be.rmsnorm_backward(
+            be.all(&gdy),
+            be.all(&gx),
+            be.all(&gw),
+            be.all(&rstd),
+            be.all_mut(&mut dx),
+            be.all_mut(&mut dw),
+            dim,
+        );
+        let (mut want_dx, mut want_dw) = (dx0.clone(), dw0.clone());
+        CPU.rmsnorm_backward(&dy, &x, &w, &want_rstd, &mut want_dx, &mut want_dw, dim);
+        assert_close("rmsnorm_backward dx", &be, &be.download(&dx), &want_dx, tol);
+        assert_close("rmsnorm_backward dweight", &be, &be.download(&dw), &want_dw, 1e-4);
+
+        let (mut out, mut mean, mut rstd) = (be.zeros(rows * dim), be.zeros_f32(rows), be.zeros_f32(rows));
+        be.layernorm_forward(
+            be.all(&gx),
+            be.all(&gw),
+            be.all(&gb),
+            be.all_mut(&mut out),
+            be.all_mut(&mut mean),
+            be.all_mut(&mut rstd),
+            dim,
+            eps,
+        );
+        let (mut want, mut want_mean, mut want_rstd) = (vec![0.0; rows * dim], vec![0.0; rows], vec![0.0; rows]);
+        CPU.layernorm_forward(&x, &w, &b, &mut want, &mut want_mean, &mut want_rstd, dim, eps);
+        assert_close("layernorm_forward", &be, &be.download(&out), &want, tol);
+        let (mut dx, mut dw, mut db) = (be.upload(&dx0), be.upload_f32(&dw0), be.upload_f32(&dw0));
+        be.layernorm_backward(
+            be.all(&gdy),
+            be.all(&gx),
+            be.all(&gw),
+            be.all(&mean),
+            be.all(&rstd),
+            be.all_mut(&mut dx),
+            be.all_mut(&mut dw),
+            be.all_mut(&mut db),
+            dim,
+        );
+        let (mut want_dx, mut want_dw, mut want_db) = (dx0.clone(), dw0.clone(), dw0.clone());
+        CPU.layernorm_backward(&dy, &x, &w, &want_mean, &want_rstd, &mut want_dx, &mut want_dw, &mut want_db, dim);
+        assert_close("layernorm_backward dx", &be, &be.download(&dx), &want_dx, tol);
+        assert_close("layernorm_backward dweight", &be, &be.download(&dw), &want_dw, 1e-4);
+        assert_close("layernorm_backward dbias", &be, &be.download(&db), &want_db, 1e-4);
+    }
+}
+
+#[test]
+fn activations_match_the_cpu() {
+    for be in backends() {
+        let tol = tolerance(&be);
+        let (rows, width) = (23usize, 171usize);
+        let gate_up = round(&be, &random(rows * 2 * width, 1, 2.0));
+        let dy = round(&be, &random(rows * width, 2, 1.0));
+        let mut out = be.zeros(rows * width);
+        be.swiglu_forward(be.all(&be.upload(&gate_up)), be.all_mut(&mut out), width);
+        let mut want = vec![0.0; rows * width];
+        CPU.swiglu_forward(&gate_up, &mut want, width);
+        assert_close("swiglu_forward", &be, &be.download(&out), &want, tol);
+        let mut dgu = be.zeros(rows * 2 * width);
+        be.swiglu_backward(be.all(&be.upload(&dy)), be.all(&be.upload(&gate_up)), be.all_mut(&mut dgu), width);
+        let mut want = vec![0.0; rows * 2 * width];
+        CPU.swiglu_backward(&dy, &gate_up, &mut want, width);
+        assert_close("swiglu_backward", &be, &be.download(&dgu), &want, tol);
+
+        let x = round(&be, &random(rows * width, 3, 2.0));
+        for act in [Activation::Gelu, Activation::Relu2] {
+            let (mut y, mut dx) = (be.zeros(x.len()), be.zeros(x.len()));
+            be.activation_forward(act, be.all(&be.upload(&x)), be.all_mut(&mut y));
+            be.activation_backward(act, be.all(&be.upload(&dy)), be.all(&be.upload(&x)), be.all_mut(&mut dx));
+            let (mut want_y, mut want_dx) = (vec![0.0; x.len()], vec![0.0; x.len()]);
+            CPU.activation_forward(act, &x, &mut want_y);
+            CPU.activation_backward(act, &dy, &x, &mut want_dx);
+            assert_close(&format!("{act:?} forward"), &be, &be.download(&y), &want_y, tol);
+            assert_close(&format!("{act:?} backward"), &be, &be.download(&dx), &want_dx, tol);
+        }
+    }
+}
+
+#[test]
+fn cross_entropy_matches_the_cpu() {
+    for be in backends() {
+        let tol = tolerance(&be);
+        let (rows, vocab, scale) = (19usize, 1003usize, 0.37f32);
+        let logits = round(&be, &random(rows * vocab, 1, 3.0));
+        let targets: Vec<u32> = (0..rows).map(|r| ((r * 131) % vocab) as u32).collect();
+        let gpu_targets = be.upload_ids(&targets);
+        for grad in [None, Some(scale)] {
+            let (mut dl, mut losses) = (be.upload(&logits), be.zeros_f32(rows));
+            be.cross_entropy(be.all_mut(&mut dl), &gpu_targets, be.all_mut(&mut losses), vocab, grad);
+            let (mut want_dl, mut want_losses) = (logits.clone(), vec![0.0; rows]);
+            CPU.cross_entropy(&mut want_dl, &targets, &mut want_losses, vocab, grad);
+            assert_close(
+                &format!("cross_entropy losses grad={grad:?}"),
+                &be,
+                &be.download(&losses),
+                &want_losses,
+                1e-5,
+            );
+            assert_close(&format!("cross_entropy logits grad={grad:?}"), &be, &be.download(&dl), &want_dl, tol);
+        }
+        // A vocabulary shard of 400 columns starting at id 300.
+        let (first_id, shard) = (300usize, 400usize);
+        let part: Vec<f32> = (0..rows).flat_map(|r| logits[r * vocab + first_id..][..shard].to_vec()).collect();
+        let mut stats = be.zeros_f32(3 * rows);
+        be.cross_entropy_stats(be.all(&be.upload(&part)), &gpu_targets, be.all_mut(&mut stats), first_id, shard);
+        let mut want_stats = vec![0.0; 3 * rows];
+        CPU.cross_entropy_stats(&part, &targets, &mut want_stats, first_id, shard);
+        assert_close("cross_entropy_stats", &be, &be.download(&stats), &want_stats, 1e-5);
+        let lse = random(rows, 5, 1.0).iter().map(|v| v + 7.0).collect::<Vec<_>>();
+        let mut grad = be.upload(&part);
+        be.cross_entropy_grad(
+            be.all_mut(&mut grad),
+            &gpu_targets,
+            be.all(&be.upload_f32(&lse)),
+            first_id,
+            shard,
+            scale,
+        );
+        let mut want = part.clone();
+        CPU.cross_entropy_grad(&mut want, &targets, &lse, first_id, shard, scale);
+        assert_close("cross_entropy_grad", &be, &be.download(&grad), &want, tol);
+    }
+}
+
+#[test]
+fn adamw_matches_the_cpu_with_and_without_a_compute_copy() {
+    for be in backends() {
+        let n = 100_003;
+        let (p, g) = (random(n, 1, 1.0), random(n, 2, 0.1));
+        let (m, v) = (random(n, 3, 0.01), random(n, 4, 0.01).iter().map(|x| x * x).collect::<Vec<_>>());
+        let hp =
+            AdamWParams { lr: 1e-3, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, step: 7, grad_scale: 0.5 };
+        let (mut dp, dg, mut dm, mut dv) = (be.upload_f32(&p), be.upload_f32(&g), be.upload_f32(&m), be.upload_f32(&v));
+        let mut copy = be.mixed_precision().then(|| be.zeros(n));
+        be.adamw(
+            be.all_mut(&mut dp),
+            be.all(&dg),
+            be.all_mut(&mut dm),
+            be.all_mut(&mut dv),
+            hp,
+            copy.as_mut().map(|c| be.all_mut(c)),
+        );
+        let (mut wp, mut wm, mut wv) = (p.clone(), m.clone(), v.clone());
+        CPU.adamw(&mut wp, &g, &mut wm, &mut wv, hp, None);
+        assert_close("adamw params", &be, &be.download(&dp), &wp, 1e-6);
+        assert_close("adamw m", &be, &be.download(&dm), &wm, 1e-6);
+        assert_close("adamw v", &be, &be.download(&dv), &wv, 1e-6);
+        if let Some(copy) = copy {
+            // The compute copy is the master rounded to bf16 (half an ulp: 2^-9 relative).
+            assert_close("adamw bf16 copy", &be, &be.download(&copy), &wp, 4e-3);
+        }
+    }
+}
+
+#[test]
+fn rope_and_attention_match_the_cpu() {
+    for be in backends() {
+        let tol = tolerance(&be);
+        // seq 37 with 256 threads a block; GQA 4 query heads on 2 kv heads.
+        let shape = AttnShape { batch: 2, seq: 37, n_heads: 4, n_kv_heads: 2, head_dim: 16 };
+        let n = shape.rows() * shape.qkv_width();
+        let qkv = round(&be, &random(n, 1, 1.0));
+        let table = rope_table(shape.seq, shape.head_dim, 10000.0);
+        let gpu_table = be.upload_f32(&table);
+        for inverse in [false, true] {
+            let mut got = be.upload(&qkv);
+            be.rope(be.all_mut(&mut got), be.all(&gpu_table), shape, inverse);
+            let mut want = qkv.clone();
+            CPU.rope(&mut want, &table, shape, inverse);
+            assert_close(&format!("rope inverse={inverse}"), &be, &be.download(&got), &want, tol);
+        }
+
+        let gqkv = be.upload(&qkv);
+        let (mut out, mut lse) =
+            (be.zeros(shape.rows() * shape.q_width()), be.zeros_f32(shape.batch * shape.n_heads * shape.seq));
+        be.attention_forward(be.all(&gqkv), be.all_mut(&mut out), be.all_mut(&mut lse), shape);
+        let (mut want_out, mut want_lse) =
+            (vec![0.0; shape.rows() * shape.q_width()], vec![0.0; shape.batch * shape.n_heads * shape.seq]);
+        CPU.attention_forward(&qkv, &mut want_out, &mut want_lse, shape);
+        assert_close("attention_forward out", &be, &be.download(&out), &want_out, tol);
+        assert_close("attention_forward lse", &be, &be.download(&lse), &want_lse, 1e-4);
+
+        // Backward from the GPU's own forward outputs, as training runs it.
+        let dout = round(&be, &random(shape.rows() * shape.q_width(), 2, 1.0));
+        let (out_seen, lse_seen) = (be.download(&out), be.download(&lse));
+        let mut dqkv = be.upload(&random(n, 3, 1.0)); // overwritten, not accumulated
+        be.attention_backward(
+            be.all(&be.upload(&dout)),
+            be.all(&gqkv),
+            be.all(&out),
+            be.all(&lse),
+            be.all_mut(&mut dqkv),
+            shape,
+        );
+        let mut want = vec![0.0; n];
+        CPU.attention_backward(&dout, &qkv, &out_seen, &lse_seen, &mut want, shape);
+        assert_close("attention_backward dqkv", &be, &be.download(&dqkv), &want, tol);
+
+        // Inference over a cache: a prefill of 5 tokens, then one token at a time.
+        let max_seq = 12;
+        let kv = shape.batch * max_seq * shape.n_kv_heads * shape.head_dim;
+        let (mut k_cache, mut v_cache) = (be.zeros(kv), be.zeros(kv));
+        let (mut want_k, mut want_v) = (vec![0.0; kv], vec![0.0; kv]);
+        let mut pos = 0;
+        for new in [5usize, 1, 1, 1] {
+            let s = AttnShape { seq: new, ..shape };
+            let rows_qkv = round(&be, &random(s.rows() * s.qkv_width(), 10 + pos as u64, 1.0));
+            let mut out = be.zeros(s.rows() * s.q_width());
+            be.attention_cached(
+                be.all(&be.upload(&rows_qkv)),
+                be.all_mut(&mut k_cache),
+                be.all_mut(&mut v_cache),
+                be.all_mut(&mut out),
+                s,
+                pos,
+                max_seq,
+            );
+            let mut want_out = vec![0.0; s.rows() * s.q_width()];
+            CPU.attention_cached(&rows_qkv, &mut want_k, &mut want_v, &mut want_out, s, pos, max_seq);
+            assert_close(&format!("attention_cached at {pos} (+{new})"), &be, &be.download(&out), &want_out, tol);
+            pos += new;
+        }
+        assert_close("attention_cached k cache", &be, &be.download(&k_cache), &want_k, 0.0);
+    }
+}
