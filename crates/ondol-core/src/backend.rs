@@ -249,6 +249,12 @@ pub trait Backend: Send + Sync {
 
     fn name(&self) -> String;
 
+    /// Bytes in use and in total on the device, where the backend can tell (a GPU's memory,
+    /// including what its caching allocator holds); None on the CPU.
+    fn device_memory(&self) -> Option<(u64, u64)> {
+        None
+    }
+
     /// Whether the compute type is narrower than f32 (bf16): then the optimizer keeps fp32
     /// master weights of its own and writes the compute copy in its update.
     fn mixed_precision(&self) -> bool {

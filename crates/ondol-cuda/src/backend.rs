@@ -80,13 +80,35 @@ impl CudaBackend {
             .map(|(_, peak)| peak)
     }
 
+    /// The device's bf16 GEMM throughput in FLOP/s: the best of five 8192^3 products (1.1
+    /// TFLOP each), for MFU on a device [`CudaBackend::peak_flops`] does not know.
+    pub fn measure_gemm_peak(&self) -> f64 {
+        let n = 8192;
+        let (a, mut c) = (self.alloc(n * n, Dtype::Bf16), self.alloc(n * n, Dtype::Bf16));
+        let g = Gemm::new(n, n, n, false, false);
+        let mut best = f64::INFINITY;
+        for _ in 0..6 {
+            let start = std::time::Instant::now();
+            self.blas.gemm(&self.gpu.stream, g, a.view(0..n * n), a.view(0..n * n), c.view_mut(0..n * n));
+            self.synchronize();
+            best = best.min(start.elapsed().as_secs_f64());
+        }
+        g.flops() as f64 / best
+    }
+
     fn alloc(&self, len: usize, dtype: Dtype) -> DeviceBuf {
         DeviceBuf::zeros(&self.gpu.stream, len, dtype)
             .unwrap_or_else(|e| panic!("cannot allocate {} MiB on the GPU: {e}", (len * dtype.bytes()) >> 20))
     }
 
+    /// Makes the GPU's context current on the calling thread (the raw copies need it).
+    fn bind(&self) {
+        self.gpu.ctx.bind_to_thread().unwrap_or_else(|e| panic!("CUDA context: {e}"));
+    }
+
     /// `buf` (of `dtype`) written from f32 `data`, converted on the host.
     fn copy_in(&self, dst: u64, dtype: Dtype, data: &[f32]) {
+        self.bind();
         let stream = self.gpu.stream.cu_stream();
         // SAFETY: `dst` holds `data.len()` elements of `dtype` (the callers' buffers); a copy
         // from pageable memory has read the host data when the call returns.
@@ -151,6 +173,11 @@ impl Backend for CudaBackend {
         format!("{} (sm_{}, {:?} compute)", self.gpu.name(), self.gpu.arch, self.compute)
     }
 
+    fn device_memory(&self) -> Option<(u64, u64)> {
+        let (free, total) = self.gpu.ctx.mem_get_info().ok()?;
+        Some(((total - free) as u64, total as u64))
+    }
+
     fn mixed_precision(&self) -> bool {
         self.compute != Dtype::F32
     }
@@ -183,6 +210,7 @@ impl Backend for CudaBackend {
         if buf.is_empty() {
             return Vec::new();
         }
+        self.bind();
         let (src, stream) = (buf.view(0..buf.len()).ptr, self.gpu.stream.cu_stream());
         // SAFETY: `src` holds `buf.len()` elements of the buffer's type; the stream is
         // synchronised before the host vectors are read.
@@ -210,6 +238,7 @@ impl Backend for CudaBackend {
     fn write_ids(&self, ids: &mut DeviceIds, data: &[u32]) {
         assert_eq!(ids.len, data.len(), "write_ids: lengths differ");
         if !data.is_empty() {
+            self.bind();
             // SAFETY: `ids` holds `data.len()` u32; pageable host data is read by return.
             unsafe { driver::memcpy_htod_async(ids.ptr, data, self.gpu.stream.cu_stream()) }
                 .unwrap_or_else(|e| panic!("copy to the GPU: {e}"));
@@ -261,6 +290,7 @@ impl Backend for CudaBackend {
             self.scale(c, g.beta);
             return;
         }
+        self.bind();
         self.blas.gemm(&self.gpu.stream, g, a, b, c);
     }
     fn add_bias(&self, y: DevMut<'_>, bias: DevRef<'_>, cols: usize) {

@@ -34,6 +34,16 @@ pub enum Device {
     Cuda,
 }
 
+/// The type a backend computes in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// f32 throughout (the CPU's only type; on a GPU, for checking against it).
+    Fp32,
+    /// bf16 weights and activations with fp32 master weights, gradients and reductions.
+    Bf16,
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrainingConfig {
@@ -49,6 +59,9 @@ pub struct TrainingConfig {
     pub seed: u64,
     #[serde(default = "default_device")]
     pub device: Device,
+    /// Compute type; left out, bf16 on "cuda" and fp32 on "cpu".
+    #[serde(default)]
+    pub precision: Option<Precision>,
     /// Evaluate every N steps (0: only at the end).
     #[serde(default)]
     pub eval_every: u64,
@@ -314,6 +327,12 @@ impl RunConfig {
             return Err(Error::config(
                 "training.seq_len",
                 format!("{} must be between 1 and model.max_seq_len = {}", t.seq_len, self.model.max_seq_len),
+            ));
+        }
+        if t.device == Device::Cpu && t.precision == Some(Precision::Bf16) {
+            return Err(Error::config(
+                "training.precision",
+                "\"bf16\" needs training.device = \"cuda\"; the CPU backend computes in \"fp32\"",
             ));
         }
         if t.threads == Some(0) {

@@ -151,9 +151,6 @@ fn main() -> ExitCode {
 
 fn train(args: TrainArgs) -> Result<()> {
     let cfg = RunConfig::load(&args.config.config, &args.config.set)?;
-    if cfg.training.device == Device::Cuda {
-        return Err(Error::config("training.device", cuda_refusal()));
-    }
     if let Some(threads) = cfg.training.threads {
         rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
@@ -174,11 +171,15 @@ fn train(args: TrainArgs) -> Result<()> {
             ),
         ));
     }
+    if cfg.training.device == Device::Cuda {
+        return train_cuda(&args, cfg);
+    }
     let data = Data::open(&cfg, Path::new("."))?;
     let p = &cfg.parallelism;
     let mesh = Mesh::new(p.tp, p.pp, p.dp)?;
+    let peak = Peak::cpu();
     if mesh.world() == 1 {
-        return train_rank(&args, cfg, data, None);
+        return train_rank(&args, CpuBackend::new(), &peak, cfg, data, None);
     }
     // Every rank of the mesh as a thread of this process, with its communicators.
     let comms = RankComms::threads(mesh, Duration::from_secs(p.timeout_s))?;
@@ -186,8 +187,8 @@ fn train(args: TrainArgs) -> Result<()> {
         let ranks: Vec<_> = comms
             .into_iter()
             .map(|comm| {
-                let (args, cfg, data) = (&args, cfg.clone(), data.clone());
-                scope.spawn(move || train_rank(args, cfg, data, Some(comm)))
+                let (args, peak, cfg, data) = (&args, &peak, cfg.clone(), data.clone());
+                scope.spawn(move || train_rank(args, CpuBackend::new(), peak, cfg, data, Some(comm)))
             })
             .collect();
         ranks.into_iter().map(|r| r.join().unwrap_or_else(|_| Err(Error::Training("a rank panicked".into())))).collect()
@@ -195,16 +196,86 @@ fn train(args: TrainArgs) -> Result<()> {
     results.into_iter().collect()
 }
 
+/// The denominator of MFU, and what it is.
+struct Peak {
+    flops: f64,
+    what: String,
+}
+
+impl Peak {
+    /// The CPU's measured f32 GEMM throughput (DESIGN.md section 7).
+    fn cpu() -> Self {
+        let flops = ondol_cpu::measure_gemm_peak();
+        Self { flops, what: format!("the measured sgemm peak {:.0} GFLOP/s", flops / 1e9) }
+    }
+}
+
+/// Training on GPU 0: one rank (several need NCCL), models with CUDA kernels for every layer.
+#[cfg(feature = "cuda")]
+fn train_cuda(args: &TrainArgs, cfg: RunConfig) -> Result<()> {
+    use ondol::config::Precision;
+    use ondol_cuda::{CudaBackend, Dtype};
+    use ondol_model::Arch;
+    let p = &cfg.parallelism;
+    if p.tp * p.pp * p.dp > 1 {
+        return Err(Error::config(
+            "parallelism",
+            "training on \"cuda\" runs one GPU for now: more ranks need the NCCL communicator (issue 8); \
+             set tp = pp = dp = 1",
+        ));
+    }
+    if matches!(cfg.model.arch, Arch::Mamba | Arch::Mamba2 | Arch::Hybrid) {
+        return Err(Error::config(
+            "model.arch",
+            format!(
+                "{:?} has Mamba layers, which have no CUDA kernels yet (issue 8); train it with training.device = \"cpu\"",
+                cfg.model.arch
+            ),
+        ));
+    }
+    let compute = match cfg.training.precision.unwrap_or(Precision::Bf16) {
+        Precision::Fp32 => Dtype::F32,
+        Precision::Bf16 => Dtype::Bf16,
+    };
+    let be = CudaBackend::open(0, compute).map_err(|e| Error::config("training.device", format!("\"cuda\": {e}")))?;
+    let peak = match be.peak_flops() {
+        Some(flops) => {
+            Peak { flops, what: format!("the bf16 dense peak of {} ({:.0} TFLOP/s)", be.gpu().name(), flops / 1e12) }
+        }
+        None => {
+            let flops = be.measure_gemm_peak();
+            Peak { flops, what: format!("the measured bf16 GEMM peak {:.0} TFLOP/s", flops / 1e12) }
+        }
+    };
+    let data = Data::open(&cfg, Path::new("."))?;
+    train_rank(args, be, &peak, cfg, data, None)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn train_cuda(_: &TrainArgs, _: RunConfig) -> Result<()> {
+    Err(Error::config(
+        "training.device",
+        "\"cuda\": this build has no CUDA backend (build with --features cuda); use \"cpu\"",
+    ))
+}
+
 /// One rank's run (the only rank when `comm` is None). Rank 0 owns the run directory:
 /// the resolved config, metrics and checkpoints; the others train silently beside it.
-fn train_rank(args: &TrainArgs, cfg: RunConfig, data: Data, comms: Option<RankComms<ThreadComm>>) -> Result<()> {
+fn train_rank<B: Backend>(
+    args: &TrainArgs,
+    be: B,
+    peak: &Peak,
+    cfg: RunConfig,
+    data: Data,
+    comms: Option<RankComms<ThreadComm>>,
+) -> Result<()> {
     // Everything a user's input can break is checked before the run directory is touched.
     let (steps, seq) = (cfg.training.steps, cfg.training.seq_len);
     let resolved = toml::to_string(&cfg).expect("config serializes");
     let keep_last = cfg.checkpoint.keep_last;
     let mut trainer = match comms {
-        None => Trainer::new(CpuBackend::new(), cfg, data)?,
-        Some(c) => Trainer::rank(CpuBackend::new(), cfg, data, c.boxed())?,
+        None => Trainer::new(be, cfg, data)?,
+        Some(c) => Trainer::rank(be, cfg, data, c.boxed())?,
     };
     let stem = args.config.config.file_stem().map_or("run".into(), |s| s.to_string_lossy().into_owned());
     let run_dir = args.run_dir.clone().unwrap_or_else(|| Path::new("runs").join(stem));
@@ -220,11 +291,10 @@ fn train_rank(args: &TrainArgs, cfg: RunConfig, data: Data, comms: Option<RankCo
     let resolved_path = run_dir.join("ondol.toml");
     std::fs::write(&resolved_path, resolved)
         .map_err(|e| Error::io(format!("cannot write {}", resolved_path.display()), e))?;
-    let peak = ondol_cpu::measure_gemm_peak();
     let m = trainer.model();
     eprintln!(
         "ondol {}: {:?} model, {:.2}M parameters, {:.1} MFLOP/token, {} tokens/step on {}, tp {} x pp {} x dp {}; \
-         MFU against the measured sgemm peak {:.0} GFLOP/s; run dir {}",
+         MFU against {}; run dir {}",
         env!("CARGO_PKG_VERSION"),
         m.cfg.arch,
         m.num_params() as f64 / 1e6,
@@ -234,17 +304,24 @@ fn train_rank(args: &TrainArgs, cfg: RunConfig, data: Data, comms: Option<RankCo
         trainer.cfg.parallelism.tp,
         trainer.cfg.parallelism.pp,
         trainer.cfg.parallelism.dp,
-        peak / 1e9,
+        peak.what,
         run_dir.display()
     );
     let mut writer = Writer::new(&run_dir, keep_last)?;
-    let mut metrics = Metrics::create(&run_dir, steps, peak, resumed)?;
+    let mut metrics = Metrics::create(&run_dir, steps, peak.flops, resumed)?;
     if let Some(step) = resumed {
         metrics.note(format!("resumed at step {step}"));
     }
     let summary = trainer::run(&mut trainer, &mut metrics, Some(&mut writer))?;
     metrics.finish();
     let val = |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{v:.4}"));
+    if let Some((used, total)) = trainer.engine.be.device_memory() {
+        eprintln!(
+            "device memory: {:.2} GiB in use of {:.2} GiB",
+            used as f64 / 2f64.powi(30),
+            total as f64 / 2f64.powi(30)
+        );
+    }
     eprintln!(
         "done: {} steps in {:.1} s, {:.0} tokens/s; train loss {:.4} -> {:.4}; val loss {} -> {}",
         summary.steps,
@@ -261,7 +338,7 @@ fn train_rank(args: &TrainArgs, cfg: RunConfig, data: Data, comms: Option<RankCo
 /// Restores `trainer` from the checkpoint `spec` names; returns the step it resumes at.
 /// `auto` takes the newest intact checkpoint of `run_dir`, warning about damaged ones it
 /// skips, and starts afresh when the run has none.
-fn resume(trainer: &mut Trainer<CpuBackend>, run_dir: &Path, spec: &str) -> Result<Option<u64>> {
+fn resume<B: Backend>(trainer: &mut Trainer<B>, run_dir: &Path, spec: &str) -> Result<Option<u64>> {
     if spec != "auto" {
         let loaded = checkpoint::load(Path::new(spec), &trainer.model().cfg, &trainer.model().layout)?;
         let step = loaded.state.step;
@@ -286,24 +363,6 @@ fn resume(trainer: &mut Trainer<CpuBackend>, run_dir: &Path, spec: &str) -> Resu
         }
     }
     Err(Error::Input(format!("no intact checkpoint in {}", checkpoint::checkpoints_dir(run_dir).display())))
-}
-
-/// Why `training.device = "cuda"` cannot train in this build, naming what it found.
-#[cfg(feature = "cuda")]
-fn cuda_refusal() -> String {
-    match ondol_cuda::Gpu::open(0) {
-        Err(e) => format!("\"cuda\": {e}"),
-        Ok(gpu) => format!(
-            "\"cuda\": found {} (sm_{}) and built its kernels, but training on it is not built yet; use \"cpu\"",
-            gpu.ctx.name().unwrap_or_else(|_| "a GPU".into()),
-            gpu.arch
-        ),
-    }
-}
-
-#[cfg(not(feature = "cuda"))]
-fn cuda_refusal() -> String {
-    "\"cuda\": this build has no CUDA backend (build with --features cuda); use \"cpu\"".into()
 }
 
 fn inspect(args: ConfigArgs) -> Result<()> {
