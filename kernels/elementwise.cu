@@ -7,12 +7,13 @@
 //   scale:          x[i] *= factor
 //   add_bias:       y[r, c] += bias[c]                      (y [rows, cols], bias [cols])
 //   bias_backward:  dbias[c] += sum_r dy[r, c]              (dbias fp32, accumulates)
-//   sum:            *out += sum_i x[i], or sum_i x[i]^2 with squares != 0 (out fp64)
+//   sum:            *out += sum_i x[i], or sum_i x[i]^2 with squares != 0 (fp64 throughout)
 //   from_f32:       dst[i] = T(src[i])                      (src fp32)
 // Nothing is saved for a backward. Launch: grid-stride loops over elements, any grid;
 // bias_backward a grid (column blocks of blockDim.x, row chunks) whose threads each sum one
-// column over their chunk and add it with one atomicAdd; sum one atomicAdd (fp64) per block
-// (so the order of the block partials, and the last bits, vary by run).
+// column over their chunk and add it with one atomicAdd; sum 256 threads a block, each
+// accumulating in fp64, one atomicAdd (fp64) per block (so the order of the block partials,
+// and the last bits, vary by run).
 // Cost: one read (and for the in-place ops one write) per element; ~1 FLOP per element.
 #include "common.cuh"
 
@@ -30,16 +31,22 @@ __device__ void bias_backward(const T* dy, float* dbias, long long rows, int col
     atomicAdd(&dbias[c], acc);
 }
 
+// blockDim.x must be 256.
 template <typename T>
 __device__ void sum(const T* x, long long n, int squares, double* out) {
-    __shared__ float scratch[32];
-    float s = 0.0f;
+    __shared__ double part[256];
+    double s = 0.0;
     GRID_STRIDE(i, n) {
-        const float v = to_float(x[i]);
+        const double v = to_float(x[i]);
         s += squares ? v * v : v;
     }
-    s = block_sum(s, scratch);
-    if (threadIdx.x == 0) atomicAdd(out, (double)s);
+    part[threadIdx.x] = s;
+    __syncthreads();
+    for (int half = 128; half > 0; half >>= 1) {
+        if (threadIdx.x < half) part[threadIdx.x] += part[threadIdx.x + half];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) atomicAdd(out, part[0]);
 }
 
 #define ELEMENTWISE_KERNELS(T, S)                                                                                  \

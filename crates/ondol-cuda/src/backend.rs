@@ -74,7 +74,8 @@ impl CudaBackend {
     /// 7), or None for a device this table does not know.
     pub fn peak_flops(&self) -> Option<f64> {
         let name = self.gpu.name();
-        [("H100", 989e12), ("H200", 989e12), ("GH200", 989e12), ("A100", 312e12)]
+        // The PCIe and NVL H100s clock lower than the SXM part; the first match counts.
+        [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12)]
             .into_iter()
             .find(|(model, _)| name.contains(model))
             .map(|(_, peak)| peak)
@@ -214,21 +215,24 @@ impl Backend for CudaBackend {
         let (src, stream) = (buf.view(0..buf.len()).ptr, self.gpu.stream.cu_stream());
         // SAFETY: `src` holds `buf.len()` elements of the buffer's type; the stream is
         // synchronised before the host vectors are read.
-        let out = unsafe {
+        let copied = unsafe {
             match buf.dtype() {
                 Dtype::F32 => {
                     let mut host = vec![0.0f32; buf.len()];
-                    driver::memcpy_dtoh_async(&mut host, src, stream).map(|_| host)
+                    driver::memcpy_dtoh_async(&mut host, src, stream).map(|_| (host, Vec::new()))
                 }
                 Dtype::Bf16 => {
                     let mut host = vec![0u16; buf.len()];
-                    driver::memcpy_dtoh_async(&mut host, src, stream).map(|_| host.into_iter().map(from_bf16).collect())
+                    driver::memcpy_dtoh_async(&mut host, src, stream).map(|_| (Vec::new(), host))
                 }
             }
         };
-        let out = out.unwrap_or_else(|e| panic!("copy from the GPU: {e}"));
+        let (f32s, bf16s) = copied.unwrap_or_else(|e| panic!("copy from the GPU: {e}"));
         self.synchronize();
-        out
+        match buf.dtype() {
+            Dtype::F32 => f32s,
+            Dtype::Bf16 => bf16s.into_iter().map(from_bf16).collect(),
+        }
     }
     fn upload_ids(&self, ids: &[u32]) -> DeviceIds {
         let mut buf = DeviceIds::zeros(&self.gpu.stream, ids.len()).unwrap_or_else(|e| panic!("GPU allocation: {e}"));
@@ -286,8 +290,12 @@ impl Backend for CudaBackend {
     // ---- dense ------------------------------------------------------------------------------
     fn gemm(&self, g: Gemm, a: DevRef<'_>, b: DevRef<'_>, c: DevMut<'_>) {
         if g.k == 0 {
-            // An empty sum: C = beta C.
-            self.scale(c, g.beta);
+            // An empty sum: C = beta C (a zero beta writes zeros, as cuBLAS would).
+            if g.beta == 0.0 {
+                self.fill(c, 0.0)
+            } else {
+                self.scale(c, g.beta)
+            }
             return;
         }
         self.bind();
@@ -394,6 +402,7 @@ impl Backend for CudaBackend {
         let dtype = same_type("rmsnorm_forward", &[x.dtype, weight.dtype, out.dtype]);
         is_f32("rmsnorm_forward rstd", rstd.dtype);
         let rows = rows_of(x.len, dim);
+        assert!(weight.len == dim && out.len == x.len && rstd.len == rows, "rmsnorm_forward: lengths");
         let args = [
             ptr(&x),
             ptr(&weight),
@@ -421,6 +430,8 @@ impl Backend for CudaBackend {
         is_f32("rmsnorm_backward rstd", rstd.dtype);
         is_f32("rmsnorm_backward dweight", dweight.dtype);
         let rows = rows_of(x.len, dim);
+        assert!(weight.len == dim && dweight.len == dim && rstd.len == rows, "rmsnorm_backward: lengths");
+        assert!(dout.len == x.len && dx.len == x.len, "rmsnorm_backward: lengths");
         let args = [
             ptr(&dout),
             ptr(&x),
@@ -450,6 +461,8 @@ impl Backend for CudaBackend {
         is_f32("layernorm_forward mean", mean.dtype);
         is_f32("layernorm_forward rstd", rstd.dtype);
         let rows = rows_of(x.len, dim);
+        assert!(weight.len == dim && bias.len == dim && out.len == x.len, "layernorm_forward: lengths");
+        assert!(mean.len == rows && rstd.len == rows, "layernorm_forward: one mean and rstd per row");
         let args = [
             ptr(&x),
             ptr(&weight),
@@ -484,6 +497,11 @@ impl Backend for CudaBackend {
             is_f32(&format!("layernorm_backward {what}"), d);
         }
         let rows = rows_of(x.len, dim);
+        assert!(weight.len == dim && dweight.len == dim && dbias.len == dim, "layernorm_backward: lengths");
+        assert!(
+            mean.len == rows && rstd.len == rows && dout.len == x.len && dx.len == x.len,
+            "layernorm_backward: lengths"
+        );
         let args = [
             ptr(&dout),
             ptr(&x),
@@ -505,6 +523,11 @@ impl Backend for CudaBackend {
     fn rope(&self, qkv: DevMut<'_>, cos_sin: DevRef<'_>, shape: AttnShape, inverse: bool) {
         is_f32("rope cos_sin", cos_sin.dtype);
         assert_eq!(qkv.len, shape.rows() * shape.qkv_width(), "rope: qkv length");
+        assert!(
+            cos_sin.len >= shape.seq * shape.head_dim,
+            "rope: the table covers {} positions",
+            cos_sin.len / shape.head_dim.max(1)
+        );
         let pairs = shape.rows() * (shape.n_heads + shape.n_kv_heads) * shape.head_dim / 2;
         let args = [
             ptr_mut(&qkv),
@@ -525,6 +548,7 @@ impl Backend for CudaBackend {
         is_f32("attention_forward lse", lse.dtype);
         assert_eq!(qkv.len, shape.rows() * shape.qkv_width(), "attention_forward: qkv length");
         assert_eq!(out.len, shape.rows() * shape.q_width(), "attention_forward: out length");
+        assert_eq!(lse.len, shape.batch * shape.n_heads * shape.seq, "attention_forward: lse length");
         if shape.rows() == 0 {
             return;
         }
@@ -556,6 +580,9 @@ impl Backend for CudaBackend {
         let dtype = same_type("attention_backward", &[dout.dtype, qkv.dtype, out.dtype, dqkv.dtype]);
         is_f32("attention_backward lse", lse.dtype);
         assert_eq!(dqkv.len, qkv.len, "attention_backward: dqkv length");
+        assert_eq!(qkv.len, shape.rows() * shape.qkv_width(), "attention_backward: qkv length");
+        assert!(dout.len == out.len && out.len == shape.rows() * shape.q_width(), "attention_backward: out length");
+        assert_eq!(lse.len, shape.batch * shape.n_heads * shape.seq, "attention_backward: lse length");
         if shape.rows() == 0 {
             return;
         }
@@ -604,7 +631,10 @@ impl Backend for CudaBackend {
         let dtype = same_type("attention_cached", &[qkv.dtype, k_cache.dtype, v_cache.dtype, out.dtype]);
         assert!(pos + shape.seq <= max_seq, "KV cache of {max_seq} positions cannot hold {} tokens", pos + shape.seq);
         let kv = shape.n_kv_heads * shape.head_dim;
-        assert_eq!(k_cache.len, shape.batch * max_seq * kv, "attention_cached: cache length");
+        assert!(
+            k_cache.len == shape.batch * max_seq * kv && v_cache.len == k_cache.len,
+            "attention_cached: cache lengths"
+        );
         assert_eq!(out.len, shape.rows() * shape.q_width(), "attention_cached: out length");
         if shape.rows() == 0 {
             return;
