@@ -2,7 +2,7 @@
 // two halves of the vocab-parallel version.
 //
 // Computes, per row r with target t (T = float or bf16 storage, fp32 arithmetic):
-//   cross_entropy:      losses[r] = logsumexp(logits[r]) - logits[r, t]; with grad_scale != 0
+//   cross_entropy:      losses[r] = logsumexp(logits[r]) - logits[r, t]; with write_grad != 0
 //                       the logits are overwritten by grad_scale * (softmax(logits[r]) - onehot(t))
 //                       (the matrix exists once; nothing else is saved for backward)
 //   cross_entropy_stats (a vocabulary shard holding ids first_id..first_id + vocab):
@@ -36,7 +36,8 @@ __device__ void row_max_sum(const T* row, int vocab, float* scratch, float* max_
 }
 
 template <typename T>
-__device__ void cross_entropy(T* logits, const unsigned* targets, float* losses, int rows, int vocab, float grad_scale) {
+__device__ void cross_entropy(T* logits, const unsigned* targets, float* losses, int rows, int vocab, int write_grad,
+                              float grad_scale) {
     __shared__ float scratch[32];
     const int r = blockIdx.x;
     if (r >= rows) return;
@@ -45,7 +46,7 @@ __device__ void cross_entropy(T* logits, const unsigned* targets, float* losses,
     float m, s;
     row_max_sum(row, vocab, scratch, &m, &s);
     if (threadIdx.x == 0) losses[r] = m + __logf(s) - to_float(row[t]);
-    if (grad_scale == 0.0f) return;
+    if (!write_grad) return;
     // Thread 0 reads row[t] for the loss after the block sums' last barrier: no thread may
     // overwrite the row before it has.
     __syncthreads();
@@ -90,9 +91,9 @@ __device__ void cross_entropy_grad(T* logits, const unsigned* targets, const flo
 }
 
 #define CROSS_ENTROPY_KERNELS(T, S)                                                                                \
-    extern "C" __global__ void cross_entropy_##S(T* logits, const unsigned* targets, float* losses, int rows,     \
-                                                 int vocab, float grad_scale) {                                    \
-        cross_entropy<T>(logits, targets, losses, rows, vocab, grad_scale);                                        \
+    extern "C" __global__ void cross_entropy_##S(T* logits, const unsigned* targets, float* losses, int rows,      \
+                                                 int vocab, int write_grad, float grad_scale) {                    \
+        cross_entropy<T>(logits, targets, losses, rows, vocab, write_grad, grad_scale);                            \
     }                                                                                                              \
     extern "C" __global__ void cross_entropy_stats_##S(const T* logits, const unsigned* targets, float* stats,    \
                                                        int rows, int first_id, int vocab) {                        \

@@ -191,7 +191,7 @@ fn convert(dtype: Dtype, bytes: &[u8], out: &mut [f32]) -> std::result::Result<(
         Dtype::BF16 => out
             .iter_mut()
             .zip(bytes.chunks_exact(2))
-            .for_each(|(o, b)| *o = f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16)),
+            .for_each(|(o, b)| *o = ondol_core::bf16::to_f32(u16::from_le_bytes([b[0], b[1]]))),
         Dtype::F16 => out
             .iter_mut()
             .zip(bytes.chunks_exact(2))

@@ -3,6 +3,7 @@
 //! FLOP counting conventions.
 
 pub mod backend;
+pub mod bf16;
 pub mod error;
 pub mod gradcheck;
 pub mod rng;

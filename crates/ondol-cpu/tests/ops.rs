@@ -480,12 +480,14 @@ fn adamw_matches_a_scalar_reference() {
     let n = 40_001; // more than one parallel chunk, not a multiple of it
     let mut p = randn(n, 1.0, 27);
     let (mut m, mut v) = (vec![0.0f32; n], vec![0.0f32; n]);
+    // A compute copy (as a mixed-precision run passes one) must receive the updated params.
+    let mut copy = vec![0.0f32; n];
     let (mut rp, mut rm, mut rv): (Vec<f64>, Vec<f64>, Vec<f64>) =
         (p.iter().map(|x| *x as f64).collect(), vec![0.0; n], vec![0.0; n]);
     for step in 1..=3u64 {
         let g = randn(n, 1.0, 100 + step);
         let hp = AdamWParams { lr: 1e-2, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, step, grad_scale: 0.5 };
-        BE.adamw(&mut p, &g, &mut m, &mut v, hp, None);
+        BE.adamw(&mut p, &g, &mut m, &mut v, hp, (step == 3).then_some(&mut copy[..]));
         for i in 0..n {
             let gi = g[i] as f64 * 0.5;
             rm[i] = 0.9 * rm[i] + 0.1 * gi;
@@ -498,6 +500,7 @@ fn adamw_matches_a_scalar_reference() {
     for i in 0..n {
         assert!((p[i] as f64 - rp[i]).abs() < 1e-5, "param {i}: {} vs {}", p[i], rp[i]);
     }
+    assert_eq!(copy, p, "the compute copy holds the updated parameters");
 }
 
 #[test]

@@ -2,19 +2,20 @@
 //! GEMMs from cuBLASLt.
 //!
 //! Every op is issued on the GPU's one stream and returns at once; only `download` and the
-//! sums that return a number wait for the stream. The compute type is bf16 (mixed precision:
+//! sums that return a number wait for the stream. An op on empty views launches nothing (its
+//! grid is empty, see `Gpu::launch`). The compute type is bf16 (mixed precision:
 //! fp32 master weights, gradients and statistics, see ondol_core::backend) or f32 (the same
 //! numbers as the CPU reference to round-off, for checking).
 
 use crate::CudaError;
 use crate::device::{Arg, Gpu};
 use crate::gemm::Blas;
-use crate::memory::{DevMut, DevRef, DeviceBuf, DeviceIds, Dtype, from_bf16, to_bf16};
+use crate::memory::{DevMut, DevRef, DeviceBuf, DeviceIds, Dtype};
 use cudarc::driver::{LaunchConfig, result as driver};
-use ondol_core::AdamWParams;
 use ondol_core::backend::{
     Activation, AttnShape, Backend, Gemm, ScanGrads, ScanInputs, ScanShape, SsdGrads, SsdInputs, SsdShape,
 };
+use ondol_core::{AdamWParams, bf16};
 use std::ops::Range;
 
 pub struct CudaBackend {
@@ -117,7 +118,7 @@ impl CudaBackend {
             match dtype {
                 Dtype::F32 => driver::memcpy_htod_async(dst, data, stream),
                 Dtype::Bf16 => {
-                    driver::memcpy_htod_async(dst, &data.iter().map(|&x| to_bf16(x)).collect::<Vec<_>>(), stream)
+                    driver::memcpy_htod_async(dst, &data.iter().map(|&x| bf16::from_f32(x)).collect::<Vec<_>>(), stream)
                 }
             }
         };
@@ -134,10 +135,10 @@ impl CudaBackend {
         LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (ROW_THREADS, 1, 1), shared_mem_bytes: shared as u32 }
     }
 
-    /// A fixed grid of two blocks per SM (the norms' backward, whose blocks each add their
+    /// At most two blocks per SM (the norms' backward, whose blocks each add their
     /// weight-gradient partials once).
     fn per_sm(&self, rows: usize, shared: usize) -> LaunchConfig {
-        let blocks = rows.clamp(1, 2 * self.gpu.sms);
+        let blocks = rows.min(2 * self.gpu.sms);
         LaunchConfig {
             grid_dim: (blocks as u32, 1, 1),
             block_dim: (ROW_THREADS, 1, 1),
@@ -231,7 +232,7 @@ impl Backend for CudaBackend {
         self.synchronize();
         match buf.dtype() {
             Dtype::F32 => f32s,
-            Dtype::Bf16 => bf16s.into_iter().map(from_bf16).collect(),
+            Dtype::Bf16 => bf16s.into_iter().map(bf16::to_f32).collect(),
         }
     }
     fn upload_ids(&self, ids: &[u32]) -> DeviceIds {
@@ -261,24 +262,18 @@ impl Backend for CudaBackend {
         buf.views_mut(ranges)
     }
     fn fill(&self, x: DevMut<'_>, value: f32) {
-        if x.len > 0 {
-            let args = [ptr_mut(&x), Arg::I64(x.len as i64), Arg::F32(value)];
-            self.run("elementwise", "fill", x.dtype, self.gpu.flat(x.len), &args);
-        }
+        let args = [ptr_mut(&x), Arg::I64(x.len as i64), Arg::F32(value)];
+        self.run("elementwise", "fill", x.dtype, self.gpu.flat(x.len), &args);
     }
     fn add_assign(&self, dst: DevMut<'_>, src: DevRef<'_>) {
         assert_eq!(dst.len, src.len, "add_assign: lengths differ");
         let dtype = same_type("add_assign", &[dst.dtype, src.dtype]);
-        if dst.len > 0 {
-            let args = [ptr_mut(&dst), ptr(&src), Arg::I64(dst.len as i64)];
-            self.run("elementwise", "add_assign", dtype, self.gpu.flat(dst.len), &args);
-        }
+        let args = [ptr_mut(&dst), ptr(&src), Arg::I64(dst.len as i64)];
+        self.run("elementwise", "add_assign", dtype, self.gpu.flat(dst.len), &args);
     }
     fn scale(&self, x: DevMut<'_>, factor: f32) {
-        if x.len > 0 {
-            let args = [ptr_mut(&x), Arg::I64(x.len as i64), Arg::F32(factor)];
-            self.run("elementwise", "scale", x.dtype, self.gpu.flat(x.len), &args);
-        }
+        let args = [ptr_mut(&x), Arg::I64(x.len as i64), Arg::F32(factor)];
+        self.run("elementwise", "scale", x.dtype, self.gpu.flat(x.len), &args);
     }
     fn sum_squares(&self, x: DevRef<'_>) -> f64 {
         self.reduce(x, true)
@@ -305,18 +300,13 @@ impl Backend for CudaBackend {
         let dtype = same_type("add_bias", &[y.dtype, bias.dtype]);
         assert_eq!(bias.len, cols, "add_bias: bias length");
         rows_of(y.len, cols);
-        if y.len > 0 {
-            let args = [ptr_mut(&y), ptr(&bias), Arg::I64(y.len as i64), Arg::I32(cols as i32)];
-            self.run("elementwise", "add_bias", dtype, self.gpu.flat(y.len), &args);
-        }
+        let args = [ptr_mut(&y), ptr(&bias), Arg::I64(y.len as i64), Arg::I32(cols as i32)];
+        self.run("elementwise", "add_bias", dtype, self.gpu.flat(y.len), &args);
     }
     fn bias_backward(&self, dy: DevRef<'_>, dbias: DevMut<'_>, cols: usize) {
         is_f32("bias_backward dbias", dbias.dtype);
         assert_eq!(dbias.len, cols, "bias_backward: dbias length");
         let rows = rows_of(dy.len, cols);
-        if rows == 0 {
-            return;
-        }
         const ROWS_PER_CHUNK: usize = 64;
         let cfg = LaunchConfig {
             grid_dim: (cols.div_ceil(256) as u32, rows.div_ceil(ROWS_PER_CHUNK) as u32, 1),
@@ -359,9 +349,7 @@ impl Backend for CudaBackend {
             Arg::I64(rows as i64),
             Arg::I32(dim as i32),
         ];
-        if rows > 0 {
-            self.run("embedding", "embedding_forward", dtype, self.gpu.flat(out.len), &args);
-        }
+        self.run("embedding", "embedding_forward", dtype, self.gpu.flat(out.len), &args);
     }
     fn embedding_backward(&self, ids: &DeviceIds, dout: DevRef<'_>, dtable: DevMut<'_>, first_id: usize, dim: usize) {
         is_f32("embedding_backward dtable", dtable.dtype);
@@ -376,17 +364,13 @@ impl Backend for CudaBackend {
             Arg::I64(rows as i64),
             Arg::I32(dim as i32),
         ];
-        if rows > 0 {
-            self.run("embedding", "embedding_backward", dout.dtype, self.gpu.flat(dout.len), &args);
-        }
+        self.run("embedding", "embedding_backward", dout.dtype, self.gpu.flat(dout.len), &args);
     }
     fn position_embedding_backward(&self, dout: DevRef<'_>, dpos: DevMut<'_>, seq: usize, dim: usize) {
         is_f32("position_embedding_backward dpos", dpos.dtype);
         let rows = rows_of(dout.len, dim);
         let args = [ptr(&dout), ptr_mut(&dpos), Arg::I32(seq as i32), Arg::I64(rows as i64), Arg::I32(dim as i32)];
-        if rows > 0 {
-            self.run("embedding", "position_embedding_backward", dout.dtype, self.gpu.flat(dout.len), &args);
-        }
+        self.run("embedding", "position_embedding_backward", dout.dtype, self.gpu.flat(dout.len), &args);
     }
 
     // ---- norms ------------------------------------------------------------------------------
@@ -412,9 +396,7 @@ impl Backend for CudaBackend {
             Arg::I32(dim as i32),
             Arg::F32(eps),
         ];
-        if rows > 0 {
-            self.run("norms", "rmsnorm_forward", dtype, Self::per_row(rows, 0), &args);
-        }
+        self.run("norms", "rmsnorm_forward", dtype, Self::per_row(rows, 0), &args);
     }
     fn rmsnorm_backward(
         &self,
@@ -442,9 +424,7 @@ impl Backend for CudaBackend {
             Arg::I32(rows as i32),
             Arg::I32(dim as i32),
         ];
-        if rows > 0 {
-            self.run("norms", "rmsnorm_backward", dtype, self.per_sm(rows, 4 * dim), &args);
-        }
+        self.run("norms", "rmsnorm_backward", dtype, self.per_sm(rows, 4 * dim), &args);
     }
     fn layernorm_forward(
         &self,
@@ -474,9 +454,7 @@ impl Backend for CudaBackend {
             Arg::I32(dim as i32),
             Arg::F32(eps),
         ];
-        if rows > 0 {
-            self.run("norms", "layernorm_forward", dtype, Self::per_row(rows, 0), &args);
-        }
+        self.run("norms", "layernorm_forward", dtype, Self::per_row(rows, 0), &args);
     }
     fn layernorm_backward(
         &self,
@@ -514,9 +492,7 @@ impl Backend for CudaBackend {
             Arg::I32(rows as i32),
             Arg::I32(dim as i32),
         ];
-        if rows > 0 {
-            self.run("norms", "layernorm_backward", dtype, self.per_sm(rows, 8 * dim), &args);
-        }
+        self.run("norms", "layernorm_backward", dtype, self.per_sm(rows, 8 * dim), &args);
     }
 
     // ---- attention ----------------------------------------------------------------------------
@@ -539,9 +515,7 @@ impl Backend for CudaBackend {
             Arg::I32(shape.head_dim as i32),
             Arg::I32(inverse as i32),
         ];
-        if pairs > 0 {
-            self.run("rope", "rope", qkv.dtype, self.gpu.flat(pairs), &args);
-        }
+        self.run("rope", "rope", qkv.dtype, self.gpu.flat(pairs), &args);
     }
     fn attention_forward(&self, qkv: DevRef<'_>, out: DevMut<'_>, lse: DevMut<'_>, shape: AttnShape) {
         let dtype = same_type("attention_forward", &[qkv.dtype, out.dtype]);
@@ -549,9 +523,6 @@ impl Backend for CudaBackend {
         assert_eq!(qkv.len, shape.rows() * shape.qkv_width(), "attention_forward: qkv length");
         assert_eq!(out.len, shape.rows() * shape.q_width(), "attention_forward: out length");
         assert_eq!(lse.len, shape.batch * shape.n_heads * shape.seq, "attention_forward: lse length");
-        if shape.rows() == 0 {
-            return;
-        }
         let cfg = LaunchConfig {
             grid_dim: (shape.seq as u32, shape.n_heads as u32, shape.batch as u32),
             block_dim: (ROW_THREADS, 1, 1),
@@ -583,9 +554,6 @@ impl Backend for CudaBackend {
         assert_eq!(qkv.len, shape.rows() * shape.qkv_width(), "attention_backward: qkv length");
         assert!(dout.len == out.len && out.len == shape.rows() * shape.q_width(), "attention_backward: out length");
         assert_eq!(lse.len, shape.batch * shape.n_heads * shape.seq, "attention_backward: lse length");
-        if shape.rows() == 0 {
-            return;
-        }
         // The kernel accumulates dk and dv from every query with fp32 atomics: into dqkv
         // itself when it is f32, else into an f32 scratch converted afterwards.
         let mut scratch = (dtype != Dtype::F32).then(|| self.zeros_f32(dqkv.len));
@@ -636,9 +604,6 @@ impl Backend for CudaBackend {
             "attention_cached: cache lengths"
         );
         assert_eq!(out.len, shape.rows() * shape.q_width(), "attention_cached: out length");
-        if shape.rows() == 0 {
-            return;
-        }
         let heads = [shape.n_heads, shape.n_kv_heads, shape.head_dim].map(|x| Arg::I32(x as i32));
         let mut args = vec![ptr(&qkv), ptr_mut(&k_cache), ptr_mut(&v_cache), Arg::I32(shape.seq as i32)];
         args.extend(heads);
@@ -733,9 +698,7 @@ impl Backend for CudaBackend {
         assert_eq!(gate_up.len, 2 * out.len, "swiglu_forward: gate_up holds two halves per row");
         rows_of(out.len, width);
         let args = [ptr(&gate_up), ptr_mut(&out), Arg::I64(out.len as i64), Arg::I32(width as i32)];
-        if out.len > 0 {
-            self.run("activations", "swiglu_forward", dtype, self.gpu.flat(out.len), &args);
-        }
+        self.run("activations", "swiglu_forward", dtype, self.gpu.flat(out.len), &args);
     }
     fn swiglu_backward(&self, dout: DevRef<'_>, gate_up: DevRef<'_>, dgate_up: DevMut<'_>, width: usize) {
         let dtype = same_type("swiglu_backward", &[dout.dtype, gate_up.dtype, dgate_up.dtype]);
@@ -743,25 +706,19 @@ impl Backend for CudaBackend {
         assert_eq!(dgate_up.len, gate_up.len, "swiglu_backward: dgate_up length");
         rows_of(dout.len, width);
         let args = [ptr(&dout), ptr(&gate_up), ptr_mut(&dgate_up), Arg::I64(dout.len as i64), Arg::I32(width as i32)];
-        if dout.len > 0 {
-            self.run("activations", "swiglu_backward", dtype, self.gpu.flat(dout.len), &args);
-        }
+        self.run("activations", "swiglu_backward", dtype, self.gpu.flat(dout.len), &args);
     }
     fn activation_forward(&self, act: Activation, x: DevRef<'_>, out: DevMut<'_>) {
         let dtype = same_type("activation_forward", &[x.dtype, out.dtype]);
         assert_eq!(x.len, out.len, "activation_forward: lengths differ");
         let args = [Arg::I32(activation_kind(act)), ptr(&x), ptr_mut(&out), Arg::I64(x.len as i64)];
-        if x.len > 0 {
-            self.run("activations", "activation_forward", dtype, self.gpu.flat(x.len), &args);
-        }
+        self.run("activations", "activation_forward", dtype, self.gpu.flat(x.len), &args);
     }
     fn activation_backward(&self, act: Activation, dout: DevRef<'_>, x: DevRef<'_>, dx: DevMut<'_>) {
         let dtype = same_type("activation_backward", &[dout.dtype, x.dtype, dx.dtype]);
         assert!(dout.len == x.len && x.len == dx.len, "activation_backward: lengths differ");
         let args = [Arg::I32(activation_kind(act)), ptr(&dout), ptr(&x), ptr_mut(&dx), Arg::I64(x.len as i64)];
-        if x.len > 0 {
-            self.run("activations", "activation_backward", dtype, self.gpu.flat(x.len), &args);
-        }
+        self.run("activations", "activation_backward", dtype, self.gpu.flat(x.len), &args);
     }
 
     // ---- loss -------------------------------------------------------------------------------------
@@ -776,27 +733,16 @@ impl Backend for CudaBackend {
         is_f32("cross_entropy losses", losses.dtype);
         let rows = rows_of(logits.len, vocab);
         assert!(targets.len == rows && losses.len == rows, "cross_entropy: one target and loss per row");
-        // The kernel writes the gradient when its scale is not 0; a zero scale asks for a zero
-        // gradient, which is what scaling by 0 gives.
-        let (scale, zero_grad) = match grad_scale {
-            None => (0.0, false),
-            Some(s) => (if s == 0.0 { 1.0 } else { s }, s == 0.0),
-        };
-        let dtype = logits.dtype;
         let args = [
             ptr_mut(&logits),
             Arg::Ptr(targets.ptr),
             ptr_mut(&losses),
             Arg::I32(rows as i32),
             Arg::I32(vocab as i32),
-            Arg::F32(scale),
+            Arg::I32(grad_scale.is_some() as i32),
+            Arg::F32(grad_scale.unwrap_or(0.0)),
         ];
-        if rows > 0 {
-            self.run("cross_entropy", "cross_entropy", dtype, Self::per_row(rows, 0), &args);
-        }
-        if zero_grad {
-            self.fill(logits, 0.0);
-        }
+        self.run("cross_entropy", "cross_entropy", logits.dtype, Self::per_row(rows, 0), &args);
     }
     fn cross_entropy_stats(
         &self,
@@ -817,9 +763,7 @@ impl Backend for CudaBackend {
             Arg::I32(first_id as i32),
             Arg::I32(vocab as i32),
         ];
-        if rows > 0 {
-            self.run("cross_entropy", "cross_entropy_stats", logits.dtype, Self::per_row(rows, 0), &args);
-        }
+        self.run("cross_entropy", "cross_entropy_stats", logits.dtype, Self::per_row(rows, 0), &args);
     }
     fn cross_entropy_grad(
         &self,
@@ -842,9 +786,7 @@ impl Backend for CudaBackend {
             Arg::I32(vocab as i32),
             Arg::F32(grad_scale),
         ];
-        if rows > 0 {
-            self.run("cross_entropy", "cross_entropy_grad", logits.dtype, Self::per_row(rows, 0), &args);
-        }
+        self.run("cross_entropy", "cross_entropy_grad", logits.dtype, Self::per_row(rows, 0), &args);
     }
 
     // ---- optimizer ------------------------------------------------------------------------------
@@ -890,9 +832,7 @@ impl Backend for CudaBackend {
             Arg::F32(decay),
             Arg::F32(hp.grad_scale),
         ];
-        if n > 0 {
-            self.gpu.launch("adamw", "adamw", self.gpu.flat(n), &args);
-        }
+        self.gpu.launch("adamw", "adamw", self.gpu.flat(n), &args);
     }
 }
 

@@ -22,7 +22,7 @@ pub struct Gpu {
 
 /// One kernel argument, by value.
 #[derive(Clone, Copy, Debug)]
-pub enum Arg {
+pub(crate) enum Arg {
     /// A device address (0 for a null pointer).
     Ptr(u64),
     I32(i32),
@@ -88,9 +88,14 @@ impl Gpu {
         Ok(f)
     }
 
-    /// Launches `family`'s kernel `name` on the stream. A failure is a bug (a kernel missing
-    /// from its file, or a launch the device refuses), so it panics with the kernel's name.
-    pub fn launch(&self, family: &str, name: &str, cfg: LaunchConfig, args: &[Arg]) {
+    /// Launches `family`'s kernel `name` on the stream; an empty grid (an op on empty views)
+    /// launches nothing. A failure is a bug (a kernel missing from its file, or a launch the
+    /// device refuses), so it panics with the kernel's name.
+    pub(crate) fn launch(&self, family: &str, name: &str, cfg: LaunchConfig, args: &[Arg]) {
+        let (x, y, z) = cfg.grid_dim;
+        if x == 0 || y == 0 || z == 0 {
+            return;
+        }
         let f = self.function(family, name).unwrap_or_else(|e| panic!("kernel {family}/{name}: {e}"));
         if cfg.shared_mem_bytes > 48 << 10 {
             // Above 48 KiB a kernel must opt in to its dynamic shared memory.
@@ -114,9 +119,10 @@ impl Gpu {
         unsafe { builder.launch(cfg) }.unwrap_or_else(|e| panic!("kernel {family}/{name}: {e}"));
     }
 
-    /// A grid-stride launch over `n` elements: 256 threads a block, at most 16 blocks per SM.
-    pub fn flat(&self, n: usize) -> LaunchConfig {
-        let blocks = n.div_ceil(256).clamp(1, 16 * self.sms);
+    /// A grid-stride launch over `n` elements: 256 threads a block, at most 16 blocks per SM
+    /// (none for no elements).
+    pub(crate) fn flat(&self, n: usize) -> LaunchConfig {
+        let blocks = n.div_ceil(256).min(16 * self.sms);
         LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
     }
 }

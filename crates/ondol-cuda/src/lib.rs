@@ -17,8 +17,8 @@ mod memory;
 
 pub use backend::CudaBackend;
 pub use compile::{FAMILIES, Family, cached_cubin, compile_cubin, nvrtc_available};
-pub use device::{Arg, Gpu};
-pub use memory::{DevMut, DevRef, DeviceBuf, DeviceIds, Dtype, from_bf16, to_bf16};
+pub use device::Gpu;
+pub use memory::{DevMut, DevRef, DeviceBuf, DeviceIds, Dtype};
 
 /// What can go wrong between the driver, NVRTC and a kernel.
 #[derive(Debug, thiserror::Error)]

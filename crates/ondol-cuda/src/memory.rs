@@ -1,5 +1,5 @@
-//! Device memory: buffers that carry their element type, borrowed views into them, token ids,
-//! and the host-side bf16 conversions.
+//! Device memory: buffers that carry their element type, borrowed views into them, and token
+//! ids.
 //!
 //! Buffers come from the device's stream-ordered memory pool, which the backend tells to keep
 //! freed memory (release threshold = all of it): a buffer dropped and allocated again in the
@@ -32,20 +32,6 @@ impl Dtype {
             Dtype::Bf16 => "bf16",
         }
     }
-}
-
-/// f32 to bf16 bits, rounding to nearest even (NaN stays a quiet NaN): the same bits as the
-/// kernels' `from_float<bf16>`.
-pub fn to_bf16(x: f32) -> u16 {
-    let u = x.to_bits();
-    if u & 0x7fff_ffff > 0x7f80_0000 {
-        return ((u >> 16) | 0x40) as u16;
-    }
-    ((u + 0x7fff + ((u >> 16) & 1)) >> 16) as u16
-}
-
-pub fn from_bf16(x: u16) -> f32 {
-    f32::from_bits((x as u32) << 16)
 }
 
 /// A device allocation of `len` elements of `dtype`. Zero-length buffers own no memory.

@@ -5,9 +5,10 @@
 //! says why and passes, unless ONDOL_REQUIRE_GPU is set, as the GPU bundle's run.sh sets it.
 
 use ondol_core::backend::{AttnShape, Gemm, rope_table};
+use ondol_core::bf16;
 use ondol_core::{Activation, AdamWParams, Backend, Rng};
 use ondol_cpu::CpuBackend;
-use ondol_cuda::{CudaBackend, Dtype, from_bf16, to_bf16};
+use ondol_cuda::{CudaBackend, Dtype};
 
 /// The CUDA backend computing in f32, then in bf16; empty (with a message) without a GPU.
 fn backends() -> Vec<CudaBackend> {
@@ -39,7 +40,7 @@ fn tolerance(be: &CudaBackend) -> f32 {
 fn round(be: &CudaBackend, x: &[f32]) -> Vec<f32> {
     match be.compute_type() {
         Dtype::F32 => x.to_vec(),
-        Dtype::Bf16 => x.iter().map(|&v| from_bf16(to_bf16(v))).collect(),
+        Dtype::Bf16 => x.iter().map(|&v| bf16::to_f32(bf16::from_f32(v))).collect(),
     }
 }
 

@@ -300,17 +300,22 @@ impl<B: Backend> Engine<B> {
         c.tp == 0 && c.pp == self.layout.mesh.pp - 1
     }
 
-    /// Bytes this rank holds: parameters, gradients, AdamW moments and the activations of the
-    /// micro-batches its schedule keeps in flight.
+    /// Bytes this rank holds: parameters (and fp32 master weights where the optimizer keeps
+    /// them), gradients, AdamW moments and the activations of the micro-batches its schedule
+    /// keeps in flight (counted as f32).
     pub fn memory_bytes(&self) -> u64 {
         let l = &self.layout;
+        let param_bytes = if self.be.mixed_precision() { 2 } else { 4 };
         self.chunks
             .iter()
             .map(|c| {
                 let n = c.model.num_params() as u64;
                 let opt = self.be.len(&c.opt.m) as u64;
+                let master = c.opt.master.as_ref().map_or(0, |m| self.be.len(m) as u64);
                 let in_flight = c.pool.len().max(1) as u64;
-                4 * (2 * n + 2 * opt) + in_flight * c.model.activation_bytes(l.batch, l.seq, l.recompute)
+                param_bytes * n
+                    + 4 * (n + 2 * opt + master)
+                    + in_flight * c.model.activation_bytes(l.batch, l.seq, l.recompute)
             })
             .sum()
     }

@@ -238,6 +238,24 @@ fn train_cuda(args: &TrainArgs, cfg: RunConfig) -> Result<()> {
         Precision::Bf16 => Dtype::Bf16,
     };
     let be = CudaBackend::open(0, compute).map_err(|e| Error::config("training.device", format!("\"cuda\": {e}")))?;
+    // A model whose weights, gradients and AdamW state alone exceed the GPU would otherwise
+    // stop at its first failed allocation.
+    let state_bytes = Model::new(cfg.model.clone())?.num_params() as u64
+        * (compute.bytes() as u64 + 4 + 8 + 4 * be.mixed_precision() as u64);
+    if let Some((_, total)) = be.device_memory()
+        && state_bytes > total
+    {
+        let gib = |b: u64| b as f64 / 2f64.powi(30);
+        return Err(Error::config(
+            "model",
+            format!(
+                "needs {:.1} GiB for its weights, gradients and AdamW state before any activation, but {} has {:.1} GiB",
+                gib(state_bytes),
+                be.gpu().name(),
+                gib(total)
+            ),
+        ));
+    }
     let peak = match be.peak_flops() {
         Some(flops) => {
             Peak { flops, what: format!("the bf16 dense peak of {} ({:.0} TFLOP/s)", be.gpu().name(), flops / 1e12) }
