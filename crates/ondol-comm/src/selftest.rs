@@ -26,11 +26,16 @@ pub fn selftest(env: &DistEnv, opts: &SelftestOptions) -> Result<(), CommError> 
     println!("connected to the store at {} as rank {rank} of {world}", env.store_addr());
     if opts.hang_rank == Some(rank) {
         println!("hanging as asked (--hang-rank {rank})");
+        store.set("selftest/hanging", b"")?;
         loop {
             std::thread::sleep(Duration::from_secs(3600));
         }
     }
     if opts.fail_rank == Some(rank) {
+        // Fail only once the hanging rank has said so, so that a test sees both lines.
+        if opts.hang_rank.is_some_and(|h| h != rank) {
+            store.wait(&["selftest/hanging"])?;
+        }
         return Err(CommError::Launch(format!("rank {rank} fails as asked (--fail-rank {rank})")));
     }
 
