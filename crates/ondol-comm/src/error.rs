@@ -14,6 +14,9 @@ pub enum CommError {
     /// the group); every later operation fails at once instead of hanging.
     #[error("{op} on group {group}: the communicator is broken by an earlier failure ({cause})", group = Ranks(group))]
     Broken { op: &'static str, group: Vec<usize>, cause: TimeoutInfo },
+    /// A peer's process ended (or its connection broke) while this rank waited for it.
+    #[error("{op} on group {group}: rank {peer} {how}", group = Ranks(group))]
+    Lost { op: &'static str, group: Vec<usize>, peer: usize, how: String },
     /// An operation was called with buffers or arguments that cannot work (a length mismatch,
     /// a root or peer outside the group, ranks calling different operations).
     #[error("{op} on group {group}: {message}", group = Ranks(group))]

@@ -1,5 +1,6 @@
 //! ondol-comm: how ranks talk. The [`Communicator`] contract the parallel layers are written
 //! against; [`ThreadComm`], ranks as threads of one process (deterministic, testable on one CPU);
+//! [`TcpComm`], ranks as processes connected over TCP (the same bits as ThreadComm);
 //! the [`Mesh`] of tp x pp x dp groups and [`RankComms`], the one owner of a rank's
 //! communicators; the rendezvous [`store`]; [`DistEnv`], a process's place in a job read from
 //! torchrun or Slurm variables; and the [`launch`]er behind `ondol launch`.
@@ -31,6 +32,7 @@ pub mod launch;
 pub mod mesh;
 pub mod selftest;
 pub mod store;
+pub mod tcp;
 pub mod thread;
 
 pub use comm::Communicator;
@@ -38,4 +40,5 @@ pub use env::DistEnv;
 pub use error::{CommError, TimeoutInfo};
 pub use mesh::{Coords, Mesh, RankComms};
 pub use store::{StoreClient, StoreServer};
+pub use tcp::{TcpComm, TcpNet};
 pub use thread::ThreadComm;

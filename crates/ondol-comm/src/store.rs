@@ -403,6 +403,17 @@ impl StoreClient {
         self.rank
     }
 
+    /// Changes the wait of every later blocking request.
+    pub fn set_timeout(&mut self, timeout: Duration) {
+        self.timeout = timeout;
+    }
+
+    /// This end of the connection to the store: an address of this host that the store's host
+    /// (and so, in a cluster, the other hosts) can reach.
+    pub fn local_addr(&self) -> Result<SocketAddr, CommError> {
+        self.stream.local_addr().map_err(|e| self.fail(format!("cannot read the local address: {e}")))
+    }
+
     fn fail(&self, message: impl Into<String>) -> CommError {
         CommError::store(&self.addr, message)
     }

@@ -8,7 +8,7 @@ use ondol::prepare_cli;
 use ondol::pretrained::{self, Pretrained, Sampling};
 use ondol::trainer::{self, Data, Trainer};
 use ondol_ckpt::{Writer, checkpoint};
-use ondol_comm::{DistEnv, Mesh, RankComms, ThreadComm};
+use ondol_comm::{Communicator, DistEnv, Mesh, RankComms, TcpNet};
 use ondol_core::{Backend, Error, Result};
 use ondol_cpu::CpuBackend;
 use ondol_data::{Loader, Order, SourceKind, TokenStream};
@@ -151,25 +151,22 @@ fn main() -> ExitCode {
 
 fn train(args: TrainArgs) -> Result<()> {
     let cfg = RunConfig::load(&args.config.config, &args.config.set)?;
-    if let Some(threads) = cfg.training.threads {
+    let env = DistEnv::from_env()?;
+    // Launched ranks on one node share its cores: each takes its share unless told.
+    let threads = cfg.training.threads.or_else(|| {
+        (env.local_world_size > 1).then(|| {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            (cores / env.local_world_size).max(1)
+        })
+    });
+    if let Some(threads) = threads {
         rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .build_global()
             .map_err(|e| Error::config("training.threads", e.to_string()))?;
     }
-    // Under `ondol launch` (or Slurm) every process would otherwise train alone and all of
-    // them would write the same run directory.
-    let env = DistEnv::from_env()?;
     if env.world_size > 1 {
-        return Err(Error::config(
-            "parallelism",
-            format!(
-                "this process is rank {} of {} launched processes, but training across processes needs a \
-                 cross-process communicator (NCCL, with the CUDA backend), which this build lacks; on a CPU \
-                 run one process with parallelism.dp = {} instead",
-                env.rank, env.world_size, env.world_size
-            ),
-        ));
+        return train_launched(&args, cfg, &env);
     }
     if cfg.training.device == Device::Cuda {
         return train_cuda(&args, cfg);
@@ -177,7 +174,7 @@ fn train(args: TrainArgs) -> Result<()> {
     let data = Data::open(&cfg, Path::new("."))?;
     let p = &cfg.parallelism;
     let mesh = Mesh::new(p.tp, p.pp, p.dp)?;
-    let peak = Peak::cpu();
+    let peak = Peak::cpu(1);
     if mesh.world() == 1 {
         return train_rank(&args, CpuBackend::new(), &peak, cfg, data, None);
     }
@@ -188,12 +185,65 @@ fn train(args: TrainArgs) -> Result<()> {
             .into_iter()
             .map(|comm| {
                 let (args, peak, cfg, data) = (&args, &peak, cfg.clone(), data.clone());
-                scope.spawn(move || train_rank(args, CpuBackend::new(), peak, cfg, data, Some(comm)))
+                scope.spawn(move || train_rank(args, CpuBackend::new(), peak, cfg, data, Some(comm.boxed())))
             })
             .collect();
         ranks.into_iter().map(|r| r.join().unwrap_or_else(|_| Err(Error::Training("a rank panicked".into())))).collect()
     });
     results.into_iter().collect()
+}
+
+/// This process as one rank of a launched job (`ondol launch`, torchrun-style variables, or
+/// Slurm): the mesh must cover every launched process; ranks find each other through the
+/// rendezvous store on MASTER_ADDR:MASTER_PORT and talk over TCP.
+fn train_launched(args: &TrainArgs, cfg: RunConfig, env: &DistEnv) -> Result<()> {
+    if cfg.training.device == Device::Cuda {
+        return Err(Error::config(
+            "training.device",
+            format!(
+                "this process is rank {} of {} launched processes, but training across processes on \"cuda\" \
+                 needs the NCCL communicator (issue 8); launch one process, or train on \"cpu\"",
+                env.rank, env.world_size
+            ),
+        ));
+    }
+    let p = &cfg.parallelism;
+    let (world, model_parallel) = (env.world_size, p.tp * p.pp);
+    if p.tp * p.pp * p.dp != world {
+        let fix = if world.is_multiple_of(model_parallel) {
+            format!("set parallelism.dp = {} (with tp = {} and pp = {})", world / model_parallel, p.tp, p.pp)
+        } else {
+            format!("choose tp x pp x dp = {world}")
+        };
+        return Err(Error::config(
+            "parallelism",
+            format!("tp {} x pp {} x dp {} is not the {world} processes launched; {fix}", p.tp, p.pp, p.dp),
+        ));
+    }
+    let mesh = Mesh::new(p.tp, p.pp, p.dp)?;
+    let timeout = Duration::from_secs(p.timeout_s);
+    let (server, mut store) = ondol_comm::store::rendezvous(env, timeout)?;
+    let net = TcpNet::connect(&mut store, env.world_size, timeout)?;
+    // Rank 0 prepares the data (a config may ask for it on the first run) and measures the
+    // node's GEMM peak while the other ranks wait, so neither is disturbed by them. Preparing
+    // may take far longer than a collective; if rank 0 fails, its store goes with it and the
+    // wait ends at once.
+    store.set_timeout(Duration::from_secs(7 * 24 * 3600));
+    let (data, peak) = if env.rank == 0 {
+        let data = Data::open(&cfg, Path::new("."));
+        let peak = Peak::cpu(env.world_size / env.local_world_size);
+        store.barrier("train/data", env.world_size)?;
+        (data?, peak)
+    } else {
+        store.barrier("train/data", env.world_size)?;
+        (Data::open(&cfg, Path::new("."))?, Peak { flops: 1.0, what: String::new() })
+    };
+    drop(store);
+    if let Some(server) = server {
+        server.shutdown(timeout);
+    }
+    let comms = RankComms::tcp(mesh, &net)?.boxed();
+    train_rank(args, CpuBackend::new(), &peak, cfg, data, Some(comms))
 }
 
 /// The denominator of MFU, and what it is.
@@ -203,10 +253,15 @@ struct Peak {
 }
 
 impl Peak {
-    /// The CPU's measured f32 GEMM throughput (DESIGN.md section 7).
-    fn cpu() -> Self {
+    /// The CPU's measured f32 GEMM throughput (DESIGN.md section 7), times the `nodes` of a
+    /// launched job.
+    fn cpu(nodes: usize) -> Self {
         let flops = ondol_cpu::measure_gemm_peak();
-        Self { flops, what: format!("the measured sgemm peak {:.0} GFLOP/s", flops / 1e9) }
+        let what = format!("the measured sgemm peak {:.0} GFLOP/s", flops / 1e9);
+        match nodes {
+            1 => Self { flops, what },
+            n => Self { flops: flops * n as f64, what: format!("{n} nodes x {what}") },
+        }
     }
 }
 
@@ -285,7 +340,7 @@ fn train_rank<B: Backend>(
     peak: &Peak,
     cfg: RunConfig,
     data: Data,
-    comms: Option<RankComms<ThreadComm>>,
+    comms: Option<RankComms<Box<dyn Communicator>>>,
 ) -> Result<()> {
     // Everything a user's input can break is checked before the run directory is touched.
     let (steps, seq) = (cfg.training.steps, cfg.training.seq_len);
@@ -293,7 +348,7 @@ fn train_rank<B: Backend>(
     let keep_last = cfg.checkpoint.keep_last;
     let mut trainer = match comms {
         None => Trainer::new(be, cfg, data)?,
-        Some(c) => Trainer::rank(be, cfg, data, c.boxed())?,
+        Some(c) => Trainer::rank(be, cfg, data, c)?,
     };
     let stem = args.config.config.file_stem().map_or("run".into(), |s| s.to_string_lossy().into_owned());
     let run_dir = args.run_dir.clone().unwrap_or_else(|| Path::new("runs").join(stem));

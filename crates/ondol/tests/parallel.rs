@@ -261,19 +261,89 @@ fn a_checkpoint_resumes_on_any_layout() {
     }
 }
 
+/// `ondol launch` with 8 processes trains exactly as the same layout on 8 threads: TcpComm sums
+/// in the rank order ThreadComm does, so the losses, the validation losses and the
+/// checkpoint's files are the same bits. (2, 2, 2) with ZeRO-1 uses every channel; at (2, 1, 4)
+/// a dp sum has four terms, whose order shows in the bits (two terms commute).
 #[test]
-fn train_refuses_to_run_as_one_of_several_launched_processes() {
+fn launched_processes_train_bit_for_bit_like_thread_ranks() {
+    let dir = setup();
+    for (tp, pp, dp, zero) in [(2, 2, 2, 1), (2, 1, 4, 0)] {
+        let sets = [
+            format!("parallelism.tp={tp}"),
+            format!("parallelism.pp={pp}"),
+            format!("parallelism.dp={dp}"),
+            format!("parallelism.zero={zero}"),
+            format!("training.batch_size={}", 8 / dp),
+            "data.val_fraction=0.1".into(),
+            "training.threads=1".into(),
+        ];
+        let layout: Vec<&str> = sets.iter().flat_map(|s| ["--set", s.as_str()]).collect();
+        let threads: Vec<&str> =
+            ["train", "run.toml", "--run-dir", "threads"].iter().copied().chain(layout.clone()).collect();
+        let (ok, err) = ondol_err(dir.path(), &threads);
+        assert!(ok, "{err}");
+        let launched: Vec<&str> = [
+            "launch",
+            "--nproc-per-node",
+            "8",
+            "--master-port",
+            "0",
+            "--",
+            "train",
+            "run.toml",
+            "--run-dir",
+            "launched",
+        ]
+        .iter()
+        .copied()
+        .chain(layout)
+        .collect();
+        let run = common::ondol(dir.path(), &launched);
+        assert!(run.ok && run.stderr.contains("[rank 0] done: 20 steps"), "{}\n{}", run.stdout, run.stderr);
+        // Every logged number but the timings.
+        let rows = |run: &str| -> Vec<serde_json::Value> {
+            std::fs::read_to_string(dir.path().join(run).join("metrics.jsonl"))
+                .unwrap()
+                .lines()
+                .map(|l| {
+                    let mut row: serde_json::Value = serde_json::from_str(l).unwrap();
+                    let row_map = row.as_object_mut().unwrap();
+                    row_map.retain(|k, _| ["step", "loss", "lr", "grad_norm", "val_loss"].contains(&k.as_str()));
+                    row
+                })
+                .collect()
+        };
+        let want = rows("threads");
+        assert_eq!(want.len(), 4, "2 training rows and 2 evaluations: {want:?}");
+        assert_eq!(rows("launched"), want, "({tp}, {pp}, {dp})");
+        for file in ["model.safetensors", "optimizer/exp_avg.safetensors", "optimizer/exp_avg_sq.safetensors"] {
+            let read =
+                |run: &str| std::fs::read(dir.path().join(run).join("checkpoints/step-00000020").join(file)).unwrap();
+            assert!(
+                read("threads") == read("launched"),
+                "({tp}, {pp}, {dp}): {file} differs between threads and processes"
+            );
+        }
+        for run in ["threads", "launched"] {
+            std::fs::remove_dir_all(dir.path().join(run)).unwrap();
+        }
+    }
+}
+
+#[test]
+fn a_layout_that_does_not_cover_the_launched_processes_is_refused() {
     let dir = setup();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_ondol"))
-        .args(["train", "run.toml", "--run-dir", "run"])
+        .args(["train", "run.toml", "--run-dir", "run", "--set", "parallelism.tp=2"])
         .current_dir(dir.path())
         .env("RANK", "1")
-        .env("WORLD_SIZE", "2")
+        .env("WORLD_SIZE", "4")
         .env("MASTER_ADDR", "127.0.0.1")
         .env("MASTER_PORT", "1")
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("rank 1 of 2") && err.contains("parallelism.dp = 2"), "{err}");
+    assert!(!out.status.success() && err.contains("4 processes") && err.contains("parallelism.dp = 2"), "{err}");
     assert!(!dir.path().join("run").exists(), "a refused run left a run directory behind");
 }
