@@ -523,7 +523,8 @@ pub trait Backend: Send + Sync {
     // ---- loss ----------------------------------------------------------------------------------
     /// Softmax cross-entropy per row: writes `losses[r] = logsumexp(logits[r]) - logits[r, t_r]`.
     /// If `grad_scale` is given, overwrites `logits` in place with
-    /// `grad_scale * (softmax(logits) - onehot(t))`, so the (rows x vocab) matrix exists once.
+    /// `grad_scale * (softmax(logits) - onehot(t))`, so the (rows x vocab) matrix exists once;
+    /// without it, the logits are scratch afterwards (the CPU leaves its exponentials there).
     fn cross_entropy(
         &self,
         logits: Self::Mut<'_>,

@@ -8,10 +8,11 @@
 //! numbers as the CPU reference to round-off, for checking).
 
 use crate::CudaError;
-use crate::device::{Arg, Gpu};
-use crate::gemm::Blas;
+use crate::device::{Arg, Device, bytes_of, bytes_of_mut};
+use crate::emu::Emulator;
+use crate::gpu::Gpu;
 use crate::memory::{DevMut, DevRef, DeviceBuf, DeviceIds, Dtype};
-use cudarc::driver::{LaunchConfig, result as driver};
+use cudarc::driver::LaunchConfig;
 use ondol_core::backend::{
     Activation, AttnShape, Backend, Gemm, ScanGrads, ScanInputs, ScanShape, SsdGrads, SsdInputs, SsdShape,
 };
@@ -19,9 +20,8 @@ use ondol_core::{AdamWParams, bf16};
 use std::ops::Range;
 
 pub struct CudaBackend {
-    gpu: Gpu,
+    dev: Box<dyn Device>,
     compute: Dtype,
-    blas: Blas,
 }
 
 /// Threads per block of the row-wise kernels (norms, cross-entropy, attention).
@@ -53,13 +53,18 @@ fn rows_of(len: usize, cols: usize) -> usize {
 impl CudaBackend {
     /// Opens GPU `ordinal`, computing in `compute` (bf16 for training, f32 for checking).
     pub fn open(ordinal: usize, compute: Dtype) -> Result<Self, CudaError> {
-        let gpu = Gpu::open(ordinal)?;
-        let blas = Blas::new(&gpu.stream).map_err(CudaError::Driver)?;
-        Ok(Self { gpu, compute, blas })
+        Ok(Self { dev: Box::new(Gpu::open(ordinal)?), compute })
     }
 
-    pub fn gpu(&self) -> &Gpu {
-        &self.gpu
+    /// The backend on the SIMT emulator (src/emu.rs): the same kernels and launches on the CPU,
+    /// for checking them without a GPU. `reverse` runs each block's threads in reverse order.
+    pub fn emulated(compute: Dtype, reverse: bool) -> Self {
+        Self { dev: Box::new(Emulator::new(reverse)), compute }
+    }
+
+    /// The device's name, as the driver reports it.
+    pub fn device_name(&self) -> String {
+        self.dev.name()
     }
 
     pub fn compute_type(&self) -> Dtype {
@@ -68,13 +73,13 @@ impl CudaBackend {
 
     /// Waits for everything issued so far (for timing).
     pub fn synchronize(&self) {
-        self.gpu.stream.synchronize().unwrap_or_else(|e| panic!("CUDA stream: {e}"));
+        self.dev.synchronize();
     }
 
     /// Dense bf16 tensor-core peak in FLOP/s of the known data-centre GPUs (DESIGN.md section
     /// 7), or None for a device this table does not know.
     pub fn peak_flops(&self) -> Option<f64> {
-        let name = self.gpu.name();
+        let name = self.dev.name();
         // The PCIe and NVL H100s clock lower than the SXM part; the first match counts.
         [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12)]
             .into_iter()
@@ -91,7 +96,7 @@ impl CudaBackend {
         let mut best = f64::INFINITY;
         for _ in 0..6 {
             let start = std::time::Instant::now();
-            self.blas.gemm(&self.gpu.stream, g, a.view(0..n * n), a.view(0..n * n), c.view_mut(0..n * n));
+            self.dev.gemm(g, a.view(0..n * n), a.view(0..n * n), c.view_mut(0..n * n));
             self.synchronize();
             best = best.min(start.elapsed().as_secs_f64());
         }
@@ -99,35 +104,24 @@ impl CudaBackend {
     }
 
     fn alloc(&self, len: usize, dtype: Dtype) -> DeviceBuf {
-        DeviceBuf::zeros(&self.gpu.stream, len, dtype)
+        DeviceBuf::zeros(self.dev.as_ref(), len, dtype)
             .unwrap_or_else(|e| panic!("cannot allocate {} MiB on the GPU: {e}", (len * dtype.bytes()) >> 20))
     }
 
-    /// Makes the GPU's context current on the calling thread (the raw copies need it).
-    fn bind(&self) {
-        self.gpu.ctx.bind_to_thread().unwrap_or_else(|e| panic!("CUDA context: {e}"));
-    }
-
-    /// `buf` (of `dtype`) written from f32 `data`, converted on the host.
+    /// Writes f32 `data` to `dst`, converted on the host to `dtype`.
     fn copy_in(&self, dst: u64, dtype: Dtype, data: &[f32]) {
-        self.bind();
-        let stream = self.gpu.stream.cu_stream();
-        // SAFETY: `dst` holds `data.len()` elements of `dtype` (the callers' buffers); a copy
-        // from pageable memory has read the host data when the call returns.
-        let copied = unsafe {
-            match dtype {
-                Dtype::F32 => driver::memcpy_htod_async(dst, data, stream),
-                Dtype::Bf16 => {
-                    driver::memcpy_htod_async(dst, &data.iter().map(|&x| bf16::from_f32(x)).collect::<Vec<_>>(), stream)
-                }
+        match dtype {
+            Dtype::F32 => self.dev.copy_in(dst, bytes_of(data)),
+            Dtype::Bf16 => {
+                let rounded: Vec<u16> = data.iter().map(|&x| bf16::from_f32(x)).collect();
+                self.dev.copy_in(dst, bytes_of(&rounded))
             }
-        };
-        copied.unwrap_or_else(|e| panic!("copy to the GPU: {e}"));
+        }
     }
 
     /// Launches `name_{suffix}` of `family`, the kernel instantiated for `dtype`.
     fn run(&self, family: &str, name: &str, dtype: Dtype, cfg: LaunchConfig, args: &[Arg]) {
-        self.gpu.launch(family, &format!("{name}_{}", dtype.suffix()), cfg, args);
+        self.dev.launch(family, &format!("{name}_{}", dtype.suffix()), cfg, args);
     }
 
     /// One block of ROW_THREADS per row, with `shared` bytes of dynamic shared memory.
@@ -138,7 +132,7 @@ impl CudaBackend {
     /// At most two blocks per SM (the norms' backward, whose blocks each add their
     /// weight-gradient partials once).
     fn per_sm(&self, rows: usize, shared: usize) -> LaunchConfig {
-        let blocks = rows.min(2 * self.gpu.sms);
+        let blocks = rows.min(2 * self.dev.sms());
         LaunchConfig {
             grid_dim: (blocks as u32, 1, 1),
             block_dim: (ROW_THREADS, 1, 1),
@@ -150,11 +144,14 @@ impl CudaBackend {
         if x.len == 0 {
             return 0.0;
         }
-        let out = self.gpu.stream.alloc_zeros::<f64>(1).unwrap_or_else(|e| panic!("GPU allocation: {e}"));
-        let out_ptr = cudarc::driver::DevicePtr::device_ptr(&out, &self.gpu.stream).0;
+        // One f64, as two f32 slots.
+        let out = self.alloc(2, Dtype::F32);
+        let out_ptr = out.view(0..2).ptr;
         let args = [ptr(&x), Arg::I64(x.len as i64), Arg::I32(squares as i32), Arg::Ptr(out_ptr)];
-        self.run("elementwise", "sum", x.dtype, self.gpu.flat(x.len), &args);
-        self.gpu.stream.clone_dtoh(&out).unwrap_or_else(|e| panic!("copy from the GPU: {e}"))[0]
+        self.run("elementwise", "sum", x.dtype, self.dev.flat(x.len), &args);
+        let mut sum = [0f64];
+        self.dev.copy_out(bytes_of_mut(&mut sum), out_ptr);
+        sum[0]
     }
 
     fn unsupported(&self, op: &str) -> ! {
@@ -172,12 +169,11 @@ impl Backend for CudaBackend {
     type Mut<'a> = DevMut<'a>;
 
     fn name(&self) -> String {
-        format!("{} (sm_{}, {:?} compute)", self.gpu.name(), self.gpu.arch, self.compute)
+        format!("{} (sm_{}, {:?} compute)", self.dev.name(), self.dev.arch(), self.compute)
     }
 
     fn device_memory(&self) -> Option<(u64, u64)> {
-        let (free, total) = self.gpu.ctx.mem_get_info().ok()?;
-        Some(((total - free) as u64, total as u64))
+        self.dev.memory()
     }
 
     fn mixed_precision(&self) -> bool {
@@ -212,41 +208,29 @@ impl Backend for CudaBackend {
         if buf.is_empty() {
             return Vec::new();
         }
-        self.bind();
-        let (src, stream) = (buf.view(0..buf.len()).ptr, self.gpu.stream.cu_stream());
-        // SAFETY: `src` holds `buf.len()` elements of the buffer's type; the stream is
-        // synchronised before the host vectors are read.
-        let copied = unsafe {
-            match buf.dtype() {
-                Dtype::F32 => {
-                    let mut host = vec![0.0f32; buf.len()];
-                    driver::memcpy_dtoh_async(&mut host, src, stream).map(|_| (host, Vec::new()))
-                }
-                Dtype::Bf16 => {
-                    let mut host = vec![0u16; buf.len()];
-                    driver::memcpy_dtoh_async(&mut host, src, stream).map(|_| (Vec::new(), host))
-                }
-            }
-        };
-        let (f32s, bf16s) = copied.unwrap_or_else(|e| panic!("copy from the GPU: {e}"));
-        self.synchronize();
+        let src = buf.view(0..buf.len()).ptr;
         match buf.dtype() {
-            Dtype::F32 => f32s,
-            Dtype::Bf16 => bf16s.into_iter().map(bf16::to_f32).collect(),
+            Dtype::F32 => {
+                let mut host = vec![0.0f32; buf.len()];
+                self.dev.copy_out(bytes_of_mut(&mut host), src);
+                host
+            }
+            Dtype::Bf16 => {
+                let mut host = vec![0u16; buf.len()];
+                self.dev.copy_out(bytes_of_mut(&mut host), src);
+                host.into_iter().map(bf16::to_f32).collect()
+            }
         }
     }
     fn upload_ids(&self, ids: &[u32]) -> DeviceIds {
-        let mut buf = DeviceIds::zeros(&self.gpu.stream, ids.len()).unwrap_or_else(|e| panic!("GPU allocation: {e}"));
+        let mut buf = DeviceIds::zeros(self.dev.as_ref(), ids.len()).unwrap_or_else(|e| panic!("GPU allocation: {e}"));
         self.write_ids(&mut buf, ids);
         buf
     }
     fn write_ids(&self, ids: &mut DeviceIds, data: &[u32]) {
         assert_eq!(ids.len, data.len(), "write_ids: lengths differ");
         if !data.is_empty() {
-            self.bind();
-            // SAFETY: `ids` holds `data.len()` u32; pageable host data is read by return.
-            unsafe { driver::memcpy_htod_async(ids.ptr, data, self.gpu.stream.cu_stream()) }
-                .unwrap_or_else(|e| panic!("copy to the GPU: {e}"));
+            self.dev.copy_in(ids.ptr, bytes_of(data));
         }
     }
     fn len(&self, buf: &DeviceBuf) -> usize {
@@ -263,17 +247,17 @@ impl Backend for CudaBackend {
     }
     fn fill(&self, x: DevMut<'_>, value: f32) {
         let args = [ptr_mut(&x), Arg::I64(x.len as i64), Arg::F32(value)];
-        self.run("elementwise", "fill", x.dtype, self.gpu.flat(x.len), &args);
+        self.run("elementwise", "fill", x.dtype, self.dev.flat(x.len), &args);
     }
     fn add_assign(&self, dst: DevMut<'_>, src: DevRef<'_>) {
         assert_eq!(dst.len, src.len, "add_assign: lengths differ");
         let dtype = same_type("add_assign", &[dst.dtype, src.dtype]);
         let args = [ptr_mut(&dst), ptr(&src), Arg::I64(dst.len as i64)];
-        self.run("elementwise", "add_assign", dtype, self.gpu.flat(dst.len), &args);
+        self.run("elementwise", "add_assign", dtype, self.dev.flat(dst.len), &args);
     }
     fn scale(&self, x: DevMut<'_>, factor: f32) {
         let args = [ptr_mut(&x), Arg::I64(x.len as i64), Arg::F32(factor)];
-        self.run("elementwise", "scale", x.dtype, self.gpu.flat(x.len), &args);
+        self.run("elementwise", "scale", x.dtype, self.dev.flat(x.len), &args);
     }
     fn sum_squares(&self, x: DevRef<'_>) -> f64 {
         self.reduce(x, true)
@@ -293,15 +277,14 @@ impl Backend for CudaBackend {
             }
             return;
         }
-        self.bind();
-        self.blas.gemm(&self.gpu.stream, g, a, b, c);
+        self.dev.gemm(g, a, b, c);
     }
     fn add_bias(&self, y: DevMut<'_>, bias: DevRef<'_>, cols: usize) {
         let dtype = same_type("add_bias", &[y.dtype, bias.dtype]);
         assert_eq!(bias.len, cols, "add_bias: bias length");
         rows_of(y.len, cols);
         let args = [ptr_mut(&y), ptr(&bias), Arg::I64(y.len as i64), Arg::I32(cols as i32)];
-        self.run("elementwise", "add_bias", dtype, self.gpu.flat(y.len), &args);
+        self.run("elementwise", "add_bias", dtype, self.dev.flat(y.len), &args);
     }
     fn bias_backward(&self, dy: DevRef<'_>, dbias: DevMut<'_>, cols: usize) {
         is_f32("bias_backward dbias", dbias.dtype);
@@ -349,7 +332,7 @@ impl Backend for CudaBackend {
             Arg::I64(rows as i64),
             Arg::I32(dim as i32),
         ];
-        self.run("embedding", "embedding_forward", dtype, self.gpu.flat(out.len), &args);
+        self.run("embedding", "embedding_forward", dtype, self.dev.flat(out.len), &args);
     }
     fn embedding_backward(&self, ids: &DeviceIds, dout: DevRef<'_>, dtable: DevMut<'_>, first_id: usize, dim: usize) {
         is_f32("embedding_backward dtable", dtable.dtype);
@@ -364,13 +347,13 @@ impl Backend for CudaBackend {
             Arg::I64(rows as i64),
             Arg::I32(dim as i32),
         ];
-        self.run("embedding", "embedding_backward", dout.dtype, self.gpu.flat(dout.len), &args);
+        self.run("embedding", "embedding_backward", dout.dtype, self.dev.flat(dout.len), &args);
     }
     fn position_embedding_backward(&self, dout: DevRef<'_>, dpos: DevMut<'_>, seq: usize, dim: usize) {
         is_f32("position_embedding_backward dpos", dpos.dtype);
         let rows = rows_of(dout.len, dim);
         let args = [ptr(&dout), ptr_mut(&dpos), Arg::I32(seq as i32), Arg::I64(rows as i64), Arg::I32(dim as i32)];
-        self.run("embedding", "position_embedding_backward", dout.dtype, self.gpu.flat(dout.len), &args);
+        self.run("embedding", "position_embedding_backward", dout.dtype, self.dev.flat(dout.len), &args);
     }
 
     // ---- norms ------------------------------------------------------------------------------
@@ -515,7 +498,7 @@ impl Backend for CudaBackend {
             Arg::I32(shape.head_dim as i32),
             Arg::I32(inverse as i32),
         ];
-        self.run("rope", "rope", qkv.dtype, self.gpu.flat(pairs), &args);
+        self.run("rope", "rope", qkv.dtype, self.dev.flat(pairs), &args);
     }
     fn attention_forward(&self, qkv: DevRef<'_>, out: DevMut<'_>, lse: DevMut<'_>, shape: AttnShape) {
         let dtype = same_type("attention_forward", &[qkv.dtype, out.dtype]);
@@ -583,7 +566,7 @@ impl Backend for CudaBackend {
         self.run("attention", "attention_backward", dtype, cfg, &args);
         if scratch.is_some() {
             let args = [Arg::Ptr(target), ptr_mut(&dqkv), Arg::I64(dqkv.len as i64)];
-            self.run("elementwise", "from_f32", dtype, self.gpu.flat(dqkv.len), &args);
+            self.run("elementwise", "from_f32", dtype, self.dev.flat(dqkv.len), &args);
         }
     }
     fn attention_cached(
@@ -608,7 +591,7 @@ impl Backend for CudaBackend {
         let mut args = vec![ptr(&qkv), ptr_mut(&k_cache), ptr_mut(&v_cache), Arg::I32(shape.seq as i32)];
         args.extend(heads);
         args.extend([Arg::I32(pos as i32), Arg::I32(max_seq as i32), Arg::I64(shape.rows() as i64)]);
-        self.run("attention", "kv_append", dtype, self.gpu.flat(shape.rows() * kv), &args);
+        self.run("attention", "kv_append", dtype, self.dev.flat(shape.rows() * kv), &args);
         let cfg = LaunchConfig {
             grid_dim: (shape.seq as u32, shape.n_heads as u32, shape.batch as u32),
             block_dim: (ROW_THREADS, 1, 1),
@@ -698,7 +681,7 @@ impl Backend for CudaBackend {
         assert_eq!(gate_up.len, 2 * out.len, "swiglu_forward: gate_up holds two halves per row");
         rows_of(out.len, width);
         let args = [ptr(&gate_up), ptr_mut(&out), Arg::I64(out.len as i64), Arg::I32(width as i32)];
-        self.run("activations", "swiglu_forward", dtype, self.gpu.flat(out.len), &args);
+        self.run("activations", "swiglu_forward", dtype, self.dev.flat(out.len), &args);
     }
     fn swiglu_backward(&self, dout: DevRef<'_>, gate_up: DevRef<'_>, dgate_up: DevMut<'_>, width: usize) {
         let dtype = same_type("swiglu_backward", &[dout.dtype, gate_up.dtype, dgate_up.dtype]);
@@ -706,19 +689,19 @@ impl Backend for CudaBackend {
         assert_eq!(dgate_up.len, gate_up.len, "swiglu_backward: dgate_up length");
         rows_of(dout.len, width);
         let args = [ptr(&dout), ptr(&gate_up), ptr_mut(&dgate_up), Arg::I64(dout.len as i64), Arg::I32(width as i32)];
-        self.run("activations", "swiglu_backward", dtype, self.gpu.flat(dout.len), &args);
+        self.run("activations", "swiglu_backward", dtype, self.dev.flat(dout.len), &args);
     }
     fn activation_forward(&self, act: Activation, x: DevRef<'_>, out: DevMut<'_>) {
         let dtype = same_type("activation_forward", &[x.dtype, out.dtype]);
         assert_eq!(x.len, out.len, "activation_forward: lengths differ");
         let args = [Arg::I32(activation_kind(act)), ptr(&x), ptr_mut(&out), Arg::I64(x.len as i64)];
-        self.run("activations", "activation_forward", dtype, self.gpu.flat(x.len), &args);
+        self.run("activations", "activation_forward", dtype, self.dev.flat(x.len), &args);
     }
     fn activation_backward(&self, act: Activation, dout: DevRef<'_>, x: DevRef<'_>, dx: DevMut<'_>) {
         let dtype = same_type("activation_backward", &[dout.dtype, x.dtype, dx.dtype]);
         assert!(dout.len == x.len && x.len == dx.len, "activation_backward: lengths differ");
         let args = [Arg::I32(activation_kind(act)), ptr(&dout), ptr(&x), ptr_mut(&dx), Arg::I64(x.len as i64)];
-        self.run("activations", "activation_backward", dtype, self.gpu.flat(x.len), &args);
+        self.run("activations", "activation_backward", dtype, self.dev.flat(x.len), &args);
     }
 
     // ---- loss -------------------------------------------------------------------------------------
@@ -832,7 +815,7 @@ impl Backend for CudaBackend {
             Arg::F32(decay),
             Arg::F32(hp.grad_scale),
         ];
-        self.gpu.launch("adamw", "adamw", self.gpu.flat(n), &args);
+        self.dev.launch("adamw", "adamw", self.dev.flat(n), &args);
     }
 }
 

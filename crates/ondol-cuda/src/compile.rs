@@ -34,8 +34,7 @@ impl Family {
     /// The source NVRTC compiles: common.cuh pasted in place of its include (NVRTC is given
     /// no include path), without its include guard.
     pub fn source(&self) -> String {
-        let common = COMMON.replace("#pragma once", "");
-        self.source.replace("#include \"common.cuh\"", &common)
+        crate::source::with_common(self.source, COMMON)
     }
 }
 

@@ -3,21 +3,24 @@
 //! exact architecture (cached on disk by source hash and architecture), and launches them.
 //!
 //! [`CudaBackend`] implements the backend contract on them, with cuBLASLt GEMMs and bf16 mixed
-//! precision.
+//! precision, on a GPU or on the SIMT emulator ([`CudaBackend::emulated`]: the same kernels
+//! compiled for the CPU by build.rs), which checks every kernel without a GPU.
 //!
 //! Everything is loaded at run time (cudarc's dynamic loading): the crate builds, and a
 //! binary that contains it runs, on a machine with no CUDA at all. Every op is checked against
-//! the CPU reference by `tests/backend.rs`, which skips without a GPU.
+//! the CPU reference by `tests/backend.rs`, on the emulator always and on a GPU where there is one.
 
 mod backend;
 mod compile;
 mod device;
+mod emu;
 mod gemm;
+mod gpu;
 mod memory;
+mod source;
 
 pub use backend::CudaBackend;
 pub use compile::{FAMILIES, Family, cached_cubin, compile_cubin, nvrtc_available};
-pub use device::Gpu;
 pub use memory::{DevMut, DevRef, DeviceBuf, DeviceIds, Dtype};
 
 /// What can go wrong between the driver, NVRTC and a kernel.

@@ -1,15 +1,52 @@
 //! Device memory: buffers that carry their element type, borrowed views into them, and token
 //! ids.
 //!
-//! Buffers come from the device's stream-ordered memory pool, which the backend tells to keep
-//! freed memory (release threshold = all of it): a buffer dropped and allocated again in the
-//! next step is served from the pool, never by cudaMalloc, so the pool is the caching
-//! allocator.
+//! On a GPU, buffers come from the device's stream-ordered memory pool, which the backend
+//! tells to keep freed memory (release threshold = all of it): a buffer dropped and allocated
+//! again in the next step is served from the pool, never by cudaMalloc, so the pool is the
+//! caching allocator. In the emulator they are host memory.
 
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DriverError, ValidAsZeroBits};
+use crate::device::Device;
+use cudarc::driver::CudaSlice;
+use std::alloc::Layout;
 use std::marker::PhantomData;
 use std::ops::Range;
-use std::sync::Arc;
+
+/// What owns a buffer's bytes: held to be freed on drop, never read.
+#[allow(dead_code)]
+pub(crate) enum Memory {
+    Cuda(CudaSlice<u8>),
+    Host(HostMemory),
+}
+
+/// Zeroed host memory aligned as the GPU's allocations are (256 bytes), for the emulator.
+pub(crate) struct HostMemory {
+    ptr: *mut u8,
+    layout: Layout,
+}
+
+// SAFETY: the memory is owned exclusively; access goes through the backend's views.
+unsafe impl Send for HostMemory {}
+unsafe impl Sync for HostMemory {}
+
+impl HostMemory {
+    pub(crate) fn zeroed(bytes: usize) -> Result<(HostMemory, u64), String> {
+        let layout = Layout::from_size_align(bytes.max(1), 256).map_err(|e| e.to_string())?;
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        if ptr.is_null() {
+            return Err(format!("out of host memory for {bytes} bytes"));
+        }
+        Ok((HostMemory { ptr, layout }, ptr as u64))
+    }
+}
+
+impl Drop for HostMemory {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `zeroed` with this layout, freed once.
+        unsafe { std::alloc::dealloc(self.ptr, self.layout) }
+    }
+}
 
 /// The element type of a device buffer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -37,16 +74,16 @@ impl Dtype {
 /// A device allocation of `len` elements of `dtype`. Zero-length buffers own no memory.
 pub struct DeviceBuf {
     /// Owns the memory `ptr` points into.
-    _mem: Option<CudaSlice<u8>>,
+    _mem: Option<Memory>,
     ptr: u64,
     len: usize,
     dtype: Dtype,
 }
 
 impl DeviceBuf {
-    /// `len` zeroed elements from the stream's pool.
-    pub(crate) fn zeros(stream: &Arc<CudaStream>, len: usize, dtype: Dtype) -> Result<Self, DriverError> {
-        let (mem, ptr) = alloc_zeroed::<u8>(stream, len * dtype.bytes())?;
+    /// `len` zeroed elements.
+    pub(crate) fn zeros(dev: &dyn Device, len: usize, dtype: Dtype) -> Result<Self, String> {
+        let (mem, ptr) = dev.alloc_zeroed(len * dtype.bytes())?;
         Ok(Self { _mem: mem, ptr, len, dtype })
     }
     pub fn len(&self) -> usize {
@@ -115,28 +152,14 @@ impl DevMut<'_> {
 
 /// Token ids (u32) on the device.
 pub struct DeviceIds {
-    _mem: Option<CudaSlice<u32>>,
+    _mem: Option<Memory>,
     pub(crate) ptr: u64,
     pub(crate) len: usize,
 }
 
 impl DeviceIds {
-    pub(crate) fn zeros(stream: &Arc<CudaStream>, len: usize) -> Result<Self, DriverError> {
-        let (mem, ptr) = alloc_zeroed::<u32>(stream, len)?;
+    pub(crate) fn zeros(dev: &dyn Device, len: usize) -> Result<Self, String> {
+        let (mem, ptr) = dev.alloc_zeroed(4 * len)?;
         Ok(Self { _mem: mem, ptr, len })
     }
-}
-
-/// A zeroed allocation of `len` elements and its device address (0 and no memory when empty).
-fn alloc_zeroed<T: cudarc::driver::DeviceRepr + ValidAsZeroBits>(
-    stream: &Arc<CudaStream>,
-    len: usize,
-) -> Result<(Option<CudaSlice<T>>, u64), DriverError> {
-    if len == 0 {
-        return Ok((None, 0));
-    }
-    let mem = stream.alloc_zeros::<T>(len)?;
-    // Event tracking is off (one stream), so taking the address records nothing.
-    let ptr = mem.device_ptr(stream).0;
-    Ok((Some(mem), ptr))
 }

@@ -306,14 +306,14 @@ fn train_cuda(args: &TrainArgs, cfg: RunConfig) -> Result<()> {
             format!(
                 "needs {:.1} GiB for its weights, gradients and AdamW state before any activation, but {} has {:.1} GiB",
                 gib(state_bytes),
-                be.gpu().name(),
+                be.device_name(),
                 gib(total)
             ),
         ));
     }
     let peak = match be.peak_flops() {
         Some(flops) => {
-            Peak { flops, what: format!("the bf16 dense peak of {} ({:.0} TFLOP/s)", be.gpu().name(), flops / 1e12) }
+            Peak { flops, what: format!("the bf16 dense peak of {} ({:.0} TFLOP/s)", be.device_name(), flops / 1e12) }
         }
         None => {
             let flops = be.measure_gemm_peak();

@@ -1,0 +1,149 @@
+//! Builds the SIMT emulator (emu/): every kernels/*.cu file compiled as host C++, with a thunk
+//! per kernel that unpacks a cuLaunchKernel-style argument array, and a table per family, so
+//! `src/emu.rs` can launch any kernel by family and name on the CPU.
+//!
+//! Per family: the source (common.cuh pasted in, as NVRTC gets it) goes into a namespace of
+//! its own (templates of the same name in two files stay apart); `extern __shared__` arrays
+//! become pointers to the block's dynamic shared memory; the host compiler's preprocessor,
+//! with `__global__` left as a marker, expands the kernel macros so the `extern "C"` kernel
+//! signatures can be read off; then the thunks and the table are appended.
+
+#[path = "src/source.rs"]
+mod source;
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn main() {
+    let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let kernels = manifest.join("../../kernels");
+    let emu = manifest.join("emu");
+    let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+    for dir in [&kernels, &emu] {
+        println!("cargo:rerun-if-changed={}", dir.display());
+    }
+    let common = read(&kernels.join("common.cuh"));
+    let mut families: Vec<String> = std::fs::read_dir(&kernels)
+        .expect("kernels/ exists")
+        .filter_map(|e| {
+            let path = e.ok()?.path();
+            println!("cargo:rerun-if-changed={}", path.display());
+            if path.extension()? != "cu" {
+                return None;
+            }
+            Some(path.file_stem()?.to_string_lossy().into_owned())
+        })
+        .collect();
+    families.sort();
+
+    let mut build = cc::Build::new();
+    build.cpp(true).std("c++17").opt_level(2).warnings(false).flag("-w").include(&emu).file(emu.join("emu.cpp"));
+    let compiler = build.get_compiler();
+    let mut registry = String::from("#include \"emu.h\"\n#include <cstring>\n");
+    let mut lookup = String::new();
+    for family in &families {
+        let body = format!(
+            "#include \"emu.h\"\nnamespace ondol_family_{family} {{\n{}\n",
+            dynamic_shared(&source::with_common(&read(&kernels.join(format!("{family}.cu"))), &common))
+        );
+        // The kernel signatures, from the preprocessed source (the macros expanded).
+        let probe = out.join(format!("probe_{family}.cpp"));
+        write(&probe, &format!("{body}}}\n"));
+        let expanded = Command::new(compiler.path())
+            .args(compiler.args())
+            .args(["-E", "-P", "-D__global__=ONDOL_KERNEL", "-I"])
+            .arg(&emu)
+            .arg(&probe)
+            .output()
+            .expect("the host C++ compiler runs");
+        if !expanded.status.success() {
+            panic!("preprocessing kernels/{family}.cu failed:\n{}", String::from_utf8_lossy(&expanded.stderr));
+        }
+        let signatures = kernel_signatures(&String::from_utf8_lossy(&expanded.stdout));
+        assert!(!signatures.is_empty(), "kernels/{family}.cu defines no extern \"C\" __global__ kernel");
+        let mut unit = body;
+        for (name, types) in &signatures {
+            let args: Vec<String> = types.iter().enumerate().map(|(i, t)| format!("*({t}*)p[{i}]")).collect();
+            writeln!(unit, "static void thunk_{name}(void** p) {{ {name}({}); }}", args.join(", ")).unwrap();
+        }
+        writeln!(unit, "extern \"C\" const OndolEmuKernel ondol_emu_table_{family}[] = {{").unwrap();
+        for (name, _) in &signatures {
+            writeln!(unit, "    {{\"{name}\", thunk_{name}}},").unwrap();
+        }
+        unit.push_str("    {nullptr, nullptr}};\n}\n");
+        let path = out.join(format!("emu_{family}.cpp"));
+        write(&path, &unit);
+        build.file(&path);
+        writeln!(registry, "extern \"C\" const OndolEmuKernel ondol_emu_table_{family}[];").unwrap();
+        writeln!(lookup, "    if (!std::strcmp(family, \"{family}\")) return ondol_emu_table_{family};").unwrap();
+    }
+    registry.push_str("extern \"C\" const OndolEmuKernel* ondol_emu_family(const char* family) {\n");
+    registry.push_str(&lookup);
+    registry.push_str("    return nullptr;\n}\n");
+    let path = out.join("emu_registry.cpp");
+    write(&path, &registry);
+    build.file(&path);
+    build.compile("ondol_emu");
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn write(path: &Path, text: &str) {
+    std::fs::write(path, text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+}
+
+/// `extern __shared__ T name[];` becomes `T* name = (T*)ondol_emu_dynamic_smem();`.
+fn dynamic_shared(src: &str) -> String {
+    const DECL: &str = "extern __shared__";
+    let mut out = String::with_capacity(src.len());
+    let mut rest = src;
+    while let Some(at) = rest.find(DECL) {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + DECL.len()..];
+        let end = after.find(';').expect("an extern __shared__ declaration ends with ;");
+        let decl = after[..end].trim();
+        let decl = match decl.find("__align__(") {
+            Some(a) => {
+                let close = a + decl[a..].find(')').expect("__align__( closes");
+                format!("{}{}", &decl[..a], &decl[close + 1..])
+            }
+            None => decl.to_string(),
+        };
+        let decl = decl.trim().strip_suffix("[]").expect("an extern __shared__ array is declared with []").trim();
+        let split = decl.rfind(|c: char| !(c.is_alphanumeric() || c == '_')).expect("a type before the name");
+        let (ty, name) = (decl[..=split].trim(), &decl[split + 1..]);
+        write!(out, "{ty}* {name} = ({ty}*)ondol_emu_dynamic_smem()").unwrap();
+        rest = &after[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Every `extern "C" __global__ void name(params)` of the preprocessed source (with
+/// `__global__` as ONDOL_KERNEL): the name and each parameter's type.
+fn kernel_signatures(src: &str) -> Vec<(String, Vec<String>)> {
+    const MARK: &str = "ONDOL_KERNEL void ";
+    let mut found = Vec::new();
+    let mut rest = src;
+    while let Some(at) = rest.find(MARK) {
+        let after = &rest[at + MARK.len()..];
+        let open = after.find('(').expect("a kernel's parameter list");
+        let close = open + after[open..].find(')').expect("a kernel's parameter list closes");
+        let name = after[..open].trim().to_string();
+        let types = after[open + 1..close]
+            .split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty() && *p != "void")
+            .map(|p| {
+                let split = p.rfind(|c: char| !(c.is_alphanumeric() || c == '_')).expect("a parameter has a type");
+                p[..=split].replace("__restrict", "").trim().to_string()
+            })
+            .collect();
+        found.push((name, types));
+        rest = &after[close..];
+    }
+    found
+}

@@ -1,0 +1,277 @@
+// The SIMT emulator: runs ondol's CUDA kernels, compiled as C++ (emu.h), on the CPU, so that
+// every kernel and the backend code that launches it are checked against the CPU reference
+// on machines without a GPU (src/emu.rs).
+//
+// A launch runs its blocks one after another on the calling thread. A block's threads are
+// fibers (ucontext) that a scheduler switches cooperatively: each runs until it waits at a
+// barrier or ends, in thread order, or in reverse thread order when the launch asks for it
+// (a kernel that reads shared memory another thread writes without a barrier in between then
+// reads stale data in one of the two orders, so running both catches the missing barrier).
+// A block barrier opens when every thread that has not ended waits at it, a warp barrier when
+// every such thread of the warp does; if neither can open, the block is deadlocked (a barrier
+// in divergent code) and the launch fails with a message instead of hanging. So does a
+// full-warp operation (shuffle, mma) reached after some lane of the warp has returned.
+// Dynamic shared memory starts as 0xff bytes (NaN as floats), so reading it before writing
+// shows.
+
+#include "emu.h"
+
+#include <ucontext.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+namespace {
+
+enum class State { Run, BlockBarrier, WarpBarrier, Done };
+
+struct Lane {
+    ucontext_t ctx;
+    ondol_dim3 tid;
+    int linear;
+    State state;
+};
+
+// Per lane, the words one warp-wide mma exchanges: 4 of A, 2 of B.
+struct MmaSlot {
+    unsigned a[4];
+    unsigned b[2];
+};
+
+constexpr size_t STACK_BYTES = 256 << 10;
+
+struct Block {
+    ucontext_t sched;
+    std::vector<Lane> lanes;
+    std::vector<std::vector<char>> stacks;
+    Lane* current = nullptr;
+    ondol_dim3 block_idx{}, block_dim{}, grid_dim{};
+    std::vector<unsigned char> smem;
+    std::vector<uint64_t> warp_slots;
+    std::vector<MmaSlot> mma;
+    void (*thunk)(void**) = nullptr;
+    void** params = nullptr;
+    std::string error;
+};
+
+thread_local Block* running = nullptr;
+
+void lane_main() {
+    Block* b = running;
+    b->thunk(b->params);
+    b->current->state = State::Done;
+    swapcontext(&b->current->ctx, &b->sched);  // never resumed
+    std::abort();
+}
+
+// Parks the current thread in `s` and returns to the scheduler until it runs again.
+void park(State s) {
+    Block* b = running;
+    Lane* l = b->current;
+    l->state = s;
+    swapcontext(&l->ctx, &b->sched);
+}
+
+// Ends the launch with `message`: the thread never resumes.
+[[noreturn]] void fail(const std::string& message) {
+    Block* b = running;
+    if (b->error.empty()) b->error = message;
+    park(State::Done);
+    std::abort();
+}
+
+std::string where(const Block& b) {
+    char buf[160];
+    std::snprintf(buf, sizeof buf, "block (%u, %u, %u), thread (%u, %u, %u)", b.block_idx.x, b.block_idx.y,
+                  b.block_idx.z, b.current->tid.x, b.current->tid.y, b.current->tid.z);
+    return buf;
+}
+
+// The range of linear thread indices in the warp of `linear`.
+void warp_range(const Block& b, int linear, int* first, int* end) {
+    *first = linear / 32 * 32;
+    *end = std::min<int>(*first + 32, (int)b.lanes.size());
+}
+
+// Opens every barrier that can open; returns whether one did.
+bool release(Block& b) {
+    const int n = (int)b.lanes.size();
+    int done = 0, at_block = 0;
+    for (const Lane& l : b.lanes) {
+        done += l.state == State::Done;
+        at_block += l.state == State::BlockBarrier;
+    }
+    bool opened = false;
+    if (at_block > 0 && at_block + done == n) {
+        for (Lane& l : b.lanes)
+            if (l.state == State::BlockBarrier) l.state = State::Run;
+        opened = true;
+    }
+    for (int first = 0; first < n; first += 32) {
+        const int end = std::min(first + 32, n);
+        int waiting = 0, ended = 0;
+        for (int i = first; i < end; i++) {
+            waiting += b.lanes[i].state == State::WarpBarrier;
+            ended += b.lanes[i].state == State::Done;
+        }
+        if (waiting > 0 && waiting + ended == end - first) {
+            for (int i = first; i < end; i++)
+                if (b.lanes[i].state == State::WarpBarrier) b.lanes[i].state = State::Run;
+            opened = true;
+        }
+    }
+    return opened;
+}
+
+std::string deadlock(const Block& b) {
+    int at_block = 0, at_warp = 0, done = 0;
+    for (const Lane& l : b.lanes) {
+        at_block += l.state == State::BlockBarrier;
+        at_warp += l.state == State::WarpBarrier;
+        done += l.state == State::Done;
+    }
+    char buf[256];
+    std::snprintf(buf, sizeof buf,
+                  "block (%u, %u, %u) deadlocked: %d threads wait at __syncthreads, %d at a warp barrier, %d ended "
+                  "(a barrier in divergent code?)",
+                  b.block_idx.x, b.block_idx.y, b.block_idx.z, at_block, at_warp, done);
+    return buf;
+}
+
+bool run_block(Block& b, bool reverse) {
+    const int n = (int)b.lanes.size();
+    for (int i = 0; i < n; i++) {
+        Lane& l = b.lanes[i];
+        getcontext(&l.ctx);
+        l.ctx.uc_stack.ss_sp = b.stacks[i].data();
+        l.ctx.uc_stack.ss_size = b.stacks[i].size();
+        l.ctx.uc_link = nullptr;
+        makecontext(&l.ctx, lane_main, 0);
+        l.state = State::Run;
+    }
+    std::fill(b.smem.begin(), b.smem.end(), 0xff);
+    for (;;) {
+        for (int k = 0; k < n; k++) {
+            Lane& l = b.lanes[reverse ? n - 1 - k : k];
+            if (l.state != State::Run) continue;
+            b.current = &l;
+            swapcontext(&b.sched, &l.ctx);
+            if (!b.error.empty()) return false;
+        }
+        bool all_done = true;
+        for (const Lane& l : b.lanes) all_done &= l.state == State::Done;
+        if (all_done) return true;
+        if (!release(b)) {
+            b.error = deadlock(b);
+            return false;
+        }
+    }
+}
+
+}  // namespace
+
+extern "C" const ondol_dim3* ondol_emu_thread_idx() { return &running->current->tid; }
+extern "C" const ondol_dim3* ondol_emu_block_idx() { return &running->block_idx; }
+extern "C" const ondol_dim3* ondol_emu_block_dim() { return &running->block_dim; }
+extern "C" const ondol_dim3* ondol_emu_grid_dim() { return &running->grid_dim; }
+extern "C" void ondol_emu_syncthreads() { park(State::BlockBarrier); }
+extern "C" void ondol_emu_syncwarp() { park(State::WarpBarrier); }
+extern "C" int ondol_emu_lane() { return running->current->linear % 32; }
+extern "C" void* ondol_emu_dynamic_smem() { return running->smem.data(); }
+
+extern "C" uint64_t* ondol_emu_warp_slot(int lane) {
+    return &running->warp_slots[running->current->linear / 32 * 32 + lane];
+}
+
+extern "C" void ondol_emu_check_full_warp(const char* op) {
+    Block& b = *running;
+    int first, end;
+    warp_range(b, b.current->linear, &first, &end);
+    for (int i = first; i < end; i++)
+        if (b.lanes[i].state == State::Done)
+            fail(std::string(op) + " at " + where(b) + " runs after thread " + std::to_string(i) +
+                 " of its warp returned");
+    if (end - first != 32) fail(std::string(op) + " at " + where(b) + " in a warp of fewer than 32 threads");
+}
+
+namespace {
+inline float bf16_at(unsigned reg, int half) { return __uint_as_float((half ? reg >> 16 : reg & 0xffffu) << 16); }
+}  // namespace
+
+// D = A B + C for a 16x16 A (row-major fragments) and a 16x8 B (column fragments), as PTX's
+// mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 lays them out: lane = 4 g + t holds
+// A rows g and g + 8, columns 2t, 2t + 1 (a[0]: row g, a[1]: row g + 8) and 2t + 8, 2t + 9
+// (a[2], a[3]); B rows (k) 2t, 2t + 1 (b[0]) and 2t + 8, 2t + 9 (b[1]) of column g; C and D
+// rows g (c[0], c[1]) and g + 8 (c[2], c[3]), columns 2t and 2t + 1. The low half of each
+// 32-bit register is the element with the lower index.
+extern "C" void ondol_emu_mma_bf16_m16n8k16(float d[4], const unsigned a[4], const unsigned b[2], const float c[4]) {
+    ondol_emu_check_full_warp("mma.sync");
+    Block& blk = *running;
+    const int lane = ondol_emu_lane(), base = blk.current->linear / 32 * 32;
+    MmaSlot& mine = blk.mma[blk.current->linear];
+    for (int i = 0; i < 4; i++) mine.a[i] = a[i];
+    for (int i = 0; i < 2; i++) mine.b[i] = b[i];
+    ondol_emu_syncwarp();
+    // A[row][k] and B[k][col] from the lanes that hold them.
+    auto A = [&](int row, int k) {
+        const int g = row % 8, t = (k % 8) / 2, reg = (row >= 8) + 2 * (k >= 8);
+        return bf16_at(blk.mma[base + 4 * g + t].a[reg], k % 2);
+    };
+    auto B = [&](int k, int col) {
+        const int t = (k % 8) / 2, reg = k >= 8;
+        return bf16_at(blk.mma[base + 4 * col + t].b[reg], k % 2);
+    };
+    const int g = lane / 4, t = lane % 4;
+    float out[4];
+    for (int i = 0; i < 4; i++) {
+        const int row = g + 8 * (i / 2), col = 2 * t + i % 2;
+        float acc = c[i];
+        for (int k = 0; k < 16; k++) acc += A(row, k) * B(k, col);
+        out[i] = acc;
+    }
+    ondol_emu_syncwarp();
+    for (int i = 0; i < 4; i++) d[i] = out[i];
+}
+
+// Runs `thunk` (a kernel unpacking its arguments from `params`, as cuLaunchKernel passes
+// them) over the grid. Returns 0, or 1 with a message in `err`.
+extern "C" int ondol_emu_launch(void (*thunk)(void**), const unsigned grid[3], const unsigned block[3], size_t smem,
+                                void** params, int reverse, char* err, size_t err_len) {
+    const size_t n = (size_t)block[0] * block[1] * block[2];
+    auto refuse = [&](const std::string& m) {
+        std::snprintf(err, err_len, "%s", m.c_str());
+        return 1;
+    };
+    if (n == 0 || n > 1024) return refuse("a block of " + std::to_string(n) + " threads (1 to 1024 are allowed)");
+    if (block[2] > 64) return refuse("blockDim.z above 64");
+    static thread_local Block b;
+    b.lanes.resize(n);
+    while (b.stacks.size() < n) b.stacks.emplace_back(STACK_BYTES);
+    b.warp_slots.assign((n + 31) / 32 * 32, 0);
+    b.mma.assign((n + 31) / 32 * 32, MmaSlot{});
+    b.smem.assign(smem, 0xff);
+    b.block_dim = {block[0], block[1], block[2]};
+    b.grid_dim = {grid[0], grid[1], grid[2]};
+    b.thunk = thunk;
+    b.params = params;
+    b.error.clear();
+    for (size_t i = 0; i < n; i++) {
+        b.lanes[i].linear = (int)i;
+        b.lanes[i].tid = {(unsigned)(i % block[0]), (unsigned)(i / block[0] % block[1]),
+                          (unsigned)(i / ((size_t)block[0] * block[1]))};
+    }
+    Block* outer = running;
+    running = &b;
+    int status = 0;
+    for (unsigned z = 0; z < grid[2] && status == 0; z++)
+        for (unsigned y = 0; y < grid[1] && status == 0; y++)
+            for (unsigned x = 0; x < grid[0] && status == 0; x++) {
+                b.block_idx = {x, y, z};
+                if (!run_block(b, reverse != 0)) status = refuse(b.error);
+            }
+    running = outer;
+    return status;
+}

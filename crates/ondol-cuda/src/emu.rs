@@ -1,0 +1,201 @@
+//! [`Emulator`]: the SIMT emulator as a [`Device`]. The kernels of kernels/*.cu, compiled for
+//! the CPU by build.rs (emu/emu.h, emu/emu.cpp), run on host memory: a block at a time, its
+//! threads as cooperatively switched fibers, warp shuffles and `mma.sync` emulated. GEMMs
+//! (cuBLASLt on a GPU) are a plain loop with fp32 accumulation. It is slow (a kernel runs at
+//! a few million thread-instructions per second) and meant for tests on small shapes: every
+//! kernel's indexing, launch geometry, shared-memory use and barriers, and the backend's
+//! argument lists, checked against the CPU reference without a GPU.
+//!
+//! What it cannot show: speed, the memory model between blocks (they never run at the same
+//! time, so atomics cannot race), and whether the PTX fragment layout it assumes for
+//! `mma.sync` is the hardware's (it follows the PTX ISA; the GPU bundle checks the rest).
+
+use crate::device::{Arg, Device, bytes_of};
+use crate::memory::{DevMut, DevRef, Dtype, HostMemory, Memory};
+use cudarc::driver::LaunchConfig;
+use ondol_core::backend::Gemm;
+use ondol_core::bf16;
+use std::ffi::{CStr, CString, c_char, c_void};
+
+#[repr(C)]
+struct Kernel {
+    name: *const c_char,
+    thunk: Option<unsafe extern "C" fn(*mut *mut c_void)>,
+}
+
+unsafe extern "C" {
+    fn ondol_emu_family(family: *const c_char) -> *const Kernel;
+    fn ondol_emu_launch(
+        thunk: unsafe extern "C" fn(*mut *mut c_void),
+        grid: *const u32,
+        block: *const u32,
+        smem: usize,
+        params: *mut *mut c_void,
+        reverse: i32,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> i32;
+}
+
+/// The emulated device. `reverse` runs each block's threads in reverse order between
+/// barriers (see emu.cpp: running a kernel both ways exposes a missing `__syncthreads`).
+pub struct Emulator {
+    reverse: bool,
+}
+
+impl Emulator {
+    pub fn new(reverse: bool) -> Self {
+        Self { reverse }
+    }
+
+    fn find(family: &str, name: &str) -> unsafe extern "C" fn(*mut *mut c_void) {
+        let family_c = CString::new(family).expect("no NUL in a family name");
+        // SAFETY: the registry returns a static table ending with a null name, or null.
+        unsafe {
+            let mut k = ondol_emu_family(family_c.as_ptr());
+            assert!(!k.is_null(), "kernels/{family}.cu is not in the emulator (rebuild ondol-cuda)");
+            while !(*k).name.is_null() {
+                if CStr::from_ptr((*k).name).to_bytes() == name.as_bytes() {
+                    return (*k).thunk.expect("every named kernel has a thunk");
+                }
+                k = k.add(1);
+            }
+        }
+        panic!("kernel {family}/{name} is not defined in kernels/{family}.cu");
+    }
+}
+
+/// `len` values of `dtype` at host address `ptr`, as f32.
+///
+/// # Safety
+/// `ptr` must hold `len` values of `dtype` (a live emulator buffer).
+unsafe fn read(ptr: u64, len: usize, dtype: Dtype) -> Vec<f32> {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        match dtype {
+            Dtype::F32 => std::slice::from_raw_parts(ptr as *const f32, len).to_vec(),
+            Dtype::Bf16 => {
+                std::slice::from_raw_parts(ptr as *const u16, len).iter().map(|&b| bf16::to_f32(b)).collect()
+            }
+        }
+    }
+}
+
+impl Device for Emulator {
+    fn name(&self) -> String {
+        format!("the SIMT emulator{}", if self.reverse { " (threads in reverse order)" } else { "" })
+    }
+
+    fn arch(&self) -> &str {
+        "emu"
+    }
+
+    /// Few "SMs", so that grid-stride loops and per-SM grids take several turns.
+    fn sms(&self) -> usize {
+        2
+    }
+
+    fn alloc_zeroed(&self, bytes: usize) -> Result<(Option<Memory>, u64), String> {
+        if bytes == 0 {
+            return Ok((None, 0));
+        }
+        let (mem, ptr) = HostMemory::zeroed(bytes)?;
+        Ok((Some(Memory::Host(mem)), ptr))
+    }
+
+    fn copy_in(&self, dst: u64, src: &[u8]) {
+        // SAFETY: the backend's buffers hold `src.len()` bytes at `dst`.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst as *mut u8, src.len()) }
+    }
+
+    fn copy_out(&self, dst: &mut [u8], src: u64) {
+        // SAFETY: the backend's buffers hold `dst.len()` bytes at `src`.
+        unsafe { std::ptr::copy_nonoverlapping(src as *const u8, dst.as_mut_ptr(), dst.len()) }
+    }
+
+    fn launch(&self, family: &str, name: &str, cfg: LaunchConfig, args: &[Arg]) {
+        let (x, y, z) = cfg.grid_dim;
+        if x == 0 || y == 0 || z == 0 {
+            return;
+        }
+        let thunk = Self::find(family, name);
+        let mut values: Vec<Vec<u8>> = args.iter().map(Arg::bytes).collect();
+        let mut params: Vec<*mut c_void> = values.iter_mut().map(|v| v.as_mut_ptr().cast()).collect();
+        let grid = [x, y, z];
+        let block = [cfg.block_dim.0, cfg.block_dim.1, cfg.block_dim.2];
+        let mut err = vec![0 as c_char; 512];
+        // SAFETY: the thunk reads one parameter per kernel argument, each from a live value of
+        // the size its type has (the caller lists them in the kernel's order and types, as for
+        // the GPU); pointers in them address live emulator buffers.
+        let status = unsafe {
+            ondol_emu_launch(
+                thunk,
+                grid.as_ptr(),
+                block.as_ptr(),
+                cfg.shared_mem_bytes as usize,
+                params.as_mut_ptr(),
+                self.reverse as i32,
+                err.as_mut_ptr(),
+                err.len(),
+            )
+        };
+        if status != 0 {
+            // SAFETY: the launcher wrote a NUL-terminated message into `err`.
+            let message = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy();
+            panic!("kernel {family}/{name} (grid {grid:?}, block {block:?}): {message}");
+        }
+    }
+
+    fn gemm(&self, g: Gemm, a: DevRef, b: DevRef, c: DevMut) {
+        if g.m == 0 || g.n == 0 || g.batch == 0 {
+            return;
+        }
+        // SAFETY: views of live emulator buffers, of the lengths they state.
+        let (a_val, b_val, mut c_val) =
+            unsafe { (read(a.ptr, a.len, a.dtype), read(b.ptr, b.len, b.dtype), read(c.ptr, c.len, c.dtype)) };
+        for batch in 0..g.batch {
+            let (a0, b0, c0) = (batch * g.stride_a, batch * g.stride_b, batch * g.stride_c);
+            for i in 0..g.m {
+                for j in 0..g.n {
+                    let mut acc = 0.0f32;
+                    for k in 0..g.k {
+                        let av = if g.trans_a { a_val[a0 + k * g.m + i] } else { a_val[a0 + i * g.k + k] };
+                        let bv = if g.trans_b { b_val[b0 + j * g.k + k] } else { b_val[b0 + k * g.n + j] };
+                        acc += av * bv;
+                    }
+                    let out = &mut c_val[c0 + i * g.n + j];
+                    *out = g.alpha * acc + if g.beta == 0.0 { 0.0 } else { g.beta * *out };
+                }
+            }
+        }
+        match c.dtype {
+            Dtype::F32 => self.copy_in(c.ptr, bytes_of(&c_val)),
+            Dtype::Bf16 => {
+                let rounded: Vec<u16> = c_val.iter().map(|&v| bf16::from_f32(v)).collect();
+                self.copy_in(c.ptr, bytes_of(&rounded))
+            }
+        }
+    }
+
+    fn synchronize(&self) {}
+
+    fn memory(&self) -> Option<(u64, u64)> {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::bytes_of_mut;
+
+    #[test]
+    fn bytes_round_trip_through_emulated_memory() {
+        let dev = Emulator::new(false);
+        let (_mem, ptr) = dev.alloc_zeroed(12).unwrap();
+        dev.copy_in(ptr, bytes_of(&[1.5f32, -2.0, 3.25]));
+        let mut back = [0f32; 3];
+        dev.copy_out(bytes_of_mut(&mut back), ptr);
+        assert_eq!(back, [1.5, -2.0, 3.25]);
+    }
+}

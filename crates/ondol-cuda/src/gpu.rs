@@ -1,0 +1,190 @@
+//! One GPU as a [`Device`]: its context, a stream, the kernel modules built for its
+//! architecture, cuBLASLt, and memory from the device's stream-ordered pool.
+
+use crate::CudaError;
+use crate::compile::{FAMILIES, cached_cubin, nvrtc_available};
+use crate::device::{Arg, Device};
+use crate::gemm::Blas;
+use crate::memory::{DevMut, DevRef, Memory};
+use cudarc::driver::result as driver;
+use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute, CUmemPool_attribute};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
+use cudarc::nvrtc::Ptx;
+use ondol_core::backend::Gemm;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+pub struct Gpu {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    /// The architecture the kernels were built for ("80", "90a", ...).
+    arch: String,
+    sms: usize,
+    modules: Vec<(&'static str, Arc<CudaModule>)>,
+    functions: Mutex<HashMap<String, CudaFunction>>,
+    blas: Blas,
+}
+
+impl Gpu {
+    /// Opens device `ordinal` and builds every kernel family for it. Without a driver, a
+    /// device, NVRTC or cuBLASLt, an error that says which.
+    pub fn open(ordinal: usize) -> Result<Self, CudaError> {
+        // SAFETY: only tries to dlopen the driver library.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err(CudaError::NoDevice("the NVIDIA driver (libcuda.so) is not installed".into()));
+        }
+        let count = CudaContext::device_count().map_err(|e| CudaError::NoDevice(e.to_string()))?;
+        if ordinal >= count.max(0) as usize {
+            return Err(CudaError::NoDevice(format!("{count} devices, so there is no device {ordinal}")));
+        }
+        if !nvrtc_available() {
+            return Err(CudaError::NoCompiler("libnvrtc.so.13 not found on the library path".into()));
+        }
+        // SAFETY: only tries to dlopen the library.
+        if !unsafe { cudarc::cublaslt::sys::is_culib_present() } {
+            return Err(CudaError::NoDevice("libcublasLt.so.13 not found on the library path".into()));
+        }
+        let ctx = CudaContext::new(ordinal)?;
+        // ondol issues everything on one stream; cudarc's per-buffer events would only add
+        // synchronisation it does not need.
+        // SAFETY: no buffer is shared between streams.
+        unsafe { ctx.disable_event_tracking() };
+        keep_freed_memory(&ctx)?;
+        let (major, minor) = ctx.compute_capability()?;
+        // Hopper's own instructions (wgmma, setmaxnreg) need the arch-specific target.
+        let arch = if major == 9 { "90a".to_string() } else { format!("{major}{minor}") };
+        let sms = ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize;
+        let modules = FAMILIES
+            .iter()
+            .map(|f| Ok((f.name, ctx.load_module(Ptx::from_binary(cached_cubin(f, &arch)?))?)))
+            .collect::<Result<_, CudaError>>()?;
+        let stream = ctx.default_stream();
+        let blas = Blas::new(&stream).map_err(CudaError::Driver)?;
+        Ok(Self { stream, ctx, arch, sms, modules, functions: Mutex::new(HashMap::new()), blas })
+    }
+
+    /// Makes the GPU's context current on the calling thread (the raw copies need it).
+    fn bind(&self) {
+        self.ctx.bind_to_thread().unwrap_or_else(|e| panic!("CUDA context: {e}"));
+    }
+
+    /// Kernel `name` of the family `family` (a kernels/*.cu file).
+    pub fn function(&self, family: &str, name: &str) -> Result<CudaFunction, CudaError> {
+        let key = format!("{family}/{name}");
+        let mut cache = self.functions.lock().expect("kernel cache");
+        if let Some(f) = cache.get(&key) {
+            return Ok(f.clone());
+        }
+        let (_, module) = self
+            .modules
+            .iter()
+            .find(|(f, _)| *f == family)
+            .ok_or_else(|| CudaError::Driver(format!("no kernel family {family}")))?;
+        let f = module.load_function(name)?;
+        cache.insert(key, f.clone());
+        Ok(f)
+    }
+}
+
+impl Device for Gpu {
+    fn name(&self) -> String {
+        self.ctx.name().unwrap_or_else(|_| "an unnamed GPU".into())
+    }
+
+    fn arch(&self) -> &str {
+        &self.arch
+    }
+
+    fn sms(&self) -> usize {
+        self.sms
+    }
+
+    fn alloc_zeroed(&self, bytes: usize) -> Result<(Option<Memory>, u64), String> {
+        if bytes == 0 {
+            return Ok((None, 0));
+        }
+        let mem = self.stream.alloc_zeros::<u8>(bytes).map_err(|e| e.to_string())?;
+        // Event tracking is off (one stream), so taking the address records nothing.
+        let ptr = mem.device_ptr(&self.stream).0;
+        Ok((Some(Memory::Cuda(mem)), ptr))
+    }
+
+    fn copy_in(&self, dst: u64, src: &[u8]) {
+        self.bind();
+        // SAFETY: the callers' buffers hold `src.len()` bytes at `dst`; a copy from pageable
+        // memory has read the host data when the call returns.
+        unsafe { driver::memcpy_htod_async(dst, src, self.stream.cu_stream()) }
+            .unwrap_or_else(|e| panic!("copy to the GPU: {e}"));
+    }
+
+    fn copy_out(&self, dst: &mut [u8], src: u64) {
+        self.bind();
+        // SAFETY: `src` holds `dst.len()` bytes; the stream is synchronised before `dst` is
+        // read.
+        unsafe { driver::memcpy_dtoh_async(dst, src, self.stream.cu_stream()) }
+            .unwrap_or_else(|e| panic!("copy from the GPU: {e}"));
+        self.synchronize();
+    }
+
+    /// Launches on the stream; an empty grid (an op on empty views) launches nothing.
+    fn launch(&self, family: &str, name: &str, cfg: LaunchConfig, args: &[Arg]) {
+        let (x, y, z) = cfg.grid_dim;
+        if x == 0 || y == 0 || z == 0 {
+            return;
+        }
+        let f = self.function(family, name).unwrap_or_else(|e| panic!("kernel {family}/{name}: {e}"));
+        if cfg.shared_mem_bytes > 48 << 10 {
+            // Above 48 KiB a kernel must opt in to its dynamic shared memory.
+            f.set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                cfg.shared_mem_bytes as i32,
+            )
+            .unwrap_or_else(|e| panic!("kernel {name}: {} bytes of shared memory: {e}", cfg.shared_mem_bytes));
+        }
+        let mut builder = self.stream.launch_builder(&f);
+        for a in args {
+            match a {
+                Arg::Ptr(p) => builder.arg(p),
+                Arg::I32(x) => builder.arg(x),
+                Arg::I64(x) => builder.arg(x),
+                Arg::F32(x) => builder.arg(x),
+            };
+        }
+        // SAFETY: every kernel's arguments are listed by its caller in the order and types of
+        // its extern "C" signature, with device addresses of live buffers.
+        unsafe { builder.launch(cfg) }.unwrap_or_else(|e| panic!("kernel {family}/{name}: {e}"));
+    }
+
+    fn gemm(&self, g: Gemm, a: DevRef, b: DevRef, c: DevMut) {
+        self.bind();
+        self.blas.gemm(&self.stream, g, a, b, c);
+    }
+
+    fn synchronize(&self) {
+        self.stream.synchronize().unwrap_or_else(|e| panic!("CUDA stream: {e}"));
+    }
+
+    fn memory(&self) -> Option<(u64, u64)> {
+        let (free, total) = self.ctx.mem_get_info().ok()?;
+        Some(((total - free) as u64, total as u64))
+    }
+}
+
+/// Tells the device's default memory pool to keep what is freed (release threshold: all of
+/// it), so allocations after the first step never reach the driver's allocator.
+fn keep_freed_memory(ctx: &CudaContext) -> Result<(), CudaError> {
+    use cudarc::driver::sys;
+    let mut pool = std::mem::MaybeUninit::uninit();
+    let mut threshold = u64::MAX;
+    // SAFETY: the device is valid (its context exists); the attribute takes a u64.
+    unsafe {
+        sys::cuDeviceGetDefaultMemPool(pool.as_mut_ptr(), ctx.cu_device()).result()?;
+        sys::cuMemPoolSetAttribute(
+            pool.assume_init(),
+            CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold) as *mut u64 as *mut std::ffi::c_void,
+        )
+        .result()?;
+    }
+    Ok(())
+}
