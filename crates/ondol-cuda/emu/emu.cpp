@@ -3,19 +3,28 @@
 // on machines without a GPU (src/emu.rs).
 //
 // A launch runs its blocks one after another on the calling thread. A block's threads are
-// fibers (ucontext) that a scheduler switches cooperatively: each runs until it waits at a
-// barrier or ends, in thread order, or in reverse thread order when the launch asks for it
+// fibers that a scheduler switches cooperatively: each runs until it waits at a barrier or
+// ends, in thread order, or in reverse thread order when the launch asks for it
 // (a kernel that reads shared memory another thread writes without a barrier in between then
 // reads stale data in one of the two orders, so running both catches the missing barrier).
 // A block barrier opens when every thread that has not ended waits at it, a warp barrier when
-// every such thread of the warp does; if neither can open, the block is deadlocked (a barrier
-// in divergent code) and the launch fails with a message instead of hanging. So does a
+// every such thread of the warp does; threads of a warp waiting at different barriers are a
+// deadlock (a barrier in divergent code), and the launch fails with a message instead of
+// hanging. So does a
 // full-warp operation (shuffle, mma) reached after some lane of the warp has returned.
 // Dynamic shared memory starts as 0xff bytes (NaN as floats), so reading it before writing
 // shows.
+//
+// A fiber is made once (ucontext: its own stack) and then loops, running the kernel for one
+// block after another and across launches. Switches are _setjmp/_longjmp, which, unlike
+// swapcontext, make no system call (swapcontext saves the signal mask every time, and made
+// the emulator spend most of its time in the kernel).
 
+// _longjmp between fiber stacks is what the fibers are for; fortified longjmp would refuse it.
+#undef _FORTIFY_SOURCE
 #include "emu.h"
 
+#include <setjmp.h>
 #include <ucontext.h>
 
 #include <algorithm>
@@ -30,6 +39,10 @@ enum class State { Run, BlockBarrier, WarpBarrier, Done };
 
 struct Lane {
     ucontext_t ctx;
+    jmp_buf env;
+    // Whether the fiber exists (has been entered once); a failed launch abandons them all.
+    bool started = false;
+    std::vector<char> stack;
     ondol_dim3 tid;
     int linear;
     State state;
@@ -42,15 +55,19 @@ struct MmaSlot {
 };
 
 constexpr size_t STACK_BYTES = 256 << 10;
+constexpr size_t MAX_THREADS = 1024;
 
 struct Block {
-    ucontext_t sched;
+    jmp_buf sched;
+    // The fibers, MAX_THREADS of them reserved so that none ever moves; the first `n` run.
     std::vector<Lane> lanes;
-    std::vector<std::vector<char>> stacks;
+    size_t n = 0;
     Lane* current = nullptr;
     ondol_dim3 block_idx{}, block_dim{}, grid_dim{};
     std::vector<unsigned char> smem;
     std::vector<uint64_t> warp_slots;
+    // Threads of each warp that have ended in the current block.
+    std::vector<int> warp_done;
     std::vector<MmaSlot> mma;
     void (*thunk)(void**) = nullptr;
     void** params = nullptr;
@@ -59,12 +76,15 @@ struct Block {
 
 thread_local Block* running = nullptr;
 
+void park(State s);
+
+// Every fiber's body: the kernel for the current block, then wait to be run again.
 void lane_main() {
-    Block* b = running;
-    b->thunk(b->params);
-    b->current->state = State::Done;
-    swapcontext(&b->current->ctx, &b->sched);  // never resumed
-    std::abort();
+    for (;;) {
+        Block* b = running;
+        b->thunk(b->params);
+        park(State::Done);
+    }
 }
 
 // Parks the current thread in `s` and returns to the scheduler until it runs again.
@@ -72,7 +92,23 @@ void park(State s) {
     Block* b = running;
     Lane* l = b->current;
     l->state = s;
-    swapcontext(&l->ctx, &b->sched);
+    if (s == State::Done) b->warp_done[l->linear / 32]++;
+    if (!_setjmp(l->env)) _longjmp(b->sched, 1);
+}
+
+// Runs `l` until it parks.
+void resume(Block& b, Lane& l) {
+    b.current = &l;
+    if (_setjmp(b.sched)) return;
+    if (l.started) _longjmp(l.env, 1);
+    l.started = true;
+    if (l.stack.empty()) l.stack.resize(STACK_BYTES);
+    getcontext(&l.ctx);
+    l.ctx.uc_stack.ss_sp = l.stack.data();
+    l.ctx.uc_stack.ss_size = l.stack.size();
+    l.ctx.uc_link = nullptr;
+    makecontext(&l.ctx, lane_main, 0);
+    setcontext(&l.ctx);
 }
 
 // Ends the launch with `message`: the thread never resumes.
@@ -93,45 +129,15 @@ std::string where(const Block& b) {
 // The range of linear thread indices in the warp of `linear`.
 void warp_range(const Block& b, int linear, int* first, int* end) {
     *first = linear / 32 * 32;
-    *end = std::min<int>(*first + 32, (int)b.lanes.size());
-}
-
-// Opens every barrier that can open; returns whether one did.
-bool release(Block& b) {
-    const int n = (int)b.lanes.size();
-    int done = 0, at_block = 0;
-    for (const Lane& l : b.lanes) {
-        done += l.state == State::Done;
-        at_block += l.state == State::BlockBarrier;
-    }
-    bool opened = false;
-    if (at_block > 0 && at_block + done == n) {
-        for (Lane& l : b.lanes)
-            if (l.state == State::BlockBarrier) l.state = State::Run;
-        opened = true;
-    }
-    for (int first = 0; first < n; first += 32) {
-        const int end = std::min(first + 32, n);
-        int waiting = 0, ended = 0;
-        for (int i = first; i < end; i++) {
-            waiting += b.lanes[i].state == State::WarpBarrier;
-            ended += b.lanes[i].state == State::Done;
-        }
-        if (waiting > 0 && waiting + ended == end - first) {
-            for (int i = first; i < end; i++)
-                if (b.lanes[i].state == State::WarpBarrier) b.lanes[i].state = State::Run;
-            opened = true;
-        }
-    }
-    return opened;
+    *end = std::min<int>(*first + 32, (int)b.n);
 }
 
 std::string deadlock(const Block& b) {
     int at_block = 0, at_warp = 0, done = 0;
-    for (const Lane& l : b.lanes) {
-        at_block += l.state == State::BlockBarrier;
-        at_warp += l.state == State::WarpBarrier;
-        done += l.state == State::Done;
+    for (size_t i = 0; i < b.n; i++) {
+        at_block += b.lanes[i].state == State::BlockBarrier;
+        at_warp += b.lanes[i].state == State::WarpBarrier;
+        done += b.lanes[i].state == State::Done;
     }
     char buf[256];
     std::snprintf(buf, sizeof buf,
@@ -141,33 +147,50 @@ std::string deadlock(const Block& b) {
     return buf;
 }
 
-bool run_block(Block& b, bool reverse) {
-    const int n = (int)b.lanes.size();
-    for (int i = 0; i < n; i++) {
-        Lane& l = b.lanes[i];
-        getcontext(&l.ctx);
-        l.ctx.uc_stack.ss_sp = b.stacks[i].data();
-        l.ctx.uc_stack.ss_size = b.stacks[i].size();
-        l.ctx.uc_link = nullptr;
-        makecontext(&l.ctx, lane_main, 0);
-        l.state = State::Run;
-    }
-    std::fill(b.smem.begin(), b.smem.end(), 0xff);
+// Runs the threads `first..end` (one warp) until each has ended or waits at __syncthreads,
+// opening the warp's barriers as they fill. False on a failure or a deadlock.
+bool run_warp(Block& b, int first, int end, bool reverse) {
     for (;;) {
-        for (int k = 0; k < n; k++) {
-            Lane& l = b.lanes[reverse ? n - 1 - k : k];
+        for (int k = first; k < end; k++) {
+            Lane& l = b.lanes[reverse ? end - 1 - (k - first) : k];
             if (l.state != State::Run) continue;
-            b.current = &l;
-            swapcontext(&b.sched, &l.ctx);
+            resume(b, l);
             if (!b.error.empty()) return false;
         }
-        bool all_done = true;
-        for (const Lane& l : b.lanes) all_done &= l.state == State::Done;
-        if (all_done) return true;
-        if (!release(b)) {
+        int at_warp = 0, done = 0;
+        for (int i = first; i < end; i++) {
+            at_warp += b.lanes[i].state == State::WarpBarrier;
+            done += b.lanes[i].state == State::Done;
+        }
+        if (at_warp == 0) return true;
+        if (at_warp + done != end - first) {
             b.error = deadlock(b);
             return false;
         }
+        for (int i = first; i < end; i++)
+            if (b.lanes[i].state == State::WarpBarrier) b.lanes[i].state = State::Run;
+    }
+}
+
+// Runs one block: warp by warp up to each __syncthreads, which opens once every thread that
+// has not ended waits at it.
+bool run_block(Block& b, bool reverse) {
+    const int n = (int)b.n, warps = (n + 31) / 32;
+    for (int i = 0; i < n; i++) b.lanes[i].state = State::Run;
+    std::fill(b.warp_done.begin(), b.warp_done.end(), 0);
+    std::fill(b.smem.begin(), b.smem.end(), 0xff);
+    for (;;) {
+        for (int k = 0; k < warps; k++) {
+            const int w = reverse ? warps - 1 - k : k;
+            if (!run_warp(b, 32 * w, std::min(32 * w + 32, n), reverse)) return false;
+        }
+        bool waiting = false;
+        for (int i = 0; i < n; i++)
+            if (b.lanes[i].state == State::BlockBarrier) {
+                b.lanes[i].state = State::Run;
+                waiting = true;
+            }
+        if (!waiting) return true;
     }
 }
 
@@ -190,10 +213,7 @@ extern "C" void ondol_emu_check_full_warp(const char* op) {
     Block& b = *running;
     int first, end;
     warp_range(b, b.current->linear, &first, &end);
-    for (int i = first; i < end; i++)
-        if (b.lanes[i].state == State::Done)
-            fail(std::string(op) + " at " + where(b) + " runs after thread " + std::to_string(i) +
-                 " of its warp returned");
+    if (b.warp_done[first / 32] > 0) fail(std::string(op) + " at " + where(b) + " runs after a thread of its warp returned");
     if (end - first != 32) fail(std::string(op) + " at " + where(b) + " in a warp of fewer than 32 threads");
 }
 
@@ -245,12 +265,13 @@ extern "C" int ondol_emu_launch(void (*thunk)(void**), const unsigned grid[3], c
         std::snprintf(err, err_len, "%s", m.c_str());
         return 1;
     };
-    if (n == 0 || n > 1024) return refuse("a block of " + std::to_string(n) + " threads (1 to 1024 are allowed)");
+    if (n == 0 || n > MAX_THREADS) return refuse("a block of " + std::to_string(n) + " threads (1 to 1024 are allowed)");
     if (block[2] > 64) return refuse("blockDim.z above 64");
     static thread_local Block b;
-    b.lanes.resize(n);
-    while (b.stacks.size() < n) b.stacks.emplace_back(STACK_BYTES);
+    if (b.lanes.empty()) b.lanes.resize(MAX_THREADS);
+    b.n = n;
     b.warp_slots.assign((n + 31) / 32 * 32, 0);
+    b.warp_done.assign((n + 31) / 32, 0);
     b.mma.assign((n + 31) / 32 * 32, MmaSlot{});
     b.smem.assign(smem, 0xff);
     b.block_dim = {block[0], block[1], block[2]};
@@ -273,5 +294,8 @@ extern "C" int ondol_emu_launch(void (*thunk)(void**), const unsigned grid[3], c
                 if (!run_block(b, reverse != 0)) status = refuse(b.error);
             }
     running = outer;
+    // A failed block leaves fibers stopped inside the kernel: start them afresh next time.
+    if (status != 0)
+        for (Lane& l : b.lanes) l.started = false;
     return status;
 }

@@ -1,0 +1,110 @@
+//! Whole models on the CUDA backend against the CPU: forward, loss and every parameter's
+//! gradient in f32, then AdamW steps in f32 and in bf16 mixed precision (fp32 master weights
+//! and moments, bf16 compute copy). This is what the trainer runs per step, through the same
+//! backend contract, on the SIMT emulator always and on a GPU where there is one.
+
+use ondol_core::{Backend, Rng};
+use ondol_cpu::CpuBackend;
+use ondol_cuda::{CudaBackend, Dtype};
+use ondol_model::{Arch, Model, ModelConfig, Workspace};
+use ondol_optim::{AdamW, OptimizerConfig};
+
+const CPU: CpuBackend = CpuBackend;
+const BATCH: usize = 2;
+const SEQ: usize = 13;
+
+fn config(arch: Arch) -> ModelConfig {
+    ModelConfig {
+        arch,
+        vocab_size: 67,
+        d_model: 32,
+        n_layers: 2,
+        n_heads: 4,
+        n_kv_heads: (arch == Arch::Llama).then_some(2),
+        ffn_hidden: Some(48),
+        max_seq_len: 16,
+        tie_embeddings: Some(arch == Arch::Gpt2),
+        rope_theta: 10_000.0,
+        norm_eps: 1e-5,
+        init_std: 0.1,
+        init_residual_scaling: true,
+        pattern: None,
+        ssm: Default::default(),
+        init_from: None,
+    }
+}
+
+/// The CUDA backends computing in `dtype`: the emulator, and GPU 0 if there is one.
+fn backends(dtype: Dtype) -> Vec<CudaBackend> {
+    let mut out = vec![CudaBackend::emulated(dtype, false)];
+    match CudaBackend::open(0, dtype) {
+        Ok(be) => out.push(be),
+        Err(e) if std::env::var_os("ONDOL_REQUIRE_GPU").is_some() => panic!("ONDOL_REQUIRE_GPU is set: {e}"),
+        Err(e) => eprintln!("GPU skipped: {e}"),
+    }
+    out
+}
+
+fn tokens(seed: u64) -> Vec<u32> {
+    let mut rng = Rng::new(seed);
+    (0..BATCH * SEQ).map(|_| rng.below(67) as u32).collect()
+}
+
+/// The mean loss of `steps` AdamW updates (the loss before each), and after one forward and
+/// backward the whole gradient, on `be`.
+fn train<B: Backend>(be: &B, model: &Model, steps: usize) -> (Vec<f64>, Vec<f32>) {
+    let (inputs, targets) = (tokens(1), tokens(2));
+    let (ids, tgt) = (be.upload_ids(&inputs), be.upload_ids(&targets));
+    let init = model.layout.init(7);
+    let mut params = be.upload(&init);
+    let mut grads = be.zeros_f32(init.len());
+    let cfg = OptimizerConfig { lr: 3e-3, weight_decay: 0.1, beta1: 0.9, beta2: 0.95, eps: 1e-8, grad_clip: 1.0 };
+    let mut opt = AdamW::new(be, cfg, &init, model.layout.decay_runs());
+    let mut ws = Workspace::new(be, model, BATCH, SEQ).unwrap();
+    let scale = 1.0 / (BATCH * SEQ) as f32;
+    let (mut losses, mut first_grads) = (Vec::new(), Vec::new());
+    for step in 0..steps {
+        be.fill(be.all_mut(&mut grads), 0.0);
+        model.forward(be, &params, &mut ws, &ids);
+        losses.push(model.loss(be, &mut ws, &tgt, Some(scale)) * scale as f64);
+        model.backward(be, &params, &mut grads, &mut ws, &ids);
+        if step == 0 {
+            first_grads = be.download(&grads);
+        }
+        let clip = opt.clip_factor(AdamW::<B>::grad_norm(be, &grads));
+        opt.update(be, &mut params, &grads, 3e-3, clip);
+    }
+    (losses, first_grads)
+}
+
+fn relative_error(got: &[f32], want: &[f32]) -> f32 {
+    let scale = want.iter().fold(1e-12f32, |m, v| m.max(v.abs()));
+    got.iter().zip(want).map(|(g, w)| (g - w).abs()).fold(0.0, f32::max) / scale
+}
+
+#[test]
+fn llama_and_gpt2_train_on_the_cuda_backend_as_on_the_cpu() {
+    for arch in [Arch::Llama, Arch::Gpt2] {
+        let model = Model::new(config(arch)).unwrap();
+        let (want, want_grads) = train(&CPU, &model, 6);
+        for be in backends(Dtype::F32) {
+            let (got, grads) = train(&be, &model, 6);
+            // Per tensor, so a wrong gradient is named.
+            for info in model.layout.params() {
+                let err = relative_error(&grads[info.range()], &want_grads[info.range()]);
+                assert!(err < 1e-4, "{arch:?} on {}: gradient of {} off by {err:e}", be.device_name(), info.name);
+            }
+            for (step, (a, b)) in want.iter().zip(&got).enumerate() {
+                assert!((a - b).abs() <= 1e-5 * a, "{arch:?} f32 on {} step {step}: {b} vs {a}", be.device_name());
+            }
+            eprintln!("{arch:?} f32 on {}: losses {got:.5?}", be.device_name());
+        }
+        for be in backends(Dtype::Bf16) {
+            let (got, _) = train(&be, &model, 6);
+            for (step, (a, b)) in want.iter().zip(&got).enumerate() {
+                assert!((a - b).abs() <= 2e-2 * a, "{arch:?} bf16 on {} step {step}: {b} vs {a}", be.device_name());
+            }
+            eprintln!("{arch:?} bf16 on {}: losses {got:.5?} (cpu {want:.5?})", be.device_name());
+        }
+    }
+}
