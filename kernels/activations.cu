@@ -12,8 +12,6 @@
 // 2n and writes n values, backward reads 3n and writes 2n; ~10 FLOPs per element.
 #include "common.cuh"
 
-__device__ __forceinline__ float sigmoidf(float x) { return 1.0f / (1.0f + __expf(-x)); }
-
 __device__ __forceinline__ float gelu_tanh(float x, float* derivative) {
     const float c = 0.7978845608f, k = 0.044715f;
     const float t = tanhf(c * (x + k * x * x * x));

@@ -24,6 +24,20 @@ template <> __device__ __forceinline__ bf16 from_float<bf16>(float x) {
 
 #define NEG_INF (-__int_as_float(0x7f800000))
 
+// A grid-stride loop: `i` takes every index below `n` once across the whole grid.
+#define GRID_STRIDE(i, n) \
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < (n); i += (long long)gridDim.x * blockDim.x)
+
+__device__ __forceinline__ float sigmoidf(float x) { return 1.0f / (1.0f + __expf(-x)); }
+__device__ __forceinline__ float siluf(float x) { return x * sigmoidf(x); }
+// d silu(x) / dx = s (1 + x (1 - s)) with s = sigmoid(x).
+__device__ __forceinline__ float silu_grad(float x) {
+    const float s = sigmoidf(x);
+    return s * (1.0f + x * (1.0f - s));
+}
+// log(1 + e^x), linear above 20 as PyTorch's softplus is; its derivative is sigmoid(x).
+__device__ __forceinline__ float softplusf(float x) { return x > 20.0f ? x : log1pf(__expf(x)); }
+
 __device__ __forceinline__ float warp_sum(float x) {
     for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
     return x;

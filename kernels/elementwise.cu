@@ -17,9 +17,6 @@
 // Cost: one read (and for the in-place ops one write) per element; ~1 FLOP per element.
 #include "common.cuh"
 
-#define GRID_STRIDE(i, n) \
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < (n); i += (long long)gridDim.x * blockDim.x)
-
 template <typename T>
 __device__ void bias_backward(const T* dy, float* dbias, long long rows, int cols, long long rows_per_chunk) {
     const int c = blockIdx.x * blockDim.x + threadIdx.x;

@@ -1,15 +1,21 @@
-// RMSNorm and LayerNorm over rows of `dim` values, forward and backward.
+// RMSNorm and LayerNorm over rows of `dim` values, and Mamba-2's gated RMSNorm over groups
+// of a row, forward and backward.
 //
 // Computes, per row r (T = float or bf16 storage, fp32 arithmetic):
 //   rmsnorm:   out = x * rstd * w,               rstd[r] = 1 / sqrt(mean(x^2) + eps)
 //   layernorm: out = (x - mean) * rstd * w + b,  rstd[r] = 1 / sqrt(var(x) + eps)
+//   gated:     g = x silu(z); per group k of `group` values, out = g * rstd * w,
+//              rstd[r, k] = 1 / sqrt(mean_k(g^2) + eps); backward is rmsnorm's at g, then
+//              dx = dg silu(z), dz = dg x silu'(z) (both written; x and z are the mixer's
+//              output and gate, not the residual stream); w is [width], rstd [rows, width / group].
 // Layouts: x, out, dout, dx are row-major [rows, dim]; w, b are [dim]; mean and rstd are fp32
 // [rows]. Backward needs x, w and the saved mean/rstd (never recomputes a reduction):
 //   rmsnorm:   dx += rstd * w * dy - rstd^3 / dim * x * sum(w dy x);  dw += dy * x * rstd
 //   layernorm: dx += rstd * (g - mean(g) - xhat * mean(g xhat)), g = w dy;  dw += dy xhat;  db += dy
 // dx accumulates (the norm's input is the residual stream, whose gradient already holds the
 // skip path); dw and db are fp32 and accumulate.
-// Launch: forward one block per row; backward a grid-stride loop over rows with the block's
+// Launch: forward one block per row (gated: per (group, row), grid (width / group, rows));
+// backward a grid-stride loop over rows (gated: over rows for the group blockIdx.y) with the block's
 // dw (and db) partials in dynamic shared memory, 4 * dim (8 * dim) bytes, added to the
 // global gradients with one atomicAdd per column per block (so the summation order of dw
 // across blocks, and its last bits, vary from run to run). blockDim: a multiple of 32.
@@ -115,6 +121,54 @@ __device__ void layernorm_backward(const T* dout, const T* x, const T* w, const 
     }
 }
 
+template <typename T>
+__device__ void gated_rmsnorm_forward(const T* x, const T* z, const T* w, T* out, float* rstd, int rows, int width,
+                                      int group, float eps) {
+    __shared__ float scratch[32];
+    const int k = blockIdx.x, r = blockIdx.y;
+    if (r >= rows) return;
+    const long long base = (long long)r * width + (long long)k * group;
+    float ss = 0.0f;
+    for (int c = threadIdx.x; c < group; c += blockDim.x) {
+        const float g = to_float(x[base + c]) * siluf(to_float(z[base + c]));
+        ss += g * g;
+    }
+    const float s = rsqrtf(block_sum(ss, scratch) / group + eps);
+    if (threadIdx.x == 0) rstd[(long long)r * (width / group) + k] = s;
+    for (int c = threadIdx.x; c < group; c += blockDim.x) {
+        const float g = to_float(x[base + c]) * siluf(to_float(z[base + c]));
+        out[base + c] = from_float<T>(g * s * to_float(w[k * group + c]));
+    }
+}
+
+template <typename T>
+__device__ void gated_rmsnorm_backward(const T* dout, const T* x, const T* z, const T* w, const float* rstd, T* dx,
+                                       T* dz, float* dw, int rows, int width, int group) {
+    __shared__ float scratch[32];
+    extern __shared__ float dw_part[];  // [group]
+    const int k = blockIdx.y;
+    for (int c = threadIdx.x; c < group; c += blockDim.x) dw_part[c] = 0.0f;
+    for (int r = blockIdx.x; r < rows; r += gridDim.x) {
+        const long long base = (long long)r * width + (long long)k * group;
+        const float s = rstd[(long long)r * (width / group) + k];
+        float dot = 0.0f;
+        for (int c = threadIdx.x; c < group; c += blockDim.x) {
+            const float g = to_float(x[base + c]) * siluf(to_float(z[base + c]));
+            dot += to_float(dout[base + c]) * to_float(w[k * group + c]) * g;
+        }
+        const float coef = s * s * s * block_sum(dot, scratch) / group;
+        for (int c = threadIdx.x; c < group; c += blockDim.x) {
+            const float xv = to_float(x[base + c]), zv = to_float(z[base + c]), dy = to_float(dout[base + c]);
+            const float g = xv * siluf(zv);
+            const float dg = s * to_float(w[k * group + c]) * dy - coef * g;
+            dx[base + c] = from_float<T>(dg * siluf(zv));
+            dz[base + c] = from_float<T>(dg * xv * silu_grad(zv));
+            dw_part[c] += dy * g * s;
+        }
+    }
+    for (int c = threadIdx.x; c < group; c += blockDim.x) atomicAdd(&dw[k * group + c], dw_part[c]);
+}
+
 #define NORM_KERNELS(T, S)                                                                                         \
     extern "C" __global__ void rmsnorm_forward_##S(const T* x, const T* w, T* out, float* rstd, int rows, int dim,  \
                                                    float eps) {                                                    \
@@ -132,6 +186,15 @@ __device__ void layernorm_backward(const T* dout, const T* x, const T* w, const 
                                                       const float* rstd, T* dx, float* dw, float* db, int rows,    \
                                                       int dim) {                                                   \
         layernorm_backward<T>(dout, x, w, mean, rstd, dx, dw, db, rows, dim);                                      \
+    }                                                                                                              \
+    extern "C" __global__ void gated_rmsnorm_forward_##S(const T* x, const T* z, const T* w, T* out, float* rstd,   \
+                                                         int rows, int width, int group, float eps) {              \
+        gated_rmsnorm_forward<T>(x, z, w, out, rstd, rows, width, group, eps);                                     \
+    }                                                                                                              \
+    extern "C" __global__ void gated_rmsnorm_backward_##S(const T* dout, const T* x, const T* z, const T* w,        \
+                                                          const float* rstd, T* dx, T* dz, float* dw, int rows,    \
+                                                          int width, int group) {                                  \
+        gated_rmsnorm_backward<T>(dout, x, z, w, rstd, dx, dz, dw, rows, width, group);                            \
     }
 
 FOR_EACH_STORAGE(NORM_KERNELS)

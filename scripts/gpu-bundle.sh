@@ -8,9 +8,9 @@
 #   target/gpu-bundle/run.sh [tests|smoke|mfu|all]   # there (default: all)
 #
 #   tests  every backend op against the CPU reference, f32 and bf16 (max errors printed)
-#   smoke  the smoke model trained on the CPU (fp32) and on the GPU (fp32, then bf16); the
-#          GPU loss curves are compared with the CPU's
-#   mfu    tokens/s and MFU of configs/gpt2-124m.toml and configs/llama-1b.toml
+#   smoke  the smoke models (Llama, Mamba-1, Mamba-2, hybrid) trained on the CPU (fp32) and on
+#          the GPU (bf16; the Llama one in fp32 too); the GPU loss curves are compared with the CPU's
+#   mfu    tokens/s and MFU of configs/gpt2-124m.toml, llama-1b.toml and mamba2-130m.toml
 # run.sh exits non-zero if any part fails.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -68,22 +68,39 @@ if [[ "$what" == tests || "$what" == all ]]; then
 fi
 if [[ "$what" == smoke || "$what" == all ]]; then
     steps=100
-    echo "== smoke: $steps steps of configs/smoke.toml on the CPU (fp32), then the GPU (fp32, bf16)"
-    bin/ondol train configs/smoke.toml --set training.steps=$steps --set training.eval_every=50 --run-dir runs/cpu 2>&1 | tail -2 || status=1
-    for p in fp32 bf16; do
-        bin/ondol train configs/smoke.toml --set training.steps=$steps --set training.eval_every=50 \
-            --set 'training.device="cuda"' --set "training.precision=\"$p\"" --run-dir runs/cuda-$p 2>&1 | tail -2 || status=1
-    done
+    train() {  # CONFIG RUN-DIR [--set ...]
+        local config=$1 dir=$2
+        shift 2
+        bin/ondol train "configs/$config.toml" --set training.steps=$steps --set training.eval_every=50 \
+            --run-dir "runs/$dir" "$@" 2>&1 | tail -2 || status=1
+    }
+    # Every architecture on the CPU (fp32) and the GPU (bf16); the Llama smoke in GPU fp32 too.
     # fp32 differs from the CPU by the order of fp32 sums (atomics, cuBLAS); bf16 by its rounding.
-    echo "-- cuda fp32 against the cpu"
-    python3 bin/compare-curves.py runs/cpu/metrics.jsonl runs/cuda-fp32/metrics.jsonl 1e-3 || status=1
-    echo "-- cuda bf16 against the cpu"
-    python3 bin/compare-curves.py runs/cpu/metrics.jsonl runs/cuda-bf16/metrics.jsonl 3e-2 || status=1
+    for c in smoke mamba-smoke mamba2-smoke hybrid-smoke; do
+        echo "== smoke: $steps steps of configs/$c.toml on the CPU (fp32), then the GPU"
+        train "$c" "$c-cpu"
+        precisions=(bf16)
+        [[ $c == smoke ]] && precisions=(fp32 bf16)
+        for p in "${precisions[@]}"; do
+            train "$c" "$c-cuda-$p" --set 'training.device="cuda"' --set "training.precision=\"$p\""
+            tol=3e-2
+            [[ $p == fp32 ]] && tol=1e-3
+            echo "-- $c: cuda $p against the cpu"
+            python3 bin/compare-curves.py "runs/$c-cpu/metrics.jsonl" "runs/$c-cuda-$p/metrics.jsonl" $tol || status=1
+        done
+    done
 fi
 if [[ "$what" == mfu || "$what" == all ]]; then
-    for c in gpt2-124m llama-1b; do
+    # mamba2-130m trains on token shards; here on the sample text as bytes, for 20 steps.
+    sample=(--set 'data.train=["data/sample/*.txt"]' --set 'data.val=[]' --set 'data.format="text"'
+        --set 'data.tokenizer="bytes"' --set data.val_fraction=0.05 --set training.eval_every=0
+        --set training.steps=20 --set lr_scheduler.warmup_steps=5 --set training.grad_accum=1
+        --set training.batch_size=8 --set 'training.device="cuda"')
+    for c in gpt2-124m llama-1b mamba2-130m; do
         echo "== $c (bf16)"
-        bin/ondol train configs/$c.toml --run-dir runs/$c 2>&1 | grep -E "^ondol|step|done|device memory|error" || status=1
+        extra=()
+        [[ $c == mamba2-130m ]] && extra=("${sample[@]}")
+        bin/ondol train configs/$c.toml --run-dir runs/$c "${extra[@]}" 2>&1 | grep -E "^ondol|step|done|device memory|error" || status=1
     done
 fi
 exit $status

@@ -119,6 +119,13 @@ impl CudaBackend {
         }
     }
 
+    /// `out` (of the compute type) = the f32 values of `src` (an fp32 accumulator).
+    fn convert_from_f32(&self, src: DevRef<'_>, out: DevMut<'_>) {
+        assert_eq!(src.len, out.len, "from_f32: lengths");
+        let args = [ptr(&src), ptr_mut(&out), Arg::I64(out.len as i64)];
+        self.run("elementwise", "from_f32", out.dtype, self.dev.flat(out.len), &args);
+    }
+
     /// Launches `name_{suffix}` of `family`, the kernel instantiated for `dtype`.
     fn run(&self, family: &str, name: &str, dtype: Dtype, cfg: LaunchConfig, args: &[Arg]) {
         self.dev.launch(family, &format!("{name}_{}", dtype.suffix()), cfg, args);
@@ -152,13 +159,6 @@ impl CudaBackend {
         let mut sum = [0f64];
         self.dev.copy_out(bytes_of_mut(&mut sum), out_ptr);
         sum[0]
-    }
-
-    fn unsupported(&self, op: &str) -> ! {
-        panic!(
-            "{op} has no CUDA kernel yet (Mamba layers on the GPU are issue 8); the trainer refuses such models \
-             on \"cuda\" before reaching this"
-        )
     }
 }
 
@@ -564,9 +564,8 @@ impl Backend for CudaBackend {
             Arg::I32(shape.head_dim as i32),
         ];
         self.run("attention", "attention_backward", dtype, cfg, &args);
-        if scratch.is_some() {
-            let args = [Arg::Ptr(target), ptr_mut(&dqkv), Arg::I64(dqkv.len as i64)];
-            self.run("elementwise", "from_f32", dtype, self.dev.flat(dqkv.len), &args);
+        if let Some(scratch) = &scratch {
+            self.convert_from_f32(scratch.view(0..dqkv.len), dqkv);
         }
     }
     fn attention_cached(
@@ -604,75 +603,256 @@ impl Backend for CudaBackend {
         self.run("attention", "attention_cached", dtype, cfg, &args);
     }
 
-    // ---- Mamba (issue 8) --------------------------------------------------------------------------
-    fn conv1d_forward(&self, _: DevRef<'_>, _: DevRef<'_>, _: DevRef<'_>, _: DevMut<'_>, _: usize, _: usize) {
-        self.unsupported("conv1d_forward")
+    // ---- Mamba ------------------------------------------------------------------------------------
+    fn conv1d_forward(
+        &self,
+        x: DevRef<'_>,
+        w: DevRef<'_>,
+        bias: DevRef<'_>,
+        y: DevMut<'_>,
+        len: usize,
+        channels: usize,
+    ) {
+        let dtype = same_type("conv1d_forward", &[x.dtype, w.dtype, bias.dtype, y.dtype]);
+        let k = conv_taps("conv1d_forward", x.len, w.len, bias.len, y.len, len, channels);
+        let rows = x.len / channels;
+        let args = [
+            ptr(&x),
+            ptr(&w),
+            ptr(&bias),
+            ptr_mut(&y),
+            Arg::I64(rows as i64),
+            Arg::I32(len as i32),
+            Arg::I32(channels as i32),
+            Arg::I32(k as i32),
+        ];
+        self.run("conv1d", "conv1d_forward", dtype, self.dev.flat(x.len), &args);
     }
     fn conv1d_backward(
         &self,
-        _: DevRef<'_>,
-        _: DevRef<'_>,
-        _: DevRef<'_>,
-        _: DevRef<'_>,
-        _: DevMut<'_>,
-        _: DevMut<'_>,
-        _: DevMut<'_>,
-        _: usize,
-        _: usize,
+        dy: DevRef<'_>,
+        x: DevRef<'_>,
+        w: DevRef<'_>,
+        bias: DevRef<'_>,
+        dx: DevMut<'_>,
+        dw: DevMut<'_>,
+        dbias: DevMut<'_>,
+        len: usize,
+        channels: usize,
     ) {
-        self.unsupported("conv1d_backward")
+        let dtype = same_type("conv1d_backward", &[dy.dtype, x.dtype, w.dtype, bias.dtype, dx.dtype]);
+        is_f32("conv1d_backward dw", dw.dtype);
+        is_f32("conv1d_backward dbias", dbias.dtype);
+        let k = conv_taps("conv1d_backward", x.len, w.len, bias.len, dx.len, len, channels);
+        assert!(dy.len == x.len && dw.len == w.len && dbias.len == channels, "conv1d_backward: lengths");
+        let rows = x.len / channels;
+        let geometry = [Arg::I64(rows as i64), Arg::I32(len as i32), Arg::I32(channels as i32), Arg::I32(k as i32)];
+        let mut args = vec![ptr(&dy), ptr(&x), ptr(&w), ptr(&bias), ptr_mut(&dx)];
+        args.extend(geometry);
+        self.run("conv1d", "conv1d_backward_dx", dtype, self.dev.flat(x.len), &args);
+        const ROWS_PER_CHUNK: usize = 64;
+        let cfg = LaunchConfig {
+            grid_dim: (channels.div_ceil(256) as u32, rows.div_ceil(ROWS_PER_CHUNK) as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut args = vec![ptr(&dy), ptr(&x), ptr(&w), ptr(&bias), ptr_mut(&dw), ptr_mut(&dbias)];
+        args.extend(geometry);
+        args.push(Arg::I64(ROWS_PER_CHUNK as i64));
+        self.run("conv1d", "conv1d_backward_dw", dtype, cfg, &args);
     }
-    fn selective_scan_forward(&self, _: ScanInputs<DevRef<'_>>, _: DevMut<'_>, _: DevMut<'_>, _: ScanShape) {
-        self.unsupported("selective_scan_forward")
+    fn selective_scan_forward(&self, x: ScanInputs<DevRef<'_>>, y: DevMut<'_>, states: DevMut<'_>, shape: ScanShape) {
+        let dtype = scan_type("selective_scan_forward", &x, shape);
+        assert_eq!(y.dtype, dtype, "selective_scan_forward: y type");
+        is_f32("selective_scan_forward states", states.dtype);
+        assert_eq!(states.len, shape.batch * shape.saved() * shape.channels * shape.state, "selective_scan states");
+        let mut args = scan_args(&x);
+        args.extend([ptr_mut(&y), ptr_mut(&states)]);
+        args.extend(scan_geometry(shape));
+        self.run("selective_scan", "selective_scan_forward", dtype, scan_grid(shape), &args);
     }
     fn selective_scan_backward(
         &self,
-        _: DevRef<'_>,
-        _: ScanInputs<DevRef<'_>>,
-        _: DevRef<'_>,
-        _: ScanGrads<DevMut<'_>>,
-        _: ScanShape,
+        dy: DevRef<'_>,
+        x: ScanInputs<DevRef<'_>>,
+        states: DevRef<'_>,
+        g: ScanGrads<DevMut<'_>>,
+        shape: ScanShape,
     ) {
-        self.unsupported("selective_scan_backward")
+        let dtype = scan_type("selective_scan_backward", &x, shape);
+        assert_eq!(dy.dtype, dtype, "selective_scan_backward: dy type");
+        is_f32("selective_scan_backward states", states.dtype);
+        for (what, d) in [("ddelta_bias", g.ddelta_bias.dtype), ("da_log", g.da_log.dtype), ("dd", g.dd.dtype)] {
+            is_f32(&format!("selective_scan_backward {what}"), d);
+        }
+        // dB and dC sum over channels into fp32 accumulators; the recompute keeps the state
+        // every SCAN_SUB (8) tokens of a chunk.
+        let rows_n = shape.batch * shape.len * shape.state;
+        let (mut db_acc, mut dc_acc) = (self.zeros_f32(rows_n), self.zeros_f32(rows_n));
+        let sub = self.zeros_f32(shape.batch * shape.chunk.div_ceil(8) * 16 * shape.channels);
+        let mut args = vec![ptr(&dy)];
+        args.extend(scan_args(&x));
+        args.extend([
+            ptr(&states),
+            ptr_mut(&g.du),
+            ptr_mut(&g.ddelta),
+            ptr_mut(&g.ddelta_bias),
+            ptr_mut(&g.da_log),
+            Arg::Ptr(db_acc.view_mut(0..rows_n).ptr),
+            Arg::Ptr(dc_acc.view_mut(0..rows_n).ptr),
+            ptr_mut(&g.dd),
+            ptr_mut(&g.dz),
+            Arg::Ptr(sub.view(0..sub.len()).ptr),
+        ]);
+        args.extend(scan_geometry(shape));
+        self.run("selective_scan", "selective_scan_backward", dtype, scan_grid(shape), &args);
+        for (acc, out) in [(&db_acc, g.db), (&dc_acc, g.dc)] {
+            assert_eq!(out.len, rows_n, "selective_scan_backward: dB and dC are [rows, state]");
+            self.convert_from_f32(acc.view(0..rows_n), out);
+        }
     }
-    fn ssd_forward(&self, _: SsdInputs<DevRef<'_>>, _: DevMut<'_>, _: DevMut<'_>, _: SsdShape) {
-        self.unsupported("ssd_forward")
+    fn ssd_forward(&self, x: SsdInputs<DevRef<'_>>, y: DevMut<'_>, mut states: DevMut<'_>, shape: SsdShape) {
+        let dtype = ssd_type("ssd_forward", &x, shape);
+        assert_eq!(y.dtype, dtype, "ssd_forward: y type");
+        assert_eq!(y.len, shape.rows() * shape.inner(), "ssd_forward: y length");
+        is_f32("ssd_forward states", states.dtype);
+        assert_eq!(states.len, shape.states_len(), "ssd_forward: states length");
+        let chunks = shape.len.div_ceil(shape.chunk);
+        let mut decay = self.zeros_f32(shape.batch * shape.heads * chunks);
+        let decay_ptr = decay.view_mut(0..decay.len()).ptr;
+        let mut args = ssd_inputs(&x, false);
+        args.extend([ptr_mut(&states), Arg::Ptr(decay_ptr)]);
+        args.extend(ssd_geometry(shape));
+        self.run("ssd", "ssd_chunk_state", dtype, ssd_chunk_grid(shape, 2), &args);
+        let mut args = vec![ptr_mut(&states.reborrow()), Arg::Ptr(decay_ptr)];
+        args.extend(ssd_geometry(shape));
+        self.dev.launch("ssd", "ssd_state_passing", ssd_passing_grid(shape), &args);
+        let mut args = ssd_inputs(&x, true);
+        args.extend([ptr(&states.as_ref()), ptr_mut(&y)]);
+        args.extend(ssd_geometry(shape));
+        self.run("ssd", "ssd_chunk_scan", dtype, ssd_chunk_grid(shape, 2 + SSD_ROWS), &args);
     }
     fn ssd_backward(
         &self,
-        _: DevRef<'_>,
-        _: SsdInputs<DevRef<'_>>,
-        _: DevRef<'_>,
-        _: SsdGrads<DevMut<'_>>,
-        _: SsdShape,
+        dy: DevRef<'_>,
+        x: SsdInputs<DevRef<'_>>,
+        states: DevRef<'_>,
+        g: SsdGrads<DevMut<'_>>,
+        shape: SsdShape,
     ) {
-        self.unsupported("ssd_backward")
+        let dtype = ssd_type("ssd_backward", &x, shape);
+        assert_eq!(dy.dtype, dtype, "ssd_backward: dy type");
+        is_f32("ssd_backward states", states.dtype);
+        for (what, d) in [("ddt_bias", g.ddt_bias.dtype), ("da_log", g.da_log.dtype), ("dd", g.dd.dtype)] {
+            is_f32(&format!("ssd_backward {what}"), d);
+        }
+        assert!(g.dxbc.len == x.xbc.len && g.ddt.len == x.dt.len, "ssd_backward: gradient lengths");
+        let chunks = shape.len.div_ceil(shape.chunk);
+        // exp(L_last) per chunk, dL/dH per chunk boundary, and the fp32 dxbc accumulator.
+        let mut decay = self.zeros_f32(shape.batch * shape.heads * chunks);
+        let mut dstates = self.zeros_f32(shape.states_len());
+        let mut dxbc = self.zeros_f32(g.dxbc.len);
+        let (decay_ptr, dstates_ptr) = (decay.view_mut(0..decay.len()).ptr, dstates.view_mut(0..dstates.len()).ptr);
+        let mut args = vec![ptr(&dy)];
+        args.extend(ssd_inputs(&x, false));
+        args.extend([Arg::Ptr(dstates_ptr), Arg::Ptr(decay_ptr)]);
+        args.extend(ssd_geometry(shape));
+        self.run("ssd", "ssd_chunk_dstate", dtype, ssd_chunk_grid(shape, 2), &args);
+        let mut args = vec![Arg::Ptr(dstates_ptr), Arg::Ptr(decay_ptr)];
+        args.extend(ssd_geometry(shape));
+        self.dev.launch("ssd", "ssd_dstate_passing", ssd_passing_grid(shape), &args);
+        let mut args = vec![ptr(&dy)];
+        args.extend(ssd_inputs(&x, true));
+        args.extend([
+            ptr(&states),
+            Arg::Ptr(dstates_ptr),
+            Arg::Ptr(dxbc.view_mut(0..g.dxbc.len).ptr),
+            ptr_mut(&g.ddt),
+            ptr_mut(&g.ddt_bias),
+            ptr_mut(&g.da_log),
+            ptr_mut(&g.dd),
+        ]);
+        args.extend(ssd_geometry(shape));
+        self.run("ssd", "ssd_chunk_backward", dtype, ssd_chunk_grid(shape, 4 + 3 * SSD_ROWS), &args);
+        self.convert_from_f32(dxbc.view(0..g.dxbc.len), g.dxbc);
     }
     fn gated_rmsnorm_forward(
         &self,
-        _: DevRef<'_>,
-        _: DevRef<'_>,
-        _: DevRef<'_>,
-        _: DevMut<'_>,
-        _: DevMut<'_>,
-        _: usize,
-        _: f32,
+        x: DevRef<'_>,
+        z: DevRef<'_>,
+        weight: DevRef<'_>,
+        out: DevMut<'_>,
+        rstd: DevMut<'_>,
+        group: usize,
+        eps: f32,
     ) {
-        self.unsupported("gated_rmsnorm_forward")
+        let dtype = same_type("gated_rmsnorm_forward", &[x.dtype, z.dtype, weight.dtype, out.dtype]);
+        is_f32("gated_rmsnorm_forward rstd", rstd.dtype);
+        let width = weight.len;
+        let rows = gated_rows("gated_rmsnorm_forward", x.len, width, group);
+        assert!(
+            z.len == x.len && out.len == x.len && rstd.len == rows * width / group,
+            "gated_rmsnorm_forward: lengths"
+        );
+        let cfg = LaunchConfig {
+            grid_dim: ((width / group) as u32, rows as u32, 1),
+            block_dim: (ROW_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let args = [
+            ptr(&x),
+            ptr(&z),
+            ptr(&weight),
+            ptr_mut(&out),
+            ptr_mut(&rstd),
+            Arg::I32(rows as i32),
+            Arg::I32(width as i32),
+            Arg::I32(group as i32),
+            Arg::F32(eps),
+        ];
+        self.run("norms", "gated_rmsnorm_forward", dtype, cfg, &args);
     }
     fn gated_rmsnorm_backward(
         &self,
-        _: DevRef<'_>,
-        _: DevRef<'_>,
-        _: DevRef<'_>,
-        _: DevRef<'_>,
-        _: DevRef<'_>,
-        _: DevMut<'_>,
-        _: DevMut<'_>,
-        _: DevMut<'_>,
-        _: usize,
+        dout: DevRef<'_>,
+        x: DevRef<'_>,
+        z: DevRef<'_>,
+        weight: DevRef<'_>,
+        rstd: DevRef<'_>,
+        dx: DevMut<'_>,
+        dz: DevMut<'_>,
+        dweight: DevMut<'_>,
+        group: usize,
     ) {
-        self.unsupported("gated_rmsnorm_backward")
+        let dtype =
+            same_type("gated_rmsnorm_backward", &[dout.dtype, x.dtype, z.dtype, weight.dtype, dx.dtype, dz.dtype]);
+        is_f32("gated_rmsnorm_backward rstd", rstd.dtype);
+        is_f32("gated_rmsnorm_backward dweight", dweight.dtype);
+        let width = weight.len;
+        let rows = gated_rows("gated_rmsnorm_backward", x.len, width, group);
+        assert!(
+            dout.len == x.len && z.len == x.len && dx.len == x.len && dz.len == x.len && dweight.len == width,
+            "gated_rmsnorm_backward: lengths"
+        );
+        let cfg = LaunchConfig {
+            grid_dim: (rows.min(2 * self.dev.sms()) as u32, (width / group) as u32, 1),
+            block_dim: (ROW_THREADS, 1, 1),
+            shared_mem_bytes: (4 * group) as u32,
+        };
+        let args = [
+            ptr(&dout),
+            ptr(&x),
+            ptr(&z),
+            ptr(&weight),
+            ptr(&rstd),
+            ptr_mut(&dx),
+            ptr_mut(&dz),
+            ptr_mut(&dweight),
+            Arg::I32(rows as i32),
+            Arg::I32(width as i32),
+            Arg::I32(group as i32),
+        ];
+        self.run("norms", "gated_rmsnorm_backward", dtype, cfg, &args);
     }
 
     // ---- activations ----------------------------------------------------------------------------
@@ -825,4 +1005,101 @@ fn activation_kind(act: Activation) -> i32 {
         Activation::Gelu => 0,
         Activation::Relu2 => 1,
     }
+}
+
+/// Taps of a causal convolution, checking the lengths the CPU checks.
+fn conv_taps(what: &str, x: usize, w: usize, bias: usize, y: usize, len: usize, channels: usize) -> usize {
+    assert!(channels > 0 && w.is_multiple_of(channels) && bias == channels, "{what}: w is [channels, K]");
+    assert!(x == y && x.is_multiple_of(len * channels), "{what}: x and y are [batch, len, channels]");
+    let k = w / channels;
+    assert!((1..=8).contains(&k), "{what}: {k} taps; the CUDA kernel takes 1 to 8 (CONV_MAX_K)");
+    k
+}
+
+/// The storage type of a selective scan's inputs, checking their lengths.
+fn scan_type(what: &str, x: &ScanInputs<DevRef<'_>>, s: ScanShape) -> Dtype {
+    let dtype = same_type(what, &[x.u.dtype, x.delta.dtype, x.delta_bias.dtype, x.a_log.dtype, x.b.dtype, x.c.dtype]);
+    same_type(what, &[dtype, x.d.dtype, x.z.dtype]);
+    let (rows, ch, n) = (s.batch * s.len, s.channels, s.state);
+    assert!(n <= 16, "{what}: {n} states per channel; the CUDA scan keeps at most 16 (SCAN_MAX_STATE) in registers");
+    assert!(
+        x.u.len == rows * ch
+            && x.delta.len == rows * ch
+            && x.z.len == rows * ch
+            && x.b.len == rows * n
+            && x.c.len == rows * n,
+        "{what}: activation lengths"
+    );
+    assert!(x.delta_bias.len == ch && x.d.len == ch && x.a_log.len == ch * n, "{what}: parameter lengths");
+    dtype
+}
+
+/// u, delta, delta_bias, a_log, B, C, D, z: the scan kernels' first arguments.
+fn scan_args(x: &ScanInputs<DevRef<'_>>) -> Vec<Arg> {
+    [x.u, x.delta, x.delta_bias, x.a_log, x.b, x.c, x.d, x.z].iter().map(ptr).collect()
+}
+
+fn scan_geometry(s: ScanShape) -> [Arg; 4] {
+    [Arg::I32(s.len as i32), Arg::I32(s.channels as i32), Arg::I32(s.state as i32), Arg::I32(s.chunk as i32)]
+}
+
+/// One thread per (channel, sequence), 128 a block.
+fn scan_grid(s: ScanShape) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (s.channels.div_ceil(128) as u32, s.batch as u32, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Query rows per pass of the SSD's quadratic form (SSD_ROWS in kernels/ssd.cu).
+const SSD_ROWS: usize = 16;
+
+/// The storage type of an SSD's inputs, checking their lengths.
+fn ssd_type(what: &str, x: &SsdInputs<DevRef<'_>>, s: SsdShape) -> Dtype {
+    let dtype = same_type(what, &[x.xbc.dtype, x.dt.dtype, x.dt_bias.dtype, x.a_log.dtype, x.d.dtype]);
+    assert!(s.groups > 0 && s.heads.is_multiple_of(s.groups), "{what}: heads must be a multiple of groups");
+    assert!(x.xbc.len == s.rows() * s.xbc_width() && x.dt.len == s.rows() * s.heads, "{what}: activation lengths");
+    assert!(x.dt_bias.len == s.heads && x.a_log.len == s.heads && x.d.len == s.heads, "{what}: parameter lengths");
+    dtype
+}
+
+/// xbc, dt, dt_bias, a_log (and D, for the kernels that read it).
+fn ssd_inputs(x: &SsdInputs<DevRef<'_>>, with_d: bool) -> Vec<Arg> {
+    let mut args = vec![ptr(&x.xbc), ptr(&x.dt), ptr(&x.dt_bias), ptr(&x.a_log)];
+    if with_d {
+        args.push(ptr(&x.d));
+    }
+    args
+}
+
+fn ssd_geometry(s: SsdShape) -> Vec<Arg> {
+    let mut args: Vec<Arg> =
+        [s.len, s.heads, s.head_dim, s.groups, s.state, s.chunk].iter().map(|&v| Arg::I32(v as i32)).collect();
+    args.push(Arg::F32(s.dt_min));
+    args
+}
+
+/// One block per (chunk, head, sequence) with `q_floats` x chunk floats of shared memory.
+fn ssd_chunk_grid(s: SsdShape, q_floats: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (s.len.div_ceil(s.chunk) as u32, s.heads as u32, s.batch as u32),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: (4 * q_floats * s.chunk) as u32,
+    }
+}
+
+/// One thread per state value of a head, over the chunks in turn.
+fn ssd_passing_grid(s: SsdShape) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: ((s.head_dim * s.state).div_ceil(256) as u32, s.heads as u32, s.batch as u32),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Rows of a gated norm's `[rows, width]` input, with whole groups per row.
+fn gated_rows(what: &str, len: usize, width: usize, group: usize) -> usize {
+    assert!(group > 0 && width.is_multiple_of(group), "{what}: width {width} is not whole groups of {group}");
+    rows_of(len, width)
 }

@@ -19,7 +19,7 @@ pub struct Family {
 const COMMON: &str = include_str!("../../../kernels/common.cuh");
 
 /// Every kernel family, embedded in the binary so that it needs no source tree at run time.
-pub const FAMILIES: [Family; 8] = [
+pub const FAMILIES: [Family; 11] = [
     Family { name: "norms", source: include_str!("../../../kernels/norms.cu") },
     Family { name: "activations", source: include_str!("../../../kernels/activations.cu") },
     Family { name: "embedding", source: include_str!("../../../kernels/embedding.cu") },
@@ -28,6 +28,9 @@ pub const FAMILIES: [Family; 8] = [
     Family { name: "rope", source: include_str!("../../../kernels/rope.cu") },
     Family { name: "attention", source: include_str!("../../../kernels/attention.cu") },
     Family { name: "elementwise", source: include_str!("../../../kernels/elementwise.cu") },
+    Family { name: "conv1d", source: include_str!("../../../kernels/conv1d.cu") },
+    Family { name: "selective_scan", source: include_str!("../../../kernels/selective_scan.cu") },
+    Family { name: "ssd", source: include_str!("../../../kernels/ssd.cu") },
 ];
 
 impl Family {

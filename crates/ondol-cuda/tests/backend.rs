@@ -421,3 +421,239 @@ fn rope_and_attention_match_the_cpu() {
         assert_close("attention_cached k cache", &be, &be.download(&k_cache), &want_k, 0.0);
     }
 }
+
+#[test]
+fn causal_conv1d_and_gated_rmsnorm_match_the_cpu() {
+    for be in backends() {
+        let tol = tolerance(&be);
+        // 37 channels over 2 sequences of 11 tokens, 4 taps.
+        let (batch, len, ch, k) = (2usize, 11usize, 37usize, 4usize);
+        let x = round(&be, &random(batch * len * ch, 1, 1.0));
+        let w = round(&be, &random(ch * k, 2, 0.5));
+        let bias = round(&be, &random(ch, 3, 0.5));
+        let dy = round(&be, &random(x.len(), 4, 1.0));
+        let (gx, gw, gb) = (be.upload(&x), be.upload(&w), be.upload(&bias));
+        let mut y = be.zeros(x.len());
+        be.conv1d_forward(be.all(&gx), be.all(&gw), be.all(&gb), be.all_mut(&mut y), len, ch);
+        let mut want = vec![0.0; x.len()];
+        CPU.conv1d_forward(&x, &w, &bias, &mut want, len, ch);
+        assert_close("conv1d_forward", &be, &be.download(&y), &want, tol);
+        let (dw0, db0) = (random(w.len(), 5, 0.1), random(ch, 6, 0.1));
+        let (mut dx, mut dw, mut db) = (be.upload(&random(x.len(), 7, 1.0)), be.upload_f32(&dw0), be.upload_f32(&db0));
+        be.conv1d_backward(
+            be.all(&be.upload(&dy)),
+            be.all(&gx),
+            be.all(&gw),
+            be.all(&gb),
+            be.all_mut(&mut dx),
+            be.all_mut(&mut dw),
+            be.all_mut(&mut db),
+            len,
+            ch,
+        );
+        let (mut want_dx, mut want_dw, mut want_db) = (vec![0.0; x.len()], dw0.clone(), db0.clone());
+        CPU.conv1d_backward(&dy, &x, &w, &bias, &mut want_dx, &mut want_dw, &mut want_db, len, ch);
+        assert_close("conv1d_backward dx", &be, &be.download(&dx), &want_dx, tol);
+        assert_close("conv1d_backward dw", &be, &be.download(&dw), &want_dw, 1e-4);
+        assert_close("conv1d_backward dbias", &be, &be.download(&db), &want_db, 1e-4);
+
+        // Gated RMSNorm: 13 rows of 3 groups of 100.
+        let (rows, group, width, eps) = (13usize, 100usize, 300usize, 1e-5f32);
+        let x = round(&be, &random(rows * width, 8, 1.0));
+        let z = round(&be, &random(rows * width, 9, 1.0));
+        let w = round(&be, &random(width, 10, 1.0));
+        let dy = round(&be, &random(rows * width, 11, 1.0));
+        let (gx, gz, gw) = (be.upload(&x), be.upload(&z), be.upload(&w));
+        let (mut out, mut rstd) = (be.zeros(x.len()), be.zeros_f32(rows * width / group));
+        be.gated_rmsnorm_forward(
+            be.all(&gx),
+            be.all(&gz),
+            be.all(&gw),
+            be.all_mut(&mut out),
+            be.all_mut(&mut rstd),
+            group,
+            eps,
+        );
+        let (mut want, mut want_rstd) = (vec![0.0; x.len()], vec![0.0; rows * width / group]);
+        CPU.gated_rmsnorm_forward(&x, &z, &w, &mut want, &mut want_rstd, group, eps);
+        assert_close("gated_rmsnorm_forward", &be, &be.download(&out), &want, tol);
+        assert_close("gated_rmsnorm_forward rstd", &be, &be.download(&rstd), &want_rstd, 1e-5);
+        let dw0 = random(width, 12, 0.1);
+        let (mut dx, mut dz, mut dw) = (be.zeros(x.len()), be.zeros(x.len()), be.upload_f32(&dw0));
+        be.gated_rmsnorm_backward(
+            be.all(&be.upload(&dy)),
+            be.all(&gx),
+            be.all(&gz),
+            be.all(&gw),
+            be.all(&rstd),
+            be.all_mut(&mut dx),
+            be.all_mut(&mut dz),
+            be.all_mut(&mut dw),
+            group,
+        );
+        let (mut want_dx, mut want_dz, mut want_dw) = (vec![0.0; x.len()], vec![0.0; x.len()], dw0.clone());
+        CPU.gated_rmsnorm_backward(&dy, &x, &z, &w, &want_rstd, &mut want_dx, &mut want_dz, &mut want_dw, group);
+        assert_close("gated_rmsnorm_backward dx", &be, &be.download(&dx), &want_dx, tol);
+        assert_close("gated_rmsnorm_backward dz", &be, &be.download(&dz), &want_dz, tol);
+        assert_close("gated_rmsnorm_backward dweight", &be, &be.download(&dw), &want_dw, 1e-4);
+    }
+}
+
+/// The fields of a scan's inputs in order, uploaded; returns the host copies too.
+fn uploads(be: &CudaBackend, fields: &[(usize, u64, f32)]) -> (Vec<Vec<f32>>, Vec<ondol_cuda::DeviceBuf>) {
+    let host: Vec<Vec<f32>> = fields.iter().map(|&(n, seed, scale)| round(be, &random(n, seed, scale))).collect();
+    let dev = host.iter().map(|h| be.upload(h)).collect();
+    (host, dev)
+}
+
+#[test]
+fn selective_scan_matches_the_cpu() {
+    use ondol_core::{ScanGrads, ScanInputs, ScanShape};
+    for be in backends() {
+        let tol = tolerance(&be);
+        // 2 sequences of 45 tokens, 37 channels (a partial block), 16 states, chunks of 20
+        // (which neither divide the sequence nor are a multiple of the 8-token recompute).
+        let s = ScanShape { batch: 2, len: 45, channels: 37, state: 16, chunk: 20 };
+        let (rows, ch, n) = (s.batch * s.len, s.channels, s.state);
+        let (h, d) = uploads(
+            &be,
+            &[
+                (rows * ch, 1, 1.0),
+                (rows * ch, 2, 1.0),
+                (ch, 3, 0.5),
+                (ch * n, 4, 0.5),
+                (rows * n, 5, 1.0),
+                (rows * n, 6, 1.0),
+                (ch, 7, 1.0),
+                (rows * ch, 8, 1.0),
+            ],
+        );
+        let cpu_inputs = ScanInputs {
+            u: &h[0][..],
+            delta: &h[1][..],
+            delta_bias: &h[2][..],
+            a_log: &h[3][..],
+            b: &h[4][..],
+            c: &h[5][..],
+            d: &h[6][..],
+            z: &h[7][..],
+        };
+        let dev_inputs = || ScanInputs {
+            u: be.all(&d[0]),
+            delta: be.all(&d[1]),
+            delta_bias: be.all(&d[2]),
+            a_log: be.all(&d[3]),
+            b: be.all(&d[4]),
+            c: be.all(&d[5]),
+            d: be.all(&d[6]),
+            z: be.all(&d[7]),
+        };
+        let states_len = s.batch * s.saved() * ch * n;
+        let (mut y, mut states) = (be.zeros(rows * ch), be.zeros_f32(states_len));
+        be.selective_scan_forward(dev_inputs(), be.all_mut(&mut y), be.all_mut(&mut states), s);
+        let (mut want_y, mut want_states) = (vec![0.0; rows * ch], vec![0.0; states_len]);
+        CPU.selective_scan_forward(cpu_inputs, &mut want_y, &mut want_states, s);
+        assert_close("selective_scan_forward y", &be, &be.download(&y), &want_y, tol);
+        assert_close("selective_scan_forward states", &be, &be.download(&states), &want_states, tol.max(1e-4));
+
+        let dy = round(&be, &random(rows * ch, 9, 1.0));
+        let acc0 = [random(ch, 10, 0.1), random(ch * n, 11, 0.1), random(ch, 12, 0.1)];
+        let lens = [rows * ch, rows * ch, rows * n, rows * n, rows * ch];
+        let mut g = lens.map(|len| be.zeros(len));
+        let mut acc = acc0.each_ref().map(|a| be.upload_f32(a));
+        {
+            let [du, ddelta, db, dc, dz] = g.each_mut().map(|b| be.all_mut(b));
+            let [ddelta_bias, da_log, dd] = acc.each_mut().map(|b| be.all_mut(b));
+            let grads = ScanGrads { du, ddelta, ddelta_bias, da_log, db, dc, dd, dz };
+            // The backward from the GPU's own saved states, as training runs it.
+            be.selective_scan_backward(be.all(&be.upload(&dy)), dev_inputs(), be.all(&states), grads, s);
+        }
+        let mut want = lens.map(|len| vec![0.0f32; len]);
+        let mut want_acc = acc0.clone();
+        {
+            let [du, ddelta, db, dc, dz] = want.each_mut().map(|b| &mut b[..]);
+            let [ddelta_bias, da_log, dd] = want_acc.each_mut().map(|b| &mut b[..]);
+            let grads = ScanGrads { du, ddelta, ddelta_bias, da_log, db, dc, dd, dz };
+            CPU.selective_scan_backward(&dy, cpu_inputs, &want_states, grads, s);
+        }
+        for (name, (got, want)) in ["du", "ddelta", "dB", "dC", "dz"].iter().zip(g.iter().zip(&want)) {
+            assert_close(&format!("selective_scan_backward {name}"), &be, &be.download(got), want, tol);
+        }
+        for (name, (got, want)) in ["ddelta_bias", "da_log", "dD"].iter().zip(acc.iter().zip(&want_acc)) {
+            assert_close(&format!("selective_scan_backward {name}"), &be, &be.download(got), want, tol.max(1e-4));
+        }
+    }
+}
+
+#[test]
+fn ssd_scan_matches_the_cpu() {
+    use ondol_core::{SsdGrads, SsdInputs, SsdShape};
+    for be in backends() {
+        let tol = tolerance(&be);
+        // 2 sequences of 37 tokens in chunks of 16 (the last one partial, and one more query
+        // row pass than fits), 4 heads of 8 channels in 2 groups of 12 states.
+        for dt_min in [0.0f32, 0.4] {
+            let s = SsdShape { batch: 2, len: 37, heads: 4, head_dim: 8, groups: 2, state: 12, chunk: 16, dt_min };
+            let rows = s.rows();
+            let (h, d) = uploads(
+                &be,
+                &[
+                    (rows * s.xbc_width(), 1, 1.0),
+                    (rows * s.heads, 2, 1.0),
+                    (s.heads, 3, 0.5),
+                    (s.heads, 4, 0.5),
+                    (s.heads, 5, 1.0),
+                ],
+            );
+            let cpu_inputs =
+                SsdInputs { xbc: &h[0][..], dt: &h[1][..], dt_bias: &h[2][..], a_log: &h[3][..], d: &h[4][..] };
+            let dev_inputs = || SsdInputs {
+                xbc: be.all(&d[0]),
+                dt: be.all(&d[1]),
+                dt_bias: be.all(&d[2]),
+                a_log: be.all(&d[3]),
+                d: be.all(&d[4]),
+            };
+            let (mut y, mut states) = (be.zeros(rows * s.inner()), be.zeros_f32(s.states_len()));
+            be.ssd_forward(dev_inputs(), be.all_mut(&mut y), be.all_mut(&mut states), s);
+            let (mut want_y, mut want_states) = (vec![0.0; rows * s.inner()], vec![0.0; s.states_len()]);
+            CPU.ssd_forward(cpu_inputs, &mut want_y, &mut want_states, s);
+            assert_close(&format!("ssd_forward y dt_min={dt_min}"), &be, &be.download(&y), &want_y, tol);
+            assert_close(
+                &format!("ssd_forward states dt_min={dt_min}"),
+                &be,
+                &be.download(&states),
+                &want_states,
+                tol.max(1e-4),
+            );
+
+            let dy = round(&be, &random(rows * s.inner(), 6, 1.0));
+            let acc0 = [random(s.heads, 7, 0.1), random(s.heads, 8, 0.1), random(s.heads, 9, 0.1)];
+            let (mut dxbc, mut ddt) = (be.zeros(rows * s.xbc_width()), be.zeros(rows * s.heads));
+            let mut acc = acc0.each_ref().map(|a| be.upload_f32(a));
+            {
+                let [ddt_bias, da_log, dd] = acc.each_mut().map(|b| be.all_mut(b));
+                let grads = SsdGrads { dxbc: be.all_mut(&mut dxbc), ddt: be.all_mut(&mut ddt), ddt_bias, da_log, dd };
+                be.ssd_backward(be.all(&be.upload(&dy)), dev_inputs(), be.all(&states), grads, s);
+            }
+            let (mut want_dxbc, mut want_ddt) = (vec![0.0; rows * s.xbc_width()], vec![0.0; rows * s.heads]);
+            let mut want_acc = acc0.clone();
+            {
+                let [ddt_bias, da_log, dd] = want_acc.each_mut().map(|b| &mut b[..]);
+                let grads = SsdGrads { dxbc: &mut want_dxbc[..], ddt: &mut want_ddt[..], ddt_bias, da_log, dd };
+                CPU.ssd_backward(&dy, cpu_inputs, &want_states, grads, s);
+            }
+            assert_close(&format!("ssd_backward dxbc dt_min={dt_min}"), &be, &be.download(&dxbc), &want_dxbc, tol);
+            assert_close(&format!("ssd_backward ddt dt_min={dt_min}"), &be, &be.download(&ddt), &want_ddt, tol);
+            for (name, (got, want)) in ["ddt_bias", "da_log", "dD"].iter().zip(acc.iter().zip(&want_acc)) {
+                assert_close(
+                    &format!("ssd_backward {name} dt_min={dt_min}"),
+                    &be,
+                    &be.download(got),
+                    want,
+                    tol.max(1e-4),
+                );
+            }
+        }
+    }
+}

@@ -279,13 +279,18 @@ fn train_cuda(args: &TrainArgs, cfg: RunConfig) -> Result<()> {
              set tp = pp = dp = 1",
         ));
     }
-    if matches!(cfg.model.arch, Arch::Mamba | Arch::Mamba2 | Arch::Hybrid) {
+    // What the CUDA kernels hold in registers (kernels/selective_scan.cu, conv1d.cu).
+    let m = &cfg.model;
+    if m.arch == Arch::Mamba && m.ssm_state() > 16 {
         return Err(Error::config(
-            "model.arch",
-            format!(
-                "{:?} has Mamba layers, which have no CUDA kernels yet (issue 8); train it with training.device = \"cpu\"",
-                cfg.model.arch
-            ),
+            "model.ssm.state_size",
+            format!("{} states per channel: the CUDA selective scan keeps at most 16; use 16 or fewer", m.ssm_state()),
+        ));
+    }
+    if matches!(m.arch, Arch::Mamba | Arch::Mamba2 | Arch::Hybrid) && !(1..=8).contains(&m.ssm.conv_kernel) {
+        return Err(Error::config(
+            "model.ssm.conv_kernel",
+            format!("{} taps: the CUDA convolution takes 1 to 8", m.ssm.conv_kernel),
         ));
     }
     let compute = match cfg.training.precision.unwrap_or(Precision::Bf16) {

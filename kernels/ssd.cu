@@ -1,0 +1,358 @@
+// Mamba-2's SSD scan (state-space duality, chunked), forward and backward.
+//
+// Computes, per sequence b and head h (head_dim P channels sharing one scalar decay; B and
+// C from group g = h / (heads / groups), N = state values; T = float or bf16 storage, fp32
+// arithmetic), in chunks of Q tokens with steps s_t = max(softplus(dt[t, h] + dt_bias[h]),
+// dt_min), A = -exp(a_log[h]) and L_i = sum_{k <= i} s_k A inside the chunk:
+//   y_i = D x_i + exp(L_i) H0 C_i + sum_{j <= i} exp(L_i - L_j) s_j (C_i . B_j) x_j
+//   H_end = exp(L_last) H0 + sum_j exp(L_last - L_j) s_j x_j B_j^T        (H: [P, N])
+// Layouts: xbc [rows = batch * len, heads * P + 2 * groups * N] (x heads, B groups, C groups,
+// as the convolution leaves them); dt [rows, heads]; y [rows, heads * P]; the chunk-boundary
+// states, fp32 [batch, chunks + 1, heads, P, N] (the zero state first), are saved for
+// backward; dt_bias, a_log, D [heads].
+// Forward, in three kernels:
+//   ssd_chunk_state   per (chunk, head, batch): the chunk's own state S = H_end - exp(L_last) H0,
+//                     into the states slot after the chunk, and exp(L_last) into `decay`
+//   ssd_state_passing per (P N slice, head, batch), over chunks in order: H_c = exp(L_last) H_{c-1} + S_c
+//   ssd_chunk_scan    per (chunk, head, batch): y, 16 query rows at a time against every key
+// Backward, in three more: dL/dH leaving each chunk (D_c) runs backwards like the states:
+//   ssd_chunk_dstate   per chunk, R = sum_i exp(L_i) dy_i C_i^T (the readouts' share of dL/dH0),
+//                      and exp(L_last) into `decay` as ssd_chunk_state does
+//   ssd_dstate_passing over chunks in reverse: D_last = 0, D_{c-1} = exp(L_last,c) D_c + R_c
+//   ssd_chunk_backward per (chunk, head, batch): every gradient of the chunk from H0, D_c and
+//                     its inputs; dxbc (x, B, C) is added into an fp32 accumulator (B and C
+//                     with atomics: the heads of a group share them) that the caller zeroes
+//                     and converts; ddt is written; dt_bias, a_log (= dA * A) and D accumulate.
+// Launch: 256 threads a block; chunk kernels grid (chunks, heads, batch) with dynamic shared
+// memory as each wrapper states; the passing kernels grid (ceil(P N / 256), heads, batch).
+// Cost: the quadratic form is Q (N + P) multiply-adds per (token, head) forward and about 3x
+// that backward, on CUDA cores in fp32 (todo: the intra-chunk products on tensor cores);
+// the state passing reads and writes the states once.
+#include "common.cuh"
+
+#define SSD_THREADS 256
+#define SSD_ROWS 16  // query rows per pass of the quadratic form
+
+struct Ssd {
+    int len, heads, P, groups, N, Q;
+    float dt_min;
+    __device__ int width() const { return heads * P + 2 * groups * N; }
+    __device__ int chunks() const { return (len + Q - 1) / Q; }
+    __device__ int x_col(int h) const { return h * P; }
+    __device__ int b_col(int h) const { return heads * P + (h / (heads / groups)) * N; }
+    __device__ int c_col(int h) const { return heads * P + groups * N + (h / (heads / groups)) * N; }
+    // The states slot of chunk boundary `slot` (0: before the sequence) for (b, h).
+    __device__ long long state(int b, int slot, int h) const {
+        return (((long long)b * (chunks() + 1) + slot) * heads + h) * P * N;
+    }
+};
+
+// The steps s_k and running decays L_k of the chunk's q tokens into shared memory (by every
+// thread, then a serial prefix sum by thread 0); ends with a barrier.
+template <typename T>
+__device__ void ssd_steps(const T* dt, float bias, float A, long long row0, int q, const Ssd& s, int h, float* steps,
+                          float* L) {
+    for (int k = threadIdx.x; k < q; k += blockDim.x)
+        steps[k] = fmaxf(softplusf(to_float(dt[(row0 + k) * s.heads + h]) + bias), s.dt_min);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float acc = 0.0f;
+        for (int k = 0; k < q; k++) {
+            acc += steps[k] * A;
+            L[k] = acc;
+        }
+    }
+    __syncthreads();
+}
+
+// Dynamic shared memory: 2 Q floats.
+template <typename T>
+__device__ void ssd_chunk_state(const T* xbc, const T* dt, const T* dt_bias, const T* a_log, float* states,
+                                float* decay, Ssd s) {
+    extern __shared__ float smem[];
+    const int c = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    const int t0 = c * s.Q, q = min(s.Q, s.len - t0);
+    const long long row0 = (long long)b * s.len + t0;
+    float *steps = smem, *L = smem + s.Q;
+    ssd_steps(dt, to_float(dt_bias[h]), -__expf(to_float(a_log[h])), row0, q, s, h, steps, L);
+    const int w = s.width(), xc = s.x_col(h), bc = s.b_col(h);
+    float* out = states + s.state(b, c + 1, h);
+    for (int e = threadIdx.x; e < s.P * s.N; e += blockDim.x) {
+        const int p = e / s.N, n = e % s.N;
+        float acc = 0.0f;
+        for (int j = 0; j < q; j++) {
+            const T* row = xbc + (row0 + j) * w;
+            acc += __expf(L[q - 1] - L[j]) * steps[j] * to_float(row[xc + p]) * to_float(row[bc + n]);
+        }
+        out[e] = acc;
+    }
+    if (threadIdx.x == 0) decay[((long long)b * s.heads + h) * s.chunks() + c] = __expf(L[q - 1]);
+}
+
+__device__ void ssd_state_passing(float* states, const float* decay, Ssd s) {
+    const int e = blockIdx.x * blockDim.x + threadIdx.x, h = blockIdx.y, b = blockIdx.z;
+    if (e >= s.P * s.N) return;
+    float H = 0.0f;
+    states[s.state(b, 0, h) + e] = 0.0f;
+    for (int c = 0; c < s.chunks(); c++) {
+        float* slot = states + s.state(b, c + 1, h) + e;
+        H = decay[((long long)b * s.heads + h) * s.chunks() + c] * H + *slot;
+        *slot = H;
+    }
+}
+
+// Dynamic shared memory: (2 + SSD_ROWS) Q floats.
+template <typename T>
+__device__ void ssd_chunk_scan(const T* xbc, const T* dt, const T* dt_bias, const T* a_log, const T* Dskip,
+                               const float* states, T* y, Ssd s) {
+    extern __shared__ float smem[];
+    const int c = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    const int t0 = c * s.Q, q = min(s.Q, s.len - t0);
+    const long long row0 = (long long)b * s.len + t0;
+    float *steps = smem, *L = smem + s.Q, *W = smem + 2 * s.Q;  // W [SSD_ROWS][Q]
+    ssd_steps(dt, to_float(dt_bias[h]), -__expf(to_float(a_log[h])), row0, q, s, h, steps, L);
+    const int w = s.width(), xc = s.x_col(h), bc = s.b_col(h), cc = s.c_col(h), inner = s.heads * s.P;
+    const float skip = to_float(Dskip[h]);
+    const float* H0 = states + s.state(b, c, h);
+    for (int i0 = 0; i0 < q; i0 += SSD_ROWS) {
+        const int rows = min(SSD_ROWS, q - i0);
+        // W[r][j] = exp(L_i - L_j) s_j (C_i . B_j) for j <= i = i0 + r.
+        for (int e = threadIdx.x; e < rows * q; e += blockDim.x) {
+            const int r = e / q, j = e % q, i = i0 + r;
+            float acc = 0.0f;
+            if (j <= i) {
+                const T* ci = xbc + (row0 + i) * w + cc;
+                const T* bj = xbc + (row0 + j) * w + bc;
+                for (int n = 0; n < s.N; n++) acc += to_float(ci[n]) * to_float(bj[n]);
+                acc *= __expf(L[i] - L[j]) * steps[j];
+            }
+            W[r * s.Q + j] = acc;
+        }
+        __syncthreads();
+        for (int e = threadIdx.x; e < rows * s.P; e += blockDim.x) {
+            const int r = e / s.P, p = e % s.P, i = i0 + r;
+            const T* xi = xbc + (row0 + i) * w + xc;
+            const T* ci = xbc + (row0 + i) * w + cc;
+            float carried = 0.0f;
+            for (int n = 0; n < s.N; n++) carried += H0[p * s.N + n] * to_float(ci[n]);
+            float acc = skip * to_float(xi[p]) + __expf(L[i]) * carried;
+            for (int j = 0; j <= i; j++) acc += W[r * s.Q + j] * to_float(xbc[(row0 + j) * w + xc + p]);
+            y[(row0 + i) * inner + xc + p] = from_float<T>(acc);
+        }
+        __syncthreads();
+    }
+}
+
+// Dynamic shared memory: 2 Q floats.
+template <typename T>
+__device__ void ssd_chunk_dstate(const T* dy, const T* xbc, const T* dt, const T* dt_bias, const T* a_log,
+                                 float* dstates, float* decay, Ssd s) {
+    extern __shared__ float smem[];
+    const int c = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    const int t0 = c * s.Q, q = min(s.Q, s.len - t0);
+    const long long row0 = (long long)b * s.len + t0;
+    float *steps = smem, *L = smem + s.Q;
+    ssd_steps(dt, to_float(dt_bias[h]), -__expf(to_float(a_log[h])), row0, q, s, h, steps, L);
+    const int w = s.width(), cc = s.c_col(h), inner = s.heads * s.P, xc = s.x_col(h);
+    float* out = dstates + s.state(b, c, h);
+    for (int e = threadIdx.x; e < s.P * s.N; e += blockDim.x) {
+        const int p = e / s.N, n = e % s.N;
+        float acc = 0.0f;
+        for (int i = 0; i < q; i++)
+            acc += __expf(L[i]) * to_float(dy[(row0 + i) * inner + xc + p]) * to_float(xbc[(row0 + i) * w + cc + n]);
+        out[e] = acc;
+    }
+    if (threadIdx.x == 0) decay[((long long)b * s.heads + h) * s.chunks() + c] = __expf(L[q - 1]);
+}
+
+__device__ void ssd_dstate_passing(float* dstates, const float* decay, Ssd s) {
+    const int e = blockIdx.x * blockDim.x + threadIdx.x, h = blockIdx.y, b = blockIdx.z;
+    if (e >= s.P * s.N) return;
+    float D = 0.0f;  // dL/dH leaving chunk c
+    for (int c = s.chunks() - 1; c >= 0; c--) {
+        float* slot = dstates + s.state(b, c, h) + e;
+        const float r = *slot;
+        *slot = D;
+        D = decay[((long long)b * s.heads + h) * s.chunks() + c] * D + r;
+    }
+}
+
+// Dynamic shared memory: (4 + 3 SSD_ROWS) Q floats.
+template <typename T>
+__device__ void ssd_chunk_backward(const T* dy, const T* xbc, const T* dt, const T* dt_bias, const T* a_log,
+                                   const T* Dskip, const float* states, const float* dstates, float* dxbc,
+                                   T* ddt, float* ddt_bias, float* da_log, float* dd, Ssd s) {
+    __shared__ float scratch[32];
+    extern __shared__ float smem[];
+    const int c = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    const int t0 = c * s.Q, q = min(s.Q, s.len - t0), last = q - 1;
+    const long long row0 = (long long)b * s.len + t0;
+    float *steps = smem, *L = smem + s.Q, *ddecay = smem + 2 * s.Q, *dsteps = smem + 3 * s.Q;
+    float *M = smem + 4 * s.Q, *Nn = M + SSD_ROWS * s.Q, *pair = Nn + SSD_ROWS * s.Q;  // [SSD_ROWS][Q] each
+    const float A = -__expf(to_float(a_log[h]));
+    ssd_steps(dt, to_float(dt_bias[h]), A, row0, q, s, h, steps, L);
+    for (int k = threadIdx.x; k < q; k += blockDim.x) ddecay[k] = dsteps[k] = 0.0f;
+    const int w = s.width(), xc = s.x_col(h), bc = s.b_col(h), cc = s.c_col(h), inner = s.heads * s.P;
+    const int P = s.P, N = s.N;
+    const float skip = to_float(Dskip[h]);
+    const float* H0 = states + s.state(b, c, h);
+    const float* Dc = dstates + s.state(b, c, h);
+    auto X = [&](int i, int p) { return to_float(xbc[(row0 + i) * w + xc + p]); };
+    auto Bv = [&](int i, int n) { return to_float(xbc[(row0 + i) * w + bc + n]); };
+    auto Cv = [&](int i, int n) { return to_float(xbc[(row0 + i) * w + cc + n]); };
+    auto dY = [&](int i, int p) { return to_float(dy[(row0 + i) * inner + xc + p]); };
+    auto dX = [&](int i, int p) -> float& { return dxbc[(row0 + i) * w + xc + p]; };
+    __syncthreads();
+
+    // The state leaving the chunk: exp(L_last) H0 feeds ddecay[last].
+    float part = 0.0f;
+    for (int e = threadIdx.x; e < P * N; e += blockDim.x) part += Dc[e] * H0[e];
+    part = block_sum(part, scratch);
+    float dskip = 0.0f;
+    // Per token: the skip term, the carried state's readout (ddecay and dC; its dH0 share
+    // went into dstates), and the state update's (v = D B_j, u = D^T x_j).
+    for (int i = 0; i < q; i++) {
+        float dec = 0.0f, xv = 0.0f;
+        for (int p = threadIdx.x; p < P; p += blockDim.x) {
+            const float g = dY(i, p);
+            dskip += g * X(i, p);
+            float hc = 0.0f, v = 0.0f;
+            for (int n = 0; n < N; n++) {
+                hc += H0[p * N + n] * Cv(i, n);
+                v += Dc[p * N + n] * Bv(i, n);
+            }
+            dec += g * hc;
+            xv += X(i, p) * v;
+            const float wj = __expf(L[last] - L[i]) * steps[i];
+            dX(i, p) += skip * g + wj * v;
+        }
+        for (int n = threadIdx.x; n < N; n += blockDim.x) {
+            float hg = 0.0f, uu = 0.0f;
+            for (int p = 0; p < P; p++) {
+                hg += H0[p * N + n] * dY(i, p);
+                uu += Dc[p * N + n] * X(i, p);
+            }
+            atomicAdd(&dxbc[(row0 + i) * w + cc + n], __expf(L[i]) * hg);
+            atomicAdd(&dxbc[(row0 + i) * w + bc + n], __expf(L[last] - L[i]) * steps[i] * uu);
+        }
+        dec = block_sum(dec, scratch);
+        xv = block_sum(xv, scratch);
+        if (threadIdx.x == 0) {
+            const float wj = __expf(L[last] - L[i]);
+            ddecay[i] += __expf(L[i]) * dec - wj * steps[i] * xv;
+            ddecay[last] += wj * steps[i] * xv;
+            dsteps[i] += wj * xv;
+        }
+    }
+    if (threadIdx.x == 0) ddecay[last] += __expf(L[last]) * part;
+    __syncthreads();
+
+    // The quadratic form, SSD_ROWS query rows at a time: M = exp(L_i - L_j) s_j (C_i . B_j),
+    // Nn = exp(L_i - L_j) s_j (dy_i . x_j), pair = M (dy_i . x_j).
+    for (int i0 = 0; i0 < q; i0 += SSD_ROWS) {
+        const int rows = min(SSD_ROWS, q - i0);
+        for (int e = threadIdx.x; e < rows * q; e += blockDim.x) {
+            const int r = e / q, j = e % q, i = i0 + r;
+            float m = 0.0f, nn = 0.0f, pr = 0.0f;
+            if (j <= i) {
+                float cb = 0.0f, gx = 0.0f;
+                for (int n = 0; n < N; n++) cb += Cv(i, n) * Bv(j, n);
+                for (int p = 0; p < P; p++) gx += dY(i, p) * X(j, p);
+                const float e_ij = __expf(L[i] - L[j]);
+                m = e_ij * steps[j] * cb;
+                nn = e_ij * steps[j] * gx;
+                pr = m * gx;
+                atomicAdd(&dsteps[j], e_ij * cb * gx);
+            }
+            M[r * s.Q + j] = m;
+            Nn[r * s.Q + j] = nn;
+            pair[r * s.Q + j] = pr;
+        }
+        __syncthreads();
+        // ddecay[i] += sum_j pair, ddecay[j] -= sum_i pair.
+        for (int e = threadIdx.x; e < rows + q; e += blockDim.x) {
+            float sum = 0.0f;
+            if (e < rows) {
+                for (int j = 0; j < q; j++) sum += pair[e * s.Q + j];
+                atomicAdd(&ddecay[i0 + e], sum);
+            } else {
+                const int j = e - rows;
+                for (int r = 0; r < rows; r++) sum += pair[r * s.Q + j];
+                atomicAdd(&ddecay[j], -sum);
+            }
+        }
+        // dx_j += sum_i M dy_i;  dB_j += sum_i Nn C_i.
+        for (int e = threadIdx.x; e < q * P; e += blockDim.x) {
+            const int j = e / P, p = e % P;
+            float acc = 0.0f;
+            for (int r = 0; r < rows; r++) acc += M[r * s.Q + j] * dY(i0 + r, p);
+            dX(j, p) += acc;
+        }
+        for (int e = threadIdx.x; e < q * N; e += blockDim.x) {
+            const int j = e / N, n = e % N;
+            float acc = 0.0f;
+            for (int r = 0; r < rows; r++) acc += Nn[r * s.Q + j] * Cv(i0 + r, n);
+            if (acc != 0.0f) atomicAdd(&dxbc[(row0 + j) * w + bc + n], acc);
+        }
+        // dC_i += sum_j Nn B_j.
+        for (int e = threadIdx.x; e < rows * N; e += blockDim.x) {
+            const int r = e / N, n = e % N;
+            float acc = 0.0f;
+            for (int j = 0; j <= i0 + r; j++) acc += Nn[r * s.Q + j] * Bv(j, n);
+            atomicAdd(&dxbc[(row0 + i0 + r) * w + cc + n], acc);
+        }
+        __syncthreads();
+    }
+
+    // L_k = sum_{m <= k} s_m A: dL/d(s_k A) is the suffix sum of ddecay; then the softplus
+    // (d/dx = sigmoid(x) = 1 - exp(-s)) and the floor, which passes no gradient where it holds.
+    if (threadIdx.x == 0) {
+        float suffix = 0.0f, dA = 0.0f, dbias = 0.0f;
+        for (int k = last; k >= 0; k--) {
+            suffix += ddecay[k];
+            const float dsk = dsteps[k] + A * suffix;
+            dA += steps[k] * suffix;
+            const float slope = steps[k] > s.dt_min ? -expm1f(-steps[k]) : 0.0f;
+            const float g = dsk * slope;
+            ddt[(row0 + k) * s.heads + h] = from_float<T>(g);
+            dbias += g;
+        }
+        atomicAdd(&ddt_bias[h], dbias);
+        atomicAdd(&da_log[h], dA * A);  // dA_log = dA A
+    }
+    dskip = block_sum(dskip, scratch);
+    if (threadIdx.x == 0) atomicAdd(&dd[h], dskip);
+}
+
+#define SSD_ARGS int len, int heads, int P, int groups, int N, int Q, float dt_min
+#define SSD_DIMS Ssd{len, heads, P, groups, N, Q, dt_min}
+
+#define SSD_KERNELS(T, S)                                                                                          \
+    extern "C" __global__ void ssd_chunk_state_##S(const T* xbc, const T* dt, const T* dt_bias, const T* a_log,    \
+                                                   float* states, float* decay, SSD_ARGS) {                        \
+        ssd_chunk_state<T>(xbc, dt, dt_bias, a_log, states, decay, SSD_DIMS);                                      \
+    }                                                                                                              \
+    extern "C" __global__ void ssd_chunk_scan_##S(const T* xbc, const T* dt, const T* dt_bias, const T* a_log,     \
+                                                  const T* Dskip, const float* states, T* y, SSD_ARGS) {           \
+        ssd_chunk_scan<T>(xbc, dt, dt_bias, a_log, Dskip, states, y, SSD_DIMS);                                    \
+    }                                                                                                              \
+    extern "C" __global__ void ssd_chunk_dstate_##S(const T* dy, const T* xbc, const T* dt, const T* dt_bias,      \
+                                                    const T* a_log, float* dstates, float* decay, SSD_ARGS) {      \
+        ssd_chunk_dstate<T>(dy, xbc, dt, dt_bias, a_log, dstates, decay, SSD_DIMS);                                \
+    }                                                                                                              \
+    extern "C" __global__ void ssd_chunk_backward_##S(                                                             \
+        const T* dy, const T* xbc, const T* dt, const T* dt_bias, const T* a_log, const T* Dskip,                  \
+        const float* states, const float* dstates, float* dxbc, T* ddt, float* ddt_bias, float* da_log, float* dd, \
+        SSD_ARGS) {                                                                                                \
+        ssd_chunk_backward<T>(dy, xbc, dt, dt_bias, a_log, Dskip, states, dstates, dxbc, ddt, ddt_bias, da_log,    \
+                              dd, SSD_DIMS);                                                                       \
+    }
+
+FOR_EACH_STORAGE(SSD_KERNELS)
+
+extern "C" __global__ void ssd_state_passing(float* states, const float* decay, SSD_ARGS) {
+    ssd_state_passing(states, decay, SSD_DIMS);
+}
+extern "C" __global__ void ssd_dstate_passing(float* dstates, const float* decay, SSD_ARGS) {
+    ssd_dstate_passing(dstates, decay, SSD_DIMS);
+}
