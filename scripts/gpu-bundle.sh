@@ -5,12 +5,14 @@
 # Rust:
 #
 #   scripts/gpu-bundle.sh                      # here
-#   target/gpu-bundle/run.sh [tests|smoke|mfu|all]   # there (default: all)
+#   target/gpu-bundle/run.sh [tests|smoke|mfu|bench|all]   # there (default: all)
 #
 #   tests  every backend op against the CPU reference, f32 and bf16 (max errors printed)
 #   smoke  the smoke models (Llama, Mamba-1, Mamba-2, hybrid) trained on the CPU (fp32) and on
 #          the GPU (bf16; the Llama one in fp32 too); the GPU loss curves are compared with the CPU's
 #   mfu    tokens/s and MFU of configs/gpt2-124m.toml, llama-1b.toml and mamba2-130m.toml
+#   bench  kernel throughput (flash attention, SSD, selective scan), and PyTorch's flash SDPA
+#          on the same attention shapes
 # run.sh exits non-zero if any part fails.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -20,27 +22,30 @@ mkdir -p "$out/bin"
 cd "$root"
 cargo build --release -q --features cuda
 cp target/release/ondol "$out/bin/ondol"
-# The test executables cargo builds for ondol-cuda, found from its JSON messages.
-cargo test --release -p ondol-cuda --no-run --message-format=json 2>/dev/null |
+# The test and bench executables cargo builds for ondol-cuda, found from its JSON messages.
+cargo test --release -p ondol-cuda --tests --benches --no-run --message-format=json 2>/dev/null |
     python3 -c '
 import json, sys
 for line in sys.stdin:
     m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"] and m["target"]["kind"] == ["test"]:
-        print(m["executable"])
-' | while read -r exe; do
+    kind = m.get("target", {}).get("kind")
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and kind in (["test"], ["bench"]):
+        print(kind[0], m["executable"])
+' | while read -r kind exe; do
     name="$(basename "$exe" | sed 's/-[0-9a-f]*$//')"
-    mkdir -p "$out/tests"
-    cp "$exe" "$out/tests/$name"
+    dir="$out/tests"
+    [[ $kind == bench ]] && dir="$out/benches"
+    mkdir -p "$dir"
+    cp "$exe" "$dir/$name"
 done
-strip --strip-debug "$out"/bin/* "$out"/tests/* 2>/dev/null || true
+strip --strip-debug "$out"/bin/* "$out"/tests/* "$out"/benches/* 2>/dev/null || true
 cp -r configs "$out/configs"
 mkdir -p "$out/data"
 cp -r data/sample "$out/data/sample"
-cp scripts/compare-curves.py "$out/bin/"
+cp scripts/compare-curves.py benches/attention-vs-pytorch.py "$out/bin/"
 cat > "$out/run.sh" <<'RUN'
 #!/usr/bin/env bash
-# Runs the GPU bundle (see scripts/gpu-bundle.sh): run.sh [tests|smoke|mfu|all].
+# Runs the GPU bundle (see scripts/gpu-bundle.sh): run.sh [tests|smoke|mfu|bench|all].
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 what="${1:-all}"
@@ -102,6 +107,11 @@ if [[ "$what" == mfu || "$what" == all ]]; then
         [[ $c == mamba2-130m ]] && extra=("${sample[@]}")
         bin/ondol train configs/$c.toml --run-dir runs/$c "${extra[@]}" 2>&1 | grep -E "^ondol|step|done|device memory|error" || status=1
     done
+fi
+if [[ "$what" == bench || "$what" == all ]]; then
+    echo "== kernel throughput (ondol, then PyTorch on the same attention shapes)"
+    benches/kernels || status=1
+    python3 bin/attention-vs-pytorch.py || echo "(PyTorch comparison not run)"
 fi
 exit $status
 RUN

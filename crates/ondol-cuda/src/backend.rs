@@ -22,6 +22,9 @@ use std::ops::Range;
 pub struct CudaBackend {
     dev: Box<dyn Device>,
     compute: Dtype,
+    /// Whether bf16 attention with head dim 64 or 128 runs the flash kernels (else the
+    /// simple ones of attention.cu, as fp32 and other head dims always do).
+    flash: bool,
 }
 
 /// Threads per block of the row-wise kernels (norms, cross-entropy, attention).
@@ -53,13 +56,29 @@ fn rows_of(len: usize, cols: usize) -> usize {
 impl CudaBackend {
     /// Opens GPU `ordinal`, computing in `compute` (bf16 for training, f32 for checking).
     pub fn open(ordinal: usize, compute: Dtype) -> Result<Self, CudaError> {
-        Ok(Self { dev: Box::new(Gpu::open(ordinal)?), compute })
+        Ok(Self { dev: Box::new(Gpu::open(ordinal)?), compute, flash: true })
     }
 
     /// The backend on the SIMT emulator (src/emu.rs): the same kernels and launches on the CPU,
     /// for checking them without a GPU. `reverse` runs each block's threads in reverse order.
     pub fn emulated(compute: Dtype, reverse: bool) -> Self {
-        Self { dev: Box::new(Emulator::new(reverse)), compute }
+        Self { dev: Box::new(Emulator::new(reverse)), compute, flash: true }
+    }
+
+    /// The same backend with the simple attention kernels everywhere (to check flash
+    /// attention against them).
+    pub fn without_flash_attention(mut self) -> Self {
+        self.flash = false;
+        self
+    }
+
+    /// Whether attention of `shape` over these buffers runs the flash kernels: bf16 storage,
+    /// head dim 64 or 128, and 4-byte aligned rows (they load bf16 pairs).
+    fn uses_flash(&self, shape: AttnShape, ptrs: &[u64]) -> bool {
+        self.flash
+            && self.compute == Dtype::Bf16
+            && matches!(shape.head_dim, 64 | 128)
+            && ptrs.iter().all(|p| p.is_multiple_of(4))
     }
 
     /// The device's name, as the driver reports it.
@@ -117,6 +136,56 @@ impl CudaBackend {
                 self.dev.copy_in(dst, bytes_of(&rounded))
             }
         }
+    }
+
+    /// Flash attention's backward (kernels/flash_attention.cu): delta = rowsum(dO out), the
+    /// key-tile kernel (dK and dV written, dQ added into an fp32 accumulator), then dQ into
+    /// dqkv's q columns.
+    fn flash_backward(
+        &self,
+        dout: DevRef<'_>,
+        qkv: DevRef<'_>,
+        out: DevRef<'_>,
+        lse: DevRef<'_>,
+        dqkv: DevMut<'_>,
+        shape: AttnShape,
+    ) {
+        let (rows, d) = (shape.rows(), shape.head_dim);
+        let mut delta = self.zeros_f32(shape.batch * shape.n_heads * shape.seq);
+        let mut dq = self.zeros_f32(rows * shape.q_width());
+        let (delta_ptr, dq_ptr) = (delta.view_mut(0..delta.len()).ptr, dq.view_mut(0..dq.len()).ptr);
+        let warps = rows * shape.n_heads;
+        let cfg = LaunchConfig {
+            grid_dim: ((32 * warps).div_ceil(256) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let args = [
+            ptr(&dout),
+            ptr(&out),
+            Arg::Ptr(delta_ptr),
+            Arg::I32(shape.seq as i32),
+            Arg::I32(shape.n_heads as i32),
+            Arg::I32(d as i32),
+            Arg::I64(rows as i64),
+        ];
+        self.dev.launch("flash_attention", "flash_backward_dot", cfg, &args);
+        let mut args = vec![ptr(&dout), ptr(&qkv), ptr(&lse), Arg::Ptr(delta_ptr), Arg::Ptr(dq_ptr), ptr_mut(&dqkv)];
+        args.extend([shape.seq, shape.n_heads, shape.n_kv_heads].map(|x| Arg::I32(x as i32)));
+        // Shared memory: K, V (64 rows), Q, dO (32 rows) of D + 8, dS^T (64 x 40), lse, delta.
+        let smem_bf16 = 2 * 64 * (d + 8) + 2 * 32 * (d + 8) + 64 * 40;
+        let mut cfg = flash_grid(shape, shape.n_kv_heads, 0);
+        cfg.shared_mem_bytes = (2 * smem_bf16 + 4 * 2 * 32) as u32;
+        self.dev.launch("flash_attention", &format!("flash_backward_d{d}"), cfg, &args);
+        let args = [
+            Arg::Ptr(dq_ptr),
+            ptr_mut(&dqkv),
+            Arg::I32(shape.n_heads as i32),
+            Arg::I32(shape.n_kv_heads as i32),
+            Arg::I32(d as i32),
+            Arg::I64(rows as i64),
+        ];
+        self.dev.launch("flash_attention", "flash_backward_dq", self.dev.flat(rows * shape.q_width()), &args);
     }
 
     /// `out` (of the compute type) = the f32 values of `src` (an fp32 accumulator).
@@ -506,20 +575,22 @@ impl Backend for CudaBackend {
         assert_eq!(qkv.len, shape.rows() * shape.qkv_width(), "attention_forward: qkv length");
         assert_eq!(out.len, shape.rows() * shape.q_width(), "attention_forward: out length");
         assert_eq!(lse.len, shape.batch * shape.n_heads * shape.seq, "attention_forward: lse length");
+        let heads = [shape.seq, shape.n_heads, shape.n_kv_heads].map(|x| Arg::I32(x as i32));
+        if self.uses_flash(shape, &[qkv.ptr, out.ptr]) {
+            let mut args = vec![ptr(&qkv), ptr_mut(&out), ptr_mut(&lse)];
+            args.extend(heads);
+            let name = format!("flash_forward_d{}", shape.head_dim);
+            self.dev.launch("flash_attention", &name, flash_grid(shape, shape.n_heads, 2 * 64), &args);
+            return;
+        }
         let cfg = LaunchConfig {
             grid_dim: (shape.seq as u32, shape.n_heads as u32, shape.batch as u32),
             block_dim: (ROW_THREADS, 1, 1),
             shared_mem_bytes: (4 * (shape.seq + shape.head_dim)) as u32,
         };
-        let args = [
-            ptr(&qkv),
-            ptr_mut(&out),
-            ptr_mut(&lse),
-            Arg::I32(shape.seq as i32),
-            Arg::I32(shape.n_heads as i32),
-            Arg::I32(shape.n_kv_heads as i32),
-            Arg::I32(shape.head_dim as i32),
-        ];
+        let mut args = vec![ptr(&qkv), ptr_mut(&out), ptr_mut(&lse)];
+        args.extend(heads);
+        args.push(Arg::I32(shape.head_dim as i32));
         self.run("attention", "attention_forward", dtype, cfg, &args);
     }
     fn attention_backward(
@@ -537,6 +608,10 @@ impl Backend for CudaBackend {
         assert_eq!(qkv.len, shape.rows() * shape.qkv_width(), "attention_backward: qkv length");
         assert!(dout.len == out.len && out.len == shape.rows() * shape.q_width(), "attention_backward: out length");
         assert_eq!(lse.len, shape.batch * shape.n_heads * shape.seq, "attention_backward: lse length");
+        if self.uses_flash(shape, &[dout.ptr, qkv.ptr, out.ptr, dqkv.ptr]) {
+            self.flash_backward(dout, qkv, out, lse, dqkv, shape);
+            return;
+        }
         // The kernel accumulates dk and dv from every query with fp32 atomics: into dqkv
         // itself when it is f32, else into an f32 scratch converted afterwards.
         let mut scratch = (dtype != Dtype::F32).then(|| self.zeros_f32(dqkv.len));
@@ -1102,4 +1177,14 @@ fn ssd_passing_grid(s: SsdShape) -> LaunchConfig {
 fn gated_rows(what: &str, len: usize, width: usize, group: usize) -> usize {
     assert!(group > 0 && width.is_multiple_of(group), "{what}: width {width} is not whole groups of {group}");
     rows_of(len, width)
+}
+
+/// Flash attention's grid: 64-row tiles of the sequence x `heads` x batch, 128 threads, with
+/// `tile_rows` rows of D + 8 bf16 of shared memory.
+fn flash_grid(s: AttnShape, heads: usize, tile_rows: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (s.seq.div_ceil(64) as u32, heads as u32, s.batch as u32),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: (2 * tile_rows * (s.head_dim + 8)) as u32,
+    }
 }

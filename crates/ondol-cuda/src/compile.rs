@@ -19,7 +19,7 @@ pub struct Family {
 const COMMON: &str = include_str!("../../../kernels/common.cuh");
 
 /// Every kernel family, embedded in the binary so that it needs no source tree at run time.
-pub const FAMILIES: [Family; 11] = [
+pub const FAMILIES: [Family; 12] = [
     Family { name: "norms", source: include_str!("../../../kernels/norms.cu") },
     Family { name: "activations", source: include_str!("../../../kernels/activations.cu") },
     Family { name: "embedding", source: include_str!("../../../kernels/embedding.cu") },
@@ -31,6 +31,7 @@ pub const FAMILIES: [Family; 11] = [
     Family { name: "conv1d", source: include_str!("../../../kernels/conv1d.cu") },
     Family { name: "selective_scan", source: include_str!("../../../kernels/selective_scan.cu") },
     Family { name: "ssd", source: include_str!("../../../kernels/ssd.cu") },
+    Family { name: "flash_attention", source: include_str!("../../../kernels/flash_attention.cu") },
 ];
 
 impl Family {

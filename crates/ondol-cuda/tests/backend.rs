@@ -657,3 +657,61 @@ fn ssd_scan_matches_the_cpu() {
         }
     }
 }
+
+/// The bf16 backend with flash attention and the same without, on the emulator (threads in
+/// reverse order) and on the GPU if there is one.
+fn flash_pairs() -> Vec<(CudaBackend, CudaBackend)> {
+    let mut out = vec![(
+        CudaBackend::emulated(Dtype::Bf16, true),
+        CudaBackend::emulated(Dtype::Bf16, false).without_flash_attention(),
+    )];
+    if let (Ok(a), Ok(b)) = (CudaBackend::open(0, Dtype::Bf16), CudaBackend::open(0, Dtype::Bf16)) {
+        out.push((a, b.without_flash_attention()));
+    }
+    out
+}
+
+#[test]
+fn flash_attention_matches_the_cpu_and_the_simple_kernel() {
+    for (flash, simple) in flash_pairs() {
+        let tol = tolerance(&flash);
+        // 100 tokens: neither a multiple of the 64-row tiles nor of the 32-query steps.
+        for head_dim in [64, 128] {
+            let shape = AttnShape { batch: 2, seq: 100, n_heads: 4, n_kv_heads: 2, head_dim };
+            let n = shape.rows() * shape.qkv_width();
+            let qkv = round(&flash, &random(n, 1, 1.0));
+            let dout = round(&flash, &random(shape.rows() * shape.q_width(), 2, 1.0));
+            let run = |be: &CudaBackend| {
+                let gqkv = be.upload(&qkv);
+                let (mut out, mut lse) =
+                    (be.zeros(shape.rows() * shape.q_width()), be.zeros_f32(shape.batch * shape.n_heads * shape.seq));
+                be.attention_forward(be.all(&gqkv), be.all_mut(&mut out), be.all_mut(&mut lse), shape);
+                let mut dqkv = be.upload(&random(n, 3, 1.0)); // overwritten, not accumulated
+                be.attention_backward(
+                    be.all(&be.upload(&dout)),
+                    be.all(&gqkv),
+                    be.all(&out),
+                    be.all(&lse),
+                    be.all_mut(&mut dqkv),
+                    shape,
+                );
+                (be.download(&out), be.download(&lse), be.download(&dqkv))
+            };
+            let (out, lse, dqkv) = run(&flash);
+            let (want_out, want_lse) =
+                (vec![0.0; shape.rows() * shape.q_width()], vec![0.0; shape.batch * shape.n_heads * shape.seq]);
+            let (mut want_out, mut want_lse) = (want_out, want_lse);
+            CPU.attention_forward(&qkv, &mut want_out, &mut want_lse, shape);
+            let what = |w: &str| format!("flash attention D={head_dim} {w}");
+            assert_close(&what("out vs cpu"), &flash, &out, &want_out, tol);
+            assert_close(&what("lse vs cpu"), &flash, &lse, &want_lse, 1e-3);
+            let mut want_dqkv = vec![0.0; n];
+            CPU.attention_backward(&dout, &qkv, &out, &lse, &mut want_dqkv, shape);
+            assert_close(&what("dqkv vs cpu"), &flash, &dqkv, &want_dqkv, tol);
+            let (s_out, s_lse, s_dqkv) = run(&simple);
+            assert_close(&what("out vs the simple kernel"), &flash, &out, &s_out, tol);
+            assert_close(&what("lse vs the simple kernel"), &flash, &lse, &s_lse, 1e-3);
+            assert_close(&what("dqkv vs the simple kernel"), &flash, &dqkv, &s_dqkv, tol);
+        }
+    }
+}

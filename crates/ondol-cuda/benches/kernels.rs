@@ -1,0 +1,134 @@
+//! Kernel throughput on GPU 0, bf16: flash attention forward and backward at T = 1024 to
+//! 8192 (head dim 128, 16 heads, 16384 tokens a call), against the simple attention kernel at
+//! the shortest length; the SSD and the selective scan at Mamba-2 130M's and Mamba 130M's
+//! layer shapes. Prints TFLOP/s (attention: the causal half of 4 T^2 D per head forward, 2.5x
+//! that backward, FlashAttention's convention) and GB/s of the bytes each op must move, with
+//! the device's bf16 peak. `benches/attention-vs-pytorch.py` times PyTorch's flash SDPA on the
+//! same shapes; `run.sh bench` prints both. Needs a GPU (says so and exits without one).
+
+use ondol_core::backend::{AttnShape, Backend, ScanGrads, ScanInputs, ScanShape, SsdGrads, SsdInputs, SsdShape};
+use ondol_cuda::{CudaBackend, Dtype};
+use std::time::Instant;
+
+/// Seconds per call of `f`: one warm-up call, then the best of `reps`.
+fn time(be: &CudaBackend, reps: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    be.synchronize();
+    let mut best = f64::INFINITY;
+    for _ in 0..reps {
+        let start = Instant::now();
+        f();
+        be.synchronize();
+        best = best.min(start.elapsed().as_secs_f64());
+    }
+    best
+}
+
+fn attention(be: &CudaBackend, seq: usize, label: &str) {
+    let (heads, d, tokens) = (16, 128, 16384);
+    let shape = AttnShape { batch: tokens / seq, seq, n_heads: heads, n_kv_heads: heads, head_dim: d };
+    let qkv = be.upload(&vec![0.01; shape.rows() * shape.qkv_width()]);
+    let (mut out, mut lse) = (be.zeros(shape.rows() * shape.q_width()), be.zeros_f32(shape.batch * heads * seq));
+    let dout = be.upload(&vec![0.01; shape.rows() * shape.q_width()]);
+    let mut dqkv = be.zeros(shape.rows() * shape.qkv_width());
+    let fwd = time(be, 5, || be.attention_forward(be.all(&qkv), be.all_mut(&mut out), be.all_mut(&mut lse), shape));
+    let bwd = time(be, 5, || {
+        be.attention_backward(be.all(&dout), be.all(&qkv), be.all(&out), be.all(&lse), be.all_mut(&mut dqkv), shape)
+    });
+    let flops = 2.0 * (shape.batch * heads * seq * seq * d) as f64;
+    println!(
+        "{label:<22} T {seq:>5}  forward {:>7.3} ms {:>6.1} TFLOP/s   backward {:>7.3} ms {:>6.1} TFLOP/s",
+        fwd * 1e3,
+        flops / fwd / 1e12,
+        bwd * 1e3,
+        2.5 * flops / bwd / 1e12
+    );
+}
+
+fn main() {
+    let be = match CudaBackend::open(0, Dtype::Bf16) {
+        Ok(be) => be,
+        Err(e) => {
+            eprintln!("skipped: {e}");
+            return;
+        }
+    };
+    println!("{}; bf16 dense peak {:?} TFLOP/s", be.name(), be.peak_flops().map(|p| p / 1e12));
+    for seq in [1024, 2048, 4096, 8192] {
+        attention(&be, seq, "flash attention");
+    }
+    attention(
+        &CudaBackend::open(0, Dtype::Bf16).expect("opened above").without_flash_attention(),
+        1024,
+        "simple attention",
+    );
+
+    // The SSD of one Mamba-2 130M layer: 8 x 2048 tokens, 24 heads of 64, N 128, chunks of 256.
+    let s = SsdShape { batch: 8, len: 2048, heads: 24, head_dim: 64, groups: 1, state: 128, chunk: 256, dt_min: 0.0 };
+    let xbc = be.upload(&vec![0.01; s.rows() * s.xbc_width()]);
+    let dt = be.upload(&vec![0.01; s.rows() * s.heads]);
+    let per_head = be.upload(&vec![0.1; s.heads]);
+    let inputs = || SsdInputs {
+        xbc: be.all(&xbc),
+        dt: be.all(&dt),
+        dt_bias: be.all(&per_head),
+        a_log: be.all(&per_head),
+        d: be.all(&per_head),
+    };
+    let (mut y, mut states) = (be.zeros(s.rows() * s.inner()), be.zeros_f32(s.states_len()));
+    let fwd = time(&be, 3, || be.ssd_forward(inputs(), be.all_mut(&mut y), be.all_mut(&mut states), s));
+    let (mut dxbc, mut ddt) = (be.zeros(s.rows() * s.xbc_width()), be.zeros(s.rows() * s.heads));
+    let mut acc = [0; 3].map(|_| be.zeros_f32(s.heads));
+    let bwd = time(&be, 3, || {
+        let [ddt_bias, da_log, dd] = acc.each_mut().map(|b| be.all_mut(b));
+        let grads = SsdGrads { dxbc: be.all_mut(&mut dxbc), ddt: be.all_mut(&mut ddt), ddt_bias, da_log, dd };
+        be.ssd_backward(be.all(&y), inputs(), be.all(&states), grads, s)
+    });
+    // Quadratic form and state: per (token, head) Q (N + P) + 4 P N multiply-adds forward.
+    let macs = (s.rows() * s.heads * (s.chunk * (s.state + s.head_dim) + 4 * s.head_dim * s.state)) as f64;
+    let bytes = 2.0 * (s.rows() * (s.xbc_width() + s.inner())) as f64 + 4.0 * s.states_len() as f64;
+    println!(
+        "ssd (mamba2-130m layer) forward {:.3} ms {:.1} TFLOP/s {:.0} GB/s   backward {:.3} ms",
+        fwd * 1e3,
+        2.0 * macs / fwd / 1e12,
+        bytes / fwd / 1e9,
+        bwd * 1e3
+    );
+
+    // The selective scan of one Mamba 130M layer: 8 x 2048 tokens, 1536 channels, 16 states.
+    let sc = ScanShape { batch: 8, len: 2048, channels: 1536, state: 16, chunk: 256 };
+    let (rows, ch, n) = (sc.batch * sc.len, sc.channels, sc.state);
+    let act = be.upload(&vec![0.01; rows * ch]);
+    let bc = be.upload(&vec![0.01; rows * n]);
+    let (per_ch, a_log) = (be.upload(&vec![0.1; ch]), be.upload(&vec![0.1; ch * n]));
+    let inputs = || ScanInputs {
+        u: be.all(&act),
+        delta: be.all(&act),
+        delta_bias: be.all(&per_ch),
+        a_log: be.all(&a_log),
+        b: be.all(&bc),
+        c: be.all(&bc),
+        d: be.all(&per_ch),
+        z: be.all(&act),
+    };
+    let (mut y, mut states) = (be.zeros(rows * ch), be.zeros_f32(sc.batch * sc.saved() * ch * n));
+    let fwd = time(&be, 3, || be.selective_scan_forward(inputs(), be.all_mut(&mut y), be.all_mut(&mut states), sc));
+    let mut g = [rows * ch, rows * ch, rows * n, rows * n, rows * ch].map(|len| be.zeros(len));
+    let mut acc = [ch, ch * n, ch].map(|len| be.zeros_f32(len));
+    let bwd = time(&be, 3, || {
+        let [du, ddelta, db, dc, dz] = g.each_mut().map(|b| be.all_mut(b));
+        let [ddelta_bias, da_log, dd] = acc.each_mut().map(|b| be.all_mut(b));
+        let grads = ScanGrads { du, ddelta, ddelta_bias, da_log, db, dc, dd, dz };
+        be.selective_scan_backward(be.all(&y), inputs(), be.all(&states), grads, sc)
+    });
+    // Reads u, delta, z and writes y (bf16); B and C are read once per channel block.
+    let bytes = 2.0 * (4 * rows * ch) as f64;
+    let bwd_bytes = 2.0 * (8 * rows * ch) as f64;
+    println!(
+        "selective scan (mamba-130m layer) forward {:.3} ms {:.0} GB/s   backward {:.3} ms {:.0} GB/s",
+        fwd * 1e3,
+        bytes / fwd / 1e9,
+        bwd * 1e3,
+        bwd_bytes / bwd / 1e9
+    );
+}
