@@ -22,8 +22,12 @@ mkdir -p "$out/bin"
 cd "$root"
 cargo build --release -q --features cuda
 cp target/release/ondol "$out/bin/ondol"
-# The test and bench executables cargo builds for ondol-cuda, found from its JSON messages.
-cargo test --release -p ondol-cuda --tests --benches --no-run --message-format=json 2>/dev/null |
+# The test and bench executables cargo builds for ondol-cuda (and ondol-comm's NCCL test),
+# found from their JSON messages.
+{
+    cargo test --release -p ondol-cuda --tests --benches --no-run --message-format=json 2>/dev/null
+    cargo test --release -p ondol-comm --features nccl --test nccl --no-run --message-format=json 2>/dev/null
+} |
     python3 -c '
 import json, sys
 for line in sys.stdin:
@@ -59,6 +63,14 @@ for lib in libnvrtc.so.13 libcublasLt.so.13; do
         if ls "$d/$lib"* >/dev/null 2>&1; then export LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"; break; fi
     done
 done
+# NCCL: the nvidia-nccl wheel ships libnccl.so.2 only; cudarc opens libnccl.so.
+nccl="$(ldconfig -p 2>/dev/null | awk '/libnccl\.so\.2 /{print $NF; exit}')"
+if [[ -z "$nccl" && -n "${py_site:-}" ]]; then nccl="$(find "$py_site/nvidia" -name 'libnccl.so.2' 2>/dev/null | head -1)"; fi
+if [[ -n "$nccl" ]]; then
+    mkdir -p "$here/lib"
+    ln -sf "$nccl" "$here/lib/libnccl.so"
+    export LD_LIBRARY_PATH="$here/lib:$(dirname "$nccl"):$LD_LIBRARY_PATH"
+fi
 export ONDOL_KERNEL_CACHE="${ONDOL_KERNEL_CACHE:-$here/kernel-cache}"
 # On this machine a test that cannot reach the GPU, NVRTC or cuBLASLt fails instead of skipping.
 export ONDOL_REQUIRE_GPU=1
@@ -94,6 +106,11 @@ if [[ "$what" == smoke || "$what" == all ]]; then
             python3 bin/compare-curves.py "runs/$c-cpu/metrics.jsonl" "runs/$c-cuda-$p/metrics.jsonl" $tol || status=1
         done
     done
+    # The launched path at world size 1: rendezvous, NCCL communicators, the same curve.
+    echo "== smoke: one launched rank over NCCL against the plain GPU run"
+    bin/ondol launch --nproc-per-node 1 --master-port 0 -- train configs/smoke.toml --set training.steps=$steps \
+        --set training.eval_every=50 --set 'training.device="cuda"' --run-dir runs/smoke-nccl 2>&1 | tail -2 || status=1
+    python3 bin/compare-curves.py runs/smoke-cuda-bf16/metrics.jsonl runs/smoke-nccl/metrics.jsonl 1e-6 || status=1
 fi
 if [[ "$what" == mfu || "$what" == all ]]; then
     # mamba2-130m trains on token shards; here on the sample text as bytes, for 20 steps.

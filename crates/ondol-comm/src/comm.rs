@@ -1,10 +1,11 @@
 //! The [`Communicator`] contract: the collectives and point-to-point operations the parallel
 //! layers are written against.
 //!
-//! Buffers are host `f32` slices for now. The CUDA implementation will add the same operations
-//! on device buffers of a backend; keeping every operation "caller owns the buffers, the call
-//! fills them in place" (no allocation in the contract) is what lets that version follow with
-//! the same shape and lets callers keep one flat buffer per bucket.
+//! Buffers are host `f32` slices; a communicator that works on device memory (NCCL) also takes
+//! the `*_device` forms on a backend's buffers ([`DeviceSlice`], f32 or bf16), so activations
+//! and gradients need not travel through the host. Every operation is "caller owns the
+//! buffers, the call fills them in place" (no allocation in the contract), which lets callers
+//! keep one flat buffer per bucket.
 //!
 //! Semantics shared by every implementation:
 //! - `rank()` and `size()` are within this communicator's group (0-based, dense); roots and peers
@@ -17,6 +18,7 @@
 //!   bits run after run.
 
 use crate::CommError;
+use ondol_core::DeviceSlice;
 
 pub trait Communicator: Send {
     /// This rank's index within the group.
@@ -45,6 +47,28 @@ pub trait Communicator: Send {
     fn recv(&self, buf: &mut [f32], from: usize) -> Result<(), CommError>;
     /// Returns once every rank of the group has called `barrier`.
     fn barrier(&self) -> Result<(), CommError>;
+
+    /// Whether the `*_device` operations work: only for communicators of device memory.
+    fn on_device(&self) -> bool {
+        false
+    }
+    /// [`Communicator::all_reduce_sum`] in place on device memory, in order with the work
+    /// already issued on the device.
+    fn all_reduce_device(&self, _buf: DeviceSlice) -> Result<(), CommError> {
+        Err(no_device_memory("all_reduce_device", self.world_ranks()))
+    }
+    /// [`Communicator::all_gather`] on device memory.
+    fn all_gather_device(&self, _input: DeviceSlice, _output: DeviceSlice) -> Result<(), CommError> {
+        Err(no_device_memory("all_gather_device", self.world_ranks()))
+    }
+    /// [`Communicator::reduce_scatter_sum`] on device memory.
+    fn reduce_scatter_device(&self, _input: DeviceSlice, _output: DeviceSlice) -> Result<(), CommError> {
+        Err(no_device_memory("reduce_scatter_device", self.world_ranks()))
+    }
+}
+
+fn no_device_memory(op: &'static str, group: &[usize]) -> CommError {
+    CommError::Invalid { op, group: group.to_vec(), message: "this communicator works on host memory only".into() }
 }
 
 /// A boxed communicator is one: code can hold `Box<dyn Communicator>` without knowing which.
@@ -78,5 +102,17 @@ impl<C: Communicator + ?Sized> Communicator for Box<C> {
     }
     fn barrier(&self) -> Result<(), CommError> {
         (**self).barrier()
+    }
+    fn on_device(&self) -> bool {
+        (**self).on_device()
+    }
+    fn all_reduce_device(&self, buf: DeviceSlice) -> Result<(), CommError> {
+        (**self).all_reduce_device(buf)
+    }
+    fn all_gather_device(&self, input: DeviceSlice, output: DeviceSlice) -> Result<(), CommError> {
+        (**self).all_gather_device(input, output)
+    }
+    fn reduce_scatter_device(&self, input: DeviceSlice, output: DeviceSlice) -> Result<(), CommError> {
+        (**self).reduce_scatter_device(input, output)
     }
 }

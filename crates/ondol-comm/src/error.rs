@@ -41,13 +41,23 @@ pub struct TimeoutInfo {
     pub op: &'static str,
     /// The group's members, as world ranks.
     pub group: Vec<usize>,
-    /// The members that never arrived, as world ranks.
+    /// The members that never arrived, as world ranks (empty when the communicator cannot
+    /// tell, as NCCL cannot).
     pub missing: Vec<usize>,
     pub timeout: Duration,
 }
 
 impl fmt::Display for TimeoutInfo {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.missing.is_empty() {
+            return write!(
+                f,
+                "{} timed out after {:.1} s on group {}: a rank did not arrive (NCCL cannot tell which)",
+                self.op,
+                self.timeout.as_secs_f64(),
+                Ranks(&self.group)
+            );
+        }
         let who = if self.missing.len() == 1 { "rank" } else { "ranks" };
         write!(
             f,

@@ -1,6 +1,7 @@
 //! ondol-comm: how ranks talk. The [`Communicator`] contract the parallel layers are written
 //! against; [`ThreadComm`], ranks as threads of one process (deterministic, testable on one CPU);
 //! [`TcpComm`], ranks as processes connected over TCP (the same bits as ThreadComm);
+//! `NcclComm` (feature `nccl`), ranks as processes with a GPU each;
 //! the [`Mesh`] of tp x pp x dp groups and [`RankComms`], the one owner of a rank's
 //! communicators; the rendezvous [`store`]; [`DistEnv`], a process's place in a job read from
 //! torchrun or Slurm variables; and the [`launch`]er behind `ondol launch`.
@@ -30,6 +31,8 @@ pub mod env;
 pub mod error;
 pub mod launch;
 pub mod mesh;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 pub mod selftest;
 pub mod store;
 pub mod tcp;
@@ -39,6 +42,8 @@ pub use comm::Communicator;
 pub use env::DistEnv;
 pub use error::{CommError, TimeoutInfo};
 pub use mesh::{Coords, Mesh, RankComms};
+#[cfg(feature = "nccl")]
+pub use nccl::NcclComm;
 pub use store::{StoreClient, StoreServer};
 pub use tcp::{TcpComm, TcpNet};
 pub use thread::ThreadComm;

@@ -234,6 +234,15 @@ pub struct AdamWParams {
     pub grad_scale: f32,
 }
 
+/// Where a view lives in device memory, for communicators that work on it directly (NCCL):
+/// its address, its length in elements, and whether they are bf16 (else f32).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceSlice {
+    pub ptr: u64,
+    pub len: usize,
+    pub bf16: bool,
+}
+
 /// A compute backend: owns memory, runs ops. See the module docs for the conventions.
 pub trait Backend: Send + Sync {
     /// An owned allocation of the backend's compute type.
@@ -259,6 +268,12 @@ pub trait Backend: Send + Sync {
     /// master weights of its own and writes the compute copy in its update.
     fn mixed_precision(&self) -> bool {
         false
+    }
+
+    /// The view's place in device memory, where the backend's memory is a device's (a GPU);
+    /// None on the CPU, whose communicators take host slices.
+    fn device_slice(&self, _view: Self::Ref<'_>) -> Option<DeviceSlice> {
+        None
     }
 
     // ---- memory -------------------------------------------------------------------------

@@ -9,7 +9,8 @@ pub mod gradcheck;
 pub mod rng;
 
 pub use backend::{
-    Activation, AdamWParams, AttnShape, Backend, ScanGrads, ScanInputs, ScanShape, SsdGrads, SsdInputs, SsdShape,
+    Activation, AdamWParams, AttnShape, Backend, DeviceSlice, ScanGrads, ScanInputs, ScanShape, SsdGrads, SsdInputs,
+    SsdShape,
 };
 pub use error::{Error, Result};
 pub use rng::Rng;

@@ -16,7 +16,7 @@ use cudarc::driver::LaunchConfig;
 use ondol_core::backend::{
     Activation, AttnShape, Backend, Gemm, ScanGrads, ScanInputs, ScanShape, SsdGrads, SsdInputs, SsdShape,
 };
-use ondol_core::{AdamWParams, bf16};
+use ondol_core::{AdamWParams, DeviceSlice, bf16};
 use std::ops::Range;
 
 pub struct CudaBackend {
@@ -84,6 +84,12 @@ impl CudaBackend {
     /// The device's name, as the driver reports it.
     pub fn device_name(&self) -> String {
         self.dev.name()
+    }
+
+    /// The stream every op runs on: communicators that work on device memory (NCCL) issue
+    /// their collectives on it, in order with the kernels. None on the emulator.
+    pub fn stream(&self) -> Option<std::sync::Arc<cudarc::driver::CudaStream>> {
+        self.dev.cuda_stream()
     }
 
     pub fn compute_type(&self) -> Dtype {
@@ -247,6 +253,12 @@ impl Backend for CudaBackend {
 
     fn mixed_precision(&self) -> bool {
         self.compute != Dtype::F32
+    }
+
+    fn device_slice(&self, view: DevRef<'_>) -> Option<DeviceSlice> {
+        // Emulator memory is the host's: no device communicator may take it.
+        self.dev.cuda_stream()?;
+        Some(DeviceSlice { ptr: view.ptr, len: view.len, bf16: view.dtype == Dtype::Bf16 })
     }
 
     // ---- memory ---------------------------------------------------------------------------

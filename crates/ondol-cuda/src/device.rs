@@ -5,8 +5,9 @@
 //! GPU.
 
 use crate::memory::{DevMut, DevRef, Memory};
-use cudarc::driver::LaunchConfig;
+use cudarc::driver::{CudaStream, LaunchConfig};
 use ondol_core::backend::Gemm;
+use std::sync::Arc;
 
 /// One kernel argument, by value.
 #[derive(Clone, Copy, Debug)]
@@ -55,6 +56,10 @@ pub(crate) trait Device: Send + Sync {
     fn synchronize(&self);
     /// Bytes in use and in total, where the device can tell.
     fn memory(&self) -> Option<(u64, u64)>;
+    /// The CUDA stream every kernel runs on (a GPU's; the emulator has none).
+    fn cuda_stream(&self) -> Option<Arc<CudaStream>> {
+        None
+    }
 
     /// A grid-stride launch over `n` elements: 256 threads a block, at most 16 blocks per SM
     /// (none for no elements).

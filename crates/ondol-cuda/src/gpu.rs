@@ -168,6 +168,10 @@ impl Device for Gpu {
         let (free, total) = self.ctx.mem_get_info().ok()?;
         Some(((total - free) as u64, total as u64))
     }
+
+    fn cuda_stream(&self) -> Option<Arc<CudaStream>> {
+        Some(self.stream.clone())
+    }
 }
 
 /// Tells the device's default memory pool to keep what is freed (release threshold: all of

@@ -2,7 +2,7 @@
 
 use crate::schedule::{self, Action, ScheduleKind};
 use ondol_comm::{Communicator, Coords, Mesh, RankComms};
-use ondol_core::{Backend, Error, Result};
+use ondol_core::{Backend, DeviceSlice, Error, Result};
 use ondol_model::{Model, ModelConfig, ParamInfo, Part, TensorParallel, Workspace};
 use ondol_optim::{AdamW, OptimizerConfig};
 use std::ops::Range;
@@ -204,16 +204,30 @@ impl<B: Backend> Chunk<B> {
     }
 }
 
-/// A communicator as the model's tensor-parallel hook (host copies; device buffers go to NCCL
-/// with the CUDA backend).
+/// `view` in device memory, if `comm` can work there (NCCL on a GPU backend); else the
+/// collective goes through host copies.
+fn on_device<B: Backend>(be: &B, comm: &dyn Communicator, view: B::Ref<'_>) -> Option<DeviceSlice> {
+    if comm.on_device() { be.device_slice(view) } else { None }
+}
+
+/// `buf` becomes its sum over `comm`: on the device where it can, else through the host.
+fn all_reduce_buf<B: Backend>(be: &B, comm: &dyn Communicator, buf: &mut B::Buf) -> Result<()> {
+    if let Some(d) = on_device(be, comm, be.all(buf)) {
+        return Ok(comm.all_reduce_device(d)?);
+    }
+    let mut host = be.download(buf);
+    comm.all_reduce_sum(&mut host)?;
+    be.write(buf, &host);
+    Ok(())
+}
+
+/// A communicator as the model's tensor-parallel hook: collectives on the device with NCCL,
+/// through host copies otherwise.
 struct TpHook<'a>(&'a dyn Communicator);
 
 impl<B: Backend> TensorParallel<B> for TpHook<'_> {
     fn all_reduce(&mut self, be: &B, buf: &mut B::Buf) -> Result<()> {
-        let mut host = be.download(buf);
-        self.0.all_reduce_sum(&mut host)?;
-        be.write(buf, &host);
-        Ok(())
+        all_reduce_buf(be, self.0, buf)
     }
     fn all_gather(&mut self, part: &[f32]) -> Result<Vec<f32>> {
         let mut out = vec![0.0; part.len() * self.0.size()];
@@ -221,11 +235,17 @@ impl<B: Backend> TensorParallel<B> for TpHook<'_> {
         Ok(out)
     }
     fn all_gather_rows(&mut self, be: &B, part: &B::Buf, whole: &mut B::Buf) -> Result<()> {
+        if let (Some(i), Some(o)) = (on_device(be, self.0, be.all(part)), on_device(be, self.0, be.all(whole))) {
+            return Ok(self.0.all_gather_device(i, o)?);
+        }
         let gathered = TensorParallel::<B>::all_gather(self, &be.download(part))?;
         be.write(whole, &gathered);
         Ok(())
     }
     fn reduce_scatter_rows(&mut self, be: &B, whole: &B::Buf, part: &mut B::Buf) -> Result<()> {
+        if let (Some(i), Some(o)) = (on_device(be, self.0, be.all(whole)), on_device(be, self.0, be.all(part))) {
+            return Ok(self.0.reduce_scatter_device(i, o)?);
+        }
         let mut mine = vec![0.0; be.len(part)];
         self.0.reduce_scatter_sum(&be.download(whole), &mut mine)?;
         be.write(part, &mine);
@@ -466,9 +486,7 @@ impl<B: Backend> Engine<B> {
             match &c.zero {
                 None => {
                     if dp.size() > 1 {
-                        let mut host = be.download(&c.grads);
-                        dp.all_reduce_sum(&mut host)?;
-                        be.write(&mut c.grads, &host);
+                        all_reduce_buf(be, dp, &mut c.grads)?;
                     }
                     // Replicas hold equal gradients: the first one counts them.
                     if first_replica {

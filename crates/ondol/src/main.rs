@@ -165,7 +165,9 @@ fn train(args: TrainArgs) -> Result<()> {
             .build_global()
             .map_err(|e| Error::config("training.threads", e.to_string()))?;
     }
-    if env.world_size > 1 {
+    // A launched job (torchrun's variables, as `ondol launch` sets them, or Slurm's), even of
+    // one process, meets through the store and trains over TCP or NCCL.
+    if env.world_size > 1 || std::env::var_os("RANK").is_some() {
         return train_launched(&args, cfg, &env);
     }
     if cfg.training.device == Device::Cuda {
@@ -195,55 +197,69 @@ fn train(args: TrainArgs) -> Result<()> {
 
 /// This process as one rank of a launched job (`ondol launch`, torchrun-style variables, or
 /// Slurm): the mesh must cover every launched process; ranks find each other through the
-/// rendezvous store on MASTER_ADDR:MASTER_PORT and talk over TCP.
+/// rendezvous store on MASTER_ADDR:MASTER_PORT and talk over TCP (CPU) or NCCL (CUDA).
 fn train_launched(args: &TrainArgs, cfg: RunConfig, env: &DistEnv) -> Result<()> {
     if cfg.training.device == Device::Cuda {
-        return Err(Error::config(
-            "training.device",
-            format!(
-                "this process is rank {} of {} launched processes, but training across processes on \"cuda\" \
-                 needs the NCCL communicator (issue 8); launch one process, or train on \"cpu\"",
-                env.rank, env.world_size
-            ),
-        ));
+        return train_launched_cuda(args, cfg, env);
     }
-    let p = &cfg.parallelism;
-    let (world, model_parallel) = (env.world_size, p.tp * p.pp);
-    if p.tp * p.pp * p.dp != world {
-        let fix = if world.is_multiple_of(model_parallel) {
-            format!("set parallelism.dp = {} (with tp = {} and pp = {})", world / model_parallel, p.tp, p.pp)
+    let mut job = Job::join(&cfg, env)?;
+    let net = TcpNet::connect(&mut job.store, env.world_size, job.timeout)?;
+    let (mesh, nodes) = (job.mesh, env.world_size / env.local_world_size);
+    let (data, peak) = job.open_data(&cfg, env, || Peak::cpu(nodes))?;
+    train_rank(args, CpuBackend::new(), &peak, cfg, data, Some(RankComms::tcp(mesh, &net)?.boxed()))
+}
+
+/// A launched job while its ranks meet: the layout (checked against the launched processes)
+/// and the rendezvous store, which rank 0 serves until every rank is connected and has its data.
+struct Job {
+    mesh: Mesh,
+    timeout: Duration,
+    server: Option<ondol_comm::StoreServer>,
+    store: ondol_comm::StoreClient,
+}
+
+impl Job {
+    fn join(cfg: &RunConfig, env: &DistEnv) -> Result<Job> {
+        let p = &cfg.parallelism;
+        let (world, model_parallel) = (env.world_size, p.tp * p.pp);
+        if p.tp * p.pp * p.dp != world {
+            let fix = if world.is_multiple_of(model_parallel) {
+                format!("set parallelism.dp = {} (with tp = {} and pp = {})", world / model_parallel, p.tp, p.pp)
+            } else {
+                format!("choose tp x pp x dp = {world}")
+            };
+            return Err(Error::config(
+                "parallelism",
+                format!("tp {} x pp {} x dp {} is not the {world} processes launched; {fix}", p.tp, p.pp, p.dp),
+            ));
+        }
+        let mesh = Mesh::new(p.tp, p.pp, p.dp)?;
+        let timeout = Duration::from_secs(p.timeout_s);
+        let (server, store) = ondol_comm::store::rendezvous(env, timeout)?;
+        Ok(Job { mesh, timeout, server, store })
+    }
+
+    /// Rank 0 prepares the data (a config may ask for it on the first run) and takes the
+    /// job's `peak` while the other ranks wait, so neither is disturbed by them; then the
+    /// store closes. Preparing may take far longer than a collective; if rank 0 fails, its
+    /// store goes with it and the wait ends at once.
+    fn open_data(mut self, cfg: &RunConfig, env: &DistEnv, peak: impl FnOnce() -> Peak) -> Result<(Data, Peak)> {
+        self.store.set_timeout(Duration::from_secs(7 * 24 * 3600));
+        let opened = if env.rank == 0 {
+            let data = Data::open(cfg, Path::new("."));
+            let peak = peak();
+            self.store.barrier("train/data", env.world_size)?;
+            (data?, peak)
         } else {
-            format!("choose tp x pp x dp = {world}")
+            self.store.barrier("train/data", env.world_size)?;
+            (Data::open(cfg, Path::new("."))?, Peak { flops: 1.0, what: String::new() })
         };
-        return Err(Error::config(
-            "parallelism",
-            format!("tp {} x pp {} x dp {} is not the {world} processes launched; {fix}", p.tp, p.pp, p.dp),
-        ));
+        drop(self.store);
+        if let Some(server) = self.server {
+            server.shutdown(self.timeout);
+        }
+        Ok(opened)
     }
-    let mesh = Mesh::new(p.tp, p.pp, p.dp)?;
-    let timeout = Duration::from_secs(p.timeout_s);
-    let (server, mut store) = ondol_comm::store::rendezvous(env, timeout)?;
-    let net = TcpNet::connect(&mut store, env.world_size, timeout)?;
-    // Rank 0 prepares the data (a config may ask for it on the first run) and measures the
-    // node's GEMM peak while the other ranks wait, so neither is disturbed by them. Preparing
-    // may take far longer than a collective; if rank 0 fails, its store goes with it and the
-    // wait ends at once.
-    store.set_timeout(Duration::from_secs(7 * 24 * 3600));
-    let (data, peak) = if env.rank == 0 {
-        let data = Data::open(&cfg, Path::new("."));
-        let peak = Peak::cpu(env.world_size / env.local_world_size);
-        store.barrier("train/data", env.world_size)?;
-        (data?, peak)
-    } else {
-        store.barrier("train/data", env.world_size)?;
-        (Data::open(&cfg, Path::new("."))?, Peak { flops: 1.0, what: String::new() })
-    };
-    drop(store);
-    if let Some(server) = server {
-        server.shutdown(timeout);
-    }
-    let comms = RankComms::tcp(mesh, &net)?.boxed();
-    train_rank(args, CpuBackend::new(), &peak, cfg, data, Some(comms))
 }
 
 /// The denominator of MFU, and what it is.
@@ -265,20 +281,55 @@ impl Peak {
     }
 }
 
-/// Training on GPU 0: one rank (several need NCCL), models with CUDA kernels for every layer.
+/// Training on GPU 0 as the only rank; several GPUs are several launched processes.
 #[cfg(feature = "cuda")]
 fn train_cuda(args: &TrainArgs, cfg: RunConfig) -> Result<()> {
-    use ondol::config::Precision;
-    use ondol_cuda::{CudaBackend, Dtype};
-    use ondol_model::Arch;
     let p = &cfg.parallelism;
     if p.tp * p.pp * p.dp > 1 {
         return Err(Error::config(
             "parallelism",
-            "training on \"cuda\" runs one GPU for now: more ranks need the NCCL communicator (issue 8); \
-             set tp = pp = dp = 1",
+            format!(
+                "tp {} x pp {} x dp {} ranks on \"cuda\" are one process per GPU: ondol launch --nproc-per-node {} \
+                 -- train ...",
+                p.tp,
+                p.pp,
+                p.dp,
+                p.tp * p.pp * p.dp
+            ),
         ));
     }
+    let (be, peak) = open_gpu(&cfg, 0)?;
+    let data = Data::open(&cfg, Path::new("."))?;
+    train_rank(args, be, &peak, cfg, data, None)
+}
+
+/// One launched rank on the GPU of its local rank, talking to the others through NCCL.
+#[cfg(feature = "cuda")]
+fn train_launched_cuda(args: &TrainArgs, cfg: RunConfig, env: &DistEnv) -> Result<()> {
+    if cfg.parallelism.pp > 1 {
+        return Err(Error::config(
+            "parallelism.pp",
+            "pipeline parallelism on \"cuda\" is not available yet: its schedules rely on buffered sends, \
+             which NCCL does not give; use tp and dp on GPUs (pp works on \"cpu\")",
+        ));
+    }
+    let (be, gpu) = open_gpu(&cfg, env.local_rank)?;
+    let mut job = Job::join(&cfg, env)?;
+    let stream = be.stream().expect("a GPU backend has a stream");
+    let comms = RankComms::nccl(job.mesh, env.rank, &mut job.store, &stream, job.timeout)?;
+    let world = env.world_size;
+    let peak = || Peak { flops: gpu.flops * world as f64, what: format!("{world} x {}", gpu.what) };
+    let (data, peak) = job.open_data(&cfg, env, peak)?;
+    train_rank(args, be, &peak, cfg, data, Some(comms.boxed()))
+}
+
+/// GPU `ordinal` with the config's precision, after the checks of what its kernels support,
+/// and its peak for MFU.
+#[cfg(feature = "cuda")]
+fn open_gpu(cfg: &RunConfig, ordinal: usize) -> Result<(ondol_cuda::CudaBackend, Peak)> {
+    use ondol::config::Precision;
+    use ondol_cuda::{CudaBackend, Dtype};
+    use ondol_model::Arch;
     // What the CUDA kernels hold in registers (kernels/selective_scan.cu, conv1d.cu).
     let m = &cfg.model;
     if m.arch == Arch::Mamba && m.ssm_state() > 16 {
@@ -297,11 +348,13 @@ fn train_cuda(args: &TrainArgs, cfg: RunConfig) -> Result<()> {
         Precision::Fp32 => Dtype::F32,
         Precision::Bf16 => Dtype::Bf16,
     };
-    let be = CudaBackend::open(0, compute).map_err(|e| Error::config("training.device", format!("\"cuda\": {e}")))?;
+    let be =
+        CudaBackend::open(ordinal, compute).map_err(|e| Error::config("training.device", format!("\"cuda\": {e}")))?;
     // A model whose weights, gradients and AdamW state alone exceed the GPU would otherwise
-    // stop at its first failed allocation.
+    // stop at its first failed allocation (tensor parallelism splits them over tp GPUs).
     let state_bytes = Model::new(cfg.model.clone())?.num_params() as u64
-        * (compute.bytes() as u64 + 4 + 8 + 4 * be.mixed_precision() as u64);
+        * (compute.bytes() as u64 + 4 + 8 + 4 * be.mixed_precision() as u64)
+        / cfg.parallelism.tp as u64;
     if let Some((_, total)) = be.device_memory()
         && state_bytes > total
     {
@@ -309,7 +362,8 @@ fn train_cuda(args: &TrainArgs, cfg: RunConfig) -> Result<()> {
         return Err(Error::config(
             "model",
             format!(
-                "needs {:.1} GiB for its weights, gradients and AdamW state before any activation, but {} has {:.1} GiB",
+                "needs {:.1} GiB per GPU for its weights, gradients and AdamW state before any activation, but {} \
+                 has {:.1} GiB",
                 gib(state_bytes),
                 be.device_name(),
                 gib(total)
@@ -325,16 +379,25 @@ fn train_cuda(args: &TrainArgs, cfg: RunConfig) -> Result<()> {
             Peak { flops, what: format!("the measured bf16 GEMM peak {:.0} TFLOP/s", flops / 1e12) }
         }
     };
-    let data = Data::open(&cfg, Path::new("."))?;
-    train_rank(args, be, &peak, cfg, data, None)
+    Ok((be, peak))
 }
 
 #[cfg(not(feature = "cuda"))]
 fn train_cuda(_: &TrainArgs, _: RunConfig) -> Result<()> {
-    Err(Error::config(
+    Err(no_cuda_backend())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn train_launched_cuda(_: &TrainArgs, _: RunConfig, _: &DistEnv) -> Result<()> {
+    Err(no_cuda_backend())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn no_cuda_backend() -> Error {
+    Error::config(
         "training.device",
         "\"cuda\": this build has no CUDA backend (build with --features cuda); use \"cpu\"",
-    ))
+    )
 }
 
 /// One rank's run (the only rank when `comm` is None). Rank 0 owns the run directory:

@@ -1,0 +1,445 @@
+//! [`NcclComm`]: ranks are processes with a GPU each, talking through NCCL (cargo feature
+//! `nccl`; libnccl is loaded at run time). One communicator per group of the mesh, each made
+//! with `ncclCommInitRank` from a unique id that the group's first rank publishes in the
+//! rendezvous store; all of a rank's communicators issue their work on the stream of its
+//! backend, so a collective on device memory runs after the kernels that produced its input
+//! and before those that read its output, with no extra synchronisation.
+//!
+//! # Device memory and host slices
+//! The `*_device` operations reduce a backend's buffers in place (f32 or bf16): gradients and
+//! tensor-parallel activations never leave the GPU. The host-slice operations of the
+//! contract go through a device staging buffer of the communicator's own (losses, norms,
+//! checkpoint gathering: small or rare).
+//!
+//! # Timeouts
+//! NCCL calls return once the work is queued; a rank that never arrives would leave the
+//! others' streams waiting forever. So every operation waits for its stream by polling, at
+//! most the communicator's timeout: past it, the communicator is aborted (`ncclCommAbort`,
+//! which also ends its kernels on the device) and the error names the operation and the group
+//! (NCCL cannot tell which rank is missing). Waiting per operation also keeps the host in step
+//! with the device; overlapping collectives with compute (a side stream and events) is not
+//! done yet.
+//!
+//! # Point to point
+//! `send` waits until the peer has received (NCCL does not buffer), so sends and receives must
+//! be paired as the contract says; the pipeline schedules, which rely on buffered sends, are
+//! refused on GPUs until their transfers are batched.
+
+use crate::comm::Communicator;
+use crate::error::{CommError, Ranks, TimeoutInfo};
+use crate::mesh::{Mesh, RankComms};
+use crate::store::StoreClient;
+use cudarc::driver::CudaStream;
+use cudarc::driver::result as driver;
+use cudarc::driver::sys as cu;
+use cudarc::nccl::result as nccl;
+use cudarc::nccl::sys;
+use ondol_core::DeviceSlice;
+use std::ffi::c_void;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Whether libnccl can be loaded.
+pub fn nccl_available() -> bool {
+    // SAFETY: only tries to dlopen the library.
+    unsafe { sys::is_culib_present() }
+}
+
+/// A device allocation for staging host slices, grown on demand.
+struct Staging {
+    ptr: u64,
+    bytes: usize,
+}
+
+/// One group's NCCL communicator, on the rank's stream.
+pub struct NcclComm {
+    comm: sys::ncclComm_t,
+    stream: Arc<CudaStream>,
+    /// The members as world ranks, in group-rank order.
+    ranks: Vec<usize>,
+    rank: usize,
+    timeout: Duration,
+    staging: Mutex<Staging>,
+    broken: Mutex<Option<TimeoutInfo>>,
+}
+
+// SAFETY: an NCCL communicator may be used from any thread, one call at a time; the trait's
+// callers (one rank's engine) never call it concurrently, and the staging buffer is behind a
+// mutex.
+unsafe impl Send for NcclComm {}
+
+fn nccl_type(s: &DeviceSlice) -> sys::ncclDataType_t {
+    if s.bf16 { sys::ncclDataType_t::ncclBfloat16 } else { sys::ncclDataType_t::ncclFloat32 }
+}
+
+impl NcclComm {
+    /// Joins (with `ncclCommInitRank`) the group `ranks` (world ranks, in group order) that
+    /// contains `world_rank`, named `key` in the store; the group's first rank makes the
+    /// unique id.
+    fn join(
+        store: &mut StoreClient,
+        key: &str,
+        ranks: Vec<usize>,
+        world_rank: usize,
+        stream: &Arc<CudaStream>,
+        timeout: Duration,
+    ) -> Result<NcclComm, CommError> {
+        let rank = ranks.iter().position(|&r| r == world_rank).expect("a rank joins its own groups");
+        let fail = |e: nccl::NcclError| CommError::Launch(format!("NCCL group {key} {}: {e:?}", Ranks(&ranks)));
+        let id_key = format!("nccl/{key}");
+        let id = if rank == 0 {
+            let id = nccl::get_uniqueid().map_err(fail)?;
+            store.set(&id_key, &id.internal.iter().map(|&c| c as u8).collect::<Vec<u8>>())?;
+            id
+        } else {
+            let bytes = store.get(&id_key)?;
+            let mut internal = [0 as std::ffi::c_char; 128];
+            if bytes.len() != internal.len() {
+                return Err(CommError::Launch(format!(
+                    "NCCL group {key}: the unique id has {} bytes, not 128",
+                    bytes.len()
+                )));
+            }
+            internal.iter_mut().zip(&bytes).for_each(|(c, b)| *c = *b as std::ffi::c_char);
+            sys::ncclUniqueId { internal }
+        };
+        stream.context().bind_to_thread().map_err(|e| CommError::Launch(format!("CUDA context: {e}")))?;
+        let mut comm = std::mem::MaybeUninit::uninit();
+        // SAFETY: `comm` is written by a successful init; the id is the group's.
+        let comm = unsafe {
+            nccl::comm_init_rank(comm.as_mut_ptr(), ranks.len() as i32, id, rank as i32).map_err(fail)?;
+            comm.assume_init()
+        };
+        Ok(NcclComm {
+            comm,
+            stream: stream.clone(),
+            ranks,
+            rank,
+            timeout,
+            staging: Mutex::new(Staging { ptr: 0, bytes: 0 }),
+            broken: Mutex::new(None),
+        })
+    }
+
+    fn invalid(&self, op: &'static str, message: impl Into<String>) -> CommError {
+        CommError::Invalid { op, group: self.ranks.clone(), message: message.into() }
+    }
+
+    fn nccl_error(&self, op: &'static str, e: nccl::NcclError) -> CommError {
+        self.invalid(op, format!("NCCL: {e:?}"))
+    }
+
+    fn check_broken(&self, op: &'static str) -> Result<(), CommError> {
+        match &*self.broken.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(cause) => Err(CommError::Broken { op, group: self.ranks.clone(), cause: cause.clone() }),
+            None => Ok(()),
+        }
+    }
+
+    /// Waits for everything queued on the stream, at most the timeout; past it, or on an
+    /// asynchronous NCCL error, aborts the communicator.
+    fn wait(&self, op: &'static str) -> Result<(), CommError> {
+        let deadline = Instant::now() + self.timeout;
+        let mut pause = Duration::from_micros(20);
+        loop {
+            // SAFETY: the stream is alive (held by self).
+            match unsafe { cu::cuStreamQuery(self.stream.cu_stream()) } {
+                cu::CUresult::CUDA_SUCCESS => return Ok(()),
+                cu::CUresult::CUDA_ERROR_NOT_READY => {}
+                other => return Err(self.invalid(op, format!("the CUDA stream failed: {other:?}"))),
+            }
+            let mut async_error = sys::ncclResult_t::ncclSuccess;
+            // SAFETY: the communicator is alive; the out-parameter is valid.
+            unsafe { sys::ncclCommGetAsyncError(self.comm, &mut async_error) };
+            if async_error != sys::ncclResult_t::ncclSuccess && async_error != sys::ncclResult_t::ncclInProgress {
+                self.abort();
+                return Err(self.invalid(op, format!("NCCL reported {async_error:?}; the communicator was aborted")));
+            }
+            if Instant::now() >= deadline {
+                let info = TimeoutInfo { op, group: self.ranks.clone(), missing: Vec::new(), timeout: self.timeout };
+                *self.broken.lock().unwrap_or_else(|e| e.into_inner()) = Some(info.clone());
+                self.abort();
+                return Err(CommError::Timeout(info));
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(1));
+        }
+    }
+
+    fn abort(&self) {
+        // SAFETY: aborting a live communicator; later calls on it fail (and `broken` says why).
+        let _ = unsafe { nccl::comm_abort(self.comm) };
+    }
+
+    /// A device buffer of at least `bytes`, for staging host slices.
+    fn staging(&self, bytes: usize) -> Result<u64, CommError> {
+        let mut st = self.staging.lock().unwrap_or_else(|e| e.into_inner());
+        if st.bytes < bytes {
+            if st.ptr != 0 {
+                // SAFETY: allocated below by this communicator, no longer in use (every
+                // operation waits for its stream).
+                let _ = unsafe { driver::free_sync(st.ptr) };
+            }
+            // SAFETY: a plain allocation, freed above or on drop.
+            st.ptr = unsafe { driver::malloc_sync(bytes.next_power_of_two()) }
+                .map_err(|e| self.invalid("staging", format!("cannot allocate {bytes} bytes on the GPU: {e}")))?;
+            st.bytes = bytes.next_power_of_two();
+        }
+        Ok(st.ptr)
+    }
+
+    fn upload(&self, dst: u64, src: &[f32]) -> Result<(), CommError> {
+        // SAFETY: `dst` holds at least `src.len()` f32 (the staging buffer).
+        unsafe { driver::memcpy_htod_async(dst, src, self.stream.cu_stream()) }
+            .map_err(|e| self.invalid("copy to the GPU", e.to_string()))
+    }
+
+    fn download(&self, dst: &mut [f32], src: u64) -> Result<(), CommError> {
+        // SAFETY: `src` holds at least `dst.len()` f32; the stream was waited for, so the
+        // (synchronous, pageable) copy does not wait on a collective.
+        unsafe { driver::memcpy_dtoh_async(dst, src, self.stream.cu_stream()) }
+            .map_err(|e| self.invalid("copy from the GPU", e.to_string()))?;
+        self.wait("copy from the GPU")
+    }
+
+    /// A host slice's collective: stage `input` (at offset 0) and `out_len` floats of output
+    /// (after it), run `run(in_ptr, out_ptr)` on the stream, wait, copy the output back.
+    fn staged(
+        &self,
+        op: &'static str,
+        input: &[f32],
+        output: &mut [f32],
+        run: impl FnOnce(u64, u64) -> Result<nccl::NcclStatus, nccl::NcclError>,
+    ) -> Result<(), CommError> {
+        self.check_broken(op)?;
+        self.stream.context().bind_to_thread().map_err(|e| self.invalid(op, e.to_string()))?;
+        let base = self.staging(4 * (input.len() + output.len()).max(1))?;
+        let out_ptr = base + 4 * input.len() as u64;
+        if !input.is_empty() {
+            self.upload(base, input)?;
+        }
+        run(base, out_ptr).map_err(|e| self.nccl_error(op, e))?;
+        self.wait(op)?;
+        if !output.is_empty() {
+            self.download(output, out_ptr)?;
+        }
+        Ok(())
+    }
+
+    fn stream_ptr(&self) -> sys::cudaStream_t {
+        self.stream.cu_stream() as sys::cudaStream_t
+    }
+}
+
+impl Drop for NcclComm {
+    fn drop(&mut self) {
+        let broken = self.broken.lock().map(|b| b.is_some()).unwrap_or(true);
+        // SAFETY: the communicator is destroyed once; an aborted one needs no destroy.
+        unsafe {
+            if !broken {
+                let _ = nccl::comm_destroy(self.comm);
+            }
+            let st = self.staging.get_mut().unwrap_or_else(|e| e.into_inner());
+            if st.ptr != 0 {
+                let _ = driver::free_sync(st.ptr);
+            }
+        }
+    }
+}
+
+const F32: sys::ncclDataType_t = sys::ncclDataType_t::ncclFloat32;
+const SUM: sys::ncclRedOp_t = sys::ncclRedOp_t::ncclSum;
+
+impl Communicator for NcclComm {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn size(&self) -> usize {
+        self.ranks.len()
+    }
+
+    fn world_ranks(&self) -> &[usize] {
+        &self.ranks
+    }
+
+    fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<(), CommError> {
+        let input = buf.to_vec();
+        let (n, comm, stream) = (buf.len(), self.comm, self.stream_ptr());
+        // SAFETY (every staged call): the pointers are the staging buffer's input and output
+        // regions, of the lengths given.
+        self.staged("all_reduce_sum", &input, buf, |i, o| unsafe {
+            nccl::all_reduce(i as *const c_void, o as *mut c_void, n, F32, SUM, comm, stream)
+        })
+    }
+
+    fn reduce_scatter_sum(&self, input: &[f32], output: &mut [f32]) -> Result<(), CommError> {
+        let n = output.len();
+        if input.len() != self.size() * n {
+            return Err(self.invalid(
+                "reduce_scatter_sum",
+                format!("input has {} elements; it must be size {} x output {n}", input.len(), self.size()),
+            ));
+        }
+        let (comm, stream) = (self.comm, self.stream_ptr());
+        self.staged("reduce_scatter_sum", input, output, |i, o| unsafe {
+            nccl::reduce_scatter(i as *const c_void, o as *mut c_void, n, F32, SUM, comm, stream)
+        })
+    }
+
+    fn all_gather(&self, input: &[f32], output: &mut [f32]) -> Result<(), CommError> {
+        let n = input.len();
+        if output.len() != self.size() * n {
+            return Err(self.invalid(
+                "all_gather",
+                format!("output has {} elements; it must be size {} x input {n}", output.len(), self.size()),
+            ));
+        }
+        let (comm, stream) = (self.comm, self.stream_ptr());
+        self.staged("all_gather", input, output, |i, o| unsafe {
+            nccl::all_gather(i as *const c_void, o as *mut c_void, n, F32, comm, stream)
+        })
+    }
+
+    fn broadcast(&self, buf: &mut [f32], root: usize) -> Result<(), CommError> {
+        if root >= self.size() {
+            return Err(self.invalid("broadcast", format!("root {root} is outside the group of {} ranks", self.size())));
+        }
+        let input = buf.to_vec();
+        let (n, comm, stream) = (buf.len(), self.comm, self.stream_ptr());
+        self.staged("broadcast", &input, buf, |i, o| unsafe {
+            nccl::broadcast(i as *const c_void, o as *mut c_void, n, F32, root as i32, comm, stream)
+        })
+    }
+
+    fn send(&self, buf: &[f32], to: usize) -> Result<(), CommError> {
+        if to >= self.size() {
+            return Err(self.invalid("send", format!("destination {to} is outside the group of {} ranks", self.size())));
+        }
+        let (n, comm, stream) = (buf.len(), self.comm, self.stream_ptr());
+        self.staged("send", buf, &mut [], |i, _| unsafe {
+            nccl::send(i as *const c_void, n, F32, to as i32, comm, stream)
+        })
+    }
+
+    fn recv(&self, buf: &mut [f32], from: usize) -> Result<(), CommError> {
+        if from >= self.size() {
+            return Err(self.invalid("recv", format!("source {from} is outside the group of {} ranks", self.size())));
+        }
+        let (n, comm, stream) = (buf.len(), self.comm, self.stream_ptr());
+        self.staged("recv", &[], buf, |_, o| unsafe { nccl::recv(o as *mut c_void, n, F32, from as i32, comm, stream) })
+    }
+
+    fn barrier(&self) -> Result<(), CommError> {
+        self.all_reduce_sum(&mut [0.0]).map_err(|e| match e {
+            CommError::Invalid { group, message, .. } => CommError::Invalid { op: "barrier", group, message },
+            other => other,
+        })
+    }
+
+    fn on_device(&self) -> bool {
+        true
+    }
+
+    fn all_reduce_device(&self, buf: DeviceSlice) -> Result<(), CommError> {
+        const OP: &str = "all_reduce_device";
+        self.check_broken(OP)?;
+        // SAFETY: `buf` is a live device view of the backend (the caller's contract), in
+        // place.
+        unsafe {
+            nccl::all_reduce(
+                buf.ptr as *const c_void,
+                buf.ptr as *mut c_void,
+                buf.len,
+                nccl_type(&buf),
+                SUM,
+                self.comm,
+                self.stream_ptr(),
+            )
+        }
+        .map_err(|e| self.nccl_error(OP, e))?;
+        self.wait(OP)
+    }
+
+    fn all_gather_device(&self, input: DeviceSlice, output: DeviceSlice) -> Result<(), CommError> {
+        const OP: &str = "all_gather_device";
+        self.check_broken(OP)?;
+        if output.len != self.size() * input.len || input.bf16 != output.bf16 {
+            return Err(self.invalid(OP, format!("output {output:?} is not size {} x input {input:?}", self.size())));
+        }
+        // SAFETY: live device views of the stated lengths.
+        unsafe {
+            nccl::all_gather(
+                input.ptr as *const c_void,
+                output.ptr as *mut c_void,
+                input.len,
+                nccl_type(&input),
+                self.comm,
+                self.stream_ptr(),
+            )
+        }
+        .map_err(|e| self.nccl_error(OP, e))?;
+        self.wait(OP)
+    }
+
+    fn reduce_scatter_device(&self, input: DeviceSlice, output: DeviceSlice) -> Result<(), CommError> {
+        const OP: &str = "reduce_scatter_device";
+        self.check_broken(OP)?;
+        if input.len != self.size() * output.len || input.bf16 != output.bf16 {
+            return Err(self.invalid(OP, format!("input {input:?} is not size {} x output {output:?}", self.size())));
+        }
+        // SAFETY: live device views of the stated lengths.
+        unsafe {
+            nccl::reduce_scatter(
+                input.ptr as *const c_void,
+                output.ptr as *mut c_void,
+                output.len,
+                nccl_type(&input),
+                SUM,
+                self.comm,
+                self.stream_ptr(),
+            )
+        }
+        .map_err(|e| self.nccl_error(OP, e))?;
+        self.wait(OP)
+    }
+}
+
+impl RankComms<NcclComm> {
+    /// The communicators of world rank `rank` of `mesh`, over NCCL on `stream` (the rank's
+    /// backend's), finding the other ranks through `store`. Every rank must call it; each
+    /// group's communicator is made in the same order on all of them.
+    pub fn nccl(
+        mesh: Mesh,
+        rank: usize,
+        store: &mut StoreClient,
+        stream: &Arc<CudaStream>,
+        timeout: Duration,
+    ) -> Result<RankComms<NcclComm>, CommError> {
+        if !nccl_available() {
+            return Err(CommError::Launch(
+                "libnccl.so is not on the library path (NVIDIA's nvidia-nccl-cu13 wheel ships it as libnccl.so.2: \
+                 link libnccl.so to it in a directory on LD_LIBRARY_PATH)"
+                    .into(),
+            ));
+        }
+        let coords = mesh.coords(rank)?;
+        let mut join = |kind: &str, groups: Vec<Vec<usize>>| {
+            let (index, group) =
+                groups.into_iter().enumerate().find(|(_, g)| g.contains(&rank)).expect("every rank is in a group");
+            NcclComm::join(store, &format!("{kind}/{index}"), group, rank, stream, timeout)
+        };
+        let world = join("world", vec![(0..mesh.world()).collect()])?;
+        let tp = join("tp", mesh.tp_groups())?;
+        let pp = join("pp", mesh.pp_groups())?;
+        let pp_back = join("pp_back", mesh.pp_groups())?;
+        let dp = join("dp", mesh.dp_groups())?;
+        Ok(RankComms { mesh, coords, world, tp, pp, pp_back, dp })
+    }
+}
+
+impl std::fmt::Debug for NcclComm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "NcclComm(rank {} of group {})", self.rank, Ranks(&self.ranks))
+    }
+}
