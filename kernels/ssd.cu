@@ -65,16 +65,34 @@ __device__ void ssd_steps(const T* dt, float bias, float A, long long row0, int 
     __syncthreads();
 }
 
+// The chunk of a (chunk, head, batch) block: its tokens t0..t0 + q, their first row, and the
+// steps and running decays in shared memory (`smem`: 2 Q floats; ends with a barrier).
+struct SsdChunk {
+    int c, h, b, t0, q;
+    long long row0;
+    float *steps, *L;
+};
+
+template <typename T>
+__device__ SsdChunk ssd_chunk(const T* dt, const T* dt_bias, const T* a_log, const Ssd& s, float* smem) {
+    SsdChunk k;
+    k.c = blockIdx.x, k.h = blockIdx.y, k.b = blockIdx.z;
+    k.t0 = k.c * s.Q, k.q = min(s.Q, s.len - k.t0);
+    k.row0 = (long long)k.b * s.len + k.t0;
+    k.steps = smem, k.L = smem + s.Q;
+    ssd_steps(dt, to_float(dt_bias[k.h]), -__expf(to_float(a_log[k.h])), k.row0, k.q, s, k.h, k.steps, k.L);
+    return k;
+}
+
 // Dynamic shared memory: 2 Q floats.
 template <typename T>
 __device__ void ssd_chunk_state(const T* xbc, const T* dt, const T* dt_bias, const T* a_log, float* states,
                                 float* decay, Ssd s) {
     extern __shared__ float smem[];
-    const int c = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-    const int t0 = c * s.Q, q = min(s.Q, s.len - t0);
-    const long long row0 = (long long)b * s.len + t0;
-    float *steps = smem, *L = smem + s.Q;
-    ssd_steps(dt, to_float(dt_bias[h]), -__expf(to_float(a_log[h])), row0, q, s, h, steps, L);
+    const SsdChunk ch = ssd_chunk(dt, dt_bias, a_log, s, smem);
+    const int c = ch.c, h = ch.h, b = ch.b, q = ch.q;
+    const long long row0 = ch.row0;
+    const float *steps = ch.steps, *L = ch.L;
     const int w = s.width(), xc = s.x_col(h), bc = s.b_col(h);
     float* out = states + s.state(b, c + 1, h);
     for (int e = threadIdx.x; e < s.P * s.N; e += blockDim.x) {
@@ -106,11 +124,11 @@ template <typename T>
 __device__ void ssd_chunk_scan(const T* xbc, const T* dt, const T* dt_bias, const T* a_log, const T* Dskip,
                                const float* states, T* y, Ssd s) {
     extern __shared__ float smem[];
-    const int c = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-    const int t0 = c * s.Q, q = min(s.Q, s.len - t0);
-    const long long row0 = (long long)b * s.len + t0;
-    float *steps = smem, *L = smem + s.Q, *W = smem + 2 * s.Q;  // W [SSD_ROWS][Q]
-    ssd_steps(dt, to_float(dt_bias[h]), -__expf(to_float(a_log[h])), row0, q, s, h, steps, L);
+    const SsdChunk ch = ssd_chunk(dt, dt_bias, a_log, s, smem);
+    const int c = ch.c, h = ch.h, b = ch.b, q = ch.q;
+    const long long row0 = ch.row0;
+    const float *steps = ch.steps, *L = ch.L;
+    float* W = smem + 2 * s.Q;  // [SSD_ROWS][Q]
     const int w = s.width(), xc = s.x_col(h), bc = s.b_col(h), cc = s.c_col(h), inner = s.heads * s.P;
     const float skip = to_float(Dskip[h]);
     const float* H0 = states + s.state(b, c, h);
@@ -148,11 +166,10 @@ template <typename T>
 __device__ void ssd_chunk_dstate(const T* dy, const T* xbc, const T* dt, const T* dt_bias, const T* a_log,
                                  float* dstates, float* decay, Ssd s) {
     extern __shared__ float smem[];
-    const int c = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-    const int t0 = c * s.Q, q = min(s.Q, s.len - t0);
-    const long long row0 = (long long)b * s.len + t0;
-    float *steps = smem, *L = smem + s.Q;
-    ssd_steps(dt, to_float(dt_bias[h]), -__expf(to_float(a_log[h])), row0, q, s, h, steps, L);
+    const SsdChunk ch = ssd_chunk(dt, dt_bias, a_log, s, smem);
+    const int c = ch.c, h = ch.h, b = ch.b, q = ch.q;
+    const long long row0 = ch.row0;
+    const float* L = ch.L;
     const int w = s.width(), cc = s.c_col(h), inner = s.heads * s.P, xc = s.x_col(h);
     float* out = dstates + s.state(b, c, h);
     for (int e = threadIdx.x; e < s.P * s.N; e += blockDim.x) {
@@ -184,13 +201,13 @@ __device__ void ssd_chunk_backward(const T* dy, const T* xbc, const T* dt, const
                                    T* ddt, float* ddt_bias, float* da_log, float* dd, Ssd s) {
     __shared__ float scratch[32];
     extern __shared__ float smem[];
-    const int c = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-    const int t0 = c * s.Q, q = min(s.Q, s.len - t0), last = q - 1;
-    const long long row0 = (long long)b * s.len + t0;
-    float *steps = smem, *L = smem + s.Q, *ddecay = smem + 2 * s.Q, *dsteps = smem + 3 * s.Q;
+    const SsdChunk ch = ssd_chunk(dt, dt_bias, a_log, s, smem);
+    const int c = ch.c, h = ch.h, b = ch.b, q = ch.q, last = q - 1;
+    const long long row0 = ch.row0;
+    const float *steps = ch.steps, *L = ch.L;
+    float *ddecay = smem + 2 * s.Q, *dsteps = smem + 3 * s.Q;
     float *M = smem + 4 * s.Q, *Nn = M + SSD_ROWS * s.Q, *pair = Nn + SSD_ROWS * s.Q;  // [SSD_ROWS][Q] each
     const float A = -__expf(to_float(a_log[h]));
-    ssd_steps(dt, to_float(dt_bias[h]), A, row0, q, s, h, steps, L);
     for (int k = threadIdx.x; k < q; k += blockDim.x) ddecay[k] = dsteps[k] = 0.0f;
     const int w = s.width(), xc = s.x_col(h), bc = s.b_col(h), cc = s.c_col(h), inner = s.heads * s.P;
     const int P = s.P, N = s.N;
