@@ -1,7 +1,8 @@
 //! Parallel layouts of configs/bench-cpu.toml on the CPU at one global batch (8 x 256 tokens,
 //! 4 micro-batches of 2): tokens/s, memory per rank (weights, gradients, AdamW state,
 //! activations), the measured pipeline wait against the ideal bubble, and the expected
-//! communication volume per rank and step, against which GPU (NCCL) runs can be checked.
+//! communication volume per rank and step, against which GPU (NCCL) runs can be checked; and
+//! data parallelism with its gradient buckets summed during backward (overlap y) or after it.
 //!
 //!     cargo bench -p ondol --bench parallel_cpu
 //!
@@ -30,17 +31,19 @@ fn main() {
     std::env::set_current_dir(&root).expect("workspace root");
     let (warmup, steps, micro) = (1, 3, 4);
     println!(
-        "layout (tp,pp,dp) zero sp  tokens/s  weights+grads  AdamW/rank  activations  wait/ideal bubble  comm/rank/step"
+        "layout (tp,pp,dp) zero sp overlap  tokens/s  weights+grads  AdamW/rank  activations  wait/ideal bubble  comm/rank/step"
     );
-    for ((tp, pp, dp), zero, sp) in [
-        ((1, 1, 1), 0u8, false),
-        ((1, 1, 2), 0, false),
-        ((1, 1, 2), 1, false),
-        ((2, 1, 1), 0, false),
-        ((2, 1, 1), 0, true),
-        ((1, 2, 1), 0, false),
-        ((2, 2, 2), 1, false),
-        ((2, 2, 2), 1, true),
+    for ((tp, pp, dp), zero, sp, overlap) in [
+        ((1, 1, 1), 0u8, false, false),
+        ((1, 1, 2), 0, false, false),
+        ((1, 1, 2), 0, false, true),
+        ((1, 1, 2), 1, false, false),
+        ((2, 1, 1), 0, false, false),
+        ((2, 1, 1), 0, true, false),
+        ((1, 2, 1), 0, false, false),
+        ((2, 2, 2), 0, false, true),
+        ((2, 2, 2), 1, false, false),
+        ((2, 2, 2), 1, true, false),
     ] {
         let overrides = [
             format!("parallelism.tp={tp}"),
@@ -48,6 +51,8 @@ fn main() {
             format!("parallelism.dp={dp}"),
             format!("parallelism.zero={zero}"),
             format!("parallelism.sequence_parallel={sp}"),
+            format!("parallelism.overlap_grad_sync={overlap}"),
+            "parallelism.bucket_mb=1".to_string(),
             format!("training.grad_accum={micro}"),
             format!("training.batch_size={}", 8 / micro / dp),
         ];
@@ -106,8 +111,9 @@ fn main() {
         let dp_bytes = 2.0 * (dp - 1) as f64 / dp as f64 * 4.0 * params / (tp * pp) as f64;
         let mib = |b: f64| b / (1 << 20) as f64;
         println!(
-            "({tp},{pp},{dp})           {zero}  {}  {:>8.0}   {:>8.1} MiB  {:>6.1} MiB   {:>7.1} MiB      {:>5.2} / {:.2}      {:.1} MiB (tp {:.1} + pp {:.1} + dp {:.1})",
+            "({tp},{pp},{dp})           {zero}  {}   {}     {:>8.0}   {:>8.1} MiB  {:>6.1} MiB   {:>7.1} MiB      {:>5.2} / {:.2}      {:.1} MiB (tp {:.1} + pp {:.1} + dp {:.1})",
             if sp { "y" } else { "-" },
+            if overlap { "y" } else { "-" },
             r.tokens_per_s,
             mib(r.weights_grads as f64),
             mib(r.adamw as f64),

@@ -48,6 +48,13 @@ pub trait Communicator: Send {
     /// Returns once every rank of the group has called `barrier`.
     fn barrier(&self) -> Result<(), CommError>;
 
+    /// Another handle to this rank of the group, for a thread that runs collectives while
+    /// the owner does other work (gradient buckets during backward). The two handles must
+    /// never be used at the same time. None where the communicator cannot be shared so.
+    fn duplicate(&self) -> Option<Box<dyn Communicator>> {
+        None
+    }
+
     /// Whether the `*_device` operations work: only for communicators of device memory.
     fn on_device(&self) -> bool {
         false
@@ -102,6 +109,9 @@ impl<C: Communicator + ?Sized> Communicator for Box<C> {
     }
     fn barrier(&self) -> Result<(), CommError> {
         (**self).barrier()
+    }
+    fn duplicate(&self) -> Option<Box<dyn Communicator>> {
+        (**self).duplicate()
     }
     fn on_device(&self) -> bool {
         (**self).on_device()

@@ -710,6 +710,15 @@ impl Communicator for TcpComm {
     fn barrier(&self) -> Result<(), CommError> {
         self.exchange("barrier", Op::Barrier, 0, |_| Vec::new()).map(drop)
     }
+
+    fn duplicate(&self) -> Option<Box<dyn Communicator>> {
+        Some(Box::new(TcpComm {
+            net: self.net.clone(),
+            channel: self.channel,
+            ranks: self.ranks.clone(),
+            rank: self.rank,
+        }))
+    }
 }
 
 impl std::fmt::Debug for TcpComm {

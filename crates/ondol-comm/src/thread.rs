@@ -368,6 +368,10 @@ impl Communicator for ThreadComm {
     fn barrier(&self) -> Result<(), CommError> {
         self.exchange(OpKey { name: "barrier", root: 0 }, Vec::new()).map(drop)
     }
+
+    fn duplicate(&self) -> Option<Box<dyn Communicator>> {
+        Some(Box::new(ThreadComm { rank: self.rank, shared: self.shared.clone() }))
+    }
 }
 
 impl std::fmt::Debug for ThreadComm {

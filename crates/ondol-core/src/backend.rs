@@ -293,6 +293,10 @@ pub trait Backend: Send + Sync {
     fn write(&self, buf: &mut Self::Buf, data: &[f32]);
     /// The contents of `buf` as f32, whatever its type.
     fn download(&self, buf: &Self::Buf) -> Vec<f32>;
+    /// The contents of a view as f32 (a bucket of gradients, say).
+    fn download_view(&self, view: Self::Ref<'_>) -> Vec<f32>;
+    /// Overwrites a view with `data` (of its length), keeping the buffer's type.
+    fn write_view(&self, view: Self::Mut<'_>, data: &[f32]);
     fn upload_ids(&self, ids: &[u32]) -> Self::Ids;
     /// Replace the contents of `ids` (same length) without reallocating.
     fn write_ids(&self, ids: &mut Self::Ids, data: &[u32]);

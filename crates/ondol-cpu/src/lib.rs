@@ -71,6 +71,12 @@ impl Backend for CpuBackend {
     fn download(&self, buf: &Vec<f32>) -> Vec<f32> {
         buf.clone()
     }
+    fn download_view(&self, view: &[f32]) -> Vec<f32> {
+        view.to_vec()
+    }
+    fn write_view(&self, view: &mut [f32], data: &[f32]) {
+        view.copy_from_slice(data);
+    }
     fn upload_ids(&self, ids: &[u32]) -> Vec<u32> {
         ids.to_vec()
     }

@@ -286,21 +286,29 @@ impl Backend for CudaBackend {
         }
     }
     fn download(&self, buf: &DeviceBuf) -> Vec<f32> {
-        if buf.is_empty() {
+        self.download_view(buf.view(0..buf.len()))
+    }
+    fn download_view(&self, view: DevRef<'_>) -> Vec<f32> {
+        if view.len == 0 {
             return Vec::new();
         }
-        let src = buf.view(0..buf.len()).ptr;
-        match buf.dtype() {
+        match view.dtype {
             Dtype::F32 => {
-                let mut host = vec![0.0f32; buf.len()];
-                self.dev.copy_out(bytes_of_mut(&mut host), src);
+                let mut host = vec![0.0f32; view.len];
+                self.dev.copy_out(bytes_of_mut(&mut host), view.ptr);
                 host
             }
             Dtype::Bf16 => {
-                let mut host = vec![0u16; buf.len()];
-                self.dev.copy_out(bytes_of_mut(&mut host), src);
+                let mut host = vec![0u16; view.len];
+                self.dev.copy_out(bytes_of_mut(&mut host), view.ptr);
                 host.into_iter().map(bf16::to_f32).collect()
             }
+        }
+    }
+    fn write_view(&self, view: DevMut<'_>, data: &[f32]) {
+        assert_eq!(view.len, data.len(), "write_view: view and data differ in length");
+        if !data.is_empty() {
+            self.copy_in(view.ptr, view.dtype, data);
         }
     }
     fn upload_ids(&self, ids: &[u32]) -> DeviceIds {

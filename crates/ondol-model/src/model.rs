@@ -72,6 +72,9 @@ pub struct Model {
     blocks: Vec<Block>,
     /// The layer each block belongs to (activation checkpointing counts layers).
     block_layer: Vec<usize>,
+    /// The flat range of each block's parameters (blocks are laid out one after another,
+    /// between the embedding and the head).
+    block_params: Vec<Range<usize>>,
     /// The final norm and the output layer (last stage only).
     head: Option<Head>,
 }
@@ -388,7 +391,9 @@ impl Model {
         let positions = (part.first && cfg.arch == Arch::Gpt2)
             .then(|| b.add(root.at("wpe").at("weight"), &[cfg.max_seq_len, d], std, false));
         let kinds = cfg.layer_kinds();
+        let mut block_params = Vec::new();
         for l in part.layers.clone() {
+            let mut start = b.lay.total();
             match cfg.arch {
                 Arch::Llama => {
                     let p = root.at("layers").at(l);
@@ -396,6 +401,8 @@ impl Model {
                     let names = ["q_proj", "k_proj", "v_proj", "o_proj"];
                     let attn = b.attention(&p.at("self_attn"), names, true);
                     blocks.push(Block { norm, mixer: Mixer::Attention(attn) });
+                    block_params.push(start..b.lay.total());
+                    start = b.lay.total();
                     let norm = b.rmsnorm(p.at("post_attention_layernorm"), d);
                     blocks.push(Block { norm, mixer: Mixer::Mlp(b.mlp(&p.at("mlp"))) });
                     block_layer.extend([l, l]);
@@ -404,6 +411,8 @@ impl Model {
                     let p = root.at("h").at(l);
                     let norm = b.layernorm(p.at("ln_1"), d);
                     blocks.push(Block { norm, mixer: Mixer::Attention(b.gpt2_attention(&p.at("attn"))) });
+                    block_params.push(start..b.lay.total());
+                    start = b.lay.total();
                     let norm = b.layernorm(p.at("ln_2"), d);
                     blocks.push(Block { norm, mixer: Mixer::Mlp(b.mlp(&p.at("mlp"))) });
                     block_layer.extend([l, l]);
@@ -424,6 +433,7 @@ impl Model {
                     block_layer.push(l);
                 }
             }
+            block_params.push(start..b.lay.total());
         }
         let head = if part.last {
             let norm_f = match cfg.arch {
@@ -452,7 +462,7 @@ impl Model {
         } else {
             None
         };
-        Ok(Self { cfg, layout: lay, part, vocab, embed, positions, blocks, block_layer, head })
+        Ok(Self { cfg, layout: lay, part, vocab, embed, positions, blocks, block_layer, block_params, head })
     }
 
     /// All parameters, counted once (a tied head is the embedding).
@@ -789,6 +799,10 @@ impl Model {
             be.fill(be.all_mut(&mut s.dres), 0.0);
             let last = &ws.res[self.blocks.len()];
             head.norm_f.backward(be, params, grads, be.all(&s.dnorm), be.all(last), norm_f, &mut s.dres, d);
+            // The final norm and an untied head come after the blocks (a tied head's gradient
+            // is the embedding's, complete only after the embedding's backward).
+            let after_blocks = self.block_params.last().map_or(self.stem_params().end, |r| r.end);
+            tp.grads_ready(be, grads, after_blocks..self.layout.total())?;
         }
 
         let rope = be.all(&ws.rope);
@@ -835,6 +849,7 @@ impl Model {
                 }
             }
             block.norm.backward(be, params, grads, be.all(&s.dnorm), be.all(&ws.res[i]), &a.norm, &mut s.dres, d);
+            tp.grads_ready(be, grads, self.block_params[i].clone())?;
         }
 
         if self.embed.is_none() {
@@ -854,7 +869,14 @@ impl Model {
         if let Some(pos) = &self.positions {
             be.position_embedding_backward(be.all(dx), be.view_mut(grads, pos.clone()), ws.seq, d);
         }
+        tp.grads_ready(be, grads, self.stem_params())?;
         Ok(())
+    }
+
+    /// The flat range of the parameters before the first block: the token (and position)
+    /// embeddings of the first stage, empty elsewhere.
+    fn stem_params(&self) -> Range<usize> {
+        0..self.block_params.first().map_or(0, |r| r.start)
     }
 
     /// The rotary table for `seq` positions, or an empty one if no block rotates.

@@ -136,6 +136,12 @@ pub trait TensorParallel<B: Backend> {
     /// mixer outputs in forward (in place of the all-reduce), gradients of gathered inputs in
     /// backward.
     fn reduce_scatter_rows(&mut self, be: &B, whole: &B::Buf, part: &mut B::Buf) -> Result<()>;
+    /// Backward has finished the gradients of the parameters `range` (a block's, the head's,
+    /// the embeddings') for this micro-batch: a data-parallel layer may start reducing them
+    /// while backward goes on. Ranges come in descending order and together cover the part.
+    fn grads_ready(&mut self, _be: &B, _grads: &B::Buf, _range: Range<usize>) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// The only shard: nothing to meet.

@@ -6,6 +6,8 @@ use ondol_core::{Backend, DeviceSlice, Error, Result};
 use ondol_model::{Model, ModelConfig, ParamInfo, Part, TensorParallel, Workspace};
 use ondol_optim::{AdamW, OptimizerConfig};
 use std::ops::Range;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
 use std::time::Instant;
 
 /// How the run is laid out over ranks and micro-batches.
@@ -27,6 +29,10 @@ pub struct Layout {
     pub zero: bool,
     /// Megatron's sequence parallelism within each tp group (see [`Part::sequence_parallel`]).
     pub sequence_parallel: bool,
+    /// Data-parallel gradient buckets of this many floats, all-reduced on a worker thread
+    /// during the last backward of each chunk, while backward goes on (None: all at once
+    /// after the schedule). Without ZeRO-1, on communicators that can lend a second handle.
+    pub grad_buckets: Option<usize>,
 }
 
 impl Layout {
@@ -222,35 +228,156 @@ fn all_reduce_buf<B: Backend>(be: &B, comm: &dyn Communicator, buf: &mut B::Buf)
 }
 
 /// A communicator as the model's tensor-parallel hook: collectives on the device with NCCL,
-/// through host copies otherwise.
-struct TpHook<'a>(&'a dyn Communicator);
+/// through host copies otherwise; and, in the last backward of a chunk, where finished
+/// gradients go to the data-parallel buckets.
+struct TpHook<'a> {
+    comm: &'a dyn Communicator,
+    buckets: Option<(&'a mut Buckets, usize)>,
+}
+
+impl<'a> TpHook<'a> {
+    fn new(comm: &'a dyn Communicator) -> Self {
+        Self { comm, buckets: None }
+    }
+}
 
 impl<B: Backend> TensorParallel<B> for TpHook<'_> {
     fn all_reduce(&mut self, be: &B, buf: &mut B::Buf) -> Result<()> {
-        all_reduce_buf(be, self.0, buf)
+        all_reduce_buf(be, self.comm, buf)
     }
     fn all_gather(&mut self, part: &[f32]) -> Result<Vec<f32>> {
-        let mut out = vec![0.0; part.len() * self.0.size()];
-        self.0.all_gather(part, &mut out)?;
+        let mut out = vec![0.0; part.len() * self.comm.size()];
+        self.comm.all_gather(part, &mut out)?;
         Ok(out)
     }
     fn all_gather_rows(&mut self, be: &B, part: &B::Buf, whole: &mut B::Buf) -> Result<()> {
-        if let (Some(i), Some(o)) = (on_device(be, self.0, be.all(part)), on_device(be, self.0, be.all(whole))) {
-            return Ok(self.0.all_gather_device(i, o)?);
+        if let (Some(i), Some(o)) = (on_device(be, self.comm, be.all(part)), on_device(be, self.comm, be.all(whole))) {
+            return Ok(self.comm.all_gather_device(i, o)?);
         }
         let gathered = TensorParallel::<B>::all_gather(self, &be.download(part))?;
         be.write(whole, &gathered);
         Ok(())
     }
     fn reduce_scatter_rows(&mut self, be: &B, whole: &B::Buf, part: &mut B::Buf) -> Result<()> {
-        if let (Some(i), Some(o)) = (on_device(be, self.0, be.all(whole)), on_device(be, self.0, be.all(part))) {
-            return Ok(self.0.reduce_scatter_device(i, o)?);
+        if let (Some(i), Some(o)) = (on_device(be, self.comm, be.all(whole)), on_device(be, self.comm, be.all(part))) {
+            return Ok(self.comm.reduce_scatter_device(i, o)?);
         }
         let mut mine = vec![0.0; be.len(part)];
-        self.0.reduce_scatter_sum(&be.download(whole), &mut mine)?;
+        self.comm.reduce_scatter_sum(&be.download(whole), &mut mine)?;
         be.write(part, &mine);
         Ok(())
     }
+    fn grads_ready(&mut self, be: &B, grads: &B::Buf, range: Range<usize>) -> Result<()> {
+        match &mut self.buckets {
+            Some((buckets, chunk)) => buckets.ready(be, *chunk, grads, range),
+            None => Ok(()),
+        }
+    }
+}
+
+/// A bucket reduced over dp: its chunk, its range of the chunk's gradients, the sums.
+type Reduced = (usize, Range<usize>, Vec<f32>);
+
+/// What the bucket worker hands back: the communicator handle, and every bucket's sums.
+type Finished = (Box<dyn Communicator>, std::result::Result<Vec<Reduced>, ondol_comm::CommError>);
+
+/// Data-parallel gradient buckets all-reduced by a worker thread, through a second handle of
+/// the dp communicator, while backward goes on. Backward reports finished ranges in
+/// descending order; adjacent ones gather into a bucket until it holds `size` floats. Tensors
+/// whose gradients are first summed over tp or pp (a tied embedding's two copies, shared kv
+/// heads) stay out and are reduced after the schedule, so every element's dp sum is the same
+/// as without buckets, bit for bit.
+struct Buckets {
+    size: usize,
+    tx: Option<mpsc::Sender<Reduced>>,
+    worker: Option<JoinHandle<Finished>>,
+    /// Per chunk: the bucket being gathered, and the ranges that stay out.
+    open: Vec<Option<Range<usize>>>,
+    excluded: Vec<Vec<Range<usize>>>,
+}
+
+impl Buckets {
+    fn start(comm: Box<dyn Communicator>, size: usize, excluded: Vec<Vec<Range<usize>>>) -> Result<Self> {
+        let (tx, rx) = mpsc::channel::<Reduced>();
+        let worker = std::thread::Builder::new()
+            .name("ondol-dp-buckets".into())
+            .spawn(move || {
+                let mut done = Vec::new();
+                for (chunk, range, mut data) in rx {
+                    if let Err(e) = comm.all_reduce_sum(&mut data) {
+                        return (comm, Err(e));
+                    }
+                    done.push((chunk, range, data));
+                }
+                (comm, Ok(done))
+            })
+            .map_err(|e| Error::Training(format!("cannot start the gradient-bucket thread: {e}")))?;
+        let open = vec![None; excluded.len()];
+        Ok(Self { size, tx: Some(tx), worker: Some(worker), open, excluded })
+    }
+
+    fn ready<B: Backend>(&mut self, be: &B, chunk: usize, grads: &B::Buf, range: Range<usize>) -> Result<()> {
+        if range.is_empty() {
+            return Ok(());
+        }
+        if self.excluded[chunk].iter().any(|x| x.start < range.end && range.start < x.end) {
+            return self.flush(be, chunk, grads);
+        }
+        match &mut self.open[chunk] {
+            Some(open) if range.end == open.start => open.start = range.start,
+            _ => {
+                self.flush(be, chunk, grads)?;
+                self.open[chunk] = Some(range);
+            }
+        }
+        if self.open[chunk].as_ref().is_some_and(|r| r.len() >= self.size) {
+            self.flush(be, chunk, grads)?;
+        }
+        Ok(())
+    }
+
+    /// Hands the chunk's gathered bucket to the worker.
+    fn flush<B: Backend>(&mut self, be: &B, chunk: usize, grads: &B::Buf) -> Result<()> {
+        let Some(range) = self.open[chunk].take() else { return Ok(()) };
+        let data = be.download_view(be.view(grads, range.clone()));
+        let tx = self.tx.as_ref().expect("buckets are open until finish");
+        // A send fails only if the worker stopped on an error, which finish reports.
+        let _ = tx.send((chunk, range, data));
+        Ok(())
+    }
+
+    /// Waits for the worker: the communicator handle back, and every bucket's sums.
+    fn finish(mut self) -> Finished {
+        self.tx = None;
+        self.worker.take().expect("finished once").join().expect("the gradient-bucket thread does not panic")
+    }
+}
+
+impl Drop for Buckets {
+    fn drop(&mut self) {
+        // An error in the schedule drops the buckets unfinished: stop the worker with them.
+        self.tx = None;
+        if let Some(worker) = self.worker.take() {
+            let _ = worker.join();
+        }
+    }
+}
+
+/// The parts of `0..n` outside `covered` (sorted or not), in order.
+fn complement(n: usize, covered: &[Range<usize>]) -> Vec<Range<usize>> {
+    let mut sorted: Vec<Range<usize>> = covered.to_vec();
+    sorted.sort_by_key(|r| r.start);
+    let (mut out, mut at) = (Vec::new(), 0);
+    for r in sorted {
+        if r.start > at {
+            out.push(at..r.start);
+        }
+        at = at.max(r.end);
+    }
+    if at < n {
+        out.push(at..n);
+    }
+    out
 }
 
 /// One rank of a parallel run.
@@ -264,6 +391,12 @@ pub struct Engine<B: Backend> {
     plan: Vec<Action>,
     /// Device copies of each micro-batch's inputs and targets.
     ids: Vec<(B::Ids, B::Ids)>,
+    /// The dp communicator's second handle, lent to the gradient buckets' worker each step
+    /// (None: no buckets, see [`Layout::grad_buckets`]).
+    bucket_comm: Option<Box<dyn Communicator>>,
+    /// Per chunk, the micro-batch of its last backward in the plan (its gradients are final
+    /// after it).
+    last_backward: Vec<usize>,
 }
 
 impl<B: Backend> Engine<B> {
@@ -304,9 +437,20 @@ impl<B: Backend> Engine<B> {
             });
         }
         let plan = schedule::actions(layout.schedule, c.pp, layout.mesh.pp, layout.chunks, layout.micro);
+        let mut last_backward = vec![0; chunks.len()];
+        for action in &plan {
+            if let Action::Backward { chunk, micro } = *action {
+                last_backward[chunk] = micro;
+            }
+        }
         let rows = layout.batch * layout.seq;
         let ids = (0..layout.micro).map(|_| (be.upload_ids(&vec![0; rows]), be.upload_ids(&vec![0; rows]))).collect();
-        Ok(Self { be, comms, layout, whole, chunks, plan, ids })
+        let dp = comms.dp.as_ref();
+        let bucket_comm = match layout.grad_buckets {
+            Some(_) if dp.size() > 1 && !layout.zero && !dp.on_device() => dp.duplicate(),
+            _ => None,
+        };
+        Ok(Self { be, comms, layout, whole, chunks, plan, ids, bucket_comm, last_backward })
     }
 
     fn stages(&self) -> usize {
@@ -359,6 +503,10 @@ impl<B: Backend> Engine<B> {
         }
         let plan = self.plan.clone();
         let (mut loss, mut wait) = (0.0, 0.0);
+        let mut buckets = match (self.bucket_comm.take(), self.layout.grad_buckets) {
+            (Some(comm), Some(size)) => Some(Buckets::start(comm, size, self.excluded_from_buckets())?),
+            _ => None,
+        };
         for action in plan {
             match action {
                 Action::Forward { chunk, micro } => {
@@ -366,11 +514,22 @@ impl<B: Backend> Engine<B> {
                     loss += l;
                     wait += w;
                 }
-                Action::Backward { chunk, micro } => wait += self.backward(chunk, micro)?,
+                Action::Backward { chunk, micro } => {
+                    let last = micro == self.last_backward[chunk];
+                    wait += self.backward(chunk, micro, buckets.as_mut().filter(|_| last))?
+                }
             }
         }
+        let reduced = match buckets {
+            Some(b) => {
+                let (comm, reduced) = b.finish();
+                self.bucket_comm = Some(comm);
+                Some(reduced?)
+            }
+            None => None,
+        };
         self.sum_shared_grads()?;
-        let grad_norm = self.sync_and_update(lr)?;
+        let grad_norm = self.sync_and_update(lr, reduced)?;
         let loss_sum = self.sum_over_world(if self.reports_loss() { loss } else { 0.0 })?;
         Ok(StepOutcome { loss_sum, grad_norm, pipeline_wait_s: wait })
     }
@@ -408,7 +567,7 @@ impl<B: Backend> Engine<B> {
     /// last stage. Returns the loss (0 before the last stage) and the seconds spent waiting.
     fn forward(&mut self, chunk: usize, micro: usize, grad_scale: Option<f32>) -> Result<(f64, f64)> {
         let (be, layout, stages) = (&self.be, &self.layout, self.stages());
-        let mut tp = TpHook(self.comms.tp.as_ref());
+        let mut tp = TpHook::new(self.comms.tp.as_ref());
         let c = &mut self.chunks[chunk];
         let slot = c.workspace(be, micro, layout)?;
         let ws = &mut c.pool[slot];
@@ -425,10 +584,11 @@ impl<B: Backend> Engine<B> {
         Ok((0.0, wait))
     }
 
-    /// The backward of `micro` through chunk `chunk`; returns the seconds spent waiting.
-    fn backward(&mut self, chunk: usize, micro: usize) -> Result<f64> {
+    /// The backward of `micro` through chunk `chunk`, handing finished gradients to
+    /// `buckets` if given (the chunk's last backward); returns the seconds spent waiting.
+    fn backward(&mut self, chunk: usize, micro: usize, mut buckets: Option<&mut Buckets>) -> Result<f64> {
         let (be, layout, stages) = (&self.be, &self.layout, self.stages());
-        let mut tp = TpHook(self.comms.tp.as_ref());
+        let mut tp = TpHook { comm: self.comms.tp.as_ref(), buckets: buckets.as_deref_mut().map(|b| (b, chunk)) };
         let c = &mut self.chunks[chunk];
         let slot = c.workspace(be, micro, layout)?;
         let ws = &mut c.pool[slot];
@@ -439,11 +599,26 @@ impl<B: Backend> Engine<B> {
         }
         let ids = &self.ids[micro].0;
         c.model.backward_stage(be, &c.params, &mut c.grads, ws, ids, &mut tp)?;
+        if let Some(b) = buckets {
+            b.flush(be, chunk, &c.grads)?;
+        }
         if c.stage > 0 {
             send_tagged(be, self.comms.pp_back.as_ref(), ws.input_grad(), prev(&self.comms), (c.stage - 1, micro))?;
         }
         c.release(micro);
         Ok(wait)
+    }
+
+    /// Per chunk, the tensors whose gradients are summed over tp or pp before dp (see
+    /// [`Engine::sum_shared_grads`]), which stay out of the gradient buckets.
+    fn excluded_from_buckets(&self) -> Vec<Vec<Range<usize>>> {
+        self.chunks
+            .iter()
+            .map(|c| {
+                let partial = c.model.layout.params().iter().filter(|p| p.place.partial_grad).map(|p| p.range());
+                c.model.shared_embedding().into_iter().chain(partial).collect()
+            })
+            .collect()
     }
 
     /// Sums the gradients that several model-parallel ranks each hold a part of: a tied
@@ -475,18 +650,36 @@ impl<B: Backend> Engine<B> {
     }
 
     /// Sums gradients over the data-parallel replicas (all-reduce, or reduce-scatter under
-    /// ZeRO-1), finds the global norm over every rank, and applies AdamW.
-    fn sync_and_update(&mut self, lr: f32) -> Result<f64> {
+    /// ZeRO-1), finds the global norm over every rank, and applies AdamW. `reduced` holds the
+    /// buckets already summed during backward; the rest of each chunk is summed here.
+    fn sync_and_update(&mut self, lr: f32, reduced: Option<Vec<Reduced>>) -> Result<f64> {
         let be = &self.be;
         let dp: &dyn Communicator = self.comms.dp.as_ref();
         let first_replica = self.comms.coords.dp == 0;
         let mut squares = 0.0;
         let mut shards = Vec::new();
-        for c in &mut self.chunks {
+        let mut reduced = reduced.unwrap_or_default();
+        for (k, c) in self.chunks.iter_mut().enumerate() {
             match &c.zero {
                 None => {
-                    if dp.size() > 1 {
+                    let mine: Vec<Reduced> = reduced.extract_if(.., |(chunk, _, _)| *chunk == k).collect();
+                    if mine.is_empty() && dp.size() > 1 {
                         all_reduce_buf(be, dp, &mut c.grads)?;
+                    } else if dp.size() > 1 {
+                        let covered: Vec<Range<usize>> = mine.iter().map(|(_, r, _)| r.clone()).collect();
+                        for (_, range, sums) in mine {
+                            be.write_view(be.view_mut(&mut c.grads, range), &sums);
+                        }
+                        // The rest of the chunk (tensors kept out of the buckets), in one call.
+                        let rest = complement(c.model.num_params(), &covered);
+                        let mut host: Vec<f32> =
+                            rest.iter().flat_map(|r| be.download_view(be.view(&c.grads, r.clone()))).collect();
+                        dp.all_reduce_sum(&mut host)?;
+                        let mut at = 0;
+                        for r in rest {
+                            be.write_view(be.view_mut(&mut c.grads, r.clone()), &host[at..at + r.len()]);
+                            at += r.len();
+                        }
                     }
                     // Replicas hold equal gradients: the first one counts them.
                     if first_replica {

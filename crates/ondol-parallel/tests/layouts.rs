@@ -69,6 +69,8 @@ struct Shape {
     zero: bool,
     recompute: usize,
     sequence_parallel: bool,
+    /// Floats per data-parallel gradient bucket (None: one sync after the schedule).
+    buckets: Option<usize>,
 }
 
 fn shape(tp: usize, pp: usize, dp: usize) -> Shape {
@@ -81,6 +83,7 @@ fn shape(tp: usize, pp: usize, dp: usize) -> Shape {
         zero: false,
         recompute: 0,
         sequence_parallel: false,
+        buckets: None,
     }
 }
 
@@ -132,6 +135,7 @@ fn train(cfg: &ModelConfig, s: Shape) -> (Vec<f64>, Vec<f32>) {
         recompute: s.recompute,
         zero: s.zero,
         sequence_parallel: s.sequence_parallel,
+        grad_buckets: s.buckets,
     };
     // eps 1e-6, not 1e-8: gradients that are zero in exact arithmetic (GPT-2's key bias, which
     // softmax cancels) are round-off, and a tiny eps lets AdamW turn round-off into full steps
@@ -248,4 +252,28 @@ fn sequence_parallelism_splits_the_activations_between_the_mixers() {
     assert!(Workspace::new(&CpuBackend, &split, BATCH, SEQ).is_ok());
     let err = Workspace::new(&CpuBackend, &split, 1, SEQ - 1).err().expect("7 tokens cannot be split 4 ways");
     assert!(err.to_string().contains("parallelism.sequence_parallel"), "{err}");
+}
+
+/// Gradient buckets summed over dp during backward give the same bits as one sum after it:
+/// every element is added in the same order. Small buckets (several per block and per
+/// chunk), with tensors that are first summed over tp or pp kept out: GPT-2's tied embedding
+/// at pp 2, and kv heads shared by two tp shards.
+#[test]
+fn gradient_buckets_during_backward_change_no_bit() {
+    for (name, cfg, s) in [
+        ("llama dp 2", llama(false), shape(1, 1, 2)),
+        (
+            "llama tp 2 pp 2 dp 2 interleaved",
+            llama(false),
+            Shape { schedule: ScheduleKind::Interleaved, chunks: 2, ..shape(2, 2, 2) },
+        ),
+        ("llama tp 4 dp 2 (shared kv heads)", llama(false), shape(4, 1, 2)),
+        ("gpt2 pp 2 dp 2 (tied head)", gpt2(), shape(1, 2, 2)),
+        ("hybrid dp 2", hybrid(), shape(1, 1, 2)),
+    ] {
+        let plain = train(&cfg, s);
+        for size in [1, 100, 1 << 20] {
+            assert_eq!(plain, train(&cfg, Shape { buckets: Some(size), ..s }), "{name}: buckets of {size} floats");
+        }
+    }
 }

@@ -179,6 +179,17 @@ pub struct ParallelismConfig {
     /// the operation and the ranks that did not arrive.
     #[serde(default = "default_timeout_s")]
     pub timeout_s: u64,
+    /// Sum data-parallel gradients in buckets during the last backward of each step, on a
+    /// worker thread, while backward goes on (without ZeRO-1, on CPU communicators).
+    #[serde(default = "yes")]
+    pub overlap_grad_sync: bool,
+    /// Megabytes of fp32 gradients per bucket.
+    #[serde(default = "default_bucket_mb")]
+    pub bucket_mb: f64,
+}
+
+fn default_bucket_mb() -> f64 {
+    25.0
 }
 
 fn default_schedule() -> ScheduleKind {
@@ -197,6 +208,8 @@ impl Default for ParallelismConfig {
             zero: 0,
             sequence_parallel: false,
             timeout_s: default_timeout_s(),
+            overlap_grad_sync: true,
+            bucket_mb: default_bucket_mb(),
         }
     }
 }
@@ -283,6 +296,7 @@ impl RunConfig {
             recompute: t.activation_checkpointing,
             zero: p.zero == 1,
             sequence_parallel: p.sequence_parallel,
+            grad_buckets: p.overlap_grad_sync.then(|| ((p.bucket_mb * 1e6 / 4.0) as usize).max(1)),
         }
     }
 
@@ -418,6 +432,12 @@ impl RunConfig {
         self.layout(ondol_comm::Mesh::new(p.tp, p.pp, p.dp)?).check(&self.model)?;
         if p.zero > 1 {
             return Err(Error::config("parallelism.zero", format!("{} must be 0 (off) or 1 (ZeRO-1)", p.zero)));
+        }
+        if !(p.bucket_mb.is_finite() && p.bucket_mb > 0.0) {
+            return Err(Error::config(
+                "parallelism.bucket_mb",
+                format!("{}: give a number of megabytes > 0", p.bucket_mb),
+            ));
         }
         if p.timeout_s == 0 {
             return Err(Error::config("parallelism.timeout_s", "must be at least 1"));
