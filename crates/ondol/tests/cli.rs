@@ -203,3 +203,21 @@ fn inspect_reports_parameters_flops_and_memory_per_rank() {
     assert!(weights(&tp) < weights(&one), "tp = 2 must halve the weights per rank:\n{one}\n{tp}");
     assert!(acts(&sp) < acts(&tp), "sequence parallelism must cut the activations per rank:\n{tp}\n{sp}");
 }
+
+/// Every preset in configs/ is a valid config whose model builds and whose layout fits it
+/// (`ondol inspect`, which trains nothing), so a preset cannot rot unnoticed.
+#[test]
+fn every_shipped_config_is_valid() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let mut presets: Vec<_> = std::fs::read_dir(root.join("configs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .collect();
+    presets.sort();
+    assert!(presets.len() >= 12, "{presets:?}");
+    for preset in presets {
+        let (ok, err) = ondol_err(&root, &["inspect", preset.to_str().unwrap()]);
+        assert!(ok, "{}: {err}", preset.display());
+    }
+}
