@@ -781,10 +781,10 @@ impl Backend for CudaBackend {
             is_f32(&format!("selective_scan_backward {what}"), d);
         }
         // dB and dC sum over channels into fp32 accumulators; the recompute keeps the state
-        // every SCAN_SUB (8) tokens of a chunk.
+        // every SCAN_SUB tokens of a chunk.
         let rows_n = shape.batch * shape.len * shape.state;
         let (mut db_acc, mut dc_acc) = (self.zeros_f32(rows_n), self.zeros_f32(rows_n));
-        let sub = self.zeros_f32(shape.batch * shape.chunk.div_ceil(8) * 16 * shape.channels);
+        let sub = self.zeros_f32(shape.batch * shape.chunk.div_ceil(SCAN_SUB) * SCAN_MAX_STATE * shape.channels);
         let mut args = vec![ptr(&dy)];
         args.extend(scan_args(&x));
         args.extend([
@@ -1111,12 +1111,20 @@ fn conv_taps(what: &str, x: usize, w: usize, bias: usize, y: usize, len: usize, 
     k
 }
 
+/// States per channel the selective scan keeps in registers, and the tokens between the
+/// states its backward stores (SCAN_MAX_STATE and SCAN_SUB in kernels/selective_scan.cu).
+pub const SCAN_MAX_STATE: usize = 16;
+const SCAN_SUB: usize = 8;
+
 /// The storage type of a selective scan's inputs, checking their lengths.
 fn scan_type(what: &str, x: &ScanInputs<DevRef<'_>>, s: ScanShape) -> Dtype {
     let dtype = same_type(what, &[x.u.dtype, x.delta.dtype, x.delta_bias.dtype, x.a_log.dtype, x.b.dtype, x.c.dtype]);
     same_type(what, &[dtype, x.d.dtype, x.z.dtype]);
     let (rows, ch, n) = (s.batch * s.len, s.channels, s.state);
-    assert!(n <= 16, "{what}: {n} states per channel; the CUDA scan keeps at most 16 (SCAN_MAX_STATE) in registers");
+    assert!(
+        n <= SCAN_MAX_STATE,
+        "{what}: {n} states per channel; the CUDA scan keeps at most {SCAN_MAX_STATE} in registers"
+    );
     assert!(
         x.u.len == rows * ch
             && x.delta.len == rows * ch

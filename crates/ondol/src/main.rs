@@ -332,10 +332,14 @@ fn open_gpu(cfg: &RunConfig, ordinal: usize) -> Result<(ondol_cuda::CudaBackend,
     use ondol_model::Arch;
     // What the CUDA kernels hold in registers (kernels/selective_scan.cu, conv1d.cu).
     let m = &cfg.model;
-    if m.arch == Arch::Mamba && m.ssm_state() > 16 {
+    if m.arch == Arch::Mamba && m.ssm_state() > ondol_cuda::SCAN_MAX_STATE {
         return Err(Error::config(
             "model.ssm.state_size",
-            format!("{} states per channel: the CUDA selective scan keeps at most 16; use 16 or fewer", m.ssm_state()),
+            format!(
+                "{} states per channel: the CUDA selective scan keeps at most {}; use that or fewer",
+                m.ssm_state(),
+                ondol_cuda::SCAN_MAX_STATE
+            ),
         ));
     }
     if matches!(m.arch, Arch::Mamba | Arch::Mamba2 | Arch::Hybrid) && !(1..=8).contains(&m.ssm.conv_kernel) {
