@@ -1107,9 +1107,12 @@ fn conv_taps(what: &str, x: usize, w: usize, bias: usize, y: usize, len: usize, 
     assert!(channels > 0 && w.is_multiple_of(channels) && bias == channels, "{what}: w is [channels, K]");
     assert!(x == y && x.is_multiple_of(len * channels), "{what}: x and y are [batch, len, channels]");
     let k = w / channels;
-    assert!((1..=8).contains(&k), "{what}: {k} taps; the CUDA kernel takes 1 to 8 (CONV_MAX_K)");
+    assert!((1..=CONV_MAX_TAPS).contains(&k), "{what}: {k} taps; the CUDA kernel takes 1 to {CONV_MAX_TAPS}");
     k
 }
+
+/// The most taps the causal convolution takes (CONV_MAX_K in kernels/conv1d.cu).
+pub const CONV_MAX_TAPS: usize = 8;
 
 /// States per channel the selective scan keeps in registers, and the tokens between the
 /// states its backward stores (SCAN_MAX_STATE and SCAN_SUB in kernels/selective_scan.cu).

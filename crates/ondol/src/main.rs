@@ -342,10 +342,12 @@ fn open_gpu(cfg: &RunConfig, ordinal: usize) -> Result<(ondol_cuda::CudaBackend,
             ),
         ));
     }
-    if matches!(m.arch, Arch::Mamba | Arch::Mamba2 | Arch::Hybrid) && !(1..=8).contains(&m.ssm.conv_kernel) {
+    if matches!(m.arch, Arch::Mamba | Arch::Mamba2 | Arch::Hybrid)
+        && !(1..=ondol_cuda::CONV_MAX_TAPS).contains(&m.ssm.conv_kernel)
+    {
         return Err(Error::config(
             "model.ssm.conv_kernel",
-            format!("{} taps: the CUDA convolution takes 1 to 8", m.ssm.conv_kernel),
+            format!("{} taps: the CUDA convolution takes 1 to {}", m.ssm.conv_kernel, ondol_cuda::CONV_MAX_TAPS),
         ));
     }
     let compute = match cfg.training.precision.unwrap_or(Precision::Bf16) {
