@@ -226,6 +226,18 @@ impl NcclComm {
         Ok(())
     }
 
+    /// A collective on device memory: `run(comm, stream)` queues it, then the stream is waited
+    /// for (with the timeout).
+    fn on_stream(
+        &self,
+        op: &'static str,
+        run: impl FnOnce(sys::ncclComm_t, sys::cudaStream_t) -> Result<nccl::NcclStatus, nccl::NcclError>,
+    ) -> Result<(), CommError> {
+        self.check_broken(op)?;
+        run(self.comm, self.stream_ptr()).map_err(|e| self.nccl_error(op, e))?;
+        self.wait(op)
+    }
+
     fn stream_ptr(&self) -> sys::cudaStream_t {
         self.stream.cu_stream() as sys::cudaStream_t
     }
@@ -342,66 +354,55 @@ impl Communicator for NcclComm {
     }
 
     fn all_reduce_device(&self, buf: DeviceSlice) -> Result<(), CommError> {
-        const OP: &str = "all_reduce_device";
-        self.check_broken(OP)?;
-        // SAFETY: `buf` is a live device view of the backend (the caller's contract), in
-        // place.
-        unsafe {
+        // SAFETY: `buf` is a live device view of the backend (the caller's contract), in place.
+        self.on_stream("all_reduce_device", |comm, stream| unsafe {
             nccl::all_reduce(
                 buf.ptr as *const c_void,
                 buf.ptr as *mut c_void,
                 buf.len,
                 nccl_type(&buf),
                 SUM,
-                self.comm,
-                self.stream_ptr(),
+                comm,
+                stream,
             )
-        }
-        .map_err(|e| self.nccl_error(OP, e))?;
-        self.wait(OP)
+        })
     }
 
     fn all_gather_device(&self, input: DeviceSlice, output: DeviceSlice) -> Result<(), CommError> {
         const OP: &str = "all_gather_device";
-        self.check_broken(OP)?;
         if output.len != self.size() * input.len || input.bf16 != output.bf16 {
             return Err(self.invalid(OP, format!("output {output:?} is not size {} x input {input:?}", self.size())));
         }
         // SAFETY: live device views of the stated lengths.
-        unsafe {
+        self.on_stream(OP, |comm, stream| unsafe {
             nccl::all_gather(
                 input.ptr as *const c_void,
                 output.ptr as *mut c_void,
                 input.len,
                 nccl_type(&input),
-                self.comm,
-                self.stream_ptr(),
+                comm,
+                stream,
             )
-        }
-        .map_err(|e| self.nccl_error(OP, e))?;
-        self.wait(OP)
+        })
     }
 
     fn reduce_scatter_device(&self, input: DeviceSlice, output: DeviceSlice) -> Result<(), CommError> {
         const OP: &str = "reduce_scatter_device";
-        self.check_broken(OP)?;
         if input.len != self.size() * output.len || input.bf16 != output.bf16 {
             return Err(self.invalid(OP, format!("input {input:?} is not size {} x output {output:?}", self.size())));
         }
         // SAFETY: live device views of the stated lengths.
-        unsafe {
+        self.on_stream(OP, |comm, stream| unsafe {
             nccl::reduce_scatter(
                 input.ptr as *const c_void,
                 output.ptr as *mut c_void,
                 output.len,
                 nccl_type(&input),
                 SUM,
-                self.comm,
-                self.stream_ptr(),
+                comm,
+                stream,
             )
-        }
-        .map_err(|e| self.nccl_error(OP, e))?;
-        self.wait(OP)
+        })
     }
 }
 

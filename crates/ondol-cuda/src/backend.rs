@@ -47,6 +47,13 @@ fn is_f32(what: &str, d: Dtype) {
     assert_eq!(d, Dtype::F32, "{what}: this operand is kept in f32");
 }
 
+/// [`is_f32`] for each named operand of `op`.
+fn all_f32(op: &str, operands: &[(&str, Dtype)]) {
+    for (what, d) in operands {
+        is_f32(&format!("{op} {what}"), *d);
+    }
+}
+
 /// Rows of a `[rows, cols]` view.
 fn rows_of(len: usize, cols: usize) -> usize {
     assert!(cols > 0 && len.is_multiple_of(cols), "{len} values are not rows of {cols}");
@@ -279,11 +286,8 @@ impl Backend for CudaBackend {
         buf
     }
     fn write(&self, buf: &mut DeviceBuf, data: &[f32]) {
-        assert_eq!(buf.len(), data.len(), "write: buffer and data differ in length");
-        if !data.is_empty() {
-            let dtype = buf.dtype();
-            self.copy_in(buf.view_mut(0..data.len()).ptr, dtype, data);
-        }
+        let len = buf.len();
+        self.write_view(buf.view_mut(0..len), data);
     }
     fn download(&self, buf: &DeviceBuf) -> Vec<f32> {
         self.download_view(buf.view(0..buf.len()))
@@ -541,11 +545,10 @@ impl Backend for CudaBackend {
         dim: usize,
     ) {
         let dtype = same_type("layernorm_backward", &[dout.dtype, x.dtype, weight.dtype, dx.dtype]);
-        for (what, d) in
-            [("mean", mean.dtype), ("rstd", rstd.dtype), ("dweight", dweight.dtype), ("dbias", dbias.dtype)]
-        {
-            is_f32(&format!("layernorm_backward {what}"), d);
-        }
+        all_f32(
+            "layernorm_backward",
+            &[("mean", mean.dtype), ("rstd", rstd.dtype), ("dweight", dweight.dtype), ("dbias", dbias.dtype)],
+        );
         let rows = rows_of(x.len, dim);
         assert!(weight.len == dim && dweight.len == dim && dbias.len == dim, "layernorm_backward: lengths");
         assert!(
@@ -776,10 +779,15 @@ impl Backend for CudaBackend {
     ) {
         let dtype = scan_type("selective_scan_backward", &x, shape);
         assert_eq!(dy.dtype, dtype, "selective_scan_backward: dy type");
-        is_f32("selective_scan_backward states", states.dtype);
-        for (what, d) in [("ddelta_bias", g.ddelta_bias.dtype), ("da_log", g.da_log.dtype), ("dd", g.dd.dtype)] {
-            is_f32(&format!("selective_scan_backward {what}"), d);
-        }
+        all_f32(
+            "selective_scan_backward",
+            &[
+                ("states", states.dtype),
+                ("ddelta_bias", g.ddelta_bias.dtype),
+                ("da_log", g.da_log.dtype),
+                ("dd", g.dd.dtype),
+            ],
+        );
         // dB and dC sum over channels into fp32 accumulators; the recompute keeps the state
         // every SCAN_SUB tokens of a chunk.
         let rows_n = shape.batch * shape.len * shape.state;
@@ -837,10 +845,10 @@ impl Backend for CudaBackend {
     ) {
         let dtype = ssd_type("ssd_backward", &x, shape);
         assert_eq!(dy.dtype, dtype, "ssd_backward: dy type");
-        is_f32("ssd_backward states", states.dtype);
-        for (what, d) in [("ddt_bias", g.ddt_bias.dtype), ("da_log", g.da_log.dtype), ("dd", g.dd.dtype)] {
-            is_f32(&format!("ssd_backward {what}"), d);
-        }
+        all_f32(
+            "ssd_backward",
+            &[("states", states.dtype), ("ddt_bias", g.ddt_bias.dtype), ("da_log", g.da_log.dtype), ("dd", g.dd.dtype)],
+        );
         assert!(g.dxbc.len == x.xbc.len && g.ddt.len == x.dt.len, "ssd_backward: gradient lengths");
         let chunks = shape.len.div_ceil(shape.chunk);
         // exp(L_last) per chunk, dL/dH per chunk boundary, and the fp32 dxbc accumulator.
@@ -1057,9 +1065,7 @@ impl Backend for CudaBackend {
         hp: AdamWParams,
         copy: Option<DevMut<'_>>,
     ) {
-        for (what, d) in [("params", params.dtype), ("grads", grads.dtype), ("m", m.dtype), ("v", v.dtype)] {
-            is_f32(&format!("adamw {what}"), d);
-        }
+        all_f32("adamw", &[("params", params.dtype), ("grads", grads.dtype), ("m", m.dtype), ("v", v.dtype)]);
         let n = params.len;
         assert!(grads.len == n && m.len == n && v.len == n, "adamw: lengths differ");
         let copy_ptr = match &copy {
