@@ -1,9 +1,9 @@
 //! The [`Communicator`] contract: the collectives and point-to-point operations the parallel
 //! layers are written against.
 //!
-//! Buffers are host `f32` slices; a communicator that works on device memory (NCCL) also takes
-//! the `*_device` forms on a backend's buffers ([`DeviceSlice`], f32 or bf16), so activations
-//! and gradients need not travel through the host. Every operation is "caller owns the
+//! Buffers are host `f32` slices; the `*_device` forms take a backend's buffers
+//! ([`DeviceSlice`], f32 or bf16), so that with a communicator of device memory (NCCL)
+//! activations and gradients need not travel through the host. Every operation is "caller owns the
 //! buffers, the call fills them in place" (no allocation in the contract), which lets callers
 //! keep one flat buffer per bucket.
 //!
@@ -18,7 +18,7 @@
 //!   bits run after run.
 
 use crate::CommError;
-use ondol_core::DeviceSlice;
+use ondol_core::{DeviceSlice, bf16};
 
 pub trait Communicator: Send {
     /// This rank's index within the group.
@@ -55,27 +55,90 @@ pub trait Communicator: Send {
         None
     }
 
-    /// Whether the `*_device` operations work: only for communicators of device memory.
-    fn on_device(&self) -> bool {
-        false
+    /// Whether the `*_device` operations take `slice`. A communicator of device memory
+    /// (NCCL) takes a GPU's; a host communicator takes a device emulated in host memory (its
+    /// `*_device` operations copy through the host forms), so the engine's device path runs
+    /// on the CPU too.
+    fn takes(&self, slice: &DeviceSlice) -> bool {
+        slice.host
     }
     /// [`Communicator::all_reduce_sum`] in place on device memory, in order with the work
     /// already issued on the device.
-    fn all_reduce_device(&self, _buf: DeviceSlice) -> Result<(), CommError> {
-        Err(no_device_memory("all_reduce_device", self.world_ranks()))
+    fn all_reduce_device(&self, buf: DeviceSlice) -> Result<(), CommError> {
+        let mut values = read_host("all_reduce_device", self.world_ranks(), &buf)?;
+        self.all_reduce_sum(&mut values)?;
+        write_host(&buf, &values);
+        Ok(())
     }
     /// [`Communicator::all_gather`] on device memory.
-    fn all_gather_device(&self, _input: DeviceSlice, _output: DeviceSlice) -> Result<(), CommError> {
-        Err(no_device_memory("all_gather_device", self.world_ranks()))
+    fn all_gather_device(&self, input: DeviceSlice, output: DeviceSlice) -> Result<(), CommError> {
+        let mine = read_host("all_gather_device", self.world_ranks(), &input)?;
+        let mut gathered = read_host("all_gather_device", self.world_ranks(), &output)?;
+        self.all_gather(&mine, &mut gathered)?;
+        write_host(&output, &gathered);
+        Ok(())
     }
     /// [`Communicator::reduce_scatter_sum`] on device memory.
-    fn reduce_scatter_device(&self, _input: DeviceSlice, _output: DeviceSlice) -> Result<(), CommError> {
-        Err(no_device_memory("reduce_scatter_device", self.world_ranks()))
+    fn reduce_scatter_device(&self, input: DeviceSlice, output: DeviceSlice) -> Result<(), CommError> {
+        let whole = read_host("reduce_scatter_device", self.world_ranks(), &input)?;
+        let mut mine = read_host("reduce_scatter_device", self.world_ranks(), &output)?;
+        self.reduce_scatter_sum(&whole, &mut mine)?;
+        write_host(&output, &mine);
+        Ok(())
+    }
+    /// Queues [`Communicator::all_reduce_device`] of `buf` to run once the work already issued
+    /// on the device is done, beside the device's later work (NCCL: on a stream of its own,
+    /// ordered by an event); returns without waiting for it. A host communicator sums at once.
+    fn queue_all_reduce_device(&self, buf: DeviceSlice) -> Result<(), CommError> {
+        self.all_reduce_device(buf)
+    }
+    /// Waits for every queued all-reduce (at most the timeout), so that work issued after
+    /// this sees their sums, and reports their errors.
+    fn wait_queued(&self) -> Result<(), CommError> {
+        Ok(())
     }
 }
 
-fn no_device_memory(op: &'static str, group: &[usize]) -> CommError {
-    CommError::Invalid { op, group: group.to_vec(), message: "this communicator works on host memory only".into() }
+/// The values of `slice`, a device emulated in host memory, as f32.
+fn read_host(op: &'static str, group: &[usize], slice: &DeviceSlice) -> Result<Vec<f32>, CommError> {
+    if !slice.host {
+        return Err(CommError::Invalid {
+            op,
+            group: group.to_vec(),
+            message: "this communicator works on host memory only, not on a GPU's".into(),
+        });
+    }
+    if slice.len == 0 {
+        return Ok(Vec::new());
+    }
+    // SAFETY: a DeviceSlice is a live view of a backend's buffer (the caller's contract) of
+    // `len` values of its type, and `host` says the address is host memory.
+    Ok(unsafe {
+        if slice.bf16 {
+            let bits = std::slice::from_raw_parts(slice.ptr as *const u16, slice.len);
+            bits.iter().map(|&b| bf16::to_f32(b)).collect()
+        } else {
+            std::slice::from_raw_parts(slice.ptr as *const f32, slice.len).to_vec()
+        }
+    })
+}
+
+/// Writes `values` into `slice` (read with [`read_host`], so it is host memory), rounding to
+/// bf16 where it holds bf16.
+fn write_host(slice: &DeviceSlice, values: &[f32]) {
+    debug_assert!(slice.host && values.len() == slice.len);
+    if slice.len == 0 {
+        return;
+    }
+    // SAFETY: as in read_host; the caller holds the only use of the view for the call.
+    unsafe {
+        if slice.bf16 {
+            let bits = std::slice::from_raw_parts_mut(slice.ptr as *mut u16, slice.len);
+            bits.iter_mut().zip(values).for_each(|(b, &v)| *b = bf16::from_f32(v));
+        } else {
+            std::slice::from_raw_parts_mut(slice.ptr as *mut f32, slice.len).copy_from_slice(values);
+        }
+    }
 }
 
 /// A boxed communicator is one: code can hold `Box<dyn Communicator>` without knowing which.
@@ -113,8 +176,8 @@ impl<C: Communicator + ?Sized> Communicator for Box<C> {
     fn duplicate(&self) -> Option<Box<dyn Communicator>> {
         (**self).duplicate()
     }
-    fn on_device(&self) -> bool {
-        (**self).on_device()
+    fn takes(&self, slice: &DeviceSlice) -> bool {
+        (**self).takes(slice)
     }
     fn all_reduce_device(&self, buf: DeviceSlice) -> Result<(), CommError> {
         (**self).all_reduce_device(buf)
@@ -124,5 +187,11 @@ impl<C: Communicator + ?Sized> Communicator for Box<C> {
     }
     fn reduce_scatter_device(&self, input: DeviceSlice, output: DeviceSlice) -> Result<(), CommError> {
         (**self).reduce_scatter_device(input, output)
+    }
+    fn queue_all_reduce_device(&self, buf: DeviceSlice) -> Result<(), CommError> {
+        (**self).queue_all_reduce_device(buf)
+    }
+    fn wait_queued(&self) -> Result<(), CommError> {
+        (**self).wait_queued()
     }
 }

@@ -17,13 +17,19 @@
 //! most the communicator's timeout: past it, the communicator is aborted (`ncclCommAbort`,
 //! which also ends its kernels on the device) and the error names the operation and the group
 //! (NCCL cannot tell which rank is missing). Waiting per operation also keeps the host in step
-//! with the device; overlapping collectives with compute (a side stream and events) is not
-//! done yet.
+//! with the device.
+//!
+//! # Overlap
+//! The data-parallel group has a second communicator on a stream of its own (the side lane):
+//! [`Communicator::queue_all_reduce_device`] makes that stream wait for an event on the main
+//! stream and queues the sum there, returning at once, so gradient buckets are summed while
+//! the backward kernels issued after them run; [`Communicator::wait_queued`] waits for the
+//! side stream (with the timeout) and orders the main stream after it.
 //!
 //! # Point to point
 //! `send` waits until the peer has received (NCCL does not buffer), so sends and receives must
-//! be paired as the contract says; the pipeline schedules, which rely on buffered sends, are
-//! refused on GPUs until their transfers are batched.
+//! be paired as the contract says; the pipeline schedules rely on buffered sends, so a
+//! launched GPU job gives its pipeline groups TCP communicators instead (through the host).
 
 use crate::comm::Communicator;
 use crate::error::{CommError, Ranks, TimeoutInfo};
@@ -36,6 +42,7 @@ use cudarc::nccl::result as nccl;
 use cudarc::nccl::sys;
 use ondol_core::DeviceSlice;
 use std::ffi::c_void;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -51,10 +58,30 @@ struct Staging {
     bytes: usize,
 }
 
-/// One group's NCCL communicator, on the rank's stream.
-pub struct NcclComm {
+/// An NCCL communicator and the stream its work is queued on.
+struct Lane {
     comm: sys::ncclComm_t,
     stream: Arc<CudaStream>,
+}
+
+impl Lane {
+    fn stream_ptr(&self) -> sys::cudaStream_t {
+        self.stream.cu_stream() as sys::cudaStream_t
+    }
+}
+
+/// One group's NCCL communicator, on the rank's stream.
+pub struct NcclComm {
+    main: Lane,
+    /// The data-parallel group's second communicator, on a stream of its own: gradient
+    /// buckets summed while backward goes on on the main stream (see
+    /// [`Communicator::queue_all_reduce_device`]). Two communicators, not one on two streams,
+    /// so that each keeps one order of operations on every rank.
+    side: Option<Lane>,
+    /// Whether work is queued on the side lane that no [`Communicator::wait_queued`] has
+    /// waited for.
+    queued: AtomicBool,
+    aborted: AtomicBool,
     /// The members as world ranks, in group-rank order.
     ranks: Vec<usize>,
     rank: usize,
@@ -72,10 +99,47 @@ fn nccl_type(s: &DeviceSlice) -> sys::ncclDataType_t {
     if s.bf16 { sys::ncclDataType_t::ncclBfloat16 } else { sys::ncclDataType_t::ncclFloat32 }
 }
 
+/// `ncclCommInitRank` for group rank `rank` of `size`, with the unique id published under
+/// `key` in the store by the group's first rank.
+fn init_rank(
+    store: &mut StoreClient,
+    key: &str,
+    size: usize,
+    rank: usize,
+    stream: &CudaStream,
+    group: &[usize],
+) -> Result<sys::ncclComm_t, CommError> {
+    let fail = |e: nccl::NcclError| CommError::Launch(format!("NCCL group {key} {}: {e:?}", Ranks(group)));
+    let id_key = format!("nccl/{key}");
+    let id = if rank == 0 {
+        let id = nccl::get_uniqueid().map_err(fail)?;
+        store.set(&id_key, &id.internal.iter().map(|&c| c as u8).collect::<Vec<u8>>())?;
+        id
+    } else {
+        let bytes = store.get(&id_key)?;
+        let mut internal = [0 as std::ffi::c_char; 128];
+        if bytes.len() != internal.len() {
+            return Err(CommError::Launch(format!(
+                "NCCL group {key}: the unique id has {} bytes, not 128",
+                bytes.len()
+            )));
+        }
+        internal.iter_mut().zip(&bytes).for_each(|(c, b)| *c = *b as std::ffi::c_char);
+        sys::ncclUniqueId { internal }
+    };
+    stream.context().bind_to_thread().map_err(|e| CommError::Launch(format!("CUDA context: {e}")))?;
+    let mut comm = std::mem::MaybeUninit::uninit();
+    // SAFETY: `comm` is written by a successful init; the id is the group's.
+    unsafe {
+        nccl::comm_init_rank(comm.as_mut_ptr(), size as i32, id, rank as i32).map_err(fail)?;
+        Ok(comm.assume_init())
+    }
+}
+
 impl NcclComm {
-    /// Joins (with `ncclCommInitRank`) the group `ranks` (world ranks, in group order) that
-    /// contains `world_rank`, named `key` in the store; the group's first rank makes the
-    /// unique id.
+    /// Joins the group `ranks` (world ranks, in group order) that contains `world_rank`,
+    /// named `key` in the store, on `stream`; with `side`, also its second communicator on a
+    /// new stream.
     fn join(
         store: &mut StoreClient,
         key: &str,
@@ -83,36 +147,27 @@ impl NcclComm {
         world_rank: usize,
         stream: &Arc<CudaStream>,
         timeout: Duration,
+        side: bool,
     ) -> Result<NcclComm, CommError> {
         let rank = ranks.iter().position(|&r| r == world_rank).expect("a rank joins its own groups");
-        let fail = |e: nccl::NcclError| CommError::Launch(format!("NCCL group {key} {}: {e:?}", Ranks(&ranks)));
-        let id_key = format!("nccl/{key}");
-        let id = if rank == 0 {
-            let id = nccl::get_uniqueid().map_err(fail)?;
-            store.set(&id_key, &id.internal.iter().map(|&c| c as u8).collect::<Vec<u8>>())?;
-            id
-        } else {
-            let bytes = store.get(&id_key)?;
-            let mut internal = [0 as std::ffi::c_char; 128];
-            if bytes.len() != internal.len() {
-                return Err(CommError::Launch(format!(
-                    "NCCL group {key}: the unique id has {} bytes, not 128",
-                    bytes.len()
-                )));
+        let main = Lane { comm: init_rank(store, key, ranks.len(), rank, stream, &ranks)?, stream: stream.clone() };
+        let side = match side {
+            false => None,
+            true => {
+                let side_stream =
+                    stream.fork().map_err(|e| CommError::Launch(format!("a CUDA stream for NCCL: {e}")))?;
+                let key = format!("{key}/side");
+                Some(Lane {
+                    comm: init_rank(store, &key, ranks.len(), rank, &side_stream, &ranks)?,
+                    stream: side_stream,
+                })
             }
-            internal.iter_mut().zip(&bytes).for_each(|(c, b)| *c = *b as std::ffi::c_char);
-            sys::ncclUniqueId { internal }
-        };
-        stream.context().bind_to_thread().map_err(|e| CommError::Launch(format!("CUDA context: {e}")))?;
-        let mut comm = std::mem::MaybeUninit::uninit();
-        // SAFETY: `comm` is written by a successful init; the id is the group's.
-        let comm = unsafe {
-            nccl::comm_init_rank(comm.as_mut_ptr(), ranks.len() as i32, id, rank as i32).map_err(fail)?;
-            comm.assume_init()
         };
         Ok(NcclComm {
-            comm,
-            stream: stream.clone(),
+            main,
+            side,
+            queued: AtomicBool::new(false),
+            aborted: AtomicBool::new(false),
             ranks,
             rank,
             timeout,
@@ -136,21 +191,21 @@ impl NcclComm {
         }
     }
 
-    /// Waits for everything queued on the stream, at most the timeout; past it, or on an
-    /// asynchronous NCCL error, aborts the communicator.
-    fn wait(&self, op: &'static str) -> Result<(), CommError> {
+    /// Waits for everything queued on `lane`'s stream, at most the timeout; past it, or on
+    /// an asynchronous NCCL error, aborts the communicator.
+    fn wait_lane(&self, op: &'static str, lane: &Lane) -> Result<(), CommError> {
         let deadline = Instant::now() + self.timeout;
         let mut pause = Duration::from_micros(20);
         loop {
-            // SAFETY: the stream is alive (held by self).
-            match unsafe { cu::cuStreamQuery(self.stream.cu_stream()) } {
+            // SAFETY: the stream is alive (held by the lane).
+            match unsafe { cu::cuStreamQuery(lane.stream.cu_stream()) } {
                 cu::CUresult::CUDA_SUCCESS => return Ok(()),
                 cu::CUresult::CUDA_ERROR_NOT_READY => {}
                 other => return Err(self.invalid(op, format!("the CUDA stream failed: {other:?}"))),
             }
             let mut async_error = sys::ncclResult_t::ncclSuccess;
             // SAFETY: the communicator is alive; the out-parameter is valid.
-            unsafe { sys::ncclCommGetAsyncError(self.comm, &mut async_error) };
+            unsafe { sys::ncclCommGetAsyncError(lane.comm, &mut async_error) };
             if async_error != sys::ncclResult_t::ncclSuccess && async_error != sys::ncclResult_t::ncclInProgress {
                 self.abort();
                 return Err(self.invalid(op, format!("NCCL reported {async_error:?}; the communicator was aborted")));
@@ -166,9 +221,20 @@ impl NcclComm {
         }
     }
 
+    fn wait(&self, op: &'static str) -> Result<(), CommError> {
+        self.wait_lane(op, &self.main)
+    }
+
+    /// Aborts both lanes' communicators (which also ends their kernels on the device); later
+    /// calls fail.
     fn abort(&self) {
-        // SAFETY: aborting a live communicator; later calls on it fail (and `broken` says why).
-        let _ = unsafe { nccl::comm_abort(self.comm) };
+        if self.aborted.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        for lane in std::iter::once(&self.main).chain(&self.side) {
+            // SAFETY: aborting a live communicator, once (the flag above).
+            let _ = unsafe { nccl::comm_abort(lane.comm) };
+        }
     }
 
     /// A device buffer of at least `bytes`, for staging host slices.
@@ -190,14 +256,14 @@ impl NcclComm {
 
     fn upload(&self, dst: u64, src: &[f32]) -> Result<(), CommError> {
         // SAFETY: `dst` holds at least `src.len()` f32 (the staging buffer).
-        unsafe { driver::memcpy_htod_async(dst, src, self.stream.cu_stream()) }
+        unsafe { driver::memcpy_htod_async(dst, src, self.main.stream.cu_stream()) }
             .map_err(|e| self.invalid("copy to the GPU", e.to_string()))
     }
 
     fn download(&self, dst: &mut [f32], src: u64) -> Result<(), CommError> {
         // SAFETY: `src` holds at least `dst.len()` f32; the stream was waited for, so the
         // (synchronous, pageable) copy does not wait on a collective.
-        unsafe { driver::memcpy_dtoh_async(dst, src, self.stream.cu_stream()) }
+        unsafe { driver::memcpy_dtoh_async(dst, src, self.main.stream.cu_stream()) }
             .map_err(|e| self.invalid("copy from the GPU", e.to_string()))?;
         self.wait("copy from the GPU")
     }
@@ -212,7 +278,7 @@ impl NcclComm {
         run: impl FnOnce(u64, u64) -> Result<nccl::NcclStatus, nccl::NcclError>,
     ) -> Result<(), CommError> {
         self.check_broken(op)?;
-        self.stream.context().bind_to_thread().map_err(|e| self.invalid(op, e.to_string()))?;
+        self.main.stream.context().bind_to_thread().map_err(|e| self.invalid(op, e.to_string()))?;
         let base = self.staging(4 * (input.len() + output.len()).max(1))?;
         let out_ptr = base + 4 * input.len() as u64;
         if !input.is_empty() {
@@ -234,22 +300,23 @@ impl NcclComm {
         run: impl FnOnce(sys::ncclComm_t, sys::cudaStream_t) -> Result<nccl::NcclStatus, nccl::NcclError>,
     ) -> Result<(), CommError> {
         self.check_broken(op)?;
-        run(self.comm, self.stream_ptr()).map_err(|e| self.nccl_error(op, e))?;
+        run(self.main.comm, self.main.stream_ptr()).map_err(|e| self.nccl_error(op, e))?;
         self.wait(op)
     }
 
     fn stream_ptr(&self) -> sys::cudaStream_t {
-        self.stream.cu_stream() as sys::cudaStream_t
+        self.main.stream_ptr()
     }
 }
 
 impl Drop for NcclComm {
     fn drop(&mut self) {
-        let broken = self.broken.lock().map(|b| b.is_some()).unwrap_or(true);
-        // SAFETY: the communicator is destroyed once; an aborted one needs no destroy.
+        // SAFETY: each communicator is destroyed once; aborted ones need no destroy.
         unsafe {
-            if !broken {
-                let _ = nccl::comm_destroy(self.comm);
+            if !self.aborted.load(Ordering::SeqCst) {
+                for lane in std::iter::once(&self.main).chain(&self.side) {
+                    let _ = nccl::comm_destroy(lane.comm);
+                }
             }
             let st = self.staging.get_mut().unwrap_or_else(|e| e.into_inner());
             if st.ptr != 0 {
@@ -277,7 +344,7 @@ impl Communicator for NcclComm {
 
     fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<(), CommError> {
         let input = buf.to_vec();
-        let (n, comm, stream) = (buf.len(), self.comm, self.stream_ptr());
+        let (n, comm, stream) = (buf.len(), self.main.comm, self.stream_ptr());
         // SAFETY (every staged call): the pointers are the staging buffer's input and output
         // regions, of the lengths given.
         self.staged("all_reduce_sum", &input, buf, |i, o| unsafe {
@@ -293,7 +360,7 @@ impl Communicator for NcclComm {
                 format!("input has {} elements; it must be size {} x output {n}", input.len(), self.size()),
             ));
         }
-        let (comm, stream) = (self.comm, self.stream_ptr());
+        let (comm, stream) = (self.main.comm, self.stream_ptr());
         self.staged("reduce_scatter_sum", input, output, |i, o| unsafe {
             nccl::reduce_scatter(i as *const c_void, o as *mut c_void, n, F32, SUM, comm, stream)
         })
@@ -307,7 +374,7 @@ impl Communicator for NcclComm {
                 format!("output has {} elements; it must be size {} x input {n}", output.len(), self.size()),
             ));
         }
-        let (comm, stream) = (self.comm, self.stream_ptr());
+        let (comm, stream) = (self.main.comm, self.stream_ptr());
         self.staged("all_gather", input, output, |i, o| unsafe {
             nccl::all_gather(i as *const c_void, o as *mut c_void, n, F32, comm, stream)
         })
@@ -318,7 +385,7 @@ impl Communicator for NcclComm {
             return Err(self.invalid("broadcast", format!("root {root} is outside the group of {} ranks", self.size())));
         }
         let input = buf.to_vec();
-        let (n, comm, stream) = (buf.len(), self.comm, self.stream_ptr());
+        let (n, comm, stream) = (buf.len(), self.main.comm, self.stream_ptr());
         self.staged("broadcast", &input, buf, |i, o| unsafe {
             nccl::broadcast(i as *const c_void, o as *mut c_void, n, F32, root as i32, comm, stream)
         })
@@ -328,7 +395,7 @@ impl Communicator for NcclComm {
         if to >= self.size() {
             return Err(self.invalid("send", format!("destination {to} is outside the group of {} ranks", self.size())));
         }
-        let (n, comm, stream) = (buf.len(), self.comm, self.stream_ptr());
+        let (n, comm, stream) = (buf.len(), self.main.comm, self.stream_ptr());
         self.staged("send", buf, &mut [], |i, _| unsafe {
             nccl::send(i as *const c_void, n, F32, to as i32, comm, stream)
         })
@@ -338,7 +405,7 @@ impl Communicator for NcclComm {
         if from >= self.size() {
             return Err(self.invalid("recv", format!("source {from} is outside the group of {} ranks", self.size())));
         }
-        let (n, comm, stream) = (buf.len(), self.comm, self.stream_ptr());
+        let (n, comm, stream) = (buf.len(), self.main.comm, self.stream_ptr());
         self.staged("recv", &[], buf, |_, o| unsafe { nccl::recv(o as *mut c_void, n, F32, from as i32, comm, stream) })
     }
 
@@ -349,8 +416,8 @@ impl Communicator for NcclComm {
         })
     }
 
-    fn on_device(&self) -> bool {
-        true
+    fn takes(&self, slice: &DeviceSlice) -> bool {
+        !slice.host
     }
 
     fn all_reduce_device(&self, buf: DeviceSlice) -> Result<(), CommError> {
@@ -404,6 +471,44 @@ impl Communicator for NcclComm {
             )
         })
     }
+
+    /// On the side lane where this communicator has one (the data-parallel group's): the
+    /// side stream waits for an event recorded now on the main stream, so the sum starts once
+    /// the gradients are final and runs beside the backward kernels queued after it.
+    fn queue_all_reduce_device(&self, buf: DeviceSlice) -> Result<(), CommError> {
+        const OP: &str = "queue_all_reduce_device";
+        let Some(side) = &self.side else { return self.all_reduce_device(buf) };
+        self.check_broken(OP)?;
+        side.stream.join(&self.main.stream).map_err(|e| self.invalid(OP, format!("CUDA event: {e}")))?;
+        // SAFETY: `buf` is a live device view of the backend (the caller's contract), in place;
+        // the caller leaves it alone until wait_queued.
+        unsafe {
+            nccl::all_reduce(
+                buf.ptr as *const c_void,
+                buf.ptr as *mut c_void,
+                buf.len,
+                nccl_type(&buf),
+                SUM,
+                side.comm,
+                side.stream_ptr(),
+            )
+        }
+        .map_err(|e| self.nccl_error(OP, e))?;
+        self.queued.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Waits for the side stream (at most the timeout) and orders the main stream after it.
+    fn wait_queued(&self) -> Result<(), CommError> {
+        const OP: &str = "wait_queued";
+        let Some(side) = &self.side else { return Ok(()) };
+        if !self.queued.swap(false, Ordering::SeqCst) {
+            return Ok(());
+        }
+        self.check_broken(OP)?;
+        self.wait_lane(OP, side)?;
+        self.main.stream.join(&side.stream).map_err(|e| self.invalid(OP, format!("CUDA event: {e}")))
+    }
 }
 
 impl RankComms<NcclComm> {
@@ -425,16 +530,18 @@ impl RankComms<NcclComm> {
             ));
         }
         let coords = mesh.coords(rank)?;
-        let mut join = |kind: &str, groups: Vec<Vec<usize>>| {
+        let mut join = |kind: &str, groups: Vec<Vec<usize>>, side: bool| {
             let (index, group) =
                 groups.into_iter().enumerate().find(|(_, g)| g.contains(&rank)).expect("every rank is in a group");
-            NcclComm::join(store, &format!("{kind}/{index}"), group, rank, stream, timeout)
+            NcclComm::join(store, &format!("{kind}/{index}"), group, rank, stream, timeout, side)
         };
-        let world = join("world", vec![(0..mesh.world()).collect()])?;
-        let tp = join("tp", mesh.tp_groups())?;
-        let pp = join("pp", mesh.pp_groups())?;
-        let pp_back = join("pp_back", mesh.pp_groups())?;
-        let dp = join("dp", mesh.dp_groups())?;
+        let world = join("world", vec![(0..mesh.world()).collect()], false)?;
+        let tp = join("tp", mesh.tp_groups(), false)?;
+        let pp = join("pp", mesh.pp_groups(), false)?;
+        let pp_back = join("pp_back", mesh.pp_groups(), false)?;
+        // Gradient buckets are summed over dp beside backward (the side lane; made at dp 1 too,
+        // so that a one-GPU machine runs it).
+        let dp = join("dp", mesh.dp_groups(), true)?;
         Ok(RankComms { mesh, coords, world, tp, pp, pp_back, dp })
     }
 }

@@ -42,13 +42,16 @@ fn every_collective_runs_at_world_size_one() {
         comm.broadcast(&mut b, 0).unwrap();
         assert_eq!(b, [7.0]);
         comm.barrier().unwrap();
-        assert!(comm.on_device());
     }
     // Device memory, f32 and bf16 (1.5 and -2.0 are exact in bf16: 0x3fc0, 0xc000).
     let f32s = stream.clone_htod(&[1.5f32, -2.0, 3.25, 4.0]).unwrap();
     let out = stream.alloc_zeros::<f32>(4).unwrap();
     let (in_ptr, out_ptr) = (f32s.device_ptr(&stream).0, out.device_ptr(&stream).0);
-    let slice = |ptr, len, bf16| DeviceSlice { ptr, len, bf16 };
+    let slice = |ptr, len, bf16| DeviceSlice { ptr, len, bf16, host: false };
+    assert!(
+        comms.dp.takes(&slice(in_ptr, 4, false))
+            && !comms.dp.takes(&DeviceSlice { host: true, ..slice(in_ptr, 4, false) })
+    );
     comms.dp.all_reduce_device(slice(in_ptr, 4, false)).unwrap();
     comms.tp.all_gather_device(slice(in_ptr, 4, false), slice(out_ptr, 4, false)).unwrap();
     assert_eq!(stream.clone_dtoh(&out).unwrap(), vec![1.5, -2.0, 3.25, 4.0]);
@@ -56,6 +59,13 @@ fn every_collective_runs_at_world_size_one() {
     let bf16_ptr = bf16s.device_ptr(&stream).0;
     comms.tp.all_reduce_device(slice(bf16_ptr, 2, true)).unwrap();
     comms.tp.reduce_scatter_device(slice(bf16_ptr, 2, true), slice(bf16_ptr, 2, true)).unwrap();
+    assert_eq!(stream.clone_dtoh(&bf16s).unwrap(), vec![0x3fc0, 0xc000]);
+    // The dp group's side lane (gradient buckets beside backward): queued twice, waited once.
+    comms.dp.wait_queued().unwrap();
+    comms.dp.queue_all_reduce_device(slice(in_ptr, 2, false)).unwrap();
+    comms.dp.queue_all_reduce_device(slice(bf16_ptr, 2, true)).unwrap();
+    comms.dp.wait_queued().unwrap();
+    assert_eq!(stream.clone_dtoh(&f32s).unwrap(), vec![1.5, -2.0, 3.25, 4.0]);
     assert_eq!(stream.clone_dtoh(&bf16s).unwrap(), vec![0x3fc0, 0xc000]);
     drop(comms);
     drop(store);

@@ -235,12 +235,15 @@ pub struct AdamWParams {
 }
 
 /// Where a view lives in device memory, for communicators that work on it directly (NCCL):
-/// its address, its length in elements, and whether they are bf16 (else f32).
+/// its address, its length in elements, whether they are bf16 (else f32), and whether the
+/// address is host memory (a device emulated on the CPU, whose "device memory" host
+/// communicators can read and write).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DeviceSlice {
     pub ptr: u64,
     pub len: usize,
     pub bf16: bool,
+    pub host: bool,
 }
 
 /// A compute backend: owns memory, runs ops. See the module docs for the conventions.

@@ -263,9 +263,12 @@ impl Backend for CudaBackend {
     }
 
     fn device_slice(&self, view: DevRef<'_>) -> Option<DeviceSlice> {
-        // Emulator memory is the host's: no device communicator may take it.
-        self.dev.cuda_stream()?;
-        Some(DeviceSlice { ptr: view.ptr, len: view.len, bf16: view.dtype == Dtype::Bf16 })
+        Some(DeviceSlice {
+            ptr: view.ptr,
+            len: view.len,
+            bf16: view.dtype == Dtype::Bf16,
+            host: self.dev.host_memory(),
+        })
     }
 
     // ---- memory ---------------------------------------------------------------------------

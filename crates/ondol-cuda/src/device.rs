@@ -60,6 +60,10 @@ pub(crate) trait Device: Send + Sync {
     fn cuda_stream(&self) -> Option<Arc<CudaStream>> {
         None
     }
+    /// Whether device addresses are host memory (the emulator's).
+    fn host_memory(&self) -> bool {
+        false
+    }
 
     /// A grid-stride launch over `n` elements: 256 threads a block, at most 16 blocks per SM
     /// (none for no elements).

@@ -179,6 +179,10 @@ impl Device for Emulator {
 
     fn synchronize(&self) {}
 
+    fn host_memory(&self) -> bool {
+        true
+    }
+
     fn memory(&self) -> Option<(u64, u64)> {
         None
     }

@@ -210,10 +210,35 @@ impl<B: Backend> Chunk<B> {
     }
 }
 
-/// `view` in device memory, if `comm` can work there (NCCL on a GPU backend); else the
-/// collective goes through host copies.
+/// `view` in device memory, if `comm` can work there (NCCL on a GPU backend, or a host
+/// communicator on the emulated one); else the collective goes through host copies.
 fn on_device<B: Backend>(be: &B, comm: &dyn Communicator, view: B::Ref<'_>) -> Option<DeviceSlice> {
-    if comm.on_device() { be.device_slice(view) } else { None }
+    be.device_slice(view).filter(|s| comm.takes(s))
+}
+
+/// `ranges` of `buf` become their sums over `comm`: on the device where it can (a call per
+/// range), else through the host in one call.
+fn all_reduce_ranges<B: Backend>(
+    be: &B,
+    comm: &dyn Communicator,
+    buf: &mut B::Buf,
+    ranges: &[Range<usize>],
+) -> Result<()> {
+    if ranges.iter().all(|r| on_device(be, comm, be.view(buf, r.clone())).is_some()) {
+        for r in ranges {
+            let slice = on_device(be, comm, be.view(buf, r.clone())).expect("checked above");
+            comm.all_reduce_device(slice)?;
+        }
+        return Ok(());
+    }
+    let mut host: Vec<f32> = ranges.iter().flat_map(|r| be.download_view(be.view(buf, r.clone()))).collect();
+    comm.all_reduce_sum(&mut host)?;
+    let mut at = 0;
+    for r in ranges {
+        be.write_view(be.view_mut(buf, r.clone()), &host[at..at + r.len()]);
+        at += r.len();
+    }
+    Ok(())
 }
 
 /// `buf` becomes its sum over `comm`: on the device where it can, else through the host.
@@ -232,7 +257,15 @@ fn all_reduce_buf<B: Backend>(be: &B, comm: &dyn Communicator, buf: &mut B::Buf)
 /// gradients go to the data-parallel buckets.
 struct TpHook<'a> {
     comm: &'a dyn Communicator,
-    buckets: Option<(&'a mut Buckets, usize)>,
+    buckets: Option<BucketSink<'a>>,
+}
+
+/// Where the last backward of chunk `chunk` hands finished gradients: the buckets, summed
+/// over `dp`.
+struct BucketSink<'a> {
+    buckets: &'a mut Buckets,
+    chunk: usize,
+    dp: &'a dyn Communicator,
 }
 
 impl<'a> TpHook<'a> {
@@ -269,37 +302,40 @@ impl<B: Backend> TensorParallel<B> for TpHook<'_> {
     }
     fn grads_ready(&mut self, be: &B, grads: &B::Buf, range: Range<usize>) -> Result<()> {
         match &mut self.buckets {
-            Some((buckets, chunk)) => buckets.ready(be, *chunk, grads, range),
+            Some(sink) => sink.buckets.ready(be, sink.dp, sink.chunk, grads, range),
             None => Ok(()),
         }
     }
 }
 
-/// A bucket reduced over dp: its chunk, its range of the chunk's gradients, the sums.
+/// A bucket reduced over dp through the host: its chunk, its range of the chunk's
+/// gradients, the sums.
 type Reduced = (usize, Range<usize>, Vec<f32>);
 
 /// What the bucket worker hands back: the communicator handle, and every bucket's sums.
 type Finished = (Box<dyn Communicator>, std::result::Result<Vec<Reduced>, ondol_comm::CommError>);
 
-/// Data-parallel gradient buckets all-reduced by a worker thread, through a second handle of
-/// the dp communicator, while backward goes on. Backward reports finished ranges in
-/// descending order; adjacent ones gather into a bucket until it holds `size` floats. Tensors
-/// whose gradients are first summed over tp or pp (a tied embedding's two copies, shared kv
-/// heads) stay out and are reduced after the schedule, so every element's dp sum is the same
-/// as without buckets, bit for bit.
-struct Buckets {
-    size: usize,
-    tx: Option<mpsc::Sender<Reduced>>,
-    worker: Option<JoinHandle<Finished>>,
-    /// Per chunk: the bucket being gathered, and the ranges that stay out.
-    open: Vec<Option<Range<usize>>>,
-    excluded: Vec<Vec<Range<usize>>>,
+/// How this rank sums gradient buckets over dp during backward ([`Layout::grad_buckets`]).
+enum Bucketing {
+    Off,
+    /// On the device: queued on the dp communicator beside the backward kernels (NCCL's side
+    /// stream; a host communicator on the emulated device's memory sums at once).
+    Device,
+    /// Through the host, by a worker thread with this second handle of the dp communicator
+    /// (lent to the worker during each step).
+    Worker(Option<Box<dyn Communicator>>),
 }
 
-impl Buckets {
-    fn start(comm: Box<dyn Communicator>, size: usize, excluded: Vec<Vec<Range<usize>>>) -> Result<Self> {
+/// The worker of [`Bucketing::Worker`]: sums the buckets it is sent, in order.
+struct Worker {
+    tx: Option<mpsc::Sender<Reduced>>,
+    thread: Option<JoinHandle<Finished>>,
+}
+
+impl Worker {
+    fn start(comm: Box<dyn Communicator>) -> Result<Self> {
         let (tx, rx) = mpsc::channel::<Reduced>();
-        let worker = std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("ondol-dp-buckets".into())
             .spawn(move || {
                 let mut done = Vec::new();
@@ -312,54 +348,91 @@ impl Buckets {
                 (comm, Ok(done))
             })
             .map_err(|e| Error::Training(format!("cannot start the gradient-bucket thread: {e}")))?;
-        let open = vec![None; excluded.len()];
-        Ok(Self { size, tx: Some(tx), worker: Some(worker), open, excluded })
-    }
-
-    fn ready<B: Backend>(&mut self, be: &B, chunk: usize, grads: &B::Buf, range: Range<usize>) -> Result<()> {
-        if range.is_empty() {
-            return Ok(());
-        }
-        if self.excluded[chunk].iter().any(|x| x.start < range.end && range.start < x.end) {
-            return self.flush(be, chunk, grads);
-        }
-        match &mut self.open[chunk] {
-            Some(open) if range.end == open.start => open.start = range.start,
-            _ => {
-                self.flush(be, chunk, grads)?;
-                self.open[chunk] = Some(range);
-            }
-        }
-        if self.open[chunk].as_ref().is_some_and(|r| r.len() >= self.size) {
-            self.flush(be, chunk, grads)?;
-        }
-        Ok(())
-    }
-
-    /// Hands the chunk's gathered bucket to the worker.
-    fn flush<B: Backend>(&mut self, be: &B, chunk: usize, grads: &B::Buf) -> Result<()> {
-        let Some(range) = self.open[chunk].take() else { return Ok(()) };
-        let data = be.download_view(be.view(grads, range.clone()));
-        let tx = self.tx.as_ref().expect("buckets are open until finish");
-        // A send fails only if the worker stopped on an error, which finish reports.
-        let _ = tx.send((chunk, range, data));
-        Ok(())
+        Ok(Self { tx: Some(tx), thread: Some(thread) })
     }
 
     /// Waits for the worker: the communicator handle back, and every bucket's sums.
     fn finish(mut self) -> Finished {
         self.tx = None;
-        self.worker.take().expect("finished once").join().expect("the gradient-bucket thread does not panic")
+        self.thread.take().expect("finished once").join().expect("the gradient-bucket thread does not panic")
     }
 }
 
-impl Drop for Buckets {
+impl Drop for Worker {
     fn drop(&mut self) {
         // An error in the schedule drops the buckets unfinished: stop the worker with them.
         self.tx = None;
-        if let Some(worker) = self.worker.take() {
-            let _ = worker.join();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
         }
+    }
+}
+
+/// Data-parallel gradient buckets summed while backward goes on: on the device, or through
+/// the host by a [`Worker`] (None). Backward reports finished ranges in descending order;
+/// adjacent ones gather into a bucket until it holds `size` floats. Tensors whose gradients
+/// are first summed over tp or pp (a tied embedding's two copies, shared kv heads) stay out
+/// and are reduced after the schedule, so every element's dp sum is the same as without
+/// buckets, bit for bit.
+struct Buckets {
+    size: usize,
+    worker: Option<Worker>,
+    /// Per chunk: the bucket being gathered, the ranges that stay out, the ranges handed off.
+    open: Vec<Option<Range<usize>>>,
+    excluded: Vec<Vec<Range<usize>>>,
+    covered: Vec<Vec<Range<usize>>>,
+}
+
+impl Buckets {
+    fn new(size: usize, worker: Option<Worker>, excluded: Vec<Vec<Range<usize>>>) -> Self {
+        let chunks = excluded.len();
+        Self { size, worker, open: vec![None; chunks], excluded, covered: vec![Vec::new(); chunks] }
+    }
+
+    fn ready<B: Backend>(
+        &mut self,
+        be: &B,
+        dp: &dyn Communicator,
+        chunk: usize,
+        grads: &B::Buf,
+        range: Range<usize>,
+    ) -> Result<()> {
+        if range.is_empty() {
+            return Ok(());
+        }
+        if self.excluded[chunk].iter().any(|x| x.start < range.end && range.start < x.end) {
+            return self.flush(be, dp, chunk, grads);
+        }
+        match &mut self.open[chunk] {
+            Some(open) if range.end == open.start => open.start = range.start,
+            _ => {
+                self.flush(be, dp, chunk, grads)?;
+                self.open[chunk] = Some(range);
+            }
+        }
+        if self.open[chunk].as_ref().is_some_and(|r| r.len() >= self.size) {
+            self.flush(be, dp, chunk, grads)?;
+        }
+        Ok(())
+    }
+
+    /// Hands the chunk's gathered bucket to the device or to the worker.
+    fn flush<B: Backend>(&mut self, be: &B, dp: &dyn Communicator, chunk: usize, grads: &B::Buf) -> Result<()> {
+        let Some(range) = self.open[chunk].take() else { return Ok(()) };
+        self.covered[chunk].push(range.clone());
+        let view = be.view(grads, range.clone());
+        match &self.worker {
+            None => {
+                let slice = on_device(be, dp, view).expect("device buckets only where dp takes the gradients");
+                dp.queue_all_reduce_device(slice)?;
+            }
+            Some(worker) => {
+                let tx = worker.tx.as_ref().expect("buckets are open until finish");
+                // A send fails only if the worker stopped on an error, which finish reports.
+                let _ = tx.send((chunk, range, be.download_view(view)));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -391,9 +464,7 @@ pub struct Engine<B: Backend> {
     plan: Vec<Action>,
     /// Device copies of each micro-batch's inputs and targets.
     ids: Vec<(B::Ids, B::Ids)>,
-    /// The dp communicator's second handle, lent to the gradient buckets' worker each step
-    /// (None: no buckets, see [`Layout::grad_buckets`]).
-    bucket_comm: Option<Box<dyn Communicator>>,
+    bucketing: Bucketing,
     /// Per chunk, the micro-batch of its last backward in the plan (its gradients are final
     /// after it).
     last_backward: Vec<usize>,
@@ -446,11 +517,27 @@ impl<B: Backend> Engine<B> {
         let rows = layout.batch * layout.seq;
         let ids = (0..layout.micro).map(|_| (be.upload_ids(&vec![0; rows]), be.upload_ids(&vec![0; rows]))).collect();
         let dp = comms.dp.as_ref();
-        let bucket_comm = match layout.grad_buckets {
-            Some(_) if dp.size() > 1 && !layout.zero && !dp.on_device() => dp.duplicate(),
-            _ => None,
+        let bucketing = match layout.grad_buckets {
+            Some(_) if dp.size() > 1 && !layout.zero => {
+                if chunks.iter().all(|c| on_device(&be, dp, be.all(&c.grads)).is_some()) {
+                    Bucketing::Device
+                } else {
+                    dp.duplicate().map_or(Bucketing::Off, |comm| Bucketing::Worker(Some(comm)))
+                }
+            }
+            _ => Bucketing::Off,
         };
-        Ok(Self { be, comms, layout, whole, chunks, plan, ids, bucket_comm, last_backward })
+        Ok(Self { be, comms, layout, whole, chunks, plan, ids, bucketing, last_backward })
+    }
+
+    /// Where this rank sums gradient buckets during backward: "the device" (the dp
+    /// communicator's side stream), "a host thread", or None when it does not.
+    pub fn bucket_path(&self) -> Option<&'static str> {
+        match self.bucketing {
+            Bucketing::Off => None,
+            Bucketing::Device => Some("the device"),
+            Bucketing::Worker(_) => Some("a host thread"),
+        }
     }
 
     fn stages(&self) -> usize {
@@ -503,9 +590,14 @@ impl<B: Backend> Engine<B> {
         }
         let plan = self.plan.clone();
         let (mut loss, mut wait) = (0.0, 0.0);
-        let mut buckets = match (self.bucket_comm.take(), self.layout.grad_buckets) {
-            (Some(comm), Some(size)) => Some(Buckets::start(comm, size, self.excluded_from_buckets())?),
-            _ => None,
+        let size = self.layout.grad_buckets.unwrap_or(0);
+        let mut buckets = match &mut self.bucketing {
+            Bucketing::Off => None,
+            Bucketing::Device => Some(Buckets::new(size, None, self.excluded_from_buckets())),
+            Bucketing::Worker(comm) => {
+                let worker = Worker::start(comm.take().expect("the handle is back after each step"))?;
+                Some(Buckets::new(size, Some(worker), self.excluded_from_buckets()))
+            }
         };
         for action in plan {
             match action {
@@ -520,16 +612,12 @@ impl<B: Backend> Engine<B> {
                 }
             }
         }
-        let reduced = match buckets {
-            Some(b) => {
-                let (comm, reduced) = b.finish();
-                self.bucket_comm = Some(comm);
-                Some(reduced?)
-            }
-            None => None,
+        let covered = match buckets {
+            Some(b) => self.finish_buckets(b)?,
+            None => vec![Vec::new(); self.chunks.len()],
         };
         self.sum_shared_grads()?;
-        let grad_norm = self.sync_and_update(lr, reduced)?;
+        let grad_norm = self.sync_and_update(lr, &covered)?;
         let loss_sum = self.sum_over_world(if self.reports_loss() { loss } else { 0.0 })?;
         Ok(StepOutcome { loss_sum, grad_norm, pipeline_wait_s: wait })
     }
@@ -588,7 +676,9 @@ impl<B: Backend> Engine<B> {
     /// `buckets` if given (the chunk's last backward); returns the seconds spent waiting.
     fn backward(&mut self, chunk: usize, micro: usize, mut buckets: Option<&mut Buckets>) -> Result<f64> {
         let (be, layout, stages) = (&self.be, &self.layout, self.stages());
-        let mut tp = TpHook { comm: self.comms.tp.as_ref(), buckets: buckets.as_deref_mut().map(|b| (b, chunk)) };
+        let dp = self.comms.dp.as_ref();
+        let sink = buckets.as_deref_mut().map(|buckets| BucketSink { buckets, chunk, dp });
+        let mut tp = TpHook { comm: self.comms.tp.as_ref(), buckets: sink };
         let c = &mut self.chunks[chunk];
         let slot = c.workspace(be, micro, layout)?;
         let ws = &mut c.pool[slot];
@@ -600,13 +690,30 @@ impl<B: Backend> Engine<B> {
         let ids = &self.ids[micro].0;
         c.model.backward_stage(be, &c.params, &mut c.grads, ws, ids, &mut tp)?;
         if let Some(b) = buckets {
-            b.flush(be, chunk, &c.grads)?;
+            b.flush(be, dp, chunk, &c.grads)?;
         }
         if c.stage > 0 {
             send_tagged(be, self.comms.pp_back.as_ref(), ws.input_grad(), prev(&self.comms), (c.stage - 1, micro))?;
         }
         c.release(micro);
         Ok(wait)
+    }
+
+    /// Waits for the buckets' sums (writing those made through the host into the gradients);
+    /// returns per chunk the ranges they cover.
+    fn finish_buckets(&mut self, mut b: Buckets) -> Result<Vec<Vec<Range<usize>>>> {
+        match b.worker.take() {
+            None => self.comms.dp.wait_queued()?,
+            Some(worker) => {
+                let (comm, reduced) = worker.finish();
+                self.bucketing = Bucketing::Worker(Some(comm));
+                for (chunk, range, sums) in reduced? {
+                    let grads = &mut self.chunks[chunk].grads;
+                    self.be.write_view(self.be.view_mut(grads, range), &sums);
+                }
+            }
+        }
+        Ok(b.covered)
     }
 
     /// Per chunk, the tensors whose gradients are summed over tp or pp before dp (see
@@ -650,36 +757,24 @@ impl<B: Backend> Engine<B> {
     }
 
     /// Sums gradients over the data-parallel replicas (all-reduce, or reduce-scatter under
-    /// ZeRO-1), finds the global norm over every rank, and applies AdamW. `reduced` holds the
-    /// buckets already summed during backward; the rest of each chunk is summed here.
-    fn sync_and_update(&mut self, lr: f32, reduced: Option<Vec<Reduced>>) -> Result<f64> {
+    /// ZeRO-1), finds the global norm over every rank, and applies AdamW. `covered` holds,
+    /// per chunk, the ranges the buckets already summed during backward; the rest of each
+    /// chunk is summed here.
+    fn sync_and_update(&mut self, lr: f32, covered: &[Vec<Range<usize>>]) -> Result<f64> {
         let be = &self.be;
         let dp: &dyn Communicator = self.comms.dp.as_ref();
         let first_replica = self.comms.coords.dp == 0;
         let mut squares = 0.0;
         let mut shards = Vec::new();
-        let mut reduced = reduced.unwrap_or_default();
-        for (k, c) in self.chunks.iter_mut().enumerate() {
+        for (c, covered) in self.chunks.iter_mut().zip(covered) {
             match &c.zero {
                 None => {
-                    let mine: Vec<Reduced> = reduced.extract_if(.., |(chunk, _, _)| *chunk == k).collect();
-                    if mine.is_empty() && dp.size() > 1 {
+                    if covered.is_empty() && dp.size() > 1 {
                         all_reduce_buf(be, dp, &mut c.grads)?;
                     } else if dp.size() > 1 {
-                        let covered: Vec<Range<usize>> = mine.iter().map(|(_, r, _)| r.clone()).collect();
-                        for (_, range, sums) in mine {
-                            be.write_view(be.view_mut(&mut c.grads, range), &sums);
-                        }
-                        // The rest of the chunk (tensors kept out of the buckets), in one call.
-                        let rest = complement(c.model.num_params(), &covered);
-                        let mut host: Vec<f32> =
-                            rest.iter().flat_map(|r| be.download_view(be.view(&c.grads, r.clone()))).collect();
-                        dp.all_reduce_sum(&mut host)?;
-                        let mut at = 0;
-                        for r in rest {
-                            be.write_view(be.view_mut(&mut c.grads, r.clone()), &host[at..at + r.len()]);
-                            at += r.len();
-                        }
+                        // The rest of the chunk: tensors kept out of the buckets.
+                        let rest = complement(c.model.num_params(), covered);
+                        all_reduce_ranges(be, dp, &mut c.grads, &rest)?;
                     }
                     // Replicas hold equal gradients: the first one counts them.
                     if first_replica {

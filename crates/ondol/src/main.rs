@@ -303,24 +303,24 @@ fn train_cuda(args: &TrainArgs, cfg: RunConfig) -> Result<()> {
     train_rank(args, be, &peak, cfg, data, None)
 }
 
-/// One launched rank on the GPU of its local rank, talking to the others through NCCL.
+/// One launched rank on the GPU of its local rank, talking to the others through NCCL; with
+/// pipeline stages, their activations and gradients go through the host over TCP, because
+/// the schedules rely on buffered sends, which NCCL does not give.
 #[cfg(feature = "cuda")]
 fn train_launched_cuda(args: &TrainArgs, cfg: RunConfig, env: &DistEnv) -> Result<()> {
-    if cfg.parallelism.pp > 1 {
-        return Err(Error::config(
-            "parallelism.pp",
-            "pipeline parallelism on \"cuda\" is not available yet: its schedules rely on buffered sends, \
-             which NCCL does not give; use tp and dp on GPUs (pp works on \"cpu\")",
-        ));
-    }
     let (be, gpu) = open_gpu(&cfg, env.local_rank)?;
     let mut job = Job::join(&cfg, env)?;
     let stream = be.stream().expect("a GPU backend has a stream");
-    let comms = RankComms::nccl(job.mesh, env.rank, &mut job.store, &stream, job.timeout)?;
+    let mut comms = RankComms::nccl(job.mesh, env.rank, &mut job.store, &stream, job.timeout)?.boxed();
+    if job.mesh.pp > 1 {
+        let net = TcpNet::connect(&mut job.store, env.world_size, job.timeout)?;
+        let tcp = RankComms::tcp(job.mesh, &net)?;
+        (comms.pp, comms.pp_back) = (Box::new(tcp.pp), Box::new(tcp.pp_back));
+    }
     let world = env.world_size;
     let peak = || Peak { flops: gpu.flops * world as f64, what: format!("{world} x {}", gpu.what) };
     let (data, peak) = job.open_data(&cfg, env, peak)?;
-    train_rank(args, be, &peak, cfg, data, Some(comms.boxed()))
+    train_rank(args, be, &peak, cfg, data, Some(comms))
 }
 
 /// GPU `ordinal` with the config's precision, after the checks of what its kernels support,

@@ -1,0 +1,174 @@
+//! The parallel engine on the CUDA backend, ranks as threads, each with its own emulated
+//! device. The thread communicators take the emulator's memory as device memory, so the
+//! engine runs the path it runs with NCCL on GPUs: tensor-parallel collectives on the
+//! backend's buffers (bf16 ones under mixed precision) and data-parallel gradient buckets
+//! queued on the device during backward. Every layout against one rank on the same backend,
+//! as tests/layouts.rs of ondol-parallel does on the CPU.
+
+use ondol_comm::{Mesh, RankComms};
+use ondol_core::Rng;
+use ondol_cuda::{CudaBackend, Dtype};
+use ondol_model::{Arch, ModelConfig};
+use ondol_optim::OptimizerConfig;
+use ondol_parallel::{Engine, Layout, ScheduleKind};
+use std::time::Duration;
+
+const STEPS: usize = 4;
+const MICRO: usize = 2;
+const BATCH: usize = 4;
+const SEQ: usize = 8;
+
+/// Four layers, so that pp 2 has two per stage; two kv heads shared by four query heads.
+fn llama() -> ModelConfig {
+    ModelConfig {
+        arch: Arch::Llama,
+        vocab_size: 67,
+        d_model: 16,
+        n_layers: 4,
+        n_heads: 4,
+        n_kv_heads: Some(2),
+        ffn_hidden: Some(24),
+        max_seq_len: SEQ,
+        tie_embeddings: Some(false),
+        rope_theta: 10_000.0,
+        norm_eps: 1e-5,
+        init_std: 0.1,
+        init_residual_scaling: true,
+        pattern: None,
+        ssm: Default::default(),
+        init_from: None,
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Shape {
+    tp: usize,
+    pp: usize,
+    dp: usize,
+    sequence_parallel: bool,
+    buckets: Option<usize>,
+}
+
+fn shape(tp: usize, pp: usize, dp: usize) -> Shape {
+    Shape { tp, pp, dp, sequence_parallel: false, buckets: None }
+}
+
+/// Step `s`'s global batch: a Markov source with noise, as in ondol-parallel's layout tests.
+fn global_batch(step: usize, vocab: usize) -> Vec<(Vec<u32>, Vec<u32>)> {
+    let mut rng = Rng::new(1000 + step as u64);
+    (0..MICRO)
+        .map(|_| {
+            let mut t = rng.below(vocab as u64) as u32;
+            let tokens: Vec<u32> = (0..BATCH * (SEQ + 1))
+                .map(|_| {
+                    t = if rng.below(5) == 0 { rng.below(vocab as u64) as u32 } else { (3 * t + 1) % vocab as u32 };
+                    t
+                })
+                .collect();
+            let rows: Vec<&[u32]> = tokens.chunks(SEQ + 1).collect();
+            (rows.iter().flat_map(|r| r[..SEQ].to_vec()).collect(), rows.iter().flat_map(|r| r[1..].to_vec()).collect())
+        })
+        .collect()
+}
+
+/// The losses of `STEPS` steps and the final whole weights, on emulated devices computing in
+/// `dtype`; checks that every rank saw the same losses and summed its buckets on the device.
+fn train(dtype: Dtype, s: Shape) -> (Vec<f64>, Vec<f32>) {
+    let cfg = llama();
+    let mesh = Mesh::new(s.tp, s.pp, s.dp).unwrap();
+    let layout = Layout {
+        mesh,
+        schedule: ScheduleKind::OneFOneB,
+        chunks: 1,
+        stage_layers: Vec::new(),
+        micro: MICRO,
+        batch: BATCH / s.dp,
+        seq: SEQ,
+        recompute: 0,
+        zero: false,
+        sequence_parallel: s.sequence_parallel,
+        grad_buckets: s.buckets,
+    };
+    let opt = OptimizerConfig { lr: 3e-3, weight_decay: 0.1, beta1: 0.9, beta2: 0.95, eps: 1e-6, grad_clip: 1.0 };
+    let scale = 1.0 / (MICRO * BATCH * SEQ) as f32;
+    let comms = RankComms::threads(mesh, Duration::from_secs(120)).unwrap();
+    let results: Vec<(Vec<f64>, Option<Vec<f32>>)> = std::thread::scope(|scope| {
+        let ranks: Vec<_> = comms
+            .into_iter()
+            .map(|c| {
+                let (cfg, layout, opt) = (cfg.clone(), layout.clone(), opt.clone());
+                scope.spawn(move || {
+                    let d = c.coords.dp;
+                    let be = CudaBackend::emulated(dtype, false);
+                    let mut e = Engine::new(be, cfg.clone(), layout, opt, c.boxed(), 7).unwrap();
+                    let expected = (s.buckets.is_some() && s.dp > 1).then_some("the device");
+                    assert_eq!(e.bucket_path(), expected, "{s:?}");
+                    let n = BATCH / s.dp * SEQ;
+                    let losses = (0..STEPS)
+                        .map(|step| {
+                            let mine: Vec<_> = global_batch(step, cfg.vocab_size)
+                                .into_iter()
+                                .map(|(i, t)| (i[d * n..(d + 1) * n].to_vec(), t[d * n..(d + 1) * n].to_vec()))
+                                .collect();
+                            e.step(&mine, scale, 3e-3).unwrap().loss_sum * scale as f64
+                        })
+                        .collect();
+                    (losses, e.whole_state().unwrap().map(|[p, _, _]| p))
+                })
+            })
+            .collect();
+        ranks.into_iter().map(|r| r.join().unwrap()).collect()
+    });
+    for (rank, (losses, _)) in results.iter().enumerate() {
+        assert_eq!(losses, &results[0].0, "{s:?}: rank {rank} reports other losses");
+    }
+    let (losses, weights) = results.into_iter().next().unwrap();
+    (losses, weights.expect("world rank 0 gathers the whole weights"))
+}
+
+/// Losses within `tol` relative, weights within `tol` of the largest weight.
+fn assert_close(name: &str, tol: f64, (la, wa): &(Vec<f64>, Vec<f32>), (lb, wb): &(Vec<f64>, Vec<f32>)) {
+    for (step, (a, b)) in la.iter().zip(lb).enumerate() {
+        assert!((a - b).abs() <= tol * a.abs(), "{name}: step {step} loss {b} vs one rank {a}");
+    }
+    let scale = wa.iter().fold(0.0f32, |m, w| m.max(w.abs()));
+    let worst = wa.iter().zip(wb).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    assert!(worst as f64 <= tol * scale as f64, "{name}: weights differ by {worst} (largest weight {scale})");
+    assert!(la[STEPS - 1] < la[0], "{name}: the loss did not fall");
+}
+
+#[test]
+fn layouts_on_the_device_path_train_like_one_rank() {
+    let one = train(Dtype::F32, shape(1, 1, 1));
+    for (name, s) in [
+        ("tp 2", shape(2, 1, 1)),
+        ("pp 2 dp 2, buckets", Shape { buckets: Some(100), ..shape(1, 2, 2) }),
+        (
+            "tp 2 pp 2 dp 2 sequence parallel, buckets",
+            Shape { sequence_parallel: true, buckets: Some(1 << 20), ..shape(2, 2, 2) },
+        ),
+    ] {
+        assert_close(name, 1e-5, &one, &train(Dtype::F32, s));
+    }
+}
+
+/// Buckets queued on the device during backward give the bits of one sum after it: in small
+/// buckets, and with kv heads shared by two tp shards kept out of them.
+#[test]
+fn device_buckets_change_no_bit() {
+    for (s, sizes) in [(shape(1, 1, 2), &[1, 100][..]), (shape(4, 1, 2), &[100])] {
+        let plain = train(Dtype::F32, s);
+        for &size in sizes {
+            assert_eq!(plain, train(Dtype::F32, Shape { buckets: Some(size), ..s }), "{s:?}, buckets of {size} floats");
+        }
+    }
+}
+
+/// Mixed precision: the tensor-parallel activations travel as bf16, so partial sums round
+/// once more than on one rank; the curve stays within 1 %.
+#[test]
+fn bf16_layouts_track_one_rank() {
+    let one = train(Dtype::Bf16, shape(1, 1, 1));
+    let split = train(Dtype::Bf16, Shape { buckets: Some(100), ..shape(2, 1, 2) });
+    assert_close("bf16 tp 2 dp 2, buckets", 1e-2, &one, &split);
+}
