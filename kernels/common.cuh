@@ -72,6 +72,50 @@ __device__ __forceinline__ float block_max(float x, float* scratch) {
     return x;
 }
 
+// ---- Tensor cores (mma.sync.m16n8k16, bf16 in, fp32 accumulate), for one warp ---------------
+// Fragments follow the PTX ISA: with g = lane / 4 and t = lane % 4, A (16 x 16, row-major)
+// holds rows g and g + 8 at columns 2t, 2t + 1 (and + 8); B (16 x 8, column-major) holds rows
+// 2t, 2t + 1 (and + 8) of column g; the accumulator (16 x 8) rows g and g + 8 at columns 2t,
+// 2t + 1. An accumulator over 16 columns is thus the A fragment of the next product.
+// d += a b for one warp: a 16 x 16 (row-major fragments), b 16 x 8 (column fragments).
+__device__ __forceinline__ void mma_16816(float* d, const unsigned* a, const unsigned* b) {
+#ifdef ONDOL_EMU
+    ondol_emu_mma_bf16_m16n8k16(d, a, b, d);
+#else
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
+}
+
+__device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
+    return (unsigned)from_float<bf16>(lo) | ((unsigned)from_float<bf16>(hi) << 16);
+}
+
+// Two consecutive bf16 as one 32-bit word (the lower index in the low half).
+__device__ __forceinline__ unsigned load_pair(const bf16* p) { return *(const unsigned*)p; }
+// Two bf16 from different rows, `stride` apart.
+__device__ __forceinline__ unsigned load_strided(const bf16* p, int stride) {
+    return (unsigned)p[0] | ((unsigned)p[stride] << 16);
+}
+
+#define SMEM_PAD 8  // bf16 elements of padding per shared-memory row (bank conflicts)
+
+// Copies `rows` rows of COLS bf16 (`src_stride` apart in global memory, from row `first` of
+// `limit` valid ones) into shared memory rows of COLS + SMEM_PAD; rows past `limit` become
+// zeros. COLS is even and the rows 4-byte aligned (pairs are copied as words).
+template <int COLS>
+__device__ void stage_rows(bf16* dst, const bf16* src, long long src_stride, int first, int limit, int rows) {
+    constexpr int words = COLS / 2;
+    for (int e = threadIdx.x; e < rows * words; e += blockDim.x) {
+        const int r = e / words, c = 2 * (e % words);
+        const unsigned v = first + r < limit ? load_pair(src + (long long)(first + r) * src_stride + c) : 0u;
+        *(unsigned*)(dst + r * (COLS + SMEM_PAD) + c) = v;
+    }
+}
+
 // `FOR_EACH_STORAGE(M)` expands `M(float, f32) M(bf16, bf16)`: each file's macro M defines
 // the extern "C" kernels `name_f32` and `name_bf16` around its templated body.
 #define FOR_EACH_STORAGE(M) M(float, f32) M(bf16, bf16)

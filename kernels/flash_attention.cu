@@ -30,44 +30,8 @@
 #define FA_BM 64       // query rows per forward block
 #define FA_BN 64       // keys per tile
 #define FA_BQ 32       // query rows per backward step
-#define FA_PAD 8       // bf16 elements of padding per shared-memory row (bank conflicts)
+#define FA_PAD SMEM_PAD
 #define FA_WARPS 4
-
-// d += a b for one warp: a 16 x 16 (row-major fragments), b 16 x 8 (column fragments).
-__device__ __forceinline__ void mma_16816(float* d, const unsigned* a, const unsigned* b) {
-#ifdef ONDOL_EMU
-    ondol_emu_mma_bf16_m16n8k16(d, a, b, d);
-#else
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-#endif
-}
-
-__device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
-    return (unsigned)from_float<bf16>(lo) | ((unsigned)from_float<bf16>(hi) << 16);
-}
-
-// Two consecutive bf16 as one 32-bit word (the lower index in the low half).
-__device__ __forceinline__ unsigned load_pair(const bf16* p) { return *(const unsigned*)p; }
-// Two bf16 from different rows, `stride` apart.
-__device__ __forceinline__ unsigned load_strided(const bf16* p, int stride) {
-    return (unsigned)p[0] | ((unsigned)p[stride] << 16);
-}
-
-// Copies `rows` rows of D bf16 (`src_stride` apart in global memory, from row `first` of
-// `limit` valid ones) into shared memory rows of D + FA_PAD; rows past `limit` become zeros.
-template <int D>
-__device__ void fa_load_tile(bf16* dst, const bf16* src, long long src_stride, int first, int limit, int rows) {
-    constexpr int words = D / 2;
-    for (int e = threadIdx.x; e < rows * words; e += blockDim.x) {
-        const int r = e / words, c = 2 * (e % words);
-        const unsigned v = first + r < limit ? load_pair(src + (long long)(first + r) * src_stride + c) : 0u;
-        *(unsigned*)(dst + r * (D + FA_PAD) + c) = v;
-    }
-}
 
 template <int D>
 __device__ void flash_forward(const bf16* qkv, bf16* out, float* lse, int seq, int n_heads, int n_kv_heads) {
@@ -104,8 +68,8 @@ __device__ void flash_forward(const bf16* qkv, bf16* out, float* lse, int seq, i
     const int kv_end = min(seq, (qt + 1) * FA_BM);
     for (int j0 = 0; j0 < kv_end; j0 += FA_BN) {
         __syncthreads();  // the previous tiles have been read
-        fa_load_tile<D>(Ks, Kg, W, j0, seq, FA_BN);
-        fa_load_tile<D>(Vs, Vg, W, j0, seq, FA_BN);
+        stage_rows<D>(Ks, Kg, W, j0, seq, FA_BN);
+        stage_rows<D>(Vs, Vg, W, j0, seq, FA_BN);
         __syncthreads();
         float s[FA_BN / 8][4];
 #pragma unroll
@@ -225,8 +189,8 @@ __device__ void flash_backward(const bf16* dout, const bf16* qkv, const float* l
     const int keys[2] = {k0 + g, k0 + g + 8};
     const float scale = rsqrtf((float)D), scale_log2 = scale * 1.4426950408889634f;
 
-    fa_load_tile<D>(Ks, base + (long long)(n_heads + kvh) * D, W, j0, seq, FA_BN);
-    fa_load_tile<D>(Vs, base + (long long)(n_heads + n_kv_heads + kvh) * D, W, j0, seq, FA_BN);
+    stage_rows<D>(Ks, base + (long long)(n_heads + kvh) * D, W, j0, seq, FA_BN);
+    stage_rows<D>(Vs, base + (long long)(n_heads + n_kv_heads + kvh) * D, W, j0, seq, FA_BN);
     float dk[D / 8][4], dv[D / 8][4];
 #pragma unroll
     for (int n = 0; n < D / 8; n++)
@@ -239,8 +203,8 @@ __device__ void flash_backward(const bf16* dout, const bf16* qkv, const float* l
         const float* delta_h = delta + ((long long)b * n_heads + h) * seq;
         for (int q0 = j0 / FA_BQ * FA_BQ; q0 < seq; q0 += FA_BQ) {
             __syncthreads();  // the previous step's tiles have been read (and K, V written)
-            fa_load_tile<D>(Qs, base + (long long)h * D, W, q0, seq, FA_BQ);
-            fa_load_tile<D>(dOs, dout + (long long)b * seq * n_heads * D + (long long)h * D, (long long)n_heads * D,
+            stage_rows<D>(Qs, base + (long long)h * D, W, q0, seq, FA_BQ);
+            stage_rows<D>(dOs, dout + (long long)b * seq * n_heads * D + (long long)h * D, (long long)n_heads * D,
                             q0, seq, FA_BQ);
             for (int e = threadIdx.x; e < FA_BQ; e += blockDim.x) {
                 const bool valid = q0 + e < seq;

@@ -26,8 +26,10 @@
 // Launch: 256 threads a block; chunk kernels grid (chunks, heads, batch) with dynamic shared
 // memory as each wrapper states; the passing kernels grid (ceil(P N / 256), heads, batch).
 // Cost: the quadratic form is Q (N + P) multiply-adds per (token, head) forward and about 3x
-// that backward, on CUDA cores in fp32 (todo: the intra-chunk products on tensor cores);
-// the state passing reads and writes the states once.
+// that backward; the state passing reads and writes the states once. The kernels here
+// multiply on CUDA cores in fp32; in bf16 the forward's chunk kernels have tensor-core forms
+// (ssd_chunk_state_tc, ssd_chunk_scan_tc, below) for the common (P, N); the backward is on
+// CUDA cores (todo: its products on tensor cores too).
 #include "common.cuh"
 
 #define SSD_THREADS 256
@@ -74,9 +76,10 @@ struct SsdChunk {
 };
 
 template <typename T>
-__device__ SsdChunk ssd_chunk(const T* dt, const T* dt_bias, const T* a_log, const Ssd& s, float* smem) {
+__device__ SsdChunk ssd_chunk(const T* dt, const T* dt_bias, const T* a_log, const Ssd& s, float* smem,
+                              int c = blockIdx.x) {
     SsdChunk k;
-    k.c = blockIdx.x, k.h = blockIdx.y, k.b = blockIdx.z;
+    k.c = c, k.h = blockIdx.y, k.b = blockIdx.z;
     k.t0 = k.c * s.Q, k.q = min(s.Q, s.len - k.t0);
     k.row0 = (long long)k.b * s.len + k.t0;
     k.steps = smem, k.L = smem + s.Q;
@@ -341,6 +344,201 @@ __device__ void ssd_chunk_backward(const T* dy, const T* xbc, const T* dt, const
     if (threadIdx.x == 0) atomicAdd(&dd[h], dskip);
 }
 
+// ---- Tensor-core forms of the forward (bf16; P and N template constants, multiples of 16) ----
+// The chunk's products as mma.sync tiles, one warp per 16 rows, fp32 accumulators:
+//   ssd_chunk_state_tc  S = (w x)^T B over the chunk's tokens, w_j = exp(L_last - L_j) s_j
+//                       (rows of P per warp, 64-token tiles of w x and B in shared memory);
+//   ssd_chunk_scan_tc   per 64-query tile of a chunk: y = exp(L_i) C_i H0^T + W X + D x, with
+//                       W = (C B^T) * exp(L_i - L_j) s_j (j <= i) as in flash attention's
+//                       forward: the C B^T accumulators, scaled and masked, are the A
+//                       fragments of W X; H0 is staged in shared memory as bf16.
+// Rounding to bf16 where a product's operand is made (w x, W, H0) is the only difference from
+// the CUDA-core kernels above.
+
+// The tokens' weights w_j x_j of a 64-token tile into shared memory rows of P + SMEM_PAD
+// (zeros past the chunk's q tokens).
+template <int P>
+__device__ void ssd_stage_weighted_x(bf16* dst, const bf16* x, long long stride, const float* weight, int first,
+                                     int q) {
+    for (int e = threadIdx.x; e < 64 * (P / 2); e += blockDim.x) {
+        const int r = e / (P / 2), c = 2 * (e % (P / 2)), j = first + r;
+        unsigned v = 0u;
+        if (j < q) {
+            const unsigned pair = load_pair(x + (long long)j * stride + c);
+            v = pack_bf16(weight[j] * to_float((bf16)(pair & 0xffffu)), weight[j] * to_float((bf16)(pair >> 16)));
+        }
+        *(unsigned*)(dst + r * (P + SMEM_PAD) + c) = v;
+    }
+}
+
+// Grid (chunks, heads, batch), 128 threads. Dynamic shared memory: 3 Q floats and
+// 64 (P + N + 2 SMEM_PAD) bf16.
+template <int P, int N>
+__device__ void ssd_chunk_state_tc(const bf16* xbc, const bf16* dt, const bf16* dt_bias, const bf16* a_log,
+                                   float* states, float* decay, Ssd s) {
+    extern __shared__ float smem[];
+    const SsdChunk ch = ssd_chunk(dt, dt_bias, a_log, s, smem);
+    const int c = ch.c, h = ch.h, b = ch.b, q = ch.q;
+    float* weight = smem + 2 * s.Q;
+    bf16* Xs = (bf16*)(smem + 3 * s.Q);  // [64][P + SMEM_PAD]: w_j x_j
+    bf16* Bs = Xs + 64 * (P + SMEM_PAD);  // [64][N + SMEM_PAD]
+    for (int j = threadIdx.x; j < q; j += blockDim.x) weight[j] = __expf(ch.L[q - 1] - ch.L[j]) * ch.steps[j];
+    const int w = s.width(), warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const bf16* rows = xbc + ch.row0 * w;
+    float* out = states + s.state(b, c + 1, h);
+    // Passes of four 16-row tiles of P (every warp takes part in the staging of each pass).
+    for (int pass = 0; pass < (P / 16 + 3) / 4; pass++) {
+        const int mt = pass * 4 + warp;
+        float acc[N / 8][4];
+#pragma unroll
+        for (int n = 0; n < N / 8; n++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) acc[n][i] = 0.0f;
+        for (int j0 = 0; j0 < q; j0 += 64) {
+            __syncthreads();  // weights written; the previous tiles have been read
+            ssd_stage_weighted_x<P>(Xs, rows + s.x_col(h), w, weight, j0, q);
+            stage_rows<N>(Bs, rows + s.b_col(h), w, j0, q, 64);
+            __syncthreads();
+            if (mt >= P / 16) continue;
+#pragma unroll
+            for (int kk = 0; kk < 4; kk++) {
+                // A[p][j] = (w x)_j[p]: pairs of tokens, strided in Xs.
+                const bf16* xa = Xs + (kk * 16 + 2 * t) * (P + SMEM_PAD) + mt * 16 + g;
+                const unsigned af[4] = {load_strided(xa, P + SMEM_PAD), load_strided(xa + 8, P + SMEM_PAD),
+                                        load_strided(xa + 8 * (P + SMEM_PAD), P + SMEM_PAD),
+                                        load_strided(xa + 8 * (P + SMEM_PAD) + 8, P + SMEM_PAD)};
+#pragma unroll
+                for (int n = 0; n < N / 8; n++) {
+                    const bf16* bb = Bs + (kk * 16 + 2 * t) * (N + SMEM_PAD) + n * 8 + g;
+                    const unsigned bf[2] = {load_strided(bb, N + SMEM_PAD),
+                                            load_strided(bb + 8 * (N + SMEM_PAD), N + SMEM_PAD)};
+                    mma_16816(acc[n], af, bf);
+                }
+            }
+        }
+        if (mt < P / 16) {
+#pragma unroll
+            for (int n = 0; n < N / 8; n++)
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    const int p = mt * 16 + g + 8 * (i >> 1), col = n * 8 + 2 * t + (i & 1);
+                    out[p * N + col] = acc[n][i];
+                }
+        }
+    }
+    if (threadIdx.x == 0) decay[((long long)b * s.heads + h) * s.chunks() + c] = __expf(ch.L[q - 1]);
+}
+
+// Grid (chunks x ceil(Q / 64), heads, batch), 128 threads (4 warps x 16 query rows).
+// Dynamic shared memory: 2 Q floats and (max(64, P) (N + SMEM_PAD) + 64 (P + SMEM_PAD)) bf16.
+template <int P, int N>
+__device__ void ssd_chunk_scan_tc(const bf16* xbc, const bf16* dt, const bf16* dt_bias, const bf16* a_log,
+                                  const bf16* Dskip, const float* states, bf16* y, Ssd s) {
+    extern __shared__ float smem[];
+    constexpr int HB = P > 64 ? P : 64;  // rows of the H0 / B area
+    const int tiles = (s.Q + 63) / 64, tile = blockIdx.x % tiles;
+    const SsdChunk ch = ssd_chunk(dt, dt_bias, a_log, s, smem, blockIdx.x / tiles);
+    const int c = ch.c, h = ch.h, b = ch.b, q = ch.q;
+    if (tile * 64 >= q) return;  // the last chunk is short (uniform over the block)
+    const float *steps = ch.steps, *L = ch.L;
+    bf16* HBs = (bf16*)(smem + 2 * s.Q);  // H0 as [P][N + SMEM_PAD], then B tiles [64][N + SMEM_PAD]
+    bf16* Xs = HBs + HB * (N + SMEM_PAD);  // [64][P + SMEM_PAD]
+    const int w = s.width(), inner = s.heads * s.P, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const bf16* rows_base = xbc + ch.row0 * w;
+    const int r0 = tile * 64 + warp * 16, rows[2] = {r0 + g, r0 + g + 8};
+
+    // C_i as A fragments over N.
+    unsigned cf[N / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < N / 16; kk++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const int row = rows[i & 1], col = kk * 16 + 2 * t + 8 * (i >> 1);
+            cf[kk][i] = row < q ? load_pair(rows_base + (long long)row * w + s.c_col(h) + col) : 0u;
+        }
+    // The carried state: o = exp(L_i) C_i H0^T.
+    const float* H0 = states + s.state(b, c, h);
+    for (int e = threadIdx.x; e < P * (N / 2); e += blockDim.x) {
+        const int p = e / (N / 2), n = 2 * (e % (N / 2));
+        *(unsigned*)(HBs + p * (N + SMEM_PAD) + n) = pack_bf16(H0[p * N + n], H0[p * N + n + 1]);
+    }
+    __syncthreads();
+    float o[P / 8][4];
+#pragma unroll
+    for (int n = 0; n < P / 8; n++) {
+#pragma unroll
+        for (int i = 0; i < 4; i++) o[n][i] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < N / 16; kk++) {
+            const bf16* hp = HBs + (n * 8 + g) * (N + SMEM_PAD) + kk * 16 + 2 * t;
+            const unsigned bf[2] = {load_pair(hp), load_pair(hp + 8)};
+            mma_16816(o[n], cf[kk], bf);
+        }
+    }
+    float carried[2];
+#pragma unroll
+    for (int r = 0; r < 2; r++) carried[r] = rows[r] < q ? __expf(L[rows[r]]) : 0.0f;
+#pragma unroll
+    for (int n = 0; n < P / 8; n++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) o[n][i] *= carried[i >> 1];
+
+    // The quadratic form over 64-key tiles up to the block's last query.
+    const int key_end = min(q, (tile + 1) * 64);
+    for (int j0 = 0; j0 < key_end; j0 += 64) {
+        __syncthreads();  // H0 or the previous tiles have been read
+        stage_rows<N>(HBs, rows_base + s.b_col(h), w, j0, q, 64);
+        stage_rows<P>(Xs, rows_base + s.x_col(h), w, j0, q, 64);
+        __syncthreads();
+        float sc[8][4];
+#pragma unroll
+        for (int nt = 0; nt < 8; nt++) {
+#pragma unroll
+            for (int i = 0; i < 4; i++) sc[nt][i] = 0.0f;
+#pragma unroll
+            for (int kk = 0; kk < N / 16; kk++) {
+                const bf16* bp = HBs + (nt * 8 + g) * (N + SMEM_PAD) + kk * 16 + 2 * t;
+                const unsigned bf[2] = {load_pair(bp), load_pair(bp + 8)};
+                mma_16816(sc[nt], cf[kk], bf);
+            }
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const int j = j0 + nt * 8 + 2 * t + (i & 1), row = rows[i >> 1];
+                sc[nt][i] = j <= row && row < q ? sc[nt][i] * __expf(L[row] - L[j]) * steps[j] : 0.0f;
+            }
+        }
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++) {
+            const unsigned wa[4] = {pack_bf16(sc[2 * kk][0], sc[2 * kk][1]), pack_bf16(sc[2 * kk][2], sc[2 * kk][3]),
+                                    pack_bf16(sc[2 * kk + 1][0], sc[2 * kk + 1][1]),
+                                    pack_bf16(sc[2 * kk + 1][2], sc[2 * kk + 1][3])};
+#pragma unroll
+            for (int n = 0; n < P / 8; n++) {
+                const bf16* xp = Xs + (kk * 16 + 2 * t) * (P + SMEM_PAD) + n * 8 + g;
+                const unsigned bf[2] = {load_strided(xp, P + SMEM_PAD), load_strided(xp + 8 * (P + SMEM_PAD), P + SMEM_PAD)};
+                mma_16816(o[n], wa, bf);
+            }
+        }
+    }
+    // y = o + D x.
+    const float skip = to_float(Dskip[h]);
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        const int row = rows[r];
+        if (row >= q) continue;
+        const bf16* xi = rows_base + (long long)row * w + s.x_col(h);
+        bf16* dst = y + (ch.row0 + row) * inner + s.x_col(h);
+#pragma unroll
+        for (int n = 0; n < P / 8; n++) {
+            const int p = n * 8 + 2 * t;
+            const unsigned xv = load_pair(xi + p);
+            *(unsigned*)(dst + p) = pack_bf16(o[n][2 * r] + skip * to_float((bf16)(xv & 0xffffu)),
+                                              o[n][2 * r + 1] + skip * to_float((bf16)(xv >> 16)));
+        }
+    }
+}
+
 #define SSD_ARGS int len, int heads, int P, int groups, int N, int Q, float dt_min
 #define SSD_DIMS Ssd{len, heads, P, groups, N, Q, dt_min}
 
@@ -373,3 +571,21 @@ extern "C" __global__ void ssd_state_passing(float* states, const float* decay, 
 extern "C" __global__ void ssd_dstate_passing(float* dstates, const float* decay, SSD_ARGS) {
     ssd_dstate_passing(dstates, decay, SSD_DIMS);
 }
+
+#define SSD_TC_KERNELS(P, N)                                                                                       \
+    extern "C" __global__ void ssd_chunk_state_tc_p##P##_n##N(const bf16* xbc, const bf16* dt, const bf16* dt_bias, \
+                                                              const bf16* a_log, float* states, float* decay,       \
+                                                              SSD_ARGS) {                                           \
+        ssd_chunk_state_tc<P, N>(xbc, dt, dt_bias, a_log, states, decay, SSD_DIMS);                                \
+    }                                                                                                              \
+    extern "C" __global__ void ssd_chunk_scan_tc_p##P##_n##N(const bf16* xbc, const bf16* dt, const bf16* dt_bias,  \
+                                                             const bf16* a_log, const bf16* Dskip,                 \
+                                                             const float* states, bf16* y, SSD_ARGS) {             \
+        ssd_chunk_scan_tc<P, N>(xbc, dt, dt_bias, a_log, Dskip, states, y, SSD_DIMS);                              \
+    }
+
+// The (head dim, state size) pairs with tensor-core forms (SSD_TC_SHAPES in src/backend.rs).
+SSD_TC_KERNELS(32, 32)
+SSD_TC_KERNELS(64, 64)
+SSD_TC_KERNELS(64, 128)
+SSD_TC_KERNELS(128, 128)

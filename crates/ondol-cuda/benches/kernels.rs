@@ -58,42 +58,13 @@ fn main() {
         attention(&be, seq, "flash attention");
     }
     attention(
-        &CudaBackend::open(0, Dtype::Bf16).expect("opened above").without_flash_attention(),
+        &CudaBackend::open(0, Dtype::Bf16).expect("opened above").without_tensor_cores(),
         1024,
         "simple attention",
     );
 
-    // The SSD of one Mamba-2 130M layer: 8 x 2048 tokens, 24 heads of 64, N 128, chunks of 256.
-    let s = SsdShape { batch: 8, len: 2048, heads: 24, head_dim: 64, groups: 1, state: 128, chunk: 256, dt_min: 0.0 };
-    let xbc = be.upload(&vec![0.01; s.rows() * s.xbc_width()]);
-    let dt = be.upload(&vec![0.01; s.rows() * s.heads]);
-    let per_head = be.upload(&vec![0.1; s.heads]);
-    let inputs = || SsdInputs {
-        xbc: be.all(&xbc),
-        dt: be.all(&dt),
-        dt_bias: be.all(&per_head),
-        a_log: be.all(&per_head),
-        d: be.all(&per_head),
-    };
-    let (mut y, mut states) = (be.zeros(s.rows() * s.inner()), be.zeros_f32(s.states_len()));
-    let fwd = time(&be, 3, || be.ssd_forward(inputs(), be.all_mut(&mut y), be.all_mut(&mut states), s));
-    let (mut dxbc, mut ddt) = (be.zeros(s.rows() * s.xbc_width()), be.zeros(s.rows() * s.heads));
-    let mut acc = [0; 3].map(|_| be.zeros_f32(s.heads));
-    let bwd = time(&be, 3, || {
-        let [ddt_bias, da_log, dd] = acc.each_mut().map(|b| be.all_mut(b));
-        let grads = SsdGrads { dxbc: be.all_mut(&mut dxbc), ddt: be.all_mut(&mut ddt), ddt_bias, da_log, dd };
-        be.ssd_backward(be.all(&y), inputs(), be.all(&states), grads, s)
-    });
-    // Quadratic form and state: per (token, head) Q (N + P) + 4 P N multiply-adds forward.
-    let macs = (s.rows() * s.heads * (s.chunk * (s.state + s.head_dim) + 4 * s.head_dim * s.state)) as f64;
-    let bytes = 2.0 * (s.rows() * (s.xbc_width() + s.inner())) as f64 + 4.0 * s.states_len() as f64;
-    println!(
-        "ssd (mamba2-130m layer) forward {:.3} ms {:.1} TFLOP/s {:.0} GB/s   backward {:.3} ms",
-        fwd * 1e3,
-        2.0 * macs / fwd / 1e12,
-        bytes / fwd / 1e9,
-        bwd * 1e3
-    );
+    ssd(&be, "ssd (mamba2-130m layer, tensor cores)");
+    ssd(&CudaBackend::open(0, Dtype::Bf16).expect("opened above").without_tensor_cores(), "ssd (cuda cores)");
 
     // The selective scan of one Mamba 130M layer: 8 x 2048 tokens, 1536 channels, 16 states.
     let sc = ScanShape { batch: 8, len: 2048, channels: 1536, state: 16, chunk: 256 };
@@ -130,5 +101,41 @@ fn main() {
         bytes / fwd / 1e9,
         bwd * 1e3,
         bwd_bytes / bwd / 1e9
+    );
+}
+
+/// The SSD of one Mamba-2 130M layer: 8 x 2048 tokens, 24 heads of 64, N 128, chunks of 256.
+fn ssd(be: &CudaBackend, label: &str) {
+    let s = SsdShape { batch: 8, len: 2048, heads: 24, head_dim: 64, groups: 1, state: 128, chunk: 256, dt_min: 0.0 };
+    let xbc = be.upload(&vec![0.01; s.rows() * s.xbc_width()]);
+    let dt = be.upload(&vec![0.01; s.rows() * s.heads]);
+    let per_head = be.upload(&vec![0.1; s.heads]);
+    let inputs = || SsdInputs {
+        xbc: be.all(&xbc),
+        dt: be.all(&dt),
+        dt_bias: be.all(&per_head),
+        a_log: be.all(&per_head),
+        d: be.all(&per_head),
+    };
+    let (mut y, mut states) = (be.zeros(s.rows() * s.inner()), be.zeros_f32(s.states_len()));
+    let fwd = time(be, 3, || be.ssd_forward(inputs(), be.all_mut(&mut y), be.all_mut(&mut states), s));
+    let (mut dxbc, mut ddt) = (be.zeros(s.rows() * s.xbc_width()), be.zeros(s.rows() * s.heads));
+    let mut acc = [0; 3].map(|_| be.zeros_f32(s.heads));
+    let bwd = time(be, 3, || {
+        let [ddt_bias, da_log, dd] = acc.each_mut().map(|b| be.all_mut(b));
+        let grads = SsdGrads { dxbc: be.all_mut(&mut dxbc), ddt: be.all_mut(&mut ddt), ddt_bias, da_log, dd };
+        be.ssd_backward(be.all(&y), inputs(), be.all(&states), grads, s)
+    });
+    // Useful multiply-adds forward, per (token, head): the causal quadratic form, C B^T and
+    // W X over Q / 2 keys on average, the carried state's readout C H0^T and the chunk
+    // state's share (w x)^T B, P N each.
+    let macs = (s.rows() * s.heads * (s.chunk / 2 * (s.state + s.head_dim) + 2 * s.head_dim * s.state)) as f64;
+    let bytes = 2.0 * (s.rows() * (s.xbc_width() + s.inner())) as f64 + 4.0 * s.states_len() as f64;
+    println!(
+        "{label:<38} forward {:.3} ms {:.1} TFLOP/s {:.0} GB/s   backward {:.3} ms",
+        fwd * 1e3,
+        2.0 * macs / fwd / 1e12,
+        bytes / fwd / 1e9,
+        bwd * 1e3
     );
 }

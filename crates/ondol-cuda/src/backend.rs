@@ -22,9 +22,10 @@ use std::ops::Range;
 pub struct CudaBackend {
     dev: Box<dyn Device>,
     compute: Dtype,
-    /// Whether bf16 attention with head dim 64 or 128 runs the flash kernels (else the
-    /// simple ones of attention.cu, as fp32 and other head dims always do).
-    flash: bool,
+    /// Whether bf16 ops run their tensor-core kernels where they have one for the shape:
+    /// flash attention (head dim 64 or 128) and the SSD's forward products (else the CUDA-core
+    /// kernels, as fp32 and other shapes always do).
+    tensor_cores: bool,
 }
 
 /// Threads per block of the row-wise kernels (norms, cross-entropy, attention).
@@ -63,29 +64,38 @@ fn rows_of(len: usize, cols: usize) -> usize {
 impl CudaBackend {
     /// Opens GPU `ordinal`, computing in `compute` (bf16 for training, f32 for checking).
     pub fn open(ordinal: usize, compute: Dtype) -> Result<Self, CudaError> {
-        Ok(Self { dev: Box::new(Gpu::open(ordinal)?), compute, flash: true })
+        Ok(Self { dev: Box::new(Gpu::open(ordinal)?), compute, tensor_cores: true })
     }
 
     /// The backend on the SIMT emulator (src/emu.rs): the same kernels and launches on the CPU,
     /// for checking them without a GPU. `reverse` runs each block's threads in reverse order.
     pub fn emulated(compute: Dtype, reverse: bool) -> Self {
-        Self { dev: Box::new(Emulator::new(reverse)), compute, flash: true }
+        Self { dev: Box::new(Emulator::new(reverse)), compute, tensor_cores: true }
     }
 
-    /// The same backend with the simple attention kernels everywhere (to check flash
-    /// attention against them).
-    pub fn without_flash_attention(mut self) -> Self {
-        self.flash = false;
+    /// The same backend with the CUDA-core kernels everywhere: the simple attention of
+    /// attention.cu and the SSD's fp32-product forms (to check the tensor-core ones against).
+    pub fn without_tensor_cores(mut self) -> Self {
+        self.tensor_cores = false;
         self
     }
 
     /// Whether attention of `shape` over these buffers runs the flash kernels: bf16 storage,
     /// head dim 64 or 128, and 4-byte aligned rows (they load bf16 pairs).
     fn uses_flash(&self, shape: AttnShape, ptrs: &[u64]) -> bool {
-        self.flash
+        self.tensor_cores
             && self.compute == Dtype::Bf16
             && matches!(shape.head_dim, 64 | 128)
             && ptrs.iter().all(|p| p.is_multiple_of(4))
+    }
+
+    /// Whether the SSD of `shape` over these buffers runs its forward products on tensor
+    /// cores: bf16, a (head dim, state) pair of [`SSD_TC_SHAPES`], 4-byte aligned rows.
+    fn uses_tensor_core_ssd(&self, x: &SsdInputs<DevRef<'_>>, shape: SsdShape, y: u64) -> bool {
+        self.tensor_cores
+            && x.xbc.dtype == Dtype::Bf16
+            && SSD_TC_SHAPES.contains(&(shape.head_dim, shape.state))
+            && [x.xbc.ptr, y].iter().all(|p| p.is_multiple_of(4))
     }
 
     /// The device's name, as the driver reports it.
@@ -826,17 +836,30 @@ impl Backend for CudaBackend {
         let chunks = shape.len.div_ceil(shape.chunk);
         let mut decay = self.zeros_f32(shape.batch * shape.heads * chunks);
         let decay_ptr = decay.view_mut(0..decay.len()).ptr;
+        let tensor_cores = self.uses_tensor_core_ssd(&x, shape, y.ptr);
+        let suffix = format!("_tc_p{}_n{}", shape.head_dim, shape.state);
         let mut args = ssd_inputs(&x, false);
         args.extend([ptr_mut(&states), Arg::Ptr(decay_ptr)]);
         args.extend(ssd_geometry(shape));
-        self.run("ssd", "ssd_chunk_state", dtype, ssd_chunk_grid(shape, 2), &args);
+        if tensor_cores {
+            let cfg = ssd_tc_grid(shape, 1, 3, 64 * (shape.head_dim + shape.state + 16));
+            self.dev.launch("ssd", &format!("ssd_chunk_state{suffix}"), cfg, &args);
+        } else {
+            self.run("ssd", "ssd_chunk_state", dtype, ssd_chunk_grid(shape, 2), &args);
+        }
         let mut args = vec![ptr_mut(&states.reborrow()), Arg::Ptr(decay_ptr)];
         args.extend(ssd_geometry(shape));
         self.dev.launch("ssd", "ssd_state_passing", ssd_passing_grid(shape), &args);
         let mut args = ssd_inputs(&x, true);
         args.extend([ptr(&states.as_ref()), ptr_mut(&y)]);
         args.extend(ssd_geometry(shape));
-        self.run("ssd", "ssd_chunk_scan", dtype, ssd_chunk_grid(shape, 2 + SSD_ROWS), &args);
+        if tensor_cores {
+            let (p, n) = (shape.head_dim, shape.state);
+            let cfg = ssd_tc_grid(shape, shape.chunk.div_ceil(64), 2, p.max(64) * (n + 8) + 64 * (p + 8));
+            self.dev.launch("ssd", &format!("ssd_chunk_scan{suffix}"), cfg, &args);
+        } else {
+            self.run("ssd", "ssd_chunk_scan", dtype, ssd_chunk_grid(shape, 2 + SSD_ROWS), &args);
+        }
     }
     fn ssd_backward(
         &self,
@@ -1201,6 +1224,20 @@ fn ssd_chunk_grid(s: SsdShape, q_floats: usize) -> LaunchConfig {
         grid_dim: (s.len.div_ceil(s.chunk) as u32, s.heads as u32, s.batch as u32),
         block_dim: (256, 1, 1),
         shared_mem_bytes: (4 * q_floats * s.chunk) as u32,
+    }
+}
+
+/// The (head dim, state size) pairs whose SSD forward runs on tensor cores in bf16 (the
+/// instances of SSD_TC_KERNELS in kernels/ssd.cu).
+const SSD_TC_SHAPES: [(usize, usize); 4] = [(32, 32), (64, 64), (64, 128), (128, 128)];
+
+/// The tensor-core SSD kernels' grid: `tiles` blocks per (chunk, head, sequence), 128
+/// threads, `q_floats` x chunk floats and `bf16s` bf16 of shared memory.
+fn ssd_tc_grid(s: SsdShape, tiles: usize, q_floats: usize, bf16s: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: ((s.len.div_ceil(s.chunk) * tiles) as u32, s.heads as u32, s.batch as u32),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: (4 * q_floats * s.chunk + 2 * bf16s) as u32,
     }
 }
 

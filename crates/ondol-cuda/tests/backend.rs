@@ -658,22 +658,22 @@ fn ssd_scan_matches_the_cpu() {
     }
 }
 
-/// The bf16 backend with flash attention and the same without, on the emulator (threads in
-/// reverse order) and on the GPU if there is one.
-fn flash_pairs() -> Vec<(CudaBackend, CudaBackend)> {
+/// The bf16 backend with its tensor-core kernels and the same without, on the emulator
+/// (threads in reverse order) and on the GPU if there is one.
+fn tensor_core_pairs() -> Vec<(CudaBackend, CudaBackend)> {
     let mut out = vec![(
         CudaBackend::emulated(Dtype::Bf16, true),
-        CudaBackend::emulated(Dtype::Bf16, false).without_flash_attention(),
+        CudaBackend::emulated(Dtype::Bf16, false).without_tensor_cores(),
     )];
     if let (Ok(a), Ok(b)) = (CudaBackend::open(0, Dtype::Bf16), CudaBackend::open(0, Dtype::Bf16)) {
-        out.push((a, b.without_flash_attention()));
+        out.push((a, b.without_tensor_cores()));
     }
     out
 }
 
 #[test]
 fn flash_attention_matches_the_cpu_and_the_simple_kernel() {
-    for (flash, simple) in flash_pairs() {
+    for (flash, simple) in tensor_core_pairs() {
         let tol = tolerance(&flash);
         // 100 tokens: neither a multiple of the 64-row tiles nor of the 32-query steps.
         for head_dim in [64, 128] {
@@ -712,6 +712,51 @@ fn flash_attention_matches_the_cpu_and_the_simple_kernel() {
             assert_close(&what("out vs the simple kernel"), &flash, &out, &s_out, tol);
             assert_close(&what("lse vs the simple kernel"), &flash, &lse, &s_lse, 1e-3);
             assert_close(&what("dqkv vs the simple kernel"), &flash, &dqkv, &s_dqkv, tol);
+        }
+    }
+}
+
+/// The SSD forward's products on tensor cores (bf16 operands rounded where they are made)
+/// against the CPU and the CUDA-core kernels: a chunk of 80 tokens is two query tiles, the
+/// second partial, and the second chunk of 100 tokens is short.
+#[test]
+fn ssd_tensor_core_forward_matches_the_cpu_and_the_cuda_core_kernels() {
+    use ondol_core::{SsdInputs, SsdShape};
+    for (tc, simple) in tensor_core_pairs() {
+        let tol = tolerance(&tc);
+        for (head_dim, state) in [(32, 32), (64, 128)] {
+            let s = SsdShape { batch: 2, len: 100, heads: 2, head_dim, groups: 1, state, chunk: 80, dt_min: 0.0 };
+            let rows = s.rows();
+            let fields = [
+                (rows * s.xbc_width(), 1, 1.0),
+                (rows * s.heads, 2, 1.0),
+                (s.heads, 3, 0.5),
+                (s.heads, 4, 0.5),
+                (s.heads, 5, 1.0),
+            ];
+            let forward = |be: &CudaBackend| {
+                let (_, d) = uploads(be, &fields);
+                let x = SsdInputs {
+                    xbc: be.all(&d[0]),
+                    dt: be.all(&d[1]),
+                    dt_bias: be.all(&d[2]),
+                    a_log: be.all(&d[3]),
+                    d: be.all(&d[4]),
+                };
+                let (mut y, mut states) = (be.zeros(rows * s.inner()), be.zeros_f32(s.states_len()));
+                be.ssd_forward(x, be.all_mut(&mut y), be.all_mut(&mut states), s);
+                (be.download(&y), be.download(&states))
+            };
+            let (h, _) = uploads(&tc, &fields);
+            let x = SsdInputs { xbc: &h[0][..], dt: &h[1][..], dt_bias: &h[2][..], a_log: &h[3][..], d: &h[4][..] };
+            let (mut want_y, mut want_states) = (vec![0.0; rows * s.inner()], vec![0.0; s.states_len()]);
+            CPU.ssd_forward(x, &mut want_y, &mut want_states, s);
+            let ((y, states), (simple_y, simple_states)) = (forward(&tc), forward(&simple));
+            let what = |w: &str| format!("ssd tensor cores P={head_dim} N={state} {w}");
+            assert_close(&what("y vs cpu"), &tc, &y, &want_y, tol);
+            assert_close(&what("states vs cpu"), &tc, &states, &want_states, tol);
+            assert_close(&what("y vs cuda cores"), &tc, &y, &simple_y, tol);
+            assert_close(&what("states vs cuda cores"), &tc, &states, &simple_states, tol);
         }
     }
 }
