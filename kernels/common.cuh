@@ -116,6 +116,70 @@ __device__ void stage_rows(bf16* dst, const bf16* src, long long src_stride, int
     }
 }
 
+// One warp's A fragments of a 16 x K tile of row-major bf16 in global memory: rows r0 + g
+// and r0 + g + 8 of `base` (`stride` apart), zeros at or past row `limit`.
+template <int K>
+__device__ __forceinline__ void load_a_fragments(unsigned (&f)[K / 16][4], const bf16* base, long long stride,
+                                                 int r0, int limit) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int kk = 0; kk < K / 16; kk++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const int row = r0 + g + 8 * (i & 1), col = kk * 16 + 2 * t + 8 * (i >> 1);
+            f[kk][i] = row < limit ? load_pair(base + row * stride + col) : 0u;
+        }
+}
+
+// acc (16 x 8 NT) += A B^T for one warp: A as fragments over K, B as NT x 8 rows of K bf16 in
+// shared memory, `ld` apart (the product Q K^T).
+template <int K, int NT>
+__device__ __forceinline__ void mma_abt(float (&acc)[NT][4], const unsigned (&a)[K / 16][4], const bf16* b, int ld) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+        for (int kk = 0; kk < K / 16; kk++) {
+            const bf16* p = b + (nt * 8 + g) * ld + kk * 16 + 2 * t;
+            const unsigned bf[2] = {load_pair(p), load_pair(p + 8)};
+            mma_16816(acc[nt], a[kk], bf);
+        }
+}
+
+// acc (16 x 8 NT) += A B for one warp: A a 16 x K accumulator (rounded to bf16 as it becomes
+// the A fragments), B as K rows of 8 NT bf16 in shared memory, `ld` apart (the product P V).
+template <int K, int NT>
+__device__ __forceinline__ void mma_acc_b(float (&acc)[NT][4], const float (&a)[K / 8][4], const bf16* b, int ld) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int kk = 0; kk < K / 16; kk++) {
+        const unsigned af[4] = {pack_bf16(a[2 * kk][0], a[2 * kk][1]), pack_bf16(a[2 * kk][2], a[2 * kk][3]),
+                                pack_bf16(a[2 * kk + 1][0], a[2 * kk + 1][1]),
+                                pack_bf16(a[2 * kk + 1][2], a[2 * kk + 1][3])};
+#pragma unroll
+        for (int n = 0; n < NT; n++) {
+            const bf16* p = b + (kk * 16 + 2 * t) * ld + n * 8 + g;
+            const unsigned bf[2] = {load_strided(p, ld), load_strided(p + 8 * ld, ld)};
+            mma_16816(acc[n], af, bf);
+        }
+    }
+}
+
+// The sum over the four threads of a quad (which hold one accumulator row between them).
+__device__ __forceinline__ float quad_sum(float x) {
+    x += __shfl_xor_sync(0xffffffffu, x, 1);
+    return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+// Zeroes an accumulator.
+template <int NT>
+__device__ __forceinline__ void zero_acc(float (&acc)[NT][4]) {
+#pragma unroll
+    for (int n = 0; n < NT; n++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) acc[n][i] = 0.0f;
+}
+
 // `FOR_EACH_STORAGE(M)` expands `M(float, f32) M(bf16, bf16)`: each file's macro M defines
 // the extern "C" kernels `name_f32` and `name_bf16` around its templated body.
 #define FOR_EACH_STORAGE(M) M(float, f32) M(bf16, bf16)

@@ -50,18 +50,9 @@ __device__ void flash_forward(const bf16* qkv, bf16* out, float* lse, int seq, i
     const int rows[2] = {r0 + g, r0 + g + 8};
 
     unsigned qf[D / 16][4];
-#pragma unroll
-    for (int kk = 0; kk < D / 16; kk++)
-#pragma unroll
-        for (int i = 0; i < 4; i++) {
-            const int row = rows[i & 1], col = kk * 16 + 2 * t + 8 * (i >> 1);
-            qf[kk][i] = row < seq ? load_pair(Qg + row * W + col) : 0u;
-        }
+    load_a_fragments<D>(qf, Qg, W, r0, seq);
     float o[D / 8][4];
-#pragma unroll
-    for (int n = 0; n < D / 8; n++)
-#pragma unroll
-        for (int i = 0; i < 4; i++) o[n][i] = 0.0f;
+    zero_acc(o);
     float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.0f, 0.0f};
     const float scale_log2 = rsqrtf((float)D) * 1.4426950408889634f;
 
@@ -72,17 +63,8 @@ __device__ void flash_forward(const bf16* qkv, bf16* out, float* lse, int seq, i
         stage_rows<D>(Vs, Vg, W, j0, seq, FA_BN);
         __syncthreads();
         float s[FA_BN / 8][4];
-#pragma unroll
-        for (int nt = 0; nt < FA_BN / 8; nt++) {
-#pragma unroll
-            for (int i = 0; i < 4; i++) s[nt][i] = 0.0f;
-#pragma unroll
-            for (int kk = 0; kk < D / 16; kk++) {
-                const bf16* k = Ks + (nt * 8 + g) * (D + FA_PAD) + kk * 16 + 2 * t;
-                const unsigned bfrag[2] = {load_pair(k), load_pair(k + 8)};
-                mma_16816(s[nt], qf[kk], bfrag);
-            }
-        }
+        zero_acc(s);
+        mma_abt<D, FA_BN / 8>(s, qf, Ks, D + FA_PAD);
         // Scale into base 2 and mask; then the online softmax, per row (i >> 1) of the thread.
         float tile_max[2] = {NEG_INF, NEG_INF};
 #pragma unroll
@@ -119,27 +101,12 @@ __device__ void flash_forward(const bf16* qkv, bf16* out, float* lse, int seq, i
 #pragma unroll
             for (int i = 0; i < 4; i++) o[n][i] *= corr[i >> 1];
         // O += P V: P's accumulators are A fragments over 16 keys at a time.
-#pragma unroll
-        for (int kk = 0; kk < FA_BN / 16; kk++) {
-            const unsigned pa[4] = {pack_bf16(s[2 * kk][0], s[2 * kk][1]), pack_bf16(s[2 * kk][2], s[2 * kk][3]),
-                                    pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                                    pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-#pragma unroll
-            for (int n = 0; n < D / 8; n++) {
-                const bf16* v = Vs + (kk * 16 + 2 * t) * (D + FA_PAD) + n * 8 + g;
-                const unsigned bfrag[2] = {load_strided(v, D + FA_PAD), load_strided(v + 8 * (D + FA_PAD), D + FA_PAD)};
-                mma_16816(o[n], pa, bfrag);
-            }
-        }
+        mma_acc_b<FA_BN, D / 8>(o, s, Vs, D + FA_PAD);
     }
     // Normalise and write; the quad's partial row sums add up first.
 #pragma unroll
     for (int r = 0; r < 2; r++) {
-        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
-        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
-    }
-#pragma unroll
-    for (int r = 0; r < 2; r++) {
+        l[r] = quad_sum(l[r]);
         const int row = rows[r];
         if (row >= seq) continue;
         const float inv = 1.0f / l[r];

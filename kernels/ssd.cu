@@ -27,9 +27,10 @@
 // memory as each wrapper states; the passing kernels grid (ceil(P N / 256), heads, batch).
 // Cost: the quadratic form is Q (N + P) multiply-adds per (token, head) forward and about 3x
 // that backward; the state passing reads and writes the states once. The kernels here
-// multiply on CUDA cores in fp32; in bf16 the forward's chunk kernels have tensor-core forms
-// (ssd_chunk_state_tc, ssd_chunk_scan_tc, below) for the common (P, N); the backward is on
-// CUDA cores (todo: its products on tensor cores too).
+// multiply on CUDA cores in fp32; in bf16, for the common (P, N), the chunk states, the
+// forward's quadratic form and the backward's have tensor-core forms (the *_tc kernels below;
+// the backward's per-token state terms and the decays' suffix sums stay in
+// ssd_chunk_backward).
 #include "common.cuh"
 
 #define SSD_THREADS 256
@@ -197,11 +198,13 @@ __device__ void ssd_dstate_passing(float* dstates, const float* decay, Ssd s) {
     }
 }
 
-// Dynamic shared memory: (4 + 3 SSD_ROWS) Q floats.
+// Dynamic shared memory: (4 + 3 SSD_ROWS) Q floats, or 4 Q with `qform`: the quadratic form's
+// (ddecay, dsteps) per token from the tensor-core kernels below, which also added its dx, dB
+// and dC into dxbc (null: this kernel computes the quadratic form itself).
 template <typename T>
 __device__ void ssd_chunk_backward(const T* dy, const T* xbc, const T* dt, const T* dt_bias, const T* a_log,
                                    const T* Dskip, const float* states, const float* dstates, float* dxbc,
-                                   T* ddt, float* ddt_bias, float* da_log, float* dd, Ssd s) {
+                                   T* ddt, float* ddt_bias, float* da_log, float* dd, const float* qform, Ssd s) {
     __shared__ float scratch[32];
     extern __shared__ float smem[];
     const SsdChunk ch = ssd_chunk(dt, dt_bias, a_log, s, smem);
@@ -211,7 +214,10 @@ __device__ void ssd_chunk_backward(const T* dy, const T* xbc, const T* dt, const
     float *ddecay = smem + 2 * s.Q, *dsteps = smem + 3 * s.Q;
     float *M = smem + 4 * s.Q, *Nn = M + SSD_ROWS * s.Q, *pair = Nn + SSD_ROWS * s.Q;  // [SSD_ROWS][Q] each
     const float A = -__expf(to_float(a_log[h]));
-    for (int k = threadIdx.x; k < q; k += blockDim.x) ddecay[k] = dsteps[k] = 0.0f;
+    for (int k = threadIdx.x; k < q; k += blockDim.x) {
+        ddecay[k] = qform ? qform[((row0 + k) * s.heads + h) * 2] : 0.0f;
+        dsteps[k] = qform ? qform[((row0 + k) * s.heads + h) * 2 + 1] : 0.0f;
+    }
     const int w = s.width(), xc = s.x_col(h), bc = s.b_col(h), cc = s.c_col(h), inner = s.heads * s.P;
     const int P = s.P, N = s.N;
     const float skip = to_float(Dskip[h]);
@@ -269,7 +275,7 @@ __device__ void ssd_chunk_backward(const T* dy, const T* xbc, const T* dt, const
 
     // The quadratic form, SSD_ROWS query rows at a time: M = exp(L_i - L_j) s_j (C_i . B_j),
     // Nn = exp(L_i - L_j) s_j (dy_i . x_j), pair = M (dy_i . x_j).
-    for (int i0 = 0; i0 < q; i0 += SSD_ROWS) {
+    for (int i0 = 0; i0 < (qform ? 0 : q); i0 += SSD_ROWS) {
         const int rows = min(SSD_ROWS, q - i0);
         for (int e = threadIdx.x; e < rows * q; e += blockDim.x) {
             const int r = e / q, j = e % q, i = i0 + r;
@@ -344,7 +350,8 @@ __device__ void ssd_chunk_backward(const T* dy, const T* xbc, const T* dt, const
     if (threadIdx.x == 0) atomicAdd(&dd[h], dskip);
 }
 
-// ---- Tensor-core forms of the forward (bf16; P and N template constants, multiples of 16) ----
+// ---- Tensor-core forms of the forward (bf16; P and N template constants, multiples of 16) ---
+// Registers (ptxas, sm_90a): up to 170 forward and 240 backward at P = N = 128, no spills.
 // The chunk's products as mma.sync tiles, one warp per 16 rows, fp32 accumulators:
 //   ssd_chunk_state_tc  S = (w x)^T B over the chunk's tokens, w_j = exp(L_last - L_j) s_j
 //                       (rows of P per warp, 64-token tiles of w x and B in shared memory);
@@ -354,6 +361,17 @@ __device__ void ssd_chunk_backward(const T* dy, const T* xbc, const T* dt, const
 //                       fragments of W X; H0 is staged in shared memory as bf16.
 // Rounding to bf16 where a product's operand is made (w x, W, H0) is the only difference from
 // the CUDA-core kernels above.
+
+// The (chunk, head, batch) and 64-row tile of a block of the tiled SSD kernels; false for a
+// tile past the end of a short last chunk (the whole block returns).
+template <typename T>
+__device__ bool ssd_tile(const T* dt, const T* dt_bias, const T* a_log, const Ssd& s, float* smem, SsdChunk* ch,
+                         int* tile) {
+    const int tiles = (s.Q + 63) / 64;
+    *tile = blockIdx.x % tiles;
+    *ch = ssd_chunk(dt, dt_bias, a_log, s, smem, blockIdx.x / tiles);
+    return *tile * 64 < ch->q;
+}
 
 // The tokens' weights w_j x_j of a 64-token tile into shared memory rows of P + SMEM_PAD
 // (zeros past the chunk's q tokens).
@@ -390,10 +408,7 @@ __device__ void ssd_chunk_state_tc(const bf16* xbc, const bf16* dt, const bf16* 
     for (int pass = 0; pass < (P / 16 + 3) / 4; pass++) {
         const int mt = pass * 4 + warp;
         float acc[N / 8][4];
-#pragma unroll
-        for (int n = 0; n < N / 8; n++)
-#pragma unroll
-            for (int i = 0; i < 4; i++) acc[n][i] = 0.0f;
+        zero_acc(acc);
         for (int j0 = 0; j0 < q; j0 += 64) {
             __syncthreads();  // weights written; the previous tiles have been read
             ssd_stage_weighted_x<P>(Xs, rows + s.x_col(h), w, weight, j0, q);
@@ -436,10 +451,10 @@ __device__ void ssd_chunk_scan_tc(const bf16* xbc, const bf16* dt, const bf16* d
                                   const bf16* Dskip, const float* states, bf16* y, Ssd s) {
     extern __shared__ float smem[];
     constexpr int HB = P > 64 ? P : 64;  // rows of the H0 / B area
-    const int tiles = (s.Q + 63) / 64, tile = blockIdx.x % tiles;
-    const SsdChunk ch = ssd_chunk(dt, dt_bias, a_log, s, smem, blockIdx.x / tiles);
+    SsdChunk ch;
+    int tile;
+    if (!ssd_tile(dt, dt_bias, a_log, s, smem, &ch, &tile)) return;
     const int c = ch.c, h = ch.h, b = ch.b, q = ch.q;
-    if (tile * 64 >= q) return;  // the last chunk is short (uniform over the block)
     const float *steps = ch.steps, *L = ch.L;
     bf16* HBs = (bf16*)(smem + 2 * s.Q);  // H0 as [P][N + SMEM_PAD], then B tiles [64][N + SMEM_PAD]
     bf16* Xs = HBs + HB * (N + SMEM_PAD);  // [64][P + SMEM_PAD]
@@ -448,15 +463,8 @@ __device__ void ssd_chunk_scan_tc(const bf16* xbc, const bf16* dt, const bf16* d
     const bf16* rows_base = xbc + ch.row0 * w;
     const int r0 = tile * 64 + warp * 16, rows[2] = {r0 + g, r0 + g + 8};
 
-    // C_i as A fragments over N.
-    unsigned cf[N / 16][4];
-#pragma unroll
-    for (int kk = 0; kk < N / 16; kk++)
-#pragma unroll
-        for (int i = 0; i < 4; i++) {
-            const int row = rows[i & 1], col = kk * 16 + 2 * t + 8 * (i >> 1);
-            cf[kk][i] = row < q ? load_pair(rows_base + (long long)row * w + s.c_col(h) + col) : 0u;
-        }
+    unsigned cf[N / 16][4];  // C_i as A fragments over N
+    load_a_fragments<N>(cf, rows_base + s.c_col(h), w, r0, q);
     // The carried state: o = exp(L_i) C_i H0^T.
     const float* H0 = states + s.state(b, c, h);
     for (int e = threadIdx.x; e < P * (N / 2); e += blockDim.x) {
@@ -465,17 +473,8 @@ __device__ void ssd_chunk_scan_tc(const bf16* xbc, const bf16* dt, const bf16* d
     }
     __syncthreads();
     float o[P / 8][4];
-#pragma unroll
-    for (int n = 0; n < P / 8; n++) {
-#pragma unroll
-        for (int i = 0; i < 4; i++) o[n][i] = 0.0f;
-#pragma unroll
-        for (int kk = 0; kk < N / 16; kk++) {
-            const bf16* hp = HBs + (n * 8 + g) * (N + SMEM_PAD) + kk * 16 + 2 * t;
-            const unsigned bf[2] = {load_pair(hp), load_pair(hp + 8)};
-            mma_16816(o[n], cf[kk], bf);
-        }
-    }
+    zero_acc(o);
+    mma_abt<N, P / 8>(o, cf, HBs, N + SMEM_PAD);
     float carried[2];
 #pragma unroll
     for (int r = 0; r < 2; r++) carried[r] = rows[r] < q ? __expf(L[rows[r]]) : 0.0f;
@@ -492,34 +491,16 @@ __device__ void ssd_chunk_scan_tc(const bf16* xbc, const bf16* dt, const bf16* d
         stage_rows<P>(Xs, rows_base + s.x_col(h), w, j0, q, 64);
         __syncthreads();
         float sc[8][4];
+        zero_acc(sc);
+        mma_abt<N, 8>(sc, cf, HBs, N + SMEM_PAD);
 #pragma unroll
-        for (int nt = 0; nt < 8; nt++) {
-#pragma unroll
-            for (int i = 0; i < 4; i++) sc[nt][i] = 0.0f;
-#pragma unroll
-            for (int kk = 0; kk < N / 16; kk++) {
-                const bf16* bp = HBs + (nt * 8 + g) * (N + SMEM_PAD) + kk * 16 + 2 * t;
-                const unsigned bf[2] = {load_pair(bp), load_pair(bp + 8)};
-                mma_16816(sc[nt], cf[kk], bf);
-            }
+        for (int nt = 0; nt < 8; nt++)
 #pragma unroll
             for (int i = 0; i < 4; i++) {
                 const int j = j0 + nt * 8 + 2 * t + (i & 1), row = rows[i >> 1];
                 sc[nt][i] = j <= row && row < q ? sc[nt][i] * __expf(L[row] - L[j]) * steps[j] : 0.0f;
             }
-        }
-#pragma unroll
-        for (int kk = 0; kk < 4; kk++) {
-            const unsigned wa[4] = {pack_bf16(sc[2 * kk][0], sc[2 * kk][1]), pack_bf16(sc[2 * kk][2], sc[2 * kk][3]),
-                                    pack_bf16(sc[2 * kk + 1][0], sc[2 * kk + 1][1]),
-                                    pack_bf16(sc[2 * kk + 1][2], sc[2 * kk + 1][3])};
-#pragma unroll
-            for (int n = 0; n < P / 8; n++) {
-                const bf16* xp = Xs + (kk * 16 + 2 * t) * (P + SMEM_PAD) + n * 8 + g;
-                const unsigned bf[2] = {load_strided(xp, P + SMEM_PAD), load_strided(xp + 8 * (P + SMEM_PAD), P + SMEM_PAD)};
-                mma_16816(o[n], wa, bf);
-            }
-        }
+        mma_acc_b<64, P / 8>(o, sc, Xs, P + SMEM_PAD);
     }
     // y = o + D x.
     const float skip = to_float(Dskip[h]);
@@ -535,6 +516,193 @@ __device__ void ssd_chunk_scan_tc(const bf16* xbc, const bf16* dt, const bf16* d
             const unsigned xv = load_pair(xi + p);
             *(unsigned*)(dst + p) = pack_bf16(o[n][2 * r] + skip * to_float((bf16)(xv & 0xffffu)),
                                               o[n][2 * r + 1] + skip * to_float((bf16)(xv >> 16)));
+        }
+    }
+}
+
+// ---- Tensor-core forms of the backward's quadratic form (bf16, as above) -------------------
+// With S = C B^T, G = dY X^T and e_ij = exp(L_i - L_j) for j <= i (else 0):
+//   dX_j += sum_i e_ij s_j S_ij dy_i     dB_j += sum_i e_ij s_j G_ij C_i     dC_i += sum_j e_ij s_j G_ij B_j
+//   dsteps_j += sum_i e_ij S_ij G_ij     ddecay_i += sum_j pair_ij,  ddecay_j -= sum_i pair_ij,
+// pair = e s S G. Three kernels, each owning its output rows so that a block sums over all its
+// partners without atomics between blocks (but for B and C, which the heads of a group share):
+//   ssd_bwd_dx_tc  per 64-key tile (S^T and G^T per 16 keys a warp): dX, dsteps, the column sums
+//   ssd_bwd_db_tc  per 64-key tile (G^T): dB
+//   ssd_bwd_dc_tc  per 64-query tile (S and G): dC, the row sums
+// They add dX, dB, dC into the fp32 dxbc accumulator and (ddecay, dsteps) per token into
+// `qform` [rows, heads, 2] (zeroed by the caller), which ssd_chunk_backward then starts from,
+// skipping its own quadratic form. Grid (chunks x ceil(Q / 64), heads, batch), 128 threads;
+// dynamic shared memory 2 Q floats and 64 (P + N + 2 SMEM_PAD) bf16.
+
+__device__ __forceinline__ float* ssd_qform(float* qform, const Ssd& s, const SsdChunk& ch, int k, int which) {
+    return qform + ((ch.row0 + k) * s.heads + ch.h) * 2 + which;
+}
+
+template <int P, int N>
+__device__ void ssd_bwd_dx_tc(const bf16* dy, const bf16* xbc, const bf16* dt, const bf16* dt_bias,
+                              const bf16* a_log, float* dxbc, float* qform, Ssd s) {
+    extern __shared__ float smem[];
+    SsdChunk ch;
+    int tile;
+    if (!ssd_tile(dt, dt_bias, a_log, s, smem, &ch, &tile)) return;
+    const int q = ch.q, h = ch.h, w = s.width(), inner = s.heads * s.P;
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    bf16* Cs = (bf16*)(smem + 2 * s.Q);    // [64][N + SMEM_PAD]
+    bf16* dYs = Cs + 64 * (N + SMEM_PAD);  // [64][P + SMEM_PAD]
+    const bf16* rows = xbc + ch.row0 * w;
+    const bf16* dys = dy + ch.row0 * inner + s.x_col(h);
+    const int k0 = tile * 64 + (threadIdx.x >> 5) * 16, keys[2] = {k0 + g, k0 + g + 8};
+    unsigned bfr[N / 16][4], xfr[P / 16][4];  // B_j and x_j of the warp's keys
+    load_a_fragments<N>(bfr, rows + s.b_col(h), w, k0, q);
+    load_a_fragments<P>(xfr, rows + s.x_col(h), w, k0, q);
+    float dx[P / 8][4];
+    zero_acc(dx);
+    float dsteps[2] = {0.0f, 0.0f}, colsum[2] = {0.0f, 0.0f};
+    for (int i0 = tile * 64; i0 < q; i0 += 64) {
+        __syncthreads();  // the previous tiles have been read
+        stage_rows<N>(Cs, rows + s.c_col(h), w, i0, q, 64);
+        stage_rows<P>(dYs, dys, inner, i0, q, 64);
+        __syncthreads();
+        float st[8][4], gt[8][4];  // S^T and G^T: rows are keys, columns queries
+        zero_acc(st);
+        zero_acc(gt);
+        mma_abt<N, 8>(st, bfr, Cs, N + SMEM_PAD);
+        mma_abt<P, 8>(gt, xfr, dYs, P + SMEM_PAD);
+#pragma unroll
+        for (int nt = 0; nt < 8; nt++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const int r = i >> 1, j = keys[r], qi = i0 + nt * 8 + 2 * t + (i & 1);
+                float m = 0.0f;
+                if (j <= qi && qi < q) {
+                    const float e = __expf(ch.L[qi] - ch.L[j]);
+                    m = e * ch.steps[j] * st[nt][i];
+                    dsteps[r] += e * st[nt][i] * gt[nt][i];
+                    colsum[r] += m * gt[nt][i];
+                }
+                st[nt][i] = m;
+            }
+        mma_acc_b<64, P / 8>(dx, st, dYs, P + SMEM_PAD);
+    }
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        dsteps[r] = quad_sum(dsteps[r]);
+        colsum[r] = quad_sum(colsum[r]);
+        if (keys[r] >= q) continue;
+        if (t == 0) {
+            atomicAdd(ssd_qform(qform, s, ch, keys[r], 0), -colsum[r]);
+            atomicAdd(ssd_qform(qform, s, ch, keys[r], 1), dsteps[r]);
+        }
+        float* dst = dxbc + (ch.row0 + keys[r]) * w + s.x_col(h);
+#pragma unroll
+        for (int n = 0; n < P / 8; n++) {
+            dst[n * 8 + 2 * t] += dx[n][2 * r];
+            dst[n * 8 + 2 * t + 1] += dx[n][2 * r + 1];
+        }
+    }
+}
+
+template <int P, int N>
+__device__ void ssd_bwd_db_tc(const bf16* dy, const bf16* xbc, const bf16* dt, const bf16* dt_bias,
+                              const bf16* a_log, float* dxbc, Ssd s) {
+    extern __shared__ float smem[];
+    SsdChunk ch;
+    int tile;
+    if (!ssd_tile(dt, dt_bias, a_log, s, smem, &ch, &tile)) return;
+    const int q = ch.q, h = ch.h, w = s.width(), inner = s.heads * s.P;
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    bf16* Cs = (bf16*)(smem + 2 * s.Q);    // [64][N + SMEM_PAD]
+    bf16* dYs = Cs + 64 * (N + SMEM_PAD);  // [64][P + SMEM_PAD]
+    const bf16* rows = xbc + ch.row0 * w;
+    const bf16* dys = dy + ch.row0 * inner + s.x_col(h);
+    const int k0 = tile * 64 + (threadIdx.x >> 5) * 16, keys[2] = {k0 + g, k0 + g + 8};
+    unsigned xfr[P / 16][4];
+    load_a_fragments<P>(xfr, rows + s.x_col(h), w, k0, q);
+    float db[N / 8][4];
+    zero_acc(db);
+    for (int i0 = tile * 64; i0 < q; i0 += 64) {
+        __syncthreads();
+        stage_rows<N>(Cs, rows + s.c_col(h), w, i0, q, 64);
+        stage_rows<P>(dYs, dys, inner, i0, q, 64);
+        __syncthreads();
+        float gt[8][4];
+        zero_acc(gt);
+        mma_abt<P, 8>(gt, xfr, dYs, P + SMEM_PAD);
+#pragma unroll
+        for (int nt = 0; nt < 8; nt++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const int j = keys[i >> 1], qi = i0 + nt * 8 + 2 * t + (i & 1);
+                gt[nt][i] = j <= qi && qi < q ? __expf(ch.L[qi] - ch.L[j]) * ch.steps[j] * gt[nt][i] : 0.0f;
+            }
+        mma_acc_b<64, N / 8>(db, gt, Cs, N + SMEM_PAD);
+    }
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        if (keys[r] >= q) continue;
+        float* dst = dxbc + (ch.row0 + keys[r]) * w + s.b_col(h);
+#pragma unroll
+        for (int n = 0; n < N / 8; n++) {
+            atomicAdd(dst + n * 8 + 2 * t, db[n][2 * r]);
+            atomicAdd(dst + n * 8 + 2 * t + 1, db[n][2 * r + 1]);
+        }
+    }
+}
+
+template <int P, int N>
+__device__ void ssd_bwd_dc_tc(const bf16* dy, const bf16* xbc, const bf16* dt, const bf16* dt_bias,
+                              const bf16* a_log, float* dxbc, float* qform, Ssd s) {
+    extern __shared__ float smem[];
+    SsdChunk ch;
+    int tile;
+    if (!ssd_tile(dt, dt_bias, a_log, s, smem, &ch, &tile)) return;
+    const int q = ch.q, h = ch.h, w = s.width(), inner = s.heads * s.P;
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    bf16* Bs = (bf16*)(smem + 2 * s.Q);   // [64][N + SMEM_PAD]
+    bf16* Xs = Bs + 64 * (N + SMEM_PAD);  // [64][P + SMEM_PAD]
+    const bf16* rows = xbc + ch.row0 * w;
+    const int r0 = tile * 64 + (threadIdx.x >> 5) * 16, queries[2] = {r0 + g, r0 + g + 8};
+    unsigned cfr[N / 16][4], dyfr[P / 16][4];  // C_i and dy_i of the warp's queries
+    load_a_fragments<N>(cfr, rows + s.c_col(h), w, r0, q);
+    load_a_fragments<P>(dyfr, dy + ch.row0 * inner + s.x_col(h), inner, r0, q);
+    float dc[N / 8][4];
+    zero_acc(dc);
+    float rowsum[2] = {0.0f, 0.0f};
+    const int key_end = min(q, (tile + 1) * 64);
+    for (int j0 = 0; j0 < key_end; j0 += 64) {
+        __syncthreads();
+        stage_rows<N>(Bs, rows + s.b_col(h), w, j0, q, 64);
+        stage_rows<P>(Xs, rows + s.x_col(h), w, j0, q, 64);
+        __syncthreads();
+        float sc[8][4], gx[8][4];
+        zero_acc(sc);
+        zero_acc(gx);
+        mma_abt<N, 8>(sc, cfr, Bs, N + SMEM_PAD);
+        mma_abt<P, 8>(gx, dyfr, Xs, P + SMEM_PAD);
+#pragma unroll
+        for (int nt = 0; nt < 8; nt++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const int r = i >> 1, qi = queries[r], j = j0 + nt * 8 + 2 * t + (i & 1);
+                float nn = 0.0f;
+                if (j <= qi && qi < q) {
+                    nn = __expf(ch.L[qi] - ch.L[j]) * ch.steps[j] * gx[nt][i];
+                    rowsum[r] += nn * sc[nt][i];
+                }
+                gx[nt][i] = nn;
+            }
+        mma_acc_b<64, N / 8>(dc, gx, Bs, N + SMEM_PAD);
+    }
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        rowsum[r] = quad_sum(rowsum[r]);
+        if (queries[r] >= q) continue;
+        if (t == 0) atomicAdd(ssd_qform(qform, s, ch, queries[r], 0), rowsum[r]);
+        float* dst = dxbc + (ch.row0 + queries[r]) * w + s.c_col(h);
+#pragma unroll
+        for (int n = 0; n < N / 8; n++) {
+            atomicAdd(dst + n * 8 + 2 * t, dc[n][2 * r]);
+            atomicAdd(dst + n * 8 + 2 * t + 1, dc[n][2 * r + 1]);
         }
     }
 }
@@ -558,9 +726,9 @@ __device__ void ssd_chunk_scan_tc(const bf16* xbc, const bf16* dt, const bf16* d
     extern "C" __global__ void ssd_chunk_backward_##S(                                                             \
         const T* dy, const T* xbc, const T* dt, const T* dt_bias, const T* a_log, const T* Dskip,                  \
         const float* states, const float* dstates, float* dxbc, T* ddt, float* ddt_bias, float* da_log, float* dd, \
-        SSD_ARGS) {                                                                                                \
+        const float* qform, SSD_ARGS) {                                                                             \
         ssd_chunk_backward<T>(dy, xbc, dt, dt_bias, a_log, Dskip, states, dstates, dxbc, ddt, ddt_bias, da_log,    \
-                              dd, SSD_DIMS);                                                                       \
+                              dd, qform, SSD_DIMS);                                                                 \
     }
 
 FOR_EACH_STORAGE(SSD_KERNELS)
@@ -582,6 +750,21 @@ extern "C" __global__ void ssd_dstate_passing(float* dstates, const float* decay
                                                              const bf16* a_log, const bf16* Dskip,                 \
                                                              const float* states, bf16* y, SSD_ARGS) {             \
         ssd_chunk_scan_tc<P, N>(xbc, dt, dt_bias, a_log, Dskip, states, y, SSD_DIMS);                              \
+    }                                                                                                              \
+    extern "C" __global__ void ssd_bwd_dx_tc_p##P##_n##N(const bf16* dy, const bf16* xbc, const bf16* dt,          \
+                                                         const bf16* dt_bias, const bf16* a_log, float* dxbc,      \
+                                                         float* qform, SSD_ARGS) {                                  \
+        ssd_bwd_dx_tc<P, N>(dy, xbc, dt, dt_bias, a_log, dxbc, qform, SSD_DIMS);                                    \
+    }                                                                                                              \
+    extern "C" __global__ void ssd_bwd_db_tc_p##P##_n##N(const bf16* dy, const bf16* xbc, const bf16* dt,          \
+                                                         const bf16* dt_bias, const bf16* a_log, float* dxbc,      \
+                                                         SSD_ARGS) {                                               \
+        ssd_bwd_db_tc<P, N>(dy, xbc, dt, dt_bias, a_log, dxbc, SSD_DIMS);                                          \
+    }                                                                                                              \
+    extern "C" __global__ void ssd_bwd_dc_tc_p##P##_n##N(const bf16* dy, const bf16* xbc, const bf16* dt,          \
+                                                         const bf16* dt_bias, const bf16* a_log, float* dxbc,      \
+                                                         float* qform, SSD_ARGS) {                                  \
+        ssd_bwd_dc_tc<P, N>(dy, xbc, dt, dt_bias, a_log, dxbc, qform, SSD_DIMS);                                    \
     }
 
 // The (head dim, state size) pairs with tensor-core forms (SSD_TC_SHAPES in src/backend.rs).

@@ -89,8 +89,9 @@ impl CudaBackend {
             && ptrs.iter().all(|p| p.is_multiple_of(4))
     }
 
-    /// Whether the SSD of `shape` over these buffers runs its forward products on tensor
-    /// cores: bf16, a (head dim, state) pair of [`SSD_TC_SHAPES`], 4-byte aligned rows.
+    /// Whether the SSD of `shape` over these buffers runs its products on tensor cores: bf16,
+    /// a (head dim, state) pair of [`SSD_TC_SHAPES`], and 4-byte aligned rows of xbc and of y
+    /// (forward) or dy (backward).
     fn uses_tensor_core_ssd(&self, x: &SsdInputs<DevRef<'_>>, shape: SsdShape, y: u64) -> bool {
         self.tensor_cores
             && x.xbc.dtype == Dtype::Bf16
@@ -890,19 +891,40 @@ impl Backend for CudaBackend {
         let mut args = vec![Arg::Ptr(dstates_ptr), Arg::Ptr(decay_ptr)];
         args.extend(ssd_geometry(shape));
         self.dev.launch("ssd", "ssd_dstate_passing", ssd_passing_grid(shape), &args);
+        // With tensor cores, the quadratic form's share first: dx, dB and dC into dxbc, and
+        // per token its (ddecay, dsteps), which the chunk kernel starts from.
+        let tensor_cores = self.uses_tensor_core_ssd(&x, shape, dy.ptr);
+        let mut qform = self.zeros_f32(if tensor_cores { 2 * shape.rows() * shape.heads } else { 0 });
+        let (qform_ptr, dxbc_ptr) = (qform.view_mut(0..qform.len()).ptr, dxbc.view_mut(0..g.dxbc.len).ptr);
+        if tensor_cores {
+            let (p, n) = (shape.head_dim, shape.state);
+            let cfg = ssd_tc_grid(shape, shape.chunk.div_ceil(64), 2, 64 * (p + n + 16));
+            for (kernel, with_qform) in [("ssd_bwd_dx_tc", true), ("ssd_bwd_db_tc", false), ("ssd_bwd_dc_tc", true)] {
+                let mut args = vec![ptr(&dy)];
+                args.extend(ssd_inputs(&x, false));
+                args.push(Arg::Ptr(dxbc_ptr));
+                if with_qform {
+                    args.push(Arg::Ptr(qform_ptr));
+                }
+                args.extend(ssd_geometry(shape));
+                self.dev.launch("ssd", &format!("{kernel}_p{p}_n{n}"), cfg, &args);
+            }
+        }
         let mut args = vec![ptr(&dy)];
         args.extend(ssd_inputs(&x, true));
         args.extend([
             ptr(&states),
             Arg::Ptr(dstates_ptr),
-            Arg::Ptr(dxbc.view_mut(0..g.dxbc.len).ptr),
+            Arg::Ptr(dxbc_ptr),
             ptr_mut(&g.ddt),
             ptr_mut(&g.ddt_bias),
             ptr_mut(&g.da_log),
             ptr_mut(&g.dd),
+            Arg::Ptr(qform_ptr),
         ]);
         args.extend(ssd_geometry(shape));
-        self.run("ssd", "ssd_chunk_backward", dtype, ssd_chunk_grid(shape, 4 + 3 * SSD_ROWS), &args);
+        let q_floats = if tensor_cores { 4 } else { 4 + 3 * SSD_ROWS };
+        self.run("ssd", "ssd_chunk_backward", dtype, ssd_chunk_grid(shape, q_floats), &args);
         self.convert_from_f32(dxbc.view(0..g.dxbc.len), g.dxbc);
     }
     fn gated_rmsnorm_forward(

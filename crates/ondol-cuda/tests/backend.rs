@@ -716,12 +716,12 @@ fn flash_attention_matches_the_cpu_and_the_simple_kernel() {
     }
 }
 
-/// The SSD forward's products on tensor cores (bf16 operands rounded where they are made)
-/// against the CPU and the CUDA-core kernels: a chunk of 80 tokens is two query tiles, the
-/// second partial, and the second chunk of 100 tokens is short.
+/// The SSD's products on tensor cores (bf16 operands rounded where they are made), forward
+/// and backward, against the CPU and the CUDA-core kernels: a chunk of 80 tokens is two
+/// 64-row tiles, the second partial, and the second chunk of 100 tokens is short.
 #[test]
-fn ssd_tensor_core_forward_matches_the_cpu_and_the_cuda_core_kernels() {
-    use ondol_core::{SsdInputs, SsdShape};
+fn ssd_on_tensor_cores_matches_the_cpu_and_the_cuda_core_kernels() {
+    use ondol_core::{SsdGrads, SsdInputs, SsdShape};
     for (tc, simple) in tensor_core_pairs() {
         let tol = tolerance(&tc);
         for (head_dim, state) in [(32, 32), (64, 128)] {
@@ -733,10 +733,12 @@ fn ssd_tensor_core_forward_matches_the_cpu_and_the_cuda_core_kernels() {
                 (s.heads, 3, 0.5),
                 (s.heads, 4, 0.5),
                 (s.heads, 5, 1.0),
+                (rows * s.inner(), 6, 1.0),
             ];
-            let forward = |be: &CudaBackend| {
+            // y, states, dxbc, ddt, ddt_bias, da_log, dD.
+            let run = |be: &CudaBackend| -> Vec<Vec<f32>> {
                 let (_, d) = uploads(be, &fields);
-                let x = SsdInputs {
+                let x = || SsdInputs {
                     xbc: be.all(&d[0]),
                     dt: be.all(&d[1]),
                     dt_bias: be.all(&d[2]),
@@ -744,19 +746,36 @@ fn ssd_tensor_core_forward_matches_the_cpu_and_the_cuda_core_kernels() {
                     d: be.all(&d[4]),
                 };
                 let (mut y, mut states) = (be.zeros(rows * s.inner()), be.zeros_f32(s.states_len()));
-                be.ssd_forward(x, be.all_mut(&mut y), be.all_mut(&mut states), s);
-                (be.download(&y), be.download(&states))
+                be.ssd_forward(x(), be.all_mut(&mut y), be.all_mut(&mut states), s);
+                let (mut dxbc, mut ddt) = (be.zeros(rows * s.xbc_width()), be.zeros(rows * s.heads));
+                let mut acc = [0; 3].map(|_| be.zeros_f32(s.heads));
+                {
+                    let [ddt_bias, da_log, dd] = acc.each_mut().map(|b| be.all_mut(b));
+                    let grads =
+                        SsdGrads { dxbc: be.all_mut(&mut dxbc), ddt: be.all_mut(&mut ddt), ddt_bias, da_log, dd };
+                    be.ssd_backward(be.all(&d[5]), x(), be.all(&states), grads, s);
+                }
+                [&y, &states, &dxbc, &ddt].into_iter().chain(&acc).map(|b| be.download(b)).collect()
             };
             let (h, _) = uploads(&tc, &fields);
             let x = SsdInputs { xbc: &h[0][..], dt: &h[1][..], dt_bias: &h[2][..], a_log: &h[3][..], d: &h[4][..] };
-            let (mut want_y, mut want_states) = (vec![0.0; rows * s.inner()], vec![0.0; s.states_len()]);
-            CPU.ssd_forward(x, &mut want_y, &mut want_states, s);
-            let ((y, states), (simple_y, simple_states)) = (forward(&tc), forward(&simple));
-            let what = |w: &str| format!("ssd tensor cores P={head_dim} N={state} {w}");
-            assert_close(&what("y vs cpu"), &tc, &y, &want_y, tol);
-            assert_close(&what("states vs cpu"), &tc, &states, &want_states, tol);
-            assert_close(&what("y vs cuda cores"), &tc, &y, &simple_y, tol);
-            assert_close(&what("states vs cuda cores"), &tc, &states, &simple_states, tol);
+            let mut want: Vec<Vec<f32>> =
+                [rows * s.inner(), s.states_len(), rows * s.xbc_width(), rows * s.heads, s.heads, s.heads, s.heads]
+                    .map(|n| vec![0.0; n])
+                    .into();
+            {
+                let [y, states, dxbc, ddt, ddt_bias, da_log, dd] = &mut want[..] else { unreachable!() };
+                CPU.ssd_forward(x, y, states, s);
+                let grads = SsdGrads { dxbc: &mut dxbc[..], ddt: &mut ddt[..], ddt_bias, da_log, dd };
+                CPU.ssd_backward(&h[5], x, &states[..], grads, s);
+            }
+            let (got, cuda_cores) = (run(&tc), run(&simple));
+            let names = ["y", "states", "dxbc", "ddt", "ddt_bias", "da_log", "dD"];
+            for (k, name) in names.iter().enumerate() {
+                let what = |w: &str| format!("ssd tensor cores P={head_dim} N={state} {name} vs {w}");
+                assert_close(&what("cpu"), &tc, &got[k], &want[k], tol);
+                assert_close(&what("cuda cores"), &tc, &got[k], &cuda_cores[k], tol);
+            }
         }
     }
 }
