@@ -5,7 +5,7 @@
 # Rust:
 #
 #   scripts/gpu-bundle.sh                      # here
-#   target/gpu-bundle/run.sh [tests|smoke|mfu|bench|all]   # there (default: all)
+#   target/gpu-bundle/run.sh [tests|smoke|mfu|bench|all]...   # there (default: all)
 #
 #   tests  every backend op against the CPU reference, f32 and bf16 (max errors printed)
 #   smoke  the smoke models (Llama, Mamba-1, Mamba-2, hybrid) trained on the CPU (fp32) and on
@@ -13,7 +13,8 @@
 #   mfu    tokens/s and MFU of configs/gpt2-124m.toml, llama-1b.toml and mamba2-130m.toml
 #   bench  kernel throughput (flash attention, SSD, selective scan), and PyTorch's flash SDPA
 #          on the same attention shapes
-# run.sh exits non-zero if any part fails.
+# run.sh exits non-zero if any part fails. Its output also goes to $OUT/run.log (the device
+# tool's folder that comes back, even after a timeout), else to logs/run.log beside it.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 out="$root/target/gpu-bundle"
@@ -37,6 +38,8 @@ for line in sys.stdin:
         print(kind[0], m["executable"])
 ' | while read -r kind exe; do
     name="$(basename "$exe" | sed 's/-[0-9a-f]*$//')"
+    # The parallel engine on emulated devices needs no GPU: CI runs it.
+    [[ $name == parallel ]] && continue
     dir="$out/tests"
     [[ $kind == bench ]] && dir="$out/benches"
     mkdir -p "$dir"
@@ -49,10 +52,14 @@ cp -r data/sample "$out/data/sample"
 cp scripts/compare-curves.py benches/attention-vs-pytorch.py "$out/bin/"
 cat > "$out/run.sh" <<'RUN'
 #!/usr/bin/env bash
-# Runs the GPU bundle (see scripts/gpu-bundle.sh): run.sh [tests|smoke|mfu|bench|all].
+# Runs the GPU bundle (see scripts/gpu-bundle.sh): run.sh [tests|smoke|mfu|bench|all]...
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
-what="${1:-all}"
+parts=" ${*:-all} "
+wants() { [[ $parts == *" $1 "* || $parts == *" all "* ]]; }
+log_dir="${OUT:-$here/logs}"
+mkdir -p "$log_dir"
+exec > >(tee -a "$log_dir/run.log") 2>&1
 # libnvrtc and libcublasLt: system CUDA, or the nvidia wheels of the machine's Python.
 dirs=(/usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib)
 if py_site="$(python3 -c 'import nvidia, os; print(os.path.dirname(list(nvidia.__path__)[0]))' 2>/dev/null)"; then
@@ -77,13 +84,13 @@ export ONDOL_REQUIRE_GPU=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "nvidia-smi: not found"
 cd "$here"
 status=0
-if [[ "$what" == tests || "$what" == all ]]; then
+if wants tests; then
     for t in tests/*; do
         echo "== $(basename "$t")"
         "$t" --nocapture --test-threads=1 || status=1
     done
 fi
-if [[ "$what" == smoke || "$what" == all ]]; then
+if wants smoke; then
     steps=100
     train() {  # CONFIG RUN-DIR [--set ...]
         local config=$1 dir=$2
@@ -112,7 +119,7 @@ if [[ "$what" == smoke || "$what" == all ]]; then
         --set training.eval_every=50 --set 'training.device="cuda"' --run-dir runs/smoke-nccl 2>&1 | tail -2 || status=1
     python3 bin/compare-curves.py runs/smoke-cuda-bf16/metrics.jsonl runs/smoke-nccl/metrics.jsonl 1e-6 || status=1
 fi
-if [[ "$what" == mfu || "$what" == all ]]; then
+if wants mfu; then
     # mamba2-130m trains on token shards; here on the sample text as bytes, for 20 steps.
     sample=(--set 'data.train=["data/sample/*.txt"]' --set 'data.val=[]' --set 'data.format="text"'
         --set 'data.tokenizer="bytes"' --set data.val_fraction=0.05 --set training.eval_every=0
@@ -125,7 +132,7 @@ if [[ "$what" == mfu || "$what" == all ]]; then
         bin/ondol train configs/$c.toml --run-dir runs/$c "${extra[@]}" 2>&1 | grep -E "^ondol|step|done|device memory|error" || status=1
     done
 fi
-if [[ "$what" == bench || "$what" == all ]]; then
+if wants bench; then
     echo "== kernel throughput (ondol, then PyTorch on the same attention shapes)"
     benches/kernels || status=1
     python3 bin/attention-vs-pytorch.py || echo "(PyTorch comparison not run)"

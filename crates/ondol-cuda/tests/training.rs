@@ -16,6 +16,7 @@ const SEQ: usize = 13;
 
 /// A small model of `arch`; the state-space ones save their state every 5 tokens, so chunks
 /// do not divide the sequence, and the hybrid is Mamba-2, attention, MLP and Mamba-2 again.
+/// Mamba-2 has heads of 32 channels and 32 states, whose bf16 SSD runs on tensor cores.
 fn config(arch: Arch) -> ModelConfig {
     let pattern = (arch == Arch::Hybrid).then(|| "M*-M".to_string());
     ModelConfig {
@@ -36,7 +37,9 @@ fn config(arch: Arch) -> ModelConfig {
         ssm: if matches!(arch, Arch::Llama | Arch::Gpt2) {
             SsmConfig::default()
         } else {
-            SsmConfig { state_size: Some(8), head_dim: 8, n_groups: 2, chunk_size: 5, ..Default::default() }
+            let wide = arch == Arch::Mamba2;
+            let (state, head_dim) = if wide { (32, 32) } else { (8, 8) };
+            SsmConfig { state_size: Some(state), head_dim, n_groups: 2, chunk_size: 5, ..Default::default() }
         },
         init_from: None,
     }
