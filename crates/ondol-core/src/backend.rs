@@ -328,6 +328,10 @@ pub trait Backend: Send + Sync {
 
     // ---- dense ----------------------------------------------------------------------------
     fn gemm(&self, g: Gemm, a: Self::Ref<'_>, b: Self::Ref<'_>, c: Self::Mut<'_>);
+    /// `c = alpha op(a) op(b) + bias`, the bias (`g.n` values) added to every row of the
+    /// product, for one batch and `g.beta == 0`: a linear layer's forward. A GPU adds the bias
+    /// in the GEMM's epilogue (one pass over `c`, not two).
+    fn gemm_bias(&self, g: Gemm, a: Self::Ref<'_>, b: Self::Ref<'_>, bias: Self::Ref<'_>, c: Self::Mut<'_>);
     /// `y[r, :] += bias` for every row.
     fn add_bias(&self, y: Self::Mut<'_>, bias: Self::Ref<'_>, cols: usize);
     /// `dbias += sum over rows of dy` (accumulates).

@@ -126,6 +126,11 @@ impl Backend for CpuBackend {
     fn gemm(&self, g: Gemm, a: &[f32], b: &[f32], c: &mut [f32]) {
         dense::gemm(g, a, b, c, false);
     }
+    fn gemm_bias(&self, g: Gemm, a: &[f32], b: &[f32], bias: &[f32], c: &mut [f32]) {
+        assert!(g.batch == 1 && g.beta == 0.0, "gemm_bias: one batch, beta 0");
+        dense::gemm(g, a, b, c, false);
+        self.add_bias(c, bias, g.n);
+    }
     fn add_bias(&self, y: &mut [f32], bias: &[f32], cols: usize) {
         assert_eq!(bias.len(), cols);
         y.par_chunks_mut(cols).for_each(|row| row.iter_mut().zip(bias).for_each(|(y, b)| *y += b));

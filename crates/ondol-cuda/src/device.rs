@@ -50,8 +50,9 @@ pub(crate) trait Device: Send + Sync {
     /// a launch the device refuses, a deadlock in the emulator), so it panics naming the
     /// kernel.
     fn launch(&self, family: &str, name: &str, cfg: LaunchConfig, args: &[Arg]);
-    /// `c = alpha op(a) op(b) + beta c`, see [`Gemm`].
-    fn gemm(&self, g: Gemm, a: DevRef, b: DevRef, c: DevMut);
+    /// `c = alpha op(a) op(b) + beta c`, see [`Gemm`], plus `bias` (of c's type, `g.n` values)
+    /// on every row where given (a GPU's GEMM epilogue).
+    fn gemm(&self, g: Gemm, a: DevRef, b: DevRef, bias: Option<DevRef>, c: DevMut);
     /// Waits for everything issued so far.
     fn synchronize(&self);
     /// Bytes in use and in total, where the device can tell.

@@ -146,13 +146,15 @@ impl Device for Emulator {
         }
     }
 
-    fn gemm(&self, g: Gemm, a: DevRef, b: DevRef, c: DevMut) {
+    fn gemm(&self, g: Gemm, a: DevRef, b: DevRef, bias: Option<DevRef>, c: DevMut) {
         if g.m == 0 || g.n == 0 || g.batch == 0 {
             return;
         }
         // SAFETY: views of live emulator buffers, of the lengths they state.
         let (a_val, b_val, mut c_val) =
             unsafe { (read(a.ptr, a.len, a.dtype), read(b.ptr, b.len, b.dtype), read(c.ptr, c.len, c.dtype)) };
+        // SAFETY: as above.
+        let bias = bias.map(|v| unsafe { read(v.ptr, v.len, v.dtype) });
         for batch in 0..g.batch {
             let (a0, b0, c0) = (batch * g.stride_a, batch * g.stride_b, batch * g.stride_c);
             for i in 0..g.m {
@@ -164,7 +166,8 @@ impl Device for Emulator {
                         acc += av * bv;
                     }
                     let out = &mut c_val[c0 + i * g.n + j];
-                    *out = g.alpha * acc + if g.beta == 0.0 { 0.0 } else { g.beta * *out };
+                    let added = bias.as_ref().map_or(0.0, |b| b[j]);
+                    *out = g.alpha * acc + if g.beta == 0.0 { 0.0 } else { g.beta * *out } + added;
                 }
             }
         }

@@ -1,4 +1,6 @@
-//! GEMMs through cuBLASLt: bf16 (or f32) inputs, fp32 accumulation, an f32 or bf16 output.
+//! GEMMs through cuBLASLt: bf16 (or f32) inputs, fp32 accumulation, an f32 or bf16 output,
+//! and for linear layers with a bias the bias epilogue (added before the output is rounded,
+//! with no pass of its own).
 //!
 //! ondol's matrices are row-major; cuBLASLt's are column-major. A row-major `[r, c]` buffer is
 //! the column-major `[c, r]` matrix, its transpose, so `C = op(A) op(B)` is computed as
@@ -30,6 +32,8 @@ struct PlanKey {
     output: Dtype,
     /// Alignment in bytes (up to 256) of A, B and C: algorithms that need more are excluded.
     align: [u32; 3],
+    /// Whether the epilogue adds a bias (CUBLASLT_EPILOGUE_BIAS).
+    bias: bool,
 }
 
 /// The cuBLASLt objects of one shape.
@@ -92,9 +96,11 @@ impl Blas {
         Ok(Self { handle, workspace, workspace_ptr, plans: Mutex::new(HashMap::new()) })
     }
 
-    /// `c = alpha op(a) op(b) + beta c` (see [`Gemm`]). Inputs f32 with an f32 output, or
-    /// bf16 with a bf16 or f32 output (weight gradients accumulate in f32).
-    pub(crate) fn gemm(&self, stream: &CudaStream, g: Gemm, a: DevRef, b: DevRef, c: DevMut) {
+    /// `c = alpha op(a) op(b) + beta c` (see [`Gemm`]), plus `bias` on every row if given (in
+    /// the epilogue: the bias is a vector over cuBLASLt's rows, which are our columns). Inputs
+    /// f32 with an f32 output, or bf16 with a bf16 or f32 output (weight gradients accumulate
+    /// in f32); the bias has the output's type.
+    pub(crate) fn gemm(&self, stream: &CudaStream, g: Gemm, a: DevRef, b: DevRef, bias: Option<DevRef>, c: DevMut) {
         assert_eq!(a.dtype, b.dtype, "gemm: A and B differ in type");
         assert!(
             a.dtype == c.dtype || (a.dtype == Dtype::Bf16 && c.dtype == Dtype::F32),
@@ -109,6 +115,9 @@ impl Blas {
         assert!(a.len >= last(g.stride_a, g.m * g.k), "gemm: A holds {} values", a.len);
         assert!(b.len >= last(g.stride_b, g.k * g.n), "gemm: B holds {} values", b.len);
         assert!(c.len >= last(g.stride_c, g.m * g.n), "gemm: C holds {} values", c.len);
+        if let Some(bias) = &bias {
+            assert!(bias.len == g.n && bias.dtype == c.dtype && g.batch == 1, "gemm: bias {bias:?} for {g:?}");
+        }
         let key = PlanKey {
             m: g.m,
             n: g.n,
@@ -120,11 +129,25 @@ impl Blas {
             inputs: a.dtype,
             output: c.dtype,
             align: [alignment(a.ptr), alignment(b.ptr), alignment(c.ptr)],
+            bias: bias.is_some(),
         };
         let mut plans = self.plans.lock().expect("plan cache");
         let plan = plans
             .entry(key)
             .or_insert_with(|| self.plan(key).unwrap_or_else(|e| panic!("cuBLASLt has no plan for {key:?}: {e}")));
+        if let Some(bias) = bias {
+            // SAFETY: the attribute takes a device pointer, passed with its size; the plan's
+            // descriptor is used by this call only (the cache's lock is held).
+            unsafe {
+                result::set_matmul_desc_attribute(
+                    plan.desc,
+                    sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+                    (&bias.ptr) as *const u64 as *const c_void,
+                    8,
+                )
+            }
+            .unwrap_or_else(|e| panic!("cuBLASLt bias pointer {key:?}: {e:?}"));
+        }
         // SAFETY: the plan matches these buffers' shapes and types (the key), the views are
         // in bounds (checked above), and the workspace is ours for the call's duration on
         // this stream.
@@ -202,6 +225,16 @@ impl Blas {
             .zip(&ops)
             {
                 result::set_matmul_desc_attribute(desc, attr, op as *const i32 as *const c_void, 4).map_err(fail)?;
+            }
+            if k.bias {
+                let epilogue = sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS;
+                result::set_matmul_desc_attribute(
+                    desc,
+                    sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE,
+                    (&epilogue) as *const sys::cublasLtEpilogue_t as *const c_void,
+                    std::mem::size_of::<sys::cublasLtEpilogue_t>(),
+                )
+                .map_err(fail)?;
             }
             let workspace = WORKSPACE_BYTES as u64;
             result::set_matmul_pref_attribute(

@@ -155,9 +155,9 @@ impl Device for Gpu {
         unsafe { builder.launch(cfg) }.unwrap_or_else(|e| panic!("kernel {family}/{name}: {e}"));
     }
 
-    fn gemm(&self, g: Gemm, a: DevRef, b: DevRef, c: DevMut) {
+    fn gemm(&self, g: Gemm, a: DevRef, b: DevRef, bias: Option<DevRef>, c: DevMut) {
         self.bind();
-        self.blas.gemm(&self.stream, g, a, b, c);
+        self.blas.gemm(&self.stream, g, a, b, bias, c);
     }
 
     fn synchronize(&self) {

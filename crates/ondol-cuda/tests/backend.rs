@@ -96,6 +96,27 @@ fn gemm_matches_the_cpu_for_every_transpose_batch_and_offset() {
     }
 }
 
+/// A linear layer's forward with its bias in the GEMM's epilogue (a 16-byte aligned bias) or
+/// added after it (one at an odd offset), for both weight layouts, input at an odd offset.
+#[test]
+fn gemm_bias_matches_the_cpu() {
+    for be in backends() {
+        let (m, n, k) = (37, 53, 71);
+        for (trans_b, bias_at) in [(false, 0), (true, 0), (false, 3)] {
+            let g = Gemm::new(m, n, k, false, trans_b);
+            let (a, w) = (round(&be, &random(m * k + 1, 1, 1.0)), round(&be, &random(k * n, 2, 1.0)));
+            let bias = round(&be, &random(n + bias_at, 3, 1.0));
+            let (ra, rb) = (1..a.len(), bias_at..bias.len());
+            let mut want = vec![0.0; m * n];
+            CPU.gemm_bias(g, &a[ra.clone()], &w, &bias[rb.clone()], &mut want);
+            let (da, dw, db, mut dc) = (be.upload(&a), be.upload(&w), be.upload(&bias), be.zeros(m * n));
+            be.gemm_bias(g, be.view(&da, ra), be.all(&dw), be.view(&db, rb), be.all_mut(&mut dc));
+            let what = format!("gemm_bias tb={trans_b} bias at {bias_at}");
+            assert_close(&what, &be, &be.download(&dc), &want, tolerance(&be));
+        }
+    }
+}
+
 #[test]
 fn elementwise_ops_match_the_cpu() {
     for be in backends() {

@@ -50,9 +50,10 @@ impl Linear {
     /// `y = x W (+ b)`, writing y.
     pub fn forward<B: Backend>(&self, be: &B, p: &B::Buf, x: B::Ref<'_>, y: &mut B::Buf, rows: usize) {
         let g = Gemm::new(rows, self.d_out, self.d_in, false, self.layout == WeightLayout::OutIn);
-        be.gemm(g, x, be.view(p, self.w.clone()), be.all_mut(y));
-        if let Some(b) = self.b.as_ref().filter(|_| self.adds_bias) {
-            be.add_bias(be.all_mut(y), be.view(p, b.clone()), self.d_out);
+        let w = be.view(p, self.w.clone());
+        match self.b.as_ref().filter(|_| self.adds_bias) {
+            Some(b) => be.gemm_bias(g, x, w, be.view(p, b.clone()), be.all_mut(y)),
+            None => be.gemm(g, x, w, be.all_mut(y)),
         }
     }
 
