@@ -10,7 +10,8 @@
 #   tests  every backend op against the CPU reference, f32 and bf16 (max errors printed)
 #   smoke  the smoke models (Llama, Mamba-1, Mamba-2, hybrid) trained on the CPU (fp32) and on
 #          the GPU (bf16; the Llama one in fp32 too); the GPU loss curves are compared with the CPU's
-#   mfu    tokens/s and MFU of configs/gpt2-124m.toml, llama-1b.toml and mamba2-130m.toml
+#   mfu    tokens/s and MFU of configs/gpt2-124m.toml and llama-1b.toml beside PyTorch's
+#          (transformers, bf16 autocast, fused AdamW, torch.compile), and of mamba2-130m.toml
 #   bench  kernel throughput (flash attention, SSD, selective scan), and PyTorch's flash SDPA
 #          on the same attention shapes
 # run.sh exits non-zero if any part fails. Its output also goes to $OUT/run.log (the device
@@ -49,7 +50,7 @@ strip --strip-debug "$out"/bin/* "$out"/tests/* "$out"/benches/* 2>/dev/null || 
 cp -r configs "$out/configs"
 mkdir -p "$out/data"
 cp -r data/sample "$out/data/sample"
-cp scripts/compare-curves.py benches/attention-vs-pytorch.py "$out/bin/"
+cp scripts/compare-curves.py benches/attention-vs-pytorch.py benches/train-vs-pytorch.py "$out/bin/"
 cat > "$out/run.sh" <<'RUN'
 #!/usr/bin/env bash
 # Runs the GPU bundle (see scripts/gpu-bundle.sh): run.sh [tests|smoke|mfu|bench|all]...
@@ -120,17 +121,15 @@ if wants smoke; then
     python3 bin/compare-curves.py runs/smoke-cuda-bf16/metrics.jsonl runs/smoke-nccl/metrics.jsonl 1e-6 || status=1
 fi
 if wants mfu; then
+    echo "== training throughput: ondol beside PyTorch (benches/train-vs-pytorch.py)"
+    python3 bin/train-vs-pytorch.py --ondol bin/ondol configs/gpt2-124m.toml configs/llama-1b.toml || status=1
     # mamba2-130m trains on token shards; here on the sample text as bytes, for 20 steps.
-    sample=(--set 'data.train=["data/sample/*.txt"]' --set 'data.val=[]' --set 'data.format="text"'
-        --set 'data.tokenizer="bytes"' --set data.val_fraction=0.05 --set training.eval_every=0
-        --set training.steps=20 --set lr_scheduler.warmup_steps=5 --set training.grad_accum=1
-        --set training.batch_size=8 --set 'training.device="cuda"')
-    for c in gpt2-124m llama-1b mamba2-130m; do
-        echo "== $c (bf16)"
-        extra=()
-        [[ $c == mamba2-130m ]] && extra=("${sample[@]}")
-        bin/ondol train configs/$c.toml --run-dir runs/$c "${extra[@]}" 2>&1 | grep -E "^ondol|step|done|device memory|error" || status=1
-    done
+    echo "== mamba2-130m (bf16)"
+    bin/ondol train configs/mamba2-130m.toml --run-dir runs/mamba2-130m --set 'data.train=["data/sample/*.txt"]' \
+        --set 'data.val=[]' --set 'data.format="text"' --set 'data.tokenizer="bytes"' --set data.val_fraction=0.05 \
+        --set training.eval_every=0 --set training.steps=20 --set lr_scheduler.warmup_steps=5 \
+        --set training.grad_accum=1 --set training.batch_size=8 --set 'training.device="cuda"' 2>&1 |
+        grep -E "^ondol|step|done|device memory|error" || status=1
 fi
 if wants bench; then
     echo "== kernel throughput (ondol, then PyTorch on the same attention shapes)"

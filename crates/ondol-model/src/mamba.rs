@@ -9,8 +9,14 @@
 //! out    = out_proj(y)
 //! ```
 //! E = expand * d_model channels, N states per channel, R = time_step_rank.
+//!
+//! Split over tensor-parallel shards by channels, each shard's x_proj sees only its channels:
+//! dt, B and C are summed over the shards after x_proj in forward, and their gradients (partial
+//! over the channels, from the scan and dt_proj) before x_proj in backward.
 
 use crate::layers::{CausalConv, Dx, Linear};
+use crate::part::TensorParallel;
+use ondol_core::Result;
 use ondol_core::backend::{Backend, ScanGrads, ScanInputs, ScanShape};
 use std::ops::Range;
 
@@ -33,6 +39,8 @@ pub(crate) struct Mamba {
     pub rank: usize,
     /// Tokens between the states the scan saves for backward.
     pub chunk: usize,
+    /// Whether the channels are split over tensor-parallel shards.
+    pub split: bool,
 }
 
 pub(crate) struct MambaActs<B: Backend> {
@@ -115,6 +123,7 @@ impl Mamba {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub fn forward<B: Backend>(
         &self,
         be: &B,
@@ -123,7 +132,8 @@ impl Mamba {
         a: &mut MambaActs<B>,
         out: &mut B::Buf,
         (batch, seq): (usize, usize),
-    ) {
+        tp: &mut dyn TensorParallel<B>,
+    ) -> Result<()> {
         let rows = batch * seq;
         self.in_x.forward(be, p, h, &mut a.x, rows);
         self.in_z.forward(be, p, h, &mut a.z, rows);
@@ -131,11 +141,17 @@ impl Mamba {
         self.x_dt.forward(be, p, be.all(&a.u), &mut a.dt, rows);
         self.x_b.forward(be, p, be.all(&a.u), &mut a.b, rows);
         self.x_c.forward(be, p, be.all(&a.u), &mut a.c, rows);
+        if self.split {
+            for part in [&mut a.dt, &mut a.b, &mut a.c] {
+                tp.all_reduce(be, part)?;
+            }
+        }
         self.dt_proj.forward(be, p, be.all(&a.dt), &mut a.delta, rows);
         let MambaActs { u, delta, b, c, z, y, states, .. } = a;
         let inputs = self.scan_inputs(be, p, [u, delta, b, c, z]);
         be.selective_scan_forward(inputs, be.all_mut(y), be.all_mut(states), self.shape(batch, seq));
         self.out.forward(be, p, be.all(&a.y), out, rows);
+        Ok(())
     }
 
     /// Accumulates parameter gradients; writes `dh`, the gradient of the block's normed input.
@@ -151,7 +167,8 @@ impl Mamba {
         dh: &mut B::Buf,
         g: &mut MambaGrads<B>,
         (batch, seq): (usize, usize),
-    ) {
+        tp: &mut dyn TensorParallel<B>,
+    ) -> Result<()> {
         let rows = batch * seq;
         self.out.backward(be, p, grads, be.all(&a.y), dout, Dx::Write(&mut g.dy), rows);
         {
@@ -171,6 +188,11 @@ impl Mamba {
             be.selective_scan_backward(be.all(&g.dy), inputs, be.all(&a.states), sg, self.shape(batch, seq));
         }
         self.dt_proj.backward(be, p, grads, be.all(&a.dt), be.all(&g.ddelta), Dx::Write(&mut g.ddt), rows);
+        if self.split {
+            for part in [&mut g.ddt, &mut g.db, &mut g.dc] {
+                tp.all_reduce(be, part)?;
+            }
+        }
         let u = be.all(&a.u);
         self.x_dt.backward(be, p, grads, u, be.all(&g.ddt), Dx::Add(&mut g.du), rows);
         self.x_b.backward(be, p, grads, u, be.all(&g.db), Dx::Add(&mut g.du), rows);
@@ -178,5 +200,6 @@ impl Mamba {
         self.conv.backward(be, p, grads, be.all(&a.x), be.all(&g.du), &mut g.dx, seq);
         self.in_x.backward(be, p, grads, h, be.all(&g.dx), Dx::Write(dh), rows);
         self.in_z.backward(be, p, grads, h, be.all(&g.dz), Dx::Add(dh), rows);
+        Ok(())
     }
 }

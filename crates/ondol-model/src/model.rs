@@ -236,25 +236,30 @@ impl Builder<'_> {
         CausalConv { channels: b.len(), w, b }
     }
 
-    /// Mamba-1 (never split: [`Part::check`] refuses tp > 1).
+    /// Mamba-1, split by channels: this shard's x and z rows of in_proj, its channels of the
+    /// convolution, of x_proj's input columns (its dt, B and C are partial sums, summed over the
+    /// shards), of dt_proj's rows and of the per-channel parameters, and out_proj's input columns.
     fn mamba(&mut self, p: &Path) -> Mamba {
-        let cfg = self.cfg;
+        let (cfg, part) = (self.cfg, self.part);
         let (d, e, n, r) = (cfg.d_model, cfg.ssm_inner(), cfg.ssm_state(), cfg.ssm_rank());
+        let mine = part.even(e);
         let std = self.std();
-        let in_proj = self.column(p.at("in_proj"), d, 2 * e, vec![0..2 * e], std);
-        let conv = self.causal_conv(p, e, vec![0..e]);
-        let x_proj = self.column(p.at("x_proj"), e, r + 2 * n, vec![0..r + 2 * n], std);
+        let in_proj = self.column(p.at("in_proj"), d, 2 * e, vec![mine.clone(), mine.start + e..mine.end + e], std);
+        let conv = self.causal_conv(p, e, vec![mine.clone()]);
+        let x_proj = self.row(p.at("x_proj"), e, r + 2 * n, mine.clone(), std);
         let dt_init = Init::Uniform { bound: 1.0 / (r as f32).sqrt() };
-        let dt_proj = self.column(p.at("dt_proj"), r, e, vec![0..e], dt_init);
+        let dt_proj = self.column(p.at("dt_proj"), r, e, vec![mine.clone()], dt_init);
         let s = &cfg.ssm;
         let step = Init::StepBias { min: s.time_step_min, max: s.time_step_max, floor: s.time_step_floor };
-        let dt_bias = self.add(p.at("dt_proj").at("bias"), &[e], step, false);
-        let a_log = self.add(p.at("A_log"), &[e, n], Init::LogIndex { period: n }, false);
-        let d_skip = self.add(p.at("D"), &[e], Init::Constant(1.0), false);
+        let per_channel = || (0, vec![mine.clone()]);
+        let dt_bias = self.shard(p.at("dt_proj").at("bias"), &[e], per_channel(), step, false);
+        let a_log = self.shard(p.at("A_log"), &[e, n], per_channel(), Init::LogIndex { period: n }, false);
+        let d_skip = self.shard(p.at("D"), &[e], per_channel(), Init::Constant(1.0), false);
         let init = self.resid_std();
+        let el = mine.len();
         Mamba {
-            in_x: in_proj.rows_of(0..e),
-            in_z: in_proj.rows_of(e..2 * e),
+            in_x: in_proj.rows_of(0..el),
+            in_z: in_proj.rows_of(el..2 * el),
             conv,
             x_dt: x_proj.rows_of(0..r),
             x_b: x_proj.rows_of(r..r + n),
@@ -263,11 +268,12 @@ impl Builder<'_> {
             dt_bias,
             a_log,
             d: d_skip,
-            out: self.row(p.at("out_proj"), e, d, 0..e, init),
-            inner: e,
+            out: self.row(p.at("out_proj"), e, d, mine, init),
+            inner: el,
             state: n,
             rank: r,
             chunk: s.chunk_size,
+            split: part.tp > 1,
         }
     }
 
@@ -700,11 +706,21 @@ impl Model {
         match gathered {
             Some(g) => {
                 tp.all_gather_rows(be, &a.norm.out, &mut g.input)?;
-                block.mixer.forward(be, params, be.all(&g.input), &mut a.mixer, &mut g.output, rope, cache, dims);
+                block.mixer.forward(
+                    be,
+                    params,
+                    be.all(&g.input),
+                    &mut a.mixer,
+                    &mut g.output,
+                    rope,
+                    cache,
+                    dims,
+                    tp,
+                )?;
                 tp.reduce_scatter_rows(be, &g.output, x_next)?;
             }
             None => {
-                block.mixer.forward(be, params, be.all(&a.norm.out), &mut a.mixer, x_next, rope, cache, dims);
+                block.mixer.forward(be, params, be.all(&a.norm.out), &mut a.mixer, x_next, rope, cache, dims, tp)?;
                 if self.part.tp > 1 {
                     tp.all_reduce(be, x_next)?;
                 }
@@ -837,12 +853,14 @@ impl Model {
                         &mut s.mixers,
                         rope,
                         dims,
-                    );
+                        tp,
+                    )?;
                     tp.reduce_scatter_rows(be, &g.dinput, &mut s.dnorm)?;
                 }
                 None => {
                     let (h, dout) = (be.all(&a.norm.out), be.all(&s.dres));
-                    block.mixer.backward(be, params, grads, h, &a.mixer, dout, &mut s.dnorm, &mut s.mixers, rope, dims);
+                    let (dh, scratch) = (&mut s.dnorm, &mut s.mixers);
+                    block.mixer.backward(be, params, grads, h, &a.mixer, dout, dh, scratch, rope, dims, tp)?;
                     if split {
                         tp.all_reduce(be, &mut s.dnorm)?;
                     }
@@ -887,7 +905,8 @@ impl Model {
 }
 
 impl Mixer {
-    /// Forward on the normed input `h`, writing the mixer's output to `out`.
+    /// Forward on the normed input `h`, writing the mixer's output to `out` (a split Mamba-1
+    /// sums its x_proj outputs over `tp` inside).
     #[allow(clippy::too_many_arguments)]
     fn forward<B: Backend>(
         &self,
@@ -899,14 +918,16 @@ impl Mixer {
         rope: B::Ref<'_>,
         cache: Option<CacheSlot<'_, B>>,
         dims: (usize, usize),
-    ) {
+        tp: &mut dyn TensorParallel<B>,
+    ) -> Result<()> {
         match (self, a) {
             (Mixer::Attention(m), MixerActs::Attention(a)) => m.forward(be, params, h, a, out, rope, cache, dims),
             (Mixer::Mlp(m), MixerActs::Mlp(a)) => m.forward(be, params, h, a, out, dims.0 * dims.1),
-            (Mixer::Mamba(m), MixerActs::Mamba(a)) => m.forward(be, params, h, a, out, dims),
+            (Mixer::Mamba(m), MixerActs::Mamba(a)) => return m.forward(be, params, h, a, out, dims, tp),
             (Mixer::Mamba2(m), MixerActs::Mamba2(a)) => m.forward(be, params, h, a, out, dims),
             _ => unreachable!("activations of another mixer kind"),
         }
+        Ok(())
     }
 
     /// Backward from `dout`, accumulating parameter gradients into `grads` and writing the
@@ -924,7 +945,8 @@ impl Mixer {
         g: &mut MixerGrads<B>,
         rope: B::Ref<'_>,
         dims: (usize, usize),
-    ) {
+        tp: &mut dyn TensorParallel<B>,
+    ) -> Result<()> {
         match (self, a) {
             (Mixer::Attention(m), MixerActs::Attention(a)) => {
                 let g = g.attn.as_mut().expect("attention scratch");
@@ -936,7 +958,7 @@ impl Mixer {
             }
             (Mixer::Mamba(m), MixerActs::Mamba(a)) => {
                 let g = g.mamba.as_mut().expect("Mamba scratch");
-                m.backward(be, params, grads, h, a, dout, dh, g, dims);
+                return m.backward(be, params, grads, h, a, dout, dh, g, dims, tp);
             }
             (Mixer::Mamba2(m), MixerActs::Mamba2(a)) => {
                 let g = g.mamba2.as_mut().expect("Mamba-2 scratch");
@@ -944,6 +966,7 @@ impl Mixer {
             }
             _ => unreachable!("activations of another mixer kind"),
         }
+        Ok(())
     }
 
     fn acts<B: Backend>(&self, be: &B, batch: usize, seq: usize) -> MixerActs<B> {

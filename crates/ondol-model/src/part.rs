@@ -110,13 +110,11 @@ impl Part {
         }
         if kinds.contains(&LayerKind::Mamba) {
             if cfg.arch == Arch::Mamba {
-                return Err(Error::config(
-                    "parallelism.tp",
-                    format!("{tp}: Mamba-1 layers are not tensor-parallel (x_proj mixes every channel); use tp = 1"),
-                ));
+                divides("the Mamba channels (model.ssm.expand x model.d_model)", cfg.ssm_inner())?;
+            } else {
+                divides("the Mamba-2 heads (expand x d_model / ssm.head_dim)", cfg.ssm_heads())?;
+                divides("model.ssm.n_groups", cfg.ssm.n_groups)?;
             }
-            divides("the Mamba-2 heads (expand x d_model / ssm.head_dim)", cfg.ssm_heads())?;
-            divides("model.ssm.n_groups", cfg.ssm.n_groups)?;
         }
         Ok(())
     }

@@ -59,6 +59,25 @@ fn hybrid() -> ModelConfig {
     }
 }
 
+/// Mamba-1: 32 channels (expand 2), split by channels, 4 states, dt rank 4.
+fn mamba() -> ModelConfig {
+    ModelConfig {
+        arch: Arch::Mamba,
+        n_layers: 4,
+        n_heads: 0,
+        n_kv_heads: None,
+        tie_embeddings: Some(true),
+        ssm: SsmConfig {
+            state_size: Some(4),
+            conv_kernel: 3,
+            time_step_rank: Some(4),
+            chunk_size: 3,
+            ..Default::default()
+        },
+        ..llama(false)
+    }
+}
+
 #[derive(Clone, Copy, Debug)]
 struct Shape {
     tp: usize,
@@ -227,11 +246,11 @@ fn pipeline_schedules_equal_each_other() {
 }
 
 /// GPT-2 (tied head kept on the last stage and summed with the first stage's embedding,
-/// replicated biases of row-parallel layers) and a Mamba-2/attention hybrid split by heads
-/// and groups.
+/// replicated biases of row-parallel layers), a Mamba-2/attention hybrid split by heads and
+/// groups, and Mamba-1 split by channels (x_proj's outputs summed over the shards).
 #[test]
-fn gpt2_and_hybrid_layouts_train_like_one_rank() {
-    for (name, cfg) in [("gpt2", gpt2()), ("hybrid", hybrid())] {
+fn gpt2_mamba_and_hybrid_layouts_train_like_one_rank() {
+    for (name, cfg) in [("gpt2", gpt2()), ("hybrid", hybrid()), ("mamba", mamba())] {
         let one = train(&cfg, shape(1, 1, 1));
         assert_close(&format!("{name} tp 2 pp 2"), &one, &train(&cfg, shape(2, 2, 1)));
         let sp = train(&cfg, sequence_parallel(2, 2, 1));
