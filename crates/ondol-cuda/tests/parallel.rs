@@ -1,8 +1,9 @@
 //! The parallel engine on the CUDA backend, ranks as threads, each with its own emulated
 //! device. The thread communicators take the emulator's memory as device memory, so the
 //! engine runs the path it runs with NCCL on GPUs: tensor-parallel collectives on the
-//! backend's buffers (bf16 ones under mixed precision) and data-parallel gradient buckets
-//! queued on the device during backward. Every layout against one rank on the same backend,
+//! backend's buffers (bf16 ones under mixed precision), data-parallel gradient buckets
+//! queued on the device during backward, and ZeRO-1's shards reduce-scattered and gathered
+//! in place. Every layout against one rank on the same backend,
 //! as tests/layouts.rs of ondol-parallel does on the CPU.
 
 use ondol_comm::{Mesh, RankComms};
@@ -47,10 +48,11 @@ struct Shape {
     dp: usize,
     sequence_parallel: bool,
     buckets: Option<usize>,
+    zero: bool,
 }
 
 fn shape(tp: usize, pp: usize, dp: usize) -> Shape {
-    Shape { tp, pp, dp, sequence_parallel: false, buckets: None }
+    Shape { tp, pp, dp, sequence_parallel: false, buckets: None, zero: false }
 }
 
 /// Step `s`'s global batch: a Markov source with noise, as in ondol-parallel's layout tests.
@@ -85,7 +87,7 @@ fn train(dtype: Dtype, s: Shape) -> (Vec<f64>, Vec<f32>) {
         batch: BATCH / s.dp,
         seq: SEQ,
         recompute: 0,
-        zero: false,
+        zero: s.zero,
         sequence_parallel: s.sequence_parallel,
         grad_buckets: s.buckets,
     };
@@ -101,7 +103,7 @@ fn train(dtype: Dtype, s: Shape) -> (Vec<f64>, Vec<f32>) {
                     let d = c.coords.dp;
                     let be = CudaBackend::emulated(dtype, false);
                     let mut e = Engine::new(be, cfg.clone(), layout, opt, c.boxed(), 7).unwrap();
-                    let expected = (s.buckets.is_some() && s.dp > 1).then_some("the device");
+                    let expected = (s.buckets.is_some() && s.dp > 1 && !s.zero).then_some("the device");
                     assert_eq!(e.bucket_path(), expected, "{s:?}");
                     let n = BATCH / s.dp * SEQ;
                     let losses = (0..STEPS)
@@ -147,6 +149,8 @@ fn layouts_on_the_device_path_train_like_one_rank() {
             "tp 2 pp 2 dp 2 sequence parallel, buckets",
             Shape { sequence_parallel: true, buckets: Some(1 << 20), ..shape(2, 2, 2) },
         ),
+        // ZeRO-1's shards reduce-scattered and all-gathered in place on the device.
+        ("tp 2 dp 2 ZeRO-1", Shape { zero: true, ..shape(2, 1, 2) }),
     ] {
         assert_close(name, 1e-5, &one, &train(Dtype::F32, s));
     }
@@ -171,4 +175,6 @@ fn bf16_layouts_track_one_rank() {
     let one = train(Dtype::Bf16, shape(1, 1, 1));
     let split = train(Dtype::Bf16, Shape { buckets: Some(100), ..shape(2, 1, 2) });
     assert_close("bf16 tp 2 dp 2, buckets", 1e-2, &one, &split);
+    let zero = train(Dtype::Bf16, Shape { zero: true, ..shape(1, 1, 2) });
+    assert_close("bf16 dp 2 ZeRO-1", 1e-2, &one, &zero);
 }

@@ -107,6 +107,20 @@ impl<B: Backend> AdamW<B> {
 
     /// One update at learning rate `lr` with gradients multiplied by `grad_scale`.
     pub fn update(&mut self, be: &B, params: &mut B::Buf, grads: &B::Buf, lr: f32, grad_scale: f32) {
+        self.update_window(be, params, grads, 0, lr, grad_scale);
+    }
+
+    /// [`AdamW::update`] of the parameters and gradients from `offset` on, where this state
+    /// covers a window of larger buffers (ZeRO-1's shard of the flat buffer).
+    pub fn update_window(
+        &mut self,
+        be: &B,
+        params: &mut B::Buf,
+        grads: &B::Buf,
+        offset: usize,
+        lr: f32,
+        grad_scale: f32,
+    ) {
         self.step += 1;
         for (range, decay) in &self.runs {
             let hp = AdamWParams {
@@ -118,13 +132,14 @@ impl<B: Backend> AdamW<B> {
                 step: self.step,
                 grad_scale,
             };
-            let g = be.view(grads, range.clone());
+            let there = range.start + offset..range.end + offset;
+            let g = be.view(grads, there.clone());
             let m = be.view_mut(&mut self.m, range.clone());
             let v = be.view_mut(&mut self.v, range.clone());
             match &mut self.master {
-                None => be.adamw(be.view_mut(params, range.clone()), g, m, v, hp, None),
+                None => be.adamw(be.view_mut(params, there), g, m, v, hp, None),
                 Some(master) => {
-                    let copy = be.view_mut(params, range.clone());
+                    let copy = be.view_mut(params, there);
                     be.adamw(be.view_mut(master, range.clone()), g, m, v, hp, Some(copy))
                 }
             }

@@ -120,7 +120,8 @@ pub struct StepOutcome {
 }
 
 /// ZeRO-1's partition of a flat buffer: padded to `len * world` elements, replica r holds the
-/// AdamW state of `[start, start + len)` with `start = r * len`.
+/// AdamW state of `[start, start + len)` with `start = r * len` (the chunk's parameter and
+/// gradient buffers are padded so too).
 #[derive(Clone, Copy, Debug)]
 struct ZeroShard {
     start: usize,
@@ -249,6 +250,39 @@ fn all_reduce_buf<B: Backend>(be: &B, comm: &dyn Communicator, buf: &mut B::Buf)
     let mut host = be.download(buf);
     comm.all_reduce_sum(&mut host)?;
     be.write(buf, &host);
+    Ok(())
+}
+
+/// ZeRO-1: `window` (this rank's shard) of `buf` (padded to whole shards) becomes its sum over
+/// `comm`, a reduce-scatter in place; on the device where it can.
+fn reduce_scatter_buf<B: Backend>(
+    be: &B,
+    comm: &dyn Communicator,
+    buf: &mut B::Buf,
+    window: Range<usize>,
+) -> Result<()> {
+    if let (Some(whole), Some(mine)) =
+        (on_device(be, comm, be.all(buf)), on_device(be, comm, be.view(buf, window.clone())))
+    {
+        return Ok(comm.reduce_scatter_device(whole, mine)?);
+    }
+    let mut mine = vec![0.0f32; window.len()];
+    comm.reduce_scatter_sum(&be.download(buf), &mut mine)?;
+    be.write_view(be.view_mut(buf, window), &mine);
+    Ok(())
+}
+
+/// ZeRO-1: `buf` (padded to whole shards) becomes every rank's `window` in rank order, an
+/// all-gather in place; on the device where it can.
+fn all_gather_buf<B: Backend>(be: &B, comm: &dyn Communicator, buf: &mut B::Buf, window: Range<usize>) -> Result<()> {
+    if let (Some(mine), Some(whole)) =
+        (on_device(be, comm, be.view(buf, window.clone())), on_device(be, comm, be.all(buf)))
+    {
+        return Ok(comm.all_gather_device(mine, whole)?);
+    }
+    let mut whole = vec![0.0f32; be.len(buf)];
+    comm.all_gather(&be.download_view(be.view(buf, window)), &mut whole)?;
+    be.write(buf, &whole);
     Ok(())
 }
 
@@ -495,9 +529,14 @@ impl<B: Backend> Engine<B> {
                 Some(z) => AdamW::new(&be, optimizer.clone(), &z.slice(&init), z.decay_runs(&runs)),
             };
             let primary = merged(model.layout.params().iter().filter(|p| p.place.primary).map(|p| p.range()));
+            // Under ZeRO-1 the flat buffers are padded to whole shards, so that the shards are
+            // reduce-scattered and all-gathered in place.
+            let padded = zero.map_or(n, |z| z.padded);
+            let mut padded_init = init;
+            padded_init.resize(padded, 0.0);
             chunks.push(Chunk {
-                params: be.upload(&init),
-                grads: be.zeros_f32(n),
+                params: be.upload(&padded_init),
+                grads: be.zeros_f32(padded),
                 model,
                 opt,
                 zero,
@@ -765,7 +804,6 @@ impl<B: Backend> Engine<B> {
         let dp: &dyn Communicator = self.comms.dp.as_ref();
         let first_replica = self.comms.coords.dp == 0;
         let mut squares = 0.0;
-        let mut shards = Vec::new();
         for (c, covered) in self.chunks.iter_mut().zip(covered) {
             match &c.zero {
                 None => {
@@ -780,35 +818,25 @@ impl<B: Backend> Engine<B> {
                     if first_replica {
                         squares += c.primary.iter().map(|r| be.sum_squares(be.view(&c.grads, r.clone()))).sum::<f64>();
                     }
-                    shards.push(None);
                 }
                 Some(z) => {
-                    let mut host = be.download(&c.grads);
-                    host.resize(z.padded, 0.0);
-                    let mut shard = vec![0.0f32; z.len];
-                    dp.reduce_scatter_sum(&host, &mut shard)?;
                     let window = z.start..z.start + z.len;
+                    reduce_scatter_buf(be, dp, &mut c.grads, window.clone())?;
                     squares += clip(c.primary.iter().map(|r| (r.clone(), ())), window)
-                        .map(|(r, _)| sum_squares(&shard[r.start - z.start..r.end - z.start]))
+                        .map(|(r, _)| be.sum_squares(be.view(&c.grads, r)))
                         .sum::<f64>();
-                    shards.push(Some(shard));
                 }
             }
         }
         let norm = self.sum_over_world(squares)?.sqrt();
-        for (c, shard) in self.chunks.iter_mut().zip(shards) {
+        for c in &mut self.chunks {
             let clip = c.opt.clip_factor(norm);
-            match (&c.zero, shard) {
-                (Some(z), Some(grad_shard)) => {
-                    let mut params = be.download(&c.params);
-                    params.resize(z.padded, 0.0);
-                    let mut mine = be.upload(&params[z.start..z.start + z.len]);
-                    c.opt.update(be, &mut mine, &be.upload_f32(&grad_shard), lr, clip);
-                    dp.all_gather(&be.download(&mine), &mut params)?;
-                    params.truncate(c.model.num_params());
-                    be.write(&mut c.params, &params);
+            match &c.zero {
+                Some(z) => {
+                    c.opt.update_window(be, &mut c.params, &c.grads, z.start, lr, clip);
+                    all_gather_buf(be, dp, &mut c.params, z.start..z.start + z.len)?;
                 }
-                _ => c.opt.update(be, &mut c.params, &c.grads, lr, clip),
+                None => c.opt.update(be, &mut c.params, &c.grads, lr, clip),
             }
         }
         Ok(norm)
@@ -905,8 +933,10 @@ impl<B: Backend> Engine<B> {
     pub fn load_whole(&mut self, params: &[f32], moments: Option<(&[f32], &[f32], u64)>) {
         let be = &self.be;
         for c in &mut self.chunks {
+            // The chunk's buffers may be longer (padded to ZeRO-1's shards).
+            let len = be.len(&c.params);
             let cut = |whole: &[f32]| -> Vec<f32> {
-                let mut local = vec![0.0f32; c.model.num_params()];
+                let mut local = vec![0.0f32; len];
                 for info in c.model.layout.params() {
                     let src = self.whole.layout.get(&info.name).expect("a part's tensor is in the whole model");
                     local[info.range()].copy_from_slice(&info.place.extract(&whole[src.range()]));
@@ -963,10 +993,6 @@ fn merged(ranges: impl Iterator<Item = Range<usize>>) -> Vec<Range<usize>> {
         }
     }
     out
-}
-
-fn sum_squares(x: &[f32]) -> f64 {
-    x.iter().map(|&g| g as f64 * g as f64).sum()
 }
 
 /// The pipeline rank before and after this one (around the ring: interleaved chunks wrap).
