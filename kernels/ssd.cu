@@ -527,7 +527,7 @@ __device__ void ssd_chunk_scan_tc(const bf16* xbc, const bf16* dt, const bf16* d
 // pair = e s S G. Three kernels, each owning its output rows so that a block sums over all its
 // partners without atomics between blocks (but for B and C, which the heads of a group share):
 //   ssd_bwd_dx_tc  per 64-key tile (S^T and G^T per 16 keys a warp): dX, dsteps, the column sums
-//   ssd_bwd_db_tc  per 64-key tile (G^T): dB
+//   ssd_bwd_db_tc  per 64-key tile (G^T): dB         (both ssd_bwd_keys_tc)
 //   ssd_bwd_dc_tc  per 64-query tile (S and G): dC, the row sums
 // They add dX, dB, dC into the fp32 dxbc accumulator and (ddecay, dsteps) per token into
 // `qform` [rows, heads, 2] (zeroed by the caller), which ssd_chunk_backward then starts from,
@@ -538,9 +538,12 @@ __device__ __forceinline__ float* ssd_qform(float* qform, const Ssd& s, const Ss
     return qform + ((ch.row0 + k) * s.heads + ch.h) * 2 + which;
 }
 
-template <int P, int N>
-__device__ void ssd_bwd_dx_tc(const bf16* dy, const bf16* xbc, const bf16* dt, const bf16* dt_bias,
-                              const bf16* a_log, float* dxbc, float* qform, Ssd s) {
+// Per 64-key tile, every query tile from its own to the chunk's end: dX, dsteps and the
+// column sums (DB false, from S^T and G^T), or dB (DB true, from G^T alone; a kernel of its
+// own keeps each one's registers within bounds).
+template <int P, int N, bool DB>
+__device__ void ssd_bwd_keys_tc(const bf16* dy, const bf16* xbc, const bf16* dt, const bf16* dt_bias,
+                                const bf16* a_log, float* dxbc, float* qform, Ssd s) {
     extern __shared__ float smem[];
     SsdChunk ch;
     int tile;
@@ -552,99 +555,70 @@ __device__ void ssd_bwd_dx_tc(const bf16* dy, const bf16* xbc, const bf16* dt, c
     const bf16* rows = xbc + ch.row0 * w;
     const bf16* dys = dy + ch.row0 * inner + s.x_col(h);
     const int k0 = tile * 64 + (threadIdx.x >> 5) * 16, keys[2] = {k0 + g, k0 + g + 8};
-    unsigned bfr[N / 16][4], xfr[P / 16][4];  // B_j and x_j of the warp's keys
-    load_a_fragments<N>(bfr, rows + s.b_col(h), w, k0, q);
+    unsigned xfr[P / 16][4], bfr[DB ? 1 : N / 16][4];  // x_j (and B_j) of the warp's keys
     load_a_fragments<P>(xfr, rows + s.x_col(h), w, k0, q);
-    float dx[P / 8][4];
-    zero_acc(dx);
+    if constexpr (!DB) load_a_fragments<N>(bfr, rows + s.b_col(h), w, k0, q);
+    float acc[DB ? N / 8 : P / 8][4];  // dB_j or dx_j
+    zero_acc(acc);
     float dsteps[2] = {0.0f, 0.0f}, colsum[2] = {0.0f, 0.0f};
     for (int i0 = tile * 64; i0 < q; i0 += 64) {
         __syncthreads();  // the previous tiles have been read
         stage_rows<N>(Cs, rows + s.c_col(h), w, i0, q, 64);
         stage_rows<P>(dYs, dys, inner, i0, q, 64);
         __syncthreads();
-        float st[8][4], gt[8][4];  // S^T and G^T: rows are keys, columns queries
-        zero_acc(st);
+        float gt[8][4], st[8][4];  // G^T and S^T: rows are keys, columns queries
         zero_acc(gt);
-        mma_abt<N, 8>(st, bfr, Cs, N + SMEM_PAD);
         mma_abt<P, 8>(gt, xfr, dYs, P + SMEM_PAD);
+        if constexpr (!DB) {
+            zero_acc(st);
+            mma_abt<N, 8>(st, bfr, Cs, N + SMEM_PAD);
+        }
 #pragma unroll
         for (int nt = 0; nt < 8; nt++)
 #pragma unroll
             for (int i = 0; i < 4; i++) {
                 const int r = i >> 1, j = keys[r], qi = i0 + nt * 8 + 2 * t + (i & 1);
-                float m = 0.0f;
-                if (j <= qi && qi < q) {
-                    const float e = __expf(ch.L[qi] - ch.L[j]);
-                    m = e * ch.steps[j] * st[nt][i];
+                const bool valid = j <= qi && qi < q;
+                const float e = valid ? __expf(ch.L[qi] - ch.L[j]) : 0.0f;
+                if constexpr (DB) {
+                    gt[nt][i] *= e * (valid ? ch.steps[j] : 0.0f);
+                } else {
+                    const float m = valid ? e * ch.steps[j] * st[nt][i] : 0.0f;
                     dsteps[r] += e * st[nt][i] * gt[nt][i];
                     colsum[r] += m * gt[nt][i];
+                    st[nt][i] = m;
                 }
-                st[nt][i] = m;
             }
-        mma_acc_b<64, P / 8>(dx, st, dYs, P + SMEM_PAD);
+        if constexpr (DB) {
+            mma_acc_b<64, N / 8>(acc, gt, Cs, N + SMEM_PAD);
+        } else {
+            mma_acc_b<64, P / 8>(acc, st, dYs, P + SMEM_PAD);
+        }
     }
 #pragma unroll
     for (int r = 0; r < 2; r++) {
-        dsteps[r] = quad_sum(dsteps[r]);
-        colsum[r] = quad_sum(colsum[r]);
+        if constexpr (!DB) {
+            dsteps[r] = quad_sum(dsteps[r]);
+            colsum[r] = quad_sum(colsum[r]);
+        }
         if (keys[r] >= q) continue;
-        if (t == 0) {
-            atomicAdd(ssd_qform(qform, s, ch, keys[r], 0), -colsum[r]);
-            atomicAdd(ssd_qform(qform, s, ch, keys[r], 1), dsteps[r]);
-        }
-        float* dst = dxbc + (ch.row0 + keys[r]) * w + s.x_col(h);
+        float* dst = dxbc + (ch.row0 + keys[r]) * w + (DB ? s.b_col(h) : s.x_col(h));
 #pragma unroll
-        for (int n = 0; n < P / 8; n++) {
-            dst[n * 8 + 2 * t] += dx[n][2 * r];
-            dst[n * 8 + 2 * t + 1] += dx[n][2 * r + 1];
-        }
-    }
-}
-
-template <int P, int N>
-__device__ void ssd_bwd_db_tc(const bf16* dy, const bf16* xbc, const bf16* dt, const bf16* dt_bias,
-                              const bf16* a_log, float* dxbc, Ssd s) {
-    extern __shared__ float smem[];
-    SsdChunk ch;
-    int tile;
-    if (!ssd_tile(dt, dt_bias, a_log, s, smem, &ch, &tile)) return;
-    const int q = ch.q, h = ch.h, w = s.width(), inner = s.heads * s.P;
-    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    bf16* Cs = (bf16*)(smem + 2 * s.Q);    // [64][N + SMEM_PAD]
-    bf16* dYs = Cs + 64 * (N + SMEM_PAD);  // [64][P + SMEM_PAD]
-    const bf16* rows = xbc + ch.row0 * w;
-    const bf16* dys = dy + ch.row0 * inner + s.x_col(h);
-    const int k0 = tile * 64 + (threadIdx.x >> 5) * 16, keys[2] = {k0 + g, k0 + g + 8};
-    unsigned xfr[P / 16][4];
-    load_a_fragments<P>(xfr, rows + s.x_col(h), w, k0, q);
-    float db[N / 8][4];
-    zero_acc(db);
-    for (int i0 = tile * 64; i0 < q; i0 += 64) {
-        __syncthreads();
-        stage_rows<N>(Cs, rows + s.c_col(h), w, i0, q, 64);
-        stage_rows<P>(dYs, dys, inner, i0, q, 64);
-        __syncthreads();
-        float gt[8][4];
-        zero_acc(gt);
-        mma_abt<P, 8>(gt, xfr, dYs, P + SMEM_PAD);
+        for (int n = 0; n < (DB ? N : P) / 8; n++)
 #pragma unroll
-        for (int nt = 0; nt < 8; nt++)
-#pragma unroll
-            for (int i = 0; i < 4; i++) {
-                const int j = keys[i >> 1], qi = i0 + nt * 8 + 2 * t + (i & 1);
-                gt[nt][i] = j <= qi && qi < q ? __expf(ch.L[qi] - ch.L[j]) * ch.steps[j] * gt[nt][i] : 0.0f;
+            for (int c = 0; c < 2; c++) {
+                // dB is shared by the group's heads; dx is this block's alone.
+                if constexpr (DB) {
+                    atomicAdd(dst + n * 8 + 2 * t + c, acc[n][2 * r + c]);
+                } else {
+                    dst[n * 8 + 2 * t + c] += acc[n][2 * r + c];
+                }
             }
-        mma_acc_b<64, N / 8>(db, gt, Cs, N + SMEM_PAD);
-    }
-#pragma unroll
-    for (int r = 0; r < 2; r++) {
-        if (keys[r] >= q) continue;
-        float* dst = dxbc + (ch.row0 + keys[r]) * w + s.b_col(h);
-#pragma unroll
-        for (int n = 0; n < N / 8; n++) {
-            atomicAdd(dst + n * 8 + 2 * t, db[n][2 * r]);
-            atomicAdd(dst + n * 8 + 2 * t + 1, db[n][2 * r + 1]);
+        if constexpr (!DB) {
+            if (t == 0) {
+                atomicAdd(ssd_qform(qform, s, ch, keys[r], 0), -colsum[r]);
+                atomicAdd(ssd_qform(qform, s, ch, keys[r], 1), dsteps[r]);
+            }
         }
     }
 }
@@ -754,12 +728,12 @@ extern "C" __global__ void ssd_dstate_passing(float* dstates, const float* decay
     extern "C" __global__ void ssd_bwd_dx_tc_p##P##_n##N(const bf16* dy, const bf16* xbc, const bf16* dt,          \
                                                          const bf16* dt_bias, const bf16* a_log, float* dxbc,      \
                                                          float* qform, SSD_ARGS) {                                  \
-        ssd_bwd_dx_tc<P, N>(dy, xbc, dt, dt_bias, a_log, dxbc, qform, SSD_DIMS);                                    \
+        ssd_bwd_keys_tc<P, N, false>(dy, xbc, dt, dt_bias, a_log, dxbc, qform, SSD_DIMS);                          \
     }                                                                                                              \
     extern "C" __global__ void ssd_bwd_db_tc_p##P##_n##N(const bf16* dy, const bf16* xbc, const bf16* dt,          \
                                                          const bf16* dt_bias, const bf16* a_log, float* dxbc,      \
                                                          SSD_ARGS) {                                               \
-        ssd_bwd_db_tc<P, N>(dy, xbc, dt, dt_bias, a_log, dxbc, SSD_DIMS);                                          \
+        ssd_bwd_keys_tc<P, N, true>(dy, xbc, dt, dt_bias, a_log, dxbc, nullptr, SSD_DIMS);                         \
     }                                                                                                              \
     extern "C" __global__ void ssd_bwd_dc_tc_p##P##_n##N(const bf16* dy, const bf16* xbc, const bf16* dt,          \
                                                          const bf16* dt_bias, const bf16* a_log, float* dxbc,      \

@@ -329,6 +329,20 @@ impl Drop for NcclComm {
 const F32: sys::ncclDataType_t = sys::ncclDataType_t::ncclFloat32;
 const SUM: sys::ncclRedOp_t = sys::ncclRedOp_t::ncclSum;
 
+/// Queues the sum of `buf` over `comm`, in place, on `stream`.
+///
+/// # Safety
+/// `buf` must be a live device allocation of `len` values of its type.
+unsafe fn sum_in_place(
+    buf: &DeviceSlice,
+    comm: sys::ncclComm_t,
+    stream: sys::cudaStream_t,
+) -> Result<nccl::NcclStatus, nccl::NcclError> {
+    let ptr = buf.ptr as *mut c_void;
+    // SAFETY: forwarded from the caller; NCCL allows the input and output to be one buffer.
+    unsafe { nccl::all_reduce(ptr, ptr, buf.len, nccl_type(buf), SUM, comm, stream) }
+}
+
 impl Communicator for NcclComm {
     fn rank(&self) -> usize {
         self.rank
@@ -421,18 +435,8 @@ impl Communicator for NcclComm {
     }
 
     fn all_reduce_device(&self, buf: DeviceSlice) -> Result<(), CommError> {
-        // SAFETY: `buf` is a live device view of the backend (the caller's contract), in place.
-        self.on_stream("all_reduce_device", |comm, stream| unsafe {
-            nccl::all_reduce(
-                buf.ptr as *const c_void,
-                buf.ptr as *mut c_void,
-                buf.len,
-                nccl_type(&buf),
-                SUM,
-                comm,
-                stream,
-            )
-        })
+        // SAFETY: `buf` is a live device view of the backend (the caller's contract).
+        self.on_stream("all_reduce_device", |comm, stream| unsafe { sum_in_place(&buf, comm, stream) })
     }
 
     fn all_gather_device(&self, input: DeviceSlice, output: DeviceSlice) -> Result<(), CommError> {
@@ -480,20 +484,9 @@ impl Communicator for NcclComm {
         let Some(side) = &self.side else { return self.all_reduce_device(buf) };
         self.check_broken(OP)?;
         side.stream.join(&self.main.stream).map_err(|e| self.invalid(OP, format!("CUDA event: {e}")))?;
-        // SAFETY: `buf` is a live device view of the backend (the caller's contract), in place;
-        // the caller leaves it alone until wait_queued.
-        unsafe {
-            nccl::all_reduce(
-                buf.ptr as *const c_void,
-                buf.ptr as *mut c_void,
-                buf.len,
-                nccl_type(&buf),
-                SUM,
-                side.comm,
-                side.stream_ptr(),
-            )
-        }
-        .map_err(|e| self.nccl_error(OP, e))?;
+        // SAFETY: `buf` is a live device view of the backend (the caller's contract), which the
+        // caller leaves alone until wait_queued.
+        unsafe { sum_in_place(&buf, side.comm, side.stream_ptr()) }.map_err(|e| self.nccl_error(OP, e))?;
         self.queued.store(true, Ordering::SeqCst);
         Ok(())
     }
