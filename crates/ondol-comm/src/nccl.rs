@@ -154,13 +154,21 @@ impl NcclComm {
         let side = match side {
             false => None,
             true => {
-                let side_stream =
-                    stream.fork().map_err(|e| CommError::Launch(format!("a CUDA stream for NCCL: {e}")))?;
-                let key = format!("{key}/side");
-                Some(Lane {
-                    comm: init_rank(store, &key, ranks.len(), rank, &side_stream, &ranks)?,
-                    stream: side_stream,
-                })
+                let lane = stream
+                    .fork()
+                    .map_err(|e| CommError::Launch(format!("a CUDA stream for NCCL: {e}")))
+                    .and_then(|side_stream| {
+                        let comm = init_rank(store, &format!("{key}/side"), ranks.len(), rank, &side_stream, &ranks)?;
+                        Ok(Lane { comm, stream: side_stream })
+                    });
+                match lane {
+                    Ok(lane) => Some(lane),
+                    Err(e) => {
+                        // SAFETY: the main communicator was made above and is used nowhere else.
+                        let _ = unsafe { nccl::comm_destroy(main.comm) };
+                        return Err(e);
+                    }
+                }
             }
         };
         Ok(NcclComm {
@@ -187,6 +195,10 @@ impl NcclComm {
     fn check_broken(&self, op: &'static str) -> Result<(), CommError> {
         match &*self.broken.lock().unwrap_or_else(|e| e.into_inner()) {
             Some(cause) => Err(CommError::Broken { op, group: self.ranks.clone(), cause: cause.clone() }),
+            // Aborted on an asynchronous NCCL error: the communicators are gone.
+            None if self.aborted.load(Ordering::SeqCst) => {
+                Err(self.invalid(op, "the communicator was aborted after an earlier NCCL error"))
+            }
             None => Ok(()),
         }
     }
@@ -311,6 +323,13 @@ impl NcclComm {
 
 impl Drop for NcclComm {
     fn drop(&mut self) {
+        // Work still queued on the side lane (a step that failed midway) is waited for, at
+        // most the timeout, which aborts the communicators if it runs out.
+        if let Some(side) = &self.side
+            && self.queued.load(Ordering::SeqCst)
+        {
+            let _ = self.wait_lane("drop", side);
+        }
         // SAFETY: each communicator is destroyed once; aborted ones need no destroy.
         unsafe {
             if !self.aborted.load(Ordering::SeqCst) {

@@ -23,8 +23,8 @@ pub struct CudaBackend {
     dev: Box<dyn Device>,
     compute: Dtype,
     /// Whether bf16 ops run their tensor-core kernels where they have one for the shape:
-    /// flash attention (head dim 64 or 128) and the SSD's forward products (else the CUDA-core
-    /// kernels, as fp32 and other shapes always do).
+    /// flash attention (head dim 64 or 128) and the SSD's products, forward and backward (else
+    /// the CUDA-core kernels, as fp32 and other shapes always do).
     tensor_cores: bool,
 }
 
@@ -74,7 +74,7 @@ impl CudaBackend {
     }
 
     /// The same backend with the CUDA-core kernels everywhere: the simple attention of
-    /// attention.cu and the SSD's fp32-product forms (to check the tensor-core ones against).
+    /// attention.cu and the SSD's CUDA-core forms (to check the tensor-core ones against).
     pub fn without_tensor_cores(mut self) -> Self {
         self.tensor_cores = false;
         self
@@ -1261,7 +1261,7 @@ fn ssd_chunk_grid(s: SsdShape, q_floats: usize) -> LaunchConfig {
     }
 }
 
-/// The (head dim, state size) pairs whose SSD forward runs on tensor cores in bf16 (the
+/// The (head dim, state size) pairs whose SSD runs on tensor cores in bf16 (the
 /// instances of SSD_TC_KERNELS in kernels/ssd.cu).
 const SSD_TC_SHAPES: [(usize, usize); 4] = [(32, 32), (64, 64), (64, 128), (128, 128)];
 

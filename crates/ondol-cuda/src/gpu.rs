@@ -45,9 +45,10 @@ impl Gpu {
             return Err(CudaError::NoDevice("libcublasLt.so.13 not found on the library path".into()));
         }
         let ctx = CudaContext::new(ordinal)?;
-        // ondol issues everything on one stream; cudarc's per-buffer events would only add
+        // ondol issues its kernels on one stream; cudarc's per-buffer events would only add
         // synchronisation it does not need.
-        // SAFETY: no buffer is shared between streams.
+        // SAFETY: the one buffer another stream touches, the gradients that NCCL's side lane
+        // sums, is ordered by explicit events (NcclComm::queue_all_reduce_device, wait_queued).
         unsafe { ctx.disable_event_tracking() };
         keep_freed_memory(&ctx)?;
         let (major, minor) = ctx.compute_capability()?;

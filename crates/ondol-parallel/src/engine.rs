@@ -599,7 +599,8 @@ impl<B: Backend> Engine<B> {
         self.chunks
             .iter()
             .map(|c| {
-                let n = c.model.num_params() as u64;
+                // The flat buffers' length (padded to whole shards under ZeRO-1).
+                let n = self.be.len(&c.grads) as u64;
                 let opt = self.be.len(&c.opt.m) as u64;
                 let master = c.opt.master.as_ref().map_or(0, |m| self.be.len(m) as u64);
                 let in_flight = c.pool.len().max(1) as u64;
@@ -627,8 +628,6 @@ impl<B: Backend> Engine<B> {
         for c in &mut self.chunks {
             self.be.fill(self.be.all_mut(&mut c.grads), 0.0);
         }
-        let plan = self.plan.clone();
-        let (mut loss, mut wait) = (0.0, 0.0);
         let size = self.layout.grad_buckets.unwrap_or(0);
         let mut buckets = match &mut self.bucketing {
             Bucketing::Off => None,
@@ -638,7 +637,26 @@ impl<B: Backend> Engine<B> {
                 Some(Buckets::new(size, Some(worker), self.excluded_from_buckets()))
             }
         };
-        for action in plan {
+        let schedule = self.run_schedule(grad_scale, buckets.as_mut());
+        // Also after a failed schedule: the queued sums are waited for (the device must not
+        // go on writing the gradients) and the worker's handle comes back.
+        let finished = buckets.map(|b| self.finish_buckets(b));
+        let (loss, wait) = schedule?;
+        let covered = match finished {
+            Some(covered) => covered?,
+            None => vec![Vec::new(); self.chunks.len()],
+        };
+        self.sum_shared_grads()?;
+        let grad_norm = self.sync_and_update(lr, &covered)?;
+        let loss_sum = self.sum_over_world(if self.reports_loss() { loss } else { 0.0 })?;
+        Ok(StepOutcome { loss_sum, grad_norm, pipeline_wait_s: wait })
+    }
+
+    /// The step's plan of forwards and backwards, handing finished gradients to `buckets`;
+    /// returns this rank's loss and the seconds it waited for its pipeline neighbours.
+    fn run_schedule(&mut self, grad_scale: f32, mut buckets: Option<&mut Buckets>) -> Result<(f64, f64)> {
+        let (mut loss, mut wait) = (0.0, 0.0);
+        for action in self.plan.clone() {
             match action {
                 Action::Forward { chunk, micro } => {
                     let (l, w) = self.forward(chunk, micro, Some(grad_scale))?;
@@ -647,18 +665,11 @@ impl<B: Backend> Engine<B> {
                 }
                 Action::Backward { chunk, micro } => {
                     let last = micro == self.last_backward[chunk];
-                    wait += self.backward(chunk, micro, buckets.as_mut().filter(|_| last))?
+                    wait += self.backward(chunk, micro, buckets.as_deref_mut().filter(|_| last))?
                 }
             }
         }
-        let covered = match buckets {
-            Some(b) => self.finish_buckets(b)?,
-            None => vec![Vec::new(); self.chunks.len()],
-        };
-        self.sum_shared_grads()?;
-        let grad_norm = self.sync_and_update(lr, &covered)?;
-        let loss_sum = self.sum_over_world(if self.reports_loss() { loss } else { 0.0 })?;
-        Ok(StepOutcome { loss_sum, grad_norm, pipeline_wait_s: wait })
+        Ok((loss, wait))
     }
 
     /// The summed loss of `batches`, this replica's share of an evaluation, without gradients;
