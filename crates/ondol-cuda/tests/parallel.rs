@@ -9,7 +9,7 @@
 use ondol_comm::{Mesh, RankComms};
 use ondol_core::Rng;
 use ondol_cuda::{CudaBackend, Dtype};
-use ondol_model::{Arch, ModelConfig};
+use ondol_model::{Arch, ModelConfig, SsmConfig};
 use ondol_optim::OptimizerConfig;
 use ondol_parallel::{Engine, Layout, ScheduleKind};
 use std::time::Duration;
@@ -38,6 +38,23 @@ fn llama() -> ModelConfig {
         pattern: None,
         ssm: Default::default(),
         init_from: None,
+    }
+}
+
+/// Mamba-1 split by channels: 32 channels, 4 states, dt rank 4, state saved every 3 tokens.
+fn mamba() -> ModelConfig {
+    ModelConfig {
+        arch: Arch::Mamba,
+        n_heads: 0,
+        n_kv_heads: None,
+        ssm: SsmConfig {
+            state_size: Some(4),
+            conv_kernel: 3,
+            time_step_rank: Some(4),
+            chunk_size: 3,
+            ..Default::default()
+        },
+        ..llama()
     }
 }
 
@@ -75,8 +92,7 @@ fn global_batch(step: usize, vocab: usize) -> Vec<(Vec<u32>, Vec<u32>)> {
 
 /// The losses of `STEPS` steps and the final whole weights, on emulated devices computing in
 /// `dtype`; checks that every rank saw the same losses and summed its buckets on the device.
-fn train(dtype: Dtype, s: Shape) -> (Vec<f64>, Vec<f32>) {
-    let cfg = llama();
+fn train(cfg: &ModelConfig, dtype: Dtype, s: Shape) -> (Vec<f64>, Vec<f32>) {
     let mesh = Mesh::new(s.tp, s.pp, s.dp).unwrap();
     let layout = Layout {
         mesh,
@@ -98,7 +114,7 @@ fn train(dtype: Dtype, s: Shape) -> (Vec<f64>, Vec<f32>) {
         let ranks: Vec<_> = comms
             .into_iter()
             .map(|c| {
-                let (cfg, layout, opt) = (cfg.clone(), layout.clone(), opt.clone());
+                let (cfg, layout, opt) = ((*cfg).clone(), layout.clone(), opt.clone());
                 scope.spawn(move || {
                     let d = c.coords.dp;
                     let be = CudaBackend::emulated(dtype, false);
@@ -141,7 +157,7 @@ fn assert_close(name: &str, tol: f64, (la, wa): &(Vec<f64>, Vec<f32>), (lb, wb):
 
 #[test]
 fn layouts_on_the_device_path_train_like_one_rank() {
-    let one = train(Dtype::F32, shape(1, 1, 1));
+    let one = train(&llama(), Dtype::F32, shape(1, 1, 1));
     for (name, s) in [
         ("tp 2", shape(2, 1, 1)),
         ("pp 2 dp 2, buckets", Shape { buckets: Some(100), ..shape(1, 2, 2) }),
@@ -152,7 +168,7 @@ fn layouts_on_the_device_path_train_like_one_rank() {
         // ZeRO-1's shards reduce-scattered and all-gathered in place on the device.
         ("tp 2 dp 2 ZeRO-1", Shape { zero: true, ..shape(2, 1, 2) }),
     ] {
-        assert_close(name, 1e-5, &one, &train(Dtype::F32, s));
+        assert_close(name, 1e-5, &one, &train(&llama(), Dtype::F32, s));
     }
 }
 
@@ -161,9 +177,13 @@ fn layouts_on_the_device_path_train_like_one_rank() {
 #[test]
 fn device_buckets_change_no_bit() {
     for (s, sizes) in [(shape(1, 1, 2), &[1, 100][..]), (shape(4, 1, 2), &[100])] {
-        let plain = train(Dtype::F32, s);
+        let plain = train(&llama(), Dtype::F32, s);
         for &size in sizes {
-            assert_eq!(plain, train(Dtype::F32, Shape { buckets: Some(size), ..s }), "{s:?}, buckets of {size} floats");
+            assert_eq!(
+                plain,
+                train(&llama(), Dtype::F32, Shape { buckets: Some(size), ..s }),
+                "{s:?}, buckets of {size} floats"
+            );
         }
     }
 }
@@ -172,9 +192,17 @@ fn device_buckets_change_no_bit() {
 /// once more than on one rank; the curve stays within 1 %.
 #[test]
 fn bf16_layouts_track_one_rank() {
-    let one = train(Dtype::Bf16, shape(1, 1, 1));
-    let split = train(Dtype::Bf16, Shape { buckets: Some(100), ..shape(2, 1, 2) });
+    let one = train(&llama(), Dtype::Bf16, shape(1, 1, 1));
+    let split = train(&llama(), Dtype::Bf16, Shape { buckets: Some(100), ..shape(2, 1, 2) });
     assert_close("bf16 tp 2 dp 2, buckets", 1e-2, &one, &split);
-    let zero = train(Dtype::Bf16, Shape { zero: true, ..shape(1, 1, 2) });
+    let zero = train(&llama(), Dtype::Bf16, Shape { zero: true, ..shape(1, 1, 2) });
     assert_close("bf16 dp 2 ZeRO-1", 1e-2, &one, &zero);
+}
+
+/// Mamba-1 split by channels over two shards: x_proj's outputs and their gradients summed on
+/// the device between the selective scan's kernels.
+#[test]
+fn tensor_parallel_mamba_on_the_device_path_trains_like_one_rank() {
+    let one = train(&mamba(), Dtype::F32, shape(1, 1, 1));
+    assert_close("mamba tp 2", 1e-5, &one, &train(&mamba(), Dtype::F32, shape(2, 1, 1)));
 }
