@@ -24,7 +24,7 @@
 //! [`Communicator::queue_all_reduce_device`] makes that stream wait for an event on the main
 //! stream and queues the sum there, returning at once, so gradient buckets are summed while
 //! the backward kernels issued after them run; [`Communicator::wait_queued`] waits for the
-//! side stream (with the timeout) and orders the main stream after it.
+//! side stream (with the timeout), so that what the host issues next comes after the sums.
 //!
 //! # Point to point
 //! `send` waits until the peer has received (NCCL does not buffer), so sends and receives must
@@ -35,9 +35,9 @@ use crate::comm::Communicator;
 use crate::error::{CommError, Ranks, TimeoutInfo};
 use crate::mesh::{Mesh, RankComms};
 use crate::store::StoreClient;
-use cudarc::driver::CudaStream;
 use cudarc::driver::result as driver;
 use cudarc::driver::sys as cu;
+use cudarc::driver::{CudaEvent, CudaStream};
 use cudarc::nccl::result as nccl;
 use cudarc::nccl::sys;
 use ondol_core::DeviceSlice;
@@ -70,6 +70,13 @@ impl Lane {
     }
 }
 
+/// The data-parallel group's second lane, and the one event (recorded anew for each queued
+/// sum) through which its stream waits for the main stream's work so far.
+struct Side {
+    lane: Lane,
+    after_main: CudaEvent,
+}
+
 /// One group's NCCL communicator, on the rank's stream.
 pub struct NcclComm {
     main: Lane,
@@ -77,7 +84,7 @@ pub struct NcclComm {
     /// buckets summed while backward goes on on the main stream (see
     /// [`Communicator::queue_all_reduce_device`]). Two communicators, not one on two streams,
     /// so that each keeps one order of operations on every rank.
-    side: Option<Lane>,
+    side: Option<Side>,
     /// Whether work is queued on the side lane that no [`Communicator::wait_queued`] has
     /// waited for.
     queued: AtomicBool,
@@ -154,13 +161,13 @@ impl NcclComm {
         let side = match side {
             false => None,
             true => {
-                let lane = stream
-                    .fork()
-                    .map_err(|e| CommError::Launch(format!("a CUDA stream for NCCL: {e}")))
-                    .and_then(|side_stream| {
-                        let comm = init_rank(store, &format!("{key}/side"), ranks.len(), rank, &side_stream, &ranks)?;
-                        Ok(Lane { comm, stream: side_stream })
-                    });
+                let cuda = |e: cudarc::driver::DriverError| CommError::Launch(format!("a CUDA stream for NCCL: {e}"));
+                let lane = (|| {
+                    let side_stream = stream.fork().map_err(cuda)?;
+                    let after_main = stream.context().new_event(None).map_err(cuda)?;
+                    let comm = init_rank(store, &format!("{key}/side"), ranks.len(), rank, &side_stream, &ranks)?;
+                    Ok(Side { lane: Lane { comm, stream: side_stream }, after_main })
+                })();
                 match lane {
                     Ok(lane) => Some(lane),
                     Err(e) => {
@@ -243,7 +250,7 @@ impl NcclComm {
         if self.aborted.swap(true, Ordering::SeqCst) {
             return;
         }
-        for lane in std::iter::once(&self.main).chain(&self.side) {
+        for lane in std::iter::once(&self.main).chain(self.side.as_ref().map(|side| &side.lane)) {
             // SAFETY: aborting a live communicator, once (the flag above).
             let _ = unsafe { nccl::comm_abort(lane.comm) };
         }
@@ -328,12 +335,12 @@ impl Drop for NcclComm {
         if let Some(side) = &self.side
             && self.queued.load(Ordering::SeqCst)
         {
-            let _ = self.wait_lane("drop", side);
+            let _ = self.wait_lane("drop", &side.lane);
         }
         // SAFETY: each communicator is destroyed once; aborted ones need no destroy.
         unsafe {
             if !self.aborted.load(Ordering::SeqCst) {
-                for lane in std::iter::once(&self.main).chain(&self.side) {
+                for lane in std::iter::once(&self.main).chain(self.side.as_ref().map(|side| &side.lane)) {
                     let _ = nccl::comm_destroy(lane.comm);
                 }
             }
@@ -502,15 +509,18 @@ impl Communicator for NcclComm {
         const OP: &str = "queue_all_reduce_device";
         let Some(side) = &self.side else { return self.all_reduce_device(buf) };
         self.check_broken(OP)?;
-        side.stream.join(&self.main.stream).map_err(|e| self.invalid(OP, format!("CUDA event: {e}")))?;
+        let event = |e: cudarc::driver::DriverError| self.invalid(OP, format!("CUDA event: {e}"));
+        side.after_main.record(&self.main.stream).map_err(event)?;
+        side.lane.stream.wait(&side.after_main).map_err(event)?;
         // SAFETY: `buf` is a live device view of the backend (the caller's contract), which the
         // caller leaves alone until wait_queued.
-        unsafe { sum_in_place(&buf, side.comm, side.stream_ptr()) }.map_err(|e| self.nccl_error(OP, e))?;
+        unsafe { sum_in_place(&buf, side.lane.comm, side.lane.stream_ptr()) }.map_err(|e| self.nccl_error(OP, e))?;
         self.queued.store(true, Ordering::SeqCst);
         Ok(())
     }
 
-    /// Waits for the side stream (at most the timeout) and orders the main stream after it.
+    /// Waits for the side stream (at most the timeout): work issued after this returns comes
+    /// after the sums, with no event needed.
     fn wait_queued(&self) -> Result<(), CommError> {
         const OP: &str = "wait_queued";
         let Some(side) = &self.side else { return Ok(()) };
@@ -518,8 +528,7 @@ impl Communicator for NcclComm {
             return Ok(());
         }
         self.check_broken(OP)?;
-        self.wait_lane(OP, side)?;
-        self.main.stream.join(&side.stream).map_err(|e| self.invalid(OP, format!("CUDA event: {e}")))
+        self.wait_lane(OP, &side.lane)
     }
 }
 

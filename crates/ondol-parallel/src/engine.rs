@@ -632,10 +632,11 @@ impl<B: Backend> Engine<B> {
         let mut buckets = match &mut self.bucketing {
             Bucketing::Off => None,
             Bucketing::Device => Some(Buckets::new(size, None, self.excluded_from_buckets())),
-            Bucketing::Worker(comm) => {
-                let worker = Worker::start(comm.take().expect("the handle is back after each step"))?;
-                Some(Buckets::new(size, Some(worker), self.excluded_from_buckets()))
-            }
+            // The handle is back after every step, unless its worker thread could not start.
+            Bucketing::Worker(comm) => match comm.take() {
+                Some(comm) => Some(Buckets::new(size, Some(Worker::start(comm)?), self.excluded_from_buckets())),
+                None => None,
+            },
         };
         let schedule = self.run_schedule(grad_scale, buckets.as_mut());
         // Also after a failed schedule: the queued sums are waited for (the device must not

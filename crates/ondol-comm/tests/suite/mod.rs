@@ -5,6 +5,7 @@
 //! mismatched calls.
 
 use ondol_comm::{CommError, Communicator, Mesh, RankComms};
+use ondol_core::{DeviceSlice, bf16};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -68,6 +69,10 @@ macro_rules! communicator_suite {
         #[test]
         fn mismatched_lengths_and_arguments_are_clear_errors() {
             suite::mismatched_lengths_and_arguments_are_clear_errors(&$s)
+        }
+        #[test]
+        fn device_forms_work_in_place_on_host_memory_and_refuse_a_gpus() {
+            suite::device_forms_work_in_place_on_host_memory_and_refuse_a_gpus(&$s)
         }
         #[test]
         fn ranks_calling_different_collectives_are_told_so() {
@@ -339,5 +344,48 @@ pub fn ranks_calling_different_collectives_are_told_so(s: &impl Spawner) {
     assert!(!invalid.is_empty() && results.iter().all(Result::is_err), "{results:?}");
     for e in &invalid {
         assert!(e.contains("barrier") && e.contains("all_reduce_sum"), "{e}");
+    }
+}
+
+/// The `*_device` forms on a device emulated in host memory (`DeviceSlice::host`): f32 sums
+/// bit for bit as the host forms give them, bf16 rounded once; reduce-scatter and all-gather in
+/// place (the shard a view of the whole buffer, as ZeRO-1 uses them); queued sums done by
+/// `wait_queued`. A GPU's slice is refused with a clear error, not dereferenced.
+pub fn device_forms_work_in_place_on_host_memory_and_refuse_a_gpus(s: &impl Spawner) {
+    let size = 3;
+    let slice = |v: &mut [f32]| DeviceSlice { ptr: v.as_mut_ptr() as u64, len: v.len(), bf16: false, host: true };
+    let expected = bits(&rank_order_sum(size, 12));
+    let got = on_threads(s.group(size, TIMEOUT), |c| {
+        let mut buf = data(c.rank(), 12);
+        assert!(c.takes(&slice(&mut buf)));
+        c.queue_all_reduce_device(slice(&mut buf)).unwrap();
+        c.wait_queued().unwrap();
+        let summed = bits(&buf);
+        // In place: this rank's quarter of `whole` becomes its chunk of the sum, then every
+        // rank's chunk is gathered back into `whole`.
+        let mut whole = data(c.rank(), 12);
+        let mine = DeviceSlice { ptr: slice(&mut whole).ptr + 16 * c.rank() as u64, len: 4, ..slice(&mut whole) };
+        c.reduce_scatter_device(slice(&mut whole), mine).unwrap();
+        c.all_gather_device(mine, slice(&mut whole)).unwrap();
+        // bf16: the sum of the rounded values, rounded once.
+        let mut halves: Vec<u16> = data(c.rank(), 5).iter().map(|&x| bf16::from_f32(x)).collect();
+        let half = DeviceSlice { ptr: halves.as_mut_ptr() as u64, len: 5, bf16: true, host: true };
+        c.all_reduce_device(half).unwrap();
+        let gpu = DeviceSlice { host: false, ..slice(&mut buf) };
+        let refused = c.all_reduce_device(gpu).unwrap_err().to_string();
+        (summed, bits(&whole), halves, c.takes(&gpu), refused)
+    });
+    let rounded = |r: usize| -> Vec<f32> { data(r, 5).iter().map(|&x| bf16::to_f32(bf16::from_f32(x))).collect() };
+    let mut half_sum = rounded(0);
+    for r in 1..size {
+        half_sum.iter_mut().zip(rounded(r)).for_each(|(a, b)| *a += b);
+    }
+    let half_expected: Vec<u16> = half_sum.iter().map(|&x| bf16::from_f32(x)).collect();
+    for (rank, (summed, whole, halves, takes_gpu, refused)) in got.iter().enumerate() {
+        assert_eq!(summed, &expected, "rank {rank}: queued all-reduce");
+        assert_eq!(whole, &expected, "rank {rank}: reduce-scatter then all-gather in place");
+        assert_eq!(halves, &half_expected, "rank {rank}: bf16 all-reduce");
+        assert!(!takes_gpu, "rank {rank} takes a GPU's slice");
+        assert!(refused.contains("host memory only"), "rank {rank}: {refused}");
     }
 }
