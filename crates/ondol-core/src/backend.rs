@@ -332,6 +332,36 @@ pub trait Backend: Send + Sync {
     /// product, for one batch and `g.beta == 0`: a linear layer's forward. A GPU adds the bias
     /// in the GEMM's epilogue (one pass over `c`, not two).
     fn gemm_bias(&self, g: Gemm, a: Self::Ref<'_>, b: Self::Ref<'_>, bias: Self::Ref<'_>, c: Self::Mut<'_>);
+    /// `pre = op(a) op(b) + bias` (the bias on every row, if given) and `out = act(pre)`, for
+    /// one batch and `g.beta == 0`: a linear layer and its activation, with `pre` kept for
+    /// backward. A GPU computes both in the GEMM's epilogue where it can (GELU), saving the
+    /// activation's pass over `pre`.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_activation(
+        &self,
+        g: Gemm,
+        a: Self::Ref<'_>,
+        b: Self::Ref<'_>,
+        bias: Option<Self::Ref<'_>>,
+        act: Activation,
+        pre: Self::Mut<'_>,
+        out: Self::Mut<'_>,
+    );
+    /// `dpre = act'(pre) * op(a) op(b)`, for one batch and `g.beta == 0`: an activation's
+    /// backward through the GEMM that makes the gradient of its output. A GPU applies `act'`
+    /// in the GEMM's epilogue where it can (GELU), so the product is never stored; otherwise
+    /// the product goes to `scratch` (the size of `dpre`) first.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_activation_backward(
+        &self,
+        g: Gemm,
+        a: Self::Ref<'_>,
+        b: Self::Ref<'_>,
+        act: Activation,
+        pre: Self::Ref<'_>,
+        dpre: Self::Mut<'_>,
+        scratch: Self::Mut<'_>,
+    );
     /// `y[r, :] += bias` for every row.
     fn add_bias(&self, y: Self::Mut<'_>, bias: Self::Ref<'_>, cols: usize);
     /// `dbias += sum over rows of dy` (accumulates).

@@ -131,6 +131,37 @@ impl Backend for CpuBackend {
         dense::gemm(g, a, b, c, false);
         self.add_bias(c, bias, g.n);
     }
+    fn gemm_activation(
+        &self,
+        g: Gemm,
+        a: &[f32],
+        b: &[f32],
+        bias: Option<&[f32]>,
+        act: Activation,
+        pre: &mut [f32],
+        out: &mut [f32],
+    ) {
+        assert!(g.batch == 1 && g.beta == 0.0, "gemm_activation: one batch, beta 0");
+        match bias {
+            Some(bias) => self.gemm_bias(g, a, b, bias, pre),
+            None => self.gemm(g, a, b, pre),
+        }
+        activation::activation_forward(act, pre, out);
+    }
+    fn gemm_activation_backward(
+        &self,
+        g: Gemm,
+        a: &[f32],
+        b: &[f32],
+        act: Activation,
+        pre: &[f32],
+        dpre: &mut [f32],
+        scratch: &mut [f32],
+    ) {
+        assert!(g.batch == 1 && g.beta == 0.0, "gemm_activation_backward: one batch, beta 0");
+        self.gemm(g, a, b, scratch);
+        activation::activation_backward(act, scratch, pre, dpre);
+    }
     fn add_bias(&self, y: &mut [f32], bias: &[f32], cols: usize) {
         assert_eq!(bias.len(), cols);
         y.par_chunks_mut(cols).for_each(|row| row.iter_mut().zip(bias).for_each(|(y, b)| *y += b));

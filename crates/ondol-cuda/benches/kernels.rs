@@ -3,10 +3,13 @@
 //! the shortest length; the SSD and the selective scan at Mamba-2 130M's and Mamba 130M's
 //! layer shapes. Prints TFLOP/s (attention: the causal half of 4 T^2 D per head forward, 2.5x
 //! that backward, FlashAttention's convention) and GB/s of the bytes each op must move, with
-//! the device's bf16 peak. `benches/attention-vs-pytorch.py` times PyTorch's flash SDPA on the
+//! the device's bf16 peak; and GPT-2 124M's MLP GEMMs with GELU in cuBLASLt's epilogue against
+//! the GEMM and a GELU pass of its own. `benches/attention-vs-pytorch.py` times PyTorch's flash SDPA on the
 //! same shapes; `run.sh bench` prints both. Needs a GPU (says so and exits without one).
 
-use ondol_core::backend::{AttnShape, Backend, ScanGrads, ScanInputs, ScanShape, SsdGrads, SsdInputs, SsdShape};
+use ondol_core::backend::{
+    Activation, AttnShape, Backend, Gemm, ScanGrads, ScanInputs, ScanShape, SsdGrads, SsdInputs, SsdShape,
+};
 use ondol_cuda::{CudaBackend, Dtype};
 use std::time::Instant;
 
@@ -63,6 +66,7 @@ fn main() {
         "simple attention",
     );
 
+    gelu_mlp(&be);
     ssd(&be, "ssd (mamba2-130m layer, tensor cores)");
     ssd(&CudaBackend::open(0, Dtype::Bf16).expect("opened above").without_tensor_cores(), "ssd (cuda cores)");
 
@@ -137,5 +141,52 @@ fn ssd(be: &CudaBackend, label: &str) {
         2.0 * macs / fwd / 1e12,
         bytes / fwd / 1e9,
         bwd * 1e3
+    );
+}
+
+/// GPT-2 124M's c_fc with GELU (8 x 1024 tokens, 768 -> 3072) and the backward through it
+/// from c_proj's output gradient: in the GEMMs' epilogues, and as the GEMM and a GELU pass.
+fn gelu_mlp(be: &CudaBackend) {
+    let (rows, d, hidden) = (8 * 1024, 768, 3072);
+    let (x, w, bias) =
+        (be.upload(&vec![0.01; rows * d]), be.upload(&vec![0.01; d * hidden]), be.upload(&vec![0.1; hidden]));
+    let [mut pre, mut act, mut dpre, mut scratch] = [0; 4].map(|_| be.zeros(rows * hidden));
+    let (fwd, bwd) = (Gemm::new(rows, hidden, d, false, false), Gemm::new(rows, hidden, d, false, true));
+    let fused = time(be, 5, || {
+        be.gemm_activation(
+            fwd,
+            be.all(&x),
+            be.all(&w),
+            Some(be.all(&bias)),
+            Activation::Gelu,
+            be.all_mut(&mut pre),
+            be.all_mut(&mut act),
+        )
+    });
+    let fused_bwd = time(be, 5, || {
+        let (pre, dpre) = (be.all(&pre), be.all_mut(&mut dpre));
+        be.gemm_activation_backward(bwd, be.all(&x), be.all(&w), Activation::Gelu, pre, dpre, be.all_mut(&mut scratch))
+    });
+    let apart = time(be, 5, || {
+        be.gemm_bias(fwd, be.all(&x), be.all(&w), be.all(&bias), be.all_mut(&mut pre));
+        be.activation_forward(Activation::Gelu, be.all(&pre), be.all_mut(&mut act))
+    });
+    let apart_bwd = time(be, 5, || {
+        be.gemm(bwd, be.all(&x), be.all(&w), be.all_mut(&mut scratch));
+        be.activation_backward(Activation::Gelu, be.all(&scratch), be.all(&pre), be.all_mut(&mut dpre))
+    });
+    let flops = 2.0 * (rows * d * hidden) as f64;
+    let tflops = |t: f64| flops / t / 1e12;
+    println!(
+        "gpt2-124m c_fc + GELU  forward: epilogue {:.3} ms {:.0} TFLOP/s, apart {:.3} ms {:.0} TFLOP/s   \
+         backward: epilogue {:.3} ms {:.0} TFLOP/s, apart {:.3} ms {:.0} TFLOP/s",
+        fused * 1e3,
+        tflops(fused),
+        apart * 1e3,
+        tflops(apart),
+        fused_bwd * 1e3,
+        tflops(fused_bwd),
+        apart_bwd * 1e3,
+        tflops(apart_bwd)
     );
 }

@@ -8,7 +8,7 @@
 //! numbers as the CPU reference to round-off, for checking).
 
 use crate::CudaError;
-use crate::device::{Arg, Device, bytes_of, bytes_of_mut};
+use crate::device::{Arg, Device, Epilogue, bytes_of, bytes_of_mut};
 use crate::emu::Emulator;
 use crate::gpu::Gpu;
 use crate::memory::{DevMut, DevRef, DeviceBuf, DeviceIds, Dtype};
@@ -99,6 +99,18 @@ impl CudaBackend {
             && [x.xbc.ptr, y].iter().all(|p| p.is_multiple_of(4))
     }
 
+    /// Whether a GEMM of `g` can apply `act` (or its backward) in its epilogue, with GELU's
+    /// input `pre` beside its output: GELU (cuBLASLt has its tanh form), the output's type
+    /// and shape, and rows of a multiple of 8 values, 16-byte aligned (cuBLASLt's rule for
+    /// that matrix).
+    fn fuses_gelu(act: Activation, g: Gemm, pre: DevRef, out: DevRef) -> bool {
+        act == Activation::Gelu
+            && g.k > 0
+            && (pre.dtype, pre.len, out.len) == (out.dtype, g.m * g.n, g.m * g.n)
+            && g.n.is_multiple_of(8)
+            && pre.ptr.is_multiple_of(16)
+    }
+
     /// The device's name, as the driver reports it.
     pub fn device_name(&self) -> String {
         self.dev.name()
@@ -139,7 +151,7 @@ impl CudaBackend {
         let mut best = f64::INFINITY;
         for _ in 0..6 {
             let start = std::time::Instant::now();
-            self.dev.gemm(g, a.view(0..n * n), a.view(0..n * n), None, c.view_mut(0..n * n));
+            self.dev.gemm(g, a.view(0..n * n), a.view(0..n * n), Epilogue::None, c.view_mut(0..n * n));
             self.synchronize();
             best = best.min(start.elapsed().as_secs_f64());
         }
@@ -384,7 +396,7 @@ impl Backend for CudaBackend {
             }
             return;
         }
-        self.dev.gemm(g, a, b, None, c);
+        self.dev.gemm(g, a, b, Epilogue::None, c);
     }
     fn gemm_bias(&self, g: Gemm, a: DevRef<'_>, b: DevRef<'_>, bias: DevRef<'_>, mut c: DevMut<'_>) {
         assert!(g.batch == 1 && g.beta == 0.0, "gemm_bias: one batch, beta 0");
@@ -396,7 +408,50 @@ impl Backend for CudaBackend {
             self.gemm(g, a, b, c.reborrow());
             return self.add_bias(c, bias, g.n);
         }
-        self.dev.gemm(g, a, b, Some(bias), c);
+        self.dev.gemm(g, a, b, Epilogue::Bias(bias), c);
+    }
+    fn gemm_activation(
+        &self,
+        g: Gemm,
+        a: DevRef<'_>,
+        b: DevRef<'_>,
+        bias: Option<DevRef<'_>>,
+        act: Activation,
+        mut pre: DevMut<'_>,
+        mut out: DevMut<'_>,
+    ) {
+        assert!(g.batch == 1 && g.beta == 0.0, "gemm_activation: one batch, beta 0");
+        let aligned = bias.is_none_or(|b| b.ptr.is_multiple_of(16));
+        if aligned && Self::fuses_gelu(act, g, pre.as_ref(), out.as_ref()) {
+            let epilogue = Epilogue::Gelu { bias, pre: pre.reborrow() };
+            if self.dev.gemm(g, a, b, epilogue, out.reborrow()) {
+                return;
+            }
+        }
+        match bias {
+            Some(bias) => self.gemm_bias(g, a, b, bias, pre.reborrow()),
+            None => self.gemm(g, a, b, pre.reborrow()),
+        }
+        self.activation_forward(act, pre.as_ref(), out);
+    }
+    fn gemm_activation_backward(
+        &self,
+        g: Gemm,
+        a: DevRef<'_>,
+        b: DevRef<'_>,
+        act: Activation,
+        pre: DevRef<'_>,
+        mut dpre: DevMut<'_>,
+        mut scratch: DevMut<'_>,
+    ) {
+        assert!(g.batch == 1 && g.beta == 0.0, "gemm_activation_backward: one batch, beta 0");
+        if Self::fuses_gelu(act, g, pre, dpre.as_ref())
+            && self.dev.gemm(g, a, b, Epilogue::GeluBackward { pre }, dpre.reborrow())
+        {
+            return;
+        }
+        self.gemm(g, a, b, scratch.reborrow());
+        self.activation_backward(act, scratch.as_ref(), pre, dpre);
     }
     fn add_bias(&self, y: DevMut<'_>, bias: DevRef<'_>, cols: usize) {
         let dtype = same_type("add_bias", &[y.dtype, bias.dtype]);

@@ -31,6 +31,21 @@ impl Arg {
     }
 }
 
+/// What a GEMM does to its product on the way out (cuBLASLt's epilogue): every form but
+/// `None` is for one batch with `beta == 0`, and its vectors and `pre` have the output's type.
+#[derive(Debug)]
+pub(crate) enum Epilogue<'a> {
+    /// `c = alpha product + beta c`.
+    None,
+    /// `c = product + bias`, the bias (`g.n` values) on every row.
+    Bias(DevRef<'a>),
+    /// `pre = product (+ bias)`, `c = gelu(pre)`, GELU's tanh approximation: a linear layer
+    /// and its activation, `pre` (the output's shape) kept for backward.
+    Gelu { bias: Option<DevRef<'a>>, pre: DevMut<'a> },
+    /// `c = product * gelu'(pre)`: GELU's backward applied to the gradient the GEMM makes.
+    GeluBackward { pre: DevRef<'a> },
+}
+
 pub(crate) trait Device: Send + Sync {
     /// The device's name ("NVIDIA H100 80GB HBM3", ...).
     fn name(&self) -> String;
@@ -50,9 +65,10 @@ pub(crate) trait Device: Send + Sync {
     /// a launch the device refuses, a deadlock in the emulator), so it panics naming the
     /// kernel.
     fn launch(&self, family: &str, name: &str, cfg: LaunchConfig, args: &[Arg]);
-    /// `c = alpha op(a) op(b) + beta c`, see [`Gemm`], plus `bias` (of c's type, `g.n` values)
-    /// on every row where given (a GPU's GEMM epilogue).
-    fn gemm(&self, g: Gemm, a: DevRef, b: DevRef, bias: Option<DevRef>, c: DevMut);
+    /// `c = alpha op(a) op(b) + beta c`, see [`Gemm`], with `epilogue` applied. Returns false,
+    /// having written nothing, where the device has no algorithm for a GELU epilogue of this
+    /// shape (the caller then runs the activation as a pass of its own).
+    fn gemm(&self, g: Gemm, a: DevRef, b: DevRef, epilogue: Epilogue, c: DevMut) -> bool;
     /// Waits for everything issued so far.
     fn synchronize(&self);
     /// Bytes in use and in total, where the device can tell.

@@ -10,7 +10,7 @@
 //! time, so atomics cannot race), and whether the PTX fragment layout it assumes for
 //! `mma.sync` is the hardware's (it follows the PTX ISA; the GPU bundle checks the rest).
 
-use crate::device::{Arg, Device, bytes_of};
+use crate::device::{Arg, Device, Epilogue, bytes_of};
 use crate::memory::{DevMut, DevRef, Dtype, HostMemory, Memory};
 use cudarc::driver::LaunchConfig;
 use ondol_core::backend::Gemm;
@@ -63,6 +63,17 @@ impl Emulator {
         }
         panic!("kernel {family}/{name} is not defined in kernels/{family}.cu");
     }
+
+    /// Writes `values` to the view, rounded to its type.
+    fn store(&self, view: &DevMut, values: &[f32]) {
+        match view.dtype {
+            Dtype::F32 => self.copy_in(view.ptr, bytes_of(values)),
+            Dtype::Bf16 => {
+                let rounded: Vec<u16> = values.iter().map(|&v| bf16::from_f32(v)).collect();
+                self.copy_in(view.ptr, bytes_of(&rounded))
+            }
+        }
+    }
 }
 
 /// `len` values of `dtype` at host address `ptr`, as f32.
@@ -79,6 +90,25 @@ unsafe fn read(ptr: u64, len: usize, dtype: Dtype) -> Vec<f32> {
             }
         }
     }
+}
+
+/// `values[r, :] += bias` for every row.
+fn add_rows(values: &mut [f32], bias: &[f32]) {
+    values.chunks_mut(bias.len()).for_each(|row| row.iter_mut().zip(bias).for_each(|(v, b)| *v += b));
+}
+
+/// GELU, tanh approximation, as cuBLASLt's epilogue computes it (in f32).
+fn gelu(x: f32) -> f32 {
+    0.5 * x * (1.0 + gelu_tanh(x))
+}
+
+fn gelu_tanh(x: f32) -> f32 {
+    (0.797_884_6 * (x + 0.044_715 * x * x * x)).tanh()
+}
+
+fn gelu_grad(x: f32) -> f32 {
+    let t = gelu_tanh(x);
+    0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * 0.797_884_6 * (1.0 + 3.0 * 0.044_715 * x * x)
 }
 
 impl Device for Emulator {
@@ -146,15 +176,13 @@ impl Device for Emulator {
         }
     }
 
-    fn gemm(&self, g: Gemm, a: DevRef, b: DevRef, bias: Option<DevRef>, c: DevMut) {
+    fn gemm(&self, g: Gemm, a: DevRef, b: DevRef, epilogue: Epilogue, c: DevMut) -> bool {
         if g.m == 0 || g.n == 0 || g.batch == 0 {
-            return;
+            return true;
         }
         // SAFETY: views of live emulator buffers, of the lengths they state.
         let (a_val, b_val, mut c_val) =
             unsafe { (read(a.ptr, a.len, a.dtype), read(b.ptr, b.len, b.dtype), read(c.ptr, c.len, c.dtype)) };
-        // SAFETY: as above.
-        let bias = bias.map(|v| unsafe { read(v.ptr, v.len, v.dtype) });
         for batch in 0..g.batch {
             let (a0, b0, c0) = (batch * g.stride_a, batch * g.stride_b, batch * g.stride_c);
             for i in 0..g.m {
@@ -166,18 +194,28 @@ impl Device for Emulator {
                         acc += av * bv;
                     }
                     let out = &mut c_val[c0 + i * g.n + j];
-                    let added = bias.as_ref().map_or(0.0, |b| b[j]);
-                    *out = g.alpha * acc + if g.beta == 0.0 { 0.0 } else { g.beta * *out } + added;
+                    *out = g.alpha * acc + if g.beta == 0.0 { 0.0 } else { g.beta * *out };
                 }
             }
         }
-        match c.dtype {
-            Dtype::F32 => self.copy_in(c.ptr, bytes_of(&c_val)),
-            Dtype::Bf16 => {
-                let rounded: Vec<u16> = c_val.iter().map(|&v| bf16::from_f32(v)).collect();
-                self.copy_in(c.ptr, bytes_of(&rounded))
+        // SAFETY (the epilogue's reads): live emulator buffers, as above.
+        match epilogue {
+            Epilogue::None => {}
+            Epilogue::Bias(bias) => add_rows(&mut c_val, &unsafe { read(bias.ptr, bias.len, bias.dtype) }),
+            Epilogue::Gelu { bias, pre } => {
+                if let Some(bias) = bias {
+                    add_rows(&mut c_val, &unsafe { read(bias.ptr, bias.len, bias.dtype) });
+                }
+                self.store(&pre, &c_val);
+                c_val.iter_mut().for_each(|v| *v = gelu(*v));
+            }
+            Epilogue::GeluBackward { pre } => {
+                let pre = unsafe { read(pre.ptr, pre.len, pre.dtype) };
+                c_val.iter_mut().zip(&pre).for_each(|(d, &x)| *d *= gelu_grad(x));
             }
         }
+        self.store(&c, &c_val);
+        true
     }
 
     fn synchronize(&self) {}

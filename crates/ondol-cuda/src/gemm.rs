@@ -1,6 +1,7 @@
 //! GEMMs through cuBLASLt: bf16 (or f32) inputs, fp32 accumulation, an f32 or bf16 output,
-//! and for linear layers with a bias the bias epilogue (added before the output is rounded,
-//! with no pass of its own).
+//! and the epilogues that save a pass over the output: a linear layer's bias, GELU after it
+//! (keeping its input for backward), and GELU's backward on the gradient GEMM (applied before
+//! the output is rounded; see [`Epilogue`]).
 //!
 //! ondol's matrices are row-major; cuBLASLt's are column-major. A row-major `[r, c]` buffer is
 //! the column-major `[c, r]` matrix, its transpose, so `C = op(A) op(B)` is computed as
@@ -8,6 +9,7 @@
 //! data moves. One plan (descriptors, layouts and the heuristic's algorithm) is built per
 //! shape, type and pointer alignment, and reused for the rest of the run.
 
+use crate::device::Epilogue;
 use crate::memory::{DevMut, DevRef, Dtype};
 use cudarc::cublaslt::{result, sys};
 use cudarc::driver::{CudaSlice, CudaStream};
@@ -30,10 +32,10 @@ struct PlanKey {
     strides: [usize; 3],
     inputs: Dtype,
     output: Dtype,
-    /// Alignment in bytes (up to 256) of A, B and C: algorithms that need more are excluded.
-    align: [u32; 3],
-    /// Whether the epilogue adds a bias (CUBLASLT_EPILOGUE_BIAS).
-    bias: bool,
+    /// Alignment in bytes (up to 256) of A, B, C and the epilogue's matrix (GELU's input;
+    /// 256 for none): algorithms that need more are excluded.
+    align: [u32; 4],
+    epilogue: sys::cublasLtEpilogue_t,
 }
 
 /// The cuBLASLt objects of one shape.
@@ -60,7 +62,8 @@ pub(crate) struct Blas {
     handle: sys::cublasLtHandle_t,
     workspace: CudaSlice<u8>,
     workspace_ptr: u64,
-    plans: Mutex<HashMap<PlanKey, Plan>>,
+    /// None where cuBLASLt has no algorithm for a GELU epilogue of the shape.
+    plans: Mutex<HashMap<PlanKey, Option<Plan>>>,
 }
 
 // SAFETY: a cuBLASLt handle may be used from any thread; the backend issues every call on
@@ -88,6 +91,31 @@ fn alignment(ptr: u64) -> u32 {
     1u32 << ptr.trailing_zeros().min(8)
 }
 
+/// cuBLASLt's epilogue, and the device pointers it reads or writes: the bias and GELU's input.
+fn lt_epilogue(e: &Epilogue) -> (sys::cublasLtEpilogue_t, Option<u64>, Option<u64>) {
+    use sys::cublasLtEpilogue_t as E;
+    match e {
+        Epilogue::None => (E::CUBLASLT_EPILOGUE_DEFAULT, None, None),
+        Epilogue::Bias(bias) => (E::CUBLASLT_EPILOGUE_BIAS, Some(bias.ptr), None),
+        Epilogue::Gelu { bias: None, pre } => (E::CUBLASLT_EPILOGUE_GELU_AUX, None, Some(pre.ptr)),
+        Epilogue::Gelu { bias: Some(bias), pre } => (E::CUBLASLT_EPILOGUE_GELU_AUX_BIAS, Some(bias.ptr), Some(pre.ptr)),
+        Epilogue::GeluBackward { pre } => (E::CUBLASLT_EPILOGUE_DGELU, None, Some(pre.ptr)),
+    }
+}
+
+/// Sets a matmul descriptor attribute to `value`.
+///
+/// # Safety
+/// `T` must be the type cuBLASLt documents for `attr`.
+unsafe fn set_desc<T>(
+    desc: sys::cublasLtMatmulDesc_t,
+    attr: sys::cublasLtMatmulDescAttributes_t,
+    value: &T,
+) -> Result<(), result::CublasError> {
+    // SAFETY: forwarded from the caller; the value is passed with its size.
+    unsafe { result::set_matmul_desc_attribute(desc, attr, value as *const T as *const c_void, size_of::<T>()) }
+}
+
 impl Blas {
     pub(crate) fn new(stream: &Arc<CudaStream>) -> Result<Self, String> {
         let handle = result::create_handle().map_err(|e| format!("cuBLASLt: {e:?}"))?;
@@ -96,11 +124,20 @@ impl Blas {
         Ok(Self { handle, workspace, workspace_ptr, plans: Mutex::new(HashMap::new()) })
     }
 
-    /// `c = alpha op(a) op(b) + beta c` (see [`Gemm`]), plus `bias` on every row if given (in
-    /// the epilogue: the bias is a vector over cuBLASLt's rows, which are our columns). Inputs
-    /// f32 with an f32 output, or bf16 with a bf16 or f32 output (weight gradients accumulate
-    /// in f32); the bias has the output's type.
-    pub(crate) fn gemm(&self, stream: &CudaStream, g: Gemm, a: DevRef, b: DevRef, bias: Option<DevRef>, c: DevMut) {
+    /// `c = alpha op(a) op(b) + beta c` (see [`Gemm`]) with `epilogue` (its bias on cuBLASLt's
+    /// rows, which are our columns). Inputs f32 with an f32 output, or bf16 with a bf16 or
+    /// f32 output (weight gradients accumulate in f32); the epilogue's vectors and matrix have
+    /// the output's type. Returns false, running nothing, where cuBLASLt has no algorithm for
+    /// a GELU epilogue of the shape.
+    pub(crate) fn gemm(
+        &self,
+        stream: &CudaStream,
+        g: Gemm,
+        a: DevRef,
+        b: DevRef,
+        epilogue: Epilogue,
+        c: DevMut,
+    ) -> bool {
         assert_eq!(a.dtype, b.dtype, "gemm: A and B differ in type");
         assert!(
             a.dtype == c.dtype || (a.dtype == Dtype::Bf16 && c.dtype == Dtype::F32),
@@ -109,15 +146,14 @@ impl Blas {
             c.dtype
         );
         if g.m == 0 || g.n == 0 || g.batch == 0 {
-            return;
+            return true;
         }
         let last = |stride: usize, size: usize| (g.batch - 1) * stride + size;
         assert!(a.len >= last(g.stride_a, g.m * g.k), "gemm: A holds {} values", a.len);
         assert!(b.len >= last(g.stride_b, g.k * g.n), "gemm: B holds {} values", b.len);
         assert!(c.len >= last(g.stride_c, g.m * g.n), "gemm: C holds {} values", c.len);
-        if let Some(bias) = &bias {
-            assert!(bias.len == g.n && bias.dtype == c.dtype && g.batch == 1, "gemm: bias {bias:?} for {g:?}");
-        }
+        check_epilogue(&epilogue, g, &c);
+        let (lt, bias, aux) = lt_epilogue(&epilogue);
         let key = PlanKey {
             m: g.m,
             n: g.n,
@@ -128,26 +164,25 @@ impl Blas {
             strides: [g.stride_a, g.stride_b, g.stride_c],
             inputs: a.dtype,
             output: c.dtype,
-            align: [alignment(a.ptr), alignment(b.ptr), alignment(c.ptr)],
-            bias: bias.is_some(),
+            align: [alignment(a.ptr), alignment(b.ptr), alignment(c.ptr), aux.map_or(256, alignment)],
+            epilogue: lt,
         };
         let mut plans = self.plans.lock().expect("plan cache");
-        let plan = plans
-            .entry(key)
-            .or_insert_with(|| self.plan(key).unwrap_or_else(|e| panic!("cuBLASLt has no plan for {key:?}: {e}")));
-        if let Some(bias) = bias {
-            // SAFETY: the attribute takes a device pointer, passed with its size; the plan's
-            // descriptor is used by this call only (the cache's lock is held).
-            unsafe {
-                result::set_matmul_desc_attribute(
-                    plan.desc,
-                    sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
-                    (&bias.ptr) as *const u64 as *const c_void,
-                    8,
-                )
-            }
-            .unwrap_or_else(|e| panic!("cuBLASLt bias pointer {key:?}: {e:?}"));
+        let plan = plans.entry(key).or_insert_with(|| match self.plan(key, bias, aux) {
+            Ok(plan) => Some(plan),
+            Err(_) if aux.is_some() => None,
+            Err(e) => panic!("cuBLASLt has no plan for {key:?}: {e}"),
+        });
+        let Some(plan) = plan else { return false };
+        // SAFETY: the attributes take device pointers; the plan's descriptor is used by this
+        // call only (the cache's lock is held).
+        unsafe {
+            use sys::cublasLtMatmulDescAttributes_t as A;
+            bias.map_or(Ok(()), |p| set_desc(plan.desc, A::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &p)).and_then(|_| {
+                aux.map_or(Ok(()), |p| set_desc(plan.desc, A::CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &p))
+            })
         }
+        .unwrap_or_else(|e| panic!("cuBLASLt epilogue pointers {key:?}: {e:?}"));
         // SAFETY: the plan matches these buffers' shapes and types (the key), the views are
         // in bounds (checked above), and the workspace is ours for the call's duration on
         // this stream.
@@ -172,9 +207,12 @@ impl Blas {
             )
         }
         .unwrap_or_else(|e| panic!("cuBLASLt matmul {key:?}: {e:?}"));
+        true
     }
 
-    fn plan(&self, k: PlanKey) -> Result<Plan, String> {
+    /// The plan of `k`, its heuristic asked with the epilogue's pointers of the first call (it
+    /// reads their alignment; later calls of the key have the same).
+    fn plan(&self, k: PlanKey, bias: Option<u64>, aux: Option<u64>) -> Result<Plan, String> {
         let fail = |e: result::CublasError| format!("{e:?}");
         let input = cuda_type(k.inputs);
         // (rows, cols, leading dimension) of each column-major operand, and its batch stride.
@@ -226,15 +264,15 @@ impl Blas {
             {
                 result::set_matmul_desc_attribute(desc, attr, op as *const i32 as *const c_void, 4).map_err(fail)?;
             }
-            if k.bias {
-                let epilogue = sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS;
-                result::set_matmul_desc_attribute(
-                    desc,
-                    sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE,
-                    (&epilogue) as *const sys::cublasLtEpilogue_t as *const c_void,
-                    std::mem::size_of::<sys::cublasLtEpilogue_t>(),
-                )
-                .map_err(fail)?;
+            use sys::cublasLtMatmulDescAttributes_t as A;
+            set_desc(desc, A::CUBLASLT_MATMUL_DESC_EPILOGUE, &k.epilogue).map_err(fail)?;
+            if let Some(bias) = bias {
+                set_desc(desc, A::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias).map_err(fail)?;
+            }
+            if let Some(aux) = aux {
+                // GELU's input has the output's layout: column-major [n, m], leading dimension n.
+                set_desc(desc, A::CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &aux).map_err(fail)?;
+                set_desc(desc, A::CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, &(k.n as i64)).map_err(fail)?;
             }
             let workspace = WORKSPACE_BYTES as u64;
             result::set_matmul_pref_attribute(
@@ -245,7 +283,7 @@ impl Blas {
             )
             .map_err(fail)?;
             // cuBLASLt's first operand is our B, its second our A; C and D are one buffer.
-            let [a, b, c] = k.align;
+            let [a, b, c, _] = k.align;
             for (attr, bytes) in [
                 (sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, b),
                 (sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, a),
@@ -272,12 +310,41 @@ impl Blas {
     }
 }
 
+/// Asserts an epilogue's operands fit the GEMM (a mismatch is the caller's bug).
+fn check_epilogue(e: &Epilogue, g: Gemm, c: &DevMut) {
+    let plain = || assert!(g.batch == 1 && g.beta == 0.0, "gemm: an epilogue needs one batch and beta 0 ({g:?})");
+    let vector = |v: &DevRef| assert!(v.len == g.n && v.dtype == c.dtype, "gemm: bias {v:?} for {g:?}");
+    let matrix = |ptr: u64, len: usize, dtype: Dtype| {
+        assert!(len == g.m * g.n && dtype == c.dtype, "gemm: GELU's input ({len} {dtype:?}) for {g:?}");
+        assert!(
+            g.n.is_multiple_of(8) && ptr.is_multiple_of(16),
+            "gemm: GELU's input needs rows of 8k, 16-byte aligned"
+        );
+    };
+    match e {
+        Epilogue::None => {}
+        Epilogue::Bias(bias) => {
+            plain();
+            vector(bias);
+        }
+        Epilogue::Gelu { bias, pre } => {
+            plain();
+            bias.iter().for_each(vector);
+            matrix(pre.ptr, pre.len, pre.dtype);
+        }
+        Epilogue::GeluBackward { pre } => {
+            plain();
+            matrix(pre.ptr, pre.len, pre.dtype);
+        }
+    }
+}
+
 impl std::fmt::Debug for Blas {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
             "cuBLASLt ({} plans, {} MiB workspace)",
-            self.plans.lock().map_or(0, |p| p.len()),
+            self.plans.lock().map_or(0, |p| p.values().flatten().count()),
             self.workspace.len() >> 20
         )
     }

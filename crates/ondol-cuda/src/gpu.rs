@@ -3,7 +3,7 @@
 
 use crate::CudaError;
 use crate::compile::{FAMILIES, cached_cubin, nvrtc_available};
-use crate::device::{Arg, Device};
+use crate::device::{Arg, Device, Epilogue};
 use crate::gemm::Blas;
 use crate::memory::{DevMut, DevRef, Memory};
 use cudarc::driver::result as driver;
@@ -156,9 +156,9 @@ impl Device for Gpu {
         unsafe { builder.launch(cfg) }.unwrap_or_else(|e| panic!("kernel {family}/{name}: {e}"));
     }
 
-    fn gemm(&self, g: Gemm, a: DevRef, b: DevRef, bias: Option<DevRef>, c: DevMut) {
+    fn gemm(&self, g: Gemm, a: DevRef, b: DevRef, epilogue: Epilogue, c: DevMut) -> bool {
         self.bind();
-        self.blas.gemm(&self.stream, g, a, b, bias, c);
+        self.blas.gemm(&self.stream, g, a, b, epilogue, c)
     }
 
     fn synchronize(&self) {

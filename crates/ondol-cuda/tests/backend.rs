@@ -117,6 +117,61 @@ fn gemm_bias_matches_the_cpu() {
     }
 }
 
+/// A linear layer and its activation, forward and backward: GELU in the GEMM's epilogue
+/// (rows of 64 values, aligned buffers) and as a pass of its own (rows of 53, a buffer at an
+/// odd offset, squared ReLU), with and without a bias, for both weight layouts.
+#[test]
+fn gemm_activation_matches_the_cpu() {
+    for be in backends() {
+        let (m, k) = (37, 45);
+        let cases = [
+            (Activation::Gelu, 64, true, false, 0),
+            (Activation::Gelu, 64, false, true, 0),
+            (Activation::Gelu, 53, true, false, 0),
+            (Activation::Gelu, 64, true, true, 1),
+            (Activation::Relu2, 64, true, false, 0),
+        ];
+        for (act, n, with_bias, trans_b, offset) in cases {
+            let what = format!("{act:?} n={n} bias={with_bias} tb={trans_b} offset={offset}");
+            let g = Gemm::new(m, n, k, false, trans_b);
+            let (x, w) = (round(&be, &random(m * k, 1, 1.0)), round(&be, &random(k * n, 2, 0.3)));
+            let bias = round(&be, &random(n, 3, 1.0));
+            let (mut want_pre, mut want_out) = (vec![0.0; m * n], vec![0.0; m * n]);
+            CPU.gemm_activation(g, &x, &w, with_bias.then_some(&bias[..]), act, &mut want_pre, &mut want_out);
+            let (dx, dw, db) = (be.upload(&x), be.upload(&w), be.upload(&bias));
+            let (mut pre, mut out) = (be.zeros(m * n + offset), be.zeros(m * n));
+            let bias_view = with_bias.then(|| be.all(&db));
+            let pre_view = be.view_mut(&mut pre, offset..offset + m * n);
+            be.gemm_activation(g, be.all(&dx), be.all(&dw), bias_view, act, pre_view, be.all_mut(&mut out));
+            let pre = be.download(&pre)[offset..].to_vec();
+            assert_close(&format!("gemm_activation pre {what}"), &be, &pre, &want_pre, tolerance(&be));
+            assert_close(&format!("gemm_activation out {what}"), &be, &be.download(&out), &want_out, tolerance(&be));
+
+            // Backward through the next layer's input: dy [m, k] x W2^T, W2 [n, k] (or [k, n]).
+            let pre = round(&be, &want_pre);
+            let gb = Gemm::new(m, n, k, false, !trans_b);
+            let (dy, w2) = (round(&be, &random(m * k, 4, 1.0)), round(&be, &random(n * k, 5, 0.3)));
+            let (mut want_dpre, mut scratch) = (vec![0.0; m * n], vec![0.0; m * n]);
+            CPU.gemm_activation_backward(gb, &dy, &w2, act, &pre, &mut want_dpre, &mut scratch);
+            let (ddy, dw2) = (be.upload(&dy), be.upload(&w2));
+            let saved = be.upload(&[vec![0.0; offset], pre].concat());
+            let (mut dpre, mut scratch) = (be.zeros(m * n), be.zeros(m * n));
+            let (pre_view, dpre_view) = (be.view(&saved, offset..offset + m * n), be.all_mut(&mut dpre));
+            be.gemm_activation_backward(
+                gb,
+                be.all(&ddy),
+                be.all(&dw2),
+                act,
+                pre_view,
+                dpre_view,
+                be.all_mut(&mut scratch),
+            );
+            let what = format!("gemm_activation_backward {what}");
+            assert_close(&what, &be, &be.download(&dpre), &want_dpre, tolerance(&be));
+        }
+    }
+}
+
 #[test]
 fn elementwise_ops_match_the_cpu() {
     for be in backends() {

@@ -1,7 +1,7 @@
 //! The pieces every block is built from: a dense layer and a norm, each knowing where its
 //! parameters sit in the flat buffer.
 
-use ondol_core::backend::{Backend, Gemm};
+use ondol_core::backend::{Activation, Backend, Gemm};
 use std::ops::Range;
 
 /// How a dense layer's weight is stored.
@@ -49,12 +49,43 @@ impl Linear {
 
     /// `y = x W (+ b)`, writing y.
     pub fn forward<B: Backend>(&self, be: &B, p: &B::Buf, x: B::Ref<'_>, y: &mut B::Buf, rows: usize) {
-        let g = Gemm::new(rows, self.d_out, self.d_in, false, self.layout == WeightLayout::OutIn);
         let w = be.view(p, self.w.clone());
-        match self.b.as_ref().filter(|_| self.adds_bias) {
-            Some(b) => be.gemm_bias(g, x, w, be.view(p, b.clone()), be.all_mut(y)),
-            None => be.gemm(g, x, w, be.all_mut(y)),
+        match self.bias(be, p) {
+            Some(b) => be.gemm_bias(self.gemm(rows), x, w, b, be.all_mut(y)),
+            None => be.gemm(self.gemm(rows), x, w, be.all_mut(y)),
         }
+    }
+
+    /// `pre = x W (+ b)` and `out = act(pre)`, writing both (one pass where the backend fuses
+    /// the activation into the GEMM).
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_activation<B: Backend>(
+        &self,
+        be: &B,
+        p: &B::Buf,
+        x: B::Ref<'_>,
+        act: Activation,
+        pre: &mut B::Buf,
+        out: &mut B::Buf,
+        rows: usize,
+    ) {
+        let (g, w) = (self.gemm(rows), be.view(p, self.w.clone()));
+        be.gemm_activation(g, x, w, self.bias(be, p), act, be.all_mut(pre), be.all_mut(out));
+    }
+
+    /// The forward GEMM: `[rows, d_in] x W`.
+    fn gemm(&self, rows: usize) -> Gemm {
+        Gemm::new(rows, self.d_out, self.d_in, false, self.layout == WeightLayout::OutIn)
+    }
+
+    /// The GEMM of the input's gradient: `[rows, d_out] x W^T`.
+    fn input_grad_gemm(&self, rows: usize) -> Gemm {
+        Gemm::new(rows, self.d_in, self.d_out, false, self.layout == WeightLayout::InOut)
+    }
+
+    /// The bias, where this shard adds it.
+    fn bias<'a, B: Backend>(&self, be: &B, p: &'a B::Buf) -> Option<B::Ref<'a>> {
+        self.b.as_ref().filter(|_| self.adds_bias).map(|b| be.view(p, b.clone()))
     }
 
     /// Accumulates dW (and db); writes or adds dx as asked.
@@ -69,12 +100,38 @@ impl Linear {
         dx: Dx<'_, B::Buf>,
         rows: usize,
     ) {
-        let (i, o) = (self.d_in, self.d_out);
-        let g = Gemm::new(rows, i, o, false, self.layout == WeightLayout::InOut);
+        let (g, w) = (self.input_grad_gemm(rows), be.view(p, self.w.clone()));
         match dx {
-            Dx::Write(dx) => be.gemm(g, dy, be.view(p, self.w.clone()), be.all_mut(dx)),
-            Dx::Add(dx) => be.gemm(g.accumulate(), dy, be.view(p, self.w.clone()), be.all_mut(dx)),
+            Dx::Write(dx) => be.gemm(g, dy, w, be.all_mut(dx)),
+            Dx::Add(dx) => be.gemm(g.accumulate(), dy, w, be.all_mut(dx)),
         }
+        self.backward_params(be, grads, x, dy, rows);
+    }
+
+    /// The backward of a layer whose input `x` is `act(pre)`: dW (and db) accumulated, and
+    /// `dpre = act'(pre) * dy W^T` written (in the GEMM's epilogue where the backend fuses it;
+    /// else through `scratch`, the size of `x`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_through_activation<B: Backend>(
+        &self,
+        be: &B,
+        p: &B::Buf,
+        grads: &mut B::Buf,
+        x: B::Ref<'_>,
+        (act, pre): (Activation, B::Ref<'_>),
+        dy: B::Ref<'_>,
+        dpre: &mut B::Buf,
+        scratch: &mut B::Buf,
+        rows: usize,
+    ) {
+        self.backward_params(be, grads, x, dy, rows);
+        let (g, w) = (self.input_grad_gemm(rows), be.view(p, self.w.clone()));
+        be.gemm_activation_backward(g, dy, w, act, pre, be.all_mut(dpre), be.all_mut(scratch));
+    }
+
+    /// Accumulates dW (and db) for input `x` and output gradient `dy`.
+    fn backward_params<B: Backend>(&self, be: &B, grads: &mut B::Buf, x: B::Ref<'_>, dy: B::Ref<'_>, rows: usize) {
+        let (i, o) = (self.d_in, self.d_out);
         let dw = be.view_mut(grads, self.w.clone());
         match self.layout {
             WeightLayout::OutIn => be.gemm(Gemm::new(o, i, rows, true, false).accumulate(), dy, x, dw),

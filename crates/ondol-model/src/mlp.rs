@@ -28,6 +28,8 @@ pub(crate) struct MlpActs<B: Backend> {
 
 pub(crate) struct MlpGrads<B: Backend> {
     dpre: B::Buf,
+    /// The post-activation's gradient (scratch where the backend fuses the activation's
+    /// backward into the down projection's GEMM).
     dact: B::Buf,
 }
 
@@ -57,10 +59,12 @@ impl Mlp {
         out: &mut B::Buf,
         rows: usize,
     ) {
-        self.up.forward(be, p, x, &mut a.pre, rows);
         match self.kind {
-            MlpKind::SwiGlu => be.swiglu_forward(be.all(&a.pre), be.all_mut(&mut a.act), self.hidden),
-            MlpKind::Plain(act) => be.activation_forward(act, be.all(&a.pre), be.all_mut(&mut a.act)),
+            MlpKind::SwiGlu => {
+                self.up.forward(be, p, x, &mut a.pre, rows);
+                be.swiglu_forward(be.all(&a.pre), be.all_mut(&mut a.act), self.hidden)
+            }
+            MlpKind::Plain(act) => self.up.forward_activation(be, p, x, act, &mut a.pre, &mut a.act, rows),
         }
         self.down.forward(be, p, be.all(&a.act), out, rows);
     }
@@ -79,11 +83,16 @@ impl Mlp {
         g: &mut MlpGrads<B>,
         rows: usize,
     ) {
-        self.down.backward(be, p, grads, be.all(&a.act), dout, Dx::Write(&mut g.dact), rows);
-        let (dact, pre, dpre) = (be.all(&g.dact), be.all(&a.pre), be.all_mut(&mut g.dpre));
+        let act_in = be.all(&a.act);
         match self.kind {
-            MlpKind::SwiGlu => be.swiglu_backward(dact, pre, dpre, self.hidden),
-            MlpKind::Plain(act) => be.activation_backward(act, dact, pre, dpre),
+            MlpKind::SwiGlu => {
+                self.down.backward(be, p, grads, act_in, dout, Dx::Write(&mut g.dact), rows);
+                be.swiglu_backward(be.all(&g.dact), be.all(&a.pre), be.all_mut(&mut g.dpre), self.hidden)
+            }
+            MlpKind::Plain(act) => {
+                let pre = (act, be.all(&a.pre));
+                self.down.backward_through_activation(be, p, grads, act_in, pre, dout, &mut g.dpre, &mut g.dact, rows)
+            }
         }
         self.up.backward(be, p, grads, x, be.all(&g.dpre), Dx::Write(dx), rows);
     }
