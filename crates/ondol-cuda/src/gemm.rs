@@ -170,7 +170,10 @@ impl Blas {
         let mut plans = self.plans.lock().expect("plan cache");
         let plan = plans.entry(key).or_insert_with(|| match self.plan(key, bias, aux) {
             Ok(plan) => Some(plan),
-            Err(_) if aux.is_some() => None,
+            Err(e) if aux.is_some() => {
+                eprintln!("ondol: cuBLASLt has no GELU epilogue for {key:?} ({e}); GELU takes a pass of its own");
+                None
+            }
             Err(e) => panic!("cuBLASLt has no plan for {key:?}: {e}"),
         });
         let Some(plan) = plan else { return false };
