@@ -28,8 +28,9 @@
 //!
 //! # Point to point
 //! `send` waits until the peer has received (NCCL does not buffer), so sends and receives must
-//! be paired as the contract says; the pipeline schedules rely on buffered sends, so a
-//! launched GPU job gives its pipeline groups TCP communicators instead (through the host).
+//! be paired as the contract says; the pipeline schedules rely on buffered sends, so
+//! [`RankComms::nccl`] takes the pipeline groups' communicators from its caller where the mesh
+//! has stages (a launched GPU job gives TCP ones, through the host).
 
 use crate::comm::Communicator;
 use crate::error::{CommError, Ranks, TimeoutInfo};
@@ -532,9 +533,11 @@ impl Communicator for NcclComm {
     }
 }
 
-impl RankComms<NcclComm> {
+impl RankComms<Box<dyn Communicator>> {
     /// The communicators of world rank `rank` of `mesh`, over NCCL on `stream` (the rank's
-    /// backend's), finding the other ranks through `store`. Every rank must call it; each
+    /// backend's), finding the other ranks through `store`; `pipeline` gives the pp and
+    /// pp_back communicators instead, where the mesh has pipeline stages (NCCL's sends do not
+    /// buffer, which the schedules need: see the module doc). Every rank must call it; each
     /// group's communicator is made in the same order on all of them.
     pub fn nccl(
         mesh: Mesh,
@@ -542,7 +545,8 @@ impl RankComms<NcclComm> {
         store: &mut StoreClient,
         stream: &Arc<CudaStream>,
         timeout: Duration,
-    ) -> Result<RankComms<NcclComm>, CommError> {
+        pipeline: impl FnOnce(&mut StoreClient) -> Result<[Box<dyn Communicator>; 2], CommError>,
+    ) -> Result<RankComms<Box<dyn Communicator>>, CommError> {
         if !nccl_available() {
             return Err(CommError::Launch(
                 "libnccl.so is not on the library path (NVIDIA's nvidia-nccl-cu13 wheel ships it as libnccl.so.2: \
@@ -551,18 +555,21 @@ impl RankComms<NcclComm> {
             ));
         }
         let coords = mesh.coords(rank)?;
-        let mut join = |kind: &str, groups: Vec<Vec<usize>>, side: bool| {
+        let join = |store: &mut StoreClient, kind: &str, groups: Vec<Vec<usize>>, side: bool| {
             let (index, group) =
                 groups.into_iter().enumerate().find(|(_, g)| g.contains(&rank)).expect("every rank is in a group");
-            NcclComm::join(store, &format!("{kind}/{index}"), group, rank, stream, timeout, side)
+            let comm = NcclComm::join(store, &format!("{kind}/{index}"), group, rank, stream, timeout, side)?;
+            Ok::<Box<dyn Communicator>, CommError>(Box::new(comm))
         };
-        let world = join("world", vec![(0..mesh.world()).collect()], false)?;
-        let tp = join("tp", mesh.tp_groups(), false)?;
-        let pp = join("pp", mesh.pp_groups(), false)?;
-        let pp_back = join("pp_back", mesh.pp_groups(), false)?;
+        let world = join(store, "world", vec![(0..mesh.world()).collect()], false)?;
+        let tp = join(store, "tp", mesh.tp_groups(), false)?;
+        let [pp, pp_back] = match mesh.pp {
+            1 => [join(store, "pp", mesh.pp_groups(), false)?, join(store, "pp_back", mesh.pp_groups(), false)?],
+            _ => pipeline(store)?,
+        };
         // Gradient buckets are summed over dp beside backward (the side lane; made at dp 1 too,
         // so that a one-GPU machine runs it).
-        let dp = join("dp", mesh.dp_groups(), true)?;
+        let dp = join(store, "dp", mesh.dp_groups(), true)?;
         Ok(RankComms { mesh, coords, world, tp, pp, pp_back, dp })
     }
 }

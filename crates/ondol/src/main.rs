@@ -311,12 +311,11 @@ fn train_launched_cuda(args: &TrainArgs, cfg: RunConfig, env: &DistEnv) -> Resul
     let (be, gpu) = open_gpu(&cfg, env.local_rank)?;
     let mut job = Job::join(&cfg, env)?;
     let stream = be.stream().expect("a GPU backend has a stream");
-    let mut comms = RankComms::nccl(job.mesh, env.rank, &mut job.store, &stream, job.timeout)?.boxed();
-    if job.mesh.pp > 1 {
-        let net = TcpNet::connect(&mut job.store, env.world_size, job.timeout)?;
-        let tcp = RankComms::tcp(job.mesh, &net)?;
-        (comms.pp, comms.pp_back) = (Box::new(tcp.pp), Box::new(tcp.pp_back));
-    }
+    let (mesh, timeout) = (job.mesh, job.timeout);
+    let comms = RankComms::nccl(mesh, env.rank, &mut job.store, &stream, timeout, |store| {
+        let tcp = RankComms::tcp(mesh, &TcpNet::connect(store, env.world_size, timeout)?)?;
+        Ok([Box::new(tcp.pp) as Box<dyn Communicator>, Box::new(tcp.pp_back)])
+    })?;
     let world = env.world_size;
     let peak = || Peak { flops: gpu.flops * world as f64, what: format!("{world} x {}", gpu.what) };
     let (data, peak) = job.open_data(&cfg, env, peak)?;
