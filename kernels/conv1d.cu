@@ -13,6 +13,9 @@
 // of the chunks' sums, and the last bits, vary by run). K <= CONV_MAX_K.
 // Cost: forward reads K values and writes 1 per output, 2K FLOPs; dx recomputes K
 // pre-activations of K taps each (2K^2 FLOPs per value) to save storing g.
+// Inference continues sequences already begun: conv1d_recurrent reads the inputs before x's
+// first token from `carry` ([batch, K - 1, channels]), and conv1d_keep then leaves the last
+// K - 1 inputs of (carry ++ x) there (one thread per (sequence, channel), in place).
 #include "common.cuh"
 
 #define CONV_MAX_K 8
@@ -80,6 +83,38 @@ __device__ void conv1d_backward_dw(const T* dy, const T* x, const T* w, const T*
     for (int k = 0; k < K; k++) atomicAdd(&dw[d * K + k], gw[k]);
 }
 
+// The forward of sequences continued from `carry`: inputs before x's first token come from it.
+template <typename T>
+__device__ void conv1d_recurrent(const T* x, const T* w, const T* bias, const T* carry, T* y, long long rows, int len,
+                                 int channels, int K) {
+    GRID_STRIDE(e, rows * channels) {
+        const long long r = e / channels, b = r / len;
+        const int d = (int)(e % channels), t = (int)(r % len);
+        float acc = to_float(bias[d]);
+        for (int k = 0; k < K; k++) {
+            const int src = t - K + 1 + k;  // before the first token: carry entry K - 1 + src
+            const T v = src >= 0 ? x[(r - t + src) * channels + d] : carry[(b * (K - 1) + K - 1 + src) * channels + d];
+            acc += to_float(w[d * K + k]) * to_float(v);
+        }
+        y[e] = from_float<T>(siluf(acc));
+    }
+}
+
+// carry entry j becomes entry len + j of (carry ++ x). Walking j upwards reads entries at or
+// after the one written, so one thread per (sequence, channel) may do it in place.
+template <typename T>
+__device__ void conv1d_keep(const T* x, T* carry, long long batch, int len, int channels, int K) {
+    GRID_STRIDE(e, batch * channels) {
+        const long long b = e / channels;
+        const int d = (int)(e % channels);
+        for (int j = 0; j < K - 1; j++) {
+            const int src = len + j - (K - 1);
+            const long long kept = (b * (K - 1) + j) * channels + d;
+            carry[kept] = src >= 0 ? x[(b * len + src) * channels + d] : carry[kept + (long long)len * channels];
+        }
+    }
+}
+
 #define CONV1D_KERNELS(T, S)                                                                                       \
     extern "C" __global__ void conv1d_forward_##S(const T* x, const T* w, const T* bias, T* y, long long rows,      \
                                                   int len, int channels, int K) {                                  \
@@ -93,6 +128,14 @@ __device__ void conv1d_backward_dw(const T* dy, const T* x, const T* w, const T*
                                                       float* dw, float* dbias, long long rows, int len,            \
                                                       int channels, int K, long long rows_per_chunk) {             \
         conv1d_backward_dw<T>(dy, x, w, bias, dw, dbias, rows, len, channels, K, rows_per_chunk);                  \
+    }                                                                                                              \
+    extern "C" __global__ void conv1d_recurrent_##S(const T* x, const T* w, const T* bias, const T* carry, T* y,   \
+                                                    long long rows, int len, int channels, int K) {                \
+        conv1d_recurrent<T>(x, w, bias, carry, y, rows, len, channels, K);                                         \
+    }                                                                                                              \
+    extern "C" __global__ void conv1d_keep_##S(const T* x, T* carry, long long batch, int len, int channels,       \
+                                               int K) {                                                            \
+        conv1d_keep<T>(x, carry, batch, len, channels, K);                                                         \
     }
 
 FOR_EACH_STORAGE(CONV1D_KERNELS)

@@ -7,7 +7,8 @@
 // Layouts: u, delta, z, y, du, ddelta, dz are [rows = batch * len, channels]; B, C (and their
 // fp32 gradient accumulators) [rows, n]; a_log [channels, n]; delta_bias, D [channels].
 // Forward saves the state after every `chunk` tokens (and the zero state before the
-// sequence): states [batch, len / chunk + 1, channels, n], fp32.
+// sequence): states [batch, len / chunk + 1, channels, n], fp32. For inference it runs with no
+// states and a `carry` instead ([batch, channels, n], fp32): h starts from it and ends in it.
 // Backward walks each chunk in reverse from its saved state: a first pass stores the state
 // every SCAN_SUB tokens (in `sub`, fp32 [batch, chunk / SCAN_SUB, SCAN_MAX_STATE, channels]),
 // then each SCAN_SUB-token piece is recomputed into registers and the adjoint recurrence
@@ -36,8 +37,8 @@ __device__ __forceinline__ void scan_advance(float* h, const float* a, const flo
 
 template <typename T>
 __device__ void selective_scan_forward(const T* u, const T* delta, const T* delta_bias, const T* a_log, const T* B,
-                                       const T* C, const T* Dskip, const T* z, T* y, float* states, int len,
-                                       int channels, int n, int chunk) {
+                                       const T* C, const T* Dskip, const T* z, T* y, float* states, float* carry,
+                                       int len, int channels, int n, int chunk) {
     __shared__ float bs[SCAN_TILE][SCAN_MAX_STATE], cs[SCAN_TILE][SCAN_MAX_STATE];
     const int d = blockIdx.x * blockDim.x + threadIdx.x, b = blockIdx.y;
     const bool active = d < channels;
@@ -46,13 +47,14 @@ __device__ void selective_scan_forward(const T* u, const T* delta, const T* delt
     float bias = 0.0f, skip = 0.0f;
 #pragma unroll
     for (int i = 0; i < SCAN_MAX_STATE; i++) {
-        h[i] = 0.0f;
+        h[i] = carry && active && i < n ? carry[((long long)b * channels + d) * n + i] : 0.0f;
         a[i] = active && i < n ? -__expf(to_float(a_log[d * n + i])) : 0.0f;
     }
     if (active) {
         bias = to_float(delta_bias[d]);
         skip = to_float(Dskip[d]);
-        for (int i = 0; i < n; i++) states[((long long)b * saved * channels + d) * n + i] = 0.0f;
+        if (states)
+            for (int i = 0; i < n; i++) states[((long long)b * saved * channels + d) * n + i] = 0.0f;
     }
     for (int t0 = 0; t0 < len; t0 += SCAN_TILE) {
         __syncthreads();  // the previous tile has been read
@@ -74,13 +76,15 @@ __device__ void selective_scan_forward(const T* u, const T* delta, const T* delt
             for (int i = 0; i < SCAN_MAX_STATE; i++)
                 if (i < n) acc += cs[tt][i] * h[i];
             y[at] = from_float<T>((acc + skip * ut) * siluf(to_float(z[at])));
-            if ((t + 1) % chunk == 0 || t + 1 == len) {
+            if (states && ((t + 1) % chunk == 0 || t + 1 == len)) {
                 const int slot = (t + 1 + chunk - 1) / chunk;
                 float* out = states + (((long long)b * saved + slot) * channels + d) * n;
                 for (int i = 0; i < n; i++) out[i] = h[i];
             }
         }
     }
+    if (carry && active)
+        for (int i = 0; i < n; i++) carry[((long long)b * channels + d) * n + i] = h[i];
 }
 
 // The sum over the warp of each of the 32 values v[0..32) of every lane, left in lane j for
@@ -211,8 +215,9 @@ __device__ void selective_scan_backward(const T* dy, const T* u, const T* delta,
 #define SCAN_KERNELS(T, S)                                                                                         \
     extern "C" __global__ void selective_scan_forward_##S(                                                         \
         const T* u, const T* delta, const T* delta_bias, const T* a_log, const T* B, const T* C, const T* Dskip,   \
-        const T* z, T* y, float* states, int len, int channels, int n, int chunk) {                                \
-        selective_scan_forward<T>(u, delta, delta_bias, a_log, B, C, Dskip, z, y, states, len, channels, n, chunk); \
+        const T* z, T* y, float* states, float* carry, int len, int channels, int n, int chunk) {                  \
+        selective_scan_forward<T>(u, delta, delta_bias, a_log, B, C, Dskip, z, y, states, carry, len, channels, n,  \
+                                  chunk);                                                                          \
     }                                                                                                              \
     extern "C" __global__ void selective_scan_backward_##S(                                                        \
         const T* dy, const T* u, const T* delta, const T* delta_bias, const T* a_log, const T* B, const T* C,      \

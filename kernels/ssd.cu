@@ -31,6 +31,9 @@
 // forward's quadratic form and the backward's have tensor-core forms (the *_tc kernels below;
 // the backward's per-token state terms and the decays' suffix sums stay in
 // ssd_chunk_backward).
+// Inference runs the recurrence token by token instead (ssd_recurrent): H_t = exp(s_t A)
+// H_{t-1} + s_t x_t B_t^T, y_t = H_t C_t + D x_t, from and into a carried state (fp32
+// [batch, heads, P, N]), one thread per (sequence, head, channel p), 4 N FLOPs a token.
 #include "common.cuh"
 
 #define SSD_THREADS 256
@@ -681,6 +684,32 @@ __device__ void ssd_bwd_dc_tc(const bf16* dy, const bf16* xbc, const bf16* dt, c
     }
 }
 
+// The recurrence from `carry` row (b, h, p) over the sequence's tokens, for inference. The
+// row's N state values stay in global memory (one token's worth while decoding: cached).
+template <typename T>
+__device__ void ssd_recurrent(const T* xbc, const T* dt, const T* dt_bias, const T* a_log, const T* Dskip,
+                              float* carry, T* y, long long batch, Ssd s) {
+    GRID_STRIDE(e, batch * s.heads * s.P) {
+        const int p = (int)(e % s.P), h = (int)(e / s.P % s.heads);
+        const long long b = e / ((long long)s.P * s.heads);
+        const float a = -__expf(to_float(a_log[h])), bias = to_float(dt_bias[h]), skip = to_float(Dskip[h]);
+        float* state = carry + e * s.N;
+        for (int t = 0; t < s.len; t++) {
+            const long long row = b * s.len + t;
+            const T* r = xbc + row * s.width();
+            const float step = fmaxf(softplusf(to_float(dt[row * s.heads + h]) + bias), s.dt_min);
+            const float decay = __expf(step * a), xv = to_float(r[s.x_col(h) + p]);
+            float acc = 0.0f;
+            for (int i = 0; i < s.N; i++) {
+                const float v = decay * state[i] + step * xv * to_float(r[s.b_col(h) + i]);
+                state[i] = v;
+                acc += v * to_float(r[s.c_col(h) + i]);
+            }
+            y[row * s.heads * s.P + s.x_col(h) + p] = from_float<T>(acc + skip * xv);
+        }
+    }
+}
+
 #define SSD_ARGS int len, int heads, int P, int groups, int N, int Q, float dt_min
 #define SSD_DIMS Ssd{len, heads, P, groups, N, Q, dt_min}
 
@@ -703,6 +732,10 @@ __device__ void ssd_bwd_dc_tc(const bf16* dy, const bf16* xbc, const bf16* dt, c
         const float* qform, SSD_ARGS) {                                                                             \
         ssd_chunk_backward<T>(dy, xbc, dt, dt_bias, a_log, Dskip, states, dstates, dxbc, ddt, ddt_bias, da_log,    \
                               dd, qform, SSD_DIMS);                                                                 \
+    }                                                                                                              \
+    extern "C" __global__ void ssd_recurrent_##S(const T* xbc, const T* dt, const T* dt_bias, const T* a_log,      \
+                                                 const T* Dskip, float* carry, T* y, long long batch, SSD_ARGS) {  \
+        ssd_recurrent<T>(xbc, dt, dt_bias, a_log, Dskip, carry, y, batch, SSD_DIMS);                               \
     }
 
 FOR_EACH_STORAGE(SSD_KERNELS)

@@ -508,6 +508,35 @@ pub trait Backend: Send + Sync {
         len: usize,
         channels: usize,
     );
+    /// [`Backend::conv1d_forward`] continuing sequences already begun (inference): `state`
+    /// (`[batch, K - 1, channels]`) holds each sequence's K - 1 inputs before `x`'s first
+    /// token (zeros before the sequence starts) and becomes its last K - 1 inputs after `x`.
+    #[allow(clippy::too_many_arguments)]
+    fn conv1d_recurrent(
+        &self,
+        x: Self::Ref<'_>,
+        w: Self::Ref<'_>,
+        bias: Self::Ref<'_>,
+        state: Self::Mut<'_>,
+        y: Self::Mut<'_>,
+        len: usize,
+        channels: usize,
+    );
+    /// The selective scan's recurrence (see [`ScanInputs`]) continuing from `state`
+    /// (`[batch, channels, state]`, f32: each sequence's h before `x`'s first token, zeros at
+    /// its start), which becomes h after `x`'s last token; writes `y`. Inference: nothing is
+    /// saved for backward (`shape.chunk` is not read).
+    fn selective_scan_recurrent(
+        &self,
+        x: ScanInputs<Self::Ref<'_>>,
+        y: Self::Mut<'_>,
+        state: Self::Mut<'_>,
+        shape: ScanShape,
+    );
+    /// The SSD's recurrence (see [`SsdInputs`]) token by token from `state` (`[batch, heads,
+    /// head_dim, state]`, f32), which becomes the state after `x`'s last token; writes `y`.
+    /// Inference, as [`Backend::selective_scan_recurrent`].
+    fn ssd_recurrent(&self, x: SsdInputs<Self::Ref<'_>>, y: Self::Mut<'_>, state: Self::Mut<'_>, shape: SsdShape);
     /// Selective scan (Mamba-1) with its input-dependent step, decay, skip and output gate
     /// fused, see [`ScanInputs`]. Writes `y` (`[batch, len, channels]`) and the chunk-boundary
     /// `states` (`[batch, shape.saved(), channels, state]`) that backward recomputes from.

@@ -284,6 +284,24 @@ impl Backend for CpuBackend {
     ) {
         scan::conv1d_backward(dy, x, w, bias, dx, dw, dbias, len, channels);
     }
+    fn conv1d_recurrent(
+        &self,
+        x: &[f32],
+        w: &[f32],
+        bias: &[f32],
+        state: &mut [f32],
+        y: &mut [f32],
+        len: usize,
+        channels: usize,
+    ) {
+        scan::conv1d_recurrent(x, w, bias, state, y, len, channels);
+    }
+    fn selective_scan_recurrent(&self, x: ScanInputs<&[f32]>, y: &mut [f32], state: &mut [f32], shape: ScanShape) {
+        scan::selective_scan_recurrent(x, y, state, shape);
+    }
+    fn ssd_recurrent(&self, x: SsdInputs<&[f32]>, y: &mut [f32], state: &mut [f32], shape: SsdShape) {
+        scan::ssd_recurrent(x, y, state, shape);
+    }
     fn selective_scan_forward(&self, x: ScanInputs<&[f32]>, y: &mut [f32], states: &mut [f32], shape: ScanShape) {
         scan::selective_scan_forward(x, y, states, shape);
     }

@@ -46,6 +46,33 @@ pub fn conv1d_forward(x: &[f32], w: &[f32], bias: &[f32], y: &mut [f32], len: us
     });
 }
 
+/// [`conv1d_forward`] continuing each sequence from `state` (`[batch, K - 1, channels]`, the
+/// inputs before `x`), which becomes the sequence's last K - 1 inputs.
+pub fn conv1d_recurrent(
+    x: &[f32],
+    w: &[f32],
+    bias: &[f32],
+    state: &mut [f32],
+    y: &mut [f32],
+    len: usize,
+    channels: usize,
+) {
+    let k = w.len() / channels;
+    let (per_seq, kept) = (len * channels, (k - 1) * channels);
+    if kept == 0 {
+        return conv1d_forward(x, w, bias, y, len, channels);
+    }
+    let seqs = y.par_chunks_mut(per_seq).zip(x.par_chunks(per_seq)).zip(state.par_chunks_mut(kept));
+    seqs.for_each(|((y, x), state)| {
+        // The kept inputs, then the new ones: the convolution over it from row K - 1 on.
+        let window = [&state[..kept], x].concat();
+        let mut pre = vec![0.0f32; window.len()];
+        conv1d_pre(&window, w, bias, &mut pre, len + k - 1, channels);
+        y.iter_mut().zip(&pre[kept..]).for_each(|(y, p)| *y = silu(*p));
+        state[..kept].copy_from_slice(&window[window.len() - kept..]);
+    });
+}
+
 /// Writes `dx`; accumulates `dw` and `dbias`.
 #[allow(clippy::too_many_arguments)]
 pub fn conv1d_backward(
@@ -141,6 +168,23 @@ pub fn selective_scan_forward(x: ScanInputs<&[f32]>, y: &mut [f32], states: &mut
             if (t + 1) % s.chunk == 0 || t + 1 == l {
                 let slot = (t + 1).div_ceil(s.chunk);
                 saved[slot * ch * n..(slot + 1) * ch * n].copy_from_slice(&h);
+            }
+        }
+    });
+}
+
+/// The recurrence of [`selective_scan_forward`] from each sequence's `state` (`[batch,
+/// channels, state]`), left at the state after its last token; the same bits as the forward.
+pub fn selective_scan_recurrent(x: ScanInputs<&[f32]>, y: &mut [f32], state: &mut [f32], s: ScanShape) {
+    let (l, ch, n) = (s.len, s.channels, s.state);
+    assert_eq!(state.len(), s.batch * ch * n);
+    let a = decay_rates(x.a_log);
+    y.par_chunks_mut(l * ch).zip(state.par_chunks_mut(ch * n)).enumerate().for_each(|(bi, (y, h))| {
+        for t in 0..l {
+            let row = bi * l + t;
+            advance(h, row, &x, &a, ch, n);
+            for d in 0..ch {
+                y[t * ch + d] = readout(h, &x, row, d, ch, n) * silu(x.z[row * ch + d]);
             }
         }
     });
@@ -315,6 +359,32 @@ pub fn ssd_forward(x: SsdInputs<&[f32]>, y: &mut [f32], states: &mut [f32], s: S
                 }
                 let slot = chunk + 1;
                 saved[(slot * heads + h) * pn..(slot * heads + h + 1) * pn].copy_from_slice(&state);
+            }
+        }
+    });
+}
+
+/// The SSD token by token, `H_t = exp(dt_t A) H_{t-1} + dt_t x_t B_t^T`, `y_t = H_t C_t + D
+/// x_t`, from each sequence's `state` (`[batch, heads, head_dim, state]`), left at the state
+/// after its last token.
+pub fn ssd_recurrent(x: SsdInputs<&[f32]>, y: &mut [f32], state: &mut [f32], s: SsdShape) {
+    let (l, heads, (p, n)) = (s.len, s.heads, (s.head_dim, s.state));
+    let (width, pn) = (s.xbc_width(), p * n);
+    assert!(y.len() == s.rows() * s.inner() && state.len() == s.batch * heads * pn);
+    y.par_chunks_mut(l * s.inner()).zip(state.par_chunks_mut(heads * pn)).enumerate().for_each(|(bi, (y, state))| {
+        let xbc = &x.xbc[bi * l * width..(bi + 1) * l * width];
+        let dt = &x.dt[bi * l * heads..(bi + 1) * l * heads];
+        for (h, hs) in state.chunks_exact_mut(pn).enumerate() {
+            let at = SsdIndex::new(&s, h);
+            let a = -x.a_log[h].exp();
+            for t in 0..l {
+                let step = softplus(dt[t * heads + h] + x.dt_bias[h]).max(s.dt_min);
+                let decay = exp(step * a);
+                let (bt, ct) = (&xbc[at.b(t)], &xbc[at.c(t)]);
+                for ((row, xv), yv) in hs.chunks_exact_mut(n).zip(&xbc[at.x(t)]).zip(&mut y[at.y(t)]) {
+                    row.iter_mut().zip(bt).for_each(|(h, b)| *h = decay * *h + step * xv * b);
+                    *yv = dot(row, ct) + x.d[h] * xv;
+                }
             }
         }
     });

@@ -318,3 +318,80 @@ fn gated_rmsnorm_backward_matches_finite_differences() {
         check(&mut w, &dw, |v| loss(&x0, &z0, v), H, RTOL, ATOL, usize::MAX, 0).assert_ok("gated norm dw");
     }
 }
+
+/// Rows `range` of every sequence of a `[batch, len, width]` buffer, as `[batch, range, width]`.
+fn tokens(v: &[f32], batch: usize, len: usize, range: std::ops::Range<usize>) -> Vec<f32> {
+    let width = v.len() / (batch * len);
+    (0..batch).flat_map(|b| v[(b * len + range.start) * width..(b * len + range.end) * width].to_vec()).collect()
+}
+
+/// Writes `part` (`[batch, range, width]`) into rows `range` of every sequence of `whole`.
+fn put_tokens(whole: &mut [f32], part: &[f32], batch: usize, len: usize, range: std::ops::Range<usize>) {
+    let width = whole.len() / (batch * len);
+    for (b, rows) in part.chunks(range.len() * width).enumerate() {
+        whole[(b * len + range.start) * width..(b * len + range.end) * width].copy_from_slice(rows);
+    }
+}
+
+/// Pieces of a 9-token sequence as inference feeds them: a prompt, then single tokens and a
+/// short run (shorter than the convolution's window).
+const PIECES: [std::ops::Range<usize>; 4] = [0..4, 4..5, 5..7, 7..9];
+
+fn assert_near(what: &str, got: &[f32], want: &[f32], tol: f32) {
+    let worst = got.iter().zip(want).map(|(a, b)| (a - b).abs() / (1.0 + b.abs())).fold(0.0, f32::max);
+    assert!(got.len() == want.len() && worst <= tol, "{what}: worst relative error {worst:.2e}");
+}
+
+#[test]
+fn recurrent_forms_continue_sequences_piece_by_piece() {
+    let (batch, len, ch, k) = (2, 9, 3, 4);
+    let (x, w, bias) = (randn(batch * len * ch, 1.0, 60), randn(ch * k, 0.5, 61), randn(ch, 0.5, 62));
+    let mut want = vec![0.0; x.len()];
+    BE.conv1d_forward(&x, &w, &bias, &mut want, len, ch);
+    let (mut got, mut carry) = (vec![0.0; x.len()], vec![0.0; batch * (k - 1) * ch]);
+    for piece in PIECES {
+        let mut y = vec![0.0; batch * piece.len() * ch];
+        BE.conv1d_recurrent(&tokens(&x, batch, len, piece.clone()), &w, &bias, &mut carry, &mut y, piece.len(), ch);
+        put_tokens(&mut got, &y, batch, len, piece);
+    }
+    assert_near("conv1d_recurrent", &got, &want, 1e-6);
+    assert_eq!(carry, tokens(&x, batch, len, len - (k - 1)..len), "the carry keeps the last K - 1 inputs");
+
+    let s = ScanShape { batch, len, channels: ch, state: 4, chunk: 4 };
+    let x = Inputs::new(s);
+    let (want, states) = scan_forward(&x, s);
+    let (mut got, mut h) = (vec![0.0; want.len()], vec![0.0; batch * ch * s.state]);
+    for piece in PIECES {
+        let [u, delta, delta_bias, a_log, b, c, d, z] = x.fields.each_ref().map(|v| v.as_slice());
+        let cut = |v: &[f32]| tokens(v, batch, len, piece.clone());
+        let (u, delta, b, c, z) = (cut(u), cut(delta), cut(b), cut(c), cut(z));
+        let inputs = ScanInputs { u: &u[..], delta: &delta[..], delta_bias, a_log, b: &b[..], c: &c[..], d, z: &z[..] };
+        let mut y = vec![0.0; batch * piece.len() * ch];
+        BE.selective_scan_recurrent(inputs, &mut y, &mut h, ScanShape { len: piece.len(), ..s });
+        put_tokens(&mut got, &y, batch, len, piece);
+    }
+    assert_eq!(got, want, "selective_scan_recurrent: the forward's bits");
+    let last = s.saved() - 1;
+    let finals: Vec<f32> =
+        states.chunks(s.saved() * ch * s.state).flat_map(|seq| seq[last * ch * s.state..].to_vec()).collect();
+    assert_eq!(h, finals, "selective_scan_recurrent: the forward's last saved state");
+
+    let s = SsdShape { batch, len, heads: 4, head_dim: 3, groups: 2, state: 5, chunk: 4, dt_min: 0.0 };
+    let x = SsdData::new(s, 70);
+    let (_, states) = ssd_forward(&x, s);
+    let want: Vec<f32> = ssd_sequential(&x, s).iter().map(|&v| v as f32).collect();
+    let pn = s.inner() * s.state;
+    let (mut got, mut carry) = (vec![0.0; want.len()], vec![0.0; batch * pn]);
+    for piece in PIECES {
+        let [xbc, dt, dt_bias, a_log, d] = x.fields.each_ref().map(|v| v.as_slice());
+        let (xbc, dt) = (tokens(xbc, batch, len, piece.clone()), tokens(dt, batch, len, piece.clone()));
+        let mut y = vec![0.0; batch * piece.len() * s.inner()];
+        let inputs = SsdInputs { xbc: &xbc[..], dt: &dt[..], dt_bias, a_log, d };
+        BE.ssd_recurrent(inputs, &mut y, &mut carry, SsdShape { len: piece.len(), ..s });
+        put_tokens(&mut got, &y, batch, len, piece);
+    }
+    assert_near("ssd_recurrent y", &got, &want, 2e-5);
+    let last = s.saved() - 1;
+    let finals: Vec<f32> = states.chunks(s.saved() * pn).flat_map(|seq| seq[last * pn..].to_vec()).collect();
+    assert_near("ssd_recurrent state", &carry, &finals, 2e-5);
+}

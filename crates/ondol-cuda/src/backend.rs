@@ -807,6 +807,30 @@ impl Backend for CudaBackend {
         ];
         self.run("conv1d", "conv1d_forward", dtype, self.dev.flat(x.len), &args);
     }
+    fn conv1d_recurrent(
+        &self,
+        x: DevRef<'_>,
+        w: DevRef<'_>,
+        bias: DevRef<'_>,
+        state: DevMut<'_>,
+        y: DevMut<'_>,
+        len: usize,
+        channels: usize,
+    ) {
+        let dtype = same_type("conv1d_recurrent", &[x.dtype, w.dtype, bias.dtype, state.dtype, y.dtype]);
+        let k = conv_taps("conv1d_recurrent", x.len, w.len, bias.len, y.len, len, channels);
+        let (rows, carry) = (x.len / channels, Arg::Ptr(state.ptr));
+        let batch = rows / len.max(1);
+        assert_eq!(state.len, batch * (k - 1) * channels, "conv1d_recurrent: state length");
+        let (x_arg, size) = (ptr(&x), [Arg::I32(len as i32), Arg::I32(channels as i32), Arg::I32(k as i32)]);
+        let mut args = vec![x_arg, ptr(&w), ptr(&bias), carry, ptr_mut(&y), Arg::I64(rows as i64)];
+        args.extend(size);
+        self.run("conv1d", "conv1d_recurrent", dtype, self.dev.flat(x.len), &args);
+        // Then the carry moves on, once the convolution has read it.
+        let mut args = vec![x_arg, carry, Arg::I64(batch as i64)];
+        args.extend(size);
+        self.run("conv1d", "conv1d_keep", dtype, self.dev.flat(batch * channels), &args);
+    }
     fn conv1d_backward(
         &self,
         dy: DevRef<'_>,
@@ -846,8 +870,19 @@ impl Backend for CudaBackend {
         is_f32("selective_scan_forward states", states.dtype);
         assert_eq!(states.len, shape.batch * shape.saved() * shape.channels * shape.state, "selective_scan states");
         let mut args = scan_args(&x);
-        args.extend([ptr_mut(&y), ptr_mut(&states)]);
+        args.extend([ptr_mut(&y), ptr_mut(&states), Arg::Ptr(0)]);
         args.extend(scan_geometry(shape));
+        self.run("selective_scan", "selective_scan_forward", dtype, scan_grid(shape), &args);
+    }
+    fn selective_scan_recurrent(&self, x: ScanInputs<DevRef<'_>>, y: DevMut<'_>, state: DevMut<'_>, shape: ScanShape) {
+        let dtype = scan_type("selective_scan_recurrent", &x, shape);
+        assert_eq!(y.dtype, dtype, "selective_scan_recurrent: y type");
+        is_f32("selective_scan_recurrent state", state.dtype);
+        assert_eq!(state.len, shape.batch * shape.channels * shape.state, "selective_scan_recurrent: state length");
+        // The forward kernel with a carried state in place of the saved ones.
+        let mut args = scan_args(&x);
+        args.extend([ptr_mut(&y), Arg::Ptr(0), ptr_mut(&state)]);
+        args.extend(scan_geometry(ScanShape { chunk: shape.len.max(1), ..shape }));
         self.run("selective_scan", "selective_scan_forward", dtype, scan_grid(shape), &args);
     }
     fn selective_scan_backward(
@@ -928,6 +963,17 @@ impl Backend for CudaBackend {
         } else {
             self.run("ssd", "ssd_chunk_scan", dtype, ssd_chunk_grid(shape, 2 + SSD_ROWS), &args);
         }
+    }
+    fn ssd_recurrent(&self, x: SsdInputs<DevRef<'_>>, y: DevMut<'_>, state: DevMut<'_>, shape: SsdShape) {
+        let dtype = ssd_type("ssd_recurrent", &x, shape);
+        assert_eq!(y.dtype, dtype, "ssd_recurrent: y type");
+        assert_eq!(y.len, shape.rows() * shape.inner(), "ssd_recurrent: y length");
+        is_f32("ssd_recurrent state", state.dtype);
+        assert_eq!(state.len, shape.batch * shape.inner() * shape.state, "ssd_recurrent: state length");
+        let mut args = ssd_inputs(&x, true);
+        args.extend([ptr_mut(&state), ptr_mut(&y), Arg::I64(shape.batch as i64)]);
+        args.extend(ssd_geometry(shape));
+        self.run("ssd", "ssd_recurrent", dtype, self.dev.flat(shape.batch * shape.inner()), &args);
     }
     fn ssd_backward(
         &self,

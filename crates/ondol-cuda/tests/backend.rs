@@ -734,6 +734,80 @@ fn ssd_scan_matches_the_cpu() {
     }
 }
 
+/// Inference's recurrent forms of the convolution and both scans, continuing from random
+/// carried states: 3 tokens of 2 sequences, then 1 token (decoding).
+#[test]
+fn recurrent_forms_match_the_cpu() {
+    use ondol_core::{ScanInputs, ScanShape, SsdInputs, SsdShape};
+    for be in backends() {
+        let tol = tolerance(&be);
+        for len in [3, 1] {
+            let (batch, ch, k) = (2, 37, 4);
+            let (h, d) = uploads(
+                &be,
+                &[(batch * len * ch, 1, 1.0), (ch * k, 2, 0.5), (ch, 3, 0.5), (batch * (k - 1) * ch, 4, 1.0)],
+            );
+            let (mut y, mut carry) = (be.zeros(batch * len * ch), be.upload(&h[3]));
+            be.conv1d_recurrent(
+                be.all(&d[0]),
+                be.all(&d[1]),
+                be.all(&d[2]),
+                be.all_mut(&mut carry),
+                be.all_mut(&mut y),
+                len,
+                ch,
+            );
+            let (mut want, mut want_carry) = (vec![0.0; batch * len * ch], h[3].clone());
+            CPU.conv1d_recurrent(&h[0], &h[1], &h[2], &mut want_carry, &mut want, len, ch);
+            assert_close(&format!("conv1d_recurrent y len={len}"), &be, &be.download(&y), &want, tol);
+            assert_close(&format!("conv1d_recurrent carry len={len}"), &be, &be.download(&carry), &want_carry, tol);
+
+            let s = ScanShape { batch, len, channels: ch, state: 16, chunk: 1 };
+            let rows = batch * len;
+            let fields =
+                [(rows * ch, 5, 1.0), (rows * ch, 6, 1.0), (ch, 7, 0.5), (ch * 16, 8, 0.5), (rows * 16, 9, 1.0)];
+            let (h, d) =
+                uploads(&be, &[&fields[..], &[(rows * 16, 10, 1.0), (ch, 11, 1.0), (rows * ch, 12, 1.0)]].concat());
+            let carry0 = random(batch * ch * 16, 13, 1.0);
+            let (mut y, mut carry) = (be.zeros(rows * ch), be.upload_f32(&carry0));
+            let [u, delta, delta_bias, a_log, b, c, dd, z] = [0, 1, 2, 3, 4, 5, 6, 7].map(|i| be.all(&d[i]));
+            let inputs = ScanInputs { u, delta, delta_bias, a_log, b, c, d: dd, z };
+            be.selective_scan_recurrent(inputs, be.all_mut(&mut y), be.all_mut(&mut carry), s);
+            let [u, delta, delta_bias, a_log, b, c, dd, z] = [0, 1, 2, 3, 4, 5, 6, 7].map(|i| &h[i][..]);
+            let (mut want, mut want_carry) = (vec![0.0; rows * ch], carry0.clone());
+            CPU.selective_scan_recurrent(
+                ScanInputs { u, delta, delta_bias, a_log, b, c, d: dd, z },
+                &mut want,
+                &mut want_carry,
+                s,
+            );
+            assert_close(&format!("selective_scan_recurrent y len={len}"), &be, &be.download(&y), &want, tol);
+            let carry = be.download(&carry);
+            assert_close(&format!("selective_scan_recurrent state len={len}"), &be, &carry, &want_carry, tol.max(1e-4));
+
+            let s = SsdShape { batch, len, heads: 4, head_dim: 8, groups: 2, state: 12, chunk: 1, dt_min: 0.1 };
+            let fields =
+                [(rows * s.xbc_width(), 14, 1.0), (rows * s.heads, 15, 1.0), (4, 16, 0.5), (4, 17, 0.5), (4, 18, 1.0)];
+            let (h, d) = uploads(&be, &fields);
+            let carry0 = random(batch * s.inner() * s.state, 19, 1.0);
+            let (mut y, mut carry) = (be.zeros(rows * s.inner()), be.upload_f32(&carry0));
+            let [xbc, dt, dt_bias, a_log, dd] = [0, 1, 2, 3, 4].map(|i| be.all(&d[i]));
+            be.ssd_recurrent(
+                SsdInputs { xbc, dt, dt_bias, a_log, d: dd },
+                be.all_mut(&mut y),
+                be.all_mut(&mut carry),
+                s,
+            );
+            let [xbc, dt, dt_bias, a_log, dd] = [0, 1, 2, 3, 4].map(|i| &h[i][..]);
+            let (mut want, mut want_carry) = (vec![0.0; rows * s.inner()], carry0.clone());
+            CPU.ssd_recurrent(SsdInputs { xbc, dt, dt_bias, a_log, d: dd }, &mut want, &mut want_carry, s);
+            assert_close(&format!("ssd_recurrent y len={len}"), &be, &be.download(&y), &want, tol);
+            let carry = be.download(&carry);
+            assert_close(&format!("ssd_recurrent state len={len}"), &be, &carry, &want_carry, tol.max(1e-4));
+        }
+    }
+}
+
 /// The bf16 backend with its tensor-core kernels and the same without, on the emulator
 /// (threads in reverse order) and on the GPU if there is one.
 fn tensor_core_pairs() -> Vec<(CudaBackend, CudaBackend)> {
