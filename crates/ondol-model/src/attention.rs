@@ -30,7 +30,7 @@ pub(crate) struct AttnGrads<B: Backend> {
 }
 
 /// One layer's key/value cache and where the new tokens start.
-pub(crate) struct CacheSlot<'a, B: Backend> {
+pub(crate) struct KvSlot<'a, B: Backend> {
     pub k: &'a mut B::Buf,
     pub v: &'a mut B::Buf,
     pub pos: usize,
@@ -83,7 +83,7 @@ impl Attention {
         a: &mut AttnActs<B>,
         out: &mut B::Buf,
         rope: B::Ref<'_>,
-        cache: Option<CacheSlot<'_, B>>,
+        cache: Option<KvSlot<'_, B>>,
         (batch, seq): (usize, usize),
     ) {
         let (shape, rows) = (self.shape(batch, seq), batch * seq);

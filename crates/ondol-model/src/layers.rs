@@ -155,7 +155,35 @@ pub(crate) struct CausalConv {
     pub channels: usize,
 }
 
+/// A Mamba mixer's inference state for incremental decoding: the convolution's last K - 1
+/// inputs per sequence (`[batch, K - 1, channels]`) and the scan's recurrent state (f32).
+pub(crate) struct RecurrentState<B: Backend> {
+    pub conv: B::Buf,
+    pub ssm: B::Buf,
+}
+
 impl CausalConv {
+    /// Taps of the kernel (K).
+    pub fn taps(&self) -> usize {
+        self.w.len() / self.channels
+    }
+
+    /// [`CausalConv::forward`] continuing each sequence from its last inputs in `carry`
+    /// (`[batch, K - 1, channels]`), which then holds the last inputs of `x`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_recurrent<B: Backend>(
+        &self,
+        be: &B,
+        p: &B::Buf,
+        x: B::Ref<'_>,
+        carry: &mut B::Buf,
+        y: &mut B::Buf,
+        seq: usize,
+    ) {
+        let (w, b) = (be.view(p, self.w.clone()), be.view(p, self.b.clone()));
+        be.conv1d_recurrent(x, w, b, be.all_mut(carry), be.all_mut(y), seq, self.channels);
+    }
+
     /// `y = silu(conv(x))` over sequences of `seq` tokens.
     pub fn forward<B: Backend>(&self, be: &B, p: &B::Buf, x: B::Ref<'_>, y: &mut B::Buf, seq: usize) {
         let (w, b) = (be.view(p, self.w.clone()), be.view(p, self.b.clone()));

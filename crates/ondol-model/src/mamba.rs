@@ -14,7 +14,7 @@
 //! dt, B and C are summed over the shards after x_proj in forward, and their gradients (partial
 //! over the channels, from the scan and dt_proj) before x_proj in backward.
 
-use crate::layers::{CausalConv, Dx, Linear};
+use crate::layers::{CausalConv, Dx, Linear, RecurrentState};
 use crate::part::TensorParallel;
 use ondol_core::Result;
 use ondol_core::backend::{Backend, ScanGrads, ScanInputs, ScanShape};
@@ -123,6 +123,14 @@ impl Mamba {
         }
     }
 
+    /// The inference state of `batch` sequences before their first token.
+    pub fn recurrent_state<B: Backend>(&self, be: &B, batch: usize) -> RecurrentState<B> {
+        let conv = be.zeros(batch * (self.conv.taps() - 1) * self.inner);
+        RecurrentState { conv, ssm: be.zeros_f32(batch * self.inner * self.state) }
+    }
+
+    /// With `state` (inference), the sequences continue from it and it moves on past them;
+    /// nothing is saved for backward then.
     #[allow(clippy::too_many_arguments)]
     pub fn forward<B: Backend>(
         &self,
@@ -132,12 +140,16 @@ impl Mamba {
         a: &mut MambaActs<B>,
         out: &mut B::Buf,
         (batch, seq): (usize, usize),
+        mut state: Option<&mut RecurrentState<B>>,
         tp: &mut dyn TensorParallel<B>,
     ) -> Result<()> {
         let rows = batch * seq;
         self.in_x.forward(be, p, h, &mut a.x, rows);
         self.in_z.forward(be, p, h, &mut a.z, rows);
-        self.conv.forward(be, p, be.all(&a.x), &mut a.u, seq);
+        match state.as_deref_mut() {
+            Some(st) => self.conv.forward_recurrent(be, p, be.all(&a.x), &mut st.conv, &mut a.u, seq),
+            None => self.conv.forward(be, p, be.all(&a.x), &mut a.u, seq),
+        }
         self.x_dt.forward(be, p, be.all(&a.u), &mut a.dt, rows);
         self.x_b.forward(be, p, be.all(&a.u), &mut a.b, rows);
         self.x_c.forward(be, p, be.all(&a.u), &mut a.c, rows);
@@ -148,8 +160,11 @@ impl Mamba {
         }
         self.dt_proj.forward(be, p, be.all(&a.dt), &mut a.delta, rows);
         let MambaActs { u, delta, b, c, z, y, states, .. } = a;
-        let inputs = self.scan_inputs(be, p, [u, delta, b, c, z]);
-        be.selective_scan_forward(inputs, be.all_mut(y), be.all_mut(states), self.shape(batch, seq));
+        let (inputs, shape) = (self.scan_inputs(be, p, [u, delta, b, c, z]), self.shape(batch, seq));
+        match state {
+            Some(st) => be.selective_scan_recurrent(inputs, be.all_mut(y), be.all_mut(&mut st.ssm), shape),
+            None => be.selective_scan_forward(inputs, be.all_mut(y), be.all_mut(states), shape),
+        }
         self.out.forward(be, p, be.all(&a.y), out, rows);
         Ok(())
     }

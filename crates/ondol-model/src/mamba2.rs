@@ -9,7 +9,7 @@
 //! ```
 //! E = expand * d_model = heads * head_dim; B and C come in G groups of N states.
 
-use crate::layers::{CausalConv, Dx, Linear};
+use crate::layers::{CausalConv, Dx, Linear, RecurrentState};
 use ondol_core::backend::{Backend, SsdGrads, SsdInputs, SsdShape};
 use std::ops::Range;
 
@@ -129,6 +129,16 @@ impl Mamba2 {
         }
     }
 
+    /// The inference state of `batch` sequences before their first token.
+    pub fn recurrent_state<B: Backend>(&self, be: &B, batch: usize) -> RecurrentState<B> {
+        let s = self.shape(batch, 1);
+        let conv = be.zeros(batch * (self.conv.taps() - 1) * s.xbc_width());
+        RecurrentState { conv, ssm: be.zeros_f32(batch * s.inner() * s.state) }
+    }
+
+    /// With `state` (inference), the sequences continue from it and it moves on past them;
+    /// nothing is saved for backward then.
+    #[allow(clippy::too_many_arguments)]
     pub fn forward<B: Backend>(
         &self,
         be: &B,
@@ -137,14 +147,24 @@ impl Mamba2 {
         a: &mut Mamba2Acts<B>,
         out: &mut B::Buf,
         (batch, seq): (usize, usize),
+        state: Option<&mut RecurrentState<B>>,
     ) {
         let (rows, shape) = (batch * seq, self.shape(batch, seq));
         self.in_z.forward(be, p, h, &mut a.z, rows);
         self.in_xbc.forward(be, p, h, &mut a.xbc_raw, rows);
         self.in_dt.forward(be, p, h, &mut a.dt, rows);
-        self.conv.forward(be, p, be.all(&a.xbc_raw), &mut a.xbc, seq);
-        let inputs = self.ssd_inputs(be, p, &a.xbc, &a.dt);
-        be.ssd_forward(inputs, be.all_mut(&mut a.y), be.all_mut(&mut a.states), shape);
+        match state {
+            Some(st) => {
+                self.conv.forward_recurrent(be, p, be.all(&a.xbc_raw), &mut st.conv, &mut a.xbc, seq);
+                let inputs = self.ssd_inputs(be, p, &a.xbc, &a.dt);
+                be.ssd_recurrent(inputs, be.all_mut(&mut a.y), be.all_mut(&mut st.ssm), shape);
+            }
+            None => {
+                self.conv.forward(be, p, be.all(&a.xbc_raw), &mut a.xbc, seq);
+                let inputs = self.ssd_inputs(be, p, &a.xbc, &a.dt);
+                be.ssd_forward(inputs, be.all_mut(&mut a.y), be.all_mut(&mut a.states), shape);
+            }
+        }
         let norm_w = be.view(p, self.norm_w.clone());
         let (normed, rstd) = (be.all_mut(&mut a.normed), be.all_mut(&mut a.rstd));
         be.gated_rmsnorm_forward(be.all(&a.y), be.all(&a.z), norm_w, normed, rstd, self.norm_group, self.eps);

@@ -17,9 +17,9 @@
 
 // A shard is a list of pieces of its global tensor, most often one.
 #![allow(clippy::single_range_in_vec_init)]
-use crate::attention::{Attention, AttnActs, AttnGrads, CacheSlot};
+use crate::attention::{Attention, AttnActs, AttnGrads, KvSlot};
 use crate::config::{Arch, LayerKind, ModelConfig};
-use crate::layers::{CausalConv, Dx, Linear, Norm, NormActs, WeightLayout, norm_floats};
+use crate::layers::{CausalConv, Dx, Linear, Norm, NormActs, RecurrentState, WeightLayout, norm_floats};
 use crate::mamba::{Mamba, MambaActs, MambaGrads};
 use crate::mamba2::{Mamba2, Mamba2Acts, Mamba2Grads};
 use crate::mlp::{Mlp, MlpActs, MlpGrads, MlpKind};
@@ -560,12 +560,6 @@ impl Model {
         every > 0 && self.block_layer[i].is_multiple_of(every)
     }
 
-    /// Whether [`Model::forward_cached`] works: attention caches keys and values, but a Mamba
-    /// mixer's recurrent state is not cached yet.
-    pub fn supports_kv_cache(&self) -> bool {
-        self.blocks.iter().all(|b| !matches!(b.mixer, Mixer::Mamba(_) | Mixer::Mamba2(_)))
-    }
-
     /// Computes the logits of `ids` (`[batch, seq]`, row-major) into `ws.logits`, saving
     /// what backward needs in `ws`.
     pub fn forward<B: Backend>(&self, be: &B, params: &B::Buf, ws: &mut Workspace<B>, ids: &B::Ids) {
@@ -587,17 +581,17 @@ impl Model {
     }
 
     /// Inference: the logits of `ws.seq` new tokens per sequence that follow the `cache.len`
-    /// tokens already in `cache`, appending their keys and values to it.
+    /// tokens already in `cache`, adding them to it (attention's keys and values; a Mamba
+    /// mixer's state moves on past them).
     pub fn forward_cached<B: Backend>(
         &self,
         be: &B,
         params: &B::Buf,
         ws: &mut Workspace<B>,
         ids: &B::Ids,
-        cache: &mut KvCache<B>,
+        cache: &mut InferenceCache<B>,
     ) {
-        assert!(self.supports_kv_cache(), "forward_cached on a model with Mamba mixers");
-        assert!(cache.len + ws.seq <= cache.max_seq && cache.batch == ws.batch, "KV cache too small");
+        assert!(cache.len + ws.seq <= cache.max_seq && cache.batch == ws.batch, "inference cache too small");
         self.forward_at(be, params, ws, ids, Some(&mut *cache), &mut Alone)
             .expect("a whole model does not communicate");
         cache.len += ws.seq;
@@ -609,7 +603,7 @@ impl Model {
         params: &B::Buf,
         ws: &mut Workspace<B>,
         ids: &B::Ids,
-        cache: Option<&mut KvCache<B>>,
+        cache: Option<&mut InferenceCache<B>>,
         tp: &mut dyn TensorParallel<B>,
     ) -> Result<()> {
         let (d, rows, eps) = (self.cfg.d_model, ws.rows, self.cfg.norm_eps);
@@ -640,12 +634,12 @@ impl Model {
             }
         }
 
-        let (mut kv_cache, rope) = match cache {
-            Some(KvCache { k, v, rope, max_seq, .. }) => {
+        let (mut cached, rope) = match cache {
+            Some(InferenceCache { blocks, rope, max_seq, .. }) => {
                 // Without rotary positions the table is empty: an empty view, never read.
                 let len = be.len(rope);
                 let table = be.view(&*rope, (pos * self.cfg.head_dim()).min(len)..len);
-                (Some((k, v, *max_seq)), table)
+                (Some((blocks, *max_seq)), table)
             }
             None => (None, be.all(&ws.rope)),
         };
@@ -657,12 +651,7 @@ impl Model {
                 Some(a) => a,
                 None => ws.shared[kind].as_mut().expect("a scratch for recomputed blocks"),
             };
-            let slot = kv_cache.as_mut().map(|(k, v, max_seq)| CacheSlot {
-                k: &mut k[i],
-                v: &mut v[i],
-                pos,
-                max_seq: *max_seq,
-            });
+            let slot = cached.as_mut().and_then(|(blocks, max_seq)| blocks[i].slot(pos, *max_seq));
             let io = BlockIo { x: &done[i], x_next: &mut next[0], gathered: ws.gathered.as_mut() };
             self.block_forward(be, params, i, io, a, rope, slot, (ws.batch, ws.seq), tp)?;
         }
@@ -921,10 +910,16 @@ impl Mixer {
         tp: &mut dyn TensorParallel<B>,
     ) -> Result<()> {
         match (self, a) {
-            (Mixer::Attention(m), MixerActs::Attention(a)) => m.forward(be, params, h, a, out, rope, cache, dims),
+            (Mixer::Attention(m), MixerActs::Attention(a)) => {
+                m.forward(be, params, h, a, out, rope, cache.map(CacheSlot::kv), dims)
+            }
             (Mixer::Mlp(m), MixerActs::Mlp(a)) => m.forward(be, params, h, a, out, dims.0 * dims.1),
-            (Mixer::Mamba(m), MixerActs::Mamba(a)) => return m.forward(be, params, h, a, out, dims, tp),
-            (Mixer::Mamba2(m), MixerActs::Mamba2(a)) => m.forward(be, params, h, a, out, dims),
+            (Mixer::Mamba(m), MixerActs::Mamba(a)) => {
+                return m.forward(be, params, h, a, out, dims, cache.map(CacheSlot::recurrent), tp);
+            }
+            (Mixer::Mamba2(m), MixerActs::Mamba2(a)) => {
+                m.forward(be, params, h, a, out, dims, cache.map(CacheSlot::recurrent))
+            }
             _ => unreachable!("activations of another mixer kind"),
         }
         Ok(())
@@ -999,12 +994,10 @@ impl Mixer {
     }
 }
 
-/// Every attention block's keys and values of the tokens seen so far, for incremental
-/// decoding.
-pub struct KvCache<B: Backend> {
-    /// Per block (empty for blocks without attention).
-    k: Vec<B::Buf>,
-    v: Vec<B::Buf>,
+/// What incremental decoding keeps of the tokens seen so far, per block: an attention
+/// block's keys and values, a Mamba mixer's convolution inputs and recurrent state.
+pub struct InferenceCache<B: Backend> {
+    blocks: Vec<BlockCache<B>>,
     /// Rotary table for all `max_seq` positions (empty without rotary positions).
     rope: B::Buf,
     pub batch: usize,
@@ -1013,15 +1006,62 @@ pub struct KvCache<B: Backend> {
     pub len: usize,
 }
 
-impl<B: Backend> KvCache<B> {
+enum BlockCache<B: Backend> {
+    /// An MLP block keeps nothing.
+    Stateless,
+    Kv {
+        k: B::Buf,
+        v: B::Buf,
+    },
+    Recurrent(RecurrentState<B>),
+}
+
+impl<B: Backend> BlockCache<B> {
+    /// This block's part of the cache, the new tokens starting at position `pos`.
+    fn slot(&mut self, pos: usize, max_seq: usize) -> Option<CacheSlot<'_, B>> {
+        match self {
+            BlockCache::Stateless => None,
+            BlockCache::Kv { k, v } => Some(CacheSlot::Kv(KvSlot { k, v, pos, max_seq })),
+            BlockCache::Recurrent(state) => Some(CacheSlot::Recurrent(state)),
+        }
+    }
+}
+
+/// One block's part of an [`InferenceCache`].
+enum CacheSlot<'a, B: Backend> {
+    Kv(KvSlot<'a, B>),
+    Recurrent(&'a mut RecurrentState<B>),
+}
+
+impl<'a, B: Backend> CacheSlot<'a, B> {
+    fn kv(self) -> KvSlot<'a, B> {
+        match self {
+            CacheSlot::Kv(slot) => slot,
+            CacheSlot::Recurrent(_) => unreachable!("an attention block's cache holds keys and values"),
+        }
+    }
+
+    fn recurrent(self) -> &'a mut RecurrentState<B> {
+        match self {
+            CacheSlot::Recurrent(state) => state,
+            CacheSlot::Kv(_) => unreachable!("a Mamba block's cache holds its recurrent state"),
+        }
+    }
+}
+
+impl<B: Backend> InferenceCache<B> {
     pub fn new(be: &B, model: &Model, batch: usize, max_seq: usize) -> Self {
-        let kv_len = |b: &Block| match &b.mixer {
-            Mixer::Attention(a) => batch * max_seq * a.n_kv_heads * a.head_dim,
-            _ => 0,
+        let block = |b: &Block| match &b.mixer {
+            Mixer::Attention(a) => {
+                let len = batch * max_seq * a.n_kv_heads * a.head_dim;
+                BlockCache::Kv { k: be.zeros(len), v: be.zeros(len) }
+            }
+            Mixer::Mlp(_) => BlockCache::Stateless,
+            Mixer::Mamba(m) => BlockCache::Recurrent(m.recurrent_state(be, batch)),
+            Mixer::Mamba2(m) => BlockCache::Recurrent(m.recurrent_state(be, batch)),
         };
         Self {
-            k: model.blocks.iter().map(|b| be.zeros(kv_len(b))).collect(),
-            v: model.blocks.iter().map(|b| be.zeros(kv_len(b))).collect(),
+            blocks: model.blocks.iter().map(block).collect(),
             rope: be.upload_f32(&model.rope_table(max_seq)),
             batch,
             max_seq,

@@ -5,7 +5,7 @@ use crate::config::{BYTE_EOT, BYTE_VOCAB, RunConfig};
 use ondol_ckpt::{Snapshot, checkpoint, tensors};
 use ondol_core::{Backend, Error, Result, Rng};
 use ondol_data::{ByteTokenizer, TextTokenizer};
-use ondol_model::{KvCache, Model, ModelConfig, Workspace};
+use ondol_model::{InferenceCache, Model, ModelConfig, Workspace};
 use std::path::{Path, PathBuf};
 
 /// A model and its weights from a directory.
@@ -147,34 +147,9 @@ pub fn sample(logits: &[f32], s: Sampling, rng: &mut Rng) -> u32 {
     order[probs.len() - 1] as u32
 }
 
-/// [`generate`] for models whose Mamba mixers keep no inference state yet: each new token
-/// runs the whole sequence again (quadratic in its length, fine for samples).
-fn generate_uncached<B: Backend>(
-    be: &B,
-    p: &Pretrained,
-    params: &B::Buf,
-    prompt: &[u32],
-    budget: usize,
-    eos: Option<u32>,
-    s: Sampling,
-) -> Result<Vec<u32>> {
-    let (model, vocab) = (&p.model, p.model.cfg.vocab_size);
-    let mut rng = Rng::new(s.seed);
-    let mut tokens = prompt.to_vec();
-    while tokens.len() - prompt.len() < budget {
-        let mut ws = Workspace::new(be, model, 1, tokens.len())?;
-        model.forward(be, params, &mut ws, &be.upload_ids(&tokens));
-        let logits = be.download(&ws.logits);
-        let next = sample(&logits[(tokens.len() - 1) * vocab..], s, &mut rng);
-        if Some(next) == eos {
-            break;
-        }
-        tokens.push(next);
-    }
-    Ok(tokens.split_off(prompt.len()))
-}
-
-/// Continues `prompt` by up to `max_new` tokens, stopping at `eos`, with a KV cache.
+/// Continues `prompt` by up to `max_new` tokens, stopping at `eos`, with an inference cache
+/// (attention's keys and values, Mamba mixers' recurrent states): each new token costs one
+/// token's forward.
 pub fn generate<B: Backend>(
     be: &B,
     p: &Pretrained,
@@ -190,11 +165,8 @@ pub fn generate<B: Backend>(
         return Err(Error::Input(format!("the prompt has {} tokens: it needs 1 to {}", prompt.len(), max_seq - 1)));
     }
     let budget = max_new.min(max_seq - prompt.len());
-    if !model.supports_kv_cache() {
-        return generate_uncached(be, p, params, prompt, budget, eos, s);
-    }
     let vocab = model.cfg.vocab_size;
-    let mut cache = KvCache::new(be, model, 1, max_seq);
+    let mut cache = InferenceCache::new(be, model, 1, max_seq);
     let mut ws = Workspace::new(be, model, 1, prompt.len())?;
     model.forward_cached(be, params, &mut ws, &be.upload_ids(prompt), &mut cache);
     let logits = be.download(&ws.logits);
