@@ -14,7 +14,7 @@
 //   layernorm: dx += rstd * (g - mean(g) - xhat * mean(g xhat)), g = w dy;  dw += dy xhat;  db += dy
 // dx accumulates (the norm's input is the residual stream, whose gradient already holds the
 // skip path); dw and db are fp32 and accumulate.
-// Launch: forward one block per row (gated: per (group, row), grid (width / group, rows));
+// Launch: forward one block per row (gated: per (row, group), grid (rows, width / group));
 // backward a grid-stride loop over rows (gated: over rows for the group blockIdx.y) with the block's
 // dw (and db) partials in dynamic shared memory, 4 * dim (8 * dim) bytes, added to the
 // global gradients with one atomicAdd per column per block (so the summation order of dw
@@ -125,7 +125,7 @@ template <typename T>
 __device__ void gated_rmsnorm_forward(const T* x, const T* z, const T* w, T* out, float* rstd, int rows, int width,
                                       int group, float eps) {
     __shared__ float scratch[32];
-    const int k = blockIdx.x, r = blockIdx.y;
+    const int r = blockIdx.x, k = blockIdx.y;  // rows on x: y is capped at 65535 blocks
     if (r >= rows) return;
     const long long base = (long long)r * width + (long long)k * group;
     float ss = 0.0f;

@@ -214,6 +214,9 @@ impl NcclComm {
     /// Waits for everything queued on `lane`'s stream, at most the timeout; past it, or on
     /// an asynchronous NCCL error, aborts the communicator.
     fn wait_lane(&self, op: &'static str, lane: &Lane) -> Result<(), CommError> {
+        // The main lane's stream is the context's NULL stream, which resolves against the
+        // context current on this thread.
+        lane.stream.context().bind_to_thread().map_err(|e| self.invalid(op, format!("CUDA context: {e}")))?;
         let deadline = Instant::now() + self.timeout;
         let mut pause = Duration::from_micros(20);
         loop {
@@ -320,6 +323,7 @@ impl NcclComm {
         run: impl FnOnce(sys::ncclComm_t, sys::cudaStream_t) -> Result<nccl::NcclStatus, nccl::NcclError>,
     ) -> Result<(), CommError> {
         self.check_broken(op)?;
+        self.main.stream.context().bind_to_thread().map_err(|e| self.invalid(op, e.to_string()))?;
         run(self.main.comm, self.main.stream_ptr()).map_err(|e| self.nccl_error(op, e))?;
         self.wait(op)
     }

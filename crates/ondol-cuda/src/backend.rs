@@ -404,11 +404,10 @@ impl Backend for CudaBackend {
         assert_eq!(bias.dtype, c.dtype, "gemm_bias: the bias has the output's type");
         // cuBLASLt's bias epilogue fails on biases not 16-byte aligned (seen by others on
         // A100); those are added by a pass of their own.
-        if g.k == 0 || !bias.ptr.is_multiple_of(16) {
+        if g.k == 0 || !bias.ptr.is_multiple_of(16) || !self.dev.gemm(g, a, b, Epilogue::Bias(bias), c.reborrow()) {
             self.gemm(g, a, b, c.reborrow());
-            return self.add_bias(c, bias, g.n);
+            self.add_bias(c, bias, g.n);
         }
-        self.dev.gemm(g, a, b, Epilogue::Bias(bias), c);
     }
     fn gemm_activation(
         &self,
@@ -1059,7 +1058,7 @@ impl Backend for CudaBackend {
             "gated_rmsnorm_forward: lengths"
         );
         let cfg = LaunchConfig {
-            grid_dim: ((width / group) as u32, rows as u32, 1),
+            grid_dim: (rows as u32, (width / group) as u32, 1),
             block_dim: (ROW_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };

@@ -32,9 +32,9 @@ struct PlanKey {
     strides: [usize; 3],
     inputs: Dtype,
     output: Dtype,
-    /// Alignment in bytes (up to 256) of A, B, C and the epilogue's matrix (GELU's input;
-    /// 256 for none): algorithms that need more are excluded.
-    align: [u32; 4],
+    /// Alignment in bytes (up to 256) of A, B and C (of every batch's), the epilogue's matrix
+    /// (GELU's input) and its bias (256 for none): algorithms that need more are excluded.
+    align: [u32; 5],
     epilogue: sys::cublasLtEpilogue_t,
 }
 
@@ -62,7 +62,7 @@ pub(crate) struct Blas {
     handle: sys::cublasLtHandle_t,
     workspace: CudaSlice<u8>,
     workspace_ptr: u64,
-    /// None where cuBLASLt has no algorithm for a GELU epilogue of the shape.
+    /// None where cuBLASLt has no algorithm for an epilogue of the shape.
     plans: Mutex<HashMap<PlanKey, Option<Plan>>>,
 }
 
@@ -89,6 +89,12 @@ fn cuda_type(d: Dtype) -> sys::cudaDataType {
 /// The largest power of two (up to 256) that divides the address.
 fn alignment(ptr: u64) -> u32 {
     1u32 << ptr.trailing_zeros().min(8)
+}
+
+/// The alignment every batch's matrix has: of the first, and of the stride between them.
+fn batch_alignment(ptr: u64, stride: usize, dtype: Dtype, batch: usize) -> u32 {
+    let step = if batch > 1 { (stride * dtype.bytes()) as u64 } else { 0 };
+    alignment(ptr | step)
 }
 
 /// cuBLASLt's epilogue, and the device pointers it reads or writes: the bias and GELU's input.
@@ -128,7 +134,7 @@ impl Blas {
     /// rows, which are our columns). Inputs f32 with an f32 output, or bf16 with a bf16 or
     /// f32 output (weight gradients accumulate in f32); the epilogue's vectors and matrix have
     /// the output's type. Returns false, running nothing, where cuBLASLt has no algorithm for
-    /// a GELU epilogue of the shape.
+    /// the epilogue with this shape (the caller then adds it as a pass of its own).
     pub(crate) fn gemm(
         &self,
         stream: &CudaStream,
@@ -164,14 +170,22 @@ impl Blas {
             strides: [g.stride_a, g.stride_b, g.stride_c],
             inputs: a.dtype,
             output: c.dtype,
-            align: [alignment(a.ptr), alignment(b.ptr), alignment(c.ptr), aux.map_or(256, alignment)],
+            align: [
+                batch_alignment(a.ptr, g.stride_a, a.dtype, g.batch),
+                batch_alignment(b.ptr, g.stride_b, b.dtype, g.batch),
+                batch_alignment(c.ptr, g.stride_c, c.dtype, g.batch),
+                aux.map_or(256, alignment),
+                bias.map_or(256, alignment),
+            ],
             epilogue: lt,
         };
         let mut plans = self.plans.lock().expect("plan cache");
         let plan = plans.entry(key).or_insert_with(|| match self.plan(key, bias, aux) {
             Ok(plan) => Some(plan),
-            Err(e) if aux.is_some() => {
-                eprintln!("ondol: cuBLASLt has no GELU epilogue for {key:?} ({e}); GELU takes a pass of its own");
+            Err(e) if lt != sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_DEFAULT => {
+                eprintln!(
+                    "ondol: cuBLASLt has no algorithm with the epilogue for {key:?} ({e}); it takes a pass of its own"
+                );
                 None
             }
             Err(e) => panic!("cuBLASLt has no plan for {key:?}: {e}"),
@@ -286,7 +300,7 @@ impl Blas {
             )
             .map_err(fail)?;
             // cuBLASLt's first operand is our B, its second our A; C and D are one buffer.
-            let [a, b, c, _] = k.align;
+            let [a, b, c, ..] = k.align;
             for (attr, bytes) in [
                 (sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, b),
                 (sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, a),

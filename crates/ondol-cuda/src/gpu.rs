@@ -22,6 +22,9 @@ pub struct Gpu {
     sms: usize,
     modules: Vec<(&'static str, Arc<CudaModule>)>,
     functions: Mutex<HashMap<String, CudaFunction>>,
+    /// Per kernel, the most dynamic shared memory a launch has asked for so far (checked
+    /// against the 48 KiB default once per new maximum).
+    shared_asked: Mutex<HashMap<String, u32>>,
     blas: Blas,
 }
 
@@ -61,12 +64,33 @@ impl Gpu {
             .collect::<Result<_, CudaError>>()?;
         let stream = ctx.default_stream();
         let blas = Blas::new(&stream).map_err(CudaError::Driver)?;
-        Ok(Self { stream, ctx, arch, sms, modules, functions: Mutex::new(HashMap::new()), blas })
+        let (functions, shared_asked) = (Mutex::new(HashMap::new()), Mutex::new(HashMap::new()));
+        Ok(Self { stream, ctx, arch, sms, modules, functions, shared_asked, blas })
     }
 
     /// Makes the GPU's context current on the calling thread (the raw copies need it).
     fn bind(&self) {
         self.ctx.bind_to_thread().unwrap_or_else(|e| panic!("CUDA context: {e}"));
+    }
+
+    /// Above 48 KiB of shared memory, static and dynamic together, a kernel must opt in to
+    /// its dynamic share: done once per new largest request of each kernel.
+    fn opt_in_to_shared(&self, family: &str, name: &str, f: &CudaFunction, bytes: u32) {
+        let mut asked = self.shared_asked.lock().expect("shared memory requests");
+        let most = asked.entry(format!("{family}/{name}")).or_insert(0);
+        if bytes <= *most {
+            return;
+        }
+        *most = bytes;
+        self.bind();
+        let what = format!("kernel {name}: {bytes} bytes of dynamic shared memory");
+        let fixed = f
+            .get_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        if fixed as u32 + bytes > 48 << 10 {
+            f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes as i32)
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+        }
     }
 
     /// Kernel `name` of the family `family` (a kernels/*.cu file).
@@ -134,14 +158,7 @@ impl Device for Gpu {
             return;
         }
         let f = self.function(family, name).unwrap_or_else(|e| panic!("kernel {family}/{name}: {e}"));
-        if cfg.shared_mem_bytes > 48 << 10 {
-            // Above 48 KiB a kernel must opt in to its dynamic shared memory.
-            f.set_attribute(
-                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                cfg.shared_mem_bytes as i32,
-            )
-            .unwrap_or_else(|e| panic!("kernel {name}: {} bytes of shared memory: {e}", cfg.shared_mem_bytes));
-        }
+        self.opt_in_to_shared(family, name, &f, cfg.shared_mem_bytes);
         let mut builder = self.stream.launch_builder(&f);
         for a in args {
             match a {
