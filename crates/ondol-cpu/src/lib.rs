@@ -13,6 +13,7 @@ pub mod math;
 mod norm;
 mod reduce;
 mod scan;
+mod simd;
 
 use ondol_core::AdamWParams;
 use ondol_core::backend::{

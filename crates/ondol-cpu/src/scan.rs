@@ -18,7 +18,8 @@
 //! with L the running sum of dt A inside the chunk and H0 the state entering it. FLOPs per
 //! (token, head): Q (N + P) for the intra-chunk part and 4 P N for the state, forward.
 
-use crate::math::{exp, silu, silu_grad, softplus};
+use crate::math::{dot, exp, silu, silu_grad, softplus, sum};
+use crate::simd::dispatched;
 use ondol_core::{ScanGrads, ScanInputs, ScanShape, SsdGrads, SsdInputs, SsdShape};
 use rayon::prelude::*;
 
@@ -127,6 +128,7 @@ fn decay_rates(a_log: &[f32]) -> Vec<f32> {
 }
 
 /// The step size of one (token, channel) from its raw value: `softplus(raw + bias)`.
+#[inline(always)]
 fn step_size(raw: &[f32], bias: &[f32], row: usize, ch: usize) -> impl Iterator<Item = f32> {
     raw[row * ch..(row + 1) * ch].iter().zip(bias).map(|(r, b)| softplus(r + b))
 }
@@ -134,6 +136,7 @@ fn step_size(raw: &[f32], bias: &[f32], row: usize, ch: usize) -> impl Iterator<
 /// One step of the recurrence in place, for every channel of token `row`:
 /// `h = exp(delta A) * h + delta B u`. Forward and the backward recompute share it, so the two
 /// produce the same bits.
+#[inline(always)]
 fn advance(h: &mut [f32], row: usize, x: &ScanInputs<&[f32]>, a: &[f32], ch: usize, n: usize) {
     let bt = &x.b[row * n..(row + 1) * n];
     let steps = step_size(x.delta, x.delta_bias, row, ch);
@@ -146,31 +149,39 @@ fn advance(h: &mut [f32], row: usize, x: &ScanInputs<&[f32]>, a: &[f32], ch: usi
 }
 
 /// `C_t . h_t + D u_t` for channel d (the scan's output before the gate).
+#[inline(always)]
 fn readout(h: &[f32], x: &ScanInputs<&[f32]>, row: usize, d: usize, ch: usize, n: usize) -> f32 {
-    let ct = &x.c[row * n..(row + 1) * n];
-    let acc: f32 = ct.iter().zip(&h[d * n..(d + 1) * n]).map(|(c, h)| c * h).sum();
-    acc + x.d[d] * x.u[row * ch + d]
+    dot(&x.c[row * n..(row + 1) * n], &h[d * n..(d + 1) * n]) + x.d[d] * x.u[row * ch + d]
 }
 
 pub fn selective_scan_forward(x: ScanInputs<&[f32]>, y: &mut [f32], states: &mut [f32], s: ScanShape) {
-    let (l, ch, n) = (s.len, s.channels, s.state);
-    assert_eq!(states.len(), s.batch * s.saved() * ch * n);
+    assert_eq!(states.len(), s.batch * s.saved() * s.channels * s.state);
     let a = decay_rates(x.a_log);
-    y.par_chunks_mut(l * ch).zip(states.par_chunks_mut(s.saved() * ch * n)).enumerate().for_each(|(bi, (y, saved))| {
-        let mut h = vec![0.0f32; ch * n];
-        saved[..ch * n].fill(0.0);
-        for t in 0..l {
-            let row = bi * l + t;
-            advance(&mut h, row, &x, &a, ch, n);
-            for d in 0..ch {
-                y[t * ch + d] = readout(&h, &x, row, d, ch, n) * silu(x.z[row * ch + d]);
-            }
-            if (t + 1) % s.chunk == 0 || t + 1 == l {
-                let slot = (t + 1).div_ceil(s.chunk);
-                saved[slot * ch * n..(slot + 1) * ch * n].copy_from_slice(&h);
-            }
+    let seqs = y.par_chunks_mut(s.len * s.channels).zip(states.par_chunks_mut(s.saved() * s.channels * s.state));
+    seqs.enumerate().for_each(|(bi, (y, saved))| scan_sequence(&x, &a, bi, y, saved, s));
+}
+
+dispatched! {
+    /// Sequence `bi` of [`selective_scan_forward`], on the widest vector instructions.
+    fn scan_sequence(x: &ScanInputs<&[f32]>, a: &[f32], bi: usize, y: &mut [f32], saved: &mut [f32], s: ScanShape) -> () = scan_sequence_loops;
+}
+
+#[inline(always)]
+fn scan_sequence_loops(x: &ScanInputs<&[f32]>, a: &[f32], bi: usize, y: &mut [f32], saved: &mut [f32], s: ScanShape) {
+    let (l, ch, n) = (s.len, s.channels, s.state);
+    let mut h = vec![0.0f32; ch * n];
+    saved[..ch * n].fill(0.0);
+    for t in 0..l {
+        let row = bi * l + t;
+        advance(&mut h, row, x, a, ch, n);
+        for d in 0..ch {
+            y[t * ch + d] = readout(&h, x, row, d, ch, n) * silu(x.z[row * ch + d]);
         }
-    });
+        if (t + 1) % s.chunk == 0 || t + 1 == l {
+            let slot = (t + 1).div_ceil(s.chunk);
+            saved[slot * ch * n..(slot + 1) * ch * n].copy_from_slice(&h);
+        }
+    }
 }
 
 /// The recurrence of [`selective_scan_forward`] from each sequence's `state` (`[batch,
@@ -208,52 +219,8 @@ pub fn selective_scan_backward(
         .zip(db.par_chunks_mut(l * n).zip(dc.par_chunks_mut(l * n)))
         .enumerate()
         .map(|(bi, ((du, (ddelta, dz)), (db, dc)))| {
-            let (mut pa, mut pd) = (vec![0.0f32; ch * n], vec![0.0f32; ch]);
             let saved = &states[bi * s.saved() * ch * n..(bi + 1) * s.saved() * ch * n];
-            let mut dh = vec![0.0f32; ch * n]; // dL/dh_t from later steps, carried backwards
-            let mut chunk_h = vec![0.0f32; (s.chunk + 1) * ch * n];
-            for chunk in (0..l.div_ceil(s.chunk)).rev() {
-                let (t0, t1) = (chunk * s.chunk, ((chunk + 1) * s.chunk).min(l));
-                // Recompute h_{t0-1}..h_{t1-1} from the boundary state.
-                chunk_h[..ch * n].copy_from_slice(&saved[chunk * ch * n..(chunk + 1) * ch * n]);
-                for t in t0..t1 {
-                    let (prev, next) = chunk_h.split_at_mut((t - t0 + 1) * ch * n);
-                    next[..ch * n].copy_from_slice(&prev[(t - t0) * ch * n..]);
-                    advance(&mut next[..ch * n], bi * l + t, &x, &a, ch, n);
-                }
-                for t in (t0..t1).rev() {
-                    let row = bi * l + t;
-                    let h_prev = &chunk_h[(t - t0) * ch * n..(t - t0 + 1) * ch * n];
-                    let h_t = &chunk_h[(t - t0 + 1) * ch * n..(t - t0 + 2) * ch * n];
-                    let (bt, ct) = (&x.b[row * n..(row + 1) * n], &x.c[row * n..(row + 1) * n]);
-                    let (dbt, dct) = (&mut db[t * n..(t + 1) * n], &mut dc[t * n..(t + 1) * n]);
-                    dbt.fill(0.0);
-                    dct.fill(0.0);
-                    for (d, dt) in step_size(x.delta, x.delta_bias, row, ch).enumerate() {
-                        let (ut, zt) = (x.u[row * ch + d], x.z[row * ch + d]);
-                        let out = dy[row * ch + d];
-                        dz[t * ch + d] = out * readout(h_t, &x, row, d, ch, n) * silu_grad(zt);
-                        let g = out * silu(zt); // dL/d(C.h + D u)
-                        pd[d] += g * ut;
-                        let (mut du_acc, mut ddt_acc) = (g * x.d[d], 0.0f32);
-                        for i in 0..n {
-                            let k = d * n + i;
-                            dct[i] += g * h_t[k];
-                            let adj = dh[k] + g * ct[i]; // dL/dh_t
-                            let decay = exp(dt * a[k]);
-                            pa[k] += adj * dt * decay * h_prev[k];
-                            ddt_acc += adj * (a[k] * decay * h_prev[k] + bt[i] * ut);
-                            dbt[i] += adj * dt * ut;
-                            du_acc += adj * dt * bt[i];
-                            dh[k] = adj * decay; // dL/dh_{t-1} through h_t
-                        }
-                        du[t * ch + d] = du_acc;
-                        // Through the softplus: d softplus(v) / dv = sigmoid(v) = 1 - exp(-dt).
-                        ddelta[t * ch + d] = ddt_acc * -(-dt).exp_m1();
-                    }
-                }
-            }
-            (pa, pd)
+            scan_sequence_backward(dy, &x, &a, saved, bi, [du, ddelta, dz, db, dc], s)
         })
         .collect();
     // dA_log = dA * A; the bias gradient is the column sum of ddelta.
@@ -264,6 +231,83 @@ pub fn selective_scan_backward(
     for row in ddelta.chunks(ch) {
         ddelta_bias.iter_mut().zip(row).for_each(|(b, g)| *b += g);
     }
+}
+
+dispatched! {
+    /// Sequence `bi` of [`selective_scan_backward`], from its saved states: writes its du,
+    /// ddelta, dz, dB and dC and returns its (dA, dD) partials.
+    fn scan_sequence_backward(
+        dy: &[f32],
+        x: &ScanInputs<&[f32]>,
+        a: &[f32],
+        saved: &[f32],
+        bi: usize,
+        grads: [&mut [f32]; 5],
+        s: ScanShape,
+    ) -> (Vec<f32>, Vec<f32>) = scan_sequence_backward_loops;
+}
+
+#[inline(always)]
+fn scan_sequence_backward_loops(
+    dy: &[f32],
+    x: &ScanInputs<&[f32]>,
+    a: &[f32],
+    saved: &[f32],
+    bi: usize,
+    [du, ddelta, dz, db, dc]: [&mut [f32]; 5],
+    s: ScanShape,
+) -> (Vec<f32>, Vec<f32>) {
+    let (l, ch, n) = (s.len, s.channels, s.state);
+    let (mut pa, mut pd) = (vec![0.0f32; ch * n], vec![0.0f32; ch]);
+    let mut dh = vec![0.0f32; ch * n]; // dL/dh_t from later steps, carried backwards
+    let mut chunk_h = vec![0.0f32; (s.chunk + 1) * ch * n];
+    let (mut ddt_terms, mut du_terms) = (vec![0.0f32; n], vec![0.0f32; n]);
+    for chunk in (0..l.div_ceil(s.chunk)).rev() {
+        let (t0, t1) = (chunk * s.chunk, ((chunk + 1) * s.chunk).min(l));
+        // Recompute h_{t0-1}..h_{t1-1} from the boundary state.
+        chunk_h[..ch * n].copy_from_slice(&saved[chunk * ch * n..(chunk + 1) * ch * n]);
+        for t in t0..t1 {
+            let (prev, next) = chunk_h.split_at_mut((t - t0 + 1) * ch * n);
+            next[..ch * n].copy_from_slice(&prev[(t - t0) * ch * n..]);
+            advance(&mut next[..ch * n], bi * l + t, x, a, ch, n);
+        }
+        for t in (t0..t1).rev() {
+            let row = bi * l + t;
+            let h_prev = &chunk_h[(t - t0) * ch * n..(t - t0 + 1) * ch * n];
+            let h_t = &chunk_h[(t - t0 + 1) * ch * n..(t - t0 + 2) * ch * n];
+            let (bt, ct) = (&x.b[row * n..(row + 1) * n], &x.c[row * n..(row + 1) * n]);
+            let (dbt, dct) = (&mut db[t * n..(t + 1) * n], &mut dc[t * n..(t + 1) * n]);
+            dbt.fill(0.0);
+            dct.fill(0.0);
+            for (d, dt) in step_size(x.delta, x.delta_bias, row, ch).enumerate() {
+                let (ut, zt) = (x.u[row * ch + d], x.z[row * ch + d]);
+                let out = dy[row * ch + d];
+                dz[t * ch + d] = out * readout(h_t, x, row, d, ch, n) * silu_grad(zt);
+                let g = out * silu(zt); // dL/d(C.h + D u)
+                pd[d] += g * ut;
+                // Channel d's states, as slices of n (so the loop below vectorises:
+                // its sums over the states go through per-state terms).
+                let ds = d * n..(d + 1) * n;
+                let (dh, pa, a) = (&mut dh[ds.clone()], &mut pa[ds.clone()], &a[ds.clone()]);
+                let (h_t, h_prev) = (&h_t[ds.clone()], &h_prev[ds]);
+                for i in 0..n {
+                    dct[i] += g * h_t[i];
+                    let adj = dh[i] + g * ct[i]; // dL/dh_t
+                    let decay = exp(dt * a[i]);
+                    pa[i] += adj * dt * decay * h_prev[i];
+                    ddt_terms[i] = adj * (a[i] * decay * h_prev[i] + bt[i] * ut);
+                    dbt[i] += adj * dt * ut;
+                    du_terms[i] = adj * dt * bt[i];
+                    dh[i] = adj * decay; // dL/dh_{t-1} through h_t
+                }
+                let ddt_acc = sum(&ddt_terms);
+                du[t * ch + d] = g * x.d[d] + sum(&du_terms);
+                // Through the softplus: d softplus(v) / dv = sigmoid(v) = 1 - exp(-dt).
+                ddelta[t * ch + d] = ddt_acc * -(-dt).exp_m1();
+            }
+        }
+    }
+    (pa, pd)
 }
 
 /// Where x, B and C of one head sit in the fused `[x | B | C]` rows of an SSD.
@@ -300,10 +344,6 @@ impl SsdIndex {
     }
 }
 
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(a, b)| a * b).sum()
-}
-
 /// Step sizes `max(softplus(raw + bias), s.dt_min)` of head `head` over tokens `t0..t1` of a
 /// sequence (`dt` is that sequence's `[len, heads]`), and their running decay sums
 /// `L_i = sum_{k<=i} dt_k A`.
@@ -320,48 +360,57 @@ fn chunk_steps(dt: &[f32], bias: f32, a: f32, head: usize, s: &SsdShape, t0: usi
 }
 
 pub fn ssd_forward(x: SsdInputs<&[f32]>, y: &mut [f32], states: &mut [f32], s: SsdShape) {
+    assert!(y.len() == s.rows() * s.inner() && states.len() == s.states_len());
+    let per_seq = s.saved() * s.heads * s.head_dim * s.state;
+    let seqs = y.par_chunks_mut(s.len * s.inner()).zip(states.par_chunks_mut(per_seq));
+    seqs.enumerate().for_each(|(bi, (y, saved))| ssd_sequence(&x, bi, y, saved, s));
+}
+
+dispatched! {
+    /// Sequence `bi` of [`ssd_forward`], on the widest vector instructions.
+    fn ssd_sequence(x: &SsdInputs<&[f32]>, bi: usize, y: &mut [f32], saved: &mut [f32], s: SsdShape) -> () = ssd_sequence_loops;
+}
+
+#[inline(always)]
+fn ssd_sequence_loops(x: &SsdInputs<&[f32]>, bi: usize, y: &mut [f32], saved: &mut [f32], s: SsdShape) {
     let (l, heads, (p, n)) = (s.len, s.heads, (s.head_dim, s.state));
     let (width, pn) = (s.xbc_width(), p * n);
-    assert!(y.len() == s.rows() * s.inner() && states.len() == s.states_len());
-    let seqs = y.par_chunks_mut(l * s.inner()).zip(states.par_chunks_mut(s.saved() * heads * pn));
-    seqs.enumerate().for_each(|(bi, (y, saved))| {
-        let xbc = &x.xbc[bi * l * width..(bi + 1) * l * width];
-        let dt = &x.dt[bi * l * heads..(bi + 1) * l * heads];
-        for h in 0..heads {
-            let at = SsdIndex::new(&s, h);
-            let a = -x.a_log[h].exp();
-            let mut state = vec![0.0f32; pn];
-            saved[h * pn..(h + 1) * pn].fill(0.0);
-            for chunk in 0..l.div_ceil(s.chunk) {
-                let (t0, t1) = (chunk * s.chunk, ((chunk + 1) * s.chunk).min(l));
-                let (steps, decay) = chunk_steps(dt, x.dt_bias[h], a, h, &s, t0, t1);
-                for i in 0..t1 - t0 {
-                    let ci = &xbc[at.c(t0 + i)];
-                    let yi = &mut y[at.y(t0 + i)];
-                    let carried = exp(decay[i]);
-                    for ((yv, xv), hs) in yi.iter_mut().zip(&xbc[at.x(t0 + i)]).zip(state.chunks_exact(n)) {
-                        *yv = x.d[h] * xv + carried * dot(hs, ci);
-                    }
-                    for j in 0..=i {
-                        let w = exp(decay[i] - decay[j]) * steps[j] * dot(ci, &xbc[at.b(t0 + j)]);
-                        yi.iter_mut().zip(&xbc[at.x(t0 + j)]).for_each(|(yv, xv)| *yv += w * xv);
-                    }
+    let xbc = &x.xbc[bi * l * width..(bi + 1) * l * width];
+    let dt = &x.dt[bi * l * heads..(bi + 1) * l * heads];
+    for h in 0..heads {
+        let at = SsdIndex::new(&s, h);
+        let a = -x.a_log[h].exp();
+        let mut state = vec![0.0f32; pn];
+        saved[h * pn..(h + 1) * pn].fill(0.0);
+        for chunk in 0..l.div_ceil(s.chunk) {
+            let (t0, t1) = (chunk * s.chunk, ((chunk + 1) * s.chunk).min(l));
+            let (steps, decay) = chunk_steps(dt, x.dt_bias[h], a, h, &s, t0, t1);
+            for i in 0..t1 - t0 {
+                let ci = &xbc[at.c(t0 + i)];
+                let yi = &mut y[at.y(t0 + i)];
+                let carried = exp(decay[i]);
+                for ((yv, xv), hs) in yi.iter_mut().zip(&xbc[at.x(t0 + i)]).zip(state.chunks_exact(n)) {
+                    *yv = x.d[h] * xv + carried * dot(hs, ci);
                 }
-                let last = t1 - t0 - 1;
-                let total = exp(decay[last]);
-                state.iter_mut().for_each(|v| *v *= total);
-                for j in 0..=last {
-                    let w = exp(decay[last] - decay[j]) * steps[j];
-                    let bj = &xbc[at.b(t0 + j)];
-                    for (hs, xv) in state.chunks_exact_mut(n).zip(&xbc[at.x(t0 + j)]) {
-                        hs.iter_mut().zip(bj).for_each(|(h, b)| *h += w * xv * b);
-                    }
+                for j in 0..=i {
+                    let w = exp(decay[i] - decay[j]) * steps[j] * dot(ci, &xbc[at.b(t0 + j)]);
+                    yi.iter_mut().zip(&xbc[at.x(t0 + j)]).for_each(|(yv, xv)| *yv += w * xv);
                 }
-                let slot = chunk + 1;
-                saved[(slot * heads + h) * pn..(slot * heads + h + 1) * pn].copy_from_slice(&state);
             }
+            let last = t1 - t0 - 1;
+            let total = exp(decay[last]);
+            state.iter_mut().for_each(|v| *v *= total);
+            for j in 0..=last {
+                let w = exp(decay[last] - decay[j]) * steps[j];
+                let bj = &xbc[at.b(t0 + j)];
+                for (hs, xv) in state.chunks_exact_mut(n).zip(&xbc[at.x(t0 + j)]) {
+                    hs.iter_mut().zip(bj).for_each(|(h, b)| *h += w * xv * b);
+                }
+            }
+            let slot = chunk + 1;
+            saved[(slot * heads + h) * pn..(slot * heads + h + 1) * pn].copy_from_slice(&state);
         }
-    });
+    }
 }
 
 /// The SSD token by token, `H_t = exp(dt_t A) H_{t-1} + dt_t x_t B_t^T`, `y_t = H_t C_t + D
@@ -395,112 +444,14 @@ pub fn ssd_recurrent(x: SsdInputs<&[f32]>, y: &mut [f32], state: &mut [f32], s: 
 /// entering each chunk from `states`; each term is the derivative of one term of the forward's
 /// quadratic form (`L` enters through exp(L_i - L_j), the carried state and the state update).
 pub fn ssd_backward(dy: &[f32], x: SsdInputs<&[f32]>, states: &[f32], g: SsdGrads<&mut [f32]>, s: SsdShape) {
-    let (l, heads, (p, n)) = (s.len, s.heads, (s.head_dim, s.state));
-    let (width, pn) = (s.xbc_width(), p * n);
+    let (l, heads, width) = (s.len, s.heads, s.xbc_width());
     let SsdGrads { dxbc, ddt, ddt_bias, da_log, dd } = g;
     // Per sequence and head: d dt_bias, dA and dD, reduced in sequence order below.
     let partials: Vec<[Vec<f32>; 3]> = dxbc
         .par_chunks_mut(l * width)
         .zip(ddt.par_chunks_mut(l * heads))
         .enumerate()
-        .map(|(bi, (dxbc, ddt))| {
-            let xbc = &x.xbc[bi * l * width..(bi + 1) * l * width];
-            let dt = &x.dt[bi * l * heads..(bi + 1) * l * heads];
-            let dy = &dy[bi * l * s.inner()..(bi + 1) * l * s.inner()];
-            let saved = &states[bi * s.saved() * heads * pn..(bi + 1) * s.saved() * heads * pn];
-            let [mut dbias, mut da, mut dskip] = [vec![0.0f32; heads], vec![0.0f32; heads], vec![0.0f32; heads]];
-            dxbc.fill(0.0);
-            let (mut v, mut u) = (vec![0.0f32; p], vec![0.0f32; n]);
-            for h in 0..heads {
-                let at = SsdIndex::new(&s, h);
-                let a = -x.a_log[h].exp();
-                // dL/dH leaving the current chunk, and entering it (swapped after each chunk).
-                let (mut dstate, mut dh0) = (vec![0.0f32; pn], vec![0.0f32; pn]);
-                for chunk in (0..l.div_ceil(s.chunk)).rev() {
-                    let (t0, t1) = (chunk * s.chunk, ((chunk + 1) * s.chunk).min(l));
-                    let (q, last) = (t1 - t0, t1 - t0 - 1);
-                    let h0 = &saved[(chunk * heads + h) * pn..(chunk * heads + h + 1) * pn];
-                    let (steps, decay) = chunk_steps(dt, x.dt_bias[h], a, h, &s, t0, t1);
-                    let (mut ddecay, mut dsteps) = (vec![0.0f32; q], vec![0.0f32; q]);
-                    // dL/dH0, from the carried-state readouts and from the state update.
-                    let total = exp(decay[last]);
-                    dh0.iter_mut().zip(&dstate).for_each(|(d, g)| *d = total * g);
-                    ddecay[last] += total * dot(&dstate, h0);
-                    for i in 0..q {
-                        let ti = t0 + i;
-                        let dyi = &dy[at.y(ti)];
-                        // Skip term D x_i.
-                        dskip[h] += dot(dyi, &xbc[at.x(ti)]);
-                        dxbc[at.x(ti)].iter_mut().zip(dyi).for_each(|(d, g)| *d += x.d[h] * g);
-                        // Carried state exp(L_i) H0 C_i.
-                        let carried = exp(decay[i]);
-                        for (pi, g) in dyi.iter().enumerate() {
-                            let (hs, dhs) = (&h0[pi * n..(pi + 1) * n], &mut dh0[pi * n..(pi + 1) * n]);
-                            let ci = &xbc[at.c(ti)];
-                            ddecay[i] += carried * g * dot(hs, ci);
-                            dhs.iter_mut().zip(ci).for_each(|(d, c)| *d += carried * g * c);
-                            let dci = &mut dxbc[at.c(ti)];
-                            dci.iter_mut().zip(hs).for_each(|(d, h)| *d += carried * g * h);
-                        }
-                        // Intra-chunk pairs j <= i: exp(L_i - L_j) dt_j (C_i . B_j) x_j.
-                        for j in 0..=i {
-                            let tj = t0 + j;
-                            let e = exp(decay[i] - decay[j]);
-                            let cb = dot(&xbc[at.c(ti)], &xbc[at.b(tj)]);
-                            let gx = dot(dyi, &xbc[at.x(tj)]);
-                            let pair = e * steps[j] * cb * gx;
-                            ddecay[i] += pair;
-                            ddecay[j] -= pair;
-                            dsteps[j] += e * cb * gx;
-                            let to_x = e * steps[j] * cb;
-                            dxbc[at.x(tj)].iter_mut().zip(dyi).for_each(|(d, g)| *d += to_x * g);
-                            let to_bc = e * steps[j] * gx;
-                            for k in 0..n {
-                                let (b, c) = (xbc[at.b(tj).start + k], xbc[at.c(ti).start + k]);
-                                dxbc[at.b(tj).start + k] += to_bc * c;
-                                dxbc[at.c(ti).start + k] += to_bc * b;
-                            }
-                        }
-                    }
-                    // State update: H_end = exp(L_last) H0 + sum_j exp(L_last - L_j) dt_j x_j B_j^T.
-                    for j in 0..q {
-                        let tj = t0 + j;
-                        let w = exp(decay[last] - decay[j]);
-                        let (xj, bj) = (&xbc[at.x(tj)], &xbc[at.b(tj)]);
-                        // v = dH B_j (over state), u = dH^T x_j (over head channels).
-                        v.iter_mut().zip(dstate.chunks_exact(n)).for_each(|(v, row)| *v = dot(row, bj));
-                        u.fill(0.0);
-                        for (row, xv) in dstate.chunks_exact(n).zip(xj) {
-                            u.iter_mut().zip(row).for_each(|(u, d)| *u += d * xv);
-                        }
-                        let xv_dot = dot(xj, &v);
-                        dsteps[j] += w * xv_dot;
-                        ddecay[last] += w * steps[j] * xv_dot;
-                        ddecay[j] -= w * steps[j] * xv_dot;
-                        let scale = w * steps[j];
-                        dxbc[at.x(tj)].iter_mut().zip(&v).for_each(|(d, v)| *d += scale * v);
-                        dxbc[at.b(tj)].iter_mut().zip(&u).for_each(|(d, u)| *d += scale * u);
-                    }
-                    // L_i = sum_{k<=i} dt_k A: dL/d(dt_k A) is the suffix sum of dL/dL_i.
-                    let mut suffix = 0.0f32;
-                    for k in (0..q).rev() {
-                        suffix += ddecay[k];
-                        dsteps[k] += a * suffix;
-                        da[h] += steps[k] * suffix;
-                    }
-                    // Through the softplus, d softplus(v) / dv = sigmoid(v) = 1 - exp(-dt), and
-                    // the floor, which passes no gradient where it holds.
-                    for k in 0..q {
-                        let slope = if steps[k] > s.dt_min { -(-steps[k]).exp_m1() } else { 0.0 };
-                        let g = dsteps[k] * slope;
-                        ddt[(t0 + k) * heads + h] = g;
-                        dbias[h] += g;
-                    }
-                    std::mem::swap(&mut dstate, &mut dh0);
-                }
-            }
-            [dbias, da, dskip]
-        })
+        .map(|(bi, (dxbc, ddt))| ssd_sequence_backward(dy, &x, states, bi, dxbc, ddt, s))
         .collect();
     for [dbias, da, dskip] in partials {
         for h in 0..heads {
@@ -510,4 +461,128 @@ pub fn ssd_backward(dy: &[f32], x: SsdInputs<&[f32]>, states: &[f32], g: SsdGrad
             dd[h] += dskip[h];
         }
     }
+}
+
+dispatched! {
+    /// Sequence `bi` of [`ssd_backward`]: writes its dxbc and ddt, returns its per-head
+    /// (d dt_bias, dA, dD) partials.
+    fn ssd_sequence_backward(
+        dy: &[f32],
+        x: &SsdInputs<&[f32]>,
+        states: &[f32],
+        bi: usize,
+        dxbc: &mut [f32],
+        ddt: &mut [f32],
+        s: SsdShape,
+    ) -> [Vec<f32>; 3] = ssd_sequence_backward_loops;
+}
+
+#[inline(always)]
+fn ssd_sequence_backward_loops(
+    dy: &[f32],
+    x: &SsdInputs<&[f32]>,
+    states: &[f32],
+    bi: usize,
+    dxbc: &mut [f32],
+    ddt: &mut [f32],
+    s: SsdShape,
+) -> [Vec<f32>; 3] {
+    let (l, heads, (p, n)) = (s.len, s.heads, (s.head_dim, s.state));
+    let (width, pn) = (s.xbc_width(), p * n);
+    let xbc = &x.xbc[bi * l * width..(bi + 1) * l * width];
+    let dt = &x.dt[bi * l * heads..(bi + 1) * l * heads];
+    let dy = &dy[bi * l * s.inner()..(bi + 1) * l * s.inner()];
+    let saved = &states[bi * s.saved() * heads * pn..(bi + 1) * s.saved() * heads * pn];
+    let [mut dbias, mut da, mut dskip] = [vec![0.0f32; heads], vec![0.0f32; heads], vec![0.0f32; heads]];
+    dxbc.fill(0.0);
+    let (mut v, mut u) = (vec![0.0f32; p], vec![0.0f32; n]);
+    for h in 0..heads {
+        let at = SsdIndex::new(&s, h);
+        let a = -x.a_log[h].exp();
+        // dL/dH leaving the current chunk, and entering it (swapped after each chunk).
+        let (mut dstate, mut dh0) = (vec![0.0f32; pn], vec![0.0f32; pn]);
+        for chunk in (0..l.div_ceil(s.chunk)).rev() {
+            let (t0, t1) = (chunk * s.chunk, ((chunk + 1) * s.chunk).min(l));
+            let (q, last) = (t1 - t0, t1 - t0 - 1);
+            let h0 = &saved[(chunk * heads + h) * pn..(chunk * heads + h + 1) * pn];
+            let (steps, decay) = chunk_steps(dt, x.dt_bias[h], a, h, &s, t0, t1);
+            let (mut ddecay, mut dsteps) = (vec![0.0f32; q], vec![0.0f32; q]);
+            // dL/dH0, from the carried-state readouts and from the state update.
+            let total = exp(decay[last]);
+            dh0.iter_mut().zip(&dstate).for_each(|(d, g)| *d = total * g);
+            ddecay[last] += total * dot(&dstate, h0);
+            for i in 0..q {
+                let ti = t0 + i;
+                let dyi = &dy[at.y(ti)];
+                // Skip term D x_i.
+                dskip[h] += dot(dyi, &xbc[at.x(ti)]);
+                dxbc[at.x(ti)].iter_mut().zip(dyi).for_each(|(d, g)| *d += x.d[h] * g);
+                // Carried state exp(L_i) H0 C_i.
+                let carried = exp(decay[i]);
+                for (pi, g) in dyi.iter().enumerate() {
+                    let (hs, dhs) = (&h0[pi * n..(pi + 1) * n], &mut dh0[pi * n..(pi + 1) * n]);
+                    let ci = &xbc[at.c(ti)];
+                    ddecay[i] += carried * g * dot(hs, ci);
+                    dhs.iter_mut().zip(ci).for_each(|(d, c)| *d += carried * g * c);
+                    let dci = &mut dxbc[at.c(ti)];
+                    dci.iter_mut().zip(hs).for_each(|(d, h)| *d += carried * g * h);
+                }
+                // Intra-chunk pairs j <= i: exp(L_i - L_j) dt_j (C_i . B_j) x_j.
+                for j in 0..=i {
+                    let tj = t0 + j;
+                    let e = exp(decay[i] - decay[j]);
+                    let cb = dot(&xbc[at.c(ti)], &xbc[at.b(tj)]);
+                    let gx = dot(dyi, &xbc[at.x(tj)]);
+                    let pair = e * steps[j] * cb * gx;
+                    ddecay[i] += pair;
+                    ddecay[j] -= pair;
+                    dsteps[j] += e * cb * gx;
+                    let to_x = e * steps[j] * cb;
+                    dxbc[at.x(tj)].iter_mut().zip(dyi).for_each(|(d, g)| *d += to_x * g);
+                    let to_bc = e * steps[j] * gx;
+                    for k in 0..n {
+                        let (b, c) = (xbc[at.b(tj).start + k], xbc[at.c(ti).start + k]);
+                        dxbc[at.b(tj).start + k] += to_bc * c;
+                        dxbc[at.c(ti).start + k] += to_bc * b;
+                    }
+                }
+            }
+            // State update: H_end = exp(L_last) H0 + sum_j exp(L_last - L_j) dt_j x_j B_j^T.
+            for j in 0..q {
+                let tj = t0 + j;
+                let w = exp(decay[last] - decay[j]);
+                let (xj, bj) = (&xbc[at.x(tj)], &xbc[at.b(tj)]);
+                // v = dH B_j (over state), u = dH^T x_j (over head channels).
+                v.iter_mut().zip(dstate.chunks_exact(n)).for_each(|(v, row)| *v = dot(row, bj));
+                u.fill(0.0);
+                for (row, xv) in dstate.chunks_exact(n).zip(xj) {
+                    u.iter_mut().zip(row).for_each(|(u, d)| *u += d * xv);
+                }
+                let xv_dot = dot(xj, &v);
+                dsteps[j] += w * xv_dot;
+                ddecay[last] += w * steps[j] * xv_dot;
+                ddecay[j] -= w * steps[j] * xv_dot;
+                let scale = w * steps[j];
+                dxbc[at.x(tj)].iter_mut().zip(&v).for_each(|(d, v)| *d += scale * v);
+                dxbc[at.b(tj)].iter_mut().zip(&u).for_each(|(d, u)| *d += scale * u);
+            }
+            // L_i = sum_{k<=i} dt_k A: dL/d(dt_k A) is the suffix sum of dL/dL_i.
+            let mut suffix = 0.0f32;
+            for k in (0..q).rev() {
+                suffix += ddecay[k];
+                dsteps[k] += a * suffix;
+                da[h] += steps[k] * suffix;
+            }
+            // Through the softplus, d softplus(v) / dv = sigmoid(v) = 1 - exp(-dt), and
+            // the floor, which passes no gradient where it holds.
+            for k in 0..q {
+                let slope = if steps[k] > s.dt_min { -(-steps[k]).exp_m1() } else { 0.0 };
+                let g = dsteps[k] * slope;
+                ddt[(t0 + k) * heads + h] = g;
+                dbias[h] += g;
+            }
+            std::mem::swap(&mut dstate, &mut dh0);
+        }
+    }
+    [dbias, da, dskip]
 }
