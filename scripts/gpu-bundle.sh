@@ -9,7 +9,8 @@
 #
 #   tests  every backend op against the CPU reference, f32 and bf16 (max errors printed)
 #   smoke  the smoke models (Llama, Mamba-1, Mamba-2, hybrid) trained on the CPU (fp32) and on
-#          the GPU (bf16; the Llama one in fp32 too); the GPU loss curves are compared with the CPU's
+#          the GPU (bf16; the Llama one in fp32 too); the GPU loss curves are compared with the CPU's;
+#          eval (cpu and cuda) and greedy generate (cuda) from each bf16 checkpoint
 #   mfu    tokens/s and MFU of configs/gpt2-124m.toml and llama-1b.toml beside PyTorch's
 #          (transformers, bf16 autocast, fused AdamW, torch.compile), and of mamba2-130m.toml
 #   bench  kernel throughput (flash attention, SSD, selective scan), and PyTorch's flash SDPA
@@ -115,6 +116,12 @@ if wants smoke; then
             echo "-- $c: cuda $p against the cpu"
             python3 bin/compare-curves.py "runs/$c-cpu/metrics.jsonl" "runs/$c-cuda-$p/metrics.jsonl" $tol || status=1
         done
+        # Inference from the bf16 run's checkpoint: eval on both devices (the same loss to
+        # bf16's rounding), and greedy decoding through the GPU's inference cache.
+        ckpt="runs/$c-cuda-bf16/checkpoints/step-$(printf %08d $steps)"
+        echo "-- $c: eval on the cpu, then the gpu; generate on the gpu"
+        for d in cpu cuda; do bin/ondol eval "$ckpt" --data data/sample/*.txt --batches 4 --device $d || status=1; done
+        bin/ondol generate "$ckpt" --prompt "And God said" --max-new-tokens 40 --temperature 0 --device cuda || status=1
     done
     # The launched path at world size 1: rendezvous, NCCL communicators, the same curve, to
     # bf16 and atomics' run-to-run differences (backward sums with atomicAdd in any order).

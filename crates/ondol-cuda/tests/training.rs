@@ -2,12 +2,14 @@
 //! gradient in f32, then AdamW steps in f32 and in bf16 mixed precision (fp32 master weights
 //! and moments, bf16 compute copy), for Llama, GPT-2, Mamba-1, Mamba-2 and a hybrid. This is
 //! what the trainer runs per step, through the same backend contract, on the SIMT emulator
-//! always and on a GPU where there is one.
+//! always and on a GPU where there is one. Then incremental decoding (a prompt, then one
+//! token at a time through the inference cache: attention's cached kernel, the recurrent
+//! convolution and scans) against the CPU's logits.
 
 use ondol_core::{Backend, Rng};
 use ondol_cpu::CpuBackend;
 use ondol_cuda::{CudaBackend, Dtype};
-use ondol_model::{Arch, Model, ModelConfig, SsmConfig, Workspace};
+use ondol_model::{Arch, InferenceCache, Model, ModelConfig, SsmConfig, Workspace};
 use ondol_optim::{AdamW, OptimizerConfig};
 
 const CPU: CpuBackend = CpuBackend;
@@ -116,6 +118,40 @@ fn every_architecture_trains_on_the_cuda_backend_as_on_the_cpu() {
                 assert!((a - b).abs() <= 2e-2 * a, "{arch:?} bf16 on {} step {step}: {b} vs {a}", be.device_name());
             }
             eprintln!("{arch:?} bf16 on {}: losses {got:.5?} (cpu {want:.5?})", be.device_name());
+        }
+    }
+}
+
+/// The logits of a 5-token prompt and then 8 single tokens, each sequence of the batch, as
+/// incremental decoding computes them on `be`.
+fn decode<B: Backend>(be: &B, model: &Model) -> Vec<f32> {
+    let (prompt, ids) = (5, tokens(3));
+    let params = be.upload(&model.layout.init(7));
+    let mut cache = InferenceCache::new(be, model, BATCH, SEQ);
+    let mut ws = Workspace::new(be, model, BATCH, prompt).unwrap();
+    let head: Vec<u32> = ids.chunks(SEQ).flat_map(|seq| seq[..prompt].to_vec()).collect();
+    model.forward_cached(be, &params, &mut ws, &be.upload_ids(&head), &mut cache);
+    let mut logits = be.download(&ws.logits);
+    let mut step = Workspace::new(be, model, BATCH, 1).unwrap();
+    for t in prompt..SEQ {
+        let next: Vec<u32> = ids.chunks(SEQ).map(|seq| seq[t]).collect();
+        model.forward_cached(be, &params, &mut step, &be.upload_ids(&next), &mut cache);
+        logits.extend(be.download(&step.logits));
+    }
+    logits
+}
+
+#[test]
+fn every_architecture_decodes_on_the_cuda_backend_as_on_the_cpu() {
+    for arch in [Arch::Llama, Arch::Gpt2, Arch::Mamba, Arch::Mamba2, Arch::Hybrid] {
+        let model = Model::new(config(arch)).unwrap();
+        let want = decode(&CPU, &model);
+        for (dtype, tol) in [(Dtype::F32, 1e-5), (Dtype::Bf16, 3e-2)] {
+            for be in backends(dtype) {
+                let err = relative_error(&decode(&be, &model), &want);
+                eprintln!("{arch:?} {dtype:?} decoding on {}: logits off by {err:.2e}", be.device_name());
+                assert!(err < tol, "{arch:?} {dtype:?} decoding on {}: logits off by {err:e}", be.device_name());
+            }
         }
     }
 }

@@ -79,6 +79,9 @@ struct EvalArgs {
     /// Tokens per sequence (default: the checkpoint's training.seq_len, else up to 1024).
     #[arg(long)]
     seq_len: Option<usize>,
+    /// Where to run: cpu, or cuda (GPU 0, in bf16; a build with --features cuda).
+    #[arg(long, default_value = "cpu", value_parser = parse_device)]
+    device: Device,
     /// Print one JSON object: {"loss", "perplexity", "tokens", "batches"}.
     #[arg(long)]
     json: bool,
@@ -103,6 +106,17 @@ struct GenerateArgs {
     top_p: f32,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Where to run: cpu, or cuda (GPU 0, in bf16; a build with --features cuda).
+    #[arg(long, default_value = "cpu", value_parser = parse_device)]
+    device: Device,
+}
+
+fn parse_device(s: &str) -> std::result::Result<Device, String> {
+    match s {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Ok(Device::Cuda),
+        _ => Err(format!("\"{s}\" is not a device: cpu or cuda")),
+    }
 }
 
 #[derive(Args)]
@@ -322,15 +336,11 @@ fn train_launched_cuda(args: &TrainArgs, cfg: RunConfig, env: &DistEnv) -> Resul
     train_rank(args, be, &peak, cfg, data, Some(comms))
 }
 
-/// GPU `ordinal` with the config's precision, after the checks of what its kernels support,
-/// and its peak for MFU.
+/// What the CUDA kernels hold in registers (kernels/selective_scan.cu, conv1d.cu), checked
+/// before a model runs on a GPU.
 #[cfg(feature = "cuda")]
-fn open_gpu(cfg: &RunConfig, ordinal: usize) -> Result<(ondol_cuda::CudaBackend, Peak)> {
-    use ondol::config::Precision;
-    use ondol_cuda::{CudaBackend, Dtype};
+fn check_cuda_kernels(m: &ondol_model::ModelConfig) -> Result<()> {
     use ondol_model::Arch;
-    // What the CUDA kernels hold in registers (kernels/selective_scan.cu, conv1d.cu).
-    let m = &cfg.model;
     if m.arch == Arch::Mamba && m.ssm_state() > ondol_cuda::SCAN_MAX_STATE {
         return Err(Error::config(
             "model.ssm.state_size",
@@ -349,6 +359,24 @@ fn open_gpu(cfg: &RunConfig, ordinal: usize) -> Result<(ondol_cuda::CudaBackend,
             format!("{} taps: the CUDA convolution takes 1 to {}", m.ssm.conv_kernel, ondol_cuda::CONV_MAX_TAPS),
         ));
     }
+    Ok(())
+}
+
+/// GPU 0 computing in bf16, for eval and generate.
+#[cfg(feature = "cuda")]
+fn inference_gpu(model: &Model) -> Result<ondol_cuda::CudaBackend> {
+    check_cuda_kernels(&model.cfg)?;
+    ondol_cuda::CudaBackend::open(0, ondol_cuda::Dtype::Bf16)
+        .map_err(|e| Error::config("--device", format!("cuda: {e}")))
+}
+
+/// GPU `ordinal` with the config's precision, after the checks of what its kernels support,
+/// and its peak for MFU.
+#[cfg(feature = "cuda")]
+fn open_gpu(cfg: &RunConfig, ordinal: usize) -> Result<(ondol_cuda::CudaBackend, Peak)> {
+    use ondol::config::Precision;
+    use ondol_cuda::{CudaBackend, Dtype};
+    check_cuda_kernels(&cfg.model)?;
     let compute = match cfg.training.precision.unwrap_or(Precision::Bf16) {
         Precision::Fp32 => Dtype::F32,
         Precision::Bf16 => Dtype::Bf16,
@@ -389,20 +417,18 @@ fn open_gpu(cfg: &RunConfig, ordinal: usize) -> Result<(ondol_cuda::CudaBackend,
 
 #[cfg(not(feature = "cuda"))]
 fn train_cuda(_: &TrainArgs, _: RunConfig) -> Result<()> {
-    Err(no_cuda_backend())
+    Err(no_cuda_backend("training.device"))
 }
 
 #[cfg(not(feature = "cuda"))]
 fn train_launched_cuda(_: &TrainArgs, _: RunConfig, _: &DistEnv) -> Result<()> {
-    Err(no_cuda_backend())
+    Err(no_cuda_backend("training.device"))
 }
 
+/// The error for `key` set to cuda in a build without the CUDA backend.
 #[cfg(not(feature = "cuda"))]
-fn no_cuda_backend() -> Error {
-    Error::config(
-        "training.device",
-        "\"cuda\": this build has no CUDA backend (build with --features cuda); use \"cpu\"",
-    )
+fn no_cuda_backend(key: &str) -> Error {
+    Error::config(key, "\"cuda\": this build has no CUDA backend (build with --features cuda); use \"cpu\"")
 }
 
 /// One rank's run (the only rank when `comm` is None). Rank 0 owns the run directory:
@@ -606,9 +632,18 @@ fn eval(args: EvalArgs) -> Result<()> {
     let stream = TokenStream::open(&files, kind)?;
     let mut loader = Loader::new(Arc::new(stream), seq, batch, Order::Sequential, 0, 1)?;
     let batches = args.batches.unwrap_or(usize::MAX).min(loader.batches_per_epoch() as usize);
-    let be = CpuBackend::new();
-    let mut ws = Workspace::new(&be, &p.model, batch, seq)?;
-    let (loss, tokens) = trainer::evaluate(&be, &p.model, &p.params, &mut ws, &mut loader, batches)?;
+    let (loss, tokens) = match args.device {
+        Device::Cpu => eval_on(&CpuBackend::new(), &p.params, &p.model, (batch, seq), &mut loader, batches)?,
+        Device::Cuda => {
+            #[cfg(feature = "cuda")]
+            {
+                let be = inference_gpu(&p.model)?;
+                eval_on(&be, &be.upload(&p.params), &p.model, (batch, seq), &mut loader, batches)?
+            }
+            #[cfg(not(feature = "cuda"))]
+            return Err(no_cuda_backend("--device"));
+        }
+    };
     if args.json {
         println!(
             "{}",
@@ -630,11 +665,36 @@ fn generate(args: GenerateArgs) -> Result<()> {
         return Err(Error::config("--temperature/--top-p", "need temperature >= 0 and 0 < top_p <= 1"));
     }
     let sampling = Sampling { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p, seed: args.seed };
-    let be = CpuBackend::new();
-    let prompt = tok.encode(&args.prompt)?;
-    let out = pretrained::generate(&be, &p, &p.params, &prompt, args.max_new_tokens, Some(tok.eot_id()), sampling)?;
+    let (prompt, eot) = (tok.encode(&args.prompt)?, Some(tok.eot_id()));
+    let out = match args.device {
+        Device::Cpu => {
+            pretrained::generate(&CpuBackend::new(), &p, &p.params, &prompt, args.max_new_tokens, eot, sampling)?
+        }
+        Device::Cuda => {
+            #[cfg(feature = "cuda")]
+            {
+                let be = inference_gpu(&p.model)?;
+                pretrained::generate(&be, &p, &be.upload(&p.params), &prompt, args.max_new_tokens, eot, sampling)?
+            }
+            #[cfg(not(feature = "cuda"))]
+            return Err(no_cuda_backend("--device"));
+        }
+    };
     println!("{}{}", args.prompt, tok.decode(&out)?);
     Ok(())
+}
+
+/// The mean loss and the tokens of `batches` batches of `loader` on `be`.
+fn eval_on<B: Backend>(
+    be: &B,
+    params: &B::Buf,
+    model: &Model,
+    (batch, seq): (usize, usize),
+    loader: &mut Loader,
+    batches: usize,
+) -> Result<(f64, u64)> {
+    let mut ws = Workspace::new(be, model, batch, seq)?;
+    trainer::evaluate(be, model, params, &mut ws, loader, batches)
 }
 
 fn import_hf(src: &Path, out: &Path) -> Result<()> {

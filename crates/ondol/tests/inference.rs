@@ -152,4 +152,15 @@ lr = 1e-2
     assert_eq!(first.stdout, generate("1").stdout, "same seed, different text");
     let Run { ok, stderr: err, .. } = ondol(dir.path(), &["eval", ckpt, "--data", "missing.bin"]);
     assert!(!ok && err.contains("missing.bin"), "{err}");
+    // A device that is not one, and (in this build, without the CUDA backend) the GPU.
+    let Run { ok, stderr: err, .. } = ondol(dir.path(), &["generate", ckpt, "--prompt", "a", "--device", "tpu"]);
+    assert!(!ok && err.contains("cpu or cuda"), "{err}");
+    if !cfg!(feature = "cuda") {
+        let Run { ok, stderr: err, .. } =
+            ondol(dir.path(), &["eval", ckpt, "--data", "corpus.txt", "--batches", "1", "--device", "cuda"]);
+        assert!(
+            !ok && err.contains("--device") && err.contains("--features cuda") && !err.contains("panicked"),
+            "{err}"
+        );
+    }
 }
