@@ -4,8 +4,10 @@ sequence length, one after the other in one script.
 
     python3 benches/train-vs-pytorch.py --ondol target/release/ondol configs/gpt2-124m.toml configs/llama-1b.toml
 
-PyTorch trains the transformers model of the config's architecture (GPT2LMHeadModel or
-LlamaForCausalLM, randomly initialised from the config's shape, SDPA attention) on random
+PyTorch trains the transformers model of the config's architecture (GPT2LMHeadModel,
+LlamaForCausalLM, MambaForCausalLM or Mamba2ForCausalLM, randomly initialised from the
+config's shape, SDPA attention; the Mamba scans in PyTorch, as transformers runs them without
+the mamba_ssm kernels) on random
 tokens: bf16 autocast on a GPU, fused AdamW, torch.compile (--no-compile to skip it). ondol
 runs `ondol train CONFIG` for the same steps. Both skip their first --warmup steps (compiles,
 allocator warm-up) and report the median tokens/s of the rest. MFU is on ondol's FLOP count
@@ -46,7 +48,7 @@ def hf_model(model):
     """The transformers model of ondol's [model] table, randomly initialised."""
     import transformers
 
-    arch, d, heads = model["arch"], model["d_model"], model["n_heads"]
+    arch, d, heads = model["arch"], model["d_model"], model.get("n_heads", 0)
     common = dict(vocab_size=model["vocab_size"], tie_word_embeddings=model.get("tie_embeddings", arch == "gpt2"))
     if arch == "gpt2":
         cfg = transformers.GPT2Config(n_embd=d, n_layer=model["n_layers"], n_head=heads,
@@ -60,8 +62,26 @@ def hf_model(model):
                                        rope_theta=model.get("rope_theta", 10000.0),
                                        rms_norm_eps=model.get("norm_eps", 1e-5), **common)
         cls = transformers.LlamaForCausalLM
+    elif arch in ("mamba", "mamba2"):
+        # Without the mamba_ssm / causal_conv1d CUDA packages, transformers scans in PyTorch:
+        # MambaMixer.slow_forward (sequential over time), Mamba2Mixer.torch_forward (chunked).
+        ssm = model.get("ssm", {})
+        expand, conv = ssm.get("expand", 2), ssm.get("conv_kernel", 4)
+        shared = dict(hidden_size=d, num_hidden_layers=model["n_layers"], expand=expand, conv_kernel=conv,
+                      layer_norm_epsilon=model.get("norm_eps", 1e-5), use_bias=False, use_conv_bias=True, **common)
+        if arch == "mamba":
+            cfg = transformers.MambaConfig(state_size=ssm.get("state_size", 16),
+                                           time_step_rank=ssm.get("time_step_rank", -(-d // 16)), **shared)
+            cls = transformers.MambaForCausalLM
+        else:
+            head_dim = ssm.get("head_dim", 64)
+            cfg = transformers.Mamba2Config(state_size=ssm.get("state_size", 128), head_dim=head_dim,
+                                            num_heads=expand * d // head_dim, n_groups=ssm.get("n_groups", 1),
+                                            chunk_size=ssm.get("chunk_size", 256), **shared)
+            cls = transformers.Mamba2ForCausalLM
+        return cls(cfg)
     else:
-        sys.exit(f"no PyTorch peer for arch = {arch!r} (gpt2 and llama have one)")
+        sys.exit(f"no PyTorch peer for arch = {arch!r} (gpt2, llama, mamba and mamba2 have one)")
     cfg._attn_implementation = "sdpa"
     return cls(cfg)
 

@@ -381,19 +381,33 @@ fn ssd_sequence_loops(x: &SsdInputs<&[f32]>, bi: usize, y: &mut [f32], saved: &m
         let at = SsdIndex::new(&s, h);
         let a = -x.a_log[h].exp();
         let mut state = vec![0.0f32; pn];
+        let (mut b_t, mut weights) = (vec![0.0f32; n * s.chunk], vec![0.0f32; s.chunk]);
         saved[h * pn..(h + 1) * pn].fill(0.0);
         for chunk in 0..l.div_ceil(s.chunk) {
             let (t0, t1) = (chunk * s.chunk, ((chunk + 1) * s.chunk).min(l));
             let (steps, decay) = chunk_steps(dt, x.dt_bias[h], a, h, &s, t0, t1);
-            for i in 0..t1 - t0 {
+            let q = t1 - t0;
+            // The chunk's B transposed, [N, q]: C_i . B_j for every key j is then a sum of
+            // rows scaled by C_i's values, which vectorises over the keys.
+            for (k, bk) in b_t.chunks_exact_mut(s.chunk).enumerate() {
+                (0..q).for_each(|j| bk[j] = xbc[at.b(t0 + j)][k]);
+            }
+            for i in 0..q {
                 let ci = &xbc[at.c(t0 + i)];
                 let yi = &mut y[at.y(t0 + i)];
                 let carried = exp(decay[i]);
                 for ((yv, xv), hs) in yi.iter_mut().zip(&xbc[at.x(t0 + i)]).zip(state.chunks_exact(n)) {
                     *yv = x.d[h] * xv + carried * dot(hs, ci);
                 }
-                for j in 0..=i {
-                    let w = exp(decay[i] - decay[j]) * steps[j] * dot(ci, &xbc[at.b(t0 + j)]);
+                let w = &mut weights[..=i];
+                w.fill(0.0);
+                for (c, bk) in ci.iter().zip(b_t.chunks_exact(s.chunk)) {
+                    w.iter_mut().zip(bk).for_each(|(w, b)| *w += c * b);
+                }
+                for (j, w) in w.iter_mut().enumerate() {
+                    *w *= exp(decay[i] - decay[j]) * steps[j];
+                }
+                for (j, &w) in w.iter().enumerate() {
                     yi.iter_mut().zip(&xbc[at.x(t0 + j)]).for_each(|(yv, xv)| *yv += w * xv);
                 }
             }
