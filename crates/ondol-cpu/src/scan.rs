@@ -163,23 +163,20 @@ pub fn selective_scan_forward(x: ScanInputs<&[f32]>, y: &mut [f32], states: &mut
 
 dispatched! {
     /// Sequence `bi` of [`selective_scan_forward`], on the widest vector instructions.
-    fn scan_sequence(x: &ScanInputs<&[f32]>, a: &[f32], bi: usize, y: &mut [f32], saved: &mut [f32], s: ScanShape) -> () = scan_sequence_loops;
-}
-
-#[inline(always)]
-fn scan_sequence_loops(x: &ScanInputs<&[f32]>, a: &[f32], bi: usize, y: &mut [f32], saved: &mut [f32], s: ScanShape) {
-    let (l, ch, n) = (s.len, s.channels, s.state);
-    let mut h = vec![0.0f32; ch * n];
-    saved[..ch * n].fill(0.0);
-    for t in 0..l {
-        let row = bi * l + t;
-        advance(&mut h, row, x, a, ch, n);
-        for d in 0..ch {
-            y[t * ch + d] = readout(&h, x, row, d, ch, n) * silu(x.z[row * ch + d]);
-        }
-        if (t + 1) % s.chunk == 0 || t + 1 == l {
-            let slot = (t + 1).div_ceil(s.chunk);
-            saved[slot * ch * n..(slot + 1) * ch * n].copy_from_slice(&h);
+    fn scan_sequence(x: &ScanInputs<&[f32]>, a: &[f32], bi: usize, y: &mut [f32], saved: &mut [f32], s: ScanShape) -> () {
+        let (l, ch, n) = (s.len, s.channels, s.state);
+        let mut h = vec![0.0f32; ch * n];
+        saved[..ch * n].fill(0.0);
+        for t in 0..l {
+            let row = bi * l + t;
+            advance(&mut h, row, x, a, ch, n);
+            for d in 0..ch {
+                y[t * ch + d] = readout(&h, x, row, d, ch, n) * silu(x.z[row * ch + d]);
+            }
+            if (t + 1) % s.chunk == 0 || t + 1 == l {
+                let slot = (t + 1).div_ceil(s.chunk);
+                saved[slot * ch * n..(slot + 1) * ch * n].copy_from_slice(&h);
+            }
         }
     }
 }
@@ -244,70 +241,60 @@ dispatched! {
         bi: usize,
         grads: [&mut [f32]; 5],
         s: ScanShape,
-    ) -> (Vec<f32>, Vec<f32>) = scan_sequence_backward_loops;
-}
-
-#[inline(always)]
-fn scan_sequence_backward_loops(
-    dy: &[f32],
-    x: &ScanInputs<&[f32]>,
-    a: &[f32],
-    saved: &[f32],
-    bi: usize,
-    [du, ddelta, dz, db, dc]: [&mut [f32]; 5],
-    s: ScanShape,
-) -> (Vec<f32>, Vec<f32>) {
-    let (l, ch, n) = (s.len, s.channels, s.state);
-    let (mut pa, mut pd) = (vec![0.0f32; ch * n], vec![0.0f32; ch]);
-    let mut dh = vec![0.0f32; ch * n]; // dL/dh_t from later steps, carried backwards
-    let mut chunk_h = vec![0.0f32; (s.chunk + 1) * ch * n];
-    let (mut ddt_terms, mut du_terms) = (vec![0.0f32; n], vec![0.0f32; n]);
-    for chunk in (0..l.div_ceil(s.chunk)).rev() {
-        let (t0, t1) = (chunk * s.chunk, ((chunk + 1) * s.chunk).min(l));
-        // Recompute h_{t0-1}..h_{t1-1} from the boundary state.
-        chunk_h[..ch * n].copy_from_slice(&saved[chunk * ch * n..(chunk + 1) * ch * n]);
-        for t in t0..t1 {
-            let (prev, next) = chunk_h.split_at_mut((t - t0 + 1) * ch * n);
-            next[..ch * n].copy_from_slice(&prev[(t - t0) * ch * n..]);
-            advance(&mut next[..ch * n], bi * l + t, x, a, ch, n);
-        }
-        for t in (t0..t1).rev() {
-            let row = bi * l + t;
-            let h_prev = &chunk_h[(t - t0) * ch * n..(t - t0 + 1) * ch * n];
-            let h_t = &chunk_h[(t - t0 + 1) * ch * n..(t - t0 + 2) * ch * n];
-            let (bt, ct) = (&x.b[row * n..(row + 1) * n], &x.c[row * n..(row + 1) * n]);
-            let (dbt, dct) = (&mut db[t * n..(t + 1) * n], &mut dc[t * n..(t + 1) * n]);
-            dbt.fill(0.0);
-            dct.fill(0.0);
-            for (d, dt) in step_size(x.delta, x.delta_bias, row, ch).enumerate() {
-                let (ut, zt) = (x.u[row * ch + d], x.z[row * ch + d]);
-                let out = dy[row * ch + d];
-                dz[t * ch + d] = out * readout(h_t, x, row, d, ch, n) * silu_grad(zt);
-                let g = out * silu(zt); // dL/d(C.h + D u)
-                pd[d] += g * ut;
-                // Channel d's states, as slices of n (so the loop below vectorises:
-                // its sums over the states go through per-state terms).
-                let ds = d * n..(d + 1) * n;
-                let (dh, pa, a) = (&mut dh[ds.clone()], &mut pa[ds.clone()], &a[ds.clone()]);
-                let (h_t, h_prev) = (&h_t[ds.clone()], &h_prev[ds]);
-                for i in 0..n {
-                    dct[i] += g * h_t[i];
-                    let adj = dh[i] + g * ct[i]; // dL/dh_t
-                    let decay = exp(dt * a[i]);
-                    pa[i] += adj * dt * decay * h_prev[i];
-                    ddt_terms[i] = adj * (a[i] * decay * h_prev[i] + bt[i] * ut);
-                    dbt[i] += adj * dt * ut;
-                    du_terms[i] = adj * dt * bt[i];
-                    dh[i] = adj * decay; // dL/dh_{t-1} through h_t
+    ) -> (Vec<f32>, Vec<f32>) {
+        let [du, ddelta, dz, db, dc] = grads;
+        let (l, ch, n) = (s.len, s.channels, s.state);
+        let (mut pa, mut pd) = (vec![0.0f32; ch * n], vec![0.0f32; ch]);
+        let mut dh = vec![0.0f32; ch * n]; // dL/dh_t from later steps, carried backwards
+        let mut chunk_h = vec![0.0f32; (s.chunk + 1) * ch * n];
+        let (mut ddt_terms, mut du_terms) = (vec![0.0f32; n], vec![0.0f32; n]);
+        for chunk in (0..l.div_ceil(s.chunk)).rev() {
+            let (t0, t1) = (chunk * s.chunk, ((chunk + 1) * s.chunk).min(l));
+            // Recompute h_{t0-1}..h_{t1-1} from the boundary state.
+            chunk_h[..ch * n].copy_from_slice(&saved[chunk * ch * n..(chunk + 1) * ch * n]);
+            for t in t0..t1 {
+                let (prev, next) = chunk_h.split_at_mut((t - t0 + 1) * ch * n);
+                next[..ch * n].copy_from_slice(&prev[(t - t0) * ch * n..]);
+                advance(&mut next[..ch * n], bi * l + t, x, a, ch, n);
+            }
+            for t in (t0..t1).rev() {
+                let row = bi * l + t;
+                let h_prev = &chunk_h[(t - t0) * ch * n..(t - t0 + 1) * ch * n];
+                let h_t = &chunk_h[(t - t0 + 1) * ch * n..(t - t0 + 2) * ch * n];
+                let (bt, ct) = (&x.b[row * n..(row + 1) * n], &x.c[row * n..(row + 1) * n]);
+                let (dbt, dct) = (&mut db[t * n..(t + 1) * n], &mut dc[t * n..(t + 1) * n]);
+                dbt.fill(0.0);
+                dct.fill(0.0);
+                for (d, dt) in step_size(x.delta, x.delta_bias, row, ch).enumerate() {
+                    let (ut, zt) = (x.u[row * ch + d], x.z[row * ch + d]);
+                    let out = dy[row * ch + d];
+                    dz[t * ch + d] = out * readout(h_t, x, row, d, ch, n) * silu_grad(zt);
+                    let g = out * silu(zt); // dL/d(C.h + D u)
+                    pd[d] += g * ut;
+                    // Channel d's states, as slices of n (so the loop below vectorises:
+                    // its sums over the states go through per-state terms).
+                    let ds = d * n..(d + 1) * n;
+                    let (dh, pa, a) = (&mut dh[ds.clone()], &mut pa[ds.clone()], &a[ds.clone()]);
+                    let (h_t, h_prev) = (&h_t[ds.clone()], &h_prev[ds]);
+                    for i in 0..n {
+                        dct[i] += g * h_t[i];
+                        let adj = dh[i] + g * ct[i]; // dL/dh_t
+                        let decay = exp(dt * a[i]);
+                        pa[i] += adj * dt * decay * h_prev[i];
+                        ddt_terms[i] = adj * (a[i] * decay * h_prev[i] + bt[i] * ut);
+                        dbt[i] += adj * dt * ut;
+                        du_terms[i] = adj * dt * bt[i];
+                        dh[i] = adj * decay; // dL/dh_{t-1} through h_t
+                    }
+                    let ddt_acc = sum(&ddt_terms);
+                    du[t * ch + d] = g * x.d[d] + sum(&du_terms);
+                    // Through the softplus: d softplus(v) / dv = sigmoid(v) = 1 - exp(-dt).
+                    ddelta[t * ch + d] = ddt_acc * -(-dt).exp_m1();
                 }
-                let ddt_acc = sum(&ddt_terms);
-                du[t * ch + d] = g * x.d[d] + sum(&du_terms);
-                // Through the softplus: d softplus(v) / dv = sigmoid(v) = 1 - exp(-dt).
-                ddelta[t * ch + d] = ddt_acc * -(-dt).exp_m1();
             }
         }
+        (pa, pd)
     }
-    (pa, pd)
 }
 
 /// Where x, B and C of one head sit in the fused `[x | B | C]` rows of an SSD.
@@ -368,61 +355,58 @@ pub fn ssd_forward(x: SsdInputs<&[f32]>, y: &mut [f32], states: &mut [f32], s: S
 
 dispatched! {
     /// Sequence `bi` of [`ssd_forward`], on the widest vector instructions.
-    fn ssd_sequence(x: &SsdInputs<&[f32]>, bi: usize, y: &mut [f32], saved: &mut [f32], s: SsdShape) -> () = ssd_sequence_loops;
-}
-
-#[inline(always)]
-fn ssd_sequence_loops(x: &SsdInputs<&[f32]>, bi: usize, y: &mut [f32], saved: &mut [f32], s: SsdShape) {
-    let (l, heads, (p, n)) = (s.len, s.heads, (s.head_dim, s.state));
-    let (width, pn) = (s.xbc_width(), p * n);
-    let xbc = &x.xbc[bi * l * width..(bi + 1) * l * width];
-    let dt = &x.dt[bi * l * heads..(bi + 1) * l * heads];
-    for h in 0..heads {
-        let at = SsdIndex::new(&s, h);
-        let a = -x.a_log[h].exp();
-        let mut state = vec![0.0f32; pn];
-        let (mut b_t, mut weights) = (vec![0.0f32; n * s.chunk], vec![0.0f32; s.chunk]);
-        saved[h * pn..(h + 1) * pn].fill(0.0);
-        for chunk in 0..l.div_ceil(s.chunk) {
-            let (t0, t1) = (chunk * s.chunk, ((chunk + 1) * s.chunk).min(l));
-            let (steps, decay) = chunk_steps(dt, x.dt_bias[h], a, h, &s, t0, t1);
-            let q = t1 - t0;
-            // The chunk's B transposed, [N, q]: C_i . B_j for every key j is then a sum of
-            // rows scaled by C_i's values, which vectorises over the keys.
-            for (k, bk) in b_t.chunks_exact_mut(s.chunk).enumerate() {
-                (0..q).for_each(|j| bk[j] = xbc[at.b(t0 + j)][k]);
+    fn ssd_sequence(x: &SsdInputs<&[f32]>, bi: usize, y: &mut [f32], saved: &mut [f32], s: SsdShape) -> () {
+        let (l, heads, (p, n)) = (s.len, s.heads, (s.head_dim, s.state));
+        let (width, pn) = (s.xbc_width(), p * n);
+        let xbc = &x.xbc[bi * l * width..(bi + 1) * l * width];
+        let dt = &x.dt[bi * l * heads..(bi + 1) * l * heads];
+        for h in 0..heads {
+            let at = SsdIndex::new(&s, h);
+            let a = -x.a_log[h].exp();
+            let mut state = vec![0.0f32; pn];
+            let (mut b_t, mut weights) = (vec![0.0f32; n * s.chunk], vec![0.0f32; s.chunk]);
+            saved[h * pn..(h + 1) * pn].fill(0.0);
+            for chunk in 0..l.div_ceil(s.chunk) {
+                let (t0, t1) = (chunk * s.chunk, ((chunk + 1) * s.chunk).min(l));
+                let (steps, decay) = chunk_steps(dt, x.dt_bias[h], a, h, &s, t0, t1);
+                let q = t1 - t0;
+                // The chunk's B transposed, [N, q]: C_i . B_j for every key j is then a sum of
+                // rows scaled by C_i's values, which vectorises over the keys.
+                for (k, bk) in b_t.chunks_exact_mut(s.chunk).enumerate() {
+                    (0..q).for_each(|j| bk[j] = xbc[at.b(t0 + j)][k]);
+                }
+                for i in 0..q {
+                    let ci = &xbc[at.c(t0 + i)];
+                    let yi = &mut y[at.y(t0 + i)];
+                    let carried = exp(decay[i]);
+                    for ((yv, xv), hs) in yi.iter_mut().zip(&xbc[at.x(t0 + i)]).zip(state.chunks_exact(n)) {
+                        *yv = x.d[h] * xv + carried * dot(hs, ci);
+                    }
+                    let w = &mut weights[..=i];
+                    w.fill(0.0);
+                    for (c, bk) in ci.iter().zip(b_t.chunks_exact(s.chunk)) {
+                        w.iter_mut().zip(bk).for_each(|(w, b)| *w += c * b);
+                    }
+                    for (j, w) in w.iter_mut().enumerate() {
+                        *w *= exp(decay[i] - decay[j]) * steps[j];
+                    }
+                    for (j, &w) in w.iter().enumerate() {
+                        yi.iter_mut().zip(&xbc[at.x(t0 + j)]).for_each(|(yv, xv)| *yv += w * xv);
+                    }
+                }
+                let last = t1 - t0 - 1;
+                let total = exp(decay[last]);
+                state.iter_mut().for_each(|v| *v *= total);
+                for j in 0..=last {
+                    let w = exp(decay[last] - decay[j]) * steps[j];
+                    let bj = &xbc[at.b(t0 + j)];
+                    for (hs, xv) in state.chunks_exact_mut(n).zip(&xbc[at.x(t0 + j)]) {
+                        hs.iter_mut().zip(bj).for_each(|(h, b)| *h += w * xv * b);
+                    }
+                }
+                let slot = chunk + 1;
+                saved[(slot * heads + h) * pn..(slot * heads + h + 1) * pn].copy_from_slice(&state);
             }
-            for i in 0..q {
-                let ci = &xbc[at.c(t0 + i)];
-                let yi = &mut y[at.y(t0 + i)];
-                let carried = exp(decay[i]);
-                for ((yv, xv), hs) in yi.iter_mut().zip(&xbc[at.x(t0 + i)]).zip(state.chunks_exact(n)) {
-                    *yv = x.d[h] * xv + carried * dot(hs, ci);
-                }
-                let w = &mut weights[..=i];
-                w.fill(0.0);
-                for (c, bk) in ci.iter().zip(b_t.chunks_exact(s.chunk)) {
-                    w.iter_mut().zip(bk).for_each(|(w, b)| *w += c * b);
-                }
-                for (j, w) in w.iter_mut().enumerate() {
-                    *w *= exp(decay[i] - decay[j]) * steps[j];
-                }
-                for (j, &w) in w.iter().enumerate() {
-                    yi.iter_mut().zip(&xbc[at.x(t0 + j)]).for_each(|(yv, xv)| *yv += w * xv);
-                }
-            }
-            let last = t1 - t0 - 1;
-            let total = exp(decay[last]);
-            state.iter_mut().for_each(|v| *v *= total);
-            for j in 0..=last {
-                let w = exp(decay[last] - decay[j]) * steps[j];
-                let bj = &xbc[at.b(t0 + j)];
-                for (hs, xv) in state.chunks_exact_mut(n).zip(&xbc[at.x(t0 + j)]) {
-                    hs.iter_mut().zip(bj).for_each(|(h, b)| *h += w * xv * b);
-                }
-            }
-            let slot = chunk + 1;
-            saved[(slot * heads + h) * pn..(slot * heads + h + 1) * pn].copy_from_slice(&state);
         }
     }
 }
@@ -488,115 +472,104 @@ dispatched! {
         dxbc: &mut [f32],
         ddt: &mut [f32],
         s: SsdShape,
-    ) -> [Vec<f32>; 3] = ssd_sequence_backward_loops;
-}
-
-#[inline(always)]
-fn ssd_sequence_backward_loops(
-    dy: &[f32],
-    x: &SsdInputs<&[f32]>,
-    states: &[f32],
-    bi: usize,
-    dxbc: &mut [f32],
-    ddt: &mut [f32],
-    s: SsdShape,
-) -> [Vec<f32>; 3] {
-    let (l, heads, (p, n)) = (s.len, s.heads, (s.head_dim, s.state));
-    let (width, pn) = (s.xbc_width(), p * n);
-    let xbc = &x.xbc[bi * l * width..(bi + 1) * l * width];
-    let dt = &x.dt[bi * l * heads..(bi + 1) * l * heads];
-    let dy = &dy[bi * l * s.inner()..(bi + 1) * l * s.inner()];
-    let saved = &states[bi * s.saved() * heads * pn..(bi + 1) * s.saved() * heads * pn];
-    let [mut dbias, mut da, mut dskip] = [vec![0.0f32; heads], vec![0.0f32; heads], vec![0.0f32; heads]];
-    dxbc.fill(0.0);
-    let (mut v, mut u) = (vec![0.0f32; p], vec![0.0f32; n]);
-    for h in 0..heads {
-        let at = SsdIndex::new(&s, h);
-        let a = -x.a_log[h].exp();
-        // dL/dH leaving the current chunk, and entering it (swapped after each chunk).
-        let (mut dstate, mut dh0) = (vec![0.0f32; pn], vec![0.0f32; pn]);
-        for chunk in (0..l.div_ceil(s.chunk)).rev() {
-            let (t0, t1) = (chunk * s.chunk, ((chunk + 1) * s.chunk).min(l));
-            let (q, last) = (t1 - t0, t1 - t0 - 1);
-            let h0 = &saved[(chunk * heads + h) * pn..(chunk * heads + h + 1) * pn];
-            let (steps, decay) = chunk_steps(dt, x.dt_bias[h], a, h, &s, t0, t1);
-            let (mut ddecay, mut dsteps) = (vec![0.0f32; q], vec![0.0f32; q]);
-            // dL/dH0, from the carried-state readouts and from the state update.
-            let total = exp(decay[last]);
-            dh0.iter_mut().zip(&dstate).for_each(|(d, g)| *d = total * g);
-            ddecay[last] += total * dot(&dstate, h0);
-            for i in 0..q {
-                let ti = t0 + i;
-                let dyi = &dy[at.y(ti)];
-                // Skip term D x_i.
-                dskip[h] += dot(dyi, &xbc[at.x(ti)]);
-                dxbc[at.x(ti)].iter_mut().zip(dyi).for_each(|(d, g)| *d += x.d[h] * g);
-                // Carried state exp(L_i) H0 C_i.
-                let carried = exp(decay[i]);
-                for (pi, g) in dyi.iter().enumerate() {
-                    let (hs, dhs) = (&h0[pi * n..(pi + 1) * n], &mut dh0[pi * n..(pi + 1) * n]);
-                    let ci = &xbc[at.c(ti)];
-                    ddecay[i] += carried * g * dot(hs, ci);
-                    dhs.iter_mut().zip(ci).for_each(|(d, c)| *d += carried * g * c);
-                    let dci = &mut dxbc[at.c(ti)];
-                    dci.iter_mut().zip(hs).for_each(|(d, h)| *d += carried * g * h);
-                }
-                // Intra-chunk pairs j <= i: exp(L_i - L_j) dt_j (C_i . B_j) x_j.
-                for j in 0..=i {
-                    let tj = t0 + j;
-                    let e = exp(decay[i] - decay[j]);
-                    let cb = dot(&xbc[at.c(ti)], &xbc[at.b(tj)]);
-                    let gx = dot(dyi, &xbc[at.x(tj)]);
-                    let pair = e * steps[j] * cb * gx;
-                    ddecay[i] += pair;
-                    ddecay[j] -= pair;
-                    dsteps[j] += e * cb * gx;
-                    let to_x = e * steps[j] * cb;
-                    dxbc[at.x(tj)].iter_mut().zip(dyi).for_each(|(d, g)| *d += to_x * g);
-                    let to_bc = e * steps[j] * gx;
-                    for k in 0..n {
-                        let (b, c) = (xbc[at.b(tj).start + k], xbc[at.c(ti).start + k]);
-                        dxbc[at.b(tj).start + k] += to_bc * c;
-                        dxbc[at.c(ti).start + k] += to_bc * b;
+    ) -> [Vec<f32>; 3] {
+        let (l, heads, (p, n)) = (s.len, s.heads, (s.head_dim, s.state));
+        let (width, pn) = (s.xbc_width(), p * n);
+        let xbc = &x.xbc[bi * l * width..(bi + 1) * l * width];
+        let dt = &x.dt[bi * l * heads..(bi + 1) * l * heads];
+        let dy = &dy[bi * l * s.inner()..(bi + 1) * l * s.inner()];
+        let saved = &states[bi * s.saved() * heads * pn..(bi + 1) * s.saved() * heads * pn];
+        let [mut dbias, mut da, mut dskip] = [vec![0.0f32; heads], vec![0.0f32; heads], vec![0.0f32; heads]];
+        dxbc.fill(0.0);
+        let (mut v, mut u) = (vec![0.0f32; p], vec![0.0f32; n]);
+        for h in 0..heads {
+            let at = SsdIndex::new(&s, h);
+            let a = -x.a_log[h].exp();
+            // dL/dH leaving the current chunk, and entering it (swapped after each chunk).
+            let (mut dstate, mut dh0) = (vec![0.0f32; pn], vec![0.0f32; pn]);
+            for chunk in (0..l.div_ceil(s.chunk)).rev() {
+                let (t0, t1) = (chunk * s.chunk, ((chunk + 1) * s.chunk).min(l));
+                let (q, last) = (t1 - t0, t1 - t0 - 1);
+                let h0 = &saved[(chunk * heads + h) * pn..(chunk * heads + h + 1) * pn];
+                let (steps, decay) = chunk_steps(dt, x.dt_bias[h], a, h, &s, t0, t1);
+                let (mut ddecay, mut dsteps) = (vec![0.0f32; q], vec![0.0f32; q]);
+                // dL/dH0, from the carried-state readouts and from the state update.
+                let total = exp(decay[last]);
+                dh0.iter_mut().zip(&dstate).for_each(|(d, g)| *d = total * g);
+                ddecay[last] += total * dot(&dstate, h0);
+                for i in 0..q {
+                    let ti = t0 + i;
+                    let dyi = &dy[at.y(ti)];
+                    // Skip term D x_i.
+                    dskip[h] += dot(dyi, &xbc[at.x(ti)]);
+                    dxbc[at.x(ti)].iter_mut().zip(dyi).for_each(|(d, g)| *d += x.d[h] * g);
+                    // Carried state exp(L_i) H0 C_i.
+                    let carried = exp(decay[i]);
+                    for (pi, g) in dyi.iter().enumerate() {
+                        let (hs, dhs) = (&h0[pi * n..(pi + 1) * n], &mut dh0[pi * n..(pi + 1) * n]);
+                        let ci = &xbc[at.c(ti)];
+                        ddecay[i] += carried * g * dot(hs, ci);
+                        dhs.iter_mut().zip(ci).for_each(|(d, c)| *d += carried * g * c);
+                        let dci = &mut dxbc[at.c(ti)];
+                        dci.iter_mut().zip(hs).for_each(|(d, h)| *d += carried * g * h);
+                    }
+                    // Intra-chunk pairs j <= i: exp(L_i - L_j) dt_j (C_i . B_j) x_j.
+                    for j in 0..=i {
+                        let tj = t0 + j;
+                        let e = exp(decay[i] - decay[j]);
+                        let cb = dot(&xbc[at.c(ti)], &xbc[at.b(tj)]);
+                        let gx = dot(dyi, &xbc[at.x(tj)]);
+                        let pair = e * steps[j] * cb * gx;
+                        ddecay[i] += pair;
+                        ddecay[j] -= pair;
+                        dsteps[j] += e * cb * gx;
+                        let to_x = e * steps[j] * cb;
+                        dxbc[at.x(tj)].iter_mut().zip(dyi).for_each(|(d, g)| *d += to_x * g);
+                        let to_bc = e * steps[j] * gx;
+                        for k in 0..n {
+                            let (b, c) = (xbc[at.b(tj).start + k], xbc[at.c(ti).start + k]);
+                            dxbc[at.b(tj).start + k] += to_bc * c;
+                            dxbc[at.c(ti).start + k] += to_bc * b;
+                        }
                     }
                 }
-            }
-            // State update: H_end = exp(L_last) H0 + sum_j exp(L_last - L_j) dt_j x_j B_j^T.
-            for j in 0..q {
-                let tj = t0 + j;
-                let w = exp(decay[last] - decay[j]);
-                let (xj, bj) = (&xbc[at.x(tj)], &xbc[at.b(tj)]);
-                // v = dH B_j (over state), u = dH^T x_j (over head channels).
-                v.iter_mut().zip(dstate.chunks_exact(n)).for_each(|(v, row)| *v = dot(row, bj));
-                u.fill(0.0);
-                for (row, xv) in dstate.chunks_exact(n).zip(xj) {
-                    u.iter_mut().zip(row).for_each(|(u, d)| *u += d * xv);
+                // State update: H_end = exp(L_last) H0 + sum_j exp(L_last - L_j) dt_j x_j B_j^T.
+                for j in 0..q {
+                    let tj = t0 + j;
+                    let w = exp(decay[last] - decay[j]);
+                    let (xj, bj) = (&xbc[at.x(tj)], &xbc[at.b(tj)]);
+                    // v = dH B_j (over state), u = dH^T x_j (over head channels).
+                    v.iter_mut().zip(dstate.chunks_exact(n)).for_each(|(v, row)| *v = dot(row, bj));
+                    u.fill(0.0);
+                    for (row, xv) in dstate.chunks_exact(n).zip(xj) {
+                        u.iter_mut().zip(row).for_each(|(u, d)| *u += d * xv);
+                    }
+                    let xv_dot = dot(xj, &v);
+                    dsteps[j] += w * xv_dot;
+                    ddecay[last] += w * steps[j] * xv_dot;
+                    ddecay[j] -= w * steps[j] * xv_dot;
+                    let scale = w * steps[j];
+                    dxbc[at.x(tj)].iter_mut().zip(&v).for_each(|(d, v)| *d += scale * v);
+                    dxbc[at.b(tj)].iter_mut().zip(&u).for_each(|(d, u)| *d += scale * u);
                 }
-                let xv_dot = dot(xj, &v);
-                dsteps[j] += w * xv_dot;
-                ddecay[last] += w * steps[j] * xv_dot;
-                ddecay[j] -= w * steps[j] * xv_dot;
-                let scale = w * steps[j];
-                dxbc[at.x(tj)].iter_mut().zip(&v).for_each(|(d, v)| *d += scale * v);
-                dxbc[at.b(tj)].iter_mut().zip(&u).for_each(|(d, u)| *d += scale * u);
+                // L_i = sum_{k<=i} dt_k A: dL/d(dt_k A) is the suffix sum of dL/dL_i.
+                let mut suffix = 0.0f32;
+                for k in (0..q).rev() {
+                    suffix += ddecay[k];
+                    dsteps[k] += a * suffix;
+                    da[h] += steps[k] * suffix;
+                }
+                // Through the softplus, d softplus(v) / dv = sigmoid(v) = 1 - exp(-dt), and
+                // the floor, which passes no gradient where it holds.
+                for k in 0..q {
+                    let slope = if steps[k] > s.dt_min { -(-steps[k]).exp_m1() } else { 0.0 };
+                    let g = dsteps[k] * slope;
+                    ddt[(t0 + k) * heads + h] = g;
+                    dbias[h] += g;
+                }
+                std::mem::swap(&mut dstate, &mut dh0);
             }
-            // L_i = sum_{k<=i} dt_k A: dL/d(dt_k A) is the suffix sum of dL/dL_i.
-            let mut suffix = 0.0f32;
-            for k in (0..q).rev() {
-                suffix += ddecay[k];
-                dsteps[k] += a * suffix;
-                da[h] += steps[k] * suffix;
-            }
-            // Through the softplus, d softplus(v) / dv = sigmoid(v) = 1 - exp(-dt), and
-            // the floor, which passes no gradient where it holds.
-            for k in 0..q {
-                let slope = if steps[k] > s.dt_min { -(-steps[k]).exp_m1() } else { 0.0 };
-                let g = dsteps[k] * slope;
-                ddt[(t0 + k) * heads + h] = g;
-                dbias[h] += g;
-            }
-            std::mem::swap(&mut dstate, &mut dh0);
         }
+        [dbias, da, dskip]
     }
-    [dbias, da, dskip]
 }
