@@ -7,6 +7,7 @@ pub mod bf16;
 pub mod error;
 pub mod gradcheck;
 pub mod rng;
+pub mod testdata;
 
 pub use backend::{
     Activation, AdamWParams, AttnShape, Backend, DeviceSlice, ScanGrads, ScanInputs, ScanShape, SsdGrads, SsdInputs,

@@ -15,6 +15,7 @@ use crate::memory::{DevMut, DevRef, Dtype, HostMemory, Memory};
 use cudarc::driver::LaunchConfig;
 use ondol_core::backend::Gemm;
 use ondol_core::bf16;
+use ondol_cpu::math::{gelu, gelu_grad};
 use std::ffi::{CStr, CString, c_char, c_void};
 
 #[repr(C)]
@@ -95,20 +96,6 @@ unsafe fn read(ptr: u64, len: usize, dtype: Dtype) -> Vec<f32> {
 /// `values[r, :] += bias` for every row.
 fn add_rows(values: &mut [f32], bias: &[f32]) {
     values.chunks_mut(bias.len()).for_each(|row| row.iter_mut().zip(bias).for_each(|(v, b)| *v += b));
-}
-
-/// GELU, tanh approximation, as cuBLASLt's epilogue computes it (in f32).
-fn gelu(x: f32) -> f32 {
-    0.5 * x * (1.0 + gelu_tanh(x))
-}
-
-fn gelu_tanh(x: f32) -> f32 {
-    (0.797_884_6 * (x + 0.044_715 * x * x * x)).tanh()
-}
-
-fn gelu_grad(x: f32) -> f32 {
-    let t = gelu_tanh(x);
-    0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * 0.797_884_6 * (1.0 + 3.0 * 0.044_715 * x * x)
 }
 
 impl Device for Emulator {

@@ -12,6 +12,7 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DevicePt
 use cudarc::nvrtc::Ptx;
 use ondol_core::backend::Gemm;
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::sync::{Arc, Mutex};
 
 pub struct Gpu {
@@ -21,11 +22,16 @@ pub struct Gpu {
     arch: String,
     sms: usize,
     modules: Vec<(&'static str, Arc<CudaModule>)>,
-    functions: Mutex<HashMap<String, CudaFunction>>,
-    /// Per kernel, the most dynamic shared memory a launch has asked for so far (checked
-    /// against the 48 KiB default once per new maximum).
-    shared_asked: Mutex<HashMap<String, u32>>,
+    /// Loaded kernels by "family/name".
+    functions: Mutex<HashMap<String, Kernel>>,
     blas: Blas,
+}
+
+/// A loaded kernel and the most dynamic shared memory a launch has asked of it so far
+/// (checked against the 48 KiB default once per new maximum).
+struct Kernel {
+    f: CudaFunction,
+    shared: u32,
 }
 
 impl Gpu {
@@ -64,8 +70,7 @@ impl Gpu {
             .collect::<Result<_, CudaError>>()?;
         let stream = ctx.default_stream();
         let blas = Blas::new(&stream).map_err(CudaError::Driver)?;
-        let (functions, shared_asked) = (Mutex::new(HashMap::new()), Mutex::new(HashMap::new()));
-        Ok(Self { stream, ctx, arch, sms, modules, functions, shared_asked, blas })
+        Ok(Self { stream, ctx, arch, sms, modules, functions: Mutex::new(HashMap::new()), blas })
     }
 
     /// Makes the GPU's context current on the calling thread (the raw copies need it).
@@ -73,41 +78,35 @@ impl Gpu {
         self.ctx.bind_to_thread().unwrap_or_else(|e| panic!("CUDA context: {e}"));
     }
 
-    /// Above 48 KiB of shared memory, static and dynamic together, a kernel must opt in to
-    /// its dynamic share: done once per new largest request of each kernel.
-    fn opt_in_to_shared(&self, family: &str, name: &str, f: &CudaFunction, bytes: u32) {
-        let mut asked = self.shared_asked.lock().expect("shared memory requests");
-        let most = asked.entry(format!("{family}/{name}")).or_insert(0);
-        if bytes <= *most {
-            return;
-        }
-        *most = bytes;
-        self.bind();
-        let what = format!("kernel {name}: {bytes} bytes of dynamic shared memory");
-        let fixed = f
-            .get_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)
-            .unwrap_or_else(|e| panic!("{what}: {e}"));
-        if fixed as u32 + bytes > 48 << 10 {
-            f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes as i32)
-                .unwrap_or_else(|e| panic!("{what}: {e}"));
-        }
-    }
-
-    /// Kernel `name` of the family `family` (a kernels/*.cu file).
-    pub fn function(&self, family: &str, name: &str) -> Result<CudaFunction, CudaError> {
+    /// Kernel `name` of the family `family` (a kernels/*.cu file), ready for a launch with
+    /// `shared` bytes of dynamic shared memory: above 48 KiB, static and dynamic together, a
+    /// kernel must opt in to its dynamic share (done once per new largest request).
+    fn function(&self, family: &str, name: &str, shared: u32) -> Result<CudaFunction, CudaError> {
         let key = format!("{family}/{name}");
         let mut cache = self.functions.lock().expect("kernel cache");
-        if let Some(f) = cache.get(&key) {
-            return Ok(f.clone());
+        let kernel = match cache.entry(key) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => {
+                let (_, module) = self
+                    .modules
+                    .iter()
+                    .find(|(f, _)| *f == family)
+                    .ok_or_else(|| CudaError::Driver(format!("no kernel family {family}")))?;
+                e.insert(Kernel { f: module.load_function(name)?, shared: 0 })
+            }
+        };
+        if shared > kernel.shared {
+            self.bind();
+            let fixed = kernel.f.get_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)?;
+            if fixed as u32 + shared > 48 << 10 {
+                kernel.f.set_attribute(
+                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    shared as i32,
+                )?;
+            }
+            kernel.shared = shared;
         }
-        let (_, module) = self
-            .modules
-            .iter()
-            .find(|(f, _)| *f == family)
-            .ok_or_else(|| CudaError::Driver(format!("no kernel family {family}")))?;
-        let f = module.load_function(name)?;
-        cache.insert(key, f.clone());
-        Ok(f)
+        Ok(kernel.f.clone())
     }
 }
 
@@ -157,8 +156,9 @@ impl Device for Gpu {
         if x == 0 || y == 0 || z == 0 {
             return;
         }
-        let f = self.function(family, name).unwrap_or_else(|e| panic!("kernel {family}/{name}: {e}"));
-        self.opt_in_to_shared(family, name, &f, cfg.shared_mem_bytes);
+        let f = self.function(family, name, cfg.shared_mem_bytes).unwrap_or_else(|e| {
+            panic!("kernel {family}/{name} ({} bytes of shared memory): {e}", cfg.shared_mem_bytes)
+        });
         let mut builder = self.stream.launch_builder(&f);
         for a in args {
             match a {

@@ -8,7 +8,7 @@
 
 use ondol_core::backend::{AttnShape, Gemm, rope_table};
 use ondol_core::bf16;
-use ondol_core::{Activation, AdamWParams, Backend, Rng};
+use ondol_core::{Activation, AdamWParams, Backend, Rng, ScanInputs, SsdInputs};
 use ondol_cpu::CpuBackend;
 use ondol_cuda::{CudaBackend, Dtype};
 
@@ -577,6 +577,17 @@ fn causal_conv1d_and_gated_rmsnorm_match_the_cpu() {
     }
 }
 
+/// A selective scan's inputs from views of its fields, in order (u, delta, delta_bias,
+/// a_log, B, C, D, z).
+fn scan_inputs<R>([u, delta, delta_bias, a_log, b, c, d, z]: [R; 8]) -> ScanInputs<R> {
+    ScanInputs { u, delta, delta_bias, a_log, b, c, d, z }
+}
+
+/// An SSD's inputs from views of its fields, in order (xbc, dt, dt_bias, a_log, D).
+fn ssd_inputs<R>([xbc, dt, dt_bias, a_log, d]: [R; 5]) -> SsdInputs<R> {
+    SsdInputs { xbc, dt, dt_bias, a_log, d }
+}
+
 /// The fields of a scan's inputs in order, uploaded; returns the host copies too.
 fn uploads(be: &CudaBackend, fields: &[(usize, u64, f32)]) -> (Vec<Vec<f32>>, Vec<ondol_cuda::DeviceBuf>) {
     let host: Vec<Vec<f32>> = fields.iter().map(|&(n, seed, scale)| round(be, &random(n, seed, scale))).collect();
@@ -586,7 +597,7 @@ fn uploads(be: &CudaBackend, fields: &[(usize, u64, f32)]) -> (Vec<Vec<f32>>, Ve
 
 #[test]
 fn selective_scan_matches_the_cpu() {
-    use ondol_core::{ScanGrads, ScanInputs, ScanShape};
+    use ondol_core::{ScanGrads, ScanShape};
     for be in backends() {
         let tol = tolerance(&be);
         // 2 sequences of 45 tokens, 37 channels (a partial block), 16 states, chunks of 20
@@ -606,26 +617,8 @@ fn selective_scan_matches_the_cpu() {
                 (rows * ch, 8, 1.0),
             ],
         );
-        let cpu_inputs = ScanInputs {
-            u: &h[0][..],
-            delta: &h[1][..],
-            delta_bias: &h[2][..],
-            a_log: &h[3][..],
-            b: &h[4][..],
-            c: &h[5][..],
-            d: &h[6][..],
-            z: &h[7][..],
-        };
-        let dev_inputs = || ScanInputs {
-            u: be.all(&d[0]),
-            delta: be.all(&d[1]),
-            delta_bias: be.all(&d[2]),
-            a_log: be.all(&d[3]),
-            b: be.all(&d[4]),
-            c: be.all(&d[5]),
-            d: be.all(&d[6]),
-            z: be.all(&d[7]),
-        };
+        let cpu_inputs = scan_inputs(std::array::from_fn(|i| &h[i][..]));
+        let dev_inputs = || scan_inputs(std::array::from_fn(|i| be.all(&d[i])));
         let states_len = s.batch * s.saved() * ch * n;
         let (mut y, mut states) = (be.zeros(rows * ch), be.zeros_f32(states_len));
         be.selective_scan_forward(dev_inputs(), be.all_mut(&mut y), be.all_mut(&mut states), s);
@@ -665,7 +658,7 @@ fn selective_scan_matches_the_cpu() {
 
 #[test]
 fn ssd_scan_matches_the_cpu() {
-    use ondol_core::{SsdGrads, SsdInputs, SsdShape};
+    use ondol_core::{SsdGrads, SsdShape};
     for be in backends() {
         let tol = tolerance(&be);
         // 2 sequences of 37 tokens in chunks of 16 (the last one partial, and one more query
@@ -683,15 +676,8 @@ fn ssd_scan_matches_the_cpu() {
                     (s.heads, 5, 1.0),
                 ],
             );
-            let cpu_inputs =
-                SsdInputs { xbc: &h[0][..], dt: &h[1][..], dt_bias: &h[2][..], a_log: &h[3][..], d: &h[4][..] };
-            let dev_inputs = || SsdInputs {
-                xbc: be.all(&d[0]),
-                dt: be.all(&d[1]),
-                dt_bias: be.all(&d[2]),
-                a_log: be.all(&d[3]),
-                d: be.all(&d[4]),
-            };
+            let cpu_inputs = ssd_inputs(std::array::from_fn(|i| &h[i][..]));
+            let dev_inputs = || ssd_inputs(std::array::from_fn(|i| be.all(&d[i])));
             let (mut y, mut states) = (be.zeros(rows * s.inner()), be.zeros_f32(s.states_len()));
             be.ssd_forward(dev_inputs(), be.all_mut(&mut y), be.all_mut(&mut states), s);
             let (mut want_y, mut want_states) = (vec![0.0; rows * s.inner()], vec![0.0; s.states_len()]);
@@ -740,7 +726,7 @@ fn ssd_scan_matches_the_cpu() {
 /// carried states: 3 tokens of 2 sequences, then 1 token (decoding).
 #[test]
 fn recurrent_forms_match_the_cpu() {
-    use ondol_core::{ScanInputs, ScanShape, SsdInputs, SsdShape};
+    use ondol_core::{ScanShape, SsdShape};
     for be in backends() {
         let tol = tolerance(&be);
         for len in [3, 1] {
@@ -772,17 +758,11 @@ fn recurrent_forms_match_the_cpu() {
                 uploads(&be, &[&fields[..], &[(rows * 16, 10, 1.0), (ch, 11, 1.0), (rows * ch, 12, 1.0)]].concat());
             let carry0 = random(batch * ch * 16, 13, 1.0);
             let (mut y, mut carry) = (be.zeros(rows * ch), be.upload_f32(&carry0));
-            let [u, delta, delta_bias, a_log, b, c, dd, z] = [0, 1, 2, 3, 4, 5, 6, 7].map(|i| be.all(&d[i]));
-            let inputs = ScanInputs { u, delta, delta_bias, a_log, b, c, d: dd, z };
+            let inputs = scan_inputs(std::array::from_fn(|i| be.all(&d[i])));
             be.selective_scan_recurrent(inputs, be.all_mut(&mut y), be.all_mut(&mut carry), s);
-            let [u, delta, delta_bias, a_log, b, c, dd, z] = [0, 1, 2, 3, 4, 5, 6, 7].map(|i| &h[i][..]);
             let (mut want, mut want_carry) = (vec![0.0; rows * ch], carry0.clone());
-            CPU.selective_scan_recurrent(
-                ScanInputs { u, delta, delta_bias, a_log, b, c, d: dd, z },
-                &mut want,
-                &mut want_carry,
-                s,
-            );
+            let inputs = scan_inputs(std::array::from_fn(|i| &h[i][..]));
+            CPU.selective_scan_recurrent(inputs, &mut want, &mut want_carry, s);
             assert_close(&format!("selective_scan_recurrent y len={len}"), &be, &be.download(&y), &want, tol);
             let carry = be.download(&carry);
             assert_close(&format!("selective_scan_recurrent state len={len}"), &be, &carry, &want_carry, tol.max(1e-4));
@@ -793,16 +773,11 @@ fn recurrent_forms_match_the_cpu() {
             let (h, d) = uploads(&be, &fields);
             let carry0 = random(batch * s.inner() * s.state, 19, 1.0);
             let (mut y, mut carry) = (be.zeros(rows * s.inner()), be.upload_f32(&carry0));
-            let [xbc, dt, dt_bias, a_log, dd] = [0, 1, 2, 3, 4].map(|i| be.all(&d[i]));
-            be.ssd_recurrent(
-                SsdInputs { xbc, dt, dt_bias, a_log, d: dd },
-                be.all_mut(&mut y),
-                be.all_mut(&mut carry),
-                s,
-            );
-            let [xbc, dt, dt_bias, a_log, dd] = [0, 1, 2, 3, 4].map(|i| &h[i][..]);
+            let inputs = ssd_inputs(std::array::from_fn(|i| be.all(&d[i])));
+            be.ssd_recurrent(inputs, be.all_mut(&mut y), be.all_mut(&mut carry), s);
             let (mut want, mut want_carry) = (vec![0.0; rows * s.inner()], carry0.clone());
-            CPU.ssd_recurrent(SsdInputs { xbc, dt, dt_bias, a_log, d: dd }, &mut want, &mut want_carry, s);
+            let inputs = ssd_inputs(std::array::from_fn(|i| &h[i][..]));
+            CPU.ssd_recurrent(inputs, &mut want, &mut want_carry, s);
             assert_close(&format!("ssd_recurrent y len={len}"), &be, &be.download(&y), &want, tol);
             let carry = be.download(&carry);
             assert_close(&format!("ssd_recurrent state len={len}"), &be, &carry, &want_carry, tol.max(1e-4));
@@ -873,7 +848,7 @@ fn flash_attention_matches_the_cpu_and_the_simple_kernel() {
 /// 64-row tiles, the second partial, and the second chunk of 100 tokens is short.
 #[test]
 fn ssd_on_tensor_cores_matches_the_cpu_and_the_cuda_core_kernels() {
-    use ondol_core::{SsdGrads, SsdInputs, SsdShape};
+    use ondol_core::{SsdGrads, SsdShape};
     for (tc, simple) in tensor_core_pairs() {
         let tol = tolerance(&tc);
         // And the largest pair in chunks of 256 (four tiles, two passes of the chunk state,
@@ -895,13 +870,7 @@ fn ssd_on_tensor_cores_matches_the_cpu_and_the_cuda_core_kernels() {
             // y, states, dxbc, ddt, ddt_bias, da_log, dD.
             let run = |be: &CudaBackend| -> Vec<Vec<f32>> {
                 let (_, d) = uploads(be, &fields);
-                let x = || SsdInputs {
-                    xbc: be.all(&d[0]),
-                    dt: be.all(&d[1]),
-                    dt_bias: be.all(&d[2]),
-                    a_log: be.all(&d[3]),
-                    d: be.all(&d[4]),
-                };
+                let x = || ssd_inputs(std::array::from_fn(|i| be.all(&d[i])));
                 let (mut y, mut states) = (be.zeros(rows * s.inner()), be.zeros_f32(s.states_len()));
                 be.ssd_forward(x(), be.all_mut(&mut y), be.all_mut(&mut states), s);
                 let (mut dxbc, mut ddt) = (be.zeros(rows * s.xbc_width()), be.zeros(rows * s.heads));
@@ -915,7 +884,7 @@ fn ssd_on_tensor_cores_matches_the_cpu_and_the_cuda_core_kernels() {
                 [&y, &states, &dxbc, &ddt].into_iter().chain(&acc).map(|b| be.download(b)).collect()
             };
             let (h, _) = uploads(&tc, &fields);
-            let x = SsdInputs { xbc: &h[0][..], dt: &h[1][..], dt_bias: &h[2][..], a_log: &h[3][..], d: &h[4][..] };
+            let x = ssd_inputs(std::array::from_fn(|i| &h[i][..]));
             let mut want: Vec<Vec<f32>> =
                 [rows * s.inner(), s.states_len(), rows * s.xbc_width(), rows * s.heads, s.heads, s.heads, s.heads]
                     .map(|n| vec![0.0; n])

@@ -7,7 +7,6 @@
 //! as tests/layouts.rs of ondol-parallel does on the CPU.
 
 use ondol_comm::{Mesh, RankComms};
-use ondol_core::Rng;
 use ondol_cuda::{CudaBackend, Dtype};
 use ondol_model::{Arch, ModelConfig, SsmConfig};
 use ondol_optim::OptimizerConfig;
@@ -72,22 +71,9 @@ fn shape(tp: usize, pp: usize, dp: usize) -> Shape {
     Shape { tp, pp, dp, sequence_parallel: false, buckets: None, zero: false }
 }
 
-/// Step `s`'s global batch: a Markov source with noise, as in ondol-parallel's layout tests.
+/// Step `step`'s global batch: `MICRO` micro-batches of `BATCH` sequences with signal.
 fn global_batch(step: usize, vocab: usize) -> Vec<(Vec<u32>, Vec<u32>)> {
-    let mut rng = Rng::new(1000 + step as u64);
-    (0..MICRO)
-        .map(|_| {
-            let mut t = rng.below(vocab as u64) as u32;
-            let tokens: Vec<u32> = (0..BATCH * (SEQ + 1))
-                .map(|_| {
-                    t = if rng.below(5) == 0 { rng.below(vocab as u64) as u32 } else { (3 * t + 1) % vocab as u32 };
-                    t
-                })
-                .collect();
-            let rows: Vec<&[u32]> = tokens.chunks(SEQ + 1).collect();
-            (rows.iter().flat_map(|r| r[..SEQ].to_vec()).collect(), rows.iter().flat_map(|r| r[1..].to_vec()).collect())
-        })
-        .collect()
+    ondol_core::testdata::markov_batches(1000 + step as u64, MICRO, BATCH, SEQ, vocab)
 }
 
 /// The losses of `STEPS` steps and the final whole weights, on emulated devices computing in

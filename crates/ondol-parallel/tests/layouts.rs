@@ -4,7 +4,6 @@
 //! the largest weight for the weights).
 
 use ondol_comm::{Mesh, RankComms};
-use ondol_core::Rng;
 use ondol_cpu::CpuBackend;
 use ondol_model::{Arch, Model, ModelConfig, Part, SsmConfig, Workspace};
 use ondol_optim::OptimizerConfig;
@@ -110,27 +109,9 @@ fn sequence_parallel(tp: usize, pp: usize, dp: usize) -> Shape {
     Shape { sequence_parallel: true, ..shape(tp, pp, dp) }
 }
 
-/// The global batch of step `s`: `MICRO` micro-batches of `BATCH` sequences from a Markov
-/// source (next = 3 x current + 1 mod V, or a random token one time in five), so that the
-/// gradients carry signal: on uniform noise, AdamW turns round-off into chaotic updates and
-/// no two summation orders stay within 1e-5 for 20 steps.
+/// Step `step`'s global batch: `MICRO` micro-batches of `BATCH` sequences with signal.
 fn global_batch(step: usize, vocab: usize) -> Vec<(Vec<u32>, Vec<u32>)> {
-    let mut rng = Rng::new(1000 + step as u64);
-    (0..MICRO)
-        .map(|_| {
-            let mut t = rng.below(vocab as u64) as u32;
-            let tokens: Vec<u32> = (0..BATCH * (SEQ + 1))
-                .map(|_| {
-                    t = if rng.below(5) == 0 { rng.below(vocab as u64) as u32 } else { (3 * t + 1) % vocab as u32 };
-                    t
-                })
-                .collect();
-            let rows: Vec<&[u32]> = tokens.chunks(SEQ + 1).collect();
-            let inputs = rows.iter().flat_map(|r| r[..SEQ].iter().copied()).collect();
-            let targets = rows.iter().flat_map(|r| r[1..].iter().copied()).collect();
-            (inputs, targets)
-        })
-        .collect()
+    ondol_core::testdata::markov_batches(1000 + step as u64, MICRO, BATCH, SEQ, vocab)
 }
 
 /// Replica `d` of `dp`'s share of a micro-batch: its rows.
