@@ -83,3 +83,82 @@ pub unsafe fn raw_gemm(
         )
     }
 }
+
+/// A row-major matrix inside a slice, or the transpose of one: element (r, c) at
+/// `data[r * rs + c * cs]`. The operand of [`matmul`]; it borrows, so it never copies.
+#[derive(Clone, Copy)]
+pub struct Mat<'a> {
+    data: &'a [f32],
+    rows: usize,
+    cols: usize,
+    rs: usize,
+    cs: usize,
+}
+
+/// The elements a `rows × cols` matrix with rows `row_stride` apart spans.
+fn span(rows: usize, cols: usize, row_stride: usize) -> usize {
+    if rows == 0 || cols == 0 { 0 } else { (rows - 1) * row_stride + cols }
+}
+
+impl<'a> Mat<'a> {
+    /// The `rows × cols` matrix starting at `data[start]`, its rows `row_stride` apart (panics
+    /// if it does not fit in `data`).
+    pub fn new(data: &'a [f32], start: usize, rows: usize, cols: usize, row_stride: usize) -> Self {
+        assert!(cols <= row_stride || rows <= 1, "Mat: rows of {cols} overlap at stride {row_stride}");
+        Self { data: &data[start..start + span(rows, cols, row_stride)], rows, cols, rs: row_stride, cs: 1 }
+    }
+
+    /// The transpose (a view: strides swapped).
+    pub fn t(self) -> Self {
+        Self { rows: self.cols, cols: self.rows, rs: self.cs, cs: self.rs, ..self }
+    }
+}
+
+/// The destination of [`matmul`]: a row-major matrix inside a mutable slice.
+pub struct MatMut<'a> {
+    data: &'a mut [f32],
+    rows: usize,
+    cols: usize,
+    rs: usize,
+}
+
+impl<'a> MatMut<'a> {
+    /// As [`Mat::new`], writable.
+    pub fn new(data: &'a mut [f32], start: usize, rows: usize, cols: usize, row_stride: usize) -> Self {
+        assert!(cols <= row_stride || rows <= 1, "MatMut: rows of {cols} overlap at stride {row_stride}");
+        Self { data: &mut data[start..start + span(rows, cols, row_stride)], rows, cols, rs: row_stride }
+    }
+}
+
+/// `C = alpha A B + beta C` on the calling thread, for loops that run many small products in
+/// parallel (the SSD's chunks). `beta == 0` never reads C.
+pub fn matmul(c: MatMut, a: Mat, b: Mat, alpha: f32, beta: f32) {
+    assert!(
+        a.rows == c.rows && b.cols == c.cols && a.cols == b.rows,
+        "matmul: [{}, {}] x [{}, {}] into [{}, {}]",
+        a.rows,
+        a.cols,
+        b.rows,
+        b.cols,
+        c.rows,
+        c.cols
+    );
+    if c.rows == 0 || c.cols == 0 {
+        return;
+    }
+    let g = Gemm { alpha, beta, ..Gemm::new(c.rows, c.cols, a.cols, false, false) };
+    // SAFETY: every view was bounds-checked against its slice when it was made, and C is a
+    // unique borrow, so it aliases neither operand.
+    unsafe {
+        raw_gemm(
+            g,
+            c.data.as_mut_ptr(),
+            c.rs as isize,
+            a.data.as_ptr(),
+            (a.rs as isize, a.cs as isize),
+            b.data.as_ptr(),
+            (b.rs as isize, b.cs as isize),
+            Parallelism::None,
+        )
+    }
+}

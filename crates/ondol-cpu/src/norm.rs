@@ -6,8 +6,9 @@
 //! bias gradients accumulate as every parameter gradient does. Per row: forward reads x once
 //! and writes out once (2 * dim * 4 bytes); backward reads dout and x and updates dx.
 
-use crate::math::{silu, silu_grad};
+use crate::math::{dot, sigmoid, silu};
 use crate::reduce::column_sums;
+use crate::simd::dispatched;
 use rayon::prelude::*;
 
 pub fn rmsnorm_forward(x: &[f32], w: &[f32], out: &mut [f32], rstd: &mut [f32], dim: usize, eps: f32) {
@@ -142,17 +143,18 @@ pub fn gated_rmsnorm_forward(
     out.par_chunks_mut(width)
         .zip(x.par_chunks(width).zip(z.par_chunks(width)))
         .zip(rstd.par_chunks_mut(width / group))
-        .for_each(|((o, (x, z)), r)| {
-            for (k, r) in r.iter_mut().enumerate() {
-                let cols = k * group..(k + 1) * group;
-                let gated = x[cols.clone()].iter().zip(&z[cols.clone()]).map(|(x, z)| x * silu(*z));
-                let ms = gated.clone().map(|g| g * g).sum::<f32>() / group as f32;
-                *r = 1.0 / (ms + eps).sqrt();
-                for ((o, g), w) in o[cols.clone()].iter_mut().zip(gated).zip(&w[cols]) {
-                    *o = g * *r * w;
-                }
-            }
-        });
+        .for_each(|((o, (x, z)), r)| gated_rmsnorm_row(x, z, w, o, r, group, eps));
+}
+
+dispatched! {
+    /// One row of [`gated_rmsnorm_forward`]: g into `o`, then each group scaled in place.
+    fn gated_rmsnorm_row(x: &[f32], z: &[f32], w: &[f32], o: &mut [f32], rstd: &mut [f32], group: usize, eps: f32) -> () {
+        o.iter_mut().zip(x).zip(z).for_each(|((o, x), z)| *o = x * silu(*z));
+        for ((o, w), r) in o.chunks_exact_mut(group).zip(w.chunks_exact(group)).zip(rstd) {
+            *r = 1.0 / (dot(o, o) / group as f32 + eps).sqrt();
+            o.iter_mut().zip(w).for_each(|(o, w)| *o *= *r * w);
+        }
+    }
 }
 
 /// Backward of [`gated_rmsnorm_forward`]: the RMSNorm backward at g (see
@@ -177,25 +179,61 @@ pub fn gated_rmsnorm_backward(
         .zip(dz.par_chunks_mut(width))
         .zip(dout.par_chunks(width).zip(x.par_chunks(width).zip(z.par_chunks(width))))
         .zip(rstd.par_chunks(per_row))
-        .for_each(|(((dx, dz), (dy, (x, z))), r)| {
-            for (k, &r) in r.iter().enumerate() {
-                let cols = k * group..(k + 1) * group;
-                let gated = |i: usize| x[i] * silu(z[i]);
-                let dot: f32 = cols.clone().map(|i| dy[i] * w[i] * gated(i)).sum();
-                let c = r * r * r * dot / group as f32;
-                for i in cols {
-                    let dg = r * w[i] * dy[i] - c * gated(i);
-                    dx[i] = dg * silu(z[i]);
-                    dz[i] = dg * x[i] * silu_grad(z[i]);
-                }
-            }
-        });
+        .for_each_init(
+            || vec![0.0f32; width],
+            |gw, (((dx, dz), (dy, (x, z))), r)| gated_rmsnorm_row_backward(dy, x, z, w, r, dx, dz, gw, group),
+        );
     column_sums(rstd.len() / per_row, dw, |rows, part| {
         for row in rows {
-            for (i, p) in part.iter_mut().enumerate() {
-                let at = row * width + i;
-                *p += dout[at] * x[at] * silu(z[at]) * rstd[row * per_row + i / group];
-            }
+            let at = row * width..(row + 1) * width;
+            let r = &rstd[row * per_row..(row + 1) * per_row];
+            gated_rmsnorm_row_dw(&dout[at.clone()], &x[at.clone()], &z[at], r, part, group);
         }
     });
+}
+
+dispatched! {
+    #[allow(clippy::too_many_arguments)]
+    /// One row of [`gated_rmsnorm_backward`]'s dx and dz; `gw` is scratch of the row's width.
+    /// sigmoid(z) and g are computed once, into dz and dx, and read back.
+    fn gated_rmsnorm_row_backward(
+        dy: &[f32],
+        x: &[f32],
+        z: &[f32],
+        w: &[f32],
+        rstd: &[f32],
+        dx: &mut [f32],
+        dz: &mut [f32],
+        gw: &mut [f32],
+        group: usize,
+    ) -> () {
+        for ((((s, g), gw), (x, z)), w) in dz.iter_mut().zip(dx.iter_mut()).zip(gw.iter_mut()).zip(x.iter().zip(z)).zip(w) {
+            *s = sigmoid(*z);
+            *g = x * z * *s;
+            *gw = *g * w;
+        }
+        let groups = dx.chunks_exact_mut(group).zip(dz.chunks_exact_mut(group));
+        for (k, ((dx, dz), &r)) in groups.zip(rstd).enumerate() {
+            let cols = k * group..(k + 1) * group;
+            let (dy, x, z, w) = (&dy[cols.clone()], &x[cols.clone()], &z[cols.clone()], &w[cols.clone()]);
+            let c = r * r * r * dot(dy, &gw[cols]) / group as f32;
+            for (((dx, dz), (dy, w)), (x, z)) in dx.iter_mut().zip(dz.iter_mut()).zip(dy.iter().zip(w)).zip(x.iter().zip(z)) {
+                let (g, s) = (*dx, *dz);
+                let dg = r * w * dy - c * g;
+                *dx = dg * z * s;
+                *dz = dg * x * s * (1.0 + z * (1.0 - s));
+            }
+        }
+    }
+}
+
+dispatched! {
+    /// One row's term of the weight gradient, dw += dy g r.
+    fn gated_rmsnorm_row_dw(dy: &[f32], x: &[f32], z: &[f32], rstd: &[f32], part: &mut [f32], group: usize) -> () {
+        for (k, (part, &r)) in part.chunks_exact_mut(group).zip(rstd).enumerate() {
+            let cols = k * group..(k + 1) * group;
+            let terms = dy[cols.clone()].iter().zip(&x[cols.clone()]).zip(&z[cols]);
+            part.iter_mut().zip(terms).for_each(|(p, ((dy, x), z))| *p += dy * x * silu(*z) * r);
+        }
+    }
 }

@@ -18,22 +18,29 @@
 //! with L the running sum of dt A inside the chunk and H0 the state entering it. FLOPs per
 //! (token, head): Q (N + P) for the intra-chunk part and 4 P N for the state, forward.
 
+use crate::dense::{Mat, MatMut, matmul};
 use crate::math::{dot, exp, silu, silu_grad, softplus, sum};
 use crate::simd::dispatched;
 use ondol_core::{ScanGrads, ScanInputs, ScanShape, SsdGrads, SsdInputs, SsdShape};
 use rayon::prelude::*;
 
-/// The convolution before its SiLU, for one sequence.
-fn conv1d_pre(x: &[f32], w: &[f32], bias: &[f32], pre: &mut [f32], len: usize, channels: usize) {
+/// The weights tap-major, `[K, channels]` (they are stored `[channels, K]`), so every loop
+/// over a row of activations runs over contiguous channels.
+fn taps(w: &[f32], channels: usize) -> Vec<f32> {
     let k = w.len() / channels;
-    for t in 0..len {
-        let row = &mut pre[t * channels..(t + 1) * channels];
-        row.copy_from_slice(bias);
-        for j in 0..k {
-            let Some(src) = (t + j).checked_sub(k - 1) else { continue };
-            let xs = &x[src * channels..(src + 1) * channels];
-            for (d, (o, xv)) in row.iter_mut().zip(xs).enumerate() {
-                *o += w[d * k + j] * xv;
+    (0..k).flat_map(|j| (0..channels).map(move |d| w[d * k + j])).collect()
+}
+
+dispatched! {
+    /// The convolution before its SiLU, for one sequence (`taps` from [`taps`]).
+    fn conv1d_pre(x: &[f32], taps: &[f32], bias: &[f32], pre: &mut [f32], channels: usize) -> () {
+        let k = taps.len() / channels;
+        for (t, row) in pre.chunks_exact_mut(channels).enumerate() {
+            row.copy_from_slice(bias);
+            for (j, tap) in taps.chunks_exact(channels).enumerate() {
+                let Some(src) = (t + j).checked_sub(k - 1) else { continue };
+                let xs = &x[src * channels..(src + 1) * channels];
+                row.iter_mut().zip(tap).zip(xs).for_each(|((o, w), xv)| *o += w * xv);
             }
         }
     }
@@ -41,8 +48,9 @@ fn conv1d_pre(x: &[f32], w: &[f32], bias: &[f32], pre: &mut [f32], len: usize, c
 
 /// `y[b, t, d] = silu(bias[d] + sum_k w[d, k] x[b, t - (K-1) + k, d])`, zero before the sequence.
 pub fn conv1d_forward(x: &[f32], w: &[f32], bias: &[f32], y: &mut [f32], len: usize, channels: usize) {
+    let taps = taps(w, channels);
     y.par_chunks_mut(len * channels).zip(x.par_chunks(len * channels)).for_each(|(y, x)| {
-        conv1d_pre(x, w, bias, y, len, channels);
+        conv1d_pre(x, &taps, bias, y, channels);
         y.iter_mut().for_each(|v| *v = silu(*v));
     });
 }
@@ -63,12 +71,13 @@ pub fn conv1d_recurrent(
     if kept == 0 {
         return conv1d_forward(x, w, bias, y, len, channels);
     }
+    let taps = taps(w, channels);
     let seqs = y.par_chunks_mut(per_seq).zip(x.par_chunks(per_seq)).zip(state.par_chunks_mut(kept));
     seqs.for_each(|((y, x), state)| {
         // The kept inputs, then the new ones: the convolution over it from row K - 1 on.
         let window = [&state[..kept], x].concat();
         let mut pre = vec![0.0f32; window.len()];
-        conv1d_pre(&window, w, bias, &mut pre, len + k - 1, channels);
+        conv1d_pre(&window, &taps, bias, &mut pre, channels);
         y.iter_mut().zip(&pre[kept..]).for_each(|(y, p)| *y = silu(*p));
         state[..kept].copy_from_slice(&window[window.len() - kept..]);
     });
@@ -87,38 +96,50 @@ pub fn conv1d_backward(
     len: usize,
     channels: usize,
 ) {
-    let k = w.len() / channels;
-    let per_seq = len * channels;
-    // Gradient at the pre-activation, per sequence (the convolution is recomputed).
-    let mut dpre = vec![0.0f32; dy.len()];
-    dpre.par_chunks_mut(per_seq).zip(dy.par_chunks(per_seq).zip(x.par_chunks(per_seq))).for_each(|(dp, (dy, x))| {
-        conv1d_pre(x, w, bias, dp, len, channels);
-        dp.iter_mut().zip(dy).for_each(|(p, g)| *p = g * silu_grad(*p));
-    });
-    dx.par_chunks_mut(per_seq).zip(dpre.par_chunks(per_seq)).for_each(|(dx, dy)| {
-        dx.fill(0.0);
-        for t in 0..len {
-            for j in 0..k {
-                let Some(src) = (t + j).checked_sub(k - 1) else { continue };
-                for d in 0..channels {
-                    dx[src * channels + d] += w[d * k + j] * dy[t * channels + d];
-                }
-            }
-        }
-    });
+    let (k, per_seq) = (w.len() / channels, len * channels);
+    let taps = taps(w, channels);
+    // Per sequence: dx, and its tap-major dw and dbias partials.
+    let partials: Vec<(Vec<f32>, Vec<f32>)> = dx
+        .par_chunks_mut(per_seq)
+        .zip(dy.par_chunks(per_seq).zip(x.par_chunks(per_seq)))
+        .map(|(dx, (dy, x))| conv1d_sequence_backward(dy, x, &taps, bias, dx, channels))
+        .collect();
     // Parameter gradients sum over sequences in order (deterministic).
-    for (x, dy) in x.chunks(per_seq).zip(dpre.chunks(per_seq)) {
-        for t in 0..len {
-            for d in 0..channels {
-                let g = dy[t * channels + d];
-                dbias[d] += g;
-                for j in 0..k {
-                    if let Some(src) = (t + j).checked_sub(k - 1) {
-                        dw[d * k + j] += g * x[src * channels + d];
-                    }
-                }
+    for (dtaps, dbias_seq) in partials {
+        dbias.iter_mut().zip(&dbias_seq).for_each(|(d, g)| *d += g);
+        for (j, dtap) in dtaps.chunks_exact(channels).enumerate() {
+            dtap.iter().enumerate().for_each(|(d, g)| dw[d * k + j] += g);
+        }
+    }
+}
+
+dispatched! {
+    /// One sequence of [`conv1d_backward`]: writes dx, returns (d taps, d bias).
+    fn conv1d_sequence_backward(
+        dy: &[f32],
+        x: &[f32],
+        taps: &[f32],
+        bias: &[f32],
+        dx: &mut [f32],
+        channels: usize,
+    ) -> (Vec<f32>, Vec<f32>) {
+        let k = taps.len() / channels;
+        // Gradient at the pre-activation (the convolution is recomputed).
+        let mut dpre = vec![0.0f32; dy.len()];
+        conv1d_pre(x, taps, bias, &mut dpre, channels);
+        dpre.iter_mut().zip(dy).for_each(|(p, g)| *p = g * silu_grad(*p));
+        let (mut dtaps, mut dbias) = (vec![0.0f32; taps.len()], vec![0.0f32; channels]);
+        dx.fill(0.0);
+        for (t, g) in dpre.chunks_exact(channels).enumerate() {
+            dbias.iter_mut().zip(g).for_each(|(d, g)| *d += g);
+            for (j, (tap, dtap)) in taps.chunks_exact(channels).zip(dtaps.chunks_exact_mut(channels)).enumerate() {
+                let Some(src) = (t + j).checked_sub(k - 1) else { continue };
+                let (xs, dxs) = (&x[src * channels..(src + 1) * channels], &mut dx[src * channels..(src + 1) * channels]);
+                dxs.iter_mut().zip(tap).zip(g).for_each(|((d, w), g)| *d += w * g);
+                dtap.iter_mut().zip(xs).zip(g).for_each(|((d, xv), g)| *d += g * xv);
             }
         }
+        (dtaps, dbias)
     }
 }
 
@@ -309,6 +330,14 @@ struct SsdIndex {
     c: usize,
 }
 
+/// The parts of a fused `[x | B | C]` row.
+#[derive(Clone, Copy)]
+enum Part {
+    X,
+    B,
+    C,
+}
+
 impl SsdIndex {
     fn new(s: &SsdShape, head: usize) -> Self {
         let (inner, n) = (s.inner(), s.state);
@@ -328,6 +357,32 @@ impl SsdIndex {
     /// Head columns of a `[rows, inner]` row (y, dy).
     fn y(&self, t: usize) -> std::ops::Range<usize> {
         t * self.inner + self.x..t * self.inner + self.x + self.p
+    }
+    /// `(start, columns)` of the head's `part` in row `t0` of `[x | B | C]` rows.
+    fn block(&self, part: Part, t0: usize) -> (usize, usize) {
+        let (col, cols) = match part {
+            Part::X => (self.x, self.p),
+            Part::B => (self.b, self.n),
+            Part::C => (self.c, self.n),
+        };
+        (t0 * self.width + col, cols)
+    }
+    /// Rows `t0..t0 + q` of the head's `part` (x: `[q, P]`; B, C: `[q, N]`) as a matrix.
+    fn rows<'a>(&self, xbc: &'a [f32], part: Part, t0: usize, q: usize) -> Mat<'a> {
+        let (start, cols) = self.block(part, t0);
+        Mat::new(xbc, start, q, cols, self.width)
+    }
+    /// As [`SsdIndex::rows`], of a gradient.
+    fn rows_mut<'a>(&self, dxbc: &'a mut [f32], part: Part, t0: usize, q: usize) -> MatMut<'a> {
+        let (start, cols) = self.block(part, t0);
+        MatMut::new(dxbc, start, q, cols, self.width)
+    }
+    /// Rows `t0..t0 + q` of the head's columns of `[rows, inner]` (y, dy), `[q, P]`.
+    fn y_rows<'a>(&self, y: &'a [f32], t0: usize, q: usize) -> Mat<'a> {
+        Mat::new(y, t0 * self.inner + self.x, q, self.p, self.inner)
+    }
+    fn y_rows_mut<'a>(&self, y: &'a mut [f32], t0: usize, q: usize) -> MatMut<'a> {
+        MatMut::new(y, t0 * self.inner + self.x, q, self.p, self.inner)
     }
 }
 
@@ -354,56 +409,49 @@ pub fn ssd_forward(x: SsdInputs<&[f32]>, y: &mut [f32], states: &mut [f32], s: S
 }
 
 dispatched! {
-    /// Sequence `bi` of [`ssd_forward`], on the widest vector instructions.
+    /// Sequence `bi` of [`ssd_forward`], each chunk as three small matrix products.
     fn ssd_sequence(x: &SsdInputs<&[f32]>, bi: usize, y: &mut [f32], saved: &mut [f32], s: SsdShape) -> () {
-        let (l, heads, (p, n)) = (s.len, s.heads, (s.head_dim, s.state));
+        let (l, heads, (p, n), q_max) = (s.len, s.heads, (s.head_dim, s.state), s.chunk);
         let (width, pn) = (s.xbc_width(), p * n);
         let xbc = &x.xbc[bi * l * width..(bi + 1) * l * width];
         let dt = &x.dt[bi * l * heads..(bi + 1) * l * heads];
+        // The chunk's decay-masked C B^T, [Q, Q], and its x rows scaled for the state update.
+        let (mut weights, mut x_scaled) = (vec![0.0f32; q_max * q_max], vec![0.0f32; q_max * p]);
         for h in 0..heads {
             let at = SsdIndex::new(&s, h);
             let a = -x.a_log[h].exp();
             let mut state = vec![0.0f32; pn];
-            let (mut b_t, mut weights) = (vec![0.0f32; n * s.chunk], vec![0.0f32; s.chunk]);
             saved[h * pn..(h + 1) * pn].fill(0.0);
-            for chunk in 0..l.div_ceil(s.chunk) {
-                let (t0, t1) = (chunk * s.chunk, ((chunk + 1) * s.chunk).min(l));
+            for chunk in 0..l.div_ceil(q_max) {
+                let (t0, t1) = (chunk * q_max, ((chunk + 1) * q_max).min(l));
                 let (steps, decay) = chunk_steps(dt, x.dt_bias[h], a, h, &s, t0, t1);
-                let q = t1 - t0;
-                // The chunk's B transposed, [N, q]: C_i . B_j for every key j is then a sum of
-                // rows scaled by C_i's values, which vectorises over the keys.
-                for (k, bk) in b_t.chunks_exact_mut(s.chunk).enumerate() {
-                    (0..q).for_each(|j| bk[j] = xbc[at.b(t0 + j)][k]);
-                }
+                let (q, last) = (t1 - t0, t1 - t0 - 1);
+                let (xs, bs, cs) = (at.rows(xbc, Part::X, t0, q), at.rows(xbc, Part::B, t0, q), at.rows(xbc, Part::C, t0, q));
+                // Carried state and skip: y_i = exp(L_i) H0 C_i + D x_i.
+                matmul(at.y_rows_mut(y, t0, q), cs, Mat::new(&state, 0, p, n, n).t(), 1.0, 0.0);
                 for i in 0..q {
-                    let ci = &xbc[at.c(t0 + i)];
-                    let yi = &mut y[at.y(t0 + i)];
                     let carried = exp(decay[i]);
-                    for ((yv, xv), hs) in yi.iter_mut().zip(&xbc[at.x(t0 + i)]).zip(state.chunks_exact(n)) {
-                        *yv = x.d[h] * xv + carried * dot(hs, ci);
-                    }
-                    let w = &mut weights[..=i];
-                    w.fill(0.0);
-                    for (c, bk) in ci.iter().zip(b_t.chunks_exact(s.chunk)) {
-                        w.iter_mut().zip(bk).for_each(|(w, b)| *w += c * b);
-                    }
-                    for (j, w) in w.iter_mut().enumerate() {
-                        *w *= exp(decay[i] - decay[j]) * steps[j];
-                    }
-                    for (j, &w) in w.iter().enumerate() {
-                        yi.iter_mut().zip(&xbc[at.x(t0 + j)]).for_each(|(yv, xv)| *yv += w * xv);
-                    }
+                    let yi = &mut y[at.y(t0 + i)];
+                    yi.iter_mut().zip(&xbc[at.x(t0 + i)]).for_each(|(yv, xv)| *yv = carried * *yv + x.d[h] * xv);
                 }
-                let last = t1 - t0 - 1;
-                let total = exp(decay[last]);
-                state.iter_mut().for_each(|v| *v *= total);
-                for j in 0..=last {
+                // Intra-chunk: y += W x with W_ij = exp(L_i - L_j) dt_j (C_i . B_j), j <= i.
+                matmul(MatMut::new(&mut weights, 0, q, q, q_max), cs, bs.t(), 1.0, 0.0);
+                for (i, row) in weights.chunks_exact_mut(q_max).take(q).enumerate() {
+                    let (causal, later) = row[..q].split_at_mut(i + 1);
+                    for ((w, lj), dtj) in causal.iter_mut().zip(&decay).zip(&steps) {
+                        *w *= exp(decay[i] - lj) * dtj;
+                    }
+                    later.fill(0.0);
+                }
+                matmul(at.y_rows_mut(y, t0, q), Mat::new(&weights, 0, q, q, q_max), xs, 1.0, 1.0);
+                // State update: H = exp(L_last) H0 + sum_j exp(L_last - L_j) dt_j x_j B_j^T.
+                for j in 0..q {
                     let w = exp(decay[last] - decay[j]) * steps[j];
-                    let bj = &xbc[at.b(t0 + j)];
-                    for (hs, xv) in state.chunks_exact_mut(n).zip(&xbc[at.x(t0 + j)]) {
-                        hs.iter_mut().zip(bj).for_each(|(h, b)| *h += w * xv * b);
-                    }
+                    let row = &mut x_scaled[j * p..(j + 1) * p];
+                    row.iter_mut().zip(&xbc[at.x(t0 + j)]).for_each(|(o, xv)| *o = w * xv);
                 }
+                let scaled = Mat::new(&x_scaled, 0, q, p, p);
+                matmul(MatMut::new(&mut state, 0, p, n, n), scaled.t(), bs, 1.0, exp(decay[last]));
                 let slot = chunk + 1;
                 saved[(slot * heads + h) * pn..(slot * heads + h + 1) * pn].copy_from_slice(&state);
             }
@@ -463,7 +511,7 @@ pub fn ssd_backward(dy: &[f32], x: SsdInputs<&[f32]>, states: &[f32], g: SsdGrad
 
 dispatched! {
     /// Sequence `bi` of [`ssd_backward`]: writes its dxbc and ddt, returns its per-head
-    /// (d dt_bias, dA, dD) partials.
+    /// (d dt_bias, dA, dD) partials. Each chunk's products are small matrix products.
     fn ssd_sequence_backward(
         dy: &[f32],
         x: &SsdInputs<&[f32]>,
@@ -473,7 +521,7 @@ dispatched! {
         ddt: &mut [f32],
         s: SsdShape,
     ) -> [Vec<f32>; 3] {
-        let (l, heads, (p, n)) = (s.len, s.heads, (s.head_dim, s.state));
+        let (l, heads, (p, n), q_max) = (s.len, s.heads, (s.head_dim, s.state), s.chunk);
         let (width, pn) = (s.xbc_width(), p * n);
         let xbc = &x.xbc[bi * l * width..(bi + 1) * l * width];
         let dt = &x.dt[bi * l * heads..(bi + 1) * l * heads];
@@ -481,76 +529,85 @@ dispatched! {
         let saved = &states[bi * s.saved() * heads * pn..(bi + 1) * s.saved() * heads * pn];
         let [mut dbias, mut da, mut dskip] = [vec![0.0f32; heads], vec![0.0f32; heads], vec![0.0f32; heads]];
         dxbc.fill(0.0);
-        let (mut v, mut u) = (vec![0.0f32; p], vec![0.0f32; n]);
+        // Per chunk: C B^T and dy x^T ([Q, Q], masked in place into the weights of dx and of
+        // dB, dC), and [Q, P] / [Q, N] products with a state.
+        let (mut cb, mut gx) = (vec![0.0f32; q_max * q_max], vec![0.0f32; q_max * q_max]);
+        let (mut by_state, mut dy_carried, mut u) = (vec![0.0f32; q_max * p], vec![0.0f32; q_max * p], vec![0.0f32; q_max * n]);
         for h in 0..heads {
             let at = SsdIndex::new(&s, h);
             let a = -x.a_log[h].exp();
             // dL/dH leaving the current chunk, and entering it (swapped after each chunk).
             let (mut dstate, mut dh0) = (vec![0.0f32; pn], vec![0.0f32; pn]);
-            for chunk in (0..l.div_ceil(s.chunk)).rev() {
-                let (t0, t1) = (chunk * s.chunk, ((chunk + 1) * s.chunk).min(l));
+            for chunk in (0..l.div_ceil(q_max)).rev() {
+                let (t0, t1) = (chunk * q_max, ((chunk + 1) * q_max).min(l));
                 let (q, last) = (t1 - t0, t1 - t0 - 1);
                 let h0 = &saved[(chunk * heads + h) * pn..(chunk * heads + h + 1) * pn];
                 let (steps, decay) = chunk_steps(dt, x.dt_bias[h], a, h, &s, t0, t1);
                 let (mut ddecay, mut dsteps) = (vec![0.0f32; q], vec![0.0f32; q]);
-                // dL/dH0, from the carried-state readouts and from the state update.
+                let (xs, bs, cs) = (at.rows(xbc, Part::X, t0, q), at.rows(xbc, Part::B, t0, q), at.rows(xbc, Part::C, t0, q));
+                let dys = at.y_rows(dy, t0, q);
+                let (h0m, dstate_m) = (Mat::new(h0, 0, p, n, n), Mat::new(&dstate, 0, p, n, n));
+                // The state entering the chunk carried to its end: exp(L_last) H0.
                 let total = exp(decay[last]);
                 dh0.iter_mut().zip(&dstate).for_each(|(d, g)| *d = total * g);
                 ddecay[last] += total * dot(&dstate, h0);
+                // Skip term D x_i.
                 for i in 0..q {
-                    let ti = t0 + i;
-                    let dyi = &dy[at.y(ti)];
-                    // Skip term D x_i.
-                    dskip[h] += dot(dyi, &xbc[at.x(ti)]);
-                    dxbc[at.x(ti)].iter_mut().zip(dyi).for_each(|(d, g)| *d += x.d[h] * g);
-                    // Carried state exp(L_i) H0 C_i.
-                    let carried = exp(decay[i]);
-                    for (pi, g) in dyi.iter().enumerate() {
-                        let (hs, dhs) = (&h0[pi * n..(pi + 1) * n], &mut dh0[pi * n..(pi + 1) * n]);
-                        let ci = &xbc[at.c(ti)];
-                        ddecay[i] += carried * g * dot(hs, ci);
-                        dhs.iter_mut().zip(ci).for_each(|(d, c)| *d += carried * g * c);
-                        let dci = &mut dxbc[at.c(ti)];
-                        dci.iter_mut().zip(hs).for_each(|(d, h)| *d += carried * g * h);
-                    }
-                    // Intra-chunk pairs j <= i: exp(L_i - L_j) dt_j (C_i . B_j) x_j.
-                    for j in 0..=i {
-                        let tj = t0 + j;
-                        let e = exp(decay[i] - decay[j]);
-                        let cb = dot(&xbc[at.c(ti)], &xbc[at.b(tj)]);
-                        let gx = dot(dyi, &xbc[at.x(tj)]);
-                        let pair = e * steps[j] * cb * gx;
-                        ddecay[i] += pair;
-                        ddecay[j] -= pair;
-                        dsteps[j] += e * cb * gx;
-                        let to_x = e * steps[j] * cb;
-                        dxbc[at.x(tj)].iter_mut().zip(dyi).for_each(|(d, g)| *d += to_x * g);
-                        let to_bc = e * steps[j] * gx;
-                        for k in 0..n {
-                            let (b, c) = (xbc[at.b(tj).start + k], xbc[at.c(ti).start + k]);
-                            dxbc[at.b(tj).start + k] += to_bc * c;
-                            dxbc[at.c(ti).start + k] += to_bc * b;
-                        }
-                    }
+                    let dyi = &dy[at.y(t0 + i)];
+                    dskip[h] += dot(dyi, &xbc[at.x(t0 + i)]);
+                    dxbc[at.x(t0 + i)].iter_mut().zip(dyi).for_each(|(d, g)| *d += x.d[h] * g);
                 }
-                // State update: H_end = exp(L_last) H0 + sum_j exp(L_last - L_j) dt_j x_j B_j^T.
-                for j in 0..q {
-                    let tj = t0 + j;
-                    let w = exp(decay[last] - decay[j]);
-                    let (xj, bj) = (&xbc[at.x(tj)], &xbc[at.b(tj)]);
-                    // v = dH B_j (over state), u = dH^T x_j (over head channels).
-                    v.iter_mut().zip(dstate.chunks_exact(n)).for_each(|(v, row)| *v = dot(row, bj));
-                    u.fill(0.0);
-                    for (row, xv) in dstate.chunks_exact(n).zip(xj) {
-                        u.iter_mut().zip(row).for_each(|(u, d)| *u += d * xv);
+                // Carried state exp(L_i) H0 C_i: with R = C H0^T and dYc = diag(exp L) dY,
+                // dL_i = dYc_i . R_i, dH0 += dYc^T C, dC += dYc H0.
+                matmul(MatMut::new(&mut by_state, 0, q, p, p), cs, h0m.t(), 1.0, 0.0);
+                for i in 0..q {
+                    let carried = exp(decay[i]);
+                    let row = &mut dy_carried[i * p..(i + 1) * p];
+                    row.iter_mut().zip(&dy[at.y(t0 + i)]).for_each(|(o, g)| *o = carried * g);
+                    ddecay[i] += dot(row, &by_state[i * p..(i + 1) * p]);
+                }
+                let dyc = Mat::new(&dy_carried, 0, q, p, p);
+                matmul(MatMut::new(&mut dh0, 0, p, n, n), dyc.t(), cs, 1.0, 1.0);
+                matmul(at.rows_mut(dxbc, Part::C, t0, q), dyc, h0m, 1.0, 1.0);
+                // Intra-chunk pairs j <= i, exp(L_i - L_j) dt_j (C_i . B_j)(dy_i . x_j): the
+                // masks turn C B^T into the weights of dx (M) and dy x^T into those of dB, dC (W).
+                matmul(MatMut::new(&mut cb, 0, q, q, q_max), cs, bs.t(), 1.0, 0.0);
+                matmul(MatMut::new(&mut gx, 0, q, q, q_max), dys, xs.t(), 1.0, 0.0);
+                for i in 0..q {
+                    let (cb_row, gx_row) = (&mut cb[i * q_max..i * q_max + q], &mut gx[i * q_max..i * q_max + q]);
+                    let mut to_i = 0.0f32;
+                    for j in 0..=i {
+                        let e = exp(decay[i] - decay[j]);
+                        let both = e * cb_row[j] * gx_row[j];
+                        let pair = both * steps[j];
+                        to_i += pair;
+                        ddecay[j] -= pair;
+                        dsteps[j] += both;
+                        cb_row[j] *= e * steps[j];
+                        gx_row[j] *= e * steps[j];
                     }
-                    let xv_dot = dot(xj, &v);
+                    ddecay[i] += to_i;
+                    cb_row[i + 1..].fill(0.0);
+                    gx_row[i + 1..].fill(0.0);
+                }
+                let (mx, wbc) = (Mat::new(&cb, 0, q, q, q_max), Mat::new(&gx, 0, q, q, q_max));
+                matmul(at.rows_mut(dxbc, Part::X, t0, q), mx.t(), dys, 1.0, 1.0);
+                matmul(at.rows_mut(dxbc, Part::B, t0, q), wbc.t(), cs, 1.0, 1.0);
+                matmul(at.rows_mut(dxbc, Part::C, t0, q), wbc, bs, 1.0, 1.0);
+                // State update H_end = exp(L_last) H0 + sum_j exp(L_last - L_j) dt_j x_j B_j^T:
+                // with V = B dH^T and U = x dH, dx_j and dB_j gain their rows scaled.
+                matmul(MatMut::new(&mut by_state, 0, q, p, p), bs, dstate_m.t(), 1.0, 0.0);
+                matmul(MatMut::new(&mut u, 0, q, n, n), xs, dstate_m, 1.0, 0.0);
+                for j in 0..q {
+                    let (tj, w) = (t0 + j, exp(decay[last] - decay[j]));
+                    let (vj, uj) = (&by_state[j * p..(j + 1) * p], &u[j * n..(j + 1) * n]);
+                    let xv_dot = dot(&xbc[at.x(tj)], vj);
                     dsteps[j] += w * xv_dot;
                     ddecay[last] += w * steps[j] * xv_dot;
                     ddecay[j] -= w * steps[j] * xv_dot;
                     let scale = w * steps[j];
-                    dxbc[at.x(tj)].iter_mut().zip(&v).for_each(|(d, v)| *d += scale * v);
-                    dxbc[at.b(tj)].iter_mut().zip(&u).for_each(|(d, u)| *d += scale * u);
+                    dxbc[at.x(tj)].iter_mut().zip(vj).for_each(|(d, v)| *d += scale * v);
+                    dxbc[at.b(tj)].iter_mut().zip(uj).for_each(|(d, u)| *d += scale * u);
                 }
                 // L_i = sum_{k<=i} dt_k A: dL/d(dt_k A) is the suffix sum of dL/dL_i.
                 let mut suffix = 0.0f32;

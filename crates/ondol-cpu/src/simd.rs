@@ -15,14 +15,18 @@ macro_rules! dispatched {
     ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) -> $ret:ty $body:block) => {
         $(#[$doc])*
         fn $name($($arg: $ty),*) -> $ret {
+            // The copies mirror the signature: the lints on it are the outer function's.
+            #[allow(clippy::too_many_arguments)]
             #[inline(always)]
             fn body($($arg: $ty),*) -> $ret $body
             #[cfg(target_arch = "x86_64")]
             {
+                #[allow(clippy::too_many_arguments)]
                 #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
                 fn wide($($arg: $ty),*) -> $ret {
                     body($($arg),*)
                 }
+                #[allow(clippy::too_many_arguments)]
                 #[target_feature(enable = "avx2,fma")]
                 fn middle($($arg: $ty),*) -> $ret {
                     body($($arg),*)
