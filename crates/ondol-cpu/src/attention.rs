@@ -17,7 +17,8 @@
 
 use crate::SharedMut;
 use crate::dense::raw_gemm;
-use crate::math::exp;
+use crate::math::{exp, max, sum};
+use crate::simd::dispatched;
 use gemm::Parallelism;
 use ondol_core::backend::{AttnShape, Gemm};
 use rayon::prelude::*;
@@ -83,19 +84,7 @@ pub fn attention_forward(qkv: &[f32], out: &mut [f32], lse: &mut [f32], s: AttnS
             let p = &mut p[..nq * nk];
             // SAFETY: q rows q0..q0+nq and k rows 0..nk lie inside this batch's qkv rows.
             unsafe { scores(base[q0 * width + qc..].as_ptr(), base[kc..].as_ptr(), width, s, nq, nk, p) };
-            for (i, row) in p.chunks_exact_mut(nk).enumerate() {
-                let valid = q0 + i + 1;
-                let max = row[..valid].iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-                let mut sum = 0.0f32;
-                for v in &mut row[..valid] {
-                    *v = exp(*v - max);
-                    sum += *v;
-                }
-                let inv = 1.0 / sum;
-                row[..valid].iter_mut().for_each(|v| *v *= inv);
-                row[valid..].fill(0.0);
-                lse[q0 + i] = max + sum.ln();
-            }
+            causal_softmax(p, nk, q0, &mut lse[q0..q0 + nq]);
             let g = Gemm::new(nq, d, nk, false, false);
             let o_rs = owidth as isize;
             // SAFETY: task (b, h) alone writes out rows b*t + q0.. at columns h*d..h*d+d.
@@ -106,6 +95,34 @@ pub fn attention_forward(qkv: &[f32], out: &mut [f32], lse: &mut [f32], s: AttnS
             }
         }
     });
+}
+
+dispatched! {
+    /// The causal softmax of a block of score rows (`[nq, nk]`, queries from `q0`) in place:
+    /// keys after each row's query are zeroed; each row's log-sum-exp goes to `lse`.
+    fn causal_softmax(p: &mut [f32], nk: usize, q0: usize, lse: &mut [f32]) -> () {
+        for (i, (row, lse)) in p.chunks_exact_mut(nk).zip(lse).enumerate() {
+            let (live, masked) = row.split_at_mut(q0 + i + 1);
+            let max = max(live);
+            live.iter_mut().for_each(|v| *v = exp(*v - max));
+            let total = sum(live);
+            let inv = 1.0 / total;
+            live.iter_mut().for_each(|v| *v *= inv);
+            masked.fill(0.0);
+            *lse = max + total.ln();
+        }
+    }
+}
+
+dispatched! {
+    /// [`causal_softmax`] again from the saved log-sum-exp (backward's recompute).
+    fn causal_probabilities(p: &mut [f32], nk: usize, q0: usize, lse: &[f32]) -> () {
+        for (i, (row, &l)) in p.chunks_exact_mut(nk).zip(lse).enumerate() {
+            let (live, masked) = row.split_at_mut(q0 + i + 1);
+            live.iter_mut().for_each(|v| *v = exp(*v - l));
+            masked.fill(0.0);
+        }
+    }
 }
 
 pub fn attention_backward(dout: &[f32], qkv: &[f32], out: &[f32], lse: &[f32], dqkv: &mut [f32], s: AttnShape) {
@@ -141,12 +158,7 @@ pub fn attention_backward(dout: &[f32], qkv: &[f32], out: &[f32], lse: &[f32], d
                 // SAFETY: all operands address rows of this batch entry; see above for writes.
                 unsafe {
                     scores(base[q0 * width + qc..].as_ptr(), base[kc..].as_ptr(), width, s, nq, nk, p);
-                    for (i, row) in p.chunks_exact_mut(nk).enumerate() {
-                        let valid = q0 + i + 1;
-                        let l = lse[q0 + i];
-                        row[..valid].iter_mut().for_each(|v| *v = exp(*v - l));
-                        row[valid..].fill(0.0);
-                    }
+                    causal_probabilities(p, nk, q0, &lse[q0..q0 + nq]);
                     let dout_blk = dout[o_off + q0 * owidth..].as_ptr();
                     let ow = owidth as isize;
                     // dV[0..nk] += P^T dO

@@ -110,6 +110,19 @@ pub fn sum(x: &[f32]) -> f32 {
     ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7])) + tail
 }
 
+/// The largest element of `x` (-inf if empty), in eight lanes so it vectorises (the result
+/// does not depend on the order).
+#[inline(always)]
+pub fn max(x: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let chunks = x.chunks_exact(8);
+    let tail = chunks.remainder().iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    for c in chunks {
+        lanes.iter_mut().zip(c).for_each(|(l, v)| *l = l.max(*v));
+    }
+    lanes.iter().fold(tail, |m, &v| m.max(v))
+}
+
 /// tanh through exp, stable for large |x|.
 #[inline(always)]
 pub fn tanh(x: f32) -> f32 {

@@ -19,7 +19,7 @@
 //! (token, head): Q (N + P) for the intra-chunk part and 4 P N for the state, forward.
 
 use crate::dense::{Mat, MatMut, matmul};
-use crate::math::{dot, exp, silu, silu_grad, softplus, sum};
+use crate::math::{dot, exp, sigmoid, silu, silu_grad, softplus, sum};
 use crate::simd::dispatched;
 use ondol_core::{ScanGrads, ScanInputs, ScanShape, SsdGrads, SsdInputs, SsdShape};
 use rayon::prelude::*;
@@ -309,8 +309,8 @@ dispatched! {
                     }
                     let ddt_acc = sum(&ddt_terms);
                     du[t * ch + d] = g * x.d[d] + sum(&du_terms);
-                    // Through the softplus: d softplus(v) / dv = sigmoid(v) = 1 - exp(-dt).
-                    ddelta[t * ch + d] = ddt_acc * -(-dt).exp_m1();
+                    // Through the softplus: d softplus(v) / dv = sigmoid(v).
+                    ddelta[t * ch + d] = ddt_acc * sigmoid(x.delta[row * ch + d] + x.delta_bias[d]);
                 }
             }
         }
@@ -616,10 +616,10 @@ dispatched! {
                     dsteps[k] += a * suffix;
                     da[h] += steps[k] * suffix;
                 }
-                // Through the softplus, d softplus(v) / dv = sigmoid(v) = 1 - exp(-dt), and
-                // the floor, which passes no gradient where it holds.
+                // Through the softplus, d softplus(v) / dv = sigmoid(v), and the floor, which
+                // passes no gradient where it holds.
                 for k in 0..q {
-                    let slope = if steps[k] > s.dt_min { -(-steps[k]).exp_m1() } else { 0.0 };
+                    let slope = if steps[k] > s.dt_min { sigmoid(dt[(t0 + k) * heads + h] + x.dt_bias[h]) } else { 0.0 };
                     let g = dsteps[k] * slope;
                     ddt[(t0 + k) * heads + h] = g;
                     dbias[h] += g;
