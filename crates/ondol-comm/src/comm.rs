@@ -33,6 +33,20 @@ pub trait Communicator: Send {
     /// `output` becomes chunk `rank()` of the elementwise sum of every rank's `input`, where
     /// `input.len() == size() * output.len()` and chunk `i` is `input[i * n..(i + 1) * n]`.
     fn reduce_scatter_sum(&self, input: &[f32], output: &mut [f32]) -> Result<(), CommError>;
+    /// `buf` on group rank `root` becomes the elementwise sum of every rank's `buf`; on the
+    /// others it is left unspecified (the thread communicator leaves them as they were; this
+    /// default, an all-reduce, leaves the sum, one valid result). NCCL's device form moves
+    /// half an all-reduce's bytes. ZeRO-1 sums gradient buckets into their owners' shards so.
+    fn reduce_sum(&self, buf: &mut [f32], root: usize) -> Result<(), CommError> {
+        if root >= self.size() {
+            return Err(CommError::Invalid {
+                op: "reduce_sum",
+                group: self.world_ranks().to_vec(),
+                message: format!("root {root} is outside the group of {}", self.size()),
+            });
+        }
+        self.all_reduce_sum(buf)
+    }
     /// `output` becomes the concatenation of every rank's `input` in rank order;
     /// `output.len() == size() * input.len()`.
     fn all_gather(&self, input: &[f32], output: &mut [f32]) -> Result<(), CommError>;
@@ -86,13 +100,25 @@ pub trait Communicator: Send {
         write_host(&output, &mine);
         Ok(())
     }
+    /// [`Communicator::reduce_sum`] in place on device memory.
+    fn reduce_device(&self, buf: DeviceSlice, root: usize) -> Result<(), CommError> {
+        let mut values = read_host("reduce_device", self.world_ranks(), &buf)?;
+        self.reduce_sum(&mut values, root)?;
+        write_host(&buf, &values);
+        Ok(())
+    }
     /// Queues [`Communicator::all_reduce_device`] of `buf` to run once the work already issued
     /// on the device is done, beside the device's later work (NCCL: on a stream of its own,
     /// ordered by an event); returns without waiting for it. A host communicator sums at once.
     fn queue_all_reduce_device(&self, buf: DeviceSlice) -> Result<(), CommError> {
         self.all_reduce_device(buf)
     }
-    /// Waits for every queued all-reduce (at most the timeout), so that work issued after
+    /// Queues [`Communicator::reduce_device`] of `buf` as
+    /// [`Communicator::queue_all_reduce_device`] queues an all-reduce.
+    fn queue_reduce_device(&self, buf: DeviceSlice, root: usize) -> Result<(), CommError> {
+        self.reduce_device(buf, root)
+    }
+    /// Waits for every queued collective (at most the timeout), so that work issued after
     /// this sees their sums, and reports their errors.
     fn wait_queued(&self) -> Result<(), CommError> {
         Ok(())
@@ -158,6 +184,9 @@ impl<C: Communicator + ?Sized> Communicator for Box<C> {
     fn reduce_scatter_sum(&self, input: &[f32], output: &mut [f32]) -> Result<(), CommError> {
         (**self).reduce_scatter_sum(input, output)
     }
+    fn reduce_sum(&self, buf: &mut [f32], root: usize) -> Result<(), CommError> {
+        (**self).reduce_sum(buf, root)
+    }
     fn all_gather(&self, input: &[f32], output: &mut [f32]) -> Result<(), CommError> {
         (**self).all_gather(input, output)
     }
@@ -188,8 +217,14 @@ impl<C: Communicator + ?Sized> Communicator for Box<C> {
     fn reduce_scatter_device(&self, input: DeviceSlice, output: DeviceSlice) -> Result<(), CommError> {
         (**self).reduce_scatter_device(input, output)
     }
+    fn reduce_device(&self, buf: DeviceSlice, root: usize) -> Result<(), CommError> {
+        (**self).reduce_device(buf, root)
+    }
     fn queue_all_reduce_device(&self, buf: DeviceSlice) -> Result<(), CommError> {
         (**self).queue_all_reduce_device(buf)
+    }
+    fn queue_reduce_device(&self, buf: DeviceSlice, root: usize) -> Result<(), CommError> {
+        (**self).queue_reduce_device(buf, root)
     }
     fn wait_queued(&self) -> Result<(), CommError> {
         (**self).wait_queued()

@@ -42,7 +42,7 @@ use cudarc::driver::{CudaEvent, CudaStream};
 use cudarc::nccl::result as nccl;
 use cudarc::nccl::sys;
 use ondol_core::DeviceSlice;
-use std::ffi::c_void;
+use std::ffi::{c_int, c_void};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -331,6 +331,30 @@ impl NcclComm {
     fn stream_ptr(&self) -> sys::cudaStream_t {
         self.main.stream_ptr()
     }
+
+    /// Queues `run(comm, stream)` on the side lane (which this communicator must have) after
+    /// the work issued so far on the main stream; [`Communicator::wait_queued`] waits for it.
+    fn queue(
+        &self,
+        op: &'static str,
+        run: impl FnOnce(sys::ncclComm_t, sys::cudaStream_t) -> Result<nccl::NcclStatus, nccl::NcclError>,
+    ) -> Result<(), CommError> {
+        let side = self.side.as_ref().expect("queued only on a communicator with a side lane");
+        self.check_broken(op)?;
+        let event = |e: cudarc::driver::DriverError| self.invalid(op, format!("CUDA event: {e}"));
+        side.after_main.record(&self.main.stream).map_err(event)?;
+        side.lane.stream.wait(&side.after_main).map_err(event)?;
+        run(side.lane.comm, side.lane.stream_ptr()).map_err(|e| self.nccl_error(op, e))?;
+        self.queued.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn check_root(&self, op: &'static str, root: usize) -> Result<(), CommError> {
+        if root < self.size() {
+            return Ok(());
+        }
+        Err(self.invalid(op, format!("root {root} is outside the group of {}", self.size())))
+    }
 }
 
 impl Drop for NcclComm {
@@ -372,6 +396,21 @@ unsafe fn sum_in_place(
     let ptr = buf.ptr as *mut c_void;
     // SAFETY: forwarded from the caller; NCCL allows the input and output to be one buffer.
     unsafe { nccl::all_reduce(ptr, ptr, buf.len, nccl_type(buf), SUM, comm, stream) }
+}
+
+/// NCCL's reduce of `buf` in place into group rank `root`.
+///
+/// # Safety
+/// As [`sum_in_place`].
+unsafe fn reduce_in_place(
+    buf: &DeviceSlice,
+    root: usize,
+    comm: sys::ncclComm_t,
+    stream: sys::cudaStream_t,
+) -> Result<nccl::NcclStatus, nccl::NcclError> {
+    let ptr = buf.ptr as *mut c_void;
+    // SAFETY: forwarded from the caller; in place is allowed (the root's input is its output).
+    unsafe { nccl::reduce(ptr, ptr, buf.len, nccl_type(buf), SUM, root as c_int, comm, stream) }
 }
 
 impl Communicator for NcclComm {
@@ -507,21 +546,34 @@ impl Communicator for NcclComm {
         })
     }
 
+    fn reduce_device(&self, buf: DeviceSlice, root: usize) -> Result<(), CommError> {
+        const OP: &str = "reduce_device";
+        self.check_root(OP, root)?;
+        // SAFETY: `buf` is a live device view of the backend (the caller's contract).
+        self.on_stream(OP, |comm, stream| unsafe { reduce_in_place(&buf, root, comm, stream) })
+    }
+
     /// On the side lane where this communicator has one (the data-parallel group's): the
     /// side stream waits for an event recorded now on the main stream, so the sum starts once
     /// the gradients are final and runs beside the backward kernels queued after it.
     fn queue_all_reduce_device(&self, buf: DeviceSlice) -> Result<(), CommError> {
-        const OP: &str = "queue_all_reduce_device";
-        let Some(side) = &self.side else { return self.all_reduce_device(buf) };
-        self.check_broken(OP)?;
-        let event = |e: cudarc::driver::DriverError| self.invalid(OP, format!("CUDA event: {e}"));
-        side.after_main.record(&self.main.stream).map_err(event)?;
-        side.lane.stream.wait(&side.after_main).map_err(event)?;
+        if self.side.is_none() {
+            return self.all_reduce_device(buf);
+        }
         // SAFETY: `buf` is a live device view of the backend (the caller's contract), which the
         // caller leaves alone until wait_queued.
-        unsafe { sum_in_place(&buf, side.lane.comm, side.lane.stream_ptr()) }.map_err(|e| self.nccl_error(OP, e))?;
-        self.queued.store(true, Ordering::SeqCst);
-        Ok(())
+        self.queue("queue_all_reduce_device", |comm, stream| unsafe { sum_in_place(&buf, comm, stream) })
+    }
+
+    /// As [`NcclComm::queue_all_reduce_device`], a reduce into `root`.
+    fn queue_reduce_device(&self, buf: DeviceSlice, root: usize) -> Result<(), CommError> {
+        const OP: &str = "queue_reduce_device";
+        if self.side.is_none() {
+            return self.reduce_device(buf, root);
+        }
+        self.check_root(OP, root)?;
+        // SAFETY: as in queue_all_reduce_device.
+        self.queue(OP, |comm, stream| unsafe { reduce_in_place(&buf, root, comm, stream) })
     }
 
     /// Waits for the side stream (at most the timeout): work issued after this returns comes

@@ -280,6 +280,21 @@ impl Communicator for ThreadComm {
         Ok(())
     }
 
+    /// A reduce proper: the other ranks' buffers keep their values, so a caller that reads a
+    /// sum on the wrong rank sees it in tests.
+    fn reduce_sum(&self, buf: &mut [f32], root: usize) -> Result<(), CommError> {
+        const OP: &str = "reduce_sum";
+        if root >= self.size() {
+            return Err(self.invalid(OP, format!("root {root} is outside the group of {}", self.size())));
+        }
+        let parts = self.exchange(OpKey { name: OP, root }, buf.to_vec())?;
+        self.check_lengths(OP, &parts, buf.len())?;
+        if self.rank == root {
+            sum_in_order(buf, parts.iter().map(Vec::as_slice));
+        }
+        Ok(())
+    }
+
     fn all_gather(&self, input: &[f32], output: &mut [f32]) -> Result<(), CommError> {
         const OP: &str = "all_gather";
         let n = input.len();

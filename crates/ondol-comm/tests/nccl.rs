@@ -40,6 +40,8 @@ fn every_collective_runs_at_world_size_one() {
         assert_eq!(out, buf);
         comm.reduce_scatter_sum(&buf, &mut out).unwrap();
         assert_eq!(out, buf);
+        comm.reduce_sum(&mut out, 0).unwrap();
+        assert_eq!(out, buf);
         let mut b = [7.0f32];
         comm.broadcast(&mut b, 0).unwrap();
         assert_eq!(b, [7.0]);
@@ -66,7 +68,10 @@ fn every_collective_runs_at_world_size_one() {
     comms.dp.wait_queued().unwrap();
     comms.dp.queue_all_reduce_device(slice(in_ptr, 2, false)).unwrap();
     comms.dp.queue_all_reduce_device(slice(bf16_ptr, 2, true)).unwrap();
+    comms.dp.queue_reduce_device(slice(in_ptr, 4, false), 0).unwrap();
     comms.dp.wait_queued().unwrap();
+    comms.dp.reduce_device(slice(bf16_ptr, 2, true), 0).unwrap();
+    assert!(comms.dp.reduce_device(slice(in_ptr, 4, false), 1).is_err(), "root 1 of a group of 1");
     assert_eq!(stream.clone_dtoh(&f32s).unwrap(), vec![1.5, -2.0, 3.25, 4.0]);
     assert_eq!(stream.clone_dtoh(&bf16s).unwrap(), vec![0x3fc0, 0xc000]);
     drop(comms);

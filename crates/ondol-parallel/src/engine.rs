@@ -29,9 +29,10 @@ pub struct Layout {
     pub zero: bool,
     /// Megatron's sequence parallelism within each tp group (see [`Part::sequence_parallel`]).
     pub sequence_parallel: bool,
-    /// Data-parallel gradient buckets of this many floats, all-reduced on a worker thread
-    /// during the last backward of each chunk, while backward goes on (None: all at once
-    /// after the schedule). Without ZeRO-1, on communicators that can lend a second handle.
+    /// Data-parallel gradient buckets of this many floats, summed during the last backward
+    /// of each chunk while backward goes on (None: all at once after the schedule): on the
+    /// device, or on a worker thread by communicators that can lend a second handle.
+    /// All-reduced, or under ZeRO-1 each piece reduced into the replica whose shard holds it.
     pub grad_buckets: Option<usize>,
 }
 
@@ -146,6 +147,13 @@ impl ZeroShard {
             out.push((covered..self.len, false));
         }
         out
+    }
+
+    /// The pieces of `range` (of the padded buffer) by the replica whose shard holds them.
+    fn owners(&self, range: Range<usize>) -> impl Iterator<Item = (usize, Range<usize>)> {
+        let len = self.len;
+        (range.start / len..range.end.div_ceil(len))
+            .map(move |r| (r, range.start.max(r * len)..range.end.min((r + 1) * len)))
     }
 
     /// This shard of a whole-buffer tensor, zero-padded.
@@ -272,6 +280,28 @@ fn reduce_scatter_buf<B: Backend>(
     Ok(())
 }
 
+/// ZeRO-1: each piece of `ranges` of `buf` becomes its sum over `comm` on the replica whose
+/// shard holds it (a reduce per piece); on the device where it can.
+fn reduce_to_owners<B: Backend>(
+    be: &B,
+    comm: &dyn Communicator,
+    buf: &mut B::Buf,
+    ranges: &[Range<usize>],
+    shard: &ZeroShard,
+) -> Result<()> {
+    for (owner, piece) in ranges.iter().flat_map(|r| shard.owners(r.clone())) {
+        match on_device(be, comm, be.view(buf, piece.clone())) {
+            Some(slice) => comm.reduce_device(slice, owner)?,
+            None => {
+                let mut host = be.download_view(be.view(buf, piece.clone()));
+                comm.reduce_sum(&mut host, owner)?;
+                be.write_view(be.view_mut(buf, piece), &host);
+            }
+        }
+    }
+    Ok(())
+}
+
 /// ZeRO-1: `buf` (padded to whole shards) becomes every rank's `window` in rank order, an
 /// all-gather in place; on the device where it can.
 fn all_gather_buf<B: Backend>(be: &B, comm: &dyn Communicator, buf: &mut B::Buf, window: Range<usize>) -> Result<()> {
@@ -346,6 +376,10 @@ impl<B: Backend> TensorParallel<B> for TpHook<'_> {
 /// gradients, the sums.
 type Reduced = (usize, Range<usize>, Vec<f32>);
 
+/// A bucket for the worker: its chunk, its range, the replica to reduce it into (ZeRO-1;
+/// None: all of them), its values.
+type Outgoing = (usize, Range<usize>, Option<usize>, Vec<f32>);
+
 /// What the bucket worker hands back: the communicator handle, and every bucket's sums.
 type Finished = (Box<dyn Communicator>, std::result::Result<Vec<Reduced>, ondol_comm::CommError>);
 
@@ -362,19 +396,23 @@ enum Bucketing {
 
 /// The worker of [`Bucketing::Worker`]: sums the buckets it is sent, in order.
 struct Worker {
-    tx: Option<mpsc::Sender<Reduced>>,
+    tx: Option<mpsc::Sender<Outgoing>>,
     thread: Option<JoinHandle<Finished>>,
 }
 
 impl Worker {
     fn start(comm: Box<dyn Communicator>) -> Result<Self> {
-        let (tx, rx) = mpsc::channel::<Reduced>();
+        let (tx, rx) = mpsc::channel::<Outgoing>();
         let thread = std::thread::Builder::new()
             .name("ondol-dp-buckets".into())
             .spawn(move || {
                 let mut done = Vec::new();
-                for (chunk, range, mut data) in rx {
-                    if let Err(e) = comm.all_reduce_sum(&mut data) {
+                for (chunk, range, owner, mut data) in rx {
+                    let summed = match owner {
+                        None => comm.all_reduce_sum(&mut data),
+                        Some(root) => comm.reduce_sum(&mut data, root),
+                    };
+                    if let Err(e) = summed {
                         return (comm, Err(e));
                     }
                     done.push((chunk, range, data));
@@ -407,20 +445,28 @@ impl Drop for Worker {
 /// adjacent ones gather into a bucket until it holds `size` floats. Tensors whose gradients
 /// are first summed over tp or pp (a tied embedding's two copies, shared kv heads) stay out
 /// and are reduced after the schedule, so every element's dp sum is the same as without
-/// buckets, bit for bit.
+/// buckets, bit for bit. Under ZeRO-1 a bucket is reduced piece by piece into the replicas
+/// whose shards hold the pieces, which is what the reduce-scatter after the schedule does.
 struct Buckets {
     size: usize,
     worker: Option<Worker>,
-    /// Per chunk: the bucket being gathered, the ranges that stay out, the ranges handed off.
+    /// Per chunk: its ZeRO-1 shards, the bucket being gathered, the ranges that stay out, the
+    /// ranges handed off.
+    shards: Vec<Option<ZeroShard>>,
     open: Vec<Option<Range<usize>>>,
     excluded: Vec<Vec<Range<usize>>>,
     covered: Vec<Vec<Range<usize>>>,
 }
 
 impl Buckets {
-    fn new(size: usize, worker: Option<Worker>, excluded: Vec<Vec<Range<usize>>>) -> Self {
+    fn new(
+        size: usize,
+        worker: Option<Worker>,
+        shards: Vec<Option<ZeroShard>>,
+        excluded: Vec<Vec<Range<usize>>>,
+    ) -> Self {
         let chunks = excluded.len();
-        Self { size, worker, open: vec![None; chunks], excluded, covered: vec![Vec::new(); chunks] }
+        Self { size, worker, shards, open: vec![None; chunks], excluded, covered: vec![Vec::new(); chunks] }
     }
 
     fn ready<B: Backend>(
@@ -454,16 +500,25 @@ impl Buckets {
     fn flush<B: Backend>(&mut self, be: &B, dp: &dyn Communicator, chunk: usize, grads: &B::Buf) -> Result<()> {
         let Some(range) = self.open[chunk].take() else { return Ok(()) };
         self.covered[chunk].push(range.clone());
-        let view = be.view(grads, range.clone());
-        match &self.worker {
-            None => {
-                let slice = on_device(be, dp, view).expect("device buckets only where dp takes the gradients");
-                dp.queue_all_reduce_device(slice)?;
-            }
-            Some(worker) => {
-                let tx = worker.tx.as_ref().expect("buckets are open until finish");
-                // A send fails only if the worker stopped on an error, which finish reports.
-                let _ = tx.send((chunk, range, be.download_view(view)));
+        let pieces: Vec<(Option<usize>, Range<usize>)> = match &self.shards[chunk] {
+            None => vec![(None, range)],
+            Some(shard) => shard.owners(range).map(|(owner, piece)| (Some(owner), piece)).collect(),
+        };
+        for (owner, piece) in pieces {
+            let view = be.view(grads, piece.clone());
+            match &self.worker {
+                None => {
+                    let slice = on_device(be, dp, view).expect("device buckets only where dp takes the gradients");
+                    match owner {
+                        None => dp.queue_all_reduce_device(slice)?,
+                        Some(root) => dp.queue_reduce_device(slice, root)?,
+                    }
+                }
+                Some(worker) => {
+                    let tx = worker.tx.as_ref().expect("buckets are open until finish");
+                    // A send fails only if the worker stopped on an error, which finish reports.
+                    let _ = tx.send((chunk, piece, owner, be.download_view(view)));
+                }
             }
         }
         Ok(())
@@ -557,7 +612,7 @@ impl<B: Backend> Engine<B> {
         let ids = (0..layout.micro).map(|_| (be.upload_ids(&vec![0; rows]), be.upload_ids(&vec![0; rows]))).collect();
         let dp = comms.dp.as_ref();
         let bucketing = match layout.grad_buckets {
-            Some(_) if dp.size() > 1 && !layout.zero => {
+            Some(_) if dp.size() > 1 => {
                 if chunks.iter().all(|c| on_device(&be, dp, be.all(&c.grads)).is_some()) {
                     Bucketing::Device
                 } else {
@@ -631,10 +686,12 @@ impl<B: Backend> Engine<B> {
         let size = self.layout.grad_buckets.unwrap_or(0);
         let mut buckets = match &mut self.bucketing {
             Bucketing::Off => None,
-            Bucketing::Device => Some(Buckets::new(size, None, self.excluded_from_buckets())),
+            Bucketing::Device => Some(Buckets::new(size, None, self.shards(), self.excluded_from_buckets())),
             // The handle is back after every step, unless its worker thread could not start.
             Bucketing::Worker(comm) => match comm.take() {
-                Some(comm) => Some(Buckets::new(size, Some(Worker::start(comm)?), self.excluded_from_buckets())),
+                Some(comm) => {
+                    Some(Buckets::new(size, Some(Worker::start(comm)?), self.shards(), self.excluded_from_buckets()))
+                }
                 None => None,
             },
         };
@@ -767,6 +824,11 @@ impl<B: Backend> Engine<B> {
         Ok(b.covered)
     }
 
+    /// Per chunk, its ZeRO-1 shards (None without ZeRO-1).
+    fn shards(&self) -> Vec<Option<ZeroShard>> {
+        self.chunks.iter().map(|c| c.zero).collect()
+    }
+
     /// Per chunk, the tensors whose gradients are summed over tp or pp before dp (see
     /// [`Engine::sum_shared_grads`]), which stay out of the gradient buckets.
     fn excluded_from_buckets(&self) -> Vec<Vec<Range<usize>>> {
@@ -833,7 +895,12 @@ impl<B: Backend> Engine<B> {
                 }
                 Some(z) => {
                     let window = z.start..z.start + z.len;
-                    reduce_scatter_buf(be, dp, &mut c.grads, window.clone())?;
+                    if covered.is_empty() {
+                        reduce_scatter_buf(be, dp, &mut c.grads, window.clone())?;
+                    } else {
+                        // The rest of the chunk: tensors kept out of the buckets, and the padding.
+                        reduce_to_owners(be, dp, &mut c.grads, &complement(z.padded, covered), z)?;
+                    }
                     squares += clip(c.primary.iter().map(|r| (r.clone(), ())), window)
                         .map(|(r, _)| be.sum_squares(be.view(&c.grads, r)))
                         .sum::<f64>();

@@ -257,11 +257,15 @@ fn sequence_parallelism_splits_the_activations_between_the_mixers() {
 /// Gradient buckets summed over dp during backward give the same bits as one sum after it:
 /// every element is added in the same order. Small buckets (several per block and per
 /// chunk), with tensors that are first summed over tp or pp kept out: GPT-2's tied embedding
-/// at pp 2, and kv heads shared by two tp shards.
+/// at pp 2, and kv heads shared by two tp shards; under ZeRO-1, buckets reduced piece by
+/// piece into the shards' owners against one reduce-scatter.
 #[test]
 fn gradient_buckets_during_backward_change_no_bit() {
+    let zero = |s: Shape| Shape { zero: true, ..s };
     for (name, cfg, s) in [
         ("llama dp 2", llama(false), shape(1, 1, 2)),
+        ("llama dp 4 ZeRO-1", llama(false), zero(shape(1, 1, 4))),
+        ("gpt2 pp 2 dp 2 ZeRO-1 (tied head)", gpt2(), zero(shape(1, 2, 2))),
         (
             "llama tp 2 pp 2 dp 2 interleaved",
             llama(false),

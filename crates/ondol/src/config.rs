@@ -179,8 +179,9 @@ pub struct ParallelismConfig {
     /// the operation and the ranks that did not arrive.
     #[serde(default = "default_timeout_s")]
     pub timeout_s: u64,
-    /// Sum data-parallel gradients in buckets during the last backward of each step, on a
-    /// worker thread, while backward goes on (without ZeRO-1, on CPU communicators).
+    /// Sum data-parallel gradients in buckets during the last backward of each step while
+    /// backward goes on: on NCCL's side stream, or on a worker thread with CPU communicators
+    /// (under ZeRO-1, each bucket reduced into the ranks whose shards hold it).
     #[serde(default = "yes")]
     pub overlap_grad_sync: bool,
     /// Megabytes of fp32 gradients per bucket.

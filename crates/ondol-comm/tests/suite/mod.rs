@@ -39,6 +39,10 @@ macro_rules! communicator_suite {
             suite::reduce_scatter_gives_each_rank_its_chunk_of_the_sum(&$s)
         }
         #[test]
+        fn reduce_leaves_the_rank_order_sum_on_the_root() {
+            suite::reduce_leaves_the_rank_order_sum_on_the_root(&$s)
+        }
+        #[test]
         fn all_gather_concatenates_in_rank_order() {
             suite::all_gather_concatenates_in_rank_order(&$s)
         }
@@ -180,6 +184,32 @@ pub fn reduce_scatter_gives_each_rank_its_chunk_of_the_sum(s: &impl Spawner) {
             }
         }
     }
+}
+
+/// The root's buffer becomes the sum; what the others hold after is unspecified (the thread
+/// communicator leaves it, TCP's all-reduce fills in the sum), but it is one of the two.
+pub fn reduce_leaves_the_rank_order_sum_on_the_root(s: &impl Spawner) {
+    for size in 1..=4 {
+        let sum = rank_order_sum(size, 7);
+        for root in 0..size {
+            let got = on_threads(s.group(size, TIMEOUT), |c| {
+                let mut buf = data(c.rank(), 7);
+                c.reduce_sum(&mut buf, root).unwrap();
+                buf
+            });
+            for (rank, g) in got.iter().enumerate() {
+                let own = data(rank, 7);
+                if rank == root {
+                    assert_eq!(bits(g), bits(&sum), "size {size} root {root}");
+                } else {
+                    assert!(bits(g) == bits(&own) || bits(g) == bits(&sum), "size {size} root {root}: rank {rank}");
+                }
+            }
+        }
+    }
+    let c = s.group(1, TIMEOUT).pop().unwrap();
+    let err = c.reduce_sum(&mut [1.0], 1).unwrap_err().to_string();
+    assert!(err.contains("root 1"), "{err}");
 }
 
 pub fn all_gather_concatenates_in_rank_order(s: &impl Spawner) {
