@@ -148,20 +148,22 @@ fn decay_rates(a_log: &[f32]) -> Vec<f32> {
     a_log.iter().map(|v| -v.exp()).collect()
 }
 
-/// The step size of one (token, channel) from its raw value: `softplus(raw + bias)`.
+/// The step sizes `softplus(raw + bias)` of every channel of token `row`, into `steps` (one
+/// vector pass, where a scalar softplus per channel would stall on its divisions).
 #[inline(always)]
-fn step_size(raw: &[f32], bias: &[f32], row: usize, ch: usize) -> impl Iterator<Item = f32> {
-    raw[row * ch..(row + 1) * ch].iter().zip(bias).map(|(r, b)| softplus(r + b))
+fn step_sizes(raw: &[f32], bias: &[f32], row: usize, steps: &mut [f32]) {
+    let ch = steps.len();
+    steps.iter_mut().zip(&raw[row * ch..(row + 1) * ch]).zip(bias).for_each(|((s, r), b)| *s = softplus(r + b));
 }
 
-/// One step of the recurrence in place, for every channel of token `row`:
-/// `h = exp(delta A) * h + delta B u`. Forward and the backward recompute share it, so the two
-/// produce the same bits.
+/// One step of the recurrence in place, for every channel of token `row` with its step sizes
+/// `steps`: `h = exp(delta A) * h + delta B u`. Forward and the backward recompute share it, so
+/// the two produce the same bits.
 #[inline(always)]
-fn advance(h: &mut [f32], row: usize, x: &ScanInputs<&[f32]>, a: &[f32], ch: usize, n: usize) {
+fn advance(h: &mut [f32], steps: &[f32], row: usize, x: &ScanInputs<&[f32]>, a: &[f32], n: usize) {
+    let ch = steps.len();
     let bt = &x.b[row * n..(row + 1) * n];
-    let steps = step_size(x.delta, x.delta_bias, row, ch);
-    for (d, (hd, dt)) in h.chunks_exact_mut(n).zip(steps).enumerate() {
+    for (d, (hd, &dt)) in h.chunks_exact_mut(n).zip(steps).enumerate() {
         let ut = x.u[row * ch + d];
         for ((h, a), b) in hd.iter_mut().zip(&a[d * n..(d + 1) * n]).zip(bt) {
             *h = exp(dt * a) * *h + dt * b * ut;
@@ -169,10 +171,17 @@ fn advance(h: &mut [f32], row: usize, x: &ScanInputs<&[f32]>, a: &[f32], ch: usi
     }
 }
 
-/// `C_t . h_t + D u_t` for channel d (the scan's output before the gate).
+/// `y_t = (C_t . h_t + D u_t) silu(z_t)` for every channel of token `row`, into `y` (the dots
+/// per channel, then the gate as one vector pass).
 #[inline(always)]
-fn readout(h: &[f32], x: &ScanInputs<&[f32]>, row: usize, d: usize, ch: usize, n: usize) -> f32 {
-    dot(&x.c[row * n..(row + 1) * n], &h[d * n..(d + 1) * n]) + x.d[d] * x.u[row * ch + d]
+fn readout(h: &[f32], x: &ScanInputs<&[f32]>, row: usize, n: usize, y: &mut [f32]) {
+    let ch = y.len();
+    let ct = &x.c[row * n..(row + 1) * n];
+    let (u, z) = (&x.u[row * ch..(row + 1) * ch], &x.z[row * ch..(row + 1) * ch]);
+    for (((y, hd), d), u) in y.iter_mut().zip(h.chunks_exact(n)).zip(x.d).zip(u) {
+        *y = dot(ct, hd) + d * u;
+    }
+    y.iter_mut().zip(z).for_each(|(y, z)| *y *= silu(*z));
 }
 
 pub fn selective_scan_forward(x: ScanInputs<&[f32]>, y: &mut [f32], states: &mut [f32], s: ScanShape) {
@@ -186,14 +195,13 @@ dispatched! {
     /// Sequence `bi` of [`selective_scan_forward`], on the widest vector instructions.
     fn scan_sequence(x: &ScanInputs<&[f32]>, a: &[f32], bi: usize, y: &mut [f32], saved: &mut [f32], s: ScanShape) -> () {
         let (l, ch, n) = (s.len, s.channels, s.state);
-        let mut h = vec![0.0f32; ch * n];
+        let (mut h, mut steps) = (vec![0.0f32; ch * n], vec![0.0f32; ch]);
         saved[..ch * n].fill(0.0);
         for t in 0..l {
             let row = bi * l + t;
-            advance(&mut h, row, x, a, ch, n);
-            for d in 0..ch {
-                y[t * ch + d] = readout(&h, x, row, d, ch, n) * silu(x.z[row * ch + d]);
-            }
+            step_sizes(x.delta, x.delta_bias, row, &mut steps);
+            advance(&mut h, &steps, row, x, a, n);
+            readout(&h, x, row, n, &mut y[t * ch..(t + 1) * ch]);
             if (t + 1) % s.chunk == 0 || t + 1 == l {
                 let slot = (t + 1).div_ceil(s.chunk);
                 saved[slot * ch * n..(slot + 1) * ch * n].copy_from_slice(&h);
@@ -209,12 +217,12 @@ pub fn selective_scan_recurrent(x: ScanInputs<&[f32]>, y: &mut [f32], state: &mu
     assert_eq!(state.len(), s.batch * ch * n);
     let a = decay_rates(x.a_log);
     y.par_chunks_mut(l * ch).zip(state.par_chunks_mut(ch * n)).enumerate().for_each(|(bi, (y, h))| {
+        let mut steps = vec![0.0f32; ch];
         for t in 0..l {
             let row = bi * l + t;
-            advance(h, row, &x, &a, ch, n);
-            for d in 0..ch {
-                y[t * ch + d] = readout(h, &x, row, d, ch, n) * silu(x.z[row * ch + d]);
-            }
+            step_sizes(x.delta, x.delta_bias, row, &mut steps);
+            advance(h, &steps, row, &x, &a, n);
+            readout(h, &x, row, n, &mut y[t * ch..(t + 1) * ch]);
         }
     });
 }
@@ -253,7 +261,9 @@ pub fn selective_scan_backward(
 
 dispatched! {
     /// Sequence `bi` of [`selective_scan_backward`], from its saved states: writes its du,
-    /// ddelta, dz, dB and dC and returns its (dA, dD) partials.
+    /// ddelta, dz, dB and dC and returns its (dA, dD) partials. Per token, the channels'
+    /// transcendental terms (step sizes, gates, softplus slopes) are vector passes over the
+    /// row; the loop over channels does the states.
     fn scan_sequence_backward(
         dy: &[f32],
         x: &ScanInputs<&[f32]>,
@@ -267,7 +277,8 @@ dispatched! {
         let (l, ch, n) = (s.len, s.channels, s.state);
         let (mut pa, mut pd) = (vec![0.0f32; ch * n], vec![0.0f32; ch]);
         let mut dh = vec![0.0f32; ch * n]; // dL/dh_t from later steps, carried backwards
-        let mut chunk_h = vec![0.0f32; (s.chunk + 1) * ch * n];
+        // A chunk's states h_{t0-1}..h_{t1-1} and its tokens' step sizes.
+        let (mut chunk_h, mut chunk_steps) = (vec![0.0f32; (s.chunk + 1) * ch * n], vec![0.0f32; s.chunk * ch]);
         let (mut ddt_terms, mut du_terms) = (vec![0.0f32; n], vec![0.0f32; n]);
         for chunk in (0..l.div_ceil(s.chunk)).rev() {
             let (t0, t1) = (chunk * s.chunk, ((chunk + 1) * s.chunk).min(l));
@@ -276,27 +287,30 @@ dispatched! {
             for t in t0..t1 {
                 let (prev, next) = chunk_h.split_at_mut((t - t0 + 1) * ch * n);
                 next[..ch * n].copy_from_slice(&prev[(t - t0) * ch * n..]);
-                advance(&mut next[..ch * n], bi * l + t, x, a, ch, n);
+                let steps = &mut chunk_steps[(t - t0) * ch..(t - t0 + 1) * ch];
+                step_sizes(x.delta, x.delta_bias, bi * l + t, steps);
+                advance(&mut next[..ch * n], steps, bi * l + t, x, a, n);
             }
             for t in (t0..t1).rev() {
                 let row = bi * l + t;
                 let h_prev = &chunk_h[(t - t0) * ch * n..(t - t0 + 1) * ch * n];
                 let h_t = &chunk_h[(t - t0 + 1) * ch * n..(t - t0 + 2) * ch * n];
+                let steps = &chunk_steps[(t - t0) * ch..(t - t0 + 1) * ch];
                 let (bt, ct) = (&x.b[row * n..(row + 1) * n], &x.c[row * n..(row + 1) * n]);
                 let (dbt, dct) = (&mut db[t * n..(t + 1) * n], &mut dc[t * n..(t + 1) * n]);
                 dbt.fill(0.0);
                 dct.fill(0.0);
-                for (d, dt) in step_size(x.delta, x.delta_bias, row, ch).enumerate() {
+                for (d, &dt) in steps.iter().enumerate() {
                     let (ut, zt) = (x.u[row * ch + d], x.z[row * ch + d]);
                     let out = dy[row * ch + d];
-                    dz[t * ch + d] = out * readout(h_t, x, row, d, ch, n) * silu_grad(zt);
-                    let g = out * silu(zt); // dL/d(C.h + D u)
-                    pd[d] += g * ut;
                     // Channel d's states, as slices of n (so the loop below vectorises:
                     // its sums over the states go through per-state terms).
                     let ds = d * n..(d + 1) * n;
                     let (dh, pa, a) = (&mut dh[ds.clone()], &mut pa[ds.clone()], &a[ds.clone()]);
                     let (h_t, h_prev) = (&h_t[ds.clone()], &h_prev[ds]);
+                    dz[t * ch + d] = out * (dot(ct, h_t) + x.d[d] * ut) * silu_grad(zt);
+                    let g = out * silu(zt); // dL/d(C.h + D u)
+                    pd[d] += g * ut;
                     for i in 0..n {
                         dct[i] += g * h_t[i];
                         let adj = dh[i] + g * ct[i]; // dL/dh_t
@@ -307,10 +321,9 @@ dispatched! {
                         du_terms[i] = adj * dt * bt[i];
                         dh[i] = adj * decay; // dL/dh_{t-1} through h_t
                     }
-                    let ddt_acc = sum(&ddt_terms);
                     du[t * ch + d] = g * x.d[d] + sum(&du_terms);
                     // Through the softplus: d softplus(v) / dv = sigmoid(v).
-                    ddelta[t * ch + d] = ddt_acc * sigmoid(x.delta[row * ch + d] + x.delta_bias[d]);
+                    ddelta[t * ch + d] = sum(&ddt_terms) * sigmoid(x.delta[row * ch + d] + x.delta_bias[d]);
                 }
             }
         }
