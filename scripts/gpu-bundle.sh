@@ -83,6 +83,10 @@ fi
 export ONDOL_KERNEL_CACHE="${ONDOL_KERNEL_CACHE:-$here/kernel-cache}"
 # On this machine a test that cannot reach the GPU, NVRTC or cuBLASLt fails instead of skipping.
 export ONDOL_REQUIRE_GPU=1
+# Each test binary and each run stops after this many seconds (a hung kernel must not take the
+# whole device call with it): the part goes on with the next, and the run fails.
+limit="${ONDOL_STEP_TIMEOUT:-300}"
+bounded() { timeout -k 10 "$limit" "$@" || { local rc=$?; [[ $rc == 124 || $rc == 137 ]] && echo "!! stopped after ${limit}s: $*"; return $rc; }; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "nvidia-smi: not found"
 cd "$here"
 status=0
@@ -91,7 +95,7 @@ if wants tests; then
     # its errors (a heuristic with no algorithm says why).
     for t in tests/*; do
         echo "== $(basename "$t")"
-        CUDA_LAUNCH_BLOCKING=1 CUBLASLT_LOG_LEVEL=1 "$t" --nocapture --test-threads=1 || status=1
+        CUDA_LAUNCH_BLOCKING=1 CUBLASLT_LOG_LEVEL=1 bounded "$t" --nocapture --test-threads=1 || status=1
     done
 fi
 if wants smoke; then
@@ -99,7 +103,7 @@ if wants smoke; then
     train() {  # CONFIG RUN-DIR [--set ...]
         local config=$1 dir=$2
         shift 2
-        bin/ondol train "configs/$config.toml" --set training.steps=$steps --set training.eval_every=50 \
+        bounded bin/ondol train "configs/$config.toml" --set training.steps=$steps --set training.eval_every=50 \
             --run-dir "runs/$dir" "$@" 2>&1 | tail -2 || status=1
     }
     # Every architecture on the CPU (fp32) and the GPU (bf16); the Llama smoke in GPU fp32 too.
@@ -126,7 +130,7 @@ if wants smoke; then
     # The launched path at world size 1: rendezvous, NCCL communicators, the same curve, to
     # bf16 and atomics' run-to-run differences (backward sums with atomicAdd in any order).
     echo "== smoke: one launched rank over NCCL against the plain GPU run"
-    bin/ondol launch --nproc-per-node 1 --master-port 0 -- train configs/smoke.toml --set training.steps=$steps \
+    bounded bin/ondol launch --nproc-per-node 1 --master-port 0 -- train configs/smoke.toml --set training.steps=$steps \
         --set training.eval_every=50 --set 'training.device="cuda"' --run-dir runs/smoke-nccl 2>&1 | tail -2 || status=1
     python3 bin/compare-curves.py runs/smoke-cuda-bf16/metrics.jsonl runs/smoke-nccl/metrics.jsonl 1e-2 || status=1
 fi
@@ -143,7 +147,7 @@ if wants mfu; then
 fi
 if wants bench; then
     echo "== kernel throughput (ondol, then PyTorch on the same attention shapes)"
-    benches/kernels || status=1
+    bounded benches/kernels || status=1
     python3 bin/attention-vs-pytorch.py || echo "(PyTorch comparison not run)"
 fi
 exit $status
