@@ -34,9 +34,10 @@ pub trait Communicator: Send {
     /// `input.len() == size() * output.len()` and chunk `i` is `input[i * n..(i + 1) * n]`.
     fn reduce_scatter_sum(&self, input: &[f32], output: &mut [f32]) -> Result<(), CommError>;
     /// `buf` on group rank `root` becomes the elementwise sum of every rank's `buf`; on the
-    /// others it is left unspecified (the thread communicator leaves them as they were; this
-    /// default, an all-reduce, leaves the sum, one valid result). NCCL's device form moves
-    /// half an all-reduce's bytes. ZeRO-1 sums gradient buckets into their owners' shards so.
+    /// others it is left unspecified (the thread and TCP communicators leave them as they
+    /// were; this default, an all-reduce, leaves the sum, one valid result). Half an
+    /// all-reduce's bytes on TCP and NCCL. ZeRO-1 sums gradient buckets into their owners'
+    /// shards so.
     fn reduce_sum(&self, buf: &mut [f32], root: usize) -> Result<(), CommError> {
         if root >= self.size() {
             return Err(CommError::Invalid {

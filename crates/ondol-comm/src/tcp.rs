@@ -66,11 +66,12 @@ enum Op {
     Barrier = 5,
     P2p = 6,
     Abort = 7,
+    Reduce = 8,
 }
 
 impl Op {
     fn from_u8(v: u8) -> Option<Op> {
-        [Op::AllReduce, Op::ReduceScatter, Op::AllGather, Op::Broadcast, Op::Barrier, Op::P2p, Op::Abort]
+        [Op::AllReduce, Op::ReduceScatter, Op::AllGather, Op::Broadcast, Op::Barrier, Op::P2p, Op::Abort, Op::Reduce]
             .into_iter()
             .find(|op| *op as u8 == v)
     }
@@ -85,6 +86,7 @@ impl Op {
             Op::Barrier => "barrier",
             Op::P2p => "send",
             Op::Abort => "abort",
+            Op::Reduce => "reduce_sum",
         }
     }
 }
@@ -632,6 +634,32 @@ impl Communicator for TcpComm {
         let at = |r: usize| r * n..(r + 1) * n;
         let theirs = self.exchange(NAME, Op::ReduceScatter, input.len(), |r| input[at(r)].to_vec())?;
         self.sum_in_rank_order(NAME, output, &input[at(self.rank)], &theirs)
+    }
+
+    /// The all-reduce's first half (each rank sums its chunk), then the chunks go to the root
+    /// only: the other ranks keep their own buffers.
+    fn reduce_sum(&self, buf: &mut [f32], root: usize) -> Result<(), CommError> {
+        const NAME: &str = "reduce_sum";
+        self.check_peer(NAME, "root", root)?;
+        let n = buf.len();
+        let mine = self.chunk(n, self.rank);
+        let theirs = self.exchange(NAME, Op::Reduce, n, |r| buf[self.chunk(n, r)].to_vec())?;
+        let mut sum = vec![0f32; mine.len()];
+        self.sum_in_rank_order(NAME, &mut sum, &buf[mine.clone()], &theirs)?;
+        if self.rank != root {
+            return self.send_to(NAME, Op::Reduce, root, n, root, &sum);
+        }
+        buf[mine].copy_from_slice(&sum);
+        let peers = self.peers();
+        for (&r, m) in peers.iter().zip(self.take(NAME, &peers, false)?) {
+            self.check_message(NAME, Op::Reduce, root, n, r, &m)?;
+            let range = self.chunk(n, r);
+            if m.data.len() != range.len() {
+                return Err(self.invalid(NAME, format!("rank {} sent a chunk of the wrong length", self.ranks[r])));
+            }
+            buf[range].copy_from_slice(&m.data);
+        }
+        Ok(())
     }
 
     fn all_gather(&self, input: &[f32], output: &mut [f32]) -> Result<(), CommError> {
