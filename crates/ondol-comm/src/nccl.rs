@@ -21,9 +21,9 @@
 //!
 //! # Overlap
 //! The data-parallel group has a second communicator on a stream of its own (the side lane):
-//! [`Communicator::queue_all_reduce_device`] makes that stream wait for an event on the main
-//! stream and queues the sum there, returning at once, so gradient buckets are summed while
-//! the backward kernels issued after them run; [`Communicator::wait_queued`] waits for the
+//! [`Communicator::queue_all_reduce_device`] (and `queue_reduce_device`, ZeRO-1's) makes that
+//! stream wait for an event on the main stream and queues the sum there, returning at once,
+//! so gradient buckets are summed while the backward kernels issued after them run; [`Communicator::wait_queued`] waits for the
 //! side stream (with the timeout), so that what the host issues next comes after the sums.
 //!
 //! # Point to point

@@ -95,17 +95,25 @@ pub struct Mat<'a> {
     cs: usize,
 }
 
-/// The elements a `rows × cols` matrix with rows `row_stride` apart spans.
-fn span(rows: usize, cols: usize, row_stride: usize) -> usize {
-    if rows == 0 || cols == 0 { 0 } else { (rows - 1) * row_stride + cols }
+/// The elements a `rows × cols` matrix with rows `row_stride` apart spans from `start`, as the
+/// range of the slice it lies in (panics on overflow, or on strides the GEMM's `isize` cannot
+/// hold).
+fn span(start: usize, rows: usize, cols: usize, row_stride: usize) -> std::ops::Range<usize> {
+    assert!(cols <= row_stride || rows <= 1, "a matrix's rows of {cols} overlap at stride {row_stride}");
+    assert!(isize::try_from(row_stride).is_ok(), "row stride {row_stride} exceeds isize");
+    let len = match rows == 0 || cols == 0 {
+        true => Some(0),
+        false => (rows - 1).checked_mul(row_stride).and_then(|v| v.checked_add(cols)),
+    };
+    let end = len.and_then(|len| start.checked_add(len)).expect("a matrix's span overflows usize");
+    start..end
 }
 
 impl<'a> Mat<'a> {
     /// The `rows × cols` matrix starting at `data[start]`, its rows `row_stride` apart (panics
     /// if it does not fit in `data`).
     pub fn new(data: &'a [f32], start: usize, rows: usize, cols: usize, row_stride: usize) -> Self {
-        assert!(cols <= row_stride || rows <= 1, "Mat: rows of {cols} overlap at stride {row_stride}");
-        Self { data: &data[start..start + span(rows, cols, row_stride)], rows, cols, rs: row_stride, cs: 1 }
+        Self { data: &data[span(start, rows, cols, row_stride)], rows, cols, rs: row_stride, cs: 1 }
     }
 
     /// The transpose (a view: strides swapped).
@@ -125,8 +133,7 @@ pub struct MatMut<'a> {
 impl<'a> MatMut<'a> {
     /// As [`Mat::new`], writable.
     pub fn new(data: &'a mut [f32], start: usize, rows: usize, cols: usize, row_stride: usize) -> Self {
-        assert!(cols <= row_stride || rows <= 1, "MatMut: rows of {cols} overlap at stride {row_stride}");
-        Self { data: &mut data[start..start + span(rows, cols, row_stride)], rows, cols, rs: row_stride }
+        Self { data: &mut data[span(start, rows, cols, row_stride)], rows, cols, rs: row_stride }
     }
 }
 
@@ -160,5 +167,58 @@ pub fn matmul(c: MatMut, a: Mat, b: Mat, alpha: f32, beta: f32) {
             (b.rs as isize, b.cs as isize),
             Parallelism::None,
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `C = alpha A B + beta C` in f64 by the definition, on views given as (rows, cols, element).
+    fn reference(
+        a: &dyn Fn(usize, usize) -> f32,
+        b: &dyn Fn(usize, usize) -> f32,
+        (m, k, n): (usize, usize, usize),
+    ) -> Vec<f64> {
+        (0..m * n).map(|i| (0..k).map(|l| a(i / n, l) as f64 * b(l, i % n) as f64).sum()).collect()
+    }
+
+    #[test]
+    fn strided_and_transposed_views_multiply_by_the_definition() {
+        let data: Vec<f32> = (0..400).map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0).collect();
+        // (m, k, n) with empty and single dimensions; A and B read at an offset with a row
+        // stride wider than their rows, straight or transposed.
+        for (m, k, n) in [(5, 7, 3), (1, 4, 6), (6, 1, 2), (3, 0, 4), (0, 3, 2), (4, 5, 0)] {
+            for (trans_a, trans_b) in [(false, false), (true, false), (false, true), (true, true)] {
+                let stride = 9;
+                let a = if trans_a { Mat::new(&data, 3, k, m, stride).t() } else { Mat::new(&data, 3, m, k, stride) };
+                let b =
+                    if trans_b { Mat::new(&data, 101, n, k, stride).t() } else { Mat::new(&data, 101, k, n, stride) };
+                let at = |r: usize, c: usize| if trans_a { data[3 + c * stride + r] } else { data[3 + r * stride + c] };
+                let bt =
+                    |r: usize, c: usize| if trans_b { data[101 + c * stride + r] } else { data[101 + r * stride + c] };
+                let want = reference(&at, &bt, (m, k, n));
+                let mut c = vec![0.5f32; 2 + m * 11];
+                matmul(MatMut::new(&mut c, 2, m, n, 11), a, b, 2.0, -1.0);
+                for i in 0..m * n {
+                    let got = c[2 + (i / n) * 11 + i % n] as f64;
+                    let expect = 2.0 * want[i] - 0.5;
+                    assert!(
+                        (got - expect).abs() <= 1e-5 * (1.0 + expect.abs()),
+                        "{m}x{k}x{n} {trans_a} {trans_b}: {got} vs {expect}"
+                    );
+                }
+                // Outside the destination's rows and columns nothing changed.
+                let inside = |j: usize| j >= 2 && (j - 2) / 11 < m && (j - 2) % 11 < n;
+                assert!((0..c.len()).filter(|&j| !inside(j)).all(|j| c[j] == 0.5), "{m}x{k}x{n}: wrote outside C");
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "range end index")]
+    fn a_view_past_its_slice_panics() {
+        let data = [0.0f32; 10];
+        let _ = Mat::new(&data, 2, 3, 3, 3);
     }
 }

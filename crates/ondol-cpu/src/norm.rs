@@ -209,7 +209,7 @@ dispatched! {
     ) -> () {
         for ((((s, g), gw), (x, z)), w) in dz.iter_mut().zip(dx.iter_mut()).zip(gw.iter_mut()).zip(x.iter().zip(z)).zip(w) {
             *s = sigmoid(*z);
-            *g = x * z * *s;
+            *g = x * (z * *s); // x silu(z), as the forward rounds it
             *gw = *g * w;
         }
         let groups = dx.chunks_exact_mut(group).zip(dz.chunks_exact_mut(group));

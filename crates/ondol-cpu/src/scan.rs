@@ -16,7 +16,9 @@
 //! computed a chunk of Q tokens at a time in its quadratic form,
 //!   y_i = sum_{j<=i} exp(L_i - L_j) dt_j (C_i . B_j) x_j + exp(L_i) H0 C_i + D x_i,
 //! with L the running sum of dt A inside the chunk and H0 the state entering it. FLOPs per
-//! (token, head): Q (N + P) for the intra-chunk part and 4 P N for the state, forward.
+//! (token, head), forward: 2 Q (N + P) for the intra-chunk part (the causal half of it is
+//! needed, but the CPU's small GEMMs compute the whole Q x Q products and mask them) and 4 P N
+//! for the state.
 
 use crate::dense::{Mat, MatMut, matmul};
 use crate::math::{dot, exp, sigmoid, silu, silu_grad, softplus, sum};
@@ -261,9 +263,9 @@ pub fn selective_scan_backward(
 
 dispatched! {
     /// Sequence `bi` of [`selective_scan_backward`], from its saved states: writes its du,
-    /// ddelta, dz, dB and dC and returns its (dA, dD) partials. Per token, the channels'
-    /// transcendental terms (step sizes, gates, softplus slopes) are vector passes over the
-    /// row; the loop over channels does the states.
+    /// ddelta, dz, dB and dC and returns its (dA, dD) partials. The chunk's step sizes come
+    /// from its recompute (one vector pass per token); the loop over channels does the gates
+    /// and the states.
     fn scan_sequence_backward(
         dy: &[f32],
         x: &ScanInputs<&[f32]>,

@@ -281,7 +281,8 @@ fn reduce_scatter_buf<B: Backend>(
 }
 
 /// ZeRO-1: each piece of `ranges` of `buf` becomes its sum over `comm` on the replica whose
-/// shard holds it (a reduce per piece); on the device where it can.
+/// shard holds it (a reduce per piece): on the device where it can, queued together and
+/// waited for once; else through the host.
 fn reduce_to_owners<B: Backend>(
     be: &B,
     comm: &dyn Communicator,
@@ -291,15 +292,17 @@ fn reduce_to_owners<B: Backend>(
 ) -> Result<()> {
     for (owner, piece) in ranges.iter().flat_map(|r| shard.owners(r.clone())) {
         match on_device(be, comm, be.view(buf, piece.clone())) {
-            Some(slice) => comm.reduce_device(slice, owner)?,
+            Some(slice) => comm.queue_reduce_device(slice, owner)?,
             None => {
                 let mut host = be.download_view(be.view(buf, piece.clone()));
                 comm.reduce_sum(&mut host, owner)?;
-                be.write_view(be.view_mut(buf, piece), &host);
+                if owner == comm.rank() {
+                    be.write_view(be.view_mut(buf, piece), &host);
+                }
             }
         }
     }
-    Ok(())
+    Ok(comm.wait_queued()?)
 }
 
 /// ZeRO-1: `buf` (padded to whole shards) becomes every rank's `window` in rank order, an
@@ -415,7 +418,10 @@ impl Worker {
                     if let Err(e) = summed {
                         return (comm, Err(e));
                     }
-                    done.push((chunk, range, data));
+                    // A piece another replica owns has nothing to write back.
+                    if owner.is_none_or(|root| root == comm.rank()) {
+                        done.push((chunk, range, data));
+                    }
                 }
                 (comm, Ok(done))
             })
@@ -898,8 +904,9 @@ impl<B: Backend> Engine<B> {
                     if covered.is_empty() {
                         reduce_scatter_buf(be, dp, &mut c.grads, window.clone())?;
                     } else {
-                        // The rest of the chunk: tensors kept out of the buckets, and the padding.
-                        reduce_to_owners(be, dp, &mut c.grads, &complement(z.padded, covered), z)?;
+                        // The rest of the chunk: tensors kept out of the buckets. (The padding
+                        // past the parameters holds zeros on every replica.)
+                        reduce_to_owners(be, dp, &mut c.grads, &complement(c.model.num_params(), covered), z)?;
                     }
                     squares += clip(c.primary.iter().map(|r| (r.clone(), ())), window)
                         .map(|(r, _)| be.sum_squares(be.view(&c.grads, r)))
