@@ -110,7 +110,10 @@ pub trait Communicator: Send {
     }
     /// Queues [`Communicator::all_reduce_device`] of `buf` to run once the work already issued
     /// on the device is done, beside the device's later work (NCCL: on a stream of its own,
-    /// ordered by an event); returns without waiting for it. A host communicator sums at once.
+    /// ordered by an event); returns without waiting for it. The caller leaves `buf` alone
+    /// until [`Communicator::wait_queued`]. This default sums at once; the thread communicator
+    /// reads `buf` now and writes the sum at `wait_queued`, as late as NCCL may, so a test sees
+    /// a write that races with a queued sum.
     fn queue_all_reduce_device(&self, buf: DeviceSlice) -> Result<(), CommError> {
         self.all_reduce_device(buf)
     }
@@ -127,7 +130,7 @@ pub trait Communicator: Send {
 }
 
 /// The values of `slice`, a device emulated in host memory, as f32.
-fn read_host(op: &'static str, group: &[usize], slice: &DeviceSlice) -> Result<Vec<f32>, CommError> {
+pub(crate) fn read_host(op: &'static str, group: &[usize], slice: &DeviceSlice) -> Result<Vec<f32>, CommError> {
     if !slice.host {
         return Err(CommError::Invalid {
             op,
@@ -152,7 +155,7 @@ fn read_host(op: &'static str, group: &[usize], slice: &DeviceSlice) -> Result<V
 
 /// Writes `values` into `slice` (read with [`read_host`], so it is host memory), rounding to
 /// bf16 where it holds bf16.
-fn write_host(slice: &DeviceSlice, values: &[f32]) {
+pub(crate) fn write_host(slice: &DeviceSlice, values: &[f32]) {
     debug_assert!(slice.host && values.len() == slice.len);
     if slice.len == 0 {
         return;

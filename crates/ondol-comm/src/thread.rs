@@ -30,9 +30,16 @@
 //! message from that queue, waiting with the same timeout. Sends are therefore buffered here, but
 //! the [`Communicator`] contract does not promise it, so callers pair sends and receives as they
 //! must for NCCL.
+//!
+//! # Queued collectives
+//! `queue_all_reduce_device` and `queue_reduce_device` read the buffer when called and run the
+//! collective, writing the buffer, at `wait_queued`: the earliest read and the latest write
+//! NCCL's side stream may make, so device-path tests see a kernel that touches a bucket between
+//! the two.
 
-use crate::comm::Communicator;
+use crate::comm::{Communicator, read_host, write_host};
 use crate::error::{CommError, Ranks, TimeoutInfo};
+use ondol_core::DeviceSlice;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -42,6 +49,16 @@ use std::time::{Duration, Instant};
 pub struct ThreadComm {
     rank: usize,
     shared: Arc<Shared>,
+    /// Collectives queued on device memory, run at `wait_queued`.
+    queued: Mutex<Vec<Queued>>,
+}
+
+/// A queued collective: the buffer, the root of a reduce (None: an all-reduce), and the
+/// buffer's values when it was queued.
+struct Queued {
+    slice: DeviceSlice,
+    root: Option<usize>,
+    values: Vec<f32>,
 }
 
 struct Shared {
@@ -76,6 +93,17 @@ struct State {
 }
 
 impl ThreadComm {
+    fn new(rank: usize, shared: Arc<Shared>) -> Self {
+        Self { rank, shared, queued: Mutex::new(Vec::new()) }
+    }
+
+    /// Reads `slice` now for a collective run at `wait_queued`.
+    fn queue(&self, op: &'static str, slice: DeviceSlice, root: Option<usize>) -> Result<(), CommError> {
+        let values = read_host(op, &self.shared.ranks, &slice)?;
+        self.queued.lock().unwrap_or_else(|e| e.into_inner()).push(Queued { slice, root, values });
+        Ok(())
+    }
+
     /// One communicator per rank of a group of `n` ranks (world ranks `0..n`), in rank order.
     pub fn group(n: usize, timeout: Duration) -> Vec<ThreadComm> {
         Self::with_ranks((0..n).collect(), timeout)
@@ -122,7 +150,7 @@ impl ThreadComm {
             }),
             wake: Condvar::new(),
         });
-        (0..n).map(|rank| ThreadComm { rank, shared: shared.clone() }).collect()
+        (0..n).map(|rank| ThreadComm::new(rank, shared.clone())).collect()
     }
 
     /// The timeout every operation of this communicator waits at most.
@@ -385,7 +413,38 @@ impl Communicator for ThreadComm {
     }
 
     fn duplicate(&self) -> Option<Box<dyn Communicator>> {
-        Some(Box::new(ThreadComm { rank: self.rank, shared: self.shared.clone() }))
+        Some(Box::new(ThreadComm::new(self.rank, self.shared.clone())))
+    }
+
+    fn queue_all_reduce_device(&self, buf: DeviceSlice) -> Result<(), CommError> {
+        self.queue("queue_all_reduce_device", buf, None)
+    }
+
+    fn queue_reduce_device(&self, buf: DeviceSlice, root: usize) -> Result<(), CommError> {
+        const OP: &str = "queue_reduce_device";
+        if root >= self.size() {
+            return Err(self.invalid(OP, format!("root {root} is outside the group of {}", self.size())));
+        }
+        self.queue(OP, buf, Some(root))
+    }
+
+    /// Runs the queued collectives in order; a reduce writes its root's buffer only (NCCL's
+    /// in-place reduce leaves the others as they are).
+    fn wait_queued(&self) -> Result<(), CommError> {
+        let queued = std::mem::take(&mut *self.queued.lock().unwrap_or_else(|e| e.into_inner()));
+        for Queued { slice, root, mut values } in queued {
+            match root {
+                None => self.all_reduce_sum(&mut values)?,
+                Some(root) => {
+                    self.reduce_sum(&mut values, root)?;
+                    if root != self.rank {
+                        continue;
+                    }
+                }
+            }
+            write_host(&slice, &values);
+        }
+        Ok(())
     }
 }
 
