@@ -38,11 +38,13 @@ fn main() {
         ((1, 1, 2), 0, false, false),
         ((1, 1, 2), 0, false, true),
         ((1, 1, 2), 1, false, false),
+        ((1, 1, 2), 1, false, true),
         ((2, 1, 1), 0, false, false),
         ((2, 1, 1), 0, true, false),
         ((1, 2, 1), 0, false, false),
         ((2, 2, 2), 0, false, true),
         ((2, 2, 2), 1, false, false),
+        ((2, 2, 2), 1, false, true),
         ((2, 2, 2), 1, true, false),
     ] {
         let overrides = [
