@@ -43,7 +43,7 @@ pub trait Communicator: Send {
             return Err(CommError::Invalid {
                 op: "reduce_sum",
                 group: self.world_ranks().to_vec(),
-                message: format!("root {root} is outside the group of {}", self.size()),
+                message: format!("root {root} is outside the group of {} ranks", self.size()),
             });
         }
         self.all_reduce_sum(buf)

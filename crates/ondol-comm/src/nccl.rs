@@ -349,11 +349,13 @@ impl NcclComm {
         Ok(())
     }
 
-    fn check_root(&self, op: &'static str, root: usize) -> Result<(), CommError> {
-        if root < self.size() {
+    /// `peer` (a root, destination or source) is a group rank, as the thread and TCP
+    /// communicators check it.
+    fn check_peer(&self, op: &'static str, what: &str, peer: usize) -> Result<(), CommError> {
+        if peer < self.size() {
             return Ok(());
         }
-        Err(self.invalid(op, format!("root {root} is outside the group of {}", self.size())))
+        Err(self.invalid(op, format!("{what} {peer} is outside the group of {} ranks", self.size())))
     }
 }
 
@@ -465,9 +467,7 @@ impl Communicator for NcclComm {
     }
 
     fn broadcast(&self, buf: &mut [f32], root: usize) -> Result<(), CommError> {
-        if root >= self.size() {
-            return Err(self.invalid("broadcast", format!("root {root} is outside the group of {} ranks", self.size())));
-        }
+        self.check_peer("broadcast", "root", root)?;
         let input = buf.to_vec();
         let (n, comm, stream) = (buf.len(), self.main.comm, self.stream_ptr());
         self.staged("broadcast", &input, buf, |i, o| unsafe {
@@ -476,9 +476,7 @@ impl Communicator for NcclComm {
     }
 
     fn send(&self, buf: &[f32], to: usize) -> Result<(), CommError> {
-        if to >= self.size() {
-            return Err(self.invalid("send", format!("destination {to} is outside the group of {} ranks", self.size())));
-        }
+        self.check_peer("send", "destination", to)?;
         let (n, comm, stream) = (buf.len(), self.main.comm, self.stream_ptr());
         self.staged("send", buf, &mut [], |i, _| unsafe {
             nccl::send(i as *const c_void, n, F32, to as i32, comm, stream)
@@ -486,9 +484,7 @@ impl Communicator for NcclComm {
     }
 
     fn recv(&self, buf: &mut [f32], from: usize) -> Result<(), CommError> {
-        if from >= self.size() {
-            return Err(self.invalid("recv", format!("source {from} is outside the group of {} ranks", self.size())));
-        }
+        self.check_peer("recv", "source", from)?;
         let (n, comm, stream) = (buf.len(), self.main.comm, self.stream_ptr());
         self.staged("recv", &[], buf, |_, o| unsafe { nccl::recv(o as *mut c_void, n, F32, from as i32, comm, stream) })
     }
@@ -548,7 +544,7 @@ impl Communicator for NcclComm {
 
     fn reduce_device(&self, buf: DeviceSlice, root: usize) -> Result<(), CommError> {
         const OP: &str = "reduce_device";
-        self.check_root(OP, root)?;
+        self.check_peer(OP, "root", root)?;
         // SAFETY: `buf` is a live device view of the backend (the caller's contract).
         self.on_stream(OP, |comm, stream| unsafe { reduce_in_place(&buf, root, comm, stream) })
     }
@@ -571,7 +567,7 @@ impl Communicator for NcclComm {
         if self.side.is_none() {
             return self.reduce_device(buf, root);
         }
-        self.check_root(OP, root)?;
+        self.check_peer(OP, "root", root)?;
         // SAFETY: as in queue_all_reduce_device.
         self.queue(OP, |comm, stream| unsafe { reduce_in_place(&buf, root, comm, stream) })
     }

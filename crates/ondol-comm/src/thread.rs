@@ -312,9 +312,7 @@ impl Communicator for ThreadComm {
     /// sum on the wrong rank sees it in tests.
     fn reduce_sum(&self, buf: &mut [f32], root: usize) -> Result<(), CommError> {
         const OP: &str = "reduce_sum";
-        if root >= self.size() {
-            return Err(self.invalid(OP, format!("root {root} is outside the group of {}", self.size())));
-        }
+        self.check_peer(OP, "root", root)?;
         let parts = self.exchange(OpKey { name: OP, root }, buf.to_vec())?;
         self.check_lengths(OP, &parts, buf.len())?;
         if self.rank == root {
@@ -422,9 +420,7 @@ impl Communicator for ThreadComm {
 
     fn queue_reduce_device(&self, buf: DeviceSlice, root: usize) -> Result<(), CommError> {
         const OP: &str = "queue_reduce_device";
-        if root >= self.size() {
-            return Err(self.invalid(OP, format!("root {root} is outside the group of {}", self.size())));
-        }
+        self.check_peer(OP, "root", root)?;
         self.queue(OP, buf, Some(root))
     }
 
