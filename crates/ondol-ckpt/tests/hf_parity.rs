@@ -67,7 +67,7 @@ fn check(name: &str) {
     let (logits, loss) = ondol_logits(&dir, &e);
     assert_eq!(logits.len(), e.logits.len());
     let scale = e.logits.iter().fold(0.0f32, |m, x| m.max(x.abs()));
-    let worst = logits.iter().zip(&e.logits).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    let worst = ondol_core::gradcheck::max_abs_diff(&logits, &e.logits);
     eprintln!("{name}: max abs logit difference {worst:.2e} (logit scale {scale:.2}), loss {loss:.7} vs {:.7}", e.loss);
     assert!(worst <= rtol * scale, "{name}: max |ondol - transformers| = {worst:e} (logit scale {scale})");
     assert!((loss - e.loss as f64).abs() <= rtol as f64 * e.loss as f64, "{name}: loss {loss} vs {}", e.loss);

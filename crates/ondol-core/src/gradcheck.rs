@@ -69,7 +69,8 @@ pub fn check_indices(
         let a = analytic[i] as f64;
         let err = (a - numeric).abs() / (atol + rtol * a.abs().max(numeric.abs()));
         out.checked += 1;
-        if err > out.worst_error {
+        // A NaN error is the worst there is (and stays so): `err > worst` alone skips it.
+        if !out.worst_error.is_nan() && (err.is_nan() || err > out.worst_error) {
             out = GradCheck { checked: out.checked, worst_index: i, worst_error: err, analytic: a, numeric };
         }
     }
@@ -99,4 +100,31 @@ pub fn randn(n: usize, std: f32, seed: u64) -> Vec<f32> {
 /// `sum_i w_i * y_i` in f64: the scalar loss whose gradient with respect to y is w.
 pub fn dot(w: &[f32], y: &[f32]) -> f64 {
     w.iter().zip(y).map(|(a, b)| *a as f64 * *b as f64).sum()
+}
+
+/// The largest of `errors`, NaN if any is NaN: folding with `f64::max` skips a NaN, and a
+/// check `worst <= tol` then passes on garbage.
+pub fn worst(errors: impl IntoIterator<Item = f64>) -> f64 {
+    errors.into_iter().fold(0.0, |m, e| if m.is_nan() || e.is_nan() { f64::NAN } else { m.max(e) })
+}
+
+/// The largest `|a_i - b_i|`, NaN if any difference is NaN (see [`worst`]).
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "max_abs_diff: lengths");
+    worst(a.iter().zip(b).map(|(x, y)| (x - y).abs() as f64)) as f32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_nan_is_the_worst_error() {
+        assert_eq!(max_abs_diff(&[1.0, 2.0], &[1.5, 2.0]), 0.5);
+        assert!(max_abs_diff(&[1.0, f32::NAN, 3.0], &[1.0, 2.0, 9.0]).is_nan());
+        assert!(worst([0.5, f64::NAN, 2.0]).is_nan());
+        let mut x = vec![1.0f32];
+        let nan_grad = check_indices(&mut x, &[f32::NAN], |x| x[0] as f64, 1e-3, 1e-3, 1e-6, &[0]);
+        assert!(nan_grad.worst_error.is_nan(), "a NaN gradient fails the check");
+    }
 }

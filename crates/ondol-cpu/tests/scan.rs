@@ -251,7 +251,8 @@ fn ssd_chunked_form_equals_the_sequential_recurrence() {
         let x = SsdData::new(s, 40 + len as u64);
         let (y, _) = ssd_forward(&x, s);
         let want = ssd_sequential(&x, s);
-        let worst = y.iter().zip(&want).map(|(a, b)| (*a as f64 - b).abs() / (1.0 + b.abs())).fold(0.0, f64::max);
+        let worst =
+            ondol_core::gradcheck::worst(y.iter().zip(&want).map(|(a, b)| (*a as f64 - b).abs() / (1.0 + b.abs())));
         assert!(
             worst < 2e-5,
             "len {len} chunk {chunk} heads {heads} groups {groups} dt_min {dt_min}: worst {worst:.2e}"
@@ -338,8 +339,9 @@ fn put_tokens(whole: &mut [f32], part: &[f32], batch: usize, len: usize, range: 
 const PIECES: [std::ops::Range<usize>; 4] = [0..4, 4..5, 5..7, 7..9];
 
 fn assert_near(what: &str, got: &[f32], want: &[f32], tol: f32) {
-    let worst = got.iter().zip(want).map(|(a, b)| (a - b).abs() / (1.0 + b.abs())).fold(0.0, f32::max);
-    assert!(got.len() == want.len() && worst <= tol, "{what}: worst relative error {worst:.2e}");
+    let worst =
+        ondol_core::gradcheck::worst(got.iter().zip(want).map(|(a, b)| ((a - b).abs() / (1.0 + b.abs())) as f64));
+    assert!(got.len() == want.len() && worst <= tol as f64, "{what}: worst relative error {worst:.2e}");
 }
 
 #[test]

@@ -55,7 +55,7 @@ fn random(n: usize, seed: u64, scale: f32) -> Vec<f32> {
 fn assert_close(what: &str, be: &CudaBackend, got: &[f32], want: &[f32], tol: f32) {
     assert_eq!(got.len(), want.len(), "{what}: length");
     let scale = want.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
-    let worst = got.iter().zip(want).map(|(g, w)| (g - w).abs()).fold(0.0f32, f32::max);
+    let worst = ondol_core::gradcheck::max_abs_diff(got, want);
     let kind = format!("{what} ({:?}, {})", be.compute_type(), be.device_name());
     eprintln!("{kind:<72} max abs error {worst:.3e}  relative {:.3e}  (tolerance {tol:.0e})", worst / scale);
     assert!(worst <= tol * scale, "{kind}: max error {worst} against largest value {scale}");

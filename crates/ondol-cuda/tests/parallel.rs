@@ -136,7 +136,7 @@ fn assert_close(name: &str, tol: f64, (la, wa): &(Vec<f64>, Vec<f32>), (lb, wb):
         assert!((a - b).abs() <= tol * a.abs(), "{name}: step {step} loss {b} vs one rank {a}");
     }
     let scale = wa.iter().fold(0.0f32, |m, w| m.max(w.abs()));
-    let worst = wa.iter().zip(wb).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    let worst = ondol_core::gradcheck::max_abs_diff(wa, wb);
     assert!(worst as f64 <= tol * scale as f64, "{name}: weights differ by {worst} (largest weight {scale})");
     assert!(la[STEPS - 1] < la[0], "{name}: the loss did not fall");
 }

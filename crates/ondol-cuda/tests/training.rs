@@ -92,7 +92,7 @@ fn train<B: Backend>(be: &B, model: &Model, steps: usize) -> (Vec<f64>, Vec<f32>
 
 fn relative_error(got: &[f32], want: &[f32]) -> f32 {
     let scale = want.iter().fold(1e-12f32, |m, v| m.max(v.abs()));
-    got.iter().zip(want).map(|(g, w)| (g - w).abs()).fold(0.0, f32::max) / scale
+    ondol_core::gradcheck::max_abs_diff(got, want) / scale
 }
 
 #[test]

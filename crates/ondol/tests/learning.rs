@@ -248,6 +248,6 @@ fn gradient_accumulation_equals_the_larger_batch() {
     for (a, b) in losses[0].0.iter().zip(&losses[1].0) {
         assert!((a - b).abs() < 1e-5 * a.abs(), "loss {a} vs {b}");
     }
-    let max_diff = losses[0].1.iter().zip(&losses[1].1).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    let max_diff = ondol_core::gradcheck::max_abs_diff(&losses[0].1, &losses[1].1);
     assert!(max_diff < 1e-5, "weights differ by {max_diff}");
 }

@@ -105,7 +105,7 @@ fn assert_matches(what: &str, (want, w_want): (&[f64], &[f32]), (got, w_got): (&
     for (step, (a, b)) in want.iter().zip(got).enumerate() {
         assert!((a - b).abs() <= 1e-5 * a.abs(), "{what} step {}: loss {b} vs {a}", step + 1);
     }
-    let worst = w_want.iter().zip(w_got).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    let worst = ondol_core::gradcheck::max_abs_diff(w_want, w_got);
     assert!(worst <= 1e-5, "{what}: weights differ by {worst:e}");
 }
 
@@ -223,7 +223,7 @@ fn zero_1_equals_plain_data_parallel_with_a_fraction_of_the_optimizer_state() {
     for (a, b) in plain.iter().zip(&zero) {
         assert!((a - b).abs() <= 1e-6 * a.abs(), "loss {a} vs {b}");
     }
-    let worst = w_plain.iter().zip(&w_zero).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    let worst = ondol_core::gradcheck::max_abs_diff(&w_plain, &w_zero);
     assert!(worst <= 1e-6, "ZeRO-1 weights differ from plain DP by {worst:e}");
     eprintln!("zero-1 vs plain dp=4: max weight difference {worst:e}; AdamW state {m_zero} of {n} per rank");
 }
