@@ -37,6 +37,13 @@ namespace {
 
 enum class State { Run, BlockBarrier, WarpBarrier, Done };
 
+// A cp.async copy in flight: its bytes (read when issued) and the group it belongs to.
+struct AsyncCopy {
+    unsigned char* dst;
+    unsigned char bytes[16];
+    int group;
+};
+
 struct Lane {
     ucontext_t ctx;
     jmp_buf env;
@@ -46,6 +53,10 @@ struct Lane {
     ondol_dim3 tid;
     int linear;
     State state;
+    // The thread's cp.async copies that have not landed, and the groups it has committed
+    // (a copy issued now joins group `committed`, closed by the next commit).
+    std::vector<AsyncCopy> copies;
+    int committed;
 };
 
 // Per lane, the words one warp-wide mma exchanges: 4 of A, 2 of B.
@@ -176,7 +187,11 @@ bool run_warp(Block& b, int first, int end, bool reverse) {
 // has not ended waits at it.
 bool run_block(Block& b, bool reverse) {
     const int n = (int)b.n, warps = (n + 31) / 32;
-    for (int i = 0; i < n; i++) b.lanes[i].state = State::Run;
+    for (int i = 0; i < n; i++) {
+        b.lanes[i].state = State::Run;
+        b.lanes[i].copies.clear();
+        b.lanes[i].committed = 0;
+    }
     std::fill(b.warp_done.begin(), b.warp_done.end(), 0);
     std::fill(b.smem.begin(), b.smem.end(), 0xff);
     for (;;) {
@@ -254,6 +269,61 @@ extern "C" void ondol_emu_mma_bf16_m16n8k16(float d[4], const unsigned a[4], con
     }
     ondol_emu_syncwarp();
     for (int i = 0; i < 4; i++) d[i] = out[i];
+}
+
+namespace {
+// Fails the launch unless [p, p + 16) lies in the block's dynamic shared memory, 16-byte aligned.
+void check_shared_row(const void* p, const char* op) {
+    Block& b = *running;
+    const unsigned char* at = (const unsigned char*)p;
+    const bool inside = at >= b.smem.data() && at + 16 <= b.smem.data() + b.smem.size();
+    if (!inside || (uintptr_t)at % 16 != 0)
+        fail(std::string(op) + " at " + where(b) + ": " + (inside ? "a shared address not 16-byte aligned" :
+                                                                    "an address outside dynamic shared memory"));
+}
+}  // namespace
+
+extern "C" void ondol_emu_ldmatrix(unsigned* regs, int count, int trans, const void* row) {
+    ondol_emu_check_full_warp("ldmatrix");
+    const int lane = ondol_emu_lane();
+    if (lane < 8 * count) check_shared_row(row, "ldmatrix");
+    *ondol_emu_warp_slot(lane) = (uint64_t)(uintptr_t)row;
+    ondol_emu_syncwarp();
+    const int r = lane / 4, c = lane % 4;
+    auto element = [&](int matrix, int mrow, int mcol) {
+        uint16_t v;
+        std::memcpy(&v, (const unsigned char*)(uintptr_t)*ondol_emu_warp_slot(8 * matrix + mrow) + 2 * mcol, 2);
+        return (unsigned)v;
+    };
+    for (int i = 0; i < count; i++)
+        regs[i] = trans ? element(i, 2 * c, r) | element(i, 2 * c + 1, r) << 16
+                        : element(i, r, 2 * c) | element(i, r, 2 * c + 1) << 16;
+    ondol_emu_syncwarp();
+}
+
+extern "C" void ondol_emu_cp_async(void* dst, const void* src, int src_bytes) {
+    Block& b = *running;
+    check_shared_row(dst, "cp.async");
+    if ((uintptr_t)src % 16 != 0) fail("cp.async at " + where(b) + ": a global address not 16-byte aligned");
+    if (src_bytes < 0 || src_bytes > 16) fail("cp.async at " + where(b) + ": a source size outside 0 to 16 bytes");
+    Lane& l = *b.current;
+    AsyncCopy copy{(unsigned char*)dst, {}, l.committed};
+    std::memcpy(copy.bytes, src, src_bytes);
+    l.copies.push_back(copy);
+}
+
+extern "C" void ondol_emu_cp_async_commit() { running->current->committed++; }
+
+extern "C" void ondol_emu_cp_async_wait(int pending) {
+    Lane& l = *running->current;
+    std::vector<AsyncCopy> in_flight;
+    for (const AsyncCopy& c : l.copies) {
+        if (c.group < l.committed - pending)
+            std::memcpy(c.dst, c.bytes, 16);
+        else
+            in_flight.push_back(c);
+    }
+    l.copies.swap(in_flight);
 }
 
 // Runs `thunk` (a kernel unpacking its arguments from `params`, as cuLaunchKernel passes

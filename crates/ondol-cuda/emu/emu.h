@@ -100,6 +100,20 @@ inline T __shfl_up_sync(unsigned, T v, unsigned delta, int width = 32) {
 // them out (the emulated counterpart of the inline assembly in common.cuh).
 extern "C" void ondol_emu_mma_bf16_m16n8k16(float d[4], const unsigned a[4], const unsigned b[2], const float c[4]);
 
+// ldmatrix.sync.aligned.m8n8.x{1,2,4}[.trans].shared.b16 for one warp: lanes 8i to 8i + 7 give
+// the addresses of rows 0 to 7 of 8 x 8 matrix i (16 bytes each, 16-byte aligned, in the
+// block's dynamic shared memory); register i of lane 4 r + c receives row r, columns 2c and
+// 2c + 1 of matrix i, or with `trans` column r, rows 2c and 2c + 1 (lower index, low half).
+extern "C" void ondol_emu_ldmatrix(unsigned* regs, int count, int trans, const void* row);
+// cp.async.cg.shared.global of 16 bytes: the first `src_bytes` from `src`, zeros after. The
+// copy lands in shared memory when a cp.async.wait_group of this thread covers its group,
+// not before, so a read that does not wait sees the old bytes.
+extern "C" void ondol_emu_cp_async(void* dst, const void* src, int src_bytes);
+// cp.async.commit_group: the thread's copies issued since the last commit become a group.
+extern "C" void ondol_emu_cp_async_commit();
+// cp.async.wait_group `pending`: every committed group but the newest `pending` has landed.
+extern "C" void ondol_emu_cp_async_wait(int pending);
+
 // Atomics: the threads of a block never run at the same time, and blocks run one by one.
 template <typename T>
 inline T atomicAdd(T* p, T v) {
