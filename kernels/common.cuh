@@ -96,24 +96,111 @@ __device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
 
 // Two consecutive bf16 as one 32-bit word (the lower index in the low half).
 __device__ __forceinline__ unsigned load_pair(const bf16* p) { return *(const unsigned*)p; }
-// Two bf16 from different rows, `stride` apart.
-__device__ __forceinline__ unsigned load_strided(const bf16* p, int stride) {
-    return (unsigned)p[0] | ((unsigned)p[stride] << 16);
+
+// ---- Shared-memory fragments (ldmatrix) and asynchronous copies (cp.async), sm_80 and up ----
+
+// The shared-memory address (state space .shared) of a generic pointer into shared memory;
+// the compiler's own conversion, so address arithmetic folds into the instructions' offsets.
+#ifndef ONDOL_EMU
+__device__ __forceinline__ unsigned shared_address(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
+#endif
+
+// ldmatrix.x4 for one warp: lane l gives the address of row l % 8 of 8 x 8 bf16 matrix l / 8
+// (16 bytes, 16-byte aligned, in shared memory); lane 4g + t receives in r[i] row g,
+// columns 2t and 2t + 1 of matrix i, or with TRANS column g, rows 2t and 2t + 1: exactly the
+// fragments above.
+template <bool TRANS>
+__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const bf16* row) {
+#ifdef ONDOL_EMU
+    ondol_emu_ldmatrix(r, 4, TRANS, row);
+#else
+    if constexpr (TRANS)
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(shared_address(row)));
+    else
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(shared_address(row)));
+#endif
+}
+
+// One warp's A fragments of the 16 x 16 block at `m` of a row-major bf16 matrix in shared
+// memory (rows `ld` apart, 16-byte aligned).
+__device__ __forceinline__ void load_a_tile(unsigned (&a)[4], const bf16* m, int ld) {
+    const int lane = threadIdx.x & 31;
+    ldmatrix_x4<false>(a, m + (lane & 15) * ld + (lane >> 4) * 8);
+}
+
+// The same for A = M^T: A[i][k] = M[k][i], the 16 x 16 block of M at `m` stored row-major.
+__device__ __forceinline__ void load_a_tile_trans(unsigned (&a)[4], const bf16* m, int ld) {
+    const int lane = threadIdx.x & 31;
+    ldmatrix_x4<true>(a, m + ((lane & 7) + (lane >> 4) * 8) * ld + ((lane >> 3) & 1) * 8);
+}
+
+// B fragments from a matrix stored as [n][k] rows (B = M^T, as K is in Q K^T): the 16 x 16
+// block at `m` (16 rows n, 16 columns k), b[0..1] for n = 0 to 7 and b[2..3] for 8 to 15.
+__device__ __forceinline__ void load_b_tile_nk(unsigned (&b)[4], const bf16* m, int ld) {
+    const int lane = threadIdx.x & 31;
+    ldmatrix_x4<false>(b, m + ((lane & 7) + (lane >> 4) * 8) * ld + ((lane >> 3) & 1) * 8);
+}
+
+// B fragments from a matrix stored as [k][n] rows (as V is in P V): the 16 x 16 block at `m`,
+// b[0..1] for columns 0 to 7 and b[2..3] for 8 to 15.
+__device__ __forceinline__ void load_b_tile_kn(unsigned (&b)[4], const bf16* m, int ld) {
+    const int lane = threadIdx.x & 31;
+    ldmatrix_x4<true>(b, m + (lane & 15) * ld + (lane >> 4) * 8);
+}
+
+// Starts copying 16 bytes from global `src` to shared `dst` (both 16-byte aligned), or 16
+// zeros where `valid` is false (`src` is then not read). The copy has landed once the thread
+// has committed it and waited for its group (cp_async_wait), and others may read it after a
+// barrier that follows the wait.
+__device__ __forceinline__ void cp_async_16(bf16* dst, const bf16* src, bool valid) {
+#ifdef ONDOL_EMU
+    ondol_emu_cp_async(dst, src, valid ? 16 : 0);
+#else
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared_address(dst)), "l"(src),
+                 "r"(valid ? 16 : 0));
+#endif
+}
+
+// Closes the thread's copies since the last commit into a group.
+__device__ __forceinline__ void cp_async_commit() {
+#ifdef ONDOL_EMU
+    ondol_emu_cp_async_commit();
+#else
+    asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+
+// Waits until at most the newest `PENDING` committed groups of the thread are in flight.
+template <int PENDING>
+__device__ __forceinline__ void cp_async_wait() {
+#ifdef ONDOL_EMU
+    ondol_emu_cp_async_wait(PENDING);
+#else
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING));
+#endif
 }
 
 #define SMEM_PAD 8  // bf16 elements of padding per shared-memory row (bank conflicts)
 
-// Copies `rows` rows of COLS bf16 (`src_stride` apart in global memory, from row `first` of
-// `limit` valid ones) into shared memory rows of COLS + SMEM_PAD; rows past `limit` become
-// zeros. COLS is even and the rows 4-byte aligned (pairs are copied as words).
+// Starts copying `rows` rows of COLS bf16 (`src_stride` apart in global memory, from row
+// `first` of `limit` valid ones) into shared memory rows of COLS + SMEM_PAD, and commits
+// them as one group; rows past `limit` become zeros. COLS is a multiple of 8, `dst`, `src`
+// and the global rows 16-byte aligned. Padded rows are 16-byte multiples whose 8-row spans
+// cover all 32 banks, so ldmatrix reads them without conflicts.
 template <int COLS>
 __device__ void stage_rows(bf16* dst, const bf16* src, long long src_stride, int first, int limit, int rows) {
-    constexpr int words = COLS / 2;
-    for (int e = threadIdx.x; e < rows * words; e += blockDim.x) {
-        const int r = e / words, c = 2 * (e % words);
-        const unsigned v = first + r < limit ? load_pair(src + (long long)(first + r) * src_stride + c) : 0u;
-        *(unsigned*)(dst + r * (COLS + SMEM_PAD) + c) = v;
+    constexpr int chunks = COLS / 8;
+    for (int e = threadIdx.x; e < rows * chunks; e += blockDim.x) {
+        const int r = e / chunks, c = 8 * (e % chunks);
+        const bool valid = first + r < limit;
+        cp_async_16(dst + r * (COLS + SMEM_PAD) + c, src + (valid ? (long long)(first + r) * src_stride : 0) + c,
+                    valid);
     }
+    cp_async_commit();
 }
 
 // One warp's A fragments of a 16 x K tile of row-major bf16 in global memory: rows r0 + g
@@ -135,32 +222,43 @@ __device__ __forceinline__ void load_a_fragments(unsigned (&f)[K / 16][4], const
 // shared memory, `ld` apart (the product Q K^T).
 template <int K, int NT>
 __device__ __forceinline__ void mma_abt(float (&acc)[NT][4], const unsigned (&a)[K / 16][4], const bf16* b, int ld) {
-    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    static_assert(NT % 2 == 0, "B fragments are loaded 16 columns at a time");
 #pragma unroll
-    for (int nt = 0; nt < NT; nt++)
+    for (int kk = 0; kk < K / 16; kk++)
 #pragma unroll
-        for (int kk = 0; kk < K / 16; kk++) {
-            const bf16* p = b + (nt * 8 + g) * ld + kk * 16 + 2 * t;
-            const unsigned bf[2] = {load_pair(p), load_pair(p + 8)};
+        for (int nt = 0; nt < NT; nt += 2) {
+            unsigned bf[4];
+            load_b_tile_nk(bf, b + nt * 8 * ld + kk * 16, ld);
             mma_16816(acc[nt], a[kk], bf);
+            mma_16816(acc[nt + 1], a[kk], bf + 2);
         }
+}
+
+// The A fragments over 16 columns of an accumulator (columns 16 kk to 16 kk + 15), rounded
+// to bf16: the accumulator layout is the A layout.
+template <int N>
+__device__ __forceinline__ void acc_as_a(unsigned (&af)[4], const float (&acc)[N][4], int kk) {
+    af[0] = pack_bf16(acc[2 * kk][0], acc[2 * kk][1]);
+    af[1] = pack_bf16(acc[2 * kk][2], acc[2 * kk][3]);
+    af[2] = pack_bf16(acc[2 * kk + 1][0], acc[2 * kk + 1][1]);
+    af[3] = pack_bf16(acc[2 * kk + 1][2], acc[2 * kk + 1][3]);
 }
 
 // acc (16 x 8 NT) += A B for one warp: A a 16 x K accumulator (rounded to bf16 as it becomes
 // the A fragments), B as K rows of 8 NT bf16 in shared memory, `ld` apart (the product P V).
 template <int K, int NT>
 __device__ __forceinline__ void mma_acc_b(float (&acc)[NT][4], const float (&a)[K / 8][4], const bf16* b, int ld) {
-    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    static_assert(NT % 2 == 0, "B fragments are loaded 16 columns at a time");
 #pragma unroll
     for (int kk = 0; kk < K / 16; kk++) {
-        const unsigned af[4] = {pack_bf16(a[2 * kk][0], a[2 * kk][1]), pack_bf16(a[2 * kk][2], a[2 * kk][3]),
-                                pack_bf16(a[2 * kk + 1][0], a[2 * kk + 1][1]),
-                                pack_bf16(a[2 * kk + 1][2], a[2 * kk + 1][3])};
+        unsigned af[4];
+        acc_as_a(af, a, kk);
 #pragma unroll
-        for (int n = 0; n < NT; n++) {
-            const bf16* p = b + (kk * 16 + 2 * t) * ld + n * 8 + g;
-            const unsigned bf[2] = {load_strided(p, ld), load_strided(p + 8 * ld, ld)};
+        for (int n = 0; n < NT; n += 2) {
+            unsigned bf[4];
+            load_b_tile_kn(bf, b + kk * 16 * ld + n * 8, ld);
             mma_16816(acc[n], af, bf);
+            mma_16816(acc[n + 1], af, bf + 2);
         }
     }
 }

@@ -9,35 +9,43 @@
 // The T x T matrices exist only tile by tile, in registers and shared memory.
 // Layouts: qkv [B T, (H + 2 Hkv) D] bf16 (q heads, k heads, v heads); out, dout [B T, H D];
 // lse, delta fp32 [B, H, T]; dqkv [B T, (H + 2 Hkv) D] bf16, written; dq_acc fp32 [B T, H D],
-// zeroed by the caller, which flash_backward_dq turns into dqkv's q columns.
-// Products are mma.sync.m16n8k16 (bf16 in, fp32 accumulate), one warp per 16 rows; a
-// product's result stays in the accumulator layout, which is also the A-operand layout of the
-// next product (P V, P^T dO, dS^T Q), so P is never written to shared memory.
-// Forward: grid (ceil(T / 64), H, B), 128 threads (4 warps x 16 query rows). Q lives in
-// registers; 64-key tiles of K and V are staged in shared memory; the softmax is online (a
-// running max and sum per row, in base 2), and key tiles past the block's last query are
-// skipped (causal). Shared memory: 2 x 64 x (D + 8) bf16.
+// zeroed by the caller, which flash_backward_dq turns into dqkv's q columns. qkv and dout are
+// 16-byte aligned (rows go to shared memory by cp.async in 16-byte pieces).
+// Products are mma.sync.m16n8k16 (bf16 in, fp32 accumulate), one warp per 16 rows, their
+// shared-memory operands read by ldmatrix (.trans where the operand is stored the other way
+// round: V and dO in P V and P^T dO, Q in dS^T Q, dS^T and K in dS K). A product's result
+// stays in the accumulator layout, which is also the A-operand layout of the next product
+// (P V, P^T dO, dS^T Q), so P is never written to shared memory.
+// Forward: grid (ceil(T / 128), H, B), 256 threads (8 warps x 16 query rows). Q lives in
+// registers; 64-key tiles of K and V go to shared memory by cp.async, staggered as
+// FlashAttention-2 does: V's tile lands while S = Q K^T is computed, the next K tile while
+// the softmax and P V run. The softmax is online (a running max and sum per row, in base 2);
+// key tiles past the block's last query are skipped, and only tiles that reach a warp's
+// diagonal are masked. Shared memory: 2 x 64 x (D + 8) bf16.
 // Backward: grid (ceil(T / 64), Hkv, B), 128 threads (4 warps x 16 keys); a block owns a
 // 64-key tile of one kv head, so dK and dV accumulate in registers without atomics over the
-// query heads of the group and the query tiles at or after the key tile (32 queries at a
-// time); dQ, which every key tile touches, goes to dq_acc with fp32 atomics. Shared memory:
-// K and V tiles, Q and dO tiles (32 x (D + 8) bf16 each), dS^T (64 x 40 bf16), lse and delta.
+// query heads of the group and the query tiles at or after the key tile (32 queries a step,
+// the next step's Q and dO tiles landing by cp.async while this one computes); dQ, which
+// every key tile touches, goes to dq_acc with fp32 atomics. Shared memory: K and V tiles,
+// two Q and dO tiles (32 x (D + 8) bf16 each), dS^T (64 x 40 bf16), two of lse and delta.
 // FLOPs: 2 T^2 D per head forward (4 T^2 D / 2 causal), 2.5x that backward; bytes: Q, K, V,
-// O once per block row, K and V re-read per query tile. Todo: ldmatrix (and .trans for V and
-// dO), cp.async double buffering, wgmma on sm_90a.
+// O once per block row, K and V re-read per 128-query tile (Q and dO per 64-key tile
+// backward). Not here: wgmma and TMA on sm_90a.
 #include "common.cuh"
 
-#define FA_BM 64       // query rows per forward block
-#define FA_BN 64       // keys per tile
-#define FA_BQ 32       // query rows per backward step
 #define FA_PAD SMEM_PAD
-#define FA_WARPS 4
+#define FA_WARPS 8               // forward: warps per block, 16 query rows each
+#define FA_BM (16 * FA_WARPS)    // query rows per forward block
+#define FA_BN 64                 // keys per forward tile, and per backward block
+#define FA_BWD_WARPS (FA_BN / 16)  // backward: warps per block, 16 keys each
+#define FA_BQ 32                 // query rows per backward step
 
 template <int D>
 __device__ void flash_forward(const bf16* qkv, bf16* out, float* lse, int seq, int n_heads, int n_kv_heads) {
-    extern __shared__ bf16 fa_smem[];
+    extern __shared__ __align__(16) bf16 fa_smem[];
+    constexpr int S = D + FA_PAD;
     bf16* Ks = fa_smem;
-    bf16* Vs = fa_smem + FA_BN * (D + FA_PAD);
+    bf16* Vs = fa_smem + FA_BN * S;
     const int qt = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int kvh = h / (n_heads / n_kv_heads);
@@ -49,6 +57,8 @@ __device__ void flash_forward(const bf16* qkv, bf16* out, float* lse, int seq, i
     const int r0 = qt * FA_BM + warp * 16;  // this warp's first query row
     const int rows[2] = {r0 + g, r0 + g + 8};
 
+    const int kv_end = min(seq, (qt + 1) * FA_BM);
+    stage_rows<D>(Ks, Kg, W, 0, seq, FA_BN);
     unsigned qf[D / 16][4];
     load_a_fragments<D>(qf, Qg, W, r0, seq);
     float o[D / 8][4];
@@ -56,23 +66,23 @@ __device__ void flash_forward(const bf16* qkv, bf16* out, float* lse, int seq, i
     float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.0f, 0.0f};
     const float scale_log2 = rsqrtf((float)D) * 1.4426950408889634f;
 
-    const int kv_end = min(seq, (qt + 1) * FA_BM);
     for (int j0 = 0; j0 < kv_end; j0 += FA_BN) {
-        __syncthreads();  // the previous tiles have been read
-        stage_rows<D>(Ks, Kg, W, j0, seq, FA_BN);
+        cp_async_wait<0>();
+        __syncthreads();  // K's tile has landed, and every warp is done with the previous V
         stage_rows<D>(Vs, Vg, W, j0, seq, FA_BN);
-        __syncthreads();
         float s[FA_BN / 8][4];
         zero_acc(s);
-        mma_abt<D, FA_BN / 8>(s, qf, Ks, D + FA_PAD);
-        // Scale into base 2 and mask; then the online softmax, per row (i >> 1) of the thread.
+        mma_abt<D, FA_BN / 8>(s, qf, Ks, S);
+        // Scale into base 2 and mask where the tile reaches past the warp's first row (keys
+        // past the sequence are past every row); then the online softmax, per row (i >> 1).
+        const bool masked = j0 + FA_BN - 1 > r0;
         float tile_max[2] = {NEG_INF, NEG_INF};
 #pragma unroll
         for (int nt = 0; nt < FA_BN / 8; nt++)
 #pragma unroll
             for (int i = 0; i < 4; i++) {
                 const int col = j0 + nt * 8 + 2 * t + (i & 1), row = rows[i >> 1];
-                const float x = col <= row && col < seq ? s[nt][i] * scale_log2 : NEG_INF;
+                const float x = !masked || col <= row ? s[nt][i] * scale_log2 : NEG_INF;
                 s[nt][i] = x;
                 tile_max[i >> 1] = fmaxf(tile_max[i >> 1], x);
             }
@@ -100,8 +110,11 @@ __device__ void flash_forward(const bf16* qkv, bf16* out, float* lse, int seq, i
         for (int n = 0; n < D / 8; n++)
 #pragma unroll
             for (int i = 0; i < 4; i++) o[n][i] *= corr[i >> 1];
+        cp_async_wait<0>();
+        __syncthreads();  // V's tile has landed, and every warp is done with K's
+        if (j0 + FA_BN < kv_end) stage_rows<D>(Ks, Kg, W, j0 + FA_BN, seq, FA_BN);
         // O += P V: P's accumulators are A fragments over 16 keys at a time.
-        mma_acc_b<FA_BN, D / 8>(o, s, Vs, D + FA_PAD);
+        mma_acc_b<FA_BN, D / 8>(o, s, Vs, S);
     }
     // Normalise and write; the quad's partial row sums add up first.
 #pragma unroll
@@ -138,131 +151,115 @@ extern "C" __global__ void flash_backward_dot(const bf16* dout, const bf16* out,
 template <int D>
 __device__ void flash_backward(const bf16* dout, const bf16* qkv, const float* lse, const float* delta, float* dq_acc,
                                bf16* dqkv, int seq, int n_heads, int n_kv_heads) {
-    extern __shared__ bf16 fa_smem[];
-    constexpr int S = D + FA_PAD;
-    bf16* Ks = fa_smem;                      // [FA_BN][S]
-    bf16* Vs = Ks + FA_BN * S;               // [FA_BN][S]
-    bf16* Qs = Vs + FA_BN * S;               // [FA_BQ][S]
-    bf16* dOs = Qs + FA_BQ * S;              // [FA_BQ][S]
-    bf16* dSt = dOs + FA_BQ * S;             // [FA_BN][FA_BQ + FA_PAD]: dS^T of the step
-    float* lse_s = (float*)(dSt + FA_BN * (FA_BQ + FA_PAD));  // [FA_BQ], base 2
-    float* delta_s = lse_s + FA_BQ;                           // [FA_BQ]
+    extern __shared__ __align__(16) bf16 fa_smem[];
+    constexpr int S = D + FA_PAD, SD = FA_BQ + FA_PAD;
+    bf16* Ks = fa_smem;                 // [FA_BN][S]
+    bf16* Vs = Ks + FA_BN * S;          // [FA_BN][S]
+    bf16* Qs = Vs + FA_BN * S;          // [2][FA_BQ][S]: this step's and the next one's
+    bf16* dOs = Qs + 2 * FA_BQ * S;     // [2][FA_BQ][S]
+    bf16* dSt = dOs + 2 * FA_BQ * S;    // [FA_BN][SD]: dS^T of the step
+    float* lse_s = (float*)(dSt + FA_BN * SD);  // [2][FA_BQ], base 2
+    float* delta_s = lse_s + 2 * FA_BQ;         // [2][FA_BQ]
     const int kt = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int group = n_heads / n_kv_heads;
-    const long long W = (long long)(n_heads + 2 * n_kv_heads) * D;
+    const long long W = (long long)(n_heads + 2 * n_kv_heads) * D, O = (long long)n_heads * D;
     const bf16* base = qkv + (long long)b * seq * W;
     const int j0 = kt * FA_BN, k0 = j0 + warp * 16;  // the block's and this warp's first key
     const int keys[2] = {k0 + g, k0 + g + 8};
     const float scale = rsqrtf((float)D), scale_log2 = scale * 1.4426950408889634f;
+    // The steps: each query head of the group, over the query tiles from the one holding
+    // key j0 (queries before it see none of the block's keys) to the end.
+    const int q_first = j0 / FA_BQ * FA_BQ, per_head = (seq - q_first + FA_BQ - 1) / FA_BQ;
+    // Starts the copies of step i's Q and dO tiles (and writes its lse and delta) into buffer i & 1.
+    auto prefetch = [&](int i) {
+        const int h = kvh * group + i / per_head, q0 = q_first + i % per_head * FA_BQ, buf = i & 1;
+        stage_rows<D>(Qs + buf * FA_BQ * S, base + (long long)h * D, W, q0, seq, FA_BQ);
+        stage_rows<D>(dOs + buf * FA_BQ * S, dout + (long long)b * seq * O + (long long)h * D, O, q0, seq, FA_BQ);
+        const long long at = ((long long)b * n_heads + h) * seq;
+        for (int e = threadIdx.x; e < FA_BQ; e += blockDim.x) {
+            const bool valid = q0 + e < seq;
+            lse_s[buf * FA_BQ + e] = valid ? lse[at + q0 + e] * 1.4426950408889634f : 0.0f;
+            delta_s[buf * FA_BQ + e] = valid ? delta[at + q0 + e] : 0.0f;
+        }
+    };
 
     stage_rows<D>(Ks, base + (long long)(n_heads + kvh) * D, W, j0, seq, FA_BN);
     stage_rows<D>(Vs, base + (long long)(n_heads + n_kv_heads + kvh) * D, W, j0, seq, FA_BN);
+    prefetch(0);
     float dk[D / 8][4], dv[D / 8][4];
-#pragma unroll
-    for (int n = 0; n < D / 8; n++)
-#pragma unroll
-        for (int i = 0; i < 4; i++) dk[n][i] = dv[n][i] = 0.0f;
+    zero_acc(dk);
+    zero_acc(dv);
 
-    for (int hh = 0; hh < group; hh++) {
-        const int h = kvh * group + hh;
-        const float* lse_h = lse + ((long long)b * n_heads + h) * seq;
-        const float* delta_h = delta + ((long long)b * n_heads + h) * seq;
-        for (int q0 = j0 / FA_BQ * FA_BQ; q0 < seq; q0 += FA_BQ) {
-            __syncthreads();  // the previous step's tiles have been read (and K, V written)
-            stage_rows<D>(Qs, base + (long long)h * D, W, q0, seq, FA_BQ);
-            stage_rows<D>(dOs, dout + (long long)b * seq * n_heads * D + (long long)h * D, (long long)n_heads * D,
-                            q0, seq, FA_BQ);
-            for (int e = threadIdx.x; e < FA_BQ; e += blockDim.x) {
-                const bool valid = q0 + e < seq;
-                lse_s[e] = valid ? lse_h[q0 + e] * 1.4426950408889634f : 0.0f;
-                delta_s[e] = valid ? delta_h[q0 + e] : 0.0f;
+    for (int i = 0; i < group * per_head; i++) {
+        const int h = kvh * group + i / per_head, q0 = q_first + i % per_head * FA_BQ, buf = i & 1;
+        const bf16 *Qt = Qs + buf * FA_BQ * S, *dOt = dOs + buf * FA_BQ * S;
+        const float *lse_t = lse_s + buf * FA_BQ, *delta_t = delta_s + buf * FA_BQ;
+        cp_async_wait<0>();
+        __syncthreads();  // step i's tiles have landed; every warp is done with step i - 1's and dS^T
+        if (i + 1 < group * per_head) prefetch(i + 1);
+        // S^T = K Q^T and dP^T = V dO^T for this warp's 16 keys x FA_BQ queries, 16 of D at a time.
+        float st[FA_BQ / 8][4], dpt[FA_BQ / 8][4];
+        zero_acc(st);
+        zero_acc(dpt);
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++) {
+            unsigned ka[4], va[4];
+            load_a_tile(ka, Ks + warp * 16 * S + kk * 16, S);
+            load_a_tile(va, Vs + warp * 16 * S + kk * 16, S);
+#pragma unroll
+            for (int nt = 0; nt < FA_BQ / 8; nt += 2) {
+                unsigned qb[4], ob[4];
+                load_b_tile_nk(qb, Qt + nt * 8 * S + kk * 16, S);
+                load_b_tile_nk(ob, dOt + nt * 8 * S + kk * 16, S);
+                mma_16816(st[nt], ka, qb);
+                mma_16816(st[nt + 1], ka, qb + 2);
+                mma_16816(dpt[nt], va, ob);
+                mma_16816(dpt[nt + 1], va, ob + 2);
             }
-            __syncthreads();
-            // S^T = K Q^T and dP^T = V dO^T for this warp's 16 keys x FA_BQ queries.
-            float st[FA_BQ / 8][4], dpt[FA_BQ / 8][4];
+        }
+        // P^T and dS^T = P^T (dP^T - delta), masked: query >= key, both inside the sequence.
 #pragma unroll
-            for (int nt = 0; nt < FA_BQ / 8; nt++) {
+        for (int nt = 0; nt < FA_BQ / 8; nt++)
 #pragma unroll
-                for (int i = 0; i < 4; i++) st[nt][i] = dpt[nt][i] = 0.0f;
-#pragma unroll
-                for (int kk = 0; kk < D / 16; kk++) {
-                    unsigned ka[4], va[4];
-#pragma unroll
-                    for (int i = 0; i < 4; i++) {
-                        const int row = warp * 16 + g + 8 * (i & 1), col = kk * 16 + 2 * t + 8 * (i >> 1);
-                        ka[i] = load_pair(Ks + row * S + col);
-                        va[i] = load_pair(Vs + row * S + col);
-                    }
-                    const bf16* q = Qs + (nt * 8 + g) * S + kk * 16 + 2 * t;
-                    const bf16* o = dOs + (nt * 8 + g) * S + kk * 16 + 2 * t;
-                    const unsigned qb[2] = {load_pair(q), load_pair(q + 8)}, ob[2] = {load_pair(o), load_pair(o + 8)};
-                    mma_16816(st[nt], ka, qb);
-                    mma_16816(dpt[nt], va, ob);
-                }
+            for (int e = 0; e < 4; e++) {
+                const int qc = nt * 8 + 2 * t + (e & 1), query = q0 + qc, key = keys[e >> 1];
+                const bool valid = key <= query && query < seq && key < seq;
+                const float p = valid ? exp2f(st[nt][e] * scale_log2 - lse_t[qc]) : 0.0f;
+                st[nt][e] = p;
+                dpt[nt][e] = p * (dpt[nt][e] - delta_t[qc]);
             }
-            // P^T and dS^T = P^T (dP^T - delta), masked: query >= key, both inside the sequence.
+        // dV += P^T dO and dK += dS^T Q: the accumulators as A fragments over FA_BQ queries.
+        mma_acc_b<FA_BQ, D / 8>(dv, st, dOt, S);
+        mma_acc_b<FA_BQ, D / 8>(dk, dpt, Qt, S);
+        // dS^T to shared memory, for dQ = dS K over the block's 64 keys.
 #pragma unroll
-            for (int nt = 0; nt < FA_BQ / 8; nt++)
+        for (int nt = 0; nt < FA_BQ / 8; nt++)
 #pragma unroll
-                for (int i = 0; i < 4; i++) {
-                    const int qc = nt * 8 + 2 * t + (i & 1), query = q0 + qc, key = keys[i >> 1];
-                    const bool valid = key <= query && query < seq && key < seq;
-                    const float p = valid ? exp2f(st[nt][i] * scale_log2 - lse_s[qc]) : 0.0f;
-                    st[nt][i] = p;
-                    dpt[nt][i] = p * (dpt[nt][i] - delta_s[qc]);
-                }
-            // dV += P^T dO and dK += dS^T Q: accumulators as A fragments over FA_BQ queries.
+            for (int e = 0; e < 4; e++)
+                dSt[(warp * 16 + g + 8 * (e >> 1)) * SD + nt * 8 + 2 * t + (e & 1)] = from_float<bf16>(dpt[nt][e]);
+        __syncthreads();
+        // dQ (FA_BQ x D) += dS K: 16-row x 16-column tiles shared among the warps.
+        for (int tile = warp; tile < (FA_BQ / 16) * (D / 16); tile += FA_BWD_WARPS) {
+            const int mt = tile / (D / 16), n = 2 * (tile % (D / 16));
+            float acc[2][4];
+            zero_acc(acc);
 #pragma unroll
-            for (int kk = 0; kk < FA_BQ / 16; kk++) {
-                const unsigned pa[4] = {pack_bf16(st[2 * kk][0], st[2 * kk][1]), pack_bf16(st[2 * kk][2], st[2 * kk][3]),
-                                        pack_bf16(st[2 * kk + 1][0], st[2 * kk + 1][1]),
-                                        pack_bf16(st[2 * kk + 1][2], st[2 * kk + 1][3])};
-                const unsigned da[4] = {
-                    pack_bf16(dpt[2 * kk][0], dpt[2 * kk][1]), pack_bf16(dpt[2 * kk][2], dpt[2 * kk][3]),
-                    pack_bf16(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]), pack_bf16(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3])};
-#pragma unroll
-                for (int n = 0; n < D / 8; n++) {
-                    const bf16* o = dOs + (kk * 16 + 2 * t) * S + n * 8 + g;
-                    const bf16* q = Qs + (kk * 16 + 2 * t) * S + n * 8 + g;
-                    const unsigned ob[2] = {load_strided(o, S), load_strided(o + 8 * S, S)};
-                    const unsigned qb[2] = {load_strided(q, S), load_strided(q + 8 * S, S)};
-                    mma_16816(dv[n], pa, ob);
-                    mma_16816(dk[n], da, qb);
-                }
+            for (int kk = 0; kk < FA_BN / 16; kk++) {
+                unsigned a[4], kb[4];
+                load_a_tile_trans(a, dSt + kk * 16 * SD + mt * 16, SD);
+                load_b_tile_kn(kb, Ks + kk * 16 * S + n * 8, S);
+                mma_16816(acc[0], a, kb);
+                mma_16816(acc[1], a, kb + 2);
             }
-            // dS^T to shared memory, for dQ = dS K over the block's 64 keys.
 #pragma unroll
-            for (int nt = 0; nt < FA_BQ / 8; nt++)
+            for (int u = 0; u < 2; u++)
 #pragma unroll
-                for (int i = 0; i < 4; i++)
-                    dSt[(warp * 16 + g + 8 * (i >> 1)) * (FA_BQ + FA_PAD) + nt * 8 + 2 * t + (i & 1)] =
-                        from_float<bf16>(dpt[nt][i]);
-            __syncthreads();
-            // dQ (FA_BQ x D) += dS K: 2 row tiles x D/8 column tiles shared among the warps.
-            for (int tile = warp; tile < (FA_BQ / 16) * (D / 8); tile += FA_WARPS) {
-                const int mt = tile / (D / 8), n = tile % (D / 8);
-                float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-                for (int kk = 0; kk < FA_BN / 16; kk++) {
-                    unsigned a[4];
-#pragma unroll
-                    for (int i = 0; i < 4; i++) {
-                        const int q = mt * 16 + g + 8 * (i & 1), key = kk * 16 + 2 * t + 8 * (i >> 1);
-                        a[i] = load_strided(dSt + key * (FA_BQ + FA_PAD) + q, FA_BQ + FA_PAD);
-                    }
-                    const bf16* k = Ks + (kk * 16 + 2 * t) * S + n * 8 + g;
-                    const unsigned kb[2] = {load_strided(k, S), load_strided(k + 8 * S, S)};
-                    mma_16816(acc, a, kb);
-                }
-#pragma unroll
-                for (int i = 0; i < 4; i++) {
-                    const int query = q0 + mt * 16 + g + 8 * (i >> 1), col = n * 8 + 2 * t + (i & 1);
+                for (int e = 0; e < 4; e++) {
+                    const int query = q0 + mt * 16 + g + 8 * (e >> 1), col = (n + u) * 8 + 2 * t + (e & 1);
                     if (query < seq)
-                        atomicAdd(&dq_acc[((long long)b * seq + query) * n_heads * D + (long long)h * D + col],
-                                  acc[i] * scale);
+                        atomicAdd(&dq_acc[((long long)b * seq + query) * O + (long long)h * D + col], acc[u][e] * scale);
                 }
-            }
         }
     }
     // This key tile's dK (scaled) and dV, into their columns of dqkv.
@@ -290,11 +287,11 @@ extern "C" __global__ void flash_backward_dq(const float* dq_acc, bf16* dqkv, in
 }
 
 #define FLASH_KERNELS(D)                                                                                           \
-    extern "C" __global__ void __launch_bounds__(128)                                                             \
+    extern "C" __global__ void __launch_bounds__(32 * FA_WARPS)                                                   \
         flash_forward_d##D(const bf16* qkv, bf16* out, float* lse, int seq, int n_heads, int n_kv_heads) {        \
         flash_forward<D>(qkv, out, lse, seq, n_heads, n_kv_heads);                                                 \
     }                                                                                                              \
-    extern "C" __global__ void __launch_bounds__(128)                                                             \
+    extern "C" __global__ void __launch_bounds__(32 * FA_BWD_WARPS)                                               \
         flash_backward_d##D(const bf16* dout, const bf16* qkv, const float* lse, const float* delta,              \
                             float* dq_acc, bf16* dqkv, int seq, int n_heads, int n_kv_heads) {                    \
         flash_backward<D>(dout, qkv, lse, delta, dq_acc, dqkv, seq, n_heads, n_kv_heads);                         \

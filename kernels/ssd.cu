@@ -95,7 +95,7 @@ __device__ SsdChunk ssd_chunk(const T* dt, const T* dt_bias, const T* a_log, con
 template <typename T>
 __device__ void ssd_chunk_state(const T* xbc, const T* dt, const T* dt_bias, const T* a_log, float* states,
                                 float* decay, Ssd s) {
-    extern __shared__ float smem[];
+    extern __shared__ __align__(16) float smem[];
     const SsdChunk ch = ssd_chunk(dt, dt_bias, a_log, s, smem);
     const int c = ch.c, h = ch.h, b = ch.b, q = ch.q;
     const long long row0 = ch.row0;
@@ -130,7 +130,7 @@ __device__ void ssd_state_passing(float* states, const float* decay, Ssd s) {
 template <typename T>
 __device__ void ssd_chunk_scan(const T* xbc, const T* dt, const T* dt_bias, const T* a_log, const T* Dskip,
                                const float* states, T* y, Ssd s) {
-    extern __shared__ float smem[];
+    extern __shared__ __align__(16) float smem[];
     const SsdChunk ch = ssd_chunk(dt, dt_bias, a_log, s, smem);
     const int c = ch.c, h = ch.h, b = ch.b, q = ch.q;
     const long long row0 = ch.row0;
@@ -172,7 +172,7 @@ __device__ void ssd_chunk_scan(const T* xbc, const T* dt, const T* dt_bias, cons
 template <typename T>
 __device__ void ssd_chunk_dstate(const T* dy, const T* xbc, const T* dt, const T* dt_bias, const T* a_log,
                                  float* dstates, float* decay, Ssd s) {
-    extern __shared__ float smem[];
+    extern __shared__ __align__(16) float smem[];
     const SsdChunk ch = ssd_chunk(dt, dt_bias, a_log, s, smem);
     const int c = ch.c, h = ch.h, b = ch.b, q = ch.q;
     const long long row0 = ch.row0;
@@ -209,7 +209,7 @@ __device__ void ssd_chunk_backward(const T* dy, const T* xbc, const T* dt, const
                                    const T* Dskip, const float* states, const float* dstates, float* dxbc,
                                    T* ddt, float* ddt_bias, float* da_log, float* dd, const float* qform, Ssd s) {
     __shared__ float scratch[32];
-    extern __shared__ float smem[];
+    extern __shared__ __align__(16) float smem[];
     const SsdChunk ch = ssd_chunk(dt, dt_bias, a_log, s, smem);
     const int c = ch.c, h = ch.h, b = ch.b, q = ch.q, last = q - 1;
     const long long row0 = ch.row0;
@@ -367,6 +367,10 @@ __device__ void ssd_chunk_backward(const T* dy, const T* xbc, const T* dt, const
 
 // The (chunk, head, batch) and 64-row tile of a block of the tiled SSD kernels; false for a
 // tile past the end of a short last chunk (the whole block returns).
+// The tensor-core kernels' bf16 tiles start after `floats` floats of per-token values, at
+// the next 16-byte boundary (cp.async and ldmatrix take 16-byte aligned rows).
+__device__ __forceinline__ int ssd_tiles_at(int floats) { return (floats + 3) & ~3; }
+
 template <typename T>
 __device__ bool ssd_tile(const T* dt, const T* dt_bias, const T* a_log, const Ssd& s, float* smem, SsdChunk* ch,
                          int* tile) {
@@ -397,11 +401,11 @@ __device__ void ssd_stage_weighted_x(bf16* dst, const bf16* x, long long stride,
 template <int P, int N>
 __device__ void ssd_chunk_state_tc(const bf16* xbc, const bf16* dt, const bf16* dt_bias, const bf16* a_log,
                                    float* states, float* decay, Ssd s) {
-    extern __shared__ float smem[];
+    extern __shared__ __align__(16) float smem[];
     const SsdChunk ch = ssd_chunk(dt, dt_bias, a_log, s, smem);
     const int c = ch.c, h = ch.h, b = ch.b, q = ch.q;
     float* weight = smem + 2 * s.Q;
-    bf16* Xs = (bf16*)(smem + 3 * s.Q);  // [64][P + SMEM_PAD]: w_j x_j
+    bf16* Xs = (bf16*)(smem + ssd_tiles_at(3 * s.Q));  // [64][P + SMEM_PAD]: w_j x_j
     bf16* Bs = Xs + 64 * (P + SMEM_PAD);  // [64][N + SMEM_PAD]
     for (int j = threadIdx.x; j < q; j += blockDim.x) weight[j] = __expf(ch.L[q - 1] - ch.L[j]) * ch.steps[j];
     const int w = s.width(), warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
@@ -414,23 +418,22 @@ __device__ void ssd_chunk_state_tc(const bf16* xbc, const bf16* dt, const bf16* 
         zero_acc(acc);
         for (int j0 = 0; j0 < q; j0 += 64) {
             __syncthreads();  // weights written; the previous tiles have been read
+            stage_rows<N>(Bs, rows + s.b_col(h), w, j0, q, 64);  // lands while x is weighted
             ssd_stage_weighted_x<P>(Xs, rows + s.x_col(h), w, weight, j0, q);
-            stage_rows<N>(Bs, rows + s.b_col(h), w, j0, q, 64);
+            cp_async_wait<0>();
             __syncthreads();
             if (mt >= P / 16) continue;
 #pragma unroll
             for (int kk = 0; kk < 4; kk++) {
-                // A[p][j] = (w x)_j[p]: pairs of tokens, strided in Xs.
-                const bf16* xa = Xs + (kk * 16 + 2 * t) * (P + SMEM_PAD) + mt * 16 + g;
-                const unsigned af[4] = {load_strided(xa, P + SMEM_PAD), load_strided(xa + 8, P + SMEM_PAD),
-                                        load_strided(xa + 8 * (P + SMEM_PAD), P + SMEM_PAD),
-                                        load_strided(xa + 8 * (P + SMEM_PAD) + 8, P + SMEM_PAD)};
+                // A[p][j] = (w x)_j[p]: the transpose of Xs's 16 x 16 block.
+                unsigned af[4];
+                load_a_tile_trans(af, Xs + kk * 16 * (P + SMEM_PAD) + mt * 16, P + SMEM_PAD);
 #pragma unroll
-                for (int n = 0; n < N / 8; n++) {
-                    const bf16* bb = Bs + (kk * 16 + 2 * t) * (N + SMEM_PAD) + n * 8 + g;
-                    const unsigned bf[2] = {load_strided(bb, N + SMEM_PAD),
-                                            load_strided(bb + 8 * (N + SMEM_PAD), N + SMEM_PAD)};
+                for (int n = 0; n < N / 8; n += 2) {
+                    unsigned bf[4];
+                    load_b_tile_kn(bf, Bs + kk * 16 * (N + SMEM_PAD) + n * 8, N + SMEM_PAD);
                     mma_16816(acc[n], af, bf);
+                    mma_16816(acc[n + 1], af, bf + 2);
                 }
             }
         }
@@ -452,14 +455,14 @@ __device__ void ssd_chunk_state_tc(const bf16* xbc, const bf16* dt, const bf16* 
 template <int P, int N>
 __device__ void ssd_chunk_scan_tc(const bf16* xbc, const bf16* dt, const bf16* dt_bias, const bf16* a_log,
                                   const bf16* Dskip, const float* states, bf16* y, Ssd s) {
-    extern __shared__ float smem[];
+    extern __shared__ __align__(16) float smem[];
     constexpr int HB = P > 64 ? P : 64;  // rows of the H0 / B area
     SsdChunk ch;
     int tile;
     if (!ssd_tile(dt, dt_bias, a_log, s, smem, &ch, &tile)) return;
     const int c = ch.c, h = ch.h, b = ch.b, q = ch.q;
     const float *steps = ch.steps, *L = ch.L;
-    bf16* HBs = (bf16*)(smem + 2 * s.Q);  // H0 as [P][N + SMEM_PAD], then B tiles [64][N + SMEM_PAD]
+    bf16* HBs = (bf16*)(smem + ssd_tiles_at(2 * s.Q));  // H0 as [P][N + SMEM_PAD], then B tiles [64][N + SMEM_PAD]
     bf16* Xs = HBs + HB * (N + SMEM_PAD);  // [64][P + SMEM_PAD]
     const int w = s.width(), inner = s.heads * s.P, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, t = lane & 3;
@@ -492,6 +495,7 @@ __device__ void ssd_chunk_scan_tc(const bf16* xbc, const bf16* dt, const bf16* d
         __syncthreads();  // H0 or the previous tiles have been read
         stage_rows<N>(HBs, rows_base + s.b_col(h), w, j0, q, 64);
         stage_rows<P>(Xs, rows_base + s.x_col(h), w, j0, q, 64);
+        cp_async_wait<0>();
         __syncthreads();
         float sc[8][4];
         zero_acc(sc);
@@ -547,13 +551,13 @@ __device__ __forceinline__ float* ssd_qform(float* qform, const Ssd& s, const Ss
 template <int P, int N, bool DB>
 __device__ void ssd_bwd_keys_tc(const bf16* dy, const bf16* xbc, const bf16* dt, const bf16* dt_bias,
                                 const bf16* a_log, float* dxbc, float* qform, Ssd s) {
-    extern __shared__ float smem[];
+    extern __shared__ __align__(16) float smem[];
     SsdChunk ch;
     int tile;
     if (!ssd_tile(dt, dt_bias, a_log, s, smem, &ch, &tile)) return;
     const int q = ch.q, h = ch.h, w = s.width(), inner = s.heads * s.P;
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    bf16* Cs = (bf16*)(smem + 2 * s.Q);    // [64][N + SMEM_PAD]
+    bf16* Cs = (bf16*)(smem + ssd_tiles_at(2 * s.Q));    // [64][N + SMEM_PAD]
     bf16* dYs = Cs + 64 * (N + SMEM_PAD);  // [64][P + SMEM_PAD]
     const bf16* rows = xbc + ch.row0 * w;
     const bf16* dys = dy + ch.row0 * inner + s.x_col(h);
@@ -568,6 +572,7 @@ __device__ void ssd_bwd_keys_tc(const bf16* dy, const bf16* xbc, const bf16* dt,
         __syncthreads();  // the previous tiles have been read
         stage_rows<N>(Cs, rows + s.c_col(h), w, i0, q, 64);
         stage_rows<P>(dYs, dys, inner, i0, q, 64);
+        cp_async_wait<0>();
         __syncthreads();
         float gt[8][4], st[8][4];  // G^T and S^T: rows are keys, columns queries
         zero_acc(gt);
@@ -629,13 +634,13 @@ __device__ void ssd_bwd_keys_tc(const bf16* dy, const bf16* xbc, const bf16* dt,
 template <int P, int N>
 __device__ void ssd_bwd_dc_tc(const bf16* dy, const bf16* xbc, const bf16* dt, const bf16* dt_bias,
                               const bf16* a_log, float* dxbc, float* qform, Ssd s) {
-    extern __shared__ float smem[];
+    extern __shared__ __align__(16) float smem[];
     SsdChunk ch;
     int tile;
     if (!ssd_tile(dt, dt_bias, a_log, s, smem, &ch, &tile)) return;
     const int q = ch.q, h = ch.h, w = s.width(), inner = s.heads * s.P;
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    bf16* Bs = (bf16*)(smem + 2 * s.Q);   // [64][N + SMEM_PAD]
+    bf16* Bs = (bf16*)(smem + ssd_tiles_at(2 * s.Q));   // [64][N + SMEM_PAD]
     bf16* Xs = Bs + 64 * (N + SMEM_PAD);  // [64][P + SMEM_PAD]
     const bf16* rows = xbc + ch.row0 * w;
     const int r0 = tile * 64 + (threadIdx.x >> 5) * 16, queries[2] = {r0 + g, r0 + g + 8};
@@ -650,6 +655,7 @@ __device__ void ssd_bwd_dc_tc(const bf16* dy, const bf16* xbc, const bf16* dt, c
         __syncthreads();
         stage_rows<N>(Bs, rows + s.b_col(h), w, j0, q, 64);
         stage_rows<P>(Xs, rows + s.x_col(h), w, j0, q, 64);
+        cp_async_wait<0>();
         __syncthreads();
         float sc[8][4], gx[8][4];
         zero_acc(sc);

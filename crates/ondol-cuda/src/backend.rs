@@ -81,22 +81,23 @@ impl CudaBackend {
     }
 
     /// Whether attention of `shape` over these buffers runs the flash kernels: bf16 storage,
-    /// head dim 64 or 128, and 4-byte aligned rows (they load bf16 pairs).
+    /// head dim 64 or 128, and 16-byte aligned buffers (they copy rows to shared memory in
+    /// 16-byte pieces).
     fn uses_flash(&self, shape: AttnShape, ptrs: &[u64]) -> bool {
         self.tensor_cores
             && self.compute == Dtype::Bf16
             && matches!(shape.head_dim, 64 | 128)
-            && ptrs.iter().all(|p| p.is_multiple_of(4))
+            && ptrs.iter().all(|p| p.is_multiple_of(16))
     }
 
     /// Whether the SSD of `shape` over these buffers runs its products on tensor cores: bf16,
-    /// a (head dim, state) pair of [`SSD_TC_SHAPES`], and 4-byte aligned rows of xbc and of y
-    /// (forward) or dy (backward).
+    /// a (head dim, state) pair of [`SSD_TC_SHAPES`], and 16-byte aligned xbc and y (forward)
+    /// or dy (backward): rows are copied to shared memory in 16-byte pieces.
     fn uses_tensor_core_ssd(&self, x: &SsdInputs<DevRef<'_>>, shape: SsdShape, y: u64) -> bool {
         self.tensor_cores
             && x.xbc.dtype == Dtype::Bf16
             && SSD_TC_SHAPES.contains(&(shape.head_dim, shape.state))
-            && [x.xbc.ptr, y].iter().all(|p| p.is_multiple_of(4))
+            && [x.xbc.ptr, y].iter().all(|p| p.is_multiple_of(16))
     }
 
     /// Whether a GEMM of `g` can apply `act` (or its backward) in its epilogue, with GELU's
@@ -208,10 +209,10 @@ impl CudaBackend {
         self.dev.launch("flash_attention", "flash_backward_dot", cfg, &args);
         let mut args = vec![ptr(&dout), ptr(&qkv), ptr(&lse), Arg::Ptr(delta_ptr), Arg::Ptr(dq_ptr), ptr_mut(&dqkv)];
         args.extend([shape.seq, shape.n_heads, shape.n_kv_heads].map(|x| Arg::I32(x as i32)));
-        // Shared memory: K, V (64 rows), Q, dO (32 rows) of D + 8, dS^T (64 x 40), lse, delta.
-        let smem_bf16 = 2 * 64 * (d + 8) + 2 * 32 * (d + 8) + 64 * 40;
-        let mut cfg = flash_grid(shape, shape.n_kv_heads, 0);
-        cfg.shared_mem_bytes = (2 * smem_bf16 + 4 * 2 * 32) as u32;
+        // Shared memory: K, V (64 rows) and two each of Q, dO (32 rows) of D + 8 bf16, dS^T
+        // (64 x 40 bf16), two each of lse and delta (32 floats).
+        let smem_bf16 = 2 * 64 * (d + 8) + 4 * 32 * (d + 8) + 64 * 40;
+        let cfg = flash_grid(shape, shape.n_kv_heads, FLASH_BACKWARD, 2 * smem_bf16 + 4 * 4 * 32);
         self.dev.launch("flash_attention", &format!("flash_backward_d{d}"), cfg, &args);
         let args = [
             Arg::Ptr(dq_ptr),
@@ -683,7 +684,8 @@ impl Backend for CudaBackend {
             let mut args = vec![ptr(&qkv), ptr_mut(&out), ptr_mut(&lse)];
             args.extend(heads);
             let name = format!("flash_forward_d{}", shape.head_dim);
-            self.dev.launch("flash_attention", &name, flash_grid(shape, shape.n_heads, 2 * 64), &args);
+            let smem = 2 * 2 * 64 * (shape.head_dim + 8); // K and V tiles of 64 rows of D + 8 bf16
+            self.dev.launch("flash_attention", &name, flash_grid(shape, shape.n_heads, FLASH_FORWARD, smem), &args);
             return;
         }
         let cfg = LaunchConfig {
@@ -1366,12 +1368,12 @@ fn ssd_chunk_grid(s: SsdShape, q_floats: usize) -> LaunchConfig {
 const SSD_TC_SHAPES: [(usize, usize); 4] = [(32, 32), (64, 64), (64, 128), (128, 128)];
 
 /// The tensor-core SSD kernels' grid: `tiles` blocks per (chunk, head, sequence), 128
-/// threads, `q_floats` x chunk floats and `bf16s` bf16 of shared memory.
+/// threads, `q_floats` x chunk floats and then, 16-byte aligned, `bf16s` bf16 of shared memory.
 fn ssd_tc_grid(s: SsdShape, tiles: usize, q_floats: usize, bf16s: usize) -> LaunchConfig {
     LaunchConfig {
         grid_dim: ((s.len.div_ceil(s.chunk) * tiles) as u32, s.heads as u32, s.batch as u32),
         block_dim: (128, 1, 1),
-        shared_mem_bytes: (4 * q_floats * s.chunk + 2 * bf16s) as u32,
+        shared_mem_bytes: (4 * (q_floats * s.chunk).next_multiple_of(4) + 2 * bf16s) as u32,
     }
 }
 
@@ -1390,12 +1392,17 @@ fn gated_rows(what: &str, len: usize, width: usize, group: usize) -> usize {
     rows_of(len, width)
 }
 
-/// Flash attention's grid: 64-row tiles of the sequence x `heads` x batch, 128 threads, with
-/// `tile_rows` rows of D + 8 bf16 of shared memory.
-fn flash_grid(s: AttnShape, heads: usize, tile_rows: usize) -> LaunchConfig {
+/// Flash attention's blocks: (rows of the sequence per block, warps), 16 rows a warp; the
+/// forward's are query rows (FA_BM in kernels/flash_attention.cu), the backward's keys (FA_BN).
+const FLASH_FORWARD: (usize, u32) = (128, 8);
+const FLASH_BACKWARD: (usize, u32) = (64, 4);
+
+/// Flash attention's grid: `block` tiles of the sequence x `heads` x batch, with `shared`
+/// bytes of shared memory.
+fn flash_grid(s: AttnShape, heads: usize, (rows, warps): (usize, u32), shared: usize) -> LaunchConfig {
     LaunchConfig {
-        grid_dim: (s.seq.div_ceil(64) as u32, heads as u32, s.batch as u32),
-        block_dim: (128, 1, 1),
-        shared_mem_bytes: (2 * tile_rows * (s.head_dim + 8)) as u32,
+        grid_dim: (s.seq.div_ceil(rows) as u32, heads as u32, s.batch as u32),
+        block_dim: (32 * warps, 1, 1),
+        shared_mem_bytes: shared as u32,
     }
 }

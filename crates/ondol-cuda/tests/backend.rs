@@ -802,9 +802,11 @@ fn tensor_core_pairs() -> Vec<(CudaBackend, CudaBackend)> {
 fn flash_attention_matches_the_cpu_and_the_simple_kernel() {
     for (flash, simple) in tensor_core_pairs() {
         let tol = tolerance(&flash);
-        // 100 tokens: neither a multiple of the 64-row tiles nor of the 32-query steps.
-        for head_dim in [64, 128] {
-            let shape = AttnShape { batch: 2, seq: 100, n_heads: 4, n_kv_heads: 2, head_dim };
+        // 100 and 200 tokens: multiples of neither the 128-query forward blocks, the 64-key
+        // tiles nor the 32-query backward steps; 200 has two forward blocks, the second
+        // with tiles below its diagonal.
+        for (head_dim, seq) in [(64, 100), (128, 100), (64, 200)] {
+            let shape = AttnShape { batch: 2, seq, n_heads: 4, n_kv_heads: 2, head_dim };
             let n = shape.rows() * shape.qkv_width();
             let qkv = round(&flash, &random(n, 1, 1.0));
             let dout = round(&flash, &random(shape.rows() * shape.q_width(), 2, 1.0));
@@ -829,7 +831,7 @@ fn flash_attention_matches_the_cpu_and_the_simple_kernel() {
                 (vec![0.0; shape.rows() * shape.q_width()], vec![0.0; shape.batch * shape.n_heads * shape.seq]);
             let (mut want_out, mut want_lse) = (want_out, want_lse);
             CPU.attention_forward(&qkv, &mut want_out, &mut want_lse, shape);
-            let what = |w: &str| format!("flash attention D={head_dim} {w}");
+            let what = |w: &str| format!("flash attention D={head_dim} T={seq} {w}");
             assert_close(&what("out vs cpu"), &flash, &out, &want_out, tol);
             assert_close(&what("lse vs cpu"), &flash, &lse, &want_lse, 1e-3);
             let mut want_dqkv = vec![0.0; n];
