@@ -26,6 +26,9 @@ pub struct CudaBackend {
     /// flash attention (head dim 64 or 128) and the SSD's products, forward and backward (else
     /// the CUDA-core kernels, as fp32 and other shapes always do).
     tensor_cores: bool,
+    /// Whether plain GEMMs go to the device's GEMM library (cuBLASLt, or the emulator's loop)
+    /// before gemm.cu's CUDA-core kernel, which runs where the library has no algorithm.
+    blas_gemms: bool,
 }
 
 /// Threads per block of the row-wise kernels (norms, cross-entropy, attention).
@@ -64,19 +67,26 @@ fn rows_of(len: usize, cols: usize) -> usize {
 impl CudaBackend {
     /// Opens GPU `ordinal`, computing in `compute` (bf16 for training, f32 for checking).
     pub fn open(ordinal: usize, compute: Dtype) -> Result<Self, CudaError> {
-        Ok(Self { dev: Box::new(Gpu::open(ordinal)?), compute, tensor_cores: true })
+        Ok(Self { dev: Box::new(Gpu::open(ordinal)?), compute, tensor_cores: true, blas_gemms: true })
     }
 
     /// The backend on the SIMT emulator (src/emu.rs): the same kernels and launches on the CPU,
     /// for checking them without a GPU. `reverse` runs each block's threads in reverse order.
     pub fn emulated(compute: Dtype, reverse: bool) -> Self {
-        Self { dev: Box::new(Emulator::new(reverse)), compute, tensor_cores: true }
+        Self { dev: Box::new(Emulator::new(reverse)), compute, tensor_cores: true, blas_gemms: true }
     }
 
     /// The same backend with the CUDA-core kernels everywhere: the simple attention of
     /// attention.cu and the SSD's CUDA-core forms (to check the tensor-core ones against).
     pub fn without_tensor_cores(mut self) -> Self {
         self.tensor_cores = false;
+        self
+    }
+
+    /// The same backend with every plain GEMM on gemm.cu's CUDA-core kernel, the one that
+    /// runs where cuBLASLt has no algorithm (to check it against the CPU).
+    pub fn without_blas_gemms(mut self) -> Self {
+        self.blas_gemms = false;
         self
     }
 
@@ -173,6 +183,35 @@ impl CudaBackend {
                 self.dev.copy_in(dst, bytes_of(&rounded))
             }
         }
+    }
+
+    /// gemm.cu's kernel: `c = alpha op(a) op(b) + beta c` on CUDA cores, for shapes the GEMM
+    /// library refuses (the same checks of types and bounds as the library's path).
+    fn gemm_on_cuda_cores(&self, g: Gemm, a: DevRef<'_>, b: DevRef<'_>, c: DevMut<'_>) {
+        let name = match (a.dtype, b.dtype, c.dtype) {
+            (Dtype::F32, Dtype::F32, Dtype::F32) => "gemm_f32",
+            (Dtype::Bf16, Dtype::Bf16, Dtype::Bf16) => "gemm_bf16",
+            (Dtype::Bf16, Dtype::Bf16, Dtype::F32) => "gemm_bf16_f32",
+            types => panic!("gemm: no kernel for {types:?} (inputs of one type, the output theirs or f32)"),
+        };
+        if g.m == 0 || g.n == 0 || g.batch == 0 {
+            return;
+        }
+        let last = |stride: usize, size: usize| (g.batch - 1) * stride + size;
+        assert!(a.len >= last(g.stride_a, g.m * g.k), "gemm: A holds {} values", a.len);
+        assert!(b.len >= last(g.stride_b, g.k * g.n), "gemm: B holds {} values", b.len);
+        assert!(c.len >= last(g.stride_c, g.m * g.n), "gemm: C holds {} values", c.len);
+        let cfg = LaunchConfig {
+            grid_dim: (g.n.div_ceil(16) as u32, g.m.div_ceil(16).min(65535) as u32, g.batch.min(65535) as u32),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut args = vec![ptr(&a), ptr(&b), ptr_mut(&c)];
+        args.extend([g.m, g.n, g.k].map(|x| Arg::I32(x as i32)));
+        args.extend([g.trans_a, g.trans_b].map(|t| Arg::I32(t as i32)));
+        args.extend([g.stride_a, g.stride_b, g.stride_c].map(|s| Arg::I64(s as i64)));
+        args.extend([Arg::I32(g.batch as i32), Arg::F32(g.alpha), Arg::F32(g.beta)]);
+        self.dev.launch("gemm", name, cfg, &args);
     }
 
     /// Flash attention's backward (kernels/flash_attention.cu): delta = rowsum(dO out), the
@@ -387,7 +426,7 @@ impl Backend for CudaBackend {
     }
 
     // ---- dense ------------------------------------------------------------------------------
-    fn gemm(&self, g: Gemm, a: DevRef<'_>, b: DevRef<'_>, c: DevMut<'_>) {
+    fn gemm(&self, g: Gemm, a: DevRef<'_>, b: DevRef<'_>, mut c: DevMut<'_>) {
         if g.k == 0 {
             // An empty sum: C = beta C (a zero beta writes zeros, as cuBLAS would).
             if g.beta == 0.0 {
@@ -397,7 +436,9 @@ impl Backend for CudaBackend {
             }
             return;
         }
-        self.dev.gemm(g, a, b, Epilogue::None, c);
+        if !(self.blas_gemms && self.dev.gemm(g, a, b, Epilogue::None, c.reborrow())) {
+            self.gemm_on_cuda_cores(g, a, b, c);
+        }
     }
     fn gemm_bias(&self, g: Gemm, a: DevRef<'_>, b: DevRef<'_>, bias: DevRef<'_>, mut c: DevMut<'_>) {
         assert!(g.batch == 1 && g.beta == 0.0, "gemm_bias: one batch, beta 0");

@@ -19,7 +19,7 @@ pub struct Family {
 const COMMON: &str = include_str!("../../../kernels/common.cuh");
 
 /// Every kernel family, embedded in the binary so that it needs no source tree at run time.
-pub const FAMILIES: [Family; 12] = [
+pub const FAMILIES: [Family; 13] = [
     Family { name: "norms", source: include_str!("../../../kernels/norms.cu") },
     Family { name: "activations", source: include_str!("../../../kernels/activations.cu") },
     Family { name: "embedding", source: include_str!("../../../kernels/embedding.cu") },
@@ -32,6 +32,7 @@ pub const FAMILIES: [Family; 12] = [
     Family { name: "selective_scan", source: include_str!("../../../kernels/selective_scan.cu") },
     Family { name: "ssd", source: include_str!("../../../kernels/ssd.cu") },
     Family { name: "flash_attention", source: include_str!("../../../kernels/flash_attention.cu") },
+    Family { name: "gemm", source: include_str!("../../../kernels/gemm.cu") },
 ];
 
 impl Family {

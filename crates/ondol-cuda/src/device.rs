@@ -66,8 +66,9 @@ pub(crate) trait Device: Send + Sync {
     /// kernel.
     fn launch(&self, family: &str, name: &str, cfg: LaunchConfig, args: &[Arg]);
     /// `c = alpha op(a) op(b) + beta c`, see [`Gemm`], with `epilogue` applied. Returns false,
-    /// having written nothing, where the device has no algorithm for a GELU epilogue of this
-    /// shape (the caller then runs the activation as a pass of its own).
+    /// having written nothing, where the device's GEMM library has no algorithm for this
+    /// shape with this epilogue (the caller then runs the epilogue as a pass of its own, or a
+    /// plain GEMM on gemm.cu's kernel).
     fn gemm(&self, g: Gemm, a: DevRef, b: DevRef, epilogue: Epilogue, c: DevMut) -> bool;
     /// Waits for everything issued so far.
     fn synchronize(&self);

@@ -62,15 +62,20 @@ fn assert_close(what: &str, be: &CudaBackend, got: &[f32], want: &[f32], tol: f3
 }
 
 /// Awkward shapes, and the degenerate ones (one row, one column, a sum of one) for which
-/// cuBLASLt's heuristic has been seen to have no algorithm.
+/// cuBLASLt's heuristic has been seen to have no algorithm; through the GEMM library and
+/// through gemm.cu's CUDA-core kernel, which runs where it has none.
 #[test]
 fn gemm_matches_the_cpu_for_every_transpose_batch_and_offset() {
     let shapes = [(37, 53, 71, 3), (1, 53, 71, 1), (37, 1, 71, 2), (37, 53, 1, 1)];
-    for (be, (m, n, k, batch)) in backends().iter().flat_map(|be| shapes.map(|s| (be, s))) {
-        for (trans_a, trans_b) in [(false, false), (true, false), (false, true), (true, true)] {
+    let cuda_cores = backends().into_iter().map(|be| (be.without_blas_gemms(), "gemm.cu"));
+    let all: Vec<_> = backends().into_iter().map(|be| (be, "library")).chain(cuda_cores).collect();
+    for ((be, path), (m, n, k, batch)) in all.iter().flat_map(|be| shapes.map(|s| (be, s))) {
+        // beta = 0 must not read C: it starts as NaN there.
+        for (trans_a, trans_b, beta) in [(false, false, 0.3), (true, false, 0.3), (false, true, 0.3), (true, true, 0.0)]
+        {
             let g = Gemm {
                 alpha: 0.7,
-                beta: 0.3,
+                beta,
                 batch,
                 stride_a: m * k + 5,
                 stride_b: k * n + 3,
@@ -80,8 +85,14 @@ fn gemm_matches_the_cpu_for_every_transpose_batch_and_offset() {
             // Odd offsets into larger buffers: views of a flat buffer are rarely aligned.
             let a = round(be, &random(batch * g.stride_a + 1, 1, 1.0));
             let b = round(be, &random(batch * g.stride_b + 3, 2, 1.0));
-            let c0 = round(be, &random(batch * g.stride_c + 7, 3, 1.0));
+            let mut c0 = round(be, &random(batch * g.stride_c + 7, 3, 1.0));
             let (ra, rb, rc) = (1..a.len(), 3..b.len(), 7..c0.len());
+            if beta == 0.0 {
+                for z in 0..batch {
+                    let at = rc.start + z * g.stride_c;
+                    c0[at..at + m * n].fill(f32::NAN);
+                }
+            }
             let mut want = c0.clone();
             CPU.gemm(g, &a[ra.clone()], &b[rb.clone()], &mut want[rc.clone()]);
             // The compute-type output, and (for bf16 inputs) the f32 output of weight gradients.
@@ -90,7 +101,7 @@ fn gemm_matches_the_cpu_for_every_transpose_batch_and_offset() {
                 let mut dc = if f32_out { be.upload_f32(&c0) } else { be.upload(&c0) };
                 be.gemm(g, be.view(&da, ra.clone()), be.view(&db, rb.clone()), be.view_mut(&mut dc, rc.clone()));
                 let tol = if f32_out || be.compute_type() == Dtype::F32 { 2e-5 } else { tolerance(be) };
-                let what = format!("gemm {m}x{n}x{k} x{batch} ta={trans_a} tb={trans_b} f32 output={f32_out}");
+                let what = format!("gemm ({path}) {m}x{n}x{k} x{batch} ta={trans_a} tb={trans_b} f32 out={f32_out}");
                 // Values outside the view are untouched, so the whole buffer compares.
                 assert_close(&what, be, &be.download(&dc), &want, tol);
             }
