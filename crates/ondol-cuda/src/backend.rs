@@ -505,14 +505,14 @@ impl Backend for CudaBackend {
         is_f32("bias_backward dbias", dbias.dtype);
         assert_eq!(dbias.len, cols, "bias_backward: dbias length");
         let rows = rows_of(dy.len, cols);
-        const ROWS_PER_CHUNK: usize = 64;
+        let (per_chunk, chunks) = row_chunks(rows);
         let cfg = LaunchConfig {
-            grid_dim: (cols.div_ceil(256) as u32, rows.div_ceil(ROWS_PER_CHUNK) as u32, 1),
+            grid_dim: (cols.div_ceil(256) as u32, chunks, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
         let args =
-            [ptr(&dy), ptr_mut(&dbias), Arg::I64(rows as i64), Arg::I32(cols as i32), Arg::I64(ROWS_PER_CHUNK as i64)];
+            [ptr(&dy), ptr_mut(&dbias), Arg::I64(rows as i64), Arg::I32(cols as i32), Arg::I64(per_chunk as i64)];
         self.run("elementwise", "bias_backward", dy.dtype, cfg, &args);
     }
 
@@ -895,15 +895,15 @@ impl Backend for CudaBackend {
         let mut args = vec![ptr(&dy), ptr(&x), ptr(&w), ptr(&bias), ptr_mut(&dx)];
         args.extend(geometry);
         self.run("conv1d", "conv1d_backward_dx", dtype, self.dev.flat(x.len), &args);
-        const ROWS_PER_CHUNK: usize = 64;
+        let (per_chunk, chunks) = row_chunks(rows);
         let cfg = LaunchConfig {
-            grid_dim: (channels.div_ceil(256) as u32, rows.div_ceil(ROWS_PER_CHUNK) as u32, 1),
+            grid_dim: (channels.div_ceil(256) as u32, chunks, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
         let mut args = vec![ptr(&dy), ptr(&x), ptr(&w), ptr(&bias), ptr_mut(&dw), ptr_mut(&dbias)];
         args.extend(geometry);
-        args.push(Arg::I64(ROWS_PER_CHUNK as i64));
+        args.push(Arg::I64(per_chunk as i64));
         self.run("conv1d", "conv1d_backward_dw", dtype, cfg, &args);
     }
     fn selective_scan_forward(&self, x: ScanInputs<DevRef<'_>>, y: DevMut<'_>, states: DevMut<'_>, shape: ScanShape) {
@@ -1404,6 +1404,14 @@ fn ssd_chunk_grid(s: SsdShape, q_floats: usize) -> LaunchConfig {
     }
 }
 
+/// The column reductions' chunks of rows (bias and conv1d weight gradients: a block per
+/// chunk and 256 columns, one atomic add per column): 64 rows each, or more where 64 would
+/// need more chunks than a grid's y dimension holds (65,535). Returns (rows per chunk, chunks).
+fn row_chunks(rows: usize) -> (usize, u32) {
+    let per_chunk = rows.div_ceil(65_535).max(64);
+    (per_chunk, rows.div_ceil(per_chunk) as u32)
+}
+
 /// The (head dim, state size) pairs whose SSD runs on tensor cores in bf16 (the
 /// instances of SSD_TC_KERNELS in kernels/ssd.cu).
 const SSD_TC_SHAPES: [(usize, usize); 4] = [(32, 32), (64, 64), (64, 128), (128, 128)];
@@ -1445,5 +1453,20 @@ fn flash_grid(s: AttnShape, heads: usize, (rows, warps): (usize, u32), shared: u
         grid_dim: (s.seq.div_ceil(rows) as u32, heads as u32, s.batch as u32),
         block_dim: (32 * warps, 1, 1),
         shared_mem_bytes: shared as u32,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::row_chunks;
+
+    #[test]
+    fn row_chunks_cover_every_row_within_the_grid_limit() {
+        for rows in [1, 63, 64, 65, 4_194_240, 4_194_241, 100_000_000] {
+            let (per_chunk, chunks) = row_chunks(rows);
+            assert!(chunks <= 65_535, "{rows} rows: {chunks} chunks");
+            assert!(per_chunk * chunks as usize >= rows && per_chunk * (chunks as usize - 1) < rows, "{rows} rows");
+        }
+        assert_eq!(row_chunks(1000), (64, 16));
     }
 }
