@@ -6,7 +6,8 @@
 // fibers that a scheduler switches cooperatively: each runs until it waits at a barrier or
 // ends, in thread order, or in reverse thread order when the launch asks for it
 // (a kernel that reads shared memory another thread writes without a barrier in between then
-// reads stale data in one of the two orders, so running both catches the missing barrier).
+// reads stale data in one of the two orders, so running both catches the missing barrier);
+// the reverse launch also runs its blocks from the last one.
 // A block barrier opens when every thread that has not ended waits at it, a warp barrier when
 // every such thread of the warp does; threads of a warp waiting at different barriers are a
 // deadlock (a barrier in divergent code), and the launch fails with a message instead of
@@ -357,12 +358,15 @@ extern "C" int ondol_emu_launch(void (*thunk)(void**), const unsigned grid[3], c
     Block* outer = running;
     running = &b;
     int status = 0;
-    for (unsigned z = 0; z < grid[2] && status == 0; z++)
-        for (unsigned y = 0; y < grid[1] && status == 0; y++)
-            for (unsigned x = 0; x < grid[0] && status == 0; x++) {
-                b.block_idx = {x, y, z};
-                if (!run_block(b, reverse != 0)) status = refuse(b.error);
-            }
+    // Blocks in order, or (with `reverse`) from the last: a kernel whose blocks depend on
+    // each other's order within a launch gives different results in the two.
+    const size_t blocks = (size_t)grid[0] * grid[1] * grid[2];
+    for (size_t i = 0; i < blocks && status == 0; i++) {
+        const size_t k = reverse ? blocks - 1 - i : i;
+        b.block_idx = {(unsigned)(k % grid[0]), (unsigned)(k / grid[0] % grid[1]),
+                       (unsigned)(k / ((size_t)grid[0] * grid[1]))};
+        if (!run_block(b, reverse != 0)) status = refuse(b.error);
+    }
     running = outer;
     // A failed block leaves fibers stopped inside the kernel: start them afresh next time.
     if (status != 0)

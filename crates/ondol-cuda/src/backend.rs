@@ -71,7 +71,8 @@ impl CudaBackend {
     }
 
     /// The backend on the SIMT emulator (src/emu.rs): the same kernels and launches on the CPU,
-    /// for checking them without a GPU. `reverse` runs each block's threads in reverse order.
+    /// for checking them without a GPU. `reverse` runs each block's threads in reverse order,
+    /// and the blocks from the last.
     pub fn emulated(compute: Dtype, reverse: bool) -> Self {
         Self { dev: Box::new(Emulator::new(reverse)), compute, tensor_cores: true, blas_gemms: true }
     }

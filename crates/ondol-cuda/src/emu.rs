@@ -39,7 +39,8 @@ unsafe extern "C" {
 }
 
 /// The emulated device. `reverse` runs each block's threads in reverse order between
-/// barriers (see emu.cpp: running a kernel both ways exposes a missing `__syncthreads`).
+/// barriers, and the blocks from the last (see emu.cpp: running a kernel both ways exposes a
+/// missing `__syncthreads`, and blocks that depend on each other's order).
 pub struct Emulator {
     reverse: bool,
 }
