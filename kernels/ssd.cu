@@ -489,14 +489,16 @@ __device__ void ssd_chunk_scan_tc(const bf16* xbc, const bf16* dt, const bf16* d
 #pragma unroll
         for (int i = 0; i < 4; i++) o[n][i] *= carried[i >> 1];
 
-    // The quadratic form over 64-key tiles up to the block's last query.
+    // The quadratic form over 64-key tiles up to the block's last query, staggered as flash
+    // attention's forward is: X's tile lands while C B^T is computed, the next B tile while
+    // the decay mask and the product with X run.
     const int key_end = min(q, (tile + 1) * 64);
+    __syncthreads();  // H0 has been read
+    stage_rows<N>(HBs, rows_base + s.b_col(h), w, 0, q, 64);
     for (int j0 = 0; j0 < key_end; j0 += 64) {
-        __syncthreads();  // H0 or the previous tiles have been read
-        stage_rows<N>(HBs, rows_base + s.b_col(h), w, j0, q, 64);
-        stage_rows<P>(Xs, rows_base + s.x_col(h), w, j0, q, 64);
         cp_async_wait<0>();
-        __syncthreads();
+        __syncthreads();  // B's tile has landed, and every warp is done with the previous X
+        stage_rows<P>(Xs, rows_base + s.x_col(h), w, j0, q, 64);
         float sc[8][4];
         zero_acc(sc);
         mma_abt<N, 8>(sc, cf, HBs, N + SMEM_PAD);
@@ -507,6 +509,9 @@ __device__ void ssd_chunk_scan_tc(const bf16* xbc, const bf16* dt, const bf16* d
                 const int j = j0 + nt * 8 + 2 * t + (i & 1), row = rows[i >> 1];
                 sc[nt][i] = j <= row && row < q ? sc[nt][i] * __expf(L[row] - L[j]) * steps[j] : 0.0f;
             }
+        cp_async_wait<0>();
+        __syncthreads();  // X's tile has landed, and every warp is done with B's
+        if (j0 + 64 < key_end) stage_rows<N>(HBs, rows_base + s.b_col(h), w, j0 + 64, q, 64);
         mma_acc_b<64, P / 8>(o, sc, Xs, P + SMEM_PAD);
     }
     // y = o + D x.
