@@ -219,7 +219,7 @@ __device__ __forceinline__ void load_a_fragments(unsigned (&f)[K / 16][4], const
 }
 
 // acc (16 x 8 NT) += A B^T for one warp: A as fragments over K, B as NT x 8 rows of K bf16 in
-// shared memory, `ld` apart (the product Q K^T).
+// shared memory, `ld` apart and 16-byte aligned (the product Q K^T).
 template <int K, int NT>
 __device__ __forceinline__ void mma_abt(float (&acc)[NT][4], const unsigned (&a)[K / 16][4], const bf16* b, int ld) {
     static_assert(NT % 2 == 0, "B fragments are loaded 16 columns at a time");
@@ -245,7 +245,8 @@ __device__ __forceinline__ void acc_as_a(unsigned (&af)[4], const float (&acc)[N
 }
 
 // acc (16 x 8 NT) += A B for one warp: A a 16 x K accumulator (rounded to bf16 as it becomes
-// the A fragments), B as K rows of 8 NT bf16 in shared memory, `ld` apart (the product P V).
+// the A fragments), B as K rows of 8 NT bf16 in shared memory, `ld` apart and 16-byte
+// aligned (the product P V).
 template <int K, int NT>
 __device__ __forceinline__ void mma_acc_b(float (&acc)[NT][4], const float (&a)[K / 8][4], const bf16* b, int ld) {
     static_assert(NT % 2 == 0, "B fragments are loaded 16 columns at a time");

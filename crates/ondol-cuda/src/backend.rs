@@ -1447,8 +1447,8 @@ fn gated_rows(what: &str, len: usize, width: usize, group: usize) -> usize {
 const FLASH_FORWARD: (usize, u32) = (128, 8);
 const FLASH_BACKWARD: (usize, u32) = (64, 4);
 
-/// Flash attention's grid: `block` tiles of the sequence x `heads` x batch, with `shared`
-/// bytes of shared memory.
+/// Flash attention's grid: tiles of `rows` rows of the sequence x `heads` x batch, `warps`
+/// warps a block, with `shared` bytes of shared memory.
 fn flash_grid(s: AttnShape, heads: usize, (rows, warps): (usize, u32), shared: usize) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (s.seq.div_ceil(rows) as u32, heads as u32, s.batch as u32),
