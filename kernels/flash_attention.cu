@@ -22,22 +22,23 @@
 // the softmax and P V run. The softmax is online (a running max and sum per row, in base 2);
 // key tiles past the block's last query are skipped, and only tiles that reach a warp's
 // diagonal are masked. Shared memory: 2 x 64 x (D + 8) bf16.
-// Backward: grid (ceil(T / 64), Hkv, B), 128 threads (4 warps x 16 keys); a block owns a
-// 64-key tile of one kv head, so dK and dV accumulate in registers without atomics over the
+// Backward: grid (ceil(T / 128), Hkv, B), 256 threads (8 warps x 16 keys); a block owns a
+// 128-key tile of one kv head, so dK and dV accumulate in registers without atomics over the
 // query heads of the group and the query tiles at or after the key tile (32 queries a step,
 // the next step's Q and dO tiles landing by cp.async while this one computes); dQ, which
 // every key tile touches, goes to dq_acc with fp32 atomics. Shared memory: K and V tiles,
-// two Q and dO tiles (32 x (D + 8) bf16 each), dS^T (64 x 40 bf16), two of lse and delta.
+// two Q and dO tiles (32 x (D + 8) bf16 each), dS^T (128 x 40 bf16), two of lse and delta.
 // FLOPs: 2 T^2 D per head forward (4 T^2 D / 2 causal), 2.5x that backward; bytes: Q, K, V,
-// O once per block row, K and V re-read per 128-query tile (Q and dO per 64-key tile
+// O once per block row, K and V re-read per 128-query tile (Q and dO per 128-key tile
 // backward). Not here: wgmma and TMA on sm_90a.
 #include "common.cuh"
 
 #define FA_PAD SMEM_PAD
 #define FA_WARPS 8               // forward: warps per block, 16 query rows each
 #define FA_BM (16 * FA_WARPS)    // query rows per forward block
-#define FA_BN 64                 // keys per forward tile, and per backward block
-#define FA_BWD_WARPS (FA_BN / 16)  // backward: warps per block, 16 keys each
+#define FA_BN 64                 // keys per forward tile
+#define FA_BK 128                // keys per backward block
+#define FA_BWD_WARPS (FA_BK / 16)  // backward: warps per block, 16 keys each
 #define FA_BQ 32                 // query rows per backward step
 
 template <int D>
@@ -153,19 +154,19 @@ __device__ void flash_backward(const bf16* dout, const bf16* qkv, const float* l
                                bf16* dqkv, int seq, int n_heads, int n_kv_heads) {
     extern __shared__ __align__(16) bf16 fa_smem[];
     constexpr int S = D + FA_PAD, SD = FA_BQ + FA_PAD;
-    bf16* Ks = fa_smem;                 // [FA_BN][S]
-    bf16* Vs = Ks + FA_BN * S;          // [FA_BN][S]
-    bf16* Qs = Vs + FA_BN * S;          // [2][FA_BQ][S]: this step's and the next one's
+    bf16* Ks = fa_smem;                 // [FA_BK][S]
+    bf16* Vs = Ks + FA_BK * S;          // [FA_BK][S]
+    bf16* Qs = Vs + FA_BK * S;          // [2][FA_BQ][S]: this step's and the next one's
     bf16* dOs = Qs + 2 * FA_BQ * S;     // [2][FA_BQ][S]
-    bf16* dSt = dOs + 2 * FA_BQ * S;    // [FA_BN][SD]: dS^T of the step
-    float* lse_s = (float*)(dSt + FA_BN * SD);  // [2][FA_BQ], base 2
+    bf16* dSt = dOs + 2 * FA_BQ * S;    // [FA_BK][SD]: dS^T of the step
+    float* lse_s = (float*)(dSt + FA_BK * SD);  // [2][FA_BQ], base 2
     float* delta_s = lse_s + 2 * FA_BQ;         // [2][FA_BQ]
     const int kt = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int group = n_heads / n_kv_heads;
     const long long W = (long long)(n_heads + 2 * n_kv_heads) * D, O = (long long)n_heads * D;
     const bf16* base = qkv + (long long)b * seq * W;
-    const int j0 = kt * FA_BN, k0 = j0 + warp * 16;  // the block's and this warp's first key
+    const int j0 = kt * FA_BK, k0 = j0 + warp * 16;  // the block's and this warp's first key
     const int keys[2] = {k0 + g, k0 + g + 8};
     const float scale = rsqrtf((float)D), scale_log2 = scale * 1.4426950408889634f;
     // The steps: each query head of the group, over the query tiles from the one holding
@@ -184,8 +185,8 @@ __device__ void flash_backward(const bf16* dout, const bf16* qkv, const float* l
         }
     };
 
-    stage_rows<D>(Ks, base + (long long)(n_heads + kvh) * D, W, j0, seq, FA_BN);
-    stage_rows<D>(Vs, base + (long long)(n_heads + n_kv_heads + kvh) * D, W, j0, seq, FA_BN);
+    stage_rows<D>(Ks, base + (long long)(n_heads + kvh) * D, W, j0, seq, FA_BK);
+    stage_rows<D>(Vs, base + (long long)(n_heads + n_kv_heads + kvh) * D, W, j0, seq, FA_BK);
     prefetch(0);
     float dk[D / 8][4], dv[D / 8][4];
     zero_acc(dk);
@@ -245,7 +246,7 @@ __device__ void flash_backward(const bf16* dout, const bf16* qkv, const float* l
             float acc[2][4];
             zero_acc(acc);
 #pragma unroll
-            for (int kk = 0; kk < FA_BN / 16; kk++) {
+            for (int kk = 0; kk < FA_BK / 16; kk++) {
                 unsigned a[4], kb[4];
                 load_a_tile_trans(a, dSt + kk * 16 * SD + mt * 16, SD);
                 load_b_tile_kn(kb, Ks + kk * 16 * S + n * 8, S);

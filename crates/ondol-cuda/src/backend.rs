@@ -249,9 +249,9 @@ impl CudaBackend {
         self.dev.launch("flash_attention", "flash_backward_dot", cfg, &args);
         let mut args = vec![ptr(&dout), ptr(&qkv), ptr(&lse), Arg::Ptr(delta_ptr), Arg::Ptr(dq_ptr), ptr_mut(&dqkv)];
         args.extend([shape.seq, shape.n_heads, shape.n_kv_heads].map(|x| Arg::I32(x as i32)));
-        // Shared memory: K, V (64 rows) and two each of Q, dO (32 rows) of D + 8 bf16, dS^T
-        // (64 x 40 bf16), two each of lse and delta (32 floats).
-        let smem_bf16 = 2 * 64 * (d + 8) + 4 * 32 * (d + 8) + 64 * 40;
+        // Shared memory: K, V (128 rows) and two each of Q, dO (32 rows) of D + 8 bf16, dS^T
+        // (128 x 40 bf16), two each of lse and delta (32 floats).
+        let smem_bf16 = 2 * 128 * (d + 8) + 4 * 32 * (d + 8) + 128 * 40;
         let cfg = flash_grid(shape, shape.n_kv_heads, FLASH_BACKWARD, 2 * smem_bf16 + 4 * 4 * 32);
         self.dev.launch("flash_attention", &format!("flash_backward_d{d}"), cfg, &args);
         let args = [
@@ -1443,9 +1443,9 @@ fn gated_rows(what: &str, len: usize, width: usize, group: usize) -> usize {
 }
 
 /// Flash attention's blocks: (rows of the sequence per block, warps), 16 rows a warp; the
-/// forward's are query rows (FA_BM in kernels/flash_attention.cu), the backward's keys (FA_BN).
+/// forward's are query rows (FA_BM in kernels/flash_attention.cu), the backward's keys (FA_BK).
 const FLASH_FORWARD: (usize, u32) = (128, 8);
-const FLASH_BACKWARD: (usize, u32) = (64, 4);
+const FLASH_BACKWARD: (usize, u32) = (128, 8);
 
 /// Flash attention's grid: tiles of `rows` rows of the sequence x `heads` x batch, `warps`
 /// warps a block, with `shared` bytes of shared memory.
