@@ -5,7 +5,7 @@
 # Rust:
 #
 #   scripts/gpu-bundle.sh                      # here
-#   target/gpu-bundle/run.sh [tests|smoke|mfu|bench|all]...   # there (default: all)
+#   target/gpu-bundle/run.sh [tests|smoke|mfu|bench|sanitize|all]...   # there (default: all)
 #
 #   tests  every backend op against the CPU reference, f32 and bf16 (max errors printed)
 #   smoke  the smoke models (Llama, Mamba-1, Mamba-2, hybrid) trained on the CPU (fp32) and on
@@ -15,6 +15,9 @@
 #          (transformers, bf16 autocast, fused AdamW, torch.compile), and of mamba2-130m.toml
 #   bench  kernel throughput (flash attention, SSD, selective scan), and PyTorch's flash SDPA
 #          on the same attention shapes
+#   sanitize  (not part of all) the backend tests under compute-sanitizer's memcheck,
+#          racecheck and synccheck, where the machine has it and it supports the device:
+#          out-of-bounds accesses, shared-memory races and barrier misuse on the hardware
 # run.sh exits non-zero if any part fails. Its output also goes to $OUT/run.log (the device
 # tool's folder that comes back, even after a timeout), else to logs/run.log beside it.
 set -euo pipefail
@@ -54,11 +57,12 @@ cp -r data/sample "$out/data/sample"
 cp scripts/compare-curves.py benches/attention-vs-pytorch.py benches/train-vs-pytorch.py "$out/bin/"
 cat > "$out/run.sh" <<'RUN'
 #!/usr/bin/env bash
-# Runs the GPU bundle (see scripts/gpu-bundle.sh): run.sh [tests|smoke|mfu|bench|all]...
+# Runs the GPU bundle (see scripts/gpu-bundle.sh): run.sh [tests|smoke|mfu|bench|sanitize|all]...
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 parts=" ${*:-all} "
 wants() { [[ $parts == *" $1 "* || $parts == *" all "* ]]; }
+wants_only() { [[ $parts == *" $1 "* ]]; }
 log_dir="${OUT:-$here/logs}"
 mkdir -p "$log_dir"
 exec > >(tee -a "$log_dir/run.log") 2>&1
@@ -149,6 +153,18 @@ if wants bench; then
     echo "== kernel throughput (ondol, then PyTorch on the same attention shapes)"
     bounded benches/kernels || status=1
     python3 bin/attention-vs-pytorch.py || echo "(PyTorch comparison not run)"
+fi
+if wants_only sanitize; then
+    sanitizer="$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)"
+    if [[ -z "$sanitizer" ]]; then
+        echo "== sanitize: compute-sanitizer not found, skipped"
+    else
+        for tool in memcheck racecheck synccheck; do
+            echo "== sanitize: tests/backend under compute-sanitizer --tool $tool"
+            bounded "$sanitizer" --tool "$tool" --error-exitcode 1 --print-limit 20 tests/backend --test-threads=1 ||
+                status=1
+        done
+    fi
 fi
 exit $status
 RUN
