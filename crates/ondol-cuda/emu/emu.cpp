@@ -89,12 +89,19 @@ struct Block {
 thread_local Block* running = nullptr;
 
 void park(State s);
+[[noreturn]] void fail(const std::string& message);
+std::string where(const Block& b);
 
-// Every fiber's body: the kernel for the current block, then wait to be run again.
+// Every fiber's body: the kernel for the current block, then wait to be run again. A thread
+// that ends with cp.async copies it never waited for copied for nothing, or for a reader
+// that never looked: a bug either way, so the launch fails.
 void lane_main() {
     for (;;) {
         Block* b = running;
         b->thunk(b->params);
+        if (!b->current->copies.empty())
+            fail("a thread at " + where(*b) + " ended with " + std::to_string(b->current->copies.size()) +
+                 " cp.async copies it never waited for");
         park(State::Done);
     }
 }
