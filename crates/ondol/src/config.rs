@@ -161,6 +161,11 @@ pub struct ParallelismConfig {
     /// The pipeline schedule; its micro-batches are `training.grad_accum`.
     #[serde(default = "default_schedule")]
     pub schedule: ScheduleKind,
+    /// Micro-batches per optimizer step, Megatron's name for `training.grad_accum` (the same
+    /// count: the schedule's micro-batches are the accumulated ones). Given, it sets
+    /// grad_accum, which must then be left out or agree.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub microbatches: Option<usize>,
     /// Model chunks per pipeline rank (the interleaved schedule's virtual stages).
     #[serde(default = "one")]
     pub virtual_stages: usize,
@@ -204,6 +209,7 @@ impl Default for ParallelismConfig {
             pp: 1,
             dp: 1,
             schedule: default_schedule(),
+            microbatches: None,
             virtual_stages: 1,
             stage_layers: Vec::new(),
             zero: 0,
@@ -315,10 +321,14 @@ impl RunConfig {
         for o in overrides {
             apply_override(&mut table, o)?;
         }
-        let cfg: RunConfig = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+        let grad_accum_given = table.get("training").and_then(|t| t.get("grad_accum")).is_some();
+        let mut cfg: RunConfig = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
             let key = e.path().to_string();
             Error::config(format!("{key}` in `{file}"), e.into_inner().message().to_string())
         })?;
+        if let (Some(m), false) = (cfg.parallelism.microbatches, grad_accum_given) {
+            cfg.training.grad_accum = m;
+        }
         cfg.validate().map_err(|e| match e {
             Error::Config { key, message } => Error::config(format!("{key}` in `{file}"), message),
             other => other,
@@ -332,6 +342,20 @@ impl RunConfig {
         self.optimizer.validate()?;
         let t = &self.training;
         self.lr_scheduler.validate(t.steps)?;
+        match self.parallelism.microbatches {
+            Some(0) => return Err(Error::config("parallelism.microbatches", "must be at least 1")),
+            Some(m) if m != t.grad_accum => {
+                return Err(Error::config(
+                    "parallelism.microbatches",
+                    format!(
+                        "{m} disagrees with training.grad_accum = {}: they are the same count (micro-batches \
+                         per optimizer step), so set one of them",
+                        t.grad_accum
+                    ),
+                ));
+            }
+            _ => {}
+        }
         let at_least_one = [("steps", t.steps as usize), ("batch_size", t.batch_size), ("grad_accum", t.grad_accum)];
         for (key, v) in at_least_one {
             if v == 0 {
@@ -492,5 +516,46 @@ mod tests {
         assert_eq!(t["data"]["train"].as_array().map(|a| a.len()), Some(2));
         assert!(apply_override(&mut t, "steps").is_err());
         assert!(apply_override(&mut t, "training.steps.x=1").is_err());
+    }
+
+    const MINIMAL: &str = r#"
+[model]
+arch = "llama"
+vocab_size = 257
+d_model = 16
+n_layers = 2
+n_heads = 2
+max_seq_len = 16
+[training]
+steps = 2
+batch_size = 2
+seq_len = 8
+[data]
+train = ["corpus.txt"]
+format = "text"
+tokenizer = "bytes"
+[optimizer]
+lr = 1e-3
+"#;
+
+    #[test]
+    fn microbatches_is_grad_accum_by_megatrons_name() {
+        let parse = |sets: &[&str]| {
+            let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+            RunConfig::parse(MINIMAL, "run.toml", &sets)
+        };
+        let cfg = parse(&["parallelism.microbatches=4"]).unwrap();
+        assert_eq!((cfg.training.grad_accum, cfg.parallelism.microbatches), (4, Some(4)));
+        assert_eq!(cfg.layout(ondol_comm::Mesh { tp: 1, pp: 1, dp: 1 }).micro, 4);
+        let both = parse(&["parallelism.microbatches=4", "training.grad_accum=4"]).unwrap();
+        assert_eq!(both.training.grad_accum, 4);
+        // Left out, grad_accum alone counts; a resolved config (both written) parses again.
+        assert_eq!(parse(&["training.grad_accum=3"]).unwrap().parallelism.microbatches, None);
+        let resolved = toml::to_string(&cfg).unwrap();
+        assert_eq!(RunConfig::parse(&resolved, "ondol.toml", &[]).unwrap(), cfg);
+        let err = parse(&["parallelism.microbatches=4", "training.grad_accum=2"]).unwrap_err().to_string();
+        assert!(err.contains("parallelism.microbatches") && err.contains("grad_accum = 2"), "{err}");
+        let err = parse(&["parallelism.microbatches=0"]).unwrap_err().to_string();
+        assert!(err.contains("parallelism.microbatches") && err.contains("at least 1"), "{err}");
     }
 }

@@ -107,6 +107,11 @@ fn bad_values_are_refused_with_key_file_and_what_is_valid() {
         (&["parallelism.schedule=\"interleaved\""], &["parallelism.schedule", "pp of at least 2"]),
         (&["parallelism.schedule=\"zigzag\""], &["parallelism.schedule", "1f1b"]),
         (&["parallelism.virtual_stages=0"], &["parallelism.virtual_stages", "at least 1"]),
+        (&["parallelism.microbatches=0"], &["parallelism.microbatches", "at least 1"]),
+        (
+            &["parallelism.microbatches=4", "training.grad_accum=2"],
+            &["parallelism.microbatches", "disagrees with training.grad_accum = 2"],
+        ),
         (
             &["parallelism.tp=2", "parallelism.sequence_parallel=true", "training.batch_size=1", "training.seq_len=7"],
             &["parallelism.sequence_parallel", "tp = 2 must divide the tokens of a micro-batch (1 sequences x 7 = 7)"],
