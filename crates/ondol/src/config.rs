@@ -517,45 +517,4 @@ mod tests {
         assert!(apply_override(&mut t, "steps").is_err());
         assert!(apply_override(&mut t, "training.steps.x=1").is_err());
     }
-
-    const MINIMAL: &str = r#"
-[model]
-arch = "llama"
-vocab_size = 257
-d_model = 16
-n_layers = 2
-n_heads = 2
-max_seq_len = 16
-[training]
-steps = 2
-batch_size = 2
-seq_len = 8
-[data]
-train = ["corpus.txt"]
-format = "text"
-tokenizer = "bytes"
-[optimizer]
-lr = 1e-3
-"#;
-
-    #[test]
-    fn microbatches_is_grad_accum_by_megatrons_name() {
-        let parse = |sets: &[&str]| {
-            let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
-            RunConfig::parse(MINIMAL, "run.toml", &sets)
-        };
-        let cfg = parse(&["parallelism.microbatches=4"]).unwrap();
-        assert_eq!((cfg.training.grad_accum, cfg.parallelism.microbatches), (4, Some(4)));
-        assert_eq!(cfg.layout(ondol_comm::Mesh { tp: 1, pp: 1, dp: 1 }).micro, 4);
-        let both = parse(&["parallelism.microbatches=4", "training.grad_accum=4"]).unwrap();
-        assert_eq!(both.training.grad_accum, 4);
-        // Left out, grad_accum alone counts; a resolved config (both written) parses again.
-        assert_eq!(parse(&["training.grad_accum=3"]).unwrap().parallelism.microbatches, None);
-        let resolved = toml::to_string(&cfg).unwrap();
-        assert_eq!(RunConfig::parse(&resolved, "ondol.toml", &[]).unwrap(), cfg);
-        let err = parse(&["parallelism.microbatches=4", "training.grad_accum=2"]).unwrap_err().to_string();
-        assert!(err.contains("parallelism.microbatches") && err.contains("grad_accum = 2"), "{err}");
-        let err = parse(&["parallelism.microbatches=0"]).unwrap_err().to_string();
-        assert!(err.contains("parallelism.microbatches") && err.contains("at least 1"), "{err}");
-    }
 }

@@ -4,6 +4,7 @@
 mod common;
 use common::ondol_err;
 
+use ondol::config::RunConfig;
 use std::process::Command;
 
 const BASE: &str = r#"
@@ -225,4 +226,23 @@ fn every_shipped_config_is_valid() {
         let (ok, err) = ondol_err(&root, &["inspect", preset.to_str().unwrap()]);
         assert!(ok, "{}: {err}", preset.display());
     }
+}
+
+/// `parallelism.microbatches` (DESIGN.md's name) is `training.grad_accum`: given alone it sets
+/// it (the refusals are among the bad values above).
+#[test]
+fn microbatches_is_grad_accum_by_megatrons_name() {
+    let parse = |sets: &[&str]| {
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        RunConfig::parse(BASE, "run.toml", &sets)
+    };
+    let cfg = parse(&["parallelism.microbatches=4"]).unwrap();
+    assert_eq!((cfg.training.grad_accum, cfg.parallelism.microbatches), (4, Some(4)));
+    assert_eq!(cfg.layout(ondol_comm::Mesh { tp: 1, pp: 1, dp: 1 }).micro, 4);
+    let both = parse(&["parallelism.microbatches=4", "training.grad_accum=4"]).unwrap();
+    assert_eq!(both.training.grad_accum, 4);
+    // Left out, grad_accum alone counts; a resolved config (both written) parses again.
+    assert_eq!(parse(&["training.grad_accum=3"]).unwrap().parallelism.microbatches, None);
+    let resolved = toml::to_string(&cfg).unwrap();
+    assert_eq!(RunConfig::parse(&resolved, "ondol.toml", &[]).unwrap(), cfg);
 }
