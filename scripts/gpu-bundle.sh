@@ -43,8 +43,10 @@ for line in sys.stdin:
         print(kind[0], m["executable"])
 ' | while read -r kind exe; do
     name="$(basename "$exe" | sed 's/-[0-9a-f]*$//')"
-    # The parallel engine on emulated devices needs no GPU: CI runs it.
-    [[ $name == parallel ]] && continue
+    # The parallel engine on emulated devices needs no GPU, and the NVRTC compile of every
+    # kernel for sm_80 and sm_90a (half a minute) gains nothing from one: CI runs both. On
+    # the GPU the backend tests compile the kernels through NVRTC for the device itself.
+    [[ $name == parallel || $name == nvrtc ]] && continue
     dir="$out/tests"
     [[ $kind == bench ]] && dir="$out/benches"
     mkdir -p "$dir"
