@@ -289,6 +289,18 @@ void check_shared_row(const void* p, const char* op) {
         fail(std::string(op) + " at " + where(b) + ": " + (inside ? "a shared address not 16-byte aligned" :
                                                                     "an address outside dynamic shared memory"));
 }
+
+// Fails the launch where matrix `matrix`'s eight 16-byte rows (one shared-memory phase of
+// ldmatrix) do not fall in eight different 4-bank groups: a bank conflict, which serialises
+// the load on the GPU (padded or swizzled rows avoid it).
+void check_ldmatrix_banks(int matrix) {
+    unsigned groups = 0;
+    for (int r = 0; r < 8; r++) groups |= 1u << (*ondol_emu_warp_slot(8 * matrix + r) / 16 % 8);
+    const int distinct = __builtin_popcount(groups);
+    if (distinct != 8)
+        fail("ldmatrix at " + where(*running) + ": the 8 rows of matrix " + std::to_string(matrix) + " fall in " +
+             std::to_string(distinct) + " of the 8 groups of 4 banks (a bank conflict): pad or swizzle the rows");
+}
 }  // namespace
 
 extern "C" void ondol_emu_ldmatrix(unsigned* regs, int count, int trans, const void* row) {
@@ -297,6 +309,8 @@ extern "C" void ondol_emu_ldmatrix(unsigned* regs, int count, int trans, const v
     if (lane < 8 * count) check_shared_row(row, "ldmatrix");
     *ondol_emu_warp_slot(lane) = (uint64_t)(uintptr_t)row;
     ondol_emu_syncwarp();
+    if (lane == 0)
+        for (int i = 0; i < count; i++) check_ldmatrix_banks(i);
     const int r = lane / 4, c = lane % 4;
     auto element = [&](int matrix, int mrow, int mcol) {
         uint16_t v;

@@ -104,6 +104,7 @@ extern "C" void ondol_emu_mma_bf16_m16n8k16(float d[4], const unsigned a[4], con
 // the addresses of rows 0 to 7 of 8 x 8 matrix i (16 bytes each, 16-byte aligned, in the
 // block's dynamic shared memory); register i of lane 4 r + c receives row r, columns 2c and
 // 2c + 1 of matrix i, or with `trans` column r, rows 2c and 2c + 1 (lower index, low half).
+// A matrix whose rows share shared-memory banks (a conflict on the GPU) fails the launch.
 extern "C" void ondol_emu_ldmatrix(unsigned* regs, int count, int trans, const void* row);
 // cp.async.cg.shared.global of 16 bytes: the first `src_bytes` from `src`, zeros after. The
 // copy lands in shared memory when a cp.async.wait_group of this thread covers its group,
