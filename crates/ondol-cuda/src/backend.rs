@@ -8,7 +8,7 @@
 //! numbers as the CPU reference to round-off, for checking).
 
 use crate::CudaError;
-use crate::device::{Arg, Device, Epilogue, bytes_of, bytes_of_mut};
+use crate::device::{Arg, Device, Epilogue, bytes_of, bytes_of_mut, check_gemm_operands};
 use crate::emu::Emulator;
 use crate::gpu::Gpu;
 use crate::memory::{DevMut, DevRef, DeviceBuf, DeviceIds, Dtype};
@@ -187,21 +187,17 @@ impl CudaBackend {
     }
 
     /// gemm.cu's kernel: `c = alpha op(a) op(b) + beta c` on CUDA cores, for shapes the GEMM
-    /// library refuses (the same checks of types and bounds as the library's path).
+    /// library refuses.
     fn gemm_on_cuda_cores(&self, g: Gemm, a: DevRef<'_>, b: DevRef<'_>, c: DevMut<'_>) {
-        let name = match (a.dtype, b.dtype, c.dtype) {
-            (Dtype::F32, Dtype::F32, Dtype::F32) => "gemm_f32",
-            (Dtype::Bf16, Dtype::Bf16, Dtype::Bf16) => "gemm_bf16",
-            (Dtype::Bf16, Dtype::Bf16, Dtype::F32) => "gemm_bf16_f32",
-            types => panic!("gemm: no kernel for {types:?} (inputs of one type, the output theirs or f32)"),
+        check_gemm_operands(&g, &a, &b, &c);
+        let name = match (a.dtype, c.dtype) {
+            (Dtype::F32, _) => "gemm_f32",
+            (Dtype::Bf16, Dtype::Bf16) => "gemm_bf16",
+            (Dtype::Bf16, Dtype::F32) => "gemm_bf16_f32",
         };
         if g.m == 0 || g.n == 0 || g.batch == 0 {
             return;
         }
-        let last = |stride: usize, size: usize| (g.batch - 1) * stride + size;
-        assert!(a.len >= last(g.stride_a, g.m * g.k), "gemm: A holds {} values", a.len);
-        assert!(b.len >= last(g.stride_b, g.k * g.n), "gemm: B holds {} values", b.len);
-        assert!(c.len >= last(g.stride_c, g.m * g.n), "gemm: C holds {} values", c.len);
         let cfg = LaunchConfig {
             grid_dim: (g.n.div_ceil(16) as u32, g.m.div_ceil(16).min(65535) as u32, g.batch.min(65535) as u32),
             block_dim: (256, 1, 1),

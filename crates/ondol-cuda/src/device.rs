@@ -4,7 +4,7 @@
 //! kernel and every line of the backend that launches it can be checked on a machine with no
 //! GPU.
 
-use crate::memory::{DevMut, DevRef, Memory};
+use crate::memory::{DevMut, DevRef, Dtype, Memory};
 use cudarc::driver::{CudaStream, LaunchConfig};
 use ondol_core::backend::Gemm;
 use std::sync::Arc;
@@ -102,4 +102,24 @@ pub(crate) fn bytes_of<T: Copy>(x: &[T]) -> &[u8] {
 pub(crate) fn bytes_of_mut<T: Copy>(x: &mut [T]) -> &mut [u8] {
     // SAFETY: as above; every bit pattern is a valid f32, u16 or u32.
     unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr().cast(), std::mem::size_of_val(x)) }
+}
+
+/// The operands every GEMM path takes (cuBLASLt, the emulator's loop, gemm.cu's kernel): A and
+/// B of one type, C of theirs or f32 (from bf16: weight gradients), and views long enough for
+/// every batch. A mismatch is a bug in the caller, so it panics naming the operand.
+pub(crate) fn check_gemm_operands(g: &Gemm, a: &DevRef, b: &DevRef, c: &DevMut) {
+    assert_eq!(a.dtype, b.dtype, "gemm: A and B differ in type");
+    assert!(
+        a.dtype == c.dtype || (a.dtype == Dtype::Bf16 && c.dtype == Dtype::F32),
+        "gemm: {:?} inputs cannot write a {:?} output",
+        a.dtype,
+        c.dtype
+    );
+    if g.m == 0 || g.n == 0 || g.batch == 0 {
+        return;
+    }
+    let last = |stride: usize, size: usize| (g.batch - 1) * stride + size;
+    assert!(a.len >= last(g.stride_a, g.m * g.k), "gemm: A holds {} values", a.len);
+    assert!(b.len >= last(g.stride_b, g.k * g.n), "gemm: B holds {} values", b.len);
+    assert!(c.len >= last(g.stride_c, g.m * g.n), "gemm: C holds {} values", c.len);
 }

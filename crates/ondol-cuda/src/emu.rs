@@ -10,7 +10,7 @@
 //! time, so atomics cannot race), and whether the PTX fragment layout it assumes for
 //! `mma.sync` is the hardware's (it follows the PTX ISA; the GPU bundle checks the rest).
 
-use crate::device::{Arg, Device, Epilogue, bytes_of};
+use crate::device::{Arg, Device, Epilogue, bytes_of, check_gemm_operands};
 use crate::memory::{DevMut, DevRef, Dtype, HostMemory, Memory};
 use cudarc::driver::LaunchConfig;
 use ondol_core::backend::Gemm;
@@ -165,6 +165,7 @@ impl Device for Emulator {
     }
 
     fn gemm(&self, g: Gemm, a: DevRef, b: DevRef, epilogue: Epilogue, c: DevMut) -> bool {
+        check_gemm_operands(&g, &a, &b, &c);
         if g.m == 0 || g.n == 0 || g.batch == 0 {
             return true;
         }

@@ -9,7 +9,7 @@
 //! data moves. One plan (descriptors, layouts and the heuristic's algorithm) is built per
 //! shape, type and pointer alignment, and reused for the rest of the run.
 
-use crate::device::Epilogue;
+use crate::device::{Epilogue, check_gemm_operands};
 use crate::memory::{DevMut, DevRef, Dtype};
 use cudarc::cublaslt::{result, sys};
 use cudarc::driver::{CudaSlice, CudaStream};
@@ -145,20 +145,10 @@ impl Blas {
         epilogue: Epilogue,
         c: DevMut,
     ) -> bool {
-        assert_eq!(a.dtype, b.dtype, "gemm: A and B differ in type");
-        assert!(
-            a.dtype == c.dtype || (a.dtype == Dtype::Bf16 && c.dtype == Dtype::F32),
-            "gemm: {:?} inputs cannot write a {:?} output",
-            a.dtype,
-            c.dtype
-        );
+        check_gemm_operands(&g, &a, &b, &c);
         if g.m == 0 || g.n == 0 || g.batch == 0 {
             return true;
         }
-        let last = |stride: usize, size: usize| (g.batch - 1) * stride + size;
-        assert!(a.len >= last(g.stride_a, g.m * g.k), "gemm: A holds {} values", a.len);
-        assert!(b.len >= last(g.stride_b, g.k * g.n), "gemm: B holds {} values", b.len);
-        assert!(c.len >= last(g.stride_c, g.m * g.n), "gemm: C holds {} values", c.len);
         check_epilogue(&epilogue, g, &c);
         let (lt, bias, aux) = lt_epilogue(&epilogue);
         let key = PlanKey {
