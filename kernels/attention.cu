@@ -12,14 +12,15 @@
 // [B T, H D]; lse fp32 [B, H, T]; dqkv fp32 [B T, (H + 2 Hkv) D], which backward accumulates
 // into with atomics: the caller zeroes it first.
 // Launch: one block per (query i, head h, batch b) = grid (T, H, B); dynamic shared memory
-// (T + D) floats; blockDim a multiple of 32. Threads take keys for the scores and head
-// dimensions for the outputs. FLOPs: 4 T^2 D / 2 per head forward, 2.5x that backward; the
-// T x T matrix never leaves shared memory, but K and V are read once per query (T^2 D reads
-// per head), which is what flash attention's tiling removes.
+// (blockDim.x + 2 D) floats, whatever T; blockDim a multiple of 32. Keys come in tiles of
+// blockDim.x, a key per thread for the scores, and threads take head dimensions for the
+// outputs; the forward's softmax is online over the tiles. FLOPs: 4 T^2 D / 2 per head
+// forward, 2.5x that backward; only a tile of scores exists at a time, but K and V are read
+// once per query (T^2 D reads per head), which is what flash attention's tiling removes.
 // Cached inference: kv_append copies the k and v heads of `new_seq` new rows per sequence
 // (positions pos..pos + new_seq) into k_cache and v_cache [B, max_seq, Hkv D] (a grid-stride
 // loop); attention_cached is the forward for those queries over cache positions 0..=their
-// own, grid (new_seq, H, B), dynamic shared memory (pos + new_seq + D) floats.
+// own, grid (new_seq, H, B), the same shared memory however long the cache.
 #include "common.cuh"
 
 struct Heads {
@@ -30,47 +31,60 @@ struct Heads {
 
 // One query's softmax attention over keys 0..n_keys-1 (rows of k and v `stride` values
 // apart), by one block: writes out[0..d) and returns the log-sum-exp of the scaled scores.
-// `p` holds n_keys floats and `q` d floats of shared memory.
+// Keys come a tile of blockDim.x at a time (a key per thread) with the online softmax: a
+// running max and sum, and the partial output rescaled whenever the max grows, so shared
+// memory does not grow with the number of keys. `smem` holds blockDim.x + 2 d floats.
 template <typename T>
-__device__ float attend(const T* qi, const T* k, const T* v, long long stride, int n_keys, int d, T* o, float* p,
-                        float* q, float* scratch) {
+__device__ float attend(const T* qi, const T* k, const T* v, long long stride, int n_keys, int d, T* o, float* smem,
+                        float* scratch) {
+    float* p = smem;            // this tile's exp(s_j - m)
+    float* q = p + blockDim.x;  // q_i
+    float* acc = q + d;         // sum_j exp(s_j - m) v_j; each thread owns its columns
     const float scale = rsqrtf((float)d);
-    for (int c = threadIdx.x; c < d; c += blockDim.x) q[c] = to_float(qi[c]);
-    __syncthreads();
-    float m = NEG_INF;
-    for (int j = threadIdx.x; j < n_keys; j += blockDim.x) {
-        float dot = 0.0f;
-        for (int c = 0; c < d; c++) dot += q[c] * to_float(k[j * stride + c]);
-        p[j] = dot * scale;
-        m = fmaxf(m, p[j]);
-    }
-    m = block_max(m, scratch);
-    float sum = 0.0f;
-    for (int j = threadIdx.x; j < n_keys; j += blockDim.x) {
-        p[j] = __expf(p[j] - m);
-        sum += p[j];
-    }
-    sum = block_sum(sum, scratch);  // also the barrier before p is read by every thread
-    const float inv = 1.0f / sum;
     for (int c = threadIdx.x; c < d; c += blockDim.x) {
-        float acc = 0.0f;
-        for (int j = 0; j < n_keys; j++) acc += p[j] * to_float(v[j * stride + c]);
-        o[c] = from_float<T>(acc * inv);
+        q[c] = to_float(qi[c]);
+        acc[c] = 0.0f;
     }
+    __syncthreads();
+    float m = NEG_INF, sum = 0.0f;
+    for (int j0 = 0; j0 < n_keys; j0 += blockDim.x) {
+        const int j = j0 + threadIdx.x, keys = min((int)blockDim.x, n_keys - j0);
+        float s = NEG_INF;
+        if (j < n_keys) {
+            float dot = 0.0f;
+            for (int c = 0; c < d; c++) dot += q[c] * to_float(k[j * stride + c]);
+            s = dot * scale;
+        }
+        // Every tile has a key, so the new max is finite and the first rescale is exp(-inf) = 0.
+        const float m_new = fmaxf(m, block_max(s, scratch));
+        const float e = j < n_keys ? __expf(s - m_new) : 0.0f;
+        p[threadIdx.x] = e;
+        const float rescale = __expf(m - m_new);
+        sum = sum * rescale + block_sum(e, scratch);  // also the barrier before p is read
+        m = m_new;
+        // The next tile rewrites p only after its block_max, whose barrier follows these reads.
+        for (int c = threadIdx.x; c < d; c += blockDim.x) {
+            float a = acc[c] * rescale;
+            for (int jj = 0; jj < keys; jj++) a += p[jj] * to_float(v[(j0 + jj) * stride + c]);
+            acc[c] = a;
+        }
+    }
+    const float inv = 1.0f / sum;
+    for (int c = threadIdx.x; c < d; c += blockDim.x) o[c] = from_float<T>(acc[c] * inv);
     return m + __logf(sum);
 }
 
 template <typename T>
 __device__ void attention_forward(const T* qkv, T* out, float* lse, Heads s) {
     __shared__ float scratch[32];
-    extern __shared__ float smem[];  // p [seq] then q [head_dim]
+    extern __shared__ float smem[];  // attend's blockDim.x + 2 head_dim floats
     const int i = blockIdx.x, h = blockIdx.y, b = blockIdx.z, d = s.head_dim, g = s.kv_of(h);
     const long long w = s.width(), base = (long long)b * s.seq * w;
     const T* qi = qkv + base + i * w + (long long)h * d;
     const T* k = qkv + base + (long long)(s.n_heads + g) * d;
     const T* v = qkv + base + (long long)(s.n_heads + s.n_kv_heads + g) * d;
     T* o = out + ((long long)b * s.seq + i) * s.n_heads * d + (long long)h * d;
-    const float l = attend(qi, k, v, w, i + 1, d, o, smem, smem + s.seq, scratch);
+    const float l = attend(qi, k, v, w, i + 1, d, o, smem, scratch);
     if (threadIdx.x == 0) lse[((long long)b * s.n_heads + h) * s.seq + i] = l;
 }
 
@@ -91,23 +105,26 @@ template <typename T>
 __device__ void attention_cached(const T* qkv, const T* k_cache, const T* v_cache, T* out, Heads s, int pos,
                                  int max_seq) {
     __shared__ float scratch[32];
-    extern __shared__ float smem[];  // p [pos + seq] then q [head_dim]
+    extern __shared__ float smem[];  // attend's blockDim.x + 2 head_dim floats
     const int i = blockIdx.x, h = blockIdx.y, b = blockIdx.z, d = s.head_dim, g = s.kv_of(h);
     const long long kv = (long long)s.n_kv_heads * d;
     const T* qi = qkv + ((long long)b * s.seq + i) * s.width() + (long long)h * d;
     const T* k = k_cache + (long long)b * max_seq * kv + (long long)g * d;
     const T* v = v_cache + (long long)b * max_seq * kv + (long long)g * d;
     T* o = out + ((long long)b * s.seq + i) * s.n_heads * d + (long long)h * d;
-    attend(qi, k, v, kv, pos + i + 1, d, o, smem, smem + pos + s.seq, scratch);
+    attend(qi, k, v, kv, pos + i + 1, d, o, smem, scratch);
 }
 
+// One block per query i, over its keys a tile of blockDim.x at a time (a key per thread), as
+// the forward: dS_j of the tile goes to shared memory, whose size does not grow with the keys.
 template <typename T>
 __device__ void attention_backward(const T* dout, const T* qkv, const T* out, const float* lse, float* dqkv, Heads s) {
     __shared__ float scratch[32];
-    extern __shared__ float smem[];  // dS [seq] then dO_i [head_dim]
+    extern __shared__ float smem[];  // dS of a tile [blockDim.x], q_i [head_dim], dO_i [head_dim]
     const int i = blockIdx.x, h = blockIdx.y, b = blockIdx.z, d = s.head_dim, g = s.kv_of(h);
     float* ds = smem;
-    float* dout_i = smem + s.seq;
+    float* q = ds + blockDim.x;
+    float* dout_i = q + d;
     const long long w = s.width(), base = (long long)b * s.seq * w;
     const long long orow = ((long long)b * s.seq + i) * s.n_heads * d + (long long)h * d;
     const T* qi = qkv + base + i * w + (long long)h * d;
@@ -116,33 +133,39 @@ __device__ void attention_backward(const T* dout, const T* qkv, const T* out, co
     const float l = lse[((long long)b * s.n_heads + h) * s.seq + i];
     float delta = 0.0f;
     for (int c = threadIdx.x; c < d; c += blockDim.x) {
+        q[c] = to_float(qi[c]);
         dout_i[c] = to_float(dout[orow + c]);
         delta += dout_i[c] * to_float(out[orow + c]);
     }
-    delta = block_sum(delta, scratch);  // also the barrier after dout_i is written
+    delta = block_sum(delta, scratch);  // also the barrier after q and dout_i are written
     float* dq = dqkv + base + i * w + (long long)h * d;
-    for (int j = threadIdx.x; j <= i; j += blockDim.x) {
-        const T* kj = qkv + base + j * w + kc;
-        const T* vj = qkv + base + j * w + vc;
-        float qk = 0.0f, dp = 0.0f;
-        for (int c = 0; c < d; c++) {
-            qk += to_float(qi[c]) * to_float(kj[c]);
-            dp += dout_i[c] * to_float(vj[c]);
+    for (int j0 = 0; j0 <= i; j0 += blockDim.x) {
+        const int j = j0 + threadIdx.x, keys = min((int)blockDim.x, i + 1 - j0);
+        if (j <= i) {
+            const T* kj = qkv + base + j * w + kc;
+            const T* vj = qkv + base + j * w + vc;
+            float qk = 0.0f, dp = 0.0f;
+            for (int c = 0; c < d; c++) {
+                qk += q[c] * to_float(kj[c]);
+                dp += dout_i[c] * to_float(vj[c]);
+            }
+            const float pj = __expf(qk * scale - l), dsj = pj * (dp - delta);
+            ds[threadIdx.x] = dsj;
+            float* dk = dqkv + base + j * w + kc;
+            float* dv = dqkv + base + j * w + vc;
+            for (int c = 0; c < d; c++) {
+                atomicAdd(&dk[c], scale * dsj * q[c]);
+                atomicAdd(&dv[c], pj * dout_i[c]);
+            }
         }
-        const float pj = __expf(qk * scale - l);
-        ds[j] = pj * (dp - delta);
-        float* dk = dqkv + base + j * w + kc;
-        float* dv = dqkv + base + j * w + vc;
-        for (int c = 0; c < d; c++) {
-            atomicAdd(&dk[c], scale * ds[j] * to_float(qi[c]));
-            atomicAdd(&dv[c], pj * dout_i[c]);
+        __syncthreads();
+        // dq_i is this block's alone: each thread adds its columns' share of the tile.
+        for (int c = threadIdx.x; c < d; c += blockDim.x) {
+            float acc = 0.0f;
+            for (int jj = 0; jj < keys; jj++) acc += ds[jj] * to_float(qkv[base + (j0 + jj) * w + kc + c]);
+            dq[c] += scale * acc;
         }
-    }
-    __syncthreads();
-    for (int c = threadIdx.x; c < d; c += blockDim.x) {
-        float acc = 0.0f;
-        for (int j = 0; j <= i; j++) acc += ds[j] * to_float(qkv[base + j * w + kc + c]);
-        dq[c] += scale * acc;
+        __syncthreads();  // before the next tile rewrites ds
     }
 }
 

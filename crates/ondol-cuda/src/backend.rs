@@ -726,11 +726,7 @@ impl Backend for CudaBackend {
             self.dev.launch("flash_attention", &name, flash_grid(shape, shape.n_heads, FLASH_FORWARD, smem), &args);
             return;
         }
-        let cfg = LaunchConfig {
-            grid_dim: (shape.seq as u32, shape.n_heads as u32, shape.batch as u32),
-            block_dim: (ROW_THREADS, 1, 1),
-            shared_mem_bytes: (4 * (shape.seq + shape.head_dim)) as u32,
-        };
+        let cfg = simple_attention_grid(shape);
         let mut args = vec![ptr(&qkv), ptr_mut(&out), ptr_mut(&lse)];
         args.extend(heads);
         args.push(Arg::I32(shape.head_dim as i32));
@@ -765,11 +761,7 @@ impl Backend for CudaBackend {
                 dqkv.ptr
             }
         };
-        let cfg = LaunchConfig {
-            grid_dim: (shape.seq as u32, shape.n_heads as u32, shape.batch as u32),
-            block_dim: (ROW_THREADS, 1, 1),
-            shared_mem_bytes: (4 * (shape.seq + shape.head_dim)) as u32,
-        };
+        let cfg = simple_attention_grid(shape);
         let args = [
             ptr(&dout),
             ptr(&qkv),
@@ -809,11 +801,7 @@ impl Backend for CudaBackend {
         args.extend(heads);
         args.extend([Arg::I32(pos as i32), Arg::I32(max_seq as i32), Arg::I64(shape.rows() as i64)]);
         self.run("attention", "kv_append", dtype, self.dev.flat(shape.rows() * kv), &args);
-        let cfg = LaunchConfig {
-            grid_dim: (shape.seq as u32, shape.n_heads as u32, shape.batch as u32),
-            block_dim: (ROW_THREADS, 1, 1),
-            shared_mem_bytes: (4 * (pos + shape.seq + shape.head_dim)) as u32,
-        };
+        let cfg = simple_attention_grid(shape);
         let mut args =
             vec![ptr(&qkv), ptr(&k_cache.as_ref()), ptr(&v_cache.as_ref()), ptr_mut(&out), Arg::I32(shape.seq as i32)];
         args.extend(heads);
@@ -1436,6 +1424,17 @@ fn ssd_passing_grid(s: SsdShape) -> LaunchConfig {
 fn gated_rows(what: &str, len: usize, width: usize, group: usize) -> usize {
     assert!(group > 0 && width.is_multiple_of(group), "{what}: width {width} is not whole groups of {group}");
     rows_of(len, width)
+}
+
+/// The simple attention kernels' grid (kernels/attention.cu): a block of ROW_THREADS per
+/// (query, head, sequence), with shared memory for a tile of ROW_THREADS keys' scores and two
+/// rows of the head dimension, however many keys there are.
+fn simple_attention_grid(s: AttnShape) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (s.seq as u32, s.n_heads as u32, s.batch as u32),
+        block_dim: (ROW_THREADS, 1, 1),
+        shared_mem_bytes: 4 * (ROW_THREADS + 2 * s.head_dim as u32),
+    }
 }
 
 /// Flash attention's blocks: (rows of the sequence per block, warps), 16 rows a warp; the

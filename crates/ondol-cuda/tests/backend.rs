@@ -445,8 +445,7 @@ fn rope_and_attention_match_the_cpu() {
         let tol = tolerance(&be);
         // seq 37 with 256 threads a block; GQA 4 query heads on 2 kv heads.
         let shape = AttnShape { batch: 2, seq: 37, n_heads: 4, n_kv_heads: 2, head_dim: 16 };
-        let n = shape.rows() * shape.qkv_width();
-        let qkv = round(&be, &random(n, 1, 1.0));
+        let qkv = round(&be, &random(shape.rows() * shape.qkv_width(), 1, 1.0));
         let table = rope_table(shape.seq, shape.head_dim, 10000.0);
         let gpu_table = be.upload_f32(&table);
         for inverse in [false, true] {
@@ -456,59 +455,78 @@ fn rope_and_attention_match_the_cpu() {
             CPU.rope(&mut want, &table, shape, inverse);
             assert_close(&format!("rope inverse={inverse}"), &be, &be.download(&got), &want, tol);
         }
-
-        let gqkv = be.upload(&qkv);
-        let (mut out, mut lse) =
-            (be.zeros(shape.rows() * shape.q_width()), be.zeros_f32(shape.batch * shape.n_heads * shape.seq));
-        be.attention_forward(be.all(&gqkv), be.all_mut(&mut out), be.all_mut(&mut lse), shape);
-        let (mut want_out, mut want_lse) =
-            (vec![0.0; shape.rows() * shape.q_width()], vec![0.0; shape.batch * shape.n_heads * shape.seq]);
-        CPU.attention_forward(&qkv, &mut want_out, &mut want_lse, shape);
-        assert_close("attention_forward out", &be, &be.download(&out), &want_out, tol);
-        assert_close("attention_forward lse", &be, &be.download(&lse), &want_lse, 1e-4);
-
-        // Backward from the GPU's own forward outputs, as training runs it.
-        let dout = round(&be, &random(shape.rows() * shape.q_width(), 2, 1.0));
-        let (out_seen, lse_seen) = (be.download(&out), be.download(&lse));
-        let mut dqkv = be.upload(&random(n, 3, 1.0)); // overwritten, not accumulated
-        be.attention_backward(
-            be.all(&be.upload(&dout)),
-            be.all(&gqkv),
-            be.all(&out),
-            be.all(&lse),
-            be.all_mut(&mut dqkv),
-            shape,
-        );
-        let mut want = vec![0.0; n];
-        CPU.attention_backward(&dout, &qkv, &out_seen, &lse_seen, &mut want, shape);
-        assert_close("attention_backward dqkv", &be, &be.download(&dqkv), &want, tol);
-
         // Inference over a cache: a prefill of 5 tokens, then one token at a time.
-        let max_seq = 12;
-        let kv = shape.batch * max_seq * shape.n_kv_heads * shape.head_dim;
-        let (mut k_cache, mut v_cache) = (be.zeros(kv), be.zeros(kv));
-        let (mut want_k, mut want_v) = (vec![0.0; kv], vec![0.0; kv]);
-        let mut pos = 0;
-        for new in [5usize, 1, 1, 1] {
-            let s = AttnShape { seq: new, ..shape };
-            let rows_qkv = round(&be, &random(s.rows() * s.qkv_width(), 10 + pos as u64, 1.0));
-            let mut out = be.zeros(s.rows() * s.q_width());
-            be.attention_cached(
-                be.all(&be.upload(&rows_qkv)),
-                be.all_mut(&mut k_cache),
-                be.all_mut(&mut v_cache),
-                be.all_mut(&mut out),
-                s,
-                pos,
-                max_seq,
-            );
-            let mut want_out = vec![0.0; s.rows() * s.q_width()];
-            CPU.attention_cached(&rows_qkv, &mut want_k, &mut want_v, &mut want_out, s, pos, max_seq);
-            assert_close(&format!("attention_cached at {pos} (+{new})"), &be, &be.download(&out), &want_out, tol);
-            pos += new;
-        }
-        assert_close("attention_cached k cache", &be, &be.download(&k_cache), &want_k, 0.0);
+        check_attention(&be, shape, 12, &[5, 1, 1, 1]);
     }
+}
+
+/// The simple kernels take keys a tile of 256 (their block) at a time, the forward with the
+/// online softmax: 600 keys are three tiles, the last partial, and the cache is filled across
+/// a tile's end (511 keys, then 2 more).
+#[test]
+fn simple_attention_spans_several_key_tiles() {
+    for be in backends() {
+        let shape = AttnShape { batch: 1, seq: 600, n_heads: 2, n_kv_heads: 1, head_dim: 8 };
+        check_attention(&be, shape, 600, &[511, 2, 1]);
+    }
+}
+
+/// Attention's forward and backward on `shape` against the CPU, then the cached form over a
+/// cache of `max_seq` positions filled by `steps` new tokens at a time.
+fn check_attention(be: &CudaBackend, shape: AttnShape, max_seq: usize, steps: &[usize]) {
+    let tol = tolerance(be);
+    let what = |w: &str| format!("{w} (T={} D={})", shape.seq, shape.head_dim);
+    let n = shape.rows() * shape.qkv_width();
+    let qkv = round(be, &random(n, 1, 1.0));
+    let gqkv = be.upload(&qkv);
+    let (mut out, mut lse) =
+        (be.zeros(shape.rows() * shape.q_width()), be.zeros_f32(shape.batch * shape.n_heads * shape.seq));
+    be.attention_forward(be.all(&gqkv), be.all_mut(&mut out), be.all_mut(&mut lse), shape);
+    let (mut want_out, mut want_lse) =
+        (vec![0.0; shape.rows() * shape.q_width()], vec![0.0; shape.batch * shape.n_heads * shape.seq]);
+    CPU.attention_forward(&qkv, &mut want_out, &mut want_lse, shape);
+    assert_close(&what("attention_forward out"), be, &be.download(&out), &want_out, tol);
+    assert_close(&what("attention_forward lse"), be, &be.download(&lse), &want_lse, 1e-4);
+
+    // Backward from the GPU's own forward outputs, as training runs it.
+    let dout = round(be, &random(shape.rows() * shape.q_width(), 2, 1.0));
+    let (out_seen, lse_seen) = (be.download(&out), be.download(&lse));
+    let mut dqkv = be.upload(&random(n, 3, 1.0)); // overwritten, not accumulated
+    be.attention_backward(
+        be.all(&be.upload(&dout)),
+        be.all(&gqkv),
+        be.all(&out),
+        be.all(&lse),
+        be.all_mut(&mut dqkv),
+        shape,
+    );
+    let mut want = vec![0.0; n];
+    CPU.attention_backward(&dout, &qkv, &out_seen, &lse_seen, &mut want, shape);
+    assert_close(&what("attention_backward dqkv"), be, &be.download(&dqkv), &want, tol);
+
+    let kv = shape.batch * max_seq * shape.n_kv_heads * shape.head_dim;
+    let (mut k_cache, mut v_cache) = (be.zeros(kv), be.zeros(kv));
+    let (mut want_k, mut want_v) = (vec![0.0; kv], vec![0.0; kv]);
+    let mut pos = 0;
+    for &new in steps {
+        let s = AttnShape { seq: new, ..shape };
+        let rows_qkv = round(be, &random(s.rows() * s.qkv_width(), 10 + pos as u64, 1.0));
+        let mut out = be.zeros(s.rows() * s.q_width());
+        be.attention_cached(
+            be.all(&be.upload(&rows_qkv)),
+            be.all_mut(&mut k_cache),
+            be.all_mut(&mut v_cache),
+            be.all_mut(&mut out),
+            s,
+            pos,
+            max_seq,
+        );
+        let mut want_out = vec![0.0; s.rows() * s.q_width()];
+        CPU.attention_cached(&rows_qkv, &mut want_k, &mut want_v, &mut want_out, s, pos, max_seq);
+        assert_close(&what(&format!("attention_cached at {pos} (+{new})")), be, &be.download(&out), &want_out, tol);
+        pos += new;
+    }
+    assert_close(&what("attention_cached k cache"), be, &be.download(&k_cache), &want_k, 0.0);
 }
 
 #[test]
