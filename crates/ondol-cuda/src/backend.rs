@@ -1355,10 +1355,20 @@ fn scan_grid(s: ScanShape) -> LaunchConfig {
 /// Query rows per pass of the SSD's quadratic form (SSD_ROWS in kernels/ssd.cu).
 const SSD_ROWS: usize = 16;
 
+/// The longest SSD chunk the CUDA kernels take: the CUDA-core backward keeps 4 + 3 SSD_ROWS
+/// floats per token of a chunk in shared memory (104 KiB at 512 tokens, within every GPU's
+/// limit). Mamba-2 and Nemotron-H use 256 or 128.
+pub const SSD_MAX_CHUNK: usize = 512;
+
 /// The storage type of an SSD's inputs, checking their lengths.
 fn ssd_type(what: &str, x: &SsdInputs<DevRef<'_>>, s: SsdShape) -> Dtype {
     let dtype = same_type(what, &[x.xbc.dtype, x.dt.dtype, x.dt_bias.dtype, x.a_log.dtype, x.d.dtype]);
     assert!(s.groups > 0 && s.heads.is_multiple_of(s.groups), "{what}: heads must be a multiple of groups");
+    assert!(
+        s.chunk <= SSD_MAX_CHUNK,
+        "{what}: chunks of {} tokens; the CUDA kernels take at most {SSD_MAX_CHUNK}",
+        s.chunk
+    );
     assert!(x.xbc.len == s.rows() * s.xbc_width() && x.dt.len == s.rows() * s.heads, "{what}: activation lengths");
     assert!(x.dt_bias.len == s.heads && x.a_log.len == s.heads && x.d.len == s.heads, "{what}: parameter lengths");
     dtype

@@ -91,6 +91,25 @@ pub(crate) trait Device: Send + Sync {
     }
 }
 
+/// The most dynamic shared memory a block may ask for on every GPU the kernels are built for:
+/// A100's 163 KiB (sm_80; an H100 allows 227 KiB). Static shared memory counts against it too,
+/// but no kernel has more than a few hundred bytes of that.
+pub(crate) const MAX_SHARED_BYTES: u32 = 163 << 10;
+
+/// Why a GPU would refuse this launch, if it would: more than [`MAX_SHARED_BYTES`] of shared
+/// memory, or more than 65,535 blocks along y or z (x takes 2^31 - 1). The emulator refuses
+/// what the GPU refuses, so a launch whose geometry grows with a shape fails in the tests first.
+pub(crate) fn launch_limit(cfg: &LaunchConfig) -> Option<String> {
+    let (_, y, z) = cfg.grid_dim;
+    if cfg.shared_mem_bytes > MAX_SHARED_BYTES {
+        Some(format!("{} bytes of shared memory (at most {MAX_SHARED_BYTES} on every GPU)", cfg.shared_mem_bytes))
+    } else if y > 65_535 || z > 65_535 || cfg.grid_dim.0 > i32::MAX as u32 {
+        Some(format!("grid {:?} (y and z at most 65,535, x at most 2^31 - 1)", cfg.grid_dim))
+    } else {
+        None
+    }
+}
+
 /// The bytes of a slice of plain numbers.
 pub(crate) fn bytes_of<T: Copy>(x: &[T]) -> &[u8] {
     // SAFETY: only instantiated with f32, u16 and u32 (no padding, any bit pattern is valid as

@@ -10,7 +10,7 @@
 //! time, so atomics cannot race), and whether the PTX fragment layout it assumes for
 //! `mma.sync` is the hardware's (it follows the PTX ISA; the GPU bundle checks the rest).
 
-use crate::device::{Arg, Device, Epilogue, bytes_of, check_gemm_operands};
+use crate::device::{Arg, Device, Epilogue, bytes_of, check_gemm_operands, launch_limit};
 use crate::memory::{DevMut, DevRef, Dtype, HostMemory, Memory};
 use cudarc::driver::LaunchConfig;
 use ondol_core::backend::Gemm;
@@ -135,6 +135,9 @@ impl Device for Emulator {
         let (x, y, z) = cfg.grid_dim;
         if x == 0 || y == 0 || z == 0 {
             return;
+        }
+        if let Some(why) = launch_limit(&cfg) {
+            panic!("kernel {family}/{name}: a GPU refuses a launch with {why}");
         }
         let thunk = Self::find(family, name);
         let mut values: Vec<Vec<u8>> = args.iter().map(Arg::bytes).collect();

@@ -336,8 +336,8 @@ fn train_launched_cuda(args: &TrainArgs, cfg: RunConfig, env: &DistEnv) -> Resul
     train_rank(args, be, &peak, cfg, data, Some(comms))
 }
 
-/// What the CUDA kernels hold in registers (kernels/selective_scan.cu, conv1d.cu), checked
-/// before a model runs on a GPU.
+/// What the CUDA kernels can hold (registers in kernels/selective_scan.cu and conv1d.cu, shared
+/// memory in ssd.cu), checked before a model runs on a GPU.
 #[cfg(feature = "cuda")]
 fn check_cuda_kernels(m: &ondol_model::ModelConfig) -> Result<()> {
     use ondol_model::Arch;
@@ -348,6 +348,16 @@ fn check_cuda_kernels(m: &ondol_model::ModelConfig) -> Result<()> {
                 "{} states per channel: the CUDA selective scan keeps at most {}; use that or fewer",
                 m.ssm_state(),
                 ondol_cuda::SCAN_MAX_STATE
+            ),
+        ));
+    }
+    if matches!(m.arch, Arch::Mamba2 | Arch::Hybrid) && m.ssm.chunk_size > ondol_cuda::SSD_MAX_CHUNK {
+        return Err(Error::config(
+            "model.ssm.chunk_size",
+            format!(
+                "chunks of {} tokens: the CUDA SSD scan takes at most {} (Mamba-2 uses 256)",
+                m.ssm.chunk_size,
+                ondol_cuda::SSD_MAX_CHUNK
             ),
         ));
     }
