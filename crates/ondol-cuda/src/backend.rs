@@ -211,6 +211,16 @@ impl CudaBackend {
         self.dev.launch("gemm", name, cfg, &args);
     }
 
+    /// Flash attention's forward (kernels/flash_attention.cu) into `out` and the log-sum-exp
+    /// at `lse` (fp32, [B, H, T]).
+    fn flash_forward(&self, qkv: DevRef<'_>, out: DevMut<'_>, lse: u64, shape: AttnShape) {
+        let mut args = vec![ptr(&qkv), ptr_mut(&out), Arg::Ptr(lse)];
+        args.extend([shape.seq, shape.n_heads, shape.n_kv_heads].map(|x| Arg::I32(x as i32)));
+        let name = format!("flash_forward_d{}", shape.head_dim);
+        let smem = 2 * 2 * 64 * (shape.head_dim + 8); // K and V tiles of 64 rows of D + 8 bf16
+        self.dev.launch("flash_attention", &name, flash_grid(shape, shape.n_heads, FLASH_FORWARD, smem), &args);
+    }
+
     /// Flash attention's backward (kernels/flash_attention.cu): delta = rowsum(dO out), the
     /// key-tile kernel (dK and dV written, dQ added into an fp32 accumulator), then dQ into
     /// dqkv's q columns.
@@ -717,19 +727,13 @@ impl Backend for CudaBackend {
         assert_eq!(qkv.len, shape.rows() * shape.qkv_width(), "attention_forward: qkv length");
         assert_eq!(out.len, shape.rows() * shape.q_width(), "attention_forward: out length");
         assert_eq!(lse.len, shape.batch * shape.n_heads * shape.seq, "attention_forward: lse length");
-        let heads = [shape.seq, shape.n_heads, shape.n_kv_heads].map(|x| Arg::I32(x as i32));
         if self.uses_flash(shape, &[qkv.ptr, out.ptr]) {
-            let mut args = vec![ptr(&qkv), ptr_mut(&out), ptr_mut(&lse)];
-            args.extend(heads);
-            let name = format!("flash_forward_d{}", shape.head_dim);
-            let smem = 2 * 2 * 64 * (shape.head_dim + 8); // K and V tiles of 64 rows of D + 8 bf16
-            self.dev.launch("flash_attention", &name, flash_grid(shape, shape.n_heads, FLASH_FORWARD, smem), &args);
+            self.flash_forward(qkv, out, lse.ptr, shape);
             return;
         }
         let cfg = simple_attention_grid(shape);
         let mut args = vec![ptr(&qkv), ptr_mut(&out), ptr_mut(&lse)];
-        args.extend(heads);
-        args.push(Arg::I32(shape.head_dim as i32));
+        args.extend([shape.seq, shape.n_heads, shape.n_kv_heads, shape.head_dim].map(|x| Arg::I32(x as i32)));
         self.run("attention", "attention_forward", dtype, cfg, &args);
     }
     fn attention_backward(
@@ -801,6 +805,13 @@ impl Backend for CudaBackend {
         args.extend(heads);
         args.extend([Arg::I32(pos as i32), Arg::I32(max_seq as i32), Arg::I64(shape.rows() as i64)]);
         self.run("attention", "kv_append", dtype, self.dev.flat(shape.rows() * kv), &args);
+        // A prefill (an empty cache) is causal attention over the new rows alone: flash
+        // attention where it applies, rather than reading the cache once per query.
+        if pos == 0 && self.uses_flash(shape, &[qkv.ptr, out.ptr]) {
+            let mut lse = self.zeros_f32(shape.batch * shape.n_heads * shape.seq);
+            self.flash_forward(qkv, out, lse.view_mut(0..lse.len()).ptr, shape);
+            return;
+        }
         let cfg = simple_attention_grid(shape);
         let mut args =
             vec![ptr(&qkv), ptr(&k_cache.as_ref()), ptr(&v_cache.as_ref()), ptr_mut(&out), Arg::I32(shape.seq as i32)];

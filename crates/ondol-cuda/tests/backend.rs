@@ -503,7 +503,14 @@ fn check_attention(be: &CudaBackend, shape: AttnShape, max_seq: usize, steps: &[
     let mut want = vec![0.0; n];
     CPU.attention_backward(&dout, &qkv, &out_seen, &lse_seen, &mut want, shape);
     assert_close(&what("attention_backward dqkv"), be, &be.download(&dqkv), &want, tol);
+    check_cached_attention(be, shape, max_seq, steps);
+}
 
+/// Attention over a cache of `max_seq` positions against the CPU, the cache filled by `steps`
+/// new tokens at a time.
+fn check_cached_attention(be: &CudaBackend, shape: AttnShape, max_seq: usize, steps: &[usize]) {
+    let tol = tolerance(be);
+    let what = |w: &str| format!("{w} (T={} D={})", shape.seq, shape.head_dim);
     let kv = shape.batch * max_seq * shape.n_kv_heads * shape.head_dim;
     let (mut k_cache, mut v_cache) = (be.zeros(kv), be.zeros(kv));
     let (mut want_k, mut want_v) = (vec![0.0; kv], vec![0.0; kv]);
@@ -880,6 +887,8 @@ fn flash_attention_matches_the_cpu_and_the_simple_kernel() {
             assert_close(&what("out vs the simple kernel"), &flash, &out, &s_out, tol);
             assert_close(&what("lse vs the simple kernel"), &flash, &lse, &s_lse, 1e-3);
             assert_close(&what("dqkv vs the simple kernel"), &flash, &dqkv, &s_dqkv, tol);
+            // A prefill runs flash attention and fills the cache; a decoding step reads it.
+            check_cached_attention(&flash, shape, seq + 1, &[seq, 1]);
         }
     }
 }
