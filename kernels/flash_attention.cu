@@ -1,6 +1,7 @@
 // Flash attention (FlashAttention-2's schedule) for causal grouped-query attention in bf16 on
-// tensor cores, forward and backward; head dim 64 or 128 (the backend falls back to the simple
-// kernel of attention.cu for other head dims and for fp32 storage).
+// tensor cores, forward and backward; head dims 32, 64, 80, 96 and 128 (any multiple of 16
+// would do: these are the instances, for the models that use them; the backend falls back
+// to the simple kernel of attention.cu for other head dims and for fp32 storage).
 //
 // Computes what attention.cu computes (see there), with scale = 1 / sqrt(D):
 //   out_i = sum_{j <= i} softmax_j(scale q_i . k_j) v_j,  lse_i = log sum_{j <= i} exp(scale q_i . k_j)
@@ -298,6 +299,9 @@ extern "C" __global__ void flash_backward_dq(const float* dq_acc, bf16* dqkv, in
         flash_backward<D>(dout, qkv, lse, delta, dq_acc, dqkv, seq, n_heads, n_kv_heads);                         \
     }
 
+FLASH_KERNELS(32)
 FLASH_KERNELS(64)
+FLASH_KERNELS(80)
+FLASH_KERNELS(96)
 FLASH_KERNELS(128)
 

@@ -23,8 +23,8 @@ pub struct CudaBackend {
     dev: Box<dyn Device>,
     compute: Dtype,
     /// Whether bf16 ops run their tensor-core kernels where they have one for the shape:
-    /// flash attention (head dim 64 or 128) and the SSD's products, forward and backward (else
-    /// the CUDA-core kernels, as fp32 and other shapes always do).
+    /// flash attention (the head dims of [`FLASH_HEAD_DIMS`]) and the SSD's products, forward
+    /// and backward (else the CUDA-core kernels, as fp32 and other shapes always do).
     tensor_cores: bool,
     /// Whether plain GEMMs go to the device's GEMM library (cuBLASLt, or the emulator's loop)
     /// before gemm.cu's CUDA-core kernel, which runs where the library has no algorithm.
@@ -92,12 +92,12 @@ impl CudaBackend {
     }
 
     /// Whether attention of `shape` over these buffers runs the flash kernels: bf16 storage,
-    /// head dim 64 or 128, and 16-byte aligned buffers (they copy rows to shared memory in
-    /// 16-byte pieces).
+    /// a head dim of [`FLASH_HEAD_DIMS`], and 16-byte aligned buffers (they copy rows to
+    /// shared memory in 16-byte pieces).
     fn uses_flash(&self, shape: AttnShape, ptrs: &[u64]) -> bool {
         self.tensor_cores
             && self.compute == Dtype::Bf16
-            && matches!(shape.head_dim, 64 | 128)
+            && FLASH_HEAD_DIMS.contains(&shape.head_dim)
             && ptrs.iter().all(|p| p.is_multiple_of(16))
     }
 
@@ -1457,6 +1457,11 @@ fn simple_attention_grid(s: AttnShape) -> LaunchConfig {
         shared_mem_bytes: 4 * (ROW_THREADS + 2 * s.head_dim as u32),
     }
 }
+
+/// The head dims flash attention has instances for (FLASH_KERNELS in
+/// kernels/flash_attention.cu): the smoke configs' 32, GPT-2's and Llama-1B's 64, Phi-2's
+/// and Pythia-2.8B's 80, GPT-NeoX-20B's 96, Llama-3's 128.
+const FLASH_HEAD_DIMS: [usize; 5] = [32, 64, 80, 96, 128];
 
 /// Flash attention's blocks: (rows of the sequence per block, warps), 16 rows a warp; the
 /// forward's are query rows (FA_BM in kernels/flash_attention.cu), the backward's keys (FA_BK).

@@ -848,10 +848,10 @@ fn tensor_core_pairs() -> Vec<(CudaBackend, CudaBackend)> {
 fn flash_attention_matches_the_cpu_and_the_simple_kernel() {
     for (flash, simple) in tensor_core_pairs() {
         let tol = tolerance(&flash);
-        // 100 and 200 tokens: multiples of neither the 128-query forward blocks, the 64-key
-        // tiles nor the 32-query backward steps; 200 has two forward blocks, the second
-        // with tiles below its diagonal.
-        for (head_dim, seq) in [(64, 100), (128, 100), (64, 200)] {
+        // Every head dim with an instance. 100 and 200 tokens: multiples of neither the
+        // 128-query forward blocks, the 64-key tiles nor the 32-query backward steps; 200 has
+        // two forward blocks, the second with tiles below its diagonal.
+        for (head_dim, seq) in [(64, 100), (128, 100), (64, 200), (32, 100), (80, 100), (96, 100)] {
             let shape = AttnShape { batch: 2, seq, n_heads: 4, n_kv_heads: 2, head_dim };
             let n = shape.rows() * shape.qkv_width();
             let qkv = round(&flash, &random(n, 1, 1.0));
