@@ -20,7 +20,10 @@
 // Cached inference: kv_append copies the k and v heads of `new_seq` new rows per sequence
 // (positions pos..pos + new_seq) into k_cache and v_cache [B, max_seq, Hkv D] (a grid-stride
 // loop); attention_cached is the forward for those queries over cache positions 0..=their
-// own, grid (new_seq, H, B), the same shared memory however long the cache.
+// own, grid (new_seq, H, B), the same shared memory however long the cache. Decoding (too few
+// queries to fill the GPU) splits each query's keys instead (flash decoding):
+// attention_cached_part, grid (new_seq, H, B x parts), writes each part's unnormalised output
+// with its max and sum, and attention_combine merges the parts.
 #include "common.cuh"
 
 struct Heads {
@@ -29,14 +32,15 @@ struct Heads {
     __device__ int kv_of(int h) const { return h / (n_heads / n_kv_heads); }
 };
 
-// One query's softmax attention over keys 0..n_keys-1 (rows of k and v `stride` values
-// apart), by one block: writes out[0..d) and returns the log-sum-exp of the scaled scores.
-// Keys come a tile of blockDim.x at a time (a key per thread) with the online softmax: a
-// running max and sum, and the partial output rescaled whenever the max grows, so shared
-// memory does not grow with the number of keys. `smem` holds blockDim.x + 2 d floats.
+// One query's softmax attention over keys j_begin..j_end-1 (rows of k and v `stride` values
+// apart), by one block, unnormalised: leaves sum_j exp(s_j - m) v_j in `smem`'s last d floats
+// (each thread's own columns) and the running max m and sum of exp(s_j - m) in *m, *sum
+// (-inf and 0 for no keys). Keys come a tile of blockDim.x at a time (a key per thread) with
+// the online softmax, the partial output rescaled whenever the max grows, so shared memory
+// does not grow with the number of keys. `smem` holds blockDim.x + 2 d floats.
 template <typename T>
-__device__ float attend(const T* qi, const T* k, const T* v, long long stride, int n_keys, int d, T* o, float* smem,
-                        float* scratch) {
+__device__ void attend_keys(const T* qi, const T* k, const T* v, long long stride, int j_begin, int j_end, int d,
+                            float* smem, float* scratch, float* m_out, float* sum_out) {
     float* p = smem;            // this tile's exp(s_j - m)
     float* q = p + blockDim.x;  // q_i
     float* acc = q + d;         // sum_j exp(s_j - m) v_j; each thread owns its columns
@@ -47,17 +51,17 @@ __device__ float attend(const T* qi, const T* k, const T* v, long long stride, i
     }
     __syncthreads();
     float m = NEG_INF, sum = 0.0f;
-    for (int j0 = 0; j0 < n_keys; j0 += blockDim.x) {
-        const int j = j0 + threadIdx.x, keys = min((int)blockDim.x, n_keys - j0);
+    for (int j0 = j_begin; j0 < j_end; j0 += blockDim.x) {
+        const int j = j0 + threadIdx.x, keys = min((int)blockDim.x, j_end - j0);
         float s = NEG_INF;
-        if (j < n_keys) {
+        if (j < j_end) {
             float dot = 0.0f;
             for (int c = 0; c < d; c++) dot += q[c] * to_float(k[j * stride + c]);
             s = dot * scale;
         }
         // Every tile has a key, so the new max is finite and the first rescale is exp(-inf) = 0.
         const float m_new = fmaxf(m, block_max(s, scratch));
-        const float e = j < n_keys ? __expf(s - m_new) : 0.0f;
+        const float e = j < j_end ? __expf(s - m_new) : 0.0f;
         p[threadIdx.x] = e;
         const float rescale = __expf(m - m_new);
         sum = sum * rescale + block_sum(e, scratch);  // also the barrier before p is read
@@ -69,6 +73,18 @@ __device__ float attend(const T* qi, const T* k, const T* v, long long stride, i
             acc[c] = a;
         }
     }
+    *m_out = m;
+    *sum_out = sum;
+}
+
+// One query's softmax attention over keys 0..n_keys-1, as attend_keys: writes out[0..d) and
+// returns the log-sum-exp of the scaled scores.
+template <typename T>
+__device__ float attend(const T* qi, const T* k, const T* v, long long stride, int n_keys, int d, T* o, float* smem,
+                        float* scratch) {
+    float m, sum;
+    attend_keys(qi, k, v, stride, 0, n_keys, d, smem, scratch, &m, &sum);
+    const float* acc = smem + blockDim.x + d;
     const float inv = 1.0f / sum;
     for (int c = threadIdx.x; c < d; c += blockDim.x) o[c] = from_float<T>(acc[c] * inv);
     return m + __logf(sum);
@@ -117,6 +133,54 @@ __device__ void attention_cached(const T* qkv, const T* k_cache, const T* v_cach
 
 // One block per query i, over its keys a tile of blockDim.x at a time (a key per thread), as
 // the forward: dS_j of the tile goes to shared memory, whose size does not grow with the keys.
+// The cached forward in `splits` parts over the keys, for few queries over a long cache
+// (decoding), where a block per query and head leaves most of the GPU idle. Block
+// (i, h, b splits + p) attends query i to its keys in [p span, (p + 1) span) and writes the
+// part's unnormalised output, max and sum to part [B new_seq, H, splits, D + 2] (D values,
+// then m and sum; -inf and 0 for a part past the query's keys); attention_combine merges.
+template <typename T>
+__device__ void attention_cached_part(const T* qkv, const T* k_cache, const T* v_cache, float* part, Heads s, int pos,
+                                      int max_seq, int splits, int span) {
+    __shared__ float scratch[32];
+    extern __shared__ float smem[];  // attend_keys' blockDim.x + 2 head_dim floats
+    const int i = blockIdx.x, h = blockIdx.y, b = blockIdx.z / splits, piece = blockIdx.z % splits;
+    const int d = s.head_dim, g = s.kv_of(h);
+    const long long kv = (long long)s.n_kv_heads * d;
+    const T* qi = qkv + ((long long)b * s.seq + i) * s.width() + (long long)h * d;
+    const T* k = k_cache + (long long)b * max_seq * kv + (long long)g * d;
+    const T* v = v_cache + (long long)b * max_seq * kv + (long long)g * d;
+    const int j_begin = piece * span, j_end = min(j_begin + span, pos + i + 1);
+    float m, sum;
+    attend_keys(qi, k, v, kv, j_begin, j_end, d, smem, scratch, &m, &sum);
+    float* out = part + ((((long long)b * s.seq + i) * s.n_heads + h) * splits + piece) * (d + 2);
+    const float* acc = smem + blockDim.x + d;
+    for (int c = threadIdx.x; c < d; c += blockDim.x) out[c] = acc[c];
+    if (threadIdx.x == 0) {
+        out[d] = m;
+        out[d + 1] = sum;
+    }
+}
+
+// out [rows, H D] from attention_cached_part's parts: with M the largest part max,
+// out = sum_p exp(m_p - M) acc_p / sum_p exp(m_p - M) sum_p. A grid-stride loop over out.
+template <typename T>
+__device__ void attention_combine(const float* part, T* out, long long rows, int n_heads, int d, int splits) {
+    GRID_STRIDE(e, rows * n_heads * d) {
+        const long long rh = e / d;  // row * n_heads + head
+        const int c = e % d;
+        const float* p = part + rh * splits * (d + 2);
+        float M = NEG_INF;
+        for (int q = 0; q < splits; q++) M = fmaxf(M, p[q * (d + 2) + d]);
+        float num = 0.0f, den = 0.0f;
+        for (int q = 0; q < splits; q++) {
+            const float w = __expf(p[q * (d + 2) + d] - M);  // 0 for a part with no keys
+            num += w * p[q * (d + 2) + c];
+            den += w * p[q * (d + 2) + d + 1];
+        }
+        out[e] = from_float<T>(num / den);
+    }
+}
+
 template <typename T>
 __device__ void attention_backward(const T* dout, const T* qkv, const T* out, const float* lse, float* dqkv, Heads s) {
     __shared__ float scratch[32];
@@ -188,6 +252,17 @@ __device__ void attention_backward(const T* dout, const T* qkv, const T* out, co
                                                     int pos, int max_seq) {                                        \
         attention_cached<T>(qkv, k_cache, v_cache, out, Heads{new_seq, n_heads, n_kv_heads, head_dim}, pos,        \
                             max_seq);                                                                              \
+    }                                                                                                              \
+    extern "C" __global__ void attention_cached_part_##S(const T* qkv, const T* k_cache, const T* v_cache,          \
+                                                         float* part, int new_seq, int n_heads, int n_kv_heads,    \
+                                                         int head_dim, int pos, int max_seq, int splits,           \
+                                                         int span) {                                               \
+        attention_cached_part<T>(qkv, k_cache, v_cache, part, Heads{new_seq, n_heads, n_kv_heads, head_dim}, pos,  \
+                                 max_seq, splits, span);                                                           \
+    }                                                                                                              \
+    extern "C" __global__ void attention_combine_##S(const float* part, T* out, long long rows, int n_heads,       \
+                                                     int head_dim, int splits) {                                   \
+        attention_combine<T>(part, out, rows, n_heads, head_dim, splits);                                          \
     }
 
 FOR_EACH_STORAGE(ATTENTION_KERNELS)

@@ -812,12 +812,38 @@ impl Backend for CudaBackend {
             self.flash_forward(qkv, out, lse.view_mut(0..lse.len()).ptr, shape);
             return;
         }
-        let cfg = simple_attention_grid(shape);
-        let mut args =
-            vec![ptr(&qkv), ptr(&k_cache.as_ref()), ptr(&v_cache.as_ref()), ptr_mut(&out), Arg::I32(shape.seq as i32)];
+        let (parts, span) = cached_key_parts(shape, pos + shape.seq, self.dev.sms());
+        let mut cfg = simple_attention_grid(shape);
+        if parts == 1 {
+            let mut args = vec![
+                ptr(&qkv),
+                ptr(&k_cache.as_ref()),
+                ptr(&v_cache.as_ref()),
+                ptr_mut(&out),
+                Arg::I32(shape.seq as i32),
+            ];
+            args.extend(heads);
+            args.extend([Arg::I32(pos as i32), Arg::I32(max_seq as i32)]);
+            self.run("attention", "attention_cached", dtype, cfg, &args);
+            return;
+        }
+        // Decoding: each query's keys in parts on blocks of their own, then merged.
+        let mut part = self.zeros_f32(shape.rows() * shape.n_heads * parts * (shape.head_dim + 2));
+        let part_ptr = part.view_mut(0..part.len()).ptr;
+        cfg.grid_dim.2 *= parts as u32;
+        let mut args = vec![
+            ptr(&qkv),
+            ptr(&k_cache.as_ref()),
+            ptr(&v_cache.as_ref()),
+            Arg::Ptr(part_ptr),
+            Arg::I32(shape.seq as i32),
+        ];
         args.extend(heads);
-        args.extend([Arg::I32(pos as i32), Arg::I32(max_seq as i32)]);
-        self.run("attention", "attention_cached", dtype, cfg, &args);
+        args.extend([pos, max_seq, parts, span].map(|x| Arg::I32(x as i32)));
+        self.run("attention", "attention_cached_part", dtype, cfg, &args);
+        let mut args = vec![Arg::Ptr(part_ptr), ptr_mut(&out), Arg::I64(shape.rows() as i64)];
+        args.extend([shape.n_heads, shape.head_dim, parts].map(|x| Arg::I32(x as i32)));
+        self.run("attention", "attention_combine", dtype, self.dev.flat(out.len), &args);
     }
 
     // ---- Mamba ------------------------------------------------------------------------------------
@@ -1458,6 +1484,17 @@ fn simple_attention_grid(s: AttnShape) -> LaunchConfig {
     }
 }
 
+/// How cached attention over `keys` keys at most splits them: (parts, keys per part). One
+/// part where the queries' blocks (query x head x sequence) fill four per SM; else enough
+/// parts for that (decoding: one query per sequence), each of whole 256-key tiles, at most 64.
+fn cached_key_parts(shape: AttnShape, keys: usize, sms: usize) -> (usize, usize) {
+    let blocks = shape.seq * shape.n_heads * shape.batch;
+    let tile = ROW_THREADS as usize;
+    let wanted = (4 * sms).div_ceil(blocks).min(keys.div_ceil(tile)).clamp(1, 64);
+    let span = keys.div_ceil(wanted).next_multiple_of(tile);
+    (keys.div_ceil(span), span)
+}
+
 /// The head dims flash attention has instances for (FLASH_KERNELS in
 /// kernels/flash_attention.cu): the smoke configs' 32, GPT-2's and Llama-1B's 64, Phi-2's
 /// and Pythia-2.8B's 80, GPT-NeoX-20B's 96, Llama-3's 128.
@@ -1480,7 +1517,21 @@ fn flash_grid(s: AttnShape, heads: usize, (rows, warps): (usize, u32), shared: u
 
 #[cfg(test)]
 mod tests {
-    use super::row_chunks;
+    use super::{AttnShape, cached_key_parts, row_chunks};
+
+    #[test]
+    fn decoding_splits_the_keys_into_whole_tiles_until_the_gpu_is_full() {
+        let decode = AttnShape { batch: 1, seq: 1, n_heads: 32, n_kv_heads: 8, head_dim: 128 };
+        for keys in [1, 255, 256, 257, 4096, 32_768, 1 << 20] {
+            let (parts, span) = cached_key_parts(decode, keys, 132);
+            assert!(span.is_multiple_of(256) && parts <= 64, "{keys} keys: {parts} x {span}");
+            assert!(parts * span >= keys && (parts - 1) * span < keys, "{keys} keys: {parts} x {span}");
+        }
+        // 32 heads on 132 SMs want 17 parts; in whole tiles that is 16 of 2048 keys (512 blocks).
+        assert_eq!(cached_key_parts(decode, 32_768, 132), (16, 2048));
+        // A prefill's queries fill the GPU on their own.
+        assert_eq!(cached_key_parts(AttnShape { seq: 512, ..decode }, 512, 132), (1, 512));
+    }
 
     #[test]
     fn row_chunks_cover_every_row_within_the_grid_limit() {
