@@ -3,9 +3,10 @@
 //! the shortest length; the SSD and the selective scan at Mamba-2 130M's and Mamba 130M's
 //! layer shapes. Prints TFLOP/s (attention: the causal half of 4 T^2 D per head forward, 2.5x
 //! that backward, FlashAttention's convention) and GB/s of the bytes each op must move, with
-//! the device's bf16 peak; and GPT-2 124M's MLP GEMMs with GELU in cuBLASLt's epilogue against
-//! the GEMM and a GELU pass of its own. `benches/attention-vs-pytorch.py` times PyTorch's flash SDPA on the
-//! same shapes; `run.sh bench` prints both. Needs a GPU (says so and exits without one).
+//! the device's bf16 peak; GPT-2 124M's MLP GEMMs with GELU in cuBLASLt's epilogue against
+//! the GEMM and a GELU pass of its own; and a decoding step of attention over a long KV cache.
+//! `benches/attention-vs-pytorch.py` times PyTorch's flash SDPA on the same shapes; `run.sh
+//! bench` prints both. Needs a GPU (says so and exits without one).
 
 use ondol_core::backend::{
     Activation, AttnShape, Backend, Gemm, ScanGrads, ScanInputs, ScanShape, SsdGrads, SsdInputs, SsdShape,
@@ -66,6 +67,7 @@ fn main() {
         "simple attention",
     );
 
+    decode(&be);
     gelu_mlp(&be);
     ssd(&be, "ssd (mamba2-130m layer, tensor cores)");
     ssd(&CudaBackend::open(0, Dtype::Bf16).expect("opened above").without_tensor_cores(), "ssd (cuda cores)");
@@ -142,6 +144,35 @@ fn ssd(be: &CudaBackend, label: &str) {
         bytes / fwd / 1e9,
         bwd * 1e3
     );
+}
+
+/// One token of Llama-3 8B's attention (32 query heads on 8 kv heads of 128) over a KV cache
+/// of 4096 and 32768 positions at batch 1: GB/s of the cache it must read (memory-bound).
+fn decode(be: &CudaBackend) {
+    let shape = AttnShape { batch: 1, seq: 1, n_heads: 32, n_kv_heads: 8, head_dim: 128 };
+    let qkv = be.upload(&vec![0.01; shape.qkv_width()]);
+    let mut out = be.zeros(shape.q_width());
+    for max_seq in [4096, 32_768] {
+        let kv = max_seq * shape.n_kv_heads * shape.head_dim;
+        let (mut k, mut v) = (be.upload(&vec![0.01; kv]), be.upload(&vec![0.01; kv]));
+        let pos = max_seq - 1;
+        let t = time(be, 10, || {
+            be.attention_cached(
+                be.all(&qkv),
+                be.all_mut(&mut k),
+                be.all_mut(&mut v),
+                be.all_mut(&mut out),
+                shape,
+                pos,
+                max_seq,
+            )
+        });
+        println!(
+            "decode (llama-3 8b layer) over {max_seq:>5} cached  {:.3} ms {:.0} GB/s",
+            t * 1e3,
+            2.0 * 2.0 * kv as f64 / t / 1e9
+        );
+    }
 }
 
 /// GPT-2 124M's c_fc with GELU (8 x 1024 tokens, 768 -> 3072) and the backward through it
