@@ -131,8 +131,6 @@ __device__ void attention_cached(const T* qkv, const T* k_cache, const T* v_cach
     attend(qi, k, v, kv, pos + i + 1, d, o, smem, scratch);
 }
 
-// One block per query i, over its keys a tile of blockDim.x at a time (a key per thread), as
-// the forward: dS_j of the tile goes to shared memory, whose size does not grow with the keys.
 // The cached forward in `splits` parts over the keys, for few queries over a long cache
 // (decoding), where a block per query and head leaves most of the GPU idle. Block
 // (i, h, b splits + p) attends query i to its keys in [p span, (p + 1) span) and writes the
@@ -181,6 +179,8 @@ __device__ void attention_combine(const float* part, T* out, long long rows, int
     }
 }
 
+// One block per query i, over its keys a tile of blockDim.x at a time (a key per thread), as
+// the forward: dS_j of the tile goes to shared memory, whose size does not grow with the keys.
 template <typename T>
 __device__ void attention_backward(const T* dout, const T* qkv, const T* out, const float* lse, float* dqkv, Heads s) {
     __shared__ float scratch[32];

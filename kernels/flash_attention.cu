@@ -1,7 +1,7 @@
 // Flash attention (FlashAttention-2's schedule) for causal grouped-query attention in bf16 on
-// tensor cores, forward and backward; head dims 32, 64, 80, 96 and 128 (any multiple of 16
-// would do: these are the instances, for the models that use them; the backend falls back
-// to the simple kernel of attention.cu for other head dims and for fp32 storage).
+// tensor cores, forward and backward; head dims 32, 64, 80, 96 and 128 (the code takes
+// multiples of 16 up to 128: these are the instances, for the models that use them; the
+// backend falls back to the simple kernel of attention.cu for other head dims and for fp32).
 //
 // Computes what attention.cu computes (see there), with scale = 1 / sqrt(D):
 //   out_i = sum_{j <= i} softmax_j(scale q_i . k_j) v_j,  lse_i = log sum_{j <= i} exp(scale q_i . k_j)
@@ -28,7 +28,8 @@
 // query heads of the group and the query tiles at or after the key tile (32 queries a step,
 // the next step's Q and dO tiles landing by cp.async while this one computes); dQ, which
 // every key tile touches, goes to dq_acc with fp32 atomics. Shared memory: K and V tiles,
-// two Q and dO tiles (32 x (D + 8) bf16 each), dS^T (128 x 40 bf16), two of lse and delta.
+// STAGES (2, or 1 where 2 exceed the GPU's) Q and dO tiles (32 x (D + 8) bf16 each), dS^T
+// (128 x 40 bf16), STAGES of lse and delta: 115,200 bytes at D = 128 with 2, 97,536 with 1.
 // FLOPs: 2 T^2 D per head forward (4 T^2 D / 2 causal), 2.5x that backward; bytes: Q, K, V,
 // O once per block row, K and V re-read per 128-query tile (Q and dO per 128-key tile
 // backward). Not here: wgmma and TMA on sm_90a.
@@ -150,18 +151,22 @@ extern "C" __global__ void flash_backward_dot(const bf16* dout, const bf16* out,
     if (lane == 0) delta[(b * n_heads + h) * seq + t] = acc;
 }
 
-template <int D>
+// STAGES buffers of the Q, dO, lse and delta tiles: 2 loads the next step's during this
+// one's products, 1 (for GPUs with 99 KiB of shared memory a block, where 2 do not fit at
+// D = 128) during this one's dQ, once its products are done with them.
+template <int D, int STAGES>
 __device__ void flash_backward(const bf16* dout, const bf16* qkv, const float* lse, const float* delta, float* dq_acc,
                                bf16* dqkv, int seq, int n_heads, int n_kv_heads) {
+    static_assert(STAGES == 1 || STAGES == 2, "one or two buffers of the query tiles");
     extern __shared__ __align__(16) bf16 fa_smem[];
     constexpr int S = D + FA_PAD, SD = FA_BQ + FA_PAD;
     bf16* Ks = fa_smem;                 // [FA_BK][S]
     bf16* Vs = Ks + FA_BK * S;          // [FA_BK][S]
-    bf16* Qs = Vs + FA_BK * S;          // [2][FA_BQ][S]: this step's and the next one's
-    bf16* dOs = Qs + 2 * FA_BQ * S;     // [2][FA_BQ][S]
-    bf16* dSt = dOs + 2 * FA_BQ * S;    // [FA_BK][SD]: dS^T of the step
-    float* lse_s = (float*)(dSt + FA_BK * SD);  // [2][FA_BQ], base 2
-    float* delta_s = lse_s + 2 * FA_BQ;         // [2][FA_BQ]
+    bf16* Qs = Vs + FA_BK * S;               // [STAGES][FA_BQ][S]: this step's (and the next one's)
+    bf16* dOs = Qs + STAGES * FA_BQ * S;     // [STAGES][FA_BQ][S]
+    bf16* dSt = dOs + STAGES * FA_BQ * S;    // [FA_BK][SD]: dS^T of the step
+    float* lse_s = (float*)(dSt + FA_BK * SD);  // [STAGES][FA_BQ], base 2
+    float* delta_s = lse_s + STAGES * FA_BQ;    // [STAGES][FA_BQ]
     const int kt = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int group = n_heads / n_kv_heads;
@@ -173,9 +178,9 @@ __device__ void flash_backward(const bf16* dout, const bf16* qkv, const float* l
     // The steps: each query head of the group, over the query tiles from the one holding
     // key j0 (queries before it see none of the block's keys) to the end.
     const int q_first = j0 / FA_BQ * FA_BQ, per_head = (seq - q_first + FA_BQ - 1) / FA_BQ;
-    // Starts the copies of step i's Q and dO tiles (and writes its lse and delta) into buffer i & 1.
+    // Starts the copies of step i's Q and dO tiles (and writes its lse and delta) into buffer i % STAGES.
     auto prefetch = [&](int i) {
-        const int h = kvh * group + i / per_head, q0 = q_first + i % per_head * FA_BQ, buf = i & 1;
+        const int h = kvh * group + i / per_head, q0 = q_first + i % per_head * FA_BQ, buf = i % STAGES;
         stage_rows<D>(Qs + buf * FA_BQ * S, base + (long long)h * D, W, q0, seq, FA_BQ);
         stage_rows<D>(dOs + buf * FA_BQ * S, dout + (long long)b * seq * O + (long long)h * D, O, q0, seq, FA_BQ);
         const long long at = ((long long)b * n_heads + h) * seq;
@@ -194,12 +199,12 @@ __device__ void flash_backward(const bf16* dout, const bf16* qkv, const float* l
     zero_acc(dv);
 
     for (int i = 0; i < group * per_head; i++) {
-        const int h = kvh * group + i / per_head, q0 = q_first + i % per_head * FA_BQ, buf = i & 1;
+        const int h = kvh * group + i / per_head, q0 = q_first + i % per_head * FA_BQ, buf = i % STAGES;
         const bf16 *Qt = Qs + buf * FA_BQ * S, *dOt = dOs + buf * FA_BQ * S;
         const float *lse_t = lse_s + buf * FA_BQ, *delta_t = delta_s + buf * FA_BQ;
         cp_async_wait<0>();
         __syncthreads();  // step i's tiles have landed; every warp is done with step i - 1's and dS^T
-        if (i + 1 < group * per_head) prefetch(i + 1);
+        if (STAGES == 2 && i + 1 < group * per_head) prefetch(i + 1);
         // S^T = K Q^T and dP^T = V dO^T for this warp's 16 keys x FA_BQ queries, 16 of D at a time.
         float st[FA_BQ / 8][4], dpt[FA_BQ / 8][4];
         zero_acc(st);
@@ -234,13 +239,14 @@ __device__ void flash_backward(const bf16* dout, const bf16* qkv, const float* l
         // dV += P^T dO and dK += dS^T Q: the accumulators as A fragments over FA_BQ queries.
         mma_acc_b<FA_BQ, D / 8>(dv, st, dOt, S);
         mma_acc_b<FA_BQ, D / 8>(dk, dpt, Qt, S);
-        // dS^T to shared memory, for dQ = dS K over the block's 64 keys.
+        // dS^T to shared memory, for dQ = dS K over the block's FA_BK keys.
 #pragma unroll
         for (int nt = 0; nt < FA_BQ / 8; nt++)
 #pragma unroll
             for (int e = 0; e < 4; e++)
                 dSt[(warp * 16 + g + 8 * (e >> 1)) * SD + nt * 8 + 2 * t + (e & 1)] = from_float<bf16>(dpt[nt][e]);
-        __syncthreads();
+        __syncthreads();  // dS^T is written, and every warp is done with the step's Q, dO, lse and delta
+        if (STAGES == 1 && i + 1 < group * per_head) prefetch(i + 1);
         // dQ (FA_BQ x D) += dS K: 16-row x 16-column tiles shared among the warps.
         for (int tile = warp; tile < (FA_BQ / 16) * (D / 16); tile += FA_BWD_WARPS) {
             const int mt = tile / (D / 16), n = 2 * (tile % (D / 16));
@@ -288,16 +294,19 @@ extern "C" __global__ void flash_backward_dq(const float* dq_acc, bf16* dqkv, in
     GRID_STRIDE(e, rows * q_width) dqkv[e / q_width * W + e % q_width] = from_float<bf16>(dq_acc[e]);
 }
 
+#define FLASH_BACKWARD(D, STAGES)                                                                                  \
+    extern "C" __global__ void __launch_bounds__(32 * FA_BWD_WARPS)                                               \
+        flash_backward_d##D##_s##STAGES(const bf16* dout, const bf16* qkv, const float* lse, const float* delta,  \
+                                        float* dq_acc, bf16* dqkv, int seq, int n_heads, int n_kv_heads) {        \
+        flash_backward<D, STAGES>(dout, qkv, lse, delta, dq_acc, dqkv, seq, n_heads, n_kv_heads);                 \
+    }
 #define FLASH_KERNELS(D)                                                                                           \
     extern "C" __global__ void __launch_bounds__(32 * FA_WARPS)                                                   \
         flash_forward_d##D(const bf16* qkv, bf16* out, float* lse, int seq, int n_heads, int n_kv_heads) {        \
         flash_forward<D>(qkv, out, lse, seq, n_heads, n_kv_heads);                                                 \
     }                                                                                                              \
-    extern "C" __global__ void __launch_bounds__(32 * FA_BWD_WARPS)                                               \
-        flash_backward_d##D(const bf16* dout, const bf16* qkv, const float* lse, const float* delta,              \
-                            float* dq_acc, bf16* dqkv, int seq, int n_heads, int n_kv_heads) {                    \
-        flash_backward<D>(dout, qkv, lse, delta, dq_acc, dqkv, seq, n_heads, n_kv_heads);                         \
-    }
+    FLASH_BACKWARD(D, 1)                                                                                           \
+    FLASH_BACKWARD(D, 2)
 
 FLASH_KERNELS(32)
 FLASH_KERNELS(64)

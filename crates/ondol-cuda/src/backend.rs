@@ -74,7 +74,14 @@ impl CudaBackend {
     /// for checking them without a GPU. `reverse` runs each block's threads in reverse order,
     /// and the blocks from the last.
     pub fn emulated(compute: Dtype, reverse: bool) -> Self {
-        Self { dev: Box::new(Emulator::new(reverse)), compute, tensor_cores: true, blas_gemms: true }
+        Self::emulated_with_shared_memory(compute, reverse, A100_SHARED_BYTES)
+    }
+
+    /// [`Self::emulated`] with `bytes` of shared memory a block (what a GPU allows with the
+    /// opt-in: 99 KiB on sm_86, sm_89 and sm_120, 163 KiB on sm_80, 227 KiB on sm_90), for
+    /// the kernels' forms that fit GPUs with less than an A100.
+    pub fn emulated_with_shared_memory(compute: Dtype, reverse: bool, bytes: u32) -> Self {
+        Self { dev: Box::new(Emulator::new(reverse, bytes)), compute, tensor_cores: true, blas_gemms: true }
     }
 
     /// The same backend with the CUDA-core kernels everywhere: the simple attention of
@@ -255,11 +262,11 @@ impl CudaBackend {
         self.dev.launch("flash_attention", "flash_backward_dot", cfg, &args);
         let mut args = vec![ptr(&dout), ptr(&qkv), ptr(&lse), Arg::Ptr(delta_ptr), Arg::Ptr(dq_ptr), ptr_mut(&dqkv)];
         args.extend([shape.seq, shape.n_heads, shape.n_kv_heads].map(|x| Arg::I32(x as i32)));
-        // Shared memory: K, V (128 rows) and two each of Q, dO (32 rows) of D + 8 bf16, dS^T
-        // (128 x 40 bf16), two each of lse and delta (32 floats).
-        let smem_bf16 = 2 * 128 * (d + 8) + 4 * 32 * (d + 8) + 128 * 40;
-        let cfg = flash_grid(shape, shape.n_kv_heads, FLASH_BACKWARD, 2 * smem_bf16 + 4 * 4 * 32);
-        self.dev.launch("flash_attention", &format!("flash_backward_d{d}"), cfg, &args);
+        // Two stages of the query tiles where they fit the GPU's shared memory, else one
+        // (attention_backward has checked that one does).
+        let stages = if flash_backward_shared(d, 2) <= self.dev.max_shared_bytes() { 2 } else { 1 };
+        let cfg = flash_grid(shape, shape.n_kv_heads, FLASH_BACKWARD, flash_backward_shared(d, stages) as usize);
+        self.dev.launch("flash_attention", &format!("flash_backward_d{d}_s{stages}"), cfg, &args);
         let args = [
             Arg::Ptr(dq_ptr),
             ptr_mut(&dqkv),
@@ -751,7 +758,9 @@ impl Backend for CudaBackend {
         assert_eq!(qkv.len, shape.rows() * shape.qkv_width(), "attention_backward: qkv length");
         assert!(dout.len == out.len && out.len == shape.rows() * shape.q_width(), "attention_backward: out length");
         assert_eq!(lse.len, shape.batch * shape.n_heads * shape.seq, "attention_backward: lse length");
-        if self.uses_flash(shape, &[dout.ptr, qkv.ptr, out.ptr, dqkv.ptr]) {
+        if self.uses_flash(shape, &[dout.ptr, qkv.ptr, out.ptr, dqkv.ptr])
+            && flash_backward_shared(shape.head_dim, 1) <= self.dev.max_shared_bytes()
+        {
             self.flash_backward(dout, qkv, out, lse, dqkv, shape);
             return;
         }
@@ -800,6 +809,9 @@ impl Backend for CudaBackend {
             "attention_cached: cache lengths"
         );
         assert_eq!(out.len, shape.rows() * shape.q_width(), "attention_cached: out length");
+        if shape.rows() == 0 {
+            return;
+        }
         let heads = [shape.n_heads, shape.n_kv_heads, shape.head_dim].map(|x| Arg::I32(x as i32));
         let mut args = vec![ptr(&qkv), ptr_mut(&k_cache), ptr_mut(&v_cache), Arg::I32(shape.seq as i32)];
         args.extend(heads);
@@ -1393,9 +1405,12 @@ fn scan_grid(s: ScanShape) -> LaunchConfig {
 const SSD_ROWS: usize = 16;
 
 /// The longest SSD chunk the CUDA kernels take: the CUDA-core backward keeps 4 + 3 SSD_ROWS
-/// floats per token of a chunk in shared memory (104 KiB at 512 tokens, within every GPU's
-/// limit). Mamba-2 and Nemotron-H use 256 or 128.
-pub const SSD_MAX_CHUNK: usize = 512;
+/// floats per token of a chunk in shared memory (52 KiB at 256 tokens; GPUs with the least
+/// allow 99 KiB a block). Mamba-2 and Codestral Mamba use 256, Nemotron-H 128.
+pub const SSD_MAX_CHUNK: usize = 256;
+
+/// An A100's shared memory a block (163 KiB with the opt-in): the emulator's by default.
+const A100_SHARED_BYTES: u32 = 163 << 10;
 
 /// The storage type of an SSD's inputs, checking their lengths.
 fn ssd_type(what: &str, x: &SsdInputs<DevRef<'_>>, s: SsdShape) -> Dtype {
@@ -1505,6 +1520,14 @@ const FLASH_HEAD_DIMS: [usize; 5] = [32, 64, 80, 96, 128];
 const FLASH_FORWARD: (usize, u32) = (128, 8);
 const FLASH_BACKWARD: (usize, u32) = (128, 8);
 
+/// Flash attention's backward's shared memory at head dim `d` with `stages` buffers of the
+/// query tiles: K and V (FA_BK = 128 rows) and Q and dO (FA_BQ = 32 rows) of d + 8 bf16, dS^T
+/// (128 x 40 bf16), and lse and delta (32 floats each) per stage.
+fn flash_backward_shared(d: usize, stages: usize) -> u32 {
+    let bf16s = 2 * 128 * (d + 8) + stages * 2 * 32 * (d + 8) + 128 * 40;
+    (2 * bf16s + stages * 2 * 32 * 4) as u32
+}
+
 /// Flash attention's grid: tiles of `rows` rows of the sequence x `heads` x batch, `warps`
 /// warps a block, with `shared` bytes of shared memory.
 fn flash_grid(s: AttnShape, heads: usize, (rows, warps): (usize, u32), shared: usize) -> LaunchConfig {
@@ -1517,7 +1540,8 @@ fn flash_grid(s: AttnShape, heads: usize, (rows, warps): (usize, u32), shared: u
 
 #[cfg(test)]
 mod tests {
-    use super::{AttnShape, cached_key_parts, row_chunks};
+    use super::{AttnShape, cached_key_parts, row_chunks, simple_attention_grid};
+    use crate::device::launch_limit;
 
     #[test]
     fn decoding_splits_the_keys_into_whole_tiles_until_the_gpu_is_full() {
@@ -1531,6 +1555,24 @@ mod tests {
         assert_eq!(cached_key_parts(decode, 32_768, 132), (16, 2048));
         // A prefill's queries fill the GPU on their own.
         assert_eq!(cached_key_parts(AttnShape { seq: 512, ..decode }, 512, 132), (1, 512));
+        // tests/backend.rs's decoding steps on the emulator's 2 SMs (8 blocks wanted).
+        let small = AttnShape { batch: 1, seq: 1, n_heads: 2, n_kv_heads: 1, head_dim: 8 };
+        for (shape, keys, parts) in [
+            (AttnShape { seq: 2, ..small }, 513, 2),
+            (small, 514, 3),
+            (AttnShape { batch: 2, ..small }, 514, 2),
+            (AttnShape { n_heads: 4, n_kv_heads: 2, ..small }, 514, 2),
+        ] {
+            assert_eq!(cached_key_parts(shape, keys, 2).0, parts, "{shape:?} over {keys} keys");
+        }
+    }
+
+    #[test]
+    fn simple_attention_needs_the_same_shared_memory_at_any_length() {
+        let shape = |seq| AttnShape { batch: 1, seq, n_heads: 32, n_kv_heads: 8, head_dim: 256 };
+        let short = simple_attention_grid(shape(1)).shared_mem_bytes;
+        assert_eq!(simple_attention_grid(shape(1 << 20)).shared_mem_bytes, short);
+        assert!(launch_limit(&simple_attention_grid(shape(1 << 20)), 48 << 10).is_none());
     }
 
     #[test]

@@ -53,6 +53,9 @@ pub(crate) trait Device: Send + Sync {
     fn arch(&self) -> &str;
     /// Streaming multiprocessors, for sizing grids.
     fn sms(&self) -> usize;
+    /// The most dynamic shared memory a block may have (with the opt-in above 48 KiB; static
+    /// shared memory counts against it too, but no kernel has more than a few hundred bytes).
+    fn max_shared_bytes(&self) -> u32;
     /// `bytes` zeroed bytes and their device address (no memory and 0 for none).
     fn alloc_zeroed(&self, bytes: usize) -> Result<(Option<Memory>, u64), String>;
     /// Copies `src` to the device address `dst`, in order with the kernels; `src` has been
@@ -91,18 +94,14 @@ pub(crate) trait Device: Send + Sync {
     }
 }
 
-/// The most dynamic shared memory a block may ask for on every GPU the kernels are built for:
-/// A100's 163 KiB (sm_80; an H100 allows 227 KiB). Static shared memory counts against it too,
-/// but no kernel has more than a few hundred bytes of that.
-pub(crate) const MAX_SHARED_BYTES: u32 = 163 << 10;
-
-/// Why a GPU would refuse this launch, if it would: more than [`MAX_SHARED_BYTES`] of shared
-/// memory, or more than 65,535 blocks along y or z (x takes 2^31 - 1). The emulator refuses
-/// what the GPU refuses, so a launch whose geometry grows with a shape fails in the tests first.
-pub(crate) fn launch_limit(cfg: &LaunchConfig) -> Option<String> {
+/// Why a GPU with `max_shared` bytes of shared memory a block would refuse this launch, if it
+/// would: more shared memory than that, or more than 65,535 blocks along y or z (x takes
+/// 2^31 - 1). The emulator refuses what the GPU refuses, so a launch whose geometry grows with
+/// a shape fails in the tests first.
+pub(crate) fn launch_limit(cfg: &LaunchConfig, max_shared: u32) -> Option<String> {
     let (_, y, z) = cfg.grid_dim;
-    if cfg.shared_mem_bytes > MAX_SHARED_BYTES {
-        Some(format!("{} bytes of shared memory (at most {MAX_SHARED_BYTES} on every GPU)", cfg.shared_mem_bytes))
+    if cfg.shared_mem_bytes > max_shared {
+        Some(format!("{} bytes of shared memory (this GPU has {max_shared})", cfg.shared_mem_bytes))
     } else if y > 65_535 || z > 65_535 || cfg.grid_dim.0 > i32::MAX as u32 {
         Some(format!("grid {:?} (y and z at most 65,535, x at most 2^31 - 1)", cfg.grid_dim))
     } else {

@@ -43,11 +43,13 @@ unsafe extern "C" {
 /// missing `__syncthreads`, and blocks that depend on each other's order).
 pub struct Emulator {
     reverse: bool,
+    /// The shared memory a block may have, as on the GPU it stands for.
+    max_shared: u32,
 }
 
 impl Emulator {
-    pub fn new(reverse: bool) -> Self {
-        Self { reverse }
+    pub fn new(reverse: bool, max_shared: u32) -> Self {
+        Self { reverse, max_shared }
     }
 
     fn find(family: &str, name: &str) -> unsafe extern "C" fn(*mut *mut c_void) {
@@ -113,6 +115,10 @@ impl Device for Emulator {
         2
     }
 
+    fn max_shared_bytes(&self) -> u32 {
+        self.max_shared
+    }
+
     fn alloc_zeroed(&self, bytes: usize) -> Result<(Option<Memory>, u64), String> {
         if bytes == 0 {
             return Ok((None, 0));
@@ -136,7 +142,7 @@ impl Device for Emulator {
         if x == 0 || y == 0 || z == 0 {
             return;
         }
-        if let Some(why) = launch_limit(&cfg) {
+        if let Some(why) = launch_limit(&cfg, self.max_shared) {
             panic!("kernel {family}/{name}: a GPU refuses a launch with {why}");
         }
         let thunk = Self::find(family, name);
@@ -228,7 +234,7 @@ mod tests {
 
     #[test]
     fn bytes_round_trip_through_emulated_memory() {
-        let dev = Emulator::new(false);
+        let dev = Emulator::new(false, 48 << 10);
         let (_mem, ptr) = dev.alloc_zeroed(12).unwrap();
         dev.copy_in(ptr, bytes_of(&[1.5f32, -2.0, 3.25]));
         let mut back = [0f32; 3];

@@ -21,6 +21,7 @@ pub struct Gpu {
     /// The architecture the kernels were built for ("80", "90a", ...).
     arch: String,
     sms: usize,
+    max_shared: u32,
     modules: Vec<(&'static str, Arc<CudaModule>)>,
     /// Loaded kernels by "family/name".
     functions: Mutex<HashMap<String, Kernel>>,
@@ -64,13 +65,15 @@ impl Gpu {
         // Hopper's own instructions (wgmma, setmaxnreg) need the arch-specific target.
         let arch = if major == 9 { "90a".to_string() } else { format!("{major}{minor}") };
         let sms = ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize;
+        let max_shared =
+            ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)? as u32;
         let modules = FAMILIES
             .iter()
             .map(|f| Ok((f.name, ctx.load_module(Ptx::from_binary(cached_cubin(f, &arch)?))?)))
             .collect::<Result<_, CudaError>>()?;
         let stream = ctx.default_stream();
         let blas = Blas::new(&stream).map_err(CudaError::Driver)?;
-        Ok(Self { stream, ctx, arch, sms, modules, functions: Mutex::new(HashMap::new()), blas })
+        Ok(Self { stream, ctx, arch, sms, max_shared, modules, functions: Mutex::new(HashMap::new()), blas })
     }
 
     /// Makes the GPU's context current on the calling thread (the raw copies need it).
@@ -121,6 +124,10 @@ impl Device for Gpu {
 
     fn sms(&self) -> usize {
         self.sms
+    }
+
+    fn max_shared_bytes(&self) -> u32 {
+        self.max_shared
     }
 
     fn alloc_zeroed(&self, bytes: usize) -> Result<(Option<Memory>, u64), String> {
