@@ -16,6 +16,12 @@
 // Dynamic shared memory starts as 0xff bytes (NaN as floats), so reading it before writing
 // shows.
 //
+// Memory the kernels address (the backend's buffers, from ondol_emu_alloc, and each launch's
+// dynamic shared memory) ends at a page with no access: a kernel that reads or writes past
+// the end of a buffer (by more than its rounding to 16 bytes) faults there, and the fault
+// fails the launch with the thread's coordinates and the address, as compute-sanitizer's
+// memcheck would report it on the GPU.
+//
 // A fiber is made once (ucontext: its own stack) and then loops, running the kernel for one
 // block after another and across launches. Switches are _setjmp/_longjmp, which, unlike
 // swapcontext, make no system call (swapcontext saves the signal mask every time, and made
@@ -26,15 +32,52 @@
 #include "emu.h"
 
 #include <setjmp.h>
+#include <signal.h>
+#include <sys/mman.h>
 #include <ucontext.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <mutex>
 #include <string>
 #include <vector>
 
 namespace {
+
+// ---- Memory that ends at an inaccessible page ------------------------------------------------
+
+size_t page_bytes() {
+    static const size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    return page;
+}
+
+size_t rounded16(size_t bytes) { return (bytes + 15) / 16 * 16; }
+
+// The bytes a guarded block of `bytes` spans: its whole pages, then the guard page.
+size_t guarded_span(size_t bytes) {
+    const size_t page = page_bytes();
+    return (rounded16(bytes) + page - 1) / page * page + page;
+}
+
+// `bytes` zeroed bytes, 16-byte aligned, whose end (rounded to 16 bytes) is the start of a
+// page with no access; null when the system has no memory for them.
+unsigned char* guarded_alloc(size_t bytes) {
+    const size_t span = guarded_span(bytes), data = span - page_bytes();
+    void* base = mmap(nullptr, span, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (base == MAP_FAILED) return nullptr;
+    if (data > 0 && mprotect(base, data, PROT_READ | PROT_WRITE) != 0) {
+        munmap(base, span);
+        return nullptr;
+    }
+    return (unsigned char*)base + data - rounded16(bytes);
+}
+
+void guarded_free(unsigned char* p, size_t bytes) {
+    const size_t span = guarded_span(bytes);
+    munmap(p + rounded16(bytes) - (span - page_bytes()), span);
+}
 
 enum class State { Run, BlockBarrier, WarpBarrier, Done };
 
@@ -76,7 +119,9 @@ struct Block {
     size_t n = 0;
     Lane* current = nullptr;
     ondol_dim3 block_idx{}, block_dim{}, grid_dim{};
-    std::vector<unsigned char> smem;
+    // This launch's dynamic shared memory (guarded_alloc'ed) and its size.
+    unsigned char* smem = nullptr;
+    size_t smem_bytes = 0;
     std::vector<uint64_t> warp_slots;
     // Threads of each warp that have ended in the current block.
     std::vector<int> warp_done;
@@ -118,7 +163,10 @@ void park(State s) {
 // Runs `l` until it parks.
 void resume(Block& b, Lane& l) {
     b.current = &l;
-    if (_setjmp(b.sched)) return;
+    if (_setjmp(b.sched)) {
+        b.current = nullptr;  // back in the scheduler: no kernel code runs
+        return;
+    }
     if (l.started) _longjmp(l.env, 1);
     l.started = true;
     if (l.stack.empty()) l.stack.resize(STACK_BYTES);
@@ -143,6 +191,40 @@ std::string where(const Block& b) {
     std::snprintf(buf, sizeof buf, "block (%u, %u, %u), thread (%u, %u, %u)", b.block_idx.x, b.block_idx.y,
                   b.block_idx.z, b.current->tid.x, b.current->tid.y, b.current->tid.z);
     return buf;
+}
+
+// A fault while a kernel runs (a thread addressing past the end of a buffer or of shared
+// memory, or memory it has no business with) fails the launch. A fault anywhere else goes
+// to the handler that was there before (Rust's, which reports stack overflows).
+struct sigaction previous_fault_action;
+
+void on_fault(int sig, siginfo_t* info, void*) {
+    Block* b = running;
+    if (b == nullptr || b->current == nullptr) {
+        sigaction(sig, &previous_fault_action, nullptr);
+        return;  // the access faults again, under the previous handler
+    }
+    char buf[96];
+    std::snprintf(buf, sizeof buf, "an access to %p, which is past a buffer's end or no buffer at all",
+                  info->si_addr);
+    fail("memory fault at " + where(*b) + ": " + buf);
+}
+
+// Makes on_fault the SIGSEGV handler, unless it is (one thread at a time, so that the
+// previous handler kept is never on_fault itself). SA_NODEFER: the handler leaves by jumping
+// back to the scheduler, so the signal must not stay blocked.
+void catch_faults() {
+    static std::mutex installing;
+    std::lock_guard<std::mutex> lock(installing);
+    struct sigaction now;
+    sigaction(SIGSEGV, nullptr, &now);
+    if ((now.sa_flags & SA_SIGINFO) && now.sa_sigaction == on_fault) return;
+    previous_fault_action = now;
+    struct sigaction mine{};
+    mine.sa_sigaction = on_fault;
+    mine.sa_flags = SA_SIGINFO | SA_NODEFER;
+    sigemptyset(&mine.sa_mask);
+    sigaction(SIGSEGV, &mine, nullptr);
 }
 
 // The range of linear thread indices in the warp of `linear`.
@@ -201,7 +283,7 @@ bool run_block(Block& b, bool reverse) {
         b.lanes[i].committed = 0;
     }
     std::fill(b.warp_done.begin(), b.warp_done.end(), 0);
-    std::fill(b.smem.begin(), b.smem.end(), 0xff);
+    std::fill(b.smem, b.smem + b.smem_bytes, 0xff);
     for (;;) {
         for (int k = 0; k < warps; k++) {
             const int w = reverse ? warps - 1 - k : k;
@@ -226,7 +308,7 @@ extern "C" const ondol_dim3* ondol_emu_grid_dim() { return &running->grid_dim; }
 extern "C" void ondol_emu_syncthreads() { park(State::BlockBarrier); }
 extern "C" void ondol_emu_syncwarp() { park(State::WarpBarrier); }
 extern "C" int ondol_emu_lane() { return running->current->linear % 32; }
-extern "C" void* ondol_emu_dynamic_smem() { return running->smem.data(); }
+extern "C" void* ondol_emu_dynamic_smem() { return running->smem; }
 
 extern "C" uint64_t* ondol_emu_warp_slot(int lane) {
     return &running->warp_slots[running->current->linear / 32 * 32 + lane];
@@ -284,7 +366,7 @@ namespace {
 void check_shared_row(const void* p, const char* op) {
     Block& b = *running;
     const unsigned char* at = (const unsigned char*)p;
-    const bool inside = at >= b.smem.data() && at + 16 <= b.smem.data() + b.smem.size();
+    const bool inside = at >= b.smem && at + 16 <= b.smem + b.smem_bytes;
     if (!inside || (uintptr_t)at % 16 != 0)
         fail(std::string(op) + " at " + where(b) + ": " + (inside ? "a shared address not 16-byte aligned" :
                                                                     "an address outside dynamic shared memory"));
@@ -365,7 +447,10 @@ extern "C" int ondol_emu_launch(void (*thunk)(void**), const unsigned grid[3], c
     b.warp_slots.assign((n + 31) / 32 * 32, 0);
     b.warp_done.assign((n + 31) / 32, 0);
     b.mma.assign((n + 31) / 32 * 32, MmaSlot{});
-    b.smem.assign(smem, 0xff);
+    b.smem = guarded_alloc(smem);
+    if (b.smem == nullptr) return refuse("no host memory for " + std::to_string(smem) + " bytes of shared memory");
+    b.smem_bytes = smem;
+    catch_faults();
     b.block_dim = {block[0], block[1], block[2]};
     b.grid_dim = {grid[0], grid[1], grid[2]};
     b.thunk = thunk;
@@ -389,8 +474,13 @@ extern "C" int ondol_emu_launch(void (*thunk)(void**), const unsigned grid[3], c
         if (!run_block(b, reverse != 0)) status = refuse(b.error);
     }
     running = outer;
+    guarded_free(b.smem, b.smem_bytes);
+    b.smem = nullptr;
     // A failed block leaves fibers stopped inside the kernel: start them afresh next time.
     if (status != 0)
         for (Lane& l : b.lanes) l.started = false;
     return status;
 }
+
+extern "C" void* ondol_emu_alloc(size_t bytes) { return guarded_alloc(bytes); }
+extern "C" void ondol_emu_free(void* p, size_t bytes) { guarded_free((unsigned char*)p, bytes); }

@@ -4,7 +4,8 @@
 //! (cuBLASLt on a GPU) are a plain loop with fp32 accumulation. It is slow (a kernel runs at
 //! a few million thread-instructions per second) and meant for tests on small shapes: every
 //! kernel's indexing, launch geometry, shared-memory use and barriers, and the backend's
-//! argument lists, checked against the CPU reference without a GPU.
+//! argument lists, checked against the CPU reference without a GPU. Buffers and shared
+//! memory end at an inaccessible page, so an access past the end fails the launch.
 //!
 //! What it cannot show: speed, the memory model between blocks (they never run at the same
 //! time, so atomics cannot race), and whether the PTX fragment layout it assumes for
@@ -231,6 +232,23 @@ impl Device for Emulator {
 mod tests {
     use super::*;
     use crate::device::bytes_of_mut;
+
+    /// A kernel writing past a buffer's end (16-byte rounded) fails its launch, naming the
+    /// kernel and the thread, instead of corrupting whatever lies beyond.
+    #[test]
+    fn a_kernel_writing_past_a_buffer_fails_its_launch() {
+        let dev = Emulator::new(false, 48 << 10);
+        let (_mem, ptr) = dev.alloc_zeroed(4 * 40).unwrap();
+        let fill = |n: usize| {
+            let args = [Arg::Ptr(ptr), Arg::I64(n as i64), Arg::F32(1.0)];
+            std::panic::catch_unwind(|| dev.launch("elementwise", "fill_f32", dev.flat(n), &args))
+        };
+        assert!(fill(40).is_ok());
+        let message = *fill(44).unwrap_err().downcast::<String>().unwrap();
+        assert!(message.contains("elementwise/fill_f32") && message.contains("memory fault at block"), "{message}");
+        // The launch after a fault runs as any other.
+        assert!(fill(40).is_ok());
+    }
 
     #[test]
     fn bytes_round_trip_through_emulated_memory() {

@@ -8,7 +8,6 @@
 
 use crate::device::Device;
 use cudarc::driver::CudaSlice;
-use std::alloc::Layout;
 use std::marker::PhantomData;
 use std::ops::Range;
 
@@ -19,10 +18,17 @@ pub(crate) enum Memory {
     Host(HostMemory),
 }
 
-/// Zeroed host memory aligned as the GPU's allocations are (256 bytes), for the emulator.
+/// Zeroed host memory for the emulator, 16-byte aligned, ending (rounded to 16 bytes) at a
+/// page with no access, so that a kernel reading or writing past a buffer's end faults there
+/// (emu/emu.cpp turns the fault into a failed launch).
 pub(crate) struct HostMemory {
     ptr: *mut u8,
-    layout: Layout,
+    bytes: usize,
+}
+
+unsafe extern "C" {
+    fn ondol_emu_alloc(bytes: usize) -> *mut u8;
+    fn ondol_emu_free(p: *mut u8, bytes: usize);
 }
 
 // SAFETY: the memory is owned exclusively; access goes through the backend's views.
@@ -31,20 +37,19 @@ unsafe impl Sync for HostMemory {}
 
 impl HostMemory {
     pub(crate) fn zeroed(bytes: usize) -> Result<(HostMemory, u64), String> {
-        let layout = Layout::from_size_align(bytes.max(1), 256).map_err(|e| e.to_string())?;
-        // SAFETY: the layout has a non-zero size.
-        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        // SAFETY: returns fresh zeroed memory of `bytes` bytes, or null.
+        let ptr = unsafe { ondol_emu_alloc(bytes) };
         if ptr.is_null() {
             return Err(format!("out of host memory for {bytes} bytes"));
         }
-        Ok((HostMemory { ptr, layout }, ptr as u64))
+        Ok((HostMemory { ptr, bytes }, ptr as u64))
     }
 }
 
 impl Drop for HostMemory {
     fn drop(&mut self) {
-        // SAFETY: allocated in `zeroed` with this layout, freed once.
-        unsafe { std::alloc::dealloc(self.ptr, self.layout) }
+        // SAFETY: allocated in `zeroed` with this size, freed once.
+        unsafe { ondol_emu_free(self.ptr, self.bytes) }
     }
 }
 
