@@ -218,6 +218,14 @@ impl CudaBackend {
         self.dev.launch("gemm", name, cfg, &args);
     }
 
+    /// The buffers of the query tiles flash attention's backward at head dim `d` runs with:
+    /// two where they fit the GPU's shared memory, else one where that form exists (head dim
+    /// 128, for GPUs with 99 KiB) and fits; None where neither does.
+    fn flash_backward_stages(&self, d: usize) -> Option<usize> {
+        let fits = |stages| flash_backward_shared(d, stages) <= self.dev.max_shared_bytes();
+        [2, 1].into_iter().find(|&stages| fits(stages) && (stages == 2 || d == 128))
+    }
+
     /// Flash attention's forward (kernels/flash_attention.cu) into `out` and the log-sum-exp
     /// at `lse` (fp32, [B, H, T]).
     fn flash_forward(&self, qkv: DevRef<'_>, out: DevMut<'_>, lse: u64, shape: AttnShape) {
@@ -262,9 +270,7 @@ impl CudaBackend {
         self.dev.launch("flash_attention", "flash_backward_dot", cfg, &args);
         let mut args = vec![ptr(&dout), ptr(&qkv), ptr(&lse), Arg::Ptr(delta_ptr), Arg::Ptr(dq_ptr), ptr_mut(&dqkv)];
         args.extend([shape.seq, shape.n_heads, shape.n_kv_heads].map(|x| Arg::I32(x as i32)));
-        // Two stages of the query tiles where they fit the GPU's shared memory, else one
-        // (attention_backward has checked that one does).
-        let stages = if flash_backward_shared(d, 2) <= self.dev.max_shared_bytes() { 2 } else { 1 };
+        let stages = self.flash_backward_stages(d).expect("attention_backward checked that a form fits");
         let cfg = flash_grid(shape, shape.n_kv_heads, FLASH_BACKWARD, flash_backward_shared(d, stages) as usize);
         self.dev.launch("flash_attention", &format!("flash_backward_d{d}_s{stages}"), cfg, &args);
         let args = [
@@ -759,7 +765,7 @@ impl Backend for CudaBackend {
         assert!(dout.len == out.len && out.len == shape.rows() * shape.q_width(), "attention_backward: out length");
         assert_eq!(lse.len, shape.batch * shape.n_heads * shape.seq, "attention_backward: lse length");
         if self.uses_flash(shape, &[dout.ptr, qkv.ptr, out.ptr, dqkv.ptr])
-            && flash_backward_shared(shape.head_dim, 1) <= self.dev.max_shared_bytes()
+            && self.flash_backward_stages(shape.head_dim).is_some()
         {
             self.flash_backward(dout, qkv, out, lse, dqkv, shape);
             return;

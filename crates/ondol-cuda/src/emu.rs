@@ -11,6 +11,7 @@
 //! time, so atomics cannot race), and whether the PTX fragment layout it assumes for
 //! `mma.sync` is the hardware's (it follows the PTX ISA; the GPU bundle checks the rest).
 
+use crate::compile::FAMILIES;
 use crate::device::{Arg, Device, Epilogue, bytes_of, check_gemm_operands, launch_limit};
 use crate::memory::{DevMut, DevRef, Dtype, HostMemory, Memory};
 use cudarc::driver::LaunchConfig;
@@ -18,6 +19,8 @@ use ondol_core::backend::Gemm;
 use ondol_core::bf16;
 use ondol_cpu::math::{gelu, gelu_grad};
 use std::ffi::{CStr, CString, c_char, c_void};
+use std::io::Write as _;
+use std::sync::{Mutex, OnceLock};
 
 #[repr(C)]
 struct Kernel {
@@ -54,19 +57,11 @@ impl Emulator {
     }
 
     fn find(family: &str, name: &str) -> unsafe extern "C" fn(*mut *mut c_void) {
-        let family_c = CString::new(family).expect("no NUL in a family name");
-        // SAFETY: the registry returns a static table ending with a null name, or null.
-        unsafe {
-            let mut k = ondol_emu_family(family_c.as_ptr());
-            assert!(!k.is_null(), "kernels/{family}.cu is not in the emulator (rebuild ondol-cuda)");
-            while !(*k).name.is_null() {
-                if CStr::from_ptr((*k).name).to_bytes() == name.as_bytes() {
-                    return (*k).thunk.expect("every named kernel has a thunk");
-                }
-                k = k.add(1);
-            }
-        }
-        panic!("kernel {family}/{name} is not defined in kernels/{family}.cu");
+        family_table(family)
+            .into_iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, thunk)| thunk)
+            .unwrap_or_else(|| panic!("kernel {family}/{name} is not defined in kernels/{family}.cu"))
     }
 
     /// Writes `values` to the view, rounded to its type.
@@ -79,6 +74,40 @@ impl Emulator {
             }
         }
     }
+}
+
+/// The kernels of `family` in the emulator's registry (built by build.rs), with their thunks.
+fn family_table(family: &str) -> Vec<(String, unsafe extern "C" fn(*mut *mut c_void))> {
+    let family_c = CString::new(family).expect("no NUL in a family name");
+    let mut out = Vec::new();
+    // SAFETY: the registry returns a static table ending with a null name, or null.
+    unsafe {
+        let mut k = ondol_emu_family(family_c.as_ptr());
+        assert!(!k.is_null(), "kernels/{family}.cu is not in the emulator (rebuild ondol-cuda)");
+        while !(*k).name.is_null() {
+            let name = CStr::from_ptr((*k).name).to_string_lossy().into_owned();
+            out.push((name, (*k).thunk.expect("every named kernel has a thunk")));
+            k = k.add(1);
+        }
+    }
+    out
+}
+
+/// Every kernel of kernels/*.cu, as "family/name".
+pub fn kernel_names() -> Vec<String> {
+    FAMILIES.iter().flat_map(|f| family_table(f.name).into_iter().map(|(n, _)| format!("{}/{n}", f.name))).collect()
+}
+
+/// Where the emulator appends "family/name" for every launch: the file named by
+/// ONDOL_EMU_LAUNCH_LOG, if set (.ci/run: which kernels the tests run).
+fn launch_log() -> Option<&'static Mutex<std::fs::File>> {
+    static LOG: OnceLock<Option<Mutex<std::fs::File>>> = OnceLock::new();
+    LOG.get_or_init(|| {
+        let path = std::env::var_os("ONDOL_EMU_LAUNCH_LOG")?;
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(&path);
+        Some(Mutex::new(file.unwrap_or_else(|e| panic!("ONDOL_EMU_LAUNCH_LOG {}: {e}", path.display()))))
+    })
+    .as_ref()
 }
 
 /// `len` values of `dtype` at host address `ptr`, as f32.
@@ -147,6 +176,9 @@ impl Device for Emulator {
             panic!("kernel {family}/{name}: a GPU refuses a launch with {why}");
         }
         let thunk = Self::find(family, name);
+        if let Some(log) = launch_log() {
+            writeln!(log.lock().expect("launch log"), "{family}/{name}").expect("write the launch log");
+        }
         let mut values: Vec<Vec<u8>> = args.iter().map(Arg::bytes).collect();
         let mut params: Vec<*mut c_void> = values.iter_mut().map(|v| v.as_mut_ptr().cast()).collect();
         let grid = [x, y, z];

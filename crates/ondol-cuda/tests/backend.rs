@@ -937,7 +937,7 @@ fn ssd_on_tensor_cores_matches_the_cpu_and_the_cuda_core_kernels() {
         // And the largest pair in chunks of 256 (four tiles, two passes of the chunk state,
         // over 48 KiB of shared memory) with two groups, the last chunk short.
         for (head_dim, state, chunk, len, groups) in
-            [(32, 32, 80, 100, 1), (64, 128, 80, 100, 1), (128, 128, 256, 300, 2)]
+            [(32, 32, 80, 100, 1), (64, 64, 80, 100, 1), (64, 128, 80, 100, 1), (128, 128, 256, 300, 2)]
         {
             let (batch, heads) = (if chunk == 80 { 2 } else { 1 }, 2);
             let s = SsdShape { batch, len, heads, head_dim, groups, state, chunk, dt_min: 0.0 };
