@@ -492,32 +492,37 @@ fn check_attention(be: &CudaBackend, shape: AttnShape, max_seq: usize, steps: &[
     let what = |w: &str| format!("{w} (T={} D={})", shape.seq, shape.head_dim);
     let n = shape.rows() * shape.qkv_width();
     let qkv = round(be, &random(n, 1, 1.0));
-    let gqkv = be.upload(&qkv);
-    let (mut out, mut lse) =
-        (be.zeros(shape.rows() * shape.q_width()), be.zeros_f32(shape.batch * shape.n_heads * shape.seq));
-    be.attention_forward(be.all(&gqkv), be.all_mut(&mut out), be.all_mut(&mut lse), shape);
+    let dout = round(be, &random(shape.rows() * shape.q_width(), 2, 1.0));
+    let (out, lse, dqkv) = run_attention(be, &qkv, &dout, shape);
     let (mut want_out, mut want_lse) =
         (vec![0.0; shape.rows() * shape.q_width()], vec![0.0; shape.batch * shape.n_heads * shape.seq]);
     CPU.attention_forward(&qkv, &mut want_out, &mut want_lse, shape);
-    assert_close(&what("attention_forward out"), be, &be.download(&out), &want_out, tol);
-    assert_close(&what("attention_forward lse"), be, &be.download(&lse), &want_lse, 1e-4);
-
+    assert_close(&what("attention_forward out"), be, &out, &want_out, tol);
+    assert_close(&what("attention_forward lse"), be, &lse, &want_lse, 1e-4);
     // Backward from the GPU's own forward outputs, as training runs it.
-    let dout = round(be, &random(shape.rows() * shape.q_width(), 2, 1.0));
-    let (out_seen, lse_seen) = (be.download(&out), be.download(&lse));
-    let mut dqkv = be.upload(&random(n, 3, 1.0)); // overwritten, not accumulated
+    let mut want = vec![0.0; n];
+    CPU.attention_backward(&dout, &qkv, &out, &lse, &mut want, shape);
+    assert_close(&what("attention_backward dqkv"), be, &dqkv, &want, tol);
+    check_cached_attention(be, shape, max_seq, steps);
+}
+
+/// Attention's forward on `be`, then its backward from `dout` and that forward's outputs:
+/// (out, lse, dqkv), downloaded.
+fn run_attention(be: &CudaBackend, qkv: &[f32], dout: &[f32], shape: AttnShape) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let gqkv = be.upload(qkv);
+    let (mut out, mut lse) =
+        (be.zeros(shape.rows() * shape.q_width()), be.zeros_f32(shape.batch * shape.n_heads * shape.seq));
+    be.attention_forward(be.all(&gqkv), be.all_mut(&mut out), be.all_mut(&mut lse), shape);
+    let mut dqkv = be.upload(&random(qkv.len(), 3, 1.0)); // overwritten, not accumulated
     be.attention_backward(
-        be.all(&be.upload(&dout)),
+        be.all(&be.upload(dout)),
         be.all(&gqkv),
         be.all(&out),
         be.all(&lse),
         be.all_mut(&mut dqkv),
         shape,
     );
-    let mut want = vec![0.0; n];
-    CPU.attention_backward(&dout, &qkv, &out_seen, &lse_seen, &mut want, shape);
-    assert_close(&what("attention_backward dqkv"), be, &be.download(&dqkv), &want, tol);
-    check_cached_attention(be, shape, max_seq, steps);
+    (be.download(&out), be.download(&lse), be.download(&dqkv))
 }
 
 /// Attention over a cache of `max_seq` positions against the CPU, the cache filled by `steps`
@@ -870,22 +875,7 @@ fn flash_attention_matches_the_cpu_and_the_simple_kernel() {
             let n = shape.rows() * shape.qkv_width();
             let qkv = round(&flash, &random(n, 1, 1.0));
             let dout = round(&flash, &random(shape.rows() * shape.q_width(), 2, 1.0));
-            let run = |be: &CudaBackend| {
-                let gqkv = be.upload(&qkv);
-                let (mut out, mut lse) =
-                    (be.zeros(shape.rows() * shape.q_width()), be.zeros_f32(shape.batch * shape.n_heads * shape.seq));
-                be.attention_forward(be.all(&gqkv), be.all_mut(&mut out), be.all_mut(&mut lse), shape);
-                let mut dqkv = be.upload(&random(n, 3, 1.0)); // overwritten, not accumulated
-                be.attention_backward(
-                    be.all(&be.upload(&dout)),
-                    be.all(&gqkv),
-                    be.all(&out),
-                    be.all(&lse),
-                    be.all_mut(&mut dqkv),
-                    shape,
-                );
-                (be.download(&out), be.download(&lse), be.download(&dqkv))
-            };
+            let run = |be: &CudaBackend| run_attention(be, &qkv, &dout, shape);
             let (out, lse, dqkv) = run(&flash);
             let what = |w: &str| format!("flash attention D={head_dim} T={seq} {w}");
             // At D = 128 two stages of the backward's query tiles exceed 99 KiB of shared
