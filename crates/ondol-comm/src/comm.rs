@@ -56,6 +56,7 @@ pub trait Communicator: Send {
     /// Sends `buf` to group rank `to`, which receives it with a matching [`Communicator::recv`].
     /// Callers must not rely on `send` returning before the matching `recv` is posted (NCCL
     /// does not buffer): pair sends and receives so that no cycle of ranks all sends first.
+    /// The pipeline channels are the exception: they buffer (see [`crate::RankComms::pp`]).
     fn send(&self, buf: &[f32], to: usize) -> Result<(), CommError>;
     /// Receives into `buf` the next message group rank `from` sent to this rank; the lengths
     /// must agree.
@@ -105,6 +106,22 @@ pub trait Communicator: Send {
     fn reduce_device(&self, buf: DeviceSlice, root: usize) -> Result<(), CommError> {
         let mut values = read_host("reduce_device", self.world_ranks(), &buf)?;
         self.reduce_sum(&mut values, root)?;
+        write_host(&buf, &values);
+        Ok(())
+    }
+    /// [`Communicator::send`] of device memory, after the work already issued on the device.
+    /// Returns once `buf` may be written again; whether the message waits for its receiver
+    /// is as `send` says for this communicator (the pipeline channels buffer: see
+    /// [`crate::RankComms::pp`]).
+    fn send_device(&self, buf: DeviceSlice, to: usize) -> Result<(), CommError> {
+        let values = read_host("send_device", self.world_ranks(), &buf)?;
+        self.send(&values, to)
+    }
+    /// [`Communicator::recv`] into device memory, before the work issued on the device after
+    /// it; `buf` holds the same number of values as the sender's (f32 or bf16 alike).
+    fn recv_device(&self, buf: DeviceSlice, from: usize) -> Result<(), CommError> {
+        let mut values = read_host("recv_device", self.world_ranks(), &buf)?;
+        self.recv(&mut values, from)?;
         write_host(&buf, &values);
         Ok(())
     }
@@ -223,6 +240,12 @@ impl<C: Communicator + ?Sized> Communicator for Box<C> {
     }
     fn reduce_device(&self, buf: DeviceSlice, root: usize) -> Result<(), CommError> {
         (**self).reduce_device(buf, root)
+    }
+    fn send_device(&self, buf: DeviceSlice, to: usize) -> Result<(), CommError> {
+        (**self).send_device(buf, to)
+    }
+    fn recv_device(&self, buf: DeviceSlice, from: usize) -> Result<(), CommError> {
+        (**self).recv_device(buf, from)
     }
     fn queue_all_reduce_device(&self, buf: DeviceSlice) -> Result<(), CommError> {
         (**self).queue_all_reduce_device(buf)

@@ -41,7 +41,7 @@ pub mod thread;
 pub use comm::Communicator;
 pub use env::DistEnv;
 pub use error::{CommError, TimeoutInfo};
-pub use mesh::{Coords, Mesh, RankComms};
+pub use mesh::{Coords, Direction, Mesh, RankComms, RingEdge, ring_edges};
 #[cfg(feature = "nccl")]
 pub use nccl::NcclComm;
 pub use store::{StoreClient, StoreServer};

@@ -112,6 +112,41 @@ impl Mesh {
     }
 }
 
+/// Which way a pipeline channel carries messages around the ring of pipeline ranks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// To the next rank, from the previous one (activations; [`RankComms::pp`]).
+    Forward,
+    /// To the previous rank, from the next one (gradients; [`RankComms::pp_back`]).
+    Backward,
+}
+
+/// A one-way link between two neighbours of a ring of pipeline ranks, in group ranks: edge
+/// `index` joins ranks `index` and `index + 1` (mod the ring's size).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RingEdge {
+    pub index: usize,
+    pub sender: usize,
+    pub receiver: usize,
+}
+
+/// The two edges group rank `rank` of a ring of `size >= 2` ranks is on for `direction`:
+/// the one it sends on and the one it receives on, in ascending index. Joining them in this
+/// order on every rank (as NCCL's communicator set-up, which waits for both ends, needs)
+/// lets edge 0 start, then each edge after the one before: no cycle of ranks waits on itself.
+pub fn ring_edges(rank: usize, size: usize, direction: Direction) -> [RingEdge; 2] {
+    assert!(size >= 2 && rank < size, "rank {rank} of a ring of {size}");
+    let edge = |index: usize| {
+        let (low, high) = (index, (index + 1) % size);
+        match direction {
+            Direction::Forward => RingEdge { index, sender: low, receiver: high },
+            Direction::Backward => RingEdge { index, sender: high, receiver: low },
+        }
+    };
+    let (mine, before) = (edge(rank), edge((rank + size - 1) % size));
+    if mine.index < before.index { [mine, before] } else { [before, mine] }
+}
+
 /// Every communicator of one rank: the world and its tp, pp and dp groups. A rank's position in
 /// a group is its coordinate along that axis (`tp.rank() == coords.tp`, ...).
 pub struct RankComms<C: Communicator> {
@@ -119,9 +154,13 @@ pub struct RankComms<C: Communicator> {
     pub coords: Coords,
     pub world: C,
     pub tp: C,
-    /// The pipeline group, twice: activations flow forward on `pp` and gradients back on
-    /// `pp_back`, so the two streams between the same two ranks never interleave (point-to-point
-    /// messages between a pair arrive in the order they were sent).
+    /// The pipeline group, twice: activations flow forward on `pp` (each rank sends to the
+    /// next around the ring of stages and receives from the one before) and gradients back on
+    /// `pp_back` (to the one before, from the next), so the two streams between the same two
+    /// ranks never interleave (point-to-point messages between a pair arrive in the order they
+    /// were sent). Their sends are buffered, returning before the receive is posted, which
+    /// the schedules rely on: the thread and TCP communicators always buffer, and NCCL's
+    /// pipeline channels (`NcclPipe`, feature `nccl`) copy each message to send it later.
     pub pp: C,
     pub pp_back: C,
     pub dp: C,

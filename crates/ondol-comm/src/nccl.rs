@@ -28,13 +28,13 @@
 //!
 //! # Point to point
 //! `send` waits until the peer has received (NCCL does not buffer), so sends and receives must
-//! be paired as the contract says; the pipeline schedules rely on buffered sends, so
-//! [`RankComms::nccl`] takes the pipeline groups' communicators from its caller where the mesh
-//! has stages (a launched GPU job gives TCP ones, through the host).
+//! be paired as the contract says. The pipeline schedules rely on buffered sends, so where the
+//! mesh has stages, [`RankComms::nccl`] makes the pipeline channels [`NcclPipe`]s, which copy
+//! each message on the device and send it from a stream of their own (see [`pipe`]).
 
 use crate::comm::Communicator;
 use crate::error::{CommError, Ranks, TimeoutInfo};
-use crate::mesh::{Mesh, RankComms};
+use crate::mesh::{Direction, Mesh, RankComms};
 use crate::store::StoreClient;
 use cudarc::driver::result as driver;
 use cudarc::driver::sys as cu;
@@ -46,6 +46,9 @@ use std::ffi::{c_int, c_void};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+pub mod pipe;
+pub use pipe::NcclPipe;
 
 /// Whether libnccl can be loaded.
 pub fn nccl_available() -> bool {
@@ -59,15 +62,83 @@ struct Staging {
     bytes: usize,
 }
 
+impl Staging {
+    /// The buffer, grown to at least `bytes`. The caller knows that nothing on the device uses
+    /// it any more (it waited for the stream, or for the event after the last use).
+    fn at_least(&mut self, bytes: usize) -> Result<u64, String> {
+        if self.bytes < bytes {
+            self.free();
+            // SAFETY: a plain allocation, freed by `free`.
+            self.ptr = unsafe { driver::malloc_sync(bytes.next_power_of_two()) }
+                .map_err(|e| format!("cannot allocate {bytes} bytes on the GPU: {e}"))?;
+            self.bytes = bytes.next_power_of_two();
+        }
+        Ok(self.ptr)
+    }
+
+    fn free(&mut self) {
+        if self.ptr != 0 {
+            // SAFETY: allocated by `at_least`, no longer in use (the caller's contract).
+            let _ = unsafe { driver::free_sync(self.ptr) };
+            (self.ptr, self.bytes) = (0, 0);
+        }
+    }
+}
+
 /// An NCCL communicator and the stream its work is queued on.
 struct Lane {
     comm: sys::ncclComm_t,
     stream: Arc<CudaStream>,
 }
 
+/// Why waiting for a lane's stream ended before its work was done.
+enum Stalled {
+    /// The CUDA context or stream failed (the message says how).
+    Cuda(String),
+    /// NCCL reported an asynchronous error: the communicator must be aborted.
+    Nccl(sys::ncclResult_t),
+    /// The work was not done within the timeout.
+    TimedOut,
+}
+
 impl Lane {
     fn stream_ptr(&self) -> sys::cudaStream_t {
         self.stream.cu_stream() as sys::cudaStream_t
+    }
+
+    /// Polls the stream until everything queued on it is done, at most `timeout`; an
+    /// asynchronous NCCL error on the communicator ends the wait at once.
+    fn wait(&self, timeout: Duration) -> Result<(), Stalled> {
+        // The main lane's stream is the context's NULL stream, which resolves against the
+        // context current on this thread.
+        self.stream.context().bind_to_thread().map_err(|e| Stalled::Cuda(format!("CUDA context: {e}")))?;
+        let deadline = Instant::now() + timeout;
+        let mut pause = Duration::from_micros(20);
+        loop {
+            // SAFETY: the stream is alive (held by the lane).
+            match unsafe { cu::cuStreamQuery(self.stream.cu_stream()) } {
+                cu::CUresult::CUDA_SUCCESS => return Ok(()),
+                cu::CUresult::CUDA_ERROR_NOT_READY => {}
+                other => return Err(Stalled::Cuda(format!("the CUDA stream failed: {other:?}"))),
+            }
+            self.async_error()?;
+            if Instant::now() >= deadline {
+                return Err(Stalled::TimedOut);
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(1));
+        }
+    }
+
+    /// The communicator's asynchronous error, if NCCL has one.
+    fn async_error(&self) -> Result<(), Stalled> {
+        let mut error = sys::ncclResult_t::ncclSuccess;
+        // SAFETY: the communicator is alive; the out-parameter is valid.
+        unsafe { sys::ncclCommGetAsyncError(self.comm, &mut error) };
+        match error {
+            sys::ncclResult_t::ncclSuccess | sys::ncclResult_t::ncclInProgress => Ok(()),
+            error => Err(Stalled::Nccl(error)),
+        }
     }
 }
 
@@ -214,33 +285,19 @@ impl NcclComm {
     /// Waits for everything queued on `lane`'s stream, at most the timeout; past it, or on
     /// an asynchronous NCCL error, aborts the communicator.
     fn wait_lane(&self, op: &'static str, lane: &Lane) -> Result<(), CommError> {
-        // The main lane's stream is the context's NULL stream, which resolves against the
-        // context current on this thread.
-        lane.stream.context().bind_to_thread().map_err(|e| self.invalid(op, format!("CUDA context: {e}")))?;
-        let deadline = Instant::now() + self.timeout;
-        let mut pause = Duration::from_micros(20);
-        loop {
-            // SAFETY: the stream is alive (held by the lane).
-            match unsafe { cu::cuStreamQuery(lane.stream.cu_stream()) } {
-                cu::CUresult::CUDA_SUCCESS => return Ok(()),
-                cu::CUresult::CUDA_ERROR_NOT_READY => {}
-                other => return Err(self.invalid(op, format!("the CUDA stream failed: {other:?}"))),
-            }
-            let mut async_error = sys::ncclResult_t::ncclSuccess;
-            // SAFETY: the communicator is alive; the out-parameter is valid.
-            unsafe { sys::ncclCommGetAsyncError(lane.comm, &mut async_error) };
-            if async_error != sys::ncclResult_t::ncclSuccess && async_error != sys::ncclResult_t::ncclInProgress {
+        match lane.wait(self.timeout) {
+            Ok(()) => Ok(()),
+            Err(Stalled::Cuda(message)) => Err(self.invalid(op, message)),
+            Err(Stalled::Nccl(error)) => {
                 self.abort();
-                return Err(self.invalid(op, format!("NCCL reported {async_error:?}; the communicator was aborted")));
+                Err(self.invalid(op, format!("NCCL reported {error:?}; the communicator was aborted")))
             }
-            if Instant::now() >= deadline {
+            Err(Stalled::TimedOut) => {
                 let info = TimeoutInfo { op, group: self.ranks.clone(), missing: Vec::new(), timeout: self.timeout };
                 *self.broken.lock().unwrap_or_else(|e| e.into_inner()) = Some(info.clone());
                 self.abort();
-                return Err(CommError::Timeout(info));
+                Err(CommError::Timeout(info))
             }
-            std::thread::sleep(pause);
-            pause = (pause * 2).min(Duration::from_millis(1));
         }
     }
 
@@ -263,18 +320,7 @@ impl NcclComm {
     /// A device buffer of at least `bytes`, for staging host slices.
     fn staging(&self, bytes: usize) -> Result<u64, CommError> {
         let mut st = self.staging.lock().unwrap_or_else(|e| e.into_inner());
-        if st.bytes < bytes {
-            if st.ptr != 0 {
-                // SAFETY: allocated below by this communicator, no longer in use (every
-                // operation waits for its stream).
-                let _ = unsafe { driver::free_sync(st.ptr) };
-            }
-            // SAFETY: a plain allocation, freed above or on drop.
-            st.ptr = unsafe { driver::malloc_sync(bytes.next_power_of_two()) }
-                .map_err(|e| self.invalid("staging", format!("cannot allocate {bytes} bytes on the GPU: {e}")))?;
-            st.bytes = bytes.next_power_of_two();
-        }
-        Ok(st.ptr)
+        st.at_least(bytes).map_err(|e| self.invalid("staging", e))
     }
 
     fn upload(&self, dst: u64, src: &[f32]) -> Result<(), CommError> {
@@ -375,11 +421,8 @@ impl Drop for NcclComm {
                     let _ = nccl::comm_destroy(lane.comm);
                 }
             }
-            let st = self.staging.get_mut().unwrap_or_else(|e| e.into_inner());
-            if st.ptr != 0 {
-                let _ = driver::free_sync(st.ptr);
-            }
         }
+        self.staging.get_mut().unwrap_or_else(|e| e.into_inner()).free();
     }
 }
 
@@ -587,17 +630,16 @@ impl Communicator for NcclComm {
 
 impl RankComms<Box<dyn Communicator>> {
     /// The communicators of world rank `rank` of `mesh`, over NCCL on `stream` (the rank's
-    /// backend's), finding the other ranks through `store`; `pipeline` gives the pp and
-    /// pp_back communicators instead, where the mesh has pipeline stages (NCCL's sends do not
-    /// buffer, which the schedules need: see the module doc). Every rank must call it; each
-    /// group's communicator is made in the same order on all of them.
+    /// backend's), finding the other ranks through `store`. With pipeline stages, `pp` and
+    /// `pp_back` are [`NcclPipe`]s (forward and backward around the ring), whose sends are
+    /// buffered as the schedules need. Every rank must call it; each group's communicator is
+    /// made in the same order on all of them.
     pub fn nccl(
         mesh: Mesh,
         rank: usize,
         store: &mut StoreClient,
         stream: &Arc<CudaStream>,
         timeout: Duration,
-        pipeline: impl FnOnce(&mut StoreClient) -> Result<[Box<dyn Communicator>; 2], CommError>,
     ) -> Result<RankComms<Box<dyn Communicator>>, CommError> {
         if !nccl_available() {
             return Err(CommError::Launch(
@@ -607,17 +649,24 @@ impl RankComms<Box<dyn Communicator>> {
             ));
         }
         let coords = mesh.coords(rank)?;
+        let mine = |groups: Vec<Vec<usize>>| {
+            groups.into_iter().enumerate().find(|(_, g)| g.contains(&rank)).expect("every rank is in a group")
+        };
         let join = |store: &mut StoreClient, kind: &str, groups: Vec<Vec<usize>>, side: bool| {
-            let (index, group) =
-                groups.into_iter().enumerate().find(|(_, g)| g.contains(&rank)).expect("every rank is in a group");
+            let (index, group) = mine(groups);
             let comm = NcclComm::join(store, &format!("{kind}/{index}"), group, rank, stream, timeout, side)?;
             Ok::<Box<dyn Communicator>, CommError>(Box::new(comm))
+        };
+        let pipe = |store: &mut StoreClient, kind: &str, direction: Direction| {
+            let (index, group) = mine(mesh.pp_groups());
+            let pipe = NcclPipe::join(store, &format!("{kind}/{index}"), group, rank, direction, stream, timeout)?;
+            Ok::<Box<dyn Communicator>, CommError>(Box::new(pipe))
         };
         let world = join(store, "world", vec![(0..mesh.world()).collect()], false)?;
         let tp = join(store, "tp", mesh.tp_groups(), false)?;
         let [pp, pp_back] = match mesh.pp {
             1 => [join(store, "pp", mesh.pp_groups(), false)?, join(store, "pp_back", mesh.pp_groups(), false)?],
-            _ => pipeline(store)?,
+            _ => [pipe(store, "pp", Direction::Forward)?, pipe(store, "pp_back", Direction::Backward)?],
         };
         // Gradient buckets are summed over dp beside backward (the side lane; made at dp 1 too,
         // so that a one-GPU machine runs it).

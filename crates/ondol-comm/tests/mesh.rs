@@ -1,6 +1,6 @@
 //! The mesh: Megatron rank order (tp innermost, then pp, then dp) and clear layout errors.
 
-use ondol_comm::{Coords, Mesh};
+use ondol_comm::{Coords, Direction, Mesh, ring_edges};
 
 #[test]
 fn rank_and_coords_round_trip_in_megatron_order() {
@@ -44,4 +44,42 @@ fn impossible_layouts_are_clear_errors() {
     // Layout errors become config errors for the binary.
     let core: ondol_core::Error = Mesh::new(0, 1, 1).unwrap_err().into();
     assert!(core.to_string().starts_with("invalid value for `parallelism`"), "{core}");
+}
+
+/// The pipeline channels' links (NCCL's two-rank communicators): each rank sends on one edge,
+/// to its next rank forward or its previous one backward, and receives on another, from the
+/// other neighbour; both ends of an edge agree on it; and joining the edges in the order
+/// given, each set-up waiting for both ends, finishes on every ring.
+#[test]
+fn ring_edges_pair_up_and_join_without_a_cycle() {
+    for size in 2..=6 {
+        for direction in [Direction::Forward, Direction::Backward] {
+            let plans: Vec<_> = (0..size).map(|r| ring_edges(r, size, direction)).collect();
+            for (r, plan) in plans.iter().enumerate() {
+                let (next, prev) = ((r + 1) % size, (r + size - 1) % size);
+                let (to, from) = if direction == Direction::Forward { (next, prev) } else { (prev, next) };
+                let sends: Vec<usize> = plan.iter().filter(|e| e.sender == r).map(|e| e.receiver).collect();
+                let receives: Vec<usize> = plan.iter().filter(|e| e.receiver == r).map(|e| e.sender).collect();
+                assert_eq!((sends, receives), (vec![to], vec![from]), "{direction:?} rank {r} of {size}");
+                for e in plan {
+                    let other = if e.sender == r { e.receiver } else { e.sender };
+                    assert!(plans[other].contains(e), "{direction:?}: rank {other} does not join {e:?}");
+                }
+            }
+            let mut joined = vec![0usize; size];
+            while joined.iter().any(|&j| j < 2) {
+                let mut progress = false;
+                for r in 0..size {
+                    let Some(e) = plans[r].get(joined[r]) else { continue };
+                    let other = if e.sender == r { e.receiver } else { e.sender };
+                    if plans[other].get(joined[other]) == Some(e) {
+                        joined[r] += 1;
+                        joined[other] += 1;
+                        progress = true;
+                    }
+                }
+                assert!(progress, "{direction:?} on a ring of {size}: the set-up waits forever at {joined:?}");
+            }
+        }
+    }
 }

@@ -28,9 +28,8 @@ fn every_collective_runs_at_world_size_one() {
     let stream = ctx.default_stream();
     let server = StoreServer::bind("127.0.0.1:0").unwrap();
     let mut store = StoreClient::connect(&server.addr().to_string(), 0, Duration::from_secs(10)).unwrap();
-    let no_stages = |_: &mut StoreClient| unreachable!("a mesh without pipeline stages makes its pp groups");
     let mesh = Mesh::new(1, 1, 1).unwrap();
-    let comms = RankComms::nccl(mesh, 0, &mut store, &stream, Duration::from_secs(30), no_stages).unwrap();
+    let comms = RankComms::nccl(mesh, 0, &mut store, &stream, Duration::from_secs(30)).unwrap();
     for comm in [&comms.world, &comms.tp, &comms.dp] {
         let mut buf = [1.5f32, -2.0, 3.25];
         comm.all_reduce_sum(&mut buf).unwrap();

@@ -1048,8 +1048,9 @@ impl<B: Backend> Engine<B> {
 }
 
 /// The first stage's tied embedding gradient and the last stage's copy both become their sum
-/// (the same bits on both: f32 addition commutes). The first stage sends on the forward
-/// channel, the last on the backward one.
+/// (the same bits on both: f32 addition commutes). Each channel carries its own direction
+/// around the ring of stages: the last stage sends on the forward one (to its next rank, the
+/// first), the first stage on the backward one (to its previous rank, the last).
 fn sum_tied_copies(
     comms: &RankComms<Box<dyn Communicator>>,
     first: bool,
@@ -1059,11 +1060,11 @@ fn sum_tied_copies(
     let mut theirs = vec![0.0f32; grad.len()];
     let (pp, back) = (comms.pp.as_ref(), comms.pp_back.as_ref());
     if first {
-        pp.send(grad, last_rank)?;
-        back.recv(&mut theirs, last_rank)?;
+        back.send(grad, last_rank)?;
+        pp.recv(&mut theirs, last_rank)?;
     } else {
-        back.send(grad, 0)?;
-        pp.recv(&mut theirs, 0)?;
+        pp.send(grad, 0)?;
+        back.recv(&mut theirs, 0)?;
     }
     grad.iter_mut().zip(&theirs).for_each(|(g, t)| *g += t);
     Ok(())
@@ -1091,8 +1092,10 @@ fn next(comms: &RankComms<Box<dyn Communicator>>) -> usize {
     (comms.coords.pp + 1) % comms.mesh.pp
 }
 
-/// Sends `buf` with a trailing (stage, micro-batch) tag, so that a receiver expecting another
-/// message fails loudly instead of computing on the wrong activations.
+/// Sends `buf` with its (stage, micro-batch) tag, so that a receiver expecting another message
+/// fails loudly instead of computing on the wrong activations: from device memory where the
+/// communicator takes it (the tag follows as a message of its own), else through the host
+/// (the tag at the end).
 fn send_tagged<B: Backend>(
     be: &B,
     comm: &dyn Communicator,
@@ -1100,12 +1103,18 @@ fn send_tagged<B: Backend>(
     to: usize,
     tag: (usize, usize),
 ) -> Result<()> {
+    let tag = [tag.0 as f32, tag.1 as f32];
+    if let Some(d) = on_device(be, comm, be.all(buf)) {
+        comm.send_device(d, to)?;
+        return Ok(comm.send(&tag, to)?);
+    }
     let mut host = be.download(buf);
-    host.extend([tag.0 as f32, tag.1 as f32]);
+    host.extend(tag);
     Ok(comm.send(&host, to)?)
 }
 
-/// Receives into `buf` the message tagged `tag`; returns the seconds spent waiting.
+/// Receives into `buf` the message tagged `tag` (sent by [`send_tagged`]); returns the
+/// seconds spent waiting.
 fn recv_tagged<B: Backend>(
     be: &B,
     comm: &dyn Communicator,
@@ -1114,17 +1123,24 @@ fn recv_tagged<B: Backend>(
     tag: (usize, usize),
 ) -> Result<f64> {
     let start = Instant::now();
-    let mut host = vec![0.0f32; be.len(buf) + 2];
-    comm.recv(&mut host, from)?;
-    let got = (host[host.len() - 2] as usize, host[host.len() - 1] as usize);
+    let mut got = [0.0f32; 2];
+    if let Some(d) = on_device(be, comm, be.all(buf)) {
+        comm.recv_device(d, from)?;
+        comm.recv(&mut got, from)?;
+    } else {
+        let mut host = vec![0.0f32; be.len(buf) + 2];
+        comm.recv(&mut host, from)?;
+        got.copy_from_slice(&host[host.len() - 2..]);
+        host.truncate(host.len() - 2);
+        be.write(buf, &host);
+    }
+    let got = (got[0] as usize, got[1] as usize);
     if got != tag {
         return Err(Error::Training(format!(
             "pipeline messages out of order: stage {} expected micro-batch {} but received stage {} micro-batch {}",
             tag.0, tag.1, got.0, got.1
         )));
     }
-    host.truncate(host.len() - 2);
-    be.write(buf, &host);
     Ok(start.elapsed().as_secs_f64())
 }
 

@@ -317,19 +317,14 @@ fn train_cuda(args: &TrainArgs, cfg: RunConfig) -> Result<()> {
     train_rank(args, be, &peak, cfg, data, None)
 }
 
-/// One launched rank on the GPU of its local rank, talking to the others through NCCL; with
-/// pipeline stages, their activations and gradients go through the host over TCP, because
-/// the schedules rely on buffered sends, which NCCL does not give.
+/// One launched rank on the GPU of its local rank, talking to the others through NCCL
+/// (pipeline stages too: their activations and gradients stay in device memory).
 #[cfg(feature = "cuda")]
 fn train_launched_cuda(args: &TrainArgs, cfg: RunConfig, env: &DistEnv) -> Result<()> {
     let (be, gpu) = open_gpu(&cfg, env.local_rank)?;
     let mut job = Job::join(&cfg, env)?;
     let stream = be.stream().expect("a GPU backend has a stream");
-    let (mesh, timeout) = (job.mesh, job.timeout);
-    let comms = RankComms::nccl(mesh, env.rank, &mut job.store, &stream, timeout, |store| {
-        let tcp = RankComms::tcp(mesh, &TcpNet::connect(store, env.world_size, timeout)?)?;
-        Ok([Box::new(tcp.pp) as Box<dyn Communicator>, Box::new(tcp.pp_back)])
-    })?;
+    let comms = RankComms::nccl(job.mesh, env.rank, &mut job.store, &stream, job.timeout)?;
     let world = env.world_size;
     let peak = || Peak { flops: gpu.flops * world as f64, what: format!("{world} x {}", gpu.what) };
     let (data, peak) = job.open_data(&cfg, env, peak)?;
