@@ -158,6 +158,16 @@ fn layouts_on_the_device_path_train_like_one_rank() {
     }
 }
 
+/// A tied head on the last stage: its gradient and the first stage's embedding gradient
+/// are summed on the device, in pieces of a bucket's size (100 floats: many pieces).
+#[test]
+fn a_tied_embedding_split_over_stages_trains_like_one_rank() {
+    let tied = ModelConfig { tie_embeddings: Some(true), ..llama() };
+    let one = train(&tied, Dtype::F32, shape(1, 1, 1));
+    let split = train(&tied, Dtype::F32, Shape { buckets: Some(100), ..shape(1, 2, 1) });
+    assert_close("tied, pp 2, buckets", 1e-5, &one, &split);
+}
+
 /// Buckets queued on the device during backward give the bits of one sum after it: in small
 /// buckets, with kv heads shared by two tp shards kept out of them, and under ZeRO-1 (each
 /// piece reduced into its owner's shard, as the reduce-scatter does).

@@ -3,7 +3,7 @@
 use crate::schedule::{self, Action, ScheduleKind};
 use ondol_comm::{Communicator, Coords, Mesh, RankComms};
 use ondol_core::{Backend, DeviceSlice, Error, Result};
-use ondol_model::{Model, ModelConfig, ParamInfo, Part, TensorParallel, Workspace};
+use ondol_model::{Model, ModelConfig, Part, TensorParallel, Workspace};
 use ondol_optim::{AdamW, OptimizerConfig};
 use std::ops::Range;
 use std::sync::mpsc;
@@ -848,29 +848,24 @@ impl<B: Backend> Engine<B> {
     }
 
     /// Sums the gradients that several model-parallel ranks each hold a part of: a tied
-    /// embedding (first stage) and its copy for the head (last stage), and key/value heads
-    /// shared by several tp shards. One host round trip per chunk that has any.
+    /// embedding (first stage) and its copy for the head (last stage), in device memory where
+    /// the pipeline channels take it; and key/value heads shared by several tp shards,
+    /// through the host (only those tensors travel).
     fn sum_shared_grads(&mut self) -> Result<()> {
         let Self { be, comms, chunks, layout, .. } = self;
         for c in chunks {
-            let tied = c.model.shared_embedding();
-            let partial: Vec<&ParamInfo> = c.model.layout.params().iter().filter(|p| p.place.partial_grad).collect();
-            if tied.is_none() && partial.is_empty() {
-                continue;
+            if let Some(range) = c.model.shared_embedding() {
+                let piece = layout.grad_buckets.unwrap_or(TIED_PIECE).max(1);
+                sum_tied_copies(be, comms, (c.stage == 0, layout.mesh.pp - 1), &mut c.grads, range, piece)?;
             }
-            let mut host = be.download(&c.grads);
-            if let Some(range) = tied {
-                sum_tied_copies(comms, c.stage == 0, layout.mesh.pp - 1, &mut host[range])?;
-            }
-            for p in partial {
+            for p in c.model.layout.params().iter().filter(|p| p.place.partial_grad) {
                 // Each sharer places its part in a global-sized buffer; summed over the tp group,
                 // every sharer gets the sum for its piece.
                 let mut global = vec![0.0f32; p.place.global_shape.iter().product()];
-                p.place.insert(&host[p.range()], &mut global);
+                p.place.insert(&be.download_view(be.view(&c.grads, p.range())), &mut global);
                 comms.tp.all_reduce_sum(&mut global)?;
-                host[p.range()].copy_from_slice(&p.place.extract(&global));
+                be.write_view(be.view_mut(&mut c.grads, p.range()), &p.place.extract(&global));
             }
-            be.write(&mut c.grads, &host);
         }
         Ok(())
     }
@@ -1047,26 +1042,47 @@ impl<B: Backend> Engine<B> {
     }
 }
 
-/// The first stage's tied embedding gradient and the last stage's copy both become their sum
-/// (the same bits on both: f32 addition commutes). Each channel carries its own direction
-/// around the ring of stages: the last stage sends on the forward one (to its next rank, the
-/// first), the first stage on the backward one (to its previous rank, the last).
-fn sum_tied_copies(
+/// Floats of a tied embedding's gradient exchanged at a time on the device without gradient
+/// buckets (with them, a bucket's size), so that the scratch and the pipeline channel's send
+/// buffer stay at 64 MiB however large the vocabulary.
+const TIED_PIECE: usize = 1 << 24;
+
+/// `range` of `grads`, the first stage's tied embedding gradient or the last stage's copy,
+/// becomes their sum on both (the same bits: f32 addition commutes). Each channel carries its
+/// own direction around the ring of stages: the last stage sends on the forward one (to its
+/// next rank, the first), the first stage on the backward one (to its previous rank, the
+/// last). In device memory, `piece` floats at a time, where the channels take it; else
+/// through the host.
+fn sum_tied_copies<B: Backend>(
+    be: &B,
     comms: &RankComms<Box<dyn Communicator>>,
-    first: bool,
-    last_rank: usize,
-    grad: &mut [f32],
+    (first, last_rank): (bool, usize),
+    grads: &mut B::Buf,
+    range: Range<usize>,
+    piece: usize,
 ) -> Result<()> {
-    let mut theirs = vec![0.0f32; grad.len()];
     let (pp, back) = (comms.pp.as_ref(), comms.pp_back.as_ref());
-    if first {
-        back.send(grad, last_rank)?;
-        pp.recv(&mut theirs, last_rank)?;
-    } else {
-        pp.send(grad, 0)?;
-        back.recv(&mut theirs, 0)?;
+    let (send, recv, peer) = if first { (back, pp, last_rank) } else { (pp, back, 0) };
+    if on_device(be, send, be.view(grads, range.clone())).is_some_and(|d| recv.takes(&d)) {
+        // The backend's scratch is device memory as its gradients are.
+        let theirs = be.zeros_f32(range.len().min(piece));
+        for start in range.clone().step_by(piece) {
+            let piece = start..(start + piece).min(range.end);
+            let n = piece.len();
+            let (mine, scratch) =
+                (be.device_slice(be.view(grads, piece.clone())), be.device_slice(be.view(&theirs, 0..n)));
+            send.send_device(mine.expect("device memory"), peer)?;
+            recv.recv_device(scratch.expect("device memory"), peer)?;
+            be.add_assign(be.view_mut(grads, piece), be.view(&theirs, 0..n));
+        }
+        return Ok(());
     }
-    grad.iter_mut().zip(&theirs).for_each(|(g, t)| *g += t);
+    let mut mine = be.download_view(be.view(grads, range.clone()));
+    let mut theirs = vec![0.0f32; mine.len()];
+    send.send(&mine, peer)?;
+    recv.recv(&mut theirs, peer)?;
+    mine.iter_mut().zip(&theirs).for_each(|(g, t)| *g += t);
+    be.write_view(be.view_mut(grads, range), &mine);
     Ok(())
 }
 
