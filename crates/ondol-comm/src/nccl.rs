@@ -56,30 +56,40 @@ pub fn nccl_available() -> bool {
     unsafe { sys::is_culib_present() }
 }
 
-/// A device allocation for staging host slices, grown on demand.
+/// A device buffer for staging messages, grown on demand. It comes from the device's
+/// stream-ordered pool: `cuMemAlloc` and `cuMemFree` may wait for the whole device, and with
+/// an NCCL kernel in flight waiting for a peer that is itself waiting so, neither would return.
 struct Staging {
     ptr: u64,
     bytes: usize,
 }
 
+/// Staging buffers grow in steps of this many bytes (not powers of two, which could nearly
+/// double a large buffer).
+const STAGING_STEP: usize = 64 << 10;
+
 impl Staging {
-    /// The buffer, grown to at least `bytes`. The caller knows that nothing on the device uses
-    /// it any more (it waited for the stream, or for the event after the last use).
-    fn at_least(&mut self, bytes: usize) -> Result<u64, String> {
+    /// The buffer, grown to at least `bytes`, ready on `stream`. The caller knows that nothing
+    /// on the device uses the old allocation any more (it waited for the stream, or for the
+    /// event after its last use).
+    fn at_least(&mut self, bytes: usize, stream: &CudaStream) -> Result<u64, String> {
         if self.bytes < bytes {
-            self.free();
-            // SAFETY: a plain allocation, freed by `free`.
-            self.ptr = unsafe { driver::malloc_sync(bytes.next_power_of_two()) }
+            self.free(stream);
+            let size = bytes.next_multiple_of(STAGING_STEP);
+            // SAFETY: a stream-ordered allocation, freed by `free`.
+            self.ptr = unsafe { driver::malloc_async(stream.cu_stream(), size) }
                 .map_err(|e| format!("cannot allocate {bytes} bytes on the GPU: {e}"))?;
-            self.bytes = bytes.next_power_of_two();
+            self.bytes = size;
         }
         Ok(self.ptr)
     }
 
-    fn free(&mut self) {
+    /// Frees the buffer on `stream`, after the work queued there.
+    fn free(&mut self, stream: &CudaStream) {
         if self.ptr != 0 {
-            // SAFETY: allocated by `at_least`, no longer in use (the caller's contract).
-            let _ = unsafe { driver::free_sync(self.ptr) };
+            // SAFETY: allocated by `at_least`; its last use comes before the work queued on
+            // `stream` so far (the caller's contract).
+            let _ = unsafe { driver::free_async(self.ptr, stream.cu_stream()) };
             (self.ptr, self.bytes) = (0, 0);
         }
     }
@@ -320,7 +330,7 @@ impl NcclComm {
     /// A device buffer of at least `bytes`, for staging host slices.
     fn staging(&self, bytes: usize) -> Result<u64, CommError> {
         let mut st = self.staging.lock().unwrap_or_else(|e| e.into_inner());
-        st.at_least(bytes).map_err(|e| self.invalid("staging", e))
+        st.at_least(bytes, &self.main.stream).map_err(|e| self.invalid("staging", e))
     }
 
     fn upload(&self, dst: u64, src: &[f32]) -> Result<(), CommError> {
@@ -422,7 +432,7 @@ impl Drop for NcclComm {
                 }
             }
         }
-        self.staging.get_mut().unwrap_or_else(|e| e.into_inner()).free();
+        self.staging.get_mut().unwrap_or_else(|e| e.into_inner()).free(&self.main.stream);
     }
 }
 
@@ -664,6 +674,16 @@ impl RankComms<Box<dyn Communicator>> {
         };
         let world = join(store, "world", vec![(0..mesh.world()).collect()], false)?;
         let tp = join(store, "tp", mesh.tp_groups(), false)?;
+        if mesh.pp > 1 && std::env::var("CUDA_DEVICE_MAX_CONNECTIONS").is_ok_and(|v| v.trim() == "1") {
+            // One hardware queue takes every stream's work in one order, so a pipeline send
+            // waiting for its receiver can hold up this rank's own receives behind it.
+            return Err(CommError::Launch(
+                "CUDA_DEVICE_MAX_CONNECTIONS=1 puts every CUDA stream on one hardware queue, where a pipeline \
+                 send waiting for its receiver can hold up the receives behind it (a deadlock across ranks); \
+                 unset it for parallelism.pp > 1"
+                    .into(),
+            ));
+        }
         let [pp, pp_back] = match mesh.pp {
             1 => [join(store, "pp", mesh.pp_groups(), false)?, join(store, "pp_back", mesh.pp_groups(), false)?],
             _ => [pipe(store, "pp", Direction::Forward)?, pipe(store, "pp_back", Direction::Backward)?],

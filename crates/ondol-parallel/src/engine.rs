@@ -1110,8 +1110,8 @@ fn next(comms: &RankComms<Box<dyn Communicator>>) -> usize {
 
 /// Sends `buf` with its (stage, micro-batch) tag, so that a receiver expecting another message
 /// fails loudly instead of computing on the wrong activations: from device memory where the
-/// communicator takes it (the tag follows as a message of its own), else through the host
-/// (the tag at the end).
+/// communicator takes it (the tag first, as a message of its own, checked before the payload
+/// is received), else through the host (the tag at the end).
 fn send_tagged<B: Backend>(
     be: &B,
     comm: &dyn Communicator,
@@ -1121,8 +1121,8 @@ fn send_tagged<B: Backend>(
 ) -> Result<()> {
     let tag = [tag.0 as f32, tag.1 as f32];
     if let Some(d) = on_device(be, comm, be.all(buf)) {
-        comm.send_device(d, to)?;
-        return Ok(comm.send(&tag, to)?);
+        comm.send(&tag, to)?;
+        return Ok(comm.send_device(d, to)?);
     }
     let mut host = be.download(buf);
     host.extend(tag);
@@ -1139,23 +1139,27 @@ fn recv_tagged<B: Backend>(
     tag: (usize, usize),
 ) -> Result<f64> {
     let start = Instant::now();
-    let mut got = [0.0f32; 2];
+    let check = |got: &[f32]| {
+        let got = (got[0] as usize, got[1] as usize);
+        if got == tag {
+            return Ok(());
+        }
+        Err(Error::Training(format!(
+            "pipeline messages out of order: stage {} expected micro-batch {} but received stage {} micro-batch {}",
+            tag.0, tag.1, got.0, got.1
+        )))
+    };
     if let Some(d) = on_device(be, comm, be.all(buf)) {
-        comm.recv_device(d, from)?;
+        let mut got = [0.0f32; 2];
         comm.recv(&mut got, from)?;
+        check(&got)?;
+        comm.recv_device(d, from)?;
     } else {
         let mut host = vec![0.0f32; be.len(buf) + 2];
         comm.recv(&mut host, from)?;
-        got.copy_from_slice(&host[host.len() - 2..]);
+        check(&host[host.len() - 2..])?;
         host.truncate(host.len() - 2);
         be.write(buf, &host);
-    }
-    let got = (got[0] as usize, got[1] as usize);
-    if got != tag {
-        return Err(Error::Training(format!(
-            "pipeline messages out of order: stage {} expected micro-batch {} but received stage {} micro-batch {}",
-            tag.0, tag.1, got.0, got.1
-        )));
     }
     Ok(start.elapsed().as_secs_f64())
 }

@@ -11,9 +11,15 @@
 //! Each edge of the ring in this direction (from group rank `e` to its neighbour) is a
 //! two-rank communicator of its own, used by the sender only on its send stream and by the
 //! receiver only on its main stream: one communicator on two streams would let NCCL order a
-//! rank's sends behind its receives. A send buffer is used again once the event recorded
-//! after its send has completed, so the channel holds as many as it has sends in flight (the
-//! 1F1B schedules: a few).
+//! rank's sends behind its receives. The edges are joined, connected (one byte each: NCCL
+//! connects a pair on its first use, which waits on the host for the peer) and torn down in
+//! [`crate::ring_edges`]'s order, the same on every rank.
+//!
+//! A send buffer is used again once the event recorded after its send has completed, so the
+//! channel holds as many as it has sends in flight (the 1F1B schedules: a few). Buffers come
+//! from the stream-ordered pool (see `Staging`), as sends are in flight whenever one is made.
+//! NCCL does not check that a receive's length is its send's: the engine sends each
+//! message's tag first and checks it before it receives the payload.
 
 use super::{Lane, Staging, Stalled, init_rank};
 use crate::comm::Communicator;
@@ -40,6 +46,10 @@ struct Edge {
 const SENDER: i32 = 0;
 const RECEIVER: i32 = 1;
 
+/// Messages travel as bytes: NCCL matches a send and its receive by count, which it does not
+/// check; a receive of another length than its send shows as a timeout.
+const BYTES: sys::ncclDataType_t = sys::ncclDataType_t::ncclUint8;
+
 /// A send's buffer and the event recorded after the send on the send stream.
 struct SendBuffer {
     staging: Staging,
@@ -52,6 +62,9 @@ pub struct NcclPipe {
     to: Edge,
     /// Where this rank receives from, on the main stream.
     from: Edge,
+    /// Whether the send edge was joined first: both edges are connected, aborted and
+    /// destroyed in the order they were joined, which every rank shares.
+    send_edge_first: bool,
     /// Recorded on the main stream before each send, for the send stream to wait on.
     after_main: CudaEvent,
     sends: Mutex<Vec<SendBuffer>>,
@@ -99,8 +112,9 @@ impl NcclPipe {
                 Ok(comm) => joined.push((sending, Lane { comm, stream: stream.clone() })),
                 Err(e) => {
                     for (_, lane) in joined {
-                        // SAFETY: made above and used nowhere else.
-                        let _ = unsafe { nccl::comm_destroy(lane.comm) };
+                        // SAFETY: made above and used nowhere else; aborted, not destroyed,
+                        // as its peer is not destroying it.
+                        let _ = unsafe { nccl::comm_abort(lane.comm) };
                     }
                     return Err(e);
                 }
@@ -110,6 +124,7 @@ impl NcclPipe {
             Direction::Forward => (next, prev),
             Direction::Backward => (prev, next),
         };
+        let send_edge_first = joined[0].0;
         let (mut to, mut from) = (None, None);
         for (sending, lane) in joined {
             match sending {
@@ -118,9 +133,10 @@ impl NcclPipe {
             }
         }
         let (to, from) = (to.expect("the send edge was joined"), from.expect("the receive edge was joined"));
-        Ok(NcclPipe {
+        let pipe = NcclPipe {
             to,
             from,
+            send_edge_first,
             after_main,
             sends: Mutex::new(Vec::new()),
             recv_staging: Mutex::new(Staging { ptr: 0, bytes: 0 }),
@@ -129,7 +145,44 @@ impl NcclPipe {
             timeout,
             aborted: AtomicBool::new(false),
             broken: Mutex::new(None),
-        })
+        };
+        pipe.connect()?;
+        Ok(pipe)
+    }
+
+    /// Connects both edges. NCCL connects a pair on its first send or receive, and that
+    /// first call waits on the host until the peer makes its own: were the first use of an
+    /// edge a send that its peer meets only after a send of its own (the tied embedding's
+    /// sum), both would wait forever. So each edge carries one byte now, in join order
+    /// (acyclic, as the set-up), and no later send waits on the host.
+    fn connect(&self) -> Result<(), CommError> {
+        const OP: &str = "connect";
+        let main = self.main();
+        let cuda = |e: DriverError| self.invalid(OP, format!("CUDA: {e}"));
+        let mut staging = self.recv_staging.lock().unwrap_or_else(|e| e.into_inner());
+        let ptr = staging.at_least(1, main).map_err(|e| self.invalid(OP, e))?;
+        // The send stream uses the byte after its stream-ordered allocation.
+        self.after_main.record(main).map_err(cuda)?;
+        self.to.lane.stream.wait(&self.after_main).map_err(cuda)?;
+        for edge in self.join_order() {
+            let lane = &edge.lane;
+            // SAFETY: `ptr` holds a byte; each use is waited for before the next.
+            let queued = unsafe {
+                if std::ptr::eq(edge, &self.to) {
+                    nccl::send(ptr as *const c_void, 1, BYTES, RECEIVER, lane.comm, lane.stream_ptr())
+                } else {
+                    nccl::recv(ptr as *mut c_void, 1, BYTES, SENDER, lane.comm, lane.stream_ptr())
+                }
+            };
+            queued.map_err(|e| self.invalid(OP, format!("NCCL: {e:?}")))?;
+            lane.wait(self.timeout).map_err(|e| self.stalled(OP, e))?;
+        }
+        Ok(())
+    }
+
+    /// Both edges in the order they were joined.
+    fn join_order(&self) -> [&Edge; 2] {
+        if self.send_edge_first { [&self.to, &self.from] } else { [&self.from, &self.to] }
     }
 
     /// The rank's main stream (the backend's), where receives run.
@@ -170,7 +223,7 @@ impl NcclPipe {
         if self.aborted.swap(true, Ordering::SeqCst) {
             return;
         }
-        for edge in [&self.to, &self.from] {
+        for edge in self.join_order() {
             // SAFETY: aborting a live communicator, once (the flag above).
             let _ = unsafe { nccl::comm_abort(edge.lane.comm) };
         }
@@ -211,24 +264,15 @@ impl NcclPipe {
         let mut sends = self.sends.lock().unwrap_or_else(|e| e.into_inner());
         let buffer = self.free_buffer(op, &mut sends, bytes)?;
         let event = |e: DriverError| self.invalid(op, format!("CUDA: {e}"));
-        let ptr = buffer.staging.at_least(bytes.max(1)).map_err(|e| self.invalid(op, e))?;
+        let ptr = buffer.staging.at_least(bytes.max(1), main).map_err(|e| self.invalid(op, e))?;
         fill(ptr, main).map_err(event)?;
         self.after_main.record(main).map_err(event)?;
         let send = &self.to.lane;
         send.stream.wait(&self.after_main).map_err(event)?;
         // SAFETY: the buffer holds `bytes` written by `fill`, ordered before the send by the
         // event, and is not written again until `sent` completes.
-        unsafe {
-            nccl::send(
-                ptr as *const c_void,
-                bytes,
-                sys::ncclDataType_t::ncclUint8,
-                RECEIVER,
-                send.comm,
-                send.stream_ptr(),
-            )
-        }
-        .map_err(|e| self.invalid(op, format!("NCCL: {e:?}")))?;
+        unsafe { nccl::send(ptr as *const c_void, bytes, BYTES, RECEIVER, send.comm, send.stream_ptr()) }
+            .map_err(|e| self.invalid(op, format!("NCCL: {e:?}")))?;
         buffer.sent.record(&send.stream).map_err(event)
     }
 
@@ -279,10 +323,8 @@ impl NcclPipe {
         let lane = &self.from.lane;
         lane.stream.context().bind_to_thread().map_err(|e| self.invalid(op, format!("CUDA context: {e}")))?;
         // SAFETY: `ptr` holds `bytes` (the caller's device view or the staging buffer).
-        unsafe {
-            nccl::recv(ptr as *mut c_void, bytes, sys::ncclDataType_t::ncclUint8, SENDER, lane.comm, lane.stream_ptr())
-        }
-        .map_err(|e| self.invalid(op, format!("NCCL: {e:?}")))?;
+        unsafe { nccl::recv(ptr as *mut c_void, bytes, BYTES, SENDER, lane.comm, lane.stream_ptr()) }
+            .map_err(|e| self.invalid(op, format!("NCCL: {e:?}")))?;
         lane.wait(self.timeout).map_err(|e| self.stalled(op, e))
     }
 
@@ -305,15 +347,17 @@ impl Drop for NcclPipe {
             let _ = self.stalled("drop", e);
         }
         if !self.aborted.load(Ordering::SeqCst) {
-            for edge in [&self.to, &self.from] {
+            for edge in self.join_order() {
                 // SAFETY: each communicator is destroyed once; aborted ones need no destroy.
                 let _ = unsafe { nccl::comm_destroy(edge.lane.comm) };
             }
         }
+        let send_stream = self.to.lane.stream.clone();
         for b in self.sends.get_mut().unwrap_or_else(|e| e.into_inner()) {
-            b.staging.free();
+            b.staging.free(&send_stream);
         }
-        self.recv_staging.get_mut().unwrap_or_else(|e| e.into_inner()).free();
+        let main = self.from.lane.stream.clone();
+        self.recv_staging.get_mut().unwrap_or_else(|e| e.into_inner()).free(&main);
     }
 }
 
@@ -363,7 +407,7 @@ impl Communicator for NcclPipe {
         const OP: &str = "recv";
         let bytes = size_of_val(buf);
         let mut staging = self.recv_staging.lock().unwrap_or_else(|e| e.into_inner());
-        let ptr = staging.at_least(bytes.max(1)).map_err(|e| self.invalid(OP, e))?;
+        let ptr = staging.at_least(bytes.max(1), self.main()).map_err(|e| self.invalid(OP, e))?;
         self.recv_bytes(OP, from, ptr, bytes)?;
         // SAFETY: the staging buffer holds `bytes`, received (the stream was waited for).
         unsafe { driver::memcpy_dtoh_async(buf, ptr, self.main().cu_stream()) }
