@@ -9,6 +9,7 @@ use cudarc::nvrtc::{result, sys};
 use sha2::{Digest, Sha256};
 use std::ffi::CString;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// One `kernels/*.cu` file.
 pub struct Family {
@@ -49,6 +50,9 @@ pub fn nvrtc_available() -> bool {
     unsafe { sys::is_culib_present() }
 }
 
+/// NVRTC's options besides the architecture (part of the cache key).
+const OPTIONS: [&str; 2] = ["-std=c++17", "--use_fast_math"];
+
 /// Compiles `family` into a cubin for `sm_{arch}` ("80", "90a", ...).
 pub fn compile_cubin(family: &Family, arch: &str) -> Result<Vec<u8>, CudaError> {
     if !nvrtc_available() {
@@ -60,7 +64,8 @@ pub fn compile_cubin(family: &Family, arch: &str) -> Result<Vec<u8>, CudaError> 
     let source = CString::new(family.source()).map_err(|e| failed(e.to_string()))?;
     let name = CString::new(format!("{}.cu", family.name)).expect("no NUL in a family name");
     let prog = result::create_program(&source, Some(&name)).map_err(|e| failed(e.to_string()))?;
-    let options = [format!("--gpu-architecture=sm_{arch}"), "-std=c++17".into(), "--use_fast_math".into()];
+    let options: Vec<String> =
+        std::iter::once(format!("--gpu-architecture=sm_{arch}")).chain(OPTIONS.iter().map(|o| o.to_string())).collect();
     // SAFETY: `prog` was created above and is destroyed once, below.
     let compiled = unsafe { result::compile_program(prog, &options) };
     let cubin = match compiled {
@@ -102,23 +107,31 @@ fn cache_dir() -> PathBuf {
     base.join("ondol").join("kernels")
 }
 
-/// [`compile_cubin`] through the on-disk cache, keyed by the source, the architecture and
-/// the NVRTC version. A cache that cannot be written only costs a compile next time.
-pub fn cached_cubin(family: &Family, arch: &str) -> Result<Vec<u8>, CudaError> {
+/// Where `family`'s cubin for `sm_{arch}` is cached: keyed by the source, the architecture,
+/// NVRTC's options and its version.
+fn cache_path(family: &Family, arch: &str) -> PathBuf {
     let (mut major, mut minor) = (0, 0);
     // SAFETY: plain out-parameters; a failure leaves 0.0, which only weakens the key.
     if nvrtc_available() {
         let _ = unsafe { sys::nvrtcVersion(&mut major, &mut minor) };
     }
-    let key = Sha256::digest(format!("{}\0{arch}\0{major}.{minor}", family.source()));
+    let key = Sha256::digest(format!("{}\0{arch}\0{}\0{major}.{minor}", family.source(), OPTIONS.join(" ")));
     let hex: String = key[..8].iter().map(|b| format!("{b:02x}")).collect();
-    let path = cache_dir().join(format!("{}-{hex}.sm_{arch}.cubin", family.name));
+    cache_dir().join(format!("{}-{hex}.sm_{arch}.cubin", family.name))
+}
+
+/// [`compile_cubin`] through the on-disk cache (see [`cache_path`]). A cache that cannot be
+/// written only costs a compile next time.
+pub fn cached_cubin(family: &Family, arch: &str) -> Result<Vec<u8>, CudaError> {
+    let path = cache_path(family, arch);
     if let Ok(cubin) = std::fs::read(&path) {
         return Ok(cubin);
     }
     let cubin = compile_cubin(family, arch)?;
-    // Written whole under a temporary name, then renamed: a reader never sees half a cubin.
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    // Written whole under a name of this process's and thread's own, then renamed: a reader
+    // never sees half a cubin, and two writers never share a file.
+    static WRITES: AtomicUsize = AtomicUsize::new(0);
+    let tmp = path.with_extension(format!("tmp{}-{}", std::process::id(), WRITES.fetch_add(1, Ordering::Relaxed)));
     let stored = std::fs::create_dir_all(cache_dir())
         .and_then(|()| std::fs::write(&tmp, &cubin))
         .and_then(|()| std::fs::rename(&tmp, &path));
@@ -127,4 +140,10 @@ pub fn cached_cubin(family: &Family, arch: &str) -> Result<Vec<u8>, CudaError> {
         eprintln!("warning: {}", CudaError::Cache { path: path.display().to_string(), source: e });
     }
     Ok(cubin)
+}
+
+/// Removes `family`'s cached cubin for `sm_{arch}` (one the driver refused to load), so that
+/// the next [`cached_cubin`] compiles it anew.
+pub fn forget_cached(family: &Family, arch: &str) {
+    let _ = std::fs::remove_file(cache_path(family, arch));
 }

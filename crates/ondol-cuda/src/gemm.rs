@@ -48,10 +48,13 @@ struct Plan {
 
 impl Drop for Plan {
     fn drop(&mut self) {
-        // SAFETY: created in `Plan::new`, destroyed once here. Errors on teardown are ignored.
+        // SAFETY: made in `Blas::plan` (null where it failed before making one), destroyed
+        // once here. Errors on teardown are ignored.
         unsafe {
-            let _ = result::destroy_matmul_desc(self.desc);
-            for l in self.layouts {
+            if !self.desc.is_null() {
+                let _ = result::destroy_matmul_desc(self.desc);
+            }
+            for l in self.layouts.into_iter().filter(|l| !l.is_null()) {
                 let _ = result::destroy_matrix_layout(l);
             }
         }
@@ -231,9 +234,16 @@ impl Blas {
         let out = (k.n, k.m, k.n);
         let specs =
             [(first, input, k.strides[1]), (second, input, k.strides[0]), (out, cuda_type(k.output), k.strides[2])];
-        let mut layouts = [std::ptr::null_mut(); 3];
-        for (slot, ((rows, cols, ld), ty, stride)) in layouts.iter_mut().zip(specs) {
+        // Filled in as the objects are made, so that a failure frees what was made before it.
+        // SAFETY: an all-zero algorithm is only a placeholder until the heuristic's is set.
+        let mut plan = Plan {
+            desc: std::ptr::null_mut(),
+            layouts: [std::ptr::null_mut(); 3],
+            algo: unsafe { std::mem::zeroed() },
+        };
+        for (slot, ((rows, cols, ld), ty, stride)) in plan.layouts.iter_mut().zip(specs) {
             let layout = result::create_matrix_layout(ty, rows as u64, cols as u64, ld as i64).map_err(fail)?;
+            *slot = layout;
             if k.batch > 1 {
                 let (count, offset) = (k.batch as i32, stride as i64);
                 // SAFETY: the attributes take an i32 and an i64, passed with their sizes.
@@ -254,17 +264,16 @@ impl Blas {
                     .map_err(fail)?;
                 }
             }
-            *slot = layout;
         }
         let desc =
             result::create_matmul_desc(sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, sys::cudaDataType::CUDA_R_32F)
                 .map_err(fail)?;
-        let mut plan = Plan { desc, layouts, algo: unsafe { std::mem::zeroed() } };
+        plan.desc = desc;
         let ops = [k.trans_b as i32, k.trans_a as i32];
         let pref = result::create_matmul_pref().map_err(fail)?;
         // SAFETY: every attribute gets a value of the type and size cuBLASLt documents; the
         // descriptors and layouts were created above and live in `plan`.
-        let heuristic = unsafe {
+        let heuristic = || unsafe {
             for (attr, op) in [
                 sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA,
                 sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB,
@@ -303,7 +312,7 @@ impl Blas {
                 result::set_matmul_pref_attribute(pref, attr, (&bytes) as *const u32 as *const c_void, 4)
                     .map_err(fail)?;
             }
-            let found = result::get_matmul_algo_heuristic(
+            result::get_matmul_algo_heuristic(
                 self.handle,
                 desc,
                 plan.layouts[0],
@@ -311,11 +320,13 @@ impl Blas {
                 plan.layouts[2],
                 plan.layouts[2],
                 pref,
-            );
-            let _ = result::destroy_matmul_pref(pref);
-            found.map_err(fail)?
+            )
+            .map_err(fail)
         };
-        plan.algo = heuristic.algo;
+        let found = heuristic();
+        // SAFETY: made above, destroyed once, whatever the heuristic said.
+        let _ = unsafe { result::destroy_matmul_pref(pref) };
+        plan.algo = found?.algo;
         Ok(plan)
     }
 }

@@ -2,7 +2,7 @@
 //! architecture, cuBLASLt, and memory from the device's stream-ordered pool.
 
 use crate::CudaError;
-use crate::compile::{FAMILIES, cached_cubin, nvrtc_available};
+use crate::compile::{FAMILIES, Family, cached_cubin, forget_cached, nvrtc_available};
 use crate::device::{Arg, Device, Epilogue};
 use crate::gemm::Blas;
 use crate::memory::{DevMut, DevRef, Memory};
@@ -67,16 +67,15 @@ impl Gpu {
         let sms = ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize;
         let max_shared =
             ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)? as u32;
-        let modules = FAMILIES
-            .iter()
-            .map(|f| Ok((f.name, ctx.load_module(Ptx::from_binary(cached_cubin(f, &arch)?))?)))
-            .collect::<Result<_, CudaError>>()?;
+        let modules =
+            FAMILIES.iter().map(|f| Ok((f.name, load_family(&ctx, f, &arch)?))).collect::<Result<_, CudaError>>()?;
         let stream = ctx.default_stream();
         let blas = Blas::new(&stream).map_err(CudaError::Driver)?;
         Ok(Self { stream, ctx, arch, sms, max_shared, modules, functions: Mutex::new(HashMap::new()), blas })
     }
 
-    /// Makes the GPU's context current on the calling thread (the raw copies need it).
+    /// Makes the GPU's context current on the calling thread (the raw copies and module
+    /// lookups need it).
     fn bind(&self) {
         self.ctx.bind_to_thread().unwrap_or_else(|e| panic!("CUDA context: {e}"));
     }
@@ -110,6 +109,22 @@ impl Gpu {
             kernel.shared = shared;
         }
         Ok(kernel.f.clone())
+    }
+}
+
+/// `family`'s module, from the kernel cache; a cached cubin the driver refuses (damaged, or
+/// from a toolchain it does not take) is compiled anew once.
+fn load_family(ctx: &Arc<CudaContext>, family: &Family, arch: &str) -> Result<Arc<CudaModule>, CudaError> {
+    match ctx.load_module(Ptx::from_binary(cached_cubin(family, arch)?)) {
+        Ok(module) => Ok(module),
+        Err(e) => {
+            eprintln!(
+                "ondol: the cached {} kernels for sm_{arch} do not load ({e}); compiling them again",
+                family.name
+            );
+            forget_cached(family, arch);
+            Ok(ctx.load_module(Ptx::from_binary(cached_cubin(family, arch)?))?)
+        }
     }
 }
 
@@ -163,6 +178,7 @@ impl Device for Gpu {
         if x == 0 || y == 0 || z == 0 {
             return;
         }
+        self.bind();
         let f = self.function(family, name, cfg.shared_mem_bytes).unwrap_or_else(|e| {
             panic!("kernel {family}/{name} ({} bytes of shared memory): {e}", cfg.shared_mem_bytes)
         });

@@ -20,7 +20,7 @@ mod memory;
 mod source;
 
 pub use backend::{CONV_MAX_TAPS, CudaBackend, SCAN_MAX_STATE, SSD_MAX_CHUNK};
-pub use compile::{FAMILIES, Family, cached_cubin, compile_cubin, nvrtc_available};
+pub use compile::{FAMILIES, Family, cached_cubin, compile_cubin, forget_cached, nvrtc_available};
 pub use emu::kernel_names;
 pub use memory::{DevMut, DevRef, DeviceBuf, DeviceIds, Dtype};
 
