@@ -50,6 +50,23 @@ use std::time::{Duration, Instant};
 pub mod pipe;
 pub use pipe::NcclPipe;
 
+/// NCCL's words for an error: its code, NCCL's string for it, and the last error message
+/// NCCL kept (cudarc's `NcclError` prints none of them).
+fn nccl_message(e: &nccl::NcclError) -> String {
+    let text = |p: *const std::ffi::c_char| {
+        // SAFETY: NCCL returns null or a NUL-terminated string it owns, read at once.
+        if p.is_null() { String::new() } else { unsafe { std::ffi::CStr::from_ptr(p) }.to_string_lossy().into_owned() }
+    };
+    // SAFETY: both only read NCCL's static or thread-local strings; the communicator
+    // argument of ncclGetLastError is unused by NCCL and may be null.
+    let (name, last) =
+        unsafe { (text(sys::ncclGetErrorString(e.0)), text(sys::ncclGetLastError(std::ptr::null_mut()))) };
+    match last.trim() {
+        "" => format!("{:?} ({name})", e.0),
+        last => format!("{:?} ({name}): {last}", e.0),
+    }
+}
+
 /// Whether libnccl can be loaded.
 pub fn nccl_available() -> bool {
     // SAFETY: only tries to dlopen the library.
@@ -198,7 +215,8 @@ fn init_rank(
     stream: &CudaStream,
     group: &[usize],
 ) -> Result<sys::ncclComm_t, CommError> {
-    let fail = |e: nccl::NcclError| CommError::Launch(format!("NCCL group {key} {}: {e:?}", Ranks(group)));
+    let fail =
+        |e: nccl::NcclError| CommError::Launch(format!("NCCL group {key} {}: {}", Ranks(group), nccl_message(&e)));
     let id_key = format!("nccl/{key}");
     let id = if rank == 0 {
         let id = nccl::get_uniqueid().map_err(fail)?;
@@ -278,7 +296,7 @@ impl NcclComm {
     }
 
     fn nccl_error(&self, op: &'static str, e: nccl::NcclError) -> CommError {
-        self.invalid(op, format!("NCCL: {e:?}"))
+        self.invalid(op, format!("NCCL: {}", nccl_message(&e)))
     }
 
     fn check_broken(&self, op: &'static str) -> Result<(), CommError> {
@@ -421,6 +439,7 @@ impl Drop for NcclComm {
         // most the timeout, which aborts the communicators if it runs out.
         if let Some(side) = &self.side
             && self.queued.load(Ordering::SeqCst)
+            && !self.aborted.load(Ordering::SeqCst)
         {
             let _ = self.wait_lane("drop", &side.lane);
         }

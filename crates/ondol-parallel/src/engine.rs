@@ -450,8 +450,10 @@ impl Drop for Worker {
 /// the host by a [`Worker`] (None). Backward reports finished ranges in descending order;
 /// adjacent ones gather into a bucket until it holds `size` floats. Tensors whose gradients
 /// are first summed over tp or pp (a tied embedding's two copies, shared kv heads) stay out
-/// and are reduced after the schedule, so every element's dp sum is the same as without
-/// buckets, bit for bit. Under ZeRO-1 a bucket is reduced piece by piece into the replicas
+/// and are reduced after the schedule, so every element's dp sum adds the same values as
+/// without buckets: bit for bit on the thread and TCP communicators, which add in rank
+/// order; NCCL picks its order by message size, so there the replicas agree with each other
+/// but not with a run without buckets to the last bit. Under ZeRO-1 a bucket is reduced piece by piece into the replicas
 /// whose shards hold the pieces, which is what the reduce-scatter after the schedule does.
 struct Buckets {
     size: usize,

@@ -21,7 +21,7 @@
 //! NCCL does not check that a receive's length is its send's: the engine sends each
 //! message's tag first and checks it before it receives the payload.
 
-use super::{Lane, Staging, Stalled, init_rank};
+use super::{Lane, Staging, Stalled, init_rank, nccl_message};
 use crate::comm::Communicator;
 use crate::error::{CommError, TimeoutInfo};
 use crate::mesh::{Direction, ring_edges};
@@ -174,7 +174,7 @@ impl NcclPipe {
                     nccl::recv(ptr as *mut c_void, 1, BYTES, SENDER, lane.comm, lane.stream_ptr())
                 }
             };
-            queued.map_err(|e| self.invalid(OP, format!("NCCL: {e:?}")))?;
+            queued.map_err(|e| self.invalid(OP, format!("NCCL: {}", nccl_message(&e))))?;
             lane.wait(self.timeout).map_err(|e| self.stalled(OP, e))?;
         }
         Ok(())
@@ -272,7 +272,7 @@ impl NcclPipe {
         // SAFETY: the buffer holds `bytes` written by `fill`, ordered before the send by the
         // event, and is not written again until `sent` completes.
         unsafe { nccl::send(ptr as *const c_void, bytes, BYTES, RECEIVER, send.comm, send.stream_ptr()) }
-            .map_err(|e| self.invalid(op, format!("NCCL: {e:?}")))?;
+            .map_err(|e| self.invalid(op, format!("NCCL: {}", nccl_message(&e))))?;
         buffer.sent.record(&send.stream).map_err(event)
     }
 
@@ -324,7 +324,7 @@ impl NcclPipe {
         lane.stream.context().bind_to_thread().map_err(|e| self.invalid(op, format!("CUDA context: {e}")))?;
         // SAFETY: `ptr` holds `bytes` (the caller's device view or the staging buffer).
         unsafe { nccl::recv(ptr as *mut c_void, bytes, BYTES, SENDER, lane.comm, lane.stream_ptr()) }
-            .map_err(|e| self.invalid(op, format!("NCCL: {e:?}")))?;
+            .map_err(|e| self.invalid(op, format!("NCCL: {}", nccl_message(&e))))?;
         lane.wait(self.timeout).map_err(|e| self.stalled(op, e))
     }
 
