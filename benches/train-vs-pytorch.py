@@ -31,7 +31,7 @@ def ondol_run(ondol, config, steps, warmup):
         # The learning-rate warm-up must fit the shorter run; it does not change the speed.
         cmd = [ondol, "train", str(config), "--run-dir", run_dir, "--set", f"training.steps={steps}",
                "--set", "metrics.log_every=1", "--set", "training.eval_every=0",
-               "--set", f"lr_scheduler.warmup_steps={steps // 2}"]
+               "--set", f"lr_scheduler.warmup_steps={steps // 2}", "--set", "checkpoint.at_end=false"]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             sys.exit(f"ondol failed on {config}:\n{done.stderr[-3000:]}")
@@ -143,14 +143,25 @@ def main():
         print(f"{config.stem:<14} ondol {ondol_tps:>9.0f} tok/s (MFU {100 * ondol_mfu:5.1f} %)  {ondol_memory}",
               flush=True)
         result = {"config": str(config), "ondol_tokens_per_s": ondol_tps, "ondol_mfu": ondol_mfu}
+        compiled = not args.no_compile
         try:
-            torch_tps, memory = pytorch_run(cfg, args.steps, args.warmup, not args.no_compile)
-        except ImportError as e:
-            print(f"{config.stem:<14} no PyTorch peer: {e}")
+            try:
+                torch_tps, memory = pytorch_run(cfg, args.steps, args.warmup, compiled)
+            except ImportError:
+                raise
+            except Exception as e:  # torch.compile failing here (no compiler, Triton) still leaves eager
+                if not compiled:
+                    raise
+                print(f"{config.stem:<14} torch.compile failed ({type(e).__name__}: {str(e)[:300]}); eager instead",
+                      flush=True)
+                compiled = False
+                torch_tps, memory = pytorch_run(cfg, args.steps, args.warmup, compiled)
+        except Exception as e:
+            print(f"{config.stem:<14} no PyTorch peer: {type(e).__name__}: {str(e)[:300]}", flush=True)
             results.append(result)
             continue
         torch_mfu = torch_tps * ondol_mfu / ondol_tps
-        peer = "pytorch" + ("" if args.no_compile else "+compile")
+        peer = "pytorch" + ("+compile" if compiled else "")
         print(f"{config.stem:<14} {peer} {torch_tps:>9.0f} tok/s (MFU {100 * torch_mfu:5.1f} %)   "
               f"ondol / pytorch {ondol_tps / torch_tps:.2f}", flush=True)
         result.update({"peer": peer, "peer_tokens_per_s": torch_tps, "peer_mfu": torch_mfu,

@@ -57,6 +57,14 @@ cp -r configs "$out/configs"
 mkdir -p "$out/data"
 cp -r data/sample "$out/data/sample"
 cp scripts/compare-curves.py benches/attention-vs-pytorch.py benches/train-vs-pytorch.py "$out/bin/"
+# For the Python scripts, which keep the machine's library path (PyTorch finds its own CUDA
+# and NCCL through it): bin/ondol with the libraries run.sh found.
+cat > "$out/bin/ondol-gpu" <<'WRAP'
+#!/usr/bin/env bash
+export LD_LIBRARY_PATH="${ONDOL_LD_LIBRARY_PATH:-}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+exec "$(dirname "$0")/ondol" "$@"
+WRAP
+chmod +x "$out/bin/ondol-gpu"
 cat > "$out/run.sh" <<'RUN'
 #!/usr/bin/env bash
 # Runs the GPU bundle (see scripts/gpu-bundle.sh): run.sh [tests|smoke|mfu|bench|sanitize|all]...
@@ -68,6 +76,10 @@ wants_only() { [[ $parts == *" $1 "* ]]; }
 log_dir="${OUT:-$here/logs}"
 mkdir -p "$log_dir"
 exec > >(tee -a "$log_dir/run.log") 2>&1
+# Python (PyTorch) runs with the machine's own library path: ours would put another CUDA or
+# NCCL before the ones torch was built with.
+machine_ld_path="${LD_LIBRARY_PATH:-}"
+py=(env "LD_LIBRARY_PATH=$machine_ld_path" python3)
 # libnvrtc and libcublasLt: system CUDA, or the nvidia wheels of the machine's Python.
 dirs=(/usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib)
 if py_site="$(python3 -c 'import nvidia, os; print(os.path.dirname(list(nvidia.__path__)[0]))' 2>/dev/null)"; then
@@ -86,12 +98,17 @@ if [[ -n "$nccl" ]]; then
     ln -sf "$nccl" "$here/lib/libnccl.so"
     export LD_LIBRARY_PATH="$here/lib:$(dirname "$nccl")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 fi
-export ONDOL_KERNEL_CACHE="${ONDOL_KERNEL_CACHE:-$here/kernel-cache}"
+export ONDOL_LD_LIBRARY_PATH="${LD_LIBRARY_PATH:-}"
+# Outside the bundle, which the device tool replaces on every call: the kernels compiled by
+# one part are loaded by the next.
+export ONDOL_KERNEL_CACHE="${ONDOL_KERNEL_CACHE:-/tmp/ondol-kernels}"
+# NCCL says what went wrong, when something does.
+export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
 # On this machine a test that cannot reach the GPU, NVRTC or cuBLASLt fails instead of skipping.
 export ONDOL_REQUIRE_GPU=1
 # Each test binary and each run stops after this many seconds (a hung kernel must not take the
 # whole device call with it): the part goes on with the next, and the run fails.
-limit="${ONDOL_STEP_TIMEOUT:-300}"
+limit="${ONDOL_STEP_TIMEOUT:-150}"
 bounded() { timeout -k 10 "$limit" "$@" || { local rc=$?; [[ $rc == 124 || $rc == 137 ]] && echo "!! stopped after ${limit}s: $*"; return $rc; }; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "nvidia-smi: not found"
 cd "$here"
@@ -124,37 +141,42 @@ if wants smoke; then
             tol=3e-2
             [[ $p == fp32 ]] && tol=1e-3
             echo "-- $c: cuda $p against the cpu"
-            python3 bin/compare-curves.py "runs/$c-cpu/metrics.jsonl" "runs/$c-cuda-$p/metrics.jsonl" $tol || status=1
+            "${py[@]}" bin/compare-curves.py "runs/$c-cpu/metrics.jsonl" "runs/$c-cuda-$p/metrics.jsonl" $tol || status=1
         done
         # Inference from the bf16 run's checkpoint: eval on both devices (the same loss to
         # bf16's rounding), and greedy decoding through the GPU's inference cache.
         ckpt="runs/$c-cuda-bf16/checkpoints/step-$(printf %08d $steps)"
         echo "-- $c: eval on the cpu, then the gpu; generate on the gpu"
-        for d in cpu cuda; do bin/ondol eval "$ckpt" --data data/sample/*.txt --batches 4 --device $d || status=1; done
-        bin/ondol generate "$ckpt" --prompt "And God said" --max-new-tokens 40 --temperature 0 --device cuda || status=1
+        for d in cpu cuda; do bounded bin/ondol eval "$ckpt" --data data/sample/*.txt --batches 4 --device $d || status=1; done
+        bounded bin/ondol generate "$ckpt" --prompt "And God said" --max-new-tokens 40 --temperature 0 --device cuda ||
+            status=1
     done
     # The launched path at world size 1: rendezvous, NCCL communicators, the same curve, to
     # bf16 and atomics' run-to-run differences (backward sums with atomicAdd in any order).
     echo "== smoke: one launched rank over NCCL against the plain GPU run"
     bounded bin/ondol launch --nproc-per-node 1 --master-port 0 -- train configs/smoke.toml --set training.steps=$steps \
         --set training.eval_every=50 --set 'training.device="cuda"' --run-dir runs/smoke-nccl 2>&1 | tail -2 || status=1
-    python3 bin/compare-curves.py runs/smoke-cuda-bf16/metrics.jsonl runs/smoke-nccl/metrics.jsonl 1e-2 || status=1
+    "${py[@]}" bin/compare-curves.py runs/smoke-cuda-bf16/metrics.jsonl runs/smoke-nccl/metrics.jsonl 1e-2 || status=1
 fi
 if wants mfu; then
     echo "== training throughput: ondol beside PyTorch (benches/train-vs-pytorch.py)"
-    python3 bin/train-vs-pytorch.py --ondol bin/ondol configs/gpt2-124m.toml configs/llama-1b.toml || status=1
+    # Two models, each ondol's run then PyTorch's (a first torch.compile takes minutes): twice
+    # the step limit.
+    limit=$((2 * limit)) bounded "${py[@]}" bin/train-vs-pytorch.py --ondol bin/ondol-gpu configs/gpt2-124m.toml \
+        configs/llama-1b.toml || status=1
     # mamba2-130m trains on token shards; here on the sample text as bytes, for 20 steps.
     echo "== mamba2-130m (bf16)"
-    bin/ondol train configs/mamba2-130m.toml --run-dir runs/mamba2-130m --set 'data.train=["data/sample/*.txt"]' \
+    bounded bin/ondol train configs/mamba2-130m.toml --run-dir runs/mamba2-130m --set 'data.train=["data/sample/*.txt"]' \
         --set 'data.val=[]' --set 'data.format="text"' --set 'data.tokenizer="bytes"' --set data.val_fraction=0.05 \
         --set training.eval_every=0 --set training.steps=20 --set lr_scheduler.warmup_steps=5 \
-        --set training.grad_accum=1 --set training.batch_size=8 --set 'training.device="cuda"' 2>&1 |
+        --set training.grad_accum=1 --set training.batch_size=8 --set 'training.device="cuda"' \
+        --set checkpoint.at_end=false 2>&1 |
         grep -E "^ondol|step|done|device memory|error" || status=1
 fi
 if wants bench; then
     echo "== kernel throughput (ondol, then PyTorch on the same attention shapes)"
     bounded benches/kernels || status=1
-    python3 bin/attention-vs-pytorch.py || echo "(PyTorch comparison not run)"
+    bounded "${py[@]}" bin/attention-vs-pytorch.py || echo "(PyTorch comparison not run)"
 fi
 if wants_only sanitize; then
     sanitizer="$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)"
@@ -167,6 +189,10 @@ if wants_only sanitize; then
                 status=1
         done
     fi
+fi
+# The loss curves come back with the log.
+if [[ -n "${OUT:-}" && -d runs ]]; then
+    for m in runs/*/metrics.jsonl; do [[ -f $m ]] && mkdir -p "$OUT/$(dirname "$m")" && cp "$m" "$OUT/$m"; done
 fi
 exit $status
 RUN

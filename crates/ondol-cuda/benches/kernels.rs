@@ -52,6 +52,10 @@ fn attention(be: &CudaBackend, seq: usize, label: &str) {
 fn main() {
     let be = match CudaBackend::open(0, Dtype::Bf16) {
         Ok(be) => be,
+        Err(e) if std::env::var_os("ONDOL_REQUIRE_GPU").is_some() => {
+            eprintln!("ONDOL_REQUIRE_GPU is set, but there is no GPU to measure: {e}");
+            std::process::exit(1);
+        }
         Err(e) => {
             eprintln!("skipped: {e}");
             return;

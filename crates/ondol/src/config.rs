@@ -224,9 +224,13 @@ impl Default for ParallelismConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CheckpointConfig {
-    /// Save every N steps (0: only at the end). A checkpoint is always written at the end.
+    /// Save every N steps (0: only at the end).
     #[serde(default)]
     pub every: u64,
+    /// Save at the last step too (whatever `every` says). Benchmarks turn it off: writing a
+    /// large model's weights and AdamW moments is no part of what they measure.
+    #[serde(default = "yes")]
+    pub at_end: bool,
     /// Keep only the newest N checkpoints (0: keep all).
     #[serde(default)]
     pub keep_last: usize,
@@ -237,7 +241,7 @@ pub struct CheckpointConfig {
 
 impl Default for CheckpointConfig {
     fn default() -> Self {
-        Self { every: 0, keep_last: 0, max_shard_bytes: default_max_shard_bytes() }
+        Self { every: 0, at_end: true, keep_last: 0, max_shard_bytes: default_max_shard_bytes() }
     }
 }
 

@@ -367,7 +367,8 @@ pub struct Summary {
 }
 
 /// Runs the remaining updates up to `cfg.training.steps`, evaluating, reporting and
-/// checkpointing (every `checkpoint.every` steps and at the end) along the way.
+/// checkpointing (every `checkpoint.every` steps, and at the end unless `checkpoint.at_end`
+/// is off) along the way.
 /// Ranks other than the leader pass no writer and a silent [`Metrics`].
 pub fn run<B: Backend>(
     trainer: &mut Trainer<B>,
@@ -375,7 +376,7 @@ pub fn run<B: Backend>(
     mut ckpt: Option<&mut Writer>,
 ) -> Result<Summary> {
     let total = trainer.cfg.training.steps;
-    let every = trainer.cfg.checkpoint.every;
+    let (every, at_end) = (trainer.cfg.checkpoint.every, trainer.cfg.checkpoint.at_end);
     let (eval_every, log_every) = (trainer.cfg.training.eval_every, trainer.cfg.metrics.log_every);
     let flops_per_token = trainer.model().flops_per_token(trainer.cfg.training.seq_len) as f64;
     let mem = trainer.memory_bytes();
@@ -420,7 +421,7 @@ pub fn run<B: Backend>(
             // Evaluation time is not training throughput.
             window_start = Instant::now();
         }
-        if (every > 0 && step.is_multiple_of(every) || step == total)
+        if (every > 0 && step.is_multiple_of(every) || at_end && step == total)
             && let Some(snap) = trainer.snapshot()?
             && let Some(writer) = ckpt.as_deref_mut()
         {

@@ -168,6 +168,32 @@ fn kill_9_at_random_moments_never_breaks_resume() {
     assert!(leftovers.is_empty(), "temporary directories left behind");
 }
 
+/// `checkpoint.at_end = false` writes only the periodic checkpoints (none with `every = 0`).
+#[test]
+fn a_run_can_skip_its_final_checkpoint() {
+    let dir = setup();
+    let train = |every: &str| {
+        let (ok, err) = ondol_err(
+            dir.path(),
+            &["train", "run.toml", "--run-dir", "run", "--set", "checkpoint.at_end=false", "--set", every],
+        );
+        assert!(ok, "{err}");
+        let ckpts = dir.path().join("run/checkpoints");
+        let mut names: Vec<String> = std::fs::read_dir(&ckpts)
+            .map(|d| d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_default();
+        names.sort();
+        std::fs::remove_dir_all(dir.path().join("run")).unwrap();
+        names
+    };
+    assert_eq!(train("checkpoint.every=0"), Vec::<String>::new());
+    let periodic = train("checkpoint.every=5");
+    assert_eq!(
+        periodic.iter().filter(|n| n.starts_with("step-")).collect::<Vec<_>>(),
+        ["step-00000005", "step-00000010"]
+    );
+}
+
 #[test]
 fn damaged_checkpoints_are_refused_and_auto_falls_back() {
     let dir = setup();
