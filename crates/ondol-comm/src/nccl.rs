@@ -23,8 +23,9 @@
 //! The data-parallel group has a second communicator on a stream of its own (the side lane):
 //! [`Communicator::queue_all_reduce_device`] (and `queue_reduce_device`, ZeRO-1's) makes that
 //! stream wait for an event on the main stream and queues the sum there, returning at once,
-//! so gradient buckets are summed while the backward kernels issued after them run; [`Communicator::wait_queued`] waits for the
-//! side stream (with the timeout), so that what the host issues next comes after the sums.
+//! so gradient buckets are summed while the backward kernels issued after them run;
+//! [`Communicator::wait_queued`] waits for the side stream (with the timeout), so that what
+//! the host issues next comes after the sums.
 //!
 //! # Point to point
 //! `send` waits until the peer has received (NCCL does not buffer), so sends and receives must
@@ -57,8 +58,8 @@ fn nccl_message(e: &nccl::NcclError) -> String {
         // SAFETY: NCCL returns null or a NUL-terminated string it owns, read at once.
         if p.is_null() { String::new() } else { unsafe { std::ffi::CStr::from_ptr(p) }.to_string_lossy().into_owned() }
     };
-    // SAFETY: both only read NCCL's static or thread-local strings; the communicator
-    // argument of ncclGetLastError is unused by NCCL and may be null.
+    // SAFETY: both return NCCL's own strings; ncclGetLastError takes a null communicator
+    // (its message is the process's last, whichever communicator failed).
     let (name, last) =
         unsafe { (text(sys::ncclGetErrorString(e.0)), text(sys::ncclGetLastError(std::ptr::null_mut()))) };
     match last.trim() {

@@ -453,8 +453,9 @@ impl Drop for Worker {
 /// and are reduced after the schedule, so every element's dp sum adds the same values as
 /// without buckets: bit for bit on the thread and TCP communicators, which add in rank
 /// order; NCCL picks its order by message size, so there the replicas agree with each other
-/// but not with a run without buckets to the last bit. Under ZeRO-1 a bucket is reduced piece by piece into the replicas
-/// whose shards hold the pieces, which is what the reduce-scatter after the schedule does.
+/// but not to the last bit with a run without buckets. Under ZeRO-1 a bucket is reduced
+/// piece by piece into the replicas whose shards hold the pieces, which is what the
+/// reduce-scatter after the schedule does.
 struct Buckets {
     size: usize,
     worker: Option<Worker>,
