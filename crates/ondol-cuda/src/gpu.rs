@@ -5,7 +5,7 @@ use crate::CudaError;
 use crate::compile::{FAMILIES, Family, cached_cubin, forget_cached, nvrtc_available};
 use crate::device::{Arg, Device, Epilogue};
 use crate::gemm::Blas;
-use crate::memory::{DevMut, DevRef, Memory};
+use crate::memory::{DevMut, DevRef, GpuMemory, Memory};
 use cudarc::driver::result as driver;
 use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute, CUmemPool_attribute};
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
@@ -152,7 +152,7 @@ impl Device for Gpu {
         let mem = self.stream.alloc_zeros::<u8>(bytes).map_err(|e| e.to_string())?;
         // Event tracking is off (one stream), so taking the address records nothing.
         let ptr = mem.device_ptr(&self.stream).0;
-        Ok((Some(Memory::Cuda(mem)), ptr))
+        Ok((Some(Memory::Cuda(GpuMemory(mem))), ptr))
     }
 
     fn copy_in(&self, dst: u64, src: &[u8]) {

@@ -14,8 +14,20 @@ use std::ops::Range;
 /// What owns a buffer's bytes: held to be freed on drop, never read.
 #[allow(dead_code)]
 pub(crate) enum Memory {
-    Cuda(CudaSlice<u8>),
+    Cuda(GpuMemory),
     Host(HostMemory),
+}
+
+/// A GPU allocation that makes its context current before it is freed: the free goes on the
+/// legacy NULL stream, which the driver finds through the calling thread's current context,
+/// and a thread that never made a GPU call has none (cudarc's drop does not bind it).
+pub(crate) struct GpuMemory(pub CudaSlice<u8>);
+
+impl Drop for GpuMemory {
+    fn drop(&mut self) {
+        // A failure shows at the next bound call; the slice's own drop frees the memory next.
+        let _ = self.0.context().bind_to_thread();
+    }
 }
 
 /// Zeroed host memory for the emulator, 16-byte aligned, ending (rounded to 16 bytes) at a
