@@ -256,6 +256,52 @@ fn init_rank(
     }
 }
 
+/// Whether a group can still be used: not after a timeout broke it (`broken` says which),
+/// nor after NCCL's error aborted its communicators.
+fn check_usable(
+    op: &'static str,
+    group: &[usize],
+    broken: &Mutex<Option<TimeoutInfo>>,
+    aborted: bool,
+) -> Result<(), CommError> {
+    match &*broken.lock().unwrap_or_else(|e| e.into_inner()) {
+        Some(cause) => Err(CommError::Broken { op, group: group.to_vec(), cause: cause.clone() }),
+        None if aborted => Err(CommError::Invalid {
+            op,
+            group: group.to_vec(),
+            message: "its NCCL communicators were aborted after an earlier NCCL error".into(),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// The error of a wait on one of a group's lanes that `stalled`. A timeout is kept in
+/// `broken`, for every later call to report; it and an NCCL error abort the group's
+/// communicators (`abort`), which also ends their kernels.
+fn stalled_error(
+    op: &'static str,
+    group: &[usize],
+    timeout: Duration,
+    broken: &Mutex<Option<TimeoutInfo>>,
+    stalled: Stalled,
+    abort: impl FnOnce(),
+) -> CommError {
+    let invalid = |message: String| CommError::Invalid { op, group: group.to_vec(), message };
+    match stalled {
+        Stalled::Cuda(message) => invalid(message),
+        Stalled::Nccl(error) => {
+            abort();
+            invalid(format!("NCCL reported {error:?}; its communicators were aborted"))
+        }
+        Stalled::TimedOut => {
+            let info = TimeoutInfo { op, group: group.to_vec(), missing: Vec::new(), timeout };
+            *broken.lock().unwrap_or_else(|e| e.into_inner()) = Some(info.clone());
+            abort();
+            CommError::Timeout(info)
+        }
+    }
+}
+
 impl NcclComm {
     /// Joins the group `ranks` (world ranks, in group order) that contains `world_rank`,
     /// named `key` in the store, on `stream`; with `side`, also its second communicator on a
@@ -313,33 +359,14 @@ impl NcclComm {
     }
 
     fn check_broken(&self, op: &'static str) -> Result<(), CommError> {
-        match &*self.broken.lock().unwrap_or_else(|e| e.into_inner()) {
-            Some(cause) => Err(CommError::Broken { op, group: self.ranks.clone(), cause: cause.clone() }),
-            // Aborted on an asynchronous NCCL error: the communicators are gone.
-            None if self.aborted.load(Ordering::SeqCst) => {
-                Err(self.invalid(op, "the communicator was aborted after an earlier NCCL error"))
-            }
-            None => Ok(()),
-        }
+        check_usable(op, &self.ranks, &self.broken, self.aborted.load(Ordering::SeqCst))
     }
 
     /// Waits for everything queued on `lane`'s stream, at most the timeout; past it, or on
     /// an asynchronous NCCL error, aborts the communicator.
     fn wait_lane(&self, op: &'static str, lane: &Lane) -> Result<(), CommError> {
-        match lane.wait(self.timeout) {
-            Ok(()) => Ok(()),
-            Err(Stalled::Cuda(message)) => Err(self.invalid(op, message)),
-            Err(Stalled::Nccl(error)) => {
-                self.abort();
-                Err(self.invalid(op, format!("NCCL reported {error:?}; the communicator was aborted")))
-            }
-            Err(Stalled::TimedOut) => {
-                let info = TimeoutInfo { op, group: self.ranks.clone(), missing: Vec::new(), timeout: self.timeout };
-                *self.broken.lock().unwrap_or_else(|e| e.into_inner()) = Some(info.clone());
-                self.abort();
-                Err(CommError::Timeout(info))
-            }
-        }
+        lane.wait(self.timeout)
+            .map_err(|stalled| stalled_error(op, &self.ranks, self.timeout, &self.broken, stalled, || self.abort()))
     }
 
     fn wait(&self, op: &'static str) -> Result<(), CommError> {

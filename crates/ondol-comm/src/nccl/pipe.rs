@@ -21,7 +21,7 @@
 //! NCCL does not check that a receive's length is its send's: the engine sends each
 //! message's tag first and checks it before it receives the payload.
 
-use super::{Lane, Staging, Stalled, init_rank, nccl_message};
+use super::{Lane, Staging, Stalled, check_usable, init_rank, nccl_message, stalled_error};
 use crate::comm::Communicator;
 use crate::error::{CommError, TimeoutInfo};
 use crate::mesh::{Direction, ring_edges};
@@ -195,13 +195,7 @@ impl NcclPipe {
     }
 
     fn check(&self, op: &'static str) -> Result<(), CommError> {
-        match &*self.broken.lock().unwrap_or_else(|e| e.into_inner()) {
-            Some(cause) => Err(CommError::Broken { op, group: self.ranks.clone(), cause: cause.clone() }),
-            None if self.aborted.load(Ordering::SeqCst) => {
-                Err(self.invalid(op, "the channel was aborted after an earlier NCCL error"))
-            }
-            None => Ok(()),
-        }
+        check_usable(op, &self.ranks, &self.broken, self.aborted.load(Ordering::SeqCst))
     }
 
     fn check_peer(&self, op: &'static str, edge: &Edge, peer: usize) -> Result<(), CommError> {
@@ -229,22 +223,10 @@ impl NcclPipe {
         }
     }
 
-    /// Maps a stalled wait (or NCCL error) on one of the edges to the caller's error,
-    /// aborting the channel where NCCL needs it.
+    /// The error of a wait on one of the edges that `stalled` (aborting the channel where
+    /// NCCL needs it).
     fn stalled(&self, op: &'static str, stalled: Stalled) -> CommError {
-        match stalled {
-            Stalled::Cuda(message) => self.invalid(op, message),
-            Stalled::Nccl(error) => {
-                self.abort();
-                self.invalid(op, format!("NCCL reported {error:?}; the channel was aborted"))
-            }
-            Stalled::TimedOut => {
-                let info = TimeoutInfo { op, group: self.ranks.clone(), missing: Vec::new(), timeout: self.timeout };
-                *self.broken.lock().unwrap_or_else(|e| e.into_inner()) = Some(info.clone());
-                self.abort();
-                CommError::Timeout(info)
-            }
-        }
+        stalled_error(op, &self.ranks, self.timeout, &self.broken, stalled, || self.abort())
     }
 
     /// Queues a message of `bytes` to the peer: `fill(ptr)` writes it on the main stream into a
