@@ -119,11 +119,13 @@ impl CudaBackend {
     }
 
     /// Whether a GEMM of `g` can apply `act` (or its backward) in its epilogue, with GELU's
-    /// input `pre` beside its output: GELU (cuBLASLt has its tanh form), the output's type
-    /// and shape, and rows of a multiple of 8 values, 16-byte aligned (cuBLASLt's rule for
-    /// that matrix).
+    /// input `pre` beside its output: GELU (cuBLASLt has its tanh form) in bf16 (f32 is for
+    /// checking against the CPU, and cuBLASLt's tanh may be the GPU's approximate one, as
+    /// CUTLASS's is), the output's type and shape, and rows of a multiple of 8 values,
+    /// 16-byte aligned (cuBLASLt's rule for that matrix).
     fn fuses_gelu(act: Activation, g: Gemm, pre: DevRef, out: DevRef) -> bool {
         act == Activation::Gelu
+            && out.dtype == Dtype::Bf16
             && g.k > 0
             && (pre.dtype, pre.len, out.len) == (out.dtype, g.m * g.n, g.m * g.n)
             && g.n.is_multiple_of(8)

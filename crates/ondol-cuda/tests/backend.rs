@@ -867,8 +867,12 @@ fn tensor_core_pairs() -> Vec<(CudaBackend, CudaBackend)> {
             CudaBackend::emulated(Dtype::Bf16, false).without_tensor_cores(),
         ));
     }
-    if let (Ok(a), Ok(b)) = (CudaBackend::open(0, Dtype::Bf16), CudaBackend::open(0, Dtype::Bf16)) {
-        out.push((a, b.without_tensor_cores()));
+    match (CudaBackend::open(0, Dtype::Bf16), CudaBackend::open(0, Dtype::Bf16)) {
+        (Ok(a), Ok(b)) => out.push((a, b.without_tensor_cores())),
+        (Err(e), _) | (_, Err(e)) if std::env::var_os("ONDOL_REQUIRE_GPU").is_some() => {
+            panic!("ONDOL_REQUIRE_GPU is set: {e}")
+        }
+        _ => {}
     }
     out
 }
