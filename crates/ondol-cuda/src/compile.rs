@@ -128,8 +128,8 @@ pub fn cached_cubin(family: &Family, arch: &str) -> Result<Vec<u8>, CudaError> {
         return Ok(cubin);
     }
     let cubin = compile_cubin(family, arch)?;
-    // Written whole under a name of this process's and thread's own, then renamed: a reader
-    // never sees half a cubin, and two writers never share a file.
+    // Written whole under a name of its own (the process and a count of its writes), then
+    // renamed: a reader never sees half a cubin, and two writers never share a file.
     static WRITES: AtomicUsize = AtomicUsize::new(0);
     let tmp = path.with_extension(format!("tmp{}-{}", std::process::id(), WRITES.fetch_add(1, Ordering::Relaxed)));
     let stored = std::fs::create_dir_all(cache_dir())
