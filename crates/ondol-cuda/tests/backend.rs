@@ -15,28 +15,38 @@ use ondol_cuda::{CudaBackend, Dtype, SSD_MAX_CHUNK};
 /// The shared memory a block of the GPUs with the least (sm_86, sm_89, sm_120: 99 KiB).
 const SMALLEST_SHARED: u32 = 99 << 10;
 
-/// The backend on the emulator (bf16 standing for a GPU with the least shared memory), then on
-/// GPU 0 computing in f32 and in bf16 if there is one.
+/// Whether the GPU alone is tested: under ONDOL_REQUIRE_GPU (the GPU bundle), where CI has
+/// already run the emulator and device time is scarce.
+fn gpu_only() -> bool {
+    std::env::var_os("ONDOL_REQUIRE_GPU").is_some()
+}
+
+/// GPU 0 computing in `dtype`, or None (said on stderr) where there is none; under
+/// [`gpu_only`] no GPU is a failure.
+fn gpu(dtype: Dtype) -> Option<CudaBackend> {
+    match CudaBackend::open(0, dtype) {
+        Ok(be) => Some(be),
+        Err(e) if gpu_only() => panic!("ONDOL_REQUIRE_GPU is set: {e}"),
+        Err(e) => {
+            eprintln!("GPU skipped: {e}");
+            None
+        }
+    }
+}
+
+/// The backend on the emulator (bf16 standing for a GPU with the least shared memory; not
+/// under [`gpu_only`]), then on GPU 0 computing in f32 and in bf16 if there is one.
 fn backends() -> Vec<CudaBackend> {
-    // Under ONDOL_REQUIRE_GPU (the GPU bundle) the GPU alone: CI has run the emulator, and
-    // device time is scarce.
-    let gpu_only = std::env::var_os("ONDOL_REQUIRE_GPU").is_some();
-    let mut out = match gpu_only {
+    let mut out = match gpu_only() {
         true => Vec::new(),
         false => vec![
             CudaBackend::emulated(Dtype::F32, false),
             CudaBackend::emulated_with_shared_memory(Dtype::Bf16, true, SMALLEST_SHARED),
         ],
     };
-    for dtype in [Dtype::F32, Dtype::Bf16] {
-        match CudaBackend::open(0, dtype) {
-            Ok(be) => out.push(be),
-            Err(e) if gpu_only => panic!("ONDOL_REQUIRE_GPU is set: {e}"),
-            Err(e) => {
-                eprintln!("GPU skipped: {e}");
-                break;
-            }
-        }
+    if let Some(f32_gpu) = gpu(Dtype::F32) {
+        out.push(f32_gpu);
+        out.extend(gpu(Dtype::Bf16));
     }
     out
 }
@@ -857,22 +867,17 @@ fn recurrent_forms_match_the_cpu() {
 }
 
 /// The bf16 backend with its tensor-core kernels and the same without, on the emulator
-/// (threads in reverse order; not under ONDOL_REQUIRE_GPU, as in [`backends`]) and on the GPU
-/// if there is one.
+/// (threads in reverse order; not under [`gpu_only`]) and on the GPU if there is one.
 fn tensor_core_pairs() -> Vec<(CudaBackend, CudaBackend)> {
     let mut out = Vec::new();
-    if std::env::var_os("ONDOL_REQUIRE_GPU").is_none() {
+    if !gpu_only() {
         out.push((
             CudaBackend::emulated(Dtype::Bf16, true),
             CudaBackend::emulated(Dtype::Bf16, false).without_tensor_cores(),
         ));
     }
-    match (CudaBackend::open(0, Dtype::Bf16), CudaBackend::open(0, Dtype::Bf16)) {
-        (Ok(a), Ok(b)) => out.push((a, b.without_tensor_cores())),
-        (Err(e), _) | (_, Err(e)) if std::env::var_os("ONDOL_REQUIRE_GPU").is_some() => {
-            panic!("ONDOL_REQUIRE_GPU is set: {e}")
-        }
-        _ => {}
+    if let (Some(a), Some(b)) = (gpu(Dtype::Bf16), gpu(Dtype::Bf16)) {
+        out.push((a, b.without_tensor_cores()));
     }
     out
 }

@@ -258,38 +258,26 @@ impl NcclPipe {
         buffer.sent.record(&send.stream).map_err(event)
     }
 
-    /// A send buffer whose last send is done: the smallest that holds `bytes`, else the
-    /// largest free one (grown), else a new one.
+    /// A send buffer whose last send is done: the smallest that holds `bytes` (a tag does
+    /// not take an activation's), else the largest (to be grown), else a new one.
     fn free_buffer<'a>(
         &self,
         op: &'static str,
         sends: &'a mut Vec<SendBuffer>,
         bytes: usize,
     ) -> Result<&'a mut SendBuffer, CommError> {
-        let mut best: Option<usize> = None;
+        let cuda = |e: DriverError| self.invalid(op, format!("CUDA: {e}"));
+        let mut free = Vec::new();
         for (i, b) in sends.iter().enumerate() {
-            if !b.sent.try_is_complete().map_err(|e| self.invalid(op, format!("CUDA: {e}")))? {
-                continue;
-            }
-            let better = match best.map(|j| &sends[j]) {
-                None => true,
-                Some(c) if c.staging.bytes >= bytes => b.staging.bytes >= bytes && b.staging.bytes < c.staging.bytes,
-                Some(c) => b.staging.bytes > c.staging.bytes,
-            };
-            if better {
-                best = Some(i);
+            if b.sent.try_is_complete().map_err(cuda)? {
+                free.push((b.staging.bytes, i));
             }
         }
-        let i = match best {
-            Some(i) => i,
+        let fits = free.iter().filter(|(size, _)| *size >= bytes).min();
+        let i = match fits.or(free.iter().max()) {
+            Some(&(_, i)) => i,
             None => {
-                let sent = self
-                    .to
-                    .lane
-                    .stream
-                    .context()
-                    .new_event(None)
-                    .map_err(|e| self.invalid(op, format!("CUDA: {e}")))?;
+                let sent = self.to.lane.stream.context().new_event(None).map_err(cuda)?;
                 sends.push(SendBuffer { staging: Staging { ptr: 0, bytes: 0 }, sent });
                 sends.len() - 1
             }
