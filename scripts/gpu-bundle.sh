@@ -13,8 +13,8 @@
 #          eval (cpu and cuda) and greedy generate (cuda) from each bf16 checkpoint
 #   mfu    tokens/s and MFU of configs/gpt2-124m.toml and llama-1b.toml beside PyTorch's
 #          (transformers, bf16 autocast, fused AdamW, torch.compile), and of mamba2-130m.toml
-#   bench  kernel throughput (flash attention, SSD, selective scan), and PyTorch's flash SDPA
-#          on the same attention shapes
+#   bench  kernel throughput (flash attention, SSD, selective scan), and PyTorch's on the same
+#          shapes (flash SDPA; transformers' selective scan and SSD), with the time ratios
 #   sanitize  (not part of all) the backend tests under compute-sanitizer's memcheck,
 #          racecheck and synccheck, where the machine has it and it supports the device:
 #          out-of-bounds accesses, shared-memory races and barrier misuse on the hardware
@@ -56,7 +56,7 @@ strip --strip-debug "$out"/bin/* "$out"/tests/* "$out"/benches/* 2>/dev/null || 
 cp -r configs "$out/configs"
 mkdir -p "$out/data"
 cp -r data/sample "$out/data/sample"
-cp scripts/compare-curves.py benches/attention-vs-pytorch.py benches/train-vs-pytorch.py "$out/bin/"
+cp scripts/compare-curves.py benches/kernels-vs-pytorch.py benches/train-vs-pytorch.py "$out/bin/"
 # For the Python scripts, which keep the machine's library path (PyTorch finds its own CUDA
 # and NCCL through it): bin/ondol with the libraries run.sh found.
 cat > "$out/bin/ondol-gpu" <<'WRAP'
@@ -174,9 +174,9 @@ if wants mfu; then
         grep -E "^ondol|step|done|device memory|error" || status=1
 fi
 if wants bench; then
-    echo "== kernel throughput (ondol, then PyTorch on the same attention shapes)"
-    bounded benches/kernels || status=1
-    bounded "${py[@]}" bin/attention-vs-pytorch.py || echo "(PyTorch comparison not run)"
+    echo "== kernel throughput (ondol, then PyTorch on the same shapes, with the ratios)"
+    bounded benches/kernels | tee "$log_dir/kernels.txt" || status=1
+    bounded "${py[@]}" bin/kernels-vs-pytorch.py --ondol "$log_dir/kernels.txt" || echo "(PyTorch comparison not complete)"
 fi
 if wants_only sanitize; then
     sanitizer="$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)"

@@ -3,10 +3,12 @@
 //! the shortest length; the SSD and the selective scan at Mamba-2 130M's and Mamba 130M's
 //! layer shapes. Prints TFLOP/s (attention: the causal half of 4 T^2 D per head forward, 2.5x
 //! that backward, FlashAttention's convention) and GB/s of the bytes each op must move, with
-//! the device's bf16 peak; GPT-2 124M's MLP GEMMs with GELU in cuBLASLt's epilogue against
+//! the device's bf16 peak and the bandwidth of a device-to-device copy (the memory-bound
+//! scan's ceiling); GPT-2 124M's MLP GEMMs with GELU in cuBLASLt's epilogue against
 //! the GEMM and a GELU pass of its own; and a decoding step of attention over a long KV cache.
-//! `benches/attention-vs-pytorch.py` times PyTorch's flash SDPA on the same shapes; `run.sh
-//! bench` prints both. Needs a GPU (says so and exits without one).
+//! `benches/kernels-vs-pytorch.py` times PyTorch's peers on the same shapes and, given this
+//! bench's output, prints the ratios; `run.sh bench` runs both. Needs a GPU (says so and exits
+//! without one).
 
 use ondol_core::backend::{
     Activation, AttnShape, Backend, Gemm, ScanGrads, ScanInputs, ScanShape, SsdGrads, SsdInputs, SsdShape,
@@ -62,6 +64,8 @@ fn main() {
         }
     };
     println!("{}; bf16 dense peak {:?} TFLOP/s", be.name(), be.peak_flops().map(|p| p / 1e12));
+    let copy = copy_bandwidth(&be);
+    println!("device-to-device copy {copy:.0} GB/s");
     for seq in [1024, 2048, 4096, 8192] {
         attention(&be, seq, "flash attention");
     }
@@ -105,13 +109,32 @@ fn main() {
     // Reads u, delta, z and writes y (bf16); B and C are read once per channel block.
     let bytes = 2.0 * (4 * rows * ch) as f64;
     let bwd_bytes = 2.0 * (8 * rows * ch) as f64;
+    let (fwd_gbs, bwd_gbs) = (bytes / fwd / 1e9, bwd_bytes / bwd / 1e9);
     println!(
-        "selective scan (mamba-130m layer) forward {:.3} ms {:.0} GB/s   backward {:.3} ms {:.0} GB/s",
+        "selective scan (mamba-130m layer) forward {:.3} ms {fwd_gbs:.0} GB/s   backward {:.3} ms {bwd_gbs:.0} GB/s   \
+         ({:.0} % and {:.0} % of the copy's)",
         fwd * 1e3,
-        bytes / fwd / 1e9,
         bwd * 1e3,
-        bwd_bytes / bwd / 1e9
+        100.0 * fwd_gbs / copy,
+        100.0 * bwd_gbs / copy
     );
+}
+
+/// GB/s of a device-to-device copy of 1 GiB, bytes read plus bytes written: about what a
+/// memory-bound kernel can reach at most (H100 SXM: about 3000).
+fn copy_bandwidth(be: &CudaBackend) -> f64 {
+    let n = 1 << 28;
+    let (src, dst) = (be.zeros_f32(n), be.zeros_f32(n));
+    let ptr = |buf| be.device_slice(be.all(buf)).expect("a GPU buffer").ptr;
+    let (from, to) = (ptr(&src), ptr(&dst));
+    let stream = be.stream().expect("a GPU backend has a stream");
+    stream.context().bind_to_thread().expect("the GPU's context");
+    let secs = time(be, 5, || {
+        // SAFETY: both buffers hold `n` f32 and live until the copies are waited for.
+        unsafe { cudarc::driver::result::memcpy_dtod_async(to, from, 4 * n, stream.cu_stream()) }
+            .expect("a device-to-device copy")
+    });
+    2.0 * (4 * n) as f64 / secs / 1e9
 }
 
 /// The SSD of one Mamba-2 130M layer: 8 x 2048 tokens, 24 heads of 64, N 128, chunks of 256.
