@@ -12,7 +12,9 @@ tokens: bf16 autocast on a GPU, fused AdamW, torch.compile (--no-compile to skip
 runs `ondol train CONFIG` for the same steps. Both skip their first --warmup steps (compiles,
 allocator warm-up) and report the median tokens/s of the rest. MFU is on ondol's FLOP count
 and peak for both (its metrics give tokens/s and MFU per step, so FLOPs/token / peak =
-MFU / tokens/s). Prints one line per config and a JSON object per config last.
+MFU / tokens/s). Prints one line per config and a JSON object per config last. `--set
+KEY=VALUE` passes overrides to ondol, and `--no-peer` runs ondol alone: `--no-peer --set
+training.tensor_cores=false` measures ondol on its CUDA-core attention and SSD.
 """
 import argparse
 import json
@@ -25,13 +27,15 @@ import tomllib
 from pathlib import Path
 
 
-def ondol_run(ondol, config, steps, warmup):
-    """Median tokens/s and MFU of ondol's steps after the warm-up (and its device-memory line)."""
+def ondol_run(ondol, config, steps, warmup, sets):
+    """Median tokens/s and MFU of ondol's steps after the warm-up (and its device-memory line);
+    `sets` are more `--set` overrides."""
     with tempfile.TemporaryDirectory() as run_dir:
         # The learning-rate warm-up must fit the shorter run; it does not change the speed.
         cmd = [ondol, "train", str(config), "--run-dir", run_dir, "--set", f"training.steps={steps}",
                "--set", "metrics.log_every=1", "--set", "training.eval_every=0",
                "--set", f"lr_scheduler.warmup_steps={steps // 2}", "--set", "checkpoint.at_end=false"]
+        cmd += [a for kv in sets for a in ("--set", kv)]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             sys.exit(f"ondol failed on {config}:\n{done.stderr[-3000:]}")
@@ -132,6 +136,8 @@ def main():
     p.add_argument("--steps", type=int, default=15)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override for ondol")
+    p.add_argument("--no-peer", action="store_true", help="ondol alone (e.g. to compare two of its settings)")
     args = p.parse_args()
     if args.steps <= args.warmup:
         sys.exit("--steps must exceed --warmup")
@@ -139,10 +145,14 @@ def main():
     for config in args.configs:
         with open(config, "rb") as f:
             cfg = tomllib.load(f)
-        ondol_tps, ondol_mfu, ondol_memory = ondol_run(args.ondol, config, args.steps, args.warmup)
-        print(f"{config.stem:<14} ondol {ondol_tps:>9.0f} tok/s (MFU {100 * ondol_mfu:5.1f} %)  {ondol_memory}",
+        ondol_tps, ondol_mfu, ondol_memory = ondol_run(args.ondol, config, args.steps, args.warmup, args.set)
+        settings = "".join(f" {kv}" for kv in args.set)
+        print(f"{config.stem:<14} ondol{settings} {ondol_tps:>9.0f} tok/s (MFU {100 * ondol_mfu:5.1f} %)  {ondol_memory}",
               flush=True)
-        result = {"config": str(config), "ondol_tokens_per_s": ondol_tps, "ondol_mfu": ondol_mfu}
+        result = {"config": str(config), "ondol_sets": args.set, "ondol_tokens_per_s": ondol_tps, "ondol_mfu": ondol_mfu}
+        if args.no_peer:
+            results.append(result)
+            continue
         compiled = not args.no_compile
         try:
             try:

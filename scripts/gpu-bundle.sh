@@ -5,7 +5,7 @@
 # Rust:
 #
 #   scripts/gpu-bundle.sh                      # here
-#   target/gpu-bundle/run.sh [tests|smoke|mfu|bench|sanitize|all]...   # there (default: all)
+#   target/gpu-bundle/run.sh [tests|smoke|mfu|cuda-cores|bench|sanitize|all]...   # there (default: all)
 #
 #   tests  every backend op against the CPU reference, f32 and bf16 (max errors printed)
 #   smoke  the smoke models (Llama, Mamba-1, Mamba-2, hybrid) trained on the CPU (fp32) and on
@@ -13,6 +13,8 @@
 #          eval (cpu and cuda) and greedy generate (cuda) from each bf16 checkpoint
 #   mfu    tokens/s and MFU of configs/gpt2-124m.toml and llama-1b.toml beside PyTorch's
 #          (transformers, bf16 autocast, fused AdamW, torch.compile), and of mamba2-130m.toml
+#   cuda-cores  llama-1b and mamba2-130m as in mfu, with training.tensor_cores = false: what
+#          flash attention and the SSD's tensor-core forms gain
 #   bench  kernel throughput (flash attention, SSD, selective scan), and PyTorch's on the same
 #          shapes (flash SDPA; transformers' selective scan and SSD), with the time ratios
 #   sanitize  (not part of all) the backend tests under compute-sanitizer's memcheck,
@@ -67,7 +69,7 @@ WRAP
 chmod +x "$out/bin/ondol-gpu"
 cat > "$out/run.sh" <<'RUN'
 #!/usr/bin/env bash
-# Runs the GPU bundle (see scripts/gpu-bundle.sh): run.sh [tests|smoke|mfu|bench|sanitize|all]...
+# Runs the GPU bundle (see scripts/gpu-bundle.sh): run.sh [tests|smoke|mfu|cuda-cores|bench|sanitize|all]...
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 parts=" ${*:-all} "
@@ -158,20 +160,24 @@ if wants smoke; then
         --set training.eval_every=50 --set 'training.device="cuda"' --run-dir runs/smoke-nccl 2>&1 | tail -2 || status=1
     "${py[@]}" bin/compare-curves.py runs/smoke-cuda-bf16/metrics.jsonl runs/smoke-nccl/metrics.jsonl 1e-2 || status=1
 fi
+# mamba2-130m trains on token shards; the mfu runs train it on the sample text as bytes.
+mamba2=(--set 'data.train=["data/sample/*.txt"]' --set 'data.val=[]' --set 'data.format="text"'
+    --set 'data.tokenizer="bytes"' --set data.val_fraction=0.05 --set training.grad_accum=1
+    --set training.batch_size=8 --set 'training.device="cuda"' configs/mamba2-130m.toml)
 if wants mfu; then
     echo "== training throughput: ondol beside PyTorch (benches/train-vs-pytorch.py)"
     # Two models, each ondol's run then PyTorch's (a first torch.compile takes minutes): twice
     # the step limit.
     limit=$((2 * limit)) bounded "${py[@]}" bin/train-vs-pytorch.py --ondol bin/ondol-gpu configs/gpt2-124m.toml \
         configs/llama-1b.toml || status=1
-    # mamba2-130m trains on token shards; here on the sample text as bytes, for 20 steps.
     echo "== mamba2-130m (bf16)"
-    bounded bin/ondol train configs/mamba2-130m.toml --run-dir runs/mamba2-130m --set 'data.train=["data/sample/*.txt"]' \
-        --set 'data.val=[]' --set 'data.format="text"' --set 'data.tokenizer="bytes"' --set data.val_fraction=0.05 \
-        --set training.eval_every=0 --set training.steps=20 --set lr_scheduler.warmup_steps=5 \
-        --set training.grad_accum=1 --set training.batch_size=8 --set 'training.device="cuda"' \
-        --set checkpoint.at_end=false 2>&1 |
-        grep -E "^ondol|step|done|device memory|error" || status=1
+    bounded "${py[@]}" bin/train-vs-pytorch.py --ondol bin/ondol-gpu --no-peer "${mamba2[@]}" || status=1
+fi
+if wants cuda-cores; then
+    echo "== llama-1b and mamba2-130m on the simple attention and the SSD's CUDA-core forms (training.tensor_cores = false)"
+    no_tc=(bin/train-vs-pytorch.py --ondol bin/ondol-gpu --no-peer --steps 10 --set training.tensor_cores=false)
+    bounded "${py[@]}" "${no_tc[@]}" configs/llama-1b.toml || status=1
+    bounded "${py[@]}" "${no_tc[@]}" "${mamba2[@]}" || status=1
 fi
 if wants bench; then
     echo "== kernel throughput (ondol, then PyTorch on the same shapes, with the ratios)"

@@ -78,6 +78,11 @@ pub struct TrainingConfig {
     /// Worker threads (default: every core).
     #[serde(default)]
     pub threads: Option<usize>,
+    /// On "cuda": attention and Mamba-2's scan on tensor cores (flash attention and the SSD's
+    /// mma.sync forms). false runs their CUDA-core kernels instead, to measure what the
+    /// tensor-core ones gain.
+    #[serde(default = "yes")]
+    pub tensor_cores: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -376,6 +381,12 @@ impl RunConfig {
             return Err(Error::config(
                 "training.precision",
                 "\"bf16\" needs training.device = \"cuda\"; the CPU backend computes in \"fp32\"",
+            ));
+        }
+        if t.device == Device::Cpu && !t.tensor_cores {
+            return Err(Error::config(
+                "training.tensor_cores",
+                "false chooses between CUDA kernels and needs training.device = \"cuda\"",
             ));
         }
         if t.threads == Some(0) {

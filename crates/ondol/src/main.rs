@@ -386,8 +386,11 @@ fn open_gpu(cfg: &RunConfig, ordinal: usize) -> Result<(ondol_cuda::CudaBackend,
         Precision::Fp32 => Dtype::F32,
         Precision::Bf16 => Dtype::Bf16,
     };
-    let be =
+    let mut be =
         CudaBackend::open(ordinal, compute).map_err(|e| Error::config("training.device", format!("\"cuda\": {e}")))?;
+    if !cfg.training.tensor_cores {
+        be = be.without_tensor_cores();
+    }
     // A model whose weights, gradients and AdamW state alone exceed the GPU would otherwise
     // stop at its first failed allocation (tensor parallelism splits them over tp GPUs).
     let state_bytes = Model::new(cfg.model.clone())?.num_params() as u64

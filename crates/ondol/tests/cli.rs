@@ -90,6 +90,7 @@ fn bad_values_are_refused_with_key_file_and_what_is_valid() {
         (&["training.device=\"tpu\""], &["training.device", "cpu"]),
         (&["training.device=\"cuda\""], &["training.device", "no CUDA backend"]),
         (&["training.precision=\"bf16\""], &["training.precision", "needs training.device = \"cuda\""]),
+        (&["training.tensor_cores=false"], &["training.tensor_cores", "needs training.device = \"cuda\""]),
         (&["optimizer.lr=-1"], &["optimizer.lr", "> 0"]),
         (&["optimizer.beta2=1.5"], &["optimizer.beta2", "[0, 1)"]),
         (&["lr_scheduler.warmup_steps=5"], &["lr_scheduler.warmup_steps", "training.steps = 2"]),
