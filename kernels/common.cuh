@@ -94,8 +94,21 @@ __device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
     return (unsigned)from_float<bf16>(lo) | ((unsigned)from_float<bf16>(hi) << 16);
 }
 
-// Two consecutive bf16 as one 32-bit word (the lower index in the low half).
-__device__ __forceinline__ unsigned load_pair(const bf16* p) { return *(const unsigned*)p; }
+// Two consecutive bf16 as one 32-bit word (the lower index in the low half), and back. `p`
+// must be 4-byte aligned (an even element of an aligned buffer): the GPU faults where it is
+// not, the CPU does not, so the emulator checks.
+__device__ __forceinline__ unsigned load_pair(const bf16* p) {
+#ifdef ONDOL_EMU
+    ondol_emu_check_aligned(p, 4, "a bf16 pair's load");
+#endif
+    return *(const unsigned*)p;
+}
+__device__ __forceinline__ void store_pair(bf16* p, unsigned v) {
+#ifdef ONDOL_EMU
+    ondol_emu_check_aligned(p, 4, "a bf16 pair's store");
+#endif
+    *(unsigned*)p = v;
+}
 
 // ---- Shared-memory fragments (ldmatrix) and asynchronous copies (cp.async), sm_80 and up ----
 

@@ -129,7 +129,7 @@ __device__ void flash_forward(const bf16* qkv, bf16* out, float* lse, int seq, i
         bf16* dst = out + ((long long)b * seq + row) * n_heads * D + (long long)h * D;
 #pragma unroll
         for (int n = 0; n < D / 8; n++)
-            *(unsigned*)(dst + n * 8 + 2 * t) = pack_bf16(o[n][2 * r] * inv, o[n][2 * r + 1] * inv);
+            store_pair(dst + n * 8 + 2 * t, pack_bf16(o[n][2 * r] * inv, o[n][2 * r + 1] * inv));
         if (t == 0) lse[((long long)b * n_heads + h) * seq + row] = (m[r] + log2f(l[r])) * 0.6931471805599453f;
     }
 }
@@ -279,10 +279,10 @@ __device__ void flash_backward(const bf16* dout, const bf16* qkv, const float* l
 #pragma unroll
         for (int n = 0; n < D / 8; n++) {
             const int col = n * 8 + 2 * t;
-            *(unsigned*)(row + (long long)(n_heads + kvh) * D + col) =
-                pack_bf16(dk[n][2 * r] * scale, dk[n][2 * r + 1] * scale);
-            *(unsigned*)(row + (long long)(n_heads + n_kv_heads + kvh) * D + col) =
-                pack_bf16(dv[n][2 * r], dv[n][2 * r + 1]);
+            store_pair(row + (long long)(n_heads + kvh) * D + col,
+                       pack_bf16(dk[n][2 * r] * scale, dk[n][2 * r + 1] * scale));
+            store_pair(row + (long long)(n_heads + n_kv_heads + kvh) * D + col,
+                       pack_bf16(dv[n][2 * r], dv[n][2 * r + 1]));
         }
     }
 }

@@ -392,7 +392,7 @@ __device__ void ssd_stage_weighted_x(bf16* dst, const bf16* x, long long stride,
             const unsigned pair = load_pair(x + (long long)j * stride + c);
             v = pack_bf16(weight[j] * to_float((bf16)(pair & 0xffffu)), weight[j] * to_float((bf16)(pair >> 16)));
         }
-        *(unsigned*)(dst + r * (P + SMEM_PAD) + c) = v;
+        store_pair(dst + r * (P + SMEM_PAD) + c, v);
     }
 }
 
@@ -475,7 +475,7 @@ __device__ void ssd_chunk_scan_tc(const bf16* xbc, const bf16* dt, const bf16* d
     const float* H0 = states + s.state(b, c, h);
     for (int e = threadIdx.x; e < P * (N / 2); e += blockDim.x) {
         const int p = e / (N / 2), n = 2 * (e % (N / 2));
-        *(unsigned*)(HBs + p * (N + SMEM_PAD) + n) = pack_bf16(H0[p * N + n], H0[p * N + n + 1]);
+        store_pair(HBs + p * (N + SMEM_PAD) + n, pack_bf16(H0[p * N + n], H0[p * N + n + 1]));
     }
     __syncthreads();
     float o[P / 8][4];
@@ -526,8 +526,8 @@ __device__ void ssd_chunk_scan_tc(const bf16* xbc, const bf16* dt, const bf16* d
         for (int n = 0; n < P / 8; n++) {
             const int p = n * 8 + 2 * t;
             const unsigned xv = load_pair(xi + p);
-            *(unsigned*)(dst + p) = pack_bf16(o[n][2 * r] + skip * to_float((bf16)(xv & 0xffffu)),
-                                              o[n][2 * r + 1] + skip * to_float((bf16)(xv >> 16)));
+            store_pair(dst + p, pack_bf16(o[n][2 * r] + skip * to_float((bf16)(xv & 0xffffu)),
+                                          o[n][2 * r + 1] + skip * to_float((bf16)(xv >> 16))));
         }
     }
 }

@@ -322,6 +322,12 @@ extern "C" void ondol_emu_check_full_warp(const char* op) {
     if (end - first != 32) fail(std::string(op) + " at " + where(b) + " in a warp of fewer than 32 threads");
 }
 
+extern "C" void ondol_emu_check_aligned(const void* p, int bytes, const char* what) {
+    if ((uintptr_t)p % bytes != 0)
+        fail(std::string(what) + " at " + where(*running) + ": an address not " + std::to_string(bytes) +
+             "-byte aligned (a misaligned-address fault on the GPU)");
+}
+
 namespace {
 inline float bf16_at(unsigned reg, int half) { return __uint_as_float((half ? reg >> 16 : reg & 0xffffu) << 16); }
 }  // namespace

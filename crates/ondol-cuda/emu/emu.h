@@ -56,6 +56,9 @@ extern "C" int ondol_emu_lane();
 extern "C" void* ondol_emu_dynamic_smem();
 // Fails the launch (with a message) when a full-warp operation runs with lanes that ended.
 extern "C" void ondol_emu_check_full_warp(const char* op);
+// Fails the launch unless `p` is a multiple of `bytes`: a wider access than its type's that
+// the GPU would fault on.
+extern "C" void ondol_emu_check_aligned(const void* p, int bytes, const char* what);
 
 inline void __syncthreads() { ondol_emu_syncthreads(); }
 inline void __syncwarp(unsigned = 0xffffffffu) { ondol_emu_syncwarp(); }

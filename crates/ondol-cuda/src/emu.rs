@@ -282,6 +282,27 @@ mod tests {
         assert!(fill(40).is_ok());
     }
 
+    /// A bf16 pair stored as one 32-bit word at an odd element faults on the GPU (misaligned
+    /// address), not on the CPU; the emulator fails the launch as the GPU would. Flash
+    /// attention's forward stores its output so, here into a buffer one element off.
+    #[test]
+    fn a_pair_of_bf16_at_an_odd_element_fails_its_launch() {
+        let dev = Emulator::new(false, 48 << 10);
+        let (seq, d) = (16usize, 32u32);
+        let (_qkv, qkv) = dev.alloc_zeroed(2 * seq * 3 * d as usize).unwrap();
+        let (_out, out) = dev.alloc_zeroed(2 * (seq * d as usize + 1)).unwrap();
+        let (_lse, lse) = dev.alloc_zeroed(4 * seq).unwrap();
+        let forward = |out: u64| {
+            let args = [Arg::Ptr(qkv), Arg::Ptr(out), Arg::Ptr(lse), Arg::I32(seq as i32), Arg::I32(1), Arg::I32(1)];
+            let cfg =
+                LaunchConfig { grid_dim: (1, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 2 * 2 * 64 * (d + 8) };
+            std::panic::catch_unwind(|| dev.launch("flash_attention", "flash_forward_d32", cfg, &args))
+        };
+        assert!(forward(out).is_ok());
+        let message = *forward(out + 2).unwrap_err().downcast::<String>().unwrap();
+        assert!(message.contains("a bf16 pair's store") && message.contains("not 4-byte aligned"), "{message}");
+    }
+
     #[test]
     fn bytes_round_trip_through_emulated_memory() {
         let dev = Emulator::new(false, 48 << 10);
