@@ -1,10 +1,12 @@
-//! Builds the SIMT emulator (emu/): every kernels/*.cu file compiled as host C++, with a thunk
-//! per kernel that unpacks a cuLaunchKernel-style argument array, and a table per family, so
-//! `src/emu.rs` can launch any kernel by family and name on the CPU.
+//! Builds the SIMT emulator (emu/): every kernels/*.cu file (and emu/selftest.cu, the
+//! emulator's own test kernels) compiled as host C++, with a thunk per kernel that unpacks a
+//! cuLaunchKernel-style argument array, and a table per family, so `src/emu.rs` can launch
+//! any kernel by family and name on the CPU.
 //!
 //! Per family: the source (common.cuh pasted in, as NVRTC gets it) goes into a namespace of
 //! its own (templates of the same name in two files stay apart); `extern __shared__` arrays
-//! become pointers to the block's dynamic shared memory; the host compiler's preprocessor,
+//! become pointers to the block's dynamic shared memory, and each static `__shared__` array
+//! is poisoned once per block (see [`static_shared`]); the host compiler's preprocessor,
 //! with `__global__` left as a marker, expands the kernel macros so the `extern "C"` kernel
 //! signatures can be read off; then the thunks and the table are appended.
 
@@ -24,7 +26,7 @@ fn main() {
         println!("cargo:rerun-if-changed={}", dir.display());
     }
     let common = read(&kernels.join("common.cuh"));
-    let mut families: Vec<String> = std::fs::read_dir(&kernels)
+    let mut families: Vec<(String, PathBuf)> = std::fs::read_dir(&kernels)
         .expect("kernels/ exists")
         .filter_map(|e| {
             let path = e.ok()?.path();
@@ -32,20 +34,23 @@ fn main() {
             if path.extension()? != "cu" {
                 return None;
             }
-            Some(path.file_stem()?.to_string_lossy().into_owned())
+            Some((path.file_stem()?.to_string_lossy().into_owned(), path))
         })
         .collect();
     families.sort();
+    // Kernels with the faults the emulator must catch, for its own tests (src/emu.rs); the
+    // GPU never compiles them.
+    families.push(("emu_selftest".into(), emu.join("selftest.cu")));
 
     let mut build = cc::Build::new();
     build.cpp(true).std("c++17").opt_level(2).warnings(false).flag("-w").include(&emu).file(emu.join("emu.cpp"));
     let compiler = build.get_compiler();
     let mut registry = String::from("#include \"emu.h\"\n#include <cstring>\n");
     let mut lookup = String::new();
-    for family in &families {
+    for (family, path) in &families {
         let body = format!(
             "#include \"emu.h\"\nnamespace ondol_family_{family} {{\n{}\n",
-            dynamic_shared(&source::with_common(&read(&kernels.join(format!("{family}.cu"))), &common))
+            static_shared(&dynamic_shared(&source::with_common(&read(path), &common)))
         );
         // The kernel signatures, from the preprocessed source (the macros expanded).
         let probe = out.join(format!("probe_{family}.cpp"));
@@ -58,10 +63,10 @@ fn main() {
             .output()
             .expect("the host C++ compiler runs");
         if !expanded.status.success() {
-            panic!("preprocessing kernels/{family}.cu failed:\n{}", String::from_utf8_lossy(&expanded.stderr));
+            panic!("preprocessing {} failed:\n{}", path.display(), String::from_utf8_lossy(&expanded.stderr));
         }
         let signatures = kernel_signatures(&String::from_utf8_lossy(&expanded.stdout));
-        assert!(!signatures.is_empty(), "kernels/{family}.cu defines no extern \"C\" __global__ kernel");
+        assert!(!signatures.is_empty(), "{} defines no extern \"C\" __global__ kernel", path.display());
         let mut unit = body;
         for (name, types) in &signatures {
             let args: Vec<String> = types.iter().enumerate().map(|(i, t)| format!("*({t}*)p[{i}]")).collect();
@@ -72,9 +77,9 @@ fn main() {
             writeln!(unit, "    {{\"{name}\", thunk_{name}}},").unwrap();
         }
         unit.push_str("    {nullptr, nullptr}};\n}\n");
-        let path = out.join(format!("emu_{family}.cpp"));
-        write(&path, &unit);
-        build.file(&path);
+        let unit_path = out.join(format!("emu_{family}.cpp"));
+        write(&unit_path, &unit);
+        build.file(&unit_path);
         writeln!(registry, "extern \"C\" const OndolEmuKernel ondol_emu_table_{family}[];").unwrap();
         writeln!(lookup, "    if (!std::strcmp(family, \"{family}\")) return ondol_emu_table_{family};").unwrap();
     }
@@ -117,6 +122,34 @@ fn dynamic_shared(src: &str) -> String {
         let (ty, name) = (decl[..=split].trim(), &decl[split + 1..]);
         write!(out, "{ty}* {name} = ({ty}*)ondol_emu_dynamic_smem()").unwrap();
         rest = &after[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// After each `__shared__ T a[..], b[..];` (the static arrays, once [`dynamic_shared`] has
+/// rewritten the extern ones), `ondol_emu_static_shared(a, sizeof(a));` for every array: the
+/// emulator fills it with 0xff bytes once per block, as a GPU leaves it undefined.
+fn static_shared(src: &str) -> String {
+    const DECL: &str = "__shared__";
+    let mut out = String::with_capacity(src.len());
+    let mut rest = src;
+    while let Some(at) = rest.find(DECL) {
+        let end = at + rest[at..].find(';').expect("a __shared__ declaration ends with ;");
+        out.push_str(&rest[..=end]);
+        let declarators = rest[at + DECL.len()..end].trim();
+        for (i, decl) in declarators.split(',').enumerate() {
+            // The first declarator follows the type: its name is the last word before '['.
+            let decl = decl.split('[').next().expect("split yields a first piece").trim();
+            let name = if i == 0 { decl.rsplit(char::is_whitespace).next().expect("a name") } else { decl };
+            assert!(
+                !name.is_empty() && name.chars().all(|c| c.is_alphanumeric() || c == '_'),
+                "a __shared__ declaration this rewrite does not understand: {}",
+                &rest[at..=end]
+            );
+            write!(out, " ondol_emu_static_shared({name}, sizeof({name}));").unwrap();
+        }
+        rest = &rest[end + 1..];
     }
     out.push_str(rest);
     out

@@ -13,8 +13,10 @@
 // deadlock (a barrier in divergent code), and the launch fails with a message instead of
 // hanging. So does a
 // full-warp operation (shuffle, mma) reached after some lane of the warp has returned.
-// Dynamic shared memory starts as 0xff bytes (NaN as floats), so reading it before writing
-// shows.
+// Shared memory starts every block as 0xff bytes (NaN as floats), so reading it before
+// writing shows: dynamic shared memory, and each static `__shared__` array when the block's
+// first thread reaches its declaration (build.rs adds the call; these arrays are thread_local,
+// so without it a block would read what the block before it left).
 //
 // Memory the kernels address (the backend's buffers, from ondol_emu_alloc, and each launch's
 // dynamic shared memory) ends at a page with no access: a kernel that reads or writes past
@@ -126,6 +128,8 @@ struct Block {
     // Threads of each warp that have ended in the current block.
     std::vector<int> warp_done;
     std::vector<MmaSlot> mma;
+    // The static __shared__ arrays poisoned in the current block.
+    std::vector<void*> poisoned;
     void (*thunk)(void**) = nullptr;
     void** params = nullptr;
     std::string error;
@@ -284,6 +288,7 @@ bool run_block(Block& b, bool reverse) {
     }
     std::fill(b.warp_done.begin(), b.warp_done.end(), 0);
     std::fill(b.smem, b.smem + b.smem_bytes, 0xff);
+    b.poisoned.clear();
     for (;;) {
         for (int k = 0; k < warps; k++) {
             const int w = reverse ? warps - 1 - k : k;
@@ -309,6 +314,13 @@ extern "C" void ondol_emu_syncthreads() { park(State::BlockBarrier); }
 extern "C" void ondol_emu_syncwarp() { park(State::WarpBarrier); }
 extern "C" int ondol_emu_lane() { return running->current->linear % 32; }
 extern "C" void* ondol_emu_dynamic_smem() { return running->smem; }
+
+extern "C" void ondol_emu_static_shared(void* array, size_t bytes) {
+    Block& b = *running;
+    if (std::find(b.poisoned.begin(), b.poisoned.end(), array) != b.poisoned.end()) return;
+    std::memset(array, 0xff, bytes);
+    b.poisoned.push_back(array);
+}
 
 extern "C" uint64_t* ondol_emu_warp_slot(int lane) {
     return &running->warp_slots[running->current->linear / 32 * 32 + lane];

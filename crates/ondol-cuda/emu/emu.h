@@ -54,6 +54,9 @@ extern "C" uint64_t* ondol_emu_warp_slot(int lane);
 extern "C" int ondol_emu_lane();
 // This block's dynamic shared memory (`extern __shared__` arrays are rewritten to use it).
 extern "C" void* ondol_emu_dynamic_smem();
+// Called after each static `__shared__` declaration (build.rs adds the call): fills the array
+// with 0xff bytes the first time a thread of the running block reaches it.
+extern "C" void ondol_emu_static_shared(void* array, size_t bytes);
 // Fails the launch (with a message) when a full-warp operation runs with lanes that ended.
 extern "C" void ondol_emu_check_full_warp(const char* op);
 // Fails the launch unless `p` is a multiple of `bytes`: a wider access than its type's that

@@ -282,25 +282,36 @@ mod tests {
         assert!(fill(40).is_ok());
     }
 
+    fn one_warp(blocks: u32) -> LaunchConfig {
+        LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (32, 1, 1), shared_mem_bytes: 0 }
+    }
+
     /// A bf16 pair stored as one 32-bit word at an odd element faults on the GPU (misaligned
-    /// address), not on the CPU; the emulator fails the launch as the GPU would. Flash
-    /// attention's forward stores its output so, here into a buffer one element off.
+    /// address), not on the CPU; the emulator fails the launch as the GPU would.
     #[test]
     fn a_pair_of_bf16_at_an_odd_element_fails_its_launch() {
         let dev = Emulator::new(false, 48 << 10);
-        let (seq, d) = (16usize, 32u32);
-        let (_qkv, qkv) = dev.alloc_zeroed(2 * seq * 3 * d as usize).unwrap();
-        let (_out, out) = dev.alloc_zeroed(2 * (seq * d as usize + 1)).unwrap();
-        let (_lse, lse) = dev.alloc_zeroed(4 * seq).unwrap();
-        let forward = |out: u64| {
-            let args = [Arg::Ptr(qkv), Arg::Ptr(out), Arg::Ptr(lse), Arg::I32(seq as i32), Arg::I32(1), Arg::I32(1)];
-            let cfg =
-                LaunchConfig { grid_dim: (1, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 2 * 2 * 64 * (d + 8) };
-            std::panic::catch_unwind(|| dev.launch("flash_attention", "flash_forward_d32", cfg, &args))
+        let (_mem, ptr) = dev.alloc_zeroed(16).unwrap();
+        let store = |at: u64| {
+            std::panic::catch_unwind(|| dev.launch("emu_selftest", "store_bf16_pair", one_warp(1), &[Arg::Ptr(at)]))
         };
-        assert!(forward(out).is_ok());
-        let message = *forward(out + 2).unwrap_err().downcast::<String>().unwrap();
+        assert!(store(ptr + 4).is_ok());
+        let message = *store(ptr + 2).unwrap_err().downcast::<String>().unwrap();
         assert!(message.contains("a bf16 pair's store") && message.contains("not 4-byte aligned"), "{message}");
+    }
+
+    /// A static `__shared__` array starts every block as NaN, as it starts undefined on the
+    /// GPU: a block does not see what the block before it wrote (the arrays are thread-local
+    /// on the host, and blocks run one after another on a thread).
+    #[test]
+    fn static_shared_memory_is_poisoned_for_every_block() {
+        let dev = Emulator::new(false, 48 << 10);
+        let (_mem, ptr) = dev.alloc_zeroed(4 * 64).unwrap();
+        dev.launch("emu_selftest", "read_static_shared_of_another_block", one_warp(2), &[Arg::Ptr(ptr)]);
+        let mut out = [0f32; 64];
+        dev.copy_out(bytes_of_mut(&mut out), ptr);
+        assert!(out[..32].iter().all(|&x| x == 1.0), "block 0 reads what it wrote: {:?}", &out[..32]);
+        assert!(out[32..].iter().all(|x| x.is_nan()), "block 1 reads block 0's values: {:?}", &out[32..]);
     }
 
     #[test]
