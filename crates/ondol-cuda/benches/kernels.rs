@@ -5,7 +5,8 @@
 //! that backward, FlashAttention's convention) and GB/s of the bytes each op must move, with
 //! the device's bf16 peak and the bandwidth of a device-to-device copy (the memory-bound
 //! scan's ceiling); GPT-2 124M's MLP GEMMs with GELU in cuBLASLt's epilogue against
-//! the GEMM and a GELU pass of its own; and a decoding step of attention over a long KV cache.
+//! the GEMM and a GELU pass of its own; its output head's GEMMs at the vocabulary of 50257
+//! and padded to 50304; and a decoding step of attention over a long KV cache.
 //! `benches/kernels-vs-pytorch.py` times PyTorch's peers on the same shapes and, given this
 //! bench's output, prints the ratios; `run.sh bench` runs both. Needs a GPU (says so and exits
 //! without one).
@@ -77,6 +78,9 @@ fn main() {
 
     decode(&be);
     gelu_mlp(&be);
+    for vocab in [50257, 50304] {
+        logits_gemms(&be, vocab);
+    }
     ssd(&be, "ssd (mamba2-130m layer, tensor cores)");
     ssd(&CudaBackend::open(0, Dtype::Bf16).expect("opened above").without_tensor_cores(), "ssd (cuda cores)");
 
@@ -200,6 +204,34 @@ fn decode(be: &CudaBackend) {
             2.0 * 2.0 * kv as f64 / t / 1e9
         );
     }
+}
+
+/// GPT-2 124M's output head at 16 x 1024 tokens: the logits, the input's gradient and the
+/// embedding's (f32), at GPT-2's vocabulary of 50257 and padded to 50304. Rows of 50257
+/// bf16 are 2-byte aligned only, which leaves cuBLASLt fewer (slower) algorithms; the pair
+/// says what padding the vocabulary would gain.
+fn logits_gemms(be: &CudaBackend, vocab: usize) {
+    let (rows, d) = (16 * 1024, 768);
+    let (x, wte) = (be.upload(&vec![0.01; rows * d]), be.upload(&vec![0.01; vocab * d]));
+    let (mut logits, mut dx, mut dwte) = (be.zeros(rows * vocab), be.zeros(rows * d), be.zeros_f32(vocab * d));
+    let forward = Gemm::new(rows, vocab, d, false, true);
+    let input_grad = Gemm::new(rows, d, vocab, false, false);
+    let weight_grad = Gemm::new(vocab, d, rows, true, false);
+    let t = [
+        time(be, 5, || be.gemm(forward, be.all(&x), be.all(&wte), be.all_mut(&mut logits))),
+        time(be, 5, || be.gemm(input_grad, be.all(&logits), be.all(&wte), be.all_mut(&mut dx))),
+        time(be, 5, || be.gemm(weight_grad, be.all(&logits), be.all(&x), be.all_mut(&mut dwte))),
+    ];
+    let tflops = |t: f64| 2.0 * (rows * d * vocab) as f64 / t / 1e12;
+    println!(
+        "gpt2-124m head, vocab {vocab}  logits {:.3} ms {:.0} TFLOP/s   dx {:.3} ms {:.0} TFLOP/s   dW {:.3} ms {:.0} TFLOP/s",
+        t[0] * 1e3,
+        tflops(t[0]),
+        t[1] * 1e3,
+        tflops(t[1]),
+        t[2] * 1e3,
+        tflops(t[2])
+    );
 }
 
 /// GPT-2 124M's c_fc with GELU (8 x 1024 tokens, 768 -> 3072) and the backward through it
