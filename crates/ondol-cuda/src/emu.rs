@@ -61,7 +61,7 @@ impl Emulator {
             .into_iter()
             .find(|(n, _)| n == name)
             .map(|(_, thunk)| thunk)
-            .unwrap_or_else(|| panic!("kernel {family}/{name} is not defined in kernels/{family}.cu"))
+            .unwrap_or_else(|| panic!("kernel {family}/{name} is not in the emulator's table of family {family}"))
     }
 
     /// Writes `values` to the view, rounded to its type.
@@ -83,7 +83,7 @@ fn family_table(family: &str) -> Vec<(String, unsafe extern "C" fn(*mut *mut c_v
     // SAFETY: the registry returns a static table ending with a null name, or null.
     unsafe {
         let mut k = ondol_emu_family(family_c.as_ptr());
-        assert!(!k.is_null(), "kernels/{family}.cu is not in the emulator (rebuild ondol-cuda)");
+        assert!(!k.is_null(), "kernel family {family} is not in the emulator (rebuild ondol-cuda)");
         while !(*k).name.is_null() {
             let name = CStr::from_ptr((*k).name).to_string_lossy().into_owned();
             out.push((name, (*k).thunk.expect("every named kernel has a thunk")));
