@@ -96,8 +96,9 @@ pub(crate) trait Device: Send + Sync {
 
 /// Why a GPU with `max_shared` bytes of shared memory a block would refuse this launch, if it
 /// would: more shared memory than that, or more than 65,535 blocks along y or z (x takes
-/// 2^31 - 1). The emulator refuses what the GPU refuses, so a launch whose geometry grows with
-/// a shape fails in the tests first.
+/// 2^31 - 1). Both devices check it before a launch: the emulator so that a launch whose
+/// geometry grows with a shape fails in the tests first, the GPU so that the panic names the
+/// limit (the driver says only "invalid argument").
 pub(crate) fn launch_limit(cfg: &LaunchConfig, max_shared: u32) -> Option<String> {
     let (_, y, z) = cfg.grid_dim;
     if cfg.shared_mem_bytes > max_shared {

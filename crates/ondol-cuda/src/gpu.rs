@@ -3,7 +3,7 @@
 
 use crate::CudaError;
 use crate::compile::{FAMILIES, Family, cached_cubin, forget_cached, nvrtc_available};
-use crate::device::{Arg, Device, Epilogue};
+use crate::device::{Arg, Device, Epilogue, launch_limit};
 use crate::gemm::Blas;
 use crate::memory::{DevMut, DevRef, GpuMemory, Memory};
 use cudarc::driver::result as driver;
@@ -177,6 +177,9 @@ impl Device for Gpu {
         let (x, y, z) = cfg.grid_dim;
         if x == 0 || y == 0 || z == 0 {
             return;
+        }
+        if let Some(why) = launch_limit(&cfg, self.max_shared) {
+            panic!("kernel {family}/{name}: the GPU refuses a launch with {why}");
         }
         self.bind();
         let f = self.function(family, name, cfg.shared_mem_bytes).unwrap_or_else(|e| {
