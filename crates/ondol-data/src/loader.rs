@@ -8,12 +8,14 @@
 //!
 //! Each epoch lists the windows in an order (identity, or a Fisher-Yates permutation drawn
 //! from `Rng::new(seed).fork(epoch)`), and that list is read `batch_size * world` windows at a
-//! time: one global batch, of which rank `r` takes windows `[r * batch_size, (r + 1) *
-//! batch_size)`. The last `W % (batch_size * world)` windows of the list are dropped, so every
-//! rank sees full batches and the ranks stay in step. Because the order of an epoch depends
-//! only on the seed and the epoch number, `(epoch, batch)` is the complete position: a run
-//! resumed from a saved cursor, at any world size that gives the same global batch, reads
-//! exactly the sequence it would have read.
+//! time: one micro-batch of every rank, of which rank `r` takes windows `[r * batch_size, (r +
+//! 1) * batch_size)`. `accum` such reads make one optimizer step, whose global batch is the
+//! `S = batch_size * world * accum` consecutive windows of the list. The last `W % S` windows
+//! are dropped, so every step is whole and within one epoch. Because the order of an epoch
+//! depends only on the seed and the epoch number, `(epoch, batch)` is the complete position,
+//! and step `s` of an epoch is windows `[s * S, (s + 1) * S)` whatever the factors of `S`: a run
+//! resumed at another world size, micro-batch size or accumulation that keeps `S` (its cursor
+//! converted by [`Cursor::in_reads_of`]) trains on exactly the sequences it would have.
 //!
 //! Memory: a shuffled loader keeps its epoch's permutation as `u32` window indices, 4 bytes per
 //! `seq_len` tokens of data (100 B tokens at seq_len 1024 = 400 MB per rank); nothing is
@@ -43,6 +45,21 @@ pub struct Cursor {
     pub batch: u64,
 }
 
+impl Cursor {
+    /// The same position for a loader that reads `to` windows a batch, this cursor having
+    /// counted batches of `from` windows; None where that position falls inside a batch.
+    pub fn in_reads_of(self, from: usize, to: usize) -> Option<Cursor> {
+        Some(Cursor { epoch: self.epoch, batch: batches_in_reads_of(self.batch, from, to)? })
+    }
+}
+
+/// `batches` reads of `from` items, counted in reads of `to`; None where that falls inside a
+/// read (or `to` is 0).
+pub(crate) fn batches_in_reads_of(batches: u64, from: usize, to: usize) -> Option<u64> {
+    let items = batches.checked_mul(from as u64)?;
+    (to > 0 && items % to as u64 == 0).then(|| items / to as u64)
+}
+
 /// A resumable, rank-sharded batch loader; see the module docs.
 #[derive(Debug)]
 pub struct Loader {
@@ -62,16 +79,19 @@ pub struct Loader {
 
 impl Loader {
     /// A loader for data-parallel rank `rank` of `world`, at the start of the data. Each call
-    /// to [`Loader::next_batch`] yields `batch_size` sequences of `seq_len` tokens.
+    /// to [`Loader::next_batch`] yields `batch_size` sequences of `seq_len` tokens; `accum`
+    /// calls make a step (an epoch holds whole steps).
     pub fn new(
         stream: Arc<TokenStream>,
         seq_len: usize,
         batch_size: usize,
+        accum: usize,
         order: Order,
         rank: usize,
         world: usize,
     ) -> Result<Self, DataError> {
-        for (name, value) in [("seq_len", seq_len), ("batch_size", batch_size), ("world size", world)] {
+        let checks = [("seq_len", seq_len), ("batch_size", batch_size), ("accum", accum), ("world size", world)];
+        for (name, value) in checks {
             if value == 0 {
                 return Err(DataError::Invalid(format!("loader: {name} is 0; it must be at least 1")));
             }
@@ -82,12 +102,12 @@ impl Loader {
             )));
         }
         let windows = stream.len().saturating_sub(1) / seq_len;
-        let global = batch_size.saturating_mul(world);
-        if windows < global {
-            let needed = global.saturating_mul(seq_len).saturating_add(1);
+        let step = batch_size.saturating_mul(world).saturating_mul(accum);
+        if windows < step {
+            let needed = step.saturating_mul(seq_len).saturating_add(1);
             return Err(DataError::Invalid(format!(
-                "not enough data: one global batch ({batch_size} sequences x {world} ranks of {seq_len} \
-                 tokens) needs at least {needed} tokens, but the stream has {}",
+                "not enough data: one step ({batch_size} sequences x {world} ranks x {accum} micro-batches \
+                 of {seq_len} tokens) needs at least {needed} tokens, but the stream has {}",
                 stream.len()
             )));
         }
@@ -105,7 +125,7 @@ impl Loader {
             world,
             order,
             windows,
-            batches: (windows / global) as u64,
+            batches: (windows / step * accum) as u64,
             cursor: Cursor::default(),
             perm: Vec::new(),
             perm_epoch: None,
@@ -117,7 +137,7 @@ impl Loader {
         self.windows as u64
     }
 
-    /// Full global batches per epoch, `W / (batch_size * world)`.
+    /// Batches per epoch: `accum` for each of the `W / S` whole steps.
     pub fn batches_per_epoch(&self) -> u64 {
         self.batches
     }
@@ -221,7 +241,7 @@ mod tests {
         rank: usize,
         world: usize,
     ) -> Loader {
-        Loader::new(stream.clone(), seq_len, batch_size, order, rank, world).unwrap()
+        Loader::new(stream.clone(), seq_len, batch_size, 1, order, rank, world).unwrap()
     }
 
     #[test]
@@ -285,6 +305,61 @@ mod tests {
         }
     }
 
+    /// The windows of the next `steps` steps of `(batch_size, world, accum)`, each step's
+    /// sorted (the order within a step does not change its gradient), read by one loader per
+    /// rank.
+    fn step_windows(
+        ranks: &mut [Loader],
+        seq_len: usize,
+        batch_size: usize,
+        accum: usize,
+        steps: usize,
+    ) -> Vec<Vec<u32>> {
+        (0..steps)
+            .map(|_| {
+                let mut step: Vec<u32> = (0..accum)
+                    .flat_map(|_| {
+                        ranks.iter_mut().flat_map(|l| next_windows(l, seq_len, batch_size)).collect::<Vec<_>>()
+                    })
+                    .collect();
+                step.sort();
+                step
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_step_reads_the_same_windows_whatever_the_factors_of_its_global_batch() {
+        // W = 70 windows, S = 12 sequences a step: 5 whole steps an epoch, 10 windows dropped.
+        let (_dir, stream) = counting_stream(281);
+        let order = Order::Shuffled { seed: 5 };
+        let layouts = |b: usize, world: usize, accum: usize| -> Vec<Loader> {
+            (0..world).map(|r| Loader::new(stream.clone(), 4, b, accum, order, r, world).unwrap()).collect()
+        };
+        let mut reference = layouts(12, 1, 1);
+        assert_eq!(reference[0].batches_per_epoch(), 5);
+        let want = step_windows(&mut reference, 4, 12, 1, 12); // more than two epochs
+        for (b, world, accum) in [(6, 1, 2), (2, 3, 2), (3, 2, 2), (1, 4, 3), (4, 3, 1)] {
+            let mut ranks = layouts(b, world, accum);
+            assert_eq!(ranks[0].batches_per_epoch(), 5 * accum as u64);
+            let got = step_windows(&mut ranks, 4, b, accum, 12);
+            assert_eq!(got, want, "batch_size {b} x world {world} x accum {accum}");
+        }
+        // A cursor saved at (2 x 3, accum 2) after 7 steps (in the second epoch) continues at
+        // (1 x 4, accum 3) with the steps the first layout would have read.
+        let mut saved = layouts(2, 3, 2);
+        step_windows(&mut saved, 4, 2, 2, 7);
+        let cursor = saved[0].cursor();
+        assert_eq!(cursor, Cursor { epoch: 1, batch: 4 });
+        let moved = cursor.in_reads_of(6, 4).unwrap();
+        assert_eq!(moved, Cursor { epoch: 1, batch: 6 });
+        let mut resumed = layouts(1, 4, 3);
+        resumed.iter_mut().for_each(|l| l.set_cursor(moved).unwrap());
+        assert_eq!(step_windows(&mut resumed, 4, 1, 3, 5), want[7..]);
+        // Inside a batch of the new layout there is no such position.
+        assert_eq!(Cursor { epoch: 0, batch: 1 }.in_reads_of(6, 4), None);
+    }
+
     #[test]
     fn a_restored_cursor_continues_the_identical_sequence() {
         let (_dir, stream) = counting_stream(241); // W = 60, batches of 4 -> 15 per epoch
@@ -311,11 +386,13 @@ mod tests {
         let (_dir, stream) = counting_stream(100);
         let err = |r: Result<Loader, DataError>| r.unwrap_err().to_string();
         // 8 ranks x 2 sequences x 8 tokens + 1 = 129 tokens needed; 100 available.
-        let msg = err(Loader::new(stream.clone(), 8, 2, Order::Sequential, 0, 8));
+        let msg = err(Loader::new(stream.clone(), 8, 2, 1, Order::Sequential, 0, 8));
         assert!(msg.contains("at least 129 tokens") && msg.contains("has 100"), "{msg}");
-        let msg = err(Loader::new(stream.clone(), 8, 2, Order::Sequential, 2, 2));
+        let msg = err(Loader::new(stream.clone(), 8, 2, 4, Order::Sequential, 0, 2));
+        assert!(msg.contains("4 micro-batches") && msg.contains("at least 129 tokens"), "{msg}");
+        let msg = err(Loader::new(stream.clone(), 8, 2, 1, Order::Sequential, 2, 2));
         assert!(msg.contains("rank 2") && msg.contains("world size 2"), "{msg}");
-        let msg = err(Loader::new(stream.clone(), 0, 2, Order::Sequential, 0, 1));
+        let msg = err(Loader::new(stream.clone(), 0, 2, 1, Order::Sequential, 0, 1));
         assert!(msg.contains("seq_len is 0"), "{msg}");
 
         let mut l = loader(&stream, 8, 2, Order::Sequential, 0, 1); // 12 windows -> 6 batches

@@ -1,18 +1,21 @@
 //! [`Mixture`]: batches drawn from several token sources in proportion to their weights.
 //!
 //! Each source has its own single-window [`Loader`] (its own shuffled order, epochs and
-//! cursor), so a small source repeats while a large one is still in its first epoch. For every
-//! sequence slot of a global batch, the source is drawn from the normalised weights with an RNG
-//! forked from the seed and the batch number: the draw depends on nothing but (seed, batch), so
-//! every data-parallel rank computes the same assignment (each reads only its own slots but
-//! advances every source as the whole global batch does), and `(batch, source cursors)` is the
-//! complete position that a resumed run continues from.
+//! cursor), so a small source repeats while a large one is still in its first epoch. Sequences
+//! are numbered across the run, `g = batch * batch_size * world + slot`, and the source of
+//! sequence `g` is drawn from the normalised weights with an RNG forked from the seed and `g`:
+//! the draw depends on nothing but (seed, g), so every data-parallel rank computes the same
+//! assignment (each reads only its own slots but advances every source as the whole global
+//! batch does), the `g`-th sequence is the same whatever the batch size and world size, and
+//! `(batch, source cursors)` is the complete position that a resumed run continues from (in
+//! another geometry after [`MixtureCursor::in_reads_of`]).
 
 use std::sync::Arc;
 
 use ondol_core::Rng;
 use serde::{Deserialize, Serialize};
 
+use crate::loader::batches_in_reads_of;
 use crate::{Cursor, DataError, Loader, Order, TokenStream};
 
 /// The position of a [`Mixture`]: global batches drawn, and each source's own position.
@@ -20,6 +23,15 @@ use crate::{Cursor, DataError, Loader, Order, TokenStream};
 pub struct MixtureCursor {
     pub batch: u64,
     pub sources: Vec<Cursor>,
+}
+
+impl MixtureCursor {
+    /// The same position for a mixture whose global batch holds `to` sequences, this cursor
+    /// having counted batches of `from`; None where that position falls inside a batch. The
+    /// sources' cursors count single windows and stay as they are.
+    pub fn in_reads_of(&self, from: usize, to: usize) -> Option<MixtureCursor> {
+        Some(MixtureCursor { batch: batches_in_reads_of(self.batch, from, to)?, sources: self.sources.clone() })
+    }
 }
 
 #[derive(Debug)]
@@ -73,7 +85,7 @@ impl Mixture {
                 Order::Sequential => Order::Sequential,
                 Order::Shuffled { seed } => Order::Shuffled { seed: Rng::new(seed).fork(i as u64).next_u64() },
             };
-            let loader = Loader::new(stream, seq_len, 1, order, 0, 1)
+            let loader = Loader::new(stream, seq_len, 1, 1, order, 0, 1)
                 .map_err(|e| DataError::Invalid(format!("mixture source {i}: {e}")))?;
             sources.push(loader);
         }
@@ -93,9 +105,10 @@ impl Mixture {
 
     /// The source of each slot of global batch `batch`.
     fn assignment(&self, batch: u64) -> impl Iterator<Item = usize> + '_ {
-        let mut rng = Rng::new(self.seed ^ 0x6D69_7874_7572_6573).fork(batch);
-        (0..self.batch_size * self.world).map(move |_| {
-            let u = rng.next_f64();
+        let slots = (self.batch_size * self.world) as u64;
+        let draws = Rng::new(self.seed ^ 0x6D69_7874_7572_6573);
+        (batch * slots..(batch + 1) * slots).map(move |g| {
+            let u = draws.fork(g).next_f64();
             self.cumulative.partition_point(|&c| c <= u).min(self.cumulative.len() - 1)
         })
     }
@@ -210,5 +223,43 @@ mod tests {
         }
         assert!(Mixture::new(streams(dir.path()), &[1.0, 0.0], 8, 2, Order::Sequential, 0, 0, 1).is_err());
         assert!(b.set_cursor(&MixtureCursor { batch: 0, sources: vec![] }).is_err());
+    }
+
+    /// The next `reads` reads of ranks of `batch_size` sequences, in global order.
+    fn global_sequences(ranks: &mut [Mixture], batch_size: usize, reads: usize) -> Vec<u32> {
+        let mut out = Vec::new();
+        for _ in 0..reads {
+            for m in ranks.iter_mut() {
+                let (mut x, mut y) = (vec![0; batch_size * 8], vec![0; batch_size * 8]);
+                m.next_batch(&mut x, &mut y);
+                out.extend(x);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn the_sequences_do_not_depend_on_how_a_global_batch_is_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let cut = |b: usize, world: usize| -> Vec<Mixture> {
+            let order = Order::Shuffled { seed: 3 };
+            (0..world)
+                .map(|r| Mixture::new(streams(dir.path()), &[0.7, 0.3], 8, b, order, 11, r, world).unwrap())
+                .collect()
+        };
+        let want = global_sequences(&mut cut(4, 1), 4, 30);
+        assert_eq!(global_sequences(&mut cut(1, 2), 1, 60), want, "reads of 1 x 2 sequences");
+        assert_eq!(global_sequences(&mut cut(3, 1), 3, 40), want, "reads of 3 sequences");
+        // Saved after 9 reads of 1 x 2, resumed in reads of 3 (and of 4, where 18 sequences
+        // fall inside a read).
+        let mut saved = cut(1, 2);
+        global_sequences(&mut saved, 1, 9);
+        let cursor = saved[0].cursor();
+        assert_eq!(cursor.in_reads_of(2, 4), None);
+        let moved = cursor.in_reads_of(2, 3).unwrap();
+        assert_eq!(moved.batch, 6);
+        let mut resumed = cut(3, 1);
+        resumed[0].set_cursor(&moved).unwrap();
+        assert_eq!(global_sequences(&mut resumed, 3, 34), want[18 * 8..]);
     }
 }

@@ -669,7 +669,7 @@ mod tests {
             m.shards.iter().filter(|s| s.split == "train").map(|s| cfg.out.join(&s.file)).collect();
         let stream = std::sync::Arc::new(TokenStream::open(&files, SourceKind::Shards).unwrap());
         assert_eq!(stream.len() as u64, m.tokens["train"]);
-        Loader::new(stream, 64, 4, Order::Shuffled { seed: 1 }, 0, 1).unwrap();
+        Loader::new(stream, 64, 4, 1, Order::Shuffled { seed: 1 }, 0, 1).unwrap();
         let manifest: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(cfg.out.join("manifest.json")).unwrap()).unwrap();
         assert_eq!(manifest["documents"]["kept"], d.kept);

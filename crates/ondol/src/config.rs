@@ -65,7 +65,8 @@ pub struct TrainingConfig {
     /// Evaluate every N steps (0: only at the end).
     #[serde(default)]
     pub eval_every: u64,
-    /// Validation batches per evaluation.
+    /// Global batches of validation data per evaluation (each as many sequences as a step:
+    /// batch_size x dp x grad_accum).
     #[serde(default = "default_eval_batches")]
     pub eval_batches: usize,
     /// Draw training sequences in a seeded random order (false: in file order).
@@ -314,6 +315,12 @@ impl RunConfig {
             sequence_parallel: p.sequence_parallel,
             grad_buckets: p.overlap_grad_sync.then(|| ((p.bucket_mb * 1e6 / 4.0) as usize).max(1)),
         }
+    }
+
+    /// Sequences one optimizer step trains on: micro-batch x data-parallel replicas x
+    /// accumulated micro-batches.
+    pub fn global_batch(&self) -> usize {
+        self.training.batch_size * self.parallelism.dp * self.training.grad_accum
     }
 
     /// Reads `path`, applies `--set` overrides in order, and validates the result.

@@ -560,7 +560,7 @@ fn inspect(args: ConfigArgs) -> Result<()> {
         t.seq_len,
         total - matmul
     );
-    println!("tokens/step          {}", t.batch_size * t.seq_len * t.grad_accum * cfg.parallelism.dp);
+    println!("tokens/step          {}", cfg.global_batch() * t.seq_len);
     let p = &cfg.parallelism;
     let layout = cfg.layout(Mesh::new(p.tp, p.pp, p.dp)?);
     // The rank holding the most: every pipeline stage's first tp shard (shards differ by at
@@ -638,7 +638,7 @@ fn eval(args: EvalArgs) -> Result<()> {
         )));
     }
     let stream = TokenStream::open(&files, kind)?;
-    let mut loader = Loader::new(Arc::new(stream), seq, batch, Order::Sequential, 0, 1)?;
+    let mut loader = Loader::new(Arc::new(stream), seq, batch, 1, Order::Sequential, 0, 1)?;
     let batches = args.batches.unwrap_or(usize::MAX).min(loader.batches_per_epoch() as usize);
     let (loss, tokens) = match args.device {
         Device::Cpu => eval_on(&CpuBackend::new(), &p.params, &p.model, (batch, seq), &mut loader, batches)?,

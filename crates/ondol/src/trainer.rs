@@ -103,7 +103,7 @@ impl<B: Backend> Trainer<B> {
         let order = if t.shuffle { Order::Shuffled { seed: t.seed } } else { Order::Sequential };
         let loader = if cfg.data.sources.is_empty() {
             let stream = data.train.into_iter().next().expect("one training source");
-            Batches::One(Loader::new(stream, t.seq_len, t.batch_size, order, replica, replicas)?)
+            Batches::One(Loader::new(stream, t.seq_len, t.batch_size, t.grad_accum, order, replica, replicas)?)
         } else {
             let weights: Vec<f64> = cfg.data.sources.iter().map(|s| s.weight).collect();
             let mix = Mixture::new(data.train, &weights, t.seq_len, t.batch_size, order, t.seed, replica, replicas);
@@ -203,7 +203,8 @@ impl<B: Backend> Trainer<B> {
     /// Continues from a checkpoint: parameters, AdamW state, step and data position, cut into
     /// this rank's pieces whatever layout wrote them. The checkpoint must come from the same
     /// model and the same data geometry (else the data order could not continue exactly);
-    /// anything else (steps, learning rate, the parallel layout) may change.
+    /// anything else (steps, learning rate, the parallel layout, and how the global batch is
+    /// split into micro-batches, replicas and accumulation) may change.
     pub fn restore(&mut self, ckpt: Loaded) -> Result<()> {
         let origin = ckpt.dir.join("ondol.toml").display().to_string();
         let saved = RunConfig::parse(&ckpt.run_config, &origin, &[])?;
@@ -213,22 +214,17 @@ impl<B: Backend> Trainer<B> {
             ("data", to_json(&saved.data), to_json(&self.cfg.data)),
             (
                 "training",
-                // The data position counts global batches, and tensors are stored whole, so any
-                // layout that keeps the global batch resumes exactly.
-                to_json(&(
-                    saved.training.batch_size * saved.parallelism.dp,
-                    saved.training.seq_len,
-                    saved.training.grad_accum,
-                    saved.training.seed,
-                    saved.training.shuffle,
-                )),
-                to_json(&(t.batch_size * self.cfg.parallelism.dp, t.seq_len, t.grad_accum, t.seed, t.shuffle)),
+                // A step reads the same sequences whatever the factors of its global batch (the
+                // loader's docs), and tensors are stored whole, so any layout and accumulation
+                // that keep the global batch resume exactly.
+                to_json(&(saved.global_batch(), saved.training.seq_len, saved.training.seed, saved.training.shuffle)),
+                to_json(&(self.cfg.global_batch(), t.seq_len, t.seed, t.shuffle)),
             ),
         ];
         for (section, theirs, ours) in pairs {
             if theirs != ours {
                 let key = if section == "training" {
-                    "training.{batch_size x parallelism.dp (the global batch), seq_len, grad_accum, seed, shuffle}"
+                    "training.{batch_size x parallelism.dp x grad_accum (the global batch), seq_len, seed, shuffle}"
                         .to_string()
                 } else {
                     first_difference(section, &theirs, &ours)
@@ -243,7 +239,8 @@ impl<B: Backend> Trainer<B> {
                 ));
             }
         }
-        self.loader.set_position(&ckpt.state.data).map_err(|e| {
+        let reads = (saved.training.batch_size * saved.parallelism.dp, t.batch_size * self.cfg.parallelism.dp);
+        self.loader.set_position(&ckpt.state.data, reads).map_err(|e| {
             Error::Input(format!("{}: bad data position: {e}", ckpt.dir.join("trainer_state.json").display()))
         })?;
         let step = ckpt.state.step;
@@ -252,19 +249,21 @@ impl<B: Backend> Trainer<B> {
         Ok(())
     }
 
-    /// Mean loss per token over the first `eval_batches` global validation batches (the same
-    /// batches at every evaluation, so values are comparable along the run, and the same
-    /// tokens in every layout: each replica takes every dp-th micro-batch). Every rank takes
-    /// part; the leader gets the value.
+    /// Mean loss per token over the first `eval_batches` global validation batches, each of
+    /// a step's `batch_size x dp x grad_accum` sequences: the same sequences at every
+    /// evaluation, so values are comparable along the run, and in every layout and
+    /// accumulation that keep the global batch (each replica takes every dp-th micro-batch).
+    /// Validation data shorter than that is read whole micro-batches of every replica at a
+    /// time. Every rank takes part; the leader gets the value.
     pub fn evaluate(&mut self) -> Result<Option<f64>> {
         let Some(val) = self.val.clone() else { return Ok(None) };
         let t = &self.cfg.training;
         let (replica, replicas) = (self.engine.comms.coords.dp, self.engine.layout.mesh.dp);
-        let mut loader = Loader::new(val, t.seq_len, t.batch_size, Order::Sequential, 0, 1)
+        let mut loader = Loader::new(val, t.seq_len, t.batch_size, 1, Order::Sequential, 0, 1)
             .map_err(|e| Error::config("data.val", format!("too little validation data for one batch: {e}")))?;
         let rows = t.batch_size * t.seq_len;
         let available = loader.batches_per_epoch() as usize / replicas;
-        let per_replica = t.eval_batches.min(available).max(1);
+        let per_replica = (t.eval_batches * t.grad_accum).min(available).max(1);
         let mut batches = Vec::with_capacity(per_replica);
         for i in 0..per_replica * replicas {
             let (mut inputs, mut targets) = (vec![0u32; rows], vec![0u32; rows]);
@@ -302,15 +301,22 @@ impl Batches {
         .expect("cursors serialize")
     }
 
-    fn set_position(&mut self, value: &serde_json::Value) -> std::result::Result<(), String> {
+    /// Moves to a position stored in trainer_state.json by a run whose reads (micro-batches of
+    /// every replica) held `from` sequences, this run's holding `to`.
+    fn set_position(
+        &mut self,
+        value: &serde_json::Value,
+        (from, to): (usize, usize),
+    ) -> std::result::Result<(), String> {
+        let inside = || format!("the position falls inside a read of {to} sequences (the saved run read {from})");
         match self {
             Batches::One(l) => {
                 let c: Cursor = serde_json::from_value(value.clone()).map_err(|e| e.to_string())?;
-                l.set_cursor(c).map_err(|e| e.to_string())
+                l.set_cursor(c.in_reads_of(from, to).ok_or_else(inside)?).map_err(|e| e.to_string())
             }
             Batches::Mix(m) => {
                 let c: MixtureCursor = serde_json::from_value(value.clone()).map_err(|e| e.to_string())?;
-                m.set_cursor(&c).map_err(|e| e.to_string())
+                m.set_cursor(&c.in_reads_of(from, to).ok_or_else(inside)?).map_err(|e| e.to_string())
             }
         }
     }

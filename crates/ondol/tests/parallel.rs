@@ -46,47 +46,59 @@ warmup_steps = 4
 /// A parallel layout: (tp, pp, dp).
 type Shape = (usize, usize, usize);
 
-/// Runs `steps` steps on the thread ranks of `shape` (optionally resuming every rank from
-/// `resume`, and saving the leader's checkpoint into `save`); returns the losses (the same on
-/// every rank, checked), the final whole weights and rank 0's AdamW floats per moment.
-fn train_with(
+const ZERO_1: &[&str] = &["parallelism.zero=1"];
+
+/// Runs `work` on a trainer for each thread rank of `shape`, with micro-batches of `8 / dp`
+/// sequences and `extra` overrides; returns each rank's result in rank order.
+fn on_ranks<R: Send>(
     dir: &Path,
     (tp, pp, dp): Shape,
-    zero: u8,
-    steps: usize,
-    resume: Option<&Path>,
-    save: Option<&Path>,
-) -> (Vec<f64>, Vec<f32>, usize) {
-    let overrides = [
+    extra: &[&str],
+    work: impl Fn(&mut Trainer<CpuBackend>) -> R + Sync,
+) -> Vec<R> {
+    let mut overrides = vec![
         format!("training.batch_size={}", 8 / dp),
         format!("parallelism.tp={tp}"),
         format!("parallelism.pp={pp}"),
         format!("parallelism.dp={dp}"),
-        format!("parallelism.zero={zero}"),
     ];
+    overrides.extend(extra.iter().map(|o| o.to_string()));
     let cfg = RunConfig::load(&dir.join("run.toml"), &overrides).unwrap();
     let data = Data::open(&cfg, dir).unwrap();
     let comms = RankComms::threads(Mesh::new(tp, pp, dp).unwrap(), Duration::from_secs(60)).unwrap();
-    let results: Vec<(Vec<f64>, Option<Vec<f32>>, usize)> = std::thread::scope(|s| {
+    std::thread::scope(|s| {
         let ranks: Vec<_> = comms
             .into_iter()
             .map(|c| {
-                let (cfg, data) = (cfg.clone(), data.clone());
-                s.spawn(move || {
-                    let mut t = Trainer::rank(CpuBackend, cfg, data, c.boxed()).unwrap();
-                    if let Some(ckpt) = resume {
-                        t.restore(checkpoint::load(ckpt, &t.model().cfg, &t.model().layout).unwrap()).unwrap();
-                    }
-                    let losses = (0..steps).map(|_| t.step().unwrap().loss).collect();
-                    // Every rank takes part in the snapshot (pieces are gathered); the leader saves.
-                    if let (Some(run_dir), Some(snap)) = (save, t.snapshot().unwrap()) {
-                        checkpoint::save(run_dir, &snap).unwrap();
-                    }
-                    (losses, t.whole_params().unwrap(), t.engine.optimizer_floats() / 2)
-                })
+                let (cfg, data, work) = (cfg.clone(), data.clone(), &work);
+                s.spawn(move || work(&mut Trainer::rank(CpuBackend, cfg, data, c.boxed()).unwrap()))
             })
             .collect();
         ranks.into_iter().map(|r| r.join().unwrap()).collect()
+    })
+}
+
+/// Runs `steps` steps on the ranks of `shape` (optionally resuming every rank from `resume`,
+/// and saving the leader's checkpoint into `save`); returns the losses (the same on every
+/// rank, checked), the final whole weights and rank 0's AdamW floats per moment.
+fn train_with(
+    dir: &Path,
+    shape: Shape,
+    extra: &[&str],
+    steps: usize,
+    resume: Option<&Path>,
+    save: Option<&Path>,
+) -> (Vec<f64>, Vec<f32>, usize) {
+    let results = on_ranks(dir, shape, extra, |t| {
+        if let Some(ckpt) = resume {
+            t.restore(checkpoint::load(ckpt, &t.model().cfg, &t.model().layout).unwrap()).unwrap();
+        }
+        let losses: Vec<f64> = (0..steps).map(|_| t.step().unwrap().loss).collect();
+        // Every rank takes part in the snapshot (pieces are gathered); the leader saves.
+        if let (Some(run_dir), Some(snap)) = (save, t.snapshot().unwrap()) {
+            checkpoint::save(run_dir, &snap).unwrap();
+        }
+        (losses, t.whole_params().unwrap(), t.engine.optimizer_floats() / 2)
     });
     for r in &results[1..] {
         assert_eq!(r.0, results[0].0, "ranks report different losses");
@@ -96,7 +108,7 @@ fn train_with(
 }
 
 fn train(dir: &Path, shape: Shape) -> (Vec<f64>, Vec<f32>) {
-    let (losses, weights, _) = train_with(dir, shape, 0, 20, None, None);
+    let (losses, weights, _) = train_with(dir, shape, &[], 20, None, None);
     (losses, weights)
 }
 
@@ -150,11 +162,14 @@ fn the_cli_runs_data_parallel_ranks_and_refuses_to_resume_at_another_size() {
     )
     .unwrap();
     assert_eq!(state["layout"]["dp"], 2);
-    // Another data-parallel size must keep the global batch (here 8 sequences).
+    // Another data-parallel size must keep the global batch (here 16 sequences), which
+    // accumulation may make up.
+    let resume =
+        |more: &[&str]| ondol(&[&["train", "run.toml", "--run-dir", "run", "--resume", "auto"], more].concat());
+    let (ok, err) = resume(&["--set", "training.batch_size=4"]);
+    assert!(!ok && err.contains("global batch") && err.contains("grad_accum"), "{err}");
     let (ok, err) =
-        ondol(&["train", "run.toml", "--run-dir", "run", "--resume", "auto", "--set", "training.batch_size=4"]);
-    assert!(!ok && err.contains("global batch"), "{err}");
-    let (ok, err) = ondol(&["train", "run.toml", "--run-dir", "run", "--resume", "auto", "--set", "training.steps=24"]);
+        resume(&["--set", "training.steps=24", "--set", "training.batch_size=4", "--set", "training.grad_accum=4"]);
     assert!(ok && err.contains("resumed at step 20"), "{err}");
     let (ok, err) = ondol(&["train", "run.toml", "--set", "parallelism.tp=3"]);
     assert!(!ok && err.contains("parallelism.tp") && err.contains("does not divide model.n_heads = 4"), "{err}");
@@ -215,8 +230,8 @@ fn the_cli_trains_eight_ranks_like_one() {
 #[test]
 fn zero_1_equals_plain_data_parallel_with_a_fraction_of_the_optimizer_state() {
     let dir = setup();
-    let (plain, w_plain, m_plain) = train_with(dir.path(), (1, 1, 4), 0, 20, None, None);
-    let (zero, w_zero, m_zero) = train_with(dir.path(), (1, 1, 4), 1, 20, None, None);
+    let (plain, w_plain, m_plain) = train_with(dir.path(), (1, 1, 4), &[], 20, None, None);
+    let (zero, w_zero, m_zero) = train_with(dir.path(), (1, 1, 4), ZERO_1, 20, None, None);
     let n = w_plain.len();
     assert_eq!(m_plain, n);
     assert_eq!(m_zero, n.div_ceil(4), "ZeRO-1 AdamW state per rank must be 1/dp of the parameters");
@@ -231,33 +246,62 @@ fn zero_1_equals_plain_data_parallel_with_a_fraction_of_the_optimizer_state() {
 #[test]
 fn a_zero_1_run_resumes_exactly_from_its_whole_checkpoint() {
     let dir = setup();
-    let (want, w_want, _) = train_with(dir.path(), (1, 1, 2), 1, 12, None, None);
+    let (want, w_want, _) = train_with(dir.path(), (1, 1, 2), ZERO_1, 12, None, None);
     let run = dir.path().join("run");
-    let (mut got, _, _) = train_with(dir.path(), (1, 1, 2), 1, 6, None, Some(&run));
+    let (mut got, _, _) = train_with(dir.path(), (1, 1, 2), ZERO_1, 6, None, Some(&run));
     let ckpt = checkpoint::latest(&run).unwrap();
-    let (rest, w_got, _) = train_with(dir.path(), (1, 1, 2), 1, 6, Some(&ckpt), None);
+    let (rest, w_got, _) = train_with(dir.path(), (1, 1, 2), ZERO_1, 6, Some(&ckpt), None);
     got.extend(rest);
     assert_eq!(got, want, "loss curves differ after resuming");
     assert!(w_got.iter().zip(&w_want).all(|(a, b)| a.to_bits() == b.to_bits()), "weights differ after resuming");
 }
 
-/// Resharding: a checkpoint saved at (tp 2, pp 2, dp 2) holds whole tensors; resumed at one
-/// rank, at (1, 4, 2) and at (4, 1, 1) with ZeRO-1, the next losses and the final weights
-/// match an uninterrupted run.
+/// Resharding: a checkpoint saved at (tp 2, pp 2, dp 2), 2 micro-batches of 4 sequences a
+/// replica, holds whole tensors; resumed at one rank, at (1, 4, 2), at (4, 1, 1) with ZeRO-1,
+/// and with the global batch of 16 cut otherwise (4 micro-batches of 2 at dp 2, one of 16 at
+/// pp 2), the next losses and the final weights match an uninterrupted run.
 #[test]
 fn a_checkpoint_resumes_on_any_layout() {
     let dir = setup();
-    let (want, w_want, _) = train_with(dir.path(), (1, 1, 1), 0, 12, None, None);
+    let (want, w_want, _) = train_with(dir.path(), (1, 1, 1), &[], 12, None, None);
     let run = dir.path().join("run");
-    let (first, _, _) = train_with(dir.path(), (2, 2, 2), 0, 6, None, Some(&run));
+    let (first, _, _) = train_with(dir.path(), (2, 2, 2), &[], 6, None, Some(&run));
     let ckpt = checkpoint::latest(&run).unwrap();
     let state: serde_json::Value =
         serde_json::from_slice(&std::fs::read(ckpt.join("trainer_state.json")).unwrap()).unwrap();
     assert_eq!((state["layout"]["tp"].as_u64(), state["layout"]["pp"].as_u64()), (Some(2), Some(2)));
-    for (shape, zero) in [((1, 1, 1), 0), ((1, 4, 2), 0), ((4, 1, 1), 1)] {
-        let (rest, w, _) = train_with(dir.path(), shape, zero, 6, Some(&ckpt), None);
+    let resumed: [(Shape, &[&str]); 5] = [
+        ((1, 1, 1), &[]),
+        ((1, 4, 2), &[]),
+        ((4, 1, 1), ZERO_1),
+        ((1, 1, 2), &["training.batch_size=2", "training.grad_accum=4"]),
+        ((1, 2, 1), &["training.batch_size=16", "training.grad_accum=1"]),
+    ];
+    for (shape, extra) in resumed {
+        let (rest, w, _) = train_with(dir.path(), shape, extra, 6, Some(&ckpt), None);
         let got: Vec<f64> = first.iter().chain(&rest).copied().collect();
         assert_matches(&format!("resumed at {shape:?}"), (&want, &w_want), (&got, &w));
+    }
+}
+
+/// Validation covers `eval_batches` global batches whatever cuts them, so the curve goes on
+/// where a run resumed with another split left it: here 3 batches of 16 sequences, as 2
+/// micro-batches of 8, as 4 of 2 on each of 2 replicas and as 4 of 1 on each of 4 (pp 2).
+#[test]
+fn validation_reads_the_same_sequences_however_the_global_batch_is_cut() {
+    let dir = setup();
+    let val_loss = |shape: Shape, extra: &[&str]| -> f64 {
+        let extra = [&["data.val_fraction=0.1", "training.eval_batches=3"], extra].concat();
+        let losses = on_ranks(dir.path(), shape, &extra, |t| t.evaluate().unwrap());
+        losses[0].expect("the leader gets the validation loss")
+    };
+    let want = val_loss((1, 1, 1), &[]);
+    for (shape, extra) in [
+        ((1, 1, 2), &["training.batch_size=2", "training.grad_accum=4"]),
+        ((1, 2, 4), &["training.batch_size=1", "training.grad_accum=4"]),
+    ] {
+        let got = val_loss(shape, extra);
+        assert!((got - want).abs() <= 1e-6 * want, "{shape:?} {extra:?}: validation loss {got} vs {want}");
     }
 }
 
