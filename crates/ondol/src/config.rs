@@ -243,11 +243,40 @@ pub struct CheckpointConfig {
     /// Split model files above this many bytes into shards with an index, as transformers does.
     #[serde(default = "default_max_shard_bytes")]
     pub max_shard_bytes: u64,
+    /// What resuming does when the checkpoint was trained on other data.
+    #[serde(default)]
+    pub on_data_change: OnDataChange,
+    /// A checkpoint this run starts from (weights, AdamW state, step) while it has none of its
+    /// own: a new stage of a longer run. `--resume auto` takes the run's own newest checkpoint
+    /// once there is one, so a requeued job goes on where the stage left off.
+    #[serde(default)]
+    pub resume_from: Option<String>,
+}
+
+/// What resuming does when the checkpoint's data differs from the run's: another `[data]`
+/// section, global batch, seq_len, seed or shuffle (the model must always be the same).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnDataChange {
+    /// Refuse to resume, naming the first difference.
+    #[default]
+    Refuse,
+    /// Load the weights, AdamW state and step, and read the new data from its start: a new
+    /// stage of one run (an annealing mixture, say). Where the data is the same (the stage's
+    /// own checkpoints) the position continues as always.
+    Restart,
 }
 
 impl Default for CheckpointConfig {
     fn default() -> Self {
-        Self { every: 0, at_end: true, keep_last: 0, max_shard_bytes: default_max_shard_bytes() }
+        Self {
+            every: 0,
+            at_end: true,
+            keep_last: 0,
+            max_shard_bytes: default_max_shard_bytes(),
+            on_data_change: OnDataChange::Refuse,
+            resume_from: None,
+        }
     }
 }
 

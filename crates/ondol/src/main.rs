@@ -6,8 +6,8 @@ use ondol::launch::{self, LaunchArgs, SelftestArgs};
 use ondol::metrics::Metrics;
 use ondol::prepare_cli;
 use ondol::pretrained::{self, Pretrained, Sampling};
-use ondol::trainer::{self, Data, Trainer};
-use ondol_ckpt::{Writer, checkpoint};
+use ondol::trainer::{self, Data, DataPosition, Trainer};
+use ondol_ckpt::{Loaded, Writer, checkpoint};
 use ondol_comm::{Communicator, DistEnv, Mesh, RankComms, TcpNet};
 use ondol_core::{Backend, Error, Result};
 use ondol_cpu::CpuBackend;
@@ -135,8 +135,8 @@ struct TrainArgs {
     /// Where metrics, checkpoints and the resolved config go (default: runs/<config name>).
     #[arg(long)]
     run_dir: Option<PathBuf>,
-    /// Continue from a checkpoint: `auto` (the newest intact one of the run, if any) or a
-    /// checkpoint directory.
+    /// Continue from a checkpoint: `auto` (the newest intact one of the run; without one,
+    /// `checkpoint.resume_from` if set) or a checkpoint directory.
     #[arg(long, value_name = "auto|DIR")]
     resume: Option<String>,
 }
@@ -459,10 +459,7 @@ fn train_rank<B: Backend>(
     };
     let stem = args.config.config.file_stem().map_or("run".into(), |s| s.to_string_lossy().into_owned());
     let run_dir = args.run_dir.clone().unwrap_or_else(|| Path::new("runs").join(stem));
-    let resumed = match args.resume.as_deref() {
-        None => None,
-        Some(spec) => resume(&mut trainer, &run_dir, spec)?,
-    };
+    let resumed = resume(&mut trainer, &run_dir, args.resume.as_deref())?;
     if !trainer.is_leader() {
         trainer::run(&mut trainer, &mut Metrics::silent(1.0), None)?;
         return Ok(());
@@ -515,34 +512,50 @@ fn train_rank<B: Backend>(
     Ok(())
 }
 
-/// Restores `trainer` from the checkpoint `spec` names; returns the step it resumes at.
-/// `auto` takes the newest intact checkpoint of `run_dir`, warning about damaged ones it
-/// skips, and starts afresh when the run has none.
-fn resume<B: Backend>(trainer: &mut Trainer<B>, run_dir: &Path, spec: &str) -> Result<Option<u64>> {
-    if spec != "auto" {
-        let loaded = checkpoint::load(Path::new(spec), &trainer.model().cfg, &trainer.model().layout)?;
-        let step = loaded.state.step;
-        trainer.restore(loaded)?;
-        return Ok(Some(step));
+/// Restores `trainer` from the checkpoint `spec` names, or from `checkpoint.resume_from`
+/// without one; returns the step it resumes at (None: step 0). `auto` takes the newest intact
+/// checkpoint of `run_dir`, warning about damaged ones it skips, and without any starts as a
+/// run without `--resume` does.
+fn resume<B: Backend>(trainer: &mut Trainer<B>, run_dir: &Path, spec: Option<&str>) -> Result<Option<u64>> {
+    let load = |trainer: &Trainer<B>, dir: &Path| checkpoint::load(dir, &trainer.model().cfg, &trainer.model().layout);
+    let start = |trainer: &mut Trainer<B>| -> Result<Option<u64>> {
+        let Some(dir) = trainer.cfg.checkpoint.resume_from.clone() else { return Ok(None) };
+        let loaded = load(trainer, Path::new(&dir))
+            .map_err(|e| Error::config("checkpoint.resume_from", format!("cannot start from {dir}: {e}")))?;
+        restore(trainer, loaded).map(Some)
+    };
+    match spec {
+        None => return start(trainer),
+        Some("auto") => {}
+        Some(dir) => return restore(trainer, load(trainer, Path::new(dir))?).map(Some),
     }
     let latest = checkpoint::latest(run_dir);
     let mut candidates: Vec<PathBuf> = latest.iter().cloned().collect();
     candidates.extend(checkpoint::list(run_dir).into_iter().filter(|d| Some(d) != latest.as_ref()));
     if candidates.is_empty() {
-        eprintln!("no checkpoint in {}: starting from step 0", checkpoint::checkpoints_dir(run_dir).display());
-        return Ok(None);
+        let from = trainer.cfg.checkpoint.resume_from.as_deref().unwrap_or("step 0");
+        eprintln!("no checkpoint in {}: starting from {from}", checkpoint::checkpoints_dir(run_dir).display());
+        return start(trainer);
     }
     for dir in &candidates {
-        match checkpoint::load(dir, &trainer.model().cfg, &trainer.model().layout) {
-            Ok(loaded) => {
-                let step = loaded.state.step;
-                trainer.restore(loaded)?;
-                return Ok(Some(step));
-            }
+        match load(trainer, dir) {
+            Ok(loaded) => return restore(trainer, loaded).map(Some),
             Err(e) => eprintln!("warning: skipping checkpoint {}: {e}", dir.display()),
         }
     }
     Err(Error::Input(format!("no intact checkpoint in {}", checkpoint::checkpoints_dir(run_dir).display())))
+}
+
+/// Restores `trainer` from `loaded`, saying so where the data starts over; returns the step.
+fn restore<B: Backend>(trainer: &mut Trainer<B>, loaded: Loaded) -> Result<u64> {
+    let (step, dir) = (loaded.state.step, loaded.dir.clone());
+    if trainer.restore(loaded)? == DataPosition::Restarted && trainer.is_leader() {
+        eprintln!(
+            "the data differs from that of {}: reading it from its start (checkpoint.on_data_change = \"restart\")",
+            dir.display()
+        );
+    }
+    Ok(step)
 }
 
 fn inspect(args: ConfigArgs) -> Result<()> {

@@ -1,7 +1,7 @@
 //! The training loop. [`Trainer::step`] is one optimizer update: this replica's micro-batches,
 //! the learning rate, and the rank's [`Engine`] (pipeline schedule, gradient sync, AdamW).
 
-use crate::config::{BYTE_EOT, DataFormat, RunConfig};
+use crate::config::{BYTE_EOT, DataFormat, OnDataChange, RunConfig};
 use crate::metrics::{Metrics, StepRow};
 use crate::pretrained::Pretrained;
 use ondol_ckpt::{Loaded, Snapshot, Writer};
@@ -78,6 +78,8 @@ pub struct Trainer<B: Backend> {
     tokenizer: Option<PathBuf>,
     eos_token_id: Option<u32>,
     pub step: u64,
+    /// Tokens trained on since the run began (over every stage, whose global batches may differ).
+    pub tokens: u64,
 }
 
 impl<B: Backend> Trainer<B> {
@@ -114,7 +116,17 @@ impl<B: Backend> Trainer<B> {
             (None, Some("bytes")) => Some(BYTE_EOT),
             (None, _) => None,
         };
-        Ok(Self { engine, sched, loader, val: data.val, tokenizer: data.tokenizer, eos_token_id, step: 0, cfg })
+        Ok(Self {
+            engine,
+            sched,
+            loader,
+            val: data.val,
+            tokenizer: data.tokenizer,
+            eos_token_id,
+            step: 0,
+            tokens: 0,
+            cfg,
+        })
     }
 
     /// The whole model (names, sizes, FLOPs); the rank's pieces live in the engine.
@@ -174,6 +186,7 @@ impl<B: Backend> Trainer<B> {
             )));
         }
         self.step += 1;
+        self.tokens += self.tokens_per_step();
         Ok(StepStats { loss, grad_norm: out.grad_norm, lr, pipeline_wait_s: out.pipeline_wait_s })
     }
 
@@ -190,7 +203,7 @@ impl<B: Backend> Trainer<B> {
             exp_avg,
             exp_avg_sq,
             step: self.step,
-            tokens: self.step * self.tokens_per_step(),
+            tokens: self.tokens,
             data: self.loader.position(),
             parallel: ondol_ckpt::Layout { tp: mesh.tp, pp: mesh.pp, dp: mesh.dp },
             run_config: toml::to_string(&self.cfg).expect("config serializes"),
@@ -200,53 +213,75 @@ impl<B: Backend> Trainer<B> {
         }))
     }
 
-    /// Continues from a checkpoint: parameters, AdamW state, step and data position, cut into
-    /// this rank's pieces whatever layout wrote them. The checkpoint must come from the same
-    /// model and the same data geometry (else the data order could not continue exactly);
-    /// anything else (steps, learning rate, the parallel layout, and how the global batch is
-    /// split into micro-batches, replicas and accumulation) may change.
-    pub fn restore(&mut self, ckpt: Loaded) -> Result<()> {
+    /// Continues from a checkpoint: parameters, AdamW state, step, tokens and data position,
+    /// cut into this rank's pieces whatever layout wrote them. The model and the tokenizer
+    /// must be the same. The data position continues where the data is the same: the `[data]`
+    /// section and the geometry of a step (global batch, seq_len, seed, shuffle; how the global
+    /// batch is split into micro-batches, replicas and accumulation may change, as may the
+    /// steps, learning rate and layout). Where the data differs, `checkpoint.on_data_change`
+    /// says whether to refuse or to read the new data from its start.
+    pub fn restore(&mut self, ckpt: Loaded) -> Result<DataPosition> {
         let origin = ckpt.dir.join("ondol.toml").display().to_string();
         let saved = RunConfig::parse(&ckpt.run_config, &origin, &[])?;
-        let t = &self.cfg.training;
-        let pairs = [
-            ("model", to_json(&saved.model), to_json(&self.cfg.model)),
+        let differs = |key: String, theirs: &serde_json::Value, what_to_do: &str| {
+            Error::config(
+                key,
+                format!("differs from the checkpoint {} (it has {theirs}); {what_to_do}", ckpt.dir.display()),
+            )
+        };
+        let same = "resume with the same value";
+        let (theirs, ours) = (to_json(&saved.model), to_json(&self.cfg.model));
+        if theirs != ours {
+            return Err(differs(first_difference("model", &theirs, &ours), &theirs, same));
+        }
+        let (theirs, ours) = (to_json(&saved.data.tokenizer), to_json(&self.cfg.data.tokenizer));
+        if theirs != ours {
+            return Err(differs(
+                "data.tokenizer".into(),
+                &theirs,
+                "the weights know its token ids; resume with the same value",
+            ));
+        }
+        // A step reads the same sequences whatever the factors of its global batch (the
+        // loader's docs), and tensors are stored whole, so any layout and accumulation that
+        // keep the global batch continue exactly.
+        let geometry =
+            |c: &RunConfig| to_json(&(c.global_batch(), c.training.seq_len, c.training.seed, c.training.shuffle));
+        let data = [
             ("data", to_json(&saved.data), to_json(&self.cfg.data)),
-            (
-                "training",
-                // A step reads the same sequences whatever the factors of its global batch (the
-                // loader's docs), and tensors are stored whole, so any layout and accumulation
-                // that keep the global batch resume exactly.
-                to_json(&(saved.global_batch(), saved.training.seq_len, saved.training.seed, saved.training.shuffle)),
-                to_json(&(self.cfg.global_batch(), t.seq_len, t.seed, t.shuffle)),
-            ),
+            ("training", geometry(&saved), geometry(&self.cfg)),
         ];
-        for (section, theirs, ours) in pairs {
-            if theirs != ours {
-                let key = if section == "training" {
-                    "training.{batch_size x parallelism.dp x grad_accum (the global batch), seq_len, seed, shuffle}"
-                        .to_string()
-                } else {
-                    first_difference(section, &theirs, &ours)
+        let position = match (data.iter().find(|(_, theirs, ours)| theirs != ours), self.cfg.checkpoint.on_data_change)
+        {
+            (None, _) => {
+                let t = &self.cfg.training;
+                let reads = (saved.training.batch_size * saved.parallelism.dp, t.batch_size * self.cfg.parallelism.dp);
+                self.loader.set_position(&ckpt.state.data, reads).map_err(|e| {
+                    Error::Input(format!("{}: bad data position: {e}", ckpt.dir.join("trainer_state.json").display()))
+                })?;
+                DataPosition::Continued
+            }
+            (Some(_), OnDataChange::Restart) => DataPosition::Restarted,
+            (Some((section, theirs, ours)), OnDataChange::Refuse) => {
+                let key = match *section {
+                    "training" => {
+                        "training.{batch_size x parallelism.dp x grad_accum (the global batch), seq_len, seed, shuffle}"
+                            .into()
+                    }
+                    _ => first_difference(section, theirs, ours),
                 };
-                return Err(Error::config(
+                return Err(differs(
                     key,
-                    format!(
-                        "differs from the checkpoint {} (it has {}); resume with the same value",
-                        ckpt.dir.display(),
-                        theirs
-                    ),
+                    theirs,
+                    "resume with the same value, or set checkpoint.on_data_change = \"restart\" to go on training on \
+                     this run's data from its start",
                 ));
             }
-        }
-        let reads = (saved.training.batch_size * saved.parallelism.dp, t.batch_size * self.cfg.parallelism.dp);
-        self.loader.set_position(&ckpt.state.data, reads).map_err(|e| {
-            Error::Input(format!("{}: bad data position: {e}", ckpt.dir.join("trainer_state.json").display()))
-        })?;
+        };
         let step = ckpt.state.step;
         self.engine.load_whole(&ckpt.params, Some((&ckpt.exp_avg, &ckpt.exp_avg_sq, step)));
-        self.step = step;
-        Ok(())
+        (self.step, self.tokens) = (step, ckpt.state.tokens);
+        Ok(position)
     }
 
     /// Mean loss per token over the first `eval_batches` global validation batches, each of
@@ -276,6 +311,16 @@ impl<B: Backend> Trainer<B> {
         let loss = self.engine.evaluate(&batches)? / (per_replica * replicas * rows) as f64;
         Ok(self.is_leader().then_some(loss))
     }
+}
+
+/// What [`Trainer::restore`] did with the checkpoint's data position.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DataPosition {
+    /// The data goes on where the checkpoint left it.
+    Continued,
+    /// The data differs from the checkpoint's and is read from its start
+    /// (`checkpoint.on_data_change = "restart"`).
+    Restarted,
 }
 
 /// Where training batches come from: one source, or a weighted mixture of several.
@@ -410,7 +455,7 @@ pub fn run<B: Backend>(
                 loss: last.loss,
                 lr: last.lr,
                 grad_norm: last.grad_norm,
-                tokens: step * trainer.tokens_per_step(),
+                tokens: trainer.tokens,
                 tokens_per_s,
                 mfu: tokens_per_s * flops_per_token / metrics.peak_flops,
                 mem_bytes: mem,

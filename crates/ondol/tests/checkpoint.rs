@@ -5,7 +5,7 @@ mod common;
 use common::ondol_err;
 
 use ondol::config::RunConfig;
-use ondol::trainer::{Data, Trainer};
+use ondol::trainer::{Data, DataPosition, Trainer};
 use ondol_ckpt::checkpoint;
 use ondol_core::Rng;
 use ondol_cpu::CpuBackend;
@@ -192,6 +192,75 @@ fn a_run_can_skip_its_final_checkpoint() {
         periodic.iter().filter(|n| n.starts_with("step-")).collect::<Vec<_>>(),
         ["step-00000005", "step-00000010"]
     );
+}
+
+/// A new stage on other data (here another file, in global batches twice the size): refused
+/// by default, naming the key that allows it; with `checkpoint.on_data_change = "restart"` the
+/// weights, AdamW state, step and token count come from the checkpoint and the new data is
+/// read from its start, and the stage's own checkpoints then continue its data exactly.
+#[test]
+fn a_new_stage_on_other_data_keeps_the_training_state_and_starts_its_data() {
+    let dir = setup();
+    let mut first = trainer(dir.path());
+    for _ in 0..6 {
+        first.step().unwrap();
+    }
+    let saved = checkpoint::save(&dir.path().join("run"), &first.snapshot().unwrap().unwrap()).unwrap();
+    let stage = |extra: &[&str]| {
+        let overrides: Vec<String> = ["data.train=[\"other.txt\"]", "training.batch_size=4"]
+            .iter()
+            .chain(extra)
+            .map(|o| o.to_string())
+            .collect();
+        let cfg = RunConfig::load(&dir.path().join("run.toml"), &overrides).unwrap();
+        let data = Data::open(&cfg, dir.path()).unwrap();
+        Trainer::new(CpuBackend, cfg, data).unwrap()
+    };
+    let restore = |t: &mut Trainer<CpuBackend>, ckpt: &Path| {
+        let loaded = checkpoint::load(ckpt, &t.model().cfg, &t.model().layout).unwrap();
+        t.restore(loaded)
+    };
+    let restart = "checkpoint.on_data_change=\"restart\"";
+
+    let err = restore(&mut stage(&[]), &saved).unwrap_err().to_string();
+    assert!(err.contains("data.train") && err.contains("corpus.txt") && err.contains("on_data_change"), "{err}");
+
+    let mut second = stage(&[restart]);
+    assert_eq!(restore(&mut second, &saved).unwrap(), DataPosition::Restarted);
+    assert_eq!((second.step, second.tokens), (6, first.tokens));
+    let [p1, m1, v1] = first.engine.whole_state().unwrap().unwrap();
+    let [p2, m2, v2] = second.engine.whole_state().unwrap().unwrap();
+    assert!(bits(&p2) == bits(&p1) && bits(&m2) == bits(&m1) && bits(&v2) == bits(&v1), "the state was not restored");
+    let start = stage(&[restart]).snapshot().unwrap().unwrap().data;
+    assert_eq!(second.snapshot().unwrap().unwrap().data, start, "the new data does not start at its beginning");
+    second.step().unwrap();
+    assert_eq!(second.tokens, first.tokens + second.tokens_per_step());
+
+    // The second stage's own checkpoint: the same data, so its position goes on.
+    let stage_dir = dir.path().join("stage");
+    let own = checkpoint::save(&stage_dir, &second.snapshot().unwrap().unwrap()).unwrap();
+    let want: Vec<u64> = (0..3).map(|_| second.step().unwrap().loss.to_bits()).collect();
+    let mut third = stage(&[restart]);
+    assert_eq!(restore(&mut third, &own).unwrap(), DataPosition::Continued);
+    let got: Vec<u64> = (0..3).map(|_| third.step().unwrap().loss.to_bits()).collect();
+    assert_eq!(got, want, "the stage's own checkpoint did not continue its data");
+
+    // On the CLI, the stage names its start in checkpoint.resume_from: a run without
+    // checkpoints of its own starts there (saying the data starts over), and `--resume auto`
+    // takes the stage's own once it has one.
+    let from = format!("checkpoint.resume_from=\"{}\"", saved.display());
+    let stage_cli = |more: &[&str]| {
+        let args =
+            ["train", "run.toml", "--run-dir", "stage-cli", "--set", "data.train=[\"other.txt\"]", "--set", restart];
+        ondol_err(dir.path(), &[&args[..], more].concat())
+    };
+    let (ok, err) = stage_cli(&["--set", &from, "--set", "training.steps=7", "--resume", "auto"]);
+    assert!(ok && err.contains("starting from") && err.contains("reading it from its start"), "{err}");
+    assert!(err.contains("resumed at step 6"), "{err}");
+    let (ok, err) = stage_cli(&["--set", &from, "--set", "training.steps=8", "--resume", "auto"]);
+    assert!(ok && err.contains("resumed at step 7") && !err.contains("reading it from its start"), "{err}");
+    let (ok, err) = stage_cli(&["--set", "checkpoint.resume_from=\"nowhere\""]);
+    assert!(!ok && err.contains("checkpoint.resume_from") && err.contains("nowhere"), "{err}");
 }
 
 #[test]
