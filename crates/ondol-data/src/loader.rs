@@ -66,6 +66,8 @@ pub struct Loader {
     stream: Arc<TokenStream>,
     seq_len: usize,
     batch_size: usize,
+    /// Reads a step.
+    accum: usize,
     rank: usize,
     world: usize,
     order: Order,
@@ -121,6 +123,7 @@ impl Loader {
             stream,
             seq_len,
             batch_size,
+            accum,
             rank,
             world,
             order,
@@ -147,14 +150,16 @@ impl Loader {
         self.cursor
     }
 
-    /// Moves to `cursor` (from [`Loader::cursor`], e.g. of a saved run). A batch index past the
-    /// end of an epoch is refused: the cursor was saved with other data or batch geometry.
+    /// Moves to `cursor` (from [`Loader::cursor`] between steps, e.g. of a saved run). A batch
+    /// index past the end of an epoch or inside a step is refused: the cursor was saved with
+    /// other data or batch geometry, or by an ondol whose epochs did not hold whole steps.
     pub fn set_cursor(&mut self, cursor: Cursor) -> Result<(), DataError> {
-        if cursor.batch >= self.batches {
+        if cursor.batch >= self.batches || !cursor.batch.is_multiple_of(self.accum as u64) {
             return Err(DataError::Invalid(format!(
-                "data cursor {cursor:?} is past the end of an epoch, which has {} batches (valid: 0..{}); \
-                 was it saved with other data, seq_len, batch size or world size?",
-                self.batches, self.batches
+                "data cursor {cursor:?} is not the start of a step of an epoch, which has {} batches in steps \
+                 of {}; was it saved with other data, seq_len, batch size, world size or grad_accum, or by an \
+                 older ondol?",
+                self.batches, self.accum
             )));
         }
         self.cursor = cursor;
@@ -162,7 +167,8 @@ impl Loader {
     }
 
     /// Fills `inputs` and `targets` (each `batch_size * seq_len` tokens, row-major
-    /// `[batch_size, seq_len]`) with this rank's share of the next global batch, and advances.
+    /// `[batch_size, seq_len]`) with this rank's share of the next read (one micro-batch of
+    /// every rank), and advances.
     ///
     /// # Panics
     /// If a slice has the wrong length (a caller bug).
@@ -399,5 +405,12 @@ mod tests {
         let msg = l.set_cursor(Cursor { epoch: 0, batch: 6 }).unwrap_err().to_string();
         assert!(msg.contains("6 batches"), "{msg}");
         assert_eq!(l.cursor(), Cursor::default());
+        // One step of 2 batches of 5 takes 10 of the 12 windows; no position inside it.
+        let mut l = Loader::new(stream.clone(), 8, 5, 2, Order::Sequential, 0, 1).unwrap();
+        assert_eq!(l.batches_per_epoch(), 2);
+        l.set_cursor(Cursor { epoch: 3, batch: 0 }).unwrap();
+        let msg = l.set_cursor(Cursor { epoch: 0, batch: 1 }).unwrap_err().to_string();
+        assert!(msg.contains("steps of 2") && msg.contains("grad_accum"), "{msg}");
+        assert_eq!(l.cursor(), Cursor { epoch: 3, batch: 0 });
     }
 }

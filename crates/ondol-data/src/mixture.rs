@@ -5,8 +5,8 @@
 //! are numbered across the run, `g = batch * batch_size * world + slot`, and the source of
 //! sequence `g` is drawn from the normalised weights with an RNG forked from the seed and `g`:
 //! the draw depends on nothing but (seed, g), so every data-parallel rank computes the same
-//! assignment (each reads only its own slots but advances every source as the whole global
-//! batch does), the `g`-th sequence is the same whatever the batch size and world size, and
+//! assignment (each reads only its own slots but advances every source as the whole read of
+//! every rank does), the `g`-th sequence is the same whatever the batch size and world size, and
 //! `(batch, source cursors)` is the complete position that a resumed run continues from (in
 //! another geometry after [`MixtureCursor::in_reads_of`]).
 
@@ -18,7 +18,8 @@ use serde::{Deserialize, Serialize};
 use crate::loader::batches_in_reads_of;
 use crate::{Cursor, DataError, Loader, Order, TokenStream};
 
-/// The position of a [`Mixture`]: global batches drawn, and each source's own position.
+/// The position of a [`Mixture`]: reads done (each one micro-batch of every rank), and each
+/// source's own position.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MixtureCursor {
     pub batch: u64,
@@ -26,9 +27,9 @@ pub struct MixtureCursor {
 }
 
 impl MixtureCursor {
-    /// The same position for a mixture whose global batch holds `to` sequences, this cursor
-    /// having counted batches of `from`; None where that position falls inside a batch. The
-    /// sources' cursors count single windows and stay as they are.
+    /// The same position for a mixture whose reads (one micro-batch of every rank) hold `to`
+    /// sequences, this cursor having counted reads of `from`; None where that position falls
+    /// inside a read. The sources' cursors count single windows and stay as they are.
     pub fn in_reads_of(&self, from: usize, to: usize) -> Option<MixtureCursor> {
         Some(MixtureCursor { batch: batches_in_reads_of(self.batch, from, to)?, sources: self.sources.clone() })
     }
@@ -103,7 +104,7 @@ impl Mixture {
         Ok(Self { sources, cumulative, seed, seq_len, batch_size, rank, world, batch: 0, scratch })
     }
 
-    /// The source of each slot of global batch `batch`.
+    /// The source of each slot of read `batch` (one micro-batch of every rank).
     fn assignment(&self, batch: u64) -> impl Iterator<Item = usize> + '_ {
         let slots = (self.batch_size * self.world) as u64;
         let draws = Rng::new(self.seed ^ 0x6D69_7874_7572_6573);
@@ -135,6 +136,10 @@ impl Mixture {
     }
 
     pub fn set_cursor(&mut self, cursor: &MixtureCursor) -> Result<(), DataError> {
+        let slots = (self.batch_size * self.world) as u64;
+        if cursor.batch.checked_add(1).and_then(|b| b.checked_mul(slots)).is_none() {
+            return Err(DataError::Invalid(format!("the saved data position, read {}, is out of range", cursor.batch)));
+        }
         if cursor.sources.len() != self.sources.len() {
             return Err(DataError::Invalid(format!(
                 "the saved data position has {} sources, the run has {}",
@@ -223,6 +228,7 @@ mod tests {
         }
         assert!(Mixture::new(streams(dir.path()), &[1.0, 0.0], 8, 2, Order::Sequential, 0, 0, 1).is_err());
         assert!(b.set_cursor(&MixtureCursor { batch: 0, sources: vec![] }).is_err());
+        assert!(b.set_cursor(&MixtureCursor { batch: u64::MAX / 2, ..a.cursor() }).is_err());
     }
 
     /// The next `reads` reads of ranks of `batch_size` sequences, in global order.

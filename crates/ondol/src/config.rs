@@ -66,7 +66,7 @@ pub struct TrainingConfig {
     #[serde(default)]
     pub eval_every: u64,
     /// Global batches of validation data per evaluation (each as many sequences as a step:
-    /// batch_size x dp x grad_accum).
+    /// batch_size x dp x grad_accum, so `grad_accum` micro-batches of every replica).
     #[serde(default = "default_eval_batches")]
     pub eval_batches: usize,
     /// Draw training sequences in a seeded random order (false: in file order).
@@ -349,7 +349,7 @@ impl RunConfig {
     /// Sequences one optimizer step trains on: micro-batch x data-parallel replicas x
     /// accumulated micro-batches.
     pub fn global_batch(&self) -> usize {
-        self.training.batch_size * self.parallelism.dp * self.training.grad_accum
+        self.training.batch_size.saturating_mul(self.parallelism.dp).saturating_mul(self.training.grad_accum)
     }
 
     /// Reads `path`, applies `--set` overrides in order, and validates the result.

@@ -287,9 +287,10 @@ impl<B: Backend> Trainer<B> {
     /// Mean loss per token over the first `eval_batches` global validation batches, each of
     /// a step's `batch_size x dp x grad_accum` sequences: the same sequences at every
     /// evaluation, so values are comparable along the run, and in every layout and
-    /// accumulation that keep the global batch (each replica takes every dp-th micro-batch).
-    /// Validation data shorter than that is read whole micro-batches of every replica at a
-    /// time. Every rank takes part; the leader gets the value.
+    /// accumulation that keep the global batch (each replica takes every dp-th micro-batch),
+    /// as many as the validation data holds. Data shorter than one global batch is read in
+    /// micro-batches of every replica (at least one, repeating data if it must), which depends
+    /// on the layout. Every rank takes part; the leader gets the value.
     pub fn evaluate(&mut self) -> Result<Option<f64>> {
         let Some(val) = self.val.clone() else { return Ok(None) };
         let t = &self.cfg.training;
@@ -297,8 +298,11 @@ impl<B: Backend> Trainer<B> {
         let mut loader = Loader::new(val, t.seq_len, t.batch_size, 1, Order::Sequential, 0, 1)
             .map_err(|e| Error::config("data.val", format!("too little validation data for one batch: {e}")))?;
         let rows = t.batch_size * t.seq_len;
-        let available = loader.batches_per_epoch() as usize / replicas;
-        let per_replica = (t.eval_batches * t.grad_accum).min(available).max(1);
+        let global_batches = t.eval_batches.min(loader.windows_per_epoch() as usize / self.cfg.global_batch());
+        let per_replica = match global_batches {
+            0 => (loader.batches_per_epoch() as usize / replicas).max(1),
+            n => n * t.grad_accum,
+        };
         let mut batches = Vec::with_capacity(per_replica);
         for i in 0..per_replica * replicas {
             let (mut inputs, mut targets) = (vec![0u32; rows], vec![0u32; rows]);

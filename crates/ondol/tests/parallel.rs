@@ -286,22 +286,26 @@ fn a_checkpoint_resumes_on_any_layout() {
 
 /// Validation covers `eval_batches` global batches whatever cuts them, so the curve goes on
 /// where a run resumed with another split left it: here 3 batches of 16 sequences, as 2
-/// micro-batches of 8, as 4 of 2 on each of 2 replicas and as 4 of 1 on each of 4 (pp 2).
+/// micro-batches of 8, as 4 of 2 on each of 2 replicas and as 4 of 1 on each of 4 (pp 2); and
+/// of a validation file of 44 sequences, the 2 whole global batches it holds.
 #[test]
 fn validation_reads_the_same_sequences_however_the_global_batch_is_cut() {
     let dir = setup();
-    let val_loss = |shape: Shape, extra: &[&str]| -> f64 {
-        let extra = [&["data.val_fraction=0.1", "training.eval_batches=3"], extra].concat();
-        let losses = on_ranks(dir.path(), shape, &extra, |t| t.evaluate().unwrap());
-        losses[0].expect("the leader gets the validation loss")
-    };
-    let want = val_loss((1, 1, 1), &[]);
-    for (shape, extra) in [
-        ((1, 1, 2), &["training.batch_size=2", "training.grad_accum=4"]),
-        ((1, 2, 4), &["training.batch_size=1", "training.grad_accum=4"]),
-    ] {
-        let got = val_loss(shape, extra);
-        assert!((got - want).abs() <= 1e-6 * want, "{shape:?} {extra:?}: validation loss {got} vs {want}");
+    std::fs::write(dir.path().join("val.txt"), &"a short validation text. ".repeat(29)[..44 * 16 + 1]).unwrap();
+    for val in ["data.val_fraction=0.1", "data.val=[\"val.txt\"]"] {
+        let val_loss = |shape: Shape, extra: &[&str]| -> f64 {
+            let extra = [&[val, "training.eval_batches=3"], extra].concat();
+            let losses = on_ranks(dir.path(), shape, &extra, |t| t.evaluate().unwrap());
+            losses[0].expect("the leader gets the validation loss")
+        };
+        let want = val_loss((1, 1, 1), &[]);
+        for (shape, extra) in [
+            ((1, 1, 2), &["training.batch_size=2", "training.grad_accum=4"]),
+            ((1, 2, 4), &["training.batch_size=1", "training.grad_accum=4"]),
+        ] {
+            let got = val_loss(shape, extra);
+            assert!((got - want).abs() <= 1e-6 * want, "{val}, {shape:?} {extra:?}: validation loss {got} vs {want}");
+        }
     }
 }
 
