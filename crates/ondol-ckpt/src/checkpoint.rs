@@ -62,8 +62,9 @@ pub struct Snapshot {
     pub parallel: Layout,
     /// The resolved run config (TOML) written as `ondol.toml`.
     pub run_config: String,
-    /// Files copied in under their own names (tokenizer.json and its companions).
-    pub extra_files: Vec<PathBuf>,
+    /// Files copied in, as (name in the checkpoint, source): tokenizer.json and its companions,
+    /// under the names transformers looks for whatever the sources are called.
+    pub extra_files: Vec<(String, PathBuf)>,
     pub eos_token_id: Option<u32>,
     /// Shard the model file above this size (bytes).
     pub max_shard_bytes: u64,
@@ -140,13 +141,12 @@ pub fn save_to(dst: &Path, snap: &Snapshot) -> Result<()> {
         .and_then(|_| File::open(&toml_path)?.sync_all())
         .map_err(io(format!("cannot write {}", toml_path.display())))?;
     files.push("ondol.toml".into());
-    for extra in &snap.extra_files {
-        let name = extra.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let copy = tmp.join(&name);
-        fs::copy(extra, &copy)
+    for (name, source) in &snap.extra_files {
+        let copy = tmp.join(name);
+        fs::copy(source, &copy)
             .and_then(|_| File::open(&copy)?.sync_all())
-            .map_err(io(format!("cannot copy {} into the checkpoint", extra.display())))?;
-        files.push(name);
+            .map_err(io(format!("cannot copy {} into the checkpoint", source.display())))?;
+        files.push(name.clone());
     }
 
     let mut checksums = BTreeMap::new();

@@ -147,8 +147,13 @@ impl Mixture {
                 self.sources.len()
             )));
         }
-        for (loader, c) in self.sources.iter_mut().zip(&cursor.sources) {
-            loader.set_cursor(*c)?;
+        // All sources move, or none.
+        let before: Vec<Cursor> = self.sources.iter().map(Loader::cursor).collect();
+        if let Err(e) = self.sources.iter_mut().zip(&cursor.sources).try_for_each(|(l, c)| l.set_cursor(*c)) {
+            for (loader, c) in self.sources.iter_mut().zip(before) {
+                loader.set_cursor(c).expect("a loader takes back its own cursor");
+            }
+            return Err(e);
         }
         self.batch = cursor.batch;
         Ok(())

@@ -246,9 +246,10 @@ pub struct CheckpointConfig {
     /// What resuming does when the checkpoint was trained on other data.
     #[serde(default)]
     pub on_data_change: OnDataChange,
-    /// A checkpoint this run starts from (weights, AdamW state, step) while it has none of its
-    /// own: a new stage of a longer run. `--resume auto` takes the run's own newest checkpoint
-    /// once there is one, so a requeued job goes on where the stage left off.
+    /// A checkpoint (`.../checkpoints/step-XXXXXXXX`) this run starts from (weights, AdamW
+    /// state, step) while it has none of its own: a new stage of a longer run. `--resume auto`
+    /// takes the run's own newest checkpoint once there is one, so a requeued job goes on where
+    /// the stage left off; without `--resume`, a run that has its own is refused.
     #[serde(default)]
     pub resume_from: Option<String>,
 }

@@ -136,7 +136,8 @@ struct TrainArgs {
     #[arg(long)]
     run_dir: Option<PathBuf>,
     /// Continue from a checkpoint: `auto` (the newest intact one of the run; without one,
-    /// `checkpoint.resume_from` if set) or a checkpoint directory.
+    /// `checkpoint.resume_from` if set, which a run without --resume starts from too) or a
+    /// checkpoint directory.
     #[arg(long, value_name = "auto|DIR")]
     resume: Option<String>,
 }
@@ -515,35 +516,58 @@ fn train_rank<B: Backend>(
 /// Restores `trainer` from the checkpoint `spec` names, or from `checkpoint.resume_from`
 /// without one; returns the step it resumes at (None: step 0). `auto` takes the newest intact
 /// checkpoint of `run_dir`, warning about damaged ones it skips, and without any starts as a
-/// run without `--resume` does.
+/// run without `--resume` does. A run that starts from `resume_from` must have no checkpoints
+/// of its own (they would be overwritten): those are taken with `--resume auto`.
 fn resume<B: Backend>(trainer: &mut Trainer<B>, run_dir: &Path, spec: Option<&str>) -> Result<Option<u64>> {
     let load = |trainer: &Trainer<B>, dir: &Path| checkpoint::load(dir, &trainer.model().cfg, &trainer.model().layout);
-    let start = |trainer: &mut Trainer<B>| -> Result<Option<u64>> {
-        let Some(dir) = trainer.cfg.checkpoint.resume_from.clone() else { return Ok(None) };
-        let loaded = load(trainer, Path::new(&dir))
-            .map_err(|e| Error::config("checkpoint.resume_from", format!("cannot start from {dir}: {e}")))?;
-        restore(trainer, loaded).map(Some)
-    };
+    let resume_from = trainer.cfg.checkpoint.resume_from.clone();
+    let leader = trainer.is_leader();
     match spec {
-        None => return start(trainer),
         Some("auto") => {}
         Some(dir) => return restore(trainer, load(trainer, Path::new(dir))?).map(Some),
+        None if resume_from.is_none() => return Ok(None),
+        None => {}
     }
+    let ckpts = checkpoint::checkpoints_dir(run_dir);
     let latest = checkpoint::latest(run_dir);
-    let mut candidates: Vec<PathBuf> = latest.iter().cloned().collect();
-    candidates.extend(checkpoint::list(run_dir).into_iter().filter(|d| Some(d) != latest.as_ref()));
-    if candidates.is_empty() {
-        let from = trainer.cfg.checkpoint.resume_from.as_deref().unwrap_or("step 0");
-        eprintln!("no checkpoint in {}: starting from {from}", checkpoint::checkpoints_dir(run_dir).display());
-        return start(trainer);
-    }
-    for dir in &candidates {
-        match load(trainer, dir) {
-            Ok(loaded) => return restore(trainer, loaded).map(Some),
-            Err(e) => eprintln!("warning: skipping checkpoint {}: {e}", dir.display()),
+    let mut own: Vec<PathBuf> = latest.iter().cloned().collect();
+    own.extend(checkpoint::list(run_dir).into_iter().filter(|d| Some(d) != latest.as_ref()));
+    match (own.is_empty(), resume_from) {
+        (true, None) => {
+            if leader {
+                eprintln!("no checkpoint in {}: starting from step 0", ckpts.display());
+            }
+            Ok(None)
+        }
+        (true, Some(start)) => {
+            if leader {
+                eprintln!("no checkpoint in {}: starting from {start} (checkpoint.resume_from)", ckpts.display());
+            }
+            let loaded = load(trainer, Path::new(&start)).map_err(|e| {
+                let what = format!("cannot start from {start} (a checkpoints/step-XXXXXXXX directory): {e}");
+                Error::config("checkpoint.resume_from", what)
+            })?;
+            restore(trainer, loaded).map(Some)
+        }
+        (false, Some(_)) if spec.is_none() => Err(Error::config(
+            "checkpoint.resume_from",
+            format!(
+                "the run already has checkpoints of its own in {}: pass --resume auto to go on from the newest, or \
+                 give the run another --run-dir",
+                ckpts.display()
+            ),
+        )),
+        (false, _) => {
+            for dir in &own {
+                match load(trainer, dir) {
+                    Ok(loaded) => return restore(trainer, loaded).map(Some),
+                    Err(e) if leader => eprintln!("warning: skipping checkpoint {}: {e}", dir.display()),
+                    Err(_) => {}
+                }
+            }
+            Err(Error::Input(format!("no intact checkpoint in {}", ckpts.display())))
         }
     }
-    Err(Error::Input(format!("no intact checkpoint in {}", checkpoint::checkpoints_dir(run_dir).display())))
 }
 
 /// Restores `trainer` from `loaded`, saying so where the data starts over; returns the step.
@@ -551,7 +575,8 @@ fn restore<B: Backend>(trainer: &mut Trainer<B>, loaded: Loaded) -> Result<u64> 
     let (step, dir) = (loaded.state.step, loaded.dir.clone());
     if trainer.restore(loaded)? == DataPosition::Restarted && trainer.is_leader() {
         eprintln!(
-            "the data differs from that of {}: reading it from its start (checkpoint.on_data_change = \"restart\")",
+            "the data position of {} does not carry over to this run's data: reading it from its start \
+             (checkpoint.on_data_change = \"restart\")",
             dir.display()
         );
     }

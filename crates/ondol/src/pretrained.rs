@@ -218,8 +218,8 @@ pub fn import_hf(src: &Path, out: &Path) -> Result<Vec<String>> {
     RunConfig::parse(&run_config, "the generated ondol.toml", &[])?;
     let extra_files = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
         .iter()
-        .map(|f| src.join(f))
-        .filter(|f| f.is_file())
+        .map(|f| (f.to_string(), src.join(f)))
+        .filter(|(_, source)| source.is_file())
         .collect();
     let n = p.params.len();
     let snap = Snapshot {

@@ -207,7 +207,7 @@ impl<B: Backend> Trainer<B> {
             data: self.loader.position(),
             parallel: ondol_ckpt::Layout { tp: mesh.tp, pp: mesh.pp, dp: mesh.dp },
             run_config: toml::to_string(&self.cfg).expect("config serializes"),
-            extra_files: self.tokenizer.iter().cloned().collect(),
+            extra_files: self.tokenizer.iter().map(|t| ("tokenizer.json".to_string(), t.clone())).collect(),
             eos_token_id: self.eos_token_id,
             max_shard_bytes: self.cfg.checkpoint.max_shard_bytes,
         }))
@@ -218,61 +218,41 @@ impl<B: Backend> Trainer<B> {
     /// must be the same. The data position continues where the data is the same: the `[data]`
     /// section and the geometry of a step (global batch, seq_len, seed, shuffle; how the global
     /// batch is split into micro-batches, replicas and accumulation may change, as may the
-    /// steps, learning rate and layout). Where the data differs, `checkpoint.on_data_change`
-    /// says whether to refuse or to read the new data from its start.
+    /// steps, learning rate and layout). Where the data differs, or its saved position does
+    /// not fit it, `checkpoint.on_data_change` says whether to refuse or to read the data
+    /// from its start.
     pub fn restore(&mut self, ckpt: Loaded) -> Result<DataPosition> {
         let origin = ckpt.dir.join("ondol.toml").display().to_string();
         let saved = RunConfig::parse(&ckpt.run_config, &origin, &[])?;
-        let differs = |key: String, theirs: &serde_json::Value, what_to_do: &str| {
-            Error::config(
-                key,
-                format!("differs from the checkpoint {} (it has {theirs}); {what_to_do}", ckpt.dir.display()),
-            )
+        let differs = |(key, theirs): (String, String), what_to_do: &str| {
+            let dir = ckpt.dir.display();
+            Error::config(key, format!("differs from the checkpoint {dir} (it has {theirs}); {what_to_do}"))
         };
-        let same = "resume with the same value";
-        let (theirs, ours) = (to_json(&saved.model), to_json(&self.cfg.model));
-        if theirs != ours {
-            return Err(differs(first_difference("model", &theirs, &ours), &theirs, same));
+        if let Some(difference) = first_difference("model", &to_json(&saved.model), &to_json(&self.cfg.model)) {
+            return Err(differs(difference, "resume with the same value"));
         }
-        let (theirs, ours) = (to_json(&saved.data.tokenizer), to_json(&self.cfg.data.tokenizer));
-        if theirs != ours {
-            return Err(differs(
-                "data.tokenizer".into(),
-                &theirs,
-                "the weights know its token ids; resume with the same value",
-            ));
-        }
-        // A step reads the same sequences whatever the factors of its global batch (the
-        // loader's docs), and tensors are stored whole, so any layout and accumulation that
-        // keep the global batch continue exactly.
-        let geometry =
-            |c: &RunConfig| to_json(&(c.global_batch(), c.training.seq_len, c.training.seed, c.training.shuffle));
-        let data = [
-            ("data", to_json(&saved.data), to_json(&self.cfg.data)),
-            ("training", geometry(&saved), geometry(&self.cfg)),
-        ];
-        let position = match (data.iter().find(|(_, theirs, ours)| theirs != ours), self.cfg.checkpoint.on_data_change)
-        {
-            (None, _) => {
+        self.check_tokenizer(&ckpt.dir, &saved)?;
+        let restart = self.cfg.checkpoint.on_data_change == OnDataChange::Restart;
+        let position = match first_difference("", &data_identity(&saved), &data_identity(&self.cfg)) {
+            None => {
                 let t = &self.cfg.training;
                 let reads = (saved.training.batch_size * saved.parallelism.dp, t.batch_size * self.cfg.parallelism.dp);
-                self.loader.set_position(&ckpt.state.data, reads).map_err(|e| {
-                    Error::Input(format!("{}: bad data position: {e}", ckpt.dir.join("trainer_state.json").display()))
-                })?;
-                DataPosition::Continued
-            }
-            (Some(_), OnDataChange::Restart) => DataPosition::Restarted,
-            (Some((section, theirs, ours)), OnDataChange::Refuse) => {
-                let key = match *section {
-                    "training" => {
-                        "training.{batch_size x parallelism.dp x grad_accum (the global batch), seq_len, seed, shuffle}"
-                            .into()
+                match self.loader.set_position(&ckpt.state.data, reads) {
+                    Ok(()) => DataPosition::Continued,
+                    Err(_) if restart => DataPosition::Restarted,
+                    Err(e) => {
+                        return Err(Error::Input(format!(
+                            "{}: bad data position: {e}; checkpoint.on_data_change = \"restart\" reads the data \
+                             from its start instead",
+                            ckpt.dir.join("trainer_state.json").display()
+                        )));
                     }
-                    _ => first_difference(section, theirs, ours),
-                };
+                }
+            }
+            Some(_) if restart => DataPosition::Restarted,
+            Some(difference) => {
                 return Err(differs(
-                    key,
-                    theirs,
+                    difference,
                     "resume with the same value, or set checkpoint.on_data_change = \"restart\" to go on training on \
                      this run's data from its start",
                 ));
@@ -282,6 +262,29 @@ impl<B: Backend> Trainer<B> {
         self.engine.load_whole(&ckpt.params, Some((&ckpt.exp_avg, &ckpt.exp_avg_sq, step)));
         (self.step, self.tokens) = (step, ckpt.state.tokens);
         Ok(position)
+    }
+
+    /// Refuses a checkpoint trained with another tokenizer: by content where the checkpoint
+    /// keeps its tokenizer.json, else (byte-level runs, older checkpoints) by `data.tokenizer`.
+    fn check_tokenizer(&self, dir: &Path, saved: &RunConfig) -> Result<()> {
+        let (same, theirs) = match std::fs::read(dir.join("tokenizer.json")) {
+            Ok(theirs) => {
+                let ours = self.tokenizer.as_ref().and_then(|t| std::fs::read(t).ok());
+                (ours.as_ref() == Some(&theirs), "its tokenizer.json".to_string())
+            }
+            Err(_) => (saved.data.tokenizer == self.cfg.data.tokenizer, format!("{:?}", saved.data.tokenizer)),
+        };
+        match same {
+            true => Ok(()),
+            false => Err(Error::config(
+                "data.tokenizer",
+                format!(
+                    "is not the tokenizer of the checkpoint {} (it has {theirs}): the weights know its token ids; \
+                     train with the same tokenizer",
+                    dir.display()
+                ),
+            )),
+        }
     }
 
     /// Mean loss per token over the first `eval_batches` global validation batches, each of
@@ -322,8 +325,8 @@ impl<B: Backend> Trainer<B> {
 pub enum DataPosition {
     /// The data goes on where the checkpoint left it.
     Continued,
-    /// The data differs from the checkpoint's and is read from its start
-    /// (`checkpoint.on_data_change = "restart"`).
+    /// The data differs from the checkpoint's, or its saved position does not fit it, and is
+    /// read from its start (`checkpoint.on_data_change = "restart"`).
     Restarted,
 }
 
@@ -502,14 +505,37 @@ fn to_json(v: &impl serde::Serialize) -> serde_json::Value {
     serde_json::to_value(v).expect("configs serialize")
 }
 
-/// The dotted key of the first field where two serialized config sections differ.
-fn first_difference(section: &str, a: &serde_json::Value, b: &serde_json::Value) -> String {
-    match (a.as_object(), b.as_object()) {
-        (Some(a), Some(b)) => a
-            .keys()
-            .chain(b.keys())
-            .find(|k| a.get(*k) != b.get(*k))
-            .map_or(section.to_string(), |k| format!("{section}.{k}")),
-        _ => section.to_string(),
+/// The dotted key (below `prefix`) of the first field where two serialized configs differ,
+/// and the first's value there.
+fn first_difference(prefix: &str, a: &serde_json::Value, b: &serde_json::Value) -> Option<(String, String)> {
+    if a == b {
+        return None;
     }
+    let (Some(a), Some(b)) = (a.as_object(), b.as_object()) else {
+        let shown = if a.is_null() { "no value".to_string() } else { a.to_string() };
+        return Some((prefix.to_string(), shown));
+    };
+    let null = serde_json::Value::Null;
+    a.keys().chain(b.keys()).find_map(|k| {
+        let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+        first_difference(&key, a.get(k).unwrap_or(&null), b.get(k).unwrap_or(&null))
+    })
+}
+
+/// What a data position depends on: the `[data]` section (the tokenizer aside, compared by
+/// content) and the geometry of a step. A step reads the same sequences whatever the factors
+/// of its global batch (the loader's docs), so only their product counts.
+fn data_identity(c: &RunConfig) -> serde_json::Value {
+    let mut data = to_json(&c.data);
+    data.as_object_mut().expect("[data] is a table").remove("tokenizer");
+    let t = &c.training;
+    serde_json::json!({
+        "data": data,
+        "training": {
+            "batch_size x parallelism.dp x grad_accum (the global batch)": c.global_batch(),
+            "seq_len": t.seq_len,
+            "seed": t.seed,
+            "shuffle": t.shuffle,
+        },
+    })
 }

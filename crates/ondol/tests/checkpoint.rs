@@ -245,6 +245,8 @@ fn a_new_stage_on_other_data_keeps_the_training_state_and_starts_its_data() {
 
     let err = restore(&mut stage(&[]), &saved).unwrap_err().to_string();
     assert!(err.contains("data.train") && err.contains("corpus.txt") && err.contains("on_data_change"), "{err}");
+    let err = restore(&mut trainer(dir.path(), &["training.batch_size=4"]), &saved).unwrap_err().to_string();
+    assert!(err.contains("the global batch") && err.contains("it has 4") && err.contains("on_data_change"), "{err}");
 
     let mut second = stage(&[restart]);
     assert_eq!(restore(&mut second, &saved).unwrap(), DataPosition::Restarted);
@@ -280,7 +282,14 @@ fn a_new_stage_on_other_data_keeps_the_training_state_and_starts_its_data() {
     assert!(err.contains("resumed at step 6"), "{err}");
     let (ok, err) = stage_cli(&["--set", &from, "--set", "training.steps=8", "--resume", "auto"]);
     assert!(ok && err.contains("resumed at step 7") && !err.contains("reading it from its start"), "{err}");
-    let (ok, err) = stage_cli(&["--set", "checkpoint.resume_from=\"nowhere\""]);
+    // Without --resume it would start over on top of them; a named checkpoint goes first.
+    let (ok, err) = stage_cli(&["--set", &from, "--set", "training.steps=9"]);
+    assert!(!ok && err.contains("checkpoint.resume_from") && err.contains("--resume auto"), "{err}");
+    let own = dir.path().join("stage-cli/checkpoints/step-00000007");
+    let (ok, err) = stage_cli(&["--set", &from, "--set", "training.steps=8", "--resume", own.to_str().unwrap()]);
+    assert!(ok && err.contains("resumed at step 7"), "{err}");
+    let args = ["train", "run.toml", "--run-dir", "fresh", "--set", "checkpoint.resume_from=\"nowhere\""];
+    let (ok, err) = ondol_err(dir.path(), &args);
     assert!(!ok && err.contains("checkpoint.resume_from") && err.contains("nowhere"), "{err}");
 }
 

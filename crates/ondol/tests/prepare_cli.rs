@@ -84,14 +84,18 @@ fn tokenizer_train_then_data_prepare_then_train_on_the_shards() {
     let (ok, err) = prepare(&["--overwrite"]);
     assert!(ok, "{err}");
 
-    // Train on the shards with the tokenizer; a vocabulary that does not fit is refused.
+    // Train on the shards with the tokenizer (the file as the user named it); a vocabulary
+    // that does not fit is refused.
     std::fs::write(dir.path().join("run.toml"), RUN).unwrap();
-    let (ok, err) = ondol_err(dir.path(), &["train", "run.toml", "--run-dir", "out"]);
+    let (ok, err) =
+        ondol_err(dir.path(), &["train", "run.toml", "--run-dir", "out", "--set", "data.tokenizer=\"tok.json\""]);
     assert!(ok && err.contains("done: 2 steps"), "{err}");
-    // The checkpoint carries the tokenizer, names its end-of-text, and generates through it.
+    // The checkpoint carries the tokenizer as tokenizer.json, names its end-of-text, and
+    // generates through it.
     let ckpt = dir.path().join("out/checkpoints/step-00000002");
     let copied = std::fs::read(ckpt.join("tokenizer.json")).unwrap();
-    assert_eq!(copied, std::fs::read(dir.path().join("shards/tokenizer.json")).unwrap());
+    assert_eq!(copied, std::fs::read(dir.path().join("tok.json")).unwrap());
+    assert!(!ckpt.join("tok.json").exists());
     let config: serde_json::Value = serde_json::from_slice(&std::fs::read(ckpt.join("config.json")).unwrap()).unwrap();
     assert!(config["eos_token_id"].is_u64(), "{config}");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_ondol"))
@@ -100,6 +104,19 @@ fn tokenizer_train_then_data_prepare_then_train_on_the_shards() {
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && text.starts_with("온돌 floor"), "{text} {}", String::from_utf8_lossy(&out.stderr));
+    // Resuming needs the tokenizer the weights were trained with, compared by content: a copy
+    // elsewhere will do, bytes will not (whatever on_data_change says).
+    std::fs::copy(dir.path().join("tok.json"), dir.path().join("moved.json")).unwrap();
+    let resume = |tokenizer: &str| {
+        let tokenizer = format!("data.tokenizer=\"{tokenizer}\"");
+        let restart = "checkpoint.on_data_change=\"restart\"";
+        let args = ["--run-dir", "out", "--resume", "auto", "--set", "training.steps=3", "--set", restart];
+        ondol_err(dir.path(), &[&["train", "run.toml", "--set", &tokenizer], &args[..]].concat())
+    };
+    let (ok, err) = resume("moved.json");
+    assert!(ok && err.contains("resumed at step 2") && !err.contains("reading it from its start"), "{err}");
+    let (ok, err) = resume("bytes");
+    assert!(!ok && err.contains("data.tokenizer") && err.contains("its tokenizer.json"), "{err}");
     let (ok, err) = ondol_err(dir.path(), &["train", "run.toml", "--set", "model.vocab_size=300"]);
     assert!(!ok && err.contains("model.vocab_size") && err.contains("data.tokenizer") && err.contains("400"), "{err}");
     let (ok, err) = ondol_err(dir.path(), &["train", "run.toml", "--set", "data.tokenizer=\"none.json\""]);
