@@ -150,10 +150,17 @@ impl Loader {
         self.cursor
     }
 
-    /// Moves to `cursor` (from [`Loader::cursor`] between steps, e.g. of a saved run). A batch
-    /// index past the end of an epoch or inside a step is refused: the cursor was saved with
-    /// other data or batch geometry, or by an ondol whose epochs did not hold whole steps.
+    /// Moves to `cursor` (from [`Loader::cursor`] between steps, e.g. of a saved run), if
+    /// [`Loader::check_cursor`] takes it.
     pub fn set_cursor(&mut self, cursor: Cursor) -> Result<(), DataError> {
+        self.check_cursor(cursor)?;
+        self.cursor = cursor;
+        Ok(())
+    }
+
+    /// Refuses a batch index past the end of an epoch or inside a step: the cursor was saved
+    /// with other data or batch geometry, or by an ondol whose epochs did not hold whole steps.
+    pub fn check_cursor(&self, cursor: Cursor) -> Result<(), DataError> {
         if cursor.batch >= self.batches || !cursor.batch.is_multiple_of(self.accum as u64) {
             return Err(DataError::Invalid(format!(
                 "data cursor {cursor:?} is not the start of a step of an epoch, which has {} batches in steps \
@@ -162,7 +169,6 @@ impl Loader {
                 self.batches, self.accum
             )));
         }
-        self.cursor = cursor;
         Ok(())
     }
 

@@ -104,9 +104,14 @@ impl Mixture {
         Ok(Self { sources, cumulative, seed, seq_len, batch_size, rank, world, batch: 0, scratch })
     }
 
+    /// Sequences a read holds: one micro-batch of every rank.
+    fn slots(&self) -> u64 {
+        (self.batch_size * self.world) as u64
+    }
+
     /// The source of each slot of read `batch` (one micro-batch of every rank).
     fn assignment(&self, batch: u64) -> impl Iterator<Item = usize> + '_ {
-        let slots = (self.batch_size * self.world) as u64;
+        let slots = self.slots();
         let draws = Rng::new(self.seed ^ 0x6D69_7874_7572_6573);
         (batch * slots..(batch + 1) * slots).map(move |g| {
             let u = draws.fork(g).next_f64();
@@ -136,8 +141,7 @@ impl Mixture {
     }
 
     pub fn set_cursor(&mut self, cursor: &MixtureCursor) -> Result<(), DataError> {
-        let slots = (self.batch_size * self.world) as u64;
-        if cursor.batch.checked_add(1).and_then(|b| b.checked_mul(slots)).is_none() {
+        if cursor.batch.checked_add(1).and_then(|b| b.checked_mul(self.slots())).is_none() {
             return Err(DataError::Invalid(format!("the saved data position, read {}, is out of range", cursor.batch)));
         }
         if cursor.sources.len() != self.sources.len() {
@@ -148,12 +152,11 @@ impl Mixture {
             )));
         }
         // All sources move, or none.
-        let before: Vec<Cursor> = self.sources.iter().map(Loader::cursor).collect();
-        if let Err(e) = self.sources.iter_mut().zip(&cursor.sources).try_for_each(|(l, c)| l.set_cursor(*c)) {
-            for (loader, c) in self.sources.iter_mut().zip(before) {
-                loader.set_cursor(c).expect("a loader takes back its own cursor");
-            }
-            return Err(e);
+        for (loader, c) in self.sources.iter().zip(&cursor.sources) {
+            loader.check_cursor(*c)?;
+        }
+        for (loader, c) in self.sources.iter_mut().zip(&cursor.sources) {
+            loader.set_cursor(*c)?;
         }
         self.batch = cursor.batch;
         Ok(())
@@ -234,6 +237,11 @@ mod tests {
         assert!(Mixture::new(streams(dir.path()), &[1.0, 0.0], 8, 2, Order::Sequential, 0, 0, 1).is_err());
         assert!(b.set_cursor(&MixtureCursor { batch: 0, sources: vec![] }).is_err());
         assert!(b.set_cursor(&MixtureCursor { batch: u64::MAX / 2, ..a.cursor() }).is_err());
+        // A position one source cannot take moves no source.
+        let (before, mut bad) = (b.cursor(), a.cursor());
+        (bad.sources[0], bad.sources[1].batch) = (Cursor::default(), u64::MAX);
+        assert!(b.set_cursor(&bad).is_err());
+        assert_eq!(b.cursor(), before);
     }
 
     /// The next `reads` reads of ranks of `batch_size` sequences, in global order.

@@ -136,8 +136,7 @@ impl<B: Backend> Trainer<B> {
 
     /// Tokens one optimizer step consumes across all data-parallel replicas.
     pub fn tokens_per_step(&self) -> u64 {
-        let t = &self.cfg.training;
-        (t.batch_size * t.seq_len * t.grad_accum * self.engine.layout.mesh.dp) as u64
+        (self.cfg.global_batch() * self.cfg.training.seq_len) as u64
     }
 
     /// World rank 0 (or the only rank): the one that reports and writes checkpoints.
