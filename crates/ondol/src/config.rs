@@ -66,7 +66,8 @@ pub struct TrainingConfig {
     #[serde(default)]
     pub eval_every: u64,
     /// Global batches of validation data per evaluation (each as many sequences as a step:
-    /// batch_size x dp x grad_accum, so `grad_accum` micro-batches of every replica).
+    /// batch_size x dp x grad_accum, so `grad_accum` micro-batches of every replica); 0: one
+    /// micro-batch of every replica, the least an evaluation reads.
     #[serde(default = "default_eval_batches")]
     pub eval_batches: usize,
     /// Draw training sequences in a seeded random order (false: in file order).

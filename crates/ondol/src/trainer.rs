@@ -292,7 +292,8 @@ impl<B: Backend> Trainer<B> {
     /// accumulation that keep the global batch (each replica takes every dp-th micro-batch),
     /// as many as the validation data holds. Data shorter than one global batch is read in
     /// micro-batches of every replica (at least one, repeating data if it must), which depends
-    /// on the layout. Every rank takes part; the leader gets the value.
+    /// on the layout, as does `eval_batches = 0` (one micro-batch of every replica). Every rank
+    /// takes part; the leader gets the value.
     pub fn evaluate(&mut self) -> Result<Option<f64>> {
         let Some(val) = self.val.clone() else { return Ok(None) };
         let t = &self.cfg.training;
@@ -300,10 +301,10 @@ impl<B: Backend> Trainer<B> {
         let mut loader = Loader::new(val, t.seq_len, t.batch_size, 1, Order::Sequential, 0, 1)
             .map_err(|e| Error::config("data.val", format!("too little validation data for one batch: {e}")))?;
         let rows = t.batch_size * t.seq_len;
-        let global_batches = t.eval_batches.min(loader.windows_per_epoch() as usize / self.cfg.global_batch());
-        let per_replica = match global_batches {
+        let whole = loader.windows_per_epoch() as usize / self.cfg.global_batch();
+        let per_replica = match whole {
             0 => (loader.batches_per_epoch() as usize / replicas).max(1),
-            n => n * t.grad_accum,
+            _ => (t.eval_batches.min(whole) * t.grad_accum).max(1),
         };
         let mut batches = Vec::with_capacity(per_replica);
         for i in 0..per_replica * replicas {

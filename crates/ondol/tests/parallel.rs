@@ -306,6 +306,11 @@ fn validation_reads_the_same_sequences_however_the_global_batch_is_cut() {
             let got = val_loss(shape, extra);
             assert!((got - want).abs() <= 1e-6 * want, "{val}, {shape:?} {extra:?}: validation loss {got} vs {want}");
         }
+        // eval_batches = 0 reads the least there is: one micro-batch of 8, a global batch
+        // without accumulation.
+        let least = val_loss((1, 1, 1), &["training.eval_batches=0"]);
+        let one = val_loss((1, 1, 1), &["training.grad_accum=1", "training.eval_batches=1"]);
+        assert_eq!(least.to_bits(), one.to_bits(), "{val}: eval_batches = 0 read {least}, one micro-batch {one}");
     }
 }
 
