@@ -1,5 +1,7 @@
 // Softmax cross-entropy over a [rows, vocab] logit matrix, fused with its gradient, and the
-// two halves of the vocab-parallel version.
+// two halves of the vocab-parallel version. Rows are `stride >= vocab` values apart: a head
+// padded to aligned rows leaves `stride - vocab` columns that are no token's. They are never
+// read, and the gradient kernels write them 0 (the head's backward GEMMs read whole rows).
 //
 // Computes, per row r with target t (T = float or bf16 storage, fp32 arithmetic):
 //   cross_entropy:      losses[r] = logsumexp(logits[r]) - logits[r, t]; with write_grad != 0
@@ -36,12 +38,12 @@ __device__ void row_max_sum(const T* row, int vocab, float* scratch, float* max_
 }
 
 template <typename T>
-__device__ void cross_entropy(T* logits, const unsigned* targets, float* losses, int rows, int vocab, int write_grad,
-                              float grad_scale) {
+__device__ void cross_entropy(T* logits, const unsigned* targets, float* losses, int rows, int vocab, int stride,
+                              int write_grad, float grad_scale) {
     __shared__ float scratch[32];
     const int r = blockIdx.x;
     if (r >= rows) return;
-    T* row = logits + (size_t)r * vocab;
+    T* row = logits + (size_t)r * stride;
     const unsigned t = targets[r];
     float m, s;
     row_max_sum(row, vocab, scratch, &m, &s);
@@ -56,15 +58,16 @@ __device__ void cross_entropy(T* logits, const unsigned* targets, float* losses,
         if (c == (int)t) g -= grad_scale;
         row[c] = from_float<T>(g);
     }
+    for (int c = vocab + threadIdx.x; c < stride; c += blockDim.x) row[c] = from_float<T>(0.0f);
 }
 
 template <typename T>
 __device__ void cross_entropy_stats(const T* logits, const unsigned* targets, float* stats, int rows, int first_id,
-                                    int vocab) {
+                                    int vocab, int stride) {
     __shared__ float scratch[32];
     const int r = blockIdx.x;
     if (r >= rows) return;
-    const T* row = logits + (size_t)r * vocab;
+    const T* row = logits + (size_t)r * stride;
     float m, s;
     row_max_sum(row, vocab, scratch, &m, &s);
     if (threadIdx.x == 0) {
@@ -77,10 +80,10 @@ __device__ void cross_entropy_stats(const T* logits, const unsigned* targets, fl
 
 template <typename T>
 __device__ void cross_entropy_grad(T* logits, const unsigned* targets, const float* lse, int rows, int first_id,
-                                   int vocab, float scale) {
+                                   int vocab, int stride, float scale) {
     const int r = blockIdx.x;
     if (r >= rows) return;
-    T* row = logits + (size_t)r * vocab;
+    T* row = logits + (size_t)r * stride;
     const float l = lse[r];
     const long long target_col = (long long)targets[r] - first_id;
     for (int c = threadIdx.x; c < vocab; c += blockDim.x) {
@@ -88,20 +91,22 @@ __device__ void cross_entropy_grad(T* logits, const unsigned* targets, const flo
         if (c == target_col) g -= scale;
         row[c] = from_float<T>(g);
     }
+    for (int c = vocab + threadIdx.x; c < stride; c += blockDim.x) row[c] = from_float<T>(0.0f);
 }
 
-#define CROSS_ENTROPY_KERNELS(T, S)                                                                                \
-    extern "C" __global__ void cross_entropy_##S(T* logits, const unsigned* targets, float* losses, int rows,      \
-                                                 int vocab, int write_grad, float grad_scale) {                    \
-        cross_entropy<T>(logits, targets, losses, rows, vocab, write_grad, grad_scale);                            \
-    }                                                                                                              \
-    extern "C" __global__ void cross_entropy_stats_##S(const T* logits, const unsigned* targets, float* stats,    \
-                                                       int rows, int first_id, int vocab) {                        \
-        cross_entropy_stats<T>(logits, targets, stats, rows, first_id, vocab);                                     \
-    }                                                                                                              \
-    extern "C" __global__ void cross_entropy_grad_##S(T* logits, const unsigned* targets, const float* lse,       \
-                                                      int rows, int first_id, int vocab, float scale) {            \
-        cross_entropy_grad<T>(logits, targets, lse, rows, first_id, vocab, scale);                                 \
+#define CROSS_ENTROPY_KERNELS(T, S)                                                                                   \
+    extern "C" __global__ void cross_entropy_##S(T* logits, const unsigned* targets, float* losses, int rows,         \
+                                                 int vocab, int stride, int write_grad, float grad_scale) {           \
+        cross_entropy<T>(logits, targets, losses, rows, vocab, stride, write_grad, grad_scale);                       \
+    }                                                                                                                 \
+    extern "C" __global__ void cross_entropy_stats_##S(const T* logits, const unsigned* targets, float* stats,        \
+                                                       int rows, int first_id, int vocab, int stride) {               \
+        cross_entropy_stats<T>(logits, targets, stats, rows, first_id, vocab, stride);                                \
+    }                                                                                                                 \
+    extern "C" __global__ void cross_entropy_grad_##S(T* logits, const unsigned* targets, const float* lse,           \
+                                                      int rows, int first_id, int vocab, int stride,                  \
+                                                      float scale) {                                                  \
+        cross_entropy_grad<T>(logits, targets, lse, rows, first_id, vocab, stride, scale);                            \
     }
 
 FOR_EACH_STORAGE(CROSS_ENTROPY_KERNELS)

@@ -606,39 +606,43 @@ pub trait Backend: Send + Sync {
     fn activation_backward(&self, act: Activation, dout: Self::Ref<'_>, x: Self::Ref<'_>, dx: Self::Mut<'_>);
 
     // ---- loss ----------------------------------------------------------------------------------
-    /// Softmax cross-entropy per row: writes `losses[r] = logsumexp(logits[r]) - logits[r, t_r]`.
+    /// Softmax cross-entropy per row of `[rows, columns.stride]` logits, over the first
+    /// `columns.vocab` of each row: writes `losses[r] = logsumexp(logits[r]) - logits[r, t_r]`.
     /// If `grad_scale` is given, overwrites `logits` in place with
-    /// `grad_scale * (softmax(logits) - onehot(t))`, so the (rows x vocab) matrix exists once;
-    /// without it, the logits are scratch afterwards (the CPU leaves its exponentials there).
+    /// `grad_scale * (softmax(logits) - onehot(t))` and the padding columns with 0, so the
+    /// matrix exists once; without it, the logits are scratch afterwards (the CPU leaves its
+    /// exponentials there).
     fn cross_entropy(
         &self,
         logits: Self::Mut<'_>,
         targets: &Self::Ids,
         losses: Self::Mut<'_>,
-        vocab: usize,
+        columns: LogitColumns,
         grad_scale: Option<f32>,
     );
     /// The first half of a vocab-parallel cross-entropy, on a shard of the logits: the columns
-    /// of ids `first_id..first_id + vocab`. Writes per row `stats[3r..3r + 3]` = (the row's max
-    /// m, sum of exp(logit - m), the target's logit if this shard holds the target, else 0).
-    /// Combining the shards' rows gives each row's log-sum-exp (see [`combine_ce_stats`]).
+    /// of ids `first_id..first_id + columns.vocab`. Writes per row `stats[3r..3r + 3]` = (the
+    /// row's max m, sum of exp(logit - m), the target's logit if this shard holds the target,
+    /// else 0). Combining the shards' rows gives each row's log-sum-exp (see
+    /// [`combine_ce_stats`]).
     fn cross_entropy_stats(
         &self,
         logits: Self::Ref<'_>,
         targets: &Self::Ids,
         stats: Self::Mut<'_>,
         first_id: usize,
-        vocab: usize,
+        columns: LogitColumns,
     );
     /// The second half: overwrites the shard of logits with
-    /// `grad_scale * (exp(logit - lse[r]) - onehot(t))`, given every row's global log-sum-exp.
+    /// `grad_scale * (exp(logit - lse[r]) - onehot(t))`, given every row's global log-sum-exp,
+    /// and the padding columns with 0.
     fn cross_entropy_grad(
         &self,
         logits: Self::Mut<'_>,
         targets: &Self::Ids,
         lse: Self::Ref<'_>,
         first_id: usize,
-        vocab: usize,
+        columns: LogitColumns,
         grad_scale: f32,
     );
 
@@ -655,6 +659,21 @@ pub trait Backend: Send + Sync {
         hp: AdamWParams,
         copy: Option<Self::Mut<'_>>,
     );
+}
+
+/// The columns of a row of logits: `vocab` tokens' logits, rows `stride >= vocab` apart. The
+/// columns past `vocab` come from an output head padded to aligned rows and are no token's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LogitColumns {
+    pub vocab: usize,
+    pub stride: usize,
+}
+
+impl LogitColumns {
+    /// `vocab` columns, no padding.
+    pub fn dense(vocab: usize) -> Self {
+        Self { vocab, stride: vocab }
+    }
 }
 
 /// Combines the rows of [`Backend::cross_entropy_stats`] from every vocab shard (`parts[s]`

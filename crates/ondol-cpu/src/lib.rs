@@ -17,7 +17,7 @@ mod simd;
 
 use ondol_core::AdamWParams;
 use ondol_core::backend::{
-    Activation, AttnShape, Backend, Gemm, ScanGrads, ScanInputs, ScanShape, SsdGrads, SsdInputs, SsdShape,
+    Activation, AttnShape, Backend, Gemm, LogitColumns, ScanGrads, ScanInputs, ScanShape, SsdGrads, SsdInputs, SsdShape,
 };
 use rayon::prelude::*;
 use std::ops::Range;
@@ -374,10 +374,10 @@ impl Backend for CpuBackend {
         logits: &mut [f32],
         targets: &Vec<u32>,
         losses: &mut [f32],
-        vocab: usize,
+        columns: LogitColumns,
         grad_scale: Option<f32>,
     ) {
-        loss::cross_entropy(logits, targets, losses, vocab, grad_scale);
+        loss::cross_entropy(logits, targets, losses, columns, grad_scale);
     }
     fn cross_entropy_stats(
         &self,
@@ -385,9 +385,9 @@ impl Backend for CpuBackend {
         targets: &Vec<u32>,
         stats: &mut [f32],
         first_id: usize,
-        vocab: usize,
+        columns: LogitColumns,
     ) {
-        loss::cross_entropy_stats(logits, targets, stats, first_id, vocab);
+        loss::cross_entropy_stats(logits, targets, stats, first_id, columns);
     }
     fn cross_entropy_grad(
         &self,
@@ -395,10 +395,10 @@ impl Backend for CpuBackend {
         targets: &Vec<u32>,
         lse: &[f32],
         first_id: usize,
-        vocab: usize,
+        columns: LogitColumns,
         grad_scale: f32,
     ) {
-        loss::cross_entropy_grad(logits, targets, lse, first_id, vocab, grad_scale);
+        loss::cross_entropy_grad(logits, targets, lse, first_id, columns, grad_scale);
     }
 
     fn adamw(&self, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], hp: AdamWParams, copy: Option<&mut [f32]>) {

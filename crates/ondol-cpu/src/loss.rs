@@ -1,4 +1,5 @@
-//! Fused softmax cross-entropy over a `[rows, vocab]` logit matrix.
+//! Fused softmax cross-entropy over a `[rows, vocab]` logit matrix (rows `stride` apart: the
+//! columns past `vocab` are a padded head's, skipped, with a zero gradient).
 //!
 //! One pass finds the row max, one computes exp and its sum (the exponentials are kept in
 //! the logit buffer), and one turns them into the gradient in place, so the matrix is
@@ -9,14 +10,23 @@
 //! gradient: 2 reads and 1 write, two exps per element.
 
 use crate::math::exp;
+use ondol_core::backend::LogitColumns;
 use rayon::prelude::*;
 
-pub fn cross_entropy(logits: &mut [f32], targets: &[u32], losses: &mut [f32], vocab: usize, grad_scale: Option<f32>) {
-    assert_eq!(logits.len(), targets.len() * vocab);
+pub fn cross_entropy(
+    logits: &mut [f32],
+    targets: &[u32],
+    losses: &mut [f32],
+    columns: LogitColumns,
+    grad_scale: Option<f32>,
+) {
+    let LogitColumns { vocab, stride } = columns;
+    assert!(vocab <= stride && logits.len() == targets.len() * stride);
     assert_eq!(losses.len(), targets.len());
-    logits.par_chunks_mut(vocab).zip(targets.par_iter().zip(losses.par_iter_mut())).for_each(|(row, (&t, loss))| {
+    logits.par_chunks_mut(stride).zip(targets.par_iter().zip(losses.par_iter_mut())).for_each(|(row, (&t, loss))| {
         let t = t as usize;
         assert!(t < vocab, "target {t} outside the vocabulary of {vocab}");
+        let (row, padding) = row.split_at_mut(vocab);
         let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
         let target_logit = row[t];
         // Eight partial sums let the compiler keep the exp loop in vector registers.
@@ -42,6 +52,7 @@ pub fn cross_entropy(logits: &mut [f32], targets: &[u32], losses: &mut [f32], vo
             let k = scale / sum;
             row.iter_mut().for_each(|v| *v *= k);
             row[t] -= scale;
+            padding.fill(0.0);
         }
     });
 }
@@ -51,10 +62,12 @@ fn column(t: u32, first_id: usize, vocab: usize) -> Option<usize> {
     (t as usize).checked_sub(first_id).filter(|&c| c < vocab)
 }
 
-pub fn cross_entropy_stats(logits: &[f32], targets: &[u32], stats: &mut [f32], first_id: usize, vocab: usize) {
-    assert_eq!(logits.len(), targets.len() * vocab);
+pub fn cross_entropy_stats(logits: &[f32], targets: &[u32], stats: &mut [f32], first_id: usize, columns: LogitColumns) {
+    let LogitColumns { vocab, stride } = columns;
+    assert!(vocab <= stride && logits.len() == targets.len() * stride);
     assert_eq!(stats.len(), 3 * targets.len());
-    logits.par_chunks(vocab).zip(targets.par_iter().zip(stats.par_chunks_mut(3))).for_each(|(row, (&t, out))| {
+    logits.par_chunks(stride).zip(targets.par_iter().zip(stats.par_chunks_mut(3))).for_each(|(row, (&t, out))| {
+        let row = &row[..vocab];
         let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
         let mut lanes = [0.0f32; 8];
         let mut chunks = row.chunks_exact(8);
@@ -68,13 +81,23 @@ pub fn cross_entropy_stats(logits: &[f32], targets: &[u32], stats: &mut [f32], f
     });
 }
 
-pub fn cross_entropy_grad(logits: &mut [f32], targets: &[u32], lse: &[f32], first_id: usize, vocab: usize, scale: f32) {
-    assert_eq!(logits.len(), targets.len() * vocab);
+pub fn cross_entropy_grad(
+    logits: &mut [f32],
+    targets: &[u32],
+    lse: &[f32],
+    first_id: usize,
+    columns: LogitColumns,
+    scale: f32,
+) {
+    let LogitColumns { vocab, stride } = columns;
+    assert!(vocab <= stride && logits.len() == targets.len() * stride);
     assert_eq!(lse.len(), targets.len());
-    logits.par_chunks_mut(vocab).zip(targets.par_iter().zip(lse.par_iter())).for_each(|(row, (&t, &lse))| {
+    logits.par_chunks_mut(stride).zip(targets.par_iter().zip(lse.par_iter())).for_each(|(row, (&t, &lse))| {
+        let (row, padding) = row.split_at_mut(vocab);
         row.iter_mut().for_each(|v| *v = scale * exp(*v - lse));
         if let Some(c) = column(t, first_id, vocab) {
             row[c] -= scale;
         }
+        padding.fill(0.0);
     });
 }

@@ -6,7 +6,7 @@
 //! the device's bf16 peak and the bandwidth of a device-to-device copy (the memory-bound
 //! scan's ceiling); GPT-2 124M's MLP GEMMs with GELU in cuBLASLt's epilogue against
 //! the GEMM and a GELU pass of its own; its output head's GEMMs at the vocabulary of 50257
-//! and padded to 50304; and a decoding step of attention over a long KV cache.
+//! and padded to 50304, as training runs them; and a decoding step of attention over a long KV cache.
 //! `benches/kernels-vs-pytorch.py` times PyTorch's peers on the same shapes and, given this
 //! bench's output, prints the ratios; `run.sh bench` runs both. Needs a GPU (says so and exits
 //! without one).
@@ -208,8 +208,8 @@ fn decode(be: &CudaBackend) {
 
 /// GPT-2 124M's output head at 16 x 1024 tokens: the logits, the input's gradient and the
 /// embedding's (f32), at GPT-2's vocabulary of 50257 and padded to 50304. Rows of 50257
-/// bf16 are 2-byte aligned only, which leaves cuBLASLt fewer (slower) algorithms; the pair
-/// says what padding the vocabulary would gain.
+/// bf16 are 2-byte aligned only, which leaves cuBLASLt fewer (slower) algorithms; training
+/// pads the head to 50304 rows (`HEAD_ROW_ALIGN`), and the pair says what that gains.
 fn logits_gemms(be: &CudaBackend, vocab: usize) {
     let (rows, d) = (16 * 1024, 768);
     let (x, wte) = (be.upload(&vec![0.01; rows * d]), be.upload(&vec![0.01; vocab * d]));

@@ -14,7 +14,7 @@ use crate::gpu::Gpu;
 use crate::memory::{DevMut, DevRef, DeviceBuf, DeviceIds, Dtype};
 use cudarc::driver::LaunchConfig;
 use ondol_core::backend::{
-    Activation, AttnShape, Backend, Gemm, ScanGrads, ScanInputs, ScanShape, SsdGrads, SsdInputs, SsdShape,
+    Activation, AttnShape, Backend, Gemm, LogitColumns, ScanGrads, ScanInputs, ScanShape, SsdGrads, SsdInputs, SsdShape,
 };
 use ondol_core::{AdamWParams, DeviceSlice, bf16};
 use std::ops::Range;
@@ -62,6 +62,12 @@ fn all_f32(op: &str, operands: &[(&str, Dtype)]) {
 fn rows_of(len: usize, cols: usize) -> usize {
     assert!(cols > 0 && len.is_multiple_of(cols), "{len} values are not rows of {cols}");
     len / cols
+}
+
+/// Rows of a logit matrix of `len` values: rows of `columns.stride`, holding `columns.vocab`.
+fn logit_rows(len: usize, columns: LogitColumns) -> usize {
+    assert!(columns.vocab <= columns.stride, "{columns:?}: the vocabulary is wider than the rows");
+    rows_of(len, columns.stride)
 }
 
 impl CudaBackend {
@@ -1238,18 +1244,19 @@ impl Backend for CudaBackend {
         logits: DevMut<'_>,
         targets: &DeviceIds,
         losses: DevMut<'_>,
-        vocab: usize,
+        columns: LogitColumns,
         grad_scale: Option<f32>,
     ) {
         is_f32("cross_entropy losses", losses.dtype);
-        let rows = rows_of(logits.len, vocab);
+        let rows = logit_rows(logits.len, columns);
         assert!(targets.len == rows && losses.len == rows, "cross_entropy: one target and loss per row");
         let args = [
             ptr_mut(&logits),
             Arg::Ptr(targets.ptr),
             ptr_mut(&losses),
             Arg::I32(rows as i32),
-            Arg::I32(vocab as i32),
+            Arg::I32(columns.vocab as i32),
+            Arg::I32(columns.stride as i32),
             Arg::I32(grad_scale.is_some() as i32),
             Arg::F32(grad_scale.unwrap_or(0.0)),
         ];
@@ -1261,10 +1268,10 @@ impl Backend for CudaBackend {
         targets: &DeviceIds,
         stats: DevMut<'_>,
         first_id: usize,
-        vocab: usize,
+        columns: LogitColumns,
     ) {
         is_f32("cross_entropy_stats stats", stats.dtype);
-        let rows = rows_of(logits.len, vocab);
+        let rows = logit_rows(logits.len, columns);
         assert!(targets.len == rows && stats.len == 3 * rows, "cross_entropy_stats: three stats per row");
         let args = [
             ptr(&logits),
@@ -1272,7 +1279,8 @@ impl Backend for CudaBackend {
             ptr_mut(&stats),
             Arg::I32(rows as i32),
             Arg::I32(first_id as i32),
-            Arg::I32(vocab as i32),
+            Arg::I32(columns.vocab as i32),
+            Arg::I32(columns.stride as i32),
         ];
         self.run("cross_entropy", "cross_entropy_stats", logits.dtype, Self::per_row(rows, 0), &args);
     }
@@ -1282,11 +1290,11 @@ impl Backend for CudaBackend {
         targets: &DeviceIds,
         lse: DevRef<'_>,
         first_id: usize,
-        vocab: usize,
+        columns: LogitColumns,
         grad_scale: f32,
     ) {
         is_f32("cross_entropy_grad lse", lse.dtype);
-        let rows = rows_of(logits.len, vocab);
+        let rows = logit_rows(logits.len, columns);
         assert!(targets.len == rows && lse.len == rows, "cross_entropy_grad: one target and lse per row");
         let args = [
             ptr_mut(&logits),
@@ -1294,7 +1302,8 @@ impl Backend for CudaBackend {
             ptr(&lse),
             Arg::I32(rows as i32),
             Arg::I32(first_id as i32),
-            Arg::I32(vocab as i32),
+            Arg::I32(columns.vocab as i32),
+            Arg::I32(columns.stride as i32),
             Arg::F32(grad_scale),
         ];
         self.run("cross_entropy", "cross_entropy_grad", logits.dtype, Self::per_row(rows, 0), &args);

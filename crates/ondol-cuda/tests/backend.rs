@@ -6,7 +6,7 @@
 //! order, bf16 in reverse order), and on the GPU where there is one; without a GPU it says so,
 //! and fails if ONDOL_REQUIRE_GPU is set, as the GPU bundle's run.sh sets it.
 
-use ondol_core::backend::{AttnShape, Gemm, rope_table};
+use ondol_core::backend::{AttnShape, Gemm, LogitColumns, rope_table};
 use ondol_core::bf16;
 use ondol_core::{Activation, AdamWParams, Backend, Rng, ScanInputs, SsdInputs};
 use ondol_cpu::CpuBackend;
@@ -387,48 +387,47 @@ fn cross_entropy_matches_the_cpu() {
     for be in backends() {
         let tol = tolerance(&be);
         let (rows, vocab, scale) = (19usize, 1003usize, 0.37f32);
-        let logits = round(&be, &random(rows * vocab, 1, 3.0));
-        let targets: Vec<u32> = (0..rows).map(|r| ((r * 131) % vocab) as u32).collect();
-        let gpu_targets = be.upload_ids(&targets);
-        for grad in [None, Some(scale)] {
-            let (mut dl, mut losses) = (be.upload(&logits), be.zeros_f32(rows));
-            be.cross_entropy(be.all_mut(&mut dl), &gpu_targets, be.all_mut(&mut losses), vocab, grad);
-            let (mut want_dl, mut want_losses) = (logits.clone(), vec![0.0; rows]);
-            CPU.cross_entropy(&mut want_dl, &targets, &mut want_losses, vocab, grad);
-            assert_close(
-                &format!("cross_entropy losses grad={grad:?}"),
-                &be,
-                &be.download(&losses),
-                &want_losses,
-                1e-5,
-            );
-            // Without a gradient the logits are scratch afterwards (the contract): only the
-            // gradient is compared.
-            if grad.is_some() {
-                assert_close(&format!("cross_entropy gradient scale={grad:?}"), &be, &be.download(&dl), &want_dl, tol);
+        // Dense rows, and rows padded by 21 columns of garbage (a padded head's): the losses
+        // must not see them and the gradient must zero them.
+        for stride in [vocab, vocab + 21] {
+            let columns = LogitColumns { vocab, stride };
+            let logits = round(&be, &random(rows * stride, 1, 3.0));
+            let targets: Vec<u32> = (0..rows).map(|r| ((r * 131) % vocab) as u32).collect();
+            let gpu_targets = be.upload_ids(&targets);
+            for grad in [None, Some(scale)] {
+                let (mut dl, mut losses) = (be.upload(&logits), be.zeros_f32(rows));
+                be.cross_entropy(be.all_mut(&mut dl), &gpu_targets, be.all_mut(&mut losses), columns, grad);
+                let (mut want_dl, mut want_losses) = (logits.clone(), vec![0.0; rows]);
+                CPU.cross_entropy(&mut want_dl, &targets, &mut want_losses, columns, grad);
+                let what = format!("cross_entropy {columns:?} grad={grad:?}");
+                assert_close(&format!("{what} losses"), &be, &be.download(&losses), &want_losses, 1e-5);
+                // Without a gradient the logits are scratch afterwards (the contract): only the
+                // gradient is compared.
+                if grad.is_some() {
+                    assert_close(&format!("{what} gradient"), &be, &be.download(&dl), &want_dl, tol);
+                }
             }
+            // A vocabulary shard of 400 columns starting at id 300, in rows of 400 or 413.
+            let (first_id, shard) = (300usize, LogitColumns { vocab: 400, stride: 400 + stride - vocab });
+            let part: Vec<f32> = (0..rows)
+                .flat_map(|r| {
+                    let row = &logits[r * stride..][..stride];
+                    row[first_id..][..shard.vocab].iter().chain(&row[vocab..]).copied().collect::<Vec<_>>()
+                })
+                .collect();
+            let mut stats = be.zeros_f32(3 * rows);
+            be.cross_entropy_stats(be.all(&be.upload(&part)), &gpu_targets, be.all_mut(&mut stats), first_id, shard);
+            let mut want_stats = vec![0.0; 3 * rows];
+            CPU.cross_entropy_stats(&part, &targets, &mut want_stats, first_id, shard);
+            assert_close(&format!("cross_entropy_stats {shard:?}"), &be, &be.download(&stats), &want_stats, 1e-5);
+            let lse = random(rows, 5, 1.0).iter().map(|v| v + 7.0).collect::<Vec<_>>();
+            let mut grad = be.upload(&part);
+            let gpu_lse = be.upload_f32(&lse);
+            be.cross_entropy_grad(be.all_mut(&mut grad), &gpu_targets, be.all(&gpu_lse), first_id, shard, scale);
+            let mut want = part.clone();
+            CPU.cross_entropy_grad(&mut want, &targets, &lse, first_id, shard, scale);
+            assert_close(&format!("cross_entropy_grad {shard:?}"), &be, &be.download(&grad), &want, tol);
         }
-        // A vocabulary shard of 400 columns starting at id 300.
-        let (first_id, shard) = (300usize, 400usize);
-        let part: Vec<f32> = (0..rows).flat_map(|r| logits[r * vocab + first_id..][..shard].to_vec()).collect();
-        let mut stats = be.zeros_f32(3 * rows);
-        be.cross_entropy_stats(be.all(&be.upload(&part)), &gpu_targets, be.all_mut(&mut stats), first_id, shard);
-        let mut want_stats = vec![0.0; 3 * rows];
-        CPU.cross_entropy_stats(&part, &targets, &mut want_stats, first_id, shard);
-        assert_close("cross_entropy_stats", &be, &be.download(&stats), &want_stats, 1e-5);
-        let lse = random(rows, 5, 1.0).iter().map(|v| v + 7.0).collect::<Vec<_>>();
-        let mut grad = be.upload(&part);
-        be.cross_entropy_grad(
-            be.all_mut(&mut grad),
-            &gpu_targets,
-            be.all(&be.upload_f32(&lse)),
-            first_id,
-            shard,
-            scale,
-        );
-        let mut want = part.clone();
-        CPU.cross_entropy_grad(&mut want, &targets, &lse, first_id, shard, scale);
-        assert_close("cross_entropy_grad", &be, &be.download(&grad), &want, tol);
     }
 }
 

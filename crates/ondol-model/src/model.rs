@@ -26,7 +26,7 @@ use crate::mlp::{Mlp, MlpActs, MlpGrads, MlpKind};
 use crate::params::{Init, ParamLayout, Path, Placement};
 use crate::part::{Alone, Part, TensorParallel};
 use ondol_core::Result;
-use ondol_core::backend::{Activation, Backend, combine_ce_stats, rope_table};
+use ondol_core::backend::{Activation, Backend, LogitColumns, combine_ce_stats, rope_table};
 use std::ops::Range;
 
 #[derive(Clone, Debug)]
@@ -118,7 +118,7 @@ impl Builder<'_> {
         init: Init,
         decay: bool,
     ) -> Range<usize> {
-        let place = Placement { global_shape: shape.to_vec(), axis, pieces, primary: true, partial_grad: false };
+        let place = Placement { global_shape: shape.to_vec(), axis, pieces, ..Placement::whole(shape) };
         self.lay.add_placed(path, place, init, decay)
     }
     /// An `nn.Linear` `[d_out, d_in]` whose output rows `rows` this shard holds (column-parallel;
@@ -198,6 +198,7 @@ impl Builder<'_> {
             // Shards sharing a kv head each hold part of its gradient; the first one counts.
             primary: !shared || self.part.tp_rank.is_multiple_of(self.part.tp / cfg.kv_heads()),
             partial_grad: shared,
+            pad: 0,
         };
         self.lay.add_placed(p.at(names[1]).at("weight"), kv_place.clone(), std, true);
         let v = self.lay.add_placed(p.at(names[2]).at("weight"), kv_place, std, true);
@@ -359,11 +360,19 @@ impl Builder<'_> {
     }
 
     /// A `[vocab, d]` table's rows of this shard's vocabulary: the token embedding (no weight
-    /// decay) or an untied output layer (decayed, like every matrix).
-    fn vocab_rows(&mut self, path: Path, vocab: &Range<usize>, decay: bool) -> Range<usize> {
-        let (v, d) = (self.cfg.vocab_size, self.cfg.d_model);
+    /// decay) or an untied output layer (decayed, like every matrix). A table the head reads
+    /// is padded to the head's rows.
+    fn vocab_rows(&mut self, path: Path, read_by_head: bool, decay: bool) -> Range<usize> {
+        let place = self.vocab_place(read_by_head);
         let std = self.std();
-        self.shard(path, &[v, d], (0, vec![vocab.clone()]), std, decay)
+        self.lay.add_placed(path, place, std, decay)
+    }
+    /// Where this shard's rows of a `[vocab, d]` table sit in the global one.
+    fn vocab_place(&self, read_by_head: bool) -> Placement {
+        let (v, d) = (self.cfg.vocab_size, self.cfg.d_model);
+        let rows = self.part.vocab(v);
+        let pad = if read_by_head { self.part.head_rows(v) - rows.len() } else { 0 };
+        Placement { pieces: vec![rows], pad, ..Placement::whole(&[v, d]) }
     }
 }
 
@@ -392,7 +401,9 @@ impl Model {
             _ => ("backbone", Path::new("backbone").at("embeddings")),
         };
         let root = Path::new(root);
-        let embed = part.first.then(|| b.vocab_rows(embed_name.at("weight"), &vocab, false));
+        // A tied embedding is the head's weight, on this stage or as the last stage's copy
+        // (whose gradient is summed with it): padded like the head either way.
+        let embed = part.first.then(|| b.vocab_rows(embed_name.at("weight"), cfg.tied(), false));
         let std = b.std();
         let positions = (part.first && cfg.arch == Arch::Gpt2)
             .then(|| b.add(root.at("wpe").at("weight"), &[cfg.max_seq_len, d], std, false));
@@ -452,26 +463,21 @@ impl Model {
                 (None, true) => {
                     // The last stage keeps its own copy of the tied embedding for the head; the
                     // first stage's is the primary, and the two gradients are summed.
-                    let place = Placement {
-                        global_shape: vec![cfg.vocab_size, d],
-                        axis: 0,
-                        pieces: vec![vocab.clone()],
-                        primary: false,
-                        partial_grad: false,
-                    };
+                    let place = Placement { primary: false, ..b.vocab_place(true) };
                     let std = b.std();
                     b.lay.add_placed(embed_name.at("weight"), place, std, false)
                 }
-                (_, false) => b.vocab_rows(Path::new("lm_head").at("weight"), &vocab, true),
+                (_, false) => b.vocab_rows(Path::new("lm_head").at("weight"), true, true),
             };
-            Some(Head { norm_f, out: Linear::out_in(w, d, vocab.len()) })
+            Some(Head { norm_f, out: Linear::out_in(w, d, part.head_rows(cfg.vocab_size)) })
         } else {
             None
         };
         Ok(Self { cfg, layout: lay, part, vocab, embed, positions, blocks, block_layer, block_params, head })
     }
 
-    /// All parameters, counted once (a tied head is the embedding).
+    /// All parameters, counted once (a tied head is the embedding); a padded head's zero rows
+    /// count, since they take memory.
     pub fn num_params(&self) -> usize {
         self.layout.total()
     }
@@ -512,7 +518,7 @@ impl Model {
 
     /// Bytes of activation memory a [`Workspace`] for this micro-batch shape holds (f32).
     pub fn activation_bytes(&self, batch: usize, seq: usize, recompute_every: usize) -> u64 {
-        let (rows, d, v) = ((batch * seq) as u64, self.cfg.d_model as u64, self.vocab.len() as u64);
+        let (rows, d, v) = ((batch * seq) as u64, self.cfg.d_model as u64, self.logit_columns().stride as u64);
         // The residual stream and the norms hold `stream` rows (fewer under sequence parallelism).
         let stream = self.part.stream_rows(batch * seq).len();
         let layernorm = self.layernorm();
@@ -529,6 +535,18 @@ impl Model {
         let vocab_parallel = if self.part.tp > 1 { 4 * rows } else { 0 };
         let gathered = if self.part.sequence_parallel { 3 * rows * d } else { 0 };
         4 * (saved + shared + grads + residual + head + vocab_parallel + gathered + 2 * stream * d)
+    }
+
+    /// The rows of the token embedding `embed` that lookups use: this shard's vocabulary,
+    /// without the padding of a table the head also reads (the embedding takes any id inside
+    /// its table, so the padding would catch the next shard's ids).
+    fn lookup_rows(&self, embed: &Range<usize>) -> Range<usize> {
+        embed.start..embed.start + self.vocab.len() * self.cfg.d_model
+    }
+
+    /// The columns of a row of logits: this shard's vocabulary and the head's padding.
+    fn logit_columns(&self) -> LogitColumns {
+        LogitColumns { vocab: self.vocab.len(), stride: self.part.head_rows(self.cfg.vocab_size) }
     }
 
     /// Whether the norms are LayerNorms (GPT-2) rather than RMSNorms.
@@ -617,7 +635,7 @@ impl Model {
                 .as_ref()
                 .filter(|_| self.part.tp_rank == 0)
                 .map(|r| (be.view(params, r.start + pos * d..r.end), ws.seq));
-            let (table, first_id) = (be.view(params, embed.clone()), self.vocab.start);
+            let (table, first_id) = (be.view(params, self.lookup_rows(embed)), self.vocab.start);
             // Each shard looks up every token in its vocabulary rows: the shards' sum is the
             // embedding.
             match ws.gathered.as_mut() {
@@ -737,20 +755,20 @@ impl Model {
         grad_scale: Option<f32>,
         tp: &mut dyn TensorParallel<B>,
     ) -> Result<f64> {
-        let vocab = self.vocab.len();
+        let columns = self.logit_columns();
         if self.part.tp == 1 {
-            be.cross_entropy(be.all_mut(&mut ws.logits), targets, be.all_mut(&mut ws.losses), vocab, grad_scale);
+            be.cross_entropy(be.all_mut(&mut ws.logits), targets, be.all_mut(&mut ws.losses), columns, grad_scale);
             return Ok(be.sum(be.all(&ws.losses)));
         }
         let (stats, lse) = ws.vocab_parallel.as_mut().expect("a vocab-parallel workspace");
-        be.cross_entropy_stats(be.all(&ws.logits), targets, be.all_mut(stats), self.vocab.start, vocab);
+        be.cross_entropy_stats(be.all(&ws.logits), targets, be.all_mut(stats), self.vocab.start, columns);
         let all = tp.all_gather(&be.download(stats))?;
         let parts: Vec<&[f32]> = all.chunks(3 * ws.rows).collect();
         let mut host_lse = vec![0.0f32; ws.rows];
         let loss = combine_ce_stats(&parts, &mut host_lse);
         if let Some(scale) = grad_scale {
             be.write(lse, &host_lse);
-            be.cross_entropy_grad(be.all_mut(&mut ws.logits), targets, be.all(lse), self.vocab.start, vocab, scale);
+            be.cross_entropy_grad(be.all_mut(&mut ws.logits), targets, be.all(lse), self.vocab.start, columns, scale);
         }
         Ok(loss)
     }
@@ -871,7 +889,7 @@ impl Model {
             None => &s.dres,
         };
         if let Some(embed) = &self.embed {
-            be.embedding_backward(ids, be.all(dx), be.view_mut(grads, embed.clone()), self.vocab.start, d);
+            be.embedding_backward(ids, be.all(dx), be.view_mut(grads, self.lookup_rows(embed)), self.vocab.start, d);
         }
         if let Some(pos) = &self.positions {
             be.position_embedding_backward(be.all(dx), be.view_mut(grads, pos.clone()), ws.seq, d);
@@ -1133,8 +1151,8 @@ pub struct Workspace<B: Backend> {
     shared: Vec<Option<BlockActs<B>>>,
     /// The final norm's activations (last stage only).
     norm_f: Option<NormActs<B>>,
-    /// Logits after forward; logit gradients after [`Model::loss`] with a grad scale (empty
-    /// before the last stage).
+    /// Logits after forward, `[rows, head rows]` (a padded head's last columns are no token's);
+    /// logit gradients after [`Model::loss`] with a grad scale (empty before the last stage).
     pub logits: B::Buf,
     losses: B::Buf,
     /// The vocab-parallel loss's row statistics and log-sum-exp (tp > 1 only).
@@ -1232,7 +1250,7 @@ impl<B: Backend> Workspace<B> {
                 .collect(),
             shared,
             norm_f: model.head.is_some().then(|| NormActs::new(be, stream, d, layernorm)),
-            logits: be.zeros(if model.head.is_some() { rows * model.vocab.len() } else { 0 }),
+            logits: be.zeros(if model.head.is_some() { rows * model.logit_columns().stride } else { 0 }),
             losses: be.zeros_f32(rows),
             vocab_parallel: (model.part.tp > 1).then(|| (be.zeros_f32(3 * rows), be.zeros_f32(rows))),
             rope: be.upload_f32(&model.rope_table(seq)),

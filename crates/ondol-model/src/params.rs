@@ -63,24 +63,35 @@ pub struct Placement {
     /// The copies of this piece on several tensor-parallel ranks each hold part of its
     /// gradient, which must be summed over them (key/value heads shared by several ranks).
     pub partial_grad: bool,
+    /// Rows of zeros after the pieces along `axis` that belong to no global tensor: an output
+    /// head padded to aligned rows (see [`crate::Part::vocab_align`]). Never saved, never
+    /// loaded; they stay zero because nothing ever gives them a gradient.
+    pub pad: usize,
 }
 
 impl Placement {
     /// The whole tensor of `shape`.
     #[allow(clippy::single_range_in_vec_init)] // one piece: the whole axis
     pub fn whole(shape: &[usize]) -> Self {
-        Self { global_shape: shape.to_vec(), axis: 0, pieces: vec![0..shape[0]], primary: true, partial_grad: false }
+        Self {
+            global_shape: shape.to_vec(),
+            axis: 0,
+            pieces: vec![0..shape[0]],
+            primary: true,
+            partial_grad: false,
+            pad: 0,
+        }
     }
 
-    /// The local shape: the global one with `axis` shortened to the pieces' total.
+    /// The local shape: the global one with `axis` set to the pieces' total and the padding.
     pub fn local_shape(&self) -> Vec<usize> {
         let mut shape = self.global_shape.clone();
-        shape[self.axis] = self.pieces.iter().map(|p| p.len()).sum();
+        shape[self.axis] = self.pieces.iter().map(|p| p.len()).sum::<usize>() + self.pad;
         shape
     }
 
     pub fn is_whole(&self) -> bool {
-        self.pieces.len() == 1 && self.pieces[0] == (0..self.global_shape[self.axis])
+        self.pieces.len() == 1 && self.pieces[0] == (0..self.global_shape[self.axis]) && self.pad == 0
     }
 
     /// Calls `f(global_range, local_range)` for every contiguous run the pieces copy.
@@ -96,17 +107,18 @@ impl Placement {
                 f(start..start + len, local..local + len);
                 local += len;
             }
+            local += self.pad * inner;
         }
     }
 
-    /// This rank's tensor, cut from the global one.
+    /// This rank's tensor, cut from the global one (its padding zero).
     pub fn extract(&self, global: &[f32]) -> Vec<f32> {
         let mut out = vec![0.0; self.local_shape().iter().product()];
         self.runs(|g, l| out[l].copy_from_slice(&global[g]));
         out
     }
 
-    /// Writes this rank's tensor into its place in the global one.
+    /// Writes this rank's tensor into its place in the global one (its padding nowhere).
     pub fn insert(&self, local: &[f32], global: &mut [f32]) {
         self.runs(|g, l| global[g].copy_from_slice(&local[l]));
     }

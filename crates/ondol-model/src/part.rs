@@ -29,23 +29,34 @@ pub struct Part {
     /// activations are split too. The shards all-gather the tokens before each mixer and the
     /// head, and reduce-scatter the mixers' outputs instead of all-reducing them.
     pub sequence_parallel: bool,
+    /// The output head's rows of this shard's vocabulary are padded with zero rows to a
+    /// multiple of this (1: none), so that the head's GEMMs and the logit rows are aligned:
+    /// GPT-2's 50257 rows leave every logit row 2-byte aligned, which keeps cuBLASLt off its
+    /// fast kernels (nanoGPT and llm.c pad to 50304 for this). The padded columns' logits are
+    /// no token's: the loss skips them and gives them no gradient.
+    pub vocab_align: usize,
 }
 
 impl Part {
     /// The whole model on one rank.
     pub fn whole(cfg: &ModelConfig) -> Self {
-        Self { tp_rank: 0, tp: 1, layers: 0..cfg.n_layers, first: true, last: true, sequence_parallel: false }
+        Self::new(cfg, 0, 1, 0..cfg.n_layers)
     }
 
     /// Shard `tp_rank` of `tp` of the layers `layers`, the first and last of `n_layers`.
     pub fn new(cfg: &ModelConfig, tp_rank: usize, tp: usize, layers: Range<usize>) -> Self {
         let (first, last) = (layers.start == 0, layers.end == cfg.n_layers);
-        Self { tp_rank, tp, layers, first, last, sequence_parallel: false }
+        Self { tp_rank, tp, layers, first, last, sequence_parallel: false, vocab_align: 1 }
     }
 
     /// The same part with the tokens split between the mixers too (a no-op without tp).
     pub fn with_sequence_parallel(self, on: bool) -> Self {
         Self { sequence_parallel: on && self.tp > 1, ..self }
+    }
+
+    /// The same part with its head's vocabulary rows padded to a multiple of `align`.
+    pub fn with_vocab_align(self, align: usize) -> Self {
+        Self { vocab_align: align.max(1), ..self }
     }
 
     /// The rows (tokens) of a micro-batch of `rows` that this shard's residual stream holds:
@@ -66,6 +77,11 @@ impl Part {
         let (per, extra) = (vocab / self.tp, vocab % self.tp);
         let start = self.tp_rank * per + self.tp_rank.min(extra);
         start..start + per + usize::from(self.tp_rank < extra)
+    }
+
+    /// The rows of this shard's output head: its vocabulary rows, padded to `vocab_align`.
+    pub fn head_rows(&self, vocab: usize) -> usize {
+        self.vocab(vocab).len().next_multiple_of(self.vocab_align)
     }
 
     /// Refuses layouts the model cannot be cut into, naming the `parallelism` key to change.

@@ -10,6 +10,11 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
+/// Training pads every shard's output head to a multiple of this many vocabulary rows (see
+/// [`Part::vocab_align`]): 16-byte-aligned bf16 rows for every head GEMM, GPT-2's 50257 rows
+/// becoming 50304. Checkpoints hold the unpadded tensors.
+pub const HEAD_ROW_ALIGN: usize = 64;
+
 /// How the run is laid out over ranks and micro-batches.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Layout {
@@ -74,13 +79,15 @@ impl Layout {
             .collect())
     }
 
-    /// The model parts of the rank at `c`: its chunks in order.
+    /// The model parts of the rank at `c`: its chunks in order, their heads padded to
+    /// [`HEAD_ROW_ALIGN`].
     pub fn parts(&self, cfg: &ModelConfig, c: Coords) -> Result<Vec<Part>> {
         let ranges = self.stage_ranges(cfg.n_layers)?;
         Ok((0..self.chunks)
             .map(|k| {
                 Part::new(cfg, c.tp, self.mesh.tp, ranges[k * self.mesh.pp + c.pp].clone())
                     .with_sequence_parallel(self.sequence_parallel)
+                    .with_vocab_align(HEAD_ROW_ALIGN)
             })
             .collect())
     }

@@ -28,5 +28,5 @@
 mod engine;
 pub mod schedule;
 
-pub use engine::{Engine, Layout, StepOutcome};
+pub use engine::{Engine, HEAD_ROW_ALIGN, Layout, StepOutcome};
 pub use schedule::ScheduleKind;

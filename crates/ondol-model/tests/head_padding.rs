@@ -1,0 +1,85 @@
+//! A head padded to aligned rows (`Part::vocab_align`) changes memory, not the model: it
+//! starts from the same weights with zero padding, gives the same loss, and the same gradient
+//! on every real row, and an exactly zero gradient in the padding, so the padding stays zero
+//! under AdamW. Untied (Llama), tied (GPT-2) and a state-space model.
+
+use ondol_core::{Backend, Rng};
+use ondol_cpu::CpuBackend;
+use ondol_model::{Arch, Model, ModelConfig, Part, SsmConfig, Workspace};
+
+fn config(arch: Arch) -> ModelConfig {
+    let ssm = arch == Arch::Mamba2;
+    ModelConfig {
+        arch,
+        vocab_size: 37,
+        d_model: 16,
+        n_layers: 2,
+        n_heads: if ssm { 0 } else { 2 },
+        n_kv_heads: None,
+        ffn_hidden: Some(24),
+        max_seq_len: 8,
+        tie_embeddings: None,
+        rope_theta: 10_000.0,
+        norm_eps: 1e-5,
+        init_std: 0.2,
+        init_residual_scaling: true,
+        pattern: None,
+        ssm: if ssm {
+            SsmConfig { state_size: Some(4), head_dim: 8, chunk_size: 4, ..Default::default() }
+        } else {
+            SsmConfig::default()
+        },
+        init_from: None,
+    }
+}
+
+/// The summed loss and the gradient of `model` on one micro-batch.
+fn loss_and_grads(model: &Model, params: &Vec<f32>, ids: &Vec<u32>, targets: &Vec<u32>) -> (f64, Vec<f32>) {
+    let be = CpuBackend;
+    let mut ws = Workspace::new(&be, model, 2, 8).unwrap();
+    let mut grads = be.zeros(params.len());
+    model.forward(&be, params, &mut ws, ids);
+    let loss = model.loss(&be, &mut ws, targets, Some(1.0));
+    model.backward(&be, params, &mut grads, &mut ws, ids);
+    (loss, grads)
+}
+
+#[test]
+fn a_padded_head_trains_like_the_unpadded_one() {
+    for arch in [Arch::Llama, Arch::Gpt2, Arch::Mamba2] {
+        let cfg = config(arch);
+        let plain = Model::new(cfg.clone()).unwrap();
+        let padded = Model::part(cfg.clone(), Part::whole(&cfg).with_vocab_align(16)).unwrap();
+        assert_eq!(
+            padded.num_params() - plain.num_params(),
+            (48 - 37) * 16,
+            "{arch:?}: one [37, 16] table padded to 48 rows"
+        );
+        let (p_plain, p_padded) = (plain.layout.init(1), padded.layout.init(1));
+        let mut rng = Rng::new(9);
+        let ids: Vec<u32> = (0..16).map(|_| rng.below(37) as u32).collect();
+        let targets: Vec<u32> = (0..16).map(|_| rng.below(37) as u32).collect();
+        let (loss, g_plain) = loss_and_grads(&plain, &p_plain, &ids, &targets);
+        let (loss_padded, g_padded) = loss_and_grads(&padded, &p_padded, &ids, &targets);
+        assert!((loss - loss_padded).abs() <= 1e-6 * loss, "{arch:?}: loss {loss_padded} padded vs {loss}");
+
+        for info in padded.layout.params() {
+            let whole = plain.layout.get(&info.name).unwrap();
+            let what = format!("{arch:?} {}", info.name);
+            // The real rows, cut back out: the padding must be exactly zero to survive the
+            // round trip through the global (checkpoint) tensor.
+            let round_trip = |local: &[f32]| {
+                let mut global = vec![f32::NAN; whole.len()];
+                info.place.insert(local, &mut global);
+                (info.place.extract(&global), global)
+            };
+            let (weights, global) = round_trip(&p_padded[info.range()]);
+            assert_eq!(weights, p_padded[info.range()], "{what}: padding of the initial weights");
+            assert_eq!(global, p_plain[whole.range()], "{what}: initial weights");
+            let (grads, global) = round_trip(&g_padded[info.range()]);
+            assert_eq!(grads, g_padded[info.range()], "{what}: the padding's gradient is not zero");
+            let worst = ondol_core::gradcheck::max_abs_diff(&global, &g_plain[whole.range()]);
+            assert!(worst <= 1e-6, "{what}: gradients differ by {worst:e}");
+        }
+    }
+}
