@@ -407,7 +407,7 @@ fn cross_entropy_matches_the_cpu() {
                     assert_close(&format!("{what} gradient"), &be, &be.download(&dl), &want_dl, tol);
                 }
             }
-            // A vocabulary shard of 400 columns starting at id 300, in rows of 400 or 413.
+            // A vocabulary shard of 400 columns starting at id 300, in rows of 400 or 421.
             let (first_id, shard) = (300usize, LogitColumns { vocab: 400, stride: 400 + stride - vocab });
             let part: Vec<f32> = (0..rows)
                 .flat_map(|r| {

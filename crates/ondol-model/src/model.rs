@@ -545,7 +545,7 @@ impl Model {
     }
 
     /// The columns of a row of logits: this shard's vocabulary and the head's padding.
-    fn logit_columns(&self) -> LogitColumns {
+    pub fn logit_columns(&self) -> LogitColumns {
         LogitColumns { vocab: self.vocab.len(), stride: self.part.head_rows(self.cfg.vocab_size) }
     }
 
@@ -585,8 +585,9 @@ impl Model {
     }
 
     /// Forward of this part. The first stage embeds `ids`; a later one reads its input from
-    /// [`Workspace::input_mut`]. The last stage leaves logits (its vocabulary shard's columns)
-    /// in `ws.logits`; an earlier one its output in [`Workspace::output`].
+    /// [`Workspace::input_mut`]. The last stage leaves logits (its vocabulary shard's columns,
+    /// then the head's padding: [`Model::logit_columns`]) in `ws.logits`; an earlier one its
+    /// output in [`Workspace::output`].
     pub fn forward_stage<B: Backend>(
         &self,
         be: &B,

@@ -37,7 +37,7 @@ pub enum Init {
 #[derive(Clone, Debug, PartialEq)]
 pub struct ParamInfo {
     pub name: String,
-    /// The shape of this rank's tensor (the global shape unless it is a shard).
+    /// The shape of this rank's tensor (the global shape unless it is a shard or padded).
     pub shape: Vec<usize>,
     pub offset: usize,
     pub init: Init,
@@ -49,8 +49,8 @@ pub struct ParamInfo {
 
 /// How a rank's tensor relates to the global tensor of the same name (the one a checkpoint
 /// stores): it is the concatenation, along `axis`, of `pieces` of the global tensor along that
-/// axis. A whole tensor is one piece covering the axis; a tensor-parallel shard is one piece;
-/// GPT-2's fused q|k|v shard is three.
+/// axis, followed by `pad` rows of zeros. A whole tensor is one piece covering the axis; a
+/// tensor-parallel shard is one piece; GPT-2's fused q|k|v shard is three.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Placement {
     pub global_shape: Vec<usize>,

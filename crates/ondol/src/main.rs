@@ -12,7 +12,8 @@ use ondol_comm::{Communicator, DistEnv, Mesh, RankComms, TcpNet};
 use ondol_core::{Backend, Error, Result};
 use ondol_cpu::CpuBackend;
 use ondol_data::{Loader, Order, SourceKind, TokenStream};
-use ondol_model::{Model, Workspace};
+use ondol_model::{Model, Part, Workspace};
+use ondol_parallel::HEAD_ROW_ALIGN;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -588,7 +589,9 @@ fn inspect(args: ConfigArgs) -> Result<()> {
     let model = Model::new(cfg.model.clone())?;
     let t = &cfg.training;
     let n = model.num_params() as u64;
-    let acts = |every| model.activation_bytes(t.batch_size, t.seq_len, every);
+    // Training's whole model on one rank holds a padded head (its logits are wider).
+    let trained = Model::part(cfg.model.clone(), Part::whole(&cfg.model).with_vocab_align(HEAD_ROW_ALIGN))?;
+    let acts = |every| trained.activation_bytes(t.batch_size, t.seq_len, every);
     println!("arch                 {:?}", cfg.model.arch);
     println!("parameters           {n} ({:.2}M)", n as f64 / 1e6);
     println!("  in matmuls (N)     {} (non-embedding + output head)", model.num_flop_params());
@@ -601,8 +604,8 @@ fn inspect(args: ConfigArgs) -> Result<()> {
     println!("tokens/step          {}", cfg.global_batch() * t.seq_len);
     let p = &cfg.parallelism;
     let layout = cfg.layout(Mesh::new(p.tp, p.pp, p.dp)?);
-    // The rank holding the most: every pipeline stage's first tp shard (shards differ by at
-    // most a vocabulary row), each with all its chunks.
+    // The rank holding the most: every pipeline stage's first tp shard (shards differ only in
+    // their vocabulary rows, of which the first holds the most), each with all its chunks.
     let mut worst = (0, 0);
     for pp in 0..p.pp {
         let coords = layout.mesh.coords(pp * p.tp)?;
