@@ -49,6 +49,22 @@ pub struct TrainerState {
     pub files: BTreeMap<String, String>,
 }
 
+impl TrainerState {
+    /// 64 bits that tell checkpoints apart, for ranks that each load their own to check they
+    /// loaded the same one: from a SHA-256 over the step, the token count and every file's
+    /// checksum (so over the weights, the optimizer state and the data position).
+    pub fn fingerprint(&self) -> u64 {
+        let mut hasher = Sha256::new();
+        hasher.update(self.step.to_le_bytes());
+        hasher.update(self.tokens.to_le_bytes());
+        for (file, sum) in &self.files {
+            hasher.update(file.as_bytes());
+            hasher.update(sum.as_bytes());
+        }
+        u64::from_le_bytes(hasher.finalize()[..8].try_into().expect("a SHA-256 has 8 bytes"))
+    }
+}
+
 /// Everything a checkpoint stores, in host memory: what a background writer owns.
 pub struct Snapshot {
     pub model: ModelConfig,

@@ -535,6 +535,8 @@ fn resume<B: Backend>(trainer: &mut Trainer<B>, run_dir: &Path, spec: Option<&st
     own.extend(checkpoint::list(run_dir).into_iter().filter(|d| Some(d) != latest.as_ref()));
     match (own.is_empty(), resume_from) {
         (true, None) => {
+            // Where another rank's node finds one, every rank refuses.
+            trainer.check_every_rank_loaded(None)?;
             if leader {
                 eprintln!("no checkpoint in {}: starting from step 0", ckpts.display());
             }

@@ -221,6 +221,7 @@ impl<B: Backend> Trainer<B> {
     /// not fit it, `checkpoint.on_data_change` says whether to refuse or to read the data
     /// from its start.
     pub fn restore(&mut self, ckpt: Loaded) -> Result<DataPosition> {
+        self.check_every_rank_loaded(Some(&ckpt))?;
         let origin = ckpt.dir.join("ondol.toml").display().to_string();
         let saved = RunConfig::parse(&ckpt.run_config, &origin, &[])?;
         let differs = |(key, theirs): (String, String), what_to_do: &str| {
@@ -261,6 +262,40 @@ impl<B: Backend> Trainer<B> {
         self.engine.load_whole(&ckpt.params, Some((&ckpt.exp_avg, &ckpt.exp_avg_sq, step)));
         (self.step, self.tokens) = (step, ckpt.state.tokens);
         Ok(position)
+    }
+
+    /// Every rank finds and loads its checkpoint itself (`loaded`, None where it found none):
+    /// refuses to go on, on every rank, unless they all loaded the same one. A node that sees
+    /// another filesystem (or an older copy of the run directory) would otherwise train other
+    /// weights from another step, unnoticed. [`Trainer::restore`] checks; a rank that starts
+    /// from scratch where others might resume (`--resume auto`) must call it with None.
+    pub fn check_every_rank_loaded(&self, loaded: Option<&Loaded>) -> Result<()> {
+        let world = self.engine.comms.world.as_ref();
+        if world.size() == 1 {
+            return Ok(());
+        }
+        // (step + 1, fingerprint), (0, 0) for none, in 16-bit pieces, which f32 carries exactly.
+        let mine = loaded.map_or((0, 0), |l| (l.state.step + 1, l.state.fingerprint()));
+        let words = |v: u64| (0..4).map(move |k| ((v >> (16 * k)) & 0xffff) as f32);
+        let mine: Vec<f32> = words(mine.0).chain(words(mine.1)).collect();
+        let mut all = vec![0.0f32; mine.len() * world.size()];
+        world.all_gather(&mine, &mut all)?;
+        let value = |w: &[f32]| w.iter().rev().fold(0u64, |v, &x| (v << 16) | x as u64);
+        let found: Vec<(u64, u64)> = all.chunks(8).map(|w| (value(&w[..4]), value(&w[4..]))).collect();
+        let Some(rank) = found.iter().position(|f| *f != found[0]) else { return Ok(()) };
+        let what = |(step, _): (u64, u64)| match step {
+            0 => "found no checkpoint".to_string(),
+            s => format!("loaded one of step {}", s - 1),
+        };
+        let same_step = if found[0].0 == found[rank].0 { " with other contents" } else { "" };
+        let mine = loaded.map_or("none".to_string(), |l| l.dir.display().to_string());
+        Err(Error::Input(format!(
+            "ranks resume differently: world rank 0 {}, world rank {rank} {}{same_step} (this rank: {mine}); every \
+             rank must read the same checkpoint: keep the run directory on a filesystem that every node shares, or \
+             give every rank the same --resume DIR",
+            what(found[0]),
+            what(found[rank]),
+        )))
     }
 
     /// Refuses a checkpoint trained with another tokenizer: by content where the checkpoint

@@ -247,6 +247,43 @@ fn zero_1_equals_plain_data_parallel_with_a_fraction_of_the_optimizer_state() {
     eprintln!("zero-1 vs plain dp=4: max weight difference {worst:e}; AdamW state {m_zero} of {n} per rank");
 }
 
+/// Every rank finds and loads its checkpoint itself; ranks that loaded different ones, or
+/// found none where others found one (a node that sees another filesystem), are refused, on
+/// every rank, and none trains.
+#[test]
+fn ranks_that_loaded_different_checkpoints_are_refused_on_every_rank() {
+    let dir = setup();
+    let run = dir.path().join("run");
+    train_with(dir.path(), (1, 1, 2), &[], 3, None, Some(&run));
+    train_with(dir.path(), (1, 1, 2), &[], 6, None, Some(&run));
+    let ckpt = |step: u64| run.join(format!("checkpoints/step-{step:08}"));
+    // Per rank, the step of its checkpoint, or none (a rank starting from scratch).
+    let outcomes = |steps: [Option<u64>; 2]| {
+        on_ranks(dir.path(), (1, 1, 2), &[], |t| match steps[t.engine.comms.rank()] {
+            Some(step) => {
+                let loaded = checkpoint::load(&ckpt(step), &t.model().cfg, &t.model().layout).unwrap();
+                t.restore(loaded).map(|_| t.step)
+            }
+            None => t.check_every_rank_loaded(None).map(|_| t.step),
+        })
+    };
+    for r in outcomes([Some(3), Some(3)]) {
+        assert_eq!(r.unwrap(), 3, "the same checkpoint on both ranks resumes");
+    }
+    for r in outcomes([None, None]) {
+        assert_eq!(r.unwrap(), 0, "no checkpoint on either rank starts from scratch");
+    }
+    for (steps, want) in [
+        ([Some(3), Some(6)], "world rank 0 loaded one of step 3, world rank 1 loaded one of step 6"),
+        ([Some(6), None], "world rank 0 loaded one of step 6, world rank 1 found no checkpoint"),
+    ] {
+        for r in outcomes(steps) {
+            let err = r.expect_err("ranks that resume differently must be refused").to_string();
+            assert!(err.contains(want), "{err}");
+        }
+    }
+}
+
 #[test]
 fn a_zero_1_run_resumes_exactly_from_its_whole_checkpoint() {
     let dir = setup();
