@@ -12,7 +12,7 @@ use ondol_data::{Cursor, Loader, Mixture, MixtureCursor, Order, SourceKind, Text
 use ondol_model::{Model, Workspace};
 use ondol_optim::LrSchedule;
 use ondol_parallel::Engine;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -557,15 +557,28 @@ fn first_difference(prefix: &str, a: &serde_json::Value, b: &serde_json::Value) 
     })
 }
 
-/// What a data position depends on: the `[data]` section (the tokenizer aside, compared by
-/// content) and the geometry of a step. A step reads the same sequences whatever the factors
-/// of its global batch (the loader's docs), so only their product counts.
+/// What a data position depends on: the `[data]` section and the geometry of a step. Not the
+/// tokenizer (compared by content), nor validation files of their own (only a fraction held
+/// out of the training files changes what training reads); file patterns as paths, so that
+/// `./shards/*.bin` and `shards/*.bin` are the same. A step reads the same sequences whatever
+/// the factors of its global batch (the loader's docs), so only their product counts.
 fn data_identity(c: &RunConfig) -> serde_json::Value {
-    let mut data = to_json(&c.data);
-    data.as_object_mut().expect("[data] is a table").remove("tokenizer");
+    let mut data = c.data.clone();
+    data.tokenizer = None;
+    if !data.val.is_empty() {
+        (data.val, data.val_fraction) = (vec!["(files of its own, not read for training)".to_string()], 0.0);
+    }
+    let as_paths = |patterns: &mut Vec<String>| {
+        for p in patterns {
+            let clean: PathBuf = Path::new(p.as_str()).components().filter(|c| *c != Component::CurDir).collect();
+            *p = clean.display().to_string();
+        }
+    };
+    as_paths(&mut data.train);
+    data.sources.iter_mut().for_each(|s| as_paths(&mut s.train));
     let t = &c.training;
     serde_json::json!({
-        "data": data,
+        "data": to_json(&data),
         "training": {
             "batch_size x parallelism.dp x grad_accum (the global batch)": c.global_batch(),
             "seq_len": t.seq_len,

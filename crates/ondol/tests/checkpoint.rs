@@ -293,6 +293,26 @@ fn a_new_stage_on_other_data_keeps_the_training_state_and_starts_its_data() {
     assert!(!ok && err.contains("checkpoint.resume_from") && err.contains("nowhere"), "{err}");
 }
 
+/// What does not move the training data is no data change: validation files of their own
+/// (here others), and a file pattern spelled as another path to the same file. Switching to a
+/// fraction held out of the training files is one.
+#[test]
+fn another_validation_set_or_spelling_of_a_path_continues_the_data() {
+    let dir = setup();
+    let mut first = trainer(dir.path(), &["data.val=[\"other.txt\"]"]);
+    for _ in 0..3 {
+        first.step().unwrap();
+    }
+    let saved = checkpoint::save(&dir.path().join("run"), &first.snapshot().unwrap().unwrap()).unwrap();
+    let want: Vec<u64> = (0..3).map(|_| first.step().unwrap().loss.to_bits()).collect();
+    let mut second = trainer(dir.path(), &["data.val=[\"corpus.txt\"]", "data.train=[\"./corpus.txt\"]"]);
+    assert_eq!(restore(&mut second, &saved).unwrap(), DataPosition::Continued);
+    let got: Vec<u64> = (0..3).map(|_| second.step().unwrap().loss.to_bits()).collect();
+    assert_eq!(got, want, "the data did not continue");
+    let err = restore(&mut trainer(dir.path(), &[]), &saved).unwrap_err().to_string();
+    assert!(err.contains("data.val") && err.contains("on_data_change"), "{err}");
+}
+
 #[test]
 fn damaged_checkpoints_are_refused_and_auto_falls_back() {
     let dir = setup();
