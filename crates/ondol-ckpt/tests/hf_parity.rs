@@ -5,7 +5,6 @@
 //! and must reproduce the logits within 1e-4 (relative to the logits' scale) in f32.
 
 use ondol_ckpt::{hf, tensors};
-use ondol_core::Backend;
 use ondol_cpu::CpuBackend;
 use ondol_model::{Model, Workspace};
 use safetensors::SafeTensors;
@@ -45,7 +44,7 @@ fn ondol_logits(dir: &Path, e: &Expected) -> (Vec<f32>, f64) {
     let be = CpuBackend;
     let mut ws = Workspace::new(&be, &model, e.batch, e.seq).unwrap();
     model.forward(&be, &params, &mut ws, &e.ids);
-    let logits = be.download(&ws.logits);
+    let logits = model.logits(&be, &params, &mut ws);
     // transformers' loss: next-token cross-entropy over the seq - 1 shifted positions per row.
     let v = model.cfg.vocab_size;
     let mut sum = 0.0f64;

@@ -607,7 +607,9 @@ pub trait Backend: Send + Sync {
 
     // ---- loss ----------------------------------------------------------------------------------
     /// Softmax cross-entropy per row of `[rows, columns.stride]` logits, over the first
-    /// `columns.vocab` of each row: writes `losses[r] = logsumexp(logits[r]) - logits[r, t_r]`.
+    /// `columns.vocab` of each row: writes `losses[r] = logsumexp(logits[r]) - logits[r, t_r]`,
+    /// where `t_r = targets[first_row + r]` (the logits are rows `first_row..` of the targets'
+    /// micro-batch: a chunk of it).
     /// If `grad_scale` is given, overwrites `logits` in place with
     /// `grad_scale * (softmax(logits) - onehot(t))` and the padding columns with 0, so the
     /// matrix exists once; without it, the logits are scratch afterwards (the CPU leaves its
@@ -616,12 +618,13 @@ pub trait Backend: Send + Sync {
         &self,
         logits: Self::Mut<'_>,
         targets: &Self::Ids,
+        first_row: usize,
         losses: Self::Mut<'_>,
         columns: LogitColumns,
         grad_scale: Option<f32>,
     );
     /// The first half of a vocab-parallel cross-entropy, on a shard of the logits: the columns
-    /// of ids `first_id..first_id + columns.vocab`. Writes per row `stats[3r..3r + 3]` = (the
+    /// of ids `first_id..first_id + columns.vocab`, rows as in [`Backend::cross_entropy`]. Writes per row `stats[3r..3r + 3]` = (the
     /// row's max m, sum of exp(logit - m), the target's logit if this shard holds the target,
     /// else 0). Combining the shards' rows gives each row's log-sum-exp (see
     /// [`combine_ce_stats`]).
@@ -629,6 +632,7 @@ pub trait Backend: Send + Sync {
         &self,
         logits: Self::Ref<'_>,
         targets: &Self::Ids,
+        first_row: usize,
         stats: Self::Mut<'_>,
         first_id: usize,
         columns: LogitColumns,
@@ -636,10 +640,12 @@ pub trait Backend: Send + Sync {
     /// The second half: overwrites the shard of logits with
     /// `grad_scale * (exp(logit - lse[r]) - onehot(t))`, given every row's global log-sum-exp,
     /// and the padding columns with 0.
+    #[allow(clippy::too_many_arguments)]
     fn cross_entropy_grad(
         &self,
         logits: Self::Mut<'_>,
         targets: &Self::Ids,
+        first_row: usize,
         lse: Self::Ref<'_>,
         first_id: usize,
         columns: LogitColumns,

@@ -373,32 +373,36 @@ impl Backend for CpuBackend {
         &self,
         logits: &mut [f32],
         targets: &Vec<u32>,
+        first_row: usize,
         losses: &mut [f32],
         columns: LogitColumns,
         grad_scale: Option<f32>,
     ) {
-        loss::cross_entropy(logits, targets, losses, columns, grad_scale);
+        loss::cross_entropy(logits, &targets[first_row..][..losses.len()], losses, columns, grad_scale);
     }
     fn cross_entropy_stats(
         &self,
         logits: &[f32],
         targets: &Vec<u32>,
+        first_row: usize,
         stats: &mut [f32],
         first_id: usize,
         columns: LogitColumns,
     ) {
+        let targets = &targets[first_row..][..stats.len() / 3];
         loss::cross_entropy_stats(logits, targets, stats, first_id, columns);
     }
     fn cross_entropy_grad(
         &self,
         logits: &mut [f32],
         targets: &Vec<u32>,
+        first_row: usize,
         lse: &[f32],
         first_id: usize,
         columns: LogitColumns,
         grad_scale: f32,
     ) {
-        loss::cross_entropy_grad(logits, targets, lse, first_id, columns, grad_scale);
+        loss::cross_entropy_grad(logits, &targets[first_row..][..lse.len()], lse, first_id, columns, grad_scale);
     }
 
     fn adamw(&self, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], hp: AdamWParams, copy: Option<&mut [f32]>) {

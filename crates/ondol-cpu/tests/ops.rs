@@ -412,7 +412,7 @@ fn vocab_parallel_cross_entropy_equals_the_fused_one() {
     let targets: Vec<u32> = vec![0, 36, 5, 5, 17, 30, 12];
     let logits = randn(rows * vocab, 3.0, 28);
     let (mut fused, mut losses) = (logits.clone(), vec![0.0; rows]);
-    BE.cross_entropy(&mut fused, &targets, &mut losses, LogitColumns::dense(vocab), Some(0.25));
+    BE.cross_entropy(&mut fused, &targets, 0, &mut losses, LogitColumns::dense(vocab), Some(0.25));
     let shards = [(0, 13), (13, 26), (26, 37)];
     let column_shard = |(a, b): (usize, usize)| -> Vec<f32> {
         logits.chunks(vocab).flat_map(|row| row[a..b].iter().copied()).collect()
@@ -421,7 +421,7 @@ fn vocab_parallel_cross_entropy_equals_the_fused_one() {
         .iter()
         .map(|&(a, b)| {
             let mut st = vec![0.0; 3 * rows];
-            BE.cross_entropy_stats(&column_shard((a, b)), &targets, &mut st, a, LogitColumns::dense(b - a));
+            BE.cross_entropy_stats(&column_shard((a, b)), &targets, 0, &mut st, a, LogitColumns::dense(b - a));
             st
         })
         .collect();
@@ -431,7 +431,7 @@ fn vocab_parallel_cross_entropy_equals_the_fused_one() {
     assert!((loss - want).abs() < 1e-5 * want, "loss {loss} vs fused {want}");
     for &(a, b) in &shards {
         let mut grad = column_shard((a, b));
-        BE.cross_entropy_grad(&mut grad, &targets, &lse, a, LogitColumns::dense(b - a), 0.25);
+        BE.cross_entropy_grad(&mut grad, &targets, 0, &lse, a, LogitColumns::dense(b - a), 0.25);
         for (r, row) in grad.chunks(b - a).enumerate() {
             for (c, g) in row.iter().enumerate() {
                 let want = fused[r * vocab + a + c];
@@ -457,21 +457,21 @@ fn padded_logit_rows_are_the_dense_ones() {
     let (dense_cols, padded_cols) = (LogitColumns::dense(vocab), LogitColumns { vocab, stride });
 
     let (mut want, mut want_losses) = (dense.clone(), vec![0.0; rows]);
-    BE.cross_entropy(&mut want, &targets, &mut want_losses, dense_cols, Some(0.5));
+    BE.cross_entropy(&mut want, &targets, 0, &mut want_losses, dense_cols, Some(0.5));
     let (mut got, mut losses) = (padded.clone(), vec![0.0; rows]);
-    BE.cross_entropy(&mut got, &targets, &mut losses, padded_cols, Some(0.5));
+    BE.cross_entropy(&mut got, &targets, 0, &mut losses, padded_cols, Some(0.5));
     assert_eq!(losses, want_losses);
     assert_eq!(got, pad(&want, 0.0));
 
     let (mut want_stats, mut stats) = (vec![0.0; 3 * rows], vec![0.0; 3 * rows]);
-    BE.cross_entropy_stats(&dense, &targets, &mut want_stats, 0, dense_cols);
-    BE.cross_entropy_stats(&padded, &targets, &mut stats, 0, padded_cols);
+    BE.cross_entropy_stats(&dense, &targets, 0, &mut want_stats, 0, dense_cols);
+    BE.cross_entropy_stats(&padded, &targets, 0, &mut stats, 0, padded_cols);
     assert_eq!(stats, want_stats);
     let lse: Vec<f32> =
         want_losses.iter().zip(&targets).enumerate().map(|(r, (l, &t))| l + dense[r * vocab + t as usize]).collect();
     let (mut want, mut got) = (dense.clone(), padded);
-    BE.cross_entropy_grad(&mut want, &targets, &lse, 0, dense_cols, 0.5);
-    BE.cross_entropy_grad(&mut got, &targets, &lse, 0, padded_cols, 0.5);
+    BE.cross_entropy_grad(&mut want, &targets, 0, &lse, 0, dense_cols, 0.5);
+    BE.cross_entropy_grad(&mut got, &targets, 0, &lse, 0, padded_cols, 0.5);
     assert_eq!(got, pad(&want, 0.0));
 }
 
@@ -487,17 +487,17 @@ fn cross_entropy_loss_and_gradient() {
         let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
         let lse = max + row.iter().map(|v| (*v as f64 - max).exp()).sum::<f64>().ln();
         let mut l = logits.clone();
-        BE.cross_entropy(&mut l, &targets, &mut losses, LogitColumns::dense(vocab), None);
+        BE.cross_entropy(&mut l, &targets, 0, &mut losses, LogitColumns::dense(vocab), None);
         assert!((losses[r] as f64 - (lse - row[targets[r] as usize] as f64)).abs() < 1e-5);
     }
     let mut grad = logits.clone();
-    BE.cross_entropy(&mut grad, &targets, &mut losses, LogitColumns::dense(vocab), Some(0.5));
+    BE.cross_entropy(&mut grad, &targets, 0, &mut losses, LogitColumns::dense(vocab), Some(0.5));
     check(
         &mut logits,
         &grad,
         |x| {
             let mut l = x.to_vec();
-            BE.cross_entropy(&mut l, &targets, &mut losses, LogitColumns::dense(vocab), None);
+            BE.cross_entropy(&mut l, &targets, 0, &mut losses, LogitColumns::dense(vocab), None);
             0.5 * losses.iter().map(|v| *v as f64).sum::<f64>()
         },
         H,

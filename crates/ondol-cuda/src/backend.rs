@@ -64,6 +64,13 @@ fn rows_of(len: usize, cols: usize) -> usize {
     len / cols
 }
 
+/// The device address of `targets[first_row..first_row + rows]`, the targets of a chunk of
+/// logit rows.
+fn target_rows(targets: &DeviceIds, first_row: usize, rows: usize) -> u64 {
+    assert!(first_row + rows <= targets.len, "targets of rows {first_row}..{} of {}", first_row + rows, targets.len);
+    targets.ptr + 4 * first_row as u64
+}
+
 /// Rows of a logit matrix of `len` values: rows of `columns.stride`, holding `columns.vocab`.
 fn logit_rows(len: usize, columns: LogitColumns) -> usize {
     assert!(columns.vocab <= columns.stride, "{columns:?}: the vocabulary is wider than the rows");
@@ -1243,16 +1250,17 @@ impl Backend for CudaBackend {
         &self,
         logits: DevMut<'_>,
         targets: &DeviceIds,
+        first_row: usize,
         losses: DevMut<'_>,
         columns: LogitColumns,
         grad_scale: Option<f32>,
     ) {
         is_f32("cross_entropy losses", losses.dtype);
         let rows = logit_rows(logits.len, columns);
-        assert!(targets.len == rows && losses.len == rows, "cross_entropy: one target and loss per row");
+        assert!(losses.len == rows, "cross_entropy: one loss per row");
         let args = [
             ptr_mut(&logits),
-            Arg::Ptr(targets.ptr),
+            Arg::Ptr(target_rows(targets, first_row, rows)),
             ptr_mut(&losses),
             Arg::I32(rows as i32),
             Arg::I32(columns.vocab as i32),
@@ -1266,16 +1274,17 @@ impl Backend for CudaBackend {
         &self,
         logits: DevRef<'_>,
         targets: &DeviceIds,
+        first_row: usize,
         stats: DevMut<'_>,
         first_id: usize,
         columns: LogitColumns,
     ) {
         is_f32("cross_entropy_stats stats", stats.dtype);
         let rows = logit_rows(logits.len, columns);
-        assert!(targets.len == rows && stats.len == 3 * rows, "cross_entropy_stats: three stats per row");
+        assert!(stats.len == 3 * rows, "cross_entropy_stats: three stats per row");
         let args = [
             ptr(&logits),
-            Arg::Ptr(targets.ptr),
+            Arg::Ptr(target_rows(targets, first_row, rows)),
             ptr_mut(&stats),
             Arg::I32(rows as i32),
             Arg::I32(first_id as i32),
@@ -1288,6 +1297,7 @@ impl Backend for CudaBackend {
         &self,
         logits: DevMut<'_>,
         targets: &DeviceIds,
+        first_row: usize,
         lse: DevRef<'_>,
         first_id: usize,
         columns: LogitColumns,
@@ -1295,10 +1305,10 @@ impl Backend for CudaBackend {
     ) {
         is_f32("cross_entropy_grad lse", lse.dtype);
         let rows = logit_rows(logits.len, columns);
-        assert!(targets.len == rows && lse.len == rows, "cross_entropy_grad: one target and lse per row");
+        assert!(lse.len == rows, "cross_entropy_grad: one lse per row");
         let args = [
             ptr_mut(&logits),
-            Arg::Ptr(targets.ptr),
+            Arg::Ptr(target_rows(targets, first_row, rows)),
             ptr(&lse),
             Arg::I32(rows as i32),
             Arg::I32(first_id as i32),

@@ -387,19 +387,20 @@ fn cross_entropy_matches_the_cpu() {
     for be in backends() {
         let tol = tolerance(&be);
         let (rows, vocab, scale) = (19usize, 1003usize, 0.37f32);
-        // Dense rows, and rows padded by 21 columns of garbage (a padded head's): the losses
-        // must not see them and the gradient must zero them.
-        for stride in [vocab, vocab + 21] {
+        // Dense rows of a whole micro-batch, and rows 3.. of one (a chunk) padded by 21
+        // columns of garbage (a padded head's): the losses must not see them and the gradient
+        // must zero them.
+        for (stride, first_row) in [(vocab, 0), (vocab + 21, 3)] {
             let columns = LogitColumns { vocab, stride };
             let logits = round(&be, &random(rows * stride, 1, 3.0));
-            let targets: Vec<u32> = (0..rows).map(|r| ((r * 131) % vocab) as u32).collect();
+            let targets: Vec<u32> = (0..first_row + rows).map(|r| ((r * 131) % vocab) as u32).collect();
             let gpu_targets = be.upload_ids(&targets);
             for grad in [None, Some(scale)] {
                 let (mut dl, mut losses) = (be.upload(&logits), be.zeros_f32(rows));
-                be.cross_entropy(be.all_mut(&mut dl), &gpu_targets, be.all_mut(&mut losses), columns, grad);
+                be.cross_entropy(be.all_mut(&mut dl), &gpu_targets, first_row, be.all_mut(&mut losses), columns, grad);
                 let (mut want_dl, mut want_losses) = (logits.clone(), vec![0.0; rows]);
-                CPU.cross_entropy(&mut want_dl, &targets, &mut want_losses, columns, grad);
-                let what = format!("cross_entropy {columns:?} grad={grad:?}");
+                CPU.cross_entropy(&mut want_dl, &targets, first_row, &mut want_losses, columns, grad);
+                let what = format!("cross_entropy {columns:?} from row {first_row} grad={grad:?}");
                 assert_close(&format!("{what} losses"), &be, &be.download(&losses), &want_losses, 1e-5);
                 // Without a gradient the logits are scratch afterwards (the contract): only the
                 // gradient is compared.
@@ -416,16 +417,31 @@ fn cross_entropy_matches_the_cpu() {
                 })
                 .collect();
             let mut stats = be.zeros_f32(3 * rows);
-            be.cross_entropy_stats(be.all(&be.upload(&part)), &gpu_targets, be.all_mut(&mut stats), first_id, shard);
+            be.cross_entropy_stats(
+                be.all(&be.upload(&part)),
+                &gpu_targets,
+                first_row,
+                be.all_mut(&mut stats),
+                first_id,
+                shard,
+            );
             let mut want_stats = vec![0.0; 3 * rows];
-            CPU.cross_entropy_stats(&part, &targets, &mut want_stats, first_id, shard);
+            CPU.cross_entropy_stats(&part, &targets, first_row, &mut want_stats, first_id, shard);
             assert_close(&format!("cross_entropy_stats {shard:?}"), &be, &be.download(&stats), &want_stats, 1e-5);
             let lse = random(rows, 5, 1.0).iter().map(|v| v + 7.0).collect::<Vec<_>>();
             let mut grad = be.upload(&part);
             let gpu_lse = be.upload_f32(&lse);
-            be.cross_entropy_grad(be.all_mut(&mut grad), &gpu_targets, be.all(&gpu_lse), first_id, shard, scale);
+            be.cross_entropy_grad(
+                be.all_mut(&mut grad),
+                &gpu_targets,
+                first_row,
+                be.all(&gpu_lse),
+                first_id,
+                shard,
+                scale,
+            );
             let mut want = part.clone();
-            CPU.cross_entropy_grad(&mut want, &targets, &lse, first_id, shard, scale);
+            CPU.cross_entropy_grad(&mut want, &targets, first_row, &lse, first_id, shard, scale);
             assert_close(&format!("cross_entropy_grad {shard:?}"), &be, &be.download(&grad), &want, tol);
         }
     }

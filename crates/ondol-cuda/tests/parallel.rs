@@ -65,10 +65,12 @@ struct Shape {
     sequence_parallel: bool,
     buckets: Option<usize>,
     zero: bool,
+    /// Rows of logits the loss makes at a time (0: all of a micro-batch's).
+    loss_chunk: usize,
 }
 
 fn shape(tp: usize, pp: usize, dp: usize) -> Shape {
-    Shape { tp, pp, dp, sequence_parallel: false, buckets: None, zero: false }
+    Shape { tp, pp, dp, sequence_parallel: false, buckets: None, zero: false, loss_chunk: 0 }
 }
 
 /// Step `step`'s global batch: `MICRO` micro-batches of `BATCH` sequences with signal.
@@ -89,6 +91,7 @@ fn train(cfg: &ModelConfig, dtype: Dtype, s: Shape) -> (Vec<f64>, Vec<f32>) {
         batch: BATCH / s.dp,
         seq: SEQ,
         recompute: 0,
+        loss_chunk: s.loss_chunk,
         zero: s.zero,
         sequence_parallel: s.sequence_parallel,
         grad_buckets: s.buckets,
@@ -145,7 +148,7 @@ fn assert_close(name: &str, tol: f64, (la, wa): &(Vec<f64>, Vec<f32>), (lb, wb):
 fn layouts_on_the_device_path_train_like_one_rank() {
     let one = train(&llama(), Dtype::F32, shape(1, 1, 1));
     for (name, s) in [
-        ("tp 2", shape(2, 1, 1)),
+        ("tp 2, loss chunks of 7 rows", Shape { loss_chunk: 7, ..shape(2, 1, 1) }),
         ("pp 2 dp 2, buckets", Shape { buckets: Some(100), ..shape(1, 2, 2) }),
         (
             "tp 2 pp 2 dp 2 sequence parallel, buckets",

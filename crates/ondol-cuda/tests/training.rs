@@ -76,13 +76,14 @@ fn train<B: Backend>(be: &B, model: &Model, steps: usize) -> (Vec<f64>, Vec<f32>
     let mut grads = be.zeros_f32(init.len());
     let cfg = OptimizerConfig { lr: 3e-3, weight_decay: 0.1, beta1: 0.9, beta2: 0.95, eps: 1e-8, grad_clip: 1.0 };
     let mut opt = AdamW::new(be, cfg, &init, model.layout.decay_runs());
-    let mut ws = Workspace::new(be, model, BATCH, SEQ).unwrap();
+    // The loss in uneven chunks of rows, as a long micro-batch would take it.
+    let mut ws = Workspace::new(be, model, BATCH, SEQ).unwrap().with_loss_chunk(be, model, 7);
     let scale = 1.0 / (BATCH * SEQ) as f32;
     let (mut losses, mut first_grads) = (Vec::new(), Vec::new());
     for step in 0..steps {
         be.fill(be.all_mut(&mut grads), 0.0);
         model.forward(be, &params, &mut ws, &ids);
-        losses.push(model.loss(be, &mut ws, &tgt, Some(scale)) * scale as f64);
+        losses.push(model.loss(be, &params, &mut ws, &tgt, Some((scale, &mut grads))) * scale as f64);
         model.backward(be, &params, &mut grads, &mut ws, &ids);
         if step == 0 {
             first_grads = be.download(&grads);
@@ -134,12 +135,12 @@ fn decode<B: Backend>(be: &B, model: &Model) -> Vec<f32> {
     let mut ws = Workspace::new(be, model, BATCH, prompt).unwrap();
     let head: Vec<u32> = ids.chunks(SEQ).flat_map(|seq| seq[..prompt].to_vec()).collect();
     model.forward_cached(be, &params, &mut ws, &be.upload_ids(&head), &mut cache);
-    let mut logits = be.download(&ws.logits);
+    let mut logits = model.logits(be, &params, &mut ws);
     let mut step = Workspace::new(be, model, BATCH, 1).unwrap();
     for t in prompt..SEQ {
         let next: Vec<u32> = ids.chunks(SEQ).map(|seq| seq[t]).collect();
         model.forward_cached(be, &params, &mut step, &be.upload_ids(&next), &mut cache);
-        logits.extend(be.download(&step.logits));
+        logits.extend(model.logits(be, &params, &mut step));
     }
     logits
 }

@@ -49,10 +49,15 @@ impl Linear {
 
     /// `y = x W (+ b)`, writing y.
     pub fn forward<B: Backend>(&self, be: &B, p: &B::Buf, x: B::Ref<'_>, y: &mut B::Buf, rows: usize) {
+        self.forward_view(be, p, x, be.all_mut(y), rows);
+    }
+
+    /// [`Linear::forward`] into a view (rows of a larger buffer).
+    pub fn forward_view<B: Backend>(&self, be: &B, p: &B::Buf, x: B::Ref<'_>, y: B::Mut<'_>, rows: usize) {
         let w = be.view(p, self.w.clone());
         match self.bias(be, p) {
-            Some(b) => be.gemm_bias(self.gemm(rows), x, w, b, be.all_mut(y)),
-            None => be.gemm(self.gemm(rows), x, w, be.all_mut(y)),
+            Some(b) => be.gemm_bias(self.gemm(rows), x, w, b, y),
+            None => be.gemm(self.gemm(rows), x, w, y),
         }
     }
 
@@ -105,6 +110,22 @@ impl Linear {
             Dx::Write(dx) => be.gemm(g, dy, w, be.all_mut(dx)),
             Dx::Add(dx) => be.gemm(g.accumulate(), dy, w, be.all_mut(dx)),
         }
+        self.backward_params(be, grads, x, dy, rows);
+    }
+
+    /// [`Linear::backward`] writing dx into a view (rows of a larger buffer).
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_view<B: Backend>(
+        &self,
+        be: &B,
+        p: &B::Buf,
+        grads: &mut B::Buf,
+        x: B::Ref<'_>,
+        dy: B::Ref<'_>,
+        dx: B::Mut<'_>,
+        rows: usize,
+    ) {
+        be.gemm(self.input_grad_gemm(rows), dy, be.view(p, self.w.clone()), dx);
         self.backward_params(be, grads, x, dy, rows);
     }
 

@@ -19,7 +19,7 @@
 #![allow(clippy::single_range_in_vec_init)]
 use crate::attention::{Attention, AttnActs, AttnGrads, KvSlot};
 use crate::config::{Arch, LayerKind, ModelConfig};
-use crate::layers::{CausalConv, Dx, Linear, Norm, NormActs, RecurrentState, WeightLayout, norm_floats};
+use crate::layers::{CausalConv, Linear, Norm, NormActs, RecurrentState, WeightLayout, norm_floats};
 use crate::mamba::{Mamba, MambaActs, MambaGrads};
 use crate::mamba2::{Mamba2, Mamba2Acts, Mamba2Grads};
 use crate::mlp::{Mlp, MlpActs, MlpGrads, MlpKind};
@@ -516,8 +516,9 @@ impl Model {
         6 * self.num_flop_params() as u64 + mixers
     }
 
-    /// Bytes of activation memory a [`Workspace`] for this micro-batch shape holds (f32).
-    pub fn activation_bytes(&self, batch: usize, seq: usize, recompute_every: usize) -> u64 {
+    /// Bytes of activation memory a [`Workspace`] for this micro-batch shape holds (f32), its
+    /// loss making `loss_chunk` rows of logits at a time (0: [`default_loss_chunk`]).
+    pub fn activation_bytes(&self, batch: usize, seq: usize, recompute_every: usize, loss_chunk: usize) -> u64 {
         let (rows, d, v) = ((batch * seq) as u64, self.cfg.d_model as u64, self.logit_columns().stride as u64);
         // The residual stream and the norms hold `stream` rows (fewer under sequence parallelism).
         let stream = self.part.stream_rows(batch * seq).len();
@@ -529,10 +530,14 @@ impl Model {
             .sum();
         let shared: u64 = if recompute_every > 0 { self.first_of_each_kind().map(block).sum() } else { 0 };
         let grads: u64 = self.first_of_each_kind().map(|b| b.mixer.grad_floats(batch, seq)).sum();
-        let head = if self.head.is_some() { norm_floats(stream, d as usize, layernorm) + rows * (v + 1) } else { 0 };
+        let chunk = match loss_chunk {
+            0 => default_loss_chunk(rows as usize, v as usize) as u64,
+            n => (n as u64).min(rows),
+        };
+        let head = if self.head.is_some() { norm_floats(stream, d as usize, layernorm) + chunk * v + rows } else { 0 };
         let stream = stream as u64;
         let residual = (self.blocks.len() as u64 + 1) * stream * d;
-        let vocab_parallel = if self.part.tp > 1 { 4 * rows } else { 0 };
+        let vocab_parallel = if self.part.tp > 1 { 4 * chunk } else { 0 };
         let gathered = if self.part.sequence_parallel { 3 * rows * d } else { 0 };
         4 * (saved + shared + grads + residual + head + vocab_parallel + gathered + 2 * stream * d)
     }
@@ -625,7 +630,7 @@ impl Model {
         cache: Option<&mut InferenceCache<B>>,
         tp: &mut dyn TensorParallel<B>,
     ) -> Result<()> {
-        let (d, rows, eps) = (self.cfg.d_model, ws.rows, self.cfg.norm_eps);
+        let (d, eps) = (self.cfg.d_model, self.cfg.norm_eps);
         let split = self.part.tp > 1;
         // The new tokens start at position `pos`: positions and rotations are read from there.
         let pos = cache.as_ref().map_or(0, |c| c.len);
@@ -676,19 +681,37 @@ impl Model {
         }
 
         if let Some(head) = &self.head {
+            // The head's input; the logits are made in chunks by the loss (or `logits`).
             let last = &ws.res[self.blocks.len()];
             let norm_f = ws.norm_f.as_mut().expect("the last stage's workspace has a final norm");
             head.norm_f.forward(be, params, be.all(last), norm_f, d, eps);
-            let h = match ws.gathered.as_mut() {
-                Some(g) => {
-                    tp.all_gather_rows(be, &norm_f.out, &mut g.input)?;
-                    &g.input
-                }
-                None => &norm_f.out,
-            };
-            head.out.forward(be, params, be.all(h), &mut ws.logits, rows);
+            if let Some(g) = ws.gathered.as_mut() {
+                tp.all_gather_rows(be, &norm_f.out, &mut g.input)?;
+            }
         }
         Ok(())
+    }
+
+    /// The logits of the tokens of the last [`Model::forward`] (inference; training takes them
+    /// chunk by chunk in [`Model::loss_stage`]), `[rows, vocab]` for this shard's vocabulary,
+    /// without the head's padding.
+    pub fn logits<B: Backend>(&self, be: &B, params: &B::Buf, ws: &mut Workspace<B>) -> Vec<f32> {
+        let head = self.head.as_ref().expect("the last stage makes logits");
+        let (d, columns) = (self.cfg.d_model, self.logit_columns());
+        let mut out = Vec::with_capacity(ws.rows * columns.vocab);
+        let chunks = ws.loss_chunks();
+        let Workspace { logits, norm_f, gathered, .. } = ws;
+        let h = match gathered.as_ref() {
+            Some(g) => &g.input,
+            None => &norm_f.as_ref().expect("the last stage's workspace has a final norm").out,
+        };
+        for rows in chunks {
+            let (x, block) = (be.view(h, rows.start * d..rows.end * d), 0..rows.len() * columns.stride);
+            head.out.forward_view(be, params, x, be.view_mut(logits, block.clone()), rows.len());
+            let chunk = be.download_view(be.view(logits, block));
+            out.extend(chunk.chunks(columns.stride).flat_map(|row| &row[..columns.vocab]));
+        }
+        out
     }
 
     /// Block `i`: saves what backward needs in `a` and writes `x + mixer(norm(x))` to
@@ -738,43 +761,96 @@ impl Model {
         Ok(())
     }
 
-    /// Cross-entropy of `ws.logits` against `targets`; returns the SUM of the per-token
-    /// losses. With `grad_scale`, the logits are replaced by `grad_scale * dloss/dlogits`,
-    /// ready for [`Model::backward`].
-    pub fn loss<B: Backend>(&self, be: &B, ws: &mut Workspace<B>, targets: &B::Ids, grad_scale: Option<f32>) -> f64 {
-        self.loss_stage(be, ws, targets, grad_scale, &mut Alone).expect("a whole model does not communicate")
+    /// Cross-entropy of the last [`Model::forward`]'s tokens against `targets`; returns the SUM
+    /// of the per-token losses. With `grad = (scale, grads)`, backpropagates `scale` times it
+    /// through the output head: the head's weight gradient accumulates into `grads`, and its
+    /// input gradient waits in the workspace for [`Model::backward`].
+    pub fn loss<B: Backend>(
+        &self,
+        be: &B,
+        params: &B::Buf,
+        ws: &mut Workspace<B>,
+        targets: &B::Ids,
+        grad: Option<(f32, &mut B::Buf)>,
+    ) -> f64 {
+        self.loss_stage(be, params, ws, targets, grad, &mut Alone).expect("a whole model does not communicate")
     }
 
-    /// [`Model::loss`] on the last stage. Split across shards, each holds a vocabulary shard of
+    /// [`Model::loss`] on the last stage. The logits are made and used up a chunk of rows at a
+    /// time ([`Workspace::with_loss_chunk`]), so only one chunk of them ever exists: the head's
+    /// GEMM, the fused cross-entropy (which leaves `scale * dloss/dlogits` in their place), and
+    /// the head's two backward GEMMs. Split across shards, each holds a vocabulary shard of
     /// the logits (no rank ever holds them all): the shards exchange three numbers per row
     /// (max, sum of exponentials, target logit), from which each finds the rows' log-sum-exp.
     pub fn loss_stage<B: Backend>(
         &self,
         be: &B,
+        params: &B::Buf,
         ws: &mut Workspace<B>,
         targets: &B::Ids,
-        grad_scale: Option<f32>,
+        mut grad: Option<(f32, &mut B::Buf)>,
         tp: &mut dyn TensorParallel<B>,
     ) -> Result<f64> {
-        let columns = self.logit_columns();
-        if self.part.tp == 1 {
-            be.cross_entropy(be.all_mut(&mut ws.logits), targets, be.all_mut(&mut ws.losses), columns, grad_scale);
-            return Ok(be.sum(be.all(&ws.losses)));
+        let head = self.head.as_ref().expect("the last stage computes the loss");
+        let (d, columns, first_id) = (self.cfg.d_model, self.logit_columns(), self.vocab.start);
+        let chunks = ws.loss_chunks();
+        let Workspace { logits, losses, vocab_parallel, norm_f, gathered, scratch, .. } = ws;
+        // The head's input, and where its gradient goes (before the shards' sum).
+        let (h, dh) = match gathered.as_mut() {
+            Some(g) => (&g.input, &mut g.dinput),
+            None => (&norm_f.as_ref().expect("the last stage's workspace has a final norm").out, &mut scratch.dnorm),
+        };
+        let mut loss = 0.0;
+        for rows in chunks {
+            let (n, x) = (rows.len(), be.view(h, rows.start * d..rows.end * d));
+            let block = 0..n * columns.stride;
+            head.out.forward_view(be, params, x, be.view_mut(logits, block.clone()), n);
+            let scale = grad.as_ref().map(|(scale, _)| *scale);
+            match vocab_parallel.as_mut() {
+                None => {
+                    let chunk_losses = be.view_mut(losses, rows.clone());
+                    be.cross_entropy(
+                        be.view_mut(logits, block.clone()),
+                        targets,
+                        rows.start,
+                        chunk_losses,
+                        columns,
+                        scale,
+                    );
+                }
+                Some((stats, lse)) => {
+                    let chunk_stats = be.view_mut(stats, 0..3 * n);
+                    be.cross_entropy_stats(
+                        be.view(logits, block.clone()),
+                        targets,
+                        rows.start,
+                        chunk_stats,
+                        first_id,
+                        columns,
+                    );
+                    let all = tp.all_gather(&be.download_view(be.view(stats, 0..3 * n)))?;
+                    let parts: Vec<&[f32]> = all.chunks(3 * n).collect();
+                    let mut host_lse = vec![0.0f32; n];
+                    loss += combine_ce_stats(&parts, &mut host_lse);
+                    if let Some(scale) = scale {
+                        be.write_view(be.view_mut(lse, 0..n), &host_lse);
+                        let (chunk_logits, chunk_lse) = (be.view_mut(logits, block.clone()), be.view(lse, 0..n));
+                        be.cross_entropy_grad(chunk_logits, targets, rows.start, chunk_lse, first_id, columns, scale);
+                    }
+                }
+            }
+            if let Some((_, grads)) = grad.as_mut() {
+                let dx = be.view_mut(dh, rows.start * d..rows.end * d);
+                head.out.backward_view(be, params, grads, x, be.view(logits, block), dx, n);
+            }
         }
-        let (stats, lse) = ws.vocab_parallel.as_mut().expect("a vocab-parallel workspace");
-        be.cross_entropy_stats(be.all(&ws.logits), targets, be.all_mut(stats), self.vocab.start, columns);
-        let all = tp.all_gather(&be.download(stats))?;
-        let parts: Vec<&[f32]> = all.chunks(3 * ws.rows).collect();
-        let mut host_lse = vec![0.0f32; ws.rows];
-        let loss = combine_ce_stats(&parts, &mut host_lse);
-        if let Some(scale) = grad_scale {
-            be.write(lse, &host_lse);
-            be.cross_entropy_grad(be.all_mut(&mut ws.logits), targets, be.all(lse), self.vocab.start, columns, scale);
+        if vocab_parallel.is_none() {
+            loss = be.sum(be.all(losses));
         }
         Ok(loss)
     }
 
-    /// Backpropagates the logit gradients left in `ws.logits` by [`Model::loss`],
+    /// Backpropagates from the head's input gradient that [`Model::loss`] left in `ws`,
     /// accumulating into `grads` (same layout as `params`).
     pub fn backward<B: Backend>(
         &self,
@@ -787,8 +863,8 @@ impl Model {
         self.backward_stage(be, params, grads, ws, ids, &mut Alone).expect("a whole model does not communicate");
     }
 
-    /// Backward of this part. The last stage starts from the logit gradients of
-    /// [`Model::loss_stage`]; an earlier one from the gradient of its output, written into
+    /// Backward of this part. The last stage starts from the head's input gradient that
+    /// [`Model::loss_stage`] left; an earlier one from the gradient of its output, written into
     /// [`Workspace::output_grad_mut`]. A stage after the first leaves the gradient of its input
     /// in [`Workspace::input_grad`].
     pub fn backward_stage<B: Backend>(
@@ -800,25 +876,17 @@ impl Model {
         ids: &B::Ids,
         tp: &mut dyn TensorParallel<B>,
     ) -> Result<()> {
-        let (d, rows, dims) = (self.cfg.d_model, ws.rows, (ws.batch, ws.seq));
+        let (d, dims) = (self.cfg.d_model, (ws.batch, ws.seq));
         let split = self.part.tp > 1;
         let s = &mut ws.scratch;
 
         if let Some(head) = &self.head {
             let norm_f = ws.norm_f.as_ref().expect("the last stage's workspace has a final norm");
-            let dlogits = be.all(&ws.logits);
+            // Each shard's head input gradient is a partial sum over the vocabulary.
             match ws.gathered.as_mut() {
-                Some(g) => {
-                    tp.all_gather_rows(be, &norm_f.out, &mut g.input)?;
-                    head.out.backward(be, params, grads, be.all(&g.input), dlogits, Dx::Write(&mut g.dinput), rows);
-                    tp.reduce_scatter_rows(be, &g.dinput, &mut s.dnorm)?;
-                }
-                None => {
-                    head.out.backward(be, params, grads, be.all(&norm_f.out), dlogits, Dx::Write(&mut s.dnorm), rows);
-                    if split {
-                        tp.all_reduce(be, &mut s.dnorm)?;
-                    }
-                }
+                Some(g) => tp.reduce_scatter_rows(be, &g.dinput, &mut s.dnorm)?,
+                None if split => tp.all_reduce(be, &mut s.dnorm)?,
+                None => {}
             }
             be.fill(be.all_mut(&mut s.dres), 0.0);
             let last = &ws.res[self.blocks.len()];
@@ -1137,6 +1205,23 @@ struct BlockIo<'a, B: Backend> {
     gathered: Option<&'a mut Gathered<B>>,
 }
 
+/// At most this many logits exist at a time by default (1 GiB in bf16): a micro-batch's rows
+/// beyond it are made and used up in even chunks (GPT-2 124M's 16 x 1024 tokens of 50304 in
+/// 2, Llama-3.2-1B's 4 x 2048 of 128256 in 2).
+pub const LOSS_CHUNK_LOGITS: usize = 1 << 29;
+
+/// Chunks have at least this many rows: each chunk's weight-gradient GEMM reads and writes the
+/// head's whole f32 gradient, a pass that costs under a fifth of the GEMM at this size.
+pub const LOSS_CHUNK_MIN_ROWS: usize = 4096;
+
+/// The rows of logits the loss makes at a time for a micro-batch of `rows` tokens and logit
+/// rows of `stride` columns: all of them up to [`LOSS_CHUNK_LOGITS`] logits, else even chunks
+/// under it, of at least [`LOSS_CHUNK_MIN_ROWS`] rows.
+pub fn default_loss_chunk(rows: usize, stride: usize) -> usize {
+    let chunks = (rows * stride).div_ceil(LOSS_CHUNK_LOGITS).max(1);
+    rows.div_ceil(chunks).max(LOSS_CHUNK_MIN_ROWS).min(rows).max(1)
+}
+
 /// Every activation buffer of one micro-batch shape, allocated once and reused each step.
 pub struct Workspace<B: Backend> {
     pub batch: usize,
@@ -1152,9 +1237,11 @@ pub struct Workspace<B: Backend> {
     shared: Vec<Option<BlockActs<B>>>,
     /// The final norm's activations (last stage only).
     norm_f: Option<NormActs<B>>,
-    /// Logits after forward, `[rows, head rows]` (a padded head's last columns are no token's);
-    /// logit gradients after [`Model::loss`] with a grad scale (empty before the last stage).
-    pub logits: B::Buf,
+    /// One chunk of rows' logits, `[loss_chunk, head rows]` (a padded head's last columns are
+    /// no token's), then their gradients (empty before the last stage).
+    logits: B::Buf,
+    /// Rows of logits made at a time (see [`Workspace::with_loss_chunk`]).
+    loss_chunk: usize,
     losses: B::Buf,
     /// The vocab-parallel loss's row statistics and log-sum-exp (tp > 1 only).
     vocab_parallel: Option<(B::Buf, B::Buf)>,
@@ -1189,10 +1276,31 @@ impl<B: Backend> Workspace<B> {
         Self::with_recompute(be, model, batch, seq, 0)
     }
 
+    /// The same workspace with the loss making its logits `rows` rows at a time (1 to the
+    /// micro-batch's; by default [`default_loss_chunk`]).
+    pub fn with_loss_chunk(mut self, be: &B, model: &Model, rows: usize) -> Self {
+        let n = rows.clamp(1, self.rows);
+        self.loss_chunk = n;
+        if model.head.is_some() {
+            self.logits = be.zeros(n * model.logit_columns().stride);
+        }
+        if let Some(buffers) = self.vocab_parallel.as_mut() {
+            *buffers = (be.zeros_f32(3 * n), be.zeros_f32(n));
+        }
+        self
+    }
+
+    /// The rows of each of the loss's chunks.
+    fn loss_chunks(&self) -> Vec<Range<usize>> {
+        (0..self.rows).step_by(self.loss_chunk).map(|r| r..(r + self.loss_chunk).min(self.rows)).collect()
+    }
+
     /// A workspace that keeps no activations for the blocks of every `recompute_every`-th
     /// layer (0: none), recomputing them in backward from the block's input: less memory, one
     /// more forward of those blocks, identical results.
     pub fn with_recompute(be: &B, model: &Model, batch: usize, seq: usize, recompute_every: usize) -> Result<Self> {
+        let stride = model.logit_columns().stride;
+        let loss_chunk = default_loss_chunk(batch * seq, stride);
         let cfg = &model.cfg;
         if seq == 0 || seq > cfg.max_seq_len {
             return Err(ondol_core::Error::config(
@@ -1251,9 +1359,10 @@ impl<B: Backend> Workspace<B> {
                 .collect(),
             shared,
             norm_f: model.head.is_some().then(|| NormActs::new(be, stream, d, layernorm)),
-            logits: be.zeros(if model.head.is_some() { rows * model.logit_columns().stride } else { 0 }),
+            logits: be.zeros(if model.head.is_some() { loss_chunk * stride } else { 0 }),
+            loss_chunk,
             losses: be.zeros_f32(rows),
-            vocab_parallel: (model.part.tp > 1).then(|| (be.zeros_f32(3 * rows), be.zeros_f32(rows))),
+            vocab_parallel: (model.part.tp > 1).then(|| (be.zeros_f32(3 * loss_chunk), be.zeros_f32(loss_chunk))),
             rope: be.upload_f32(&model.rope_table(seq)),
             scratch,
             gathered: part.sequence_parallel.then(|| Gathered {

@@ -90,7 +90,7 @@ fn finished_gradients_are_reported_once_each_in_descending_order() {
         let mut hook = Recorder::default();
         model.forward_stage(&be, &params, &mut ws, &be.upload_ids(&ids), &mut hook).unwrap();
         if model.part.last {
-            model.loss_stage(&be, &mut ws, &targets, Some(0.1), &mut hook).unwrap();
+            model.loss_stage(&be, &params, &mut ws, &targets, Some((0.1, &mut grads)), &mut hook).unwrap();
         } else {
             be.fill(ws.output_grad_mut(), 0.5);
         }

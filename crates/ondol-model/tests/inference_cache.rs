@@ -4,7 +4,7 @@
 //! Mamba-2 and a hybrid with their recurrent states carried (the convolution's last inputs,
 //! the scan's state).
 
-use ondol_core::{Backend, Rng};
+use ondol_core::Rng;
 use ondol_cpu::CpuBackend;
 use ondol_model::{Arch, InferenceCache, Model, ModelConfig, SsmConfig, Workspace};
 
@@ -43,7 +43,7 @@ fn check(arch: Arch) {
     let ids: Vec<u32> = (0..batch * seq).map(|_| rng.below(23) as u32).collect();
     let mut full = Workspace::new(&be, &m, batch, seq).unwrap();
     m.forward(&be, &params, &mut full, &ids);
-    let want = be.download(&full.logits);
+    let want = m.logits(&be, &params, &mut full);
     let v = m.cfg.vocab_size;
 
     let mut cache = InferenceCache::new(&be, &m, batch, m.cfg.max_seq_len);
@@ -51,7 +51,7 @@ fn check(arch: Arch) {
     let prompt_ids: Vec<u32> = (0..batch).flat_map(|b| ids[b * seq..b * seq + prompt].to_vec()).collect();
     m.forward_cached(&be, &params, &mut pre, &prompt_ids, &mut cache);
     let mut got = vec![vec![0.0f32; seq * v]; batch];
-    let logits = be.download(&pre.logits);
+    let logits = m.logits(&be, &params, &mut pre);
     for b in 0..batch {
         got[b][..prompt * v].copy_from_slice(&logits[b * prompt * v..(b + 1) * prompt * v]);
     }
@@ -59,7 +59,7 @@ fn check(arch: Arch) {
     for t in prompt..seq {
         let next: Vec<u32> = (0..batch).map(|b| ids[b * seq + t]).collect();
         m.forward_cached(&be, &params, &mut step, &next, &mut cache);
-        let logits = be.download(&step.logits);
+        let logits = m.logits(&be, &params, &mut step);
         for b in 0..batch {
             got[b][t * v..(t + 1) * v].copy_from_slice(&logits[b * v..(b + 1) * v]);
         }

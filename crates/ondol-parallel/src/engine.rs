@@ -30,6 +30,8 @@ pub struct Layout {
     pub seq: usize,
     /// Activation checkpointing: recompute every k-th layer (0: off).
     pub recompute: usize,
+    /// Rows of logits the loss makes at a time (0: [`ondol_model::default_loss_chunk`]).
+    pub loss_chunk: usize,
     /// ZeRO-1: shard the AdamW state over the data-parallel replicas.
     pub zero: bool,
     /// Megatron's sequence parallelism within each tp group (see [`Part::sequence_parallel`]).
@@ -211,7 +213,11 @@ impl<B: Backend> Chunk<B> {
         let i = match self.busy.iter().position(Option::is_none) {
             Some(i) => i,
             None => {
-                self.pool.push(Workspace::with_recompute(be, &self.model, layout.batch, layout.seq, layout.recompute)?);
+                let ws = Workspace::with_recompute(be, &self.model, layout.batch, layout.seq, layout.recompute)?;
+                self.pool.push(match layout.loss_chunk {
+                    0 => ws,
+                    rows => ws.with_loss_chunk(be, &self.model, rows),
+                });
                 self.busy.push(None);
                 self.pool.len() - 1
             }
@@ -677,7 +683,7 @@ impl<B: Backend> Engine<B> {
                 let in_flight = c.pool.len().max(1) as u64;
                 param_bytes * n
                     + 4 * (n + 2 * opt + master)
-                    + in_flight * c.model.activation_bytes(l.batch, l.seq, l.recompute)
+                    + in_flight * c.model.activation_bytes(l.batch, l.seq, l.recompute, l.loss_chunk)
             })
             .sum()
     }
@@ -790,7 +796,8 @@ impl<B: Backend> Engine<B> {
         let (ids, targets) = &self.ids[micro];
         c.model.forward_stage(be, &c.params, ws, ids, &mut tp)?;
         if c.stage + 1 == stages {
-            return Ok((c.model.loss_stage(be, ws, targets, grad_scale, &mut tp)?, wait));
+            let grad = grad_scale.map(|scale| (scale, &mut c.grads));
+            return Ok((c.model.loss_stage(be, &c.params, ws, targets, grad, &mut tp)?, wait));
         }
         send_tagged(be, self.comms.pp.as_ref(), ws.output(), next(&self.comms), (c.stage + 1, micro))?;
         Ok((0.0, wait))

@@ -89,6 +89,8 @@ struct Shape {
     sequence_parallel: bool,
     /// Floats per data-parallel gradient bucket (None: one sync after the schedule).
     buckets: Option<usize>,
+    /// Rows of logits the loss makes at a time (0: all of a micro-batch's).
+    loss_chunk: usize,
 }
 
 fn shape(tp: usize, pp: usize, dp: usize) -> Shape {
@@ -102,6 +104,7 @@ fn shape(tp: usize, pp: usize, dp: usize) -> Shape {
         recompute: 0,
         sequence_parallel: false,
         buckets: None,
+        loss_chunk: 0,
     }
 }
 
@@ -133,6 +136,7 @@ fn train(cfg: &ModelConfig, s: Shape) -> (Vec<f64>, Vec<f32>) {
         batch: BATCH / s.dp,
         seq: SEQ,
         recompute: s.recompute,
+        loss_chunk: s.loss_chunk,
         zero: s.zero,
         sequence_parallel: s.sequence_parallel,
         grad_buckets: s.buckets,
@@ -196,6 +200,10 @@ fn every_layout_trains_like_one_rank() {
         ("tp 4 dp 2", shape(4, 1, 2)),
         ("tp 4 dp 2 sequence parallel", sequence_parallel(4, 1, 2)),
         ("tp 2 pp 2 dp 2 sequence parallel", sequence_parallel(2, 2, 2)),
+        // The loss in uneven chunks of rows, on one rank, vocab-parallel, and gathered.
+        ("loss chunks of 5", Shape { loss_chunk: 5, ..shape(1, 1, 1) }),
+        ("tp 2 loss chunks of 7", Shape { loss_chunk: 7, ..shape(2, 1, 1) }),
+        ("tp 2 pp 2 dp 2 sequence parallel loss chunks of 5", Shape { loss_chunk: 5, ..sequence_parallel(2, 2, 2) }),
     ] {
         assert_close(name, &one, &train(&cfg, s));
     }
@@ -247,7 +255,7 @@ fn sequence_parallelism_splits_the_activations_between_the_mixers() {
     let part = Part::new(&cfg, 1, 4, 0..cfg.n_layers);
     let plain = Model::part(cfg.clone(), part.clone()).unwrap();
     let split = Model::part(cfg, part.with_sequence_parallel(true)).unwrap();
-    let (with, without) = (split.activation_bytes(BATCH, SEQ, 0), plain.activation_bytes(BATCH, SEQ, 0));
+    let (with, without) = (split.activation_bytes(BATCH, SEQ, 0, 0), plain.activation_bytes(BATCH, SEQ, 0, 0));
     assert!(with < without, "sequence parallel activations {with} B, not fewer than {without} B");
     assert!(Workspace::new(&CpuBackend, &split, BATCH, SEQ).is_ok());
     let err = Workspace::new(&CpuBackend, &split, 1, SEQ - 1).err().expect("7 tokens cannot be split 4 ways");

@@ -77,6 +77,11 @@ pub struct TrainingConfig {
     /// recompute them in backward (0: off; 1: every block). Same results, less memory.
     #[serde(default)]
     pub activation_checkpointing: usize,
+    /// Rows (tokens) of logits the loss makes and uses up at a time (0: automatic, at most 2^29
+    /// logits, chunks of at least 4096 rows). Smaller saves memory at a large vocabulary and
+    /// micro-batch; the same results up to rounding.
+    #[serde(default)]
+    pub loss_chunk_rows: usize,
     /// Worker threads (default: every core).
     #[serde(default)]
     pub threads: Option<usize>,
@@ -342,6 +347,7 @@ impl RunConfig {
             batch: t.batch_size,
             seq: t.seq_len,
             recompute: t.activation_checkpointing,
+            loss_chunk: t.loss_chunk_rows,
             zero: p.zero == 1,
             sequence_parallel: p.sequence_parallel,
             grad_buckets: p.overlap_grad_sync.then(|| ((p.bucket_mb * 1e6 / 4.0) as usize).max(1)),

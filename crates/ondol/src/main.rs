@@ -593,7 +593,7 @@ fn inspect(args: ConfigArgs) -> Result<()> {
     let n = model.num_params() as u64;
     // Training's whole model on one rank holds a padded head (its logits are wider).
     let trained = Model::part(cfg.model.clone(), Part::whole(&cfg.model).with_vocab_align(HEAD_ROW_ALIGN))?;
-    let acts = |every| trained.activation_bytes(t.batch_size, t.seq_len, every);
+    let acts = |every| trained.activation_bytes(t.batch_size, t.seq_len, every, t.loss_chunk_rows);
     println!("arch                 {:?}", cfg.model.arch);
     println!("parameters           {n} ({:.2}M)", n as f64 / 1e6);
     println!("  in matmuls (N)     {} (non-embedding + output head)", model.num_flop_params());
@@ -617,8 +617,10 @@ fn inspect(args: ConfigArgs) -> Result<()> {
             .map(|part| Model::part(cfg.model.clone(), part))
             .collect::<Result<_>>()?;
         let params: u64 = parts.iter().map(|m| m.num_params() as u64).sum();
-        let acts: u64 =
-            parts.iter().map(|m| m.activation_bytes(t.batch_size, t.seq_len, t.activation_checkpointing)).sum();
+        let acts: u64 = parts
+            .iter()
+            .map(|m| m.activation_bytes(t.batch_size, t.seq_len, t.activation_checkpointing, t.loss_chunk_rows))
+            .sum();
         worst = worst.max((params, acts));
     }
     let (params, acts_per_micro) = worst;

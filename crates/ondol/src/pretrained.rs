@@ -3,7 +3,6 @@
 
 use crate::config::{BYTE_EOT, BYTE_VOCAB, RunConfig};
 use ondol_ckpt::{Snapshot, checkpoint, tensors};
-use ondol_core::backend::LogitColumns;
 use ondol_core::{Backend, Error, Result, Rng};
 use ondol_data::{ByteTokenizer, TextTokenizer};
 use ondol_model::{InferenceCache, Model, ModelConfig, Workspace};
@@ -166,14 +165,13 @@ pub fn generate<B: Backend>(
         return Err(Error::Input(format!("the prompt has {} tokens: it needs 1 to {}", prompt.len(), max_seq - 1)));
     }
     let budget = max_new.min(max_seq - prompt.len());
-    // Rows of `stride` logits, of which the first `vocab` are tokens' (the rest a padded head's).
-    let LogitColumns { vocab, stride } = model.logit_columns();
+    let vocab = model.cfg.vocab_size;
     let mut cache = InferenceCache::new(be, model, 1, max_seq);
     let mut ws = Workspace::new(be, model, 1, prompt.len())?;
     model.forward_cached(be, params, &mut ws, &be.upload_ids(prompt), &mut cache);
-    let logits = be.download(&ws.logits);
+    let logits = model.logits(be, params, &mut ws);
     let mut rng = Rng::new(s.seed);
-    let mut next = sample(&logits[(prompt.len() - 1) * stride..][..vocab], s, &mut rng);
+    let mut next = sample(&logits[(prompt.len() - 1) * vocab..], s, &mut rng);
     let mut out = Vec::with_capacity(budget);
     let mut step = Workspace::new(be, model, 1, 1)?;
     let mut ids = be.upload_ids(&[0]);
@@ -184,7 +182,7 @@ pub fn generate<B: Backend>(
         }
         be.write_ids(&mut ids, &[next]);
         model.forward_cached(be, params, &mut step, &ids, &mut cache);
-        next = sample(&be.download(&step.logits)[..vocab], s, &mut rng);
+        next = sample(&model.logits(be, params, &mut step), s, &mut rng);
     }
     Ok(out)
 }

@@ -441,7 +441,7 @@ pub fn evaluate<B: Backend>(
         be.write_ids(&mut ids, &inputs);
         be.write_ids(&mut tgt, &targets);
         model.forward(be, params, ws, &ids);
-        sum += model.loss(be, ws, &tgt, None);
+        sum += model.loss(be, params, ws, &tgt, None);
     }
     let tokens = (batches * rows) as u64;
     Ok((sum / tokens as f64, tokens))

@@ -228,6 +228,21 @@ fn the_cli_trains_eight_ranks_like_one() {
     }
 }
 
+/// `training.loss_chunk_rows` reaches the workspaces: the loss in chunks of 5 rows (its
+/// logits a fraction of the memory) trains like the whole, vocabulary-parallel too.
+#[test]
+fn a_loss_in_chunks_of_rows_trains_like_the_whole() {
+    let dir = setup();
+    let chunks = ["training.loss_chunk_rows=5"];
+    for shape in [(1, 1, 1), (2, 1, 1)] {
+        let (whole, w_whole, _) = train_with(dir.path(), shape, &[], 20, None, None);
+        let (chunked, w_chunked, _) = train_with(dir.path(), shape, &chunks, 20, None, None);
+        assert_matches(&format!("{shape:?} in chunks"), (&whole, &w_whole), (&chunked, &w_chunked));
+    }
+    let memory = |extra: &[&str]| on_ranks(dir.path(), (1, 1, 1), extra, |t| t.memory_bytes())[0];
+    assert!(memory(&chunks) < memory(&[]), "the workspaces hold a whole micro-batch's logits");
+}
+
 #[test]
 fn zero_1_equals_plain_data_parallel_with_a_fraction_of_the_optimizer_state() {
     let dir = setup();
