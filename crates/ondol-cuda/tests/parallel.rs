@@ -148,6 +148,7 @@ fn assert_close(name: &str, tol: f64, (la, wa): &(Vec<f64>, Vec<f32>), (lb, wb):
 fn layouts_on_the_device_path_train_like_one_rank() {
     let one = train(&llama(), Dtype::F32, shape(1, 1, 1));
     for (name, s) in [
+        ("tp 2", shape(2, 1, 1)),
         ("tp 2, loss chunks of 7 rows", Shape { loss_chunk: 7, ..shape(2, 1, 1) }),
         ("pp 2 dp 2, buckets", Shape { buckets: Some(100), ..shape(1, 2, 2) }),
         (

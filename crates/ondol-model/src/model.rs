@@ -531,7 +531,7 @@ impl Model {
         let shared: u64 = if recompute_every > 0 { self.first_of_each_kind().map(block).sum() } else { 0 };
         let grads: u64 = self.first_of_each_kind().map(|b| b.mixer.grad_floats(batch, seq)).sum();
         let chunk = match loss_chunk {
-            0 => default_loss_chunk(rows as usize, v as usize) as u64,
+            0 => self.default_loss_chunk(rows as usize) as u64,
             n => (n as u64).min(rows),
         };
         let head = if self.head.is_some() { norm_floats(stream, d as usize, layernorm) + chunk * v + rows } else { 0 };
@@ -547,6 +547,16 @@ impl Model {
     /// its table, so the padding would catch the next shard's ids).
     fn lookup_rows(&self, embed: &Range<usize>) -> Range<usize> {
         embed.start..embed.start + self.vocab.len() * self.cfg.d_model
+    }
+
+    /// Rows of logits the loss makes at a time unless told: all of a micro-batch's `rows` up
+    /// to about [`LOSS_CHUNK_LOGITS`] logits, else even chunks, rounded up to 64 rows and of
+    /// at least [`LOSS_CHUNK_MIN_ROWS`]. The same on every tensor-parallel shard, whose losses
+    /// exchange statistics chunk by chunk: reckoned on the widest shard's rows (the first's).
+    pub fn default_loss_chunk(&self, rows: usize) -> usize {
+        let widest = Part { tp_rank: 0, ..self.part.clone() }.head_rows(self.cfg.vocab_size);
+        let chunks = (rows * widest).div_ceil(LOSS_CHUNK_LOGITS).max(1);
+        rows.div_ceil(chunks).next_multiple_of(64).max(LOSS_CHUNK_MIN_ROWS).min(rows).max(1)
     }
 
     /// The columns of a row of logits: this shard's vocabulary and the head's padding.
@@ -583,16 +593,15 @@ impl Model {
         every > 0 && self.block_layer[i].is_multiple_of(every)
     }
 
-    /// Computes the logits of `ids` (`[batch, seq]`, row-major) into `ws.logits`, saving
-    /// what backward needs in `ws`.
+    /// Runs `ids` (`[batch, seq]`, row-major) up to the output head's input, saving
+    /// what backward needs in `ws`; [`Model::loss`] or [`Model::logits`] goes on from there.
     pub fn forward<B: Backend>(&self, be: &B, params: &B::Buf, ws: &mut Workspace<B>, ids: &B::Ids) {
         self.forward_stage(be, params, ws, ids, &mut Alone).expect("a whole model does not communicate");
     }
 
     /// Forward of this part. The first stage embeds `ids`; a later one reads its input from
-    /// [`Workspace::input_mut`]. The last stage leaves logits (its vocabulary shard's columns,
-    /// then the head's padding: [`Model::logit_columns`]) in `ws.logits`; an earlier one its
-    /// output in [`Workspace::output`].
+    /// [`Workspace::input_mut`]. The last stage leaves the head's input for
+    /// [`Model::loss_stage`]; an earlier one its output in [`Workspace::output`].
     pub fn forward_stage<B: Backend>(
         &self,
         be: &B,
@@ -604,8 +613,8 @@ impl Model {
         self.forward_at(be, params, ws, ids, None, tp)
     }
 
-    /// Inference: the logits of `ws.seq` new tokens per sequence that follow the `cache.len`
-    /// tokens already in `cache`, adding them to it (attention's keys and values; a Mamba
+    /// Inference: runs `ws.seq` new tokens per sequence that follow the `cache.len` tokens
+    /// already in `cache` (their logits then come from [`Model::logits`]), adding them to it (attention's keys and values; a Mamba
     /// mixer's state moves on past them).
     pub fn forward_cached<B: Backend>(
         &self,
@@ -1205,22 +1214,15 @@ struct BlockIo<'a, B: Backend> {
     gathered: Option<&'a mut Gathered<B>>,
 }
 
-/// At most this many logits exist at a time by default (1 GiB in bf16): a micro-batch's rows
+/// About this many logits exist at a time by default (1 GiB in bf16): a micro-batch's rows
 /// beyond it are made and used up in even chunks (GPT-2 124M's 16 x 1024 tokens of 50304 in
 /// 2, Llama-3.2-1B's 4 x 2048 of 128256 in 2).
 pub const LOSS_CHUNK_LOGITS: usize = 1 << 29;
 
-/// Chunks have at least this many rows: each chunk's weight-gradient GEMM reads and writes the
-/// head's whole f32 gradient, a pass that costs under a fifth of the GEMM at this size.
+/// Chunks have at least this many rows (so more logits than [`LOSS_CHUNK_LOGITS`] past a
+/// vocabulary of 131072): each chunk's weight-gradient GEMM reads and writes the head's whole
+/// f32 gradient, a pass that costs under a fifth of the GEMM at this size.
 pub const LOSS_CHUNK_MIN_ROWS: usize = 4096;
-
-/// The rows of logits the loss makes at a time for a micro-batch of `rows` tokens and logit
-/// rows of `stride` columns: all of them up to [`LOSS_CHUNK_LOGITS`] logits, else even chunks
-/// under it, of at least [`LOSS_CHUNK_MIN_ROWS`] rows.
-pub fn default_loss_chunk(rows: usize, stride: usize) -> usize {
-    let chunks = (rows * stride).div_ceil(LOSS_CHUNK_LOGITS).max(1);
-    rows.div_ceil(chunks).max(LOSS_CHUNK_MIN_ROWS).min(rows).max(1)
-}
 
 /// Every activation buffer of one micro-batch shape, allocated once and reused each step.
 pub struct Workspace<B: Backend> {
@@ -1273,21 +1275,7 @@ impl<B: Backend> Workspace<B> {
     }
 
     pub fn new(be: &B, model: &Model, batch: usize, seq: usize) -> Result<Self> {
-        Self::with_recompute(be, model, batch, seq, 0)
-    }
-
-    /// The same workspace with the loss making its logits `rows` rows at a time (1 to the
-    /// micro-batch's; by default [`default_loss_chunk`]).
-    pub fn with_loss_chunk(mut self, be: &B, model: &Model, rows: usize) -> Self {
-        let n = rows.clamp(1, self.rows);
-        self.loss_chunk = n;
-        if model.head.is_some() {
-            self.logits = be.zeros(n * model.logit_columns().stride);
-        }
-        if let Some(buffers) = self.vocab_parallel.as_mut() {
-            *buffers = (be.zeros_f32(3 * n), be.zeros_f32(n));
-        }
-        self
+        Self::with_options(be, model, batch, seq, 0, 0)
     }
 
     /// The rows of each of the loss's chunks.
@@ -1297,10 +1285,21 @@ impl<B: Backend> Workspace<B> {
 
     /// A workspace that keeps no activations for the blocks of every `recompute_every`-th
     /// layer (0: none), recomputing them in backward from the block's input: less memory, one
-    /// more forward of those blocks, identical results.
-    pub fn with_recompute(be: &B, model: &Model, batch: usize, seq: usize, recompute_every: usize) -> Result<Self> {
+    /// more forward of those blocks, identical results; and whose loss makes `loss_chunk` rows
+    /// of logits at a time (0: [`Model::default_loss_chunk`]; at most the micro-batch's).
+    pub fn with_options(
+        be: &B,
+        model: &Model,
+        batch: usize,
+        seq: usize,
+        recompute_every: usize,
+        loss_chunk: usize,
+    ) -> Result<Self> {
         let stride = model.logit_columns().stride;
-        let loss_chunk = default_loss_chunk(batch * seq, stride);
+        let loss_chunk = match loss_chunk {
+            0 => model.default_loss_chunk(batch * seq),
+            rows => rows.min(batch * seq).max(1),
+        };
         let cfg = &model.cfg;
         if seq == 0 || seq > cfg.max_seq_len {
             return Err(ondol_core::Error::config(

@@ -42,7 +42,7 @@ fn check_model(cfg: ModelConfig, h: f32) {
     let targets: Vec<u32> = (0..batch * seq).map(|_| rng.below(11) as u32).collect();
     let mut params = model.layout.init(1);
     // The loss in uneven chunks of rows (3, 3, 3, 1), as a long micro-batch takes it.
-    let mut ws = Workspace::new(&be, &model, batch, seq).unwrap().with_loss_chunk(&be, &model, 3);
+    let mut ws = Workspace::with_options(&be, &model, batch, seq, 0, 3).unwrap();
 
     model.forward(&be, &params, &mut ws, &ids);
     let mut grads = be.zeros(params.len());

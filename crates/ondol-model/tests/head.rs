@@ -2,7 +2,7 @@
 //! aligned rows (`Part::vocab_align`) starts from the same weights with zero padding, gives
 //! the same loss, the same gradient on every real row, and an exactly zero gradient in the
 //! padding, so the padding stays zero under AdamW. A loss made in chunks of rows
-//! (`Workspace::with_loss_chunk`) gives the same losses and gradients. Untied (Llama), tied
+//! (`Workspace::with_options`) gives the same losses and gradients. Untied (Llama), tied
 //! (GPT-2) and a state-space model.
 
 use ondol_core::{Backend, Rng};
@@ -45,7 +45,7 @@ fn loss_and_grads(
     loss_chunk: usize,
 ) -> (f64, Vec<f32>) {
     let be = CpuBackend;
-    let mut ws = Workspace::new(&be, model, 2, 8).unwrap().with_loss_chunk(&be, model, loss_chunk);
+    let mut ws = Workspace::with_options(&be, model, 2, 8, 0, loss_chunk).unwrap();
     let mut grads = be.zeros(params.len());
     model.forward(&be, params, &mut ws, ids);
     let loss = model.loss(&be, params, &mut ws, targets, Some((1.0, &mut grads)));
@@ -103,6 +103,15 @@ fn a_loss_in_chunks_of_rows_equals_the_whole() {
         let ids: Vec<u32> = (0..16).map(|_| rng.below(37) as u32).collect();
         let targets: Vec<u32> = (0..16).map(|_| rng.below(37) as u32).collect();
         let (loss, grads) = loss_and_grads(&model, &params, &ids, &targets, 16);
+        let logits = |chunk: usize| {
+            let mut ws = Workspace::with_options(&CpuBackend, &model, 2, 8, 0, chunk).unwrap();
+            model.forward(&CpuBackend, &params, &mut ws, &ids);
+            model.logits(&CpuBackend, &params, &mut ws)
+        };
+        let whole = logits(16);
+        assert_eq!(whole.len(), 16 * 37, "{arch:?}: logits without the padding");
+        let worst = ondol_core::gradcheck::max_abs_diff(&logits(5), &whole);
+        assert!(worst <= 1e-5, "{arch:?}: logits in chunks of 5 differ by {worst:e}");
         for chunk in [1, 5, 8] {
             let (chunked, chunked_grads) = loss_and_grads(&model, &params, &ids, &targets, chunk);
             // The same sums, up to the GEMMs' rounding at other shapes.
@@ -114,5 +123,19 @@ fn a_loss_in_chunks_of_rows_equals_the_whole() {
             let scale = grads.iter().fold(0.0f32, |m, g| m.max(g.abs()));
             assert!(worst <= 1e-6 * scale, "{arch:?}: gradients in chunks of {chunk} differ by {worst:e} (of {scale})");
         }
+    }
+}
+
+/// Shards whose padded heads differ in width (65537 ids over 2 shards: 32769 and 32768 rows,
+/// padded to 32832 and 32768) still take the same chunks, as they exchange statistics chunk by
+/// chunk: at 16384 rows the narrower one alone would fit 2^29 logits in one.
+#[test]
+fn every_shard_takes_the_same_chunks() {
+    let cfg = ModelConfig { vocab_size: 65537, ..config(Arch::Llama) };
+    let shard = |r| Model::part(cfg.clone(), Part::new(&cfg, r, 2, 0..2).with_vocab_align(64)).unwrap();
+    let (first, second) = (shard(0), shard(1));
+    assert_eq!(first.default_loss_chunk(16384), 8192);
+    for rows in [100, 4096, 16384, 65536, 100_000] {
+        assert_eq!(first.default_loss_chunk(rows), second.default_loss_chunk(rows), "{rows} rows");
     }
 }

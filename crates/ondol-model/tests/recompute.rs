@@ -12,7 +12,7 @@ fn run(model: &Model, recompute_every: usize) -> (u64, Vec<u32>) {
     let ids: Vec<u32> = (0..batch * seq).map(|_| rng.below(31) as u32).collect();
     let targets: Vec<u32> = (0..batch * seq).map(|_| rng.below(31) as u32).collect();
     let params = model.layout.init(2);
-    let mut ws = Workspace::with_recompute(&be, model, batch, seq, recompute_every).unwrap();
+    let mut ws = Workspace::with_options(&be, model, batch, seq, recompute_every, 0).unwrap();
     let mut grads = be.zeros(params.len());
     model.forward(&be, &params, &mut ws, &ids);
     let loss = model.loss(&be, &params, &mut ws, &targets, Some((0.1, &mut grads)));

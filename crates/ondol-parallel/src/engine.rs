@@ -30,7 +30,7 @@ pub struct Layout {
     pub seq: usize,
     /// Activation checkpointing: recompute every k-th layer (0: off).
     pub recompute: usize,
-    /// Rows of logits the loss makes at a time (0: [`ondol_model::default_loss_chunk`]).
+    /// Rows of logits the loss makes at a time (0: [`Model::default_loss_chunk`]).
     pub loss_chunk: usize,
     /// ZeRO-1: shard the AdamW state over the data-parallel replicas.
     pub zero: bool,
@@ -213,11 +213,8 @@ impl<B: Backend> Chunk<B> {
         let i = match self.busy.iter().position(Option::is_none) {
             Some(i) => i,
             None => {
-                let ws = Workspace::with_recompute(be, &self.model, layout.batch, layout.seq, layout.recompute)?;
-                self.pool.push(match layout.loss_chunk {
-                    0 => ws,
-                    rows => ws.with_loss_chunk(be, &self.model, rows),
-                });
+                let (l, model) = (layout, &self.model);
+                self.pool.push(Workspace::with_options(be, model, l.batch, l.seq, l.recompute, l.loss_chunk)?);
                 self.busy.push(None);
                 self.pool.len() - 1
             }

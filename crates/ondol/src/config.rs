@@ -77,7 +77,7 @@ pub struct TrainingConfig {
     /// recompute them in backward (0: off; 1: every block). Same results, less memory.
     #[serde(default)]
     pub activation_checkpointing: usize,
-    /// Rows (tokens) of logits the loss makes and uses up at a time (0: automatic, at most 2^29
+    /// Rows (tokens) of logits the loss makes and uses up at a time (0: automatic, about 2^29
     /// logits, chunks of at least 4096 rows). Smaller saves memory at a large vocabulary and
     /// micro-batch; the same results up to rounding.
     #[serde(default)]
