@@ -53,7 +53,10 @@ def hf_model(model):
     import transformers
 
     arch, d, heads = model["arch"], model["d_model"], model.get("n_heads", 0)
-    common = dict(vocab_size=model["vocab_size"], tie_word_embeddings=model.get("tie_embeddings", arch == "gpt2"))
+    # The vocabulary padded to a multiple of 64 rows, as ondol's training pads its head (and
+    # nanoGPT its GPT-2, to 50304): both sides run the same aligned head GEMMs.
+    vocab = -(-model["vocab_size"] // 64) * 64
+    common = dict(vocab_size=vocab, tie_word_embeddings=model.get("tie_embeddings", arch == "gpt2"))
     if arch == "gpt2":
         cfg = transformers.GPT2Config(n_embd=d, n_layer=model["n_layers"], n_head=heads,
                                       n_positions=model["max_seq_len"], n_inner=model.get("ffn_hidden"), **common)
