@@ -117,12 +117,12 @@ impl Attention {
         (batch, seq): (usize, usize),
     ) {
         let (shape, rows) = (self.shape(batch, seq), batch * seq);
-        self.out.backward(be, p, grads, be.all(&a.attn), dout, Dx::Write(&mut g.dattn), rows);
+        self.out.backward(be, p, grads, be.all(&a.attn), dout, Dx::Write(be.all_mut(&mut g.dattn)), rows);
         let (qkv, attn, lse) = (be.all(&a.qkv), be.all(&a.attn), be.all(&a.lse));
         be.attention_backward(be.all(&g.dattn), qkv, attn, lse, be.all_mut(&mut g.dqkv), shape);
         if self.rope {
             be.rope(be.all_mut(&mut g.dqkv), rope, shape, true);
         }
-        self.qkv.backward(be, p, grads, x, be.all(&g.dqkv), Dx::Write(dx), rows);
+        self.qkv.backward(be, p, grads, x, be.all(&g.dqkv), Dx::Write(be.all_mut(dx)), rows);
     }
 }

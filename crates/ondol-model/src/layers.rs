@@ -14,10 +14,10 @@ pub(crate) enum WeightLayout {
 }
 
 /// What a backward does with the gradient of a layer's input.
-pub(crate) enum Dx<'a, Buf> {
-    Write(&'a mut Buf),
+pub(crate) enum Dx<M> {
+    Write(M),
     /// Add to it: the input also feeds other layers (Mamba's projections read one input).
-    Add(&'a mut Buf),
+    Add(M),
 }
 
 /// A dense layer's place in the flat parameter buffer.
@@ -102,30 +102,14 @@ impl Linear {
         grads: &mut B::Buf,
         x: B::Ref<'_>,
         dy: B::Ref<'_>,
-        dx: Dx<'_, B::Buf>,
+        dx: Dx<B::Mut<'_>>,
         rows: usize,
     ) {
         let (g, w) = (self.input_grad_gemm(rows), be.view(p, self.w.clone()));
         match dx {
-            Dx::Write(dx) => be.gemm(g, dy, w, be.all_mut(dx)),
-            Dx::Add(dx) => be.gemm(g.accumulate(), dy, w, be.all_mut(dx)),
+            Dx::Write(dx) => be.gemm(g, dy, w, dx),
+            Dx::Add(dx) => be.gemm(g.accumulate(), dy, w, dx),
         }
-        self.backward_params(be, grads, x, dy, rows);
-    }
-
-    /// [`Linear::backward`] writing dx into a view (rows of a larger buffer).
-    #[allow(clippy::too_many_arguments)]
-    pub fn backward_view<B: Backend>(
-        &self,
-        be: &B,
-        p: &B::Buf,
-        grads: &mut B::Buf,
-        x: B::Ref<'_>,
-        dy: B::Ref<'_>,
-        dx: B::Mut<'_>,
-        rows: usize,
-    ) {
-        be.gemm(self.input_grad_gemm(rows), dy, be.view(p, self.w.clone()), dx);
         self.backward_params(be, grads, x, dy, rows);
     }
 

@@ -185,7 +185,7 @@ impl Mamba {
         tp: &mut dyn TensorParallel<B>,
     ) -> Result<()> {
         let rows = batch * seq;
-        self.out.backward(be, p, grads, be.all(&a.y), dout, Dx::Write(&mut g.dy), rows);
+        self.out.backward(be, p, grads, be.all(&a.y), dout, Dx::Write(be.all_mut(&mut g.dy)), rows);
         {
             let [ddelta_bias, da_log, dd] =
                 be.views_mut(grads, [self.dt_bias.clone(), self.a_log.clone(), self.d.clone()]);
@@ -202,19 +202,19 @@ impl Mamba {
             let inputs = self.scan_inputs(be, p, [&a.u, &a.delta, &a.b, &a.c, &a.z]);
             be.selective_scan_backward(be.all(&g.dy), inputs, be.all(&a.states), sg, self.shape(batch, seq));
         }
-        self.dt_proj.backward(be, p, grads, be.all(&a.dt), be.all(&g.ddelta), Dx::Write(&mut g.ddt), rows);
+        self.dt_proj.backward(be, p, grads, be.all(&a.dt), be.all(&g.ddelta), Dx::Write(be.all_mut(&mut g.ddt)), rows);
         if self.split {
             for part in [&mut g.ddt, &mut g.db, &mut g.dc] {
                 tp.all_reduce(be, part)?;
             }
         }
         let u = be.all(&a.u);
-        self.x_dt.backward(be, p, grads, u, be.all(&g.ddt), Dx::Add(&mut g.du), rows);
-        self.x_b.backward(be, p, grads, u, be.all(&g.db), Dx::Add(&mut g.du), rows);
-        self.x_c.backward(be, p, grads, u, be.all(&g.dc), Dx::Add(&mut g.du), rows);
+        self.x_dt.backward(be, p, grads, u, be.all(&g.ddt), Dx::Add(be.all_mut(&mut g.du)), rows);
+        self.x_b.backward(be, p, grads, u, be.all(&g.db), Dx::Add(be.all_mut(&mut g.du)), rows);
+        self.x_c.backward(be, p, grads, u, be.all(&g.dc), Dx::Add(be.all_mut(&mut g.du)), rows);
         self.conv.backward(be, p, grads, be.all(&a.x), be.all(&g.du), &mut g.dx, seq);
-        self.in_x.backward(be, p, grads, h, be.all(&g.dx), Dx::Write(dh), rows);
-        self.in_z.backward(be, p, grads, h, be.all(&g.dz), Dx::Add(dh), rows);
+        self.in_x.backward(be, p, grads, h, be.all(&g.dx), Dx::Write(be.all_mut(dh)), rows);
+        self.in_z.backward(be, p, grads, h, be.all(&g.dz), Dx::Add(be.all_mut(dh)), rows);
         Ok(())
     }
 }

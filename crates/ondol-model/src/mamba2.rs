@@ -186,7 +186,7 @@ impl Mamba2 {
         (batch, seq): (usize, usize),
     ) {
         let (rows, shape) = (batch * seq, self.shape(batch, seq));
-        self.out.backward(be, p, grads, be.all(&a.normed), dout, Dx::Write(&mut g.dnormed), rows);
+        self.out.backward(be, p, grads, be.all(&a.normed), dout, Dx::Write(be.all_mut(&mut g.dnormed)), rows);
         be.gated_rmsnorm_backward(
             be.all(&g.dnormed),
             be.all(&a.y),
@@ -206,8 +206,8 @@ impl Mamba2 {
             be.ssd_backward(be.all(&g.dy), inputs, be.all(&a.states), sg, shape);
         }
         self.conv.backward(be, p, grads, be.all(&a.xbc_raw), be.all(&g.dxbc), &mut g.dxbc_raw, seq);
-        self.in_z.backward(be, p, grads, h, be.all(&g.dz), Dx::Write(dh), rows);
-        self.in_xbc.backward(be, p, grads, h, be.all(&g.dxbc_raw), Dx::Add(dh), rows);
-        self.in_dt.backward(be, p, grads, h, be.all(&g.ddt), Dx::Add(dh), rows);
+        self.in_z.backward(be, p, grads, h, be.all(&g.dz), Dx::Write(be.all_mut(dh)), rows);
+        self.in_xbc.backward(be, p, grads, h, be.all(&g.dxbc_raw), Dx::Add(be.all_mut(dh)), rows);
+        self.in_dt.backward(be, p, grads, h, be.all(&g.ddt), Dx::Add(be.all_mut(dh)), rows);
     }
 }

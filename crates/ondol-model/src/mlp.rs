@@ -86,7 +86,7 @@ impl Mlp {
         let act_in = be.all(&a.act);
         match self.kind {
             MlpKind::SwiGlu => {
-                self.down.backward(be, p, grads, act_in, dout, Dx::Write(&mut g.dact), rows);
+                self.down.backward(be, p, grads, act_in, dout, Dx::Write(be.all_mut(&mut g.dact)), rows);
                 be.swiglu_backward(be.all(&g.dact), be.all(&a.pre), be.all_mut(&mut g.dpre), self.hidden)
             }
             MlpKind::Plain(act) => {
@@ -94,6 +94,6 @@ impl Mlp {
                 self.down.backward_through_activation(be, p, grads, act_in, pre, dout, &mut g.dpre, &mut g.dact, rows)
             }
         }
-        self.up.backward(be, p, grads, x, be.all(&g.dpre), Dx::Write(dx), rows);
+        self.up.backward(be, p, grads, x, be.all(&g.dpre), Dx::Write(be.all_mut(dx)), rows);
     }
 }

@@ -19,7 +19,7 @@
 #![allow(clippy::single_range_in_vec_init)]
 use crate::attention::{Attention, AttnActs, AttnGrads, KvSlot};
 use crate::config::{Arch, LayerKind, ModelConfig};
-use crate::layers::{CausalConv, Linear, Norm, NormActs, RecurrentState, WeightLayout, norm_floats};
+use crate::layers::{CausalConv, Dx, Linear, Norm, NormActs, RecurrentState, WeightLayout, norm_floats};
 use crate::mamba::{Mamba, MambaActs, MambaGrads};
 use crate::mamba2::{Mamba2, Mamba2Acts, Mamba2Grads};
 use crate::mlp::{Mlp, MlpActs, MlpGrads, MlpKind};
@@ -850,7 +850,7 @@ impl Model {
             }
             if let Some((_, grads)) = grad.as_mut() {
                 let dx = be.view_mut(dh, rows.start * d..rows.end * d);
-                head.out.backward_view(be, params, grads, x, be.view(logits, block), dx, n);
+                head.out.backward(be, params, grads, x, be.view(logits, block), Dx::Write(dx), n);
             }
         }
         if vocab_parallel.is_none() {
