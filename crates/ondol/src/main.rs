@@ -667,6 +667,7 @@ fn eval(args: EvalArgs) -> Result<()> {
     let training = p.run_config.as_ref().map(|c| &c.training);
     let seq = args.seq_len.or(training.map(|t| t.seq_len)).unwrap_or(p.model.cfg.max_seq_len.min(1024));
     let batch = args.batch_size.or(training.map(|t| t.batch_size)).unwrap_or(8);
+    let shape = (batch, seq, training.map_or(0, |t| t.loss_chunk_rows));
     if seq == 0 || seq > p.model.cfg.max_seq_len || batch == 0 {
         return Err(Error::config(
             "--seq-len/--batch-size",
@@ -686,12 +687,12 @@ fn eval(args: EvalArgs) -> Result<()> {
     let mut loader = Loader::new(Arc::new(stream), seq, batch, 1, Order::Sequential, 0, 1)?;
     let batches = args.batches.unwrap_or(usize::MAX).min(loader.batches_per_epoch() as usize);
     let (loss, tokens) = match args.device {
-        Device::Cpu => eval_on(&CpuBackend::new(), &p.params, &p.model, (batch, seq), &mut loader, batches)?,
+        Device::Cpu => eval_on(&CpuBackend::new(), &p.params, &p.model, shape, &mut loader, batches)?,
         Device::Cuda => {
             #[cfg(feature = "cuda")]
             {
                 let be = inference_gpu(&p.model)?;
-                eval_on(&be, &be.upload(&p.params), &p.model, (batch, seq), &mut loader, batches)?
+                eval_on(&be, &be.upload(&p.params), &p.model, shape, &mut loader, batches)?
             }
             #[cfg(not(feature = "cuda"))]
             return Err(no_cuda_backend("--device"));
@@ -737,16 +738,17 @@ fn generate(args: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
-/// The mean loss and the tokens of `batches` batches of `loader` on `be`.
+/// The mean loss and the tokens of `batches` batches of `loader` on `be`, the loss making
+/// `loss_chunk` rows of logits at a time (0: the default, as in training).
 fn eval_on<B: Backend>(
     be: &B,
     params: &B::Buf,
     model: &Model,
-    (batch, seq): (usize, usize),
+    (batch, seq, loss_chunk): (usize, usize, usize),
     loader: &mut Loader,
     batches: usize,
 ) -> Result<(f64, u64)> {
-    let mut ws = Workspace::new(be, model, batch, seq)?;
+    let mut ws = Workspace::with_options(be, model, batch, seq, 0, loss_chunk)?;
     trainer::evaluate(be, model, params, &mut ws, loader, batches)
 }
 
