@@ -624,10 +624,10 @@ pub trait Backend: Send + Sync {
         grad_scale: Option<f32>,
     );
     /// The first half of a vocab-parallel cross-entropy, on a shard of the logits: the columns
-    /// of ids `first_id..first_id + columns.vocab`, rows as in [`Backend::cross_entropy`]. Writes per row `stats[3r..3r + 3]` = (the
-    /// row's max m, sum of exp(logit - m), the target's logit if this shard holds the target,
-    /// else 0). Combining the shards' rows gives each row's log-sum-exp (see
-    /// [`combine_ce_stats`]).
+    /// of ids `first_id..first_id + columns.vocab`, rows as in [`Backend::cross_entropy`].
+    /// Writes per row `stats[3r..3r + 3]` = (the row's max m, sum of exp(logit - m), the
+    /// target's logit if this shard holds the target, else 0). Combining the shards' rows gives
+    /// each row's log-sum-exp (see [`combine_ce_stats`]).
     fn cross_entropy_stats(
         &self,
         logits: Self::Ref<'_>,

@@ -517,7 +517,7 @@ impl Model {
     }
 
     /// Bytes of activation memory a [`Workspace`] for this micro-batch shape holds (f32), its
-    /// loss making `loss_chunk` rows of logits at a time (0: [`default_loss_chunk`]).
+    /// loss making `loss_chunk` rows of logits at a time (see [`Model::loss_chunk`]).
     pub fn activation_bytes(&self, batch: usize, seq: usize, recompute_every: usize, loss_chunk: usize) -> u64 {
         let (rows, d, v) = ((batch * seq) as u64, self.cfg.d_model as u64, self.logit_columns().stride as u64);
         // The residual stream and the norms hold `stream` rows (fewer under sequence parallelism).
@@ -530,10 +530,7 @@ impl Model {
             .sum();
         let shared: u64 = if recompute_every > 0 { self.first_of_each_kind().map(block).sum() } else { 0 };
         let grads: u64 = self.first_of_each_kind().map(|b| b.mixer.grad_floats(batch, seq)).sum();
-        let chunk = match loss_chunk {
-            0 => self.default_loss_chunk(rows as usize) as u64,
-            n => (n as u64).min(rows),
-        };
+        let chunk = self.loss_chunk(rows as usize, loss_chunk) as u64;
         let head = if self.head.is_some() { norm_floats(stream, d as usize, layernorm) + chunk * v + rows } else { 0 };
         let stream = stream as u64;
         let residual = (self.blocks.len() as u64 + 1) * stream * d;
@@ -549,14 +546,21 @@ impl Model {
         embed.start..embed.start + self.vocab.len() * self.cfg.d_model
     }
 
-    /// Rows of logits the loss makes at a time unless told: all of a micro-batch's `rows` up
-    /// to about [`LOSS_CHUNK_LOGITS`] logits, else even chunks, rounded up to 64 rows and of
-    /// at least [`LOSS_CHUNK_MIN_ROWS`]. The same on every tensor-parallel shard, whose losses
-    /// exchange statistics chunk by chunk: reckoned on the widest shard's rows (the first's).
-    pub fn default_loss_chunk(&self, rows: usize) -> usize {
-        let widest = Part { tp_rank: 0, ..self.part.clone() }.head_rows(self.cfg.vocab_size);
-        let chunks = (rows * widest).div_ceil(LOSS_CHUNK_LOGITS).max(1);
-        rows.div_ceil(chunks).next_multiple_of(64).max(LOSS_CHUNK_MIN_ROWS).min(rows).max(1)
+    /// Rows of logits the loss makes at a time for a micro-batch of `rows` tokens: `requested`
+    /// (at most `rows`), or for 0 all of them up to about [`LOSS_CHUNK_LOGITS`] logits, else
+    /// even chunks, rounded up to 64 rows and of at least [`LOSS_CHUNK_MIN_ROWS`]. The default
+    /// is the same on every tensor-parallel shard, whose losses exchange statistics chunk by
+    /// chunk: it is reckoned on the widest shard's rows (the first's).
+    pub fn loss_chunk(&self, rows: usize, requested: usize) -> usize {
+        let chunk = match requested {
+            0 => {
+                let widest = Part { tp_rank: 0, ..self.part.clone() }.head_rows(self.cfg.vocab_size);
+                let chunks = (rows * widest).div_ceil(LOSS_CHUNK_LOGITS).max(1);
+                rows.div_ceil(chunks).next_multiple_of(64).max(LOSS_CHUNK_MIN_ROWS)
+            }
+            n => n,
+        };
+        chunk.min(rows).max(1)
     }
 
     /// The columns of a row of logits: this shard's vocabulary and the head's padding.
@@ -614,8 +618,8 @@ impl Model {
     }
 
     /// Inference: runs `ws.seq` new tokens per sequence that follow the `cache.len` tokens
-    /// already in `cache` (their logits then come from [`Model::logits`]), adding them to it (attention's keys and values; a Mamba
-    /// mixer's state moves on past them).
+    /// already in `cache` (their logits then come from [`Model::logits`]), adding them to it
+    /// (attention's keys and values; a Mamba mixer's state moves on past them).
     pub fn forward_cached<B: Backend>(
         &self,
         be: &B,
@@ -709,11 +713,8 @@ impl Model {
         let (d, columns) = (self.cfg.d_model, self.logit_columns());
         let mut out = Vec::with_capacity(ws.rows * columns.vocab);
         let chunks = ws.loss_chunks();
-        let Workspace { logits, norm_f, gathered, .. } = ws;
-        let h = match gathered.as_ref() {
-            Some(g) => &g.input,
-            None => &norm_f.as_ref().expect("the last stage's workspace has a final norm").out,
-        };
+        let Workspace { logits, norm_f, gathered, scratch, .. } = ws;
+        let (h, _) = head_io(norm_f, gathered, &mut scratch.dnorm);
         for rows in chunks {
             let (x, block) = (be.view(h, rows.start * d..rows.end * d), 0..rows.len() * columns.stride);
             head.out.forward_view(be, params, x, be.view_mut(logits, block.clone()), rows.len());
@@ -786,7 +787,7 @@ impl Model {
     }
 
     /// [`Model::loss`] on the last stage. The logits are made and used up a chunk of rows at a
-    /// time ([`Workspace::with_loss_chunk`]), so only one chunk of them ever exists: the head's
+    /// time ([`Model::loss_chunk`]), so only one chunk of them ever exists: the head's
     /// GEMM, the fused cross-entropy (which leaves `scale * dloss/dlogits` in their place), and
     /// the head's two backward GEMMs. Split across shards, each holds a vocabulary shard of
     /// the logits (no rank ever holds them all): the shards exchange three numbers per row
@@ -804,11 +805,7 @@ impl Model {
         let (d, columns, first_id) = (self.cfg.d_model, self.logit_columns(), self.vocab.start);
         let chunks = ws.loss_chunks();
         let Workspace { logits, losses, vocab_parallel, norm_f, gathered, scratch, .. } = ws;
-        // The head's input, and where its gradient goes (before the shards' sum).
-        let (h, dh) = match gathered.as_mut() {
-            Some(g) => (&g.input, &mut g.dinput),
-            None => (&norm_f.as_ref().expect("the last stage's workspace has a final norm").out, &mut scratch.dnorm),
-        };
+        let (h, dh) = head_io(norm_f, gathered, &mut scratch.dnorm);
         let mut loss = 0.0;
         for rows in chunks {
             let (n, x) = (rows.len(), be.view(h, rows.start * d..rows.end * d));
@@ -1214,6 +1211,19 @@ struct BlockIo<'a, B: Backend> {
     gathered: Option<&'a mut Gathered<B>>,
 }
 
+/// The output head's input after forward (gathered under sequence parallelism), and where the
+/// loss writes its gradient, before the shards' sum (the gathered gradient, or `dnorm`).
+fn head_io<'a, B: Backend>(
+    norm_f: &'a Option<NormActs<B>>,
+    gathered: &'a mut Option<Gathered<B>>,
+    dnorm: &'a mut B::Buf,
+) -> (&'a B::Buf, &'a mut B::Buf) {
+    match gathered {
+        Some(g) => (&g.input, &mut g.dinput),
+        None => (&norm_f.as_ref().expect("the last stage's workspace has a final norm").out, dnorm),
+    }
+}
+
 /// About this many logits exist at a time by default (1 GiB in bf16): a micro-batch's rows
 /// beyond it are made and used up in even chunks (GPT-2 124M's 16 x 1024 tokens of 50304 in
 /// 2, Llama-3.2-1B's 4 x 2048 of 128256 in 2).
@@ -1242,7 +1252,7 @@ pub struct Workspace<B: Backend> {
     /// One chunk of rows' logits, `[loss_chunk, head rows]` (a padded head's last columns are
     /// no token's), then their gradients (empty before the last stage).
     logits: B::Buf,
-    /// Rows of logits made at a time (see [`Workspace::with_loss_chunk`]).
+    /// Rows of logits made at a time (see [`Model::loss_chunk`]).
     loss_chunk: usize,
     losses: B::Buf,
     /// The vocab-parallel loss's row statistics and log-sum-exp (tp > 1 only).
@@ -1286,7 +1296,7 @@ impl<B: Backend> Workspace<B> {
     /// A workspace that keeps no activations for the blocks of every `recompute_every`-th
     /// layer (0: none), recomputing them in backward from the block's input: less memory, one
     /// more forward of those blocks, identical results; and whose loss makes `loss_chunk` rows
-    /// of logits at a time (0: [`Model::default_loss_chunk`]; at most the micro-batch's).
+    /// of logits at a time ([`Model::loss_chunk`]).
     pub fn with_options(
         be: &B,
         model: &Model,
@@ -1295,11 +1305,7 @@ impl<B: Backend> Workspace<B> {
         recompute_every: usize,
         loss_chunk: usize,
     ) -> Result<Self> {
-        let stride = model.logit_columns().stride;
-        let loss_chunk = match loss_chunk {
-            0 => model.default_loss_chunk(batch * seq),
-            rows => rows.min(batch * seq).max(1),
-        };
+        let (stride, loss_chunk) = (model.logit_columns().stride, model.loss_chunk(batch * seq, loss_chunk));
         let cfg = &model.cfg;
         if seq == 0 || seq > cfg.max_seq_len {
             return Err(ondol_core::Error::config(

@@ -134,8 +134,8 @@ fn every_shard_takes_the_same_chunks() {
     let cfg = ModelConfig { vocab_size: 65537, ..config(Arch::Llama) };
     let shard = |r| Model::part(cfg.clone(), Part::new(&cfg, r, 2, 0..2).with_vocab_align(64)).unwrap();
     let (first, second) = (shard(0), shard(1));
-    assert_eq!(first.default_loss_chunk(16384), 8192);
+    assert_eq!(first.loss_chunk(16384, 0), 8192);
     for rows in [100, 4096, 16384, 65536, 100_000] {
-        assert_eq!(first.default_loss_chunk(rows), second.default_loss_chunk(rows), "{rows} rows");
+        assert_eq!(first.loss_chunk(rows, 0), second.loss_chunk(rows, 0), "{rows} rows");
     }
 }

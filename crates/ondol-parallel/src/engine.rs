@@ -30,7 +30,7 @@ pub struct Layout {
     pub seq: usize,
     /// Activation checkpointing: recompute every k-th layer (0: off).
     pub recompute: usize,
-    /// Rows of logits the loss makes at a time (0: [`Model::default_loss_chunk`]).
+    /// Rows of logits the loss makes at a time (0: the default of [`Model::loss_chunk`]).
     pub loss_chunk: usize,
     /// ZeRO-1: shard the AdamW state over the data-parallel replicas.
     pub zero: bool,
