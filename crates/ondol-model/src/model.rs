@@ -516,9 +516,16 @@ impl Model {
         6 * self.num_flop_params() as u64 + mixers
     }
 
-    /// Bytes of activation memory a [`Workspace`] for this micro-batch shape holds (f32), its
-    /// loss making `loss_chunk` rows of logits at a time (see [`Model::loss_chunk`]).
-    pub fn activation_bytes(&self, batch: usize, seq: usize, recompute_every: usize, loss_chunk: usize) -> u64 {
+    /// Bytes of activation memory (f32) for this micro-batch shape, its loss making
+    /// `loss_chunk` rows of logits at a time (see [`Model::loss_chunk`]): what each
+    /// [`Workspace`] holds, and the scratch that the workspaces in flight share.
+    pub fn activation_bytes(
+        &self,
+        batch: usize,
+        seq: usize,
+        recompute_every: usize,
+        loss_chunk: usize,
+    ) -> ActivationBytes {
         let (rows, d, v) = ((batch * seq) as u64, self.cfg.d_model as u64, self.logit_columns().stride as u64);
         // The residual stream and the norms hold `stream` rows (fewer under sequence parallelism).
         let stream = self.part.stream_rows(batch * seq).len();
@@ -528,15 +535,20 @@ impl Model {
             .filter(|&i| !self.recomputed(i, recompute_every))
             .map(|i| block(&self.blocks[i]))
             .sum();
-        let shared: u64 = if recompute_every > 0 { self.first_of_each_kind().map(block).sum() } else { 0 };
-        let grads: u64 = self.first_of_each_kind().map(|b| b.mixer.grad_floats(batch, seq)).sum();
-        let chunk = self.loss_chunk(rows as usize, loss_chunk) as u64;
-        let head = if self.head.is_some() { norm_floats(stream, d as usize, layernorm) + chunk * v + rows } else { 0 };
+        let norm_f = if self.head.is_some() { norm_floats(stream, d as usize, layernorm) } else { 0 };
         let stream = stream as u64;
         let residual = (self.blocks.len() as u64 + 1) * stream * d;
-        let vocab_parallel = if self.part.tp > 1 { 4 * chunk } else { 0 };
         let gathered = if self.part.sequence_parallel { 3 * rows * d } else { 0 };
-        4 * (saved + shared + grads + residual + head + vocab_parallel + gathered + 2 * stream * d)
+        // Scratch: the recomputed blocks' activations, the mixers' gradients, the loss's chunk.
+        let recomputed: u64 = if recompute_every > 0 { self.first_of_each_kind().map(block).sum() } else { 0 };
+        let grads: u64 = self.first_of_each_kind().map(|b| b.mixer.grad_floats(batch, seq)).sum();
+        let chunk = self.loss_chunk(rows as usize, loss_chunk) as u64;
+        let loss = if self.head.is_some() { chunk * v + rows } else { 0 };
+        let vocab_parallel = if self.head.is_some() && self.part.tp > 1 { 4 * chunk } else { 0 };
+        ActivationBytes {
+            micro_batch: 4 * (saved + norm_f + residual + gathered + 2 * stream * d),
+            scratch: 4 * (recomputed + grads + loss + vocab_parallel),
+        }
     }
 
     /// The rows of the token embedding `embed` that lookups use: this shard's vocabulary,
@@ -589,6 +601,15 @@ impl Model {
     /// One block of each mixer kind present (blocks of a kind share their dimensions).
     fn first_of_each_kind(&self) -> impl Iterator<Item = &Block> {
         (0..KINDS).filter_map(|k| self.blocks.iter().find(|b| b.mixer.kind() == k))
+    }
+
+    /// The buffers of what `block`'s forward saves for its backward, for `batch x seq` tokens.
+    fn block_acts<B: Backend>(&self, be: &B, block: &Block, batch: usize, seq: usize) -> BlockActs<B> {
+        let stream = self.part.stream_rows(batch * seq).len();
+        BlockActs {
+            norm: NormActs::new(be, stream, self.cfg.d_model, self.layernorm()),
+            mixer: block.mixer.acts(be, batch, seq),
+        }
     }
 
     /// Whether block `i` keeps no activations and is recomputed in backward, when every
@@ -686,7 +707,7 @@ impl Model {
             let kind = self.blocks[i].mixer.kind();
             let a = match ws.acts[i].as_mut() {
                 Some(a) => a,
-                None => ws.shared[kind].as_mut().expect("a scratch for recomputed blocks"),
+                None => Workspace::scratch(&mut ws.scratch).recomputed[kind].as_mut().expect("a recomputed kind"),
             };
             let slot = cached.as_mut().and_then(|(blocks, max_seq)| blocks[i].slot(pos, *max_seq));
             let io = BlockIo { x: &done[i], x_next: &mut next[0], gathered: ws.gathered.as_mut() };
@@ -713,8 +734,9 @@ impl Model {
         let (d, columns) = (self.cfg.d_model, self.logit_columns());
         let mut out = Vec::with_capacity(ws.rows * columns.vocab);
         let chunks = ws.loss_chunks();
-        let Workspace { logits, norm_f, gathered, scratch, .. } = ws;
-        let (h, _) = head_io(norm_f, gathered, &mut scratch.dnorm);
+        let Workspace { norm_f, gathered, dnorm, scratch, .. } = ws;
+        let logits = &mut Workspace::scratch(scratch).logits;
+        let (h, _) = head_io(norm_f, gathered, dnorm);
         for rows in chunks {
             let (x, block) = (be.view(h, rows.start * d..rows.end * d), 0..rows.len() * columns.stride);
             head.out.forward_view(be, params, x, be.view_mut(logits, block.clone()), rows.len());
@@ -804,8 +826,9 @@ impl Model {
         let head = self.head.as_ref().expect("the last stage computes the loss");
         let (d, columns, first_id) = (self.cfg.d_model, self.logit_columns(), self.vocab.start);
         let chunks = ws.loss_chunks();
-        let Workspace { logits, losses, vocab_parallel, norm_f, gathered, scratch, .. } = ws;
-        let (h, dh) = head_io(norm_f, gathered, &mut scratch.dnorm);
+        let Workspace { norm_f, gathered, dnorm, scratch, .. } = ws;
+        let Scratch { logits, losses, vocab_parallel, .. } = Workspace::scratch(scratch);
+        let (h, dh) = head_io(norm_f, gathered, dnorm);
         let mut loss = 0.0;
         for rows in chunks {
             let (n, x) = (rows.len(), be.view(h, rows.start * d..rows.end * d));
@@ -884,19 +907,19 @@ impl Model {
     ) -> Result<()> {
         let (d, dims) = (self.cfg.d_model, (ws.batch, ws.seq));
         let split = self.part.tp > 1;
-        let s = &mut ws.scratch;
+        let Scratch { mixers, recomputed, .. } = Workspace::scratch(&mut ws.scratch);
 
         if let Some(head) = &self.head {
             let norm_f = ws.norm_f.as_ref().expect("the last stage's workspace has a final norm");
             // Each shard's head input gradient is a partial sum over the vocabulary.
             match ws.gathered.as_mut() {
-                Some(g) => tp.reduce_scatter_rows(be, &g.dinput, &mut s.dnorm)?,
-                None if split => tp.all_reduce(be, &mut s.dnorm)?,
+                Some(g) => tp.reduce_scatter_rows(be, &g.dinput, &mut ws.dnorm)?,
+                None if split => tp.all_reduce(be, &mut ws.dnorm)?,
                 None => {}
             }
-            be.fill(be.all_mut(&mut s.dres), 0.0);
+            be.fill(be.all_mut(&mut ws.dres), 0.0);
             let last = &ws.res[self.blocks.len()];
-            head.norm_f.backward(be, params, grads, be.all(&s.dnorm), be.all(last), norm_f, &mut s.dres, d);
+            head.norm_f.backward(be, params, grads, be.all(&ws.dnorm), be.all(last), norm_f, &mut ws.dres, d);
             // The final norm and an untied head come after the blocks (a tied head's gradient
             // is the embedding's, complete only after the embedding's backward).
             let after_blocks = self.block_params.last().map_or(self.stem_params().end, |r| r.end);
@@ -912,17 +935,17 @@ impl Model {
                     // Activation checkpointing: run the block again from its saved input. The
                     // same ops on the same bits give the same activations; its output goes to
                     // scratch (`dnorm` is free until this block's norm backward reads it).
-                    let shared = ws.shared[block.mixer.kind()].as_mut().expect("a scratch for recomputed blocks");
-                    let io = BlockIo { x: &ws.res[i], x_next: &mut s.dnorm, gathered: ws.gathered.as_mut() };
-                    self.block_forward(be, params, i, io, shared, rope, None, dims, tp)?;
-                    shared
+                    let acts = recomputed[block.mixer.kind()].as_mut().expect("a recomputed kind");
+                    let io = BlockIo { x: &ws.res[i], x_next: &mut ws.dnorm, gathered: ws.gathered.as_mut() };
+                    self.block_forward(be, params, i, io, acts, rope, None, dims, tp)?;
+                    acts
                 }
             };
             // dres holds dL/d(x_next) = dL/dx along the skip path; the norm adds the mixer's branch.
             match ws.gathered.as_mut() {
                 Some(g) => {
                     tp.all_gather_rows(be, &a.norm.out, &mut g.input)?;
-                    tp.all_gather_rows(be, &s.dres, &mut g.output)?;
+                    tp.all_gather_rows(be, &ws.dres, &mut g.output)?;
                     let (h, dout) = (be.all(&g.input), be.all(&g.output));
                     block.mixer.backward(
                         be,
@@ -932,23 +955,34 @@ impl Model {
                         &a.mixer,
                         dout,
                         &mut g.dinput,
-                        &mut s.mixers,
+                        mixers,
                         rope,
                         dims,
                         tp,
                     )?;
-                    tp.reduce_scatter_rows(be, &g.dinput, &mut s.dnorm)?;
+                    tp.reduce_scatter_rows(be, &g.dinput, &mut ws.dnorm)?;
                 }
                 None => {
-                    let (h, dout) = (be.all(&a.norm.out), be.all(&s.dres));
-                    let (dh, scratch) = (&mut s.dnorm, &mut s.mixers);
-                    block.mixer.backward(be, params, grads, h, &a.mixer, dout, dh, scratch, rope, dims, tp)?;
+                    let (h, dout) = (be.all(&a.norm.out), be.all(&ws.dres));
+                    block.mixer.backward(
+                        be,
+                        params,
+                        grads,
+                        h,
+                        &a.mixer,
+                        dout,
+                        &mut ws.dnorm,
+                        mixers,
+                        rope,
+                        dims,
+                        tp,
+                    )?;
                     if split {
-                        tp.all_reduce(be, &mut s.dnorm)?;
+                        tp.all_reduce(be, &mut ws.dnorm)?;
                     }
                 }
             }
-            block.norm.backward(be, params, grads, be.all(&s.dnorm), be.all(&ws.res[i]), &a.norm, &mut s.dres, d);
+            block.norm.backward(be, params, grads, be.all(&ws.dnorm), be.all(&ws.res[i]), &a.norm, &mut ws.dres, d);
             tp.grads_ready(be, grads, self.block_params[i].clone())?;
         }
 
@@ -958,10 +992,10 @@ impl Model {
         // Every shard's embedding needs the gradient of every token it looked up.
         let dx = match ws.gathered.as_mut() {
             Some(g) => {
-                tp.all_gather_rows(be, &s.dres, &mut g.output)?;
+                tp.all_gather_rows(be, &ws.dres, &mut g.output)?;
                 &g.output
             }
-            None => &s.dres,
+            None => &ws.dres,
         };
         if let Some(embed) = &self.embed {
             be.embedding_backward(ids, be.all(dx), be.view_mut(grads, self.lookup_rows(embed)), self.vocab.start, d);
@@ -1176,21 +1210,64 @@ struct BlockActs<B: Backend> {
     mixer: MixerActs<B>,
 }
 
-/// Gradients of activations, reused by every block in turn.
+/// The buffers that one call (forward, loss or backward) uses and leaves nothing in for the
+/// next, reused by every block in turn. The workspaces of a model's micro-batches in flight
+/// share one set, handed to the one at work ([`Workspace::hand_scratch_to`]).
 struct Scratch<B: Backend> {
-    /// The gradient of the residual stream.
-    dres: B::Buf,
-    /// The gradient of a norm's output.
-    dnorm: B::Buf,
+    /// The gradients of the mixers' activations, one set per mixer kind present.
     mixers: MixerGrads<B>,
+    /// Per mixer kind, the activations that its recomputed blocks run in (activation
+    /// checkpointing; None for a kind with no recomputed block).
+    recomputed: Vec<Option<BlockActs<B>>>,
+    /// One chunk of rows' logits, `[loss_chunk, head rows]` (a padded head's last columns are
+    /// no token's), then their gradients (empty before the last stage).
+    logits: B::Buf,
+    /// Each token's loss (last stage only).
+    losses: B::Buf,
+    /// The vocab-parallel loss's row statistics and log-sum-exp (tp > 1 only).
+    vocab_parallel: Option<(B::Buf, B::Buf)>,
 }
 
-/// The mixers' gradient scratch: one set per mixer kind present.
+/// The mixers' gradient scratch, per mixer kind present.
 struct MixerGrads<B: Backend> {
     attn: Option<AttnGrads<B>>,
     mlp: Option<MlpGrads<B>>,
     mamba: Option<MambaGrads<B>>,
     mamba2: Option<Mamba2Grads<B>>,
+}
+
+impl<B: Backend> Scratch<B> {
+    /// The scratch of `model`'s workspaces for `batch x seq` tokens, recomputing the blocks of
+    /// every `recompute_every`-th layer, its loss making `loss_chunk` rows of logits at a time
+    /// (resolved, see [`Model::loss_chunk`]).
+    fn new(be: &B, model: &Model, batch: usize, seq: usize, recompute_every: usize, loss_chunk: usize) -> Self {
+        let rows = batch * seq;
+        let blocks = &model.blocks;
+        let recomputed_kind =
+            |k: usize| (0..blocks.len()).any(|i| blocks[i].mixer.kind() == k && model.recomputed(i, recompute_every));
+        let mut recomputed: Vec<Option<BlockActs<B>>> = (0..KINDS).map(|_| None).collect();
+        let mut mixers = MixerGrads { attn: None, mlp: None, mamba: None, mamba2: None };
+        for block in model.first_of_each_kind() {
+            let kind = block.mixer.kind();
+            if recomputed_kind(kind) {
+                recomputed[kind] = Some(model.block_acts(be, block, batch, seq));
+            }
+            match &block.mixer {
+                Mixer::Attention(m) => mixers.attn = Some(m.grads(be, batch, seq)),
+                Mixer::Mlp(m) => mixers.mlp = Some(m.grads(be, rows)),
+                Mixer::Mamba(m) => mixers.mamba = Some(m.grads(be, rows)),
+                Mixer::Mamba2(m) => mixers.mamba2 = Some(m.grads(be, rows)),
+            }
+        }
+        let (head, tp) = (model.head.is_some(), model.part.tp > 1);
+        Self {
+            mixers,
+            recomputed,
+            logits: be.zeros(if head { loss_chunk * model.logit_columns().stride } else { 0 }),
+            losses: be.zeros_f32(if head { rows } else { 0 }),
+            vocab_parallel: (head && tp).then(|| (be.zeros_f32(3 * loss_chunk), be.zeros_f32(loss_chunk))),
+        }
+    }
 }
 
 /// Sequence parallelism's buffers of all the micro-batch's tokens, used within one forward or
@@ -1234,31 +1311,48 @@ pub const LOSS_CHUNK_LOGITS: usize = 1 << 29;
 /// f32 gradient, a pass that costs under a fifth of the GEMM at this size.
 pub const LOSS_CHUNK_MIN_ROWS: usize = 4096;
 
+/// Bytes of activation memory for one micro-batch shape (see [`Model::activation_bytes`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ActivationBytes {
+    /// What each micro-batch in flight holds from its forward to its backward.
+    pub micro_batch: u64,
+    /// What one call needs only while it runs: held once, whatever the micro-batches in flight.
+    pub scratch: u64,
+}
+
+impl ActivationBytes {
+    /// Bytes with `in_flight` micro-batches between their forward and their backward.
+    pub fn with_in_flight(self, in_flight: u64) -> u64 {
+        in_flight * self.micro_batch + self.scratch
+    }
+}
+
 /// Every activation buffer of one micro-batch shape, allocated once and reused each step.
 pub struct Workspace<B: Backend> {
     pub batch: usize,
     pub seq: usize,
     /// Tokens of the micro-batch (`batch x seq`).
     rows: usize,
+    /// Blocks of every this many layers are recomputed in backward (0: none).
+    recompute_every: usize,
+    /// Rows of logits made at a time (see [`Model::loss_chunk`]).
+    loss_chunk: usize,
     /// The residual stream entering each block, and leaving the last (`blocks + 1`): this
     /// shard's tokens of it under sequence parallelism, all of them otherwise.
     res: Vec<B::Buf>,
     /// Saved activations per block; None for a block recomputed in backward.
     acts: Vec<Option<BlockActs<B>>>,
-    /// Per mixer kind, the one set of activation buffers that recomputed blocks share.
-    shared: Vec<Option<BlockActs<B>>>,
     /// The final norm's activations (last stage only).
     norm_f: Option<NormActs<B>>,
-    /// One chunk of rows' logits, `[loss_chunk, head rows]` (a padded head's last columns are
-    /// no token's), then their gradients (empty before the last stage).
-    logits: B::Buf,
-    /// Rows of logits made at a time (see [`Model::loss_chunk`]).
-    loss_chunk: usize,
-    losses: B::Buf,
-    /// The vocab-parallel loss's row statistics and log-sum-exp (tp > 1 only).
-    vocab_parallel: Option<(B::Buf, B::Buf)>,
+    /// The gradient of the residual stream: where a stage receives its output's gradient
+    /// and leaves its input's.
+    dres: B::Buf,
+    /// The gradient of a norm's output; on the last stage, from the loss to backward, the
+    /// head input's gradient.
+    dnorm: B::Buf,
     rope: B::Buf,
-    scratch: Scratch<B>,
+    /// None while another workspace of the same model holds it (see [`Workspace::sibling`]).
+    scratch: Option<Scratch<B>>,
     /// Sequence parallelism only.
     gathered: Option<Gathered<B>>,
 }
@@ -1276,12 +1370,12 @@ impl<B: Backend> Workspace<B> {
 
     /// Where a stage before the last receives the gradient of its output.
     pub fn output_grad_mut(&mut self) -> &mut B::Buf {
-        &mut self.scratch.dres
+        &mut self.dres
     }
 
     /// After backward, the gradient of the stage's input, to send to the previous stage.
     pub fn input_grad(&self) -> &B::Buf {
-        &self.scratch.dres
+        &self.dres
     }
 
     pub fn new(be: &B, model: &Model, batch: usize, seq: usize) -> Result<Self> {
@@ -1305,7 +1399,44 @@ impl<B: Backend> Workspace<B> {
         recompute_every: usize,
         loss_chunk: usize,
     ) -> Result<Self> {
-        let (stride, loss_chunk) = (model.logit_columns().stride, model.loss_chunk(batch * seq, loss_chunk));
+        let mut ws = Self::without_scratch(be, model, batch, seq, recompute_every, loss_chunk)?;
+        ws.scratch = Some(Scratch::new(be, model, batch, seq, recompute_every, ws.loss_chunk));
+        Ok(ws)
+    }
+
+    /// A workspace for another micro-batch of the same model and shape, which shares this
+    /// one's scratch: a pipeline schedule's micro-batches in flight hold their own activations
+    /// but need the buffers of a call only one at a time. Before each call on a workspace,
+    /// [`Workspace::hand_scratch_to`] gives it the scratch.
+    pub fn sibling(&self, be: &B, model: &Model) -> Result<Self> {
+        Self::without_scratch(be, model, self.batch, self.seq, self.recompute_every, self.loss_chunk)
+    }
+
+    /// Moves the scratch of `pool`'s workspaces (siblings, see [`Workspace::sibling`]) to
+    /// `pool[to]`, which then has it for its calls. Every call on a workspace finishes with
+    /// nothing left in the scratch, so only one call at a time must use it; on a GPU, calls
+    /// queue on one stream and run in turn.
+    pub fn hand_scratch_to(pool: &mut [Self], to: usize) {
+        if pool[to].scratch.is_none() {
+            let from =
+                pool.iter().position(|ws| ws.scratch.is_some()).expect("a workspace of the pool holds the scratch");
+            pool[to].scratch = pool[from].scratch.take();
+        }
+    }
+
+    /// The scratch, which this workspace must hold for a call (see [`Workspace::sibling`]).
+    fn scratch(scratch: &mut Option<Scratch<B>>) -> &mut Scratch<B> {
+        scratch.as_mut().expect("the workspace at work holds the scratch (Workspace::hand_scratch_to)")
+    }
+
+    fn without_scratch(
+        be: &B,
+        model: &Model,
+        batch: usize,
+        seq: usize,
+        recompute_every: usize,
+        loss_chunk: usize,
+    ) -> Result<Self> {
         let cfg = &model.cfg;
         if seq == 0 || seq > cfg.max_seq_len {
             return Err(ondol_core::Error::config(
@@ -1327,49 +1458,22 @@ impl<B: Backend> Workspace<B> {
         }
         // Rows of the residual stream and the norms on this shard.
         let stream = part.stream_rows(rows).len();
-        let layernorm = model.layernorm();
-        let block_acts = |b: &Block| BlockActs {
-            norm: NormActs::new(be, stream, d, layernorm),
-            mixer: b.mixer.acts(be, batch, seq),
-        };
         let blocks = &model.blocks;
-        let recomputed_kind =
-            |k: usize| (0..blocks.len()).any(|i| blocks[i].mixer.kind() == k && model.recomputed(i, recompute_every));
-        // Per kind present: gradient scratch, and the shared activations if any block recomputes.
-        let mut shared: Vec<Option<BlockActs<B>>> = (0..KINDS).map(|_| None).collect();
-        let mut scratch = Scratch {
-            dres: be.zeros(stream * d),
-            dnorm: be.zeros(stream * d),
-            mixers: MixerGrads { attn: None, mlp: None, mamba: None, mamba2: None },
-        };
-        for block in model.first_of_each_kind() {
-            let kind = block.mixer.kind();
-            if recomputed_kind(kind) {
-                shared[kind] = Some(block_acts(block));
-            }
-            match &block.mixer {
-                Mixer::Attention(m) => scratch.mixers.attn = Some(m.grads(be, batch, seq)),
-                Mixer::Mlp(m) => scratch.mixers.mlp = Some(m.grads(be, rows)),
-                Mixer::Mamba(m) => scratch.mixers.mamba = Some(m.grads(be, rows)),
-                Mixer::Mamba2(m) => scratch.mixers.mamba2 = Some(m.grads(be, rows)),
-            }
-        }
         Ok(Self {
             batch,
             seq,
             rows,
+            recompute_every,
+            loss_chunk: model.loss_chunk(rows, loss_chunk),
             res: (0..=blocks.len()).map(|_| be.zeros(stream * d)).collect(),
             acts: (0..blocks.len())
-                .map(|i| (!model.recomputed(i, recompute_every)).then(|| block_acts(&blocks[i])))
+                .map(|i| (!model.recomputed(i, recompute_every)).then(|| model.block_acts(be, &blocks[i], batch, seq)))
                 .collect(),
-            shared,
-            norm_f: model.head.is_some().then(|| NormActs::new(be, stream, d, layernorm)),
-            logits: be.zeros(if model.head.is_some() { loss_chunk * stride } else { 0 }),
-            loss_chunk,
-            losses: be.zeros_f32(rows),
-            vocab_parallel: (model.part.tp > 1).then(|| (be.zeros_f32(3 * loss_chunk), be.zeros_f32(loss_chunk))),
+            norm_f: model.head.is_some().then(|| NormActs::new(be, stream, d, model.layernorm())),
+            dres: be.zeros(stream * d),
+            dnorm: be.zeros(stream * d),
             rope: be.upload_f32(&model.rope_table(seq)),
-            scratch,
+            scratch: None,
             gathered: part.sequence_parallel.then(|| Gathered {
                 input: be.zeros(rows * d),
                 output: be.zeros(rows * d),

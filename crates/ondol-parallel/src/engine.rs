@@ -205,21 +205,30 @@ struct Chunk<B: Backend> {
 }
 
 impl<B: Backend> Chunk<B> {
-    /// The workspace of micro-batch `micro`, taking a free one (or a new one) if it has none.
+    /// The workspace of micro-batch `micro`, taking a free one (or a new one) if it has none,
+    /// and handing it the scratch that the chunk's workspaces share.
     fn workspace(&mut self, be: &B, micro: usize, layout: &Layout) -> Result<usize> {
-        if let Some(i) = self.busy.iter().position(|b| *b == Some(micro)) {
-            return Ok(i);
-        }
-        let i = match self.busy.iter().position(Option::is_none) {
+        let i = match self.busy.iter().position(|b| *b == Some(micro)) {
             Some(i) => i,
             None => {
-                let (l, model) = (layout, &self.model);
-                self.pool.push(Workspace::with_options(be, model, l.batch, l.seq, l.recompute, l.loss_chunk)?);
-                self.busy.push(None);
-                self.pool.len() - 1
+                let i = match self.busy.iter().position(Option::is_none) {
+                    Some(i) => i,
+                    None => {
+                        let (l, model) = (layout, &self.model);
+                        let ws = match self.pool.first() {
+                            Some(first) => first.sibling(be, model)?,
+                            None => Workspace::with_options(be, model, l.batch, l.seq, l.recompute, l.loss_chunk)?,
+                        };
+                        self.pool.push(ws);
+                        self.busy.push(None);
+                        self.pool.len() - 1
+                    }
+                };
+                self.busy[i] = Some(micro);
+                i
             }
         };
-        self.busy[i] = Some(micro);
+        Workspace::hand_scratch_to(&mut self.pool, i);
         Ok(i)
     }
 
@@ -665,8 +674,8 @@ impl<B: Backend> Engine<B> {
     }
 
     /// Bytes this rank holds: parameters (and fp32 master weights where the optimizer keeps
-    /// them), gradients, AdamW moments and the activations of the micro-batches its schedule
-    /// keeps in flight (counted as f32).
+    /// them), gradients, AdamW moments, and activations: those of the micro-batches its
+    /// schedule keeps in flight and each chunk's one scratch (counted as f32).
     pub fn memory_bytes(&self) -> u64 {
         let l = &self.layout;
         let param_bytes = if self.be.mixed_precision() { 2 } else { 4 };
@@ -678,9 +687,8 @@ impl<B: Backend> Engine<B> {
                 let opt = self.be.len(&c.opt.m) as u64;
                 let master = c.opt.master.as_ref().map_or(0, |m| self.be.len(m) as u64);
                 let in_flight = c.pool.len().max(1) as u64;
-                param_bytes * n
-                    + 4 * (n + 2 * opt + master)
-                    + in_flight * c.model.activation_bytes(l.batch, l.seq, l.recompute, l.loss_chunk)
+                let acts = c.model.activation_bytes(l.batch, l.seq, l.recompute, l.loss_chunk);
+                param_bytes * n + 4 * (n + 2 * opt + master) + acts.with_in_flight(in_flight)
             })
             .sum()
     }

@@ -84,6 +84,22 @@ pub fn check(kind: ScheduleKind, stages: usize, chunks: usize, micro: usize) -> 
     }
 }
 
+/// Per chunk of pipeline rank `stage`, the most micro-batches between their forward and
+/// their backward at once (the workspaces the rank keeps for that chunk).
+pub fn in_flight(kind: ScheduleKind, stage: usize, stages: usize, chunks: usize, micro: usize) -> Vec<usize> {
+    let (mut live, mut peak) = (vec![0usize; chunks], vec![0usize; chunks]);
+    for action in actions(kind, stage, stages, chunks, micro) {
+        match action {
+            Action::Forward { chunk, .. } => {
+                live[chunk] += 1;
+                peak[chunk] = peak[chunk].max(live[chunk]);
+            }
+            Action::Backward { chunk, .. } => live[chunk] -= 1,
+        }
+    }
+    peak
+}
+
 /// The idle fraction of an ideal pipeline step (equal stage times, free communication).
 pub fn ideal_bubble(stages: usize, chunks: usize, micro: usize) -> f64 {
     (stages - 1) as f64 / (chunks * micro + stages - 1) as f64
@@ -168,16 +184,19 @@ mod tests {
     }
 
     #[test]
-    fn one_f_one_b_keeps_at_most_p_minus_s_in_flight() {
+    fn micro_batches_in_flight_per_schedule() {
         let (p, m) = (4, 8);
         for s in 0..p {
-            let mut live: i64 = 0;
-            let mut peak = 0;
-            for a in actions(ScheduleKind::OneFOneB, s, p, 1, m) {
-                live += if matches!(a, Action::Forward { .. }) { 1 } else { -1 };
-                peak = peak.max(live);
-            }
-            assert_eq!(peak as usize, p - s);
+            assert_eq!(in_flight(ScheduleKind::OneFOneB, s, p, 1, m), [p - s], "1F1B stage {s}");
+            assert_eq!(in_flight(ScheduleKind::Gpipe, s, p, 1, m), [m], "GPipe stage {s}");
         }
+        assert_eq!(in_flight(ScheduleKind::OneFOneB, 0, 1, 1, m), [1]);
+        assert_eq!(in_flight(ScheduleKind::OneFOneB, 0, p, 1, 2), [2], "fewer micro-batches than stages");
+        // Interleaved, first rank: 10 warm-up forwards (micro-batches 0-3 of chunk 0, 0-3 of
+        // chunk 1, 4-5 of chunk 0), then forwards of chunk 0 (6, 7) while the backwards of
+        // chunk 1 begin: chunk 0 holds all 8 before its first backward, chunk 1 at most 4.
+        assert_eq!(in_flight(ScheduleKind::Interleaved, 0, p, 2, m), [8, 4]);
+        // The last rank warms up with (v - 1) p = 4 forwards of chunk 0 only.
+        assert_eq!(in_flight(ScheduleKind::Interleaved, p - 1, p, 2, m), [5, 1]);
     }
 }

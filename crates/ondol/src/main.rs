@@ -13,7 +13,7 @@ use ondol_core::{Backend, Error, Result};
 use ondol_cpu::CpuBackend;
 use ondol_data::{Loader, Order, SourceKind, TokenStream};
 use ondol_model::{Model, Part, Workspace};
-use ondol_parallel::HEAD_ROW_ALIGN;
+use ondol_parallel::{HEAD_ROW_ALIGN, ScheduleKind, schedule};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -593,7 +593,7 @@ fn inspect(args: ConfigArgs) -> Result<()> {
     let n = model.num_params() as u64;
     // Training's whole model on one rank holds a padded head (its logits are wider).
     let trained = Model::part(cfg.model.clone(), Part::whole(&cfg.model).with_vocab_align(HEAD_ROW_ALIGN))?;
-    let acts = |every| trained.activation_bytes(t.batch_size, t.seq_len, every, t.loss_chunk_rows);
+    let acts = |every| trained.activation_bytes(t.batch_size, t.seq_len, every, t.loss_chunk_rows).with_in_flight(1);
     println!("arch                 {:?}", cfg.model.arch);
     println!("parameters           {n} ({:.2}M)", n as f64 / 1e6);
     println!("  in matmuls (N)     {} (non-embedding + output head)", model.num_flop_params());
@@ -606,9 +606,10 @@ fn inspect(args: ConfigArgs) -> Result<()> {
     println!("tokens/step          {}", cfg.global_batch() * t.seq_len);
     let p = &cfg.parallelism;
     let layout = cfg.layout(Mesh::new(p.tp, p.pp, p.dp)?);
-    // The rank holding the most: every pipeline stage's first tp shard (shards differ only in
-    // their vocabulary rows, of which the first holds the most), each with all its chunks.
-    let mut worst = (0, 0);
+    // The rank holding the most is a pipeline stage's first tp shard (shards differ only in
+    // their vocabulary rows, of which the first holds the most), with all its chunks and the
+    // micro-batches its schedule keeps in flight.
+    let mut worst = RankMemory::default();
     for pp in 0..p.pp {
         let coords = layout.mesh.coords(pp * p.tp)?;
         let parts: Vec<Model> = layout
@@ -616,31 +617,42 @@ fn inspect(args: ConfigArgs) -> Result<()> {
             .into_iter()
             .map(|part| Model::part(cfg.model.clone(), part))
             .collect::<Result<_>>()?;
-        let params: u64 = parts.iter().map(|m| m.num_params() as u64).sum();
-        let acts: u64 = parts
-            .iter()
-            .map(|m| m.activation_bytes(t.batch_size, t.seq_len, t.activation_checkpointing, t.loss_chunk_rows))
-            .sum();
-        worst = worst.max((params, acts));
+        let peaks = schedule::in_flight(layout.schedule, pp, p.pp, layout.chunks, layout.micro);
+        let mut rank = RankMemory { stage: pp, ..RankMemory::default() };
+        for (m, in_flight) in parts.iter().zip(peaks) {
+            let acts = m.activation_bytes(t.batch_size, t.seq_len, t.activation_checkpointing, t.loss_chunk_rows);
+            let params = m.num_params() as u64;
+            rank.weights_grads += 8 * params;
+            rank.adamw += if p.zero == 1 { 8 * params.div_ceil(p.dp as u64) } else { 8 * params };
+            rank.activations += acts.with_in_flight(in_flight as u64);
+            rank.scratch += acts.scratch;
+            rank.in_flight += in_flight;
+        }
+        if rank.total() > worst.total() {
+            worst = rank;
+        }
     }
-    let (params, acts_per_micro) = worst;
-    let opt_state = if p.zero == 1 { 8 * params.div_ceil(p.dp as u64) } else { 8 * params };
     println!(
-        "memory per rank (f32) {} weights+grads, {} AdamW{} at (tp, pp, dp) = ({}, {}, {})",
-        bytes(8 * params),
-        bytes(opt_state),
-        if p.zero == 1 { " (ZeRO-1)" } else { "" },
+        "memory per rank (f32) {} at most (pipeline stage {}) at (tp, pp, dp) = ({}, {}, {})",
+        bytes(worst.total()),
+        worst.stage,
         p.tp,
         p.pp,
         p.dp
     );
+    println!("  weights+grads      {}", bytes(worst.weights_grads));
+    println!("  AdamW              {}{}", bytes(worst.adamw), if p.zero == 1 { " (ZeRO-1)" } else { "" });
     println!(
-        "  activations        {} per micro-batch in flight{}",
-        bytes(acts_per_micro),
-        if p.sequence_parallel && p.tp > 1 { " (sequence parallel)" } else { "" }
+        "  activations        {} ({} of it scratch, held once): {} micro-batch{} in flight ({}){}",
+        bytes(worst.activations),
+        bytes(worst.scratch),
+        worst.in_flight,
+        if worst.in_flight == 1 { "" } else { "es" },
+        schedule_name(layout.schedule),
+        if p.sequence_parallel && p.tp > 1 { ", sequence parallel" } else { "" },
     );
     println!(
-        "whole model          {} activations per micro-batch of {} x {}; {} recomputing every block, {} as configured",
+        "whole model          {} activations for a micro-batch of {} x {}; {} recomputing every block, {} as configured",
         bytes(acts(0)),
         t.batch_size,
         t.seq_len,
@@ -648,6 +660,32 @@ fn inspect(args: ConfigArgs) -> Result<()> {
         bytes(acts(t.activation_checkpointing))
     );
     Ok(())
+}
+
+/// What `ondol inspect` counts on one rank (f32, as the CPU holds them).
+#[derive(Default)]
+struct RankMemory {
+    stage: usize,
+    weights_grads: u64,
+    adamw: u64,
+    /// The micro-batches in flight and the scratch they share, over the rank's chunks.
+    activations: u64,
+    scratch: u64,
+    in_flight: usize,
+}
+
+impl RankMemory {
+    fn total(&self) -> u64 {
+        self.weights_grads + self.adamw + self.activations
+    }
+}
+
+fn schedule_name(kind: ScheduleKind) -> &'static str {
+    match kind {
+        ScheduleKind::Gpipe => "gpipe",
+        ScheduleKind::OneFOneB => "1f1b",
+        ScheduleKind::Interleaved => "interleaved",
+    }
 }
 
 /// `n` bytes in the largest binary unit that keeps the number at least 1.

@@ -205,10 +205,22 @@ fn inspect_reports_parameters_flops_and_memory_per_rank() {
     assert!(one.contains("parameters") && one.contains("FLOPs/token"), "{one}");
     let tp = inspect(&["parallelism.tp=2"]);
     let sp = inspect(&["parallelism.tp=2", "parallelism.sequence_parallel=true"]);
-    let weights = |t: &str| figure(t, "memory per rank (f32)");
+    let weights = |t: &str| figure(t, "weights+grads");
     let acts = |t: &str| figure(t, "activations");
     assert!(weights(&tp) < weights(&one), "tp = 2 must halve the weights per rank:\n{one}\n{tp}");
     assert!(acts(&sp) < acts(&tp), "sequence parallelism must cut the activations per rank:\n{tp}\n{sp}");
+    // GPipe keeps every micro-batch in flight on every stage, 1F1B at most pp - stage (here
+    // the last stage, whose head makes it the largest, holds 1).
+    let pp = |schedule: &str| {
+        let sets = ["model.n_layers=2", "parallelism.pp=2", "training.grad_accum=4", schedule];
+        inspect(&sets)
+    };
+    let (gpipe, one_f_one_b) = (pp("parallelism.schedule=\"gpipe\""), pp("parallelism.schedule=\"1f1b\""));
+    assert!(gpipe.contains("4 micro-batches in flight (gpipe)"), "{gpipe}");
+    assert!(one_f_one_b.contains("1 micro-batch in flight (1f1b)"), "{one_f_one_b}");
+    assert!(acts(&one_f_one_b) < acts(&gpipe), "{one_f_one_b}\n{gpipe}");
+    let total = |t: &str| figure(t, "memory per rank (f32)");
+    assert!(total(&one_f_one_b) < total(&gpipe), "{one_f_one_b}\n{gpipe}");
 }
 
 /// Every preset in configs/ is a valid config whose model builds and whose layout fits it
