@@ -540,7 +540,7 @@ impl Model {
         let residual = (self.blocks.len() as u64 + 1) * stream * d;
         let gathered = if self.part.sequence_parallel { 3 * rows * d } else { 0 };
         // Scratch: the recomputed blocks' activations, the mixers' gradients, the loss's chunk.
-        let recomputed: u64 = if recompute_every > 0 { self.first_of_each_kind().map(block).sum() } else { 0 };
+        let recomputed: u64 = self.first_of_each_recomputed_kind(recompute_every).map(block).sum();
         let grads: u64 = self.first_of_each_kind().map(|b| b.mixer.grad_floats(batch, seq)).sum();
         let chunk = self.loss_chunk(rows as usize, loss_chunk) as u64;
         let loss = if self.head.is_some() { chunk * v + rows } else { 0 };
@@ -601,6 +601,15 @@ impl Model {
     /// One block of each mixer kind present (blocks of a kind share their dimensions).
     fn first_of_each_kind(&self) -> impl Iterator<Item = &Block> {
         (0..KINDS).filter_map(|k| self.blocks.iter().find(|b| b.mixer.kind() == k))
+    }
+
+    /// One block of each mixer kind of which some block is recomputed when every `every`-th
+    /// layer is (0: none); their activations are the scratch that recomputed blocks run in.
+    fn first_of_each_recomputed_kind(&self, every: usize) -> impl Iterator<Item = &Block> {
+        (0..KINDS).filter_map(move |k| {
+            let mut of_kind = (0..self.blocks.len()).filter(|&i| self.blocks[i].mixer.kind() == k);
+            of_kind.find(|&i| self.recomputed(i, every)).map(|i| &self.blocks[i])
+        })
     }
 
     /// The buffers of what `block`'s forward saves for its backward, for `batch x seq` tokens.
@@ -934,7 +943,7 @@ impl Model {
                 None => {
                     // Activation checkpointing: run the block again from its saved input. The
                     // same ops on the same bits give the same activations; its output goes to
-                    // scratch (`dnorm` is free until this block's norm backward reads it).
+                    // `dnorm`, free until this block's norm backward reads it.
                     let acts = recomputed[block.mixer.kind()].as_mut().expect("a recomputed kind");
                     let io = BlockIo { x: &ws.res[i], x_next: &mut ws.dnorm, gathered: ws.gathered.as_mut() };
                     self.block_forward(be, params, i, io, acts, rope, None, dims, tp)?;
@@ -1242,16 +1251,12 @@ impl<B: Backend> Scratch<B> {
     /// (resolved, see [`Model::loss_chunk`]).
     fn new(be: &B, model: &Model, batch: usize, seq: usize, recompute_every: usize, loss_chunk: usize) -> Self {
         let rows = batch * seq;
-        let blocks = &model.blocks;
-        let recomputed_kind =
-            |k: usize| (0..blocks.len()).any(|i| blocks[i].mixer.kind() == k && model.recomputed(i, recompute_every));
         let mut recomputed: Vec<Option<BlockActs<B>>> = (0..KINDS).map(|_| None).collect();
+        for block in model.first_of_each_recomputed_kind(recompute_every) {
+            recomputed[block.mixer.kind()] = Some(model.block_acts(be, block, batch, seq));
+        }
         let mut mixers = MixerGrads { attn: None, mlp: None, mamba: None, mamba2: None };
         for block in model.first_of_each_kind() {
-            let kind = block.mixer.kind();
-            if recomputed_kind(kind) {
-                recomputed[kind] = Some(model.block_acts(be, block, batch, seq));
-            }
             match &block.mixer {
                 Mixer::Attention(m) => mixers.attn = Some(m.grads(be, batch, seq)),
                 Mixer::Mlp(m) => mixers.mlp = Some(m.grads(be, rows)),
@@ -1271,13 +1276,15 @@ impl<B: Backend> Scratch<B> {
 }
 
 /// Sequence parallelism's buffers of all the micro-batch's tokens, used within one forward or
-/// backward call (the residual stream and the norms hold only this shard's tokens).
+/// backward call, but for the head input's gradient (the residual stream and the norms hold
+/// only this shard's tokens).
 struct Gathered<B: Backend> {
     /// A norm's output gathered from every shard: the input of a mixer or of the head.
     input: B::Buf,
     /// A mixer's output before the reduce-scatter; in backward, the gathered output gradient.
     output: B::Buf,
-    /// The gradient of `input`, before the reduce-scatter.
+    /// The gradient of `input`, before the reduce-scatter; on the last stage, from the loss
+    /// to backward, the head input's gradient.
     dinput: B::Buf,
 }
 
@@ -1327,7 +1334,9 @@ impl ActivationBytes {
     }
 }
 
-/// Every activation buffer of one micro-batch shape, allocated once and reused each step.
+/// The activation buffers of one micro-batch shape, allocated once and reused each step, and
+/// the scratch of its calls, which a pipeline's micro-batches in flight share (see
+/// [`Workspace::sibling`]).
 pub struct Workspace<B: Backend> {
     pub batch: usize,
     pub seq: usize,
@@ -1348,7 +1357,7 @@ pub struct Workspace<B: Backend> {
     /// and leaves its input's.
     dres: B::Buf,
     /// The gradient of a norm's output; on the last stage, from the loss to backward, the
-    /// head input's gradient.
+    /// head input's gradient (without sequence parallelism).
     dnorm: B::Buf,
     rope: B::Buf,
     /// None while another workspace of the same model holds it (see [`Workspace::sibling`]).

@@ -679,16 +679,17 @@ impl<B: Backend> Engine<B> {
     pub fn memory_bytes(&self) -> u64 {
         let l = &self.layout;
         let param_bytes = if self.be.mixed_precision() { 2 } else { 4 };
+        let in_flight = schedule::in_flight(l.schedule, self.comms.coords.pp, l.mesh.pp, l.chunks, l.micro);
         self.chunks
             .iter()
-            .map(|c| {
+            .zip(in_flight)
+            .map(|(c, in_flight)| {
                 // The flat buffers' length (padded to whole shards under ZeRO-1).
                 let n = self.be.len(&c.grads) as u64;
                 let opt = self.be.len(&c.opt.m) as u64;
                 let master = c.opt.master.as_ref().map_or(0, |m| self.be.len(m) as u64);
-                let in_flight = c.pool.len().max(1) as u64;
                 let acts = c.model.activation_bytes(l.batch, l.seq, l.recompute, l.loss_chunk);
-                param_bytes * n + 4 * (n + 2 * opt + master) + acts.with_in_flight(in_flight)
+                param_bytes * n + 4 * (n + 2 * opt + master) + acts.with_in_flight(in_flight as u64)
             })
             .sum()
     }
