@@ -535,19 +535,22 @@ impl Model {
             .filter(|&i| !self.recomputed(i, recompute_every))
             .map(|i| block(&self.blocks[i]))
             .sum();
-        let norm_f = if self.head.is_some() { norm_floats(stream, d as usize, layernorm) } else { 0 };
+        let (head, sequence_parallel) = (self.head.is_some(), self.part.sequence_parallel);
+        let norm_f = if head { norm_floats(stream, d as usize, layernorm) } else { 0 };
         let stream = stream as u64;
         let residual = (self.blocks.len() as u64 + 1) * stream * d;
-        let gathered = if self.part.sequence_parallel { 3 * rows * d } else { 0 };
-        // Scratch: the recomputed blocks' activations, the mixers' gradients, the loss's chunk.
+        let dhead = if sequence_parallel && head { rows * d } else { 0 };
+        // Scratch: the recomputed blocks' activations, the mixers' gradients, the loss's chunk,
+        // the tokens gathered under sequence parallelism.
         let recomputed: u64 = self.first_of_each_recomputed_kind(recompute_every).map(block).sum();
         let grads: u64 = self.first_of_each_kind().map(|b| b.mixer.grad_floats(batch, seq)).sum();
         let chunk = self.loss_chunk(rows as usize, loss_chunk) as u64;
-        let loss = if self.head.is_some() { chunk * v + rows } else { 0 };
-        let vocab_parallel = if self.head.is_some() && self.part.tp > 1 { 4 * chunk } else { 0 };
+        let loss = if head { chunk * v + rows } else { 0 };
+        let vocab_parallel = if head && self.part.tp > 1 { 4 * chunk } else { 0 };
+        let gathered = if sequence_parallel { 3 * rows * d } else { 0 };
         ActivationBytes {
-            micro_batch: 4 * (saved + norm_f + residual + gathered + 2 * stream * d),
-            scratch: 4 * (recomputed + grads + loss + vocab_parallel),
+            micro_batch: 4 * (saved + norm_f + residual + dhead + 2 * stream * d),
+            scratch: 4 * (recomputed + grads + loss + vocab_parallel + gathered),
         }
     }
 
@@ -687,7 +690,7 @@ impl Model {
             let (table, first_id) = (be.view(params, self.lookup_rows(embed)), self.vocab.start);
             // Each shard looks up every token in its vocabulary rows: the shards' sum is the
             // embedding.
-            match ws.gathered.as_mut() {
+            match Workspace::scratch(&mut ws.scratch).gathered.as_mut() {
                 Some(g) => {
                     be.embedding_forward(ids, table, first_id, positions, be.all_mut(&mut g.output), d);
                     tp.reduce_scatter_rows(be, &g.output, &mut ws.res[0])?;
@@ -710,16 +713,17 @@ impl Model {
             }
             None => (None, be.all(&ws.rope)),
         };
+        let Scratch { recomputed, gathered, .. } = Workspace::scratch(&mut ws.scratch);
         for i in 0..self.blocks.len() {
             let (done, next) = ws.res.split_at_mut(i + 1);
-            // A recomputed block runs in the shared scratch of its kind; its input stays in `res`.
+            // A recomputed block runs in the scratch of its kind; its input stays in `res`.
             let kind = self.blocks[i].mixer.kind();
             let a = match ws.acts[i].as_mut() {
                 Some(a) => a,
-                None => Workspace::scratch(&mut ws.scratch).recomputed[kind].as_mut().expect("a recomputed kind"),
+                None => recomputed[kind].as_mut().expect("a recomputed kind"),
             };
             let slot = cached.as_mut().and_then(|(blocks, max_seq)| blocks[i].slot(pos, *max_seq));
-            let io = BlockIo { x: &done[i], x_next: &mut next[0], gathered: ws.gathered.as_mut() };
+            let io = BlockIo { x: &done[i], x_next: &mut next[0], gathered: gathered.as_mut() };
             self.block_forward(be, params, i, io, a, rope, slot, (ws.batch, ws.seq), tp)?;
         }
 
@@ -728,7 +732,7 @@ impl Model {
             let last = &ws.res[self.blocks.len()];
             let norm_f = ws.norm_f.as_mut().expect("the last stage's workspace has a final norm");
             head.norm_f.forward(be, params, be.all(last), norm_f, d, eps);
-            if let Some(g) = ws.gathered.as_mut() {
+            if let Some(g) = gathered.as_mut() {
                 tp.all_gather_rows(be, &norm_f.out, &mut g.input)?;
             }
         }
@@ -743,9 +747,9 @@ impl Model {
         let (d, columns) = (self.cfg.d_model, self.logit_columns());
         let mut out = Vec::with_capacity(ws.rows * columns.vocab);
         let chunks = ws.loss_chunks();
-        let Workspace { norm_f, gathered, dnorm, scratch, .. } = ws;
-        let logits = &mut Workspace::scratch(scratch).logits;
-        let (h, _) = head_io(norm_f, gathered, dnorm);
+        let Workspace { norm_f, dhead, dnorm, scratch, .. } = ws;
+        let Scratch { logits, gathered, .. } = Workspace::scratch(scratch);
+        let (h, _) = head_io(norm_f, gathered, dhead, dnorm);
         for rows in chunks {
             let (x, block) = (be.view(h, rows.start * d..rows.end * d), 0..rows.len() * columns.stride);
             head.out.forward_view(be, params, x, be.view_mut(logits, block.clone()), rows.len());
@@ -835,9 +839,9 @@ impl Model {
         let head = self.head.as_ref().expect("the last stage computes the loss");
         let (d, columns, first_id) = (self.cfg.d_model, self.logit_columns(), self.vocab.start);
         let chunks = ws.loss_chunks();
-        let Workspace { norm_f, gathered, dnorm, scratch, .. } = ws;
-        let Scratch { logits, losses, vocab_parallel, .. } = Workspace::scratch(scratch);
-        let (h, dh) = head_io(norm_f, gathered, dnorm);
+        let Workspace { norm_f, dhead, dnorm, scratch, .. } = ws;
+        let Scratch { logits, losses, vocab_parallel, gathered, .. } = Workspace::scratch(scratch);
+        let (h, dh) = head_io(norm_f, gathered, dhead, dnorm);
         let mut loss = 0.0;
         for rows in chunks {
             let (n, x) = (rows.len(), be.view(h, rows.start * d..rows.end * d));
@@ -916,13 +920,13 @@ impl Model {
     ) -> Result<()> {
         let (d, dims) = (self.cfg.d_model, (ws.batch, ws.seq));
         let split = self.part.tp > 1;
-        let Scratch { mixers, recomputed, .. } = Workspace::scratch(&mut ws.scratch);
+        let Scratch { mixers, recomputed, gathered, .. } = Workspace::scratch(&mut ws.scratch);
 
         if let Some(head) = &self.head {
             let norm_f = ws.norm_f.as_ref().expect("the last stage's workspace has a final norm");
             // Each shard's head input gradient is a partial sum over the vocabulary.
-            match ws.gathered.as_mut() {
-                Some(g) => tp.reduce_scatter_rows(be, &g.dinput, &mut ws.dnorm)?,
+            match ws.dhead.as_ref() {
+                Some(dhead) => tp.reduce_scatter_rows(be, dhead, &mut ws.dnorm)?,
                 None if split => tp.all_reduce(be, &mut ws.dnorm)?,
                 None => {}
             }
@@ -945,13 +949,13 @@ impl Model {
                     // same ops on the same bits give the same activations; its output goes to
                     // `dnorm`, free until this block's norm backward reads it.
                     let acts = recomputed[block.mixer.kind()].as_mut().expect("a recomputed kind");
-                    let io = BlockIo { x: &ws.res[i], x_next: &mut ws.dnorm, gathered: ws.gathered.as_mut() };
+                    let io = BlockIo { x: &ws.res[i], x_next: &mut ws.dnorm, gathered: gathered.as_mut() };
                     self.block_forward(be, params, i, io, acts, rope, None, dims, tp)?;
                     acts
                 }
             };
             // dres holds dL/d(x_next) = dL/dx along the skip path; the norm adds the mixer's branch.
-            match ws.gathered.as_mut() {
+            match gathered.as_mut() {
                 Some(g) => {
                     tp.all_gather_rows(be, &a.norm.out, &mut g.input)?;
                     tp.all_gather_rows(be, &ws.dres, &mut g.output)?;
@@ -999,7 +1003,7 @@ impl Model {
             return Ok(());
         }
         // Every shard's embedding needs the gradient of every token it looked up.
-        let dx = match ws.gathered.as_mut() {
+        let dx = match gathered.as_mut() {
             Some(g) => {
                 tp.all_gather_rows(be, &ws.dres, &mut g.output)?;
                 &g.output
@@ -1235,6 +1239,8 @@ struct Scratch<B: Backend> {
     losses: B::Buf,
     /// The vocab-parallel loss's row statistics and log-sum-exp (tp > 1 only).
     vocab_parallel: Option<(B::Buf, B::Buf)>,
+    /// Sequence parallelism only.
+    gathered: Option<Gathered<B>>,
 }
 
 /// The mixers' gradient scratch, per mixer kind present.
@@ -1271,20 +1277,22 @@ impl<B: Backend> Scratch<B> {
             logits: be.zeros(if head { loss_chunk * model.logit_columns().stride } else { 0 }),
             losses: be.zeros_f32(if head { rows } else { 0 }),
             vocab_parallel: (head && tp).then(|| (be.zeros_f32(3 * loss_chunk), be.zeros_f32(loss_chunk))),
+            gathered: model.part.sequence_parallel.then(|| {
+                let d = model.cfg.d_model;
+                Gathered { input: be.zeros(rows * d), output: be.zeros(rows * d), dinput: be.zeros(rows * d) }
+            }),
         }
     }
 }
 
-/// Sequence parallelism's buffers of all the micro-batch's tokens, used within one forward or
-/// backward call, but for the head input's gradient (the residual stream and the norms hold
-/// only this shard's tokens).
+/// Sequence parallelism's buffers of all the micro-batch's tokens, used within one forward,
+/// loss or backward call (the residual stream and the norms hold only this shard's tokens).
 struct Gathered<B: Backend> {
     /// A norm's output gathered from every shard: the input of a mixer or of the head.
     input: B::Buf,
     /// A mixer's output before the reduce-scatter; in backward, the gathered output gradient.
     output: B::Buf,
-    /// The gradient of `input`, before the reduce-scatter; on the last stage, from the loss
-    /// to backward, the head input's gradient.
+    /// The gradient of `input`, before the reduce-scatter.
     dinput: B::Buf,
 }
 
@@ -1296,14 +1304,15 @@ struct BlockIo<'a, B: Backend> {
 }
 
 /// The output head's input after forward (gathered under sequence parallelism), and where the
-/// loss writes its gradient, before the shards' sum (the gathered gradient, or `dnorm`).
+/// loss writes its gradient, before the shards' sum (`dhead`, or `dnorm`).
 fn head_io<'a, B: Backend>(
     norm_f: &'a Option<NormActs<B>>,
-    gathered: &'a mut Option<Gathered<B>>,
+    gathered: &'a Option<Gathered<B>>,
+    dhead: &'a mut Option<B::Buf>,
     dnorm: &'a mut B::Buf,
 ) -> (&'a B::Buf, &'a mut B::Buf) {
     match gathered {
-        Some(g) => (&g.input, &mut g.dinput),
+        Some(g) => (&g.input, dhead.as_mut().expect("a sequence-parallel last stage's workspace has dhead")),
         None => (&norm_f.as_ref().expect("the last stage's workspace has a final norm").out, dnorm),
     }
 }
@@ -1359,11 +1368,12 @@ pub struct Workspace<B: Backend> {
     /// The gradient of a norm's output; on the last stage, from the loss to backward, the
     /// head input's gradient (without sequence parallelism).
     dnorm: B::Buf,
+    /// Under sequence parallelism on the last stage, from the loss to backward, the head
+    /// input's gradient for all the micro-batch's tokens, before the reduce-scatter.
+    dhead: Option<B::Buf>,
     rope: B::Buf,
     /// None while another workspace of the same model holds it (see [`Workspace::sibling`]).
     scratch: Option<Scratch<B>>,
-    /// Sequence parallelism only.
-    gathered: Option<Gathered<B>>,
 }
 
 impl<B: Backend> Workspace<B> {
@@ -1481,13 +1491,9 @@ impl<B: Backend> Workspace<B> {
             norm_f: model.head.is_some().then(|| NormActs::new(be, stream, d, model.layernorm())),
             dres: be.zeros(stream * d),
             dnorm: be.zeros(stream * d),
+            dhead: (part.sequence_parallel && model.head.is_some()).then(|| be.zeros(rows * d)),
             rope: be.upload_f32(&model.rope_table(seq)),
             scratch: None,
-            gathered: part.sequence_parallel.then(|| Gathered {
-                input: be.zeros(rows * d),
-                output: be.zeros(rows * d),
-                dinput: be.zeros(rows * d),
-            }),
         })
     }
 }
