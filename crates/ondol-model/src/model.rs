@@ -516,42 +516,29 @@ impl Model {
         6 * self.num_flop_params() as u64 + mixers
     }
 
-    /// Bytes of activation memory (f32) for this micro-batch shape, its loss making
-    /// `loss_chunk` rows of logits at a time (see [`Model::loss_chunk`]): what each
-    /// [`Workspace`] holds, and the scratch that the workspaces in flight share.
-    pub fn activation_bytes(
-        &self,
-        batch: usize,
-        seq: usize,
-        recompute_every: usize,
-        loss_chunk: usize,
-    ) -> ActivationBytes {
-        let (rows, d, v) = ((batch * seq) as u64, self.cfg.d_model as u64, self.logit_columns().stride as u64);
+    /// Bytes of activation memory (f32) that each micro-batch in flight holds, from its
+    /// forward to its backward, in a [`Workspace`] of this shape (what every call only uses
+    /// while it runs is the scratch, counted by [`scratch_bytes`]).
+    pub fn activation_bytes(&self, batch: usize, seq: usize, recompute_every: usize) -> u64 {
+        let (rows, d) = ((batch * seq) as u64, self.cfg.d_model as u64);
         // The residual stream and the norms hold `stream` rows (fewer under sequence parallelism).
         let stream = self.part.stream_rows(batch * seq).len();
-        let layernorm = self.layernorm();
-        let block = |b: &Block| norm_floats(stream, d as usize, layernorm) + b.mixer.act_floats(batch, seq);
         let saved: u64 = (0..self.blocks.len())
             .filter(|&i| !self.recomputed(i, recompute_every))
-            .map(|i| block(&self.blocks[i]))
+            .map(|i| self.block_floats(&self.blocks[i], batch, seq))
             .sum();
-        let (head, sequence_parallel) = (self.head.is_some(), self.part.sequence_parallel);
-        let norm_f = if head { norm_floats(stream, d as usize, layernorm) } else { 0 };
+        let head = self.head.is_some();
+        let norm_f = if head { norm_floats(stream, d as usize, self.layernorm()) } else { 0 };
+        let dhead = if head && self.part.sequence_parallel { rows * d } else { 0 };
         let stream = stream as u64;
         let residual = (self.blocks.len() as u64 + 1) * stream * d;
-        let dhead = if sequence_parallel && head { rows * d } else { 0 };
-        // Scratch: the recomputed blocks' activations, the mixers' gradients, the loss's chunk,
-        // the tokens gathered under sequence parallelism.
-        let recomputed: u64 = self.first_of_each_recomputed_kind(recompute_every).map(block).sum();
-        let grads: u64 = self.first_of_each_kind().map(|b| b.mixer.grad_floats(batch, seq)).sum();
-        let chunk = self.loss_chunk(rows as usize, loss_chunk) as u64;
-        let loss = if head { chunk * v + rows } else { 0 };
-        let vocab_parallel = if head && self.part.tp > 1 { 4 * chunk } else { 0 };
-        let gathered = if sequence_parallel { 3 * rows * d } else { 0 };
-        ActivationBytes {
-            micro_batch: 4 * (saved + norm_f + residual + dhead + 2 * stream * d),
-            scratch: 4 * (recomputed + grads + loss + vocab_parallel + gathered),
-        }
+        4 * (saved + norm_f + residual + dhead + 2 * stream * d)
+    }
+
+    /// Floats of what `block`'s forward saves for its backward (see [`Model::block_acts`]).
+    fn block_floats(&self, block: &Block, batch: usize, seq: usize) -> u64 {
+        let stream = self.part.stream_rows(batch * seq).len();
+        norm_floats(stream, self.cfg.d_model, self.layernorm()) + block.mixer.act_floats(batch, seq)
     }
 
     /// The rows of the token embedding `embed` that lookups use: this shard's vocabulary,
@@ -599,20 +586,6 @@ impl Model {
             (None, Some(h)) => Some(h.out.w.clone()),
             (None, None) => None,
         }
-    }
-
-    /// One block of each mixer kind present (blocks of a kind share their dimensions).
-    fn first_of_each_kind(&self) -> impl Iterator<Item = &Block> {
-        (0..KINDS).filter_map(|k| self.blocks.iter().find(|b| b.mixer.kind() == k))
-    }
-
-    /// One block of each mixer kind of which some block is recomputed when every `every`-th
-    /// layer is (0: none); their activations are the scratch that recomputed blocks run in.
-    fn first_of_each_recomputed_kind(&self, every: usize) -> impl Iterator<Item = &Block> {
-        (0..KINDS).filter_map(move |k| {
-            let mut of_kind = (0..self.blocks.len()).filter(|&i| self.blocks[i].mixer.kind() == k);
-            of_kind.find(|&i| self.recomputed(i, every)).map(|i| &self.blocks[i])
-        })
     }
 
     /// The buffers of what `block`'s forward saves for its backward, for `batch x seq` tokens.
@@ -1224,16 +1197,17 @@ struct BlockActs<B: Backend> {
 }
 
 /// The buffers that one call (forward, loss or backward) uses and leaves nothing in for the
-/// next, reused by every block in turn. The workspaces of a model's micro-batches in flight
-/// share one set, handed to the one at work ([`Workspace::hand_scratch_to`]).
-struct Scratch<B: Backend> {
+/// next, reused by every block in turn. One rank's workspaces, of all its model chunks and all
+/// its micro-batches in flight, share one scratch, given to the workspace at work
+/// ([`Workspace::give_scratch`]).
+pub struct Scratch<B: Backend> {
     /// The gradients of the mixers' activations, one set per mixer kind present.
     mixers: MixerGrads<B>,
     /// Per mixer kind, the activations that its recomputed blocks run in (activation
     /// checkpointing; None for a kind with no recomputed block).
     recomputed: Vec<Option<BlockActs<B>>>,
     /// One chunk of rows' logits, `[loss_chunk, head rows]` (a padded head's last columns are
-    /// no token's), then their gradients (empty before the last stage).
+    /// no token's), then their gradients (empty without the last stage).
     logits: B::Buf,
     /// Each token's loss (last stage only).
     losses: B::Buf,
@@ -1251,18 +1225,81 @@ struct MixerGrads<B: Backend> {
     mamba2: Option<Mamba2Grads<B>>,
 }
 
-impl<B: Backend> Scratch<B> {
-    /// The scratch of `model`'s workspaces for `batch x seq` tokens, recomputing the blocks of
-    /// every `recompute_every`-th layer, its loss making `loss_chunk` rows of logits at a time
-    /// (resolved, see [`Model::loss_chunk`]).
-    fn new(be: &B, model: &Model, batch: usize, seq: usize, recompute_every: usize, loss_chunk: usize) -> Self {
-        let rows = batch * seq;
-        let mut recomputed: Vec<Option<BlockActs<B>>> = (0..KINDS).map(|_| None).collect();
-        for block in model.first_of_each_recomputed_kind(recompute_every) {
-            recomputed[block.mixer.kind()] = Some(model.block_acts(be, block, batch, seq));
+/// What the scratch of workspaces for `models` (one rank's chunks, which differ only in their
+/// layers, embedding and head) must hold.
+struct ScratchPlan<'a> {
+    /// A model and one of its blocks for each mixer kind present: the gradient scratch.
+    kinds: Vec<(&'a Model, &'a Block)>,
+    /// The same for each kind of which some block is recomputed.
+    recomputed: Vec<(&'a Model, &'a Block)>,
+    /// The chunk with the output head, if any, and its rows of logits at a time.
+    head: Option<(&'a Model, usize)>,
+    /// Rows of the micro-batch and the model width.
+    rows: usize,
+    d: usize,
+    tp: bool,
+    sequence_parallel: bool,
+}
+
+impl<'a> ScratchPlan<'a> {
+    fn new(models: &[&'a Model], batch: usize, seq: usize, recompute_every: usize, loss_chunk: usize) -> Self {
+        let (mut kinds, mut recomputed) = (Vec::new(), Vec::new());
+        for k in 0..KINDS {
+            let of_kind = |m: &'a Model| (0..m.blocks.len()).filter(move |&i| m.blocks[i].mixer.kind() == k);
+            if let Some(i) = models.iter().find_map(|m| of_kind(m).next().map(|i| (*m, i))) {
+                kinds.push((i.0, &i.0.blocks[i.1]));
+            }
+            let again = |m: &&'a Model| of_kind(m).find(|&i| m.recomputed(i, recompute_every)).map(|i| (*m, i));
+            if let Some((m, i)) = models.iter().find_map(again) {
+                recomputed.push((m, &m.blocks[i]));
+            }
         }
+        let rows = batch * seq;
+        let head = models.iter().find(|m| m.head.is_some()).map(|m| (*m, m.loss_chunk(rows, loss_chunk)));
+        let part = &models.first().expect("a chunk").part;
+        Self {
+            kinds,
+            recomputed,
+            head,
+            rows,
+            d: models[0].cfg.d_model,
+            tp: part.tp > 1,
+            sequence_parallel: part.sequence_parallel,
+        }
+    }
+
+    /// Rows of logits at a time and their stride, with the output head.
+    fn logit_chunk(&self) -> Option<(usize, usize)> {
+        self.head.map(|(m, chunk)| (chunk, m.logit_columns().stride))
+    }
+}
+
+/// Bytes (f32) of the one [`Scratch`] of a rank's workspaces for `models` (its chunks),
+/// micro-batches of `batch x seq` tokens, recomputing the blocks of every `recompute_every`-th
+/// layer, the loss making `loss_chunk` rows of logits at a time ([`Model::loss_chunk`]).
+pub fn scratch_bytes(models: &[&Model], batch: usize, seq: usize, recompute_every: usize, loss_chunk: usize) -> u64 {
+    let plan = ScratchPlan::new(models, batch, seq, recompute_every, loss_chunk);
+    let recomputed: u64 = plan.recomputed.iter().map(|(m, b)| m.block_floats(b, batch, seq)).sum();
+    let grads: u64 = plan.kinds.iter().map(|(_, b)| b.mixer.grad_floats(batch, seq)).sum();
+    // The logits' chunk, each token's loss, the vocab-parallel statistics.
+    let loss = plan
+        .logit_chunk()
+        .map_or(0, |(chunk, stride)| chunk * stride + plan.rows + if plan.tp { 4 * chunk } else { 0 });
+    let gathered = if plan.sequence_parallel { 3 * plan.rows * plan.d } else { 0 };
+    4 * (recomputed + grads + (loss + gathered) as u64)
+}
+
+impl<B: Backend> Scratch<B> {
+    /// The scratch of a rank's workspaces for `models` (see [`scratch_bytes`]).
+    pub fn new(be: &B, models: &[&Model], batch: usize, seq: usize, recompute_every: usize, loss_chunk: usize) -> Self {
+        let plan = ScratchPlan::new(models, batch, seq, recompute_every, loss_chunk);
+        let mut recomputed: Vec<Option<BlockActs<B>>> = (0..KINDS).map(|_| None).collect();
+        for (m, block) in &plan.recomputed {
+            recomputed[block.mixer.kind()] = Some(m.block_acts(be, block, batch, seq));
+        }
+        let (rows, d) = (plan.rows, plan.d);
         let mut mixers = MixerGrads { attn: None, mlp: None, mamba: None, mamba2: None };
-        for block in model.first_of_each_kind() {
+        for (_, block) in &plan.kinds {
             match &block.mixer {
                 Mixer::Attention(m) => mixers.attn = Some(m.grads(be, batch, seq)),
                 Mixer::Mlp(m) => mixers.mlp = Some(m.grads(be, rows)),
@@ -1270,16 +1307,18 @@ impl<B: Backend> Scratch<B> {
                 Mixer::Mamba2(m) => mixers.mamba2 = Some(m.grads(be, rows)),
             }
         }
-        let (head, tp) = (model.head.is_some(), model.part.tp > 1);
+        let (chunk, stride) = plan.logit_chunk().unwrap_or((0, 0));
+        let head = plan.head.is_some();
         Self {
             mixers,
             recomputed,
-            logits: be.zeros(if head { loss_chunk * model.logit_columns().stride } else { 0 }),
+            logits: be.zeros(chunk * stride),
             losses: be.zeros_f32(if head { rows } else { 0 }),
-            vocab_parallel: (head && tp).then(|| (be.zeros_f32(3 * loss_chunk), be.zeros_f32(loss_chunk))),
-            gathered: model.part.sequence_parallel.then(|| {
-                let d = model.cfg.d_model;
-                Gathered { input: be.zeros(rows * d), output: be.zeros(rows * d), dinput: be.zeros(rows * d) }
+            vocab_parallel: (head && plan.tp).then(|| (be.zeros_f32(3 * chunk), be.zeros_f32(chunk))),
+            gathered: plan.sequence_parallel.then(|| Gathered {
+                input: be.zeros(rows * d),
+                output: be.zeros(rows * d),
+                dinput: be.zeros(rows * d),
             }),
         }
     }
@@ -1327,32 +1366,14 @@ pub const LOSS_CHUNK_LOGITS: usize = 1 << 29;
 /// f32 gradient, a pass that costs under a fifth of the GEMM at this size.
 pub const LOSS_CHUNK_MIN_ROWS: usize = 4096;
 
-/// Bytes of activation memory for one micro-batch shape (see [`Model::activation_bytes`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ActivationBytes {
-    /// What each micro-batch in flight holds from its forward to its backward.
-    pub micro_batch: u64,
-    /// What one call needs only while it runs: held once, whatever the micro-batches in flight.
-    pub scratch: u64,
-}
-
-impl ActivationBytes {
-    /// Bytes with `in_flight` micro-batches between their forward and their backward.
-    pub fn with_in_flight(self, in_flight: u64) -> u64 {
-        in_flight * self.micro_batch + self.scratch
-    }
-}
-
 /// The activation buffers of one micro-batch shape, allocated once and reused each step, and
-/// the scratch of its calls, which a pipeline's micro-batches in flight share (see
-/// [`Workspace::sibling`]).
+/// the scratch of its calls, which a rank's micro-batches in flight share (see
+/// [`Workspace::without_scratch`]).
 pub struct Workspace<B: Backend> {
     pub batch: usize,
     pub seq: usize,
     /// Tokens of the micro-batch (`batch x seq`).
     rows: usize,
-    /// Blocks of every this many layers are recomputed in backward (0: none).
-    recompute_every: usize,
     /// Rows of logits made at a time (see [`Model::loss_chunk`]).
     loss_chunk: usize,
     /// The residual stream entering each block, and leaving the last (`blocks + 1`): this
@@ -1372,7 +1393,7 @@ pub struct Workspace<B: Backend> {
     /// input's gradient for all the micro-batch's tokens, before the reduce-scatter.
     dhead: Option<B::Buf>,
     rope: B::Buf,
-    /// None while another workspace of the same model holds it (see [`Workspace::sibling`]).
+    /// None while another workspace holds it (see [`Workspace::without_scratch`]).
     scratch: Option<Scratch<B>>,
 }
 
@@ -1401,6 +1422,23 @@ impl<B: Backend> Workspace<B> {
         Self::with_options(be, model, batch, seq, 0, 0)
     }
 
+    /// Gives the workspace the scratch for its calls: one made for its model (among others)
+    /// and micro-batch shape. Every call finishes with nothing left in the scratch, so only
+    /// one call at a time must use it; on a GPU, calls queue on one stream and run in turn.
+    pub fn give_scratch(&mut self, scratch: Scratch<B>) {
+        self.scratch = Some(scratch);
+    }
+
+    /// Takes the scratch back, if this workspace holds it.
+    pub fn take_scratch(&mut self) -> Option<Scratch<B>> {
+        self.scratch.take()
+    }
+
+    /// The scratch, which this workspace must hold for a call.
+    fn scratch(scratch: &mut Option<Scratch<B>>) -> &mut Scratch<B> {
+        scratch.as_mut().expect("the workspace at work holds the scratch (Workspace::give_scratch)")
+    }
+
     /// The rows of each of the loss's chunks.
     fn loss_chunks(&self) -> Vec<Range<usize>> {
         (0..self.rows).step_by(self.loss_chunk).map(|r| r..(r + self.loss_chunk).min(self.rows)).collect()
@@ -1419,36 +1457,15 @@ impl<B: Backend> Workspace<B> {
         loss_chunk: usize,
     ) -> Result<Self> {
         let mut ws = Self::without_scratch(be, model, batch, seq, recompute_every, loss_chunk)?;
-        ws.scratch = Some(Scratch::new(be, model, batch, seq, recompute_every, ws.loss_chunk));
+        ws.give_scratch(Scratch::new(be, &[model], batch, seq, recompute_every, loss_chunk));
         Ok(ws)
     }
 
-    /// A workspace for another micro-batch of the same model and shape, which shares this
-    /// one's scratch: a pipeline schedule's micro-batches in flight hold their own activations
-    /// but need the buffers of a call only one at a time. Before each call on a workspace,
-    /// [`Workspace::hand_scratch_to`] gives it the scratch.
-    pub fn sibling(&self, be: &B, model: &Model) -> Result<Self> {
-        Self::without_scratch(be, model, self.batch, self.seq, self.recompute_every, self.loss_chunk)
-    }
-
-    /// Moves the scratch of `pool`'s workspaces (siblings, see [`Workspace::sibling`]) to
-    /// `pool[to]`, which then has it for its calls. Every call on a workspace finishes with
-    /// nothing left in the scratch, so only one call at a time must use it; on a GPU, calls
-    /// queue on one stream and run in turn.
-    pub fn hand_scratch_to(pool: &mut [Self], to: usize) {
-        if pool[to].scratch.is_none() {
-            let from =
-                pool.iter().position(|ws| ws.scratch.is_some()).expect("a workspace of the pool holds the scratch");
-            pool[to].scratch = pool[from].scratch.take();
-        }
-    }
-
-    /// The scratch, which this workspace must hold for a call (see [`Workspace::sibling`]).
-    fn scratch(scratch: &mut Option<Scratch<B>>) -> &mut Scratch<B> {
-        scratch.as_mut().expect("the workspace at work holds the scratch (Workspace::hand_scratch_to)")
-    }
-
-    fn without_scratch(
+    /// A workspace with no [`Scratch`] of its own, for a rank whose workspaces (several
+    /// micro-batches in flight, several model chunks) share one: the micro-batches hold
+    /// their own activations but need the buffers of a call only one at a time. Before each
+    /// call the workspace at work is given the scratch ([`Workspace::give_scratch`]).
+    pub fn without_scratch(
         be: &B,
         model: &Model,
         batch: usize,
@@ -1482,7 +1499,6 @@ impl<B: Backend> Workspace<B> {
             batch,
             seq,
             rows,
-            recompute_every,
             loss_chunk: model.loss_chunk(rows, loss_chunk),
             res: (0..=blocks.len()).map(|_| be.zeros(stream * d)).collect(),
             acts: (0..blocks.len())

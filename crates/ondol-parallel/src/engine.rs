@@ -3,7 +3,7 @@
 use crate::schedule::{self, Action, ScheduleKind};
 use ondol_comm::{Communicator, Coords, Mesh, RankComms};
 use ondol_core::{Backend, DeviceSlice, Error, Result};
-use ondol_model::{Model, ModelConfig, Part, TensorParallel, Workspace};
+use ondol_model::{Model, ModelConfig, Part, Scratch, TensorParallel, Workspace, scratch_bytes};
 use ondol_optim::{AdamW, OptimizerConfig};
 use std::ops::Range;
 use std::sync::mpsc;
@@ -205,30 +205,21 @@ struct Chunk<B: Backend> {
 }
 
 impl<B: Backend> Chunk<B> {
-    /// The workspace of micro-batch `micro`, taking a free one (or a new one) if it has none,
-    /// and handing it the scratch that the chunk's workspaces share.
+    /// The workspace of micro-batch `micro`, taking a free one (or a new one) if it has none.
     fn workspace(&mut self, be: &B, micro: usize, layout: &Layout) -> Result<usize> {
-        let i = match self.busy.iter().position(|b| *b == Some(micro)) {
+        if let Some(i) = self.busy.iter().position(|b| *b == Some(micro)) {
+            return Ok(i);
+        }
+        let i = match self.busy.iter().position(Option::is_none) {
             Some(i) => i,
             None => {
-                let i = match self.busy.iter().position(Option::is_none) {
-                    Some(i) => i,
-                    None => {
-                        let (l, model) = (layout, &self.model);
-                        let ws = match self.pool.first() {
-                            Some(first) => first.sibling(be, model)?,
-                            None => Workspace::with_options(be, model, l.batch, l.seq, l.recompute, l.loss_chunk)?,
-                        };
-                        self.pool.push(ws);
-                        self.busy.push(None);
-                        self.pool.len() - 1
-                    }
-                };
-                self.busy[i] = Some(micro);
-                i
+                let (l, model) = (layout, &self.model);
+                self.pool.push(Workspace::without_scratch(be, model, l.batch, l.seq, l.recompute, l.loss_chunk)?);
+                self.busy.push(None);
+                self.pool.len() - 1
             }
         };
-        Workspace::hand_scratch_to(&mut self.pool, i);
+        self.busy[i] = Some(micro);
         Ok(i)
     }
 
@@ -675,12 +666,13 @@ impl<B: Backend> Engine<B> {
 
     /// Bytes this rank holds: parameters (and fp32 master weights where the optimizer keeps
     /// them), gradients, AdamW moments, and activations: those of the micro-batches its
-    /// schedule keeps in flight and each chunk's one scratch (counted as f32).
+    /// schedule keeps in flight and the one scratch they share (counted as f32).
     pub fn memory_bytes(&self) -> u64 {
         let l = &self.layout;
         let param_bytes = if self.be.mixed_precision() { 2 } else { 4 };
         let in_flight = schedule::in_flight(l.schedule, self.comms.coords.pp, l.mesh.pp, l.chunks, l.micro);
-        self.chunks
+        let chunks: u64 = self
+            .chunks
             .iter()
             .zip(in_flight)
             .map(|(c, in_flight)| {
@@ -688,10 +680,12 @@ impl<B: Backend> Engine<B> {
                 let n = self.be.len(&c.grads) as u64;
                 let opt = self.be.len(&c.opt.m) as u64;
                 let master = c.opt.master.as_ref().map_or(0, |m| self.be.len(m) as u64);
-                let acts = c.model.activation_bytes(l.batch, l.seq, l.recompute, l.loss_chunk);
-                param_bytes * n + 4 * (n + 2 * opt + master) + acts.with_in_flight(in_flight as u64)
+                let acts = in_flight as u64 * c.model.activation_bytes(l.batch, l.seq, l.recompute);
+                param_bytes * n + 4 * (n + 2 * opt + master) + acts
             })
-            .sum()
+            .sum();
+        let models: Vec<&Model> = self.chunks.iter().map(|c| &c.model).collect();
+        chunks + scratch_bytes(&models, l.batch, l.seq, l.recompute, l.loss_chunk)
     }
 
     /// Parameters this rank holds (its pieces of every chunk).
@@ -786,14 +780,31 @@ impl<B: Backend> Engine<B> {
         }
     }
 
+    /// The workspace of `micro` in chunk `chunk`, given the rank's one scratch: from the
+    /// workspace that used it last, of whichever chunk, or made on first use.
+    fn workspace(&mut self, chunk: usize, micro: usize) -> Result<usize> {
+        let slot = self.chunks[chunk].workspace(&self.be, micro, &self.layout)?;
+        let held = self.chunks[chunk].pool[slot].take_scratch();
+        let elsewhere = || self.chunks.iter_mut().flat_map(|c| &mut c.pool).find_map(Workspace::take_scratch);
+        let scratch = match held.or_else(elsewhere) {
+            Some(scratch) => scratch,
+            None => {
+                let (l, models): (_, Vec<&Model>) = (&self.layout, self.chunks.iter().map(|c| &c.model).collect());
+                Scratch::new(&self.be, &models, l.batch, l.seq, l.recompute, l.loss_chunk)
+            }
+        };
+        self.chunks[chunk].pool[slot].give_scratch(scratch);
+        Ok(slot)
+    }
+
     /// The forward of `micro` through chunk `chunk`: receives its input unless it is the first
     /// stage; sends its output, or computes the loss (with gradients if `grad_scale`) on the
     /// last stage. Returns the loss (0 before the last stage) and the seconds spent waiting.
     fn forward(&mut self, chunk: usize, micro: usize, grad_scale: Option<f32>) -> Result<(f64, f64)> {
-        let (be, layout, stages) = (&self.be, &self.layout, self.stages());
+        let slot = self.workspace(chunk, micro)?;
+        let (be, stages) = (&self.be, self.stages());
         let mut tp = TpHook::new(self.comms.tp.as_ref());
         let c = &mut self.chunks[chunk];
-        let slot = c.workspace(be, micro, layout)?;
         let ws = &mut c.pool[slot];
         let mut wait = 0.0;
         if c.stage > 0 {
@@ -812,12 +823,12 @@ impl<B: Backend> Engine<B> {
     /// The backward of `micro` through chunk `chunk`, handing finished gradients to
     /// `buckets` if given (the chunk's last backward); returns the seconds spent waiting.
     fn backward(&mut self, chunk: usize, micro: usize, mut buckets: Option<&mut Buckets>) -> Result<f64> {
-        let (be, layout, stages) = (&self.be, &self.layout, self.stages());
+        let slot = self.workspace(chunk, micro)?;
+        let (be, stages) = (&self.be, self.stages());
         let dp = self.comms.dp.as_ref();
         let sink = buckets.as_deref_mut().map(|buckets| BucketSink { buckets, chunk, dp });
         let mut tp = TpHook { comm: self.comms.tp.as_ref(), buckets: sink };
         let c = &mut self.chunks[chunk];
-        let slot = c.workspace(be, micro, layout)?;
         let ws = &mut c.pool[slot];
         let mut wait = 0.0;
         if c.stage + 1 < stages {

@@ -5,7 +5,7 @@
 
 use ondol_comm::{Mesh, RankComms};
 use ondol_cpu::CpuBackend;
-use ondol_model::{Arch, Model, ModelConfig, Part, SsmConfig, Workspace};
+use ondol_model::{Arch, Model, ModelConfig, Part, SsmConfig, Workspace, scratch_bytes};
 use ondol_optim::OptimizerConfig;
 use ondol_parallel::{Engine, Layout, ScheduleKind};
 use std::time::Duration;
@@ -266,7 +266,7 @@ fn sequence_parallelism_splits_the_activations_between_the_mixers() {
     let part = Part::new(&cfg, 1, 4, 0..cfg.n_layers);
     let plain = Model::part(cfg.clone(), part.clone()).unwrap();
     let split = Model::part(cfg, part.with_sequence_parallel(true)).unwrap();
-    let bytes = |m: &Model| m.activation_bytes(BATCH, SEQ, 0, 0).with_in_flight(1);
+    let bytes = |m: &Model| m.activation_bytes(BATCH, SEQ, 0) + scratch_bytes(&[m], BATCH, SEQ, 0, 0);
     let (with, without) = (bytes(&split), bytes(&plain));
     assert!(with < without, "sequence parallel activations {with} B, not fewer than {without} B");
     assert!(Workspace::new(&CpuBackend, &split, BATCH, SEQ).is_ok());

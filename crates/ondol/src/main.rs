@@ -12,7 +12,7 @@ use ondol_comm::{Communicator, DistEnv, Mesh, RankComms, TcpNet};
 use ondol_core::{Backend, Error, Result};
 use ondol_cpu::CpuBackend;
 use ondol_data::{Loader, Order, SourceKind, TokenStream};
-use ondol_model::{Model, Part, Workspace};
+use ondol_model::{Model, Part, Workspace, scratch_bytes};
 use ondol_parallel::{HEAD_ROW_ALIGN, ScheduleKind, schedule};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -593,7 +593,10 @@ fn inspect(args: ConfigArgs) -> Result<()> {
     let n = model.num_params() as u64;
     // Training's whole model on one rank holds a padded head (its logits are wider).
     let trained = Model::part(cfg.model.clone(), Part::whole(&cfg.model).with_vocab_align(HEAD_ROW_ALIGN))?;
-    let acts = |every| trained.activation_bytes(t.batch_size, t.seq_len, every, t.loss_chunk_rows).with_in_flight(1);
+    let acts = |every| {
+        let scratch = scratch_bytes(&[&trained], t.batch_size, t.seq_len, every, t.loss_chunk_rows);
+        trained.activation_bytes(t.batch_size, t.seq_len, every) + scratch
+    };
     println!("arch                 {:?}", cfg.model.arch);
     println!("parameters           {n} ({:.2}M)", n as f64 / 1e6);
     println!("  in matmuls (N)     {} (non-embedding + output head)", model.num_flop_params());
@@ -618,14 +621,15 @@ fn inspect(args: ConfigArgs) -> Result<()> {
             .map(|part| Model::part(cfg.model.clone(), part))
             .collect::<Result<_>>()?;
         let peaks = schedule::in_flight(layout.schedule, pp, p.pp, layout.chunks, layout.micro);
-        let mut rank = RankMemory { stage: pp, ..RankMemory::default() };
+        let (batch, seq, every) = (t.batch_size, t.seq_len, t.activation_checkpointing);
+        let models: Vec<&Model> = parts.iter().collect();
+        let scratch = scratch_bytes(&models, batch, seq, every, t.loss_chunk_rows);
+        let mut rank = RankMemory { stage: pp, activations: scratch, scratch, ..RankMemory::default() };
         for (m, in_flight) in parts.iter().zip(peaks) {
-            let acts = m.activation_bytes(t.batch_size, t.seq_len, t.activation_checkpointing, t.loss_chunk_rows);
             let params = m.num_params() as u64;
             rank.weights_grads += 8 * params;
             rank.adamw += if p.zero == 1 { 8 * params.div_ceil(p.dp as u64) } else { 8 * params };
-            rank.activations += acts.with_in_flight(in_flight as u64);
-            rank.scratch += acts.scratch;
+            rank.activations += in_flight as u64 * m.activation_bytes(batch, seq, every);
             rank.in_flight += in_flight;
         }
         if rank.total() > worst.total() {
@@ -668,7 +672,7 @@ struct RankMemory {
     stage: usize,
     weights_grads: u64,
     adamw: u64,
-    /// The micro-batches in flight and the scratch they share, over the rank's chunks.
+    /// The micro-batches in flight over the rank's chunks, and the one scratch they share.
     activations: u64,
     scratch: u64,
     in_flight: usize,
