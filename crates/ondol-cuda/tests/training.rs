@@ -9,7 +9,7 @@
 use ondol_core::{Backend, Rng};
 use ondol_cpu::CpuBackend;
 use ondol_cuda::{CudaBackend, Dtype};
-use ondol_model::{Arch, InferenceCache, Model, ModelConfig, SsmConfig, Workspace};
+use ondol_model::{Arch, InferenceCache, MicroBatch, Model, ModelConfig, SsmConfig, Workspace};
 use ondol_optim::{AdamW, OptimizerConfig};
 
 const CPU: CpuBackend = CpuBackend;
@@ -77,7 +77,8 @@ fn train<B: Backend>(be: &B, model: &Model, steps: usize) -> (Vec<f64>, Vec<f32>
     let cfg = OptimizerConfig { lr: 3e-3, weight_decay: 0.1, beta1: 0.9, beta2: 0.95, eps: 1e-8, grad_clip: 1.0 };
     let mut opt = AdamW::new(be, cfg, &init, model.layout.decay_runs());
     // The loss in uneven chunks of rows, as a long micro-batch would take it.
-    let mut ws = Workspace::with_options(be, model, BATCH, SEQ, 0, 7).unwrap();
+    let mut ws =
+        Workspace::with_options(be, model, MicroBatch { loss_chunk: 7, ..MicroBatch::new(BATCH, SEQ) }).unwrap();
     let scale = 1.0 / (BATCH * SEQ) as f32;
     let (mut losses, mut first_grads) = (Vec::new(), Vec::new());
     for step in 0..steps {

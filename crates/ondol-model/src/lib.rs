@@ -16,6 +16,8 @@ pub mod params;
 pub mod part;
 
 pub use config::{Arch, LayerKind, ModelConfig, SsmConfig};
-pub use model::{InferenceCache, LOSS_CHUNK_LOGITS, LOSS_CHUNK_MIN_ROWS, Model, Scratch, Workspace, scratch_bytes};
+pub use model::{
+    InferenceCache, LOSS_CHUNK_LOGITS, LOSS_CHUNK_MIN_ROWS, MicroBatch, Model, Scratch, Workspace, scratch_bytes,
+};
 pub use params::{Init, ParamInfo, ParamLayout, Path, Placement};
 pub use part::{Alone, Part, TensorParallel};

@@ -519,7 +519,8 @@ impl Model {
     /// Bytes of activation memory (f32) that each micro-batch in flight holds, from its
     /// forward to its backward, in a [`Workspace`] of this shape (what every call only uses
     /// while it runs is the scratch, counted by [`scratch_bytes`]).
-    pub fn activation_bytes(&self, batch: usize, seq: usize, recompute_every: usize) -> u64 {
+    pub fn activation_bytes(&self, mb: MicroBatch) -> u64 {
+        let MicroBatch { batch, seq, recompute_every, .. } = mb;
         let (rows, d) = ((batch * seq) as u64, self.cfg.d_model as u64);
         // The residual stream and the norms hold `stream` rows (fewer under sequence parallelism).
         let stream = self.part.stream_rows(batch * seq).len();
@@ -949,20 +950,8 @@ impl Model {
                     tp.reduce_scatter_rows(be, &g.dinput, &mut ws.dnorm)?;
                 }
                 None => {
-                    let (h, dout) = (be.all(&a.norm.out), be.all(&ws.dres));
-                    block.mixer.backward(
-                        be,
-                        params,
-                        grads,
-                        h,
-                        &a.mixer,
-                        dout,
-                        &mut ws.dnorm,
-                        mixers,
-                        rope,
-                        dims,
-                        tp,
-                    )?;
+                    let (h, dout, dh) = (be.all(&a.norm.out), be.all(&ws.dres), &mut ws.dnorm);
+                    block.mixer.backward(be, params, grads, h, &a.mixer, dout, dh, mixers, rope, dims, tp)?;
                     if split {
                         tp.all_reduce(be, &mut ws.dnorm)?;
                     }
@@ -1242,7 +1231,8 @@ struct ScratchPlan<'a> {
 }
 
 impl<'a> ScratchPlan<'a> {
-    fn new(models: &[&'a Model], batch: usize, seq: usize, recompute_every: usize, loss_chunk: usize) -> Self {
+    fn new(models: &[&'a Model], mb: MicroBatch) -> Self {
+        let MicroBatch { batch, seq, recompute_every, loss_chunk } = mb;
         let (mut kinds, mut recomputed) = (Vec::new(), Vec::new());
         for k in 0..KINDS {
             let of_kind = |m: &'a Model| (0..m.blocks.len()).filter(move |&i| m.blocks[i].mixer.kind() == k);
@@ -1274,11 +1264,10 @@ impl<'a> ScratchPlan<'a> {
     }
 }
 
-/// Bytes (f32) of the one [`Scratch`] of a rank's workspaces for `models` (its chunks),
-/// micro-batches of `batch x seq` tokens, recomputing the blocks of every `recompute_every`-th
-/// layer, the loss making `loss_chunk` rows of logits at a time ([`Model::loss_chunk`]).
-pub fn scratch_bytes(models: &[&Model], batch: usize, seq: usize, recompute_every: usize, loss_chunk: usize) -> u64 {
-    let plan = ScratchPlan::new(models, batch, seq, recompute_every, loss_chunk);
+/// Bytes (f32) of the one [`Scratch`] of a rank's workspaces for `models` (its chunks) and
+/// micro-batches of shape `mb`.
+pub fn scratch_bytes(models: &[&Model], mb: MicroBatch) -> u64 {
+    let (plan, MicroBatch { batch, seq, .. }) = (ScratchPlan::new(models, mb), mb);
     let recomputed: u64 = plan.recomputed.iter().map(|(m, b)| m.block_floats(b, batch, seq)).sum();
     let grads: u64 = plan.kinds.iter().map(|(_, b)| b.mixer.grad_floats(batch, seq)).sum();
     // The logits' chunk, each token's loss, the vocab-parallel statistics.
@@ -1291,8 +1280,8 @@ pub fn scratch_bytes(models: &[&Model], batch: usize, seq: usize, recompute_ever
 
 impl<B: Backend> Scratch<B> {
     /// The scratch of a rank's workspaces for `models` (see [`scratch_bytes`]).
-    pub fn new(be: &B, models: &[&Model], batch: usize, seq: usize, recompute_every: usize, loss_chunk: usize) -> Self {
-        let plan = ScratchPlan::new(models, batch, seq, recompute_every, loss_chunk);
+    pub fn new(be: &B, models: &[&Model], mb: MicroBatch) -> Self {
+        let (plan, MicroBatch { batch, seq, .. }) = (ScratchPlan::new(models, mb), mb);
         let mut recomputed: Vec<Option<BlockActs<B>>> = (0..KINDS).map(|_| None).collect();
         for (m, block) in &plan.recomputed {
             recomputed[block.mixer.kind()] = Some(m.block_acts(be, block, batch, seq));
@@ -1366,6 +1355,27 @@ pub const LOSS_CHUNK_LOGITS: usize = 1 << 29;
 /// f32 gradient, a pass that costs under a fifth of the GEMM at this size.
 pub const LOSS_CHUNK_MIN_ROWS: usize = 4096;
 
+/// The shape of a micro-batch's work: its tokens, the blocks its backward recomputes, the rows
+/// of logits its loss makes at a time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MicroBatch {
+    pub batch: usize,
+    pub seq: usize,
+    /// The blocks of every this many layers keep no activations and are recomputed in
+    /// backward from their input (0: none): less memory, one more forward of those blocks,
+    /// identical results.
+    pub recompute_every: usize,
+    /// Rows of logits the loss makes at a time (0: the default, see [`Model::loss_chunk`]).
+    pub loss_chunk: usize,
+}
+
+impl MicroBatch {
+    /// `batch` sequences of `seq` tokens, nothing recomputed, the default chunks of logits.
+    pub fn new(batch: usize, seq: usize) -> Self {
+        Self { batch, seq, recompute_every: 0, loss_chunk: 0 }
+    }
+}
+
 /// The activation buffers of one micro-batch shape, allocated once and reused each step, and
 /// the scratch of its calls, which a rank's micro-batches in flight share (see
 /// [`Workspace::without_scratch`]).
@@ -1419,13 +1429,14 @@ impl<B: Backend> Workspace<B> {
     }
 
     pub fn new(be: &B, model: &Model, batch: usize, seq: usize) -> Result<Self> {
-        Self::with_options(be, model, batch, seq, 0, 0)
+        Self::with_options(be, model, MicroBatch::new(batch, seq))
     }
 
     /// Gives the workspace the scratch for its calls: one made for its model (among others)
     /// and micro-batch shape. Every call finishes with nothing left in the scratch, so only
     /// one call at a time must use it; on a GPU, calls queue on one stream and run in turn.
     pub fn give_scratch(&mut self, scratch: Scratch<B>) {
+        debug_assert!(self.scratch.is_none(), "a workspace given a second scratch");
         self.scratch = Some(scratch);
     }
 
@@ -1444,20 +1455,10 @@ impl<B: Backend> Workspace<B> {
         (0..self.rows).step_by(self.loss_chunk).map(|r| r..(r + self.loss_chunk).min(self.rows)).collect()
     }
 
-    /// A workspace that keeps no activations for the blocks of every `recompute_every`-th
-    /// layer (0: none), recomputing them in backward from the block's input: less memory, one
-    /// more forward of those blocks, identical results; and whose loss makes `loss_chunk` rows
-    /// of logits at a time ([`Model::loss_chunk`]).
-    pub fn with_options(
-        be: &B,
-        model: &Model,
-        batch: usize,
-        seq: usize,
-        recompute_every: usize,
-        loss_chunk: usize,
-    ) -> Result<Self> {
-        let mut ws = Self::without_scratch(be, model, batch, seq, recompute_every, loss_chunk)?;
-        ws.give_scratch(Scratch::new(be, &[model], batch, seq, recompute_every, loss_chunk));
+    /// A workspace for micro-batches of shape `mb`, with a scratch of its own.
+    pub fn with_options(be: &B, model: &Model, mb: MicroBatch) -> Result<Self> {
+        let mut ws = Self::without_scratch(be, model, mb)?;
+        ws.give_scratch(Scratch::new(be, &[model], mb));
         Ok(ws)
     }
 
@@ -1465,14 +1466,8 @@ impl<B: Backend> Workspace<B> {
     /// micro-batches in flight, several model chunks) share one: the micro-batches hold
     /// their own activations but need the buffers of a call only one at a time. Before each
     /// call the workspace at work is given the scratch ([`Workspace::give_scratch`]).
-    pub fn without_scratch(
-        be: &B,
-        model: &Model,
-        batch: usize,
-        seq: usize,
-        recompute_every: usize,
-        loss_chunk: usize,
-    ) -> Result<Self> {
+    pub fn without_scratch(be: &B, model: &Model, mb: MicroBatch) -> Result<Self> {
+        let MicroBatch { batch, seq, recompute_every, loss_chunk } = mb;
         let cfg = &model.cfg;
         if seq == 0 || seq > cfg.max_seq_len {
             return Err(ondol_core::Error::config(

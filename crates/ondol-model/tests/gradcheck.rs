@@ -7,7 +7,7 @@
 use ondol_core::gradcheck::{check_indices, sample_indices};
 use ondol_core::{Backend, Rng};
 use ondol_cpu::CpuBackend;
-use ondol_model::{Arch, Model, ModelConfig, SsmConfig, Workspace};
+use ondol_model::{Arch, MicroBatch, Model, ModelConfig, SsmConfig, Workspace};
 
 fn tiny(arch: Arch, tie: Option<bool>) -> ModelConfig {
     ModelConfig {
@@ -42,7 +42,8 @@ fn check_model(cfg: ModelConfig, h: f32) {
     let targets: Vec<u32> = (0..batch * seq).map(|_| rng.below(11) as u32).collect();
     let mut params = model.layout.init(1);
     // The loss in uneven chunks of rows (3, 3, 3, 1), as a long micro-batch takes it.
-    let mut ws = Workspace::with_options(&be, &model, batch, seq, 0, 3).unwrap();
+    let mut ws =
+        Workspace::with_options(&be, &model, MicroBatch { loss_chunk: 3, ..MicroBatch::new(batch, seq) }).unwrap();
 
     model.forward(&be, &params, &mut ws, &ids);
     let mut grads = be.zeros(params.len());

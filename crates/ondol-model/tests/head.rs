@@ -7,7 +7,7 @@
 
 use ondol_core::{Backend, Rng};
 use ondol_cpu::CpuBackend;
-use ondol_model::{Arch, Model, ModelConfig, Part, SsmConfig, Workspace};
+use ondol_model::{Arch, MicroBatch, Model, ModelConfig, Part, SsmConfig, Workspace};
 
 fn config(arch: Arch) -> ModelConfig {
     let ssm = arch == Arch::Mamba2;
@@ -45,7 +45,7 @@ fn loss_and_grads(
     loss_chunk: usize,
 ) -> (f64, Vec<f32>) {
     let be = CpuBackend;
-    let mut ws = Workspace::with_options(&be, model, 2, 8, 0, loss_chunk).unwrap();
+    let mut ws = Workspace::with_options(&be, model, MicroBatch { loss_chunk, ..MicroBatch::new(2, 8) }).unwrap();
     let mut grads = be.zeros(params.len());
     model.forward(&be, params, &mut ws, ids);
     let loss = model.loss(&be, params, &mut ws, targets, Some((1.0, &mut grads)));
@@ -104,7 +104,8 @@ fn a_loss_in_chunks_of_rows_equals_the_whole() {
         let targets: Vec<u32> = (0..16).map(|_| rng.below(37) as u32).collect();
         let (loss, grads) = loss_and_grads(&model, &params, &ids, &targets, 16);
         let logits = |chunk: usize| {
-            let mut ws = Workspace::with_options(&CpuBackend, &model, 2, 8, 0, chunk).unwrap();
+            let mb = MicroBatch { loss_chunk: chunk, ..MicroBatch::new(2, 8) };
+            let mut ws = Workspace::with_options(&CpuBackend, &model, mb).unwrap();
             model.forward(&CpuBackend, &params, &mut ws, &ids);
             model.logits(&CpuBackend, &params, &mut ws)
         };

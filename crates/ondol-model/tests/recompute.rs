@@ -3,7 +3,7 @@
 
 use ondol_core::{Backend, Rng};
 use ondol_cpu::CpuBackend;
-use ondol_model::{Arch, Model, ModelConfig, SsmConfig, Workspace, scratch_bytes};
+use ondol_model::{Arch, MicroBatch, Model, ModelConfig, SsmConfig, Workspace, scratch_bytes};
 
 fn run(model: &Model, recompute_every: usize) -> (u64, Vec<u32>) {
     let be = CpuBackend;
@@ -12,7 +12,8 @@ fn run(model: &Model, recompute_every: usize) -> (u64, Vec<u32>) {
     let ids: Vec<u32> = (0..batch * seq).map(|_| rng.below(31) as u32).collect();
     let targets: Vec<u32> = (0..batch * seq).map(|_| rng.below(31) as u32).collect();
     let params = model.layout.init(2);
-    let mut ws = Workspace::with_options(&be, model, batch, seq, recompute_every, 0).unwrap();
+    let mut ws =
+        Workspace::with_options(&be, model, MicroBatch { recompute_every, ..MicroBatch::new(batch, seq) }).unwrap();
     let mut grads = be.zeros(params.len());
     model.forward(&be, &params, &mut ws, &ids);
     let loss = model.loss(&be, &params, &mut ws, &targets, Some((0.1, &mut grads)));
@@ -55,8 +56,9 @@ fn recomputed_blocks_give_identical_losses_and_gradients() {
             assert!(g == grads, "{arch:?}: gradients changed with recompute every {every}");
         }
         // Recomputed blocks run in the scratch, which every micro-batch in flight shares.
-        let (every, none) = (model.activation_bytes(2, 11, 1), model.activation_bytes(2, 11, 0));
-        let scratch = |k| scratch_bytes(&[&model], 2, 11, k, 0);
+        let mb = |k| MicroBatch { recompute_every: k, ..MicroBatch::new(2, 11) };
+        let (every, none) = (model.activation_bytes(mb(1)), model.activation_bytes(mb(0)));
+        let scratch = |k| scratch_bytes(&[&model], mb(k));
         assert!(every < none && scratch(1) > scratch(0), "{every} + {} vs {none} + {}", scratch(1), scratch(0));
         assert!(every + scratch(1) < none + scratch(0));
     }

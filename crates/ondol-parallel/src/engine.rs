@@ -3,7 +3,7 @@
 use crate::schedule::{self, Action, ScheduleKind};
 use ondol_comm::{Communicator, Coords, Mesh, RankComms};
 use ondol_core::{Backend, DeviceSlice, Error, Result};
-use ondol_model::{Model, ModelConfig, Part, Scratch, TensorParallel, Workspace, scratch_bytes};
+use ondol_model::{MicroBatch, Model, ModelConfig, Part, Scratch, TensorParallel, Workspace, scratch_bytes};
 use ondol_optim::{AdamW, OptimizerConfig};
 use std::ops::Range;
 use std::sync::mpsc;
@@ -44,6 +44,11 @@ pub struct Layout {
 }
 
 impl Layout {
+    /// The shape of each micro-batch's work.
+    pub fn micro_batch(&self) -> MicroBatch {
+        MicroBatch { batch: self.batch, seq: self.seq, recompute_every: self.recompute, loss_chunk: self.loss_chunk }
+    }
+
     /// The layer range of every virtual stage.
     fn stage_ranges(&self, n_layers: usize) -> Result<Vec<Range<usize>>> {
         let stages = self.mesh.pp * self.chunks;
@@ -214,7 +219,7 @@ impl<B: Backend> Chunk<B> {
             Some(i) => i,
             None => {
                 let (l, model) = (layout, &self.model);
-                self.pool.push(Workspace::without_scratch(be, model, l.batch, l.seq, l.recompute, l.loss_chunk)?);
+                self.pool.push(Workspace::without_scratch(be, model, l.micro_batch())?);
                 self.busy.push(None);
                 self.pool.len() - 1
             }
@@ -680,12 +685,12 @@ impl<B: Backend> Engine<B> {
                 let n = self.be.len(&c.grads) as u64;
                 let opt = self.be.len(&c.opt.m) as u64;
                 let master = c.opt.master.as_ref().map_or(0, |m| self.be.len(m) as u64);
-                let acts = in_flight as u64 * c.model.activation_bytes(l.batch, l.seq, l.recompute);
+                let acts = in_flight as u64 * c.model.activation_bytes(l.micro_batch());
                 param_bytes * n + 4 * (n + 2 * opt + master) + acts
             })
             .sum();
         let models: Vec<&Model> = self.chunks.iter().map(|c| &c.model).collect();
-        chunks + scratch_bytes(&models, l.batch, l.seq, l.recompute, l.loss_chunk)
+        chunks + scratch_bytes(&models, l.micro_batch())
     }
 
     /// Parameters this rank holds (its pieces of every chunk).
@@ -790,7 +795,7 @@ impl<B: Backend> Engine<B> {
             Some(scratch) => scratch,
             None => {
                 let (l, models): (_, Vec<&Model>) = (&self.layout, self.chunks.iter().map(|c| &c.model).collect());
-                Scratch::new(&self.be, &models, l.batch, l.seq, l.recompute, l.loss_chunk)
+                Scratch::new(&self.be, &models, l.micro_batch())
             }
         };
         self.chunks[chunk].pool[slot].give_scratch(scratch);

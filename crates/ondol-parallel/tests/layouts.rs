@@ -5,7 +5,7 @@
 
 use ondol_comm::{Mesh, RankComms};
 use ondol_cpu::CpuBackend;
-use ondol_model::{Arch, Model, ModelConfig, Part, SsmConfig, Workspace, scratch_bytes};
+use ondol_model::{Arch, MicroBatch, Model, ModelConfig, Part, SsmConfig, Workspace, scratch_bytes};
 use ondol_optim::OptimizerConfig;
 use ondol_parallel::{Engine, Layout, ScheduleKind};
 use std::time::Duration;
@@ -243,7 +243,10 @@ fn pipeline_schedules_equal_each_other() {
 /// replicated biases of row-parallel layers), a Mamba-2/attention hybrid split by heads and
 /// groups, and Mamba-1 split by channels (x_proj's outputs summed over the shards). Under
 /// GPipe, recomputing, every micro-batch is in flight on the vocab-parallel last stage too,
-/// all sharing one scratch while each keeps its head input's gradient: the same bits.
+/// all sharing one scratch while each keeps its head input's gradient: the same bits. So
+/// too interleaved, one layer per chunk, recomputing layers 0 and 3: the second rank's one
+/// scratch serves an attention chunk and a Mamba chunk with the head, whose kind only the
+/// later chunk recomputes.
 #[test]
 fn gpt2_mamba_and_hybrid_layouts_train_like_one_rank() {
     for (name, cfg) in [("gpt2", gpt2()), ("hybrid", hybrid()), ("mamba", mamba())] {
@@ -255,6 +258,9 @@ fn gpt2_mamba_and_hybrid_layouts_train_like_one_rank() {
         let gpipe = |s: Shape| train(&cfg, Shape { schedule: ScheduleKind::Gpipe, recompute: 1, ..s });
         assert_eq!(tp, gpipe(shape(2, 2, 1)), "{name} tp 2 pp 2, GPipe recomputing");
         assert_eq!(sp, gpipe(sequence_parallel(2, 2, 1)), "{name} tp 2 pp 2 sequence parallel, GPipe recomputing");
+        let interleaved =
+            Shape { schedule: ScheduleKind::Interleaved, chunks: 2, recompute: 3, ..sequence_parallel(2, 2, 1) };
+        assert_eq!(sp, train(&cfg, interleaved), "{name} tp 2 pp 2 x 2 chunks sequence parallel, recomputing");
     }
 }
 
@@ -266,7 +272,8 @@ fn sequence_parallelism_splits_the_activations_between_the_mixers() {
     let part = Part::new(&cfg, 1, 4, 0..cfg.n_layers);
     let plain = Model::part(cfg.clone(), part.clone()).unwrap();
     let split = Model::part(cfg, part.with_sequence_parallel(true)).unwrap();
-    let bytes = |m: &Model| m.activation_bytes(BATCH, SEQ, 0) + scratch_bytes(&[m], BATCH, SEQ, 0, 0);
+    let mb = MicroBatch::new(BATCH, SEQ);
+    let bytes = |m: &Model| m.activation_bytes(mb) + scratch_bytes(&[m], mb);
     let (with, without) = (bytes(&split), bytes(&plain));
     assert!(with < without, "sequence parallel activations {with} B, not fewer than {without} B");
     assert!(Workspace::new(&CpuBackend, &split, BATCH, SEQ).is_ok());

@@ -12,7 +12,7 @@ use ondol_comm::{Communicator, DistEnv, Mesh, RankComms, TcpNet};
 use ondol_core::{Backend, Error, Result};
 use ondol_cpu::CpuBackend;
 use ondol_data::{Loader, Order, SourceKind, TokenStream};
-use ondol_model::{Model, Part, Workspace, scratch_bytes};
+use ondol_model::{MicroBatch, Model, Part, Workspace, scratch_bytes};
 use ondol_parallel::{HEAD_ROW_ALIGN, ScheduleKind, schedule};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -593,9 +593,14 @@ fn inspect(args: ConfigArgs) -> Result<()> {
     let n = model.num_params() as u64;
     // Training's whole model on one rank holds a padded head (its logits are wider).
     let trained = Model::part(cfg.model.clone(), Part::whole(&cfg.model).with_vocab_align(HEAD_ROW_ALIGN))?;
+    let configured = MicroBatch {
+        recompute_every: t.activation_checkpointing,
+        loss_chunk: t.loss_chunk_rows,
+        ..MicroBatch::new(t.batch_size, t.seq_len)
+    };
     let acts = |every| {
-        let scratch = scratch_bytes(&[&trained], t.batch_size, t.seq_len, every, t.loss_chunk_rows);
-        trained.activation_bytes(t.batch_size, t.seq_len, every) + scratch
+        let mb = MicroBatch { recompute_every: every, ..configured };
+        trained.activation_bytes(mb) + scratch_bytes(&[&trained], mb)
     };
     println!("arch                 {:?}", cfg.model.arch);
     println!("parameters           {n} ({:.2}M)", n as f64 / 1e6);
@@ -621,15 +626,14 @@ fn inspect(args: ConfigArgs) -> Result<()> {
             .map(|part| Model::part(cfg.model.clone(), part))
             .collect::<Result<_>>()?;
         let peaks = schedule::in_flight(layout.schedule, pp, p.pp, layout.chunks, layout.micro);
-        let (batch, seq, every) = (t.batch_size, t.seq_len, t.activation_checkpointing);
         let models: Vec<&Model> = parts.iter().collect();
-        let scratch = scratch_bytes(&models, batch, seq, every, t.loss_chunk_rows);
+        let scratch = scratch_bytes(&models, configured);
         let mut rank = RankMemory { stage: pp, activations: scratch, scratch, ..RankMemory::default() };
         for (m, in_flight) in parts.iter().zip(peaks) {
             let params = m.num_params() as u64;
             rank.weights_grads += 8 * params;
             rank.adamw += if p.zero == 1 { 8 * params.div_ceil(p.dp as u64) } else { 8 * params };
-            rank.activations += in_flight as u64 * m.activation_bytes(batch, seq, every);
+            rank.activations += in_flight as u64 * m.activation_bytes(configured);
             rank.in_flight += in_flight;
         }
         if rank.total() > worst.total() {
@@ -709,7 +713,7 @@ fn eval(args: EvalArgs) -> Result<()> {
     let training = p.run_config.as_ref().map(|c| &c.training);
     let seq = args.seq_len.or(training.map(|t| t.seq_len)).unwrap_or(p.model.cfg.max_seq_len.min(1024));
     let batch = args.batch_size.or(training.map(|t| t.batch_size)).unwrap_or(8);
-    let shape = (batch, seq, training.map_or(0, |t| t.loss_chunk_rows));
+    let shape = MicroBatch { loss_chunk: training.map_or(0, |t| t.loss_chunk_rows), ..MicroBatch::new(batch, seq) };
     if seq == 0 || seq > p.model.cfg.max_seq_len || batch == 0 {
         return Err(Error::config(
             "--seq-len/--batch-size",
@@ -786,11 +790,11 @@ fn eval_on<B: Backend>(
     be: &B,
     params: &B::Buf,
     model: &Model,
-    (batch, seq, loss_chunk): (usize, usize, usize),
+    shape: MicroBatch,
     loader: &mut Loader,
     batches: usize,
 ) -> Result<(f64, u64)> {
-    let mut ws = Workspace::with_options(be, model, batch, seq, 0, loss_chunk)?;
+    let mut ws = Workspace::with_options(be, model, shape)?;
     trainer::evaluate(be, model, params, &mut ws, loader, batches)
 }
 
