@@ -125,6 +125,7 @@ if wants tests; then
 fi
 if wants smoke; then
     steps=100
+    rm -rf runs  # a run directory that holds a run is refused without --resume
     train() {  # CONFIG RUN-DIR [--set ...]
         local config=$1 dir=$2
         shift 2

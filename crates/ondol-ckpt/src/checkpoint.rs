@@ -264,6 +264,45 @@ pub fn verify(dir: &Path) -> Result<TrainerState> {
             state.format
         )));
     }
+    // Every file that loading reads must be checksummed (the state itself is checked by
+    // what it must agree with: its directory's step and a valid layout).
+    let mut read = vec![PathBuf::from("config.json"), PathBuf::from("ondol.toml")];
+    for (sub, stem) in [("", "model"), ("optimizer", "exp_avg"), ("optimizer", "exp_avg_sq")] {
+        let index = dir.join(sub).join(format!("{stem}.safetensors.index.json"));
+        read.extend(
+            index
+                .is_file()
+                .then_some(index)
+                .into_iter()
+                .chain(files_of(&dir.join(sub), stem)?)
+                .filter_map(|f| f.strip_prefix(dir).ok().map(Path::to_path_buf)),
+        );
+    }
+    for file in read {
+        if !state.files.contains_key(&file.to_string_lossy().replace('\\', "/")) {
+            return Err(Error::Input(format!(
+                "{}: not among the checksums of {} (the checkpoint is damaged or was edited)",
+                dir.join(&file).display(),
+                state_path.display()
+            )));
+        }
+    }
+    let named_step = dir.file_name().and_then(|n| n.to_str()?.strip_prefix("step-")?.parse::<u64>().ok());
+    if named_step.is_some_and(|n| n != state.step) {
+        return Err(Error::Input(format!(
+            "{}: step {} in the directory of step {} (the checkpoint is damaged or was edited)",
+            state_path.display(),
+            state.step,
+            named_step.unwrap_or_default()
+        )));
+    }
+    let l = state.layout;
+    if l.tp == 0 || l.pp == 0 || l.dp == 0 {
+        return Err(Error::Input(format!(
+            "{}: layout {l:?} has a zero size (damaged or edited)",
+            state_path.display()
+        )));
+    }
     for (file, want) in &state.files {
         let path = dir.join(file);
         if !path.is_file() {

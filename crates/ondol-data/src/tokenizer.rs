@@ -117,6 +117,15 @@ pub fn train(
             cfg.special_tokens.len()
         )));
     }
+    // Beyond the largest vocabularies in use (Gemma's 256k) by far; the trainer allocates
+    // tables of this size up front.
+    const MAXIMUM: usize = 1 << 22;
+    if cfg.vocab_size > MAXIMUM {
+        return Err(DataError::Invalid(format!(
+            "--vocab-size {}: at most {MAXIMUM} (byte-level BPE vocabularies in use reach 256k)",
+            cfg.vocab_size
+        )));
+    }
     if cfg.special_tokens.is_empty() {
         return Err(DataError::Invalid(format!(
             "--special-tokens is empty: at least the end-of-text token (e.g. {EOT_TOKEN}) is needed"

@@ -457,6 +457,9 @@ impl RunConfig {
                 ));
             }
         }
+        if !d.sources.iter().map(|s| s.weight).sum::<f64>().is_finite() {
+            return Err(Error::config("data.sources", "the weights sum past the largest number: scale them down"));
+        }
         if !(0.0..1.0).contains(&d.val_fraction) {
             return Err(Error::config("data.val_fraction", format!("{} must be in [0, 1)", d.val_fraction)));
         }
@@ -471,7 +474,10 @@ impl RunConfig {
             (DataFormat::Text, other) => {
                 return Err(Error::config(
                     "data.tokenizer",
-                    format!("{other:?}: text data is tokenized on the fly only with tokenizer = \"bytes\""),
+                    format!(
+                        "{}: text data is tokenized on the fly only with tokenizer = \"bytes\"",
+                        other.map_or("none".to_string(), |t| format!("\"{t}\""))
+                    ),
                 ));
             }
             // A tokenizer.json: that it exists and fits model.vocab_size is checked when the data

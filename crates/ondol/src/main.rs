@@ -136,9 +136,9 @@ struct TrainArgs {
     /// Where metrics, checkpoints and the resolved config go (default: runs/<config name>).
     #[arg(long)]
     run_dir: Option<PathBuf>,
-    /// Continue from a checkpoint: `auto` (the newest intact one of the run; without one,
-    /// `checkpoint.resume_from` if set, which a run without --resume starts from too) or a
-    /// checkpoint directory.
+    /// Continue from a checkpoint: `auto` (the one the run wrote last, else the newest
+    /// intact; without one, `checkpoint.resume_from` if set, which a run without --resume
+    /// starts from too) or a checkpoint directory.
     #[arg(long, value_name = "auto|DIR")]
     resume: Option<String>,
 }
@@ -189,6 +189,7 @@ fn train(args: TrainArgs) -> Result<()> {
     if cfg.training.device == Device::Cuda {
         return train_cuda(&args, cfg);
     }
+    check_fits_in_memory(&cfg)?;
     let data = Data::open(&cfg, Path::new("."))?;
     let p = &cfg.parallelism;
     let mesh = Mesh::new(p.tp, p.pp, p.dp)?;
@@ -462,6 +463,23 @@ fn train_rank<B: Backend>(
     let stem = args.config.config.file_stem().map_or("run".into(), |s| s.to_string_lossy().into_owned());
     let run_dir = args.run_dir.clone().unwrap_or_else(|| Path::new("runs").join(stem));
     let resumed = resume(&mut trainer, &run_dir, args.resume.as_deref())?;
+    match resumed {
+        Some(step) if step > steps => {
+            return Err(Error::config(
+                "training.steps",
+                format!("{steps} is below the step of the checkpoint resumed, {step}: raise it to train on"),
+            ));
+        }
+        Some(step) if step == steps => {
+            if trainer.is_leader() {
+                eprintln!(
+                    "the run is already at step {step} = training.steps: nothing to train (raise training.steps)"
+                );
+            }
+            return Ok(());
+        }
+        _ => {}
+    }
     if !trainer.is_leader() {
         trainer::run(&mut trainer, &mut Metrics::silent(1.0), None)?;
         return Ok(());
@@ -515,24 +533,50 @@ fn train_rank<B: Backend>(
 }
 
 /// Restores `trainer` from the checkpoint `spec` names, or from `checkpoint.resume_from`
-/// without one; returns the step it resumes at (None: step 0). `auto` takes the newest intact
-/// checkpoint of `run_dir`, warning about damaged ones it skips, and without any starts as a
-/// run without `--resume` does. A run that starts from `resume_from` must have no checkpoints
-/// of its own (they would be overwritten): those are taken with `--resume auto`.
+/// without one; returns the step it resumes at (None: step 0). `auto` takes the checkpoint
+/// `latest` names, else the newest intact one of `run_dir`, warning about damaged ones it
+/// skips, and without any starts as a run without `--resume` does. A run without `--resume`
+/// must have no checkpoints of its own (they would be overwritten): those are taken with
+/// `--resume auto`.
 fn resume<B: Backend>(trainer: &mut Trainer<B>, run_dir: &Path, spec: Option<&str>) -> Result<Option<u64>> {
     let load = |trainer: &Trainer<B>, dir: &Path| checkpoint::load(dir, &trainer.model().cfg, &trainer.model().layout);
     let resume_from = trainer.cfg.checkpoint.resume_from.clone();
     let leader = trainer.is_leader();
+    let ckpts = checkpoint::checkpoints_dir(run_dir);
+    let newest = checkpoint::list(run_dir);
     match spec {
         Some("auto") => {}
         Some(dir) => return restore(trainer, load(trainer, Path::new(dir))?).map(Some),
+        // A new run would overwrite the checkpoints (and metrics) of the one before it. The
+        // run directory is rank 0's: the others follow it, or stop when it stops.
+        None if resume_from.is_none() && leader && !newest.is_empty() => {
+            return Err(Error::Input(format!(
+                "{} already holds a run (its newest checkpoint: {}): pass --resume auto to go on from it, or \
+                 give this run another --run-dir (or remove that one)",
+                run_dir.display(),
+                newest[0].display()
+            )));
+        }
         None if resume_from.is_none() => return Ok(None),
         None => {}
     }
-    let ckpts = checkpoint::checkpoints_dir(run_dir);
+    // `latest` names what the run wrote last: after a resume from an earlier checkpoint, the
+    // later ones belong to the abandoned continuation.
     let latest = checkpoint::latest(run_dir);
+    if let (Some(latest), Some(newer)) = (&latest, newest.first())
+        && latest != newer
+        && leader
+    {
+        eprintln!(
+            "note: {} names {}, the checkpoint the run wrote last, though {} is of a later step: going on from \
+                 the one `latest` names (--resume DIR chooses another)",
+            ckpts.join("latest").display(),
+            latest.display(),
+            newer.display()
+        );
+    }
     let mut own: Vec<PathBuf> = latest.iter().cloned().collect();
-    own.extend(checkpoint::list(run_dir).into_iter().filter(|d| Some(d) != latest.as_ref()));
+    own.extend(newest.into_iter().filter(|d| Some(d) != latest.as_ref()));
     match (own.is_empty(), resume_from) {
         (true, None) => {
             // Where another rank's node finds one, every rank refuses.
@@ -614,28 +658,9 @@ fn inspect(args: ConfigArgs) -> Result<()> {
     println!("tokens/step          {}", cfg.global_batch() * t.seq_len);
     let p = &cfg.parallelism;
     let layout = cfg.layout(Mesh::new(p.tp, p.pp, p.dp)?);
-    // The rank holding the most is a pipeline stage's first tp shard (shards differ only in
-    // their vocabulary rows, of which the first holds the most), with all its chunks and the
-    // micro-batches its schedule keeps in flight.
     let mut worst = RankMemory::default();
     for pp in 0..p.pp {
-        let coords = layout.mesh.coords(pp * p.tp)?;
-        let parts: Vec<Model> = layout
-            .parts(&cfg.model, coords)?
-            .into_iter()
-            .map(|part| Model::part(cfg.model.clone(), part))
-            .collect::<Result<_>>()?;
-        let peaks = schedule::in_flight(layout.schedule, pp, p.pp, layout.chunks, layout.micro);
-        let models: Vec<&Model> = parts.iter().collect();
-        let scratch = scratch_bytes(&models, configured);
-        let mut rank = RankMemory { stage: pp, activations: scratch, scratch, ..RankMemory::default() };
-        for (m, in_flight) in parts.iter().zip(peaks) {
-            let params = m.num_params() as u64;
-            rank.weights_grads += 8 * params;
-            rank.adamw += if p.zero == 1 { 8 * params.div_ceil(p.dp as u64) } else { 8 * params };
-            rank.activations += in_flight as u64 * m.activation_bytes(configured);
-            rank.in_flight += in_flight;
-        }
+        let rank = RankMemory::of_stage(&cfg, &layout, pp)?;
         if rank.total() > worst.total() {
             worst = rank;
         }
@@ -683,9 +708,69 @@ struct RankMemory {
 }
 
 impl RankMemory {
-    fn total(&self) -> u64 {
-        self.weights_grads + self.adamw + self.activations
+    /// The fullest rank of pipeline stage `pp`: its first tp shard (shards differ only in
+    /// their vocabulary rows, of which the first holds the most), with all its chunks and the
+    /// micro-batches its schedule keeps in flight.
+    fn of_stage(cfg: &RunConfig, layout: &ondol_parallel::Layout, pp: usize) -> Result<Self> {
+        let p = &cfg.parallelism;
+        let coords = layout.mesh.coords(pp * p.tp)?;
+        let parts: Vec<Model> = layout
+            .parts(&cfg.model, coords)?
+            .into_iter()
+            .map(|part| Model::part(cfg.model.clone(), part))
+            .collect::<Result<_>>()?;
+        let peaks = schedule::in_flight(layout.schedule, pp, p.pp, layout.chunks, layout.micro);
+        let models: Vec<&Model> = parts.iter().collect();
+        let mb = layout.micro_batch();
+        let scratch = scratch_bytes(&models, mb);
+        let mut rank = RankMemory { stage: pp, activations: scratch, scratch, ..RankMemory::default() };
+        for (m, in_flight) in parts.iter().zip(peaks) {
+            let params = m.num_params() as u64;
+            rank.weights_grads += 8 * params;
+            rank.adamw += if p.zero == 1 { 8 * params.div_ceil(p.dp as u64) } else { 8 * params };
+            rank.activations += in_flight as u64 * m.activation_bytes(mb);
+            rank.in_flight += in_flight;
+        }
+        Ok(rank)
     }
+
+    fn total(&self) -> u64 {
+        self.weights_grads.saturating_add(self.adamw).saturating_add(self.activations)
+    }
+}
+
+/// Refuses a run whose ranks, all in this process, would need more memory than the machine
+/// has (an estimate: [`RankMemory`], counted as f32), before anything is allocated.
+fn check_fits_in_memory(cfg: &RunConfig) -> Result<()> {
+    let Some(machine) = physical_memory() else { return Ok(()) };
+    let p = &cfg.parallelism;
+    let layout = cfg.layout(Mesh::new(p.tp, p.pp, p.dp)?);
+    let mut need = 0u64;
+    for pp in 0..p.pp {
+        need =
+            need.saturating_add(RankMemory::of_stage(cfg, &layout, pp)?.total().saturating_mul((p.tp * p.dp) as u64));
+    }
+    if need > machine {
+        return Err(Error::config(
+            "training",
+            format!(
+                "this run needs about {} of memory (weights, gradients, AdamW and activations; `ondol inspect` \
+                 itemizes them), but the machine has {}: lower training.batch_size or seq_len, turn on \
+                 training.activation_checkpointing, or shrink [model]",
+                bytes(need),
+                bytes(machine)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The machine's physical memory (Linux's /proc/meminfo), if known.
+fn physical_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 =
+        info.lines().find_map(|l| l.strip_prefix("MemTotal:"))?.trim().strip_suffix("kB")?.trim().parse().ok()?;
+    Some(kib * 1024)
 }
 
 fn schedule_name(kind: ScheduleKind) -> &'static str {
@@ -719,6 +804,9 @@ fn eval(args: EvalArgs) -> Result<()> {
             "--seq-len/--batch-size",
             format!("need 1 <= seq_len <= {} and batch_size >= 1", p.model.cfg.max_seq_len),
         ));
+    }
+    if args.batches == Some(0) {
+        return Err(Error::config("--batches", "must be at least 1 (or left out for the whole data)"));
     }
     let files = ondol_data::expand_globs(&args.data, Path::new("."))?;
     let shards = files.iter().all(|f| f.extension().is_some_and(|e| e == "bin"));

@@ -25,6 +25,14 @@ impl Pretrained {
         if !dir.is_dir() {
             return Err(Error::Input(format!("{}: no such directory", dir.display())));
         }
+        let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        if name.starts_with('.') && name.ends_with(".tmp") {
+            return Err(Error::Input(format!(
+                "{}: a checkpoint being written, or left half-written by an interrupted save (ondol writes \
+                 into .NAME.tmp and renames it when complete); use a complete checkpoint",
+                dir.display()
+            )));
+        }
         if dir.join("trainer_state.json").exists() {
             checkpoint::verify(dir)?;
         }
@@ -191,6 +199,14 @@ pub fn generate<B: Backend>(
 /// zero AdamW moments, f32), with a starter run config whose `[model]` continues from it.
 /// Returns warnings about fields accepted but not applied.
 pub fn import_hf(src: &Path, out: &Path) -> Result<Vec<String>> {
+    // The checkpoint replaces its directory whole: never one that holds anything.
+    let holds_files = std::fs::read_dir(out).is_ok_and(|mut entries| entries.next().is_some());
+    if out.exists() && (!out.is_dir() || holds_files) {
+        return Err(Error::Input(format!(
+            "{}: exists and is not an empty directory; give --out a new or empty directory (nothing was written)",
+            out.display()
+        )));
+    }
     let path = src.join("config.json");
     let text = std::fs::read_to_string(&path).map_err(|e| Error::io(format!("cannot read {}", path.display()), e))?;
     let file = path.display().to_string();

@@ -368,3 +368,65 @@ fn damaged_checkpoints_are_refused_and_auto_falls_back() {
     );
     assert!(!ok && err.contains("model.arch") && err.contains("llama"), "{err}");
 }
+
+/// A finished run, a run directory trained over from scratch, an edited trainer_state.json
+/// and a half-written checkpoint: each refused (or, for the finished run, a no-op), with
+/// nothing the run wrote before changed.
+#[test]
+fn runs_and_checkpoints_are_never_overwritten_or_trusted_unchecked() {
+    let dir = setup();
+    let train = |extra: &[&str]| {
+        let args = [&["train", "run.toml", "--run-dir", "run", "--set", "checkpoint.every=4"], extra].concat();
+        ondol_err(dir.path(), &args)
+    };
+    let (ok, err) = train(&[]);
+    assert!(ok, "{err}");
+    let metrics = dir.path().join("run/metrics.jsonl");
+    let before = std::fs::read(&metrics).unwrap();
+
+    // Training again without --resume would start over on top of the run.
+    let (ok, err) = train(&[]);
+    assert!(!ok && err.contains("already holds a run") && err.contains("--resume auto"), "{err}");
+    // A finished run trains nothing; fewer steps than the checkpoint's is an error.
+    let (ok, err) = train(&["--resume", "auto"]);
+    assert!(ok && err.contains("nothing to train"), "{err}");
+    let (ok, err) = train(&["--resume", "auto", "--set", "training.steps=8"]);
+    assert!(!ok && err.contains("training.steps") && err.contains("12"), "{err}");
+    assert_eq!(std::fs::read(&metrics).unwrap(), before, "metrics.jsonl changed");
+
+    // trainer_state.json without a file's checksum, or with another step than its directory's.
+    let ckpts = dir.path().join("run/checkpoints");
+    let edit = |step: &str, change: &dyn Fn(&mut serde_json::Value)| {
+        let path = ckpts.join(step).join("trainer_state.json");
+        let mut state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        change(&mut state);
+        std::fs::write(&path, state.to_string()).unwrap();
+        ckpts.join(step).to_str().unwrap().to_string()
+    };
+    let unlisted = edit("step-00000012", &|s| {
+        s["files"].as_object_mut().unwrap().remove("model.safetensors");
+    });
+    let (ok, err) = train(&["--resume", &unlisted, "--set", "training.steps=14"]);
+    assert!(!ok && err.contains("model.safetensors") && err.contains("not among the checksums"), "{err}");
+    let restepped = edit("step-00000008", &|s| s["step"] = 7.into());
+    let (ok, err) = train(&["--resume", &restepped, "--set", "training.steps=14"]);
+    assert!(!ok && err.contains("step 7 in the directory of step 8"), "{err}");
+
+    // A checkpoint still being written (or left so by a crash) is no model to evaluate.
+    let tmp = ckpts.join(".step-00000016.tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(ckpts.join("step-00000004").join(f), tmp.join(f)).unwrap();
+    }
+    let (ok, err) = ondol_err(dir.path(), &["eval", tmp.to_str().unwrap(), "--data", "corpus.txt", "--batches", "1"]);
+    assert!(!ok && err.contains("half-written"), "{err}");
+
+    // Importing into a directory that holds anything would replace it whole.
+    let out = dir.path().join("mine");
+    std::fs::create_dir(&out).unwrap();
+    std::fs::write(out.join("notes.txt"), "keep me").unwrap();
+    let src = ckpts.join("step-00000004");
+    let (ok, err) = ondol_err(dir.path(), &["import", "hf", src.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert!(!ok && err.contains("not an empty directory"), "{err}");
+    assert_eq!(std::fs::read_to_string(out.join("notes.txt")).unwrap(), "keep me");
+}

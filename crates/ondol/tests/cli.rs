@@ -97,13 +97,22 @@ fn bad_values_are_refused_with_key_file_and_what_is_valid() {
         (&["lr_scheduler.decay=\"linear\""], &["lr_scheduler.decay", "cosine"]),
         (&["data.val_fraction=1.0"], &["data.val_fraction", "[0, 1)"]),
         (&["data.train=[\"missing/*.bin\"]"], &["missing/*.bin", "matches no file"]),
-        (&["data.tokenizer=\"gpt2.json\""], &["data.tokenizer", "gpt2.json"]),
+        (&["data.tokenizer=\"gpt2.json\""], &["data.tokenizer", "\"gpt2.json\": text data"]),
         (&["data.sources=[{ train = [\"corpus.txt\"], weight = 1.0 }]"], &["data.sources", "not both"]),
         (
             &["data.train=[]", "data.sources=[{ train = [\"corpus.txt\"], weight = 0.0 }]"],
             &["data.sources[0].weight", "> 0"],
         ),
         (&["data.train=[]"], &["data.train", "[[data.sources]]"]),
+        (
+            &[
+                "data.train=[]",
+                "data.sources=[{ train = [\"corpus.txt\"], weight = 1e308 }, { train = [\"corpus.txt\"], weight = 1e308 }]",
+            ],
+            &["data.sources", "weights sum past the largest number"],
+        ),
+        // Sizes past the machine's memory are refused before anything is allocated.
+        (&["training.batch_size=100000000000"], &["`training`", "needs about", "but the machine has"]),
         (&["parallelism.tp=4"], &["parallelism.tp", "does not divide model.n_heads = 2"]),
         (&["parallelism.pp=2"], &["parallelism.pp", "1 layers: every stage needs a layer"]),
         (&["parallelism.schedule=\"interleaved\""], &["parallelism.schedule", "pp of at least 2"]),

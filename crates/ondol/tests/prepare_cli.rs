@@ -139,7 +139,7 @@ fn a_prepare_table_prepares_on_the_first_run_only() {
     std::fs::write(dir.path().join("run.toml"), config).unwrap();
     let (ok, err) = ondol_err(dir.path(), &["train", "run.toml", "--run-dir", "out"]);
     assert!(ok && err.contains("training a tokenizer") && err.contains("done: 2 steps"), "{err}");
-    let (ok, err) = ondol_err(dir.path(), &["train", "run.toml", "--run-dir", "out"]);
+    let (ok, err) = ondol_err(dir.path(), &["train", "run.toml", "--run-dir", "again"]);
     assert!(ok && err.contains("using the prepared data"), "{err}");
     let (ok, err) = ondol_err(dir.path(), &["train", "run.toml", "--set", "data.prepare.vocab_size=500"]);
     assert!(!ok && err.contains("data.prepare.vocab_size") && err.contains("model.vocab_size = 400"), "{err}");
