@@ -18,7 +18,8 @@
 //!
 //! Output: `train_000000.bin ...`, `val_000000.bin ...` (llm.c format, v1 when the vocabulary
 //! fits u16 else v2), `tokenizer.json` (a byte-for-byte copy), and `manifest.json`, written last:
-//! a directory with a manifest is complete. A run that fails removes the shards it wrote.
+//! a directory with a manifest is complete. Shards are written into `.partial/` and moved
+//! into place when the run succeeds; a run that fails (or is killed) leaves none beside them.
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
@@ -280,7 +281,14 @@ pub fn prepare(cfg: &PrepareConfig, command: Vec<String>, version: &str) -> Resu
     let tokenizer_bytes = std::fs::read(&cfg.tokenizer).map_err(|e| DataError::io("read", &cfg.tokenizer, e))?;
     let shard_version = if tokenizer.vocab_size() <= 1 << 16 { ShardVersion::V1 } else { ShardVersion::V2 };
 
+    let created = !cfg.out.exists();
     std::fs::create_dir_all(&cfg.out).map_err(|e| DataError::io("create directory", &cfg.out, e))?;
+    // Shards are written into a hidden staging directory and moved beside the manifest only
+    // when the run succeeds: a killed run leaves nothing that a glob like train_*.bin finds.
+    let staging = cfg.out.join(STAGING);
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging).map_err(|e| DataError::io("remove", &staging, e))?;
+    }
     let existing = previous_output(&cfg.out)?;
     if !existing.is_empty() {
         if !cfg.overwrite {
@@ -299,8 +307,9 @@ pub fn prepare(cfg: &PrepareConfig, command: Vec<String>, version: &str) -> Resu
             std::fs::remove_file(&path).map_err(|e| DataError::io("remove", &path, e))?;
         }
     }
+    std::fs::create_dir(&staging).map_err(|e| DataError::io("create directory", &staging, e))?;
     let writer = |split| ShardWriter {
-        dir: cfg.out.clone(),
+        dir: staging.clone(),
         split,
         version: shard_version,
         shard_tokens: cfg.shard_tokens,
@@ -313,14 +322,18 @@ pub fn prepare(cfg: &PrepareConfig, command: Vec<String>, version: &str) -> Resu
     let (counts, problems, problems_total, file_problems, inputs, bytes, memory, seconds) = match result {
         Ok(r) => r,
         Err(e) => {
-            for w in &writers {
-                for s in &w.shards {
-                    let _ = std::fs::remove_file(cfg.out.join(&s.file));
-                }
+            let _ = std::fs::remove_dir_all(&staging);
+            if created {
+                let _ = std::fs::remove_dir(&cfg.out); // only if empty
             }
             return Err(e);
         }
     };
+    for s in writers.iter().flat_map(|w| &w.shards) {
+        let (from, to) = (staging.join(&s.file), cfg.out.join(&s.file));
+        std::fs::rename(&from, &to).map_err(|e| DataError::io("move into place", &from, e))?;
+    }
+    std::fs::remove_dir(&staging).map_err(|e| DataError::io("remove", &staging, e))?;
     let same_file =
         std::fs::canonicalize(&cfg.tokenizer).ok() == std::fs::canonicalize(cfg.out.join("tokenizer.json")).ok();
     if !same_file {
@@ -361,6 +374,9 @@ pub fn prepare(cfg: &PrepareConfig, command: Vec<String>, version: &str) -> Resu
     write_atomic(&cfg.out.join("manifest.json"), json.as_bytes())?;
     Ok(manifest)
 }
+
+/// The directory under `--out` that a run writes its shards into until it succeeds.
+const STAGING: &str = ".partial";
 
 /// Names of files in `dir` that a previous run wrote.
 fn previous_output(dir: &Path) -> Result<Vec<String>, DataError> {
@@ -694,6 +710,11 @@ mod tests {
         (cfg.strict, cfg.progress, cfg.shard_tokens, cfg.batch_docs) = (true, false, 500, 8);
         let err = prepare(&cfg, vec![], "test").unwrap_err().to_string();
         assert!(err.contains("b.jsonl:2") && err.contains("no field `text`") && err.contains("--strict"), "{err}");
+        assert!(!cfg.out.exists(), "a failed run left the directory it made");
+        // A directory that was there stays, without the shards a killed run left staged.
+        std::fs::create_dir_all(cfg.out.join(STAGING)).unwrap();
+        std::fs::write(cfg.out.join(STAGING).join("train_000000.bin"), "killed").unwrap();
+        assert!(prepare(&cfg, vec![], "test").is_err());
         let left: Vec<_> = std::fs::read_dir(&cfg.out).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert!(left.is_empty(), "a failed run left {left:?}");
 

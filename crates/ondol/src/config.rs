@@ -375,15 +375,25 @@ impl RunConfig {
             apply_override(&mut table, o)?;
         }
         let grad_accum_given = table.get("training").and_then(|t| t.get("grad_accum")).is_some();
+        // A key's value comes from a --set of it, else from the file.
+        let set_here = |key: &str| overrides.iter().any(|o| o.split('=').next().map(str::trim) == Some(key));
+        let origin = |key: &str| match set_here(key) {
+            true => format!("{key}` from `--set"),
+            false => format!("{key}` in `{file}"),
+        };
         let mut cfg: RunConfig = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
             let key = e.path().to_string();
-            Error::config(format!("{key}` in `{file}"), e.into_inner().message().to_string())
+            let message = e.into_inner().message().to_string();
+            match key.as_str() {
+                "." => Error::Input(format!("{file}: {message} (a [section] of the config)")),
+                _ => Error::config(origin(&key), message),
+            }
         })?;
         if let (Some(m), false) = (cfg.parallelism.microbatches, grad_accum_given) {
             cfg.training.grad_accum = m;
         }
         cfg.validate().map_err(|e| match e {
-            Error::Config { key, message } => Error::config(format!("{key}` in `{file}"), message),
+            Error::Config { key, message } => Error::config(origin(&key), message),
             other => other,
         })?;
         Ok(cfg)
@@ -553,6 +563,9 @@ fn apply_override(table: &mut toml::Table, spec: &str) -> Result<(), Error> {
     }
     let value = match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
         Ok(mut t) => t.remove("v").expect("parsed table has v"),
+        Err(_) if raw.trim().trim_start_matches('-').bytes().all(|b| b.is_ascii_digit()) && !raw.trim().is_empty() => {
+            return Err(bad("a whole number past what TOML holds (-2^63 to 2^63 - 1)"));
+        }
         Err(_) => toml::Value::String(raw.to_string()),
     };
     let mut node = table;

@@ -85,7 +85,8 @@ fn bad_values_are_refused_with_key_file_and_what_is_valid() {
         ),
         (&["model.bogus=1"], &["model.bogus", "unknown field"]),
         (&["training.seq_len=17"], &["training.seq_len", "max_seq_len = 16"]),
-        (&["training.steps=\"ten\""], &["training.steps", "invalid type"]),
+        (&["training.steps=\"ten\""], &["training.steps` from `--set`", "invalid type"]),
+        (&["training.steps=18446744073709551615"], &["--set training.steps", "past what TOML holds"]),
         (&["training.batch_size=0"], &["training.batch_size", "at least 1"]),
         (&["training.device=\"tpu\""], &["training.device", "cpu"]),
         (&["training.device=\"cuda\""], &["training.device", "no CUDA backend"]),
@@ -155,6 +156,12 @@ fn bad_files_are_refused_with_their_path() {
     std::fs::write(dir.path().join("broken.toml"), "[model\narch = ").unwrap();
     let (ok, err) = ondol_err(dir.path(), &["train", "broken.toml"]);
     assert!(!ok && err.contains("broken.toml") && err.contains("is not valid TOML"), "{err}");
+
+    // A missing section is named with the file.
+    let i = BASE.find("[training]").unwrap();
+    std::fs::write(dir.path().join("no-model.toml"), &BASE[i..]).unwrap();
+    let (ok, err) = ondol_err(dir.path(), &["train", "no-model.toml"]);
+    assert!(!ok && err.contains("no-model.toml: missing field `model`"), "{err}");
 
     // A damaged shard: the message names the file and what is wrong.
     std::fs::write(dir.path().join("bad.bin"), vec![0u8; 100]).unwrap();
