@@ -251,6 +251,13 @@ pub struct Loaded {
 
 /// Reads `trainer_state.json` and checks every listed file's SHA-256.
 pub fn verify(dir: &Path) -> Result<TrainerState> {
+    if !dir.is_dir() {
+        let what = if dir.exists() { "not a directory" } else { "no such directory" };
+        return Err(Error::Input(format!(
+            "{}: {what}; a checkpoint is a checkpoints/step-XXXXXXXX directory",
+            dir.display()
+        )));
+    }
     let state_path = dir.join("trainer_state.json");
     let text = fs::read_to_string(&state_path).map_err(|_| {
         Error::Input(format!("{}: not a complete ondol checkpoint (no trainer_state.json)", dir.display()))

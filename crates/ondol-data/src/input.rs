@@ -380,6 +380,10 @@ pub fn expand_inputs(patterns: &[String]) -> Result<Vec<PathBuf>, DataError> {
     for pattern in patterns {
         if pattern.contains(['*', '?', '[']) {
             files.extend(crate::expand_globs(std::slice::from_ref(pattern), Path::new("."))?);
+        } else if Path::new(pattern).is_dir() {
+            return Err(DataError::Invalid(format!(
+                "--input {pattern} is a directory: give its files, or a glob like {pattern}/*.jsonl"
+            )));
         } else {
             files.push(PathBuf::from(pattern));
         }

@@ -197,7 +197,7 @@ pub fn expand_globs(patterns: &[String], base: &Path) -> Result<Vec<PathBuf>, Da
             format!("{}/{pattern}", glob::Pattern::escape(base))
         };
         let paths = glob::glob(&full).map_err(|e| pattern_error(format!("invalid pattern: {e}")))?;
-        let mut matched = Vec::new();
+        let (mut matched, mut dirs) = (Vec::new(), 0);
         for entry in paths {
             let path = entry.map_err(|e| {
                 let dir = e.path().to_path_buf();
@@ -205,7 +205,14 @@ pub fn expand_globs(patterns: &[String], base: &Path) -> Result<Vec<PathBuf>, Da
             })?;
             if path.is_file() {
                 matched.push(path);
+            } else if path.is_dir() {
+                dirs += 1;
             }
+        }
+        if matched.is_empty() && dirs > 0 {
+            return Err(pattern_error(format!(
+                "matches only directories ({dirs}), no file: give their files, or a glob like {pattern}/*.bin"
+            )));
         }
         if matched.is_empty() {
             return Err(pattern_error(format!("matches no file (searched {full})")));

@@ -546,6 +546,7 @@ fn resume<B: Backend>(trainer: &mut Trainer<B>, run_dir: &Path, spec: Option<&st
     let newest = checkpoint::list(run_dir);
     match spec {
         Some("auto") => {}
+        Some("") => return Err(Error::config("--resume", "empty: give `auto` or a checkpoint directory")),
         Some(dir) => return restore(trainer, load(trainer, Path::new(dir))?).map(Some),
         // A new run would overwrite the checkpoints (and metrics) of the one before it. The
         // run directory is rank 0's: the others follow it, or stop when it stops.

@@ -22,6 +22,12 @@ pub struct Pretrained {
 impl Pretrained {
     /// Reads `dir`, verifying checksums first when it is an ondol checkpoint.
     pub fn load(dir: &Path) -> Result<Self> {
+        if dir.is_file() {
+            return Err(Error::Input(format!(
+                "{}: a file; a model is a checkpoint (or Hugging Face) directory",
+                dir.display()
+            )));
+        }
         if !dir.is_dir() {
             return Err(Error::Input(format!("{}: no such directory", dir.display())));
         }

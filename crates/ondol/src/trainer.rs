@@ -99,7 +99,11 @@ impl<B: Backend> Trainer<B> {
         let (replica, replicas) = (comms.coords.dp, comms.mesh.dp);
         let mut engine = Engine::new(be, cfg.model.clone(), layout, cfg.optimizer.clone(), comms, t.seed)?;
         if let Some(dir) = &cfg.model.init_from {
-            engine.load_whole(&Pretrained::weights_for(&cfg.model, Path::new(dir))?, None);
+            let weights = Pretrained::weights_for(&cfg.model, Path::new(dir)).map_err(|e| match e {
+                Error::Input(m) => Error::config("model.init_from", m),
+                other => other,
+            })?;
+            engine.load_whole(&weights, None);
         }
         let sched = LrSchedule::new(cfg.lr_scheduler.clone(), cfg.optimizer.lr, t.steps);
         let order = if t.shuffle { Order::Shuffled { seed: t.seed } } else { Order::Sequential };

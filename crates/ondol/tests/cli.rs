@@ -157,6 +157,27 @@ fn bad_files_are_refused_with_their_path() {
     let (ok, err) = ondol_err(dir.path(), &["train", "broken.toml"]);
     assert!(!ok && err.contains("broken.toml") && err.contains("is not valid TOML"), "{err}");
 
+    // Paths that are not what their flag or key needs: each named, with what would do.
+    std::fs::create_dir(dir.path().join("texts")).unwrap();
+    let cases: &[(&[&str], &[&str])] = &[
+        (&["train", "run.toml", "--resume", "runs/none"], &["runs/none: no such directory", "step-XXXXXXXX"]),
+        (&["train", "run.toml", "--resume", ""], &["--resume", "empty"]),
+        (&["train", "run.toml", "--set", "model.init_from=\"none\""], &["model.init_from", "none: no such directory"]),
+        (&["train", "run.toml", "--set", "data.train=[\"texts\"]"], &["texts", "matches only directories"]),
+        (&["eval", "run.toml", "--data", "corpus.txt"], &["run.toml: a file", "directory"]),
+        (
+            &["data", "prepare", "--input", "texts", "--tokenizer", "t.json", "--out", "o"],
+            &["--input texts is a directory", "texts/*.jsonl"],
+        ),
+    ];
+    for (args, expected) in cases {
+        let (ok, err) = ondol_err(dir.path(), args);
+        assert!(!ok && !err.contains("panicked"), "{args:?}: {err}");
+        for e in *expected {
+            assert!(err.contains(e), "{args:?}: message lacks `{e}`: {err}");
+        }
+    }
+
     // A missing section is named with the file.
     let i = BASE.find("[training]").unwrap();
     std::fs::write(dir.path().join("no-model.toml"), &BASE[i..]).unwrap();
