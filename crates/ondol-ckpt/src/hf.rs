@@ -735,7 +735,11 @@ pub fn from_hf_config(json: &Value, file: &str) -> Result<(ModelConfig, Vec<Stri
         }
         return Err(f.err(key, format!("{value}: ondol does not implement this field; remove it if it is inert")));
     }
-    cfg.validate()?;
+    // The constraint is ondol's, on the value read from the file: name both.
+    cfg.validate().map_err(|e| match e {
+        Error::Config { key, message } => Error::config(format!("{key}` as read from `{file}"), message),
+        other => other,
+    })?;
     Ok((cfg, warnings))
 }
 
@@ -797,6 +801,11 @@ mod tests {
         let mut json = to_hf_config(&llama(), None);
         json["model_type"] = json!("mistral");
         assert!(from_hf_config(&json, "c").unwrap_err().to_string().contains("mistral"));
+        // A value that breaks one of ondol's constraints: its key and the file.
+        let mut json = to_hf_config(&llama(), None);
+        json["num_key_value_heads"] = json!(3);
+        let e = from_hf_config(&json, "x/config.json").unwrap_err().to_string();
+        assert!(e.contains("model.n_kv_heads` as read from `x/config.json") && e.contains("divide"), "{e}");
     }
 
     #[test]
