@@ -41,7 +41,9 @@ fn config(arch: Arch) -> ModelConfig {
         } else {
             let wide = arch == Arch::Mamba2;
             let (state, head_dim) = if wide { (32, 32) } else { (8, 8) };
-            SsmConfig { state_size: Some(state), head_dim, n_groups: 2, chunk_size: 5, ..Default::default() }
+            let ssm = SsmConfig { state_size: Some(state), chunk_size: 5, ..Default::default() };
+            // Heads and groups are Mamba-2's (the hybrid's too).
+            if arch == Arch::Mamba { ssm } else { SsmConfig { head_dim, n_groups: 2, ..ssm } }
         },
         init_from: None,
     }

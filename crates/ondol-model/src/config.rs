@@ -331,6 +331,25 @@ impl ModelConfig {
                 return Err(Error::config(format!("model.ssm.{key}"), "must be at least 1"));
             }
         }
+        // Keys of the other Mamba generation would be read by nothing.
+        let default = SsmConfig::default();
+        if self.arch == Arch::Mamba {
+            for (key, set) in
+                [("head_dim", s.head_dim != default.head_dim), ("n_groups", s.n_groups != default.n_groups)]
+            {
+                if set {
+                    return Err(Error::config(
+                        format!("model.ssm.{key}"),
+                        "is Mamba-2's: Mamba-1 (arch = \"mamba\") has no heads or groups; leave it unset",
+                    ));
+                }
+            }
+        } else if s.time_step_rank.is_some() {
+            return Err(Error::config(
+                "model.ssm.time_step_rank",
+                "is Mamba-1's dt rank: Mamba-2 layers have none; leave it unset",
+            ));
+        }
         if self.arch != Arch::Mamba {
             let inner = self.ssm_inner();
             if !inner.is_multiple_of(s.head_dim) {

@@ -76,7 +76,14 @@ fn gpt2() {
     check_model(tiny(Arch::Gpt2, None), 1e-2);
 }
 
-/// A tiny state-space model: E = 16 channels, 4 states, chunks of 2 tokens.
+/// `ssm` with Mamba-2 heads of `head_dim` channels in `groups` groups, unless `arch` is
+/// Mamba-1's, which has neither.
+fn mamba2_heads(arch: Arch, ssm: SsmConfig, head_dim: usize, groups: usize) -> SsmConfig {
+    if arch == Arch::Mamba { ssm } else { SsmConfig { head_dim, n_groups: groups, ..ssm } }
+}
+
+/// A tiny state-space model: E = 16 channels, 4 states, chunks of 2 tokens (Mamba-2: heads
+/// of 4 channels, 2 groups).
 fn tiny_ssm(arch: Arch, pattern: Option<&str>) -> ModelConfig {
     let n_layers = pattern.map_or(2, |p| p.len());
     ModelConfig {
@@ -84,14 +91,12 @@ fn tiny_ssm(arch: Arch, pattern: Option<&str>) -> ModelConfig {
         n_kv_heads: pattern.map(|_| 1),
         n_layers,
         pattern: pattern.map(str::to_string),
-        ssm: SsmConfig {
-            state_size: Some(4),
-            conv_kernel: 3,
-            head_dim: 4,
-            n_groups: 2,
-            chunk_size: 2,
-            ..Default::default()
-        },
+        ssm: mamba2_heads(
+            arch,
+            SsmConfig { state_size: Some(4), conv_kernel: 3, chunk_size: 2, ..Default::default() },
+            4,
+            2,
+        ),
         tie_embeddings: Some(false),
         ..tiny(arch, None)
     }

@@ -51,7 +51,8 @@ fn config(arch: Arch, tie: bool) -> ModelConfig {
         init_residual_scaling: true,
         pattern: (arch == Arch::Hybrid).then(|| "M*-M".to_string()),
         ssm: if ssm_only || arch == Arch::Hybrid {
-            SsmConfig { state_size: Some(4), head_dim: 4, chunk_size: 4, ..Default::default() }
+            let ssm = SsmConfig { state_size: Some(4), chunk_size: 4, ..Default::default() };
+            if arch == Arch::Mamba { ssm } else { SsmConfig { head_dim: 4, ..ssm } }
         } else {
             SsmConfig::default()
         },

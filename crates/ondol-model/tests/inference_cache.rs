@@ -27,6 +27,7 @@ fn model(arch: Arch) -> Model {
         // Chunks of 3 for the full forward's scans, so that it crosses chunk boundaries.
         ssm: match arch {
             Arch::Llama | Arch::Gpt2 => SsmConfig::default(),
+            Arch::Mamba => SsmConfig { state_size: Some(6), chunk_size: 3, ..Default::default() },
             _ => SsmConfig { state_size: Some(6), head_dim: 8, n_groups: 2, chunk_size: 3, ..Default::default() },
         },
         init_from: None,

@@ -43,7 +43,8 @@ fn recomputed_blocks_give_identical_losses_and_gradients() {
             ssm: if arch == Arch::Llama || arch == Arch::Gpt2 {
                 SsmConfig::default()
             } else {
-                SsmConfig { state_size: Some(4), head_dim: 8, chunk_size: 4, ..Default::default() }
+                let ssm = SsmConfig { state_size: Some(4), chunk_size: 4, ..Default::default() };
+                if arch == Arch::Mamba { ssm } else { SsmConfig { head_dim: 8, ..ssm } }
             },
             init_from: None,
         })

@@ -74,6 +74,14 @@ fn bad_values_are_refused_with_key_file_and_what_is_valid() {
         (&["model.arch=\"hybrid\"", "model.pattern=\"M*x\""], &["model.pattern", "'x'", "M (Mamba-2)"]),
         (&["model.arch=\"hybrid\"", "model.pattern=\"M*\""], &["model.pattern", "2 layers", "n_layers"]),
         (&["model.arch=\"mamba\""], &["model.n_heads", "leave it unset"]),
+        (
+            &["model.arch=\"mamba\"", "model.n_heads=0", "model.ssm.head_dim=32"],
+            &["model.ssm.head_dim", "Mamba-2's", "leave it unset"],
+        ),
+        (
+            &["model.arch=\"mamba2\"", "model.n_heads=0", "model.ssm.time_step_rank=4"],
+            &["model.ssm.time_step_rank", "Mamba-1's"],
+        ),
         (&["model.pattern=\"M\""], &["model.pattern", "only arch = \"hybrid\""]),
         (
             &["model.arch=\"mamba2\"", "model.n_heads=0", "model.ssm.head_dim=7"],
