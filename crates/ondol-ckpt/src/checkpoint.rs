@@ -249,7 +249,8 @@ pub struct Loaded {
     pub exp_avg_sq: Vec<f32>,
 }
 
-/// Reads `trainer_state.json` and checks every listed file's SHA-256.
+/// Reads `trainer_state.json` and checks it: every file that loading reads must be listed,
+/// every listed file's SHA-256 must match, its step must be its directory's.
 pub fn verify(dir: &Path) -> Result<TrainerState> {
     if !dir.is_dir() {
         let what = if dir.exists() { "not a directory" } else { "no such directory" };
@@ -274,6 +275,7 @@ pub fn verify(dir: &Path) -> Result<TrainerState> {
     // Every file that loading reads must be checksummed (the state itself is checked by
     // what it must agree with: its directory's step and a valid layout).
     let mut read = vec![PathBuf::from("config.json"), PathBuf::from("ondol.toml")];
+    read.extend(dir.join("tokenizer.json").is_file().then(|| PathBuf::from("tokenizer.json")));
     for (sub, stem) in [("", "model"), ("optimizer", "exp_avg"), ("optimizer", "exp_avg_sq")] {
         let index = dir.join(sub).join(format!("{stem}.safetensors.index.json"));
         read.extend(
@@ -306,8 +308,11 @@ pub fn verify(dir: &Path) -> Result<TrainerState> {
     let l = state.layout;
     if l.tp == 0 || l.pp == 0 || l.dp == 0 {
         return Err(Error::Input(format!(
-            "{}: layout {l:?} has a zero size (damaged or edited)",
-            state_path.display()
+            "{}: layout tp = {}, pp = {}, dp = {} has a zero size (damaged or edited)",
+            state_path.display(),
+            l.tp,
+            l.pp,
+            l.dp
         )));
     }
     for (file, want) in &state.files {

@@ -260,7 +260,8 @@ enum Checked {
     Clean { text: String, exact: u128, near: Vec<u64>, nfc: bool, control: bool, bytes: usize },
 }
 
-/// Runs the pipeline of the module docs. On error, the shards this run wrote are removed.
+/// Runs the pipeline of the module docs. On error, the shards this run wrote are removed
+/// (and the --out it made), and the previous output that --overwrite replaces is kept.
 pub fn prepare(cfg: &PrepareConfig, command: Vec<String>, version: &str) -> Result<Manifest, DataError> {
     let invalid = |m: String| Err(DataError::Invalid(m));
     if !(0.0..1.0).contains(&cfg.val_fraction) {
@@ -290,22 +291,13 @@ pub fn prepare(cfg: &PrepareConfig, command: Vec<String>, version: &str) -> Resu
         std::fs::remove_dir_all(&staging).map_err(|e| DataError::io("remove", &staging, e))?;
     }
     let existing = previous_output(&cfg.out)?;
-    if !existing.is_empty() {
-        if !cfg.overwrite {
-            return invalid(format!(
-                "--out {} already holds prepared data ({}{}); pass --overwrite to replace it, or choose another directory",
-                cfg.out.display(),
-                existing[..existing.len().min(3)].join(", "),
-                if existing.len() > 3 { ", ..." } else { "" }
-            ));
-        }
-        // The manifest first: a directory without one is never mistaken for a complete run.
-        let mut existing = existing;
-        existing.sort_by_key(|f| f != "manifest.json");
-        for f in existing {
-            let path = cfg.out.join(f);
-            std::fs::remove_file(&path).map_err(|e| DataError::io("remove", &path, e))?;
-        }
+    if !existing.is_empty() && !cfg.overwrite {
+        return invalid(format!(
+            "--out {} already holds prepared data ({}{}); pass --overwrite to replace it, or choose another directory",
+            cfg.out.display(),
+            existing[..existing.len().min(3)].join(", "),
+            if existing.len() > 3 { ", ..." } else { "" }
+        ));
     }
     std::fs::create_dir(&staging).map_err(|e| DataError::io("create directory", &staging, e))?;
     let writer = |split| ShardWriter {
@@ -329,6 +321,14 @@ pub fn prepare(cfg: &PrepareConfig, command: Vec<String>, version: &str) -> Resu
             return Err(e);
         }
     };
+    // The previous output (--overwrite) goes only now that this run has succeeded, the
+    // manifest first: a directory without one is never mistaken for a complete run.
+    let mut existing = existing;
+    existing.sort_by_key(|f| f != "manifest.json");
+    for f in existing {
+        let path = cfg.out.join(f);
+        std::fs::remove_file(&path).map_err(|e| DataError::io("remove", &path, e))?;
+    }
     for s in writers.iter().flat_map(|w| &w.shards) {
         let (from, to) = (staging.join(&s.file), cfg.out.join(&s.file));
         std::fs::rename(&from, &to).map_err(|e| DataError::io("move into place", &from, e))?;
@@ -717,6 +717,12 @@ mod tests {
         assert!(prepare(&cfg, vec![], "test").is_err());
         let left: Vec<_> = std::fs::read_dir(&cfg.out).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert!(left.is_empty(), "a failed run left {left:?}");
+        // A failed --overwrite keeps the data it would have replaced.
+        let good = PrepareConfig { inputs: vec![p("a.jsonl")], strict: false, ..cfg.clone() };
+        prepare(&good, vec![], "test").unwrap();
+        let manifest = std::fs::read(cfg.out.join("manifest.json")).unwrap();
+        assert!(prepare(&PrepareConfig { overwrite: true, ..cfg.clone() }, vec![], "test").is_err());
+        assert_eq!(std::fs::read(cfg.out.join("manifest.json")).unwrap(), manifest, "a failed overwrite lost the data");
 
         cfg.tokenizer = p("nope.json");
         let err = prepare(&cfg, vec![], "test").unwrap_err().to_string();

@@ -211,7 +211,7 @@ pub fn expand_globs(patterns: &[String], base: &Path) -> Result<Vec<PathBuf>, Da
         }
         if matched.is_empty() && dirs > 0 {
             return Err(pattern_error(format!(
-                "matches only directories ({dirs}), no file: give their files, or a glob like {pattern}/*.bin"
+                "matches only directories ({dirs}), no file: give their files, or a glob like {pattern}/*"
             )));
         }
         if matched.is_empty() {

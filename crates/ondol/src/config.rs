@@ -376,7 +376,13 @@ impl RunConfig {
         }
         let grad_accum_given = table.get("training").and_then(|t| t.get("grad_accum")).is_some();
         // A key's value comes from a --set of it, else from the file.
-        let set_here = |key: &str| overrides.iter().any(|o| o.split('=').next().map(str::trim) == Some(key));
+        // (A value inside a --set table or array, like data.sources[0].weight, is the --set's.)
+        let set_here = |key: &str| {
+            let given = overrides.iter().filter_map(|o| o.split('=').next().map(str::trim));
+            given
+                .into_iter()
+                .any(|k| key == k || key.starts_with(&format!("{k}.")) || key.starts_with(&format!("{k}[")))
+        };
         let origin = |key: &str| match set_here(key) {
             true => format!("{key}` from `--set"),
             false => format!("{key}` in `{file}"),
@@ -563,7 +569,7 @@ fn apply_override(table: &mut toml::Table, spec: &str) -> Result<(), Error> {
     }
     let value = match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
         Ok(mut t) => t.remove("v").expect("parsed table has v"),
-        Err(_) if raw.trim().trim_start_matches('-').bytes().all(|b| b.is_ascii_digit()) && !raw.trim().is_empty() => {
+        Err(_) if raw.trim().parse::<i128>().is_ok_and(|v| i64::try_from(v).is_err()) => {
             return Err(bad("a whole number past what TOML holds (-2^63 to 2^63 - 1)"));
         }
         Err(_) => toml::Value::String(raw.to_string()),

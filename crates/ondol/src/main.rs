@@ -58,7 +58,7 @@ enum ImportCommand {
     Hf {
         /// The Hugging Face model directory.
         src: PathBuf,
-        /// The checkpoint directory to write.
+        /// The checkpoint directory to write (new, or empty).
         #[arg(long)]
         out: PathBuf,
     },
@@ -143,6 +143,14 @@ struct TrainArgs {
     resume: Option<String>,
 }
 
+impl TrainArgs {
+    /// Where the run writes: --run-dir, else runs/<config name>.
+    fn run_dir(&self) -> PathBuf {
+        let stem = self.config.config.file_stem().map_or("run".into(), |s| s.to_string_lossy().into_owned());
+        self.run_dir.clone().unwrap_or_else(|| Path::new("runs").join(stem))
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -168,6 +176,11 @@ fn main() -> ExitCode {
 fn train(args: TrainArgs) -> Result<()> {
     let cfg = RunConfig::load(&args.config.config, &args.config.set)?;
     let env = DistEnv::from_env()?;
+    // The run directory is rank 0's (the launched ranks after it stop when it stops); checked
+    // before any rank starts, so that a refusal leaves none waiting for it.
+    if env.rank == 0 {
+        refuse_a_run_over_another(&args, &cfg)?;
+    }
     // Launched ranks on one node share its cores: each takes its share unless told.
     let threads = cfg.training.threads.or_else(|| {
         (env.local_world_size > 1).then(|| {
@@ -460,8 +473,7 @@ fn train_rank<B: Backend>(
         None => Trainer::new(be, cfg, data)?,
         Some(c) => Trainer::rank(be, cfg, data, c)?,
     };
-    let stem = args.config.config.file_stem().map_or("run".into(), |s| s.to_string_lossy().into_owned());
-    let run_dir = args.run_dir.clone().unwrap_or_else(|| Path::new("runs").join(stem));
+    let run_dir = args.run_dir();
     let resumed = resume(&mut trainer, &run_dir, args.resume.as_deref())?;
     match resumed {
         Some(step) if step > steps => {
@@ -532,6 +544,22 @@ fn train_rank<B: Backend>(
     Ok(())
 }
 
+/// Refuses to train from scratch into a run directory that holds checkpoints: the new run
+/// would overwrite them and its metrics. `--resume` (or a stage's `checkpoint.resume_from`,
+/// which refuses this itself) says what to do with them.
+fn refuse_a_run_over_another(args: &TrainArgs, cfg: &RunConfig) -> Result<()> {
+    let run_dir = args.run_dir();
+    match checkpoint::list(&run_dir).first() {
+        Some(newest) if args.resume.is_none() && cfg.checkpoint.resume_from.is_none() => Err(Error::Input(format!(
+            "{} already holds a run (its newest checkpoint: {}): pass --resume auto to go on from it, or give \
+             this run another --run-dir (or remove that one)",
+            run_dir.display(),
+            newest.display()
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// Restores `trainer` from the checkpoint `spec` names, or from `checkpoint.resume_from`
 /// without one; returns the step it resumes at (None: step 0). `auto` takes the checkpoint
 /// `latest` names, else the newest intact one of `run_dir`, warning about damaged ones it
@@ -548,16 +576,7 @@ fn resume<B: Backend>(trainer: &mut Trainer<B>, run_dir: &Path, spec: Option<&st
         Some("auto") => {}
         Some("") => return Err(Error::config("--resume", "empty: give `auto` or a checkpoint directory")),
         Some(dir) => return restore(trainer, load(trainer, Path::new(dir))?).map(Some),
-        // A new run would overwrite the checkpoints (and metrics) of the one before it. The
-        // run directory is rank 0's: the others follow it, or stop when it stops.
-        None if resume_from.is_none() && leader && !newest.is_empty() => {
-            return Err(Error::Input(format!(
-                "{} already holds a run (its newest checkpoint: {}): pass --resume auto to go on from it, or \
-                 give this run another --run-dir (or remove that one)",
-                run_dir.display(),
-                newest[0].display()
-            )));
-        }
+        // A run directory that holds checkpoints was refused before the ranks started.
         None if resume_from.is_none() => return Ok(None),
         None => {}
     }
@@ -600,7 +619,7 @@ fn resume<B: Backend>(trainer: &mut Trainer<B>, run_dir: &Path, spec: Option<&st
         (false, Some(_)) if spec.is_none() => Err(Error::config(
             "checkpoint.resume_from",
             format!(
-                "the run already has checkpoints of its own in {}: pass --resume auto to go on from the newest, or \
+                "the run already has checkpoints of its own in {}: pass --resume auto to go on from them, or \
                  give the run another --run-dir",
                 ckpts.display()
             ),
