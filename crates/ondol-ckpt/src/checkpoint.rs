@@ -123,7 +123,7 @@ pub fn save(run_dir: &Path, snap: &Snapshot) -> Result<PathBuf> {
     let name = step_name(snap.step);
     let dst = root.join(&name);
     save_to(&dst, snap)?;
-    let latest_tmp = root.join(".latest.tmp");
+    let latest_tmp = root.join(temp_name("latest"));
     fs::write(&latest_tmp, format!("{name}\n"))
         .and_then(|_| File::open(&latest_tmp)?.sync_all())
         .and_then(|_| fs::rename(&latest_tmp, root.join("latest")))
@@ -138,7 +138,7 @@ pub fn save_to(dst: &Path, snap: &Snapshot) -> Result<()> {
     let root = dst.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     fs::create_dir_all(root).map_err(io(format!("cannot create {}", root.display())))?;
     let name = dst.file_name().map_or("checkpoint".into(), |n| n.to_string_lossy().into_owned());
-    let tmp = root.join(format!(".{name}.tmp"));
+    let tmp = root.join(temp_name(&name));
     if tmp.exists() {
         fs::remove_dir_all(&tmp).map_err(io(format!("cannot remove {}", tmp.display())))?;
     }
@@ -218,7 +218,7 @@ pub fn remove_stale(run_dir: &Path) -> Result<()> {
     let root = checkpoints_dir(run_dir);
     for entry in fs::read_dir(&root).into_iter().flatten().flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with('.') && name.ends_with(".tmp") {
+        if is_temp_name(&name) {
             let path = entry.path();
             let removed = if path.is_dir() { fs::remove_dir_all(&path) } else { fs::remove_file(&path) };
             removed.map_err(io(format!("cannot remove stale {}", path.display())))?;
@@ -249,16 +249,39 @@ pub struct Loaded {
     pub exp_avg_sq: Vec<f32>,
 }
 
+/// The temporary sibling that the directory or file `name` is written as, then renamed.
+fn temp_name(name: &str) -> String {
+    format!(".{name}.tmp")
+}
+
+/// Whether `name` is such a temporary: being written, or left by a writer that was killed.
+fn is_temp_name(name: &str) -> bool {
+    name.starts_with('.') && name.ends_with(".tmp")
+}
+
+/// Refuses what cannot be a model directory (a checkpoint, or a Hugging Face one): a file, a
+/// missing path, or a checkpoint's temporary, half-written or still being written.
+pub fn check_model_dir(dir: &Path) -> Result<()> {
+    let what = if dir.is_file() {
+        "a file"
+    } else if !dir.is_dir() {
+        "no such directory"
+    } else if dir.file_name().is_some_and(|n| is_temp_name(&n.to_string_lossy())) {
+        "a checkpoint being written, or left half-written by an interrupted save (ondol writes into \
+         .NAME.tmp and renames it when complete)"
+    } else {
+        return Ok(());
+    };
+    Err(Error::Input(format!(
+        "{}: {what}; a model is a checkpoint (checkpoints/step-XXXXXXXX) or Hugging Face directory",
+        dir.display()
+    )))
+}
+
 /// Reads `trainer_state.json` and checks it: every file that loading reads must be listed,
 /// every listed file's SHA-256 must match, its step must be its directory's.
 pub fn verify(dir: &Path) -> Result<TrainerState> {
-    if !dir.is_dir() {
-        let what = if dir.exists() { "not a directory" } else { "no such directory" };
-        return Err(Error::Input(format!(
-            "{}: {what}; a checkpoint is a checkpoints/step-XXXXXXXX directory",
-            dir.display()
-        )));
-    }
+    check_model_dir(dir)?;
     let state_path = dir.join("trainer_state.json");
     let text = fs::read_to_string(&state_path).map_err(|_| {
         Error::Input(format!("{}: not a complete ondol checkpoint (no trainer_state.json)", dir.display()))

@@ -378,12 +378,9 @@ pub fn hex(bytes: &[u8]) -> String {
 pub fn expand_inputs(patterns: &[String]) -> Result<Vec<PathBuf>, DataError> {
     let mut files = Vec::new();
     for pattern in patterns {
-        if pattern.contains(['*', '?', '[']) {
+        // (A directory is a pattern that matches no file, which expand_globs says.)
+        if pattern.contains(['*', '?', '[']) || Path::new(pattern).is_dir() {
             files.extend(crate::expand_globs(std::slice::from_ref(pattern), Path::new("."))?);
-        } else if Path::new(pattern).is_dir() {
-            return Err(DataError::Invalid(format!(
-                "--input {pattern} is a directory: give its files, or a glob like {pattern}/*.jsonl"
-            )));
         } else {
             files.push(PathBuf::from(pattern));
         }

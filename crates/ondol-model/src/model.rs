@@ -1198,7 +1198,7 @@ pub struct Scratch<B: Backend> {
     /// One chunk of rows' logits, `[loss_chunk, head rows]` (a padded head's last columns are
     /// no token's), then their gradients (empty without the last stage).
     logits: B::Buf,
-    /// Each token's loss (last stage only).
+    /// Each token's loss (last stage only, without tp: the vocab-parallel loss sums on the host).
     losses: B::Buf,
     /// The vocab-parallel loss's row statistics and log-sum-exp (tp > 1 only).
     vocab_parallel: Option<(B::Buf, B::Buf)>,
@@ -1217,9 +1217,9 @@ struct MixerGrads<B: Backend> {
 /// What the scratch of workspaces for `models` (one rank's chunks, which differ only in their
 /// layers, embedding and head) must hold.
 struct ScratchPlan<'a> {
-    /// A model and one of its blocks for each mixer kind present: the gradient scratch.
-    kinds: Vec<(&'a Model, &'a Block)>,
-    /// The same for each kind of which some block is recomputed.
+    /// One block of each mixer kind present: the gradient scratch.
+    kinds: Vec<&'a Block>,
+    /// A model and one of its recomputed blocks for each kind that some model recomputes.
     recomputed: Vec<(&'a Model, &'a Block)>,
     /// The chunk with the output head, if any, and its rows of logits at a time.
     head: Option<(&'a Model, usize)>,
@@ -1233,23 +1233,18 @@ struct ScratchPlan<'a> {
 impl<'a> ScratchPlan<'a> {
     fn new(models: &[&'a Model], mb: MicroBatch) -> Self {
         let MicroBatch { batch, seq, recompute_every, loss_chunk } = mb;
-        let (mut kinds, mut recomputed) = (Vec::new(), Vec::new());
-        for k in 0..KINDS {
-            let of_kind = |m: &'a Model| (0..m.blocks.len()).filter(move |&i| m.blocks[i].mixer.kind() == k);
-            if let Some(i) = models.iter().find_map(|m| of_kind(m).next().map(|i| (*m, i))) {
-                kinds.push((i.0, &i.0.blocks[i.1]));
-            }
-            let again = |m: &&'a Model| of_kind(m).find(|&i| m.recomputed(i, recompute_every)).map(|i| (*m, i));
-            if let Some((m, i)) = models.iter().find_map(again) {
-                recomputed.push((m, &m.blocks[i]));
-            }
-        }
+        // Every block of every model, with its model and index there.
+        let blocks = || models.iter().flat_map(|m| m.blocks.iter().enumerate().map(move |(i, b)| (*m, i, b)));
+        let kinds = (0..KINDS).filter_map(|k| blocks().find(|(_, _, b)| b.mixer.kind() == k)).map(|(_, _, b)| b);
+        let recomputed = (0..KINDS)
+            .filter_map(|k| blocks().find(|(m, i, b)| b.mixer.kind() == k && m.recomputed(*i, recompute_every)))
+            .map(|(m, _, b)| (m, b));
         let rows = batch * seq;
         let head = models.iter().find(|m| m.head.is_some()).map(|m| (*m, m.loss_chunk(rows, loss_chunk)));
         let part = &models.first().expect("a chunk").part;
         Self {
-            kinds,
-            recomputed,
+            kinds: kinds.collect(),
+            recomputed: recomputed.collect(),
             head,
             rows,
             d: models[0].cfg.d_model,
@@ -1269,11 +1264,10 @@ impl<'a> ScratchPlan<'a> {
 pub fn scratch_bytes(models: &[&Model], mb: MicroBatch) -> u64 {
     let (plan, MicroBatch { batch, seq, .. }) = (ScratchPlan::new(models, mb), mb);
     let recomputed: u64 = plan.recomputed.iter().map(|(m, b)| m.block_floats(b, batch, seq)).sum();
-    let grads: u64 = plan.kinds.iter().map(|(_, b)| b.mixer.grad_floats(batch, seq)).sum();
-    // The logits' chunk, each token's loss, the vocab-parallel statistics.
-    let loss = plan
-        .logit_chunk()
-        .map_or(0, |(chunk, stride)| chunk * stride + plan.rows + if plan.tp { 4 * chunk } else { 0 });
+    let grads: u64 = plan.kinds.iter().map(|b| b.mixer.grad_floats(batch, seq)).sum();
+    // The logits' chunk, then each token's loss, or under tp the vocab-parallel statistics.
+    let loss =
+        plan.logit_chunk().map_or(0, |(chunk, stride)| chunk * stride + if plan.tp { 4 * chunk } else { plan.rows });
     let gathered = if plan.sequence_parallel { 3 * plan.rows * plan.d } else { 0 };
     4 * (recomputed + grads + (loss + gathered) as u64)
 }
@@ -1288,7 +1282,7 @@ impl<B: Backend> Scratch<B> {
         }
         let (rows, d) = (plan.rows, plan.d);
         let mut mixers = MixerGrads { attn: None, mlp: None, mamba: None, mamba2: None };
-        for (_, block) in &plan.kinds {
+        for block in &plan.kinds {
             match &block.mixer {
                 Mixer::Attention(m) => mixers.attn = Some(m.grads(be, batch, seq)),
                 Mixer::Mlp(m) => mixers.mlp = Some(m.grads(be, rows)),
@@ -1302,7 +1296,7 @@ impl<B: Backend> Scratch<B> {
             mixers,
             recomputed,
             logits: be.zeros(chunk * stride),
-            losses: be.zeros_f32(if head { rows } else { 0 }),
+            losses: be.zeros_f32(if head && !plan.tp { rows } else { 0 }),
             vocab_parallel: (head && plan.tp).then(|| (be.zeros_f32(3 * chunk), be.zeros_f32(chunk))),
             gathered: plan.sequence_parallel.then(|| Gathered {
                 input: be.zeros(rows * d),

@@ -544,28 +544,31 @@ fn train_rank<B: Backend>(
     Ok(())
 }
 
-/// Refuses to train from scratch into a run directory that holds checkpoints: the new run
-/// would overwrite them and its metrics. `--resume` (or a stage's `checkpoint.resume_from`,
-/// which refuses this itself) says what to do with them.
+/// Refuses to start, without `--resume`, in a run directory that holds checkpoints: the run,
+/// from step 0 or from a stage's `checkpoint.resume_from`, would overwrite them and their
+/// metrics. `--resume auto` goes on from them.
 fn refuse_a_run_over_another(args: &TrainArgs, cfg: &RunConfig) -> Result<()> {
     let run_dir = args.run_dir();
-    match checkpoint::list(&run_dir).first() {
-        Some(newest) if args.resume.is_none() && cfg.checkpoint.resume_from.is_none() => Err(Error::Input(format!(
-            "{} already holds a run (its newest checkpoint: {}): pass --resume auto to go on from it, or give \
-             this run another --run-dir (or remove that one)",
-            run_dir.display(),
-            newest.display()
-        ))),
-        _ => Ok(()),
-    }
+    let Some(newest) = checkpoint::list(&run_dir).into_iter().next().filter(|_| args.resume.is_none()) else {
+        return Ok(());
+    };
+    let what = format!(
+        "{} already holds a run (its newest checkpoint: {}): pass --resume auto to go on from it, or give this \
+         run another --run-dir (or remove that one)",
+        run_dir.display(),
+        newest.display()
+    );
+    Err(match cfg.checkpoint.resume_from {
+        Some(_) => Error::config("checkpoint.resume_from", format!("the stage would start over: {what}")),
+        None => Error::Input(what),
+    })
 }
 
 /// Restores `trainer` from the checkpoint `spec` names, or from `checkpoint.resume_from`
 /// without one; returns the step it resumes at (None: step 0). `auto` takes the checkpoint
 /// `latest` names, else the newest intact one of `run_dir`, warning about damaged ones it
-/// skips, and without any starts as a run without `--resume` does. A run without `--resume`
-/// must have no checkpoints of its own (they would be overwritten): those are taken with
-/// `--resume auto`.
+/// skips, and without any starts as a run without `--resume` does. (A run without `--resume`
+/// that has checkpoints of its own was refused before: [`refuse_a_run_over_another`].)
 fn resume<B: Backend>(trainer: &mut Trainer<B>, run_dir: &Path, spec: Option<&str>) -> Result<Option<u64>> {
     let load = |trainer: &Trainer<B>, dir: &Path| checkpoint::load(dir, &trainer.model().cfg, &trainer.model().layout);
     let resume_from = trainer.cfg.checkpoint.resume_from.clone();
@@ -616,14 +619,6 @@ fn resume<B: Backend>(trainer: &mut Trainer<B>, run_dir: &Path, spec: Option<&st
             })?;
             restore(trainer, loaded).map(Some)
         }
-        (false, Some(_)) if spec.is_none() => Err(Error::config(
-            "checkpoint.resume_from",
-            format!(
-                "the run already has checkpoints of its own in {}: pass --resume auto to go on from them, or \
-                 give the run another --run-dir",
-                ckpts.display()
-            ),
-        )),
         (false, _) => {
             for dir in &own {
                 match load(trainer, dir) {
@@ -814,6 +809,9 @@ fn bytes(n: u64) -> String {
 }
 
 fn eval(args: EvalArgs) -> Result<()> {
+    if args.batches == Some(0) {
+        return Err(Error::config("--batches", "must be at least 1 (or left out for the whole data)"));
+    }
     let p = Pretrained::load(&args.dir)?;
     let training = p.run_config.as_ref().map(|c| &c.training);
     let seq = args.seq_len.or(training.map(|t| t.seq_len)).unwrap_or(p.model.cfg.max_seq_len.min(1024));
@@ -824,9 +822,6 @@ fn eval(args: EvalArgs) -> Result<()> {
             "--seq-len/--batch-size",
             format!("need 1 <= seq_len <= {} and batch_size >= 1", p.model.cfg.max_seq_len),
         ));
-    }
-    if args.batches == Some(0) {
-        return Err(Error::config("--batches", "must be at least 1 (or left out for the whole data)"));
     }
     let files = ondol_data::expand_globs(&args.data, Path::new("."))?;
     let shards = files.iter().all(|f| f.extension().is_some_and(|e| e == "bin"));

@@ -22,23 +22,7 @@ pub struct Pretrained {
 impl Pretrained {
     /// Reads `dir`, verifying checksums first when it is an ondol checkpoint.
     pub fn load(dir: &Path) -> Result<Self> {
-        if dir.is_file() {
-            return Err(Error::Input(format!(
-                "{}: a file; a model is a checkpoint (or Hugging Face) directory",
-                dir.display()
-            )));
-        }
-        if !dir.is_dir() {
-            return Err(Error::Input(format!("{}: no such directory", dir.display())));
-        }
-        let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        if name.starts_with('.') && name.ends_with(".tmp") {
-            return Err(Error::Input(format!(
-                "{}: a checkpoint being written, or left half-written by an interrupted save (ondol writes \
-                 into .NAME.tmp and renames it when complete); use a complete checkpoint",
-                dir.display()
-            )));
-        }
+        checkpoint::check_model_dir(dir)?;
         if dir.join("trainer_state.json").exists() {
             checkpoint::verify(dir)?;
         }

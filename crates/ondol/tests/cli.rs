@@ -175,7 +175,7 @@ fn bad_files_are_refused_with_their_path() {
         (&["eval", "run.toml", "--data", "corpus.txt"], &["run.toml: a file", "directory"]),
         (
             &["data", "prepare", "--input", "texts", "--tokenizer", "t.json", "--out", "o"],
-            &["--input texts is a directory", "texts/*.jsonl"],
+            &["texts", "matches only directories", "texts/*"],
         ),
     ];
     for (args, expected) in cases {
