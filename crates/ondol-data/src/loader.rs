@@ -21,6 +21,7 @@
 //! `seq_len` tokens of data (100 B tokens at seq_len 1024 = 400 MB per rank); nothing is
 //! allocated per batch.
 
+use std::path::Path;
 use std::sync::Arc;
 
 use ondol_core::Rng;
@@ -77,6 +78,8 @@ pub struct Loader {
     /// `Shuffled` only: the window order of epoch `perm_epoch`, rebuilt when the epoch changes.
     perm: Vec<u32>,
     perm_epoch: Option<u64>,
+    /// The stream index of each row's first token in the last batch, for [`Loader::origin`].
+    last_starts: Vec<usize>,
 }
 
 impl Loader {
@@ -132,6 +135,7 @@ impl Loader {
             cursor: Cursor::default(),
             perm: Vec::new(),
             perm_epoch: None,
+            last_starts: Vec::with_capacity(batch_size),
         })
     }
 
@@ -197,6 +201,7 @@ impl Loader {
         }
         let first = self.cursor.batch as usize * self.batch_size * self.world + self.rank * self.batch_size;
         let rows = inputs.chunks_exact_mut(self.seq_len).zip(targets.chunks_exact_mut(self.seq_len));
+        self.last_starts.clear();
         for (i, (input, target)) in rows.enumerate() {
             let window = match self.order {
                 Order::Sequential => first + i,
@@ -205,11 +210,34 @@ impl Loader {
             let start = window * self.seq_len;
             self.stream.read(start, input);
             self.stream.read(start + 1, target);
+            self.last_starts.push(start);
         }
         self.cursor.batch += 1;
         if self.cursor.batch == self.batches {
             self.cursor = Cursor { epoch: epoch + 1, batch: 0 };
         }
+    }
+}
+
+impl Loader {
+    /// Where a token of the last batch came from: the file, and the token's index within it.
+    /// `row` is the sequence in the batch and `pos` the token's place in its window of
+    /// `seq_len + 1` tokens (input column `c` is `pos = c`, target column `c` is `c + 1`).
+    ///
+    /// # Panics
+    /// If there was no such row or position in the last batch (a caller bug).
+    pub fn origin(&self, row: usize, pos: usize) -> (&Path, usize) {
+        assert!(pos <= self.seq_len, "position {pos} is outside a window of {} tokens", self.seq_len + 1);
+        self.stream.origin(self.last_starts[row] + pos)
+    }
+
+    /// The stream index of row `row`'s first token in the last batch.
+    pub(crate) fn last_start(&self, row: usize) -> usize {
+        self.last_starts[row]
+    }
+
+    pub(crate) fn stream(&self) -> &TokenStream {
+        &self.stream
     }
 }
 
@@ -254,6 +282,31 @@ mod tests {
         world: usize,
     ) -> Loader {
         Loader::new(stream.clone(), seq_len, batch_size, 1, order, rank, world).unwrap()
+    }
+
+    /// Each token of a shuffled batch is traced to its file and index there: in the counting
+    /// stream, token i of the stream is the value i, in a.bin up to len / 3, then in b.bin.
+    #[test]
+    fn origin_names_the_file_and_index_of_every_token_of_the_last_batch() {
+        let (dir, stream) = counting_stream(301);
+        let (seq_len, batch_size) = (10, 4);
+        let mut loader = loader(&stream, seq_len, batch_size, Order::Shuffled { seed: 9 }, 1, 2);
+        let mut inputs = vec![0; batch_size * seq_len];
+        let mut targets = vec![0; batch_size * seq_len];
+        for _ in 0..3 {
+            loader.next_batch(&mut inputs, &mut targets);
+            for (row, (input, target)) in inputs.chunks(seq_len).zip(targets.chunks(seq_len)).enumerate() {
+                let tokens = input.iter().chain(&target[seq_len - 1..]);
+                for (pos, &value) in tokens.enumerate() {
+                    let expected = match value < 100 {
+                        true => (dir.path().join("a.bin"), value as usize),
+                        false => (dir.path().join("b.bin"), value as usize - 100),
+                    };
+                    let (file, index) = loader.origin(row, pos);
+                    assert_eq!((file.to_path_buf(), index), expected, "row {row} place {pos}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! `(batch, source cursors)` is the complete position that a resumed run continues from (in
 //! another geometry after [`MixtureCursor::in_reads_of`]).
 
+use std::path::Path;
 use std::sync::Arc;
 
 use ondol_core::Rng;
@@ -48,6 +49,8 @@ pub struct Mixture {
     batch: u64,
     /// Where the windows of other ranks' slots are read to (and dropped).
     scratch: (Vec<u32>, Vec<u32>),
+    /// Each row of the last batch: its source, and the stream index of its first token.
+    last_rows: Vec<(usize, usize)>,
 }
 
 impl Mixture {
@@ -101,7 +104,8 @@ impl Mixture {
             .collect();
         *cumulative.last_mut().expect("at least one source") = 1.0;
         let scratch = (vec![0; seq_len], vec![0; seq_len]);
-        Ok(Self { sources, cumulative, seed, seq_len, batch_size, rank, world, batch: 0, scratch })
+        let last_rows = vec![(0, 0); batch_size];
+        Ok(Self { sources, cumulative, seed, seq_len, batch_size, rank, world, batch: 0, scratch, last_rows })
     }
 
     /// Sequences a read holds: one micro-batch of every rank.
@@ -128,12 +132,23 @@ impl Mixture {
             if slot / b == self.rank {
                 let j = slot % b;
                 self.sources[s].next_batch(&mut inputs[j * t..(j + 1) * t], &mut targets[j * t..(j + 1) * t]);
+                self.last_rows[j] = (s, self.sources[s].last_start(0));
             } else {
                 let (i, g) = &mut self.scratch;
                 self.sources[s].next_batch(i, g);
             }
         }
         self.batch += 1;
+    }
+
+    /// Where a token of the last batch came from, as [`Loader::origin`] says.
+    ///
+    /// # Panics
+    /// If there was no such row or position in the last batch (a caller bug).
+    pub fn origin(&self, row: usize, pos: usize) -> (&Path, usize) {
+        assert!(pos <= self.seq_len, "position {pos} is outside a window of {} tokens", self.seq_len + 1);
+        let (source, start) = self.last_rows[row];
+        self.sources[source].stream().origin(start + pos)
     }
 
     pub fn cursor(&self) -> MixtureCursor {
@@ -202,6 +217,26 @@ mod tests {
         let share = first as f64 / total as f64;
         let sigma = (0.7 * 0.3 / total as f64).sqrt();
         assert!((share - 0.7).abs() < 4.0 * sigma, "source 0 share {share:.4}, want 0.7 +- {:.4}", 4.0 * sigma);
+    }
+
+    /// A token of the last batch is traced to its source's file and a place there holding its
+    /// value, on a rank that also reads (and drops) the other rank's windows.
+    #[test]
+    fn origin_names_the_source_file_of_each_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut m = mixture(dir.path(), 1, 2);
+        let (mut x, mut y) = (vec![0; 32], vec![0; 32]);
+        for _ in 0..20 {
+            m.next_batch(&mut x, &mut y);
+            for (row, (input, target)) in x.chunks(8).zip(y.chunks(8)).enumerate() {
+                for (pos, &value) in input.iter().chain(&target[7..]).enumerate() {
+                    let (file, index) = m.origin(row, pos);
+                    let source = value / 1000;
+                    assert_eq!(file, dir.path().join(format!("s{source}.bin")), "row {row} place {pos}");
+                    assert_eq!(index as u32 % 1000, value % 1000, "row {row} place {pos}");
+                }
+            }
+        }
     }
 
     #[test]

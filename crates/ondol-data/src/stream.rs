@@ -29,14 +29,24 @@ enum Source {
     Shard(Shard),
     /// The file's bytes; its tokens are these bytes followed by one end-of-text. Kept as
     /// bytes, not tokens, to hold a quarter of the memory.
-    Text(Vec<u8>),
+    Text {
+        path: PathBuf,
+        bytes: Vec<u8>,
+    },
 }
 
 impl Source {
     fn len(&self) -> usize {
         match self {
             Self::Shard(shard) => shard.len(),
-            Self::Text(bytes) => bytes.len() + 1,
+            Self::Text { bytes, .. } => bytes.len() + 1,
+        }
+    }
+
+    fn path(&self) -> &Path {
+        match self {
+            Self::Shard(shard) => shard.path(),
+            Self::Text { path, .. } => path,
         }
     }
 
@@ -44,7 +54,7 @@ impl Source {
     fn read(&self, start: usize, out: &mut [u32]) {
         match self {
             Self::Shard(shard) => shard.read(start, out),
-            Self::Text(bytes) => {
+            Self::Text { bytes, .. } => {
                 let body = &bytes[start.min(bytes.len())..];
                 let n = body.len().min(out.len());
                 for (o, &b) in out.iter_mut().zip(&body[..n]) {
@@ -83,7 +93,7 @@ impl TokenStream {
             .map(|path| {
                 let source = match kind {
                     SourceKind::Shards => Source::Shard(Shard::open(path)?),
-                    SourceKind::ByteText => Source::Text(read_utf8(path)?),
+                    SourceKind::ByteText => Source::Text { path: path.clone(), bytes: read_utf8(path)? },
                 };
                 Ok(Part { offset: 0, len: source.len(), source: Arc::new(source) })
             })
@@ -135,6 +145,17 @@ impl TokenStream {
             local = 0;
             i += 1;
         }
+    }
+
+    /// The file holding token `index` of the stream, and that token's index within the file.
+    ///
+    /// # Panics
+    /// If `index >= self.len()` (a caller bug).
+    pub fn origin(&self, index: usize) -> (&Path, usize) {
+        assert!(index < self.len(), "token {index} past the end of a {}-token stream", self.len());
+        let i = self.starts.partition_point(|&s| s <= index) - 1;
+        let part = &self.parts[i];
+        (part.source.path(), part.offset + index - self.starts[i])
     }
 
     /// Splits off the last `fraction` of every source's tokens (rounded to the nearest token)

@@ -167,7 +167,7 @@ impl<B: Backend> Trainer<B> {
             .map(|_| {
                 let (mut inputs, mut targets) = (vec![0u32; rows], vec![0u32; rows]);
                 self.loader.next_batch(&mut inputs, &mut targets);
-                check_vocab(&inputs, &targets, self.cfg.model.vocab_size)?;
+                check_vocab(&inputs, &targets, t.seq_len, self.cfg.model.vocab_size, |r, p| self.loader.origin(r, p))?;
                 Ok((inputs, targets))
             })
             .collect()
@@ -349,7 +349,7 @@ impl<B: Backend> Trainer<B> {
         for i in 0..per_replica * replicas {
             let (mut inputs, mut targets) = (vec![0u32; rows], vec![0u32; rows]);
             loader.next_batch(&mut inputs, &mut targets);
-            check_vocab(&inputs, &targets, self.cfg.model.vocab_size)?;
+            check_vocab(&inputs, &targets, t.seq_len, self.cfg.model.vocab_size, |r, p| loader.origin(r, p))?;
             if i % replicas == replica {
                 batches.push((inputs, targets));
             }
@@ -383,6 +383,14 @@ impl Batches {
         }
     }
 
+    /// Where a token of the last batch came from (see [`Loader::origin`]).
+    fn origin(&self, row: usize, pos: usize) -> (&Path, usize) {
+        match self {
+            Batches::One(l) => l.origin(row, pos),
+            Batches::Mix(m) => m.origin(row, pos),
+        }
+    }
+
     /// The position, as stored in trainer_state.json.
     fn position(&self) -> serde_json::Value {
         match self {
@@ -413,15 +421,32 @@ impl Batches {
     }
 }
 
-/// Refuses token ids the model has no embedding for (a mismatched tokenizer or config).
-fn check_vocab(inputs: &[u32], targets: &[u32], vocab: usize) -> Result<()> {
-    match inputs.iter().chain(targets).find(|&&t| t as usize >= vocab) {
-        None => Ok(()),
-        Some(bad) => Err(Error::config(
-            "model.vocab_size",
-            format!("the data holds token id {bad}, outside the vocabulary of {vocab}: check the data and the model"),
-        )),
-    }
+/// Refuses token ids the model has no embedding for (a mismatched tokenizer or config), naming
+/// the file and the token's place in it (`origin` maps a row of the batch and a place in its
+/// window of `seq_len + 1` tokens to those).
+fn check_vocab<'a>(
+    inputs: &[u32],
+    targets: &[u32],
+    seq_len: usize,
+    vocab: usize,
+    origin: impl FnOnce(usize, usize) -> (&'a Path, usize),
+) -> Result<()> {
+    let outside = |tokens: &[u32]| tokens.iter().position(|&t| t as usize >= vocab);
+    // Input column c is window place c, target column c is place c + 1.
+    let (i, pos, id) = match (outside(inputs), outside(targets)) {
+        (None, None) => return Ok(()),
+        (Some(i), _) => (i, i % seq_len, inputs[i]),
+        (None, Some(i)) => (i, i % seq_len + 1, targets[i]),
+    };
+    let (file, index) = origin(i / seq_len, pos);
+    Err(Error::config(
+        "model.vocab_size",
+        format!(
+            "{}: token {index} is id {id}, outside the vocabulary of {vocab}: the data was tokenized for \
+             another model, or model.vocab_size is too small",
+            file.display()
+        ),
+    ))
 }
 
 /// Mean loss per token of `model` over the next `batches` batches of `loader` (at most one
@@ -441,7 +466,7 @@ pub fn evaluate<B: Backend>(
     let mut sum = 0.0;
     for _ in 0..batches {
         loader.next_batch(&mut inputs, &mut targets);
-        check_vocab(&inputs, &targets, model.cfg.vocab_size)?;
+        check_vocab(&inputs, &targets, ws.seq, model.cfg.vocab_size, |r, p| loader.origin(r, p))?;
         be.write_ids(&mut ids, &inputs);
         be.write_ids(&mut tgt, &targets);
         model.forward(be, params, ws, &ids);

@@ -210,7 +210,9 @@ fn bad_files_are_refused_with_their_path() {
     assert!(!ok && err.contains("bad.bin") && !err.contains("panicked"), "{err}");
     assert!(!dir.path().join("runs").exists(), "a refused run left a run directory behind");
 
-    // Tokens beyond the vocabulary are an error, not an out-of-bounds panic.
+    // Tokens beyond the vocabulary are an error, not an out-of-bounds panic, naming the shard
+    // that holds them among good ones.
+    ondol_data::write_shard(dir.path().join("good.bin"), &vec![7u32; 400], None).unwrap();
     ondol_data::write_shard(dir.path().join("big.bin"), &vec![70_000u32; 400], None).unwrap();
     let (ok, err) = ondol_err(
         dir.path(),
@@ -220,12 +222,12 @@ fn bad_files_are_refused_with_their_path() {
             "--set",
             "data.format=\"shards\"",
             "--set",
-            "data.train=[\"big.bin\"]",
+            "data.train=[\"good.bin\", \"big.bin\"]",
             "--set",
             "data.tokenizer=\"bytes\"",
         ],
     );
-    assert!(!ok && err.contains("70000") && err.contains("vocab"), "{err}");
+    assert!(!ok && err.contains("big.bin: token ") && err.contains("id 70000") && err.contains("vocab"), "{err}");
 }
 
 #[test]
