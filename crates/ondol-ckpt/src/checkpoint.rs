@@ -190,6 +190,11 @@ pub fn save_to(dst: &Path, snap: &Snapshot) -> Result<()> {
 
 /// Complete checkpoints of a run, newest first.
 pub fn list(run_dir: &Path) -> Vec<PathBuf> {
+    list_steps(run_dir).into_iter().map(|(_, p)| p).collect()
+}
+
+/// Complete checkpoints of a run with their steps, newest first.
+fn list_steps(run_dir: &Path) -> Vec<(u64, PathBuf)> {
     let root = checkpoints_dir(run_dir);
     let mut steps: Vec<(u64, PathBuf)> = fs::read_dir(&root)
         .into_iter()
@@ -202,7 +207,7 @@ pub fn list(run_dir: &Path) -> Vec<PathBuf> {
         })
         .collect();
     steps.sort_by_key(|s| std::cmp::Reverse(s.0));
-    steps.into_iter().map(|(_, p)| p).collect()
+    steps
 }
 
 /// The checkpoint `latest` names, if any.
@@ -227,12 +232,16 @@ pub fn remove_stale(run_dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Deletes all but the newest `keep_last` checkpoints (0 keeps all).
-pub fn prune(run_dir: &Path, keep_last: usize) -> Result<()> {
+/// Deletes all but the newest `keep_last` checkpoints up to step `written`, the one just
+/// written (0 keeps all). Checkpoints of later steps stay: they belong to a continuation the
+/// run abandoned by resuming from an earlier checkpoint, and are replaced as the run reaches
+/// their steps. Counting them would delete what the run just wrote, which `latest` names.
+pub fn prune(run_dir: &Path, keep_last: usize, written: u64) -> Result<()> {
     if keep_last == 0 {
         return Ok(());
     }
-    for old in list(run_dir).into_iter().skip(keep_last) {
+    let ours = list_steps(run_dir).into_iter().filter(|(step, _)| *step <= written);
+    for (_, old) in ours.skip(keep_last) {
         fs::remove_dir_all(&old).map_err(io(format!("cannot remove {}", old.display())))?;
     }
     Ok(())
@@ -442,7 +451,7 @@ impl Writer {
         let (dir, keep) = (self.run_dir.clone(), self.keep_last);
         self.pending = Some(std::thread::spawn(move || {
             let path = save(&dir, &snap)?;
-            prune(&dir, keep)?;
+            prune(&dir, keep, snap.step)?;
             Ok(path)
         }));
         Ok(())

@@ -227,6 +227,31 @@ fn a_run_can_skip_its_final_checkpoint() {
     );
 }
 
+/// `keep_last` counts the checkpoints of the run as it now goes: after a resume from an
+/// earlier checkpoint, the abandoned continuation's later ones neither count nor go, so what
+/// the run writes (and `latest` names) stays. Counting them deleted step 11 below, the one
+/// just written, and left `latest` naming nothing.
+#[test]
+fn keep_last_keeps_what_a_run_resumed_from_an_earlier_checkpoint_writes() {
+    let dir = setup();
+    let train = |extra: &[&str]| {
+        let args = [&["train", "run.toml", "--run-dir", "run", "--set", "checkpoint.every=1"], extra].concat();
+        let (ok, err) = ondol_err(dir.path(), &args);
+        assert!(ok, "{err}");
+    };
+    train(&["--set", "checkpoint.keep_last=3"]);
+    let ckpts = dir.path().join("run/checkpoints");
+    let resume_from = ckpts.join("step-00000010");
+    let from = resume_from.to_str().unwrap();
+    train(&["--resume", from, "--set", "checkpoint.keep_last=1", "--set", "training.steps=11"]);
+    let mut names: Vec<String> =
+        std::fs::read_dir(&ckpts).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    assert_eq!(names, ["latest", "step-00000011", "step-00000012"]);
+    let latest = checkpoint::latest(&dir.path().join("run")).unwrap();
+    assert_eq!(checkpoint::verify(&latest).unwrap().step, 11);
+}
+
 /// A new stage on other data (here another file, in global batches twice the size): refused
 /// by default, naming the key that allows it; with `checkpoint.on_data_change = "restart"` the
 /// weights, AdamW state, step and token count come from the checkpoint and the new data is
