@@ -447,27 +447,53 @@ fn nemotron_h_from(f: &Fields) -> Result<ModelConfig> {
     f.must_be("num_nextn_predict_layers", &json!(0), "no multi-token prediction layers")?;
     f.must_be("sliding_window", &Value::Null, "full attention")?;
     no_step_limit(f)?;
-    let pattern: String = match (map.get("layers_block_type"), map.get("hybrid_override_pattern")) {
-        (Some(Value::Array(types)), _) => types
-            .iter()
-            .map(|t| match t.as_str() {
-                Some("linear_attention" | "mamba") => Ok('M'),
-                Some("full_attention" | "attention") => Ok('*'),
-                Some("mlp") => Ok('-'),
-                _ => Err(f.err(
-                    "layers_block_type",
-                    format!("{t} is not supported: ondol implements mamba, attention and mlp layers (no moe)"),
-                )),
-            })
-            .collect::<Result<_>>()?,
-        (_, Some(Value::String(p))) => {
-            if p.contains('E') {
-                return Err(f.err("hybrid_override_pattern", "E (mixture of experts) layers are not supported"));
-            }
-            p.clone()
-        }
-        _ => return Err(f.err("layers_block_type", "is missing (or hybrid_override_pattern)")),
+    // transformers reads either field; where a config has both, they must say the same.
+    let from_types = match map.get("layers_block_type") {
+        Some(Value::Array(types)) => Some(
+            types
+                .iter()
+                .map(|t| match t.as_str() {
+                    Some("linear_attention" | "mamba") => Ok('M'),
+                    Some("full_attention" | "attention") => Ok('*'),
+                    Some("mlp") => Ok('-'),
+                    _ => Err(f.err(
+                        "layers_block_type",
+                        format!("{t} is not supported: ondol implements mamba, attention and mlp layers (no moe)"),
+                    )),
+                })
+                .collect::<Result<String>>()?,
+        ),
+        None | Some(Value::Null) => None,
+        Some(v) => return Err(f.err("layers_block_type", format!("{v} is not a list of layer types"))),
     };
+    let from_override = match map.get("hybrid_override_pattern") {
+        Some(Value::String(p)) if p.contains('E') => {
+            return Err(f.err("hybrid_override_pattern", "E (mixture of experts) layers are not supported"));
+        }
+        Some(Value::String(p)) => Some(p.clone()),
+        None | Some(Value::Null) => None,
+        Some(v) => return Err(f.err("hybrid_override_pattern", format!("{v} is not a pattern string"))),
+    };
+    let pattern = match (from_types, from_override) {
+        (Some(types), Some(over)) if types != over => {
+            return Err(f.err(
+                "hybrid_override_pattern",
+                format!(
+                    "\"{over}\" differs from layers_block_type, which makes \"{types}\": which layers is this model?"
+                ),
+            ));
+        }
+        (Some(p), _) | (None, Some(p)) => p,
+        (None, None) => return Err(f.err("layers_block_type", "is missing (or hybrid_override_pattern)")),
+    };
+    if let Some(n) = f.opt_usize("num_hidden_layers")?
+        && n != pattern.chars().count()
+    {
+        return Err(f.err(
+            "num_hidden_layers",
+            format!("{n} differs from the {} layers of the pattern \"{pattern}\"", pattern.chars().count()),
+        ));
+    }
     let d_model = f.usize("hidden_size")?;
     let n_heads = f.usize("num_attention_heads")?;
     // transformers' Nemotron-H takes head_dim = 128 when the field is absent.
@@ -870,5 +896,34 @@ mod tests {
         json.as_object_mut().unwrap().remove("expand");
         json["head_dim"] = json!(8);
         assert_eq!(from_hf_config(&json, "c").unwrap().0.ssm.expand, 2, "expand follows heads x head_dim");
+    }
+
+    /// Nemotron-H's layers come from layers_block_type or hybrid_override_pattern: either one
+    /// alone, or both agreeing; a disagreement, or a num_hidden_layers of another count, is
+    /// refused naming the field.
+    #[test]
+    fn nemotron_h_layer_fields_must_agree() {
+        let cfg = ModelConfig {
+            arch: Arch::Hybrid,
+            n_layers: 3,
+            pattern: Some("M*-".into()),
+            ssm: SsmConfig { state_size: Some(8), head_dim: 16, ..Default::default() },
+            ..llama()
+        };
+        let json = to_hf_config(&cfg, None);
+        let pattern = |json: &Value| from_hf_config(json, "c").map(|(c, _)| c.pattern.unwrap());
+        let mut both = json.clone();
+        both["hybrid_override_pattern"] = json!("M*-");
+        assert_eq!(pattern(&both).unwrap(), "M*-");
+        let mut only_override = both.clone();
+        only_override.as_object_mut().unwrap().remove("layers_block_type");
+        assert_eq!(pattern(&only_override).unwrap(), "M*-");
+        both["hybrid_override_pattern"] = json!("MM-");
+        let e = pattern(&both).unwrap_err().to_string();
+        assert!(e.contains("hybrid_override_pattern") && e.contains("\"MM-\"") && e.contains("\"M*-\""), "{e}");
+        let mut layers = json.clone();
+        layers["num_hidden_layers"] = json!(4);
+        let e = pattern(&layers).unwrap_err().to_string();
+        assert!(e.contains("num_hidden_layers") && e.contains("4 differs"), "{e}");
     }
 }
