@@ -267,10 +267,15 @@ pub trait Backend: Send + Sync {
         None
     }
 
+    /// Bytes of an element of the compute type (the type of [`Backend::zeros`]).
+    fn compute_bytes(&self) -> usize {
+        4
+    }
+
     /// Whether the compute type is narrower than f32 (bf16): then the optimizer keeps fp32
     /// master weights of its own and writes the compute copy in its update.
     fn mixed_precision(&self) -> bool {
-        false
+        self.compute_bytes() < 4
     }
 
     /// The view's place in device memory, where the backend's memory is a device's (a GPU);

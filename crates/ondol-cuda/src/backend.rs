@@ -97,6 +97,12 @@ impl CudaBackend {
         Self { dev: Box::new(Emulator::new(reverse, bytes)), compute, tensor_cores: true, blas_gemms: true }
     }
 
+    /// Bytes of the device buffers allocated and not yet freed, where the device counts them
+    /// exactly (the emulator).
+    pub fn allocated_bytes(&self) -> Option<u64> {
+        self.dev.allocated_bytes()
+    }
+
     /// The same backend with the CUDA-core kernels everywhere: the simple attention of
     /// attention.cu and the SSD's CUDA-core forms (to check the tensor-core ones against).
     pub fn without_tensor_cores(mut self) -> Self {
@@ -356,8 +362,8 @@ impl Backend for CudaBackend {
         self.dev.memory()
     }
 
-    fn mixed_precision(&self) -> bool {
-        self.compute != Dtype::F32
+    fn compute_bytes(&self) -> usize {
+        self.compute.bytes()
     }
 
     fn device_slice(&self, view: DevRef<'_>) -> Option<DeviceSlice> {

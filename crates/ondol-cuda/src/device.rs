@@ -77,6 +77,11 @@ pub(crate) trait Device: Send + Sync {
     fn synchronize(&self);
     /// Bytes in use and in total, where the device can tell.
     fn memory(&self) -> Option<(u64, u64)>;
+    /// Bytes of the buffers allocated and not yet freed, where the device counts them exactly
+    /// (the emulator; a GPU's pool rounds and reserves).
+    fn allocated_bytes(&self) -> Option<u64> {
+        None
+    }
     /// The CUDA stream every kernel runs on (a GPU's; the emulator has none).
     fn cuda_stream(&self) -> Option<Arc<CudaStream>> {
         None

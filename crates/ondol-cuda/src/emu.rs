@@ -20,7 +20,8 @@ use ondol_core::bf16;
 use ondol_cpu::math::{gelu, gelu_grad};
 use std::ffi::{CStr, CString, c_char, c_void};
 use std::io::Write as _;
-use std::sync::{Mutex, OnceLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 #[repr(C)]
 struct Kernel {
@@ -49,11 +50,13 @@ pub struct Emulator {
     reverse: bool,
     /// The shared memory a block may have, as on the GPU it stands for.
     max_shared: u32,
+    /// Bytes in live buffers.
+    live: Arc<AtomicU64>,
 }
 
 impl Emulator {
     pub fn new(reverse: bool, max_shared: u32) -> Self {
-        Self { reverse, max_shared }
+        Self { reverse, max_shared, live: Arc::default() }
     }
 
     fn find(family: &str, name: &str) -> unsafe extern "C" fn(*mut *mut c_void) {
@@ -153,7 +156,7 @@ impl Device for Emulator {
         if bytes == 0 {
             return Ok((None, 0));
         }
-        let (mem, ptr) = HostMemory::zeroed(bytes)?;
+        let (mem, ptr) = HostMemory::zeroed(bytes, &self.live)?;
         Ok((Some(Memory::Host(mem)), ptr))
     }
 
@@ -257,6 +260,10 @@ impl Device for Emulator {
 
     fn memory(&self) -> Option<(u64, u64)> {
         None
+    }
+
+    fn allocated_bytes(&self) -> Option<u64> {
+        Some(self.live.load(Ordering::Relaxed))
     }
 }
 

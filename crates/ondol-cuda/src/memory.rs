@@ -10,6 +10,8 @@ use crate::device::Device;
 use cudarc::driver::CudaSlice;
 use std::marker::PhantomData;
 use std::ops::Range;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// What owns a buffer's bytes: held to be freed on drop, never read.
 #[allow(dead_code)]
@@ -36,6 +38,8 @@ impl Drop for GpuMemory {
 pub(crate) struct HostMemory {
     ptr: *mut u8,
     bytes: usize,
+    /// The emulator's count of bytes in live buffers, which this one leaves on drop.
+    live: Arc<AtomicU64>,
 }
 
 unsafe extern "C" {
@@ -48,13 +52,15 @@ unsafe impl Send for HostMemory {}
 unsafe impl Sync for HostMemory {}
 
 impl HostMemory {
-    pub(crate) fn zeroed(bytes: usize) -> Result<(HostMemory, u64), String> {
+    /// `bytes` zeroed bytes, counted in `live` while they exist.
+    pub(crate) fn zeroed(bytes: usize, live: &Arc<AtomicU64>) -> Result<(HostMemory, u64), String> {
         // SAFETY: returns fresh zeroed memory of `bytes` bytes, or null.
         let ptr = unsafe { ondol_emu_alloc(bytes) };
         if ptr.is_null() {
             return Err(format!("out of host memory for {bytes} bytes"));
         }
-        Ok((HostMemory { ptr, bytes }, ptr as u64))
+        live.fetch_add(bytes as u64, Ordering::Relaxed);
+        Ok((HostMemory { ptr, bytes, live: live.clone() }, ptr as u64))
     }
 }
 
@@ -62,6 +68,7 @@ impl Drop for HostMemory {
     fn drop(&mut self) {
         // SAFETY: allocated in `zeroed` with this size, freed once.
         unsafe { ondol_emu_free(self.ptr, self.bytes) }
+        self.live.fetch_sub(self.bytes as u64, Ordering::Relaxed);
     }
 }
 

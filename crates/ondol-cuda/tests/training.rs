@@ -4,12 +4,15 @@
 //! what the trainer runs per step, through the same backend contract, on the SIMT emulator
 //! always and on a GPU where there is one. Then incremental decoding (a prompt, then one
 //! token at a time through the inference cache: attention's cached kernel, the recurrent
-//! convolution and scans) against the CPU's logits.
+//! convolution and scans) against the CPU's logits. And the device memory a workspace takes
+//! against the estimate that `ondol inspect` and the trainer report.
 
 use ondol_core::{Backend, Rng};
 use ondol_cpu::CpuBackend;
 use ondol_cuda::{CudaBackend, Dtype};
-use ondol_model::{Arch, InferenceCache, MicroBatch, Model, ModelConfig, SsmConfig, Workspace};
+use ondol_model::{
+    Arch, InferenceCache, MicroBatch, Model, ModelConfig, Part, Scratch, SsmConfig, Workspace, scratch_elems,
+};
 use ondol_optim::{AdamW, OptimizerConfig};
 
 const CPU: CpuBackend = CpuBackend;
@@ -158,6 +161,52 @@ fn every_architecture_decodes_on_the_cuda_backend_as_on_the_cpu() {
                 let err = relative_error(&decode(&be, &model), &want);
                 eprintln!("{arch:?} {dtype:?} decoding on {}: logits off by {err:.2e}", be.device_name());
                 assert!(err < tol, "{arch:?} {dtype:?} decoding on {}: logits off by {err:e}", be.device_name());
+            }
+        }
+    }
+}
+
+/// A workspace allocates on the device what `Model::activation_elems` and `scratch_elems`
+/// count, to the byte, in f32 and in bf16: the estimate `ondol inspect` and the engine's
+/// memory report give. Whole models, recomputing blocks and making logits in chunks; pipeline
+/// stages; a tensor-parallel shard with sequence parallelism and a padded head. (The
+/// emulator counts its buffers exactly; a GPU's pool rounds.)
+#[test]
+fn workspaces_allocate_what_the_memory_estimate_counts() {
+    let shapes = [
+        MicroBatch::new(BATCH, SEQ),
+        MicroBatch { recompute_every: 1, ..MicroBatch::new(BATCH, SEQ) },
+        MicroBatch { recompute_every: 2, loss_chunk: 5, ..MicroBatch::new(BATCH, SEQ) },
+    ];
+    for dtype in [Dtype::F32, Dtype::Bf16] {
+        let be = CudaBackend::emulated(dtype, false);
+        let allocated = || be.allocated_bytes().expect("the emulator counts its buffers");
+        for arch in [Arch::Llama, Arch::Gpt2, Arch::Mamba, Arch::Mamba2, Arch::Hybrid] {
+            let cfg = config(arch);
+            let n = cfg.n_layers;
+            let parts = [
+                ("whole", Part::whole(&cfg)),
+                ("first stage", Part::new(&cfg, 0, 1, 0..1)),
+                ("last stage, tp 2 shard", Part::new(&cfg, 1, 2, 1..n)),
+                (
+                    "tp 2 sequence parallel",
+                    Part::new(&cfg, 0, 2, 0..n).with_sequence_parallel(true).with_vocab_align(64),
+                ),
+            ];
+            for (name, part) in parts {
+                let model = Model::part(cfg.clone(), part).unwrap();
+                for mb in shapes {
+                    let what = format!("{arch:?} {name}, {mb:?}, {dtype:?}");
+                    let before = allocated();
+                    let mut ws = Workspace::without_scratch(&be, &model, mb).unwrap();
+                    let held = allocated() - before;
+                    assert_eq!(held, model.activation_elems(mb).bytes(dtype.bytes()), "{what}: a micro-batch's own");
+                    ws.give_scratch(Scratch::new(&be, &[&model], mb));
+                    let scratch = allocated() - before - held;
+                    assert_eq!(scratch, scratch_elems(&[&model], mb).bytes(dtype.bytes()), "{what}: the scratch");
+                    drop(ws);
+                    assert_eq!(allocated(), before, "{what}: freed");
+                }
             }
         }
     }

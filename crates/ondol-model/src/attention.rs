@@ -2,6 +2,7 @@
 //! (Llama; GPT-2 has learned positions and Nemotron-H's attention none), grouped-query
 //! attention, output projection.
 
+use crate::Elems;
 use crate::layers::{Dx, Linear};
 use ondol_core::backend::{AttnShape, Backend};
 
@@ -47,9 +48,10 @@ impl Attention {
         AttnActs { qkv: be.zeros(qkv), attn: be.zeros(attn), lse: be.zeros_f32(lse) }
     }
 
-    /// Floats of [`Attention::acts`].
-    pub fn act_floats(&self, batch: usize, seq: usize) -> u64 {
-        self.act_lens(batch, seq).iter().sum::<usize>() as u64
+    /// Elements of [`Attention::acts`].
+    pub fn act_elems(&self, batch: usize, seq: usize) -> Elems {
+        let [qkv, attn, lse] = self.act_lens(batch, seq);
+        Elems::compute(qkv + attn) + Elems::f32(lse)
     }
 
     fn act_lens(&self, batch: usize, seq: usize) -> [usize; 3] {
@@ -68,8 +70,8 @@ impl Attention {
         AttnGrads { dqkv, dattn }
     }
 
-    pub fn grad_floats(&self, batch: usize, seq: usize) -> u64 {
-        self.grad_lens(batch, seq).iter().sum::<usize>() as u64
+    pub fn grad_elems(&self, batch: usize, seq: usize) -> Elems {
+        Elems::compute(self.grad_lens(batch, seq).iter().sum())
     }
 
     /// `out = attention(x)`; with `cache`, appends the new keys and values to it and attends

@@ -1,6 +1,7 @@
 //! The pieces every block is built from: a dense layer and a norm, each knowing where its
 //! parameters sit in the flat buffer.
 
+use crate::Elems;
 use ondol_core::backend::{Activation, Backend, Gemm};
 use std::ops::Range;
 
@@ -237,9 +238,9 @@ impl<B: Backend> NormActs<B> {
     }
 }
 
-/// Floats [`NormActs::new`] allocates.
-pub(crate) fn norm_floats(rows: usize, dim: usize, layernorm: bool) -> u64 {
-    (rows * dim + rows + if layernorm { rows } else { 0 }) as u64
+/// Elements [`NormActs::new`] allocates.
+pub(crate) fn norm_elems(rows: usize, dim: usize, layernorm: bool) -> Elems {
+    Elems::compute(rows * dim) + Elems::f32(if layernorm { 2 * rows } else { rows })
 }
 
 impl Norm {

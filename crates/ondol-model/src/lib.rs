@@ -7,6 +7,7 @@
 
 mod attention;
 pub mod config;
+mod elems;
 mod layers;
 mod mamba;
 mod mamba2;
@@ -16,8 +17,9 @@ pub mod params;
 pub mod part;
 
 pub use config::{Arch, LayerKind, ModelConfig, SsmConfig};
+pub use elems::Elems;
 pub use model::{
-    InferenceCache, LOSS_CHUNK_LOGITS, LOSS_CHUNK_MIN_ROWS, MicroBatch, Model, Scratch, Workspace, scratch_bytes,
+    InferenceCache, LOSS_CHUNK_LOGITS, LOSS_CHUNK_MIN_ROWS, MicroBatch, Model, Scratch, Workspace, scratch_elems,
 };
 pub use params::{Init, ParamInfo, ParamLayout, Path, Placement};
 pub use part::{Alone, Part, TensorParallel};

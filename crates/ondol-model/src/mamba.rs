@@ -14,6 +14,7 @@
 //! dt, B and C are summed over the shards after x_proj in forward, and their gradients (partial
 //! over the channels, from the scan and dt_proj) before x_proj in backward.
 
+use crate::Elems;
 use crate::layers::{CausalConv, Dx, Linear, RecurrentState};
 use crate::part::TensorParallel;
 use ondol_core::Result;
@@ -84,8 +85,9 @@ impl Mamba {
         MambaActs { x, z, u, dt, b, c, delta, y, states: be.zeros_f32(states) }
     }
 
-    pub fn act_floats(&self, batch: usize, seq: usize) -> u64 {
-        self.act_lens(batch, seq).iter().sum::<usize>() as u64
+    pub fn act_elems(&self, batch: usize, seq: usize) -> Elems {
+        let [lens @ .., states] = self.act_lens(batch, seq);
+        Elems::compute(lens.iter().sum()) + Elems::f32(states)
     }
 
     /// Lengths of dy, du, ddelta, dB, dC, dz, d(dt) and dx.
@@ -99,8 +101,8 @@ impl Mamba {
         MambaGrads { dy, du, ddelta, db, dc, dz, ddt, dx }
     }
 
-    pub fn grad_floats(&self, rows: usize) -> u64 {
-        self.grad_lens(rows).iter().sum::<usize>() as u64
+    pub fn grad_elems(&self, rows: usize) -> Elems {
+        Elems::compute(self.grad_lens(rows).iter().sum())
     }
 
     /// The scan's inputs: activations `u`, `delta`, `b`, `c`, `z` and the parameters.

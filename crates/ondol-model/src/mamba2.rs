@@ -9,6 +9,7 @@
 //! ```
 //! E = expand * d_model = heads * head_dim; B and C come in G groups of N states.
 
+use crate::Elems;
 use crate::layers::{CausalConv, Dx, Linear, RecurrentState};
 use ondol_core::backend::{Backend, SsdGrads, SsdInputs, SsdShape};
 use std::ops::Range;
@@ -93,8 +94,9 @@ impl Mamba2 {
         Mamba2Acts { z, xbc_raw, xbc, dt, y, states: be.zeros_f32(states), normed, rstd: be.zeros_f32(rstd) }
     }
 
-    pub fn act_floats(&self, batch: usize, seq: usize) -> u64 {
-        self.act_lens(batch, seq).iter().sum::<usize>() as u64
+    pub fn act_elems(&self, batch: usize, seq: usize) -> Elems {
+        let [z, xbc_raw, xbc, dt, y, states, normed, rstd] = self.act_lens(batch, seq);
+        Elems::compute(z + xbc_raw + xbc + dt + y + normed) + Elems::f32(states + rstd)
     }
 
     /// Lengths of d(normed), dy, dz, dxBC after and before the convolution, and d(dt).
@@ -109,8 +111,8 @@ impl Mamba2 {
         Mamba2Grads { dnormed, dy, dz, dxbc, dxbc_raw, ddt }
     }
 
-    pub fn grad_floats(&self, rows: usize) -> u64 {
-        self.grad_lens(rows).iter().sum::<usize>() as u64
+    pub fn grad_elems(&self, rows: usize) -> Elems {
+        Elems::compute(self.grad_lens(rows).iter().sum())
     }
 
     fn ssd_inputs<'a, B: Backend>(

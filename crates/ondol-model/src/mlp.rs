@@ -1,6 +1,7 @@
 //! The MLP as a block's mixer: `down(act(up(x)))`, with SwiGLU (Llama: gate and up fused as
 //! one `[2F, d]` matrix), GELU (GPT-2) or squared ReLU (Nemotron-H).
 
+use crate::Elems;
 use crate::layers::{Dx, Linear};
 use ondol_core::backend::{Activation, Backend};
 
@@ -42,8 +43,8 @@ impl Mlp {
         MlpActs { pre: be.zeros(rows * self.pre_width()), act: be.zeros(rows * self.hidden) }
     }
 
-    pub fn act_floats(&self, rows: usize) -> u64 {
-        (rows * (self.pre_width() + self.hidden)) as u64
+    pub fn act_elems(&self, rows: usize) -> Elems {
+        Elems::compute(rows * (self.pre_width() + self.hidden))
     }
 
     pub fn grads<B: Backend>(&self, be: &B, rows: usize) -> MlpGrads<B> {

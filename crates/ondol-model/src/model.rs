@@ -17,9 +17,10 @@
 
 // A shard is a list of pieces of its global tensor, most often one.
 #![allow(clippy::single_range_in_vec_init)]
+use crate::Elems;
 use crate::attention::{Attention, AttnActs, AttnGrads, KvSlot};
 use crate::config::{Arch, LayerKind, ModelConfig};
-use crate::layers::{CausalConv, Dx, Linear, Norm, NormActs, RecurrentState, WeightLayout, norm_floats};
+use crate::layers::{CausalConv, Dx, Linear, Norm, NormActs, RecurrentState, WeightLayout, norm_elems};
 use crate::mamba::{Mamba, MambaActs, MambaGrads};
 use crate::mamba2::{Mamba2, Mamba2Acts, Mamba2Grads};
 use crate::mlp::{Mlp, MlpActs, MlpGrads, MlpKind};
@@ -516,30 +517,31 @@ impl Model {
         6 * self.num_flop_params() as u64 + mixers
     }
 
-    /// Bytes of activation memory (f32) that each micro-batch in flight holds, from its
-    /// forward to its backward, in a [`Workspace`] of this shape (what every call only uses
-    /// while it runs is the scratch, counted by [`scratch_bytes`]).
-    pub fn activation_bytes(&self, mb: MicroBatch) -> u64 {
+    /// The activation memory that each micro-batch in flight holds, from its forward to its
+    /// backward, in a [`Workspace`] of this shape: every buffer it allocates but the scratch
+    /// that each call only uses while it runs ([`scratch_elems`]). On a backend it is
+    /// `Elems::bytes(Backend::compute_bytes())`.
+    pub fn activation_elems(&self, mb: MicroBatch) -> Elems {
         let MicroBatch { batch, seq, recompute_every, .. } = mb;
-        let (rows, d) = ((batch * seq) as u64, self.cfg.d_model as u64);
+        let d = self.cfg.d_model;
         // The residual stream and the norms hold `stream` rows (fewer under sequence parallelism).
         let stream = self.part.stream_rows(batch * seq).len();
-        let saved: u64 = (0..self.blocks.len())
+        let saved: Elems = (0..self.blocks.len())
             .filter(|&i| !self.recomputed(i, recompute_every))
-            .map(|i| self.block_floats(&self.blocks[i], batch, seq))
+            .map(|i| self.block_elems(&self.blocks[i], batch, seq))
             .sum();
         let head = self.head.is_some();
-        let norm_f = if head { norm_floats(stream, d as usize, self.layernorm()) } else { 0 };
-        let dhead = if head && self.part.sequence_parallel { rows * d } else { 0 };
-        let stream = stream as u64;
-        let residual = (self.blocks.len() as u64 + 1) * stream * d;
-        4 * (saved + norm_f + residual + dhead + 2 * stream * d)
+        let norm_f = if head { norm_elems(stream, d, self.layernorm()) } else { Elems::default() };
+        let dhead = if head && self.part.sequence_parallel { batch * seq * d } else { 0 };
+        // The residual stream entering each block and leaving the last, and its two gradients.
+        let residual = (self.blocks.len() + 1) * stream * d + 2 * stream * d;
+        saved + norm_f + Elems::compute(residual + dhead) + Elems::f32(self.rope_len(seq))
     }
 
-    /// Floats of what `block`'s forward saves for its backward (see [`Model::block_acts`]).
-    fn block_floats(&self, block: &Block, batch: usize, seq: usize) -> u64 {
+    /// Elements of what `block`'s forward saves for its backward (see [`Model::block_acts`]).
+    fn block_elems(&self, block: &Block, batch: usize, seq: usize) -> Elems {
         let stream = self.part.stream_rows(batch * seq).len();
-        norm_floats(stream, self.cfg.d_model, self.layernorm()) + block.mixer.act_floats(batch, seq)
+        norm_elems(stream, self.cfg.d_model, self.layernorm()) + block.mixer.act_elems(batch, seq)
     }
 
     /// The rows of the token embedding `embed` that lookups use: this shard's vocabulary,
@@ -990,8 +992,17 @@ impl Model {
 
     /// The rotary table for `seq` positions, or an empty one if no block rotates.
     fn rope_table(&self, seq: usize) -> Vec<f32> {
-        let rotates = self.blocks.iter().any(|b| matches!(&b.mixer, Mixer::Attention(a) if a.rope));
-        if rotates { rope_table(seq, self.cfg.head_dim(), self.cfg.rope_theta) } else { Vec::new() }
+        if self.rotates() { rope_table(seq, self.cfg.head_dim(), self.cfg.rope_theta) } else { Vec::new() }
+    }
+
+    /// Length of [`Model::rope_table`].
+    fn rope_len(&self, seq: usize) -> usize {
+        if self.rotates() { seq * (self.cfg.head_dim() / 2) * 2 } else { 0 }
+    }
+
+    /// Whether an attention block rotates its queries and keys.
+    fn rotates(&self) -> bool {
+        self.blocks.iter().any(|b| matches!(&b.mixer, Mixer::Attention(a) if a.rope))
     }
 }
 
@@ -1075,23 +1086,23 @@ impl Mixer {
         }
     }
 
-    fn act_floats(&self, batch: usize, seq: usize) -> u64 {
+    fn act_elems(&self, batch: usize, seq: usize) -> Elems {
         match self {
-            Mixer::Attention(m) => m.act_floats(batch, seq),
-            Mixer::Mlp(m) => m.act_floats(batch * seq),
-            Mixer::Mamba(m) => m.act_floats(batch, seq),
-            Mixer::Mamba2(m) => m.act_floats(batch, seq),
+            Mixer::Attention(m) => m.act_elems(batch, seq),
+            Mixer::Mlp(m) => m.act_elems(batch * seq),
+            Mixer::Mamba(m) => m.act_elems(batch, seq),
+            Mixer::Mamba2(m) => m.act_elems(batch, seq),
         }
     }
 
-    /// Floats of this kind's gradient scratch (see [`Scratch`]).
-    fn grad_floats(&self, batch: usize, seq: usize) -> u64 {
+    /// Elements of this kind's gradient scratch (see [`Scratch`]).
+    fn grad_elems(&self, batch: usize, seq: usize) -> Elems {
         match self {
-            Mixer::Attention(m) => m.grad_floats(batch, seq),
+            Mixer::Attention(m) => m.grad_elems(batch, seq),
             // The MLP's gradient scratch mirrors its saved activations.
-            Mixer::Mlp(m) => m.act_floats(batch * seq),
-            Mixer::Mamba(m) => m.grad_floats(batch * seq),
-            Mixer::Mamba2(m) => m.grad_floats(batch * seq),
+            Mixer::Mlp(m) => m.act_elems(batch * seq),
+            Mixer::Mamba(m) => m.grad_elems(batch * seq),
+            Mixer::Mamba2(m) => m.grad_elems(batch * seq),
         }
     }
 }
@@ -1259,21 +1270,22 @@ impl<'a> ScratchPlan<'a> {
     }
 }
 
-/// Bytes (f32) of the one [`Scratch`] of a rank's workspaces for `models` (its chunks) and
+/// Elements of the one [`Scratch`] of a rank's workspaces for `models` (its chunks) and
 /// micro-batches of shape `mb`.
-pub fn scratch_bytes(models: &[&Model], mb: MicroBatch) -> u64 {
+pub fn scratch_elems(models: &[&Model], mb: MicroBatch) -> Elems {
     let (plan, MicroBatch { batch, seq, .. }) = (ScratchPlan::new(models, mb), mb);
-    let recomputed: u64 = plan.recomputed.iter().map(|(m, b)| m.block_floats(b, batch, seq)).sum();
-    let grads: u64 = plan.kinds.iter().map(|b| b.mixer.grad_floats(batch, seq)).sum();
+    let recomputed: Elems = plan.recomputed.iter().map(|(m, b)| m.block_elems(b, batch, seq)).sum();
+    let grads: Elems = plan.kinds.iter().map(|b| b.mixer.grad_elems(batch, seq)).sum();
     // The logits' chunk, then each token's loss, or under tp the vocab-parallel statistics.
-    let loss =
-        plan.logit_chunk().map_or(0, |(chunk, stride)| chunk * stride + if plan.tp { 4 * chunk } else { plan.rows });
+    let loss = plan.logit_chunk().map_or(Elems::default(), |(chunk, stride)| {
+        Elems::compute(chunk * stride) + Elems::f32(if plan.tp { 4 * chunk } else { plan.rows })
+    });
     let gathered = if plan.sequence_parallel { 3 * plan.rows * plan.d } else { 0 };
-    4 * (recomputed + grads + (loss + gathered) as u64)
+    recomputed + grads + loss + Elems::compute(gathered)
 }
 
 impl<B: Backend> Scratch<B> {
-    /// The scratch of a rank's workspaces for `models` (see [`scratch_bytes`]).
+    /// The scratch of a rank's workspaces for `models` (see [`scratch_elems`]).
     pub fn new(be: &B, models: &[&Model], mb: MicroBatch) -> Self {
         let (plan, MicroBatch { batch, seq, .. }) = (ScratchPlan::new(models, mb), mb);
         let mut recomputed: Vec<Option<BlockActs<B>>> = (0..KINDS).map(|_| None).collect();

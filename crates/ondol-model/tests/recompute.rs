@@ -3,7 +3,7 @@
 
 use ondol_core::{Backend, Rng};
 use ondol_cpu::CpuBackend;
-use ondol_model::{Arch, MicroBatch, Model, ModelConfig, SsmConfig, Workspace, scratch_bytes};
+use ondol_model::{Arch, MicroBatch, Model, ModelConfig, SsmConfig, Workspace, scratch_elems};
 
 fn run(model: &Model, recompute_every: usize) -> (u64, Vec<u32>) {
     let be = CpuBackend;
@@ -58,8 +58,8 @@ fn recomputed_blocks_give_identical_losses_and_gradients() {
         }
         // Recomputed blocks run in the scratch, which every micro-batch in flight shares.
         let mb = |k| MicroBatch { recompute_every: k, ..MicroBatch::new(2, 11) };
-        let (every, none) = (model.activation_bytes(mb(1)), model.activation_bytes(mb(0)));
-        let scratch = |k| scratch_bytes(&[&model], mb(k));
+        let (every, none) = (model.activation_elems(mb(1)).bytes(4), model.activation_elems(mb(0)).bytes(4));
+        let scratch = |k| scratch_elems(&[&model], mb(k)).bytes(4);
         assert!(every < none && scratch(1) > scratch(0), "{every} + {} vs {none} + {}", scratch(1), scratch(0));
         assert!(every + scratch(1) < none + scratch(0));
     }

@@ -3,7 +3,7 @@
 use crate::schedule::{self, Action, ScheduleKind};
 use ondol_comm::{Communicator, Coords, Mesh, RankComms};
 use ondol_core::{Backend, DeviceSlice, Error, Result};
-use ondol_model::{MicroBatch, Model, ModelConfig, Part, Scratch, TensorParallel, Workspace, scratch_bytes};
+use ondol_model::{MicroBatch, Model, ModelConfig, Part, Scratch, TensorParallel, Workspace, scratch_elems};
 use ondol_optim::{AdamW, OptimizerConfig};
 use std::ops::Range;
 use std::sync::mpsc;
@@ -669,12 +669,12 @@ impl<B: Backend> Engine<B> {
         c.tp == 0 && c.pp == self.layout.mesh.pp - 1
     }
 
-    /// Bytes this rank holds: parameters (and fp32 master weights where the optimizer keeps
-    /// them), gradients, AdamW moments, and activations: those of the micro-batches its
-    /// schedule keeps in flight and the one scratch they share (counted as f32).
+    /// Bytes this rank holds: parameters (in the compute type, and fp32 master weights where
+    /// the optimizer keeps them), gradients, AdamW moments, and activations: those of the
+    /// micro-batches its schedule keeps in flight and the one scratch they share.
     pub fn memory_bytes(&self) -> u64 {
         let l = &self.layout;
-        let param_bytes = if self.be.mixed_precision() { 2 } else { 4 };
+        let width = self.be.compute_bytes();
         let in_flight = schedule::in_flight(l.schedule, self.comms.coords.pp, l.mesh.pp, l.chunks, l.micro);
         let chunks: u64 = self
             .chunks
@@ -685,12 +685,12 @@ impl<B: Backend> Engine<B> {
                 let n = self.be.len(&c.grads) as u64;
                 let opt = self.be.len(&c.opt.m) as u64;
                 let master = c.opt.master.as_ref().map_or(0, |m| self.be.len(m) as u64);
-                let acts = in_flight as u64 * c.model.activation_bytes(l.micro_batch());
-                param_bytes * n + 4 * (n + 2 * opt + master) + acts
+                let acts = c.model.activation_elems(l.micro_batch()).times(in_flight as u64).bytes(width);
+                width as u64 * n + 4 * (n + 2 * opt + master) + acts
             })
             .sum();
         let models: Vec<&Model> = self.chunks.iter().map(|c| &c.model).collect();
-        chunks + scratch_bytes(&models, l.micro_batch())
+        chunks + scratch_elems(&models, l.micro_batch()).bytes(width)
     }
 
     /// Parameters this rank holds (its pieces of every chunk).

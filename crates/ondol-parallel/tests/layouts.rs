@@ -5,7 +5,7 @@
 
 use ondol_comm::{Mesh, RankComms};
 use ondol_cpu::CpuBackend;
-use ondol_model::{Arch, MicroBatch, Model, ModelConfig, Part, SsmConfig, Workspace, scratch_bytes};
+use ondol_model::{Arch, MicroBatch, Model, ModelConfig, Part, SsmConfig, Workspace, scratch_elems};
 use ondol_optim::OptimizerConfig;
 use ondol_parallel::{Engine, Layout, ScheduleKind};
 use std::time::Duration;
@@ -273,7 +273,7 @@ fn sequence_parallelism_splits_the_activations_between_the_mixers() {
     let plain = Model::part(cfg.clone(), part.clone()).unwrap();
     let split = Model::part(cfg, part.with_sequence_parallel(true)).unwrap();
     let mb = MicroBatch::new(BATCH, SEQ);
-    let bytes = |m: &Model| m.activation_bytes(mb) + scratch_bytes(&[m], mb);
+    let bytes = |m: &Model| (m.activation_elems(mb) + scratch_elems(&[m], mb)).bytes(4);
     let (with, without) = (bytes(&split), bytes(&plain));
     assert!(with < without, "sequence parallel activations {with} B, not fewer than {without} B");
     assert!(Workspace::new(&CpuBackend, &split, BATCH, SEQ).is_ok());

@@ -44,6 +44,27 @@ pub enum Precision {
     Bf16,
 }
 
+impl Precision {
+    /// Bytes of an element of the compute type.
+    pub fn bytes(self) -> usize {
+        match self {
+            Precision::Fp32 => 4,
+            Precision::Bf16 => 2,
+        }
+    }
+}
+
+impl TrainingConfig {
+    /// The compute type the run trains in: `precision`, or left out, the device's default.
+    pub fn compute_precision(&self) -> Precision {
+        match (self.device, self.precision) {
+            (_, Some(p)) => p,
+            (Device::Cpu, None) => Precision::Fp32,
+            (Device::Cuda, None) => Precision::Bf16,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrainingConfig {

@@ -1,7 +1,7 @@
 //! `ondol`: train and inspect models. See `ondol --help`.
 
 use clap::{Args, Parser, Subcommand};
-use ondol::config::{Device, RunConfig};
+use ondol::config::{Device, Precision, RunConfig};
 use ondol::launch::{self, LaunchArgs, SelftestArgs};
 use ondol::metrics::Metrics;
 use ondol::prepare_cli;
@@ -12,7 +12,7 @@ use ondol_comm::{Communicator, DistEnv, Mesh, RankComms, TcpNet};
 use ondol_core::{Backend, Error, Result};
 use ondol_cpu::CpuBackend;
 use ondol_data::{Loader, Order, SourceKind, TokenStream};
-use ondol_model::{MicroBatch, Model, Part, Workspace, scratch_bytes};
+use ondol_model::{MicroBatch, Model, Part, Workspace, scratch_elems};
 use ondol_parallel::{HEAD_ROW_ALIGN, ScheduleKind, schedule};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -395,10 +395,9 @@ fn inference_gpu(model: &Model) -> Result<ondol_cuda::CudaBackend> {
 /// and its peak for MFU.
 #[cfg(feature = "cuda")]
 fn open_gpu(cfg: &RunConfig, ordinal: usize) -> Result<(ondol_cuda::CudaBackend, Peak)> {
-    use ondol::config::Precision;
     use ondol_cuda::{CudaBackend, Dtype};
     check_cuda_kernels(&cfg.model)?;
-    let compute = match cfg.training.precision.unwrap_or(Precision::Bf16) {
+    let compute = match cfg.training.compute_precision() {
         Precision::Fp32 => Dtype::F32,
         Precision::Bf16 => Dtype::Bf16,
     };
@@ -525,10 +524,12 @@ fn train_rank<B: Backend>(
     metrics.finish();
     let val = |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{v:.4}"));
     if let Some((used, total)) = trainer.engine.be.device_memory() {
+        // What the driver reports includes its pool's reserve, the CUDA context and cuBLASLt.
         eprintln!(
-            "device memory: {:.2} GiB in use of {:.2} GiB",
+            "device memory: {:.2} GiB in use of {:.2} GiB; weights, optimizer and activations estimated at {:.2} GiB",
             used as f64 / 2f64.powi(30),
-            total as f64 / 2f64.powi(30)
+            total as f64 / 2f64.powi(30),
+            trainer.memory_bytes() as f64 / 2f64.powi(30)
         );
     }
     eprintln!(
@@ -657,9 +658,10 @@ fn inspect(args: ConfigArgs) -> Result<()> {
         loss_chunk: t.loss_chunk_rows,
         ..MicroBatch::new(t.batch_size, t.seq_len)
     };
+    let precision = t.compute_precision();
     let acts = |every| {
         let mb = MicroBatch { recompute_every: every, ..configured };
-        trained.activation_bytes(mb) + scratch_bytes(&[&trained], mb)
+        (trained.activation_elems(mb) + scratch_elems(&[&trained], mb)).bytes(precision.bytes())
     };
     println!("arch                 {:?}", cfg.model.arch);
     println!("parameters           {n} ({:.2}M)", n as f64 / 1e6);
@@ -681,15 +683,24 @@ fn inspect(args: ConfigArgs) -> Result<()> {
         }
     }
     println!(
-        "memory per rank (f32) {} at most (pipeline stage {}) at (tp, pp, dp) = ({}, {}, {})",
+        "memory per rank      {} at most (pipeline stage {}) at (tp, pp, dp) = ({}, {}, {}), {}",
         bytes(worst.total()),
         worst.stage,
         p.tp,
         p.pp,
-        p.dp
+        p.dp,
+        match precision {
+            Precision::Fp32 => "fp32",
+            Precision::Bf16 => "bf16 weights and activations, fp32 gradients",
+        }
     );
     println!("  weights+grads      {}", bytes(worst.weights_grads));
-    println!("  AdamW              {}{}", bytes(worst.adamw), if p.zero == 1 { " (ZeRO-1)" } else { "" });
+    println!(
+        "  AdamW              {}{}{}",
+        bytes(worst.adamw),
+        if precision == Precision::Bf16 { " with fp32 master weights" } else { "" },
+        if p.zero == 1 { " (ZeRO-1)" } else { "" }
+    );
     println!(
         "  activations        {} ({} of it scratch, held once): {} micro-batch{} in flight ({}){}",
         bytes(worst.activations),
@@ -710,11 +721,14 @@ fn inspect(args: ConfigArgs) -> Result<()> {
     Ok(())
 }
 
-/// What `ondol inspect` counts on one rank (f32, as the CPU holds them).
+/// What `ondol inspect` counts on one rank, in the run's precision (as
+/// `Engine::memory_bytes` counts the rank it runs).
 #[derive(Default)]
 struct RankMemory {
     stage: usize,
+    /// The weights in the compute type and their f32 gradients.
     weights_grads: u64,
+    /// The moments and, in mixed precision, the f32 master weights (each ZeRO-1's shard).
     adamw: u64,
     /// The micro-batches in flight over the rank's chunks, and the one scratch they share.
     activations: u64,
@@ -737,13 +751,18 @@ impl RankMemory {
         let peaks = schedule::in_flight(layout.schedule, pp, p.pp, layout.chunks, layout.micro);
         let models: Vec<&Model> = parts.iter().collect();
         let mb = layout.micro_batch();
-        let scratch = scratch_bytes(&models, mb);
+        let precision = cfg.training.compute_precision();
+        let width = precision.bytes();
+        let scratch = scratch_elems(&models, mb).bytes(width);
         let mut rank = RankMemory { stage: pp, activations: scratch, scratch, ..RankMemory::default() };
+        // Moments, and master weights where the weights are narrower than f32.
+        let optimizer_bytes = 8 + if precision == Precision::Fp32 { 0 } else { 4 };
         for (m, in_flight) in parts.iter().zip(peaks) {
             let params = m.num_params() as u64;
-            rank.weights_grads += 8 * params;
-            rank.adamw += if p.zero == 1 { 8 * params.div_ceil(p.dp as u64) } else { 8 * params };
-            rank.activations += in_flight as u64 * m.activation_bytes(mb);
+            rank.weights_grads += (width as u64 + 4) * params;
+            let held = if p.zero == 1 { params.div_ceil(p.dp as u64) } else { params };
+            rank.adamw += optimizer_bytes * held;
+            rank.activations += m.activation_elems(mb).times(in_flight as u64).bytes(width);
             rank.in_flight += in_flight;
         }
         Ok(rank)
@@ -755,7 +774,7 @@ impl RankMemory {
 }
 
 /// Refuses a run whose ranks, all in this process, would need more memory than the machine
-/// has (an estimate: [`RankMemory`], counted as f32), before anything is allocated.
+/// has (an estimate: [`RankMemory`]), before anything is allocated.
 fn check_fits_in_memory(cfg: &RunConfig) -> Result<()> {
     let Some(machine) = physical_memory() else { return Ok(()) };
     let p = &cfg.parallelism;

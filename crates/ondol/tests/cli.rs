@@ -266,8 +266,15 @@ fn inspect_reports_parameters_flops_and_memory_per_rank() {
     assert!(gpipe.contains("4 micro-batches in flight (gpipe)"), "{gpipe}");
     assert!(one_f_one_b.contains("1 micro-batch in flight (1f1b)"), "{one_f_one_b}");
     assert!(acts(&one_f_one_b) < acts(&gpipe), "{one_f_one_b}\n{gpipe}");
-    let total = |t: &str| figure(t, "memory per rank (f32)");
+    let total = |t: &str| figure(t, "memory per rank");
     assert!(total(&one_f_one_b) < total(&gpipe), "{one_f_one_b}\n{gpipe}");
+    // On a GPU in bf16: 2-byte weights beside 4-byte gradients, fp32 master weights beside
+    // the moments, and activations mostly half as large (statistics and states stay f32).
+    let bf16 = inspect(&["training.device=\"cuda\""]);
+    assert!(bf16.contains("bf16 weights and activations") && bf16.contains("with fp32 master weights"), "{bf16}");
+    let ratio = |label: &str| figure(&bf16, label) / figure(&one, label);
+    assert!((ratio("weights+grads") - 0.75).abs() < 0.01 && (ratio("AdamW") - 1.5).abs() < 0.01, "{one}\n{bf16}");
+    assert!(ratio("activations") > 0.5 && ratio("activations") < 0.6, "{one}\n{bf16}");
 }
 
 /// Every preset in configs/ is a valid config whose model builds and whose layout fits it
