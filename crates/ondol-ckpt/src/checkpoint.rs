@@ -194,7 +194,7 @@ pub fn list(run_dir: &Path) -> Vec<PathBuf> {
 }
 
 /// Complete checkpoints of a run with their steps, newest first.
-fn list_steps(run_dir: &Path) -> Vec<(u64, PathBuf)> {
+pub fn list_steps(run_dir: &Path) -> Vec<(u64, PathBuf)> {
     let root = checkpoints_dir(run_dir);
     let mut steps: Vec<(u64, PathBuf)> = fs::read_dir(&root)
         .into_iter()
@@ -232,16 +232,18 @@ pub fn remove_stale(run_dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Deletes all but the newest `keep_last` checkpoints up to step `written`, the one just
-/// written (0 keeps all). Checkpoints of later steps stay: they belong to a continuation the
-/// run abandoned by resuming from an earlier checkpoint, and are replaced as the run reaches
-/// their steps. Counting them would delete what the run just wrote, which `latest` names.
-pub fn prune(run_dir: &Path, keep_last: usize, written: u64) -> Result<()> {
-    if keep_last == 0 {
-        return Ok(());
-    }
-    let ours = list_steps(run_dir).into_iter().filter(|(step, _)| *step <= written);
-    for (_, old) in ours.skip(keep_last) {
+/// After writing the checkpoint of step `written`: deletes the `abandoned` ones it has passed
+/// (of a continuation the run left by resuming from an earlier checkpoint; one at `written`
+/// itself was just replaced), then all but the newest `keep_last` of the rest up to `written`
+/// (0 keeps all). Abandoned checkpoints of later steps stay until the run passes them: they
+/// are not the newest of this run, and counting them would delete what it just wrote.
+fn prune(run_dir: &Path, keep_last: usize, written: u64, abandoned: &[u64]) -> Result<()> {
+    let (passed, ours): (Vec<_>, Vec<_>) = list_steps(run_dir)
+        .into_iter()
+        .filter(|(step, _)| *step <= written)
+        .partition(|(step, _)| *step != written && abandoned.contains(step));
+    let surplus = if keep_last == 0 { Vec::new() } else { ours.into_iter().skip(keep_last).collect() };
+    for (_, old) in passed.into_iter().chain(surplus) {
         fs::remove_dir_all(&old).map_err(io(format!("cannot remove {}", old.display())))?;
     }
     Ok(())
@@ -436,22 +438,36 @@ pub fn load(dir: &Path, model: &ModelConfig, layout: &ParamLayout) -> Result<Loa
 pub struct Writer {
     run_dir: PathBuf,
     keep_last: usize,
+    /// Steps of the run directory's checkpoints past the step the run started at: a
+    /// continuation abandoned by resuming from an earlier checkpoint, removed as the run
+    /// passes them (see [`Writer::abandoned`]).
+    abandoned: Vec<u64>,
     pending: Option<std::thread::JoinHandle<Result<PathBuf>>>,
 }
 
 impl Writer {
-    /// A writer for `run_dir`; removes temporary directories a killed writer left behind.
-    pub fn new(run_dir: &Path, keep_last: usize) -> Result<Self> {
+    /// A writer for `run_dir`, whose run starts at step `start`; removes temporary
+    /// directories a killed writer left behind.
+    pub fn new(run_dir: &Path, keep_last: usize, start: u64) -> Result<Self> {
         remove_stale(run_dir)?;
-        Ok(Self { run_dir: run_dir.to_path_buf(), keep_last, pending: None })
+        let abandoned = list_steps(run_dir).into_iter().map(|(step, _)| step).filter(|&s| s > start).collect();
+        Ok(Self { run_dir: run_dir.to_path_buf(), keep_last, abandoned, pending: None })
+    }
+
+    /// Steps of the checkpoints after the one the run resumed from, newest first: each is
+    /// replaced or removed when the run writes a checkpoint at or past its step.
+    pub fn abandoned(&self) -> &[u64] {
+        &self.abandoned
     }
 
     pub fn submit(&mut self, snap: Snapshot) -> Result<()> {
         self.wait()?;
-        let (dir, keep) = (self.run_dir.clone(), self.keep_last);
+        let (dir, keep, step) = (self.run_dir.clone(), self.keep_last, snap.step);
+        let abandoned = self.abandoned.clone();
+        self.abandoned.retain(|&s| s > step);
         self.pending = Some(std::thread::spawn(move || {
             let path = save(&dir, &snap)?;
-            prune(&dir, keep, snap.step)?;
+            prune(&dir, keep, step, &abandoned)?;
             Ok(path)
         }));
         Ok(())

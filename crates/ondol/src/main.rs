@@ -515,7 +515,18 @@ fn train_rank<B: Backend>(
         peak.what,
         run_dir.display()
     );
-    let mut writer = Writer::new(&run_dir, keep_last)?;
+    let mut writer = Writer::new(&run_dir, keep_last, resumed.unwrap_or(0))?;
+    if let Some(step) = resumed
+        && !writer.abandoned().is_empty()
+    {
+        let steps: Vec<String> = writer.abandoned().iter().rev().map(u64::to_string).collect();
+        eprintln!(
+            "note: the checkpoints of steps {} in {} continue past step {step}, where this run resumes: each is \
+             replaced or removed when the run writes a checkpoint at or past its step",
+            steps.join(", "),
+            checkpoint::checkpoints_dir(&run_dir).display()
+        );
+    }
     let mut metrics = Metrics::create(&run_dir, steps, peak.flops, resumed)?;
     if let Some(step) = resumed {
         metrics.note(format!("resumed at step {step}"));
@@ -567,15 +578,16 @@ fn refuse_a_run_over_another(args: &TrainArgs, cfg: &RunConfig) -> Result<()> {
 
 /// Restores `trainer` from the checkpoint `spec` names, or from `checkpoint.resume_from`
 /// without one; returns the step it resumes at (None: step 0). `auto` takes the checkpoint
-/// `latest` names, else the newest intact one of `run_dir`, warning about damaged ones it
-/// skips, and without any starts as a run without `--resume` does. (A run without `--resume`
+/// `latest` names, else the newest intact one of `run_dir` up to its step (later ones are of
+/// a continuation abandoned by an earlier resume: they come last), warning about damaged ones
+/// it skips, and without any starts as a run without `--resume` does. (A run without `--resume`
 /// that has checkpoints of its own was refused before: [`refuse_a_run_over_another`].)
 fn resume<B: Backend>(trainer: &mut Trainer<B>, run_dir: &Path, spec: Option<&str>) -> Result<Option<u64>> {
     let load = |trainer: &Trainer<B>, dir: &Path| checkpoint::load(dir, &trainer.model().cfg, &trainer.model().layout);
     let resume_from = trainer.cfg.checkpoint.resume_from.clone();
     let leader = trainer.is_leader();
     let ckpts = checkpoint::checkpoints_dir(run_dir);
-    let newest = checkpoint::list(run_dir);
+    let newest = checkpoint::list_steps(run_dir);
     match spec {
         Some("auto") => {}
         Some("") => return Err(Error::config("--resume", "empty: give `auto` or a checkpoint directory")),
@@ -587,7 +599,7 @@ fn resume<B: Backend>(trainer: &mut Trainer<B>, run_dir: &Path, spec: Option<&st
     // `latest` names what the run wrote last: after a resume from an earlier checkpoint, the
     // later ones belong to the abandoned continuation.
     let latest = checkpoint::latest(run_dir);
-    if let (Some(latest), Some(newer)) = (&latest, newest.first())
+    if let (Some(latest), Some((_, newer))) = (&latest, newest.first())
         && latest != newer
         && leader
     {
@@ -599,8 +611,15 @@ fn resume<B: Backend>(trainer: &mut Trainer<B>, run_dir: &Path, spec: Option<&st
             newer.display()
         );
     }
+    // Should the one `latest` names be damaged, the run's earlier ones come before the
+    // abandoned continuation's later ones.
+    let latest_step = newest.iter().find(|(_, d)| Some(d) == latest.as_ref()).map(|(step, _)| *step);
+    let (earlier, later): (Vec<_>, Vec<_>) = newest
+        .into_iter()
+        .filter(|(_, d)| Some(d) != latest.as_ref())
+        .partition(|(step, _)| latest_step.is_none_or(|l| *step <= l));
     let mut own: Vec<PathBuf> = latest.iter().cloned().collect();
-    own.extend(newest.into_iter().filter(|d| Some(d) != latest.as_ref()));
+    own.extend(earlier.into_iter().chain(later).map(|(_, d)| d));
     match (own.is_empty(), resume_from) {
         (true, None) => {
             // Where another rank's node finds one, every rank refuses.

@@ -227,29 +227,60 @@ fn a_run_can_skip_its_final_checkpoint() {
     );
 }
 
-/// `keep_last` counts the checkpoints of the run as it now goes: after a resume from an
-/// earlier checkpoint, the abandoned continuation's later ones neither count nor go, so what
-/// the run writes (and `latest` names) stays. Counting them deleted step 11 below, the one
-/// just written, and left `latest` naming nothing.
+/// After a resume from an earlier checkpoint, the abandoned continuation's later checkpoints
+/// neither count for `keep_last` nor go before the run passes them, and an auto resume whose
+/// `latest` is damaged prefers the run's own earlier ones to them. Counting them deleted what
+/// the run had just written (keep_last = 1), or its own older ones while keeping a stale one.
 #[test]
-fn keep_last_keeps_what_a_run_resumed_from_an_earlier_checkpoint_writes() {
+fn a_run_resumed_from_an_earlier_checkpoint_keeps_its_own_and_drops_the_abandoned_ones() {
     let dir = setup();
     let train = |extra: &[&str]| {
-        let args = [&["train", "run.toml", "--run-dir", "run", "--set", "checkpoint.every=1"], extra].concat();
+        let args = [&["train", "run.toml", "--run-dir", "run"], extra].concat();
         let (ok, err) = ondol_err(dir.path(), &args);
         assert!(ok, "{err}");
+        err
     };
-    train(&["--set", "checkpoint.keep_last=3"]);
     let ckpts = dir.path().join("run/checkpoints");
-    let resume_from = ckpts.join("step-00000010");
-    let from = resume_from.to_str().unwrap();
-    train(&["--resume", from, "--set", "checkpoint.keep_last=1", "--set", "training.steps=11"]);
-    let mut names: Vec<String> =
-        std::fs::read_dir(&ckpts).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
-    names.sort();
-    assert_eq!(names, ["latest", "step-00000011", "step-00000012"]);
-    let latest = checkpoint::latest(&dir.path().join("run")).unwrap();
-    assert_eq!(checkpoint::verify(&latest).unwrap().step, 11);
+    let names = || {
+        let mut names: Vec<String> =
+            std::fs::read_dir(&ckpts).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        names.sort();
+        names
+    };
+    let latest = || checkpoint::verify(&checkpoint::latest(&dir.path().join("run")).unwrap()).unwrap().step;
+    train(&["--set", "checkpoint.every=1", "--set", "checkpoint.keep_last=3"]);
+    assert_eq!(names(), ["latest", "step-00000010", "step-00000011", "step-00000012"]);
+
+    // From step 10 to 11, keeping 1: step 11 is replaced and kept, 12 (not passed) stays.
+    let from = ckpts.join("step-00000010");
+    let keep_one = ["--set", "checkpoint.every=1", "--set", "checkpoint.keep_last=1", "--set", "training.steps=11"];
+    let err = train(&[&["--resume", from.to_str().unwrap()], &keep_one[..]].concat());
+    assert!(err.contains("steps 11, 12 in") && err.contains("past step 10"), "{err}");
+    assert_eq!(names(), ["latest", "step-00000011", "step-00000012"]);
+    assert_eq!(latest(), 11);
+
+    // Again from a fresh first run, to 11 keeping 2; then with the checkpoint `latest` names
+    // damaged, an auto resume goes on from step 10, not the abandoned 12, and writing step 15
+    // (every 5) passes 11 and 12, which go, while its own 10 stays among the 2 kept.
+    std::fs::remove_dir_all(dir.path().join("run")).unwrap();
+    train(&["--set", "checkpoint.every=1", "--set", "checkpoint.keep_last=3"]);
+    let keep_two = ["--set", "checkpoint.every=1", "--set", "checkpoint.keep_last=2", "--set", "training.steps=11"];
+    train(&[&["--resume", from.to_str().unwrap()], &keep_two[..]].concat());
+    assert_eq!(names(), ["latest", "step-00000010", "step-00000011", "step-00000012"]);
+    std::fs::write(ckpts.join("step-00000011/model.safetensors"), b"damaged").unwrap();
+    let err = train(&[
+        "--resume",
+        "auto",
+        "--set",
+        "checkpoint.every=5",
+        "--set",
+        "checkpoint.keep_last=2",
+        "--set",
+        "training.steps=15",
+    ]);
+    assert!(err.contains("skipping checkpoint") && err.contains("resumed at step 10"), "{err}");
+    assert_eq!(names(), ["latest", "step-00000010", "step-00000015"]);
+    assert_eq!(latest(), 15);
 }
 
 /// A new stage on other data (here another file, in global batches twice the size): refused

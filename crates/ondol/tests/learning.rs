@@ -195,7 +195,7 @@ fn reaches_the_entropy_rate(name: &str, model: &str) {
     let data = Data::open(&cfg, Path::new(".")).unwrap();
     let mut trainer = Trainer::new(CpuBackend, cfg, data).unwrap();
     let mut metrics = Metrics::create(dir.path(), 400, 1e11, None).unwrap();
-    let mut writer = ondol_ckpt::Writer::new(dir.path(), 1).unwrap();
+    let mut writer = ondol_ckpt::Writer::new(dir.path(), 1, 0).unwrap();
     let summary = trainer::run(&mut trainer, &mut metrics, Some(&mut writer)).unwrap();
     let val = summary.final_val_loss.unwrap();
     let start = summary.first_val_loss.unwrap();
