@@ -139,6 +139,11 @@ impl Loader {
         })
     }
 
+    /// Tokens of a sequence.
+    pub fn seq_len(&self) -> usize {
+        self.seq_len
+    }
+
     /// Windows of `seq_len + 1` tokens in the stream, W.
     pub fn windows_per_epoch(&self) -> u64 {
         self.windows as u64
@@ -288,7 +293,8 @@ mod tests {
     /// stream, token i of the stream is the value i, in a.bin up to len / 3, then in b.bin.
     #[test]
     fn origin_names_the_file_and_index_of_every_token_of_the_last_batch() {
-        let (dir, stream) = counting_stream(301);
+        let len = 301;
+        let (dir, stream) = counting_stream(len);
         let (seq_len, batch_size) = (10, 4);
         let mut loader = loader(&stream, seq_len, batch_size, Order::Shuffled { seed: 9 }, 1, 2);
         let mut inputs = vec![0; batch_size * seq_len];
@@ -298,9 +304,9 @@ mod tests {
             for (row, (input, target)) in inputs.chunks(seq_len).zip(targets.chunks(seq_len)).enumerate() {
                 let tokens = input.iter().chain(&target[seq_len - 1..]);
                 for (pos, &value) in tokens.enumerate() {
-                    let expected = match value < 100 {
+                    let expected = match value < len / 3 {
                         true => (dir.path().join("a.bin"), value as usize),
-                        false => (dir.path().join("b.bin"), value as usize - 100),
+                        false => (dir.path().join("b.bin"), (value - len / 3) as usize),
                     };
                     let (file, index) = loader.origin(row, pos);
                     assert_eq!((file.to_path_buf(), index), expected, "row {row} place {pos}");

@@ -104,8 +104,18 @@ impl Mixture {
             .collect();
         *cumulative.last_mut().expect("at least one source") = 1.0;
         let scratch = (vec![0; seq_len], vec![0; seq_len]);
-        let last_rows = vec![(0, 0); batch_size];
-        Ok(Self { sources, cumulative, seed, seq_len, batch_size, rank, world, batch: 0, scratch, last_rows })
+        Ok(Self {
+            sources,
+            cumulative,
+            seed,
+            seq_len,
+            batch_size,
+            rank,
+            world,
+            batch: 0,
+            scratch,
+            last_rows: Vec::new(),
+        })
     }
 
     /// Sequences a read holds: one micro-batch of every rank.
@@ -128,6 +138,7 @@ impl Mixture {
         let (t, b) = (self.seq_len, self.batch_size);
         assert!(inputs.len() == b * t && targets.len() == b * t, "mixture: buffers must hold batch_size * seq_len");
         let picks: Vec<usize> = self.assignment(self.batch).collect();
+        self.last_rows.resize(b, (0, 0));
         for (slot, s) in picks.into_iter().enumerate() {
             if slot / b == self.rank {
                 let j = slot % b;

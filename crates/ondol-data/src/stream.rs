@@ -279,6 +279,15 @@ mod tests {
         // Tails: round(10 * 0.2) = 2, round(3 * 0.2) = 1, round(20 * 0.2) = 4.
         assert_eq!(all(&train), (0..8).chain([100, 101]).chain(200..216).collect::<Vec<_>>());
         assert_eq!(all(&val), [8, 9, 70_000, 216, 217, 218, 219]);
+        // Each token's file and index in it, for the tails too (parts that start inside a file).
+        let origins = |s: &TokenStream| -> Vec<(PathBuf, usize)> {
+            (0..s.len()).map(|i| (s.origin(i).0.to_path_buf(), s.origin(i).1)).collect()
+        };
+        let at = |f: usize, i: std::ops::Range<usize>| -> Vec<(PathBuf, usize)> {
+            i.map(|i| (files[f].clone(), i)).collect()
+        };
+        assert_eq!(origins(&val), [at(0, 8..10), at(2, 2..3), at(3, 16..20)].concat());
+        assert_eq!(origins(&train), [at(0, 0..8), at(2, 0..2), at(3, 0..16)].concat());
         let (train_again, none) = train.split_tail(0.0).unwrap();
         assert_eq!((train_again.len(), none.len()), (26, 0));
         for bad in [1.0, -0.1, f64::NAN] {

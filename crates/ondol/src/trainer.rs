@@ -442,8 +442,8 @@ fn check_vocab<'a>(
     Err(Error::config(
         "model.vocab_size",
         format!(
-            "{}: token {index} is id {id}, outside the vocabulary of {vocab}: the data was tokenized for \
-             another model, or model.vocab_size is too small",
+            "{}: token {index} (counted from 0) is id {id}, outside the vocabulary of {vocab}: the data was \
+             tokenized for another model, or model.vocab_size is too small",
             file.display()
         ),
     ))
@@ -466,7 +466,7 @@ pub fn evaluate<B: Backend>(
     let mut sum = 0.0;
     for _ in 0..batches {
         loader.next_batch(&mut inputs, &mut targets);
-        check_vocab(&inputs, &targets, ws.seq, model.cfg.vocab_size, |r, p| loader.origin(r, p))?;
+        check_vocab(&inputs, &targets, loader.seq_len(), model.cfg.vocab_size, |r, p| loader.origin(r, p))?;
         be.write_ids(&mut ids, &inputs);
         be.write_ids(&mut tgt, &targets);
         model.forward(be, params, ws, &ids);
@@ -615,4 +615,35 @@ fn data_identity(c: &RunConfig) -> serde_json::Value {
             "shuffle": t.shuffle,
         },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The first id outside the vocabulary is traced to its row and its place in the row's
+    /// window: input column c is place c, target column c place c + 1 (a bad id in the last
+    /// target column only is place seq_len).
+    #[test]
+    fn check_vocab_names_the_place_of_the_first_bad_id() {
+        let (seq, vocab) = (4, 10);
+        let place = |inputs: &[u32], targets: &[u32]| {
+            let asked = std::cell::Cell::new(None);
+            let err = check_vocab(inputs, targets, seq, vocab, |row, pos| {
+                asked.set(Some((row, pos)));
+                (Path::new("shard.bin"), 1000 + row * seq + pos)
+            });
+            (asked.get(), err.err().map(|e| e.to_string()))
+        };
+        assert_eq!(place(&[1; 8], &[2; 8]), (None, None));
+        let mut targets = [2; 8];
+        targets[7] = 12;
+        let (asked, err) = place(&[1; 8], &targets);
+        assert_eq!(asked, Some((1, 4)));
+        let err = err.unwrap();
+        assert!(err.contains("shard.bin: token 1008") && err.contains("id 12"), "{err}");
+        let mut inputs = [1; 8];
+        inputs[5] = 11;
+        assert_eq!(place(&inputs, &targets).0, Some((1, 1)), "inputs come first");
+    }
 }
