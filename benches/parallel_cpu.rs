@@ -78,8 +78,8 @@ fn main() {
                         }
                         let secs = start.elapsed().as_secs_f64();
                         let n = t.engine.memory_bytes();
-                        let adamw = 4 * t.engine.optimizer_floats() as u64;
-                        let params = t.engine.param_floats() as u64;
+                        let adamw = 4 * t.engine.moment_elems() as u64;
+                        let params = t.engine.params_held() as u64;
                         Report {
                             tokens_per_s: (steps * t.tokens_per_step()) as f64 / secs,
                             weights_grads: 8 * params,

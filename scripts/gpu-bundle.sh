@@ -111,7 +111,14 @@ export ONDOL_REQUIRE_GPU=1
 # Each test binary and each run stops after this many seconds (a hung kernel must not take the
 # whole device call with it): the part goes on with the next, and the run fails.
 limit="${ONDOL_STEP_TIMEOUT:-150}"
-bounded() { timeout -k 10 "$limit" "$@" || { local rc=$?; [[ $rc == 124 || $rc == 137 ]] && echo "!! stopped after ${limit}s: $*"; return $rc; }; }
+# Each says how long it took, so that the next device session can plan its minutes.
+bounded() {
+    local start=$SECONDS rc=0
+    timeout -k 10 "$limit" "$@" || rc=$?
+    [[ $rc == 124 || $rc == 137 ]] && echo "!! stopped after ${limit}s: $*"
+    echo "-- $((SECONDS - start)) s: ${*:1:2}"
+    return $rc
+}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "nvidia-smi: not found"
 cd "$here"
 status=0
@@ -130,7 +137,7 @@ if wants smoke; then
         local config=$1 dir=$2
         shift 2
         bounded bin/ondol train "configs/$config.toml" --set training.steps=$steps --set training.eval_every=50 \
-            --run-dir "runs/$dir" "$@" 2>&1 | tail -2 || status=1
+            --run-dir "runs/$dir" "$@" 2>&1 | tail -3 || status=1
     }
     # Every architecture on the CPU (fp32) and the GPU (bf16); the Llama smoke in GPU fp32 too.
     # fp32 differs from the CPU by the order of fp32 sums (atomics, cuBLAS); bf16 by its rounding.
@@ -158,7 +165,7 @@ if wants smoke; then
     # bf16 and atomics' run-to-run differences (backward sums with atomicAdd in any order).
     echo "== smoke: one launched rank over NCCL against the plain GPU run"
     bounded bin/ondol launch --nproc-per-node 1 --master-port 0 -- train configs/smoke.toml --set training.steps=$steps \
-        --set training.eval_every=50 --set 'training.device="cuda"' --run-dir runs/smoke-nccl 2>&1 | tail -2 || status=1
+        --set training.eval_every=50 --set 'training.device="cuda"' --run-dir runs/smoke-nccl 2>&1 | tail -3 || status=1
     "${py[@]}" bin/compare-curves.py runs/smoke-cuda-bf16/metrics.jsonl runs/smoke-nccl/metrics.jsonl 1e-2 || status=1
 fi
 # mamba2-130m trains on token shards; the mfu runs train it on the sample text as bytes.

@@ -761,12 +761,58 @@ pub fn from_hf_config(json: &Value, file: &str) -> Result<(ModelConfig, Vec<Stri
         }
         return Err(f.err(key, format!("{value}: ondol does not implement this field; remove it if it is inert")));
     }
-    // The constraint is ondol's, on the value read from the file: name both.
+    // The constraint is ondol's, on the value read from the file: name the file's field where
+    // one holds it, and ondol's key.
     cfg.validate().map_err(|e| match e {
-        Error::Config { key, message } => Error::config(format!("{key}` as read from `{file}"), message),
+        Error::Config { key, message } => match hf_field(model_type, &key) {
+            Some(field) => Error::config(format!("{field}` in `{file}"), format!("(ondol's {key}) {message}")),
+            None => Error::config(format!("{key}` as read from `{file}"), message),
+        },
         other => other,
     })?;
     Ok((cfg, warnings))
+}
+
+/// The field of a `model_type` config.json that [`from_hf_config`] reads ondol's model key
+/// `key` from, if one field does.
+fn hf_field(model_type: &str, key: &str) -> Option<&'static str> {
+    let key = key.strip_prefix("model.")?;
+    let field = match (model_type, key) {
+        (_, "vocab_size") => "vocab_size",
+        (_, "init_std") => "initializer_range",
+        ("gpt2", "d_model") => "n_embd",
+        ("gpt2", "n_layers") => "n_layer",
+        ("gpt2", "n_heads") => "n_head",
+        ("gpt2", "ffn_hidden") => "n_inner",
+        ("gpt2", "max_seq_len") => "n_positions",
+        ("gpt2", _) => return None,
+        (_, "d_model") => "hidden_size",
+        (_, "n_layers") => "num_hidden_layers",
+        (_, "tie_embeddings") => "tie_word_embeddings",
+        ("llama", "norm_eps") => "rms_norm_eps",
+        (_, "norm_eps") => "layer_norm_epsilon",
+        ("llama", "rope_theta") => "rope_theta",
+        ("llama" | "nemotron_h", "n_heads") => "num_attention_heads",
+        ("llama" | "nemotron_h", "n_kv_heads") => "num_key_value_heads",
+        ("llama" | "nemotron_h", "ffn_hidden") => "intermediate_size",
+        ("llama" | "nemotron_h", "max_seq_len") => "max_position_embeddings",
+        ("nemotron_h", "pattern") => "layers_block_type",
+        ("nemotron_h", "ssm.state_size") => "ssm_state_size",
+        ("nemotron_h", "ssm.head_dim") => "mamba_head_dim",
+        ("llama", _) => return None,
+        (_, "ssm.state_size") => "state_size",
+        (_, "ssm.time_step_rank") => "time_step_rank",
+        (_, "ssm.time_step_min") => "time_step_min",
+        (_, "ssm.time_step_max") => "time_step_max",
+        (_, "ssm.time_step_floor") => "time_step_floor",
+        (_, "ssm.conv_kernel") => "conv_kernel",
+        (_, "ssm.expand") => "expand",
+        (_, "ssm.head_dim") => "head_dim",
+        (_, "ssm.n_groups") => "n_groups",
+        (_, "ssm.chunk_size") => "chunk_size",
+        _ => return None,
+    };
+    Some(field)
 }
 
 #[cfg(test)]
@@ -831,7 +877,14 @@ mod tests {
         let mut json = to_hf_config(&llama(), None);
         json["num_key_value_heads"] = json!(3);
         let e = from_hf_config(&json, "x/config.json").unwrap_err().to_string();
-        assert!(e.contains("model.n_kv_heads` as read from `x/config.json") && e.contains("divide"), "{e}");
+        assert!(e.contains("num_key_value_heads` in `x/config.json") && e.contains("model.n_kv_heads"), "{e}");
+        assert!(e.contains("divide"), "{e}");
+        // GPT-2's names for the same.
+        let gpt2 = ModelConfig { arch: Arch::Gpt2, n_kv_heads: None, tie_embeddings: None, ..llama() };
+        let mut json = to_hf_config(&gpt2, None);
+        json["n_head"] = json!(5);
+        let e = from_hf_config(&json, "g/config.json").unwrap_err().to_string();
+        assert!(e.contains("n_head` in `g/config.json") && e.contains("model.n_heads"), "{e}");
     }
 
     #[test]

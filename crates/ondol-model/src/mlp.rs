@@ -51,6 +51,11 @@ impl Mlp {
         MlpGrads { dpre: be.zeros(rows * self.pre_width()), dact: be.zeros(rows * self.hidden) }
     }
 
+    /// Elements of [`Mlp::grads`].
+    pub fn grad_elems(&self, rows: usize) -> Elems {
+        Elems::compute(rows * (self.pre_width() + self.hidden))
+    }
+
     pub fn forward<B: Backend>(
         &self,
         be: &B,

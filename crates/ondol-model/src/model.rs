@@ -1099,8 +1099,7 @@ impl Mixer {
     fn grad_elems(&self, batch: usize, seq: usize) -> Elems {
         match self {
             Mixer::Attention(m) => m.grad_elems(batch, seq),
-            // The MLP's gradient scratch mirrors its saved activations.
-            Mixer::Mlp(m) => m.act_elems(batch * seq),
+            Mixer::Mlp(m) => m.grad_elems(batch * seq),
             Mixer::Mamba(m) => m.grad_elems(batch * seq),
             Mixer::Mamba2(m) => m.grad_elems(batch * seq),
         }

@@ -694,12 +694,13 @@ impl<B: Backend> Engine<B> {
     }
 
     /// Parameters this rank holds (its pieces of every chunk).
-    pub fn param_floats(&self) -> usize {
+    pub fn params_held(&self) -> usize {
         self.chunks.iter().map(|c| c.model.num_params()).sum()
     }
 
-    /// Floats of AdamW state this rank holds (falls as 1 / dp under ZeRO-1).
-    pub fn optimizer_floats(&self) -> usize {
+    /// Elements (f32) of the AdamW moments this rank holds, falling as 1 / dp under ZeRO-1;
+    /// mixed precision's master weights come on top, as many as one moment.
+    pub fn moment_elems(&self) -> usize {
         self.chunks.iter().map(|c| 2 * self.be.len(&c.opt.m)).sum()
     }
 

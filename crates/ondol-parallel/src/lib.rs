@@ -8,7 +8,9 @@
 //!
 //! # Communication per optimizer step
 //! For `P` parameters, micro-batches of `r = batch x seq` rows of width `d`, `m` micro-batches,
-//! `L` layers, `V` vocabulary, `v` chunks per pipeline rank (f32, 4 bytes each):
+//! `L` layers, `V` vocabulary, `v` chunks per pipeline rank, in elements ("floats"): of the
+//! compute type for activations and their gradients (4 bytes in f32, 2 in bf16), f32 for the
+//! parameters' gradients and the loss's statistics:
 //! - tp: two all-reduces of `r d` per transformer layer forward and two backward (one per
 //!   block each way), one each way for the embedding and head, and `3 r` floats gathered for
 //!   the vocab-parallel loss: `m (4 L + 2) r d` floats per rank at `2 (tp - 1) / tp` bus

@@ -99,7 +99,7 @@ fn train_with(
         if let (Some(run_dir), Some(snap)) = (save, t.snapshot().unwrap()) {
             checkpoint::save(run_dir, &snap).unwrap();
         }
-        (losses, t.whole_params().unwrap(), t.engine.optimizer_floats() / 2)
+        (losses, t.whole_params().unwrap(), t.engine.moment_elems() / 2)
     });
     for r in &results[1..] {
         assert_eq!(r.0, results[0].0, "ranks report different losses");
