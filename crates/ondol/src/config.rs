@@ -264,9 +264,9 @@ pub struct CheckpointConfig {
     /// large model's weights and AdamW moments is no part of what they measure.
     #[serde(default = "yes")]
     pub at_end: bool,
-    /// Keep only the newest N checkpoints up to the step just written (0: keep all); later
-    /// ones, of a continuation abandoned by resuming from an earlier checkpoint, stay until
-    /// the run replaces them.
+    /// Keep only the newest N checkpoints up to the step just written (0: keep all). Those of
+    /// a continuation abandoned by resuming from an earlier checkpoint do not count: each is
+    /// replaced or removed when the run writes a checkpoint at or past its step.
     #[serde(default)]
     pub keep_last: usize,
     /// Split model files above this many bytes into shards with an index, as transformers does.
