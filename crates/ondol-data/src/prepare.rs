@@ -200,6 +200,37 @@ impl Manifest {
 
 const MAX_LISTED_PROBLEMS: usize = 1000;
 
+/// What a directory's `manifest.json` says its shards were tokenized with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShardTokenizer {
+    /// SHA-256 of the tokenizer.json, hex.
+    pub sha256: String,
+    pub eot_token: String,
+}
+
+impl ShardTokenizer {
+    /// The tokenizer recorded in `dir/manifest.json`; None where the directory has no manifest
+    /// (shards made elsewhere, llm.c's say).
+    pub fn of_dir(dir: &Path) -> Result<Option<Self>, DataError> {
+        let path = dir.join("manifest.json");
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(DataError::io("read", &path, e)),
+        };
+        let bad = |what: &str| DataError::format(&path, format!("not a manifest of `ondol data prepare`: {what}"));
+        let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(&e.to_string()))?;
+        let field = |key: &str| json["tokenizer"][key].as_str().map(str::to_owned).ok_or_else(|| bad(key));
+        Ok(Some(Self { sha256: field("sha256")?, eot_token: field("eot_token")? }))
+    }
+
+    /// Whether `tokenizer` (a tokenizer.json) is this one, by content.
+    pub fn is(&self, tokenizer: &Path) -> Result<bool, DataError> {
+        let bytes = std::fs::read(tokenizer).map_err(|e| DataError::io("read", tokenizer, e))?;
+        Ok(hex(&Sha256::digest(&bytes)) == self.sha256)
+    }
+}
+
 /// Writes `bytes` to `path` through a sibling temporary file, fsync and rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), DataError> {
     use std::io::Write;

@@ -285,7 +285,8 @@ impl TextTokenizer {
     fn new(mut inner: Tokenizer, eot_token: &str) -> Result<Self, DataError> {
         let eot = inner.token_to_id(eot_token).ok_or_else(|| {
             DataError::Invalid(format!(
-                "the tokenizer has no end-of-text token `{eot_token}` (name the one it has with --eot-token)"
+                "the tokenizer has no end-of-text token `{eot_token}`: name the one it has (`data prepare \
+                 --eot-token`, or data.eot_token in a run config)"
             ))
         })?;
         // Document text that happens to contain "<|endoftext|>" is encoded as plain text, never

@@ -4,6 +4,7 @@
 
 use ondol_core::Error;
 use ondol_data::input::DocSplit;
+use ondol_data::tokenizer::EOT_TOKEN;
 use ondol_model::ModelConfig;
 use ondol_optim::{OptimizerConfig, SchedulerConfig};
 use ondol_parallel::{Layout, ScheduleKind};
@@ -143,9 +144,26 @@ pub struct DataConfig {
     /// must fit model.vocab_size); optional for shards.
     #[serde(default)]
     pub tokenizer: Option<String>,
+    /// A tokenizer.json's end-of-text token, which ends every document in its shards (what
+    /// `data prepare --eot-token` wrote); left out, "<|endoftext|>".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eot_token: Option<String>,
     /// Prepare the data on the first run: train a tokenizer and write shards (see [`PrepareTable`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prepare: Option<PrepareTable>,
+}
+
+impl DataConfig {
+    /// The end-of-text token of the run's tokenizer.json.
+    pub fn eot_token(&self) -> &str {
+        self.eot_token.as_deref().unwrap_or(EOT_TOKEN)
+    }
+
+    /// Every data pattern: the training sources' and validation's.
+    pub fn patterns(&self) -> Vec<String> {
+        let sources = self.sources.iter().flat_map(|s| s.train.iter());
+        self.train.iter().chain(sources).chain(&self.val).cloned().collect()
+    }
 }
 
 /// `[data] prepare = { input = [...], vocab_size = N, out = "DIR" }`: when `DIR/manifest.json`
@@ -522,6 +540,13 @@ impl RunConfig {
             // A tokenizer.json: that it exists and fits model.vocab_size is checked when the data
             // is opened (`prepare_cli::prepare_for_run`), after `data.prepare` may have made it.
             (DataFormat::Shards, Some(_)) => {}
+        }
+        if d.eot_token.is_some() && matches!(d.tokenizer.as_deref(), None | Some("bytes")) {
+            return Err(Error::config(
+                "data.eot_token",
+                "names a token of a tokenizer.json: set data.tokenizer to one (the byte-level tokenizer's \
+                 end-of-text is fixed)",
+            ));
         }
         if let Some(p) = &d.prepare {
             if d.format != DataFormat::Shards {

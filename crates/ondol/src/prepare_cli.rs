@@ -5,14 +5,16 @@
 //! The flag defaults here are the library defaults (`TrainConfig::default`,
 //! `PrepareConfig::new`); a test keeps them equal.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use clap::{Args, Subcommand};
 use ondol_core::{Error, Result};
 use ondol_data::clean::CleanConfig;
 use ondol_data::dedup::NearDedupConfig;
+use ondol_data::expand_globs;
 use ondol_data::input::{DocSplit, InputOptions, expand_inputs};
-use ondol_data::prepare::{PrepareConfig, prepare};
+use ondol_data::prepare::{PrepareConfig, ShardTokenizer, prepare};
 use ondol_data::tokenizer::{self, TrainConfig};
 
 use crate::config::{DataFormat, PrepareTable, RunConfig};
@@ -264,11 +266,19 @@ pub fn prepare_for_run(cfg: &RunConfig, base: &Path) -> Result<()> {
     if let Some(p) = &cfg.data.prepare {
         prepare_table(p, base)?;
     }
-    let tokenizer = match cfg.data.tokenizer.as_deref() {
-        Some(t) if t != "bytes" && cfg.data.format == DataFormat::Shards => base.join(t),
-        _ => return Ok(()),
-    };
-    let vocab = tokenizer::vocab_size_of_file(&tokenizer).map_err(|e| {
+    if cfg.data.format != DataFormat::Shards {
+        return Ok(());
+    }
+    let tokenizer = cfg.data.tokenizer.as_deref().filter(|t| *t != "bytes").map(|t| base.join(t));
+    if let Some(tokenizer) = &tokenizer {
+        check_vocab_fits(cfg, tokenizer)?;
+    }
+    check_shards_tokenizer(cfg, base, tokenizer.as_deref())
+}
+
+/// Refuses a tokenizer.json with more tokens than the model has embeddings.
+fn check_vocab_fits(cfg: &RunConfig, tokenizer: &Path) -> Result<()> {
+    let vocab = tokenizer::vocab_size_of_file(tokenizer).map_err(|e| {
         Error::config("data.tokenizer", format!("{e}; it must name a tokenizer.json (or be \"bytes\")"))
     })?;
     if vocab > cfg.model.vocab_size {
@@ -282,6 +292,57 @@ pub fn prepare_for_run(cfg: &RunConfig, base: &Path) -> Result<()> {
                 vocab
             ),
         ));
+    }
+    Ok(())
+}
+
+/// Refuses shards that `ondol data prepare` made with another tokenizer or end-of-text token
+/// than the run's: their directory's manifest.json records both. (Token ids read with another
+/// tokenizer are other text; training would go on without a word.)
+fn check_shards_tokenizer(cfg: &RunConfig, base: &Path, tokenizer: Option<&Path>) -> Result<()> {
+    let files = expand_globs(&cfg.data.patterns(), base)?;
+    let dirs: BTreeSet<&Path> = files.iter().filter_map(|f| f.parent()).collect();
+    for dir in dirs {
+        let Some(made) = ShardTokenizer::of_dir(dir)? else { continue };
+        let manifest = dir.join("manifest.json");
+        let Some(tokenizer) = tokenizer else {
+            return Err(Error::config(
+                "data.tokenizer",
+                format!(
+                    "the shards in {} were made with a tokenizer ({} records it): set data.tokenizer = \"{}\", \
+                     which checkpoints then carry for eval and generate",
+                    dir.display(),
+                    manifest.display(),
+                    dir.join("tokenizer.json").display()
+                ),
+            ));
+        };
+        if !made.is(tokenizer)? {
+            return Err(Error::config(
+                "data.tokenizer",
+                format!(
+                    "{} is not the tokenizer the shards in {} were made with ({} records another SHA-256, {}): \
+                     their token ids would be read as other text; name the tokenizer.json they were made with",
+                    tokenizer.display(),
+                    dir.display(),
+                    manifest.display(),
+                    &made.sha256[..12]
+                ),
+            ));
+        }
+        if made.eot_token != cfg.data.eot_token() {
+            return Err(Error::config(
+                "data.eot_token",
+                format!(
+                    "the shards in {} end their documents with {:?} ({}), not {:?}: set data.eot_token = {:?}",
+                    dir.display(),
+                    made.eot_token,
+                    manifest.display(),
+                    cfg.data.eot_token(),
+                    made.eot_token
+                ),
+            ));
+        }
     }
     Ok(())
 }

@@ -41,12 +41,12 @@ impl Pretrained {
         Ok(Self { dir: dir.to_path_buf(), model, params, run_config, eos_token_id })
     }
 
-    /// Weights for a run whose `[model]` is `ours`, from `init_from`: the directory must hold
-    /// the same model.
-    pub fn weights_for(ours: &ModelConfig, dir: &Path) -> Result<Vec<f32>> {
+    /// The starting point of a run whose `[model]` is `ours` (`init_from`): the directory must
+    /// hold the same model.
+    pub fn load_for(ours: &ModelConfig, dir: &Path) -> Result<Self> {
         let p = Self::load(dir)?;
         checkpoint::check_compatible(dir, &p.model.cfg, ours)?;
-        Ok(p.params)
+        Ok(p)
     }
 
     /// The directory's tokenizer.json, or byte-level when it has none and the vocabulary

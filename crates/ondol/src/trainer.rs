@@ -7,7 +7,6 @@ use crate::pretrained::Pretrained;
 use ondol_ckpt::{Loaded, Snapshot, Writer};
 use ondol_comm::{Communicator, Mesh, RankComms};
 use ondol_core::{Backend, Error, Result};
-use ondol_data::tokenizer::EOT_TOKEN;
 use ondol_data::{Cursor, Loader, Mixture, MixtureCursor, Order, SourceKind, TextTokenizer, TokenStream, expand_globs};
 use ondol_model::{Model, Workspace};
 use ondol_optim::LrSchedule;
@@ -99,11 +98,15 @@ impl<B: Backend> Trainer<B> {
         let (replica, replicas) = (comms.coords.dp, comms.mesh.dp);
         let mut engine = Engine::new(be, cfg.model.clone(), layout, cfg.optimizer.clone(), comms, t.seed)?;
         if let Some(dir) = &cfg.model.init_from {
-            let weights = Pretrained::weights_for(&cfg.model, Path::new(dir)).map_err(|e| match e {
+            let init = Pretrained::load_for(&cfg.model, Path::new(dir)).map_err(|e| match e {
                 Error::Input(m) => Error::config("model.init_from", m),
                 other => other,
             })?;
-            engine.load_whole(&weights, None);
+            check_tokenizer(&init.dir, init.run_config.as_ref(), &cfg, data.tokenizer.as_deref())?;
+            engine.load_whole(&init.params, None);
+            if engine.comms.rank() == 0 {
+                eprintln!("model.init_from: weights of {}", init.dir.display());
+            }
         }
         let sched = LrSchedule::new(cfg.lr_scheduler.clone(), cfg.optimizer.lr, t.steps);
         let order = if t.shuffle { Order::Shuffled { seed: t.seed } } else { Order::Sequential };
@@ -116,7 +119,11 @@ impl<B: Backend> Trainer<B> {
             Batches::Mix(mix?)
         };
         let eos_token_id = match (&data.tokenizer, cfg.data.tokenizer.as_deref()) {
-            (Some(file), _) => Some(TextTokenizer::from_file(file, EOT_TOKEN)?.eot_id()),
+            (Some(file), _) => {
+                let t = TextTokenizer::from_file(file, cfg.data.eot_token())
+                    .map_err(|e| Error::config("data.eot_token", e.to_string()))?;
+                Some(t.eot_id())
+            }
             (None, Some("bytes")) => Some(BYTE_EOT),
             (None, _) => None,
         };
@@ -235,7 +242,7 @@ impl<B: Backend> Trainer<B> {
         if let Some(difference) = first_difference("model", &to_json(&saved.model), &to_json(&self.cfg.model)) {
             return Err(differs(difference, "resume with the same value"));
         }
-        self.check_tokenizer(&ckpt.dir, &saved)?;
+        check_tokenizer(&ckpt.dir, Some(&saved), &self.cfg, self.tokenizer.as_deref())?;
         let restart = self.cfg.checkpoint.on_data_change == OnDataChange::Restart;
         let position = match first_difference("", &data_identity(&saved), &data_identity(&self.cfg)) {
             None => {
@@ -300,29 +307,6 @@ impl<B: Backend> Trainer<B> {
             what(found[0]),
             what(found[rank]),
         )))
-    }
-
-    /// Refuses a checkpoint trained with another tokenizer: by content where the checkpoint
-    /// keeps its tokenizer.json, else (byte-level runs, older checkpoints) by `data.tokenizer`.
-    fn check_tokenizer(&self, dir: &Path, saved: &RunConfig) -> Result<()> {
-        let (same, theirs) = match std::fs::read(dir.join("tokenizer.json")) {
-            Ok(theirs) => {
-                let ours = self.tokenizer.as_ref().and_then(|t| std::fs::read(t).ok());
-                (ours.as_ref() == Some(&theirs), "its tokenizer.json".to_string())
-            }
-            Err(_) => (saved.data.tokenizer == self.cfg.data.tokenizer, format!("{:?}", saved.data.tokenizer)),
-        };
-        match same {
-            true => Ok(()),
-            false => Err(Error::config(
-                "data.tokenizer",
-                format!(
-                    "is not the tokenizer of the checkpoint {} (it has {theirs}): the weights know its token ids; \
-                     train with the same tokenizer",
-                    dir.display()
-                ),
-            )),
-        }
     }
 
     /// Mean loss per token over the first `eval_batches` global validation batches, each of
@@ -418,6 +402,33 @@ impl Batches {
                 m.set_cursor(&c.in_reads_of(from, to).ok_or_else(inside)?).map_err(|e| e.to_string())
             }
         }
+    }
+}
+
+/// Refuses weights (in `dir`) trained with another tokenizer than the run `ours`, whose
+/// tokenizer.json is `ours_file` if it has one: by content where `dir` keeps a tokenizer.json,
+/// else by the `data.tokenizer` of the run that wrote it (`saved`: byte-level runs, older
+/// checkpoints). A directory with neither (a Hugging Face model without tokenizer.json)
+/// cannot tell.
+fn check_tokenizer(dir: &Path, saved: Option<&RunConfig>, ours: &RunConfig, ours_file: Option<&Path>) -> Result<()> {
+    let (same, theirs) = match (std::fs::read(dir.join("tokenizer.json")), saved) {
+        (Ok(theirs), _) => {
+            let ours = ours_file.and_then(|t| std::fs::read(t).ok());
+            (ours.as_ref() == Some(&theirs), "its tokenizer.json".to_string())
+        }
+        (Err(_), Some(saved)) => (saved.data.tokenizer == ours.data.tokenizer, format!("{:?}", saved.data.tokenizer)),
+        (Err(_), None) => return Ok(()),
+    };
+    match same {
+        true => Ok(()),
+        false => Err(Error::config(
+            "data.tokenizer",
+            format!(
+                "is not the tokenizer of {} (it has {theirs}): the weights know its token ids; train with the same \
+                 tokenizer",
+                dir.display()
+            ),
+        )),
     }
 }
 

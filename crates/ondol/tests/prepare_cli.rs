@@ -107,21 +107,87 @@ fn tokenizer_train_then_data_prepare_then_train_on_the_shards() {
     // Resuming needs the tokenizer the weights were trained with, compared by content: a copy
     // elsewhere will do, bytes will not (whatever on_data_change says).
     std::fs::copy(dir.path().join("tok.json"), dir.path().join("moved.json")).unwrap();
-    let resume = |tokenizer: &str| {
+    let resume = |tokenizer: &str, data: &[&str]| {
         let tokenizer = format!("data.tokenizer=\"{tokenizer}\"");
         let restart = "checkpoint.on_data_change=\"restart\"";
-        let args = ["--run-dir", "out", "--resume", "auto", "--set", "training.steps=3", "--set", restart];
-        ondol_err(dir.path(), &[&["train", "run.toml", "--set", &tokenizer], &args[..]].concat())
+        let mut args = vec!["train", "run.toml", "--set", &tokenizer, "--run-dir", "out", "--resume", "auto"];
+        args.extend(["--set", "training.steps=3", "--set", restart]);
+        data.iter().for_each(|d| args.extend(["--set", d]));
+        ondol_err(dir.path(), &args)
     };
-    let (ok, err) = resume("moved.json");
+    let (ok, err) = resume("moved.json", &[]);
     assert!(ok && err.contains("resumed at step 2") && !err.contains("reading it from its start"), "{err}");
-    let (ok, err) = resume("bytes");
+    // (Byte-level text data, which the shards' manifest would refuse with bytes.)
+    let text = ["data.format=\"text\"", "data.train=[\"corpus/*.txt\"]", "data.val=[]"];
+    let (ok, err) = resume("bytes", &text);
     assert!(!ok && err.contains("data.tokenizer") && err.contains("its tokenizer.json"), "{err}");
     let (ok, err) = ondol_err(dir.path(), &["train", "run.toml", "--set", "model.vocab_size=300"]);
     assert!(!ok && err.contains("model.vocab_size") && err.contains("data.tokenizer") && err.contains("400"), "{err}");
     let (ok, err) = ondol_err(dir.path(), &["train", "run.toml", "--set", "data.tokenizer=\"none.json\""]);
     assert!(!ok && err.contains("data.tokenizer") && err.contains("none.json"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
+
+    // The shards' manifest names their tokenizer: another one, or none, is refused (their ids
+    // would be read as other text); so is starting from weights that know another's ids.
+    let args =
+        ["tokenizer", "train", "--input", "corpus/en-web-mark.txt", "--vocab-size", "300", "--out", "other.json"];
+    let (ok, err) = ondol_err(dir.path(), &args);
+    assert!(ok, "{err}");
+    let (ok, err) = ondol_err(dir.path(), &["train", "run.toml", "--set", "data.tokenizer=\"other.json\""]);
+    assert!(
+        !ok && err.contains("other.json is not the tokenizer the shards in") && err.contains("manifest.json"),
+        "{err}"
+    );
+    std::fs::write(dir.path().join("none.toml"), RUN.replace("tokenizer = \"shards/tokenizer.json\"\n", "")).unwrap();
+    let (ok, err) = ondol_err(dir.path(), &["train", "none.toml"]);
+    assert!(!ok && err.contains("data.tokenizer") && err.contains("were made with a tokenizer"), "{err}");
+    let init = format!("model.init_from=\"{}\"", ckpt.display());
+    let mut args = vec!["train", "run.toml", "--run-dir", "init", "--set", &init, "--set", "data.tokenizer=\"bytes\""];
+    text.iter().for_each(|b| args.extend(["--set", b]));
+    let (ok, err) = ondol_err(dir.path(), &args);
+    assert!(!ok && err.contains("data.tokenizer") && err.contains("is not the tokenizer of"), "{err}");
+}
+
+/// A tokenizer whose end-of-text is not `<|endoftext|>`: prepared with `--eot-token`, trained
+/// with `data.eot_token`, which the shards' manifest asks for by name.
+#[test]
+fn shards_with_another_end_of_text_train_with_data_eot_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/sample");
+    std::fs::copy(root.join("en-web-mark.txt"), dir.path().join("mark.txt")).unwrap();
+    let run = |args: &[&str]| ondol_err(dir.path(), args);
+    let (ok, err) = run(&[
+        "tokenizer",
+        "train",
+        "--input",
+        "mark.txt",
+        "--vocab-size",
+        "400",
+        "--special-tokens",
+        "<|eos|>",
+        "--out",
+        "t.json",
+    ]);
+    assert!(ok, "{err}");
+    let args = ["data", "prepare", "--input", "mark.txt", "--doc-split", "blank-line", "--tokenizer", "t.json"];
+    let (ok, err) = run(&[&args[..], &["--out", "shards", "--eot-token", "<|eos|>", "--val-fraction", "0.1"]].concat());
+    assert!(ok, "{err}");
+    std::fs::write(dir.path().join("run.toml"), RUN).unwrap();
+    let (ok, err) = run(&["train", "run.toml"]);
+    assert!(!ok && err.contains("data.eot_token") && err.contains("set data.eot_token = \"<|eos|>\""), "{err}");
+    let (ok, err) = run(&["train", "run.toml", "--set", "data.eot_token=\"<|eos|>\""]);
+    assert!(ok && err.contains("done: 2 steps"), "{err}");
+    let (ok, err) = run(&[
+        "train",
+        "run.toml",
+        "--run-dir",
+        "x",
+        "--set",
+        "data.eot_token=\"<|eos|>\"",
+        "--set",
+        "data.tokenizer=\"bytes\"",
+    ]);
+    assert!(!ok && err.contains("data.eot_token") && err.contains("tokenizer.json"), "{err}");
 }
 
 #[test]
