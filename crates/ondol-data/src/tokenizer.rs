@@ -337,6 +337,11 @@ impl TextTokenizer {
         self.eot
     }
 
+    /// The end-of-text token as text.
+    pub fn eot_token(&self) -> String {
+        self.inner.id_to_token(self.eot).expect("the end-of-text id is in the vocabulary")
+    }
+
     /// The token ids of each text (no special tokens added), encoded in parallel.
     pub fn encode_batch(&self, texts: Vec<&str>) -> Result<Vec<Vec<u32>>, DataError> {
         let encodings = self

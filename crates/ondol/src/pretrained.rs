@@ -49,19 +49,29 @@ impl Pretrained {
         Ok(p)
     }
 
-    /// The directory's tokenizer.json, or byte-level when it has none and the vocabulary
-    /// covers the 257 byte-level ids.
+    /// The directory's tokenizer.json, or byte-level where it has none and was trained on
+    /// bytes: its run config says so, or (a Hugging Face directory) its vocabulary is the 257
+    /// byte-level ids. Reading a BPE model's ids as bytes would print noise.
     pub fn tokenizer(&self) -> Result<Tokenizer> {
         let file = self.dir.join("tokenizer.json");
         if file.exists() {
             let t = TextTokenizer::from_file_with_eot_id(&file, self.eos_token_id)?;
             return Ok(Tokenizer::Text(Box::new(t)));
         }
-        if self.model.cfg.vocab_size < BYTE_VOCAB {
+        let vocab = self.model.cfg.vocab_size;
+        let bytes = match &self.run_config {
+            Some(run) => run.data.tokenizer.as_deref() == Some("bytes") && vocab >= BYTE_VOCAB,
+            None => vocab == BYTE_VOCAB,
+        };
+        if !bytes {
             return Err(Error::Input(format!(
-                "{}: no tokenizer.json, and a vocabulary of {} is too small for bytes",
+                "{}: no tokenizer.json, and its {vocab} token ids are not bytes ({}): copy the tokenizer.json it \
+                 was trained with into it",
                 self.dir.display(),
-                self.model.cfg.vocab_size
+                match &self.run_config {
+                    Some(_) => "its run had no data.tokenizer",
+                    None => "a byte-level model has 257",
+                }
             )));
         }
         Ok(Tokenizer::Bytes(ByteTokenizer::new()))
@@ -213,11 +223,26 @@ pub fn import_hf(src: &Path, out: &Path) -> Result<Vec<String>> {
     let model_toml = toml::to_string(&Section { model: &cfg }).expect("model config serializes");
     let model_toml = model_toml.trim_end();
     let seq = cfg.max_seq_len.min(1024);
+    // Fine-tuning data is tokenized with the model's own tokenizer, which the checkpoint keeps
+    // (shards from `ondol data prepare --tokenizer OUT/tokenizer.json`), or read as bytes.
+    let shards = "train = [\"data/train_*.bin\"]\nval = [\"data/val_*.bin\"]\n";
+    let data = match p.tokenizer() {
+        Ok(Tokenizer::Text(t)) => {
+            let file = toml::Value::String(out_abs.join("tokenizer.json").display().to_string());
+            let eot = match t.eot_token() {
+                eot if eot == ondol_data::tokenizer::EOT_TOKEN => String::new(),
+                eot => format!("eot_token = {}\n", toml::Value::String(eot)),
+            };
+            format!("{shards}tokenizer = {file}\n{eot}")
+        }
+        Ok(Tokenizer::Bytes(_)) => "train = [\"data/*.txt\"]\nformat = \"text\"\ntokenizer = \"bytes\"\n".to_string(),
+        Err(_) => format!("{shards}# tokenizer = \"...\": {} has no tokenizer.json\n", src.display()),
+    };
     let run_config = format!(
-        "# Fine-tuning starter written by `ondol import hf {src}`: point [data] at your token\n\
-         # shards, adjust [training], then `ondol train` this file. The weights load from init_from.\n\n\
+        "# Fine-tuning starter written by `ondol import hf {src}`: point [data] at your data,\n\
+         # adjust [training], then `ondol train` this file. The weights load from init_from.\n\n\
          {model_toml}\n\n[training]\nsteps = 1000\nbatch_size = 8\nseq_len = {seq}\n\n\
-         [data]\ntrain = [\"data/train_*.bin\"]\nval = [\"data/val_*.bin\"]\n\n\
+         [data]\n{data}\n\
          [optimizer]\nlr = 1e-5\nweight_decay = 0.0\n\n[lr_scheduler]\nwarmup_steps = 50\n",
         src = src.display()
     );

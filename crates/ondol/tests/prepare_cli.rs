@@ -146,6 +146,26 @@ fn tokenizer_train_then_data_prepare_then_train_on_the_shards() {
     text.iter().for_each(|b| args.extend(["--set", b]));
     let (ok, err) = ondol_err(dir.path(), &args);
     assert!(!ok && err.contains("data.tokenizer") && err.contains("is not the tokenizer of"), "{err}");
+
+    // Shards without a manifest train without a tokenizer, but their checkpoint's ids are not
+    // bytes: generate asks for the tokenizer instead of printing noise.
+    std::fs::create_dir(dir.path().join("bare")).unwrap();
+    for f in ["train_000000.bin", "val_000000.bin"] {
+        std::fs::copy(dir.path().join("shards").join(f), dir.path().join("bare").join(f)).unwrap();
+    }
+    let bare = ["data.train=[\"bare/train_*.bin\"]", "data.val=[\"bare/val_*.bin\"]"];
+    let (ok, err) =
+        ondol_err(dir.path(), &["train", "none.toml", "--run-dir", "bare-run", "--set", bare[0], "--set", bare[1]]);
+    assert!(ok, "{err}");
+    let (ok, err) = ondol_err(dir.path(), &["generate", "bare-run/checkpoints/step-00000002", "--prompt", "a"]);
+    assert!(!ok && err.contains("no tokenizer.json") && err.contains("not bytes"), "{err}");
+
+    // Imported, a checkpoint's starter config tokenizes with the tokenizer.json it carries.
+    let (ok, err) = ondol_err(dir.path(), &["import", "hf", ckpt.to_str().unwrap(), "--out", "imported"]);
+    assert!(ok, "{err}");
+    let starter = std::fs::read_to_string(dir.path().join("imported/ondol.toml")).unwrap();
+    let tokenizer = std::path::absolute(dir.path().join("imported/tokenizer.json")).unwrap();
+    assert!(starter.contains(&format!("tokenizer = \"{}\"", tokenizer.display())), "{starter}");
 }
 
 /// A tokenizer whose end-of-text is not `<|endoftext|>`: prepared with `--eot-token`, trained
