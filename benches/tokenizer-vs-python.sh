@@ -16,7 +16,7 @@ mkdir -p "$work"
 cargo build --release -q
 cargo bench -p ondol-data --bench data_prepare --no-run -q
 ./target/release/ondol tokenizer train --input 'data/sample/*.txt' --doc-split blank-line \
-  --vocab-size "$vocab" --out "$work/tokenizer.json" 2>/dev/null
+  --vocab-size "$vocab" --out "$work/tokenizer.json" --overwrite 2>/dev/null
 # 16 copies of the sample, each paragraph prefixed by its copy number so that no copy is
 # byte-identical (neither side may profit from caching whole documents).
 for i in $(seq -w 1 16); do

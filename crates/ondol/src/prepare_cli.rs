@@ -78,6 +78,9 @@ pub struct TokenizerTrainArgs {
     /// At most this many held-out characters per input file.
     #[arg(long, default_value_t = 100_000)]
     pub heldout_chars: usize,
+    /// Replace the file --out names if it exists.
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 #[derive(Args, Debug)]
@@ -197,6 +200,19 @@ fn command_line() -> Vec<String> {
 /// `ondol tokenizer ...`
 pub fn tokenizer(cmd: TokenizerCommand) -> Result<()> {
     let TokenizerCommand::Train(args) = cmd;
+    // A tokenizer.json beside shards is what their ids mean: never replaced unasked.
+    let refusal = if args.out.is_dir() {
+        Some("is a directory: --out names the tokenizer.json file to write")
+    } else if args.out.exists() && !args.overwrite {
+        Some(
+            "exists; pass --overwrite to replace it (shards made with it would no longer match it), or choose another path",
+        )
+    } else {
+        None
+    };
+    if let Some(why) = refusal {
+        return Err(Error::config("--out", format!("{} {why}", args.out.display())));
+    }
     let (inputs, options) = args.input.resolve()?;
     let cfg = TrainConfig {
         vocab_size: args.vocab_size,

@@ -55,6 +55,12 @@ fn tokenizer_train_then_data_prepare_then_train_on_the_shards() {
     );
     assert!(ok, "{err}");
     assert!(err.contains("Hangul") && err.contains("Latin") && err.contains("tok/char"), "{err}");
+    // Not again over the same file, unasked.
+    let again = ["tokenizer", "train", "--input", "corpus/en-web-mark.txt", "--vocab-size", "300", "--out", "tok.json"];
+    let before = std::fs::read(dir.path().join("tok.json")).unwrap();
+    let (ok, err) = ondol_err(dir.path(), &again);
+    assert!(!ok && err.contains("tok.json exists") && err.contains("--overwrite"), "{err}");
+    assert_eq!(std::fs::read(dir.path().join("tok.json")).unwrap(), before);
 
     let prepare = |extra: &[&str]| {
         let mut args = vec!["data", "prepare", "--input", "corpus/*.jsonl.gz", "--tokenizer", "tok.json"];
