@@ -14,7 +14,9 @@ use ondol_data::clean::CleanConfig;
 use ondol_data::dedup::NearDedupConfig;
 use ondol_data::expand_globs;
 use ondol_data::input::{DocSplit, InputOptions, expand_inputs};
-use ondol_data::prepare::{PrepareConfig, ShardTokenizer, prepare};
+use ondol_data::prepare::{PrepareConfig, ShardTokenizer, prepare, write_atomic};
+
+use crate::trainer::first_difference;
 use ondol_data::tokenizer::{self, TrainConfig};
 
 use crate::config::{DataFormat, PrepareTable, RunConfig};
@@ -363,9 +365,29 @@ fn check_shards_tokenizer(cfg: &RunConfig, base: &Path, tokenizer: Option<&Path>
     Ok(())
 }
 
+/// Where a `[data] prepare` table's output records the table that made it.
+const PREPARED_WITH: &str = "prepared-with.json";
+
 fn prepare_table(p: &PrepareTable, base: &Path) -> Result<()> {
     let out = base.join(&p.out);
+    let ours = serde_json::to_value(p).expect("the table serializes");
+    let record = out.join(PREPARED_WITH);
     if out.join("manifest.json").is_file() {
+        // (Data prepared by hand, or by an older ondol, has no record to compare.)
+        if let Ok(text) = std::fs::read_to_string(&record) {
+            let theirs: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| Error::Input(format!("{}: {e}; delete it to prepare again", record.display())))?;
+            if let Some((key, was)) = first_difference("data.prepare", &theirs, &ours) {
+                return Err(Error::config(
+                    key,
+                    format!(
+                        "{} was prepared with {was}: delete it to prepare again with this value, or set \
+                         data.prepare.out to another directory",
+                        out.display()
+                    ),
+                ));
+            }
+        }
         eprintln!("data.prepare: using the prepared data in {} (delete it to prepare again)", out.display());
         return Ok(());
     }
@@ -382,7 +404,9 @@ fn prepare_table(p: &PrepareTable, base: &Path) -> Result<()> {
     train_tokenizer(inputs.clone(), &options, &cfg, &tokenizer)?;
     let mut prep = PrepareConfig::new(inputs, tokenizer, out);
     (prep.input, prep.val_fraction, prep.seed, prep.overwrite) = (options, p.val_fraction, p.seed, true);
-    run_prepare(&prep)
+    run_prepare(&prep)?;
+    let json = serde_json::to_string_pretty(&ours).expect("the table serializes");
+    Ok(write_atomic(&record, json.as_bytes())?)
 }
 
 #[cfg(test)]

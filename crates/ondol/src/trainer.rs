@@ -582,7 +582,7 @@ fn to_json(v: &impl serde::Serialize) -> serde_json::Value {
 
 /// The dotted key (below `prefix`) of the first field where two serialized configs differ,
 /// and the first's value there.
-fn first_difference(prefix: &str, a: &serde_json::Value, b: &serde_json::Value) -> Option<(String, String)> {
+pub(crate) fn first_difference(prefix: &str, a: &serde_json::Value, b: &serde_json::Value) -> Option<(String, String)> {
     if a == b {
         return None;
     }

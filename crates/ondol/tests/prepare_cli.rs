@@ -237,4 +237,9 @@ fn a_prepare_table_prepares_on_the_first_run_only() {
     assert!(!ok && err.contains("data.prepare.vocab_size") && err.contains("model.vocab_size = 400"), "{err}");
     let (ok, err) = ondol_err(dir.path(), &["train", "run.toml", "--set", "data.prepare.bogus=1"]);
     assert!(!ok && err.contains("bogus") && err.contains("unknown field"), "{err}");
+    // Other settings do not reuse data prepared with these (a 300-token tokenizer would have
+    // been trained on over shards of the 400-token one).
+    let (ok, err) =
+        ondol_err(dir.path(), &["train", "run.toml", "--run-dir", "x", "--set", "data.prepare.vocab_size=300"]);
+    assert!(!ok && err.contains("data.prepare.vocab_size") && err.contains("was prepared with 400"), "{err}");
 }
