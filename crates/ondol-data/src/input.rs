@@ -304,8 +304,12 @@ impl DocReader {
                         bytes.extend_from_slice(&self.line_buf);
                     }
                 }
+                // The last line's end, LF or CRLF (a lone CR left would become a newline).
                 if bytes.last() == Some(&b'\n') {
                     bytes.pop();
+                    if bytes.last() == Some(&b'\r') {
+                        bytes.pop();
+                    }
                 }
                 Ok((!bytes.is_empty()).then_some(RawDoc { input, line: start, bytes, json: false }))
             }
@@ -381,8 +385,11 @@ pub fn expand_inputs(patterns: &[String]) -> Result<Vec<PathBuf>, DataError> {
         // (A directory is a pattern that matches no file, which expand_globs says.)
         if pattern.contains(['*', '?', '[']) || Path::new(pattern).is_dir() {
             files.extend(crate::expand_globs(std::slice::from_ref(pattern), Path::new("."))?);
-        } else {
+        } else if Path::new(pattern).exists() {
             files.push(PathBuf::from(pattern));
+        } else {
+            // A named file that is not there is a typo, found before hours of preparation.
+            return Err(DataError::Invalid(format!("{pattern}: no such file or directory")));
         }
     }
     let mut seen = std::collections::HashSet::new();
@@ -423,15 +430,20 @@ mod tests {
         gz.write_all(jsonl.as_bytes()).unwrap();
         std::fs::write(p("b.jsonl.gz"), gz.finish().unwrap()).unwrap();
         std::fs::write(p("c.txt.zst"), zstd::encode_all("zstd text".as_bytes(), 1).unwrap()).unwrap();
+        std::fs::write(p("crlf.txt"), "one\r\ntwo\r\n\r\nthree\r\n").unwrap();
         std::fs::write(p("empty.txt"), "").unwrap();
         std::fs::write(p("bad.txt"), b"ok\nstill ok\nbad \xFF here\n").unwrap();
         std::fs::write(p("corrupt.txt.gz"), b"not gzip at all").unwrap();
-        let names = ["a.txt", "b.jsonl.gz", "c.txt.zst", "empty.txt", "bad.txt", "missing.txt", "corrupt.txt.gz"];
+        let names =
+            ["a.txt", "b.jsonl.gz", "c.txt.zst", "crlf.txt", "empty.txt", "bad.txt", "missing.txt", "corrupt.txt.gz"];
         let inputs: Vec<PathBuf> = names.iter().map(|n| p(n)).collect();
         let options = InputOptions { doc_split: DocSplit::BlankLine, text_field: "text".into() };
         let reader = DocReader::new(inputs.clone(), options);
         let (docs, problems) = texts(reader, "text");
-        assert_eq!(docs, ["첫 문단\n둘째 줄", " second paragraph", "문서 하나", "two", "zstd text"]);
+        // A CRLF document ends without its line end, as an LF one does (cleaning turns the
+        // CRLFs inside into LFs).
+        let want = ["첫 문단\n둘째 줄", " second paragraph", "문서 하나", "two", "zstd text", "one\r\ntwo", "three"];
+        assert_eq!(docs, want);
         let found: Vec<(String, u64, &str)> = problems
             .iter()
             .map(|p| (p.path.file_name().unwrap().to_string_lossy().into_owned(), p.line, p.kind))

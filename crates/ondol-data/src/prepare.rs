@@ -561,8 +561,9 @@ fn run(
         bar.finish_and_clear();
     }
     if counts.kept == 0 {
+        let first = problems.first().map_or(String::new(), |p| format!(" (the first problem: {p})"));
         return Err(DataError::Invalid(format!(
-            "no document is left after reading and cleaning {} document(s) from {} input(s) (removed: {:?}); \
+            "no document is left after reading and cleaning {} document(s) from {} input(s) (removed: {:?}){first}; \
              check --input, --text-field and the cleaning flags",
             counts.read,
             cfg.inputs.len(),

@@ -89,6 +89,17 @@ fn tokenizer_train_then_data_prepare_then_train_on_the_shards() {
     assert!(!ok && err.contains("--near-threshold 2") && err.contains("(0, 1]"), "{err}");
     let (ok, err) = prepare(&["--overwrite"]);
     assert!(ok, "{err}");
+    // A named input that is not there stops it before any work; an input with no document
+    // says why.
+    let other = |input: &str| {
+        ondol_err(dir.path(), &["data", "prepare", "--input", input, "--tokenizer", "tok.json", "--out", "x"])
+    };
+    let (ok, err) = other("corpus/nothere.txt");
+    assert!(!ok && err.contains("corpus/nothere.txt: no such file"), "{err}");
+    std::fs::write(dir.path().join("empty.txt"), "").unwrap();
+    let (ok, err) = other("empty.txt");
+    assert!(!ok && err.contains("no document is left") && err.contains("the first problem: empty.txt"), "{err}");
+    assert!(!dir.path().join("x").exists(), "a failed prepare left its new --out behind");
 
     // Train on the shards with the tokenizer (the file as the user named it); a vocabulary
     // that does not fit is refused.
