@@ -66,7 +66,7 @@ enum ImportCommand {
 
 #[derive(Args)]
 struct EvalArgs {
-    /// A checkpoint or Hugging Face model directory.
+    /// A checkpoint or Hugging Face model directory, or a run directory (its latest checkpoint).
     dir: PathBuf,
     /// Token shards (.bin) or, for byte-level models, text files; paths or globs.
     #[arg(long, num_args = 1.., required = true)]
@@ -90,20 +90,21 @@ struct EvalArgs {
 
 #[derive(Args)]
 struct GenerateArgs {
-    /// A checkpoint or Hugging Face model directory.
+    /// A checkpoint or Hugging Face model directory, or a run directory (its latest checkpoint).
     dir: PathBuf,
     #[arg(long)]
     prompt: String,
+    /// At most this many tokens after the prompt (fewer where the model's context ends).
     #[arg(long, default_value_t = 50)]
     max_new_tokens: usize,
     /// 0 always takes the most likely token.
-    #[arg(long, default_value_t = 0.8)]
+    #[arg(long, default_value_t = 0.8, allow_negative_numbers = true)]
     temperature: f32,
     /// Sample among the k most likely tokens (0: all).
     #[arg(long, default_value_t = 0)]
     top_k: usize,
     /// Sample among the most likely tokens whose probabilities add up to p.
-    #[arg(long, default_value_t = 0.95)]
+    #[arg(long, default_value_t = 0.95, allow_negative_numbers = true)]
     top_p: f32,
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -850,7 +851,7 @@ fn eval(args: EvalArgs) -> Result<()> {
     if args.batches == Some(0) {
         return Err(Error::config("--batches", "must be at least 1 (or left out for the whole data)"));
     }
-    let p = Pretrained::load(&args.dir)?;
+    let p = Pretrained::load(&model_dir(&args.dir)?)?;
     let training = p.run_config.as_ref().map(|c| &c.training);
     let seq = args.seq_len.or(training.map(|t| t.seq_len)).unwrap_or(p.model.cfg.max_seq_len.min(1024));
     let batch = args.batch_size.or(training.map(|t| t.batch_size)).unwrap_or(8);
@@ -900,13 +901,27 @@ fn eval(args: EvalArgs) -> Result<()> {
 }
 
 fn generate(args: GenerateArgs) -> Result<()> {
-    let p = Pretrained::load(&args.dir)?;
-    let tok = p.tokenizer()?;
-    if !(args.temperature >= 0.0 && args.top_p > 0.0 && args.top_p <= 1.0) {
-        return Err(Error::config("--temperature/--top-p", "need temperature >= 0 and 0 < top_p <= 1"));
+    if args.temperature.is_nan() || args.temperature < 0.0 {
+        return Err(Error::config(
+            "--temperature",
+            format!("{}: must be >= 0 (0 takes the most likely token)", args.temperature),
+        ));
     }
+    if !(args.top_p > 0.0 && args.top_p <= 1.0) {
+        return Err(Error::config("--top-p", format!("{}: must be in (0, 1]", args.top_p)));
+    }
+    let p = Pretrained::load(&model_dir(&args.dir)?)?;
+    let tok = p.tokenizer()?;
     let sampling = Sampling { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p, seed: args.seed };
     let (prompt, eot) = (tok.encode(&args.prompt)?, Some(tok.eot_id()));
+    let room = p.model.cfg.max_seq_len.saturating_sub(prompt.len());
+    if args.max_new_tokens > room && !prompt.is_empty() && room > 0 {
+        eprintln!(
+            "note: at most {room} new tokens: the prompt's {} and they fill the model's context of {}",
+            prompt.len(),
+            p.model.cfg.max_seq_len
+        );
+    }
     let out = match args.device {
         Device::Cpu => {
             pretrained::generate(&CpuBackend::new(), &p, &p.params, &prompt, args.max_new_tokens, eot, sampling)?
@@ -923,6 +938,27 @@ fn generate(args: GenerateArgs) -> Result<()> {
     };
     println!("{}{}", args.prompt, tok.decode(&out)?);
     Ok(())
+}
+
+/// The model directory `path` names: itself, or where it is a run directory or a
+/// checkpoints directory, or `checkpoints/latest`, the checkpoint `latest` names (else the
+/// newest), which it says.
+fn model_dir(path: &Path) -> Result<PathBuf> {
+    let run = if path.is_file() && path.file_name().is_some_and(|n| n == "latest") {
+        path.parent().and_then(Path::parent)
+    } else if path.join("checkpoints").is_dir() {
+        Some(path)
+    } else if path.join("latest").is_file() {
+        path.parent()
+    } else {
+        None
+    };
+    let Some(run) = run else { return Ok(path.to_path_buf()) };
+    let chosen = checkpoint::latest(run)
+        .or_else(|| checkpoint::list(run).into_iter().next())
+        .ok_or_else(|| Error::Input(format!("{}: a run directory without a checkpoint", run.display())))?;
+    eprintln!("{}: the checkpoint {}", path.display(), chosen.display());
+    Ok(chosen)
 }
 
 /// The mean loss and the tokens of `batches` batches of `loader` on `be`, the loss making

@@ -150,6 +150,18 @@ lr = 1e-2
     let first = generate("1");
     assert!(first.ok && first.stdout.starts_with("온돌은"), "{}", first.stderr);
     assert_eq!(first.stdout, generate("1").stdout, "same seed, different text");
+    // The run directory, or its checkpoints/latest, stands for the checkpoint latest names.
+    for path in ["run", "run/checkpoints", "run/checkpoints/latest"] {
+        let Run { ok, stdout, stderr } =
+            ondol(dir.path(), &["generate", path, "--prompt", "온돌은", "--max-new-tokens", "20", "--seed", "1"]);
+        assert!(ok && stdout == first.stdout && stderr.contains("step-00000030"), "{path}: {stderr}");
+    }
+    // Negative numbers reach their check; a budget past the context is said.
+    let Run { ok, stderr: err, .. } = ondol(dir.path(), &["generate", ckpt, "--prompt", "a", "--temperature", "-1"]);
+    assert!(!ok && err.contains("--temperature") && err.contains("must be >= 0"), "{err}");
+    let Run { ok, stderr: err, .. } =
+        ondol(dir.path(), &["generate", ckpt, "--prompt", "a", "--max-new-tokens", "100"]);
+    assert!(ok && err.contains("at most 31 new tokens"), "{err}");
     let Run { ok, stderr: err, .. } = ondol(dir.path(), &["eval", ckpt, "--data", "missing.bin"]);
     assert!(!ok && err.contains("missing.bin"), "{err}");
     // A device that is not one, and (in this build, without the CUDA backend) the GPU.
