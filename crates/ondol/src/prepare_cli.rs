@@ -242,6 +242,13 @@ fn train_tokenizer(inputs: Vec<PathBuf>, options: &InputOptions, cfg: &TrainConf
         start.elapsed().as_secs_f64(),
         out.display()
     );
+    if report.vocab_size < cfg.vocab_size {
+        eprintln!(
+            "note: {} tokens, fewer than the {} asked for: no other pair occurs {} times in this corpus \
+             (--min-frequency)",
+            report.vocab_size, cfg.vocab_size, cfg.min_frequency
+        );
+    }
     for p in report.problems.iter().take(10) {
         eprintln!("  skipped: {p}");
     }
