@@ -54,7 +54,7 @@ enum Command {
 
 #[derive(Subcommand)]
 enum ImportCommand {
-    /// A Hugging Face Llama or GPT-2 directory (config.json + safetensors).
+    /// A Hugging Face model directory (config.json + safetensors): Llama, GPT-2, Mamba, Mamba-2 or Nemotron-H.
     Hf {
         /// The Hugging Face model directory.
         src: PathBuf,
@@ -544,9 +544,12 @@ fn train_rank<B: Backend>(
             trainer.memory_bytes() as f64 / 2f64.powi(30)
         );
     }
+    let steps = match summary.first_step {
+        0 => format!("{} steps", summary.steps),
+        from => format!("{} steps (step {from} -> {})", summary.steps - from, summary.steps),
+    };
     eprintln!(
-        "done: {} steps in {:.1} s, {:.0} tokens/s; train loss {:.4} -> {:.4}; val loss {} -> {}",
-        summary.steps,
+        "done: {steps} in {:.1} s, {:.0} tokens/s; train loss {:.4} -> {:.4}; val loss {} -> {}",
         summary.seconds,
         summary.tokens_per_s,
         summary.first_loss,

@@ -37,7 +37,8 @@ pub struct Metrics {
 
 impl Metrics {
     /// Starts `<run_dir>/metrics.jsonl`: afresh, or, when resuming from `resumed_step`,
-    /// keeping the rows up to that step so the file reads as one uninterrupted run. Shows a
+    /// keeping the rows up to that step (but its evaluation, which the run makes again as it
+    /// starts) so the file reads as one uninterrupted run. Shows a
     /// progress bar if stderr is a terminal.
     pub fn create(run_dir: &Path, total_steps: u64, peak_flops: f64, resumed_step: Option<u64>) -> Result<Self> {
         let path = run_dir.join("metrics.jsonl");
@@ -47,8 +48,10 @@ impl Metrics {
                 .unwrap_or_default()
                 .lines()
                 .filter(|l| {
+                    // The evaluation at the resumed step is made again as the run starts.
                     let row: serde_json::Value = serde_json::from_str(l).unwrap_or_default();
-                    row.get("step").and_then(|s| s.as_u64()).is_some_and(|s| s <= step)
+                    let at = row.get("step").and_then(|s| s.as_u64());
+                    at.is_some_and(|s| s < step || (s == step && row.get("val_loss").is_none()))
                 })
                 .map(str::to_string)
                 .collect(),

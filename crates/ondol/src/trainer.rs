@@ -490,6 +490,8 @@ pub fn evaluate<B: Backend>(
 /// The result of a whole run.
 #[derive(Clone, Debug)]
 pub struct Summary {
+    /// The step the run started at (a resume's) and the one it ended at.
+    pub first_step: u64,
     pub steps: u64,
     pub first_loss: f64,
     pub final_loss: f64,
@@ -566,6 +568,7 @@ pub fn run<B: Backend>(
     }
     let seconds = start.elapsed().as_secs_f64();
     Ok(Summary {
+        first_step: start_step,
         steps: trainer.step,
         first_loss,
         final_loss: last.loss,

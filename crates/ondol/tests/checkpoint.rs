@@ -256,6 +256,7 @@ fn a_run_resumed_from_an_earlier_checkpoint_keeps_its_own_and_drops_the_abandone
     let keep_one = ["--set", "checkpoint.every=1", "--set", "checkpoint.keep_last=1", "--set", "training.steps=11"];
     let err = train(&[&["--resume", from.to_str().unwrap()], &keep_one[..]].concat());
     assert!(err.contains("steps 11, 12 in") && err.contains("past step 10"), "{err}");
+    assert!(err.contains("done: 1 steps (step 10 -> 11)"), "{err}");
     assert_eq!(names(), ["latest", "step-00000011", "step-00000012"]);
     assert_eq!(latest(), 11);
 
@@ -281,6 +282,15 @@ fn a_run_resumed_from_an_earlier_checkpoint_keeps_its_own_and_drops_the_abandone
     assert!(err.contains("skipping checkpoint") && err.contains("resumed at step 10"), "{err}");
     assert_eq!(names(), ["latest", "step-00000010", "step-00000015"]);
     assert_eq!(latest(), 15);
+    // metrics.jsonl reads as one run: one evaluation per step evaluated, the resumed one too.
+    let metrics = std::fs::read_to_string(dir.path().join("run/metrics.jsonl")).unwrap();
+    let evals: Vec<u64> = metrics
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|row| row.get("val_loss").is_some())
+        .map(|row| row["step"].as_u64().unwrap())
+        .collect();
+    assert!(evals.windows(2).all(|w| w[0] < w[1]) && evals.contains(&10), "evaluations at steps {evals:?}");
 }
 
 /// A new stage on other data (here another file, in global batches twice the size): refused
