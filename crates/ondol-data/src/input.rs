@@ -123,9 +123,19 @@ impl RawDoc {
     pub fn into_text(self, inputs: &[PathBuf], text_field: &str) -> Result<String, Problem> {
         let problem =
             |line: u64, kind, message: String| Problem { path: inputs[self.input].clone(), line, kind, message };
+        let invalid_utf8 = |e: std::str::Utf8Error, bytes: &[u8]| {
+            let at = e.valid_up_to();
+            let line = self.line + bytes[..at].iter().filter(|&&b| b == b'\n').count() as u64;
+            problem(line, "invalid_utf8", format!("invalid UTF-8 (byte 0x{:02X}); the document is skipped", bytes[at]))
+        };
         if self.json {
-            let value: serde_json::Value = serde_json::from_slice(&self.bytes)
-                .map_err(|e| problem(self.line, "malformed_json", format!("malformed JSON line: {e}")))?;
+            let text = std::str::from_utf8(&self.bytes).map_err(|e| invalid_utf8(e, &self.bytes))?;
+            // (serde's "at line 1 column N" counts within this one line: the column is what helps.)
+            let value: serde_json::Value = serde_json::from_str(text).map_err(|e| {
+                let what = e.to_string();
+                let what = what.split(" at line ").next().unwrap_or(&what).to_string();
+                problem(self.line, "malformed_json", format!("malformed JSON line: {what} at column {}", e.column()))
+            })?;
             return match value.get(text_field) {
                 Some(serde_json::Value::String(s)) => Ok(s.clone()),
                 Some(other) => Err(problem(
@@ -140,12 +150,10 @@ impl RawDoc {
                 )),
             };
         }
-        String::from_utf8(self.bytes).map_err(|e| {
-            let bytes = e.as_bytes();
-            let at = e.utf8_error().valid_up_to();
-            let line = self.line + bytes[..at].iter().filter(|&&b| b == b'\n').count() as u64;
-            problem(line, "invalid_utf8", format!("invalid UTF-8 (byte 0x{:02X}); the document is skipped", bytes[at]))
-        })
+        match std::str::from_utf8(&self.bytes) {
+            Ok(_) => Ok(String::from_utf8(self.bytes).expect("checked UTF-8")),
+            Err(e) => Err(invalid_utf8(e, &self.bytes)),
+        }
     }
 }
 
@@ -377,8 +385,8 @@ pub fn hex(bytes: &[u8]) -> String {
 }
 
 /// Expands input patterns: like [`crate::expand_globs`] (sorted matches, duplicates dropped, a
-/// pattern that matches nothing is an error), except that a plain path (no `*?[`) is kept even
-/// when it cannot be opened, so that the reader reports it as a problem with its name.
+/// pattern that matches nothing is an error); a plain path (no `*?[`) must exist, and is kept
+/// even when it cannot be opened, so that the reader reports it as a problem with its name.
 pub fn expand_inputs(patterns: &[String]) -> Result<Vec<PathBuf>, DataError> {
     let mut files = Vec::new();
     for pattern in patterns {
@@ -428,6 +436,7 @@ mod tests {
         let jsonl = "{\"text\": \"문서 하나\"}\n\n{\"text\": 3}\n{broken\n{\"body\": \"x\"}\n{\"text\": \"two\"}\n";
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         gz.write_all(jsonl.as_bytes()).unwrap();
+        gz.write_all(b"{\"text\": \"bad \xFF\"}\n").unwrap();
         std::fs::write(p("b.jsonl.gz"), gz.finish().unwrap()).unwrap();
         std::fs::write(p("c.txt.zst"), zstd::encode_all("zstd text".as_bytes(), 1).unwrap()).unwrap();
         std::fs::write(p("crlf.txt"), "one\r\ntwo\r\n\r\nthree\r\n").unwrap();
@@ -455,6 +464,7 @@ mod tests {
                 expect("b.jsonl.gz", 3, "malformed_json"),
                 expect("b.jsonl.gz", 4, "malformed_json"),
                 expect("b.jsonl.gz", 5, "malformed_json"),
+                expect("b.jsonl.gz", 7, "invalid_utf8"),
                 expect("empty.txt", 0, "empty_file"),
                 expect("bad.txt", 3, "invalid_utf8"),
                 expect("missing.txt", 0, "unreadable"),
@@ -462,6 +472,12 @@ mod tests {
             ]
         );
         assert!(problems[2].message.contains("--text-field"), "{}", problems[2]);
+        // The broken line's column, not serde's "line 1" of a one-line document.
+        assert!(
+            problems[1].message.ends_with("at column 2") && !problems[1].message.contains("line 1"),
+            "{}",
+            problems[1]
+        );
 
         // Stats: raw bytes and SHA-256 of what was stored on disk.
         let mut reader = DocReader::new(inputs[..1].to_vec(), InputOptions::default());

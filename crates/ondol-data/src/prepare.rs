@@ -210,7 +210,7 @@ pub struct ShardTokenizer {
 
 impl ShardTokenizer {
     /// The tokenizer recorded in `dir/manifest.json`; None where the directory has no manifest
-    /// (shards made elsewhere, llm.c's say).
+    /// of ours (shards made elsewhere, llm.c's say).
     pub fn of_dir(dir: &Path) -> Result<Option<Self>, DataError> {
         let path = dir.join("manifest.json");
         let text = match std::fs::read_to_string(&path) {
@@ -220,7 +220,13 @@ impl ShardTokenizer {
         };
         let bad = |what: &str| DataError::format(&path, format!("not a manifest of `ondol data prepare`: {what}"));
         let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(&e.to_string()))?;
-        let field = |key: &str| json["tokenizer"][key].as_str().map(str::to_owned).ok_or_else(|| bad(key));
+        if !json["tokenizer"].is_object() {
+            return Ok(None); // another tool's
+        }
+        let field = |key: &str| {
+            let missing = || bad(&format!("no tokenizer.{key} (move it away if another tool wrote it)"));
+            json["tokenizer"][key].as_str().map(str::to_owned).ok_or_else(missing)
+        };
         Ok(Some(Self { sha256: field("sha256")?, eot_token: field("eot_token")? }))
     }
 

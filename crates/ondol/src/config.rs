@@ -141,7 +141,8 @@ pub struct DataConfig {
     #[serde(default = "default_format")]
     pub format: DataFormat,
     /// "bytes" (256 byte values + end-of-text) or a tokenizer.json (shards only; its vocabulary
-    /// must fit model.vocab_size); optional for shards.
+    /// must fit model.vocab_size, and shards with a manifest.json of `data prepare` need the
+    /// tokenizer it records); optional for other shards.
     #[serde(default)]
     pub tokenizer: Option<String>,
     /// A tokenizer.json's end-of-text token, which ends every document in its shards (what
@@ -151,6 +152,13 @@ pub struct DataConfig {
     /// Prepare the data on the first run: train a tokenizer and write shards (see [`PrepareTable`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prepare: Option<PrepareTable>,
+}
+
+/// A path or pattern as the same file is named otherwise too: without `.` components
+/// (`./shards/*.bin` is `shards/*.bin`).
+pub fn plain_path(p: &str) -> String {
+    let plain: std::path::PathBuf = Path::new(p).components().filter(|c| *c != std::path::Component::CurDir).collect();
+    plain.display().to_string()
 }
 
 impl DataConfig {
@@ -169,7 +177,8 @@ impl DataConfig {
 /// `[data] prepare = { input = [...], vocab_size = N, out = "DIR" }`: when `DIR/manifest.json`
 /// does not exist yet, train a byte-level BPE tokenizer of `vocab_size` on `input` into
 /// `DIR/tokenizer.json` and run `data prepare` into `DIR` with default cleaning and dedup.
-/// `data.train`, `data.val` and `data.tokenizer` then name files in `DIR`.
+/// `data.train`, `data.val` and `data.tokenizer` then name files in `DIR`. Later runs reuse
+/// `DIR`, and refuse it where this table has changed since (`DIR/prepared-with.json`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PrepareTable {

@@ -11,6 +11,7 @@ use ondol_ckpt::{Loaded, Writer, checkpoint};
 use ondol_comm::{Communicator, DistEnv, Mesh, RankComms, TcpNet};
 use ondol_core::{Backend, Error, Result};
 use ondol_cpu::CpuBackend;
+use ondol_data::prepare::ShardTokenizer;
 use ondol_data::{Loader, Order, SourceKind, TokenStream};
 use ondol_model::{MicroBatch, Model, Part, Workspace, scratch_elems};
 use ondol_parallel::{HEAD_ROW_ALIGN, ScheduleKind, schedule};
@@ -516,6 +517,9 @@ fn train_rank<B: Backend>(
         peak.what,
         run_dir.display()
     );
+    if let (None, Some(init)) = (resumed, &trainer.cfg.model.init_from) {
+        eprintln!("model.init_from: starting from the weights of {init}");
+    }
     let mut writer = Writer::new(&run_dir, keep_last, resumed.unwrap_or(0))?;
     if let Some(step) = resumed
         && !writer.abandoned().is_empty()
@@ -546,7 +550,10 @@ fn train_rank<B: Backend>(
     }
     let steps = match summary.first_step {
         0 => format!("{} steps", summary.steps),
-        from => format!("{} steps (step {from} -> {})", summary.steps - from, summary.steps),
+        from => {
+            let ran = summary.steps - from;
+            format!("{ran} step{} (step {from} -> {})", if ran == 1 { "" } else { "s" }, summary.steps)
+        }
     };
     eprintln!(
         "done: {steps} in {:.1} s, {:.0} tokens/s; train loss {:.4} -> {:.4}; val loss {} -> {}",
@@ -874,6 +881,27 @@ fn eval(args: EvalArgs) -> Result<()> {
             args.dir.display()
         )));
     }
+    // Shards of `data prepare` name their tokenizer: the model's must be it.
+    let ours = p.dir.join("tokenizer.json");
+    if shards && ours.is_file() {
+        let dirs: std::collections::BTreeSet<&Path> = files.iter().filter_map(|f| f.parent()).collect();
+        for d in dirs {
+            if let Some(made) = ShardTokenizer::of_dir(d)?
+                && !made.is(&ours)?
+            {
+                return Err(Error::config(
+                    "--data",
+                    format!(
+                        "the shards in {} were made with another tokenizer than {} ({} records it): their token ids \
+                         would be read as other text",
+                        d.display(),
+                        ours.display(),
+                        d.join("manifest.json").display()
+                    ),
+                ));
+            }
+        }
+    }
     let stream = TokenStream::open(&files, kind)?;
     let mut loader = Loader::new(Arc::new(stream), seq, batch, 1, Order::Sequential, 0, 1)?;
     let batches = args.batches.unwrap_or(usize::MAX).min(loader.batches_per_epoch() as usize);
@@ -947,19 +975,24 @@ fn generate(args: GenerateArgs) -> Result<()> {
 /// checkpoints directory, or `checkpoints/latest`, the checkpoint `latest` names (else the
 /// newest), which it says.
 fn model_dir(path: &Path) -> Result<PathBuf> {
-    let run = if path.is_file() && path.file_name().is_some_and(|n| n == "latest") {
-        path.parent().and_then(Path::parent)
-    } else if path.join("checkpoints").is_dir() {
-        Some(path)
-    } else if path.join("latest").is_file() {
-        path.parent()
+    if path.join("config.json").is_file() {
+        return Ok(path.to_path_buf()); // a model directory, whatever else it holds
+    }
+    // (Absolute, so that `.` and `latest` have parents.)
+    let abs = std::path::absolute(path).map_err(|e| Error::io(format!("cannot resolve {}", path.display()), e))?;
+    let run = if abs.is_file() && abs.file_name().is_some_and(|n| n == "latest") {
+        abs.parent().and_then(Path::parent)
+    } else if abs.join("checkpoints").is_dir() {
+        Some(abs.as_path())
+    } else if abs.join("latest").is_file() {
+        abs.parent()
     } else {
         None
     };
     let Some(run) = run else { return Ok(path.to_path_buf()) };
     let chosen = checkpoint::latest(run)
         .or_else(|| checkpoint::list(run).into_iter().next())
-        .ok_or_else(|| Error::Input(format!("{}: a run directory without a checkpoint", run.display())))?;
+        .ok_or_else(|| Error::Input(format!("{}: a run directory without a checkpoint", path.display())))?;
     eprintln!("{}: the checkpoint {}", path.display(), chosen.display());
     Ok(chosen)
 }

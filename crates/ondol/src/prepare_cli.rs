@@ -15,11 +15,10 @@ use ondol_data::dedup::NearDedupConfig;
 use ondol_data::expand_globs;
 use ondol_data::input::{DocSplit, InputOptions, expand_inputs};
 use ondol_data::prepare::{PrepareConfig, ShardTokenizer, prepare, write_atomic};
-
-use crate::trainer::first_difference;
 use ondol_data::tokenizer::{self, TrainConfig};
 
-use crate::config::{DataFormat, PrepareTable, RunConfig};
+use crate::config::{DataFormat, PrepareTable, RunConfig, plain_path};
+use crate::trainer::first_difference;
 
 #[derive(Subcommand)]
 pub enum TokenizerCommand {
@@ -244,8 +243,8 @@ fn train_tokenizer(inputs: Vec<PathBuf>, options: &InputOptions, cfg: &TrainConf
     );
     if report.vocab_size < cfg.vocab_size {
         eprintln!(
-            "note: {} tokens, fewer than the {} asked for: no other pair occurs {} times in this corpus \
-             (--min-frequency)",
+            "note: {} tokens, fewer than the {} asked for: no other pair occurs at least {} times in this \
+             corpus (--min-frequency)",
             report.vocab_size, cfg.vocab_size, cfg.min_frequency
         );
     }
@@ -255,7 +254,10 @@ fn train_tokenizer(inputs: Vec<PathBuf>, options: &InputOptions, cfg: &TrainConf
     if report.problems.len() > 10 {
         eprintln!("  ... {} inputs or documents skipped in all", report.problems.len());
     }
-    eprintln!("fertility on held-out text ({:.0}% of each document):", cfg.heldout_fraction * 100.0);
+    eprintln!(
+        "fertility on held-out text (about the last {:.0}% of each document, from a word's start):",
+        cfg.heldout_fraction * 100.0
+    );
     eprintln!("  {:>10} {:>10} {:>8} {:>11} {:>11}  input", "chars", "tokens", "script", "tok/char", "tok/word");
     for f in &report.fertility {
         eprintln!(
@@ -286,7 +288,8 @@ fn run_prepare(cfg: &PrepareConfig) -> Result<()> {
 }
 
 /// Before training: runs `[data] prepare` when its output has no manifest yet, then checks
-/// `[data] tokenizer` (a tokenizer.json must exist and fit `model.vocab_size`).
+/// `[data] tokenizer` (a tokenizer.json must exist and fit `model.vocab_size`) against the
+/// shards: the one their manifest.json records, with its end-of-text.
 pub fn prepare_for_run(cfg: &RunConfig, base: &Path) -> Result<()> {
     if let Some(p) = &cfg.data.prepare {
         prepare_table(p, base)?;
@@ -334,11 +337,11 @@ fn check_shards_tokenizer(cfg: &RunConfig, base: &Path, tokenizer: Option<&Path>
             return Err(Error::config(
                 "data.tokenizer",
                 format!(
-                    "the shards in {} were made with a tokenizer ({} records it): set data.tokenizer = \"{}\", \
-                     which checkpoints then carry for eval and generate",
+                    "the shards in {} were made with a tokenizer ({} records it): set data.tokenizer = {}, which \
+                     checkpoints then carry for eval and generate",
                     dir.display(),
                     manifest.display(),
-                    dir.join("tokenizer.json").display()
+                    toml::Value::String(dir.join("tokenizer.json").display().to_string())
                 ),
             ));
         };
@@ -347,11 +350,13 @@ fn check_shards_tokenizer(cfg: &RunConfig, base: &Path, tokenizer: Option<&Path>
                 "data.tokenizer",
                 format!(
                     "{} is not the tokenizer the shards in {} were made with ({} records another SHA-256, {}): \
-                     their token ids would be read as other text; name the tokenizer.json they were made with",
+                     their token ids would be read as other text; set data.tokenizer = {} (data prepare's copy of \
+                     it)",
                     tokenizer.display(),
                     dir.display(),
                     manifest.display(),
-                    &made.sha256[..12]
+                    made.sha256.get(..12).unwrap_or(&made.sha256),
+                    toml::Value::String(dir.join("tokenizer.json").display().to_string())
                 ),
             ));
         }
@@ -377,14 +382,14 @@ const PREPARED_WITH: &str = "prepared-with.json";
 
 fn prepare_table(p: &PrepareTable, base: &Path) -> Result<()> {
     let out = base.join(&p.out);
-    let ours = serde_json::to_value(p).expect("the table serializes");
     let record = out.join(PREPARED_WITH);
     if out.join("manifest.json").is_file() {
         // (Data prepared by hand, or by an older ondol, has no record to compare.)
         if let Ok(text) = std::fs::read_to_string(&record) {
-            let theirs: serde_json::Value = serde_json::from_str(&text)
-                .map_err(|e| Error::Input(format!("{}: {e}; delete it to prepare again", record.display())))?;
-            if let Some((key, was)) = first_difference("data.prepare", &theirs, &ours) {
+            let theirs: PrepareTable = serde_json::from_str(&text).map_err(|e| {
+                Error::Input(format!("{}: {e}; delete {} to prepare again", record.display(), out.display()))
+            })?;
+            if let Some((key, was)) = first_difference("data.prepare", &what_prepares(&theirs), &what_prepares(p)) {
                 return Err(Error::config(
                     key,
                     format!(
@@ -412,8 +417,15 @@ fn prepare_table(p: &PrepareTable, base: &Path) -> Result<()> {
     let mut prep = PrepareConfig::new(inputs, tokenizer, out);
     (prep.input, prep.val_fraction, prep.seed, prep.overwrite) = (options, p.val_fraction, p.seed, true);
     run_prepare(&prep)?;
-    let json = serde_json::to_string_pretty(&ours).expect("the table serializes");
+    let json = serde_json::to_string_pretty(p).expect("the table serializes");
     Ok(write_atomic(&record, json.as_bytes())?)
+}
+
+/// What a prepare table's output depends on: not where it goes (a moved directory is the same
+/// data), and input patterns as paths (`./corpus/*.txt` is `corpus/*.txt`).
+fn what_prepares(p: &PrepareTable) -> serde_json::Value {
+    let p = PrepareTable { out: String::new(), input: p.input.iter().map(|i| plain_path(i)).collect(), ..p.clone() };
+    serde_json::to_value(p).expect("the table serializes")
 }
 
 #[cfg(test)]
@@ -429,10 +441,12 @@ mod tests {
 
     #[test]
     fn flag_defaults_are_the_library_defaults() {
-        let cli = Cli::parse_from(["x", "prepare", "--input", "a.txt", "--tokenizer", "t.json", "--out", "o"]);
+        // (A named input must exist.)
+        let input = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml");
+        let cli = Cli::parse_from(["x", "prepare", "--input", input, "--tokenizer", "t.json", "--out", "o"]);
         let DataCommand::Prepare(args) = cli.data;
         let mut ours = args.config().unwrap();
-        let lib = PrepareConfig::new(vec!["a.txt".into()], "t.json".into(), "o".into());
+        let lib = PrepareConfig::new(vec![input.into()], "t.json".into(), "o".into());
         ours.progress = lib.progress;
         assert_eq!(format!("{ours:?}"), format!("{lib:?}"));
         let t = TrainConfig::default();

@@ -37,7 +37,9 @@ impl Pretrained {
         let config_path = dir.join("config.json");
         let text = std::fs::read_to_string(&config_path).unwrap_or_default();
         let config = ondol_ckpt::hf::parse_config(&text, &config_path.display().to_string())?;
-        let eos_token_id = config.get("eos_token_id").and_then(|v| v.as_u64()).map(|v| v as u32);
+        // One id, or (Llama 3) a list whose first is the end of text.
+        let eos = config.get("eos_token_id");
+        let eos_token_id = eos.and_then(|v| v.as_u64().or_else(|| v.as_array()?.first()?.as_u64())).map(|v| v as u32);
         Ok(Self { dir: dir.to_path_buf(), model, params, run_config, eos_token_id })
     }
 
@@ -59,18 +61,22 @@ impl Pretrained {
             return Ok(Tokenizer::Text(Box::new(t)));
         }
         let vocab = self.model.cfg.vocab_size;
-        let bytes = match &self.run_config {
-            Some(run) => run.data.tokenizer.as_deref() == Some("bytes") && vocab >= BYTE_VOCAB,
-            None => vocab == BYTE_VOCAB,
+        // (A starter config of an older `import hf` names no tokenizer: 257 ids are bytes.)
+        let trained_with = self.run_config.as_ref().map(|run| run.data.tokenizer.as_deref());
+        let bytes = match trained_with {
+            Some(Some("bytes")) => vocab >= BYTE_VOCAB,
+            Some(Some(_)) => false,
+            Some(None) | None => vocab == BYTE_VOCAB,
         };
         if !bytes {
             return Err(Error::Input(format!(
                 "{}: no tokenizer.json, and its {vocab} token ids are not bytes ({}): copy the tokenizer.json it \
                  was trained with into it",
                 self.dir.display(),
-                match &self.run_config {
-                    Some(_) => "its run had no data.tokenizer",
-                    None => "a byte-level model has 257",
+                match trained_with {
+                    Some(Some(t)) => format!("its run had data.tokenizer = {t:?}"),
+                    Some(None) => "its run had no data.tokenizer".to_string(),
+                    None => "a byte-level model has 257".to_string(),
                 }
             )));
         }
@@ -236,7 +242,17 @@ pub fn import_hf(src: &Path, out: &Path) -> Result<Vec<String>> {
             format!("{shards}tokenizer = {file}\n{eot}")
         }
         Ok(Tokenizer::Bytes(_)) => "train = [\"data/*.txt\"]\nformat = \"text\"\ntokenizer = \"bytes\"\n".to_string(),
-        Err(_) => format!("{shards}# tokenizer = \"...\": {} has no tokenizer.json\n", src.display()),
+        Err(_) if !src.join("tokenizer.json").is_file() => {
+            format!("{shards}# tokenizer = \"...\": {} has no tokenizer.json\n", src.display())
+        }
+        // It is copied, but does not load as the model says (an end-of-text id it lacks, say).
+        Err(e) => {
+            let file = toml::Value::String(out_abs.join("tokenizer.json").display().to_string());
+            let why = e.to_string().replace('\n', " ");
+            format!(
+                "{shards}tokenizer = {file}\n# eot_token = \"...\": set it; the tokenizer does not load as it is: {why}\n"
+            )
+        }
     };
     let run_config = format!(
         "# Fine-tuning starter written by `ondol import hf {src}`: point [data] at your data,\n\

@@ -1,7 +1,7 @@
 //! The training loop. [`Trainer::step`] is one optimizer update: this replica's micro-batches,
 //! the learning rate, and the rank's [`Engine`] (pipeline schedule, gradient sync, AdamW).
 
-use crate::config::{BYTE_EOT, DataFormat, OnDataChange, RunConfig};
+use crate::config::{BYTE_EOT, DataFormat, OnDataChange, RunConfig, plain_path};
 use crate::metrics::{Metrics, StepRow};
 use crate::pretrained::Pretrained;
 use ondol_ckpt::{Loaded, Snapshot, Writer};
@@ -11,7 +11,7 @@ use ondol_data::{Cursor, Loader, Mixture, MixtureCursor, Order, SourceKind, Text
 use ondol_model::{Model, Workspace};
 use ondol_optim::LrSchedule;
 use ondol_parallel::Engine;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -104,9 +104,6 @@ impl<B: Backend> Trainer<B> {
             })?;
             check_tokenizer(&init.dir, init.run_config.as_ref(), &cfg, data.tokenizer.as_deref())?;
             engine.load_whole(&init.params, None);
-            if engine.comms.rank() == 0 {
-                eprintln!("model.init_from: weights of {}", init.dir.display());
-            }
         }
         let sched = LrSchedule::new(cfg.lr_scheduler.clone(), cfg.optimizer.lr, t.steps);
         let order = if t.shuffle { Order::Shuffled { seed: t.seed } } else { Order::Sequential };
@@ -411,12 +408,20 @@ impl Batches {
 /// checkpoints). A directory with neither (a Hugging Face model without tokenizer.json)
 /// cannot tell.
 fn check_tokenizer(dir: &Path, saved: Option<&RunConfig>, ours: &RunConfig, ours_file: Option<&Path>) -> Result<()> {
-    let (same, theirs) = match (std::fs::read(dir.join("tokenizer.json")), saved) {
+    let named = |t: Option<&str>| t.map_or("no data.tokenizer".to_string(), |t| format!("data.tokenizer = {t:?}"));
+    let theirs_file = dir.join("tokenizer.json");
+    let (same, theirs, valid) = match (std::fs::read(&theirs_file), saved) {
         (Ok(theirs), _) => {
-            let ours = ours_file.and_then(|t| std::fs::read(t).ok());
-            (ours.as_ref() == Some(&theirs), "its tokenizer.json".to_string())
+            let same = ours_file.and_then(|t| std::fs::read(t).ok()).as_ref() == Some(&theirs);
+            let valid = format!("data.tokenizer = {:?} (or a copy of it)", theirs_file.display().to_string());
+            (same, "its tokenizer.json".to_string(), valid)
         }
-        (Err(_), Some(saved)) => (saved.data.tokenizer == ours.data.tokenizer, format!("{:?}", saved.data.tokenizer)),
+        (Err(_), Some(saved)) => {
+            let (a, b) = (saved.data.tokenizer.as_deref(), ours.data.tokenizer.as_deref());
+            let same = a.map(plain_path) == b.map(plain_path);
+            let valid = a.map_or("no data.tokenizer (leave it out)".to_string(), |t| format!("data.tokenizer = {t:?}"));
+            (same, named(a), valid)
+        }
         (Err(_), None) => return Ok(()),
     };
     match same {
@@ -424,8 +429,9 @@ fn check_tokenizer(dir: &Path, saved: Option<&RunConfig>, ours: &RunConfig, ours
         false => Err(Error::config(
             "data.tokenizer",
             format!(
-                "is not the tokenizer of {} (it has {theirs}): the weights know its token ids; train with the same \
-                 tokenizer",
+                "the run has {}, but the weights of {} know the token ids of {theirs}: set {valid}, or start from \
+                 weights trained with this run's tokenizer",
+                named(ours.data.tokenizer.as_deref()),
                 dir.display()
             ),
         )),
@@ -608,15 +614,11 @@ pub(crate) fn first_difference(prefix: &str, a: &serde_json::Value, b: &serde_js
 fn data_identity(c: &RunConfig) -> serde_json::Value {
     let mut data = c.data.clone();
     data.tokenizer = None;
+    data.eot_token = Some(c.data.eot_token().to_string()); // left out is the default, written out
     if !data.val.is_empty() {
         (data.val, data.val_fraction) = (vec!["(files of its own, not read for training)".to_string()], 0.0);
     }
-    let as_paths = |patterns: &mut Vec<String>| {
-        for p in patterns {
-            let clean: PathBuf = Path::new(p.as_str()).components().filter(|c| *c != Component::CurDir).collect();
-            *p = clean.display().to_string();
-        }
-    };
+    let as_paths = |patterns: &mut Vec<String>| patterns.iter_mut().for_each(|p| *p = plain_path(p));
     as_paths(&mut data.train);
     data.sources.iter_mut().for_each(|s| as_paths(&mut s.train));
     let t = &c.training;

@@ -256,7 +256,7 @@ fn a_run_resumed_from_an_earlier_checkpoint_keeps_its_own_and_drops_the_abandone
     let keep_one = ["--set", "checkpoint.every=1", "--set", "checkpoint.keep_last=1", "--set", "training.steps=11"];
     let err = train(&[&["--resume", from.to_str().unwrap()], &keep_one[..]].concat());
     assert!(err.contains("steps 11, 12 in") && err.contains("past step 10"), "{err}");
-    assert!(err.contains("done: 1 steps (step 10 -> 11)"), "{err}");
+    assert!(err.contains("done: 1 step (step 10 -> 11)"), "{err}");
     assert_eq!(names(), ["latest", "step-00000011", "step-00000012"]);
     assert_eq!(latest(), 11);
 

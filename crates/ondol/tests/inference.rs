@@ -151,9 +151,12 @@ lr = 1e-2
     assert!(first.ok && first.stdout.starts_with("온돌은"), "{}", first.stderr);
     assert_eq!(first.stdout, generate("1").stdout, "same seed, different text");
     // The run directory, or its checkpoints/latest, stands for the checkpoint latest names.
-    for path in ["run", "run/checkpoints", "run/checkpoints/latest"] {
+    let checkpoints = dir.path().join("run/checkpoints");
+    for (cwd, path) in
+        [(dir.path(), "run"), (dir.path(), "run/checkpoints/latest"), (&*checkpoints, "."), (&*checkpoints, "latest")]
+    {
         let Run { ok, stdout, stderr } =
-            ondol(dir.path(), &["generate", path, "--prompt", "온돌은", "--max-new-tokens", "20", "--seed", "1"]);
+            ondol(cwd, &["generate", path, "--prompt", "온돌은", "--max-new-tokens", "20", "--seed", "1"]);
         assert!(ok && stdout == first.stdout && stderr.contains("step-00000030"), "{path}: {stderr}");
     }
     // Negative numbers reach their check; a budget past the context is said.

@@ -155,6 +155,15 @@ fn tokenizer_train_then_data_prepare_then_train_on_the_shards() {
         !ok && err.contains("other.json is not the tokenizer the shards in") && err.contains("manifest.json"),
         "{err}"
     );
+    // Nor does eval read shards of another tokenizer with a checkpoint's.
+    let args = ["data", "prepare", "--input", "corpus/*.txt", "--tokenizer", "other.json", "--out", "other"];
+    let (ok, err) = ondol_err(dir.path(), &args);
+    assert!(ok, "{err}");
+    let eval = |data: &str| ondol_err(dir.path(), &["eval", ckpt.to_str().unwrap(), "--data", data, "--batches", "1"]);
+    let (ok, err) = eval("other/train_*.bin");
+    assert!(!ok && err.contains("--data") && err.contains("made with another tokenizer"), "{err}");
+    let (ok, err) = eval("shards/train_*.bin");
+    assert!(ok, "{err}");
     std::fs::write(dir.path().join("none.toml"), RUN.replace("tokenizer = \"shards/tokenizer.json\"\n", "")).unwrap();
     let (ok, err) = ondol_err(dir.path(), &["train", "none.toml"]);
     assert!(!ok && err.contains("data.tokenizer") && err.contains("were made with a tokenizer"), "{err}");
@@ -162,7 +171,12 @@ fn tokenizer_train_then_data_prepare_then_train_on_the_shards() {
     let mut args = vec!["train", "run.toml", "--run-dir", "init", "--set", &init, "--set", "data.tokenizer=\"bytes\""];
     text.iter().for_each(|b| args.extend(["--set", b]));
     let (ok, err) = ondol_err(dir.path(), &args);
-    assert!(!ok && err.contains("data.tokenizer") && err.contains("is not the tokenizer of"), "{err}");
+    assert!(
+        !ok && err.contains("data.tokenizer = \"bytes\", but the weights of")
+            && err.contains("know the token ids of its tokenizer.json"),
+        "{err}"
+    );
+    assert!(err.contains(&format!("set data.tokenizer = \"{}/tokenizer.json\"", ckpt.display())), "{err}");
 
     // Shards without a manifest train without a tokenizer, but their checkpoint's ids are not
     // bytes: generate asks for the tokenizer instead of printing noise.
@@ -250,6 +264,9 @@ fn a_prepare_table_prepares_on_the_first_run_only() {
     assert!(!ok && err.contains("bogus") && err.contains("unknown field"), "{err}");
     // Other settings do not reuse data prepared with these (a 300-token tokenizer would have
     // been trained on over shards of the 400-token one).
+    let same = "data.prepare.input=[\"./corpus/*.txt\"]";
+    let (ok, err) = ondol_err(dir.path(), &["train", "run.toml", "--run-dir", "y", "--set", same]);
+    assert!(ok && err.contains("using the prepared data"), "{err}");
     let (ok, err) =
         ondol_err(dir.path(), &["train", "run.toml", "--run-dir", "x", "--set", "data.prepare.vocab_size=300"]);
     assert!(!ok && err.contains("data.prepare.vocab_size") && err.contains("was prepared with 400"), "{err}");
