@@ -40,7 +40,7 @@ pub struct TrainConfig {
     pub min_frequency: u64,
     /// Fraction of every document (its tail) held out for the fertility report.
     pub heldout_fraction: f64,
-    /// At most this many held-out characters per input file.
+    /// Hold out tails from an input file until they reach this many bytes.
     pub heldout_chars: usize,
     /// Fail on the first malformed input instead of skipping it.
     pub strict: bool,

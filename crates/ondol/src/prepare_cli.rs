@@ -76,7 +76,7 @@ pub struct TokenizerTrainArgs {
     /// Fraction of each document (its tail) held out to measure fertility.
     #[arg(long, default_value_t = 0.05)]
     pub heldout_fraction: f64,
-    /// At most this many held-out characters per input file.
+    /// Hold out tails from an input file until they reach this many bytes.
     #[arg(long, default_value_t = 100_000)]
     pub heldout_chars: usize,
     /// Replace the file --out names if it exists.
