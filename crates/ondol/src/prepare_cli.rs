@@ -282,6 +282,12 @@ pub fn data(cmd: DataCommand) -> Result<()> {
 
 fn run_prepare(cfg: &PrepareConfig) -> Result<()> {
     let manifest = prepare(cfg, command_line(), env!("CARGO_PKG_VERSION"))?;
+    // New data in --out is no longer what a [data] prepare table's record says (the table
+    // writes its own after this).
+    let record = cfg.out.join(PREPARED_WITH);
+    if record.exists() {
+        std::fs::remove_file(&record).map_err(|e| Error::io(format!("cannot remove {}", record.display()), e))?;
+    }
     eprintln!("{}", manifest.summary());
     eprintln!("wrote {} (report: manifest.json)", cfg.out.display());
     Ok(())
