@@ -18,8 +18,13 @@
 //!
 //! Output: `train_000000.bin ...`, `val_000000.bin ...` (llm.c format, v1 when the vocabulary
 //! fits u16 else v2), `tokenizer.json` (a byte-for-byte copy), and `manifest.json`, written last:
-//! a directory with a manifest is complete. Shards are written into `.partial/` and moved
-//! into place when the run succeeds; a run that fails (or is killed) leaves none beside them.
+//! a directory with a manifest is complete. Everything is written into `.partial/`, the
+//! manifest last; a run that fails (or is killed) before that leaves nothing beside the
+//! output it would replace. Then the previous output goes, `.partial/` becomes `.complete/`,
+//! and its files move into place, the manifest last. A run killed in between left a complete
+//! output half moved: the next `data prepare` into the directory finishes the move first
+//! ([`finish_interrupted`]), and until then training refuses the directory
+//! ([`ShardTokenizer::of_dir`]).
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
@@ -210,8 +215,18 @@ pub struct ShardTokenizer {
 
 impl ShardTokenizer {
     /// The tokenizer recorded in `dir/manifest.json`; None where the directory has no manifest
-    /// of ours (shards made elsewhere, llm.c's say).
+    /// of ours (shards made elsewhere, llm.c's say). Refuses a directory whose output a killed
+    /// `data prepare` left half moved into place.
     pub fn of_dir(dir: &Path) -> Result<Option<Self>, DataError> {
+        if interrupted(dir) {
+            return Err(DataError::Invalid(format!(
+                "{}: a `data prepare` into it finished but was stopped while moving its output into place; run \
+                 `ondol data prepare` with --out {} again (it finishes the move first, and then stops unless \
+                 --overwrite)",
+                dir.display(),
+                dir.display()
+            )));
+        }
         let path = dir.join("manifest.json");
         let text = match std::fs::read_to_string(&path) {
             Ok(text) => text,
@@ -321,6 +336,9 @@ pub fn prepare(cfg: &PrepareConfig, command: Vec<String>, version: &str) -> Resu
 
     let created = !cfg.out.exists();
     std::fs::create_dir_all(&cfg.out).map_err(|e| DataError::io("create directory", &cfg.out, e))?;
+    if finish_interrupted(&cfg.out)? {
+        eprintln!("finished moving the output of an interrupted `data prepare` into {}", cfg.out.display());
+    }
     // Shards are written into a hidden staging directory and moved beside the manifest only
     // when the run succeeds: a killed run leaves nothing that a glob like train_*.bin finds.
     let staging = cfg.out.join(STAGING);
@@ -358,23 +376,10 @@ pub fn prepare(cfg: &PrepareConfig, command: Vec<String>, version: &str) -> Resu
             return Err(e);
         }
     };
-    // The previous output (--overwrite) goes only now that this run has succeeded, the
-    // manifest first: a directory without one is never mistaken for a complete run.
-    let mut existing = existing;
-    existing.sort_by_key(|f| f != "manifest.json");
-    for f in existing {
-        let path = cfg.out.join(f);
-        std::fs::remove_file(&path).map_err(|e| DataError::io("remove", &path, e))?;
-    }
-    for s in writers.iter().flat_map(|w| &w.shards) {
-        let (from, to) = (staging.join(&s.file), cfg.out.join(&s.file));
-        std::fs::rename(&from, &to).map_err(|e| DataError::io("move into place", &from, e))?;
-    }
-    std::fs::remove_dir(&staging).map_err(|e| DataError::io("remove", &staging, e))?;
     let same_file =
         std::fs::canonicalize(&cfg.tokenizer).ok() == std::fs::canonicalize(cfg.out.join("tokenizer.json")).ok();
     if !same_file {
-        write_atomic(&cfg.out.join("tokenizer.json"), &tokenizer_bytes)?;
+        write_atomic(&staging.join("tokenizer.json"), &tokenizer_bytes)?;
     }
     let [train, val] = writers;
     let tokens = BTreeMap::from([
@@ -408,12 +413,74 @@ pub fn prepare(cfg: &PrepareConfig, command: Vec<String>, version: &str) -> Resu
         seconds,
     };
     let json = serde_json::to_string_pretty(&manifest).expect("the manifest serializes");
-    write_atomic(&cfg.out.join("manifest.json"), json.as_bytes())?;
+    write_atomic(&staging.join("manifest.json"), json.as_bytes())?;
+    sync_dir(&staging)?;
+    // (The previous output, --overwrite's, goes only now that this run has succeeded.)
+    commit(&cfg.out)?;
     Ok(manifest)
 }
 
-/// The directory under `--out` that a run writes its shards into until it succeeds.
+/// The directory under `--out` that a run writes its output into until it succeeds; complete
+/// once it holds a manifest.
 const STAGING: &str = ".partial";
+/// What the staging directory becomes once the previous output is gone: its files are moved
+/// into place.
+const COMPLETE: &str = ".complete";
+
+/// Whether `out` holds the output of a run that finished but was stopped while moving it
+/// into place.
+fn interrupted(out: &Path) -> bool {
+    out.join(STAGING).join("manifest.json").is_file() || out.join(COMPLETE).is_dir()
+}
+
+/// Finishes moving a complete output that a killed run left in `out`, if there is one;
+/// returns whether there was.
+pub fn finish_interrupted(out: &Path) -> Result<bool, DataError> {
+    if out.join(STAGING).join("manifest.json").is_file() {
+        commit(out)?;
+    } else if out.join(COMPLETE).is_dir() {
+        move_into_place(out)?;
+    } else {
+        return Ok(false);
+    }
+    Ok(true)
+}
+
+/// With a complete output in `out`'s staging directory: removes the previous output (its
+/// manifest first: a directory without one is never mistaken for a complete run), marks the
+/// staging directory complete, and moves its files into place.
+fn commit(out: &Path) -> Result<(), DataError> {
+    let mut existing = previous_output(out)?;
+    existing.sort_by_key(|f| f != "manifest.json");
+    for f in existing {
+        let path = out.join(f);
+        std::fs::remove_file(&path).map_err(|e| DataError::io("remove", &path, e))?;
+    }
+    let (staging, complete) = (out.join(STAGING), out.join(COMPLETE));
+    std::fs::rename(&staging, &complete).map_err(|e| DataError::io("rename", &staging, e))?;
+    sync_dir(out)?;
+    move_into_place(out)
+}
+
+/// Moves every file of `out`'s complete directory into `out`, the manifest last, and removes
+/// the emptied directory. Nothing of the previous output is left to collide with.
+fn move_into_place(out: &Path) -> Result<(), DataError> {
+    let complete = out.join(COMPLETE);
+    let entries = std::fs::read_dir(&complete).map_err(|e| DataError::io("read directory", &complete, e))?;
+    let mut names: Vec<_> = entries.filter_map(|e| e.ok()).map(|e| e.file_name()).collect();
+    names.sort_by_key(|n| n == "manifest.json");
+    for name in names {
+        let from = complete.join(&name);
+        std::fs::rename(&from, out.join(&name)).map_err(|e| DataError::io("move into place", &from, e))?;
+    }
+    sync_dir(out)?;
+    std::fs::remove_dir(&complete).map_err(|e| DataError::io("remove", &complete, e))
+}
+
+/// Makes a directory's entries (renames, new files) durable.
+fn sync_dir(dir: &Path) -> Result<(), DataError> {
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| DataError::io("sync", dir, e))
+}
 
 /// Names of files in `dir` that a previous run wrote.
 fn previous_output(dir: &Path) -> Result<Vec<String>, DataError> {
@@ -765,6 +832,54 @@ mod tests {
         cfg.tokenizer = p("nope.json");
         let err = prepare(&cfg, vec![], "test").unwrap_err().to_string();
         assert!(err.contains("nope.json") && err.contains("ondol tokenizer train"), "{err}");
+    }
+
+    /// A run killed after its output was complete, while moving it into place: the directory
+    /// is refused as data until the next `data prepare` into it finishes the move, wherever
+    /// the kill fell (removing the previous output, or moving the new).
+    #[test]
+    fn an_output_half_moved_into_place_is_refused_then_finished() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = |n: &str| dir.path().join(n);
+        crate::tokenizer::tests::sample_tokenizer(dir.path());
+        std::fs::write(p("a.jsonl"), jsonl(&paragraphs())).unwrap();
+        let mut cfg = PrepareConfig::new(vec![p("a.jsonl")], p("tokenizer.json"), p("out"));
+        (cfg.progress, cfg.shard_tokens, cfg.val_fraction) = (false, 300, 0.2);
+        prepare(&cfg, vec![], "test").unwrap();
+        let out = &cfg.out;
+        let listing = || {
+            let mut names: Vec<String> = std::fs::read_dir(out)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            names.sort();
+            names
+        };
+        let whole = listing();
+        let bytes: Vec<Vec<u8>> = whole.iter().map(|n| std::fs::read(out.join(n)).unwrap()).collect();
+        assert!(whole.iter().filter(|n| n.starts_with("train_")).count() > 1, "{whole:?}");
+        // Killed while removing the previous output: the new one complete in staging, the
+        // old one partly gone. Killed while moving: some files still in .complete.
+        let staged = |into: &str, moved: &[&str]| {
+            std::fs::create_dir(out.join(into)).unwrap();
+            for name in whole.iter().filter(|n| !moved.contains(&n.as_str())) {
+                std::fs::rename(out.join(name), out.join(into).join(name)).unwrap();
+            }
+        };
+        for (into, moved) in [(STAGING, &[][..]), (COMPLETE, &["tokenizer.json", "train_000000.bin"][..])] {
+            staged(into, moved);
+            if into == STAGING {
+                std::fs::write(out.join("train_000000.bin"), "the previous output").unwrap();
+            }
+            let err = ShardTokenizer::of_dir(out).unwrap_err().to_string();
+            assert!(err.contains("stopped while moving") && err.contains("--out"), "{err}");
+            let err = prepare(&cfg, vec![], "test").unwrap_err().to_string();
+            assert!(err.contains("already holds prepared data"), "{err}");
+            assert_eq!(listing(), whole, "after a kill in {into}");
+            let now: Vec<Vec<u8>> = whole.iter().map(|n| std::fs::read(out.join(n)).unwrap()).collect();
+            assert!(now == bytes, "after a kill in {into}: other bytes");
+            assert!(ShardTokenizer::of_dir(out).unwrap().is_some());
+        }
     }
 
     #[test]
