@@ -409,24 +409,33 @@ fn open_gpu(cfg: &RunConfig, ordinal: usize) -> Result<(ondol_cuda::CudaBackend,
         be = be.without_tensor_cores();
     }
     // A model whose weights, gradients and AdamW state alone exceed the GPU would otherwise
-    // stop at its first failed allocation (tensor parallelism splits them over tp GPUs).
-    let state_bytes = Model::new(cfg.model.clone())?.num_params() as u64
-        * (compute.bytes() as u64 + 4 + 8 + 4 * be.mixed_precision() as u64)
-        / cfg.parallelism.tp as u64;
-    if let Some((_, total)) = be.device_memory()
-        && state_bytes > total
-    {
-        let gib = |b: u64| b as f64 / 2f64.powi(30);
-        return Err(Error::config(
-            "model",
-            format!(
-                "needs {:.1} GiB per GPU for its weights, gradients and AdamW state before any activation, but {} \
-                 has {:.1} GiB",
-                gib(state_bytes),
-                be.device_name(),
-                gib(total)
-            ),
-        ));
+    // stop at its first failed allocation (the fullest rank of the layout, as inspect counts).
+    let rank = RankMemory::fullest(cfg)?;
+    let gib = |b: u64| b as f64 / 2f64.powi(30);
+    if let Some((_, total)) = be.device_memory() {
+        let state = rank.weights_grads + rank.adamw;
+        if state > total {
+            return Err(Error::config(
+                "model",
+                format!(
+                    "needs {:.1} GiB on a GPU for its weights, gradients and AdamW state before any activation (`ondol \
+                     inspect` itemizes them), but {} has {:.1} GiB: split it over more GPUs (parallelism.tp, pp, \
+                     zero = 1)",
+                    gib(state),
+                    be.device_name(),
+                    gib(total)
+                ),
+            ));
+        }
+        if rank.total() > total && ordinal == 0 {
+            eprintln!(
+                "note: about {:.1} GiB per GPU with activations (`ondol inspect`), more than the {:.1} GiB of {}: \
+                 lower training.batch_size or turn on training.activation_checkpointing if it runs out",
+                gib(rank.total()),
+                gib(total),
+                be.device_name()
+            );
+        }
     }
     let peak = match be.peak_flops() {
         Some(flops) => {
@@ -705,13 +714,7 @@ fn inspect(args: ConfigArgs) -> Result<()> {
     println!("tokens/step          {}", cfg.global_batch() * t.seq_len);
     let p = &cfg.parallelism;
     let layout = cfg.layout(Mesh::new(p.tp, p.pp, p.dp)?);
-    let mut worst = RankMemory::default();
-    for pp in 0..p.pp {
-        let rank = RankMemory::of_stage(&cfg, &layout, pp)?;
-        if rank.total() > worst.total() {
-            worst = rank;
-        }
-    }
+    let worst = RankMemory::fullest(&cfg)?;
     println!(
         "memory per rank      {} at most (pipeline stage {}) at (tp, pp, dp) = ({}, {}, {}), {}",
         bytes(worst.total()),
@@ -800,6 +803,20 @@ impl RankMemory {
 
     fn total(&self) -> u64 {
         self.weights_grads.saturating_add(self.adamw).saturating_add(self.activations)
+    }
+
+    /// The fullest rank of the run's layout.
+    fn fullest(cfg: &RunConfig) -> Result<Self> {
+        let p = &cfg.parallelism;
+        let layout = cfg.layout(Mesh::new(p.tp, p.pp, p.dp)?);
+        let mut worst = RankMemory::default();
+        for pp in 0..p.pp {
+            let rank = RankMemory::of_stage(cfg, &layout, pp)?;
+            if rank.total() > worst.total() {
+                worst = rank;
+            }
+        }
+        Ok(worst)
     }
 }
 
