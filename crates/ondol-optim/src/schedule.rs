@@ -8,8 +8,9 @@ use serde::{Deserialize, Serialize};
 #[serde(rename_all = "lowercase")]
 pub enum Decay {
     Cosine,
-    /// Warmup-stable-decay: the peak rate until the last `wsd_decay_fraction` of the steps,
-    /// then a linear ramp down to the minimum.
+    /// Warmup-stable-decay: the peak rate until the last `wsd_decay_fraction` of the steps
+    /// after warmup (at least one where the fraction is not 0), then a linear ramp down to
+    /// the minimum.
     Wsd,
     Constant,
 }
@@ -94,11 +95,17 @@ impl LrSchedule {
         match self.cfg.decay {
             Decay::Constant => self.peak,
             Decay::Cosine => {
-                let progress = (after / (span - 1.0).max(1.0)).min(1.0);
+                // From the peak at the first update after warmup to the minimum at the last;
+                // a single one after warmup is the last (alone in its run, it keeps the peak).
+                let progress = match span > 1.0 {
+                    true => (after / (span - 1.0)).min(1.0),
+                    false => (warmup > 0) as u8 as f64,
+                };
                 min + (self.peak - min) * (0.5 * (1.0 + (std::f64::consts::PI * progress).cos())) as f32
             }
             Decay::Wsd => {
-                let decay_steps = (span * self.cfg.wsd_decay_fraction as f64).round();
+                let fraction = self.cfg.wsd_decay_fraction as f64;
+                let decay_steps = (span * fraction).round().max(if fraction > 0.0 { 1.0 } else { 0.0 });
                 let decay_start = span - decay_steps;
                 if after < decay_start || decay_steps == 0.0 {
                     self.peak
@@ -146,6 +153,21 @@ mod tests {
         assert!(s.lr(90) < 1.0);
         assert!((s.lr(109) - 0.1).abs() < 1e-6);
         assert!((90..109).all(|i| s.lr(i + 1) < s.lr(i)));
+    }
+
+    /// Short runs still end at the minimum: one step after warmup, or a WSD fraction that
+    /// rounds to no step.
+    #[test]
+    fn short_runs_end_at_the_minimum() {
+        let run = |decay, warmup, fraction, steps| {
+            let cfg = SchedulerConfig { warmup_steps: warmup, decay, min_lr_ratio: 0.1, wsd_decay_fraction: fraction };
+            LrSchedule::new(cfg, 1.0, steps)
+        };
+        let s = run(Decay::Cosine, 5, 0.2, 6);
+        assert!((s.lr(4) - 1.0).abs() < 1e-6 && (s.lr(5) - 0.1).abs() < 1e-6, "{} {}", s.lr(4), s.lr(5));
+        assert_eq!(run(Decay::Cosine, 0, 0.2, 1).lr(0), 1.0, "a one-step run keeps the peak");
+        let s = run(Decay::Wsd, 0, 0.05, 6);
+        assert!((0..5).all(|i| s.lr(i) == 1.0) && (s.lr(5) - 0.1).abs() < 1e-6, "{}", s.lr(5));
     }
 
     #[test]
