@@ -565,7 +565,7 @@ fn train_rank<B: Backend>(
         }
     };
     eprintln!(
-        "done: {steps} in {:.1} s, {:.0} tokens/s; train loss {:.4} -> {:.4}; val loss {} -> {}",
+        "done: {steps} in {:.1} s, {:.0} tokens/s training; train loss {:.4} -> {:.4}; val loss {} -> {}",
         summary.seconds,
         summary.tokens_per_s,
         summary.first_loss,

@@ -119,6 +119,9 @@ fn a_resumed_mixture_run_may_cut_its_global_batch_otherwise() {
         &second.whole_params().unwrap().unwrap(),
     );
     assert!(worst <= 1e-5, "weights differ by {worst:e}");
+    // Weights of the same shares, written at another scale, are the same mixture.
+    let scaled = "data.sources=[{train=[\"corpus.txt\"], weight=6.0}, {train=[\"other.txt\"], weight=2.0}]";
+    assert_eq!(restore(&mut trainer(dir.path(), &[scaled]), &saved).unwrap(), DataPosition::Continued);
 }
 
 fn resume_is_exact(dir: tempfile::TempDir) {
