@@ -31,8 +31,8 @@ struct Cli {
 enum Command {
     /// Train a model from a TOML config.
     Train(TrainArgs),
-    /// Print parameter count, FLOPs per token and memory of a config.
-    Inspect(ConfigArgs),
+    /// Print parameter count, FLOPs per token and memory of a config, checkpoint or run.
+    Inspect(InspectArgs),
     /// Loss and perplexity of a checkpoint or Hugging Face model on token data.
     Eval(EvalArgs),
     /// Sample text from a checkpoint or Hugging Face model.
@@ -127,6 +127,15 @@ struct ConfigArgs {
     /// The run config (TOML).
     config: PathBuf,
     /// Override a config value, e.g. --set training.steps=100 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+}
+
+#[derive(Args)]
+struct InspectArgs {
+    /// A run config (TOML), or a checkpoint or run directory (the config it was trained with).
+    config: PathBuf,
+    /// Override a config value, e.g. --set parallelism.tp=8 (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
 }
@@ -685,8 +694,23 @@ fn restore<B: Backend>(trainer: &mut Trainer<B>, loaded: Loaded) -> Result<u64> 
     Ok(step)
 }
 
-fn inspect(args: ConfigArgs) -> Result<()> {
-    let cfg = RunConfig::load(&args.config, &args.set)?;
+fn inspect(args: InspectArgs) -> Result<()> {
+    let path = match args.config.is_dir() {
+        false => args.config.clone(),
+        true => {
+            let dir = model_dir(&args.config)?;
+            let toml = dir.join("ondol.toml");
+            if !toml.is_file() {
+                return Err(Error::Input(format!(
+                    "{}: no ondol.toml to inspect (a Hugging Face directory has no run config; `ondol import hf` \
+                     writes one)",
+                    dir.display()
+                )));
+            }
+            toml
+        }
+    };
+    let cfg = RunConfig::load(&path, &args.set)?;
     let model = Model::new(cfg.model.clone())?;
     let t = &cfg.training;
     let n = model.num_params() as u64;

@@ -159,6 +159,11 @@ lr = 1e-2
             ondol(cwd, &["generate", path, "--prompt", "온돌은", "--max-new-tokens", "20", "--seed", "1"]);
         assert!(ok && stdout == first.stdout && stderr.contains("step-00000030"), "{path}: {stderr}");
     }
+    // inspect reads the config a checkpoint or run was trained with.
+    for path in ["run", ckpt] {
+        let Run { ok, stdout, stderr } = ondol(dir.path(), &["inspect", path, "--set", "parallelism.tp=2"]);
+        assert!(ok && stdout.contains("parameters") && stdout.contains("(2, 1, 1)"), "{path}: {stderr}");
+    }
     // Negative numbers reach their check; a budget past the context is said.
     let Run { ok, stderr: err, .. } = ondol(dir.path(), &["generate", ckpt, "--prompt", "a", "--temperature", "-1"]);
     assert!(!ok && err.contains("--temperature") && err.contains("must be >= 0"), "{err}");
