@@ -269,6 +269,18 @@ impl<B: Backend> Trainer<B> {
         let step = ckpt.state.step;
         self.engine.load_whole(&ckpt.params, Some((&ckpt.exp_avg, &ckpt.exp_avg_sq, step)));
         (self.step, self.tokens) = (step, ckpt.state.tokens);
+        // A schedule reshaped by other steps or settings makes the rate jump: allowed, said.
+        let theirs = LrSchedule::new(saved.lr_scheduler.clone(), saved.optimizer.lr, saved.training.steps).lr(step);
+        let ours = self.sched.lr(step);
+        if self.is_leader() && (ours - theirs).abs() > 1e-6 * theirs.abs().max(ours.abs()) {
+            eprintln!(
+                "note: the learning rate of step {} is {ours:.3e}; the checkpoint's schedule (training.steps {}, \
+                 optimizer.lr {:e}, [lr_scheduler]) would give {theirs:.3e}",
+                step + 1,
+                saved.training.steps,
+                saved.optimizer.lr
+            );
+        }
         Ok(position)
     }
 

@@ -283,6 +283,8 @@ fn a_run_resumed_from_an_earlier_checkpoint_keeps_its_own_and_drops_the_abandone
         "training.steps=15",
     ]);
     assert!(err.contains("skipping checkpoint") && err.contains("resumed at step 10"), "{err}");
+    // 15 steps reshape the 12-step run's cosine: the jump in rate is said.
+    assert!(err.contains("note: the learning rate of step 11") && err.contains("training.steps 12"), "{err}");
     assert_eq!(names(), ["latest", "step-00000010", "step-00000015"]);
     assert_eq!(latest(), 15);
     // metrics.jsonl reads as one run: one evaluation per step evaluated, the resumed one too.
