@@ -245,8 +245,8 @@ fn train_launched(args: &TrainArgs, cfg: RunConfig, env: &DistEnv) -> Result<()>
     }
     let mut job = Job::join(&cfg, env)?;
     let net = TcpNet::connect(&mut job.store, env.world_size, job.timeout)?;
-    let (mesh, nodes) = (job.mesh, env.world_size / env.local_world_size);
-    let (data, peak) = job.open_data(&cfg, env, || Peak::cpu(nodes))?;
+    let mesh = job.mesh;
+    let (data, peak) = job.open_data(&cfg, env, || Peak::cpu(env.world_size))?;
     train_rank(args, CpuBackend::new(), &peak, cfg, data, Some(RankComms::tcp(mesh, &net)?.boxed()))
 }
 
@@ -310,14 +310,15 @@ struct Peak {
 }
 
 impl Peak {
-    /// The CPU's measured f32 GEMM throughput (DESIGN.md section 7), times the `nodes` of a
-    /// launched job.
-    fn cpu(nodes: usize) -> Self {
+    /// The CPU's measured f32 GEMM throughput (DESIGN.md section 7) in this process's
+    /// threads, times the `processes` of a launched job: each measures as much with its own
+    /// share of its node's cores (rank 0 measures while the others wait).
+    fn cpu(processes: usize) -> Self {
         let flops = ondol_cpu::measure_gemm_peak();
         let what = format!("the measured sgemm peak {:.0} GFLOP/s", flops / 1e9);
-        match nodes {
+        match processes {
             1 => Self { flops, what },
-            n => Self { flops: flops * n as f64, what: format!("{n} nodes x {what}") },
+            n => Self { flops: flops * n as f64, what: format!("{n} ranks x {what} of one rank's threads") },
         }
     }
 }
