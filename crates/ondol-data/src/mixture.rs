@@ -89,6 +89,15 @@ impl Mixture {
                 Order::Sequential => Order::Sequential,
                 Order::Shuffled { seed } => Order::Shuffled { seed: Rng::new(seed).fork(i as u64).next_u64() },
             };
+            // A source gives whole sequences one at a time: it needs one at least.
+            if stream.len() <= seq_len {
+                let first =
+                    if stream.is_empty() { String::new() } else { format!(" ({}...)", stream.origin(0).0.display()) };
+                return Err(DataError::Invalid(format!(
+                    "source {i}{first} has {} tokens, fewer than one sequence of seq_len {seq_len} + 1",
+                    stream.len()
+                )));
+            }
             let loader = Loader::new(stream, seq_len, 1, 1, order, 0, 1)
                 .map_err(|e| DataError::Invalid(format!("mixture source {i}: {e}")))?;
             sources.push(loader);
@@ -228,6 +237,18 @@ mod tests {
         let share = first as f64 / total as f64;
         let sigma = (0.7 * 0.3 / total as f64).sqrt();
         assert!((share - 0.7).abs() < 4.0 * sigma, "source 0 share {share:.4}, want 0.7 +- {:.4}", 4.0 * sigma);
+    }
+
+    /// A source shorter than one sequence is named, with its first file.
+    #[test]
+    fn a_source_shorter_than_a_sequence_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let tiny = dir.path().join("tiny.bin");
+        write_shard(&tiny, &[1, 2, 3, 4, 5], None).unwrap();
+        let mut streams = streams(dir.path());
+        streams[1] = Arc::new(TokenStream::open(&[tiny], SourceKind::Shards).unwrap());
+        let err = Mixture::new(streams, &[0.7, 0.3], 8, 4, Order::Sequential, 1, 0, 1).unwrap_err().to_string();
+        assert!(err.contains("source 1 (") && err.contains("tiny.bin") && err.contains("5 tokens"), "{err}");
     }
 
     /// A token of the last batch is traced to its source's file and a place there holding its

@@ -421,6 +421,7 @@ impl RunConfig {
     pub fn parse(text: &str, file: &str, overrides: &[String]) -> Result<Self, Error> {
         let mut table: toml::Table =
             toml::from_str(text).map_err(|e| Error::Input(format!("{file} is not valid TOML: {e}")))?;
+        let written = table.clone();
         for o in overrides {
             apply_override(&mut table, o)?;
         }
@@ -433,23 +434,37 @@ impl RunConfig {
                 .into_iter()
                 .any(|k| key == k || key.starts_with(&format!("{k}.")) || key.starts_with(&format!("{k}[")))
         };
-        let origin = |key: &str| match set_here(key) {
-            true => format!("{key}` from `--set"),
-            false => format!("{key}` in `{file}"),
+        // A key neither set nor written has its default.
+        let in_file = |key: &str| {
+            let mut at = Some(&written);
+            let parts: Vec<&str> = key.split('.').map(|p| p.split('[').next().unwrap_or(p)).collect();
+            for (i, part) in parts.iter().enumerate() {
+                let value = at.and_then(|t| t.get(*part));
+                if i + 1 == parts.len() || !value.is_some_and(toml::Value::is_table) {
+                    return value.is_some();
+                }
+                at = value.and_then(toml::Value::as_table);
+            }
+            false
+        };
+        let blame = |key: &str, message: String| match (set_here(key), in_file(key)) {
+            (true, _) => Error::config(format!("{key}` from `--set"), message),
+            (false, true) => Error::config(format!("{key}` in `{file}"), message),
+            (false, false) => Error::config(key, format!("{message} (its default: {file} leaves it out)")),
         };
         let mut cfg: RunConfig = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
             let key = e.path().to_string();
             let message = e.into_inner().message().to_string();
             match key.as_str() {
                 "." => Error::Input(format!("{file}: {message} (a [section] of the config)")),
-                _ => Error::config(origin(&key), message),
+                _ => blame(&key, message),
             }
         })?;
         if let (Some(m), false) = (cfg.parallelism.microbatches, grad_accum_given) {
             cfg.training.grad_accum = m;
         }
         cfg.validate().map_err(|e| match e {
-            Error::Config { key, message } => Error::config(origin(&key), message),
+            Error::Config { key, message } => blame(&key, message),
             other => other,
         })?;
         Ok(cfg)
@@ -460,6 +475,9 @@ impl RunConfig {
         self.model.validate()?;
         self.optimizer.validate()?;
         let t = &self.training;
+        if t.steps == 0 {
+            return Err(Error::config("training.steps", "must be at least 1"));
+        }
         self.lr_scheduler.validate(t.steps)?;
         match self.parallelism.microbatches {
             Some(0) => return Err(Error::config("parallelism.microbatches", "must be at least 1")),

@@ -56,10 +56,19 @@ impl Metrics {
                 .map(str::to_string)
                 .collect(),
         };
-        let mut file = File::create(&path).map_err(|e| Error::io(format!("cannot create {}", path.display()), e))?;
-        for line in kept {
-            writeln!(file, "{line}").map_err(|e| Error::io(format!("cannot write {}", path.display()), e))?;
-        }
+        // The kept rows replace the file whole (a crash meanwhile leaves the old one).
+        let tmp = run_dir.join(".metrics.jsonl.tmp");
+        let written = File::create(&tmp).and_then(|mut f| {
+            kept.iter().try_for_each(|line| writeln!(f, "{line}"))?;
+            f.sync_all()
+        });
+        written
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .map_err(|e| Error::io(format!("cannot write {}", path.display()), e))?;
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .map_err(|e| Error::io(format!("cannot open {}", path.display()), e))?;
         let bar = std::io::stderr().is_terminal().then(|| {
             let bar = ProgressBar::new(total_steps);
             let style = ProgressStyle::with_template(

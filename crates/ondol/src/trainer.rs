@@ -73,6 +73,8 @@ pub struct Trainer<B: Backend> {
     sched: LrSchedule,
     loader: Batches,
     val: Option<Arc<TokenStream>>,
+    /// Whether the first evaluation has said what it reads where that is less than asked.
+    eval_noted: bool,
     /// The run's tokenizer.json (copied into checkpoints) and end-of-text id, if known.
     tokenizer: Option<PathBuf>,
     eos_token_id: Option<u32>,
@@ -113,7 +115,7 @@ impl<B: Backend> Trainer<B> {
         } else {
             let weights: Vec<f64> = cfg.data.sources.iter().map(|s| s.weight).collect();
             let mix = Mixture::new(data.train, &weights, t.seq_len, t.batch_size, order, t.seed, replica, replicas);
-            Batches::Mix(mix?)
+            Batches::Mix(mix.map_err(|e| Error::config("data.sources", e.to_string()))?)
         };
         let eos_token_id = match (&data.tokenizer, cfg.data.tokenizer.as_deref()) {
             (Some(file), _) => {
@@ -131,6 +133,7 @@ impl<B: Backend> Trainer<B> {
             val: data.val,
             tokenizer: data.tokenizer,
             eos_token_id,
+            eval_noted: false,
             step: 0,
             tokens: 0,
             cfg,
@@ -334,6 +337,14 @@ impl<B: Backend> Trainer<B> {
             .map_err(|e| Error::config("data.val", format!("too little validation data for one batch: {e}")))?;
         let rows = t.batch_size * t.seq_len;
         let whole = loader.windows_per_epoch() as usize / self.cfg.global_batch();
+        if t.eval_batches > whole && whole > 0 && !self.eval_noted && self.engine.comms.rank() == 0 {
+            eprintln!(
+                "note: the validation data holds {whole} global batches, fewer than training.eval_batches = {}: \
+                 each evaluation reads those",
+                t.eval_batches
+            );
+        }
+        self.eval_noted = true;
         let per_replica = match whole {
             0 => (loader.batches_per_epoch() as usize / replicas).max(1),
             _ => (t.eval_batches.min(whole) * t.grad_accum).max(1),

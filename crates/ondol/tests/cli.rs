@@ -63,6 +63,11 @@ fn bad_values_are_refused_with_key_file_and_what_is_valid() {
     // (overrides, substrings the message must contain)
     let cases: &[(&[&str], &[&str])] = &[
         (&["model.n_heads=3"], &["model.n_heads", "does not divide d_model = 16"]),
+        (&["training.steps=0"], &["training.steps` from `--set", "at least 1"]),
+        (
+            &["parallelism.pp=2", "parallelism.schedule=\"interleaved\""],
+            &["parallelism.virtual_stages`: 1", "its default: run.toml leaves it out"],
+        ),
         (&["model.n_kv_heads=3"], &["model.n_kv_heads", "divide n_heads = 2"]),
         (&["model.n_kv_heads=0"], &["model.n_kv_heads"]),
         (&["model.d_model=0"], &["model.d_model", "at least 1"]),
