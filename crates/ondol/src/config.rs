@@ -649,13 +649,42 @@ fn apply_override(table: &mut toml::Table, spec: &str) -> Result<(), Error> {
         }
         Err(_) => toml::Value::String(raw.to_string()),
     };
+    // A key may name an element of a list of tables: data.sources[1].weight.
+    let element = |node, name, i| list_element(node, name, i).map_err(|why| bad(&why));
+    let (last, parents) = keys.split_last().expect("at least two keys");
     let mut node = table;
-    for key in &keys[..keys.len() - 1] {
-        let entry = node.entry(key.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    for key in parents {
+        let entry = match indexed(key).ok_or_else(|| bad(&format!("`{key}`: an index is [N]")))? {
+            (name, None) => node.entry(name).or_insert_with(|| toml::Value::Table(toml::Table::new())),
+            (name, Some(i)) => element(node, name, i)?,
+        };
         node = entry.as_table_mut().ok_or_else(|| bad(&format!("`{key}` is not a section")))?;
     }
-    node.insert(keys[keys.len() - 1].to_string(), value);
+    match indexed(last).ok_or_else(|| bad(&format!("`{last}`: an index is [N]")))? {
+        (name, None) => {
+            node.insert(name.to_string(), value);
+        }
+        (name, Some(i)) => *element(node, name, i)? = value,
+    }
     Ok(())
+}
+
+/// Element `i` of the list `name` in `node`, or why there is none.
+fn list_element<'a>(node: &'a mut toml::Table, name: &str, i: usize) -> Result<&'a mut toml::Value, String> {
+    let Some(list) = node.get_mut(name).and_then(toml::Value::as_array_mut) else {
+        return Err(format!("`{name}` is no list here to index: give the whole list, {name}=[...]"));
+    };
+    let n = list.len();
+    list.get_mut(i).ok_or_else(|| format!("`{name}` has {n} entries: indices 0 to {}", n.saturating_sub(1)))
+}
+
+/// A key and the list index it may carry: `sources[1]` is ("sources", Some(1)); None for a
+/// malformed index.
+fn indexed(key: &str) -> Option<(&str, Option<usize>)> {
+    match key.split_once('[') {
+        None => Some((key, None)),
+        Some((name, rest)) => Some((name, Some(rest.strip_suffix(']')?.parse().ok()?))),
+    }
 }
 
 #[cfg(test)]
@@ -675,5 +704,19 @@ mod tests {
         assert_eq!(t["data"]["train"].as_array().map(|a| a.len()), Some(2));
         assert!(apply_override(&mut t, "steps").is_err());
         assert!(apply_override(&mut t, "training.steps.x=1").is_err());
+        // An element of a list of tables, or the element whole.
+        let mut t: toml::Table = toml::from_str(
+            "[[data.sources]]\ntrain = [\"a\"]\nweight = 1.0\n[[data.sources]]\ntrain = [\"b\"]\nweight = 2.0",
+        )
+        .unwrap();
+        apply_override(&mut t, "data.sources[1].weight=0.5").unwrap();
+        apply_override(&mut t, "data.sources[0]={train=[\"c\"], weight=3.0}").unwrap();
+        assert_eq!(t["data"]["sources"][1]["weight"].as_float(), Some(0.5));
+        assert_eq!(t["data"]["sources"][0]["train"][0].as_str(), Some("c"));
+        let err = apply_override(&mut t, "data.sources[2].weight=1").unwrap_err().to_string();
+        assert!(err.contains("has 2 entries") && err.contains("0 to 1"), "{err}");
+        let err = apply_override(&mut t, "training.steps[0]=1").unwrap_err().to_string();
+        assert!(err.contains("no list here"), "{err}");
+        assert!(apply_override(&mut t, "data.sources[x].weight=1").is_err());
     }
 }

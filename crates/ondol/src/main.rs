@@ -126,7 +126,7 @@ fn parse_device(s: &str) -> std::result::Result<Device, String> {
 struct ConfigArgs {
     /// The run config (TOML).
     config: PathBuf,
-    /// Override a config value, e.g. --set training.steps=100 (repeatable).
+    /// Override a config value, e.g. --set training.steps=100 or data.sources[1].weight=0.5 (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
 }
