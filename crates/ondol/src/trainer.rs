@@ -244,7 +244,12 @@ impl<B: Backend> Trainer<B> {
         }
         check_tokenizer(&ckpt.dir, Some(&saved), &self.cfg, self.tokenizer.as_deref())?;
         let restart = self.cfg.checkpoint.on_data_change == OnDataChange::Restart;
-        let position = match first_difference("", &data_identity(&saved), &data_identity(&self.cfg)) {
+        let (theirs, ours) = (data_identity(&saved), data_identity(&self.cfg));
+        // New weights over the same sources (an annealing mixture): each source goes on from
+        // where it was, and the draws from here on follow the new shares.
+        let reweighted = theirs != ours && without_weights(&theirs) == without_weights(&ours);
+        let difference = if reweighted { None } else { first_difference("", &theirs, &ours) };
+        let position = match difference {
             None => {
                 let t = &self.cfg.training;
                 let reads = (saved.training.batch_size * saved.parallelism.dp, t.batch_size * self.cfg.parallelism.dp);
@@ -269,6 +274,13 @@ impl<B: Backend> Trainer<B> {
                 ));
             }
         };
+        if reweighted && position == DataPosition::Continued && self.is_leader() {
+            let shares: Vec<String> = self.cfg.data.sources.iter().map(|s| format!("{}", s.weight)).collect();
+            eprintln!(
+                "note: data.sources has new weights ({}): each source goes on from where the checkpoint left it",
+                shares.join(", ")
+            );
+        }
         let step = ckpt.state.step;
         self.engine.load_whole(&ckpt.params, Some((&ckpt.exp_avg, &ckpt.exp_avg_sq, step)));
         (self.step, self.tokens) = (step, ckpt.state.tokens);
@@ -638,6 +650,15 @@ pub(crate) fn first_difference(prefix: &str, a: &serde_json::Value, b: &serde_js
 /// out of the training files changes what training reads); file patterns as paths, so that
 /// `./shards/*.bin` and `shards/*.bin` are the same. A step reads the same sequences whatever
 /// the factors of its global batch (the loader's docs), so only their product counts.
+/// A data identity with the mixture's weights left out.
+fn without_weights(identity: &serde_json::Value) -> serde_json::Value {
+    let mut identity = identity.clone();
+    if let Some(sources) = identity["data"]["sources"].as_array_mut() {
+        sources.iter_mut().for_each(|s| s["weight"] = serde_json::Value::Null);
+    }
+    identity
+}
+
 fn data_identity(c: &RunConfig) -> serde_json::Value {
     let mut data = c.data.clone();
     data.tokenizer = None;

@@ -122,6 +122,13 @@ fn a_resumed_mixture_run_may_cut_its_global_batch_otherwise() {
     // Weights of the same shares, written at another scale, are the same mixture.
     let scaled = "data.sources=[{train=[\"corpus.txt\"], weight=6.0}, {train=[\"other.txt\"], weight=2.0}]";
     assert_eq!(restore(&mut trainer(dir.path(), &[scaled]), &saved).unwrap(), DataPosition::Continued);
+    // New shares (an annealing stage) go on from every source's saved position, not from the
+    // start of the data (which would read the first steps' sequences again).
+    let mut annealed = trainer(dir.path(), &["data.sources[1].weight=3.0"]);
+    assert_eq!(restore(&mut annealed, &saved).unwrap(), DataPosition::Continued);
+    let position = |t: &Trainer<CpuBackend>| t.snapshot().unwrap().unwrap().data;
+    assert_eq!(position(&annealed), position(&first));
+    assert!(annealed.step().unwrap().loss.is_finite());
 }
 
 fn resume_is_exact(dir: tempfile::TempDir) {
