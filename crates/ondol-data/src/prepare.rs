@@ -245,6 +245,19 @@ impl ShardTokenizer {
         Ok(Some(Self { sha256: field("sha256")?, eot_token: field("eot_token")? }))
     }
 
+    /// The tokenizer of every directory holding some of `files` that has a manifest of ours,
+    /// with the directory (each once, refusing one half moved into place as [`Self::of_dir`]).
+    pub fn of_files(files: &[PathBuf]) -> Result<Vec<(PathBuf, Self)>, DataError> {
+        let dirs: std::collections::BTreeSet<&Path> = files.iter().filter_map(|f| f.parent()).collect();
+        let mut found = Vec::new();
+        for dir in dirs {
+            if let Some(made) = Self::of_dir(dir)? {
+                found.push((dir.to_path_buf(), made));
+            }
+        }
+        Ok(found)
+    }
+
     /// Whether `tokenizer` (a tokenizer.json) is this one, by content.
     pub fn is(&self, tokenizer: &Path) -> Result<bool, DataError> {
         let bytes = std::fs::read(tokenizer).map_err(|e| DataError::io("read", tokenizer, e))?;

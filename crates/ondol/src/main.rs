@@ -926,12 +926,8 @@ fn eval(args: EvalArgs) -> Result<()> {
     // Shards of `data prepare` name their tokenizer: the model's must be it.
     let ours = p.dir.join("tokenizer.json");
     if shards {
-        let dirs: std::collections::BTreeSet<&Path> = files.iter().filter_map(|f| f.parent()).collect();
-        for d in dirs {
-            if let Some(made) = ShardTokenizer::of_dir(d)?
-                && ours.is_file()
-                && !made.is(&ours)?
-            {
+        for (d, made) in ShardTokenizer::of_files(&files)? {
+            if ours.is_file() && !made.is(&ours)? {
                 return Err(Error::config(
                     "--data",
                     format!(

@@ -5,7 +5,6 @@
 //! The flag defaults here are the library defaults (`TrainConfig::default`,
 //! `PrepareConfig::new`); a test keeps them equal.
 
-use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use clap::{Args, Subcommand};
@@ -335,9 +334,7 @@ fn check_vocab_fits(cfg: &RunConfig, tokenizer: &Path) -> Result<()> {
 /// tokenizer are other text; training would go on without a word.)
 fn check_shards_tokenizer(cfg: &RunConfig, base: &Path, tokenizer: Option<&Path>) -> Result<()> {
     let files = expand_globs(&cfg.data.patterns(), base)?;
-    let dirs: BTreeSet<&Path> = files.iter().filter_map(|f| f.parent()).collect();
-    for dir in dirs {
-        let Some(made) = ShardTokenizer::of_dir(dir)? else { continue };
+    for (dir, made) in ShardTokenizer::of_files(&files)? {
         let manifest = dir.join("manifest.json");
         let Some(tokenizer) = tokenizer else {
             return Err(Error::config(
