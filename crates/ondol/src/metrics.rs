@@ -12,7 +12,9 @@ use std::path::Path;
 #[derive(Clone, Debug, Serialize)]
 pub struct StepRow {
     pub step: u64,
+    /// The mean training loss of the steps since the previous row.
     pub loss: f64,
+    /// The learning rate and gradient norm of `step` itself.
     pub lr: f32,
     pub grad_norm: f64,
     pub tokens: u64,

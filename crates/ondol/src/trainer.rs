@@ -565,7 +565,9 @@ pub fn run<B: Backend>(
     let start_step = trainer.step;
     // Throughput counts the steps' own time: not evaluations, checkpoint snapshots or logging.
     let (start, mut training_s) = (Instant::now(), 0.0);
-    let (mut window_s, mut window_tokens) = (0.0, 0u64);
+    // A logged row covers the steps since the previous one: their mean loss, as Megatron logs
+    // it (one step's loss is noisy at the default log_every = 10), and their tokens per second.
+    let (mut window_s, mut window_tokens, mut window_loss, mut window_steps) = (0.0, 0u64, 0.0, 0u64);
     let (mut first_loss, mut last) =
         (f64::NAN, StepStats { loss: f64::NAN, grad_norm: 0.0, lr: 0.0, pipeline_wait_s: 0.0 });
     let mut final_val_loss = first_val_loss;
@@ -578,12 +580,13 @@ pub fn run<B: Backend>(
             first_loss = last.loss;
         }
         window_tokens += trainer.tokens_per_step();
+        (window_loss, window_steps) = (window_loss + last.loss, window_steps + 1);
         let step = trainer.step;
         if step.is_multiple_of(log_every) || step == total {
             let tokens_per_s = window_tokens as f64 / window_s;
             metrics.step(StepRow {
                 step,
-                loss: last.loss,
+                loss: window_loss / window_steps as f64,
                 lr: last.lr,
                 grad_norm: last.grad_norm,
                 tokens: trainer.tokens,
@@ -591,7 +594,7 @@ pub fn run<B: Backend>(
                 mfu: tokens_per_s * flops_per_token / metrics.peak_flops,
                 mem_bytes: mem,
             })?;
-            (window_s, window_tokens) = (0.0, 0);
+            (window_s, window_tokens, window_loss, window_steps) = (0.0, 0, 0.0, 0);
         } else {
             metrics.tick(step, last.loss);
         }
@@ -645,11 +648,6 @@ pub(crate) fn first_difference(prefix: &str, a: &serde_json::Value, b: &serde_js
     })
 }
 
-/// What a data position depends on: the `[data]` section and the geometry of a step. Not the
-/// tokenizer (compared by content), nor validation files of their own (only a fraction held
-/// out of the training files changes what training reads); file patterns as paths, so that
-/// `./shards/*.bin` and `shards/*.bin` are the same. A step reads the same sequences whatever
-/// the factors of its global batch (the loader's docs), so only their product counts.
 /// A data identity with the mixture's weights left out.
 fn without_weights(identity: &serde_json::Value) -> serde_json::Value {
     let mut identity = identity.clone();
@@ -659,6 +657,11 @@ fn without_weights(identity: &serde_json::Value) -> serde_json::Value {
     identity
 }
 
+/// What a data position depends on: the `[data]` section and the geometry of a step. Not the
+/// tokenizer (compared by content), nor validation files of their own (only a fraction held
+/// out of the training files changes what training reads); file patterns as paths, so that
+/// `./shards/*.bin` and `shards/*.bin` are the same. A step reads the same sequences whatever
+/// the factors of its global batch (the loader's docs), so only their product counts.
 fn data_identity(c: &RunConfig) -> serde_json::Value {
     let mut data = c.data.clone();
     data.tokenizer = None;

@@ -57,6 +57,38 @@ fn a_valid_config_trains_and_writes_metrics_and_the_resolved_config() {
     assert!(err.contains("done: 3 steps"), "{err}");
 }
 
+/// The training rows of a run's metrics.jsonl: (step, loss).
+fn logged_losses(run: &std::path::Path) -> Vec<(u64, f64)> {
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let rows = metrics.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap());
+    rows.filter(|r| r.get("loss").is_some())
+        .map(|r| (r["step"].as_u64().unwrap(), r["loss"].as_f64().unwrap()))
+        .collect()
+}
+
+#[test]
+fn a_logged_loss_is_the_mean_of_the_steps_since_the_previous_row() {
+    let dir = setup(BASE);
+    for (every, run) in [("1", "each"), ("3", "thirds")] {
+        let set = format!("metrics.log_every={every}");
+        let args = ["train", "run.toml", "--set", "training.steps=7", "--set", &set, "--run-dir", run];
+        let (ok, err) = ondol_err(dir.path(), &args);
+        assert!(ok, "{err}");
+    }
+    let each = logged_losses(&dir.path().join("each"));
+    assert_eq!(each.len(), 7);
+    let mean = |steps: std::ops::RangeInclusive<usize>| {
+        let n = steps.clone().count() as f64;
+        steps.map(|s| each[s - 1].1).sum::<f64>() / n
+    };
+    let thirds = logged_losses(&dir.path().join("thirds"));
+    let steps: Vec<u64> = thirds.iter().map(|r| r.0).collect();
+    assert_eq!(steps, [3, 6, 7]);
+    for ((_, logged), expected) in thirds.iter().zip([mean(1..=3), mean(4..=6), mean(7..=7)]) {
+        assert!((logged - expected).abs() < 1e-9, "logged {logged}, mean of its steps {expected}");
+    }
+}
+
 #[test]
 fn bad_values_are_refused_with_key_file_and_what_is_valid() {
     let dir = setup(BASE);
