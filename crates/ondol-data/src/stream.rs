@@ -101,6 +101,11 @@ impl TokenStream {
         Ok(Self::from_parts(parts))
     }
 
+    /// The streams one after the other, as one.
+    pub fn concat(streams: impl IntoIterator<Item = TokenStream>) -> Self {
+        Self::from_parts(streams.into_iter().flat_map(|s| s.parts).collect())
+    }
+
     fn from_parts(parts: Vec<Part>) -> Self {
         let parts: Vec<Part> = parts.into_iter().filter(|p| p.len > 0).collect();
         let mut starts = Vec::with_capacity(parts.len() + 1);
@@ -288,6 +293,11 @@ mod tests {
         };
         assert_eq!(origins(&val), [at(0, 8..10), at(2, 2..3), at(3, 16..20)].concat());
         assert_eq!(origins(&train), [at(0, 0..8), at(2, 0..2), at(3, 0..16)].concat());
+        // Two sources' tails, concatenated, are one stream's over the same files.
+        let first = TokenStream::open(&files[..2], SourceKind::Shards).unwrap().split_tail(0.2).unwrap().1;
+        let second = TokenStream::open(&files[2..], SourceKind::Shards).unwrap().split_tail(0.2).unwrap().1;
+        let both = TokenStream::concat([first, second]);
+        assert_eq!((all(&both), origins(&both)), (all(&val), origins(&val)));
         let (train_again, none) = train.split_tail(0.0).unwrap();
         assert_eq!((train_again.len(), none.len()), (26, 0));
         for bad in [1.0, -0.1, f64::NAN] {

@@ -44,9 +44,14 @@ impl Data {
             Some(open(&d.val)?)
         } else if d.val_fraction > 0.0 {
             // The tail of every file of every source, as one validation stream.
-            let all: Vec<String> = patterns.iter().flat_map(|p| p.iter().cloned()).collect();
-            train = train.into_iter().map(|t| Ok(t.split_tail(d.val_fraction)?.0)).collect::<Result<_>>()?;
-            Some(open(&all)?.split_tail(d.val_fraction)?.1)
+            let (heads, tails): (Vec<_>, Vec<_>) = train
+                .into_iter()
+                .map(|t| t.split_tail(d.val_fraction))
+                .collect::<Result<Vec<_>, _>>()?
+                .into_iter()
+                .unzip();
+            train = heads;
+            Some(TokenStream::concat(tails))
         } else {
             None
         };
