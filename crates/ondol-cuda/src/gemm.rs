@@ -186,40 +186,46 @@ impl Blas {
                 None
             }
         });
-        let Some(plan) = plan else { return false };
+        let Some(found) = plan.as_ref() else { return false };
         // SAFETY: the attributes take device pointers; the plan's descriptor is used by this
-        // call only (the cache's lock is held).
-        unsafe {
+        // call only (the cache's lock is held). The plan matches these buffers' shapes and
+        // types (the key), the views are in bounds (checked above), and the workspace is ours
+        // for the call's duration on this stream.
+        let ran = unsafe {
             use sys::cublasLtMatmulDescAttributes_t as A;
-            bias.map_or(Ok(()), |p| set_desc(plan.desc, A::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &p)).and_then(|_| {
-                aux.map_or(Ok(()), |p| set_desc(plan.desc, A::CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &p))
-            })
+            bias.map_or(Ok(()), |p| set_desc(found.desc, A::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &p))
+                .and_then(|_| {
+                    aux.map_or(Ok(()), |p| set_desc(found.desc, A::CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &p))
+                })
+                .and_then(|_| {
+                    result::matmul(
+                        self.handle,
+                        found.desc,
+                        (&g.alpha) as *const f32 as *const c_void,
+                        (&g.beta) as *const f32 as *const c_void,
+                        b.ptr as *const c_void,
+                        found.layouts[0],
+                        a.ptr as *const c_void,
+                        found.layouts[1],
+                        c.ptr as *const c_void,
+                        found.layouts[2],
+                        c.ptr as *mut c_void,
+                        found.layouts[2],
+                        &found.algo,
+                        self.workspace_ptr as *mut c_void,
+                        WORKSPACE_BYTES,
+                        stream.cu_stream() as sys::cudaStream_t,
+                    )
+                })
+        };
+        // cuBLASLt checks a call's arguments before it launches anything, so a refusal (an
+        // algorithm the heuristic offered that then turns these pointers down) ran nothing:
+        // the plan is dropped and the caller's fallback runs, now and for later calls.
+        if let Err(e) = ran {
+            eprintln!("ondol: cuBLASLt refused its own plan for {key:?} ({e:?}); the fallback runs it instead");
+            *plan = None;
+            return false;
         }
-        .unwrap_or_else(|e| panic!("cuBLASLt epilogue pointers {key:?}: {e:?}"));
-        // SAFETY: the plan matches these buffers' shapes and types (the key), the views are
-        // in bounds (checked above), and the workspace is ours for the call's duration on
-        // this stream.
-        unsafe {
-            result::matmul(
-                self.handle,
-                plan.desc,
-                (&g.alpha) as *const f32 as *const c_void,
-                (&g.beta) as *const f32 as *const c_void,
-                b.ptr as *const c_void,
-                plan.layouts[0],
-                a.ptr as *const c_void,
-                plan.layouts[1],
-                c.ptr as *const c_void,
-                plan.layouts[2],
-                c.ptr as *mut c_void,
-                plan.layouts[2],
-                &plan.algo,
-                self.workspace_ptr as *mut c_void,
-                WORKSPACE_BYTES,
-                stream.cu_stream() as sys::cudaStream_t,
-            )
-        }
-        .unwrap_or_else(|e| panic!("cuBLASLt matmul {key:?}: {e:?}"));
         true
     }
 
