@@ -57,7 +57,7 @@ fn main() {
         write(&probe, &format!("{body}}}\n"));
         let expanded = Command::new(compiler.path())
             .args(compiler.args())
-            .args(["-E", "-P", "-D__global__=ONDOL_KERNEL", "-I"])
+            .args(["-E", "-P", "-D__global__=ONDOL_KERNEL", "-DONDOL_EMU_PROBE", "-I"])
             .arg(&emu)
             .arg(&probe)
             .output()
@@ -68,15 +68,16 @@ fn main() {
         let signatures = kernel_signatures(&String::from_utf8_lossy(&expanded.stdout));
         assert!(!signatures.is_empty(), "{} defines no extern \"C\" __global__ kernel", path.display());
         let mut unit = body;
-        for (name, types) in &signatures {
-            let args: Vec<String> = types.iter().enumerate().map(|(i, t)| format!("*({t}*)p[{i}]")).collect();
-            writeln!(unit, "static void thunk_{name}(void** p) {{ {name}({}); }}", args.join(", ")).unwrap();
+        for k in &signatures {
+            let args: Vec<String> = k.types.iter().enumerate().map(|(i, t)| format!("*({t}*)p[{i}]")).collect();
+            writeln!(unit, "static void thunk_{}(void** p) {{ {}({}); }}", k.name, k.name, args.join(", ")).unwrap();
         }
         writeln!(unit, "extern \"C\" const OndolEmuKernel ondol_emu_table_{family}[] = {{").unwrap();
-        for (name, _) in &signatures {
-            writeln!(unit, "    {{\"{name}\", thunk_{name}}},").unwrap();
+        for k in &signatures {
+            let bound = k.max_threads.as_deref().unwrap_or("1024");
+            writeln!(unit, "    {{\"{}\", thunk_{}, (unsigned)({bound})}},", k.name, k.name).unwrap();
         }
-        unit.push_str("    {nullptr, nullptr}};\n}\n");
+        unit.push_str("    {nullptr, nullptr, 0}};\n}\n");
         let unit_path = out.join(format!("emu_{family}.cpp"));
         write(&unit_path, &unit);
         build.file(&unit_path);
@@ -155,14 +156,43 @@ fn static_shared(src: &str) -> String {
     out
 }
 
-/// Every `extern "C" __global__ void name(params)` of the preprocessed source (with
-/// `__global__` as ONDOL_KERNEL): the name and each parameter's type.
-fn kernel_signatures(src: &str) -> Vec<(String, Vec<String>)> {
+/// A kernel as the emulator's table lists it.
+struct Signature {
+    name: String,
+    /// Each parameter's type.
+    types: Vec<String>,
+    /// The expression of its `__launch_bounds__`' thread count, if it has them.
+    max_threads: Option<String>,
+}
+
+/// Every `extern "C" __global__ void [__launch_bounds__(n)] name(params)` of the preprocessed
+/// source (with `__global__` as ONDOL_KERNEL and the bounds as ONDOL_BOUNDS(n)).
+fn kernel_signatures(src: &str) -> Vec<Signature> {
     const MARK: &str = "ONDOL_KERNEL void ";
+    const BOUNDS: &str = "ONDOL_BOUNDS(";
     let mut found = Vec::new();
     let mut rest = src;
     while let Some(at) = rest.find(MARK) {
-        let after = &rest[at + MARK.len()..];
+        let mut after = rest[at + MARK.len()..].trim_start();
+        let mut max_threads = None;
+        if let Some(bounds) = after.strip_prefix(BOUNDS) {
+            // The thread count's expression, up to the parenthesis that closes the bounds.
+            let mut depth = 1;
+            let end = bounds
+                .char_indices()
+                .find(|&(_, c)| {
+                    depth += match c {
+                        '(' => 1,
+                        ')' => -1,
+                        _ => 0,
+                    };
+                    depth == 0
+                })
+                .expect("__launch_bounds__ closes")
+                .0;
+            max_threads = Some(bounds[..end].to_string());
+            after = &bounds[end + 1..];
+        }
         let open = after.find('(').expect("a kernel's parameter list");
         let close = open + after[open..].find(')').expect("a kernel's parameter list closes");
         let name = after[..open].trim().to_string();
@@ -175,7 +205,7 @@ fn kernel_signatures(src: &str) -> Vec<(String, Vec<String>)> {
                 p[..=split].replace("__restrict", "").trim().to_string()
             })
             .collect();
-        found.push((name, types));
+        found.push(Signature { name, types, max_threads });
         rest = &after[close..];
     }
     found

@@ -14,3 +14,6 @@ extern "C" __global__ void read_static_shared_of_another_block(float* out) {
 
 // Stores a bf16 pair at `at`, which the GPU faults on unless it is 4-byte aligned.
 extern "C" __global__ void store_bf16_pair(bf16* at) { store_pair(at, 0u); }
+
+// Bounded to 64 threads a block: the GPU refuses a launch of more.
+extern "C" __global__ void __launch_bounds__(2 * 32) bounded_to_two_warps(float* out) { out[threadIdx.x] = 1.0f; }

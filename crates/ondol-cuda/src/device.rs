@@ -100,14 +100,16 @@ pub(crate) trait Device: Send + Sync {
 }
 
 /// Why a GPU with `max_shared` bytes of shared memory a block would refuse this launch, if it
-/// would: more shared memory than that, or more than 65,535 blocks along y or z (x takes
-/// 2^31 - 1). Both devices check it before a launch: the emulator so that a launch whose
+/// would: more shared memory than that, more than 1,024 threads a block, or more than 65,535
+/// blocks along y or z (x takes 2^31 - 1). Both devices check it before a launch: the emulator so that a launch whose
 /// geometry grows with a shape fails in the tests first, the GPU so that the panic names the
 /// limit (the driver says only "invalid argument").
 pub(crate) fn launch_limit(cfg: &LaunchConfig, max_shared: u32) -> Option<String> {
     let (_, y, z) = cfg.grid_dim;
     if cfg.shared_mem_bytes > max_shared {
         Some(format!("{} bytes of shared memory (this GPU has {max_shared})", cfg.shared_mem_bytes))
+    } else if cfg.block_dim.0 * cfg.block_dim.1 * cfg.block_dim.2 > 1024 {
+        Some(format!("block {:?} (at most 1,024 threads)", cfg.block_dim))
     } else if y > 65_535 || z > 65_535 || cfg.grid_dim.0 > i32::MAX as u32 {
         Some(format!("grid {:?} (y and z at most 65,535, x at most 2^31 - 1)", cfg.grid_dim))
     } else {

@@ -27,6 +27,17 @@ use std::sync::{Arc, Mutex, OnceLock};
 struct Kernel {
     name: *const c_char,
     thunk: Option<unsafe extern "C" fn(*mut *mut c_void)>,
+    max_threads: u32,
+}
+
+type Thunk = unsafe extern "C" fn(*mut *mut c_void);
+
+/// A kernel of the emulator's registry: its name, its thunk and its block's thread limit
+/// (`__launch_bounds__`, or 1024).
+struct Entry {
+    name: String,
+    thunk: Thunk,
+    max_threads: u32,
 }
 
 unsafe extern "C" {
@@ -59,11 +70,10 @@ impl Emulator {
         Self { reverse, max_shared, live: Arc::default() }
     }
 
-    fn find(family: &str, name: &str) -> unsafe extern "C" fn(*mut *mut c_void) {
+    fn find(family: &str, name: &str) -> Entry {
         family_table(family)
             .into_iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, thunk)| thunk)
+            .find(|k| k.name == name)
             .unwrap_or_else(|| panic!("kernel {family}/{name} is not in the emulator's table of family {family}"))
     }
 
@@ -80,7 +90,7 @@ impl Emulator {
 }
 
 /// The kernels of `family` in the emulator's registry (built by build.rs), with their thunks.
-fn family_table(family: &str) -> Vec<(String, unsafe extern "C" fn(*mut *mut c_void))> {
+fn family_table(family: &str) -> Vec<Entry> {
     let family_c = CString::new(family).expect("no NUL in a family name");
     let mut out = Vec::new();
     // SAFETY: the registry returns a static table ending with a null name, or null.
@@ -89,7 +99,8 @@ fn family_table(family: &str) -> Vec<(String, unsafe extern "C" fn(*mut *mut c_v
         assert!(!k.is_null(), "kernel family {family} is not in the emulator (rebuild ondol-cuda)");
         while !(*k).name.is_null() {
             let name = CStr::from_ptr((*k).name).to_string_lossy().into_owned();
-            out.push((name, (*k).thunk.expect("every named kernel has a thunk")));
+            let thunk = (*k).thunk.expect("every named kernel has a thunk");
+            out.push(Entry { name, thunk, max_threads: (*k).max_threads });
             k = k.add(1);
         }
     }
@@ -98,7 +109,7 @@ fn family_table(family: &str) -> Vec<(String, unsafe extern "C" fn(*mut *mut c_v
 
 /// Every kernel of kernels/*.cu, as "family/name".
 pub fn kernel_names() -> Vec<String> {
-    FAMILIES.iter().flat_map(|f| family_table(f.name).into_iter().map(|(n, _)| format!("{}/{n}", f.name))).collect()
+    FAMILIES.iter().flat_map(|f| family_table(f.name).into_iter().map(|k| format!("{}/{}", f.name, k.name))).collect()
 }
 
 /// Where the emulator appends "family/name" for every launch: the file named by
@@ -178,7 +189,15 @@ impl Device for Emulator {
         if let Some(why) = launch_limit(&cfg, self.max_shared) {
             panic!("kernel {family}/{name}: a GPU refuses a launch with {why}");
         }
-        let thunk = Self::find(family, name);
+        let kernel = Self::find(family, name);
+        let threads = cfg.block_dim.0 * cfg.block_dim.1 * cfg.block_dim.2;
+        if threads > kernel.max_threads {
+            panic!(
+                "kernel {family}/{name}: a GPU refuses a launch of {threads} threads a block past its \
+                 __launch_bounds__ ({})",
+                kernel.max_threads
+            );
+        }
         if let Some(log) = launch_log() {
             writeln!(log.lock().expect("launch log"), "{family}/{name}").expect("write the launch log");
         }
@@ -192,7 +211,7 @@ impl Device for Emulator {
         // the GPU); pointers in them address live emulator buffers.
         let status = unsafe {
             ondol_emu_launch(
-                thunk,
+                kernel.thunk,
                 grid.as_ptr(),
                 block.as_ptr(),
                 cfg.shared_mem_bytes as usize,
@@ -305,6 +324,22 @@ mod tests {
         assert!(store(ptr + 4).is_ok());
         let message = *store(ptr + 2).unwrap_err().downcast::<String>().unwrap();
         assert!(message.contains("a bf16 pair's store") && message.contains("not 4-byte aligned"), "{message}");
+    }
+
+    /// A block larger than its kernel's `__launch_bounds__` (which the emulator's build
+    /// erases from the kernel, as the compiler's register budget is all they change) fails
+    /// its launch, as the GPU refuses it; a block within them runs.
+    #[test]
+    fn a_block_past_its_launch_bounds_fails_its_launch() {
+        let dev = Emulator::new(false, 48 << 10);
+        let (_mem, ptr) = dev.alloc_zeroed(4 * 96).unwrap();
+        let launch = |threads: u32| {
+            let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
+            std::panic::catch_unwind(|| dev.launch("emu_selftest", "bounded_to_two_warps", cfg, &[Arg::Ptr(ptr)]))
+        };
+        assert!(launch(64).is_ok());
+        let message = *launch(96).unwrap_err().downcast::<String>().unwrap();
+        assert!(message.contains("96 threads") && message.contains("__launch_bounds__ (64)"), "{message}");
     }
 
     /// A static `__shared__` array starts every block as NaN, as it starts undefined on the
