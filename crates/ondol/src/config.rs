@@ -485,8 +485,8 @@ impl RunConfig {
                 return Err(Error::config(
                     "parallelism.microbatches",
                     format!(
-                        "{m} disagrees with training.grad_accum = {}: they are the same count (micro-batches \
-                         per optimizer step), so set one of them",
+                        "{m} disagrees with training.grad_accum = {}: they are two names of one count (micro-batches \
+                         per optimizer step); set training.grad_accum = {m} instead",
                         t.grad_accum
                     ),
                 ));

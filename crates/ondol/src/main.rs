@@ -696,7 +696,9 @@ fn restore<B: Backend>(trainer: &mut Trainer<B>, loaded: Loaded) -> Result<u64> 
 }
 
 fn inspect(args: InspectArgs) -> Result<()> {
-    let path = match args.config.is_dir() {
+    // A config file, or a checkpoint, run directory or checkpoints/latest (its pointer file).
+    let pointer = args.config.is_file() && args.config.file_name().is_some_and(|n| n == "latest");
+    let path = match args.config.is_dir() || pointer {
         false => args.config.clone(),
         true => {
             let dir = model_dir(&args.config)?;

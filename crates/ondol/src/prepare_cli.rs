@@ -392,13 +392,15 @@ fn prepare_table(p: &PrepareTable, base: &Path) -> Result<()> {
             let theirs: PrepareTable = serde_json::from_str(&text).map_err(|e| {
                 Error::Input(format!("{}: {e}; delete {} to prepare again", record.display(), out.display()))
             })?;
-            if let Some((key, was)) = first_difference("data.prepare", &what_prepares(&theirs), &what_prepares(p)) {
+            if let Some(d) = first_difference("data.prepare", &what_prepares(&theirs), &what_prepares(p)) {
                 return Err(Error::config(
-                    key,
+                    d.key,
                     format!(
-                        "{} was prepared with {was}: delete it to prepare again with this value, or set \
+                        "{} was prepared with {}, not {}: delete it to prepare again with this value, or set \
                          data.prepare.out to another directory",
-                        out.display()
+                        out.display(),
+                        d.theirs,
+                        d.ours
                     ),
                 ));
             }

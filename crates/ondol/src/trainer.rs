@@ -240,9 +240,10 @@ impl<B: Backend> Trainer<B> {
         self.check_every_rank_loaded(Some(&ckpt))?;
         let origin = ckpt.dir.join("ondol.toml").display().to_string();
         let saved = RunConfig::parse(&ckpt.run_config, &origin, &[])?;
-        let differs = |(key, theirs): (String, String), what_to_do: &str| {
+        let differs = |d: Difference, what_to_do: &str| {
             let dir = ckpt.dir.display();
-            Error::config(key, format!("differs from the checkpoint {dir} (it has {theirs}); {what_to_do}"))
+            let (theirs, ours) = (d.theirs, d.ours);
+            Error::config(d.key, format!("{ours} differs from the checkpoint {dir} (it has {theirs}); {what_to_do}"))
         };
         if let Some(difference) = first_difference("model", &to_json(&saved.model), &to_json(&self.cfg.model)) {
             return Err(differs(difference, "resume with the same value"));
@@ -636,15 +637,25 @@ fn to_json(v: &impl serde::Serialize) -> serde_json::Value {
     serde_json::to_value(v).expect("configs serialize")
 }
 
-/// The dotted key (below `prefix`) of the first field where two serialized configs differ,
-/// and the first's value there.
-pub(crate) fn first_difference(prefix: &str, a: &serde_json::Value, b: &serde_json::Value) -> Option<(String, String)> {
-    if a == b {
+/// Where two serialized configs first differ: the dotted key and each one's value there.
+pub(crate) struct Difference {
+    pub key: String,
+    pub theirs: String,
+    pub ours: String,
+}
+
+/// The first field (below `prefix`) where `theirs` and `ours` differ.
+pub(crate) fn first_difference(
+    prefix: &str,
+    theirs: &serde_json::Value,
+    ours: &serde_json::Value,
+) -> Option<Difference> {
+    if theirs == ours {
         return None;
     }
-    let (Some(a), Some(b)) = (a.as_object(), b.as_object()) else {
-        let shown = if a.is_null() { "no value".to_string() } else { a.to_string() };
-        return Some((prefix.to_string(), shown));
+    let (Some(a), Some(b)) = (theirs.as_object(), ours.as_object()) else {
+        let shown = |v: &serde_json::Value| if v.is_null() { "no value".to_string() } else { v.to_string() };
+        return Some(Difference { key: prefix.to_string(), theirs: shown(theirs), ours: shown(ours) });
     };
     let null = serde_json::Value::Null;
     a.keys().chain(b.keys()).find_map(|k| {

@@ -325,7 +325,13 @@ fn a_new_stage_on_other_data_keeps_the_training_state_and_starts_its_data() {
     let err = restore(&mut stage(&[]), &saved).unwrap_err().to_string();
     assert!(err.contains("data.train") && err.contains("corpus.txt") && err.contains("on_data_change"), "{err}");
     let err = restore(&mut trainer(dir.path(), &["training.batch_size=4"]), &saved).unwrap_err().to_string();
-    assert!(err.contains("the global batch") && err.contains("it has 4") && err.contains("on_data_change"), "{err}");
+    assert!(
+        err.contains("the global batch")
+            && err.contains("8 differs")
+            && err.contains("it has 4")
+            && err.contains("on_data_change"),
+        "{err}"
+    );
 
     let mut second = stage(&[restart]);
     assert_eq!(restore(&mut second, &saved).unwrap(), DataPosition::Restarted);

@@ -160,7 +160,7 @@ lr = 1e-2
         assert!(ok && stdout == first.stdout && stderr.contains("step-00000030"), "{path}: {stderr}");
     }
     // inspect reads the config a checkpoint or run was trained with.
-    for path in ["run", ckpt] {
+    for path in ["run", ckpt, "run/checkpoints/latest"] {
         let Run { ok, stdout, stderr } = ondol(dir.path(), &["inspect", path, "--set", "parallelism.tp=2"]);
         assert!(ok && stdout.contains("parameters") && stdout.contains("(2, 1, 1)"), "{path}: {stderr}");
     }

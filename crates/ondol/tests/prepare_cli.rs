@@ -269,7 +269,7 @@ fn a_prepare_table_prepares_on_the_first_run_only() {
     assert!(ok && err.contains("using the prepared data"), "{err}");
     let (ok, err) =
         ondol_err(dir.path(), &["train", "run.toml", "--run-dir", "x", "--set", "data.prepare.vocab_size=300"]);
-    assert!(!ok && err.contains("data.prepare.vocab_size") && err.contains("was prepared with 400"), "{err}");
+    assert!(!ok && err.contains("data.prepare.vocab_size") && err.contains("was prepared with 400, not "), "{err}");
     // Prepared again by hand, the directory no longer claims to be the table's.
     assert!(dir.path().join("shards/prepared-with.json").exists());
     let by_hand = ["data", "prepare", "--input", "corpus/*.txt", "--tokenizer", "shards/tokenizer.json"];
