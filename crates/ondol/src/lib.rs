@@ -1,5 +1,5 @@
-//! The `ondol` binary's library: the run config, the trainer loop and its metrics, and the
-//! data-preparation commands (`prepare_cli`). The
+//! The `ondol` binary's library: the run config, the trainer loop and its metrics, the run
+//! directory's lock, and the data-preparation commands (`prepare_cli`). The
 //! binary itself (main.rs) only parses arguments, wires these together and reports.
 
 pub mod config;
@@ -7,4 +7,5 @@ pub mod launch;
 pub mod metrics;
 pub mod prepare_cli;
 pub mod pretrained;
+pub mod run_lock;
 pub mod trainer;

@@ -6,6 +6,7 @@ use ondol::launch::{self, LaunchArgs, SelftestArgs};
 use ondol::metrics::Metrics;
 use ondol::prepare_cli;
 use ondol::pretrained::{self, Pretrained, Sampling};
+use ondol::run_lock::RunLock;
 use ondol::trainer::{self, Data, DataPosition, Trainer};
 use ondol_ckpt::{Loaded, Writer, checkpoint};
 use ondol_comm::{Communicator, DistEnv, Mesh, RankComms, TcpNet};
@@ -187,11 +188,15 @@ fn main() -> ExitCode {
 fn train(args: TrainArgs) -> Result<()> {
     let cfg = RunConfig::load(&args.config.config, &args.config.set)?;
     let env = DistEnv::from_env()?;
-    // The run directory is rank 0's (the launched ranks after it stop when it stops); checked
-    // before any rank starts, so that a refusal leaves none waiting for it.
-    if env.rank == 0 {
+    // The run directory is rank 0's (the launched ranks after it stop when it stops), held for
+    // the whole run; checked before any rank starts, so that a refusal leaves none waiting.
+    let _run_dir = if env.rank == 0 {
+        let lock = RunLock::take(&args.run_dir())?;
         refuse_a_run_over_another(&args, &cfg)?;
-    }
+        Some(lock)
+    } else {
+        None
+    };
     // Launched ranks on one node share its cores: each takes its share unless told.
     let threads = cfg.training.threads.or_else(|| {
         (env.local_world_size > 1).then(|| {

@@ -89,6 +89,36 @@ fn a_logged_loss_is_the_mean_of_the_steps_since_the_previous_row() {
     }
 }
 
+/// A second run in a run directory another run is using is refused, naming the holder,
+/// and touches nothing of it; once the first run is gone, the directory is free again.
+#[test]
+fn a_second_run_in_a_run_directory_in_use_is_refused() {
+    let dir = setup(BASE);
+    let long =
+        ["train", "run.toml", "--run-dir", "run", "--set", "training.steps=100000", "--set", "training.eval_every=0"];
+    let mut first = Command::new(env!("CARGO_BIN_EXE_ondol"))
+        .args(long)
+        .current_dir(dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while !dir.path().join("run/metrics.jsonl").is_file() {
+        assert!(started.elapsed().as_secs() < 60, "the first run did not start");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let resolved = std::fs::read(dir.path().join("run/ondol.toml")).unwrap();
+    let (ok, err) = ondol_err(dir.path(), &["train", "run.toml", "--run-dir", "run", "--resume", "auto"]);
+    let pid = format!("pid {}", first.id());
+    assert!(!ok && err.contains("run is in use by another run") && err.contains(&pid), "{err}");
+    assert_eq!(std::fs::read(dir.path().join("run/ondol.toml")).unwrap(), resolved, "the refused run wrote");
+    first.kill().unwrap(); // SIGKILL: the kernel lets go of the lock with the process
+    first.wait().unwrap();
+    let (ok, err) = ondol_err(dir.path(), &["train", "run.toml", "--run-dir", "run", "--resume", "auto"]);
+    assert!(ok, "{err}");
+}
+
 #[test]
 fn bad_values_are_refused_with_key_file_and_what_is_valid() {
     let dir = setup(BASE);
