@@ -12,7 +12,12 @@
 //! | local world size | `LOCAL_WORLD_SIZE`        | `SLURM_NTASKS_PER_NODE` / `SLURM_TASKS_PER_NODE` entry of `SLURM_NODEID`, else ntasks / `SLURM_NNODES` | world size |
 //! | master address   | `MASTER_ADDR`             | first host of `SLURM_JOB_NODELIST` (`SLURM_NODELIST`) | 127.0.0.1   |
 //! | master port      | `MASTER_PORT`             | 15000 + `SLURM_JOB_ID` mod 20000 (one port per job)   | 29500       |
+//! | job id           | `TORCHELASTIC_RUN_ID`     | `SLURM_JOB_ID`                                        | none        |
 //!
+//! The job id keeps a job's ranks out of another job's store: two launches on one port (the
+//! second's rank 0 fails to bind, its other ranks would join the first job) are told apart.
+//! `ondol launch` on one node gives every launch an id of its own; torchrun passes its
+//! `--rdzv-id` (or "none", which tells no two jobs apart).
 //! With nothing set the process is a single rank. The parser takes a lookup function instead of
 //! reading the process environment, so tests pass explicit maps.
 
@@ -27,6 +32,8 @@ pub struct DistEnv {
     pub local_world_size: usize,
     pub master_addr: String,
     pub master_port: u16,
+    /// The same on every rank of a job, different between jobs; empty where none is set.
+    pub job_id: String,
 }
 
 /// torchrun's default rendezvous port.
@@ -100,7 +107,8 @@ impl DistEnv {
                 None => DEFAULT_MASTER_PORT,
             },
         };
-        Ok(DistEnv { rank, world_size, local_rank, local_world_size, master_addr, master_port })
+        let job_id = var(&["TORCHELASTIC_RUN_ID", "SLURM_JOB_ID"]).map(|(_, id)| id).unwrap_or_default();
+        Ok(DistEnv { rank, world_size, local_rank, local_world_size, master_addr, master_port, job_id })
     }
 
     /// `MASTER_ADDR:MASTER_PORT`, the store's address.

@@ -3,7 +3,10 @@
 //!
 //! What it guarantees:
 //! - Each child gets `RANK = node_rank * nproc_per_node + local_rank`, `WORLD_SIZE`,
-//!   `LOCAL_RANK`, `LOCAL_WORLD_SIZE`, `MASTER_ADDR` and `MASTER_PORT`.
+//!   `LOCAL_RANK`, `LOCAL_WORLD_SIZE`, `MASTER_ADDR` and `MASTER_PORT`; on one node also a
+//!   `TORCHELASTIC_RUN_ID` of this launch's own (unless one is set), so that ranks of a second
+//!   launch on the same port refuse the first's store instead of joining it (the nodes of a
+//!   multi-node launch share the one their environment gives, if any: see [`crate::env`]).
 //! - Every line a child writes to stdout or stderr is written to the launcher's stdout or stderr
 //!   prefixed with `[rank K] `, one whole line at a time (lines never interleave mid-line).
 //! - SIGINT and SIGTERM received by the launcher are forwarded to every running child.
@@ -148,6 +151,12 @@ struct Rank {
     status: Option<ExitStatus>,
 }
 
+/// An id no other launch has: this launcher's pid and its start time in nanoseconds.
+fn unique_job_id() -> String {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    format!("ondol-{}-{}", std::process::id(), now.as_nanos())
+}
+
 /// Runs the ranks of this node until all exit. Fails when a rank fails (naming it and its
 /// status), when the launcher was interrupted, or when the options cannot work.
 pub fn launch(opts: &LaunchOptions) -> Result<(), CommError> {
@@ -167,6 +176,12 @@ pub fn launch(opts: &LaunchOptions) -> Result<(), CommError> {
         p => p,
     };
 
+    let job_id = match std::env::var("TORCHELASTIC_RUN_ID") {
+        Ok(id) => Some(id),
+        Err(_) if nnodes == 1 => Some(unique_job_id()),
+        Err(_) => None,
+    };
+
     let _signals = CatchTermination::install();
     let mut ranks: Vec<Rank> = Vec::with_capacity(n);
     let mut pumps = Vec::with_capacity(2 * n);
@@ -183,6 +198,9 @@ pub fn launch(opts: &LaunchOptions) -> Result<(), CommError> {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        if let Some(id) = &job_id {
+            cmd.env("TORCHELASTIC_RUN_ID", id);
+        }
         #[cfg(target_os = "linux")]
         // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
         unsafe {

@@ -273,8 +273,16 @@ impl StoreServer {
     /// Listens on `addr` (port 0 picks a free port; see [`StoreServer::addr`]) and serves in
     /// background threads.
     pub fn bind(addr: impl ToSocketAddrs + std::fmt::Debug) -> Result<StoreServer, CommError> {
-        let listener = TcpListener::bind(&addr)
-            .map_err(|e| CommError::store(format!("{addr:?}"), format!("cannot listen: {e}")))?;
+        let listener = TcpListener::bind(&addr).map_err(|e| {
+            let hint = match e.kind() {
+                io::ErrorKind::AddrInUse => {
+                    "; another job (or a process) has this MASTER_PORT: give this one its own (`ondol launch \
+                     --master-port 0` picks a free one)"
+                }
+                _ => "",
+            };
+            CommError::store(format!("{addr:?}"), format!("cannot listen: {e}{hint}"))
+        })?;
         let local = listener.local_addr().map_err(|e| CommError::store(format!("{addr:?}"), e.to_string()))?;
         let shared = Arc::new(ServerShared {
             data: Mutex::new(HashMap::new()),
@@ -518,10 +526,16 @@ impl StoreClient {
     }
 }
 
+/// The store key rank 0 writes its job id under.
+const JOB_KEY: &str = "job_id";
+
 /// Joins the job's rendezvous: rank 0 starts the server on `MASTER_PORT` (on the loopback
 /// interface when `MASTER_ADDR` is a loopback name, else on every interface, since the name other
 /// ranks use may map to any of them), and every rank, rank 0 included, connects a client. Keep
 /// the server alive until the other ranks are done with the store ([`StoreServer::shutdown`]).
+///
+/// A rank whose job id differs from the one rank 0 wrote is refused before it writes anything:
+/// it found another job's store on its port, and that job goes on untouched.
 pub fn rendezvous(env: &DistEnv, timeout: Duration) -> Result<(Option<StoreServer>, StoreClient), CommError> {
     let server = if env.rank == 0 {
         let loopback = matches!(env.master_addr.as_str(), "localhost" | "127.0.0.1" | "::1" | "[::1]");
@@ -530,6 +544,19 @@ pub fn rendezvous(env: &DistEnv, timeout: Duration) -> Result<(Option<StoreServe
     } else {
         None
     };
-    let client = StoreClient::connect(&env.store_addr(), env.rank, timeout)?;
+    let mut client = StoreClient::connect(&env.store_addr(), env.rank, timeout)?;
+    if server.is_some() {
+        client.set(JOB_KEY, env.job_id.as_bytes())?;
+    } else {
+        let theirs = client.get(JOB_KEY)?;
+        if theirs != env.job_id.as_bytes() {
+            return Err(client.fail(format!(
+                "is another job's (job id {:?}; this rank's is {:?}): two launches on one MASTER_PORT? Give each \
+                 its own (`ondol launch --master-port 0` picks a free one)",
+                String::from_utf8_lossy(&theirs),
+                env.job_id
+            )));
+        }
+    }
     Ok((server, client))
 }

@@ -21,7 +21,8 @@ fn nothing_set_is_a_single_rank() {
             local_rank: 0,
             local_world_size: 1,
             master_addr: "127.0.0.1".into(),
-            master_port: 29500
+            master_port: 29500,
+            job_id: String::new(),
         }
     );
     assert_eq!(env.store_addr(), "127.0.0.1:29500");
@@ -59,6 +60,7 @@ fn slurm_variables() {
     assert_eq!((env.rank, env.world_size, env.local_rank, env.local_world_size), (6, 8, 2, 4));
     assert_eq!(env.master_addr, "gpu-3");
     assert_eq!(env.master_port, 15000 + (123456 % 20000) as u16);
+    assert_eq!(env.job_id, "123456");
     // Without per-node counts, ntasks / nnodes.
     let env = parse(&[("SLURM_PROCID", "0"), ("SLURM_NTASKS", "6"), ("SLURM_NNODES", "3")]).unwrap();
     assert_eq!(env.local_world_size, 2);
@@ -81,6 +83,8 @@ fn torchrun_names_take_precedence_over_slurm_per_variable() {
     .unwrap();
     assert_eq!((env.rank, env.world_size, env.master_port), (1, 2, 4000));
     assert_eq!(env.master_addr, "a1");
+    let torchrun = parse(&[("TORCHELASTIC_RUN_ID", "run-7"), ("SLURM_JOB_ID", "99")]).unwrap();
+    assert_eq!(torchrun.job_id, "run-7");
 }
 
 #[test]

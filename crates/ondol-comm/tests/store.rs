@@ -1,7 +1,8 @@
 //! The rendezvous store over loopback TCP: clients on threads, blocking gets, barriers, counters,
 //! timeouts that name what is missing, and clients that start before the server.
 
-use ondol_comm::{StoreClient, StoreServer};
+use ondol_comm::store::rendezvous;
+use ondol_comm::{DistEnv, StoreClient, StoreServer};
 use std::time::{Duration, Instant};
 
 const TIMEOUT: Duration = Duration::from_secs(20);
@@ -150,4 +151,28 @@ fn a_malformed_request_only_costs_its_own_connection() {
     let mut c = StoreClient::connect(&addr, 0, TIMEOUT).unwrap();
     c.set("ok", b"1").unwrap();
     assert_eq!(c.get("ok").unwrap(), b"1");
+}
+
+/// A rank of another job that finds this job's store on its port (two launches on one
+/// MASTER_PORT) is refused, naming both job ids; this job's own ranks go on.
+#[test]
+fn a_rank_of_another_job_is_refused_by_the_store() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let env = |rank: usize, job: &str| DistEnv {
+        rank,
+        world_size: 2,
+        local_rank: rank,
+        local_world_size: 2,
+        master_addr: "127.0.0.1".into(),
+        master_port: port,
+        job_id: job.into(),
+    };
+    let (server, mut first) = rendezvous(&env(0, "job-a"), TIMEOUT).unwrap();
+    assert!(server.is_some());
+    let err = rendezvous(&env(1, "job-b"), TIMEOUT).err().unwrap().to_string();
+    assert!(err.contains("another job") && err.contains("job-a") && err.contains("job-b"), "{err}");
+    let (none, mut second) = rendezvous(&env(1, "job-a"), TIMEOUT).unwrap();
+    assert!(none.is_none());
+    second.set("hello", b"from rank 1").unwrap();
+    assert_eq!(first.get("hello").unwrap(), b"from rank 1");
 }
