@@ -61,7 +61,8 @@ impl fmt::Display for TimeoutInfo {
         let who = if self.missing.len() == 1 { "rank" } else { "ranks" };
         write!(
             f,
-            "{} timed out after {:.1} s on group {}: {who} {} did not arrive",
+            "{} timed out after {:.1} s on group {}: {who} {} did not arrive (a rank may itself be waiting on \
+             another: every rank's message together shows which one is stuck)",
             self.op,
             self.timeout.as_secs_f64(),
             Ranks(&self.group),
