@@ -8,7 +8,8 @@
 //!   launch on the same port refuse the first's store instead of joining it (the nodes of a
 //!   multi-node launch share the one their environment gives, if any: see [`crate::env`]).
 //! - Every line a child writes to stdout or stderr is written to the launcher's stdout or stderr
-//!   prefixed with `[rank K] `, one whole line at a time (lines never interleave mid-line).
+//!   prefixed with `[rank K] `, one whole line at a time (lines never interleave mid-line),
+//!   except an `error:` line another rank wrote first: the launch's message names its ranks.
 //! - SIGINT and SIGTERM received by the launcher are forwarded to every running child.
 //! - When a child exits non-zero or dies by a signal, the others are stopped (SIGTERM, then
 //!   SIGKILL after the grace period) and the launch fails with a message naming that rank and
@@ -123,7 +124,46 @@ pub fn describe_status(status: ExitStatus) -> String {
 }
 
 /// Copies `src` line by line to stdout or stderr, each line prefixed with `prefix`.
-fn pump(src: impl Read, prefix: String, to_stderr: bool) {
+/// The `error:` lines the ranks wrote to stderr, each with the ranks that wrote it: a mistake
+/// every rank meets (a bad layout, a missing file) is printed once, not once per rank.
+#[derive(Default)]
+struct Errors(std::sync::Mutex<Vec<(Vec<u8>, Vec<usize>)>>);
+
+impl Errors {
+    /// Records `rank`'s `line`; true where no rank wrote it before (print it).
+    fn first(&self, line: &[u8], rank: usize) -> bool {
+        let mut seen = self.0.lock().expect("error lines");
+        match seen.iter_mut().find(|(l, _)| l == line) {
+            Some((_, ranks)) => {
+                ranks.push(rank);
+                false
+            }
+            None => {
+                seen.push((line.to_vec(), vec![rank]));
+                true
+            }
+        }
+    }
+
+    /// Which ranks wrote which rank's error again, for the launch's own message.
+    fn repeated(&self) -> Option<String> {
+        let seen = self.0.lock().expect("error lines");
+        let notes: Vec<String> = seen
+            .iter()
+            .filter(|(_, ranks)| ranks.len() > 1)
+            .map(|(_, ranks)| {
+                let mut others = ranks[1..].to_vec();
+                others.sort_unstable();
+                let others: Vec<String> = others.iter().map(usize::to_string).collect();
+                format!("rank(s) {} wrote rank {}'s error too", others.join(", "), ranks[0])
+            })
+            .collect();
+        (!notes.is_empty()).then(|| notes.join("; "))
+    }
+}
+
+fn pump(src: impl Read, rank: usize, to_stderr: bool, errors: &Errors) {
+    let prefix = format!("[rank {rank}] ");
     let mut reader = BufReader::new(src);
     let mut line = Vec::new();
     loop {
@@ -134,6 +174,9 @@ fn pump(src: impl Read, prefix: String, to_stderr: bool) {
         }
         if !line.ends_with(b"\n") {
             line.push(b'\n');
+        }
+        if to_stderr && line.starts_with(b"error: ") && !errors.first(&line, rank) {
+            continue;
         }
         let mut out = Vec::with_capacity(prefix.len() + line.len());
         out.extend_from_slice(prefix.as_bytes());
@@ -183,6 +226,7 @@ pub fn launch(opts: &LaunchOptions) -> Result<(), CommError> {
     };
 
     let _signals = CatchTermination::install();
+    let errors = std::sync::Arc::new(Errors::default());
     let mut ranks: Vec<Rank> = Vec::with_capacity(n);
     let mut pumps = Vec::with_capacity(2 * n);
     for local in 0..n {
@@ -216,13 +260,13 @@ pub fn launch(opts: &LaunchOptions) -> Result<(), CommError> {
                 return Err(CommError::Launch(format!("cannot start rank {rank} ({}): {e}", opts.program.display())));
             }
         };
-        let prefix = format!("[rank {rank}] ");
         if let Some(out) = child.stdout.take() {
-            let p = prefix.clone();
-            pumps.push(thread::spawn(move || pump(out, p, false)));
+            let errors = errors.clone();
+            pumps.push(thread::spawn(move || pump(out, rank, false, &errors)));
         }
         if let Some(err) = child.stderr.take() {
-            pumps.push(thread::spawn(move || pump(err, prefix, true)));
+            let errors = errors.clone();
+            pumps.push(thread::spawn(move || pump(err, rank, true, &errors)));
         }
         ranks.push(Rank { rank, child, status: None });
     }
@@ -231,7 +275,10 @@ pub fn launch(opts: &LaunchOptions) -> Result<(), CommError> {
     for p in pumps {
         let _ = p.join();
     }
-    outcome
+    outcome.map_err(|e| match (e, errors.repeated()) {
+        (CommError::Launch(message), Some(repeats)) => CommError::Launch(format!("{message} ({repeats})")),
+        (e, _) => e,
+    })
 }
 
 /// Waits for every rank; see the module docs for the policy.

@@ -456,3 +456,18 @@ fn a_layout_that_does_not_cover_the_launched_processes_is_refused() {
     assert!(!out.status.success() && err.contains("4 processes") && err.contains("parallelism.dp = 2"), "{err}");
     assert!(!dir.path().join("run").exists(), "a refused run left a run directory behind");
 }
+
+/// A mistake every launched rank meets is printed once, and the launch's message says which
+/// ranks wrote it too (those the launcher stopped first may not have).
+#[test]
+fn an_error_every_launched_rank_writes_is_printed_once() {
+    let dir = setup();
+    let args = ["launch", "--nproc-per-node", "4", "--master-port", "0", "--", "train", "run.toml", "--run-dir", "run"];
+    let (ok, err) = ondol_err(dir.path(), &args);
+    assert!(!ok, "{err}");
+    let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("[rank ") && l.contains("] error: ")).collect();
+    assert_eq!(errors.len(), 1, "{err}");
+    assert!(errors[0].contains("4 processes"), "{err}");
+    let last = err.lines().last().unwrap_or_default();
+    assert!(!last.contains("wrote rank") || last.contains("error too"), "{err}");
+}
