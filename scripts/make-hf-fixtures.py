@@ -14,6 +14,12 @@ Usage:
       labels = input_ids, print the loss and its relative difference to X, and
       exit 1 if it exceeds --tol (default 1e-4).
 
+  python scripts/make-hf-fixtures.py expect FIXTURE_DIR...
+      Recompute each fixture's expected.safetensors (logits and loss of its saved
+      input_ids) with the installed transformers, keeping its weights: for when
+      transformers changes a model's forward (as it dropped Nemotron-H's step floor
+      at time_step_min).
+
 Requires torch, transformers and safetensors (CPU is enough).
 """
 
@@ -271,6 +277,22 @@ def make(out_dir):
     print("\n".join(summary))
 
 
+def expect(dirs):
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    for d in dirs:
+        path = os.path.join(d, "expected.safetensors")
+        input_ids = load_file(path)["input_ids"]
+        model = AutoModelForCausalLM.from_pretrained(d, attn_implementation="eager", dtype=torch.float32).eval()
+        with torch.no_grad():
+            out = model(input_ids=input_ids, labels=input_ids)
+        logits = out.logits.detach().to(torch.float32).contiguous()
+        loss = out.loss.detach().to(torch.float32).reshape(1).contiguous()
+        save_file({"input_ids": input_ids.contiguous(), "logits": logits, "loss": loss}, path)
+        print(f"{d}: loss={loss.item():.8f}")
+
+
 def check(argv):
     p = argparse.ArgumentParser(prog="make-hf-fixtures.py check")
     p.add_argument("ckpt_dir")
@@ -311,6 +333,8 @@ def main():
         pass
     if len(sys.argv) > 1 and sys.argv[1] == "check":
         sys.exit(check(sys.argv[2:]))
+    if len(sys.argv) > 2 and sys.argv[1] == "expect":
+        sys.exit(expect(sys.argv[2:]))
     if len(sys.argv) > 2:
         sys.exit(__doc__)
     make(sys.argv[1] if len(sys.argv) == 2 else DEFAULT_OUT)

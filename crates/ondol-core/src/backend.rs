@@ -116,9 +116,6 @@ pub struct SsdShape {
     pub groups: usize,
     pub state: usize,
     pub chunk: usize,
-    /// Floor of the step size after the softplus (Nemotron-H clamps it at its
-    /// time_step_min; Mamba-2 does not clamp: 0). Below it the step has no gradient.
-    pub dt_min: f32,
 }
 
 impl SsdShape {
@@ -143,8 +140,8 @@ impl SsdShape {
     }
 }
 
-/// The inputs of an SSD scan (Mamba-2), as views. Per head h: `dt = max(softplus(dt_raw +
-/// dt_bias[h]), dt_min)`, `A = -exp(a_log[h])`, `H_t = exp(dt A) H_{t-1} + dt x_t B_t^T`,
+/// The inputs of an SSD scan (Mamba-2), as views. Per head h: `dt = softplus(dt_raw +
+/// dt_bias[h])`, `A = -exp(a_log[h])`, `H_t = exp(dt A) H_{t-1} + dt x_t B_t^T`,
 /// `y_t = H_t C_t + D[h] x_t`. xbc: `[rows, xbc_width]` (x heads, then B groups, then C groups,
 /// as Mamba-2's convolution leaves them); dt: `[rows, heads]`; dt_bias, a_log, d: `[heads]`.
 #[derive(Clone, Copy, Debug)]

@@ -401,11 +401,11 @@ impl SsdIndex {
     }
 }
 
-/// Step sizes `max(softplus(raw + bias), s.dt_min)` of head `head` over tokens `t0..t1` of a
+/// Step sizes `softplus(raw + bias)` of head `head` over tokens `t0..t1` of a
 /// sequence (`dt` is that sequence's `[len, heads]`), and their running decay sums
 /// `L_i = sum_{k<=i} dt_k A`.
 fn chunk_steps(dt: &[f32], bias: f32, a: f32, head: usize, s: &SsdShape, t0: usize, t1: usize) -> (Vec<f32>, Vec<f32>) {
-    let steps: Vec<f32> = (t0..t1).map(|t| softplus(dt[t * s.heads + head] + bias).max(s.dt_min)).collect();
+    let steps: Vec<f32> = (t0..t1).map(|t| softplus(dt[t * s.heads + head] + bias)).collect();
     let decay = steps
         .iter()
         .scan(0.0f32, |acc, s| {
@@ -488,7 +488,7 @@ pub fn ssd_recurrent(x: SsdInputs<&[f32]>, y: &mut [f32], state: &mut [f32], s: 
             let at = SsdIndex::new(&s, h);
             let a = -x.a_log[h].exp();
             for t in 0..l {
-                let step = softplus(dt[t * heads + h] + x.dt_bias[h]).max(s.dt_min);
+                let step = softplus(dt[t * heads + h] + x.dt_bias[h]);
                 let decay = exp(step * a);
                 let (bt, ct) = (&xbc[at.b(t)], &xbc[at.c(t)]);
                 for ((row, xv), yv) in hs.chunks_exact_mut(n).zip(&xbc[at.x(t)]).zip(&mut y[at.y(t)]) {
@@ -631,11 +631,9 @@ dispatched! {
                     dsteps[k] += a * suffix;
                     da[h] += steps[k] * suffix;
                 }
-                // Through the softplus, d softplus(v) / dv = sigmoid(v), and the floor, which
-                // passes no gradient where it holds.
+                // Through the softplus: d softplus(v) / dv = sigmoid(v).
                 for k in 0..q {
-                    let slope = if steps[k] > s.dt_min { sigmoid(dt[(t0 + k) * heads + h] + x.dt_bias[h]) } else { 0.0 };
-                    let g = dsteps[k] * slope;
+                    let g = dsteps[k] * sigmoid(dt[(t0 + k) * heads + h] + x.dt_bias[h]);
                     ddt[(t0 + k) * heads + h] = g;
                     dbias[h] += g;
                 }

@@ -187,7 +187,7 @@ fn ssd_forward(x: &SsdData, s: SsdShape) -> (Vec<f32>, Vec<f32>) {
 }
 
 /// The recurrence one token at a time, in f64: H = exp(dt A) H + dt x B^T, y = H C + D x, with
-/// dt = max(softplus(dt_raw + dt_bias), dt_min).
+/// dt = softplus(dt_raw + dt_bias).
 fn ssd_sequential(x: &SsdData, s: SsdShape) -> Vec<f64> {
     let [xbc, dt, dt_bias, a_log, d] = &x.fields;
     let (w, inner, (p, n)) = (s.xbc_width(), s.inner(), (s.head_dim, s.state));
@@ -200,7 +200,7 @@ fn ssd_sequential(x: &SsdData, s: SsdShape) -> Vec<f64> {
             for t in 0..s.len {
                 let row = bi * s.len + t;
                 let v = (dt[row * s.heads + h] + dt_bias[h]) as f64;
-                let step = if v > 20.0 { v } else { v.exp().ln_1p() }.max(s.dt_min as f64);
+                let step = if v > 20.0 { v } else { v.exp().ln_1p() };
                 let xv = |i: usize| xbc[row * w + h * p + i] as f64;
                 let bv = |k: usize| xbc[row * w + inner + g * n + k] as f64;
                 let cv = |k: usize| xbc[row * w + inner + s.groups * n + g * n + k] as f64;
@@ -219,55 +219,26 @@ fn ssd_sequential(x: &SsdData, s: SsdShape) -> Vec<f64> {
     y
 }
 
-/// Moves raw steps whose softplus lies within 0.05 of the floor away from it, so that no
-/// finite-difference perturbation (1e-2, of dt or of the bias) crosses the floor's kink.
-fn keep_off_the_floor(x: &mut SsdData, s: SsdShape) {
-    if s.dt_min == 0.0 {
-        return;
-    }
-    let [_, dt, dt_bias, ..] = &mut x.fields;
-    for (i, raw) in dt.iter_mut().enumerate() {
-        let bias = dt_bias[i % s.heads];
-        while ((*raw + bias).exp().ln_1p() - s.dt_min).abs() < 0.05 {
-            *raw += 0.3;
-        }
-    }
-}
-
 #[test]
 fn ssd_chunked_form_equals_the_sequential_recurrence() {
-    // Lengths that are and are not multiples of the chunk; one and several groups; a step floor
-    // that holds for about half the steps (Nemotron-H's).
-    let cases = [
-        (12, 4, 2, 1, 0.0),
-        (13, 4, 4, 2, 0.0),
-        (9, 16, 2, 2, 0.0),
-        (7, 1, 2, 1, 0.0),
-        (20, 6, 4, 1, 0.0),
-        (13, 4, 4, 2, 0.7),
-    ];
-    for (len, chunk, heads, groups, dt_min) in cases {
-        let s = SsdShape { batch: 2, len, heads, head_dim: 3, groups, state: 5, chunk, dt_min };
+    // Lengths that are and are not multiples of the chunk; one and several groups.
+    let cases = [(12, 4, 2, 1), (13, 4, 4, 2), (9, 16, 2, 2), (7, 1, 2, 1), (20, 6, 4, 1)];
+    for (len, chunk, heads, groups) in cases {
+        let s = SsdShape { batch: 2, len, heads, head_dim: 3, groups, state: 5, chunk };
         let x = SsdData::new(s, 40 + len as u64);
         let (y, _) = ssd_forward(&x, s);
         let want = ssd_sequential(&x, s);
         let worst =
             ondol_core::gradcheck::worst(y.iter().zip(&want).map(|(a, b)| (*a as f64 - b).abs() / (1.0 + b.abs())));
-        assert!(
-            worst < 2e-5,
-            "len {len} chunk {chunk} heads {heads} groups {groups} dt_min {dt_min}: worst {worst:.2e}"
-        );
+        assert!(worst < 2e-5, "len {len} chunk {chunk} heads {heads} groups {groups}: worst {worst:.2e}");
     }
 }
 
 #[test]
 fn ssd_backward_matches_finite_differences_for_every_input() {
-    for (len, chunk, heads, groups, dt_min) in
-        [(9, 4, 2, 1, 0.0), (8, 3, 4, 2, 0.0), (6, 16, 2, 2, 0.0), (9, 4, 2, 1, 0.7)]
-    {
-        let s = SsdShape { batch: 2, len, heads, head_dim: 3, groups, state: 4, chunk, dt_min };
+    for (len, chunk, heads, groups) in [(9, 4, 2, 1), (8, 3, 4, 2), (6, 16, 2, 2)] {
+        let s = SsdShape { batch: 2, len, heads, head_dim: 3, groups, state: 4, chunk };
         let mut x = SsdData::new(s, 60 + len as u64);
-        keep_off_the_floor(&mut x, s);
         let dy = randn(s.rows() * s.inner(), 1.0, 70);
         let (_, states) = ssd_forward(&x, s);
         let mut grads: [Vec<f32>; 5] = x.fields.each_ref().map(|f| vec![0.0; f.len()]);
@@ -292,7 +263,7 @@ fn ssd_backward_matches_finite_differences_for_every_input() {
                 usize::MAX,
                 0,
             )
-            .assert_ok(&format!("ssd d{name} (len {len}, chunk {chunk}, groups {groups}, dt_min {dt_min})"));
+            .assert_ok(&format!("ssd d{name} (len {len}, chunk {chunk}, groups {groups})"));
         }
     }
 }
@@ -378,7 +349,7 @@ fn recurrent_forms_continue_sequences_piece_by_piece() {
         states.chunks(s.saved() * ch * s.state).flat_map(|seq| seq[last * ch * s.state..].to_vec()).collect();
     assert_eq!(h, finals, "selective_scan_recurrent: the forward's last saved state");
 
-    let s = SsdShape { batch, len, heads: 4, head_dim: 3, groups: 2, state: 5, chunk: 4, dt_min: 0.0 };
+    let s = SsdShape { batch, len, heads: 4, head_dim: 3, groups: 2, state: 5, chunk: 4 };
     let x = SsdData::new(s, 70);
     let (_, states) = ssd_forward(&x, s);
     let want: Vec<f32> = ssd_sequential(&x, s).iter().map(|&v| v as f32).collect();

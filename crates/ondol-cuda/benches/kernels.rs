@@ -143,7 +143,7 @@ fn copy_bandwidth(be: &CudaBackend) -> f64 {
 
 /// The SSD of one Mamba-2 130M layer: 8 x 2048 tokens, 24 heads of 64, N 128, chunks of 256.
 fn ssd(be: &CudaBackend, label: &str) {
-    let s = SsdShape { batch: 8, len: 2048, heads: 24, head_dim: 64, groups: 1, state: 128, chunk: 256, dt_min: 0.0 };
+    let s = SsdShape { batch: 8, len: 2048, heads: 24, head_dim: 64, groups: 1, state: 128, chunk: 256 };
     let xbc = be.upload(&vec![0.01; s.rows() * s.xbc_width()]);
     let dt = be.upload(&vec![0.01; s.rows() * s.heads]);
     let per_head = be.upload(&vec![0.1; s.heads]);

@@ -1469,10 +1469,7 @@ fn ssd_inputs(x: &SsdInputs<DevRef<'_>>, with_d: bool) -> Vec<Arg> {
 }
 
 fn ssd_geometry(s: SsdShape) -> Vec<Arg> {
-    let mut args: Vec<Arg> =
-        [s.len, s.heads, s.head_dim, s.groups, s.state, s.chunk].iter().map(|&v| Arg::I32(v as i32)).collect();
-    args.push(Arg::F32(s.dt_min));
-    args
+    [s.len, s.heads, s.head_dim, s.groups, s.state, s.chunk].iter().map(|&v| Arg::I32(v as i32)).collect()
 }
 
 /// One block per (chunk, head, sequence) with `q_floats` x chunk floats of shared memory.

@@ -750,7 +750,7 @@ fn ssd_scan_matches_the_cpu() {
         // 2 sequences of 37 tokens in chunks of 16 (the last one partial, and one more query
         // row pass than fits), 4 heads of 8 channels in 2 groups of 12 states; and the longest
         // chunk the kernels take, whose shared memory must fit every GPU's.
-        let short = SsdShape { batch: 2, len: 37, heads: 4, head_dim: 8, groups: 2, state: 12, chunk: 16, dt_min: 0.0 };
+        let short = SsdShape { batch: 2, len: 37, heads: 4, head_dim: 8, groups: 2, state: 12, chunk: 16 };
         let long = SsdShape {
             batch: 1,
             len: SSD_MAX_CHUNK + 9,
@@ -759,10 +759,9 @@ fn ssd_scan_matches_the_cpu() {
             groups: 1,
             state: 4,
             chunk: SSD_MAX_CHUNK,
-            dt_min: 0.0,
         };
-        for s in [short, SsdShape { dt_min: 0.4, ..short }, long] {
-            let what = format!("chunk={} dt_min={}", s.chunk, s.dt_min);
+        for s in [short, long] {
+            let what = format!("chunk={}", s.chunk);
             let rows = s.rows();
             let (h, d) = uploads(
                 &be,
@@ -863,7 +862,7 @@ fn recurrent_forms_match_the_cpu() {
             let carry = be.download(&carry);
             assert_close(&format!("selective_scan_recurrent state len={len}"), &be, &carry, &want_carry, tol.max(1e-4));
 
-            let s = SsdShape { batch, len, heads: 4, head_dim: 8, groups: 2, state: 12, chunk: 1, dt_min: 0.1 };
+            let s = SsdShape { batch, len, heads: 4, head_dim: 8, groups: 2, state: 12, chunk: 1 };
             let fields =
                 [(rows * s.xbc_width(), 14, 1.0), (rows * s.heads, 15, 1.0), (4, 16, 0.5), (4, 17, 0.5), (4, 18, 1.0)];
             let (h, d) = uploads(&be, &fields);
@@ -965,7 +964,7 @@ fn ssd_on_tensor_cores_matches_the_cpu_and_the_cuda_core_kernels() {
             [(32, 32, 80, 100, 1), (64, 64, 80, 100, 1), (64, 128, 80, 100, 1), (128, 128, 256, 300, 2)]
         {
             let (batch, heads) = (if chunk == 80 { 2 } else { 1 }, 2);
-            let s = SsdShape { batch, len, heads, head_dim, groups, state, chunk, dt_min: 0.0 };
+            let s = SsdShape { batch, len, heads, head_dim, groups, state, chunk };
             let rows = s.rows();
             let fields = [
                 (rows * s.xbc_width(), 1, 1.0),

@@ -30,8 +30,6 @@ pub(crate) struct Mamba2 {
     pub groups: usize,
     pub state: usize,
     pub chunk: usize,
-    /// Floor of the step size (Nemotron-H's time_step_min; 0 in Mamba-2).
-    pub dt_min: f32,
     /// Values per gated-norm group (E / G in Mamba-2).
     pub norm_group: usize,
     pub eps: f32,
@@ -67,7 +65,6 @@ impl Mamba2 {
             groups: self.groups,
             state: self.state,
             chunk: self.chunk,
-            dt_min: self.dt_min,
         }
     }
 

@@ -324,8 +324,6 @@ impl Builder<'_> {
             groups: my_groups.len(),
             state: n,
             chunk: s.chunk_size,
-            // transformers' Nemotron-H floors the step at time_step_min; its Mamba-2 does not.
-            dt_min: if cfg.arch == Arch::Hybrid { s.time_step_min as f32 } else { 0.0 },
             norm_group: e / groups,
             eps: cfg.norm_eps,
         }
