@@ -385,8 +385,9 @@ pub fn check_compatible(dir: &Path, theirs: &ModelConfig, ours: &ModelConfig) ->
             ("norm_eps", c.norm_eps.to_string()),
             ("pattern", c.pattern.clone().unwrap_or_default()),
         ];
-        // A Mamba model's max_seq_len bounds nothing stored in its weights.
-        if c.has_attention() {
+        // Only GPT-2's learned positions store max_seq_len in the weights: rotary positions
+        // (Llama), none (Nemotron-H's attention) and the Mamba mixers take any length.
+        if c.arch == ondol_model::Arch::Gpt2 {
             v.push(("max_seq_len", c.max_seq_len.to_string()));
         }
         if c.arch == ondol_model::Arch::Llama {

@@ -500,6 +500,10 @@ fn train_rank<B: Backend>(
     };
     let run_dir = args.run_dir();
     let resumed = resume(&mut trainer, &run_dir, args.resume.as_deref())?;
+    let init_from = match resumed {
+        None => trainer.load_init_from()?,
+        Some(_) => None,
+    };
     match resumed {
         Some(step) if step > steps => {
             return Err(Error::config(
@@ -541,8 +545,8 @@ fn train_rank<B: Backend>(
         peak.what,
         run_dir.display()
     );
-    if let (None, Some(init)) = (resumed, &trainer.cfg.model.init_from) {
-        eprintln!("model.init_from: starting from the weights of {init}");
+    if let Some(init) = init_from {
+        eprintln!("model.init_from: starting from the weights of {}", init.display());
     }
     let mut writer = Writer::new(&run_dir, keep_last, resumed.unwrap_or(0))?;
     if let Some(step) = resumed
@@ -1017,30 +1021,13 @@ fn generate(args: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
-/// The model directory `path` names: itself, or where it is a run directory or a
-/// checkpoints directory, or `checkpoints/latest`, the checkpoint `latest` names (else the
-/// newest), which it says.
+/// [`pretrained::model_dir`], saying which checkpoint a run or checkpoints directory stands for.
 fn model_dir(path: &Path) -> Result<PathBuf> {
-    if path.join("config.json").is_file() {
-        return Ok(path.to_path_buf()); // a model directory, whatever else it holds
+    let dir = pretrained::model_dir(path)?;
+    if dir != path {
+        eprintln!("{}: the checkpoint {}", path.display(), dir.display());
     }
-    // (Absolute, so that `.` and `latest` have parents.)
-    let abs = std::path::absolute(path).map_err(|e| Error::io(format!("cannot resolve {}", path.display()), e))?;
-    let run = if abs.is_file() && abs.file_name().is_some_and(|n| n == "latest") {
-        abs.parent().and_then(Path::parent)
-    } else if abs.join("checkpoints").is_dir() {
-        Some(abs.as_path())
-    } else if abs.join("latest").is_file() {
-        abs.parent()
-    } else {
-        None
-    };
-    let Some(run) = run else { return Ok(path.to_path_buf()) };
-    let chosen = checkpoint::latest(run)
-        .or_else(|| checkpoint::list(run).into_iter().next())
-        .ok_or_else(|| Error::Input(format!("{}: a run directory without a checkpoint", path.display())))?;
-    eprintln!("{}: the checkpoint {}", path.display(), chosen.display());
-    Ok(chosen)
+    Ok(dir)
 }
 
 /// The mean loss and the tokens of `batches` batches of `loader` on `be`, the loss making

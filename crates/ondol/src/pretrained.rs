@@ -8,6 +8,30 @@ use ondol_data::{ByteTokenizer, TextTokenizer};
 use ondol_model::{InferenceCache, Model, ModelConfig, Workspace};
 use std::path::{Path, PathBuf};
 
+/// The model directory `path` names: itself, or where it is a run directory or a
+/// checkpoints directory, or `checkpoints/latest`, the checkpoint `latest` names (else the
+/// newest). Callers say which, where it is not `path`.
+pub fn model_dir(path: &Path) -> Result<PathBuf> {
+    if path.join("config.json").is_file() {
+        return Ok(path.to_path_buf()); // a model directory, whatever else it holds
+    }
+    // (Absolute, so that `.` and `latest` have parents.)
+    let abs = std::path::absolute(path).map_err(|e| Error::io(format!("cannot resolve {}", path.display()), e))?;
+    let run = if abs.is_file() && abs.file_name().is_some_and(|n| n == "latest") {
+        abs.parent().and_then(Path::parent)
+    } else if abs.join("checkpoints").is_dir() {
+        Some(abs.as_path())
+    } else if abs.join("latest").is_file() {
+        abs.parent()
+    } else {
+        None
+    };
+    let Some(run) = run else { return Ok(path.to_path_buf()) };
+    checkpoint::latest(run)
+        .or_else(|| checkpoint::list(run).into_iter().next())
+        .ok_or_else(|| Error::Input(format!("{}: a run directory without a checkpoint", path.display())))
+}
+
 /// A model and its weights from a directory.
 pub struct Pretrained {
     pub dir: PathBuf,

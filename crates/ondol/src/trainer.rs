@@ -8,7 +8,7 @@ use ondol_ckpt::{Loaded, Snapshot, Writer};
 use ondol_comm::{Communicator, Mesh, RankComms};
 use ondol_core::{Backend, Error, Result};
 use ondol_data::{Cursor, Loader, Mixture, MixtureCursor, Order, SourceKind, TextTokenizer, TokenStream, expand_globs};
-use ondol_model::{Model, Workspace};
+use ondol_model::{Arch, Model, ModelConfig, Workspace};
 use ondol_optim::LrSchedule;
 use ondol_parallel::Engine;
 use std::path::{Path, PathBuf};
@@ -103,15 +103,7 @@ impl<B: Backend> Trainer<B> {
         let t = &cfg.training;
         let layout = cfg.layout(comms.mesh);
         let (replica, replicas) = (comms.coords.dp, comms.mesh.dp);
-        let mut engine = Engine::new(be, cfg.model.clone(), layout, cfg.optimizer.clone(), comms, t.seed)?;
-        if let Some(dir) = &cfg.model.init_from {
-            let init = Pretrained::load_for(&cfg.model, Path::new(dir)).map_err(|e| match e {
-                Error::Input(m) => Error::config("model.init_from", m),
-                other => other,
-            })?;
-            check_tokenizer(&init.dir, init.run_config.as_ref(), &cfg, data.tokenizer.as_deref())?;
-            engine.load_whole(&init.params, None);
-        }
+        let engine = Engine::new(be, cfg.model.clone(), layout, cfg.optimizer.clone(), comms, t.seed)?;
         let sched = LrSchedule::new(cfg.lr_scheduler.clone(), cfg.optimizer.lr, t.steps);
         let order = if t.shuffle { Order::Shuffled { seed: t.seed } } else { Order::Sequential };
         let loader = if cfg.data.sources.is_empty() {
@@ -143,6 +135,25 @@ impl<B: Backend> Trainer<B> {
             tokens: 0,
             cfg,
         })
+    }
+
+    /// Loads the weights `model.init_from` names (a checkpoint or Hugging Face model directory,
+    /// or a run directory or its `checkpoints/latest` for its latest checkpoint), if it names
+    /// any, with fresh AdamW state; returns the directory loaded. For a run that starts: one
+    /// that resumes takes its weights from its checkpoint, whatever the run began from, so the
+    /// directory `init_from` names may be gone by then.
+    pub fn load_init_from(&mut self) -> Result<Option<PathBuf>> {
+        let Some(named) = &self.cfg.model.init_from else { return Ok(None) };
+        let blamed = |e: Error| match e {
+            Error::Input(m) => Error::config("model.init_from", m),
+            Error::Io { context, source } => Error::config("model.init_from", format!("{context}: {source}")),
+            other => other,
+        };
+        let dir = crate::pretrained::model_dir(Path::new(named)).map_err(blamed)?;
+        let init = Pretrained::load_for(&self.cfg.model, &dir).map_err(blamed)?;
+        check_tokenizer(&init.dir, init.run_config.as_ref(), &self.cfg, self.tokenizer.as_deref())?;
+        self.engine.load_whole(&init.params, None);
+        Ok(Some(dir))
     }
 
     /// The whole model (names, sizes, FLOPs); the rank's pieces live in the engine.
@@ -245,7 +256,9 @@ impl<B: Backend> Trainer<B> {
             let (theirs, ours) = (d.theirs, d.ours);
             Error::config(d.key, format!("{ours} differs from the checkpoint {dir} (it has {theirs}); {what_to_do}"))
         };
-        if let Some(difference) = first_difference("model", &to_json(&saved.model), &to_json(&self.cfg.model)) {
+        if let Some(difference) =
+            first_difference("model", &model_identity(&saved.model), &model_identity(&self.cfg.model))
+        {
             return Err(differs(difference, "resume with the same value"));
         }
         check_tokenizer(&ckpt.dir, Some(&saved), &self.cfg, self.tokenizer.as_deref())?;
@@ -631,6 +644,18 @@ pub fn run<B: Backend>(
         tokens_per_s: ((trainer.step - start_step) * trainer.tokens_per_step()) as f64 / training_s,
         seconds,
     })
+}
+
+/// What a checkpoint's weights must agree with: the `[model]` section, less where the run
+/// began (`init_from`: a resume's weights are its checkpoint's) and, but for GPT-2's learned
+/// positions, `max_seq_len`, which no weight depends on (a context extension raises it).
+fn model_identity(m: &ModelConfig) -> serde_json::Value {
+    let mut m = m.clone();
+    m.init_from = None;
+    if m.arch != Arch::Gpt2 {
+        m.max_seq_len = 0;
+    }
+    to_json(&m)
 }
 
 fn to_json(v: &impl serde::Serialize) -> serde_json::Value {

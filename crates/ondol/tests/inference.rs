@@ -83,7 +83,8 @@ fn import_then_init_from_starts_from_the_hugging_face_weights() {
     )
     .unwrap();
     let data = Data::open(&cfg, dir.path()).unwrap();
-    let trainer = Trainer::new(CpuBackend, cfg, data).unwrap();
+    let mut trainer = Trainer::new(CpuBackend, cfg, data).unwrap();
+    assert_eq!(trainer.load_init_from().unwrap().as_deref(), Some(out.as_path()));
     assert!(trainer.whole_params().unwrap().unwrap().iter().zip(&hf.params).all(|(a, b)| a.to_bits() == b.to_bits()));
 
     // A run whose [model] differs from the directory is refused by key.
@@ -98,7 +99,7 @@ fn import_then_init_from_starts_from_the_hugging_face_weights() {
     )
     .unwrap();
     let data = Data::open(&bad, dir.path()).unwrap();
-    let e = Trainer::new(CpuBackend, bad, data).err().unwrap().to_string();
+    let e = Trainer::new(CpuBackend, bad, data).unwrap().load_init_from().err().unwrap().to_string();
     assert!(e.contains("model.norm_eps"), "{e}");
 
     // Not a model directory, and an unsupported architecture: clear errors, no panic.
@@ -183,4 +184,55 @@ lr = 1e-2
             "{err}"
         );
     }
+}
+
+/// A fine-tune names its start by run directory; it may raise a rotary model's context (no
+/// weight depends on max_seq_len); once it has checkpoints of its own it resumes from them
+/// without the start, which may be gone or named otherwise by then.
+#[test]
+fn a_fine_tune_starts_from_a_run_and_resumes_without_it() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("corpus.txt"), "온돌은 바닥을 데운다. the floor is warm. ".repeat(300)).unwrap();
+    let config = r#"
+[model]
+arch = "llama"
+vocab_size = 257
+d_model = 16
+n_layers = 1
+n_heads = 2
+max_seq_len = 16
+[training]
+steps = 3
+batch_size = 2
+seq_len = 16
+eval_every = 0
+[data]
+train = ["corpus.txt"]
+format = "text"
+tokenizer = "bytes"
+[optimizer]
+lr = 1e-2
+"#;
+    std::fs::write(dir.path().join("run.toml"), config).unwrap();
+    let Run { ok, stderr: err, .. } = ondol(dir.path(), &["train", "run.toml", "--run-dir", "pre"]);
+    assert!(ok, "{err}");
+    let longer = ["--set", "model.max_seq_len=32", "--set", "training.seq_len=32"];
+    let fine_tune = |init: &str, steps: &str, extra: &[&str]| {
+        let init = format!("model.init_from=\"{init}\"");
+        let steps = format!("training.steps={steps}");
+        let mut args = vec!["train", "run.toml", "--set", &init, "--set", &steps];
+        args.extend(longer);
+        args.extend(extra);
+        ondol(dir.path(), &args)
+    };
+    let Run { ok, stderr: err, .. } = fine_tune("pre", "2", &["--run-dir", "ft"]);
+    assert!(ok && err.contains("starting from the weights of") && err.contains("step-00000003"), "{err}");
+    std::fs::rename(dir.path().join("pre"), dir.path().join("moved")).unwrap();
+    for (init, steps) in [("pre", "3"), ("./moved", "4")] {
+        let Run { ok, stderr: err, .. } = fine_tune(init, steps, &["--run-dir", "ft", "--resume", "auto"]);
+        assert!(ok && err.contains("resumed at step") && !err.contains("starting from the weights"), "{init}: {err}");
+    }
+    // A fresh start needs its weights, and says which key names them.
+    let Run { ok, stderr: err, .. } = fine_tune("pre", "2", &["--run-dir", "ft2"]);
+    assert!(!ok && err.contains("model.init_from") && err.contains("pre"), "{err}");
 }
