@@ -3,7 +3,9 @@
 //! tokenizer.json) plus what resuming needs: `ondol.toml` (the run config),
 //! `optimizer/exp_avg.safetensors` and `optimizer/exp_avg_sq.safetensors` (AdamW moments by
 //! global name), and `trainer_state.json` (step, tokens, data position, layout, and the
-//! SHA-256 of every other file).
+//! SHA-256 of every other file). A checkpoint of weights only (`ondol import hf`'s, or one
+//! whose `optimizer/` was deleted to save space) serves evaluation, generation and
+//! `init_from`; resuming needs the moments.
 //!
 //! The parameters are f32 on the CPU, so `model.safetensors` holds the master weights
 //! themselves; a backend that computes in lower precision also writes
@@ -70,8 +72,8 @@ pub struct Snapshot {
     pub model: ModelConfig,
     pub layout: ParamLayout,
     pub params: Vec<f32>,
-    pub exp_avg: Vec<f32>,
-    pub exp_avg_sq: Vec<f32>,
+    /// AdamW's state; none for a checkpoint of weights only.
+    pub moments: Option<Moments>,
     pub step: u64,
     pub tokens: u64,
     pub data: serde_json::Value,
@@ -84,6 +86,12 @@ pub struct Snapshot {
     pub eos_token_id: Option<u32>,
     /// Shard the model file above this size (bytes).
     pub max_shard_bytes: u64,
+}
+
+/// AdamW's first and second moments, as the flat parameter buffer lays them out.
+pub struct Moments {
+    pub exp_avg: Vec<f32>,
+    pub exp_avg_sq: Vec<f32>,
 }
 
 pub fn checkpoints_dir(run_dir: &Path) -> PathBuf {
@@ -142,15 +150,20 @@ pub fn save_to(dst: &Path, snap: &Snapshot) -> Result<()> {
     if tmp.exists() {
         fs::remove_dir_all(&tmp).map_err(io(format!("cannot remove {}", tmp.display())))?;
     }
-    fs::create_dir_all(tmp.join("optimizer")).map_err(io(format!("cannot create {}", tmp.display())))?;
+    fs::create_dir_all(&tmp).map_err(io(format!("cannot create {}", tmp.display())))?;
 
     let mut files = vec!["config.json".to_string(), "generation_config.json".to_string()];
     write_json(&tmp.join("config.json"), &hf::to_hf_config(&snap.model, snap.eos_token_id))?;
     write_json(&tmp.join("generation_config.json"), &hf::generation_config(snap.eos_token_id))?;
     files.extend(write_layout(&tmp, "model", &snap.layout, &snap.params, snap.max_shard_bytes)?);
-    for (stem, data) in [("exp_avg", &snap.exp_avg), ("exp_avg_sq", &snap.exp_avg_sq)] {
-        let written = write_layout(&tmp.join("optimizer"), stem, &snap.layout, data, snap.max_shard_bytes)?;
-        files.extend(written.into_iter().map(|f| format!("optimizer/{f}")));
+    if let Some(m) = &snap.moments {
+        let opt = tmp.join("optimizer");
+        fs::create_dir_all(&opt).map_err(io(format!("cannot create {}", opt.display())))?;
+        for (stem, data) in [("exp_avg", &m.exp_avg), ("exp_avg_sq", &m.exp_avg_sq)] {
+            let written = write_layout(&opt, stem, &snap.layout, data, snap.max_shard_bytes)?;
+            files.extend(written.into_iter().map(|f| format!("optimizer/{f}")));
+        }
+        sync_dir(&opt)?;
     }
     let toml_path = tmp.join("ondol.toml");
     fs::write(&toml_path, &snap.run_config)
@@ -178,7 +191,6 @@ pub fn save_to(dst: &Path, snap: &Snapshot) -> Result<()> {
         files: checksums,
     };
     write_json(&tmp.join("trainer_state.json"), &serde_json::to_value(&state).expect("state serializes"))?;
-    sync_dir(&tmp.join("optimizer"))?;
     sync_dir(&tmp)?;
 
     if dst.exists() {
@@ -289,9 +301,29 @@ pub fn check_model_dir(dir: &Path) -> Result<()> {
     )))
 }
 
-/// Reads `trainer_state.json` and checks it: every file that loading reads must be listed,
-/// every listed file's SHA-256 must match, its step must be its directory's.
+/// Reads `trainer_state.json` and checks the whole checkpoint, AdamW's state included, as a
+/// resume reads it: every file that loading reads must be listed, every listed file's SHA-256
+/// must match, its step must be its directory's.
 pub fn verify(dir: &Path) -> Result<TrainerState> {
+    let opt = dir.join("optimizer");
+    if !opt.is_dir() {
+        return Err(Error::Input(format!(
+            "{}: weights only (no {}: AdamW's state, which a resume goes on with); start a run from its weights \
+             with model.init_from",
+            dir.display(),
+            opt.display()
+        )));
+    }
+    verify_files(dir, true)
+}
+
+/// Checks what evaluation, generation and `init_from` read of a checkpoint (its config, weights
+/// and tokenizer), as [`verify`] does, whether or not it holds AdamW's state.
+pub fn verify_weights(dir: &Path) -> Result<TrainerState> {
+    verify_files(dir, false)
+}
+
+fn verify_files(dir: &Path, with_moments: bool) -> Result<TrainerState> {
     check_model_dir(dir)?;
     let state_path = dir.join("trainer_state.json");
     let text = fs::read_to_string(&state_path).map_err(|_| {
@@ -310,7 +342,8 @@ pub fn verify(dir: &Path) -> Result<TrainerState> {
     // what it must agree with: its directory's step and a valid layout).
     let mut read = vec![PathBuf::from("config.json"), PathBuf::from("ondol.toml")];
     read.extend(dir.join("tokenizer.json").is_file().then(|| PathBuf::from("tokenizer.json")));
-    for (sub, stem) in [("", "model"), ("optimizer", "exp_avg"), ("optimizer", "exp_avg_sq")] {
+    let moments: &[_] = if with_moments { &[("optimizer", "exp_avg"), ("optimizer", "exp_avg_sq")] } else { &[] };
+    for &(sub, stem) in [("", "model")].iter().chain(moments) {
         let index = dir.join(sub).join(format!("{stem}.safetensors.index.json"));
         read.extend(
             index
@@ -349,7 +382,7 @@ pub fn verify(dir: &Path) -> Result<TrainerState> {
             l.dp
         )));
     }
-    for (file, want) in &state.files {
+    for (file, want) in state.files.iter().filter(|(f, _)| with_moments || !f.starts_with("optimizer/")) {
         let path = dir.join(file);
         if !path.is_file() {
             return Err(Error::Input(format!("{}: missing (the checkpoint is damaged)", path.display())));

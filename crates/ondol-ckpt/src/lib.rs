@@ -5,4 +5,4 @@ pub mod checkpoint;
 pub mod hf;
 pub mod tensors;
 
-pub use checkpoint::{Layout, Loaded, Snapshot, TrainerState, Writer};
+pub use checkpoint::{Layout, Loaded, Moments, Snapshot, TrainerState, Writer};

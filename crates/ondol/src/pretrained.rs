@@ -48,7 +48,7 @@ impl Pretrained {
     pub fn load(dir: &Path) -> Result<Self> {
         checkpoint::check_model_dir(dir)?;
         if dir.join("trainer_state.json").exists() {
-            checkpoint::verify(dir)?;
+            checkpoint::verify_weights(dir)?;
         }
         let cfg = checkpoint::model_config(dir)?;
         let model = Model::new(cfg)?;
@@ -225,8 +225,8 @@ pub fn generate<B: Backend>(
     Ok(out)
 }
 
-/// Writes the Hugging Face model in `src` as an ondol checkpoint directory `out` (step 0,
-/// zero AdamW moments, f32), with a starter run config whose `[model]` continues from it.
+/// Writes the Hugging Face model in `src` as an ondol checkpoint directory `out` (step 0, f32
+/// weights only), with a starter run config whose `[model]` continues from it.
 /// Returns warnings about fields accepted but not applied.
 pub fn import_hf(src: &Path, out: &Path) -> Result<Vec<String>> {
     // The checkpoint replaces its directory whole: never one that holds anything.
@@ -292,13 +292,11 @@ pub fn import_hf(src: &Path, out: &Path) -> Result<Vec<String>> {
         .map(|f| (f.to_string(), src.join(f)))
         .filter(|(_, source)| source.is_file())
         .collect();
-    let n = p.params.len();
     let snap = Snapshot {
         model: cfg,
         layout: p.model.layout.clone(),
         params: p.params,
-        exp_avg: vec![0.0; n],
-        exp_avg_sq: vec![0.0; n],
+        moments: None, // a run starts from these weights (init_from) with AdamW's state fresh
         step: 0,
         tokens: 0,
         data: serde_json::to_value(ondol_data::Cursor::default()).expect("cursor serializes"),

@@ -4,7 +4,7 @@
 use crate::config::{BYTE_EOT, DataFormat, OnDataChange, RunConfig, plain_path};
 use crate::metrics::{Metrics, StepRow};
 use crate::pretrained::Pretrained;
-use ondol_ckpt::{Loaded, Snapshot, Writer};
+use ondol_ckpt::{Loaded, Moments, Snapshot, Writer};
 use ondol_comm::{Communicator, Mesh, RankComms};
 use ondol_core::{Backend, Error, Result};
 use ondol_data::{Cursor, Loader, Mixture, MixtureCursor, Order, SourceKind, TextTokenizer, TokenStream, expand_globs};
@@ -226,8 +226,7 @@ impl<B: Backend> Trainer<B> {
             model: self.cfg.model.clone(),
             layout: self.model().layout.clone(),
             params,
-            exp_avg,
-            exp_avg_sq,
+            moments: Some(Moments { exp_avg, exp_avg_sq }),
             step: self.step,
             tokens: self.tokens,
             data: self.loader.position(),

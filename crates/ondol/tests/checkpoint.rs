@@ -454,6 +454,36 @@ fn damaged_checkpoints_are_refused_and_auto_falls_back() {
     assert!(!ok && err.contains("model.arch") && err.contains("llama"), "{err}");
 }
 
+/// A checkpoint whose optimizer/ was deleted to save space holds weights only: evaluation,
+/// generation and init_from use it (its weights still verified), a resume is refused with
+/// what to do instead.
+#[test]
+fn a_checkpoint_of_weights_only_serves_all_but_a_resume() {
+    let dir = setup();
+    let (ok, err) = ondol_err(dir.path(), &["train", "run.toml", "--run-dir", "run"]);
+    assert!(ok, "{err}");
+    let slim = dir.path().join("run/checkpoints/step-00000012");
+    std::fs::remove_dir_all(slim.join("optimizer")).unwrap();
+    let slim = slim.to_str().unwrap();
+    let (ok, err) = ondol_err(dir.path(), &["eval", slim, "--data", "corpus.txt", "--batches", "1"]);
+    assert!(ok, "{err}");
+    let (ok, err) = ondol_err(dir.path(), &["generate", slim, "--prompt", "a", "--max-new-tokens", "2"]);
+    assert!(ok, "{err}");
+    let init = format!("model.init_from=\"{slim}\"");
+    let (ok, err) = ondol_err(dir.path(), &["train", "run.toml", "--run-dir", "ft", "--set", &init]);
+    assert!(ok && err.contains("starting from the weights"), "{err}");
+    let (ok, err) = ondol_err(dir.path(), &["train", "run.toml", "--run-dir", "run2", "--resume", slim]);
+    assert!(!ok && err.contains("weights only") && err.contains("model.init_from"), "{err}");
+    // The weights are still checked.
+    let model = dir.path().join("run/checkpoints/step-00000012/model.safetensors");
+    let mut bytes = std::fs::read(&model).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x40;
+    std::fs::write(&model, bytes).unwrap();
+    let (ok, err) = ondol_err(dir.path(), &["eval", slim, "--data", "corpus.txt", "--batches", "1"]);
+    assert!(!ok && err.contains("checksum mismatch"), "{err}");
+}
+
 /// A finished run, a run directory trained over from scratch, an edited trainer_state.json
 /// and a half-written checkpoint: each refused (or, for the finished run, a no-op), with
 /// nothing the run wrote before changed.

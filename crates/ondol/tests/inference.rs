@@ -68,6 +68,8 @@ fn import_then_init_from_starts_from_the_hugging_face_weights() {
     assert!(ok, "{err}");
     let hf = Pretrained::load(&fixture("tiny-gpt2")).unwrap();
     let imported = Pretrained::load(&out).unwrap();
+    // Weights only: a run starts from them with AdamW's state fresh.
+    assert!(!out.join("optimizer").exists());
     assert!(hf.params.iter().zip(&imported.params).all(|(a, b)| a.to_bits() == b.to_bits()));
 
     // The starter config continues from the imported weights once it has data.
