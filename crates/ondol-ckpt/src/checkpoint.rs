@@ -84,6 +84,9 @@ pub struct Snapshot {
     /// under the names transformers looks for whatever the sources are called.
     pub extra_files: Vec<(String, PathBuf)>,
     pub eos_token_id: Option<u32>,
+    /// The end-of-text token's text: with a tokenizer.json among the files and no
+    /// tokenizer_config.json, one is written naming it.
+    pub eos_token: Option<String>,
     /// Shard the model file above this size (bytes).
     pub max_shard_bytes: u64,
 }
@@ -176,6 +179,11 @@ pub fn save_to(dst: &Path, snap: &Snapshot) -> Result<()> {
             .and_then(|_| File::open(&copy)?.sync_all())
             .map_err(io(format!("cannot copy {} into the checkpoint", source.display())))?;
         files.push(name.clone());
+    }
+    let has = |name: &str| snap.extra_files.iter().any(|(n, _)| n == name);
+    if let Some(eos) = snap.eos_token.as_deref().filter(|_| has("tokenizer.json") && !has("tokenizer_config.json")) {
+        write_json(&tmp.join("tokenizer_config.json"), &hf::tokenizer_config(eos, snap.model.max_seq_len))?;
+        files.push("tokenizer_config.json".into());
     }
 
     let mut checksums = BTreeMap::new();

@@ -184,6 +184,18 @@ pub fn generation_config(eos_token_id: Option<u32>) -> Value {
     v
 }
 
+/// `tokenizer_config.json` for a checkpoint's `tokenizer.json`: without it transformers'
+/// AutoTokenizer loads the tokenizer knowing no end-of-text token (generation and padding
+/// then know none).
+pub fn tokenizer_config(eos_token: &str, max_seq_len: usize) -> Value {
+    json!({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "eos_token": eos_token,
+        "model_max_length": max_seq_len,
+        "clean_up_tokenization_spaces": false,
+    })
+}
+
 /// Reads one field of a Hugging Face config with its expected type.
 struct Fields<'a> {
     map: &'a Map<String, Value>,

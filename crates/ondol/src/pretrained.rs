@@ -256,7 +256,8 @@ pub fn import_hf(src: &Path, out: &Path) -> Result<Vec<String>> {
     // Fine-tuning data is tokenized with the model's own tokenizer, which the checkpoint keeps
     // (shards from `ondol data prepare --tokenizer OUT/tokenizer.json`), or read as bytes.
     let shards = "train = [\"data/train_*.bin\"]\nval = [\"data/val_*.bin\"]\n";
-    let data = match p.tokenizer() {
+    let tokenizer = p.tokenizer();
+    let data = match &tokenizer {
         Ok(Tokenizer::Text(t)) => {
             let file = toml::Value::String(out_abs.join("tokenizer.json").display().to_string());
             let eot = match t.eot_token() {
@@ -304,6 +305,10 @@ pub fn import_hf(src: &Path, out: &Path) -> Result<Vec<String>> {
         run_config,
         extra_files,
         eos_token_id: p.eos_token_id,
+        eos_token: match tokenizer {
+            Ok(Tokenizer::Text(t)) => Some(t.eot_token().to_string()),
+            _ => None,
+        },
         max_shard_bytes: 5_000_000_000,
     };
     checkpoint::save_to(out, &snap)?;

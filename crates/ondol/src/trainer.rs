@@ -234,6 +234,7 @@ impl<B: Backend> Trainer<B> {
             run_config: toml::to_string(&self.cfg).expect("config serializes"),
             extra_files: self.tokenizer.iter().map(|t| ("tokenizer.json".to_string(), t.clone())).collect(),
             eos_token_id: self.eos_token_id,
+            eos_token: self.tokenizer.as_ref().map(|_| self.cfg.data.eot_token().to_string()),
             max_shard_bytes: self.cfg.checkpoint.max_shard_bytes,
         }))
     }

@@ -115,6 +115,10 @@ fn tokenizer_train_then_data_prepare_then_train_on_the_shards() {
     assert!(!ckpt.join("tok.json").exists());
     let config: serde_json::Value = serde_json::from_slice(&std::fs::read(ckpt.join("config.json")).unwrap()).unwrap();
     assert!(config["eos_token_id"].is_u64(), "{config}");
+    // For transformers' AutoTokenizer, which without tokenizer_config.json knows no end of text.
+    let read = std::fs::read(ckpt.join("tokenizer_config.json")).unwrap();
+    let tokenizer_config: serde_json::Value = serde_json::from_slice(&read).unwrap();
+    assert_eq!(tokenizer_config["eos_token"], "<|endoftext|>", "{tokenizer_config}");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_ondol"))
         .args(["generate", ckpt.to_str().unwrap(), "--prompt", "온돌 floor", "--max-new-tokens", "5"])
         .output()
