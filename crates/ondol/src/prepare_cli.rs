@@ -354,12 +354,14 @@ fn check_shards_tokenizer(cfg: &RunConfig, base: &Path, tokenizer: Option<&Path>
                 format!(
                     "{} is not the tokenizer the shards in {} were made with ({} records another SHA-256, {}): \
                      their token ids would be read as other text; set data.tokenizer = {} (data prepare's copy of \
-                     it)",
+                     it), or, to keep this tokenizer (a model's own, say), prepare the shards again with it: \
+                     `ondol data prepare --tokenizer {}`",
                     tokenizer.display(),
                     dir.display(),
                     manifest.display(),
                     made.sha256.get(..12).unwrap_or(&made.sha256),
-                    toml::Value::String(dir.join("tokenizer.json").display().to_string())
+                    toml::Value::String(dir.join("tokenizer.json").display().to_string()),
+                    tokenizer.display()
                 ),
             ));
         }
