@@ -313,6 +313,7 @@ pub fn check_model_dir(dir: &Path) -> Result<()> {
 /// resume reads it: every file that loading reads must be listed, every listed file's SHA-256
 /// must match, its step must be its directory's.
 pub fn verify(dir: &Path) -> Result<TrainerState> {
+    check_model_dir(dir)?;
     let opt = dir.join("optimizer");
     if !opt.is_dir() {
         return Err(Error::Input(format!(
