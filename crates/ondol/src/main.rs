@@ -188,6 +188,14 @@ fn main() -> ExitCode {
 fn train(args: TrainArgs) -> Result<()> {
     let cfg = RunConfig::load(&args.config.config, &args.config.set)?;
     let env = DistEnv::from_env()?;
+    // A launched job (torchrun's variables, as `ondol launch` sets them, or Slurm's), even of
+    // one process, meets through the store and trains over TCP or NCCL.
+    let launched = env.world_size > 1 || std::env::var_os("RANK").is_some();
+    if launched {
+        // Before rank 0 takes the run directory: a rank refused by the layout every rank
+        // checks may take rank 0 down (the launcher stops it) before it could let go of it.
+        check_launched_layout(&cfg, env.world_size)?;
+    }
     // The run directory is rank 0's (the launched ranks after it stop when it stops), held for
     // the whole run; checked before any rank starts, so that a refusal leaves none waiting.
     let _run_dir = if env.rank == 0 {
@@ -210,9 +218,7 @@ fn train(args: TrainArgs) -> Result<()> {
             .build_global()
             .map_err(|e| Error::config("training.threads", e.to_string()))?;
     }
-    // A launched job (torchrun's variables, as `ondol launch` sets them, or Slurm's), even of
-    // one process, meets through the store and trains over TCP or NCCL.
-    if env.world_size > 1 || std::env::var_os("RANK").is_some() {
+    if launched {
         return train_launched(&args, cfg, &env);
     }
     if cfg.training.device == Device::Cuda {
@@ -241,6 +247,24 @@ fn train(args: TrainArgs) -> Result<()> {
     results.into_iter().collect()
 }
 
+/// Refuses a layout that does not cover the `world` launched processes.
+fn check_launched_layout(cfg: &RunConfig, world: usize) -> Result<()> {
+    let p = &cfg.parallelism;
+    let model_parallel = p.tp * p.pp;
+    if p.tp * p.pp * p.dp == world {
+        return Ok(());
+    }
+    let fix = if world.is_multiple_of(model_parallel) {
+        format!("set parallelism.dp = {} (with tp = {} and pp = {})", world / model_parallel, p.tp, p.pp)
+    } else {
+        format!("choose tp x pp x dp = {world}")
+    };
+    Err(Error::config(
+        "parallelism",
+        format!("tp {} x pp {} x dp {} is not the {world} processes launched; {fix}", p.tp, p.pp, p.dp),
+    ))
+}
+
 /// This process as one rank of a launched job (`ondol launch`, torchrun-style variables, or
 /// Slurm): the mesh must cover every launched process; ranks find each other through the
 /// rendezvous store on MASTER_ADDR:MASTER_PORT and talk over TCP (CPU) or NCCL (CUDA).
@@ -266,19 +290,8 @@ struct Job {
 
 impl Job {
     fn join(cfg: &RunConfig, env: &DistEnv) -> Result<Job> {
+        check_launched_layout(cfg, env.world_size)?;
         let p = &cfg.parallelism;
-        let (world, model_parallel) = (env.world_size, p.tp * p.pp);
-        if p.tp * p.pp * p.dp != world {
-            let fix = if world.is_multiple_of(model_parallel) {
-                format!("set parallelism.dp = {} (with tp = {} and pp = {})", world / model_parallel, p.tp, p.pp)
-            } else {
-                format!("choose tp x pp x dp = {world}")
-            };
-            return Err(Error::config(
-                "parallelism",
-                format!("tp {} x pp {} x dp {} is not the {world} processes launched; {fix}", p.tp, p.pp, p.dp),
-            ));
-        }
         let mesh = Mesh::new(p.tp, p.pp, p.dp)?;
         let timeout = Duration::from_secs(p.timeout_s);
         let (server, store) = ondol_comm::store::rendezvous(env, timeout)?;

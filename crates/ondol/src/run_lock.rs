@@ -27,35 +27,41 @@ pub struct RunLock {
 
 impl RunLock {
     /// Takes `run_dir` (making it where it does not exist), or says which process has it.
+    /// Where the file system cannot lock files, warns that nothing keeps a second run out.
     pub fn take(run_dir: &Path) -> Result<Self> {
         let made = missing_ancestors(run_dir);
-        std::fs::create_dir_all(run_dir).map_err(|e| Error::io(format!("cannot create {}", run_dir.display()), e))?;
         let path = run_dir.join(LOCK_FILE);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(|e| Error::io(format!("cannot open {}", path.display()), e))?;
-        match file.try_lock() {
-            Ok(()) => {}
-            Err(TryLockError::WouldBlock) => {
-                let holder = std::fs::read_to_string(&path).unwrap_or_default();
-                let holder = holder.trim();
-                let holder = if holder.is_empty() { String::new() } else { format!(" ({holder})") };
-                return Err(Error::Input(format!(
-                    "{} is in use by another run{holder}, which holds {}: wait for it to end, or give this run \
-                     another --run-dir",
-                    run_dir.display(),
-                    path.display()
-                )));
+        loop {
+            std::fs::create_dir_all(run_dir)
+                .map_err(|e| Error::io(format!("cannot create {}", run_dir.display()), e))?;
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)
+                .map_err(|e| Error::io(format!("cannot open {}", path.display()), e))?;
+            match file.try_lock() {
+                Ok(()) => {}
+                Err(TryLockError::WouldBlock) => return Err(in_use(run_dir, &path)),
+                Err(TryLockError::Error(e)) if cannot_lock(&e) => {
+                    eprintln!(
+                        "warning: {}: this file system does not lock files ({e}); nothing keeps a second run out of {}",
+                        path.display(),
+                        run_dir.display()
+                    );
+                    return Ok(Self { file, path, made });
+                }
+                Err(TryLockError::Error(e)) => return Err(Error::io(format!("cannot lock {}", path.display()), e)),
             }
-            Err(TryLockError::Error(e)) => return Err(Error::io(format!("cannot lock {}", path.display()), e)),
+            // A run that ended between our open and our lock may have removed the file we
+            // locked (see Drop): the lock counts only on the file the path still names.
+            if is_same_file(&file, &path) {
+                let lock = Self { file, path, made };
+                lock.record_holder()?;
+                return Ok(lock);
+            }
         }
-        let lock = Self { file, path, made };
-        lock.record_holder()?;
-        Ok(lock)
     }
 
     /// Writes who holds the lock into its file, for the message of a run refused.
@@ -72,7 +78,8 @@ impl RunLock {
 impl Drop for RunLock {
     fn drop(&mut self) {
         // Directories this lock made that the run left holding only the lock file go again.
-        // (A file unlinked while locked: a run that opened it meanwhile was refused already.)
+        // (A run that opened the file meanwhile and then locks it sees that the path no longer
+        // names it, and starts over.)
         let Some(run_dir) = self.made.last() else { return };
         let only_the_lock =
             std::fs::read_dir(run_dir).is_ok_and(|entries| entries.flatten().all(|e| e.file_name() == LOCK_FILE));
@@ -83,6 +90,34 @@ impl Drop for RunLock {
                 let _ = std::fs::remove_dir(dir);
             }
         }
+    }
+}
+
+/// The refusal of a run directory whose lock another process holds, naming it.
+fn in_use(run_dir: &Path, path: &Path) -> Error {
+    let holder = std::fs::read_to_string(path).unwrap_or_default();
+    let holder = holder.trim();
+    let holder = if holder.is_empty() { String::new() } else { format!(" ({holder})") };
+    Error::Input(format!(
+        "{} is in use by another run{holder}, which holds {}: wait for it to end, or give this run another --run-dir",
+        run_dir.display(),
+        path.display()
+    ))
+}
+
+/// Whether `e` says the file system has no locks (Linux: ENOSYS or EOPNOTSUPP, which Rust
+/// reads as Unsupported; ENOLCK, an NFS mount without its lock daemon).
+fn cannot_lock(e: &std::io::Error) -> bool {
+    const ENOLCK: i32 = 37;
+    e.kind() == std::io::ErrorKind::Unsupported || e.raw_os_error() == Some(ENOLCK)
+}
+
+/// Whether `path` names the open `file` (the same inode of the same device).
+fn is_same_file(file: &File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (file.metadata(), std::fs::metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
     }
 }
 
@@ -120,5 +155,19 @@ mod tests {
         // A run that wrote something keeps its directory.
         assert!(run.join("ondol.toml").is_file());
         let _third = RunLock::take(&run).unwrap();
+    }
+
+    /// A lock counts on the file its path names: one unlinked (by a run that ended) and made
+    /// again is another file.
+    #[test]
+    fn a_file_unlinked_and_made_again_is_not_the_file_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(LOCK_FILE);
+        let file = File::create(&path).unwrap();
+        assert!(is_same_file(&file, &path));
+        std::fs::remove_file(&path).unwrap();
+        assert!(!is_same_file(&file, &path));
+        File::create(&path).unwrap();
+        assert!(!is_same_file(&file, &path));
     }
 }
