@@ -12,7 +12,7 @@
 //! | local world size | `LOCAL_WORLD_SIZE`        | `SLURM_NTASKS_PER_NODE` / `SLURM_TASKS_PER_NODE` entry of `SLURM_NODEID`, else ntasks / `SLURM_NNODES` | world size |
 //! | master address   | `MASTER_ADDR`             | first host of `SLURM_JOB_NODELIST` (`SLURM_NODELIST`) | 127.0.0.1   |
 //! | master port      | `MASTER_PORT`             | 15000 + `SLURM_JOB_ID` mod 20000 (one port per job)   | 29500       |
-//! | job id           | `TORCHELASTIC_RUN_ID`     | `SLURM_JOB_ID`                                        | none        |
+//! | job id           | `TORCHELASTIC_RUN_ID`     | `SLURM_JOB_ID`.`SLURM_STEP_ID`.`SLURM_RESTART_COUNT` (those set) | none |
 //!
 //! The job id keeps a job's ranks out of another job's store: two launches on one port (the
 //! second's rank 0 fails to bind, its other ranks would join the first job) are told apart.
@@ -107,7 +107,15 @@ impl DistEnv {
                 None => DEFAULT_MASTER_PORT,
             },
         };
-        let job_id = var(&["TORCHELASTIC_RUN_ID", "SLURM_JOB_ID"]).map(|(_, id)| id).unwrap_or_default();
+        // Under Slurm, a job's steps and a requeued job's runs have ids of their own.
+        let job_id = match var(&["TORCHELASTIC_RUN_ID"]) {
+            Some((_, id)) => id,
+            None => ["SLURM_JOB_ID", "SLURM_STEP_ID", "SLURM_RESTART_COUNT"]
+                .iter()
+                .filter_map(|&n| var(&[n]).map(|(_, v)| v))
+                .collect::<Vec<_>>()
+                .join("."),
+        };
         Ok(DistEnv { rank, world_size, local_rank, local_world_size, master_addr, master_port, job_id })
     }
 

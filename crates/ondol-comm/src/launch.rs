@@ -130,12 +130,15 @@ pub fn describe_status(status: ExitStatus) -> String {
 struct Errors(std::sync::Mutex<Vec<(Vec<u8>, Vec<usize>)>>);
 
 impl Errors {
-    /// Records `rank`'s `line`; true where no rank wrote it before (print it).
+    /// Records `rank`'s `line`; true where no other rank wrote it before (print it).
     fn first(&self, line: &[u8], rank: usize) -> bool {
         let mut seen = self.0.lock().expect("error lines");
         match seen.iter_mut().find(|(l, _)| l == line) {
+            Some((_, ranks)) if ranks[0] == rank => true,
             Some((_, ranks)) => {
-                ranks.push(rank);
+                if !ranks.contains(&rank) {
+                    ranks.push(rank);
+                }
                 false
             }
             None => {

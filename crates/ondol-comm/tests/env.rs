@@ -55,12 +55,14 @@ fn slurm_variables() {
         ("SLURM_TASKS_PER_NODE", "4(x2)"),
         ("SLURM_JOB_NODELIST", "gpu-[3-5]"),
         ("SLURM_JOB_ID", "123456"),
+        ("SLURM_STEP_ID", "0"),
+        ("SLURM_RESTART_COUNT", "2"),
     ])
     .unwrap();
     assert_eq!((env.rank, env.world_size, env.local_rank, env.local_world_size), (6, 8, 2, 4));
     assert_eq!(env.master_addr, "gpu-3");
     assert_eq!(env.master_port, 15000 + (123456 % 20000) as u16);
-    assert_eq!(env.job_id, "123456");
+    assert_eq!(env.job_id, "123456.0.2");
     // Without per-node counts, ntasks / nnodes.
     let env = parse(&[("SLURM_PROCID", "0"), ("SLURM_NTASKS", "6"), ("SLURM_NNODES", "3")]).unwrap();
     assert_eq!(env.local_world_size, 2);

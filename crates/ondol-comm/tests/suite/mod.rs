@@ -303,7 +303,8 @@ pub fn sub_groups_of_a_2x2x2_mesh_reduce_over_the_megatron_groups(s: &impl Spawn
 }
 
 pub fn a_rank_that_never_arrives_times_out_the_others_naming_it_and_the_op(s: &impl Spawner) {
-    let timeout = Duration::from_millis(300);
+    // Long enough that "at once" below cannot be mistaken for a wait on a loaded machine.
+    let timeout = Duration::from_millis(2000);
     let mut comms = s.group(3, timeout);
     let late = comms.pop().unwrap();
     let start = Instant::now();
@@ -311,7 +312,7 @@ pub fn a_rank_that_never_arrives_times_out_the_others_naming_it_and_the_op(s: &i
         let mut buf = [1.0f32; 4];
         c.all_reduce_sum(&mut buf).unwrap_err()
     });
-    assert!(start.elapsed() < Duration::from_secs(5), "took {:?}", start.elapsed());
+    assert!(start.elapsed() < Duration::from_secs(8), "took {:?}", start.elapsed());
     for e in &errors {
         let CommError::Timeout(info) = e else { panic!("not a timeout: {e}") };
         assert_eq!(
@@ -327,7 +328,7 @@ pub fn a_rank_that_never_arrives_times_out_the_others_naming_it_and_the_op(s: &i
     // The group is broken: the late rank fails at once instead of waiting for the others.
     let start = Instant::now();
     let e = late.barrier().unwrap_err();
-    assert!(start.elapsed() < Duration::from_millis(200), "took {:?}: {e}", start.elapsed());
+    assert!(start.elapsed() < timeout / 2, "took {:?}: {e}", start.elapsed());
     assert!(matches!(e, CommError::Broken { .. }) && e.to_string().contains("all_reduce_sum timed out"), "{e}");
 }
 
