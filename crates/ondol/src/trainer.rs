@@ -152,6 +152,23 @@ impl<B: Backend> Trainer<B> {
         let dir = crate::pretrained::model_dir(Path::new(named)).map_err(blamed)?;
         let init = Pretrained::load_for(&self.cfg.model, &dir).map_err(blamed)?;
         check_tokenizer(&init.dir, init.run_config.as_ref(), &self.cfg, self.tokenizer.as_deref())?;
+        // Every rank reads the directory itself: a run directory still training (its latest
+        // moving) or a node that sees another copy would give ranks other weights, unnoticed.
+        let weights = init
+            .params
+            .iter()
+            .fold(0xcbf2_9ce4_8422_2325u64, |h, x| (h ^ u64::from(x.to_bits())).wrapping_mul(0x0000_0100_0000_01b3));
+        if let Some((rank, _)) = self.first_rank_unlike_rank_0((init.params.len() as u64, weights))? {
+            return Err(Error::config(
+                "model.init_from",
+                format!(
+                    "world rank {rank} read other weights from {named} than world rank 0 (this rank: {}); every rank \
+                     must start from the same: name a checkpoint directory (not a run still writing them) on a \
+                     filesystem every node shares",
+                    dir.display()
+                ),
+            ));
+        }
         self.engine.load_whole(&init.params, None);
         Ok(Some(dir))
     }
@@ -324,32 +341,40 @@ impl<B: Backend> Trainer<B> {
     /// weights from another step, unnoticed. [`Trainer::restore`] checks; a rank that starts
     /// from scratch where others might resume (`--resume auto`) must call it with None.
     pub fn check_every_rank_loaded(&self, loaded: Option<&Loaded>) -> Result<()> {
+        // (step + 1, fingerprint), (0, 0) for none.
+        let mine = loaded.map_or((0, 0), |l| (l.state.step + 1, l.state.fingerprint()));
+        let Some((rank, found)) = self.first_rank_unlike_rank_0(mine)? else { return Ok(()) };
+        let what = |(step, _): (u64, u64)| match step {
+            0 => "found no checkpoint".to_string(),
+            s => format!("loaded one of step {}", s - 1),
+        };
+        let same_step = if found[0].0 == found[rank].0 { " with other contents" } else { "" };
+        let found = |r: usize| found[r];
+        let mine = loaded.map_or("none".to_string(), |l| l.dir.display().to_string());
+        Err(Error::Input(format!(
+            "ranks resume differently: world rank 0 {}, world rank {rank} {}{same_step} (this rank: {mine}); every \
+             rank must read the same checkpoint: keep the run directory on a filesystem that every node shares, or \
+             give every rank the same --resume DIR",
+            what(found(0)),
+            what(found(rank)),
+        )))
+    }
+
+    /// All-gathers every rank's `mine` and returns the first rank whose pair is not rank 0's,
+    /// with every rank's pair; None where all agree (and on one rank).
+    fn first_rank_unlike_rank_0(&self, mine: (u64, u64)) -> Result<Option<(usize, Vec<(u64, u64)>)>> {
         let world = self.engine.comms.world.as_ref();
         if world.size() == 1 {
-            return Ok(());
+            return Ok(None);
         }
-        // (step + 1, fingerprint), (0, 0) for none, in 16-bit pieces, which f32 carries exactly.
-        let mine = loaded.map_or((0, 0), |l| (l.state.step + 1, l.state.fingerprint()));
+        // In 16-bit pieces, which f32 carries exactly.
         let words = |v: u64| (0..4).map(move |k| ((v >> (16 * k)) & 0xffff) as f32);
         let mine: Vec<f32> = words(mine.0).chain(words(mine.1)).collect();
         let mut all = vec![0.0f32; mine.len() * world.size()];
         world.all_gather(&mine, &mut all)?;
         let value = |w: &[f32]| w.iter().rev().fold(0u64, |v, &x| (v << 16) | x as u64);
         let found: Vec<(u64, u64)> = all.chunks(8).map(|w| (value(&w[..4]), value(&w[4..]))).collect();
-        let Some(rank) = found.iter().position(|f| *f != found[0]) else { return Ok(()) };
-        let what = |(step, _): (u64, u64)| match step {
-            0 => "found no checkpoint".to_string(),
-            s => format!("loaded one of step {}", s - 1),
-        };
-        let same_step = if found[0].0 == found[rank].0 { " with other contents" } else { "" };
-        let mine = loaded.map_or("none".to_string(), |l| l.dir.display().to_string());
-        Err(Error::Input(format!(
-            "ranks resume differently: world rank 0 {}, world rank {rank} {}{same_step} (this rank: {mine}); every \
-             rank must read the same checkpoint: keep the run directory on a filesystem that every node shares, or \
-             give every rank the same --resume DIR",
-            what(found[0]),
-            what(found[rank]),
-        )))
+        Ok(found.iter().position(|f| *f != found[0]).map(|rank| (rank, found)))
     }
 
     /// Mean loss per token over the first `eval_batches` global validation batches, each of

@@ -468,6 +468,26 @@ fn an_error_every_launched_rank_writes_is_printed_once() {
     let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("[rank ") && l.contains("] error: ")).collect();
     assert_eq!(errors.len(), 1, "{err}");
     assert!(errors[0].contains("4 processes"), "{err}");
-    let last = err.lines().last().unwrap_or_default();
-    assert!(!last.contains("wrote rank") || last.contains("error too"), "{err}");
+    // Refused before rank 0 took the run directory, which it would have kept if stopped.
+    assert!(!dir.path().join("run").exists(), "a refused launch left its run directory behind");
+}
+
+/// Ranks that start from `model.init_from` check that they all read the same weights (here
+/// they do: tp 2 x dp 2 threads on one filesystem) and train on from them.
+#[test]
+fn every_rank_starts_from_the_same_init_from_weights() {
+    let dir = setup();
+    let (ok, err) = ondol_err(dir.path(), &["train", "run.toml", "--run-dir", "pre", "--set", "training.steps=4"]);
+    assert!(ok, "{err}");
+    let sets = [
+        "model.init_from=\"pre\"",
+        "parallelism.tp=2",
+        "parallelism.dp=2",
+        "training.batch_size=4",
+        "lr_scheduler.warmup_steps=0",
+    ];
+    let mut args = vec!["train", "run.toml", "--run-dir", "ft", "--set", "training.steps=2"];
+    args.extend(sets.iter().flat_map(|s| ["--set", s]));
+    let (ok, err) = ondol_err(dir.path(), &args);
+    assert!(ok && err.contains("starting from the weights of") && err.contains("step-00000004"), "{err}");
 }
