@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # transformers loads ondol checkpoints as they are and reproduces ondol's loss.
-# Trains the Llama and GPT-2 smoke configs briefly, evaluates one 128-token row of sample
+# Trains the smoke configs of every architecture briefly, evaluates one 128-token row of sample
 # text with `ondol eval`, then loads the checkpoint with AutoModelForCausalLM and compares
 # (scripts/make-hf-fixtures.py check, tolerance 1e-4 relative).
-# Needs a Python with torch and transformers: PYTHON=path/to/python (default python3).
+# Needs a Python with torch and transformers: PYTHON=path/to/python (default python3);
+# CONFIGS="smoke hybrid-smoke" checks some of them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
@@ -17,7 +18,7 @@ header = struct.pack("<256i", 20240520, 1, len(toks), *([0] * 253))
 open(f"{sys.argv[1]}/row.bin", "wb").write(header + struct.pack(f"<{len(toks)}H", *toks))
 json.dump([toks], open(f"{sys.argv[1]}/row.json", "w"))
 PY
-for config in smoke smoke-gpt2; do
+for config in ${CONFIGS:-smoke smoke-gpt2 mamba-smoke mamba2-smoke hybrid-smoke}; do
   target/release/ondol train "configs/$config.toml" --run-dir "$work/$config" --set training.steps=60 \
     --set training.eval_every=0 2>/dev/null
   ckpt="$work/$config/checkpoints/step-00000060"

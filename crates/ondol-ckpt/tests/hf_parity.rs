@@ -97,8 +97,8 @@ fn mamba2_with_groups_and_chunks_shorter_than_the_sequence_matches_transformers(
     check("tiny-mamba2");
 }
 
-/// Nemotron-H floors its Mamba-2 step size at time_step_min, which Mamba-2 does not: the
-/// fixture's 13 tokens include floored steps.
+/// Nemotron-H's Mamba-2 mixers, attention and relu² MLPs in one pattern (expected logits from
+/// transformers 5.25, which no longer floors the step at time_step_min as 5.23 did).
 #[test]
 fn nemotron_h_hybrid_matches_transformers() {
     check("tiny-nemotron-h");
