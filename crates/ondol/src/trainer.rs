@@ -60,6 +60,9 @@ impl Data {
     }
 }
 
+/// The first rank whose value is not rank 0's, and every rank's value.
+type Disagreement = (usize, Vec<(u64, u64)>);
+
 /// What one optimizer step produced.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct StepStats {
@@ -362,7 +365,7 @@ impl<B: Backend> Trainer<B> {
 
     /// All-gathers every rank's `mine` and returns the first rank whose pair is not rank 0's,
     /// with every rank's pair; None where all agree (and on one rank).
-    fn first_rank_unlike_rank_0(&self, mine: (u64, u64)) -> Result<Option<(usize, Vec<(u64, u64)>)>> {
+    fn first_rank_unlike_rank_0(&self, mine: (u64, u64)) -> Result<Option<Disagreement>> {
         let world = self.engine.comms.world.as_ref();
         if world.size() == 1 {
             return Ok(None);
