@@ -35,6 +35,8 @@ pub struct Metrics {
     bar: Option<ProgressBar>,
     /// The device's peak FLOP/s, the denominator of MFU.
     pub peak_flops: f64,
+    /// Whether an MFU above 100 % was explained already.
+    past_peak_noted: bool,
 }
 
 impl Metrics {
@@ -80,12 +82,12 @@ impl Metrics {
             bar.set_style(style);
             bar
         });
-        Ok(Self { file: Some(BufWriter::new(file)), bar, peak_flops })
+        Ok(Self { file: Some(BufWriter::new(file)), bar, peak_flops, past_peak_noted: false })
     }
 
     /// A reporter that writes and prints nothing.
     pub fn silent(peak_flops: f64) -> Self {
-        Self { file: None, bar: None, peak_flops }
+        Self { file: None, bar: None, peak_flops, past_peak_noted: false }
     }
 
     fn write(&mut self, row: &impl Serialize) -> Result<()> {
@@ -120,7 +122,23 @@ impl Metrics {
             }
             None => self.say(text),
         }
+        if let Some(note) = self.past_peak_note(row.mfu) {
+            self.say(note);
+        }
         self.write(&row)
+    }
+
+    /// What the first MFU above 100 % means, once.
+    fn past_peak_note(&mut self, mfu: f64) -> Option<String> {
+        if mfu <= 1.0 || self.past_peak_noted {
+            return None;
+        }
+        self.past_peak_noted = true;
+        Some(format!(
+            "note: MFU above 100 %: the peak it divides by, {:.0} GFLOP/s, is below what training achieves; a CPU's \
+             is measured at start-up, and reads low when the machine was busy then",
+            self.peak_flops / 1e9
+        ))
     }
 
     /// A step that is not logged: only the progress bar moves.
@@ -145,5 +163,19 @@ impl Metrics {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_mfu_past_the_peak_is_explained_once() {
+        let mut m = Metrics::silent(60e9);
+        assert_eq!(m.past_peak_note(0.9), None);
+        let note = m.past_peak_note(1.2).unwrap();
+        assert!(note.contains("above 100 %") && note.contains("60 GFLOP/s"), "{note}");
+        assert_eq!(m.past_peak_note(1.3), None);
     }
 }
