@@ -11,6 +11,7 @@ use ondol_data::{Cursor, Loader, Mixture, MixtureCursor, Order, SourceKind, Text
 use ondol_model::{Arch, Model, ModelConfig, Workspace};
 use ondol_optim::LrSchedule;
 use ondol_parallel::Engine;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -33,15 +34,26 @@ impl Data {
             DataFormat::Shards => SourceKind::Shards,
             DataFormat::Text => SourceKind::ByteText,
         };
-        let open = |patterns: &[String]| -> Result<TokenStream> {
-            let files = expand_globs(patterns, base)?;
-            Ok(TokenStream::open(&files, kind)?)
+        let mut fields: Vec<(String, &[String])> = if d.sources.is_empty() {
+            vec![("data.train".into(), &d.train)]
+        } else {
+            d.sources
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (format!("data.sources[{i}].train"), s.train.as_slice()))
+                .collect()
         };
-        let patterns: Vec<&[String]> =
-            if d.sources.is_empty() { vec![&d.train] } else { d.sources.iter().map(|s| s.train.as_slice()).collect() };
-        let mut train = patterns.iter().map(|p| open(p)).collect::<Result<Vec<_>>>()?;
+        if !d.val.is_empty() {
+            fields.push(("data.val".into(), &d.val));
+        }
+        let files = fields
+            .iter()
+            .map(|(field, patterns)| Ok((field.as_str(), expand_globs(patterns, base)?)))
+            .collect::<Result<Vec<_>>>()?;
+        check_disjoint(&files)?;
+        let mut train = files.iter().map(|(_, f)| TokenStream::open(f, kind)).collect::<Result<Vec<_>, _>>()?;
         let val = if !d.val.is_empty() {
-            Some(open(&d.val)?)
+            train.pop() // data.val's, the last field
         } else if d.val_fraction > 0.0 {
             // The tail of every file of every source, as one validation stream.
             let (heads, tails): (Vec<_>, Vec<_>) = train
@@ -58,6 +70,30 @@ impl Data {
         let tokenizer = d.tokenizer.as_deref().filter(|t| *t != "bytes").map(|t| base.join(t));
         Ok(Self { train: train.into_iter().map(Arc::new).collect(), val: val.map(Arc::new), tokenizer })
     }
+}
+
+/// Refuses a file that two of the data fields match (each field with its files): a file in two
+/// sources is read under both weights, and a validation file that is also trained on measures
+/// memorisation. Paths are compared canonicalized, so `data/x.bin` and `./data/x.bin` are one file.
+fn check_disjoint(files: &[(&str, Vec<PathBuf>)]) -> Result<()> {
+    let mut owner: HashMap<PathBuf, &str> = HashMap::new();
+    for (field, paths) in files {
+        for path in paths {
+            let key = std::fs::canonicalize(path).unwrap_or_else(|_| path.clone());
+            if let Some(first) = owner.insert(key, field) {
+                let why = if *field == "data.val" {
+                    "validation on data that is trained on measures memorisation, not generalisation"
+                } else {
+                    "a file belongs to one source, whose weight says how often it is read"
+                };
+                return Err(Error::config(
+                    *field,
+                    format!("matches {}, which {first} matches too: {why}; narrow one of the patterns", path.display()),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The first rank whose value is not rank 0's, and every rank's value.

@@ -390,12 +390,31 @@ fn another_validation_set_or_spelling_of_a_path_continues_the_data() {
     }
     let saved = checkpoint::save(&dir.path().join("run"), &first.snapshot().unwrap().unwrap()).unwrap();
     let want: Vec<u64> = (0..3).map(|_| first.step().unwrap().loss.to_bits()).collect();
-    let mut second = trainer(dir.path(), &["data.val=[\"corpus.txt\"]", "data.train=[\"./corpus.txt\"]"]);
+    std::fs::write(dir.path().join("held-out.txt"), "a held-out text. ".repeat(1500)).unwrap();
+    let mut second = trainer(dir.path(), &["data.val=[\"held-out.txt\"]", "data.train=[\"./corpus.txt\"]"]);
     assert_eq!(restore(&mut second, &saved).unwrap(), DataPosition::Continued);
     let got: Vec<u64> = (0..3).map(|_| second.step().unwrap().loss.to_bits()).collect();
     assert_eq!(got, want, "the data did not continue");
     let err = restore(&mut trainer(dir.path(), &[]), &saved).unwrap_err().to_string();
     assert!(err.contains("data.val") && err.contains("on_data_change"), "{err}");
+}
+
+/// A file matched by two sources, or by training and validation, is refused naming both fields,
+/// however its path is spelled.
+#[test]
+fn a_file_in_two_data_fields_is_refused() {
+    let dir = setup_with(&mixture_config());
+    let open = |overrides: &[&str]| {
+        let overrides: Vec<String> = overrides.iter().map(|o| o.to_string()).collect();
+        let cfg = RunConfig::load(&dir.path().join("run.toml"), &overrides).unwrap();
+        Data::open(&cfg, dir.path()).err().map(|e| e.to_string())
+    };
+    let err = open(&["data.sources[1].train=[\"./*.txt\"]"]).expect("a file in two sources");
+    assert!(err.contains("data.sources[1].train") && err.contains("data.sources[0].train"), "{err}");
+    let err = open(&["data.val=[\"./other.txt\"]"]).expect("a validation file trained on");
+    assert!(err.contains("data.val") && err.contains("other.txt") && err.contains("memorisation"), "{err}");
+    std::fs::write(dir.path().join("held-out.txt"), "held out").unwrap();
+    assert_eq!(open(&["data.val=[\"held-out.txt\"]"]), None);
 }
 
 #[test]
