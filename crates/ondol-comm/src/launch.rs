@@ -123,7 +123,6 @@ pub fn describe_status(status: ExitStatus) -> String {
     }
 }
 
-/// Copies `src` line by line to stdout or stderr, each line prefixed with `prefix`.
 /// The `error:` lines the ranks wrote to stderr, each with the ranks that wrote it: a mistake
 /// every rank meets (a bad layout, a missing file) is printed once, not once per rank.
 #[derive(Default)]
@@ -165,6 +164,8 @@ impl Errors {
     }
 }
 
+/// Copies `src` line by line to stdout or stderr, each line prefixed with `[rank K] `; an
+/// `error:` line another rank wrote first is left out (see [`Errors`]).
 fn pump(src: impl Read, rank: usize, to_stderr: bool, errors: &Errors) {
     let prefix = format!("[rank {rank}] ");
     let mut reader = BufReader::new(src);
@@ -175,20 +176,25 @@ fn pump(src: impl Read, rank: usize, to_stderr: bool, errors: &Errors) {
             Ok(0) | Err(_) => break,
             Ok(_) => {}
         }
-        if !line.ends_with(b"\n") {
-            line.push(b'\n');
-        }
         if to_stderr && line.starts_with(b"error: ") && !errors.first(&line, rank) {
             continue;
         }
-        let mut out = Vec::with_capacity(prefix.len() + line.len());
-        out.extend_from_slice(prefix.as_bytes());
-        out.extend_from_slice(&line);
+        let out = framed(&prefix, &line);
         // One write per line under the lock, so ranks never interleave within a line. If our own
         // output is gone, keep draining so the child never blocks on a full pipe.
         let _ =
             if to_stderr { std::io::stderr().lock().write_all(&out) } else { std::io::stdout().lock().write_all(&out) };
     }
+}
+
+/// A rank's `line` as the launcher prints it: after `prefix`, ended by a newline, and marked
+/// where the rank stopped mid-line (killed, most likely) rather than passed off as whole.
+fn framed(prefix: &str, line: &[u8]) -> Vec<u8> {
+    let mut out = [prefix.as_bytes(), line].concat();
+    if !line.ends_with(b"\n") {
+        out.extend_from_slice(b" [cut off]\n");
+    }
+    out
 }
 
 struct Rank {
@@ -380,6 +386,12 @@ fn free_port() -> Result<u16, CommError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_line_a_rank_did_not_finish_is_marked_cut_off() {
+        assert_eq!(framed("[rank 2] ", b"error: no such file\n"), b"[rank 2] error: no such file\n");
+        assert_eq!(framed("[rank 2] ", b"error: "), b"[rank 2] error:  [cut off]\n");
+    }
 
     #[test]
     fn statuses_read_as_exit_codes_or_signals() {

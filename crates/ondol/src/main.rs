@@ -16,6 +16,7 @@ use ondol_data::prepare::ShardTokenizer;
 use ondol_data::{Loader, Order, SourceKind, TokenStream};
 use ondol_model::{MicroBatch, Model, Part, Workspace, scratch_elems};
 use ondol_parallel::{HEAD_ROW_ALIGN, ScheduleKind, schedule};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -179,7 +180,8 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
+            // One write, so a rank the launcher stops meanwhile leaves all of the line or none.
+            let _ = std::io::stderr().write_all(format!("error: {e}\n").as_bytes());
             ExitCode::FAILURE
         }
     }
