@@ -38,6 +38,7 @@
 #include <sys/mman.h>
 #include <ucontext.h>
 #include <unistd.h>
+#include <xmmintrin.h>
 
 #include <algorithm>
 #include <cstdio>
@@ -481,6 +482,11 @@ extern "C" int ondol_emu_launch(void (*thunk)(void**), const unsigned grid[3], c
     }
     Block* outer = running;
     running = &b;
+    // Kernels are built with --use_fast_math, so the GPU flushes f32 denormals to zero, read
+    // and written: the SSE flags that do so (flush-to-zero, denormals-are-zero) hold for the
+    // launch. Fibers made during it inherit them (getcontext); _longjmp never changes them.
+    const unsigned host_csr = _mm_getcsr();
+    _mm_setcsr(host_csr | _MM_FLUSH_ZERO_ON | 0x0040 /* denormals-are-zero */);
     int status = 0;
     // Blocks in order, or (with `reverse`) from the last: a kernel whose blocks depend on
     // each other's order within a launch gives different results in the two.
@@ -492,6 +498,7 @@ extern "C" int ondol_emu_launch(void (*thunk)(void**), const unsigned grid[3], c
         if (!run_block(b, reverse != 0)) status = refuse(b.error);
     }
     running = outer;
+    _mm_setcsr(host_csr);
     guarded_free(b.smem, b.smem_bytes);
     b.smem = nullptr;
     // A failed block leaves fibers stopped inside the kernel: start them afresh next time.

@@ -17,3 +17,9 @@ extern "C" __global__ void store_bf16_pair(bf16* at) { store_pair(at, 0u); }
 
 // Bounded to 64 threads a block: the GPU refuses a launch of more.
 extern "C" __global__ void __launch_bounds__(2 * 32) bounded_to_two_warps(float* out) { out[threadIdx.x] = 1.0f; }
+
+// Multiplies pairs whose product (or whose first factor) is an f32 denormal: built with
+// --use_fast_math, the GPU flushes both to zero.
+extern "C" __global__ void multiply_pairs(const float* a, const float* b, float* out) {
+    out[threadIdx.x] = a[threadIdx.x] * b[threadIdx.x];
+}
