@@ -10,7 +10,10 @@
 //! - Every line a child writes to stdout or stderr is written to the launcher's stdout or stderr
 //!   prefixed with `[rank K] `, one whole line at a time (lines never interleave mid-line),
 //!   except an `error:` line another rank wrote first: the launch's message names its ranks.
-//! - SIGINT and SIGTERM received by the launcher are forwarded to every running child.
+//! - SIGINT, SIGTERM and SIGUSR1 received by the launcher are forwarded to every running child.
+//!   After SIGINT or SIGTERM, children still running after the grace period get SIGKILL;
+//!   SIGUSR1 (`ondol train`'s "checkpoint and stop", which Slurm sends ahead of a time limit
+//!   with `--signal=USR1@SECONDS`) lets them take the time they need.
 //! - When a child exits non-zero or dies by a signal, the others are stopped (SIGTERM, then
 //!   SIGKILL after the grace period) and the launch fails with a message naming that rank and
 //!   its status. One crashed rank would otherwise leave the others blocked in a collective.
@@ -50,7 +53,7 @@ pub struct LaunchOptions {
 
 const POLL: Duration = Duration::from_millis(20);
 
-/// The last SIGINT/SIGTERM received and not yet forwarded (0: none).
+/// The last SIGINT, SIGTERM or SIGUSR1 received and not yet forwarded (0: none).
 static PENDING_SIGNAL: AtomicI32 = AtomicI32::new(0);
 
 extern "C" fn on_signal(sig: libc::c_int) {
@@ -58,17 +61,18 @@ extern "C" fn on_signal(sig: libc::c_int) {
     PENDING_SIGNAL.store(sig, Ordering::SeqCst);
 }
 
-/// Routes SIGINT and SIGTERM to [`PENDING_SIGNAL`] while alive; restores the previous
+/// Routes SIGINT, SIGTERM and SIGUSR1 to [`PENDING_SIGNAL`] while alive; restores the previous
 /// dispositions when dropped, so `launch` leaves the process as it found it.
 struct CatchTermination {
-    previous: [(libc::c_int, libc::sighandler_t); 2],
+    previous: [(libc::c_int, libc::sighandler_t); 3],
 }
 
 impl CatchTermination {
     fn install() -> CatchTermination {
         let handler = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
         // SAFETY: installing a handler that only stores to an atomic is sound at any time.
-        let previous = [libc::SIGINT, libc::SIGTERM].map(|sig| (sig, unsafe { libc::signal(sig, handler) }));
+        let previous =
+            [libc::SIGINT, libc::SIGTERM, libc::SIGUSR1].map(|sig| (sig, unsafe { libc::signal(sig, handler) }));
         CatchTermination { previous }
     }
 }
@@ -109,6 +113,7 @@ fn signal_name(sig: i32) -> String {
         libc::SIGSEGV => "SIGSEGV",
         libc::SIGPIPE => "SIGPIPE",
         libc::SIGTERM => "SIGTERM",
+        libc::SIGUSR1 => "SIGUSR1",
         _ => return format!("signal {sig}"),
     };
     format!("signal {sig} ({name})")
@@ -303,7 +308,9 @@ fn supervise(ranks: &mut [Rank], grace: Duration) -> Result<(), CommError> {
                 send_signal(&r.child, sig);
             }
             interrupted = Some(sig);
-            stopping_since.get_or_insert_with(Instant::now);
+            if sig != libc::SIGUSR1 {
+                stopping_since.get_or_insert_with(Instant::now);
+            }
         }
         for r in ranks.iter_mut().filter(|r| r.status.is_none()) {
             // An error here means the child is gone in a way we cannot observe; treat it as a
@@ -314,7 +321,7 @@ fn supervise(ranks: &mut [Rank], grace: Duration) -> Result<(), CommError> {
             };
             if let Some(status) = status {
                 r.status = Some(status);
-                if !status.success() && stopping_since.is_none() {
+                if !status.success() && stopping_since.is_none() && interrupted.is_none() {
                     failures.push((r.rank, status));
                 }
             }

@@ -132,6 +132,8 @@ pub struct StepOutcome {
     /// Seconds this rank spent waiting for activations or gradients from its pipeline
     /// neighbours (the measured bubble, plus transfer time).
     pub pipeline_wait_s: f64,
+    /// Whether some rank asked to stop after this step.
+    pub stop: bool,
 }
 
 /// ZeRO-1's partition of a flat buffer: padded to `len * world` elements, replica r holds the
@@ -706,7 +708,15 @@ impl<B: Backend> Engine<B> {
 
     /// One optimizer update over `batches`, this replica's micro-batches (inputs, targets);
     /// each token's loss enters with weight `grad_scale` (1 / tokens in the global batch).
-    pub fn step(&mut self, batches: &[(Vec<u32>, Vec<u32>)], grad_scale: f32, lr: f32) -> Result<StepOutcome> {
+    /// `stop_requested` is this rank's vote to stop after the step; the outcome's `stop` says
+    /// whether any rank voted so, the same on every rank.
+    pub fn step(
+        &mut self,
+        batches: &[(Vec<u32>, Vec<u32>)],
+        grad_scale: f32,
+        lr: f32,
+        stop_requested: bool,
+    ) -> Result<StepOutcome> {
         self.upload(batches);
         for c in &mut self.chunks {
             self.be.fill(self.be.all_mut(&mut c.grads), 0.0);
@@ -734,8 +744,10 @@ impl<B: Backend> Engine<B> {
         };
         self.sum_shared_grads()?;
         let grad_norm = self.sync_and_update(lr, &covered)?;
-        let loss_sum = self.sum_over_world(if self.reports_loss() { loss } else { 0.0 })?;
-        Ok(StepOutcome { loss_sum, grad_norm, pipeline_wait_s: wait })
+        // The vote rides on the loss's all-reduce, which every rank makes every step.
+        let loss = if self.reports_loss() { loss } else { 0.0 };
+        let [loss_sum, stop_votes] = self.sums_over_world([loss, f64::from(u8::from(stop_requested))])?;
+        Ok(StepOutcome { loss_sum, grad_norm, pipeline_wait_s: wait, stop: stop_votes > 0.0 })
     }
 
     /// The step's plan of forwards and backwards, handing finished gradients to `buckets`;
@@ -967,6 +979,11 @@ impl<B: Backend> Engine<B> {
     /// and a low f32 in slots of its own; the parts are added in f64 in rank order).
     pub fn sum_over_world(&self, x: f64) -> Result<f64> {
         sum_f64(self.comms.world.as_ref(), x)
+    }
+
+    /// [`Self::sum_over_world`] of each of `xs`, in one all-reduce.
+    fn sums_over_world<const N: usize>(&self, xs: [f64; N]) -> Result<[f64; N]> {
+        sums_f64(self.comms.world.as_ref(), xs)
     }
 
     /// Chunk `c`'s parameters (the fp32 master weights where the optimizer keeps them) and
@@ -1207,13 +1224,52 @@ fn recv_tagged<B: Backend>(
 /// The sum of `x` over `comm`, exactly transported: each rank's value as a high and a low f32 in
 /// slots of its own, added in f64 in rank order.
 pub fn sum_f64(comm: &dyn Communicator, x: f64) -> Result<f64> {
+    Ok(sums_f64(comm, [x])?[0])
+}
+
+/// [`sum_f64`] of each of `xs`, in one all-reduce.
+pub fn sums_f64<const N: usize>(comm: &dyn Communicator, xs: [f64; N]) -> Result<[f64; N]> {
     if comm.size() == 1 {
-        return Ok(x);
+        return Ok(xs);
     }
-    let mut parts = vec![0.0f32; 2 * comm.size()];
-    let hi = x as f32;
-    parts[2 * comm.rank()] = hi;
-    parts[2 * comm.rank() + 1] = (x - hi as f64) as f32;
+    // Rank r's value j as the pair at slot r * N + j.
+    let mut parts = vec![0.0f32; 2 * N * comm.size()];
+    for (j, x) in xs.into_iter().enumerate() {
+        let slot = 2 * (comm.rank() * N + j);
+        let hi = x as f32;
+        (parts[slot], parts[slot + 1]) = (hi, (x - hi as f64) as f32);
+    }
     comm.all_reduce_sum(&mut parts)?;
-    Ok(parts.chunks(2).map(|p| p[0] as f64 + p[1] as f64).sum())
+    let mut sums = [0.0; N];
+    for (i, pair) in parts.chunks(2).enumerate() {
+        sums[i % N] += pair[0] as f64 + pair[1] as f64;
+    }
+    Ok(sums)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// Each value's sum over the ranks, exact to f64 (an f32 all-reduce would lose the
+    /// 1e-9s), the values of one rank kept apart.
+    #[test]
+    fn sums_of_f64_are_exact_and_kept_apart() {
+        let comms = RankComms::threads(Mesh::new(1, 1, 3).unwrap(), Duration::from_secs(60)).unwrap();
+        let sums: Vec<[f64; 2]> = std::thread::scope(|scope| {
+            let ranks: Vec<_> = comms
+                .into_iter()
+                .map(|c| {
+                    scope.spawn(move || {
+                        let r = c.world.rank() as f64;
+                        sums_f64(&c.world, [1.0 + r * 1e-9, f64::from(u8::from(r == 1.0))]).unwrap()
+                    })
+                })
+                .collect();
+            ranks.into_iter().map(|r| r.join().unwrap()).collect()
+        });
+        let want = [1.0 + (1.0 + 1e-9) + (1.0 + 2e-9), 1.0];
+        assert!(sums.iter().all(|s| *s == want), "{sums:?}, want {want:?}");
+    }
 }

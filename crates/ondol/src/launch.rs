@@ -26,8 +26,10 @@ pub struct LaunchArgs {
     /// Port of the rendezvous store on node 0 (0: pick a free one; single node only).
     #[arg(long, default_value_t = ondol_comm::env::DEFAULT_MASTER_PORT)]
     pub master_port: u16,
-    /// Seconds stopped ranks get between SIGTERM and SIGKILL.
-    #[arg(long, default_value_t = 10.0)]
+    /// Seconds stopped ranks get between SIGTERM and SIGKILL. A training rank asked to stop
+    /// by SIGTERM writes a checkpoint first: give it the time that takes (SIGUSR1 asks the same
+    /// and is never followed by SIGKILL).
+    #[arg(long, default_value_t = 30.0)]
     pub grace_period: f64,
     /// The ondol command every rank runs, after `--`, e.g. `-- train config.toml`.
     #[arg(last = true, required = true, value_name = "COMMAND")]

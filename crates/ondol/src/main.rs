@@ -7,6 +7,7 @@ use ondol::metrics::Metrics;
 use ondol::prepare_cli;
 use ondol::pretrained::{self, Pretrained, Sampling};
 use ondol::run_lock::RunLock;
+use ondol::stop_signal;
 use ondol::trainer::{self, Data, DataPosition, Trainer};
 use ondol_ckpt::{Loaded, Writer, checkpoint};
 use ondol_comm::{Communicator, DistEnv, Mesh, RankComms, TcpNet};
@@ -166,19 +167,21 @@ impl TrainArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let done = |result: Result<()>| result.map(|()| RunEnd::Finished);
     let result = match cli.command {
         Command::Train(args) => train(args),
-        Command::Inspect(args) => inspect(args),
-        Command::Eval(args) => eval(args),
-        Command::Generate(args) => generate(args),
-        Command::Import(ImportCommand::Hf { src, out }) => import_hf(&src, &out),
-        Command::Launch(args) => launch::launch(args),
-        Command::CommSelftest(args) => launch::selftest(args),
-        Command::Tokenizer(cmd) => prepare_cli::tokenizer(cmd),
-        Command::Data(cmd) => prepare_cli::data(cmd),
+        Command::Inspect(args) => done(inspect(args)),
+        Command::Eval(args) => done(eval(args)),
+        Command::Generate(args) => done(generate(args)),
+        Command::Import(ImportCommand::Hf { src, out }) => done(import_hf(&src, &out)),
+        Command::Launch(args) => done(launch::launch(args)),
+        Command::CommSelftest(args) => done(launch::selftest(args)),
+        Command::Tokenizer(cmd) => done(prepare_cli::tokenizer(cmd)),
+        Command::Data(cmd) => done(prepare_cli::data(cmd)),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(RunEnd::Finished) => ExitCode::SUCCESS,
+        Ok(RunEnd::Stopped) => ExitCode::from(stop_signal::exit_status()),
         Err(e) => {
             // One write, so a rank the launcher stops meanwhile leaves all of the line or none.
             let _ = std::io::stderr().write_all(format!("error: {e}\n").as_bytes());
@@ -187,7 +190,16 @@ fn main() -> ExitCode {
     }
 }
 
-fn train(args: TrainArgs) -> Result<()> {
+/// How a command ended, an error aside.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum RunEnd {
+    Finished,
+    /// A training run stopped on request (a signal) before its last step, with a checkpoint.
+    Stopped,
+}
+
+fn train(args: TrainArgs) -> Result<RunEnd> {
+    stop_signal::catch();
     let cfg = RunConfig::load(&args.config.config, &args.config.set)?;
     let env = DistEnv::from_env()?;
     // A launched job (torchrun's variables, as `ondol launch` sets them, or Slurm's), even of
@@ -236,7 +248,7 @@ fn train(args: TrainArgs) -> Result<()> {
     }
     // Every rank of the mesh as a thread of this process, with its communicators.
     let comms = RankComms::threads(mesh, Duration::from_secs(p.timeout_s))?;
-    let results: Vec<Result<()>> = std::thread::scope(|scope| {
+    let results: Vec<Result<RunEnd>> = std::thread::scope(|scope| {
         let ranks: Vec<_> = comms
             .into_iter()
             .map(|comm| {
@@ -246,7 +258,8 @@ fn train(args: TrainArgs) -> Result<()> {
             .collect();
         ranks.into_iter().map(|r| r.join().unwrap_or_else(|_| Err(Error::Training("a rank panicked".into())))).collect()
     });
-    results.into_iter().collect()
+    let ends = results.into_iter().collect::<Result<Vec<_>>>()?;
+    Ok(if ends.contains(&RunEnd::Stopped) { RunEnd::Stopped } else { RunEnd::Finished })
 }
 
 /// Refuses a layout that does not cover the `world` launched processes.
@@ -270,7 +283,7 @@ fn check_launched_layout(cfg: &RunConfig, world: usize) -> Result<()> {
 /// This process as one rank of a launched job (`ondol launch`, torchrun-style variables, or
 /// Slurm): the mesh must cover every launched process; ranks find each other through the
 /// rendezvous store on MASTER_ADDR:MASTER_PORT and talk over TCP (CPU) or NCCL (CUDA).
-fn train_launched(args: &TrainArgs, cfg: RunConfig, env: &DistEnv) -> Result<()> {
+fn train_launched(args: &TrainArgs, cfg: RunConfig, env: &DistEnv) -> Result<RunEnd> {
     if cfg.training.device == Device::Cuda {
         return train_launched_cuda(args, cfg, env);
     }
@@ -345,7 +358,7 @@ impl Peak {
 
 /// Training on GPU 0 as the only rank; several GPUs are several launched processes.
 #[cfg(feature = "cuda")]
-fn train_cuda(args: &TrainArgs, cfg: RunConfig) -> Result<()> {
+fn train_cuda(args: &TrainArgs, cfg: RunConfig) -> Result<RunEnd> {
     let p = &cfg.parallelism;
     if p.tp * p.pp * p.dp > 1 {
         return Err(Error::config(
@@ -368,7 +381,7 @@ fn train_cuda(args: &TrainArgs, cfg: RunConfig) -> Result<()> {
 /// One launched rank on the GPU of its local rank, talking to the others through NCCL
 /// (pipeline stages too: their activations and gradients stay in device memory).
 #[cfg(feature = "cuda")]
-fn train_launched_cuda(args: &TrainArgs, cfg: RunConfig, env: &DistEnv) -> Result<()> {
+fn train_launched_cuda(args: &TrainArgs, cfg: RunConfig, env: &DistEnv) -> Result<RunEnd> {
     let (be, gpu) = open_gpu(&cfg, env.local_rank)?;
     let mut job = Job::join(&cfg, env)?;
     let stream = be.stream().expect("a GPU backend has a stream");
@@ -480,12 +493,12 @@ fn open_gpu(cfg: &RunConfig, ordinal: usize) -> Result<(ondol_cuda::CudaBackend,
 }
 
 #[cfg(not(feature = "cuda"))]
-fn train_cuda(_: &TrainArgs, _: RunConfig) -> Result<()> {
+fn train_cuda(_: &TrainArgs, _: RunConfig) -> Result<RunEnd> {
     Err(no_cuda_backend("training.device"))
 }
 
 #[cfg(not(feature = "cuda"))]
-fn train_launched_cuda(_: &TrainArgs, _: RunConfig, _: &DistEnv) -> Result<()> {
+fn train_launched_cuda(_: &TrainArgs, _: RunConfig, _: &DistEnv) -> Result<RunEnd> {
     Err(no_cuda_backend("training.device"))
 }
 
@@ -504,7 +517,7 @@ fn train_rank<B: Backend>(
     cfg: RunConfig,
     data: Data,
     comms: Option<RankComms<Box<dyn Communicator>>>,
-) -> Result<()> {
+) -> Result<RunEnd> {
     // Everything a user's input can break is checked before the run directory is touched.
     let (steps, seq) = (cfg.training.steps, cfg.training.seq_len);
     let resolved = toml::to_string(&cfg).expect("config serializes");
@@ -532,13 +545,13 @@ fn train_rank<B: Backend>(
                     "the run is already at step {step} = training.steps: nothing to train (raise training.steps)"
                 );
             }
-            return Ok(());
+            return Ok(RunEnd::Finished);
         }
         _ => {}
     }
     if !trainer.is_leader() {
-        trainer::run(&mut trainer, &mut Metrics::silent(1.0), None)?;
-        return Ok(());
+        let summary = trainer::run(&mut trainer, &mut Metrics::silent(1.0), None)?;
+        return Ok(if summary.stopped { RunEnd::Stopped } else { RunEnd::Finished });
     }
     std::fs::create_dir_all(&run_dir).map_err(|e| Error::io(format!("cannot create {}", run_dir.display()), e))?;
     let resolved_path = run_dir.join("ondol.toml");
@@ -599,7 +612,8 @@ fn train_rank<B: Backend>(
         }
     };
     eprintln!(
-        "done: {steps} in {:.1} s, {:.0} tokens/s training; train loss {:.4} -> {:.4}; val loss {} -> {}",
+        "{}: {steps} in {:.1} s, {:.0} tokens/s training; train loss {:.4} -> {:.4}; val loss {} -> {}",
+        if summary.stopped { "stopped" } else { "done" },
         summary.seconds,
         summary.tokens_per_s,
         summary.first_loss,
@@ -607,7 +621,14 @@ fn train_rank<B: Backend>(
         val(summary.first_val_loss),
         val(summary.final_val_loss)
     );
-    Ok(())
+    if !summary.stopped {
+        return Ok(RunEnd::Finished);
+    }
+    eprintln!(
+        "the run stopped on request before step {} = training.steps: `--resume auto` goes on from its checkpoint",
+        trainer.cfg.training.steps
+    );
+    Ok(RunEnd::Stopped)
 }
 
 /// Refuses to start, without `--resume`, in a run directory that holds checkpoints: the run,

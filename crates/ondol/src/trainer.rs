@@ -107,6 +107,8 @@ pub struct StepStats {
     pub lr: f32,
     /// Seconds this rank waited for its pipeline neighbours.
     pub pipeline_wait_s: f64,
+    /// Whether some rank was asked to stop (see [`crate::stop_signal`]): the run stops here.
+    pub stop: bool,
 }
 
 /// Everything one rank of a training run holds: its [`Engine`] (model chunks, state,
@@ -259,7 +261,8 @@ impl<B: Backend> Trainer<B> {
         let batches = self.next_batches()?;
         let lr = self.sched.lr(self.step);
         // Each token's loss enters the mean with weight 1 / (tokens in the whole step).
-        let out = self.engine.step(&batches, (1.0 / tokens) as f32, lr)?;
+        let stop_requested = crate::stop_signal::received().is_some();
+        let out = self.engine.step(&batches, (1.0 / tokens) as f32, lr, stop_requested)?;
         let loss = out.loss_sum / tokens;
         if !loss.is_finite() {
             return Err(Error::Training(format!(
@@ -269,7 +272,7 @@ impl<B: Backend> Trainer<B> {
         }
         self.step += 1;
         self.tokens += self.tokens_per_step();
-        Ok(StepStats { loss, grad_norm: out.grad_norm, lr, pipeline_wait_s: out.pipeline_wait_s })
+        Ok(StepStats { loss, grad_norm: out.grad_norm, lr, pipeline_wait_s: out.pipeline_wait_s, stop: out.stop })
     }
 
     /// A copy of everything a checkpoint holds, for a background writer, with every tensor
@@ -625,11 +628,14 @@ pub struct Summary {
     pub tokens_per_s: f64,
     /// The whole run's time.
     pub seconds: f64,
+    /// Whether the run stopped on request before `training.steps`, with a checkpoint.
+    pub stopped: bool,
 }
 
 /// Runs the remaining updates up to `cfg.training.steps`, evaluating, reporting and
 /// checkpointing (every `checkpoint.every` steps, and at the end unless `checkpoint.at_end`
-/// is off) along the way.
+/// is off) along the way. A stop requested by a signal ends it after the step, with a
+/// checkpoint whatever `[checkpoint]` says.
 /// Ranks other than the leader pass no writer and a silent [`Metrics`].
 pub fn run<B: Backend>(
     trainer: &mut Trainer<B>,
@@ -652,7 +658,7 @@ pub fn run<B: Backend>(
     // it (one step's loss is noisy at the default log_every = 10), and their tokens per second.
     let (mut window_s, mut window_tokens, mut window_loss, mut window_steps) = (0.0, 0u64, 0.0, 0u64);
     let (mut first_loss, mut last) =
-        (f64::NAN, StepStats { loss: f64::NAN, grad_norm: 0.0, lr: 0.0, pipeline_wait_s: 0.0 });
+        (f64::NAN, StepStats { loss: f64::NAN, grad_norm: 0.0, lr: 0.0, pipeline_wait_s: 0.0, stop: false });
     let mut final_val_loss = first_val_loss;
     while trainer.step < total {
         let step_start = Instant::now();
@@ -665,7 +671,7 @@ pub fn run<B: Backend>(
         window_tokens += trainer.tokens_per_step();
         (window_loss, window_steps) = (window_loss + last.loss, window_steps + 1);
         let step = trainer.step;
-        if step.is_multiple_of(log_every) || step == total {
+        if step.is_multiple_of(log_every) || step == total || last.stop {
             let tokens_per_s = window_tokens as f64 / window_s;
             metrics.step(StepRow {
                 step,
@@ -681,17 +687,22 @@ pub fn run<B: Backend>(
         } else {
             metrics.tick(step, last.loss);
         }
-        if (eval_every > 0 && step.is_multiple_of(eval_every)) || step == total {
+        if last.stop && step < total {
+            metrics.note(format!("stopping at step {step} on request (a signal): writing a checkpoint"));
+        } else if (eval_every > 0 && step.is_multiple_of(eval_every)) || step == total {
             final_val_loss = trainer.evaluate()?;
             if let Some(v) = final_val_loss {
                 metrics.eval(step, v)?;
             }
         }
-        if (every > 0 && step.is_multiple_of(every) || at_end && step == total)
+        if (every > 0 && step.is_multiple_of(every) || at_end && step == total || last.stop)
             && let Some(snap) = trainer.snapshot()?
             && let Some(writer) = ckpt.as_deref_mut()
         {
             writer.submit(snap)?;
+        }
+        if last.stop {
+            break;
         }
     }
     if let Some(dir) = ckpt.map(|w| w.wait()).transpose()?.flatten() {
@@ -707,6 +718,7 @@ pub fn run<B: Backend>(
         final_val_loss,
         tokens_per_s: ((trainer.step - start_step) * trainer.tokens_per_step()) as f64 / training_s,
         seconds,
+        stopped: trainer.step < total,
     })
 }
 
