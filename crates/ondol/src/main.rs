@@ -199,7 +199,6 @@ enum RunEnd {
 }
 
 fn train(args: TrainArgs) -> Result<RunEnd> {
-    stop_signal::catch();
     let cfg = RunConfig::load(&args.config.config, &args.config.set)?;
     let env = DistEnv::from_env()?;
     // A launched job (torchrun's variables, as `ondol launch` sets them, or Slurm's), even of
@@ -549,6 +548,8 @@ fn train_rank<B: Backend>(
         }
         _ => {}
     }
+    // From here a signal stops the run after a step; before, nothing is lost when it ends it.
+    stop_signal::catch();
     if !trainer.is_leader() {
         let summary = trainer::run(&mut trainer, &mut Metrics::silent(1.0), None)?;
         return Ok(if summary.stopped { RunEnd::Stopped } else { RunEnd::Finished });

@@ -5,7 +5,7 @@
 //! from that checkpoint. Every rank votes with its step's loss all-reduce
 //! ([`ondol_parallel::Engine::step`]), so all stop after the same step, whichever got the signal.
 //!
-//! SIGINT (Ctrl-C) keeps its default: it ends the process at once.
+//! A second signal ends the process at once, as does SIGINT (Ctrl-C), which keeps its default.
 
 use std::sync::atomic::{AtomicI32, Ordering};
 
@@ -16,11 +16,18 @@ static RECEIVED: AtomicI32 = AtomicI32::new(0);
 const STOP_SIGNALS: [libc::c_int; 2] = [libc::SIGTERM, libc::SIGUSR1];
 
 extern "C" fn on_signal(sig: libc::c_int) {
-    // Only an atomic store: async-signal-safe.
-    RECEIVED.store(sig, Ordering::SeqCst);
+    // Only an atomic swap, and signal(2) and raise(3): async-signal-safe.
+    if RECEIVED.swap(sig, Ordering::SeqCst) != 0 {
+        // SAFETY: restoring the default disposition and raising the signal are sound in a handler.
+        unsafe {
+            libc::signal(sig, libc::SIG_DFL);
+            libc::raise(sig);
+        }
+    }
 }
 
-/// From now on, SIGTERM and SIGUSR1 ask the run to stop instead of ending the process.
+/// From now on, SIGTERM and SIGUSR1 ask the run to stop instead of ending the process (once:
+/// the next one ends it). Called once training starts: until then nothing is lost.
 pub fn catch() {
     let handler = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
     for sig in STOP_SIGNALS {

@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -123,6 +124,23 @@ fn sigterm_checkpoints_and_the_resumed_run_matches_one_never_stopped() {
         model_bytes(&run, stopped + 2) == model_bytes(&dir.path().join("whole"), stopped + 2),
         "the resumed run's weights differ from the uninterrupted run's"
     );
+}
+
+/// A second signal ends the run at once, without waiting for its step (here steps of a
+/// model wide enough to take a good part of a second).
+#[test]
+fn a_second_sigterm_ends_the_run_at_once() {
+    let dir = setup();
+    let wide = ["model.d_model=256", "model.ffn_hidden=1024", "training.batch_size=32", "training.seq_len=32"];
+    let mut args = vec!["train", "run.toml", "--run-dir", "run"];
+    args.extend(wide.iter().flat_map(|s| ["--set", s]));
+    let child = start(dir.path(), &args, &[]);
+    wait_for_training(&dir.path().join("run"));
+    signal(child.id(), "-TERM");
+    std::thread::sleep(Duration::from_millis(20));
+    signal(child.id(), "-TERM");
+    let (status, err) = finish(child);
+    assert_eq!(status.signal(), Some(libc::SIGTERM), "{status:?}: {err}");
 }
 
 /// Of two launched ranks, only rank 1 gets SIGUSR1: both stop after the same step (the one
