@@ -38,7 +38,7 @@ use sha2::{Digest, Sha256};
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 use crate::clean::{CleanConfig, Rule};
-use crate::dedup::{ExactIndex, MinHasher, NearDedupConfig, NearIndex};
+use crate::dedup::{ExactIndex, MinHasher, NearDedupConfig, NearIndex, NearKey};
 use crate::input::{DocReader, InputOptions, InputStats, Item, Problem, hex};
 use crate::tokenizer::{EOT_TOKEN, TextTokenizer};
 use crate::{DataError, ShardVersion, write_shard};
@@ -322,7 +322,7 @@ impl ShardWriter {
 enum Checked {
     Problem(Problem),
     Removed(Rule),
-    Clean { text: String, exact: u128, near: Vec<u64>, nfc: bool, control: bool, bytes: usize },
+    Clean { text: String, exact: u128, near: Option<NearKey>, nfc: bool, control: bool, bytes: usize },
 }
 
 /// Runs the pipeline of the module docs. On error, the shards this run wrote are removed
@@ -529,7 +529,7 @@ fn run(
     let mut problems_total = 0u64;
     let mut file_problems = BTreeMap::new();
     let mut exact = ExactIndex::default();
-    let mut near = NearIndex::default();
+    let mut near = hasher.map(NearIndex::new);
     let mut memory = MemoryReport { batch_docs: cfg.batch_docs, batch_bytes: cfg.batch_bytes, ..Default::default() };
     let (mut bytes_in, mut bytes_kept) = (0u64, 0u64);
     let val_cut = (cfg.val_fraction * 2f64.powi(64)) as u64;
@@ -585,7 +585,7 @@ fn run(
                     Err(rule) => Checked::Removed(rule),
                     Ok(c) => Checked::Clean {
                         exact: ExactIndex::key(&c.text),
-                        near: hasher.map(|h| h.band_keys(&c.text)).unwrap_or_default(),
+                        near: hasher.map(|h| h.near_key(&c.text)),
                         bytes: c.text.len(),
                         text: c.text,
                         nfc: c.nfc_changed,
@@ -604,10 +604,12 @@ fn run(
                     record(p, cfg.strict)?;
                 }
                 Checked::Removed(rule) => *counts.removed.entry(rule.name()).or_insert(0) += 1,
-                Checked::Clean { text, exact: key, near: keys, nfc, control, bytes } => {
+                Checked::Clean { text, exact: key, near: near_key, nfc, control, bytes } => {
                     if cfg.exact_dedup && exact.check_and_insert(key) {
                         *counts.removed.entry("exact_duplicate").or_insert(0) += 1;
-                    } else if hasher.is_some() && near.check_and_insert(&keys) {
+                    } else if let (Some(near), Some(key)) = (&mut near, &near_key)
+                        && near.check_and_insert(key)
+                    {
                         *counts.removed.entry("near_duplicate").or_insert(0) += 1;
                     } else {
                         counts.kept += 1;
@@ -657,7 +659,7 @@ fn run(
         )));
     }
     memory.exact_index_entries = exact.len();
-    memory.near_index_entries = near.len();
+    memory.near_index_entries = near.as_ref().map_or(0, NearIndex::len);
     for rule in Rule::ALL.map(Rule::name).into_iter().chain([
         "invalid_utf8",
         "malformed_json",
