@@ -2,11 +2,11 @@
 
 use clap::{Args, Parser, Subcommand};
 use ondol::config::{Device, Precision, RunConfig};
+use ondol::dir_lock::{DirLock, Purpose};
 use ondol::launch::{self, LaunchArgs, SelftestArgs};
 use ondol::metrics::Metrics;
 use ondol::prepare_cli;
 use ondol::pretrained::{self, Pretrained, Sampling};
-use ondol::run_lock::RunLock;
 use ondol::stop_signal;
 use ondol::trainer::{self, Data, DataPosition, Trainer};
 use ondol_ckpt::{Loaded, Writer, checkpoint};
@@ -212,7 +212,7 @@ fn train(args: TrainArgs) -> Result<RunEnd> {
     // The run directory is rank 0's (the launched ranks after it stop when it stops), held for
     // the whole run; checked before any rank starts, so that a refusal leaves none waiting.
     let _run_dir = if env.rank == 0 {
-        let lock = RunLock::take(&args.run_dir())?;
+        let lock = DirLock::take(&args.run_dir(), Purpose::Run)?;
         refuse_a_run_over_another(&args, &cfg)?;
         Some(lock)
     } else {

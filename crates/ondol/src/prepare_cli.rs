@@ -17,6 +17,7 @@ use ondol_data::prepare::{PrepareConfig, ShardTokenizer, prepare, write_atomic};
 use ondol_data::tokenizer::{self, TrainConfig};
 
 use crate::config::{DataFormat, PrepareTable, RunConfig, plain_path};
+use crate::dir_lock::{DirLock, Purpose};
 use crate::trainer::first_difference;
 
 #[derive(Subcommand)]
@@ -276,6 +277,7 @@ fn train_tokenizer(inputs: Vec<PathBuf>, options: &InputOptions, cfg: &TrainConf
 pub fn data(cmd: DataCommand) -> Result<()> {
     let DataCommand::Prepare(args) = cmd;
     let cfg = args.config()?;
+    let _out = DirLock::take(&cfg.out, Purpose::Prepare)?;
     run_prepare(&cfg)
 }
 
@@ -387,6 +389,8 @@ const PREPARED_WITH: &str = "prepared-with.json";
 
 fn prepare_table(p: &PrepareTable, base: &Path) -> Result<()> {
     let out = base.join(&p.out);
+    // Runs started together on one table: the first prepares, the others wait and use it.
+    let _out = DirLock::wait(&out, Purpose::Prepare)?;
     let record = out.join(PREPARED_WITH);
     if out.join("manifest.json").is_file() {
         // (Data prepared by hand, or by an older ondol, has no record to compare.)

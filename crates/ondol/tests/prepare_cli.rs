@@ -281,3 +281,43 @@ fn a_prepare_table_prepares_on_the_first_run_only() {
     assert!(ok, "{err}");
     assert!(!dir.path().join("shards/prepared-with.json").exists());
 }
+
+/// Runs of a sweep started together on one prepare table: the first prepares, the others wait
+/// for it and use its data (two preparing at once mixed their shards under one manifest).
+#[test]
+fn runs_started_together_on_a_prepare_table_prepare_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/sample");
+    std::fs::create_dir(dir.path().join("corpus")).unwrap();
+    for name in ["ko-constitution.txt", "en-web-mark.txt"] {
+        std::fs::copy(root.join(name), dir.path().join("corpus").join(name)).unwrap();
+    }
+    let config = RUN.replace(
+        "tokenizer = \"shards/tokenizer.json\"",
+        "tokenizer = \"shards/tokenizer.json\"\nprepare = { input = [\"corpus/*.txt\"], vocab_size = 400, out = \"shards\", doc_split = \"blank-line\", val_fraction = 0.1 }",
+    );
+    std::fs::write(dir.path().join("run.toml"), config).unwrap();
+    let runs: Vec<_> = ["a", "b", "c"]
+        .iter()
+        .map(|run| {
+            std::process::Command::new(env!("CARGO_BIN_EXE_ondol"))
+                .args(["train", "run.toml", "--run-dir", run])
+                .current_dir(dir.path())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let errs: Vec<String> = runs
+        .into_iter()
+        .map(|r| {
+            let out = r.wait_with_output().unwrap();
+            let err = String::from_utf8_lossy(&out.stderr).into_owned();
+            assert!(out.status.success(), "{err}");
+            err
+        })
+        .collect();
+    let prepared = errs.iter().filter(|e| e.contains("training a tokenizer")).count();
+    assert_eq!(prepared, 1, "{errs:#?}");
+    assert_eq!(errs.iter().filter(|e| e.contains("using the prepared data")).count(), 2, "{errs:#?}");
+}
