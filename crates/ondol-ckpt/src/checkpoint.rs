@@ -46,6 +46,11 @@ pub struct TrainerState {
     pub tokens: u64,
     /// The data loader's position, opaque here (owned by the trainer).
     pub data: serde_json::Value,
+    /// Tokens in each training source as the run read them (after any validation split),
+    /// so that a resume sees files changed under the same names; none in checkpoints of
+    /// earlier ondol versions and of imported weights.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_tokens: Option<Vec<u64>>,
     pub layout: Layout,
     /// SHA-256 (hex) of every file of the checkpoint but this one, by relative path.
     pub files: BTreeMap<String, String>,
@@ -77,6 +82,8 @@ pub struct Snapshot {
     pub step: u64,
     pub tokens: u64,
     pub data: serde_json::Value,
+    /// See [`TrainerState::data_tokens`].
+    pub data_tokens: Option<Vec<u64>>,
     pub parallel: Layout,
     /// The resolved run config (TOML) written as `ondol.toml`.
     pub run_config: String,
@@ -195,6 +202,7 @@ pub fn save_to(dst: &Path, snap: &Snapshot) -> Result<()> {
         step: snap.step,
         tokens: snap.tokens,
         data: snap.data.clone(),
+        data_tokens: snap.data_tokens.clone(),
         layout: snap.parallel,
         files: checksums,
     };

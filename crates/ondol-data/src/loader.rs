@@ -172,10 +172,10 @@ impl Loader {
     pub fn check_cursor(&self, cursor: Cursor) -> Result<(), DataError> {
         if cursor.batch >= self.batches || !cursor.batch.is_multiple_of(self.accum as u64) {
             return Err(DataError::Invalid(format!(
-                "data cursor {cursor:?} is not the start of a step of an epoch, which has {} batches in steps \
-                 of {}; was it saved with other data, seq_len, batch size, world size or grad_accum, or by an \
-                 older ondol?",
-                self.batches, self.accum
+                "the data position (epoch {}, batch {}) is not the start of a step of an epoch, which has {} \
+                 batches in steps of {}; was it saved with other data, seq_len, batch size, world size or \
+                 grad_accum, or by an older ondol?",
+                cursor.epoch, cursor.batch, self.batches, self.accum
             )));
         }
         Ok(())

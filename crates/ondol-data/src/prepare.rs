@@ -41,7 +41,7 @@ use crate::clean::{CleanConfig, Rule};
 use crate::dedup::{ExactIndex, MinHasher, NearDedupConfig, NearIndex, NearKey};
 use crate::input::{DocReader, InputOptions, InputStats, Item, Problem, hex};
 use crate::tokenizer::{EOT_TOKEN, TextTokenizer};
-use crate::{DataError, ShardVersion, write_shard};
+use crate::{DataError, Shard, ShardVersion, write_shard};
 
 /// Everything `data prepare` needs; each field has a flag of the same name.
 #[derive(Clone, Debug, Serialize)]
@@ -247,11 +247,14 @@ impl ShardTokenizer {
 
     /// The tokenizer of every directory holding some of `files` that has a manifest of ours,
     /// with the directory (each once, refusing one half moved into place as [`Self::of_dir`]).
+    /// Refuses a file there that the manifest does not list, or lists with another token
+    /// count: a stray shard would be trained on unnoticed.
     pub fn of_files(files: &[PathBuf]) -> Result<Vec<(PathBuf, Self)>, DataError> {
         let dirs: std::collections::BTreeSet<&Path> = files.iter().filter_map(|f| f.parent()).collect();
         let mut found = Vec::new();
         for dir in dirs {
             if let Some(made) = Self::of_dir(dir)? {
+                check_listed(dir, files.iter().filter(|f| f.parent() == Some(dir)))?;
                 found.push((dir.to_path_buf(), made));
             }
         }
@@ -263,6 +266,38 @@ impl ShardTokenizer {
         let bytes = std::fs::read(tokenizer).map_err(|e| DataError::io("read", tokenizer, e))?;
         Ok(hex(&Sha256::digest(&bytes)) == self.sha256)
     }
+}
+
+/// Refuses any of `files` (in `dir`, whose manifest.json is ours) that the manifest does not
+/// list, or lists with another token count than its header holds.
+fn check_listed<'a>(dir: &Path, files: impl Iterator<Item = &'a PathBuf>) -> Result<(), DataError> {
+    let path = dir.join("manifest.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| DataError::io("read", &path, e))?;
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| DataError::format(&path, e.to_string()))?;
+    let listed: BTreeMap<&str, u64> = json["shards"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| Some((s["file"].as_str()?, s["tokens"].as_u64()?)))
+        .collect();
+    for file in files {
+        let name = file.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
+        let holds = Shard::open(file)?.len() as u64;
+        let problem = match listed.get(name.as_ref()) {
+            None => "is not among the shards it lists (left by another `data prepare`, or copied in?)".to_string(),
+            Some(&tokens) if tokens != holds => format!("lists it with {tokens} tokens, but it holds {holds}"),
+            Some(_) => continue,
+        };
+        return Err(DataError::format(
+            file,
+            format!(
+                "{} {problem}: move the file out of {}, or prepare the directory again",
+                path.display(),
+                dir.display()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Writes `bytes` to `path` through a sibling temporary file, fsync and rename.
@@ -705,7 +740,7 @@ pub(crate) fn progress_bar_for(inputs: &[PathBuf], show: bool) -> Option<indicat
 mod tests {
     use super::*;
     use crate::input::DocSplit;
-    use crate::{Loader, Order, Shard, SourceKind, TokenStream};
+    use crate::{Loader, Order, SourceKind, TokenStream};
     use std::collections::HashSet;
 
     /// Paragraphs of the shipped English sample, long enough to pass the cleaning rules.
@@ -817,6 +852,18 @@ mod tests {
         let again = prepare(&PrepareConfig { overwrite: true, ..cfg.clone() }, vec![], "test").unwrap();
         assert_eq!((again.documents.train, again.documents.val), (d.train, d.val));
         assert_eq!(split_docs(&cfg.out, &tok, "val"), val);
+
+        // What the manifest does not list, or lists otherwise, is refused by name.
+        let glob = |pattern: &str| crate::expand_globs(&[pattern.to_string()], &cfg.out).unwrap();
+        assert_eq!(ShardTokenizer::of_files(&glob("train_*.bin")).unwrap().len(), 1);
+        std::fs::copy(cfg.out.join("train_000000.bin"), cfg.out.join("train_000999.bin")).unwrap();
+        let err = ShardTokenizer::of_files(&glob("train_*.bin")).unwrap_err().to_string();
+        assert!(err.contains("train_000999.bin") && err.contains("is not among the shards it lists"), "{err}");
+        // Over the last shard, which holds fewer tokens than a full one.
+        let last = &m.shards.iter().rfind(|s| s.split == "train").unwrap().file;
+        std::fs::rename(cfg.out.join("train_000999.bin"), cfg.out.join(last)).unwrap();
+        let err = ShardTokenizer::of_files(&glob("train_*.bin")).unwrap_err().to_string();
+        assert!(err.contains(last.as_str()) && err.contains("but it holds 3000"), "{err}");
     }
 
     #[test]

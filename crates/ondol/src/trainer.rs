@@ -118,6 +118,8 @@ pub struct Trainer<B: Backend> {
     pub engine: Engine<B>,
     sched: LrSchedule,
     loader: Batches,
+    /// Tokens in each training source (checkpoints record them: see [`Self::restore`]).
+    data_tokens: Vec<u64>,
     val: Option<Arc<TokenStream>>,
     /// Whether the first evaluation has said what it reads where that is less than asked.
     eval_noted: bool,
@@ -147,6 +149,7 @@ impl<B: Backend> Trainer<B> {
         let engine = Engine::new(be, cfg.model.clone(), layout, cfg.optimizer.clone(), comms, t.seed)?;
         let sched = LrSchedule::new(cfg.lr_scheduler.clone(), cfg.optimizer.lr, t.steps);
         let order = if t.shuffle { Order::Shuffled { seed: t.seed } } else { Order::Sequential };
+        let data_tokens = data.train.iter().map(|s| s.len() as u64).collect();
         let loader = if cfg.data.sources.is_empty() {
             let stream = data.train.into_iter().next().expect("one training source");
             Batches::One(Loader::new(stream, t.seq_len, t.batch_size, t.grad_accum, order, replica, replicas)?)
@@ -168,6 +171,7 @@ impl<B: Backend> Trainer<B> {
             engine,
             sched,
             loader,
+            data_tokens,
             val: data.val,
             tokenizer: data.tokenizer,
             eos_token_id,
@@ -289,6 +293,7 @@ impl<B: Backend> Trainer<B> {
             step: self.step,
             tokens: self.tokens,
             data: self.loader.position(),
+            data_tokens: Some(self.data_tokens.clone()),
             parallel: ondol_ckpt::Layout { tp: mesh.tp, pp: mesh.pp, dp: mesh.dp },
             run_config: toml::to_string(&self.cfg).expect("config serializes"),
             extra_files: self.tokenizer.iter().map(|t| ("tokenizer.json".to_string(), t.clone())).collect(),
@@ -327,6 +332,7 @@ impl<B: Backend> Trainer<B> {
         // where it was, and the draws from here on follow the new shares.
         let reweighted = theirs != ours && without_weights(&theirs) == without_weights(&ours);
         let difference = if reweighted { None } else { first_difference("", &theirs, &ours) };
+        let difference = difference.or_else(|| self.files_changed(&ckpt));
         let position = match difference {
             None => {
                 let t = &self.cfg.training;
@@ -375,6 +381,23 @@ impl<B: Backend> Trainer<B> {
             );
         }
         Ok(position)
+    }
+
+    /// The first training source whose files hold another number of tokens than when `ckpt`
+    /// was written (the same patterns over data prepared again, say), as a difference of its
+    /// `data` field. Checkpoints of earlier versions record no counts: nothing to compare.
+    /// (The sources are the checkpoint's: the config's data identity was compared first.)
+    fn files_changed(&self, ckpt: &Loaded) -> Option<Difference> {
+        let saved = ckpt.state.data_tokens.as_ref()?;
+        let i = saved.iter().zip(&self.data_tokens).position(|(theirs, ours)| theirs != ours)?;
+        Some(Difference {
+            key: match self.cfg.data.sources.is_empty() {
+                true => "data.train".to_string(),
+                false => format!("data.sources[{i}].train"),
+            },
+            theirs: format!("{} tokens", saved[i]),
+            ours: format!("the {} tokens its files hold now (changed since: prepared again?)", self.data_tokens[i]),
+        })
     }
 
     /// Every rank finds and loads its checkpoint itself (`loaded`, None where it found none):

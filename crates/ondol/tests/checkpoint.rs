@@ -399,6 +399,27 @@ fn another_validation_set_or_spelling_of_a_path_continues_the_data() {
     assert!(err.contains("data.val") && err.contains("on_data_change"), "{err}");
 }
 
+/// The same patterns over files that changed since the checkpoint (prepared again, or grown)
+/// are other data: refused by default, read from the start with on_data_change = "restart".
+#[test]
+fn files_changed_under_the_same_names_are_a_data_change() {
+    let dir = setup_with(&mixture_config());
+    let mut first = trainer(dir.path(), &[]);
+    for _ in 0..2 {
+        first.step().unwrap();
+    }
+    let saved = checkpoint::save(&dir.path().join("run"), &first.snapshot().unwrap().unwrap()).unwrap();
+    assert_eq!(restore(&mut trainer(dir.path(), &[]), &saved).unwrap(), DataPosition::Continued);
+    std::fs::write(dir.path().join("other.txt"), "the other source, prepared again. ".repeat(1200)).unwrap();
+    let err = restore(&mut trainer(dir.path(), &[]), &saved).unwrap_err().to_string();
+    assert!(
+        err.contains("data.sources[1].train") && err.contains("prepared again") && err.contains("restart"),
+        "{err}"
+    );
+    let restart = ["checkpoint.on_data_change=\"restart\""];
+    assert_eq!(restore(&mut trainer(dir.path(), &restart), &saved).unwrap(), DataPosition::Restarted);
+}
+
 /// A file matched by two sources, or by training and validation, is refused naming both fields,
 /// however its path is spelled.
 #[test]
