@@ -202,6 +202,8 @@ impl<R: Read> Read for Hashing<R> {
     }
 }
 
+const UTF8_BOM: &[u8] = b"\xEF\xBB\xBF";
+
 /// The file currently being read.
 struct Open {
     reader: Box<dyn BufRead + Send>,
@@ -271,6 +273,10 @@ impl DocReader {
     fn read_doc(&mut self, input: usize) -> std::io::Result<Option<RawDoc>> {
         let split = self.options.doc_split;
         let open = self.current.as_mut().expect("a file is open");
+        // A UTF-8 byte-order mark (Windows editors write one) is no part of the text.
+        if open.line == 0 && open.reader.fill_buf()?.starts_with(UTF8_BOM) {
+            open.reader.consume(UTF8_BOM.len());
+        }
         match (open.format, split) {
             (InputFormat::Text, DocSplit::File) => {
                 if open.line > 0 {
@@ -439,19 +445,30 @@ mod tests {
         gz.write_all(b"{\"text\": \"bad \xFF\"}\n").unwrap();
         std::fs::write(p("b.jsonl.gz"), gz.finish().unwrap()).unwrap();
         std::fs::write(p("c.txt.zst"), zstd::encode_all("zstd text".as_bytes(), 1).unwrap()).unwrap();
-        std::fs::write(p("crlf.txt"), "one\r\ntwo\r\n\r\nthree\r\n").unwrap();
+        std::fs::write(p("crlf.txt"), "\u{FEFF}one\r\ntwo\r\n\r\nthree\r\n").unwrap();
+        std::fs::write(p("bom.jsonl"), "\u{FEFF}{\"text\": \"marked\"}\n").unwrap();
         std::fs::write(p("empty.txt"), "").unwrap();
         std::fs::write(p("bad.txt"), b"ok\nstill ok\nbad \xFF here\n").unwrap();
         std::fs::write(p("corrupt.txt.gz"), b"not gzip at all").unwrap();
-        let names =
-            ["a.txt", "b.jsonl.gz", "c.txt.zst", "crlf.txt", "empty.txt", "bad.txt", "missing.txt", "corrupt.txt.gz"];
+        let names = [
+            "a.txt",
+            "b.jsonl.gz",
+            "c.txt.zst",
+            "crlf.txt",
+            "bom.jsonl",
+            "empty.txt",
+            "bad.txt",
+            "missing.txt",
+            "corrupt.txt.gz",
+        ];
         let inputs: Vec<PathBuf> = names.iter().map(|n| p(n)).collect();
         let options = InputOptions { doc_split: DocSplit::BlankLine, text_field: "text".into() };
         let reader = DocReader::new(inputs.clone(), options);
         let (docs, problems) = texts(reader, "text");
         // A CRLF document ends without its line end, as an LF one does (cleaning turns the
-        // CRLFs inside into LFs).
-        let want = ["첫 문단\n둘째 줄", " second paragraph", "문서 하나", "two", "zstd text", "one\r\ntwo", "three"];
+        // CRLFs inside into LFs); a file's byte-order mark is no part of its first document.
+        let want =
+            ["첫 문단\n둘째 줄", " second paragraph", "문서 하나", "two", "zstd text", "one\r\ntwo", "three", "marked"];
         assert_eq!(docs, want);
         let found: Vec<(String, u64, &str)> = problems
             .iter()

@@ -186,6 +186,13 @@ impl Manifest {
         if self.problems_total > 10 {
             s += &format!("  ... {} problems in all, listed in manifest.json\n", self.problems_total);
         }
+        if d.kept > 0 && d.train == 0 {
+            s += &format!(
+                "  warning: no document went to training (all {} went to validation); lower --val-fraction or use \
+                 more documents\n",
+                d.kept
+            );
+        }
         if self.settings.val_fraction > 0.0 && d.val == 0 {
             s += "  warning: no document went to validation; raise --val-fraction or use more documents\n";
         }
@@ -378,6 +385,11 @@ pub fn prepare(cfg: &PrepareConfig, command: Vec<String>, version: &str) -> Resu
     let mut tokenizer = TextTokenizer::from_file(&cfg.tokenizer, &cfg.eot_token)?;
     if cfg.clean.nfc {
         tokenizer.skip_nfc_normalizer(); // the cleaned text is NFC already
+    } else if tokenizer.normalizes_to_nfc() {
+        eprintln!(
+            "note: --no-nfc keeps the text as it is, but {} normalises to NFC itself: the tokens are of NFC text",
+            cfg.tokenizer.display()
+        );
     }
     let tokenizer_bytes = std::fs::read(&cfg.tokenizer).map_err(|e| DataError::io("read", &cfg.tokenizer, e))?;
     let shard_version = if tokenizer.vocab_size() <= 1 << 16 { ShardVersion::V1 } else { ShardVersion::V2 };
@@ -864,6 +876,20 @@ mod tests {
         std::fs::rename(cfg.out.join("train_000999.bin"), cfg.out.join(last)).unwrap();
         let err = ShardTokenizer::of_files(&glob("train_*.bin")).unwrap_err().to_string();
         assert!(err.contains(last.as_str()) && err.contains("but it holds 3000"), "{err}");
+    }
+
+    /// A split left empty is warned about: training on these shards would find no file.
+    #[test]
+    fn an_empty_split_is_warned_about() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = |n: &str| dir.path().join(n);
+        crate::tokenizer::tests::sample_tokenizer(dir.path());
+        std::fs::write(p("a.jsonl"), jsonl(&paragraphs()[..2])).unwrap();
+        let mut cfg = PrepareConfig::new(vec![p("a.jsonl")], p("tokenizer.json"), p("out"));
+        (cfg.progress, cfg.val_fraction) = (false, 0.999);
+        let m = prepare(&cfg, vec![], "test").unwrap();
+        assert_eq!((m.documents.train, m.documents.val), (0, 2));
+        assert!(m.summary().contains("no document went to training (all 2 went to validation)"), "{}", m.summary());
     }
 
     #[test]

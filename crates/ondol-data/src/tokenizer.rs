@@ -126,10 +126,15 @@ pub fn train(
             cfg.vocab_size
         )));
     }
-    if cfg.special_tokens.is_empty() {
+    if cfg.special_tokens.is_empty() || cfg.special_tokens.iter().any(String::is_empty) {
         return Err(DataError::Invalid(format!(
-            "--special-tokens is empty: at least the end-of-text token (e.g. {EOT_TOKEN}) is needed"
+            "--special-tokens {:?} has an empty token: at least the end-of-text token (e.g. {EOT_TOKEN}) is \
+             needed, and every token needs some text",
+            cfg.special_tokens.join(",")
         )));
+    }
+    if let Some(twice) = cfg.special_tokens.iter().enumerate().find(|(i, t)| cfg.special_tokens[..*i].contains(t)) {
+        return Err(DataError::Invalid(format!("--special-tokens names `{}` twice", twice.1)));
     }
     if !(0.0..1.0).contains(&cfg.heldout_fraction) {
         return Err(DataError::Invalid(format!(
@@ -207,6 +212,17 @@ pub fn train(
         )));
     }
     let tokenizer = TextTokenizer::new(tokenizer, &cfg.special_tokens[0])?;
+    // A special token that plain text also encodes to (a byte symbol like `a`, or a merge the
+    // text made) would mark document boundaries in the middle of text.
+    for special in &cfg.special_tokens {
+        let id = tokenizer.inner.token_to_id(special);
+        if let Some(id) = id.filter(|id| tokenizer.encode(special).is_ok_and(|ids| ids.contains(id))) {
+            return Err(DataError::Invalid(format!(
+                "--special-tokens: `{special}` is also a token of plain text (id {id}), so text would read as the \
+                 special token; choose one that text cannot spell, like <|{special}|>"
+            )));
+        }
+    }
     // Each tail is encoded on its own, as it stands in its document: no token joins two.
     let fertility = inputs
         .iter()
@@ -328,11 +344,17 @@ impl TextTokenizer {
         Ok(Self { inner, eot: id })
     }
 
+    /// Whether the tokenizer's own normaliser is NFC (ondol's are): it normalises whatever
+    /// the cleaning left.
+    pub fn normalizes_to_nfc(&self) -> bool {
+        matches!(self.inner.get_normalizer(), Some(tokenizers::NormalizerWrapper::NFC(_)))
+    }
+
     /// For text that is already NFC: drops the tokenizer's normaliser when it is exactly NFC,
     /// which changes no token (NFC is idempotent) and saves 5-10% of encoding time. Returns
     /// whether it did. Data preparation calls it when its cleaning normalises to NFC.
     pub fn skip_nfc_normalizer(&mut self) -> bool {
-        let nfc = matches!(self.inner.get_normalizer(), Some(tokenizers::NormalizerWrapper::NFC(_)));
+        let nfc = self.normalizes_to_nfc();
         if nfc {
             self.inner.with_normalizer(None::<tokenizers::NormalizerWrapper>);
         }
@@ -413,6 +435,29 @@ pub(crate) mod tests {
     /// cut: a paragraph's 5% tail is a word or two, which must not come out as word fragments
     /// and newline tokens (blank-line documents reported 0.68 tok/char where whole files gave
     /// 0.44, the same tokenizer). Text without spaces is still measured.
+    /// Special tokens must be text of their own: not empty, not twice, and not what plain text
+    /// encodes to (`a`, a byte symbol, took the letter's id: every `a` read as end-of-text).
+    #[test]
+    fn special_tokens_that_text_can_spell_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("a.txt");
+        std::fs::write(&input, "a banana and a papaya, and another banana").unwrap();
+        let refused = |specials: &[&str]| {
+            let cfg = TrainConfig {
+                vocab_size: 300,
+                special_tokens: specials.iter().map(|s| s.to_string()).collect(),
+                ..Default::default()
+            };
+            train(vec![input.clone()], &InputOptions::default(), &cfg).err().map(|e| e.to_string())
+        };
+        let err = refused(&["a"]).expect("a byte symbol as a special token");
+        assert!(err.contains("`a` is also a token of plain text") && err.contains("<|a|>"), "{err}");
+        assert!(refused(&[""]).expect("an empty token").contains("empty token"));
+        assert!(refused(&[EOT_TOKEN, ""]).expect("an empty second token").contains("empty token"));
+        assert!(refused(&[EOT_TOKEN, "<|pad|>", EOT_TOKEN]).expect("a token twice").contains("twice"));
+        assert_eq!(refused(&[EOT_TOKEN, "<|pad|>"]), None);
+    }
+
     #[test]
     fn fertility_does_not_depend_on_how_documents_are_cut() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/sample");

@@ -109,7 +109,8 @@ pub struct DataPrepareArgs {
     /// Replace prepared data already in --out.
     #[arg(long)]
     pub overwrite: bool,
-    /// Keep text as it is instead of normalising it to NFC.
+    /// Keep text as it is instead of normalising it to NFC (a tokenizer that normalises
+    /// itself, as ondol's do, still encodes NFC text).
     #[arg(long)]
     pub no_nfc: bool,
     /// Keep control characters.
