@@ -130,8 +130,9 @@ impl RawDoc {
         };
         if self.json {
             let text = std::str::from_utf8(&self.bytes).map_err(|e| invalid_utf8(e, &self.bytes))?;
-            // (serde's "at line 1 column N" counts within this one line: the column is what helps.)
-            let value: serde_json::Value = serde_json::from_str(text).map_err(|e| {
+            // (serde's "at line 1 column N" counts within this one line: the column is what helps.
+            // Without its line end, an unterminated string ends the line, not a control character.)
+            let value: serde_json::Value = serde_json::from_str(text.trim_end_matches(['\n', '\r'])).map_err(|e| {
                 let what = e.to_string();
                 let what = what.split(" at line ").next().unwrap_or(&what).to_string();
                 problem(self.line, "malformed_json", format!("malformed JSON line: {what} at column {}", e.column()))
@@ -396,8 +397,11 @@ pub fn hex(bytes: &[u8]) -> String {
 pub fn expand_inputs(patterns: &[String]) -> Result<Vec<PathBuf>, DataError> {
     let mut files = Vec::new();
     for pattern in patterns {
-        // (A directory is a pattern that matches no file, which expand_globs says.)
-        if pattern.contains(['*', '?', '[']) || Path::new(pattern).is_dir() {
+        // (A directory is a pattern that matches no file, which expand_globs says. A file named
+        // like a glob, `notes [1].txt`, is that file.)
+        if Path::new(pattern).is_file() {
+            files.push(PathBuf::from(pattern));
+        } else if pattern.contains(['*', '?', '[']) || Path::new(pattern).is_dir() {
             files.extend(crate::expand_globs(std::slice::from_ref(pattern), Path::new("."))?);
         } else if Path::new(pattern).exists() {
             files.push(PathBuf::from(pattern));
@@ -406,8 +410,9 @@ pub fn expand_inputs(patterns: &[String]) -> Result<Vec<PathBuf>, DataError> {
             return Err(DataError::Invalid(format!("{pattern}: no such file or directory")));
         }
     }
+    // The same file however it is spelled (`x.txt`, `./x.txt`) is read once.
     let mut seen = std::collections::HashSet::new();
-    files.retain(|f| seen.insert(f.clone()));
+    files.retain(|f| seen.insert(std::fs::canonicalize(f).unwrap_or_else(|_| f.clone())));
     if files.is_empty() {
         return Err(DataError::Invalid("no input given: pass --input FILE or GLOB at least once".into()));
     }
@@ -434,12 +439,23 @@ mod tests {
         (docs, problems)
     }
 
+    /// A file is one input however spelled, and a file named like a glob is that file.
+    #[test]
+    fn inputs_are_files_once_whatever_their_spelling() {
+        let dir = tempfile::tempdir().unwrap();
+        let at = |n: &str| format!("{}/{n}", dir.path().display());
+        std::fs::write(at("a.txt"), "a").unwrap();
+        std::fs::write(at("notes [1].txt"), "n").unwrap();
+        let files = expand_inputs(&[at("a.txt"), at("./a.txt"), at("notes [1].txt"), at("*.txt")]).unwrap();
+        assert_eq!(files, [PathBuf::from(at("a.txt")), PathBuf::from(at("notes [1].txt"))]);
+    }
+
     #[test]
     fn reads_text_jsonl_gzip_and_zstd_and_reports_bad_input_by_line() {
         let dir = tempfile::tempdir().unwrap();
         let p = |n: &str| dir.path().join(n);
         std::fs::write(p("a.txt"), "첫 문단\n둘째 줄\n\n\n second paragraph\n").unwrap();
-        let jsonl = "{\"text\": \"문서 하나\"}\n\n{\"text\": 3}\n{broken\n{\"body\": \"x\"}\n{\"text\": \"two\"}\n";
+        let jsonl = "{\"text\": \"문서 하나\"}\n\n{\"text\": 3}\n{broken\n{\"body\": \"x\"}\n{\"text\": \"two\"}\n{\"text\": \"open\n";
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         gz.write_all(jsonl.as_bytes()).unwrap();
         gz.write_all(b"{\"text\": \"bad \xFF\"}\n").unwrap();
@@ -481,7 +497,8 @@ mod tests {
                 expect("b.jsonl.gz", 3, "malformed_json"),
                 expect("b.jsonl.gz", 4, "malformed_json"),
                 expect("b.jsonl.gz", 5, "malformed_json"),
-                expect("b.jsonl.gz", 7, "invalid_utf8"),
+                expect("b.jsonl.gz", 7, "malformed_json"),
+                expect("b.jsonl.gz", 8, "invalid_utf8"),
                 expect("empty.txt", 0, "empty_file"),
                 expect("bad.txt", 3, "invalid_utf8"),
                 expect("missing.txt", 0, "unreadable"),
@@ -489,6 +506,7 @@ mod tests {
             ]
         );
         assert!(problems[2].message.contains("--text-field"), "{}", problems[2]);
+        assert!(problems[3].message.ends_with("EOF while parsing a string at column 14"), "{}", problems[3]);
         // The broken line's column, not serde's "line 1" of a one-line document.
         assert!(
             problems[1].message.ends_with("at column 2") && !problems[1].message.contains("line 1"),

@@ -207,7 +207,8 @@ fn read_utf8(path: &Path) -> Result<Vec<u8>, DataError> {
 ///
 /// Relative patterns are resolved against `base` (the directory of the run config); each
 /// pattern must match at least one file. Matches of one pattern are sorted, patterns keep
-/// their order, and a file matched twice is kept at its first place.
+/// their order, and a file matched twice (however spelled: `./x` is `x`) is kept at its first
+/// place. A pattern that names an existing file is that file, glob characters and all.
 pub fn expand_globs(patterns: &[String], base: &Path) -> Result<Vec<PathBuf>, DataError> {
     let mut seen = HashSet::new();
     let mut files = Vec::new();
@@ -222,6 +223,14 @@ pub fn expand_globs(patterns: &[String], base: &Path) -> Result<Vec<PathBuf>, Da
             // Escaped, so a base directory named like `runs/[ablation]` matches literally.
             format!("{}/{pattern}", glob::Pattern::escape(base))
         };
+        // A file named like a glob (`notes [1].txt`) is that file.
+        let literal = base.join(pattern);
+        if literal.is_file() {
+            if seen.insert(std::fs::canonicalize(&literal).unwrap_or_else(|_| literal.clone())) {
+                files.push(literal);
+            }
+            continue;
+        }
         let paths = glob::glob(&full).map_err(|e| pattern_error(format!("invalid pattern: {e}")))?;
         let (mut matched, mut dirs) = (Vec::new(), 0);
         for entry in paths {
@@ -244,7 +253,9 @@ pub fn expand_globs(patterns: &[String], base: &Path) -> Result<Vec<PathBuf>, Da
             return Err(pattern_error(format!("matches no file (searched {full})")));
         }
         matched.sort();
-        files.extend(matched.into_iter().filter(|p| seen.insert(p.clone())));
+        files.extend(
+            matched.into_iter().filter(|p| seen.insert(std::fs::canonicalize(p).unwrap_or_else(|_| p.clone()))),
+        );
     }
     Ok(files)
 }
@@ -346,15 +357,16 @@ mod tests {
         // A base directory with glob metacharacters in its name must match literally.
         let dir = tempfile::Builder::new().prefix("globs[1]").tempdir().unwrap();
         std::fs::create_dir(dir.path().join("sub")).unwrap();
-        for name in ["train_002.bin", "train_001.bin", "val_000.bin", "sub/train_003.bin"] {
+        for name in ["train_002.bin", "train_001.bin", "val_000.bin", "sub/train_003.bin", "notes [1].bin"] {
             std::fs::write(dir.path().join(name), b"").unwrap();
         }
         let patterns = |ps: &[&str]| ps.iter().map(|p| p.to_string()).collect::<Vec<_>>();
         let absolute = format!("{}/val_*.bin", glob::Pattern::escape(dir.path().to_str().unwrap()));
+        let spelled = ["./train_001.bin", "*/*.bin", "notes [1].bin", "sub/../train_002.bin"];
         let files =
-            expand_globs(&patterns(&[&absolute, "train_*.bin", "train_001.bin", "*/*.bin"]), dir.path()).unwrap();
+            expand_globs(&patterns(&[&[absolute.as_str(), "train_*.bin"], &spelled[..]].concat()), dir.path()).unwrap();
         let names: Vec<_> = files.iter().map(|f| f.strip_prefix(dir.path()).unwrap().to_str().unwrap()).collect();
-        assert_eq!(names, ["val_000.bin", "train_001.bin", "train_002.bin", "sub/train_003.bin"]);
+        assert_eq!(names, ["val_000.bin", "train_001.bin", "train_002.bin", "sub/train_003.bin", "notes [1].bin"]);
 
         let err = expand_globs(&patterns(&["train_*.bin", "fineweb_*.bin"]), dir.path()).unwrap_err().to_string();
         assert!(err.contains("`fineweb_*.bin`") && err.contains("matches no file"), "{err}");

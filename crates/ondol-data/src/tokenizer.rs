@@ -296,9 +296,17 @@ fn load(path: &Path) -> Result<Tokenizer, DataError> {
             message: "no such tokenizer file (train one with `ondol tokenizer train`)".into(),
         });
     }
-    Tokenizer::from_file(path).map_err(|e| DataError::Format {
-        path: path.into(),
-        message: format!("not a valid Hugging Face tokenizer.json: {e}"),
+    Tokenizer::from_file(path).map_err(|e| {
+        // The tokenizers crate reports JSON of another shape as a syntax error.
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let json: Option<serde_json::Value> = serde_json::from_str(&text).ok();
+        let message = match json {
+            Some(json) if json.get("model").is_none() => {
+                "valid JSON, but not a Hugging Face tokenizer.json (it has no \"model\")".to_string()
+            }
+            _ => format!("not a valid Hugging Face tokenizer.json: {e}"),
+        };
+        DataError::Format { path: path.into(), message }
     })
 }
 
@@ -435,6 +443,19 @@ pub(crate) mod tests {
     /// cut: a paragraph's 5% tail is a word or two, which must not come out as word fragments
     /// and newline tokens (blank-line documents reported 0.68 tok/char where whole files gave
     /// 0.44, the same tokenizer). Text without spaces is still measured.
+    /// JSON that is no tokenizer is called that, not a syntax error.
+    #[test]
+    fn json_of_another_shape_is_no_tokenizer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.json");
+        std::fs::write(&path, r#"{"a": 1}"#).unwrap();
+        let err = TextTokenizer::from_file(&path, EOT_TOKEN).err().unwrap().to_string();
+        assert!(err.contains("valid JSON, but not a Hugging Face tokenizer.json"), "{err}");
+        std::fs::write(&path, r#"{"a": "#).unwrap();
+        let err = TextTokenizer::from_file(&path, EOT_TOKEN).err().unwrap().to_string();
+        assert!(err.contains("not a valid Hugging Face tokenizer.json: "), "{err}");
+    }
+
     /// Special tokens must be text of their own: not empty, not twice, and not what plain text
     /// encodes to (`a`, a byte symbol, took the letter's id: every `a` read as end-of-text).
     #[test]

@@ -19,17 +19,28 @@ pub fn model_dir(path: &Path) -> Result<PathBuf> {
     let abs = std::path::absolute(path).map_err(|e| Error::io(format!("cannot resolve {}", path.display()), e))?;
     let run = if abs.is_file() && abs.file_name().is_some_and(|n| n == "latest") {
         abs.parent().and_then(Path::parent)
-    } else if abs.join("checkpoints").is_dir() {
-        Some(abs.as_path())
+    } else if abs.join("checkpoints").is_dir() || abs.join("ondol.toml").is_file() {
+        Some(abs.as_path()) // (a run stopped before its first checkpoint has no checkpoints/)
     } else if abs.join("latest").is_file() {
         abs.parent()
     } else {
         None
     };
     let Some(run) = run else { return Ok(path.to_path_buf()) };
-    checkpoint::latest(run)
-        .or_else(|| checkpoint::list(run).into_iter().next())
-        .ok_or_else(|| Error::Input(format!("{}: a run directory without a checkpoint", path.display())))
+    if let Some(latest) = checkpoint::latest(run) {
+        return Ok(latest);
+    }
+    let newest = checkpoint::list(run).into_iter().next();
+    let named = checkpoint::checkpoints_dir(run).join("latest");
+    if let (Some(newest), Ok(name)) = (&newest, std::fs::read_to_string(&named)) {
+        eprintln!(
+            "note: {} names {}, which is gone: taking the newest checkpoint, {}",
+            named.display(),
+            name.trim(),
+            newest.display()
+        );
+    }
+    newest.ok_or_else(|| Error::Input(format!("{}: a run directory without a checkpoint", path.display())))
 }
 
 /// A model and its weights from a directory.

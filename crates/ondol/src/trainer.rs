@@ -723,6 +723,7 @@ pub fn run<B: Backend>(
             && let Some(writer) = ckpt.as_deref_mut()
         {
             writer.submit(snap)?;
+            metrics.note(format!("step {step}: writing a checkpoint in the background"));
         }
         if last.stop {
             break;

@@ -162,6 +162,16 @@ lr = 1e-2
             ondol(cwd, &["generate", path, "--prompt", "온돌은", "--max-new-tokens", "20", "--seed", "1"]);
         assert!(ok && stdout == first.stdout && stderr.contains("step-00000030"), "{path}: {stderr}");
     }
+    // A run stopped before its first checkpoint says so; `latest` naming a checkpoint that is
+    // gone falls back to the newest, saying so.
+    std::fs::create_dir(dir.path().join("early")).unwrap();
+    std::fs::copy(dir.path().join("run/ondol.toml"), dir.path().join("early/ondol.toml")).unwrap();
+    let Run { ok, stderr: err, .. } = ondol(dir.path(), &["generate", "early", "--prompt", "a"]);
+    assert!(!ok && err.contains("early: a run directory without a checkpoint"), "{err}");
+    std::fs::write(checkpoints.join("latest"), "step-00000099").unwrap();
+    let Run { ok, stderr: err, .. } = ondol(dir.path(), &["generate", "run", "--prompt", "a", "--max-new-tokens", "2"]);
+    assert!(ok && err.contains("names step-00000099, which is gone") && err.contains("step-00000030"), "{err}");
+    std::fs::write(checkpoints.join("latest"), "step-00000030").unwrap();
     // inspect reads the config a checkpoint or run was trained with.
     for path in ["run", ckpt, "run/checkpoints/latest"] {
         let Run { ok, stdout, stderr } = ondol(dir.path(), &["inspect", path, "--set", "parallelism.tp=2"]);
