@@ -990,6 +990,17 @@ fn eval(args: EvalArgs) -> Result<()> {
         }
     }
     let stream = TokenStream::open(&files, kind)?;
+    if stream.len() <= batch * seq {
+        return Err(Error::config(
+            "--batch-size/--seq-len",
+            format!(
+                "the data holds {} tokens, fewer than one batch of {batch} x {seq} reads ({}): lower --batch-size \
+                 or --seq-len",
+                stream.len(),
+                batch * seq + 1
+            ),
+        ));
+    }
     let mut loader = Loader::new(Arc::new(stream), seq, batch, 1, Order::Sequential, 0, 1)?;
     let batches = args.batches.unwrap_or(usize::MAX).min(loader.batches_per_epoch() as usize);
     let (loss, tokens) = match args.device {
@@ -1019,7 +1030,7 @@ fn eval(args: EvalArgs) -> Result<()> {
 }
 
 fn generate(args: GenerateArgs) -> Result<()> {
-    if args.temperature.is_nan() || args.temperature < 0.0 {
+    if !args.temperature.is_finite() || args.temperature < 0.0 {
         return Err(Error::config(
             "--temperature",
             format!("{}: must be >= 0 (0 takes the most likely token)", args.temperature),

@@ -183,6 +183,11 @@ lr = 1e-2
     let Run { ok, stderr: err, .. } =
         ondol(dir.path(), &["generate", ckpt, "--prompt", "a", "--max-new-tokens", "100"]);
     assert!(ok && err.contains("at most 31 new tokens"), "{err}");
+    std::fs::write(dir.path().join("short.txt"), "too short for a batch").unwrap();
+    let Run { ok, stderr: err, .. } = ondol(dir.path(), &["eval", ckpt, "--data", "short.txt"]);
+    assert!(!ok && err.contains("fewer than one batch of 4 x 32") && err.contains("lower --batch-size"), "{err}");
+    let Run { ok, stderr: err, .. } = ondol(dir.path(), &["generate", ckpt, "--prompt", "a", "--temperature", "inf"]);
+    assert!(!ok && err.contains("--temperature"), "{err}");
     let Run { ok, stderr: err, .. } = ondol(dir.path(), &["eval", ckpt, "--data", "missing.bin"]);
     assert!(!ok && err.contains("missing.bin"), "{err}");
     // A device that is not one, and (in this build, without the CUDA backend) the GPU.
