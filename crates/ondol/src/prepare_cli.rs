@@ -390,8 +390,13 @@ const PREPARED_WITH: &str = "prepared-with.json";
 
 fn prepare_table(p: &PrepareTable, base: &Path) -> Result<()> {
     let out = base.join(&p.out);
-    // Runs started together on one table: the first prepares, the others wait and use it.
-    let _out = DirLock::wait(&out, Purpose::Prepare)?;
+    // Prepared data is read without the lock (it may be another user's, or read-only); runs
+    // started together on one table take it to prepare: the first does, the others then
+    // wait and use its data.
+    let _out = match out.join("manifest.json").is_file() {
+        true => None,
+        false => Some(DirLock::wait(&out, Purpose::Prepare)?),
+    };
     let record = out.join(PREPARED_WITH);
     if out.join("manifest.json").is_file() {
         // (Data prepared by hand, or by an older ondol, has no record to compare.)
