@@ -195,6 +195,12 @@ pub fn candidate_probability(j: f64, bands: usize, rows: usize) -> f64 {
     1.0 - (1.0 - j.powi(rows as i32)).powi(bands as i32)
 }
 
+/// Kept documents recorded under one band key, at most: a cluster of merely similar documents
+/// shares bands without confirming, and each new one would be compared with all of it. (A
+/// document past the limit stays recorded under its other bands.) So a document is compared
+/// with at most `bands * MAX_PER_BAND` others.
+const MAX_PER_BAND: usize = 16;
+
 /// Every kept document's band keys (the band index is part of each key) and signature.
 #[derive(Clone, Debug)]
 pub struct NearIndex {
@@ -223,13 +229,17 @@ impl NearIndex {
             let agree = theirs.iter().zip(&key.signature).filter(|(a, b)| a == b).count();
             agree as f64 >= self.min_agreement * n as f64
         };
-        let candidates = key.bands.iter().flat_map(|k| {
+        let mut compared = Vec::new();
+        for k in &key.bands {
             let later = self.later.get(k).map_or(&[][..], Vec::as_slice);
-            self.first.get(k).into_iter().chain(later).copied()
-        });
-        for doc in candidates {
-            if confirms(doc) {
-                return true;
+            for &doc in self.first.get(k).into_iter().chain(later) {
+                if compared.contains(&doc) {
+                    continue; // a candidate through several bands
+                }
+                if confirms(doc) {
+                    return true;
+                }
+                compared.push(doc);
             }
         }
         // Past u32::MAX documents (some 2 TB of index) the rest go unrecorded.
@@ -244,7 +254,12 @@ impl NearIndex {
                 std::collections::hash_map::Entry::Vacant(e) => {
                     e.insert(doc);
                 }
-                std::collections::hash_map::Entry::Occupied(_) => self.later.entry(k).or_default().push(doc),
+                std::collections::hash_map::Entry::Occupied(_) => {
+                    let later = self.later.entry(k).or_default();
+                    if later.len() + 1 < MAX_PER_BAND {
+                        later.push(doc);
+                    }
+                }
             }
         }
         false
@@ -334,6 +349,21 @@ mod tests {
         assert!(recall >= 0.95, "{recall:.3} of the copies at J in [0.8, 0.88) removed");
         let similar = removed(0.6..0.65);
         assert!(similar <= 0.05, "{similar:.3} of the copies at J in [0.6, 0.65) removed");
+    }
+
+    /// Documents that share bands without confirming are all kept, each recorded under a band
+    /// with at most MAX_PER_BAND others, so a new one is compared with a bounded number.
+    #[test]
+    fn a_cluster_of_merely_similar_documents_stays_bounded() {
+        let hasher = MinHasher::new(&NearDedupConfig::default()).unwrap();
+        let mut index = NearIndex::new(&hasher);
+        for doc in 0..100u16 {
+            // The same bands, signatures that agree nowhere.
+            let key = NearKey { bands: vec![7, 8, 9], signature: vec![doc; 126] };
+            assert!(!index.check_and_insert(&key), "document {doc} removed without agreeing");
+        }
+        assert!(index.later.values().all(|docs| docs.len() < MAX_PER_BAND), "{:?}", index.later);
+        assert_eq!(index.docs, 100);
     }
 
     #[test]
