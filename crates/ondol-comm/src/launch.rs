@@ -17,6 +17,9 @@
 //! - When a child exits non-zero or dies by a signal, the others are stopped (SIGTERM, then
 //!   SIGKILL after the grace period) and the launch fails with a message naming that rank and
 //!   its status. One crashed rank would otherwise leave the others blocked in a collective.
+//!   Exit status 128 + SIGTERM or SIGUSR1 is no failure: `ondol train` stopped on request with a
+//!   checkpoint, and its other ranks stop after the same step; the launch then ends with that
+//!   status too.
 //! - On Linux each child also gets SIGTERM if the launcher itself dies (`PR_SET_PDEATHSIG`), so
 //!   a killed launcher leaves no orphaned ranks holding GPUs. (The signal fires when the
 //!   spawning *thread* exits; `launch` runs on the caller's thread, which outlives the children.)
@@ -57,8 +60,13 @@ const POLL: Duration = Duration::from_millis(20);
 static PENDING_SIGNAL: AtomicI32 = AtomicI32::new(0);
 
 extern "C" fn on_signal(sig: libc::c_int) {
-    // Only an atomic store: async-signal-safe.
-    PENDING_SIGNAL.store(sig, Ordering::SeqCst);
+    // Only atomic operations: async-signal-safe. A pending SIGINT or SIGTERM, which end the
+    // ranks, is not replaced by a SIGUSR1, which only asks them to stop.
+    if sig == libc::SIGUSR1 {
+        let _ = PENDING_SIGNAL.compare_exchange(0, sig, Ordering::SeqCst, Ordering::SeqCst);
+    } else {
+        PENDING_SIGNAL.store(sig, Ordering::SeqCst);
+    }
 }
 
 /// Routes SIGINT, SIGTERM and SIGUSR1 to [`PENDING_SIGNAL`] while alive; restores the previous
@@ -216,7 +224,8 @@ fn unique_job_id() -> String {
 
 /// Runs the ranks of this node until all exit. Fails when a rank fails (naming it and its
 /// status), when the launcher was interrupted, or when the options cannot work.
-pub fn launch(opts: &LaunchOptions) -> Result<(), CommError> {
+/// Returns the ranks' exit status where they stopped on request (see the module docs).
+pub fn launch(opts: &LaunchOptions) -> Result<Option<u8>, CommError> {
     let LaunchOptions { nproc_per_node: n, nnodes, node_rank, .. } = *opts;
     if n == 0 || nnodes == 0 {
         return Err(CommError::Launch("--nproc-per-node and --nnodes must be at least 1".into()));
@@ -295,9 +304,17 @@ pub fn launch(opts: &LaunchOptions) -> Result<(), CommError> {
     })
 }
 
-/// Waits for every rank; see the module docs for the policy.
-fn supervise(ranks: &mut [Rank], grace: Duration) -> Result<(), CommError> {
+/// The exit status of a rank that stopped on request (128 + SIGTERM or SIGUSR1), if it is one.
+fn stopped_on_request(status: ExitStatus) -> Option<u8> {
+    let stops = [128 + libc::SIGTERM, 128 + libc::SIGUSR1];
+    status.code().filter(|code| stops.contains(code)).map(|code| code as u8)
+}
+
+/// Waits for every rank; see the module docs for the policy. Returns the exit status of ranks
+/// that stopped on request (SIGTERM's where some stopped on each).
+fn supervise(ranks: &mut [Rank], grace: Duration) -> Result<Option<u8>, CommError> {
     let mut failures: Vec<(usize, ExitStatus)> = Vec::new();
+    let mut stopped: Option<u8> = None;
     let mut interrupted: Option<i32> = None;
     let mut stopping_since: Option<Instant> = None;
     let mut killed = false;
@@ -321,7 +338,9 @@ fn supervise(ranks: &mut [Rank], grace: Duration) -> Result<(), CommError> {
             };
             if let Some(status) = status {
                 r.status = Some(status);
-                if !status.success() && stopping_since.is_none() && interrupted.is_none() {
+                if let Some(code) = stopped_on_request(status) {
+                    stopped = stopped.max(Some(code));
+                } else if !status.success() && stopping_since.is_none() {
                     failures.push((r.rank, status));
                 }
             }
@@ -358,10 +377,13 @@ fn supervise(ranks: &mut [Rank], grace: Duration) -> Result<(), CommError> {
         }
         return Err(CommError::Launch(message));
     }
-    if let Some(sig) = interrupted {
-        return Err(CommError::Launch(format!("interrupted by {}; forwarded it to every rank", signal_name(sig))));
+    match (stopped, interrupted) {
+        (Some(code), _) => Ok(Some(code)),
+        (None, Some(sig)) => {
+            Err(CommError::Launch(format!("interrupted by {}; forwarded it to every rank", signal_name(sig))))
+        }
+        (None, None) => Ok(None),
     }
-    Ok(())
 }
 
 /// Stops already-started ranks after a failed start: SIGTERM, then SIGKILL after `grace`.

@@ -117,7 +117,7 @@ fn train(cfg: &ModelConfig, dtype: Dtype, s: Shape) -> (Vec<f64>, Vec<f32>) {
                                 .into_iter()
                                 .map(|(i, t)| (i[d * n..(d + 1) * n].to_vec(), t[d * n..(d + 1) * n].to_vec()))
                                 .collect();
-                            e.step(&mine, scale, 3e-3, false).unwrap().loss_sum * scale as f64
+                            e.step(&mine, scale, 3e-3, || 0).unwrap().loss_sum * scale as f64
                         })
                         .collect();
                     (losses, e.whole_state().unwrap().map(|[p, _, _]| p))

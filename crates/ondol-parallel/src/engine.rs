@@ -132,8 +132,8 @@ pub struct StepOutcome {
     /// Seconds this rank spent waiting for activations or gradients from its pipeline
     /// neighbours (the measured bubble, plus transfer time).
     pub pipeline_wait_s: f64,
-    /// Whether some rank asked to stop after this step.
-    pub stop: bool,
+    /// The largest stop code a rank gave (0: none asked to stop after this step).
+    pub stop: u8,
 }
 
 /// ZeRO-1's partition of a flat buffer: padded to `len * world` elements, replica r holds the
@@ -708,14 +708,15 @@ impl<B: Backend> Engine<B> {
 
     /// One optimizer update over `batches`, this replica's micro-batches (inputs, targets);
     /// each token's loss enters with weight `grad_scale` (1 / tokens in the global batch).
-    /// `stop_requested` is this rank's vote to stop after the step; the outcome's `stop` says
-    /// whether any rank voted so, the same on every rank.
+    /// `stop_request` is read at the step's end, just before its last collective: a code
+    /// above 0 asks to stop after the step; the outcome's `stop` is the largest code any rank
+    /// gave, the same on every rank.
     pub fn step(
         &mut self,
         batches: &[(Vec<u32>, Vec<u32>)],
         grad_scale: f32,
         lr: f32,
-        stop_requested: bool,
+        stop_request: impl FnOnce() -> u8,
     ) -> Result<StepOutcome> {
         self.upload(batches);
         for c in &mut self.chunks {
@@ -744,10 +745,12 @@ impl<B: Backend> Engine<B> {
         };
         self.sum_shared_grads()?;
         let grad_norm = self.sync_and_update(lr, &covered)?;
-        // The vote rides on the loss's all-reduce, which every rank makes every step.
+        // The stop request rides on the loss's all-reduce, which every rank makes every step.
         let loss = if self.reports_loss() { loss } else { 0.0 };
-        let [loss_sum, stop_votes] = self.sums_over_world([loss, f64::from(u8::from(stop_requested))])?;
-        Ok(StepOutcome { loss_sum, grad_norm, pipeline_wait_s: wait, stop: stop_votes > 0.0 })
+        let ranks = self.each_rank_over_world([loss, f64::from(stop_request())])?;
+        let loss_sum = ranks.iter().map(|[loss, _]| loss).sum();
+        let stop = ranks.iter().map(|&[_, code]| code as u8).max().unwrap_or(0);
+        Ok(StepOutcome { loss_sum, grad_norm, pipeline_wait_s: wait, stop })
     }
 
     /// The step's plan of forwards and backwards, handing finished gradients to `buckets`;
@@ -981,9 +984,9 @@ impl<B: Backend> Engine<B> {
         sum_f64(self.comms.world.as_ref(), x)
     }
 
-    /// [`Self::sum_over_world`] of each of `xs`, in one all-reduce.
-    fn sums_over_world<const N: usize>(&self, xs: [f64; N]) -> Result<[f64; N]> {
-        sums_f64(self.comms.world.as_ref(), xs)
+    /// Every rank's `xs` (see [`each_rank_f64s`]).
+    fn each_rank_over_world<const N: usize>(&self, xs: [f64; N]) -> Result<Vec<[f64; N]>> {
+        each_rank_f64s(self.comms.world.as_ref(), xs)
     }
 
     /// Chunk `c`'s parameters (the fp32 master weights where the optimizer keeps them) and
@@ -1227,10 +1230,11 @@ pub fn sum_f64(comm: &dyn Communicator, x: f64) -> Result<f64> {
     Ok(sums_f64(comm, [x])?[0])
 }
 
-/// [`sum_f64`] of each of `xs`, in one all-reduce.
-pub fn sums_f64<const N: usize>(comm: &dyn Communicator, xs: [f64; N]) -> Result<[f64; N]> {
+/// Every rank's `xs`, in rank order, through one all-reduce: each value travels exactly as a
+/// high and a low f32 in slots of its rank's own.
+pub fn each_rank_f64s<const N: usize>(comm: &dyn Communicator, xs: [f64; N]) -> Result<Vec<[f64; N]>> {
     if comm.size() == 1 {
-        return Ok(xs);
+        return Ok(vec![xs]);
     }
     // Rank r's value j as the pair at slot r * N + j.
     let mut parts = vec![0.0f32; 2 * N * comm.size()];
@@ -1240,9 +1244,17 @@ pub fn sums_f64<const N: usize>(comm: &dyn Communicator, xs: [f64; N]) -> Result
         (parts[slot], parts[slot + 1]) = (hi, (x - hi as f64) as f32);
     }
     comm.all_reduce_sum(&mut parts)?;
+    let values = parts.chunks(2).map(|pair| pair[0] as f64 + pair[1] as f64).collect::<Vec<_>>();
+    Ok(values.chunks(N).map(|rank| rank.try_into().expect("N values a rank")).collect())
+}
+
+/// [`sum_f64`] of each of `xs`, in one all-reduce.
+pub fn sums_f64<const N: usize>(comm: &dyn Communicator, xs: [f64; N]) -> Result<[f64; N]> {
     let mut sums = [0.0; N];
-    for (i, pair) in parts.chunks(2).enumerate() {
-        sums[i % N] += pair[0] as f64 + pair[1] as f64;
+    for rank in each_rank_f64s(comm, xs)? {
+        for (sum, x) in sums.iter_mut().zip(rank) {
+            *sum += x; // in rank order
+        }
     }
     Ok(sums)
 }

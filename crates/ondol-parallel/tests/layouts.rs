@@ -158,7 +158,7 @@ fn train(cfg: &ModelConfig, s: Shape) -> (Vec<f64>, Vec<f32>) {
                     let losses: Vec<f64> = (0..STEPS)
                         .map(|step| {
                             let batch = share(&global_batch(step, cfg.vocab_size), d, s.dp);
-                            e.step(&batch, scale, 3e-3, false).unwrap().loss_sum * scale as f64
+                            e.step(&batch, scale, 3e-3, || 0).unwrap().loss_sum * scale as f64
                         })
                         .collect();
                     (losses, e.whole_state().unwrap().map(|[p, _, _]| p))

@@ -53,8 +53,9 @@ fn seconds(flag: &str, s: f64) -> Result<Duration> {
     Duration::try_from_secs_f64(s).map_err(|_| Error::config(flag, format!("{s} is not a number of seconds >= 0")))
 }
 
-/// Runs `ondol COMMAND` once per rank of this node.
-pub fn launch(args: LaunchArgs) -> Result<()> {
+/// Runs `ondol COMMAND` once per rank of this node. Returns the ranks' exit status where they
+/// stopped on request (a training run's checkpoint-and-stop).
+pub fn launch(args: LaunchArgs) -> Result<Option<u8>> {
     let program = std::env::current_exe().map_err(|e| Error::io("cannot find the ondol executable to launch", e))?;
     let opts = LaunchOptions {
         nproc_per_node: args.nproc_per_node,
@@ -66,7 +67,11 @@ pub fn launch(args: LaunchArgs) -> Result<()> {
         program,
         args: args.command,
     };
-    Ok(ondol_comm::launch::launch(&opts)?)
+    let stopped = ondol_comm::launch::launch(&opts)?;
+    if let Some(status) = stopped {
+        eprintln!("the ranks stopped on request (exit status {status}): `--resume auto` goes on from their checkpoint");
+    }
+    Ok(stopped)
 }
 
 /// Checks the rendezvous of a launched job.

@@ -174,14 +174,14 @@ fn main() -> ExitCode {
         Command::Eval(args) => done(eval(args)),
         Command::Generate(args) => done(generate(args)),
         Command::Import(ImportCommand::Hf { src, out }) => done(import_hf(&src, &out)),
-        Command::Launch(args) => done(launch::launch(args)),
+        Command::Launch(args) => launch::launch(args).map(|stopped| stopped.map_or(RunEnd::Finished, RunEnd::Stopped)),
         Command::CommSelftest(args) => done(launch::selftest(args)),
         Command::Tokenizer(cmd) => done(prepare_cli::tokenizer(cmd)),
         Command::Data(cmd) => done(prepare_cli::data(cmd)),
     };
     match result {
         Ok(RunEnd::Finished) => ExitCode::SUCCESS,
-        Ok(RunEnd::Stopped) => ExitCode::from(stop_signal::exit_status()),
+        Ok(RunEnd::Stopped(status)) => ExitCode::from(status),
         Err(e) => {
             // One write, so a rank the launcher stops meanwhile leaves all of the line or none.
             let _ = std::io::stderr().write_all(format!("error: {e}\n").as_bytes());
@@ -194,11 +194,22 @@ fn main() -> ExitCode {
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum RunEnd {
     Finished,
-    /// A training run stopped on request (a signal) before its last step, with a checkpoint.
-    Stopped,
+    /// A training run stopped on request before its last step, with a checkpoint: the exit
+    /// status, 128 + the signal that asked, as the shell reports a process the signal ended.
+    Stopped(u8),
+}
+
+impl RunEnd {
+    fn of(summary: &trainer::Summary) -> Self {
+        match summary.stopped_by {
+            Some(sig) => Self::Stopped(128 + sig as u8),
+            None => Self::Finished,
+        }
+    }
 }
 
 fn train(args: TrainArgs) -> Result<RunEnd> {
+    stop_signal::catch_sigusr1();
     let cfg = RunConfig::load(&args.config.config, &args.config.set)?;
     let env = DistEnv::from_env()?;
     // A launched job (torchrun's variables, as `ondol launch` sets them, or Slurm's), even of
@@ -258,7 +269,8 @@ fn train(args: TrainArgs) -> Result<RunEnd> {
         ranks.into_iter().map(|r| r.join().unwrap_or_else(|_| Err(Error::Training("a rank panicked".into())))).collect()
     });
     let ends = results.into_iter().collect::<Result<Vec<_>>>()?;
-    Ok(if ends.contains(&RunEnd::Stopped) { RunEnd::Stopped } else { RunEnd::Finished })
+    // (Every rank stops after the same step, on the same signal.)
+    Ok(ends.into_iter().find(|end| *end != RunEnd::Finished).unwrap_or(RunEnd::Finished))
 }
 
 /// Refuses a layout that does not cover the `world` launched processes.
@@ -525,6 +537,7 @@ fn train_rank<B: Backend>(
         None => Trainer::new(be, cfg, data)?,
         Some(c) => Trainer::rank(be, cfg, data, c)?,
     };
+    trainer.check_every_rank_has_the_data()?;
     let run_dir = args.run_dir();
     let resumed = resume(&mut trainer, &run_dir, args.resume.as_deref())?;
     let init_from = match resumed {
@@ -549,10 +562,10 @@ fn train_rank<B: Backend>(
         _ => {}
     }
     // From here a signal stops the run after a step; before, nothing is lost when it ends it.
-    stop_signal::catch();
+    stop_signal::catch_sigterm();
     if !trainer.is_leader() {
         let summary = trainer::run(&mut trainer, &mut Metrics::silent(1.0), None)?;
-        return Ok(if summary.stopped { RunEnd::Stopped } else { RunEnd::Finished });
+        return Ok(RunEnd::of(&summary));
     }
     std::fs::create_dir_all(&run_dir).map_err(|e| Error::io(format!("cannot create {}", run_dir.display()), e))?;
     let resolved_path = run_dir.join("ondol.toml");
@@ -614,7 +627,7 @@ fn train_rank<B: Backend>(
     };
     eprintln!(
         "{}: {steps} in {:.1} s, {:.0} tokens/s training; train loss {:.4} -> {:.4}; val loss {} -> {}",
-        if summary.stopped { "stopped" } else { "done" },
+        if summary.stopped_by.is_some() { "stopped" } else { "done" },
         summary.seconds,
         summary.tokens_per_s,
         summary.first_loss,
@@ -622,14 +635,13 @@ fn train_rank<B: Backend>(
         val(summary.first_val_loss),
         val(summary.final_val_loss)
     );
-    if !summary.stopped {
-        return Ok(RunEnd::Finished);
+    if summary.stopped_by.is_some() {
+        eprintln!(
+            "the run stopped on request before step {} = training.steps: `--resume auto` goes on from its checkpoint",
+            trainer.cfg.training.steps
+        );
     }
-    eprintln!(
-        "the run stopped on request before step {} = training.steps: `--resume auto` goes on from its checkpoint",
-        trainer.cfg.training.steps
-    );
-    Ok(RunEnd::Stopped)
+    Ok(RunEnd::of(&summary))
 }
 
 /// Refuses to start, without `--resume`, in a run directory that holds checkpoints: the run,

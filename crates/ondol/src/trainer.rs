@@ -107,8 +107,8 @@ pub struct StepStats {
     pub lr: f32,
     /// Seconds this rank waited for its pipeline neighbours.
     pub pipeline_wait_s: f64,
-    /// Whether some rank was asked to stop (see [`crate::stop_signal`]): the run stops here.
-    pub stop: bool,
+    /// The signal that asked some rank to stop (see [`crate::stop_signal`]): the run stops here.
+    pub stop: Option<i32>,
 }
 
 /// Everything one rank of a training run holds: its [`Engine`] (model chunks, state,
@@ -265,8 +265,9 @@ impl<B: Backend> Trainer<B> {
         let batches = self.next_batches()?;
         let lr = self.sched.lr(self.step);
         // Each token's loss enters the mean with weight 1 / (tokens in the whole step).
-        let stop_requested = crate::stop_signal::received().is_some();
-        let out = self.engine.step(&batches, (1.0 / tokens) as f32, lr, stop_requested)?;
+        // The signal number is the stop code (SIGTERM's, 15, wins over SIGUSR1's, 10).
+        let stop_request = || crate::stop_signal::received().map_or(0, |sig| sig as u8);
+        let out = self.engine.step(&batches, (1.0 / tokens) as f32, lr, stop_request)?;
         let loss = out.loss_sum / tokens;
         if !loss.is_finite() {
             return Err(Error::Training(format!(
@@ -276,7 +277,8 @@ impl<B: Backend> Trainer<B> {
         }
         self.step += 1;
         self.tokens += self.tokens_per_step();
-        Ok(StepStats { loss, grad_norm: out.grad_norm, lr, pipeline_wait_s: out.pipeline_wait_s, stop: out.stop })
+        let stop = (out.stop > 0).then_some(i32::from(out.stop));
+        Ok(StepStats { loss, grad_norm: out.grad_norm, lr, pipeline_wait_s: out.pipeline_wait_s, stop })
     }
 
     /// A copy of everything a checkpoint holds, for a background writer, with every tensor
@@ -422,6 +424,21 @@ impl<B: Backend> Trainer<B> {
              give every rank the same --resume DIR",
             what(found(0)),
             what(found(rank)),
+        )))
+    }
+
+    /// Refuses to go on where some rank's training or validation data holds other token counts
+    /// than rank 0's (a node with another copy of the data): its replica would train on other
+    /// batches, and a resume's data check would go one way on some ranks and another on
+    /// others. Every rank must call it.
+    pub fn check_every_rank_has_the_data(&self) -> Result<()> {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new(); // (one binary: one hash)
+        (&self.data_tokens, self.val.as_ref().map(|v| v.len())).hash(&mut hasher);
+        let Some((rank, _)) = self.first_rank_unlike_rank_0((hasher.finish(), 0))? else { return Ok(()) };
+        Err(Error::Input(format!(
+            "world rank {rank} reads other data than world rank 0 (its files hold other token counts): every rank \
+             must read the same files; keep them on a filesystem every node shares, or identical copies"
         )))
     }
 
@@ -651,8 +668,8 @@ pub struct Summary {
     pub tokens_per_s: f64,
     /// The whole run's time.
     pub seconds: f64,
-    /// Whether the run stopped on request before `training.steps`, with a checkpoint.
-    pub stopped: bool,
+    /// The signal that stopped the run before `training.steps`, with a checkpoint.
+    pub stopped_by: Option<i32>,
 }
 
 /// Runs the remaining updates up to `cfg.training.steps`, evaluating, reporting and
@@ -681,7 +698,7 @@ pub fn run<B: Backend>(
     // it (one step's loss is noisy at the default log_every = 10), and their tokens per second.
     let (mut window_s, mut window_tokens, mut window_loss, mut window_steps) = (0.0, 0u64, 0.0, 0u64);
     let (mut first_loss, mut last) =
-        (f64::NAN, StepStats { loss: f64::NAN, grad_norm: 0.0, lr: 0.0, pipeline_wait_s: 0.0, stop: false });
+        (f64::NAN, StepStats { loss: f64::NAN, grad_norm: 0.0, lr: 0.0, pipeline_wait_s: 0.0, stop: None });
     let mut final_val_loss = first_val_loss;
     while trainer.step < total {
         let step_start = Instant::now();
@@ -694,7 +711,7 @@ pub fn run<B: Backend>(
         window_tokens += trainer.tokens_per_step();
         (window_loss, window_steps) = (window_loss + last.loss, window_steps + 1);
         let step = trainer.step;
-        if step.is_multiple_of(log_every) || step == total || last.stop {
+        if step.is_multiple_of(log_every) || step == total || last.stop.is_some() {
             let tokens_per_s = window_tokens as f64 / window_s;
             metrics.step(StepRow {
                 step,
@@ -710,22 +727,22 @@ pub fn run<B: Backend>(
         } else {
             metrics.tick(step, last.loss);
         }
-        if last.stop && step < total {
-            metrics.note(format!("stopping at step {step} on request (a signal): writing a checkpoint"));
+        if let Some(sig) = last.stop.filter(|_| step < total) {
+            metrics.note(format!("stopping at step {step} on request (signal {sig}): writing a checkpoint"));
         } else if (eval_every > 0 && step.is_multiple_of(eval_every)) || step == total {
             final_val_loss = trainer.evaluate()?;
             if let Some(v) = final_val_loss {
                 metrics.eval(step, v)?;
             }
         }
-        if (every > 0 && step.is_multiple_of(every) || at_end && step == total || last.stop)
+        if (every > 0 && step.is_multiple_of(every) || at_end && step == total || last.stop.is_some())
             && let Some(snap) = trainer.snapshot()?
             && let Some(writer) = ckpt.as_deref_mut()
         {
             writer.submit(snap)?;
             metrics.note(format!("step {step}: writing a checkpoint in the background"));
         }
-        if last.stop {
+        if last.stop.is_some() {
             break;
         }
     }
@@ -742,7 +759,7 @@ pub fn run<B: Backend>(
         final_val_loss,
         tokens_per_s: ((trainer.step - start_step) * trainer.tokens_per_step()) as f64 / training_s,
         seconds,
-        stopped: trainer.step < total,
+        stopped_by: last.stop.filter(|_| trainer.step < total),
     })
 }
 

@@ -472,6 +472,38 @@ fn an_error_every_launched_rank_writes_is_printed_once() {
     assert!(!dir.path().join("run").exists(), "a refused launch left its run directory behind");
 }
 
+/// A rank whose node holds other data (here a corpus one line longer) is refused on every
+/// rank, before any step: its replica would train on other batches.
+#[test]
+fn ranks_that_read_other_data_are_refused_on_every_rank() {
+    let dir = setup();
+    let other = dir.path().join("other");
+    std::fs::create_dir(&other).unwrap();
+    std::fs::write(other.join("corpus.txt"), "온돌 warms the floor from below; ".repeat(2001)).unwrap();
+    std::fs::write(other.join("run.toml"), CONFIG).unwrap();
+    let comms = RankComms::threads(Mesh::new(1, 1, 2).unwrap(), Duration::from_secs(60)).unwrap();
+    let results: Vec<String> = std::thread::scope(|s| {
+        let ranks: Vec<_> = comms
+            .into_iter()
+            .map(|c| {
+                let node = if c.coords.dp == 0 { dir.path().to_path_buf() } else { other.clone() };
+                s.spawn(move || {
+                    let cfg = RunConfig::load(&node.join("run.toml"), &["parallelism.dp=2".into()]).unwrap();
+                    let data = Data::open(&cfg, &node).unwrap();
+                    let t = Trainer::rank(CpuBackend, cfg, data, c.boxed()).unwrap();
+                    t.check_every_rank_has_the_data().unwrap_err().to_string()
+                })
+            })
+            .collect();
+        ranks.into_iter().map(|r| r.join().unwrap()).collect()
+    });
+    for err in results {
+        assert!(err.contains("world rank 1 reads other data than world rank 0"), "{err}");
+    }
+    let same = on_ranks(dir.path(), (1, 1, 2), &[], |t| t.check_every_rank_has_the_data().is_ok());
+    assert_eq!(same, [true, true]);
+}
+
 /// Ranks that start from `model.init_from` check that they all read the same weights (here
 /// they do: tp 2 x dp 2 threads on one filesystem) and train on from them.
 #[test]
