@@ -298,11 +298,38 @@ fn train_launched(args: &TrainArgs, cfg: RunConfig, env: &DistEnv) -> Result<Run
     if cfg.training.device == Device::Cuda {
         return train_launched_cuda(args, cfg, env);
     }
-    let mut job = Job::join(&cfg, env)?;
-    let net = TcpNet::connect(&mut job.store, env.world_size, job.timeout)?;
+    let (job, net) = saying_while_waiting(&cfg, env, || {
+        let mut job = Job::join(&cfg, env)?;
+        let net = TcpNet::connect(&mut job.store, env.world_size, job.timeout)?;
+        Ok((job, net))
+    })?;
     let mesh = job.mesh;
     let (data, peak) = job.open_data(&cfg, env, || Peak::cpu(env.world_size))?;
     train_rank(args, CpuBackend::new(), &peak, cfg, data, Some(RankComms::tcp(mesh, &net)?.boxed()))
+}
+
+/// Runs `meet` (the ranks finding each other), saying once, on each node's first rank, when it
+/// has waited half of `parallelism.timeout_s` (at most 10 s): a node that never comes would
+/// otherwise leave the job silent until the timeout.
+fn saying_while_waiting<T>(cfg: &RunConfig, env: &DistEnv, meet: impl FnOnce() -> Result<T>) -> Result<T> {
+    let timeout = cfg.parallelism.timeout_s;
+    let patience = Duration::from_secs(timeout).min(Duration::from_secs(20)) / 2;
+    let (done, waiting) = std::sync::mpsc::channel::<()>();
+    std::thread::scope(|scope| {
+        if env.local_rank == 0 {
+            scope.spawn(move || {
+                if waiting.recv_timeout(patience) == Err(std::sync::mpsc::RecvTimeoutError::Timeout) {
+                    eprintln!(
+                        "rank {}: waiting for the job's {} ranks to meet at {}:{} (parallelism.timeout_s = {timeout})",
+                        env.rank, env.world_size, env.master_addr, env.master_port
+                    );
+                }
+            });
+        }
+        let met = meet();
+        drop(done);
+        met
+    })
 }
 
 /// A launched job while its ranks meet: the layout (checked against the launched processes)
@@ -394,9 +421,12 @@ fn train_cuda(args: &TrainArgs, cfg: RunConfig) -> Result<RunEnd> {
 #[cfg(feature = "cuda")]
 fn train_launched_cuda(args: &TrainArgs, cfg: RunConfig, env: &DistEnv) -> Result<RunEnd> {
     let (be, gpu) = open_gpu(&cfg, env.local_rank)?;
-    let mut job = Job::join(&cfg, env)?;
     let stream = be.stream().expect("a GPU backend has a stream");
-    let comms = RankComms::nccl(job.mesh, env.rank, &mut job.store, &stream, job.timeout)?;
+    let (job, comms) = saying_while_waiting(&cfg, env, || {
+        let mut job = Job::join(&cfg, env)?;
+        let comms = RankComms::nccl(job.mesh, env.rank, &mut job.store, &stream, job.timeout)?;
+        Ok((job, comms))
+    })?;
     let world = env.world_size;
     let peak = || Peak { flops: gpu.flops * world as f64, what: format!("{world} x {}", gpu.what) };
     let (data, peak) = job.open_data(&cfg, env, peak)?;

@@ -457,6 +457,24 @@ fn a_layout_that_does_not_cover_the_launched_processes_is_refused() {
     assert!(!dir.path().join("run").exists(), "a refused run left a run directory behind");
 }
 
+/// A rank waiting for a node that never comes says so before the timeout ends the wait.
+#[test]
+fn a_rank_waiting_for_the_others_says_so() {
+    let dir = setup();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port().to_string();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ondol"))
+        .args(["train", "run.toml", "--set", "parallelism.dp=2", "--set", "parallelism.timeout_s=2"])
+        .current_dir(dir.path())
+        .envs([("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "127.0.0.1")])
+        .env("MASTER_PORT", &port)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    let said = format!("rank 0: waiting for the job's 2 ranks to meet at 127.0.0.1:{port} (parallelism.timeout_s = 2)");
+    assert!(err.contains(&said) && err.contains("did not connect within 2.0 s"), "{err}");
+}
+
 /// A mistake every launched rank meets is printed once, and the launch's message says which
 /// ranks wrote it too (those the launcher stopped first may not have).
 #[test]

@@ -246,8 +246,8 @@ fn shards_with_another_end_of_text_train_with_data_eot_token() {
     assert!(!ok && err.contains("data.eot_token") && err.contains("tokenizer.json"), "{err}");
 }
 
-#[test]
-fn a_prepare_table_prepares_on_the_first_run_only() {
+/// A directory with a corpus and a run.toml whose `[data] prepare` table prepares it.
+fn table_setup() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/sample");
     std::fs::create_dir(dir.path().join("corpus")).unwrap();
@@ -259,6 +259,12 @@ fn a_prepare_table_prepares_on_the_first_run_only() {
         "tokenizer = \"shards/tokenizer.json\"\nprepare = { input = [\"corpus/*.txt\"], vocab_size = 400, out = \"shards\", doc_split = \"blank-line\", val_fraction = 0.1 }",
     );
     std::fs::write(dir.path().join("run.toml"), config).unwrap();
+    dir
+}
+
+#[test]
+fn a_prepare_table_prepares_on_the_first_run_only() {
+    let dir = table_setup();
     let (ok, err) = ondol_err(dir.path(), &["train", "run.toml", "--run-dir", "out"]);
     assert!(ok && err.contains("training a tokenizer") && err.contains("done: 2 steps"), "{err}");
     let (ok, err) = ondol_err(dir.path(), &["train", "run.toml", "--run-dir", "again"]);
@@ -287,17 +293,7 @@ fn a_prepare_table_prepares_on_the_first_run_only() {
 /// for it and use its data (two preparing at once mixed their shards under one manifest).
 #[test]
 fn runs_started_together_on_a_prepare_table_prepare_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/sample");
-    std::fs::create_dir(dir.path().join("corpus")).unwrap();
-    for name in ["ko-constitution.txt", "en-web-mark.txt"] {
-        std::fs::copy(root.join(name), dir.path().join("corpus").join(name)).unwrap();
-    }
-    let config = RUN.replace(
-        "tokenizer = \"shards/tokenizer.json\"",
-        "tokenizer = \"shards/tokenizer.json\"\nprepare = { input = [\"corpus/*.txt\"], vocab_size = 400, out = \"shards\", doc_split = \"blank-line\", val_fraction = 0.1 }",
-    );
-    std::fs::write(dir.path().join("run.toml"), config).unwrap();
+    let dir = table_setup();
     let runs: Vec<_> = ["a", "b", "c"]
         .iter()
         .map(|run| {
