@@ -377,8 +377,21 @@ fn supervise(ranks: &mut [Rank], grace: Duration) -> Result<Option<u8>, CommErro
         }
         return Err(CommError::Launch(message));
     }
+    // Ranks that ended neither well nor stopped on request while the launch was stopping: a
+    // rank SIGKILLed writing its checkpoint leaves none of the step the others stopped at.
+    let broken: Vec<String> = ranks
+        .iter()
+        .filter_map(|r| r.status.map(|s| (r.rank, s)))
+        .filter(|&(_, s)| !s.success() && stopped_on_request(s).is_none())
+        .map(|(rank, s)| format!("rank {rank} {}", describe_status(s)))
+        .collect();
     match (stopped, interrupted) {
-        (Some(code), _) => Ok(Some(code)),
+        (_, _) if broken.is_empty() => Ok(stopped), // (after a signal during the last step, all finished)
+        (Some(code), _) => Err(CommError::Launch(format!(
+            "the ranks stopped on request (exit status {code}), but {}: the checkpoint of the step they stopped \
+             at may be missing",
+            broken.join("; ")
+        ))),
         (None, Some(sig)) => {
             Err(CommError::Launch(format!("interrupted by {}; forwarded it to every rank", signal_name(sig))))
         }
@@ -415,6 +428,43 @@ fn free_port() -> Result<u16, CommError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Ranks running `script` under sh, given time to set their traps.
+    fn sh_ranks(scripts: &[&str]) -> Vec<Rank> {
+        let ranks = scripts
+            .iter()
+            .enumerate()
+            .map(|(rank, script)| {
+                let child = Command::new("sh").args(["-c", script]).spawn().unwrap();
+                Rank { rank, child, status: None }
+            })
+            .collect();
+        thread::sleep(Duration::from_millis(300));
+        ranks
+    }
+
+    /// After a signal the launcher got and forwarded: ranks that stopped on request (143) make
+    /// a clean stop only if no other rank was killed meanwhile (its checkpoint may be missing),
+    /// and ranks that all finished make a finished launch. (One test: the pending signal is
+    /// global.)
+    #[test]
+    fn the_verdict_after_a_forwarded_signal_counts_every_rank() {
+        let stops = "trap 'exit 143' TERM; sleep 5 & wait";
+        let deaf = "trap '' TERM; sleep 5 & wait";
+        let mut ranks = sh_ranks(&[stops, deaf]);
+        PENDING_SIGNAL.store(libc::SIGTERM, Ordering::SeqCst);
+        let err = supervise(&mut ranks, Duration::from_millis(200)).unwrap_err().to_string();
+        assert!(err.contains("stopped on request (exit status 143), but rank 1 was killed by signal 9"), "{err}");
+
+        let mut ranks = sh_ranks(&[stops, stops]);
+        PENDING_SIGNAL.store(libc::SIGTERM, Ordering::SeqCst);
+        assert_eq!(supervise(&mut ranks, Duration::from_secs(10)).unwrap(), Some(143));
+
+        let finishes = "trap 'exit 0' USR1; sleep 5 & wait";
+        let mut ranks = sh_ranks(&[finishes, finishes]);
+        PENDING_SIGNAL.store(libc::SIGUSR1, Ordering::SeqCst);
+        assert_eq!(supervise(&mut ranks, Duration::from_secs(10)).unwrap(), None);
+    }
 
     #[test]
     fn a_line_a_rank_did_not_finish_is_marked_cut_off() {

@@ -195,10 +195,10 @@ pub fn candidate_probability(j: f64, bands: usize, rows: usize) -> f64 {
     1.0 - (1.0 - j.powi(rows as i32)).powi(bands as i32)
 }
 
-/// Kept documents recorded under one band key, at most: a cluster of merely similar documents
-/// shares bands without confirming, and each new one would be compared with all of it. (A
-/// document past the limit stays recorded under its other bands.) So a document is compared
-/// with at most `bands * MAX_PER_BAND` others.
+/// Kept documents recorded under one band key, at most (the first and the most recent): a
+/// cluster of merely similar documents shares bands without confirming, and each new one would
+/// be compared with all of it. So a document is compared with at most `bands * MAX_PER_BAND`
+/// others, and every kept one is found through its bands until later ones push it out.
 const MAX_PER_BAND: usize = 16;
 
 /// Every kept document's band keys (the band index is part of each key) and signature.
@@ -256,9 +256,10 @@ impl NearIndex {
                 }
                 std::collections::hash_map::Entry::Occupied(_) => {
                     let later = self.later.entry(k).or_default();
-                    if later.len() + 1 < MAX_PER_BAND {
-                        later.push(doc);
+                    if later.len() + 1 == MAX_PER_BAND {
+                        later.remove(0);
                     }
+                    later.push(doc);
                 }
             }
         }
@@ -364,6 +365,8 @@ mod tests {
         }
         assert!(index.later.values().all(|docs| docs.len() < MAX_PER_BAND), "{:?}", index.later);
         assert_eq!(index.docs, 100);
+        // The newest is still found: a copy of it is removed.
+        assert!(index.check_and_insert(&NearKey { bands: vec![7, 8, 9], signature: vec![99; 126] }));
     }
 
     #[test]
