@@ -317,6 +317,8 @@ fn supervise(ranks: &mut [Rank], grace: Duration) -> Result<Option<u8>, CommErro
     let mut stopped: Option<u8> = None;
     let mut interrupted: Option<i32> = None;
     let mut stopping_since: Option<Instant> = None;
+    // The ranks still running when a failure made the launch stop them.
+    let mut stopped_by_us = 0;
     let mut killed = false;
     loop {
         let sig = PENDING_SIGNAL.swap(0, Ordering::SeqCst);
@@ -351,6 +353,7 @@ fn supervise(ranks: &mut [Rank], grace: Duration) -> Result<Option<u8>, CommErro
         if !failures.is_empty() && stopping_since.is_none() {
             for r in ranks.iter().filter(|r| r.status.is_none()) {
                 send_signal(&r.child, libc::SIGTERM);
+                stopped_by_us += 1;
             }
             stopping_since = Some(Instant::now());
         }
@@ -371,9 +374,8 @@ fn supervise(ranks: &mut [Rank], grace: Duration) -> Result<Option<u8>, CommErro
         for &(other, status) in &failures[1..] {
             message += &format!("; rank {other} {}", describe_status(status));
         }
-        let stopped = ranks.len() - failures.len();
-        if stopped > 0 {
-            message += &format!("; stopped the other {stopped} rank(s) of this node");
+        if stopped_by_us > 0 {
+            message += &format!("; stopped the other {stopped_by_us} rank(s) of this node");
         }
         return Err(CommError::Launch(message));
     }

@@ -412,7 +412,7 @@ pub fn expand_inputs(patterns: &[String]) -> Result<Vec<PathBuf>, DataError> {
     }
     // The same file however it is spelled (`x.txt`, `./x.txt`) is read once.
     let mut seen = std::collections::HashSet::new();
-    files.retain(|f| seen.insert(std::fs::canonicalize(f).unwrap_or_else(|_| f.clone())));
+    files.retain(|f| seen.insert(crate::stream::file_identity(f)));
     if files.is_empty() {
         return Err(DataError::Invalid("no input given: pass --input FILE or GLOB at least once".into()));
     }

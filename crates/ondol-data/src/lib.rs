@@ -29,5 +29,5 @@ pub use error::DataError;
 pub use loader::{Cursor, Loader, Order};
 pub use mixture::{Mixture, MixtureCursor};
 pub use shard::{Shard, ShardVersion, write_shard};
-pub use stream::{SourceKind, TokenStream, expand_globs};
+pub use stream::{SourceKind, TokenStream, expand_globs, file_identity};
 pub use tokenizer::TextTokenizer;

@@ -225,31 +225,7 @@ impl ShardTokenizer {
     /// of ours (shards made elsewhere, llm.c's say). Refuses a directory whose output a killed
     /// `data prepare` left half moved into place.
     pub fn of_dir(dir: &Path) -> Result<Option<Self>, DataError> {
-        if interrupted(dir) {
-            return Err(DataError::Invalid(format!(
-                "{}: a `data prepare` into it finished but was stopped while moving its output into place; run \
-                 `ondol data prepare` with --out {} again (it finishes the move first, and then stops unless \
-                 --overwrite)",
-                dir.display(),
-                dir.display()
-            )));
-        }
-        let path = dir.join("manifest.json");
-        let text = match std::fs::read_to_string(&path) {
-            Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(DataError::io("read", &path, e)),
-        };
-        let bad = |what: &str| DataError::format(&path, format!("not a manifest of `ondol data prepare`: {what}"));
-        let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(&e.to_string()))?;
-        if !json["tokenizer"].is_object() {
-            return Ok(None); // another tool's
-        }
-        let field = |key: &str| {
-            let missing = || bad(&format!("no tokenizer.{key} (move it away if another tool wrote it)"));
-            json["tokenizer"][key].as_str().map(str::to_owned).ok_or_else(missing)
-        };
-        Ok(Some(Self { sha256: field("sha256")?, eot_token: field("eot_token")? }))
+        Ok(ours(dir)?.map(|(made, _)| made))
     }
 
     /// The tokenizer of every directory holding some of `files` that has a manifest of ours,
@@ -260,8 +236,8 @@ impl ShardTokenizer {
         let dirs: std::collections::BTreeSet<&Path> = files.iter().filter_map(|f| f.parent()).collect();
         let mut found = Vec::new();
         for dir in dirs {
-            if let Some(made) = Self::of_dir(dir)? {
-                check_listed(dir, files.iter().filter(|f| f.parent() == Some(dir)))?;
+            if let Some((made, manifest)) = ours(dir)? {
+                check_listed(dir, &manifest, files.iter().filter(|f| f.parent() == Some(dir)))?;
                 found.push((dir.to_path_buf(), made));
             }
         }
@@ -275,13 +251,46 @@ impl ShardTokenizer {
     }
 }
 
-/// Refuses any of `files` (in `dir`, whose manifest.json is ours) that the manifest does not
-/// list, or lists with another token count than its header holds.
-fn check_listed<'a>(dir: &Path, files: impl Iterator<Item = &'a PathBuf>) -> Result<(), DataError> {
+/// `dir/manifest.json` where it is ours (see [`ShardTokenizer::of_dir`]), with the tokenizer
+/// it records.
+fn ours(dir: &Path) -> Result<Option<(ShardTokenizer, serde_json::Value)>, DataError> {
+    if interrupted(dir) {
+        return Err(DataError::Invalid(format!(
+            "{}: a `data prepare` into it finished but was stopped while moving its output into place; run \
+                 `ondol data prepare` with --out {} again (it finishes the move first, and then stops unless \
+                 --overwrite)",
+            dir.display(),
+            dir.display()
+        )));
+    }
     let path = dir.join("manifest.json");
-    let text = std::fs::read_to_string(&path).map_err(|e| DataError::io("read", &path, e))?;
-    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| DataError::format(&path, e.to_string()))?;
-    let listed: BTreeMap<&str, u64> = json["shards"]
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(DataError::io("read", &path, e)),
+    };
+    let bad = |what: &str| DataError::format(&path, format!("not a manifest of `ondol data prepare`: {what}"));
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(&e.to_string()))?;
+    if !json["tokenizer"].is_object() {
+        return Ok(None); // another tool's
+    }
+    let field = |key: &str| {
+        let missing = || bad(&format!("no tokenizer.{key} (move it away if another tool wrote it)"));
+        json["tokenizer"][key].as_str().map(str::to_owned).ok_or_else(missing)
+    };
+    let made = ShardTokenizer { sha256: field("sha256")?, eot_token: field("eot_token")? };
+    Ok(Some((made, json)))
+}
+
+/// Refuses any of `files` (in `dir`, whose `manifest` is ours) that the manifest does not
+/// list, or lists with another token count than its header holds.
+fn check_listed<'a>(
+    dir: &Path,
+    manifest: &serde_json::Value,
+    files: impl Iterator<Item = &'a PathBuf>,
+) -> Result<(), DataError> {
+    let path = dir.join("manifest.json");
+    let listed: BTreeMap<&str, u64> = manifest["shards"]
         .as_array()
         .into_iter()
         .flatten()

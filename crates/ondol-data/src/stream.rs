@@ -203,6 +203,12 @@ fn read_utf8(path: &Path) -> Result<Vec<u8>, DataError> {
     Ok(bytes)
 }
 
+/// What tells files apart: the canonical path where the file exists (`./x` and `x`, or a
+/// link and its target, are one file), else the path as given.
+pub fn file_identity(path: &Path) -> PathBuf {
+    std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
 /// Expands data file patterns (`data/fineweb_train_*.bin`) into files.
 ///
 /// Relative patterns are resolved against `base` (the directory of the run config); each
@@ -226,7 +232,7 @@ pub fn expand_globs(patterns: &[String], base: &Path) -> Result<Vec<PathBuf>, Da
         // A file named like a glob (`notes [1].txt`) is that file.
         let literal = base.join(pattern);
         if literal.is_file() {
-            if seen.insert(std::fs::canonicalize(&literal).unwrap_or_else(|_| literal.clone())) {
+            if seen.insert(file_identity(&literal)) {
                 files.push(literal);
             }
             continue;
@@ -253,9 +259,7 @@ pub fn expand_globs(patterns: &[String], base: &Path) -> Result<Vec<PathBuf>, Da
             return Err(pattern_error(format!("matches no file (searched {full})")));
         }
         matched.sort();
-        files.extend(
-            matched.into_iter().filter(|p| seen.insert(std::fs::canonicalize(p).unwrap_or_else(|_| p.clone()))),
-        );
+        files.extend(matched.into_iter().filter(|p| seen.insert(file_identity(p))));
     }
     Ok(files)
 }

@@ -1224,14 +1224,15 @@ fn recv_tagged<B: Backend>(
     Ok(start.elapsed().as_secs_f64())
 }
 
-/// The sum of `x` over `comm`, exactly transported: each rank's value as a high and a low f32 in
-/// slots of its own, added in f64 in rank order.
+/// The sum of `x` over `comm`: every rank's value (see [`each_rank_f64s`]), added in f64 in
+/// rank order.
 pub fn sum_f64(comm: &dyn Communicator, x: f64) -> Result<f64> {
-    Ok(sums_f64(comm, [x])?[0])
+    Ok(each_rank_f64s(comm, [x])?.iter().map(|[x]| x).sum())
 }
 
-/// Every rank's `xs`, in rank order, through one all-reduce: each value travels exactly as a
-/// high and a low f32 in slots of its rank's own.
+/// Every rank's `xs`, in rank order, through one all-reduce: each value travels as a high and a
+/// low f32 in slots of its rank's own, so to 48 bits of mantissa (small integers exactly), where
+/// an f32 sum would keep 24.
 pub fn each_rank_f64s<const N: usize>(comm: &dyn Communicator, xs: [f64; N]) -> Result<Vec<[f64; N]>> {
     if comm.size() == 1 {
         return Ok(vec![xs]);
@@ -1248,40 +1249,31 @@ pub fn each_rank_f64s<const N: usize>(comm: &dyn Communicator, xs: [f64; N]) -> 
     Ok(values.chunks(N).map(|rank| rank.try_into().expect("N values a rank")).collect())
 }
 
-/// [`sum_f64`] of each of `xs`, in one all-reduce.
-pub fn sums_f64<const N: usize>(comm: &dyn Communicator, xs: [f64; N]) -> Result<[f64; N]> {
-    let mut sums = [0.0; N];
-    for rank in each_rank_f64s(comm, xs)? {
-        for (sum, x) in sums.iter_mut().zip(rank) {
-            *sum += x; // in rank order
-        }
-    }
-    Ok(sums)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::time::Duration;
 
-    /// Each value's sum over the ranks, exact to f64 (an f32 all-reduce would lose the
-    /// 1e-9s), the values of one rank kept apart.
+    /// Every rank's values come back apart and to f64 precision (an f32 all-reduce would
+    /// lose the 1e-9s), and their sum is added in rank order.
     #[test]
-    fn sums_of_f64_are_exact_and_kept_apart() {
+    fn each_rank_values_come_back_apart_and_precise() {
         let comms = RankComms::threads(Mesh::new(1, 1, 3).unwrap(), Duration::from_secs(60)).unwrap();
-        let sums: Vec<[f64; 2]> = std::thread::scope(|scope| {
+        let got: Vec<(Vec<[f64; 2]>, f64)> = std::thread::scope(|scope| {
             let ranks: Vec<_> = comms
                 .into_iter()
                 .map(|c| {
                     scope.spawn(move || {
                         let r = c.world.rank() as f64;
-                        sums_f64(&c.world, [1.0 + r * 1e-9, f64::from(u8::from(r == 1.0))]).unwrap()
+                        let each = each_rank_f64s(&c.world, [1.0 + r * 1e-9, f64::from(u8::from(r == 1.0))]).unwrap();
+                        (each, sum_f64(&c.world, 1.0 + r * 1e-9).unwrap())
                     })
                 })
                 .collect();
             ranks.into_iter().map(|r| r.join().unwrap()).collect()
         });
-        let want = [1.0 + (1.0 + 1e-9) + (1.0 + 2e-9), 1.0];
-        assert!(sums.iter().all(|s| *s == want), "{sums:?}, want {want:?}");
+        let want = [[1.0, 0.0], [1.0 + 1e-9, 1.0], [1.0 + 2e-9, 0.0]];
+        let sum = 1.0 + (1.0 + 1e-9) + (1.0 + 2e-9);
+        assert!(got.iter().all(|(each, s)| *each == want && *s == sum), "{got:?}, want {want:?} and {sum}");
     }
 }

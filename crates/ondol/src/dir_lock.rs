@@ -66,13 +66,12 @@ impl DirLock {
         Self::acquire(dir, purpose, true)
     }
 
-    fn acquire(run_dir: &Path, purpose: Purpose, wait: bool) -> Result<Self> {
-        let made = missing_ancestors(run_dir);
-        let path = run_dir.join(LOCK_FILE);
+    fn acquire(dir: &Path, purpose: Purpose, wait: bool) -> Result<Self> {
+        let made = missing_ancestors(dir);
+        let path = dir.join(LOCK_FILE);
         let mut said_waiting = false;
         loop {
-            std::fs::create_dir_all(run_dir)
-                .map_err(|e| Error::io(format!("cannot create {}", run_dir.display()), e))?;
+            std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
             let file = OpenOptions::new()
                 .read(true)
                 .write(true)
@@ -83,7 +82,7 @@ impl DirLock {
             let locked = match file.try_lock() {
                 Err(TryLockError::WouldBlock) if wait => {
                     if !std::mem::replace(&mut said_waiting, true) {
-                        eprintln!("waiting for {} to finish with {}", holder(&path), run_dir.display());
+                        eprintln!("waiting for {} to finish with {}", holder(&path), dir.display());
                     }
                     file.lock().map_err(TryLockError::Error)
                 }
@@ -91,13 +90,13 @@ impl DirLock {
             };
             match locked {
                 Ok(()) => {}
-                Err(TryLockError::WouldBlock) => return Err(in_use(run_dir, &path, purpose)),
+                Err(TryLockError::WouldBlock) => return Err(in_use(dir, &path, purpose)),
                 Err(TryLockError::Error(e)) if cannot_lock(&e) => {
                     eprintln!(
                         "warning: {}: this file system does not lock files ({e}); nothing keeps a second {} out of {}",
                         path.display(),
                         purpose.name(),
-                        run_dir.display()
+                        dir.display()
                     );
                     return Ok(Self { file, path, made });
                 }
@@ -129,9 +128,9 @@ impl Drop for DirLock {
         // Directories this lock made that the writer left holding only the lock file go
         // again. (A writer that opened the file meanwhile and then locks it sees that the path
         // no longer names it, and starts over.)
-        let Some(run_dir) = self.made.last() else { return };
+        let Some(dir) = self.made.last() else { return };
         let only_the_lock =
-            std::fs::read_dir(run_dir).is_ok_and(|entries| entries.flatten().all(|e| e.file_name() == LOCK_FILE));
+            std::fs::read_dir(dir).is_ok_and(|entries| entries.flatten().all(|e| e.file_name() == LOCK_FILE));
         if only_the_lock {
             let _ = std::fs::remove_file(&self.path);
             // remove_dir takes empty directories only: an ancestor another run filled stays.

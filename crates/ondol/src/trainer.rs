@@ -7,7 +7,9 @@ use crate::pretrained::Pretrained;
 use ondol_ckpt::{Loaded, Moments, Snapshot, Writer};
 use ondol_comm::{Communicator, Mesh, RankComms};
 use ondol_core::{Backend, Error, Result};
-use ondol_data::{Cursor, Loader, Mixture, MixtureCursor, Order, SourceKind, TextTokenizer, TokenStream, expand_globs};
+use ondol_data::{
+    Cursor, Loader, Mixture, MixtureCursor, Order, SourceKind, TextTokenizer, TokenStream, expand_globs, file_identity,
+};
 use ondol_model::{Arch, Model, ModelConfig, Workspace};
 use ondol_optim::LrSchedule;
 use ondol_parallel::Engine;
@@ -79,8 +81,7 @@ fn check_disjoint(files: &[(&str, Vec<PathBuf>)]) -> Result<()> {
     let mut owner: HashMap<PathBuf, &str> = HashMap::new();
     for (field, paths) in files {
         for path in paths {
-            let key = std::fs::canonicalize(path).unwrap_or_else(|_| path.clone());
-            if let Some(first) = owner.insert(key, field) {
+            if let Some(first) = owner.insert(file_identity(path), field) {
                 let why = if *field == "data.val" {
                     "validation on data that is trained on measures memorisation, not generalisation"
                 } else {
@@ -94,6 +95,11 @@ fn check_disjoint(files: &[(&str, Vec<PathBuf>)]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// FNV-1a over `values`: the same on every rank and build, for ranks comparing what they read.
+fn fnv1a(values: impl IntoIterator<Item = u64>) -> u64 {
+    values.into_iter().fold(0xcbf2_9ce4_8422_2325, |h, v| (h ^ v).wrapping_mul(0x0000_0100_0000_01b3))
 }
 
 /// The first rank whose value is not rank 0's, and every rank's value.
@@ -199,10 +205,7 @@ impl<B: Backend> Trainer<B> {
         check_tokenizer(&init.dir, init.run_config.as_ref(), &self.cfg, self.tokenizer.as_deref())?;
         // Every rank reads the directory itself: a run directory still training (its latest
         // moving) or a node that sees another copy would give ranks other weights, unnoticed.
-        let weights = init
-            .params
-            .iter()
-            .fold(0xcbf2_9ce4_8422_2325u64, |h, x| (h ^ u64::from(x.to_bits())).wrapping_mul(0x0000_0100_0000_01b3));
+        let weights = fnv1a(init.params.iter().map(|x| u64::from(x.to_bits())));
         if let Some((rank, _)) = self.first_rank_unlike_rank_0((init.params.len() as u64, weights))? {
             return Err(Error::config(
                 "model.init_from",
@@ -432,10 +435,9 @@ impl<B: Backend> Trainer<B> {
     /// batches, and a resume's data check would go one way on some ranks and another on
     /// others. Every rank must call it.
     pub fn check_every_rank_has_the_data(&self) -> Result<()> {
-        use std::hash::{Hash, Hasher};
-        let mut hasher = std::collections::hash_map::DefaultHasher::new(); // (one binary: one hash)
-        (&self.data_tokens, self.val.as_ref().map(|v| v.len())).hash(&mut hasher);
-        let Some((rank, _)) = self.first_rank_unlike_rank_0((hasher.finish(), 0))? else { return Ok(()) };
+        let val = self.val.as_ref().map_or(0, |v| v.len() as u64);
+        let train = fnv1a(self.data_tokens.iter().copied());
+        let Some((rank, _)) = self.first_rank_unlike_rank_0((train, val))? else { return Ok(()) };
         Err(Error::Input(format!(
             "world rank {rank} reads other data than world rank 0 (its files hold other token counts): every rank \
              must read the same files; keep them on a filesystem every node shares, or identical copies"
