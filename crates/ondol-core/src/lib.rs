@@ -7,6 +7,7 @@ pub mod bf16;
 pub mod error;
 pub mod gradcheck;
 pub mod rng;
+pub mod say;
 pub mod testdata;
 
 pub use backend::{

@@ -137,7 +137,7 @@ pub fn cached_cubin(family: &Family, arch: &str) -> Result<Vec<u8>, CudaError> {
         .and_then(|()| std::fs::rename(&tmp, &path));
     if let Err(e) = stored {
         let _ = std::fs::remove_file(&tmp);
-        eprintln!("warning: {}", CudaError::Cache { path: path.display().to_string(), source: e });
+        ondol_core::say!("warning: {}", CudaError::Cache { path: path.display().to_string(), source: e });
     }
     Ok(cubin)
 }

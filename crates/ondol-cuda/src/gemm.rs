@@ -182,7 +182,7 @@ impl Blas {
                 } else {
                     "the epilogue takes a pass of its own"
                 };
-                eprintln!("ondol: cuBLASLt has no algorithm for {key:?} ({e}); {instead}");
+                ondol_core::say!("ondol: cuBLASLt has no algorithm for {key:?} ({e}); {instead}");
                 None
             }
         });
@@ -222,7 +222,7 @@ impl Blas {
         // algorithm the heuristic offered that then turns these pointers down) ran nothing:
         // the plan is dropped and the caller's fallback runs, now and for later calls.
         if let Err(e) = ran {
-            eprintln!("ondol: cuBLASLt refused its own plan for {key:?} ({e:?}); the fallback runs it instead");
+            ondol_core::say!("ondol: cuBLASLt refused its own plan for {key:?} ({e:?}); the fallback runs it instead");
             *plan = None;
             return false;
         }

@@ -118,7 +118,7 @@ fn load_family(ctx: &Arc<CudaContext>, family: &Family, arch: &str) -> Result<Ar
     match ctx.load_module(Ptx::from_binary(cached_cubin(family, arch)?)) {
         Ok(module) => Ok(module),
         Err(e) => {
-            eprintln!(
+            ondol_core::say!(
                 "ondol: the cached {} kernels for sm_{arch} do not load ({e}); compiling them again",
                 family.name
             );

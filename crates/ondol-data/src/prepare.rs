@@ -395,7 +395,7 @@ pub fn prepare(cfg: &PrepareConfig, command: Vec<String>, version: &str) -> Resu
     if cfg.clean.nfc {
         tokenizer.skip_nfc_normalizer(); // the cleaned text is NFC already
     } else if tokenizer.normalizes_to_nfc() {
-        eprintln!(
+        ondol_core::say!(
             "note: --no-nfc keeps the text as it is, but {} normalises to NFC itself: the tokens are of NFC text",
             cfg.tokenizer.display()
         );
@@ -406,7 +406,7 @@ pub fn prepare(cfg: &PrepareConfig, command: Vec<String>, version: &str) -> Resu
     let created = !cfg.out.exists();
     std::fs::create_dir_all(&cfg.out).map_err(|e| DataError::io("create directory", &cfg.out, e))?;
     if finish_interrupted(&cfg.out)? {
-        eprintln!("finished moving the output of an interrupted `data prepare` into {}", cfg.out.display());
+        ondol_core::say!("finished moving the output of an interrupted `data prepare` into {}", cfg.out.display());
     }
     // Shards are written into a hidden staging directory and moved beside the manifest only
     // when the run succeeds: a killed run leaves nothing that a glob like train_*.bin finds.

@@ -82,7 +82,7 @@ impl DirLock {
             let locked = match file.try_lock() {
                 Err(TryLockError::WouldBlock) if wait => {
                     if !std::mem::replace(&mut said_waiting, true) {
-                        eprintln!("waiting for {} to finish with {}", holder(&path), dir.display());
+                        ondol_core::say!("waiting for {} to finish with {}", holder(&path), dir.display());
                     }
                     file.lock().map_err(TryLockError::Error)
                 }
@@ -92,7 +92,7 @@ impl DirLock {
                 Ok(()) => {}
                 Err(TryLockError::WouldBlock) => return Err(in_use(dir, &path, purpose)),
                 Err(TryLockError::Error(e)) if cannot_lock(&e) => {
-                    eprintln!(
+                    ondol_core::say!(
                         "warning: {}: this file system does not lock files ({e}); nothing keeps a second {} out of {}",
                         path.display(),
                         purpose.name(),

@@ -69,7 +69,9 @@ pub fn launch(args: LaunchArgs) -> Result<Option<u8>> {
     };
     let stopped = ondol_comm::launch::launch(&opts)?;
     if let Some(status) = stopped {
-        eprintln!("the ranks stopped on request (exit status {status}): `--resume auto` goes on from their checkpoint");
+        ondol_core::say!(
+            "the ranks stopped on request (exit status {status}): `--resume auto` goes on from their checkpoint"
+        );
     }
     Ok(stopped)
 }

@@ -6,7 +6,7 @@ use ondol::dir_lock::{DirLock, Purpose};
 use ondol::launch::{self, LaunchArgs, SelftestArgs};
 use ondol::metrics::Metrics;
 use ondol::prepare_cli;
-use ondol::pretrained::{self, Pretrained, Sampling};
+use ondol::pretrained::{self, Generation, Pretrained, Sampling, TextStream, Tokenizer};
 use ondol::stop_signal;
 use ondol::trainer::{self, Data, DataPosition, Trainer};
 use ondol_ckpt::{Loaded, Writer, checkpoint};
@@ -165,8 +165,23 @@ impl TrainArgs {
     }
 }
 
+/// Writes a line of a command's answer to standard output, returning an error where it cannot
+/// (a full disk), where `println!` would panic.
+macro_rules! answer {
+    ($($arg:tt)*) => {
+        writeln!(std::io::stdout(), $($arg)*).map_err(|e| Error::io("cannot write to standard output", e))?
+    };
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Inspect(_) | Command::Eval(_) | Command::Generate(_)) {
+        // An answer piped into a reader that has seen enough (`| head`) ends the command quietly,
+        // as it does any Unix tool. (Rust ignores SIGPIPE, which keeps a run training when the
+        // reader of its log goes away: `say!` carries on past a closed standard error.)
+        // SAFETY: no other thread exists yet, and SIG_DFL is a valid disposition.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let done = |result: Result<()>| result.map(|()| RunEnd::Finished);
     let result = match cli.command {
         Command::Train(args) => train(args),
@@ -319,9 +334,12 @@ fn saying_while_waiting<T>(cfg: &RunConfig, env: &DistEnv, meet: impl FnOnce() -
         if env.local_rank == 0 {
             scope.spawn(move || {
                 if waiting.recv_timeout(patience) == Err(std::sync::mpsc::RecvTimeoutError::Timeout) {
-                    eprintln!(
+                    ondol_core::say!(
                         "rank {}: waiting for the job's {} ranks to meet at {}:{} (parallelism.timeout_s = {timeout})",
-                        env.rank, env.world_size, env.master_addr, env.master_port
+                        env.rank,
+                        env.world_size,
+                        env.master_addr,
+                        env.master_port
                     );
                 }
             });
@@ -512,7 +530,7 @@ fn open_gpu(cfg: &RunConfig, ordinal: usize) -> Result<(ondol_cuda::CudaBackend,
             ));
         }
         if rank.total() > total && ordinal == 0 {
-            eprintln!(
+            ondol_core::say!(
                 "note: about {:.1} GiB per GPU with activations (`ondol inspect`), more than the {:.1} GiB of {}: \
                  lower training.batch_size or turn on training.activation_checkpointing if it runs out",
                 gib(rank.total()),
@@ -583,7 +601,7 @@ fn train_rank<B: Backend>(
         }
         Some(step) if step == steps => {
             if trainer.is_leader() {
-                eprintln!(
+                ondol_core::say!(
                     "the run is already at step {step} = training.steps: nothing to train (raise training.steps)"
                 );
             }
@@ -602,7 +620,7 @@ fn train_rank<B: Backend>(
     std::fs::write(&resolved_path, resolved)
         .map_err(|e| Error::io(format!("cannot write {}", resolved_path.display()), e))?;
     let m = trainer.model();
-    eprintln!(
+    ondol_core::say!(
         "ondol {}: {:?} model, {:.2}M parameters, {:.1} MFLOP/token, {} tokens/step on {}, tp {} x pp {} x dp {}; \
          MFU against {}; run dir {}",
         env!("CARGO_PKG_VERSION"),
@@ -618,14 +636,14 @@ fn train_rank<B: Backend>(
         run_dir.display()
     );
     if let Some(init) = init_from {
-        eprintln!("model.init_from: starting from the weights of {}", init.display());
+        ondol_core::say!("model.init_from: starting from the weights of {}", init.display());
     }
     let mut writer = Writer::new(&run_dir, keep_last, resumed.unwrap_or(0))?;
     if let Some(step) = resumed
         && !writer.abandoned().is_empty()
     {
         let steps: Vec<String> = writer.abandoned().iter().rev().map(u64::to_string).collect();
-        eprintln!(
+        ondol_core::say!(
             "note: the checkpoints of steps {} in {} continue past step {step}, where this run resumes: each is \
              replaced or removed when the run writes a checkpoint at or past its step",
             steps.join(", "),
@@ -641,7 +659,7 @@ fn train_rank<B: Backend>(
     let val = |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{v:.4}"));
     if let Some((used, total)) = trainer.engine.be.device_memory() {
         // What the driver reports includes its pool's reserve, the CUDA context and cuBLASLt.
-        eprintln!(
+        ondol_core::say!(
             "device memory: {:.2} GiB in use of {:.2} GiB; weights, optimizer and activations estimated at {:.2} GiB",
             used as f64 / 2f64.powi(30),
             total as f64 / 2f64.powi(30),
@@ -655,7 +673,7 @@ fn train_rank<B: Backend>(
             format!("{ran} step{} (step {from} -> {})", if ran == 1 { "" } else { "s" }, summary.steps)
         }
     };
-    eprintln!(
+    ondol_core::say!(
         "{}: {steps} in {:.1} s, {:.0} tokens/s training; train loss {:.4} -> {:.4}; val loss {} -> {}",
         if summary.stopped_by.is_some() { "stopped" } else { "done" },
         summary.seconds,
@@ -666,7 +684,7 @@ fn train_rank<B: Backend>(
         val(summary.final_val_loss)
     );
     if summary.stopped_by.is_some() {
-        eprintln!(
+        ondol_core::say!(
             "the run stopped on request before step {} = training.steps: `--resume auto` goes on from its checkpoint",
             trainer.cfg.training.steps
         );
@@ -721,7 +739,7 @@ fn resume<B: Backend>(trainer: &mut Trainer<B>, run_dir: &Path, spec: Option<&st
         && latest != newer
         && leader
     {
-        eprintln!(
+        ondol_core::say!(
             "note: {} names {}, the checkpoint the run wrote last, though {} is of a later step: going on from \
                  the one `latest` names (--resume DIR chooses another)",
             ckpts.join("latest").display(),
@@ -743,13 +761,16 @@ fn resume<B: Backend>(trainer: &mut Trainer<B>, run_dir: &Path, spec: Option<&st
             // Where another rank's node finds one, every rank refuses.
             trainer.check_every_rank_loaded(None)?;
             if leader {
-                eprintln!("no checkpoint in {}: starting from step 0", ckpts.display());
+                ondol_core::say!("no checkpoint in {}: starting from step 0", ckpts.display());
             }
             Ok(None)
         }
         (true, Some(start)) => {
             if leader {
-                eprintln!("no checkpoint in {}: starting from {start} (checkpoint.resume_from)", ckpts.display());
+                ondol_core::say!(
+                    "no checkpoint in {}: starting from {start} (checkpoint.resume_from)",
+                    ckpts.display()
+                );
             }
             let loaded = load(trainer, Path::new(&start)).map_err(|e| {
                 let what = format!("cannot start from {start} (a checkpoints/step-XXXXXXXX directory): {e}");
@@ -761,7 +782,7 @@ fn resume<B: Backend>(trainer: &mut Trainer<B>, run_dir: &Path, spec: Option<&st
             for dir in &own {
                 match load(trainer, dir) {
                     Ok(loaded) => return restore(trainer, loaded).map(Some),
-                    Err(e) if leader => eprintln!("warning: skipping checkpoint {}: {e}", dir.display()),
+                    Err(e) if leader => ondol_core::say!("warning: skipping checkpoint {}: {e}", dir.display()),
                     Err(_) => {}
                 }
             }
@@ -774,7 +795,7 @@ fn resume<B: Backend>(trainer: &mut Trainer<B>, run_dir: &Path, spec: Option<&st
 fn restore<B: Backend>(trainer: &mut Trainer<B>, loaded: Loaded) -> Result<u64> {
     let (step, dir) = (loaded.state.step, loaded.dir.clone());
     if trainer.restore(loaded)? == DataPosition::Restarted && trainer.is_leader() {
-        eprintln!(
+        ondol_core::say!(
             "the data position of {} does not carry over to this run's data: reading it from its start \
              (checkpoint.on_data_change = \"restart\")",
             dir.display()
@@ -817,20 +838,20 @@ fn inspect(args: InspectArgs) -> Result<()> {
         let mb = MicroBatch { recompute_every: every, ..configured };
         (trained.activation_elems(mb) + scratch_elems(&[&trained], mb)).bytes(precision.bytes())
     };
-    println!("arch                 {:?}", cfg.model.arch);
-    println!("parameters           {n} ({:.2}M)", n as f64 / 1e6);
-    println!("  in matmuls (N)     {} (non-embedding + output head)", model.num_flop_params());
+    answer!("arch                 {:?}", cfg.model.arch);
+    answer!("parameters           {n} ({:.2}M)", n as f64 / 1e6);
+    answer!("  in matmuls (N)     {} (non-embedding + output head)", model.num_flop_params());
     let (total, matmul) = (model.flops_per_token(t.seq_len), 6 * model.num_flop_params() as u64);
-    println!(
+    answer!(
         "FLOPs/token          {total} at T = {}: 6N = {matmul} in matmuls, {} in attention scores and scans",
         t.seq_len,
         total - matmul
     );
-    println!("tokens/step          {}", cfg.global_batch() * t.seq_len);
+    answer!("tokens/step          {}", cfg.global_batch() * t.seq_len);
     let p = &cfg.parallelism;
     let layout = cfg.layout(Mesh::new(p.tp, p.pp, p.dp)?);
     let worst = RankMemory::fullest(&cfg)?;
-    println!(
+    answer!(
         "memory per rank      {} at most (pipeline stage {}) at (tp, pp, dp) = ({}, {}, {}), {}",
         bytes(worst.total()),
         worst.stage,
@@ -842,14 +863,14 @@ fn inspect(args: InspectArgs) -> Result<()> {
             Precision::Bf16 => "bf16 weights and activations, fp32 gradients",
         }
     );
-    println!("  weights+grads      {}", bytes(worst.weights_grads));
-    println!(
+    answer!("  weights+grads      {}", bytes(worst.weights_grads));
+    answer!(
         "  AdamW              {}{}{}",
         bytes(worst.adamw),
         if precision == Precision::Bf16 { " with fp32 master weights" } else { "" },
         if p.zero == 1 { " (ZeRO-1)" } else { "" }
     );
-    println!(
+    answer!(
         "  activations        {} ({} of it scratch, held once): {} micro-batch{} in flight ({}){}",
         bytes(worst.activations),
         bytes(worst.scratch),
@@ -858,7 +879,7 @@ fn inspect(args: InspectArgs) -> Result<()> {
         schedule_name(layout.schedule),
         if p.sequence_parallel && p.tp > 1 { ", sequence parallel" } else { "" },
     );
-    println!(
+    answer!(
         "whole model          {} activations for a micro-batch of {} x {}; {} recomputing every block, {} as configured",
         bytes(acts(0)),
         t.batch_size,
@@ -1007,7 +1028,7 @@ fn eval(args: EvalArgs) -> Result<()> {
     let files = ondol_data::expand_globs(&args.data, Path::new("."))?;
     let shards = files.iter().all(|f| f.extension().is_some_and(|e| e == "bin"));
     let kind = if shards { SourceKind::Shards } else { SourceKind::ByteText };
-    if !shards && !matches!(p.tokenizer()?, pretrained::Tokenizer::Bytes(_)) {
+    if !shards && !matches!(p.tokenizer()?, Tokenizer::Bytes(_)) {
         return Err(Error::Input(format!(
             "{} has a tokenizer.json: evaluate it on token shards (.bin), not text",
             args.dir.display()
@@ -1058,12 +1079,12 @@ fn eval(args: EvalArgs) -> Result<()> {
         }
     };
     if args.json {
-        println!(
+        answer!(
             "{}",
             serde_json::json!({ "loss": loss, "perplexity": loss.exp(), "tokens": tokens, "batches": batches })
         );
     } else {
-        println!(
+        answer!(
             "loss {loss:.4}  perplexity {:.3}  over {tokens} tokens ({batches} batches of {batch} x {seq})",
             loss.exp()
         );
@@ -1087,27 +1108,56 @@ fn generate(args: GenerateArgs) -> Result<()> {
     let (prompt, eot) = (tok.encode(&args.prompt)?, Some(tok.eot_id()));
     let room = p.model.cfg.max_seq_len.saturating_sub(prompt.len());
     if args.max_new_tokens > room && !prompt.is_empty() && room > 0 {
-        eprintln!(
+        ondol_core::say!(
             "note: at most {room} new tokens: the prompt's {} and they fill the model's context of {}",
             prompt.len(),
             p.model.cfg.max_seq_len
         );
     }
-    let out = match args.device {
+    let show = |tokens: &mut dyn Iterator<Item = u32>| show_generated(&args.prompt, &prompt, &tok, tokens);
+    match args.device {
         Device::Cpu => {
-            pretrained::generate(&CpuBackend::new(), &p, &p.params, &prompt, args.max_new_tokens, eot, sampling)?
+            let be = CpuBackend::new();
+            show(&mut Generation::new(&be, &p, &p.params, &prompt, args.max_new_tokens, eot, sampling)?)
         }
         Device::Cuda => {
             #[cfg(feature = "cuda")]
             {
                 let be = inference_gpu(&p.model)?;
-                pretrained::generate(&be, &p, &be.upload(&p.params), &prompt, args.max_new_tokens, eot, sampling)?
+                let params = be.upload(&p.params);
+                show(&mut Generation::new(&be, &p, &params, &prompt, args.max_new_tokens, eot, sampling)?)
             }
             #[cfg(not(feature = "cuda"))]
             return Err(no_cuda_backend("--device"));
         }
+    }
+}
+
+/// Prints `prompt_text` and then each token's text as it is generated.
+fn show_generated(
+    prompt_text: &str,
+    prompt: &[u32],
+    tok: &Tokenizer,
+    tokens: &mut dyn Iterator<Item = u32>,
+) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    let mut text = TextStream::after(tok, prompt)?;
+    let mut show = |piece: &str| {
+        out.write_all(piece.as_bytes())
+            .and_then(|()| out.flush())
+            .map_err(|e| Error::io("cannot write to standard output", e))
     };
-    println!("{}{}", args.prompt, tok.decode(&out)?);
+    show(prompt_text)?;
+    for id in tokens {
+        show(&text.push(id)?)?;
+    }
+    show("\n")?;
+    if text.unfinished() > 0 {
+        ondol_core::say!(
+            "note: the last {} generated token(s) do not make a whole character and are not shown",
+            text.unfinished()
+        );
+    }
     Ok(())
 }
 
@@ -1115,7 +1165,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
 fn model_dir(path: &Path) -> Result<PathBuf> {
     let dir = pretrained::model_dir(path)?;
     if dir != path {
-        eprintln!("{}: the checkpoint {}", path.display(), dir.display());
+        ondol_core::say!("{}: the checkpoint {}", path.display(), dir.display());
     }
     Ok(dir)
 }
@@ -1136,9 +1186,9 @@ fn eval_on<B: Backend>(
 
 fn import_hf(src: &Path, out: &Path) -> Result<()> {
     for warning in pretrained::import_hf(src, out)? {
-        eprintln!("warning: {warning}");
+        ondol_core::say!("warning: {warning}");
     }
-    eprintln!(
+    ondol_core::say!(
         "wrote {}: a checkpoint (step 0) and a starter run config, {}/ondol.toml, whose [model] \
          continues from it; fine-tune with `ondol train` on a copy of that file",
         out.display(),

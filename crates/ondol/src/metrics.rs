@@ -99,7 +99,7 @@ impl Metrics {
     fn say(&self, line: String) {
         match (&self.bar, &self.file) {
             (Some(bar), _) => bar.println(line),
-            (None, Some(_)) => eprintln!("{line}"),
+            (None, Some(_)) => ondol_core::say!("{line}"),
             (None, None) => {}
         }
     }

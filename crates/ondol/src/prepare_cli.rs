@@ -235,7 +235,7 @@ fn train_tokenizer(inputs: Vec<PathBuf>, options: &InputOptions, cfg: &TrainConf
         std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
     }
     tok.save(out)?;
-    eprintln!(
+    ondol_core::say!(
         "trained a {}-token byte-level BPE on {} documents in {:.1} s; wrote {}",
         report.vocab_size,
         report.documents,
@@ -243,25 +243,27 @@ fn train_tokenizer(inputs: Vec<PathBuf>, options: &InputOptions, cfg: &TrainConf
         out.display()
     );
     if report.vocab_size < cfg.vocab_size {
-        eprintln!(
+        ondol_core::say!(
             "note: {} tokens, fewer than the {} asked for: no other pair occurs at least {} times in this \
              corpus (--min-frequency)",
-            report.vocab_size, cfg.vocab_size, cfg.min_frequency
+            report.vocab_size,
+            cfg.vocab_size,
+            cfg.min_frequency
         );
     }
     for p in report.problems.iter().take(10) {
-        eprintln!("  skipped: {p}");
+        ondol_core::say!("  skipped: {p}");
     }
     if report.problems.len() > 10 {
-        eprintln!("  ... {} inputs or documents skipped in all", report.problems.len());
+        ondol_core::say!("  ... {} inputs or documents skipped in all", report.problems.len());
     }
-    eprintln!(
+    ondol_core::say!(
         "fertility on held-out text (about the last {:.0}% of each document, from a word's start):",
         cfg.heldout_fraction * 100.0
     );
-    eprintln!("  {:>10} {:>10} {:>8} {:>11} {:>11}  input", "chars", "tokens", "script", "tok/char", "tok/word");
+    ondol_core::say!("  {:>10} {:>10} {:>8} {:>11} {:>11}  input", "chars", "tokens", "script", "tok/char", "tok/word");
     for f in &report.fertility {
-        eprintln!(
+        ondol_core::say!(
             "  {:>10} {:>10} {:>8} {:>11.3} {:>11.3}  {}",
             f.chars,
             f.tokens,
@@ -290,8 +292,8 @@ fn run_prepare(cfg: &PrepareConfig) -> Result<()> {
     if record.exists() {
         std::fs::remove_file(&record).map_err(|e| Error::io(format!("cannot remove {}", record.display()), e))?;
     }
-    eprintln!("{}", manifest.summary());
-    eprintln!("wrote {} (report: manifest.json)", cfg.out.display());
+    ondol_core::say!("{}", manifest.summary());
+    ondol_core::say!("wrote {} (report: manifest.json)", cfg.out.display());
     Ok(())
 }
 
@@ -417,10 +419,10 @@ fn prepare_table(p: &PrepareTable, base: &Path) -> Result<()> {
                 ));
             }
         }
-        eprintln!("data.prepare: using the prepared data in {} (delete it to prepare again)", out.display());
+        ondol_core::say!("data.prepare: using the prepared data in {} (delete it to prepare again)", out.display());
         return Ok(());
     }
-    eprintln!(
+    ondol_core::say!(
         "data.prepare: no {} yet; training a tokenizer and preparing shards",
         out.join("manifest.json").display()
     );

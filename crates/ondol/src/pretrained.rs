@@ -33,7 +33,7 @@ pub fn model_dir(path: &Path) -> Result<PathBuf> {
     let newest = checkpoint::list(run).into_iter().next();
     let named = checkpoint::checkpoints_dir(run).join("latest");
     if let (Some(newest), Ok(name)) = (&newest, std::fs::read_to_string(&named)) {
-        eprintln!(
+        ondol_core::say!(
             "note: {} names {}, which is gone: taking the newest checkpoint, {}",
             named.display(),
             name.trim(),
@@ -198,42 +198,128 @@ pub fn sample(logits: &[f32], s: Sampling, rng: &mut Rng) -> u32 {
 
 /// Continues `prompt` by up to `max_new` tokens, stopping at `eos`, with an inference cache
 /// (attention's keys and values, Mamba mixers' recurrent states): each new token costs one
-/// token's forward.
-pub fn generate<B: Backend>(
-    be: &B,
-    p: &Pretrained,
-    params: &B::Buf,
-    prompt: &[u32],
-    max_new: usize,
+/// token's forward. The tokens come one at a time, as they are sampled, so that they can be
+/// shown as they come.
+pub struct Generation<'a, B: Backend> {
+    be: &'a B,
+    model: &'a Model,
+    params: &'a B::Buf,
+    cache: InferenceCache<B>,
+    step: Workspace<B>,
+    ids: B::Ids,
+    rng: Rng,
+    sampling: Sampling,
     eos: Option<u32>,
-    s: Sampling,
-) -> Result<Vec<u32>> {
-    let model = &p.model;
-    let max_seq = model.cfg.max_seq_len;
-    if prompt.is_empty() || prompt.len() >= max_seq {
-        return Err(Error::Input(format!("the prompt has {} tokens: it needs 1 to {}", prompt.len(), max_seq - 1)));
-    }
-    let budget = max_new.min(max_seq - prompt.len());
-    let vocab = model.cfg.vocab_size;
-    let mut cache = InferenceCache::new(be, model, 1, max_seq);
-    let mut ws = Workspace::new(be, model, 1, prompt.len())?;
-    model.forward_cached(be, params, &mut ws, &be.upload_ids(prompt), &mut cache);
-    let logits = model.logits(be, params, &mut ws);
-    let mut rng = Rng::new(s.seed);
-    let mut next = sample(&logits[(prompt.len() - 1) * vocab..], s, &mut rng);
-    let mut out = Vec::with_capacity(budget);
-    let mut step = Workspace::new(be, model, 1, 1)?;
-    let mut ids = be.upload_ids(&[0]);
-    while out.len() < budget && Some(next) != eos {
-        out.push(next);
-        if out.len() == budget {
-            break;
+    /// The token to hand out next, sampled but not yet fed back.
+    next: u32,
+    /// Tokens still to hand out.
+    left: usize,
+    /// Whether `next` has been fed back (the prompt's forward gave the first one).
+    fed: bool,
+}
+
+impl<'a, B: Backend> Generation<'a, B> {
+    pub fn new(
+        be: &'a B,
+        p: &'a Pretrained,
+        params: &'a B::Buf,
+        prompt: &[u32],
+        max_new: usize,
+        eos: Option<u32>,
+        sampling: Sampling,
+    ) -> Result<Self> {
+        let model = &p.model;
+        let max_seq = model.cfg.max_seq_len;
+        if prompt.is_empty() || prompt.len() >= max_seq {
+            return Err(Error::Input(format!("the prompt has {} tokens: it needs 1 to {}", prompt.len(), max_seq - 1)));
         }
-        be.write_ids(&mut ids, &[next]);
-        model.forward_cached(be, params, &mut step, &ids, &mut cache);
-        next = sample(&model.logits(be, params, &mut step), s, &mut rng);
+        let vocab = model.cfg.vocab_size;
+        let mut cache = InferenceCache::new(be, model, 1, max_seq);
+        let mut ws = Workspace::new(be, model, 1, prompt.len())?;
+        model.forward_cached(be, params, &mut ws, &be.upload_ids(prompt), &mut cache);
+        let logits = model.logits(be, params, &mut ws);
+        let mut rng = Rng::new(sampling.seed);
+        let next = sample(&logits[(prompt.len() - 1) * vocab..], sampling, &mut rng);
+        Ok(Self {
+            be,
+            model,
+            params,
+            cache,
+            step: Workspace::new(be, model, 1, 1)?,
+            ids: be.upload_ids(&[0]),
+            rng,
+            sampling,
+            eos,
+            next,
+            left: max_new.min(max_seq - prompt.len()),
+            fed: true,
+        })
     }
-    Ok(out)
+}
+
+impl<B: Backend> Iterator for Generation<'_, B> {
+    type Item = u32;
+
+    fn next(&mut self) -> Option<u32> {
+        if self.left == 0 {
+            return None;
+        }
+        if !self.fed {
+            let (be, model, params) = (self.be, self.model, self.params);
+            be.write_ids(&mut self.ids, &[self.next]);
+            model.forward_cached(be, params, &mut self.step, &self.ids, &mut self.cache);
+            self.next = sample(&model.logits(be, params, &mut self.step), self.sampling, &mut self.rng);
+        }
+        if Some(self.next) == self.eos {
+            self.left = 0;
+            return None;
+        }
+        // Fed back on the next call only: the last token costs no forward.
+        self.fed = false;
+        self.left -= 1;
+        Some(self.next)
+    }
+}
+
+/// The text of generated tokens as they come: each token's new text, held back while the
+/// text ends inside a character (a byte-level model spells a Korean syllable in three tokens),
+/// so that no character is shown as U+FFFD because it was cut in two.
+pub struct TextStream<'a> {
+    tok: &'a Tokenizer,
+    ids: Vec<u32>,
+    /// Bytes of the decoded text already handed out.
+    shown: usize,
+    /// Tokens since the text last ended on a whole character.
+    held: usize,
+}
+
+impl<'a> TextStream<'a> {
+    /// The stream of what follows `prompt`, whose text is not handed out: decoded with it, so
+    /// that a decoder that drops a leading space at the start of a text keeps the first one.
+    pub fn after(tok: &'a Tokenizer, prompt: &[u32]) -> Result<Self> {
+        Ok(Self { tok, ids: prompt.to_vec(), shown: tok.decode(prompt)?.len(), held: 0 })
+    }
+
+    /// The text `id` adds that can be shown now (often empty).
+    pub fn push(&mut self, id: u32) -> Result<String> {
+        self.ids.push(id);
+        let text = self.tok.decode(&self.ids)?;
+        if text.ends_with('\u{FFFD}') {
+            self.held += 1;
+            return Ok(String::new());
+        }
+        // (Where the text so far changed with what followed, which byte-level and Metaspace
+        // decoders do not do, the change is not shown: what was shown is out.)
+        let from = (self.shown..=text.len()).find(|&i| text.is_char_boundary(i)).unwrap_or(text.len());
+        self.shown = text.len();
+        self.held = 0;
+        Ok(text[from..].to_string())
+    }
+
+    /// The tokens held back at the end, which do not make a whole character.
+    pub fn unfinished(&self) -> usize {
+        self.held
+    }
 }
 
 /// Writes the Hugging Face model in `src` as an ondol checkpoint directory `out` (step 0, f32

@@ -365,7 +365,7 @@ impl<B: Backend> Trainer<B> {
         };
         if reweighted && position == DataPosition::Continued && self.is_leader() {
             let shares: Vec<String> = self.cfg.data.sources.iter().map(|s| format!("{}", s.weight)).collect();
-            eprintln!(
+            ondol_core::say!(
                 "note: data.sources has new weights ({}): each source goes on from where the checkpoint left it",
                 shares.join(", ")
             );
@@ -377,7 +377,7 @@ impl<B: Backend> Trainer<B> {
         let theirs = LrSchedule::new(saved.lr_scheduler.clone(), saved.optimizer.lr, saved.training.steps).lr(step);
         let ours = self.sched.lr(step);
         if self.is_leader() && (ours - theirs).abs() > 1e-6 * theirs.abs().max(ours.abs()) {
-            eprintln!(
+            ondol_core::say!(
                 "note: the learning rate of step {} is {ours:.3e}; the checkpoint's schedule (training.steps {}, \
                  optimizer.lr {:e}, [lr_scheduler]) would give {theirs:.3e}",
                 step + 1,
@@ -478,7 +478,7 @@ impl<B: Backend> Trainer<B> {
         let rows = t.batch_size * t.seq_len;
         let whole = loader.windows_per_epoch() as usize / self.cfg.global_batch();
         if t.eval_batches > whole && whole > 0 && !self.eval_noted && self.engine.comms.rank() == 0 {
-            eprintln!(
+            ondol_core::say!(
                 "note: the validation data holds {whole} global batches, fewer than training.eval_batches = {}: \
                  each evaluation reads those",
                 t.eval_batches

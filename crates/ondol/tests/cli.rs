@@ -344,6 +344,38 @@ fn inspect_reports_parameters_flops_and_memory_per_rank() {
     assert!(ratio("activations") > 0.5 && ratio("activations") < 0.6, "{one}\n{bf16}");
 }
 
+/// An answer that cannot be written is an error, not a panic; one whose reader has seen
+/// enough (`| head`) ends quietly, as any Unix tool's does.
+#[test]
+fn an_answer_that_cannot_be_written_is_an_error_and_a_closed_pipe_ends_quietly() {
+    let dir = setup(BASE);
+    let inspect = || {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ondol"));
+        cmd.args(["inspect", "run.toml"]).current_dir(dir.path());
+        cmd
+    };
+    let out = inspect().stdout(std::fs::File::create("/dev/full").unwrap()).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("cannot write to standard output"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = inspect().stdout(writer).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{err}");
+    assert!(err.is_empty(), "{err}");
+    // A run's log is not its answer: training goes on where the log cannot be written.
+    let out = Command::new(env!("CARGO_BIN_EXE_ondol"))
+        .args(["train", "run.toml", "--run-dir", "run"])
+        .current_dir(dir.path())
+        .stderr(std::fs::File::create("/dev/full").unwrap())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{:?}", out.status);
+    assert!(dir.path().join("run/checkpoints/step-00000002").is_dir());
+}
+
 /// Every preset in configs/ is a valid config whose model builds and whose layout fits it
 /// (`ondol inspect`, which trains nothing), so a preset cannot rot unnoticed.
 #[test]

@@ -4,7 +4,7 @@ mod common;
 use common::{Run, ondol};
 
 use ondol::config::RunConfig;
-use ondol::pretrained::{self, Pretrained, Sampling, sample};
+use ondol::pretrained::{Generation, Pretrained, Sampling, TextStream, Tokenizer, sample};
 use ondol::trainer::{Data, Trainer};
 use ondol_core::Rng;
 use ondol_cpu::CpuBackend;
@@ -45,18 +45,53 @@ fn generation_is_reproducible_bounded_and_stops_at_end_of_text() {
     let p = Pretrained::load(&fixture("tiny-llama-gqa")).unwrap();
     let be = CpuBackend;
     let s = Sampling { temperature: 1.0, top_k: 0, top_p: 1.0, seed: 3 };
-    let a = pretrained::generate(&be, &p, &p.params, &[5, 6, 7], 20, None, s).unwrap();
-    let b = pretrained::generate(&be, &p, &p.params, &[5, 6, 7], 20, None, s).unwrap();
+    let a = Generation::new(&be, &p, &p.params, &[5, 6, 7], 20, None, s).unwrap().collect::<Vec<_>>();
+    let b = Generation::new(&be, &p, &p.params, &[5, 6, 7], 20, None, s).unwrap().collect::<Vec<_>>();
     assert_eq!(a, b);
     assert_eq!(a.len(), 20);
     // Stopping at the first sampled token that is end-of-text.
     let stop = a[4];
-    let c = pretrained::generate(&be, &p, &p.params, &[5, 6, 7], 20, Some(stop), s).unwrap();
+    let c = Generation::new(&be, &p, &p.params, &[5, 6, 7], 20, Some(stop), s).unwrap().collect::<Vec<_>>();
     assert_eq!(c, a[..a.iter().position(|&t| t == stop).unwrap()]);
     // The context never exceeds max_seq_len (64).
-    let long = pretrained::generate(&be, &p, &p.params, &[1; 60], 50, None, s).unwrap();
+    let long = Generation::new(&be, &p, &p.params, &[1; 60], 50, None, s).unwrap().collect::<Vec<_>>();
     assert_eq!(long.len(), 4);
-    assert!(pretrained::generate(&be, &p, &p.params, &[], 5, None, s).is_err());
+    assert!(Generation::new(&be, &p, &p.params, &[], 5, None, s).is_err());
+}
+
+/// Generated text is shown as it comes, a whole character at a time: a character split over
+/// tokens (a byte-level model spells a Korean syllable in three) is held back until it is
+/// whole, never shown as U+FFFD, and the text shown adds up to the text of all the tokens.
+#[test]
+fn generated_text_is_shown_in_whole_characters() {
+    let bytes = Tokenizer::Bytes(ondol_data::ByteTokenizer::new());
+    let mut text = TextStream::after(&bytes, &bytes.encode("온").unwrap()).unwrap();
+    let pieces: Vec<String> = "돌 ok".bytes().map(|b| text.push(u32::from(b)).unwrap()).collect();
+    assert_eq!(pieces, ["", "", "돌", " ", "o", "k"]);
+    assert_eq!(text.unfinished(), 0);
+    text.push(0xEC).unwrap(); // the first byte of a three-byte character, and no more
+    assert_eq!(text.unfinished(), 1);
+
+    // A byte-level BPE with few merges splits characters between tokens too.
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = dir.path().join("corpus.txt");
+    std::fs::write(&corpus, "온돌은 바닥을 데운다. The floor warms the room.\n".repeat(50)).unwrap();
+    let cfg = ondol_data::tokenizer::TrainConfig { vocab_size: 300, ..Default::default() };
+    let (bpe, _) = ondol_data::tokenizer::train(vec![corpus], &Default::default(), &cfg).unwrap();
+    let bpe = Tokenizer::Text(Box::new(bpe));
+    let (prompt, rest) = (bpe.encode("The floor").unwrap(), bpe.encode(" 온돌 한옥, 바다").unwrap());
+    let mut text = TextStream::after(&bpe, &prompt).unwrap();
+    let mut shown = String::new();
+    let mut held_back = false;
+    for &id in &rest {
+        let piece = text.push(id).unwrap();
+        assert!(!piece.contains('\u{FFFD}'), "{piece:?}");
+        held_back |= piece.is_empty();
+        shown += &piece;
+    }
+    assert!(held_back, "every token of {rest:?} was a whole character: the test shows nothing");
+    assert_eq!(shown, " 온돌 한옥, 바다");
+    assert_eq!(text.unfinished(), 0);
 }
 
 #[test]
