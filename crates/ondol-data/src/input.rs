@@ -286,7 +286,9 @@ impl DocReader {
                 let mut bytes = Vec::new();
                 open.reader.read_to_end(&mut bytes)?;
                 open.line = 1;
-                Ok((!bytes.is_empty()).then_some(RawDoc { input, line: 1, bytes, json: false }))
+                // A blank file is an empty one (reported as such), not a document too short to keep.
+                let blank = bytes.iter().all(u8::is_ascii_whitespace);
+                Ok((!blank).then_some(RawDoc { input, line: 1, bytes, json: false }))
             }
             (InputFormat::JsonLines, _) => loop {
                 self.line_buf.clear();
@@ -521,5 +523,12 @@ mod tests {
         assert_eq!(reader.stats()[0].bytes, raw.len() as u64);
         let sha: String = Sha256::digest(&raw).iter().map(|b| format!("{b:02x}")).collect();
         assert_eq!(reader.stats()[0].sha256, sha);
+
+        // A file of one document that is blank is empty too, as it is split at blank lines.
+        std::fs::write(p("blank.txt"), " \n\t\r\n").unwrap();
+        let options = InputOptions { doc_split: DocSplit::File, text_field: "text".into() };
+        let (docs, problems) = texts(DocReader::new(vec![p("blank.txt"), p("c.txt.zst")], options), "text");
+        assert_eq!(docs, ["zstd text"]);
+        assert_eq!(problems.iter().map(|p| p.kind).collect::<Vec<_>>(), ["empty_file"]);
     }
 }
