@@ -281,15 +281,21 @@ pub fn data(cmd: DataCommand) -> Result<()> {
     let DataCommand::Prepare(args) = cmd;
     let cfg = args.config()?;
     let _out = DirLock::take(&cfg.out, Purpose::Prepare)?;
-    run_prepare(&cfg)
+    run_prepare(&cfg, None)
 }
 
-fn run_prepare(cfg: &PrepareConfig) -> Result<()> {
-    let manifest = prepare(cfg, command_line(), env!("CARGO_PKG_VERSION"))?;
-    // New data in --out is no longer what a [data] prepare table's record says (the table
-    // writes its own after this).
+/// Prepares `cfg.out` for the `[data] prepare` table `table` (recorded in the directory beside
+/// the data), or by hand (`None`: the data is no longer a table's).
+fn run_prepare(cfg: &PrepareConfig, table: Option<&PrepareTable>) -> Result<()> {
     let record = cfg.out.join(PREPARED_WITH);
-    if record.exists() {
+    if let Some(table) = table {
+        // Before the manifest makes the data usable, so that no run (nor a crash in between)
+        // finds the data without its record; without a manifest the record means nothing.
+        let json = serde_json::to_string_pretty(table).expect("the table serializes");
+        write_atomic(&record, json.as_bytes())?;
+    }
+    let manifest = prepare(cfg, command_line(), env!("CARGO_PKG_VERSION"))?;
+    if table.is_none() && record.exists() {
         std::fs::remove_file(&record).map_err(|e| Error::io(format!("cannot remove {}", record.display()), e))?;
     }
     ondol_core::say!("{}", manifest.summary());
@@ -435,9 +441,7 @@ fn prepare_table(p: &PrepareTable, base: &Path) -> Result<()> {
     train_tokenizer(inputs.clone(), &options, &cfg, &tokenizer)?;
     let mut prep = PrepareConfig::new(inputs, tokenizer, out);
     (prep.input, prep.val_fraction, prep.seed, prep.overwrite) = (options, p.val_fraction, p.seed, true);
-    run_prepare(&prep)?;
-    let json = serde_json::to_string_pretty(p).expect("the table serializes");
-    Ok(write_atomic(&record, json.as_bytes())?)
+    run_prepare(&prep, Some(p))
 }
 
 /// What a prepare table's output depends on: not where it goes (a moved directory is the same
