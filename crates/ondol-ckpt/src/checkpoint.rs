@@ -322,6 +322,13 @@ pub fn check_model_dir(dir: &Path) -> Result<()> {
 /// must match, its step must be its directory's.
 pub fn verify(dir: &Path) -> Result<TrainerState> {
     check_model_dir(dir)?;
+    if !dir.join("config.json").is_file() && !dir.join("trainer_state.json").is_file() {
+        return Err(Error::Input(format!(
+            "{}: not a checkpoint (no config.json, no trainer_state.json); a checkpoint is a run's \
+             checkpoints/step-XXXXXXXX directory",
+            dir.display()
+        )));
+    }
     let opt = dir.join("optimizer");
     if !opt.is_dir() {
         return Err(Error::Input(format!(

@@ -188,7 +188,7 @@ fn main() -> ExitCode {
         Command::Inspect(args) => done(inspect(args)),
         Command::Eval(args) => done(eval(args)),
         Command::Generate(args) => done(generate(args)),
-        Command::Import(ImportCommand::Hf { src, out }) => done(import_hf(&src, &out)),
+        Command::Import(ImportCommand::Hf { src, out }) => done(model_dir(&src).and_then(|src| import_hf(&src, &out))),
         Command::Launch(args) => launch::launch(args).map(|stopped| stopped.map_or(RunEnd::Finished, RunEnd::Stopped)),
         Command::CommSelftest(args) => done(launch::selftest(args)),
         Command::Tokenizer(cmd) => done(prepare_cli::tokenizer(cmd)),
@@ -644,10 +644,12 @@ fn train_rank<B: Backend>(
     {
         let steps: Vec<String> = writer.abandoned().iter().rev().map(u64::to_string).collect();
         ondol_core::say!(
-            "note: the checkpoints of steps {} in {} continue past step {step}, where this run resumes: each is \
-             replaced or removed when the run writes a checkpoint at or past its step",
+            "note: {} {} in {} {} past step {step}, where this run resumes: each is replaced or removed when the \
+             run writes a checkpoint at or past its step",
+            if steps.len() == 1 { "the checkpoint of step" } else { "the checkpoints of steps" },
             steps.join(", "),
-            checkpoint::checkpoints_dir(&run_dir).display()
+            checkpoint::checkpoints_dir(&run_dir).display(),
+            if steps.len() == 1 { "continues" } else { "continue" }
         );
     }
     let mut metrics = Metrics::create(&run_dir, steps, peak.flops, resumed)?;
@@ -657,6 +659,14 @@ fn train_rank<B: Backend>(
     let summary = trainer::run(&mut trainer, &mut metrics, Some(&mut writer))?;
     metrics.finish();
     let val = |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{v:.4}"));
+    let val_losses = match summary.first_val_loss {
+        None => "val loss n/a".to_string(),
+        // (A run stopped on request before its next evaluation.)
+        Some(first) if summary.final_val_step == summary.first_step && summary.steps > summary.first_step => {
+            format!("val loss {first:.4} at step {}, none since", summary.first_step)
+        }
+        Some(first) => format!("val loss {first:.4} -> {}", val(summary.final_val_loss)),
+    };
     if let Some((used, total)) = trainer.engine.be.device_memory() {
         // What the driver reports includes its pool's reserve, the CUDA context and cuBLASLt.
         ondol_core::say!(
@@ -674,14 +684,12 @@ fn train_rank<B: Backend>(
         }
     };
     ondol_core::say!(
-        "{}: {steps} in {:.1} s, {:.0} tokens/s training; train loss {:.4} -> {:.4}; val loss {} -> {}",
+        "{}: {steps} in {:.1} s, {:.0} tokens/s training; train loss {:.4} -> {:.4}; {val_losses}",
         if summary.stopped_by.is_some() { "stopped" } else { "done" },
         summary.seconds,
         summary.tokens_per_s,
         summary.first_loss,
         summary.final_loss,
-        val(summary.first_val_loss),
-        val(summary.final_val_loss)
     );
     if summary.stopped_by.is_some() {
         ondol_core::say!(
@@ -727,7 +735,14 @@ fn resume<B: Backend>(trainer: &mut Trainer<B>, run_dir: &Path, spec: Option<&st
     match spec {
         Some("auto") => {}
         Some("") => return Err(Error::config("--resume", "empty: give `auto` or a checkpoint directory")),
-        Some(dir) => return restore(trainer, load(trainer, Path::new(dir))?).map(Some),
+        // (A run directory, or its checkpoints/latest, stands for the checkpoint `latest` names.)
+        Some(given) => {
+            let dir = pretrained::model_dir(Path::new(given))?;
+            if leader && dir != Path::new(given) {
+                ondol_core::say!("--resume {given}: the checkpoint {}", dir.display());
+            }
+            return restore(trainer, load(trainer, &dir)?).map(Some);
+        }
         // A run directory that holds checkpoints was refused before the ranks started.
         None if resume_from.is_none() => return Ok(None),
         None => {}
@@ -735,6 +750,14 @@ fn resume<B: Backend>(trainer: &mut Trainer<B>, run_dir: &Path, spec: Option<&st
     // `latest` names what the run wrote last: after a resume from an earlier checkpoint, the
     // later ones belong to the abandoned continuation.
     let latest = checkpoint::latest(run_dir);
+    let pointer = ckpts.join("latest");
+    if let (None, Ok(name), true) = (&latest, std::fs::read_to_string(&pointer), leader) {
+        ondol_core::say!(
+            "note: {} names {:?}, which is not a checkpoint here: going on from the newest",
+            pointer.display(),
+            name.trim()
+        );
+    }
     if let (Some(latest), Some((_, newer))) = (&latest, newest.first())
         && latest != newer
         && leader
@@ -786,7 +809,22 @@ fn resume<B: Backend>(trainer: &mut Trainer<B>, run_dir: &Path, spec: Option<&st
                     Err(_) => {}
                 }
             }
-            Err(Error::Input(format!("no intact checkpoint in {}", ckpts.display())))
+            // Weights alone (a checkpoint saved without AdamW's state, or one whose state is
+            // damaged) still start a run.
+            let weights = own.iter().find(|dir| checkpoint::verify_weights(dir).is_ok());
+            Err(Error::Input(format!(
+                "no checkpoint in {} can be resumed (each is named above, with why); {}",
+                ckpts.display(),
+                match weights {
+                    Some(dir) => format!(
+                        "the newest whose weights are intact is {}: start a new run from them with \
+                         --set 'model.init_from=\"{}\"' and another --run-dir",
+                        dir.display(),
+                        dir.display()
+                    ),
+                    None => "none holds intact weights either".to_string(),
+                }
+            )))
         }
     }
 }

@@ -47,7 +47,10 @@ impl Metrics {
     pub fn create(run_dir: &Path, total_steps: u64, peak_flops: f64, resumed_step: Option<u64>) -> Result<Self> {
         let path = run_dir.join("metrics.jsonl");
         let kept: Vec<String> = match resumed_step {
-            None => Vec::new(),
+            None => {
+                keep_an_earlier_runs_rows(&path)?;
+                Vec::new()
+            }
             Some(step) => std::fs::read_to_string(&path)
                 .unwrap_or_default()
                 .lines()
@@ -164,6 +167,24 @@ impl Metrics {
             bar.finish_and_clear();
         }
     }
+}
+
+/// A run that starts afresh where an earlier one left rows but no checkpoint (it was stopped
+/// before its first, or ran with `checkpoint.at_end = false`) moves them aside, saying so,
+/// rather than writing over them.
+fn keep_an_earlier_runs_rows(path: &Path) -> Result<()> {
+    let rows = std::fs::read_to_string(path).map_or(0, |text| text.lines().count());
+    if rows == 0 {
+        return Ok(());
+    }
+    let aside = path.with_file_name("metrics.earlier.jsonl");
+    std::fs::rename(path, &aside).map_err(|e| Error::io(format!("cannot move {} aside", path.display()), e))?;
+    ondol_core::say!(
+        "note: {} held {rows} rows of an earlier run in this directory, which left no checkpoint: moved to {}",
+        path.display(),
+        aside.display()
+    );
+    Ok(())
 }
 
 #[cfg(test)]

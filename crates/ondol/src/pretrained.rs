@@ -12,8 +12,9 @@ use std::path::{Path, PathBuf};
 /// checkpoints directory, or `checkpoints/latest`, the checkpoint `latest` names (else the
 /// newest). Callers say which, where it is not `path`.
 pub fn model_dir(path: &Path) -> Result<PathBuf> {
-    if path.join("config.json").is_file() {
-        return Ok(path.to_path_buf()); // a model directory, whatever else it holds
+    if path.join("config.json").is_file() || path.join("trainer_state.json").is_file() {
+        // A model directory (a damaged checkpoint too), whatever else it holds.
+        return Ok(path.to_path_buf());
     }
     // (Absolute, so that `.` and `latest` have parents.)
     let abs = std::path::absolute(path).map_err(|e| Error::io(format!("cannot resolve {}", path.display()), e))?;
@@ -363,7 +364,10 @@ pub fn import_hf(src: &Path, out: &Path) -> Result<Vec<String>> {
             };
             format!("{shards}tokenizer = {file}\n{eot}")
         }
-        Ok(Tokenizer::Bytes(_)) => "train = [\"data/*.txt\"]\nformat = \"text\"\ntokenizer = \"bytes\"\n".to_string(),
+        // (Some text held out, so that the fine-tune's validation loss shows over-fitting.)
+        Ok(Tokenizer::Bytes(_)) => {
+            "train = [\"data/*.txt\"]\nval_fraction = 0.05\nformat = \"text\"\ntokenizer = \"bytes\"\n".to_string()
+        }
         Err(_) if !src.join("tokenizer.json").is_file() => {
             format!("{shards}# tokenizer = \"...\": {} has no tokenizer.json\n", src.display())
         }

@@ -666,6 +666,8 @@ pub struct Summary {
     pub final_loss: f64,
     pub first_val_loss: Option<f64>,
     pub final_val_loss: Option<f64>,
+    /// The step `final_val_loss` was measured at.
+    pub final_val_step: u64,
     /// Over the steps' own time (not evaluations or checkpoint snapshots).
     pub tokens_per_s: f64,
     /// The whole run's time.
@@ -701,7 +703,7 @@ pub fn run<B: Backend>(
     let (mut window_s, mut window_tokens, mut window_loss, mut window_steps) = (0.0, 0u64, 0.0, 0u64);
     let (mut first_loss, mut last) =
         (f64::NAN, StepStats { loss: f64::NAN, grad_norm: 0.0, lr: 0.0, pipeline_wait_s: 0.0, stop: None });
-    let mut final_val_loss = first_val_loss;
+    let (mut final_val_loss, mut final_val_step) = (first_val_loss, trainer.step);
     while trainer.step < total {
         let step_start = Instant::now();
         last = trainer.step()?;
@@ -732,7 +734,7 @@ pub fn run<B: Backend>(
         if let Some(sig) = last.stop.filter(|_| step < total) {
             metrics.note(format!("stopping at step {step} on request (signal {sig}): writing a checkpoint"));
         } else if (eval_every > 0 && step.is_multiple_of(eval_every)) || step == total {
-            final_val_loss = trainer.evaluate()?;
+            (final_val_loss, final_val_step) = (trainer.evaluate()?, step);
             if let Some(v) = final_val_loss {
                 metrics.eval(step, v)?;
             }
@@ -759,6 +761,7 @@ pub fn run<B: Backend>(
         final_loss: last.loss,
         first_val_loss,
         final_val_loss,
+        final_val_step,
         tokens_per_s: ((trainer.step - start_step) * trainer.tokens_per_step()) as f64 / training_s,
         seconds,
         stopped_by: last.stop.filter(|_| trainer.step < total),

@@ -235,6 +235,13 @@ fn a_run_can_skip_its_final_checkpoint() {
         periodic.iter().filter(|n| n.starts_with("step-")).collect::<Vec<_>>(),
         ["step-00000005", "step-00000010"]
     );
+    // A run started again over one that left no checkpoint keeps the earlier rows aside.
+    let args = ["train", "run.toml", "--run-dir", "run", "--set", "checkpoint.at_end=false"];
+    assert!(ondol_err(dir.path(), &args).0);
+    let earlier = std::fs::read_to_string(dir.path().join("run/metrics.jsonl")).unwrap();
+    let (ok, err) = ondol_err(dir.path(), &args);
+    assert!(ok && err.contains("moved to") && err.contains("metrics.earlier.jsonl"), "{err}");
+    assert_eq!(std::fs::read_to_string(dir.path().join("run/metrics.earlier.jsonl")).unwrap(), earlier);
 }
 
 /// After a resume from an earlier checkpoint, the abandoned continuation's later checkpoints
@@ -514,6 +521,23 @@ fn a_checkpoint_of_weights_only_serves_all_but_a_resume() {
     assert!(ok && err.contains("starting from the weights"), "{err}");
     let (ok, err) = ondol_err(dir.path(), &["train", "run.toml", "--run-dir", "run2", "--resume", slim]);
     assert!(!ok && err.contains("weights only") && err.contains("model.init_from"), "{err}");
+    // A run directory given to --resume stands for its latest checkpoint, as it does for eval;
+    // a directory that is neither is not called weights.
+    let (ok, err) = ondol_err(dir.path(), &["train", "run.toml", "--run-dir", "run2", "--resume", "run"]);
+    assert!(!ok && err.contains("--resume run: the checkpoint") && err.contains("weights only"), "{err}");
+    let (ok, err) = ondol_err(dir.path(), &["train", "run.toml", "--run-dir", "run2", "--resume", "."]);
+    assert!(!ok && err.contains("not a checkpoint") && !err.contains("weights only"), "{err}");
+    // With no checkpoint it can resume, the run says which weights would start a new one; a
+    // `latest` that names no checkpoint is said to.
+    let latest = dir.path().join("run/checkpoints/latest");
+    std::fs::write(&latest, "step-00000099").unwrap();
+    let (ok, err) = ondol_err(dir.path(), &["train", "run.toml", "--run-dir", "run", "--resume", "auto"]);
+    assert!(err.contains("names \"step-00000099\", which is not a checkpoint here"), "{err}");
+    assert!(
+        !ok && err.contains("can be resumed") && err.contains("model.init_from=\"run/checkpoints/step-00000012\""),
+        "{err}"
+    );
+    std::fs::write(&latest, "step-00000012").unwrap();
     // The weights are still checked.
     let model = dir.path().join("run/checkpoints/step-00000012/model.safetensors");
     let mut bytes = std::fs::read(&model).unwrap();

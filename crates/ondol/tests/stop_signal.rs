@@ -30,6 +30,7 @@ threads = 1
 
 [data]
 train = ["corpus.txt"]
+val_fraction = 0.1
 format = "text"
 tokenizer = "bytes"
 
@@ -112,6 +113,8 @@ fn sigterm_checkpoints_and_the_resumed_run_matches_one_never_stopped() {
     assert_eq!(status.code(), Some(143), "{err}");
     let stopped = checkpoint_step(&run);
     assert!(err.contains(&format!("stopping at step {stopped} on request")) && err.contains("--resume auto"), "{err}");
+    // (Not "val loss X -> X": no evaluation came after the first.)
+    assert!(err.contains("at step 0, none since"), "{err}");
 
     let steps = format!("training.steps={}", stopped + 2);
     let (ok, err) =
