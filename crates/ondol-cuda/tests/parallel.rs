@@ -46,6 +46,7 @@ fn mamba() -> ModelConfig {
         arch: Arch::Mamba,
         n_heads: 0,
         n_kv_heads: None,
+        ffn_hidden: None,
         ssm: SsmConfig {
             state_size: Some(4),
             conv_kernel: 3,

@@ -31,7 +31,7 @@ fn config(arch: Arch) -> ModelConfig {
         n_layers: pattern.as_ref().map_or(2, |p| p.len()),
         n_heads: if matches!(arch, Arch::Mamba | Arch::Mamba2) { 0 } else { 4 },
         n_kv_heads: matches!(arch, Arch::Llama | Arch::Hybrid).then_some(2),
-        ffn_hidden: Some(48),
+        ffn_hidden: (!matches!(arch, Arch::Mamba | Arch::Mamba2)).then_some(48),
         max_seq_len: 16,
         tie_embeddings: Some(arch == Arch::Gpt2),
         rope_theta: 10_000.0,

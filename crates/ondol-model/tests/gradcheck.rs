@@ -89,6 +89,7 @@ fn tiny_ssm(arch: Arch, pattern: Option<&str>) -> ModelConfig {
     ModelConfig {
         n_heads: if pattern.is_some() { 2 } else { 0 },
         n_kv_heads: pattern.map(|_| 1),
+        ffn_hidden: pattern.map(|_| 12),
         n_layers,
         pattern: pattern.map(str::to_string),
         ssm: mamba2_heads(

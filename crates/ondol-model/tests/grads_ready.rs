@@ -42,7 +42,7 @@ fn config(arch: Arch, tie: bool) -> ModelConfig {
         n_layers: if arch == Arch::Hybrid { 4 } else { 3 },
         n_heads: if ssm_only { 0 } else { 4 },
         n_kv_heads: matches!(arch, Arch::Llama | Arch::Hybrid).then_some(2),
-        ffn_hidden: Some(24),
+        ffn_hidden: (!ssm_only).then_some(24),
         max_seq_len: 16,
         tie_embeddings: Some(tie),
         rope_theta: 10_000.0,

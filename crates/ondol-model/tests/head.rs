@@ -18,7 +18,7 @@ fn config(arch: Arch) -> ModelConfig {
         n_layers: 2,
         n_heads: if ssm { 0 } else { 2 },
         n_kv_heads: None,
-        ffn_hidden: Some(24),
+        ffn_hidden: (!ssm).then_some(24),
         max_seq_len: 8,
         tie_embeddings: None,
         rope_theta: 10_000.0,

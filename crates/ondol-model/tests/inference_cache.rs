@@ -16,7 +16,7 @@ fn model(arch: Arch) -> Model {
         n_layers: if arch == Arch::Hybrid { 4 } else { 2 },
         n_heads: if matches!(arch, Arch::Mamba | Arch::Mamba2) { 0 } else { 4 },
         n_kv_heads: if matches!(arch, Arch::Llama | Arch::Hybrid) { Some(2) } else { None },
-        ffn_hidden: Some(24),
+        ffn_hidden: (!matches!(arch, Arch::Mamba | Arch::Mamba2)).then_some(24),
         max_seq_len: 12,
         tie_embeddings: None,
         rope_theta: 10_000.0,

@@ -32,7 +32,7 @@ fn recomputed_blocks_give_identical_losses_and_gradients() {
             n_layers: 4,
             n_heads: if ssm_only { 0 } else { 4 },
             n_kv_heads: if matches!(arch, Arch::Llama | Arch::Hybrid) { Some(2) } else { None },
-            ffn_hidden: Some(24),
+            ffn_hidden: (!ssm_only).then_some(24),
             max_seq_len: 16,
             tie_embeddings: None,
             rope_theta: 10_000.0,

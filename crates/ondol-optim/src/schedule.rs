@@ -60,6 +60,20 @@ impl SchedulerConfig {
                 format!("{} must be in [0, 1]", self.wsd_decay_fraction),
             ));
         }
+        // A value that would change the schedule if it were read is refused where it is not,
+        // so that a setting never looks applied when it is not.
+        if self.decay != Decay::Wsd && self.wsd_decay_fraction != default_wsd_fraction() {
+            return Err(Error::config(
+                "lr_scheduler.wsd_decay_fraction",
+                format!("{} is read only with decay = \"wsd\"; leave it out", self.wsd_decay_fraction),
+            ));
+        }
+        if self.decay == Decay::Constant && self.min_lr_ratio != default_min_lr_ratio() {
+            return Err(Error::config(
+                "lr_scheduler.min_lr_ratio",
+                format!("{} is where a decay ends; decay = \"constant\" has none: leave it out", self.min_lr_ratio),
+            ));
+        }
         if self.warmup_steps > total_steps {
             return Err(Error::config(
                 "lr_scheduler.warmup_steps",

@@ -65,6 +65,7 @@ fn mamba() -> ModelConfig {
         n_layers: 4,
         n_heads: 0,
         n_kv_heads: None,
+        ffn_hidden: None,
         tie_embeddings: Some(true),
         ssm: SsmConfig {
             state_size: Some(4),
