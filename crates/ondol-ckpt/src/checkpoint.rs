@@ -51,6 +51,11 @@ pub struct TrainerState {
     /// earlier ondol versions and of imported weights.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data_tokens: Option<Vec<u64>>,
+    /// The files of each training source (canonical paths, in reading order), so that a
+    /// resume whose patterns are written otherwise but match the same files goes on; none
+    /// where `data_tokens` is none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_files: Option<Vec<Vec<String>>>,
     pub layout: Layout,
     /// SHA-256 (hex) of every file of the checkpoint but this one, by relative path.
     pub files: BTreeMap<String, String>,
@@ -84,6 +89,8 @@ pub struct Snapshot {
     pub data: serde_json::Value,
     /// See [`TrainerState::data_tokens`].
     pub data_tokens: Option<Vec<u64>>,
+    /// See [`TrainerState::data_files`].
+    pub data_files: Option<Vec<Vec<String>>>,
     pub parallel: Layout,
     /// The resolved run config (TOML) written as `ondol.toml`.
     pub run_config: String,
@@ -203,6 +210,7 @@ pub fn save_to(dst: &Path, snap: &Snapshot) -> Result<()> {
         tokens: snap.tokens,
         data: snap.data.clone(),
         data_tokens: snap.data_tokens.clone(),
+        data_files: snap.data_files.clone(),
         layout: snap.parallel,
         files: checksums,
     };

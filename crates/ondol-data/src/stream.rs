@@ -118,6 +118,13 @@ impl TokenStream {
         Self { parts, starts }
     }
 
+    /// The files the stream reads, in order (a file split in parts, once).
+    pub fn files(&self) -> Vec<&Path> {
+        let mut files: Vec<&Path> = self.parts.iter().map(|p| p.source.path()).collect();
+        files.dedup();
+        files
+    }
+
     /// Total number of tokens.
     pub fn len(&self) -> usize {
         self.starts[self.starts.len() - 1]

@@ -403,6 +403,7 @@ pub fn import_hf(src: &Path, out: &Path) -> Result<Vec<String>> {
         tokens: 0,
         data: serde_json::to_value(ondol_data::Cursor::default()).expect("cursor serializes"),
         data_tokens: None,
+        data_files: None,
         parallel: ondol_ckpt::Layout { tp: 1, pp: 1, dp: 1 },
         run_config,
         extra_files,

@@ -124,8 +124,10 @@ pub struct Trainer<B: Backend> {
     pub engine: Engine<B>,
     sched: LrSchedule,
     loader: Batches,
-    /// Tokens in each training source (checkpoints record them: see [`Self::restore`]).
+    /// Tokens in each training source, and its files (canonical paths, in reading order):
+    /// checkpoints record both (see [`Self::restore`]).
     data_tokens: Vec<u64>,
+    data_files: Vec<Vec<String>>,
     val: Option<Arc<TokenStream>>,
     /// Whether the first evaluation has said what it reads where that is less than asked.
     eval_noted: bool,
@@ -156,6 +158,11 @@ impl<B: Backend> Trainer<B> {
         let sched = LrSchedule::new(cfg.lr_scheduler.clone(), cfg.optimizer.lr, t.steps);
         let order = if t.shuffle { Order::Shuffled { seed: t.seed } } else { Order::Sequential };
         let data_tokens = data.train.iter().map(|s| s.len() as u64).collect();
+        let data_files = data
+            .train
+            .iter()
+            .map(|s| s.files().into_iter().map(|f| file_identity(f).display().to_string()).collect())
+            .collect();
         let loader = if cfg.data.sources.is_empty() {
             let stream = data.train.into_iter().next().expect("one training source");
             Batches::One(Loader::new(stream, t.seq_len, t.batch_size, t.grad_accum, order, replica, replicas)?)
@@ -178,6 +185,7 @@ impl<B: Backend> Trainer<B> {
             sched,
             loader,
             data_tokens,
+            data_files,
             val: data.val,
             tokenizer: data.tokenizer,
             eos_token_id,
@@ -299,6 +307,7 @@ impl<B: Backend> Trainer<B> {
             tokens: self.tokens,
             data: self.loader.position(),
             data_tokens: Some(self.data_tokens.clone()),
+            data_files: Some(self.data_files.clone()),
             parallel: ondol_ckpt::Layout { tp: mesh.tp, pp: mesh.pp, dp: mesh.dp },
             run_config: toml::to_string(&self.cfg).expect("config serializes"),
             extra_files: self.tokenizer.iter().map(|t| ("tokenizer.json".to_string(), t.clone())).collect(),
@@ -332,7 +341,20 @@ impl<B: Backend> Trainer<B> {
         }
         check_tokenizer(&ckpt.dir, Some(&saved), &self.cfg, self.tokenizer.as_deref())?;
         let restart = self.cfg.checkpoint.on_data_change == OnDataChange::Restart;
-        let (theirs, ours) = (data_identity(&saved), data_identity(&self.cfg));
+        let (mut theirs, mut ours) = (data_identity(&saved), data_identity(&self.cfg));
+        // Patterns written otherwise (an absolute path, a glob split in two) that match the
+        // same files, in the same order, read the same tokens.
+        if theirs != ours && ckpt.state.data_files.as_ref() == Some(&self.data_files) {
+            let (a, b) = (without_patterns(&theirs), without_patterns(&ours));
+            if a == b && self.is_leader() {
+                ondol_core::say!(
+                    "note: the training data's patterns are written otherwise than in {}, but match the same files \
+                     in the same order: its data position carries over",
+                    ckpt.dir.display()
+                );
+            }
+            (theirs, ours) = (a, b);
+        }
         // New weights over the same sources (an annealing mixture): each source goes on from
         // where it was, and the draws from here on follow the new shares.
         let reweighted = theirs != ours && without_weights(&theirs) == without_weights(&ours);
@@ -358,8 +380,9 @@ impl<B: Backend> Trainer<B> {
             Some(difference) => {
                 return Err(differs(
                     difference,
-                    "resume with the same value, or set checkpoint.on_data_change = \"restart\" to go on training on \
-                     this run's data from its start",
+                    "resume with the same value (or patterns that match the same files in the same order), or set \
+                     checkpoint.on_data_change = \"restart\" to go on training on this run's data from its start \
+                     (reading again what the run has trained on, where the data is the same)",
                 ));
             }
         };
@@ -809,6 +832,16 @@ pub(crate) fn first_difference(
         let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
         first_difference(&key, a.get(k).unwrap_or(&null), b.get(k).unwrap_or(&null))
     })
+}
+
+/// A data identity without the training files' patterns (of `data.train` or of each source).
+fn without_patterns(identity: &serde_json::Value) -> serde_json::Value {
+    let mut identity = identity.clone();
+    identity["data"]["train"] = serde_json::Value::Null;
+    if let Some(sources) = identity["data"]["sources"].as_array_mut() {
+        sources.iter_mut().for_each(|s| s["train"] = serde_json::Value::Null);
+    }
+    identity
 }
 
 /// A data identity with the mixture's weights left out.

@@ -404,6 +404,20 @@ fn another_validation_set_or_spelling_of_a_path_continues_the_data() {
     assert_eq!(got, want, "the data did not continue");
     let err = restore(&mut trainer(dir.path(), &[]), &saved).unwrap_err().to_string();
     assert!(err.contains("data.val") && err.contains("on_data_change"), "{err}");
+    // Patterns written otherwise that match the same files (here an absolute path, as a job
+    // requeued in another directory needs) continue too; a pattern matching more is a change.
+    let absolute = format!("data.train=[\"{}\"]", dir.path().join("corpus.txt").display());
+    let mut third = trainer(dir.path(), &["data.val=[\"other.txt\"]", &absolute]);
+    assert_eq!(restore(&mut third, &saved).unwrap(), DataPosition::Continued);
+    let got: Vec<u64> = (0..3).map(|_| third.step().unwrap().loss.to_bits()).collect();
+    assert_eq!(got, want, "the data did not continue");
+    let err = restore(
+        &mut trainer(dir.path(), &["data.val=[\"other.txt\"]", "data.train=[\"corpus.txt\", \"held-out.txt\"]"]),
+        &saved,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("data.train") && err.contains("on_data_change"), "{err}");
 }
 
 /// The same patterns over files that changed since the checkpoint (prepared again, or grown)
