@@ -845,10 +845,12 @@ fn restore<B: Backend>(trainer: &mut Trainer<B>, loaded: Loaded) -> Result<u64> 
 fn inspect(args: InspectArgs) -> Result<()> {
     // A config file, or a checkpoint, run directory or checkpoints/latest (its pointer file).
     let pointer = args.config.is_file() && args.config.file_name().is_some_and(|n| n == "latest");
+    let mut checkpoint_dir = None;
     let path = match args.config.is_dir() || pointer {
         false => args.config.clone(),
         true => {
             let dir = model_dir(&args.config)?;
+            checkpoint_dir = Some(dir.clone());
             let toml = dir.join("ondol.toml");
             if !toml.is_file() {
                 return Err(Error::Input(format!(
@@ -875,6 +877,29 @@ fn inspect(args: InspectArgs) -> Result<()> {
     let acts = |every| {
         let mb = MicroBatch { recompute_every: every, ..configured };
         (trained.activation_elems(mb) + scratch_elems(&[&trained], mb)).bytes(precision.bytes())
+    };
+    // A checkpoint's own state, checked as a resume (or, of weights only, an init_from) reads it.
+    let damage = match &checkpoint_dir {
+        None => None,
+        Some(dir) => {
+            let resumable = dir.join("optimizer").is_dir();
+            let checked = if resumable { checkpoint::verify(dir) } else { checkpoint::verify_weights(dir) };
+            match checked {
+                Ok(state) => {
+                    answer!(
+                        "checkpoint           step {}, {} tokens trained on; {}; every file's checksum matches",
+                        state.step,
+                        state.tokens,
+                        if resumable { "AdamW's state too (resumable)" } else { "weights only (model.init_from)" }
+                    );
+                    None
+                }
+                Err(e) => {
+                    answer!("checkpoint           DAMAGED: {e}");
+                    Some(e)
+                }
+            }
+        }
     };
     answer!("arch                 {:?}", cfg.model.arch);
     answer!("parameters           {n} ({:.2}M)", n as f64 / 1e6);
@@ -925,7 +950,8 @@ fn inspect(args: InspectArgs) -> Result<()> {
         bytes(acts(1)),
         bytes(acts(t.activation_checkpointing))
     );
-    Ok(())
+    // (After the config's figures, which hold whatever the damage.)
+    damage.map_or(Ok(()), Err)
 }
 
 /// What `ondol inspect` counts on one rank, in the run's precision (as
@@ -1052,7 +1078,7 @@ fn eval(args: EvalArgs) -> Result<()> {
     if args.batches == Some(0) {
         return Err(Error::config("--batches", "must be at least 1 (or left out for the whole data)"));
     }
-    let p = Pretrained::load(&model_dir(&args.dir)?)?;
+    let p = load_model(&args.dir)?;
     let training = p.run_config.as_ref().map(|c| &c.training);
     let seq = args.seq_len.or(training.map(|t| t.seq_len)).unwrap_or(p.model.cfg.max_seq_len.min(1024));
     let batch = args.batch_size.or(training.map(|t| t.batch_size)).unwrap_or(8);
@@ -1140,7 +1166,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
     if !(args.top_p > 0.0 && args.top_p <= 1.0) {
         return Err(Error::config("--top-p", format!("{}: must be in (0, 1]", args.top_p)));
     }
-    let p = Pretrained::load(&model_dir(&args.dir)?)?;
+    let p = load_model(&args.dir)?;
     let tok = p.tokenizer()?;
     let sampling = Sampling { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p, seed: args.seed };
     let (prompt, eot) = (tok.encode(&args.prompt)?, Some(tok.eot_id()));
@@ -1197,6 +1223,22 @@ fn show_generated(
         );
     }
     Ok(())
+}
+
+/// The model `path` names (see [`model_dir`]). Where it stands for a run's latest checkpoint
+/// and that one is damaged, the error names the newest intact one.
+fn load_model(path: &Path) -> Result<Pretrained> {
+    let dir = model_dir(path)?;
+    Pretrained::load(&dir).map_err(|e| {
+        let run = dir.parent().and_then(Path::parent).filter(|_| dir != path);
+        let intact = run.and_then(|run| {
+            checkpoint::list(run).into_iter().find(|c| *c != dir && checkpoint::verify_weights(c).is_ok())
+        });
+        match intact {
+            Some(intact) => Error::Input(format!("{e}; the run's newest intact checkpoint is {}", intact.display())),
+            None => e,
+        }
+    })
 }
 
 /// [`pretrained::model_dir`], saying which checkpoint a run or checkpoints directory stands for.

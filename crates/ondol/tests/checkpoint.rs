@@ -481,6 +481,10 @@ fn damaged_checkpoints_are_refused_and_auto_falls_back() {
     std::fs::write(&model, &flipped).unwrap();
     let (ok, err) = resume(newest.to_str().unwrap());
     assert!(!ok && err.contains("model.safetensors") && err.contains("checksum mismatch"), "{err}");
+    // Evaluation of the run refuses its damaged latest, naming the newest intact one.
+    let (ok, err) = ondol_err(dir.path(), &["eval", "run", "--data", "corpus.txt", "--batches", "1"]);
+    assert!(!ok && err.contains("checksum mismatch") && err.contains("newest intact checkpoint is"), "{err}");
+    assert!(err.contains("step-00000008"), "{err}");
     // auto skips it with a warning and resumes from the previous checkpoint.
     let (ok, err) = resume("auto");
     assert!(ok, "{err}");
