@@ -67,6 +67,9 @@ impl DirLock {
     }
 
     fn acquire(dir: &Path, purpose: Purpose, wait: bool) -> Result<Self> {
+        if dir.exists() && !dir.is_dir() {
+            return Err(Error::Input(format!("{}: a file, not a directory; give a directory", dir.display())));
+        }
         let made = missing_ancestors(dir);
         let path = dir.join(LOCK_FILE);
         let mut said_waiting = false;

@@ -399,7 +399,9 @@ impl<B: Backend> Trainer<B> {
         // A schedule reshaped by other steps or settings makes the rate jump: allowed, said.
         let theirs = LrSchedule::new(saved.lr_scheduler.clone(), saved.optimizer.lr, saved.training.steps).lr(step);
         let ours = self.sched.lr(step);
-        if self.is_leader() && (ours - theirs).abs() > 1e-6 * theirs.abs().max(ours.abs()) {
+        // (Said only where there is a step to train.)
+        let trains = step < self.cfg.training.steps;
+        if trains && self.is_leader() && (ours - theirs).abs() > 1e-6 * theirs.abs().max(ours.abs()) {
             ondol_core::say!(
                 "note: the learning rate of step {} is {ours:.3e}; the checkpoint's schedule (training.steps {}, \
                  optimizer.lr {:e}, [lr_scheduler]) would give {theirs:.3e}",
