@@ -355,7 +355,9 @@ pub fn verify_weights(dir: &Path) -> Result<TrainerState> {
     verify_files(dir, false)
 }
 
-fn verify_files(dir: &Path, with_moments: bool) -> Result<TrainerState> {
+/// Reads `trainer_state.json` alone, checking no other file (what `inspect` shows without
+/// reading a large checkpoint's every byte).
+pub fn read_state(dir: &Path) -> Result<TrainerState> {
     check_model_dir(dir)?;
     let state_path = dir.join("trainer_state.json");
     let text = fs::read_to_string(&state_path).map_err(|_| {
@@ -370,6 +372,12 @@ fn verify_files(dir: &Path, with_moments: bool) -> Result<TrainerState> {
             state.format
         )));
     }
+    Ok(state)
+}
+
+fn verify_files(dir: &Path, with_moments: bool) -> Result<TrainerState> {
+    let state = read_state(dir)?;
+    let state_path = dir.join("trainer_state.json");
     // Every file that loading reads must be checksummed (the state itself is checked by
     // what it must agree with: its directory's step and a valid layout).
     let mut read = vec![PathBuf::from("config.json"), PathBuf::from("ondol.toml")];

@@ -2,8 +2,8 @@
 
 use std::io::Write;
 
-/// Writes `args` and a newline to standard error in one write (a rank the launcher stops
-/// meanwhile leaves all of the line or none), and goes on where it cannot be written:
+/// Writes `args` and a newline to standard error in one `write_all` (so a rank the launcher
+/// stops meanwhile leaves all of a short line or none), and goes on where it cannot be written:
 /// a full disk or a closed pipe under the log must not end a training run, as `eprintln!`
 /// would by panicking.
 pub fn line(args: std::fmt::Arguments) {

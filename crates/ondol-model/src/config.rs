@@ -208,28 +208,8 @@ impl ModelConfig {
                 "a hybrid has its own head (Nemotron-H never ties it): leave it unset or false",
             ));
         }
-        if matches!(self.arch, Arch::Mamba | Arch::Mamba2) {
-            // What these models have none of is refused, not ignored.
-            let (attention, mlp) = ("a pure Mamba model has no attention", "a pure Mamba model has no MLP");
-            let unused = [
-                ("n_heads", self.n_heads != 0, attention),
-                ("n_kv_heads", self.n_kv_heads.is_some(), attention),
-                ("ffn_hidden", self.ffn_hidden.is_some(), mlp),
-            ];
-            if let Some((key, _, why)) = unused.iter().find(|(_, given, _)| *given) {
-                return Err(Error::config(format!("model.{key}"), format!("{why}: leave it unset")));
-            }
-        }
-        // (A config written out holds the default, whatever the architecture.)
-        if self.arch != Arch::Llama && self.rope_theta != default_rope_theta() {
-            return Err(Error::config(
-                "model.rope_theta",
-                format!(
-                    "{}: only llama has rotary positions (gpt2 learns its positions, Mamba and hybrid models have \
-                     none): leave it unset",
-                    self.rope_theta
-                ),
-            ));
+        if matches!(self.arch, Arch::Mamba | Arch::Mamba2) && self.n_heads != 0 {
+            return Err(Error::config("model.n_heads", "a pure Mamba model has no attention: leave it unset"));
         }
         if self.has_attention() && self.n_heads == 0 {
             return Err(Error::config("model.n_heads", "must be at least 1 for a model with attention"));
@@ -288,6 +268,46 @@ impl ModelConfig {
             Arch::Mamba | Arch::Mamba2 | Arch::Hybrid => {}
         }
         Ok(())
+    }
+
+    /// Refuses settings this architecture does not read, so that none looks applied when it
+    /// is not. Checked in configs a user writes, not in those earlier versions wrote into
+    /// checkpoints, which may hold them (see [`Self::unread_as_defaults`]).
+    pub fn refuse_unread(&self) -> Result<()> {
+        let pure_mamba = matches!(self.arch, Arch::Mamba | Arch::Mamba2);
+        let (attention, mlp) = ("a pure Mamba model has no attention", "a pure Mamba model has no MLP");
+        let unread = [
+            ("n_kv_heads", pure_mamba && self.n_kv_heads.is_some(), attention),
+            ("ffn_hidden", pure_mamba && self.ffn_hidden.is_some(), mlp),
+        ];
+        if let Some((key, _, why)) = unread.iter().find(|(_, given, _)| *given) {
+            return Err(Error::config(format!("model.{key}"), format!("{why}: leave it unset")));
+        }
+        // (A config written out holds the default, whatever the architecture.)
+        if self.arch != Arch::Llama && self.rope_theta != default_rope_theta() {
+            return Err(Error::config(
+                "model.rope_theta",
+                format!(
+                    "{}: only llama has rotary positions (gpt2 learns its positions, Mamba and hybrid models have \
+                     none): leave it unset",
+                    self.rope_theta
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The same model with what its architecture does not read at its defaults: what two
+    /// configs of one model agree on, whether or not one holds an unread value.
+    pub fn unread_as_defaults(&self) -> Self {
+        let mut m = self.clone();
+        if matches!(m.arch, Arch::Mamba | Arch::Mamba2) {
+            (m.n_kv_heads, m.ffn_hidden) = (None, None);
+        }
+        if m.arch != Arch::Llama {
+            m.rope_theta = default_rope_theta();
+        }
+        m
     }
 
     /// What every architecture checks.

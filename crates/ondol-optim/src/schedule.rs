@@ -60,8 +60,20 @@ impl SchedulerConfig {
                 format!("{} must be in [0, 1]", self.wsd_decay_fraction),
             ));
         }
-        // A value that would change the schedule if it were read is refused where it is not,
-        // so that a setting never looks applied when it is not.
+        if self.warmup_steps > total_steps {
+            return Err(Error::config(
+                "lr_scheduler.warmup_steps",
+                format!("{} exceeds training.steps = {total_steps}", self.warmup_steps),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl SchedulerConfig {
+    /// Refuses a value that would change the schedule if it were read, where it is not, so
+    /// that none looks applied when it is not (defaults pass: configs written out hold them).
+    pub fn refuse_unread(&self) -> Result<()> {
         if self.decay != Decay::Wsd && self.wsd_decay_fraction != default_wsd_fraction() {
             return Err(Error::config(
                 "lr_scheduler.wsd_decay_fraction",
@@ -72,12 +84,6 @@ impl SchedulerConfig {
             return Err(Error::config(
                 "lr_scheduler.min_lr_ratio",
                 format!("{} is where a decay ends; decay = \"constant\" has none: leave it out", self.min_lr_ratio),
-            ));
-        }
-        if self.warmup_steps > total_steps {
-            return Err(Error::config(
-                "lr_scheduler.warmup_steps",
-                format!("{} exceeds training.steps = {total_steps}", self.warmup_steps),
             ));
         }
         Ok(())

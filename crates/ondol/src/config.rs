@@ -410,15 +410,28 @@ impl RunConfig {
         self.training.batch_size.saturating_mul(self.parallelism.dp).saturating_mul(self.training.grad_accum)
     }
 
-    /// Reads `path`, applies `--set` overrides in order, and validates the result.
+    /// Reads the config a user wrote at `path`, applies `--set` overrides in order, and
+    /// validates the result, refusing settings it would not read.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self, Error> {
         let file = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(format!("cannot read config {file}"), e))?;
-        Self::parse(&text, &file, overrides)
+        Self::parse_checked(&text, &file, overrides, true)
     }
 
-    /// Parses config text; `file` names its origin in errors.
+    /// [`Self::load`] of a config ondol wrote (a checkpoint's `ondol.toml`): an earlier
+    /// version may have written settings it does not read, which are let be.
+    pub fn load_written(path: &Path, overrides: &[String]) -> Result<Self, Error> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(format!("cannot read config {file}"), e))?;
+        Self::parse_checked(&text, &file, overrides, false)
+    }
+
+    /// Parses config text (as [`Self::load_written`] does); `file` names its origin in errors.
     pub fn parse(text: &str, file: &str, overrides: &[String]) -> Result<Self, Error> {
+        Self::parse_checked(text, file, overrides, false)
+    }
+
+    fn parse_checked(text: &str, file: &str, overrides: &[String], refuse_unread: bool) -> Result<Self, Error> {
         let mut table: toml::Table =
             toml::from_str(text).map_err(|e| Error::Input(format!("{file} is not valid TOML: {e}")))?;
         let written = table.clone();
@@ -463,7 +476,11 @@ impl RunConfig {
         if let (Some(m), false) = (cfg.parallelism.microbatches, grad_accum_given) {
             cfg.training.grad_accum = m;
         }
-        cfg.validate().map_err(|e| match e {
+        let unread = || match refuse_unread {
+            true => cfg.model.refuse_unread().and_then(|()| cfg.lr_scheduler.refuse_unread()),
+            false => Ok(()),
+        };
+        cfg.validate().and_then(|()| unread()).map_err(|e| match e {
             Error::Config { key, message } => blame(&key, message),
             other => other,
         })?;

@@ -138,6 +138,9 @@ struct ConfigArgs {
 struct InspectArgs {
     /// A run config (TOML), or a checkpoint or run directory (the config it was trained with).
     config: PathBuf,
+    /// Of a checkpoint: read every file and check its checksum, as a resume does.
+    #[arg(long)]
+    verify: bool,
     /// Override a config value, e.g. --set parallelism.tp=8 (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
@@ -677,7 +680,7 @@ fn train_rank<B: Backend>(
         );
     }
     let steps = match summary.first_step {
-        0 => format!("{} steps", summary.steps),
+        0 => format!("{} step{}", summary.steps, if summary.steps == 1 { "" } else { "s" }),
         from => {
             let ran = summary.steps - from;
             format!("{ran} step{} (step {from} -> {})", if ran == 1 { "" } else { "s" }, summary.steps)
@@ -751,7 +754,7 @@ fn resume<B: Backend>(trainer: &mut Trainer<B>, run_dir: &Path, spec: Option<&st
     // later ones belong to the abandoned continuation.
     let latest = checkpoint::latest(run_dir);
     let pointer = ckpts.join("latest");
-    if let (None, Ok(name), true) = (&latest, std::fs::read_to_string(&pointer), leader) {
+    if let (None, Ok(name), true, false) = (&latest, std::fs::read_to_string(&pointer), leader, newest.is_empty()) {
         ondol_core::say!(
             "note: {} names {:?}, which is not a checkpoint here: going on from the newest",
             pointer.display(),
@@ -862,7 +865,10 @@ fn inspect(args: InspectArgs) -> Result<()> {
             toml
         }
     };
-    let cfg = RunConfig::load(&path, &args.set)?;
+    let cfg = match checkpoint_dir {
+        Some(_) => RunConfig::load_written(&path, &args.set)?,
+        None => RunConfig::load(&path, &args.set)?,
+    };
     let model = Model::new(cfg.model.clone())?;
     let t = &cfg.training;
     let n = model.num_params() as u64;
@@ -878,19 +884,25 @@ fn inspect(args: InspectArgs) -> Result<()> {
         let mb = MicroBatch { recompute_every: every, ..configured };
         (trained.activation_elems(mb) + scratch_elems(&[&trained], mb)).bytes(precision.bytes())
     };
-    // A checkpoint's own state, checked as a resume (or, of weights only, an init_from) reads it.
+    // A checkpoint's own state; with --verify, checked as a resume (or, of weights only, an
+    // init_from) reads it (every byte: minutes for a large model, which is why it is asked for).
     let damage = match &checkpoint_dir {
         None => None,
         Some(dir) => {
             let resumable = dir.join("optimizer").is_dir();
-            let checked = if resumable { checkpoint::verify(dir) } else { checkpoint::verify_weights(dir) };
+            let checked = match (args.verify, resumable) {
+                (false, _) => checkpoint::read_state(dir),
+                (true, true) => checkpoint::verify(dir),
+                (true, false) => checkpoint::verify_weights(dir),
+            };
             match checked {
                 Ok(state) => {
                     answer!(
-                        "checkpoint           step {}, {} tokens trained on; {}; every file's checksum matches",
+                        "checkpoint           step {}, {} tokens trained on; {}; {}",
                         state.step,
                         state.tokens,
-                        if resumable { "AdamW's state too (resumable)" } else { "weights only (model.init_from)" }
+                        if resumable { "AdamW's state too (resumable)" } else { "weights only (model.init_from)" },
+                        if args.verify { "every file's checksum matches" } else { "checksums not read (--verify)" }
                     );
                     None
                 }
@@ -1230,7 +1242,9 @@ fn show_generated(
 fn load_model(path: &Path) -> Result<Pretrained> {
     let dir = model_dir(path)?;
     Pretrained::load(&dir).map_err(|e| {
-        let run = dir.parent().and_then(Path::parent).filter(|_| dir != path);
+        // (Only where the checkpoint's files are what fails: another would fail otherwise alike.)
+        let damaged = checkpoint::verify_weights(&dir).is_err();
+        let run = dir.parent().and_then(Path::parent).filter(|_| dir != path && damaged);
         let intact = run.and_then(|run| {
             checkpoint::list(run).into_iter().find(|c| *c != dir && checkpoint::verify_weights(c).is_ok())
         });

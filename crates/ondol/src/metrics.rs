@@ -170,19 +170,27 @@ impl Metrics {
 }
 
 /// A run that starts afresh where an earlier one left rows but no checkpoint (it was stopped
-/// before its first, or ran with `checkpoint.at_end = false`) moves them aside, saying so,
-/// rather than writing over them.
+/// before its first, or ran with `checkpoint.at_end = false`) adds them to
+/// `metrics.earlier.jsonl`, saying so, rather than writing over them.
 fn keep_an_earlier_runs_rows(path: &Path) -> Result<()> {
-    let rows = std::fs::read_to_string(path).map_or(0, |text| text.lines().count());
-    if rows == 0 {
+    let rows = std::fs::read_to_string(path).unwrap_or_default();
+    if rows.is_empty() {
         return Ok(());
     }
-    let aside = path.with_file_name("metrics.earlier.jsonl");
-    std::fs::rename(path, &aside).map_err(|e| Error::io(format!("cannot move {} aside", path.display()), e))?;
+    let earlier = path.with_file_name("metrics.earlier.jsonl");
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&earlier)
+        .and_then(|mut f| f.write_all(rows.as_bytes()).and_then(|()| f.sync_all()))
+        .map_err(|e| {
+            Error::io(format!("cannot keep the earlier rows of {} in {}", path.display(), earlier.display()), e)
+        })?;
     ondol_core::say!(
-        "note: {} held {rows} rows of an earlier run in this directory, which left no checkpoint: moved to {}",
+        "note: {} held {} rows of an earlier run in this directory, which left no checkpoint: added to {}",
         path.display(),
-        aside.display()
+        rows.lines().count(),
+        earlier.display()
     );
     Ok(())
 }

@@ -294,10 +294,12 @@ fn run_prepare(cfg: &PrepareConfig, table: Option<&PrepareTable>) -> Result<()> 
         let json = serde_json::to_string_pretty(table).expect("the table serializes");
         write_atomic(&record, json.as_bytes())?;
     }
-    let manifest = prepare(cfg, command_line(), env!("CARGO_PKG_VERSION"))?;
+    // Data prepared by hand is no table's: the record goes before the data is replaced, so
+    // that a crash in between never leaves new data beside a table's record.
     if table.is_none() && record.exists() {
         std::fs::remove_file(&record).map_err(|e| Error::io(format!("cannot remove {}", record.display()), e))?;
     }
+    let manifest = prepare(cfg, command_line(), env!("CARGO_PKG_VERSION"))?;
     ondol_core::say!("{}", manifest.summary());
     ondol_core::say!("wrote {} (report: manifest.json)", cfg.out.display());
     Ok(())

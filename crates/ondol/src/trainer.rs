@@ -343,8 +343,18 @@ impl<B: Backend> Trainer<B> {
         let restart = self.cfg.checkpoint.on_data_change == OnDataChange::Restart;
         let (mut theirs, mut ours) = (data_identity(&saved), data_identity(&self.cfg));
         // Patterns written otherwise (an absolute path, a glob split in two) that match the
-        // same files, in the same order, read the same tokens.
-        if theirs != ours && ckpt.state.data_files.as_ref() == Some(&self.data_files) {
+        // same files, in the same order, read the same tokens. Every rank must see it so, or
+        // replicas would go on from different positions (nodes that mount the data elsewhere
+        // name its files otherwise).
+        let same_files = theirs != ours && ckpt.state.data_files.as_ref() == Some(&self.data_files);
+        if let Some((rank, _)) = self.first_rank_unlike_rank_0((same_files as u64, 0))? {
+            return Err(Error::Input(format!(
+                "world rank {rank} and world rank 0 disagree on whether the training data's files are those of {} \
+                 (the nodes name them otherwise: other mounts?): resume with the checkpoint's data patterns",
+                ckpt.dir.display()
+            )));
+        }
+        if same_files {
             let (a, b) = (without_patterns(&theirs), without_patterns(&ours));
             if a == b && self.is_leader() {
                 ondol_core::say!(
@@ -378,11 +388,18 @@ impl<B: Backend> Trainer<B> {
             }
             Some(_) if restart => DataPosition::Restarted,
             Some(difference) => {
+                // (Checkpoints of earlier versions record no files to match.)
+                let same_files_will_do = match ckpt.state.data_files {
+                    Some(_) => " (or patterns that match the same files in the same order)",
+                    None => "",
+                };
                 return Err(differs(
                     difference,
-                    "resume with the same value (or patterns that match the same files in the same order), or set \
-                     checkpoint.on_data_change = \"restart\" to go on training on this run's data from its start \
-                     (reading again what the run has trained on, where the data is the same)",
+                    &format!(
+                        "resume with the same value{same_files_will_do}, or set checkpoint.on_data_change = \
+                         \"restart\" to go on training on this run's data from its start (reading again what the \
+                         run has trained on, where the data is the same)"
+                    ),
                 ));
             }
         };
@@ -797,7 +814,8 @@ pub fn run<B: Backend>(
 /// began (`init_from`: a resume's weights are its checkpoint's) and, but for GPT-2's learned
 /// positions, `max_seq_len`, which no weight depends on (a context extension raises it).
 fn model_identity(m: &ModelConfig) -> serde_json::Value {
-    let mut m = m.clone();
+    // (A checkpoint of an earlier version may hold settings its architecture did not read.)
+    let mut m = m.unread_as_defaults();
     m.init_from = None;
     if m.arch != Arch::Gpt2 {
         m.max_seq_len = 0;

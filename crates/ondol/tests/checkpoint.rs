@@ -9,6 +9,7 @@ use ondol::trainer::{Data, DataPosition, Trainer};
 use ondol_ckpt::checkpoint;
 use ondol_core::Rng;
 use ondol_cpu::CpuBackend;
+use sha2::{Digest, Sha256};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -240,8 +241,13 @@ fn a_run_can_skip_its_final_checkpoint() {
     assert!(ondol_err(dir.path(), &args).0);
     let earlier = std::fs::read_to_string(dir.path().join("run/metrics.jsonl")).unwrap();
     let (ok, err) = ondol_err(dir.path(), &args);
-    assert!(ok && err.contains("moved to") && err.contains("metrics.earlier.jsonl"), "{err}");
+    assert!(ok && err.contains("added to") && err.contains("metrics.earlier.jsonl"), "{err}");
     assert_eq!(std::fs::read_to_string(dir.path().join("run/metrics.earlier.jsonl")).unwrap(), earlier);
+    // A third run adds the second's rows after the first's.
+    let second = std::fs::read_to_string(dir.path().join("run/metrics.jsonl")).unwrap();
+    assert!(ondol_err(dir.path(), &args).0);
+    let kept = std::fs::read_to_string(dir.path().join("run/metrics.earlier.jsonl")).unwrap();
+    assert_eq!(kept, earlier + &second);
 }
 
 /// After a resume from an earlier checkpoint, the abandoned continuation's later checkpoints
@@ -564,6 +570,40 @@ fn a_checkpoint_of_weights_only_serves_all_but_a_resume() {
     std::fs::write(&model, bytes).unwrap();
     let (ok, err) = ondol_err(dir.path(), &["eval", slim, "--data", "corpus.txt", "--batches", "1"]);
     assert!(!ok && err.contains("checksum mismatch"), "{err}");
+}
+
+/// A checkpoint an earlier version wrote may hold a setting its run did not read, which a
+/// config a user writes is now refused for: it still inspects, evaluates and resumes.
+#[test]
+fn a_checkpoint_holding_a_setting_its_run_did_not_read_still_serves() {
+    let dir = setup();
+    let constant = ["--set", "lr_scheduler.decay=\"constant\"", "--set", "training.steps=4"];
+    let (ok, err) = ondol_err(dir.path(), &[&["train", "run.toml", "--run-dir", "run"][..], &constant].concat());
+    assert!(ok, "{err}");
+    // As an earlier version wrote it: a rate's end beside a constant rate, checksummed.
+    let ckpt = dir.path().join("run/checkpoints/step-00000004");
+    let toml = ckpt.join("ondol.toml");
+    let text = std::fs::read_to_string(&toml).unwrap();
+    let text: Vec<String> = text
+        .lines()
+        .map(|l| if l.starts_with("min_lr_ratio") { "min_lr_ratio = 0.0".to_string() } else { l.to_string() })
+        .collect();
+    assert!(text.iter().any(|l| l == "min_lr_ratio = 0.0"), "no min_lr_ratio in {}", toml.display());
+    std::fs::write(&toml, text.join("\n") + "\n").unwrap();
+    let state_file = ckpt.join("trainer_state.json");
+    let mut state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&state_file).unwrap()).unwrap();
+    let sha: String = Sha256::digest(std::fs::read(&toml).unwrap()).iter().map(|b| format!("{b:02x}")).collect();
+    state["files"]["ondol.toml"] = sha.into();
+    std::fs::write(&state_file, serde_json::to_string(&state).unwrap()).unwrap();
+
+    let (ok, err) = ondol_err(dir.path(), &["inspect", "run"]);
+    assert!(ok, "{err}");
+    let (ok, err) = ondol_err(dir.path(), &["eval", "run", "--data", "corpus.txt", "--batches", "1"]);
+    assert!(ok, "{err}");
+    let longer = ["--set", "lr_scheduler.decay=\"constant\"", "--set", "training.steps=5"];
+    let (ok, err) =
+        ondol_err(dir.path(), &[&["train", "run.toml", "--run-dir", "run", "--resume", "auto"][..], &longer].concat());
+    assert!(ok && err.contains("resumed at step 4"), "{err}");
 }
 
 /// A finished run, a run directory trained over from scratch, an edited trainer_state.json

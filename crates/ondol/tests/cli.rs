@@ -152,10 +152,13 @@ fn bad_values_are_refused_with_key_file_and_what_is_valid() {
         (&["model.pattern=\"M\""], &["model.pattern", "only arch = \"hybrid\""]),
         // What an architecture does not read is refused, not ignored.
         (
-            &["model.arch=\"mamba2\"", "model.n_heads=0", "model.n_kv_heads=1"],
+            &["model.arch=\"mamba2\"", "model.n_heads=0", "model.ssm.head_dim=8", "model.n_kv_heads=1"],
             &["model.n_kv_heads", "no attention", "leave it unset"],
         ),
-        (&["model.arch=\"mamba2\"", "model.n_heads=0", "model.ffn_hidden=64"], &["model.ffn_hidden", "no MLP"]),
+        (
+            &["model.arch=\"mamba2\"", "model.n_heads=0", "model.ssm.head_dim=8", "model.ffn_hidden=64"],
+            &["model.ffn_hidden", "no MLP"],
+        ),
         (&["model.arch=\"gpt2\"", "model.rope_theta=12345.0"], &["model.rope_theta", "only llama"]),
         (&["lr_scheduler.wsd_decay_fraction=0.5"], &["lr_scheduler.wsd_decay_fraction", "decay = \"wsd\""]),
         (

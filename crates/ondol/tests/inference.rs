@@ -212,14 +212,18 @@ lr = 1e-2
         let Run { ok, stdout, stderr } = ondol(dir.path(), &["inspect", path, "--set", "parallelism.tp=2"]);
         assert!(ok && stdout.contains("parameters") && stdout.contains("(2, 1, 1)"), "{path}: {stderr}");
         assert!(stdout.contains("step 30, 3840 tokens trained on; AdamW's state too (resumable)"), "{stdout}");
+        assert!(stdout.contains("checksums not read (--verify)"), "{stdout}");
     }
-    // It checks the checkpoint as a resume reads it: damage shows, and fails the command.
+    // With --verify, it checks the checkpoint as a resume reads it: damage shows, and fails
+    // the command.
     let state = dir.path().join(ckpt).join("optimizer/exp_avg.safetensors");
     let pristine = std::fs::read(&state).unwrap();
     let mut flipped = pristine.clone();
     flipped[pristine.len() / 2] ^= 1;
     std::fs::write(&state, flipped).unwrap();
     let Run { ok, stdout, .. } = ondol(dir.path(), &["inspect", "run"]);
+    assert!(ok && stdout.contains("checksums not read"), "{stdout}");
+    let Run { ok, stdout, .. } = ondol(dir.path(), &["inspect", "run", "--verify"]);
     assert!(!ok && stdout.contains("DAMAGED") && stdout.contains("exp_avg.safetensors"), "{stdout}");
     std::fs::write(&state, pristine).unwrap();
     // Negative numbers reach their check; a budget past the context is said.
