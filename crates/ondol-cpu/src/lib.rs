@@ -57,7 +57,8 @@ impl Backend for CpuBackend {
     type Mut<'a> = &'a mut [f32];
 
     fn name(&self) -> String {
-        format!("cpu ({} threads)", rayon::current_num_threads())
+        let threads = rayon::current_num_threads();
+        format!("cpu ({threads} thread{})", if threads == 1 { "" } else { "s" })
     }
 
     fn zeros(&self, len: usize) -> Vec<f32> {

@@ -270,7 +270,7 @@ fn train(args: TrainArgs) -> Result<RunEnd> {
     let data = Data::open(&cfg, Path::new("."))?;
     let p = &cfg.parallelism;
     let mesh = Mesh::new(p.tp, p.pp, p.dp)?;
-    let peak = Peak::cpu(1);
+    let peak = Peak::cpu_thread_ranks(mesh.world());
     if mesh.world() == 1 {
         return train_rank(&args, CpuBackend::new(), &peak, cfg, data, None);
     }
@@ -411,6 +411,28 @@ impl Peak {
         match processes {
             1 => Self { flops, what },
             n => Self { flops: flops * n as f64, what: format!("{n} ranks x {what} of one rank's threads") },
+        }
+    }
+
+    /// [`Self::cpu`] for `ranks` ranks run as threads of this process. Each computes on a
+    /// thread of its own beside the shared pool (GEMMs too small to share out run there), so
+    /// together they use up to `ranks` cores however few threads the pool has: the pool's
+    /// peak is scaled to the cores they can use (else `training.threads = 1` over two thread
+    /// ranks showed an MFU near 100 % against one core's peak).
+    fn cpu_thread_ranks(ranks: usize) -> Self {
+        let one = Self::cpu(1);
+        let pool = rayon::current_num_threads();
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let usable = pool.max(ranks.min(cores));
+        match usable == pool {
+            true => one,
+            false => Self {
+                flops: one.flops * usable as f64 / pool as f64,
+                what: format!(
+                    "{} of the pool's {pool} thread(s), scaled to the {usable} cores {ranks} thread ranks use",
+                    one.what
+                ),
+            },
         }
     }
 }
