@@ -19,7 +19,9 @@
 //!   its status. One crashed rank would otherwise leave the others blocked in a collective.
 //!   Exit status 128 + SIGTERM or SIGUSR1 is no failure: `ondol train` stopped on request with a
 //!   checkpoint, and its other ranks stop after the same step; the launch then ends with that
-//!   status too.
+//!   status too. A launch interrupted by a signal its ranks did not stop on request for (SIGINT,
+//!   or SIGTERM before training began) ends as interrupted, with 128 + that signal, as a
+//!   process it ended would, not as a failure.
 //! - On Linux each child also gets SIGTERM if the launcher itself dies (`PR_SET_PDEATHSIG`), so
 //!   a killed launcher leaves no orphaned ranks holding GPUs. (The signal fires when the
 //!   spawning *thread* exits; `launch` runs on the caller's thread, which outlives the children.)
@@ -108,7 +110,7 @@ fn send_signal(child: &Child, sig: libc::c_int) {
 }
 
 /// A signal's conventional name, for messages.
-fn signal_name(sig: i32) -> String {
+pub fn signal_name(sig: i32) -> String {
     let name = match sig {
         libc::SIGHUP => "SIGHUP",
         libc::SIGINT => "SIGINT",
@@ -225,7 +227,19 @@ fn unique_job_id() -> String {
 /// Runs the ranks of this node until all exit. Fails when a rank fails (naming it and its
 /// status), when the launcher was interrupted, or when the options cannot work.
 /// Returns the ranks' exit status where they stopped on request (see the module docs).
-pub fn launch(opts: &LaunchOptions) -> Result<Option<u8>, CommError> {
+/// How a launch that did not fail ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ended {
+    /// Every rank finished.
+    Finished,
+    /// The ranks stopped on request with a checkpoint: their exit status (128 + the signal).
+    Stopped(u8),
+    /// The launcher got this signal and forwarded it; the ranks ended without stopping on
+    /// request (before training began, or on a signal training does not catch).
+    Interrupted(i32),
+}
+
+pub fn launch(opts: &LaunchOptions) -> Result<Ended, CommError> {
     let LaunchOptions { nproc_per_node: n, nnodes, node_rank, .. } = *opts;
     if n == 0 || nnodes == 0 {
         return Err(CommError::Launch("--nproc-per-node and --nnodes must be at least 1".into()));
@@ -312,7 +326,7 @@ fn stopped_on_request(status: ExitStatus) -> Option<u8> {
 
 /// Waits for every rank; see the module docs for the policy. Returns the exit status of ranks
 /// that stopped on request (SIGTERM's where some stopped on each).
-fn supervise(ranks: &mut [Rank], grace: Duration) -> Result<Option<u8>, CommError> {
+fn supervise(ranks: &mut [Rank], grace: Duration) -> Result<Ended, CommError> {
     let mut failures: Vec<(usize, ExitStatus)> = Vec::new();
     let mut stopped: Option<u8> = None;
     let mut interrupted: Option<i32> = None;
@@ -388,16 +402,18 @@ fn supervise(ranks: &mut [Rank], grace: Duration) -> Result<Option<u8>, CommErro
         .map(|(rank, s)| format!("rank {rank} {}", describe_status(s)))
         .collect();
     match (stopped, interrupted) {
-        (_, _) if broken.is_empty() => Ok(stopped), // (after a signal during the last step, all finished)
+        // (After a signal during the last step, all finished.)
+        (None, _) if broken.is_empty() => Ok(Ended::Finished),
+        (Some(code), _) if broken.is_empty() => Ok(Ended::Stopped(code)),
         (Some(code), _) => Err(CommError::Launch(format!(
             "the ranks stopped on request (exit status {code}), but {}: the checkpoint of the step they stopped \
              at may be missing",
             broken.join("; ")
         ))),
-        (None, Some(sig)) => {
-            Err(CommError::Launch(format!("interrupted by {}; forwarded it to every rank", signal_name(sig))))
-        }
-        (None, None) => Ok(None),
+        // Ranks ended by the signal, or failing as others went (a lost rendezvous): nothing
+        // failed that the signal did not end.
+        (None, Some(sig)) => Ok(Ended::Interrupted(sig)),
+        (None, None) => Ok(Ended::Finished),
     }
 }
 
@@ -447,7 +463,8 @@ mod tests {
 
     /// After a signal the launcher got and forwarded: ranks that stopped on request (143) make
     /// a clean stop only if no other rank was killed meanwhile (its checkpoint may be missing),
-    /// and ranks that all finished make a finished launch. (One test: the pending signal is
+    /// ranks the signal ended make an interrupted launch, and ranks that all finished make a
+    /// finished launch. (One test: the pending signal is
     /// global.)
     #[test]
     fn the_verdict_after_a_forwarded_signal_counts_every_rank() {
@@ -460,12 +477,20 @@ mod tests {
 
         let mut ranks = sh_ranks(&[stops, stops]);
         PENDING_SIGNAL.store(libc::SIGTERM, Ordering::SeqCst);
-        assert_eq!(supervise(&mut ranks, Duration::from_secs(10)).unwrap(), Some(143));
+        assert_eq!(supervise(&mut ranks, Duration::from_secs(10)).unwrap(), Ended::Stopped(143));
+
+        // Ranks the signal ended (before training caught it), or that failed as the others
+        // went, make an interrupted launch, not a failed one.
+        let ended = "sleep 5 & wait";
+        let lost_its_peer = "trap 'exit 1' TERM; sleep 5 & wait";
+        let mut ranks = sh_ranks(&[ended, lost_its_peer]);
+        PENDING_SIGNAL.store(libc::SIGTERM, Ordering::SeqCst);
+        assert_eq!(supervise(&mut ranks, Duration::from_secs(10)).unwrap(), Ended::Interrupted(libc::SIGTERM));
 
         let finishes = "trap 'exit 0' USR1; sleep 5 & wait";
         let mut ranks = sh_ranks(&[finishes, finishes]);
         PENDING_SIGNAL.store(libc::SIGUSR1, Ordering::SeqCst);
-        assert_eq!(supervise(&mut ranks, Duration::from_secs(10)).unwrap(), None);
+        assert_eq!(supervise(&mut ranks, Duration::from_secs(10)).unwrap(), Ended::Finished);
     }
 
     #[test]

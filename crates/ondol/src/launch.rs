@@ -3,7 +3,7 @@
 
 use clap::Args;
 use ondol_comm::DistEnv;
-use ondol_comm::launch::LaunchOptions;
+use ondol_comm::launch::{Ended, LaunchOptions, signal_name};
 use ondol_comm::selftest::SelftestOptions;
 use ondol_core::{Error, Result};
 use std::ffi::OsString;
@@ -53,8 +53,9 @@ fn seconds(flag: &str, s: f64) -> Result<Duration> {
     Duration::try_from_secs_f64(s).map_err(|_| Error::config(flag, format!("{s} is not a number of seconds >= 0")))
 }
 
-/// Runs `ondol COMMAND` once per rank of this node. Returns the ranks' exit status where they
-/// stopped on request (a training run's checkpoint-and-stop).
+/// Runs `ondol COMMAND` once per rank of this node. Returns the exit status to end with where
+/// the ranks stopped on request (a training run's checkpoint-and-stop, 128 + its signal) or a
+/// signal interrupted the launch (128 + that signal, as the shell reports a process it ended).
 pub fn launch(args: LaunchArgs) -> Result<Option<u8>> {
     let program = std::env::current_exe().map_err(|e| Error::io("cannot find the ondol executable to launch", e))?;
     let opts = LaunchOptions {
@@ -67,13 +68,24 @@ pub fn launch(args: LaunchArgs) -> Result<Option<u8>> {
         program,
         args: args.command,
     };
-    let stopped = ondol_comm::launch::launch(&opts)?;
-    if let Some(status) = stopped {
-        ondol_core::say!(
-            "the ranks stopped on request (exit status {status}): `--resume auto` goes on from their checkpoint"
-        );
+    match ondol_comm::launch::launch(&opts)? {
+        Ended::Finished => Ok(None),
+        Ended::Stopped(status) => {
+            ondol_core::say!(
+                "the ranks stopped on request (exit status {status}): `--resume auto` goes on from their checkpoint"
+            );
+            Ok(Some(status))
+        }
+        Ended::Interrupted(sig) => {
+            ondol_core::say!(
+                "launch: interrupted by {}, which it forwarded to every rank: they ended without stopping on \
+                 request (before training began, or on a signal training does not catch); `--resume auto` goes on \
+                 from a run's last checkpoint",
+                signal_name(sig)
+            );
+            Ok(Some(128 + sig as u8))
+        }
     }
-    Ok(stopped)
 }
 
 /// Checks the rendezvous of a launched job.
