@@ -96,6 +96,7 @@ struct EvalArgs {
 struct GenerateArgs {
     /// A checkpoint or Hugging Face model directory, or a run directory (its latest checkpoint).
     dir: PathBuf,
+    /// The text to continue; empty: a text from its start (after an end-of-text).
     #[arg(long)]
     prompt: String,
     /// At most this many tokens after the prompt (fewer where the model's context ends).
@@ -708,11 +709,13 @@ fn train_rank<B: Backend>(
             format!("{ran} step{} (step {from} -> {})", if ran == 1 { "" } else { "s" }, summary.steps)
         }
     };
+    let mfu = summary.tokens_per_s * trainer.model().flops_per_token(seq) as f64 / peak.flops;
     ondol_core::say!(
-        "{}: {steps} in {:.1} s, {:.0} tokens/s training; train loss {:.4} -> {:.4}; {val_losses}",
+        "{}: {steps} in {:.1} s, {:.0} tokens/s training ({:.1} % MFU); train loss {:.4} -> {:.4}; {val_losses}",
         if summary.stopped_by.is_some() { "stopped" } else { "done" },
         summary.seconds,
         summary.tokens_per_s,
+        100.0 * mfu,
         summary.first_loss,
         summary.final_loss,
     );
@@ -1203,9 +1206,16 @@ fn generate(args: GenerateArgs) -> Result<()> {
     let p = load_model(&args.dir)?;
     let tok = p.tokenizer()?;
     let sampling = Sampling { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p, seed: args.seed };
-    let (prompt, eot) = (tok.encode(&args.prompt)?, Some(tok.eot_id()));
+    let eot = tok.eot_id();
+    // An empty prompt samples a text from its start: after an end-of-text, as a document
+    // follows one in training.
+    let prompt = match tok.encode(&args.prompt)? {
+        ids if ids.is_empty() => vec![eot],
+        ids => ids,
+    };
+    let eot = Some(eot);
     let room = p.model.cfg.max_seq_len.saturating_sub(prompt.len());
-    if args.max_new_tokens > room && !prompt.is_empty() && room > 0 {
+    if args.max_new_tokens > room && room > 0 {
         ondol_core::say!(
             "note: at most {room} new tokens: the prompt's {} and they fill the model's context of {}",
             prompt.len(),

@@ -388,10 +388,17 @@ impl<B: Backend> Trainer<B> {
             }
             Some(_) if restart => DataPosition::Restarted,
             Some(difference) => {
-                // (Checkpoints of earlier versions record no files to match.)
-                let same_files_will_do = match ckpt.state.data_files {
-                    Some(_) => " (or patterns that match the same files in the same order)",
-                    None => "",
+                // What keeps the value, where it is not simply written again: patterns that
+                // match the same files (checkpoints of earlier versions record none), or the
+                // global batch cut otherwise.
+                let patterns = difference.key.starts_with("data.train") || difference.key.ends_with("].train");
+                let same_files_will_do = match (patterns, &ckpt.state.data_files) {
+                    (true, Some(_)) => " (or patterns that match the same files in the same order)".to_string(),
+                    _ if difference.key.contains("global batch") => format!(
+                        " (batch_size x parallelism.dp x grad_accum = {}: at fewer replicas, more training.grad_accum)",
+                        difference.theirs
+                    ),
+                    _ => String::new(),
                 };
                 return Err(differs(
                     difference,

@@ -235,6 +235,9 @@ lr = 1e-2
     std::fs::write(dir.path().join("short.txt"), "too short for a batch").unwrap();
     let Run { ok, stderr: err, .. } = ondol(dir.path(), &["eval", ckpt, "--data", "short.txt"]);
     assert!(!ok && err.contains("fewer than one batch of 4 x 32") && err.contains("lower --batch-size"), "{err}");
+    // An empty prompt samples from the start of a text (after an end-of-text, not shown).
+    let Run { ok, stdout, stderr } = ondol(dir.path(), &["generate", ckpt, "--prompt", "", "--max-new-tokens", "8"]);
+    assert!(ok && !stdout.trim().is_empty() && !stdout.contains("endoftext"), "{stdout} {stderr}");
     let Run { ok, stderr: err, .. } = ondol(dir.path(), &["generate", ckpt, "--prompt", "a", "--temperature", "inf"]);
     assert!(!ok && err.contains("--temperature"), "{err}");
     let Run { ok, stderr: err, .. } = ondol(dir.path(), &["eval", ckpt, "--data", "missing.bin"]);

@@ -169,6 +169,7 @@ fn the_cli_runs_data_parallel_ranks_and_refuses_to_resume_at_another_size() {
         |more: &[&str]| ondol(&[&["train", "run.toml", "--run-dir", "run", "--resume", "auto"], more].concat());
     let (ok, err) = resume(&["--set", "training.batch_size=4"]);
     assert!(!ok && err.contains("global batch") && err.contains("grad_accum"), "{err}");
+    assert!(err.contains("at fewer replicas, more training.grad_accum") && !err.contains("patterns"), "{err}");
     let (ok, err) =
         resume(&["--set", "training.steps=24", "--set", "training.batch_size=4", "--set", "training.grad_accum=4"]);
     assert!(ok && err.contains("resumed at step 20"), "{err}");
