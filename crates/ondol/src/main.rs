@@ -1154,6 +1154,10 @@ fn eval(args: EvalArgs) -> Result<()> {
         }
     }
     let stream = TokenStream::open(&files, kind)?;
+    if stream.len() <= 1 {
+        // (An empty text file reads as its end-of-text alone.)
+        return Err(Error::config("--data", "holds no text to evaluate on (its files are empty)"));
+    }
     if stream.len() <= batch * seq {
         return Err(Error::config(
             "--batch-size/--seq-len",
@@ -1186,8 +1190,9 @@ fn eval(args: EvalArgs) -> Result<()> {
         );
     } else {
         answer!(
-            "loss {loss:.4}  perplexity {:.3}  over {tokens} tokens ({batches} batches of {batch} x {seq})",
-            loss.exp()
+            "loss {loss:.4}  perplexity {:.3}  over {tokens} tokens ({batches} batch{} of {batch} x {seq})",
+            loss.exp(),
+            if batches == 1 { "" } else { "es" }
         );
     }
     Ok(())
