@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
-# Generates tiny random Hugging Face models (Llama, GPT-2, Mamba, Mamba-2, Nemotron-H; + expected logits/loss) under crates/ondol-ckpt/tests/fixtures/ so Rust tests can check ondol's forward pass against transformers.
+# Generates tiny random Hugging Face models (Llama, Llama 3 rope scaling, GPT-2, Mamba, Mamba-2, Nemotron-H; + expected logits/loss) under crates/ondol-ckpt/tests/fixtures/ so Rust tests can check ondol's forward pass against transformers.
 """
 Usage:
-  python scripts/make-hf-fixtures.py [OUT_DIR]
-      Write the fixtures (default OUT_DIR: crates/ondol-ckpt/tests/fixtures).
+  python scripts/make-hf-fixtures.py [OUT_DIR] [--only NAME...]
+      Write the fixtures (default OUT_DIR: crates/ondol-ckpt/tests/fixtures), or the named ones.
       Each fixture directory holds config.json + model.safetensors (from
       save_pretrained) and expected.safetensors with input_ids (int64 [2, 13]),
       logits (float32 [2, 13, 97]) and loss (float32 [1], labels = input_ids).
@@ -221,7 +221,7 @@ def describe_safetensors(path):
     return lines
 
 
-def make(out_dir):
+def make(out_dir, only=None):
     from safetensors.torch import save_file
 
     fixtures = [
@@ -235,11 +235,29 @@ def make(out_dir):
                 rms_norm_eps=1e-6,
             ),
         ),
+        # Llama 3.1's rotary scaling: of head dim 8's four frequencies, one is kept, one
+        # blended and two divided by the factor.
+        (
+            "tiny-llama3-rope",
+            llama_config(
+                max_position_embeddings=256,
+                rope_parameters={
+                    "rope_type": "llama3",
+                    "rope_theta": 10000.0,
+                    "factor": 8.0,
+                    "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 64,
+                },
+            ),
+        ),
         ("tiny-gpt2", gpt2_config()),
         ("tiny-mamba", mamba_config()),
         ("tiny-mamba2", mamba2_config()),
         ("tiny-nemotron-h", nemotron_h_config()),
     ]
+    if only:
+        fixtures = [(name, config) for name, config in fixtures if name in only]
     input_ids = fixed_input_ids()
     os.makedirs(out_dir, exist_ok=True)
     summary = []
@@ -335,9 +353,11 @@ def main():
         sys.exit(check(sys.argv[2:]))
     if len(sys.argv) > 2 and sys.argv[1] == "expect":
         sys.exit(expect(sys.argv[2:]))
-    if len(sys.argv) > 2:
-        sys.exit(__doc__)
-    make(sys.argv[1] if len(sys.argv) == 2 else DEFAULT_OUT)
+    p = argparse.ArgumentParser(prog="make-hf-fixtures.py")
+    p.add_argument("out_dir", nargs="?", default=DEFAULT_OUT)
+    p.add_argument("--only", nargs="+", help="make these fixtures only (by directory name)")
+    a = p.parse_args()
+    make(a.out_dir, a.only)
 
 
 if __name__ == "__main__":

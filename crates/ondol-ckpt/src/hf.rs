@@ -7,7 +7,7 @@
 //! with a warning, since ondol trains without dropout.
 
 use ondol_core::{Error, Result};
-use ondol_model::{Arch, LayerKind, ModelConfig, SsmConfig};
+use ondol_model::{Arch, LayerKind, ModelConfig, RopeScaling, RopeScalingKind, SsmConfig};
 use serde_json::{Map, Value, json};
 
 /// The `config.json` of `cfg` in the Hugging Face schema of its architecture.
@@ -81,7 +81,7 @@ pub fn to_hf_config(cfg: &ModelConfig, eos_token_id: Option<u32>) -> Value {
             "max_position_embeddings": cfg.max_seq_len,
             "rms_norm_eps": cfg.norm_eps,
             "rope_theta": cfg.rope_theta,
-            "rope_parameters": { "rope_type": "default", "rope_theta": cfg.rope_theta },
+            "rope_parameters": rope_parameters(cfg),
             "hidden_act": "silu",
             "attention_bias": false,
             "attention_dropout": 0.0,
@@ -118,6 +118,10 @@ pub fn to_hf_config(cfg: &ModelConfig, eos_token_id: Option<u32>) -> Value {
     if let Some(eos) = eos_token_id {
         v["eos_token_id"] = json!(eos);
         v["bos_token_id"] = json!(eos);
+    }
+    if cfg.rope_scaling.is_some() {
+        // (transformers before 5 read the scaling here; 5 from rope_parameters.)
+        v["rope_scaling"] = rope_parameters(cfg);
     }
     v
 }
@@ -398,6 +402,42 @@ fn is_infinite(v: &Value) -> bool {
     text.as_str() == Some("Infinity") || v.as_f64().is_some_and(f64::is_infinite)
 }
 
+/// A Llama config's rotary embeddings, as transformers 5 writes them (`rope_parameters`).
+fn rope_parameters(cfg: &ModelConfig) -> Value {
+    match &cfg.rope_scaling {
+        None => json!({ "rope_type": "default", "rope_theta": cfg.rope_theta }),
+        Some(s) => json!({
+            "rope_type": "llama3",
+            "rope_theta": cfg.rope_theta,
+            "factor": s.factor,
+            "low_freq_factor": s.low_freq_factor,
+            "high_freq_factor": s.high_freq_factor,
+            "original_max_position_embeddings": s.original_max_seq_len,
+        }),
+    }
+}
+
+/// The llama3 scaling of `config.json`'s `key` (`p`, its value).
+fn llama3_scaling(f: &Fields, key: &str, p: &Value) -> Result<RopeScaling> {
+    let number = |field: &str| {
+        p.get(field)
+            .and_then(Value::as_f64)
+            .ok_or_else(|| f.err(key, format!("llama3 rope scaling needs a number {field}")))
+    };
+    let original = number("original_max_position_embeddings")?;
+    if !(original >= 1.0 && original.fract() == 0.0) {
+        return Err(f.err(key, format!("original_max_position_embeddings {original} must be a whole number >= 1")));
+    }
+    let scaling = RopeScaling {
+        kind: RopeScalingKind::Llama3,
+        factor: number("factor")?,
+        low_freq_factor: number("low_freq_factor")?,
+        high_freq_factor: number("high_freq_factor")?,
+        original_max_seq_len: original as usize,
+    };
+    Ok(scaling)
+}
+
 /// ondol's attention heads are hidden_size / heads wide: `head_dim` (or, when the field is
 /// absent, `missing`, the architecture's default) must agree.
 fn check_head_dim(f: &Fields, d_model: usize, n_heads: usize, missing: Option<usize>) -> Result<()> {
@@ -438,6 +478,7 @@ fn ssm_model(f: &Fields, arch: Arch, d_model: usize, ssm: SsmConfig, tied_defaul
         max_seq_len: SSM_MAX_SEQ,
         tie_embeddings: Some(f.bool("tie_word_embeddings", tied_default)?),
         rope_theta: 10_000.0,
+        rope_scaling: None,
         norm_eps: f.f64("layer_norm_epsilon", 1e-5)? as f32,
         init_std: f.f64("initializer_range", 0.1)? as f32,
         init_residual_scaling: true,
@@ -541,6 +582,7 @@ fn nemotron_h_from(f: &Fields) -> Result<ModelConfig> {
         max_seq_len: f.usize("max_position_embeddings")?,
         tie_embeddings: Some(f.bool("tie_word_embeddings", false)?),
         rope_theta: 10_000.0,
+        rope_scaling: None,
         norm_eps: f.f64("layer_norm_epsilon", 1e-5)? as f32,
         init_std: f.f64("initializer_range", 0.02)? as f32,
         init_residual_scaling: true,
@@ -589,26 +631,35 @@ pub fn from_hf_config(json: &Value, file: &str) -> Result<(ModelConfig, Vec<Stri
             f.must_be("attention_bias", &json!(false), "attention without biases")?;
             f.must_be("mlp_bias", &json!(false), "an MLP without biases")?;
             f.must_be("pretraining_tp", &json!(1), "pretraining_tp = 1")?;
-            if let Some(s) = map.get("rope_scaling").filter(|v| !v.is_null()) {
-                let kind = s.get("rope_type").or_else(|| s.get("type")).cloned().unwrap_or(Value::Null);
-                if kind != json!("default") {
-                    return Err(f.err(
-                        "rope_scaling",
-                        format!("rope type {kind} is not supported: only default rotary embeddings"),
-                    ));
-                }
-            }
             let mut theta = f.f64("rope_theta", 10_000.0)?;
-            if let Some(p) = map.get("rope_parameters").filter(|v| !v.is_null()) {
-                let kind = p.get("rope_type").cloned().unwrap_or(json!("default"));
-                if kind != json!("default") {
-                    return Err(f.err(
-                        "rope_parameters",
-                        format!("rope type {kind} is not supported: only default rotary embeddings"),
-                    ));
+            // transformers 5 writes rope_parameters, earlier versions rope_scaling (the same
+            // fields, less the theta); where a config has both, they must agree.
+            let mut rope: Option<(&str, Option<RopeScaling>)> = None;
+            for key in ["rope_parameters", "rope_scaling"] {
+                let Some(p) = map.get(key).filter(|v| !v.is_null()) else { continue };
+                if rope.is_none() {
+                    theta = p.get("rope_theta").and_then(Value::as_f64).unwrap_or(theta);
                 }
-                theta = p.get("rope_theta").and_then(Value::as_f64).unwrap_or(theta);
+                let kind = p.get("rope_type").or_else(|| p.get("type")).cloned().unwrap_or(json!("default"));
+                let scaling = match kind.as_str() {
+                    Some("llama3") => Some(llama3_scaling(&f, key, p)?),
+                    Some("default") => None,
+                    _ => {
+                        return Err(f.err(
+                            key,
+                            format!("rope type {kind} is not supported: only default rotary embeddings and llama3's"),
+                        ));
+                    }
+                };
+                match &rope {
+                    Some((first, theirs)) if *theirs != scaling => {
+                        return Err(f.err(key, format!("disagrees with {first} on the rotary embeddings")));
+                    }
+                    Some(_) => {}
+                    None => rope = Some((key, scaling)),
+                }
             }
+            let rope_scaling = rope.and_then(|(_, scaling)| scaling);
             let d_model = f.usize("hidden_size")?;
             let n_heads = f.usize("num_attention_heads")?;
             check_head_dim(&f, d_model, n_heads, None)?;
@@ -623,6 +674,7 @@ pub fn from_hf_config(json: &Value, file: &str) -> Result<(ModelConfig, Vec<Stri
                 max_seq_len: f.usize("max_position_embeddings")?,
                 tie_embeddings: Some(f.bool("tie_word_embeddings", false)?),
                 rope_theta: theta,
+                rope_scaling,
                 norm_eps: f.f64("rms_norm_eps", 1e-6)? as f32,
                 init_std: f.f64("initializer_range", 0.02)? as f32,
                 init_residual_scaling: true,
@@ -676,6 +728,7 @@ pub fn from_hf_config(json: &Value, file: &str) -> Result<(ModelConfig, Vec<Stri
                 max_seq_len: f.usize("n_positions")?,
                 tie_embeddings: None,
                 rope_theta: 10_000.0,
+                rope_scaling: None,
                 norm_eps: f.f64("layer_norm_epsilon", 1e-5)? as f32,
                 init_std: f.f64("initializer_range", 0.02)? as f32,
                 init_residual_scaling: true,
@@ -843,6 +896,7 @@ mod tests {
             max_seq_len: 64,
             tie_embeddings: Some(false),
             rope_theta: 500_000.0,
+            rope_scaling: None,
             norm_eps: 1e-6,
             init_std: 0.02,
             init_residual_scaling: true,
@@ -868,6 +922,31 @@ mod tests {
                 assert_eq!(back.rope_theta, 500_000.0);
             }
         }
+    }
+
+    /// Llama 3.1's rotary scaling goes out in both of transformers' fields and comes back; a
+    /// config of transformers 4 (rope_scaling only) imports as one of 5 does.
+    #[test]
+    fn llama3_rope_scaling_exports_and_imports() {
+        let scaling = RopeScaling {
+            kind: RopeScalingKind::Llama3,
+            factor: 32.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_seq_len: 8192,
+        };
+        let cfg = ModelConfig { rope_scaling: Some(scaling), ..llama() };
+        let json = to_hf_config(&cfg, None);
+        assert_eq!(json["rope_parameters"], json["rope_scaling"]);
+        assert_eq!(json["rope_parameters"]["original_max_position_embeddings"], 8192);
+        assert_eq!(from_hf_config(&json, "c").unwrap().0, cfg);
+        let mut older = json.clone();
+        older.as_object_mut().unwrap().remove("rope_parameters");
+        assert_eq!(from_hf_config(&older, "c").unwrap().0, cfg);
+        let mut disagreeing = json;
+        disagreeing["rope_scaling"]["factor"] = json!(8.0);
+        let e = from_hf_config(&disagreeing, "c").unwrap_err().to_string();
+        assert!(e.contains("rope_scaling") && e.contains("disagrees with rope_parameters"), "{e}");
     }
 
     #[test]

@@ -6,7 +6,7 @@
 
 use ondol_ckpt::{hf, tensors};
 use ondol_cpu::CpuBackend;
-use ondol_model::{Model, Workspace};
+use ondol_model::{Model, ModelConfig, Workspace};
 use safetensors::SafeTensors;
 use std::path::{Path, PathBuf};
 
@@ -36,9 +36,15 @@ fn expected(dir: &Path) -> Expected {
 
 /// ondol's logits for the fixture's tokens, from the directory transformers saved.
 fn ondol_logits(dir: &Path, e: &Expected) -> (Vec<f32>, f64) {
+    ondol_logits_edited(dir, e, |_| {})
+}
+
+/// [`ondol_logits`] with the imported config changed by `edit` first.
+fn ondol_logits_edited(dir: &Path, e: &Expected, edit: impl FnOnce(&mut ModelConfig)) -> (Vec<f32>, f64) {
     let json = hf::parse_config(&std::fs::read_to_string(dir.join("config.json")).unwrap(), "config.json").unwrap();
-    let (cfg, warnings) = hf::from_hf_config(&json, "config.json").unwrap();
+    let (mut cfg, warnings) = hf::from_hf_config(&json, "config.json").unwrap();
     assert!(warnings.is_empty(), "{warnings:?}");
+    edit(&mut cfg);
     let model = Model::new(cfg).unwrap();
     let params = tensors::read_layout(&tensors::files_of(dir, "model").unwrap(), &model.layout).unwrap();
     let be = CpuBackend;
@@ -80,6 +86,19 @@ fn llama_with_grouped_query_attention_matches_transformers() {
 #[test]
 fn tied_llama_with_large_rope_theta_matches_transformers() {
     check("tiny-llama-tied");
+}
+
+/// Llama 3.1's rotary scaling (`rope_type = "llama3"`): one frequency of the fixture's head
+/// kept, one blended, two divided. Without the scaling the logits part from transformers'.
+#[test]
+fn llama3_rope_scaling_matches_transformers() {
+    check("tiny-llama3-rope");
+    let dir = fixture("tiny-llama3-rope");
+    let e = expected(&dir);
+    let (plain, _) = ondol_logits_edited(&dir, &e, |cfg| cfg.rope_scaling = None);
+    let scale = e.logits.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+    let apart = ondol_core::gradcheck::max_abs_diff(&plain, &e.logits);
+    assert!(apart > 1e-2 * scale, "the fixture does not tell scaled from plain rotary embeddings: {apart:e}");
 }
 
 #[test]

@@ -17,6 +17,7 @@ fn sharded_files_round_trip_through_their_index() {
         max_seq_len: 8,
         tie_embeddings: Some(false),
         rope_theta: 10_000.0,
+        rope_scaling: None,
         norm_eps: 1e-5,
         init_std: 0.02,
         init_residual_scaling: true,

@@ -700,21 +700,29 @@ pub fn combine_ce_stats(parts: &[&[f32]], lse: &mut [f32]) -> f64 {
     loss
 }
 
-/// The rotary table `[seq, head_dim / 2, 2]` of (cos, sin) for positions `0..seq`, with
-/// inverse frequencies `theta^(-2i / head_dim)` as in Hugging Face Llama (no scaling).
-/// Computed in f64, so every backend starts from the same numbers.
-pub fn rope_table(seq: usize, head_dim: usize, theta: f64) -> Vec<f32> {
-    let half = head_dim / 2;
-    let mut table = Vec::with_capacity(seq * half * 2);
+/// The inverse frequencies `theta^(-2i / head_dim)` of Hugging Face Llama's rotary
+/// embeddings (no scaling), `head_dim / 2` of them. Computed in f64, so every backend starts
+/// from the same numbers.
+pub fn rope_inv_freq(head_dim: usize, theta: f64) -> Vec<f32> {
+    (0..head_dim / 2).map(|i| theta.powf(-((2 * i) as f64) / head_dim as f64) as f32).collect()
+}
+
+/// The rotary table `[seq, inv_freq.len(), 2]` of (cos, sin) for positions `0..seq`.
+pub fn rope_table_of(seq: usize, inv_freq: &[f32]) -> Vec<f32> {
+    let mut table = Vec::with_capacity(seq * inv_freq.len() * 2);
     for pos in 0..seq {
-        for i in 0..half {
-            let inv_freq = theta.powf(-((2 * i) as f64) / head_dim as f64);
-            // Hugging Face computes inv_freq in f32 and the angle as f32 pos * inv_freq;
-            // matching that keeps parity with transformers at long positions.
-            let angle = (pos as f32) * (inv_freq as f32);
+        for &f in inv_freq {
+            // Hugging Face computes the angle as f32 pos * inv_freq; matching that keeps parity
+            // with transformers at long positions.
+            let angle = (pos as f32) * f;
             table.push(angle.cos());
             table.push(angle.sin());
         }
     }
     table
+}
+
+/// The rotary table of [`rope_inv_freq`]'s frequencies.
+pub fn rope_table(seq: usize, head_dim: usize, theta: f64) -> Vec<f32> {
+    rope_table_of(seq, &rope_inv_freq(head_dim, theta))
 }

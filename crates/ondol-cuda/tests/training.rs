@@ -35,6 +35,7 @@ fn config(arch: Arch) -> ModelConfig {
         max_seq_len: 16,
         tie_embeddings: Some(arch == Arch::Gpt2),
         rope_theta: 10_000.0,
+        rope_scaling: None,
         norm_eps: 1e-5,
         init_std: 0.1,
         init_residual_scaling: true,

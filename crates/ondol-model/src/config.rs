@@ -79,6 +79,75 @@ impl Default for SsmConfig {
     }
 }
 
+/// Llama 3's rotary frequencies for a context longer than the one a model was first trained
+/// at (Hugging Face's `rope_type = "llama3"`): frequencies whose wavelength is longer than
+/// `original_max_seq_len / low_freq_factor` are divided by `factor`, those shorter than
+/// `original_max_seq_len / high_freq_factor` kept, and those between blended from one to the
+/// other. `[model.rope_scaling]` with `type = "llama3"`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RopeScaling {
+    #[serde(rename = "type")]
+    pub kind: RopeScalingKind,
+    pub factor: f64,
+    pub low_freq_factor: f64,
+    pub high_freq_factor: f64,
+    pub original_max_seq_len: usize,
+}
+
+/// The kinds of [`RopeScaling`] ondol implements.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RopeScalingKind {
+    Llama3,
+}
+
+impl RopeScaling {
+    /// `inv_freq` rescaled, in f32 as transformers computes it (`_compute_llama3_parameters`).
+    fn apply(&self, inv_freq: &[f32]) -> Vec<f32> {
+        let (factor, low, high) = (self.factor as f32, self.low_freq_factor as f32, self.high_freq_factor as f32);
+        let old_len = self.original_max_seq_len as f32;
+        let (low_freq_wavelen, high_freq_wavelen) = (old_len / low, old_len / high);
+        inv_freq
+            .iter()
+            .map(|&f| {
+                let wavelen = 2.0 * std::f32::consts::PI / f;
+                if wavelen < high_freq_wavelen {
+                    f
+                } else if wavelen > low_freq_wavelen {
+                    f / factor
+                } else {
+                    let smooth = (old_len / wavelen - low) / (high - low);
+                    (1.0 - smooth) * f / factor + smooth * f
+                }
+            })
+            .collect()
+    }
+
+    fn validate(&self) -> Result<()> {
+        let key = |k: &str| format!("model.rope_scaling.{k}");
+        if !(self.factor.is_finite() && self.factor >= 1.0) {
+            return Err(Error::config(key("factor"), format!("{} must be a number >= 1", self.factor)));
+        }
+        if !(self.low_freq_factor > 0.0
+            && self.high_freq_factor > self.low_freq_factor
+            && self.high_freq_factor.is_finite())
+        {
+            return Err(Error::config(
+                key("high_freq_factor"),
+                format!(
+                    "{} must be finite and above low_freq_factor = {}, which must be > 0",
+                    self.high_freq_factor, self.low_freq_factor
+                ),
+            ));
+        }
+        if self.original_max_seq_len == 0 {
+            return Err(Error::config(key("original_max_seq_len"), "must be at least 1"));
+        }
+        Ok(())
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
@@ -101,6 +170,9 @@ pub struct ModelConfig {
     pub tie_embeddings: Option<bool>,
     #[serde(default = "default_rope_theta")]
     pub rope_theta: f64,
+    /// Rotary frequencies stretched for a longer context (Llama 3.1 and later); none: plain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<RopeScaling>,
     #[serde(default = "default_norm_eps")]
     pub norm_eps: f32,
     /// Standard deviation of the normal initialisation of weight matrices and embeddings.
@@ -140,6 +212,14 @@ impl ModelConfig {
     }
     pub fn head_dim(&self) -> usize {
         self.d_model / self.n_heads.max(1)
+    }
+    /// The rotary inverse frequencies of a head, `head_dim / 2` of them, scaled if asked.
+    pub fn rope_inv_freq(&self) -> Vec<f32> {
+        let plain = ondol_core::backend::rope_inv_freq(self.head_dim(), self.rope_theta);
+        match &self.rope_scaling {
+            Some(scaling) => scaling.apply(&plain),
+            None => plain,
+        }
     }
     pub fn ffn(&self) -> usize {
         self.ffn_hidden.unwrap_or(match self.arch {
@@ -211,6 +291,9 @@ impl ModelConfig {
         if matches!(self.arch, Arch::Mamba | Arch::Mamba2) && self.n_heads != 0 {
             return Err(Error::config("model.n_heads", "a pure Mamba model has no attention: leave it unset"));
         }
+        if self.arch != Arch::Llama && self.rope_scaling.is_some() {
+            return Err(Error::config("model.rope_scaling", "only llama has rotary positions: leave it unset"));
+        }
         if self.has_attention() && self.n_heads == 0 {
             return Err(Error::config("model.n_heads", "must be at least 1 for a model with attention"));
         }
@@ -246,6 +329,9 @@ impl ModelConfig {
                 }
                 if !(self.rope_theta > 1.0 && self.rope_theta.is_finite()) {
                     return Err(Error::config("model.rope_theta", "must be a number greater than 1"));
+                }
+                if let Some(scaling) = &self.rope_scaling {
+                    scaling.validate()?;
                 }
             }
             Arch::Gpt2 => {

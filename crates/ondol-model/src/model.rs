@@ -27,7 +27,7 @@ use crate::mlp::{Mlp, MlpActs, MlpGrads, MlpKind};
 use crate::params::{Init, ParamLayout, Path, Placement};
 use crate::part::{Alone, Part, TensorParallel};
 use ondol_core::Result;
-use ondol_core::backend::{Activation, Backend, LogitColumns, combine_ce_stats, rope_table};
+use ondol_core::backend::{Activation, Backend, LogitColumns, combine_ce_stats, rope_table_of};
 use std::ops::Range;
 
 #[derive(Clone, Debug)]
@@ -990,7 +990,7 @@ impl Model {
 
     /// The rotary table for `seq` positions, or an empty one if no block rotates.
     fn rope_table(&self, seq: usize) -> Vec<f32> {
-        if self.rotates() { rope_table(seq, self.cfg.head_dim(), self.cfg.rope_theta) } else { Vec::new() }
+        if self.rotates() { rope_table_of(seq, &self.cfg.rope_inv_freq()) } else { Vec::new() }
     }
 
     /// Length of [`Model::rope_table`].

@@ -21,6 +21,7 @@ fn tiny(arch: Arch, tie: Option<bool>) -> ModelConfig {
         max_seq_len: 6,
         tie_embeddings: tie,
         rope_theta: 10_000.0,
+        rope_scaling: None,
         norm_eps: 1e-5,
         // Larger than a real init so that every gradient is well above f32 noise.
         init_std: 0.3,

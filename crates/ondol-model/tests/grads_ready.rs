@@ -46,6 +46,7 @@ fn config(arch: Arch, tie: bool) -> ModelConfig {
         max_seq_len: 16,
         tie_embeddings: Some(tie),
         rope_theta: 10_000.0,
+        rope_scaling: None,
         norm_eps: 1e-5,
         init_std: 0.2,
         init_residual_scaling: true,

@@ -22,6 +22,7 @@ fn config(arch: Arch) -> ModelConfig {
         max_seq_len: 8,
         tie_embeddings: None,
         rope_theta: 10_000.0,
+        rope_scaling: None,
         norm_eps: 1e-5,
         init_std: 0.2,
         init_residual_scaling: true,

@@ -20,6 +20,7 @@ fn model(arch: Arch) -> Model {
         max_seq_len: 12,
         tie_embeddings: None,
         rope_theta: 10_000.0,
+        rope_scaling: None,
         norm_eps: 1e-5,
         init_std: 0.3,
         init_residual_scaling: true,

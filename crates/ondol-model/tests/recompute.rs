@@ -36,6 +36,7 @@ fn recomputed_blocks_give_identical_losses_and_gradients() {
             max_seq_len: 16,
             tie_embeddings: None,
             rope_theta: 10_000.0,
+            rope_scaling: None,
             norm_eps: 1e-5,
             init_std: 0.2,
             init_residual_scaling: true,

@@ -27,6 +27,7 @@ fn llama(tie: bool) -> ModelConfig {
         max_seq_len: SEQ,
         tie_embeddings: Some(tie),
         rope_theta: 10_000.0,
+        rope_scaling: None,
         norm_eps: 1e-5,
         init_std: 0.1,
         init_residual_scaling: true,

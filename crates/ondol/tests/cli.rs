@@ -160,6 +160,25 @@ fn bad_values_are_refused_with_key_file_and_what_is_valid() {
             &["model.ffn_hidden", "no MLP"],
         ),
         (&["model.arch=\"gpt2\"", "model.rope_theta=12345.0"], &["model.rope_theta", "only llama"]),
+        (
+            &[
+                "model.rope_scaling={ type = \"llama3\", factor = 0.5, low_freq_factor = 1.0, high_freq_factor = 4.0, original_max_seq_len = 8 }",
+            ],
+            &["model.rope_scaling.factor", ">= 1"],
+        ),
+        (
+            &[
+                "model.rope_scaling={ type = \"yarn\", factor = 4.0, low_freq_factor = 1.0, high_freq_factor = 4.0, original_max_seq_len = 8 }",
+            ],
+            &["model.rope_scaling", "llama3"],
+        ),
+        (
+            &[
+                "model.arch=\"gpt2\"",
+                "model.rope_scaling={ type = \"llama3\", factor = 8.0, low_freq_factor = 1.0, high_freq_factor = 4.0, original_max_seq_len = 8 }",
+            ],
+            &["model.rope_scaling", "only llama"],
+        ),
         (&["lr_scheduler.wsd_decay_fraction=0.5"], &["lr_scheduler.wsd_decay_fraction", "decay = \"wsd\""]),
         (
             &["lr_scheduler.decay=\"constant\"", "lr_scheduler.min_lr_ratio=0.5"],
