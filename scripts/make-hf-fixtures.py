@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-# Generates tiny random Hugging Face models (Llama, Llama 3 rope scaling, GPT-2, Mamba, Mamba-2, Nemotron-H; + expected logits/loss) under crates/ondol-ckpt/tests/fixtures/ so Rust tests can check ondol's forward pass against transformers.
+# Generates tiny random Hugging Face models (Llama, Llama 3 rope scaling, Mistral, GPT-2, Mamba, Mamba-2, Nemotron-H; + expected logits/loss) under crates/ondol-ckpt/tests/fixtures/ so Rust tests can check ondol's forward pass against transformers.
 """
 Usage:
   python scripts/make-hf-fixtures.py [OUT_DIR] [--only NAME...]
@@ -35,6 +35,16 @@ BATCH = 2
 SEQ = 13
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join(REPO_ROOT, "crates", "ondol-ckpt", "tests", "fixtures")
+
+
+def mistral_config():
+    from transformers import MistralConfig
+
+    kw = llama_config().to_dict()
+    keep = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings",
+            "hidden_act", "initializer_range")
+    return MistralConfig(**{k: kw[k] for k in keep}, rope_theta=1000000.0, sliding_window=None)
 
 
 def llama_config(**overrides):
@@ -195,7 +205,7 @@ def build(name, config):
     config._attn_implementation = "eager"
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
     gen = torch.Generator().manual_seed(1)
-    if config.model_type == "llama":
+    if config.model_type in ("llama", "mistral"):
         perturb_llama(model, gen)
     elif config.model_type == "gpt2":
         perturb_gpt2(model, gen)
@@ -251,6 +261,8 @@ def make(out_dir, only=None):
                 },
             ),
         ),
+        # Mistral without a sliding window: Llama under another name.
+        ("tiny-mistral", mistral_config()),
         ("tiny-gpt2", gpt2_config()),
         ("tiny-mamba", mamba_config()),
         ("tiny-mamba2", mamba2_config()),

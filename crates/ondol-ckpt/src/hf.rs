@@ -626,7 +626,21 @@ pub fn from_hf_config(json: &Value, file: &str) -> Result<(ModelConfig, Vec<Stri
     let f = Fields { map, file };
     let model_type = map.get("model_type").and_then(Value::as_str).unwrap_or("");
     let (cfg, known): (ModelConfig, &[&str]) = match model_type {
-        "llama" => {
+        // Mistral is Llama but for its sliding window, which a window of null (Mistral 7B
+        // from v0.2 on) or of the whole context leaves out.
+        "llama" | "mistral" => {
+            if model_type == "mistral" {
+                let window = map.get("sliding_window").filter(|w| !w.is_null());
+                let context = f.usize("max_position_embeddings")?;
+                if let Some(w) = window.filter(|w| w.as_u64().is_none_or(|w| (w as usize) < context)) {
+                    return Err(f.err(
+                        "sliding_window",
+                        format!(
+                            "{w}: ondol attends to the whole context (null, or max_position_embeddings = {context})"
+                        ),
+                    ));
+                }
+            }
             f.must_be("hidden_act", &json!("silu"), "SiLU (SwiGLU)")?;
             f.must_be("attention_bias", &json!(false), "attention without biases")?;
             f.must_be("mlp_bias", &json!(false), "an MLP without biases")?;
@@ -807,7 +821,8 @@ pub fn from_hf_config(json: &Value, file: &str) -> Result<(ModelConfig, Vec<Stri
             return Err(f.err(
                 "model_type",
                 format!(
-                    "\"{other}\" is not supported: ondol imports \"llama\", \"gpt2\", \"mamba\", \"mamba2\" and \"nemotron_h\""
+                    "\"{other}\" is not supported: ondol imports \"llama\", \"mistral\" (without a sliding window), \
+                     \"gpt2\", \"mamba\", \"mamba2\" and \"nemotron_h\""
                 ),
             ));
         }
@@ -815,7 +830,7 @@ pub fn from_hf_config(json: &Value, file: &str) -> Result<(ModelConfig, Vec<Stri
     let mut warnings = Vec::new();
     for (key, value) in map {
         let key = key.as_str();
-        if known.contains(&key) || HARMLESS.contains(&key) {
+        if known.contains(&key) || HARMLESS.contains(&key) || (model_type, key) == ("mistral", "sliding_window") {
             continue;
         }
         if DROPOUT.contains(&key) {
@@ -829,10 +844,12 @@ pub fn from_hf_config(json: &Value, file: &str) -> Result<(ModelConfig, Vec<Stri
     // The constraint is ondol's, on the value read from the file: name the file's field where
     // one holds it, and ondol's key.
     cfg.validate().map_err(|e| match e {
-        Error::Config { key, message } => match hf_field(model_type, &key) {
-            Some(field) => Error::config(format!("{field}` in `{file}"), format!("(ondol's {key}) {message}")),
-            None => Error::config(format!("{key}` as read from `{file}"), message),
-        },
+        Error::Config { key, message } => {
+            match hf_field(if model_type == "mistral" { "llama" } else { model_type }, &key) {
+                Some(field) => Error::config(format!("{field}` in `{file}"), format!("(ondol's {key}) {message}")),
+                None => Error::config(format!("{key}` as read from `{file}"), message),
+            }
+        }
         other => other,
     })?;
     Ok((cfg, warnings))
@@ -962,8 +979,16 @@ mod tests {
         json["sliding_window"] = json!(4096);
         assert!(from_hf_config(&json, "c").unwrap_err().to_string().contains("sliding_window"));
         let mut json = to_hf_config(&llama(), None);
+        json["model_type"] = json!("falcon");
+        assert!(from_hf_config(&json, "c").unwrap_err().to_string().contains("falcon"));
+        // Mistral is imported as Llama where its sliding window covers the whole context.
+        let mut json = to_hf_config(&llama(), None);
         json["model_type"] = json!("mistral");
-        assert!(from_hf_config(&json, "c").unwrap_err().to_string().contains("mistral"));
+        json["sliding_window"] = json!(null);
+        assert_eq!(from_hf_config(&json, "c").unwrap().0, llama());
+        json["sliding_window"] = json!(16);
+        let e = from_hf_config(&json, "c").unwrap_err().to_string();
+        assert!(e.contains("sliding_window") && e.contains("whole context"), "{e}");
         // A value that breaks one of ondol's constraints: its key and the file.
         let mut json = to_hf_config(&llama(), None);
         json["num_key_value_heads"] = json!(3);

@@ -1,5 +1,5 @@
 //! Golden parity with Hugging Face transformers: tiny random Llama (GQA; tied with a large
-//! rope theta), GPT-2, Mamba, Mamba-2 and Nemotron-H (hybrid) models made by
+//! rope theta; Llama 3.1's rope scaling), Mistral, GPT-2, Mamba, Mamba-2 and Nemotron-H (hybrid) models made by
 //! scripts/make-hf-fixtures.py, with transformers'
 //! logits and loss on fixed tokens. ondol imports each directory as transformers wrote it
 //! and must reproduce the logits within 1e-4 (relative to the logits' scale) in f32.
@@ -99,6 +99,12 @@ fn llama3_rope_scaling_matches_transformers() {
     let scale = e.logits.iter().fold(0.0f32, |m, x| m.max(x.abs()));
     let apart = ondol_core::gradcheck::max_abs_diff(&plain, &e.logits);
     assert!(apart > 1e-2 * scale, "the fixture does not tell scaled from plain rotary embeddings: {apart:e}");
+}
+
+/// Mistral without a sliding window is Llama under another name (and a large rope theta).
+#[test]
+fn mistral_matches_transformers() {
+    check("tiny-mistral");
 }
 
 #[test]
