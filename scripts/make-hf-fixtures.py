@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-# Generates tiny random Hugging Face models (Llama, Llama 3 rope scaling, Mistral, GPT-2, Mamba, Mamba-2, Nemotron-H; + expected logits/loss) under crates/ondol-ckpt/tests/fixtures/ so Rust tests can check ondol's forward pass against transformers.
+# Generates tiny random Hugging Face models (Llama, Llama 3 rope scaling, Mistral, Qwen2, GPT-2, Mamba, Mamba-2, Nemotron-H; + expected logits/loss) under crates/ondol-ckpt/tests/fixtures/ so Rust tests can check ondol's forward pass against transformers.
 """
 Usage:
   python scripts/make-hf-fixtures.py [OUT_DIR] [--only NAME...]
@@ -45,6 +45,15 @@ def mistral_config():
             "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings",
             "hidden_act", "initializer_range")
     return MistralConfig(**{k: kw[k] for k in keep}, rope_theta=1000000.0, sliding_window=None)
+
+
+def qwen2_config():
+    from transformers import Qwen2Config
+
+    kw = llama_config().to_dict()
+    keep = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "hidden_act", "initializer_range")
+    return Qwen2Config(**{k: kw[k] for k in keep}, tie_word_embeddings=True, rope_theta=1000000.0)
 
 
 def llama_config(**overrides):
@@ -178,11 +187,14 @@ def perturb_mamba(model, gen):
 
 
 def perturb_llama(model, gen):
-    """RMSNorm weights := 1 + N(0, 0.1) (HF inits them to exactly 1)."""
+    """RMSNorm weights := 1 + N(0, 0.1) (HF inits them to exactly 1); biases (Qwen2's q, k
+    and v) := N(0, 0.1) (HF inits them to 0)."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name and name.endswith(".weight"):
                 p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+            elif name.endswith(".bias"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
 
 
 def perturb_gpt2(model, gen):
@@ -205,7 +217,7 @@ def build(name, config):
     config._attn_implementation = "eager"
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
     gen = torch.Generator().manual_seed(1)
-    if config.model_type in ("llama", "mistral"):
+    if config.model_type in ("llama", "mistral", "qwen2"):
         perturb_llama(model, gen)
     elif config.model_type == "gpt2":
         perturb_gpt2(model, gen)
@@ -263,6 +275,8 @@ def make(out_dir, only=None):
         ),
         # Mistral without a sliding window: Llama under another name.
         ("tiny-mistral", mistral_config()),
+        # Qwen2: Llama with biases on q, k and v (and here a tied head).
+        ("tiny-qwen2", qwen2_config()),
         ("tiny-gpt2", gpt2_config()),
         ("tiny-mamba", mamba_config()),
         ("tiny-mamba2", mamba2_config()),

@@ -123,6 +123,19 @@ pub fn to_hf_config(cfg: &ModelConfig, eos_token_id: Option<u32>) -> Value {
         // (transformers before 5 read the scaling here; 5 from rope_parameters.)
         v["rope_scaling"] = rope_parameters(cfg);
     }
+    if cfg.qkv_bias {
+        // Llama's attention_bias would put one on o_proj too: Qwen2 has q, k and v's alone.
+        let o = v.as_object_mut().expect("a config is an object");
+        for key in ["attention_bias", "mlp_bias", "pretraining_tp"] {
+            o.remove(key);
+        }
+        v["architectures"] = json!(["Qwen2ForCausalLM"]);
+        v["model_type"] = json!("qwen2");
+        v["use_sliding_window"] = json!(false);
+        v["sliding_window"] = Value::Null;
+        v["max_window_layers"] = json!(cfg.n_layers);
+        v["layer_types"] = json!(vec!["full_attention"; cfg.n_layers]);
+    }
     v
 }
 
@@ -479,6 +492,7 @@ fn ssm_model(f: &Fields, arch: Arch, d_model: usize, ssm: SsmConfig, tied_defaul
         tie_embeddings: Some(f.bool("tie_word_embeddings", tied_default)?),
         rope_theta: 10_000.0,
         rope_scaling: None,
+        qkv_bias: false,
         norm_eps: f.f64("layer_norm_epsilon", 1e-5)? as f32,
         init_std: f.f64("initializer_range", 0.1)? as f32,
         init_residual_scaling: true,
@@ -583,6 +597,7 @@ fn nemotron_h_from(f: &Fields) -> Result<ModelConfig> {
         tie_embeddings: Some(f.bool("tie_word_embeddings", false)?),
         rope_theta: 10_000.0,
         rope_scaling: None,
+        qkv_bias: false,
         norm_eps: f.f64("layer_norm_epsilon", 1e-5)? as f32,
         init_std: f.f64("initializer_range", 0.02)? as f32,
         init_residual_scaling: true,
@@ -627,8 +642,18 @@ pub fn from_hf_config(json: &Value, file: &str) -> Result<(ModelConfig, Vec<Stri
     let model_type = map.get("model_type").and_then(Value::as_str).unwrap_or("");
     let (cfg, known): (ModelConfig, &[&str]) = match model_type {
         // Mistral is Llama but for its sliding window, which a window of null (Mistral 7B
-        // from v0.2 on) or of the whole context leaves out.
-        "llama" | "mistral" => {
+        // from v0.2 on) or of the whole context leaves out; Qwen2 is Llama with biases on
+        // q, k and v, and a sliding window it uses only where use_sliding_window is true.
+        "llama" | "mistral" | "qwen2" => {
+            if model_type == "qwen2" {
+                f.must_be("use_sliding_window", &json!(false), "attention over the whole context")?;
+                let layer_types = map.get("layer_types").and_then(Value::as_array);
+                if let Some(kind) = layer_types.into_iter().flatten().find(|k| *k != "full_attention") {
+                    return Err(
+                        f.err("layer_types", format!("{kind} is not supported: ondol implements full_attention"))
+                    );
+                }
+            }
             if model_type == "mistral" {
                 let window = map.get("sliding_window").filter(|w| !w.is_null());
                 let context = f.usize("max_position_embeddings")?;
@@ -689,6 +714,7 @@ pub fn from_hf_config(json: &Value, file: &str) -> Result<(ModelConfig, Vec<Stri
                 tie_embeddings: Some(f.bool("tie_word_embeddings", false)?),
                 rope_theta: theta,
                 rope_scaling,
+                qkv_bias: model_type == "qwen2",
                 norm_eps: f.f64("rms_norm_eps", 1e-6)? as f32,
                 init_std: f.f64("initializer_range", 0.02)? as f32,
                 init_residual_scaling: true,
@@ -743,6 +769,7 @@ pub fn from_hf_config(json: &Value, file: &str) -> Result<(ModelConfig, Vec<Stri
                 tie_embeddings: None,
                 rope_theta: 10_000.0,
                 rope_scaling: None,
+                qkv_bias: false,
                 norm_eps: f.f64("layer_norm_epsilon", 1e-5)? as f32,
                 init_std: f.f64("initializer_range", 0.02)? as f32,
                 init_residual_scaling: true,
@@ -821,8 +848,8 @@ pub fn from_hf_config(json: &Value, file: &str) -> Result<(ModelConfig, Vec<Stri
             return Err(f.err(
                 "model_type",
                 format!(
-                    "\"{other}\" is not supported: ondol imports \"llama\", \"mistral\" (without a sliding window), \
-                     \"gpt2\", \"mamba\", \"mamba2\" and \"nemotron_h\""
+                    "\"{other}\" is not supported: ondol imports \"llama\", \"mistral\" and \"qwen2\" (without \
+                     sliding windows), \"gpt2\", \"mamba\", \"mamba2\" and \"nemotron_h\""
                 ),
             ));
         }
@@ -830,7 +857,12 @@ pub fn from_hf_config(json: &Value, file: &str) -> Result<(ModelConfig, Vec<Stri
     let mut warnings = Vec::new();
     for (key, value) in map {
         let key = key.as_str();
-        if known.contains(&key) || HARMLESS.contains(&key) || (model_type, key) == ("mistral", "sliding_window") {
+        let windowless = match model_type {
+            "mistral" => key == "sliding_window",
+            "qwen2" => ["use_sliding_window", "sliding_window", "max_window_layers", "layer_types"].contains(&key),
+            _ => false,
+        };
+        if known.contains(&key) || HARMLESS.contains(&key) || windowless {
             continue;
         }
         if DROPOUT.contains(&key) {
@@ -845,7 +877,8 @@ pub fn from_hf_config(json: &Value, file: &str) -> Result<(ModelConfig, Vec<Stri
     // one holds it, and ondol's key.
     cfg.validate().map_err(|e| match e {
         Error::Config { key, message } => {
-            match hf_field(if model_type == "mistral" { "llama" } else { model_type }, &key) {
+            // (Mistral and Qwen2 name their fields as Llama does.)
+            match hf_field(if matches!(model_type, "mistral" | "qwen2") { "llama" } else { model_type }, &key) {
                 Some(field) => Error::config(format!("{field}` in `{file}"), format!("(ondol's {key}) {message}")),
                 None => Error::config(format!("{key}` as read from `{file}"), message),
             }
@@ -914,6 +947,7 @@ mod tests {
             tie_embeddings: Some(false),
             rope_theta: 500_000.0,
             rope_scaling: None,
+            qkv_bias: false,
             norm_eps: 1e-6,
             init_std: 0.02,
             init_residual_scaling: true,
@@ -964,6 +998,24 @@ mod tests {
         disagreeing["rope_scaling"]["factor"] = json!(8.0);
         let e = from_hf_config(&disagreeing, "c").unwrap_err().to_string();
         assert!(e.contains("rope_scaling") && e.contains("disagrees with rope_parameters"), "{e}");
+    }
+
+    /// A Llama with biases on q, k and v goes out as Qwen2 (Llama's attention_bias would
+    /// bias o_proj too) and comes back; Qwen2's sliding window is refused where it is used.
+    #[test]
+    fn qkv_biases_export_and_import_as_qwen2() {
+        let cfg = ModelConfig { qkv_bias: true, ..llama() };
+        let json = to_hf_config(&cfg, None);
+        assert_eq!((json["model_type"].as_str(), json.get("attention_bias")), (Some("qwen2"), None));
+        assert_eq!(from_hf_config(&json, "c").unwrap().0, cfg);
+        let mut windowed = json.clone();
+        windowed["use_sliding_window"] = json!(true);
+        let e = from_hf_config(&windowed, "c").unwrap_err().to_string();
+        assert!(e.contains("use_sliding_window"), "{e}");
+        let mut mixed = json;
+        mixed["layer_types"] = json!(["full_attention", "sliding_attention"]);
+        let e = from_hf_config(&mixed, "c").unwrap_err().to_string();
+        assert!(e.contains("layer_types") && e.contains("sliding_attention"), "{e}");
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! Golden parity with Hugging Face transformers: tiny random Llama (GQA; tied with a large
-//! rope theta; Llama 3.1's rope scaling), Mistral, GPT-2, Mamba, Mamba-2 and Nemotron-H (hybrid) models made by
+//! rope theta; Llama 3.1's rope scaling), Mistral, Qwen2, GPT-2, Mamba, Mamba-2 and Nemotron-H (hybrid) models made by
 //! scripts/make-hf-fixtures.py, with transformers'
 //! logits and loss on fixed tokens. ondol imports each directory as transformers wrote it
 //! and must reproduce the logits within 1e-4 (relative to the logits' scale) in f32.
@@ -105,6 +105,12 @@ fn llama3_rope_scaling_matches_transformers() {
 #[test]
 fn mistral_matches_transformers() {
     check("tiny-mistral");
+}
+
+/// Qwen2: biases on q, k and v (perturbed from transformers' zeros), and a tied head.
+#[test]
+fn qwen2_matches_transformers() {
+    check("tiny-qwen2");
 }
 
 #[test]

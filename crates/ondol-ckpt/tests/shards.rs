@@ -18,6 +18,7 @@ fn sharded_files_round_trip_through_their_index() {
         tie_embeddings: Some(false),
         rope_theta: 10_000.0,
         rope_scaling: None,
+        qkv_bias: false,
         norm_eps: 1e-5,
         init_std: 0.02,
         init_residual_scaling: true,

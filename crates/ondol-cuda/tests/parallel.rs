@@ -32,6 +32,7 @@ fn llama() -> ModelConfig {
         tie_embeddings: Some(false),
         rope_theta: 10_000.0,
         rope_scaling: None,
+        qkv_bias: false,
         norm_eps: 1e-5,
         init_std: 0.1,
         init_residual_scaling: true,

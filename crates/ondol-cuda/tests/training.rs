@@ -36,6 +36,7 @@ fn config(arch: Arch) -> ModelConfig {
         tie_embeddings: Some(arch == Arch::Gpt2),
         rope_theta: 10_000.0,
         rope_scaling: None,
+        qkv_bias: false,
         norm_eps: 1e-5,
         init_std: 0.1,
         init_residual_scaling: true,

@@ -173,6 +173,9 @@ pub struct ModelConfig {
     /// Rotary frequencies stretched for a longer context (Llama 3.1 and later); none: plain.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_scaling: Option<RopeScaling>,
+    /// Biases on the query, key and value projections (Qwen2's attention; llama only).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub qkv_bias: bool,
     #[serde(default = "default_norm_eps")]
     pub norm_eps: f32,
     /// Standard deviation of the normal initialisation of weight matrices and embeddings.
@@ -204,6 +207,9 @@ fn default_init_std() -> f32 {
 }
 fn default_true() -> bool {
     true
+}
+fn is_false(b: &bool) -> bool {
+    !b
 }
 
 impl ModelConfig {
@@ -293,6 +299,12 @@ impl ModelConfig {
         }
         if self.arch != Arch::Llama && self.rope_scaling.is_some() {
             return Err(Error::config("model.rope_scaling", "only llama has rotary positions: leave it unset"));
+        }
+        if self.arch != Arch::Llama && self.qkv_bias {
+            return Err(Error::config(
+                "model.qkv_bias",
+                "only llama takes it (gpt2 always has biases; hybrid attention has none): leave it unset",
+            ));
         }
         if self.has_attention() && self.n_heads == 0 {
             return Err(Error::config("model.n_heads", "must be at least 1 for a model with attention"));

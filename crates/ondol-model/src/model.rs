@@ -182,8 +182,8 @@ impl Builder<'_> {
         }
     }
 
-    /// q, k and v back to back (one `[(H + 2 Hkv) D, d]` GEMM) and the output projection;
-    /// this shard's heads of each.
+    /// q, k and v back to back (one `[(H + 2 Hkv) D, d]` GEMM, with their biases back to back
+    /// where the model has them) and the output projection; this shard's heads of each.
     fn attention(&mut self, p: &Path, names: [&str; 4], rope: bool) -> Attention {
         let cfg = self.cfg;
         let (d, dh) = (cfg.d_model, cfg.head_dim());
@@ -202,11 +202,21 @@ impl Builder<'_> {
             pad: 0,
         };
         self.lay.add_placed(p.at(names[1]).at("weight"), kv_place.clone(), std, true);
-        let v = self.lay.add_placed(p.at(names[2]).at("weight"), kv_place, std, true);
-        let init = self.resid_std();
+        let v = self.lay.add_placed(p.at(names[2]).at("weight"), kv_place.clone(), std, true);
         let (hd, kvd) = (q_heads.len() * dh, kv_heads.len() * dh);
+        let mut qkv = Linear::out_in(q.start..v.end, d, hd + 2 * kvd);
+        if cfg.qkv_bias {
+            let zero = Init::Constant(0.0);
+            let q_bias =
+                self.shard(p.at(names[0]).at("bias"), &[cfg.n_heads * dh], (0, vec![span(&q_heads)]), zero, false);
+            let kv_bias = Placement { global_shape: vec![cfg.kv_heads() * dh], ..kv_place };
+            self.lay.add_placed(p.at(names[1]).at("bias"), kv_bias.clone(), zero, false);
+            let v_bias = self.lay.add_placed(p.at(names[2]).at("bias"), kv_bias, zero, false);
+            qkv.b = Some(q_bias.start..v_bias.end);
+        }
+        let init = self.resid_std();
         Attention {
-            qkv: Linear::out_in(q.start..v.end, d, hd + 2 * kvd),
+            qkv,
             out: self.row(p.at(names[3]), cfg.n_heads * dh, d, span(&q_heads), init),
             n_heads: q_heads.len(),
             n_kv_heads: kv_heads.len(),

@@ -47,6 +47,7 @@ fn config(arch: Arch, tie: bool) -> ModelConfig {
         tie_embeddings: Some(tie),
         rope_theta: 10_000.0,
         rope_scaling: None,
+        qkv_bias: false,
         norm_eps: 1e-5,
         init_std: 0.2,
         init_residual_scaling: true,

@@ -21,6 +21,7 @@ fn model(arch: Arch) -> Model {
         tie_embeddings: None,
         rope_theta: 10_000.0,
         rope_scaling: None,
+        qkv_bias: false,
         norm_eps: 1e-5,
         init_std: 0.3,
         init_residual_scaling: true,

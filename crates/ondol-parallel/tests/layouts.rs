@@ -28,6 +28,7 @@ fn llama(tie: bool) -> ModelConfig {
         tie_embeddings: Some(tie),
         rope_theta: 10_000.0,
         rope_scaling: None,
+        qkv_bias: false,
         norm_eps: 1e-5,
         init_std: 0.1,
         init_residual_scaling: true,
@@ -209,6 +210,15 @@ fn every_layout_trains_like_one_rank() {
     ] {
         assert_close(name, &one, &train(&cfg, s));
     }
+}
+
+/// Qwen2's q, k and v biases split with their heads, a kv head's shared by two shards at tp 4.
+#[test]
+fn qkv_biases_split_with_their_heads() {
+    let cfg = ModelConfig { qkv_bias: true, ..llama(false) };
+    let one = train(&cfg, shape(1, 1, 1));
+    assert_close("qkv biases tp 2 pp 2", &one, &train(&cfg, shape(2, 2, 1)));
+    assert_close("qkv biases tp 4 dp 2", &one, &train(&cfg, shape(4, 1, 2)));
 }
 
 #[test]

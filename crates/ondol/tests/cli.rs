@@ -160,6 +160,7 @@ fn bad_values_are_refused_with_key_file_and_what_is_valid() {
             &["model.ffn_hidden", "no MLP"],
         ),
         (&["model.arch=\"gpt2\"", "model.rope_theta=12345.0"], &["model.rope_theta", "only llama"]),
+        (&["model.arch=\"gpt2\"", "model.qkv_bias=true"], &["model.qkv_bias", "only llama"]),
         (
             &[
                 "model.rope_scaling={ type = \"llama3\", factor = 0.5, low_freq_factor = 1.0, high_freq_factor = 4.0, original_max_seq_len = 8 }",
