@@ -465,6 +465,14 @@ pub fn check_compatible(dir: &Path, theirs: &ModelConfig, ours: &ModelConfig) ->
         }
         if c.arch == ondol_model::Arch::Llama {
             v.push(("rope_theta", c.rope_theta.to_string()));
+            let scaling = c.rope_scaling.as_ref().map_or("none".to_string(), |s| {
+                format!(
+                    "llama3 (factor {}, low_freq_factor {}, high_freq_factor {}, original_max_seq_len {})",
+                    s.factor, s.low_freq_factor, s.high_freq_factor, s.original_max_seq_len
+                )
+            });
+            v.push(("rope_scaling", scaling));
+            v.push(("qkv_bias", c.qkv_bias.to_string()));
         }
         if c.layer_kinds().contains(&ondol_model::LayerKind::Mamba) {
             let s = &c.ssm;

@@ -1,10 +1,12 @@
 //! Hugging Face `config.json` for the architectures ondol implements, both ways.
 //!
-//! Export writes the fields transformers reads for `LlamaForCausalLM` and `GPT2LMHeadModel`.
-//! Import is strict: a field that would change the model's arithmetic and that ondol does not
-//! implement (rope scaling, attention biases, another activation, ...) is an error that names
-//! the field; fields that only matter for training regularisation (dropout) are accepted
-//! with a warning, since ondol trains without dropout.
+//! Export writes the fields transformers reads for `LlamaForCausalLM` (`Qwen2ForCausalLM`
+//! with biases on q, k and v), `GPT2LMHeadModel`, `MambaForCausalLM`, `Mamba2ForCausalLM` and
+//! `NemotronHForCausalLM`. Import is strict: a field that would change the model's arithmetic
+//! and that ondol does not implement (a rope scaling other than llama3's, a sliding window,
+//! biases on o_proj, another activation, ...) is an error that names the field; fields that
+//! only matter for training regularisation (dropout) are accepted with a warning, since ondol
+//! trains without dropout.
 
 use ondol_core::{Error, Result};
 use ondol_model::{Arch, LayerKind, ModelConfig, RopeScaling, RopeScalingKind, SsmConfig};
@@ -437,7 +439,11 @@ fn llama3_scaling(f: &Fields, key: &str, p: &Value) -> Result<RopeScaling> {
             .and_then(Value::as_f64)
             .ok_or_else(|| f.err(key, format!("llama3 rope scaling needs a number {field}")))
     };
-    let original = number("original_max_position_embeddings")?;
+    // (transformers takes the model's context where the field is absent.)
+    let original = match p.get("original_max_position_embeddings") {
+        Some(_) => number("original_max_position_embeddings")?,
+        None => f.usize("max_position_embeddings")? as f64,
+    };
     if !(original >= 1.0 && original.fract() == 0.0) {
         return Err(f.err(key, format!("original_max_position_embeddings {original} must be a whole number >= 1")));
     }
@@ -647,6 +653,7 @@ pub fn from_hf_config(json: &Value, file: &str) -> Result<(ModelConfig, Vec<Stri
         "llama" | "mistral" | "qwen2" => {
             if model_type == "qwen2" {
                 f.must_be("use_sliding_window", &json!(false), "attention over the whole context")?;
+                f.must_be("use_mrope", &json!(false), "rotary positions along one axis")?;
                 let layer_types = map.get("layer_types").and_then(Value::as_array);
                 if let Some(kind) = layer_types.into_iter().flatten().find(|k| *k != "full_attention") {
                     return Err(
@@ -670,14 +677,22 @@ pub fn from_hf_config(json: &Value, file: &str) -> Result<(ModelConfig, Vec<Stri
             f.must_be("attention_bias", &json!(false), "attention without biases")?;
             f.must_be("mlp_bias", &json!(false), "an MLP without biases")?;
             f.must_be("pretraining_tp", &json!(1), "pretraining_tp = 1")?;
-            let mut theta = f.f64("rope_theta", 10_000.0)?;
             // transformers 5 writes rope_parameters, earlier versions rope_scaling (the same
-            // fields, less the theta); where a config has both, they must agree.
+            // fields, the theta mostly beside them); where a config has several, they must agree.
+            let mut theta = match map.get("rope_theta") {
+                Some(_) => Some(("rope_theta", f.f64("rope_theta", 10_000.0)?)),
+                None => None,
+            };
             let mut rope: Option<(&str, Option<RopeScaling>)> = None;
             for key in ["rope_parameters", "rope_scaling"] {
                 let Some(p) = map.get(key).filter(|v| !v.is_null()) else { continue };
-                if rope.is_none() {
-                    theta = p.get("rope_theta").and_then(Value::as_f64).unwrap_or(theta);
+                if let Some(t) = p.get("rope_theta").and_then(Value::as_f64) {
+                    match theta {
+                        Some((first, other)) if other != t => {
+                            return Err(f.err(key, format!("rope_theta {t} disagrees with {first}'s {other}")));
+                        }
+                        _ => theta = Some((key, t)),
+                    }
                 }
                 let kind = p.get("rope_type").or_else(|| p.get("type")).cloned().unwrap_or(json!("default"));
                 let scaling = match kind.as_str() {
@@ -699,6 +714,7 @@ pub fn from_hf_config(json: &Value, file: &str) -> Result<(ModelConfig, Vec<Stri
                 }
             }
             let rope_scaling = rope.and_then(|(_, scaling)| scaling);
+            let theta = theta.map_or(10_000.0, |(_, t)| t);
             let d_model = f.usize("hidden_size")?;
             let n_heads = f.usize("num_attention_heads")?;
             check_head_dim(&f, d_model, n_heads, None)?;
@@ -859,7 +875,9 @@ pub fn from_hf_config(json: &Value, file: &str) -> Result<(ModelConfig, Vec<Stri
         let key = key.as_str();
         let windowless = match model_type {
             "mistral" => key == "sliding_window",
-            "qwen2" => ["use_sliding_window", "sliding_window", "max_window_layers", "layer_types"].contains(&key),
+            "qwen2" => {
+                ["use_sliding_window", "sliding_window", "max_window_layers", "layer_types", "use_mrope"].contains(&key)
+            }
             _ => false,
         };
         if known.contains(&key) || HARMLESS.contains(&key) || windowless {
@@ -1016,6 +1034,48 @@ mod tests {
         mixed["layer_types"] = json!(["full_attention", "sliding_attention"]);
         let e = from_hf_config(&mixed, "c").unwrap_err().to_string();
         assert!(e.contains("layer_types") && e.contains("sliding_attention"), "{e}");
+    }
+
+    /// config.json of checkpoints people fine-tune, as their repositories hold them.
+    #[test]
+    fn llama_3_1_mistral_and_qwen2_5_configs_import() {
+        let llama_3_1_8b = r#"{"architectures": ["LlamaForCausalLM"], "attention_bias": false,
+            "attention_dropout": 0.0, "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009],
+            "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 14336,
+            "max_position_embeddings": 131072, "mlp_bias": false, "model_type": "llama", "num_attention_heads": 32,
+            "num_hidden_layers": 32, "num_key_value_heads": 8, "pretraining_tp": 1, "rms_norm_eps": 1e-05,
+            "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192, "rope_type": "llama3"}, "rope_theta": 500000.0,
+            "tie_word_embeddings": false, "torch_dtype": "bfloat16", "transformers_version": "4.43.0.dev0",
+            "use_cache": true, "vocab_size": 128256}"#;
+        let mistral_7b_v0_3 = r#"{"architectures": ["MistralForCausalLM"], "attention_dropout": 0.0,
+            "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu", "hidden_size": 4096,
+            "initializer_range": 0.02, "intermediate_size": 14336, "max_position_embeddings": 32768,
+            "model_type": "mistral", "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8,
+            "rms_norm_eps": 1e-05, "rope_theta": 1000000.0, "sliding_window": null, "tie_word_embeddings": false,
+            "torch_dtype": "bfloat16", "transformers_version": "4.42.0.dev0", "use_cache": true,
+            "vocab_size": 32768}"#;
+        let qwen2_5_0_5b = r#"{"architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0,
+            "bos_token_id": 151643, "eos_token_id": 151643, "hidden_act": "silu", "hidden_size": 896,
+            "initializer_range": 0.02, "intermediate_size": 4864, "max_position_embeddings": 32768,
+            "max_window_layers": 24, "model_type": "qwen2", "num_attention_heads": 14, "num_hidden_layers": 24,
+            "num_key_value_heads": 2, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "sliding_window": 32768,
+            "tie_word_embeddings": true, "torch_dtype": "bfloat16", "transformers_version": "4.40.1",
+            "use_cache": true, "use_mrope": false, "use_sliding_window": false, "vocab_size": 151936}"#;
+        let import = |text: &str| from_hf_config(&parse_config(text, "config.json").unwrap(), "config.json");
+        let llama = import(llama_3_1_8b).unwrap().0;
+        let scaling = llama.rope_scaling.expect("llama3 scaling");
+        assert_eq!((scaling.factor, scaling.original_max_seq_len, llama.rope_theta), (8.0, 8192, 500_000.0));
+        let mistral = import(mistral_7b_v0_3).unwrap().0;
+        assert_eq!((mistral.arch, mistral.kv_heads(), mistral.rope_theta), (Arch::Llama, 8, 1e6));
+        let qwen = import(qwen2_5_0_5b).unwrap().0;
+        assert!(qwen.qkv_bias && qwen.tied() && qwen.head_dim() == 64, "{qwen:?}");
+        // A theta given twice must be one theta.
+        let e =
+            import(&llama_3_1_8b.replace(r#""rope_type": "llama3"}"#, r#""rope_type": "llama3", "rope_theta": 1e4}"#))
+                .unwrap_err()
+                .to_string();
+        assert!(e.contains("rope_theta") && e.contains("disagrees"), "{e}");
     }
 
     #[test]

@@ -113,6 +113,28 @@ fn qwen2_matches_transformers() {
     check("tiny-qwen2");
 }
 
+/// A run's `[model]` that leaves out the rotary scaling or the q, k, v biases is another model
+/// than the directory's: `init_from` refuses it, naming the key.
+#[test]
+fn rotary_scaling_and_qkv_biases_are_part_of_the_model() {
+    for (name, strip, key) in [
+        (
+            "tiny-llama3-rope",
+            (|c: &mut ModelConfig| c.rope_scaling = None) as fn(&mut ModelConfig),
+            "model.rope_scaling",
+        ),
+        ("tiny-qwen2", |c: &mut ModelConfig| c.qkv_bias = false, "model.qkv_bias"),
+    ] {
+        let dir = fixture(name);
+        let json = hf::parse_config(&std::fs::read_to_string(dir.join("config.json")).unwrap(), "config.json").unwrap();
+        let theirs = hf::from_hf_config(&json, "config.json").unwrap().0;
+        let mut ours = theirs.clone();
+        strip(&mut ours);
+        let e = ondol_ckpt::checkpoint::check_compatible(&dir, &theirs, &ours).unwrap_err().to_string();
+        assert!(e.contains(key), "{name}: {e}");
+    }
+}
+
 #[test]
 fn gpt2_matches_transformers() {
     check("tiny-gpt2");

@@ -219,6 +219,7 @@ fn qkv_biases_split_with_their_heads() {
     let one = train(&cfg, shape(1, 1, 1));
     assert_close("qkv biases tp 2 pp 2", &one, &train(&cfg, shape(2, 2, 1)));
     assert_close("qkv biases tp 4 dp 2", &one, &train(&cfg, shape(4, 1, 2)));
+    assert_close("qkv biases tp 4 dp 2 sequence parallel", &one, &train(&cfg, sequence_parallel(4, 1, 2)));
 }
 
 #[test]
