@@ -646,33 +646,44 @@ pub fn from_hf_config(json: &Value, file: &str) -> Result<(ModelConfig, Vec<Stri
     let map = json.as_object().ok_or_else(|| Error::Input(format!("{file}: not a JSON object")))?;
     let f = Fields { map, file };
     let model_type = map.get("model_type").and_then(Value::as_str).unwrap_or("");
+    // What the user is told of how the model was read.
+    let mut notes = Vec::new();
     let (cfg, known): (ModelConfig, &[&str]) = match model_type {
-        // Mistral is Llama but for its sliding window, which a window of null (Mistral 7B
-        // from v0.2 on) or of the whole context leaves out; Qwen2 is Llama with biases on
-        // q, k and v, and a sliding window it uses only where use_sliding_window is true.
+        // Mistral is Llama with a sliding window, Qwen2 Llama with biases on q, k and v and a
+        // window it uses where use_sliding_window (or layer_types) says so. A window shorter
+        // than the context is kept exactly by cutting the context to it: every token then
+        // attends to the whole window, as the window has it.
         "llama" | "mistral" | "qwen2" => {
+            let mut window = map.get("sliding_window").filter(|w| !w.is_null() && model_type == "mistral");
             if model_type == "qwen2" {
-                f.must_be("use_sliding_window", &json!(false), "attention over the whole context")?;
                 f.must_be("use_mrope", &json!(false), "rotary positions along one axis")?;
                 let layer_types = map.get("layer_types").and_then(Value::as_array);
-                if let Some(kind) = layer_types.into_iter().flatten().find(|k| *k != "full_attention") {
-                    return Err(
-                        f.err("layer_types", format!("{kind} is not supported: ondol implements full_attention"))
-                    );
-                }
-            }
-            if model_type == "mistral" {
-                let window = map.get("sliding_window").filter(|w| !w.is_null());
-                let context = f.usize("max_position_embeddings")?;
-                if let Some(w) = window.filter(|w| w.as_u64().is_none_or(|w| (w as usize) < context)) {
+                let kinds = layer_types.into_iter().flatten();
+                if let Some(kind) = kinds.clone().find(|k| *k != "full_attention" && *k != "sliding_attention") {
                     return Err(f.err(
-                        "sliding_window",
-                        format!(
-                            "{w}: ondol attends to the whole context (null, or max_position_embeddings = {context})"
-                        ),
+                        "layer_types",
+                        format!("{kind} is not supported: ondol implements full_attention and sliding_attention"),
                     ));
                 }
+                let sliding = map.get("use_sliding_window") == Some(&json!(true))
+                    || kinds.clone().any(|k| *k == "sliding_attention");
+                window = map.get("sliding_window").filter(|w| !w.is_null() && sliding);
             }
+            let context = f.usize("max_position_embeddings")?;
+            let max_seq_len = match window {
+                None => context,
+                Some(w) => match w.as_u64().filter(|&w| w > 0) {
+                    None => return Err(f.err("sliding_window", format!("{w} is not a positive integer"))),
+                    Some(w) if (w as usize) < context => {
+                        notes.push(format!(
+                            "{file}: sliding_window = {w} is shorter than max_position_embeddings = {context}: the \
+                             model's context is cut to its {w} tokens, within which its attention is the window's"
+                        ));
+                        w as usize
+                    }
+                    Some(_) => context,
+                },
+            };
             f.must_be("hidden_act", &json!("silu"), "SiLU (SwiGLU)")?;
             f.must_be("attention_bias", &json!(false), "attention without biases")?;
             f.must_be("mlp_bias", &json!(false), "an MLP without biases")?;
@@ -726,7 +737,7 @@ pub fn from_hf_config(json: &Value, file: &str) -> Result<(ModelConfig, Vec<Stri
                 n_heads,
                 n_kv_heads: f.opt_usize("num_key_value_heads")?,
                 ffn_hidden: Some(f.usize("intermediate_size")?),
-                max_seq_len: f.usize("max_position_embeddings")?,
+                max_seq_len,
                 tie_embeddings: Some(f.bool("tie_word_embeddings", false)?),
                 rope_theta: theta,
                 rope_scaling,
@@ -864,13 +875,13 @@ pub fn from_hf_config(json: &Value, file: &str) -> Result<(ModelConfig, Vec<Stri
             return Err(f.err(
                 "model_type",
                 format!(
-                    "\"{other}\" is not supported: ondol imports \"llama\", \"mistral\" and \"qwen2\" (without \
-                     sliding windows), \"gpt2\", \"mamba\", \"mamba2\" and \"nemotron_h\""
+                    "\"{other}\" is not supported: ondol imports \"llama\", \"mistral\", \"qwen2\", \"gpt2\", \
+                     \"mamba\", \"mamba2\" and \"nemotron_h\""
                 ),
             ));
         }
     };
-    let mut warnings = Vec::new();
+    let mut warnings = notes;
     for (key, value) in map {
         let key = key.as_str();
         let windowless = match model_type {
@@ -1019,21 +1030,26 @@ mod tests {
     }
 
     /// A Llama with biases on q, k and v goes out as Qwen2 (Llama's attention_bias would
-    /// bias o_proj too) and comes back; Qwen2's sliding window is refused where it is used.
+    /// bias o_proj too) and comes back.
     #[test]
     fn qkv_biases_export_and_import_as_qwen2() {
         let cfg = ModelConfig { qkv_bias: true, ..llama() };
         let json = to_hf_config(&cfg, None);
         assert_eq!((json["model_type"].as_str(), json.get("attention_bias")), (Some("qwen2"), None));
         assert_eq!(from_hf_config(&json, "c").unwrap().0, cfg);
+        // Its window counts where it is used: the context is cut to it.
         let mut windowed = json.clone();
+        windowed["sliding_window"] = json!(16);
+        assert_eq!(from_hf_config(&windowed, "c").unwrap().0.max_seq_len, 64);
         windowed["use_sliding_window"] = json!(true);
-        let e = from_hf_config(&windowed, "c").unwrap_err().to_string();
-        assert!(e.contains("use_sliding_window"), "{e}");
-        let mut mixed = json;
+        assert_eq!(from_hf_config(&windowed, "c").unwrap().0.max_seq_len, 16);
+        let mut mixed = windowed.clone();
+        mixed["use_sliding_window"] = json!(false);
         mixed["layer_types"] = json!(["full_attention", "sliding_attention"]);
+        assert_eq!(from_hf_config(&mixed, "c").unwrap().0.max_seq_len, 16);
+        mixed["layer_types"] = json!(["full_attention", "chunked_attention"]);
         let e = from_hf_config(&mixed, "c").unwrap_err().to_string();
-        assert!(e.contains("layer_types") && e.contains("sliding_attention"), "{e}");
+        assert!(e.contains("layer_types") && e.contains("chunked_attention"), "{e}");
     }
 
     /// config.json of checkpoints people fine-tune, as their repositories hold them.
@@ -1093,14 +1109,16 @@ mod tests {
         let mut json = to_hf_config(&llama(), None);
         json["model_type"] = json!("falcon");
         assert!(from_hf_config(&json, "c").unwrap_err().to_string().contains("falcon"));
-        // Mistral is imported as Llama where its sliding window covers the whole context.
+        // Mistral is imported as Llama, as it is where its sliding window covers the context.
         let mut json = to_hf_config(&llama(), None);
         json["model_type"] = json!("mistral");
         json["sliding_window"] = json!(null);
         assert_eq!(from_hf_config(&json, "c").unwrap().0, llama());
+        // A window shorter than the context cuts the context to it, saying so.
         json["sliding_window"] = json!(16);
-        let e = from_hf_config(&json, "c").unwrap_err().to_string();
-        assert!(e.contains("sliding_window") && e.contains("whole context"), "{e}");
+        let (cut, notes) = from_hf_config(&json, "c").unwrap();
+        assert_eq!(cut, ModelConfig { max_seq_len: 16, ..llama() });
+        assert!(notes.len() == 1 && notes[0].contains("cut to its 16 tokens"), "{notes:?}");
         // A value that breaks one of ondol's constraints: its key and the file.
         let mut json = to_hf_config(&llama(), None);
         json["num_key_value_heads"] = json!(3);
