@@ -11,7 +11,8 @@ use ondol_core::{Backend, Rng};
 use ondol_cpu::CpuBackend;
 use ondol_cuda::{CudaBackend, Dtype};
 use ondol_model::{
-    Arch, InferenceCache, MicroBatch, Model, ModelConfig, Part, Scratch, SsmConfig, Workspace, scratch_elems,
+    Arch, InferenceCache, MicroBatch, Model, ModelConfig, Part, RopeScaling, RopeScalingKind, Scratch, SsmConfig,
+    Workspace, scratch_elems,
 };
 use ondol_optim::{AdamW, OptimizerConfig};
 
@@ -21,7 +22,9 @@ const SEQ: usize = 13;
 
 /// A small model of `arch`; the state-space ones save their state every 5 tokens, so chunks
 /// do not divide the sequence, and the hybrid is Mamba-2, attention, MLP and Mamba-2 again.
-/// Mamba-2 has heads of 32 channels and 32 states, whose bf16 SSD runs on tensor cores.
+/// Mamba-2 has heads of 32 channels and 32 states, whose bf16 SSD runs on tensor cores. The
+/// Llama has Qwen2's q, k and v biases and Llama 3.1's rotary scaling (one of its four
+/// frequencies blended, three divided).
 fn config(arch: Arch) -> ModelConfig {
     let pattern = (arch == Arch::Hybrid).then(|| "M*-M".to_string());
     ModelConfig {
@@ -35,8 +38,14 @@ fn config(arch: Arch) -> ModelConfig {
         max_seq_len: 16,
         tie_embeddings: Some(arch == Arch::Gpt2),
         rope_theta: 10_000.0,
-        rope_scaling: None,
-        qkv_bias: false,
+        rope_scaling: (arch == Arch::Llama).then_some(RopeScaling {
+            kind: RopeScalingKind::Llama3,
+            factor: 4.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_seq_len: 8,
+        }),
+        qkv_bias: arch == Arch::Llama,
         norm_eps: 1e-5,
         init_std: 0.1,
         init_residual_scaling: true,
