@@ -254,6 +254,13 @@ pub fn latest(run_dir: &Path) -> Option<PathBuf> {
     dir.is_dir().then_some(dir)
 }
 
+/// What `checkpoints/latest` names where that is no checkpoint of the run (gone since, say),
+/// for callers that take another and say so.
+pub fn dangling_latest(run_dir: &Path) -> Option<String> {
+    let name = fs::read_to_string(checkpoints_dir(run_dir).join("latest")).ok()?;
+    latest(run_dir).is_none().then(|| name.trim().to_string())
+}
+
 /// Removes temporary directories left by a writer that was killed.
 pub fn remove_stale(run_dir: &Path) -> Result<()> {
     let root = checkpoints_dir(run_dir);

@@ -372,27 +372,22 @@ impl ModelConfig {
     /// is not. Checked in configs a user writes, not in those earlier versions wrote into
     /// checkpoints, which may hold them (see [`Self::unread_as_defaults`]).
     pub fn refuse_unread(&self) -> Result<()> {
-        let pure_mamba = matches!(self.arch, Arch::Mamba | Arch::Mamba2);
+        // What is unread is [`Self::unread_as_defaults`]'s to say; here, only why.
+        let read = self.unread_as_defaults();
         let (attention, mlp) = ("a pure Mamba model has no attention", "a pure Mamba model has no MLP");
+        let rope = "only llama has rotary positions (gpt2 learns its positions, Mamba and hybrid models have none)";
         let unread = [
-            ("n_kv_heads", pure_mamba && self.n_kv_heads.is_some(), attention),
-            ("ffn_hidden", pure_mamba && self.ffn_hidden.is_some(), mlp),
+            ("n_kv_heads", self.n_kv_heads != read.n_kv_heads, attention),
+            ("ffn_hidden", self.ffn_hidden != read.ffn_hidden, mlp),
+            ("rope_theta", self.rope_theta != read.rope_theta, rope),
         ];
-        if let Some((key, _, why)) = unread.iter().find(|(_, given, _)| *given) {
-            return Err(Error::config(format!("model.{key}"), format!("{why}: leave it unset")));
+        match unread.iter().find(|(_, given, _)| *given) {
+            Some((key, _, why)) => Err(Error::config(format!("model.{key}"), format!("{why}: leave it unset"))),
+            None if read != *self => {
+                Err(Error::config("model", format!("{:?} does not read a setting given", self.arch)))
+            }
+            None => Ok(()),
         }
-        // (A config written out holds the default, whatever the architecture.)
-        if self.arch != Arch::Llama && self.rope_theta != default_rope_theta() {
-            return Err(Error::config(
-                "model.rope_theta",
-                format!(
-                    "{}: only llama has rotary positions (gpt2 learns its positions, Mamba and hybrid models have \
-                     none): leave it unset",
-                    self.rope_theta
-                ),
-            ));
-        }
-        Ok(())
     }
 
     /// The same model with what its architecture does not read at its defaults: what two

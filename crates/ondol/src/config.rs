@@ -413,17 +413,19 @@ impl RunConfig {
     /// Reads the config a user wrote at `path`, applies `--set` overrides in order, and
     /// validates the result, refusing settings it would not read.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self, Error> {
-        let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(format!("cannot read config {file}"), e))?;
-        Self::parse_checked(&text, &file, overrides, true)
+        Self::load_checked(path, overrides, true)
     }
 
     /// [`Self::load`] of a config ondol wrote (a checkpoint's `ondol.toml`): an earlier
     /// version may have written settings it does not read, which are let be.
     pub fn load_written(path: &Path, overrides: &[String]) -> Result<Self, Error> {
+        Self::load_checked(path, overrides, false)
+    }
+
+    fn load_checked(path: &Path, overrides: &[String], refuse_unread: bool) -> Result<Self, Error> {
         let file = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(format!("cannot read config {file}"), e))?;
-        Self::parse_checked(&text, &file, overrides, false)
+        Self::parse_checked(&text, &file, overrides, refuse_unread)
     }
 
     /// Parses config text (as [`Self::load_written`] does); `file` names its origin in errors.

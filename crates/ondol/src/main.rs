@@ -778,12 +778,10 @@ fn resume<B: Backend>(trainer: &mut Trainer<B>, run_dir: &Path, spec: Option<&st
     // `latest` names what the run wrote last: after a resume from an earlier checkpoint, the
     // later ones belong to the abandoned continuation.
     let latest = checkpoint::latest(run_dir);
-    let pointer = ckpts.join("latest");
-    if let (None, Ok(name), true, false) = (&latest, std::fs::read_to_string(&pointer), leader, newest.is_empty()) {
+    if let (Some(name), true, false) = (checkpoint::dangling_latest(run_dir), leader, newest.is_empty()) {
         ondol_core::say!(
-            "note: {} names {:?}, which is not a checkpoint here: going on from the newest",
-            pointer.display(),
-            name.trim()
+            "note: {} names {name:?}, which is not a checkpoint here: going on from the newest",
+            ckpts.join("latest").display()
         );
     }
     if let (Some(latest), Some((_, newer))) = (&latest, newest.first())

@@ -32,12 +32,10 @@ pub fn model_dir(path: &Path) -> Result<PathBuf> {
         return Ok(latest);
     }
     let newest = checkpoint::list(run).into_iter().next();
-    let named = checkpoint::checkpoints_dir(run).join("latest");
-    if let (Some(newest), Ok(name)) = (&newest, std::fs::read_to_string(&named)) {
+    if let (Some(newest), Some(name)) = (&newest, checkpoint::dangling_latest(run)) {
         ondol_core::say!(
-            "note: {} names {}, which is gone: taking the newest checkpoint, {}",
-            named.display(),
-            name.trim(),
+            "note: {} names {name}, which is gone: taking the newest checkpoint, {}",
+            checkpoint::checkpoints_dir(run).join("latest").display(),
             newest.display()
         );
     }
@@ -285,41 +283,48 @@ impl<B: Backend> Iterator for Generation<'_, B> {
 /// The text of generated tokens as they come: each token's new text, held back while the
 /// text ends inside a character (a byte-level model spells a Korean syllable in three tokens),
 /// so that no character is shown as U+FFFD because it was cut in two.
+///
+/// Each token decodes the ids from the start of the last piece handed out (the prompt, at
+/// first), not the whole text: the new text is what follows that piece's own decoding, so a
+/// decoder's treatment of a text's first token (Metaspace drops its leading space) falls on
+/// both sides alike, and the cost per token does not grow with the text.
 pub struct TextStream<'a> {
     tok: &'a Tokenizer,
     ids: Vec<u32>,
-    /// Bytes of the decoded text already handed out.
+    /// `ids[piece..shown]` is the last piece handed out (the prompt, at first), whose text
+    /// decoded alone is `piece_len` bytes long.
+    piece: usize,
     shown: usize,
-    /// Tokens since the text last ended on a whole character.
-    held: usize,
+    piece_len: usize,
 }
 
 impl<'a> TextStream<'a> {
     /// The stream of what follows `prompt`, whose text is not handed out: decoded with it, so
     /// that a decoder that drops a leading space at the start of a text keeps the first one.
     pub fn after(tok: &'a Tokenizer, prompt: &[u32]) -> Result<Self> {
-        Ok(Self { tok, ids: prompt.to_vec(), shown: tok.decode(prompt)?.len(), held: 0 })
+        let piece_len = tok.decode(prompt)?.len();
+        Ok(Self { tok, ids: prompt.to_vec(), piece: 0, shown: prompt.len(), piece_len })
     }
 
     /// The text `id` adds that can be shown now (often empty).
     pub fn push(&mut self, id: u32) -> Result<String> {
         self.ids.push(id);
-        let text = self.tok.decode(&self.ids)?;
+        let text = self.tok.decode(&self.ids[self.piece..])?;
         if text.ends_with('\u{FFFD}') {
-            self.held += 1;
             return Ok(String::new());
         }
-        // (Where the text so far changed with what followed, which byte-level and Metaspace
+        // (Where the piece's text changed with what followed, which byte-level and Metaspace
         // decoders do not do, the change is not shown: what was shown is out.)
-        let from = (self.shown..=text.len()).find(|&i| text.is_char_boundary(i)).unwrap_or(text.len());
-        self.shown = text.len();
-        self.held = 0;
-        Ok(text[from..].to_string())
+        let from = (self.piece_len..=text.len()).find(|&i| text.is_char_boundary(i)).unwrap_or(text.len());
+        let new = text[from..].to_string();
+        (self.piece, self.shown) = (self.shown, self.ids.len());
+        self.piece_len = self.tok.decode(&self.ids[self.piece..])?.len();
+        Ok(new)
     }
 
     /// The tokens held back at the end, which do not make a whole character.
     pub fn unfinished(&self) -> usize {
-        self.held
+        self.ids.len() - self.shown
     }
 }
 
