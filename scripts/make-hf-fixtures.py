@@ -56,6 +56,16 @@ def qwen2_config():
     return Qwen2Config(**{k: kw[k] for k in keep}, tie_word_embeddings=True, rope_theta=1000000.0)
 
 
+def qwen3_config():
+    from transformers import Qwen3Config
+
+    kw = llama_config().to_dict()
+    keep = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "hidden_act", "initializer_range")
+    # Heads of 12 where hidden_size / heads is 8, as Qwen3's are 128 wide at any width.
+    return Qwen3Config(**{k: kw[k] for k in keep}, head_dim=12, tie_word_embeddings=True, rope_theta=1000000.0)
+
+
 def llama_config(**overrides):
     from transformers import LlamaConfig
 
@@ -187,8 +197,8 @@ def perturb_mamba(model, gen):
 
 
 def perturb_llama(model, gen):
-    """RMSNorm weights := 1 + N(0, 0.1) (HF inits them to exactly 1); biases (Qwen2's q, k
-    and v) := N(0, 0.1) (HF inits them to 0)."""
+    """RMSNorm weights := 1 + N(0, 0.1) (HF inits them to exactly 1; Qwen3's q_norm and k_norm
+    included); biases (Qwen2's q, k and v) := N(0, 0.1) (HF inits them to 0)."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name and name.endswith(".weight"):
@@ -217,7 +227,7 @@ def build(name, config):
     config._attn_implementation = "eager"
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
     gen = torch.Generator().manual_seed(1)
-    if config.model_type in ("llama", "mistral", "qwen2"):
+    if config.model_type in ("llama", "mistral", "qwen2", "qwen3"):
         perturb_llama(model, gen)
     elif config.model_type == "gpt2":
         perturb_gpt2(model, gen)
@@ -277,6 +287,8 @@ def make(out_dir, only=None):
         ("tiny-mistral", mistral_config()),
         # Qwen2: Llama with biases on q, k and v (and here a tied head).
         ("tiny-qwen2", qwen2_config()),
+        # Qwen3: an RMSNorm on each q and k head, heads wider than hidden_size / heads.
+        ("tiny-qwen3", qwen3_config()),
         ("tiny-gpt2", gpt2_config()),
         ("tiny-mamba", mamba_config()),
         ("tiny-mamba2", mamba2_config()),

@@ -465,6 +465,9 @@ pub fn check_compatible(dir: &Path, theirs: &ModelConfig, ours: &ModelConfig) ->
             ("norm_eps", c.norm_eps.to_string()),
             ("pattern", c.pattern.clone().unwrap_or_default()),
         ];
+        if c.has_attention() {
+            v.push(("head_dim", c.head_dim().to_string()));
+        }
         // Only GPT-2's learned positions store max_seq_len in the weights: rotary positions
         // (Llama), none (Nemotron-H's attention) and the Mamba mixers take any length.
         if c.arch == ondol_model::Arch::Gpt2 {
@@ -480,6 +483,7 @@ pub fn check_compatible(dir: &Path, theirs: &ModelConfig, ours: &ModelConfig) ->
             });
             v.push(("rope_scaling", scaling));
             v.push(("qkv_bias", c.qkv_bias.to_string()));
+            v.push(("qk_norm", c.qk_norm.to_string()));
         }
         if c.layer_kinds().contains(&ondol_model::LayerKind::Mamba) {
             let s = &c.ssm;

@@ -1,7 +1,7 @@
 //! Hugging Face `config.json` for the architectures ondol implements, both ways.
 //!
 //! Export writes the fields transformers reads for `LlamaForCausalLM` (`Qwen2ForCausalLM`
-//! with biases on q, k and v), `GPT2LMHeadModel`, `MambaForCausalLM`, `Mamba2ForCausalLM` and
+//! with biases on q, k and v, `Qwen3ForCausalLM` with q_norm and k_norm), `GPT2LMHeadModel`, `MambaForCausalLM`, `Mamba2ForCausalLM` and
 //! `NemotronHForCausalLM`. Import is strict: a field that would change the model's arithmetic
 //! and that ondol does not implement (a rope scaling other than llama3's, a sliding window,
 //! biases on o_proj, another activation, ...) is an error that names the field; fields that
@@ -125,14 +125,20 @@ pub fn to_hf_config(cfg: &ModelConfig, eos_token_id: Option<u32>) -> Value {
         // (transformers before 5 read the scaling here; 5 from rope_parameters.)
         v["rope_scaling"] = rope_parameters(cfg);
     }
-    if cfg.qkv_bias {
+    if cfg.qkv_bias || cfg.qk_norm {
         // Llama's attention_bias would put one on o_proj too: Qwen2 has q, k and v's alone.
+        // Qwen3 is Qwen2 with q_norm and k_norm instead of the biases.
         let o = v.as_object_mut().expect("a config is an object");
-        for key in ["attention_bias", "mlp_bias", "pretraining_tp"] {
+        for key in ["mlp_bias", "pretraining_tp"] {
             o.remove(key);
         }
-        v["architectures"] = json!(["Qwen2ForCausalLM"]);
-        v["model_type"] = json!("qwen2");
+        if cfg.qkv_bias {
+            o.remove("attention_bias");
+        }
+        let qwen = if cfg.qk_norm { "qwen3" } else { "qwen2" };
+        let class = if cfg.qk_norm { "Qwen3ForCausalLM" } else { "Qwen2ForCausalLM" };
+        v["architectures"] = json!([class]);
+        v["model_type"] = json!(qwen);
         v["use_sliding_window"] = json!(false);
         v["sliding_window"] = Value::Null;
         v["max_window_layers"] = json!(cfg.n_layers);
@@ -457,16 +463,10 @@ fn llama3_scaling(f: &Fields, key: &str, p: &Value) -> Result<RopeScaling> {
     Ok(scaling)
 }
 
-/// ondol's attention heads are hidden_size / heads wide: `head_dim` (or, when the field is
-/// absent, `missing`, the architecture's default) must agree.
-fn check_head_dim(f: &Fields, d_model: usize, n_heads: usize, missing: Option<usize>) -> Result<()> {
-    match f.opt_usize("head_dim")?.or(missing) {
-        Some(hd) if hd * n_heads != d_model => Err(f.err(
-            "head_dim",
-            format!("{hd} x {n_heads} heads != hidden_size {d_model}: ondol needs head_dim = hidden_size / heads"),
-        )),
-        _ => Ok(()),
-    }
+/// ondol's `model.head_dim` from the field `head_dim` (or, when it is absent, `missing`, the
+/// architecture's default): none where heads are hidden_size / heads wide, as by default.
+fn head_dim(f: &Fields, d_model: usize, n_heads: usize, missing: Option<usize>) -> Result<Option<usize>> {
+    Ok(f.opt_usize("head_dim")?.or(missing).filter(|&hd| n_heads > 0 && hd * n_heads != d_model))
 }
 
 /// `heads` (a field of the config) must be expand * hidden_size / head_dim.
@@ -499,6 +499,8 @@ fn ssm_model(f: &Fields, arch: Arch, d_model: usize, ssm: SsmConfig, tied_defaul
         rope_theta: 10_000.0,
         rope_scaling: None,
         qkv_bias: false,
+        qk_norm: false,
+        head_dim: None,
         norm_eps: f.f64("layer_norm_epsilon", 1e-5)? as f32,
         init_std: f.f64("initializer_range", 0.1)? as f32,
         init_residual_scaling: true,
@@ -570,7 +572,7 @@ fn nemotron_h_from(f: &Fields) -> Result<ModelConfig> {
     let d_model = f.usize("hidden_size")?;
     let n_heads = f.usize("num_attention_heads")?;
     // transformers' Nemotron-H takes head_dim = 128 when the field is absent.
-    check_head_dim(f, d_model, n_heads, Some(128))?;
+    let attn_head_dim = head_dim(f, d_model, n_heads, Some(128))?;
     // Its Mamba width is heads x head_dim; `expand` is not read (and may be absent).
     let (heads, head_dim) = (f.usize("mamba_num_heads")?, f.usize("mamba_head_dim")?);
     if !(heads * head_dim).is_multiple_of(d_model) {
@@ -604,6 +606,8 @@ fn nemotron_h_from(f: &Fields) -> Result<ModelConfig> {
         rope_theta: 10_000.0,
         rope_scaling: None,
         qkv_bias: false,
+        qk_norm: false,
+        head_dim: attn_head_dim,
         norm_eps: f.f64("layer_norm_epsilon", 1e-5)? as f32,
         init_std: f.f64("initializer_range", 0.02)? as f32,
         init_residual_scaling: true,
@@ -650,13 +654,16 @@ pub fn from_hf_config(json: &Value, file: &str) -> Result<(ModelConfig, Vec<Stri
     let mut notes = Vec::new();
     let (cfg, known): (ModelConfig, &[&str]) = match model_type {
         // Mistral is Llama with a sliding window, Qwen2 Llama with biases on q, k and v and a
-        // window it uses where use_sliding_window (or layer_types) says so. A window shorter
-        // than the context is kept exactly by cutting the context to it: every token then
-        // attends to the whole window, as the window has it.
-        "llama" | "mistral" | "qwen2" => {
+        // window it uses where use_sliding_window (or layer_types) says so, Qwen3 Qwen2 with an
+        // RMSNorm on each q and k head instead of the biases. A window shorter than the context
+        // is kept exactly by cutting the context to it: every token then attends to the whole
+        // window, as the window has it.
+        "llama" | "mistral" | "qwen2" | "qwen3" => {
             let mut window = map.get("sliding_window").filter(|w| !w.is_null() && model_type == "mistral");
             if model_type == "qwen2" {
                 f.must_be("use_mrope", &json!(false), "rotary positions along one axis")?;
+            }
+            if model_type.starts_with("qwen") {
                 let layer_types = map.get("layer_types").and_then(Value::as_array);
                 let kinds = layer_types.into_iter().flatten();
                 if let Some(kind) = kinds.clone().find(|k| *k != "full_attention" && *k != "sliding_attention") {
@@ -728,7 +735,8 @@ pub fn from_hf_config(json: &Value, file: &str) -> Result<(ModelConfig, Vec<Stri
             let theta = theta.map_or(10_000.0, |(_, t)| t);
             let d_model = f.usize("hidden_size")?;
             let n_heads = f.usize("num_attention_heads")?;
-            check_head_dim(&f, d_model, n_heads, None)?;
+            // (transformers' Qwen3 takes head_dim = 128 when the field is absent.)
+            let head_dim = head_dim(&f, d_model, n_heads, (model_type == "qwen3").then_some(128))?;
             let cfg = ModelConfig {
                 arch: Arch::Llama,
                 vocab_size: f.usize("vocab_size")?,
@@ -742,6 +750,8 @@ pub fn from_hf_config(json: &Value, file: &str) -> Result<(ModelConfig, Vec<Stri
                 rope_theta: theta,
                 rope_scaling,
                 qkv_bias: model_type == "qwen2",
+                qk_norm: model_type == "qwen3",
+                head_dim,
                 norm_eps: f.f64("rms_norm_eps", 1e-6)? as f32,
                 init_std: f.f64("initializer_range", 0.02)? as f32,
                 init_residual_scaling: true,
@@ -797,6 +807,8 @@ pub fn from_hf_config(json: &Value, file: &str) -> Result<(ModelConfig, Vec<Stri
                 rope_theta: 10_000.0,
                 rope_scaling: None,
                 qkv_bias: false,
+                qk_norm: false,
+                head_dim: None,
                 norm_eps: f.f64("layer_norm_epsilon", 1e-5)? as f32,
                 init_std: f.f64("initializer_range", 0.02)? as f32,
                 init_residual_scaling: true,
@@ -886,8 +898,9 @@ pub fn from_hf_config(json: &Value, file: &str) -> Result<(ModelConfig, Vec<Stri
         let key = key.as_str();
         let windowless = match model_type {
             "mistral" => key == "sliding_window",
-            "qwen2" => {
-                ["use_sliding_window", "sliding_window", "max_window_layers", "layer_types", "use_mrope"].contains(&key)
+            "qwen2" | "qwen3" => {
+                ["use_sliding_window", "sliding_window", "max_window_layers", "layer_types"].contains(&key)
+                    || (model_type == "qwen2" && key == "use_mrope")
             }
             _ => false,
         };
@@ -906,8 +919,9 @@ pub fn from_hf_config(json: &Value, file: &str) -> Result<(ModelConfig, Vec<Stri
     // one holds it, and ondol's key.
     cfg.validate().map_err(|e| match e {
         Error::Config { key, message } => {
-            // (Mistral and Qwen2 name their fields as Llama does.)
-            match hf_field(if matches!(model_type, "mistral" | "qwen2") { "llama" } else { model_type }, &key) {
+            // (Mistral and Qwen name their fields as Llama does.)
+            match hf_field(if matches!(model_type, "mistral" | "qwen2" | "qwen3") { "llama" } else { model_type }, &key)
+            {
                 Some(field) => Error::config(format!("{field}` in `{file}"), format!("(ondol's {key}) {message}")),
                 None => Error::config(format!("{key}` as read from `{file}"), message),
             }
@@ -938,6 +952,7 @@ fn hf_field(model_type: &str, key: &str) -> Option<&'static str> {
         ("llama", "rope_theta") => "rope_theta",
         ("llama" | "nemotron_h", "n_heads") => "num_attention_heads",
         ("llama" | "nemotron_h", "n_kv_heads") => "num_key_value_heads",
+        ("llama" | "nemotron_h", "head_dim") => "head_dim",
         ("llama" | "nemotron_h", "ffn_hidden") => "intermediate_size",
         ("llama" | "nemotron_h", "max_seq_len") => "max_position_embeddings",
         ("nemotron_h", "pattern") => "layers_block_type",
@@ -977,6 +992,8 @@ mod tests {
             rope_theta: 500_000.0,
             rope_scaling: None,
             qkv_bias: false,
+            qk_norm: false,
+            head_dim: None,
             norm_eps: 1e-6,
             init_std: 0.02,
             init_residual_scaling: true,
@@ -1052,9 +1069,29 @@ mod tests {
         assert!(e.contains("layer_types") && e.contains("chunked_attention"), "{e}");
     }
 
+    /// q_norm and k_norm make a Qwen3; wider heads go out as head_dim and come back, for Llama
+    /// and for Nemotron-H.
+    #[test]
+    fn qk_norms_export_and_import_as_qwen3_and_head_dims_as_given() {
+        let cfg = ModelConfig { qk_norm: true, head_dim: Some(12), ..llama() };
+        let json = to_hf_config(&cfg, None);
+        assert_eq!((json["model_type"].as_str(), json["head_dim"].as_u64()), (Some("qwen3"), Some(12)));
+        assert_eq!(json["attention_bias"], json!(false));
+        assert_eq!(from_hf_config(&json, "c").unwrap().0, cfg);
+        let hybrid = ModelConfig {
+            arch: Arch::Hybrid,
+            n_layers: 2,
+            pattern: Some("M*".into()),
+            head_dim: Some(12),
+            ssm: SsmConfig { state_size: Some(8), head_dim: 16, ..Default::default() },
+            ..llama()
+        };
+        assert_eq!(from_hf_config(&to_hf_config(&hybrid, None), "c").unwrap().0.head_dim, Some(12));
+    }
+
     /// config.json of checkpoints people fine-tune, as their repositories hold them.
     #[test]
-    fn llama_3_1_mistral_and_qwen2_5_configs_import() {
+    fn llama_3_1_mistral_qwen2_5_and_qwen3_configs_import() {
         let llama_3_1_8b = r#"{"architectures": ["LlamaForCausalLM"], "attention_bias": false,
             "attention_dropout": 0.0, "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009],
             "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 14336,
@@ -1078,6 +1115,14 @@ mod tests {
             "num_key_value_heads": 2, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "sliding_window": 32768,
             "tie_word_embeddings": true, "torch_dtype": "bfloat16", "transformers_version": "4.40.1",
             "use_cache": true, "use_mrope": false, "use_sliding_window": false, "vocab_size": 151936}"#;
+        let qwen3_0_6b = r#"{"architectures": ["Qwen3ForCausalLM"], "attention_bias": false,
+            "attention_dropout": 0.0, "bos_token_id": 151643, "eos_token_id": 151645, "head_dim": 128,
+            "hidden_act": "silu", "hidden_size": 1024, "initializer_range": 0.02, "intermediate_size": 3072,
+            "max_position_embeddings": 40960, "max_window_layers": 28, "model_type": "qwen3",
+            "num_attention_heads": 16, "num_hidden_layers": 28, "num_key_value_heads": 8, "rms_norm_eps": 1e-06,
+            "rope_scaling": null, "rope_theta": 1000000, "sliding_window": null, "tie_word_embeddings": true,
+            "torch_dtype": "bfloat16", "transformers_version": "4.51.0", "use_cache": true,
+            "use_sliding_window": false, "vocab_size": 151936}"#;
         let import = |text: &str| from_hf_config(&parse_config(text, "config.json").unwrap(), "config.json");
         let llama = import(llama_3_1_8b).unwrap().0;
         let scaling = llama.rope_scaling.expect("llama3 scaling");
@@ -1086,6 +1131,16 @@ mod tests {
         assert_eq!((mistral.arch, mistral.kv_heads(), mistral.rope_theta), (Arch::Llama, 8, 1e6));
         let qwen = import(qwen2_5_0_5b).unwrap().0;
         assert!(qwen.qkv_bias && qwen.tied() && qwen.head_dim() == 64, "{qwen:?}");
+        let qwen3 = import(qwen3_0_6b).unwrap().0;
+        assert!(qwen3.qk_norm && !qwen3.qkv_bias && qwen3.tied(), "{qwen3:?}");
+        assert_eq!((qwen3.head_dim, qwen3.rope_theta, qwen3.max_seq_len), (Some(128), 1e6, 40960));
+        // transformers' Qwen3 takes heads of 128 when head_dim is absent; Qwen3's o_proj has
+        // a bias with attention_bias, which ondol lacks.
+        assert_eq!(import(&qwen3_0_6b.replace(r#""head_dim": 128,"#, "")).unwrap().0.head_dim, Some(128));
+        let e = import(&qwen3_0_6b.replace(r#""attention_bias": false"#, r#""attention_bias": true"#))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("attention_bias"), "{e}");
         // A theta given twice must be one theta.
         let e =
             import(&llama_3_1_8b.replace(r#""rope_type": "llama3"}"#, r#""rope_type": "llama3", "rope_theta": 1e4}"#))
@@ -1190,8 +1245,7 @@ mod tests {
         };
         let mut json = to_hf_config(&cfg, None);
         json.as_object_mut().unwrap().remove("head_dim");
-        let e = from_hf_config(&json, "c").unwrap_err().to_string();
-        assert!(e.contains("head_dim") && e.contains("128"), "{e}");
+        assert_eq!(from_hf_config(&json, "c").unwrap().0.head_dim, Some(128));
         json.as_object_mut().unwrap().remove("expand");
         json["head_dim"] = json!(8);
         assert_eq!(from_hf_config(&json, "c").unwrap().0.ssm.expand, 2, "expand follows heads x head_dim");

@@ -1,5 +1,5 @@
 //! Golden parity with Hugging Face transformers: tiny random Llama (GQA; tied with a large
-//! rope theta; Llama 3.1's rope scaling), Mistral, Qwen2, GPT-2, Mamba, Mamba-2 and Nemotron-H (hybrid) models made by
+//! rope theta; Llama 3.1's rope scaling), Mistral, Qwen2, Qwen3, GPT-2, Mamba, Mamba-2 and Nemotron-H (hybrid) models made by
 //! scripts/make-hf-fixtures.py, with transformers'
 //! logits and loss on fixed tokens. ondol imports each directory as transformers wrote it
 //! and must reproduce the logits within 1e-4 (relative to the logits' scale) in f32.
@@ -113,10 +113,17 @@ fn qwen2_matches_transformers() {
     check("tiny-qwen2");
 }
 
-/// A run's `[model]` that leaves out the rotary scaling or the q, k, v biases is another model
-/// than the directory's: `init_from` refuses it, naming the key.
+/// Qwen3: an RMSNorm on each q and k head (weights perturbed from transformers' ones), heads
+/// of 12 where hidden_size / heads is 8, a tied head.
 #[test]
-fn rotary_scaling_and_qkv_biases_are_part_of_the_model() {
+fn qwen3_matches_transformers() {
+    check("tiny-qwen3");
+}
+
+/// A run's `[model]` that leaves out the rotary scaling, the q, k, v biases, the q and k norms
+/// or the head width is another model than the directory's: `init_from` refuses it, naming the key.
+#[test]
+fn rotary_scaling_qkv_biases_qk_norms_and_head_width_are_part_of_the_model() {
     for (name, strip, key) in [
         (
             "tiny-llama3-rope",
@@ -124,6 +131,8 @@ fn rotary_scaling_and_qkv_biases_are_part_of_the_model() {
             "model.rope_scaling",
         ),
         ("tiny-qwen2", |c: &mut ModelConfig| c.qkv_bias = false, "model.qkv_bias"),
+        ("tiny-qwen3", |c: &mut ModelConfig| c.qk_norm = false, "model.qk_norm"),
+        ("tiny-qwen3", |c: &mut ModelConfig| c.head_dim = None, "model.head_dim"),
     ] {
         let dir = fixture(name);
         let json = hf::parse_config(&std::fs::read_to_string(dir.join("config.json")).unwrap(), "config.json").unwrap();

@@ -19,6 +19,8 @@ fn sharded_files_round_trip_through_their_index() {
         rope_theta: 10_000.0,
         rope_scaling: None,
         qkv_bias: false,
+        qk_norm: false,
+        head_dim: None,
         norm_eps: 1e-5,
         init_std: 0.02,
         init_residual_scaling: true,

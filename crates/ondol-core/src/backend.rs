@@ -451,6 +451,29 @@ pub trait Backend: Send + Sync {
     /// "rotate half" pairing (element i with i + D/2). `inverse` applies the transpose rotation,
     /// which is the backward. `cos_sin` is `[seq, D/2, 2]` from [`rope_table`].
     fn rope(&self, qkv: Self::Mut<'_>, cos_sin: Self::Ref<'_>, shape: AttnShape, inverse: bool);
+    /// RMSNorm of every q and k head of a fused qkv buffer over its `head_dim` values (Qwen3's
+    /// q_norm and k_norm): a head x becomes `x / rms(x) * w`, with w `weight[..D]` for q's heads
+    /// and `weight[D..]` for k's; v's heads are copied. Saves `rstd` (fp32, `[rows, H + Hkv]`).
+    fn qk_norm_forward(
+        &self,
+        qkv: Self::Ref<'_>,
+        weight: Self::Ref<'_>,
+        out: Self::Mut<'_>,
+        rstd: Self::Mut<'_>,
+        shape: AttnShape,
+        eps: f32,
+    );
+    /// Backward of [`Backend::qk_norm_forward`] in place: `dqkv` holds the gradient of `out` and
+    /// becomes that of `qkv` (v's heads pass through); accumulates `dweight` (fp32, `[2 D]`).
+    fn qk_norm_backward(
+        &self,
+        dqkv: Self::Mut<'_>,
+        qkv: Self::Ref<'_>,
+        weight: Self::Ref<'_>,
+        rstd: Self::Ref<'_>,
+        dweight: Self::Mut<'_>,
+        shape: AttnShape,
+    );
     /// Causal softmax attention. Reads q, k, v from `qkv` (`[rows, qkv_width]`), writes
     /// `out` (`[rows, H*D]`) and `lse` (`[batch, H, seq]`, log-sum-exp of the scaled scores),
     /// which is all backward needs besides the inputs.

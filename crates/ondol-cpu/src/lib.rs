@@ -241,6 +241,20 @@ impl Backend for CpuBackend {
     fn rope(&self, qkv: &mut [f32], cos_sin: &[f32], shape: AttnShape, inverse: bool) {
         attention::rope(qkv, cos_sin, shape, inverse);
     }
+    fn qk_norm_forward(&self, qkv: &[f32], w: &[f32], out: &mut [f32], rstd: &mut [f32], shape: AttnShape, eps: f32) {
+        norm::qk_norm_forward(qkv, w, out, rstd, shape, eps);
+    }
+    fn qk_norm_backward(
+        &self,
+        dqkv: &mut [f32],
+        qkv: &[f32],
+        w: &[f32],
+        rstd: &[f32],
+        dw: &mut [f32],
+        shape: AttnShape,
+    ) {
+        norm::qk_norm_backward(dqkv, qkv, w, rstd, dw, shape);
+    }
     fn attention_forward(&self, qkv: &[f32], out: &mut [f32], lse: &mut [f32], shape: AttnShape) {
         attention::attention_forward(qkv, out, lse, shape);
     }

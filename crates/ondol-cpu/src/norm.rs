@@ -9,6 +9,7 @@
 use crate::math::{dot, sigmoid, silu};
 use crate::reduce::column_sums;
 use crate::simd::dispatched;
+use ondol_core::backend::AttnShape;
 use rayon::prelude::*;
 
 pub fn rmsnorm_forward(x: &[f32], w: &[f32], out: &mut [f32], rstd: &mut [f32], dim: usize, eps: f32) {
@@ -46,6 +47,62 @@ pub fn rmsnorm_backward(dout: &[f32], x: &[f32], w: &[f32], rstd: &[f32], dx: &m
             }
         }
     });
+}
+
+/// Qwen3's q_norm and k_norm: RMSNorm of each of the first H + Hkv heads of every fused qkv
+/// row, q's heads with `w[..D]` and k's with `w[D..]`; v's heads are copied.
+pub fn qk_norm_forward(qkv: &[f32], w: &[f32], out: &mut [f32], rstd: &mut [f32], s: AttnShape, eps: f32) {
+    let (d, width, normed) = (s.head_dim, s.qkv_width(), s.n_heads + s.n_kv_heads);
+    assert!(w.len() == 2 * d && qkv.len() == s.rows() * width && out.len() == qkv.len());
+    assert_eq!(rstd.len(), s.rows() * normed);
+    out.par_chunks_mut(width).zip(qkv.par_chunks(width)).zip(rstd.par_chunks_mut(normed)).for_each(|((o, x), r)| {
+        let (heads, v) = o.split_at_mut(normed * d);
+        v.copy_from_slice(&x[normed * d..]);
+        for (h, ((o, x), r)) in heads.chunks_exact_mut(d).zip(x.chunks_exact(d)).zip(r).enumerate() {
+            let w = head_weight(w, h, s);
+            *r = 1.0 / (x.iter().map(|v| v * v).sum::<f32>() / d as f32 + eps).sqrt();
+            for ((o, x), w) in o.iter_mut().zip(x).zip(w) {
+                *o = x * *r * w;
+            }
+        }
+    });
+}
+
+/// In place: `dqkv` holds d(out) and becomes d(qkv); per head, as [`rmsnorm_backward`] with
+/// dx written rather than accumulated, and dw summed into q's or k's half of `dw`.
+pub fn qk_norm_backward(dqkv: &mut [f32], qkv: &[f32], w: &[f32], rstd: &[f32], dw: &mut [f32], s: AttnShape) {
+    let (d, width, normed) = (s.head_dim, s.qkv_width(), s.n_heads + s.n_kv_heads);
+    assert!(w.len() == 2 * d && dw.len() == 2 * d && qkv.len() == s.rows() * width && dqkv.len() == qkv.len());
+    assert_eq!(rstd.len(), s.rows() * normed);
+    // dw first, from d(out), which the second pass overwrites.
+    column_sums(s.rows(), dw, |rows, part| {
+        for row in rows {
+            let (dy, x) = (&dqkv[row * width..][..normed * d], &qkv[row * width..][..normed * d]);
+            for (h, (dy, x)) in dy.chunks_exact(d).zip(x.chunks_exact(d)).enumerate() {
+                let r = rstd[row * normed + h];
+                let part = if h < s.n_heads { &mut part[..d] } else { &mut part[d..] };
+                for ((p, dy), x) in part.iter_mut().zip(dy).zip(x) {
+                    *p += dy * x * r;
+                }
+            }
+        }
+    });
+    dqkv.par_chunks_mut(width).zip(qkv.par_chunks(width)).zip(rstd.par_chunks(normed)).for_each(|((dx, x), r)| {
+        for (h, ((dx, x), &r)) in dx.chunks_exact_mut(d).zip(x.chunks_exact(d)).zip(r).enumerate() {
+            let w = head_weight(w, h, s);
+            let dot: f32 = dx.iter().zip(w).zip(x).map(|((dy, w), x)| dy * w * x).sum();
+            let c = r * r * r * dot / d as f32;
+            for ((dx, w), x) in dx.iter_mut().zip(w).zip(x) {
+                *dx = r * w * *dx - c * x;
+            }
+        }
+    });
+}
+
+/// The norm weight of head `h` of a qkv row: q's for the first H heads, k's after.
+fn head_weight(w: &[f32], h: usize, s: AttnShape) -> &[f32] {
+    let d = s.head_dim;
+    if h < s.n_heads { &w[..d] } else { &w[d..] }
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -322,6 +322,16 @@ impl CudaBackend {
         LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (ROW_THREADS, 1, 1), shared_mem_bytes: shared as u32 }
     }
 
+    /// The rows, heads and head dim of a fused qkv buffer, as the head-wise kernels take them.
+    fn head_args(shape: AttnShape) -> [Arg; 4] {
+        [
+            Arg::I64(shape.rows() as i64),
+            Arg::I32(shape.n_heads as i32),
+            Arg::I32(shape.n_kv_heads as i32),
+            Arg::I32(shape.head_dim as i32),
+        ]
+    }
+
     /// At most two blocks per SM (the norms' backward, whose blocks each add their
     /// weight-gradient partials once).
     fn per_sm(&self, rows: usize, shared: usize) -> LaunchConfig {
@@ -754,6 +764,50 @@ impl Backend for CudaBackend {
             Arg::I32(inverse as i32),
         ];
         self.run("rope", "rope", qkv.dtype, self.dev.flat(pairs), &args);
+    }
+    fn qk_norm_forward(
+        &self,
+        qkv: DevRef<'_>,
+        weight: DevRef<'_>,
+        out: DevMut<'_>,
+        rstd: DevMut<'_>,
+        shape: AttnShape,
+        eps: f32,
+    ) {
+        let dtype = same_type("qk_norm_forward", &[qkv.dtype, weight.dtype, out.dtype]);
+        is_f32("qk_norm_forward rstd", rstd.dtype);
+        let (rows, heads) = (shape.rows(), shape.n_heads + 2 * shape.n_kv_heads);
+        assert!(qkv.len == rows * shape.qkv_width() && out.len == qkv.len, "qk_norm_forward: qkv length");
+        assert!(weight.len == 2 * shape.head_dim, "qk_norm_forward: weight is [2 head_dim]");
+        assert_eq!(rstd.len, rows * (shape.n_heads + shape.n_kv_heads), "qk_norm_forward: rstd length");
+        let mut args = vec![ptr(&qkv), ptr(&weight), ptr_mut(&out), ptr_mut(&rstd)];
+        args.extend(Self::head_args(shape));
+        args.push(Arg::F32(eps));
+        // One warp per head.
+        self.run("norms", "qk_norm_forward", dtype, self.dev.flat(rows * heads * 32), &args);
+    }
+    fn qk_norm_backward(
+        &self,
+        dqkv: DevMut<'_>,
+        qkv: DevRef<'_>,
+        weight: DevRef<'_>,
+        rstd: DevRef<'_>,
+        dweight: DevMut<'_>,
+        shape: AttnShape,
+    ) {
+        let dtype = same_type("qk_norm_backward", &[dqkv.dtype, qkv.dtype, weight.dtype]);
+        is_f32("qk_norm_backward rstd", rstd.dtype);
+        is_f32("qk_norm_backward dweight", dweight.dtype);
+        let (rows, normed) = (shape.rows(), shape.n_heads + shape.n_kv_heads);
+        assert!(qkv.len == rows * shape.qkv_width() && dqkv.len == qkv.len, "qk_norm_backward: qkv length");
+        assert!(weight.len == 2 * shape.head_dim && dweight.len == weight.len, "qk_norm_backward: weight length");
+        assert_eq!(rstd.len, rows * normed, "qk_norm_backward: rstd length");
+        let mut args = vec![ptr_mut(&dqkv), ptr(&qkv), ptr(&weight), ptr(&rstd), ptr_mut(&dweight)];
+        args.extend(Self::head_args(shape));
+        // One warp per head, each with its own dw partial (2 D floats) in shared memory.
+        let warps = (ROW_THREADS / 32) as usize;
+        let cfg = self.per_sm((rows * normed).div_ceil(warps), warps * 2 * shape.head_dim * 4);
+        self.run("norms", "qk_norm_backward", dtype, cfg, &args);
     }
     fn attention_forward(&self, qkv: DevRef<'_>, out: DevMut<'_>, lse: DevMut<'_>, shape: AttnShape) {
         let dtype = same_type("attention_forward", &[qkv.dtype, out.dtype]);

@@ -477,6 +477,44 @@ fn adamw_matches_the_cpu_with_and_without_a_compute_copy() {
     }
 }
 
+/// Qwen3's q_norm and k_norm: a head of 48 (lanes wrap unevenly over 32) and of 128, on
+/// grouped-query heads over 37 rows.
+#[test]
+fn qk_norm_matches_the_cpu() {
+    for be in backends() {
+        let tol = tolerance(&be);
+        for head_dim in [48, 128] {
+            let shape = AttnShape { batch: 1, seq: 37, n_heads: 4, n_kv_heads: 2, head_dim };
+            let (n, normed) = (shape.rows() * shape.qkv_width(), shape.rows() * (shape.n_heads + shape.n_kv_heads));
+            let qkv = round(&be, &random(n, 1, 2.0));
+            let w = round(&be, &random(2 * head_dim, 2, 1.0));
+            let dy = round(&be, &random(n, 3, 1.0));
+            let dw0 = random(2 * head_dim, 4, 0.1);
+            let (gqkv, gw) = (be.upload(&qkv), be.upload(&w));
+            let (mut out, mut rstd) = (be.zeros(n), be.zeros_f32(normed));
+            be.qk_norm_forward(be.all(&gqkv), be.all(&gw), be.all_mut(&mut out), be.all_mut(&mut rstd), shape, 1e-6);
+            let (mut want, mut want_rstd) = (vec![0.0; n], vec![0.0; normed]);
+            CPU.qk_norm_forward(&qkv, &w, &mut want, &mut want_rstd, shape, 1e-6);
+            assert_close(&format!("qk_norm_forward D={head_dim}"), &be, &be.download(&out), &want, tol);
+            assert_close(&format!("qk_norm_forward rstd D={head_dim}"), &be, &be.download(&rstd), &want_rstd, 1e-5);
+
+            let (mut dqkv, mut dw) = (be.upload(&dy), be.upload_f32(&dw0));
+            be.qk_norm_backward(
+                be.all_mut(&mut dqkv),
+                be.all(&gqkv),
+                be.all(&gw),
+                be.all(&rstd),
+                be.all_mut(&mut dw),
+                shape,
+            );
+            let (mut want_dqkv, mut want_dw) = (dy.clone(), dw0.clone());
+            CPU.qk_norm_backward(&mut want_dqkv, &qkv, &w, &want_rstd, &mut want_dw, shape);
+            assert_close(&format!("qk_norm_backward dqkv D={head_dim}"), &be, &be.download(&dqkv), &want_dqkv, tol);
+            assert_close(&format!("qk_norm_backward dweight D={head_dim}"), &be, &be.download(&dw), &want_dw, 1e-4);
+        }
+    }
+}
+
 #[test]
 fn rope_and_attention_match_the_cpu() {
     for be in backends() {

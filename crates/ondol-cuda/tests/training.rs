@@ -24,7 +24,8 @@ const SEQ: usize = 13;
 /// do not divide the sequence, and the hybrid is Mamba-2, attention, MLP and Mamba-2 again.
 /// Mamba-2 has heads of 32 channels and 32 states, whose bf16 SSD runs on tensor cores. The
 /// Llama has Qwen2's q, k and v biases and Llama 3.1's rotary scaling (one of its four
-/// frequencies blended, three divided).
+/// frequencies blended, three divided); the hybrid's attention heads are wider than d_model /
+/// n_heads (12, not 8).
 fn config(arch: Arch) -> ModelConfig {
     let pattern = (arch == Arch::Hybrid).then(|| "M*-M".to_string());
     ModelConfig {
@@ -46,6 +47,8 @@ fn config(arch: Arch) -> ModelConfig {
             original_max_seq_len: 8,
         }),
         qkv_bias: arch == Arch::Llama,
+        qk_norm: false,
+        head_dim: (arch == Arch::Hybrid).then_some(12),
         norm_eps: 1e-5,
         init_std: 0.1,
         init_residual_scaling: true,
@@ -61,6 +64,16 @@ fn config(arch: Arch) -> ModelConfig {
         },
         init_from: None,
     }
+}
+
+/// Every architecture, and beside the Llama with Qwen2's attention one with Qwen3's: heads of
+/// 12 where d_model / n_heads is 8, each q and k head RMS-normed.
+fn models() -> Vec<(&'static str, ModelConfig)> {
+    let qwen3 = ModelConfig { qkv_bias: false, qk_norm: true, head_dim: Some(12), ..config(Arch::Llama) };
+    let archs = [("gpt2", Arch::Gpt2), ("mamba", Arch::Mamba), ("mamba2", Arch::Mamba2), ("hybrid", Arch::Hybrid)];
+    let mut out = vec![("llama", config(Arch::Llama)), ("qwen3", qwen3)];
+    out.extend(archs.map(|(name, arch)| (name, config(arch))));
+    out
 }
 
 /// The CUDA backends computing in `dtype`: the emulator, and GPU 0 if there is one. Under
@@ -118,27 +131,27 @@ fn relative_error(got: &[f32], want: &[f32]) -> f32 {
 
 #[test]
 fn every_architecture_trains_on_the_cuda_backend_as_on_the_cpu() {
-    for arch in [Arch::Llama, Arch::Gpt2, Arch::Mamba, Arch::Mamba2, Arch::Hybrid] {
-        let model = Model::new(config(arch)).unwrap();
+    for (arch, cfg) in models() {
+        let model = Model::new(cfg).unwrap();
         let (want, want_grads) = train(&CPU, &model, 6);
         for be in backends(Dtype::F32) {
             let (got, grads) = train(&be, &model, 6);
             // Per tensor, so a wrong gradient is named.
             for info in model.layout.params() {
                 let err = relative_error(&grads[info.range()], &want_grads[info.range()]);
-                assert!(err < 1e-4, "{arch:?} on {}: gradient of {} off by {err:e}", be.device_name(), info.name);
+                assert!(err < 1e-4, "{arch} on {}: gradient of {} off by {err:e}", be.device_name(), info.name);
             }
             for (step, (a, b)) in want.iter().zip(&got).enumerate() {
-                assert!((a - b).abs() <= 1e-5 * a, "{arch:?} f32 on {} step {step}: {b} vs {a}", be.device_name());
+                assert!((a - b).abs() <= 1e-5 * a, "{arch} f32 on {} step {step}: {b} vs {a}", be.device_name());
             }
-            eprintln!("{arch:?} f32 on {}: losses {got:.5?}", be.device_name());
+            eprintln!("{arch} f32 on {}: losses {got:.5?}", be.device_name());
         }
         for be in backends(Dtype::Bf16) {
             let (got, _) = train(&be, &model, 6);
             for (step, (a, b)) in want.iter().zip(&got).enumerate() {
-                assert!((a - b).abs() <= 2e-2 * a, "{arch:?} bf16 on {} step {step}: {b} vs {a}", be.device_name());
+                assert!((a - b).abs() <= 2e-2 * a, "{arch} bf16 on {} step {step}: {b} vs {a}", be.device_name());
             }
-            eprintln!("{arch:?} bf16 on {}: losses {got:.5?} (cpu {want:.5?})", be.device_name());
+            eprintln!("{arch} bf16 on {}: losses {got:.5?} (cpu {want:.5?})", be.device_name());
         }
     }
 }
@@ -164,14 +177,14 @@ fn decode<B: Backend>(be: &B, model: &Model) -> Vec<f32> {
 
 #[test]
 fn every_architecture_decodes_on_the_cuda_backend_as_on_the_cpu() {
-    for arch in [Arch::Llama, Arch::Gpt2, Arch::Mamba, Arch::Mamba2, Arch::Hybrid] {
-        let model = Model::new(config(arch)).unwrap();
+    for (arch, cfg) in models() {
+        let model = Model::new(cfg).unwrap();
         let want = decode(&CPU, &model);
         for (dtype, tol) in [(Dtype::F32, 1e-5), (Dtype::Bf16, 3e-2)] {
             for be in backends(dtype) {
                 let err = relative_error(&decode(&be, &model), &want);
-                eprintln!("{arch:?} {dtype:?} decoding on {}: logits off by {err:.2e}", be.device_name());
-                assert!(err < tol, "{arch:?} {dtype:?} decoding on {}: logits off by {err:e}", be.device_name());
+                eprintln!("{arch} {dtype:?} decoding on {}: logits off by {err:.2e}", be.device_name());
+                assert!(err < tol, "{arch} {dtype:?} decoding on {}: logits off by {err:e}", be.device_name());
             }
         }
     }
@@ -192,8 +205,7 @@ fn workspaces_allocate_what_the_memory_estimate_counts() {
     for dtype in [Dtype::F32, Dtype::Bf16] {
         let be = CudaBackend::emulated(dtype, false);
         let allocated = || be.allocated_bytes().expect("the emulator counts its buffers");
-        for arch in [Arch::Llama, Arch::Gpt2, Arch::Mamba, Arch::Mamba2, Arch::Hybrid] {
-            let cfg = config(arch);
+        for (arch, cfg) in models() {
             let n = cfg.n_layers;
             let parts = [
                 ("whole", Part::whole(&cfg)),
@@ -207,7 +219,7 @@ fn workspaces_allocate_what_the_memory_estimate_counts() {
             for (name, part) in parts {
                 let model = Model::part(cfg.clone(), part).unwrap();
                 for mb in shapes {
-                    let what = format!("{arch:?} {name}, {mb:?}, {dtype:?}");
+                    let what = format!("{arch} {name}, {mb:?}, {dtype:?}");
                     let before = allocated();
                     let mut ws = Workspace::without_scratch(&be, &model, mb).unwrap();
                     let held = allocated() - before;

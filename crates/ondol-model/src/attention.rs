@@ -1,10 +1,11 @@
-//! Causal self-attention as a block's mixer: fused qkv projection, optional rotary positions
-//! (Llama; GPT-2 has learned positions and Nemotron-H's attention none), grouped-query
-//! attention, output projection.
+//! Causal self-attention as a block's mixer: fused qkv projection, optional RMSNorm of each q
+//! and k head (Qwen3), optional rotary positions (Llama; GPT-2 has learned positions and
+//! Nemotron-H's attention none), grouped-query attention, output projection.
 
 use crate::Elems;
 use crate::layers::{Dx, Linear};
 use ondol_core::backend::{AttnShape, Backend};
+use std::ops::Range;
 
 #[derive(Clone, Debug)]
 pub(crate) struct Attention {
@@ -15,13 +16,17 @@ pub(crate) struct Attention {
     pub n_kv_heads: usize,
     pub head_dim: usize,
     pub rope: bool,
+    /// Qwen3's q_norm and k_norm weights back to back (`[2 D]`), with their epsilon.
+    pub qk_norm: Option<(Range<usize>, f32)>,
 }
 
-/// What attention saves for backward: qkv after rotation, the output and its log-sum-exp.
+/// What attention saves for backward: qkv after rotation, the output and its log-sum-exp;
+/// under qk_norm also the projection's output before the norms and their rstd.
 pub(crate) struct AttnActs<B: Backend> {
     qkv: B::Buf,
     attn: B::Buf,
     lse: B::Buf,
+    pre_norm: Option<(B::Buf, B::Buf)>,
 }
 
 /// Gradient scratch, shared by every attention block in turn.
@@ -44,19 +49,23 @@ impl Attention {
     }
 
     pub fn acts<B: Backend>(&self, be: &B, batch: usize, seq: usize) -> AttnActs<B> {
-        let [qkv, attn, lse] = self.act_lens(batch, seq);
-        AttnActs { qkv: be.zeros(qkv), attn: be.zeros(attn), lse: be.zeros_f32(lse) }
+        let [qkv, attn, lse, rstd] = self.act_lens(batch, seq);
+        let pre_norm = self.qk_norm.is_some().then(|| (be.zeros(qkv), be.zeros_f32(rstd)));
+        AttnActs { qkv: be.zeros(qkv), attn: be.zeros(attn), lse: be.zeros_f32(lse), pre_norm }
     }
 
     /// Elements of [`Attention::acts`].
     pub fn act_elems(&self, batch: usize, seq: usize) -> Elems {
-        let [qkv, attn, lse] = self.act_lens(batch, seq);
-        Elems::compute(qkv + attn) + Elems::f32(lse)
+        let [qkv, attn, lse, rstd] = self.act_lens(batch, seq);
+        let pre_norm = if self.qk_norm.is_some() { Elems::compute(qkv) + Elems::f32(rstd) } else { Elems::default() };
+        Elems::compute(qkv + attn) + Elems::f32(lse) + pre_norm
     }
 
-    fn act_lens(&self, batch: usize, seq: usize) -> [usize; 3] {
+    /// Lengths of qkv, the output, its log-sum-exp and (under qk_norm) the norms' rstd.
+    fn act_lens(&self, batch: usize, seq: usize) -> [usize; 4] {
         let s = self.shape(batch, seq);
-        [s.rows() * s.qkv_width(), s.rows() * s.q_width(), batch * self.n_heads * seq]
+        let rows = s.rows();
+        [rows * s.qkv_width(), rows * s.q_width(), batch * self.n_heads * seq, rows * (self.n_heads + self.n_kv_heads)]
     }
 
     /// Lengths of dqkv and d(attention output).
@@ -89,7 +98,14 @@ impl Attention {
         (batch, seq): (usize, usize),
     ) {
         let (shape, rows) = (self.shape(batch, seq), batch * seq);
-        self.qkv.forward(be, p, x, &mut a.qkv, rows);
+        match (&self.qk_norm, &mut a.pre_norm) {
+            (Some((w, eps)), Some((raw, rstd))) => {
+                self.qkv.forward(be, p, x, raw, rows);
+                let (raw, w) = (be.all(raw), be.view(p, w.clone()));
+                be.qk_norm_forward(raw, w, be.all_mut(&mut a.qkv), be.all_mut(rstd), shape, *eps);
+            }
+            _ => self.qkv.forward(be, p, x, &mut a.qkv, rows),
+        }
         if self.rope {
             be.rope(be.all_mut(&mut a.qkv), rope, shape, false);
         }
@@ -124,6 +140,10 @@ impl Attention {
         be.attention_backward(be.all(&g.dattn), qkv, attn, lse, be.all_mut(&mut g.dqkv), shape);
         if self.rope {
             be.rope(be.all_mut(&mut g.dqkv), rope, shape, true);
+        }
+        if let (Some((w, _)), Some((raw, rstd))) = (&self.qk_norm, &a.pre_norm) {
+            let (dw, w) = (be.view_mut(grads, w.clone()), be.view(p, w.clone()));
+            be.qk_norm_backward(be.all_mut(&mut g.dqkv), be.all(raw), w, be.all(rstd), dw, shape);
         }
         self.qkv.backward(be, p, grads, x, be.all(&g.dqkv), Dx::Write(be.all_mut(dx)), rows);
     }

@@ -161,6 +161,10 @@ pub struct ModelConfig {
     /// Key/value heads (grouped-query attention); defaults to `n_heads` (plain multi-head).
     #[serde(default)]
     pub n_kv_heads: Option<usize>,
+    /// Width of an attention head; defaults to d_model / n_heads. Llama and hybrid attention
+    /// may set another (Qwen3, Mistral Nemo, Nemotron-H 4B): q is then n_heads x head_dim wide.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_dim: Option<usize>,
     /// MLP width; defaults to 4 d_model (GPT-2) or 8/3 d_model rounded up to 64 (Llama).
     #[serde(default)]
     pub ffn_hidden: Option<usize>,
@@ -176,6 +180,10 @@ pub struct ModelConfig {
     /// Biases on the query, key and value projections (Qwen2's attention; llama only).
     #[serde(default, skip_serializing_if = "is_false")]
     pub qkv_bias: bool,
+    /// RMSNorm of every query and key head over its head_dim values before the rotation, one
+    /// weight for q's heads and one for k's (Qwen3's q_norm and k_norm; llama only).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub qk_norm: bool,
     #[serde(default = "default_norm_eps")]
     pub norm_eps: f32,
     /// Standard deviation of the normal initialisation of weight matrices and embeddings.
@@ -217,7 +225,7 @@ impl ModelConfig {
         self.n_kv_heads.unwrap_or(self.n_heads)
     }
     pub fn head_dim(&self) -> usize {
-        self.d_model / self.n_heads.max(1)
+        self.head_dim.unwrap_or(self.d_model / self.n_heads.max(1))
     }
     /// The rotary inverse frequencies of a head, `head_dim / 2` of them, scaled if asked.
     pub fn rope_inv_freq(&self) -> Vec<f32> {
@@ -306,6 +314,27 @@ impl ModelConfig {
                 "only llama takes it (gpt2 always has biases; hybrid attention has none): leave it unset",
             ));
         }
+        if self.arch != Arch::Llama && self.qk_norm {
+            return Err(Error::config("model.qk_norm", "only llama takes it (Qwen3's attention): leave it unset"));
+        }
+        if self.qk_norm && self.qkv_bias {
+            return Err(Error::config(
+                "model.qk_norm",
+                "takes no qkv_bias: Qwen3's attention_bias would bias o_proj too, which ondol does not implement",
+            ));
+        }
+        if let Some(hd) = self.head_dim {
+            if !matches!(self.arch, Arch::Llama | Arch::Hybrid) {
+                return Err(Error::config(
+                    "model.head_dim",
+                    "only llama and hybrid attention take it (gpt2's heads are d_model / n_heads wide; Mamba-2's \
+                     are model.ssm.head_dim): leave it unset",
+                ));
+            }
+            if hd == 0 {
+                return Err(Error::config("model.head_dim", "must be at least 1"));
+            }
+        }
         if self.has_attention() && self.n_heads == 0 {
             return Err(Error::config("model.n_heads", "must be at least 1 for a model with attention"));
         }
@@ -317,10 +346,13 @@ impl ModelConfig {
         if !self.has_attention() {
             return self.validate_common();
         }
-        if !self.d_model.is_multiple_of(self.n_heads) {
+        if self.head_dim.is_none() && !self.d_model.is_multiple_of(self.n_heads) {
             return Err(Error::config(
                 "model.n_heads",
-                format!("{} does not divide d_model = {}", self.n_heads, self.d_model),
+                format!(
+                    "{} does not divide d_model = {}: set model.head_dim where heads are not d_model / n_heads wide",
+                    self.n_heads, self.d_model
+                ),
             ));
         }
         let kv = self.kv_heads();
@@ -334,9 +366,13 @@ impl ModelConfig {
         match self.arch {
             Arch::Llama => {
                 if !self.head_dim().is_multiple_of(2) {
+                    let (key, what) = match self.head_dim {
+                        Some(_) => ("model.head_dim", "head_dim"),
+                        None => ("model.n_heads", "head dim d_model / n_heads"),
+                    };
                     return Err(Error::config(
-                        "model.n_heads",
-                        format!("head dim d_model / n_heads = {} must be even for rotary embeddings", self.head_dim()),
+                        key,
+                        format!("{what} = {} must be even for rotary embeddings", self.head_dim()),
                     ));
                 }
                 if !(self.rope_theta > 1.0 && self.rope_theta.is_finite()) {

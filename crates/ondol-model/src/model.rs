@@ -214,6 +214,18 @@ impl Builder<'_> {
             let v_bias = self.lay.add_placed(p.at(names[2]).at("bias"), kv_bias, zero, false);
             qkv.b = Some(q_bias.start..v_bias.end);
         }
+        // q_norm and k_norm back to back; each shard's heads give part of their gradients.
+        let qk_norm = cfg.qk_norm.then(|| {
+            let place = Placement {
+                primary: self.part.tp_rank == 0,
+                partial_grad: self.part.tp > 1,
+                ..Placement::whole(&[dh])
+            };
+            let one = Init::Constant(1.0);
+            let q = self.lay.add_placed(p.at("q_norm").at("weight"), place.clone(), one, false);
+            let k = self.lay.add_placed(p.at("k_norm").at("weight"), place, one, false);
+            (q.start..k.end, cfg.norm_eps)
+        });
         let init = self.resid_std();
         Attention {
             qkv,
@@ -222,6 +234,7 @@ impl Builder<'_> {
             n_kv_heads: kv_heads.len(),
             head_dim: dh,
             rope,
+            qk_norm,
         }
     }
 
@@ -235,7 +248,7 @@ impl Builder<'_> {
         let (std, init) = (self.std(), self.resid_std());
         let qkv = self.conv1d_column(p.at("c_attn"), d, 3 * d, qkv_cols, std);
         let out = self.conv1d_row(p.at("c_proj"), d, d, cols, init);
-        Attention { qkv, out, n_heads: heads.len(), n_kv_heads: heads.len(), head_dim: dh, rope: false }
+        Attention { qkv, out, n_heads: heads.len(), n_kv_heads: heads.len(), head_dim: dh, rope: false, qk_norm: None }
     }
 
     /// `conv1d.weight` `[channels, 1, K]` and its bias over this shard's `pieces` of the

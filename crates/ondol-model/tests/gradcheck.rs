@@ -23,6 +23,8 @@ fn tiny(arch: Arch, tie: Option<bool>) -> ModelConfig {
         rope_theta: 10_000.0,
         rope_scaling: None,
         qkv_bias: false,
+        qk_norm: false,
+        head_dim: None,
         norm_eps: 1e-5,
         // Larger than a real init so that every gradient is well above f32 noise.
         init_std: 0.3,
@@ -85,6 +87,18 @@ fn llama_with_qkv_biases() {
     check_model(cfg, 3e-3);
 }
 
+/// Qwen3's attention: heads wider than d_model / n_heads, and an RMSNorm on each q and k head.
+#[test]
+fn llama_with_wide_heads_and_qk_norm() {
+    let cfg = ModelConfig { head_dim: Some(6), qk_norm: true, ..tiny(Arch::Llama, Some(false)) };
+    let model = Model::new(cfg.clone()).unwrap();
+    let shape = |name: &str| model.layout.get(&format!("model.layers.1.self_attn.{name}")).unwrap().shape.clone();
+    assert_eq!(shape("q_proj.weight"), [12, 8]); // two heads of 6
+    assert_eq!(shape("o_proj.weight"), [8, 12]);
+    assert_eq!((shape("q_norm.weight"), shape("k_norm.weight")), (vec![6], vec![6]));
+    check_model(cfg, 1e-2);
+}
+
 #[test]
 fn gpt2() {
     check_model(tiny(Arch::Gpt2, None), 1e-2);
@@ -130,6 +144,12 @@ fn mamba2() {
 #[test]
 fn hybrid() {
     check_model(tiny_ssm(Arch::Hybrid, Some("M*-M")), 2e-3);
+}
+
+/// Nemotron-H 4B's attention: heads of 128 where d_model / n_heads is 96.
+#[test]
+fn hybrid_with_wide_heads() {
+    check_model(ModelConfig { head_dim: Some(6), ..tiny_ssm(Arch::Hybrid, Some("M*-M")) }, 2e-3);
 }
 
 #[test]

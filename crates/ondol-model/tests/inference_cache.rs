@@ -22,6 +22,8 @@ fn model(arch: Arch) -> Model {
         rope_theta: 10_000.0,
         rope_scaling: None,
         qkv_bias: false,
+        qk_norm: false,
+        head_dim: None,
         norm_eps: 1e-5,
         init_std: 0.3,
         init_residual_scaling: true,

@@ -38,6 +38,8 @@ fn recomputed_blocks_give_identical_losses_and_gradients() {
             rope_theta: 10_000.0,
             rope_scaling: None,
             qkv_bias: false,
+            qk_norm: false,
+            head_dim: None,
             norm_eps: 1e-5,
             init_std: 0.2,
             init_residual_scaling: true,

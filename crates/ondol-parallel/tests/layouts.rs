@@ -29,6 +29,8 @@ fn llama(tie: bool) -> ModelConfig {
         rope_theta: 10_000.0,
         rope_scaling: None,
         qkv_bias: false,
+        qk_norm: false,
+        head_dim: None,
         norm_eps: 1e-5,
         init_std: 0.1,
         init_residual_scaling: true,
@@ -220,6 +222,17 @@ fn qkv_biases_split_with_their_heads() {
     assert_close("qkv biases tp 2 pp 2", &one, &train(&cfg, shape(2, 2, 1)));
     assert_close("qkv biases tp 4 dp 2", &one, &train(&cfg, shape(4, 1, 2)));
     assert_close("qkv biases tp 4 dp 2 sequence parallel", &one, &train(&cfg, sequence_parallel(4, 1, 2)));
+}
+
+/// Qwen3's attention: heads of 6 where d_model / n_heads is 4, and q_norm and k_norm, whole on
+/// every shard, with gradients summed over the shards' heads (a kv head's shared at tp 4).
+#[test]
+fn qk_norms_and_wide_heads_split_with_their_heads() {
+    let cfg = ModelConfig { qk_norm: true, head_dim: Some(6), ..llama(false) };
+    let one = train(&cfg, shape(1, 1, 1));
+    assert_close("qk norms tp 2 pp 2", &one, &train(&cfg, shape(2, 2, 1)));
+    assert_close("qk norms tp 4 dp 2", &one, &train(&cfg, shape(4, 1, 2)));
+    assert_close("qk norms tp 4 dp 2 sequence parallel", &one, &train(&cfg, sequence_parallel(4, 1, 2)));
 }
 
 #[test]

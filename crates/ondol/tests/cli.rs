@@ -161,6 +161,11 @@ fn bad_values_are_refused_with_key_file_and_what_is_valid() {
         ),
         (&["model.arch=\"gpt2\"", "model.rope_theta=12345.0"], &["model.rope_theta", "only llama"]),
         (&["model.arch=\"gpt2\"", "model.qkv_bias=true"], &["model.qkv_bias", "only llama"]),
+        (&["model.arch=\"gpt2\"", "model.qk_norm=true"], &["model.qk_norm", "only llama"]),
+        (&["model.qk_norm=true", "model.qkv_bias=true"], &["model.qk_norm", "o_proj"]),
+        (&["model.arch=\"gpt2\"", "model.head_dim=64"], &["model.head_dim", "only llama and hybrid"]),
+        (&["model.head_dim=33"], &["model.head_dim", "even for rotary"]),
+        (&["model.n_heads=3", "model.n_kv_heads=1"], &["model.n_heads", "set model.head_dim"]),
         (
             &[
                 "model.rope_scaling={ type = \"llama3\", factor = 0.5, low_freq_factor = 1.0, high_freq_factor = 4.0, original_max_seq_len = 8 }",
