@@ -6,7 +6,8 @@
 //! the device's bf16 peak and the bandwidth of a device-to-device copy (the memory-bound
 //! scan's ceiling); GPT-2 124M's MLP GEMMs with GELU in cuBLASLt's epilogue against
 //! the GEMM and a GELU pass of its own; its output head's GEMMs at the vocabulary of 50257
-//! and padded to 50304, as training runs them; and a decoding step of attention over a long KV cache.
+//! and padded to 50304, as training runs them; a decoding step of attention over a long KV cache;
+//! and Qwen3's q/k head norms and the rotation after them, memory-bound, at a Qwen3 0.6B layer's shape.
 //! `benches/kernels-vs-pytorch.py` times PyTorch's peers on the same shapes and, given this
 //! bench's output, prints the ratios; `run.sh bench` runs both. Needs a GPU (says so and exits
 //! without one).
@@ -81,6 +82,7 @@ fn main() {
     for vocab in [50257, 50304] {
         logits_gemms(&be, vocab);
     }
+    head_norms_and_rope(&be, copy);
     ssd(&be, "ssd (mamba2-130m layer, tensor cores)");
     ssd(&CudaBackend::open(0, Dtype::Bf16).expect("opened above").without_tensor_cores(), "ssd (cuda cores)");
 
@@ -139,6 +141,41 @@ fn copy_bandwidth(be: &CudaBackend) -> f64 {
             .expect("a device-to-device copy")
     });
     2.0 * (4 * n) as f64 / secs / 1e9
+}
+
+/// Qwen3's q_norm and k_norm forward and backward, and the rotary embedding, over the fused qkv
+/// of one Qwen3 0.6B layer: 8 x 2048 tokens, 16 query heads and 8 kv heads of 128. GB/s of
+/// the bytes each must move (bf16): the norm's forward reads qkv and writes all of it, its
+/// backward reads the q and k heads' gradient and input and writes their gradient, the
+/// rotation reads and writes the q and k heads.
+fn head_norms_and_rope(be: &CudaBackend, copy: f64) {
+    let shape = AttnShape { batch: 8, seq: 2048, n_heads: 16, n_kv_heads: 8, head_dim: 128 };
+    let (n, normed) = (shape.rows() * shape.qkv_width(), shape.rows() * (shape.n_heads + shape.n_kv_heads));
+    let (x, w) = (be.upload(&vec![0.01; n]), be.upload(&vec![1.0; 2 * shape.head_dim]));
+    let (mut out, mut rstd, mut dw) = (be.zeros(n), be.zeros_f32(normed), be.zeros_f32(2 * shape.head_dim));
+    let table = be.upload_f32(&ondol_core::backend::rope_table(shape.seq, shape.head_dim, 1e6));
+    let fwd = time(be, 5, || {
+        be.qk_norm_forward(be.all(&x), be.all(&w), be.all_mut(&mut out), be.all_mut(&mut rstd), shape, 1e-6)
+    });
+    let bwd = time(be, 5, || {
+        be.qk_norm_backward(be.all_mut(&mut out), be.all(&x), be.all(&w), be.all(&rstd), be.all_mut(&mut dw), shape)
+    });
+    let rope = time(be, 5, || be.rope(be.all_mut(&mut out), be.all(&table), shape, false));
+    let qk = normed * shape.head_dim;
+    let rates = [(fwd, 2 * n), (bwd, 3 * qk), (rope, 2 * qk)].map(|(secs, values)| 2.0 * values as f64 / secs / 1e9);
+    println!(
+        "qk norm (qwen3-0.6b layer) forward {:.3} ms {:.0} GB/s   backward {:.3} ms {:.0} GB/s   rope {:.3} ms {:.0} GB/s   \
+         ({:.0} %, {:.0} % and {:.0} % of the copy's)",
+        fwd * 1e3,
+        rates[0],
+        bwd * 1e3,
+        rates[1],
+        rope * 1e3,
+        rates[2],
+        100.0 * rates[0] / copy,
+        100.0 * rates[1] / copy,
+        100.0 * rates[2] / copy
+    );
 }
 
 /// The SSD of one Mamba-2 130M layer: 8 x 2048 tokens, 24 heads of 64, N 128, chunks of 256.
