@@ -70,8 +70,9 @@ enum ImportCommand {
 
 #[derive(Args)]
 struct EvalArgs {
-    /// A checkpoint or Hugging Face model directory, or a run directory (its latest checkpoint).
-    dir: PathBuf,
+    /// A checkpoint or Hugging Face model directory, or a run directory (its latest checkpoint);
+    /// before --data, or as its last value.
+    dir: Option<PathBuf>,
     /// Token shards (.bin) or, for byte-level models, text files; paths or globs.
     #[arg(long, num_args = 1.., required = true)]
     data: Vec<String>,
@@ -1109,11 +1110,24 @@ fn bytes(n: u64) -> String {
     format!("{x:.3} {}", units[unit])
 }
 
+/// The directory to evaluate and the data: `--data` takes every value after it, so a directory
+/// given after the data arrives as its last value (a directory is never data).
+fn eval_inputs(args: &EvalArgs) -> Result<(PathBuf, &[String])> {
+    match (&args.dir, args.data.split_last()) {
+        (Some(dir), _) => Ok((dir.clone(), &args.data)),
+        (None, Some((last, data))) if !data.is_empty() && Path::new(last).is_dir() => Ok((last.into(), data)),
+        (None, _) => Err(Error::Input(
+            "eval needs a checkpoint, Hugging Face or run directory: `ondol eval DIR --data FILES...`".into(),
+        )),
+    }
+}
+
 fn eval(args: EvalArgs) -> Result<()> {
     if args.batches == Some(0) {
         return Err(Error::config("--batches", "must be at least 1 (or left out for the whole data)"));
     }
-    let p = load_model(&args.dir)?;
+    let (dir, data) = eval_inputs(&args)?;
+    let p = load_model(&dir)?;
     let training = p.run_config.as_ref().map(|c| &c.training);
     let seq = args.seq_len.or(training.map(|t| t.seq_len)).unwrap_or(p.model.cfg.max_seq_len.min(1024));
     let batch = args.batch_size.or(training.map(|t| t.batch_size)).unwrap_or(8);
@@ -1124,13 +1138,13 @@ fn eval(args: EvalArgs) -> Result<()> {
             format!("need 1 <= seq_len <= {} and batch_size >= 1", p.model.cfg.max_seq_len),
         ));
     }
-    let files = ondol_data::expand_globs(&args.data, Path::new("."))?;
+    let files = ondol_data::expand_globs(data, Path::new("."))?;
     let shards = files.iter().all(|f| f.extension().is_some_and(|e| e == "bin"));
     let kind = if shards { SourceKind::Shards } else { SourceKind::ByteText };
     if !shards && !matches!(p.tokenizer()?, Tokenizer::Bytes(_)) {
         return Err(Error::Input(format!(
             "{} has a tokenizer.json: evaluate it on token shards (.bin), not text",
-            args.dir.display()
+            dir.display()
         )));
     }
     // Shards of `data prepare` name their tokenizer: the model's must be it.

@@ -280,6 +280,7 @@ fn bad_files_are_refused_with_their_path() {
         (&["train", "run.toml", "--set", "model.init_from=\"none\""], &["model.init_from", "none: no such directory"]),
         (&["train", "run.toml", "--set", "data.train=[\"texts\"]"], &["texts", "matches only directories"]),
         (&["eval", "run.toml", "--data", "corpus.txt"], &["run.toml: a file", "directory"]),
+        (&["eval", "--data", "corpus.txt", "run.toml"], &["eval needs a checkpoint", "ondol eval DIR --data"]),
         (&["train", "run.toml", "--run-dir", "corpus.txt"], &["corpus.txt: a file, not a directory"]),
         (
             &["data", "prepare", "--input", "texts", "--tokenizer", "t.json", "--out", "o"],

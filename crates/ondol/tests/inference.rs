@@ -182,6 +182,10 @@ lr = 1e-2
     let loss = v["loss"].as_f64().unwrap();
     assert!(loss < 3.0 && (v["perplexity"].as_f64().unwrap() - loss.exp()).abs() < 1e-9, "{out}");
     assert_eq!(v["tokens"], 5 * 4 * 32);
+    // --data takes every value after it: the directory may come last, as its last value.
+    let Run { ok, stdout: after, stderr: err } =
+        ondol(dir.path(), &["eval", "--json", "--batches", "5", "--data", "corpus.txt", ckpt]);
+    assert!(ok && after == out, "{err}");
     let generate = |seed: &str| {
         ondol(dir.path(), &["generate", ckpt, "--prompt", "온돌은", "--max-new-tokens", "20", "--seed", seed])
     };
