@@ -180,35 +180,46 @@ impl Errors {
 }
 
 /// Copies `src` line by line to stdout or stderr, each line prefixed with `[rank K] `; an
-/// `error:` line another rank wrote first is left out (see [`Errors`]).
-fn pump(src: impl Read, rank: usize, to_stderr: bool, errors: &Errors) {
-    let prefix = format!("[rank {rank}] ");
+/// `error:` line another rank wrote first is left out (see [`Errors`]). Returns the output's
+/// last line where it ended without a newline, for [`print_tail`] once the rank has ended.
+fn pump(src: impl Read, rank: usize, to_stderr: bool, errors: &Errors) -> Vec<u8> {
     let mut reader = BufReader::new(src);
     let mut line = Vec::new();
     loop {
         line.clear();
         match reader.read_until(b'\n', &mut line) {
-            Ok(0) | Err(_) => break,
+            Ok(0) | Err(_) => return Vec::new(),
             Ok(_) => {}
         }
         if to_stderr && line.starts_with(b"error: ") && !errors.first(&line, rank) {
             continue;
         }
-        let out = framed(&prefix, &line);
-        // One write per line under the lock, so ranks never interleave within a line. If our own
-        // output is gone, keep draining so the child never blocks on a full pipe.
-        let _ =
-            if to_stderr { std::io::stderr().lock().write_all(&out) } else { std::io::stdout().lock().write_all(&out) };
+        if !line.ends_with(b"\n") {
+            return line;
+        }
+        write_out(to_stderr, &framed(rank, &line, true));
     }
 }
 
-/// A rank's `line` as the launcher prints it: after `prefix`, ended by a newline, and marked
-/// where the rank stopped mid-line (killed, most likely) rather than passed off as whole.
-fn framed(prefix: &str, line: &[u8]) -> Vec<u8> {
-    let mut out = [prefix.as_bytes(), line].concat();
-    if !line.ends_with(b"\n") {
-        out.extend_from_slice(b" [cut off]\n");
+/// One write per line under the lock, so ranks never interleave within a line. If our own
+/// output is gone, the pumps keep draining so a child never blocks on a full pipe.
+fn write_out(to_stderr: bool, bytes: &[u8]) {
+    let _ =
+        if to_stderr { std::io::stderr().lock().write_all(bytes) } else { std::io::stdout().lock().write_all(bytes) };
+}
+
+/// Prints a rank's unterminated last line: whole where the rank ended well, else marked.
+fn print_tail(rank: &Rank, to_stderr: bool, tail: &[u8]) {
+    if !tail.is_empty() {
+        write_out(to_stderr, &framed(rank.rank, tail, rank.status.is_some_and(|s| s.success())));
     }
+}
+
+/// A rank's `line` as the launcher prints it: after `[rank K] `, ended by a newline, and marked
+/// where the rank stopped mid-line (killed, most likely) rather than passed off as whole.
+fn framed(rank: usize, line: &[u8], whole: bool) -> Vec<u8> {
+    let mut out = [format!("[rank {rank}] ").as_bytes(), line.strip_suffix(b"\n").unwrap_or(line)].concat();
+    out.extend_from_slice(if whole { b"\n" } else { b" [cut off]\n" });
     out
 }
 
@@ -265,7 +276,8 @@ pub fn launch(opts: &LaunchOptions) -> Result<Ended, CommError> {
     let _signals = CatchTermination::install();
     let errors = std::sync::Arc::new(Errors::default());
     let mut ranks: Vec<Rank> = Vec::with_capacity(n);
-    let mut pumps = Vec::with_capacity(2 * n);
+    // Per rank, the threads copying its stdout and stderr.
+    let mut pumps: Vec<[Option<thread::JoinHandle<Vec<u8>>>; 2]> = Vec::with_capacity(n);
     for local in 0..n {
         let rank = node_rank * n + local;
         let mut cmd = Command::new(&opts.program);
@@ -297,20 +309,23 @@ pub fn launch(opts: &LaunchOptions) -> Result<Ended, CommError> {
                 return Err(CommError::Launch(format!("cannot start rank {rank} ({}): {e}", opts.program.display())));
             }
         };
-        if let Some(out) = child.stdout.take() {
+        let out = child.stdout.take().map(|out| {
             let errors = errors.clone();
-            pumps.push(thread::spawn(move || pump(out, rank, false, &errors)));
-        }
-        if let Some(err) = child.stderr.take() {
+            thread::spawn(move || pump(out, rank, false, &errors))
+        });
+        let err = child.stderr.take().map(|err| {
             let errors = errors.clone();
-            pumps.push(thread::spawn(move || pump(err, rank, true, &errors)));
-        }
+            thread::spawn(move || pump(err, rank, true, &errors))
+        });
+        pumps.push([out, err]);
         ranks.push(Rank { rank, child, status: None });
     }
 
     let outcome = supervise(&mut ranks, opts.grace);
-    for p in pumps {
-        let _ = p.join();
+    for (rank, streams) in ranks.iter().zip(pumps) {
+        for (to_stderr, pump) in [false, true].into_iter().zip(streams) {
+            print_tail(rank, to_stderr, &pump.map(|p| p.join().unwrap_or_default()).unwrap_or_default());
+        }
     }
     outcome.map_err(|e| match (e, errors.repeated()) {
         (CommError::Launch(message), Some(repeats)) => CommError::Launch(format!("{message} ({repeats})")),
@@ -495,8 +510,12 @@ mod tests {
 
     #[test]
     fn a_line_a_rank_did_not_finish_is_marked_cut_off() {
-        assert_eq!(framed("[rank 2] ", b"error: no such file\n"), b"[rank 2] error: no such file\n");
-        assert_eq!(framed("[rank 2] ", b"error: "), b"[rank 2] error:  [cut off]\n");
+        assert_eq!(framed(2, b"error: no such file\n", true), b"[rank 2] error: no such file\n");
+        assert_eq!(framed(2, b"error: ", false), b"[rank 2] error:  [cut off]\n");
+        // A last line without a newline is kept for when the rank has ended: whole if it ended well.
+        assert_eq!(pump(&b"first\nlast"[..], 2, false, &Errors::default()), b"last");
+        assert_eq!(pump(&b"first\n"[..], 2, false, &Errors::default()), b"");
+        assert_eq!(framed(2, b"last", true), b"[rank 2] last\n");
     }
 
     #[test]
