@@ -26,6 +26,7 @@ Requires torch, transformers and safetensors (CPU is enough).
 import argparse
 import json
 import os
+import re
 import sys
 
 import torch
@@ -64,6 +65,54 @@ def qwen3_config():
             "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "hidden_act", "initializer_range")
     # Heads of 12 where hidden_size / heads is 8, as Qwen3's are 128 wide at any width.
     return Qwen3Config(**{k: kw[k] for k in keep}, head_dim=12, tie_word_embeddings=True, rope_theta=1000000.0)
+
+
+def exaone_config():
+    from transformers import ExaoneConfig
+
+    kw = llama_config().to_dict()
+    keep = ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+            "initializer_range")
+    # As EXAONE 3.5 2.4B: a tied head and Llama 3.1's rotary scaling.
+    rope = {"rope_type": "llama3", "rope_theta": 1000000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    return ExaoneConfig(**{k: kw[k] for k in keep}, num_layers=2, layer_norm_epsilon=1e-5, activation_function="silu",
+                        max_position_embeddings=256, tie_word_embeddings=True, rope_parameters=rope,
+                        bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1, pad_token_id=VOCAB - 1)
+
+
+def as_exaone_checkpoint(d):
+    """Rewrites a saved ExaoneConfig model as EXAONE 3.5's repositories hold it, with their
+    field names in config.json and their tensor names (transformers renames both on loading)."""
+    from safetensors.torch import load_file, save_file
+
+    path = os.path.join(d, "config.json")
+    with open(path) as f:
+        cfg = json.load(f)
+    for llama, exaone in (("num_hidden_layers", "num_layers"), ("rms_norm_eps", "layer_norm_epsilon"),
+                          ("hidden_act", "activation_function")):
+        cfg[exaone] = cfg.pop(llama)
+    # transformers 4's rotary fields, and none EXAONE's files lack.
+    cfg["rope_scaling"] = dict(cfg.pop("rope_parameters"))
+    cfg["rope_theta"] = cfg["rope_scaling"].pop("rope_theta")
+    for absent in ("attention_bias", "mlp_bias"):
+        cfg.pop(absent)
+    cfg["architectures"] = ["ExaoneForCausalLM"]
+    cfg["embed_dropout"] = 0.0
+    with open(path, "w") as f:
+        json.dump(cfg, f, indent=2, sort_keys=True)
+    renames = [(r"^model\.embed_tokens\.", "transformer.wte."), (r"^model\.layers\.", "transformer.h."),
+               (r"^model\.norm\.", "transformer.ln_f."), (r"\.self_attn\.o_proj\.", ".attn.attention.out_proj."),
+               (r"\.self_attn\.", ".attn.attention."), (r"\.input_layernorm\.", ".ln_1."),
+               (r"\.post_attention_layernorm\.", ".ln_2."), (r"\.mlp\.gate_proj\.", ".mlp.c_fc_0."),
+               (r"\.mlp\.up_proj\.", ".mlp.c_fc_1."), (r"\.mlp\.down_proj\.", ".mlp.c_proj.")]
+    weights = os.path.join(d, "model.safetensors")
+    tensors = {}
+    for name, t in load_file(weights).items():
+        for pattern, to in renames:
+            name = re.sub(pattern, to, name)
+        tensors[name] = t
+    save_file(tensors, weights, metadata={"format": "pt"})
 
 
 def llama_config(**overrides):
@@ -227,7 +276,7 @@ def build(name, config):
     config._attn_implementation = "eager"
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
     gen = torch.Generator().manual_seed(1)
-    if config.model_type in ("llama", "mistral", "qwen2", "qwen3"):
+    if config.model_type in ("llama", "mistral", "qwen2", "qwen3", "exaone"):
         perturb_llama(model, gen)
     elif config.model_type == "gpt2":
         perturb_gpt2(model, gen)
@@ -289,6 +338,8 @@ def make(out_dir, only=None):
         ("tiny-qwen2", qwen2_config()),
         # Qwen3: an RMSNorm on each q and k head, heads wider than hidden_size / heads.
         ("tiny-qwen3", qwen3_config()),
+        # EXAONE 3.5: Llama under other field and tensor names.
+        ("tiny-exaone", exaone_config()),
         ("tiny-gpt2", gpt2_config()),
         ("tiny-mamba", mamba_config()),
         ("tiny-mamba2", mamba2_config()),
@@ -304,6 +355,8 @@ def make(out_dir, only=None):
         d = os.path.join(out_dir, name)
         os.makedirs(d, exist_ok=True)
         model.save_pretrained(d, safe_serialization=True)
+        if config.model_type == "exaone":
+            as_exaone_checkpoint(d)
         with torch.no_grad():
             out = model(input_ids=input_ids, labels=input_ids)
         logits = out.logits.detach().to(torch.float32).contiguous()

@@ -1,7 +1,8 @@
 //! Hugging Face `config.json` for the architectures ondol implements, both ways.
 //!
 //! Export writes the fields transformers reads for `LlamaForCausalLM` (`Qwen2ForCausalLM`
-//! with biases on q, k and v, `Qwen3ForCausalLM` with q_norm and k_norm), `GPT2LMHeadModel`, `MambaForCausalLM`, `Mamba2ForCausalLM` and
+//! with biases on q, k and v, `Qwen3ForCausalLM` with q_norm and k_norm; an imported EXAONE 3
+//! goes out as the Llama it is), `GPT2LMHeadModel`, `MambaForCausalLM`, `Mamba2ForCausalLM` and
 //! `NemotronHForCausalLM`. Import is strict: a field that would change the model's arithmetic
 //! and that ondol does not implement (a rope scaling other than llama3's, a sliding window,
 //! biases on o_proj, another activation, ...) is an error that names the field; fields that
@@ -225,11 +226,17 @@ pub fn tokenizer_config(eos_token: &str, max_seq_len: usize) -> Value {
 struct Fields<'a> {
     map: &'a Map<String, Value>,
     file: &'a str,
+    /// The file's names of fields read under Llama's (EXAONE 3's, see [`EXAONE_FIELDS`]).
+    renamed: &'static [(&'static str, &'static str)],
 }
 
 impl Fields<'_> {
+    /// The name of field `key` in the file.
+    fn in_file<'k>(&self, key: &'k str) -> &'k str {
+        self.renamed.iter().find(|(ours, _)| *ours == key).map_or(key, |(_, theirs)| theirs)
+    }
     fn err(&self, key: &str, message: impl Into<String>) -> Error {
-        Error::config(format!("{key}` in `{}", self.file), message)
+        Error::config(format!("{}` in `{}", self.in_file(key), self.file), message)
     }
     fn usize(&self, key: &str) -> Result<usize> {
         let v = self.map.get(key).ok_or_else(|| self.err(key, "is missing"))?;
@@ -642,14 +649,44 @@ pub fn parse_config(text: &str, file: &str) -> Result<Value> {
 }
 
 /// Dropout probabilities: accepted, since they do not change inference, but reported.
-const DROPOUT: &[&str] = &["attention_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "hidden_dropout"];
+const DROPOUT: &[&str] =
+    &["attention_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "hidden_dropout", "embed_dropout"];
+
+/// EXAONE 3.0 and 3.5 are Llama under other names: Llama's field, the file's (as transformers'
+/// ExaoneConfig maps them); the tensors are renamed on reading (see `tensors::read_layout`).
+const EXAONE_FIELDS: &[(&str, &str)] = &[
+    ("num_hidden_layers", "num_layers"),
+    ("rms_norm_eps", "layer_norm_epsilon"),
+    ("hidden_act", "activation_function"),
+];
+
+/// `map` with EXAONE's field names as Llama's; a Llama name beside them is an error.
+fn exaone_as_llama(map: &Map<String, Value>, file: &str) -> Result<Map<String, Value>> {
+    let mut out = map.clone();
+    for (llama, exaone) in EXAONE_FIELDS {
+        if out.contains_key(*llama) {
+            return Err(Error::config(
+                format!("{llama}` in `{file}"),
+                format!("is not an EXAONE field: EXAONE names it {exaone}"),
+            ));
+        }
+        if let Some(v) = out.remove(*exaone) {
+            out.insert(llama.to_string(), v);
+        }
+    }
+    out.remove("auto_map"); // the remote code's classes, which transformers no longer needs
+    Ok(out)
+}
 
 /// The model config of a Hugging Face `config.json` (`file` names it in errors).
 /// Returns the config and warnings for the user.
 pub fn from_hf_config(json: &Value, file: &str) -> Result<(ModelConfig, Vec<String>)> {
     let map = json.as_object().ok_or_else(|| Error::Input(format!("{file}: not a JSON object")))?;
-    let f = Fields { map, file };
     let model_type = map.get("model_type").and_then(Value::as_str).unwrap_or("");
+    let exaone = model_type == "exaone";
+    let llama_named = if exaone { Some(exaone_as_llama(map, file)?) } else { None };
+    let map = llama_named.as_ref().unwrap_or(map);
+    let f = Fields { map, file, renamed: if exaone { EXAONE_FIELDS } else { &[] } };
     // What the user is told of how the model was read.
     let mut notes = Vec::new();
     let (cfg, known): (ModelConfig, &[&str]) = match model_type {
@@ -658,7 +695,7 @@ pub fn from_hf_config(json: &Value, file: &str) -> Result<(ModelConfig, Vec<Stri
         // RMSNorm on each q and k head instead of the biases. A window shorter than the context
         // is kept exactly by cutting the context to it: every token then attends to the whole
         // window, as the window has it.
-        "llama" | "mistral" | "qwen2" | "qwen3" => {
+        "llama" | "mistral" | "qwen2" | "qwen3" | "exaone" => {
             let mut window = map.get("sliding_window").filter(|w| !w.is_null() && model_type == "mistral");
             if model_type == "qwen2" {
                 f.must_be("use_mrope", &json!(false), "rotary positions along one axis")?;
@@ -887,8 +924,8 @@ pub fn from_hf_config(json: &Value, file: &str) -> Result<(ModelConfig, Vec<Stri
             return Err(f.err(
                 "model_type",
                 format!(
-                    "\"{other}\" is not supported: ondol imports \"llama\", \"mistral\", \"qwen2\", \"gpt2\", \
-                     \"mamba\", \"mamba2\" and \"nemotron_h\""
+                    "\"{other}\" is not supported: ondol imports \"llama\", \"mistral\", \"qwen2\", \"qwen3\", \
+                     \"exaone\", \"gpt2\", \"mamba\", \"mamba2\" and \"nemotron_h\""
                 ),
             ));
         }
@@ -919,10 +956,12 @@ pub fn from_hf_config(json: &Value, file: &str) -> Result<(ModelConfig, Vec<Stri
     // one holds it, and ondol's key.
     cfg.validate().map_err(|e| match e {
         Error::Config { key, message } => {
-            // (Mistral and Qwen name their fields as Llama does.)
-            match hf_field(if matches!(model_type, "mistral" | "qwen2" | "qwen3") { "llama" } else { model_type }, &key)
-            {
-                Some(field) => Error::config(format!("{field}` in `{file}"), format!("(ondol's {key}) {message}")),
+            // (Mistral, Qwen and EXAONE, as read, name their fields as Llama does.)
+            let llama = matches!(model_type, "mistral" | "qwen2" | "qwen3" | "exaone");
+            match hf_field(if llama { "llama" } else { model_type }, &key) {
+                Some(field) => {
+                    Error::config(format!("{}` in `{file}", f.in_file(field)), format!("(ondol's {key}) {message}"))
+                }
                 None => Error::config(format!("{key}` as read from `{file}"), message),
             }
         }
@@ -1091,7 +1130,7 @@ mod tests {
 
     /// config.json of checkpoints people fine-tune, as their repositories hold them.
     #[test]
-    fn llama_3_1_mistral_qwen2_5_and_qwen3_configs_import() {
+    fn llama_3_1_mistral_qwen2_5_qwen3_and_exaone_3_5_configs_import() {
         let llama_3_1_8b = r#"{"architectures": ["LlamaForCausalLM"], "attention_bias": false,
             "attention_dropout": 0.0, "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009],
             "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 14336,
@@ -1123,6 +1162,16 @@ mod tests {
             "rope_scaling": null, "rope_theta": 1000000, "sliding_window": null, "tie_word_embeddings": true,
             "torch_dtype": "bfloat16", "transformers_version": "4.51.0", "use_cache": true,
             "use_sliding_window": false, "vocab_size": 151936}"#;
+        let exaone_3_5_2_4b = r#"{"activation_function": "silu", "architectures": ["ExaoneForCausalLM"],
+            "attention_dropout": 0.0, "auto_map": {"AutoConfig": "configuration_exaone.ExaoneConfig",
+            "AutoModelForCausalLM": "modeling_exaone.ExaoneForCausalLM"}, "bos_token_id": 1, "embed_dropout": 0.0,
+            "eos_token_id": 361, "head_dim": 80, "hidden_size": 2560, "initializer_range": 0.02,
+            "intermediate_size": 7168, "layer_norm_epsilon": 1e-05, "max_position_embeddings": 32768,
+            "model_type": "exaone", "num_attention_heads": 32, "num_key_value_heads": 8, "num_layers": 30,
+            "pad_token_id": 0, "rope_scaling": {"factor": 8.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+            "original_max_position_embeddings": 8192, "rope_type": "llama3"}, "rope_theta": 1000000.0,
+            "tie_word_embeddings": true, "torch_dtype": "bfloat16", "transformers_version": "4.43.1",
+            "use_cache": true, "vocab_size": 102400}"#;
         let import = |text: &str| from_hf_config(&parse_config(text, "config.json").unwrap(), "config.json");
         let llama = import(llama_3_1_8b).unwrap().0;
         let scaling = llama.rope_scaling.expect("llama3 scaling");
@@ -1131,6 +1180,19 @@ mod tests {
         assert_eq!((mistral.arch, mistral.kv_heads(), mistral.rope_theta), (Arch::Llama, 8, 1e6));
         let qwen = import(qwen2_5_0_5b).unwrap().0;
         assert!(qwen.qkv_bias && qwen.tied() && qwen.head_dim() == 64, "{qwen:?}");
+        let exaone = import(exaone_3_5_2_4b).unwrap().0;
+        assert_eq!((exaone.arch, exaone.n_layers, exaone.head_dim(), exaone.tied()), (Arch::Llama, 30, 80, true));
+        assert_eq!((exaone.norm_eps, exaone.rope_scaling.map(|s| s.factor)), (1e-5, Some(8.0)));
+        // Its fields are named as the file names them; Llama's names are not EXAONE's.
+        let e =
+            import(&exaone_3_5_2_4b.replace(r#""activation_function": "silu""#, r#""activation_function": "gelu""#))
+                .unwrap_err()
+                .to_string();
+        assert!(e.contains("`activation_function` in `config.json`"), "{e}");
+        let e = import(&exaone_3_5_2_4b.replace(r#""num_layers": 30"#, r#""num_layers": 30, "num_hidden_layers": 30"#))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("num_hidden_layers") && e.contains("num_layers"), "{e}");
         let qwen3 = import(qwen3_0_6b).unwrap().0;
         assert!(qwen3.qk_norm && !qwen3.qkv_bias && qwen3.tied(), "{qwen3:?}");
         assert_eq!((qwen3.head_dim, qwen3.rope_theta, qwen3.max_seq_len), (Some(128), 1e6, 40960));

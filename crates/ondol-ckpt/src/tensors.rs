@@ -134,9 +134,29 @@ fn is_inert_buffer(name: &str) -> bool {
     name.ends_with(".attn.bias") || name.ends_with(".attn.masked_bias") || name.ends_with("rotary_emb.inv_freq")
 }
 
+/// The Llama name of an EXAONE 3 tensor (`transformer.h.0.attn.attention.q_proj.weight` is
+/// `model.layers.0.self_attn.q_proj.weight`), as transformers renames them on loading.
+fn exaone_as_llama(name: &str) -> Option<String> {
+    const RENAMES: [(&str, &str); 10] = [
+        ("transformer.wte.", "model.embed_tokens."),
+        ("transformer.h.", "model.layers."),
+        ("transformer.ln_f.", "model.norm."),
+        (".attn.attention.", ".self_attn."),
+        (".self_attn.out_proj.", ".self_attn.o_proj."),
+        (".ln_1.", ".input_layernorm."),
+        (".ln_2.", ".post_attention_layernorm."),
+        (".mlp.c_fc_0.", ".mlp.gate_proj."),
+        (".mlp.c_fc_1.", ".mlp.up_proj."),
+        (".mlp.c_proj.", ".mlp.down_proj."),
+    ];
+    name.starts_with("transformer.")
+        .then(|| RENAMES.iter().fold(name.to_string(), |n, (from, to)| n.replacen(from, to, 1)))
+}
+
 /// Reads every tensor of `layout` from `files` into a new flat buffer. Names may carry or
-/// lack a `transformer.` prefix (original GPT-2 files lack it). Missing tensors, unknown
-/// tensors, wrong shapes and unsupported dtypes are errors naming the file and tensor.
+/// lack a `transformer.` prefix (original GPT-2 files lack it), and a Llama's may be EXAONE
+/// 3's. Missing tensors, unknown tensors, wrong shapes and unsupported dtypes are errors
+/// naming the file and tensor.
 pub fn read_layout(files: &[PathBuf], layout: &ParamLayout) -> Result<Vec<f32>> {
     let mut flat = vec![0.0f32; layout.total()];
     let mut seen = vec![false; layout.params().len()];
@@ -151,7 +171,9 @@ pub fn read_layout(files: &[PathBuf], layout: &ParamLayout) -> Result<Vec<f32>> 
             .map_err(|e| Error::Input(format!("{}: not a valid safetensors file: {e}", path.display())))?;
         for (name, view) in st.iter() {
             let alt = name.strip_prefix("transformer.").map(str::to_string).unwrap_or(format!("transformer.{name}"));
-            let Some(&i) = by_name.get(name).or_else(|| by_name.get(alt.as_str())) else {
+            let exaone = exaone_as_llama(name);
+            let found = by_name.get(name).or_else(|| by_name.get(alt.as_str()));
+            let Some(&i) = found.or_else(|| by_name.get(exaone.as_deref()?)) else {
                 if is_inert_buffer(name) {
                     continue;
                 }

@@ -1,5 +1,5 @@
 //! Golden parity with Hugging Face transformers: tiny random Llama (GQA; tied with a large
-//! rope theta; Llama 3.1's rope scaling), Mistral, Qwen2, Qwen3, GPT-2, Mamba, Mamba-2 and Nemotron-H (hybrid) models made by
+//! rope theta; Llama 3.1's rope scaling), Mistral, Qwen2, Qwen3, EXAONE 3.5, GPT-2, Mamba, Mamba-2 and Nemotron-H (hybrid) models made by
 //! scripts/make-hf-fixtures.py, with transformers'
 //! logits and loss on fixed tokens. ondol imports each directory as transformers wrote it
 //! and must reproduce the logits within 1e-4 (relative to the logits' scale) in f32.
@@ -118,6 +118,14 @@ fn qwen2_matches_transformers() {
 #[test]
 fn qwen3_matches_transformers() {
     check("tiny-qwen3");
+}
+
+/// EXAONE 3.5: Llama with its own field names (num_layers, layer_norm_epsilon,
+/// activation_function) and tensor names (transformer.h.0.attn.attention.q_proj, c_fc_0, ...),
+/// Llama 3.1's rotary scaling in transformers 4's rope_scaling, a tied head.
+#[test]
+fn exaone_matches_transformers() {
+    check("tiny-exaone");
 }
 
 /// A run's `[model]` that leaves out the rotary scaling, the q, k, v biases, the q and k norms
