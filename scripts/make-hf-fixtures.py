@@ -115,6 +115,29 @@ def as_exaone_checkpoint(d):
     save_file(tensors, weights, metadata={"format": "pt"})
 
 
+def exaone4_config():
+    from transformers import Exaone4Config
+
+    kw = llama_config().to_dict()
+    keep = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "hidden_act", "initializer_range")
+    # As EXAONE 4.0 1.2B: full attention in every layer, a tied head.
+    return Exaone4Config(**{k: kw[k] for k in keep}, tie_word_embeddings=True, rope_theta=1000000.0,
+                         sliding_window=None, layer_types=["full_attention"] * kw["num_hidden_layers"])
+
+
+def hyperclovax_config():
+    from transformers import HyperCLOVAXConfig
+
+    kw = llama_config().to_dict()
+    keep = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "hidden_act", "initializer_range")
+    # Peri-LN without muP: the multipliers at 1, the attention's the usual 1 / sqrt(head_dim)
+    # (given: eager attention takes no default).
+    head_dim = kw["hidden_size"] // kw["num_attention_heads"]
+    return HyperCLOVAXConfig(**{k: kw[k] for k in keep}, use_post_norm=True, attention_multiplier=head_dim ** -0.5)
+
+
 def llama_config(**overrides):
     from transformers import LlamaConfig
 
@@ -276,7 +299,7 @@ def build(name, config):
     config._attn_implementation = "eager"
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
     gen = torch.Generator().manual_seed(1)
-    if config.model_type in ("llama", "mistral", "qwen2", "qwen3", "exaone"):
+    if config.model_type in ("llama", "mistral", "qwen2", "qwen3", "exaone", "exaone4", "hyperclovax"):
         perturb_llama(model, gen)
     elif config.model_type == "gpt2":
         perturb_gpt2(model, gen)
@@ -340,6 +363,10 @@ def make(out_dir, only=None):
         ("tiny-qwen3", qwen3_config()),
         # EXAONE 3.5: Llama under other field and tensor names.
         ("tiny-exaone", exaone_config()),
+        # EXAONE 4: Qwen3's attention and norms after the mixers alone.
+        ("tiny-exaone4", exaone4_config()),
+        # HyperCLOVA X: norms before and after the mixers (Peri-LN).
+        ("tiny-hyperclovax", hyperclovax_config()),
         ("tiny-gpt2", gpt2_config()),
         ("tiny-mamba", mamba_config()),
         ("tiny-mamba2", mamba2_config()),

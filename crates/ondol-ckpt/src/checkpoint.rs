@@ -484,6 +484,7 @@ pub fn check_compatible(dir: &Path, theirs: &ModelConfig, ours: &ModelConfig) ->
             v.push(("rope_scaling", scaling));
             v.push(("qkv_bias", c.qkv_bias.to_string()));
             v.push(("qk_norm", c.qk_norm.to_string()));
+            v.push(("block_norms", format!("{:?}", c.block_norms).to_lowercase()));
         }
         if c.layer_kinds().contains(&ondol_model::LayerKind::Mamba) {
             let s = &c.ssm;

@@ -1,8 +1,9 @@
 //! Hugging Face `config.json` for the architectures ondol implements, both ways.
 //!
 //! Export writes the fields transformers reads for `LlamaForCausalLM` (`Qwen2ForCausalLM`
-//! with biases on q, k and v, `Qwen3ForCausalLM` with q_norm and k_norm; an imported EXAONE 3
-//! goes out as the Llama it is), `GPT2LMHeadModel`, `MambaForCausalLM`, `Mamba2ForCausalLM` and
+//! with biases on q, k and v, `Qwen3ForCausalLM` with q_norm and k_norm, `Exaone4ForCausalLM`
+//! with those and norms after the mixers, `HyperCLOVAXForCausalLM` with norms before and after;
+//! an imported EXAONE 3 goes out as the Llama it is), `GPT2LMHeadModel`, `MambaForCausalLM`, `Mamba2ForCausalLM` and
 //! `NemotronHForCausalLM`. Import is strict: a field that would change the model's arithmetic
 //! and that ondol does not implement (a rope scaling other than llama3's, a sliding window,
 //! biases on o_proj, another activation, ...) is an error that names the field; fields that
@@ -10,7 +11,7 @@
 //! trains without dropout.
 
 use ondol_core::{Error, Result};
-use ondol_model::{Arch, LayerKind, ModelConfig, RopeScaling, RopeScalingKind, SsmConfig};
+use ondol_model::{Arch, BlockNorms, LayerKind, ModelConfig, RopeScaling, RopeScalingKind, SsmConfig};
 use serde_json::{Map, Value, json};
 
 /// The `config.json` of `cfg` in the Hugging Face schema of its architecture.
@@ -126,26 +127,56 @@ pub fn to_hf_config(cfg: &ModelConfig, eos_token_id: Option<u32>) -> Value {
         // (transformers before 5 read the scaling here; 5 from rope_parameters.)
         v["rope_scaling"] = rope_parameters(cfg);
     }
-    if cfg.qkv_bias || cfg.qk_norm {
-        // Llama's attention_bias would put one on o_proj too: Qwen2 has q, k and v's alone.
-        // Qwen3 is Qwen2 with q_norm and k_norm instead of the biases.
-        let o = v.as_object_mut().expect("a config is an object");
-        for key in ["mlp_bias", "pretraining_tp"] {
-            o.remove(key);
-        }
-        if cfg.qkv_bias {
-            o.remove("attention_bias");
-        }
-        let qwen = if cfg.qk_norm { "qwen3" } else { "qwen2" };
-        let class = if cfg.qk_norm { "Qwen3ForCausalLM" } else { "Qwen2ForCausalLM" };
-        v["architectures"] = json!([class]);
-        v["model_type"] = json!(qwen);
-        v["use_sliding_window"] = json!(false);
-        v["sliding_window"] = Value::Null;
-        v["max_window_layers"] = json!(cfg.n_layers);
-        v["layer_types"] = json!(vec!["full_attention"; cfg.n_layers]);
+    if cfg.arch == Arch::Llama {
+        as_llama_relative(cfg, &mut v);
     }
     v
+}
+
+/// Rewrites Llama's config `v` as the transformers model that has what `cfg` adds to Llama
+/// (the model's validation admits only these combinations): q, k and v biases, Qwen2; q and k
+/// norms, Qwen3; those and norms after the mixers alone, EXAONE 4; norms before and after,
+/// HyperCLOVA X (its muP multipliers at 1).
+fn as_llama_relative(cfg: &ModelConfig, v: &mut Value) {
+    let (model_type, class) = match (cfg.block_norms, cfg.qk_norm, cfg.qkv_bias) {
+        (BlockNorms::Pre, false, false) => return,
+        (BlockNorms::Pre, false, true) => ("qwen2", "Qwen2ForCausalLM"),
+        (BlockNorms::Pre, true, _) => ("qwen3", "Qwen3ForCausalLM"),
+        (BlockNorms::Post, ..) => ("exaone4", "Exaone4ForCausalLM"),
+        (BlockNorms::Both, ..) => ("hyperclovax", "HyperCLOVAXForCausalLM"),
+    };
+    let o = v.as_object_mut().expect("a config is an object");
+    o.remove("pretraining_tp");
+    if model_type != "hyperclovax" {
+        o.remove("mlp_bias");
+    }
+    // Llama's attention_bias would put one on o_proj too: Qwen2 has q, k and v's alone.
+    if cfg.qkv_bias || model_type == "exaone4" {
+        o.remove("attention_bias");
+    }
+    v["architectures"] = json!([class]);
+    v["model_type"] = json!(model_type);
+    let full = json!(vec!["full_attention"; cfg.n_layers]);
+    match model_type {
+        "qwen2" | "qwen3" => {
+            v["use_sliding_window"] = json!(false);
+            v["sliding_window"] = Value::Null;
+            v["max_window_layers"] = json!(cfg.n_layers);
+            v["layer_types"] = full;
+        }
+        "exaone4" => {
+            v["sliding_window"] = Value::Null;
+            v["sliding_window_pattern"] = Value::Null;
+            v["layer_types"] = full;
+        }
+        _ => {
+            v["use_post_norm"] = json!(true);
+            for key in ["embedding_multiplier", "residual_multiplier", "logits_scaling"] {
+                v[key] = json!(1.0);
+            }
+            v["attention_multiplier"] = json!(1.0 / (cfg.head_dim() as f64).sqrt());
+        }
+    }
 }
 
 /// Nemotron-H's names for the layer kinds of a hybrid pattern.
@@ -507,6 +538,7 @@ fn ssm_model(f: &Fields, arch: Arch, d_model: usize, ssm: SsmConfig, tied_defaul
         rope_scaling: None,
         qkv_bias: false,
         qk_norm: false,
+        block_norms: Default::default(),
         head_dim: None,
         norm_eps: f.f64("layer_norm_epsilon", 1e-5)? as f32,
         init_std: f.f64("initializer_range", 0.1)? as f32,
@@ -614,6 +646,7 @@ fn nemotron_h_from(f: &Fields) -> Result<ModelConfig> {
         rope_scaling: None,
         qkv_bias: false,
         qk_norm: false,
+        block_norms: Default::default(),
         head_dim: attn_head_dim,
         norm_eps: f.f64("layer_norm_epsilon", 1e-5)? as f32,
         init_std: f.f64("initializer_range", 0.02)? as f32,
@@ -678,6 +711,56 @@ fn exaone_as_llama(map: &Map<String, Value>, file: &str) -> Result<Map<String, V
     Ok(out)
 }
 
+/// EXAONE 4.0 32B's windowed layers come with global ones without rotary positions, which
+/// ondol lacks: a config with any is refused (1.2B has none).
+fn exaone4_without_windows(f: &Fields) -> Result<()> {
+    let kinds = f.map.get("layer_types").and_then(Value::as_array);
+    if let Some(kind) = kinds.into_iter().flatten().find(|k| *k != "full_attention") {
+        return Err(f.err(
+            "layer_types",
+            format!(
+                "{kind} is not supported: EXAONE 4's windowed layers come with global layers without rotary \
+                 positions, which ondol does not implement; it imports EXAONE 4 with full_attention alone"
+            ),
+        ));
+    }
+    let pattern = f.map.get("sliding_window_pattern").filter(|p| !p.is_null() && **p != json!(0));
+    match (kinds, f.map.get("sliding_window").filter(|w| !w.is_null()), pattern) {
+        (None, Some(w), Some(p)) => Err(f.err(
+            "sliding_window",
+            format!("{w} with sliding_window_pattern {p}: windowed layers are not supported (see layer_types)"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// HyperCLOVA X's fields beyond Llama's.
+const HYPERCLOVAX_FIELDS: &[&str] =
+    &["use_post_norm", "embedding_multiplier", "residual_multiplier", "logits_scaling", "attention_multiplier"];
+
+/// Whether a HyperCLOVA X config has norms after the mixers (`use_post_norm`, its default); its
+/// muP multipliers must be 1 (and the attention's, the default 1 / sqrt(head_dim)), as ondol
+/// has none.
+fn hyperclovax_peri_ln(f: &Fields) -> Result<bool> {
+    for key in ["embedding_multiplier", "residual_multiplier", "logits_scaling"] {
+        if f.f64(key, 1.0)? != 1.0 {
+            return Err(f.err(key, format!("{} is not supported: ondol implements muP multipliers of 1", f.map[key])));
+        }
+    }
+    if let Some(m) = f.map.get("attention_multiplier").filter(|m| !m.is_null()) {
+        let heads = f.usize("num_attention_heads")?;
+        let head_dim = f.opt_usize("head_dim")?.unwrap_or(f.usize("hidden_size")? / heads.max(1));
+        let default = 1.0 / (head_dim as f64).sqrt();
+        if (f.f64("attention_multiplier", default)? - default).abs() > 1e-6 * default {
+            return Err(f.err(
+                "attention_multiplier",
+                format!("{m} is not supported: ondol scales attention by 1 / sqrt(head_dim) = {default}"),
+            ));
+        }
+    }
+    f.bool("use_post_norm", true)
+}
+
 /// The model config of a Hugging Face `config.json` (`file` names it in errors).
 /// Returns the config and warnings for the user.
 pub fn from_hf_config(json: &Value, file: &str) -> Result<(ModelConfig, Vec<String>)> {
@@ -695,11 +778,15 @@ pub fn from_hf_config(json: &Value, file: &str) -> Result<(ModelConfig, Vec<Stri
         // RMSNorm on each q and k head instead of the biases. A window shorter than the context
         // is kept exactly by cutting the context to it: every token then attends to the whole
         // window, as the window has it.
-        "llama" | "mistral" | "qwen2" | "qwen3" | "exaone" => {
+        "llama" | "mistral" | "qwen2" | "qwen3" | "exaone" | "exaone4" | "hyperclovax" => {
             let mut window = map.get("sliding_window").filter(|w| !w.is_null() && model_type == "mistral");
             if model_type == "qwen2" {
                 f.must_be("use_mrope", &json!(false), "rotary positions along one axis")?;
             }
+            if model_type == "exaone4" {
+                exaone4_without_windows(&f)?;
+            }
+            let post_norm = model_type == "hyperclovax" && hyperclovax_peri_ln(&f)?;
             if model_type.starts_with("qwen") {
                 let layer_types = map.get("layer_types").and_then(Value::as_array);
                 let kinds = layer_types.into_iter().flatten();
@@ -787,7 +874,12 @@ pub fn from_hf_config(json: &Value, file: &str) -> Result<(ModelConfig, Vec<Stri
                 rope_theta: theta,
                 rope_scaling,
                 qkv_bias: model_type == "qwen2",
-                qk_norm: model_type == "qwen3",
+                qk_norm: matches!(model_type, "qwen3" | "exaone4"),
+                block_norms: match model_type {
+                    "exaone4" => BlockNorms::Post,
+                    _ if post_norm => BlockNorms::Both,
+                    _ => BlockNorms::Pre,
+                },
                 head_dim,
                 norm_eps: f.f64("rms_norm_eps", 1e-6)? as f32,
                 init_std: f.f64("initializer_range", 0.02)? as f32,
@@ -845,6 +937,7 @@ pub fn from_hf_config(json: &Value, file: &str) -> Result<(ModelConfig, Vec<Stri
                 rope_scaling: None,
                 qkv_bias: false,
                 qk_norm: false,
+                block_norms: Default::default(),
                 head_dim: None,
                 norm_eps: f.f64("layer_norm_epsilon", 1e-5)? as f32,
                 init_std: f.f64("initializer_range", 0.02)? as f32,
@@ -925,7 +1018,7 @@ pub fn from_hf_config(json: &Value, file: &str) -> Result<(ModelConfig, Vec<Stri
                 "model_type",
                 format!(
                     "\"{other}\" is not supported: ondol imports \"llama\", \"mistral\", \"qwen2\", \"qwen3\", \
-                     \"exaone\", \"gpt2\", \"mamba\", \"mamba2\" and \"nemotron_h\""
+                     \"exaone\", \"exaone4\", \"hyperclovax\", \"gpt2\", \"mamba\", \"mamba2\" and \"nemotron_h\""
                 ),
             ));
         }
@@ -939,6 +1032,8 @@ pub fn from_hf_config(json: &Value, file: &str) -> Result<(ModelConfig, Vec<Stri
                 ["use_sliding_window", "sliding_window", "max_window_layers", "layer_types"].contains(&key)
                     || (model_type == "qwen2" && key == "use_mrope")
             }
+            "exaone4" => ["sliding_window", "sliding_window_pattern", "layer_types"].contains(&key),
+            "hyperclovax" => HYPERCLOVAX_FIELDS.contains(&key),
             _ => false,
         };
         if known.contains(&key) || HARMLESS.contains(&key) || windowless {
@@ -956,8 +1051,8 @@ pub fn from_hf_config(json: &Value, file: &str) -> Result<(ModelConfig, Vec<Stri
     // one holds it, and ondol's key.
     cfg.validate().map_err(|e| match e {
         Error::Config { key, message } => {
-            // (Mistral, Qwen and EXAONE, as read, name their fields as Llama does.)
-            let llama = matches!(model_type, "mistral" | "qwen2" | "qwen3" | "exaone");
+            // (Mistral, Qwen, EXAONE and HyperCLOVA X, as read, name their fields as Llama does.)
+            let llama = matches!(model_type, "mistral" | "qwen2" | "qwen3" | "exaone" | "exaone4" | "hyperclovax");
             match hf_field(if llama { "llama" } else { model_type }, &key) {
                 Some(field) => {
                     Error::config(format!("{}` in `{file}", f.in_file(field)), format!("(ondol's {key}) {message}"))
@@ -1032,6 +1127,7 @@ mod tests {
             rope_scaling: None,
             qkv_bias: false,
             qk_norm: false,
+            block_norms: Default::default(),
             head_dim: None,
             norm_eps: 1e-6,
             init_std: 0.02,
@@ -1126,6 +1222,37 @@ mod tests {
             ..llama()
         };
         assert_eq!(from_hf_config(&to_hf_config(&hybrid, None), "c").unwrap().0.head_dim, Some(12));
+    }
+
+    /// Norms after the mixers make an EXAONE 4 (with q and k norms) or a HyperCLOVA X (before
+    /// and after); what ondol lacks of either is refused by name.
+    #[test]
+    fn post_norms_export_and_import_as_exaone4_and_hyperclovax() {
+        let exaone4 = ModelConfig { block_norms: BlockNorms::Post, qk_norm: true, ..llama() };
+        let peri_ln = ModelConfig { block_norms: BlockNorms::Both, ..llama() };
+        for (cfg, model_type) in [(&exaone4, "exaone4"), (&peri_ln, "hyperclovax")] {
+            let json = to_hf_config(cfg, None);
+            assert_eq!(json["model_type"].as_str(), Some(model_type));
+            assert_eq!(from_hf_config(&json, "c").unwrap().0, *cfg, "{model_type}");
+        }
+        // EXAONE 4.0 32B's windowed layers (its global ones have no rotary positions).
+        let mut windowed = to_hf_config(&exaone4, None);
+        windowed["layer_types"] = json!(["sliding_attention", "full_attention"]);
+        let e = from_hf_config(&windowed, "c").unwrap_err().to_string();
+        assert!(e.contains("layer_types") && e.contains("sliding_attention"), "{e}");
+        windowed.as_object_mut().unwrap().remove("layer_types");
+        (windowed["sliding_window"], windowed["sliding_window_pattern"]) = (json!(4096), json!("LLLG"));
+        assert!(from_hf_config(&windowed, "c").unwrap_err().to_string().contains("sliding_window"));
+        // muP multipliers other than 1; HyperCLOVA X without post-norms is a Llama.
+        let mut mup = to_hf_config(&peri_ln, None);
+        mup["residual_multiplier"] = json!(0.5);
+        assert!(from_hf_config(&mup, "c").unwrap_err().to_string().contains("residual_multiplier"));
+        mup["residual_multiplier"] = json!(1.0);
+        mup["attention_multiplier"] = json!(0.1);
+        assert!(from_hf_config(&mup, "c").unwrap_err().to_string().contains("attention_multiplier"));
+        mup["attention_multiplier"] = Value::Null;
+        mup["use_post_norm"] = json!(false);
+        assert_eq!(from_hf_config(&mup, "c").unwrap().0, llama());
     }
 
     /// config.json of checkpoints people fine-tune, as their repositories hold them.

@@ -1,5 +1,6 @@
 //! Golden parity with Hugging Face transformers: tiny random Llama (GQA; tied with a large
-//! rope theta; Llama 3.1's rope scaling), Mistral, Qwen2, Qwen3, EXAONE 3.5, GPT-2, Mamba, Mamba-2 and Nemotron-H (hybrid) models made by
+//! rope theta; Llama 3.1's rope scaling), Mistral, Qwen2, Qwen3, EXAONE 3.5 and 4, HyperCLOVA X
+//! (Peri-LN), GPT-2, Mamba, Mamba-2 and Nemotron-H (hybrid) models made by
 //! scripts/make-hf-fixtures.py, with transformers'
 //! logits and loss on fixed tokens. ondol imports each directory as transformers wrote it
 //! and must reproduce the logits within 1e-4 (relative to the logits' scale) in f32.
@@ -128,10 +129,24 @@ fn exaone_matches_transformers() {
     check("tiny-exaone");
 }
 
+/// EXAONE 4 (as 1.2B, full attention in every layer): Qwen3's attention, and RMSNorms after
+/// the attention and the MLP instead of before.
+#[test]
+fn exaone4_matches_transformers() {
+    check("tiny-exaone4");
+}
+
+/// HyperCLOVA X with its muP multipliers at 1: Llama with RMSNorms after the attention and
+/// the MLP as well as before (Peri-LN).
+#[test]
+fn hyperclovax_matches_transformers() {
+    check("tiny-hyperclovax");
+}
+
 /// A run's `[model]` that leaves out the rotary scaling, the q, k, v biases, the q and k norms
 /// or the head width is another model than the directory's: `init_from` refuses it, naming the key.
 #[test]
-fn rotary_scaling_qkv_biases_qk_norms_and_head_width_are_part_of_the_model() {
+fn rotary_scaling_biases_norms_and_head_width_are_part_of_the_model() {
     for (name, strip, key) in [
         (
             "tiny-llama3-rope",
@@ -141,6 +156,7 @@ fn rotary_scaling_qkv_biases_qk_norms_and_head_width_are_part_of_the_model() {
         ("tiny-qwen2", |c: &mut ModelConfig| c.qkv_bias = false, "model.qkv_bias"),
         ("tiny-qwen3", |c: &mut ModelConfig| c.qk_norm = false, "model.qk_norm"),
         ("tiny-qwen3", |c: &mut ModelConfig| c.head_dim = None, "model.head_dim"),
+        ("tiny-hyperclovax", |c: &mut ModelConfig| c.block_norms = Default::default(), "model.block_norms"),
     ] {
         let dir = fixture(name);
         let json = hf::parse_config(&std::fs::read_to_string(dir.join("config.json")).unwrap(), "config.json").unwrap();

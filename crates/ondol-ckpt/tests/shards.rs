@@ -20,6 +20,7 @@ fn sharded_files_round_trip_through_their_index() {
         rope_scaling: None,
         qkv_bias: false,
         qk_norm: false,
+        block_norms: Default::default(),
         head_dim: None,
         norm_eps: 1e-5,
         init_std: 0.02,

@@ -11,8 +11,8 @@ use ondol_core::{Backend, Rng};
 use ondol_cpu::CpuBackend;
 use ondol_cuda::{CudaBackend, Dtype};
 use ondol_model::{
-    Arch, InferenceCache, MicroBatch, Model, ModelConfig, Part, RopeScaling, RopeScalingKind, Scratch, SsmConfig,
-    Workspace, scratch_elems,
+    Arch, BlockNorms, InferenceCache, MicroBatch, Model, ModelConfig, Part, RopeScaling, RopeScalingKind, Scratch,
+    SsmConfig, Workspace, scratch_elems,
 };
 use ondol_optim::{AdamW, OptimizerConfig};
 
@@ -48,6 +48,7 @@ fn config(arch: Arch) -> ModelConfig {
         }),
         qkv_bias: arch == Arch::Llama,
         qk_norm: false,
+        block_norms: Default::default(),
         head_dim: (arch == Arch::Hybrid).then_some(12),
         norm_eps: 1e-5,
         init_std: 0.1,
@@ -66,12 +67,16 @@ fn config(arch: Arch) -> ModelConfig {
     }
 }
 
-/// Every architecture, and beside the Llama with Qwen2's attention one with Qwen3's: heads of
-/// 12 where d_model / n_heads is 8, each q and k head RMS-normed.
+/// Every architecture, and beside the Llama with Qwen2's attention: one with Qwen3's (heads of
+/// 12 where d_model / n_heads is 8, each q and k head RMS-normed), one with EXAONE 4's blocks
+/// (Qwen3's attention, norms after the mixers alone) and one with Peri-LN's (norms before and
+/// after).
 fn models() -> Vec<(&'static str, ModelConfig)> {
     let qwen3 = ModelConfig { qkv_bias: false, qk_norm: true, head_dim: Some(12), ..config(Arch::Llama) };
+    let exaone4 = ModelConfig { block_norms: BlockNorms::Post, ..qwen3.clone() };
+    let peri_ln = ModelConfig { qkv_bias: false, block_norms: BlockNorms::Both, ..config(Arch::Llama) };
     let archs = [("gpt2", Arch::Gpt2), ("mamba", Arch::Mamba), ("mamba2", Arch::Mamba2), ("hybrid", Arch::Hybrid)];
-    let mut out = vec![("llama", config(Arch::Llama)), ("qwen3", qwen3)];
+    let mut out = vec![("llama", config(Arch::Llama)), ("qwen3", qwen3), ("exaone4", exaone4), ("peri-ln", peri_ln)];
     out.extend(archs.map(|(name, arch)| (name, config(arch))));
     out
 }

@@ -95,6 +95,28 @@ pub struct RopeScaling {
     pub original_max_seq_len: usize,
 }
 
+/// Where a block's RMSNorms sit around its mixer f (attention or MLP).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BlockNorms {
+    /// `x + f(norm(x))`: Llama, GPT-2, and every Mamba model.
+    #[default]
+    Pre,
+    /// `x + norm(f(x))`: EXAONE 4's QK-Reorder-Norm.
+    Post,
+    /// `x + norm(f(norm(x)))`: Peri-LN, as HyperCLOVA X has it.
+    Both,
+}
+
+impl BlockNorms {
+    pub fn pre(self) -> bool {
+        self != Self::Post
+    }
+    pub fn post(self) -> bool {
+        self != Self::Pre
+    }
+}
+
 /// The kinds of [`RopeScaling`] ondol implements.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -184,6 +206,9 @@ pub struct ModelConfig {
     /// weight for q's heads and one for k's (Qwen3's q_norm and k_norm; llama only).
     #[serde(default, skip_serializing_if = "is_false")]
     pub qk_norm: bool,
+    /// Where each block's norms sit: before the mixer (default), after it, or both (llama only).
+    #[serde(default, skip_serializing_if = "is_pre")]
+    pub block_norms: BlockNorms,
     #[serde(default = "default_norm_eps")]
     pub norm_eps: f32,
     /// Standard deviation of the normal initialisation of weight matrices and embeddings.
@@ -218,6 +243,9 @@ fn default_true() -> bool {
 }
 fn is_false(b: &bool) -> bool {
     !b
+}
+fn is_pre(n: &BlockNorms) -> bool {
+    *n == BlockNorms::Pre
 }
 
 impl ModelConfig {
@@ -316,6 +344,34 @@ impl ModelConfig {
         }
         if self.arch != Arch::Llama && self.qk_norm {
             return Err(Error::config("model.qk_norm", "only llama takes it (Qwen3's attention): leave it unset"));
+        }
+        if self.arch != Arch::Llama && self.block_norms != BlockNorms::Pre {
+            return Err(Error::config("model.block_norms", "only llama takes another than \"pre\": leave it unset"));
+        }
+        // Every checkpoint must load in transformers: a model with post-norms is EXAONE 4's
+        // (with q and k norms) or HyperCLOVA X's (without).
+        match (self.block_norms, self.qk_norm) {
+            (BlockNorms::Post, false) => {
+                return Err(Error::config(
+                    "model.block_norms",
+                    "\"post\" needs model.qk_norm = true: that is EXAONE 4's attention, the Hugging Face model \
+                     with norms after the mixers alone",
+                ));
+            }
+            (BlockNorms::Both, true) => {
+                return Err(Error::config(
+                    "model.block_norms",
+                    "\"both\" takes no model.qk_norm: HyperCLOVA X, the Hugging Face model with norms before and \
+                     after the mixers, has none",
+                ));
+            }
+            _ => {}
+        }
+        if self.block_norms != BlockNorms::Pre && self.qkv_bias {
+            return Err(Error::config(
+                "model.qkv_bias",
+                "takes block_norms = \"pre\": the Hugging Face models with post-norms bias o_proj too, or nothing",
+            ));
         }
         if self.qk_norm && self.qkv_bias {
             return Err(Error::config(

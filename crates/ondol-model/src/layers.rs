@@ -243,7 +243,57 @@ pub(crate) fn norm_elems(rows: usize, dim: usize, layernorm: bool) -> Elems {
     Elems::compute(rows * dim) + Elems::f32(if layernorm { 2 * rows } else { rows })
 }
 
+/// What an RMSNorm after a mixer saves for backward: its input (the mixer's output, summed
+/// over the shards) and rstd.
+pub(crate) struct PostNormActs<B: Backend> {
+    pub input: B::Buf,
+    rstd: B::Buf,
+}
+
+impl<B: Backend> PostNormActs<B> {
+    pub fn new(be: &B, rows: usize, dim: usize) -> Self {
+        Self { input: be.zeros(rows * dim), rstd: be.zeros_f32(rows) }
+    }
+}
+
+/// Elements [`PostNormActs::new`] allocates.
+pub(crate) fn post_norm_elems(rows: usize, dim: usize) -> Elems {
+    Elems::compute(rows * dim) + Elems::f32(rows)
+}
+
 impl Norm {
+    /// `out = rmsnorm(a.input)`, the norm after a mixer (RMSNorm: the models with one are Llama's).
+    pub fn forward_post<B: Backend>(
+        &self,
+        be: &B,
+        p: &B::Buf,
+        a: &mut PostNormActs<B>,
+        out: &mut B::Buf,
+        dim: usize,
+        eps: f32,
+    ) {
+        let w = be.view(p, self.w.clone());
+        be.rmsnorm_forward(be.all(&a.input), w, be.all_mut(out), be.all_mut(&mut a.rstd), dim, eps);
+    }
+
+    /// Writes (`=`) into `dx` the gradient of [`Norm::forward_post`]'s input; accumulates the
+    /// weight's.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_post<B: Backend>(
+        &self,
+        be: &B,
+        p: &B::Buf,
+        grads: &mut B::Buf,
+        dout: B::Ref<'_>,
+        a: &PostNormActs<B>,
+        dx: &mut B::Buf,
+        dim: usize,
+    ) {
+        be.fill(be.all_mut(dx), 0.0);
+        let (w, dw) = (be.view(p, self.w.clone()), be.view_mut(grads, self.w.clone()));
+        be.rmsnorm_backward(dout, be.all(&a.input), w, be.all(&a.rstd), be.all_mut(dx), dw, dim);
+    }
+
     pub fn forward<B: Backend>(&self, be: &B, p: &B::Buf, x: B::Ref<'_>, a: &mut NormActs<B>, dim: usize, eps: f32) {
         let w = be.view(p, self.w.clone());
         match &self.b {

@@ -1,4 +1,6 @@
-//! Decoder-only language models as a stack of pre-norm residual blocks:
+//! Decoder-only language models as a stack of residual blocks, pre-norm unless a Llama's
+//! `block_norms` puts its norms after the mixers (`x + norm(mixer(x))`, EXAONE 4) or on both
+//! sides (`x + norm(mixer(norm(x)))`, Peri-LN):
 //!
 //! ```text
 //! x = embed(ids) (+ learned positions, GPT-2)
@@ -19,8 +21,10 @@
 #![allow(clippy::single_range_in_vec_init)]
 use crate::Elems;
 use crate::attention::{Attention, AttnActs, AttnGrads, KvSlot};
-use crate::config::{Arch, LayerKind, ModelConfig};
-use crate::layers::{CausalConv, Dx, Linear, Norm, NormActs, RecurrentState, WeightLayout, norm_elems};
+use crate::config::{Arch, BlockNorms, LayerKind, ModelConfig};
+use crate::layers::{
+    CausalConv, Dx, Linear, Norm, NormActs, PostNormActs, RecurrentState, WeightLayout, norm_elems, post_norm_elems,
+};
 use crate::mamba::{Mamba, MambaActs, MambaGrads};
 use crate::mamba2::{Mamba2, Mamba2Acts, Mamba2Grads};
 use crate::mlp::{Mlp, MlpActs, MlpGrads, MlpKind};
@@ -52,10 +56,13 @@ impl Mixer {
     }
 }
 
+/// One residual block: `x + post(mixer(pre(x)))`, with a norm before the mixer, after it,
+/// or both (see [`crate::BlockNorms`]).
 #[derive(Clone, Debug)]
 struct Block {
-    norm: Norm,
+    norm: Option<Norm>,
     mixer: Mixer,
+    post: Option<Norm>,
 }
 
 /// A language model, or the part of one that a rank holds: its config, its parameter layout,
@@ -436,29 +443,33 @@ impl Model {
             match cfg.arch {
                 Arch::Llama => {
                     let p = root.at("layers").at(l);
-                    let norm = b.rmsnorm(p.at("input_layernorm"), d);
+                    let [pre_attn, pre_mlp, post_attn, post_mlp] = llama_norm_names(cfg.block_norms);
+                    let norm = pre_attn.map(|name| b.rmsnorm(p.at(name), d));
                     let names = ["q_proj", "k_proj", "v_proj", "o_proj"];
-                    let attn = b.attention(&p.at("self_attn"), names, true);
-                    blocks.push(Block { norm, mixer: Mixer::Attention(attn) });
+                    let mixer = Mixer::Attention(b.attention(&p.at("self_attn"), names, true));
+                    let post = post_attn.map(|name| b.rmsnorm(p.at(name), d));
+                    blocks.push(Block { norm, mixer, post });
                     block_params.push(start..b.lay.total());
                     start = b.lay.total();
-                    let norm = b.rmsnorm(p.at("post_attention_layernorm"), d);
-                    blocks.push(Block { norm, mixer: Mixer::Mlp(b.mlp(&p.at("mlp"))) });
+                    let norm = pre_mlp.map(|name| b.rmsnorm(p.at(name), d));
+                    let mixer = Mixer::Mlp(b.mlp(&p.at("mlp")));
+                    let post = post_mlp.map(|name| b.rmsnorm(p.at(name), d));
+                    blocks.push(Block { norm, mixer, post });
                     block_layer.extend([l, l]);
                 }
                 Arch::Gpt2 => {
                     let p = root.at("h").at(l);
-                    let norm = b.layernorm(p.at("ln_1"), d);
-                    blocks.push(Block { norm, mixer: Mixer::Attention(b.gpt2_attention(&p.at("attn"))) });
+                    let norm = Some(b.layernorm(p.at("ln_1"), d));
+                    blocks.push(Block { norm, mixer: Mixer::Attention(b.gpt2_attention(&p.at("attn"))), post: None });
                     block_params.push(start..b.lay.total());
                     start = b.lay.total();
-                    let norm = b.layernorm(p.at("ln_2"), d);
-                    blocks.push(Block { norm, mixer: Mixer::Mlp(b.mlp(&p.at("mlp"))) });
+                    let norm = Some(b.layernorm(p.at("ln_2"), d));
+                    blocks.push(Block { norm, mixer: Mixer::Mlp(b.mlp(&p.at("mlp"))), post: None });
                     block_layer.extend([l, l]);
                 }
                 Arch::Mamba | Arch::Mamba2 | Arch::Hybrid => {
                     let p = root.at("layers").at(l);
-                    let norm = b.rmsnorm(p.at("norm"), d);
+                    let norm = Some(b.rmsnorm(p.at("norm"), d));
                     let m = p.at("mixer");
                     let mixer = match (kinds[l], cfg.arch) {
                         (LayerKind::Mamba, Arch::Mamba) => Mixer::Mamba(b.mamba(&m)),
@@ -468,7 +479,7 @@ impl Model {
                         }
                         (LayerKind::Mlp, _) => Mixer::Mlp(b.mlp(&m)),
                     };
-                    blocks.push(Block { norm, mixer });
+                    blocks.push(Block { norm, mixer, post: None });
                     block_layer.push(l);
                 }
             }
@@ -554,15 +565,24 @@ impl Model {
         let head = self.head.is_some();
         let norm_f = if head { norm_elems(stream, d, self.layernorm()) } else { Elems::default() };
         let dhead = if head && self.part.sequence_parallel { batch * seq * d } else { 0 };
-        // The residual stream entering each block and leaving the last, and its two gradients.
-        let residual = (self.blocks.len() + 1) * stream * d + 2 * stream * d;
+        // The residual stream entering each block and leaving the last, and its gradients (a
+        // third where post-norms have one between the stream and the mixers' outputs).
+        let grads = if self.has_post_norms() { 3 } else { 2 };
+        let residual = (self.blocks.len() + 1) * stream * d + grads * stream * d;
         saved + norm_f + Elems::compute(residual + dhead) + Elems::f32(self.rope_len(seq))
     }
 
     /// Elements of what `block`'s forward saves for its backward (see [`Model::block_acts`]).
     fn block_elems(&self, block: &Block, batch: usize, seq: usize) -> Elems {
-        let stream = self.part.stream_rows(batch * seq).len();
-        norm_elems(stream, self.cfg.d_model, self.layernorm()) + block.mixer.act_elems(batch, seq)
+        let (stream, d) = (self.part.stream_rows(batch * seq).len(), self.cfg.d_model);
+        let pre = if block.norm.is_some() { norm_elems(stream, d, self.layernorm()) } else { Elems::default() };
+        let post = if block.post.is_some() { post_norm_elems(stream, d) } else { Elems::default() };
+        pre + block.mixer.act_elems(batch, seq) + post
+    }
+
+    /// Whether some block has a norm after its mixer.
+    fn has_post_norms(&self) -> bool {
+        self.blocks.iter().any(|b| b.post.is_some())
     }
 
     /// The rows of the token embedding `embed` that lookups use: this shard's vocabulary,
@@ -614,10 +634,11 @@ impl Model {
 
     /// The buffers of what `block`'s forward saves for its backward, for `batch x seq` tokens.
     fn block_acts<B: Backend>(&self, be: &B, block: &Block, batch: usize, seq: usize) -> BlockActs<B> {
-        let stream = self.part.stream_rows(batch * seq).len();
+        let (stream, d) = (self.part.stream_rows(batch * seq).len(), self.cfg.d_model);
         BlockActs {
-            norm: NormActs::new(be, stream, self.cfg.d_model, self.layernorm()),
+            norm: block.norm.as_ref().map(|_| NormActs::new(be, stream, d, self.layernorm())),
             mixer: block.mixer.acts(be, batch, seq),
+            post: block.post.as_ref().map(|_| PostNormActs::new(be, stream, d)),
         }
     }
 
@@ -775,29 +796,35 @@ impl Model {
     ) -> Result<()> {
         let (block, d, eps) = (&self.blocks[i], self.cfg.d_model, self.cfg.norm_eps);
         let BlockIo { x, x_next, gathered } = io;
-        block.norm.forward(be, params, be.all(x), &mut a.norm, d, eps);
+        let BlockActs { norm: pre, mixer: acts, post } = a;
+        // The mixer's input: the pre-norm's output, or the stream itself.
+        let input = match (&block.norm, pre) {
+            (Some(norm), Some(pre)) => {
+                norm.forward(be, params, be.all(x), pre, d, eps);
+                &pre.out
+            }
+            _ => x,
+        };
+        // The mixer's output: the block's (before the residual add), or the post-norm's input.
+        let output = match post.as_mut() {
+            Some(post) => &mut post.input,
+            None => &mut *x_next,
+        };
         match gathered {
             Some(g) => {
-                tp.all_gather_rows(be, &a.norm.out, &mut g.input)?;
-                block.mixer.forward(
-                    be,
-                    params,
-                    be.all(&g.input),
-                    &mut a.mixer,
-                    &mut g.output,
-                    rope,
-                    cache,
-                    dims,
-                    tp,
-                )?;
-                tp.reduce_scatter_rows(be, &g.output, x_next)?;
+                tp.all_gather_rows(be, input, &mut g.input)?;
+                block.mixer.forward(be, params, be.all(&g.input), acts, &mut g.output, rope, cache, dims, tp)?;
+                tp.reduce_scatter_rows(be, &g.output, output)?;
             }
             None => {
-                block.mixer.forward(be, params, be.all(&a.norm.out), &mut a.mixer, x_next, rope, cache, dims, tp)?;
+                block.mixer.forward(be, params, be.all(input), acts, output, rope, cache, dims, tp)?;
                 if self.part.tp > 1 {
-                    tp.all_reduce(be, x_next)?;
+                    tp.all_reduce(be, output)?;
                 }
             }
+        }
+        if let (Some(norm), Some(post)) = (&block.post, post) {
+            norm.forward_post(be, params, post, x_next, d, eps);
         }
         be.add_assign(be.all_mut(x_next), be.all(x));
         Ok(())
@@ -951,11 +978,20 @@ impl Model {
                     acts
                 }
             };
-            // dres holds dL/d(x_next) = dL/dx along the skip path; the norm adds the mixer's branch.
+            // dres holds dL/d(x_next) = dL/dx along the skip path; the norm adds the mixer's
+            // branch. A post-norm stands between dres and the mixer's output.
+            let dmixer = match (&block.post, &a.post, ws.dpost.as_mut()) {
+                (Some(norm), Some(post), Some(dpost)) => {
+                    norm.backward_post(be, params, grads, be.all(&ws.dres), post, dpost, d);
+                    &*dpost
+                }
+                _ => &ws.dres,
+            };
+            let input = a.norm.as_ref().map_or(&ws.res[i], |pre| &pre.out);
             match gathered.as_mut() {
                 Some(g) => {
-                    tp.all_gather_rows(be, &a.norm.out, &mut g.input)?;
-                    tp.all_gather_rows(be, &ws.dres, &mut g.output)?;
+                    tp.all_gather_rows(be, input, &mut g.input)?;
+                    tp.all_gather_rows(be, dmixer, &mut g.output)?;
                     let (h, dout) = (be.all(&g.input), be.all(&g.output));
                     block.mixer.backward(
                         be,
@@ -973,14 +1009,20 @@ impl Model {
                     tp.reduce_scatter_rows(be, &g.dinput, &mut ws.dnorm)?;
                 }
                 None => {
-                    let (h, dout, dh) = (be.all(&a.norm.out), be.all(&ws.dres), &mut ws.dnorm);
+                    let (h, dout, dh) = (be.all(input), be.all(dmixer), &mut ws.dnorm);
                     block.mixer.backward(be, params, grads, h, &a.mixer, dout, dh, mixers, rope, dims, tp)?;
                     if split {
                         tp.all_reduce(be, &mut ws.dnorm)?;
                     }
                 }
             }
-            block.norm.backward(be, params, grads, be.all(&ws.dnorm), be.all(&ws.res[i]), &a.norm, &mut ws.dres, d);
+            match (&block.norm, &a.norm) {
+                (Some(norm), Some(pre)) => {
+                    let (dnorm, x) = (be.all(&ws.dnorm), be.all(&ws.res[i]));
+                    norm.backward(be, params, grads, dnorm, x, pre, &mut ws.dres, d);
+                }
+                _ => be.add_assign(be.all_mut(&mut ws.dres), be.all(&ws.dnorm)),
+            }
             tp.grads_ready(be, grads, self.block_params[i].clone())?;
         }
 
@@ -1212,8 +1254,9 @@ enum MixerActs<B: Backend> {
 
 /// What one block's forward saves for its backward.
 struct BlockActs<B: Backend> {
-    norm: NormActs<B>,
+    norm: Option<NormActs<B>>,
     mixer: MixerActs<B>,
+    post: Option<PostNormActs<B>>,
 }
 
 /// The buffers that one call (forward, loss or backward) uses and leaves nothing in for the
@@ -1357,6 +1400,18 @@ struct BlockIo<'a, B: Backend> {
     gathered: Option<&'a mut Gathered<B>>,
 }
 
+/// The Hugging Face names of a Llama layer's norms, where it has them: before attention,
+/// before the MLP, after attention, after the MLP (Llama's, EXAONE 4's and HyperCLOVA X's).
+fn llama_norm_names(norms: BlockNorms) -> [Option<&'static str>; 4] {
+    match norms {
+        BlockNorms::Pre => [Some("input_layernorm"), Some("post_attention_layernorm"), None, None],
+        BlockNorms::Post => [None, None, Some("post_attention_layernorm"), Some("post_feedforward_layernorm")],
+        BlockNorms::Both => {
+            [Some("input_layernorm"), Some("post_attention_layernorm"), Some("post_norm1"), Some("post_norm2")]
+        }
+    }
+}
+
 /// The output head's input after forward (gathered under sequence parallelism), and where the
 /// loss writes its gradient, before the shards' sum (`dhead`, or `dnorm`).
 fn head_io<'a, B: Backend>(
@@ -1425,6 +1480,8 @@ pub struct Workspace<B: Backend> {
     /// The gradient of a norm's output; on the last stage, from the loss to backward, the
     /// head input's gradient (without sequence parallelism).
     dnorm: B::Buf,
+    /// The gradient of a post-norm's input, a mixer's output (models with post-norms only).
+    dpost: Option<B::Buf>,
     /// Under sequence parallelism on the last stage, from the loss to backward, the head
     /// input's gradient for all the micro-batch's tokens, before the reduce-scatter.
     dhead: Option<B::Buf>,
@@ -1528,6 +1585,7 @@ impl<B: Backend> Workspace<B> {
             norm_f: model.head.is_some().then(|| NormActs::new(be, stream, d, model.layernorm())),
             dres: be.zeros(stream * d),
             dnorm: be.zeros(stream * d),
+            dpost: model.has_post_norms().then(|| be.zeros(stream * d)),
             dhead: (part.sequence_parallel && model.head.is_some()).then(|| be.zeros(rows * d)),
             rope: be.upload_f32(&model.rope_table(seq)),
             scratch: None,

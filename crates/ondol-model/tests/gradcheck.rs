@@ -7,7 +7,7 @@
 use ondol_core::gradcheck::{check_indices, sample_indices};
 use ondol_core::{Backend, Rng};
 use ondol_cpu::CpuBackend;
-use ondol_model::{Arch, MicroBatch, Model, ModelConfig, SsmConfig, Workspace};
+use ondol_model::{Arch, BlockNorms, MicroBatch, Model, ModelConfig, SsmConfig, Workspace};
 
 fn tiny(arch: Arch, tie: Option<bool>) -> ModelConfig {
     ModelConfig {
@@ -24,6 +24,7 @@ fn tiny(arch: Arch, tie: Option<bool>) -> ModelConfig {
         rope_scaling: None,
         qkv_bias: false,
         qk_norm: false,
+        block_norms: Default::default(),
         head_dim: None,
         norm_eps: 1e-5,
         // Larger than a real init so that every gradient is well above f32 noise.
@@ -97,6 +98,26 @@ fn llama_with_wide_heads_and_qk_norm() {
     assert_eq!(shape("o_proj.weight"), [8, 12]);
     assert_eq!((shape("q_norm.weight"), shape("k_norm.weight")), (vec![6], vec![6]));
     check_model(cfg, 1e-2);
+}
+
+/// EXAONE 4's blocks, norms after the mixers alone (with q and k norms), and HyperCLOVA X's,
+/// norms before and after (Peri-LN).
+#[test]
+fn llama_with_post_norms_and_with_norms_before_and_after() {
+    for (norms, qk_norm) in [(BlockNorms::Post, true), (BlockNorms::Both, false)] {
+        let cfg = ModelConfig { block_norms: norms, qk_norm, ..tiny(Arch::Llama, Some(false)) };
+        let model = Model::new(cfg.clone()).unwrap();
+        let has = |name: &str| model.layout.get(&format!("model.layers.1.{name}.weight")).is_some();
+        let names = ["input_layernorm", "post_attention_layernorm", "post_feedforward_layernorm", "post_norm1"];
+        let want = match norms {
+            BlockNorms::Post => [false, true, true, false],
+            _ => [true, true, false, true],
+        };
+        assert_eq!(names.map(has), want, "{norms:?}");
+        // (A smaller step: a norm after the MLP bends the loss in down_proj's weights sharply
+        // enough that a step of 1e-2 is 3 % off.)
+        check_model(cfg, 1e-3);
+    }
 }
 
 #[test]

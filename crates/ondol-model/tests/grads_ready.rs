@@ -49,6 +49,7 @@ fn config(arch: Arch, tie: bool) -> ModelConfig {
         rope_scaling: None,
         qkv_bias: false,
         qk_norm: false,
+        block_norms: Default::default(),
         head_dim: None,
         norm_eps: 1e-5,
         init_std: 0.2,

@@ -25,6 +25,7 @@ fn config(arch: Arch) -> ModelConfig {
         rope_scaling: None,
         qkv_bias: false,
         qk_norm: false,
+        block_norms: Default::default(),
         head_dim: None,
         norm_eps: 1e-5,
         init_std: 0.2,

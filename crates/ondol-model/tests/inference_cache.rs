@@ -23,6 +23,7 @@ fn model(arch: Arch) -> Model {
         rope_scaling: None,
         qkv_bias: false,
         qk_norm: false,
+        block_norms: Default::default(),
         head_dim: None,
         norm_eps: 1e-5,
         init_std: 0.3,

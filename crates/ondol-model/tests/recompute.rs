@@ -39,6 +39,7 @@ fn recomputed_blocks_give_identical_losses_and_gradients() {
             rope_scaling: None,
             qkv_bias: false,
             qk_norm: false,
+            block_norms: Default::default(),
             head_dim: None,
             norm_eps: 1e-5,
             init_std: 0.2,

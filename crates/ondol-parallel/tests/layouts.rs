@@ -5,7 +5,7 @@
 
 use ondol_comm::{Mesh, RankComms};
 use ondol_cpu::CpuBackend;
-use ondol_model::{Arch, MicroBatch, Model, ModelConfig, Part, SsmConfig, Workspace, scratch_elems};
+use ondol_model::{Arch, BlockNorms, MicroBatch, Model, ModelConfig, Part, SsmConfig, Workspace, scratch_elems};
 use ondol_optim::OptimizerConfig;
 use ondol_parallel::{Engine, Layout, ScheduleKind};
 use std::time::Duration;
@@ -30,6 +30,7 @@ fn llama(tie: bool) -> ModelConfig {
         rope_scaling: None,
         qkv_bias: false,
         qk_norm: false,
+        block_norms: Default::default(),
         head_dim: None,
         norm_eps: 1e-5,
         init_std: 0.1,
@@ -96,6 +97,9 @@ struct Shape {
     buckets: Option<usize>,
     /// Rows of logits the loss makes at a time (0: all of a micro-batch's).
     loss_chunk: usize,
+    /// Steps to train, and AdamW's epsilon.
+    steps: usize,
+    eps: f32,
 }
 
 fn shape(tp: usize, pp: usize, dp: usize) -> Shape {
@@ -110,6 +114,8 @@ fn shape(tp: usize, pp: usize, dp: usize) -> Shape {
         sequence_parallel: false,
         buckets: None,
         loss_chunk: 0,
+        steps: STEPS,
+        eps: 1e-6,
     }
 }
 
@@ -128,7 +134,7 @@ fn share(batch: &[(Vec<u32>, Vec<u32>)], d: usize, dp: usize) -> Vec<(Vec<u32>, 
     batch.iter().map(|(i, t)| (i[d * n..(d + 1) * n].to_vec(), t[d * n..(d + 1) * n].to_vec())).collect()
 }
 
-/// Trains `STEPS` steps; returns the losses and the final whole weights (from world rank 0),
+/// Trains `s.steps` steps; returns the losses and the final whole weights (from world rank 0),
 /// after checking that every rank saw the same loss.
 fn train(cfg: &ModelConfig, s: Shape) -> (Vec<f64>, Vec<f32>) {
     let mesh = Mesh::new(s.tp, s.pp, s.dp).unwrap();
@@ -149,7 +155,7 @@ fn train(cfg: &ModelConfig, s: Shape) -> (Vec<f64>, Vec<f32>) {
     // eps 1e-6, not 1e-8: gradients that are zero in exact arithmetic (GPT-2's key bias, which
     // softmax cancels) are round-off, and a tiny eps lets AdamW turn round-off into full steps
     // that differ with the summation order.
-    let opt = OptimizerConfig { lr: 3e-3, weight_decay: 0.1, beta1: 0.9, beta2: 0.95, eps: 1e-6, grad_clip: 1.0 };
+    let opt = OptimizerConfig { lr: 3e-3, weight_decay: 0.1, beta1: 0.9, beta2: 0.95, eps: s.eps, grad_clip: 1.0 };
     let comms = RankComms::threads(mesh, Duration::from_secs(60)).unwrap();
     let scale = 1.0 / (MICRO * BATCH * SEQ) as f32;
     let results: Vec<(Vec<f64>, Option<Vec<f32>>)> = std::thread::scope(|scope| {
@@ -160,7 +166,7 @@ fn train(cfg: &ModelConfig, s: Shape) -> (Vec<f64>, Vec<f32>) {
                 scope.spawn(move || {
                     let d = c.coords.dp;
                     let mut e = Engine::new(CpuBackend, cfg.clone(), layout, opt, c.boxed(), 7).unwrap();
-                    let losses: Vec<f64> = (0..STEPS)
+                    let losses: Vec<f64> = (0..s.steps)
                         .map(|step| {
                             let batch = share(&global_batch(step, cfg.vocab_size), d, s.dp);
                             e.step(&batch, scale, 3e-3, || 0).unwrap().loss_sum * scale as f64
@@ -187,7 +193,7 @@ fn assert_close(name: &str, (la, wa): &(Vec<f64>, Vec<f32>), (lb, wb): &(Vec<f64
     let scale = wa.iter().fold(0.0f32, |m, w| m.max(w.abs()));
     let worst = ondol_core::gradcheck::max_abs_diff(wa, wb);
     assert!(worst <= 1e-5 * scale, "{name}: weights differ by {worst} (largest weight {scale})");
-    assert!(la[STEPS - 1] < la[0], "{name}: the loss did not fall");
+    assert!(la[la.len() - 1] < la[0], "{name}: the loss did not fall");
 }
 
 #[test]
@@ -233,6 +239,33 @@ fn qk_norms_and_wide_heads_split_with_their_heads() {
     assert_close("qk norms tp 2 pp 2", &one, &train(&cfg, shape(2, 2, 1)));
     assert_close("qk norms tp 4 dp 2", &one, &train(&cfg, shape(4, 1, 2)));
     assert_close("qk norms tp 4 dp 2 sequence parallel", &one, &train(&cfg, sequence_parallel(4, 1, 2)));
+}
+
+/// Norms after the mixers (EXAONE 4's, with q and k norms; Peri-LN's, before and after too):
+/// each on the mixer's output summed over the shards, its weight's gradient partial under
+/// sequence parallelism; recomputed blocks rebuild the post-norms' inputs. This tiny model
+/// with norms after its mixers alone amplifies round-off step over step (its mixers' outputs
+/// sit below the norms' epsilon at init, and its embedding's gradients near 1e-6): dp 2, which
+/// differs from one rank only in the gradients' summation order, is 3e-5 off it after one
+/// step with AdamW's epsilon at 1e-6, and past 1e-5 by the fifth with it at 1e-4. So these
+/// layouts train 3 steps with 1e-4, where each is within 3.1e-6 of one rank (dp 2: 1.3e-6).
+#[test]
+fn post_norms_split_as_the_stream_does() {
+    for (norms, qk_norm) in [(BlockNorms::Post, true), (BlockNorms::Both, false)] {
+        let cfg = ModelConfig { block_norms: norms, qk_norm, ..llama(false) };
+        let eps = |s: Shape| Shape { steps: 3, eps: 1e-4, ..s };
+        let one = train(&cfg, eps(shape(1, 1, 1)));
+        for (name, s) in [
+            ("dp 2", shape(1, 1, 2)),
+            ("tp 2 pp 2", shape(2, 2, 1)),
+            ("tp 4 dp 2", shape(4, 1, 2)),
+            ("tp 2 dp 2 sequence parallel", sequence_parallel(2, 1, 2)),
+        ] {
+            assert_close(&format!("{norms:?} {name}"), &one, &train(&cfg, eps(s)));
+        }
+        let recompute = Shape { recompute: 1, ..sequence_parallel(2, 2, 1) };
+        assert_eq!(train(&cfg, sequence_parallel(2, 2, 1)), train(&cfg, recompute), "{norms:?} recomputing");
+    }
 }
 
 #[test]

@@ -166,6 +166,9 @@ fn bad_values_are_refused_with_key_file_and_what_is_valid() {
         (&["model.arch=\"gpt2\"", "model.head_dim=64"], &["model.head_dim", "only llama and hybrid"]),
         (&["model.head_dim=33"], &["model.head_dim", "even for rotary"]),
         (&["model.n_heads=3", "model.n_kv_heads=1"], &["model.n_heads", "set model.head_dim"]),
+        (&["model.arch=\"gpt2\"", "model.block_norms=\"both\""], &["model.block_norms", "only llama"]),
+        (&["model.block_norms=\"post\""], &["model.block_norms", "model.qk_norm = true", "EXAONE 4"]),
+        (&["model.block_norms=\"sandwich\""], &["model.block_norms", "pre", "post", "both"]),
         (
             &[
                 "model.rope_scaling={ type = \"llama3\", factor = 0.5, low_freq_factor = 1.0, high_freq_factor = 4.0, original_max_seq_len = 8 }",
