@@ -23,7 +23,7 @@
 // dw (and db) partials in dynamic shared memory, 4 * dim (8 * dim) bytes, added to the
 // global gradients with one atomicAdd per column per block (so the summation order of dw
 // across blocks, and its last bits, vary from run to run). blockDim: a multiple of 32.
-// qk_norm runs one warp per head (D is 64 to 256, a block per head would idle); its backward
+// qk_norm runs one warp per head (for D of 64 to 256 a block per head would idle); its backward
 // keeps each warp's dw partial in dynamic shared memory, 8 * D bytes per warp, summed over the
 // block's warps before the atomicAdd.
 // Cost: forward reads x and writes out, 2 * dim * sizeof(T) per row, ~4 FLOPs per value;

@@ -504,7 +504,12 @@ fn llama3_scaling(f: &Fields, key: &str, p: &Value) -> Result<RopeScaling> {
 /// ondol's `model.head_dim` from the field `head_dim` (or, when it is absent, `missing`, the
 /// architecture's default): none where heads are hidden_size / heads wide, as by default.
 fn head_dim(f: &Fields, d_model: usize, n_heads: usize, missing: Option<usize>) -> Result<Option<usize>> {
-    Ok(f.opt_usize("head_dim")?.or(missing).filter(|&hd| n_heads > 0 && hd * n_heads != d_model))
+    match f.opt_usize("head_dim")?.or(missing) {
+        Some(hd) if hd.checked_mul(n_heads).is_none() => {
+            Err(f.err("head_dim", format!("{hd} x {n_heads} heads is too large")))
+        }
+        hd => Ok(hd.filter(|&hd| n_heads > 0 && hd * n_heads != d_model)),
+    }
 }
 
 /// `heads` (a field of the config) must be expand * hidden_size / head_dim.
@@ -712,8 +717,22 @@ fn exaone_as_llama(map: &Map<String, Value>, file: &str) -> Result<Map<String, V
 }
 
 /// EXAONE 4.0 32B's windowed layers come with global ones without rotary positions, which
-/// ondol lacks: a config with any is refused (1.2B has none).
+/// ondol lacks: a config with any is refused (1.2B has none). transformers rotates a full
+/// layer only where `sliding_window` is null, and takes 4096 where the field is absent.
 fn exaone4_without_windows(f: &Fields) -> Result<()> {
+    match f.map.get("sliding_window") {
+        Some(Value::Null) => {}
+        other => {
+            let given = other.map_or("absent (transformers then takes 4096)".to_string(), |w| w.to_string());
+            return Err(f.err(
+                "sliding_window",
+                format!(
+                    "{given}: EXAONE 4 with a window has global layers without rotary positions, which ondol does \
+                     not implement; it imports EXAONE 4 with \"sliding_window\": null"
+                ),
+            ));
+        }
+    }
     let kinds = f.map.get("layer_types").and_then(Value::as_array);
     if let Some(kind) = kinds.into_iter().flatten().find(|k| *k != "full_attention") {
         return Err(f.err(
@@ -724,14 +743,7 @@ fn exaone4_without_windows(f: &Fields) -> Result<()> {
             ),
         ));
     }
-    let pattern = f.map.get("sliding_window_pattern").filter(|p| !p.is_null() && **p != json!(0));
-    match (kinds, f.map.get("sliding_window").filter(|w| !w.is_null()), pattern) {
-        (None, Some(w), Some(p)) => Err(f.err(
-            "sliding_window",
-            format!("{w} with sliding_window_pattern {p}: windowed layers are not supported (see layer_types)"),
-        )),
-        _ => Ok(()),
-    }
+    Ok(())
 }
 
 /// HyperCLOVA X's fields beyond Llama's.
@@ -758,7 +770,11 @@ fn hyperclovax_peri_ln(f: &Fields) -> Result<bool> {
             ));
         }
     }
-    f.bool("use_post_norm", true)
+    // (Its default has changed between transformers versions: the file must say.)
+    match f.map.get("use_post_norm") {
+        None | Some(Value::Null) => Err(f.err("use_post_norm", "is missing: give true or false")),
+        Some(_) => f.bool("use_post_norm", true),
+    }
 }
 
 /// The model config of a Hugging Face `config.json` (`file` names it in errors).
@@ -881,7 +897,8 @@ pub fn from_hf_config(json: &Value, file: &str) -> Result<(ModelConfig, Vec<Stri
                     _ => BlockNorms::Pre,
                 },
                 head_dim,
-                norm_eps: f.f64("rms_norm_eps", 1e-6)? as f32,
+                // (transformers' EXAONE configs default to 1e-5, the others to 1e-6.)
+                norm_eps: f.f64("rms_norm_eps", if model_type.starts_with("exaone") { 1e-5 } else { 1e-6 })? as f32,
                 init_std: f.f64("initializer_range", 0.02)? as f32,
                 init_residual_scaling: true,
                 pattern: None,
@@ -1240,9 +1257,12 @@ mod tests {
         windowed["layer_types"] = json!(["sliding_attention", "full_attention"]);
         let e = from_hf_config(&windowed, "c").unwrap_err().to_string();
         assert!(e.contains("layer_types") && e.contains("sliding_attention"), "{e}");
-        windowed.as_object_mut().unwrap().remove("layer_types");
-        (windowed["sliding_window"], windowed["sliding_window_pattern"]) = (json!(4096), json!("LLLG"));
+        // transformers rotates EXAONE 4's full layers only without a window, absent meaning 4096.
+        windowed["layer_types"] = json!(["full_attention", "full_attention"]);
+        windowed["sliding_window"] = json!(4096);
         assert!(from_hf_config(&windowed, "c").unwrap_err().to_string().contains("sliding_window"));
+        windowed.as_object_mut().unwrap().remove("sliding_window");
+        assert!(from_hf_config(&windowed, "c").unwrap_err().to_string().contains("4096"));
         // muP multipliers other than 1; HyperCLOVA X without post-norms is a Llama.
         let mut mup = to_hf_config(&peri_ln, None);
         mup["residual_multiplier"] = json!(0.5);
@@ -1253,6 +1273,9 @@ mod tests {
         mup["attention_multiplier"] = Value::Null;
         mup["use_post_norm"] = json!(false);
         assert_eq!(from_hf_config(&mup, "c").unwrap().0, llama());
+        // Its default has changed between transformers versions: the file must give it.
+        mup.as_object_mut().unwrap().remove("use_post_norm");
+        assert!(from_hf_config(&mup, "c").unwrap_err().to_string().contains("use_post_norm"));
     }
 
     /// config.json of checkpoints people fine-tune, as their repositories hold them.
@@ -1320,6 +1343,9 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("num_hidden_layers") && e.contains("num_layers"), "{e}");
+        // transformers' EXAONE configs default the norms' epsilon to 1e-5, not Llama's 1e-6.
+        let no_eps = exaone_3_5_2_4b.replace(r#""layer_norm_epsilon": 1e-05,"#, "");
+        assert_eq!(import(&no_eps).unwrap().0.norm_eps, 1e-5);
         let qwen3 = import(qwen3_0_6b).unwrap().0;
         assert!(qwen3.qk_norm && !qwen3.qkv_bias && qwen3.tied(), "{qwen3:?}");
         assert_eq!((qwen3.head_dim, qwen3.rope_theta, qwen3.max_seq_len), (Some(128), 1e6, 40960));

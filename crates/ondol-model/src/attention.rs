@@ -104,7 +104,8 @@ impl Attention {
                 let (raw, w) = (be.all(raw), be.view(p, w.clone()));
                 be.qk_norm_forward(raw, w, be.all_mut(&mut a.qkv), be.all_mut(rstd), shape, *eps);
             }
-            _ => self.qkv.forward(be, p, x, &mut a.qkv, rows),
+            (None, _) => self.qkv.forward(be, p, x, &mut a.qkv, rows),
+            (Some(_), None) => unreachable!("Attention::acts holds the pre-norm buffers under qk_norm"),
         }
         if self.rope {
             be.rope(be.all_mut(&mut a.qkv), rope, shape, false);
@@ -141,7 +142,8 @@ impl Attention {
         if self.rope {
             be.rope(be.all_mut(&mut g.dqkv), rope, shape, true);
         }
-        if let (Some((w, _)), Some((raw, rstd))) = (&self.qk_norm, &a.pre_norm) {
+        if let Some((w, _)) = &self.qk_norm {
+            let (raw, rstd) = a.pre_norm.as_ref().expect("Attention::acts holds the pre-norm buffers under qk_norm");
             let (dw, w) = (be.view_mut(grads, w.clone()), be.view(p, w.clone()));
             be.qk_norm_backward(be.all_mut(&mut g.dqkv), be.all(raw), w, be.all(rstd), dw, shape);
         }

@@ -402,13 +402,21 @@ impl ModelConfig {
         if !self.has_attention() {
             return self.validate_common();
         }
-        if self.head_dim.is_none() && !self.d_model.is_multiple_of(self.n_heads) {
+        let heads = self.kv_heads().checked_mul(2).and_then(|kv| kv.checked_add(self.n_heads));
+        if heads.and_then(|h| h.checked_mul(self.head_dim())).is_none_or(|width| width > u32::MAX as usize) {
+            return Err(Error::config("model.head_dim", "too large: q, k and v would not fit in 32-bit indices"));
+        }
+        // Heads as wide as model.head_dim need not divide d_model, but in transformers'
+        // HyperCLOVA X (norms on both sides) they must.
+        let hyperclovax = self.block_norms == BlockNorms::Both;
+        if (self.head_dim.is_none() || hyperclovax) && !self.d_model.is_multiple_of(self.n_heads) {
+            let fix = match self.head_dim {
+                None => "set model.head_dim where heads are not d_model / n_heads wide",
+                Some(_) => "HyperCLOVA X, the model with norms on both sides, needs it",
+            };
             return Err(Error::config(
                 "model.n_heads",
-                format!(
-                    "{} does not divide d_model = {}: set model.head_dim where heads are not d_model / n_heads wide",
-                    self.n_heads, self.d_model
-                ),
+                format!("{} does not divide d_model = {}: {fix}", self.n_heads, self.d_model),
             ));
         }
         let kv = self.kv_heads();

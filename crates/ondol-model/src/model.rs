@@ -777,10 +777,11 @@ impl Model {
         out
     }
 
-    /// Block `i`: saves what backward needs in `a` and writes `x + mixer(norm(x))` to
-    /// `io.x_next`. Split across shards, each mixer's output is one shard's partial sum: summed
-    /// (all-reduce) before the residual add, or under sequence parallelism summed and scattered
-    /// by tokens (reduce-scatter), the mixer having run on the gathered tokens.
+    /// Block `i`: saves what backward needs in `a` and writes `x + mixer(norm(x))` (or with the
+    /// norm after the mixer, or on both sides) to `io.x_next`. Split across shards, each mixer's
+    /// output is one shard's partial sum: summed (all-reduce) before a post-norm and the residual
+    /// add, or under sequence parallelism summed and scattered by tokens (reduce-scatter), the
+    /// mixer having run on the gathered tokens.
     #[allow(clippy::too_many_arguments)]
     fn block_forward<B: Backend>(
         &self,

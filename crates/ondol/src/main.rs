@@ -1117,9 +1117,13 @@ fn eval_inputs(args: &EvalArgs) -> Result<(PathBuf, &[String])> {
     match (&args.dir, args.data.split_last()) {
         (Some(dir), _) => Ok((dir.clone(), &args.data)),
         (None, Some((last, data))) if !data.is_empty() && Path::new(last).is_dir() => Ok((last.into(), data)),
-        (None, _) => Err(Error::Input(
-            "eval needs a checkpoint, Hugging Face or run directory: `ondol eval DIR --data FILES...`".into(),
-        )),
+        (None, last) => {
+            let missing = last.map(|(last, _)| last).filter(|last| !Path::new(last).exists());
+            let why = missing.map_or(String::new(), |last| format!(" ({last}: no such file or directory)"));
+            Err(Error::Input(format!(
+                "eval needs a checkpoint, Hugging Face or run directory: `ondol eval DIR --data FILES...`{why}"
+            )))
+        }
     }
 }
 

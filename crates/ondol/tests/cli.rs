@@ -169,6 +169,11 @@ fn bad_values_are_refused_with_key_file_and_what_is_valid() {
         (&["model.arch=\"gpt2\"", "model.block_norms=\"both\""], &["model.block_norms", "only llama"]),
         (&["model.block_norms=\"post\""], &["model.block_norms", "model.qk_norm = true", "EXAONE 4"]),
         (&["model.block_norms=\"sandwich\""], &["model.block_norms", "pre", "post", "both"]),
+        (&["model.head_dim=4611686018427387904"], &["model.head_dim", "too large"]),
+        (
+            &["model.block_norms=\"both\"", "model.n_heads=3", "model.n_kv_heads=1", "model.head_dim=32"],
+            &["model.n_heads", "HyperCLOVA X"],
+        ),
         (
             &[
                 "model.rope_scaling={ type = \"llama3\", factor = 0.5, low_freq_factor = 1.0, high_freq_factor = 4.0, original_max_seq_len = 8 }",
@@ -284,6 +289,7 @@ fn bad_files_are_refused_with_their_path() {
         (&["train", "run.toml", "--set", "data.train=[\"texts\"]"], &["texts", "matches only directories"]),
         (&["eval", "run.toml", "--data", "corpus.txt"], &["run.toml: a file", "directory"]),
         (&["eval", "--data", "corpus.txt", "run.toml"], &["eval needs a checkpoint", "ondol eval DIR --data"]),
+        (&["eval", "--data", "corpus.txt", "runs/tpyo"], &["eval needs a checkpoint", "runs/tpyo: no such file"]),
         (&["train", "run.toml", "--run-dir", "corpus.txt"], &["corpus.txt: a file, not a directory"]),
         (
             &["data", "prepare", "--input", "texts", "--tokenizer", "t.json", "--out", "o"],
