@@ -132,10 +132,20 @@ def hyperclovax_config():
     kw = llama_config().to_dict()
     keep = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "hidden_act", "initializer_range")
-    # Peri-LN without muP: the multipliers at 1, the attention's the usual 1 / sqrt(head_dim)
-    # (given: eager attention takes no default).
-    head_dim = kw["hidden_size"] // kw["num_attention_heads"]
-    return HyperCLOVAXConfig(**{k: kw[k] for k in keep}, use_post_norm=True, attention_multiplier=head_dim ** -0.5)
+    # Peri-LN and muP: every multiplier away from 1, the attention's from 1 / sqrt(head_dim).
+    return HyperCLOVAXConfig(**{k: kw[k] for k in keep}, use_post_norm=True, embedding_multiplier=2.0,
+                             residual_multiplier=0.5, logits_scaling=0.5, attention_multiplier=0.2)
+
+
+def granite_config():
+    from transformers import GraniteConfig
+
+    kw = llama_config().to_dict()
+    keep = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "hidden_act", "initializer_range")
+    # muP as Granite 3 has it: logits divided by logits_scaling, a tied head.
+    return GraniteConfig(**{k: kw[k] for k in keep}, tie_word_embeddings=True, embedding_multiplier=4.0,
+                         residual_multiplier=0.3, logits_scaling=2.0, attention_multiplier=0.25)
 
 
 def llama_config(**overrides):
@@ -299,7 +309,7 @@ def build(name, config):
     config._attn_implementation = "eager"
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
     gen = torch.Generator().manual_seed(1)
-    if config.model_type in ("llama", "mistral", "qwen2", "qwen3", "exaone", "exaone4", "hyperclovax"):
+    if config.model_type in ("llama", "mistral", "qwen2", "qwen3", "exaone", "exaone4", "hyperclovax", "granite"):
         perturb_llama(model, gen)
     elif config.model_type == "gpt2":
         perturb_gpt2(model, gen)
@@ -365,8 +375,10 @@ def make(out_dir, only=None):
         ("tiny-exaone", exaone_config()),
         # EXAONE 4: Qwen3's attention and norms after the mixers alone.
         ("tiny-exaone4", exaone4_config()),
-        # HyperCLOVA X: norms before and after the mixers (Peri-LN).
+        # HyperCLOVA X: norms before and after the mixers (Peri-LN), muP's multipliers.
         ("tiny-hyperclovax", hyperclovax_config()),
+        # Granite: muP's multipliers, the logits divided.
+        ("tiny-granite", granite_config()),
         ("tiny-gpt2", gpt2_config()),
         ("tiny-mamba", mamba_config()),
         ("tiny-mamba2", mamba2_config()),

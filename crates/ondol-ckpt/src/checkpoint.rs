@@ -485,6 +485,17 @@ pub fn check_compatible(dir: &Path, theirs: &ModelConfig, ours: &ModelConfig) ->
             v.push(("qkv_bias", c.qkv_bias.to_string()));
             v.push(("qk_norm", c.qk_norm.to_string()));
             v.push(("block_norms", format!("{:?}", c.block_norms).to_lowercase()));
+            let m = &c.mup;
+            v.push((
+                "mup",
+                format!(
+                    "embedding {}, residual {}, logits {}, attention {}",
+                    m.embedding_multiplier,
+                    m.residual_multiplier,
+                    m.logits_multiplier,
+                    m.attention_multiplier.map_or("1/sqrt(head_dim)".to_string(), |a| a.to_string())
+                ),
+            ));
         }
         if c.layer_kinds().contains(&ondol_model::LayerKind::Mamba) {
             let s = &c.ssm;

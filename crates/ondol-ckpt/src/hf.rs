@@ -11,7 +11,7 @@
 //! trains without dropout.
 
 use ondol_core::{Error, Result};
-use ondol_model::{Arch, BlockNorms, LayerKind, ModelConfig, RopeScaling, RopeScalingKind, SsmConfig};
+use ondol_model::{Arch, BlockNorms, LayerKind, ModelConfig, MupConfig, RopeScaling, RopeScalingKind, SsmConfig};
 use serde_json::{Map, Value, json};
 
 /// The `config.json` of `cfg` in the Hugging Face schema of its architecture.
@@ -135,11 +135,12 @@ pub fn to_hf_config(cfg: &ModelConfig, eos_token_id: Option<u32>) -> Value {
 
 /// Rewrites Llama's config `v` as the transformers model that has what `cfg` adds to Llama
 /// (the model's validation admits only these combinations): q, k and v biases, Qwen2; q and k
-/// norms, Qwen3; those and norms after the mixers alone, EXAONE 4; norms before and after,
-/// HyperCLOVA X (its muP multipliers at 1).
+/// norms, Qwen3; those and norms after the mixers alone, EXAONE 4; norms before and after, or
+/// muP's multipliers, HyperCLOVA X.
 fn as_llama_relative(cfg: &ModelConfig, v: &mut Value) {
     let (model_type, class) = match (cfg.block_norms, cfg.qk_norm, cfg.qkv_bias) {
-        (BlockNorms::Pre, false, false) => return,
+        (BlockNorms::Pre, false, false) if cfg.mup.is_default() => return,
+        (BlockNorms::Pre, false, false) => ("hyperclovax", "HyperCLOVAXForCausalLM"),
         (BlockNorms::Pre, false, true) => ("qwen2", "Qwen2ForCausalLM"),
         (BlockNorms::Pre, true, _) => ("qwen3", "Qwen3ForCausalLM"),
         (BlockNorms::Post, ..) => ("exaone4", "Exaone4ForCausalLM"),
@@ -170,11 +171,13 @@ fn as_llama_relative(cfg: &ModelConfig, v: &mut Value) {
             v["layer_types"] = full;
         }
         _ => {
-            v["use_post_norm"] = json!(true);
-            for key in ["embedding_multiplier", "residual_multiplier", "logits_scaling"] {
-                v[key] = json!(1.0);
-            }
-            v["attention_multiplier"] = json!(1.0 / (cfg.head_dim() as f64).sqrt());
+            let m = &cfg.mup;
+            v["use_post_norm"] = json!(cfg.block_norms == BlockNorms::Both);
+            v["embedding_multiplier"] = json!(m.embedding_multiplier);
+            v["residual_multiplier"] = json!(m.residual_multiplier);
+            v["logits_scaling"] = json!(m.logits_multiplier);
+            // (Its eager attention takes no default.)
+            v["attention_multiplier"] = json!(m.attention_multiplier.unwrap_or(1.0 / (cfg.head_dim() as f64).sqrt()));
         }
     }
 }
@@ -550,6 +553,7 @@ fn ssm_model(f: &Fields, arch: Arch, d_model: usize, ssm: SsmConfig, tied_defaul
         init_residual_scaling: true,
         pattern: None,
         ssm,
+        mup: Default::default(),
         init_from: None,
     })
 }
@@ -658,6 +662,7 @@ fn nemotron_h_from(f: &Fields) -> Result<ModelConfig> {
         init_residual_scaling: true,
         pattern: Some(pattern),
         ssm,
+        mup: Default::default(),
         init_from: None,
     })
 }
@@ -746,31 +751,31 @@ fn exaone4_without_windows(f: &Fields) -> Result<()> {
     Ok(())
 }
 
-/// HyperCLOVA X's fields beyond Llama's.
-const HYPERCLOVAX_FIELDS: &[&str] =
-    &["use_post_norm", "embedding_multiplier", "residual_multiplier", "logits_scaling", "attention_multiplier"];
+/// muP's multipliers, HyperCLOVA X's and Granite's fields beyond Llama's (and HyperCLOVA X's
+/// use_post_norm).
+const MUP_FIELDS: &[&str] = &["embedding_multiplier", "residual_multiplier", "logits_scaling", "attention_multiplier"];
 
-/// Whether a HyperCLOVA X config has norms after the mixers (`use_post_norm`, its default); its
-/// muP multipliers must be 1 (and the attention's, the default 1 / sqrt(head_dim)), as ondol
-/// has none.
-fn hyperclovax_peri_ln(f: &Fields) -> Result<bool> {
-    for key in ["embedding_multiplier", "residual_multiplier", "logits_scaling"] {
-        if f.f64(key, 1.0)? != 1.0 {
-            return Err(f.err(key, format!("{} is not supported: ondol implements muP multipliers of 1", f.map[key])));
-        }
-    }
-    if let Some(m) = f.map.get("attention_multiplier").filter(|m| !m.is_null()) {
-        let heads = f.usize("num_attention_heads")?;
-        let head_dim = f.opt_usize("head_dim")?.unwrap_or(f.usize("hidden_size")? / heads.max(1));
-        let default = 1.0 / (head_dim as f64).sqrt();
-        if (f.f64("attention_multiplier", default)? - default).abs() > 1e-6 * default {
-            return Err(f.err(
-                "attention_multiplier",
-                format!("{m} is not supported: ondol scales attention by 1 / sqrt(head_dim) = {default}"),
-            ));
-        }
-    }
-    // (Its default has changed between transformers versions: the file must say.)
+/// The muP multipliers of a HyperCLOVA X or Granite config: Granite divides the logits by its
+/// logits_scaling where HyperCLOVA X multiplies, and takes an absent attention multiplier as
+/// 1 where HyperCLOVA X takes the usual 1 / sqrt(head_dim) (which ondol writes as none).
+fn mup(f: &Fields, granite: bool, head_dim: usize) -> Result<MupConfig> {
+    let logits = f.f64("logits_scaling", 1.0)?;
+    let attention = match f.map.get("attention_multiplier") {
+        None | Some(Value::Null) if !granite => None,
+        _ => Some(f.f64("attention_multiplier", 1.0)?),
+    };
+    let usual = 1.0 / (head_dim as f64).sqrt();
+    Ok(MupConfig {
+        embedding_multiplier: f.f64("embedding_multiplier", 1.0)?,
+        residual_multiplier: f.f64("residual_multiplier", 1.0)?,
+        logits_multiplier: if granite { 1.0 / logits } else { logits },
+        attention_multiplier: attention.filter(|m| (m - usual).abs() > 1e-12 * usual),
+    })
+}
+
+/// Whether a HyperCLOVA X config has norms after the mixers (`use_post_norm`), which it must
+/// say: its default has changed between transformers versions.
+fn hyperclovax_post_norm(f: &Fields) -> Result<bool> {
     match f.map.get("use_post_norm") {
         None | Some(Value::Null) => Err(f.err("use_post_norm", "is missing: give true or false")),
         Some(_) => f.bool("use_post_norm", true),
@@ -794,7 +799,7 @@ pub fn from_hf_config(json: &Value, file: &str) -> Result<(ModelConfig, Vec<Stri
         // RMSNorm on each q and k head instead of the biases. A window shorter than the context
         // is kept exactly by cutting the context to it: every token then attends to the whole
         // window, as the window has it.
-        "llama" | "mistral" | "qwen2" | "qwen3" | "exaone" | "exaone4" | "hyperclovax" => {
+        "llama" | "mistral" | "qwen2" | "qwen3" | "exaone" | "exaone4" | "hyperclovax" | "granite" => {
             let mut window = map.get("sliding_window").filter(|w| !w.is_null() && model_type == "mistral");
             if model_type == "qwen2" {
                 f.must_be("use_mrope", &json!(false), "rotary positions along one axis")?;
@@ -802,7 +807,7 @@ pub fn from_hf_config(json: &Value, file: &str) -> Result<(ModelConfig, Vec<Stri
             if model_type == "exaone4" {
                 exaone4_without_windows(&f)?;
             }
-            let post_norm = model_type == "hyperclovax" && hyperclovax_peri_ln(&f)?;
+            let post_norm = model_type == "hyperclovax" && hyperclovax_post_norm(&f)?;
             if model_type.starts_with("qwen") {
                 let layer_types = map.get("layer_types").and_then(Value::as_array);
                 let kinds = layer_types.into_iter().flatten();
@@ -877,6 +882,12 @@ pub fn from_hf_config(json: &Value, file: &str) -> Result<(ModelConfig, Vec<Stri
             let n_heads = f.usize("num_attention_heads")?;
             // (transformers' Qwen3 takes head_dim = 128 when the field is absent.)
             let head_dim = head_dim(&f, d_model, n_heads, (model_type == "qwen3").then_some(128))?;
+            let mup = match model_type {
+                "hyperclovax" | "granite" => {
+                    mup(&f, model_type == "granite", head_dim.unwrap_or(d_model / n_heads.max(1)))?
+                }
+                _ => MupConfig::default(),
+            };
             let cfg = ModelConfig {
                 arch: Arch::Llama,
                 vocab_size: f.usize("vocab_size")?,
@@ -903,6 +914,7 @@ pub fn from_hf_config(json: &Value, file: &str) -> Result<(ModelConfig, Vec<Stri
                 init_residual_scaling: true,
                 pattern: None,
                 ssm: Default::default(),
+                mup,
                 init_from: None,
             };
             (
@@ -961,6 +973,7 @@ pub fn from_hf_config(json: &Value, file: &str) -> Result<(ModelConfig, Vec<Stri
                 init_residual_scaling: true,
                 pattern: None,
                 ssm: Default::default(),
+                mup: Default::default(),
                 init_from: None,
             };
             (
@@ -1035,7 +1048,7 @@ pub fn from_hf_config(json: &Value, file: &str) -> Result<(ModelConfig, Vec<Stri
                 "model_type",
                 format!(
                     "\"{other}\" is not supported: ondol imports \"llama\", \"mistral\", \"qwen2\", \"qwen3\", \
-                     \"exaone\", \"exaone4\", \"hyperclovax\", \"gpt2\", \"mamba\", \"mamba2\" and \"nemotron_h\""
+                     \"exaone\", \"exaone4\", \"hyperclovax\", \"granite\", \"gpt2\", \"mamba\", \"mamba2\" and \"nemotron_h\""
                 ),
             ));
         }
@@ -1050,7 +1063,8 @@ pub fn from_hf_config(json: &Value, file: &str) -> Result<(ModelConfig, Vec<Stri
                     || (model_type == "qwen2" && key == "use_mrope")
             }
             "exaone4" => ["sliding_window", "sliding_window_pattern", "layer_types"].contains(&key),
-            "hyperclovax" => HYPERCLOVAX_FIELDS.contains(&key),
+            "hyperclovax" => MUP_FIELDS.contains(&key) || key == "use_post_norm",
+            "granite" => MUP_FIELDS.contains(&key),
             _ => false,
         };
         if known.contains(&key) || HARMLESS.contains(&key) || windowless {
@@ -1069,7 +1083,8 @@ pub fn from_hf_config(json: &Value, file: &str) -> Result<(ModelConfig, Vec<Stri
     cfg.validate().map_err(|e| match e {
         Error::Config { key, message } => {
             // (Mistral, Qwen, EXAONE and HyperCLOVA X, as read, name their fields as Llama does.)
-            let llama = matches!(model_type, "mistral" | "qwen2" | "qwen3" | "exaone" | "exaone4" | "hyperclovax");
+            let llama =
+                matches!(model_type, "mistral" | "qwen2" | "qwen3" | "exaone" | "exaone4" | "hyperclovax" | "granite");
             match hf_field(if llama { "llama" } else { model_type }, &key) {
                 Some(field) => {
                     Error::config(format!("{}` in `{file}", f.in_file(field)), format!("(ondol's {key}) {message}"))
@@ -1104,6 +1119,10 @@ fn hf_field(model_type: &str, key: &str) -> Option<&'static str> {
         ("llama" | "nemotron_h", "n_heads") => "num_attention_heads",
         ("llama" | "nemotron_h", "n_kv_heads") => "num_key_value_heads",
         ("llama" | "nemotron_h", "head_dim") => "head_dim",
+        ("llama", "mup.embedding_multiplier") => "embedding_multiplier",
+        ("llama", "mup.residual_multiplier") => "residual_multiplier",
+        ("llama", "mup.logits_multiplier") => "logits_scaling",
+        ("llama", "mup.attention_multiplier") => "attention_multiplier",
         ("llama" | "nemotron_h", "ffn_hidden") => "intermediate_size",
         ("llama" | "nemotron_h", "max_seq_len") => "max_position_embeddings",
         ("nemotron_h", "pattern") => "layers_block_type",
@@ -1151,6 +1170,7 @@ mod tests {
             init_residual_scaling: true,
             pattern: None,
             ssm: Default::default(),
+            mup: Default::default(),
             init_from: None,
         }
     }
@@ -1263,19 +1283,46 @@ mod tests {
         assert!(from_hf_config(&windowed, "c").unwrap_err().to_string().contains("sliding_window"));
         windowed.as_object_mut().unwrap().remove("sliding_window");
         assert!(from_hf_config(&windowed, "c").unwrap_err().to_string().contains("4096"));
-        // muP multipliers other than 1; HyperCLOVA X without post-norms is a Llama.
-        let mut mup = to_hf_config(&peri_ln, None);
-        mup["residual_multiplier"] = json!(0.5);
-        assert!(from_hf_config(&mup, "c").unwrap_err().to_string().contains("residual_multiplier"));
-        mup["residual_multiplier"] = json!(1.0);
-        mup["attention_multiplier"] = json!(0.1);
-        assert!(from_hf_config(&mup, "c").unwrap_err().to_string().contains("attention_multiplier"));
-        mup["attention_multiplier"] = Value::Null;
-        mup["use_post_norm"] = json!(false);
-        assert_eq!(from_hf_config(&mup, "c").unwrap().0, llama());
-        // Its default has changed between transformers versions: the file must give it.
-        mup.as_object_mut().unwrap().remove("use_post_norm");
-        assert!(from_hf_config(&mup, "c").unwrap_err().to_string().contains("use_post_norm"));
+        // HyperCLOVA X without post-norms or multipliers is a Llama; its use_post_norm default
+        // has changed between transformers versions, so the file must give it.
+        let mut plain = to_hf_config(&peri_ln, None);
+        plain["use_post_norm"] = json!(false);
+        assert_eq!(from_hf_config(&plain, "c").unwrap().0, llama());
+        plain.as_object_mut().unwrap().remove("use_post_norm");
+        assert!(from_hf_config(&plain, "c").unwrap_err().to_string().contains("use_post_norm"));
+    }
+
+    /// muP's multipliers go out as HyperCLOVA X's (with or without its post-norms) and come
+    /// back; Granite's, whose logits_scaling divides, import as the same model.
+    #[test]
+    fn mup_multipliers_export_as_hyperclovax_and_import_from_granite() {
+        let mup = MupConfig {
+            embedding_multiplier: 12.0,
+            residual_multiplier: 0.22,
+            logits_multiplier: 0.125,
+            attention_multiplier: Some(0.0078125),
+        };
+        for norms in [BlockNorms::Pre, BlockNorms::Both] {
+            let cfg = ModelConfig { mup: mup.clone(), block_norms: norms, ..llama() };
+            let json = to_hf_config(&cfg, None);
+            assert_eq!(
+                (json["model_type"].as_str(), json["logits_scaling"].as_f64()),
+                (Some("hyperclovax"), Some(0.125))
+            );
+            assert_eq!(from_hf_config(&json, "c").unwrap().0, cfg, "{norms:?}");
+        }
+        let mut granite = to_hf_config(&ModelConfig { mup: mup.clone(), ..llama() }, None);
+        let o = granite.as_object_mut().unwrap();
+        o.remove("use_post_norm");
+        o.insert("model_type".into(), json!("granite"));
+        o.insert("logits_scaling".into(), json!(8.0));
+        assert_eq!(from_hf_config(&granite, "c").unwrap().0.mup, mup);
+        // Granite's absent attention multiplier is 1, not 1 / sqrt(head_dim).
+        granite.as_object_mut().unwrap().remove("attention_multiplier");
+        assert_eq!(from_hf_config(&granite, "c").unwrap().0.mup.attention_multiplier, Some(1.0));
+        granite["logits_scaling"] = json!(0.0);
+        let e = from_hf_config(&granite, "c").unwrap_err().to_string();
+        assert!(e.contains("logits_scaling") && e.contains("positive"), "{e}");
     }
 
     /// config.json of checkpoints people fine-tune, as their repositories hold them.

@@ -1,6 +1,6 @@
 //! Golden parity with Hugging Face transformers: tiny random Llama (GQA; tied with a large
 //! rope theta; Llama 3.1's rope scaling), Mistral, Qwen2, Qwen3, EXAONE 3.5 and 4, HyperCLOVA X
-//! (Peri-LN), GPT-2, Mamba, Mamba-2 and Nemotron-H (hybrid) models made by
+//! (Peri-LN, muP), Granite (muP), GPT-2, Mamba, Mamba-2 and Nemotron-H (hybrid) models made by
 //! scripts/make-hf-fixtures.py, with transformers'
 //! logits and loss on fixed tokens. ondol imports each directory as transformers wrote it
 //! and must reproduce the logits within 1e-4 (relative to the logits' scale) in f32.
@@ -136,11 +136,18 @@ fn exaone4_matches_transformers() {
     check("tiny-exaone4");
 }
 
-/// HyperCLOVA X with its muP multipliers at 1: Llama with RMSNorms after the attention and
-/// the MLP as well as before (Peri-LN).
+/// HyperCLOVA X: Llama with RMSNorms after the attention and the MLP as well as before
+/// (Peri-LN), and muP's multipliers on the embedding, the blocks' outputs, the attention
+/// scores and the logits.
 #[test]
 fn hyperclovax_matches_transformers() {
     check("tiny-hyperclovax");
+}
+
+/// Granite: muP's multipliers, its logits divided by logits_scaling; a tied head.
+#[test]
+fn granite_matches_transformers() {
+    check("tiny-granite");
 }
 
 /// A run's `[model]` that leaves out the rotary scaling, the q, k, v biases, the q and k norms
@@ -157,6 +164,7 @@ fn rotary_scaling_biases_norms_and_head_width_are_part_of_the_model() {
         ("tiny-qwen3", |c: &mut ModelConfig| c.qk_norm = false, "model.qk_norm"),
         ("tiny-qwen3", |c: &mut ModelConfig| c.head_dim = None, "model.head_dim"),
         ("tiny-hyperclovax", |c: &mut ModelConfig| c.block_norms = Default::default(), "model.block_norms"),
+        ("tiny-granite", |c: &mut ModelConfig| c.mup = Default::default(), "model.mup"),
     ] {
         let dir = fixture(name);
         let json = hf::parse_config(&std::fs::read_to_string(dir.join("config.json")).unwrap(), "config.json").unwrap();

@@ -27,6 +27,7 @@ fn sharded_files_round_trip_through_their_index() {
         init_residual_scaling: true,
         pattern: None,
         ssm: Default::default(),
+        mup: Default::default(),
         init_from: None,
     };
     let model = Model::new(cfg).unwrap();

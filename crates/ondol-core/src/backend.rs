@@ -448,9 +448,11 @@ pub trait Backend: Send + Sync {
 
     // ---- attention ---------------------------------------------------------------------------
     /// Rotary embedding in place on the q and k heads of a fused qkv buffer, Hugging Face's
-    /// "rotate half" pairing (element i with i + D/2). `inverse` applies the transpose rotation,
-    /// which is the backward. `cos_sin` is `[seq, D/2, 2]` from [`rope_table`].
-    fn rope(&self, qkv: Self::Mut<'_>, cos_sin: Self::Ref<'_>, shape: AttnShape, inverse: bool);
+    /// "rotate half" pairing (element i with i + D/2), q's heads also multiplied by `q_scale`
+    /// (muP's attention multiplier, see `ModelConfig::q_scale`; 1 without). `inverse` applies
+    /// the transpose rotation (and the same scale), which is the backward. `cos_sin` is
+    /// `[seq, D/2, 2]` from [`rope_table`].
+    fn rope(&self, qkv: Self::Mut<'_>, cos_sin: Self::Ref<'_>, shape: AttnShape, inverse: bool, q_scale: f32);
     /// RMSNorm of every q and k head of a fused qkv buffer over its `head_dim` values (Qwen3's
     /// q_norm and k_norm): a head x becomes `x / rms(x) * w`, with w `weight[..D]` for q's heads
     /// and `weight[D..]` for k's; v's heads are copied. Saves `rstd` (fp32, `[rows, H + Hkv]`).

@@ -26,7 +26,7 @@ use rayon::prelude::*;
 /// Queries per block: the unit of causal skipping and of scratch memory (BLOCK x T floats).
 const BLOCK: usize = 64;
 
-pub fn rope(qkv: &mut [f32], cos_sin: &[f32], s: AttnShape, inverse: bool) {
+pub fn rope(qkv: &mut [f32], cos_sin: &[f32], s: AttnShape, inverse: bool, q_scale: f32) {
     let (d, half) = (s.head_dim, s.head_dim / 2);
     let width = s.qkv_width();
     assert_eq!(qkv.len(), s.rows() * width);
@@ -35,10 +35,11 @@ pub fn rope(qkv: &mut [f32], cos_sin: &[f32], s: AttnShape, inverse: bool) {
     qkv.par_chunks_mut(width).enumerate().for_each(|(row, x)| {
         let table = &cos_sin[(row % s.seq) * half * 2..][..half * 2];
         // q heads and k heads are contiguous: rotate the first (H + Hkv) heads, not v.
-        for head in x[..(s.n_heads + s.n_kv_heads) * d].chunks_exact_mut(d) {
+        for (h, head) in x[..(s.n_heads + s.n_kv_heads) * d].chunks_exact_mut(d).enumerate() {
+            let scale = if h < s.n_heads { q_scale } else { 1.0 };
             let (x1, x2) = head.split_at_mut(half);
             for ((a, b), cs) in x1.iter_mut().zip(x2.iter_mut()).zip(table.chunks_exact(2)) {
-                let (c, sn) = (cs[0], sign * cs[1]);
+                let (c, sn) = (scale * cs[0], scale * sign * cs[1]);
                 let (u, v) = (*a, *b);
                 *a = u * c - v * sn;
                 *b = v * c + u * sn;

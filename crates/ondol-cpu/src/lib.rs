@@ -238,8 +238,8 @@ impl Backend for CpuBackend {
         norm::layernorm_backward(dout, x, w, mean, rstd, dx, dw, db, dim);
     }
 
-    fn rope(&self, qkv: &mut [f32], cos_sin: &[f32], shape: AttnShape, inverse: bool) {
-        attention::rope(qkv, cos_sin, shape, inverse);
+    fn rope(&self, qkv: &mut [f32], cos_sin: &[f32], shape: AttnShape, inverse: bool, q_scale: f32) {
+        attention::rope(qkv, cos_sin, shape, inverse, q_scale);
     }
     fn qk_norm_forward(&self, qkv: &[f32], w: &[f32], out: &mut [f32], rstd: &mut [f32], shape: AttnShape, eps: f32) {
         norm::qk_norm_forward(qkv, w, out, rstd, shape, eps);

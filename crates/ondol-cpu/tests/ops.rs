@@ -217,6 +217,7 @@ fn shape(batch: usize, seq: usize, n_heads: usize, n_kv_heads: usize, head_dim: 
     AttnShape { batch, seq, n_heads, n_kv_heads, head_dim }
 }
 
+/// With q scaled too (muP's attention multiplier): the backward scales the same.
 #[test]
 fn rope_backward_is_the_inverse_rotation() {
     let s = shape(2, 7, 4, 2, 6);
@@ -224,13 +225,13 @@ fn rope_backward_is_the_inverse_rotation() {
     let mut x = randn(s.rows() * s.qkv_width(), 1.0, 17);
     let w = randn(x.len(), 1.0, 18);
     let mut grad = w.clone();
-    BE.rope(&mut grad, &table, s, true);
+    BE.rope(&mut grad, &table, s, true, 0.75);
     check(
         &mut x,
         &grad,
         |x| {
             let mut y = x.to_vec();
-            BE.rope(&mut y, &table, s, false);
+            BE.rope(&mut y, &table, s, false, 0.75);
             dot(&w, &y)
         },
         H,
@@ -240,9 +241,12 @@ fn rope_backward_is_the_inverse_rotation() {
         0,
     )
     .assert_ok("rope");
-    // v heads pass through untouched.
+    // v heads pass through untouched; k heads are not scaled (at position 0, not rotated either).
     let mut y = x.clone();
-    BE.rope(&mut y, &table, s, false);
+    BE.rope(&mut y, &table, s, false, 0.75);
+    let (k0, q) = (s.n_heads * s.head_dim, &x[..s.n_heads * s.head_dim]);
+    assert_eq!(&y[k0..k0 + s.n_kv_heads * s.head_dim], &x[k0..k0 + s.n_kv_heads * s.head_dim]);
+    assert!(y[..k0].iter().zip(q).all(|(a, b)| *a == 0.75 * b));
     let v0 = (s.n_heads + s.n_kv_heads) * s.head_dim;
     for r in 0..s.rows() {
         let row = r * s.qkv_width();

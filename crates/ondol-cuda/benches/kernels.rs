@@ -160,7 +160,7 @@ fn head_norms_and_rope(be: &CudaBackend, copy: f64) {
     let bwd = time(be, 5, || {
         be.qk_norm_backward(be.all_mut(&mut out), be.all(&x), be.all(&w), be.all(&rstd), be.all_mut(&mut dw), shape)
     });
-    let rope = time(be, 5, || be.rope(be.all_mut(&mut out), be.all(&table), shape, false));
+    let rope = time(be, 5, || be.rope(be.all_mut(&mut out), be.all(&table), shape, false, 1.0));
     let qk = normed * shape.head_dim;
     let rates = [(fwd, 2 * n), (bwd, 3 * qk), (rope, 2 * qk)].map(|(secs, values)| 2.0 * values as f64 / secs / 1e9);
     println!(

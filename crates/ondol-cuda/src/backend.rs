@@ -744,7 +744,7 @@ impl Backend for CudaBackend {
     }
 
     // ---- attention ----------------------------------------------------------------------------
-    fn rope(&self, qkv: DevMut<'_>, cos_sin: DevRef<'_>, shape: AttnShape, inverse: bool) {
+    fn rope(&self, qkv: DevMut<'_>, cos_sin: DevRef<'_>, shape: AttnShape, inverse: bool, q_scale: f32) {
         is_f32("rope cos_sin", cos_sin.dtype);
         assert_eq!(qkv.len, shape.rows() * shape.qkv_width(), "rope: qkv length");
         assert!(
@@ -762,6 +762,7 @@ impl Backend for CudaBackend {
             Arg::I32(shape.n_kv_heads as i32),
             Arg::I32(shape.head_dim as i32),
             Arg::I32(inverse as i32),
+            Arg::F32(q_scale),
         ];
         self.run("rope", "rope", qkv.dtype, self.dev.flat(pairs), &args);
     }

@@ -524,12 +524,13 @@ fn rope_and_attention_match_the_cpu() {
         let qkv = round(&be, &random(shape.rows() * shape.qkv_width(), 1, 1.0));
         let table = rope_table(shape.seq, shape.head_dim, 10000.0);
         let gpu_table = be.upload_f32(&table);
-        for inverse in [false, true] {
+        for (inverse, q_scale) in [(false, 1.0), (true, 1.0), (false, 0.75), (true, 0.75)] {
             let mut got = be.upload(&qkv);
-            be.rope(be.all_mut(&mut got), be.all(&gpu_table), shape, inverse);
+            be.rope(be.all_mut(&mut got), be.all(&gpu_table), shape, inverse, q_scale);
             let mut want = qkv.clone();
-            CPU.rope(&mut want, &table, shape, inverse);
-            assert_close(&format!("rope inverse={inverse}"), &be, &be.download(&got), &want, tol);
+            CPU.rope(&mut want, &table, shape, inverse, q_scale);
+            let what = format!("rope inverse={inverse} q_scale={q_scale}");
+            assert_close(&what, &be, &be.download(&got), &want, tol);
         }
         // Inference over a cache: a prefill of 5 tokens, then one token at a time.
         check_attention(&be, shape, 12, &[5, 1, 1, 1]);

@@ -41,6 +41,7 @@ fn llama() -> ModelConfig {
         init_residual_scaling: true,
         pattern: None,
         ssm: Default::default(),
+        mup: Default::default(),
         init_from: None,
     }
 }

@@ -11,8 +11,8 @@ use ondol_core::{Backend, Rng};
 use ondol_cpu::CpuBackend;
 use ondol_cuda::{CudaBackend, Dtype};
 use ondol_model::{
-    Arch, BlockNorms, InferenceCache, MicroBatch, Model, ModelConfig, Part, RopeScaling, RopeScalingKind, Scratch,
-    SsmConfig, Workspace, scratch_elems,
+    Arch, BlockNorms, InferenceCache, MicroBatch, Model, ModelConfig, MupConfig, Part, RopeScaling, RopeScalingKind,
+    Scratch, SsmConfig, Workspace, scratch_elems,
 };
 use ondol_optim::{AdamW, OptimizerConfig};
 
@@ -63,6 +63,7 @@ fn config(arch: Arch) -> ModelConfig {
             // Heads and groups are Mamba-2's (the hybrid's too).
             if arch == Arch::Mamba { ssm } else { SsmConfig { head_dim, n_groups: 2, ..ssm } }
         },
+        mup: Default::default(),
         init_from: None,
     }
 }
@@ -70,11 +71,17 @@ fn config(arch: Arch) -> ModelConfig {
 /// Every architecture, and beside the Llama with Qwen2's attention: one with Qwen3's (heads of
 /// 12 where d_model / n_heads is 8, each q and k head RMS-normed), one with EXAONE 4's blocks
 /// (Qwen3's attention, norms after the mixers alone) and one with Peri-LN's (norms before and
-/// after).
+/// after) and muP's multipliers (HyperCLOVA X's).
 fn models() -> Vec<(&'static str, ModelConfig)> {
     let qwen3 = ModelConfig { qkv_bias: false, qk_norm: true, head_dim: Some(12), ..config(Arch::Llama) };
     let exaone4 = ModelConfig { block_norms: BlockNorms::Post, ..qwen3.clone() };
-    let peri_ln = ModelConfig { qkv_bias: false, block_norms: BlockNorms::Both, ..config(Arch::Llama) };
+    let mup = MupConfig {
+        embedding_multiplier: 2.0,
+        residual_multiplier: 0.5,
+        logits_multiplier: 0.5,
+        attention_multiplier: Some(0.2),
+    };
+    let peri_ln = ModelConfig { qkv_bias: false, block_norms: BlockNorms::Both, mup, ..config(Arch::Llama) };
     let archs = [("gpt2", Arch::Gpt2), ("mamba", Arch::Mamba), ("mamba2", Arch::Mamba2), ("hybrid", Arch::Hybrid)];
     let mut out = vec![("llama", config(Arch::Llama)), ("qwen3", qwen3), ("exaone4", exaone4), ("peri-ln", peri_ln)];
     out.extend(archs.map(|(name, arch)| (name, config(arch))));

@@ -18,6 +18,9 @@ pub(crate) struct Attention {
     pub rope: bool,
     /// Qwen3's q_norm and k_norm weights back to back (`[2 D]`), with their epsilon.
     pub qk_norm: Option<(Range<usize>, f32)>,
+    /// What q is multiplied by with its rotation (muP's attention multiplier; see
+    /// `ModelConfig::q_scale`).
+    pub q_scale: f32,
 }
 
 /// What attention saves for backward: qkv after rotation, the output and its log-sum-exp;
@@ -108,7 +111,7 @@ impl Attention {
             (Some(_), None) => unreachable!("Attention::acts holds the pre-norm buffers under qk_norm"),
         }
         if self.rope {
-            be.rope(be.all_mut(&mut a.qkv), rope, shape, false);
+            be.rope(be.all_mut(&mut a.qkv), rope, shape, false, self.q_scale);
         }
         match cache {
             None => be.attention_forward(be.all(&a.qkv), be.all_mut(&mut a.attn), be.all_mut(&mut a.lse), shape),
@@ -140,7 +143,7 @@ impl Attention {
         let (qkv, attn, lse) = (be.all(&a.qkv), be.all(&a.attn), be.all(&a.lse));
         be.attention_backward(be.all(&g.dattn), qkv, attn, lse, be.all_mut(&mut g.dqkv), shape);
         if self.rope {
-            be.rope(be.all_mut(&mut g.dqkv), rope, shape, true);
+            be.rope(be.all_mut(&mut g.dqkv), rope, shape, true, self.q_scale);
         }
         if let Some((w, _)) = &self.qk_norm {
             let (raw, rstd) = a.pre_norm.as_ref().expect("Attention::acts holds the pre-norm buffers under qk_norm");

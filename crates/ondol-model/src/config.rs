@@ -29,6 +29,49 @@ pub enum LayerKind {
     Mlp,
 }
 
+/// `[model.mup]`: the scalar multipliers of a muP-parametrised Llama (HyperCLOVA X, Granite),
+/// all 1 by default (plain Llama).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MupConfig {
+    /// The token embedding's output is multiplied by it.
+    pub embedding_multiplier: f64,
+    /// Each block's output is multiplied by it before the residual add.
+    pub residual_multiplier: f64,
+    /// The logits are multiplied by it (HyperCLOVA X's logits_scaling; Granite's divides).
+    pub logits_multiplier: f64,
+    /// The attention scores' scale; unset: 1 / sqrt(head_dim).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attention_multiplier: Option<f64>,
+}
+
+impl Default for MupConfig {
+    fn default() -> Self {
+        Self { embedding_multiplier: 1.0, residual_multiplier: 1.0, logits_multiplier: 1.0, attention_multiplier: None }
+    }
+}
+
+impl MupConfig {
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+
+    fn validate(&self) -> Result<()> {
+        let attention = self.attention_multiplier.unwrap_or(1.0);
+        for (key, value) in [
+            ("embedding_multiplier", self.embedding_multiplier),
+            ("residual_multiplier", self.residual_multiplier),
+            ("logits_multiplier", self.logits_multiplier),
+            ("attention_multiplier", attention),
+        ] {
+            if !(value > 0.0 && value.is_finite()) {
+                return Err(Error::config(format!("model.mup.{key}"), "must be a positive number"));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// `[model.ssm]`: the state-space mixers' sizes; defaults are Hugging Face's.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -223,6 +266,8 @@ pub struct ModelConfig {
     pub pattern: Option<String>,
     #[serde(default, skip_serializing_if = "SsmConfig::is_default")]
     pub ssm: SsmConfig,
+    #[serde(default, skip_serializing_if = "MupConfig::is_default")]
+    pub mup: MupConfig,
     /// Start from the weights of this checkpoint or Hugging Face directory (fine-tuning);
     /// its config.json must describe the same model.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -254,6 +299,11 @@ impl ModelConfig {
     }
     pub fn head_dim(&self) -> usize {
         self.head_dim.unwrap_or(self.d_model / self.n_heads.max(1))
+    }
+    /// What q is multiplied by (with the rotation) so that attention's 1 / sqrt(head_dim)
+    /// scales the scores by muP's attention multiplier; 1 without one.
+    pub fn q_scale(&self) -> f32 {
+        self.mup.attention_multiplier.map_or(1.0, |m| (m * (self.head_dim() as f64).sqrt()) as f32)
     }
     /// The rotary inverse frequencies of a head, `head_dim / 2` of them, scaled if asked.
     pub fn rope_inv_freq(&self) -> Vec<f32> {
@@ -344,6 +394,20 @@ impl ModelConfig {
         }
         if self.arch != Arch::Llama && self.qk_norm {
             return Err(Error::config("model.qk_norm", "only llama takes it (Qwen3's attention): leave it unset"));
+        }
+        if self.arch != Arch::Llama && !self.mup.is_default() {
+            return Err(Error::config("model.mup", "only llama takes muP multipliers: leave it unset"));
+        }
+        self.mup.validate()?;
+        // (Every checkpoint must load in transformers: HyperCLOVA X is the model with muP's
+        // multipliers, and it has neither biases on q, k and v alone, nor q and k norms, nor
+        // norms after the mixers alone.)
+        if !self.mup.is_default() && (self.qkv_bias || self.qk_norm || self.block_norms == BlockNorms::Post) {
+            return Err(Error::config(
+                "model.mup",
+                "takes neither qkv_bias, qk_norm nor block_norms = \"post\": HyperCLOVA X, the Hugging Face model \
+                 with muP's multipliers, has none of them",
+            ));
         }
         if self.arch != Arch::Llama && self.block_norms != BlockNorms::Pre {
             return Err(Error::config("model.block_norms", "only llama takes another than \"pre\": leave it unset"));

@@ -16,7 +16,7 @@ pub mod model;
 pub mod params;
 pub mod part;
 
-pub use config::{Arch, BlockNorms, LayerKind, ModelConfig, RopeScaling, RopeScalingKind, SsmConfig};
+pub use config::{Arch, BlockNorms, LayerKind, ModelConfig, MupConfig, RopeScaling, RopeScalingKind, SsmConfig};
 pub use elems::Elems;
 pub use model::{
     InferenceCache, LOSS_CHUNK_LOGITS, LOSS_CHUNK_MIN_ROWS, MicroBatch, Model, Scratch, Workspace, scratch_elems,

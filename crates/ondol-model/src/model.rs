@@ -242,6 +242,7 @@ impl Builder<'_> {
             head_dim: dh,
             rope,
             qk_norm,
+            q_scale: cfg.q_scale(),
         }
     }
 
@@ -255,7 +256,16 @@ impl Builder<'_> {
         let (std, init) = (self.std(), self.resid_std());
         let qkv = self.conv1d_column(p.at("c_attn"), d, 3 * d, qkv_cols, std);
         let out = self.conv1d_row(p.at("c_proj"), d, d, cols, init);
-        Attention { qkv, out, n_heads: heads.len(), n_kv_heads: heads.len(), head_dim: dh, rope: false, qk_norm: None }
+        Attention {
+            qkv,
+            out,
+            n_heads: heads.len(),
+            n_kv_heads: heads.len(),
+            head_dim: dh,
+            rope: false,
+            qk_norm: None,
+            q_scale: 1.0,
+        }
     }
 
     /// `conv1d.weight` `[channels, 1, K]` and its bias over this shard's `pieces` of the
@@ -565,9 +575,10 @@ impl Model {
         let head = self.head.is_some();
         let norm_f = if head { norm_elems(stream, d, self.layernorm()) } else { Elems::default() };
         let dhead = if head && self.part.sequence_parallel { batch * seq * d } else { 0 };
-        // The residual stream entering each block and leaving the last, and its gradients (a
-        // third where post-norms have one between the stream and the mixers' outputs).
-        let grads = if self.has_post_norms() { 3 } else { 2 };
+        // The residual stream entering each block and leaving the last, and its gradients (one
+        // more where post-norms stand between the stream and the mixers' outputs, and one
+        // where muP scales the blocks' branches).
+        let grads = 2 + usize::from(self.has_post_norms()) + usize::from(self.scales_branches());
         let residual = (self.blocks.len() + 1) * stream * d + grads * stream * d;
         saved + norm_f + Elems::compute(residual + dhead) + Elems::f32(self.rope_len(seq))
     }
@@ -583,6 +594,11 @@ impl Model {
     /// Whether some block has a norm after its mixer.
     fn has_post_norms(&self) -> bool {
         self.blocks.iter().any(|b| b.post.is_some())
+    }
+
+    /// Whether muP scales the blocks' outputs before the residual add.
+    fn scales_branches(&self) -> bool {
+        !self.blocks.is_empty() && self.cfg.mup.residual_multiplier != 1.0
     }
 
     /// The rows of the token embedding `embed` that lookups use: this shard's vocabulary,
@@ -720,6 +736,7 @@ impl Model {
                     }
                 }
             }
+            scale_unless_one(be, &mut ws.res[0], self.cfg.mup.embedding_multiplier);
         }
 
         let (mut cached, rope) = match cache {
@@ -750,6 +767,9 @@ impl Model {
             let last = &ws.res[self.blocks.len()];
             let norm_f = ws.norm_f.as_mut().expect("the last stage's workspace has a final norm");
             head.norm_f.forward(be, params, be.all(last), norm_f, d, eps);
+            // The logits' multiplier, on the head's input: the same logits, and the head's
+            // weight gradient as the scaled logits give it.
+            scale_unless_one(be, &mut norm_f.out, self.cfg.mup.logits_multiplier);
             if let Some(g) = gathered.as_mut() {
                 tp.all_gather_rows(be, &norm_f.out, &mut g.input)?;
             }
@@ -827,6 +847,7 @@ impl Model {
         if let (Some(norm), Some(post)) = (&block.post, post) {
             norm.forward_post(be, params, post, x_next, d, eps);
         }
+        scale_unless_one(be, x_next, self.cfg.mup.residual_multiplier);
         be.add_assign(be.all_mut(x_next), be.all(x));
         Ok(())
     }
@@ -955,6 +976,7 @@ impl Model {
                 None if split => tp.all_reduce(be, &mut ws.dnorm)?,
                 None => {}
             }
+            scale_unless_one(be, &mut ws.dnorm, self.cfg.mup.logits_multiplier);
             be.fill(be.all_mut(&mut ws.dres), 0.0);
             let last = &ws.res[self.blocks.len()];
             head.norm_f.backward(be, params, grads, be.all(&ws.dnorm), be.all(last), norm_f, &mut ws.dres, d);
@@ -980,13 +1002,23 @@ impl Model {
                 }
             };
             // dres holds dL/d(x_next) = dL/dx along the skip path; the norm adds the mixer's
-            // branch. A post-norm stands between dres and the mixer's output.
+            // branch, whose output's gradient is muP's residual multiplier times it. A post-norm
+            // stands between that and the mixer's output.
+            let dbranch = match ws.dbranch.as_mut() {
+                Some(dbranch) => {
+                    be.fill(be.all_mut(dbranch), 0.0);
+                    be.add_assign(be.all_mut(dbranch), be.all(&ws.dres));
+                    be.scale(be.all_mut(dbranch), self.cfg.mup.residual_multiplier as f32);
+                    &*dbranch
+                }
+                None => &ws.dres,
+            };
             let dmixer = match (&block.post, &a.post, ws.dpost.as_mut()) {
                 (Some(norm), Some(post), Some(dpost)) => {
-                    norm.backward_post(be, params, grads, be.all(&ws.dres), post, dpost, d);
+                    norm.backward_post(be, params, grads, be.all(dbranch), post, dpost, d);
                     &*dpost
                 }
-                _ => &ws.dres,
+                _ => dbranch,
             };
             let input = a.norm.as_ref().map_or(&ws.res[i], |pre| &pre.out);
             match gathered.as_mut() {
@@ -1034,10 +1066,11 @@ impl Model {
         let dx = match gathered.as_mut() {
             Some(g) => {
                 tp.all_gather_rows(be, &ws.dres, &mut g.output)?;
-                &g.output
+                &mut g.output
             }
-            None => &ws.dres,
+            None => &mut ws.dres,
         };
+        scale_unless_one(be, dx, self.cfg.mup.embedding_multiplier);
         if let Some(embed) = &self.embed {
             be.embedding_backward(ids, be.all(dx), be.view_mut(grads, self.lookup_rows(embed)), self.vocab.start, d);
         }
@@ -1401,6 +1434,14 @@ struct BlockIo<'a, B: Backend> {
     gathered: Option<&'a mut Gathered<B>>,
 }
 
+/// `x *= factor` (one of muP's multipliers), skipped where it is 1 so that a model without
+/// them computes exactly as before.
+fn scale_unless_one<B: Backend>(be: &B, x: &mut B::Buf, factor: f64) {
+    if factor != 1.0 {
+        be.scale(be.all_mut(x), factor as f32);
+    }
+}
+
 /// The Hugging Face names of a Llama layer's norms, where it has them: before attention,
 /// before the MLP, after attention, after the MLP (Llama's, EXAONE 4's and HyperCLOVA X's).
 fn llama_norm_names(norms: BlockNorms) -> [Option<&'static str>; 4] {
@@ -1483,6 +1524,9 @@ pub struct Workspace<B: Backend> {
     dnorm: B::Buf,
     /// The gradient of a post-norm's input, a mixer's output (models with post-norms only).
     dpost: Option<B::Buf>,
+    /// The gradient of a block's branch, muP's residual multiplier times `dres` (models with
+    /// one other than 1 only).
+    dbranch: Option<B::Buf>,
     /// Under sequence parallelism on the last stage, from the loss to backward, the head
     /// input's gradient for all the micro-batch's tokens, before the reduce-scatter.
     dhead: Option<B::Buf>,
@@ -1587,6 +1631,7 @@ impl<B: Backend> Workspace<B> {
             dres: be.zeros(stream * d),
             dnorm: be.zeros(stream * d),
             dpost: model.has_post_norms().then(|| be.zeros(stream * d)),
+            dbranch: model.scales_branches().then(|| be.zeros(stream * d)),
             dhead: (part.sequence_parallel && model.head.is_some()).then(|| be.zeros(rows * d)),
             rope: be.upload_f32(&model.rope_table(seq)),
             scratch: None,

@@ -7,7 +7,7 @@
 use ondol_core::gradcheck::{check_indices, sample_indices};
 use ondol_core::{Backend, Rng};
 use ondol_cpu::CpuBackend;
-use ondol_model::{Arch, BlockNorms, MicroBatch, Model, ModelConfig, SsmConfig, Workspace};
+use ondol_model::{Arch, BlockNorms, MicroBatch, Model, ModelConfig, MupConfig, SsmConfig, Workspace};
 
 fn tiny(arch: Arch, tie: Option<bool>) -> ModelConfig {
     ModelConfig {
@@ -32,6 +32,7 @@ fn tiny(arch: Arch, tie: Option<bool>) -> ModelConfig {
         init_residual_scaling: true,
         pattern: None,
         ssm: Default::default(),
+        mup: Default::default(),
         init_from: None,
     }
 }
@@ -117,6 +118,21 @@ fn llama_with_post_norms_and_with_norms_before_and_after() {
         // (A smaller step: a norm after the MLP bends the loss in down_proj's weights sharply
         // enough that a step of 1e-2 is 3 % off.)
         check_model(cfg, 1e-3);
+    }
+}
+
+/// muP's multipliers (HyperCLOVA X's and Granite's): on the embedding, each block's output,
+/// the attention scores and the logits; with norms on both sides, as HyperCLOVA X has them.
+#[test]
+fn llama_with_mup_multipliers() {
+    let mup = MupConfig {
+        embedding_multiplier: 3.0,
+        residual_multiplier: 0.5,
+        logits_multiplier: 0.25,
+        attention_multiplier: Some(0.125),
+    };
+    for norms in [BlockNorms::Pre, BlockNorms::Both] {
+        check_model(ModelConfig { mup: mup.clone(), block_norms: norms, ..tiny(Arch::Llama, Some(false)) }, 1e-3);
     }
 }
 

@@ -61,6 +61,7 @@ fn config(arch: Arch, tie: bool) -> ModelConfig {
         } else {
             SsmConfig::default()
         },
+        mup: Default::default(),
         init_from: None,
     }
 }

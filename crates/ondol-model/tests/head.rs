@@ -36,6 +36,7 @@ fn config(arch: Arch) -> ModelConfig {
         } else {
             SsmConfig::default()
         },
+        mup: Default::default(),
         init_from: None,
     }
 }

@@ -35,6 +35,7 @@ fn model(arch: Arch) -> Model {
             Arch::Mamba => SsmConfig { state_size: Some(6), chunk_size: 3, ..Default::default() },
             _ => SsmConfig { state_size: Some(6), head_dim: 8, n_groups: 2, chunk_size: 3, ..Default::default() },
         },
+        mup: Default::default(),
         init_from: None,
     })
     .unwrap()

@@ -51,6 +51,7 @@ fn recomputed_blocks_give_identical_losses_and_gradients() {
                 let ssm = SsmConfig { state_size: Some(4), chunk_size: 4, ..Default::default() };
                 if arch == Arch::Mamba { ssm } else { SsmConfig { head_dim: 8, ..ssm } }
             },
+            mup: Default::default(),
             init_from: None,
         })
         .unwrap();

@@ -5,7 +5,9 @@
 
 use ondol_comm::{Mesh, RankComms};
 use ondol_cpu::CpuBackend;
-use ondol_model::{Arch, BlockNorms, MicroBatch, Model, ModelConfig, Part, SsmConfig, Workspace, scratch_elems};
+use ondol_model::{
+    Arch, BlockNorms, MicroBatch, Model, ModelConfig, MupConfig, Part, SsmConfig, Workspace, scratch_elems,
+};
 use ondol_optim::OptimizerConfig;
 use ondol_parallel::{Engine, Layout, ScheduleKind};
 use std::time::Duration;
@@ -37,6 +39,7 @@ fn llama(tie: bool) -> ModelConfig {
         init_residual_scaling: true,
         pattern: None,
         ssm: Default::default(),
+        mup: Default::default(),
         init_from: None,
     }
 }
@@ -266,6 +269,25 @@ fn post_norms_split_as_the_stream_does() {
         let recompute = Shape { recompute: 1, ..sequence_parallel(2, 2, 1) };
         assert_eq!(train(&cfg, sequence_parallel(2, 2, 1)), train(&cfg, recompute), "{norms:?} recomputing");
     }
+}
+
+/// muP's multipliers: the embedding's on the first stage, the logits' on the last stage's head
+/// input (a vocabulary-parallel head under tp), the residual one on each block's shard of the
+/// stream, the attention's with q's rotation on each shard's heads.
+#[test]
+fn mup_multipliers_split_as_the_model_does() {
+    let mup = MupConfig {
+        embedding_multiplier: 2.0,
+        residual_multiplier: 0.5,
+        logits_multiplier: 0.5,
+        attention_multiplier: Some(0.2),
+    };
+    let cfg = ModelConfig { mup, ..llama(false) };
+    let one = train(&cfg, shape(1, 1, 1));
+    assert_close("muP tp 2 pp 2", &one, &train(&cfg, shape(2, 2, 1)));
+    assert_close("muP tp 2 dp 2 sequence parallel", &one, &train(&cfg, sequence_parallel(2, 1, 2)));
+    let recompute = Shape { recompute: 1, ..sequence_parallel(2, 2, 1) };
+    assert_eq!(train(&cfg, sequence_parallel(2, 2, 1)), train(&cfg, recompute), "muP recomputing");
 }
 
 #[test]
