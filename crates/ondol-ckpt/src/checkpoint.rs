@@ -485,15 +485,15 @@ pub fn check_compatible(dir: &Path, theirs: &ModelConfig, ours: &ModelConfig) ->
             v.push(("qkv_bias", c.qkv_bias.to_string()));
             v.push(("qk_norm", c.qk_norm.to_string()));
             v.push(("block_norms", format!("{:?}", c.block_norms).to_lowercase()));
+            // (The attention multiplier as applied: one given as 1 / sqrt(head_dim) is the default,
+            // which config.json may spell either way.)
             let m = &c.mup;
+            let attention = m.attention_multiplier.unwrap_or(1.0 / (c.head_dim() as f64).sqrt());
             v.push((
                 "mup",
                 format!(
-                    "embedding {}, residual {}, logits {}, attention {}",
-                    m.embedding_multiplier,
-                    m.residual_multiplier,
-                    m.logits_multiplier,
-                    m.attention_multiplier.map_or("1/sqrt(head_dim)".to_string(), |a| a.to_string())
+                    "embedding {}, residual {}, logits {}, attention {attention:.9e}",
+                    m.embedding_multiplier, m.residual_multiplier, m.logits_multiplier,
                 ),
             ));
         }

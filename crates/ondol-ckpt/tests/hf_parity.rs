@@ -176,6 +176,21 @@ fn rotary_scaling_biases_norms_and_head_width_are_part_of_the_model() {
     }
 }
 
+/// A run that gives muP's attention multiplier as 1 / sqrt(head_dim), which config.json's
+/// reader takes for the default, holds the same model as its checkpoint: it resumes.
+#[test]
+fn an_attention_multiplier_of_the_usual_scale_is_the_same_model() {
+    let dir = fixture("tiny-granite");
+    let json = hf::parse_config(&std::fs::read_to_string(dir.join("config.json")).unwrap(), "config.json").unwrap();
+    let mut theirs = hf::from_hf_config(&json, "config.json").unwrap().0;
+    theirs.mup.attention_multiplier = None;
+    let mut ours = theirs.clone();
+    ours.mup.attention_multiplier = Some(1.0 / (ours.head_dim() as f64).sqrt());
+    ondol_ckpt::checkpoint::check_compatible(&dir, &theirs, &ours).unwrap();
+    ours.mup.attention_multiplier = Some(0.25);
+    assert!(ondol_ckpt::checkpoint::check_compatible(&dir, &theirs, &ours).is_err());
+}
+
 #[test]
 fn gpt2_matches_transformers() {
     check("tiny-gpt2");

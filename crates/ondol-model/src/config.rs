@@ -64,8 +64,9 @@ impl MupConfig {
             ("logits_multiplier", self.logits_multiplier),
             ("attention_multiplier", attention),
         ] {
-            if !(value > 0.0 && value.is_finite()) {
-                return Err(Error::config(format!("model.mup.{key}"), "must be a positive number"));
+            // (Applied in f32.)
+            if !(value > 0.0 && (value as f32).is_normal()) {
+                return Err(Error::config(format!("model.mup.{key}"), "must be a positive number within f32's range"));
             }
         }
         Ok(())
@@ -471,12 +472,12 @@ impl ModelConfig {
             return Err(Error::config("model.head_dim", "too large: q, k and v would not fit in 32-bit indices"));
         }
         // Heads as wide as model.head_dim need not divide d_model, but in transformers'
-        // HyperCLOVA X (norms on both sides) they must.
-        let hyperclovax = self.block_norms == BlockNorms::Both;
+        // HyperCLOVA X (norms on both sides, or muP's multipliers) they must.
+        let hyperclovax = self.block_norms == BlockNorms::Both || !self.mup.is_default();
         if (self.head_dim.is_none() || hyperclovax) && !self.d_model.is_multiple_of(self.n_heads) {
             let fix = match self.head_dim {
                 None => "set model.head_dim where heads are not d_model / n_heads wide",
-                Some(_) => "HyperCLOVA X, the model with norms on both sides, needs it",
+                Some(_) => "HyperCLOVA X, the model with norms on both sides or muP's multipliers, needs it",
             };
             return Err(Error::config(
                 "model.n_heads",

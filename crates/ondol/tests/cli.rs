@@ -171,6 +171,11 @@ fn bad_values_are_refused_with_key_file_and_what_is_valid() {
         (&["model.block_norms=\"sandwich\""], &["model.block_norms", "pre", "post", "both"]),
         (&["model.head_dim=4611686018427387904"], &["model.head_dim", "too large"]),
         (&["model.mup.residual_multiplier=0.0"], &["model.mup.residual_multiplier", "positive"]),
+        (&["model.mup.embedding_multiplier=1e39"], &["model.mup.embedding_multiplier", "f32"]),
+        (
+            &["model.mup.residual_multiplier=0.5", "model.n_heads=3", "model.n_kv_heads=1", "model.head_dim=32"],
+            &["model.n_heads", "muP"],
+        ),
         (&["model.mup.embedding_multiplier=2.0", "model.qk_norm=true"], &["model.mup", "HyperCLOVA X"]),
         (&["model.arch=\"gpt2\"", "model.mup.logits_multiplier=0.5"], &["model.mup", "only llama"]),
         (
