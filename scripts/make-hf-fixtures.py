@@ -41,43 +41,35 @@ DEFAULT_OUT = os.path.join(REPO_ROOT, "crates", "ondol-ckpt", "tests", "fixtures
 def mistral_config():
     from transformers import MistralConfig
 
-    kw = llama_config().to_dict()
-    keep = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings",
-            "hidden_act", "initializer_range")
-    return MistralConfig(**{k: kw[k] for k in keep}, rope_theta=1000000.0, sliding_window=None)
+    return MistralConfig(**llama_sizes(), tie_word_embeddings=False, rope_theta=1000000.0, sliding_window=None)
 
 
 def qwen2_config():
     from transformers import Qwen2Config
 
-    kw = llama_config().to_dict()
-    keep = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "hidden_act", "initializer_range")
-    return Qwen2Config(**{k: kw[k] for k in keep}, tie_word_embeddings=True, rope_theta=1000000.0)
+    return Qwen2Config(**llama_sizes(), tie_word_embeddings=True, rope_theta=1000000.0)
 
 
 def qwen3_config():
     from transformers import Qwen3Config
 
-    kw = llama_config().to_dict()
-    keep = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "hidden_act", "initializer_range")
     # Heads of 12 where hidden_size / heads is 8, as Qwen3's are 128 wide at any width.
-    return Qwen3Config(**{k: kw[k] for k in keep}, head_dim=12, tie_word_embeddings=True, rope_theta=1000000.0)
+    return Qwen3Config(**llama_sizes(), head_dim=12, tie_word_embeddings=True, rope_theta=1000000.0)
 
 
 def exaone_config():
     from transformers import ExaoneConfig
 
-    kw = llama_config().to_dict()
-    keep = ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
-            "initializer_range")
+    # Llama's sizes under EXAONE's names, a longer context.
+    sizes = llama_sizes()
+    for llama, exaone in (("num_hidden_layers", "num_layers"), ("rms_norm_eps", "layer_norm_epsilon"),
+                          ("hidden_act", "activation_function")):
+        sizes[exaone] = sizes.pop(llama)
+    sizes["max_position_embeddings"] = 256
     # As EXAONE 3.5 2.4B: a tied head and Llama 3.1's rotary scaling.
     rope = {"rope_type": "llama3", "rope_theta": 1000000.0, "factor": 8.0, "low_freq_factor": 1.0,
             "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
-    return ExaoneConfig(**{k: kw[k] for k in keep}, num_layers=2, layer_norm_epsilon=1e-5, activation_function="silu",
-                        max_position_embeddings=256, tie_word_embeddings=True, rope_parameters=rope,
+    return ExaoneConfig(**sizes, tie_word_embeddings=True, rope_parameters=rope,
                         bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1, pad_token_id=VOCAB - 1)
 
 
@@ -118,34 +110,33 @@ def as_exaone_checkpoint(d):
 def exaone4_config():
     from transformers import Exaone4Config
 
-    kw = llama_config().to_dict()
-    keep = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "hidden_act", "initializer_range")
     # As EXAONE 4.0 1.2B: full attention in every layer, a tied head.
-    return Exaone4Config(**{k: kw[k] for k in keep}, tie_word_embeddings=True, rope_theta=1000000.0,
-                         sliding_window=None, layer_types=["full_attention"] * kw["num_hidden_layers"])
+    return Exaone4Config(**llama_sizes(), tie_word_embeddings=True, rope_theta=1000000.0,
+                         sliding_window=None, layer_types=["full_attention"] * 2)
 
 
 def hyperclovax_config():
     from transformers import HyperCLOVAXConfig
 
-    kw = llama_config().to_dict()
-    keep = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "hidden_act", "initializer_range")
     # Peri-LN and muP: every multiplier away from 1, the attention's from 1 / sqrt(head_dim).
-    return HyperCLOVAXConfig(**{k: kw[k] for k in keep}, use_post_norm=True, embedding_multiplier=2.0,
+    return HyperCLOVAXConfig(**llama_sizes(), use_post_norm=True, embedding_multiplier=2.0,
                              residual_multiplier=0.5, logits_scaling=0.5, attention_multiplier=0.2)
 
 
 def granite_config():
     from transformers import GraniteConfig
 
+    # muP as Granite 3 has it: logits divided by logits_scaling, a tied head.
+    return GraniteConfig(**llama_sizes(), tie_word_embeddings=True, embedding_multiplier=4.0,
+                         residual_multiplier=0.3, logits_scaling=2.0, attention_multiplier=0.25)
+
+
+def llama_sizes():
+    """The sizes and numerics of llama_config(), for the configs of Llama's relatives."""
     kw = llama_config().to_dict()
     keep = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "hidden_act", "initializer_range")
-    # muP as Granite 3 has it: logits divided by logits_scaling, a tied head.
-    return GraniteConfig(**{k: kw[k] for k in keep}, tie_word_embeddings=True, embedding_multiplier=4.0,
-                         residual_multiplier=0.3, logits_scaling=2.0, attention_multiplier=0.25)
+    return {k: kw[k] for k in keep}
 
 
 def llama_config(**overrides):
