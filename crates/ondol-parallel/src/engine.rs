@@ -136,6 +136,15 @@ pub struct StepOutcome {
     pub stop: u8,
 }
 
+/// What [`Engine::evaluate`] returns to every rank.
+#[derive(Clone, Copy, Debug)]
+pub struct Evaluation {
+    /// The loss summed over every token of the batches.
+    pub loss_sum: f64,
+    /// The largest stop code a rank gave during the evaluation (0: none).
+    pub stop: u8,
+}
+
 /// ZeRO-1's partition of a flat buffer: padded to `len * world` elements, replica r holds the
 /// AdamW state of `[start, start + len)` with `start = r * len` (the chunk's parameter and
 /// gradient buffers are padded so too).
@@ -774,8 +783,13 @@ impl<B: Backend> Engine<B> {
     }
 
     /// The summed loss of `batches`, this replica's share of an evaluation, without gradients;
-    /// returns the sum over every replica, on every rank.
-    pub fn evaluate(&mut self, batches: &[(Vec<u32>, Vec<u32>)]) -> Result<f64> {
+    /// returns the sum over every replica, on every rank, with the stop code agreed as
+    /// [`Engine::step`] agrees it (`stop_request` read at the end).
+    pub fn evaluate(
+        &mut self,
+        batches: &[(Vec<u32>, Vec<u32>)],
+        stop_request: impl FnOnce() -> u8,
+    ) -> Result<Evaluation> {
         self.upload(batches);
         let mut loss = 0.0;
         for chunk in 0..self.chunks.len() {
@@ -785,7 +799,11 @@ impl<B: Backend> Engine<B> {
                 self.chunks[chunk].release(micro);
             }
         }
-        self.sum_over_world(if self.reports_loss() { loss } else { 0.0 })
+        // As in a step, a stop request rides on the loss's all-reduce.
+        let own = if self.reports_loss() { loss } else { 0.0 };
+        let ranks = self.each_rank_over_world([own, f64::from(stop_request())])?;
+        let stop = ranks.iter().map(|&[_, code]| code as u8).max().unwrap_or(0);
+        Ok(Evaluation { loss_sum: ranks.iter().map(|[loss, _]| loss).sum(), stop })
     }
 
     fn upload(&mut self, batches: &[(Vec<u32>, Vec<u32>)]) {

@@ -30,5 +30,5 @@
 mod engine;
 pub mod schedule;
 
-pub use engine::{Engine, HEAD_ROW_ALIGN, Layout, StepOutcome};
+pub use engine::{Engine, Evaluation, HEAD_ROW_ALIGN, Layout, StepOutcome};
 pub use schedule::ScheduleKind;

@@ -137,12 +137,10 @@ fn share(batch: &[(Vec<u32>, Vec<u32>)], d: usize, dp: usize) -> Vec<(Vec<u32>, 
     batch.iter().map(|(i, t)| (i[d * n..(d + 1) * n].to_vec(), t[d * n..(d + 1) * n].to_vec())).collect()
 }
 
-/// Trains `s.steps` steps; returns the losses and the final whole weights (from world rank 0),
-/// after checking that every rank saw the same loss.
-fn train(cfg: &ModelConfig, s: Shape) -> (Vec<f64>, Vec<f32>) {
-    let mesh = Mesh::new(s.tp, s.pp, s.dp).unwrap();
-    let layout = Layout {
-        mesh,
+/// The engine layout of shape `s`.
+fn layout_of(s: Shape) -> Layout {
+    Layout {
+        mesh: Mesh::new(s.tp, s.pp, s.dp).unwrap(),
         schedule: s.schedule,
         chunks: s.chunks,
         stage_layers: Vec::new(),
@@ -154,7 +152,14 @@ fn train(cfg: &ModelConfig, s: Shape) -> (Vec<f64>, Vec<f32>) {
         zero: s.zero,
         sequence_parallel: s.sequence_parallel,
         grad_buckets: s.buckets,
-    };
+    }
+}
+
+/// Trains `s.steps` steps; returns the losses and the final whole weights (from world rank 0),
+/// after checking that every rank saw the same loss.
+fn train(cfg: &ModelConfig, s: Shape) -> (Vec<f64>, Vec<f32>) {
+    let layout = layout_of(s);
+    let mesh = layout.mesh;
     // eps 1e-6, not 1e-8: gradients that are zero in exact arithmetic (GPT-2's key bias, which
     // softmax cancels) are round-off, and a tiny eps lets AdamW turn round-off into full steps
     // that differ with the summation order.
@@ -288,6 +293,32 @@ fn mup_multipliers_split_as_the_model_does() {
     assert_close("muP tp 2 dp 2 sequence parallel", &one, &train(&cfg, sequence_parallel(2, 1, 2)));
     let recompute = Shape { recompute: 1, ..sequence_parallel(2, 2, 1) };
     assert_eq!(train(&cfg, sequence_parallel(2, 2, 1)), train(&cfg, recompute), "muP recomputing");
+}
+
+/// A stop asked for on one rank during an evaluation reaches every rank with its loss, as a
+/// step's does: tp 2 x dp 2, the request on the last rank only.
+#[test]
+fn an_evaluation_tells_every_rank_of_a_stop() {
+    let (cfg, layout) = (llama(false), layout_of(shape(2, 1, 2)));
+    let opt = OptimizerConfig { lr: 3e-3, weight_decay: 0.1, beta1: 0.9, beta2: 0.95, eps: 1e-6, grad_clip: 1.0 };
+    let comms = RankComms::threads(layout.mesh, Duration::from_secs(60)).unwrap();
+    let outcomes: Vec<(f64, u8)> = std::thread::scope(|scope| {
+        let ranks: Vec<_> = comms
+            .into_iter()
+            .map(|c| {
+                let (cfg, layout, opt) = (cfg.clone(), layout.clone(), opt.clone());
+                scope.spawn(move || {
+                    let (rank, d) = (c.rank(), c.coords.dp);
+                    let mut e = Engine::new(CpuBackend, cfg.clone(), layout, opt, c.boxed(), 7).unwrap();
+                    let batch = share(&global_batch(0, cfg.vocab_size), d, 2);
+                    let done = e.evaluate(&batch, || if rank == 3 { 15 } else { 0 }).unwrap();
+                    (done.loss_sum, done.stop)
+                })
+            })
+            .collect();
+        ranks.into_iter().map(|r| r.join().unwrap()).collect()
+    });
+    assert!(outcomes.iter().all(|o| *o == outcomes[0] && o.1 == 15), "{outcomes:?}");
 }
 
 #[test]

@@ -276,8 +276,6 @@ impl<B: Backend> Trainer<B> {
         let batches = self.next_batches()?;
         let lr = self.sched.lr(self.step);
         // Each token's loss enters the mean with weight 1 / (tokens in the whole step).
-        // The signal number is the stop code (SIGTERM's, 15, wins over SIGUSR1's, 10).
-        let stop_request = || crate::stop_signal::received().map_or(0, |sig| sig as u8);
         let out = self.engine.step(&batches, (1.0 / tokens) as f32, lr, stop_request)?;
         let loss = out.loss_sum / tokens;
         if !loss.is_finite() {
@@ -519,7 +517,13 @@ impl<B: Backend> Trainer<B> {
     /// on the layout, as does `eval_batches = 0` (one micro-batch of every replica). Every rank
     /// takes part; the leader gets the value.
     pub fn evaluate(&mut self) -> Result<Option<f64>> {
-        let Some(val) = self.val.clone() else { return Ok(None) };
+        Ok(self.evaluate_heeding_stops()?.0)
+    }
+
+    /// [`Trainer::evaluate`], and the signal that asked the run to stop meanwhile, on whichever
+    /// rank it arrived (every rank gets the same answer).
+    pub fn evaluate_heeding_stops(&mut self) -> Result<(Option<f64>, Option<i32>)> {
+        let Some(val) = self.val.clone() else { return Ok((None, None)) };
         let t = &self.cfg.training;
         let (replica, replicas) = (self.engine.comms.coords.dp, self.engine.layout.mesh.dp);
         let mut loader = Loader::new(val, t.seq_len, t.batch_size, 1, Order::Sequential, 0, 1)
@@ -547,9 +551,16 @@ impl<B: Backend> Trainer<B> {
                 batches.push((inputs, targets));
             }
         }
-        let loss = self.engine.evaluate(&batches)? / (per_replica * replicas * rows) as f64;
-        Ok(self.is_leader().then_some(loss))
+        let done = self.engine.evaluate(&batches, stop_request)?;
+        let loss = done.loss_sum / (per_replica * replicas * rows) as f64;
+        Ok((self.is_leader().then_some(loss), (done.stop > 0).then_some(i32::from(done.stop))))
     }
+}
+
+/// The stop code a rank gives its collectives: the signal that asked the run to stop, if one
+/// did (SIGTERM's, 15, wins over SIGUSR1's, 10), else 0.
+fn stop_request() -> u8 {
+    crate::stop_signal::received().map_or(0, |sig| sig as u8)
 }
 
 /// What [`Trainer::restore`] did with the checkpoint's data position.
@@ -783,9 +794,18 @@ pub fn run<B: Backend>(
         if let Some(sig) = last.stop.filter(|_| step < total) {
             metrics.note(format!("stopping at step {step} on request (signal {sig}): writing a checkpoint"));
         } else if (eval_every > 0 && step.is_multiple_of(eval_every)) || step == total {
-            (final_val_loss, final_val_step) = (trainer.evaluate()?, step);
-            if let Some(v) = final_val_loss {
+            let (val, stop) = trainer.evaluate_heeding_stops()?;
+            (final_val_loss, final_val_step) = (val, step);
+            if let Some(v) = val {
                 metrics.eval(step, v)?;
+            }
+            // A signal during the evaluation (which may take long) stops the run here, not
+            // after another step.
+            if let Some(sig) = stop.filter(|_| step < total) {
+                metrics.note(format!(
+                    "stopping at step {step} on request (signal {sig}, during the evaluation): writing a checkpoint"
+                ));
+                last.stop = Some(sig);
             }
         }
         if (every > 0 && step.is_multiple_of(every) || at_end && step == total || last.stop.is_some())
