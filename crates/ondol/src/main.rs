@@ -15,7 +15,7 @@ use ondol_core::{Backend, Error, Result};
 use ondol_cpu::CpuBackend;
 use ondol_data::prepare::ShardTokenizer;
 use ondol_data::{Loader, Order, SourceKind, TokenStream};
-use ondol_model::{MicroBatch, Model, Part, Workspace, scratch_elems};
+use ondol_model::{BlockNorms, MicroBatch, Model, ModelConfig, Part, Workspace, scratch_elems};
 use ondol_parallel::{HEAD_ROW_ALIGN, ScheduleKind, schedule};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -870,6 +870,35 @@ fn restore<B: Backend>(trainer: &mut Trainer<B>, loaded: Loaded) -> Result<u64> 
     Ok(step)
 }
 
+/// What `inspect` says of the attention, the norms and muP where a model has more than plain
+/// Llama's: what an imported Qwen, EXAONE, HyperCLOVA X or Granite model was read as.
+fn describe_llama_relatives(m: &ModelConfig) -> Result<()> {
+    if m.has_attention() {
+        let extras: Vec<&str> = [(m.qkv_bias, "q, k and v biases"), (m.qk_norm, "q and k norms")]
+            .iter()
+            .filter_map(|(has, what)| has.then_some(*what))
+            .collect();
+        let extras = if extras.is_empty() { String::new() } else { format!(", {}", extras.join(", ")) };
+        answer!("attention            {} heads of {} ({} kv heads){extras}", m.n_heads, m.head_dim(), m.kv_heads());
+    }
+    match m.block_norms {
+        BlockNorms::Pre => {}
+        BlockNorms::Post => answer!("block norms          after the mixers"),
+        BlockNorms::Both => answer!("block norms          before and after the mixers"),
+    }
+    if !m.mup.is_default() {
+        let u = &m.mup;
+        let attention = u.attention_multiplier.map_or("1/sqrt(head_dim)".to_string(), |a| a.to_string());
+        answer!(
+            "muP multipliers      embedding {}, residual {}, logits {}, attention {attention}",
+            u.embedding_multiplier,
+            u.residual_multiplier,
+            u.logits_multiplier
+        );
+    }
+    Ok(())
+}
+
 fn inspect(args: InspectArgs) -> Result<()> {
     // A config file, or a checkpoint, run directory or checkpoints/latest (its pointer file).
     let pointer = args.config.is_file() && args.config.file_name().is_some_and(|n| n == "latest");
@@ -939,6 +968,7 @@ fn inspect(args: InspectArgs) -> Result<()> {
         }
     };
     answer!("arch                 {:?}", cfg.model.arch);
+    describe_llama_relatives(&cfg.model)?;
     answer!("parameters           {n} ({:.2}M)", n as f64 / 1e6);
     answer!("  in matmuls (N)     {} (non-embedding + output head)", model.num_flop_params());
     let (total, matmul) = (model.flops_per_token(t.seq_len), 6 * model.num_flop_params() as u64);

@@ -376,6 +376,12 @@ fn inspect_reports_parameters_flops_and_memory_per_rank() {
     };
     let one = inspect(&[]);
     assert!(one.contains("parameters") && one.contains("FLOPs/token"), "{one}");
+    // What a model has beyond plain Llama's is said: the heads, their norms, the blocks' norms, muP.
+    let exaone4 = inspect(&["model.qk_norm=true", "model.block_norms=\"post\"", "model.head_dim=12"]);
+    assert!(exaone4.contains("heads of 12") && exaone4.contains("q and k norms"), "{exaone4}");
+    assert!(exaone4.contains("block norms          after the mixers"), "{exaone4}");
+    let mup = inspect(&["model.mup.logits_multiplier=0.5"]);
+    assert!(mup.contains("muP multipliers      embedding 1, residual 1, logits 0.5"), "{mup}");
     let tp = inspect(&["parallelism.tp=2"]);
     let sp = inspect(&["parallelism.tp=2", "parallelism.sequence_parallel=true"]);
     let weights = |t: &str| figure(t, "weights+grads");
