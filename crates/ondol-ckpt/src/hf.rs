@@ -1327,7 +1327,7 @@ mod tests {
 
     /// config.json of checkpoints people fine-tune, as their repositories hold them.
     #[test]
-    fn llama_3_1_mistral_qwen2_5_qwen3_and_exaone_3_5_configs_import() {
+    fn configs_of_checkpoints_people_fine_tune_import() {
         let llama_3_1_8b = r#"{"architectures": ["LlamaForCausalLM"], "attention_bias": false,
             "attention_dropout": 0.0, "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009],
             "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 14336,
@@ -1369,12 +1369,21 @@ mod tests {
             "original_max_position_embeddings": 8192, "rope_type": "llama3"}, "rope_theta": 1000000.0,
             "tie_word_embeddings": true, "torch_dtype": "bfloat16", "transformers_version": "4.43.1",
             "use_cache": true, "vocab_size": 102400}"#;
+        let mistral_nemo = r#"{"architectures": ["MistralForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 1,
+            "eos_token_id": 2, "head_dim": 128, "hidden_act": "silu", "hidden_size": 5120, "initializer_range": 0.02,
+            "intermediate_size": 14336, "max_position_embeddings": 1024000, "model_type": "mistral",
+            "num_attention_heads": 32, "num_hidden_layers": 40, "num_key_value_heads": 8, "rms_norm_eps": 1e-05,
+            "rope_theta": 1000000.0, "sliding_window": null, "tie_word_embeddings": false, "torch_dtype": "bfloat16",
+            "transformers_version": "4.43.0.dev0", "use_cache": true, "vocab_size": 131072}"#;
         let import = |text: &str| from_hf_config(&parse_config(text, "config.json").unwrap(), "config.json");
         let llama = import(llama_3_1_8b).unwrap().0;
         let scaling = llama.rope_scaling.expect("llama3 scaling");
         assert_eq!((scaling.factor, scaling.original_max_seq_len, llama.rope_theta), (8.0, 8192, 500_000.0));
         let mistral = import(mistral_7b_v0_3).unwrap().0;
         assert_eq!((mistral.arch, mistral.kv_heads(), mistral.rope_theta), (Arch::Llama, 8, 1e6));
+        // Mistral Nemo's heads are 128 wide where hidden_size / heads is 160.
+        let nemo = import(mistral_nemo).unwrap().0;
+        assert_eq!((nemo.head_dim, nemo.d_model, nemo.n_heads), (Some(128), 5120, 32));
         let qwen = import(qwen2_5_0_5b).unwrap().0;
         assert!(qwen.qkv_bias && qwen.tied() && qwen.head_dim() == 64, "{qwen:?}");
         let exaone = import(exaone_3_5_2_4b).unwrap().0;
