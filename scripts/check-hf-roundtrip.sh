@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # transformers loads ondol checkpoints as they are and reproduces ondol's loss.
-# Trains the smoke configs of every architecture briefly, evaluates one 128-token row of sample
-# text with `ondol eval`, then loads the checkpoint with AutoModelForCausalLM and compares
-# (scripts/make-hf-fixtures.py check, tolerance 1e-4 relative).
+# Trains the smoke configs of every architecture briefly, and the smoke Llama as each of its
+# transformers relatives (Qwen2, Qwen3, EXAONE 4, HyperCLOVA X with and without Peri-LN),
+# evaluates one 128-token row of sample text with `ondol eval`, then loads the checkpoint with
+# AutoModelForCausalLM and compares (scripts/make-hf-fixtures.py check, tolerance 1e-4 relative).
 # Needs a Python with torch and transformers: PYTHON=path/to/python (default python3);
-# CONFIGS="smoke hybrid-smoke" checks some of them.
+# CONFIGS="smoke hybrid-smoke qwen3" checks some of them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
@@ -18,12 +19,26 @@ header = struct.pack("<256i", 20240520, 1, len(toks), *([0] * 253))
 open(f"{sys.argv[1]}/row.bin", "wb").write(header + struct.pack(f"<{len(toks)}H", *toks))
 json.dump([toks], open(f"{sys.argv[1]}/row.json", "w"))
 PY
-for config in ${CONFIGS:-smoke smoke-gpt2 mamba-smoke mamba2-smoke hybrid-smoke}; do
-  target/release/ondol train "configs/$config.toml" --run-dir "$work/$config" --set training.steps=60 \
-    --set training.eval_every=0 2>/dev/null
-  ckpt="$work/$config/checkpoints/step-00000060"
+# A name: its config file and the settings that make it (the Llama relatives are the smoke Llama).
+variant() {
+  case $1 in
+    qwen2) echo "smoke model.qkv_bias=true" ;;
+    qwen3) echo "smoke model.qk_norm=true model.head_dim=48" ;;
+    exaone4) echo "smoke model.qk_norm=true model.block_norms=\"post\"" ;;
+    peri-ln) echo "smoke model.block_norms=\"both\" model.mup.residual_multiplier=0.5" ;;
+    mup) echo "smoke model.mup.embedding_multiplier=2.0 model.mup.logits_multiplier=0.5 model.mup.attention_multiplier=0.1" ;;
+    *) echo "$1" ;;
+  esac
+}
+for name in ${CONFIGS:-smoke smoke-gpt2 mamba-smoke mamba2-smoke hybrid-smoke qwen2 qwen3 exaone4 peri-ln mup}; do
+  read -r config sets <<<"$(variant "$name")"
+  args=()
+  for s in $sets; do args+=(--set "$s"); done
+  target/release/ondol train "configs/$config.toml" --run-dir "$work/$name" --set training.steps=60 \
+    --set training.eval_every=0 "${args[@]}" 2>/dev/null
+  ckpt="$work/$name/checkpoints/step-00000060"
   loss=$(target/release/ondol eval "$ckpt" --data "$work/row.bin" --seq-len 127 --batch-size 1 --json |
     "$py" -c 'import json, sys; print(json.load(sys.stdin)["loss"])')
-  echo "$config: ondol loss $loss"
+  echo "$name ($(grep -o '"model_type": "[a-z0-9_]*"' "$ckpt/config.json")): ondol loss $loss"
   "$py" scripts/make-hf-fixtures.py check "$ckpt" --tokens "$work/row.json" --expected-loss "$loss"
 done
