@@ -136,7 +136,7 @@ fn is_inert_buffer(name: &str) -> bool {
 
 /// The Llama name of an EXAONE 3 tensor (`transformer.h.0.attn.attention.q_proj.weight` is
 /// `model.layers.0.self_attn.q_proj.weight`), as transformers renames them on loading.
-fn exaone_as_llama(name: &str) -> Option<String> {
+fn exaone_tensor_as_llama(name: &str) -> Option<String> {
     const RENAMES: [(&str, &str); 10] = [
         ("transformer.wte.", "model.embed_tokens."),
         ("transformer.h.", "model.layers."),
@@ -171,7 +171,7 @@ pub fn read_layout(files: &[PathBuf], layout: &ParamLayout) -> Result<Vec<f32>> 
             .map_err(|e| Error::Input(format!("{}: not a valid safetensors file: {e}", path.display())))?;
         for (name, view) in st.iter() {
             let alt = name.strip_prefix("transformer.").map(str::to_string).unwrap_or(format!("transformer.{name}"));
-            let exaone = exaone_as_llama(name);
+            let exaone = exaone_tensor_as_llama(name);
             let found = by_name.get(name).or_else(|| by_name.get(alt.as_str()));
             let Some(&i) = found.or_else(|| by_name.get(exaone.as_deref()?)) else {
                 if is_inert_buffer(name) {

@@ -156,6 +156,33 @@ fn rmsnorm_backward_matches_finite_differences_and_accumulates() {
     .assert_ok("rmsnorm dw");
 }
 
+/// Qwen3's q and k norms over a fused qkv buffer: d(qkv) in place (v's heads pass through) and
+/// the two weights' gradients, which accumulate.
+#[test]
+fn qk_norm_backward_matches_finite_differences_and_accumulates() {
+    let s = shape(2, 3, 4, 2, 6);
+    let n = s.rows() * s.qkv_width();
+    let mut x = randn(n, 1.0, 21);
+    let mut w = randn(2 * s.head_dim, 1.0, 22);
+    let dout = randn(n, 1.0, 23);
+    let normed = s.rows() * (s.n_heads + s.n_kv_heads);
+    let (mut out, mut rstd) = (vec![0.0; n], vec![0.0; normed]);
+    BE.qk_norm_forward(&x, &w, &mut out, &mut rstd, s, 1e-5);
+    let dw0 = randn(w.len(), 1.0, 24);
+    let (mut dx, mut dw) = (dout.clone(), dw0.clone());
+    BE.qk_norm_backward(&mut dx, &x, &w, &rstd, &mut dw, s);
+    let dw: Vec<f32> = dw.iter().zip(&dw0).map(|(a, b)| a - b).collect();
+    let loss = |x: &[f32], w: &[f32]| {
+        let (mut out, mut rstd) = (vec![0.0; n], vec![0.0; normed]);
+        BE.qk_norm_forward(x, w, &mut out, &mut rstd, s, 1e-5);
+        dot(&dout, &out)
+    };
+    let w0 = w.clone();
+    check(&mut x, &dx, |x| loss(x, &w0), H, RTOL, ATOL, usize::MAX, 0).assert_ok("qk_norm dqkv");
+    let x0 = x.clone();
+    check(&mut w, &dw, |w| loss(&x0, w), H, RTOL, ATOL, usize::MAX, 0).assert_ok("qk_norm dweight");
+}
+
 #[test]
 fn layernorm_backward_matches_finite_differences() {
     let (rows, dim) = (70, 11);

@@ -803,6 +803,7 @@ impl Backend for CudaBackend {
         assert!(qkv.len == rows * shape.qkv_width() && dqkv.len == qkv.len, "qk_norm_backward: qkv length");
         assert!(weight.len == 2 * shape.head_dim && dweight.len == weight.len, "qk_norm_backward: weight length");
         assert_eq!(rstd.len, rows * normed, "qk_norm_backward: rstd length");
+        assert!(shape.head_dim <= QK_NORM_MAX_HEAD_DIM, "qk_norm_backward: heads wider than {QK_NORM_MAX_HEAD_DIM}");
         let mut args = vec![ptr_mut(&dqkv), ptr(&qkv), ptr(&weight), ptr(&rstd), ptr_mut(&dweight)];
         args.extend(Self::head_args(shape));
         // One warp per head, each with its own dw partial (2 D floats) in shared memory.
@@ -1496,6 +1497,10 @@ const SSD_ROWS: usize = 16;
 /// floats per token of a chunk in shared memory (52 KiB at 256 tokens; GPUs with the least
 /// allow 99 KiB a block). Mamba-2 and Codestral Mamba use 256, Nemotron-H 128.
 pub const SSD_MAX_CHUNK: usize = 256;
+
+/// The widest head `qk_norm_backward` takes: each of its warps keeps 2 D floats of weight
+/// gradient in shared memory, 64 KiB for a block of 8 warps at 1024, within every GPU's.
+pub const QK_NORM_MAX_HEAD_DIM: usize = 1024;
 
 /// An A100's shared memory a block (163 KiB with the opt-in): the emulator's by default.
 const A100_SHARED_BYTES: u32 = 163 << 10;

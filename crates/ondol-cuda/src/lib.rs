@@ -19,7 +19,7 @@ mod gpu;
 mod memory;
 mod source;
 
-pub use backend::{CONV_MAX_TAPS, CudaBackend, SCAN_MAX_STATE, SSD_MAX_CHUNK};
+pub use backend::{CONV_MAX_TAPS, CudaBackend, QK_NORM_MAX_HEAD_DIM, SCAN_MAX_STATE, SSD_MAX_CHUNK};
 pub use compile::{FAMILIES, Family, cached_cubin, compile_cubin, forget_cached, nvrtc_available};
 pub use emu::kernel_names;
 pub use memory::{DevMut, DevRef, DeviceBuf, DeviceIds, Dtype};

@@ -400,6 +400,12 @@ impl ModelConfig {
             return Err(Error::config("model.mup", "only llama takes muP multipliers: leave it unset"));
         }
         self.mup.validate()?;
+        if !self.q_scale().is_normal() {
+            return Err(Error::config(
+                "model.mup.attention_multiplier",
+                "times sqrt(head_dim) must be within f32's range",
+            ));
+        }
         // (Every checkpoint must load in transformers: HyperCLOVA X is the model with muP's
         // multipliers, and it has neither biases on q, k and v alone, nor q and k norms, nor
         // norms after the mixers alone.)

@@ -480,7 +480,7 @@ fn train_launched_cuda(args: &TrainArgs, cfg: RunConfig, env: &DistEnv) -> Resul
 }
 
 /// What the CUDA kernels can hold (registers in kernels/selective_scan.cu and conv1d.cu, shared
-/// memory in ssd.cu), checked before a model runs on a GPU.
+/// memory in ssd.cu and the q/k norms' backward in norms.cu), checked before a model runs on a GPU.
 #[cfg(feature = "cuda")]
 fn check_cuda_kernels(m: &ondol_model::ModelConfig) -> Result<()> {
     use ondol_model::Arch;
@@ -501,6 +501,16 @@ fn check_cuda_kernels(m: &ondol_model::ModelConfig) -> Result<()> {
                 "chunks of {} tokens: the CUDA SSD scan takes at most {} (Mamba-2 uses 256)",
                 m.ssm.chunk_size,
                 ondol_cuda::SSD_MAX_CHUNK
+            ),
+        ));
+    }
+    if m.qk_norm && m.head_dim() > ondol_cuda::QK_NORM_MAX_HEAD_DIM {
+        return Err(Error::config(
+            "model.head_dim",
+            format!(
+                "heads of {} with model.qk_norm: the CUDA q/k norms take heads of at most {}",
+                m.head_dim(),
+                ondol_cuda::QK_NORM_MAX_HEAD_DIM
             ),
         ));
     }
