@@ -3,14 +3,16 @@
 // the hot path).
 //
 // Computes, for batch b, query head h (kv head g = h / (H / Hkv)) and query i, with
-// scale = 1 / sqrt(D) and keys j <= i:
+// scale = 1 / sqrt(D) and keys f_i <= j <= i, where f_i is first_keys[b T + i] (non-decreasing
+// along the sequence: documents packed into one sequence attend within their own) or 0 where
+// first_keys is null:
 //   s_j = scale q_i . k_j;  lse = log sum_j exp(s_j);  p_j = exp(s_j - lse);  out_i = sum_j p_j v_j
 // Backward, from dO_i and the saved lse (P is recomputed, never stored):
 //   dP_j = dO_i . v_j;  delta = dO_i . out_i;  dS_j = p_j (dP_j - delta)
 //   dq_i = scale sum_j dS_j k_j;  dk_j += scale dS_j q_i;  dv_j += p_j dO_i
-// Layouts: qkv [B T, (H + 2 Hkv) D] (q heads, k heads, v heads; rows b T + t); out and dout
-// [B T, H D]; lse fp32 [B, H, T]; dqkv fp32 [B T, (H + 2 Hkv) D], which backward accumulates
-// into with atomics: the caller zeroes it first.
+// Layouts: first_keys u32 [B T]; qkv [B T, (H + 2 Hkv) D] (q heads, k heads, v heads; rows
+// b T + t); out and dout [B T, H D]; lse fp32 [B, H, T]; dqkv fp32 [B T, (H + 2 Hkv) D],
+// which backward accumulates into with atomics: the caller zeroes it first.
 // Launch: one block per (query i, head h, batch b) = grid (T, H, B); dynamic shared memory
 // (blockDim.x + 2 D) floats, whatever T; blockDim a multiple of 32. Keys come in tiles of
 // blockDim.x, a key per thread for the scores, and threads take head dimensions for the
@@ -77,21 +79,26 @@ __device__ void attend_keys(const T* qi, const T* k, const T* v, long long strid
     *sum_out = sum;
 }
 
-// One query's softmax attention over keys 0..n_keys-1, as attend_keys: writes out[0..d) and
-// returns the log-sum-exp of the scaled scores.
+// One query's softmax attention over keys j_begin..j_end-1, as attend_keys: writes out[0..d)
+// and returns the log-sum-exp of the scaled scores.
 template <typename T>
-__device__ float attend(const T* qi, const T* k, const T* v, long long stride, int n_keys, int d, T* o, float* smem,
-                        float* scratch) {
+__device__ float attend(const T* qi, const T* k, const T* v, long long stride, int j_begin, int j_end, int d, T* o,
+                        float* smem, float* scratch) {
     float m, sum;
-    attend_keys(qi, k, v, stride, 0, n_keys, d, smem, scratch, &m, &sum);
+    attend_keys(qi, k, v, stride, j_begin, j_end, d, smem, scratch, &m, &sum);
     const float* acc = smem + blockDim.x + d;
     const float inv = 1.0f / sum;
     for (int c = threadIdx.x; c < d; c += blockDim.x) o[c] = from_float<T>(acc[c] * inv);
     return m + __logf(sum);
 }
 
+// The first key query i of sequence b attends (see the top).
+__device__ int first_key(const unsigned* first_keys, int seq, int b, int i) {
+    return first_keys ? (int)first_keys[(long long)b * seq + i] : 0;
+}
+
 template <typename T>
-__device__ void attention_forward(const T* qkv, T* out, float* lse, Heads s) {
+__device__ void attention_forward(const T* qkv, T* out, float* lse, const unsigned* first_keys, Heads s) {
     __shared__ float scratch[32];
     extern __shared__ float smem[];  // attend's blockDim.x + 2 head_dim floats
     const int i = blockIdx.x, h = blockIdx.y, b = blockIdx.z, d = s.head_dim, g = s.kv_of(h);
@@ -100,7 +107,7 @@ __device__ void attention_forward(const T* qkv, T* out, float* lse, Heads s) {
     const T* k = qkv + base + (long long)(s.n_heads + g) * d;
     const T* v = qkv + base + (long long)(s.n_heads + s.n_kv_heads + g) * d;
     T* o = out + ((long long)b * s.seq + i) * s.n_heads * d + (long long)h * d;
-    const float l = attend(qi, k, v, w, i + 1, d, o, smem, scratch);
+    const float l = attend(qi, k, v, w, first_key(first_keys, s.seq, b, i), i + 1, d, o, smem, scratch);
     if (threadIdx.x == 0) lse[((long long)b * s.n_heads + h) * s.seq + i] = l;
 }
 
@@ -128,7 +135,7 @@ __device__ void attention_cached(const T* qkv, const T* k_cache, const T* v_cach
     const T* k = k_cache + (long long)b * max_seq * kv + (long long)g * d;
     const T* v = v_cache + (long long)b * max_seq * kv + (long long)g * d;
     T* o = out + ((long long)b * s.seq + i) * s.n_heads * d + (long long)h * d;
-    attend(qi, k, v, kv, pos + i + 1, d, o, smem, scratch);
+    attend(qi, k, v, kv, 0, pos + i + 1, d, o, smem, scratch);
 }
 
 // The cached forward in `splits` parts over the keys, for few queries over a long cache
@@ -182,7 +189,8 @@ __device__ void attention_combine(const float* part, T* out, long long rows, int
 // One block per query i, over its keys a tile of blockDim.x at a time (a key per thread), as
 // the forward: dS_j of the tile goes to shared memory, whose size does not grow with the keys.
 template <typename T>
-__device__ void attention_backward(const T* dout, const T* qkv, const T* out, const float* lse, float* dqkv, Heads s) {
+__device__ void attention_backward(const T* dout, const T* qkv, const T* out, const float* lse, float* dqkv,
+                                   const unsigned* first_keys, Heads s) {
     __shared__ float scratch[32];
     extern __shared__ float smem[];  // dS of a tile [blockDim.x], q_i [head_dim], dO_i [head_dim]
     const int i = blockIdx.x, h = blockIdx.y, b = blockIdx.z, d = s.head_dim, g = s.kv_of(h);
@@ -203,7 +211,7 @@ __device__ void attention_backward(const T* dout, const T* qkv, const T* out, co
     }
     delta = block_sum(delta, scratch);  // also the barrier after q and dout_i are written
     float* dq = dqkv + base + i * w + (long long)h * d;
-    for (int j0 = 0; j0 <= i; j0 += blockDim.x) {
+    for (int j0 = first_key(first_keys, s.seq, b, i); j0 <= i; j0 += blockDim.x) {
         const int j = j0 + threadIdx.x, keys = min((int)blockDim.x, i + 1 - j0);
         if (j <= i) {
             const T* kj = qkv + base + j * w + kc;
@@ -234,14 +242,15 @@ __device__ void attention_backward(const T* dout, const T* qkv, const T* out, co
 }
 
 #define ATTENTION_KERNELS(T, S)                                                                                    \
-    extern "C" __global__ void attention_forward_##S(const T* qkv, T* out, float* lse, int seq, int n_heads,      \
+    extern "C" __global__ void attention_forward_##S(const T* qkv, T* out, float* lse,                            \
+                                                     const unsigned* first_keys, int seq, int n_heads,             \
                                                      int n_kv_heads, int head_dim) {                               \
-        attention_forward<T>(qkv, out, lse, Heads{seq, n_heads, n_kv_heads, head_dim});                            \
+        attention_forward<T>(qkv, out, lse, first_keys, Heads{seq, n_heads, n_kv_heads, head_dim});                \
     }                                                                                                              \
     extern "C" __global__ void attention_backward_##S(const T* dout, const T* qkv, const T* out, const float* lse, \
-                                                      float* dqkv, int seq, int n_heads, int n_kv_heads,           \
-                                                      int head_dim) {                                              \
-        attention_backward<T>(dout, qkv, out, lse, dqkv, Heads{seq, n_heads, n_kv_heads, head_dim});               \
+                                                      float* dqkv, const unsigned* first_keys, int seq,            \
+                                                      int n_heads, int n_kv_heads, int head_dim) {                 \
+        attention_backward<T>(dout, qkv, out, lse, dqkv, first_keys, Heads{seq, n_heads, n_kv_heads, head_dim});   \
     }                                                                                                              \
     extern "C" __global__ void kv_append_##S(const T* qkv, T* k_cache, T* v_cache, int new_seq, int n_heads,       \
                                              int n_kv_heads, int head_dim, int pos, int max_seq, long long rows) { \

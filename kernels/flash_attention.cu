@@ -3,12 +3,13 @@
 // multiples of 16 up to 128: these are the instances, for the models that use them; the
 // backend falls back to the simple kernel of attention.cu for other head dims and for fp32).
 //
-// Computes what attention.cu computes (see there), with scale = 1 / sqrt(D):
-//   out_i = sum_{j <= i} softmax_j(scale q_i . k_j) v_j,  lse_i = log sum_{j <= i} exp(scale q_i . k_j)
+// Computes what attention.cu computes (see there), with scale = 1 / sqrt(D) and f_i the first
+// key of query i (first_keys[b T + i], non-decreasing along the sequence; 0 where null):
+//   out_i = sum_{f_i <= j <= i} softmax_j(scale q_i . k_j) v_j,  lse_i = log sum_{f_i <= j <= i} exp(scale q_i . k_j)
 // and backward, from dO, the saved lse and delta_i = dO_i . out_i (flash_backward_dot):
 //   P = exp(scale Q K^T - lse), dV = P^T dO, dS = P (dO V^T - delta), dK = scale dS^T Q, dQ = scale dS K.
 // The T x T matrices exist only tile by tile, in registers and shared memory.
-// Layouts: qkv [B T, (H + 2 Hkv) D] bf16 (q heads, k heads, v heads); out, dout [B T, H D];
+// Layouts: first_keys u32 [B T]; qkv [B T, (H + 2 Hkv) D] bf16 (q heads, k heads, v heads); out, dout [B T, H D];
 // lse, delta fp32 [B, H, T]; dqkv [B T, (H + 2 Hkv) D] bf16, written; dq_acc fp32 [B T, H D],
 // zeroed by the caller, which flash_backward_dq turns into dqkv's q columns. qkv and dout are
 // 16-byte aligned (rows go to shared memory by cp.async in 16-byte pieces).
@@ -21,12 +22,13 @@
 // registers; 64-key tiles of K and V go to shared memory by cp.async, staggered as
 // FlashAttention-2 does: V's tile lands while S = Q K^T is computed, the next K tile while
 // the softmax and P V run. The softmax is online (a running max and sum per row, in base 2);
-// key tiles past the block's last query are skipped, and only tiles that reach a warp's
-// diagonal are masked. Shared memory: 2 x 64 x (D + 8) bf16.
+// key tiles before the block's first query's first key or past its last query are skipped,
+// and only tiles that reach a warp's diagonal or its rows' first keys are masked. Shared memory: 2 x 64 x (D + 8) bf16.
 // Backward: grid (ceil(T / 128), Hkv, B), 256 threads (8 warps x 16 keys); a block owns a
 // 128-key tile of one kv head, so dK and dV accumulate in registers without atomics over the
 // query heads of the group and the query tiles at or after the key tile (32 queries a step,
-// the next step's Q and dO tiles landing by cp.async while this one computes); dQ, which
+// the next step's Q and dO tiles landing by cp.async while this one computes; queries whose
+// first key is past the tile are skipped); dQ, which
 // every key tile touches, goes to dq_acc with fp32 atomics. Shared memory: K and V tiles,
 // STAGES (2, or 1 where 2 exceed the GPU's) Q and dO tiles (32 x (D + 8) bf16 each), dS^T
 // (128 x 40 bf16), STAGES of lse and delta: 115,200 bytes at D = 128 with 2, 97,536 with 1.
@@ -44,7 +46,8 @@
 #define FA_BQ 32                 // query rows per backward step
 
 template <int D>
-__device__ void flash_forward(const bf16* qkv, bf16* out, float* lse, int seq, int n_heads, int n_kv_heads) {
+__device__ void flash_forward(const bf16* qkv, bf16* out, float* lse, const unsigned* first_keys, int seq, int n_heads,
+                              int n_kv_heads) {
     extern __shared__ __align__(16) bf16 fa_smem[];
     constexpr int S = D + FA_PAD;
     bf16* Ks = fa_smem;
@@ -59,9 +62,13 @@ __device__ void flash_forward(const bf16* qkv, bf16* out, float* lse, int seq, i
     const bf16* Vg = base + (long long)(n_heads + n_kv_heads + kvh) * D;
     const int r0 = qt * FA_BM + warp * 16;  // this warp's first query row
     const int rows[2] = {r0 + g, r0 + g + 8};
+    // Each row's first key (0 past the sequence, where nothing is written), and the block's.
+    const unsigned* fk = first_keys ? first_keys + (long long)b * seq : nullptr;
+    const int first[2] = {fk && rows[0] < seq ? (int)fk[rows[0]] : 0, fk && rows[1] < seq ? (int)fk[rows[1]] : 0};
+    const int kv_begin = fk ? (int)fk[qt * FA_BM] / FA_BN * FA_BN : 0, first_hi = max(first[0], first[1]);
 
     const int kv_end = min(seq, (qt + 1) * FA_BM);
-    stage_rows<D>(Ks, Kg, W, 0, seq, FA_BN);
+    stage_rows<D>(Ks, Kg, W, kv_begin, seq, FA_BN);
     unsigned qf[D / 16][4];
     load_a_fragments<D>(qf, Qg, W, r0, seq);
     float o[D / 8][4];
@@ -69,7 +76,7 @@ __device__ void flash_forward(const bf16* qkv, bf16* out, float* lse, int seq, i
     float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.0f, 0.0f};
     const float scale_log2 = rsqrtf((float)D) * 1.4426950408889634f;
 
-    for (int j0 = 0; j0 < kv_end; j0 += FA_BN) {
+    for (int j0 = kv_begin; j0 < kv_end; j0 += FA_BN) {
         cp_async_wait<0>();
         __syncthreads();  // K's tile has landed, and every warp is done with the previous V
         stage_rows<D>(Vs, Vg, W, j0, seq, FA_BN);
@@ -77,15 +84,16 @@ __device__ void flash_forward(const bf16* qkv, bf16* out, float* lse, int seq, i
         zero_acc(s);
         mma_abt<D, FA_BN / 8>(s, qf, Ks, S);
         // Scale into base 2 and mask where the tile reaches past the warp's first row (keys
-        // past the sequence are past every row); then the online softmax, per row (i >> 1).
-        const bool masked = j0 + FA_BN - 1 > r0;
+        // past the sequence are past every row) or before this thread's rows' first keys; then
+        // the online softmax, per row (i >> 1).
+        const bool masked = j0 + FA_BN - 1 > r0 || j0 < first_hi;
         float tile_max[2] = {NEG_INF, NEG_INF};
 #pragma unroll
         for (int nt = 0; nt < FA_BN / 8; nt++)
 #pragma unroll
             for (int i = 0; i < 4; i++) {
                 const int col = j0 + nt * 8 + 2 * t + (i & 1), row = rows[i >> 1];
-                const float x = !masked || col <= row ? s[nt][i] * scale_log2 : NEG_INF;
+                const float x = !masked || (col <= row && col >= first[i >> 1]) ? s[nt][i] * scale_log2 : NEG_INF;
                 s[nt][i] = x;
                 tile_max[i >> 1] = fmaxf(tile_max[i >> 1], x);
             }
@@ -151,12 +159,27 @@ extern "C" __global__ void flash_backward_dot(const bf16* dout, const bf16* out,
     if (lane == 0) delta[(b * n_heads + h) * seq + t] = acc;
 }
 
+// The last query of sequence b whose first key is at most `key` (seq - 1 without first keys,
+// or for a key past the sequence): the first keys do not decrease along the sequence, and
+// the query at `key` sees it, so a binary search from there.
+__device__ int last_query_seeing(const unsigned* first_keys, int b, int seq, int key) {
+    if (!first_keys || key >= seq) return seq - 1;
+    const unsigned* fk = first_keys + (long long)b * seq;
+    int lo = key + 1, hi = seq;  // the first query after key whose first key is past it
+    while (lo < hi) {
+        const int mid = (lo + hi) / 2;
+        if ((int)fk[mid] > key) hi = mid;
+        else lo = mid + 1;
+    }
+    return lo - 1;
+}
+
 // STAGES buffers of the Q, dO, lse and delta tiles: 2 loads the next step's during this
 // one's products, 1 (for GPUs with 99 KiB of shared memory a block, where 2 do not fit at
 // D = 128) during this one's dQ, once its products are done with them.
 template <int D, int STAGES>
 __device__ void flash_backward(const bf16* dout, const bf16* qkv, const float* lse, const float* delta, float* dq_acc,
-                               bf16* dqkv, int seq, int n_heads, int n_kv_heads) {
+                               bf16* dqkv, const unsigned* first_keys, int seq, int n_heads, int n_kv_heads) {
     static_assert(STAGES == 1 || STAGES == 2, "one or two buffers of the query tiles");
     extern __shared__ __align__(16) bf16 fa_smem[];
     constexpr int S = D + FA_PAD, SD = FA_BQ + FA_PAD;
@@ -174,10 +197,16 @@ __device__ void flash_backward(const bf16* dout, const bf16* qkv, const float* l
     const bf16* base = qkv + (long long)b * seq * W;
     const int j0 = kt * FA_BK, k0 = j0 + warp * 16;  // the block's and this warp's first key
     const int keys[2] = {k0 + g, k0 + g + 8};
+    // The last query that sees each of this thread's keys: the first keys bound the queries
+    // from above as the diagonal does from below (and keep them inside the sequence).
+    const int last_query[2] = {last_query_seeing(first_keys, b, seq, keys[0]),
+                               last_query_seeing(first_keys, b, seq, keys[1])};
     const float scale = rsqrtf((float)D), scale_log2 = scale * 1.4426950408889634f;
     // The steps: each query head of the group, over the query tiles from the one holding
-    // key j0 (queries before it see none of the block's keys) to the end.
-    const int q_first = j0 / FA_BQ * FA_BQ, per_head = (seq - q_first + FA_BQ - 1) / FA_BQ;
+    // key j0 (queries before it see none of the block's keys) to the one holding the last
+    // query that sees the block's last key.
+    const int q_first = j0 / FA_BQ * FA_BQ, q_end = last_query_seeing(first_keys, b, seq, j0 + FA_BK - 1) + 1;
+    const int per_head = (q_end - q_first + FA_BQ - 1) / FA_BQ;
     // Starts the copies of step i's Q and dO tiles (and writes its lse and delta) into buffer i % STAGES.
     auto prefetch = [&](int i) {
         const int h = kvh * group + i / per_head, q0 = q_first + i % per_head * FA_BQ, buf = i % STAGES;
@@ -225,13 +254,14 @@ __device__ void flash_backward(const bf16* dout, const bf16* qkv, const float* l
                 mma_16816(dpt[nt + 1], va, ob + 2);
             }
         }
-        // P^T and dS^T = P^T (dP^T - delta), masked: query >= key, both inside the sequence.
+        // P^T and dS^T = P^T (dP^T - delta), masked: key <= query <= the key's last query (so
+        // the query's first key <= key, and the query is inside the sequence), the key too.
 #pragma unroll
         for (int nt = 0; nt < FA_BQ / 8; nt++)
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 const int qc = nt * 8 + 2 * t + (e & 1), query = q0 + qc, key = keys[e >> 1];
-                const bool valid = key <= query && query < seq && key < seq;
+                const bool valid = key <= query && query <= last_query[e >> 1] && key < seq;
                 const float p = valid ? exp2f(st[nt][e] * scale_log2 - lse_t[qc]) : 0.0f;
                 st[nt][e] = p;
                 dpt[nt][e] = p * (dpt[nt][e] - delta_t[qc]);
@@ -297,13 +327,15 @@ extern "C" __global__ void flash_backward_dq(const float* dq_acc, bf16* dqkv, in
 #define FLASH_BACKWARD(D, STAGES)                                                                                  \
     extern "C" __global__ void __launch_bounds__(32 * FA_BWD_WARPS)                                               \
         flash_backward_d##D##_s##STAGES(const bf16* dout, const bf16* qkv, const float* lse, const float* delta,  \
-                                        float* dq_acc, bf16* dqkv, int seq, int n_heads, int n_kv_heads) {        \
-        flash_backward<D, STAGES>(dout, qkv, lse, delta, dq_acc, dqkv, seq, n_heads, n_kv_heads);                 \
+                                        float* dq_acc, bf16* dqkv, const unsigned* first_keys, int seq,           \
+                                        int n_heads, int n_kv_heads) {                                            \
+        flash_backward<D, STAGES>(dout, qkv, lse, delta, dq_acc, dqkv, first_keys, seq, n_heads, n_kv_heads);     \
     }
 #define FLASH_KERNELS(D)                                                                                           \
     extern "C" __global__ void __launch_bounds__(32 * FA_WARPS)                                                   \
-        flash_forward_d##D(const bf16* qkv, bf16* out, float* lse, int seq, int n_heads, int n_kv_heads) {        \
-        flash_forward<D>(qkv, out, lse, seq, n_heads, n_kv_heads);                                                 \
+        flash_forward_d##D(const bf16* qkv, bf16* out, float* lse, const unsigned* first_keys, int seq,          \
+                           int n_heads, int n_kv_heads) {                                                          \
+        flash_forward<D>(qkv, out, lse, first_keys, seq, n_heads, n_kv_heads);                                     \
     }                                                                                                              \
     FLASH_BACKWARD(D, 2)
 

@@ -52,6 +52,34 @@ impl AttnShape {
     }
 }
 
+/// The first key each query attends when documents packed into sequences of `seq` tokens
+/// attend only within their own (`[rows]`, for [`Backend::attention_forward`]): a document
+/// starts at its end-of-text token `eot` (which `data prepare` writes before each one) and at
+/// each sequence's start. Non-decreasing along each sequence and at most the query's position,
+/// as every backend's attention requires of `first_keys`.
+pub fn document_starts(ids: &[u32], seq: usize, eot: u32) -> Vec<u32> {
+    let mut starts = Vec::with_capacity(ids.len());
+    for sequence in ids.chunks(seq) {
+        let mut start = 0;
+        for (t, &id) in sequence.iter().enumerate() {
+            if id == eot {
+                start = t as u32;
+            }
+            starts.push(start);
+        }
+    }
+    starts
+}
+
+/// Whether `first_keys` can be attention's (see [`document_starts`]): one per row, each at
+/// most its position and none before the previous one in its sequence.
+pub fn valid_first_keys(first_keys: &[u32], s: AttnShape) -> bool {
+    first_keys.len() == s.rows()
+        && first_keys
+            .chunks(s.seq)
+            .all(|f| f.iter().enumerate().all(|(t, &k)| k as usize <= t && (t == 0 || f[t - 1] <= k)))
+}
+
 /// Dimensions of one selective scan (Mamba-1): `batch` sequences of `len` tokens, `channels`
 /// (d_inner) each with a state of `state` values; a state is saved every `chunk` tokens for
 /// backward, which recomputes the states in between.
@@ -478,9 +506,19 @@ pub trait Backend: Send + Sync {
     );
     /// Causal softmax attention. Reads q, k, v from `qkv` (`[rows, qkv_width]`), writes
     /// `out` (`[rows, H*D]`) and `lse` (`[batch, H, seq]`, log-sum-exp of the scaled scores),
-    /// which is all backward needs besides the inputs.
-    fn attention_forward(&self, qkv: Self::Ref<'_>, out: Self::Mut<'_>, lse: Self::Mut<'_>, shape: AttnShape);
+    /// which is all backward needs besides the inputs. With `first_keys` (`[rows]`, see
+    /// [`document_starts`]) the query at position t of sequence b attends the keys from
+    /// `first_keys[b seq + t]` to t only; without, from 0.
+    fn attention_forward(
+        &self,
+        qkv: Self::Ref<'_>,
+        out: Self::Mut<'_>,
+        lse: Self::Mut<'_>,
+        shape: AttnShape,
+        first_keys: Option<&Self::Ids>,
+    );
     /// Writes (`=`) `dqkv`, the gradient of the whole fused qkv buffer.
+    #[allow(clippy::too_many_arguments)]
     fn attention_backward(
         &self,
         dout: Self::Ref<'_>,
@@ -489,6 +527,7 @@ pub trait Backend: Send + Sync {
         lse: Self::Ref<'_>,
         dqkv: Self::Mut<'_>,
         shape: AttnShape,
+        first_keys: Option<&Self::Ids>,
     );
 
     /// Inference attention over a key/value cache. The new rows are `shape.seq` tokens per

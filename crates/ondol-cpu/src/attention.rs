@@ -5,7 +5,8 @@
 //! through strides, so nothing is transposed or copied.
 //!
 //! Forward, per (batch, head) and per block of `BLOCK` queries: S = scale Q K^T over the keys
-//! up to the block's end (the causal triangle above the block is never computed), masked
+//! from the block's first query's first key (0, or its document's start) up to the block's end
+//! (neither the causal triangle above the block nor earlier documents are computed), masked
 //! softmax, O = P V. Only the log-sum-exp of each row is saved; backward recomputes P from it,
 //! as flash attention does, so memory stays O(T) per head instead of O(T^2).
 //!
@@ -20,7 +21,7 @@ use crate::dense::raw_gemm;
 use crate::math::{exp, max, sum};
 use crate::simd::dispatched;
 use gemm::Parallelism;
-use ondol_core::backend::{AttnShape, Gemm};
+use ondol_core::backend::{AttnShape, Gemm, valid_first_keys};
 use rayon::prelude::*;
 
 /// Queries per block: the unit of causal skipping and of scratch memory (BLOCK x T floats).
@@ -68,30 +69,53 @@ unsafe fn scores(q: *const f32, k: *const f32, width: usize, s: AttnShape, nq: u
     unsafe { raw_gemm(g, out.as_mut_ptr(), nk as isize, q, (w, 1), k, (1, w), Parallelism::None) }
 }
 
-pub fn attention_forward(qkv: &[f32], out: &mut [f32], lse: &mut [f32], s: AttnShape) {
+/// The keys a block of `nq` queries from `q0` attends: from the block's first query's first
+/// key (`first_keys` is non-decreasing) to its last query; and each row's live columns of that
+/// range (`live[i] = (first key, key after the query)`, relative to the range's start).
+fn block_keys(first_keys: Option<&[u32]>, q0: usize, nq: usize, live: &mut Vec<(usize, usize)>) -> (usize, usize) {
+    let first = |t: usize| first_keys.map_or(0, |f| f[t] as usize);
+    let k0 = first(q0);
+    live.clear();
+    live.extend((q0..q0 + nq).map(|t| (first(t) - k0, t + 1 - k0)));
+    (k0, q0 + nq)
+}
+
+/// `first_keys` of batch entry `b` (see `Backend::attention_forward`).
+fn entry_first_keys(first_keys: Option<&[u32]>, s: AttnShape, b: usize) -> Option<&[u32]> {
+    first_keys.map(|f| &f[b * s.seq..][..s.seq])
+}
+
+pub fn attention_forward(qkv: &[f32], out: &mut [f32], lse: &mut [f32], s: AttnShape, first_keys: Option<&[u32]>) {
     let (t, d, width, owidth) = (s.seq, s.head_dim, s.qkv_width(), s.q_width());
     assert!(s.n_heads.is_multiple_of(s.n_kv_heads));
     assert_eq!(qkv.len(), s.rows() * width);
     assert_eq!(out.len(), s.rows() * owidth);
     assert_eq!(lse.len(), s.batch * s.n_heads * t);
+    assert!(first_keys.is_none_or(|f| valid_first_keys(f, s)), "attention: first keys out of order");
     let out_ptr = SharedMut::new(out);
     lse.par_chunks_mut(t).enumerate().for_each(|(task, lse)| {
         let (b, h) = (task / s.n_heads, task % s.n_heads);
         let (qc, kc, vc) = head_columns(s, h);
         let base = &qkv[b * t * width..];
-        let mut p = vec![0.0f32; BLOCK.min(t) * t];
+        let first_keys = entry_first_keys(first_keys, s, b);
+        let (mut p, mut live) = (vec![0.0f32; BLOCK.min(t) * t], Vec::with_capacity(BLOCK));
         for q0 in (0..t).step_by(BLOCK) {
-            let (nq, nk) = (BLOCK.min(t - q0), (q0 + BLOCK).min(t));
+            let nq = BLOCK.min(t - q0);
+            let (k0, k1) = block_keys(first_keys, q0, nq, &mut live);
+            let nk = k1 - k0;
             let p = &mut p[..nq * nk];
-            // SAFETY: q rows q0..q0+nq and k rows 0..nk lie inside this batch's qkv rows.
-            unsafe { scores(base[q0 * width + qc..].as_ptr(), base[kc..].as_ptr(), width, s, nq, nk, p) };
-            causal_softmax(p, nk, q0, &mut lse[q0..q0 + nq]);
+            // SAFETY: q rows q0..q0+nq and k rows k0..k1 lie inside this batch's qkv rows.
+            unsafe {
+                let k = base[k0 * width + kc..].as_ptr();
+                scores(base[q0 * width + qc..].as_ptr(), k, width, s, nq, nk, p);
+            }
+            masked_softmax(p, nk, &live, &mut lse[q0..q0 + nq]);
             let g = Gemm::new(nq, d, nk, false, false);
             let o_rs = owidth as isize;
             // SAFETY: task (b, h) alone writes out rows b*t + q0.. at columns h*d..h*d+d.
             unsafe {
                 let o = out_ptr.get().add((b * t + q0) * owidth + h * d);
-                let v = base[vc..].as_ptr();
+                let v = base[k0 * width + vc..].as_ptr();
                 raw_gemm(g, o, o_rs, p.as_ptr(), (nk as isize, 1), v, (width as isize, 1), Parallelism::None);
             }
         }
@@ -99,38 +123,52 @@ pub fn attention_forward(qkv: &[f32], out: &mut [f32], lse: &mut [f32], s: AttnS
 }
 
 dispatched! {
-    /// The causal softmax of a block of score rows (`[nq, nk]`, queries from `q0`) in place:
-    /// keys after each row's query are zeroed; each row's log-sum-exp goes to `lse`.
-    fn causal_softmax(p: &mut [f32], nk: usize, q0: usize, lse: &mut [f32]) -> () {
-        for (i, (row, lse)) in p.chunks_exact_mut(nk).zip(lse).enumerate() {
-            let (live, masked) = row.split_at_mut(q0 + i + 1);
+    /// The softmax of a block of score rows (`[nq, nk]`) in place over each row's live
+    /// columns (`live`, see [`block_keys`]), the others zeroed; each row's log-sum-exp goes
+    /// to `lse`.
+    fn masked_softmax(p: &mut [f32], nk: usize, live: &[(usize, usize)], lse: &mut [f32]) -> () {
+        for ((row, &(lo, hi)), lse) in p.chunks_exact_mut(nk).zip(live).zip(lse) {
+            let (before, rest) = row.split_at_mut(lo);
+            let (live, after) = rest.split_at_mut(hi - lo);
             let max = max(live);
             live.iter_mut().for_each(|v| *v = exp(*v - max));
             let total = sum(live);
             let inv = 1.0 / total;
             live.iter_mut().for_each(|v| *v *= inv);
-            masked.fill(0.0);
+            before.fill(0.0);
+            after.fill(0.0);
             *lse = max + total.ln();
         }
     }
 }
 
 dispatched! {
-    /// [`causal_softmax`] again from the saved log-sum-exp (backward's recompute).
-    fn causal_probabilities(p: &mut [f32], nk: usize, q0: usize, lse: &[f32]) -> () {
-        for (i, (row, &l)) in p.chunks_exact_mut(nk).zip(lse).enumerate() {
-            let (live, masked) = row.split_at_mut(q0 + i + 1);
+    /// [`masked_softmax`] again from the saved log-sum-exp (backward's recompute).
+    fn masked_probabilities(p: &mut [f32], nk: usize, live: &[(usize, usize)], lse: &[f32]) -> () {
+        for ((row, &(lo, hi)), &l) in p.chunks_exact_mut(nk).zip(live).zip(lse) {
+            let (before, rest) = row.split_at_mut(lo);
+            let (live, after) = rest.split_at_mut(hi - lo);
             live.iter_mut().for_each(|v| *v = exp(*v - l));
-            masked.fill(0.0);
+            before.fill(0.0);
+            after.fill(0.0);
         }
     }
 }
 
-pub fn attention_backward(dout: &[f32], qkv: &[f32], out: &[f32], lse: &[f32], dqkv: &mut [f32], s: AttnShape) {
+pub fn attention_backward(
+    dout: &[f32],
+    qkv: &[f32],
+    out: &[f32],
+    lse: &[f32],
+    dqkv: &mut [f32],
+    s: AttnShape,
+    first_keys: Option<&[u32]>,
+) {
     let (t, d, width, owidth) = (s.seq, s.head_dim, s.qkv_width(), s.q_width());
     let group = s.n_heads / s.n_kv_heads;
     assert_eq!(dqkv.len(), qkv.len());
     assert_eq!(dout.len(), out.len());
+    assert!(first_keys.is_none_or(|f| valid_first_keys(f, s)), "attention: first keys out of order");
     let scale = 1.0 / (d as f32).sqrt();
     let dqkv_ptr = SharedMut::new(dqkv);
     (0..s.batch * s.n_kv_heads).into_par_iter().for_each(|task| {
@@ -138,6 +176,7 @@ pub fn attention_backward(dout: &[f32], qkv: &[f32], out: &[f32], lse: &[f32], d
         let base = &qkv[b * t * width..];
         let dbase = dqkv_ptr.get().wrapping_add(b * t * width);
         let (_, kc, vc) = head_columns(s, g * group);
+        let first_keys = entry_first_keys(first_keys, s, b);
         // SAFETY (all writes below): task (b, g) alone owns rows b*t.. of dqkv at the
         // columns of kv head g and of its query heads g*group..(g+1)*group.
         unsafe {
@@ -148,26 +187,31 @@ pub fn attention_backward(dout: &[f32], qkv: &[f32], out: &[f32], lse: &[f32], d
         }
         let mut p = vec![0.0f32; BLOCK.min(t) * t];
         let mut dp = vec![0.0f32; BLOCK.min(t) * t];
+        let mut live = Vec::with_capacity(BLOCK);
         let w = width as isize;
         for h in g * group..(g + 1) * group {
             let (qc, _, _) = head_columns(s, h);
             let lse = &lse[(b * s.n_heads + h) * t..][..t];
             let o_off = b * t * owidth + h * d;
             for q0 in (0..t).step_by(BLOCK) {
-                let (nq, nk) = (BLOCK.min(t - q0), (q0 + BLOCK).min(t));
+                let nq = BLOCK.min(t - q0);
+                let (k0, k1) = block_keys(first_keys, q0, nq, &mut live);
+                let nk = k1 - k0;
                 let (p, dp) = (&mut p[..nq * nk], &mut dp[..nq * nk]);
+                // Keys k0..k1 of this head: their k, v, dk and dv columns.
+                let (kb, vb) = (k0 * width + kc, k0 * width + vc);
                 // SAFETY: all operands address rows of this batch entry; see above for writes.
                 unsafe {
-                    scores(base[q0 * width + qc..].as_ptr(), base[kc..].as_ptr(), width, s, nq, nk, p);
-                    causal_probabilities(p, nk, q0, &lse[q0..q0 + nq]);
+                    scores(base[q0 * width + qc..].as_ptr(), base[kb..].as_ptr(), width, s, nq, nk, p);
+                    masked_probabilities(p, nk, &live, &lse[q0..q0 + nq]);
                     let dout_blk = dout[o_off + q0 * owidth..].as_ptr();
                     let ow = owidth as isize;
-                    // dV[0..nk] += P^T dO
+                    // dV[k0..k1] += P^T dO
                     let gv = Gemm::new(nk, d, nq, true, false).accumulate();
-                    raw_gemm(gv, dbase.add(vc), w, p.as_ptr(), (1, nk as isize), dout_blk, (ow, 1), Parallelism::None);
+                    raw_gemm(gv, dbase.add(vb), w, p.as_ptr(), (1, nk as isize), dout_blk, (ow, 1), Parallelism::None);
                     // dP = dO V^T
                     let gp = Gemm::new(nq, nk, d, false, true);
-                    let v = base[vc..].as_ptr();
+                    let v = base[vb..].as_ptr();
                     raw_gemm(gp, dp.as_mut_ptr(), nk as isize, dout_blk, (ow, 1), v, (1, w), Parallelism::None);
                     // dS = scale * P * (dP - rowsum(dO * O)), written over dP.
                     for i in 0..nq {
@@ -180,7 +224,7 @@ pub fn attention_backward(dout: &[f32], qkv: &[f32], out: &[f32], lse: &[f32], d
                     }
                     // dQ[q0..] = dS K
                     let gq = Gemm::new(nq, d, nk, false, false);
-                    let k = base[kc..].as_ptr();
+                    let k = base[kb..].as_ptr();
                     raw_gemm(
                         gq,
                         dbase.add(q0 * width + qc),
@@ -191,10 +235,10 @@ pub fn attention_backward(dout: &[f32], qkv: &[f32], out: &[f32], lse: &[f32], d
                         (w, 1),
                         Parallelism::None,
                     );
-                    // dK[0..nk] += dS^T Q
+                    // dK[k0..k1] += dS^T Q
                     let gk = Gemm::new(nk, d, nq, true, false).accumulate();
                     let q = base[q0 * width + qc..].as_ptr();
-                    raw_gemm(gk, dbase.add(kc), w, dp.as_ptr(), (1, nk as isize), q, (w, 1), Parallelism::None);
+                    raw_gemm(gk, dbase.add(kb), w, dp.as_ptr(), (1, nk as isize), q, (w, 1), Parallelism::None);
                 }
             }
         }

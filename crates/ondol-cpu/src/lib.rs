@@ -255,8 +255,15 @@ impl Backend for CpuBackend {
     ) {
         norm::qk_norm_backward(dqkv, qkv, w, rstd, dw, shape);
     }
-    fn attention_forward(&self, qkv: &[f32], out: &mut [f32], lse: &mut [f32], shape: AttnShape) {
-        attention::attention_forward(qkv, out, lse, shape);
+    fn attention_forward(
+        &self,
+        qkv: &[f32],
+        out: &mut [f32],
+        lse: &mut [f32],
+        shape: AttnShape,
+        first_keys: Option<&Vec<u32>>,
+    ) {
+        attention::attention_forward(qkv, out, lse, shape, first_keys.map(Vec::as_slice));
     }
     fn attention_backward(
         &self,
@@ -266,8 +273,9 @@ impl Backend for CpuBackend {
         lse: &[f32],
         dqkv: &mut [f32],
         shape: AttnShape,
+        first_keys: Option<&Vec<u32>>,
     ) {
-        attention::attention_backward(dout, qkv, out, lse, dqkv, shape);
+        attention::attention_backward(dout, qkv, out, lse, dqkv, shape, first_keys.map(Vec::as_slice));
     }
 
     fn attention_cached(

@@ -281,8 +281,9 @@ fn rope_backward_is_the_inverse_rotation() {
     }
 }
 
-/// Attention computed the obvious way, in f64, for the forward check.
-fn naive_attention(qkv: &[f32], s: AttnShape) -> Vec<f32> {
+/// Attention computed the obvious way, in f64, for the forward check: query i over keys
+/// `first_keys[b T + i]..=i` (0.. without).
+fn naive_attention(qkv: &[f32], s: AttnShape, first_keys: Option<&[u32]>) -> Vec<f32> {
     let (t, d, w) = (s.seq, s.head_dim, s.qkv_width());
     let mut out = vec![0.0f32; s.rows() * s.q_width()];
     for b in 0..s.batch {
@@ -291,7 +292,8 @@ fn naive_attention(qkv: &[f32], s: AttnShape) -> Vec<f32> {
             let (qc, kc, vc) = (h * d, (s.n_heads + g) * d, (s.n_heads + s.n_kv_heads + g) * d);
             for i in 0..t {
                 let qi = &qkv[(b * t + i) * w + qc..][..d];
-                let scores: Vec<f64> = (0..=i)
+                let first = first_keys.map_or(0, |f| f[b * t + i] as usize);
+                let scores: Vec<f64> = (first..=i)
                     .map(|j| {
                         let kj = &qkv[(b * t + j) * w + kc..][..d];
                         qi.iter().zip(kj).map(|(a, c)| *a as f64 * *c as f64).sum::<f64>() / (d as f64).sqrt()
@@ -300,8 +302,9 @@ fn naive_attention(qkv: &[f32], s: AttnShape) -> Vec<f32> {
                 let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                 let z: f64 = scores.iter().map(|s| (s - max).exp()).sum();
                 for e in 0..d {
-                    let o: f64 =
-                        (0..=i).map(|j| (scores[j] - max).exp() / z * qkv[(b * t + j) * w + vc + e] as f64).sum();
+                    let o: f64 = (first..=i)
+                        .map(|j| (scores[j - first] - max).exp() / z * qkv[(b * t + j) * w + vc + e] as f64)
+                        .sum();
                     out[(b * t + i) * s.q_width() + h * d + e] = o as f32;
                 }
             }
@@ -317,19 +320,19 @@ fn attention_forward_matches_naive_and_backward_matches_finite_differences() {
     let s = shape(2, 70, 4, 2, 8);
     let mut qkv = randn(s.rows() * s.qkv_width(), 1.0, 19);
     let (mut out, mut lse) = (vec![0.0; s.rows() * s.q_width()], vec![0.0; s.batch * s.n_heads * s.seq]);
-    BE.attention_forward(&qkv, &mut out, &mut lse, s);
-    let want = naive_attention(&qkv, s);
+    BE.attention_forward(&qkv, &mut out, &mut lse, s, None);
+    let want = naive_attention(&qkv, s, None);
     for (i, (a, b)) in out.iter().zip(&want).enumerate() {
         assert!((a - b).abs() < 1e-5, "attention output {i}: {a} vs {b}");
     }
     let dout = randn(out.len(), 1.0, 20);
     let mut dqkv = vec![f32::NAN; qkv.len()]; // backward must overwrite every element
-    BE.attention_backward(&dout, &qkv, &out, &lse, &mut dqkv, s);
+    BE.attention_backward(&dout, &qkv, &out, &lse, &mut dqkv, s, None);
     check(
         &mut qkv,
         &dqkv,
         |x| {
-            BE.attention_forward(x, &mut out, &mut lse, s);
+            BE.attention_forward(x, &mut out, &mut lse, s, None);
             dot(&dout, &out)
         },
         H,
@@ -341,20 +344,59 @@ fn attention_forward_matches_naive_and_backward_matches_finite_differences() {
     .assert_ok("attention dqkv");
 }
 
+/// Documents packed into sequences: each query attends from its document's start, which
+/// falls inside a block of queries, on a block's edge, at a sequence's start, or not at all.
+#[test]
+fn attention_within_documents_matches_naive_and_finite_differences() {
+    const EOT: u32 = 9;
+    let s = shape(2, 150, 4, 2, 8);
+    let mut ids = vec![1u32; s.rows()];
+    for at in [5, 63, 64, 100, 149, 150, 151, 290] {
+        ids[at] = EOT;
+    }
+    let first_keys = ondol_core::backend::document_starts(&ids, s.seq, EOT);
+    assert_eq!((first_keys[62], first_keys[63], first_keys[150], first_keys[152]), (5, 63, 0, 1));
+    let f = Some(&first_keys);
+    let mut qkv = randn(s.rows() * s.qkv_width(), 1.0, 23);
+    let (mut out, mut lse) = (vec![0.0; s.rows() * s.q_width()], vec![0.0; s.batch * s.n_heads * s.seq]);
+    BE.attention_forward(&qkv, &mut out, &mut lse, s, f);
+    let want = naive_attention(&qkv, s, Some(&first_keys));
+    for (i, (a, b)) in out.iter().zip(&want).enumerate() {
+        assert!((a - b).abs() < 1e-5, "attention output {i}: {a} vs {b}");
+    }
+    let dout = randn(out.len(), 1.0, 24);
+    let mut dqkv = vec![f32::NAN; qkv.len()];
+    BE.attention_backward(&dout, &qkv, &out, &lse, &mut dqkv, s, f);
+    check(
+        &mut qkv,
+        &dqkv,
+        |x| {
+            BE.attention_forward(x, &mut out, &mut lse, s, f);
+            dot(&dout, &out)
+        },
+        H,
+        RTOL,
+        ATOL,
+        600,
+        3,
+    )
+    .assert_ok("attention within documents dqkv");
+}
+
 #[test]
 fn multi_query_attention_backward_matches_finite_differences() {
     let s = shape(1, 9, 3, 1, 4);
     let mut qkv = randn(s.rows() * s.qkv_width(), 1.0, 21);
     let (mut out, mut lse) = (vec![0.0; s.rows() * s.q_width()], vec![0.0; s.n_heads * s.seq]);
-    BE.attention_forward(&qkv, &mut out, &mut lse, s);
+    BE.attention_forward(&qkv, &mut out, &mut lse, s, None);
     let dout = randn(out.len(), 1.0, 22);
     let mut dqkv = vec![0.0; qkv.len()];
-    BE.attention_backward(&dout, &qkv, &out, &lse, &mut dqkv, s);
+    BE.attention_backward(&dout, &qkv, &out, &lse, &mut dqkv, s, None);
     check(
         &mut qkv,
         &dqkv,
         |x| {
-            BE.attention_forward(x, &mut out, &mut lse, s);
+            BE.attention_forward(x, &mut out, &mut lse, s, None);
             dot(&dout, &out)
         },
         H,

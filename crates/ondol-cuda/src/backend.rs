@@ -249,8 +249,8 @@ impl CudaBackend {
 
     /// Flash attention's forward (kernels/flash_attention.cu) into `out` and the log-sum-exp
     /// at `lse` (fp32, [B, H, T]).
-    fn flash_forward(&self, qkv: DevRef<'_>, out: DevMut<'_>, lse: u64, shape: AttnShape) {
-        let mut args = vec![ptr(&qkv), ptr_mut(&out), Arg::Ptr(lse)];
+    fn flash_forward(&self, qkv: DevRef<'_>, out: DevMut<'_>, lse: u64, shape: AttnShape, first_keys: u64) {
+        let mut args = vec![ptr(&qkv), ptr_mut(&out), Arg::Ptr(lse), Arg::Ptr(first_keys)];
         args.extend([shape.seq, shape.n_heads, shape.n_kv_heads].map(|x| Arg::I32(x as i32)));
         let name = format!("flash_forward_d{}", shape.head_dim);
         let smem = 2 * 2 * 64 * (shape.head_dim + 8); // K and V tiles of 64 rows of D + 8 bf16
@@ -260,6 +260,7 @@ impl CudaBackend {
     /// Flash attention's backward (kernels/flash_attention.cu): delta = rowsum(dO out), the
     /// key-tile kernel (dK and dV written, dQ added into an fp32 accumulator), then dQ into
     /// dqkv's q columns.
+    #[allow(clippy::too_many_arguments)]
     fn flash_backward(
         &self,
         dout: DevRef<'_>,
@@ -268,6 +269,7 @@ impl CudaBackend {
         lse: DevRef<'_>,
         dqkv: DevMut<'_>,
         shape: AttnShape,
+        first_keys: u64,
     ) {
         let (rows, d) = (shape.rows(), shape.head_dim);
         let mut delta = self.zeros_f32(shape.batch * shape.n_heads * shape.seq);
@@ -290,6 +292,7 @@ impl CudaBackend {
         ];
         self.dev.launch("flash_attention", "flash_backward_dot", cfg, &args);
         let mut args = vec![ptr(&dout), ptr(&qkv), ptr(&lse), Arg::Ptr(delta_ptr), Arg::Ptr(dq_ptr), ptr_mut(&dqkv)];
+        args.push(Arg::Ptr(first_keys));
         args.extend([shape.seq, shape.n_heads, shape.n_kv_heads].map(|x| Arg::I32(x as i32)));
         let stages = self.flash_backward_stages(d).expect("attention_backward checked that a form fits");
         let cfg = flash_grid(shape, shape.n_kv_heads, FLASH_BACKWARD, flash_backward_shared(d, stages) as usize);
@@ -811,18 +814,26 @@ impl Backend for CudaBackend {
         let cfg = self.per_sm((rows * normed).div_ceil(warps), warps * 2 * shape.head_dim * 4);
         self.run("norms", "qk_norm_backward", dtype, cfg, &args);
     }
-    fn attention_forward(&self, qkv: DevRef<'_>, out: DevMut<'_>, lse: DevMut<'_>, shape: AttnShape) {
+    fn attention_forward(
+        &self,
+        qkv: DevRef<'_>,
+        out: DevMut<'_>,
+        lse: DevMut<'_>,
+        shape: AttnShape,
+        first_keys: Option<&DeviceIds>,
+    ) {
         let dtype = same_type("attention_forward", &[qkv.dtype, out.dtype]);
         is_f32("attention_forward lse", lse.dtype);
         assert_eq!(qkv.len, shape.rows() * shape.qkv_width(), "attention_forward: qkv length");
         assert_eq!(out.len, shape.rows() * shape.q_width(), "attention_forward: out length");
         assert_eq!(lse.len, shape.batch * shape.n_heads * shape.seq, "attention_forward: lse length");
+        let first_keys = first_keys_ptr(first_keys, shape);
         if self.uses_flash(shape, &[qkv.ptr, out.ptr]) {
-            self.flash_forward(qkv, out, lse.ptr, shape);
+            self.flash_forward(qkv, out, lse.ptr, shape, first_keys);
             return;
         }
         let cfg = simple_attention_grid(shape);
-        let mut args = vec![ptr(&qkv), ptr_mut(&out), ptr_mut(&lse)];
+        let mut args = vec![ptr(&qkv), ptr_mut(&out), ptr_mut(&lse), Arg::Ptr(first_keys)];
         args.extend([shape.seq, shape.n_heads, shape.n_kv_heads, shape.head_dim].map(|x| Arg::I32(x as i32)));
         self.run("attention", "attention_forward", dtype, cfg, &args);
     }
@@ -834,6 +845,7 @@ impl Backend for CudaBackend {
         lse: DevRef<'_>,
         mut dqkv: DevMut<'_>,
         shape: AttnShape,
+        first_keys: Option<&DeviceIds>,
     ) {
         let dtype = same_type("attention_backward", &[dout.dtype, qkv.dtype, out.dtype, dqkv.dtype]);
         is_f32("attention_backward lse", lse.dtype);
@@ -841,10 +853,11 @@ impl Backend for CudaBackend {
         assert_eq!(qkv.len, shape.rows() * shape.qkv_width(), "attention_backward: qkv length");
         assert!(dout.len == out.len && out.len == shape.rows() * shape.q_width(), "attention_backward: out length");
         assert_eq!(lse.len, shape.batch * shape.n_heads * shape.seq, "attention_backward: lse length");
+        let first_keys = first_keys_ptr(first_keys, shape);
         if self.uses_flash(shape, &[dout.ptr, qkv.ptr, out.ptr, dqkv.ptr])
             && self.flash_backward_stages(shape.head_dim).is_some()
         {
-            self.flash_backward(dout, qkv, out, lse, dqkv, shape);
+            self.flash_backward(dout, qkv, out, lse, dqkv, shape, first_keys);
             return;
         }
         // The kernel accumulates dk and dv from every query with fp32 atomics: into dqkv
@@ -864,6 +877,7 @@ impl Backend for CudaBackend {
             ptr(&out),
             ptr(&lse),
             Arg::Ptr(target),
+            Arg::Ptr(first_keys),
             Arg::I32(shape.seq as i32),
             Arg::I32(shape.n_heads as i32),
             Arg::I32(shape.n_kv_heads as i32),
@@ -904,7 +918,7 @@ impl Backend for CudaBackend {
         // attention where it applies, rather than reading the cache once per query.
         if pos == 0 && self.uses_flash(shape, &[qkv.ptr, out.ptr]) {
             let mut lse = self.zeros_f32(shape.batch * shape.n_heads * shape.seq);
-            self.flash_forward(qkv, out, lse.view_mut(0..lse.len()).ptr, shape);
+            self.flash_forward(qkv, out, lse.view_mut(0..lse.len()).ptr, shape, 0);
             return;
         }
         let (parts, span) = cached_key_parts(shape, pos + shape.seq, self.dev.sms());
@@ -1616,6 +1630,15 @@ const FLASH_BACKWARD: (usize, u32) = (128, 8);
 fn flash_backward_shared(d: usize, stages: usize) -> u32 {
     let bf16s = 2 * 128 * (d + 8) + stages * 2 * 32 * (d + 8) + 128 * 40;
     (2 * bf16s + stages * 2 * 32 * 4) as u32
+}
+
+/// The device address of attention's `first_keys` (0 for none, which the kernels read as
+/// every query's first key being 0).
+fn first_keys_ptr(first_keys: Option<&DeviceIds>, shape: AttnShape) -> u64 {
+    first_keys.map_or(0, |f| {
+        assert_eq!(f.len, shape.rows(), "attention: one first key per row");
+        f.ptr
+    })
 }
 
 /// Flash attention's grid: tiles of `rows` rows of the sequence x `heads` x batch, `warps`

@@ -6,7 +6,7 @@
 //! order, bf16 in reverse order), and on the GPU where there is one; without a GPU it says so,
 //! and fails if ONDOL_REQUIRE_GPU is set, as the GPU bundle's run.sh sets it.
 
-use ondol_core::backend::{AttnShape, Gemm, LogitColumns, rope_table};
+use ondol_core::backend::{AttnShape, Gemm, LogitColumns, document_starts, rope_table};
 use ondol_core::bf16;
 use ondol_core::{Activation, AdamWParams, Backend, Rng, ScanInputs, SsdInputs};
 use ondol_cpu::CpuBackend;
@@ -563,26 +563,33 @@ fn check_attention(be: &CudaBackend, shape: AttnShape, max_seq: usize, steps: &[
     let n = shape.rows() * shape.qkv_width();
     let qkv = round(be, &random(n, 1, 1.0));
     let dout = round(be, &random(shape.rows() * shape.q_width(), 2, 1.0));
-    let (out, lse, dqkv) = run_attention(be, &qkv, &dout, shape);
+    let (out, lse, dqkv) = run_attention(be, &qkv, &dout, shape, None);
     let (mut want_out, mut want_lse) =
         (vec![0.0; shape.rows() * shape.q_width()], vec![0.0; shape.batch * shape.n_heads * shape.seq]);
-    CPU.attention_forward(&qkv, &mut want_out, &mut want_lse, shape);
+    CPU.attention_forward(&qkv, &mut want_out, &mut want_lse, shape, None);
     assert_close(&what("attention_forward out"), be, &out, &want_out, tol);
     assert_close(&what("attention_forward lse"), be, &lse, &want_lse, 1e-4);
     // Backward from the GPU's own forward outputs, as training runs it.
     let mut want = vec![0.0; n];
-    CPU.attention_backward(&dout, &qkv, &out, &lse, &mut want, shape);
+    CPU.attention_backward(&dout, &qkv, &out, &lse, &mut want, shape, None);
     assert_close(&what("attention_backward dqkv"), be, &dqkv, &want, tol);
     check_cached_attention(be, shape, max_seq, steps);
 }
 
 /// Attention's forward on `be`, then its backward from `dout` and that forward's outputs:
 /// (out, lse, dqkv), downloaded.
-fn run_attention(be: &CudaBackend, qkv: &[f32], dout: &[f32], shape: AttnShape) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+fn run_attention(
+    be: &CudaBackend,
+    qkv: &[f32],
+    dout: &[f32],
+    shape: AttnShape,
+    first_keys: Option<&[u32]>,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let gqkv = be.upload(qkv);
+    let first_keys = first_keys.map(|f| be.upload_ids(f));
     let (mut out, mut lse) =
         (be.zeros(shape.rows() * shape.q_width()), be.zeros_f32(shape.batch * shape.n_heads * shape.seq));
-    be.attention_forward(be.all(&gqkv), be.all_mut(&mut out), be.all_mut(&mut lse), shape);
+    be.attention_forward(be.all(&gqkv), be.all_mut(&mut out), be.all_mut(&mut lse), shape, first_keys.as_ref());
     let mut dqkv = be.upload(&random(qkv.len(), 3, 1.0)); // overwritten, not accumulated
     be.attention_backward(
         be.all(&be.upload(dout)),
@@ -591,8 +598,45 @@ fn run_attention(be: &CudaBackend, qkv: &[f32], dout: &[f32], shape: AttnShape) 
         be.all(&lse),
         be.all_mut(&mut dqkv),
         shape,
+        first_keys.as_ref(),
     );
     (be.download(&out), be.download(&lse), be.download(&dqkv))
+}
+
+/// Documents packed into sequences attend within their own. The first keys fall inside the
+/// flash forward's 64-key tiles and on their edges, in its second 128-query block, after the
+/// backward's first 128-key tile (whose later queries it then skips), and at a sequence's
+/// start; a document of one token. Both attention kernels against the CPU: the simple on
+/// every compute type, flash at D = 64 and at D = 128 with one stage and with two.
+#[test]
+fn attention_within_documents_matches_the_cpu() {
+    const EOT: u32 = 1;
+    let mut pairs = tensor_core_pairs().into_iter().flat_map(|(flash, simple)| [flash, simple]).collect();
+    let mut all = backends();
+    all.append(&mut pairs);
+    for (head_dim, seq) in [(64, 300), (128, 200)] {
+        let shape = AttnShape { batch: 2, seq, n_heads: 4, n_kv_heads: 2, head_dim };
+        let mut ids = vec![2u32; shape.rows()];
+        for at in [37, 64, 130, 131, 190, seq, seq + 150] {
+            ids[at] = EOT;
+        }
+        let first_keys = document_starts(&ids, seq, EOT);
+        for be in &all {
+            let tol = tolerance(be);
+            let n = shape.rows() * shape.qkv_width();
+            let qkv = round(be, &random(n, 4, 1.0));
+            let dout = round(be, &random(shape.rows() * shape.q_width(), 5, 1.0));
+            let (out, lse, dqkv) = run_attention(be, &qkv, &dout, shape, Some(&first_keys));
+            let what = |w: &str| format!("attention within documents D={head_dim} T={seq} {w}");
+            let (mut want_out, mut want_lse) = (vec![0.0; out.len()], vec![0.0; lse.len()]);
+            CPU.attention_forward(&qkv, &mut want_out, &mut want_lse, shape, Some(&first_keys));
+            assert_close(&what("out"), be, &out, &want_out, tol);
+            assert_close(&what("lse"), be, &lse, &want_lse, 1e-3);
+            let mut want_dqkv = vec![0.0; n];
+            CPU.attention_backward(&dout, &qkv, &out, &lse, &mut want_dqkv, shape, Some(&first_keys));
+            assert_close(&what("dqkv"), be, &dqkv, &want_dqkv, tol);
+        }
+    }
 }
 
 /// Attention over a cache of `max_seq` positions against the CPU, the cache filled by `steps`
@@ -947,7 +991,7 @@ fn flash_attention_matches_the_cpu_and_the_simple_kernel() {
             let n = shape.rows() * shape.qkv_width();
             let qkv = round(&flash, &random(n, 1, 1.0));
             let dout = round(&flash, &random(shape.rows() * shape.q_width(), 2, 1.0));
-            let run = |be: &CudaBackend| run_attention(be, &qkv, &dout, shape);
+            let run = |be: &CudaBackend| run_attention(be, &qkv, &dout, shape, None);
             let (out, lse, dqkv) = run(&flash);
             let what = |w: &str| format!("flash attention D={head_dim} T={seq} {w}");
             // At D = 128 two stages of the backward's query tiles exceed 99 KiB of shared
@@ -960,11 +1004,11 @@ fn flash_attention_matches_the_cpu_and_the_simple_kernel() {
             let (want_out, want_lse) =
                 (vec![0.0; shape.rows() * shape.q_width()], vec![0.0; shape.batch * shape.n_heads * shape.seq]);
             let (mut want_out, mut want_lse) = (want_out, want_lse);
-            CPU.attention_forward(&qkv, &mut want_out, &mut want_lse, shape);
+            CPU.attention_forward(&qkv, &mut want_out, &mut want_lse, shape, None);
             assert_close(&what("out vs cpu"), &flash, &out, &want_out, tol);
             assert_close(&what("lse vs cpu"), &flash, &lse, &want_lse, 1e-3);
             let mut want_dqkv = vec![0.0; n];
-            CPU.attention_backward(&dout, &qkv, &out, &lse, &mut want_dqkv, shape);
+            CPU.attention_backward(&dout, &qkv, &out, &lse, &mut want_dqkv, shape, None);
             assert_close(&what("dqkv vs cpu"), &flash, &dqkv, &want_dqkv, tol);
             let (s_out, s_lse, s_dqkv) = run(&simple);
             assert_close(&what("out vs the simple kernel"), &flash, &out, &s_out, tol);

@@ -102,6 +102,7 @@ fn train(cfg: &ModelConfig, dtype: Dtype, s: Shape) -> (Vec<f64>, Vec<f32>) {
         zero: s.zero,
         sequence_parallel: s.sequence_parallel,
         grad_buckets: s.buckets,
+        document_mask: None,
     };
     let opt = OptimizerConfig { lr: 3e-3, weight_decay: 0.1, beta1: 0.9, beta2: 0.95, eps: 1e-6, grad_clip: 1.0 };
     let scale = 1.0 / (MICRO * BATCH * SEQ) as f32;

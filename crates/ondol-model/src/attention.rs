@@ -38,6 +38,22 @@ pub(crate) struct AttnGrads<B: Backend> {
     dattn: B::Buf,
 }
 
+/// Where a call's tokens sit: the rotary table from their first position on, and, where
+/// documents are packed into sequences and attend only within their own, the first key each
+/// query attends (see `Backend::attention_forward`).
+pub(crate) struct Positions<'a, B: Backend + 'a> {
+    pub rope: B::Ref<'a>,
+    pub first_keys: Option<&'a B::Ids>,
+}
+
+impl<B: Backend> Clone for Positions<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<B: Backend> Copy for Positions<'_, B> {}
+
 /// One layer's key/value cache and where the new tokens start.
 pub(crate) struct KvSlot<'a, B: Backend> {
     pub k: &'a mut B::Buf,
@@ -96,7 +112,7 @@ impl Attention {
         x: B::Ref<'_>,
         a: &mut AttnActs<B>,
         out: &mut B::Buf,
-        rope: B::Ref<'_>,
+        at: Positions<'_, B>,
         cache: Option<KvSlot<'_, B>>,
         (batch, seq): (usize, usize),
     ) {
@@ -111,10 +127,13 @@ impl Attention {
             (Some(_), None) => unreachable!("Attention::acts holds the pre-norm buffers under qk_norm"),
         }
         if self.rope {
-            be.rope(be.all_mut(&mut a.qkv), rope, shape, false, self.q_scale);
+            be.rope(be.all_mut(&mut a.qkv), at.rope, shape, false, self.q_scale);
         }
         match cache {
-            None => be.attention_forward(be.all(&a.qkv), be.all_mut(&mut a.attn), be.all_mut(&mut a.lse), shape),
+            None => {
+                let (qkv, attn, lse) = (be.all(&a.qkv), be.all_mut(&mut a.attn), be.all_mut(&mut a.lse));
+                be.attention_forward(qkv, attn, lse, shape, at.first_keys);
+            }
             Some(c) => {
                 let (k, v) = (be.all_mut(c.k), be.all_mut(c.v));
                 be.attention_cached(be.all(&a.qkv), k, v, be.all_mut(&mut a.attn), shape, c.pos, c.max_seq);
@@ -135,15 +154,15 @@ impl Attention {
         dout: B::Ref<'_>,
         dx: &mut B::Buf,
         g: &mut AttnGrads<B>,
-        rope: B::Ref<'_>,
+        at: Positions<'_, B>,
         (batch, seq): (usize, usize),
     ) {
         let (shape, rows) = (self.shape(batch, seq), batch * seq);
         self.out.backward(be, p, grads, be.all(&a.attn), dout, Dx::Write(be.all_mut(&mut g.dattn)), rows);
         let (qkv, attn, lse) = (be.all(&a.qkv), be.all(&a.attn), be.all(&a.lse));
-        be.attention_backward(be.all(&g.dattn), qkv, attn, lse, be.all_mut(&mut g.dqkv), shape);
+        be.attention_backward(be.all(&g.dattn), qkv, attn, lse, be.all_mut(&mut g.dqkv), shape, at.first_keys);
         if self.rope {
-            be.rope(be.all_mut(&mut g.dqkv), rope, shape, true, self.q_scale);
+            be.rope(be.all_mut(&mut g.dqkv), at.rope, shape, true, self.q_scale);
         }
         if let Some((w, _)) = &self.qk_norm {
             let (raw, rstd) = a.pre_norm.as_ref().expect("Attention::acts holds the pre-norm buffers under qk_norm");

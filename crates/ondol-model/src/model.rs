@@ -20,7 +20,7 @@
 // A shard is a list of pieces of its global tensor, most often one.
 #![allow(clippy::single_range_in_vec_init)]
 use crate::Elems;
-use crate::attention::{Attention, AttnActs, AttnGrads, KvSlot};
+use crate::attention::{Attention, AttnActs, AttnGrads, KvSlot, Positions};
 use crate::config::{Arch, BlockNorms, LayerKind, ModelConfig};
 use crate::layers::{
     CausalConv, Dx, Linear, Norm, NormActs, PostNormActs, RecurrentState, WeightLayout, norm_elems, post_norm_elems,
@@ -739,14 +739,14 @@ impl Model {
             scale_unless_one(be, &mut ws.res[0], self.cfg.mup.embedding_multiplier);
         }
 
-        let (mut cached, rope) = match cache {
+        let (mut cached, at) = match cache {
             Some(InferenceCache { blocks, rope, max_seq, .. }) => {
                 // Without rotary positions the table is empty: an empty view, never read.
                 let len = be.len(rope);
                 let table = be.view(&*rope, (pos * self.cfg.head_dim()).min(len)..len);
-                (Some((blocks, *max_seq)), table)
+                (Some((blocks, *max_seq)), Positions { rope: table, first_keys: None })
             }
-            None => (None, be.all(&ws.rope)),
+            None => (None, Positions { rope: be.all(&ws.rope), first_keys: ws.first_keys.as_ref() }),
         };
         let Scratch { recomputed, gathered, .. } = Workspace::scratch(&mut ws.scratch);
         for i in 0..self.blocks.len() {
@@ -759,7 +759,7 @@ impl Model {
             };
             let slot = cached.as_mut().and_then(|(blocks, max_seq)| blocks[i].slot(pos, *max_seq));
             let io = BlockIo { x: &done[i], x_next: &mut next[0], gathered: gathered.as_mut() };
-            self.block_forward(be, params, i, io, a, rope, slot, (ws.batch, ws.seq), tp)?;
+            self.block_forward(be, params, i, io, a, at, slot, (ws.batch, ws.seq), tp)?;
         }
 
         if let Some(head) = &self.head {
@@ -810,7 +810,7 @@ impl Model {
         i: usize,
         io: BlockIo<'_, B>,
         a: &mut BlockActs<B>,
-        rope: B::Ref<'_>,
+        at: Positions<'_, B>,
         cache: Option<CacheSlot<'_, B>>,
         dims: (usize, usize),
         tp: &mut dyn TensorParallel<B>,
@@ -834,11 +834,11 @@ impl Model {
         match gathered {
             Some(g) => {
                 tp.all_gather_rows(be, input, &mut g.input)?;
-                block.mixer.forward(be, params, be.all(&g.input), acts, &mut g.output, rope, cache, dims, tp)?;
+                block.mixer.forward(be, params, be.all(&g.input), acts, &mut g.output, at, cache, dims, tp)?;
                 tp.reduce_scatter_rows(be, &g.output, output)?;
             }
             None => {
-                block.mixer.forward(be, params, be.all(input), acts, output, rope, cache, dims, tp)?;
+                block.mixer.forward(be, params, be.all(input), acts, output, at, cache, dims, tp)?;
                 if self.part.tp > 1 {
                     tp.all_reduce(be, output)?;
                 }
@@ -986,7 +986,7 @@ impl Model {
             tp.grads_ready(be, grads, after_blocks..self.layout.total())?;
         }
 
-        let rope = be.all(&ws.rope);
+        let at = Positions { rope: be.all(&ws.rope), first_keys: ws.first_keys.as_ref() };
         for i in (0..self.blocks.len()).rev() {
             let block = &self.blocks[i];
             let a: &BlockActs<B> = match &ws.acts[i] {
@@ -997,7 +997,7 @@ impl Model {
                     // `dnorm`, free until this block's norm backward reads it.
                     let acts = recomputed[block.mixer.kind()].as_mut().expect("a recomputed kind");
                     let io = BlockIo { x: &ws.res[i], x_next: &mut ws.dnorm, gathered: gathered.as_mut() };
-                    self.block_forward(be, params, i, io, acts, rope, None, dims, tp)?;
+                    self.block_forward(be, params, i, io, acts, at, None, dims, tp)?;
                     acts
                 }
             };
@@ -1026,24 +1026,12 @@ impl Model {
                     tp.all_gather_rows(be, input, &mut g.input)?;
                     tp.all_gather_rows(be, dmixer, &mut g.output)?;
                     let (h, dout) = (be.all(&g.input), be.all(&g.output));
-                    block.mixer.backward(
-                        be,
-                        params,
-                        grads,
-                        h,
-                        &a.mixer,
-                        dout,
-                        &mut g.dinput,
-                        mixers,
-                        rope,
-                        dims,
-                        tp,
-                    )?;
+                    block.mixer.backward(be, params, grads, h, &a.mixer, dout, &mut g.dinput, mixers, at, dims, tp)?;
                     tp.reduce_scatter_rows(be, &g.dinput, &mut ws.dnorm)?;
                 }
                 None => {
                     let (h, dout, dh) = (be.all(input), be.all(dmixer), &mut ws.dnorm);
-                    block.mixer.backward(be, params, grads, h, &a.mixer, dout, dh, mixers, rope, dims, tp)?;
+                    block.mixer.backward(be, params, grads, h, &a.mixer, dout, dh, mixers, at, dims, tp)?;
                     if split {
                         tp.all_reduce(be, &mut ws.dnorm)?;
                     }
@@ -1114,14 +1102,14 @@ impl Mixer {
         h: B::Ref<'_>,
         a: &mut MixerActs<B>,
         out: &mut B::Buf,
-        rope: B::Ref<'_>,
+        at: Positions<'_, B>,
         cache: Option<CacheSlot<'_, B>>,
         dims: (usize, usize),
         tp: &mut dyn TensorParallel<B>,
     ) -> Result<()> {
         match (self, a) {
             (Mixer::Attention(m), MixerActs::Attention(a)) => {
-                m.forward(be, params, h, a, out, rope, cache.map(CacheSlot::kv), dims)
+                m.forward(be, params, h, a, out, at, cache.map(CacheSlot::kv), dims)
             }
             (Mixer::Mlp(m), MixerActs::Mlp(a)) => m.forward(be, params, h, a, out, dims.0 * dims.1),
             (Mixer::Mamba(m), MixerActs::Mamba(a)) => {
@@ -1148,14 +1136,14 @@ impl Mixer {
         dout: B::Ref<'_>,
         dh: &mut B::Buf,
         g: &mut MixerGrads<B>,
-        rope: B::Ref<'_>,
+        at: Positions<'_, B>,
         dims: (usize, usize),
         tp: &mut dyn TensorParallel<B>,
     ) -> Result<()> {
         match (self, a) {
             (Mixer::Attention(m), MixerActs::Attention(a)) => {
                 let g = g.attn.as_mut().expect("attention scratch");
-                m.backward(be, params, grads, h, a, dout, dh, g, rope, dims);
+                m.backward(be, params, grads, h, a, dout, dh, g, at, dims);
             }
             (Mixer::Mlp(m), MixerActs::Mlp(a)) => {
                 let g = g.mlp.as_mut().expect("MLP scratch");
@@ -1531,6 +1519,9 @@ pub struct Workspace<B: Backend> {
     /// input's gradient for all the micro-batch's tokens, before the reduce-scatter.
     dhead: Option<B::Buf>,
     rope: B::Buf,
+    /// Where the micro-batch's documents attend only within their own, the first key each
+    /// token attends (see [`Workspace::set_first_keys`]).
+    first_keys: Option<B::Ids>,
     /// None while another workspace holds it (see [`Workspace::without_scratch`]).
     scratch: Option<Scratch<B>>,
 }
@@ -1566,6 +1557,18 @@ impl<B: Backend> Workspace<B> {
     pub fn give_scratch(&mut self, scratch: Scratch<B>) {
         debug_assert!(self.scratch.is_none(), "a workspace given a second scratch");
         self.scratch = Some(scratch);
+    }
+
+    /// Has the micro-batch's attention start each query's keys at `first_keys` (`[batch x
+    /// seq]`, non-decreasing along each sequence, at most the token's position: what
+    /// `ondol_core::backend::document_starts` gives for packed documents), or at 0 with None.
+    /// Forward and backward (and its recomputation) read it until it is set again.
+    pub fn set_first_keys(&mut self, be: &B, first_keys: Option<&[u32]>) {
+        match (first_keys, &mut self.first_keys) {
+            (None, _) => self.first_keys = None,
+            (Some(f), Some(buf)) => be.write_ids(buf, f),
+            (Some(f), None) => self.first_keys = Some(be.upload_ids(f)),
+        }
     }
 
     /// Takes the scratch back, if this workspace holds it.
@@ -1634,6 +1637,7 @@ impl<B: Backend> Workspace<B> {
             dbranch: model.scales_branches().then(|| be.zeros(stream * d)),
             dhead: (part.sequence_parallel && model.head.is_some()).then(|| be.zeros(rows * d)),
             rope: be.upload_f32(&model.rope_table(seq)),
+            first_keys: None,
             scratch: None,
         })
     }

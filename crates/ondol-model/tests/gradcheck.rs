@@ -4,6 +4,7 @@
 //! Mamba-2 and hybrid models (scan chunks shorter than the sequence, so state passing and the
 //! backward's recompute from boundary states are both exercised).
 
+use ondol_core::backend::document_starts;
 use ondol_core::gradcheck::{check_indices, sample_indices};
 use ondol_core::{Backend, Rng};
 use ondol_cpu::CpuBackend;
@@ -40,16 +41,31 @@ fn tiny(arch: Arch, tie: Option<bool>) -> ModelConfig {
 /// `h`: the finite-difference step; the gated norms and scans curve more sharply than a
 /// transformer does, so the state-space models take a smaller one.
 fn check_model(cfg: ModelConfig, h: f32) {
+    check_model_on(cfg, h, None);
+}
+
+/// [`check_model`]; with `eot`, the sequences hold documents that start at it and attend
+/// only within their own, and every block is recomputed in backward.
+fn check_model_on(cfg: ModelConfig, h: f32, eot: Option<u32>) {
     let be = CpuBackend;
     let model = Model::new(cfg).unwrap();
     let (batch, seq) = (2, 5);
     let mut rng = Rng::new(3);
-    let ids: Vec<u32> = (0..batch * seq).map(|_| rng.below(11) as u32).collect();
+    let mut ids: Vec<u32> = (0..batch * seq).map(|_| rng.below(11) as u32).collect();
     let targets: Vec<u32> = (0..batch * seq).map(|_| rng.below(11) as u32).collect();
     let mut params = model.layout.init(1);
     // The loss in uneven chunks of rows (3, 3, 3, 1), as a long micro-batch takes it.
-    let mut ws =
-        Workspace::with_options(&be, &model, MicroBatch { loss_chunk: 3, ..MicroBatch::new(batch, seq) }).unwrap();
+    let mb = MicroBatch { loss_chunk: 3, recompute_every: eot.map_or(0, |_| 1), ..MicroBatch::new(batch, seq) };
+    let mut ws = Workspace::with_options(&be, &model, mb).unwrap();
+    if let Some(eot) = eot {
+        // Documents of 2 and 3 tokens, and of 1 and 4.
+        ids.iter_mut().filter(|id| **id == eot).for_each(|id| *id = eot + 1);
+        ids[2] = eot;
+        ids[6] = eot;
+        let first_keys = document_starts(&ids, seq, eot);
+        assert_eq!(first_keys, [0, 0, 2, 2, 2, 0, 1, 1, 1, 1]);
+        ws.set_first_keys(&be, Some(&first_keys));
+    }
 
     model.forward(&be, &params, &mut ws, &ids);
     let mut grads = be.zeros(params.len());
@@ -75,6 +91,14 @@ fn llama_with_grouped_query_attention_untied() {
 #[test]
 fn llama_tied() {
     check_model(tiny(Arch::Llama, Some(true)), 1e-2);
+}
+
+/// Documents packed into sequences, attending only within their own, through a recomputing
+/// backward: Llama and GPT-2.
+#[test]
+fn llama_and_gpt2_within_documents() {
+    check_model_on(tiny(Arch::Llama, Some(false)), 1e-2, Some(4));
+    check_model_on(tiny(Arch::Gpt2, None), 1e-2, Some(4));
 }
 
 /// Qwen2's attention: biases on the query, key and value projections.

@@ -2,6 +2,7 @@
 
 use crate::schedule::{self, Action, ScheduleKind};
 use ondol_comm::{Communicator, Coords, Mesh, RankComms};
+use ondol_core::backend::document_starts;
 use ondol_core::{Backend, DeviceSlice, Error, Result};
 use ondol_model::{MicroBatch, Model, ModelConfig, Part, Scratch, TensorParallel, Workspace, scratch_elems};
 use ondol_optim::{AdamW, OptimizerConfig};
@@ -41,6 +42,10 @@ pub struct Layout {
     /// device, or on a worker thread by communicators that can lend a second handle.
     /// All-reduced, or under ZeRO-1 each piece reduced into the replica whose shard holds it.
     pub grad_buckets: Option<usize>,
+    /// Documents packed into a sequence attend only within their own, each starting at this
+    /// end-of-text token (see [`document_starts`]); None: every token attends to its whole
+    /// sequence before it.
+    pub document_mask: Option<u32>,
 }
 
 impl Layout {
@@ -588,6 +593,9 @@ pub struct Engine<B: Backend> {
     plan: Vec<Action>,
     /// Device copies of each micro-batch's inputs and targets.
     ids: Vec<(B::Ids, B::Ids)>,
+    /// Under [`Layout::document_mask`], each micro-batch's first key of every token's
+    /// attention, set in its workspace by its forward.
+    first_keys: Vec<Vec<u32>>,
     bucketing: Bucketing,
     /// Per chunk, the micro-batch of its last backward in the plan (its gradients are final
     /// after it).
@@ -656,7 +664,7 @@ impl<B: Backend> Engine<B> {
             }
             _ => Bucketing::Off,
         };
-        Ok(Self { be, comms, layout, whole, chunks, plan, ids, bucketing, last_backward })
+        Ok(Self { be, comms, layout, whole, chunks, plan, ids, first_keys: Vec::new(), bucketing, last_backward })
     }
 
     /// Where this rank sums gradient buckets during backward: "the device" (the dp
@@ -817,6 +825,9 @@ impl<B: Backend> Engine<B> {
             self.be.write_ids(i, inputs);
             self.be.write_ids(t, targets);
         }
+        if let Some(eot) = self.layout.document_mask {
+            self.first_keys = batches.iter().map(|(inputs, _)| document_starts(inputs, self.layout.seq, eot)).collect();
+        }
     }
 
     /// The workspace of `micro` in chunk `chunk`, given the rank's one scratch: from the
@@ -850,6 +861,7 @@ impl<B: Backend> Engine<B> {
             wait = recv_tagged(be, self.comms.pp.as_ref(), ws.input_mut(), prev(&self.comms), (c.stage, micro))?;
         }
         let (ids, targets) = &self.ids[micro];
+        ws.set_first_keys(be, self.first_keys.get(micro).map(Vec::as_slice));
         c.model.forward_stage(be, &c.params, ws, ids, &mut tp)?;
         if c.stage + 1 == stages {
             let grad = grad_scale.map(|scale| (scale, &mut c.grads));

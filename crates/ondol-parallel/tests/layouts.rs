@@ -103,6 +103,9 @@ struct Shape {
     /// Steps to train, and AdamW's epsilon.
     steps: usize,
     eps: f32,
+    /// Documents start at this token and attend only within their own (see
+    /// [`documents_in`]).
+    document_mask: Option<u32>,
 }
 
 fn shape(tp: usize, pp: usize, dp: usize) -> Shape {
@@ -119,6 +122,7 @@ fn shape(tp: usize, pp: usize, dp: usize) -> Shape {
         loss_chunk: 0,
         steps: STEPS,
         eps: 1e-6,
+        document_mask: None,
     }
 }
 
@@ -129,6 +133,19 @@ fn sequence_parallel(tp: usize, pp: usize, dp: usize) -> Shape {
 /// Step `step`'s global batch: `MICRO` micro-batches of `BATCH` sequences with signal.
 fn global_batch(step: usize, vocab: usize) -> Vec<(Vec<u32>, Vec<u32>)> {
     ondol_core::testdata::markov_batches(1000 + step as u64, MICRO, BATCH, SEQ, vocab)
+}
+
+/// Packs documents into the batch's sequences: an end-of-text token `eot` starts each, at
+/// every 7 tokens' 4th and 5th (documents of 1 and 6 tokens, at varied offsets in the
+/// sequences of 8).
+fn documents_in(batch: &mut [(Vec<u32>, Vec<u32>)], eot: u32) {
+    for (inputs, _) in batch {
+        for (i, id) in inputs.iter_mut().enumerate() {
+            if i % 7 == 3 || i % 7 == 4 {
+                *id = eot;
+            }
+        }
+    }
 }
 
 /// Replica `d` of `dp`'s share of a micro-batch: its rows.
@@ -152,6 +169,7 @@ fn layout_of(s: Shape) -> Layout {
         zero: s.zero,
         sequence_parallel: s.sequence_parallel,
         grad_buckets: s.buckets,
+        document_mask: s.document_mask,
     }
 }
 
@@ -176,7 +194,11 @@ fn train(cfg: &ModelConfig, s: Shape) -> (Vec<f64>, Vec<f32>) {
                     let mut e = Engine::new(CpuBackend, cfg.clone(), layout, opt, c.boxed(), 7).unwrap();
                     let losses: Vec<f64> = (0..s.steps)
                         .map(|step| {
-                            let batch = share(&global_batch(step, cfg.vocab_size), d, s.dp);
+                            let mut batch = global_batch(step, cfg.vocab_size);
+                            if let Some(eot) = s.document_mask {
+                                documents_in(&mut batch, eot);
+                            }
+                            let batch = share(&batch, d, s.dp);
                             e.step(&batch, scale, 3e-3, || 0).unwrap().loss_sum * scale as f64
                         })
                         .collect();
@@ -293,6 +315,25 @@ fn mup_multipliers_split_as_the_model_does() {
     assert_close("muP tp 2 dp 2 sequence parallel", &one, &train(&cfg, sequence_parallel(2, 1, 2)));
     let recompute = Shape { recompute: 1, ..sequence_parallel(2, 2, 1) };
     assert_eq!(train(&cfg, sequence_parallel(2, 2, 1)), train(&cfg, recompute), "muP recomputing");
+}
+
+/// Documents that attend only within their own: every stage and tensor shard of a micro-batch
+/// masks its attention as one rank does, from the same first keys, also in recomputation.
+#[test]
+fn masked_documents_train_alike_in_every_layout() {
+    for cfg in [llama(false), gpt2()] {
+        let masked = |s: Shape| Shape { document_mask: Some(3), ..s };
+        let one = train(&cfg, masked(shape(1, 1, 1)));
+        let unmasked = train(&cfg, shape(1, 1, 1));
+        assert!(one.0.iter().zip(&unmasked.0).all(|(a, b)| a != b), "{:?}: masking changed no loss", cfg.arch);
+        for (name, s) in [
+            ("tp 2 pp 2", shape(2, 2, 1)),
+            ("tp 2 dp 2 sequence parallel", sequence_parallel(2, 1, 2)),
+            ("pp 2 dp 2 recomputing", Shape { recompute: 1, ..shape(1, 2, 2) }),
+        ] {
+            assert_close(&format!("{:?} masked {name}", cfg.arch), &one, &train(&cfg, masked(s)));
+        }
+    }
 }
 
 /// A stop asked for on one rank during an evaluation reaches every rank with its loss, as a

@@ -112,6 +112,12 @@ pub struct TrainingConfig {
     /// tensor-core ones gain.
     #[serde(default = "yes")]
     pub tensor_cores: bool,
+    /// Documents packed into one sequence attend only within their own, as Llama 3 trained
+    /// (Megatron's `--reset-attention-mask`): a document starts at the end-of-text token
+    /// `data prepare` writes before it. Positions still count from the sequence's start.
+    /// Attention-only models (Mamba's scans carry their state across documents).
+    #[serde(default)]
+    pub mask_documents: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -401,6 +407,8 @@ impl RunConfig {
             zero: p.zero == 1,
             sequence_parallel: p.sequence_parallel,
             grad_buckets: p.overlap_grad_sync.then(|| ((p.bucket_mb * 1e6 / 4.0) as usize).max(1)),
+            // Set by the trainer, which knows the tokenizer's end-of-text token.
+            document_mask: None,
         }
     }
 
@@ -535,6 +543,23 @@ impl RunConfig {
                 "training.tensor_cores",
                 "false chooses between CUDA kernels and needs training.device = \"cuda\"",
             ));
+        }
+        if t.mask_documents {
+            use ondol_model::Arch;
+            if !matches!(self.model.arch, Arch::Llama | Arch::Gpt2) {
+                return Err(Error::config(
+                    "training.mask_documents",
+                    "this model.arch has Mamba mixers, whose scans carry their state from one document into the \
+                     next: documents are masked for attention-only models (arch \"llama\" or \"gpt2\")",
+                ));
+            }
+            if self.data.tokenizer.is_none() {
+                return Err(Error::config(
+                    "training.mask_documents",
+                    "documents start at the tokenizer's end-of-text token: set data.tokenizer (\"bytes\" or the \
+                     tokenizer.json the shards were made with)",
+                ));
+            }
         }
         if t.threads == Some(0) {
             return Err(Error::config("training.threads", "must be at least 1 (or left out to use every core)"));

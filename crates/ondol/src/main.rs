@@ -15,7 +15,7 @@ use ondol_core::{Backend, Error, Result};
 use ondol_cpu::CpuBackend;
 use ondol_data::prepare::ShardTokenizer;
 use ondol_data::{Loader, Order, SourceKind, TokenStream};
-use ondol_model::{BlockNorms, MicroBatch, Model, ModelConfig, Part, Workspace, scratch_elems};
+use ondol_model::{Arch, BlockNorms, MicroBatch, Model, ModelConfig, Part, Workspace, scratch_elems};
 use ondol_parallel::{HEAD_ROW_ALIGN, ScheduleKind, schedule};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -92,6 +92,11 @@ struct EvalArgs {
     /// Print one JSON object: {"loss", "perplexity", "tokens", "batches"}.
     #[arg(long)]
     json: bool,
+    /// Documents packed into a sequence attend only within their own: `--mask-documents` or
+    /// `--mask-documents=false` (default: as the checkpoint's run trained,
+    /// training.mask_documents).
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    mask_documents: Option<bool>,
 }
 
 #[derive(Args)]
@@ -1228,13 +1233,24 @@ fn eval(args: EvalArgs) -> Result<()> {
     }
     let mut loader = Loader::new(Arc::new(stream), seq, batch, 1, Order::Sequential, 0, 1)?;
     let batches = args.batches.unwrap_or(usize::MAX).min(loader.batches_per_epoch() as usize);
+    let documents = match args.mask_documents.unwrap_or(training.is_some_and(|t| t.mask_documents)) {
+        true if !matches!(p.model.cfg.arch, Arch::Llama | Arch::Gpt2) => {
+            return Err(Error::config(
+                "--mask-documents",
+                "the model has Mamba mixers, whose scans carry their state from one document into the next: \
+                 documents are masked for attention-only models",
+            ));
+        }
+        true => Some(p.tokenizer()?.eot_id()),
+        false => None,
+    };
     let (loss, tokens) = match args.device {
-        Device::Cpu => eval_on(&CpuBackend::new(), &p.params, &p.model, shape, &mut loader, batches)?,
+        Device::Cpu => eval_on(&CpuBackend::new(), &p.params, &p.model, shape, documents, &mut loader, batches)?,
         Device::Cuda => {
             #[cfg(feature = "cuda")]
             {
                 let be = inference_gpu(&p.model)?;
-                eval_on(&be, &be.upload(&p.params), &p.model, shape, &mut loader, batches)?
+                eval_on(&be, &be.upload(&p.params), &p.model, shape, documents, &mut loader, batches)?
             }
             #[cfg(not(feature = "cuda"))]
             return Err(no_cuda_backend("--device"));
@@ -1365,11 +1381,12 @@ fn eval_on<B: Backend>(
     params: &B::Buf,
     model: &Model,
     shape: MicroBatch,
+    documents: Option<u32>,
     loader: &mut Loader,
     batches: usize,
 ) -> Result<(f64, u64)> {
     let mut ws = Workspace::with_options(be, model, shape)?;
-    trainer::evaluate(be, model, params, &mut ws, loader, batches)
+    trainer::evaluate(be, model, params, &mut ws, documents, loader, batches)
 }
 
 fn import_hf(src: &Path, out: &Path) -> Result<()> {

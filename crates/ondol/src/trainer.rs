@@ -6,6 +6,7 @@ use crate::metrics::{Metrics, StepRow};
 use crate::pretrained::Pretrained;
 use ondol_ckpt::{Loaded, Moments, Snapshot, Writer};
 use ondol_comm::{Communicator, Mesh, RankComms};
+use ondol_core::backend::document_starts;
 use ondol_core::{Backend, Error, Result};
 use ondol_data::{
     Cursor, Loader, Mixture, MixtureCursor, Order, SourceKind, TextTokenizer, TokenStream, expand_globs, file_identity,
@@ -152,7 +153,20 @@ impl<B: Backend> Trainer<B> {
     /// replica's share of every global batch.
     pub fn rank(be: B, cfg: RunConfig, data: Data, comms: RankComms<Box<dyn Communicator>>) -> Result<Self> {
         let t = &cfg.training;
-        let layout = cfg.layout(comms.mesh);
+        let eos_token_id = match (&data.tokenizer, cfg.data.tokenizer.as_deref()) {
+            (Some(file), _) => {
+                let t = TextTokenizer::from_file(file, cfg.data.eot_token())
+                    .map_err(|e| Error::config("data.eot_token", e.to_string()))?;
+                Some(t.eot_id())
+            }
+            (None, Some("bytes")) => Some(BYTE_EOT),
+            (None, _) => None,
+        };
+        let mut layout = cfg.layout(comms.mesh);
+        if t.mask_documents {
+            // The config's validation made sure of a tokenizer.
+            layout.document_mask = Some(eos_token_id.expect("training.mask_documents with a tokenizer"));
+        }
         let (replica, replicas) = (comms.coords.dp, comms.mesh.dp);
         let engine = Engine::new(be, cfg.model.clone(), layout, cfg.optimizer.clone(), comms, t.seed)?;
         let sched = LrSchedule::new(cfg.lr_scheduler.clone(), cfg.optimizer.lr, t.steps);
@@ -170,15 +184,6 @@ impl<B: Backend> Trainer<B> {
             let weights: Vec<f64> = cfg.data.sources.iter().map(|s| s.weight).collect();
             let mix = Mixture::new(data.train, &weights, t.seq_len, t.batch_size, order, t.seed, replica, replicas);
             Batches::Mix(mix.map_err(|e| Error::config("data.sources", e.to_string()))?)
-        };
-        let eos_token_id = match (&data.tokenizer, cfg.data.tokenizer.as_deref()) {
-            (Some(file), _) => {
-                let t = TextTokenizer::from_file(file, cfg.data.eot_token())
-                    .map_err(|e| Error::config("data.eot_token", e.to_string()))?;
-                Some(t.eot_id())
-            }
-            (None, Some("bytes")) => Some(BYTE_EOT),
-            (None, _) => None,
         };
         Ok(Self {
             engine,
@@ -690,12 +695,14 @@ fn check_vocab<'a>(
 }
 
 /// Mean loss per token of `model` over the next `batches` batches of `loader` (at most one
-/// epoch), and the number of tokens it covered.
+/// epoch), and the number of tokens it covered; with `documents`, the end-of-text token that
+/// starts each document, documents attend only within their own.
 pub fn evaluate<B: Backend>(
     be: &B,
     model: &Model,
     params: &B::Buf,
     ws: &mut Workspace<B>,
+    documents: Option<u32>,
     loader: &mut Loader,
     batches: usize,
 ) -> Result<(f64, u64)> {
@@ -709,6 +716,9 @@ pub fn evaluate<B: Backend>(
         check_vocab(&inputs, &targets, loader.seq_len(), model.cfg.vocab_size, |r, p| loader.origin(r, p))?;
         be.write_ids(&mut ids, &inputs);
         be.write_ids(&mut tgt, &targets);
+        if let Some(eot) = documents {
+            ws.set_first_keys(be, Some(&document_starts(&inputs, ws.seq, eot)));
+        }
         model.forward(be, params, ws, &ids);
         sum += model.loss(be, params, ws, &tgt, None);
     }

@@ -57,6 +57,55 @@ fn a_valid_config_trains_and_writes_metrics_and_the_resolved_config() {
     assert!(err.contains("done: 3 steps"), "{err}");
 }
 
+/// Documents that attend only within their own: a run trains so (its resolved config says it),
+/// `eval` of it masks as it trained (`--mask-documents` is then no change) and differs with
+/// `--mask-documents=false`; a Mamba model, and data without a tokenizer to find documents by, are refused.
+#[test]
+fn masked_documents_train_evaluate_and_are_refused_where_they_cannot_be() {
+    let dir = setup(&BASE.replace("train = [\"corpus.txt\"]", "train = [\"docs/*.txt\"]"));
+    std::fs::create_dir(dir.path().join("docs")).unwrap();
+    for i in 0..40 {
+        let text = format!("문서 {i}: {}", "onDol ".repeat(1 + i % 5));
+        std::fs::write(dir.path().join(format!("docs/{i:02}.txt")), text).unwrap();
+    }
+    let train = ["train", "run.toml", "--set", "training.mask_documents=true", "--run-dir", "out"];
+    let (ok, err) = ondol_err(dir.path(), &train);
+    assert!(ok, "{err}");
+    let resolved = std::fs::read_to_string(dir.path().join("out/ondol.toml")).unwrap();
+    assert!(resolved.contains("mask_documents = true"), "{resolved}");
+    let eval = |extra: &[&str]| {
+        let args = [&["eval", "out", "--data", "docs/*.txt", "--json"], extra].concat();
+        let run = common::ondol(dir.path(), &args);
+        assert!(run.ok, "{}", run.stderr);
+        serde_json::from_str::<serde_json::Value>(&run.stdout).unwrap()["loss"].as_f64().unwrap()
+    };
+    let (masked, again, unmasked) = (eval(&[]), eval(&["--mask-documents"]), eval(&["--mask-documents=false"]));
+    assert_eq!(masked, again);
+    assert!(masked != unmasked && masked.is_finite() && unmasked.is_finite(), "{masked} vs {unmasked}");
+
+    let (ok, err) = ondol_err(
+        dir.path(),
+        &[
+            "train",
+            "run.toml",
+            "--set",
+            "training.mask_documents=true",
+            "--set",
+            "model.arch=\"mamba\"",
+            "--set",
+            "model.n_heads=0",
+        ],
+    );
+    assert!(!ok && err.contains("training.mask_documents") && err.contains("Mamba"), "{err}");
+    std::fs::write(
+        dir.path().join("shards.toml"),
+        BASE.replace("format = \"text\"\ntokenizer = \"bytes\"", "format = \"shards\""),
+    )
+    .unwrap();
+    let (ok, err) = ondol_err(dir.path(), &["train", "shards.toml", "--set", "training.mask_documents=true"]);
+    assert!(!ok && err.contains("training.mask_documents") && err.contains("set data.tokenizer"), "{err}");
+}
+
 /// The training rows of a run's metrics.jsonl: (step, loss).
 fn logged_losses(run: &std::path::Path) -> Vec<(u64, f64)> {
     let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();

@@ -1,0 +1,77 @@
+//! Documents packed into one sequence that attend only within their own: a rotary model's
+//! logits for a document are then those of the document alone, wherever it sits in the
+//! sequence (rotary scores depend on positions only through their differences).
+
+use ondol_core::Rng;
+use ondol_core::backend::document_starts;
+use ondol_cpu::CpuBackend;
+use ondol_model::{Arch, Model, ModelConfig, Workspace};
+
+const EOT: u32 = 0;
+const VOCAB: usize = 19;
+
+fn llama() -> Model {
+    Model::new(ModelConfig {
+        arch: Arch::Llama,
+        vocab_size: VOCAB,
+        d_model: 16,
+        n_layers: 2,
+        n_heads: 4,
+        n_kv_heads: Some(2),
+        ffn_hidden: Some(24),
+        max_seq_len: 40,
+        tie_embeddings: Some(false),
+        rope_theta: 10_000.0,
+        rope_scaling: None,
+        qkv_bias: false,
+        qk_norm: false,
+        block_norms: Default::default(),
+        head_dim: None,
+        norm_eps: 1e-5,
+        init_std: 0.3,
+        init_residual_scaling: true,
+        pattern: None,
+        ssm: Default::default(),
+        mup: Default::default(),
+        init_from: None,
+    })
+    .unwrap()
+}
+
+/// A document: the end-of-text token that starts it, then `len - 1` other tokens.
+fn document(rng: &mut Rng, len: usize) -> Vec<u32> {
+    std::iter::once(EOT).chain((1..len).map(|_| 1 + rng.below(VOCAB as u64 - 1) as u32)).collect()
+}
+
+/// The logits of `ids` (one sequence), with its documents masked or not.
+fn logits(m: &Model, params: &[f32], ids: &[u32], masked: bool) -> Vec<f32> {
+    let be = CpuBackend;
+    let mut ws = Workspace::new(&be, m, 1, ids.len()).unwrap();
+    let first_keys = document_starts(ids, ids.len(), EOT);
+    ws.set_first_keys(&be, masked.then_some(first_keys.as_slice()));
+    m.forward(&be, &params.to_vec(), &mut ws, &ids.to_vec());
+    m.logits(&be, &params.to_vec(), &mut ws)
+}
+
+#[test]
+fn a_masked_document_reads_as_if_alone() {
+    let m = llama();
+    let params = m.layout.init(5);
+    let mut rng = Rng::new(8);
+    let docs = [document(&mut rng, 11), document(&mut rng, 17), document(&mut rng, 9)];
+    let packed: Vec<u32> = docs.concat();
+    let (got, plain) = (logits(&m, &params, &packed, true), logits(&m, &params, &packed, false));
+    let mut start = 0;
+    for (d, doc) in docs.iter().enumerate() {
+        let alone = logits(&m, &params, doc, false);
+        let here = &got[start * VOCAB..(start + doc.len()) * VOCAB];
+        let scale = alone.iter().fold(0.0f32, |a, x| a.max(x.abs()));
+        let worst = here.iter().zip(&alone).fold(0.0f32, |a, (x, y)| a.max((x - y).abs()));
+        assert!(worst <= 1e-5 * scale, "document {d} at {start}: logits {worst} off alone's (scale {scale})");
+        // The first document sees nothing before it either way; the others do without a mask.
+        let unmasked = &plain[start * VOCAB..(start + doc.len()) * VOCAB];
+        let leak = unmasked.iter().zip(&alone).fold(0.0f32, |a, (x, y)| a.max((x - y).abs()));
+        assert_eq!(d == 0, leak <= 1e-5 * scale, "document {d}: unmasked logits {leak} off alone's");
+        start += doc.len();
+    }
+}
