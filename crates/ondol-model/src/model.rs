@@ -547,8 +547,7 @@ impl Model {
             .blocks
             .iter()
             .map(|b| match &b.mixer {
-                Mixer::Attention(a) => 12 * (a.n_heads * a.head_dim * seq) as u64,
-                Mixer::Mlp(_) => 0,
+                Mixer::Attention(_) | Mixer::Mlp(_) => 0,
                 Mixer::Mamba(m) => 3 * 9 * (m.inner * m.state) as u64,
                 Mixer::Mamba2(m) => {
                     let q = m.chunk.min(seq);
@@ -556,7 +555,19 @@ impl Model {
                 }
             })
             .sum();
-        6 * self.num_flop_params() as u64 + mixers
+        6 * self.num_flop_params() as u64 + mixers + self.attention_flops_per_key() * seq as u64
+    }
+
+    /// The attention term of [`Model::flops_per_token`] per unit of the sequence length:
+    /// 12 H D over the attention blocks. PaLM's 12 d T per block counts T keys for every
+    /// token, twice the causal mean, so where documents attend only within their own a token
+    /// counts 2 k - 1 for its k keys (T over an unmasked sequence, on average).
+    pub fn attention_flops_per_key(&self) -> u64 {
+        let per_block = |b: &Block| match &b.mixer {
+            Mixer::Attention(a) => 12 * (a.n_heads * a.head_dim) as u64,
+            _ => 0,
+        };
+        self.blocks.iter().map(per_block).sum()
     }
 
     /// The activation memory that each micro-batch in flight holds, from its forward to its

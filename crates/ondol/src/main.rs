@@ -726,7 +726,7 @@ fn train_rank<B: Backend>(
             format!("{ran} step{} (step {from} -> {})", if ran == 1 { "" } else { "s" }, summary.steps)
         }
     };
-    let mfu = summary.tokens_per_s * trainer.model().flops_per_token(seq) as f64 / peak.flops;
+    let mfu = summary.flops_per_s / peak.flops;
     ondol_core::say!(
         "{}: {steps} in {:.1} s, {:.0} tokens/s training ({:.1} % MFU); train loss {:.4} -> {:.4}; {val_losses}",
         if summary.stopped_by.is_some() { "stopped" } else { "done" },

@@ -116,6 +116,9 @@ pub struct StepStats {
     pub pipeline_wait_s: f64,
     /// The signal that asked some rank to stop (see [`crate::stop_signal`]): the run stops here.
     pub stop: Option<i32>,
+    /// The step's training FLOPs, as [`Model::flops_per_token`] counts them; where documents
+    /// attend only within their own, with the keys this replica's tokens attended.
+    pub flops: f64,
 }
 
 /// Everything one rank of a training run holds: its [`Engine`] (model chunks, state,
@@ -279,6 +282,7 @@ impl<B: Backend> Trainer<B> {
     pub fn step(&mut self) -> Result<StepStats> {
         let tokens = self.tokens_per_step() as f64;
         let batches = self.next_batches()?;
+        let flops = tokens * self.flops_per_token(&batches);
         let lr = self.sched.lr(self.step);
         // Each token's loss enters the mean with weight 1 / (tokens in the whole step).
         let out = self.engine.step(&batches, (1.0 / tokens) as f32, lr, stop_request)?;
@@ -292,7 +296,18 @@ impl<B: Backend> Trainer<B> {
         self.step += 1;
         self.tokens += self.tokens_per_step();
         let stop = (out.stop > 0).then_some(i32::from(out.stop));
-        Ok(StepStats { loss, grad_norm: out.grad_norm, lr, pipeline_wait_s: out.pipeline_wait_s, stop })
+        Ok(StepStats { loss, grad_norm: out.grad_norm, lr, pipeline_wait_s: out.pipeline_wait_s, stop, flops })
+    }
+
+    /// Training FLOPs per token of `batches`: [`Model::flops_per_token`] at the sequence
+    /// length, or, where documents attend only within their own, with each token's attention
+    /// counted for 2 k - 1 keys where it attends k (see [`Model::attention_flops_per_key`]).
+    fn flops_per_token(&self, batches: &[(Vec<u32>, Vec<u32>)]) -> f64 {
+        let (model, seq) = (self.model(), self.cfg.training.seq_len);
+        let whole = model.flops_per_token(seq) as f64;
+        let Some(eot) = self.engine.layout.document_mask else { return whole };
+        let per_key = model.attention_flops_per_key() as f64;
+        whole + per_key * (keys_counted_per_token(batches, seq, eot) - seq as f64)
     }
 
     /// A copy of everything a checkpoint holds, for a background writer, with every tensor
@@ -726,6 +741,19 @@ pub fn evaluate<B: Backend>(
     Ok((sum / tokens as f64, tokens))
 }
 
+/// The keys a token's attention counts for in the FLOPs where documents (starting at `eot`)
+/// attend only within their own: 2 k - 1 for its k keys, averaged over the tokens of
+/// `batches` (sequences of `seq`); `seq` without an end-of-text, as PaLM's count has it.
+fn keys_counted_per_token(batches: &[(Vec<u32>, Vec<u32>)], seq: usize, eot: u32) -> f64 {
+    let (mut keys, mut tokens) = (0u64, 0u64);
+    for (inputs, _) in batches {
+        let starts = document_starts(inputs, seq, eot);
+        keys += starts.iter().enumerate().map(|(r, &first)| 2 * (r % seq - first as usize) as u64 + 1).sum::<u64>();
+        tokens += inputs.len() as u64;
+    }
+    keys as f64 / tokens.max(1) as f64
+}
+
 /// The result of a whole run.
 #[derive(Clone, Debug)]
 pub struct Summary {
@@ -740,6 +768,8 @@ pub struct Summary {
     pub final_val_step: u64,
     /// Over the steps' own time (not evaluations or checkpoint snapshots).
     pub tokens_per_s: f64,
+    /// Training FLOPs per second over the same time (see [`StepStats::flops`]).
+    pub flops_per_s: f64,
     /// The whole run's time.
     pub seconds: f64,
     /// The signal that stopped the run before `training.steps`, with a checkpoint.
@@ -759,7 +789,6 @@ pub fn run<B: Backend>(
     let total = trainer.cfg.training.steps;
     let (every, at_end) = (trainer.cfg.checkpoint.every, trainer.cfg.checkpoint.at_end);
     let (eval_every, log_every) = (trainer.cfg.training.eval_every, trainer.cfg.metrics.log_every);
-    let flops_per_token = trainer.model().flops_per_token(trainer.cfg.training.seq_len) as f64;
     let mem = trainer.memory_bytes();
     let first_val_loss = trainer.evaluate()?;
     if let Some(v) = first_val_loss {
@@ -771,8 +800,9 @@ pub fn run<B: Backend>(
     // A logged row covers the steps since the previous one: their mean loss, as Megatron logs
     // it (one step's loss is noisy at the default log_every = 10), and their tokens per second.
     let (mut window_s, mut window_tokens, mut window_loss, mut window_steps) = (0.0, 0u64, 0.0, 0u64);
-    let (mut first_loss, mut last) =
-        (f64::NAN, StepStats { loss: f64::NAN, grad_norm: 0.0, lr: 0.0, pipeline_wait_s: 0.0, stop: None });
+    let (mut window_flops, mut flops) = (0.0, 0.0);
+    let mut last = StepStats { loss: f64::NAN, grad_norm: 0.0, lr: 0.0, pipeline_wait_s: 0.0, stop: None, flops: 0.0 };
+    let mut first_loss = f64::NAN;
     let (mut final_val_loss, mut final_val_step) = (first_val_loss, trainer.step);
     while trainer.step < total {
         let step_start = Instant::now();
@@ -783,6 +813,7 @@ pub fn run<B: Backend>(
             first_loss = last.loss;
         }
         window_tokens += trainer.tokens_per_step();
+        (window_flops, flops) = (window_flops + last.flops, flops + last.flops);
         (window_loss, window_steps) = (window_loss + last.loss, window_steps + 1);
         let step = trainer.step;
         if step.is_multiple_of(log_every) || step == total || last.stop.is_some() {
@@ -794,10 +825,10 @@ pub fn run<B: Backend>(
                 grad_norm: last.grad_norm,
                 tokens: trainer.tokens,
                 tokens_per_s,
-                mfu: tokens_per_s * flops_per_token / metrics.peak_flops,
+                mfu: window_flops / window_s / metrics.peak_flops,
                 mem_bytes: mem,
             })?;
-            (window_s, window_tokens, window_loss, window_steps) = (0.0, 0, 0.0, 0);
+            (window_s, window_tokens, window_loss, window_steps, window_flops) = (0.0, 0, 0.0, 0, 0.0);
         } else {
             metrics.tick(step, last.loss);
         }
@@ -842,6 +873,7 @@ pub fn run<B: Backend>(
         final_val_loss,
         final_val_step,
         tokens_per_s: ((trainer.step - start_step) * trainer.tokens_per_step()) as f64 / training_s,
+        flops_per_s: flops / training_s,
         seconds,
         stopped_by: last.stop.filter(|_| trainer.step < total),
     })
@@ -943,6 +975,17 @@ fn data_identity(c: &RunConfig) -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn attention_flops_count_the_keys_of_each_document() {
+        let batch = |ids: Vec<u32>| vec![(ids.clone(), ids)];
+        // No document boundary: T keys a token, PaLM's count.
+        assert_eq!(keys_counted_per_token(&batch(vec![5; 24]), 8, 0), 8.0);
+        // A document per token: one key each.
+        assert_eq!(keys_counted_per_token(&batch(vec![0; 24]), 8, 0), 1.0);
+        // Sequences of 4 split 2 + 2, then whole: (1 + 3 + 1 + 3 + 1 + 3 + 5 + 7) / 8.
+        assert_eq!(keys_counted_per_token(&batch(vec![0, 1, 0, 1, 1, 1, 1, 1]), 4, 0), 3.0);
+    }
 
     /// The first id outside the vocabulary is traced to its row and its place in the row's
     /// window: input column c is place c, target column c place c + 1 (a bad id in the last
