@@ -22,7 +22,8 @@
 // Cached inference: kv_append copies the k and v heads of `new_seq` new rows per sequence
 // (positions pos..pos + new_seq) into k_cache and v_cache [B, max_seq, Hkv D] (a grid-stride
 // loop); attention_cached is the forward for those queries over cache positions 0..=their
-// own, grid (new_seq, H, B), the same shared memory however long the cache. Decoding (too few
+// own (the last `window` of them where window > 0: a sliding-window layer), grid
+// (new_seq, H, B), the same shared memory however long the cache. Decoding (too few
 // queries to fill the GPU) splits each query's keys instead (flash decoding):
 // attention_cached_part, grid (new_seq, H, B x parts), writes each part's unnormalised output
 // with its max and sum, and attention_combine merges the parts.
@@ -124,9 +125,14 @@ __device__ void kv_append(const T* qkv, T* k_cache, T* v_cache, Heads s, int pos
 }
 
 // `s.seq` is the number of new rows per sequence; query i sits at position pos + i.
+// The first cache position query i (at position pos + i) attends: 0, or its window's first.
+__device__ int first_cached_key(int pos, int i, int window) {
+    return window > 0 ? max(0, pos + i + 1 - window) : 0;
+}
+
 template <typename T>
 __device__ void attention_cached(const T* qkv, const T* k_cache, const T* v_cache, T* out, Heads s, int pos,
-                                 int max_seq) {
+                                 int max_seq, int window) {
     __shared__ float scratch[32];
     extern __shared__ float smem[];  // attend's blockDim.x + 2 head_dim floats
     const int i = blockIdx.x, h = blockIdx.y, b = blockIdx.z, d = s.head_dim, g = s.kv_of(h);
@@ -135,7 +141,7 @@ __device__ void attention_cached(const T* qkv, const T* k_cache, const T* v_cach
     const T* k = k_cache + (long long)b * max_seq * kv + (long long)g * d;
     const T* v = v_cache + (long long)b * max_seq * kv + (long long)g * d;
     T* o = out + ((long long)b * s.seq + i) * s.n_heads * d + (long long)h * d;
-    attend(qi, k, v, kv, 0, pos + i + 1, d, o, smem, scratch);
+    attend(qi, k, v, kv, first_cached_key(pos, i, window), pos + i + 1, d, o, smem, scratch);
 }
 
 // The cached forward in `splits` parts over the keys, for few queries over a long cache
@@ -145,7 +151,7 @@ __device__ void attention_cached(const T* qkv, const T* k_cache, const T* v_cach
 // then m and sum; -inf and 0 for a part past the query's keys); attention_combine merges.
 template <typename T>
 __device__ void attention_cached_part(const T* qkv, const T* k_cache, const T* v_cache, float* part, Heads s, int pos,
-                                      int max_seq, int splits, int span) {
+                                      int max_seq, int window, int splits, int span) {
     __shared__ float scratch[32];
     extern __shared__ float smem[];  // attend_keys' blockDim.x + 2 head_dim floats
     const int i = blockIdx.x, h = blockIdx.y, b = blockIdx.z / splits, piece = blockIdx.z % splits;
@@ -154,7 +160,8 @@ __device__ void attention_cached_part(const T* qkv, const T* k_cache, const T* v
     const T* qi = qkv + ((long long)b * s.seq + i) * s.width() + (long long)h * d;
     const T* k = k_cache + (long long)b * max_seq * kv + (long long)g * d;
     const T* v = v_cache + (long long)b * max_seq * kv + (long long)g * d;
-    const int j_begin = piece * span, j_end = min(j_begin + span, pos + i + 1);
+    const int j_begin = max(piece * span, first_cached_key(pos, i, window));
+    const int j_end = min(piece * span + span, pos + i + 1);
     float m, sum;
     attend_keys(qi, k, v, kv, j_begin, j_end, d, smem, scratch, &m, &sum);
     float* out = part + ((((long long)b * s.seq + i) * s.n_heads + h) * splits + piece) * (d + 2);
@@ -258,16 +265,16 @@ __device__ void attention_backward(const T* dout, const T* qkv, const T* out, co
     }                                                                                                              \
     extern "C" __global__ void attention_cached_##S(const T* qkv, const T* k_cache, const T* v_cache, T* out,      \
                                                     int new_seq, int n_heads, int n_kv_heads, int head_dim,        \
-                                                    int pos, int max_seq) {                                        \
+                                                    int pos, int max_seq, int window) {                            \
         attention_cached<T>(qkv, k_cache, v_cache, out, Heads{new_seq, n_heads, n_kv_heads, head_dim}, pos,        \
-                            max_seq);                                                                              \
+                            max_seq, window);                                                                      \
     }                                                                                                              \
     extern "C" __global__ void attention_cached_part_##S(const T* qkv, const T* k_cache, const T* v_cache,          \
                                                          float* part, int new_seq, int n_heads, int n_kv_heads,    \
-                                                         int head_dim, int pos, int max_seq, int splits,           \
-                                                         int span) {                                               \
+                                                         int head_dim, int pos, int max_seq, int window,           \
+                                                         int splits, int span) {                                   \
         attention_cached_part<T>(qkv, k_cache, v_cache, part, Heads{new_seq, n_heads, n_kv_heads, head_dim}, pos,  \
-                                 max_seq, splits, span);                                                           \
+                                 max_seq, window, splits, span);                                                   \
     }                                                                                                              \
     extern "C" __global__ void attention_combine_##S(const float* part, T* out, long long rows, int n_heads,       \
                                                      int head_dim, int splits) {                                   \

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-# Generates tiny random Hugging Face models (Llama, Llama 3 rope scaling, Mistral, Qwen2, GPT-2, Mamba, Mamba-2, Nemotron-H; + expected logits/loss) under crates/ondol-ckpt/tests/fixtures/ so Rust tests can check ondol's forward pass against transformers.
+# Generates tiny random Hugging Face models (Llama, Llama 3 rope scaling, Mistral, Qwen2, SmolLM3, GPT-2, Mamba, Mamba-2, Nemotron-H; + expected logits/loss) under crates/ondol-ckpt/tests/fixtures/ so Rust tests can check ondol's forward pass against transformers.
 """
 Usage:
   python scripts/make-hf-fixtures.py [OUT_DIR] [--only NAME...]
@@ -42,6 +42,38 @@ def mistral_config():
     from transformers import MistralConfig
 
     return MistralConfig(**llama_sizes(), tie_word_embeddings=False, rope_theta=1000000.0, sliding_window=None)
+
+
+def mistral_window_config():
+    from transformers import MistralConfig
+
+    # Mistral 7B v0.1's attention: a sliding window (5 keys) on every layer, shorter than the
+    # fixture's 13 tokens.
+    return MistralConfig(**llama_sizes(), tie_word_embeddings=False, rope_theta=10000.0, sliding_window=5)
+
+
+def smollm3_config():
+    from transformers import SmolLM3Config
+
+    # SmolLM3's layers without rotary positions (its every 4th), and windows of 4 keys on two
+    # of the others: "LGLN".
+    sizes = dict(llama_sizes(), num_hidden_layers=4)
+    # (Its default special tokens lie past the tiny vocabulary.)
+    return SmolLM3Config(**sizes, tie_word_embeddings=True, rope_theta=10000.0, no_rope_layers=[1, 1, 1, 0],
+                         pad_token_id=None, bos_token_id=None, eos_token_id=None,
+                         use_sliding_window=True, sliding_window=4,
+                         layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"])
+
+
+def exaone4_window_config():
+    from transformers import Exaone4Config
+
+    # As EXAONE 4.0 32B: windowed layers (4 keys) with rotary positions, every 4th layer global
+    # without them ("LLLG").
+    sizes = dict(llama_sizes(), num_hidden_layers=4)
+    return Exaone4Config(**sizes, tie_word_embeddings=False, rope_theta=1000000.0, sliding_window=4,
+                         sliding_window_pattern="LLLG",
+                         layer_types=["sliding_attention"] * 3 + ["full_attention"])
 
 
 def qwen2_config():
@@ -300,7 +332,8 @@ def build(name, config):
     config._attn_implementation = "eager"
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
     gen = torch.Generator().manual_seed(1)
-    if config.model_type in ("llama", "mistral", "qwen2", "qwen3", "exaone", "exaone4", "hyperclovax", "granite"):
+    if config.model_type in ("llama", "mistral", "qwen2", "qwen3", "smollm3", "exaone", "exaone4", "hyperclovax",
+                             "granite"):
         perturb_llama(model, gen)
     elif config.model_type == "gpt2":
         perturb_gpt2(model, gen)
@@ -358,6 +391,12 @@ def make(out_dir, only=None):
         ),
         # Mistral without a sliding window: Llama under another name.
         ("tiny-mistral", mistral_config()),
+        # Mistral 7B v0.1's sliding window on every layer.
+        ("tiny-mistral-window", mistral_window_config()),
+        # SmolLM3: layers without positions, windows on some of the others.
+        ("tiny-smollm3", smollm3_config()),
+        # EXAONE 4.0 32B: windowed layers, global ones without positions.
+        ("tiny-exaone4-window", exaone4_window_config()),
         # Qwen2: Llama with biases on q, k and v (and here a tied head).
         ("tiny-qwen2", qwen2_config()),
         # Qwen3: an RMSNorm on each q and k head, heads wider than hidden_size / heads.

@@ -11,7 +11,9 @@
 //! trains without dropout.
 
 use ondol_core::{Error, Result};
-use ondol_model::{Arch, BlockNorms, LayerKind, ModelConfig, MupConfig, RopeScaling, RopeScalingKind, SsmConfig};
+use ondol_model::{
+    Arch, BlockNorms, LayerAttention, LayerKind, ModelConfig, MupConfig, RopeScaling, RopeScalingKind, SsmConfig,
+};
 use serde_json::{Map, Value, json};
 
 /// The `config.json` of `cfg` in the Hugging Face schema of its architecture.
@@ -136,10 +138,14 @@ pub fn to_hf_config(cfg: &ModelConfig, eos_token_id: Option<u32>) -> Value {
 /// Rewrites Llama's config `v` as the transformers model that has what `cfg` adds to Llama
 /// (the model's validation admits only these combinations): q, k and v biases, Qwen2; q and k
 /// norms, Qwen3; those and norms after the mixers alone, EXAONE 4; norms before and after, or
-/// muP's multipliers, HyperCLOVA X.
+/// muP's multipliers, HyperCLOVA X; sliding windows or layers without positions on a plain
+/// Llama, SmolLM3 (Qwen2, Qwen3 and EXAONE 4 have windows too).
 fn as_llama_relative(cfg: &ModelConfig, v: &mut Value) {
+    let layers: Vec<LayerAttention> = (0..cfg.n_layers).map(|l| cfg.layer_attention(l)).collect();
+    let plain_attention = cfg.sliding_window.is_none() && layers.iter().all(|l| l.rope);
     let (model_type, class) = match (cfg.block_norms, cfg.qk_norm, cfg.qkv_bias) {
-        (BlockNorms::Pre, false, false) if cfg.mup.is_default() => return,
+        (BlockNorms::Pre, false, false) if cfg.mup.is_default() && plain_attention => return,
+        (BlockNorms::Pre, false, false) if cfg.mup.is_default() => ("smollm3", "SmolLM3ForCausalLM"),
         (BlockNorms::Pre, false, false) => ("hyperclovax", "HyperCLOVAXForCausalLM"),
         (BlockNorms::Pre, false, true) => ("qwen2", "Qwen2ForCausalLM"),
         (BlockNorms::Pre, true, _) => ("qwen3", "Qwen3ForCausalLM"),
@@ -157,18 +163,35 @@ fn as_llama_relative(cfg: &ModelConfig, v: &mut Value) {
     }
     v["architectures"] = json!([class]);
     v["model_type"] = json!(model_type);
-    let full = json!(vec!["full_attention"; cfg.n_layers]);
+    let kinds: Vec<&str> =
+        layers.iter().map(|l| if l.window.is_some() { "sliding_attention" } else { "full_attention" }).collect();
+    let window = json!(cfg.sliding_window);
     match model_type {
         "qwen2" | "qwen3" => {
-            v["use_sliding_window"] = json!(false);
-            v["sliding_window"] = Value::Null;
+            v["use_sliding_window"] = json!(cfg.sliding_window.is_some());
+            v["sliding_window"] = window;
             v["max_window_layers"] = json!(cfg.n_layers);
-            v["layer_types"] = full;
+            v["layer_types"] = json!(kinds);
         }
         "exaone4" => {
-            v["sliding_window"] = Value::Null;
+            // Its global layers have rotary positions exactly where it has no window: global
+            // layers without them take one, which no layer uses.
+            let nope = layers.iter().any(|l| !l.rope);
+            v["sliding_window"] = json!(cfg.sliding_window.or(nope.then_some(cfg.max_seq_len)));
             v["sliding_window_pattern"] = Value::Null;
-            v["layer_types"] = full;
+            v["layer_types"] = json!(kinds);
+        }
+        "smollm3" => {
+            v["use_sliding_window"] = json!(cfg.sliding_window.is_some());
+            v["sliding_window"] = window;
+            v["no_rope_layers"] = json!(layers.iter().map(|l| u8::from(l.rope)).collect::<Vec<_>>());
+            v["layer_types"] = json!(kinds);
+            // Its defaults are SmolLM3's own tokenizer's ids, past a smaller vocabulary.
+            for key in ["pad_token_id", "bos_token_id", "eos_token_id"] {
+                if v.get(key).is_none() {
+                    v[key] = Value::Null;
+                }
+            }
         }
         _ => {
             let m = &cfg.mup;
@@ -554,6 +577,8 @@ fn ssm_model(f: &Fields, arch: Arch, d_model: usize, ssm: SsmConfig, tied_defaul
         pattern: None,
         ssm,
         mup: Default::default(),
+        sliding_window: None,
+        attention_pattern: None,
         init_from: None,
     })
 }
@@ -663,6 +688,8 @@ fn nemotron_h_from(f: &Fields) -> Result<ModelConfig> {
         pattern: Some(pattern),
         ssm,
         mup: Default::default(),
+        sliding_window: None,
+        attention_pattern: None,
         init_from: None,
     })
 }
@@ -721,34 +748,144 @@ fn exaone_as_llama(map: &Map<String, Value>, file: &str) -> Result<Map<String, V
     Ok(out)
 }
 
-/// EXAONE 4.0 32B's windowed layers come with global ones without rotary positions, which
-/// ondol lacks: a config with any is refused (1.2B has none). transformers rotates a full
-/// layer only where `sliding_window` is null, and takes 4096 where the field is absent.
-fn exaone4_without_windows(f: &Fields) -> Result<()> {
-    match f.map.get("sliding_window") {
-        Some(Value::Null) => {}
-        other => {
-            let given = other.map_or("absent (transformers then takes 4096)".to_string(), |w| w.to_string());
+/// The sliding window and attention pattern (see `ModelConfig::attention_pattern`) of a
+/// Llama-family config, as transformers reads its fields:
+/// - Mistral: `sliding_window` on every layer (null: none).
+/// - Qwen2 and Qwen3: a window only under `use_sliding_window` (`sliding_window`, 4096 where
+///   absent), on the layers `layer_types` names, or else on those from `max_window_layers` (28).
+/// - SmolLM3: `no_rope_layers` (1: rotary positions; else every `no_rope_layer_interval`-th
+///   layer, 4, has none), and a window under `use_sliding_window` where `layer_types` says (by
+///   default on the layers without positions, which ondol does not implement).
+/// - EXAONE 4: `sliding_window` (4096 where absent) on the layers `layer_types` names, or else
+///   `sliding_window_pattern` (every n-th layer global, or a string of L and G); where it has
+///   a window, its global layers have no rotary positions.
+fn attention_layers(f: &Fields, model_type: &str, layers: usize) -> Result<(Option<usize>, Option<String>)> {
+    let window = |default: Option<usize>| -> Result<Option<usize>> {
+        match f.map.get("sliding_window") {
+            None => Ok(default),
+            Some(Value::Null) => Ok(None),
+            Some(w) => match w.as_u64().filter(|&w| w > 0) {
+                Some(w) => Ok(Some(w as usize)),
+                None => Err(f.err("sliding_window", format!("{w} is not a positive integer"))),
+            },
+        }
+    };
+    let enabled = |key: &str| f.bool(key, false);
+    // Per layer: (sliding, rotary positions).
+    let (window, kinds): (Option<usize>, Vec<(bool, bool)>) = match model_type {
+        "mistral" => {
+            let w = window(None)?;
+            (w, vec![(w.is_some(), true); layers])
+        }
+        "qwen2" | "qwen3" => {
+            let w = if enabled("use_sliding_window")? { window(Some(4096))? } else { None };
+            let first = match f.map.get("max_window_layers") {
+                None | Some(Value::Null) => 28,
+                Some(_) => f.usize("max_window_layers")?,
+            };
+            let sliding = layer_types(f, layers, |i| w.is_some() && i >= first)?;
+            (w, sliding.into_iter().map(|s| (s, true)).collect())
+        }
+        "smollm3" => {
+            let rope: Vec<bool> = match f.map.get("no_rope_layers").filter(|v| !v.is_null()) {
+                Some(v) => {
+                    let flags = v.as_array().filter(|a| a.len() == layers);
+                    let flags = flags.and_then(|a| a.iter().map(|x| x.as_u64().filter(|&x| x <= 1)).collect());
+                    let flags: Vec<u64> = flags.ok_or_else(|| {
+                        f.err("no_rope_layers", format!("{v} is not one 0 or 1 per layer ({layers})"))
+                    })?;
+                    flags.into_iter().map(|x| x == 1).collect()
+                }
+                None => {
+                    let every = match f.map.get("no_rope_layer_interval") {
+                        None | Some(Value::Null) => 4,
+                        Some(_) => f.usize("no_rope_layer_interval")?.max(1),
+                    };
+                    (0..layers).map(|i| !(i + 1).is_multiple_of(every)).collect()
+                }
+            };
+            let w = if enabled("use_sliding_window")? { window(None)? } else { None };
+            let sliding = layer_types(f, layers, |i| w.is_some() && !rope[i])?;
+            (w, sliding.into_iter().zip(rope).collect())
+        }
+        "exaone4" => {
+            let w = window(Some(4096))?;
+            let every_nth = |n: usize, i: usize| n > 0 && !(i + 1).is_multiple_of(n);
+            let sliding = match f.map.get("sliding_window_pattern") {
+                _ if f.map.get("layer_types").is_some_and(|v| !v.is_null()) => layer_types(f, layers, |_| false)?,
+                Some(Value::String(p)) if !p.is_empty() && p.chars().all(|c| c == 'L' || c == 'G') => {
+                    (0..layers).map(|i| p.as_bytes()[i % p.len()] == b'L').collect()
+                }
+                Some(Value::Number(n)) if n.as_u64().is_some() && w.is_some() => {
+                    let n = n.as_u64().unwrap_or(0) as usize;
+                    (0..layers).map(|i| every_nth(n, i)).collect()
+                }
+                Some(other) if w.is_some() => {
+                    return Err(f.err(
+                        "sliding_window_pattern",
+                        format!("{other} is neither a layer count nor a string of L and G"),
+                    ));
+                }
+                // (transformers divides by the pattern, 0 without a window: layer_types must say.)
+                _ if w.is_none() => vec![false; layers],
+                _ => (0..layers).map(|i| every_nth(4, i)).collect(),
+            };
+            (w, sliding.into_iter().map(|s| (s, w.is_none() || s)).collect())
+        }
+        _ => (None, vec![(false, true); layers]),
+    };
+    let mut pattern = String::with_capacity(layers);
+    for (i, &(sliding, rope)) in kinds.iter().enumerate() {
+        pattern.push(match (sliding, rope) {
+            (true, true) => 'L',
+            (false, true) => 'G',
+            (false, false) => 'N',
+            (true, false) => {
+                return Err(f.err(
+                    "layer_types",
+                    format!(
+                        "layer {i} has a sliding window and no rotary positions, which ondol does not implement \
+                         (windows on layers with positions, and global layers with or without them)"
+                    ),
+                ));
+            }
+        });
+        if sliding && window.is_none() {
             return Err(f.err(
-                "sliding_window",
+                "layer_types",
                 format!(
-                    "{given}: EXAONE 4 with a window has global layers without rotary positions, which ondol does \
-                     not implement; it imports EXAONE 4 with \"sliding_window\": null"
+                    "layer {i} is sliding_attention, but the model has no window (use_sliding_window or sliding_window)"
                 ),
             ));
         }
     }
-    let kinds = f.map.get("layer_types").and_then(Value::as_array);
-    if let Some(kind) = kinds.into_iter().flatten().find(|k| *k != "full_attention") {
-        return Err(f.err(
-            "layer_types",
-            format!(
-                "{kind} is not supported: EXAONE 4's windowed layers come with global layers without rotary \
-                 positions, which ondol does not implement; it imports EXAONE 4 with full_attention alone"
-            ),
-        ));
-    }
-    Ok(())
+    let window = window.filter(|_| pattern.contains('L'));
+    let uniform = if window.is_some() { "L" } else { "G" };
+    let pattern = (!pattern.chars().all(|c| c.to_string() == uniform)).then_some(pattern);
+    Ok((window, pattern))
+}
+
+/// Which of `layers` layers are sliding-window ones: as the config's `layer_types` names them
+/// (full_attention or sliding_attention), or else as `default` says.
+fn layer_types(f: &Fields, layers: usize, default: impl Fn(usize) -> bool) -> Result<Vec<bool>> {
+    let Some(v) = f.map.get("layer_types").filter(|v| !v.is_null()) else {
+        return Ok((0..layers).map(default).collect());
+    };
+    let kinds = v
+        .as_array()
+        .filter(|a| a.len() == layers)
+        .ok_or_else(|| f.err("layer_types", format!("is not one entry per layer ({layers})")))?;
+    kinds
+        .iter()
+        .map(|k| match k.as_str() {
+            Some("sliding_attention") => Ok(true),
+            Some("full_attention") => Ok(false),
+            _ => Err(f.err(
+                "layer_types",
+                format!("{k} is not supported: ondol implements full_attention and sliding_attention"),
+            )),
+        })
+        .collect()
 }
 
 /// muP's multipliers, HyperCLOVA X's and Granite's fields beyond Llama's (and HyperCLOVA X's
@@ -792,50 +929,19 @@ pub fn from_hf_config(json: &Value, file: &str) -> Result<(ModelConfig, Vec<Stri
     let map = llama_named.as_ref().unwrap_or(map);
     let f = Fields { map, file, renamed: if exaone { EXAONE_FIELDS } else { &[] } };
     // What the user is told of how the model was read.
-    let mut notes = Vec::new();
+    let notes = Vec::new();
     let (cfg, known): (ModelConfig, &[&str]) = match model_type {
-        // Mistral is Llama with a sliding window, Qwen2 Llama with biases on q, k and v and a
-        // window it uses where use_sliding_window (or layer_types) says so, Qwen3 Qwen2 with an
-        // RMSNorm on each q and k head instead of the biases. A window shorter than the context
-        // is kept exactly by cutting the context to it: every token then attends to the whole
-        // window, as the window has it.
-        "llama" | "mistral" | "qwen2" | "qwen3" | "exaone" | "exaone4" | "hyperclovax" | "granite" => {
-            let mut window = map.get("sliding_window").filter(|w| !w.is_null() && model_type == "mistral");
+        // Mistral is Llama with a sliding window on every layer, Qwen2 Llama with biases on q,
+        // k and v and windows on the layers its layer_types (or max_window_layers) name, Qwen3
+        // Qwen2 with an RMSNorm on each q and k head instead of the biases, SmolLM3 Llama with
+        // layers without positions (see `attention_layers` for these and EXAONE 4's).
+        "llama" | "mistral" | "qwen2" | "qwen3" | "smollm3" | "exaone" | "exaone4" | "hyperclovax" | "granite" => {
             if model_type == "qwen2" {
                 f.must_be("use_mrope", &json!(false), "rotary positions along one axis")?;
             }
-            if model_type == "exaone4" {
-                exaone4_without_windows(&f)?;
-            }
             let post_norm = model_type == "hyperclovax" && hyperclovax_post_norm(&f)?;
-            if model_type.starts_with("qwen") {
-                let layer_types = map.get("layer_types").and_then(Value::as_array);
-                let kinds = layer_types.into_iter().flatten();
-                if let Some(kind) = kinds.clone().find(|k| *k != "full_attention" && *k != "sliding_attention") {
-                    return Err(f.err(
-                        "layer_types",
-                        format!("{kind} is not supported: ondol implements full_attention and sliding_attention"),
-                    ));
-                }
-                let sliding = map.get("use_sliding_window") == Some(&json!(true))
-                    || kinds.clone().any(|k| *k == "sliding_attention");
-                window = map.get("sliding_window").filter(|w| !w.is_null() && sliding);
-            }
-            let context = f.usize("max_position_embeddings")?;
-            let max_seq_len = match window {
-                None => context,
-                Some(w) => match w.as_u64().filter(|&w| w > 0) {
-                    None => return Err(f.err("sliding_window", format!("{w} is not a positive integer"))),
-                    Some(w) if (w as usize) < context => {
-                        notes.push(format!(
-                            "{file}: sliding_window = {w} is shorter than max_position_embeddings = {context}: the \
-                             model's context is cut to its {w} tokens, within which its attention is the window's"
-                        ));
-                        w as usize
-                    }
-                    Some(_) => context,
-                },
-            };
+            let max_seq_len = f.usize("max_position_embeddings")?;
+            let (sliding_window, attention_pattern) = attention_layers(&f, model_type, f.usize("num_hidden_layers")?)?;
             f.must_be("hidden_act", &json!("silu"), "SiLU (SwiGLU)")?;
             f.must_be("attention_bias", &json!(false), "attention without biases")?;
             f.must_be("mlp_bias", &json!(false), "an MLP without biases")?;
@@ -897,7 +1003,8 @@ pub fn from_hf_config(json: &Value, file: &str) -> Result<(ModelConfig, Vec<Stri
                 n_kv_heads: f.opt_usize("num_key_value_heads")?,
                 ffn_hidden: Some(f.usize("intermediate_size")?),
                 max_seq_len,
-                tie_embeddings: Some(f.bool("tie_word_embeddings", false)?),
+                // (SmolLM3's config ties by default, the others do not.)
+                tie_embeddings: Some(f.bool("tie_word_embeddings", model_type == "smollm3")?),
                 rope_theta: theta,
                 rope_scaling,
                 qkv_bias: model_type == "qwen2",
@@ -915,6 +1022,8 @@ pub fn from_hf_config(json: &Value, file: &str) -> Result<(ModelConfig, Vec<Stri
                 pattern: None,
                 ssm: Default::default(),
                 mup,
+                sliding_window,
+                attention_pattern,
                 init_from: None,
             };
             (
@@ -974,6 +1083,8 @@ pub fn from_hf_config(json: &Value, file: &str) -> Result<(ModelConfig, Vec<Stri
                 pattern: None,
                 ssm: Default::default(),
                 mup: Default::default(),
+                sliding_window: None,
+                attention_pattern: None,
                 init_from: None,
             };
             (
@@ -1048,7 +1159,8 @@ pub fn from_hf_config(json: &Value, file: &str) -> Result<(ModelConfig, Vec<Stri
                 "model_type",
                 format!(
                     "\"{other}\" is not supported: ondol imports \"llama\", \"mistral\", \"qwen2\", \"qwen3\", \
-                     \"exaone\", \"exaone4\", \"hyperclovax\", \"granite\", \"gpt2\", \"mamba\", \"mamba2\" and \"nemotron_h\""
+                     \"smollm3\", \"exaone\", \"exaone4\", \"hyperclovax\", \"granite\", \"gpt2\", \"mamba\", \"mamba2\" and \
+                     \"nemotron_h\""
                 ),
             ));
         }
@@ -1056,18 +1168,22 @@ pub fn from_hf_config(json: &Value, file: &str) -> Result<(ModelConfig, Vec<Stri
     let mut warnings = notes;
     for (key, value) in map {
         let key = key.as_str();
-        let windowless = match model_type {
+        let read_elsewhere = match model_type {
             "mistral" => key == "sliding_window",
             "qwen2" | "qwen3" => {
                 ["use_sliding_window", "sliding_window", "max_window_layers", "layer_types"].contains(&key)
                     || (model_type == "qwen2" && key == "use_mrope")
+            }
+            "smollm3" => {
+                ["use_sliding_window", "sliding_window", "no_rope_layers", "no_rope_layer_interval", "layer_types"]
+                    .contains(&key)
             }
             "exaone4" => ["sliding_window", "sliding_window_pattern", "layer_types"].contains(&key),
             "hyperclovax" => MUP_FIELDS.contains(&key) || key == "use_post_norm",
             "granite" => MUP_FIELDS.contains(&key),
             _ => false,
         };
-        if known.contains(&key) || HARMLESS.contains(&key) || windowless {
+        if known.contains(&key) || HARMLESS.contains(&key) || read_elsewhere {
             continue;
         }
         if DROPOUT.contains(&key) {
@@ -1083,8 +1199,10 @@ pub fn from_hf_config(json: &Value, file: &str) -> Result<(ModelConfig, Vec<Stri
     cfg.validate().map_err(|e| match e {
         Error::Config { key, message } => {
             // (Mistral, Qwen, EXAONE and HyperCLOVA X, as read, name their fields as Llama does.)
-            let llama =
-                matches!(model_type, "mistral" | "qwen2" | "qwen3" | "exaone" | "exaone4" | "hyperclovax" | "granite");
+            let llama = matches!(
+                model_type,
+                "mistral" | "qwen2" | "qwen3" | "smollm3" | "exaone" | "exaone4" | "hyperclovax" | "granite"
+            );
             match hf_field(if llama { "llama" } else { model_type }, &key) {
                 Some(field) => {
                     Error::config(format!("{}` in `{file}", f.in_file(field)), format!("(ondol's {key}) {message}"))
@@ -1171,6 +1289,8 @@ mod tests {
             pattern: None,
             ssm: Default::default(),
             mup: Default::default(),
+            sliding_window: None,
+            attention_pattern: None,
             init_from: None,
         }
     }
@@ -1226,19 +1346,58 @@ mod tests {
         let json = to_hf_config(&cfg, None);
         assert_eq!((json["model_type"].as_str(), json.get("attention_bias")), (Some("qwen2"), None));
         assert_eq!(from_hf_config(&json, "c").unwrap().0, cfg);
-        // Its window counts where it is used: the context is cut to it.
+        // Its window counts only under use_sliding_window, on the layers layer_types names or
+        // else from max_window_layers on; as transformers reads it.
         let mut windowed = json.clone();
         windowed["sliding_window"] = json!(16);
-        assert_eq!(from_hf_config(&windowed, "c").unwrap().0.max_seq_len, 64);
+        windowed.as_object_mut().unwrap().remove("layer_types");
+        assert_eq!(from_hf_config(&windowed, "c").unwrap().0.sliding_window, None);
         windowed["use_sliding_window"] = json!(true);
-        assert_eq!(from_hf_config(&windowed, "c").unwrap().0.max_seq_len, 16);
+        windowed["max_window_layers"] = json!(1);
+        let read = from_hf_config(&windowed, "c").unwrap().0;
+        assert_eq!((read.sliding_window, read.attention_pattern.as_deref()), (Some(16), Some("GL")));
+        assert_eq!(to_hf_config(&read, None)["layer_types"], json!(["full_attention", "sliding_attention"]));
+        assert_eq!(from_hf_config(&to_hf_config(&read, None), "c").unwrap().0, read);
         let mut mixed = windowed.clone();
         mixed["use_sliding_window"] = json!(false);
         mixed["layer_types"] = json!(["full_attention", "sliding_attention"]);
-        assert_eq!(from_hf_config(&mixed, "c").unwrap().0.max_seq_len, 16);
+        let e = from_hf_config(&mixed, "c").unwrap_err().to_string();
+        assert!(e.contains("layer_types") && e.contains("no window"), "{e}");
         mixed["layer_types"] = json!(["full_attention", "chunked_attention"]);
         let e = from_hf_config(&mixed, "c").unwrap_err().to_string();
         assert!(e.contains("layer_types") && e.contains("chunked_attention"), "{e}");
+    }
+
+    /// Windows and layers without positions on a plain Llama go out as SmolLM3 and come back;
+    /// SmolLM3's own defaults (a layer without positions every 4th, a tied head) come in.
+    #[test]
+    fn windows_and_nope_layers_export_and_import_as_smollm3() {
+        let cfg =
+            ModelConfig { n_layers: 4, sliding_window: Some(8), attention_pattern: Some("LLGN".into()), ..llama() };
+        let json = to_hf_config(&cfg, None);
+        assert_eq!(json["model_type"].as_str(), Some("smollm3"));
+        assert_eq!(json["no_rope_layers"], json!([1, 1, 1, 0]));
+        assert_eq!(json["use_sliding_window"], json!(true));
+        assert_eq!(from_hf_config(&json, "c").unwrap().0, cfg);
+        let mut defaults = json.clone();
+        for key in ["no_rope_layers", "layer_types", "sliding_window", "use_sliding_window", "tie_word_embeddings"] {
+            defaults.as_object_mut().unwrap().remove(key);
+        }
+        let read = from_hf_config(&defaults, "c").unwrap().0;
+        assert_eq!((read.attention_pattern.as_deref(), read.sliding_window, read.tied()), (Some("GGGN"), None, true));
+        // SmolLM3 puts its windows on the layers without positions by default; ondol has none such.
+        let mut nope_windows = defaults;
+        nope_windows["use_sliding_window"] = json!(true);
+        nope_windows["sliding_window"] = json!(8);
+        let e = from_hf_config(&nope_windows, "c").unwrap_err().to_string();
+        assert!(e.contains("layer 3") && e.contains("no rotary positions"), "{e}");
+        // Mistral's window is on every layer.
+        let mistral = ModelConfig { sliding_window: Some(8), ..llama() };
+        let mut json = to_hf_config(&llama(), None);
+        json["model_type"] = json!("mistral");
+        json["sliding_window"] = json!(8);
+        assert_eq!(from_hf_config(&json, "c").unwrap().0, mistral);
+        assert_eq!(to_hf_config(&mistral, None)["layer_types"], json!(["sliding_attention", "sliding_attention"]));
     }
 
     /// q_norm and k_norm make a Qwen3; wider heads go out as head_dim and come back, for Llama
@@ -1272,17 +1431,30 @@ mod tests {
             assert_eq!(json["model_type"].as_str(), Some(model_type));
             assert_eq!(from_hf_config(&json, "c").unwrap().0, *cfg, "{model_type}");
         }
-        // EXAONE 4.0 32B's windowed layers (its global ones have no rotary positions).
+        // EXAONE 4.0 32B's windowed layers: its global ones have no rotary positions where it
+        // has a window (absent: 4096), as transformers reads it.
         let mut windowed = to_hf_config(&exaone4, None);
         windowed["layer_types"] = json!(["sliding_attention", "full_attention"]);
-        let e = from_hf_config(&windowed, "c").unwrap_err().to_string();
-        assert!(e.contains("layer_types") && e.contains("sliding_attention"), "{e}");
-        // transformers rotates EXAONE 4's full layers only without a window, absent meaning 4096.
+        windowed["sliding_window"] = json!(16);
+        let read = from_hf_config(&windowed, "c").unwrap().0;
+        assert_eq!((read.sliding_window, read.attention_pattern.as_deref()), (Some(16), Some("LN")));
+        assert_eq!(from_hf_config(&to_hf_config(&read, None), "c").unwrap().0, read);
         windowed["layer_types"] = json!(["full_attention", "full_attention"]);
-        windowed["sliding_window"] = json!(4096);
-        assert!(from_hf_config(&windowed, "c").unwrap_err().to_string().contains("sliding_window"));
         windowed.as_object_mut().unwrap().remove("sliding_window");
-        assert!(from_hf_config(&windowed, "c").unwrap_err().to_string().contains("4096"));
+        let read = from_hf_config(&windowed, "c").unwrap().0;
+        assert_eq!((read.sliding_window, read.attention_pattern.as_deref()), (None, Some("NN")));
+        assert_eq!(from_hf_config(&to_hf_config(&read, None), "c").unwrap().0, read);
+        // Its pattern "LLLG", where layer_types is absent.
+        windowed.as_object_mut().unwrap().remove("layer_types");
+        windowed["num_hidden_layers"] = json!(4);
+        windowed["sliding_window_pattern"] = json!("LLLG");
+        let read = from_hf_config(&windowed, "c").unwrap().0;
+        assert_eq!((read.sliding_window, read.attention_pattern.as_deref()), (Some(4096), Some("LLLN")));
+        // A window on EXAONE 4's global layers with positions is not EXAONE 4's.
+        let e = ModelConfig { sliding_window: Some(8), attention_pattern: Some("LG".into()), ..exaone4.clone() };
+        assert!(e.validate().unwrap_err().to_string().contains("write them N"));
+        let e = ModelConfig { attention_pattern: Some("GN".into()), ..exaone4.clone() };
+        assert!(e.validate().unwrap_err().to_string().contains("write them N"));
         // HyperCLOVA X without post-norms or multipliers is a Llama; its use_post_norm default
         // has changed between transformers versions, so the file must give it.
         let mut plain = to_hf_config(&peri_ln, None);
@@ -1432,19 +1604,17 @@ mod tests {
         let mut json = to_hf_config(&llama(), None);
         json["sliding_window"] = json!(4096);
         assert!(from_hf_config(&json, "c").unwrap_err().to_string().contains("sliding_window"));
+        json["model_type"] = json!("smollm3");
+        json["no_rope_layers"] = json!([1, 2]);
+        assert!(from_hf_config(&json, "c").unwrap_err().to_string().contains("no_rope_layers"));
         let mut json = to_hf_config(&llama(), None);
         json["model_type"] = json!("falcon");
         assert!(from_hf_config(&json, "c").unwrap_err().to_string().contains("falcon"));
-        // Mistral is imported as Llama, as it is where its sliding window covers the context.
+        // Mistral without a window is Llama.
         let mut json = to_hf_config(&llama(), None);
         json["model_type"] = json!("mistral");
         json["sliding_window"] = json!(null);
         assert_eq!(from_hf_config(&json, "c").unwrap().0, llama());
-        // A window shorter than the context cuts the context to it, saying so.
-        json["sliding_window"] = json!(16);
-        let (cut, notes) = from_hf_config(&json, "c").unwrap();
-        assert_eq!(cut, ModelConfig { max_seq_len: 16, ..llama() });
-        assert!(notes.len() == 1 && notes[0].contains("cut to its 16 tokens"), "{notes:?}");
         // A value that breaks one of ondol's constraints: its key and the file.
         let mut json = to_hf_config(&llama(), None);
         json["num_key_value_heads"] = json!(3);

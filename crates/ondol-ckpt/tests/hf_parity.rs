@@ -108,6 +108,41 @@ fn mistral_matches_transformers() {
     check("tiny-mistral");
 }
 
+/// Fails where the fixture's model without `strip` matches transformers as well: the setting
+/// must show in its logits.
+fn check_matters(name: &str, strip: impl FnOnce(&mut ModelConfig)) {
+    let dir = fixture(name);
+    let e = expected(&dir);
+    let (plain, _) = ondol_logits_edited(&dir, &e, strip);
+    let scale = e.logits.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+    let apart = ondol_core::gradcheck::max_abs_diff(&plain, &e.logits);
+    assert!(apart > 1e-2 * scale, "{name}: the fixture does not tell the setting apart: {apart:e}");
+}
+
+/// Mistral 7B v0.1's sliding window (5 keys of the fixture's 13 tokens) on every layer.
+#[test]
+fn mistral_with_a_sliding_window_matches_transformers() {
+    check("tiny-mistral-window");
+    check_matters("tiny-mistral-window", |c| c.sliding_window = None);
+}
+
+/// SmolLM3: a layer without rotary positions (its every 4th), and windows of 4 keys on two of
+/// the others ("LGLN"), a tied head.
+#[test]
+fn smollm3_with_nope_layers_and_windows_matches_transformers() {
+    check("tiny-smollm3");
+    check_matters("tiny-smollm3", |c| c.attention_pattern = Some("LGLL".into()));
+    check_matters("tiny-smollm3", |c| (c.sliding_window, c.attention_pattern) = (None, Some("GGGN".into())));
+}
+
+/// EXAONE 4.0 32B's attention: windows of 4 keys with rotary positions on three layers of
+/// four, the fourth global without them ("LLLN").
+#[test]
+fn exaone4_with_windows_and_global_nope_layers_matches_transformers() {
+    check("tiny-exaone4-window");
+    check_matters("tiny-exaone4-window", |c| c.attention_pattern = Some("LLLL".into()));
+}
+
 /// Qwen2: biases on q, k and v (perturbed from transformers' zeros), and a tied head.
 #[test]
 fn qwen2_matches_transformers() {

@@ -28,6 +28,8 @@ fn sharded_files_round_trip_through_their_index() {
         pattern: None,
         ssm: Default::default(),
         mup: Default::default(),
+        sliding_window: None,
+        attention_pattern: None,
         init_from: None,
     };
     let model = Model::new(cfg).unwrap();

@@ -533,7 +533,8 @@ pub trait Backend: Send + Sync {
     /// Inference attention over a key/value cache. The new rows are `shape.seq` tokens per
     /// sequence at positions `pos..pos + shape.seq`: their k and v are appended to the caches
     /// (`[batch, max_seq, Hkv * D]`), and `out` (`[rows, H*D]`) gets each new query's causal
-    /// attention over positions `0..=` its own. Prefill and one-token decode are both this op.
+    /// attention over positions `0..=` its own, or over the last `window` of them (itself
+    /// included) in a sliding-window layer. Prefill and one-token decode are both this op.
     #[allow(clippy::too_many_arguments)]
     fn attention_cached(
         &self,
@@ -544,6 +545,7 @@ pub trait Backend: Send + Sync {
         shape: AttnShape,
         pos: usize,
         max_seq: usize,
+        window: Option<usize>,
     );
 
     // ---- Mamba ---------------------------------------------------------------------------------

@@ -245,9 +245,11 @@ pub fn attention_backward(
     });
 }
 
-/// Attention of new queries over a growing key/value cache (inference). Decoding reads
-/// the whole cache once per token and does O(pos * D) work per head, so a plain loop
-/// parallel over (batch, head) is as fast as anything here.
+/// Attention of new queries over a growing key/value cache (inference), over the last
+/// `window` keys where given. Decoding reads the whole cache once per token and does
+/// O(pos * D) work per head, so a plain loop parallel over (batch, head) is as fast as
+/// anything here.
+#[allow(clippy::too_many_arguments)]
 pub fn attention_cached(
     qkv: &[f32],
     k_cache: &mut [f32],
@@ -256,6 +258,7 @@ pub fn attention_cached(
     s: AttnShape,
     pos: usize,
     max_seq: usize,
+    window: Option<usize>,
 ) {
     let (n, d, width, kvw) = (s.seq, s.head_dim, s.qkv_width(), s.n_kv_heads * s.head_dim);
     assert!(pos + n <= max_seq, "KV cache of {max_seq} positions cannot hold {} tokens", pos + n);
@@ -281,20 +284,21 @@ pub fn attention_cached(
         for i in 0..n {
             let q = &qkv[(b * n + i) * width + h * d..][..d];
             let keys = pos + i + 1;
-            for (j, sc) in scores[..keys].iter_mut().enumerate() {
+            let first = window.map_or(0, |w| keys.saturating_sub(w));
+            for (j, sc) in scores[..keys].iter_mut().enumerate().skip(first) {
                 let k = &k_cache[(b * max_seq + j) * kvw + g * d..][..d];
                 *sc = scale * q.iter().zip(k).map(|(a, b)| a * b).sum::<f32>();
             }
-            let max = scores[..keys].iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+            let max = scores[first..keys].iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
             let mut sum = 0.0;
-            for sc in &mut scores[..keys] {
+            for sc in &mut scores[first..keys] {
                 *sc = exp(*sc - max);
                 sum += *sc;
             }
             // SAFETY: task (b, h) alone writes row b*n + i at columns h*d..h*d+d.
             let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add((b * n + i) * s.q_width() + h * d), d) };
             o.fill(0.0);
-            for (j, p) in scores[..keys].iter().enumerate() {
+            for (j, p) in scores[..keys].iter().enumerate().skip(first) {
                 let v = &v_cache[(b * max_seq + j) * kvw + g * d..][..d];
                 for (o, v) in o.iter_mut().zip(v) {
                     *o += p / sum * v;

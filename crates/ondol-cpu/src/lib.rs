@@ -287,8 +287,9 @@ impl Backend for CpuBackend {
         shape: AttnShape,
         pos: usize,
         max_seq: usize,
+        window: Option<usize>,
     ) {
-        attention::attention_cached(qkv, k_cache, v_cache, out, shape, pos, max_seq);
+        attention::attention_cached(qkv, k_cache, v_cache, out, shape, pos, max_seq, window);
     }
 
     fn conv1d_forward(&self, x: &[f32], w: &[f32], bias: &[f32], y: &mut [f32], len: usize, channels: usize) {

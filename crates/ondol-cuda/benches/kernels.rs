@@ -247,6 +247,7 @@ fn decode(be: &CudaBackend) {
                 shape,
                 pos,
                 max_seq,
+                None,
             )
         });
         println!(

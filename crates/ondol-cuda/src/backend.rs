@@ -897,6 +897,7 @@ impl Backend for CudaBackend {
         shape: AttnShape,
         pos: usize,
         max_seq: usize,
+        window: Option<usize>,
     ) {
         let dtype = same_type("attention_cached", &[qkv.dtype, k_cache.dtype, v_cache.dtype, out.dtype]);
         assert!(pos + shape.seq <= max_seq, "KV cache of {max_seq} positions cannot hold {} tokens", pos + shape.seq);
@@ -915,8 +916,9 @@ impl Backend for CudaBackend {
         args.extend([Arg::I32(pos as i32), Arg::I32(max_seq as i32), Arg::I64(shape.rows() as i64)]);
         self.run("attention", "kv_append", dtype, self.dev.flat(shape.rows() * kv), &args);
         // A prefill (an empty cache) is causal attention over the new rows alone: flash
-        // attention where it applies, rather than reading the cache once per query.
-        if pos == 0 && self.uses_flash(shape, &[qkv.ptr, out.ptr]) {
+        // attention where it applies, rather than reading the cache once per query (not in a
+        // sliding-window layer, whose first keys it would need in a buffer).
+        if pos == 0 && window.is_none() && self.uses_flash(shape, &[qkv.ptr, out.ptr]) {
             let mut lse = self.zeros_f32(shape.batch * shape.n_heads * shape.seq);
             self.flash_forward(qkv, out, lse.view_mut(0..lse.len()).ptr, shape, 0);
             return;
@@ -932,7 +934,7 @@ impl Backend for CudaBackend {
                 Arg::I32(shape.seq as i32),
             ];
             args.extend(heads);
-            args.extend([Arg::I32(pos as i32), Arg::I32(max_seq as i32)]);
+            args.extend([pos, max_seq, window.unwrap_or(0)].map(|x| Arg::I32(x as i32)));
             self.run("attention", "attention_cached", dtype, cfg, &args);
             return;
         }
@@ -948,7 +950,7 @@ impl Backend for CudaBackend {
             Arg::I32(shape.seq as i32),
         ];
         args.extend(heads);
-        args.extend([pos, max_seq, parts, span].map(|x| Arg::I32(x as i32)));
+        args.extend([pos, max_seq, window.unwrap_or(0), parts, span].map(|x| Arg::I32(x as i32)));
         self.run("attention", "attention_cached_part", dtype, cfg, &args);
         let mut args = vec![Arg::Ptr(part_ptr), ptr_mut(&out), Arg::I64(shape.rows() as i64)];
         args.extend([shape.n_heads, shape.head_dim, parts].map(|x| Arg::I32(x as i32)));

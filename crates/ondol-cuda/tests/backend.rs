@@ -550,7 +550,10 @@ fn simple_attention_spans_several_key_tiles() {
         check_attention(&be, shape, 600, &[511, 2, 1]);
         for (batch, n_heads, n_kv_heads) in [(2, 2, 1), (1, 4, 2)] {
             let shape = AttnShape { batch, seq: 520, n_heads, n_kv_heads, head_dim: 8 };
-            check_cached_attention(&be, shape, 520, &[513, 1]);
+            check_cached_attention(&be, shape, 520, &[513, 1], None);
+            // A sliding window of 300 keys: the prefill's later queries and the decoding
+            // step's start inside the first part of the keys.
+            check_cached_attention(&be, shape, 520, &[513, 1], Some(300));
         }
     }
 }
@@ -573,7 +576,7 @@ fn check_attention(be: &CudaBackend, shape: AttnShape, max_seq: usize, steps: &[
     let mut want = vec![0.0; n];
     CPU.attention_backward(&dout, &qkv, &out, &lse, &mut want, shape, None);
     assert_close(&what("attention_backward dqkv"), be, &dqkv, &want, tol);
-    check_cached_attention(be, shape, max_seq, steps);
+    check_cached_attention(be, shape, max_seq, steps, None);
 }
 
 /// Attention's forward on `be`, then its backward from `dout` and that forward's outputs:
@@ -641,9 +644,9 @@ fn attention_within_documents_matches_the_cpu() {
 
 /// Attention over a cache of `max_seq` positions against the CPU, the cache filled by `steps`
 /// new tokens at a time.
-fn check_cached_attention(be: &CudaBackend, shape: AttnShape, max_seq: usize, steps: &[usize]) {
+fn check_cached_attention(be: &CudaBackend, shape: AttnShape, max_seq: usize, steps: &[usize], window: Option<usize>) {
     let tol = tolerance(be);
-    let what = |w: &str| format!("{w} (T={} D={})", shape.seq, shape.head_dim);
+    let what = |w: &str| format!("{w} (T={} D={} window {window:?})", shape.seq, shape.head_dim);
     let kv = shape.batch * max_seq * shape.n_kv_heads * shape.head_dim;
     let (mut k_cache, mut v_cache) = (be.zeros(kv), be.zeros(kv));
     let (mut want_k, mut want_v) = (vec![0.0; kv], vec![0.0; kv]);
@@ -660,9 +663,10 @@ fn check_cached_attention(be: &CudaBackend, shape: AttnShape, max_seq: usize, st
             s,
             pos,
             max_seq,
+            window,
         );
         let mut want_out = vec![0.0; s.rows() * s.q_width()];
-        CPU.attention_cached(&rows_qkv, &mut want_k, &mut want_v, &mut want_out, s, pos, max_seq);
+        CPU.attention_cached(&rows_qkv, &mut want_k, &mut want_v, &mut want_out, s, pos, max_seq, window);
         assert_close(&what(&format!("attention_cached at {pos} (+{new})")), be, &be.download(&out), &want_out, tol);
         pos += new;
     }
@@ -1026,9 +1030,12 @@ fn flash_attention_matches_the_cpu_and_the_simple_kernel() {
                 shape,
                 0,
                 seq,
+                None,
             );
             assert_eq!(flash.download(&prefill), out, "{}", what("prefill through the cache"));
-            check_cached_attention(&flash, shape, seq + 1, &[seq, 1]);
+            check_cached_attention(&flash, shape, seq + 1, &[seq, 1], None);
+            // With a window the prefill runs the simple kernel.
+            check_cached_attention(&flash, shape, seq + 1, &[seq, 1], Some(37));
         }
     }
 }

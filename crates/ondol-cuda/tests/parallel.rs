@@ -42,6 +42,8 @@ fn llama() -> ModelConfig {
         pattern: None,
         ssm: Default::default(),
         mup: Default::default(),
+        sliding_window: None,
+        attention_pattern: None,
         init_from: None,
     }
 }

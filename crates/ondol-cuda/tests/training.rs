@@ -64,6 +64,8 @@ fn config(arch: Arch) -> ModelConfig {
             if arch == Arch::Mamba { ssm } else { SsmConfig { head_dim, n_groups: 2, ..ssm } }
         },
         mup: Default::default(),
+        sliding_window: None,
+        attention_pattern: None,
         init_from: None,
     }
 }
@@ -71,10 +73,12 @@ fn config(arch: Arch) -> ModelConfig {
 /// Every architecture, and beside the Llama with Qwen2's attention: one with Qwen3's (heads of
 /// 12 where d_model / n_heads is 8, each q and k head RMS-normed), one with EXAONE 4's blocks
 /// (Qwen3's attention, norms after the mixers alone) and one with Peri-LN's (norms before and
-/// after) and muP's multipliers (HyperCLOVA X's).
+/// after) and muP's multipliers (HyperCLOVA X's), and one with EXAONE 4 32B's attention
+/// (sliding windows of 5 keys, and a global layer without positions).
 fn models() -> Vec<(&'static str, ModelConfig)> {
     let qwen3 = ModelConfig { qkv_bias: false, qk_norm: true, head_dim: Some(12), ..config(Arch::Llama) };
     let exaone4 = ModelConfig { block_norms: BlockNorms::Post, ..qwen3.clone() };
+    let windows = ModelConfig { sliding_window: Some(5), attention_pattern: Some("LN".into()), ..exaone4.clone() };
     let mup = MupConfig {
         embedding_multiplier: 2.0,
         residual_multiplier: 0.5,
@@ -83,7 +87,13 @@ fn models() -> Vec<(&'static str, ModelConfig)> {
     };
     let peri_ln = ModelConfig { qkv_bias: false, block_norms: BlockNorms::Both, mup, ..config(Arch::Llama) };
     let archs = [("gpt2", Arch::Gpt2), ("mamba", Arch::Mamba), ("mamba2", Arch::Mamba2), ("hybrid", Arch::Hybrid)];
-    let mut out = vec![("llama", config(Arch::Llama)), ("qwen3", qwen3), ("exaone4", exaone4), ("peri-ln", peri_ln)];
+    let mut out = vec![
+        ("llama", config(Arch::Llama)),
+        ("qwen3", qwen3),
+        ("exaone4", exaone4),
+        ("exaone4-windows", windows),
+        ("peri-ln", peri_ln),
+    ];
     out.extend(archs.map(|(name, arch)| (name, config(arch))));
     out
 }

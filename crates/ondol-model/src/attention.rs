@@ -16,6 +16,8 @@ pub(crate) struct Attention {
     pub n_kv_heads: usize,
     pub head_dim: usize,
     pub rope: bool,
+    /// Keys per query of a sliding-window layer (see `ModelConfig::sliding_window`).
+    pub window: Option<usize>,
     /// Qwen3's q_norm and k_norm weights back to back (`[2 D]`), with their epsilon.
     pub qk_norm: Option<(Range<usize>, f32)>,
     /// What q is multiplied by with its rotation (muP's attention multiplier; see
@@ -38,12 +40,14 @@ pub(crate) struct AttnGrads<B: Backend> {
     dattn: B::Buf,
 }
 
-/// Where a call's tokens sit: the rotary table from their first position on, and, where
-/// documents are packed into sequences and attend only within their own, the first key each
-/// query attends (see `Backend::attention_forward`).
+/// Where a call's tokens sit: the rotary table from their first position on; where documents
+/// are packed into sequences and attend only within their own, the first key each query
+/// attends (see `Backend::attention_forward`); and in a model with sliding-window layers, the
+/// first key each query attends in those.
 pub(crate) struct Positions<'a, B: Backend + 'a> {
     pub rope: B::Ref<'a>,
     pub first_keys: Option<&'a B::Ids>,
+    pub window_keys: Option<&'a B::Ids>,
 }
 
 impl<B: Backend> Clone for Positions<'_, B> {
@@ -63,6 +67,14 @@ pub(crate) struct KvSlot<'a, B: Backend> {
 }
 
 impl Attention {
+    /// The first keys this layer's queries attend from (None: 0).
+    fn first_keys<'a, B: Backend>(&self, at: Positions<'a, B>) -> Option<&'a B::Ids> {
+        match self.window {
+            Some(_) => Some(at.window_keys.expect("the workspace of a model with windows holds their first keys")),
+            None => at.first_keys,
+        }
+    }
+
     pub fn shape(&self, batch: usize, seq: usize) -> AttnShape {
         AttnShape { batch, seq, n_heads: self.n_heads, n_kv_heads: self.n_kv_heads, head_dim: self.head_dim }
     }
@@ -132,11 +144,12 @@ impl Attention {
         match cache {
             None => {
                 let (qkv, attn, lse) = (be.all(&a.qkv), be.all_mut(&mut a.attn), be.all_mut(&mut a.lse));
-                be.attention_forward(qkv, attn, lse, shape, at.first_keys);
+                be.attention_forward(qkv, attn, lse, shape, self.first_keys(at));
             }
             Some(c) => {
                 let (k, v) = (be.all_mut(c.k), be.all_mut(c.v));
-                be.attention_cached(be.all(&a.qkv), k, v, be.all_mut(&mut a.attn), shape, c.pos, c.max_seq);
+                let (qkv, attn) = (be.all(&a.qkv), be.all_mut(&mut a.attn));
+                be.attention_cached(qkv, k, v, attn, shape, c.pos, c.max_seq, self.window);
             }
         }
         self.out.forward(be, p, be.all(&a.attn), out, rows);
@@ -160,7 +173,8 @@ impl Attention {
         let (shape, rows) = (self.shape(batch, seq), batch * seq);
         self.out.backward(be, p, grads, be.all(&a.attn), dout, Dx::Write(be.all_mut(&mut g.dattn)), rows);
         let (qkv, attn, lse) = (be.all(&a.qkv), be.all(&a.attn), be.all(&a.lse));
-        be.attention_backward(be.all(&g.dattn), qkv, attn, lse, be.all_mut(&mut g.dqkv), shape, at.first_keys);
+        let first_keys = self.first_keys(at);
+        be.attention_backward(be.all(&g.dattn), qkv, attn, lse, be.all_mut(&mut g.dqkv), shape, first_keys);
         if self.rope {
             be.rope(be.all_mut(&mut g.dqkv), at.rope, shape, true, self.q_scale);
         }

@@ -29,6 +29,16 @@ pub enum LayerKind {
     Mlp,
 }
 
+/// What one layer's attention attends, from `model.sliding_window` and
+/// `model.attention_pattern`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LayerAttention {
+    /// Keys per query (itself included) where the layer's window is local.
+    pub window: Option<usize>,
+    /// Whether q and k take rotary positions (false: NoPE).
+    pub rope: bool,
+}
+
 /// `[model.mup]`: the scalar multipliers of a muP-parametrised Llama (HyperCLOVA X, Granite),
 /// all 1 by default (plain Llama).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -269,6 +279,16 @@ pub struct ModelConfig {
     pub ssm: SsmConfig,
     #[serde(default, skip_serializing_if = "MupConfig::is_default")]
     pub mup: MupConfig,
+    /// The keys a query of a sliding-window layer attends: itself and the `sliding_window - 1`
+    /// before it (Mistral's, Qwen2's and EXAONE 4's `sliding_window`; llama only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sliding_window: Option<usize>,
+    /// Each layer's attention, one character per layer, repeated over the layers where
+    /// shorter: `L` a sliding window (local) with rotary positions, `G` the whole context
+    /// (global) with them, `N` the whole context without positions (NoPE). EXAONE 4 32B is
+    /// "LLLN", SmolLM3 "GGGN"; unset: "L" with a sliding_window (Mistral), "G" without.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attention_pattern: Option<String>,
     /// Start from the weights of this checkpoint or Hugging Face directory (fine-tuning);
     /// its config.json must describe the same model.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -347,6 +367,13 @@ impl ModelConfig {
     pub fn has_attention(&self) -> bool {
         self.layer_kinds().contains(&LayerKind::Attention)
     }
+    /// The attention of transformer layer `layer` (see `attention_pattern`).
+    pub fn layer_attention(&self, layer: usize) -> LayerAttention {
+        let pattern =
+            self.attention_pattern.as_deref().unwrap_or(if self.sliding_window.is_some() { "L" } else { "G" });
+        let c = pattern.as_bytes()[layer % pattern.len().max(1)];
+        LayerAttention { window: self.sliding_window.filter(|_| c == b'L'), rope: c != b'N' }
+    }
     /// Mamba channels E.
     pub fn ssm_inner(&self) -> usize {
         self.ssm.expand * self.d_model
@@ -416,6 +443,7 @@ impl ModelConfig {
                  with muP's multipliers, has none of them",
             ));
         }
+        self.validate_attention_pattern()?;
         if self.arch != Arch::Llama && self.block_norms != BlockNorms::Pre {
             return Err(Error::config("model.block_norms", "only llama takes another than \"pre\": leave it unset"));
         }
@@ -589,6 +617,62 @@ impl ModelConfig {
             return Err(Error::config("model.init_std", "must be a positive number"));
         }
         Ok(())
+    }
+
+    fn validate_attention_pattern(&self) -> Result<()> {
+        if self.arch != Arch::Llama && (self.sliding_window.is_some() || self.attention_pattern.is_some()) {
+            let key = if self.sliding_window.is_some() { "model.sliding_window" } else { "model.attention_pattern" };
+            return Err(Error::config(key, "only llama takes it: leave it unset"));
+        }
+        if self.sliding_window == Some(0) {
+            return Err(Error::config("model.sliding_window", "must be at least 1 (a query attends itself)"));
+        }
+        let default = if self.sliding_window.is_some() { "L" } else { "G" };
+        let p = self.attention_pattern.as_deref().unwrap_or(default);
+        if let Some(bad) = p.chars().find(|c| !matches!(c, 'L' | 'G' | 'N')) {
+            return Err(Error::config(
+                "model.attention_pattern",
+                format!("'{bad}' is not a layer: L (sliding window), G (global) or N (global, no positions)"),
+            ));
+        }
+        if p.is_empty() || p.len() > self.n_layers {
+            return Err(Error::config(
+                "model.attention_pattern",
+                format!("\"{p}\" needs 1 to n_layers = {} characters (repeated over the layers)", self.n_layers),
+            ));
+        }
+        match (p.contains('L'), self.sliding_window) {
+            (true, None) => {
+                return Err(Error::config("model.attention_pattern", "L layers need a model.sliding_window"));
+            }
+            (false, Some(_)) => {
+                return Err(Error::config(
+                    "model.sliding_window",
+                    format!("no layer of attention_pattern \"{p}\" is local (L): leave it unset"),
+                ));
+            }
+            _ => {}
+        }
+        // Every checkpoint must load in transformers: layers without positions are SmolLM3's
+        // (a plain Llama otherwise) or EXAONE 4's, whose global layers have none exactly where
+        // it has windows; HyperCLOVA X has neither windows nor such layers.
+        let (hyperclovax, exaone4) =
+            (self.block_norms == BlockNorms::Both || !self.mup.is_default(), self.block_norms == BlockNorms::Post);
+        let why = if hyperclovax && p.contains(['L', 'N']) {
+            Some("HyperCLOVA X, the model with norms on both sides or muP's multipliers, has neither windows nor NoPE")
+        } else if exaone4 && p.contains('G') && p.contains(['L', 'N']) {
+            Some("EXAONE 4's global layers have positions only in a model without windows: write them N")
+        } else if !exaone4 && p.contains('N') && (self.qkv_bias || self.qk_norm) {
+            Some(
+                "layers without positions (N) are SmolLM3's, a plain Llama, or EXAONE 4's: not with qkv_bias or qk_norm",
+            )
+        } else {
+            None
+        };
+        match why {
+            Some(why) => Err(Error::config("model.attention_pattern", format!("\"{p}\": {why}"))),
+            None => Ok(()),
+        }
     }
 
     fn validate_pattern(&self) -> Result<()> {

@@ -16,10 +16,13 @@ pub mod model;
 pub mod params;
 pub mod part;
 
-pub use config::{Arch, BlockNorms, LayerKind, ModelConfig, MupConfig, RopeScaling, RopeScalingKind, SsmConfig};
+pub use config::{
+    Arch, BlockNorms, LayerAttention, LayerKind, ModelConfig, MupConfig, RopeScaling, RopeScalingKind, SsmConfig,
+};
 pub use elems::Elems;
 pub use model::{
-    InferenceCache, LOSS_CHUNK_LOGITS, LOSS_CHUNK_MIN_ROWS, MicroBatch, Model, Scratch, Workspace, scratch_elems,
+    InferenceCache, LOSS_CHUNK_LOGITS, LOSS_CHUNK_MIN_ROWS, MicroBatch, Model, Scratch, Workspace, counted_keys,
+    scratch_elems,
 };
 pub use params::{Init, ParamInfo, ParamLayout, Path, Placement};
 pub use part::{Alone, Part, TensorParallel};

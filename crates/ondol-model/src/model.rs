@@ -21,7 +21,7 @@
 #![allow(clippy::single_range_in_vec_init)]
 use crate::Elems;
 use crate::attention::{Attention, AttnActs, AttnGrads, KvSlot, Positions};
-use crate::config::{Arch, BlockNorms, LayerKind, ModelConfig};
+use crate::config::{Arch, BlockNorms, LayerAttention, LayerKind, ModelConfig};
 use crate::layers::{
     CausalConv, Dx, Linear, Norm, NormActs, PostNormActs, RecurrentState, WeightLayout, norm_elems, post_norm_elems,
 };
@@ -191,7 +191,7 @@ impl Builder<'_> {
 
     /// q, k and v back to back (one `[(H + 2 Hkv) D, d]` GEMM, with their biases back to back
     /// where the model has them) and the output projection; this shard's heads of each.
-    fn attention(&mut self, p: &Path, names: [&str; 4], rope: bool) -> Attention {
+    fn attention(&mut self, p: &Path, names: [&str; 4], kind: LayerAttention) -> Attention {
         let cfg = self.cfg;
         let (d, dh) = (cfg.d_model, cfg.head_dim());
         let (q_heads, kv_heads, shared) = self.heads();
@@ -240,7 +240,8 @@ impl Builder<'_> {
             n_heads: q_heads.len(),
             n_kv_heads: kv_heads.len(),
             head_dim: dh,
-            rope,
+            rope: kind.rope,
+            window: kind.window,
             qk_norm,
             q_scale: cfg.q_scale(),
         }
@@ -263,6 +264,7 @@ impl Builder<'_> {
             n_kv_heads: heads.len(),
             head_dim: dh,
             rope: false,
+            window: None,
             qk_norm: None,
             q_scale: 1.0,
         }
@@ -456,7 +458,7 @@ impl Model {
                     let [pre_attn, pre_mlp, post_attn, post_mlp] = llama_norm_names(cfg.block_norms);
                     let norm = pre_attn.map(|name| b.rmsnorm(p.at(name), d));
                     let names = ["q_proj", "k_proj", "v_proj", "o_proj"];
-                    let mixer = Mixer::Attention(b.attention(&p.at("self_attn"), names, true));
+                    let mixer = Mixer::Attention(b.attention(&p.at("self_attn"), names, cfg.layer_attention(l)));
                     let post = post_attn.map(|name| b.rmsnorm(p.at(name), d));
                     blocks.push(Block { norm, mixer, post });
                     block_params.push(start..b.lay.total());
@@ -485,7 +487,8 @@ impl Model {
                         (LayerKind::Mamba, Arch::Mamba) => Mixer::Mamba(b.mamba(&m)),
                         (LayerKind::Mamba, _) => Mixer::Mamba2(b.mamba2(&m)),
                         (LayerKind::Attention, _) => {
-                            Mixer::Attention(b.attention(&m, ["q_proj", "k_proj", "v_proj", "o_proj"], false))
+                            let names = ["q_proj", "k_proj", "v_proj", "o_proj"];
+                            Mixer::Attention(b.attention(&m, names, LayerAttention { window: None, rope: false }))
                         }
                         (LayerKind::Mlp, _) => Mixer::Mlp(b.mlp(&m)),
                     };
@@ -541,33 +544,29 @@ impl Model {
     /// appendix B), 12 d T per attention block for the scores and their weighted sum, and the
     /// scans counted as computed: Mamba-1 about 9 FLOPs per (channel, state) forward; the SSD
     /// per head Q (N + P) for the intra-chunk pairs (Q = chunk, or T if shorter) and 4 P N for
-    /// the state; backward twice the forward.
+    /// the state; backward twice the forward. A sliding-window layer counts its keys as
+    /// [`counted_keys`] does.
     pub fn flops_per_token(&self, seq: usize) -> u64 {
-        let mixers: u64 = self
+        self.flops_per_token_attending(seq, &|window| counted_keys(seq, window)).round() as u64
+    }
+
+    /// [`Model::flops_per_token`] with each attention block counting `keys(its window)` keys
+    /// per token in place of T.
+    pub fn flops_per_token_attending(&self, seq: usize, keys: &dyn Fn(Option<usize>) -> f64) -> f64 {
+        let mixers: f64 = self
             .blocks
             .iter()
             .map(|b| match &b.mixer {
-                Mixer::Attention(_) | Mixer::Mlp(_) => 0,
-                Mixer::Mamba(m) => 3 * 9 * (m.inner * m.state) as u64,
+                Mixer::Attention(a) => 12.0 * (a.n_heads * a.head_dim) as f64 * keys(a.window),
+                Mixer::Mlp(_) => 0.0,
+                Mixer::Mamba(m) => (3 * 9 * m.inner * m.state) as f64,
                 Mixer::Mamba2(m) => {
                     let q = m.chunk.min(seq);
-                    3 * (m.heads * (q * (m.state + m.head_dim) + 4 * m.head_dim * m.state)) as u64
+                    (3 * (m.heads * (q * (m.state + m.head_dim) + 4 * m.head_dim * m.state))) as f64
                 }
             })
             .sum();
-        6 * self.num_flop_params() as u64 + mixers + self.attention_flops_per_key() * seq as u64
-    }
-
-    /// The attention term of [`Model::flops_per_token`] per unit of the sequence length:
-    /// 12 H D over the attention blocks. PaLM's 12 d T per block counts T keys for every
-    /// token, twice the causal mean, so where documents attend only within their own a token
-    /// counts 2 k - 1 for its k keys (T over an unmasked sequence, on average).
-    pub fn attention_flops_per_key(&self) -> u64 {
-        let per_block = |b: &Block| match &b.mixer {
-            Mixer::Attention(a) => 12 * (a.n_heads * a.head_dim) as u64,
-            _ => 0,
-        };
-        self.blocks.iter().map(per_block).sum()
+        (6 * self.num_flop_params()) as f64 + mixers
     }
 
     /// The activation memory that each micro-batch in flight holds, from its forward to its
@@ -591,7 +590,9 @@ impl Model {
         // where muP scales the blocks' branches).
         let grads = 2 + usize::from(self.has_post_norms()) + usize::from(self.scales_branches());
         let residual = (self.blocks.len() + 1) * stream * d + grads * stream * d;
-        saved + norm_f + Elems::compute(residual + dhead) + Elems::f32(self.rope_len(seq))
+        // The rotary table, and the first keys of sliding-window layers (4 bytes each, as f32).
+        let window_keys = if self.cfg.sliding_window.is_some() { batch * seq } else { 0 };
+        saved + norm_f + Elems::compute(residual + dhead) + Elems::f32(self.rope_len(seq) + window_keys)
     }
 
     /// Elements of what `block`'s forward saves for its backward (see [`Model::block_acts`]).
@@ -755,9 +756,9 @@ impl Model {
                 // Without rotary positions the table is empty: an empty view, never read.
                 let len = be.len(rope);
                 let table = be.view(&*rope, (pos * self.cfg.head_dim()).min(len)..len);
-                (Some((blocks, *max_seq)), Positions { rope: table, first_keys: None })
+                (Some((blocks, *max_seq)), Positions { rope: table, first_keys: None, window_keys: None })
             }
-            None => (None, Positions { rope: be.all(&ws.rope), first_keys: ws.first_keys.as_ref() }),
+            None => (None, ws.positions.of(be)),
         };
         let Scratch { recomputed, gathered, .. } = Workspace::scratch(&mut ws.scratch);
         for i in 0..self.blocks.len() {
@@ -997,7 +998,7 @@ impl Model {
             tp.grads_ready(be, grads, after_blocks..self.layout.total())?;
         }
 
-        let at = Positions { rope: be.all(&ws.rope), first_keys: ws.first_keys.as_ref() };
+        let at = ws.positions.of(be);
         for i in (0..self.blocks.len()).rev() {
             let block = &self.blocks[i];
             let a: &BlockActs<B> = match &ws.acts[i] {
@@ -1498,6 +1499,46 @@ impl MicroBatch {
     }
 }
 
+/// The keys PaLM's FLOPs count per token of a sequence of `seq` (T: twice the causal mean, the
+/// key pairs of a full square), and where each query attends only its last `window` keys
+/// (itself included) the same count of what it does attend: 2 k - 1 for k keys, averaged.
+pub fn counted_keys(seq: usize, window: Option<usize>) -> f64 {
+    let w = window.unwrap_or(seq).min(seq);
+    // Queries 0..w attend t + 1 keys, the rest w: sum of 2k - 1 is w^2 + (seq - w)(2w - 1).
+    (w * w + (seq - w) * (2 * w).saturating_sub(1)) as f64 / seq.max(1) as f64
+}
+
+/// Where a workspace's tokens sit: the rotary table of its positions, where its documents
+/// attend only within their own the first key each token attends (see
+/// [`Workspace::set_first_keys`]), and in a model with sliding-window layers the first key
+/// each token attends in those (its window's, or its document's where that is later).
+struct PositionBufs<B: Backend> {
+    rope: B::Buf,
+    first_keys: Option<B::Ids>,
+    window: Option<(usize, B::Ids)>,
+}
+
+impl<B: Backend> PositionBufs<B> {
+    fn of<'a>(&'a self, be: &B) -> Positions<'a, B> {
+        Positions {
+            rope: be.all(&self.rope),
+            first_keys: self.first_keys.as_ref(),
+            window_keys: self.window.as_ref().map(|(_, keys)| keys),
+        }
+    }
+}
+
+/// The first key of each of `rows` tokens (sequences of `seq`) in a window of `window` keys:
+/// `t + 1 - window` at position t, or its document's first key (`documents`) where later.
+fn window_first_keys(window: usize, seq: usize, documents: Option<&[u32]>, rows: usize) -> Vec<u32> {
+    (0..rows)
+        .map(|r| {
+            let own = (r % seq + 1).saturating_sub(window) as u32;
+            documents.map_or(own, |d| own.max(d[r]))
+        })
+        .collect()
+}
+
 /// The activation buffers of one micro-batch shape, allocated once and reused each step, and
 /// the scratch of its calls, which a rank's micro-batches in flight share (see
 /// [`Workspace::without_scratch`]).
@@ -1529,10 +1570,7 @@ pub struct Workspace<B: Backend> {
     /// Under sequence parallelism on the last stage, from the loss to backward, the head
     /// input's gradient for all the micro-batch's tokens, before the reduce-scatter.
     dhead: Option<B::Buf>,
-    rope: B::Buf,
-    /// Where the micro-batch's documents attend only within their own, the first key each
-    /// token attends (see [`Workspace::set_first_keys`]).
-    first_keys: Option<B::Ids>,
+    positions: PositionBufs<B>,
     /// None while another workspace holds it (see [`Workspace::without_scratch`]).
     scratch: Option<Scratch<B>>,
 }
@@ -1575,10 +1613,14 @@ impl<B: Backend> Workspace<B> {
     /// `ondol_core::backend::document_starts` gives for packed documents), or at 0 with None.
     /// Forward and backward (and its recomputation) read it until it is set again.
     pub fn set_first_keys(&mut self, be: &B, first_keys: Option<&[u32]>) {
-        match (first_keys, &mut self.first_keys) {
-            (None, _) => self.first_keys = None,
+        let p = &mut self.positions;
+        if let Some((w, keys)) = &mut p.window {
+            be.write_ids(keys, &window_first_keys(*w, self.seq, first_keys, self.rows));
+        }
+        match (first_keys, &mut p.first_keys) {
+            (None, _) => p.first_keys = None,
             (Some(f), Some(buf)) => be.write_ids(buf, f),
-            (Some(f), None) => self.first_keys = Some(be.upload_ids(f)),
+            (Some(f), None) => p.first_keys = Some(be.upload_ids(f)),
         }
     }
 
@@ -1647,8 +1689,11 @@ impl<B: Backend> Workspace<B> {
             dpost: model.has_post_norms().then(|| be.zeros(stream * d)),
             dbranch: model.scales_branches().then(|| be.zeros(stream * d)),
             dhead: (part.sequence_parallel && model.head.is_some()).then(|| be.zeros(rows * d)),
-            rope: be.upload_f32(&model.rope_table(seq)),
-            first_keys: None,
+            positions: PositionBufs {
+                rope: be.upload_f32(&model.rope_table(seq)),
+                first_keys: None,
+                window: cfg.sliding_window.map(|w| (w, be.upload_ids(&window_first_keys(w, seq, None, rows)))),
+            },
             scratch: None,
         })
     }

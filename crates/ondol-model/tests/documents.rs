@@ -33,6 +33,8 @@ fn llama() -> Model {
         pattern: None,
         ssm: Default::default(),
         mup: Default::default(),
+        sliding_window: None,
+        attention_pattern: None,
         init_from: None,
     })
     .unwrap()

@@ -62,6 +62,8 @@ fn config(arch: Arch, tie: bool) -> ModelConfig {
             SsmConfig::default()
         },
         mup: Default::default(),
+        sliding_window: None,
+        attention_pattern: None,
         init_from: None,
     }
 }

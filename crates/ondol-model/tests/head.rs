@@ -37,6 +37,8 @@ fn config(arch: Arch) -> ModelConfig {
             SsmConfig::default()
         },
         mup: Default::default(),
+        sliding_window: None,
+        attention_pattern: None,
         init_from: None,
     }
 }

@@ -9,7 +9,11 @@ use ondol_cpu::CpuBackend;
 use ondol_model::{Arch, InferenceCache, Model, ModelConfig, SsmConfig, Workspace};
 
 fn model(arch: Arch) -> Model {
-    Model::new(ModelConfig {
+    Model::new(config(arch)).unwrap()
+}
+
+fn config(arch: Arch) -> ModelConfig {
+    ModelConfig {
         arch,
         vocab_size: 23,
         d_model: 16,
@@ -36,14 +40,19 @@ fn model(arch: Arch) -> Model {
             _ => SsmConfig { state_size: Some(6), head_dim: 8, n_groups: 2, chunk_size: 3, ..Default::default() },
         },
         mup: Default::default(),
+        sliding_window: None,
+        attention_pattern: None,
         init_from: None,
-    })
-    .unwrap()
+    }
 }
 
 fn check(arch: Arch) {
+    check_model(model(arch));
+}
+
+fn check_model(m: Model) {
+    let arch = m.cfg.arch;
     let be = CpuBackend;
-    let m = model(arch);
     let params = m.layout.init(4);
     let (batch, seq, prompt) = (2, 9, 4);
     let mut rng = Rng::new(2);
@@ -82,6 +91,17 @@ fn check(arch: Arch) {
 #[test]
 fn llama_cached_decoding_matches_the_full_forward() {
     check(Arch::Llama);
+}
+
+/// Sliding windows of 3 keys (shorter than the prompt, so the prefill's queries and each
+/// decoding step's see a window), and a layer without positions.
+#[test]
+fn llama_with_windows_and_nope_layers_cached_decoding_matches_the_full_forward() {
+    for pattern in ["LN", "GL"] {
+        let cfg =
+            ModelConfig { sliding_window: Some(3), attention_pattern: Some(pattern.into()), ..config(Arch::Llama) };
+        check_model(Model::new(cfg).unwrap());
+    }
 }
 
 #[test]

@@ -52,6 +52,8 @@ fn recomputed_blocks_give_identical_losses_and_gradients() {
                 if arch == Arch::Mamba { ssm } else { SsmConfig { head_dim: 8, ..ssm } }
             },
             mup: Default::default(),
+            sliding_window: None,
+            attention_pattern: None,
             init_from: None,
         })
         .unwrap();

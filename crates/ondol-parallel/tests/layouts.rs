@@ -40,6 +40,8 @@ fn llama(tie: bool) -> ModelConfig {
         pattern: None,
         ssm: Default::default(),
         mup: Default::default(),
+        sliding_window: None,
+        attention_pattern: None,
         init_from: None,
     }
 }
@@ -332,6 +334,22 @@ fn masked_documents_train_alike_in_every_layout() {
             ("pp 2 dp 2 recomputing", Shape { recompute: 1, ..shape(1, 2, 2) }),
         ] {
             assert_close(&format!("{:?} masked {name}", cfg.arch), &one, &train(&cfg, masked(s)));
+        }
+    }
+}
+
+/// Sliding windows shorter than the sequence and layers without positions, alone and with
+/// masked documents: every shard and stage attends as one rank does.
+#[test]
+fn windows_and_nope_layers_train_alike_in_every_layout() {
+    let cfg = ModelConfig { sliding_window: Some(3), attention_pattern: Some("LLGN".into()), ..llama(false) };
+    for documents in [None, Some(3)] {
+        let s = |s: Shape| Shape { document_mask: documents, ..s };
+        let one = train(&cfg, s(shape(1, 1, 1)));
+        for (name, layout) in
+            [("tp 2 pp 2", shape(2, 2, 1)), ("tp 2 dp 2 sequence parallel", sequence_parallel(2, 1, 2))]
+        {
+            assert_close(&format!("windows {documents:?} {name}"), &one, &train(&cfg, s(layout)));
         }
     }
 }

@@ -113,9 +113,10 @@ pub struct TrainingConfig {
     #[serde(default = "yes")]
     pub tensor_cores: bool,
     /// Documents packed into one sequence attend only within their own, as Llama 3 trained
-    /// (Megatron's `--reset-attention-mask`): a document starts at the end-of-text token
-    /// `data prepare` writes before it. Positions still count from the sequence's start.
-    /// Attention-only models (Mamba's scans carry their state across documents).
+    /// (Megatron's `--reset-attention-mask`): a document starts at an end-of-text token (which
+    /// `data prepare` writes before each document, and raw text after each file, so the next
+    /// file's document starts at it). Positions still count from the sequence's start. Models
+    /// without Mamba layers (Mamba's scans carry their state across documents).
     #[serde(default)]
     pub mask_documents: bool,
 }
@@ -151,8 +152,8 @@ pub struct DataConfig {
     /// tokenizer it records); optional for other shards.
     #[serde(default)]
     pub tokenizer: Option<String>,
-    /// A tokenizer.json's end-of-text token, which ends every document in its shards (what
-    /// `data prepare --eot-token` wrote); left out, "<|endoftext|>".
+    /// A tokenizer.json's end-of-text token, which separates the documents in its shards
+    /// (`data prepare --eot-token` writes it before each); left out, "<|endoftext|>".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eot_token: Option<String>,
     /// Prepare the data on the first run: train a tokenizer and write shards (see [`PrepareTable`]).
@@ -545,12 +546,11 @@ impl RunConfig {
             ));
         }
         if t.mask_documents {
-            use ondol_model::Arch;
-            if !matches!(self.model.arch, Arch::Llama | Arch::Gpt2) {
+            if self.model.layer_kinds().contains(&ondol_model::LayerKind::Mamba) {
                 return Err(Error::config(
                     "training.mask_documents",
-                    "this model.arch has Mamba mixers, whose scans carry their state from one document into the \
-                     next: documents are masked for attention-only models (arch \"llama\" or \"gpt2\")",
+                    "the model has Mamba mixers, whose scans carry their state from one document into the next: \
+                     documents are masked in models without them",
                 ));
             }
             if self.data.tokenizer.is_none() {

@@ -15,7 +15,7 @@ use ondol_core::{Backend, Error, Result};
 use ondol_cpu::CpuBackend;
 use ondol_data::prepare::ShardTokenizer;
 use ondol_data::{Loader, Order, SourceKind, TokenStream};
-use ondol_model::{Arch, BlockNorms, MicroBatch, Model, ModelConfig, Part, Workspace, scratch_elems};
+use ondol_model::{BlockNorms, LayerKind, MicroBatch, Model, ModelConfig, Part, Workspace, scratch_elems};
 use ondol_parallel::{HEAD_ROW_ALIGN, ScheduleKind, schedule};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -663,9 +663,11 @@ fn train_rank<B: Backend>(
     std::fs::write(&resolved_path, resolved)
         .map_err(|e| Error::io(format!("cannot write {}", resolved_path.display()), e))?;
     let m = trainer.model();
+    // (Masked documents attend fewer keys: each step counts its own, see StepStats::flops.)
+    let unmasked = if trainer.cfg.training.mask_documents { " before masking documents" } else { "" };
     ondol_core::say!(
-        "ondol {}: {:?} model, {:.2}M parameters, {:.1} MFLOP/token, {} tokens/step on {}, tp {} x pp {} x dp {}; \
-         MFU against {}; run dir {}",
+        "ondol {}: {:?} model, {:.2}M parameters, {:.1} MFLOP/token{unmasked}, {} tokens/step on {}, tp {} x pp {} \
+         x dp {}; MFU against {}; run dir {}",
         env!("CARGO_PKG_VERSION"),
         m.cfg.arch,
         m.num_params() as f64 / 1e6,
@@ -895,6 +897,15 @@ fn describe_llama_relatives(m: &ModelConfig) -> Result<()> {
             .collect();
         let extras = if extras.is_empty() { String::new() } else { format!(", {}", extras.join(", ")) };
         answer!("attention            {} heads of {} ({} kv heads){extras}", m.n_heads, m.head_dim(), m.kv_heads());
+        let layers: Vec<_> = (0..m.n_layers).map(|l| m.layer_attention(l)).collect();
+        let (local, nope) =
+            (layers.iter().filter(|l| l.window.is_some()).count(), layers.iter().filter(|l| !l.rope).count());
+        if let Some(w) = m.sliding_window {
+            answer!("sliding window       {w} keys on {local} of {} layers", m.n_layers);
+        }
+        if nope > 0 {
+            answer!("without positions    {nope} of {} layers (NoPE)", m.n_layers);
+        }
     }
     match m.block_norms {
         BlockNorms::Pre => {}
@@ -1234,11 +1245,11 @@ fn eval(args: EvalArgs) -> Result<()> {
     let mut loader = Loader::new(Arc::new(stream), seq, batch, 1, Order::Sequential, 0, 1)?;
     let batches = args.batches.unwrap_or(usize::MAX).min(loader.batches_per_epoch() as usize);
     let documents = match args.mask_documents.unwrap_or(training.is_some_and(|t| t.mask_documents)) {
-        true if !matches!(p.model.cfg.arch, Arch::Llama | Arch::Gpt2) => {
+        true if p.model.cfg.layer_kinds().contains(&LayerKind::Mamba) => {
             return Err(Error::config(
                 "--mask-documents",
                 "the model has Mamba mixers, whose scans carry their state from one document into the next: \
-                 documents are masked for attention-only models",
+                 documents are masked in models without them",
             ));
         }
         true => Some(p.tokenizer()?.eot_id()),

@@ -301,13 +301,13 @@ impl<B: Backend> Trainer<B> {
 
     /// Training FLOPs per token of `batches`: [`Model::flops_per_token`] at the sequence
     /// length, or, where documents attend only within their own, with each token's attention
-    /// counted for 2 k - 1 keys where it attends k (see [`Model::attention_flops_per_key`]).
+    /// counted for 2 k - 1 keys where it attends k (see [`ondol_model::counted_keys`]).
     fn flops_per_token(&self, batches: &[(Vec<u32>, Vec<u32>)]) -> f64 {
         let (model, seq) = (self.model(), self.cfg.training.seq_len);
-        let whole = model.flops_per_token(seq) as f64;
-        let Some(eot) = self.engine.layout.document_mask else { return whole };
-        let per_key = model.attention_flops_per_key() as f64;
-        whole + per_key * (keys_counted_per_token(batches, seq, eot) - seq as f64)
+        match self.engine.layout.document_mask {
+            None => model.flops_per_token(seq) as f64,
+            Some(eot) => model.flops_per_token_attending(seq, &|w| keys_counted_per_token(batches, seq, eot, w)),
+        }
     }
 
     /// A copy of everything a checkpoint holds, for a background writer, with every tensor
@@ -742,13 +742,17 @@ pub fn evaluate<B: Backend>(
 }
 
 /// The keys a token's attention counts for in the FLOPs where documents (starting at `eot`)
-/// attend only within their own: 2 k - 1 for its k keys, averaged over the tokens of
-/// `batches` (sequences of `seq`); `seq` without an end-of-text, as PaLM's count has it.
-fn keys_counted_per_token(batches: &[(Vec<u32>, Vec<u32>)], seq: usize, eot: u32) -> f64 {
+/// attend only within their own, in a layer whose queries attend at most `window` keys: 2 k -
+/// 1 for its k keys, averaged over the tokens of `batches` (sequences of `seq`); `seq` for
+/// whole sequences without a window, as PaLM's count has it.
+fn keys_counted_per_token(batches: &[(Vec<u32>, Vec<u32>)], seq: usize, eot: u32, window: Option<usize>) -> f64 {
     let (mut keys, mut tokens) = (0u64, 0u64);
     for (inputs, _) in batches {
         let starts = document_starts(inputs, seq, eot);
-        keys += starts.iter().enumerate().map(|(r, &first)| 2 * (r % seq - first as usize) as u64 + 1).sum::<u64>();
+        for (r, &first) in starts.iter().enumerate() {
+            let k = (r % seq + 1 - first as usize).min(window.unwrap_or(usize::MAX));
+            keys += 2 * k as u64 - 1;
+        }
         tokens += inputs.len() as u64;
     }
     keys as f64 / tokens.max(1) as f64
@@ -979,12 +983,18 @@ mod tests {
     #[test]
     fn attention_flops_count_the_keys_of_each_document() {
         let batch = |ids: Vec<u32>| vec![(ids.clone(), ids)];
-        // No document boundary: T keys a token, PaLM's count.
-        assert_eq!(keys_counted_per_token(&batch(vec![5; 24]), 8, 0), 8.0);
+        // No document boundary: T keys a token, PaLM's count, the model's own.
+        assert_eq!(keys_counted_per_token(&batch(vec![5; 24]), 8, 0, None), 8.0);
+        assert_eq!(ondol_model::counted_keys(8, None), 8.0);
         // A document per token: one key each.
-        assert_eq!(keys_counted_per_token(&batch(vec![0; 24]), 8, 0), 1.0);
+        assert_eq!(keys_counted_per_token(&batch(vec![0; 24]), 8, 0, None), 1.0);
         // Sequences of 4 split 2 + 2, then whole: (1 + 3 + 1 + 3 + 1 + 3 + 5 + 7) / 8.
-        assert_eq!(keys_counted_per_token(&batch(vec![0, 1, 0, 1, 1, 1, 1, 1]), 4, 0), 3.0);
+        assert_eq!(keys_counted_per_token(&batch(vec![0, 1, 0, 1, 1, 1, 1, 1]), 4, 0, None), 3.0);
+        // Windows of 3: (1 + 3 + 5 + 5 + 5 + 5 + 5 + 5) / 8, the model's count without documents.
+        assert_eq!(keys_counted_per_token(&batch(vec![5; 8]), 8, 0, Some(3)), 4.25);
+        assert_eq!(ondol_model::counted_keys(8, Some(3)), 4.25);
+        // Windows of 2 over the documents above: (1 + 3 + 1 + 3 + 1 + 3 + 3 + 3) / 8.
+        assert_eq!(keys_counted_per_token(&batch(vec![0, 1, 0, 1, 1, 1, 1, 1]), 4, 0, Some(2)), 2.25);
     }
 
     /// The first id outside the vocabulary is traced to its row and its place in the row's

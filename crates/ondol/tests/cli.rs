@@ -64,13 +64,20 @@ fn a_valid_config_trains_and_writes_metrics_and_the_resolved_config() {
 fn masked_documents_train_evaluate_and_are_refused_where_they_cannot_be() {
     let dir = setup(&BASE.replace("train = [\"corpus.txt\"]", "train = [\"docs/*.txt\"]"));
     std::fs::create_dir(dir.path().join("docs")).unwrap();
+    // Documents of 3 to 7 bytes: every sequence of 8 holds a boundary.
     for i in 0..40 {
-        let text = format!("문서 {i}: {}", "onDol ".repeat(1 + i % 5));
+        let text = format!("문{}", "o".repeat(i % 5));
         std::fs::write(dir.path().join(format!("docs/{i:02}.txt")), text).unwrap();
     }
     let train = ["train", "run.toml", "--set", "training.mask_documents=true", "--run-dir", "out"];
     let (ok, err) = ondol_err(dir.path(), &train);
     assert!(ok, "{err}");
+    // The same run unmasked trains on other attention: other losses.
+    let plain = ["train", "run.toml", "--run-dir", "plain"];
+    let (ok, err) = ondol_err(dir.path(), &plain);
+    assert!(ok, "{err}");
+    let losses = |run: &str| logged_losses(&dir.path().join(run));
+    assert_ne!(losses("out"), losses("plain"));
     let resolved = std::fs::read_to_string(dir.path().join("out/ondol.toml")).unwrap();
     assert!(resolved.contains("mask_documents = true"), "{resolved}");
     let eval = |extra: &[&str]| {
@@ -220,6 +227,13 @@ fn bad_values_are_refused_with_key_file_and_what_is_valid() {
         (&["model.block_norms=\"sandwich\""], &["model.block_norms", "pre", "post", "both"]),
         (&["model.head_dim=4611686018427387904"], &["model.head_dim", "too large"]),
         (&["model.mup.residual_multiplier=0.0"], &["model.mup.residual_multiplier", "positive"]),
+        (&["model.arch=\"gpt2\"", "model.sliding_window=4"], &["model.sliding_window", "only llama"]),
+        (&["model.sliding_window=0"], &["model.sliding_window", "at least 1"]),
+        (&["model.attention_pattern=\"LX\""], &["model.attention_pattern", "'X'", "L (sliding window)"]),
+        (&["model.attention_pattern=\"L\""], &["model.attention_pattern", "need a model.sliding_window"]),
+        (&["model.attention_pattern=\"GG\""], &["model.attention_pattern", "1 to n_layers = 1"]),
+        (&["model.sliding_window=4", "model.attention_pattern=\"N\""], &["model.sliding_window", "no layer"]),
+        (&["model.attention_pattern=\"N\"", "model.qkv_bias=true"], &["model.attention_pattern", "SmolLM3"]),
         (&["model.mup.embedding_multiplier=1e39"], &["model.mup.embedding_multiplier", "f32"]),
         (
             &["model.mup.residual_multiplier=0.5", "model.n_heads=3", "model.n_kv_heads=1", "model.head_dim=32"],
