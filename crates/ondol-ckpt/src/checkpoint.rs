@@ -485,6 +485,8 @@ pub fn check_compatible(dir: &Path, theirs: &ModelConfig, ours: &ModelConfig) ->
             v.push(("qkv_bias", c.qkv_bias.to_string()));
             v.push(("qk_norm", c.qk_norm.to_string()));
             v.push(("block_norms", format!("{:?}", c.block_norms).to_lowercase()));
+            v.push(("sliding_window", c.sliding_window.map_or("none".to_string(), |w| w.to_string())));
+            v.push(("attention_pattern", c.attention_layers()));
             // (The attention multiplier as applied: one given as 1 / sqrt(head_dim) is the default,
             // which config.json may spell either way.)
             let m = &c.mup;

@@ -170,7 +170,11 @@ fn as_llama_relative(cfg: &ModelConfig, v: &mut Value) {
         "qwen2" | "qwen3" => {
             v["use_sliding_window"] = json!(cfg.sliding_window.is_some());
             v["sliding_window"] = window;
-            v["max_window_layers"] = json!(cfg.n_layers);
+            // (Where the windows are the last layers, transformers from before layer_types reads
+            // them from max_window_layers, the first windowed layer.)
+            let first = layers.iter().position(|l| l.window.is_some()).unwrap_or(cfg.n_layers);
+            let suffix = layers[first..].iter().all(|l| l.window.is_some());
+            v["max_window_layers"] = json!(if suffix { first } else { cfg.n_layers });
             v["layer_types"] = json!(kinds);
         }
         "exaone4" => {
@@ -750,15 +754,16 @@ fn exaone_as_llama(map: &Map<String, Value>, file: &str) -> Result<Map<String, V
 
 /// The sliding window and attention pattern (see `ModelConfig::attention_pattern`) of a
 /// Llama-family config, as transformers reads its fields:
-/// - Mistral: `sliding_window` on every layer (null: none).
+/// - Mistral: `sliding_window` on every layer (4096 where absent, null: none).
 /// - Qwen2 and Qwen3: a window only under `use_sliding_window` (`sliding_window`, 4096 where
 ///   absent), on the layers `layer_types` names, or else on those from `max_window_layers` (28).
 /// - SmolLM3: `no_rope_layers` (1: rotary positions; else every `no_rope_layer_interval`-th
 ///   layer, 4, has none), and a window under `use_sliding_window` where `layer_types` says (by
 ///   default on the layers without positions, which ondol does not implement).
 /// - EXAONE 4: `sliding_window` (4096 where absent) on the layers `layer_types` names, or else
-///   `sliding_window_pattern` (every n-th layer global, or a string of L and G); where it has
-///   a window, its global layers have no rotary positions.
+///   from `sliding_window_pattern` (every n-th layer global; a string pattern transformers
+///   reads only with layer_types); where it has a window, its global layers have no rotary
+///   positions.
 fn attention_layers(f: &Fields, model_type: &str, layers: usize) -> Result<(Option<usize>, Option<String>)> {
     let window = |default: Option<usize>| -> Result<Option<usize>> {
         match f.map.get("sliding_window") {
@@ -774,7 +779,7 @@ fn attention_layers(f: &Fields, model_type: &str, layers: usize) -> Result<(Opti
     // Per layer: (sliding, rotary positions).
     let (window, kinds): (Option<usize>, Vec<(bool, bool)>) = match model_type {
         "mistral" => {
-            let w = window(None)?;
+            let w = window(Some(4096))?;
             (w, vec![(w.is_some(), true); layers])
         }
         "qwen2" | "qwen3" => {
@@ -813,8 +818,12 @@ fn attention_layers(f: &Fields, model_type: &str, layers: usize) -> Result<(Opti
             let every_nth = |n: usize, i: usize| n > 0 && !(i + 1).is_multiple_of(n);
             let sliding = match f.map.get("sliding_window_pattern") {
                 _ if f.map.get("layer_types").is_some_and(|v| !v.is_null()) => layer_types(f, layers, |_| false)?,
-                Some(Value::String(p)) if !p.is_empty() && p.chars().all(|c| c == 'L' || c == 'G') => {
-                    (0..layers).map(|i| p.as_bytes()[i % p.len()] == b'L').collect()
+                // (transformers 5 reads a string pattern only through layer_types.)
+                Some(Value::String(p)) => {
+                    return Err(f.err(
+                        "sliding_window_pattern",
+                        format!("\"{p}\" without layer_types: give layer_types, as transformers needs them"),
+                    ));
                 }
                 Some(Value::Number(n)) if n.as_u64().is_some() && w.is_some() => {
                     let n = n.as_u64().unwrap_or(0) as usize;
@@ -983,7 +992,8 @@ pub fn from_hf_config(json: &Value, file: &str) -> Result<(ModelConfig, Vec<Stri
                 }
             }
             let rope_scaling = rope.and_then(|(_, scaling)| scaling);
-            let theta = theta.map_or(10_000.0, |(_, t)| t);
+            // (SmolLM3's default theta is 2e6.)
+            let theta = theta.map_or(if model_type == "smollm3" { 2e6 } else { 10_000.0 }, |(_, t)| t);
             let d_model = f.usize("hidden_size")?;
             let n_heads = f.usize("num_attention_heads")?;
             // (transformers' Qwen3 takes head_dim = 128 when the field is absent.)
@@ -1000,7 +1010,11 @@ pub fn from_hf_config(json: &Value, file: &str) -> Result<(ModelConfig, Vec<Stri
                 d_model,
                 n_layers: f.usize("num_hidden_layers")?,
                 n_heads,
-                n_kv_heads: f.opt_usize("num_key_value_heads")?,
+                // (SmolLM3's default is 4 kv heads, the others' as many as the heads.)
+                n_kv_heads: match f.opt_usize("num_key_value_heads")? {
+                    None if model_type == "smollm3" => Some(4),
+                    kv => kv,
+                },
                 ffn_hidden: Some(f.usize("intermediate_size")?),
                 max_seq_len,
                 // (SmolLM3's config ties by default, the others do not.)
@@ -1444,12 +1458,15 @@ mod tests {
         let read = from_hf_config(&windowed, "c").unwrap().0;
         assert_eq!((read.sliding_window, read.attention_pattern.as_deref()), (None, Some("NN")));
         assert_eq!(from_hf_config(&to_hf_config(&read, None), "c").unwrap().0, read);
-        // Its pattern "LLLG", where layer_types is absent.
+        // A pattern of every 4th layer global, where layer_types is absent; a string pattern
+        // without them transformers cannot read.
         windowed.as_object_mut().unwrap().remove("layer_types");
         windowed["num_hidden_layers"] = json!(4);
-        windowed["sliding_window_pattern"] = json!("LLLG");
+        windowed["sliding_window_pattern"] = json!(4);
         let read = from_hf_config(&windowed, "c").unwrap().0;
         assert_eq!((read.sliding_window, read.attention_pattern.as_deref()), (Some(4096), Some("LLLN")));
+        windowed["sliding_window_pattern"] = json!("LLLG");
+        assert!(from_hf_config(&windowed, "c").unwrap_err().to_string().contains("layer_types"));
         // A window on EXAONE 4's global layers with positions is not EXAONE 4's.
         let e = ModelConfig { sliding_window: Some(8), attention_pattern: Some("LG".into()), ..exaone4.clone() };
         assert!(e.validate().unwrap_err().to_string().contains("write them N"));
@@ -1610,11 +1627,13 @@ mod tests {
         let mut json = to_hf_config(&llama(), None);
         json["model_type"] = json!("falcon");
         assert!(from_hf_config(&json, "c").unwrap_err().to_string().contains("falcon"));
-        // Mistral without a window is Llama.
+        // Mistral without a window is Llama; an absent one is transformers' 4096.
         let mut json = to_hf_config(&llama(), None);
         json["model_type"] = json!("mistral");
         json["sliding_window"] = json!(null);
         assert_eq!(from_hf_config(&json, "c").unwrap().0, llama());
+        json.as_object_mut().unwrap().remove("sliding_window");
+        assert_eq!(from_hf_config(&json, "c").unwrap().0.sliding_window, Some(4096));
         // A value that breaks one of ondol's constraints: its key and the file.
         let mut json = to_hf_config(&llama(), None);
         json["num_key_value_heads"] = json!(3);

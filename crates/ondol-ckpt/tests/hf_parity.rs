@@ -185,8 +185,9 @@ fn granite_matches_transformers() {
     check("tiny-granite");
 }
 
-/// A run's `[model]` that leaves out the rotary scaling, the q, k, v biases, the q and k norms
-/// or the head width is another model than the directory's: `init_from` refuses it, naming the key.
+/// A run's `[model]` that leaves out the rotary scaling, the q, k, v biases, the q and k norms,
+/// the head width, the sliding window or the layers' attention is another model than the
+/// directory's: `init_from` refuses it, naming the key.
 #[test]
 fn rotary_scaling_biases_norms_and_head_width_are_part_of_the_model() {
     for (name, strip, key) in [
@@ -200,6 +201,8 @@ fn rotary_scaling_biases_norms_and_head_width_are_part_of_the_model() {
         ("tiny-qwen3", |c: &mut ModelConfig| c.head_dim = None, "model.head_dim"),
         ("tiny-hyperclovax", |c: &mut ModelConfig| c.block_norms = Default::default(), "model.block_norms"),
         ("tiny-granite", |c: &mut ModelConfig| c.mup = Default::default(), "model.mup"),
+        ("tiny-mistral-window", |c: &mut ModelConfig| c.sliding_window = None, "model.sliding_window"),
+        ("tiny-smollm3", |c: &mut ModelConfig| c.attention_pattern = None, "model.attention_pattern"),
     ] {
         let dir = fixture(name);
         let json = hf::parse_config(&std::fs::read_to_string(dir.join("config.json")).unwrap(), "config.json").unwrap();

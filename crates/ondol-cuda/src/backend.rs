@@ -900,6 +900,8 @@ impl Backend for CudaBackend {
         window: Option<usize>,
     ) {
         let dtype = same_type("attention_cached", &[qkv.dtype, k_cache.dtype, v_cache.dtype, out.dtype]);
+        // (A window past the cache is none; the kernels take it as a 32-bit int.)
+        let window = window.filter(|&w| w < max_seq);
         assert!(pos + shape.seq <= max_seq, "KV cache of {max_seq} positions cannot hold {} tokens", pos + shape.seq);
         let kv = shape.n_kv_heads * shape.head_dim;
         assert!(

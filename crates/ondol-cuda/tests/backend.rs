@@ -609,8 +609,10 @@ fn run_attention(
 /// Documents packed into sequences attend within their own. The first keys fall inside the
 /// flash forward's 64-key tiles and on their edges, in its second 128-query block, after the
 /// backward's first 128-key tile (whose later queries it then skips), and at a sequence's
-/// start; a document of one token. Both attention kernels against the CPU: the simple on
-/// every compute type, flash at D = 64 and at D = 128 with one stage and with two.
+/// start; a document of one token. Then sliding windows over those documents: of 40 keys
+/// (within a 64-key tile) and of 150 (past a 128-query block). Both attention kernels against
+/// the CPU: the simple on every compute type, flash at D = 64 and at D = 128 with one stage
+/// and with two.
 #[test]
 fn attention_within_documents_matches_the_cpu() {
     const EOT: u32 = 1;
@@ -623,21 +625,28 @@ fn attention_within_documents_matches_the_cpu() {
         for at in [37, 64, 130, 131, 190, seq, seq + 150] {
             ids[at] = EOT;
         }
-        let first_keys = document_starts(&ids, seq, EOT);
-        for be in &all {
-            let tol = tolerance(be);
-            let n = shape.rows() * shape.qkv_width();
-            let qkv = round(be, &random(n, 4, 1.0));
-            let dout = round(be, &random(shape.rows() * shape.q_width(), 5, 1.0));
-            let (out, lse, dqkv) = run_attention(be, &qkv, &dout, shape, Some(&first_keys));
-            let what = |w: &str| format!("attention within documents D={head_dim} T={seq} {w}");
-            let (mut want_out, mut want_lse) = (vec![0.0; out.len()], vec![0.0; lse.len()]);
-            CPU.attention_forward(&qkv, &mut want_out, &mut want_lse, shape, Some(&first_keys));
-            assert_close(&what("out"), be, &out, &want_out, tol);
-            assert_close(&what("lse"), be, &lse, &want_lse, 1e-3);
-            let mut want_dqkv = vec![0.0; n];
-            CPU.attention_backward(&dout, &qkv, &out, &lse, &mut want_dqkv, shape, Some(&first_keys));
-            assert_close(&what("dqkv"), be, &dqkv, &want_dqkv, tol);
+        let documents = document_starts(&ids, seq, EOT);
+        for window in [None, Some(40), Some(150)] {
+            let first_keys: Vec<u32> = documents
+                .iter()
+                .enumerate()
+                .map(|(r, &d)| d.max(window.map_or(0, |w| (r % seq + 1).saturating_sub(w) as u32)))
+                .collect();
+            for be in &all {
+                let tol = tolerance(be);
+                let n = shape.rows() * shape.qkv_width();
+                let qkv = round(be, &random(n, 4, 1.0));
+                let dout = round(be, &random(shape.rows() * shape.q_width(), 5, 1.0));
+                let (out, lse, dqkv) = run_attention(be, &qkv, &dout, shape, Some(&first_keys));
+                let what = |w: &str| format!("attention within documents D={head_dim} T={seq} window {window:?} {w}");
+                let (mut want_out, mut want_lse) = (vec![0.0; out.len()], vec![0.0; lse.len()]);
+                CPU.attention_forward(&qkv, &mut want_out, &mut want_lse, shape, Some(&first_keys));
+                assert_close(&what("out"), be, &out, &want_out, tol);
+                assert_close(&what("lse"), be, &lse, &want_lse, 1e-3);
+                let mut want_dqkv = vec![0.0; n];
+                CPU.attention_backward(&dout, &qkv, &out, &lse, &mut want_dqkv, shape, Some(&first_keys));
+                assert_close(&what("dqkv"), be, &dqkv, &want_dqkv, tol);
+            }
         }
     }
 }

@@ -374,6 +374,17 @@ impl ModelConfig {
         let c = pattern.as_bytes()[layer % pattern.len().max(1)];
         LayerAttention { window: self.sliding_window.filter(|_| c == b'L'), rope: c != b'N' }
     }
+    /// Every transformer layer's attention spelt out, one character of `attention_pattern`
+    /// per layer: what two spellings of one model agree on.
+    pub fn attention_layers(&self) -> String {
+        (0..self.n_layers)
+            .map(|l| match self.layer_attention(l) {
+                LayerAttention { window: Some(_), .. } => 'L',
+                LayerAttention { rope: true, .. } => 'G',
+                LayerAttention { rope: false, .. } => 'N',
+            })
+            .collect()
+    }
     /// Mamba channels E.
     pub fn ssm_inner(&self) -> usize {
         self.ssm.expand * self.d_model

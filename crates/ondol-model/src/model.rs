@@ -1614,6 +1614,9 @@ impl<B: Backend> Workspace<B> {
     /// Forward and backward (and its recomputation) read it until it is set again.
     pub fn set_first_keys(&mut self, be: &B, first_keys: Option<&[u32]>) {
         let p = &mut self.positions;
+        if first_keys.is_none() && p.first_keys.is_none() {
+            return; // (the windows' first keys are already their own)
+        }
         if let Some((w, keys)) = &mut p.window {
             be.write_ids(keys, &window_first_keys(*w, self.seq, first_keys, self.rows));
         }

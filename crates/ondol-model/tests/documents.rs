@@ -5,7 +5,7 @@
 use ondol_core::Rng;
 use ondol_core::backend::document_starts;
 use ondol_cpu::CpuBackend;
-use ondol_model::{Arch, Model, ModelConfig, Workspace};
+use ondol_model::{Arch, Model, ModelConfig, Workspace, counted_keys};
 
 const EOT: u32 = 0;
 const VOCAB: usize = 19;
@@ -76,4 +76,16 @@ fn a_masked_document_reads_as_if_alone() {
         assert_eq!(d == 0, leak <= 1e-5 * scale, "document {d}: unmasked logits {leak} off alone's");
         start += doc.len();
     }
+}
+
+/// A sliding window's layers count the keys they attend in the FLOPs per token, the global
+/// ones the sequence (PaLM's 12 d T per layer).
+#[test]
+fn windowed_layers_count_the_keys_they_attend() {
+    let (plain, seq) = (llama(), 40);
+    let cfg = ModelConfig { sliding_window: Some(4), attention_pattern: Some("LG".into()), ..plain.cfg.clone() };
+    let windowed = Model::new(cfg).unwrap();
+    let per_key = 12.0 * plain.cfg.d_model as f64;
+    let fewer = plain.flops_per_token(seq) as f64 - windowed.flops_per_token(seq) as f64;
+    assert!((fewer - per_key * (seq as f64 - counted_keys(seq, Some(4)))).abs() <= 1.0, "{fewer}");
 }

@@ -306,7 +306,13 @@ impl<B: Backend> Trainer<B> {
         let (model, seq) = (self.model(), self.cfg.training.seq_len);
         match self.engine.layout.document_mask {
             None => model.flops_per_token(seq) as f64,
-            Some(eot) => model.flops_per_token_attending(seq, &|w| keys_counted_per_token(batches, seq, eot, w)),
+            Some(eot) => {
+                // Counted once for the global layers and once for the windowed ones.
+                let global = keys_counted_per_token(batches, seq, eot, None);
+                let window = model.cfg.sliding_window;
+                let local = window.map(|w| keys_counted_per_token(batches, seq, eot, Some(w)));
+                model.flops_per_token_attending(seq, &|w| if w.is_some() { local.unwrap_or(global) } else { global })
+            }
         }
     }
 
@@ -893,6 +899,10 @@ fn model_identity(m: &ModelConfig) -> serde_json::Value {
     if m.arch != Arch::Gpt2 {
         m.max_seq_len = 0;
     }
+    // ("LLLN" and "LLLNLLLN" over 8 layers are one model.)
+    if m.arch == Arch::Llama {
+        m.attention_pattern = Some(m.attention_layers());
+    }
     to_json(&m)
 }
 
@@ -979,6 +989,20 @@ fn data_identity(c: &RunConfig) -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A resume compares the layers' attention, however the pattern spells it.
+    #[test]
+    fn a_pattern_spelt_out_is_the_same_model() {
+        let base: ModelConfig = toml::from_str(
+            "arch = \"llama\"\nvocab_size = 10\nd_model = 8\nn_layers = 4\nn_heads = 2\nmax_seq_len = 8\n\
+             sliding_window = 3\nattention_pattern = \"LN\"",
+        )
+        .unwrap();
+        let spelt = ModelConfig { attention_pattern: Some("LNLN".into()), ..base.clone() };
+        assert_eq!(model_identity(&base), model_identity(&spelt));
+        let other = ModelConfig { attention_pattern: Some("LNLL".into()), ..base.clone() };
+        assert_ne!(model_identity(&base), model_identity(&other));
+    }
 
     #[test]
     fn attention_flops_count_the_keys_of_each_document() {
