@@ -315,6 +315,44 @@ fn is_pre(n: &BlockNorms) -> bool {
 }
 
 impl ModelConfig {
+    /// A model of `arch` with these sizes and every other setting at its default, as a config
+    /// file giving only these keys reads.
+    pub fn new(
+        arch: Arch,
+        vocab_size: usize,
+        d_model: usize,
+        n_layers: usize,
+        n_heads: usize,
+        max_seq_len: usize,
+    ) -> Self {
+        Self {
+            arch,
+            vocab_size,
+            d_model,
+            n_layers,
+            n_heads,
+            n_kv_heads: None,
+            head_dim: None,
+            ffn_hidden: None,
+            max_seq_len,
+            tie_embeddings: None,
+            rope_theta: default_rope_theta(),
+            rope_scaling: None,
+            qkv_bias: false,
+            qk_norm: false,
+            block_norms: BlockNorms::Pre,
+            norm_eps: default_norm_eps(),
+            init_std: default_init_std(),
+            init_residual_scaling: true,
+            pattern: None,
+            ssm: SsmConfig::default(),
+            mup: MupConfig::default(),
+            sliding_window: None,
+            attention_pattern: None,
+            init_from: None,
+        }
+    }
+
     pub fn kv_heads(&self) -> usize {
         self.n_kv_heads.unwrap_or(self.n_heads)
     }

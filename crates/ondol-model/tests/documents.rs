@@ -11,33 +11,8 @@ const EOT: u32 = 0;
 const VOCAB: usize = 19;
 
 fn llama() -> Model {
-    Model::new(ModelConfig {
-        arch: Arch::Llama,
-        vocab_size: VOCAB,
-        d_model: 16,
-        n_layers: 2,
-        n_heads: 4,
-        n_kv_heads: Some(2),
-        ffn_hidden: Some(24),
-        max_seq_len: 40,
-        tie_embeddings: Some(false),
-        rope_theta: 10_000.0,
-        rope_scaling: None,
-        qkv_bias: false,
-        qk_norm: false,
-        block_norms: Default::default(),
-        head_dim: None,
-        norm_eps: 1e-5,
-        init_std: 0.3,
-        init_residual_scaling: true,
-        pattern: None,
-        ssm: Default::default(),
-        mup: Default::default(),
-        sliding_window: None,
-        attention_pattern: None,
-        init_from: None,
-    })
-    .unwrap()
+    let cfg = ModelConfig::new(Arch::Llama, VOCAB, 16, 2, 4, 40);
+    Model::new(ModelConfig { n_kv_heads: Some(2), ffn_hidden: Some(24), init_std: 0.3, ..cfg }).unwrap()
 }
 
 /// A document: the end-of-text token that starts it, then `len - 1` other tokens.
