@@ -13,6 +13,7 @@
 #          eval (cpu and cuda) and greedy generate (cuda) from each bf16 checkpoint
 #   mfu    tokens/s and MFU of configs/gpt2-124m.toml and llama-1b.toml beside PyTorch's
 #          (transformers, bf16 autocast, fused AdamW, torch.compile), and of mamba2-130m.toml
+#          and llama-1b-long.toml (T = 8192, sliding windows, masked documents)
 #   cuda-cores  llama-1b and mamba2-130m as in mfu, with training.tensor_cores = false: what
 #          flash attention and the SSD's tensor-core forms gain
 #   bench  kernel throughput (flash attention, SSD, selective scan), and PyTorch's on the same
@@ -180,6 +181,9 @@ if wants mfu; then
         configs/llama-1b.toml || status=1
     echo "== mamba2-130m (bf16)"
     bounded "${py[@]}" bin/train-vs-pytorch.py --ondol bin/ondol-gpu --no-peer "${mamba2[@]}" || status=1
+    echo "== llama-1b-long (T = 8192, windows of 1024 keys on 3 layers of 4, documents masked; bf16)"
+    bounded "${py[@]}" bin/train-vs-pytorch.py --ondol bin/ondol-gpu --no-peer --steps 10 configs/llama-1b-long.toml ||
+        status=1
 fi
 if wants cuda-cores; then
     echo "== llama-1b and mamba2-130m on the simple attention and the SSD's CUDA-core forms (training.tensor_cores = false)"
