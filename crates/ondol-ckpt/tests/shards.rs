@@ -7,30 +7,9 @@ use ondol_model::{Arch, Model, ModelConfig};
 #[test]
 fn sharded_files_round_trip_through_their_index() {
     let cfg = ModelConfig {
-        arch: Arch::Llama,
-        vocab_size: 50,
-        d_model: 16,
-        n_layers: 3,
-        n_heads: 2,
-        n_kv_heads: None,
         ffn_hidden: Some(24),
-        max_seq_len: 8,
         tie_embeddings: Some(false),
-        rope_theta: 10_000.0,
-        rope_scaling: None,
-        qkv_bias: false,
-        qk_norm: false,
-        block_norms: Default::default(),
-        head_dim: None,
-        norm_eps: 1e-5,
-        init_std: 0.02,
-        init_residual_scaling: true,
-        pattern: None,
-        ssm: Default::default(),
-        mup: Default::default(),
-        sliding_window: None,
-        attention_pattern: None,
-        init_from: None,
+        ..ModelConfig::new(Arch::Llama, 50, 16, 3, 2, 8)
     };
     let model = Model::new(cfg).unwrap();
     let flat = model.layout.init(3);

@@ -21,30 +21,11 @@ const SEQ: usize = 8;
 /// Four layers, so that pp 2 has two per stage; two kv heads shared by four query heads.
 fn llama() -> ModelConfig {
     ModelConfig {
-        arch: Arch::Llama,
-        vocab_size: 67,
-        d_model: 16,
-        n_layers: 4,
-        n_heads: 4,
         n_kv_heads: Some(2),
         ffn_hidden: Some(24),
-        max_seq_len: SEQ,
         tie_embeddings: Some(false),
-        rope_theta: 10_000.0,
-        rope_scaling: None,
-        qkv_bias: false,
-        qk_norm: false,
-        block_norms: Default::default(),
-        head_dim: None,
-        norm_eps: 1e-5,
         init_std: 0.1,
-        init_residual_scaling: true,
-        pattern: None,
-        ssm: Default::default(),
-        mup: Default::default(),
-        sliding_window: None,
-        attention_pattern: None,
-        init_from: None,
+        ..ModelConfig::new(Arch::Llama, 67, 16, 4, 4, SEQ)
     }
 }
 

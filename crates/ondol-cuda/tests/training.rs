@@ -28,17 +28,12 @@ const SEQ: usize = 13;
 /// n_heads (12, not 8).
 fn config(arch: Arch) -> ModelConfig {
     let pattern = (arch == Arch::Hybrid).then(|| "M*-M".to_string());
+    let layers = pattern.as_ref().map_or(2, |p| p.len());
     ModelConfig {
-        arch,
-        vocab_size: 67,
-        d_model: 32,
-        n_layers: pattern.as_ref().map_or(2, |p| p.len()),
-        n_heads: if matches!(arch, Arch::Mamba | Arch::Mamba2) { 0 } else { 4 },
+        pattern,
         n_kv_heads: matches!(arch, Arch::Llama | Arch::Hybrid).then_some(2),
         ffn_hidden: (!matches!(arch, Arch::Mamba | Arch::Mamba2)).then_some(48),
-        max_seq_len: 16,
         tie_embeddings: Some(arch == Arch::Gpt2),
-        rope_theta: 10_000.0,
         rope_scaling: (arch == Arch::Llama).then_some(RopeScaling {
             kind: RopeScalingKind::Llama3,
             factor: 4.0,
@@ -47,13 +42,8 @@ fn config(arch: Arch) -> ModelConfig {
             original_max_seq_len: 8,
         }),
         qkv_bias: arch == Arch::Llama,
-        qk_norm: false,
-        block_norms: Default::default(),
         head_dim: (arch == Arch::Hybrid).then_some(12),
-        norm_eps: 1e-5,
         init_std: 0.1,
-        init_residual_scaling: true,
-        pattern,
         ssm: if matches!(arch, Arch::Llama | Arch::Gpt2) {
             SsmConfig::default()
         } else {
@@ -63,10 +53,7 @@ fn config(arch: Arch) -> ModelConfig {
             // Heads and groups are Mamba-2's (the hybrid's too).
             if arch == Arch::Mamba { ssm } else { SsmConfig { head_dim, n_groups: 2, ..ssm } }
         },
-        mup: Default::default(),
-        sliding_window: None,
-        attention_pattern: None,
-        init_from: None,
+        ..ModelConfig::new(arch, 67, 32, layers, if matches!(arch, Arch::Mamba | Arch::Mamba2) { 0 } else { 4 }, 16)
     }
 }
 

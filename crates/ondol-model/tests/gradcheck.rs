@@ -12,31 +12,12 @@ use ondol_model::{Arch, BlockNorms, MicroBatch, Model, ModelConfig, MupConfig, S
 
 fn tiny(arch: Arch, tie: Option<bool>) -> ModelConfig {
     ModelConfig {
-        arch,
-        vocab_size: 11,
-        d_model: 8,
-        n_layers: 2,
-        n_heads: 2,
         n_kv_heads: if arch == Arch::Llama { Some(1) } else { None },
         ffn_hidden: Some(12),
-        max_seq_len: 6,
         tie_embeddings: tie,
-        rope_theta: 10_000.0,
-        rope_scaling: None,
-        qkv_bias: false,
-        qk_norm: false,
-        block_norms: Default::default(),
-        head_dim: None,
-        norm_eps: 1e-5,
         // Larger than a real init so that every gradient is well above f32 noise.
         init_std: 0.3,
-        init_residual_scaling: true,
-        pattern: None,
-        ssm: Default::default(),
-        mup: Default::default(),
-        sliding_window: None,
-        attention_pattern: None,
-        init_from: None,
+        ..ModelConfig::new(arch, 11, 8, 2, 2, 6)
     }
 }
 

@@ -36,24 +36,10 @@ impl TensorParallel<CpuBackend> for Recorder {
 fn config(arch: Arch, tie: bool) -> ModelConfig {
     let ssm_only = matches!(arch, Arch::Mamba | Arch::Mamba2);
     ModelConfig {
-        arch,
-        vocab_size: 31,
-        d_model: 16,
-        n_layers: if arch == Arch::Hybrid { 4 } else { 3 },
-        n_heads: if ssm_only { 0 } else { 4 },
         n_kv_heads: matches!(arch, Arch::Llama | Arch::Hybrid).then_some(2),
         ffn_hidden: (!ssm_only).then_some(24),
-        max_seq_len: 16,
         tie_embeddings: Some(tie),
-        rope_theta: 10_000.0,
-        rope_scaling: None,
-        qkv_bias: false,
-        qk_norm: false,
-        block_norms: Default::default(),
-        head_dim: None,
-        norm_eps: 1e-5,
         init_std: 0.2,
-        init_residual_scaling: true,
         pattern: (arch == Arch::Hybrid).then(|| "M*-M".to_string()),
         ssm: if ssm_only || arch == Arch::Hybrid {
             let ssm = SsmConfig { state_size: Some(4), chunk_size: 4, ..Default::default() };
@@ -61,10 +47,7 @@ fn config(arch: Arch, tie: bool) -> ModelConfig {
         } else {
             SsmConfig::default()
         },
-        mup: Default::default(),
-        sliding_window: None,
-        attention_pattern: None,
-        init_from: None,
+        ..ModelConfig::new(arch, 31, 16, if arch == Arch::Hybrid { 4 } else { 3 }, if ssm_only { 0 } else { 4 }, 16)
     }
 }
 

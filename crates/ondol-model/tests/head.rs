@@ -12,34 +12,14 @@ use ondol_model::{Arch, MicroBatch, Model, ModelConfig, Part, SsmConfig, Workspa
 fn config(arch: Arch) -> ModelConfig {
     let ssm = arch == Arch::Mamba2;
     ModelConfig {
-        arch,
-        vocab_size: 37,
-        d_model: 16,
-        n_layers: 2,
-        n_heads: if ssm { 0 } else { 2 },
-        n_kv_heads: None,
         ffn_hidden: (!ssm).then_some(24),
-        max_seq_len: 8,
-        tie_embeddings: None,
-        rope_theta: 10_000.0,
-        rope_scaling: None,
-        qkv_bias: false,
-        qk_norm: false,
-        block_norms: Default::default(),
-        head_dim: None,
-        norm_eps: 1e-5,
         init_std: 0.2,
-        init_residual_scaling: true,
-        pattern: None,
         ssm: if ssm {
             SsmConfig { state_size: Some(4), head_dim: 8, chunk_size: 4, ..Default::default() }
         } else {
             SsmConfig::default()
         },
-        mup: Default::default(),
-        sliding_window: None,
-        attention_pattern: None,
-        init_from: None,
+        ..ModelConfig::new(arch, 37, 16, 2, if ssm { 0 } else { 2 }, 8)
     }
 }
 

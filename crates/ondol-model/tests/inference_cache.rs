@@ -14,24 +14,9 @@ fn model(arch: Arch) -> Model {
 
 fn config(arch: Arch) -> ModelConfig {
     ModelConfig {
-        arch,
-        vocab_size: 23,
-        d_model: 16,
-        n_layers: if arch == Arch::Hybrid { 4 } else { 2 },
-        n_heads: if matches!(arch, Arch::Mamba | Arch::Mamba2) { 0 } else { 4 },
         n_kv_heads: if matches!(arch, Arch::Llama | Arch::Hybrid) { Some(2) } else { None },
         ffn_hidden: (!matches!(arch, Arch::Mamba | Arch::Mamba2)).then_some(24),
-        max_seq_len: 12,
-        tie_embeddings: None,
-        rope_theta: 10_000.0,
-        rope_scaling: None,
-        qkv_bias: false,
-        qk_norm: false,
-        block_norms: Default::default(),
-        head_dim: None,
-        norm_eps: 1e-5,
         init_std: 0.3,
-        init_residual_scaling: true,
         pattern: (arch == Arch::Hybrid).then(|| "M*-M".to_string()),
         // Chunks of 3 for the full forward's scans, so that it crosses chunk boundaries.
         ssm: match arch {
@@ -39,10 +24,14 @@ fn config(arch: Arch) -> ModelConfig {
             Arch::Mamba => SsmConfig { state_size: Some(6), chunk_size: 3, ..Default::default() },
             _ => SsmConfig { state_size: Some(6), head_dim: 8, n_groups: 2, chunk_size: 3, ..Default::default() },
         },
-        mup: Default::default(),
-        sliding_window: None,
-        attention_pattern: None,
-        init_from: None,
+        ..ModelConfig::new(
+            arch,
+            23,
+            16,
+            if arch == Arch::Hybrid { 4 } else { 2 },
+            if matches!(arch, Arch::Mamba | Arch::Mamba2) { 0 } else { 4 },
+            12,
+        )
     }
 }
 

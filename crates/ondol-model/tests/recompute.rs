@@ -26,24 +26,9 @@ fn recomputed_blocks_give_identical_losses_and_gradients() {
     for arch in [Arch::Llama, Arch::Gpt2, Arch::Mamba, Arch::Mamba2, Arch::Hybrid] {
         let ssm_only = matches!(arch, Arch::Mamba | Arch::Mamba2);
         let model = Model::new(ModelConfig {
-            arch,
-            vocab_size: 31,
-            d_model: 16,
-            n_layers: 4,
-            n_heads: if ssm_only { 0 } else { 4 },
             n_kv_heads: if matches!(arch, Arch::Llama | Arch::Hybrid) { Some(2) } else { None },
             ffn_hidden: (!ssm_only).then_some(24),
-            max_seq_len: 16,
-            tie_embeddings: None,
-            rope_theta: 10_000.0,
-            rope_scaling: None,
-            qkv_bias: false,
-            qk_norm: false,
-            block_norms: Default::default(),
-            head_dim: None,
-            norm_eps: 1e-5,
             init_std: 0.2,
-            init_residual_scaling: true,
             pattern: (arch == Arch::Hybrid).then(|| "M*-M".to_string()),
             ssm: if arch == Arch::Llama || arch == Arch::Gpt2 {
                 SsmConfig::default()
@@ -51,10 +36,7 @@ fn recomputed_blocks_give_identical_losses_and_gradients() {
                 let ssm = SsmConfig { state_size: Some(4), chunk_size: 4, ..Default::default() };
                 if arch == Arch::Mamba { ssm } else { SsmConfig { head_dim: 8, ..ssm } }
             },
-            mup: Default::default(),
-            sliding_window: None,
-            attention_pattern: None,
-            init_from: None,
+            ..ModelConfig::new(arch, 31, 16, 4, if ssm_only { 0 } else { 4 }, 16)
         })
         .unwrap();
         let (loss, grads) = run(&model, 0);

@@ -19,30 +19,12 @@ const SEQ: usize = 8;
 
 fn llama(tie: bool) -> ModelConfig {
     ModelConfig {
-        arch: Arch::Llama,
-        vocab_size: 67, // uneven vocabulary shards at tp = 2 and 4
-        d_model: 16,
-        n_layers: 8,
-        n_heads: 4,
         n_kv_heads: Some(2),
         ffn_hidden: Some(24),
-        max_seq_len: SEQ,
         tie_embeddings: Some(tie),
-        rope_theta: 10_000.0,
-        rope_scaling: None,
-        qkv_bias: false,
-        qk_norm: false,
-        block_norms: Default::default(),
-        head_dim: None,
-        norm_eps: 1e-5,
         init_std: 0.1,
-        init_residual_scaling: true,
-        pattern: None,
-        ssm: Default::default(),
-        mup: Default::default(),
-        sliding_window: None,
-        attention_pattern: None,
-        init_from: None,
+        // (A vocabulary of 67: uneven shards at tp = 2 and 4.)
+        ..ModelConfig::new(Arch::Llama, 67, 16, 8, 4, SEQ)
     }
 }
 
