@@ -918,11 +918,16 @@ impl Backend for CudaBackend {
         args.extend([Arg::I32(pos as i32), Arg::I32(max_seq as i32), Arg::I64(shape.rows() as i64)]);
         self.run("attention", "kv_append", dtype, self.dev.flat(shape.rows() * kv), &args);
         // A prefill (an empty cache) is causal attention over the new rows alone: flash
-        // attention where it applies, rather than reading the cache once per query (not in a
-        // sliding-window layer, whose first keys it would need in a buffer).
-        if pos == 0 && window.is_none() && self.uses_flash(shape, &[qkv.ptr, out.ptr]) {
+        // attention where it applies, rather than reading the cache once per query; in a
+        // sliding-window layer with each row's first key, its window's.
+        if pos == 0 && self.uses_flash(shape, &[qkv.ptr, out.ptr]) {
             let mut lse = self.zeros_f32(shape.batch * shape.n_heads * shape.seq);
-            self.flash_forward(qkv, out, lse.view_mut(0..lse.len()).ptr, shape, 0);
+            let first_keys = window.map(|w| {
+                let rows = (0..shape.rows()).map(|r| (r % shape.seq + 1).saturating_sub(w) as u32);
+                self.upload_ids(&rows.collect::<Vec<_>>())
+            });
+            let first_keys = first_keys.as_ref().map_or(0, |f| f.ptr);
+            self.flash_forward(qkv, out, lse.view_mut(0..lse.len()).ptr, shape, first_keys);
             return;
         }
         let (parts, span) = cached_key_parts(shape, pos + shape.seq, self.dev.sms());

@@ -1043,7 +1043,7 @@ fn flash_attention_matches_the_cpu_and_the_simple_kernel() {
             );
             assert_eq!(flash.download(&prefill), out, "{}", what("prefill through the cache"));
             check_cached_attention(&flash, shape, seq + 1, &[seq, 1], None);
-            // With a window the prefill runs the simple kernel.
+            // With a window, the prefill runs flash attention with the window's first keys.
             check_cached_attention(&flash, shape, seq + 1, &[seq, 1], Some(37));
         }
     }
