@@ -364,6 +364,17 @@ impl<B: Backend> Trainer<B> {
             return Err(differs(difference, "resume with the same value"));
         }
         check_tokenizer(&ckpt.dir, Some(&saved), &self.cfg, self.tokenizer.as_deref())?;
+        // (Like the learning rate, it may change on a resume; unlike it, it changes what the
+        // model learns from every sequence, so the run says so.)
+        let masked = self.cfg.training.mask_documents;
+        if saved.training.mask_documents != masked && self.is_leader() {
+            ondol_core::say!(
+                "note: training.mask_documents = {masked} here, {} in {}: from here on, documents {}",
+                !masked,
+                ckpt.dir.display(),
+                if masked { "attend only within their own" } else { "attend across their boundaries" }
+            );
+        }
         let restart = self.cfg.checkpoint.on_data_change == OnDataChange::Restart;
         let (mut theirs, mut ours) = (data_identity(&saved), data_identity(&self.cfg));
         // Patterns written otherwise (an absolute path, a glob split in two) that match the

@@ -88,6 +88,10 @@ fn masked_documents_train_evaluate_and_are_refused_where_they_cannot_be() {
     };
     let (masked, again, unmasked) = (eval(&[]), eval(&["--mask-documents"]), eval(&["--mask-documents=false"]));
     assert_eq!(masked, again);
+    // A resume may stop masking, and says so.
+    let resume = ["train", "run.toml", "--run-dir", "out", "--resume", "auto", "--set", "training.steps=3"];
+    let (ok, err) = ondol_err(dir.path(), &resume);
+    assert!(ok && err.contains("note: training.mask_documents = false here, true in"), "{err}");
     assert!(masked != unmasked && masked.is_finite() && unmasked.is_finite(), "{masked} vs {unmasked}");
 
     let (ok, err) = ondol_err(
