@@ -869,7 +869,7 @@ fn attention_layers(f: &Fields, model_type: &str, layers: usize) -> Result<(Opti
         }
     }
     let window = window.filter(|_| pattern.contains('L'));
-    let uniform = if window.is_some() { "L" } else { "G" };
+    let uniform = ModelConfig::default_attention_pattern(window);
     let pattern = (!pattern.chars().all(|c| c.to_string() == uniform)).then_some(pattern);
     Ok((window, pattern))
 }
@@ -937,8 +937,6 @@ pub fn from_hf_config(json: &Value, file: &str) -> Result<(ModelConfig, Vec<Stri
     let llama_named = if exaone { Some(exaone_as_llama(map, file)?) } else { None };
     let map = llama_named.as_ref().unwrap_or(map);
     let f = Fields { map, file, renamed: if exaone { EXAONE_FIELDS } else { &[] } };
-    // What the user is told of how the model was read.
-    let notes = Vec::new();
     let (cfg, known): (ModelConfig, &[&str]) = match model_type {
         // Mistral is Llama with a sliding window on every layer, Qwen2 Llama with biases on q,
         // k and v and windows on the layers its layer_types (or max_window_layers) name, Qwen3
@@ -1179,7 +1177,8 @@ pub fn from_hf_config(json: &Value, file: &str) -> Result<(ModelConfig, Vec<Stri
             ));
         }
     };
-    let mut warnings = notes;
+    // What the user is told of how the model was read.
+    let mut warnings = Vec::new();
     for (key, value) in map {
         let key = key.as_str();
         let read_elsewhere = match model_type {

@@ -71,6 +71,18 @@ pub fn document_starts(ids: &[u32], seq: usize, eot: u32) -> Vec<u32> {
     starts
 }
 
+/// The first key each of `rows` tokens (sequences of `seq`) attends in a sliding window of
+/// `window` keys, itself included: `t + 1 - window` at position t, or its document's first key
+/// (`documents`, from [`document_starts`]) where that is later.
+pub fn window_first_keys(window: usize, seq: usize, documents: Option<&[u32]>, rows: usize) -> Vec<u32> {
+    (0..rows)
+        .map(|r| {
+            let own = (r % seq + 1).saturating_sub(window) as u32;
+            documents.map_or(own, |d| own.max(d[r]))
+        })
+        .collect()
+}
+
 /// Whether `first_keys` can be attention's (see [`document_starts`]): one per row, each at
 /// most its position and none before the previous one in its sequence.
 pub fn valid_first_keys(first_keys: &[u32], s: AttnShape) -> bool {

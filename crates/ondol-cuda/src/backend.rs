@@ -14,7 +14,8 @@ use crate::gpu::Gpu;
 use crate::memory::{DevMut, DevRef, DeviceBuf, DeviceIds, Dtype};
 use cudarc::driver::LaunchConfig;
 use ondol_core::backend::{
-    Activation, AttnShape, Backend, Gemm, LogitColumns, ScanGrads, ScanInputs, ScanShape, SsdGrads, SsdInputs, SsdShape,
+    Activation, AttnShape, Backend, Gemm, LogitColumns, ScanGrads, ScanInputs, ScanShape, SsdGrads, SsdInputs,
+    SsdShape, window_first_keys,
 };
 use ondol_core::{AdamWParams, DeviceSlice, bf16};
 use std::ops::Range;
@@ -922,10 +923,7 @@ impl Backend for CudaBackend {
         // sliding-window layer with each row's first key, its window's.
         if pos == 0 && self.uses_flash(shape, &[qkv.ptr, out.ptr]) {
             let mut lse = self.zeros_f32(shape.batch * shape.n_heads * shape.seq);
-            let first_keys = window.map(|w| {
-                let rows = (0..shape.rows()).map(|r| (r % shape.seq + 1).saturating_sub(w) as u32);
-                self.upload_ids(&rows.collect::<Vec<_>>())
-            });
+            let first_keys = window.map(|w| self.upload_ids(&window_first_keys(w, shape.seq, None, shape.rows())));
             let first_keys = first_keys.as_ref().map_or(0, |f| f.ptr);
             self.flash_forward(qkv, out, lse.view_mut(0..lse.len()).ptr, shape, first_keys);
             return;

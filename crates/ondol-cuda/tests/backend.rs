@@ -6,7 +6,7 @@
 //! order, bf16 in reverse order), and on the GPU where there is one; without a GPU it says so,
 //! and fails if ONDOL_REQUIRE_GPU is set, as the GPU bundle's run.sh sets it.
 
-use ondol_core::backend::{AttnShape, Gemm, LogitColumns, document_starts, rope_table};
+use ondol_core::backend::{AttnShape, Gemm, LogitColumns, document_starts, rope_table, window_first_keys};
 use ondol_core::bf16;
 use ondol_core::{Activation, AdamWParams, Backend, Rng, ScanInputs, SsdInputs};
 use ondol_cpu::CpuBackend;
@@ -627,11 +627,10 @@ fn attention_within_documents_matches_the_cpu() {
         }
         let documents = document_starts(&ids, seq, EOT);
         for window in [None, Some(40), Some(150)] {
-            let first_keys: Vec<u32> = documents
-                .iter()
-                .enumerate()
-                .map(|(r, &d)| d.max(window.map_or(0, |w| (r % seq + 1).saturating_sub(w) as u32)))
-                .collect();
+            let first_keys = match window {
+                Some(w) => window_first_keys(w, seq, Some(&documents), shape.rows()),
+                None => documents.clone(),
+            };
             for be in &all {
                 let tol = tolerance(be);
                 let n = shape.rows() * shape.qkv_width();

@@ -405,10 +405,15 @@ impl ModelConfig {
     pub fn has_attention(&self) -> bool {
         self.layer_kinds().contains(&LayerKind::Attention)
     }
+    /// `attention_pattern`'s value where it is unset: every layer local with a window, global
+    /// without.
+    pub fn default_attention_pattern(window: Option<usize>) -> &'static str {
+        if window.is_some() { "L" } else { "G" }
+    }
     /// The attention of transformer layer `layer` (see `attention_pattern`).
     pub fn layer_attention(&self, layer: usize) -> LayerAttention {
-        let pattern =
-            self.attention_pattern.as_deref().unwrap_or(if self.sliding_window.is_some() { "L" } else { "G" });
+        let default = Self::default_attention_pattern(self.sliding_window);
+        let pattern = self.attention_pattern.as_deref().unwrap_or(default);
         let c = pattern.as_bytes()[layer % pattern.len().max(1)];
         LayerAttention { window: self.sliding_window.filter(|_| c == b'L'), rope: c != b'N' }
     }
@@ -422,6 +427,19 @@ impl ModelConfig {
                 LayerAttention { rope: false, .. } => 'N',
             })
             .collect()
+    }
+    /// Whether documents packed into a sequence can attend only within their own: not through
+    /// Mamba layers, whose scans carry their state from one document into the next (`key`
+    /// names the setting that asks for it).
+    pub fn check_mask_documents(&self, key: &str) -> Result<()> {
+        match self.layer_kinds().contains(&LayerKind::Mamba) {
+            true => Err(Error::config(
+                key,
+                "the model has Mamba mixers, whose scans carry their state from one document into the next: \
+                 documents are masked in models without them",
+            )),
+            false => Ok(()),
+        }
     }
     /// Mamba channels E.
     pub fn ssm_inner(&self) -> usize {
@@ -676,8 +694,7 @@ impl ModelConfig {
         if self.sliding_window == Some(0) {
             return Err(Error::config("model.sliding_window", "must be at least 1 (a query attends itself)"));
         }
-        let default = if self.sliding_window.is_some() { "L" } else { "G" };
-        let p = self.attention_pattern.as_deref().unwrap_or(default);
+        let p = self.attention_pattern.as_deref().unwrap_or(Self::default_attention_pattern(self.sliding_window));
         if let Some(bad) = p.chars().find(|c| !matches!(c, 'L' | 'G' | 'N')) {
             return Err(Error::config(
                 "model.attention_pattern",

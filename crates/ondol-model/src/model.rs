@@ -31,7 +31,7 @@ use crate::mlp::{Mlp, MlpActs, MlpGrads, MlpKind};
 use crate::params::{Init, ParamLayout, Path, Placement};
 use crate::part::{Alone, Part, TensorParallel};
 use ondol_core::Result;
-use ondol_core::backend::{Activation, Backend, LogitColumns, combine_ce_stats, rope_table_of};
+use ondol_core::backend::{Activation, Backend, LogitColumns, combine_ce_stats, rope_table_of, window_first_keys};
 use std::ops::Range;
 
 #[derive(Clone, Debug)]
@@ -547,17 +547,20 @@ impl Model {
     /// the state; backward twice the forward. A sliding-window layer counts its keys as
     /// [`counted_keys`] does.
     pub fn flops_per_token(&self, seq: usize) -> u64 {
-        self.flops_per_token_attending(seq, &|window| counted_keys(seq, window)).round() as u64
+        let local = self.cfg.sliding_window.map_or(0.0, |w| counted_keys(seq, Some(w)));
+        self.flops_per_token_attending(seq, (counted_keys(seq, None), local)).round() as u64
     }
 
-    /// [`Model::flops_per_token`] with each attention block counting `keys(its window)` keys
-    /// per token in place of T.
-    pub fn flops_per_token_attending(&self, seq: usize, keys: &dyn Fn(Option<usize>) -> f64) -> f64 {
+    /// [`Model::flops_per_token`] with each global attention block counting `global` keys per
+    /// token in place of T, and each sliding-window one `local`.
+    pub fn flops_per_token_attending(&self, seq: usize, (global, local): (f64, f64)) -> f64 {
         let mixers: f64 = self
             .blocks
             .iter()
             .map(|b| match &b.mixer {
-                Mixer::Attention(a) => 12.0 * (a.n_heads * a.head_dim) as f64 * keys(a.window),
+                Mixer::Attention(a) => {
+                    12.0 * (a.n_heads * a.head_dim) as f64 * if a.window.is_some() { local } else { global }
+                }
                 Mixer::Mlp(_) => 0.0,
                 Mixer::Mamba(m) => (3 * 9 * m.inner * m.state) as f64,
                 Mixer::Mamba2(m) => {
@@ -1526,17 +1529,6 @@ impl<B: Backend> PositionBufs<B> {
             window_keys: self.window.as_ref().map(|(_, keys)| keys),
         }
     }
-}
-
-/// The first key of each of `rows` tokens (sequences of `seq`) in a window of `window` keys:
-/// `t + 1 - window` at position t, or its document's first key (`documents`) where later.
-fn window_first_keys(window: usize, seq: usize, documents: Option<&[u32]>, rows: usize) -> Vec<u32> {
-    (0..rows)
-        .map(|r| {
-            let own = (r % seq + 1).saturating_sub(window) as u32;
-            documents.map_or(own, |d| own.max(d[r]))
-        })
-        .collect()
 }
 
 /// The activation buffers of one micro-batch shape, allocated once and reused each step, and

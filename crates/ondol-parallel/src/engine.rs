@@ -712,6 +712,12 @@ impl<B: Backend> Engine<B> {
         chunks + scratch_elems(&models, l.micro_batch()).bytes(width)
     }
 
+    /// Under [`Layout::document_mask`], the first key of every token's attention in each
+    /// micro-batch of the last step or evaluation (empty without it).
+    pub fn document_first_keys(&self) -> &[Vec<u32>] {
+        &self.first_keys
+    }
+
     /// Parameters this rank holds (its pieces of every chunk).
     pub fn params_held(&self) -> usize {
         self.chunks.iter().map(|c| c.model.num_params()).sum()

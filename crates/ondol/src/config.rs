@@ -546,13 +546,7 @@ impl RunConfig {
             ));
         }
         if t.mask_documents {
-            if self.model.layer_kinds().contains(&ondol_model::LayerKind::Mamba) {
-                return Err(Error::config(
-                    "training.mask_documents",
-                    "the model has Mamba mixers, whose scans carry their state from one document into the next: \
-                     documents are masked in models without them",
-                ));
-            }
+            self.model.check_mask_documents("training.mask_documents")?;
             if self.data.tokenizer.is_none() {
                 return Err(Error::config(
                     "training.mask_documents",

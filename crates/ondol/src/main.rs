@@ -15,7 +15,7 @@ use ondol_core::{Backend, Error, Result};
 use ondol_cpu::CpuBackend;
 use ondol_data::prepare::ShardTokenizer;
 use ondol_data::{Loader, Order, SourceKind, TokenStream};
-use ondol_model::{BlockNorms, LayerKind, MicroBatch, Model, ModelConfig, Part, Workspace, scratch_elems};
+use ondol_model::{BlockNorms, MicroBatch, Model, ModelConfig, Part, Workspace, scratch_elems};
 use ondol_parallel::{HEAD_ROW_ALIGN, ScheduleKind, schedule};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -1245,14 +1245,10 @@ fn eval(args: EvalArgs) -> Result<()> {
     let mut loader = Loader::new(Arc::new(stream), seq, batch, 1, Order::Sequential, 0, 1)?;
     let batches = args.batches.unwrap_or(usize::MAX).min(loader.batches_per_epoch() as usize);
     let documents = match args.mask_documents.unwrap_or(training.is_some_and(|t| t.mask_documents)) {
-        true if p.model.cfg.layer_kinds().contains(&LayerKind::Mamba) => {
-            return Err(Error::config(
-                "--mask-documents",
-                "the model has Mamba mixers, whose scans carry their state from one document into the next: \
-                 documents are masked in models without them",
-            ));
+        true => {
+            p.model.cfg.check_mask_documents("--mask-documents")?;
+            Some(p.tokenizer()?.eot_id())
         }
-        true => Some(p.tokenizer()?.eot_id()),
         false => None,
     };
     let (loss, tokens) = match args.device {

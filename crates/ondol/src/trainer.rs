@@ -282,10 +282,10 @@ impl<B: Backend> Trainer<B> {
     pub fn step(&mut self) -> Result<StepStats> {
         let tokens = self.tokens_per_step() as f64;
         let batches = self.next_batches()?;
-        let flops = tokens * self.flops_per_token(&batches);
         let lr = self.sched.lr(self.step);
         // Each token's loss enters the mean with weight 1 / (tokens in the whole step).
         let out = self.engine.step(&batches, (1.0 / tokens) as f32, lr, stop_request)?;
+        let flops = tokens * self.flops_per_token();
         let loss = out.loss_sum / tokens;
         if !loss.is_finite() {
             return Err(Error::Training(format!(
@@ -299,21 +299,20 @@ impl<B: Backend> Trainer<B> {
         Ok(StepStats { loss, grad_norm: out.grad_norm, lr, pipeline_wait_s: out.pipeline_wait_s, stop, flops })
     }
 
-    /// Training FLOPs per token of `batches`: [`Model::flops_per_token`] at the sequence
+    /// Training FLOPs per token of the last step: [`Model::flops_per_token`] at the sequence
     /// length, or, where documents attend only within their own, with each token's attention
-    /// counted for 2 k - 1 keys where it attends k (see [`ondol_model::counted_keys`]).
-    fn flops_per_token(&self, batches: &[(Vec<u32>, Vec<u32>)]) -> f64 {
+    /// counted for 2 k - 1 keys where it attends k (see [`ondol_model::counted_keys`]), from the
+    /// first keys the engine set.
+    fn flops_per_token(&self) -> f64 {
         let (model, seq) = (self.model(), self.cfg.training.seq_len);
-        match self.engine.layout.document_mask {
-            None => model.flops_per_token(seq) as f64,
-            Some(eot) => {
-                // Counted once for the global layers and once for the windowed ones.
-                let global = keys_counted_per_token(batches, seq, eot, None);
-                let window = model.cfg.sliding_window;
-                let local = window.map(|w| keys_counted_per_token(batches, seq, eot, Some(w)));
-                model.flops_per_token_attending(seq, &|w| if w.is_some() { local.unwrap_or(global) } else { global })
-            }
+        let documents = self.engine.document_first_keys();
+        if documents.is_empty() {
+            return model.flops_per_token(seq) as f64;
         }
+        // Counted once for the global layers and once for the windowed ones.
+        let global = keys_counted_per_token(documents, seq, None);
+        let local = model.cfg.sliding_window.map_or(global, |w| keys_counted_per_token(documents, seq, Some(w)));
+        model.flops_per_token_attending(seq, (global, local))
     }
 
     /// A copy of everything a checkpoint holds, for a background writer, with every tensor
@@ -758,19 +757,18 @@ pub fn evaluate<B: Backend>(
     Ok((sum / tokens as f64, tokens))
 }
 
-/// The keys a token's attention counts for in the FLOPs where documents (starting at `eot`)
-/// attend only within their own, in a layer whose queries attend at most `window` keys: 2 k -
-/// 1 for its k keys, averaged over the tokens of `batches` (sequences of `seq`); `seq` for
-/// whole sequences without a window, as PaLM's count has it.
-fn keys_counted_per_token(batches: &[(Vec<u32>, Vec<u32>)], seq: usize, eot: u32, window: Option<usize>) -> f64 {
+/// The keys a token's attention counts for in the FLOPs where documents attend only within
+/// their own (`first_keys`, per micro-batch, from `document_starts`), in a layer whose queries
+/// attend at most `window` keys: 2 k - 1 for its k keys, averaged over the tokens (sequences of
+/// `seq`); `seq` for whole sequences without a window, as PaLM's count has it.
+fn keys_counted_per_token(first_keys: &[Vec<u32>], seq: usize, window: Option<usize>) -> f64 {
     let (mut keys, mut tokens) = (0u64, 0u64);
-    for (inputs, _) in batches {
-        let starts = document_starts(inputs, seq, eot);
-        for (r, &first) in starts.iter().enumerate() {
+    for micro in first_keys {
+        for (r, &first) in micro.iter().enumerate() {
             let k = (r % seq + 1 - first as usize).min(window.unwrap_or(usize::MAX));
             keys += 2 * k as u64 - 1;
         }
-        tokens += inputs.len() as u64;
+        tokens += micro.len() as u64;
     }
     keys as f64 / tokens.max(1) as f64
 }
@@ -1017,19 +1015,19 @@ mod tests {
 
     #[test]
     fn attention_flops_count_the_keys_of_each_document() {
-        let batch = |ids: Vec<u32>| vec![(ids.clone(), ids)];
+        let batch = |ids: Vec<u32>, seq| vec![document_starts(&ids, seq, 0)];
         // No document boundary: T keys a token, PaLM's count, the model's own.
-        assert_eq!(keys_counted_per_token(&batch(vec![5; 24]), 8, 0, None), 8.0);
+        assert_eq!(keys_counted_per_token(&batch(vec![5; 24], 8), 8, None), 8.0);
         assert_eq!(ondol_model::counted_keys(8, None), 8.0);
         // A document per token: one key each.
-        assert_eq!(keys_counted_per_token(&batch(vec![0; 24]), 8, 0, None), 1.0);
+        assert_eq!(keys_counted_per_token(&batch(vec![0; 24], 8), 8, None), 1.0);
         // Sequences of 4 split 2 + 2, then whole: (1 + 3 + 1 + 3 + 1 + 3 + 5 + 7) / 8.
-        assert_eq!(keys_counted_per_token(&batch(vec![0, 1, 0, 1, 1, 1, 1, 1]), 4, 0, None), 3.0);
+        assert_eq!(keys_counted_per_token(&batch(vec![0, 1, 0, 1, 1, 1, 1, 1], 4), 4, None), 3.0);
         // Windows of 3: (1 + 3 + 5 + 5 + 5 + 5 + 5 + 5) / 8, the model's count without documents.
-        assert_eq!(keys_counted_per_token(&batch(vec![5; 8]), 8, 0, Some(3)), 4.25);
+        assert_eq!(keys_counted_per_token(&batch(vec![5; 8], 8), 8, Some(3)), 4.25);
         assert_eq!(ondol_model::counted_keys(8, Some(3)), 4.25);
         // Windows of 2 over the documents above: (1 + 3 + 1 + 3 + 1 + 3 + 3 + 3) / 8.
-        assert_eq!(keys_counted_per_token(&batch(vec![0, 1, 0, 1, 1, 1, 1, 1]), 4, 0, Some(2)), 2.25);
+        assert_eq!(keys_counted_per_token(&batch(vec![0, 1, 0, 1, 1, 1, 1, 1], 4), 4, Some(2)), 2.25);
     }
 
     /// The first id outside the vocabulary is traced to its row and its place in the row's
