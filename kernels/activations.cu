@@ -1,15 +1,17 @@
-// Pointwise activations, forward and backward: SwiGLU, GELU (tanh approximation) and
-// squared ReLU.
+// Pointwise activations, forward and backward: gated linear units (SwiGLU, GeGLU), GELU (tanh
+// approximation), squared ReLU and SiLU.
 //
 // Computes (T = float or bf16 storage, fp32 arithmetic), with n the elements of `out`:
-//   swiglu:  out[r, j] = silu(g) * u, with g = gate_up[r, j] and u = gate_up[r, F + j]
-//            (gate and up are the two halves of one [rows, 2F] buffer: one GEMM makes both)
+//   glu:     out[r, j] = act(g) * u, with g = gate_up[r, j] and u = gate_up[r, F + j]
+//            (gate and up are the two halves of one [rows, 2F] buffer: one GEMM makes both;
+//            act SiLU for SwiGLU, GELU for GeGLU)
 //   gelu:    out = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
 //   relu2:   out = max(x, 0)^2
+//   silu:    out = x sigmoid(x)
 // Backward needs the saved input (gate_up, or x) and writes (not accumulates) its gradient:
-//   swiglu:  dg = dy u s (1 + g (1 - s)), du = dy g s, with s = sigmoid(g)
-// Launch: a grid-stride loop over elements, any grid. Memory-bound: swiglu forward reads
-// 2n and writes n values, backward reads 3n and writes 2n; ~10 FLOPs per element.
+//   glu:     dg = dy u act'(g), du = dy act(g); silu'(g) = s (1 + g (1 - s)), s = sigmoid(g)
+// Launch: a grid-stride loop over elements, any grid. Memory-bound: a GLU's forward reads
+// 2n and writes n values, backward reads 3n and writes 2n; ~10-20 FLOPs per element.
 #include "common.cuh"
 
 // tanh through exp, as the CPU reference computes it: under --use_fast_math, NVRTC makes
@@ -27,33 +29,40 @@ __device__ __forceinline__ float gelu_tanh(float x, float* derivative) {
     return 0.5f * x * (1.0f + t);
 }
 
+// kind: 0 = GELU (tanh), 1 = squared ReLU, 2 = SiLU, as ondol_core::Activation orders them.
+__device__ __forceinline__ float activate(int kind, float x, float* derivative) {
+    if (kind == 0) return gelu_tanh(x, derivative);
+    if (kind == 2) {
+        const float s = sigmoidf(x);
+        *derivative = s * (1.0f + x * (1.0f - s));
+        return x * s;
+    }
+    const float p = fmaxf(x, 0.0f);
+    *derivative = 2.0f * p;
+    return p * p;
+}
+
 template <typename T>
-__device__ void swiglu_forward(const T* gate_up, T* out, long long n, int width) {
+__device__ void glu_forward(int kind, const T* gate_up, T* out, long long n, int width) {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
         const long long r = i / width, j = i % width;
         const float g = to_float(gate_up[r * 2 * width + j]), u = to_float(gate_up[r * 2 * width + width + j]);
-        out[i] = from_float<T>(g * sigmoidf(g) * u);
+        float unused;
+        out[i] = from_float<T>(activate(kind, g, &unused) * u);
     }
 }
 
 template <typename T>
-__device__ void swiglu_backward(const T* dout, const T* gate_up, T* dgate_up, long long n, int width) {
+__device__ void glu_backward(int kind, const T* dout, const T* gate_up, T* dgate_up, long long n, int width) {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
         const long long r = i / width, j = i % width;
         const long long gi = r * 2 * width + j, ui = gi + width;
         const float g = to_float(gate_up[gi]), u = to_float(gate_up[ui]), dy = to_float(dout[i]);
-        const float s = sigmoidf(g);
-        dgate_up[gi] = from_float<T>(dy * u * s * (1.0f + g * (1.0f - s)));
-        dgate_up[ui] = from_float<T>(dy * g * s);
+        float derivative;
+        const float a = activate(kind, g, &derivative);
+        dgate_up[gi] = from_float<T>(dy * u * derivative);
+        dgate_up[ui] = from_float<T>(dy * a);
     }
-}
-
-// kind: 0 = GELU (tanh), 1 = squared ReLU, as ondol_core::Activation orders them.
-__device__ __forceinline__ float activate(int kind, float x, float* derivative) {
-    if (kind == 0) return gelu_tanh(x, derivative);
-    const float p = fmaxf(x, 0.0f);
-    *derivative = 2.0f * p;
-    return p * p;
 }
 
 template <typename T>
@@ -74,12 +83,12 @@ __device__ void activation_backward(int kind, const T* dout, const T* x, T* dx, 
 }
 
 #define ACTIVATION_KERNELS(T, S)                                                                                   \
-    extern "C" __global__ void swiglu_forward_##S(const T* gate_up, T* out, long long n, int width) {              \
-        swiglu_forward<T>(gate_up, out, n, width);                                                                 \
+    extern "C" __global__ void glu_forward_##S(int kind, const T* gate_up, T* out, long long n, int width) {       \
+        glu_forward<T>(kind, gate_up, out, n, width);                                                              \
     }                                                                                                              \
-    extern "C" __global__ void swiglu_backward_##S(const T* dout, const T* gate_up, T* dgate_up, long long n,      \
-                                                   int width) {                                                    \
-        swiglu_backward<T>(dout, gate_up, dgate_up, n, width);                                                     \
+    extern "C" __global__ void glu_backward_##S(int kind, const T* dout, const T* gate_up, T* dgate_up,            \
+                                                long long n, int width) {                                          \
+        glu_backward<T>(kind, dout, gate_up, dgate_up, n, width);                                                  \
     }                                                                                                              \
     extern "C" __global__ void activation_forward_##S(int kind, const T* x, T* out, long long n) {                 \
         activation_forward<T>(kind, x, out, n);                                                                    \

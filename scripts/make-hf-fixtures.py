@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-# Generates tiny random Hugging Face models (Llama, Llama 3 rope scaling, Mistral, Qwen2, SmolLM3, GPT-2, Mamba, Mamba-2, Nemotron-H; + expected logits/loss) under crates/ondol-ckpt/tests/fixtures/ so Rust tests can check ondol's forward pass against transformers.
+# Generates tiny random Hugging Face models (Llama, Llama 3 rope scaling, Mistral, Qwen2, SmolLM3, Gemma 3, GPT-2, Mamba, Mamba-2, Nemotron-H; + expected logits/loss) under crates/ondol-ckpt/tests/fixtures/ so Rust tests can check ondol's forward pass against transformers.
 """
 Usage:
   python scripts/make-hf-fixtures.py [OUT_DIR] [--only NAME...]
@@ -74,6 +74,21 @@ def exaone4_window_config():
     return Exaone4Config(**sizes, tie_word_embeddings=False, rope_theta=1000000.0, sliding_window=4,
                          sliding_window_pattern="LLLG",
                          layer_types=["sliding_attention"] * 3 + ["full_attention"])
+
+
+def gemma3_config():
+    from transformers import Gemma3TextConfig
+
+    # Gemma 3's text model: windows of 4 keys with their own rotary theta on three of four
+    # layers ("LLGL"), scores scaled by query_pre_attn_scalar = 6 (not head_dim 8), GeGLU.
+    sizes = {k: v for k, v in llama_sizes().items() if k != "hidden_act"}
+    sizes["num_hidden_layers"] = 4
+    return Gemma3TextConfig(**sizes, head_dim=8, tie_word_embeddings=True, query_pre_attn_scalar=6,
+                            sliding_window=4,
+                            layer_types=["sliding_attention"] * 2 + ["full_attention", "sliding_attention"],
+                            rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+                                             "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+                            pad_token_id=None, bos_token_id=None, eos_token_id=None)
 
 
 def qwen2_config():
@@ -302,8 +317,8 @@ def perturb_mamba(model, gen):
 
 
 def perturb_llama(model, gen):
-    """RMSNorm weights := 1 + N(0, 0.1) (HF inits them to exactly 1; Qwen3's q_norm and k_norm
-    included); biases (Qwen2's q, k and v) := N(0, 0.1) (HF inits them to 0)."""
+    """RMSNorm weights := 1 + N(0, 0.1) (HF inits them to exactly 1, Gemma's to 0; Qwen3's q_norm
+    and k_norm included); biases (Qwen2's q, k and v) := N(0, 0.1) (HF inits them to 0)."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name and name.endswith(".weight"):
@@ -333,7 +348,7 @@ def build(name, config):
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
     gen = torch.Generator().manual_seed(1)
     if config.model_type in ("llama", "mistral", "qwen2", "qwen3", "smollm3", "exaone", "exaone4", "hyperclovax",
-                             "granite"):
+                             "granite", "gemma3_text"):
         perturb_llama(model, gen)
     elif config.model_type == "gpt2":
         perturb_gpt2(model, gen)
@@ -397,6 +412,8 @@ def make(out_dir, only=None):
         ("tiny-smollm3", smollm3_config()),
         # EXAONE 4.0 32B: windowed layers, global ones without positions.
         ("tiny-exaone4-window", exaone4_window_config()),
+        # Gemma 3: norms on both sides, q and k norms, GeGLU, a local rotary theta.
+        ("tiny-gemma3", gemma3_config()),
         # Qwen2: Llama with biases on q, k and v (and here a tied head).
         ("tiny-qwen2", qwen2_config()),
         # Qwen3: an RMSNorm on each q and k head, heads wider than hidden_size / heads.

@@ -18,7 +18,7 @@
 //! directory is removed on the next start. On load every checksum is verified.
 
 use crate::hf;
-use crate::tensors::{files_of, read_layout, write_json, write_layout};
+use crate::tensors::{Contents, files_of, read_layout, write_json, write_layout};
 use ondol_core::{Error, Result};
 use ondol_model::{ModelConfig, ParamLayout};
 use serde::{Deserialize, Serialize};
@@ -172,12 +172,12 @@ pub fn save_to(dst: &Path, snap: &Snapshot) -> Result<()> {
     let mut files = vec!["config.json".to_string(), "generation_config.json".to_string()];
     write_json(&tmp.join("config.json"), &hf::to_hf_config(&snap.model, snap.eos_token_id))?;
     write_json(&tmp.join("generation_config.json"), &hf::generation_config(snap.eos_token_id))?;
-    files.extend(write_layout(&tmp, "model", &snap.layout, &snap.params, snap.max_shard_bytes)?);
+    files.extend(write_layout(&tmp, "model", &snap.layout, &snap.params, Contents::Weights, snap.max_shard_bytes)?);
     if let Some(m) = &snap.moments {
         let opt = tmp.join("optimizer");
         fs::create_dir_all(&opt).map_err(io(format!("cannot create {}", opt.display())))?;
         for (stem, data) in [("exp_avg", &m.exp_avg), ("exp_avg_sq", &m.exp_avg_sq)] {
-            let written = write_layout(&opt, stem, &snap.layout, data, snap.max_shard_bytes)?;
+            let written = write_layout(&opt, stem, &snap.layout, data, Contents::Moments, snap.max_shard_bytes)?;
             files.extend(written.into_iter().map(|f| format!("optimizer/{f}")));
         }
         sync_dir(&opt)?;
@@ -473,8 +473,9 @@ pub fn check_compatible(dir: &Path, theirs: &ModelConfig, ours: &ModelConfig) ->
         if c.arch == ondol_model::Arch::Gpt2 {
             v.push(("max_seq_len", c.max_seq_len.to_string()));
         }
-        if c.arch == ondol_model::Arch::Llama {
+        if c.llama_family() {
             v.push(("rope_theta", c.rope_theta.to_string()));
+            v.push(("rope_theta_local", c.rope_theta_local.map_or("none".to_string(), |t| t.to_string())));
             let scaling = c.rope_scaling.as_ref().map_or("none".to_string(), |s| {
                 format!(
                     "llama3 (factor {}, low_freq_factor {}, high_freq_factor {}, original_max_seq_len {})",
@@ -490,7 +491,7 @@ pub fn check_compatible(dir: &Path, theirs: &ModelConfig, ours: &ModelConfig) ->
             // (The attention multiplier as applied: one given as 1 / sqrt(head_dim) is the default,
             // which config.json may spell either way.)
             let m = &c.mup;
-            let attention = m.attention_multiplier.unwrap_or(1.0 / (c.head_dim() as f64).sqrt());
+            let attention = c.attention_scale();
             v.push((
                 "mup",
                 format!(
@@ -532,10 +533,10 @@ pub fn load(dir: &Path, model: &ModelConfig, layout: &ParamLayout) -> Result<Loa
     check_compatible(dir, &model_config(dir)?, model)?;
     let run_config = fs::read_to_string(dir.join("ondol.toml"))
         .map_err(io(format!("cannot read {}", dir.join("ondol.toml").display())))?;
-    let params = read_layout(&files_of(dir, "model")?, layout)?;
+    let params = read_layout(&files_of(dir, "model")?, layout, Contents::Weights)?;
     let opt = dir.join("optimizer");
-    let exp_avg = read_layout(&files_of(&opt, "exp_avg")?, layout)?;
-    let exp_avg_sq = read_layout(&files_of(&opt, "exp_avg_sq")?, layout)?;
+    let exp_avg = read_layout(&files_of(&opt, "exp_avg")?, layout, Contents::Moments)?;
+    let exp_avg_sq = read_layout(&files_of(&opt, "exp_avg_sq")?, layout, Contents::Moments)?;
     Ok(Loaded { dir: dir.to_path_buf(), state, run_config, params, exp_avg, exp_avg_sq })
 }
 

@@ -74,6 +74,7 @@ pub fn to_hf_config(cfg: &ModelConfig, eos_token_id: Option<u32>) -> Value {
             "torch_dtype": "float32",
         }),
         Arch::Hybrid => nemotron_h_config(cfg),
+        Arch::Gemma3 => gemma3_config(cfg),
         Arch::Llama => json!({
             "architectures": ["LlamaForCausalLM"],
             "model_type": "llama",
@@ -204,9 +205,56 @@ fn as_llama_relative(cfg: &ModelConfig, v: &mut Value) {
             v["residual_multiplier"] = json!(m.residual_multiplier);
             v["logits_scaling"] = json!(m.logits_multiplier);
             // (Its eager attention takes no default.)
-            v["attention_multiplier"] = json!(m.attention_multiplier.unwrap_or(1.0 / (cfg.head_dim() as f64).sqrt()));
+            v["attention_multiplier"] = json!(cfg.attention_scale());
         }
     }
+}
+
+/// Gemma 3's text model (`Gemma3ForCausalLM`), with the model's validation's limits: its
+/// query_pre_attn_scalar an integer, no soft-capping, no rope scaling. Its sliding_window is
+/// required even where no layer has a window (it then applies to none).
+fn gemma3_config(cfg: &ModelConfig) -> Value {
+    let layers: Vec<&str> = (0..cfg.n_layers)
+        .map(|l| if cfg.layer_attention(l).window.is_some() { "sliding_attention" } else { "full_attention" })
+        .collect();
+    let local_theta = cfg.rope_theta_local.unwrap_or(cfg.rope_theta);
+    json!({
+        "architectures": ["Gemma3ForCausalLM"],
+        "model_type": "gemma3_text",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.ffn(),
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.kv_heads(),
+        "head_dim": cfg.head_dim(),
+        "hidden_activation": "gelu_pytorch_tanh",
+        "max_position_embeddings": cfg.max_seq_len,
+        "rms_norm_eps": cfg.norm_eps,
+        // (transformers 5 reads rope_parameters; 4 rope_theta and rope_local_base_freq.)
+        "rope_parameters": {
+            "full_attention": { "rope_type": "default", "rope_theta": cfg.rope_theta },
+            "sliding_attention": { "rope_type": "default", "rope_theta": local_theta },
+        },
+        "rope_theta": cfg.rope_theta,
+        "rope_local_base_freq": local_theta,
+        "query_pre_attn_scalar": cfg.query_pre_attn_scalar(),
+        "sliding_window": cfg.sliding_window.unwrap_or(cfg.max_seq_len),
+        "layer_types": layers,
+        "attention_bias": false,
+        "attention_dropout": 0.0,
+        "final_logit_softcapping": null,
+        "attn_logit_softcapping": null,
+        "use_bidirectional_attention": false,
+        // (Its defaults are Gemma's own tokenizer's ids.)
+        "pad_token_id": null,
+        "bos_token_id": null,
+        "eos_token_id": null,
+        "tie_word_embeddings": cfg.tied(),
+        "initializer_range": cfg.init_std,
+        "use_cache": true,
+        "torch_dtype": "float32",
+    })
 }
 
 /// Nemotron-H's names for the layer kinds of a hybrid pattern.
@@ -570,6 +618,7 @@ fn ssm_model(f: &Fields, arch: Arch, d_model: usize, ssm: SsmConfig, tied_defaul
         max_seq_len: SSM_MAX_SEQ,
         tie_embeddings: Some(f.bool("tie_word_embeddings", tied_default)?),
         rope_theta: 10_000.0,
+        rope_theta_local: None,
         rope_scaling: None,
         qkv_bias: false,
         qk_norm: false,
@@ -681,6 +730,7 @@ fn nemotron_h_from(f: &Fields) -> Result<ModelConfig> {
         max_seq_len: f.usize("max_position_embeddings")?,
         tie_embeddings: Some(f.bool("tie_word_embeddings", false)?),
         rope_theta: 10_000.0,
+        rope_theta_local: None,
         rope_scaling: None,
         qkv_bias: false,
         qk_norm: false,
@@ -813,6 +863,25 @@ fn attention_layers(f: &Fields, model_type: &str, layers: usize) -> Result<(Opti
             let sliding = layer_types(f, layers, |i| w.is_some() && !rope[i])?;
             (w, sliding.into_iter().zip(rope).collect())
         }
+        "gemma3_text" => {
+            let w = window(Some(4096))?;
+            // (transformers 5 writes the pattern it read as _sliding_window_pattern.)
+            let key = ["sliding_window_pattern", "_sliding_window_pattern"]
+                .into_iter()
+                .find(|k| f.map.get(*k).is_some_and(|v| !v.is_null()));
+            let every = match key {
+                Some(key) => f.usize(key)?,
+                None => 6,
+            };
+            if every == 0 {
+                return Err(f.err(
+                    key.unwrap_or("sliding_window_pattern"),
+                    "0 is not a layer count: every n-th layer is global",
+                ));
+            }
+            let sliding = layer_types(f, layers, |i| !(i + 1).is_multiple_of(every))?;
+            (w, sliding.into_iter().map(|s| (s, true)).collect())
+        }
         "exaone4" => {
             let w = window(Some(4096))?;
             let every_nth = |n: usize, i: usize| n > 0 && !(i + 1).is_multiple_of(n);
@@ -919,6 +988,102 @@ fn mup(f: &Fields, granite: bool, head_dim: usize) -> Result<MupConfig> {
     })
 }
 
+/// Gemma 3's text model's fields (`gemma3_text`); its attention layers are read by
+/// [`attention_layers`].
+const GEMMA3_FIELDS: &[&str] = &[
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "hidden_activation",
+    "max_position_embeddings",
+    "rms_norm_eps",
+    "rope_parameters",
+    "rope_theta",
+    "rope_local_base_freq",
+    "rope_scaling",
+    "query_pre_attn_scalar",
+    "sliding_window",
+    "sliding_window_pattern",
+    "_sliding_window_pattern",
+    "layer_types",
+    "attention_bias",
+    "final_logit_softcapping",
+    "attn_logit_softcapping",
+    "use_bidirectional_attention",
+    "tie_word_embeddings",
+    "cache_implementation",
+];
+
+/// A `gemma3_text` config: transformers 5's `rope_parameters` (a default rotary embedding per
+/// layer type) or the fields before it (`rope_theta`, `rope_local_base_freq`; no scaling),
+/// agreeing where a file has both; the defaults are transformers' (global theta 1e6, local
+/// 1e4, query_pre_attn_scalar 256, head_dim 256, a window of 4096 on five layers of six).
+fn gemma3_from(f: &Fields) -> Result<ModelConfig> {
+    f.must_be("hidden_activation", &json!("gelu_pytorch_tanh"), "GeGLU with gelu_pytorch_tanh")?;
+    f.must_be("attention_bias", &json!(false), "attention without biases")?;
+    f.must_be("final_logit_softcapping", &Value::Null, "logits without soft-capping")?;
+    f.must_be("attn_logit_softcapping", &Value::Null, "attention scores without soft-capping")?;
+    f.must_be("use_bidirectional_attention", &json!(false), "causal attention")?;
+    f.must_be("rope_scaling", &Value::Null, "Gemma 3's rotary embeddings without scaling")?;
+    // Per layer type: transformers 5's rope_parameters entry, or the field before it, or the default.
+    let theta = |kind: &str, key: &str, default: f64| -> Result<f64> {
+        let field = f.map.get(key).filter(|v| !v.is_null()).map(|_| f.f64(key, default)).transpose()?;
+        let entry = f.map.get("rope_parameters").and_then(|p| p.get(kind)).filter(|v| !v.is_null());
+        let rope_type = entry.and_then(|e| e.get("rope_type")).cloned().unwrap_or(json!("default"));
+        if rope_type != json!("default") {
+            return Err(f.err(
+                "rope_parameters",
+                format!("{kind}: rope type {rope_type} is not supported: only default rotary embeddings"),
+            ));
+        }
+        match (entry.and_then(|e| e.get("rope_theta")).and_then(Value::as_f64), field) {
+            (Some(t), Some(other)) if t != other => {
+                Err(f.err("rope_parameters", format!("{kind}'s rope_theta {t} disagrees with {key}'s {other}")))
+            }
+            (Some(t), _) => Ok(t),
+            (None, field) => Ok(field.unwrap_or(default)),
+        }
+    };
+    let (global, local) =
+        (theta("full_attention", "rope_theta", 1e6)?, theta("sliding_attention", "rope_local_base_freq", 1e4)?);
+    let layers = f.usize("num_hidden_layers")?;
+    let (sliding_window, attention_pattern) = attention_layers(f, "gemma3_text", layers)?;
+    let d_model = f.usize("hidden_size")?;
+    let n_heads = f.usize("num_attention_heads")?;
+    let head_dim = head_dim(f, d_model, n_heads, Some(256))?;
+    // (A scalar that is not positive gives no multiplier the model's validation admits.)
+    let scalar = f.f64("query_pre_attn_scalar", 256.0)?;
+    let (multiplier, usual) = (1.0 / scalar.sqrt(), 1.0 / (head_dim.unwrap_or(d_model / n_heads.max(1)) as f64).sqrt());
+    Ok(ModelConfig {
+        n_kv_heads: f.opt_usize("num_key_value_heads")?,
+        head_dim,
+        ffn_hidden: Some(f.usize("intermediate_size")?),
+        tie_embeddings: Some(f.bool("tie_word_embeddings", true)?),
+        rope_theta: global,
+        rope_theta_local: (local != global).then_some(local),
+        norm_eps: f.f64("rms_norm_eps", 1e-6)? as f32,
+        init_std: f.f64("initializer_range", 0.02)? as f32,
+        mup: MupConfig {
+            attention_multiplier: Some(multiplier).filter(|m| (m - usual).abs() > 1e-12 * usual),
+            ..MupConfig::default()
+        },
+        sliding_window,
+        attention_pattern,
+        ..ModelConfig::new(
+            Arch::Gemma3,
+            f.usize("vocab_size")?,
+            d_model,
+            layers,
+            n_heads,
+            f.usize("max_position_embeddings")?,
+        )
+    })
+}
+
 /// Whether a HyperCLOVA X config has norms after the mixers (`use_post_norm`), which it must
 /// say: its default has changed between transformers versions.
 fn hyperclovax_post_norm(f: &Fields) -> Result<bool> {
@@ -1018,6 +1183,7 @@ pub fn from_hf_config(json: &Value, file: &str) -> Result<(ModelConfig, Vec<Stri
                 // (SmolLM3's config ties by default, the others do not.)
                 tie_embeddings: Some(f.bool("tie_word_embeddings", model_type == "smollm3")?),
                 rope_theta: theta,
+                rope_theta_local: None,
                 rope_scaling,
                 qkv_bias: model_type == "qwen2",
                 qk_norm: matches!(model_type, "qwen3" | "exaone4"),
@@ -1084,6 +1250,7 @@ pub fn from_hf_config(json: &Value, file: &str) -> Result<(ModelConfig, Vec<Stri
                 max_seq_len: f.usize("n_positions")?,
                 tie_embeddings: None,
                 rope_theta: 10_000.0,
+                rope_theta_local: None,
                 rope_scaling: None,
                 qkv_bias: false,
                 qk_norm: false,
@@ -1166,13 +1333,21 @@ pub fn from_hf_config(json: &Value, file: &str) -> Result<(ModelConfig, Vec<Stri
             (ssm_model(&f, Arch::Mamba2, d_model, ssm, false)?, MAMBA2_FIELDS)
         }
         "nemotron_h" => (nemotron_h_from(&f)?, NEMOTRON_FIELDS),
+        "gemma3_text" => (gemma3_from(&f)?, GEMMA3_FIELDS),
+        "gemma3" => {
+            return Err(f.err(
+                "model_type",
+                "\"gemma3\" is Gemma 3's image and text model: ondol imports its text model (\"gemma3_text\", \
+                 Gemma3ForCausalLM, as the 270M and 1B checkpoints are)",
+            ));
+        }
         other => {
             return Err(f.err(
                 "model_type",
                 format!(
                     "\"{other}\" is not supported: ondol imports \"llama\", \"mistral\", \"qwen2\", \"qwen3\", \
-                     \"smollm3\", \"exaone\", \"exaone4\", \"hyperclovax\", \"granite\", \"gpt2\", \"mamba\", \"mamba2\" and \
-                     \"nemotron_h\""
+                     \"smollm3\", \"exaone\", \"exaone4\", \"hyperclovax\", \"granite\", \"gemma3_text\", \"gpt2\", \
+                     \"mamba\", \"mamba2\" and \"nemotron_h\""
                 ),
             ));
         }
@@ -1233,6 +1408,9 @@ pub fn from_hf_config(json: &Value, file: &str) -> Result<(ModelConfig, Vec<Stri
 fn hf_field(model_type: &str, key: &str) -> Option<&'static str> {
     let key = key.strip_prefix("model.")?;
     let field = match (model_type, key) {
+        ("gemma3_text", "mup.attention_multiplier") => "query_pre_attn_scalar",
+        ("gemma3_text", "rope_theta_local") => "rope_local_base_freq",
+        ("gemma3_text", _) => return hf_field("llama", &format!("model.{key}")),
         (_, "vocab_size") => "vocab_size",
         (_, "init_std") => "initializer_range",
         ("gpt2", "d_model") => "n_embd",
@@ -1291,6 +1469,7 @@ mod tests {
             max_seq_len: 64,
             tie_embeddings: Some(false),
             rope_theta: 500_000.0,
+            rope_theta_local: None,
             rope_scaling: None,
             qkv_bias: false,
             qk_norm: false,
@@ -1411,6 +1590,70 @@ mod tests {
         json["sliding_window"] = json!(8);
         assert_eq!(from_hf_config(&json, "c").unwrap().0, mistral);
         assert_eq!(to_hf_config(&mistral, None)["layer_types"], json!(["sliding_attention", "sliding_attention"]));
+    }
+
+    /// Gemma 3 goes out as its text model and comes back; gemma-3-1b's config.json as
+    /// transformers 4 wrote it (rope_theta and rope_local_base_freq, a global layer every 6th)
+    /// reads as the same model as transformers 5's spelling; what ondol lacks is named.
+    #[test]
+    fn gemma3_exports_and_imports_in_both_spellings() {
+        let cfg = ModelConfig {
+            arch: Arch::Gemma3,
+            n_layers: 6,
+            head_dim: Some(16),
+            tie_embeddings: Some(true),
+            rope_theta: 1e6,
+            rope_theta_local: Some(1e4),
+            sliding_window: Some(8),
+            attention_pattern: Some("LLLLLG".into()),
+            mup: MupConfig { attention_multiplier: Some(1.0 / 12f64.sqrt()), ..MupConfig::default() },
+            ..llama()
+        };
+        let json = to_hf_config(&cfg, Some(5));
+        assert_eq!(
+            (json["model_type"].as_str(), json["query_pre_attn_scalar"].as_u64()),
+            (Some("gemma3_text"), Some(12))
+        );
+        assert_eq!(json["rope_parameters"]["sliding_attention"]["rope_theta"], json!(1e4));
+        assert_eq!(from_hf_config(&json, "c").unwrap(), (cfg.clone(), vec![]));
+        let legacy = json!({
+            "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "attention_bias": false,
+            "attention_dropout": 0.0, "attn_logit_softcapping": null, "final_logit_softcapping": null,
+            "bos_token_id": 2, "eos_token_id": [1, 106], "pad_token_id": 0, "cache_implementation": "hybrid",
+            "head_dim": 16, "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 32, "intermediate_size": 40,
+            "initializer_range": 0.02, "max_position_embeddings": 64, "num_attention_heads": 4,
+            "num_hidden_layers": 6, "num_key_value_heads": 2, "query_pre_attn_scalar": 12, "rms_norm_eps": 1e-6,
+            "rope_local_base_freq": 10000, "rope_scaling": null, "rope_theta": 1000000, "sliding_window": 8,
+            "sliding_window_pattern": 6, "torch_dtype": "bfloat16", "use_cache": true, "vocab_size": 97
+        });
+        let read = from_hf_config(&legacy, "c").unwrap().0;
+        assert_eq!(read, ModelConfig { tie_embeddings: Some(true), ..cfg.clone() });
+        // query_pre_attn_scalar = head_dim is the usual scale, which ondol writes as none.
+        let mut usual = legacy.clone();
+        usual["query_pre_attn_scalar"] = json!(16 * 16);
+        usual["head_dim"] = json!(256);
+        let read = from_hf_config(&usual, "c").unwrap().0;
+        assert_eq!((read.mup.attention_multiplier, read.query_pre_attn_scalar()), (None, 256));
+        for (key, value, names) in [
+            ("final_logit_softcapping", json!(30.0), "soft-capping"),
+            ("rope_scaling", json!({"rope_type": "linear", "factor": 8.0}), "without scaling"),
+            ("rope_parameters", json!({"full_attention": {"rope_theta": 5e5}}), "disagrees"),
+            ("hidden_activation", json!("gelu"), "gelu_pytorch_tanh"),
+            ("sliding_window_pattern", json!(0), "not a layer count"),
+        ] {
+            let mut bad = legacy.clone();
+            bad[key] = value;
+            let e = from_hf_config(&bad, "g/config.json").unwrap_err().to_string();
+            assert!(e.contains(key) && e.contains("g/config.json") && e.contains(names), "{e}");
+        }
+        let mut multimodal = legacy.clone();
+        multimodal["model_type"] = json!("gemma3");
+        let e = from_hf_config(&multimodal, "c").unwrap_err().to_string();
+        assert!(e.contains("gemma3_text"), "{e}");
+        // transformers takes query_pre_attn_scalar as an integer: so must a model that exports.
+        let odd = ModelConfig { mup: MupConfig { attention_multiplier: Some(0.3), ..MupConfig::default() }, ..cfg };
+        let e = odd.validate().unwrap_err().to_string();
+        assert!(e.contains("model.mup.attention_multiplier") && e.contains("query_pre_attn_scalar"), "{e}");
     }
 
     /// q_norm and k_norm make a Qwen3; wider heads go out as head_dim and come back, for Llama

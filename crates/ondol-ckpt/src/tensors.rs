@@ -49,6 +49,15 @@ pub fn write_file(
     File::open(path).and_then(|f| f.sync_all()).map_err(|e| Error::io(format!("cannot sync {}", path.display()), e))
 }
 
+/// What a flat buffer written or read holds: a model's weights, which files store as
+/// transformers reads them (see `ParamInfo::stored_minus_one`), or a per-parameter state such
+/// as AdamW's moments, stored as it is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Contents {
+    Weights,
+    Moments,
+}
+
 /// Writes `flat` (laid out by `layout`) as `<dir>/<stem>.safetensors`, or as numbered shards
 /// plus `<stem>.safetensors.index.json` when it exceeds `max_shard_bytes`. Returns the file names.
 pub fn write_layout(
@@ -56,9 +65,19 @@ pub fn write_layout(
     stem: &str,
     layout: &ParamLayout,
     flat: &[f32],
+    contents: Contents,
     max_shard_bytes: u64,
 ) -> Result<Vec<String>> {
     assert_eq!(flat.len(), layout.total());
+    // (Gemma 3's norm weights, a few per layer: the rest is written from `flat` itself.)
+    let stored: Vec<Option<Vec<f32>>> = layout
+        .params()
+        .iter()
+        .map(|p| {
+            let shifted = contents == Contents::Weights && p.stored_minus_one;
+            shifted.then(|| flat[p.range()].iter().map(|v| v - 1.0).collect())
+        })
+        .collect();
     let mut shards: Vec<Vec<usize>> = vec![Vec::new()];
     let mut bytes = 0u64;
     for (i, p) in layout.params().iter().enumerate() {
@@ -72,7 +91,8 @@ pub fn write_layout(
     }
     let params = layout.params();
     let tensors_of = |idx: &[usize]| -> Vec<(&str, Vec<usize>, &[f32])> {
-        idx.iter().map(|&i| (params[i].name.as_str(), params[i].shape.clone(), &flat[params[i].range()])).collect()
+        let data = |i: usize| stored[i].as_deref().unwrap_or(&flat[params[i].range()]);
+        idx.iter().map(|&i| (params[i].name.as_str(), params[i].shape.clone(), data(i))).collect()
     };
     let meta = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
     if shards.len() == 1 {
@@ -157,7 +177,7 @@ fn exaone_tensor_as_llama(name: &str) -> Option<String> {
 /// lack a `transformer.` prefix (original GPT-2 files lack it), and a Llama's may be EXAONE
 /// 3's. Missing tensors, unknown tensors, wrong shapes and unsupported dtypes are errors
 /// naming the file and tensor.
-pub fn read_layout(files: &[PathBuf], layout: &ParamLayout) -> Result<Vec<f32>> {
+pub fn read_layout(files: &[PathBuf], layout: &ParamLayout, contents: Contents) -> Result<Vec<f32>> {
     let mut flat = vec![0.0f32; layout.total()];
     let mut seen = vec![false; layout.params().len()];
     let by_name: HashMap<&str, usize> = layout.params().iter().enumerate().map(|(i, p)| (p.name.as_str(), i)).collect();
@@ -191,8 +211,12 @@ pub fn read_layout(files: &[PathBuf], layout: &ParamLayout) -> Result<Vec<f32>> 
                     p.shape
                 )));
             }
-            convert(view.dtype(), view.data(), &mut flat[p.range()])
+            let values = &mut flat[p.range()];
+            convert(view.dtype(), view.data(), values)
                 .map_err(|why| Error::Input(format!("{}: tensor `{name}`: {why}", path.display())))?;
+            if contents == Contents::Weights && p.stored_minus_one {
+                values.iter_mut().for_each(|v| *v += 1.0);
+            }
             seen[i] = true;
         }
     }

@@ -1,6 +1,6 @@
 //! Golden parity with Hugging Face transformers: tiny random Llama (GQA; tied with a large
 //! rope theta; Llama 3.1's rope scaling), Mistral, Qwen2, Qwen3, EXAONE 3.5 and 4, HyperCLOVA X
-//! (Peri-LN, muP), Granite (muP), GPT-2, Mamba, Mamba-2 and Nemotron-H (hybrid) models made by
+//! (Peri-LN, muP), Granite (muP), Gemma 3, GPT-2, Mamba, Mamba-2 and Nemotron-H (hybrid) models made by
 //! scripts/make-hf-fixtures.py, with transformers'
 //! logits and loss on fixed tokens. ondol imports each directory as transformers wrote it
 //! and must reproduce the logits within 1e-4 (relative to the logits' scale) in f32.
@@ -47,7 +47,9 @@ fn ondol_logits_edited(dir: &Path, e: &Expected, edit: impl FnOnce(&mut ModelCon
     assert!(warnings.is_empty(), "{warnings:?}");
     edit(&mut cfg);
     let model = Model::new(cfg).unwrap();
-    let params = tensors::read_layout(&tensors::files_of(dir, "model").unwrap(), &model.layout).unwrap();
+    let params =
+        tensors::read_layout(&tensors::files_of(dir, "model").unwrap(), &model.layout, tensors::Contents::Weights)
+            .unwrap();
     let be = CpuBackend;
     let mut ws = Workspace::new(&be, &model, e.batch, e.seq).unwrap();
     model.forward(&be, &params, &mut ws, &e.ids);
@@ -128,6 +130,18 @@ fn smollm3_with_nope_layers_and_windows_matches_transformers() {
     check("tiny-smollm3");
     check_matters("tiny-smollm3", |c| c.attention_pattern = Some("LGLL".into()));
     check_matters("tiny-smollm3", |c| (c.sliding_window, c.attention_pattern) = (None, Some("GGGN".into())));
+}
+
+/// Gemma 3's text model: norms before and after each mixer, q and k norms, GeGLU, the embedding
+/// scaled by sqrt(d_model), norm weights stored minus one, windows of 4 keys with their own
+/// rotary theta on three layers of four ("LLGL"), the scores scaled by 1 / sqrt(6) (its
+/// query_pre_attn_scalar) where heads are 8 wide.
+#[test]
+fn gemma3_matches_transformers() {
+    check("tiny-gemma3");
+    check_matters("tiny-gemma3", |c| c.rope_theta_local = None);
+    check_matters("tiny-gemma3", |c| c.mup.attention_multiplier = None);
+    check_matters("tiny-gemma3", |c| c.attention_pattern = Some("LLLL".into()));
 }
 
 /// EXAONE 4.0 32B's attention: windows of 4 keys with rotary positions on three layers of

@@ -204,13 +204,15 @@ pub struct SsdGrads<M> {
     pub dd: M,
 }
 
-/// A pointwise activation of an MLP.
+/// A pointwise activation of an MLP, or the gate's of a gated one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Activation {
-    /// GELU, tanh approximation (GPT-2's `gelu_new`).
+    /// GELU, tanh approximation (GPT-2's `gelu_new`; Gemma's `gelu_pytorch_tanh`).
     Gelu,
     /// Squared ReLU, `max(x, 0)^2` (Nemotron-H's `relu2`).
     Relu2,
+    /// `x * sigmoid(x)` (Llama's gate).
+    Silu,
 }
 
 /// `C = alpha * op(A) @ op(B) + beta * C`, row-major, repeated `batch` times at the given
@@ -676,10 +678,18 @@ pub trait Backend: Send + Sync {
     );
 
     // ---- activations -------------------------------------------------------------------------
-    /// `out = silu(gate) * up` with gate and up the two halves of each `[2 * width]` row.
-    fn swiglu_forward(&self, gate_up: Self::Ref<'_>, out: Self::Mut<'_>, width: usize);
+    /// A gated linear unit: `out = act(gate) * up` with gate and up the two halves of each
+    /// `[2 * width]` row (SwiGLU with SiLU, GeGLU with GELU).
+    fn glu_forward(&self, act: Activation, gate_up: Self::Ref<'_>, out: Self::Mut<'_>, width: usize);
     /// Writes `dgate_up`.
-    fn swiglu_backward(&self, dout: Self::Ref<'_>, gate_up: Self::Ref<'_>, dgate_up: Self::Mut<'_>, width: usize);
+    fn glu_backward(
+        &self,
+        act: Activation,
+        dout: Self::Ref<'_>,
+        gate_up: Self::Ref<'_>,
+        dgate_up: Self::Mut<'_>,
+        width: usize,
+    );
     /// `out = act(x)` elementwise.
     fn activation_forward(&self, act: Activation, x: Self::Ref<'_>, out: Self::Mut<'_>);
     /// Writes `dx`.

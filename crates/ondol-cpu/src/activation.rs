@@ -1,8 +1,9 @@
-//! Pointwise activations: SwiGLU (`silu(gate) * up`, gate and up the halves of one
-//! `[rows, 2F]` buffer), GELU (tanh approximation) and squared ReLU. Memory-bound: forward reads 2F and
-//! writes F floats per row; backward reads dout and the saved input and writes dinput.
+//! Pointwise activations: gated linear units (`act(gate) * up`, gate and up the halves of one
+//! `[rows, 2F]` buffer: SwiGLU with SiLU, GeGLU with GELU), and plain GELU (tanh
+//! approximation), squared ReLU and SiLU. Memory-bound: a GLU's forward reads 2F and writes F
+//! floats per row; backward reads dout and the saved input and writes dinput.
 
-use crate::math::{gelu, gelu_grad, sigmoid};
+use crate::math::{gelu, gelu_grad, sigmoid, silu};
 use crate::simd::dispatched;
 use ondol_core::Activation;
 use rayon::prelude::*;
@@ -10,38 +11,50 @@ use rayon::prelude::*;
 /// Elements per parallel task for flat pointwise loops.
 const FLAT_CHUNK: usize = 1 << 14;
 
-pub fn swiglu_forward(gate_up: &[f32], out: &mut [f32], width: usize) {
+pub fn glu_forward(act: Activation, gate_up: &[f32], out: &mut [f32], width: usize) {
     assert_eq!(gate_up.len(), 2 * out.len());
-    out.par_chunks_mut(width).zip(gate_up.par_chunks(2 * width)).for_each(|(o, gu)| swiglu_row(gu, o));
+    out.par_chunks_mut(width).zip(gate_up.par_chunks(2 * width)).for_each(|(o, gu)| glu_row(act, gu, o));
 }
 
 dispatched! {
-    /// One row of [`swiglu_forward`].
-    fn swiglu_row(gate_up: &[f32], out: &mut [f32]) -> () {
+    /// One row of [`glu_forward`].
+    fn glu_row(act: Activation, gate_up: &[f32], out: &mut [f32]) -> () {
         let (g, u) = gate_up.split_at(out.len());
-        out.iter_mut().zip(g).zip(u).for_each(|((o, g), u)| *o = g * sigmoid(*g) * u);
+        out.iter_mut().zip(g).zip(u).for_each(|((o, g), u)| *o = apply(act, *g) * u);
     }
 }
 
-/// With s = sigmoid(g): d/dg [g s u] = u s (1 + g (1 - s)), d/du = g s.
-pub fn swiglu_backward(dout: &[f32], gate_up: &[f32], dgate_up: &mut [f32], width: usize) {
+/// d/dg [act(g) u] = u act'(g), d/du = act(g).
+pub fn glu_backward(act: Activation, dout: &[f32], gate_up: &[f32], dgate_up: &mut [f32], width: usize) {
     assert!(gate_up.len() == 2 * dout.len() && dgate_up.len() == gate_up.len());
     dgate_up
         .par_chunks_mut(2 * width)
         .zip(gate_up.par_chunks(2 * width).zip(dout.par_chunks(width)))
-        .for_each(|(dgu, (gu, dy))| swiglu_row_backward(dy, gu, dgu));
+        .for_each(|(dgu, (gu, dy))| glu_row_backward(act, dy, gu, dgu));
 }
 
 dispatched! {
-    /// One row of [`swiglu_backward`].
-    fn swiglu_row_backward(dout: &[f32], gate_up: &[f32], dgate_up: &mut [f32]) -> () {
+    /// One row of [`glu_backward`].
+    fn glu_row_backward(act: Activation, dout: &[f32], gate_up: &[f32], dgate_up: &mut [f32]) -> () {
         let (dg, du) = dgate_up.split_at_mut(dout.len());
         let (g, u) = gate_up.split_at(dout.len());
         for ((((dg, du), g), u), dy) in dg.iter_mut().zip(du).zip(g).zip(u).zip(dout) {
-            let s = sigmoid(*g);
-            *dg = dy * u * s * (1.0 + g * (1.0 - s));
-            *du = dy * g * s;
+            let (a, da) = with_derivative(act, *g);
+            *dg = dy * u * da;
+            *du = dy * a;
         }
+    }
+}
+
+/// `act(x)` and its derivative, sharing the exponential.
+#[inline(always)]
+fn with_derivative(act: Activation, x: f32) -> (f32, f32) {
+    match act {
+        Activation::Silu => {
+            let s = sigmoid(x);
+            (x * s, s * (1.0 + x * (1.0 - s)))
+        }
+        _ => (apply(act, x), derivative(act, x)),
     }
 }
 
@@ -50,6 +63,7 @@ fn apply(act: Activation, x: f32) -> f32 {
     match act {
         Activation::Gelu => gelu(x),
         Activation::Relu2 => x.max(0.0) * x.max(0.0),
+        Activation::Silu => silu(x),
     }
 }
 
@@ -58,6 +72,7 @@ fn derivative(act: Activation, x: f32) -> f32 {
     match act {
         Activation::Gelu => gelu_grad(x),
         Activation::Relu2 => 2.0 * x.max(0.0),
+        Activation::Silu => with_derivative(act, x).1,
     }
 }
 

@@ -380,11 +380,11 @@ impl Backend for CpuBackend {
         norm::gated_rmsnorm_backward(dout, x, z, weight, rstd, dx, dz, dweight, group);
     }
 
-    fn swiglu_forward(&self, gate_up: &[f32], out: &mut [f32], width: usize) {
-        activation::swiglu_forward(gate_up, out, width);
+    fn glu_forward(&self, act: Activation, gate_up: &[f32], out: &mut [f32], width: usize) {
+        activation::glu_forward(act, gate_up, out, width);
     }
-    fn swiglu_backward(&self, dout: &[f32], gate_up: &[f32], dgate_up: &mut [f32], width: usize) {
-        activation::swiglu_backward(dout, gate_up, dgate_up, width);
+    fn glu_backward(&self, act: Activation, dout: &[f32], gate_up: &[f32], dgate_up: &mut [f32], width: usize) {
+        activation::glu_backward(act, dout, gate_up, dgate_up, width);
     }
     fn activation_forward(&self, act: Activation, x: &[f32], out: &mut [f32]) {
         activation::activation_forward(act, x, out);

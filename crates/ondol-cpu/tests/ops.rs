@@ -409,29 +409,31 @@ fn multi_query_attention_backward_matches_finite_differences() {
 }
 
 #[test]
-fn swiglu_gelu_and_relu2_backward_match_finite_differences() {
+fn glu_and_activation_backwards_match_finite_differences() {
     let (rows, width) = (5, 9);
-    let mut gu = randn(rows * 2 * width, 1.5, 23);
     let dout = randn(rows * width, 1.0, 24);
     let mut out = vec![0.0; rows * width];
-    let mut dgu = vec![0.0; gu.len()];
-    BE.swiglu_backward(&dout, &gu, &mut dgu, width);
-    check(
-        &mut gu,
-        &dgu,
-        |x| {
-            BE.swiglu_forward(x, &mut out, width);
-            dot(&dout, &out)
-        },
-        H,
-        RTOL,
-        ATOL,
-        usize::MAX,
-        0,
-    )
-    .assert_ok("swiglu");
+    for act in [Activation::Silu, Activation::Gelu] {
+        let mut gu = randn(rows * 2 * width, 1.5, 23);
+        let mut dgu = vec![0.0; gu.len()];
+        BE.glu_backward(act, &dout, &gu, &mut dgu, width);
+        check(
+            &mut gu,
+            &dgu,
+            |x| {
+                BE.glu_forward(act, x, &mut out, width);
+                dot(&dout, &out)
+            },
+            H,
+            RTOL,
+            ATOL,
+            usize::MAX,
+            0,
+        )
+        .assert_ok(&format!("glu {act:?}"));
+    }
 
-    for act in [Activation::Gelu, Activation::Relu2] {
+    for act in [Activation::Gelu, Activation::Relu2, Activation::Silu] {
         let mut x = randn(rows * width, 2.0, 25);
         let mut dx = vec![0.0; x.len()];
         BE.activation_backward(act, &dout, &x, &mut dx);

@@ -1300,20 +1300,23 @@ impl Backend for CudaBackend {
     }
 
     // ---- activations ----------------------------------------------------------------------------
-    fn swiglu_forward(&self, gate_up: DevRef<'_>, out: DevMut<'_>, width: usize) {
-        let dtype = same_type("swiglu_forward", &[gate_up.dtype, out.dtype]);
-        assert_eq!(gate_up.len, 2 * out.len, "swiglu_forward: gate_up holds two halves per row");
+    fn glu_forward(&self, act: Activation, gate_up: DevRef<'_>, out: DevMut<'_>, width: usize) {
+        let dtype = same_type("glu_forward", &[gate_up.dtype, out.dtype]);
+        assert_eq!(gate_up.len, 2 * out.len, "glu_forward: gate_up holds two halves per row");
         rows_of(out.len, width);
-        let args = [ptr(&gate_up), ptr_mut(&out), Arg::I64(out.len as i64), Arg::I32(width as i32)];
-        self.run("activations", "swiglu_forward", dtype, self.dev.flat(out.len), &args);
+        let kind = Arg::I32(activation_kind(act));
+        let args = [kind, ptr(&gate_up), ptr_mut(&out), Arg::I64(out.len as i64), Arg::I32(width as i32)];
+        self.run("activations", "glu_forward", dtype, self.dev.flat(out.len), &args);
     }
-    fn swiglu_backward(&self, dout: DevRef<'_>, gate_up: DevRef<'_>, dgate_up: DevMut<'_>, width: usize) {
-        let dtype = same_type("swiglu_backward", &[dout.dtype, gate_up.dtype, dgate_up.dtype]);
-        assert_eq!(gate_up.len, 2 * dout.len, "swiglu_backward: gate_up holds two halves per row");
-        assert_eq!(dgate_up.len, gate_up.len, "swiglu_backward: dgate_up length");
+    fn glu_backward(&self, act: Activation, dout: DevRef<'_>, gate_up: DevRef<'_>, dgate_up: DevMut<'_>, width: usize) {
+        let dtype = same_type("glu_backward", &[dout.dtype, gate_up.dtype, dgate_up.dtype]);
+        assert_eq!(gate_up.len, 2 * dout.len, "glu_backward: gate_up holds two halves per row");
+        assert_eq!(dgate_up.len, gate_up.len, "glu_backward: dgate_up length");
         rows_of(dout.len, width);
-        let args = [ptr(&dout), ptr(&gate_up), ptr_mut(&dgate_up), Arg::I64(dout.len as i64), Arg::I32(width as i32)];
-        self.run("activations", "swiglu_backward", dtype, self.dev.flat(dout.len), &args);
+        let kind = Arg::I32(activation_kind(act));
+        let args =
+            [kind, ptr(&dout), ptr(&gate_up), ptr_mut(&dgate_up), Arg::I64(dout.len as i64), Arg::I32(width as i32)];
+        self.run("activations", "glu_backward", dtype, self.dev.flat(dout.len), &args);
     }
     fn activation_forward(&self, act: Activation, x: DevRef<'_>, out: DevMut<'_>) {
         let dtype = same_type("activation_forward", &[x.dtype, out.dtype]);
@@ -1452,6 +1455,7 @@ fn activation_kind(act: Activation) -> i32 {
     match act {
         Activation::Gelu => 0,
         Activation::Relu2 => 1,
+        Activation::Silu => 2,
     }
 }
 

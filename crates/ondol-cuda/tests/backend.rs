@@ -357,19 +357,22 @@ fn activations_match_the_cpu() {
         let (rows, width) = (23usize, 171usize);
         let gate_up = round(&be, &random(rows * 2 * width, 1, 2.0));
         let dy = round(&be, &random(rows * width, 2, 1.0));
-        let mut out = be.zeros(rows * width);
-        be.swiglu_forward(be.all(&be.upload(&gate_up)), be.all_mut(&mut out), width);
-        let mut want = vec![0.0; rows * width];
-        CPU.swiglu_forward(&gate_up, &mut want, width);
-        assert_close("swiglu_forward", &be, &be.download(&out), &want, tol);
-        let mut dgu = be.zeros(rows * 2 * width);
-        be.swiglu_backward(be.all(&be.upload(&dy)), be.all(&be.upload(&gate_up)), be.all_mut(&mut dgu), width);
-        let mut want = vec![0.0; rows * 2 * width];
-        CPU.swiglu_backward(&dy, &gate_up, &mut want, width);
-        assert_close("swiglu_backward", &be, &be.download(&dgu), &want, tol);
+        for act in [Activation::Silu, Activation::Gelu] {
+            let mut out = be.zeros(rows * width);
+            be.glu_forward(act, be.all(&be.upload(&gate_up)), be.all_mut(&mut out), width);
+            let mut want = vec![0.0; rows * width];
+            CPU.glu_forward(act, &gate_up, &mut want, width);
+            assert_close(&format!("glu_forward {act:?}"), &be, &be.download(&out), &want, tol);
+            let mut dgu = be.zeros(rows * 2 * width);
+            let (dy_dev, gu_dev) = (be.upload(&dy), be.upload(&gate_up));
+            be.glu_backward(act, be.all(&dy_dev), be.all(&gu_dev), be.all_mut(&mut dgu), width);
+            let mut want = vec![0.0; rows * 2 * width];
+            CPU.glu_backward(act, &dy, &gate_up, &mut want, width);
+            assert_close(&format!("glu_backward {act:?}"), &be, &be.download(&dgu), &want, tol);
+        }
 
         let x = round(&be, &random(rows * width, 3, 2.0));
-        for act in [Activation::Gelu, Activation::Relu2] {
+        for act in [Activation::Gelu, Activation::Relu2, Activation::Silu] {
             let (mut y, mut dx) = (be.zeros(x.len()), be.zeros(x.len()));
             be.activation_forward(act, be.all(&be.upload(&x)), be.all_mut(&mut y));
             be.activation_backward(act, be.all(&be.upload(&dy)), be.all(&be.upload(&x)), be.all_mut(&mut dx));

@@ -61,7 +61,8 @@ fn config(arch: Arch) -> ModelConfig {
 /// 12 where d_model / n_heads is 8, each q and k head RMS-normed), one with EXAONE 4's blocks
 /// (Qwen3's attention, norms after the mixers alone) and one with Peri-LN's (norms before and
 /// after) and muP's multipliers (HyperCLOVA X's), and one with EXAONE 4 32B's attention
-/// (sliding windows of 5 keys, and a global layer without positions).
+/// (sliding windows of 5 keys, and a global layer without positions); and Gemma 3 (GeGLU,
+/// norms on both sides, q and k norms, windows of 5 keys with their own rotary theta).
 fn models() -> Vec<(&'static str, ModelConfig)> {
     let qwen3 = ModelConfig { qkv_bias: false, qk_norm: true, head_dim: Some(12), ..config(Arch::Llama) };
     let exaone4 = ModelConfig { block_norms: BlockNorms::Post, ..qwen3.clone() };
@@ -73,6 +74,16 @@ fn models() -> Vec<(&'static str, ModelConfig)> {
         attention_multiplier: Some(0.2),
     };
     let peri_ln = ModelConfig { qkv_bias: false, block_norms: BlockNorms::Both, mup, ..config(Arch::Llama) };
+    let gemma3 = ModelConfig {
+        arch: Arch::Gemma3,
+        qkv_bias: false,
+        rope_scaling: None,
+        head_dim: Some(12),
+        sliding_window: Some(5),
+        attention_pattern: Some("LG".into()),
+        rope_theta_local: Some(100.0),
+        ..config(Arch::Llama)
+    };
     let archs = [("gpt2", Arch::Gpt2), ("mamba", Arch::Mamba), ("mamba2", Arch::Mamba2), ("hybrid", Arch::Hybrid)];
     let mut out = vec![
         ("llama", config(Arch::Llama)),
@@ -80,6 +91,7 @@ fn models() -> Vec<(&'static str, ModelConfig)> {
         ("exaone4", exaone4),
         ("exaone4-windows", windows),
         ("peri-ln", peri_ln),
+        ("gemma3", gemma3),
     ];
     out.extend(archs.map(|(name, arch)| (name, config(arch))));
     out

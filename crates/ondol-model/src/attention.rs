@@ -40,12 +40,14 @@ pub(crate) struct AttnGrads<B: Backend> {
     dattn: B::Buf,
 }
 
-/// Where a call's tokens sit: the rotary table from their first position on; where documents
+/// Where a call's tokens sit: the rotary tables from their first position on (the global
+/// layers' and the sliding-window layers', the same table unless those have their own theta); where documents
 /// are packed into sequences and attend only within their own, the first key each query
 /// attends (see `Backend::attention_forward`); and in a model with sliding-window layers, the
 /// first key each query attends in those.
 pub(crate) struct Positions<'a, B: Backend + 'a> {
     pub rope: B::Ref<'a>,
+    pub local_rope: B::Ref<'a>,
     pub first_keys: Option<&'a B::Ids>,
     pub window_keys: Option<&'a B::Ids>,
 }
@@ -73,6 +75,11 @@ impl Attention {
             Some(_) => Some(at.window_keys.expect("the workspace of a model with windows holds their first keys")),
             None => at.first_keys,
         }
+    }
+
+    /// The rotary table this layer's positions take.
+    fn rope_table<'a, B: Backend>(&self, at: Positions<'a, B>) -> B::Ref<'a> {
+        if self.window.is_some() { at.local_rope } else { at.rope }
     }
 
     pub fn shape(&self, batch: usize, seq: usize) -> AttnShape {
@@ -139,7 +146,7 @@ impl Attention {
             (Some(_), None) => unreachable!("Attention::acts holds the pre-norm buffers under qk_norm"),
         }
         if self.rope {
-            be.rope(be.all_mut(&mut a.qkv), at.rope, shape, false, self.q_scale);
+            be.rope(be.all_mut(&mut a.qkv), self.rope_table(at), shape, false, self.q_scale);
         }
         match cache {
             None => {
@@ -176,7 +183,7 @@ impl Attention {
         let first_keys = self.first_keys(at);
         be.attention_backward(be.all(&g.dattn), qkv, attn, lse, be.all_mut(&mut g.dqkv), shape, first_keys);
         if self.rope {
-            be.rope(be.all_mut(&mut g.dqkv), at.rope, shape, true, self.q_scale);
+            be.rope(be.all_mut(&mut g.dqkv), self.rope_table(at), shape, true, self.q_scale);
         }
         if let Some((w, _)) = &self.qk_norm {
             let (raw, rstd) = a.pre_norm.as_ref().expect("Attention::acts holds the pre-norm buffers under qk_norm");

@@ -16,6 +16,10 @@ pub enum Arch {
     Mamba2,
     /// Nemotron-H style: `pattern` gives each layer's mixer (Mamba-2, attention or MLP).
     Hybrid,
+    /// Gemma 3: Llama with RMSNorms before and after each mixer, an RMSNorm on each q and k
+    /// head, GeGLU (GELU, tanh approximation), the embedding scaled by sqrt(d_model), and its
+    /// own rotary theta for sliding-window layers (`rope_theta_local`); tied head by default.
+    Gemma3,
 }
 
 /// The mixer of one layer of a hybrid model, from one character of `model.pattern`.
@@ -250,6 +254,10 @@ pub struct ModelConfig {
     pub tie_embeddings: Option<bool>,
     #[serde(default = "default_rope_theta")]
     pub rope_theta: f64,
+    /// The rotary theta of sliding-window layers, where it is not `rope_theta` (Gemma 3's
+    /// rope_local_base_freq; gemma3 only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_theta_local: Option<f64>,
     /// Rotary frequencies stretched for a longer context (Llama 3.1 and later); none: plain.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_scaling: Option<RopeScaling>,
@@ -337,6 +345,7 @@ impl ModelConfig {
             max_seq_len,
             tie_embeddings: None,
             rope_theta: default_rope_theta(),
+            rope_theta_local: None,
             rope_scaling: None,
             qkv_bias: false,
             qk_norm: false,
@@ -364,6 +373,44 @@ impl ModelConfig {
     pub fn q_scale(&self) -> f32 {
         self.mup.attention_multiplier.map_or(1.0, |m| (m * (self.head_dim() as f64).sqrt()) as f32)
     }
+    /// Whether the model is laid out as Llama is (q, k, v and o projections, a gated MLP,
+    /// RMSNorms, rotary positions): Llama and its relatives, and Gemma 3.
+    pub fn llama_family(&self) -> bool {
+        matches!(self.arch, Arch::Llama | Arch::Gemma3)
+    }
+    /// Where each block's norms sit (Gemma 3: before and after the mixers).
+    pub fn norms(&self) -> BlockNorms {
+        if self.arch == Arch::Gemma3 { BlockNorms::Both } else { self.block_norms }
+    }
+    /// Whether each q and k head is RMS-normed (Qwen3's, EXAONE 4's and Gemma 3's attention).
+    pub fn has_qk_norm(&self) -> bool {
+        self.qk_norm || self.arch == Arch::Gemma3
+    }
+    /// What the token embedding's output is multiplied by: muP's multiplier, or Gemma 3's
+    /// sqrt(d_model).
+    pub fn embedding_scale(&self) -> f64 {
+        if self.arch == Arch::Gemma3 { (self.d_model as f64).sqrt() } else { self.mup.embedding_multiplier }
+    }
+    /// The attention scores' scale: muP's attention multiplier (Gemma 3's
+    /// query_pre_attn_scalar^-1/2), or the usual 1 / sqrt(head_dim).
+    pub fn attention_scale(&self) -> f64 {
+        self.mup.attention_multiplier.unwrap_or(1.0 / (self.head_dim() as f64).sqrt())
+    }
+    /// Gemma 3's query_pre_attn_scalar, whose inverse square root scales the scores (an
+    /// integer in transformers: the validation of gemma3 requires one).
+    pub fn query_pre_attn_scalar(&self) -> usize {
+        (self.attention_scale().powi(-2)).round() as usize
+    }
+    /// Whether checkpoints store each RMSNorm's weight w as w - 1 (Gemma 3 scales by 1 + w:
+    /// its weights start at 0; ondol's flat buffer holds the scale itself).
+    pub fn stores_norms_minus_one(&self) -> bool {
+        self.arch == Arch::Gemma3
+    }
+    /// The rotary inverse frequencies of the sliding-window layers, where their theta is
+    /// their own (see `rope_theta_local`).
+    pub fn rope_inv_freq_local(&self) -> Option<Vec<f32>> {
+        self.rope_theta_local.map(|theta| ondol_core::backend::rope_inv_freq(self.head_dim(), theta))
+    }
     /// The rotary inverse frequencies of a head, `head_dim / 2` of them, scaled if asked.
     pub fn rope_inv_freq(&self) -> Vec<f32> {
         let plain = ondol_core::backend::rope_inv_freq(self.head_dim(), self.rope_theta);
@@ -375,19 +422,20 @@ impl ModelConfig {
     pub fn ffn(&self) -> usize {
         self.ffn_hidden.unwrap_or(match self.arch {
             Arch::Gpt2 | Arch::Hybrid => 4 * self.d_model,
-            Arch::Llama | Arch::Mamba | Arch::Mamba2 => (8 * self.d_model / 3).div_ceil(64) * 64,
+            Arch::Llama | Arch::Gemma3 | Arch::Mamba | Arch::Mamba2 => (8 * self.d_model / 3).div_ceil(64) * 64,
         })
     }
-    /// GPT-2 and the Mamba models tie their head to the embedding by default, as Hugging
-    /// Face's configs do; a hybrid never does (transformers' Nemotron-H always has its own head).
+    /// GPT-2, Gemma 3 and the Mamba models tie their head to the embedding by default, as
+    /// Hugging Face's configs do; a hybrid never does (transformers' Nemotron-H always has its
+    /// own head).
     pub fn tied(&self) -> bool {
-        self.tie_embeddings.unwrap_or(matches!(self.arch, Arch::Gpt2 | Arch::Mamba | Arch::Mamba2))
+        self.tie_embeddings.unwrap_or(matches!(self.arch, Arch::Gpt2 | Arch::Gemma3 | Arch::Mamba | Arch::Mamba2))
     }
     /// The mixer of every layer: attention and MLP alternate in a transformer (two blocks per
     /// layer); a Mamba model has one mixer per layer; a hybrid follows its pattern.
     pub fn layer_kinds(&self) -> Vec<LayerKind> {
         match self.arch {
-            Arch::Llama | Arch::Gpt2 => [LayerKind::Attention, LayerKind::Mlp].repeat(self.n_layers),
+            Arch::Llama | Arch::Gemma3 | Arch::Gpt2 => [LayerKind::Attention, LayerKind::Mlp].repeat(self.n_layers),
             Arch::Mamba | Arch::Mamba2 => vec![LayerKind::Mamba; self.n_layers],
             Arch::Hybrid => self
                 .pattern
@@ -479,7 +527,13 @@ impl ModelConfig {
             return Err(Error::config("model.n_heads", "a pure Mamba model has no attention: leave it unset"));
         }
         if self.arch != Arch::Llama && self.rope_scaling.is_some() {
-            return Err(Error::config("model.rope_scaling", "only llama has rotary positions: leave it unset"));
+            return Err(Error::config(
+                "model.rope_scaling",
+                "only llama takes it (gemma3's linear scaling is not implemented): leave it unset",
+            ));
+        }
+        if self.arch != Arch::Gemma3 && self.rope_theta_local.is_some() {
+            return Err(Error::config("model.rope_theta_local", "only gemma3 takes it: leave it unset"));
         }
         if self.arch != Arch::Llama && self.qkv_bias {
             return Err(Error::config(
@@ -488,12 +542,38 @@ impl ModelConfig {
             ));
         }
         if self.arch != Arch::Llama && self.qk_norm {
-            return Err(Error::config("model.qk_norm", "only llama takes it (Qwen3's attention): leave it unset"));
+            return Err(Error::config(
+                "model.qk_norm",
+                "only llama takes it (Qwen3's attention; gemma3 always has q and k norms): leave it unset",
+            ));
         }
-        if self.arch != Arch::Llama && !self.mup.is_default() {
-            return Err(Error::config("model.mup", "only llama takes muP multipliers: leave it unset"));
+        let unread_mup = match self.arch {
+            Arch::Llama => false,
+            // (Gemma 3's query_pre_attn_scalar: the scores' scale is its inverse square root.)
+            Arch::Gemma3 => MupConfig { attention_multiplier: None, ..self.mup.clone() } != MupConfig::default(),
+            _ => !self.mup.is_default(),
+        };
+        if unread_mup {
+            return Err(Error::config(
+                "model.mup",
+                "only llama takes muP multipliers (gemma3 only attention_multiplier, its \
+                 query_pre_attn_scalar^-1/2): leave them unset",
+            ));
         }
         self.mup.validate()?;
+        if self.arch == Arch::Gemma3 && self.has_attention() {
+            let scalar = self.attention_scale().powi(-2);
+            if !(scalar >= 0.5 && (scalar - scalar.round()).abs() <= 1e-6 * scalar) {
+                return Err(Error::config(
+                    "model.mup.attention_multiplier",
+                    format!(
+                        "{} is 1 / sqrt({scalar}): gemma3's is 1 / sqrt(query_pre_attn_scalar), an integer in \
+                         transformers",
+                        self.attention_scale()
+                    ),
+                ));
+            }
+        }
         if !self.q_scale().is_normal() {
             return Err(Error::config(
                 "model.mup.attention_multiplier",
@@ -512,7 +592,11 @@ impl ModelConfig {
         }
         self.validate_attention_pattern()?;
         if self.arch != Arch::Llama && self.block_norms != BlockNorms::Pre {
-            return Err(Error::config("model.block_norms", "only llama takes another than \"pre\": leave it unset"));
+            return Err(Error::config(
+                "model.block_norms",
+                "only llama takes another than \"pre\" (gemma3 always has norms before and after its mixers): \
+                 leave it unset",
+            ));
         }
         // Every checkpoint must load in transformers: a model with post-norms is EXAONE 4's
         // (with q and k norms) or HyperCLOVA X's (without).
@@ -546,10 +630,10 @@ impl ModelConfig {
             ));
         }
         if let Some(hd) = self.head_dim {
-            if !matches!(self.arch, Arch::Llama | Arch::Hybrid) {
+            if !matches!(self.arch, Arch::Llama | Arch::Gemma3 | Arch::Hybrid) {
                 return Err(Error::config(
                     "model.head_dim",
-                    "only llama and hybrid attention take it (gpt2's heads are d_model / n_heads wide; Mamba-2's \
+                    "only llama, gemma3 and hybrid attention take it (gpt2's heads are d_model / n_heads wide; Mamba-2's \
                      are model.ssm.head_dim): leave it unset",
                 ));
             }
@@ -573,12 +657,16 @@ impl ModelConfig {
             return Err(Error::config("model.head_dim", "too large: q, k and v would not fit in 32-bit indices"));
         }
         // Heads as wide as model.head_dim need not divide d_model, but in transformers'
-        // HyperCLOVA X (norms on both sides, or muP's multipliers) they must.
-        let hyperclovax = self.block_norms == BlockNorms::Both || !self.mup.is_default();
-        if (self.head_dim.is_none() || hyperclovax) && !self.d_model.is_multiple_of(self.n_heads) {
+        // HyperCLOVA X (norms on both sides, or muP's multipliers) and Gemma 3 they must.
+        let hyperclovax = self.arch == Arch::Llama && (self.block_norms == BlockNorms::Both || !self.mup.is_default());
+        let must_divide = hyperclovax || self.arch == Arch::Gemma3;
+        if (self.head_dim.is_none() || must_divide) && !self.d_model.is_multiple_of(self.n_heads) {
             let fix = match self.head_dim {
                 None => "set model.head_dim where heads are not d_model / n_heads wide",
-                Some(_) => "HyperCLOVA X, the model with norms on both sides or muP's multipliers, needs it",
+                Some(_) if hyperclovax => {
+                    "HyperCLOVA X, the model with norms on both sides or muP's multipliers, needs it"
+                }
+                Some(_) => "transformers' Gemma 3 needs it",
             };
             return Err(Error::config(
                 "model.n_heads",
@@ -594,7 +682,7 @@ impl ModelConfig {
         }
         self.validate_common()?;
         match self.arch {
-            Arch::Llama => {
+            Arch::Llama | Arch::Gemma3 => {
                 if !self.head_dim().is_multiple_of(2) {
                     let (key, what) = match self.head_dim {
                         Some(_) => ("model.head_dim", "head_dim"),
@@ -605,8 +693,11 @@ impl ModelConfig {
                         format!("{what} = {} must be even for rotary embeddings", self.head_dim()),
                     ));
                 }
-                if !(self.rope_theta > 1.0 && self.rope_theta.is_finite()) {
-                    return Err(Error::config("model.rope_theta", "must be a number greater than 1"));
+                let thetas = [("rope_theta", Some(self.rope_theta)), ("rope_theta_local", self.rope_theta_local)];
+                for (key, theta) in thetas {
+                    if theta.is_some_and(|t| !(t > 1.0 && t.is_finite())) {
+                        return Err(Error::config(format!("model.{key}"), "must be a number greater than 1"));
+                    }
                 }
                 if let Some(scaling) = &self.rope_scaling {
                     scaling.validate()?;
@@ -663,7 +754,7 @@ impl ModelConfig {
         if matches!(m.arch, Arch::Mamba | Arch::Mamba2) {
             (m.n_kv_heads, m.ffn_hidden) = (None, None);
         }
-        if m.arch != Arch::Llama {
+        if !m.llama_family() {
             m.rope_theta = default_rope_theta();
         }
         m
@@ -687,9 +778,9 @@ impl ModelConfig {
     }
 
     fn validate_attention_pattern(&self) -> Result<()> {
-        if self.arch != Arch::Llama && (self.sliding_window.is_some() || self.attention_pattern.is_some()) {
+        if !self.llama_family() && (self.sliding_window.is_some() || self.attention_pattern.is_some()) {
             let key = if self.sliding_window.is_some() { "model.sliding_window" } else { "model.attention_pattern" };
-            return Err(Error::config(key, "only llama takes it: leave it unset"));
+            return Err(Error::config(key, "only llama and gemma3 take it: leave it unset"));
         }
         if self.sliding_window == Some(0) {
             return Err(Error::config("model.sliding_window", "must be at least 1 (a query attends itself)"));
@@ -724,7 +815,11 @@ impl ModelConfig {
         // it has windows; HyperCLOVA X has neither windows nor such layers.
         let (hyperclovax, exaone4) =
             (self.block_norms == BlockNorms::Both || !self.mup.is_default(), self.block_norms == BlockNorms::Post);
-        let why = if hyperclovax && p.contains(['L', 'N']) {
+        let why = if self.arch == Arch::Gemma3 && p.contains('N') {
+            Some("Gemma 3's layers all have rotary positions: write them L or G")
+        } else if self.arch == Arch::Gemma3 {
+            None
+        } else if hyperclovax && p.contains(['L', 'N']) {
             Some("HyperCLOVA X, the model with norms on both sides or muP's multipliers, has neither windows nor NoPE")
         } else if exaone4 && p.contains('G') && p.contains(['L', 'N']) {
             Some("EXAONE 4's global layers have positions only in a model without windows: write them N")

@@ -1,5 +1,5 @@
-//! The MLP as a block's mixer: `down(act(up(x)))`, with SwiGLU (Llama: gate and up fused as
-//! one `[2F, d]` matrix), GELU (GPT-2) or squared ReLU (Nemotron-H).
+//! The MLP as a block's mixer: `down(act(up(x)))`, with a gated unit (gate and up fused as one
+//! `[2F, d]` matrix: SwiGLU, Llama; GeGLU, Gemma), GELU (GPT-2) or squared ReLU (Nemotron-H).
 
 use crate::Elems;
 use crate::layers::{Dx, Linear};
@@ -7,14 +7,14 @@ use ondol_core::backend::{Activation, Backend};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum MlpKind {
-    /// `silu(gate) * up`.
-    SwiGlu,
+    /// `act(gate) * up`.
+    Glu(Activation),
     Plain(Activation),
 }
 
 #[derive(Clone, Debug)]
 pub(crate) struct Mlp {
-    /// Llama: gate and up fused (`[2F, d]`); GPT-2: c_fc; Nemotron-H: up_proj.
+    /// Llama and Gemma: gate and up fused (`[2F, d]`); GPT-2: c_fc; Nemotron-H: up_proj.
     pub up: Linear,
     pub down: Linear,
     pub kind: MlpKind,
@@ -66,9 +66,9 @@ impl Mlp {
         rows: usize,
     ) {
         match self.kind {
-            MlpKind::SwiGlu => {
+            MlpKind::Glu(act) => {
                 self.up.forward(be, p, x, &mut a.pre, rows);
-                be.swiglu_forward(be.all(&a.pre), be.all_mut(&mut a.act), self.hidden)
+                be.glu_forward(act, be.all(&a.pre), be.all_mut(&mut a.act), self.hidden)
             }
             MlpKind::Plain(act) => self.up.forward_activation(be, p, x, act, &mut a.pre, &mut a.act, rows),
         }
@@ -91,9 +91,9 @@ impl Mlp {
     ) {
         let act_in = be.all(&a.act);
         match self.kind {
-            MlpKind::SwiGlu => {
+            MlpKind::Glu(act) => {
                 self.down.backward(be, p, grads, act_in, dout, Dx::Write(be.all_mut(&mut g.dact)), rows);
-                be.swiglu_backward(be.all(&g.dact), be.all(&a.pre), be.all_mut(&mut g.dpre), self.hidden)
+                be.glu_backward(act, be.all(&g.dact), be.all(&a.pre), be.all_mut(&mut g.dpre), self.hidden)
             }
             MlpKind::Plain(act) => {
                 let pre = (act, be.all(&a.pre));

@@ -152,7 +152,15 @@ impl Builder<'_> {
         self.lay.add_placed(path, place, init, false)
     }
     fn rmsnorm(&mut self, path: Path, dim: usize) -> Norm {
-        Norm { w: self.norm_param(path.at("weight"), dim, Init::Constant(1.0)), b: None }
+        let w = self.norm_param(path.at("weight"), dim, Init::Constant(1.0));
+        self.gemma_norm_weight();
+        Norm { w, b: None }
+    }
+    /// In Gemma 3, marks the RMSNorm weight just added as stored minus one.
+    fn gemma_norm_weight(&mut self) {
+        if self.cfg.stores_norms_minus_one() {
+            self.lay.store_last_minus_one();
+        }
     }
     fn layernorm(&mut self, path: Path, dim: usize) -> Norm {
         Norm {
@@ -222,7 +230,7 @@ impl Builder<'_> {
             qkv.b = Some(q_bias.start..v_bias.end);
         }
         // q_norm and k_norm back to back; each shard's heads give part of their gradients.
-        let qk_norm = cfg.qk_norm.then(|| {
+        let qk_norm = cfg.has_qk_norm().then(|| {
             let place = Placement {
                 primary: self.part.tp_rank == 0,
                 partial_grad: self.part.tp > 1,
@@ -230,7 +238,9 @@ impl Builder<'_> {
             };
             let one = Init::Constant(1.0);
             let q = self.lay.add_placed(p.at("q_norm").at("weight"), place.clone(), one, false);
+            self.gemma_norm_weight();
             let k = self.lay.add_placed(p.at("k_norm").at("weight"), place, one, false);
+            self.gemma_norm_weight();
             (q.start..k.end, cfg.norm_eps)
         });
         let init = self.resid_std();
@@ -380,12 +390,13 @@ impl Builder<'_> {
         let (std, init) = (self.std(), self.resid_std());
         let hidden = units.len();
         match cfg.arch {
-            Arch::Llama => {
+            Arch::Llama | Arch::Gemma3 => {
                 let gate = self.column(p.at("gate_proj"), d, f, vec![units.clone()], std);
                 let up = self.column(p.at("up_proj"), d, f, vec![units.clone()], std);
                 let down = self.row(p.at("down_proj"), f, d, units, init);
                 let up = Linear::out_in(gate.w.start..up.w.end, d, 2 * hidden);
-                Mlp { up, down, kind: MlpKind::SwiGlu, hidden }
+                let act = if cfg.arch == Arch::Gemma3 { Activation::Gelu } else { Activation::Silu };
+                Mlp { up, down, kind: MlpKind::Glu(act), hidden }
             }
             Arch::Gpt2 => {
                 let up = self.conv1d_column(p.at("c_fc"), d, f, vec![units.clone()], std);
@@ -437,7 +448,7 @@ impl Model {
         let mut blocks = Vec::new();
         let mut block_layer = Vec::new();
         let (root, embed_name) = match cfg.arch {
-            Arch::Llama => ("model", Path::new("model").at("embed_tokens")),
+            Arch::Llama | Arch::Gemma3 => ("model", Path::new("model").at("embed_tokens")),
             Arch::Gpt2 => ("transformer", Path::new("transformer").at("wte")),
             _ => ("backbone", Path::new("backbone").at("embeddings")),
         };
@@ -453,9 +464,9 @@ impl Model {
         for l in part.layers.clone() {
             let mut start = b.lay.total();
             match cfg.arch {
-                Arch::Llama => {
+                Arch::Llama | Arch::Gemma3 => {
                     let p = root.at("layers").at(l);
-                    let [pre_attn, pre_mlp, post_attn, post_mlp] = llama_norm_names(cfg.block_norms);
+                    let [pre_attn, pre_mlp, post_attn, post_mlp] = llama_norm_names(&cfg);
                     let norm = pre_attn.map(|name| b.rmsnorm(p.at(name), d));
                     let names = ["q_proj", "k_proj", "v_proj", "o_proj"];
                     let mixer = Mixer::Attention(b.attention(&p.at("self_attn"), names, cfg.layer_attention(l)));
@@ -500,7 +511,7 @@ impl Model {
         }
         let head = if part.last {
             let norm_f = match cfg.arch {
-                Arch::Llama => b.rmsnorm(root.at("norm"), d),
+                Arch::Llama | Arch::Gemma3 => b.rmsnorm(root.at("norm"), d),
                 Arch::Gpt2 => b.layernorm(root.at("ln_f"), d),
                 _ => b.rmsnorm(root.at("norm_f"), d),
             };
@@ -751,15 +762,13 @@ impl Model {
                     }
                 }
             }
-            scale_unless_one(be, &mut ws.res[0], self.cfg.mup.embedding_multiplier);
+            scale_unless_one(be, &mut ws.res[0], self.cfg.embedding_scale());
         }
 
         let (mut cached, at) = match cache {
             Some(InferenceCache { blocks, rope, max_seq, .. }) => {
-                // Without rotary positions the table is empty: an empty view, never read.
-                let len = be.len(rope);
-                let table = be.view(&*rope, (pos * self.cfg.head_dim()).min(len)..len);
-                (Some((blocks, *max_seq)), Positions { rope: table, first_keys: None, window_keys: None })
+                let (rope, local_rope) = rope.from(be, pos, self.cfg.head_dim());
+                (Some((blocks, *max_seq)), Positions { rope, local_rope, first_keys: None, window_keys: None })
             }
             None => (None, ws.positions.of(be)),
         };
@@ -1073,7 +1082,7 @@ impl Model {
             }
             None => &mut ws.dres,
         };
-        scale_unless_one(be, dx, self.cfg.mup.embedding_multiplier);
+        scale_unless_one(be, dx, self.cfg.embedding_scale());
         if let Some(embed) = &self.embed {
             be.embedding_backward(ids, be.all(dx), be.view_mut(grads, self.lookup_rows(embed)), self.vocab.start, d);
         }
@@ -1090,14 +1099,23 @@ impl Model {
         0..self.block_params.first().map_or(0, |r| r.start)
     }
 
-    /// The rotary table for `seq` positions, or an empty one if no block rotates.
+    /// The rotary table for `seq` positions, followed by the sliding-window layers' where
+    /// they have their own theta; empty if no block rotates.
     fn rope_table(&self, seq: usize) -> Vec<f32> {
-        if self.rotates() { rope_table_of(seq, &self.cfg.rope_inv_freq()) } else { Vec::new() }
+        if !self.rotates() {
+            return Vec::new();
+        }
+        let mut table = rope_table_of(seq, &self.cfg.rope_inv_freq());
+        if let Some(local) = self.cfg.rope_inv_freq_local() {
+            table.extend(rope_table_of(seq, &local));
+        }
+        table
     }
 
     /// Length of [`Model::rope_table`].
     fn rope_len(&self, seq: usize) -> usize {
-        if self.rotates() { seq * (self.cfg.head_dim() / 2) * 2 } else { 0 }
+        let tables = 1 + usize::from(self.cfg.rope_theta_local.is_some());
+        if self.rotates() { tables * seq * (self.cfg.head_dim() / 2) * 2 } else { 0 }
     }
 
     /// Whether an attention block rotates its queries and keys.
@@ -1210,8 +1228,8 @@ impl Mixer {
 /// block's keys and values, a Mamba mixer's convolution inputs and recurrent state.
 pub struct InferenceCache<B: Backend> {
     blocks: Vec<BlockCache<B>>,
-    /// Rotary table for all `max_seq` positions (empty without rotary positions).
-    rope: B::Buf,
+    /// Rotary tables for all `max_seq` positions.
+    rope: RopeTables<B>,
     pub batch: usize,
     pub max_seq: usize,
     /// Tokens already in the cache, per sequence.
@@ -1274,7 +1292,7 @@ impl<B: Backend> InferenceCache<B> {
         };
         Self {
             blocks: model.blocks.iter().map(block).collect(),
-            rope: be.upload_f32(&model.rope_table(max_seq)),
+            rope: RopeTables::new(be, model, max_seq),
             batch,
             max_seq,
             len: 0,
@@ -1446,9 +1464,19 @@ fn scale_unless_one<B: Backend>(be: &B, x: &mut B::Buf, factor: f64) {
 }
 
 /// The Hugging Face names of a Llama layer's norms, where it has them: before attention,
-/// before the MLP, after attention, after the MLP (Llama's, EXAONE 4's and HyperCLOVA X's).
-fn llama_norm_names(norms: BlockNorms) -> [Option<&'static str>; 4] {
-    match norms {
+/// before the MLP, after attention, after the MLP (Llama's, EXAONE 4's, HyperCLOVA X's and
+/// Gemma 3's).
+fn llama_norm_names(cfg: &ModelConfig) -> [Option<&'static str>; 4] {
+    if cfg.arch == Arch::Gemma3 {
+        return [
+            "input_layernorm",
+            "pre_feedforward_layernorm",
+            "post_attention_layernorm",
+            "post_feedforward_layernorm",
+        ]
+        .map(Some);
+    }
+    match cfg.block_norms {
         BlockNorms::Pre => [Some("input_layernorm"), Some("post_attention_layernorm"), None, None],
         BlockNorms::Post => [None, None, Some("post_attention_layernorm"), Some("post_feedforward_layernorm")],
         BlockNorms::Both => {
@@ -1511,20 +1539,51 @@ pub fn counted_keys(seq: usize, window: Option<usize>) -> f64 {
     (w * w + (seq - w) * (2 * w).saturating_sub(1)) as f64 / seq.max(1) as f64
 }
 
+/// The rotary tables of positions `0..seq` ([`Model::rope_table`]): the global layers', and
+/// after it the sliding-window layers' where their theta is their own.
+struct RopeTables<B: Backend> {
+    buf: B::Buf,
+    /// Where the sliding-window layers' table starts, if they have their own.
+    local_start: Option<usize>,
+}
+
+impl<B: Backend> RopeTables<B> {
+    fn new(be: &B, model: &Model, seq: usize) -> Self {
+        let table = model.rope_table(seq);
+        let local_start = (model.cfg.rope_theta_local.is_some() && !table.is_empty()).then_some(table.len() / 2);
+        Self { buf: be.upload_f32(&table), local_start }
+    }
+
+    /// The global and the sliding-window layers' tables from position `pos` on (rows of
+    /// `head_dim` values). Without rotary positions the tables are empty views, never read.
+    fn from<'a>(&'a self, be: &B, pos: usize, head_dim: usize) -> (B::Ref<'a>, B::Ref<'a>) {
+        let len = be.len(&self.buf);
+        let global_end = self.local_start.unwrap_or(len);
+        let global = be.view(&self.buf, (pos * head_dim).min(global_end)..global_end);
+        let local = match self.local_start {
+            Some(start) => be.view(&self.buf, (start + pos * head_dim).min(len)..len),
+            None => be.view(&self.buf, (pos * head_dim).min(global_end)..global_end),
+        };
+        (global, local)
+    }
+}
+
 /// Where a workspace's tokens sit: the rotary table of its positions, where its documents
 /// attend only within their own the first key each token attends (see
 /// [`Workspace::set_first_keys`]), and in a model with sliding-window layers the first key
 /// each token attends in those (its window's, or its document's where that is later).
 struct PositionBufs<B: Backend> {
-    rope: B::Buf,
+    rope: RopeTables<B>,
     first_keys: Option<B::Ids>,
     window: Option<(usize, B::Ids)>,
 }
 
 impl<B: Backend> PositionBufs<B> {
     fn of<'a>(&'a self, be: &B) -> Positions<'a, B> {
+        let (rope, local_rope) = self.rope.from(be, 0, 0);
         Positions {
-            rope: be.all(&self.rope),
+            rope,
+            local_rope,
             first_keys: self.first_keys.as_ref(),
             window_keys: self.window.as_ref().map(|(_, keys)| keys),
         }
@@ -1685,7 +1744,7 @@ impl<B: Backend> Workspace<B> {
             dbranch: model.scales_branches().then(|| be.zeros(stream * d)),
             dhead: (part.sequence_parallel && model.head.is_some()).then(|| be.zeros(rows * d)),
             positions: PositionBufs {
-                rope: be.upload_f32(&model.rope_table(seq)),
+                rope: RopeTables::new(be, model, seq),
                 first_keys: None,
                 window: cfg.sliding_window.map(|w| (w, be.upload_ids(&window_first_keys(w, seq, None, rows)))),
             },

@@ -45,6 +45,8 @@ pub struct ParamInfo {
     pub decay: bool,
     /// Where the tensor sits in the global tensor of the same name.
     pub place: Placement,
+    /// Model files store the value minus one (Gemma 3's norm weights: it scales by 1 + w).
+    pub stored_minus_one: bool,
 }
 
 /// How a rank's tensor relates to the global tensor of the same name (the one a checkpoint
@@ -167,12 +169,19 @@ impl ParamLayout {
 
     /// Append a tensor placed in a global one (a shard or a replica); returns its range.
     pub fn add_placed(&mut self, path: Path, place: Placement, init: Init, decay: bool) -> Range<usize> {
-        let info = ParamInfo { name: path.0, shape: place.local_shape(), offset: self.total, init, decay, place };
+        let shape = place.local_shape();
+        let info = ParamInfo { name: path.0, shape, offset: self.total, init, decay, place, stored_minus_one: false };
         debug_assert!(self.params.iter().all(|p| p.name != info.name), "duplicate {}", info.name);
         self.total += info.len();
         let range = info.range();
         self.params.push(info);
         range
+    }
+
+    /// Has model files store the tensor last added as its value minus one (see
+    /// [`ParamInfo::stored_minus_one`]).
+    pub fn store_last_minus_one(&mut self) {
+        self.params.last_mut().expect("a tensor was added").stored_minus_one = true;
     }
 
     pub fn total(&self) -> usize {

@@ -1,6 +1,7 @@
 //! Incremental decoding with an inference cache gives the logits of the full forward pass:
 //! prefill a prompt, then feed one token at a time, two sequences at once, for Llama (GQA,
-//! rotary) and GPT-2 (learned positions) with their keys and values cached, and for Mamba-1,
+//! rotary; Gemma 3, whose windowed layers have their own rotary theta) and GPT-2 (learned
+//! positions) with their keys and values cached, and for Mamba-1,
 //! Mamba-2 and a hybrid with their recurrent states carried (the convolution's last inputs,
 //! the scan's state).
 
@@ -91,6 +92,20 @@ fn llama_with_windows_and_nope_layers_cached_decoding_matches_the_full_forward()
             ModelConfig { sliding_window: Some(3), attention_pattern: Some(pattern.into()), ..config(Arch::Llama) };
         check_model(Model::new(cfg).unwrap());
     }
+}
+
+/// Gemma 3's windows of 3 keys with their own rotary theta beside a global layer.
+#[test]
+fn gemma3_cached_decoding_matches_the_full_forward() {
+    let cfg = ModelConfig {
+        arch: Arch::Gemma3,
+        sliding_window: Some(3),
+        attention_pattern: Some("LG".into()),
+        rope_theta: 1e6,
+        rope_theta_local: Some(100.0),
+        ..config(Arch::Llama)
+    };
+    check_model(Model::new(cfg).unwrap());
 }
 
 #[test]

@@ -15,7 +15,7 @@ use ondol_core::{Backend, Error, Result};
 use ondol_cpu::CpuBackend;
 use ondol_data::prepare::ShardTokenizer;
 use ondol_data::{Loader, Order, SourceKind, TokenStream};
-use ondol_model::{BlockNorms, MicroBatch, Model, ModelConfig, Part, Workspace, scratch_elems};
+use ondol_model::{Arch, BlockNorms, MicroBatch, Model, ModelConfig, Part, Workspace, scratch_elems};
 use ondol_parallel::{HEAD_ROW_ALIGN, ScheduleKind, schedule};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -488,7 +488,6 @@ fn train_launched_cuda(args: &TrainArgs, cfg: RunConfig, env: &DistEnv) -> Resul
 /// memory in ssd.cu and the q/k norms' backward in norms.cu), checked before a model runs on a GPU.
 #[cfg(feature = "cuda")]
 fn check_cuda_kernels(m: &ondol_model::ModelConfig) -> Result<()> {
-    use ondol_model::Arch;
     if m.arch == Arch::Mamba && m.ssm_state() > ondol_cuda::SCAN_MAX_STATE {
         return Err(Error::config(
             "model.ssm.state_size",
@@ -509,7 +508,7 @@ fn check_cuda_kernels(m: &ondol_model::ModelConfig) -> Result<()> {
             ),
         ));
     }
-    if m.qk_norm && m.head_dim() > ondol_cuda::QK_NORM_MAX_HEAD_DIM {
+    if m.has_qk_norm() && m.head_dim() > ondol_cuda::QK_NORM_MAX_HEAD_DIM {
         return Err(Error::config(
             "model.head_dim",
             format!(
@@ -888,10 +887,10 @@ fn restore<B: Backend>(trainer: &mut Trainer<B>, loaded: Loaded) -> Result<u64> 
 }
 
 /// What `inspect` says of the attention, the norms and muP where a model has more than plain
-/// Llama's: what an imported Qwen, EXAONE, HyperCLOVA X or Granite model was read as.
+/// Llama's: what an imported Qwen, EXAONE, HyperCLOVA X, Granite or Gemma model was read as.
 fn describe_llama_relatives(m: &ModelConfig) -> Result<()> {
     if m.has_attention() {
-        let extras: Vec<&str> = [(m.qkv_bias, "q, k and v biases"), (m.qk_norm, "q and k norms")]
+        let extras: Vec<&str> = [(m.qkv_bias, "q, k and v biases"), (m.has_qk_norm(), "q and k norms")]
             .iter()
             .filter_map(|(has, what)| has.then_some(*what))
             .collect();
@@ -903,16 +902,24 @@ fn describe_llama_relatives(m: &ModelConfig) -> Result<()> {
         if let Some(w) = m.sliding_window {
             answer!("sliding window       {w} keys on {local} of {} layers", m.n_layers);
         }
+        if let Some(theta) = m.rope_theta_local {
+            answer!("rotary theta         {} global, {theta} on windowed layers", m.rope_theta);
+        }
         if nope > 0 {
             answer!("without positions    {nope} of {} layers (NoPE)", m.n_layers);
         }
     }
-    match m.block_norms {
+    match m.norms() {
         BlockNorms::Pre => {}
         BlockNorms::Post => answer!("block norms          after the mixers"),
         BlockNorms::Both => answer!("block norms          before and after the mixers"),
     }
-    if !m.mup.is_default() {
+    if m.arch == Arch::Gemma3 {
+        answer!(
+            "gemma3               GeGLU, embedding scaled by sqrt(d_model), scores by 1/sqrt({})",
+            m.query_pre_attn_scalar()
+        );
+    } else if !m.mup.is_default() {
         let u = &m.mup;
         let attention = u.attention_multiplier.map_or("1/sqrt(head_dim)".to_string(), |a| a.to_string());
         answer!(

@@ -62,7 +62,8 @@ impl Pretrained {
         }
         let cfg = checkpoint::model_config(dir)?;
         let model = Model::new(cfg)?;
-        let params = tensors::read_layout(&tensors::files_of(dir, "model")?, &model.layout)?;
+        let params =
+            tensors::read_layout(&tensors::files_of(dir, "model")?, &model.layout, tensors::Contents::Weights)?;
         let toml = dir.join("ondol.toml");
         let run_config = match std::fs::read_to_string(&toml) {
             Ok(text) => Some(RunConfig::parse(&text, &toml.display().to_string(), &[])?),

@@ -909,7 +909,7 @@ fn model_identity(m: &ModelConfig) -> serde_json::Value {
         m.max_seq_len = 0;
     }
     // ("LLLN" and "LLLNLLLN" over 8 layers are one model.)
-    if m.arch == Arch::Llama {
+    if m.llama_family() {
         m.attention_pattern = Some(m.attention_layers());
     }
     to_json(&m)

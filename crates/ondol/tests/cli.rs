@@ -223,7 +223,7 @@ fn bad_values_are_refused_with_key_file_and_what_is_valid() {
         (&["model.arch=\"gpt2\"", "model.qkv_bias=true"], &["model.qkv_bias", "only llama"]),
         (&["model.arch=\"gpt2\"", "model.qk_norm=true"], &["model.qk_norm", "only llama"]),
         (&["model.qk_norm=true", "model.qkv_bias=true"], &["model.qk_norm", "o_proj"]),
-        (&["model.arch=\"gpt2\"", "model.head_dim=64"], &["model.head_dim", "only llama and hybrid"]),
+        (&["model.arch=\"gpt2\"", "model.head_dim=64"], &["model.head_dim", "only llama, gemma3 and hybrid"]),
         (&["model.head_dim=33"], &["model.head_dim", "even for rotary"]),
         (&["model.n_heads=3", "model.n_kv_heads=1"], &["model.n_heads", "set model.head_dim"]),
         (&["model.arch=\"gpt2\"", "model.block_norms=\"both\""], &["model.block_norms", "only llama"]),
@@ -239,6 +239,17 @@ fn bad_values_are_refused_with_key_file_and_what_is_valid() {
         (&["model.sliding_window=4", "model.attention_pattern=\"N\""], &["model.sliding_window", "no layer"]),
         (&["model.attention_pattern=\"N\"", "model.qkv_bias=true"], &["model.attention_pattern", "SmolLM3"]),
         (&["model.mup.embedding_multiplier=1e39"], &["model.mup.embedding_multiplier", "f32"]),
+        // Gemma 3's fixed parts are its own; what it has that Llama lacks is its alone.
+        (&["model.arch=\"gemma3\"", "model.qk_norm=true"], &["model.qk_norm", "gemma3 always has"]),
+        (&["model.arch=\"gemma3\"", "model.block_norms=\"both\""], &["model.block_norms", "gemma3 always has"]),
+        (&["model.arch=\"gemma3\"", "model.mup.embedding_multiplier=2.0"], &["model.mup", "query_pre_attn_scalar"]),
+        (
+            &["model.arch=\"gemma3\"", "model.mup.attention_multiplier=0.3"],
+            &["model.mup.attention_multiplier", "integer"],
+        ),
+        (&["model.arch=\"gemma3\"", "model.attention_pattern=\"N\""], &["model.attention_pattern", "Gemma 3"]),
+        (&["model.arch=\"gemma3\"", "model.rope_theta_local=0.5"], &["model.rope_theta_local", "greater than 1"]),
+        (&["model.rope_theta_local=10000.0"], &["model.rope_theta_local", "only gemma3"]),
         (
             &["model.mup.residual_multiplier=0.5", "model.n_heads=3", "model.n_kv_heads=1", "model.head_dim=32"],
             &["model.n_heads", "muP"],
