@@ -3,7 +3,7 @@
 # Trains the smoke configs of every architecture briefly, and the smoke Llama as each of its
 # transformers relatives (Qwen2, Qwen3, EXAONE 4, HyperCLOVA X with and without Peri-LN,
 # SmolLM3 with sliding windows and layers without positions, EXAONE 4 with them too, Qwen3
-# with windows on its last layers) and as Gemma 3,
+# with windows on its last layers) and as Gemma 3 (with linear rope scaling too),
 # evaluates one 128-token row of sample text with `ondol eval`, then loads the checkpoint with
 # AutoModelForCausalLM and compares (scripts/make-hf-fixtures.py check, tolerance 1e-4 relative).
 # Needs a Python with torch and transformers: PYTHON=path/to/python (default python3);
@@ -32,11 +32,12 @@ variant() {
     smollm3) echo "smoke model.sliding_window=48 model.attention_pattern=\"LGLN\"" ;;
     qwen3-window) echo "smoke model.qk_norm=true model.sliding_window=48 model.attention_pattern=\"GGLL\"" ;;
     gemma3) echo "smoke model.arch=\"gemma3\" model.tie_embeddings=true model.sliding_window=48 model.attention_pattern=\"LLLG\" model.rope_theta=1000000.0 model.rope_theta_local=10000.0 model.mup.attention_multiplier=0.25" ;;
+    gemma3-linear) echo "smoke model.arch=\"gemma3\" model.sliding_window=48 model.attention_pattern=\"LG\" model.rope_scaling={type=\"linear\",factor=4.0}" ;;
     exaone4-window) echo "smoke model.qk_norm=true model.block_norms=\"post\" model.sliding_window=48 model.attention_pattern=\"LLLN\"" ;;
     *) echo "$1" ;;
   esac
 }
-for name in ${CONFIGS:-smoke smoke-gpt2 mamba-smoke mamba2-smoke hybrid-smoke qwen2 qwen3 exaone4 peri-ln mup smollm3 exaone4-window qwen3-window gemma3}; do
+for name in ${CONFIGS:-smoke smoke-gpt2 mamba-smoke mamba2-smoke hybrid-smoke qwen2 qwen3 exaone4 peri-ln mup smollm3 exaone4-window qwen3-window gemma3 gemma3-linear}; do
   read -r config sets <<<"$(variant "$name")"
   args=()
   for s in $sets; do args+=(--set "$s"); done

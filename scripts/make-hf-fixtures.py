@@ -91,6 +91,20 @@ def gemma3_config():
                             pad_token_id=None, bos_token_id=None, eos_token_id=None)
 
 
+def gemma3_image_text_config():
+    from transformers import Gemma3Config, SiglipVisionConfig
+
+    # Gemma 3 4B and larger: the text model inside an image-text one (its tensors under
+    # language_model., an image model beside it), its global layers' rotary embeddings scaled
+    # linearly (factor 8), the windowed layers' not. (The image tokens' ids are transformers'
+    # defaults, past the tiny vocabulary: the fixture's tokens are all text.)
+    text = gemma3_config().to_dict()
+    text["rope_parameters"]["full_attention"] = {"rope_type": "linear", "rope_theta": 1000000.0, "factor": 8.0}
+    vision = SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=28, patch_size=14)
+    return Gemma3Config(text_config=text, vision_config=vision.to_dict(), mm_tokens_per_image=4)
+
+
 def qwen2_config():
     from transformers import Qwen2Config
 
@@ -348,7 +362,7 @@ def build(name, config):
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
     gen = torch.Generator().manual_seed(1)
     if config.model_type in ("llama", "mistral", "qwen2", "qwen3", "smollm3", "exaone", "exaone4", "hyperclovax",
-                             "granite", "gemma3_text"):
+                             "granite", "gemma3_text", "gemma3"):
         perturb_llama(model, gen)
     elif config.model_type == "gpt2":
         perturb_gpt2(model, gen)
@@ -414,6 +428,8 @@ def make(out_dir, only=None):
         ("tiny-exaone4-window", exaone4_window_config()),
         # Gemma 3: norms on both sides, q and k norms, GeGLU, a local rotary theta.
         ("tiny-gemma3", gemma3_config()),
+        # Gemma 3 4B's kind: the text model of an image-text checkpoint, linear rope scaling.
+        ("tiny-gemma3-image-text", gemma3_image_text_config()),
         # Qwen2: Llama with biases on q, k and v (and here a tied head).
         ("tiny-qwen2", qwen2_config()),
         # Qwen3: an RMSNorm on each q and k head, heads wider than hidden_size / heads.

@@ -211,7 +211,7 @@ fn as_llama_relative(cfg: &ModelConfig, v: &mut Value) {
 }
 
 /// Gemma 3's text model (`Gemma3ForCausalLM`), with the model's validation's limits: its
-/// query_pre_attn_scalar an integer, no soft-capping, no rope scaling. Its sliding_window is
+/// query_pre_attn_scalar an integer, no soft-capping, rope scaling on the global layers alone. Its sliding_window is
 /// required even where no layer has a window (it then applies to none).
 fn gemma3_config(cfg: &ModelConfig) -> Value {
     let layers: Vec<&str> = (0..cfg.n_layers)
@@ -233,7 +233,7 @@ fn gemma3_config(cfg: &ModelConfig) -> Value {
         "rms_norm_eps": cfg.norm_eps,
         // (transformers 5 reads rope_parameters; 4 rope_theta and rope_local_base_freq.)
         "rope_parameters": {
-            "full_attention": { "rope_type": "default", "rope_theta": cfg.rope_theta },
+            "full_attention": rope_parameters(cfg),
             "sliding_attention": { "rope_type": "default", "rope_theta": local_theta },
         },
         "rope_theta": cfg.rope_theta,
@@ -350,6 +350,9 @@ impl Fields<'_> {
     fn usize(&self, key: &str) -> Result<usize> {
         let v = self.map.get(key).ok_or_else(|| self.err(key, "is missing"))?;
         v.as_u64().map(|n| n as usize).ok_or_else(|| self.err(key, format!("{v} is not a non-negative integer")))
+    }
+    fn usize_or(&self, key: &str, default: usize) -> Result<usize> {
+        Ok(self.opt_usize(key)?.unwrap_or(default))
     }
     fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
         match self.map.get(key) {
@@ -539,10 +542,14 @@ fn is_infinite(v: &Value) -> bool {
     text.as_str() == Some("Infinity") || v.as_f64().is_some_and(f64::is_infinite)
 }
 
-/// A Llama config's rotary embeddings, as transformers 5 writes them (`rope_parameters`).
+/// A Llama config's rotary embeddings, as transformers 5 writes them (`rope_parameters`;
+/// Gemma 3's global layers' entry of it).
 fn rope_parameters(cfg: &ModelConfig) -> Value {
     match &cfg.rope_scaling {
         None => json!({ "rope_type": "default", "rope_theta": cfg.rope_theta }),
+        Some(s) if s.kind == RopeScalingKind::Linear => {
+            json!({ "rope_type": "linear", "rope_theta": cfg.rope_theta, "factor": s.factor })
+        }
         Some(s) => json!({
             "rope_type": "llama3",
             "rope_theta": cfg.rope_theta,
@@ -551,6 +558,31 @@ fn rope_parameters(cfg: &ModelConfig) -> Value {
             "high_freq_factor": s.high_freq_factor,
             "original_max_position_embeddings": s.original_max_seq_len,
         }),
+    }
+}
+
+/// The rope scaling a rotary-embedding object `p` of `config.json`'s `key` describes: none for
+/// the default embeddings, linear or llama3's; others are refused.
+fn rope_scaling_of(f: &Fields, key: &str, p: &Value) -> Result<Option<RopeScaling>> {
+    let kind = p.get("rope_type").or_else(|| p.get("type")).cloned().unwrap_or(json!("default"));
+    match kind.as_str() {
+        Some("default") => Ok(None),
+        Some("llama3") => Ok(Some(llama3_scaling(f, key, p)?)),
+        Some("linear") => {
+            let factor = p.get("factor").and_then(Value::as_f64);
+            let factor = factor.ok_or_else(|| f.err(key, "linear rope scaling needs a number factor"))?;
+            Ok(Some(RopeScaling {
+                kind: RopeScalingKind::Linear,
+                factor,
+                low_freq_factor: 0.0,
+                high_freq_factor: 0.0,
+                original_max_seq_len: 0,
+            }))
+        }
+        _ => Err(f.err(
+            key,
+            format!("rope type {kind} is not supported: only default rotary embeddings, linear and llama3's"),
+        )),
     }
 }
 
@@ -1020,27 +1052,21 @@ const GEMMA3_FIELDS: &[&str] = &[
 
 /// A `gemma3_text` config: transformers 5's `rope_parameters` (a default rotary embedding per
 /// layer type) or the fields before it (`rope_theta`, `rope_local_base_freq`; no scaling),
-/// agreeing where a file has both; the defaults are transformers' (global theta 1e6, local
-/// 1e4, query_pre_attn_scalar 256, head_dim 256, a window of 4096 on five layers of six).
+/// agreeing where a file has both; the defaults are transformers' (the sizes of its 2B config,
+/// global theta 1e6, local 1e4, query_pre_attn_scalar 256, a window of 4096 on five layers of
+/// six), which the text_config of an image-text checkpoint relies on.
 fn gemma3_from(f: &Fields) -> Result<ModelConfig> {
     f.must_be("hidden_activation", &json!("gelu_pytorch_tanh"), "GeGLU with gelu_pytorch_tanh")?;
     f.must_be("attention_bias", &json!(false), "attention without biases")?;
     f.must_be("final_logit_softcapping", &Value::Null, "logits without soft-capping")?;
     f.must_be("attn_logit_softcapping", &Value::Null, "attention scores without soft-capping")?;
     f.must_be("use_bidirectional_attention", &json!(false), "causal attention")?;
-    f.must_be("rope_scaling", &Value::Null, "Gemma 3's rotary embeddings without scaling")?;
-    // Per layer type: transformers 5's rope_parameters entry, or the field before it, or the default.
+    // Per layer type: transformers 5's rope_parameters entry, or the fields before it
+    // (rope_scaling the global layers'), or the defaults.
+    let entry = |kind: &str| f.map.get("rope_parameters").and_then(|p| p.get(kind)).filter(|v| !v.is_null());
     let theta = |kind: &str, key: &str, default: f64| -> Result<f64> {
         let field = f.map.get(key).filter(|v| !v.is_null()).map(|_| f.f64(key, default)).transpose()?;
-        let entry = f.map.get("rope_parameters").and_then(|p| p.get(kind)).filter(|v| !v.is_null());
-        let rope_type = entry.and_then(|e| e.get("rope_type")).cloned().unwrap_or(json!("default"));
-        if rope_type != json!("default") {
-            return Err(f.err(
-                "rope_parameters",
-                format!("{kind}: rope type {rope_type} is not supported: only default rotary embeddings"),
-            ));
-        }
-        match (entry.and_then(|e| e.get("rope_theta")).and_then(Value::as_f64), field) {
+        match (entry(kind).and_then(|e| e.get("rope_theta")).and_then(Value::as_f64), field) {
             (Some(t), Some(other)) if t != other => {
                 Err(f.err("rope_parameters", format!("{kind}'s rope_theta {t} disagrees with {key}'s {other}")))
             }
@@ -1050,21 +1076,38 @@ fn gemma3_from(f: &Fields) -> Result<ModelConfig> {
     };
     let (global, local) =
         (theta("full_attention", "rope_theta", 1e6)?, theta("sliding_attention", "rope_local_base_freq", 1e4)?);
-    let layers = f.usize("num_hidden_layers")?;
+    let scaling_in =
+        |key: &str, p: Option<&Value>| p.map(|p| rope_scaling_of(f, key, p)).transpose().map(Option::flatten);
+    let legacy = f.map.get("rope_scaling").filter(|v| !v.is_null());
+    let rope_scaling =
+        match (scaling_in("rope_parameters", entry("full_attention"))?, scaling_in("rope_scaling", legacy)?) {
+            (Some(a), Some(b)) if a != b => {
+                return Err(f.err("rope_scaling", "disagrees with rope_parameters' full_attention on the scaling"));
+            }
+            (a, b) => a.or(b),
+        };
+    if scaling_in("rope_parameters", entry("sliding_attention"))?.is_some() {
+        return Err(f.err(
+            "rope_parameters",
+            "sliding_attention: scaled rotary embeddings on windowed layers are not supported (Gemma 3 scales its global layers')",
+        ));
+    }
+    let layers = f.usize_or("num_hidden_layers", 26)?;
     let (sliding_window, attention_pattern) = attention_layers(f, "gemma3_text", layers)?;
-    let d_model = f.usize("hidden_size")?;
-    let n_heads = f.usize("num_attention_heads")?;
+    let d_model = f.usize_or("hidden_size", 2304)?;
+    let n_heads = f.usize_or("num_attention_heads", 8)?;
     let head_dim = head_dim(f, d_model, n_heads, Some(256))?;
     // (A scalar that is not positive gives no multiplier the model's validation admits.)
     let scalar = f.f64("query_pre_attn_scalar", 256.0)?;
     let (multiplier, usual) = (1.0 / scalar.sqrt(), 1.0 / (head_dim.unwrap_or(d_model / n_heads.max(1)) as f64).sqrt());
     Ok(ModelConfig {
-        n_kv_heads: f.opt_usize("num_key_value_heads")?,
+        n_kv_heads: Some(f.usize_or("num_key_value_heads", 4)?),
         head_dim,
-        ffn_hidden: Some(f.usize("intermediate_size")?),
+        ffn_hidden: Some(f.usize_or("intermediate_size", 9216)?),
         tie_embeddings: Some(f.bool("tie_word_embeddings", true)?),
         rope_theta: global,
         rope_theta_local: (local != global).then_some(local),
+        rope_scaling,
         norm_eps: f.f64("rms_norm_eps", 1e-6)? as f32,
         init_std: f.f64("initializer_range", 0.02)? as f32,
         mup: MupConfig {
@@ -1075,13 +1118,33 @@ fn gemma3_from(f: &Fields) -> Result<ModelConfig> {
         attention_pattern,
         ..ModelConfig::new(
             Arch::Gemma3,
-            f.usize("vocab_size")?,
+            f.usize_or("vocab_size", 262_208)?,
             d_model,
             layers,
             n_heads,
-            f.usize("max_position_embeddings")?,
+            f.usize_or("max_position_embeddings", 131_072)?,
         )
     })
+}
+
+/// The text model of a Gemma 3 image-text config (`Gemma3ForConditionalGeneration`: 4B and
+/// larger), from its `text_config`; the image model is left out, with a warning (its tensors
+/// are skipped on reading, see `tensors::read_layout`).
+fn gemma3_text_of_image_text(f: &Fields) -> Result<(ModelConfig, Vec<String>)> {
+    let text = f.map.get("text_config").filter(|v| v.is_object());
+    let mut text =
+        text.cloned().ok_or_else(|| f.err("text_config", "is missing: Gemma 3's text model is read from it"))?;
+    match text.get("model_type") {
+        None => text["model_type"] = json!("gemma3_text"),
+        Some(t) if t == "gemma3_text" => {}
+        Some(t) => return Err(f.err("text_config", format!("has model_type {t}, not \"gemma3_text\""))),
+    }
+    let (cfg, mut warnings) = from_hf_config(&text, &format!("{} (text_config)", f.file))?;
+    warnings.push(format!(
+        "{}: Gemma 3's image model (vision_config and its projector) is left out: ondol imports the text model",
+        f.file
+    ));
+    Ok((cfg, warnings))
 }
 
 /// Whether a HyperCLOVA X config has norms after the mixers (`use_post_norm`), which it must
@@ -1135,17 +1198,7 @@ pub fn from_hf_config(json: &Value, file: &str) -> Result<(ModelConfig, Vec<Stri
                         _ => theta = Some((key, t)),
                     }
                 }
-                let kind = p.get("rope_type").or_else(|| p.get("type")).cloned().unwrap_or(json!("default"));
-                let scaling = match kind.as_str() {
-                    Some("llama3") => Some(llama3_scaling(&f, key, p)?),
-                    Some("default") => None,
-                    _ => {
-                        return Err(f.err(
-                            key,
-                            format!("rope type {kind} is not supported: only default rotary embeddings and llama3's"),
-                        ));
-                    }
-                };
+                let scaling = rope_scaling_of(&f, key, p)?;
                 match &rope {
                     Some((first, theirs)) if *theirs != scaling => {
                         return Err(f.err(key, format!("disagrees with {first} on the rotary embeddings")));
@@ -1334,13 +1387,7 @@ pub fn from_hf_config(json: &Value, file: &str) -> Result<(ModelConfig, Vec<Stri
         }
         "nemotron_h" => (nemotron_h_from(&f)?, NEMOTRON_FIELDS),
         "gemma3_text" => (gemma3_from(&f)?, GEMMA3_FIELDS),
-        "gemma3" => {
-            return Err(f.err(
-                "model_type",
-                "\"gemma3\" is Gemma 3's image and text model: ondol imports its text model (\"gemma3_text\", \
-                 Gemma3ForCausalLM, as the 270M and 1B checkpoints are)",
-            ));
-        }
+        "gemma3" => return gemma3_text_of_image_text(&f),
         other => {
             return Err(f.err(
                 "model_type",
@@ -1636,7 +1683,7 @@ mod tests {
         assert_eq!((read.mup.attention_multiplier, read.query_pre_attn_scalar()), (None, 256));
         for (key, value, names) in [
             ("final_logit_softcapping", json!(30.0), "soft-capping"),
-            ("rope_scaling", json!({"rope_type": "linear", "factor": 8.0}), "without scaling"),
+            ("rope_scaling", json!({"rope_type": "yarn", "factor": 8.0}), "yarn"),
             ("rope_parameters", json!({"full_attention": {"rope_theta": 5e5}}), "disagrees"),
             ("hidden_activation", json!("gelu"), "gelu_pytorch_tanh"),
             ("sliding_window_pattern", json!(0), "not a layer count"),
@@ -1646,10 +1693,38 @@ mod tests {
             let e = from_hf_config(&bad, "g/config.json").unwrap_err().to_string();
             assert!(e.contains(key) && e.contains("g/config.json") && e.contains(names), "{e}");
         }
-        let mut multimodal = legacy.clone();
-        multimodal["model_type"] = json!("gemma3");
-        let e = from_hf_config(&multimodal, "c").unwrap_err().to_string();
-        assert!(e.contains("gemma3_text"), "{e}");
+        // 4B and larger: linear scaling on the global layers, which goes out and comes back.
+        let mut scaled = legacy.clone();
+        scaled["rope_scaling"] = json!({"rope_type": "linear", "factor": 8.0});
+        let read = from_hf_config(&scaled, "c").unwrap().0;
+        let linear = read.rope_scaling.clone().expect("linear scaling");
+        assert_eq!((linear.kind, linear.factor), (RopeScalingKind::Linear, 8.0));
+        let json = to_hf_config(&read, None);
+        assert_eq!(json["rope_parameters"]["full_attention"]["rope_type"], json!("linear"));
+        assert_eq!(json["rope_parameters"]["sliding_attention"]["rope_type"], json!("default"));
+        assert_eq!(from_hf_config(&json, "c").unwrap().0, read);
+        // Their image-text config: the text model from its sparse text_config, on
+        // transformers' defaults, and a word that the image model is left out.
+        let image_text = json!({
+            "architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
+            "boi_token_index": 255999, "eoi_token_index": 256000, "image_token_index": 262144,
+            "mm_tokens_per_image": 256, "initializer_range": 0.02,
+            "text_config": {
+                "hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text",
+                "num_hidden_layers": 34, "rope_scaling": {"factor": 8.0, "rope_type": "linear"}, "sliding_window": 1024
+            },
+            "vision_config": {"hidden_size": 1152, "model_type": "siglip_vision_model", "patch_size": 14}
+        });
+        let (read, warnings) = from_hf_config(&image_text, "m/config.json").unwrap();
+        assert_eq!((read.arch, read.vocab_size, read.d_model, read.n_layers), (Arch::Gemma3, 262_208, 2560, 34));
+        assert_eq!((read.n_heads, read.kv_heads(), read.head_dim(), read.query_pre_attn_scalar()), (8, 4, 256, 256));
+        assert_eq!((read.sliding_window, read.attention_layers().matches('G').count()), (Some(1024), 5));
+        assert_eq!((read.rope_theta, read.rope_theta_local), (1e6, Some(1e4)));
+        assert!(warnings.len() == 1 && warnings[0].contains("image model"), "{warnings:?}");
+        let mut bad = image_text.clone();
+        bad["text_config"]["final_logit_softcapping"] = json!(30.0);
+        let e = from_hf_config(&bad, "m/config.json").unwrap_err().to_string();
+        assert!(e.contains("final_logit_softcapping` in `m/config.json (text_config)"), "{e}");
         // transformers takes query_pre_attn_scalar as an integer: so must a model that exports.
         let odd = ModelConfig { mup: MupConfig { attention_multiplier: Some(0.3), ..MupConfig::default() }, ..cfg };
         let e = odd.validate().unwrap_err().to_string();

@@ -149,13 +149,36 @@ pub fn files_of(dir: &Path, stem: &str) -> Result<Vec<PathBuf>> {
 }
 
 /// Tensors that some exporters store but that are not parameters (causal-mask buffers,
-/// cached rotary frequencies): skipped on import.
-fn is_inert_buffer(name: &str) -> bool {
-    name.ends_with(".attn.bias") || name.ends_with(".attn.masked_bias") || name.ends_with("rotary_emb.inv_freq")
+/// cached rotary frequencies), and the image model of a Gemma 3 image-text checkpoint, whose
+/// text model alone is imported: skipped on import.
+fn is_skipped(name: &str) -> bool {
+    let image_model = ["vision_tower.", "multi_modal_projector."];
+    name.ends_with(".attn.bias")
+        || name.ends_with(".attn.masked_bias")
+        || name.ends_with("rotary_emb.inv_freq")
+        || image_model
+            .iter()
+            .any(|p| name.starts_with(p) || name.strip_prefix("model.").is_some_and(|n| n.starts_with(p)))
 }
 
-/// The Llama name of an EXAONE 3 tensor (`transformer.h.0.attn.attention.q_proj.weight` is
-/// `model.layers.0.self_attn.q_proj.weight`), as transformers renames them on loading.
+/// The name of a tensor stored under another model's names, as the model ondol reads it:
+/// EXAONE 3's as Llama's (`transformer.h.0.attn.attention.q_proj.weight` is
+/// `model.layers.0.self_attn.q_proj.weight`, as transformers renames them on loading), and the
+/// text model's of a Gemma 3 image-text checkpoint as Gemma3ForCausalLM's
+/// (`language_model.model.layers.0...`, or `model.language_model.layers.0...` as transformers
+/// names them in memory, is `model.layers.0...`).
+fn renamed(name: &str) -> Option<String> {
+    if let Some(rest) = name.strip_prefix("language_model.").or_else(|| name.strip_prefix("model.language_model.")) {
+        return Some(if rest.starts_with("model.") || rest.starts_with("lm_head.") {
+            rest.to_string()
+        } else {
+            format!("model.{rest}")
+        });
+    }
+    exaone_tensor_as_llama(name)
+}
+
+/// The Llama name of an EXAONE 3 tensor, as transformers renames them on loading.
 fn exaone_tensor_as_llama(name: &str) -> Option<String> {
     const RENAMES: [(&str, &str); 10] = [
         ("transformer.wte.", "model.embed_tokens."),
@@ -174,8 +197,8 @@ fn exaone_tensor_as_llama(name: &str) -> Option<String> {
 }
 
 /// Reads every tensor of `layout` from `files` into a new flat buffer. Names may carry or
-/// lack a `transformer.` prefix (original GPT-2 files lack it), and a Llama's may be EXAONE
-/// 3's. Missing tensors, unknown tensors, wrong shapes and unsupported dtypes are errors
+/// lack a `transformer.` prefix (original GPT-2 files lack it), a Llama's may be EXAONE 3's and
+/// a Gemma 3's an image-text checkpoint's (see [`renamed`]). Missing tensors, unknown tensors, wrong shapes and unsupported dtypes are errors
 /// naming the file and tensor.
 pub fn read_layout(files: &[PathBuf], layout: &ParamLayout, contents: Contents) -> Result<Vec<f32>> {
     let mut flat = vec![0.0f32; layout.total()];
@@ -191,10 +214,10 @@ pub fn read_layout(files: &[PathBuf], layout: &ParamLayout, contents: Contents) 
             .map_err(|e| Error::Input(format!("{}: not a valid safetensors file: {e}", path.display())))?;
         for (name, view) in st.iter() {
             let alt = name.strip_prefix("transformer.").map(str::to_string).unwrap_or(format!("transformer.{name}"));
-            let exaone = exaone_tensor_as_llama(name);
+            let renamed = renamed(name);
             let found = by_name.get(name).or_else(|| by_name.get(alt.as_str()));
-            let Some(&i) = found.or_else(|| by_name.get(exaone.as_deref()?)) else {
-                if is_inert_buffer(name) {
+            let Some(&i) = found.or_else(|| by_name.get(renamed.as_deref()?)) else {
+                if is_skipped(name) {
                     continue;
                 }
                 return Err(Error::Input(format!(

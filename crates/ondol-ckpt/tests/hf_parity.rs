@@ -44,7 +44,11 @@ fn ondol_logits(dir: &Path, e: &Expected) -> (Vec<f32>, f64) {
 fn ondol_logits_edited(dir: &Path, e: &Expected, edit: impl FnOnce(&mut ModelConfig)) -> (Vec<f32>, f64) {
     let json = hf::parse_config(&std::fs::read_to_string(dir.join("config.json")).unwrap(), "config.json").unwrap();
     let (mut cfg, warnings) = hf::from_hf_config(&json, "config.json").unwrap();
-    assert!(warnings.is_empty(), "{warnings:?}");
+    // (Gemma 3's image-text checkpoints say that their image model is left out.)
+    assert!(
+        warnings.iter().all(|w| w.contains("image model (vision_config and its projector) is left out")),
+        "{warnings:?}"
+    );
     edit(&mut cfg);
     let model = Model::new(cfg).unwrap();
     let params =
@@ -142,6 +146,15 @@ fn gemma3_matches_transformers() {
     check_matters("tiny-gemma3", |c| c.rope_theta_local = None);
     check_matters("tiny-gemma3", |c| c.mup.attention_multiplier = None);
     check_matters("tiny-gemma3", |c| c.attention_pattern = Some("LLLL".into()));
+}
+
+/// Gemma 3 4B's kind of checkpoint: the text model of an image-text one (its tensors under
+/// `language_model.`, an image model beside them that the import leaves out), the global
+/// layers' rotary embeddings scaled linearly by 8 and the windowed layers' not.
+#[test]
+fn the_text_model_of_gemma3_image_text_matches_transformers() {
+    check("tiny-gemma3-image-text");
+    check_matters("tiny-gemma3-image-text", |c| c.rope_scaling = None);
 }
 
 /// EXAONE 4.0 32B's attention: windows of 4 keys with rotary positions on three layers of

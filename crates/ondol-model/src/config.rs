@@ -137,20 +137,31 @@ impl Default for SsmConfig {
     }
 }
 
-/// Llama 3's rotary frequencies for a context longer than the one a model was first trained
-/// at (Hugging Face's `rope_type = "llama3"`): frequencies whose wavelength is longer than
-/// `original_max_seq_len / low_freq_factor` are divided by `factor`, those shorter than
-/// `original_max_seq_len / high_freq_factor` kept, and those between blended from one to the
-/// other. `[model.rope_scaling]` with `type = "llama3"`.
+/// Rotary frequencies stretched for a context longer than the one a model was first trained
+/// at, `[model.rope_scaling]`: `type = "linear"` divides every frequency by `factor` (Gemma 3
+/// 4B and larger, on their global layers); `type = "llama3"` (Llama 3.1's) divides those whose
+/// wavelength is longer than `original_max_seq_len / low_freq_factor` by it, keeps those
+/// shorter than `original_max_seq_len / high_freq_factor`, and blends those between.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RopeScaling {
     #[serde(rename = "type")]
     pub kind: RopeScalingKind,
     pub factor: f64,
+    /// llama3's alone (0: unset).
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub low_freq_factor: f64,
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub high_freq_factor: f64,
+    #[serde(default, skip_serializing_if = "is_zero_len")]
     pub original_max_seq_len: usize,
+}
+
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
+}
+fn is_zero_len(n: &usize) -> bool {
+    *n == 0
 }
 
 /// Where a block's RMSNorms sit around its mixer f (attention or MLP).
@@ -180,11 +191,16 @@ impl BlockNorms {
 #[serde(rename_all = "lowercase")]
 pub enum RopeScalingKind {
     Llama3,
+    Linear,
 }
 
 impl RopeScaling {
-    /// `inv_freq` rescaled, in f32 as transformers computes it (`_compute_llama3_parameters`).
+    /// `inv_freq` rescaled, in f32 as transformers computes it (`_compute_llama3_parameters`,
+    /// `_compute_linear_scaling_rope_parameters`).
     fn apply(&self, inv_freq: &[f32]) -> Vec<f32> {
+        if self.kind == RopeScalingKind::Linear {
+            return inv_freq.iter().map(|f| f / self.factor as f32).collect();
+        }
         let (factor, low, high) = (self.factor as f32, self.low_freq_factor as f32, self.high_freq_factor as f32);
         let old_len = self.original_max_seq_len as f32;
         let (low_freq_wavelen, high_freq_wavelen) = (old_len / low, old_len / high);
@@ -208,6 +224,17 @@ impl RopeScaling {
         let key = |k: &str| format!("model.rope_scaling.{k}");
         if !(self.factor.is_finite() && self.factor >= 1.0) {
             return Err(Error::config(key("factor"), format!("{} must be a number >= 1", self.factor)));
+        }
+        if self.kind == RopeScalingKind::Linear {
+            let llama3 = [
+                ("low_freq_factor", self.low_freq_factor != 0.0),
+                ("high_freq_factor", self.high_freq_factor != 0.0),
+                ("original_max_seq_len", self.original_max_seq_len != 0),
+            ];
+            return match llama3.iter().find(|(_, given)| *given) {
+                Some((k, _)) => Err(Error::config(key(k), "is llama3's: linear scaling takes factor alone")),
+                None => Ok(()),
+            };
         }
         if !(self.low_freq_factor > 0.0
             && self.high_freq_factor > self.low_freq_factor
@@ -406,10 +433,16 @@ impl ModelConfig {
     pub fn stores_norms_minus_one(&self) -> bool {
         self.arch == Arch::Gemma3
     }
-    /// The rotary inverse frequencies of the sliding-window layers, where their theta is
-    /// their own (see `rope_theta_local`).
+    /// Whether sliding-window layers rotate by frequencies of their own: at
+    /// `rope_theta_local`, and in Gemma 3 unscaled (its rope scaling is its global layers').
+    pub fn has_local_rope(&self) -> bool {
+        self.rope_theta_local.is_some() || (self.arch == Arch::Gemma3 && self.rope_scaling.is_some())
+    }
+    /// The rotary inverse frequencies of the sliding-window layers, where they are their own
+    /// (see [`Self::has_local_rope`]).
     pub fn rope_inv_freq_local(&self) -> Option<Vec<f32>> {
-        self.rope_theta_local.map(|theta| ondol_core::backend::rope_inv_freq(self.head_dim(), theta))
+        let theta = self.rope_theta_local.unwrap_or(self.rope_theta);
+        self.has_local_rope().then(|| ondol_core::backend::rope_inv_freq(self.head_dim(), theta))
     }
     /// The rotary inverse frequencies of a head, `head_dim / 2` of them, scaled if asked.
     pub fn rope_inv_freq(&self) -> Vec<f32> {
@@ -526,11 +559,8 @@ impl ModelConfig {
         if matches!(self.arch, Arch::Mamba | Arch::Mamba2) && self.n_heads != 0 {
             return Err(Error::config("model.n_heads", "a pure Mamba model has no attention: leave it unset"));
         }
-        if self.arch != Arch::Llama && self.rope_scaling.is_some() {
-            return Err(Error::config(
-                "model.rope_scaling",
-                "only llama takes it (gemma3's linear scaling is not implemented): leave it unset",
-            ));
+        if !self.llama_family() && self.rope_scaling.is_some() {
+            return Err(Error::config("model.rope_scaling", "only llama and gemma3 take it: leave it unset"));
         }
         if self.arch != Arch::Gemma3 && self.rope_theta_local.is_some() {
             return Err(Error::config("model.rope_theta_local", "only gemma3 takes it: leave it unset"));

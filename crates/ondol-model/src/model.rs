@@ -1114,7 +1114,7 @@ impl Model {
 
     /// Length of [`Model::rope_table`].
     fn rope_len(&self, seq: usize) -> usize {
-        let tables = 1 + usize::from(self.cfg.rope_theta_local.is_some());
+        let tables = 1 + usize::from(self.cfg.has_local_rope());
         if self.rotates() { tables * seq * (self.cfg.head_dim() / 2) * 2 } else { 0 }
     }
 
@@ -1550,7 +1550,7 @@ struct RopeTables<B: Backend> {
 impl<B: Backend> RopeTables<B> {
     fn new(be: &B, model: &Model, seq: usize) -> Self {
         let table = model.rope_table(seq);
-        let local_start = (model.cfg.rope_theta_local.is_some() && !table.is_empty()).then_some(table.len() / 2);
+        let local_start = (model.cfg.has_local_rope() && !table.is_empty()).then_some(table.len() / 2);
         Self { buf: be.upload_f32(&table), local_start }
     }
 

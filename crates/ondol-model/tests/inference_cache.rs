@@ -7,7 +7,7 @@
 
 use ondol_core::Rng;
 use ondol_cpu::CpuBackend;
-use ondol_model::{Arch, InferenceCache, Model, ModelConfig, SsmConfig, Workspace};
+use ondol_model::{Arch, InferenceCache, Model, ModelConfig, RopeScaling, RopeScalingKind, SsmConfig, Workspace};
 
 fn model(arch: Arch) -> Model {
     Model::new(config(arch)).unwrap()
@@ -94,7 +94,8 @@ fn llama_with_windows_and_nope_layers_cached_decoding_matches_the_full_forward()
     }
 }
 
-/// Gemma 3's windows of 3 keys with their own rotary theta beside a global layer.
+/// Gemma 3's windows of 3 keys with their own rotary theta beside a global layer; and with
+/// the global layer's rotary embeddings scaled linearly, the windowed layer's not.
 #[test]
 fn gemma3_cached_decoding_matches_the_full_forward() {
     let cfg = ModelConfig {
@@ -105,7 +106,15 @@ fn gemma3_cached_decoding_matches_the_full_forward() {
         rope_theta_local: Some(100.0),
         ..config(Arch::Llama)
     };
-    check_model(Model::new(cfg).unwrap());
+    check_model(Model::new(cfg.clone()).unwrap());
+    let linear = RopeScaling {
+        kind: RopeScalingKind::Linear,
+        factor: 4.0,
+        low_freq_factor: 0.0,
+        high_freq_factor: 0.0,
+        original_max_seq_len: 0,
+    };
+    check_model(Model::new(ModelConfig { rope_theta_local: None, rope_scaling: Some(linear), ..cfg }).unwrap());
 }
 
 #[test]
