@@ -2,14 +2,14 @@
 //! directory (config.json, generation_config.json, model.safetensors or shards,
 //! tokenizer.json) plus what resuming needs: `ondol.toml` (the run config),
 //! `optimizer/exp_avg.safetensors` and `optimizer/exp_avg_sq.safetensors` (AdamW moments by
-//! global name), and `trainer_state.json` (step, tokens, data position, layout, and the
-//! SHA-256 of every other file). A checkpoint of weights only (`ondol import hf`'s, or one
+//! global name; a Gemma 3's also `optimizer/norm_scales.safetensors`, see
+//! [`scales_stored_minus_one`]), and `trainer_state.json` (step, tokens, data position,
+//! layout, and the SHA-256 of every other file). A checkpoint of weights only (`ondol import hf`'s, or one
 //! whose `optimizer/` was deleted to save space) serves evaluation, generation and
 //! `init_from`; resuming needs the moments.
 //!
-//! The parameters are f32 on the CPU, so `model.safetensors` holds the master weights
-//! themselves; a backend that computes in lower precision also writes
-//! `optimizer/master.safetensors`.
+//! The parameters are f32 on every backend (the master weights), and `model.safetensors`
+//! holds them as transformers reads them.
 //!
 //! Crash safety: a checkpoint is written into `.step-XXXXXXXX.tmp`, every file and the
 //! directory are fsynced, and only then is it renamed into place; `checkpoints/latest` (a
@@ -26,6 +26,7 @@ use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::Read;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 pub const FORMAT: &str = "ondol-checkpoint-1";
@@ -177,7 +178,12 @@ pub fn save_to(dst: &Path, snap: &Snapshot) -> Result<()> {
         let opt = tmp.join("optimizer");
         fs::create_dir_all(&opt).map_err(io(format!("cannot create {}", opt.display())))?;
         for (stem, data) in [("exp_avg", &m.exp_avg), ("exp_avg_sq", &m.exp_avg_sq)] {
-            let written = write_layout(&opt, stem, &snap.layout, data, Contents::Moments, snap.max_shard_bytes)?;
+            let written = write_layout(&opt, stem, &snap.layout, data, Contents::AsIs, snap.max_shard_bytes)?;
+            files.extend(written.into_iter().map(|f| format!("optimizer/{f}")));
+        }
+        if let Some((scales, ranges)) = scales_stored_minus_one(&snap.layout) {
+            let exact: Vec<f32> = ranges.iter().flat_map(|r| snap.params[r.clone()].iter().copied()).collect();
+            let written = write_layout(&opt, NORM_SCALES, &scales, &exact, Contents::AsIs, snap.max_shard_bytes)?;
             files.extend(written.into_iter().map(|f| format!("optimizer/{f}")));
         }
         sync_dir(&opt)?;
@@ -389,8 +395,11 @@ fn verify_files(dir: &Path, with_moments: bool) -> Result<TrainerState> {
     // what it must agree with: its directory's step and a valid layout).
     let mut read = vec![PathBuf::from("config.json"), PathBuf::from("ondol.toml")];
     read.extend(dir.join("tokenizer.json").is_file().then(|| PathBuf::from("tokenizer.json")));
-    let moments: &[_] = if with_moments { &[("optimizer", "exp_avg"), ("optimizer", "exp_avg_sq")] } else { &[] };
-    for &(sub, stem) in [("", "model")].iter().chain(moments) {
+    let mut moments = if with_moments { vec![("optimizer", "exp_avg"), ("optimizer", "exp_avg_sq")] } else { vec![] };
+    if with_moments && files_of(&dir.join("optimizer"), NORM_SCALES).is_ok() {
+        moments.push(("optimizer", NORM_SCALES));
+    }
+    for &(sub, stem) in [("", "model")].iter().chain(&moments) {
         let index = dir.join(sub).join(format!("{stem}.safetensors.index.json"));
         read.extend(
             index
@@ -439,6 +448,25 @@ fn verify_files(dir: &Path, with_moments: bool) -> Result<TrainerState> {
         }
     }
     Ok(state)
+}
+
+/// The stem of the exact norm scales of a checkpoint that resumes (see
+/// [`scales_stored_minus_one`]), under `optimizer/`.
+const NORM_SCALES: &str = "norm_scales";
+
+/// The tensors that model files store minus one (Gemma 3's norm scales), as a layout of their
+/// own, and their ranges in `layout`'s flat buffer; none in other models. Below 0.5, `x - 1`
+/// in f32 drops bits of `x`, so a checkpoint that resumes keeps their exact values too.
+fn scales_stored_minus_one(layout: &ParamLayout) -> Option<(ParamLayout, Vec<Range<usize>>)> {
+    let shifted: Vec<_> = layout.params().iter().filter(|p| p.stored_minus_one).collect();
+    if shifted.is_empty() {
+        return None;
+    }
+    let mut scales = ParamLayout::default();
+    for p in &shifted {
+        scales.add(ondol_model::Path::new(&p.name), &p.shape, p.init, p.decay);
+    }
+    Some((scales, shifted.iter().map(|p| p.range()).collect()))
 }
 
 /// The model config a checkpoint (or any Hugging Face directory) declares in config.json.
@@ -533,10 +561,20 @@ pub fn load(dir: &Path, model: &ModelConfig, layout: &ParamLayout) -> Result<Loa
     check_compatible(dir, &model_config(dir)?, model)?;
     let run_config = fs::read_to_string(dir.join("ondol.toml"))
         .map_err(io(format!("cannot read {}", dir.join("ondol.toml").display())))?;
-    let params = read_layout(&files_of(dir, "model")?, layout, Contents::Weights)?;
+    let mut params = read_layout(&files_of(dir, "model")?, layout, Contents::Weights)?;
     let opt = dir.join("optimizer");
-    let exp_avg = read_layout(&files_of(&opt, "exp_avg")?, layout, Contents::Moments)?;
-    let exp_avg_sq = read_layout(&files_of(&opt, "exp_avg_sq")?, layout, Contents::Moments)?;
+    if let Some((scales, ranges)) = scales_stored_minus_one(layout)
+        && let Ok(files) = files_of(&opt, NORM_SCALES)
+    {
+        let exact = read_layout(&files, &scales, Contents::AsIs)?;
+        let mut from = 0;
+        for r in ranges {
+            params[r.clone()].copy_from_slice(&exact[from..from + r.len()]);
+            from += r.len();
+        }
+    }
+    let exp_avg = read_layout(&files_of(&opt, "exp_avg")?, layout, Contents::AsIs)?;
+    let exp_avg_sq = read_layout(&files_of(&opt, "exp_avg_sq")?, layout, Contents::AsIs)?;
     Ok(Loaded { dir: dir.to_path_buf(), state, run_config, params, exp_avg, exp_avg_sq })
 }
 

@@ -3,9 +3,10 @@
 //! Export writes the fields transformers reads for `LlamaForCausalLM` (`Qwen2ForCausalLM`
 //! with biases on q, k and v, `Qwen3ForCausalLM` with q_norm and k_norm, `Exaone4ForCausalLM`
 //! with those and norms after the mixers, `HyperCLOVAXForCausalLM` with norms before and after;
-//! an imported EXAONE 3 goes out as the Llama it is), `GPT2LMHeadModel`, `MambaForCausalLM`, `Mamba2ForCausalLM` and
+//! an imported EXAONE 3 goes out as the Llama it is), `Gemma3ForCausalLM` (an imported image-text
+//! Gemma 3 as its text model), `GPT2LMHeadModel`, `MambaForCausalLM`, `Mamba2ForCausalLM` and
 //! `NemotronHForCausalLM`. Import is strict: a field that would change the model's arithmetic
-//! and that ondol does not implement (a rope scaling other than llama3's, a sliding window,
+//! and that ondol does not implement (a rope scaling other than linear or llama3's, soft-capping,
 //! biases on o_proj, another activation, ...) is an error that names the field; fields that
 //! only matter for training regularisation (dropout) are accepted with a warning, since ondol
 //! trains without dropout.
@@ -211,13 +212,18 @@ fn as_llama_relative(cfg: &ModelConfig, v: &mut Value) {
 }
 
 /// Gemma 3's text model (`Gemma3ForCausalLM`), with the model's validation's limits: its
-/// query_pre_attn_scalar an integer, no soft-capping, rope scaling on the global layers alone. Its sliding_window is
-/// required even where no layer has a window (it then applies to none).
+/// query_pre_attn_scalar an integer, no soft-capping, rope scaling on the global layers alone.
+/// Its sliding_window is required even where no layer has a window (it then applies to none).
+/// The layers' kinds are `layer_types`; `sliding_window_pattern` (every n-th layer global,
+/// n past the last layer where none is; null where the layers are not so) serves readers
+/// that know only it.
 fn gemma3_config(cfg: &ModelConfig) -> Value {
     let layers: Vec<&str> = (0..cfg.n_layers)
         .map(|l| if cfg.layer_attention(l).window.is_some() { "sliding_attention" } else { "full_attention" })
         .collect();
     let local_theta = cfg.rope_theta_local.unwrap_or(cfg.rope_theta);
+    let every_nth = (1..=cfg.n_layers + 1)
+        .find(|&n| layers.iter().enumerate().all(|(i, kind)| (*kind == "full_attention") == (i + 1).is_multiple_of(n)));
     json!({
         "architectures": ["Gemma3ForCausalLM"],
         "model_type": "gemma3_text",
@@ -241,6 +247,7 @@ fn gemma3_config(cfg: &ModelConfig) -> Value {
         "query_pre_attn_scalar": cfg.query_pre_attn_scalar(),
         "sliding_window": cfg.sliding_window.unwrap_or(cfg.max_seq_len),
         "layer_types": layers,
+        "sliding_window_pattern": every_nth,
         "attention_bias": false,
         "attention_dropout": 0.0,
         "final_logit_softcapping": null,
@@ -897,19 +904,12 @@ fn attention_layers(f: &Fields, model_type: &str, layers: usize) -> Result<(Opti
         }
         "gemma3_text" => {
             let w = window(Some(4096))?;
-            // (transformers 5 writes the pattern it read as _sliding_window_pattern.)
-            let key = ["sliding_window_pattern", "_sliding_window_pattern"]
-                .into_iter()
-                .find(|k| f.map.get(*k).is_some_and(|v| !v.is_null()));
-            let every = match key {
-                Some(key) => f.usize(key)?,
-                None => 6,
-            };
-            if every == 0 {
-                return Err(f.err(
-                    key.unwrap_or("sliding_window_pattern"),
-                    "0 is not a layer count: every n-th layer is global",
-                ));
+            // (transformers reads sliding_window_pattern only without layer_types, and never
+            // the _sliding_window_pattern it writes back.)
+            let has_types = f.map.get("layer_types").is_some_and(|v| !v.is_null());
+            let every = if has_types { 0 } else { f.usize_or("sliding_window_pattern", 6)? };
+            if every == 0 && !has_types {
+                return Err(f.err("sliding_window_pattern", "0 is not a layer count: every n-th layer is global"));
             }
             let sliding = layer_types(f, layers, |i| !(i + 1).is_multiple_of(every))?;
             (w, sliding.into_iter().map(|s| (s, true)).collect())
@@ -1106,7 +1106,7 @@ fn gemma3_from(f: &Fields) -> Result<ModelConfig> {
         ffn_hidden: Some(f.usize_or("intermediate_size", 9216)?),
         tie_embeddings: Some(f.bool("tie_word_embeddings", true)?),
         rope_theta: global,
-        rope_theta_local: (local != global).then_some(local),
+        rope_theta_local: (local != global && sliding_window.is_some()).then_some(local),
         rope_scaling,
         norm_eps: f.f64("rms_norm_eps", 1e-6)? as f32,
         init_std: f.f64("initializer_range", 0.02)? as f32,
@@ -1662,6 +1662,8 @@ mod tests {
             (Some("gemma3_text"), Some(12))
         );
         assert_eq!(json["rope_parameters"]["sliding_attention"]["rope_theta"], json!(1e4));
+        // (For readers of the pattern alone: every 6th layer global.)
+        assert_eq!(json["sliding_window_pattern"], json!(6));
         assert_eq!(from_hf_config(&json, "c").unwrap(), (cfg.clone(), vec![]));
         let legacy = json!({
             "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "attention_bias": false,

@@ -50,12 +50,12 @@ pub fn write_file(
 }
 
 /// What a flat buffer written or read holds: a model's weights, which files store as
-/// transformers reads them (see `ParamInfo::stored_minus_one`), or a per-parameter state such
-/// as AdamW's moments, stored as it is.
+/// transformers reads them (see `ParamInfo::stored_minus_one`), or values stored as they are
+/// (AdamW's moments; the exact norm scales of a checkpoint that resumes).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Contents {
     Weights,
-    Moments,
+    AsIs,
 }
 
 /// Writes `flat` (laid out by `layout`) as `<dir>/<stem>.safetensors`, or as numbered shards

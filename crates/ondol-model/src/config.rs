@@ -19,6 +19,9 @@ pub enum Arch {
     /// Gemma 3: Llama with RMSNorms before and after each mixer, an RMSNorm on each q and k
     /// head, GeGLU (GELU, tanh approximation), the embedding scaled by sqrt(d_model), and its
     /// own rotary theta for sliding-window layers (`rope_theta_local`); tied head by default.
+    /// The rest is as a config gives it, with Llama's defaults: Gemma 3's own are a window on
+    /// five layers of six (`attention_pattern = "LLLLLG"`), rope_theta 1e6 and
+    /// rope_theta_local 1e4, norm_eps 1e-6.
     Gemma3,
 }
 
@@ -436,7 +439,8 @@ impl ModelConfig {
     /// Whether sliding-window layers rotate by frequencies of their own: at
     /// `rope_theta_local`, and in Gemma 3 unscaled (its rope scaling is its global layers').
     pub fn has_local_rope(&self) -> bool {
-        self.rope_theta_local.is_some() || (self.arch == Arch::Gemma3 && self.rope_scaling.is_some())
+        let own = self.rope_theta_local.is_some() || (self.arch == Arch::Gemma3 && self.rope_scaling.is_some());
+        own && self.sliding_window.is_some()
     }
     /// The rotary inverse frequencies of the sliding-window layers, where they are their own
     /// (see [`Self::has_local_rope`]).
@@ -723,6 +727,19 @@ impl ModelConfig {
                         format!("{what} = {} must be even for rotary embeddings", self.head_dim()),
                     ));
                 }
+                if let Some(local) = self.rope_theta_local {
+                    // (One spelling per model: two configs of it must compare equal.)
+                    let why = if local == self.rope_theta {
+                        Some("equals rope_theta: leave it unset")
+                    } else if self.sliding_window.is_none() {
+                        Some("no layer has a window (L in attention_pattern): leave it unset")
+                    } else {
+                        None
+                    };
+                    if let Some(why) = why {
+                        return Err(Error::config("model.rope_theta_local", why));
+                    }
+                }
                 let thetas = [("rope_theta", Some(self.rope_theta)), ("rope_theta_local", self.rope_theta_local)];
                 for (key, theta) in thetas {
                     if theta.is_some_and(|t| !(t > 1.0 && t.is_finite())) {
@@ -762,7 +779,7 @@ impl ModelConfig {
         // What is unread is [`Self::unread_as_defaults`]'s to say; here, only why.
         let read = self.unread_as_defaults();
         let (attention, mlp) = ("a pure Mamba model has no attention", "a pure Mamba model has no MLP");
-        let rope = "only llama has rotary positions (gpt2 learns its positions, Mamba and hybrid models have none)";
+        let rope = "only llama and gemma3 have rotary positions (gpt2 learns its positions, Mamba and hybrid models have none)";
         let unread = [
             ("n_kv_heads", self.n_kv_heads != read.n_kv_heads, attention),
             ("ffn_hidden", self.ffn_hidden != read.ffn_hidden, mlp),

@@ -9,8 +9,10 @@
 //! ```
 //! A Llama or GPT-2 layer is two blocks (attention, then MLP); a Mamba layer is one; a
 //! hybrid's `pattern` names each layer's mixer (Nemotron-H). Llama: RMSNorm, rotary
-//! positions, grouped-query heads, SwiGLU, no biases. GPT-2: LayerNorm, learned positions,
-//! GELU, biases, Conv1D weights stored `[in, out]`. Mamba: RMSNorm, tied head.
+//! positions, grouped-query heads, SwiGLU, no biases. Gemma 3: Llama's layout with norms on
+//! both sides, q and k norms, GeGLU, the embedding scaled by sqrt(d_model) (its files store the
+//! norms' scales minus one). GPT-2: LayerNorm, learned positions, GELU, biases, Conv1D weights
+//! stored `[in, out]`. Mamba: RMSNorm, tied head.
 //!
 //! Forward saves the residual stream entering every block and what each block's backward
 //! needs; backward walks the blocks in reverse, carrying the residual-stream gradient `dres`,
@@ -153,14 +155,14 @@ impl Builder<'_> {
     }
     fn rmsnorm(&mut self, path: Path, dim: usize) -> Norm {
         let w = self.norm_param(path.at("weight"), dim, Init::Constant(1.0));
-        self.gemma_norm_weight();
-        Norm { w, b: None }
+        Norm { w: self.norm_scale(w), b: None }
     }
-    /// In Gemma 3, marks the RMSNorm weight just added as stored minus one.
-    fn gemma_norm_weight(&mut self) {
+    /// An RMSNorm's weight (`range`), which Gemma 3's files store minus one.
+    fn norm_scale(&mut self, range: Range<usize>) -> Range<usize> {
         if self.cfg.stores_norms_minus_one() {
-            self.lay.store_last_minus_one();
+            self.lay.store_minus_one(&range);
         }
+        range
     }
     fn layernorm(&mut self, path: Path, dim: usize) -> Norm {
         Norm {
@@ -238,9 +240,9 @@ impl Builder<'_> {
             };
             let one = Init::Constant(1.0);
             let q = self.lay.add_placed(p.at("q_norm").at("weight"), place.clone(), one, false);
-            self.gemma_norm_weight();
+            let q = self.norm_scale(q);
             let k = self.lay.add_placed(p.at("k_norm").at("weight"), place, one, false);
-            self.gemma_norm_weight();
+            let k = self.norm_scale(k);
             (q.start..k.end, cfg.norm_eps)
         });
         let init = self.resid_std();

@@ -178,10 +178,11 @@ impl ParamLayout {
         range
     }
 
-    /// Has model files store the tensor last added as its value minus one (see
-    /// [`ParamInfo::stored_minus_one`]).
-    pub fn store_last_minus_one(&mut self) {
-        self.params.last_mut().expect("a tensor was added").stored_minus_one = true;
+    /// Has model files store the tensor at `range` (as `add` returned it) as its value minus
+    /// one (see [`ParamInfo::stored_minus_one`]).
+    pub fn store_minus_one(&mut self, range: &Range<usize>) {
+        let p = self.params.iter_mut().rev().find(|p| p.range() == *range).expect("a tensor of this layout");
+        p.stored_minus_one = true;
     }
 
     pub fn total(&self) -> usize {

@@ -58,8 +58,8 @@ enum Command {
 
 #[derive(Subcommand)]
 enum ImportCommand {
-    /// A Hugging Face model directory (config.json + safetensors): Llama, Mistral, Qwen2, Qwen3, EXAONE 3 and 4,
-    /// HyperCLOVA X, Granite, GPT-2, Mamba, Mamba-2 or Nemotron-H.
+    /// A Hugging Face model directory (config.json + safetensors): Llama, Mistral, Qwen2, Qwen3, SmolLM3, EXAONE 3
+    /// and 4, HyperCLOVA X, Granite, Gemma 3 (its text model), GPT-2, Mamba, Mamba-2 or Nemotron-H.
     Hf {
         /// The Hugging Face model directory.
         src: PathBuf,

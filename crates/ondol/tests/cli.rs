@@ -248,7 +248,18 @@ fn bad_values_are_refused_with_key_file_and_what_is_valid() {
             &["model.mup.attention_multiplier", "integer"],
         ),
         (&["model.arch=\"gemma3\"", "model.attention_pattern=\"N\""], &["model.attention_pattern", "Gemma 3"]),
-        (&["model.arch=\"gemma3\"", "model.rope_theta_local=0.5"], &["model.rope_theta_local", "greater than 1"]),
+        (
+            &["model.arch=\"gemma3\"", "model.sliding_window=4", "model.rope_theta_local=0.5"],
+            &["model.rope_theta_local", "greater than 1"],
+        ),
+        (
+            &["model.arch=\"gemma3\"", "model.rope_theta_local=100.0"],
+            &["model.rope_theta_local", "no layer has a window"],
+        ),
+        (
+            &["model.arch=\"gemma3\"", "model.sliding_window=4", "model.rope_theta_local=10000.0"],
+            &["model.rope_theta_local", "equals rope_theta"],
+        ),
         (&["model.rope_theta_local=10000.0"], &["model.rope_theta_local", "only gemma3"]),
         (
             &["model.mup.residual_multiplier=0.5", "model.n_heads=3", "model.n_kv_heads=1", "model.head_dim=32"],
