@@ -682,7 +682,7 @@ fn run(
 
         // 4. Tokenize in parallel; append in order.
         let tokens: Vec<Vec<u32>> =
-            kept.par_iter().map(|(text, _)| tokenizer.encode(text)).collect::<Result<_, _>>()?;
+            kept.par_iter().map(|(text, _)| tokenizer.encode_document(text)).collect::<Result<_, _>>()?;
         for ((_, val), doc) in kept.iter().zip(&tokens) {
             let split = usize::from(*val);
             if *val {

@@ -392,6 +392,17 @@ impl TextTokenizer {
         Ok(encodings.into_iter().map(|e| e.get_ids().to_vec()).collect())
     }
 
+    /// The token ids of a document, as transformers' tokenizer encodes it by default: with the
+    /// special tokens its post-processor adds (the BOS Gemma's and Llama 3's tokenizers put
+    /// first; none in ondol's own tokenizers).
+    pub fn encode_document(&self, text: &str) -> Result<Vec<u32>, DataError> {
+        let encoding = self
+            .inner
+            .encode_fast(text, true)
+            .map_err(|e| DataError::Invalid(format!("tokenizer failed to encode: {e}")))?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
     /// The token ids of one text (no special tokens added), on this thread.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, DataError> {
         let encoding = self
@@ -565,6 +576,31 @@ pub(crate) mod tests {
         std::fs::write(dir.path().join("bad.json"), "{").unwrap();
         let err = TextTokenizer::from_file(&dir.path().join("bad.json"), EOT_TOKEN).err().unwrap().to_string();
         assert!(err.contains("bad.json") && err.contains("not a valid"), "{err}");
+    }
+
+    /// A document starts as transformers' tokenizer starts it: with the BOS that a
+    /// post-processor adds (Gemma's, Llama 3's), and with nothing in ondol's own tokenizers.
+    #[test]
+    fn documents_take_the_special_tokens_of_the_tokenizers_post_processor() {
+        use tokenizers::processors::template::TemplateProcessing;
+        let dir = tempfile::tempdir().unwrap();
+        let tok = sample_tokenizer(dir.path());
+        let text = "대한민국 and Alice";
+        assert_eq!(tok.encode_document(text).unwrap(), tok.encode(text).unwrap());
+        let mut inner = tok.inner.clone();
+        inner.add_special_tokens(&[AddedToken::from("<bos>", true)]);
+        let bos = inner.token_to_id("<bos>").unwrap();
+        let template = TemplateProcessing::builder()
+            .try_single("<bos> $A")
+            .unwrap()
+            .special_tokens(vec![("<bos>", bos)])
+            .build()
+            .unwrap();
+        inner.with_post_processor(Some(template));
+        let with_bos = TextTokenizer::new(inner, EOT_TOKEN).unwrap();
+        let doc = with_bos.encode_document(text).unwrap();
+        assert_eq!((doc[0], &doc[1..]), (bos, tok.encode(text).unwrap().as_slice()));
+        assert_eq!(with_bos.encode_document("").unwrap(), [bos]);
     }
 
     #[test]

@@ -72,9 +72,16 @@ impl Pretrained {
         let config_path = dir.join("config.json");
         let text = std::fs::read_to_string(&config_path).unwrap_or_default();
         let config = ondol_ckpt::hf::parse_config(&text, &config_path.display().to_string())?;
-        // One id, or (Llama 3) a list whose first is the end of text.
-        let eos = config.get("eos_token_id");
-        let eos_token_id = eos.and_then(|v| v.as_u64().or_else(|| v.as_array()?.first()?.as_u64())).map(|v| v as u32);
+        // One id, or (Llama 3, Gemma 3) a list whose first is the end of text; an image-text
+        // Gemma 3 gives it in generation_config.json alone.
+        let generation = std::fs::read_to_string(dir.join("generation_config.json"))
+            .ok()
+            .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok());
+        let eos = |c: &serde_json::Value| {
+            let v = c.get("eos_token_id")?;
+            v.as_u64().or_else(|| v.as_array()?.first()?.as_u64()).map(|v| v as u32)
+        };
+        let eos_token_id = eos(&config).or_else(|| generation.as_ref().and_then(eos));
         Ok(Self { dir: dir.to_path_buf(), model, params, run_config, eos_token_id })
     }
 
@@ -126,10 +133,11 @@ pub enum Tokenizer {
 }
 
 impl Tokenizer {
+    /// `text` as a document starts (a prompt): with the BOS a tokenizer's post-processor adds.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         match self {
             Tokenizer::Bytes(t) => Ok(t.encode(text)),
-            Tokenizer::Text(t) => Ok(t.encode(text)?),
+            Tokenizer::Text(t) => Ok(t.encode_document(text)?),
         }
     }
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
