@@ -76,30 +76,18 @@ pub fn to_hf_config(cfg: &ModelConfig, eos_token_id: Option<u32>) -> Value {
         }),
         Arch::Hybrid => nemotron_h_config(cfg),
         Arch::Gemma3 => gemma3_config(cfg),
-        Arch::Llama => json!({
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
-            "vocab_size": cfg.vocab_size,
-            "hidden_size": cfg.d_model,
-            "intermediate_size": cfg.ffn(),
-            "num_hidden_layers": cfg.n_layers,
-            "num_attention_heads": cfg.n_heads,
-            "num_key_value_heads": cfg.kv_heads(),
-            "head_dim": cfg.head_dim(),
-            "max_position_embeddings": cfg.max_seq_len,
-            "rms_norm_eps": cfg.norm_eps,
-            "rope_theta": cfg.rope_theta,
-            "rope_parameters": rope_parameters(cfg),
-            "hidden_act": "silu",
-            "attention_bias": false,
-            "attention_dropout": 0.0,
-            "mlp_bias": false,
-            "pretraining_tp": 1,
-            "tie_word_embeddings": cfg.tied(),
-            "initializer_range": cfg.init_std,
-            "use_cache": true,
-            "torch_dtype": "float32",
-        }),
+        Arch::Llama => llama_layout(
+            cfg,
+            json!({
+                "architectures": ["LlamaForCausalLM"],
+                "model_type": "llama",
+                "rope_theta": cfg.rope_theta,
+                "rope_parameters": rope_parameters(cfg),
+                "hidden_act": "silu",
+                "mlp_bias": false,
+                "pretraining_tp": 1,
+            }),
+        ),
         Arch::Gpt2 => json!({
             "architectures": ["GPT2LMHeadModel"],
             "model_type": "gpt2",
@@ -224,19 +212,10 @@ fn gemma3_config(cfg: &ModelConfig) -> Value {
     let local_theta = cfg.rope_theta_local.unwrap_or(cfg.rope_theta);
     let every_nth = (1..=cfg.n_layers + 1)
         .find(|&n| layers.iter().enumerate().all(|(i, kind)| (*kind == "full_attention") == (i + 1).is_multiple_of(n)));
-    json!({
+    let gemma3 = json!({
         "architectures": ["Gemma3ForCausalLM"],
         "model_type": "gemma3_text",
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.d_model,
-        "intermediate_size": cfg.ffn(),
-        "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.kv_heads(),
-        "head_dim": cfg.head_dim(),
         "hidden_activation": "gelu_pytorch_tanh",
-        "max_position_embeddings": cfg.max_seq_len,
-        "rms_norm_eps": cfg.norm_eps,
         // (transformers 5 reads rope_parameters; 4 rope_theta and rope_local_base_freq.)
         "rope_parameters": {
             "full_attention": rope_parameters(cfg),
@@ -248,8 +227,6 @@ fn gemma3_config(cfg: &ModelConfig) -> Value {
         "sliding_window": cfg.sliding_window.unwrap_or(cfg.max_seq_len),
         "layer_types": layers,
         "sliding_window_pattern": every_nth,
-        "attention_bias": false,
-        "attention_dropout": 0.0,
         "final_logit_softcapping": null,
         "attn_logit_softcapping": null,
         "use_bidirectional_attention": false,
@@ -257,11 +234,35 @@ fn gemma3_config(cfg: &ModelConfig) -> Value {
         "pad_token_id": null,
         "bos_token_id": null,
         "eos_token_id": null,
+    });
+    llama_layout(cfg, gemma3)
+}
+
+/// `fields` and what every Llama-layout config.json has: the sizes, the norms' epsilon,
+/// attention without biases, the head's tying, the init.
+fn llama_layout(cfg: &ModelConfig, mut fields: Value) -> Value {
+    let common = json!({
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.ffn(),
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.kv_heads(),
+        "head_dim": cfg.head_dim(),
+        "max_position_embeddings": cfg.max_seq_len,
+        "rms_norm_eps": cfg.norm_eps,
+        "attention_bias": false,
+        "attention_dropout": 0.0,
         "tie_word_embeddings": cfg.tied(),
         "initializer_range": cfg.init_std,
         "use_cache": true,
         "torch_dtype": "float32",
-    })
+    });
+    let o = fields.as_object_mut().expect("fields are an object");
+    for (key, value) in common.as_object().expect("an object") {
+        o.insert(key.clone(), value.clone());
+    }
+    fields
 }
 
 /// Nemotron-H's names for the layer kinds of a hybrid pattern.

@@ -396,18 +396,18 @@ impl TextTokenizer {
     /// special tokens its post-processor adds (the BOS Gemma's and Llama 3's tokenizers put
     /// first; none in ondol's own tokenizers).
     pub fn encode_document(&self, text: &str) -> Result<Vec<u32>, DataError> {
-        let encoding = self
-            .inner
-            .encode_fast(text, true)
-            .map_err(|e| DataError::Invalid(format!("tokenizer failed to encode: {e}")))?;
-        Ok(encoding.get_ids().to_vec())
+        self.encode_with(text, true)
     }
 
     /// The token ids of one text (no special tokens added), on this thread.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, DataError> {
+        self.encode_with(text, false)
+    }
+
+    fn encode_with(&self, text: &str, special_tokens: bool) -> Result<Vec<u32>, DataError> {
         let encoding = self
             .inner
-            .encode_fast(text, false)
+            .encode_fast(text, special_tokens)
             .map_err(|e| DataError::Invalid(format!("tokenizer failed to encode: {e}")))?;
         Ok(encoding.get_ids().to_vec())
     }
