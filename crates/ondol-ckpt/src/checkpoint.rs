@@ -20,7 +20,7 @@
 use crate::hf;
 use crate::tensors::{Contents, files_of, read_layout, write_json, write_layout};
 use ondol_core::{Error, Result};
-use ondol_model::{ModelConfig, ParamLayout};
+use ondol_model::{ModelConfig, ParamLayout, RopeScaling};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -396,7 +396,7 @@ fn verify_files(dir: &Path, with_moments: bool) -> Result<TrainerState> {
     let mut read = vec![PathBuf::from("config.json"), PathBuf::from("ondol.toml")];
     read.extend(dir.join("tokenizer.json").is_file().then(|| PathBuf::from("tokenizer.json")));
     let mut moments = if with_moments { vec![("optimizer", "exp_avg"), ("optimizer", "exp_avg_sq")] } else { vec![] };
-    if with_moments && files_of(&dir.join("optimizer"), NORM_SCALES).is_ok() {
+    if with_moments && has_files(&dir.join("optimizer"), NORM_SCALES) {
         moments.push(("optimizer", NORM_SCALES));
     }
     for &(sub, stem) in [("", "model")].iter().chain(&moments) {
@@ -454,6 +454,11 @@ fn verify_files(dir: &Path, with_moments: bool) -> Result<TrainerState> {
 /// [`scales_stored_minus_one`]), under `optimizer/`.
 const NORM_SCALES: &str = "norm_scales";
 
+/// Whether `dir` holds `<stem>.safetensors` or its index.
+fn has_files(dir: &Path, stem: &str) -> bool {
+    ["safetensors", "safetensors.index.json"].iter().any(|ext| dir.join(format!("{stem}.{ext}")).is_file())
+}
+
 /// The tensors that model files store minus one (Gemma 3's norm scales), as a layout of their
 /// own, and their ranges in `layout`'s flat buffer; none in other models. Below 0.5, `x - 1`
 /// in f32 drops bits of `x`, so a checkpoint that resumes keeps their exact values too.
@@ -504,13 +509,7 @@ pub fn check_compatible(dir: &Path, theirs: &ModelConfig, ours: &ModelConfig) ->
         if c.llama_family() {
             v.push(("rope_theta", c.rope_theta.to_string()));
             v.push(("rope_theta_local", c.rope_theta_local.map_or("none".to_string(), |t| t.to_string())));
-            let scaling = c.rope_scaling.as_ref().map_or("none".to_string(), |s| {
-                format!(
-                    "llama3 (factor {}, low_freq_factor {}, high_freq_factor {}, original_max_seq_len {})",
-                    s.factor, s.low_freq_factor, s.high_freq_factor, s.original_max_seq_len
-                )
-            });
-            v.push(("rope_scaling", scaling));
+            v.push(("rope_scaling", c.rope_scaling.as_ref().map_or("none".to_string(), RopeScaling::describe)));
             v.push(("qkv_bias", c.qkv_bias.to_string()));
             v.push(("qk_norm", c.qk_norm.to_string()));
             v.push(("block_norms", format!("{:?}", c.block_norms).to_lowercase()));
@@ -564,9 +563,9 @@ pub fn load(dir: &Path, model: &ModelConfig, layout: &ParamLayout) -> Result<Loa
     let mut params = read_layout(&files_of(dir, "model")?, layout, Contents::Weights)?;
     let opt = dir.join("optimizer");
     if let Some((scales, ranges)) = scales_stored_minus_one(layout)
-        && let Ok(files) = files_of(&opt, NORM_SCALES)
+        && has_files(&opt, NORM_SCALES)
     {
-        let exact = read_layout(&files, &scales, Contents::AsIs)?;
+        let exact = read_layout(&files_of(&opt, NORM_SCALES)?, &scales, Contents::AsIs)?;
         let mut from = 0;
         for r in ranges {
             params[r.clone()].copy_from_slice(&exact[from..from + r.len()]);

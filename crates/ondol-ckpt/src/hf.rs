@@ -573,6 +573,14 @@ fn rope_parameters(cfg: &ModelConfig) -> Value {
 /// the default embeddings, linear or llama3's; others are refused.
 fn rope_scaling_of(f: &Fields, key: &str, p: &Value) -> Result<Option<RopeScaling>> {
     let kind = p.get("rope_type").or_else(|| p.get("type")).cloned().unwrap_or(json!("default"));
+    // (A field of the embedding that ondol would ignore, partial_rotary_factor say, is refused.)
+    let llama3 = ["low_freq_factor", "high_freq_factor", "original_max_position_embeddings"];
+    let known = |k: &str| {
+        ["rope_type", "type", "rope_theta", "factor"].contains(&k) || (kind == "llama3" && llama3.contains(&k))
+    };
+    if let Some(unknown) = p.as_object().and_then(|o| o.keys().find(|k| !known(k))) {
+        return Err(f.err(key, format!("{unknown} is not supported in a {kind} rotary embedding")));
+    }
     match kind.as_str() {
         Some("default") => Ok(None),
         Some("llama3") => Ok(Some(llama3_scaling(f, key, p)?)),
@@ -1051,11 +1059,12 @@ const GEMMA3_FIELDS: &[&str] = &[
     "cache_implementation",
 ];
 
-/// A `gemma3_text` config: transformers 5's `rope_parameters` (a default rotary embedding per
-/// layer type) or the fields before it (`rope_theta`, `rope_local_base_freq`; no scaling),
-/// agreeing where a file has both; the defaults are transformers' (the sizes of its 2B config,
-/// global theta 1e6, local 1e4, query_pre_attn_scalar 256, a window of 4096 on five layers of
-/// six), which the text_config of an image-text checkpoint relies on.
+/// A `gemma3_text` config: transformers 5's `rope_parameters` (a rotary embedding per layer
+/// type, the global layers' possibly scaled) or the fields before it (`rope_theta`,
+/// `rope_local_base_freq`, `rope_scaling` the global layers'), agreeing where a file has both;
+/// the defaults are transformers' (its config class's sizes, Gemma 2 2B's; global theta 1e6,
+/// local 1e4, query_pre_attn_scalar 256, a window of 4096 on five layers of six), which the
+/// text_config of an image-text checkpoint relies on.
 fn gemma3_from(f: &Fields) -> Result<ModelConfig> {
     f.must_be("hidden_activation", &json!("gelu_pytorch_tanh"), "GeGLU with gelu_pytorch_tanh")?;
     f.must_be("attention_bias", &json!(false), "attention without biases")?;
@@ -1080,13 +1089,15 @@ fn gemma3_from(f: &Fields) -> Result<ModelConfig> {
     let scaling_in =
         |key: &str, p: Option<&Value>| p.map(|p| rope_scaling_of(f, key, p)).transpose().map(Option::flatten);
     let legacy = f.map.get("rope_scaling").filter(|v| !v.is_null());
-    let rope_scaling =
-        match (scaling_in("rope_parameters", entry("full_attention"))?, scaling_in("rope_scaling", legacy)?) {
-            (Some(a), Some(b)) if a != b => {
-                return Err(f.err("rope_scaling", "disagrees with rope_parameters' full_attention on the scaling"));
-            }
-            (a, b) => a.or(b),
-        };
+    // (transformers lets rope_scaling override the entry: where a file has both, they agree.)
+    let nested = scaling_in("rope_parameters", entry("full_attention"))?;
+    let rope_scaling = match (legacy, scaling_in("rope_scaling", legacy)?) {
+        (Some(_), scaling) if entry("full_attention").is_some() && scaling != nested => {
+            return Err(f.err("rope_scaling", "disagrees with rope_parameters' full_attention on the scaling"));
+        }
+        (Some(_), scaling) => scaling,
+        (None, _) => nested,
+    };
     if scaling_in("rope_parameters", entry("sliding_attention"))?.is_some() {
         return Err(f.err(
             "rope_parameters",
@@ -1687,6 +1698,7 @@ mod tests {
         for (key, value, names) in [
             ("final_logit_softcapping", json!(30.0), "soft-capping"),
             ("rope_scaling", json!({"rope_type": "yarn", "factor": 8.0}), "yarn"),
+            ("rope_scaling", json!({"rope_type": "linear", "factor": 8.0, "partial_rotary_factor": 0.5}), "partial"),
             ("rope_parameters", json!({"full_attention": {"rope_theta": 5e5}}), "disagrees"),
             ("hidden_activation", json!("gelu"), "gelu_pytorch_tanh"),
             ("sliding_window_pattern", json!(0), "not a layer count"),
@@ -1706,6 +1718,11 @@ mod tests {
         assert_eq!(json["rope_parameters"]["full_attention"]["rope_type"], json!("linear"));
         assert_eq!(json["rope_parameters"]["sliding_attention"]["rope_type"], json!("default"));
         assert_eq!(from_hf_config(&json, "c").unwrap().0, read);
+        // transformers lets rope_scaling override rope_parameters: where both are, they agree.
+        let mut both = scaled.clone();
+        both["rope_parameters"] = json!({"full_attention": {"rope_type": "default", "rope_theta": 1e6}});
+        let e = from_hf_config(&both, "c").unwrap_err().to_string();
+        assert!(e.contains("rope_scaling") && e.contains("disagrees"), "{e}");
         // Their image-text config: the text model from its sparse text_config, on
         // transformers' defaults, and a word that the image model is left out.
         let image_text = json!({

@@ -226,6 +226,14 @@ pub fn read_layout(files: &[PathBuf], layout: &ParamLayout, contents: Contents) 
                 )));
             };
             let p = &layout.params()[i];
+            if seen[i] {
+                // (Under two of the names it may have: `X` and `transformer.X`, say.)
+                return Err(Error::Input(format!(
+                    "{}: tensor `{name}` is `{}` again, which an earlier tensor gave",
+                    path.display(),
+                    p.name
+                )));
+            }
             if view.shape() != p.shape.as_slice() {
                 return Err(Error::Input(format!(
                     "{}: tensor `{name}` has shape {:?}, the model needs {:?}",

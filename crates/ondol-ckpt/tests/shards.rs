@@ -31,3 +31,29 @@ fn sharded_files_round_trip_through_their_index() {
     let e = read_layout(&files, &model.layout, Contents::Weights).unwrap_err().to_string();
     assert!(e.contains(files[1].file_name().unwrap().to_str().unwrap()), "{e}");
 }
+
+/// A tensor that two names in the files give (here `X` and `transformer.X`) is an error, not
+/// whichever came last.
+#[test]
+fn a_tensor_given_twice_is_refused() {
+    let cfg = ModelConfig {
+        ffn_hidden: Some(24),
+        tie_embeddings: Some(false),
+        ..ModelConfig::new(Arch::Llama, 50, 16, 1, 2, 8)
+    };
+    let model = Model::new(cfg).unwrap();
+    let flat = model.layout.init(3);
+    let dir = tempfile::tempdir().unwrap();
+    write_layout(dir.path(), "model", &model.layout, &flat, Contents::Weights, 1 << 30).unwrap();
+    let head = model.layout.get("lm_head.weight").unwrap();
+    let again = dir.path().join("again.safetensors");
+    ondol_ckpt::tensors::write_file(
+        &again,
+        &[("transformer.lm_head.weight", head.shape.clone(), &flat[head.range()])],
+        None,
+    )
+    .unwrap();
+    let files = [files_of(dir.path(), "model").unwrap(), vec![again]].concat();
+    let e = read_layout(&files, &model.layout, Contents::Weights).unwrap_err().to_string();
+    assert!(e.contains("transformer.lm_head.weight") && e.contains("again"), "{e}");
+}

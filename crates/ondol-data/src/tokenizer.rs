@@ -314,6 +314,20 @@ fn load(path: &Path) -> Result<Tokenizer, DataError> {
 pub struct TextTokenizer {
     inner: Tokenizer,
     eot: u32,
+    /// What the post-processor puts before a text (Gemma's and Llama 3's BOS): the start of
+    /// every document. What it puts after (an EOS) is left out: the end-of-text written
+    /// between documents ends them.
+    document_start: Vec<u32>,
+}
+
+/// The special tokens `inner`'s post-processor puts before a text.
+fn leading_special_tokens(inner: &Tokenizer) -> Vec<u32> {
+    let (Ok(with), Ok(without)) = (inner.encode_fast("a", true), inner.encode_fast("a", false)) else {
+        return Vec::new();
+    };
+    let (with, without) = (with.get_ids(), without.get_ids());
+    let start = (0..=with.len().saturating_sub(without.len())).find(|&i| with[i..].starts_with(without));
+    start.map_or(Vec::new(), |i| with[..i].to_vec())
 }
 
 impl TextTokenizer {
@@ -327,7 +341,8 @@ impl TextTokenizer {
         // Document text that happens to contain "<|endoftext|>" is encoded as plain text, never
         // as the special token, so no document can forge a boundary.
         inner.set_encode_special_tokens(true);
-        Ok(Self { inner, eot })
+        let document_start = leading_special_tokens(&inner);
+        Ok(Self { inner, eot, document_start })
     }
 
     /// Loads `path` (any Hugging Face `tokenizer.json`); `eot_token` must be in its vocabulary.
@@ -349,7 +364,8 @@ impl TextTokenizer {
             });
         }
         inner.set_encode_special_tokens(true);
-        Ok(Self { inner, eot: id })
+        let document_start = leading_special_tokens(&inner);
+        Ok(Self { inner, eot: id, document_start })
     }
 
     /// Whether the tokenizer's own normaliser is NFC (ondol's are): it normalises whatever
@@ -392,22 +408,18 @@ impl TextTokenizer {
         Ok(encodings.into_iter().map(|e| e.get_ids().to_vec()).collect())
     }
 
-    /// The token ids of a document, as transformers' tokenizer encodes it by default: with the
-    /// special tokens its post-processor adds (the BOS Gemma's and Llama 3's tokenizers put
-    /// first; none in ondol's own tokenizers).
+    /// The token ids of a document: as transformers' tokenizer encodes it by default, starting
+    /// with the special tokens its post-processor puts first (the BOS of Gemma's and Llama 3's
+    /// tokenizers; none in ondol's own), but without any it puts last.
     pub fn encode_document(&self, text: &str) -> Result<Vec<u32>, DataError> {
-        self.encode_with(text, true)
+        Ok([self.document_start.clone(), self.encode(text)?].concat())
     }
 
     /// The token ids of one text (no special tokens added), on this thread.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, DataError> {
-        self.encode_with(text, false)
-    }
-
-    fn encode_with(&self, text: &str, special_tokens: bool) -> Result<Vec<u32>, DataError> {
         let encoding = self
             .inner
-            .encode_fast(text, special_tokens)
+            .encode_fast(text, false)
             .map_err(|e| DataError::Invalid(format!("tokenizer failed to encode: {e}")))?;
         Ok(encoding.get_ids().to_vec())
     }
@@ -579,7 +591,8 @@ pub(crate) mod tests {
     }
 
     /// A document starts as transformers' tokenizer starts it: with the BOS that a
-    /// post-processor adds (Gemma's, Llama 3's), and with nothing in ondol's own tokenizers.
+    /// post-processor adds (Gemma's, Llama 3's), and with nothing in ondol's own tokenizers;
+    /// an EOS a post-processor adds after a text is left to the end-of-text between documents.
     #[test]
     fn documents_take_the_special_tokens_of_the_tokenizers_post_processor() {
         use tokenizers::processors::template::TemplateProcessing;
@@ -588,19 +601,22 @@ pub(crate) mod tests {
         let text = "대한민국 and Alice";
         assert_eq!(tok.encode_document(text).unwrap(), tok.encode(text).unwrap());
         let mut inner = tok.inner.clone();
-        inner.add_special_tokens(&[AddedToken::from("<bos>", true)]);
-        let bos = inner.token_to_id("<bos>").unwrap();
-        let template = TemplateProcessing::builder()
-            .try_single("<bos> $A")
-            .unwrap()
-            .special_tokens(vec![("<bos>", bos)])
-            .build()
-            .unwrap();
-        inner.with_post_processor(Some(template));
-        let with_bos = TextTokenizer::new(inner, EOT_TOKEN).unwrap();
-        let doc = with_bos.encode_document(text).unwrap();
-        assert_eq!((doc[0], &doc[1..]), (bos, tok.encode(text).unwrap().as_slice()));
-        assert_eq!(with_bos.encode_document("").unwrap(), [bos]);
+        inner.add_special_tokens(&[AddedToken::from("<bos>", true), AddedToken::from("<end>", true)]);
+        let [bos, end] = ["<bos>", "<end>"].map(|t| inner.token_to_id(t).unwrap());
+        for (template, first) in [("<bos> $A", true), ("<bos> $A <end>", true), ("$A <end>", false)] {
+            let template = TemplateProcessing::builder()
+                .try_single(template)
+                .unwrap()
+                .special_tokens(vec![("<bos>", bos), ("<end>", end)])
+                .build()
+                .unwrap();
+            inner.with_post_processor(Some(template));
+            let templated = TextTokenizer::new(inner.clone(), EOT_TOKEN).unwrap();
+            // The start a template gives, not the end: the end-of-text between documents ends them.
+            let start: &[u32] = if first { &[bos] } else { &[] };
+            assert_eq!(templated.encode_document(text).unwrap(), [start, &tok.encode(text).unwrap()].concat());
+            assert_eq!(templated.encode_document("").unwrap(), start);
+        }
     }
 
     #[test]

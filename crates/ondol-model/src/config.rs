@@ -198,6 +198,17 @@ pub enum RopeScalingKind {
 }
 
 impl RopeScaling {
+    /// The scaling in words, as `inspect` and a mismatch name it.
+    pub fn describe(&self) -> String {
+        match self.kind {
+            RopeScalingKind::Linear => format!("linear (factor {})", self.factor),
+            RopeScalingKind::Llama3 => format!(
+                "llama3 (factor {}, low_freq_factor {}, high_freq_factor {}, original_max_seq_len {})",
+                self.factor, self.low_freq_factor, self.high_freq_factor, self.original_max_seq_len
+            ),
+        }
+    }
+
     /// `inv_freq` rescaled, in f32 as transformers computes it (`_compute_llama3_parameters`,
     /// `_compute_linear_scaling_rope_parameters`).
     fn apply(&self, inv_freq: &[f32]) -> Vec<f32> {
@@ -238,6 +249,15 @@ impl RopeScaling {
                 Some((k, _)) => Err(Error::config(key(k), "is llama3's: linear scaling takes factor alone")),
                 None => Ok(()),
             };
+        }
+        for (k, missing) in [
+            ("low_freq_factor", self.low_freq_factor == 0.0),
+            ("high_freq_factor", self.high_freq_factor == 0.0),
+            ("original_max_seq_len", self.original_max_seq_len == 0),
+        ] {
+            if missing {
+                return Err(Error::config(key(k), "llama3 scaling needs it (a positive number)"));
+            }
         }
         if !(self.low_freq_factor > 0.0
             && self.high_freq_factor > self.low_freq_factor

@@ -905,6 +905,9 @@ fn describe_llama_relatives(m: &ModelConfig) -> Result<()> {
         if let Some(theta) = m.rope_theta_local {
             answer!("rotary theta         {} global, {theta} on windowed layers", m.rope_theta);
         }
+        if let Some(s) = &m.rope_scaling {
+            answer!("rope scaling         {}", s.describe());
+        }
         if nope > 0 {
             answer!("without positions    {nope} of {} layers (NoPE)", m.n_layers);
         }
@@ -1300,7 +1303,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
     let sampling = Sampling { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p, seed: args.seed };
     let eot = tok.eot_id();
     // An empty prompt samples a text from its start: after an end-of-text, as a document
-    // follows one in training.
+    // follows one in training (or after the BOS a tokenizer starts every text with).
     let prompt = match tok.encode(&args.prompt)? {
         ids if ids.is_empty() => vec![eot],
         ids => ids,

@@ -49,7 +49,7 @@ pub struct Pretrained {
     pub params: Vec<f32>,
     /// The run config, when the directory is an ondol checkpoint.
     pub run_config: Option<RunConfig>,
-    /// The end-of-text id config.json declares, if any.
+    /// The end-of-text id config.json (or else generation_config.json) declares, if any.
     pub eos_token_id: Option<u32>,
 }
 
