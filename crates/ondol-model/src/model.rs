@@ -769,7 +769,7 @@ impl Model {
 
         let (mut cached, at) = match cache {
             Some(InferenceCache { blocks, rope, max_seq, .. }) => {
-                let (rope, local_rope) = rope.from(be, pos, self.cfg.head_dim());
+                let (rope, local_rope) = rope.views_from(be, pos * self.cfg.head_dim());
                 (Some((blocks, *max_seq)), Positions { rope, local_rope, first_keys: None, window_keys: None })
             }
             None => (None, ws.positions.of(be)),
@@ -1556,15 +1556,16 @@ impl<B: Backend> RopeTables<B> {
         Self { buf: be.upload_f32(&table), local_start }
     }
 
-    /// The global and the sliding-window layers' tables from position `pos` on (rows of
-    /// `head_dim` values). Without rotary positions the tables are empty views, never read.
-    fn from<'a>(&'a self, be: &B, pos: usize, head_dim: usize) -> (B::Ref<'a>, B::Ref<'a>) {
+    /// The global and the sliding-window layers' tables from element `offset` of each on
+    /// (a position's row is head_dim values). Without rotary positions the tables are empty
+    /// views, never read.
+    fn views_from<'a>(&'a self, be: &B, offset: usize) -> (B::Ref<'a>, B::Ref<'a>) {
         let len = be.len(&self.buf);
         let global_end = self.local_start.unwrap_or(len);
-        let global = be.view(&self.buf, (pos * head_dim).min(global_end)..global_end);
+        let global = be.view(&self.buf, offset.min(global_end)..global_end);
         let local = match self.local_start {
-            Some(start) => be.view(&self.buf, (start + pos * head_dim).min(len)..len),
-            None => be.view(&self.buf, (pos * head_dim).min(global_end)..global_end),
+            Some(start) => be.view(&self.buf, (start + offset).min(len)..len),
+            None => be.view(&self.buf, offset.min(global_end)..global_end),
         };
         (global, local)
     }
@@ -1582,7 +1583,7 @@ struct PositionBufs<B: Backend> {
 
 impl<B: Backend> PositionBufs<B> {
     fn of<'a>(&'a self, be: &B) -> Positions<'a, B> {
-        let (rope, local_rope) = self.rope.from(be, 0, 0);
+        let (rope, local_rope) = self.rope.views_from(be, 0);
         Positions {
             rope,
             local_rope,
