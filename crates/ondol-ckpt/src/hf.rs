@@ -1032,16 +1032,7 @@ fn mup(f: &Fields, granite: bool, head_dim: usize) -> Result<MupConfig> {
 /// Gemma 3's text model's fields (`gemma3_text`); its attention layers are read by
 /// [`attention_layers`].
 const GEMMA3_FIELDS: &[&str] = &[
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
     "hidden_activation",
-    "max_position_embeddings",
-    "rms_norm_eps",
     "rope_parameters",
     "rope_theta",
     "rope_local_base_freq",
@@ -1055,8 +1046,22 @@ const GEMMA3_FIELDS: &[&str] = &[
     "final_logit_softcapping",
     "attn_logit_softcapping",
     "use_bidirectional_attention",
-    "tie_word_embeddings",
     "cache_implementation",
+];
+
+/// What every Llama-layout config.json has and import reads (see [`llama_layout`]).
+const LLAMA_LAYOUT_FIELDS: &[&str] = &[
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "max_position_embeddings",
+    "rms_norm_eps",
+    "attention_bias",
+    "tie_word_embeddings",
 ];
 
 /// A `gemma3_text` config: transformers 5's `rope_parameters` (a rotary embedding per layer
@@ -1269,28 +1274,7 @@ pub fn from_hf_config(json: &Value, file: &str) -> Result<(ModelConfig, Vec<Stri
                 attention_pattern,
                 init_from: None,
             };
-            (
-                cfg,
-                &[
-                    "vocab_size",
-                    "hidden_size",
-                    "intermediate_size",
-                    "num_hidden_layers",
-                    "num_attention_heads",
-                    "num_key_value_heads",
-                    "head_dim",
-                    "max_position_embeddings",
-                    "rms_norm_eps",
-                    "rope_theta",
-                    "rope_parameters",
-                    "rope_scaling",
-                    "hidden_act",
-                    "attention_bias",
-                    "mlp_bias",
-                    "pretraining_tp",
-                    "tie_word_embeddings",
-                ],
-            )
+            (cfg, &["rope_theta", "rope_parameters", "rope_scaling", "hidden_act", "mlp_bias", "pretraining_tp"])
         }
         "gpt2" => {
             let act = map.get("activation_function").cloned().unwrap_or(json!("gelu_new"));
@@ -1430,7 +1414,12 @@ pub fn from_hf_config(json: &Value, file: &str) -> Result<(ModelConfig, Vec<Stri
             "granite" => MUP_FIELDS.contains(&key),
             _ => false,
         };
-        if known.contains(&key) || HARMLESS.contains(&key) || read_elsewhere {
+        let llama_layout = cfg.llama_family();
+        if known.contains(&key)
+            || HARMLESS.contains(&key)
+            || read_elsewhere
+            || (llama_layout && LLAMA_LAYOUT_FIELDS.contains(&key))
+        {
             continue;
         }
         if DROPOUT.contains(&key) {
