@@ -129,6 +129,9 @@ pub struct TokenizerInfo {
     pub vocab_size: usize,
     pub eot_token: String,
     pub eot_id: u32,
+    /// The tokens each document starts with (the tokenizer's BOS, where its post-processor
+    /// puts one first; see `TextTokenizer::encode_document`).
+    pub document_start: Vec<u32>,
 }
 
 /// `manifest.json`: what went in, what came out, what was removed and why.
@@ -218,6 +221,9 @@ pub struct ShardTokenizer {
     /// SHA-256 of the tokenizer.json, hex.
     pub sha256: String,
     pub eot_token: String,
+    /// The tokens each document starts with; none recorded by versions before ondol started
+    /// documents with the tokenizer's BOS.
+    pub document_start: Option<Vec<u32>>,
 }
 
 impl ShardTokenizer {
@@ -278,7 +284,15 @@ fn ours(dir: &Path) -> Result<Option<(ShardTokenizer, serde_json::Value)>, DataE
         let missing = || bad(&format!("no tokenizer.{key} (move it away if another tool wrote it)"));
         json["tokenizer"][key].as_str().map(str::to_owned).ok_or_else(missing)
     };
-    let made = ShardTokenizer { sha256: field("sha256")?, eot_token: field("eot_token")? };
+    let document_start = match &json["tokenizer"]["document_start"] {
+        serde_json::Value::Null => None,
+        ids => Some(
+            ids.as_array()
+                .and_then(|a| a.iter().map(|id| id.as_u64().and_then(|id| u32::try_from(id).ok())).collect())
+                .ok_or_else(|| bad("tokenizer.document_start is not a list of token ids"))?,
+        ),
+    };
+    let made = ShardTokenizer { sha256: field("sha256")?, eot_token: field("eot_token")?, document_start };
     Ok(Some((made, json)))
 }
 
@@ -466,6 +480,7 @@ pub fn prepare(cfg: &PrepareConfig, command: Vec<String>, version: &str) -> Resu
             vocab_size: tokenizer.vocab_size(),
             eot_token: cfg.eot_token.clone(),
             eot_id: tokenizer.eot_id(),
+            document_start: tokenizer.document_start().to_vec(),
         },
         settings: cfg.clone(),
         near_dedup_bands: hasher.map(|h| (h.bands(), h.rows())),

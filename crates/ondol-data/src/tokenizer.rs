@@ -415,6 +415,11 @@ impl TextTokenizer {
         Ok([self.document_start.clone(), self.encode(text)?].concat())
     }
 
+    /// What [`Self::encode_document`] puts before each document.
+    pub fn document_start(&self) -> &[u32] {
+        &self.document_start
+    }
+
     /// The token ids of one text (no special tokens added), on this thread.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, DataError> {
         let encoding = self

@@ -14,7 +14,7 @@ use ondol_data::dedup::NearDedupConfig;
 use ondol_data::expand_globs;
 use ondol_data::input::{DocSplit, InputOptions, expand_inputs};
 use ondol_data::prepare::{PrepareConfig, ShardTokenizer, prepare, write_atomic};
-use ondol_data::tokenizer::{self, TrainConfig};
+use ondol_data::tokenizer::{self, TextTokenizer, TrainConfig};
 
 use crate::config::{DataFormat, PrepareTable, RunConfig, plain_path};
 use crate::dir_lock::{DirLock, Purpose};
@@ -388,6 +388,20 @@ fn check_shards_tokenizer(cfg: &RunConfig, base: &Path, tokenizer: Option<&Path>
                     manifest.display(),
                     cfg.data.eot_token(),
                     made.eot_token
+                ),
+            ));
+        }
+        // Shards prepared before documents started with the tokenizer's BOS lack it.
+        let start = TextTokenizer::from_file(tokenizer, cfg.data.eot_token())?.document_start().to_vec();
+        if made.document_start.as_deref().unwrap_or_default() != start.as_slice() {
+            return Err(Error::config(
+                "data.train",
+                format!(
+                    "the shards in {} start their documents with {:?} ({}), but the tokenizer starts every text with \
+                     {start:?} (its BOS, which the model expects): prepare them again with this ondol",
+                    dir.display(),
+                    made.document_start.as_deref().unwrap_or_default(),
+                    manifest.display(),
                 ),
             ));
         }

@@ -244,6 +244,22 @@ fn shards_with_another_end_of_text_train_with_data_eot_token() {
         "data.tokenizer=\"bytes\"",
     ]);
     assert!(!ok && err.contains("data.eot_token") && err.contains("tokenizer.json"), "{err}");
+
+    // The manifest records how documents start (here with nothing: the tokenizer puts no BOS
+    // first); shards that start them otherwise than the tokenizer does are prepared again.
+    let manifest_path = dir.path().join("shards/manifest.json");
+    let mut manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(&manifest_path).unwrap()).unwrap();
+    assert_eq!(manifest["tokenizer"]["document_start"], serde_json::json!([]));
+    manifest["tokenizer"]["document_start"] = serde_json::json!([7]);
+    std::fs::write(&manifest_path, manifest.to_string()).unwrap();
+    let eot = ["--set", "data.eot_token=\"<|eos|>\""];
+    let (ok, err) = run(&[&["train", "run.toml", "--run-dir", "y"][..], &eot].concat());
+    assert!(!ok && err.contains("start their documents with [7]") && err.contains("prepare them again"), "{err}");
+    // A manifest from before the field: documents without a start, as this tokenizer's.
+    manifest["tokenizer"].as_object_mut().unwrap().remove("document_start");
+    std::fs::write(&manifest_path, manifest.to_string()).unwrap();
+    let (ok, err) = run(&[&["train", "run.toml", "--run-dir", "z"][..], &eot].concat());
+    assert!(ok && err.contains("done: 2 steps"), "{err}");
 }
 
 /// A directory with a corpus and a run.toml whose `[data] prepare` table prepares it.
