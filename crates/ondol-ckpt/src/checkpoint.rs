@@ -99,6 +99,9 @@ pub struct Snapshot {
     /// under the names transformers looks for whatever the sources are called.
     pub extra_files: Vec<(String, PathBuf)>,
     pub eos_token_id: Option<u32>,
+    /// The token every text starts with (Gemma's and Llama 3's BOS); none: the end-of-text,
+    /// as in GPT-2.
+    pub bos_token_id: Option<u32>,
     /// The end-of-text token's text: with a tokenizer.json among the files and no
     /// tokenizer_config.json, one is written naming it.
     pub eos_token: Option<String>,
@@ -171,8 +174,13 @@ pub fn save_to(dst: &Path, snap: &Snapshot) -> Result<()> {
     fs::create_dir_all(&tmp).map_err(io(format!("cannot create {}", tmp.display())))?;
 
     let mut files = vec!["config.json".to_string(), "generation_config.json".to_string()];
-    write_json(&tmp.join("config.json"), &hf::to_hf_config(&snap.model, snap.eos_token_id))?;
-    write_json(&tmp.join("generation_config.json"), &hf::generation_config(snap.eos_token_id))?;
+    let (mut config, mut generation) =
+        (hf::to_hf_config(&snap.model, snap.eos_token_id), hf::generation_config(snap.eos_token_id));
+    if let Some(bos) = snap.bos_token_id {
+        (config["bos_token_id"], generation["bos_token_id"]) = (bos.into(), bos.into());
+    }
+    write_json(&tmp.join("config.json"), &config)?;
+    write_json(&tmp.join("generation_config.json"), &generation)?;
     files.extend(write_layout(&tmp, "model", &snap.layout, &snap.params, Contents::Weights, snap.max_shard_bytes)?);
     if let Some(m) = &snap.moments {
         let opt = tmp.join("optimizer");

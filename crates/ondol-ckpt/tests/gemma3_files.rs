@@ -83,13 +83,19 @@ fn a_gemma3_checkpoint_resumes_with_its_exact_norm_scales() {
         parallel: Layout { tp: 1, pp: 1, dp: 1 },
         run_config: "[model]\n".into(),
         extra_files: vec![],
-        eos_token_id: None,
+        eos_token_id: Some(1),
+        bos_token_id: Some(2),
         eos_token: None,
         max_shard_bytes: 1 << 30,
     };
     let dir = tempfile::tempdir().unwrap();
     let saved = checkpoint::save(dir.path(), &snap).unwrap();
     let loaded = checkpoint::load(&saved, &model.cfg, &model.layout).unwrap();
+    // Gemma's own ids, as its files give them: <eos> 1, <bos> 2.
+    for file in ["config.json", "generation_config.json"] {
+        let json: serde_json::Value = serde_json::from_slice(&std::fs::read(saved.join(file)).unwrap()).unwrap();
+        assert_eq!((&json["eos_token_id"], &json["bos_token_id"]), (&1.into(), &2.into()), "{file}");
+    }
     assert!(loaded.params.iter().zip(&params).all(|(a, b)| a.to_bits() == b.to_bits()));
     // The model file alone (evaluation, init_from) reads within f32's rounding of 1.
     let weights = read_layout(&files_of(&saved, "model").unwrap(), &model.layout, Contents::Weights).unwrap();

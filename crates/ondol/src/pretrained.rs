@@ -49,8 +49,10 @@ pub struct Pretrained {
     pub params: Vec<f32>,
     /// The run config, when the directory is an ondol checkpoint.
     pub run_config: Option<RunConfig>,
-    /// The end-of-text id config.json (or else generation_config.json) declares, if any.
+    /// The end-of-text and beginning-of-text ids config.json (or else generation_config.json)
+    /// declares, if any.
     pub eos_token_id: Option<u32>,
+    pub bos_token_id: Option<u32>,
 }
 
 impl Pretrained {
@@ -77,12 +79,15 @@ impl Pretrained {
         let generation = std::fs::read_to_string(dir.join("generation_config.json"))
             .ok()
             .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok());
-        let eos = |c: &serde_json::Value| {
-            let v = c.get("eos_token_id")?;
-            v.as_u64().or_else(|| v.as_array()?.first()?.as_u64()).map(|v| v as u32)
+        let id = |key: &str| {
+            let of = |c: &serde_json::Value| {
+                let v = c.get(key)?;
+                v.as_u64().or_else(|| v.as_array()?.first()?.as_u64()).map(|v| v as u32)
+            };
+            of(&config).or_else(|| generation.as_ref().and_then(of))
         };
-        let eos_token_id = eos(&config).or_else(|| generation.as_ref().and_then(eos));
-        Ok(Self { dir: dir.to_path_buf(), model, params, run_config, eos_token_id })
+        let (eos_token_id, bos_token_id) = (id("eos_token_id"), id("bos_token_id"));
+        Ok(Self { dir: dir.to_path_buf(), model, params, run_config, eos_token_id, bos_token_id })
     }
 
     /// The starting point of a run whose `[model]` is `ours` (`init_from`): the directory must
@@ -422,6 +427,7 @@ pub fn import_hf(src: &Path, out: &Path) -> Result<Vec<String>> {
         run_config,
         extra_files,
         eos_token_id: p.eos_token_id,
+        bos_token_id: p.bos_token_id,
         eos_token: match tokenizer {
             Ok(Tokenizer::Text(t)) => Some(t.eot_token().to_string()),
             _ => None,

@@ -135,9 +135,11 @@ pub struct Trainer<B: Backend> {
     val: Option<Arc<TokenStream>>,
     /// Whether the first evaluation has said what it reads where that is less than asked.
     eval_noted: bool,
-    /// The run's tokenizer.json (copied into checkpoints) and end-of-text id, if known.
+    /// The run's tokenizer.json (copied into checkpoints), its end-of-text id and the BOS its
+    /// documents start with, if known.
     tokenizer: Option<PathBuf>,
     eos_token_id: Option<u32>,
+    bos_token_id: Option<u32>,
     pub step: u64,
     /// Tokens trained on since the run began (over every stage, whose global batches may differ).
     pub tokens: u64,
@@ -156,14 +158,18 @@ impl<B: Backend> Trainer<B> {
     /// replica's share of every global batch.
     pub fn rank(be: B, cfg: RunConfig, data: Data, comms: RankComms<Box<dyn Communicator>>) -> Result<Self> {
         let t = &cfg.training;
-        let eos_token_id = match (&data.tokenizer, cfg.data.tokenizer.as_deref()) {
+        let (eos_token_id, bos_token_id) = match (&data.tokenizer, cfg.data.tokenizer.as_deref()) {
             (Some(file), _) => {
                 let t = TextTokenizer::from_file(file, cfg.data.eot_token())
                     .map_err(|e| Error::config("data.eot_token", e.to_string()))?;
-                Some(t.eot_id())
+                let bos = match t.document_start() {
+                    [bos] => Some(*bos),
+                    _ => None,
+                };
+                (Some(t.eot_id()), bos)
             }
-            (None, Some("bytes")) => Some(BYTE_EOT),
-            (None, _) => None,
+            (None, Some("bytes")) => (Some(BYTE_EOT), None),
+            (None, _) => (None, None),
         };
         let mut layout = cfg.layout(comms.mesh);
         if t.mask_documents {
@@ -197,6 +203,7 @@ impl<B: Backend> Trainer<B> {
             val: data.val,
             tokenizer: data.tokenizer,
             eos_token_id,
+            bos_token_id,
             eval_noted: false,
             step: 0,
             tokens: 0,
@@ -335,6 +342,7 @@ impl<B: Backend> Trainer<B> {
             run_config: toml::to_string(&self.cfg).expect("config serializes"),
             extra_files: self.tokenizer.iter().map(|t| ("tokenizer.json".to_string(), t.clone())).collect(),
             eos_token_id: self.eos_token_id,
+            bos_token_id: self.bos_token_id,
             eos_token: self.tokenizer.as_ref().map(|_| self.cfg.data.eot_token().to_string()),
             max_shard_bytes: self.cfg.checkpoint.max_shard_bytes,
         }))
