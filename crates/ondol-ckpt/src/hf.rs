@@ -153,8 +153,7 @@ fn as_llama_relative(cfg: &ModelConfig, v: &mut Value) {
     }
     v["architectures"] = json!([class]);
     v["model_type"] = json!(model_type);
-    let kinds: Vec<&str> =
-        layers.iter().map(|l| if l.window.is_some() { "sliding_attention" } else { "full_attention" }).collect();
+    let kinds = hf_layer_types(cfg);
     let window = json!(cfg.sliding_window);
     match model_type {
         "qwen2" | "qwen3" => {
@@ -206,9 +205,7 @@ fn as_llama_relative(cfg: &ModelConfig, v: &mut Value) {
 /// n past the last layer where none is; null where the layers are not so) serves readers
 /// that know only it.
 fn gemma3_config(cfg: &ModelConfig) -> Value {
-    let layers: Vec<&str> = (0..cfg.n_layers)
-        .map(|l| if cfg.layer_attention(l).window.is_some() { "sliding_attention" } else { "full_attention" })
-        .collect();
+    let layers = hf_layer_types(cfg);
     let local_theta = cfg.rope_theta_local.unwrap_or(cfg.rope_theta);
     let every_nth = (1..=cfg.n_layers + 1)
         .find(|&n| layers.iter().enumerate().all(|(i, kind)| (*kind == "full_attention") == (i + 1).is_multiple_of(n)));
@@ -236,6 +233,14 @@ fn gemma3_config(cfg: &ModelConfig) -> Value {
         "eos_token_id": null,
     });
     llama_layout(cfg, gemma3)
+}
+
+/// transformers' `layer_types` of a Llama-layout model: each layer's attention, windowed or
+/// over the whole context.
+fn hf_layer_types(cfg: &ModelConfig) -> Vec<&'static str> {
+    (0..cfg.n_layers)
+        .map(|l| if cfg.layer_attention(l).window.is_some() { "sliding_attention" } else { "full_attention" })
+        .collect()
 }
 
 /// `fields` and what every Llama-layout config.json has: the sizes, the norms' epsilon,
@@ -1020,13 +1025,19 @@ fn mup(f: &Fields, granite: bool, head_dim: usize) -> Result<MupConfig> {
         None | Some(Value::Null) if !granite => None,
         _ => Some(f.f64("attention_multiplier", 1.0)?),
     };
-    let usual = 1.0 / (head_dim as f64).sqrt();
     Ok(MupConfig {
         embedding_multiplier: f.f64("embedding_multiplier", 1.0)?,
         residual_multiplier: f.f64("residual_multiplier", 1.0)?,
         logits_multiplier: if granite { 1.0 / logits } else { logits },
-        attention_multiplier: attention.filter(|m| (m - usual).abs() > 1e-12 * usual),
+        attention_multiplier: attention.filter(|&m| !is_usual_scale(m, head_dim)),
     })
+}
+
+/// Whether an attention scale is the usual 1 / sqrt(head_dim), which ondol writes as none
+/// (to rounding: configs spell it in decimal).
+fn is_usual_scale(scale: f64, head_dim: usize) -> bool {
+    let usual = 1.0 / (head_dim as f64).sqrt();
+    (scale - usual).abs() <= 1e-12 * usual
 }
 
 /// Gemma 3's text model's fields (`gemma3_text`); its attention layers are read by
@@ -1116,7 +1127,8 @@ fn gemma3_from(f: &Fields) -> Result<ModelConfig> {
     let head_dim = head_dim(f, d_model, n_heads, Some(256))?;
     // (A scalar that is not positive gives no multiplier the model's validation admits.)
     let scalar = f.f64("query_pre_attn_scalar", 256.0)?;
-    let (multiplier, usual) = (1.0 / scalar.sqrt(), 1.0 / (head_dim.unwrap_or(d_model / n_heads.max(1)) as f64).sqrt());
+    let multiplier = 1.0 / scalar.sqrt();
+    let head_width = head_dim.unwrap_or(d_model / n_heads.max(1));
     Ok(ModelConfig {
         n_kv_heads: Some(f.usize_or("num_key_value_heads", 4)?),
         head_dim,
@@ -1128,7 +1140,7 @@ fn gemma3_from(f: &Fields) -> Result<ModelConfig> {
         norm_eps: f.f64("rms_norm_eps", 1e-6)? as f32,
         init_std: f.f64("initializer_range", 0.02)? as f32,
         mup: MupConfig {
-            attention_multiplier: Some(multiplier).filter(|m| (m - usual).abs() > 1e-12 * usual),
+            attention_multiplier: Some(multiplier).filter(|&m| !is_usual_scale(m, head_width)),
             ..MupConfig::default()
         },
         sliding_window,

@@ -41,10 +41,10 @@ pub(crate) struct AttnGrads<B: Backend> {
 }
 
 /// Where a call's tokens sit: the rotary tables from their first position on (the global
-/// layers' and the sliding-window layers', the same table unless those have their own theta); where documents
-/// are packed into sequences and attend only within their own, the first key each query
-/// attends (see `Backend::attention_forward`); and in a model with sliding-window layers, the
-/// first key each query attends in those.
+/// layers' and the sliding-window layers', one table unless those have their own); where
+/// documents are packed into sequences and attend only within their own, the first key each
+/// query attends (see `Backend::attention_forward`); and in a model with sliding-window
+/// layers, the first key each query attends in those.
 pub(crate) struct Positions<'a, B: Backend + 'a> {
     pub rope: B::Ref<'a>,
     pub local_rope: B::Ref<'a>,

@@ -451,6 +451,11 @@ impl ModelConfig {
     pub fn query_pre_attn_scalar(&self) -> usize {
         (self.attention_scale().powi(-2)).round() as usize
     }
+    /// Whether the model is HyperCLOVA X's, the Hugging Face Llama relative with norms on both
+    /// sides of the mixers or muP's multipliers, whose limits the validation keeps.
+    fn is_hyperclovax(&self) -> bool {
+        self.arch == Arch::Llama && (self.block_norms == BlockNorms::Both || !self.mup.is_default())
+    }
     /// Whether checkpoints store each RMSNorm's weight w as w - 1 (Gemma 3 scales by 1 + w:
     /// its weights start at 0; ondol's flat buffer holds the scale itself).
     pub fn stores_norms_minus_one(&self) -> bool {
@@ -712,7 +717,7 @@ impl ModelConfig {
         }
         // Heads as wide as model.head_dim need not divide d_model, but in transformers'
         // HyperCLOVA X (norms on both sides, or muP's multipliers) and Gemma 3 they must.
-        let hyperclovax = self.arch == Arch::Llama && (self.block_norms == BlockNorms::Both || !self.mup.is_default());
+        let hyperclovax = self.is_hyperclovax();
         let must_divide = hyperclovax || self.arch == Arch::Gemma3;
         if (self.head_dim.is_none() || must_divide) && !self.d_model.is_multiple_of(self.n_heads) {
             let fix = match self.head_dim {
@@ -880,8 +885,7 @@ impl ModelConfig {
         // Every checkpoint must load in transformers: layers without positions are SmolLM3's
         // (a plain Llama otherwise) or EXAONE 4's, whose global layers have none exactly where
         // it has windows; HyperCLOVA X has neither windows nor such layers.
-        let (hyperclovax, exaone4) =
-            (self.block_norms == BlockNorms::Both || !self.mup.is_default(), self.block_norms == BlockNorms::Post);
+        let (hyperclovax, exaone4) = (self.is_hyperclovax(), self.block_norms == BlockNorms::Post);
         let why = if self.arch == Arch::Gemma3 && p.contains('N') {
             Some("Gemma 3's layers all have rotary positions: write them L or G")
         } else if self.arch == Arch::Gemma3 {

@@ -1563,10 +1563,7 @@ impl<B: Backend> RopeTables<B> {
         let len = be.len(&self.buf);
         let global_end = self.local_start.unwrap_or(len);
         let global = be.view(&self.buf, offset.min(global_end)..global_end);
-        let local = match self.local_start {
-            Some(start) => be.view(&self.buf, (start + offset).min(len)..len),
-            None => be.view(&self.buf, offset.min(global_end)..global_end),
-        };
+        let local = self.local_start.map_or(global, |start| be.view(&self.buf, (start + offset).min(len)..len));
         (global, local)
     }
 }
