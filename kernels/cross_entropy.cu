@@ -11,11 +11,21 @@
 //                       stats[r] = (max, sum exp(x - max), logits[r, t - first_id] or 0)
 //   cross_entropy_grad: logits[r] = scale * exp(logits[r] - lse[r]), minus scale at the target
 //                       column if this shard holds it
+// A row whose target is IGNORED_TARGET (0xFFFFFFFF: a token that is not learned) is not read:
+// loss 0, stats (0, 0, 0), gradient 0.
 // Launch: one block per row; blockDim a multiple of 32. Each thread keeps an online (max,
 // sum) over its columns, merged across the block, so the statistics take one read of the
 // row; the gradient a second read and one write. Per row: ~2-3 reads and 1 write of vocab
 // values, one exp per value per pass.
 #include "common.cuh"
+
+#define IGNORED_TARGET 0xFFFFFFFFu
+
+// An ignored target's row: gradient 0 in every column, padding included.
+template <typename T>
+__device__ void zero_row(T* row, int stride) {
+    for (int c = threadIdx.x; c < stride; c += blockDim.x) row[c] = from_float<T>(0.0f);
+}
 
 // This thread's (max, sum exp(x - max)) over its columns, merged over the block.
 template <typename T>
@@ -45,6 +55,11 @@ __device__ void cross_entropy(T* logits, const unsigned* targets, float* losses,
     if (r >= rows) return;
     T* row = logits + (size_t)r * stride;
     const unsigned t = targets[r];
+    if (t == IGNORED_TARGET) {
+        if (threadIdx.x == 0) losses[r] = 0.0f;
+        if (write_grad) zero_row(row, stride);
+        return;
+    }
     float m, s;
     row_max_sum(row, vocab, scratch, &m, &s);
     if (threadIdx.x == 0) losses[r] = m + __logf(s) - to_float(row[t]);
@@ -68,6 +83,10 @@ __device__ void cross_entropy_stats(const T* logits, const unsigned* targets, fl
     const int r = blockIdx.x;
     if (r >= rows) return;
     const T* row = logits + (size_t)r * stride;
+    if (targets[r] == IGNORED_TARGET) {
+        if (threadIdx.x == 0) stats[3 * r] = stats[3 * r + 1] = stats[3 * r + 2] = 0.0f;
+        return;
+    }
     float m, s;
     row_max_sum(row, vocab, scratch, &m, &s);
     if (threadIdx.x == 0) {
@@ -84,6 +103,10 @@ __device__ void cross_entropy_grad(T* logits, const unsigned* targets, const flo
     const int r = blockIdx.x;
     if (r >= rows) return;
     T* row = logits + (size_t)r * stride;
+    if (targets[r] == IGNORED_TARGET) {
+        zero_row(row, stride);
+        return;
+    }
     const float l = lse[r];
     const long long target_col = (long long)targets[r] - first_id;
     for (int c = threadIdx.x; c < vocab; c += blockDim.x) {

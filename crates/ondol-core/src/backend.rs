@@ -703,7 +703,8 @@ pub trait Backend: Send + Sync {
     /// If `grad_scale` is given, overwrites `logits` in place with
     /// `grad_scale * (softmax(logits) - onehot(t))` and the padding columns with 0, so the
     /// matrix exists once; without it, the logits are scratch afterwards (the CPU leaves its
-    /// exponentials there).
+    /// exponentials there). A row whose target is [`IGNORED_TARGET`] has loss 0 and a zero
+    /// gradient (all three loss ops).
     fn cross_entropy(
         &self,
         logits: Self::Mut<'_>,
@@ -716,7 +717,8 @@ pub trait Backend: Send + Sync {
     /// The first half of a vocab-parallel cross-entropy, on a shard of the logits: the columns
     /// of ids `first_id..first_id + columns.vocab`, rows as in [`Backend::cross_entropy`].
     /// Writes per row `stats[3r..3r + 3]` = (the row's max m, sum of exp(logit - m), the
-    /// target's logit if this shard holds the target, else 0). Combining the shards' rows gives
+    /// target's logit if this shard holds the target, else 0), or (0, 0, 0) where the target
+    /// is [`IGNORED_TARGET`] (a real row's sum is at least 1). Combining the shards' rows gives
     /// each row's log-sum-exp (see [`combine_ce_stats`]).
     fn cross_entropy_stats(
         &self,
@@ -772,12 +774,21 @@ impl LogitColumns {
     }
 }
 
+/// The target of a token that is not learned (a prompt's, in fine-tuning on completions): the
+/// loss ops give its row loss 0 and no gradient.
+pub const IGNORED_TARGET: u32 = u32::MAX;
+
 /// Combines the rows of [`Backend::cross_entropy_stats`] from every vocab shard (`parts[s]`
 /// from shard `s`, shards in any fixed order) into each row's log-sum-exp (into `lse`) and
-/// returns the sum of the rows' losses, `lse - target logit`.
+/// returns the sum of the rows' losses, `lse - target logit`; an ignored target's row (every
+/// shard's sum 0) adds nothing.
 pub fn combine_ce_stats(parts: &[&[f32]], lse: &mut [f32]) -> f64 {
     let mut loss = 0.0;
     for (r, out) in lse.iter_mut().enumerate() {
+        if parts.iter().all(|p| p[3 * r + 1] == 0.0) {
+            *out = 0.0;
+            continue;
+        }
         let max = parts.iter().map(|p| p[3 * r]).fold(f32::NEG_INFINITY, f32::max);
         let sum: f64 = parts.iter().map(|p| p[3 * r + 1] as f64 * ((p[3 * r] - max) as f64).exp()).sum();
         let target: f64 = parts.iter().map(|p| p[3 * r + 2] as f64).sum();

@@ -11,8 +11,8 @@ pub mod say;
 pub mod testdata;
 
 pub use backend::{
-    Activation, AdamWParams, AttnShape, Backend, DeviceSlice, ScanGrads, ScanInputs, ScanShape, SsdGrads, SsdInputs,
-    SsdShape,
+    Activation, AdamWParams, AttnShape, Backend, DeviceSlice, IGNORED_TARGET, ScanGrads, ScanInputs, ScanShape,
+    SsdGrads, SsdInputs, SsdShape,
 };
 pub use error::{Error, Result};
 pub use rng::Rng;

@@ -8,8 +8,11 @@
 //! The vocab-parallel version splits that in two around a collective: each shard's row
 //! statistics (max, sum of exp, target logit), then, given the combined log-sum-exp, the
 //! gradient: 2 reads and 1 write, two exps per element.
+//!
+//! A row whose target is `IGNORED_TARGET` is not read: loss 0, statistics (0, 0, 0), gradient 0.
 
 use crate::math::exp;
+use ondol_core::IGNORED_TARGET;
 use ondol_core::backend::LogitColumns;
 use rayon::prelude::*;
 
@@ -24,6 +27,13 @@ pub fn cross_entropy(
     assert!(vocab <= stride && logits.len() == targets.len() * stride);
     assert_eq!(losses.len(), targets.len());
     logits.par_chunks_mut(stride).zip(targets.par_iter().zip(losses.par_iter_mut())).for_each(|(row, (&t, loss))| {
+        if t == IGNORED_TARGET {
+            *loss = 0.0;
+            if grad_scale.is_some() {
+                row.fill(0.0);
+            }
+            return;
+        }
         let t = t as usize;
         assert!(t < vocab, "target {t} outside the vocabulary of {vocab}");
         let (row, padding) = row.split_at_mut(vocab);
@@ -67,6 +77,10 @@ pub fn cross_entropy_stats(logits: &[f32], targets: &[u32], stats: &mut [f32], f
     assert!(vocab <= stride && logits.len() == targets.len() * stride);
     assert_eq!(stats.len(), 3 * targets.len());
     logits.par_chunks(stride).zip(targets.par_iter().zip(stats.par_chunks_mut(3))).for_each(|(row, (&t, out))| {
+        if t == IGNORED_TARGET {
+            out.fill(0.0);
+            return;
+        }
         let row = &row[..vocab];
         let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
         let mut lanes = [0.0f32; 8];
@@ -93,6 +107,10 @@ pub fn cross_entropy_grad(
     assert!(vocab <= stride && logits.len() == targets.len() * stride);
     assert_eq!(lse.len(), targets.len());
     logits.par_chunks_mut(stride).zip(targets.par_iter().zip(lse.par_iter())).for_each(|(row, (&t, &lse))| {
+        if t == IGNORED_TARGET {
+            row.fill(0.0);
+            return;
+        }
         let (row, padding) = row.split_at_mut(vocab);
         row.iter_mut().for_each(|v| *v = scale * exp(*v - lse));
         if let Some(c) = column(t, first_id, vocab) {

@@ -516,6 +516,64 @@ fn vocab_parallel_cross_entropy_equals_the_fused_one() {
     }
 }
 
+/// A row whose target is ignored has loss 0 and a zero gradient, fused and vocab-parallel,
+/// and leaves the other rows as they were.
+#[test]
+fn ignored_targets_give_no_loss_and_no_gradient() {
+    use ondol_core::IGNORED_TARGET;
+    let (rows, vocab, stride, scale) = (5, 29, 32, 0.5);
+    let columns = LogitColumns { vocab, stride };
+    let logits = randn(rows * stride, 2.0, 31);
+    let learned: Vec<u32> = vec![3, 28, 0, 11, 7];
+    let mut targets = learned.clone();
+    targets[1] = IGNORED_TARGET;
+    targets[4] = IGNORED_TARGET;
+    let fused = |targets: &[u32]| {
+        let (mut grad, mut losses) = (logits.clone(), vec![0.0; rows]);
+        BE.cross_entropy(&mut grad, &targets.to_vec(), 0, &mut losses, columns, Some(scale));
+        (grad, losses)
+    };
+    let (grad, losses) = fused(&targets);
+    let (all_grad, all_losses) = fused(&learned);
+    for r in 0..rows {
+        let row = &grad[r * stride..][..stride];
+        if targets[r] == IGNORED_TARGET {
+            assert_eq!(losses[r], 0.0, "row {r}");
+            assert!(row.iter().all(|&g| g == 0.0), "row {r}: {row:?}");
+        } else {
+            assert_eq!(losses[r], all_losses[r], "row {r}");
+            assert_eq!(row, &all_grad[r * stride..][..stride], "row {r}");
+        }
+    }
+    // Vocab-parallel, in two shards.
+    let shards = [(0, 12), (12, vocab)];
+    let column_shard = |(a, b): (usize, usize)| -> Vec<f32> {
+        logits.chunks(stride).flat_map(|row| row[a..b].iter().copied()).collect()
+    };
+    let stats: Vec<Vec<f32>> = shards
+        .iter()
+        .map(|&(a, b)| {
+            let mut st = vec![1.0; 3 * rows];
+            BE.cross_entropy_stats(&column_shard((a, b)), &targets, 0, &mut st, a, LogitColumns::dense(b - a));
+            st
+        })
+        .collect();
+    let mut lse = vec![0.0; rows];
+    let loss = ondol_core::backend::combine_ce_stats(&stats.iter().map(Vec::as_slice).collect::<Vec<_>>(), &mut lse);
+    let want: f64 = losses.iter().map(|&l| l as f64).sum();
+    assert!((loss - want).abs() < 1e-5 * want, "loss {loss} vs fused {want}");
+    for &(a, b) in &shards {
+        let mut g = column_shard((a, b));
+        BE.cross_entropy_grad(&mut g, &targets, 0, &lse, a, LogitColumns::dense(b - a), scale);
+        for (r, row) in g.chunks(b - a).enumerate() {
+            for (c, v) in row.iter().enumerate() {
+                let want = grad[r * stride + a + c];
+                assert!((v - want).abs() < 1e-6, "row {r} column {}: {v} vs {want}", a + c);
+            }
+        }
+    }
+}
+
 /// Rows padded with columns that are no token's (a padded head's) give the losses, statistics
 /// and gradients of the dense rows, and the gradient is zero in the padding: fused and
 /// vocab-parallel alike.

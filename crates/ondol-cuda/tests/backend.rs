@@ -8,7 +8,7 @@
 
 use ondol_core::backend::{AttnShape, Gemm, LogitColumns, document_starts, rope_table, window_first_keys};
 use ondol_core::bf16;
-use ondol_core::{Activation, AdamWParams, Backend, Rng, ScanInputs, SsdInputs};
+use ondol_core::{Activation, AdamWParams, Backend, IGNORED_TARGET, Rng, ScanInputs, SsdInputs};
 use ondol_cpu::CpuBackend;
 use ondol_cuda::{CudaBackend, Dtype, SSD_MAX_CHUNK};
 
@@ -396,7 +396,10 @@ fn cross_entropy_matches_the_cpu() {
         for (stride, first_row) in [(vocab, 0), (vocab + 21, 3)] {
             let columns = LogitColumns { vocab, stride };
             let logits = round(&be, &random(rows * stride, 1, 3.0));
-            let targets: Vec<u32> = (0..first_row + rows).map(|r| ((r * 131) % vocab) as u32).collect();
+            // Every fifth target is one not learned: its row has loss 0 and no gradient.
+            let targets: Vec<u32> = (0..first_row + rows)
+                .map(|r| if r % 5 == 2 { IGNORED_TARGET } else { ((r * 131) % vocab) as u32 })
+                .collect();
             let gpu_targets = be.upload_ids(&targets);
             for grad in [None, Some(scale)] {
                 let (mut dl, mut losses) = (be.upload(&logits), be.zeros_f32(rows));

@@ -7,7 +7,7 @@ use crate::pretrained::Pretrained;
 use ondol_ckpt::{Loaded, Moments, Snapshot, Writer};
 use ondol_comm::{Communicator, Mesh, RankComms};
 use ondol_core::backend::document_starts;
-use ondol_core::{Backend, Error, Result};
+use ondol_core::{Backend, Error, IGNORED_TARGET, Result};
 use ondol_data::{
     Cursor, Loader, Mixture, MixtureCursor, Order, SourceKind, TextTokenizer, TokenStream, expand_globs, file_identity,
 };
@@ -715,7 +715,7 @@ fn check_vocab<'a>(
     vocab: usize,
     origin: impl FnOnce(usize, usize) -> (&'a Path, usize),
 ) -> Result<()> {
-    let outside = |tokens: &[u32]| tokens.iter().position(|&t| t as usize >= vocab);
+    let outside = |tokens: &[u32]| tokens.iter().position(|&t| t as usize >= vocab && t != IGNORED_TARGET);
     // Input column c is window place c, target column c is place c + 1.
     let (i, pos, id) = match (outside(inputs), outside(targets)) {
         (None, None) => return Ok(()),
