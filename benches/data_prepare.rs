@@ -96,7 +96,7 @@ fn main() {
         }
     }
     let total = per_copy as f64 * copies as f64 / 1e6;
-    let options = InputOptions { doc_split: DocSplit::BlankLine, text_field: "text".into() };
+    let options = InputOptions { doc_split: DocSplit::BlankLine, ..InputOptions::default() };
     let start = Instant::now();
     let cfg = TrainConfig { vocab_size: vocab, ..Default::default() };
     let (tok, _) = tokenizer::train(sample.clone(), &options, &cfg).unwrap();

@@ -96,6 +96,17 @@ impl CleanConfig {
         Ok(())
     }
 
+    /// These repairs without the filters.
+    pub fn repairs_only(&self) -> CleanConfig {
+        CleanConfig {
+            min_chars: 0,
+            max_repeated_line_fraction: 1.0,
+            max_repeated_ngram_fraction: 1.0,
+            max_non_letter_fraction: 1.0,
+            ..self.clone()
+        }
+    }
+
     /// Repairs `text` and applies the filters in the order of [`Rule::ALL`].
     pub fn clean(&self, text: String) -> Result<Cleaned, Rule> {
         let mut text = text;

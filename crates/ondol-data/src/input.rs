@@ -47,13 +47,16 @@ impl std::str::FromStr for DocSplit {
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct InputOptions {
     pub doc_split: DocSplit,
-    /// The JSON Lines field that holds a document's text.
+    /// The JSON Lines field that holds a document's text (a pair's prompt).
     pub text_field: String,
+    /// Where given, every document is a prompt–completion pair: the prompt in `text_field`,
+    /// the completion in this field (JSON Lines only).
+    pub completion_field: Option<String>,
 }
 
 impl Default for InputOptions {
     fn default() -> Self {
-        Self { doc_split: DocSplit::File, text_field: "text".into() }
+        Self { doc_split: DocSplit::File, text_field: "text".into(), completion_field: None }
     }
 }
 
@@ -121,40 +124,70 @@ impl RawDoc {
     /// object (JSON Lines). `Err` says which rule the document broke and where; `inputs` is the
     /// list the reader was made from, for naming the file.
     pub fn into_text(self, inputs: &[PathBuf], text_field: &str) -> Result<String, Problem> {
-        let problem =
-            |line: u64, kind, message: String| Problem { path: inputs[self.input].clone(), line, kind, message };
-        let invalid_utf8 = |e: std::str::Utf8Error, bytes: &[u8]| {
-            let at = e.valid_up_to();
-            let line = self.line + bytes[..at].iter().filter(|&&b| b == b'\n').count() as u64;
-            problem(line, "invalid_utf8", format!("invalid UTF-8 (byte 0x{:02X}); the document is skipped", bytes[at]))
-        };
         if self.json {
-            let text = std::str::from_utf8(&self.bytes).map_err(|e| invalid_utf8(e, &self.bytes))?;
-            // (serde's "at line 1 column N" counts within this one line: the column is what helps.
-            // Without its line end, an unterminated string ends the line, not a control character.)
-            let value: serde_json::Value = serde_json::from_str(text.trim_end_matches(['\n', '\r'])).map_err(|e| {
-                let what = e.to_string();
-                let what = what.split(" at line ").next().unwrap_or(&what).to_string();
-                problem(self.line, "malformed_json", format!("malformed JSON line: {what} at column {}", e.column()))
-            })?;
-            return match value.get(text_field) {
-                Some(serde_json::Value::String(s)) => Ok(s.clone()),
-                Some(other) => Err(problem(
-                    self.line,
-                    "malformed_json",
-                    format!("field `{text_field}` is not a string but {}", json_kind(other)),
-                )),
-                None => Err(problem(
-                    self.line,
-                    "malformed_json",
-                    format!("no field `{text_field}` (set --text-field to the field that holds the text)"),
-                )),
-            };
+            let value = self.json_value(inputs)?;
+            return self.string_field(&value, text_field, "--text-field", inputs);
         }
         match std::str::from_utf8(&self.bytes) {
             Ok(_) => Ok(String::from_utf8(self.bytes).expect("checked UTF-8")),
-            Err(e) => Err(invalid_utf8(e, &self.bytes)),
+            Err(e) => Err(self.invalid_utf8(e, inputs)),
         }
+    }
+
+    /// A prompt–completion pair: the strings in `text_field` and `completion_field` of the
+    /// JSON object (JSON Lines only; a plain-text document is a problem).
+    pub fn into_pair(
+        self,
+        inputs: &[PathBuf],
+        text_field: &str,
+        completion_field: &str,
+    ) -> Result<(String, String), Problem> {
+        if !self.json {
+            let message = "plain text holds no prompt-completion pairs (--completion-field reads JSON Lines)";
+            return Err(self.problem(inputs, self.line, "malformed_json", message.into()));
+        }
+        let value = self.json_value(inputs)?;
+        let prompt = self.string_field(&value, text_field, "--text-field", inputs)?;
+        Ok((prompt, self.string_field(&value, completion_field, "--completion-field", inputs)?))
+    }
+
+    fn problem(&self, inputs: &[PathBuf], line: u64, kind: &'static str, message: String) -> Problem {
+        Problem { path: inputs[self.input].clone(), line, kind, message }
+    }
+
+    fn invalid_utf8(&self, e: std::str::Utf8Error, inputs: &[PathBuf]) -> Problem {
+        let at = e.valid_up_to();
+        let line = self.line + self.bytes[..at].iter().filter(|&&b| b == b'\n').count() as u64;
+        let message = format!("invalid UTF-8 (byte 0x{:02X}); the document is skipped", self.bytes[at]);
+        self.problem(inputs, line, "invalid_utf8", message)
+    }
+
+    fn json_value(&self, inputs: &[PathBuf]) -> Result<serde_json::Value, Problem> {
+        let text = std::str::from_utf8(&self.bytes).map_err(|e| self.invalid_utf8(e, inputs))?;
+        // (serde's "at line 1 column N" counts within this one line: the column is what helps.
+        // Without its line end, an unterminated string ends the line, not a control character.)
+        serde_json::from_str(text.trim_end_matches(['\n', '\r'])).map_err(|e| {
+            let what = e.to_string();
+            let what = what.split(" at line ").next().unwrap_or(&what).to_string();
+            let message = format!("malformed JSON line: {what} at column {}", e.column());
+            self.problem(inputs, self.line, "malformed_json", message)
+        })
+    }
+
+    /// The string in `field` of `value`; `flag` names the option that chose the field.
+    fn string_field(
+        &self,
+        value: &serde_json::Value,
+        field: &str,
+        flag: &str,
+        inputs: &[PathBuf],
+    ) -> Result<String, Problem> {
+        let message = match value.get(field) {
+            Some(serde_json::Value::String(s)) => return Ok(s.clone()),
+            Some(other) => format!("field `{field}` is not a string but {}", json_kind(other)),
+            None => format!("no field `{field}` (set {flag} to the field that holds the text)"),
+        };
+        Err(self.problem(inputs, self.line, "malformed_json", message))
     }
 }
 
@@ -480,7 +513,7 @@ mod tests {
             "corrupt.txt.gz",
         ];
         let inputs: Vec<PathBuf> = names.iter().map(|n| p(n)).collect();
-        let options = InputOptions { doc_split: DocSplit::BlankLine, text_field: "text".into() };
+        let options = InputOptions { doc_split: DocSplit::BlankLine, ..InputOptions::default() };
         let reader = DocReader::new(inputs.clone(), options);
         let (docs, problems) = texts(reader, "text");
         // A CRLF document ends without its line end, as an LF one does (cleaning turns the
@@ -526,7 +559,7 @@ mod tests {
 
         // A file of one document that is blank is empty too, as it is split at blank lines.
         std::fs::write(p("blank.txt"), " \n\t\r\n").unwrap();
-        let options = InputOptions { doc_split: DocSplit::File, text_field: "text".into() };
+        let options = InputOptions { doc_split: DocSplit::File, ..InputOptions::default() };
         let (docs, problems) = texts(DocReader::new(vec![p("blank.txt"), p("c.txt.zst")], options), "text");
         assert_eq!(docs, ["zstd text"]);
         assert_eq!(problems.iter().map(|p| p.kind).collect::<Vec<_>>(), ["empty_file"]);

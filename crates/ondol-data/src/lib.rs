@@ -7,6 +7,8 @@
 //! - [`tokenizer`]: byte-level BPE training (Hugging Face `tokenizers`) and loading.
 //! - [`input`], [`clean`], [`dedup`], [`prepare`]: raw corpora (text, JSON Lines, gzip, zstd)
 //!   to cleaned, deduplicated token shards with a manifest (`ondol data prepare`).
+//! - [`mask`]: loss masks beside shards (which targets are learned, for fine-tuning on
+//!   completions).
 //! - [`loader`]: seeded, rank-sharded batches of (inputs, targets) whose position is a
 //!   two-number cursor saved with every checkpoint; [`mixture`]: several weighted sources.
 //!
@@ -18,6 +20,7 @@ pub mod dedup;
 mod error;
 pub mod input;
 pub mod loader;
+pub mod mask;
 pub mod mixture;
 pub mod prepare;
 pub mod shard;

@@ -80,6 +80,8 @@ pub struct Loader {
     perm_epoch: Option<u64>,
     /// The stream index of each row's first token in the last batch, for [`Loader::origin`].
     last_starts: Vec<usize>,
+    /// Whether the stream has loss masks (else every target is learned).
+    masked: bool,
 }
 
 impl Loader {
@@ -123,7 +125,6 @@ impl Loader {
             )));
         }
         Ok(Self {
-            stream,
             seq_len,
             batch_size,
             accum,
@@ -136,6 +137,8 @@ impl Loader {
             perm: Vec::new(),
             perm_epoch: None,
             last_starts: Vec::with_capacity(batch_size),
+            masked: stream.has_masks(),
+            stream,
         })
     }
 
@@ -183,11 +186,13 @@ impl Loader {
 
     /// Fills `inputs` and `targets` (each `batch_size * seq_len` tokens, row-major
     /// `[batch_size, seq_len]`) with this rank's share of the next read (one micro-batch of
-    /// every rank), and advances.
+    /// every rank), and advances. Targets that a loss mask does not learn read as
+    /// [`ondol_core::IGNORED_TARGET`]. Returns the learned targets of the whole read, every
+    /// rank's: what the mean loss of a step divides by.
     ///
     /// # Panics
     /// If a slice has the wrong length (a caller bug).
-    pub fn next_batch(&mut self, inputs: &mut [u32], targets: &mut [u32]) {
+    pub fn next_batch(&mut self, inputs: &mut [u32], targets: &mut [u32]) -> u64 {
         let n = self.batch_size * self.seq_len;
         assert!(
             inputs.len() == n && targets.len() == n,
@@ -204,23 +209,30 @@ impl Loader {
             Rng::new(seed).fork(epoch).shuffle(&mut self.perm);
             self.perm_epoch = Some(epoch);
         }
-        let first = self.cursor.batch as usize * self.batch_size * self.world + self.rank * self.batch_size;
+        let read = self.cursor.batch as usize * self.batch_size * self.world;
+        let window = |slot: usize| match self.order {
+            Order::Sequential => read + slot,
+            Order::Shuffled { .. } => self.perm[read + slot] as usize,
+        };
+        let learned = match self.masked {
+            false => (self.batch_size * self.world * self.seq_len) as u64,
+            true => (0..self.batch_size * self.world)
+                .map(|slot| self.stream.count_learned(window(slot) * self.seq_len + 1, self.seq_len) as u64)
+                .sum(),
+        };
         let rows = inputs.chunks_exact_mut(self.seq_len).zip(targets.chunks_exact_mut(self.seq_len));
         self.last_starts.clear();
         for (i, (input, target)) in rows.enumerate() {
-            let window = match self.order {
-                Order::Sequential => first + i,
-                Order::Shuffled { .. } => self.perm[first + i] as usize,
-            };
-            let start = window * self.seq_len;
+            let start = window(self.rank * self.batch_size + i) * self.seq_len;
             self.stream.read(start, input);
-            self.stream.read(start + 1, target);
+            self.stream.read_targets(start + 1, target);
             self.last_starts.push(start);
         }
         self.cursor.batch += 1;
         if self.cursor.batch == self.batches {
             self.cursor = Cursor { epoch: epoch + 1, batch: 0 };
         }
+        learned
     }
 }
 
@@ -287,6 +299,45 @@ mod tests {
         world: usize,
     ) -> Loader {
         Loader::new(stream.clone(), seq_len, batch_size, 1, order, rank, world).unwrap()
+    }
+
+    /// With a loss mask beside one of two shards, a target its mask does not learn reads as
+    /// ignored (the other shard's all are learned), inputs stay whole, and each read counts
+    /// the learned targets of every rank's rows, the same on every rank.
+    #[test]
+    fn masked_targets_read_as_ignored_and_every_rank_counts_the_whole_read() {
+        use ondol_core::IGNORED_TARGET;
+        let len = 301;
+        let (dir, _) = counting_stream(len);
+        let learned = |i: u32| i % 7 < 3;
+        let a: Vec<bool> = (0..len / 3).map(learned).collect();
+        crate::mask::write_mask(&dir.path().join("a.mask"), &a).unwrap();
+        let files = [dir.path().join("a.bin"), dir.path().join("b.bin")];
+        let stream = Arc::new(TokenStream::open(&files, SourceKind::Shards).unwrap());
+        assert!(stream.has_masks());
+        let (seq_len, batch_size, world) = (10, 3, 2);
+        let mut ranks: Vec<Loader> =
+            (0..world).map(|r| loader(&stream, seq_len, batch_size, Order::Shuffled { seed: 5 }, r, world)).collect();
+        let mut ignored = 0;
+        for _ in 0..4 {
+            let mut counted = Vec::new();
+            let mut learned_here = 0;
+            for l in &mut ranks {
+                let (mut inputs, mut targets) = (vec![0; batch_size * seq_len], vec![0; batch_size * seq_len]);
+                counted.push(l.next_batch(&mut inputs, &mut targets));
+                for (row, (input, target)) in inputs.chunks(seq_len).zip(targets.chunks(seq_len)).enumerate() {
+                    for (c, &t) in target.iter().enumerate() {
+                        let value = input[c] + 1; // the counting stream: each target is its input + 1
+                        let want = if value < len / 3 && !learned(value) { IGNORED_TARGET } else { value };
+                        assert_eq!(t, want, "row {row} column {c}");
+                        learned_here += u64::from(t != IGNORED_TARGET);
+                        ignored += u64::from(t == IGNORED_TARGET);
+                    }
+                }
+            }
+            assert_eq!(counted, vec![learned_here; world], "each rank counts the whole read");
+        }
+        assert!(ignored > 0, "the reads never touched the masked shard");
     }
 
     /// Each token of a shuffled batch is traced to its file and index there: in the counting

@@ -142,23 +142,27 @@ impl Mixture {
         })
     }
 
-    /// Fills `inputs` and `targets` (`batch_size * seq_len` each) with this rank's sequences.
-    pub fn next_batch(&mut self, inputs: &mut [u32], targets: &mut [u32]) {
+    /// Fills `inputs` and `targets` (`batch_size * seq_len` each) with this rank's sequences;
+    /// returns the learned targets of the whole read, as [`Loader::next_batch`] does.
+    pub fn next_batch(&mut self, inputs: &mut [u32], targets: &mut [u32]) -> u64 {
         let (t, b) = (self.seq_len, self.batch_size);
         assert!(inputs.len() == b * t && targets.len() == b * t, "mixture: buffers must hold batch_size * seq_len");
         let picks: Vec<usize> = self.assignment(self.batch).collect();
         self.last_rows.resize(b, (0, 0));
+        let mut learned = 0;
         for (slot, s) in picks.into_iter().enumerate() {
             if slot / b == self.rank {
                 let j = slot % b;
-                self.sources[s].next_batch(&mut inputs[j * t..(j + 1) * t], &mut targets[j * t..(j + 1) * t]);
+                learned +=
+                    self.sources[s].next_batch(&mut inputs[j * t..(j + 1) * t], &mut targets[j * t..(j + 1) * t]);
                 self.last_rows[j] = (s, self.sources[s].last_start(0));
             } else {
                 let (i, g) = &mut self.scratch;
-                self.sources[s].next_batch(i, g);
+                learned += self.sources[s].next_batch(i, g);
             }
         }
         self.batch += 1;
+        learned
     }
 
     /// Where a token of the last batch came from, as [`Loader::origin`] says.

@@ -39,7 +39,8 @@ use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 use crate::clean::{CleanConfig, Rule};
 use crate::dedup::{ExactIndex, MinHasher, NearDedupConfig, NearIndex, NearKey};
-use crate::input::{DocReader, InputOptions, InputStats, Item, Problem, hex};
+use crate::input::{DocReader, InputFormat, InputOptions, InputStats, Item, Problem, hex};
+use crate::mask::{LossMask, write_mask};
 use crate::tokenizer::{EOT_TOKEN, TextTokenizer};
 use crate::{DataError, Shard, ShardVersion, write_shard};
 
@@ -108,6 +109,11 @@ pub struct ShardInfo {
     pub file: String,
     pub split: &'static str,
     pub tokens: u64,
+    /// Prompt-completion pairs only: the loss mask beside the shard, and the tokens it learns.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mask: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub learned_tokens: Option<u64>,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -209,6 +215,16 @@ impl Manifest {
             self.shard_version,
             self.tokenizer.vocab_size
         );
+        if self.shards.iter().any(|s| s.mask.is_some()) {
+            let learned =
+                |split| self.shards.iter().filter(|s| s.split == split).filter_map(|s| s.learned_tokens).sum::<u64>();
+            s += &format!(
+                "\nlearned: {} train and {} val tokens, the completions (loss masks beside the shards; the prompts \
+                 are context only)",
+                learned("train"),
+                learned("val")
+            );
+        }
         s
     }
 }
@@ -297,25 +313,37 @@ fn ours(dir: &Path) -> Result<Option<(ShardTokenizer, serde_json::Value)>, DataE
 }
 
 /// Refuses any of `files` (in `dir`, whose `manifest` is ours) that the manifest does not
-/// list, or lists with another token count than its header holds.
+/// list, or lists with another token count than its header holds, or with a loss mask that
+/// is missing, or without the one beside it.
 fn check_listed<'a>(
     dir: &Path,
     manifest: &serde_json::Value,
     files: impl Iterator<Item = &'a PathBuf>,
 ) -> Result<(), DataError> {
     let path = dir.join("manifest.json");
-    let listed: BTreeMap<&str, u64> = manifest["shards"]
+    let listed: BTreeMap<&str, (u64, Option<&str>)> = manifest["shards"]
         .as_array()
         .into_iter()
         .flatten()
-        .filter_map(|s| Some((s["file"].as_str()?, s["tokens"].as_u64()?)))
+        .filter_map(|s| Some((s["file"].as_str()?, (s["tokens"].as_u64()?, s["mask"].as_str()))))
         .collect();
     for file in files {
         let name = file.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
         let holds = Shard::open(file)?.len() as u64;
+        let mask = LossMask::path_for(file);
+        let mask_name = mask.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
         let problem = match listed.get(name.as_ref()) {
             None => "is not among the shards it lists (left by another `data prepare`, or copied in?)".to_string(),
-            Some(&tokens) if tokens != holds => format!("lists it with {tokens} tokens, but it holds {holds}"),
+            Some(&(tokens, _)) if tokens != holds => format!("lists it with {tokens} tokens, but it holds {holds}"),
+            Some((_, Some(_))) if !mask.exists() => format!(
+                "lists it with the loss mask {mask_name}, which is missing (without it, training would learn the \
+                 prompts too)"
+            ),
+            Some((_, None)) if mask.exists() => {
+                format!(
+                    "lists it without a loss mask, but {mask_name} lies beside it (left by another `data prepare`?)"
+                )
+            }
             Some(_) => continue,
         };
         return Err(DataError::format(
@@ -352,14 +380,23 @@ struct ShardWriter {
     version: ShardVersion,
     shard_tokens: usize,
     buf: Vec<u32>,
+    /// Prompt-completion pairs: whether each token of `buf` is learned as a target.
+    learned: Option<Vec<bool>>,
     shards: Vec<ShardInfo>,
     peak: usize,
 }
 
 impl ShardWriter {
-    fn push(&mut self, eot: u32, doc: &[u32]) -> Result<(), DataError> {
+    /// Appends the end-of-text and `doc`; of a pair's tokens, the first `prompt` are its
+    /// prompt's, which are not learned (the end-of-text is: it ends the completion before it).
+    fn push(&mut self, eot: u32, doc: &[u32], prompt: Option<usize>) -> Result<(), DataError> {
         self.buf.push(eot);
         self.buf.extend_from_slice(doc);
+        if let Some(learned) = &mut self.learned {
+            let prompt = prompt.expect("a split of pairs gets pairs");
+            learned.push(true);
+            learned.extend((0..doc.len()).map(|i| i >= prompt));
+        }
         self.peak = self.peak.max(self.buf.len());
         while self.buf.len() >= self.shard_tokens {
             self.flush(self.shard_tokens)?;
@@ -370,7 +407,14 @@ impl ShardWriter {
     fn flush(&mut self, n: usize) -> Result<(), DataError> {
         let file = format!("{}_{:06}.bin", self.split, self.shards.len());
         write_shard(self.dir.join(&file), &self.buf[..n], Some(self.version))?;
-        self.shards.push(ShardInfo { file, split: self.split, tokens: n as u64 });
+        let (mut mask, mut learned_tokens) = (None, None);
+        if let Some(learned) = &mut self.learned {
+            let path = LossMask::path_for(&self.dir.join(&file));
+            write_mask(&path, &learned[..n])?;
+            mask = Some(path.file_name().expect("a file").to_string_lossy().into_owned());
+            learned_tokens = Some(learned.drain(..n).filter(|&l| l).count() as u64);
+        }
+        self.shards.push(ShardInfo { file, split: self.split, tokens: n as u64, mask, learned_tokens });
         self.buf.drain(..n);
         Ok(())
     }
@@ -387,7 +431,55 @@ impl ShardWriter {
 enum Checked {
     Problem(Problem),
     Removed(Rule),
-    Clean { text: String, exact: u128, near: Option<NearKey>, nfc: bool, control: bool, bytes: usize },
+    Clean {
+        text: String,
+        /// A pair's completion (`text` is its prompt).
+        completion: Option<String>,
+        exact: u128,
+        near: Option<NearKey>,
+        nfc: bool,
+        control: bool,
+        bytes: usize,
+    },
+}
+
+impl Checked {
+    /// A document's verdict: repaired and filtered by `clean`, with its dedup keys.
+    fn document(text: String, clean: &CleanConfig, hasher: Option<&MinHasher>) -> Self {
+        match clean.clean(text) {
+            Err(rule) => Checked::Removed(rule),
+            Ok(c) => Checked::Clean {
+                exact: ExactIndex::key(&c.text),
+                near: hasher.map(|h| h.near_key(&c.text)),
+                bytes: c.text.len(),
+                text: c.text,
+                completion: None,
+                nfc: c.nfc_changed,
+                control: c.control_removed,
+            },
+        }
+    }
+
+    /// A prompt-completion pair's verdict: both repaired, neither filtered (the filters are
+    /// for web text; they would remove short answers, code and tables), deduplicated as one
+    /// text.
+    fn pair(prompt: String, completion: String, clean: &CleanConfig, hasher: Option<&MinHasher>) -> Self {
+        let repairs = clean.repairs_only();
+        let (Ok(p), Ok(c)) = (repairs.clean(prompt), repairs.clean(completion)) else {
+            unreachable!("repairs remove no text")
+        };
+        // The prompt's length keeps ("ab", "c") and ("a", "bc") apart.
+        let whole = format!("{}:{}{}", p.text.len(), p.text, c.text);
+        Checked::Clean {
+            exact: ExactIndex::key(&whole),
+            near: hasher.map(|h| h.near_key(&whole)),
+            bytes: p.text.len() + c.text.len(),
+            text: p.text,
+            completion: Some(c.text),
+            nfc: p.nfc_changed || c.nfc_changed,
+            control: p.control_removed || c.control_removed,
+        }
+    }
 }
 
 /// Runs the pipeline of the module docs. On error, the shards this run wrote are removed
@@ -404,6 +496,15 @@ pub fn prepare(cfg: &PrepareConfig, command: Vec<String>, version: &str) -> Resu
         return invalid("--batch-docs and --batch-bytes must be at least 1".into());
     }
     cfg.clean.validate().map_err(DataError::Invalid)?;
+    if let Some(field) = &cfg.input.completion_field
+        && let Some(text) = cfg.inputs.iter().find(|f| InputFormat::of(f) != InputFormat::JsonLines)
+    {
+        return invalid(format!(
+            "--completion-field {field} reads prompt-completion pairs from JSON Lines, but {} is plain text \
+             (JSON Lines files end in .jsonl, .ndjson or .json, optionally .gz or .zst)",
+            text.display()
+        ));
+    }
     let hasher = cfg.near_dedup.as_ref().map(MinHasher::new).transpose().map_err(DataError::Invalid)?;
     let mut tokenizer = TextTokenizer::from_file(&cfg.tokenizer, &cfg.eot_token)?;
     if cfg.clean.nfc {
@@ -444,6 +545,7 @@ pub fn prepare(cfg: &PrepareConfig, command: Vec<String>, version: &str) -> Resu
         version: shard_version,
         shard_tokens: cfg.shard_tokens,
         buf: Vec::new(),
+        learned: cfg.input.completion_field.is_some().then(Vec::new),
         shards: Vec::new(),
         peak: 0,
     };
@@ -575,7 +677,7 @@ fn previous_output(dir: &Path) -> Result<Vec<String>, DataError> {
         .filter(|n| {
             n == "manifest.json"
                 || ((n.starts_with("train_") || n.starts_with("val_"))
-                    && (n.ends_with(".bin") || n.ends_with(".bin.tmp")))
+                    && [".bin", ".bin.tmp", ".mask", ".mask.tmp"].iter().any(|ext| n.ends_with(ext)))
         })
         .collect();
     names.sort();
@@ -648,26 +750,19 @@ fn run(
         let checked: Vec<Checked> = batch
             .par_drain(..)
             .map(|doc| {
-                let text = match doc.into_text(&cfg.inputs, &cfg.input.text_field) {
-                    Ok(t) => t,
-                    Err(p) => return Checked::Problem(p),
+                let field = &cfg.input.text_field;
+                let checked = match &cfg.input.completion_field {
+                    None => doc.into_text(&cfg.inputs, field).map(|text| Checked::document(text, &cfg.clean, hasher)),
+                    Some(completion) => doc
+                        .into_pair(&cfg.inputs, field, completion)
+                        .map(|(prompt, completion)| Checked::pair(prompt, completion, &cfg.clean, hasher)),
                 };
-                match cfg.clean.clean(text) {
-                    Err(rule) => Checked::Removed(rule),
-                    Ok(c) => Checked::Clean {
-                        exact: ExactIndex::key(&c.text),
-                        near: hasher.map(|h| h.near_key(&c.text)),
-                        bytes: c.text.len(),
-                        text: c.text,
-                        nfc: c.nfc_changed,
-                        control: c.control_removed,
-                    },
-                }
+                checked.unwrap_or_else(Checked::Problem)
             })
             .collect();
 
         // 3. Dedup decisions and the split, in input order.
-        let mut kept: Vec<(String, bool)> = Vec::new();
+        let mut kept: Vec<(String, Option<String>, bool)> = Vec::new();
         for c in checked {
             match c {
                 Checked::Problem(p) => {
@@ -675,7 +770,7 @@ fn run(
                     record(p, cfg.strict)?;
                 }
                 Checked::Removed(rule) => *counts.removed.entry(rule.name()).or_insert(0) += 1,
-                Checked::Clean { text, exact: key, near: near_key, nfc, control, bytes } => {
+                Checked::Clean { text, completion, exact: key, near: near_key, nfc, control, bytes } => {
                     if cfg.exact_dedup && exact.check_and_insert(key) {
                         *counts.removed.entry("exact_duplicate").or_insert(0) += 1;
                     } else if let (Some(near), Some(key)) = (&mut near, &near_key)
@@ -689,23 +784,33 @@ fn run(
                         *counts.modified.entry("control_chars").or_insert(0) += u64::from(control);
                         let key_bytes = key.to_le_bytes();
                         let val = xxh3_64_with_seed(&key_bytes, cfg.seed) < val_cut;
-                        kept.push((text, val));
+                        kept.push((text, completion, val));
                     }
                 }
             }
         }
 
-        // 4. Tokenize in parallel; append in order.
-        let tokens: Vec<Vec<u32>> =
-            kept.par_iter().map(|(text, _)| tokenizer.encode_document(text)).collect::<Result<_, _>>()?;
-        for ((_, val), doc) in kept.iter().zip(&tokens) {
+        // 4. Tokenize in parallel (a pair's prompt and completion apart, so that the prompt's
+        // tokens are known); append in order.
+        let tokens: Vec<(Vec<u32>, Option<usize>)> = kept
+            .par_iter()
+            .map(|(text, completion, _)| {
+                let mut doc = tokenizer.encode_document(text)?;
+                let prompt = completion.as_ref().map(|_| doc.len());
+                if let Some(completion) = completion {
+                    doc.extend(tokenizer.encode(completion)?);
+                }
+                Ok((doc, prompt))
+            })
+            .collect::<Result<_, DataError>>()?;
+        for ((_, _, val), (doc, prompt)) in kept.iter().zip(&tokens) {
             let split = usize::from(*val);
             if *val {
                 counts.val += 1
             } else {
                 counts.train += 1
             }
-            writers[split].push(eot, doc)?;
+            writers[split].push(eot, doc, *prompt)?;
         }
         if let Some(bar) = &progress {
             bar.set_position(bytes_read.load(Ordering::Relaxed));

@@ -88,6 +88,13 @@ impl Shard {
         let word = |i: usize| i32::from_le_bytes(header[i]);
 
         let magic = word(0);
+        if magic == crate::mask::MASK_MAGIC {
+            return Err(DataError::format(
+                path,
+                "is a loss mask, which is read beside its shard (the .bin of the same name), not as a shard: \
+                 let the data patterns name the .bin files only",
+            ));
+        }
         if magic != MAGIC {
             return Err(DataError::format(
                 path,

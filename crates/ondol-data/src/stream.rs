@@ -13,6 +13,7 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::mask::LossMask;
 use crate::{ByteTokenizer, DataError, Shard};
 
 /// What each file given to [`TokenStream::open`] contains.
@@ -26,26 +27,31 @@ pub enum SourceKind {
 
 #[derive(Debug)]
 enum Source {
-    Shard(Shard),
+    /// A shard, and the loss mask beside it where there is one.
+    Shard(Shard, Option<LossMask>),
     /// The file's bytes; its tokens are these bytes followed by one end-of-text. Kept as
     /// bytes, not tokens, to hold a quarter of the memory.
-    Text {
-        path: PathBuf,
-        bytes: Vec<u8>,
-    },
+    Text { path: PathBuf, bytes: Vec<u8> },
 }
 
 impl Source {
     fn len(&self) -> usize {
         match self {
-            Self::Shard(shard) => shard.len(),
+            Self::Shard(shard, _) => shard.len(),
             Self::Text { bytes, .. } => bytes.len() + 1,
+        }
+    }
+
+    fn mask(&self) -> Option<&LossMask> {
+        match self {
+            Self::Shard(_, mask) => mask.as_ref(),
+            Self::Text { .. } => None,
         }
     }
 
     fn path(&self) -> &Path {
         match self {
-            Self::Shard(shard) => shard.path(),
+            Self::Shard(shard, _) => shard.path(),
             Self::Text { path, .. } => path,
         }
     }
@@ -53,7 +59,7 @@ impl Source {
     /// Tokens `start .. start + out.len()`, which the caller keeps within `len()`.
     fn read(&self, start: usize, out: &mut [u32]) {
         match self {
-            Self::Shard(shard) => shard.read(start, out),
+            Self::Shard(shard, _) => shard.read(start, out),
             Self::Text { bytes, .. } => {
                 let body = &bytes[start.min(bytes.len())..];
                 let n = body.len().min(out.len());
@@ -92,7 +98,11 @@ impl TokenStream {
             .iter()
             .map(|path| {
                 let source = match kind {
-                    SourceKind::Shards => Source::Shard(Shard::open(path)?),
+                    SourceKind::Shards => {
+                        let shard = Shard::open(path)?;
+                        let mask = LossMask::beside(path, shard.len())?;
+                        Source::Shard(shard, mask)
+                    }
                     SourceKind::ByteText => Source::Text { path: path.clone(), bytes: read_utf8(path)? },
                 };
                 Ok(Part { offset: 0, len: source.len(), source: Arc::new(source) })
@@ -134,26 +144,56 @@ impl TokenStream {
         self.len() == 0
     }
 
+    /// Whether some source has a loss mask (see [`crate::mask`]): then not every target is
+    /// learned.
+    pub fn has_masks(&self) -> bool {
+        self.parts.iter().any(|p| p.source.mask().is_some())
+    }
+
     /// Copies tokens `start .. start + out.len()` into `out`, across source boundaries.
     ///
     /// # Panics
     /// If the range runs past `self.len()` (a caller bug: ranges come from `len()`).
     pub fn read(&self, start: usize, out: &mut [u32]) {
-        let in_range = start.checked_add(out.len()).is_some_and(|end| end <= self.len());
-        assert!(in_range, "read of {} tokens at {start} past the end of a {}-token stream", out.len(), self.len());
-        if out.is_empty() {
+        self.for_each_piece(start, out.len(), |source, at, range| source.read(at, &mut out[range]));
+    }
+
+    /// [`Self::read`] for targets: a token its source's loss mask does not learn reads as
+    /// [`ondol_core::IGNORED_TARGET`].
+    pub fn read_targets(&self, start: usize, out: &mut [u32]) {
+        self.for_each_piece(start, out.len(), |source, at, range| {
+            source.read(at, &mut out[range.clone()]);
+            if let Some(mask) = source.mask() {
+                mask.apply(at, &mut out[range]);
+            }
+        });
+    }
+
+    /// How many of tokens `start .. start + len` are learned as targets.
+    pub fn count_learned(&self, start: usize, len: usize) -> usize {
+        let mut learned = 0;
+        self.for_each_piece(start, len, |source, at, range| {
+            learned += source.mask().map_or(range.len(), |mask| mask.count_learned(at, range.len()));
+        });
+        learned
+    }
+
+    /// Calls `f(source, index in the source, range of 0..len)` for each source's piece of
+    /// tokens `start .. start + len`, in order.
+    fn for_each_piece(&self, start: usize, len: usize, mut f: impl FnMut(&Source, usize, std::ops::Range<usize>)) {
+        let in_range = start.checked_add(len).is_some_and(|end| end <= self.len());
+        assert!(in_range, "read of {len} tokens at {start} past the end of a {}-token stream", self.len());
+        if len == 0 {
             return;
         }
         // The part holding `start`: the last one that starts at or before it.
         let mut i = self.starts.partition_point(|&s| s <= start) - 1;
-        let mut local = start - self.starts[i];
-        let mut out = out;
-        while !out.is_empty() {
+        let (mut local, mut done) = (start - self.starts[i], 0);
+        while done < len {
             let part = &self.parts[i];
-            let n = (part.len - local).min(out.len());
-            let (head, rest) = out.split_at_mut(n);
-            part.source.read(part.offset + local, head);
-            out = rest;
+            let n = (part.len - local).min(len - done);
+            f(&part.source, part.offset + local, done..done + n);
+            done += n;
             local = 0;
             i += 1;
         }

@@ -53,7 +53,10 @@ pub struct InputArgs {
 impl InputArgs {
     fn resolve(&self) -> Result<(Vec<PathBuf>, InputOptions)> {
         let files = expand_inputs(&self.input)?;
-        Ok((files, InputOptions { doc_split: self.doc_split, text_field: self.text_field.clone() }))
+        Ok((
+            files,
+            InputOptions { doc_split: self.doc_split, text_field: self.text_field.clone(), completion_field: None },
+        ))
     }
 }
 
@@ -97,6 +100,13 @@ pub struct DataPrepareArgs {
     /// The end-of-text token written before every document.
     #[arg(long, default_value = tokenizer::EOT_TOKEN)]
     pub eot_token: String,
+    /// Read prompt-completion pairs for fine-tuning: the JSON Lines field that holds each
+    /// completion (the prompt is in --text-field, e.g. `--text-field prompt --completion-field
+    /// completion`). Training then learns the completions and the end-of-text after each, not
+    /// the prompts (a loss mask beside each shard). The filters are off for pairs; the repairs
+    /// and deduplication stay.
+    #[arg(long, value_name = "FIELD")]
+    pub completion_field: Option<String>,
     /// Fraction of documents that go to validation (by a seeded hash of each document).
     #[arg(long, default_value_t = 0.005)]
     pub val_fraction: f64,
@@ -159,7 +169,8 @@ pub struct DataPrepareArgs {
 
 impl DataPrepareArgs {
     fn config(&self) -> Result<PrepareConfig> {
-        let (inputs, input) = self.input.resolve()?;
+        let (inputs, mut input) = self.input.resolve()?;
+        input.completion_field = self.completion_field.clone();
         Ok(PrepareConfig {
             inputs,
             input,
@@ -450,7 +461,7 @@ fn prepare_table(p: &PrepareTable, base: &Path) -> Result<()> {
     );
     let patterns: Vec<String> = p.input.iter().map(|i| base.join(i).to_string_lossy().into_owned()).collect();
     let inputs = expand_inputs(&patterns).map_err(|e| Error::config("data.prepare.input", e.to_string()))?;
-    let options = InputOptions { doc_split: p.doc_split, text_field: "text".into() };
+    let options = InputOptions { doc_split: p.doc_split, ..InputOptions::default() };
     let tokenizer = out.join("tokenizer.json");
     let cfg = TrainConfig { vocab_size: p.vocab_size, ..TrainConfig::default() };
     std::fs::create_dir_all(&out).map_err(|e| Error::io(format!("cannot create {}", out.display()), e))?;

@@ -270,30 +270,36 @@ impl<B: Backend> Trainer<B> {
         Ok(self.engine.whole_state()?.map(|[p, _, _]| p))
     }
 
-    /// The next micro-batches of this replica, refusing tokens outside the vocabulary.
-    fn next_batches(&mut self) -> Result<Vec<(Vec<u32>, Vec<u32>)>> {
+    /// The next micro-batches of this replica, refusing tokens outside the vocabulary, and
+    /// the targets of the whole step (every replica's) that are learned.
+    fn next_batches(&mut self) -> Result<(Vec<TokenBatch>, u64)> {
         let t = &self.cfg.training;
         let rows = t.batch_size * t.seq_len;
-        (0..t.grad_accum)
+        let mut learned = 0;
+        let batches = (0..t.grad_accum)
             .map(|_| {
                 let (mut inputs, mut targets) = (vec![0u32; rows], vec![0u32; rows]);
-                self.loader.next_batch(&mut inputs, &mut targets);
+                learned += self.loader.next_batch(&mut inputs, &mut targets);
                 check_vocab(&inputs, &targets, t.seq_len, self.cfg.model.vocab_size, |r, p| self.loader.origin(r, p))?;
                 Ok((inputs, targets))
             })
-            .collect()
+            .collect::<Result<_>>()?;
+        Ok((batches, learned))
     }
 
     /// One optimizer update over `grad_accum` micro-batches per replica; returns the mean
-    /// loss per token of the global batch.
+    /// loss per learned target of the global batch (every target, unless loss masks leave
+    /// prompts out).
     pub fn step(&mut self) -> Result<StepStats> {
         let tokens = self.tokens_per_step() as f64;
-        let batches = self.next_batches()?;
+        let (batches, learned) = self.next_batches()?;
         let lr = self.sched.lr(self.step);
-        // Each token's loss enters the mean with weight 1 / (tokens in the whole step).
-        let out = self.engine.step(&batches, (1.0 / tokens) as f32, lr, stop_request)?;
+        // Each learned target's loss enters the mean with weight 1 / (learned targets in the
+        // whole step); a step with none learns nothing.
+        let learned = learned.max(1) as f64;
+        let out = self.engine.step(&batches, (1.0 / learned) as f32, lr, stop_request)?;
         let flops = tokens * self.flops_per_token();
-        let loss = out.loss_sum / tokens;
+        let loss = out.loss_sum / learned;
         if !loss.is_finite() {
             return Err(Error::Training(format!(
                 "the loss became {loss} at step {}: lower optimizer.lr or raise lr_scheduler.warmup_steps",
@@ -587,16 +593,17 @@ impl<B: Backend> Trainer<B> {
             _ => (t.eval_batches.min(whole) * t.grad_accum).max(1),
         };
         let mut batches = Vec::with_capacity(per_replica);
+        let mut learned = 0;
         for i in 0..per_replica * replicas {
             let (mut inputs, mut targets) = (vec![0u32; rows], vec![0u32; rows]);
-            loader.next_batch(&mut inputs, &mut targets);
+            learned += loader.next_batch(&mut inputs, &mut targets);
             check_vocab(&inputs, &targets, t.seq_len, self.cfg.model.vocab_size, |r, p| loader.origin(r, p))?;
             if i % replicas == replica {
                 batches.push((inputs, targets));
             }
         }
         let done = self.engine.evaluate(&batches, stop_request)?;
-        let loss = done.loss_sum / (per_replica * replicas * rows) as f64;
+        let loss = done.loss_sum / learned.max(1) as f64;
         Ok((self.is_leader().then_some(loss), (done.stop > 0).then_some(i32::from(done.stop))))
     }
 }
@@ -617,6 +624,9 @@ pub enum DataPosition {
     Restarted,
 }
 
+/// One micro-batch: inputs and targets, `batch_size * seq_len` each.
+type TokenBatch = (Vec<u32>, Vec<u32>);
+
 /// Where training batches come from: one source, or a weighted mixture of several.
 enum Batches {
     One(Loader),
@@ -624,7 +634,7 @@ enum Batches {
 }
 
 impl Batches {
-    fn next_batch(&mut self, inputs: &mut [u32], targets: &mut [u32]) {
+    fn next_batch(&mut self, inputs: &mut [u32], targets: &mut [u32]) -> u64 {
         match self {
             Batches::One(l) => l.next_batch(inputs, targets),
             Batches::Mix(m) => m.next_batch(inputs, targets),
@@ -733,8 +743,8 @@ fn check_vocab<'a>(
     ))
 }
 
-/// Mean loss per token of `model` over the next `batches` batches of `loader` (at most one
-/// epoch), and the number of tokens it covered; with `documents`, the end-of-text token that
+/// Mean loss per learned target of `model` over the next `batches` batches of `loader` (at
+/// most one epoch), and the number of targets it covered; with `documents`, the end-of-text token that
 /// starts each document, documents attend only within their own.
 pub fn evaluate<B: Backend>(
     be: &B,
@@ -749,9 +759,9 @@ pub fn evaluate<B: Backend>(
     let (mut inputs, mut targets) = (vec![0u32; rows], vec![0u32; rows]);
     let (mut ids, mut tgt) = (be.upload_ids(&inputs), be.upload_ids(&targets));
     let batches = batches.min(loader.batches_per_epoch() as usize).max(1);
-    let mut sum = 0.0;
+    let (mut sum, mut learned) = (0.0, 0);
     for _ in 0..batches {
-        loader.next_batch(&mut inputs, &mut targets);
+        learned += loader.next_batch(&mut inputs, &mut targets);
         check_vocab(&inputs, &targets, loader.seq_len(), model.cfg.vocab_size, |r, p| loader.origin(r, p))?;
         be.write_ids(&mut ids, &inputs);
         be.write_ids(&mut tgt, &targets);
@@ -761,8 +771,7 @@ pub fn evaluate<B: Backend>(
         model.forward(be, params, ws, &ids);
         sum += model.loss(be, params, ws, &tgt, None);
     }
-    let tokens = (batches * rows) as u64;
-    Ok((sum / tokens as f64, tokens))
+    Ok((sum / learned.max(1) as f64, learned))
 }
 
 /// The keys a token's attention counts for in the FLOPs where documents attend only within

@@ -141,6 +141,35 @@ fn parallel_layouts_train_like_one_rank() {
     }
 }
 
+/// Fine-tuning on completions: with a loss mask beside the shard, each step's loss is the mean
+/// over the learned targets of the whole global batch, which every layout divides by as one
+/// rank does (a rank dividing by its own share would not match). A mask that learns every
+/// target changes nothing, bit for bit; one that learns a third of them changes the run.
+#[test]
+fn masked_targets_train_alike_on_every_layout() {
+    let dir = setup();
+    let text = std::fs::read_to_string(dir.path().join("corpus.txt")).unwrap();
+    let tokens: Vec<u32> = text.bytes().map(u32::from).collect();
+    ondol_data::write_shard(dir.path().join("train.bin"), &tokens, None).unwrap();
+    let config =
+        CONFIG.replace("train = [\"corpus.txt\"]\nformat = \"text\"", "train = [\"train.bin\"]\nformat = \"shards\"");
+    assert_ne!(config, CONFIG);
+    std::fs::write(dir.path().join("run.toml"), config).unwrap();
+    let mask = dir.path().join("train.mask");
+    let (plain, _) = train(dir.path(), (1, 1, 1));
+    ondol_data::mask::write_mask(&mask, &vec![true; tokens.len()]).unwrap();
+    assert_eq!(train(dir.path(), (1, 1, 1)).0, plain, "a mask that learns every target");
+    // Runs of learned and ignored targets, so ranks hold unequal shares.
+    let learned: Vec<bool> = (0..tokens.len()).map(|i| (i / 37) % 3 == 0).collect();
+    ondol_data::mask::write_mask(&mask, &learned).unwrap();
+    let (one, w1) = train(dir.path(), (1, 1, 1));
+    assert!(one.iter().zip(&plain).all(|(a, b)| a != b), "the mask changes every step's loss");
+    for shape in [(1, 1, 4), (2, 2, 2)] {
+        let (many, w) = train(dir.path(), shape);
+        assert_matches(&format!("masked {shape:?}"), (&one, &w1), (&many, &w));
+    }
+}
+
 #[test]
 fn the_cli_runs_data_parallel_ranks_and_refuses_to_resume_at_another_size() {
     let dir = setup();

@@ -334,3 +334,80 @@ fn runs_started_together_on_a_prepare_table_prepare_once() {
     assert_eq!(prepared, 1, "{errs:#?}");
     assert_eq!(errs.iter().filter(|e| e.contains("using the prepared data")).count(), 2, "{errs:#?}");
 }
+
+/// Fine-tuning data: prompt-completion pairs from JSON Lines become shards with a loss mask
+/// beside each, which learns each completion and the end-of-text after it and no prompt
+/// token; training on them reports the loss of the completions; the manifest guards the masks.
+#[test]
+fn prompt_completion_pairs_are_prepared_with_loss_masks_and_trained_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/sample");
+    let text = std::fs::read_to_string(root.join("en-web-mark.txt")).unwrap();
+    std::fs::write(dir.path().join("mark.txt"), &text).unwrap();
+    let (ok, err) = ondol_err(
+        dir.path(),
+        &["tokenizer", "train", "--input", "mark.txt", "--vocab-size", "400", "--out", "tok.json"],
+    );
+    assert!(ok, "{err}");
+    // Each paragraph's first line asks, the rest answers; short ones too (no filter drops them).
+    let mut pairs = Vec::new();
+    for para in text.split("\n\n").filter(|p| p.contains('\n')) {
+        let (prompt, completion) = para.split_once('\n').unwrap();
+        if !completion.trim().is_empty() {
+            pairs.push((prompt.to_string(), completion.to_string()));
+        }
+    }
+    pairs.push(("Who?".into(), "Mark.".into()));
+    let jsonl: Vec<String> =
+        pairs.iter().map(|(p, c)| serde_json::json!({ "prompt": p, "completion": c }).to_string()).collect();
+    std::fs::write(dir.path().join("pairs.jsonl"), jsonl.join("\n") + "\n{\"prompt\": \"no answer\"}\n").unwrap();
+    let prepare = |input: &str| {
+        let mut args = vec!["data", "prepare", "--input", input, "--tokenizer", "tok.json", "--out", "shards"];
+        args.extend(["--text-field", "prompt", "--completion-field", "completion", "--val-fraction", "0.1"]);
+        ondol_err(dir.path(), &args)
+    };
+    let (ok, err) = prepare("mark.txt");
+    assert!(!ok && err.contains("mark.txt is plain text") && err.contains("--completion-field"), "{err}");
+    let (ok, err) = prepare("pairs.jsonl");
+    assert!(ok, "{err}");
+    assert!(err.contains("no field `completion`") && err.contains("learned:"), "{err}");
+
+    // Every document of the shards: its end-of-text learned, its prompt (with the tokenizer's
+    // document start) not, its completion learned and decoding to the pair's completion.
+    let shards = dir.path().join("shards");
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(shards.join("manifest.json")).unwrap()).unwrap();
+    let tok = ondol_data::TextTokenizer::from_file(&dir.path().join("tok.json"), "<|endoftext|>").unwrap();
+    let eot = tok.eot_id();
+    let mut seen = 0;
+    for info in manifest["shards"].as_array().unwrap() {
+        let file = shards.join(info["file"].as_str().unwrap());
+        let shard = ondol_data::Shard::open(&file).unwrap();
+        let mask = ondol_data::mask::LossMask::open(&shards.join(info["mask"].as_str().unwrap()), shard.len()).unwrap();
+        let mut tokens = vec![0; shard.len()];
+        shard.read(0, &mut tokens);
+        let learned: Vec<bool> = (0..tokens.len()).map(|i| mask.learned(i)).collect();
+        assert_eq!(info["learned_tokens"].as_u64().unwrap(), learned.iter().filter(|&&l| l).count() as u64);
+        let starts: Vec<usize> = (0..tokens.len()).filter(|&i| tokens[i] == eot).collect();
+        for (k, &start) in starts.iter().enumerate() {
+            let end = starts.get(k + 1).copied().unwrap_or(tokens.len());
+            assert!(learned[start], "the end-of-text at {start}");
+            let doc = &tokens[start + 1..end];
+            let prompt_len = learned[start + 1..end].iter().position(|&l| l).expect("a completion");
+            assert!(learned[start + 1 + prompt_len..end].iter().all(|&l| l), "a learned completion");
+            let (prompt, completion) =
+                (tok.decode(&doc[..prompt_len]).unwrap(), tok.decode(&doc[prompt_len..]).unwrap());
+            assert!(pairs.contains(&(prompt.clone(), completion.clone())), "{prompt:?} -> {completion:?}");
+            seen += 1;
+        }
+    }
+    assert_eq!(seen, pairs.len(), "every pair is a document");
+
+    // Training reads the masks; the manifest refuses a shard that lost its mask.
+    std::fs::write(dir.path().join("run.toml"), RUN).unwrap();
+    let (ok, err) = ondol_err(dir.path(), &["train", "run.toml", "--run-dir", "out"]);
+    assert!(ok && err.contains("done: 2 steps"), "{err}");
+    std::fs::remove_file(shards.join("val_000000.mask")).unwrap();
+    let (ok, err) = ondol_err(dir.path(), &["train", "run.toml", "--run-dir", "out2"]);
+    assert!(!ok && err.contains("val_000000.mask, which is missing"), "{err}");
+}
