@@ -52,11 +52,14 @@ pub struct InputOptions {
     /// Where given, every document is a prompt–completion pair: the prompt in `text_field`,
     /// the completion in this field (JSON Lines only).
     pub completion_field: Option<String>,
+    /// Where given, every document is a conversation: a list of messages in this field (JSON
+    /// Lines only).
+    pub messages_field: Option<String>,
 }
 
 impl Default for InputOptions {
     fn default() -> Self {
-        Self { doc_split: DocSplit::File, text_field: "text".into(), completion_field: None }
+        Self { doc_split: DocSplit::File, text_field: "text".into(), completion_field: None, messages_field: None }
     }
 }
 
@@ -149,6 +152,28 @@ impl RawDoc {
         let value = self.json_value(inputs)?;
         let prompt = self.string_field(&value, text_field, "--text-field", inputs)?;
         Ok((prompt, self.string_field(&value, completion_field, "--completion-field", inputs)?))
+    }
+
+    /// A conversation: the list of messages in `field` of the JSON object, each an object with
+    /// a string `role` (JSON Lines only).
+    pub fn into_messages(self, inputs: &[PathBuf], field: &str) -> Result<Vec<serde_json::Value>, Problem> {
+        let malformed = |message: String| Err(self.problem(inputs, self.line, "malformed_json", message));
+        if !self.json {
+            return malformed("plain text holds no conversations (--messages-field reads JSON Lines)".into());
+        }
+        let messages = match self.json_value(inputs)?.get_mut(field).map(serde_json::Value::take) {
+            Some(serde_json::Value::Array(messages)) => messages,
+            Some(other) => {
+                return malformed(format!("field `{field}` is not a list of messages but {}", json_kind(&other)));
+            }
+            None => {
+                return malformed(format!("no field `{field}` (set --messages-field to the field of the messages)"));
+            }
+        };
+        if let Some(i) = messages.iter().position(|m| !m["role"].is_string()) {
+            return malformed(format!("message {i} of `{field}` is not an object with a string `role`"));
+        }
+        Ok(messages)
     }
 
     fn problem(&self, inputs: &[PathBuf], line: u64, kind: &'static str, message: String) -> Problem {

@@ -5,6 +5,7 @@
 //! - [`stream`]: many shards or text files as one token sequence, with train/validation split
 //!   and data file patterns.
 //! - [`tokenizer`]: byte-level BPE training (Hugging Face `tokenizers`) and loading.
+//! - [`chat`]: conversations rendered by a model's chat template, with the assistant's spans.
 //! - [`input`], [`clean`], [`dedup`], [`prepare`]: raw corpora (text, JSON Lines, gzip, zstd)
 //!   to cleaned, deduplicated token shards with a manifest (`ondol data prepare`).
 //! - [`mask`]: loss masks beside shards (which targets are learned, for fine-tuning on
@@ -15,6 +16,7 @@
 //! Every error a user can cause is a [`DataError`] that names the file and what was wrong.
 
 pub mod bytes;
+pub mod chat;
 pub mod clean;
 pub mod dedup;
 mod error;

@@ -37,11 +37,12 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
+use crate::chat::{ChatTemplate, Rendered};
 use crate::clean::{CleanConfig, Rule};
 use crate::dedup::{ExactIndex, MinHasher, NearDedupConfig, NearIndex, NearKey};
 use crate::input::{DocReader, InputFormat, InputOptions, InputStats, Item, Problem, hex};
 use crate::mask::{LossMask, write_mask};
-use crate::tokenizer::{EOT_TOKEN, TextTokenizer};
+use crate::tokenizer::{EOT_TOKEN, TextTokenizer, tokenizer_files};
 use crate::{DataError, Shard, ShardVersion, write_shard};
 
 /// Everything `data prepare` needs; each field has a flag of the same name.
@@ -50,6 +51,9 @@ pub struct PrepareConfig {
     pub inputs: Vec<PathBuf>,
     pub input: InputOptions,
     pub tokenizer: PathBuf,
+    /// Conversations (`input.messages_field`): the chat template's file; None: the
+    /// tokenizer_config.json beside the tokenizer.
+    pub chat_template: Option<PathBuf>,
     pub eot_token: String,
     pub out: PathBuf,
     pub clean: CleanConfig,
@@ -73,6 +77,7 @@ impl PrepareConfig {
             inputs,
             input: InputOptions::default(),
             tokenizer,
+            chat_template: None,
             eot_token: EOT_TOKEN.into(),
             out,
             clean: CleanConfig::default(),
@@ -97,7 +102,7 @@ pub struct DocCounts {
     pub kept: u64,
     pub train: u64,
     pub val: u64,
-    /// Removed documents per rule: invalid_utf8, malformed_json, the cleaning rules,
+    /// Removed documents per rule: invalid_utf8, malformed_json, chat_template (conversations), the cleaning rules,
     /// exact_duplicate, near_duplicate.
     pub removed: BTreeMap<&'static str, u64>,
     /// Kept documents that a repair changed: nfc, control_chars.
@@ -140,6 +145,12 @@ pub struct TokenizerInfo {
     pub document_start: Vec<u32>,
 }
 
+#[derive(Clone, Debug, Serialize)]
+pub struct TemplateInfo {
+    pub source: PathBuf,
+    pub sha256: String,
+}
+
 /// `manifest.json`: what went in, what came out, what was removed and why.
 #[derive(Clone, Debug, Serialize)]
 pub struct Manifest {
@@ -147,6 +158,9 @@ pub struct Manifest {
     pub command: Vec<String>,
     pub inputs: Vec<InputStats>,
     pub tokenizer: TokenizerInfo,
+    /// Conversations: the chat template they were rendered with.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chat_template: Option<TemplateInfo>,
     pub settings: PrepareConfig,
     /// Near-dedup bands x rows actually used.
     pub near_dedup_bands: Option<(usize, usize)>,
@@ -219,8 +233,8 @@ impl Manifest {
             let learned =
                 |split| self.shards.iter().filter(|s| s.split == split).filter_map(|s| s.learned_tokens).sum::<u64>();
             s += &format!(
-                "\nlearned: {} train and {} val tokens, the completions (loss masks beside the shards; the prompts \
-                 are context only)",
+                "\nlearned: {} train and {} val tokens, the completions or the assistant's turns (loss masks beside \
+                 the shards; the rest is context only)",
                 learned("train"),
                 learned("val")
             );
@@ -380,22 +394,25 @@ struct ShardWriter {
     version: ShardVersion,
     shard_tokens: usize,
     buf: Vec<u32>,
-    /// Prompt-completion pairs: whether each token of `buf` is learned as a target.
+    /// Fine-tuning data: whether each token of `buf` is learned as a target.
     learned: Option<Vec<bool>>,
+    /// Whether the end-of-text before a document is learned: after a pair's completion, yes
+    /// (the model learns to stop); after a conversation, no (the template closes each turn with
+    /// its own end-of-turn, which is learned).
+    separator_learned: bool,
     shards: Vec<ShardInfo>,
     peak: usize,
 }
 
 impl ShardWriter {
-    /// Appends the end-of-text and `doc`; of a pair's tokens, the first `prompt` are its
-    /// prompt's, which are not learned (the end-of-text is: it ends the completion before it).
-    fn push(&mut self, eot: u32, doc: &[u32], prompt: Option<usize>) -> Result<(), DataError> {
+    /// Appends the end-of-text and `doc`, whose tokens are learned where `learned` says
+    /// (fine-tuning data: pairs or conversations).
+    fn push(&mut self, eot: u32, doc: &[u32], learned: Option<&[bool]>) -> Result<(), DataError> {
         self.buf.push(eot);
         self.buf.extend_from_slice(doc);
-        if let Some(learned) = &mut self.learned {
-            let prompt = prompt.expect("a split of pairs gets pairs");
-            learned.push(true);
-            learned.extend((0..doc.len()).map(|i| i >= prompt));
+        if let Some(mask) = &mut self.learned {
+            mask.push(self.separator_learned);
+            mask.extend_from_slice(learned.expect("fine-tuning data has learned tokens"));
         }
         self.peak = self.peak.max(self.buf.len());
         while self.buf.len() >= self.shard_tokens {
@@ -427,20 +444,46 @@ impl ShardWriter {
     }
 }
 
+/// A kept document, as it goes to the tokenizer.
+enum Document {
+    Text(String),
+    /// Fine-tuning on completions: the prompt is context, the completion is learned.
+    Pair {
+        prompt: String,
+        completion: String,
+    },
+    /// A conversation rendered by the chat template, its assistant turns learned.
+    Chat(Rendered),
+}
+
+impl Document {
+    /// The document's tokens, and which of them are learned as targets (fine-tuning data
+    /// only); see [`ShardWriter::push`].
+    fn tokenize(&self, tokenizer: &TextTokenizer) -> Result<(Vec<u32>, Option<Vec<bool>>), DataError> {
+        Ok(match self {
+            Document::Text(text) => (tokenizer.encode_document(text)?, None),
+            // Apart, so that the prompt's tokens are known.
+            Document::Pair { prompt, completion } => {
+                let (prompt, completion) = (tokenizer.encode_document(prompt)?, tokenizer.encode(completion)?);
+                let learned = [vec![false; prompt.len()], vec![true; completion.len()]].concat();
+                ([prompt, completion].concat(), Some(learned))
+            }
+            // Whole, as the model reads it: a token is learned where it starts in a turn. (The
+            // template writes any BOS itself, as transformers tokenizes its output.)
+            Document::Chat(Rendered { text, learned }) => {
+                let tokens = tokenizer.encode_with_starts(text)?;
+                let is_learned = |start: &usize| learned.iter().any(|span| span.contains(start));
+                (tokens.iter().map(|t| t.0).collect(), Some(tokens.iter().map(|t| is_learned(&t.1)).collect()))
+            }
+        })
+    }
+}
+
 /// What the parallel stage found for one document.
 enum Checked {
     Problem(Problem),
     Removed(Rule),
-    Clean {
-        text: String,
-        /// A pair's completion (`text` is its prompt).
-        completion: Option<String>,
-        exact: u128,
-        near: Option<NearKey>,
-        nfc: bool,
-        control: bool,
-        bytes: usize,
-    },
+    Clean { doc: Document, exact: u128, near: Option<NearKey>, nfc: bool, control: bool, bytes: usize },
 }
 
 impl Checked {
@@ -452,8 +495,7 @@ impl Checked {
                 exact: ExactIndex::key(&c.text),
                 near: hasher.map(|h| h.near_key(&c.text)),
                 bytes: c.text.len(),
-                text: c.text,
-                completion: None,
+                doc: Document::Text(c.text),
                 nfc: c.nfc_changed,
                 control: c.control_removed,
             },
@@ -464,20 +506,76 @@ impl Checked {
     /// for web text; they would remove short answers, code and tables), deduplicated as one
     /// text.
     fn pair(prompt: String, completion: String, clean: &CleanConfig, hasher: Option<&MinHasher>) -> Self {
-        let repairs = clean.repairs_only();
-        let (Ok(p), Ok(c)) = (repairs.clean(prompt), repairs.clean(completion)) else {
-            unreachable!("repairs remove no text")
-        };
+        let mut repairs = Repairs::new(clean);
+        let (prompt, completion) = (repairs.apply(prompt), repairs.apply(completion));
         // The prompt's length keeps ("ab", "c") and ("a", "bc") apart.
-        let whole = format!("{}:{}{}", p.text.len(), p.text, c.text);
+        let whole = format!("{}:{prompt}{completion}", prompt.len());
+        let bytes = prompt.len() + completion.len();
+        repairs.verdict(&whole, bytes, hasher, Document::Pair { prompt, completion })
+    }
+
+    /// A conversation's verdict: every string in its messages repaired, none filtered (as
+    /// pairs), rendered by `template`, deduplicated as the rendered text.
+    fn conversation(
+        mut messages: Vec<serde_json::Value>,
+        clean: &CleanConfig,
+        hasher: Option<&MinHasher>,
+        template: &ChatTemplate,
+        (path, line): (&Path, u64),
+    ) -> Self {
+        let mut repairs = Repairs::new(clean);
+        messages.iter_mut().for_each(|m| repairs.apply_within(m));
+        match template.render(&messages) {
+            Ok(rendered) => {
+                let text = rendered.text.clone();
+                repairs.verdict(&text, text.len(), hasher, Document::Chat(rendered))
+            }
+            Err(message) => {
+                Checked::Problem(Problem { path: path.to_path_buf(), line, kind: "chat_template", message })
+            }
+        }
+    }
+}
+
+/// The repairs of a [`CleanConfig`] (no filter) over the texts of one document, remembering
+/// which changed something.
+struct Repairs {
+    config: CleanConfig,
+    nfc: bool,
+    control: bool,
+}
+
+impl Repairs {
+    fn new(clean: &CleanConfig) -> Self {
+        Self { config: clean.repairs_only(), nfc: false, control: false }
+    }
+
+    fn apply(&mut self, text: String) -> String {
+        let Ok(c) = self.config.clean(text) else { unreachable!("repairs remove no text") };
+        self.nfc |= c.nfc_changed;
+        self.control |= c.control_removed;
+        c.text
+    }
+
+    /// Repairs every string within `value`.
+    fn apply_within(&mut self, value: &mut serde_json::Value) {
+        match value {
+            serde_json::Value::String(s) => *s = self.apply(std::mem::take(s)),
+            serde_json::Value::Array(items) => items.iter_mut().for_each(|v| self.apply_within(v)),
+            serde_json::Value::Object(fields) => fields.values_mut().for_each(|v| self.apply_within(v)),
+            _ => {}
+        }
+    }
+
+    /// The document (of `bytes` bytes of text) kept, deduplicated by `key`.
+    fn verdict(self, key: &str, bytes: usize, hasher: Option<&MinHasher>, doc: Document) -> Checked {
         Checked::Clean {
-            exact: ExactIndex::key(&whole),
-            near: hasher.map(|h| h.near_key(&whole)),
-            bytes: p.text.len() + c.text.len(),
-            text: p.text,
-            completion: Some(c.text),
-            nfc: p.nfc_changed || c.nfc_changed,
-            control: p.control_removed || c.control_removed,
+            exact: ExactIndex::key(key),
+            near: hasher.map(|h| h.near_key(key)),
+            bytes,
+            doc,
+            nfc: self.nfc,
+            control: self.control,
         }
     }
 }
@@ -496,15 +594,38 @@ pub fn prepare(cfg: &PrepareConfig, command: Vec<String>, version: &str) -> Resu
         return invalid("--batch-docs and --batch-bytes must be at least 1".into());
     }
     cfg.clean.validate().map_err(DataError::Invalid)?;
-    if let Some(field) = &cfg.input.completion_field
+    let fine_tuning = match (&cfg.input.completion_field, &cfg.input.messages_field) {
+        (Some(_), Some(_)) => {
+            return invalid(
+                "--completion-field and --messages-field: a run reads pairs or conversations, not both".into(),
+            );
+        }
+        (Some(field), None) => Some(format!("--completion-field {field} reads prompt-completion pairs")),
+        (None, Some(field)) => Some(format!("--messages-field {field} reads conversations")),
+        (None, None) => None,
+    };
+    if let Some(what) = fine_tuning
         && let Some(text) = cfg.inputs.iter().find(|f| InputFormat::of(f) != InputFormat::JsonLines)
     {
         return invalid(format!(
-            "--completion-field {field} reads prompt-completion pairs from JSON Lines, but {} is plain text \
-             (JSON Lines files end in .jsonl, .ndjson or .json, optionally .gz or .zst)",
+            "{what} from JSON Lines, but {} is plain text (JSON Lines files end in .jsonl, .ndjson or .json, \
+             optionally .gz or .zst)",
             text.display()
         ));
     }
+    let template = match cfg.input.messages_field {
+        Some(_) => {
+            let path =
+                cfg.chat_template.clone().unwrap_or_else(|| cfg.tokenizer.with_file_name("tokenizer_config.json"));
+            let bytes = std::fs::read(&path).map_err(|e| {
+                let why = format!("cannot read the chat template: {e} (give it with --chat-template: a tokenizer_config.json or a .jinja file)");
+                DataError::format(&path, why)
+            })?;
+            let info = TemplateInfo { sha256: hex(&Sha256::digest(&bytes)), source: path.clone() };
+            Some((ChatTemplate::from_file(&path)?, info))
+        }
+        None => None,
+    };
     let hasher = cfg.near_dedup.as_ref().map(MinHasher::new).transpose().map_err(DataError::Invalid)?;
     let mut tokenizer = TextTokenizer::from_file(&cfg.tokenizer, &cfg.eot_token)?;
     if cfg.clean.nfc {
@@ -545,12 +666,13 @@ pub fn prepare(cfg: &PrepareConfig, command: Vec<String>, version: &str) -> Resu
         version: shard_version,
         shard_tokens: cfg.shard_tokens,
         buf: Vec::new(),
-        learned: cfg.input.completion_field.is_some().then(Vec::new),
+        learned: (cfg.input.completion_field.is_some() || cfg.input.messages_field.is_some()).then(Vec::new),
+        separator_learned: cfg.input.completion_field.is_some(),
         shards: Vec::new(),
         peak: 0,
     };
     let mut writers = [writer("train"), writer("val")];
-    let result = run(cfg, &tokenizer, hasher.as_ref(), &mut writers);
+    let result = run(cfg, &tokenizer, hasher.as_ref(), template.as_ref().map(|(t, _)| t), &mut writers);
     let (counts, problems, problems_total, file_problems, inputs, bytes, memory, seconds) = match result {
         Ok(r) => r,
         Err(e) => {
@@ -565,6 +687,11 @@ pub fn prepare(cfg: &PrepareConfig, command: Vec<String>, version: &str) -> Resu
         std::fs::canonicalize(&cfg.tokenizer).ok() == std::fs::canonicalize(cfg.out.join("tokenizer.json")).ok();
     if !same_file {
         write_atomic(&staging.join("tokenizer.json"), &tokenizer_bytes)?;
+        // Its special tokens and chat template, for the checkpoints of runs on these shards.
+        for (name, source) in tokenizer_files(&cfg.tokenizer).into_iter().skip(1) {
+            let bytes = std::fs::read(&source).map_err(|e| DataError::io("read", &source, e))?;
+            write_atomic(&staging.join(name), &bytes)?;
+        }
     }
     let [train, val] = writers;
     let tokens = BTreeMap::from([
@@ -584,6 +711,7 @@ pub fn prepare(cfg: &PrepareConfig, command: Vec<String>, version: &str) -> Resu
             eot_id: tokenizer.eot_id(),
             document_start: tokenizer.document_start().to_vec(),
         },
+        chat_template: template.map(|(_, info)| info),
         settings: cfg.clone(),
         near_dedup_bands: hasher.map(|h| (h.bands(), h.rows())),
         documents: counts,
@@ -691,6 +819,7 @@ fn run(
     cfg: &PrepareConfig,
     tokenizer: &TextTokenizer,
     hasher: Option<&MinHasher>,
+    template: Option<&ChatTemplate>,
     writers: &mut [ShardWriter; 2],
 ) -> Result<RunResult, DataError> {
     let start = Instant::now();
@@ -750,19 +879,22 @@ fn run(
         let checked: Vec<Checked> = batch
             .par_drain(..)
             .map(|doc| {
-                let field = &cfg.input.text_field;
-                let checked = match &cfg.input.completion_field {
-                    None => doc.into_text(&cfg.inputs, field).map(|text| Checked::document(text, &cfg.clean, hasher)),
-                    Some(completion) => doc
+                let (field, at) = (&cfg.input.text_field, (cfg.inputs[doc.input].as_path(), doc.line));
+                let checked = match (&cfg.input.completion_field, &cfg.input.messages_field, template) {
+                    (Some(completion), ..) => doc
                         .into_pair(&cfg.inputs, field, completion)
                         .map(|(prompt, completion)| Checked::pair(prompt, completion, &cfg.clean, hasher)),
+                    (None, Some(messages), Some(template)) => doc
+                        .into_messages(&cfg.inputs, messages)
+                        .map(|m| Checked::conversation(m, &cfg.clean, hasher, template, at)),
+                    _ => doc.into_text(&cfg.inputs, field).map(|text| Checked::document(text, &cfg.clean, hasher)),
                 };
                 checked.unwrap_or_else(Checked::Problem)
             })
             .collect();
 
         // 3. Dedup decisions and the split, in input order.
-        let mut kept: Vec<(String, Option<String>, bool)> = Vec::new();
+        let mut kept: Vec<(Document, bool)> = Vec::new();
         for c in checked {
             match c {
                 Checked::Problem(p) => {
@@ -770,7 +902,7 @@ fn run(
                     record(p, cfg.strict)?;
                 }
                 Checked::Removed(rule) => *counts.removed.entry(rule.name()).or_insert(0) += 1,
-                Checked::Clean { text, completion, exact: key, near: near_key, nfc, control, bytes } => {
+                Checked::Clean { doc, exact: key, near: near_key, nfc, control, bytes } => {
                     if cfg.exact_dedup && exact.check_and_insert(key) {
                         *counts.removed.entry("exact_duplicate").or_insert(0) += 1;
                     } else if let (Some(near), Some(key)) = (&mut near, &near_key)
@@ -784,33 +916,23 @@ fn run(
                         *counts.modified.entry("control_chars").or_insert(0) += u64::from(control);
                         let key_bytes = key.to_le_bytes();
                         let val = xxh3_64_with_seed(&key_bytes, cfg.seed) < val_cut;
-                        kept.push((text, completion, val));
+                        kept.push((doc, val));
                     }
                 }
             }
         }
 
-        // 4. Tokenize in parallel (a pair's prompt and completion apart, so that the prompt's
-        // tokens are known); append in order.
-        let tokens: Vec<(Vec<u32>, Option<usize>)> = kept
-            .par_iter()
-            .map(|(text, completion, _)| {
-                let mut doc = tokenizer.encode_document(text)?;
-                let prompt = completion.as_ref().map(|_| doc.len());
-                if let Some(completion) = completion {
-                    doc.extend(tokenizer.encode(completion)?);
-                }
-                Ok((doc, prompt))
-            })
-            .collect::<Result<_, DataError>>()?;
-        for ((_, _, val), (doc, prompt)) in kept.iter().zip(&tokens) {
+        // 4. Tokenize in parallel; append in order.
+        let tokens: Vec<(Vec<u32>, Option<Vec<bool>>)> =
+            kept.par_iter().map(|(doc, _)| doc.tokenize(tokenizer)).collect::<Result<_, _>>()?;
+        for ((_, val), (doc, learned)) in kept.iter().zip(&tokens) {
             let split = usize::from(*val);
             if *val {
                 counts.val += 1
             } else {
                 counts.train += 1
             }
-            writers[split].push(eot, doc, *prompt)?;
+            writers[split].push(eot, doc, learned.as_deref())?;
         }
         if let Some(bar) = &progress {
             bar.set_position(bytes_read.load(Ordering::Relaxed));
@@ -843,6 +965,9 @@ fn run(
         "near_duplicate",
     ]) {
         counts.removed.entry(rule).or_insert(0);
+    }
+    if template.is_some() {
+        counts.removed.entry("chat_template").or_insert(0);
     }
     let inputs = reader.stats().to_vec();
     Ok((

@@ -29,6 +29,19 @@ use crate::input::{DocReader, InputOptions, Item, Problem};
 /// The default end-of-text token, GPT-2's spelling.
 pub const EOT_TOKEN: &str = "<|endoftext|>";
 
+/// The files transformers reads beside a tokenizer.json (special tokens, the chat template),
+/// which go wherever it is copied.
+pub const COMPANION_FILES: [&str; 2] = ["tokenizer_config.json", "special_tokens_map.json"];
+
+/// `tokenizer` as `tokenizer.json`, and the [`COMPANION_FILES`] beside it, as (name, source)
+/// pairs of the files that exist.
+pub fn tokenizer_files(tokenizer: &Path) -> Vec<(String, PathBuf)> {
+    let companions = COMPANION_FILES.iter().map(|name| (name.to_string(), tokenizer.with_file_name(name)));
+    std::iter::once(("tokenizer.json".to_string(), tokenizer.to_path_buf()))
+        .chain(companions.filter(|(_, source)| source.is_file()))
+        .collect()
+}
+
 /// Tokenizer training settings; each has a `tokenizer train` flag.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TrainConfig {
@@ -427,6 +440,16 @@ impl TextTokenizer {
             .encode_fast(text, false)
             .map_err(|e| DataError::Invalid(format!("tokenizer failed to encode: {e}")))?;
         Ok(encoding.get_ids().to_vec())
+    }
+
+    /// The tokens of one text (no special tokens added): each id, and the byte of `text`
+    /// where the token starts.
+    pub fn encode_with_starts(&self, text: &str) -> Result<Vec<(u32, usize)>, DataError> {
+        let encoding = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| DataError::Invalid(format!("tokenizer failed to encode: {e}")))?;
+        Ok(encoding.get_ids().iter().zip(encoding.get_offsets()).map(|(&id, &(start, _))| (id, start)).collect())
     }
 
     /// The text of `ids`, special tokens included.

@@ -55,7 +55,7 @@ impl InputArgs {
         let files = expand_inputs(&self.input)?;
         Ok((
             files,
-            InputOptions { doc_split: self.doc_split, text_field: self.text_field.clone(), completion_field: None },
+            InputOptions { doc_split: self.doc_split, text_field: self.text_field.clone(), ..InputOptions::default() },
         ))
     }
 }
@@ -107,6 +107,17 @@ pub struct DataPrepareArgs {
     /// and deduplication stay.
     #[arg(long, value_name = "FIELD")]
     pub completion_field: Option<String>,
+    /// Read conversations for fine-tuning: the JSON Lines field that holds each one's messages
+    /// (a list of {"role", "content"}, as transformers' chat templates take them). Each is
+    /// rendered by the chat template, and training learns the assistant's turns (with the
+    /// template's end-of-turn), not the rest. Filters off, as for pairs.
+    #[arg(long, value_name = "FIELD")]
+    pub messages_field: Option<String>,
+    /// The chat template for --messages-field: a tokenizer_config.json (its chat_template) or
+    /// a file holding the Jinja template [default: the tokenizer_config.json beside
+    /// --tokenizer].
+    #[arg(long, value_name = "FILE")]
+    pub chat_template: Option<PathBuf>,
     /// Fraction of documents that go to validation (by a seeded hash of each document).
     #[arg(long, default_value_t = 0.005)]
     pub val_fraction: f64,
@@ -171,10 +182,12 @@ impl DataPrepareArgs {
     fn config(&self) -> Result<PrepareConfig> {
         let (inputs, mut input) = self.input.resolve()?;
         input.completion_field = self.completion_field.clone();
+        input.messages_field = self.messages_field.clone();
         Ok(PrepareConfig {
             inputs,
             input,
             tokenizer: self.tokenizer.clone(),
+            chat_template: self.chat_template.clone(),
             eot_token: self.eot_token.clone(),
             out: self.out.clone(),
             clean: CleanConfig {

@@ -8,6 +8,7 @@ use ondol_ckpt::{Loaded, Moments, Snapshot, Writer};
 use ondol_comm::{Communicator, Mesh, RankComms};
 use ondol_core::backend::document_starts;
 use ondol_core::{Backend, Error, IGNORED_TARGET, Result};
+use ondol_data::tokenizer::tokenizer_files;
 use ondol_data::{
     Cursor, Loader, Mixture, MixtureCursor, Order, SourceKind, TextTokenizer, TokenStream, expand_globs, file_identity,
 };
@@ -346,7 +347,7 @@ impl<B: Backend> Trainer<B> {
             data_files: Some(self.data_files.clone()),
             parallel: ondol_ckpt::Layout { tp: mesh.tp, pp: mesh.pp, dp: mesh.dp },
             run_config: toml::to_string(&self.cfg).expect("config serializes"),
-            extra_files: self.tokenizer.iter().map(|t| ("tokenizer.json".to_string(), t.clone())).collect(),
+            extra_files: self.tokenizer.as_deref().map(tokenizer_files).unwrap_or_default(),
             eos_token_id: self.eos_token_id,
             bos_token_id: self.bos_token_id,
             eos_token: self.tokenizer.as_ref().map(|_| self.cfg.data.eot_token().to_string()),

@@ -411,3 +411,103 @@ fn prompt_completion_pairs_are_prepared_with_loss_masks_and_trained_on() {
     let (ok, err) = ondol_err(dir.path(), &["train", "run.toml", "--run-dir", "out2"]);
     assert!(!ok && err.contains("val_000000.mask, which is missing"), "{err}");
 }
+
+/// Fine-tuning on conversations: each is rendered by the chat template of the
+/// tokenizer_config.json beside the tokenizer, and only the assistant's turns (with the
+/// template's end-of-turn) are learned; the template travels with the shards into checkpoints.
+#[test]
+fn conversations_are_rendered_by_the_chat_template_and_only_assistant_turns_are_learned() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/sample");
+    let text = std::fs::read_to_string(root.join("ko-constitution.txt")).unwrap();
+    std::fs::write(dir.path().join("law.txt"), &text).unwrap();
+    let specials = "<|endoftext|>,<|im_start|>,<|im_end|>";
+    let (ok, err) = ondol_err(
+        dir.path(),
+        &[
+            "tokenizer",
+            "train",
+            "--input",
+            "law.txt",
+            "--vocab-size",
+            "400",
+            "--out",
+            "tok.json",
+            "--special-tokens",
+            specials,
+        ],
+    );
+    assert!(ok, "{err}");
+    let template = "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] | trim + '<|im_end|>\n' }}\
+        {% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+    let config = serde_json::json!({ "chat_template": template, "eos_token": "<|im_end|>" });
+    std::fs::write(dir.path().join("tokenizer_config.json"), config.to_string()).unwrap();
+    // Two-turn conversations over the articles; one that ends before the assistant speaks.
+    let paras: Vec<&str> = text.split("\n\n").map(str::trim).filter(|p| p.chars().count() > 20).collect();
+    let mut rows: Vec<String> = paras
+        .chunks_exact(2)
+        .map(|two| {
+            let messages = serde_json::json!([
+                {"role": "user", "content": "다음은?"}, {"role": "assistant", "content": two[0]},
+                {"role": "user", "content": "그 다음은?"}, {"role": "assistant", "content": two[1]},
+            ]);
+            serde_json::json!({ "messages": messages }).to_string()
+        })
+        .collect();
+    rows.push(serde_json::json!({"messages": [{"role": "user", "content": "?"}]}).to_string());
+    std::fs::write(dir.path().join("chats.jsonl"), rows.join("\n") + "\n").unwrap();
+    let (ok, err) = ondol_err(
+        dir.path(),
+        &[
+            "data",
+            "prepare",
+            "--input",
+            "chats.jsonl",
+            "--tokenizer",
+            "tok.json",
+            "--out",
+            "shards",
+            "--messages-field",
+            "messages",
+            "--val-fraction",
+            "0.1",
+        ],
+    );
+    assert!(ok, "{err}");
+    assert!(err.contains("no assistant message") && err.contains("chats.jsonl:"), "{err}");
+
+    // What is learned, decoded per run of learned tokens, is each assistant content closed by
+    // the end-of-turn, in order; nothing else is.
+    let shards = dir.path().join("shards");
+    let tok = ondol_data::TextTokenizer::from_file(&dir.path().join("tok.json"), "<|endoftext|>").unwrap();
+    let mut turns = Vec::new();
+    for split in ["train", "val"] {
+        let file = shards.join(format!("{split}_000000.bin"));
+        let shard = ondol_data::Shard::open(&file).unwrap();
+        let mask = ondol_data::mask::LossMask::beside(&file, shard.len()).unwrap().expect("a mask");
+        let mut tokens = vec![0; shard.len()];
+        shard.read(0, &mut tokens);
+        let mut run = Vec::new();
+        for (i, &t) in tokens.iter().enumerate() {
+            if mask.learned(i) {
+                assert_ne!(t, tok.eot_id(), "a document's separator is not learned after a conversation");
+                run.push(t);
+            } else if !run.is_empty() {
+                turns.push(tok.decode(&std::mem::take(&mut run)).unwrap());
+            }
+        }
+        turns.extend((!run.is_empty()).then(|| tok.decode(&run).unwrap()));
+    }
+    assert_eq!(turns.len(), 2 * (rows.len() - 1), "{turns:?}");
+    for turn in &turns {
+        let content = turn.strip_suffix("<|im_end|>\n").unwrap_or_else(|| panic!("{turn:?}"));
+        assert!(paras.contains(&content), "{content:?}");
+    }
+    // The template goes into the checkpoints of a run on these shards.
+    std::fs::write(dir.path().join("run.toml"), RUN).unwrap();
+    let (ok, err) = ondol_err(dir.path(), &["train", "run.toml", "--run-dir", "out"]);
+    assert!(ok && err.contains("done: 2 steps"), "{err}");
+    let saved =
+        std::fs::read_to_string(dir.path().join("out/checkpoints/step-00000002/tokenizer_config.json")).unwrap();
+    assert!(saved.contains("add_generation_prompt"), "{saved}");
+}

@@ -1,0 +1,248 @@
+//! Conversations rendered by a model's chat template, as transformers' `apply_chat_template`
+//! renders them, with the spans of the assistant's turns, which fine-tuning learns.
+//!
+//! The template is the Jinja of a `tokenizer_config.json` (`chat_template`, a string or a list
+//! of named templates of which `default` is used) or a `.jinja` file. It renders as
+//! transformers renders it: blocks trimmed (`trim_blocks`, `lstrip_blocks`), loop controls,
+//! Python's string and dict methods (`strip`, `startswith`, `items`, ...), `raise_exception`,
+//! `tojson` as Python's `json.dumps` writes (no ASCII or HTML escaping), and the
+//! tokenizer's special tokens (`bos_token`, `eos_token`, ...) as variables. `strftime_now` is
+//! left undefined, so templates that date their system prompt (Llama 3.2's) fall back to
+//! their fixed date and the prepared data does not depend on the day.
+//!
+//! An assistant message's span runs from the end of the conversation before it, rendered with
+//! the generation prompt (`add_generation_prompt`: the assistant's header), to the end of the
+//! conversation through it: its content and whatever the template closes the turn with (the
+//! end-of-turn token, which the model must learn to stop). Both renderings must start the
+//! whole conversation's; a template that renders earlier turns differently once later ones
+//! follow (Qwen3's drops the reasoning of earlier turns) is refused for that conversation.
+
+use std::ops::Range;
+use std::path::Path;
+
+use minijinja::value::Kwargs;
+use minijinja::{Environment, Error, ErrorKind, Value};
+use serde_json::Value as Json;
+
+use crate::DataError;
+
+/// A loaded chat template and the variables it is rendered with.
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    /// The tokenizer's special tokens by name (`bos_token`, `eos_token`, ...).
+    special_tokens: serde_json::Map<String, Json>,
+}
+
+/// A rendered conversation: its text, and the byte ranges of the assistant's turns.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Rendered {
+    pub text: String,
+    pub learned: Vec<Range<usize>>,
+}
+
+impl ChatTemplate {
+    /// The template of `path`: a tokenizer_config.json, or any other file as the template's
+    /// text.
+    pub fn from_file(path: &Path) -> Result<Self, DataError> {
+        let text = std::fs::read_to_string(path).map_err(|e| DataError::io("read chat template", path, e))?;
+        if path.extension().is_some_and(|e| e == "json") {
+            let config: Json = serde_json::from_str(&text).map_err(|e| DataError::format(path, e.to_string()))?;
+            let template = template_of_config(&config).map_err(|what| DataError::format(path, what))?;
+            let special_tokens = special_tokens_of(&config);
+            return Self::new(template, special_tokens).map_err(|e| DataError::format(path, e));
+        }
+        Self::new(text, serde_json::Map::new()).map_err(|e| DataError::format(path, e))
+    }
+
+    /// The template `source`, rendered with `special_tokens` as variables.
+    pub fn new(source: String, special_tokens: serde_json::Map<String, Json>) -> Result<Self, String> {
+        let mut env = Environment::new();
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", |message: String| -> Result<Value, Error> {
+            Err(Error::new(ErrorKind::InvalidOperation, message))
+        });
+        env.add_filter("tojson", python_tojson);
+        env.add_template_owned("chat", source).map_err(|e| format!("the chat template does not parse: {e:#}"))?;
+        Ok(Self { env, special_tokens })
+    }
+
+    /// `messages` (a conversation: objects with a `role`) as the template renders them, with
+    /// the spans of the assistant's messages (see the module docs).
+    pub fn render(&self, messages: &[Json]) -> Result<Rendered, String> {
+        let text = self.render_start(messages, false)?;
+        let mut learned = Vec::new();
+        for (i, message) in messages.iter().enumerate().filter(|(_, m)| m["role"] == "assistant") {
+            let before = self.render_start(&messages[..i], true)?;
+            let through = self.render_start(&messages[..=i], false)?;
+            if !(through.starts_with(&before) && text.starts_with(&through)) {
+                return Err(format!(
+                    "the chat template renders the conversation up to message {i} (the assistant's) otherwise than as \
+                     the start of the whole conversation, so the turn's tokens cannot be told apart{}",
+                    if message["reasoning_content"].is_null() { "" } else { " (it has reasoning_content)" }
+                ));
+            }
+            learned.push(before.len()..through.len());
+        }
+        if learned.is_empty() {
+            return Err("the conversation has no assistant message: nothing in it would be learned".into());
+        }
+        Ok(Rendered { text, learned })
+    }
+
+    fn render_start(&self, messages: &[Json], add_generation_prompt: bool) -> Result<String, String> {
+        let mut context = self.special_tokens.clone();
+        context.insert("messages".into(), Json::Array(messages.to_vec()));
+        context.insert("add_generation_prompt".into(), Json::Bool(add_generation_prompt));
+        let template = self.env.get_template("chat").expect("added in new");
+        template.render(Value::from_serialize(&context)).map_err(|e| format!("the chat template failed: {e:#}"))
+    }
+}
+
+/// The template of a tokenizer_config.json: `chat_template` as a string, or the one named
+/// `default` in a list of `{name, template}`.
+fn template_of_config(config: &Json) -> Result<String, String> {
+    match &config["chat_template"] {
+        Json::String(s) => Ok(s.clone()),
+        Json::Array(named) => named
+            .iter()
+            .find(|t| t["name"] == "default")
+            .and_then(|t| t["template"].as_str())
+            .map(str::to_owned)
+            .ok_or_else(|| "chat_template lists named templates, none of them `default`".into()),
+        Json::Null => Err("no chat_template (give the template with --chat-template)".into()),
+        other => Err(format!("chat_template is neither a string nor a list of named templates: {other}")),
+    }
+}
+
+/// The special tokens of a tokenizer_config.json by name, as transformers passes them to
+/// templates: each `*_token` field's text (written either as a string or as an added token's
+/// `{"content": ...}`).
+fn special_tokens_of(config: &Json) -> serde_json::Map<String, Json> {
+    let Some(fields) = config.as_object() else { return serde_json::Map::new() };
+    fields
+        .iter()
+        .filter(|(name, _)| name.ends_with("_token"))
+        .filter_map(|(name, v)| {
+            let text = v.as_str().or_else(|| v["content"].as_str())?;
+            Some((name.clone(), Json::String(text.to_owned())))
+        })
+        .collect()
+}
+
+/// Jinja's `tojson` as transformers defines it: Python's `json.dumps(x, ensure_ascii=False,
+/// indent=indent)`, whose separators are ", " and ": " (",", ": " with an indent). Objects'
+/// keys come in sorted order (the JSON Lines reader keeps no other; Python keeps the input's).
+fn python_tojson(value: Value, kwargs: Kwargs) -> Result<Value, Error> {
+    let indent: Option<usize> = kwargs.get("indent")?;
+    kwargs.assert_all_used()?;
+    let json: Json =
+        serde_json::to_value(&value).map_err(|e| Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
+    let mut out = String::new();
+    write_python_json(&json, indent, 0, &mut out);
+    Ok(Value::from_safe_string(out))
+}
+
+fn write_python_json(v: &Json, indent: Option<usize>, depth: usize, out: &mut String) {
+    let (open, close, items): (char, char, Vec<(Option<&str>, &Json)>) = match v {
+        Json::Array(a) => ('[', ']', a.iter().map(|x| (None, x)).collect()),
+        Json::Object(o) => ('{', '}', o.iter().map(|(k, x)| (Some(k.as_str()), x)).collect()),
+        scalar => {
+            out.push_str(&scalar.to_string());
+            return;
+        }
+    };
+    out.push(open);
+    for (i, (key, item)) in items.iter().enumerate() {
+        match indent {
+            Some(n) => {
+                out.push_str(if i == 0 { "\n" } else { ",\n" });
+                out.push_str(&" ".repeat(n * (depth + 1)));
+            }
+            None if i > 0 => out.push_str(", "),
+            None => {}
+        }
+        if let Some(key) = key {
+            out.push_str(&Json::String((*key).to_owned()).to_string());
+            out.push_str(": ");
+        }
+        write_python_json(item, indent, depth + 1, out);
+    }
+    if let (Some(n), false) = (indent, items.is_empty()) {
+        out.push('\n');
+        out.push_str(&" ".repeat(n * depth));
+    }
+    out.push(close);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// A ChatML template (Qwen2.5's layout) with a default system prompt.
+    const CHATML: &str = "{%- if messages[0]['role'] != 'system' %}{{- '<|im_start|>system\nBe brief.<|im_end|>\n' }}\
+        {%- endif %}{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\n' + \
+        message['content'] | trim + '<|im_end|>\n' }}{%- endfor %}\
+        {%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}";
+
+    fn chatml() -> ChatTemplate {
+        ChatTemplate::new(CHATML.into(), serde_json::Map::new()).unwrap()
+    }
+
+    #[test]
+    fn assistant_turns_are_spans_that_close_with_the_end_of_turn() {
+        let messages = [
+            json!({"role": "user", "content": "Hi "}),
+            json!({"role": "assistant", "content": "Hello."}),
+            json!({"role": "user", "content": "온돌?"}),
+            json!({"role": "assistant", "content": "A floor heater."}),
+        ];
+        let r = chatml().render(&messages).unwrap();
+        let spans: Vec<&str> = r.learned.iter().map(|s| &r.text[s.clone()]).collect();
+        assert_eq!(spans, ["Hello.<|im_end|>\n", "A floor heater.<|im_end|>\n"]);
+        assert!(r.text.starts_with("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"));
+        let err = chatml().render(&messages[..1]).unwrap_err();
+        assert!(err.contains("no assistant message"), "{err}");
+    }
+
+    #[test]
+    fn a_template_that_rewrites_earlier_turns_is_refused() {
+        // The last assistant turn gets a marker the earlier ones lose (as Qwen3's think blocks).
+        let source = "{%- for m in messages %}{{ m['role'] }}: {% if loop.last and m['role'] == 'assistant' %}\
+            [last] {% endif %}{{ m['content'] }}\n{% endfor %}";
+        let t = ChatTemplate::new(source.into(), serde_json::Map::new()).unwrap();
+        let one = [json!({"role": "user", "content": "a"}), json!({"role": "assistant", "content": "b"})];
+        assert_eq!(t.render(&one).unwrap().learned.len(), 1);
+        let two = [one[0].clone(), one[1].clone(), one[0].clone(), one[1].clone()];
+        let err = t.render(&two).unwrap_err();
+        assert!(err.contains("message 1"), "{err}");
+    }
+
+    #[test]
+    fn templates_see_special_tokens_python_methods_raise_exception_and_python_json() {
+        let config = json!({
+            "bos_token": {"content": "<s>", "lstrip": false},
+            "eos_token": "</s>",
+            "chat_template": [{"name": "tool_use", "template": "x"}, {"name": "default", "template":
+                "{{ bos_token }}{% for m in messages %}{% if m.role not in ['user', 'assistant'] %}\
+                 {{ raise_exception('roles must be user or assistant') }}{% endif %}\
+                 {{ m.content.strip().upper() }}{% if m.meta is defined %}{{ m.meta | tojson }}{% endif %}\
+                 {{ eos_token if m.role == 'assistant' }}{% endfor %}"}]
+        });
+        let t = ChatTemplate::new(template_of_config(&config).unwrap(), special_tokens_of(&config)).unwrap();
+        let messages = [
+            json!({"role": "user", "content": " q ", "meta": {"a": null, "b": [1, "é<"]}}),
+            json!({"role": "assistant", "content": "a"}),
+        ];
+        let r = t.render(&messages).unwrap();
+        assert_eq!(r.text, "<s>Q{\"a\": null, \"b\": [1, \"é<\"]}A</s>");
+        assert_eq!(&r.text[r.learned[0].clone()], "A</s>");
+        let err = t.render(&[json!({"role": "tool", "content": "x"})]).unwrap_err();
+        assert!(err.contains("roles must be user or assistant"), "{err}");
+        let mut pretty = String::new();
+        write_python_json(&json!({"e": [], "k": [1, {}]}), Some(2), 0, &mut pretty);
+        assert_eq!(pretty, "{\n  \"e\": [],\n  \"k\": [\n    1,\n    {}\n  ]\n}");
+    }
+}
