@@ -10,6 +10,10 @@
 //! left undefined, so templates that date their system prompt (Llama 3.2's) fall back to
 //! their fixed date and the prepared data does not depend on the day.
 //!
+//! transformers' own tag pair `{% generation %}`..`{% endgeneration %}` (which some templates
+//! put around the assistant's turns) renders its contents as they are; the spans below do the
+//! tags' work.
+//!
 //! An assistant message's span runs from the end of the conversation before it, rendered with
 //! the generation prompt (`add_generation_prompt`: the assistant's header), to the end of the
 //! conversation through it: its content and whatever the template closes the turn with (the
@@ -64,6 +68,7 @@ impl ChatTemplate {
             Err(Error::new(ErrorKind::InvalidOperation, message))
         });
         env.add_filter("tojson", python_tojson);
+        let source = without_generation_tags(&source);
         env.add_template_owned("chat", source).map_err(|e| format!("the chat template does not parse: {e:#}"))?;
         Ok(Self { env, special_tokens })
     }
@@ -98,6 +103,30 @@ impl ChatTemplate {
         let template = self.env.get_template("chat").expect("added in new");
         template.render(Value::from_serialize(&context)).map_err(|e| format!("the chat template failed: {e:#}"))
     }
+}
+
+/// `source` with transformers' `{% generation %}` and `{% endgeneration %}` tags as a block
+/// that always renders (`{% if true %}`, `{% endif %}`), whitespace control kept.
+fn without_generation_tags(source: &str) -> String {
+    let mut out = String::with_capacity(source.len());
+    let mut rest = source;
+    while let Some(open) = rest.find("{%") {
+        let Some(len) = rest[open..].find("%}") else { break };
+        let tag = &rest[open + 2..open + len];
+        let (left, right) = (tag.starts_with('-'), tag.ends_with('-'));
+        let name = tag.trim_start_matches('-').trim_end_matches('-').trim();
+        out.push_str(&rest[..open]);
+        match name {
+            "generation" | "endgeneration" => {
+                let body = if name == "generation" { " if true " } else { " endif " };
+                out.push_str(&format!("{{%{}{body}{}%}}", if left { "-" } else { "" }, if right { "-" } else { "" }));
+            }
+            _ => out.push_str(&rest[open..open + len + 2]),
+        }
+        rest = &rest[open + len + 2..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// The template of a tokenizer_config.json: `chat_template` as a string, or the one named
@@ -241,6 +270,9 @@ mod tests {
         assert_eq!(&r.text[r.learned[0].clone()], "A</s>");
         let err = t.render(&[json!({"role": "tool", "content": "x"})]).unwrap_err();
         assert!(err.contains("roles must be user or assistant"), "{err}");
+        let tagged = "{% for m in messages %}{%- generation -%} {{ m.content }} {% endgeneration %}{% endfor %}";
+        let t = ChatTemplate::new(tagged.into(), serde_json::Map::new()).unwrap();
+        assert_eq!(t.render(&messages).unwrap().text, " q  a ", "the tags render their contents, trimming kept");
         let mut pretty = String::new();
         write_python_json(&json!({"e": [], "k": [1, {}]}), Some(2), 0, &mut pretty);
         assert_eq!(pretty, "{\n  \"e\": [],\n  \"k\": [\n    1,\n    {}\n  ]\n}");

@@ -471,7 +471,7 @@ impl Document {
             // Whole, as the model reads it: a token is learned where it starts in a turn. (The
             // template writes any BOS itself, as transformers tokenizes its output.)
             Document::Chat(Rendered { text, learned }) => {
-                let tokens = tokenizer.encode_with_starts(text)?;
+                let tokens = tokenizer.encode_markup_with_starts(text)?;
                 let is_learned = |start: &usize| learned.iter().any(|span| span.contains(start));
                 (tokens.iter().map(|t| t.0).collect(), Some(tokens.iter().map(|t| is_learned(&t.1)).collect()))
             }

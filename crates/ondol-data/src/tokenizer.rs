@@ -331,6 +331,9 @@ pub struct TextTokenizer {
     /// every document. What it puts after (an EOS) is left out: the end-of-text written
     /// between documents ends them.
     document_start: Vec<u32>,
+    /// `inner` reading special tokens in the text as themselves, for markup (made at first
+    /// use: see [`Self::encode_markup_with_starts`]).
+    markup: std::sync::OnceLock<Tokenizer>,
 }
 
 /// The special tokens `inner`'s post-processor puts before a text.
@@ -355,7 +358,7 @@ impl TextTokenizer {
         // as the special token, so no document can forge a boundary.
         inner.set_encode_special_tokens(true);
         let document_start = leading_special_tokens(&inner);
-        Ok(Self { inner, eot, document_start })
+        Ok(Self { inner, eot, document_start, markup: Default::default() })
     }
 
     /// Loads `path` (any Hugging Face `tokenizer.json`); `eot_token` must be in its vocabulary.
@@ -378,7 +381,7 @@ impl TextTokenizer {
         }
         inner.set_encode_special_tokens(true);
         let document_start = leading_special_tokens(&inner);
-        Ok(Self { inner, eot: id, document_start })
+        Ok(Self { inner, eot: id, document_start, markup: Default::default() })
     }
 
     /// Whether the tokenizer's own normaliser is NFC (ondol's are): it normalises whatever
@@ -442,13 +445,18 @@ impl TextTokenizer {
         Ok(encoding.get_ids().to_vec())
     }
 
-    /// The tokens of one text (no special tokens added): each id, and the byte of `text`
-    /// where the token starts.
-    pub fn encode_with_starts(&self, text: &str) -> Result<Vec<(u32, usize)>, DataError> {
-        let encoding = self
-            .inner
-            .encode(text, false)
-            .map_err(|e| DataError::Invalid(format!("tokenizer failed to encode: {e}")))?;
+    /// The tokens of markup (a chat template's output, whose special tokens the template
+    /// wrote): each id, and the byte of `text` where the token starts. Special tokens spelt in
+    /// the text are those tokens, as transformers encodes a template's output (a message that
+    /// spells one gets it too, as there); nothing is added before or after.
+    pub fn encode_markup_with_starts(&self, text: &str) -> Result<Vec<(u32, usize)>, DataError> {
+        let markup = self.markup.get_or_init(|| {
+            let mut markup = self.inner.clone();
+            markup.set_encode_special_tokens(false);
+            markup
+        });
+        let encoding =
+            markup.encode(text, false).map_err(|e| DataError::Invalid(format!("tokenizer failed to encode: {e}")))?;
         Ok(encoding.get_ids().iter().zip(encoding.get_offsets()).map(|(&id, &(start, _))| (id, start)).collect())
     }
 

@@ -480,7 +480,10 @@ fn conversations_are_rendered_by_the_chat_template_and_only_assistant_turns_are_
     // the end-of-turn, in order; nothing else is.
     let shards = dir.path().join("shards");
     let tok = ondol_data::TextTokenizer::from_file(&dir.path().join("tok.json"), "<|endoftext|>").unwrap();
-    let mut turns = Vec::new();
+    // (The template's <|im_end|> is the special token, as transformers encodes a template's
+    // output, not its spelling in plain text.)
+    let im_end = ondol_data::TextTokenizer::from_file(&dir.path().join("tok.json"), "<|im_end|>").unwrap().eot_id();
+    let (mut turns, mut ends) = (Vec::new(), 0);
     for split in ["train", "val"] {
         let file = shards.join(format!("{split}_000000.bin"));
         let shard = ondol_data::Shard::open(&file).unwrap();
@@ -491,6 +494,7 @@ fn conversations_are_rendered_by_the_chat_template_and_only_assistant_turns_are_
         for (i, &t) in tokens.iter().enumerate() {
             if mask.learned(i) {
                 assert_ne!(t, tok.eot_id(), "a document's separator is not learned after a conversation");
+                ends += usize::from(t == im_end);
                 run.push(t);
             } else if !run.is_empty() {
                 turns.push(tok.decode(&std::mem::take(&mut run)).unwrap());
@@ -499,6 +503,7 @@ fn conversations_are_rendered_by_the_chat_template_and_only_assistant_turns_are_
         turns.extend((!run.is_empty()).then(|| tok.decode(&run).unwrap()));
     }
     assert_eq!(turns.len(), 2 * (rows.len() - 1), "{turns:?}");
+    assert_eq!(ends, turns.len(), "each learned turn closes with the end-of-turn token");
     for turn in &turns {
         let content = turn.strip_suffix("<|im_end|>\n").unwrap_or_else(|| panic!("{turn:?}"));
         assert!(paras.contains(&content), "{content:?}");
