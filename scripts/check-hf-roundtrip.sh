@@ -5,7 +5,9 @@
 # SmolLM3 with sliding windows and layers without positions, EXAONE 4 with them too, Qwen3
 # with windows on its last layers) and as Gemma 3 (with linear rope scaling too),
 # evaluates one 128-token row of sample text with `ondol eval`, then loads the checkpoint with
-# AutoModelForCausalLM and compares (scripts/make-hf-fixtures.py check, tolerance 1e-4 relative).
+# AutoModelForCausalLM and compares (scripts/make-hf-fixtures.py check, tolerance 1e-4 relative);
+# then the same row with a loss mask beside it (fine-tuning on completions) against
+# transformers' loss with the unlearned labels at -100.
 # Needs a Python with torch and transformers: PYTHON=path/to/python (default python3);
 # CONFIGS="smoke hybrid-smoke qwen3" checks some of them.
 set -euo pipefail
@@ -20,6 +22,14 @@ toks = list(open("data/sample/en-web-john.txt", "rb").read()[:128])
 header = struct.pack("<256i", 20240520, 1, len(toks), *([0] * 253))
 open(f"{sys.argv[1]}/row.bin", "wb").write(header + struct.pack(f"<{len(toks)}H", *toks))
 json.dump([toks], open(f"{sys.argv[1]}/row.json", "w"))
+# The same row, learning runs of 11 targets out of every 29 (the first token is never a target).
+import os
+os.mkdir(f"{sys.argv[1]}/masked")
+open(f"{sys.argv[1]}/masked/row.bin", "wb").write(header + struct.pack(f"<{len(toks)}H", *toks))
+learned = [int(i % 29 < 11) for i in range(len(toks))]
+bits = bytes(sum(learned[i + b] << b for b in range(8) if i + b < len(toks)) for i in range(0, len(toks), 8))
+open(f"{sys.argv[1]}/masked/row.mask", "wb").write(struct.pack("<256i", 20261208, 1, len(toks), *([0] * 253)) + bits)
+json.dump([learned], open(f"{sys.argv[1]}/learned.json", "w"))
 PY
 # A name: its config file and the settings that make it (the Llama relatives are the smoke Llama).
 variant() {
@@ -48,4 +58,9 @@ for name in ${CONFIGS:-smoke smoke-gpt2 mamba-smoke mamba2-smoke hybrid-smoke qw
     "$py" -c 'import json, sys; print(json.load(sys.stdin)["loss"])')
   echo "$name ($(grep -o '"model_type": "[a-z0-9_]*"' "$ckpt/config.json")): ondol loss $loss"
   "$py" scripts/make-hf-fixtures.py check "$ckpt" --tokens "$work/row.json" --expected-loss "$loss"
+  masked=$(target/release/ondol eval "$ckpt" --data "$work/masked/row.bin" --seq-len 127 --batch-size 1 --json |
+    "$py" -c 'import json, sys; print(json.load(sys.stdin)["loss"])')
+  echo "$name with a loss mask: ondol loss $masked"
+  "$py" scripts/make-hf-fixtures.py check "$ckpt" --tokens "$work/row.json" --learned "$work/learned.json" \
+    --expected-loss "$masked"
 done

@@ -509,6 +509,8 @@ def check(argv):
     p.add_argument("ckpt_dir")
     p.add_argument("--tokens", required=True, help="JSON list of lists of token ids, or a file containing it")
     p.add_argument("--expected-loss", required=True, type=float)
+    p.add_argument("--learned", help="JSON list of 0/1, one per token: whether it is learned as a target "
+                   "(the others are labelled -100, as ondol's loss masks leave them out)")
     p.add_argument("--tol", type=float, default=1e-4)
     a = p.parse_args(argv)
 
@@ -524,8 +526,13 @@ def check(argv):
     model = AutoModelForCausalLM.from_pretrained(
         a.ckpt_dir, attn_implementation="eager", dtype=torch.float32
     ).eval()
+    labels = ids.clone()
+    if a.learned:
+        with open(a.learned) as f:
+            learned = torch.tensor(json.load(f), dtype=torch.bool).reshape(ids.shape)
+        labels[~learned] = -100
     with torch.no_grad():
-        loss = model(input_ids=ids, labels=ids).loss.item()
+        loss = model(input_ids=ids, labels=labels).loss.item()
     rel = abs(loss - a.expected_loss) / max(abs(a.expected_loss), 1e-12)
     print(f"loss={loss:.8f} expected={a.expected_loss:.8f} rel_diff={rel:.3e} tol={a.tol:.1e}")
     if rel > a.tol:
