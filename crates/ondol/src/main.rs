@@ -682,6 +682,12 @@ fn train_rank<B: Backend>(
     if let Some(init) = init_from {
         ondol_core::say!("model.init_from: starting from the weights of {}", init.display());
     }
+    if trainer.loss_masks {
+        ondol_core::say!(
+            "data: loss masks lie beside the training shards: the loss counts only the targets they learn (the \
+             completions, or the assistant's turns)"
+        );
+    }
     let mut writer = Writer::new(&run_dir, keep_last, resumed.unwrap_or(0))?;
     if let Some(step) = resumed
         && !writer.abandoned().is_empty()

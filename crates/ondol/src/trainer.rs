@@ -134,6 +134,9 @@ pub struct Trainer<B: Backend> {
     data_tokens: Vec<u64>,
     data_files: Vec<Vec<String>>,
     val: Option<Arc<TokenStream>>,
+    /// Whether loss masks lie beside training shards (fine-tuning data): then the loss counts
+    /// only the targets they learn.
+    pub loss_masks: bool,
     /// Whether the first evaluation has said what it reads where that is less than asked.
     eval_noted: bool,
     /// The run's tokenizer.json (copied into checkpoints), its end-of-text id and the BOS its
@@ -182,6 +185,7 @@ impl<B: Backend> Trainer<B> {
         let sched = LrSchedule::new(cfg.lr_scheduler.clone(), cfg.optimizer.lr, t.steps);
         let order = if t.shuffle { Order::Shuffled { seed: t.seed } } else { Order::Sequential };
         let data_tokens = data.train.iter().map(|s| s.len() as u64).collect();
+        let loss_masks = data.train.iter().any(|s| s.has_masks());
         let data_files = data
             .train
             .iter()
@@ -196,6 +200,7 @@ impl<B: Backend> Trainer<B> {
             Batches::Mix(mix.map_err(|e| Error::config("data.sources", e.to_string()))?)
         };
         Ok(Self {
+            loss_masks,
             engine,
             sched,
             loader,

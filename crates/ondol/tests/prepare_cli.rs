@@ -406,7 +406,7 @@ fn prompt_completion_pairs_are_prepared_with_loss_masks_and_trained_on() {
     // Training reads the masks; the manifest refuses a shard that lost its mask.
     std::fs::write(dir.path().join("run.toml"), RUN).unwrap();
     let (ok, err) = ondol_err(dir.path(), &["train", "run.toml", "--run-dir", "out"]);
-    assert!(ok && err.contains("done: 2 steps"), "{err}");
+    assert!(ok && err.contains("done: 2 steps") && err.contains("loss masks lie beside"), "{err}");
     std::fs::remove_file(shards.join("val_000000.mask")).unwrap();
     let (ok, err) = ondol_err(dir.path(), &["train", "run.toml", "--run-dir", "out2"]);
     assert!(!ok && err.contains("val_000000.mask, which is missing"), "{err}");
