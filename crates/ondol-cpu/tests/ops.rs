@@ -479,6 +479,44 @@ fn vocab_shards_of_the_embedding_add_up_to_the_whole_table() {
     assert_eq!(sum, whole);
 }
 
+/// The vocab-parallel cross-entropy over `shards` (column ranges) of `logits` (rows `stride`
+/// apart, `targets.len()` of them) gives the fused one's loss sum, `losses`, and its gradient,
+/// `fused`, at `scale`.
+fn assert_vocab_parallel_is_fused(
+    logits: &[f32],
+    stride: usize,
+    targets: &[u32],
+    shards: &[(usize, usize)],
+    scale: f32,
+    (fused, losses): (&[f32], &[f32]),
+) {
+    let targets = targets.to_vec();
+    let column_shard =
+        |(a, b): (usize, usize)| -> Vec<f32> { logits.chunks(stride).flat_map(|row| row[a..b].to_vec()).collect() };
+    let stats: Vec<Vec<f32>> = shards
+        .iter()
+        .map(|&(a, b)| {
+            let mut st = vec![1.0; 3 * targets.len()];
+            BE.cross_entropy_stats(&column_shard((a, b)), &targets, 0, &mut st, a, LogitColumns::dense(b - a));
+            st
+        })
+        .collect();
+    let mut lse = vec![0.0; targets.len()];
+    let loss = ondol_core::backend::combine_ce_stats(&stats.iter().map(Vec::as_slice).collect::<Vec<_>>(), &mut lse);
+    let want: f64 = losses.iter().map(|&l| l as f64).sum();
+    assert!((loss - want).abs() < 1e-5 * want, "loss {loss} vs fused {want}");
+    for &(a, b) in shards {
+        let mut grad = column_shard((a, b));
+        BE.cross_entropy_grad(&mut grad, &targets, 0, &lse, a, LogitColumns::dense(b - a), scale);
+        for (r, row) in grad.chunks(b - a).enumerate() {
+            for (c, g) in row.iter().enumerate() {
+                let want = fused[r * stride + a + c];
+                assert!((g - want).abs() < 1e-6, "row {r} column {}: {g} vs {want}", a + c);
+            }
+        }
+    }
+}
+
 /// Three uneven vocab shards' statistics, combined, give the fused loss, and their gradients
 /// are the fused gradient's columns.
 #[test]
@@ -488,32 +526,7 @@ fn vocab_parallel_cross_entropy_equals_the_fused_one() {
     let logits = randn(rows * vocab, 3.0, 28);
     let (mut fused, mut losses) = (logits.clone(), vec![0.0; rows]);
     BE.cross_entropy(&mut fused, &targets, 0, &mut losses, LogitColumns::dense(vocab), Some(0.25));
-    let shards = [(0, 13), (13, 26), (26, 37)];
-    let column_shard = |(a, b): (usize, usize)| -> Vec<f32> {
-        logits.chunks(vocab).flat_map(|row| row[a..b].iter().copied()).collect()
-    };
-    let stats: Vec<Vec<f32>> = shards
-        .iter()
-        .map(|&(a, b)| {
-            let mut st = vec![0.0; 3 * rows];
-            BE.cross_entropy_stats(&column_shard((a, b)), &targets, 0, &mut st, a, LogitColumns::dense(b - a));
-            st
-        })
-        .collect();
-    let mut lse = vec![0.0; rows];
-    let loss = ondol_core::backend::combine_ce_stats(&stats.iter().map(Vec::as_slice).collect::<Vec<_>>(), &mut lse);
-    let want: f64 = losses.iter().map(|&l| l as f64).sum();
-    assert!((loss - want).abs() < 1e-5 * want, "loss {loss} vs fused {want}");
-    for &(a, b) in &shards {
-        let mut grad = column_shard((a, b));
-        BE.cross_entropy_grad(&mut grad, &targets, 0, &lse, a, LogitColumns::dense(b - a), 0.25);
-        for (r, row) in grad.chunks(b - a).enumerate() {
-            for (c, g) in row.iter().enumerate() {
-                let want = fused[r * vocab + a + c];
-                assert!((g - want).abs() < 1e-6, "row {r} column {}: {g} vs {want}", a + c);
-            }
-        }
-    }
+    assert_vocab_parallel_is_fused(&logits, vocab, &targets, &[(0, 13), (13, 26), (26, 37)], 0.25, (&fused, &losses));
 }
 
 /// A row whose target is ignored has loss 0 and a zero gradient, fused and vocab-parallel,
@@ -545,33 +558,7 @@ fn ignored_targets_give_no_loss_and_no_gradient() {
             assert_eq!(row, &all_grad[r * stride..][..stride], "row {r}");
         }
     }
-    // Vocab-parallel, in two shards.
-    let shards = [(0, 12), (12, vocab)];
-    let column_shard = |(a, b): (usize, usize)| -> Vec<f32> {
-        logits.chunks(stride).flat_map(|row| row[a..b].iter().copied()).collect()
-    };
-    let stats: Vec<Vec<f32>> = shards
-        .iter()
-        .map(|&(a, b)| {
-            let mut st = vec![1.0; 3 * rows];
-            BE.cross_entropy_stats(&column_shard((a, b)), &targets, 0, &mut st, a, LogitColumns::dense(b - a));
-            st
-        })
-        .collect();
-    let mut lse = vec![0.0; rows];
-    let loss = ondol_core::backend::combine_ce_stats(&stats.iter().map(Vec::as_slice).collect::<Vec<_>>(), &mut lse);
-    let want: f64 = losses.iter().map(|&l| l as f64).sum();
-    assert!((loss - want).abs() < 1e-5 * want, "loss {loss} vs fused {want}");
-    for &(a, b) in &shards {
-        let mut g = column_shard((a, b));
-        BE.cross_entropy_grad(&mut g, &targets, 0, &lse, a, LogitColumns::dense(b - a), scale);
-        for (r, row) in g.chunks(b - a).enumerate() {
-            for (c, v) in row.iter().enumerate() {
-                let want = grad[r * stride + a + c];
-                assert!((v - want).abs() < 1e-6, "row {r} column {}: {v} vs {want}", a + c);
-            }
-        }
-    }
+    assert_vocab_parallel_is_fused(&logits, stride, &targets, &[(0, 12), (12, vocab)], scale, (&grad, &losses));
 }
 
 /// Rows padded with columns that are no token's (a padded head's) give the losses, statistics

@@ -16,13 +16,13 @@
 //! exactly `1024 + ceil(n / 8)` with n the shard's token count. Written atomically.
 
 use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
 use ondol_core::IGNORED_TARGET;
 
 use crate::DataError;
+use crate::prepare::write_atomic;
 use crate::shard::HEADER_BYTES;
 
 /// Header word 0 of every loss mask.
@@ -112,7 +112,7 @@ impl LossMask {
 }
 
 /// Writes the mask of a shard whose token `i` is learned where `learned[i]` (see the module
-/// docs), through a temporary file, fsync and rename.
+/// docs), atomically.
 pub fn write_mask(path: &Path, learned: &[bool]) -> Result<(), DataError> {
     let count = i32::try_from(learned.len()).map_err(|_| {
         DataError::Invalid(format!(
@@ -128,16 +128,7 @@ pub fn write_mask(path: &Path, learned: &[bool]) -> Result<(), DataError> {
         bytes.extend_from_slice(&word.to_le_bytes());
     }
     bytes.extend(learned.chunks(8).map(|bits| bits.iter().rev().fold(0u8, |byte, &b| byte << 1 | u8::from(b))));
-    let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
-    tmp_name.push(".tmp");
-    let tmp = path.with_file_name(tmp_name);
-    let result = File::create(&tmp)
-        .and_then(|mut f| f.write_all(&bytes).and_then(|()| f.sync_all()))
-        .and_then(|()| std::fs::rename(&tmp, path));
-    result.map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        DataError::io("write loss mask", path, e)
-    })
+    write_atomic(path, &bytes)
 }
 
 #[cfg(test)]
