@@ -45,17 +45,16 @@ pub struct Rendered {
 }
 
 impl ChatTemplate {
-    /// The template of `path`: a tokenizer_config.json, or any other file as the template's
-    /// text.
-    pub fn from_file(path: &Path) -> Result<Self, DataError> {
-        let text = std::fs::read_to_string(path).map_err(|e| DataError::io("read chat template", path, e))?;
+    /// The template in `text`, the contents of `path`: a tokenizer_config.json (by its
+    /// extension), or any other file as the template itself.
+    pub fn parse(path: &Path, text: &str) -> Result<Self, DataError> {
         if path.extension().is_some_and(|e| e == "json") {
-            let config: Json = serde_json::from_str(&text).map_err(|e| DataError::format(path, e.to_string()))?;
+            let config: Json = serde_json::from_str(text).map_err(|e| DataError::format(path, e.to_string()))?;
             let template = template_of_config(&config).map_err(|what| DataError::format(path, what))?;
             let special_tokens = special_tokens_of(&config);
             return Self::new(template, special_tokens).map_err(|e| DataError::format(path, e));
         }
-        Self::new(text, serde_json::Map::new()).map_err(|e| DataError::format(path, e))
+        Self::new(text.to_owned(), serde_json::Map::new()).map_err(|e| DataError::format(path, e))
     }
 
     /// The template `source`, rendered with `special_tokens` as variables.

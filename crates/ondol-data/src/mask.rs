@@ -107,7 +107,7 @@ impl LossMask {
         let whole: u32 = bytes.iter().map(|b| b.count_ones()).sum();
         // Less the bits before `start` in the first byte and from `end` on in the last.
         let before = (bytes[0] & ((1u16 << (start % 8)) - 1) as u8).count_ones();
-        let after = if end % 8 == 0 { 0 } else { (bytes[bytes.len() - 1] >> (end % 8)).count_ones() };
+        let after = if end.is_multiple_of(8) { 0 } else { (bytes[bytes.len() - 1] >> (end % 8)).count_ones() };
         (whole - before - after) as usize
     }
 

@@ -102,8 +102,8 @@ pub struct DocCounts {
     pub kept: u64,
     pub train: u64,
     pub val: u64,
-    /// Removed documents per rule: invalid_utf8, malformed_json, chat_template (conversations), the cleaning rules,
-    /// exact_duplicate, near_duplicate.
+    /// Removed documents per rule: invalid_utf8, malformed_json, chat_template (conversations),
+    /// the cleaning rules, exact_duplicate, near_duplicate.
     pub removed: BTreeMap<&'static str, u64>,
     /// Kept documents that a repair changed: nfc, control_chars.
     pub modified: BTreeMap<&'static str, u64>,
@@ -114,7 +114,7 @@ pub struct ShardInfo {
     pub file: String,
     pub split: &'static str,
     pub tokens: u64,
-    /// Prompt-completion pairs only: the loss mask beside the shard, and the tokens it learns.
+    /// Fine-tuning data only: the loss mask beside the shard, and the tokens it learns.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mask: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -617,12 +617,12 @@ pub fn prepare(cfg: &PrepareConfig, command: Vec<String>, version: &str) -> Resu
         Some(_) => {
             let path =
                 cfg.chat_template.clone().unwrap_or_else(|| cfg.tokenizer.with_file_name("tokenizer_config.json"));
-            let bytes = std::fs::read(&path).map_err(|e| {
-                let why = format!("cannot read the chat template: {e} (give it with --chat-template: a tokenizer_config.json or a .jinja file)");
-                DataError::format(&path, why)
+            let text = std::fs::read_to_string(&path).map_err(|e| {
+                let hint = "give it with --chat-template: a tokenizer_config.json or a .jinja file";
+                DataError::format(&path, format!("cannot read the chat template: {e} ({hint})"))
             })?;
-            let info = TemplateInfo { sha256: hex(&Sha256::digest(&bytes)), source: path.clone() };
-            Some((ChatTemplate::from_file(&path)?, info))
+            let info = TemplateInfo { sha256: hex(&Sha256::digest(text.as_bytes())), source: path.clone() };
+            Some((ChatTemplate::parse(&path, &text)?, info))
         }
         None => None,
     };

@@ -441,7 +441,6 @@ fn conversations_are_rendered_by_the_chat_template_and_only_assistant_turns_are_
     let template = "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] | trim + '<|im_end|>\n' }}\
         {% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
     let config = serde_json::json!({ "chat_template": template, "eos_token": "<|im_end|>" });
-    std::fs::write(dir.path().join("tokenizer_config.json"), config.to_string()).unwrap();
     // Two-turn conversations over the articles; one that ends before the assistant speaks.
     let paras: Vec<&str> = text.split("\n\n").map(str::trim).filter(|p| p.chars().count() > 20).collect();
     let mut rows: Vec<String> = paras
@@ -456,25 +455,26 @@ fn conversations_are_rendered_by_the_chat_template_and_only_assistant_turns_are_
         .collect();
     rows.push(serde_json::json!({"messages": [{"role": "user", "content": "?"}]}).to_string());
     std::fs::write(dir.path().join("chats.jsonl"), rows.join("\n") + "\n").unwrap();
-    let (ok, err) = ondol_err(
-        dir.path(),
-        &[
-            "data",
-            "prepare",
-            "--input",
-            "chats.jsonl",
-            "--tokenizer",
-            "tok.json",
-            "--out",
-            "shards",
-            "--messages-field",
-            "messages",
-            "--val-fraction",
-            "0.1",
-        ],
-    );
+    let prepare = |out: &str, template: &[&str]| {
+        let mut args = vec!["data", "prepare", "--input", "chats.jsonl", "--tokenizer", "tok.json", "--out", out];
+        args.extend(["--messages-field", "messages", "--val-fraction", "0.1"]);
+        args.extend(template);
+        ondol_err(dir.path(), &args)
+    };
+    let (ok, err) = prepare("shards", &[]);
+    let unread = "tokenizer_config.json: cannot read the chat template";
+    assert!(!ok && err.contains(unread) && err.contains("--chat-template"), "{err}");
+    std::fs::write(dir.path().join("tokenizer_config.json"), config.to_string()).unwrap();
+    let (ok, err) = prepare("shards", &[]);
     assert!(ok, "{err}");
     assert!(err.contains("no assistant message") && err.contains("chats.jsonl:"), "{err}");
+    // The same template in a file of its own makes the same shards.
+    std::fs::write(dir.path().join("chat.jinja"), template).unwrap();
+    let (ok, err) = prepare("shards2", &["--chat-template", "chat.jinja"]);
+    assert!(ok, "{err}");
+    let shard = |d: &str| std::fs::read(dir.path().join(d).join("train_000000.bin")).unwrap();
+    let mask = |d: &str| std::fs::read(dir.path().join(d).join("train_000000.mask")).unwrap();
+    assert!(shard("shards") == shard("shards2") && mask("shards") == mask("shards2"));
 
     // What is learned, decoded per run of learned tokens, is each assistant content closed by
     // the end-of-turn, in order; nothing else is.
