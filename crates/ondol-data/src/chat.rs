@@ -95,6 +95,18 @@ impl ChatTemplate {
         Ok(Rendered { text, learned })
     }
 
+    /// `messages` followed by the assistant's header (`add_generation_prompt`): the prompt a
+    /// chat model replies to.
+    pub fn prompt(&self, messages: &[Json]) -> Result<String, String> {
+        self.render_start(messages, true)
+    }
+
+    /// The text of the tokenizer's special token `name` (`eos_token`, ...), where its config
+    /// gives one.
+    pub fn special_token(&self, name: &str) -> Option<&str> {
+        self.special_tokens.get(name).and_then(Json::as_str)
+    }
+
     fn render_start(&self, messages: &[Json], add_generation_prompt: bool) -> Result<String, String> {
         let mut context = self.special_tokens.clone();
         context.insert("messages".into(), Json::Array(messages.to_vec()));
@@ -139,7 +151,7 @@ fn template_of_config(config: &Json) -> Result<String, String> {
             .and_then(|t| t["template"].as_str())
             .map(str::to_owned)
             .ok_or_else(|| "chat_template lists named templates, none of them `default`".into()),
-        Json::Null => Err("no chat_template (give the template with --chat-template)".into()),
+        Json::Null => Err("it has no chat_template".into()),
         other => Err(format!("chat_template is neither a string nor a list of named templates: {other}")),
     }
 }

@@ -617,12 +617,13 @@ pub fn prepare(cfg: &PrepareConfig, command: Vec<String>, version: &str) -> Resu
         Some(_) => {
             let path =
                 cfg.chat_template.clone().unwrap_or_else(|| cfg.tokenizer.with_file_name("tokenizer_config.json"));
-            let text = std::fs::read_to_string(&path).map_err(|e| {
-                let hint = "give it with --chat-template: a tokenizer_config.json or a .jinja file";
-                DataError::format(&path, format!("cannot read the chat template: {e} ({hint})"))
-            })?;
+            let hint = "give it with --chat-template: a tokenizer_config.json or a .jinja file";
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| DataError::format(&path, format!("cannot read the chat template: {e} ({hint})")))?;
             let info = TemplateInfo { sha256: hex(&Sha256::digest(text.as_bytes())), source: path.clone() };
-            Some((ChatTemplate::parse(&path, &text)?, info))
+            let template =
+                ChatTemplate::parse(&path, &text).map_err(|e| DataError::Invalid(format!("{e} ({hint})")))?;
+            Some((template, info))
         }
         None => None,
     };

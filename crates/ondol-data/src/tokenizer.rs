@@ -410,6 +410,11 @@ impl TextTokenizer {
         self.eot
     }
 
+    /// The id of `token` (a special token's text, say), if it is in the vocabulary.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
     /// The end-of-text token as text.
     pub fn eot_token(&self) -> String {
         self.inner.id_to_token(self.eot).expect("the end-of-text id is in the vocabulary")

@@ -123,6 +123,11 @@ struct GenerateArgs {
     /// Where to run: cpu, or cuda (GPU 0, in bf16; a build with --features cuda).
     #[arg(long, default_value = "cpu", value_parser = parse_device)]
     device: Device,
+    /// The prompt is a user's message to a chat model: rendered by the model's chat template
+    /// (its tokenizer_config.json) with the assistant's header after it; the reply ends at the
+    /// end-of-text or the template's eos_token, and only the reply is shown.
+    #[arg(long)]
+    chat: bool,
 }
 
 fn parse_device(s: &str) -> std::result::Result<Device, String> {
@@ -1308,13 +1313,18 @@ fn generate(args: GenerateArgs) -> Result<()> {
     let tok = p.tokenizer()?;
     let sampling = Sampling { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p, seed: args.seed };
     let eot = tok.eot_id();
-    // An empty prompt samples a text from its start: after an end-of-text, as a document
-    // follows one in training (or after the BOS a tokenizer starts every text with).
-    let prompt = match tok.encode(&args.prompt)? {
-        ids if ids.is_empty() => vec![eot],
-        ids => ids,
+    let (shown, prompt, stop) = match args.chat {
+        true => {
+            let (prompt, stop) = p.chat_prompt(&tok, &args.prompt)?;
+            ("", prompt, stop)
+        }
+        // An empty prompt samples a text from its start: after an end-of-text, as a document
+        // follows one in training (or after the BOS a tokenizer starts every text with).
+        false => match tok.encode(&args.prompt)? {
+            ids if ids.is_empty() => (args.prompt.as_str(), vec![eot], vec![eot]),
+            ids => (args.prompt.as_str(), ids, vec![eot]),
+        },
     };
-    let eot = Some(eot);
     let room = p.model.cfg.max_seq_len.saturating_sub(prompt.len());
     if args.max_new_tokens > room && room > 0 {
         ondol_core::say!(
@@ -1323,18 +1333,18 @@ fn generate(args: GenerateArgs) -> Result<()> {
             p.model.cfg.max_seq_len
         );
     }
-    let show = |tokens: &mut dyn Iterator<Item = u32>| show_generated(&args.prompt, &prompt, &tok, tokens);
+    let show = |tokens: &mut dyn Iterator<Item = u32>| show_generated(shown, &prompt, &tok, tokens);
     match args.device {
         Device::Cpu => {
             let be = CpuBackend::new();
-            show(&mut Generation::new(&be, &p, &p.params, &prompt, args.max_new_tokens, eot, sampling)?)
+            show(&mut Generation::new(&be, &p, &p.params, &prompt, args.max_new_tokens, &stop, sampling)?)
         }
         Device::Cuda => {
             #[cfg(feature = "cuda")]
             {
                 let be = inference_gpu(&p.model)?;
                 let params = be.upload(&p.params);
-                show(&mut Generation::new(&be, &p, &params, &prompt, args.max_new_tokens, eot, sampling)?)
+                show(&mut Generation::new(&be, &p, &params, &prompt, args.max_new_tokens, &stop, sampling)?)
             }
             #[cfg(not(feature = "cuda"))]
             return Err(no_cuda_backend("--device"));

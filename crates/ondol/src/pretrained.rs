@@ -4,6 +4,7 @@
 use crate::config::{BYTE_EOT, BYTE_VOCAB, RunConfig};
 use ondol_ckpt::{Snapshot, checkpoint, tensors};
 use ondol_core::{Backend, Error, Result, Rng};
+use ondol_data::chat::ChatTemplate;
 use ondol_data::{ByteTokenizer, TextTokenizer};
 use ondol_model::{InferenceCache, Model, ModelConfig, Workspace};
 use std::path::{Path, PathBuf};
@@ -129,6 +130,30 @@ impl Pretrained {
         }
         Ok(Tokenizer::Bytes(ByteTokenizer::new()))
     }
+
+    /// A user's message `text` as the directory's chat template (its tokenizer_config.json)
+    /// renders it for a reply, in tokens, and the tokens that end the reply: `tok`'s
+    /// end-of-text and the template's `eos_token` (a chat model's end-of-turn).
+    pub fn chat_prompt(&self, tok: &Tokenizer, text: &str) -> Result<(Vec<u32>, Vec<u32>)> {
+        let config = self.dir.join("tokenizer_config.json");
+        let source = std::fs::read_to_string(&config).map_err(|e| {
+            Error::Input(format!("--chat needs the model's chat template: cannot read {}: {e}", config.display()))
+        })?;
+        let template = ChatTemplate::parse(&config, &source)
+            .map_err(|e| Error::Input(format!("--chat needs the model's chat template: {e}")))?;
+        let Tokenizer::Text(t) = tok else {
+            return Err(Error::Input(format!(
+                "--chat: {} has a chat template but no tokenizer.json",
+                self.dir.display()
+            )));
+        };
+        let message = serde_json::json!({ "role": "user", "content": text });
+        let prompt = template.prompt(&[message]).map_err(|e| Error::Input(format!("{}: {e}", config.display())))?;
+        let ids = t.encode_markup_with_starts(&prompt)?.into_iter().map(|(id, _)| id).collect();
+        let mut stop = vec![t.eot_id()];
+        stop.extend(template.special_token("eos_token").and_then(|eos| t.token_id(eos)));
+        Ok((ids, stop))
+    }
 }
 
 /// The tokenizer of a model directory.
@@ -222,7 +247,8 @@ pub struct Generation<'a, B: Backend> {
     ids: B::Ids,
     rng: Rng,
     sampling: Sampling,
-    eos: Option<u32>,
+    /// The tokens that end the text (not handed out).
+    stop: Vec<u32>,
     /// The token to hand out next, sampled but not yet fed back.
     next: u32,
     /// Tokens still to hand out.
@@ -238,7 +264,7 @@ impl<'a, B: Backend> Generation<'a, B> {
         params: &'a B::Buf,
         prompt: &[u32],
         max_new: usize,
-        eos: Option<u32>,
+        stop: &[u32],
         sampling: Sampling,
     ) -> Result<Self> {
         let model = &p.model;
@@ -262,7 +288,7 @@ impl<'a, B: Backend> Generation<'a, B> {
             ids: be.upload_ids(&[0]),
             rng,
             sampling,
-            eos,
+            stop: stop.to_vec(),
             next,
             left: max_new.min(max_seq - prompt.len()),
             fed: true,
@@ -283,7 +309,7 @@ impl<B: Backend> Iterator for Generation<'_, B> {
             model.forward_cached(be, params, &mut self.step, &self.ids, &mut self.cache);
             self.next = sample(&model.logits(be, params, &mut self.step), self.sampling, &mut self.rng);
         }
-        if Some(self.next) == self.eos {
+        if self.stop.contains(&self.next) {
             self.left = 0;
             return None;
         }

@@ -45,18 +45,20 @@ fn generation_is_reproducible_bounded_and_stops_at_end_of_text() {
     let p = Pretrained::load(&fixture("tiny-llama-gqa")).unwrap();
     let be = CpuBackend;
     let s = Sampling { temperature: 1.0, top_k: 0, top_p: 1.0, seed: 3 };
-    let a = Generation::new(&be, &p, &p.params, &[5, 6, 7], 20, None, s).unwrap().collect::<Vec<_>>();
-    let b = Generation::new(&be, &p, &p.params, &[5, 6, 7], 20, None, s).unwrap().collect::<Vec<_>>();
+    let a = Generation::new(&be, &p, &p.params, &[5, 6, 7], 20, &[], s).unwrap().collect::<Vec<_>>();
+    let b = Generation::new(&be, &p, &p.params, &[5, 6, 7], 20, &[], s).unwrap().collect::<Vec<_>>();
     assert_eq!(a, b);
     assert_eq!(a.len(), 20);
-    // Stopping at the first sampled token that is end-of-text.
+    // Stopping at the first sampled token that is end-of-text, or any other stop token.
     let stop = a[4];
-    let c = Generation::new(&be, &p, &p.params, &[5, 6, 7], 20, Some(stop), s).unwrap().collect::<Vec<_>>();
+    let c = Generation::new(&be, &p, &p.params, &[5, 6, 7], 20, &[stop], s).unwrap().collect::<Vec<_>>();
     assert_eq!(c, a[..a.iter().position(|&t| t == stop).unwrap()]);
+    let d = Generation::new(&be, &p, &p.params, &[5, 6, 7], 20, &[stop, a[2]], s).unwrap().collect::<Vec<_>>();
+    assert_eq!(d, a[..a.iter().position(|&t| t == stop || t == a[2]).unwrap()]);
     // The context never exceeds max_seq_len (64).
-    let long = Generation::new(&be, &p, &p.params, &[1; 60], 50, None, s).unwrap().collect::<Vec<_>>();
+    let long = Generation::new(&be, &p, &p.params, &[1; 60], 50, &[], s).unwrap().collect::<Vec<_>>();
     assert_eq!(long.len(), 4);
-    assert!(Generation::new(&be, &p, &p.params, &[], 5, None, s).is_err());
+    assert!(Generation::new(&be, &p, &p.params, &[], 5, &[], s).is_err());
 }
 
 /// Generated text is shown as it comes, a whole character at a time: a character split over

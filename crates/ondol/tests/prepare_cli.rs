@@ -410,6 +410,9 @@ fn prompt_completion_pairs_are_prepared_with_loss_masks_and_trained_on() {
     std::fs::remove_file(shards.join("val_000000.mask")).unwrap();
     let (ok, err) = ondol_err(dir.path(), &["train", "run.toml", "--run-dir", "out2"]);
     assert!(!ok && err.contains("val_000000.mask, which is missing"), "{err}");
+    // A model without a chat template does not chat.
+    let (ok, err) = ondol_err(dir.path(), &["generate", "out", "--chat", "--prompt", "Who?"]);
+    assert!(!ok && err.contains("--chat needs the model's chat template"), "{err}");
 }
 
 /// Fine-tuning on conversations: each is rendered by the chat template of the
@@ -510,9 +513,15 @@ fn conversations_are_rendered_by_the_chat_template_and_only_assistant_turns_are_
     }
     // The template goes into the checkpoints of a run on these shards.
     std::fs::write(dir.path().join("run.toml"), RUN).unwrap();
-    let (ok, err) = ondol_err(dir.path(), &["train", "run.toml", "--run-dir", "out"]);
+    // (A context long enough for the chat prompt below.)
+    let (ok, err) = ondol_err(dir.path(), &["train", "run.toml", "--run-dir", "out", "--set", "model.max_seq_len=64"]);
     assert!(ok && err.contains("done: 2 steps"), "{err}");
-    let saved =
-        std::fs::read_to_string(dir.path().join("out/checkpoints/step-00000002/tokenizer_config.json")).unwrap();
+    let ckpt = dir.path().join("out/checkpoints/step-00000002");
+    let saved = std::fs::read_to_string(ckpt.join("tokenizer_config.json")).unwrap();
     assert!(saved.contains("add_generation_prompt"), "{saved}");
+    // It answers a user's message through the template; only the reply is shown.
+    let ckpt = ckpt.to_str().unwrap();
+    let args = ["generate", ckpt, "--chat", "--prompt", "다음은?", "--max-new-tokens", "8", "--temperature", "0"];
+    let r = common::ondol(dir.path(), &args);
+    assert!(r.ok && !r.stdout.contains("다음은?"), "{} {}", r.stdout, r.stderr);
 }
