@@ -1,5 +1,7 @@
 #!/usr/bin/env python3
 """ondol's conversations against transformers': the same tokens and the same learned tokens.
+Also its prompt-completion pairs against TRL's tokenization of a pair (the whole text encoded as
+transformers encodes it, the prompt's tokens not learned).
 
 For chat templates in the layouts of ChatML (Qwen2.5), Llama 3 and Gemma 3, each marking the
 assistant's turns with transformers' {% generation %} tags, `ondol data prepare
@@ -185,7 +187,40 @@ def main():
         print(f"{status} {name}: {len(docs)} conversations, {len(tokens)} tokens, {learned_total} learned; "
               f"{worst} differ from transformers")
         failures += worst > 0
+    failures += check_pairs(work, tok, convs)
     sys.exit(1 if failures else 0)
+
+
+def check_pairs(work, tok, convs):
+    """Pairs from the conversations' first exchange: ondol's tokens and learned tokens against
+    TRL's (prompt + completion encoded whole; the first len(encode(prompt)) tokens are the
+    prompt's)."""
+    from transformers import PreTrainedTokenizerFast
+
+    d = os.path.join(work, "pairs")
+    os.makedirs(d)
+    pairs = [(m[-4]["content"] + "\n", m[-3]["content"].strip()) for m in convs]
+    rows = os.path.join(d, "pairs.jsonl")
+    with open(rows, "w", encoding="utf-8") as f:
+        for p, c in pairs:
+            f.write(json.dumps({"prompt": p, "completion": c}, ensure_ascii=False) + "\n")
+    subprocess.run([ONDOL, "data", "prepare", "--input", rows, "--tokenizer", tok, "--out", os.path.join(d, "shards"),
+                    "--text-field", "prompt", "--completion-field", "completion", "--val-fraction", "0",
+                    "--no-exact-dedup", "--no-near-dedup"], check=True, capture_output=True)
+    tokens = read_shard(os.path.join(d, "shards", "train_000000.bin"))
+    learned = read_mask(os.path.join(d, "shards", "train_000000.mask"), len(tokens))
+    hf = PreTrainedTokenizerFast(tokenizer_file=tok)
+    eot = hf.convert_tokens_to_ids("<|endoftext|>")
+    starts = [i for i, t in enumerate(tokens) if t == eot] + [len(tokens)]
+    differ = 0
+    for (a, b), (p, c) in zip(zip(starts, starts[1:]), pairs):
+        want = hf(p + c)["input_ids"]
+        n = len(hf(p)["input_ids"])
+        if tokens[a + 1:b] != want or learned[a + 1:b] != [i >= n for i in range(len(want))]:
+            differ += 1
+    print(f"{'ok  ' if differ == 0 else 'FAIL'} pairs: {len(pairs)} pairs, {len(tokens)} tokens, {sum(learned)} learned; "
+          f"{differ} differ from TRL's tokenization")
+    return differ > 0
 
 
 if __name__ == "__main__":

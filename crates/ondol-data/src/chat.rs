@@ -1,8 +1,10 @@
 //! Conversations rendered by a model's chat template, as transformers' `apply_chat_template`
 //! renders them, with the spans of the assistant's turns, which fine-tuning learns.
 //!
-//! The template is the Jinja of a `tokenizer_config.json` (`chat_template`, a string or a list
-//! of named templates of which `default` is used) or a `.jinja` file. It renders as
+//! The template is a `.jinja` file (transformers' own `chat_template.jinja`, which it prefers
+//! where a directory has one) or the Jinja of a `tokenizer_config.json` (`chat_template`, a
+//! string or a list of named templates of which `default` is used); the special tokens come
+//! from the tokenizer_config.json beside the tokenizer either way. It renders as
 //! transformers renders it: blocks trimmed (`trim_blocks`, `lstrip_blocks`), loop controls,
 //! Python's string and dict methods (`strip`, `startswith`, `items`, ...), `raise_exception`,
 //! `tojson` as Python's `json.dumps` writes (no ASCII or HTML escaping), and the
@@ -35,7 +37,13 @@ pub struct ChatTemplate {
     env: Environment<'static>,
     /// The tokenizer's special tokens by name (`bos_token`, `eos_token`, ...).
     special_tokens: serde_json::Map<String, Json>,
+    /// The template's Jinja, as given.
+    source: String,
 }
+
+/// transformers' file for a chat template of its own.
+pub const TEMPLATE_FILE: &str = "chat_template.jinja";
+const TOKENIZER_CONFIG: &str = "tokenizer_config.json";
 
 /// A rendered conversation: its text, and the byte ranges of the assistant's turns.
 #[derive(Debug, PartialEq, Eq)]
@@ -45,16 +53,39 @@ pub struct Rendered {
 }
 
 impl ChatTemplate {
-    /// The template in `text`, the contents of `path`: a tokenizer_config.json (by its
-    /// extension), or any other file as the template itself.
-    pub fn parse(path: &Path, text: &str) -> Result<Self, DataError> {
-        if path.extension().is_some_and(|e| e == "json") {
-            let config: Json = serde_json::from_str(text).map_err(|e| DataError::format(path, e.to_string()))?;
-            let template = template_of_config(&config).map_err(|what| DataError::format(path, what))?;
-            let special_tokens = special_tokens_of(&config);
-            return Self::new(template, special_tokens).map_err(|e| DataError::format(path, e));
-        }
-        Self::new(text.to_owned(), serde_json::Map::new()).map_err(|e| DataError::format(path, e))
+    /// The template file of the tokenizer or model in `dir`, as transformers picks it:
+    /// chat_template.jinja where there is one, else tokenizer_config.json.
+    pub fn file_in(dir: &Path) -> std::path::PathBuf {
+        let own = dir.join(TEMPLATE_FILE);
+        if own.is_file() { own } else { dir.join(TOKENIZER_CONFIG) }
+    }
+
+    /// The template of `path` (a tokenizer_config.json, by its extension, or any other file as
+    /// the template itself), with the special tokens of the tokenizer_config.json in
+    /// `tokenizer_dir` where it has one.
+    pub fn load(path: &Path, tokenizer_dir: &Path) -> Result<Self, DataError> {
+        let read_json = |path: &Path| -> Result<Json, DataError> {
+            let text = std::fs::read_to_string(path).map_err(|e| DataError::io("read", path, e))?;
+            serde_json::from_str(&text).map_err(|e| DataError::format(path, e.to_string()))
+        };
+        let specials = tokenizer_dir.join(TOKENIZER_CONFIG);
+        let mut special_tokens = match specials.is_file() {
+            true => special_tokens_of(&read_json(&specials)?),
+            false => serde_json::Map::new(),
+        };
+        let source = if path.extension().is_some_and(|e| e == "json") {
+            let config = read_json(path)?;
+            special_tokens.extend(special_tokens_of(&config));
+            template_of_config(&config).map_err(|what| DataError::format(path, what))?
+        } else {
+            std::fs::read_to_string(path).map_err(|e| DataError::io("read chat template", path, e))?
+        };
+        Self::new(source, special_tokens).map_err(|e| DataError::format(path, e))
+    }
+
+    /// The template's Jinja.
+    pub fn source(&self) -> &str {
+        &self.source
     }
 
     /// The template `source`, rendered with `special_tokens` as variables.
@@ -67,9 +98,9 @@ impl ChatTemplate {
             Err(Error::new(ErrorKind::InvalidOperation, message))
         });
         env.add_filter("tojson", python_tojson);
-        let source = without_generation_tags(&source);
-        env.add_template_owned("chat", source).map_err(|e| format!("the chat template does not parse: {e:#}"))?;
-        Ok(Self { env, special_tokens })
+        let jinja = without_generation_tags(&source);
+        env.add_template_owned("chat", jinja).map_err(|e| format!("the chat template does not parse: {e:#}"))?;
+        Ok(Self { env, special_tokens, source })
     }
 
     /// `messages` (a conversation: objects with a `role`) as the template renders them, with
@@ -107,6 +138,20 @@ impl ChatTemplate {
         self.special_tokens.get(name).and_then(Json::as_str)
     }
 
+    /// What the template writes after an assistant's message to close the turn (a chat
+    /// model's end-of-turn, `<|im_end|>\n`, `<end_of_turn>\n`), found by rendering a probe
+    /// conversation; None where it writes nothing after it or fails on the probe.
+    pub fn turn_end(&self) -> Option<String> {
+        const PROBE: &str = "\u{E001}"; // a private-use character no template trims or writes
+        let messages = [
+            serde_json::json!({"role": "user", "content": "\u{E000}"}),
+            serde_json::json!({"role": "assistant", "content": PROBE}),
+        ];
+        let text = self.render_start(&messages, false).ok()?;
+        let after = &text[text.rfind(PROBE)? + PROBE.len()..];
+        (!after.is_empty()).then(|| after.to_owned())
+    }
+
     fn render_start(&self, messages: &[Json], add_generation_prompt: bool) -> Result<String, String> {
         let mut context = self.special_tokens.clone();
         context.insert("messages".into(), Json::Array(messages.to_vec()));
@@ -117,20 +162,23 @@ impl ChatTemplate {
 }
 
 /// `source` with transformers' `{% generation %}` and `{% endgeneration %}` tags as a block
-/// that always renders (`{% if true %}`, `{% endif %}`), whitespace control kept.
+/// that always renders (`{% if true %}`, `{% endif %}`), whitespace control kept. (A `%}`
+/// inside a string of a tag is not looked for: no tag that matters here has one.)
 fn without_generation_tags(source: &str) -> String {
     let mut out = String::with_capacity(source.len());
     let mut rest = source;
     while let Some(open) = rest.find("{%") {
         let Some(len) = rest[open..].find("%}") else { break };
         let tag = &rest[open + 2..open + len];
-        let (left, right) = (tag.starts_with('-'), tag.ends_with('-'));
-        let name = tag.trim_start_matches('-').trim_end_matches('-').trim();
+        // Whitespace control (`-` trims, `+` keeps) at either end stays with the tag.
+        let control = |c: Option<char>| c.filter(|c| matches!(c, '-' | '+')).map(String::from).unwrap_or_default();
+        let (left, right) = (control(tag.chars().next()), control(tag.chars().last()));
+        let name = tag.trim_start_matches(['-', '+']).trim_end_matches(['-', '+']).trim();
         out.push_str(&rest[..open]);
         match name {
             "generation" | "endgeneration" => {
                 let body = if name == "generation" { " if true " } else { " endif " };
-                out.push_str(&format!("{{%{}{body}{}%}}", if left { "-" } else { "" }, if right { "-" } else { "" }));
+                out.push_str(&format!("{{%{left}{body}{right}%}}"));
             }
             _ => out.push_str(&rest[open..open + len + 2]),
         }
@@ -245,6 +293,30 @@ mod tests {
         assert!(r.text.starts_with("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"));
         let err = chatml().render(&messages[..1]).unwrap_err();
         assert!(err.contains("no assistant message"), "{err}");
+    }
+
+    #[test]
+    fn the_end_of_turn_is_what_closes_an_assistant_message() {
+        assert_eq!(chatml().turn_end().as_deref(), Some("<|im_end|>\n"));
+        let bare = ChatTemplate::new("{% for m in messages %}{{ m.content }}{% endfor %}".into(), Default::default());
+        assert_eq!(bare.unwrap().turn_end(), None);
+    }
+
+    /// A template file of its own takes the special tokens of the tokenizer_config.json beside
+    /// the tokenizer, and is the one a directory offers before tokenizer_config.json's.
+    #[test]
+    fn a_jinja_file_gets_the_tokenizers_special_tokens_and_comes_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = json!({"bos_token": "<s>", "chat_template": "config's"});
+        std::fs::write(dir.path().join(TOKENIZER_CONFIG), config.to_string()).unwrap();
+        assert_eq!(ChatTemplate::file_in(dir.path()), dir.path().join(TOKENIZER_CONFIG));
+        let from_config = ChatTemplate::load(&ChatTemplate::file_in(dir.path()), dir.path()).unwrap();
+        assert_eq!(from_config.source(), "config's");
+        std::fs::write(dir.path().join(TEMPLATE_FILE), "{{ bos_token }}{{ messages[0].content }}").unwrap();
+        let file = ChatTemplate::file_in(dir.path());
+        assert_eq!(file, dir.path().join(TEMPLATE_FILE));
+        let t = ChatTemplate::load(&file, dir.path()).unwrap();
+        assert_eq!(t.prompt(&[json!({"role": "user", "content": "hi"})]).unwrap(), "<s>hi");
     }
 
     #[test]

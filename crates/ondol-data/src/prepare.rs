@@ -37,7 +37,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
-use crate::chat::{ChatTemplate, Rendered};
+use crate::chat::{ChatTemplate, Rendered, TEMPLATE_FILE};
 use crate::clean::{CleanConfig, Rule};
 use crate::dedup::{ExactIndex, MinHasher, NearDedupConfig, NearIndex, NearKey};
 use crate::input::{DocReader, InputFormat, InputOptions, InputStats, Item, Problem, hex};
@@ -462,11 +462,16 @@ impl Document {
     fn tokenize(&self, tokenizer: &TextTokenizer) -> Result<(Vec<u32>, Option<Vec<bool>>), DataError> {
         Ok(match self {
             Document::Text(text) => (tokenizer.encode_document(text)?, None),
-            // Apart, so that the prompt's tokens are known.
+            // Whole, as the model reads it (and as TRL tokenizes a pair: a tokenizer that puts a
+            // space before every text, as Llama 2's does, would put one before the completion
+            // too if it were encoded apart), after the document start: a token is learned where
+            // it starts in the completion.
             Document::Pair { prompt, completion } => {
-                let (prompt, completion) = (tokenizer.encode_document(prompt)?, tokenizer.encode(completion)?);
-                let learned = [vec![false; prompt.len()], vec![true; completion.len()]].concat();
-                ([prompt, completion].concat(), Some(learned))
+                let start = tokenizer.document_start();
+                let tokens = tokenizer.encode_with_starts(&format!("{prompt}{completion}"))?;
+                let ids = start.iter().copied().chain(tokens.iter().map(|t| t.0)).collect();
+                let in_completion = tokens.iter().map(|t| t.1 >= prompt.len());
+                (ids, Some(std::iter::repeat_n(false, start.len()).chain(in_completion).collect()))
             }
             // Whole, as the model reads it: a token is learned where it starts in a turn. (The
             // template writes any BOS itself, as transformers tokenizes its output.)
@@ -615,14 +620,12 @@ pub fn prepare(cfg: &PrepareConfig, command: Vec<String>, version: &str) -> Resu
     }
     let template = match cfg.input.messages_field {
         Some(_) => {
-            let path =
-                cfg.chat_template.clone().unwrap_or_else(|| cfg.tokenizer.with_file_name("tokenizer_config.json"));
-            let hint = "give it with --chat-template: a tokenizer_config.json or a .jinja file";
-            let text = std::fs::read_to_string(&path)
-                .map_err(|e| DataError::format(&path, format!("cannot read the chat template: {e} ({hint})")))?;
-            let info = TemplateInfo { sha256: hex(&Sha256::digest(text.as_bytes())), source: path.clone() };
-            let template =
-                ChatTemplate::parse(&path, &text).map_err(|e| DataError::Invalid(format!("{e} ({hint})")))?;
+            let tokenizer_dir = cfg.tokenizer.parent().unwrap_or(Path::new("."));
+            let path = cfg.chat_template.clone().unwrap_or_else(|| ChatTemplate::file_in(tokenizer_dir));
+            let hint = "give it with --chat-template: a .jinja file or a tokenizer_config.json";
+            let template = ChatTemplate::load(&path, tokenizer_dir)
+                .map_err(|e| DataError::Invalid(format!("the chat template: {e} ({hint})")))?;
+            let info = TemplateInfo { sha256: hex(&Sha256::digest(template.source())), source: path };
             Some((template, info))
         }
         None => None,
@@ -693,6 +696,11 @@ pub fn prepare(cfg: &PrepareConfig, command: Vec<String>, version: &str) -> Resu
             let bytes = std::fs::read(&source).map_err(|e| DataError::io("read", &source, e))?;
             write_atomic(&staging.join(name), &bytes)?;
         }
+    }
+    // The template the conversations were rendered with, where transformers (and `generate
+    // --chat`) look first.
+    if let Some((template, _)) = &template {
+        write_atomic(&staging.join(TEMPLATE_FILE), template.source().as_bytes())?;
     }
     let [train, val] = writers;
     let tokens = BTreeMap::from([

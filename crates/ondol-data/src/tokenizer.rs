@@ -31,7 +31,7 @@ pub const EOT_TOKEN: &str = "<|endoftext|>";
 
 /// The files transformers reads beside a tokenizer.json (special tokens, the chat template),
 /// which go wherever it is copied.
-pub const COMPANION_FILES: [&str; 2] = ["tokenizer_config.json", "special_tokens_map.json"];
+pub const COMPANION_FILES: [&str; 3] = ["tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"];
 
 /// `tokenizer` as `tokenizer.json`, and the [`COMPANION_FILES`] beside it, as (name, source)
 /// pairs of the files that exist.
@@ -336,6 +336,13 @@ pub struct TextTokenizer {
     markup: std::sync::OnceLock<Tokenizer>,
 }
 
+/// `text` encoded by `tokenizer` (nothing added): each token's id and the byte it starts at.
+fn with_starts(tokenizer: &Tokenizer, text: &str) -> Result<Vec<(u32, usize)>, DataError> {
+    let encoding =
+        tokenizer.encode(text, false).map_err(|e| DataError::Invalid(format!("tokenizer failed to encode: {e}")))?;
+    Ok(encoding.get_ids().iter().zip(encoding.get_offsets()).map(|(&id, &(start, _))| (id, start)).collect())
+}
+
 /// The special tokens `inner`'s post-processor puts before a text.
 fn leading_special_tokens(inner: &Tokenizer) -> Vec<u32> {
     let (Ok(with), Ok(without)) = (inner.encode_fast("a", true), inner.encode_fast("a", false)) else {
@@ -460,9 +467,13 @@ impl TextTokenizer {
             markup.set_encode_special_tokens(false);
             markup
         });
-        let encoding =
-            markup.encode(text, false).map_err(|e| DataError::Invalid(format!("tokenizer failed to encode: {e}")))?;
-        Ok(encoding.get_ids().iter().zip(encoding.get_offsets()).map(|(&id, &(start, _))| (id, start)).collect())
+        with_starts(markup, text)
+    }
+
+    /// The tokens of one text as [`Self::encode`] makes them, each with the byte of `text`
+    /// where it starts.
+    pub fn encode_with_starts(&self, text: &str) -> Result<Vec<(u32, usize)>, DataError> {
+        with_starts(&self.inner, text)
     }
 
     /// The text of `ids`, special tokens included.

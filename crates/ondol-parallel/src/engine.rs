@@ -730,7 +730,8 @@ impl<B: Backend> Engine<B> {
     }
 
     /// One optimizer update over `batches`, this replica's micro-batches (inputs, targets);
-    /// each token's loss enters with weight `grad_scale` (1 / tokens in the global batch).
+    /// each learned target's loss enters with weight `grad_scale` (1 / learned targets in the
+    /// global batch: every target, unless loss masks leave some out).
     /// `stop_request` is read at the step's end, just before its last collective: a code
     /// above 0 asks to stop after the step; the outcome's `stop` is the largest code any rank
     /// gave, the same on every rank.

@@ -1291,7 +1291,7 @@ fn eval(args: EvalArgs) -> Result<()> {
         );
     } else {
         answer!(
-            "loss {loss:.4}  perplexity {:.3}  over {tokens} tokens ({batches} batch{} of {batch} x {seq})",
+            "loss {loss:.4}  perplexity {:.3}  over {tokens} target tokens ({batches} batch{} of {batch} x {seq})",
             loss.exp(),
             if batches == 1 { "" } else { "es" }
         );

@@ -131,15 +131,14 @@ impl Pretrained {
         Ok(Tokenizer::Bytes(ByteTokenizer::new()))
     }
 
-    /// A user's message `text` as the directory's chat template (its tokenizer_config.json)
-    /// renders it for a reply, in tokens, and the tokens that end the reply: `tok`'s
-    /// end-of-text and the template's `eos_token` (a chat model's end-of-turn).
+    /// A user's message `text` as the directory's chat template (chat_template.jinja, else
+    /// its tokenizer_config.json's) renders it for a reply, in tokens, and the tokens that end
+    /// the reply: `tok`'s end-of-text, the tokenizer's `eos_token`, and the first token the
+    /// template closes an assistant's turn with (its end-of-turn, which base models' configs
+    /// do not name as their eos).
     pub fn chat_prompt(&self, tok: &Tokenizer, text: &str) -> Result<(Vec<u32>, Vec<u32>)> {
-        let config = self.dir.join("tokenizer_config.json");
-        let source = std::fs::read_to_string(&config).map_err(|e| {
-            Error::Input(format!("--chat needs the model's chat template: cannot read {}: {e}", config.display()))
-        })?;
-        let template = ChatTemplate::parse(&config, &source)
+        let file = ChatTemplate::file_in(&self.dir);
+        let template = ChatTemplate::load(&file, &self.dir)
             .map_err(|e| Error::Input(format!("--chat needs the model's chat template: {e}")))?;
         let Tokenizer::Text(t) = tok else {
             return Err(Error::Input(format!(
@@ -148,10 +147,13 @@ impl Pretrained {
             )));
         };
         let message = serde_json::json!({ "role": "user", "content": text });
-        let prompt = template.prompt(&[message]).map_err(|e| Error::Input(format!("{}: {e}", config.display())))?;
+        let prompt = template.prompt(&[message]).map_err(|e| Error::Input(format!("{}: {e}", file.display())))?;
         let ids = t.encode_markup_with_starts(&prompt)?.into_iter().map(|(id, _)| id).collect();
         let mut stop = vec![t.eot_id()];
         stop.extend(template.special_token("eos_token").and_then(|eos| t.token_id(eos)));
+        if let Some(end) = template.turn_end() {
+            stop.extend(t.encode_markup_with_starts(&end)?.first().map(|&(id, _)| id));
+        }
         Ok((ids, stop))
     }
 }

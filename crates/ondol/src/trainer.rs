@@ -299,9 +299,21 @@ impl<B: Backend> Trainer<B> {
     pub fn step(&mut self) -> Result<StepStats> {
         let tokens = self.tokens_per_step() as f64;
         let (batches, learned) = self.next_batches()?;
-        let lr = self.sched.lr(self.step);
+        let mut lr = self.sched.lr(self.step);
+        if learned == 0 {
+            // (Its gradient is zero; at learning rate 0 neither the moments nor weight decay
+            // move a weight either.)
+            if self.is_leader() {
+                ondol_core::say!(
+                    "note: step {}: the loss masks learn no target of the global batch; the step changes no weight \
+                     (longer sequences, or a larger batch, hold more of each completion)",
+                    self.step + 1
+                );
+            }
+            lr = 0.0;
+        }
         // Each learned target's loss enters the mean with weight 1 / (learned targets in the
-        // whole step); a step with none learns nothing.
+        // whole step).
         let learned = learned.max(1) as f64;
         let out = self.engine.step(&batches, (1.0 / learned) as f32, lr, stop_request)?;
         let flops = tokens * self.flops_per_token();
@@ -564,7 +576,7 @@ impl<B: Backend> Trainer<B> {
         Ok(found.iter().position(|f| *f != found[0]).map(|rank| (rank, found)))
     }
 
-    /// Mean loss per token over the first `eval_batches` global validation batches, each of
+    /// Mean loss per learned target over the first `eval_batches` global validation batches, each of
     /// a step's `batch_size x dp x grad_accum` sequences: the same sequences at every
     /// evaluation, so values are comparable along the run, and in every layout and
     /// accumulation that keep the global batch (each replica takes every dp-th micro-batch),
@@ -609,8 +621,14 @@ impl<B: Backend> Trainer<B> {
             }
         }
         let done = self.engine.evaluate(&batches, stop_request)?;
-        let loss = done.loss_sum / learned.max(1) as f64;
-        Ok((self.is_leader().then_some(loss), (done.stop > 0).then_some(i32::from(done.stop))))
+        let stop = (done.stop > 0).then_some(i32::from(done.stop));
+        if learned == 0 {
+            if self.is_leader() {
+                ondol_core::say!("note: the loss masks learn no target of the validation batches: no validation loss");
+            }
+            return Ok((None, stop));
+        }
+        Ok((self.is_leader().then_some(done.loss_sum / learned as f64), stop))
     }
 }
 
@@ -731,9 +749,11 @@ fn check_vocab<'a>(
     vocab: usize,
     origin: impl FnOnce(usize, usize) -> (&'a Path, usize),
 ) -> Result<()> {
-    let outside = |tokens: &[u32]| tokens.iter().position(|&t| t as usize >= vocab && t != IGNORED_TARGET);
-    // Input column c is window place c, target column c is place c + 1.
-    let (i, pos, id) = match (outside(inputs), outside(targets)) {
+    let outside =
+        |tokens: &[u32], ignored: Option<u32>| tokens.iter().position(|&t| t as usize >= vocab && Some(t) != ignored);
+    // Input column c is window place c, target column c is place c + 1. (Only a target can be
+    // one a loss mask leaves out; an input of that id is a token outside the vocabulary.)
+    let (i, pos, id) = match (outside(inputs, None), outside(targets, Some(IGNORED_TARGET))) {
         (None, None) => return Ok(()),
         (Some(i), _) => (i, i % seq_len, inputs[i]),
         (None, Some(i)) => (i, i % seq_len + 1, targets[i]),
@@ -777,7 +797,13 @@ pub fn evaluate<B: Backend>(
         model.forward(be, params, ws, &ids);
         sum += model.loss(be, params, ws, &tgt, None);
     }
-    Ok((sum / learned.max(1) as f64, learned))
+    if learned == 0 {
+        return Err(Error::Input(format!(
+            "the loss masks beside the data learn no target of the {batches} batch(es) read: there is no loss to \
+             report (read more batches, or longer sequences)"
+        )));
+    }
+    Ok((sum / learned as f64, learned))
 }
 
 /// The keys a token's attention counts for in the FLOPs where documents attend only within
@@ -1077,5 +1103,10 @@ mod tests {
         let mut inputs = [1; 8];
         inputs[5] = 11;
         assert_eq!(place(&inputs, &targets).0, Some((1, 1)), "inputs come first");
+        // A target a loss mask leaves out passes; the same id as an input does not.
+        assert_eq!(place(&[1; 8], &[IGNORED_TARGET; 8]), (None, None));
+        let mut inputs = [1; 8];
+        inputs[2] = IGNORED_TARGET;
+        assert_eq!(place(&inputs, &[2; 8]).0, Some((0, 2)));
     }
 }

@@ -354,16 +354,16 @@ fn prompt_completion_pairs_are_prepared_with_loss_masks_and_trained_on() {
     for para in text.split("\n\n").filter(|p| p.contains('\n')) {
         let (prompt, completion) = para.split_once('\n').unwrap();
         if !completion.trim().is_empty() {
-            pairs.push((prompt.to_string(), completion.to_string()));
+            pairs.push((format!("{prompt}\n"), completion.to_string()));
         }
     }
-    pairs.push(("Who?".into(), "Mark.".into()));
+    pairs.push(("Who?\n".into(), "Mark.".into()));
     let jsonl: Vec<String> =
         pairs.iter().map(|(p, c)| serde_json::json!({ "prompt": p, "completion": c }).to_string()).collect();
     std::fs::write(dir.path().join("pairs.jsonl"), jsonl.join("\n") + "\n{\"prompt\": \"no answer\"}\n").unwrap();
     let prepare = |input: &str| {
         let mut args = vec!["data", "prepare", "--input", input, "--tokenizer", "tok.json", "--out", "shards"];
-        args.extend(["--text-field", "prompt", "--completion-field", "completion", "--val-fraction", "0.1"]);
+        args.extend(["--text-field", "prompt", "--completion-field", "completion", "--val-fraction", "0.25"]);
         ondol_err(dir.path(), &args)
     };
     let (ok, err) = prepare("mark.txt");
@@ -465,7 +465,7 @@ fn conversations_are_rendered_by_the_chat_template_and_only_assistant_turns_are_
         ondol_err(dir.path(), &args)
     };
     let (ok, err) = prepare("shards", &[]);
-    let unread = "tokenizer_config.json: cannot read the chat template";
+    let unread = "the chat template: cannot read tokenizer_config.json";
     assert!(!ok && err.contains(unread) && err.contains("--chat-template"), "{err}");
     std::fs::write(dir.path().join("tokenizer_config.json"), config.to_string()).unwrap();
     let (ok, err) = prepare("shards", &[]);
