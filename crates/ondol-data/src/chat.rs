@@ -19,9 +19,12 @@
 //! An assistant message's span runs from the end of the conversation before it, rendered with
 //! the generation prompt (`add_generation_prompt`: the assistant's header), to the end of the
 //! conversation through it: its content and whatever the template closes the turn with (the
-//! end-of-turn token, which the model must learn to stop). Both renderings must start the
-//! whole conversation's; a template that renders earlier turns differently once later ones
-//! follow (Qwen3's drops the reasoning of earlier turns) is refused for that conversation.
+//! end-of-turn token, which the model must learn to stop). Where both renderings start the
+//! whole conversation's, it is one document with all its turns learned. A template that
+//! renders earlier turns otherwise once later ones follow (Qwen3's drops the reasoning of
+//! earlier turns, and marks the last turn's) makes one document per assistant turn instead:
+//! the conversation through that turn, only that turn learned, as the model read it when it
+//! replied.
 
 use std::ops::Range;
 use std::path::Path;
@@ -104,26 +107,29 @@ impl ChatTemplate {
     }
 
     /// `messages` (a conversation: objects with a `role`) as the template renders them, with
-    /// the spans of the assistant's messages (see the module docs).
-    pub fn render(&self, messages: &[Json]) -> Result<Rendered, String> {
+    /// the spans of the assistant's messages: one document, or one per assistant turn where
+    /// the template rewrites earlier turns (see the module docs).
+    pub fn render(&self, messages: &[Json]) -> Result<Vec<Rendered>, String> {
         let text = self.render_start(messages, false)?;
-        let mut learned = Vec::new();
-        for (i, message) in messages.iter().enumerate().filter(|(_, m)| m["role"] == "assistant") {
+        let mut turns = Vec::new();
+        for i in (0..messages.len()).filter(|&i| messages[i]["role"] == "assistant") {
             let before = self.render_start(&messages[..i], true)?;
             let through = self.render_start(&messages[..=i], false)?;
-            if !(through.starts_with(&before) && text.starts_with(&through)) {
+            if !through.starts_with(&before) {
                 return Err(format!(
-                    "the chat template renders the conversation up to message {i} (the assistant's) otherwise than as \
-                     the start of the whole conversation, so the turn's tokens cannot be told apart{}",
-                    if message["reasoning_content"].is_null() { "" } else { " (it has reasoning_content)" }
+                    "the chat template renders message {i} (the assistant's) without the generation prompt before \
+                     it, so the turn's tokens cannot be told apart"
                 ));
             }
-            learned.push(before.len()..through.len());
+            turns.push((before.len()..through.len(), through));
         }
-        if learned.is_empty() {
+        if turns.is_empty() {
             return Err("the conversation has no assistant message: nothing in it would be learned".into());
         }
-        Ok(Rendered { text, learned })
+        if turns.iter().all(|(_, through)| text.starts_with(through.as_str())) {
+            return Ok(vec![Rendered { text, learned: turns.into_iter().map(|(span, _)| span).collect() }]);
+        }
+        Ok(turns.into_iter().map(|(span, through)| Rendered { text: through, learned: vec![span] }).collect())
     }
 
     /// `messages` followed by the assistant's header (`add_generation_prompt`): the prompt a
@@ -287,7 +293,7 @@ mod tests {
             json!({"role": "user", "content": "온돌?"}),
             json!({"role": "assistant", "content": "A floor heater."}),
         ];
-        let r = chatml().render(&messages).unwrap();
+        let [r] = &chatml().render(&messages).unwrap()[..] else { panic!("one document") };
         let spans: Vec<&str> = r.learned.iter().map(|s| &r.text[s.clone()]).collect();
         assert_eq!(spans, ["Hello.<|im_end|>\n", "A floor heater.<|im_end|>\n"]);
         assert!(r.text.starts_with("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"));
@@ -320,16 +326,31 @@ mod tests {
     }
 
     #[test]
-    fn a_template_that_rewrites_earlier_turns_is_refused() {
+    fn a_template_that_rewrites_earlier_turns_makes_a_document_per_turn() {
         // The last assistant turn gets a marker the earlier ones lose (as Qwen3's think blocks).
         let source = "{%- for m in messages %}{{ m['role'] }}: {% if loop.last and m['role'] == 'assistant' %}\
-            [last] {% endif %}{{ m['content'] }}\n{% endfor %}";
+            [last] {% endif %}{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}";
         let t = ChatTemplate::new(source.into(), serde_json::Map::new()).unwrap();
         let one = [json!({"role": "user", "content": "a"}), json!({"role": "assistant", "content": "b"})];
-        assert_eq!(t.render(&one).unwrap().learned.len(), 1);
-        let two = [one[0].clone(), one[1].clone(), one[0].clone(), one[1].clone()];
-        let err = t.render(&two).unwrap_err();
-        assert!(err.contains("message 1"), "{err}");
+        let [r] = &t.render(&one).unwrap()[..] else { panic!("one document") };
+        assert_eq!((r.text.as_str(), &r.text[r.learned[0].clone()]), ("user: a\nassistant: [last] b\n", "[last] b\n"));
+        let two = [
+            one[0].clone(),
+            one[1].clone(),
+            json!({"role": "user", "content": "c"}),
+            json!({"role": "assistant", "content": "d"}),
+        ];
+        let docs = t.render(&two).unwrap();
+        let learned: Vec<(&str, &str)> =
+            docs.iter().map(|r| (r.text.as_str(), &r.text[r.learned[0].clone()])).collect();
+        assert_eq!(
+            learned,
+            [
+                ("user: a\nassistant: [last] b\n", "[last] b\n"),
+                ("user: a\nassistant: b\nuser: c\nassistant: [last] d\n", "[last] d\n")
+            ]
+        );
+        assert!(docs.iter().all(|r| r.learned.len() == 1));
     }
 
     #[test]
@@ -348,14 +369,14 @@ mod tests {
             json!({"role": "user", "content": " q ", "meta": {"a": null, "b": [1, "é<"]}}),
             json!({"role": "assistant", "content": "a"}),
         ];
-        let r = t.render(&messages).unwrap();
+        let r = &t.render(&messages).unwrap()[0];
         assert_eq!(r.text, "<s>Q{\"a\": null, \"b\": [1, \"é<\"]}A</s>");
         assert_eq!(&r.text[r.learned[0].clone()], "A</s>");
         let err = t.render(&[json!({"role": "tool", "content": "x"})]).unwrap_err();
         assert!(err.contains("roles must be user or assistant"), "{err}");
         let tagged = "{% for m in messages %}{%- generation -%} {{ m.content }} {% endgeneration %}{% endfor %}";
         let t = ChatTemplate::new(tagged.into(), serde_json::Map::new()).unwrap();
-        assert_eq!(t.render(&messages).unwrap().text, " q  a ", "the tags render their contents, trimming kept");
+        assert_eq!(t.render(&messages).unwrap()[0].text, " q  a ", "the tags render their contents, trimming kept");
         let mut pretty = String::new();
         write_python_json(&json!({"e": [], "k": [1, {}]}), Some(2), 0, &mut pretty);
         assert_eq!(pretty, "{\n  \"e\": [],\n  \"k\": [\n    1,\n    {}\n  ]\n}");

@@ -105,7 +105,8 @@ pub struct DocCounts {
     /// Removed documents per rule: invalid_utf8, malformed_json, chat_template (conversations),
     /// the cleaning rules, exact_duplicate, near_duplicate.
     pub removed: BTreeMap<&'static str, u64>,
-    /// Kept documents that a repair changed: nfc, control_chars.
+    /// Kept documents that a repair changed (nfc, control_chars), and conversations written
+    /// one document per assistant turn (split_into_turns).
     pub modified: BTreeMap<&'static str, u64>,
 }
 
@@ -198,7 +199,13 @@ impl Manifest {
             s += &format!("  removed {n:>9}  {rule}\n");
         }
         for (what, n) in d.modified.iter().filter(|(_, n)| **n > 0) {
-            s += &format!("  repaired {n:>8}  {what}\n");
+            s += &match *what {
+                SPLIT_INTO_TURNS => format!(
+                    "  split {n:>11}  conversations into a document per assistant turn (the template rewrites \
+                     earlier turns)\n"
+                ),
+                _ => format!("  repaired {n:>8}  {what}\n"),
+            };
         }
         for (kind, n) in &self.file_problems {
             s += &format!("  skipped {n:>9}  files: {kind}\n");
@@ -244,6 +251,9 @@ impl Manifest {
 }
 
 const MAX_LISTED_PROBLEMS: usize = 1000;
+
+/// The count of conversations written one document per assistant turn.
+const SPLIT_INTO_TURNS: &str = "split_into_turns";
 
 /// What a directory's `manifest.json` says its shards were tokenized with.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -452,16 +462,18 @@ enum Document {
         prompt: String,
         completion: String,
     },
-    /// A conversation rendered by the chat template, its assistant turns learned.
-    Chat(Rendered),
+    /// A conversation rendered by the chat template, its assistant turns learned: one
+    /// document, or one per turn (see [`ChatTemplate::render`]).
+    Chat(Vec<Rendered>),
 }
 
 impl Document {
-    /// The document's tokens, and which of them are learned as targets (fine-tuning data
-    /// only); see [`ShardWriter::push`].
-    fn tokenize(&self, tokenizer: &TextTokenizer) -> Result<(Vec<u32>, Option<Vec<bool>>), DataError> {
+    /// The tokens of each document it makes (one, but for a conversation written turn by
+    /// turn), and which of them are learned as targets (fine-tuning data only); see
+    /// [`ShardWriter::push`].
+    fn tokenize(&self, tokenizer: &TextTokenizer) -> Result<Vec<Tokenized>, DataError> {
         Ok(match self {
-            Document::Text(text) => (tokenizer.encode_document(text)?, None),
+            Document::Text(text) => vec![(tokenizer.encode_document(text)?, None)],
             // Whole, as the model reads it (and as TRL tokenizes a pair: a tokenizer that puts a
             // space before every text, as Llama 2's does, would put one before the completion
             // too if it were encoded apart), after the document start: a token is learned where
@@ -471,18 +483,24 @@ impl Document {
                 let tokens = tokenizer.encode_with_starts(&format!("{prompt}{completion}"))?;
                 let ids = start.iter().copied().chain(tokens.iter().map(|t| t.0)).collect();
                 let in_completion = tokens.iter().map(|t| t.1 >= prompt.len());
-                (ids, Some(std::iter::repeat_n(false, start.len()).chain(in_completion).collect()))
+                vec![(ids, Some(std::iter::repeat_n(false, start.len()).chain(in_completion).collect()))]
             }
             // Whole, as the model reads it: a token is learned where it starts in a turn. (The
             // template writes any BOS itself, as transformers tokenizes its output.)
-            Document::Chat(Rendered { text, learned }) => {
-                let tokens = tokenizer.encode_markup_with_starts(text)?;
-                let is_learned = |start: &usize| learned.iter().any(|span| span.contains(start));
-                (tokens.iter().map(|t| t.0).collect(), Some(tokens.iter().map(|t| is_learned(&t.1)).collect()))
-            }
+            Document::Chat(documents) => documents
+                .iter()
+                .map(|Rendered { text, learned }| {
+                    let tokens = tokenizer.encode_markup_with_starts(text)?;
+                    let is_learned = |start: &usize| learned.iter().any(|span| span.contains(start));
+                    Ok((tokens.iter().map(|t| t.0).collect(), Some(tokens.iter().map(|t| is_learned(&t.1)).collect())))
+                })
+                .collect::<Result<_, DataError>>()?,
         })
     }
 }
+
+/// A document's tokens, and which are learned (fine-tuning data).
+type Tokenized = (Vec<u32>, Option<Vec<bool>>);
 
 /// What the parallel stage found for one document.
 enum Checked {
@@ -531,9 +549,9 @@ impl Checked {
         let mut repairs = Repairs::new(clean);
         messages.iter_mut().for_each(|m| repairs.apply_within(m));
         match template.render(&messages) {
-            Ok(rendered) => {
-                let text = rendered.text.clone();
-                repairs.verdict(&text, text.len(), hasher, Document::Chat(rendered))
+            Ok(documents) => {
+                let text = documents.last().expect("at least one").text.clone();
+                repairs.verdict(&text, text.len(), hasher, Document::Chat(documents))
             }
             Err(message) => {
                 Checked::Problem(Problem { path: path.to_path_buf(), line, kind: "chat_template", message })
@@ -932,16 +950,21 @@ fn run(
         }
 
         // 4. Tokenize in parallel; append in order.
-        let tokens: Vec<(Vec<u32>, Option<Vec<bool>>)> =
+        let tokens: Vec<Vec<Tokenized>> =
             kept.par_iter().map(|(doc, _)| doc.tokenize(tokenizer)).collect::<Result<_, _>>()?;
-        for ((_, val), (doc, learned)) in kept.iter().zip(&tokens) {
+        for ((_, val), documents) in kept.iter().zip(&tokens) {
             let split = usize::from(*val);
             if *val {
                 counts.val += 1
             } else {
                 counts.train += 1
             }
-            writers[split].push(eot, doc, learned.as_deref())?;
+            if documents.len() > 1 {
+                *counts.modified.entry(SPLIT_INTO_TURNS).or_insert(0) += 1;
+            }
+            for (doc, learned) in documents {
+                writers[split].push(eot, doc, learned.as_deref())?;
+            }
         }
         if let Some(bar) = &progress {
             bar.set_position(bytes_read.load(Ordering::Relaxed));

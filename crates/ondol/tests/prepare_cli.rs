@@ -415,6 +415,11 @@ fn prompt_completion_pairs_are_prepared_with_loss_masks_and_trained_on() {
     assert!(!ok && err.contains("--chat needs the model's chat template"), "{err}");
 }
 
+/// The end-of-text id of the tokenizer at `path`.
+fn tok_eot(path: &Path) -> u32 {
+    ondol_data::TextTokenizer::from_file(path, "<|endoftext|>").unwrap().eot_id()
+}
+
 /// Fine-tuning on conversations: each is rendered by the chat template of the
 /// tokenizer_config.json beside the tokenizer, and only the assistant's turns (with the
 /// template's end-of-turn) are learned; the template travels with the shards into checkpoints.
@@ -478,6 +483,26 @@ fn conversations_are_rendered_by_the_chat_template_and_only_assistant_turns_are_
     let shard = |d: &str| std::fs::read(dir.path().join(d).join("train_000000.bin")).unwrap();
     let mask = |d: &str| std::fs::read(dir.path().join(d).join("train_000000.mask")).unwrap();
     assert!(shard("shards") == shard("shards2") && mask("shards") == mask("shards2"));
+    // A template that marks only the last assistant turn (as Qwen3's does its reasoning) makes
+    // a document per assistant turn: the conversation through it, only it learned.
+    let marked = template.replace(
+        "m['content'] | trim",
+        "('(last) ' if loop.last and m['role'] == 'assistant' else '') + m['content'] | trim",
+    );
+    std::fs::write(dir.path().join("marked.jinja"), marked).unwrap();
+    let (ok, err) = prepare("shards3", &["--chat-template", "marked.jinja"]);
+    assert!(ok && err.contains("split") && err.contains("a document per assistant turn"), "{err}");
+    let eot = tok_eot(&dir.path().join("tok.json"));
+    let documents: usize = ["train", "val"]
+        .iter()
+        .map(|split| dir.path().join(format!("shards3/{split}_000000.bin")))
+        .filter(|file| file.exists())
+        .map(|file| {
+            let shard = ondol_data::Shard::open(file).unwrap();
+            (0..shard.len()).filter(|&i| shard.get(i) == eot).count()
+        })
+        .sum();
+    assert_eq!(documents, 2 * (rows.len() - 1), "two documents per two-turn conversation");
 
     // What is learned, decoded per run of learned tokens, is each assistant content closed by
     // the end-of-turn, in order; nothing else is.
