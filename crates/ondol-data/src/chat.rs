@@ -71,17 +71,20 @@ impl ChatTemplate {
             let text = std::fs::read_to_string(path).map_err(|e| DataError::io("read", path, e))?;
             serde_json::from_str(&text).map_err(|e| DataError::format(path, e.to_string()))
         };
+        let config = path.extension().is_some_and(|e| e == "json").then(|| read_json(path)).transpose()?;
+        // The tokenizer's own config, unless that is the template's file, read already.
         let specials = tokenizer_dir.join(TOKENIZER_CONFIG);
-        let mut special_tokens = match specials.is_file() {
+        let same = config.is_some() && std::fs::canonicalize(path).ok() == std::fs::canonicalize(&specials).ok();
+        let mut special_tokens = match specials.is_file() && !same {
             true => special_tokens_of(&read_json(&specials)?),
             false => serde_json::Map::new(),
         };
-        let source = if path.extension().is_some_and(|e| e == "json") {
-            let config = read_json(path)?;
-            special_tokens.extend(special_tokens_of(&config));
-            template_of_config(&config).map_err(|what| DataError::format(path, what))?
-        } else {
-            std::fs::read_to_string(path).map_err(|e| DataError::io("read chat template", path, e))?
+        let source = match &config {
+            Some(config) => {
+                special_tokens.extend(special_tokens_of(config));
+                template_of_config(config).map_err(|what| DataError::format(path, what))?
+            }
+            None => std::fs::read_to_string(path).map_err(|e| DataError::io("read chat template", path, e))?,
         };
         Self::new(source, special_tokens).map_err(|e| DataError::format(path, e))
     }

@@ -124,8 +124,9 @@ struct GenerateArgs {
     #[arg(long, default_value = "cpu", value_parser = parse_device)]
     device: Device,
     /// The prompt is a user's message to a chat model: rendered by the model's chat template
-    /// (its tokenizer_config.json) with the assistant's header after it; the reply ends at the
-    /// end-of-text or the template's eos_token, and only the reply is shown.
+    /// (chat_template.jinja, else tokenizer_config.json's) with the assistant's header after
+    /// it; the reply ends at the end-of-text, the eos_token or the template's end-of-turn, and
+    /// only the reply is shown.
     #[arg(long)]
     chat: bool,
 }

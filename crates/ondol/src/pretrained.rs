@@ -5,6 +5,7 @@ use crate::config::{BYTE_EOT, BYTE_VOCAB, RunConfig};
 use ondol_ckpt::{Snapshot, checkpoint, tensors};
 use ondol_core::{Backend, Error, Result, Rng};
 use ondol_data::chat::ChatTemplate;
+use ondol_data::tokenizer::tokenizer_files;
 use ondol_data::{ByteTokenizer, TextTokenizer};
 use ondol_model::{InferenceCache, Model, ModelConfig, Workspace};
 use std::path::{Path, PathBuf};
@@ -436,11 +437,9 @@ pub fn import_hf(src: &Path, out: &Path) -> Result<Vec<String>> {
         src = src.display()
     );
     RunConfig::parse(&run_config, "the generated ondol.toml", &[])?;
-    let extra_files = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
-        .iter()
-        .map(|f| (f.to_string(), src.join(f)))
-        .filter(|(_, source)| source.is_file())
-        .collect();
+    // (With its companions: the special tokens and the chat template, which transformers 5
+    // keeps in chat_template.jinja.)
+    let extra_files = tokenizer_files(&src.join("tokenizer.json")).into_iter().filter(|(_, f)| f.is_file()).collect();
     let snap = Snapshot {
         model: cfg,
         layout: p.model.layout.clone(),

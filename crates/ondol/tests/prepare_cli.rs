@@ -549,4 +549,9 @@ fn conversations_are_rendered_by_the_chat_template_and_only_assistant_turns_are_
     let args = ["generate", ckpt, "--chat", "--prompt", "다음은?", "--max-new-tokens", "8", "--temperature", "0"];
     let r = common::ondol(dir.path(), &args);
     assert!(r.ok && !r.stdout.contains("다음은?"), "{} {}", r.stdout, r.stderr);
+    // An import keeps the template (transformers 5 keeps it in chat_template.jinja).
+    let (ok, err) = ondol_err(dir.path(), &["import", "hf", ckpt, "--out", "imported"]);
+    assert!(ok, "{err}");
+    let imported = std::fs::read_to_string(dir.path().join("imported/chat_template.jinja")).unwrap();
+    assert_eq!(imported, template);
 }
